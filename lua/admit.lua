@@ -1,0 +1,103 @@
+--[[
+  Admits a batch of run requests of one shard: creates the runs, applies each touched group's
+  strategy, writes assignments and cancel messages, and acknowledges the batch, all at once.
+  A request whose run id already exists changes nothing (duplicate delivery).
+
+  Input:
+    KEYS[1]  runs hash          run id -> msgpack record
+    KEYS[2]  queue zset         QUEUED members (lexicographic)
+    KEYS[3]  active zset        ASSIGNED and RUNNING members
+    KEYS[4]  slots hash         group id -> slots held
+    KEYS[5]  leases zset        run id by lease expiry (ms)
+    KEYS[6]  terminal zset      run id by end time (ms)
+    KEYS[7]  assignments stream
+    KEYS[8]  control stream
+    KEYS[9]  inputs hash        run id -> input
+    KEYS[10] requests stream    the stream the batch was read from (XACKed)
+    ARGV[1]  now in ms, or 0 for the server clock
+    ARGV[2]  approximate MAXLEN of the streams written
+    ARGV[3]  consumer group of the requests stream
+    ARGV[4]  this shard's number (every run id must start with '<shard>-')
+    ARGV[5..] pairs: requests-stream entry id, msgpack request
+              {id, g, s, w, v, k, ev, max, st, x, m, in}
+
+  Output:
+    {0, created, duplicates, assigned, cancelled}
+    {-1, i, field}  request i is malformed (names the first bad field); nothing written
+    {-3, i}         request i belongs to another shard; nothing written
+    {-4, 0}         bad ARGV; nothing written
+
+  Writes: XADD assignments {m = {id, a}}; XADD control {m = {op, id, a, by, why}}.
+]]
+local rcall = redis.call
+local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local inputsKey, requestsKey = KEYS[9], KEYS[10]
+
+-- @include now
+-- @include runs
+-- @include validate
+
+local now = nowMs(ARGV[1])
+local streamMax = tonumber(ARGV[2])
+local groupName, shard = ARGV[3], ARGV[4]
+if not streamMax or (#ARGV - 4) % 2 ~= 0 then return { -4, 0 } end
+
+-- @include transitions
+
+-- Validate the whole batch before writing anything.
+local reqs = {}
+for i = 5, #ARGV, 2 do
+  local n = (i - 3) / 2
+  local ok, req = pcall(cmsgpack.unpack, ARGV[i + 1])
+  if not ok or type(req) ~= 'table' then return { -1, n, 'payload' } end
+  local bad = badRequestField(req)
+  if bad then return { -1, n, bad } end
+  if string.match(req.id, '^(%d+)%-') ~= shard then return { -3, n } end
+  reqs[n] = req
+end
+
+local created, dups = 0, 0
+local news, newsList = {}, {}
+for n = 1, #reqs do
+  local q = reqs[n]
+  local rid = q.id
+  if loadRun(rid) then
+    dups = dups + 1
+  else
+    local rec = {
+      st = 'Q', g = q.g, s = q.s, w = q.w, v = q.v, k = q.k or '', ev = q.ev or '',
+      mx = q.max, sg = q.st, sx = q.x or 0, a = 1, m = q.m or 3, t0 = now,
+    }
+    saveRun(rid, rec)
+    fresh[rid] = q['in'] or ''
+    local list = news[q.g]
+    if not list then list = {}; news[q.g] = list; newsList[#newsList + 1] = q.g end
+    list[#list + 1] = memberOf(rid, rec)
+    touch(rec)
+    created = created + 1
+  end
+end
+
+for i = 1, #newsList do
+  local g = newsList[i]
+  local list = news[g]
+  table.sort(list)
+  applyArrivals(g, touched[g], list)
+end
+
+-- Inputs of runs that survived this call.
+local args, n = {}, 0
+for rid, input in pairs(fresh) do
+  args[n + 1] = rid; args[n + 2] = input; n = n + 2
+  if n >= 1000 then rcall('HSET', inputsKey, unpack(args, 1, n)); n = 0 end
+end
+if n > 0 then rcall('HSET', inputsKey, unpack(args, 1, n)) end
+
+local ids = {}
+for i = 5, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
+for i = 1, #ids, 1000 do
+  rcall('XACK', requestsKey, groupName, unpack(ids, i, math.min(i + 999, #ids)))
+end
+flushRuns()
+return { 0, created, dups, stats.assigned, stats.cancelled }

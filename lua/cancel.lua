@@ -1,0 +1,55 @@
+--[[
+  Cancels runs by id (an operator's or API cancel). A QUEUED or ASSIGNED run ends CANCELLED
+  and never starts; a RUNNING run becomes CANCELLING and its executor is told on the control
+  stream. Released slots are refilled. Runs that already ended or are CANCELLING are left as
+  they are.
+
+  Input:
+    KEYS[1..9]  the shard state keys, as in admit.lua
+    ARGV[1]     now in ms, or 0 for the server clock
+    ARGV[2]     approximate MAXLEN of the streams written
+    ARGV[3]     reason recorded on the runs (e.g. 'manual')
+    ARGV[4..]   run ids
+
+  Output:
+    {0, flag, ...}  one flag per run id: 1 cancelled by this call, 0 already ended/cancelling
+    {-2, i}         run i does not exist; nothing written
+    {-4, 0}         bad ARGV; nothing written
+
+  Writes: XADD control for RUNNING runs; XADD assignments for runs started in freed slots.
+]]
+local rcall = redis.call
+local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local inputsKey = KEYS[9]
+
+-- @include now
+-- @include runs
+
+local now = nowMs(ARGV[1])
+local streamMax, reason = tonumber(ARGV[2]), ARGV[3]
+if not streamMax or not reason or reason == '' then return { -4, 0 } end
+
+-- @include transitions
+
+for i = 4, #ARGV do
+  if not loadRun(ARGV[i]) then return { -2, i - 3 } end
+end
+
+local out = { 0 }
+for i = 4, #ARGV do
+  local rid = ARGV[i]
+  local rec = loadRun(rid)
+  local st = rec.st
+  if st == 'Q' then
+    cancelPending({ m = memberOf(rid, rec), stored = true }, reason)
+  elseif st == 'A' or st == 'R' then
+    cancelActive(memberOf(rid, rec), reason)
+    touch(rec)
+  end
+  out[#out + 1] = (st == 'Q' or st == 'A' or st == 'R') and 1 or 0
+end
+
+refillTouched()
+flushRuns()
+return out

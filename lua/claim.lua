@@ -1,0 +1,58 @@
+--[[
+  An executor takes ASSIGNED runs: each becomes RUNNING under a lease. A run that was
+  cancelled, re-assigned with another attempt, or is gone is refused and must not start.
+  Every assignment entry of the batch is acknowledged, claimed or not.
+
+  Input:
+    KEYS[1]  runs hash
+    KEYS[2]  inputs hash
+    KEYS[3]  leases zset
+    KEYS[4]  assignments stream   (XACKed)
+    ARGV[1]  now in ms, or 0 for the server clock
+    ARGV[2]  consumer group of the assignments stream
+    ARGV[3]  executor id
+    ARGV[4]  lease length in ms
+    ARGV[5..] triples: assignments entry id, run id, attempt
+
+  Output:
+    {0, item, ...}, one item per triple, in order:
+      {1, run id, attempt, workflow, version, input, key, sequence}   claimed
+      {0, run id, state}   refused: state is the run's state letter, or '' when it is gone
+    {-4, i}  triple i is malformed (attempt not an integer); nothing written
+
+  Writes: nothing to streams.
+]]
+local rcall = redis.call
+local runsKey, inputsKey, leasesKey, assignKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+
+-- @include now
+
+local now = nowMs(ARGV[1])
+local groupName, executor, leaseMs = ARGV[2], ARGV[3], tonumber(ARGV[4])
+if not leaseMs or leaseMs <= 0 or (#ARGV - 4) % 3 ~= 0 then return { -4, 0 } end
+for i = 5, #ARGV, 3 do
+  local a = tonumber(ARGV[i + 2])
+  if not a or a ~= math.floor(a) or ARGV[i + 1] == '' then return { -4, (i - 2) / 3 } end
+end
+
+local out, ids = { 0 }, {}
+for i = 5, #ARGV, 3 do
+  local rid, att = ARGV[i + 1], tonumber(ARGV[i + 2])
+  ids[#ids + 1] = ARGV[i]
+  local raw = rcall('HGET', runsKey, rid)
+  local rec = raw and cmsgpack.unpack(raw)
+  if rec and rec.st == 'A' and rec.a == att then
+    rec.st = 'R'
+    rec.e = executor
+    rec.t2 = now
+    rcall('HSET', runsKey, rid, cmsgpack.pack(rec))
+    rcall('ZADD', leasesKey, now + leaseMs, rid)
+    out[#out + 1] = { 1, rid, att, rec.w, rec.v, rcall('HGET', inputsKey, rid) or '', rec.k, rec.s }
+  else
+    out[#out + 1] = { 0, rid, rec and rec.st or '' }
+  end
+end
+for i = 1, #ids, 1000 do
+  rcall('XACK', assignKey, groupName, unpack(ids, i, math.min(i + 999, #ids)))
+end
+return out

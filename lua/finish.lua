@@ -1,0 +1,83 @@
+--[[
+  Records a batch of outcomes reported by executors, releases the slots they held and fills
+  them from the queue. A result for another attempt, or for a run that already ended, changes
+  nothing (duplicate or late delivery). A CANCELLING run ends CANCELLED whatever it reports:
+  results of cancelled runs are discarded.
+
+  Input:
+    KEYS[1..9]  the shard state keys, as in admit.lua
+    KEYS[10]    results stream (XACKed)
+    ARGV[1]     now in ms, or 0 for the server clock
+    ARGV[2]     approximate MAXLEN of the streams written
+    ARGV[3]     consumer group of the results stream
+    ARGV[4..]   pairs: results entry id, msgpack result {id, a, o = 'S'|'F'|'C', err}
+
+  Output:
+    {0, applied, stale, assigned}
+    {-1, i, field}  result i is malformed; nothing written
+    {-2, i}         result i names a run that does not exist; nothing written
+    {-4, 0}         bad ARGV; nothing written
+
+  Writes: XADD assignments for runs started in the released slots.
+]]
+local rcall = redis.call
+local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local inputsKey, resultsKey = KEYS[9], KEYS[10]
+
+-- @include now
+-- @include runs
+
+local now = nowMs(ARGV[1])
+local streamMax = tonumber(ARGV[2])
+local groupName = ARGV[3]
+if not streamMax or (#ARGV - 3) % 2 ~= 0 then return { -4, 0 } end
+
+-- @include transitions
+
+local OUTCOMES = { S = true, F = true, C = true }
+local results = {}
+for i = 4, #ARGV, 2 do
+  local n = (i - 2) / 2
+  local ok, r = pcall(cmsgpack.unpack, ARGV[i + 1])
+  if not ok or type(r) ~= 'table' then return { -1, n, 'payload' } end
+  if type(r.id) ~= 'string' or r.id == '' then return { -1, n, 'id' } end
+  if type(r.a) ~= 'number' then return { -1, n, 'a' } end
+  if not OUTCOMES[r.o] then return { -1, n, 'o' } end
+  if r.err ~= nil and type(r.err) ~= 'string' then return { -1, n, 'err' } end
+  if not loadRun(r.id) then return { -2, n } end
+  results[n] = r
+end
+
+local applied, stale = 0, 0
+for n = 1, #results do
+  local r = results[n]
+  local rec = loadRun(r.id)
+  if rec.a ~= r.a then
+    stale = stale + 1
+  elseif rec.st == 'R' then
+    rcall('ZREM', activeKey, memberOf(r.id, rec))
+    rcall('ZREM', leasesKey, r.id)
+    addSlots(rec.g, -1)
+    touch(rec)
+    if r.err then rec.err = r.err end
+    endRun(r.id, rec, r.o, r.o == 'C' and 'executor' or nil)
+    applied = applied + 1
+  elseif rec.st == 'X' then
+    rcall('ZREM', leasesKey, r.id)
+    if rec.h == 1 then addSlots(rec.g, -1); touch(rec) end
+    endRun(r.id, rec, 'C')
+    applied = applied + 1
+  else
+    stale = stale + 1
+  end
+end
+
+refillTouched()
+local ids = {}
+for i = 4, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
+for i = 1, #ids, 1000 do
+  rcall('XACK', resultsKey, groupName, unpack(ids, i, math.min(i + 999, #ids)))
+end
+flushRuns()
+return { 0, applied, stale, stats.assigned }

@@ -1,0 +1,44 @@
+--[[
+  Renews the leases of an executor's runs and tells it which of them it must stop: runs that
+  were cancelled (CANCELLING), ended, re-assigned to another attempt or executor, or are gone.
+  This is the backstop for a cancel message the executor missed on the control stream.
+
+  Input:
+    KEYS[1]  runs hash
+    KEYS[2]  leases zset
+    ARGV[1]  now in ms, or 0 for the server clock
+    ARGV[2]  executor id
+    ARGV[3]  lease length in ms
+    ARGV[4..] pairs: run id, attempt
+
+  Output:
+    {0, run id, ...}  the run ids to stop (a CANCELLING run's lease is still renewed, so a
+                      strict-mode slot stays held while its handler winds down)
+    {-4, i}           pair i is malformed; nothing written
+
+  Writes: nothing to streams.
+]]
+local rcall = redis.call
+local runsKey, leasesKey = KEYS[1], KEYS[2]
+
+-- @include now
+
+local now = nowMs(ARGV[1])
+local executor, leaseMs = ARGV[2], tonumber(ARGV[3])
+if not leaseMs or leaseMs <= 0 or (#ARGV - 3) % 2 ~= 0 then return { -4, 0 } end
+for i = 4, #ARGV, 2 do
+  if not tonumber(ARGV[i + 1]) then return { -4, (i - 2) / 2 } end
+end
+
+local out = { 0 }
+for i = 4, #ARGV, 2 do
+  local rid, att = ARGV[i], tonumber(ARGV[i + 1])
+  local raw = rcall('HGET', runsKey, rid)
+  local rec = raw and cmsgpack.unpack(raw)
+  local mine = rec and rec.a == att and rec.e == executor
+  if mine and (rec.st == 'R' or rec.st == 'X') then
+    rcall('ZADD', leasesKey, now + leaseMs, rid)
+  end
+  if not (mine and rec.st == 'R') then out[#out + 1] = rid end
+end
+return out

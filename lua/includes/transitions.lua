@@ -1,0 +1,157 @@
+--[[
+  State transitions shared by the scripts that change run states, and the strategy rules.
+  Needs the locals of the shard state KEYS (runsKey .. inputsKey), streamMax, now, and runs.lua.
+  Members of the queue and active zsets are '<group 16>|<sequence 32>|<run id>', all scored 0,
+  so a lexicographic range is one group in arrival order.
+]]
+local RID_AT = 16 + 1 + 32 + 2
+local stats = { assigned = 0, cancelled = 0, ended = 0 }
+local fresh = {}      -- run id -> input of runs created by this call, not yet written
+local touched = {}    -- group id -> a record of that group (carries the limits), for refills
+local touchedList = {}
+
+local function memberOf(rid, rec) return rec.g .. '|' .. rec.s .. '|' .. rid end
+local function ridOf(m) return string.sub(m, RID_AT) end
+
+local function touch(rec)
+  if not touched[rec.g] then touchedList[#touchedList + 1] = rec.g end
+  touched[rec.g] = rec
+end
+
+-- Ends a run that holds no slot and is in neither zset any more.
+local function endRun(rid, rec, state, why, by)
+  rec.st = state
+  rec.t3 = now
+  rec.h = nil
+  if why then rec.why = why end
+  if by then rec.by = by end
+  rcall('ZADD', terminalKey, now, rid)
+  if fresh[rid] then fresh[rid] = nil else rcall('HDEL', inputsKey, rid) end
+  saveRun(rid, rec)
+  stats.ended = stats.ended + 1
+  if state == 'C' then stats.cancelled = stats.cancelled + 1 end
+end
+
+local function assignRun(rid, rec)
+  rec.st = 'A'
+  rec.t1 = now
+  rec.e = nil
+  rcall('XADD', assignKey, 'MAXLEN', '~', streamMax, '*', 'm', cmsgpack.pack({ id = rid, a = rec.a }))
+  saveRun(rid, rec)
+  stats.assigned = stats.assigned + 1
+end
+
+-- A run leaves the active zset: ASSIGNED ends at once, RUNNING is told to stop.
+local function cancelActive(m, why, by)
+  local rid = ridOf(m)
+  local rec = loadRun(rid)
+  rcall('ZREM', activeKey, m)
+  if rec.st == 'A' then
+    addSlots(rec.g, -1)
+    endRun(rid, rec, 'C', why, by)
+    return
+  end
+  rec.st = 'X'
+  rec.tc = now
+  rec.why = why
+  if by then rec.by = by end
+  if rec.sx == 1 then rec.h = 1 else addSlots(rec.g, -1) end
+  rcall('XADD', controlKey, 'MAXLEN', '~', streamMax, '*', 'm',
+    cmsgpack.pack({ op = 'cancel', id = rid, a = rec.a, by = by or '', why = why }))
+  saveRun(rid, rec)
+  stats.cancelled = stats.cancelled + 1
+end
+
+-- p: { m = member, stored = true when it is in the queue zset }
+local function cancelPending(p, why, by)
+  if p.stored then rcall('ZREM', queueKey, p.m) end
+  local rid = ridOf(p.m)
+  endRun(rid, loadRun(rid), 'C', why, by)
+end
+
+local function startPending(p)
+  local rid = ridOf(p.m)
+  if p.stored then rcall('ZREM', queueKey, p.m) end
+  rcall('ZADD', activeKey, 0, p.m)
+  local rec = loadRun(rid)
+  addSlots(rec.g, 1)
+  assignRun(rid, rec)
+end
+
+-- Queued runs of group g (oldest first, at most `limit` when given) merged with `news`
+-- (members created by this call, sorted, not yet in the queue zset).
+local function pendingOf(g, limit, news)
+  local lo, hi = '(' .. g .. '|', '(' .. g .. '}'
+  local que
+  if limit and limit <= 0 then
+    que = {}
+  elseif limit then
+    que = rcall('ZRANGEBYLEX', queueKey, lo, hi, 'LIMIT', 0, limit)
+  else
+    que = rcall('ZRANGEBYLEX', queueKey, lo, hi)
+  end
+  local out, i, j = {}, 1, 1
+  while i <= #que or j <= #news do
+    if j > #news or (i <= #que and que[i] < news[j]) then
+      out[#out + 1] = { m = que[i], stored = true }; i = i + 1
+    else
+      out[#out + 1] = { m = news[j], stored = false }; j = j + 1
+    end
+  end
+  return out
+end
+
+-- Start pending runs oldest-first while slots are free; the rest keep (or take) their place.
+local function fillFrom(g, mx, pending, first)
+  local free = mx - slotsOf(g)
+  for i = first, #pending do
+    local p = pending[i]
+    if free > 0 then
+      startPending(p)
+      free = free - 1
+    elseif not p.stored then
+      rcall('ZADD', queueKey, 0, p.m)
+    end
+  end
+end
+
+-- Applies the group's strategy after arrivals (`news`), per the table in DESIGN.md.
+local function applyArrivals(g, rec, news)
+  local mx, sg = rec.mx, rec.sg
+  if sg == 1 then
+    -- CANCEL_IN_PROGRESS: the newest mx of active + pending survive, every older one ends.
+    local act = rcall('ZRANGEBYLEX', activeKey, '(' .. g .. '|', '(' .. g .. '}')
+    local pending = pendingOf(g, nil, news)
+    local ia, ip, kept = #act, #pending, 0
+    local newest
+    if ip > 0 and (ia == 0 or pending[ip].m > act[ia]) then newest = pending[ip].m else newest = act[ia] end
+    while kept < mx and (ia > 0 or ip > 0) do
+      if ip == 0 or (ia > 0 and act[ia] > pending[ip].m) then ia = ia - 1 else ip = ip - 1 end
+      kept = kept + 1
+    end
+    local by = ridOf(newest)
+    for i = 1, ia do cancelActive(act[i], 'superseded', by) end
+    for i = 1, ip do cancelPending(pending[i], 'superseded', by) end
+    fillFrom(g, mx, pending, ip + 1)
+  elseif sg == 2 then
+    -- CANCEL_NEWEST: fill free slots oldest-first; whatever cannot start now ends.
+    local pending = pendingOf(g, nil, news)
+    local free = mx - slotsOf(g)
+    for i = 1, #pending do
+      if i <= free then startPending(pending[i]) else cancelPending(pending[i], 'no_slot') end
+    end
+  else
+    -- GROUP_ROUND_ROBIN: FIFO up to mx; nothing is cancelled.
+    fillFrom(g, mx, pendingOf(g, mx - slotsOf(g), news), 1)
+  end
+end
+
+-- After slots were released: start queued runs of every touched group.
+local function refillTouched()
+  for i = 1, #touchedList do
+    local g = touchedList[i]
+    local rec = touched[g]
+    local free = rec.mx - slotsOf(g)
+    if free > 0 then fillFrom(g, rec.mx, pendingOf(g, free, {}), 1) end
+  end
+end

@@ -1,0 +1,68 @@
+--[[
+  Handles expired leases and old records. A RUNNING run whose lease expired is retried (attempt
+  + 1, same sequence, same slot, a new assignment) while attempts remain, else it FAILS and its
+  slot is refilled. A CANCELLING run whose lease expired ends CANCELLED. Records of runs that
+  ended more than the retention ago are deleted.
+
+  Input:
+    KEYS[1..9]  the shard state keys, as in admit.lua
+    ARGV[1]     now in ms, or 0 for the server clock
+    ARGV[2]     approximate MAXLEN of the streams written
+    ARGV[3]     at most this many leases and this many old records per call
+    ARGV[4]     retention of ended runs in ms
+
+  Output:
+    {0, retried, failed, cancelled, expired records, assigned}
+    {-4, 0}  bad ARGV; nothing written
+
+  Writes: XADD assignments for retries and for runs started in released slots.
+]]
+local rcall = redis.call
+local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local inputsKey = KEYS[9]
+
+-- @include now
+-- @include runs
+
+local now = nowMs(ARGV[1])
+local streamMax, limit, retention = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if not streamMax or not limit or limit < 1 or not retention then return { -4, 0 } end
+
+-- @include transitions
+
+local retried, failed, cancelled = 0, 0, 0
+local expired = rcall('ZRANGEBYSCORE', leasesKey, '-inf', now, 'LIMIT', 0, limit)
+for i = 1, #expired do
+  local rid = expired[i]
+  rcall('ZREM', leasesKey, rid)
+  local rec = loadRun(rid)
+  if rec and rec.st == 'R' then
+    if rec.a < rec.m then
+      rec.a = rec.a + 1
+      assignRun(rid, rec)
+      retried = retried + 1
+    else
+      rcall('ZREM', activeKey, memberOf(rid, rec))
+      addSlots(rec.g, -1)
+      touch(rec)
+      endRun(rid, rec, 'F', 'lease_expired')
+      failed = failed + 1
+    end
+  elseif rec and rec.st == 'X' then
+    if rec.h == 1 then addSlots(rec.g, -1); touch(rec) end
+    endRun(rid, rec, 'C')
+    cancelled = cancelled + 1
+  end
+end
+
+refillTouched()
+flushRuns()
+
+local old = rcall('ZRANGEBYSCORE', terminalKey, '-inf', now - retention, 'LIMIT', 0, limit)
+if #old > 0 then
+  rcall('HDEL', runsKey, unpack(old))
+  rcall('HDEL', inputsKey, unpack(old))
+  rcall('ZREM', terminalKey, unpack(old))
+end
+return { 0, retried, failed, cancelled, #old, stats.assigned }

@@ -1,0 +1,22 @@
+"""The wire codec of internal payloads: msgpack.
+
+Payloads are read by Lua's cmsgpack, which predates msgpack's bin type, so everything is packed
+in the old format (bytes and str both as raw). Decoding turns raw into str and keeps bytes that
+are not UTF-8 reversible through surrogate escapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=False)  # type: ignore[no-any-return]
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(
+        data, raw=False, unicode_errors="surrogateescape", strict_map_key=False
+    )

@@ -1,0 +1,66 @@
+"""Process configuration from the environment, and the deployment facts pinned in Redis."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from shared.errors import ConfigError
+from shared.keys import Keys
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_NAMESPACE = "supersede"
+DEFAULT_SHARDS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What every process needs before it can touch Redis."""
+
+    redis_url: str = DEFAULT_URL
+    namespace: str = DEFAULT_NAMESPACE
+    shards: int = DEFAULT_SHARDS
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ) if env is None else env
+        raw_shards = env.get("SUPERSEDE_SHARDS", str(DEFAULT_SHARDS))
+        try:
+            shards = int(raw_shards)
+        except ValueError:
+            raise ConfigError(f"SUPERSEDE_SHARDS must be an integer, got {raw_shards!r}") from None
+        if not 1 <= shards <= 4096:
+            raise ConfigError(f"SUPERSEDE_SHARDS must be between 1 and 4096, got {shards}")
+        namespace = env.get("SUPERSEDE_NAMESPACE", DEFAULT_NAMESPACE)
+        if not namespace or any(c in namespace for c in "{}: \t\n"):
+            raise ConfigError(
+                f"SUPERSEDE_NAMESPACE must be non-empty without braces, colons or spaces, "
+                f"got {namespace!r}"
+            )
+        return cls(
+            redis_url=env.get("SUPERSEDE_REDIS_URL", DEFAULT_URL),
+            namespace=namespace,
+            shards=shards,
+        )
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.namespace, self.shards)
+
+
+async def pin_shard_count(redis: Redis, keys: Keys) -> None:
+    """Store the shard count on first use; refuse to run against a different one.
+
+    Runs are routed to shards by hash modulo the shard count, so two processes that disagree on
+    it would split one group over two shards and break every per-group guarantee.
+    """
+    await redis.hsetnx(keys.config_hash, "shards", str(keys.shards))
+    stored = await redis.hget(keys.config_hash, "shards")
+    if stored is None or int(stored) != keys.shards:
+        raise ConfigError(
+            f"namespace {keys.namespace!r} was created with {stored!r} shards but this process "
+            f"was started with SUPERSEDE_SHARDS={keys.shards}; use the stored value or a new "
+            f"namespace"
+        )

@@ -1,0 +1,63 @@
+"""Exceptions, and the one place where Lua return codes become exceptions."""
+
+from __future__ import annotations
+
+
+class SupersedeError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(SupersedeError):
+    """The process configuration is invalid or disagrees with the deployment."""
+
+
+class ScriptError(SupersedeError):
+    """A Lua script refused its input; nothing was written.
+
+    `index` is the 0-based position of the offending item in the batch that was sent.
+    """
+
+    code: int = 0
+    reason: str = "script_error"
+
+    def __init__(self, index: int, detail: str = "") -> None:
+        self.index = index
+        self.detail = detail
+        super().__init__(f"{self.reason} at item {index}" + (f": {detail}" if detail else ""))
+
+
+class MalformedItem(ScriptError):
+    code = -1
+    reason = "malformed"
+
+
+class UnknownRun(ScriptError):
+    code = -2
+    reason = "unknown_run"
+
+
+class WrongShard(ScriptError):
+    code = -3
+    reason = "wrong_shard"
+
+
+class BadArguments(ScriptError):
+    code = -4
+    reason = "bad_arguments"
+
+
+_BY_CODE: dict[int, type[ScriptError]] = {
+    cls.code: cls for cls in (MalformedItem, UnknownRun, WrongShard, BadArguments)
+}
+
+
+def raise_for_status(reply: list[object]) -> None:
+    """Raise the mapped exception when a script reply starts with a negative status."""
+    status = int(reply[0])  # type: ignore[call-overload]
+    if status >= 0:
+        return
+    cls = _BY_CODE.get(status, ScriptError)
+    index = int(reply[1]) - 1 if len(reply) > 1 else -1  # type: ignore[call-overload]
+    detail = reply[2] if len(reply) > 2 else b""
+    text = detail.decode() if isinstance(detail, bytes) else str(detail)
+    raise cls(index, text)

@@ -1,0 +1,125 @@
+"""Every Redis key of supersede, built in one place.
+
+All keys of one shard share the hash tag ``{<ns>:<shard>}``, so every script call touches one
+cluster slot. User strings never appear in key names: groups and runs are hashed ids stored as
+members and fields, never as key names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+
+@dataclass(frozen=True, slots=True)
+class ShardKeys:
+    """Keys of one shard; the Redis type is the suffix of each attribute name."""
+
+    namespace: str
+    shard: int
+
+    @property
+    def tag(self) -> str:
+        return f"{{{self.namespace}:{self.shard}}}"
+
+    @property
+    def requests_stream(self) -> str:
+        """Run requests from ingress; consumer group ``admission``."""
+        return f"{self.tag}:requests"
+
+    @property
+    def results_stream(self) -> str:
+        """Outcomes reported by executors; consumer group ``admission``."""
+        return f"{self.tag}:results"
+
+    @property
+    def assignments_stream(self) -> str:
+        """Runs granted a slot; consumer group ``executors``."""
+        return f"{self.tag}:assignments"
+
+    @property
+    def control_stream(self) -> str:
+        """Cancel messages; every executor XREADs it (no group)."""
+        return f"{self.tag}:control"
+
+    @property
+    def runs_hash(self) -> str:
+        """run id -> msgpack run record (state, group, sequence, attempt, timeline)."""
+        return f"{self.tag}:runs"
+
+    @property
+    def inputs_hash(self) -> str:
+        """run id -> opaque msgpack input; deleted when the run ends."""
+        return f"{self.tag}:inputs"
+
+    @property
+    def queue_zset(self) -> str:
+        """QUEUED runs, score 0, member ``<group>|<sequence>|<run id>`` (lexicographic order)."""
+        return f"{self.tag}:queue"
+
+    @property
+    def active_zset(self) -> str:
+        """ASSIGNED and RUNNING runs, same member layout as the queue."""
+        return f"{self.tag}:active"
+
+    @property
+    def slots_hash(self) -> str:
+        """group id -> number of slots held (the stored active count)."""
+        return f"{self.tag}:slots"
+
+    @property
+    def leases_zset(self) -> str:
+        """run id scored by lease expiry (ms) for RUNNING and CANCELLING runs."""
+        return f"{self.tag}:leases"
+
+    @property
+    def terminal_zset(self) -> str:
+        """run id scored by the time it ended (ms); the reaper expires old records."""
+        return f"{self.tag}:terminal"
+
+    def state_keys(self) -> list[str]:
+        """The KEYS prefix shared by every script that changes run states (order matters)."""
+        return [
+            self.runs_hash,
+            self.queue_zset,
+            self.active_zset,
+            self.slots_hash,
+            self.leases_zset,
+            self.terminal_zset,
+            self.assignments_stream,
+            self.control_stream,
+            self.inputs_hash,
+        ]
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Keys of one deployment (namespace + shard count)."""
+
+    namespace: str
+    shards: int
+
+    @property
+    def events_stream(self) -> str:
+        """The public inbox any Redis client may XADD to."""
+        return f"{self.namespace}:events"
+
+    @property
+    def dead_stream(self) -> str:
+        """Dead letters: the original fields plus ``reason`` and ``detail``."""
+        return f"{self.namespace}:dead"
+
+    @property
+    def config_hash(self) -> str:
+        """Deployment facts pinned on first use (the shard count)."""
+        return f"{self.namespace}:config"
+
+    @cached_property
+    def _shards(self) -> tuple[ShardKeys, ...]:
+        return tuple(ShardKeys(self.namespace, s) for s in range(self.shards))
+
+    def shard(self, shard: int) -> ShardKeys:
+        return self._shards[shard]
+
+    def all_shards(self) -> tuple[ShardKeys, ...]:
+        return self._shards

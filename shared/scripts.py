@@ -1,0 +1,223 @@
+"""The Lua loader and the typed async functions that are the only way to run a script.
+
+Scripts live in ``lua/``; a line ``-- @include name`` is replaced by ``lua/includes/name.lua``.
+The number of KEYS of each script is read from its header block and checked on every call.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from shared.errors import BadArguments, raise_for_status
+from shared.keys import Keys, ShardKeys
+
+LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+_INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
+_KEY_DECL = re.compile(r"^\s*KEYS\[(\d+)(?:\.\.(\d+))?\]", re.MULTILINE)
+
+SCRIPT_NAMES = ("admit", "claim", "heartbeat", "finish", "reap", "cancel")
+
+
+def _include(match: re.Match[str], seen: frozenset[str]) -> str:
+    name = match.group(1)
+    if name in seen:
+        raise ValueError(f"Lua include cycle through {name!r}")
+    body = (LUA_DIR / "includes" / f"{name}.lua").read_text()
+    return _INCLUDE.sub(lambda m: _include(m, seen | {name}), body)
+
+
+@cache
+def load_source(name: str) -> tuple[str, int]:
+    """The script with its includes inlined, and the number of KEYS its header declares."""
+    text = (LUA_DIR / f"{name}.lua").read_text()
+    header = text.split("]]", 1)[0]
+    nkeys = max(int(m.group(2) or m.group(1)) for m in _KEY_DECL.finditer(header))
+    return _INCLUDE.sub(lambda m: _include(m, frozenset()), text), nkeys
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitResult:
+    created: int
+    duplicates: int
+    assigned: int
+    cancelled: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One claimed run; `claimed` is False when the run must not start."""
+
+    run_id: str
+    claimed: bool
+    attempt: int = 0
+    workflow: str = ""
+    version: str = ""
+    input: bytes = b""
+    key: str = ""
+    seq: str = ""
+    state: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FinishResult:
+    applied: int
+    stale: int
+    assigned: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReapResult:
+    retried: int
+    failed: int
+    cancelled: int
+    expired: int
+    assigned: int
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Scripts:
+    """Typed wrappers over the Lua scripts of one deployment.
+
+    `now` parameters exist for tests that drive the clock; services leave them None and the
+    scripts use the server's clock, so every process agrees on time.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        stream_maxlen: int = 1_000_000,
+        admission_group: str = "admission",
+        executor_group: str = "executors",
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.stream_maxlen = stream_maxlen
+        self.admission_group = admission_group
+        self.executor_group = executor_group
+        self._scripts: dict[str, tuple[AsyncScript, int]] = {}
+        for name in SCRIPT_NAMES:
+            source, nkeys = load_source(name)
+            self._scripts[name] = (redis.register_script(source), nkeys)
+
+    async def load(self) -> None:
+        """Load every script now, so the first real call does not pay for it (readiness)."""
+        for script, _ in self._scripts.values():
+            script.sha = await self.redis.script_load(script.script)
+
+    async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
+        script, nkeys = self._scripts[name]
+        if len(keys) != nkeys:
+            raise BadArguments(-1, f"{name} takes {nkeys} keys, got {len(keys)}")
+        reply: list[Any] = await script(keys=list(keys), args=list(args))
+        raise_for_status(reply)
+        return reply
+
+    def _state_keys(self, shard: int, extra: str | None = None) -> list[str]:
+        sk = self.keys.shard(shard)
+        return [*sk.state_keys(), extra] if extra else sk.state_keys()
+
+    def shard_keys(self, shard: int) -> ShardKeys:
+        return self.keys.shard(shard)
+
+    async def admit(
+        self, shard: int, entries: Sequence[tuple[str | bytes, bytes]], *, now: int = 0
+    ) -> AdmitResult:
+        """Admit (requests-stream entry id, packed RunRequest) pairs of one shard."""
+        args: list[Any] = [now, self.stream_maxlen, self.admission_group, shard]
+        for entry_id, payload in entries:
+            args += (entry_id, payload)
+        keys = self._state_keys(shard, self.keys.shard(shard).requests_stream)
+        r = await self._call("admit", keys, args)
+        return AdmitResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]))
+
+    async def claim(
+        self,
+        shard: int,
+        executor: str,
+        items: Sequence[tuple[str | bytes, str, int]],
+        *,
+        lease_ms: int,
+        now: int = 0,
+    ) -> list[Claim]:
+        """Claim (assignments entry id, run id, attempt) triples of one shard."""
+        sk = self.keys.shard(shard)
+        args: list[Any] = [now, self.executor_group, executor, lease_ms]
+        for entry_id, rid, attempt in items:
+            args += (entry_id, rid, attempt)
+        keys = [sk.runs_hash, sk.inputs_hash, sk.leases_zset, sk.assignments_stream]
+        reply = await self._call("claim", keys, args)
+        out = []
+        for item in reply[1:]:
+            if int(item[0]) == 1:
+                out.append(
+                    Claim(
+                        run_id=_s(item[1]),
+                        claimed=True,
+                        attempt=int(item[2]),
+                        workflow=_s(item[3]),
+                        version=_s(item[4]),
+                        input=item[5],
+                        key=_s(item[6]),
+                        seq=_s(item[7]),
+                        state="R",
+                    )
+                )
+            else:
+                out.append(Claim(run_id=_s(item[1]), claimed=False, state=_s(item[2])))
+        return out
+
+    async def heartbeat(
+        self,
+        shard: int,
+        executor: str,
+        runs: Sequence[tuple[str, int]],
+        *,
+        lease_ms: int,
+        now: int = 0,
+    ) -> list[str]:
+        """Renew leases of (run id, attempt) pairs; returns the run ids to stop."""
+        sk = self.keys.shard(shard)
+        args: list[Any] = [now, executor, lease_ms]
+        for rid, attempt in runs:
+            args += (rid, attempt)
+        reply = await self._call("heartbeat", [sk.runs_hash, sk.leases_zset], args)
+        return [_s(x) for x in reply[1:]]
+
+    async def finish(
+        self, shard: int, entries: Sequence[tuple[str | bytes, bytes]], *, now: int = 0
+    ) -> FinishResult:
+        """Record (results-stream entry id, packed RunResult) pairs of one shard."""
+        args: list[Any] = [now, self.stream_maxlen, self.admission_group]
+        for entry_id, payload in entries:
+            args += (entry_id, payload)
+        keys = self._state_keys(shard, self.keys.shard(shard).results_stream)
+        r = await self._call("finish", keys, args)
+        return FinishResult(int(r[1]), int(r[2]), int(r[3]))
+
+    async def reap(
+        self, shard: int, *, limit: int = 1000, retention_ms: int = 86_400_000, now: int = 0
+    ) -> ReapResult:
+        args = [now, self.stream_maxlen, limit, retention_ms]
+        r = await self._call("reap", self._state_keys(shard), args)
+        return ReapResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]))
+
+    async def cancel(
+        self, shard: int, run_ids: Sequence[str], *, reason: str = "manual", now: int = 0
+    ) -> list[bool]:
+        """Cancel runs of one shard; True for each run this call cancelled."""
+        args: list[Any] = [now, self.stream_maxlen, reason, *run_ids]
+        r = await self._call("cancel", self._state_keys(shard), args)
+        return [int(x) == 1 for x in r[1:]]
