@@ -1,0 +1,93 @@
+"""Admission throughput: 200k pre-filled CANCEL_IN_PROGRESS requests over 10k groups, one
+process, against the raw pipelined XADD rate of the same client in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+from redis.asyncio import Redis
+
+from bench.common import log, pipelined_xadd, report
+from services.admission.service import Admission, AdmissionConfig
+from shared.config import Settings
+from shared.keys import Keys
+from shared.model import RunRequest, Strategy, encode_seq, group_id, run_id, shard_of_group
+from shared.server import EmbeddedServer
+from shared.streams import ADMISSION_GROUP, ensure_groups
+
+
+def build_requests(keys: Keys, n: int, groups: int) -> list[tuple[str, dict[str, bytes]]]:
+    items = []
+    for i in range(n):
+        key = f"user{i % groups}"
+        gid = group_id("bench", "1", key)
+        shard = shard_of_group(gid, keys.shards)
+        req = RunRequest(
+            run_id=run_id(shard, f"ev{i}", "bench"),
+            group=gid,
+            seq=encode_seq(f"{1_700_000_000_000 + i // 10}-{i % 10}"),
+            workflow="bench",
+            version="1",
+            key=key,
+            event_id=f"ev{i}",
+            max_runs=1,
+            strategy=Strategy.CANCEL_IN_PROGRESS,
+            input=b'{"text":"hello"}',
+        )
+        items.append((keys.shard(shard).requests_stream, {"r": req.pack()}))
+    return items
+
+
+async def backlog(redis: Redis, keys: Keys) -> int:
+    """Entries not yet acknowledged by admission (lag + pending) over all shards."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for sk in keys.all_shards():
+            pipe.xinfo_groups(sk.requests_stream)
+        replies = await pipe.execute()
+    total = 0
+    for groups in replies:
+        for g in groups:
+            if g["name"] == ADMISSION_GROUP.encode():
+                total += int(g["pending"]) + int(g.get("lag") or 0)
+    return total
+
+
+async def main(n: int, groups: int) -> None:
+    server = EmbeddedServer().start()
+    try:
+        settings = Settings(redis_url=server.url, namespace="bench", shards=16)
+        redis = Redis.from_url(server.url)
+        keys = settings.keys
+        await ensure_groups(redis, keys)
+        items = build_requests(keys, n, groups)
+        log(f"admission bench: {n} requests over {groups} groups")
+        xadd_rate = await pipelined_xadd(redis, items)
+        service = Admission(redis, settings, AdmissionConfig(block_ms=50, reap_interval=3600))
+        await service.start()
+        stop = asyncio.Event()
+        started = time.perf_counter()
+        task = asyncio.create_task(service.run(stop))
+        watcher = Redis.from_url(server.url)
+        while await backlog(watcher, keys) > 0:
+            await asyncio.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        stop.set()
+        await task
+        runs = sum([await redis.hlen(sk.runs_hash) for sk in keys.all_shards()])
+        assert runs == n, f"expected {n} runs, found {runs}"
+        report("admission_throughput", n / elapsed, "requests/s", xadd_rate, requests=n,
+               groups=groups, strategy="CANCEL_IN_PROGRESS", target=30_000)  # fmt: skip
+        await watcher.aclose()
+        await redis.aclose()
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=200_000)
+    parser.add_argument("--groups", type=int, default=10_000)
+    args = parser.parse_args()
+    asyncio.run(main(args.requests, args.groups))

@@ -1,0 +1,40 @@
+"""Shared bits of the benchmarks: the BENCH line and a fresh server per run."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+
+def report(name: str, value: float, unit: str, reference: float | None, **extra: Any) -> None:
+    """Print one `BENCH {json}` line; ratio = value / reference measured in the same run."""
+    line: dict[str, Any] = {
+        "name": name,
+        "value": round(value, 3),
+        "unit": unit,
+        "reference": round(reference, 3) if reference else None,
+        "ratio": round(value / reference, 4) if reference else None,
+    }
+    line.update(extra)
+    print("BENCH " + orjson.dumps(line).decode(), flush=True)
+
+
+async def pipelined_xadd(
+    redis: Redis, items: list[tuple[str, dict[str, bytes]]], chunk: int = 1000
+) -> float:
+    """Write items with pipelined XADD; returns entries per second (the reference rate)."""
+    started = time.perf_counter()
+    for i in range(0, len(items), chunk):
+        async with redis.pipeline(transaction=False) as pipe:
+            for stream, fields in items[i : i + chunk]:
+                pipe.xadd(stream, fields)  # type: ignore[arg-type]
+            await pipe.execute()
+    return len(items) / (time.perf_counter() - started)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

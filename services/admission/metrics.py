@@ -1,0 +1,40 @@
+"""Metrics of the admission service (labels are bounded: outcome, op)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from shared.metrics import LATENCY_BUCKETS
+
+REQUESTS = Counter(
+    "supersede_admission_requests_total",
+    "Run requests handled, by outcome (created, duplicate, rejected).",
+    ["outcome"],
+)
+RESULTS = Counter(
+    "supersede_admission_results_total",
+    "Executor results handled, by outcome (applied, stale, rejected).",
+    ["outcome"],
+)
+ASSIGNED = Counter("supersede_admission_assigned_total", "Runs granted a slot and assigned.")
+CANCELLED = Counter(
+    "supersede_admission_cancelled_total", "Runs cancelled by a strategy decision."
+)
+REAPED = Counter(
+    "supersede_admission_reaped_total",
+    "Expired leases handled by the reaper, by outcome (retried, failed, cancelled).",
+    ["outcome"],
+)
+EXPIRED = Counter(
+    "supersede_admission_expired_records_total", "Ended run records deleted after retention."
+)
+RECLAIMED = Counter(
+    "supersede_admission_reclaimed_total",
+    "Stream entries taken over from a consumer that stopped (XAUTOCLAIM).",
+)
+BATCH_SECONDS = Histogram(
+    "supersede_admission_batch_seconds",
+    "Duration of one script call, by op (admit, finish, reap).",
+    ["op"],
+    buckets=LATENCY_BUCKETS,
+)

@@ -1,0 +1,232 @@
+"""The admission service: turns run requests and executor results into atomic script calls.
+
+Loop: one XREADGROUP BLOCK over the requests and results streams of every shard, then one
+script call per shard and kind (admit, finish) for the whole batch, all shards concurrently.
+A timer runs the reaper and takes over entries that a dead admission process left pending.
+Scripts acknowledge their own batch, so a crash at any point leaves each entry either fully
+applied and acknowledged, or pending and applied later (applying twice changes nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from services.admission import metrics
+from shared.config import Settings, pin_shard_count
+from shared.errors import ScriptError
+from shared.scripts import Scripts
+from shared.streams import ADMISSION_GROUP, consumer_name, ensure_groups
+
+log = logging.getLogger("supersede.admission")
+
+PAYLOAD_FIELD = b"r"
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class AdmissionConfig:
+    batch: int = 1000
+    block_ms: int = 1000
+    reap_interval: float = 0.5
+    claim_idle_ms: int = 30_000
+    retention_ms: int = 86_400_000
+    stream_maxlen: int = 1_000_000
+
+
+class Admission:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        config: AdmissionConfig | None = None,
+        *,
+        consumer: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keys = settings.keys
+        self.config = config or AdmissionConfig()
+        self.consumer = consumer or consumer_name("admission")
+        self.scripts = Scripts(redis, self.keys, stream_maxlen=self.config.stream_maxlen)
+        self.ready = False
+        # stream name -> (shard, kind) for every stream this service reads
+        self._streams: dict[bytes, tuple[int, str]] = {}
+        for sk in self.keys.all_shards():
+            self._streams[sk.requests_stream.encode()] = (sk.shard, "admit")
+            self._streams[sk.results_stream.encode()] = (sk.shard, "finish")
+
+    async def start(self) -> None:
+        """Check the deployment, create groups, load scripts."""
+        await pin_shard_count(self.redis, self.keys)
+        await ensure_groups(self.redis, self.keys)
+        await self.scripts.load()
+        self.ready = True
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.start()
+        log.info("admission started", extra={"consumer": self.consumer})
+        timer = asyncio.create_task(self._timer_loop(stop))
+        try:
+            streams = {name: ">" for name in self._streams}
+            while not stop.is_set():
+                reply = await self.redis.xreadgroup(
+                    ADMISSION_GROUP,
+                    self.consumer,
+                    streams,  # type: ignore[arg-type]
+                    count=self.config.batch,
+                    block=self.config.block_ms,
+                )
+                if reply:
+                    await self.handle(reply)
+        finally:
+            timer.cancel()
+            await asyncio.gather(timer, return_exceptions=True)
+            log.info("admission stopped", extra={"consumer": self.consumer})
+
+    async def handle(self, reply: Sequence[tuple[bytes, list[Entry]]]) -> None:
+        """Apply one XREADGROUP reply: one script call per (shard, kind), concurrently."""
+        calls = []
+        for stream, entries in reply:
+            if entries:
+                shard, kind = self._streams[stream]
+                calls.append(self._apply(stream, shard, kind, entries))
+        await asyncio.gather(*calls)
+
+    async def _apply(self, stream: bytes, shard: int, kind: str, entries: list[Entry]) -> None:
+        """Run the script over the batch; a refused item is dead-lettered and the rest retried."""
+        pending: list[tuple[bytes, bytes]] = []
+        for entry_id, fields in entries:
+            payload = fields.get(PAYLOAD_FIELD)
+            if payload is None:
+                await self._reject(stream, kind, entry_id, fields, "malformed", "no payload field")
+            else:
+                pending.append((entry_id, payload))
+        while pending:
+            started = time.perf_counter()
+            try:
+                if kind == "admit":
+                    await self._admit(shard, pending)
+                else:
+                    await self._finish(shard, pending)
+            except ScriptError as exc:
+                bad_id, bad_payload = pending.pop(exc.index)
+                fields = {PAYLOAD_FIELD: bad_payload}
+                await self._reject(stream, kind, bad_id, fields, exc.reason, exc.detail)
+                continue
+            finally:
+                metrics.BATCH_SECONDS.labels(kind).observe(time.perf_counter() - started)
+            return
+
+    async def _admit(self, shard: int, entries: list[tuple[bytes, bytes]]) -> None:
+        r = await self.scripts.admit(shard, entries)
+        metrics.REQUESTS.labels("created").inc(r.created)
+        metrics.REQUESTS.labels("duplicate").inc(r.duplicates)
+        metrics.ASSIGNED.inc(r.assigned)
+        metrics.CANCELLED.inc(r.cancelled)
+
+    async def _finish(self, shard: int, entries: list[tuple[bytes, bytes]]) -> None:
+        r = await self.scripts.finish(shard, entries)
+        metrics.RESULTS.labels("applied").inc(r.applied)
+        metrics.RESULTS.labels("stale").inc(r.stale)
+        metrics.ASSIGNED.inc(r.assigned)
+
+    async def _reject(
+        self,
+        stream: bytes,
+        kind: str,
+        entry_id: bytes,
+        fields: dict[bytes, bytes],
+        reason: str,
+        detail: str,
+    ) -> None:
+        """Move one entry the scripts refused to the dead-letter stream, then acknowledge it."""
+        dead: dict[Any, Any] = dict(fields)
+        dead.update(
+            {"reason": reason, "detail": detail, "stream": stream, "entry": entry_id}
+        )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(self.keys.dead_stream, dead, maxlen=self.config.stream_maxlen, approximate=True)
+            pipe.xack(stream, ADMISSION_GROUP, entry_id)
+            await pipe.execute()
+        counter = metrics.REQUESTS if kind == "admit" else metrics.RESULTS
+        counter.labels("rejected").inc()
+        log.warning(
+            "entry dead-lettered",
+            extra={"stream": stream.decode(), "entry": entry_id.decode(), "reason": reason},
+        )
+
+    async def _timer_loop(self, stop: asyncio.Event) -> None:
+        """Reap expired leases and take over stale pending entries; one failure never stops it."""
+        while not stop.is_set():
+            try:
+                await self.reap_all()
+                await self.reclaim_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("timer iteration failed")
+            try:
+                await asyncio.wait_for(stop.wait(), self.config.reap_interval)
+            except TimeoutError:
+                pass
+
+    async def reap_all(self) -> None:
+        async def one(shard: int) -> None:
+            started = time.perf_counter()
+            r = await self.scripts.reap(shard, retention_ms=self.config.retention_ms)
+            metrics.BATCH_SECONDS.labels("reap").observe(time.perf_counter() - started)
+            metrics.REAPED.labels("retried").inc(r.retried)
+            metrics.REAPED.labels("failed").inc(r.failed)
+            metrics.REAPED.labels("cancelled").inc(r.cancelled)
+            metrics.EXPIRED.inc(r.expired)
+            metrics.ASSIGNED.inc(r.assigned)
+
+        await asyncio.gather(*(one(s) for s in range(self.keys.shards)))
+
+    async def reclaim_all(self) -> None:
+        """XAUTOCLAIM entries another admission process read and never acknowledged."""
+
+        async def one(stream: bytes) -> None:
+            shard, kind = self._streams[stream]
+            start = "0-0"
+            while True:
+                reply = await self.redis.xautoclaim(
+                    stream,
+                    ADMISSION_GROUP,
+                    self.consumer,
+                    self.config.claim_idle_ms,
+                    start_id=start,
+                    count=self.config.batch,
+                )
+                next_id, entries = reply[0], [e for e in reply[1] if e and e[1]]
+                if entries:
+                    metrics.RECLAIMED.inc(len(entries))
+                    await self._apply(stream, shard, kind, entries)
+                if next_id in (b"0-0", "0-0"):
+                    return
+                start = next_id
+
+        await asyncio.gather(*(one(s) for s in self._streams))
+
+
+async def serve(
+    settings: Settings,
+    config: AdmissionConfig,
+    stop: asyncio.Event,
+    on_ready: Callable[[Admission], Awaitable[None]] | None = None,
+) -> None:
+    """Run one admission process until `stop` is set."""
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        service = Admission(redis, settings, config)
+        if on_ready:
+            await on_ready(service)
+        await service.run(stop)
+    finally:
+        await redis.aclose()

@@ -1,0 +1,78 @@
+"""The `supersede` command: one subcommand per service (more arrive with later services)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from shared import logs, metrics
+from shared.config import Settings
+from shared.errors import ConfigError
+
+log = logging.getLogger("supersede")
+
+
+def _admission(args: argparse.Namespace, settings: Settings) -> None:
+    from services.admission.service import AdmissionConfig, serve
+
+    config = AdmissionConfig(
+        batch=args.batch,
+        block_ms=args.block_ms,
+        reap_interval=args.reap_interval,
+        claim_idle_ms=args.claim_idle_ms,
+        retention_ms=int(args.retention * 1000),
+        stream_maxlen=args.stream_maxlen,
+    )
+    metrics.serve(args.metrics_port)
+    asyncio.run(_until_signal(lambda stop: serve(settings, config, stop)))
+
+
+async def _until_signal(main):  # type: ignore[no-untyped-def]
+    """Run main(stop) and set `stop` on SIGTERM or SIGINT, so the service drains and exits 0."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await main(stop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="supersede", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    adm = sub.add_parser("admission", help="admit run requests and apply executor results")
+    adm.add_argument("--metrics-port", type=int, default=9102, help="0 disables /metrics")
+    adm.add_argument("--batch", type=int, default=1000, help="entries per stream per read")
+    adm.add_argument("--block-ms", type=int, default=1000)
+    adm.add_argument("--reap-interval", type=float, default=0.5, help="seconds")
+    adm.add_argument(
+        "--claim-idle-ms",
+        type=int,
+        default=30_000,
+        help="take over entries another admission process left pending this long",
+    )
+    adm.add_argument("--retention", type=float, default=86_400, help="seconds to keep ended runs")
+    adm.add_argument("--stream-maxlen", type=int, default=1_000_000)
+    adm.set_defaults(func=_admission)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logs.setup(args.log_level)
+    try:
+        settings = Settings.from_env()
+        args.func(args, settings)
+    except ConfigError as exc:
+        log.error("refusing to start", extra={"error": str(exc)})
+        print(f"supersede: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""A pure-Python reference model of the strategies, written from the rules in DESIGN.md.
+
+It is deliberately declarative (recompute survivors from the whole group each time) rather than
+a transcription of the Lua, so that a bug in one is unlikely to be repeated in the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.model import Strategy
+
+ACTIVE = ("A", "R")
+
+
+@dataclass(slots=True)
+class Limits:
+    max_runs: int
+    strategy: Strategy
+    strict: bool
+
+
+@dataclass(slots=True)
+class MRun:
+    rid: str
+    group: str
+    seq: int
+    max_attempts: int
+    state: str = "Q"
+    attempt: int = 1
+    hold: bool = False
+    executor: str | None = None
+    lease: int | None = None
+
+
+@dataclass
+class Model:
+    lease_ms: int
+    limits: dict[str, Limits] = field(default_factory=dict)
+    runs: dict[str, MRun] = field(default_factory=dict)
+
+    # -- queries -------------------------------------------------------------------------------
+    def group_runs(self, group: str, *states: str) -> list[MRun]:
+        return sorted(
+            (r for r in self.runs.values() if r.group == group and r.state in states),
+            key=lambda r: r.seq,
+        )
+
+    def slots(self, group: str) -> int:
+        """Slots held: ASSIGNED + RUNNING, plus CANCELLING runs that still hold theirs."""
+        return sum(
+            1
+            for r in self.runs.values()
+            if r.group == group and (r.state in ACTIVE or (r.state == "X" and r.hold))
+        )
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _cancel(self, run: MRun) -> None:
+        """Supersede or cancel one run that has not ended."""
+        if run.state in ("Q", "A"):
+            run.state = "C"
+        elif run.state == "R":
+            run.state = "X"
+            run.hold = self.limits[run.group].strict
+
+    def _end(self, run: MRun, state: str) -> None:
+        run.state, run.hold, run.lease = state, False, None
+
+    def _fill(self, group: str) -> None:
+        free = self.limits[group].max_runs - self.slots(group)
+        for run in self.group_runs(group, "Q")[: max(free, 0)]:
+            run.state = "A"
+
+    # -- operations ----------------------------------------------------------------------------
+    def arrive(self, batch: list[tuple[str, str, int, int]]) -> None:
+        """A batch of (run id, group, sequence, max attempts); the limits are already known."""
+        touched: list[str] = []
+        for rid, group, seq, max_attempts in batch:
+            if rid in self.runs:
+                continue
+            self.runs[rid] = MRun(rid, group, seq, max_attempts)
+            if group not in touched:
+                touched.append(group)
+        for group in touched:
+            lim = self.limits[group]
+            if lim.strategy is Strategy.CANCEL_IN_PROGRESS:
+                live = self.group_runs(group, "Q", "A", "R")
+                for run in live[: max(len(live) - lim.max_runs, 0)]:
+                    self._cancel(run)
+                self._fill(group)
+            elif lim.strategy is Strategy.CANCEL_NEWEST:
+                self._fill(group)
+                for run in self.group_runs(group, "Q"):
+                    run.state = "C"
+            else:
+                self._fill(group)
+
+    def claim(self, rid: str, attempt: int, executor: str, now: int) -> bool:
+        run = self.runs.get(rid)
+        if run is None or run.state != "A" or run.attempt != attempt:
+            return False
+        run.state, run.executor, run.lease = "R", executor, now + self.lease_ms
+        return True
+
+    def heartbeat(self, executor: str, pairs: list[tuple[str, int]], now: int) -> list[str]:
+        stop = []
+        for rid, attempt in pairs:
+            run = self.runs.get(rid)
+            mine = run is not None and run.attempt == attempt and run.executor == executor
+            if mine and run is not None and run.state in ("R", "X"):
+                run.lease = now + self.lease_ms
+            if not (mine and run is not None and run.state == "R"):
+                stop.append(rid)
+        return stop
+
+    def finish(self, rid: str, attempt: int, outcome: str) -> None:
+        run = self.runs[rid]
+        if run.attempt != attempt:
+            return
+        if run.state == "R":
+            self._end(run, outcome)
+            self._fill(run.group)
+        elif run.state == "X":
+            held = run.hold
+            self._end(run, "C")
+            if held:
+                self._fill(run.group)
+
+    def reap(self, now: int) -> None:
+        touched = set()
+        for run in self.runs.values():
+            if run.lease is None or run.lease > now:
+                continue
+            if run.state == "R" and run.attempt < run.max_attempts:
+                run.attempt += 1
+                run.state, run.lease, run.executor = "A", None, None
+            elif run.state == "R":
+                self._end(run, "F")
+                touched.add(run.group)
+            elif run.state == "X":
+                self._end(run, "C")
+                touched.add(run.group)
+        for group in touched:
+            self._fill(group)
+
+    def cancel(self, rids: list[str]) -> list[bool]:
+        out = []
+        touched = []
+        for rid in rids:
+            run = self.runs[rid]
+            live = run.state in ("Q", "A", "R")
+            if live:
+                self._cancel(run)
+                touched.append(run.group)
+            out.append(live)
+        for group in touched:
+            self._fill(group)
+        return out

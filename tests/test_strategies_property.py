@@ -1,0 +1,249 @@
+"""The real scripts and the reference model, driven with the same random histories.
+
+After every step: invariant 1 (active runs per group never exceed max_runs), invariant 4 (every
+run's state, attempt and slot hold equal the model's) and invariant 6 (the stored slot count
+and the zset indexes agree with the run records).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from redis.asyncio import Redis
+
+from shared import codec
+from shared.keys import Keys
+from shared.model import Outcome, RunResult, Strategy
+from shared.scripts import Scripts
+from tests.helpers import make_request
+from tests.model import Limits, Model
+
+LEASE_MS = 1_000
+GROUPS = ("alpha", "beta", "gamma")
+EXECUTORS = ("e1", "e2")
+
+
+class StrategyMachine(RuleBasedStateMachine):
+    url: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.redis = Redis.from_url(self.url)
+        self.keys = Keys(f"prop{uuid.uuid4().hex[:12]}", 2)
+        self.scripts = Scripts(self.redis, self.keys)
+        self.model = Model(LEASE_MS)
+        self.now = 1_000_000
+        self.serial = 0
+        self.sent: list[tuple[int, bytes]] = []  # admitted requests, for duplicate delivery
+        self.results: list[tuple[int, bytes]] = []  # reported results, for duplicate delivery
+        self.shard_of: dict[str, int] = {}
+        self.group_of_key: dict[str, str] = {}
+        self.config: dict[str, tuple[int, Strategy, bool, int]] = {}
+
+    def teardown(self) -> None:
+        self.loop.run_until_complete(self.redis.aclose())
+        self.loop.close()
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    @initialize(
+        limits=st.lists(
+            st.tuples(
+                st.integers(1, 4),
+                st.sampled_from(list(Strategy)),
+                st.booleans(),
+                st.integers(1, 3),
+            ),
+            min_size=len(GROUPS),
+            max_size=len(GROUPS),
+        )
+    )
+    def setup_groups(self, limits: list[tuple[int, Strategy, bool, int]]) -> None:
+        for key, spec in zip(GROUPS, limits, strict=True):
+            self.config[key] = spec
+
+    # -- rules ---------------------------------------------------------------------------------
+    @rule(
+        batch=st.lists(
+            st.tuples(st.sampled_from(GROUPS), st.integers(0, 3)), min_size=1, max_size=6
+        )
+    )
+    def arrive(self, batch: list[tuple[str, int]]) -> None:
+        """New events; `late` > 0 gives a sequence older than runs already admitted."""
+        by_shard: dict[int, list[tuple[str, bytes]]] = {}
+        model_batch = []
+        for key, late in batch:
+            self.serial += 1
+            seq = (self.now - late * 400) * 10_000 + self.serial
+            max_runs, strategy, strict, attempts = self.config[key]
+            shard, req = make_request(
+                self.keys,
+                key=key,
+                event=f"ev{self.serial}",
+                seq=seq,
+                max_runs=max_runs,
+                strategy=strategy,
+                strict=strict,
+                max_attempts=attempts,
+            )
+            self.model.limits[req.group] = Limits(max_runs, strategy, strict)
+            self.shard_of[req.run_id] = shard
+            payload = req.pack()
+            by_shard.setdefault(shard, []).append((f"0-{self.serial}", payload))
+            self.sent.append((shard, payload))
+            model_batch.append((req.run_id, req.group, seq, attempts))
+        for shard, entries in by_shard.items():
+            self.run(self.scripts.admit(shard, entries, now=self.now))
+        # The model sees each shard's batch as one batch too; groups never span shards.
+        self.model.arrive(model_batch)
+
+    @precondition(lambda self: self.sent)
+    @rule(data=st.data())
+    def duplicate_request(self, data: st.DataObject) -> None:
+        shard, payload = data.draw(st.sampled_from(self.sent))
+        result = self.run(self.scripts.admit(shard, [("0-1", payload)], now=self.now))
+        assert result.created == 0 and result.duplicates == 1
+
+    @precondition(lambda self: any(r.state == "A" for r in self.model.runs.values()))
+    @rule(data=st.data(), executor=st.sampled_from(EXECUTORS))
+    def claim_assigned(self, data: st.DataObject, executor: str) -> None:
+        assigned = sorted(r.rid for r in self.model.runs.values() if r.state == "A")
+        for rid in data.draw(st.lists(st.sampled_from(assigned), min_size=1, unique=True)):
+            self.claim(rid, 0, executor)
+
+    @precondition(lambda self: self.model.runs)
+    @rule(data=st.data(), executor=st.sampled_from(EXECUTORS), stale=st.integers(0, 1))
+    def claim_any(self, data: st.DataObject, executor: str, stale: int) -> None:
+        """Claims of runs in any state, or of an older attempt, which must be refused."""
+        self.claim(data.draw(st.sampled_from(sorted(self.model.runs))), stale, executor)
+
+    def claim(self, rid: str, stale: int, executor: str) -> None:
+        attempt = self.model.runs[rid].attempt - stale
+        [got] = self.run(
+            self.scripts.claim(
+                self.shard_of[rid], executor, [("0-1", rid, attempt)], lease_ms=LEASE_MS,
+                now=self.now,
+            )
+        )  # fmt: skip
+        assert got.claimed == self.model.claim(rid, attempt, executor, self.now)
+
+    @precondition(lambda self: any(r.state in "RX" for r in self.model.runs.values()))
+    @rule(data=st.data(), outcome=st.sampled_from(list(Outcome)))
+    def finish(self, data: st.DataObject, outcome: Outcome) -> None:
+        live = sorted(r.rid for r in self.model.runs.values() if r.state in "RX")
+        rid = data.draw(st.sampled_from(live))
+        run = self.model.runs[rid]
+        payload = RunResult(rid, run.attempt, outcome, "boom" if outcome == "F" else "").pack()
+        self.results.append((self.shard_of[rid], payload))
+        self.run(self.scripts.finish(self.shard_of[rid], [("0-1", payload)], now=self.now))
+        self.model.finish(rid, run.attempt, outcome.value)
+
+    @precondition(lambda self: self.results)
+    @rule(data=st.data())
+    def duplicate_result(self, data: st.DataObject) -> None:
+        shard, payload = data.draw(st.sampled_from(self.results))
+        body = codec.unpack(payload)
+        self.run(self.scripts.finish(shard, [("0-1", payload)], now=self.now))
+        self.model.finish(body["id"], body["a"], body["o"])
+
+    @precondition(lambda self: self.model.runs)
+    @rule(data=st.data(), executor=st.sampled_from(EXECUTORS))
+    def heartbeat(self, data: st.DataObject, executor: str) -> None:
+        rids = data.draw(st.lists(st.sampled_from(sorted(self.model.runs)), max_size=4))
+        pairs = [(rid, self.model.runs[rid].attempt) for rid in dict.fromkeys(rids)]
+        by_shard: dict[int, list[tuple[str, int]]] = {}
+        for rid, attempt in pairs:
+            by_shard.setdefault(self.shard_of[rid], []).append((rid, attempt))
+        got: list[str] = []
+        for shard, items in by_shard.items():
+            got += self.run(
+                self.scripts.heartbeat(shard, executor, items, lease_ms=LEASE_MS, now=self.now)
+            )
+        assert sorted(got) == sorted(self.model.heartbeat(executor, pairs, self.now))
+
+    @rule(dt=st.integers(0, 2_000))
+    def tick(self, dt: int) -> None:
+        """Time passes; the reaper handles the leases that expired."""
+        self.now += dt
+        for shard in range(self.keys.shards):
+            self.run(self.scripts.reap(shard, now=self.now))
+        self.model.reap(self.now)
+
+    @precondition(lambda self: self.model.runs)
+    @rule(data=st.data())
+    def manual_cancel(self, data: st.DataObject) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.model.runs)))
+        [got] = self.run(self.scripts.cancel(self.shard_of[rid], [rid], now=self.now))
+        assert [got] == self.model.cancel([rid])
+
+    # -- invariants ----------------------------------------------------------------------------
+    def stored(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for sk in self.keys.all_shards():
+            for rid, raw in self.run(self.redis.hgetall(sk.runs_hash)).items():
+                out[rid.decode()] = codec.unpack(raw)
+        return out
+
+    @invariant()
+    def runs_match_model_and_indexes_agree(self) -> None:
+        if not self.config:
+            return
+        stored = self.stored()
+        # Invariant 4: same runs, same states, attempts and holds as the reference model.
+        mine = {rid: (r["st"], r["a"], r.get("h", 0) == 1) for rid, r in stored.items()}
+        model = {rid: (r.state, r.attempt, r.hold) for rid, r in self.model.runs.items()}
+        assert mine == model
+        held: Counter[str] = Counter()
+        for r in stored.values():
+            if r["st"] in ("A", "R") or (r["st"] == "X" and r.get("h") == 1):
+                held[r["g"]] += 1
+        # Invariant 1: never more slot holders than max_runs.
+        for gid, n in held.items():
+            assert n <= self.model.limits[gid].max_runs, (gid, n)
+        # Invariant 6: stored counts and indexes equal what the records say.
+        slots: dict[str, int] = {}
+        queue: set[str] = set()
+        active: set[str] = set()
+        leases: set[str] = set()
+        for sk in self.keys.all_shards():
+            for gid, n in self.run(self.redis.hgetall(sk.slots_hash)).items():
+                slots[gid.decode()] = int(n)
+            queue |= {m.decode() for m in self.run(self.redis.zrange(sk.queue_zset, 0, -1))}
+            active |= {m.decode() for m in self.run(self.redis.zrange(sk.active_zset, 0, -1))}
+            leases |= {m.decode() for m in self.run(self.redis.zrange(sk.leases_zset, 0, -1))}
+        assert slots == dict(held)
+
+        def members(*states: str) -> set[str]:
+            return {f"{r['g']}|{r['s']}|{rid}" for rid, r in stored.items() if r["st"] in states}
+
+        assert queue == members("Q")
+        assert active == members("A", "R")
+        assert leases == {rid for rid, r in stored.items() if r["st"] in ("R", "X")}
+
+
+def test_scripts_match_reference_model(redis_url: str) -> None:
+    StrategyMachine.url = redis_url
+    run_state_machine_as_test(
+        StrategyMachine,
+        settings=settings(
+            max_examples=100,
+            stateful_step_count=80,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
