@@ -27,7 +27,7 @@
     {-3, i}         request i belongs to another shard; nothing written
     {-4, 0}         bad ARGV; nothing written
 
-  Writes: XADD assignments {m = {id, a}}; XADD control {m = {op, id, a, by, why}}.
+  Writes: XADD assignments {id, a}; XADD control {op = 'cancel', id, a, by, why}.
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -37,10 +37,11 @@ local inputsKey, requestsKey = KEYS[9], KEYS[10]
 -- @include now
 -- @include runs
 -- @include validate
+-- @include ack
 
 local now = nowMs(ARGV[1])
 local streamMax = tonumber(ARGV[2])
-local groupName, shard = ARGV[3], ARGV[4]
+local groupName, shardPrefix = ARGV[3], ARGV[4] .. '-'
 if not streamMax or (#ARGV - 4) % 2 ~= 0 then return { -4, 0 } end
 
 -- @include transitions
@@ -53,9 +54,13 @@ for i = 5, #ARGV, 2 do
   if not ok or type(req) ~= 'table' then return { -1, n, 'payload' } end
   local bad = badRequestField(req)
   if bad then return { -1, n, bad } end
-  if string.match(req.id, '^(%d+)%-') ~= shard then return { -3, n } end
+  if string.sub(req.id, 1, #shardPrefix) ~= shardPrefix then return { -3, n } end
   reqs[n] = req
 end
+
+local rids = {}
+for n = 1, #reqs do rids[n] = reqs[n].id end
+prefetchRuns(rids)
 
 local created, dups = 0, 0
 local news, newsList = {}, {}
@@ -79,6 +84,7 @@ for n = 1, #reqs do
   end
 end
 
+prefetchSlots(newsList)
 for i = 1, #newsList do
   local g = newsList[i]
   local list = news[g]
@@ -87,17 +93,13 @@ for i = 1, #newsList do
 end
 
 -- Inputs of runs that survived this call.
-local args, n = {}, 0
+local inputs = {}
 for rid, input in pairs(fresh) do
-  args[n + 1] = rid; args[n + 2] = input; n = n + 2
-  if n >= 1000 then rcall('HSET', inputsKey, unpack(args, 1, n)); n = 0 end
+  inputs[#inputs + 1] = rid
+  inputs[#inputs + 1] = input
 end
-if n > 0 then rcall('HSET', inputsKey, unpack(args, 1, n)) end
+callChunked('HSET', inputsKey, inputs, 1000)
 
-local ids = {}
-for i = 5, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
-for i = 1, #ids, 1000 do
-  rcall('XACK', requestsKey, groupName, unpack(ids, i, math.min(i + 999, #ids)))
-end
+ackEntries(requestsKey, groupName, 5, 2)
 flushRuns()
 return { 0, created, dups, stats.assigned, stats.cancelled }

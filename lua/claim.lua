@@ -26,6 +26,7 @@ local rcall = redis.call
 local runsKey, inputsKey, leasesKey, assignKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
 -- @include now
+-- @include ack
 
 local now = nowMs(ARGV[1])
 local groupName, executor, leaseMs = ARGV[2], ARGV[3], tonumber(ARGV[4])
@@ -35,10 +36,9 @@ for i = 5, #ARGV, 3 do
   if not a or a ~= math.floor(a) or ARGV[i + 1] == '' then return { -4, (i - 2) / 3 } end
 end
 
-local out, ids = { 0 }, {}
+local out = { 0 }
 for i = 5, #ARGV, 3 do
   local rid, att = ARGV[i + 1], tonumber(ARGV[i + 2])
-  ids[#ids + 1] = ARGV[i]
   local raw = rcall('HGET', runsKey, rid)
   local rec = raw and cmsgpack.unpack(raw)
   if rec and rec.st == 'A' and rec.a == att then
@@ -52,7 +52,5 @@ for i = 5, #ARGV, 3 do
     out[#out + 1] = { 0, rid, rec and rec.st or '' }
   end
 end
-for i = 1, #ids, 1000 do
-  rcall('XACK', assignKey, groupName, unpack(ids, i, math.min(i + 999, #ids)))
-end
+ackEntries(assignKey, groupName, 5, 3)
 return out

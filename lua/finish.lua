@@ -27,6 +27,7 @@ local inputsKey, resultsKey = KEYS[9], KEYS[10]
 
 -- @include now
 -- @include runs
+-- @include ack
 
 local now = nowMs(ARGV[1])
 local streamMax = tonumber(ARGV[2])
@@ -74,10 +75,6 @@ for n = 1, #results do
 end
 
 refillTouched()
-local ids = {}
-for i = 4, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
-for i = 1, #ids, 1000 do
-  rcall('XACK', resultsKey, groupName, unpack(ids, i, math.min(i + 999, #ids)))
-end
+ackEntries(resultsKey, groupName, 4, 2)
 flushRuns()
 return { 0, applied, stale, stats.assigned }

@@ -1,6 +1,7 @@
 --[[
-  Run records and slot counters, cached for the length of one script call and written once.
-  Needs the locals runsKey, slotsKey.
+  Run records, slot counters and end-of-run bookkeeping, cached for the length of one script
+  call and written once at its end (each redis.call costs about as much as the Lua around it).
+  Needs the locals runsKey, slotsKey, terminalKey, inputsKey.
   A record is a msgpack map: st state, g group, s sequence, w workflow, v version, k key,
   ev event id, mx max_runs, sg strategy code, sx strict (0/1), a attempt, m max attempts,
   e executor, h (1: a CANCELLING run still holds its slot), t0..t3 created/assigned/claimed/
@@ -8,6 +9,7 @@
 ]]
 local runCache, runDirty = {}, {}
 local slotCache, slotDirty = {}, {}
+local endedArgs, droppedInputs = {}, {}
 
 local function loadRun(rid)
   local rec = runCache[rid]
@@ -17,6 +19,18 @@ local function loadRun(rid)
     runCache[rid] = rec
   end
   return rec or nil
+end
+
+-- Loads many records with one HMGET (ids may repeat).
+local function prefetchRuns(rids)
+  for i = 1, #rids, 1000 do
+    local last = math.min(i + 999, #rids)
+    local raws = rcall('HMGET', runsKey, unpack(rids, i, last))
+    for j = 1, #raws do
+      local rid = rids[i + j - 1]
+      if runCache[rid] == nil then runCache[rid] = raws[j] and cmsgpack.unpack(raws[j]) or false end
+    end
+  end
 end
 
 local function saveRun(rid, rec)
@@ -33,24 +47,49 @@ local function slotsOf(g)
   return n
 end
 
+-- Loads the slot counts of many groups with one HMGET.
+local function prefetchSlots(groups)
+  for i = 1, #groups, 1000 do
+    local last = math.min(i + 999, #groups)
+    local vals = rcall('HMGET', slotsKey, unpack(groups, i, last))
+    for j = 1, #vals do slotCache[groups[i + j - 1]] = tonumber(vals[j] or 0) end
+  end
+end
+
 local function addSlots(g, delta)
   if not slotDirty[g] then slotDirty[#slotDirty + 1] = g; slotDirty[g] = true end
   slotCache[g] = slotsOf(g) + delta
 end
 
+-- Marks a run ended at `now` (terminal zset) and its input for deletion, at flush time.
+local function markEnded(rid, now, dropInput)
+  endedArgs[#endedArgs + 1] = now
+  endedArgs[#endedArgs + 1] = rid
+  if dropInput then droppedInputs[#droppedInputs + 1] = rid end
+end
+
+local function callChunked(cmd, key, args, step)
+  for i = 1, #args, step do
+    rcall(cmd, key, unpack(args, i, math.min(i + step - 1, #args)))
+  end
+end
+
 local function flushRuns()
-  local args, n = {}, 0
+  local args = {}
   for i = 1, #runDirty do
     local rid = runDirty[i]
-    args[n + 1] = rid
-    args[n + 2] = cmsgpack.pack(runCache[rid])
-    n = n + 2
-    if n >= 1000 then rcall('HSET', runsKey, unpack(args, 1, n)); n = 0 end
+    args[#args + 1] = rid
+    args[#args + 1] = cmsgpack.pack(runCache[rid])
   end
-  if n > 0 then rcall('HSET', runsKey, unpack(args, 1, n)) end
+  callChunked('HSET', runsKey, args, 1000)
+  local set, del = {}, {}
   for i = 1, #slotDirty do
     local g = slotDirty[i]
     local v = slotCache[g]
-    if v > 0 then rcall('HSET', slotsKey, g, v) else rcall('HDEL', slotsKey, g) end
+    if v > 0 then set[#set + 1] = g; set[#set + 1] = v else del[#del + 1] = g end
   end
+  callChunked('HSET', slotsKey, set, 1000)
+  callChunked('HDEL', slotsKey, del, 1000)
+  callChunked('ZADD', terminalKey, endedArgs, 1000)
+  callChunked('HDEL', inputsKey, droppedInputs, 1000)
 end

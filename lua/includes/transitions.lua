@@ -25,8 +25,12 @@ local function endRun(rid, rec, state, why, by)
   rec.h = nil
   if why then rec.why = why end
   if by then rec.by = by end
-  rcall('ZADD', terminalKey, now, rid)
-  if fresh[rid] then fresh[rid] = nil else rcall('HDEL', inputsKey, rid) end
+  if fresh[rid] then
+    fresh[rid] = nil
+    markEnded(rid, now, false)
+  else
+    markEnded(rid, now, true)
+  end
   saveRun(rid, rec)
   stats.ended = stats.ended + 1
   if state == 'C' then stats.cancelled = stats.cancelled + 1 end
@@ -36,7 +40,7 @@ local function assignRun(rid, rec)
   rec.st = 'A'
   rec.t1 = now
   rec.e = nil
-  rcall('XADD', assignKey, 'MAXLEN', '~', streamMax, '*', 'm', cmsgpack.pack({ id = rid, a = rec.a }))
+  rcall('XADD', assignKey, 'MAXLEN', '~', streamMax, '*', 'id', rid, 'a', rec.a)
   saveRun(rid, rec)
   stats.assigned = stats.assigned + 1
 end
@@ -56,8 +60,8 @@ local function cancelActive(m, why, by)
   rec.why = why
   if by then rec.by = by end
   if rec.sx == 1 then rec.h = 1 else addSlots(rec.g, -1) end
-  rcall('XADD', controlKey, 'MAXLEN', '~', streamMax, '*', 'm',
-    cmsgpack.pack({ op = 'cancel', id = rid, a = rec.a, by = by or '', why = why }))
+  rcall('XADD', controlKey, 'MAXLEN', '~', streamMax, '*',
+    'op', 'cancel', 'id', rid, 'a', rec.a, 'by', by or '', 'why', why)
   saveRun(rid, rec)
   stats.cancelled = stats.cancelled + 1
 end
@@ -80,10 +84,10 @@ end
 
 -- Queued runs of group g (oldest first, at most `limit` when given) merged with `news`
 -- (members created by this call, sorted, not yet in the queue zset).
-local function pendingOf(g, limit, news)
+local function pendingOf(g, limit, news, queueEmpty)
   local lo, hi = '(' .. g .. '|', '(' .. g .. '}'
   local que
-  if limit and limit <= 0 then
+  if queueEmpty or (limit and limit <= 0) then
     que = {}
   elseif limit then
     que = rcall('ZRANGEBYLEX', queueKey, lo, hi, 'LIMIT', 0, limit)
@@ -116,12 +120,16 @@ local function fillFrom(g, mx, pending, first)
 end
 
 -- Applies the group's strategy after arrivals (`news`), per the table in DESIGN.md.
+-- Without strict mode, CANCEL_IN_PROGRESS and CANCEL_NEWEST start or end every run they see,
+-- so their groups never keep a queue between calls and the queue read is skipped; a group that
+-- holds no slot has no active run either.
 local function applyArrivals(g, rec, news)
   local mx, sg = rec.mx, rec.sg
   if sg == 1 then
     -- CANCEL_IN_PROGRESS: the newest mx of active + pending survive, every older one ends.
-    local act = rcall('ZRANGEBYLEX', activeKey, '(' .. g .. '|', '(' .. g .. '}')
-    local pending = pendingOf(g, nil, news)
+    local act = {}
+    if slotsOf(g) > 0 then act = rcall('ZRANGEBYLEX', activeKey, '(' .. g .. '|', '(' .. g .. '}') end
+    local pending = pendingOf(g, nil, news, rec.sx ~= 1)
     local ia, ip, kept = #act, #pending, 0
     local newest
     if ip > 0 and (ia == 0 or pending[ip].m > act[ia]) then newest = pending[ip].m else newest = act[ia] end
@@ -135,7 +143,7 @@ local function applyArrivals(g, rec, news)
     fillFrom(g, mx, pending, ip + 1)
   elseif sg == 2 then
     -- CANCEL_NEWEST: fill free slots oldest-first; whatever cannot start now ends.
-    local pending = pendingOf(g, nil, news)
+    local pending = pendingOf(g, nil, news, true)
     local free = mx - slotsOf(g)
     for i = 1, #pending do
       if i <= free then startPending(pending[i]) else cancelPending(pending[i], 'no_slot') end

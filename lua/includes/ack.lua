@@ -1,0 +1,12 @@
+--[[
+  ackEntries(stream, group, first): XACK the entry ids found at ARGV[first], ARGV[first+step]..
+  in chunks, so a batch of any size is one or a few calls.
+]]
+local function ackEntries(stream, group, first, step)
+  local ids = {}
+  for i = first, #ARGV, step do
+    ids[#ids + 1] = ARGV[i]
+    if #ids == 1000 then redis.call('XACK', stream, group, unpack(ids)); ids = {} end
+  end
+  if #ids > 0 then redis.call('XACK', stream, group, unpack(ids)) end
+end
