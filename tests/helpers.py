@@ -42,11 +42,35 @@ def make_request(
     return shard, req
 
 
-async def create_groups(redis: Redis, keys: Keys) -> None:
+async def snapshot(redis: Redis, keys: Keys) -> dict[str, object]:
+    """Every key of the namespace with its full content, to prove a call wrote nothing."""
+    out: dict[str, object] = {}
+    patterns = [f"{{{keys.namespace}:*", f"{keys.namespace}:*"]
+    for pattern in patterns:
+        async for raw in redis.scan_iter(match=pattern, count=1000):
+            key = raw.decode()
+            kind = (await redis.type(key)).decode()
+            if kind == "hash":
+                out[key] = await redis.hgetall(key)
+            elif kind == "zset":
+                out[key] = await redis.zrange(key, 0, -1, withscores=True)
+            elif kind == "stream":
+                groups = await redis.xinfo_groups(key)
+                out[key] = (
+                    await redis.xrange(key),
+                    sorted((g["name"], g["pending"], g["last-delivered-id"]) for g in groups),
+                )
+            else:
+                out[key] = await redis.dump(key)
+    return out
+
+
+async def records(redis: Redis, keys: Keys) -> dict[str, dict[str, object]]:
+    """All run records of the namespace, decoded."""
+    from shared import codec
+
+    out: dict[str, dict[str, object]] = {}
     for sk in keys.all_shards():
-        for stream, group in (
-            (sk.requests_stream, "admission"),
-            (sk.results_stream, "admission"),
-            (sk.assignments_stream, "executors"),
-        ):
-            await redis.xgroup_create(stream, group, id="0", mkstream=True)
+        for rid, raw in (await redis.hgetall(sk.runs_hash)).items():
+            out[rid.decode()] = codec.unpack(raw)
+    return out

@@ -1,0 +1,237 @@
+"""The admission service: in-process behaviour, and real processes killed with SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+import pytest
+from redis.asyncio import Redis
+
+from services.admission.service import Admission, AdmissionConfig
+from shared.config import Settings
+from shared.keys import Keys
+from shared.model import Outcome, RunResult, Strategy
+from shared.server import free_port
+from shared.streams import ADMISSION_GROUP, ensure_groups
+from tests.helpers import make_request, records
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
+    """Poll `check` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+async def backlog(redis: Redis, keys: Keys) -> int:
+    total = 0
+    for sk in keys.all_shards():
+        for stream in (sk.requests_stream, sk.results_stream):
+            for g in await redis.xinfo_groups(stream):
+                if g["name"] == ADMISSION_GROUP.encode():
+                    total += int(g["pending"]) + int(g.get("lag") or 0)
+    return total
+
+
+def env_for(url: str, keys: Keys) -> dict[str, str]:
+    return {
+        **os.environ,
+        "SUPERSEDE_REDIS_URL": url,
+        "SUPERSEDE_NAMESPACE": keys.namespace,
+        "SUPERSEDE_SHARDS": str(keys.shards),
+    }
+
+
+def start_admission(
+    url: str, keys: Keys, *extra: str, stderr: int = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "services.cli", "admission", "--block-ms", "100", *extra]
+    return subprocess.Popen(cmd, env=env_for(url, keys), stderr=stderr)
+
+
+@pytest.fixture
+async def service(redis: Redis, redis_url: str, keys: Keys):  # type: ignore[no-untyped-def]
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    admission = Admission(redis, settings, AdmissionConfig(block_ms=50, reap_interval=0.05))
+    stop = asyncio.Event()
+    task = asyncio.create_task(admission.run(stop))
+    await eventually(lambda: asyncio.sleep(0, admission.ready))
+    yield admission
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_requests_and_results_flow_through_the_service(
+    redis: Redis, keys: Keys, service: Admission
+) -> None:
+    reqs = [make_request(keys, event=f"e{i}", seq=i, max_runs=1) for i in range(3)]
+    for shard, req in reqs:
+        await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
+    await eventually(lambda: _states_are(redis, keys, ["C", "C", "A"], reqs))
+    shard, last = reqs[-1]
+    await service.scripts.claim(shard, "ex", [("0-1", last.run_id, 1)], lease_ms=60_000)
+    result = RunResult(last.run_id, 1, Outcome.SUCCEEDED).pack()
+    await redis.xadd(keys.shard(shard).results_stream, {"r": result})
+    await eventually(lambda: _states_are(redis, keys, ["C", "C", "S"], reqs))
+    assert await backlog(redis, keys) == 0
+
+
+async def _states_are(redis: Redis, keys: Keys, expected: list[str], reqs) -> bool:  # type: ignore[no-untyped-def]
+    recs = await records(redis, keys)
+    return [recs.get(r.run_id, {}).get("st") for _, r in reqs] == expected
+
+
+async def test_a_bad_entry_is_dead_lettered_and_the_batch_still_lands(
+    redis: Redis, keys: Keys, service: Admission
+) -> None:
+    shard, good = make_request(keys, event="good", seq=2)
+    other_shard, other = make_request(keys, event="other", seq=3, key="other-key")
+    stream = keys.shard(shard).requests_stream
+    await redis.xadd(stream, {"r": b"\xc1not msgpack"})
+    await redis.xadd(stream, {"nothing": b"here"})
+    await redis.xadd(stream, {"r": good.pack()})
+    await redis.xadd(keys.shard(shard).results_stream, {"r": RunResult(f"{shard}-nope", 1, Outcome.SUCCEEDED).pack()})
+
+    async def dead_letters() -> bool:
+        return await redis.xlen(keys.dead_stream) == 3
+
+    await eventually(dead_letters)
+    reasons = sorted(f[b"reason"] for _, f in await redis.xrange(keys.dead_stream))
+    assert reasons == [b"malformed", b"malformed", b"unknown_run"]
+    assert (await records(redis, keys))[good.run_id]["st"] == "A"
+    await redis.xadd(keys.shard(other_shard).requests_stream, {"r": other.pack()})
+    await eventually(lambda: _states_are(redis, keys, ["A"], [(other_shard, other)]))
+    assert await backlog(redis, keys) == 0
+
+
+async def test_the_reaper_runs_on_a_timer(redis: Redis, keys: Keys, service: Admission) -> None:
+    shard, req = make_request(keys, event="e", seq=1, max_attempts=1)
+    await service.scripts.admit(shard, [("0-1", req.pack())])
+    await service.scripts.claim(shard, "ex", [("0-1", req.run_id, 1)], lease_ms=1)
+    await eventually(lambda: _states_are(redis, keys, ["F"], [(shard, req)]))
+
+
+async def test_sigkill_mid_stream_then_restart_gives_exactly_one_run_per_request(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    await ensure_groups(redis, keys)
+    n, groups = 12_000, 300
+    wanted: dict[str, str] = {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(n):
+            strategy = Strategy.GROUP_ROUND_ROBIN if i % 3 else Strategy.CANCEL_IN_PROGRESS
+            event = f"e{i % (n - 500)}"  # the last 500 events are delivered twice
+            shard, req = make_request(
+                keys, event=event, seq=i % (n - 500), key=f"k{i % groups}-{strategy.value}",
+                max_runs=2, strategy=strategy,
+            )  # fmt: skip
+            wanted[req.run_id] = req.group
+            pipe.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
+        await pipe.execute()
+
+    async def count_runs() -> int:
+        return sum([await redis.hlen(sk.runs_hash) for sk in keys.all_shards()])
+
+    proc = start_admission(redis_url, keys, "--batch", "20", "--metrics-port", "0")
+    kills = 0
+    try:
+        for threshold in (1, n // 4):
+            await eventually(lambda t=threshold: _at_least(count_runs, t), timeout=30)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(5)
+            kills += 1
+            assert await count_runs() < len(wanted), "the kill came too late to prove anything"
+            proc = start_admission(
+                redis_url, keys, "--batch", "20", "--claim-idle-ms", "200", "--metrics-port", "0"
+            )
+        await eventually(lambda: _is_zero(backlog(redis, keys)), timeout=60)
+    finally:
+        proc.kill()
+        proc.wait(5)
+    assert kills == 2
+    recs = await records(redis, keys)
+    assert set(recs) == set(wanted)
+    # No run was assigned twice for one attempt, and slot counts are exact.
+    assigned: Counter[tuple[bytes, bytes]] = Counter()
+    held: Counter[str] = Counter()
+    for sk in keys.all_shards():
+        for _, f in await redis.xrange(sk.assignments_stream):
+            assigned[(f[b"id"], f[b"a"])] += 1
+        stored = {g.decode(): int(v) for g, v in (await redis.hgetall(sk.slots_hash)).items()}
+        mine = {r["g"] for r in recs.values() if shard_of(r) == sk.shard}
+        for gid in mine:
+            held[gid] = stored.get(gid, 0)
+    assert max(assigned.values()) == 1
+    active: Counter[str] = Counter(r["g"] for r in recs.values() if r["st"] in ("A", "R"))
+    assert dict(+held) == dict(active)
+    assert max(active.values()) <= 2
+
+
+def shard_of(rec: dict[str, object]) -> int:
+    from shared.model import shard_of_group
+
+    return shard_of_group(str(rec["g"]), 4)
+
+
+async def _at_least(count: Callable[[], Awaitable[int]], threshold: int) -> bool:
+    return await count() >= threshold
+
+
+async def _is_zero(value: Awaitable[int]) -> bool:
+    return await value == 0
+
+
+async def test_sigterm_stops_cleanly_and_metrics_are_served(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    port = free_port()
+    proc = start_admission(redis_url, keys, "--metrics-port", str(port))
+    try:
+        shard, req = make_request(keys, event="e", seq=1)
+        await eventually(lambda: _has_groups(redis, keys))
+        await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
+        await eventually(lambda: _states_are(redis, keys, ["A"], [(shard, req)]))
+        body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
+        assert 'supersede_admission_requests_total{outcome="created"} 1.0' in body
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+async def _has_groups(redis: Redis, keys: Keys) -> bool:
+    stream = keys.shard(keys.shards - 1).requests_stream
+    return bool(await redis.exists(stream)) and bool(await redis.xinfo_groups(stream))
+
+
+def _get(url: str) -> str:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return str(resp.read().decode())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+async def test_a_process_with_another_shard_count_refuses_to_start(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    await redis.hset(keys.config_hash, "shards", keys.shards + 1)
+    proc = start_admission(redis_url, keys, "--metrics-port", "0", stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    assert b"SUPERSEDE_SHARDS" in err and b"refusing to start" in err

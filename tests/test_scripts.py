@@ -1,0 +1,332 @@
+"""The Lua scripts on a real server: strategies, transitions, idempotency and bad input."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+from shared import codec
+from shared.errors import BadArguments, MalformedItem, UnknownRun, WrongShard
+from shared.keys import Keys
+from shared.model import Outcome, RunRequest, RunResult, Strategy
+from shared.scripts import Scripts
+from shared.streams import ensure_groups
+from tests.helpers import make_request, records, snapshot
+
+LEASE = 1_000
+
+
+async def admit(scripts: Scripts, *reqs: tuple[int, RunRequest], now: int = 1) -> None:
+    by_shard: dict[int, list[tuple[str, bytes]]] = {}
+    for shard, req in reqs:
+        by_shard.setdefault(shard, []).append(("0-1", req.pack()))
+    for shard, entries in by_shard.items():
+        await scripts.admit(shard, entries, now=now)
+
+
+async def claim(scripts: Scripts, shard: int, req: RunRequest, attempt: int = 1, now: int = 2):  # type: ignore[no-untyped-def]
+    [c] = await scripts.claim(shard, "ex", [("0-1", req.run_id, attempt)], lease_ms=LEASE, now=now)
+    return c
+
+
+async def finish(scripts: Scripts, shard: int, req: RunRequest, outcome: Outcome, attempt: int = 1) -> None:
+    await scripts.finish(shard, [("0-1", RunResult(req.run_id, attempt, outcome).pack())], now=5)
+
+
+def states(recs: dict[str, dict[str, object]], *reqs: tuple[int, RunRequest]) -> list[object]:
+    return [recs[r.run_id]["st"] for _, r in reqs]
+
+
+# -- strategies -------------------------------------------------------------------------------
+
+
+async def test_cancel_in_progress_keeps_the_newest_and_stops_the_running(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    a, b, c = (make_request(keys, event=f"e{i}", seq=i, max_runs=2) for i in (1, 2, 3))
+    shard = a[0]
+    await admit(scripts, a, b)
+    assert (await claim(scripts, shard, a[1])).claimed
+    await admit(scripts, c, now=3)
+    recs = await records(redis, keys)
+    assert states(recs, a, b, c) == ["X", "A", "A"]  # a was running: told to stop
+    assert recs[a[1].run_id]["by"] == c[1].run_id
+    [(_, msg)] = await redis.xrange(keys.shard(shard).control_stream)
+    assert msg[b"id"].decode() == a[1].run_id and msg[b"op"] == b"cancel"
+    assert int(await redis.hget(keys.shard(shard).slots_hash, a[1].group)) == 2
+
+
+async def test_cancel_in_progress_cancels_an_older_event_admitted_late(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    new, old = make_request(keys, event="new", seq=10), make_request(keys, event="old", seq=5)
+    await admit(scripts, new)
+    await admit(scripts, old)
+    assert states(await records(redis, keys), new, old) == ["A", "C"]
+
+
+async def test_cancel_newest_never_interrupts_and_sheds_what_cannot_start(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    reqs = [
+        make_request(keys, event=f"e{i}", seq=i, max_runs=2, strategy=Strategy.CANCEL_NEWEST)
+        for i in range(4)
+    ]
+    await admit(scripts, reqs[0])
+    assert (await claim(scripts, reqs[0][0], reqs[0][1])).claimed
+    await admit(scripts, *reqs[1:])
+    assert states(await records(redis, keys), *reqs) == ["R", "A", "C", "C"]
+
+
+async def test_group_round_robin_is_fifo_and_cancels_nothing(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    reqs = [
+        make_request(keys, event=f"e{i}", seq=i, max_runs=2, strategy=Strategy.GROUP_ROUND_ROBIN)
+        for i in range(5)
+    ]
+    shard = reqs[0][0]
+    await admit(scripts, *reversed(reqs))  # arrival order does not matter, sequence does
+    assert states(await records(redis, keys), *reqs) == ["A", "A", "Q", "Q", "Q"]
+    await claim(scripts, shard, reqs[0][1])
+    await finish(scripts, shard, reqs[0][1], Outcome.SUCCEEDED)
+    assert states(await records(redis, keys), *reqs) == ["S", "A", "A", "Q", "Q"]
+
+
+async def test_strict_mode_holds_the_slot_until_the_executor_confirms(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    old, new = (make_request(keys, event=f"e{i}", seq=i, strict=True) for i in (1, 2))
+    shard = old[0]
+    await admit(scripts, old)
+    await claim(scripts, shard, old[1])
+    await admit(scripts, new, now=3)
+    recs = await records(redis, keys)
+    assert states(recs, old, new) == ["X", "Q"] and recs[old[1].run_id]["h"] == 1
+    await finish(scripts, shard, old[1], Outcome.CANCELLED)
+    assert states(await records(redis, keys), old, new) == ["C", "A"]
+
+
+async def test_default_mode_frees_the_slot_at_cancel_time(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    old, new = (make_request(keys, event=f"e{i}", seq=i) for i in (1, 2))
+    await admit(scripts, old)
+    await claim(scripts, old[0], old[1])
+    await admit(scripts, new, now=3)
+    assert states(await records(redis, keys), old, new) == ["X", "A"]
+
+
+# -- transitions ------------------------------------------------------------------------------
+
+
+async def test_claim_refuses_a_cancelled_run_and_an_old_attempt(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    old, new = (make_request(keys, event=f"e{i}", seq=i) for i in (1, 2))
+    await admit(scripts, old, new)
+    refused = await claim(scripts, old[0], old[1])
+    assert not refused.claimed and refused.state == "C"
+    assert not (await claim(scripts, new[0], new[1], attempt=2)).claimed
+    got = await claim(scripts, new[0], new[1])
+    assert got.claimed and got.input == b"{}" and got.workflow == "wf" and got.key == "k"
+
+
+async def test_claim_acknowledges_the_assignment_entries(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    await ensure_groups(redis, keys)
+    shard, req = make_request(keys, event="e", seq=1)
+    await admit(scripts, (shard, req))
+    stream = keys.shard(shard).assignments_stream
+    [[_, [(entry_id, fields)]]] = await redis.xreadgroup("executors", "c", {stream: ">"})
+    assert fields == {b"id": req.run_id.encode(), b"a": b"1"}
+    await scripts.claim(shard, "ex", [(entry_id, req.run_id, 1)], lease_ms=LEASE)
+    assert (await redis.xpending(stream, "executors"))["pending"] == 0
+
+
+async def test_heartbeat_renews_and_reports_cancelled_runs(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    a, b = (make_request(keys, event=f"e{i}", seq=i) for i in (1, 2))
+    shard = a[0]
+    await admit(scripts, a)
+    await claim(scripts, shard, a[1])
+    assert await scripts.heartbeat(shard, "ex", [(a[1].run_id, 1)], lease_ms=LEASE, now=900) == []
+    lease = await redis.zscore(keys.shard(shard).leases_zset, a[1].run_id)
+    assert lease == 900 + LEASE
+    assert await scripts.heartbeat(shard, "other", [(a[1].run_id, 1)], lease_ms=LEASE) == [
+        a[1].run_id
+    ]
+    await admit(scripts, b, now=950)
+    stop = await scripts.heartbeat(shard, "ex", [(a[1].run_id, 1), ("0-gone", 1)], lease_ms=LEASE)
+    assert stop == [a[1].run_id, "0-gone"]
+
+
+async def test_reap_retries_with_the_same_sequence_then_fails(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    shard, req = make_request(keys, event="e", seq=7, max_attempts=2)
+    await admit(scripts, (shard, req))
+    await claim(scripts, shard, req, now=10)
+    result = await scripts.reap(shard, now=10 + LEASE)
+    assert result.retried == 1
+    rec = (await records(redis, keys))[req.run_id]
+    assert (rec["st"], rec["a"], rec["s"]) == ("A", 2, req.seq)
+    await claim(scripts, shard, req, attempt=2, now=2_000)
+    # A late result of the first attempt changes nothing.
+    await finish(scripts, shard, req, Outcome.FAILED, attempt=1)
+    assert (await records(redis, keys))[req.run_id]["st"] == "R"
+    result = await scripts.reap(shard, now=2_000 + LEASE)
+    assert result.failed == 1
+    rec = (await records(redis, keys))[req.run_id]
+    assert (rec["st"], rec["why"]) == ("F", "lease_expired")
+    assert await redis.hget(keys.shard(shard).slots_hash, req.group) is None
+
+
+async def test_reap_deletes_ended_runs_after_retention(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    old, new = (make_request(keys, event=f"e{i}", seq=i) for i in (1, 2))
+    await admit(scripts, old, new, now=100)
+    assert (await scripts.reap(old[0], now=150, retention_ms=100)).expired == 0
+    assert (await scripts.reap(old[0], now=200, retention_ms=100)).expired == 1
+    assert set(await records(redis, keys)) == {new[1].run_id}
+
+
+async def test_manual_cancel(redis: Redis, keys: Keys, scripts: Scripts) -> None:
+    reqs = [
+        make_request(keys, event=f"e{i}", seq=i, strategy=Strategy.GROUP_ROUND_ROBIN)
+        for i in range(3)
+    ]
+    shard = reqs[0][0]
+    await admit(scripts, *reqs)
+    await claim(scripts, shard, reqs[0][1])
+    flags = await scripts.cancel(shard, [reqs[0][1].run_id, reqs[2][1].run_id])
+    assert flags == [True, True]
+    # the running one is told to stop and its slot goes to the next queued run
+    assert states(await records(redis, keys), *reqs) == ["X", "A", "C"]
+    assert await scripts.cancel(shard, [reqs[2][1].run_id]) == [False]
+
+
+# -- idempotency ------------------------------------------------------------------------------
+
+
+async def test_a_request_delivered_twice_changes_nothing_the_second_time(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    await ensure_groups(redis, keys)
+    reqs = [make_request(keys, event=f"e{i}", seq=i, max_runs=2) for i in range(3)]
+    await admit(scripts, *reqs)
+    before = await snapshot(redis, keys)
+    await admit(scripts, *reqs, now=99)
+    assert await snapshot(redis, keys) == before
+
+
+async def test_a_result_delivered_twice_changes_nothing_the_second_time(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    await ensure_groups(redis, keys)
+    reqs = [make_request(keys, event=f"e{i}", seq=i, strategy=Strategy.GROUP_ROUND_ROBIN) for i in range(3)]
+    shard = reqs[0][0]
+    await admit(scripts, *reqs)
+    await claim(scripts, shard, reqs[0][1])
+    await finish(scripts, shard, reqs[0][1], Outcome.SUCCEEDED)
+    before = await snapshot(redis, keys)
+    await finish(scripts, shard, reqs[0][1], Outcome.SUCCEEDED)
+    await finish(scripts, shard, reqs[0][1], Outcome.FAILED)
+    assert await snapshot(redis, keys) == before
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        (b"\xc1garbage", "payload"),
+        (codec.pack([1, 2, 3]), "id"),
+        (codec.pack({"g": "0" * 16}), "id"),
+        ("drop:s", "s"),
+        ("set:max=0", "max"),
+        ("set:st=9", "st"),
+        ("set:g=short", "g"),
+    ],
+)
+async def test_a_malformed_request_is_refused_and_nothing_is_written(
+    redis: Redis, keys: Keys, scripts: Scripts, payload: bytes | str, field: str
+) -> None:
+    shard, good = make_request(keys, event="good", seq=1)
+    if isinstance(payload, str):
+        body = codec.unpack(good.pack())
+        op, _, arg = payload.partition(":")
+        if op == "drop":
+            del body[arg]
+        else:
+            name, _, value = arg.partition("=")
+            body[name] = int(value) if value.isdigit() else value
+        payload = codec.pack(body)
+    before = await snapshot(redis, keys)
+    with pytest.raises(MalformedItem) as info:
+        await scripts.admit(shard, [("0-1", good.pack()), ("0-2", payload)])
+    assert info.value.index == 1 and info.value.detail == field
+    assert await snapshot(redis, keys) == before
+
+
+async def test_a_request_for_another_shard_is_refused(keys: Keys, scripts: Scripts) -> None:
+    shard, req = make_request(keys, event="e", seq=1)
+    with pytest.raises(WrongShard):
+        await scripts.admit((shard + 1) % keys.shards, [("0-1", req.pack())])
+
+
+async def test_unknown_run_ids_are_refused_and_nothing_is_written(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    shard, req = make_request(keys, event="e", seq=1)
+    await admit(scripts, (shard, req))
+    before = await snapshot(redis, keys)
+    with pytest.raises(UnknownRun) as info:
+        await scripts.cancel(shard, [req.run_id, f"{shard}-nope"])
+    assert info.value.index == 1
+    with pytest.raises(UnknownRun):
+        result = RunResult(f"{shard}-nope", 1, Outcome.SUCCEEDED).pack()
+        await scripts.finish(shard, [("0-1", result)])
+    with pytest.raises(MalformedItem):
+        await scripts.finish(shard, [("0-1", codec.pack({"id": req.run_id, "a": 1, "o": "?"}))])
+    with pytest.raises(BadArguments):
+        await scripts.claim(shard, "ex", [("0-1", req.run_id, "x")], lease_ms=LEASE)  # type: ignore[list-item]
+    assert await snapshot(redis, keys) == before
+
+
+# -- cluster readiness ------------------------------------------------------------------------
+
+
+async def test_every_key_of_a_script_call_hashes_to_one_slot(
+    redis: Redis, keys: Keys, scripts: Scripts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, list[str]]] = []
+    original = Scripts._call
+
+    async def spy(self: Scripts, name: str, call_keys: list[str], args: list[object]) -> list[object]:
+        seen.append((name, list(call_keys)))
+        return await original(self, name, call_keys, args)
+
+    monkeypatch.setattr(Scripts, "_call", spy)
+    for shard in range(keys.shards):
+        await scripts.reap(shard)
+        await scripts.heartbeat(shard, "ex", [], lease_ms=LEASE)
+        await scripts.claim(shard, "ex", [], lease_ms=LEASE)
+        await scripts.admit(shard, [])
+        await scripts.finish(shard, [])
+        await scripts.cancel(shard, [])
+    assert {name for name, _ in seen} == {"admit", "claim", "heartbeat", "finish", "reap", "cancel"}
+    slots_by_shard: dict[int, set[int]] = {}
+    for _, call_keys in seen:
+        slots = {key_slot(k.encode()) for k in call_keys}
+        assert len(slots) == 1, call_keys
+        shard = int(call_keys[0].split(":")[1].rstrip("}"))
+        slots_by_shard.setdefault(shard, set()).update(slots)
+    assert all(len(s) == 1 for s in slots_by_shard.values())
+    # distinct shards are distinct slots, so a cluster can spread them over its nodes
+    assert len({next(iter(s)) for s in slots_by_shard.values()}) == keys.shards

@@ -1,0 +1,121 @@
+"""Pure-Python units of `shared`: configuration, key layout, sequence encoding, the Lua loader."""
+
+from __future__ import annotations
+
+import fakeredis
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared import codec, scripts
+from shared.config import Settings, pin_shard_count
+from shared.errors import ConfigError, MalformedItem, UnknownRun, raise_for_status
+from shared.keys import Keys
+from shared.model import (
+    ConcurrencySpec,
+    RunState,
+    decode_seq,
+    encode_seq,
+    group_id,
+    run_id,
+    shard_of_group,
+    shard_of_run,
+)
+
+
+def test_settings_defaults_and_validation() -> None:
+    s = Settings.from_env({})
+    assert (s.namespace, s.shards) == ("supersede", 16)
+    with pytest.raises(ConfigError, match="SUPERSEDE_SHARDS"):
+        Settings.from_env({"SUPERSEDE_SHARDS": "many"})
+    with pytest.raises(ConfigError, match="between 1 and 4096"):
+        Settings.from_env({"SUPERSEDE_SHARDS": "0"})
+    with pytest.raises(ConfigError, match="SUPERSEDE_NAMESPACE"):
+        Settings.from_env({"SUPERSEDE_NAMESPACE": "a{b}"})
+
+
+async def test_shard_count_is_pinned_on_first_use() -> None:
+    redis = fakeredis.FakeAsyncRedis()
+    await pin_shard_count(redis, Keys("ns", 8))
+    await pin_shard_count(redis, Keys("ns", 8))
+    with pytest.raises(ConfigError, match="created with b?'?8'? shards"):
+        await pin_shard_count(redis, Keys("ns", 16))
+    await pin_shard_count(redis, Keys("other", 16))
+
+
+def test_every_shard_key_carries_the_shard_hash_tag() -> None:
+    keys = Keys("ns", 4)
+    for sk in keys.all_shards():
+        names = [*sk.state_keys(), sk.requests_stream, sk.results_stream]
+        assert all(name.startswith(f"{{ns:{sk.shard}}}:") for name in names)
+        assert len(set(names)) == len(names)
+
+
+@given(st.integers(0, 2**48), st.integers(0, 2**63), st.integers(0, 2**48), st.integers(0, 2**63))
+def test_encoded_sequences_sort_like_stream_ids(ms1: int, s1: int, ms2: int, s2: int) -> None:
+    a, b = encode_seq(f"{ms1}-{s1}"), encode_seq(f"{ms2}-{s2}".encode())
+    assert (a < b) == ((ms1, s1) < (ms2, s2))
+    assert decode_seq(a) == f"{ms1}-{s1}"
+
+
+def test_ids_route_runs_and_groups_to_shards() -> None:
+    gid = group_id("wf", "1", "user-42")
+    assert len(gid) == 16 and group_id("wf", "2", "user-42") != gid
+    shard = shard_of_group(gid, 16)
+    rid = run_id(shard, "1-0", "wf")
+    assert shard_of_run(rid) == shard and run_id(shard, "1-0", "wf") == rid
+    with pytest.raises(ValueError, match="not a run id"):
+        shard_of_run("nope")
+
+
+def test_concurrency_spec_names_the_bad_field() -> None:
+    with pytest.raises(ValueError, match="max_runs"):
+        ConcurrencySpec("input.userId", max_runs=0)
+    with pytest.raises(ValueError, match="limit_strategy"):
+        ConcurrencySpec("input.userId", limit_strategy="LATEST")  # type: ignore[arg-type]
+    assert RunState("S").terminal and not RunState("X").terminal
+
+
+def test_codec_round_trips_and_keeps_non_utf8_bytes() -> None:
+    assert codec.unpack(codec.pack({"a": [1, "x"]})) == {"a": [1, "x"]}
+    raw = codec.unpack(codec.pack(b"\xff\x00"))
+    assert raw.encode("utf-8", "surrogateescape") == b"\xff\x00"
+
+
+def test_error_mapping() -> None:
+    raise_for_status([0, 1])
+    with pytest.raises(UnknownRun) as info:
+        raise_for_status([-2, 3])
+    assert info.value.index == 2
+    with pytest.raises(MalformedItem, match="field s"):
+        raise_for_status([-1, 1, b"field s"])
+
+
+def test_loader_inlines_includes_and_reads_key_counts(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "includes").mkdir()
+    (tmp_path / "includes" / "one.lua").write_text("local one = 1\n-- @include two\n")
+    (tmp_path / "includes" / "two.lua").write_text("local two = 2\n")
+    (tmp_path / "includes" / "loop.lua").write_text("-- @include loop\n")
+    (tmp_path / "demo.lua").write_text(
+        "--[[\n  Input:\n    KEYS[1] a\n    KEYS[2..5] b\n]]\n-- @include one\nreturn one\n"
+    )
+    (tmp_path / "cyclic.lua").write_text("--[[\n KEYS[1] a\n]]\n-- @include loop\n")
+    monkeypatch.setattr(scripts, "LUA_DIR", tmp_path)
+    scripts.load_source.cache_clear()
+    try:
+        source, nkeys = scripts.load_source("demo")
+        assert nkeys == 5
+        assert "local one = 1\nlocal two = 2\n" in source and "@include" not in source
+        with pytest.raises(ValueError, match="cycle"):
+            scripts.load_source("cyclic")
+    finally:
+        scripts.load_source.cache_clear()
+
+
+def test_every_shipped_script_has_a_header_and_declares_its_keys() -> None:
+    for name in scripts.SCRIPT_NAMES:
+        text = (scripts.LUA_DIR / f"{name}.lua").read_text()
+        assert text.startswith("--[[") and "Input:" in text and "Output:" in text
+        assert "local rcall = redis.call" in text
+        _, nkeys = scripts.load_source(name)
+        assert nkeys >= 2
