@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from shared import logs, metrics
 from shared.config import Settings
@@ -31,13 +31,19 @@ def _admission(args: argparse.Namespace, settings: Settings) -> None:
     asyncio.run(_until_signal(lambda stop: serve(settings, config, stop)))
 
 
-async def _until_signal(main):  # type: ignore[no-untyped-def]
+async def _until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run main(stop) and set `stop` on SIGTERM or SIGINT, so the service drains and exits 0."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await main(stop)
+
+
+def _dev(args: argparse.Namespace, settings: Settings) -> None:
+    from services import dev
+
+    dev.main(["--duration", str(args.duration)] if args.duration else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     adm.add_argument("--retention", type=float, default=86_400, help="seconds to keep ended runs")
     adm.add_argument("--stream-maxlen", type=int, default=1_000_000)
     adm.set_defaults(func=_admission)
+
+    dev = sub.add_parser("dev", help="run the system on an embedded server (no Redis needed)")
+    dev.add_argument("--duration", type=float, default=None, help="seconds, then exit 0")
+    dev.set_defaults(func=_dev)
     return parser
 
 

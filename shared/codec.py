@@ -17,6 +17,4 @@ def pack(obj: Any) -> bytes:
 
 
 def unpack(data: bytes) -> Any:
-    return msgpack.unpackb(
-        data, raw=False, unicode_errors="surrogateescape", strict_map_key=False
-    )
+    return msgpack.unpackb(data, raw=False, unicode_errors="surrogateescape", strict_map_key=False)

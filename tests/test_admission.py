@@ -100,7 +100,10 @@ async def test_a_bad_entry_is_dead_lettered_and_the_batch_still_lands(
     await redis.xadd(stream, {"r": b"\xc1not msgpack"})
     await redis.xadd(stream, {"nothing": b"here"})
     await redis.xadd(stream, {"r": good.pack()})
-    await redis.xadd(keys.shard(shard).results_stream, {"r": RunResult(f"{shard}-nope", 1, Outcome.SUCCEEDED).pack()})
+    await redis.xadd(
+        keys.shard(shard).results_stream,
+        {"r": RunResult(f"{shard}-nope", 1, Outcome.SUCCEEDED).pack()},
+    )
 
     async def dead_letters() -> bool:
         return await redis.xlen(keys.dead_stream) == 3

@@ -30,7 +30,9 @@ async def claim(scripts: Scripts, shard: int, req: RunRequest, attempt: int = 1,
     return c
 
 
-async def finish(scripts: Scripts, shard: int, req: RunRequest, outcome: Outcome, attempt: int = 1) -> None:
+async def finish(
+    scripts: Scripts, shard: int, req: RunRequest, outcome: Outcome, attempt: int = 1
+) -> None:
     await scripts.finish(shard, [("0-1", RunResult(req.run_id, attempt, outcome).pack())], now=5)
 
 
@@ -228,7 +230,10 @@ async def test_a_result_delivered_twice_changes_nothing_the_second_time(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:
     await ensure_groups(redis, keys)
-    reqs = [make_request(keys, event=f"e{i}", seq=i, strategy=Strategy.GROUP_ROUND_ROBIN) for i in range(3)]
+    reqs = [
+        make_request(keys, event=f"e{i}", seq=i, strategy=Strategy.GROUP_ROUND_ROBIN)
+        for i in range(3)
+    ]
     shard = reqs[0][0]
     await admit(scripts, *reqs)
     await claim(scripts, shard, reqs[0][1])
@@ -308,7 +313,9 @@ async def test_every_key_of_a_script_call_hashes_to_one_slot(
     seen: list[tuple[str, list[str]]] = []
     original = Scripts._call
 
-    async def spy(self: Scripts, name: str, call_keys: list[str], args: list[object]) -> list[object]:
+    async def spy(
+        self: Scripts, name: str, call_keys: list[str], args: list[object]
+    ) -> list[object]:
         seen.append((name, list(call_keys)))
         return await original(self, name, call_keys, args)
 

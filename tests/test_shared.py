@@ -38,7 +38,7 @@ async def test_shard_count_is_pinned_on_first_use() -> None:
     redis = fakeredis.FakeAsyncRedis()
     await pin_shard_count(redis, Keys("ns", 8))
     await pin_shard_count(redis, Keys("ns", 8))
-    with pytest.raises(ConfigError, match="created with b?'?8'? shards"):
+    with pytest.raises(ConfigError, match=r"created with b?'?8'? shards"):
         await pin_shard_count(redis, Keys("ns", 16))
     await pin_shard_count(redis, Keys("other", 16))
 

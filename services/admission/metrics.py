@@ -17,9 +17,7 @@ RESULTS = Counter(
     ["outcome"],
 )
 ASSIGNED = Counter("supersede_admission_assigned_total", "Runs granted a slot and assigned.")
-CANCELLED = Counter(
-    "supersede_admission_cancelled_total", "Runs cancelled by a strategy decision."
-)
+CANCELLED = Counter("supersede_admission_cancelled_total", "Runs cancelled by a strategy decision.")
 REAPED = Counter(
     "supersede_admission_reaped_total",
     "Expired leases handled by the reaper, by outcome (retried, failed, cancelled).",

@@ -10,11 +10,12 @@ applied and acknowledged, or pending and applied later (applying twice changes n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
@@ -83,7 +84,7 @@ class Admission:
                     block=self.config.block_ms,
                 )
                 if reply:
-                    await self.handle(reply)
+                    await self.handle(cast(list[tuple[bytes, list[Entry]]], reply))
         finally:
             timer.cancel()
             await asyncio.gather(timer, return_exceptions=True)
@@ -147,11 +148,11 @@ class Admission:
     ) -> None:
         """Move one entry the scripts refused to the dead-letter stream, then acknowledge it."""
         dead: dict[Any, Any] = dict(fields)
-        dead.update(
-            {"reason": reason, "detail": detail, "stream": stream, "entry": entry_id}
-        )
+        dead.update({"reason": reason, "detail": detail, "stream": stream, "entry": entry_id})
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(self.keys.dead_stream, dead, maxlen=self.config.stream_maxlen, approximate=True)
+            pipe.xadd(
+                self.keys.dead_stream, dead, maxlen=self.config.stream_maxlen, approximate=True
+            )
             pipe.xack(stream, ADMISSION_GROUP, entry_id)
             await pipe.execute()
         counter = metrics.REQUESTS if kind == "admit" else metrics.RESULTS
@@ -171,10 +172,8 @@ class Admission:
                 raise
             except Exception:
                 log.exception("timer iteration failed")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.reap_interval)
-            except TimeoutError:
-                pass
 
     async def reap_all(self) -> None:
         async def one(shard: int) -> None:

@@ -1,0 +1,40 @@
+# supersede — one entry point for humans and CI.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install test lint format run bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install supersede with its dev tools
+
+test: $(STAMP) ## run the test suite (starts its own server on a free port)
+	$(BIN)/pytest -q
+
+lint: $(STAMP) ## ruff format check, ruff lint, mypy strict
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+format: $(STAMP) ## apply ruff formatting and safe fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+run: $(STAMP) ## run admission against SUPERSEDE_REDIS_URL, or an embedded server when unset
+	$(BIN)/python -m services.dev
+
+bench: $(STAMP) ## print BENCH lines (each starts its own server)
+	$(BIN)/python -m bench.admission
+
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis *.egg-info
