@@ -238,3 +238,34 @@ async def test_a_process_with_another_shard_count_refuses_to_start(
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 2
     assert b"SUPERSEDE_SHARDS" in err and b"refusing to start" in err
+
+
+async def test_two_admission_processes_share_the_shards_without_double_work(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    await ensure_groups(redis, keys)
+    wanted = set()
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(4_000):
+            shard, req = make_request(keys, event=f"e{i}", seq=i, key=f"k{i % 50}", max_runs=3)
+            wanted.add(req.run_id)
+            pipe.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
+        await pipe.execute()
+    procs = [
+        start_admission(redis_url, keys, "--batch", "50", "--metrics-port", "0") for _ in range(2)
+    ]
+    try:
+        await eventually(lambda: _is_zero(backlog(redis, keys)), timeout=60)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(10) for proc in procs] == [0, 0]
+    recs = await records(redis, keys)
+    assert set(recs) == wanted
+    consumers = set()
+    for sk in keys.all_shards():
+        for c in await redis.xinfo_consumers(sk.requests_stream, ADMISSION_GROUP):
+            consumers.add(c["name"])
+    assert len(consumers) == 2  # both took part
+    active: Counter[str] = Counter(r["g"] for r in recs.values() if r["st"] == "A")
+    assert len(active) == 50 and set(active.values()) == {3}
