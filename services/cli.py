@@ -40,6 +40,21 @@ async def _until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> Non
     await main(stop)
 
 
+def _ingress(args: argparse.Namespace, settings: Settings) -> None:
+    from services.ingress.service import IngressConfig, serve
+
+    config = IngressConfig(
+        batch=args.batch,
+        block_ms=args.block_ms,
+        claim_idle_ms=args.claim_idle_ms,
+        dedup_window_ms=int(args.dedup_window * 1000),
+        max_payload=args.max_payload,
+        stream_maxlen=args.stream_maxlen,
+    )
+    metrics.serve(args.metrics_port)
+    asyncio.run(_until_signal(lambda stop: serve(settings, config, stop)))
+
+
 def _dev(args: argparse.Namespace, settings: Settings) -> None:
     from services import dev
 
@@ -65,6 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     adm.add_argument("--retention", type=float, default=86_400, help="seconds to keep ended runs")
     adm.add_argument("--stream-maxlen", type=int, default=1_000_000)
     adm.set_defaults(func=_admission)
+
+    ing = sub.add_parser("ingress", help="route inbox events to run requests")
+    ing.add_argument("--metrics-port", type=int, default=9101, help="0 disables /metrics")
+    ing.add_argument("--batch", type=int, default=1000, help="inbox entries per read")
+    ing.add_argument("--block-ms", type=int, default=1000)
+    ing.add_argument(
+        "--claim-idle-ms",
+        type=int,
+        default=30_000,
+        help="take over entries another ingress process left pending this long",
+    )
+    ing.add_argument(
+        "--dedup-window", type=float, default=86_400, help="seconds an event id is remembered"
+    )
+    ing.add_argument("--max-payload", type=int, default=1 << 20, help="bytes per inbox entry")
+    ing.add_argument("--stream-maxlen", type=int, default=1_000_000)
+    ing.set_defaults(func=_ingress)
 
     dev = sub.add_parser("dev", help="run the system on an embedded server (no Redis needed)")
     dev.add_argument("--duration", type=float, default=None, help="seconds, then exit 0")

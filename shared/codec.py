@@ -18,3 +18,8 @@ def pack(obj: Any) -> bytes:
 
 def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
+
+
+def blob(value: str | bytes) -> bytes:
+    """Bytes of a binary value nested in a payload (it decodes as str; see the module doc)."""
+    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")

@@ -61,3 +61,20 @@ def raise_for_status(reply: list[object]) -> None:
     detail = reply[2] if len(reply) > 2 else b""
     text = detail.decode() if isinstance(detail, bytes) else str(detail)
     raise cls(index, text)
+
+
+class DefinitionError(SupersedeError, ValueError):
+    """A workflow definition is invalid; `field` names the bad field (e.g. `steps[1].parents`)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class KeyExpressionError(SupersedeError):
+    """A key expression failed for one event; `reason` is a dead-letter reason code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")

@@ -77,6 +77,11 @@ class ShardKeys:
         """run id scored by the time it ended (ms); the reaper expires old records."""
         return f"{self.tag}:terminal"
 
+    @property
+    def seen_zset(self) -> str:
+        """Run ids requested by ingress, scored by time: de-duplication within the window."""
+        return f"{self.tag}:seen"
+
     def state_keys(self) -> list[str]:
         """The KEYS prefix shared by every script that changes run states (order matters)."""
         return [
@@ -108,6 +113,16 @@ class Keys:
     def dead_stream(self) -> str:
         """Dead letters: the original fields plus ``reason`` and ``detail``."""
         return f"{self.namespace}:dead"
+
+    @property
+    def workflows_hash(self) -> str:
+        """workflow id -> JSON definition (the registry)."""
+        return f"{self.namespace}:workflows"
+
+    @property
+    def registry_epoch(self) -> str:
+        """Counter (string) bumped by every registration that changed a definition."""
+        return f"{self.namespace}:workflows:epoch"
 
     @property
     def config_hash(self) -> str:

@@ -23,7 +23,7 @@ LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
 _KEY_DECL = re.compile(r"^\s*KEYS\[(\d+)(?:\.\.(\d+))?\]", re.MULTILINE)
 
-SCRIPT_NAMES = ("admit", "claim", "heartbeat", "finish", "reap", "cancel")
+SCRIPT_NAMES = ("admit", "claim", "heartbeat", "finish", "reap", "cancel", "append_requests")
 
 
 def _include(match: re.Match[str], seen: frozenset[str]) -> str:
@@ -71,6 +71,13 @@ class FinishResult:
     applied: int
     stale: int
     assigned: int
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    appended: int
+    duplicates: int
+    flags: tuple[bool, ...]  # per request: True when appended
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,3 +228,19 @@ class Scripts:
         args: list[Any] = [now, self.stream_maxlen, reason, *run_ids]
         r = await self._call("cancel", self._state_keys(shard), args)
         return [int(x) == 1 for x in r[1:]]
+
+    async def append_requests(
+        self,
+        shard: int,
+        requests: Sequence[tuple[str, bytes]],
+        *,
+        window_ms: int,
+        now: int = 0,
+    ) -> AppendResult:
+        """Append (run id, packed RunRequest) pairs, each at most once within the window."""
+        sk = self.keys.shard(shard)
+        args: list[Any] = [now, window_ms, self.stream_maxlen]
+        for rid, payload in requests:
+            args += (rid, payload)
+        r = await self._call("append_requests", [sk.requests_stream, sk.seen_zset], args)
+        return AppendResult(int(r[1]), int(r[2]), tuple(int(f) == 1 for f in r[3:]))

@@ -13,6 +13,7 @@ from shared.keys import Keys
 
 ADMISSION_GROUP = "admission"
 EXECUTOR_GROUP = "executors"
+INGRESS_GROUP = "ingress"
 
 
 def consumer_name(service: str) -> str:
@@ -20,16 +21,19 @@ def consumer_name(service: str) -> str:
     return f"{service}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+async def ensure_group(redis: Redis, stream: str, group: str) -> None:
+    """Create `group` on `stream` from its first entry, so nothing published earlier is skipped."""
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
 async def ensure_groups(redis: Redis, keys: Keys) -> None:
-    """Create every shard's consumer groups from the start of their streams (idempotent)."""
+    """Create the inbox group and every shard's consumer groups (idempotent)."""
+    await ensure_group(redis, keys.events_stream, INGRESS_GROUP)
     for sk in keys.all_shards():
-        for stream, group in (
-            (sk.requests_stream, ADMISSION_GROUP),
-            (sk.results_stream, ADMISSION_GROUP),
-            (sk.assignments_stream, EXECUTOR_GROUP),
-        ):
-            try:
-                await redis.xgroup_create(stream, group, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        await ensure_group(redis, sk.requests_stream, ADMISSION_GROUP)
+        await ensure_group(redis, sk.results_stream, ADMISSION_GROUP)
+        await ensure_group(redis, sk.assignments_stream, EXECUTOR_GROUP)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 from redis.asyncio import Redis
 
 from shared.keys import Keys
@@ -73,4 +78,24 @@ async def records(redis: Redis, keys: Keys) -> dict[str, dict[str, object]]:
     for sk in keys.all_shards():
         for rid, raw in (await redis.hgetall(sk.runs_hash)).items():
             out[rid.decode()] = codec.unpack(raw)
+    return out
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
+    """Poll `check` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+async def requests_in_streams(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
+    """Every run request appended to the shard streams, decoded."""
+    from shared import codec
+
+    out = []
+    for sk in keys.all_shards():
+        for _, fields in await redis.xrange(sk.requests_stream):
+            out.append(codec.unpack(fields[b"r"]))
     return out

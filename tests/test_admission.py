@@ -21,16 +21,7 @@ from shared.keys import Keys
 from shared.model import Outcome, RunResult, Strategy
 from shared.server import free_port
 from shared.streams import ADMISSION_GROUP, ensure_groups
-from tests.helpers import make_request, records
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    """Poll `check` until it holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.02)
+from tests.helpers import eventually, make_request, records
 
 
 async def backlog(redis: Redis, keys: Keys) -> int:

@@ -1,0 +1,35 @@
+"""Metrics of the ingress service (labels bounded: workflow, reason, op)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from shared.metrics import LATENCY_BUCKETS
+
+EVENTS = Counter("supersede_ingress_events_total", "Inbox events read.")
+RUNS_REQUESTED = Counter(
+    "supersede_ingress_runs_requested_total",
+    "Run requests appended to shard streams, by workflow.",
+    ["workflow"],
+)
+DEDUPLICATED = Counter(
+    "supersede_ingress_deduplicated_total",
+    "Run requests not appended because their event id was seen within the window.",
+)
+DEAD_LETTERS = Counter(
+    "supersede_ingress_dead_letters_total", "Events moved to the dead-letter stream.", ["reason"]
+)
+UNROUTED = Counter(
+    "supersede_ingress_unrouted_total", "Events that no registered workflow listens to."
+)
+RECLAIMED = Counter(
+    "supersede_ingress_reclaimed_total",
+    "Inbox entries taken over from an ingress process that stopped (XAUTOCLAIM).",
+)
+BATCH_SECONDS = Histogram(
+    "supersede_ingress_batch_seconds",
+    "Duration of handling one inbox batch.",
+    buckets=LATENCY_BUCKETS,
+)
+INBOX_LAG = Gauge("supersede_ingress_inbox_lag", "Inbox entries not yet read by group ingress.")
+WORKFLOWS = Gauge("supersede_ingress_workflows", "Valid workflow definitions loaded.")

@@ -1,0 +1,353 @@
+"""The ingress service: the public inbox to sharded run requests.
+
+Per batch: one XREADGROUP BLOCK on the inbox, then for each event and each workflow it
+triggers, a key from the workflow's compiled expression and a run request routed to the shard of
+its group; one `append_requests` script call per shard (de-duplicated per run id within the
+window, so a redelivered or republished event appends nothing twice), then one transaction that
+writes the dead letters and acknowledges the whole batch. A crash between the two leaves the
+entries pending; their redelivery appends nothing new and dead-letters them exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import msgpack
+import orjson
+from redis.asyncio import Redis
+
+from services.ingress import metrics
+from shared import codec
+from shared.config import Settings, pin_shard_count
+from shared.errors import KeyExpressionError
+from shared.keyexpr import KeyFn, compile_key
+from shared.model import RunRequest, Strategy, encode_seq, group_id, run_id, shard_of_group
+from shared.registry import WorkflowDef, load_all
+from shared.scripts import Scripts
+from shared.streams import INGRESS_GROUP, consumer_name, ensure_groups
+
+log = logging.getLogger("supersede.ingress")
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+MAX_ID_BYTES = 1024
+
+
+@dataclass(slots=True)
+class IngressConfig:
+    batch: int = 1000
+    block_ms: int = 1000
+    refresh_interval: float = 0.25
+    claim_idle_ms: int = 30_000
+    dedup_window_ms: int = 86_400_000
+    max_payload: int = 1 << 20
+    stream_maxlen: int = 1_000_000
+
+
+class BadEvent(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    name: str
+    id: str
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One workflow an event name triggers, with its key function compiled for this version."""
+
+    workflow: WorkflowDef
+    key: KeyFn | None
+    max_runs: int
+    strategy: Strategy
+    strict: bool
+
+
+def _load_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadEvent("bad_encoding", f"{what} is not valid UTF-8") from None
+        raise BadEvent("bad_json", f"{what} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadEvent("bad_json", f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int) -> Event:
+    """Validate one inbox entry against the contract (see README); raises BadEvent."""
+    size = sum(len(k) + len(v) for k, v in fields.items())
+    if size > max_payload:
+        raise BadEvent("too_large", f"entry of {size} bytes is over the {max_payload} byte limit")
+    raw_name = fields.get(b"name")
+    if not raw_name:
+        raise BadEvent("missing_name", "the entry has no `name` field")
+    try:
+        name = raw_name.decode("utf-8")
+        raw_id = fields.get(b"id")
+        event_id = raw_id.decode("utf-8") if raw_id is not None else entry_id.decode()
+    except UnicodeDecodeError:
+        raise BadEvent("bad_encoding", "`name` or `id` is not valid UTF-8") from None
+    if not event_id or len(raw_id or b"") > MAX_ID_BYTES:
+        raise BadEvent("bad_id", f"`id` must be 1..{MAX_ID_BYTES} bytes")
+    encoding = fields.get(b"encoding", b"json")
+    raw_data = fields.get(b"data")
+    if raw_data is None:
+        data: dict[str, Any] = {}
+    elif encoding == b"msgpack":
+        try:
+            decoded = msgpack.unpackb(raw_data, raw=False)
+        except Exception as exc:
+            raise BadEvent("bad_msgpack", f"`data` is not msgpack: {exc}") from None
+        if not isinstance(decoded, dict):
+            raise BadEvent("bad_msgpack", f"`data` must be a map, got {type(decoded).__name__}")
+        data = decoded
+    elif encoding == b"json":
+        data = _load_object(raw_data, "`data`")
+    else:
+        raise BadEvent("bad_encoding", f"unknown `encoding` {encoding!r}; use json or msgpack")
+    raw_meta = fields.get(b"metadata")
+    metadata = _load_object(raw_meta, "`metadata`") if raw_meta is not None else {}
+    return Event(name, event_id, data, metadata)
+
+
+def build_routes(defs: dict[str, WorkflowDef]) -> dict[str, list[Route]]:
+    routes: dict[str, list[Route]] = {}
+    for wf in sorted(defs.values(), key=lambda w: w.id):
+        conc = wf.concurrency
+        if conc is None:
+            # No limit: every run is its own group, admitted at once.
+            route = Route(wf, None, 1, Strategy.GROUP_ROUND_ROBIN, False)
+        else:
+            route = Route(
+                wf,
+                compile_key(conc.expression),
+                conc.max_runs,
+                Strategy(conc.limit_strategy),
+                conc.strict,
+            )
+        for name in wf.events:
+            routes.setdefault(name, []).append(route)
+    return routes
+
+
+class Ingress:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        config: IngressConfig | None = None,
+        *,
+        consumer: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keys = settings.keys
+        self.config = config or IngressConfig()
+        self.consumer = consumer or consumer_name("ingress")
+        self.scripts = Scripts(redis, self.keys, stream_maxlen=self.config.stream_maxlen)
+        self.routes: dict[str, list[Route]] = {}
+        self.epoch = -1
+        self.ready = False
+
+    async def start(self) -> None:
+        await pin_shard_count(self.redis, self.keys)
+        await ensure_groups(self.redis, self.keys)
+        await self.scripts.load()
+        await self.refresh()
+        self.ready = True
+
+    async def refresh(self) -> None:
+        """Reload the registry when its epoch moved (a cheap GET otherwise)."""
+        epoch = int(await self.redis.get(self.keys.registry_epoch) or 0)
+        if epoch == self.epoch:
+            return
+        epoch, defs, errors = await load_all(self.redis, self.keys)
+        for wid, error in errors.items():
+            log.error("invalid stored workflow skipped", extra={"workflow": wid, "error": error})
+        self.routes = build_routes(defs)
+        self.epoch = epoch
+        metrics.WORKFLOWS.set(len(defs))
+        log.info("workflows loaded", extra={"epoch": epoch, "workflows": sorted(defs)})
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.start()
+        log.info("ingress started", extra={"consumer": self.consumer})
+        timer = asyncio.create_task(self._timer_loop(stop))
+        try:
+            while not stop.is_set():
+                reply = await self.redis.xreadgroup(
+                    INGRESS_GROUP,
+                    self.consumer,
+                    {self.keys.events_stream: ">"},
+                    count=self.config.batch,
+                    block=self.config.block_ms,
+                )
+                for _, entries in cast(list[tuple[bytes, list[Entry]]], reply or []):
+                    if entries:
+                        await self.handle(entries)
+        finally:
+            timer.cancel()
+            await asyncio.gather(timer, return_exceptions=True)
+            log.info("ingress stopped", extra={"consumer": self.consumer})
+
+    async def handle(self, entries: Sequence[Entry]) -> None:
+        """Route one batch of inbox entries; see the module docstring for the write order."""
+        started = time.perf_counter()
+        by_shard: dict[int, list[tuple[str, bytes]]] = {}
+        workflows_by_shard: dict[int, list[str]] = {}
+        dead: list[dict[Any, Any]] = []
+        shards = self.keys.shards
+        for entry_id, fields in entries:
+            try:
+                event = parse_event(entry_id, fields, self.config.max_payload)
+            except BadEvent as exc:
+                dead.append(self._dead(entry_id, fields, exc.reason, exc.detail))
+                continue
+            routes = self.routes.get(event.name)
+            if not routes:
+                metrics.UNROUTED.inc()
+                continue
+            payload = codec.pack(
+                {
+                    "input": event.data,
+                    "metadata": event.metadata,
+                    "event": event.name,
+                    "event_id": event.id,
+                }
+            )
+            seq = encode_seq(entry_id)
+            keys_seen: dict[KeyFn, str] = {}
+            for route in routes:
+                wf = route.workflow
+                try:
+                    key = self._key(route, event, keys_seen)
+                except KeyExpressionError as exc:
+                    dead.append(self._dead(entry_id, fields, exc.reason, exc.detail, wf.id))
+                    continue
+                gid = group_id(wf.id, wf.version, key)
+                shard = shard_of_group(gid, shards)
+                rid = run_id(shard, event.id, wf.id)
+                request = RunRequest(
+                    rid, gid, seq, wf.id, wf.version, key, event.id, route.max_runs, route.strategy,
+                    route.strict, wf.max_attempts, payload,
+                )  # fmt: skip
+                by_shard.setdefault(shard, []).append((rid, request.pack()))
+                workflows_by_shard.setdefault(shard, []).append(wf.id)
+        shard_ids = list(by_shard)
+        results = await asyncio.gather(
+            *(
+                self.scripts.append_requests(s, by_shard[s], window_ms=self.config.dedup_window_ms)
+                for s in shard_ids
+            )
+        )
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for body in dead:
+                pipe.xadd(
+                    self.keys.dead_stream, body, maxlen=self.config.stream_maxlen, approximate=True
+                )
+            pipe.xack(self.keys.events_stream, INGRESS_GROUP, *[e for e, _ in entries])
+            await pipe.execute()
+        metrics.EVENTS.inc(len(entries))
+        appended: dict[str, int] = {}
+        for shard, result in zip(shard_ids, results, strict=True):
+            metrics.DEDUPLICATED.inc(result.duplicates)
+            for wid, flag in zip(workflows_by_shard[shard], result.flags, strict=True):
+                appended[wid] = appended.get(wid, 0) + flag
+        for wid, n in appended.items():
+            metrics.RUNS_REQUESTED.labels(wid).inc(n)
+        for body in dead:
+            metrics.DEAD_LETTERS.labels(str(body["reason"])).inc()
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    @staticmethod
+    def _key(route: Route, event: Event, seen: dict[KeyFn, str]) -> str:
+        if route.key is None:
+            return event.id
+        key = seen.get(route.key)
+        if key is None:
+            key = seen[route.key] = route.key(event.data, event.metadata)
+        return key
+
+    def _dead(
+        self,
+        entry_id: bytes,
+        fields: dict[bytes, bytes],
+        reason: str,
+        detail: str,
+        workflow: str | None = None,
+    ) -> dict[Any, Any]:
+        body: dict[Any, Any] = dict(fields)
+        body.update({"reason": reason, "detail": detail[:2000], "entry": entry_id})
+        if workflow:
+            body["workflow"] = workflow
+        log.warning(
+            "event dead-lettered",
+            extra={"entry": entry_id.decode(), "reason": reason, "workflow": workflow},
+        )
+        return body
+
+    async def _timer_loop(self, stop: asyncio.Event) -> None:
+        """Registry refresh, takeover of stale pending entries, inbox lag; never stops on error."""
+        last_lag = 0.0
+        while not stop.is_set():
+            try:
+                await self.refresh()
+                if time.monotonic() - last_lag > 1.0:
+                    last_lag = time.monotonic()
+                    await self.reclaim()
+                    await self._measure_lag()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("timer iteration failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.refresh_interval)
+
+    async def reclaim(self) -> None:
+        """XAUTOCLAIM inbox entries another ingress process read and never acknowledged."""
+        start = "0-0"
+        while True:
+            reply = await self.redis.xautoclaim(
+                self.keys.events_stream,
+                INGRESS_GROUP,
+                self.consumer,
+                self.config.claim_idle_ms,
+                start_id=start,
+                count=self.config.batch,
+            )
+            entries = [e for e in reply[1] if e and e[1]]
+            if entries:
+                metrics.RECLAIMED.inc(len(entries))
+                await self.handle(entries)
+            if reply[0] in (b"0-0", "0-0"):
+                return
+            start = reply[0]
+
+    async def _measure_lag(self) -> None:
+        for g in await self.redis.xinfo_groups(self.keys.events_stream):
+            if g["name"] == INGRESS_GROUP.encode():
+                metrics.INBOX_LAG.set(int(g.get("lag") or 0))
+
+
+async def serve(settings: Settings, config: IngressConfig, stop: asyncio.Event) -> None:
+    """Run one ingress process until `stop` is set."""
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await Ingress(redis, settings, config).run(stop)
+    finally:
+        await redis.aclose()

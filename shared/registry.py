@@ -1,0 +1,219 @@
+"""The workflow registry: definitions validated by shared code and stored in Redis.
+
+Executors register the workflows of their module at start; ingress and admission read them, so
+neither needs user code. A definition's version is a hash of its content unless given, so any
+change gives a new version (and so new concurrency groups). Readers notice changes through a
+counter (`registry_epoch`) that every effective registration increments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from shared.errors import DefinitionError
+from shared.keyexpr import compile_key
+from shared.keys import Keys
+from shared.model import ConcurrencySpec, Strategy
+
+MAX_NAME = 200
+
+
+@dataclass(frozen=True, slots=True)
+class StepDef:
+    name: str
+    parents: tuple[str, ...] = ()
+    timeout: float | None = None
+    retries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowDef:
+    """What the registry stores for one workflow (no user code)."""
+
+    id: str
+    events: tuple[str, ...]
+    concurrency: ConcurrencySpec | None = None
+    steps: tuple[StepDef, ...] = ()
+    max_attempts: int = 3
+    version: str = field(default="", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        conc = self.concurrency
+        return {
+            "id": self.id,
+            "version": self.version,
+            "events": list(self.events),
+            "concurrency": None
+            if conc is None
+            else {
+                "expression": conc.expression,
+                "max_runs": conc.max_runs,
+                "limit_strategy": Strategy(conc.limit_strategy).value,
+                "strict": conc.strict,
+            },
+            "steps": [
+                {
+                    "name": s.name,
+                    "parents": list(s.parents),
+                    "timeout": s.timeout,
+                    "retries": s.retries,
+                }
+                for s in self.steps
+            ],
+            "max_attempts": self.max_attempts,
+        }
+
+    def content_version(self) -> str:
+        body = self.to_dict()
+        body.pop("version")
+        return hashlib.blake2b(
+            orjson.dumps(body, option=orjson.OPT_SORT_KEYS), digest_size=6
+        ).hexdigest()
+
+    def with_version(self) -> WorkflowDef:
+        return self if self.version else _replace_version(self, self.content_version())
+
+
+def _replace_version(wf: WorkflowDef, version: str) -> WorkflowDef:
+    return WorkflowDef(wf.id, wf.events, wf.concurrency, wf.steps, wf.max_attempts, version)
+
+
+def _name(value: Any, field_name: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME:
+        raise DefinitionError(field_name, f"must be a non-empty string of at most {MAX_NAME} chars")
+    return value
+
+
+def _int(value: Any, field_name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise DefinitionError(
+            field_name, f"must be an integer between {lo} and {hi}, got {value!r}"
+        )
+    return value
+
+
+def parse(body: Any) -> WorkflowDef:
+    """Build and validate a definition from its dict form; errors name the field."""
+    if not isinstance(body, dict):
+        raise DefinitionError("definition", "must be an object")
+    wid = _name(body.get("id"), "id")
+    events = body.get("events")
+    if not isinstance(events, list | tuple) or not events:
+        raise DefinitionError("events", "must be a non-empty list of event names")
+    names = tuple(_name(e, f"events[{i}]") for i, e in enumerate(events))
+    conc = body.get("concurrency")
+    spec = None
+    if conc is not None:
+        if not isinstance(conc, dict):
+            raise DefinitionError("concurrency", "must be an object or null")
+        expression = conc.get("expression")
+        if not isinstance(expression, str):
+            raise DefinitionError("concurrency.expression", "must be a CEL expression string")
+        compile_key(expression, "concurrency.expression")
+        max_runs = _int(conc.get("max_runs", 1), "concurrency.max_runs", 1, 10_000)
+        raw_strategy = conc.get("limit_strategy", Strategy.CANCEL_IN_PROGRESS.value)
+        try:
+            strategy = Strategy(raw_strategy)
+        except ValueError:
+            raise DefinitionError(
+                "concurrency.limit_strategy",
+                f"must be one of {[s.value for s in Strategy]}, got {raw_strategy!r}",
+            ) from None
+        strict = conc.get("strict", False)
+        if not isinstance(strict, bool):
+            raise DefinitionError("concurrency.strict", f"must be a boolean, got {strict!r}")
+        spec = ConcurrencySpec(expression, max_runs, strategy, strict)
+    steps = _parse_steps(body.get("steps", []))
+    max_attempts = _int(body.get("max_attempts", 3), "max_attempts", 1, 1000)
+    version = body.get("version") or ""
+    if not isinstance(version, str) or len(version) > MAX_NAME:
+        raise DefinitionError("version", "must be a string")
+    return WorkflowDef(wid, names, spec, steps, max_attempts, version).with_version()
+
+
+def _parse_steps(raw: Any) -> tuple[StepDef, ...]:
+    if not isinstance(raw, list | tuple):
+        raise DefinitionError("steps", "must be a list")
+    steps: list[StepDef] = []
+    seen: set[str] = set()
+    for i, s in enumerate(raw):
+        if not isinstance(s, dict):
+            raise DefinitionError(f"steps[{i}]", "must be an object")
+        name = _name(s.get("name"), f"steps[{i}].name")
+        if name in seen:
+            raise DefinitionError(f"steps[{i}].name", f"duplicate step name {name!r}")
+        seen.add(name)
+        parents = s.get("parents", [])
+        if not isinstance(parents, list | tuple):
+            raise DefinitionError(f"steps[{i}].parents", "must be a list of step names")
+        timeout = s.get("timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        ):
+            raise DefinitionError(
+                f"steps[{i}].timeout", f"must be a positive number, got {timeout!r}"
+            )
+        retries = _int(s.get("retries", 0), f"steps[{i}].retries", 0, 100)
+        steps.append(StepDef(name, tuple(parents), timeout, retries))
+    for i, step in enumerate(steps):
+        for parent in step.parents:
+            if parent not in seen:
+                raise DefinitionError(f"steps[{i}].parents", f"unknown step {parent!r}")
+    _check_acyclic(steps)
+    return tuple(steps)
+
+
+def _check_acyclic(steps: list[StepDef]) -> None:
+    parents = {s.name: s.parents for s in steps}
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = " -> ".join([*path[path.index(name) :], name])
+            index = next(i for i, s in enumerate(steps) if s.name == name)
+            raise DefinitionError(f"steps[{index}].parents", f"cycle {cycle}")
+        state[name] = 1
+        for parent in parents[name]:
+            visit(parent, [*path, name])
+        state[name] = 2
+
+    for step in steps:
+        visit(step.name, [])
+
+
+async def register(
+    redis: Redis, keys: Keys, definition: WorkflowDef | dict[str, Any]
+) -> WorkflowDef:
+    """Validate and store a definition; bumps the registry epoch only when something changed."""
+    wf = parse(definition.to_dict() if isinstance(definition, WorkflowDef) else definition)
+    body = orjson.dumps(wf.to_dict())
+    if await redis.hget(keys.workflows_hash, wf.id) != body:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.workflows_hash, wf.id, body)
+            pipe.incr(keys.registry_epoch)
+            await pipe.execute()
+    return wf
+
+
+async def load_all(redis: Redis, keys: Keys) -> tuple[int, dict[str, WorkflowDef], dict[str, str]]:
+    """(epoch, valid definitions by id, errors by id) as stored now."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.get(keys.registry_epoch)
+        pipe.hgetall(keys.workflows_hash)
+        epoch, raw = await pipe.execute()
+    defs: dict[str, WorkflowDef] = {}
+    errors: dict[str, str] = {}
+    for wid, body in raw.items():
+        name = wid.decode()
+        try:
+            defs[name] = parse(orjson.loads(body))
+        except (DefinitionError, orjson.JSONDecodeError) as exc:
+            errors[name] = str(exc)
+    return int(epoch or 0), defs, errors

@@ -1,0 +1,237 @@
+"""The ingress service on a real server: the inbox contract, dead letters, de-duplication,
+registry changes without restart, and a real process killed with SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from typing import Any
+
+import msgpack
+import orjson
+import pytest
+import redis as redis_sync
+from redis.asyncio import Redis
+
+from services.ingress.service import Ingress, IngressConfig
+from shared import client, codec
+from shared.config import Settings
+from shared.keys import Keys
+from shared.model import group_id, shard_of_group
+from shared.registry import register
+from shared.streams import INGRESS_GROUP
+from tests.helpers import eventually, requests_in_streams
+
+CHAT = {
+    "id": "chat-reply",
+    "events": ["chat.message"],
+    "concurrency": {"expression": "input.userId", "max_runs": 1},
+}
+AUDIT = {"id": "audit", "events": ["chat.message", "user.signup"]}
+
+
+@pytest.fixture
+async def ingress(redis: Redis, redis_url: str, keys: Keys):  # type: ignore[no-untyped-def]
+    await register(redis, keys, CHAT)
+    await register(redis, keys, AUDIT)
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    service = Ingress(redis, settings, IngressConfig(block_ms=50, refresh_interval=0.05))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    await eventually(lambda: asyncio.sleep(0, service.ready))
+    yield service
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+
+async def inbox_done(redis: Redis, keys: Keys) -> bool:
+    for g in await redis.xinfo_groups(keys.events_stream):
+        if g["name"] == INGRESS_GROUP.encode():
+            return int(g["pending"]) == 0 and int(g.get("lag") or 0) == 0
+    return False
+
+
+async def settle(redis: Redis, keys: Keys) -> None:
+    await eventually(lambda: inbox_done(redis, keys))
+
+
+async def test_the_contract_json_and_msgpack_with_and_without_id_and_metadata(
+    redis: Redis, keys: Keys, ingress: Ingress
+) -> None:
+    inbox = keys.events_stream
+    plain = await redis.xadd(inbox, {"name": "chat.message", "data": '{"userId":"u1","text":"hi"}'})
+    await redis.xadd(
+        inbox,
+        {
+            "name": "chat.message",
+            "data": '{"userId":7}',
+            "id": "evt-7",
+            "metadata": '{"tenant":"t"}',
+        },
+    )
+    await redis.xadd(
+        inbox,
+        {"name": "chat.message", "encoding": "msgpack", "data": msgpack.packb({"userId": "u3"})},
+    )
+    await settle(redis, keys)
+    reqs = await requests_in_streams(redis, keys)
+    by = {(r["w"], r["k"]): r for r in reqs}
+    assert len(reqs) == 6  # three events, two workflows each
+    assert {k for w, k in by if w == "chat-reply"} == {"u1", "7", "u3"}
+    first = by[("chat-reply", "u1")]
+    assert first["ev"] == plain.decode()
+    body = codec.unpack(codec.blob(first["in"]))
+    assert body == {"input": {"userId": "u1", "text": "hi"}, "metadata": {}, "event": "chat.message",
+                    "event_id": plain.decode()}  # fmt: skip
+    second = codec.unpack(codec.blob(by[("chat-reply", "7")]["in"]))
+    assert second["event_id"] == "evt-7" and second["metadata"] == {"tenant": "t"}
+    # routed to the shard of its group; the unlimited workflow gets one group per event
+    assert shard_of_group(first["g"], keys.shards) == int(first["id"].split("-")[0])
+    assert first["g"] == group_id("chat-reply", first["v"], "u1")
+    audit_keys = {k for w, k in by if w == "audit"}
+    assert len(audit_keys) == 3
+
+
+async def test_the_python_client_writes_the_same_contract(
+    redis: Redis, redis_url: str, keys: Keys, ingress: Ingress
+) -> None:
+    await client.publish(redis, "chat.message", {"userId": "a"}, id="x1", namespace=keys.namespace)
+    sync = redis_sync.Redis.from_url(redis_url)
+    try:
+        client.publish_sync(
+            sync, "chat.message", {"userId": "b"}, metadata={"m": 1}, namespace=keys.namespace
+        )
+    finally:
+        sync.close()
+    await settle(redis, keys)
+    reqs = await requests_in_streams(redis, keys)
+    assert sorted(r["k"] for r in reqs if r["w"] == "chat-reply") == ["a", "b"]
+    with pytest.raises(TypeError):
+        client.event_fields("n", ["not", "a", "dict"])  # type: ignore[arg-type]
+
+
+BAD_EVENTS: list[tuple[dict[str, Any], str]] = [
+    ({"name": "chat.message", "data": "not json"}, "bad_json"),
+    ({"name": "chat.message", "data": "[1, 2]"}, "bad_json"),
+    ({"name": "chat.message", "data": b'{"userId": "\xff"}'}, "bad_encoding"),
+    ({"name": "chat.message", "encoding": "msgpack", "data": b"\xc1\xc1"}, "bad_msgpack"),
+    ({"name": "chat.message", "encoding": "msgpack", "data": msgpack.packb([1])}, "bad_msgpack"),
+    ({"data": '{"userId": "u"}'}, "missing_name"),
+    (
+        {"name": "chat.message", "data": orjson.dumps({"userId": "u", "pad": "x" * (1 << 20)})},
+        "too_large",
+    ),
+    ({"name": "chat.message", "data": '{"text": "no user"}'}, "key_error"),
+    ({"name": "chat.message", "data": '{"userId": {"nested": 1}}'}, "key_error"),
+    ({"name": "chat.message", "data": orjson.dumps({"userId": "k" * 1025})}, "key_too_large"),
+    ({"name": "chat.message", "data": "{}", "metadata": "[]"}, "bad_json"),
+]
+
+
+@pytest.mark.parametrize(("fields", "reason"), BAD_EVENTS, ids=[r for _, r in BAD_EVENTS])
+async def test_a_bad_event_is_dead_lettered_and_the_next_one_is_processed(
+    redis: Redis, keys: Keys, ingress: Ingress, fields: dict[str, Any], reason: str
+) -> None:
+    bad_id = await redis.xadd(keys.events_stream, fields)
+    await redis.xadd(keys.events_stream, {"name": "chat.message", "data": '{"userId": "next"}'})
+    await settle(redis, keys)
+    dead = await redis.xrange(keys.dead_stream)
+    assert len(dead) == 1
+    body = dead[0][1]
+    assert body[b"reason"] == reason.encode() and body[b"detail"] and body[b"entry"] == bad_id
+    for k, v in fields.items():  # the original fields travel with it
+        assert body[k.encode()] == (v if isinstance(v, bytes) else str(v).encode())
+    chat = [r for r in await requests_in_streams(redis, keys) if r["w"] == "chat-reply"]
+    assert [r["k"] for r in chat] == ["next"]
+
+
+async def test_an_event_no_workflow_listens_to_is_acknowledged_not_dead_lettered(
+    redis: Redis, keys: Keys, ingress: Ingress
+) -> None:
+    await redis.xadd(keys.events_stream, {"name": "nobody.listens", "data": "{}"})
+    await settle(redis, keys)
+    assert await redis.xlen(keys.dead_stream) == 0
+    assert await requests_in_streams(redis, keys) == []
+
+
+async def test_replays_of_one_id_give_one_request_per_workflow(
+    redis: Redis, keys: Keys, ingress: Ingress
+) -> None:
+    for _ in range(3):
+        await redis.xadd(
+            keys.events_stream, {"name": "chat.message", "data": '{"userId":"u"}', "id": "same"}
+        )
+    await settle(redis, keys)
+    reqs = await requests_in_streams(redis, keys)
+    assert sorted(r["w"] for r in reqs) == ["audit", "chat-reply"]
+
+
+async def test_a_workflow_registered_while_running_is_picked_up(
+    redis: Redis, keys: Keys, ingress: Ingress
+) -> None:
+    await redis.xadd(keys.events_stream, {"name": "doc.saved", "data": '{"doc": "d1"}'})
+    await settle(redis, keys)
+    await register(redis, keys, {"id": "reindex", "events": ["doc.saved"],
+                                 "concurrency": {"expression": "input.doc"}})  # fmt: skip
+
+    async def routed() -> bool:
+        await redis.xadd(keys.events_stream, {"name": "doc.saved", "data": '{"doc": "d2"}'})
+        await settle(redis, keys)
+        return any(r["w"] == "reindex" for r in await requests_in_streams(redis, keys))
+
+    await eventually(routed, timeout=3)
+
+
+async def test_sigkill_mid_batch_then_restart_gives_exactly_one_request_or_dead_letter(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    await register(redis, keys, CHAT)
+    await register(redis, keys, AUDIT)
+    n = 6_000
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(n):
+            if i % 50 == 0:
+                pipe.xadd(keys.events_stream, {"name": "chat.message", "data": "broken"})
+            else:
+                data = orjson.dumps({"userId": f"u{i % 100}"})
+                pipe.xadd(keys.events_stream, {"name": "chat.message", "data": data, "id": f"e{i}"})
+        await pipe.execute()
+    env = {**os.environ, "SUPERSEDE_REDIS_URL": redis_url, "SUPERSEDE_NAMESPACE": keys.namespace,
+           "SUPERSEDE_SHARDS": str(keys.shards)}  # fmt: skip
+    cmd = [sys.executable, "-m", "services.cli", "ingress", "--metrics-port", "0", "--batch", "25",
+           "--block-ms", "100"]  # fmt: skip
+
+    async def appended() -> int:
+        return sum([await redis.xlen(sk.requests_stream) for sk in keys.all_shards()])
+
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    try:
+        for threshold in (1, n // 3):
+            await eventually(lambda t=threshold: _at_least(appended, t), timeout=30)  # type: ignore[misc]
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(5)
+            assert await appended() < 2 * n * 49 // 50, "killed too late to prove anything"
+            proc = subprocess.Popen(
+                [*cmd, "--claim-idle-ms", "200"], env=env, stderr=subprocess.DEVNULL
+            )
+        await eventually(lambda: inbox_done(redis, keys), timeout=60)
+    finally:
+        proc.kill()
+        proc.wait(5)
+    reqs = await requests_in_streams(redis, keys)
+    per_run = Counter(r["id"] for r in reqs)
+    assert max(per_run.values()) == 1
+    expected_events = {f"e{i}" for i in range(n) if i % 50}
+    for workflow in ("chat-reply", "audit"):
+        assert sorted(r["ev"] for r in reqs if r["w"] == workflow) == sorted(expected_events)
+    dead = await redis.xrange(keys.dead_stream)
+    assert len(dead) == n // 50
+    assert len({f[b"entry"] for _, f in dead}) == n // 50
+
+
+async def _at_least(count: Any, threshold: int) -> bool:
+    return bool(await count() >= threshold)

@@ -1,0 +1,130 @@
+"""Workflow definitions: validation names the field; storage bumps the epoch; key expressions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cel
+import fakeredis
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shared.errors import DefinitionError, KeyExpressionError
+from shared.keyexpr import compile_key
+from shared.keys import Keys
+from shared.registry import load_all, parse, register
+
+
+def definition(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": "chat-reply",
+        "events": ["chat.message"],
+        "concurrency": {"expression": "input.userId", "max_runs": 1},
+        "steps": [{"name": "reply"}, {"name": "store", "parents": ["reply"], "retries": 2}],
+    }
+    body.update(overrides)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"id": ""}, "id"),
+        ({"events": []}, "events"),
+        ({"events": ["ok", 3]}, "events[1]"),
+        ({"concurrency": {"expression": "input.userId", "max_runs": 0}}, "concurrency.max_runs"),
+        (
+            {"concurrency": {"expression": "input.u", "limit_strategy": "LATEST"}},
+            "concurrency.limit_strategy",
+        ),
+        ({"concurrency": {"expression": "input.userId +"}}, "concurrency.expression"),
+        ({"concurrency": {"expression": "input.u", "strict": "yes"}}, "concurrency.strict"),
+        (
+            {"steps": [{"name": "a", "parents": ["b"]}, {"name": "b", "parents": ["a"]}]},
+            "steps[0].parents",
+        ),
+        ({"steps": [{"name": "a", "parents": ["zzz"]}]}, "steps[0].parents"),
+        ({"steps": [{"name": "a"}, {"name": "a"}]}, "steps[1].name"),
+        ({"steps": [{"name": "a", "timeout": -1}]}, "steps[0].timeout"),
+        ({"max_attempts": 0}, "max_attempts"),
+    ],
+)
+def test_a_bad_definition_names_the_field(overrides: dict[str, Any], field: str) -> None:
+    with pytest.raises(DefinitionError) as info:
+        parse(definition(**overrides))
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}: ")
+
+
+def test_a_change_gives_a_new_version() -> None:
+    a = parse(definition())
+    assert a.version and parse(definition()).version == a.version
+    changed = parse(definition(concurrency={"expression": "input.userId", "max_runs": 2}))
+    assert changed.version != a.version
+    assert parse(definition(version="v7")).version == "v7"
+
+
+async def test_register_stores_and_bumps_the_epoch_only_on_change() -> None:
+    redis = fakeredis.FakeAsyncRedis()
+    keys = Keys("ns", 4)
+    await register(redis, keys, definition())
+    await register(redis, keys, definition())
+    epoch, defs, errors = await load_all(redis, keys)
+    assert epoch == 1 and list(defs) == ["chat-reply"] and errors == {}
+    await register(redis, keys, definition(events=["chat.message", "chat.edit"]))
+    await redis.hset(keys.workflows_hash, "broken", b"{not json")
+    epoch, defs, errors = await load_all(redis, keys)
+    assert epoch == 2 and defs["chat-reply"].events == ("chat.message", "chat.edit")
+    assert list(errors) == ["broken"]
+    with pytest.raises(DefinitionError):
+        await register(redis, keys, definition(id=""))
+
+
+def test_key_expressions() -> None:
+    key = compile_key("input.user.id")
+    assert key({"user": {"id": 42}}, {}) == "42"
+    assert compile_key("metadata.tenant")({}, {"tenant": "t1"}) == "t1"
+    assert compile_key('input.a + "-" + metadata.b')({"a": "x"}, {"b": "y"}) == "x-y"
+    with pytest.raises(KeyExpressionError) as info:
+        key({"user": {}}, {})
+    assert info.value.reason == "key_error"
+    with pytest.raises(KeyExpressionError, match="not a string or integer"):
+        compile_key("input.flag")({"flag": True}, {})
+    with pytest.raises(KeyExpressionError) as info:
+        compile_key("input.k")({"k": "x" * 1025}, {})
+    assert info.value.reason == "key_too_large"
+    with pytest.raises(DefinitionError):
+        compile_key("input.(")
+
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=5),
+    lambda inner: st.dictionaries(st.sampled_from(["a", "b", "c"]), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
+@given(st.dictionaries(st.sampled_from(["a", "b", "c"]), values, max_size=3),
+       st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3))  # fmt: skip
+def test_the_field_path_fast_path_agrees_with_cel(data: dict[str, Any], path: list[str]) -> None:
+    expression = "input." + ".".join(path)
+    fast = compile_key(expression)
+    program = cel.compile(expression)
+    try:
+        expected: Any = program.execute({"input": data, "metadata": {}})
+    except Exception:
+        expected = KeyExpressionError
+    try:
+        got: Any = fast(data, {})
+    except KeyExpressionError:
+        got = KeyExpressionError
+    if (
+        expected is KeyExpressionError
+        or isinstance(expected, bool)
+        or not isinstance(expected, str | int)
+    ):
+        assert got is KeyExpressionError
+    else:
+        assert got == str(expected)
