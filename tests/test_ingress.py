@@ -85,8 +85,12 @@ async def test_the_contract_json_and_msgpack_with_and_without_id_and_metadata(
     first = by[("chat-reply", "u1")]
     assert first["ev"] == plain.decode()
     body = codec.unpack(codec.blob(first["in"]))
-    assert body == {"input": {"userId": "u1", "text": "hi"}, "metadata": {}, "event": "chat.message",
-                    "event_id": plain.decode()}  # fmt: skip
+    assert body == {
+        "input": {"userId": "u1", "text": "hi"},
+        "metadata": {},
+        "event": "chat.message",
+        "event_id": plain.decode(),
+    }
     second = codec.unpack(codec.blob(by[("chat-reply", "7")]["in"]))
     assert second["event_id"] == "evt-7" and second["metadata"] == {"tenant": "t"}
     # routed to the shard of its group; the unlimited workflow gets one group per event
