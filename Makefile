@@ -34,7 +34,7 @@ run: $(STAMP) ## run admission against SUPERSEDE_REDIS_URL, or an embedded serve
 	$(BIN)/python -m services.dev
 
 bench: $(STAMP) ## print BENCH lines (each starts its own server)
-	$(BIN)/python -m bench.admission
+	$(BIN)/python -m bench
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -11,9 +11,11 @@ from typing import Any
 
 import msgpack
 
+_packer = msgpack.Packer(use_bin_type=False)
+
 
 def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=False)  # type: ignore[no-any-return]
+    return _packer.pack(obj)  # type: ignore[no-any-return]
 
 
 def unpack(data: bytes) -> Any:

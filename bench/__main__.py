@@ -1,0 +1,16 @@
+"""`make bench`: every benchmark, one BENCH line each."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bench import admission, ingress
+
+
+def main() -> None:
+    asyncio.run(admission.main(200_000, 10_000))
+    asyncio.run(ingress.main(200_000, 10_000))
+
+
+if __name__ == "__main__":
+    main()
