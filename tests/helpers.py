@@ -99,3 +99,18 @@ async def requests_in_streams(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
         for _, fields in await redis.xrange(sk.requests_stream):
             out.append(codec.unpack(fields[b"r"]))
     return out
+
+
+def scrape(url: str) -> str:
+    """GET a metrics endpoint, retrying while the server starts (blocking: use a thread)."""
+    import urllib.request
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return str(resp.read().decode())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

@@ -7,8 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
@@ -21,7 +19,7 @@ from shared.keys import Keys
 from shared.model import Outcome, RunResult, Strategy
 from shared.server import free_port
 from shared.streams import ADMISSION_GROUP, ensure_groups
-from tests.helpers import eventually, make_request, records
+from tests.helpers import eventually, make_request, records, scrape
 
 
 async def backlog(redis: Redis, keys: Keys) -> int:
@@ -195,7 +193,7 @@ async def test_sigterm_stops_cleanly_and_metrics_are_served(
         await eventually(lambda: _has_groups(redis, keys))
         await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
         await eventually(lambda: _states_are(redis, keys, ["A"], [(shard, req)]))
-        body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
+        body = await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics")
         assert 'supersede_admission_requests_total{outcome="created"} 1.0' in body
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
@@ -207,18 +205,6 @@ async def test_sigterm_stops_cleanly_and_metrics_are_served(
 async def _has_groups(redis: Redis, keys: Keys) -> bool:
     stream = keys.shard(keys.shards - 1).requests_stream
     return bool(await redis.exists(stream)) and bool(await redis.xinfo_groups(stream))
-
-
-def _get(url: str) -> str:
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                return str(resp.read().decode())
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 async def test_a_process_with_another_shard_count_refuses_to_start(

@@ -24,7 +24,7 @@ from shared.keys import Keys
 from shared.model import group_id, shard_of_group
 from shared.registry import register
 from shared.streams import INGRESS_GROUP
-from tests.helpers import eventually, requests_in_streams
+from tests.helpers import eventually, requests_in_streams, scrape
 
 CHAT = {
     "id": "chat-reply",
@@ -239,3 +239,62 @@ async def test_sigkill_mid_batch_then_restart_gives_exactly_one_request_or_dead_
 
 async def _at_least(count: Any, threshold: int) -> bool:
     return bool(await count() >= threshold)
+
+
+async def test_two_ingress_processes_share_the_inbox_and_stop_on_sigterm(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+
+    from shared.server import free_port
+
+    await register(redis, keys, CHAT)
+    n = 3_000
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(n):
+            pipe.xadd(
+                keys.events_stream,
+                {"name": "chat.message", "data": orjson.dumps({"userId": f"u{i}"})},
+            )
+        await pipe.execute()
+    env = {**os.environ, "SUPERSEDE_REDIS_URL": redis_url, "SUPERSEDE_NAMESPACE": keys.namespace,
+           "SUPERSEDE_SHARDS": str(keys.shards)}  # fmt: skip
+    ports = [free_port(), free_port()]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "ingress",
+                "--metrics-port",
+                str(port),
+                "--batch",
+                "20",
+                "--block-ms",
+                "100",
+            ],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    try:
+        await eventually(lambda: inbox_done(redis, keys), timeout=60)
+        total = 0.0
+        for port in ports:
+            body = await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics")
+            line = next(
+                x for x in body.splitlines() if x.startswith("supersede_ingress_events_total ")
+            )
+            total += float(line.split()[1])
+            assert 'supersede_ingress_runs_requested_total{workflow="chat-reply"}' in body
+        assert total == n  # each event read once, by one of the two
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(10) for proc in procs] == [0, 0]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(5)
+    reqs = await requests_in_streams(redis, keys)
+    assert len(reqs) == n and len({r["id"] for r in reqs}) == n
