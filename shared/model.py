@@ -89,9 +89,8 @@ def encode_seq(entry_id: str | bytes) -> str:
     A double score cannot hold ``ms * 2**64 + seq`` exactly; a fixed-width hex string compared
     lexicographically can, so ties inside one millisecond never reorder.
     """
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
-    return f"{int(ms):016x}{int(seq or 0):016x}"
+    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
+    return "%016x%016x" % (int(ms), int(seq or 0))  # noqa: UP031 - measurably faster here
 
 
 def decode_seq(seq: str) -> str:
@@ -145,6 +144,46 @@ class RunRequest:
             self.run_id, self.group, self.seq, self.workflow, self.version, self.key,
             self.event_id, self.max_runs, self.strategy, self.strict, self.max_attempts,
             self.input,
+        )  # fmt: skip
+
+
+class RequestPacker:
+    """Packs the run requests of one workflow version; its constant fields are encoded once.
+
+    Produces the same map as `pack_request` (a test checks it), at about half the
+    cost, because ingress packs one request per event and workflow.
+    """
+
+    __slots__ = ("_tail",)
+
+    def __init__(
+        self,
+        workflow: str,
+        version: str,
+        max_runs: int,
+        strategy: Strategy,
+        strict: bool,
+        max_attempts: int,
+    ) -> None:
+        constant = {
+            "w": workflow,
+            "v": version,
+            "max": max_runs,
+            "st": _STRATEGY_CODES[strategy],
+            "x": 1 if strict else 0,
+            "m": max_attempts,
+        }
+        self._tail = b"".join(codec.pack(k) + codec.pack(v) for k, v in constant.items())
+
+    def pack(
+        self, rid: str, group: str, seq: str, key: str, event_id: str, payload: bytes
+    ) -> bytes:
+        p = codec.pack
+        return b"".join(
+            (
+                b"\x8c\xa2id", p(rid), b"\xa1g", p(group), b"\xa1s", p(seq), b"\xa1k", p(key),
+                b"\xa2ev", p(event_id), b"\xa2in", p(payload), self._tail,
+            )
         )  # fmt: skip
 
 

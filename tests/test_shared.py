@@ -13,10 +13,13 @@ from shared.errors import ConfigError, MalformedItem, UnknownRun, raise_for_stat
 from shared.keys import Keys
 from shared.model import (
     ConcurrencySpec,
+    RequestPacker,
     RunState,
+    Strategy,
     decode_seq,
     encode_seq,
     group_id,
+    pack_request,
     run_id,
     shard_of_group,
     shard_of_run,
@@ -119,3 +122,26 @@ def test_every_shipped_script_has_a_header_and_declares_its_keys() -> None:
         assert "local rcall = redis.call" in text
         _, nkeys = scripts.load_source(name)
         assert nkeys >= 2
+
+
+@given(
+    st.text(max_size=20),
+    st.text(max_size=20),
+    st.integers(1, 10_000),
+    st.sampled_from(list(Strategy)),
+    st.booleans(),
+    st.integers(1, 1000),
+    st.text(max_size=30),
+    st.binary(max_size=300),
+)
+def test_the_request_packer_writes_the_same_map_as_pack_request(
+    workflow: str, key: str, max_runs: int, strategy: Strategy, strict: bool, attempts: int,
+    event_id: str, payload: bytes,
+) -> None:  # fmt: skip
+    packer = RequestPacker(workflow, "v1", max_runs, strategy, strict, attempts)
+    args = ("3-abc", "0123456789abcdef", "0" * 32, key, event_id, payload)
+    expected = pack_request(
+        "3-abc", "0123456789abcdef", "0" * 32, workflow, "v1", key, event_id, max_runs, strategy,
+        strict, attempts, payload,
+    )  # fmt: skip
+    assert codec.unpack(packer.pack(*args)) == codec.unpack(expected)

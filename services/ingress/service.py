@@ -27,7 +27,7 @@ from shared import codec
 from shared.config import Settings, pin_shard_count
 from shared.errors import KeyExpressionError
 from shared.keyexpr import KeyFn, compile_key
-from shared.model import Strategy, encode_seq, group_id, pack_request, run_id, shard_of_group
+from shared.model import RequestPacker, Strategy, encode_seq, group_id, run_id, shard_of_group
 from shared.registry import WorkflowDef, load_all
 from shared.scripts import Scripts
 from shared.streams import INGRESS_GROUP, consumer_name, ensure_groups
@@ -74,6 +74,7 @@ class Route:
     max_runs: int
     strategy: Strategy
     strict: bool
+    packer: RequestPacker
     groups: dict[str, tuple[str, int]] = field(default_factory=dict)  # key -> (group, shard)
 
     def group_of(self, key: str, shards: int) -> tuple[str, int]:
@@ -147,12 +148,17 @@ def build_routes(defs: dict[str, WorkflowDef]) -> dict[str, list[Route]]:
         conc = wf.concurrency
         if conc is None:
             # No limit: every run is its own group, admitted at once.
-            route = Route(wf, None, 1, Strategy.GROUP_ROUND_ROBIN, False)
+            packer = RequestPacker(wf.id, wf.version, 1, Strategy.GROUP_ROUND_ROBIN, False,
+                                   wf.max_attempts)  # fmt: skip
+            route = Route(wf, None, 1, Strategy.GROUP_ROUND_ROBIN, False, packer)
         else:
             if conc.expression not in compiled:
                 compiled[conc.expression] = compile_key(conc.expression)
             key_fn = compiled[conc.expression]
-            route = Route(wf, key_fn, conc.max_runs, Strategy(conc.limit_strategy), conc.strict)
+            strategy = Strategy(conc.limit_strategy)
+            packer = RequestPacker(wf.id, wf.version, conc.max_runs, strategy, conc.strict,
+                                   wf.max_attempts)  # fmt: skip
+            route = Route(wf, key_fn, conc.max_runs, strategy, conc.strict, packer)
         for name in wf.events:
             routes.setdefault(name, []).append(route)
     return routes
@@ -271,10 +277,7 @@ class Ingress:
                     continue
                 gid, shard = route.group_of(key, shards)
                 rid = run_id(shard, event.id, wf.id)
-                request = pack_request(
-                    rid, gid, seq, wf.id, wf.version, key, event.id, route.max_runs,
-                    route.strategy, route.strict, wf.max_attempts, payload,
-                )  # fmt: skip
+                request = route.packer.pack(rid, gid, seq, key, event.id, payload)
                 batch.requests.setdefault(shard, []).append((rid, request))
                 batch.workflows.setdefault(shard, []).append(wf.id)
         return batch
