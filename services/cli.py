@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from shared import logs, metrics
 from shared.config import Settings
-from shared.errors import ConfigError
+from shared.errors import ConfigError, DefinitionError
 
 log = logging.getLogger("supersede")
 
@@ -53,6 +55,41 @@ def _ingress(args: argparse.Namespace, settings: Settings) -> None:
     )
     metrics.serve(args.metrics_port)
     asyncio.run(_until_signal(lambda stop: serve(settings, config, stop)))
+
+
+def load_workflows(module_name: str) -> list[Any]:
+    """Import MODULE and return its Workflow objects, each validated (DefinitionError)."""
+    import importlib
+
+    from shared.workflow import Workflow
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module = importlib.import_module(module_name)
+    workflows = [v for v in vars(module).values() if isinstance(v, Workflow)]
+    if not workflows:
+        raise ConfigError(f"module {module_name!r} defines no Workflow")
+    for wf in workflows:
+        try:
+            wf.definition()
+        except DefinitionError as exc:
+            raise ConfigError(f"workflow {wf.id!r} is invalid: {exc}") from None
+    return workflows
+
+
+def _executor(args: argparse.Namespace, settings: Settings) -> None:
+    from services.executor.service import ExecutorConfig, serve
+
+    workflows = load_workflows(args.module)
+    config = ExecutorConfig(
+        slots=args.slots,
+        lease_ms=int(args.lease * 1000),
+        grace=args.grace,
+        drain_timeout=args.drain_timeout,
+        claim_idle_ms=args.claim_idle_ms,
+    )
+    metrics.serve(args.metrics_port)
+    asyncio.run(_until_signal(lambda stop: serve(settings, workflows, config, stop)))
 
 
 def _dev(args: argparse.Namespace, settings: Settings) -> None:
@@ -97,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--max-payload", type=int, default=1 << 20, help="bytes per inbox entry")
     ing.add_argument("--stream-maxlen", type=int, default=1_000_000)
     ing.set_defaults(func=_ingress)
+
+    exe = sub.add_parser("executor", help="run the workflows of MODULE")
+    exe.add_argument("module", help="importable module that defines Workflow objects")
+    exe.add_argument("--slots", type=int, default=10, help="runs executed at once")
+    exe.add_argument("--metrics-port", type=int, default=9103, help="0 disables /metrics")
+    exe.add_argument("--lease", type=float, default=10.0, help="seconds; renewed every third")
+    exe.add_argument("--grace", type=float, default=5.0, help="seconds a cancelled run may take")
+    exe.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on SIGTERM")
+    exe.add_argument("--claim-idle-ms", type=int, default=30_000)
+    exe.set_defaults(func=_executor)
 
     dev = sub.add_parser("dev", help="run the system on an embedded server (no Redis needed)")
     dev.add_argument("--duration", type=float, default=None, help="seconds, then exit 0")

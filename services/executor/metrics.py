@@ -1,0 +1,34 @@
+"""Metrics of the executor service (labels bounded: workflow, outcome)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from shared.metrics import LATENCY_BUCKETS
+
+RUNS_STARTED = Counter(
+    "supersede_executor_runs_started_total", "Runs claimed and started.", ["workflow"]
+)
+RUNS_FINISHED = Counter(
+    "supersede_executor_runs_finished_total",
+    "Runs this executor reported, by outcome (succeeded, failed, cancelled).",
+    ["workflow", "outcome"],
+)
+CLAIMS_REFUSED = Counter(
+    "supersede_executor_claims_refused_total",
+    "Assignments whose run was cancelled before its claim.",
+)
+STEP_SECONDS = Histogram(
+    "supersede_executor_step_seconds", "Duration of one step attempt.", ["workflow"],
+    buckets=(*LATENCY_BUCKETS, 10, 30, 60, 300),
+)  # fmt: skip
+QUEUE_WAIT_SECONDS = Histogram(
+    "supersede_executor_queue_wait_seconds", "From assignment to claim.", buckets=LATENCY_BUCKETS
+)
+CANCEL_LATENCY_SECONDS = Histogram(
+    "supersede_executor_cancel_latency_seconds",
+    "From the cancel decision (control entry time) to the local handler being cancelled.",
+    buckets=LATENCY_BUCKETS,
+)
+BUSY_SLOTS = Gauge("supersede_executor_busy_slots", "Runs executing now.")
+SLOTS = Gauge("supersede_executor_slots", "Slots of this executor.")

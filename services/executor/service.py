@@ -1,0 +1,419 @@
+"""The executor service: claims assigned runs, runs their steps, honours cancellations.
+
+Loops (each a short method naming the Redis structure it touches):
+- fetch: XREADGROUP on the shards' assignment streams, never more entries than free slots
+  (shards are read in rotation; when all are empty, one XREAD BLOCK over every assignment stream
+  waits for new entries without consuming them), then the claim script per shard;
+- control: XREAD BLOCK over every shard's control stream; a cancel stops the local run at once;
+- heartbeat: renews leases; the ids it returns are runs to stop (the backstop for a missed
+  control message); it also takes over assignments a dead executor read but never claimed.
+Outcomes go to the shard's results stream. SIGTERM drains: stop fetching, let running runs
+finish within the deadline, leave the rest to their leases (they are retried elsewhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import traceback
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from services.executor import metrics
+from shared import codec
+from shared.config import Settings, pin_shard_count
+from shared.model import Outcome, RunResult
+from shared.registry import register
+from shared.scripts import Claim, Scripts
+from shared.streams import EXECUTOR_GROUP, consumer_name, ensure_groups
+from shared.workflow import Context, Step, Workflow
+
+log = logging.getLogger("supersede.executor")
+
+StreamReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
+OUTCOME_LABEL = {
+    Outcome.SUCCEEDED: "succeeded",
+    Outcome.FAILED: "failed",
+    Outcome.CANCELLED: "cancelled",
+}
+
+
+@dataclass(slots=True)
+class ExecutorConfig:
+    slots: int = 10
+    lease_ms: int = 10_000
+    grace: float = 5.0
+    drain_timeout: float = 30.0
+    block_ms: int = 1000
+    claim_idle_ms: int = 30_000
+    retry_backoff: float = 0.1
+
+
+@dataclass(slots=True)
+class Running:
+    run_id: str
+    shard: int
+    attempt: int
+    workflow: Workflow
+    ctx: Context
+    task: asyncio.Task[None] | None = None
+    cancel_decided_ms: float | None = None  # set once a cancel arrived
+    reported: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+def _ms_of(entry_id: bytes | str) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[0])
+
+
+class Executor:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        workflows: Sequence[Workflow],
+        config: ExecutorConfig | None = None,
+        *,
+        consumer: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keys = settings.keys
+        self.config = config or ExecutorConfig()
+        self.consumer = consumer or consumer_name("executor")
+        self.scripts = Scripts(redis, self.keys)
+        self.definitions = {wf.id: wf.definition() for wf in workflows}  # validates
+        self.workflows = {wf.id: wf for wf in workflows}
+        self.active: dict[str, Running] = {}
+        self.pool = ThreadPoolExecutor(max_workers=max(4, self.config.slots * 2))
+        self.slot_freed = asyncio.Event()
+        self.ready = False
+        self._assign_streams = [sk.assignments_stream for sk in self.keys.all_shards()]
+        self._rotation = 0
+        self._wake_ids: dict[str, str] = {s: "$" for s in self._assign_streams}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await pin_shard_count(self.redis, self.keys)
+        await ensure_groups(self.redis, self.keys)
+        await self.scripts.load()
+        for wf in self.definitions.values():
+            await register(self.redis, self.keys, wf)
+        metrics.SLOTS.set(self.config.slots)
+        self.ready = True
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.start()
+        log.info(
+            "executor started",
+            extra={"consumer": self.consumer, "workflows": sorted(self.workflows)},
+        )
+        loops = [
+            asyncio.create_task(self._fetch_loop(stop)),
+            asyncio.create_task(self._control_loop(stop)),
+            asyncio.create_task(self._heartbeat_loop(stop)),
+        ]
+        try:
+            await stop.wait()
+            await self._drain()
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            log.info("executor stopped", extra={"consumer": self.consumer})
+
+    async def _drain(self) -> None:
+        """Let running runs finish within the deadline; leave the rest to their leases."""
+        pending = [r.task for r in self.active.values() if r.task]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=self.config.drain_timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning(
+                    "drain deadline passed; runs left to lease expiry", extra={"runs": len(late)}
+                )
+
+    # -- fetch ------------------------------------------------------------------------------------
+    async def _fetch_loop(self, stop: asyncio.Event) -> None:
+        last_reclaim = 0.0
+        while not stop.is_set():
+            try:
+                free = self.config.slots - len(self.active)
+                if free <= 0:
+                    self.slot_freed.clear()
+                    await self.slot_freed.wait()
+                    continue
+                got = await self._read_assignments(free)
+                if not got and time.monotonic() - last_reclaim > 1.0:
+                    last_reclaim = time.monotonic()
+                    got = await self._reclaim(free)
+                if got:
+                    await self._claim_and_start(got)
+                else:
+                    await self._wait_for_assignments()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("fetch iteration failed")
+                await asyncio.sleep(0.5)
+
+    async def _read_assignments(self, free: int) -> list[tuple[int, bytes, str, int]]:
+        """XREADGROUP shard by shard, in rotation, at most `free` entries in all."""
+        got: list[tuple[int, bytes, str, int]] = []
+        n = self.keys.shards
+        for i in range(n):
+            if len(got) >= free:
+                break
+            shard = (self._rotation + i) % n
+            reply = await self.redis.xreadgroup(
+                EXECUTOR_GROUP,
+                self.consumer,
+                {self._assign_streams[shard]: ">"},
+                count=free - len(got),
+            )
+            for _, entries in cast(
+                list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], reply or []
+            ):
+                got += self._parse_assignments(shard, entries)
+        self._rotation = (self._rotation + 1) % n
+        return got
+
+    @staticmethod
+    def _parse_assignments(
+        shard: int, entries: Sequence[tuple[bytes, dict[bytes, bytes]]]
+    ) -> list[tuple[int, bytes, str, int]]:
+        out = []
+        for entry_id, fields in entries:
+            if fields and b"id" in fields and b"a" in fields:
+                out.append((shard, entry_id, fields[b"id"].decode(), int(fields[b"a"])))
+        return out
+
+    async def _wait_for_assignments(self) -> None:
+        """XREAD BLOCK over every assignment stream: wakes on any new entry, consumes nothing."""
+        reply = await self.redis.xread(self._wake_ids, count=100, block=self.config.block_ms)  # type: ignore[arg-type]
+        for stream, entries in cast(StreamReply, reply or []):
+            if entries:
+                self._wake_ids[stream.decode()] = entries[-1][0].decode()
+
+    async def _reclaim(self, free: int) -> list[tuple[int, bytes, str, int]]:
+        """XAUTOCLAIM assignments a dead executor read and never claimed."""
+        got: list[tuple[int, bytes, str, int]] = []
+        for shard, stream in enumerate(self._assign_streams):
+            if len(got) >= free:
+                break
+            reply = await self.redis.xautoclaim(
+                stream,
+                EXECUTOR_GROUP,
+                self.consumer,
+                self.config.claim_idle_ms,
+                count=free - len(got),
+            )
+            got += self._parse_assignments(shard, [e for e in reply[1] if e and e[1]])
+        return got
+
+    async def _claim_and_start(self, items: list[tuple[int, bytes, str, int]]) -> None:
+        by_shard: dict[int, list[tuple[bytes, str, int]]] = {}
+        for shard, entry_id, rid, attempt in items:
+            by_shard.setdefault(shard, []).append((entry_id, rid, attempt))
+        now = time.time() * 1000
+        for shard, triples in by_shard.items():
+            claims = await self.scripts.claim(
+                shard, self.consumer, triples, lease_ms=self.config.lease_ms
+            )
+            for (entry_id, _, _), claim in zip(triples, claims, strict=True):
+                if not claim.claimed:
+                    metrics.CLAIMS_REFUSED.inc()
+                    continue
+                metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, now - _ms_of(entry_id)) / 1000)
+                self._start(shard, claim)
+
+    def _start(self, shard: int, claim: Claim) -> None:
+        wf = self.workflows.get(claim.workflow)
+        body = codec.unpack(claim.input) if claim.input else {}
+        ctx = Context(
+            run_id=claim.run_id,
+            workflow=claim.workflow,
+            attempt=claim.attempt,
+            input=body.get("input", {}),
+            metadata=body.get("metadata", {}),
+            event=body.get("event", ""),
+            event_id=body.get("event_id", ""),
+            key=claim.key,
+        )
+        if wf is None:  # another executor's workflow; should not happen with one deployment
+            log.error("claimed a run of an unknown workflow", extra={"run": claim.run_id})
+            run = Running(claim.run_id, shard, claim.attempt, Workflow(claim.workflow, []), ctx)
+            self.active[claim.run_id] = run
+            run.task = asyncio.create_task(self._report(run, Outcome.FAILED, "unknown workflow"))
+            return
+        run = Running(claim.run_id, shard, claim.attempt, wf, ctx)
+        self.active[claim.run_id] = run
+        metrics.RUNS_STARTED.labels(wf.id).inc()
+        metrics.BUSY_SLOTS.set(len(self.active))
+        run.task = asyncio.create_task(self._execute(run))
+
+    # -- execution -------------------------------------------------------------------------------
+    async def _execute(self, run: Running) -> None:
+        try:
+            outcome, error = await self._run_steps(run)
+        except asyncio.CancelledError:
+            if run.cancel_decided_ms is None:
+                raise  # shutdown: leave the run to its lease
+            outcome, error = Outcome.CANCELLED, ""
+            await self._on_cancel(run)
+        await self._report(run, outcome, error)
+
+    async def _run_steps(self, run: Running) -> tuple[Outcome, str]:
+        for step in run.workflow.ordered_steps():
+            for attempt in range(step.retries + 1):
+                started = time.perf_counter()
+                try:
+                    run.ctx.outputs[step.name] = await self._call(step, run.ctx)
+                    break
+                except asyncio.CancelledError:
+                    self._observe_cancel(run)
+                    raise
+                except Exception as exc:
+                    if attempt < step.retries:
+                        await asyncio.sleep(self.config.retry_backoff * 2**attempt)
+                        continue
+                    text = "".join(traceback.format_exception(exc))
+                    return (
+                        Outcome.FAILED,
+                        f"step {step.name!r} failed after {attempt + 1} attempt(s):\n{text}",
+                    )
+                finally:
+                    metrics.STEP_SECONDS.labels(run.workflow.id).observe(
+                        time.perf_counter() - started
+                    )
+            if run.ctx.cancelled:
+                self._observe_cancel(run)
+                return Outcome.CANCELLED, ""
+        return Outcome.SUCCEEDED, ""
+
+    async def _call(self, step: Step, ctx: Context) -> Any:
+        if step.is_async:
+            coro = step.fn(ctx)
+        else:
+            loop = asyncio.get_running_loop()
+            coro = loop.run_in_executor(self.pool, functools.partial(step.fn, ctx))
+        if step.timeout:
+            try:
+                return await asyncio.wait_for(coro, step.timeout)
+            except TimeoutError:
+                raise TimeoutError(f"step {step.name!r} timed out after {step.timeout}s") from None
+        return await coro
+
+    async def _on_cancel(self, run: Running) -> None:
+        hook = run.workflow.cancel_hook
+        if hook is None:
+            return
+        try:
+            if asyncio.iscoroutinefunction(hook):
+                await asyncio.shield(hook(run.ctx))
+            else:
+                await asyncio.shield(
+                    asyncio.get_running_loop().run_in_executor(self.pool, hook, run.ctx)
+                )
+        except Exception:
+            log.exception("on_cancel hook failed", extra={"run": run.run_id})
+
+    def _observe_cancel(self, run: Running) -> None:
+        if run.cancel_decided_ms is not None:
+            metrics.CANCEL_LATENCY_SECONDS.observe(
+                max(0.0, time.time() * 1000 - run.cancel_decided_ms) / 1000
+            )
+
+    async def _report(self, run: Running, outcome: Outcome, error: str) -> None:
+        """XADD the outcome to the shard's results stream (once), then free the local slot."""
+        if run.reported:
+            return
+        run.reported = True
+        if run.cancel_decided_ms is not None:
+            outcome, error = Outcome.CANCELLED, ""  # results of cancelled runs are discarded
+        result = RunResult(run.run_id, run.attempt, outcome, error[:20_000])
+        try:
+            await asyncio.shield(
+                self.redis.xadd(self.keys.shard(run.shard).results_stream, {"r": result.pack()})
+            )
+        finally:
+            metrics.RUNS_FINISHED.labels(run.workflow.id, OUTCOME_LABEL[outcome]).inc()
+            self.active.pop(run.run_id, None)
+            metrics.BUSY_SLOTS.set(len(self.active))
+            self.slot_freed.set()
+
+    # -- cancellation ----------------------------------------------------------------------------
+    def cancel_local(self, rid: str, attempt: int | None, decided_ms: float) -> None:
+        """Stop a local run now: cancel its task, set its flag, report after the grace period."""
+        run = self.active.get(rid)
+        if run is None or run.cancel_decided_ms is not None:
+            return
+        if attempt is not None and attempt != run.attempt:
+            return
+        run.cancel_decided_ms = decided_ms
+        run.ctx._cancel()
+        if run.task and not run.task.done():
+            run.task.cancel()
+        asyncio.get_running_loop().call_later(
+            self.config.grace,
+            lambda: asyncio.ensure_future(self._report(run, Outcome.CANCELLED, "")),
+        )
+
+    async def _control_loop(self, stop: asyncio.Event) -> None:
+        ids: dict[str, str] = {sk.control_stream: "$" for sk in self.keys.all_shards()}
+        while not stop.is_set():
+            try:
+                reply = await self.redis.xread(ids, count=1000, block=self.config.block_ms)  # type: ignore[arg-type]
+                for stream, entries in cast(StreamReply, reply or []):
+                    ids[stream.decode()] = entries[-1][0].decode()
+                    for entry_id, fields in entries:
+                        rid = fields.get(b"id", b"").decode()
+                        if fields.get(b"op") == b"cancel" and rid in self.active:
+                            self.cancel_local(
+                                rid, int(fields.get(b"a", 0)) or None, _ms_of(entry_id)
+                            )
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("control iteration failed")
+                await asyncio.sleep(0.5)
+
+    async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        interval = self.config.lease_ms / 3000
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+            try:
+                by_shard: dict[int, list[tuple[str, int]]] = {}
+                for run in list(self.active.values()):
+                    if not run.reported:
+                        by_shard.setdefault(run.shard, []).append((run.run_id, run.attempt))
+                for shard, runs in by_shard.items():
+                    stop_ids = await self.scripts.heartbeat(
+                        shard, self.consumer, runs, lease_ms=self.config.lease_ms
+                    )
+                    for rid in stop_ids:
+                        self.cancel_local(rid, None, time.time() * 1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("heartbeat iteration failed")
+
+
+async def serve(
+    settings: Settings, workflows: Sequence[Workflow], config: ExecutorConfig, stop: asyncio.Event
+) -> None:
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await Executor(redis, settings, workflows, config).run(stop)
+    finally:
+        await redis.aclose()

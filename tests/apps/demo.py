@@ -1,0 +1,87 @@
+"""Workflows the executor tests run in real executor processes.
+
+Each step logs what happened to a Redis list `<ns>:test:log` so the test can observe it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import redis
+
+from shared.workflow import Concurrency, Context, Strategy, Workflow
+
+_redis = redis.Redis.from_url(os.environ.get("SUPERSEDE_REDIS_URL", "redis://127.0.0.1:6379/0"))
+LOG = f"{os.environ.get('SUPERSEDE_NAMESPACE', 'supersede')}:test:log"
+
+
+def note(*parts: object) -> None:
+    _redis.rpush(LOG, ":".join(str(p) for p in parts))
+
+
+chat = Workflow(
+    "chat-reply",
+    on_events=["chat.message"],
+    concurrency=Concurrency(expression="input.userId", max_runs=1,
+                            limit_strategy=Strategy.CANCEL_IN_PROGRESS),
+)  # fmt: skip
+
+
+@chat.step()
+async def reply(ctx: Context) -> dict[str, str]:
+    note("started", ctx.run_id)
+    try:
+        await asyncio.sleep(float(ctx.input.get("sleep", 0)))
+    except asyncio.CancelledError:
+        note("cancelled", ctx.run_id)
+        raise
+    return {"text": f"re: {ctx.input.get('text', '')}"}
+
+
+@chat.step(parents=[reply])
+def store(ctx: Context) -> None:
+    note("stored", ctx.run_id, ctx.parent(reply)["text"])
+
+
+@chat.on_cancel
+async def cleanup(ctx: Context) -> None:
+    note("hook", ctx.run_id)
+
+
+sync_chat = Workflow(
+    "sync-reply",
+    on_events=["sync.message"],
+    concurrency=Concurrency(expression="input.userId", max_runs=1),
+)
+
+
+@sync_chat.step()
+def sync_reply(ctx: Context) -> None:
+    note("started", ctx.run_id)
+    deadline = time.monotonic() + float(ctx.input.get("sleep", 0))
+    while time.monotonic() < deadline:
+        if ctx.cancelled:
+            note("sync-cancelled", ctx.run_id)
+            return
+        time.sleep(0.005)
+
+
+work = Workflow("work", on_events=["work.item"])
+
+
+@work.step()
+async def do_work(ctx: Context) -> None:
+    note("started", ctx.run_id)
+    await asyncio.sleep(float(ctx.input.get("sleep", 0)))
+    note("done", ctx.run_id, os.getpid())
+
+
+flaky = Workflow("flaky", on_events=["flaky.item"])
+
+
+@flaky.step(retries=2)
+def always_fails(ctx: Context) -> None:
+    note("attempt", ctx.run_id)
+    raise RuntimeError("boom from the step")

@@ -1,0 +1,191 @@
+"""Executors as real processes with ingress and admission: sharing work, cancellation within
+milliseconds, SIGKILL recovery, SIGTERM drain, retries and bad definitions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from shared.keys import Keys
+from tests.helpers import eventually, records
+
+APP = "tests.apps.demo"
+
+
+class System:
+    """Subprocesses of one test's namespace; all killed at the end."""
+
+    def __init__(self, url: str, keys: Keys) -> None:
+        self.env = {**os.environ, "SUPERSEDE_REDIS_URL": url, "SUPERSEDE_NAMESPACE": keys.namespace,
+                    "SUPERSEDE_SHARDS": str(keys.shards)}  # fmt: skip
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.stderr = open(os.environ.get("SUPERSEDE_TEST_STDERR", os.devnull), "ab")  # noqa: SIM115
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "services.cli", *args, "--metrics-port", "0"]
+        proc = subprocess.Popen(cmd, env=self.env, stderr=self.stderr)
+        self.procs.append(proc)
+        return proc
+
+    async def pipeline(
+        self, redis: Redis, keys: Keys, executors: int = 1, *executor_args: str
+    ) -> list[subprocess.Popen[bytes]]:
+        """Admission and executors, then ingress once the executors registered the workflows
+        (an event published before any workflow listens to it is acknowledged, not run)."""
+        self.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
+        procs = [self.start("executor", APP, *executor_args) for _ in range(executors)]
+
+        async def registered() -> bool:
+            return int(await redis.hlen(keys.workflows_hash)) == 4
+
+        await eventually(registered, timeout=30)
+        self.start("ingress", "--block-ms", "100")
+        return procs
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait(5)
+        self.stderr.close()
+
+
+@pytest.fixture
+def system(redis_url: str, keys: Keys) -> Iterator[System]:
+    s = System(redis_url, keys)
+    yield s
+    s.close()
+
+
+async def publish(redis: Redis, keys: Keys, name: str, **data: object) -> str:
+    entry = await redis.xadd(keys.events_stream, {"name": name, "data": orjson.dumps(data)})
+    return str(entry.decode())
+
+
+async def log(redis: Redis, keys: Keys) -> list[str]:
+    return [x.decode() for x in await redis.lrange(f"{keys.namespace}:test:log", 0, -1)]
+
+
+async def logged(redis: Redis, keys: Keys, prefix: str, n: int = 1) -> bool:
+    return sum(1 for x in await log(redis, keys) if x.startswith(prefix)) >= n
+
+
+async def states(redis: Redis, keys: Keys) -> Counter[str]:
+    return Counter(str(r["st"]) for r in (await records(redis, keys)).values())
+
+
+async def test_three_executors_share_the_work_and_each_run_completes_once(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    execs = await system.pipeline(redis, keys, 3, "--slots", "4")
+    n = 150
+    for i in range(n):
+        await publish(redis, keys, "work.item", i=i, sleep=0.02)
+    await eventually(lambda: _all(redis, keys, n, "S"), timeout=60)
+    done = [x for x in await log(redis, keys) if x.startswith("done:")]
+    assert len(done) == n and len({x.split(":")[1] for x in done}) == n
+    assert len({x.split(":")[2] for x in done}) == 3  # every executor took part
+    assert all(p.poll() is None for p in execs)
+
+
+async def _all(redis: Redis, keys: Keys, n: int, state: str) -> bool:
+    s = await states(redis, keys)
+    return s[state] == n and sum(s.values()) == n
+
+
+async def test_cancel_in_progress_stops_async_and_sync_handlers_and_runs_the_hook(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    await system.pipeline(redis, keys, 1)
+    await publish(redis, keys, "chat.message", userId="u1", sleep=30, text="first")
+    await publish(redis, keys, "sync.message", userId="u1", sleep=30)
+    await eventually(lambda: logged(redis, keys, "started:", 2), timeout=30)
+    await publish(redis, keys, "chat.message", userId="u1", text="second")
+    await publish(redis, keys, "sync.message", userId="u1")
+    await eventually(lambda: logged(redis, keys, "stored:"), timeout=10)
+    await eventually(lambda: logged(redis, keys, "sync-cancelled:"), timeout=10)
+    await eventually(lambda: logged(redis, keys, "hook:"), timeout=10)
+    entries = await log(redis, keys)
+    started = [x.split(":")[1] for x in entries if x.startswith("started:")]
+    first_chat = (
+        started[0]
+        if started[0] in {x.split(":")[1] for x in entries if x.startswith("cancelled:")}
+        else started[1]
+    )
+    assert f"cancelled:{first_chat}" in entries and f"hook:{first_chat}" in entries
+    assert any(x.startswith("stored:") and x.endswith("re: second") for x in entries)
+    await eventually(lambda: _states(redis, keys, {"C": 2, "S": 2}), timeout=10)
+
+
+async def _states(redis: Redis, keys: Keys, expected: dict[str, int]) -> bool:
+    return dict(await states(redis, keys)) == expected
+
+
+async def test_a_failing_step_is_retried_then_fails_the_run_with_its_traceback(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    await system.pipeline(redis, keys, 1)
+    await publish(redis, keys, "flaky.item")
+    await eventually(lambda: _states(redis, keys, {"F": 1}), timeout=30)
+    [rec] = (await records(redis, keys)).values()
+    assert "RuntimeError: boom from the step" in str(rec["err"]) and "3 attempt" in str(rec["err"])
+    assert sum(1 for x in await log(redis, keys) if x.startswith("attempt:")) == 3
+
+
+async def test_sigkill_of_an_executor_holding_runs_retries_them_elsewhere(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    [victim] = await system.pipeline(redis, keys, 1, "--lease", "1", "--slots", "5")
+    for i in range(5):
+        await publish(redis, keys, "work.item", i=i, sleep=1.5)
+    await eventually(lambda: logged(redis, keys, "started:", 5), timeout=30)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(5)
+    system.start("executor", APP, "--lease", "1", "--slots", "5")
+    await eventually(lambda: _all(redis, keys, 5, "S"), timeout=60)
+    recs = await records(redis, keys)
+    assert {r["a"] for r in recs.values()} == {2}  # each retried once, none ended twice
+    for sk in keys.all_shards():
+        assert await redis.hlen(sk.slots_hash) == 0  # every slot released exactly
+        assert await redis.zcard(sk.active_zset) == 0
+
+
+async def test_sigterm_drains_running_runs_within_the_deadline(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    [executor] = await system.pipeline(redis, keys, 1, "--drain-timeout", "10")
+    await publish(redis, keys, "work.item", sleep=1.0)
+    await eventually(lambda: logged(redis, keys, "started:"), timeout=30)
+    executor.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(executor.wait, 10) == 0
+    await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("kind", "field"),
+    [
+        ("max_runs", "concurrency.max_runs"),
+        ("strategy", "concurrency.limit_strategy"),
+        ("cel", "concurrency.expression"),
+        ("cycle", "steps[0].parents"),
+    ],
+)
+def test_a_bad_definition_stops_the_start_naming_the_field(
+    redis_url: str, keys: Keys, kind: str, field: str
+) -> None:
+    env = {**os.environ, "SUPERSEDE_REDIS_URL": redis_url, "SUPERSEDE_NAMESPACE": keys.namespace,
+           "SUPERSEDE_TEST_BAD": kind}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli", "executor", "tests.apps.bad", "--metrics-port", "0"],
+        env=env, capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert f"{field}:".encode() in proc.stderr
