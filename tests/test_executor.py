@@ -45,7 +45,7 @@ class System:
         procs = [self.start("executor", APP, *executor_args) for _ in range(executors)]
 
         async def registered() -> bool:
-            return int(await redis.hlen(keys.workflows_hash)) == 4
+            return int(await redis.hlen(keys.workflows_hash)) == 5
 
         await eventually(registered, timeout=30)
         self.start("ingress", "--block-ms", "100")
@@ -189,3 +189,34 @@ def test_a_bad_definition_stops_the_start_naming_the_field(
     )  # fmt: skip
     assert proc.returncode == 2
     assert f"{field}:".encode() in proc.stderr
+
+
+async def test_a_handler_that_ignores_the_cancel_is_reported_cancelled_after_the_grace(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    await system.pipeline(redis, keys, 1, "--grace", "0.5")
+    await publish(redis, keys, "stubborn.item", k="a", sleep=6)
+    await eventually(lambda: logged(redis, keys, "started:"), timeout=30)
+    await publish(redis, keys, "stubborn.item", k="a", sleep=0)
+    # the newer run succeeds and the older one is CANCELLED long before its handler returns
+    await eventually(lambda: _states(redis, keys, {"C": 1, "S": 1}), timeout=4)
+    assert not await logged(redis, keys, "stubborn-finished:", 2)
+
+
+async def test_an_executor_reads_no_more_assignments_than_its_free_slots(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    await system.pipeline(redis, keys, 1, "--slots", "2")
+    for i in range(6):
+        await publish(redis, keys, "work.item", i=i, sleep=30)
+    await eventually(lambda: logged(redis, keys, "started:", 2), timeout=30)
+    # A negative can only be shown by giving it the chance: half a second of idle fetching.
+    await asyncio.sleep(0.5)
+    delivered = 0
+    for sk in keys.all_shards():
+        for g in await redis.xinfo_groups(sk.assignments_stream):
+            delivered += int(g["entries-read"] or 0)
+    pending_assignments = sum([await redis.xlen(sk.assignments_stream) for sk in keys.all_shards()])
+    assert pending_assignments == 6
+    assert delivered == 2
+    assert sum(1 for x in await log(redis, keys) if x.startswith("started:")) == 2

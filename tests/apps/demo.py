@@ -85,3 +85,15 @@ flaky = Workflow("flaky", on_events=["flaky.item"])
 def always_fails(ctx: Context) -> None:
     note("attempt", ctx.run_id)
     raise RuntimeError("boom from the step")
+
+
+stubborn = Workflow(
+    "stubborn", on_events=["stubborn.item"], concurrency=Concurrency(expression="input.k")
+)
+
+
+@stubborn.step()
+def ignores_cancellation(ctx: Context) -> None:
+    note("started", ctx.run_id)
+    time.sleep(float(ctx.input.get("sleep", 0)))  # never looks at ctx.cancelled
+    note("stubborn-finished", ctx.run_id)
