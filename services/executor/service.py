@@ -37,6 +37,7 @@ from shared.workflow import Context, Step, Workflow
 
 log = logging.getLogger("supersede.executor")
 
+EARLY_CANCEL_TTL = 10.0  # seconds a cancel for an unknown run is remembered
 StreamReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
 OUTCOME_LABEL = {
     Outcome.SUCCEEDED: "succeeded",
@@ -97,7 +98,10 @@ class Executor:
         self.ready = False
         self._assign_streams = [sk.assignments_stream for sk in self.keys.all_shards()]
         self._rotation = 0
-        self._wake_ids: dict[str, str] = {s: "$" for s in self._assign_streams}
+        self._wake_ids: dict[str, str] = {}
+        # Cancels that arrived before their run was registered here (the claim reply and the
+        # control message race): run id -> (attempt, decided ms, monotonic time received).
+        self._early_cancels: dict[str, tuple[int | None, float, float]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -145,6 +149,7 @@ class Executor:
     # -- fetch ------------------------------------------------------------------------------------
     async def _fetch_loop(self, stop: asyncio.Event) -> None:
         last_reclaim = 0.0
+        self._wake_ids = await self._tail_ids(self._assign_streams)
         while not stop.is_set():
             try:
                 free = self.config.slots - len(self.active)
@@ -260,6 +265,9 @@ class Executor:
         metrics.RUNS_STARTED.labels(wf.id).inc()
         metrics.BUSY_SLOTS.set(len(self.active))
         run.task = asyncio.create_task(self._execute(run))
+        early = self._early_cancels.pop(claim.run_id, None)
+        if early is not None:
+            self.cancel_local(claim.run_id, early[0], early[1])
 
     # -- execution -------------------------------------------------------------------------------
     async def _execute(self, run: Running) -> None:
@@ -368,8 +376,20 @@ class Executor:
             lambda: asyncio.ensure_future(self._report(run, Outcome.CANCELLED, "")),
         )
 
+    async def _tail_ids(self, streams: Sequence[str]) -> dict[str, str]:
+        """The last id of each stream now ('0-0' when it does not exist yet).
+
+        XREAD's '$' would be re-read on every call for streams that returned nothing, so
+        entries added between two calls would be missed; explicit ids never miss one.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xrevrange(stream, count=1)
+            tails = await pipe.execute()
+        return {s: (t[0][0].decode() if t else "0-0") for s, t in zip(streams, tails, strict=True)}
+
     async def _control_loop(self, stop: asyncio.Event) -> None:
-        ids: dict[str, str] = {sk.control_stream: "$" for sk in self.keys.all_shards()}
+        ids = await self._tail_ids([sk.control_stream for sk in self.keys.all_shards()])
         while not stop.is_set():
             try:
                 reply = await self.redis.xread(ids, count=1000, block=self.config.block_ms)  # type: ignore[arg-type]
@@ -386,6 +406,15 @@ class Executor:
             except Exception:
                 log.exception("control iteration failed")
                 await asyncio.sleep(0.5)
+
+    def _remember_cancel(self, rid: str, attempt: int | None, decided_ms: float) -> None:
+        """Keep a cancel for a run not (yet) here for a few seconds, bounded in size."""
+        now = time.monotonic()
+        if len(self._early_cancels) > 10_000:
+            self._early_cancels = {
+                k: v for k, v in self._early_cancels.items() if now - v[2] < EARLY_CANCEL_TTL
+            }
+        self._early_cancels[rid] = (attempt, decided_ms, now)
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         interval = self.config.lease_ms / 3000

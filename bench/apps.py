@@ -1,0 +1,44 @@
+"""Workflows for the executor benchmarks (imported by `supersede executor bench.apps`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import redis
+
+from shared.workflow import Concurrency, Context, Workflow
+
+_redis = redis.Redis.from_url(os.environ.get("SUPERSEDE_REDIS_URL", "redis://127.0.0.1:6379/0"))
+CANCELLED_AT = f"{os.environ.get('SUPERSEDE_NAMESPACE', 'supersede')}:bench:cancelled"
+STARTED = f"{os.environ.get('SUPERSEDE_NAMESPACE', 'supersede')}:bench:started"
+
+latest = Workflow(
+    "latest-only",
+    on_events=["bench.supersede"],
+    concurrency=Concurrency(expression="input.userId", max_runs=1),
+)
+
+
+def _later(fn, *args) -> None:  # type: ignore[no-untyped-def]
+    """Write from a thread, so the measurement never blocks the executor's loop."""
+    asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+@latest.step()
+async def hold(ctx: Context) -> None:
+    _later(_redis.sadd, STARTED, ctx.run_id)
+    try:
+        await asyncio.sleep(300)
+    except asyncio.CancelledError:
+        _later(_redis.hset, CANCELLED_AT, ctx.run_id, repr(time.time()))
+        raise
+
+
+noop = Workflow("noop", on_events=["bench.noop"])
+
+
+@noop.step()
+async def nothing(ctx: Context) -> None:
+    return None
