@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import admission, ingress
+from bench import admission, executor, ingress
 
 
 def main() -> None:
     asyncio.run(admission.main(200_000, 10_000))
     asyncio.run(ingress.main(200_000, 10_000))
+    asyncio.run(executor.main())
 
 
 if __name__ == "__main__":
