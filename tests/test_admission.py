@@ -246,3 +246,32 @@ async def test_two_admission_processes_share_the_shards_without_double_work(
     assert len(consumers) == 2  # both took part
     active: Counter[str] = Counter(r["g"] for r in recs.values() if r["st"] == "A")
     assert len(active) == 50 and set(active.values()) == {3}
+
+
+async def test_the_service_survives_a_server_restart(keys: Keys) -> None:
+    from shared.server import EmbeddedServer
+
+    server = EmbeddedServer().start()
+    redis = Redis.from_url(server.url)
+    settings = Settings(redis_url=server.url, namespace=keys.namespace, shards=keys.shards)
+    service = Admission(redis, settings, AdmissionConfig(block_ms=50, reap_interval=0.05))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await eventually(lambda: asyncio.sleep(0, service.ready))
+        server.proc.terminate()  # type: ignore[union-attr]
+        server.proc.wait(5)  # type: ignore[union-attr]
+        await asyncio.sleep(0.3)  # let the service hit the outage (it must not crash)
+        assert not task.done()
+        server.start()  # same port, empty data: groups are gone too
+        from shared.streams import ensure_groups
+
+        await ensure_groups(redis, keys)
+        shard, req = make_request(keys, event="after", seq=1)
+        await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
+        await eventually(lambda: _states_are(redis, keys, ["A"], [(shard, req)]), timeout=20)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await redis.aclose()
+        server.stop()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from services.admission import metrics
 from shared.config import Settings, pin_shard_count
@@ -76,15 +77,20 @@ class Admission:
         try:
             streams = {name: ">" for name in self._streams}
             while not stop.is_set():
-                reply = await self.redis.xreadgroup(
-                    ADMISSION_GROUP,
-                    self.consumer,
-                    streams,  # type: ignore[arg-type]
-                    count=self.config.batch,
-                    block=self.config.block_ms,
-                )
-                if reply:
-                    await self.handle(cast(list[tuple[bytes, list[Entry]]], reply))
+                try:
+                    reply = await self.redis.xreadgroup(
+                        ADMISSION_GROUP,
+                        self.consumer,
+                        streams,  # type: ignore[arg-type]
+                        count=self.config.batch,
+                        block=self.config.block_ms,
+                    )
+                    if reply:
+                        await self.handle(cast(list[tuple[bytes, list[Entry]]], reply))
+                except (RedisError, OSError, ScriptError):
+                    # Entries of a failed batch stay pending and are taken over by the timer.
+                    log.exception("batch failed; retrying")
+                    await asyncio.sleep(0.5)
         finally:
             timer.cancel()
             await asyncio.gather(timer, return_exceptions=True)
@@ -116,6 +122,8 @@ class Admission:
                 else:
                     await self._finish(shard, pending)
             except ScriptError as exc:
+                if not 0 <= exc.index < len(pending):
+                    raise  # not about one entry: leave the batch pending, it is retried
                 bad_id, bad_payload = pending.pop(exc.index)
                 fields = {PAYLOAD_FIELD: bad_payload}
                 await self._reject(stream, kind, bad_id, fields, exc.reason, exc.detail)

@@ -21,6 +21,7 @@ from typing import Any, cast
 import msgpack
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from services.ingress import metrics
 from shared import codec
@@ -224,22 +225,29 @@ class Ingress:
         writing: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
-                reply = await self.redis.xreadgroup(
-                    INGRESS_GROUP,
-                    self.consumer,
-                    {self.keys.events_stream: ">"},
-                    count=self.config.batch,
-                    block=self.config.block_ms,
-                )
-                for _, entries in cast(list[tuple[bytes, list[Entry]]], reply or []):
-                    if entries:
-                        batch = self.route(entries)
-                        if writing:
-                            await writing
-                        writing = asyncio.create_task(self.write(batch))
+                try:
+                    reply = await self.redis.xreadgroup(
+                        INGRESS_GROUP,
+                        self.consumer,
+                        {self.keys.events_stream: ">"},
+                        count=self.config.batch,
+                        block=self.config.block_ms,
+                    )
+                    for _, entries in cast(list[tuple[bytes, list[Entry]]], reply or []):
+                        if entries:
+                            batch = self.route(entries)
+                            if writing:
+                                await writing
+                            writing = asyncio.create_task(self.write(batch))
+                except (RedisError, OSError):
+                    # A failed batch stays pending and is taken over by the timer (XAUTOCLAIM).
+                    log.exception("batch failed; retrying")
+                    writing = None
+                    await asyncio.sleep(0.5)
         finally:
             if writing:
-                await writing
+                with contextlib.suppress(RedisError, OSError):
+                    await writing
             timer.cancel()
             await asyncio.gather(timer, return_exceptions=True)
             log.info("ingress stopped", extra={"consumer": self.consumer})
