@@ -30,8 +30,8 @@ format: $(STAMP) ## apply ruff formatting and safe fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-run: $(STAMP) ## run admission against SUPERSEDE_REDIS_URL, or an embedded server when unset
-	$(BIN)/python -m services.dev
+run: $(STAMP) ## run the system and its demo (embedded server unless SUPERSEDE_REDIS_URL is set)
+	$(BIN)/supersede dev
 
 bench: $(STAMP) ## print BENCH lines (each starts its own server)
 	$(BIN)/python -m bench

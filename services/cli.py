@@ -95,7 +95,8 @@ def _executor(args: argparse.Namespace, settings: Settings) -> None:
 def _dev(args: argparse.Namespace, settings: Settings) -> None:
     from services import dev
 
-    dev.main(["--duration", str(args.duration)] if args.duration else [])
+    argv = ["--duration", str(args.duration)] if args.duration else []
+    dev.main(argv + (["--no-demo-events"] if args.no_demo_events else []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="run the system on an embedded server (no Redis needed)")
     dev.add_argument("--duration", type=float, default=None, help="seconds, then exit 0")
+    dev.add_argument("--no-demo-events", action="store_true", help="serve only; publish by hand")
     dev.set_defaults(func=_dev)
     return parser
 
