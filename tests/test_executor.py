@@ -45,7 +45,7 @@ class System:
         procs = [self.start("executor", APP, *executor_args) for _ in range(executors)]
 
         async def registered() -> bool:
-            return int(await redis.hlen(keys.workflows_hash)) == 5
+            return int(await redis.hlen(keys.workflows_hash)) == 7
 
         await eventually(registered, timeout=30)
         self.start("ingress", "--block-ms", "100")
@@ -220,3 +220,74 @@ async def test_an_executor_reads_no_more_assignments_than_its_free_slots(
     assert pending_assignments == 6
     assert delivered == 2
     assert sum(1 for x in await log(redis, keys) if x.startswith("started:")) == 2
+
+
+async def test_a_step_timeout_or_an_unpackable_output_fails_the_run(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    await system.pipeline(redis, keys, 1)
+    await publish(redis, keys, "timeout.item")
+    await publish(redis, keys, "unpackable.item")
+    await eventually(lambda: _states(redis, keys, {"F": 2}), timeout=30)
+    errors = sorted(str(r["err"]) for r in (await records(redis, keys)).values())
+    assert any("timed out after 0.2s" in e for e in errors)
+    assert any("can not serialize 'object' object" in e for e in errors)
+
+
+async def test_executor_metrics_are_served(redis: Redis, redis_url: str, keys: Keys) -> None:
+    from shared.server import free_port
+    from tests.helpers import scrape
+
+    system = System(redis_url, keys)
+    port = free_port()
+    try:
+        system.start("admission", "--block-ms", "100")
+        cmd = [sys.executable, "-m", "services.cli", "executor", APP, "--metrics-port", str(port)]
+        system.procs.append(subprocess.Popen(cmd, env=system.env, stderr=subprocess.DEVNULL))
+
+        async def registered() -> bool:
+            return int(await redis.hlen(keys.workflows_hash)) == 7
+
+        await eventually(registered, timeout=30)
+        system.start("ingress", "--block-ms", "100")
+        await publish(redis, keys, "work.item")
+        await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
+        body = await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics")
+        assert (
+            'supersede_executor_runs_finished_total{outcome="succeeded",workflow="work"} 1.0'
+            in body
+        )
+        assert "supersede_executor_queue_wait_seconds_count 1.0" in body
+        assert "supersede_executor_slots 10.0" in body
+    finally:
+        system.close()
+
+
+async def test_assignments_a_dead_executor_read_but_never_claimed_are_taken_over(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    system = System(redis_url, keys)
+    try:
+        system.start("admission", "--block-ms", "100")
+        victim = system.start("executor", APP)
+
+        async def registered() -> bool:
+            return int(await redis.hlen(keys.workflows_hash)) == 7
+
+        await eventually(registered, timeout=30)
+        victim.kill()  # only its registration was needed
+        victim.wait(5)
+        system.start("ingress", "--block-ms", "100")
+        for i in range(4):
+            await publish(redis, keys, "work.item", i=i)
+
+        async def assigned() -> bool:
+            return sum([await redis.xlen(sk.assignments_stream) for sk in keys.all_shards()]) == 4
+
+        await eventually(assigned, timeout=30)
+        for sk in keys.all_shards():  # a "dead executor" reads them and never claims
+            await redis.xreadgroup("executors", "ghost", {sk.assignments_stream: ">"})
+        system.start("executor", APP, "--claim-idle-ms", "200")
+        await eventually(lambda: _states(redis, keys, {"S": 4}), timeout=30)
+    finally:
+        system.close()

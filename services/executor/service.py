@@ -285,7 +285,9 @@ class Executor:
             for attempt in range(step.retries + 1):
                 started = time.perf_counter()
                 try:
-                    run.ctx.outputs[step.name] = await self._call(step, run.ctx)
+                    output = await self._call(step, run.ctx)
+                    codec.pack(output)  # outputs must be msgpack-able values
+                    run.ctx.outputs[step.name] = output
                     break
                 except asyncio.CancelledError:
                     self._observe_cancel(run)

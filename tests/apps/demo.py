@@ -97,3 +97,19 @@ def ignores_cancellation(ctx: Context) -> None:
     note("started", ctx.run_id)
     time.sleep(float(ctx.input.get("sleep", 0)))  # never looks at ctx.cancelled
     note("stubborn-finished", ctx.run_id)
+
+
+timeouts = Workflow("timeouts", on_events=["timeout.item"])
+
+
+@timeouts.step(timeout=0.2)
+async def too_slow(ctx: Context) -> None:
+    await asyncio.sleep(5)
+
+
+unpackable = Workflow("unpackable", on_events=["unpackable.item"])
+
+
+@unpackable.step()
+def returns_an_object(ctx: Context) -> object:
+    return object()
