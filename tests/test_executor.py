@@ -291,3 +291,20 @@ async def test_assignments_a_dead_executor_read_but_never_claimed_are_taken_over
         await eventually(lambda: _states(redis, keys, {"S": 4}), timeout=30)
     finally:
         system.close()
+
+
+async def test_the_heartbeat_stops_a_run_whose_cancel_message_was_missed(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    from shared import codec
+
+    await system.pipeline(redis, keys, 1, "--lease", "1.5")
+    await publish(redis, keys, "chat.message", userId="u9", sleep=30)
+    await eventually(lambda: logged(redis, keys, "started:"), timeout=30)
+    [(rid, rec)] = (await records(redis, keys)).items()
+    # Decide a cancel the way the scripts do, but write no control message (a "missed" one).
+    shard = int(rid.split("-")[0])
+    rec.update({"st": "X", "why": "manual"})
+    await redis.hset(keys.shard(shard).runs_hash, rid, codec.pack(rec))
+    await eventually(lambda: logged(redis, keys, f"cancelled:{rid}"), timeout=5)
+    await eventually(lambda: _states(redis, keys, {"C": 1}), timeout=10)
