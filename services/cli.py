@@ -11,9 +11,12 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import orjson
+
 from shared import logs, metrics
 from shared.config import Settings
-from shared.errors import ConfigError, DefinitionError
+from shared.errors import ConfigError, DefinitionError, SupersedeError
+from shared.model import RunState
 
 log = logging.getLogger("supersede")
 
@@ -99,6 +102,44 @@ def _dev(args: argparse.Namespace, settings: Settings) -> None:
     dev.main(argv + (["--no-demo-events"] if args.no_demo_events else []))
 
 
+def _ops(args: argparse.Namespace, settings: Settings) -> None:
+    """publish, runs, run, cancel, status, dead: print a table, or JSON with --json."""
+    from redis.asyncio import Redis
+
+    from services import ops
+
+    async def main() -> int:
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            result = await ops.COMMANDS[args.command](redis, settings.keys, args)
+        except (LookupError, ValueError, SupersedeError) as exc:
+            print(f"supersede: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await redis.aclose()
+        print(ops.dumps(result) if args.json else _table(result))
+        return 0
+
+    sys.exit(asyncio.run(main()))
+
+
+def _table(result: Any) -> str:
+    """A plain rendering for humans; --json is the stable interface for scripts."""
+    if isinstance(result, list):
+        if not result:
+            return "(none)"
+        cols = [c for c in result[0] if c not in ("timeline",)][:8]
+        lines = ["  ".join(f"{c:<22}" for c in cols)]
+        for row in result:
+            lines.append("  ".join(f"{str(row.get(c, ''))[:22]:<22}" for c in cols))
+        return "\n".join(lines)
+    if isinstance(result, dict) and "timeline" in result:
+        head = [f"{k}: {v}" for k, v in result.items() if k != "timeline" and v is not None]
+        events = [f"  {e['at_ms']}  {e['event']}" for e in result["timeline"]]
+        return "\n".join([*head, "timeline:", *events])
+    return str(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="supersede", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -145,6 +186,32 @@ def build_parser() -> argparse.ArgumentParser:
     exe.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on SIGTERM")
     exe.add_argument("--claim-idle-ms", type=int, default=30_000)
     exe.set_defaults(func=_executor)
+
+    def ops_parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=_ops)
+        return p
+
+    pub = ops_parser("publish", "publish one event to the inbox")
+    pub.add_argument("name")
+    pub.add_argument("data", help="a JSON object")
+    pub.add_argument("--id", default=None, help="idempotency key")
+    runs = ops_parser("runs", "list runs (newest first)")
+    runs.add_argument("--workflow")
+    runs.add_argument("--key")
+    runs.add_argument("--state", choices=[s.name.lower() for s in RunState])
+    runs.add_argument("--limit", type=int, default=100)
+    one = ops_parser("run", "one run and its timeline")
+    one.add_argument("id")
+    can = ops_parser("cancel", "cancel a run, or every live run of a workflow key")
+    can.add_argument("id", nargs="?")
+    can.add_argument("--workflow")
+    can.add_argument("--key")
+    ops_parser("status", "runs per workflow and state, stream lags, live executors")
+    dead = ops_parser("dead", "list dead letters, or replay one to the inbox")
+    dead.add_argument("--replay", metavar="ID")
+    dead.add_argument("--limit", type=int, default=100)
 
     dev = sub.add_parser("dev", help="run the system on an embedded server (no Redis needed)")
     dev.add_argument("--duration", type=float, default=None, help="seconds, then exit 0")

@@ -16,46 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.keys import Keys
-from tests.helpers import eventually, records
-
-APP = "tests.apps.demo"
-
-
-class System:
-    """Subprocesses of one test's namespace; all killed at the end."""
-
-    def __init__(self, url: str, keys: Keys) -> None:
-        self.env = {**os.environ, "SUPERSEDE_REDIS_URL": url, "SUPERSEDE_NAMESPACE": keys.namespace,
-                    "SUPERSEDE_SHARDS": str(keys.shards)}  # fmt: skip
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.stderr = open(os.environ.get("SUPERSEDE_TEST_STDERR", os.devnull), "ab")  # noqa: SIM115
-
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "services.cli", *args, "--metrics-port", "0"]
-        proc = subprocess.Popen(cmd, env=self.env, stderr=self.stderr)
-        self.procs.append(proc)
-        return proc
-
-    async def pipeline(
-        self, redis: Redis, keys: Keys, executors: int = 1, *executor_args: str
-    ) -> list[subprocess.Popen[bytes]]:
-        """Admission and executors, then ingress once the executors registered the workflows
-        (an event published before any workflow listens to it is acknowledged, not run)."""
-        self.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
-        procs = [self.start("executor", APP, *executor_args) for _ in range(executors)]
-
-        async def registered() -> bool:
-            return int(await redis.hlen(keys.workflows_hash)) == 7
-
-        await eventually(registered, timeout=30)
-        self.start("ingress", "--block-ms", "100")
-        return procs
-
-    def close(self) -> None:
-        for proc in self.procs:
-            proc.kill()
-            proc.wait(5)
-        self.stderr.close()
+from tests.helpers import APP, System, eventually, records
 
 
 @pytest.fixture
