@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from shared import logs, metrics
-from shared.config import Settings
+from shared.config import Settings, connect
 from shared.errors import ConfigError, DefinitionError, SupersedeError
 from shared.model import RunState
 
@@ -104,12 +104,11 @@ def _dev(args: argparse.Namespace, settings: Settings) -> None:
 
 def _ops(args: argparse.Namespace, settings: Settings) -> None:
     """publish, runs, run, cancel, status, dead: print a table, or JSON with --json."""
-    from redis.asyncio import Redis
 
     from services import ops
 
     async def main() -> int:
-        redis = Redis.from_url(settings.redis_url)
+        redis = connect(settings.redis_url)
         try:
             result = await ops.COMMANDS[args.command](redis, settings.keys, args)
         except (LookupError, ValueError, SupersedeError) as exc:

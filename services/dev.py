@@ -27,7 +27,7 @@ import orjson
 from redis.asyncio import Redis
 
 from shared import codec
-from shared.config import Settings
+from shared.config import Settings, connect
 from shared.server import EmbeddedServer
 
 STATE_WORDS = {
@@ -131,7 +131,7 @@ async def run(settings: Settings, duration: float | None, demo_events: bool) -> 
         loop.add_signal_handler(sig, stop.set)
     if duration:
         loop.call_later(duration, stop.set)
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url)
     children = Children(settings)
     try:
         children.start("admission")

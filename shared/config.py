@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from shared.errors import ConfigError
 from shared.keys import Keys
@@ -48,6 +48,16 @@ class Settings:
     @property
     def keys(self) -> Keys:
         return Keys(self.namespace, self.shards)
+
+
+def connect(url: str, max_connections: int = 64) -> Redis:
+    """A client whose pool waits for a free connection instead of failing.
+
+    Under load many coroutines issue commands at once; redis-py's default pool raises
+    MaxConnectionsError past its limit, which would drop a run's result on the floor.
+    """
+    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30)
+    return Redis(connection_pool=pool)
 
 
 async def pin_shard_count(redis: Redis, keys: Keys) -> None:

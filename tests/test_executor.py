@@ -269,3 +269,17 @@ async def test_the_heartbeat_stops_a_run_whose_cancel_message_was_missed(
     await redis.hset(keys.shard(shard).runs_hash, rid, codec.pack(rec))
     await eventually(lambda: logged(redis, keys, f"cancelled:{rid}"), timeout=5)
     await eventually(lambda: _states(redis, keys, {"C": 1}), timeout=10)
+
+
+async def test_a_burst_of_runs_ending_together_is_reported_without_loss(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    # 150 slots finishing at once once needed 150 connections and lost results past the
+    # pool's limit; every run must end at its first attempt.
+    await system.pipeline(redis, keys, 1, "--slots", "150")
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(300):
+            pipe.xadd(keys.events_stream, {"name": "work.item", "data": orjson.dumps({"i": i})})
+        await pipe.execute()
+    await eventually(lambda: _all(redis, keys, 300, "S"), timeout=60)
+    assert {r["a"] for r in (await records(redis, keys)).values()} == {1}

@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.admission import metrics
-from shared.config import Settings, pin_shard_count
+from shared.config import Settings, connect, pin_shard_count
 from shared.errors import ScriptError
 from shared.scripts import Scripts
 from shared.streams import ADMISSION_GROUP, consumer_name, ensure_groups
@@ -229,7 +229,7 @@ async def serve(
     on_ready: Callable[[Admission], Awaitable[None]] | None = None,
 ) -> None:
     """Run one admission process until `stop` is set."""
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url)
     try:
         service = Admission(redis, settings, config)
         if on_ready:

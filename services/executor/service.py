@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from services.executor import metrics
 from shared import codec
-from shared.config import Settings, pin_shard_count
+from shared.config import Settings, connect, pin_shard_count
 from shared.model import Outcome, RunResult
 from shared.registry import register
 from shared.scripts import Claim, Scripts
@@ -102,6 +103,8 @@ class Executor:
         # Cancels that arrived before their run was registered here (the claim reply and the
         # control message race): run id -> (attempt, decided ms, monotonic time received).
         self._early_cancels: dict[str, tuple[int | None, float, float]] = {}
+        self._outbox: list[tuple[int, bytes, asyncio.Future[None]]] = []
+        self._outbox_ready = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -119,6 +122,7 @@ class Executor:
             "executor started",
             extra={"consumer": self.consumer, "workflows": sorted(self.workflows)},
         )
+        writer = asyncio.create_task(self._results_loop())
         loops = [
             asyncio.create_task(self._fetch_loop(stop)),
             asyncio.create_task(self._control_loop(stop)),
@@ -128,9 +132,9 @@ class Executor:
             await stop.wait()
             await self._drain()
         finally:
-            for task in loops:
+            for task in [*loops, writer]:
                 task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await asyncio.gather(*loops, writer, return_exceptions=True)
             self.pool.shutdown(wait=False, cancel_futures=True)
             log.info("executor stopped", extra={"consumer": self.consumer})
 
@@ -351,15 +355,40 @@ class Executor:
         if run.cancel_decided_ms is not None:
             outcome, error = Outcome.CANCELLED, ""  # results of cancelled runs are discarded
         result = RunResult(run.run_id, run.attempt, outcome, error[:20_000])
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outbox.append((run.shard, result.pack(), written))
+        self._outbox_ready.set()
         try:
-            await asyncio.shield(
-                self.redis.xadd(self.keys.shard(run.shard).results_stream, {"r": result.pack()})
-            )
+            await asyncio.shield(written)
+        except Exception:
+            # Not written: the run's lease expires and the reaper retries it elsewhere.
+            log.exception("result not written", extra={"run": run.run_id})
         finally:
             metrics.RUNS_FINISHED.labels(run.workflow.id, OUTCOME_LABEL[outcome]).inc()
             self.active.pop(run.run_id, None)
             metrics.BUSY_SLOTS.set(len(self.active))
             self.slot_freed.set()
+
+    async def _results_loop(self) -> None:
+        """XADD every pending outcome to its shard's results stream: one pipeline per turn,
+        so a thousand runs ending together cost one round trip, not a thousand connections."""
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            batch, self._outbox = self._outbox, []
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for shard, payload, _ in batch:
+                        pipe.xadd(self.keys.shard(shard).results_stream, {"r": payload})
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
 
     # -- cancellation ----------------------------------------------------------------------------
     def cancel_local(self, rid: str, attempt: int | None, decided_ms: float) -> None:
@@ -443,7 +472,7 @@ class Executor:
 async def serve(
     settings: Settings, workflows: Sequence[Workflow], config: ExecutorConfig, stop: asyncio.Event
 ) -> None:
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url)
     try:
         await Executor(redis, settings, workflows, config).run(stop)
     finally:

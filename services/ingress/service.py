@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 
 from services.ingress import metrics
 from shared import codec
-from shared.config import Settings, pin_shard_count
+from shared.config import Settings, connect, pin_shard_count
 from shared.errors import KeyExpressionError
 from shared.keyexpr import KeyFn, compile_key
 from shared.model import RequestPacker, Strategy, encode_seq, group_id, run_id, shard_of_group
@@ -392,7 +392,7 @@ class Ingress:
 
 async def serve(settings: Settings, config: IngressConfig, stop: asyncio.Event) -> None:
     """Run one ingress process until `stop` is set."""
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url)
     try:
         await Ingress(redis, settings, config).run(stop)
     finally:
