@@ -13,6 +13,8 @@ from shared.workflow import Concurrency, Context, Workflow
 _redis = redis.Redis.from_url(os.environ.get("SUPERSEDE_REDIS_URL", "redis://127.0.0.1:6379/0"))
 CANCELLED_AT = f"{os.environ.get('SUPERSEDE_NAMESPACE', 'supersede')}:bench:cancelled"
 STARTED = f"{os.environ.get('SUPERSEDE_NAMESPACE', 'supersede')}:bench:started"
+CANCELLED_BY_ROUND = f"{os.environ.get('SUPERSEDE_NAMESPACE', 'supersede')}:bench:cancelled-round"
+STARTED_AT = f"{os.environ.get('SUPERSEDE_NAMESPACE', 'supersede')}:bench:started-at"
 
 latest = Workflow(
     "latest-only",
@@ -32,7 +34,9 @@ async def hold(ctx: Context) -> None:
     try:
         await asyncio.sleep(300)
     except asyncio.CancelledError:
-        _later(_redis.hset, CANCELLED_AT, ctx.run_id, repr(time.time()))
+        now = repr(time.time())
+        _later(_redis.hset, CANCELLED_AT, ctx.run_id, now)
+        _later(_redis.hset, CANCELLED_BY_ROUND, f"{ctx.input['userId']}:{ctx.input['r']}", now)
         raise
 
 
@@ -42,3 +46,11 @@ noop = Workflow("noop", on_events=["bench.noop"])
 @noop.step()
 async def nothing(ctx: Context) -> None:
     return None
+
+
+probe = Workflow("probe", on_events=["bench.probe"])
+
+
+@probe.step()
+async def record_start(ctx: Context) -> None:
+    _later(_redis.hset, STARTED_AT, str(ctx.input["n"]), repr(time.time()))

@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 import orjson
 from redis.asyncio import Redis
@@ -76,9 +77,11 @@ async def cancel_latency(redis: Redis, settings: Settings, env: dict[str, str]) 
     ns = settings.namespace
     users, rounds = 20, 11
     published: list[list[str]] = []
+    publish_times: dict[tuple[int, int], float] = {}
     for r in range(rounds):
         batch = []
         for u in range(users):
+            publish_times[(u, r)] = time.time()
             data = orjson.dumps({"userId": f"u{u}", "r": r})
             entry = await redis.xadd(keys.events_stream, {"name": "bench.supersede", "data": data})
             batch.append(entry.decode())
@@ -105,6 +108,18 @@ async def cancel_latency(redis: Redis, settings: Settings, env: dict[str, str]) 
                 latencies.append(cancelled[rid.decode()] * 1000 - rec["tc"])
     reference = await xread_wakeup_ms(redis)
     ref50 = statistics.median(reference)
+    by_round = {k.decode(): float(v) for k, v in
+                (await redis.hgetall(f"{ns}:bench:cancelled-round")).items()}  # fmt: skip
+    supersede = [
+        (by_round[f"u{u}:{r - 1}"] - publish_times[(u, r)]) * 1000
+        for (u, r) in publish_times
+        if r > 0 and f"u{u}:{r - 1}" in by_round
+    ]
+    report("supersede_latency_p50", statistics.median(supersede), "ms", ref50,
+           samples=len(supersede), reference_name="xadd_to_xread_block_wakeup_p50",
+           what="newer event published -> older handler cancelled")  # fmt: skip
+    report("supersede_latency_p99", pct(supersede, 0.99), "ms", pct(reference, 0.99),
+           samples=len(supersede), reference_name="xadd_to_xread_block_wakeup_p99")  # fmt: skip
     report("cancel_latency_p50", statistics.median(latencies), "ms", ref50, samples=len(latencies),
            reference_name="xadd_to_xread_block_wakeup_p50")  # fmt: skip
     report("cancel_latency_p99", pct(latencies, 0.99), "ms", pct(reference, 0.99),
@@ -112,43 +127,92 @@ async def cancel_latency(redis: Redis, settings: Settings, env: dict[str, str]) 
            reference_name="xadd_to_xread_block_wakeup_p99")  # fmt: skip
 
 
-async def executor_throughput(
-    redis: Redis, settings: Settings, env: dict[str, str], n: int
-) -> None:
+async def start_latency(redis: Redis, settings: Settings, reference: list[float]) -> None:
+    """Event published -> handler started, at ~200 events/s."""
+    ns = settings.namespace
+    sent: dict[str, float] = {}
+    for n in range(400):
+        sent[str(n)] = time.time()
+        data = orjson.dumps({"n": n})
+        await redis.xadd(settings.keys.events_stream, {"name": "bench.probe", "data": data})
+        await asyncio.sleep(0.005)
+
+    async def all_started() -> bool:
+        return int(await redis.hlen(f"{ns}:bench:started-at")) >= len(sent)
+
+    await wait_for(all_started)
+    started = {
+        k.decode(): float(v) for k, v in (await redis.hgetall(f"{ns}:bench:started-at")).items()
+    }
+    lat = [(started[k] - t) * 1000 for k, t in sent.items()]
+    report("start_latency_p50", statistics.median(lat), "ms", statistics.median(reference),
+           samples=len(lat), target=2, reference_name="xadd_to_xread_block_wakeup_p50",
+           what="event published -> handler started, 200 events/s")  # fmt: skip
+    report("start_latency_p99", pct(lat, 0.99), "ms", pct(reference, 0.99), samples=len(lat),
+           target=10, reference_name="xadd_to_xread_block_wakeup_p99")  # fmt: skip
+
+
+async def e2e_throughput(redis: Redis, settings: Settings, n: int) -> None:
+    """All services running: n no-op events published at once, until every run ended."""
     keys = settings.keys
-    total = n
     items = [(keys.events_stream, {"name": b"bench.noop", "data": b"{}"}) for _ in range(n)]
-    xadd_rate = await pipelined_xadd(redis, items)
-
-    async def assigned() -> bool:
-        total = 0
-        for sk in keys.all_shards():
-            total += int(await redis.xlen(sk.assignments_stream))
-        return total >= n
-
-    await wait_for(assigned, timeout=120)
-    proc = start(env, "executor", "bench.apps", "--slots", "100")
 
     async def ended() -> int:
         return sum([int(await redis.zcard(sk.terminal_zset)) for sk in keys.all_shards()])
 
-    async def first() -> bool:
-        return await ended() > 0
+    base = await ended()
+    started = time.perf_counter()
+    xadd_rate = await pipelined_xadd(redis, items)
 
     async def finished() -> bool:
-        return await ended() >= total
+        return await ended() >= base + n
+
+    await wait_for(finished, timeout=300)
+    elapsed = time.perf_counter() - started
+    report("e2e_throughput", n / elapsed, "runs/s", xadd_rate, runs=n, target=5000,
+           what="publish -> ingress -> admission -> 2 executors -> finished")  # fmt: skip
+
+
+async def executor_throughput(
+    redis: Redis, settings: Settings, env: dict[str, str], n: int
+) -> None:
+    """One executor (started last) drains n assigned no-op runs; the clock starts at its first
+    finished run, so its start-up is not counted."""
+    keys = settings.keys
+
+    async def count(key_of: Any) -> int:
+        return sum([int(await key_of(sk)) for sk in keys.all_shards()])
+
+    async def ended() -> int:
+        return await count(lambda sk: redis.zcard(sk.terminal_zset))
+
+    assigned_before = await count(lambda sk: redis.xlen(sk.assignments_stream))
+    ended_before = await ended()
+    items = [(keys.events_stream, {"name": b"bench.noop", "data": b"{}"}) for _ in range(n)]
+    xadd_rate = await pipelined_xadd(redis, items)
+
+    async def assigned() -> bool:
+        return await count(lambda sk: redis.xlen(sk.assignments_stream)) >= assigned_before + n
+
+    await wait_for(assigned, timeout=120)
+    proc = start(env, "executor", "bench.apps", "--slots", "100")
+
+    async def first() -> bool:
+        return await ended() > ended_before
+
+    async def finished() -> bool:
+        return await ended() >= ended_before + n
 
     try:
-        await wait_for(first, timeout=60)  # the clock starts at the first run, not at start-up
+        await wait_for(first, timeout=60)
         started = time.perf_counter()
-        base = await ended()
-        n -= base
+        counted = n - (await ended() - ended_before)
         await wait_for(finished, timeout=300)
     finally:
         proc.kill()
         proc.wait(30)
     elapsed = time.perf_counter() - started
-    report("executor_throughput", n / elapsed, "runs/s", xadd_rate, runs=n, slots=100)
+    report("executor_throughput", counted / elapsed, "runs/s", xadd_rate, runs=counted, slots=100)
 
 
 async def main() -> None:
@@ -164,12 +228,18 @@ async def main() -> None:
         procs.append(start(env, "executor", "bench.apps", "--slots", "40"))
 
         async def registered() -> bool:
-            return int(await redis.hlen(settings.keys.workflows_hash)) == 2
+            return int(await redis.hlen(settings.keys.workflows_hash)) == 3
 
         await wait_for(registered)
         procs.append(start(env, "ingress", "--block-ms", "100"))
-        log("executor bench: cancel latency")
+        log("executor bench: cancel latency, start latency, end-to-end throughput")
         await cancel_latency(redis, settings, env)
+        procs.append(start(env, "executor", "bench.apps", "--slots", "100"))
+        reference = await xread_wakeup_ms(redis)
+        await start_latency(redis, settings, reference)
+        await e2e_throughput(redis, settings, 10_000)
+        procs[-1].kill()
+        procs[-1].wait(30)
         procs[1].kill()
         procs[1].wait(30)
         log("executor bench: throughput")

@@ -99,6 +99,8 @@ class Executor:
         self.ready = False
         self._assign_streams = [sk.assignments_stream for sk in self.keys.all_shards()]
         self._rotation = 0
+        self._woken: list[int] = []
+        self._shard_of_stream = {name: i for i, name in enumerate(self._assign_streams)}
         self._wake_ids: dict[str, str] = {}
         # Cancels that arrived before their run was registered here (the claim reply and the
         # control message race): run id -> (attempt, decided ms, monotonic time received).
@@ -153,7 +155,7 @@ class Executor:
     # -- fetch ------------------------------------------------------------------------------------
     async def _fetch_loop(self, stop: asyncio.Event) -> None:
         last_reclaim = 0.0
-        self._wake_ids = await self._tail_ids(self._assign_streams)
+        idle = True
         while not stop.is_set():
             try:
                 free = self.config.slots - len(self.active)
@@ -161,10 +163,15 @@ class Executor:
                     self.slot_freed.clear()
                     await self.slot_freed.wait()
                     continue
+                if idle:
+                    # Tails first, then the scan: an entry older than a tail is seen by the
+                    # scan, a newer one wakes the XREAD below, so none waits for a timeout.
+                    self._wake_ids = await self._tail_ids(self._assign_streams)
                 got = await self._read_assignments(free)
                 if not got and time.monotonic() - last_reclaim > 1.0:
                     last_reclaim = time.monotonic()
                     got = await self._reclaim(free)
+                idle = not got
                 if got:
                     await self._claim_and_start(got)
                 else:
@@ -179,10 +186,16 @@ class Executor:
         """XREADGROUP shard by shard, in rotation, at most `free` entries in all."""
         got: list[tuple[int, bytes, str, int]] = []
         n = self.keys.shards
-        for i in range(n):
+        # Shards the last wake-up saw new entries on come first, then the rotation.
+        order = [*self._woken, *((self._rotation + i) % n for i in range(n))]
+        self._woken = []
+        visited: set[int] = set()
+        for shard in order:
             if len(got) >= free:
                 break
-            shard = (self._rotation + i) % n
+            if shard in visited:
+                continue
+            visited.add(shard)
             reply = await self.redis.xreadgroup(
                 EXECUTOR_GROUP,
                 self.consumer,
@@ -208,10 +221,12 @@ class Executor:
 
     async def _wait_for_assignments(self) -> None:
         """XREAD BLOCK over every assignment stream: wakes on any new entry, consumes nothing."""
-        reply = await self.redis.xread(self._wake_ids, count=100, block=self.config.block_ms)  # type: ignore[arg-type]
+        reply = await self.redis.xread(self._wake_ids, count=1, block=self.config.block_ms)  # type: ignore[arg-type]
         for stream, entries in cast(StreamReply, reply or []):
             if entries:
-                self._wake_ids[stream.decode()] = entries[-1][0].decode()
+                name = stream.decode()
+                self._wake_ids[name] = entries[-1][0].decode()
+                self._woken.append(self._shard_of_stream[name])
 
     async def _reclaim(self, free: int) -> list[tuple[int, bytes, str, int]]:
         """XAUTOCLAIM assignments a dead executor read and never claimed."""
