@@ -29,9 +29,11 @@ from shared.server import EmbeddedServer
 from shared.streams import ensure_groups
 
 
-def start(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+def start(
+    env: dict[str, str], *args: str, stderr: Any = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "services.cli", *args, "--metrics-port", "0"]
-    return subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(cmd, env=env, stderr=stderr)
 
 
 async def wait_for(check, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]

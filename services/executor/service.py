@@ -155,7 +155,7 @@ class Executor:
     # -- fetch ------------------------------------------------------------------------------------
     async def _fetch_loop(self, stop: asyncio.Event) -> None:
         last_reclaim = 0.0
-        idle = True
+        stale_tails = True
         while not stop.is_set():
             try:
                 free = self.config.slots - len(self.active)
@@ -163,16 +163,18 @@ class Executor:
                     self.slot_freed.clear()
                     await self.slot_freed.wait()
                     continue
-                if idle:
+                if stale_tails:
                     # Tails first, then the scan: an entry older than a tail is seen by the
                     # scan, a newer one wakes the XREAD below, so none waits for a timeout.
+                    # After a wake-up the XREAD's own ids are fresh: no tail read in that path.
                     self._wake_ids = await self._tail_ids(self._assign_streams)
+                    stale_tails = False
                 got = await self._read_assignments(free)
                 if not got and time.monotonic() - last_reclaim > 1.0:
                     last_reclaim = time.monotonic()
                     got = await self._reclaim(free)
-                idle = not got
                 if got:
+                    stale_tails = True
                     await self._claim_and_start(got)
                 else:
                     await self._wait_for_assignments()
@@ -183,9 +185,22 @@ class Executor:
                 await asyncio.sleep(0.5)
 
     async def _read_assignments(self, free: int) -> list[tuple[int, bytes, str, int]]:
-        """XREADGROUP shard by shard, in rotation, at most `free` entries in all."""
+        """XREADGROUP at most `free` entries in all: with at least one free slot per shard, from
+        every shard in one pipeline; otherwise shard by shard, woken shards first."""
         got: list[tuple[int, bytes, str, int]] = []
         n = self.keys.shards
+        if free >= n:
+            # Enough free slots to ask every shard for free // n entries in one round trip
+            # (a scan of one round trip per shard takes milliseconds in redis-py).
+            self._woken = []
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream in self._assign_streams:
+                    pipe.xreadgroup(EXECUTOR_GROUP, self.consumer, {stream: ">"}, count=free // n)
+                replies = await pipe.execute()
+            for shard, reply in enumerate(replies):
+                for _, entries in cast(StreamReply, reply or []):
+                    got += self._parse_assignments(shard, entries)
+            return got
         # Shards the last wake-up saw new entries on come first, then the rotation.
         order = [*self._woken, *((self._rotation + i) % n for i in range(n))]
         self._woken = []
