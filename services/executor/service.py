@@ -264,10 +264,15 @@ class Executor:
         for shard, entry_id, rid, attempt in items:
             by_shard.setdefault(shard, []).append((entry_id, rid, attempt))
         now = time.time() * 1000
-        for shard, triples in by_shard.items():
-            claims = await self.scripts.claim(
-                shard, self.consumer, triples, lease_ms=self.config.lease_ms
+        shards = list(by_shard)
+        replies = await asyncio.gather(
+            *(
+                self.scripts.claim(s, self.consumer, by_shard[s], lease_ms=self.config.lease_ms)
+                for s in shards
             )
+        )
+        for shard, claims in zip(shards, replies, strict=True):
+            triples = by_shard[shard]
             for (entry_id, _, _), claim in zip(triples, claims, strict=True):
                 if not claim.claimed:
                     metrics.CLAIMS_REFUSED.inc()
