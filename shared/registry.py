@@ -43,30 +43,9 @@ class WorkflowDef:
     version: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        conc = self.concurrency
-        return {
-            "id": self.id,
-            "version": self.version,
-            "events": list(self.events),
-            "concurrency": None
-            if conc is None
-            else {
-                "expression": conc.expression,
-                "max_runs": conc.max_runs,
-                "limit_strategy": Strategy(conc.limit_strategy).value,
-                "strict": conc.strict,
-            },
-            "steps": [
-                {
-                    "name": s.name,
-                    "parents": list(s.parents),
-                    "timeout": s.timeout,
-                    "retries": s.retries,
-                }
-                for s in self.steps
-            ],
-            "max_attempts": self.max_attempts,
-        }
+        return definition_body(
+            self.id, self.events, self.concurrency, self.steps, self.max_attempts, self.version
+        )
 
     def content_version(self) -> str:
         body = self.to_dict()
@@ -77,6 +56,38 @@ class WorkflowDef:
 
     def with_version(self) -> WorkflowDef:
         return self if self.version else _replace_version(self, self.content_version())
+
+
+def definition_body(
+    wid: str,
+    events: Any,
+    concurrency: Any,
+    steps: Any,
+    max_attempts: int,
+    version: str,
+) -> dict[str, Any]:
+    """The dict form of a definition, from a WorkflowDef or a code-first Workflow (both have
+    concurrency objects with expression/max_runs/limit_strategy/strict and steps with
+    name/parents/timeout/retries). Not validated: `parse` does that, naming the field."""
+    conc = concurrency
+    return {
+        "id": wid,
+        "version": version,
+        "events": list(events) if isinstance(events, list | tuple) else events,
+        "concurrency": None
+        if conc is None
+        else {
+            "expression": conc.expression,
+            "max_runs": conc.max_runs,
+            "limit_strategy": getattr(conc.limit_strategy, "value", conc.limit_strategy),
+            "strict": conc.strict,
+        },
+        "steps": [
+            {"name": s.name, "parents": list(s.parents), "timeout": s.timeout, "retries": s.retries}
+            for s in steps
+        ],
+        "max_attempts": max_attempts,
+    }
 
 
 def _replace_version(wf: WorkflowDef, version: str) -> WorkflowDef:

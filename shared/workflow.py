@@ -22,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.errors import DefinitionError
 from shared.model import Strategy
-from shared.registry import WorkflowDef, parse
+from shared.registry import WorkflowDef, definition_body, parse
 
 __all__ = ["Concurrency", "Context", "Step", "Strategy", "Workflow"]
 
@@ -136,37 +137,10 @@ class Workflow:
 
     def definition(self) -> WorkflowDef:
         """Validate; raises DefinitionError naming the bad field."""
-        conc = self.concurrency
-        body: dict[str, Any] = {
-            "id": self.id,
-            "events": list(self.on_events)
-            if isinstance(self.on_events, list | tuple)
-            else self.on_events,
-            "concurrency": None
-            if conc is None
-            else {
-                "expression": conc.expression,
-                "max_runs": conc.max_runs,
-                "limit_strategy": conc.limit_strategy.value
-                if isinstance(conc.limit_strategy, Strategy)
-                else conc.limit_strategy,
-                "strict": conc.strict,
-            },
-            "steps": [
-                {
-                    "name": s.name,
-                    "parents": list(s.parents),
-                    "timeout": s.timeout,
-                    "retries": s.retries,
-                }
-                for s in self.steps
-            ],
-            "max_attempts": self.max_attempts,
-            "version": self.version,
-        }
+        body = definition_body(
+            self.id, self.on_events, self.concurrency, self.steps, self.max_attempts, self.version
+        )
         if not self.steps:
-            from shared.errors import DefinitionError
-
             raise DefinitionError("steps", "a workflow needs at least one step")
         return parse(body)
 
