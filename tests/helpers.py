@@ -138,7 +138,12 @@ class System:
         return proc
 
     async def pipeline(
-        self, redis: Redis, keys: Keys, executors: int = 1, *executor_args: str
+        self,
+        redis: Redis,
+        keys: Keys,
+        executors: int = 1,
+        *executor_args: str,
+        expected_workflows: int = 7,
     ) -> list[subprocess.Popen[bytes]]:
         """Admission and executors, then ingress once the executors registered the workflows
         (an event published before any workflow listens to it is acknowledged, not run)."""
@@ -146,7 +151,7 @@ class System:
         procs = [self.start("executor", APP, *executor_args) for _ in range(executors)]
 
         async def registered() -> bool:
-            return int(await redis.hlen(keys.workflows_hash)) == 7
+            return int(await redis.hlen(keys.workflows_hash)) == expected_workflows
 
         await eventually(registered, timeout=30)
         self.start("ingress", "--block-ms", "100")

@@ -121,3 +121,57 @@ async def test_a_dead_letter_is_replayed_after_fixing_the_workflow(
     assert await acli(system, "dead") == [] or all(
         d["reason"] == "key_error" for d in await acli(system, "dead")
     )
+
+
+async def test_chat_scenario_only_each_users_newest_message_succeeds(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Bursts for many users: the newest run of each user succeeds, every older one is
+    cancelled, and no handler is still running after its cancel."""
+    await system.pipeline(redis, keys, 2, "--slots", "30")
+    users, burst = 12, 4
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(burst):
+            for u in range(users):
+                sleep = 0.3 if i < burst - 1 else 0.05
+                data = orjson.dumps({"userId": f"user{u}", "sleep": sleep, "text": f"m{i}"})
+                pipe.xadd(keys.events_stream, {"name": "chat.message", "data": data})
+        await pipe.execute()
+
+    async def settled() -> bool:
+        runs = await acli(system, "runs", "--workflow", "chat-reply", "--limit", "1000")
+        return len(runs) == users * burst and all(
+            r["state"] in ("SUCCEEDED", "CANCELLED") for r in runs
+        )
+
+    await eventually(settled, timeout=60)
+    runs = await acli(system, "runs", "--workflow", "chat-reply", "--limit", "1000")
+    by_user: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_user.setdefault(r["key"], []).append(r)
+    for user, mine in by_user.items():
+        mine.sort(key=lambda r: tuple(int(x) for x in r["event_id"].split("-")))
+        newest, older = mine[-1], mine[:-1]
+        assert newest["state"] == "SUCCEEDED", user
+        assert all(r["state"] == "CANCELLED" for r in older), user
+    log = [x.decode() for x in await redis.lrange(f"{keys.namespace}:test:log", 0, -1)]
+    cancelled = {x.split(":")[1] for x in log if x.startswith("cancelled:")}
+    stored = {x.split(":")[1] for x in log if x.startswith("stored:")}
+    # A handler that saw its cancel never reached its next step; only the newest were stored.
+    assert not cancelled & stored
+    assert len(stored) == users
+
+
+async def test_one_event_fans_out_to_two_workflows(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    await register(redis, keys, {"id": "chat-audit", "events": ["chat.message"]})
+    await system.pipeline(redis, keys, 1, expected_workflows=8)
+    await redis.xadd(keys.events_stream, {"name": "chat.message", "data": '{"userId":"f1"}'})
+
+    async def both() -> bool:
+        runs = await acli(system, "runs", "--key", "f1")
+        audit = await acli(system, "runs", "--workflow", "chat-audit")
+        return [r["state"] for r in runs] == ["SUCCEEDED"] and len(audit) == 1
+
+    await eventually(both, timeout=30)
