@@ -1,13 +1,58 @@
-"""Prometheus helpers: every service serves the default registry on its own port."""
+"""Prometheus and probes: every service serves /metrics, /healthz and /readyz on its own port.
+
+/healthz answers 200 while the process runs; /readyz answers 200 once the service is connected
+to Redis with its scripts loaded, and 503 while its last Redis call failed.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import start_http_server
+import threading
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import MetricsHandler
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
+READY = threading.Event()
+
+
+def set_ready(ready: bool) -> None:
+    """Services call this: True after start-up, False while Redis calls fail."""
+    if ready:
+        READY.set()
+    else:
+        READY.clear()
+
+
+class _Handler(MetricsHandler):
+    registry = REGISTRY
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/healthz":
+            self._plain(200, b"ok\n")
+        elif path == "/readyz":
+            self._plain(200, b"ready\n") if READY.is_set() else self._plain(503, b"not ready\n")
+        else:
+            super().do_GET()
+
+    def _plain(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
 
 def serve(port: int | None) -> None:
-    """Serve /metrics on `port` (0 or None: do not serve)."""
-    if port:
-        start_http_server(port, addr="0.0.0.0")
+    """Serve /metrics, /healthz and /readyz on `port` in a daemon thread (0/None: do not)."""
+    if not port:
+        return
+    server = ThreadingHTTPServer(("0.0.0.0", port), _Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()

@@ -195,6 +195,8 @@ async def test_sigterm_stops_cleanly_and_metrics_are_served(
         await eventually(lambda: _states_are(redis, keys, ["A"], [(shard, req)]))
         body = await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics")
         assert 'supersede_admission_requests_total{outcome="created"} 1.0' in body
+        assert await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/healthz") == "ok\n"
+        assert await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/readyz") == "ready\n"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:

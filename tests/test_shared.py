@@ -145,3 +145,28 @@ def test_the_request_packer_writes_the_same_map_as_pack_request(
         strict, attempts, payload,
     )  # fmt: skip
     assert codec.unpack(packer.pack(*args)) == codec.unpack(expected)
+
+
+def test_readyz_follows_the_ready_flag() -> None:
+    import urllib.error
+    import urllib.request
+
+    from shared import metrics
+    from shared.server import free_port
+
+    port = free_port()
+    metrics.serve(port)
+    metrics.set_ready(False)
+    url = f"http://127.0.0.1:{port}"
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{url}/readyz", timeout=5)
+    assert info.value.code == 503
+    info.value.close()
+    metrics.set_ready(True)
+    with urllib.request.urlopen(f"{url}/readyz", timeout=5) as resp:
+        assert resp.status == 200
+    with urllib.request.urlopen(f"{url}/healthz", timeout=5) as resp:
+        assert resp.read() == b"ok\n"
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        assert b"python_info" in resp.read()
+    metrics.set_ready(False)

@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.admission import metrics
+from shared import metrics as shared_metrics
 from shared.config import Settings, connect, pin_shard_count
 from shared.errors import ScriptError
 from shared.scripts import Scripts
@@ -69,6 +70,7 @@ class Admission:
         await ensure_groups(self.redis, self.keys)
         await self.scripts.load()
         self.ready = True
+        shared_metrics.set_ready(True)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
@@ -87,7 +89,9 @@ class Admission:
                     )
                     if reply:
                         await self.handle(cast(list[tuple[bytes, list[Entry]]], reply))
+                    shared_metrics.set_ready(True)
                 except (RedisError, OSError, ScriptError):
+                    shared_metrics.set_ready(False)
                     # Entries of a failed batch stay pending and are taken over by the timer.
                     log.exception("batch failed; retrying")
                     await asyncio.sleep(0.5)

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 
 from services.executor import metrics
 from shared import codec
+from shared import metrics as shared_metrics
 from shared.config import Settings, connect, pin_shard_count
 from shared.model import Outcome, RunResult
 from shared.registry import register
@@ -117,6 +118,7 @@ class Executor:
             await register(self.redis, self.keys, wf)
         metrics.SLOTS.set(self.config.slots)
         self.ready = True
+        shared_metrics.set_ready(True)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
@@ -173,6 +175,7 @@ class Executor:
                 if not got and time.monotonic() - last_reclaim > 1.0:
                     last_reclaim = time.monotonic()
                     got = await self._reclaim(free)
+                shared_metrics.set_ready(True)
                 if got:
                     stale_tails = True
                     await self._claim_and_start(got)
@@ -181,6 +184,7 @@ class Executor:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                shared_metrics.set_ready(False)
                 log.exception("fetch iteration failed")
                 await asyncio.sleep(0.5)
 

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from services.ingress import metrics
 from shared import codec
+from shared import metrics as shared_metrics
 from shared.config import Settings, connect, pin_shard_count
 from shared.errors import KeyExpressionError
 from shared.keyexpr import KeyFn, compile_key
@@ -201,6 +202,7 @@ class Ingress:
         await self.scripts.load()
         await self.refresh()
         self.ready = True
+        shared_metrics.set_ready(True)
 
     async def refresh(self) -> None:
         """Reload the registry when its epoch moved (a cheap GET otherwise)."""
@@ -239,7 +241,9 @@ class Ingress:
                             if writing:
                                 await writing
                             writing = asyncio.create_task(self.write(batch))
+                    shared_metrics.set_ready(True)
                 except (RedisError, OSError):
+                    shared_metrics.set_ready(False)
                     # A failed batch stays pending and is taken over by the timer (XAUTOCLAIM).
                     log.exception("batch failed; retrying")
                     writing = None
