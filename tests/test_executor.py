@@ -283,3 +283,20 @@ async def test_a_burst_of_runs_ending_together_is_reported_without_loss(
         await pipe.execute()
     await eventually(lambda: _all(redis, keys, 300, "S"), timeout=60)
     assert {r["a"] for r in (await records(redis, keys)).values()} == {1}
+
+
+async def test_a_malformed_assignment_is_acknowledged_and_the_next_one_runs(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    await system.pipeline(redis, keys, 1)
+    for sk in keys.all_shards():
+        await redis.xadd(sk.assignments_stream, {"garbage": "1"})
+    await publish(redis, keys, "work.item")
+    await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
+
+    async def all_acked() -> bool:
+        pending = [int((await redis.xpending(sk.assignments_stream, "executors"))["pending"])
+                   for sk in keys.all_shards()]  # fmt: skip
+        return sum(pending) == 0
+
+    await eventually(all_acked, timeout=10)

@@ -101,6 +101,7 @@ class Executor:
         self._assign_streams = [sk.assignments_stream for sk in self.keys.all_shards()]
         self._rotation = 0
         self._woken: list[int] = []
+        self._malformed: list[tuple[int, bytes]] = []
         self._shard_of_stream = {name: i for i, name in enumerate(self._assign_streams)}
         self._wake_ids: dict[str, str] = {}
         # Cancels that arrived before their run was registered here (the claim reply and the
@@ -175,6 +176,8 @@ class Executor:
                 if not got and time.monotonic() - last_reclaim > 1.0:
                     last_reclaim = time.monotonic()
                     got = await self._reclaim(free)
+                if self._malformed:
+                    await self._ack_malformed()
                 shared_metrics.set_ready(True)
                 if got:
                     stale_tails = True
@@ -228,15 +231,27 @@ class Executor:
         self._rotation = (self._rotation + 1) % n
         return got
 
-    @staticmethod
     def _parse_assignments(
-        shard: int, entries: Sequence[tuple[bytes, dict[bytes, bytes]]]
+        self, shard: int, entries: Sequence[tuple[bytes, dict[bytes, bytes]]]
     ) -> list[tuple[int, bytes, str, int]]:
+        """(shard, entry id, run id, attempt); an entry that is not an assignment is noted
+        for acknowledgement, so it cannot come back through XAUTOCLAIM forever."""
         out = []
         for entry_id, fields in entries:
-            if fields and b"id" in fields and b"a" in fields:
+            try:
                 out.append((shard, entry_id, fields[b"id"].decode(), int(fields[b"a"])))
+            except (KeyError, ValueError, TypeError, UnicodeDecodeError):
+                self._malformed.append((shard, entry_id))
         return out
+
+    async def _ack_malformed(self) -> None:
+        bad, self._malformed = self._malformed, []
+        for shard, entry_id in bad:
+            log.error(
+                "malformed assignment acknowledged",
+                extra={"shard": shard, "entry": entry_id.decode()},
+            )
+            await self.redis.xack(self._assign_streams[shard], EXECUTOR_GROUP, entry_id)
 
     async def _wait_for_assignments(self) -> None:
         """XREAD BLOCK over every assignment stream: wakes on any new entry, consumes nothing."""
