@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from shared.metrics import LATENCY_BUCKETS
 
@@ -35,4 +35,11 @@ BATCH_SECONDS = Histogram(
     "Duration of one script call, by op (admit, finish, reap).",
     ["op"],
     buckets=LATENCY_BUCKETS,
+)
+QUEUED = Gauge("supersede_admission_queued_runs", "Runs waiting for a slot (all shards).")
+ACTIVE = Gauge("supersede_admission_active_runs", "Runs ASSIGNED or RUNNING (all shards).")
+STREAM_LAG = Gauge(
+    "supersede_admission_stream_lag",
+    "Entries unread or unacknowledged, by stream (requests, results, assignments).",
+    ["stream"],
 )

@@ -25,7 +25,7 @@ from shared import metrics as shared_metrics
 from shared.config import Settings, connect, pin_shard_count
 from shared.errors import ScriptError
 from shared.scripts import Scripts
-from shared.streams import ADMISSION_GROUP, consumer_name, ensure_groups
+from shared.streams import ADMISSION_GROUP, EXECUTOR_GROUP, consumer_name, ensure_groups
 
 log = logging.getLogger("supersede.admission")
 
@@ -176,16 +176,49 @@ class Admission:
 
     async def _timer_loop(self, stop: asyncio.Event) -> None:
         """Reap expired leases and take over stale pending entries; one failure never stops it."""
+        last_gauges = 0.0
         while not stop.is_set():
             try:
                 await self.reap_all()
                 await self.reclaim_all()
+                if time.monotonic() - last_gauges > 1.0:
+                    last_gauges = time.monotonic()
+                    await self.update_gauges()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("timer iteration failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.reap_interval)
+
+    async def update_gauges(self) -> None:
+        """Queued and active runs, and the backlog of each stream kind, in one pipeline."""
+        kinds = (
+            ("requests", ADMISSION_GROUP),
+            ("results", ADMISSION_GROUP),
+            ("assignments", EXECUTOR_GROUP),
+        )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sk in self.keys.all_shards():
+                pipe.zcard(sk.queue_zset)
+                pipe.zcard(sk.active_zset)
+                for kind, _ in kinds:
+                    pipe.xinfo_groups(getattr(sk, f"{kind}_stream"))
+            replies = await pipe.execute(raise_on_error=False)
+        queued = active = 0
+        lag = dict.fromkeys((k for k, _ in kinds), 0)
+        per_shard = 2 + len(kinds)
+        for i in range(0, len(replies), per_shard):
+            queued += int(replies[i]) if isinstance(replies[i], int) else 0
+            active += int(replies[i + 1]) if isinstance(replies[i + 1], int) else 0
+            for (kind, group), groups in zip(kinds, replies[i + 2 : i + per_shard], strict=True):
+                for g in groups if isinstance(groups, list) else []:
+                    if g["name"] == group.encode():
+                        lag[kind] += int(g["pending"]) + int(g.get("lag") or 0)
+        metrics.QUEUED.set(queued)
+        metrics.ACTIVE.set(active)
+        for kind, value in lag.items():
+            metrics.STREAM_LAG.labels(kind).set(value)
 
     async def reap_all(self) -> None:
         async def one(shard: int) -> None:
