@@ -137,6 +137,12 @@ class System:
         self.procs.append(proc)
         return proc
 
+    def start_with_port(self, service: str, port: int, *args: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "services.cli", service, *args, "--metrics-port", str(port)]
+        proc = subprocess.Popen(cmd, env=self.env, stderr=self.stderr)
+        self.procs.append(proc)
+        return proc
+
     async def pipeline(
         self,
         redis: Redis,

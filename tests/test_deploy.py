@@ -1,0 +1,121 @@
+"""deploy/: the dashboard and alert rules use metrics the services really expose; promtool
+accepts the rules and the config; a real Prometheus scrapes the three services."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from shared.keys import Keys
+from shared.server import free_port
+from tests.helpers import System, eventually
+from tests.test_metrics_catalogue import exposed
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+SUFFIXES = ("_bucket", "_sum", "_count")
+PROMTOOL = shutil.which("promtool")
+PROMETHEUS = shutil.which("prometheus")
+NO_PROMETHEUS = (
+    "promtool/prometheus not installed (Debian package `prometheus`; .ci/run installs it)"
+)
+
+
+def names_in(text: str) -> set[str]:
+    found = set(re.findall(r"supersede_[a-z_]+", text))
+    out = set()
+    for name in found:
+        for suffix in SUFFIXES:
+            if name.endswith(suffix) and name[: -len(suffix)] in exposed():
+                name = name[: -len(suffix)]
+        out.add(name)
+    return out
+
+
+def test_dashboard_and_alerts_use_only_exposed_metrics() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "supersede-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    alerts = (DEPLOY / "prometheus" / "alerts.yml").read_text()
+    used = names_in(exprs) | names_in(alerts)
+    assert used and used <= set(exposed()), used - set(exposed())
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason=NO_PROMETHEUS)
+def test_promtool_accepts_the_rules_and_the_config() -> None:
+    for args in (["check", "rules", "alerts.yml"], ["check", "config", "prometheus.yml"]):
+        proc = subprocess.run([PROMTOOL, *args], cwd=DEPLOY / "prometheus", capture_output=True)
+        assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason=NO_PROMETHEUS)
+async def test_a_real_prometheus_scrapes_the_three_services(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    system = System(redis_url, keys)
+    ports = {"ingress": free_port(), "admission": free_port(), "executor": free_port()}
+    prom_port = free_port()
+    workdir = tempfile.mkdtemp(prefix="supersede-prom-")
+    config = Path(workdir) / "prometheus.yml"
+    targets = ", ".join(f'"127.0.0.1:{p}"' for p in ports.values())
+    config.write_text(
+        "global: {scrape_interval: 1s}\n"
+        "scrape_configs:\n  - job_name: supersede\n"
+        f"    static_configs: [{{targets: [{targets}]}}]\n"
+    )
+    prom = None
+    try:
+        system.start_with_port("admission", ports["admission"])
+        system.start_with_port("executor", ports["executor"], "tests.apps.demo")
+
+        async def registered() -> bool:
+            return int(await redis.hlen(keys.workflows_hash)) == 7
+
+        await eventually(registered, timeout=30)
+        system.start_with_port("ingress", ports["ingress"])
+        prom = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir}/data",
+             f"--web.listen-address=127.0.0.1:{prom_port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for i in range(20):
+            await redis.xadd(keys.events_stream, {"name": "work.item", "data": f'{{"i": {i}}}'})
+
+        def query(expr: str) -> list[dict[str, object]]:
+            url = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode(
+                {"query": expr}
+            )
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    return list(json.loads(resp.read())["data"]["result"])
+            except OSError:
+                return []
+
+        async def value(expr: str) -> float:
+            result = await asyncio.to_thread(query, expr)
+            return float(result[0]["value"][1]) if result else 0.0
+
+        async def scraped() -> bool:
+            finished = 'sum(supersede_executor_runs_finished_total{outcome="succeeded"})'
+            return (
+                await value('count(up{job="supersede"} == 1)') == 3
+                and await value(finished) >= 20
+                and await value("sum(supersede_ingress_runs_requested_total)") >= 20
+                and await value("sum(supersede_admission_requests_total)") >= 20
+            )
+
+        await eventually(scraped, timeout=60)
+    finally:
+        if prom:
+            prom.kill()
+            prom.wait(10)
+        system.close()
+        shutil.rmtree(workdir, ignore_errors=True)
