@@ -119,3 +119,35 @@ async def test_a_real_prometheus_scrapes_the_three_services(
             prom.wait(10)
         system.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_compose_and_manifests_reference_what_the_services_really_use() -> None:
+    from services.cli import build_parser
+    from shared.keys import Keys
+    from shared.streams import EXECUTOR_GROUP
+
+    parser = build_parser()
+    defaults = {
+        name: parser.parse_args([name, *(["m"] if name == "executor" else [])]).metrics_port
+        for name in ("ingress", "admission", "executor")
+    }
+    compose = (DEPLOY / "docker-compose.yml").read_text()
+    k8s = (DEPLOY / "k8s" / "deployments.yaml").read_text()
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    for text in (compose, k8s):
+        assert "image: supersede:latest" in text
+        for env in ("SUPERSEDE_REDIS_URL", "SUPERSEDE_NAMESPACE", "SUPERSEDE_SHARDS"):
+            assert env in text
+        for service, port in defaults.items():
+            assert f'"{service}"' in text and str(port) in text
+    for port in defaults.values():
+        assert (
+            str(port) in dockerfile
+            and str(port) in (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+        )
+    assert 'ENTRYPOINT ["supersede"]' in dockerfile and "USER supersede" in dockerfile
+    assert "/healthz" in k8s and "/readyz" in k8s
+    keda = (DEPLOY / "k8s" / "keda-executor.yaml").read_text()
+    for sk in Keys("supersede", 16).all_shards():
+        assert f'stream: "{sk.assignments_stream}"' in keda
+    assert f"consumerGroup: {EXECUTOR_GROUP}" in keda
