@@ -13,7 +13,8 @@
     KEYS[7]  assignments stream
     KEYS[8]  control stream
     KEYS[9]  inputs hash        run id -> input
-    KEYS[10] requests stream    the stream the batch was read from (XACKed)
+    KEYS[10] queued hash        workflow id -> QUEUED runs (queue depth)
+    KEYS[11] requests stream    the stream the batch was read from (XACKed)
     ARGV[1]  now in ms, or 0 for the server clock
     ARGV[2]  approximate MAXLEN of the streams written
     ARGV[3]  consumer group of the requests stream
@@ -32,7 +33,7 @@
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local inputsKey, requestsKey = KEYS[9], KEYS[10]
+local inputsKey, queuedKey, requestsKey = KEYS[9], KEYS[10], KEYS[11]
 
 -- @include now
 -- @include runs

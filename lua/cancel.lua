@@ -5,7 +5,7 @@
   they are.
 
   Input:
-    KEYS[1..9]  the shard state keys, as in admit.lua
+    KEYS[1..10] the shard state keys, as in admit.lua
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     approximate MAXLEN of the streams written
     ARGV[3]     reason recorded on the runs (e.g. 'manual')
@@ -21,7 +21,7 @@
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local inputsKey = KEYS[9]
+local inputsKey, queuedKey = KEYS[9], KEYS[10]
 
 -- @include now
 -- @include runs

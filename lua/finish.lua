@@ -5,8 +5,8 @@
   results of cancelled runs are discarded.
 
   Input:
-    KEYS[1..9]  the shard state keys, as in admit.lua
-    KEYS[10]    results stream (XACKed)
+    KEYS[1..10] the shard state keys, as in admit.lua
+    KEYS[11]    results stream (XACKed)
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     approximate MAXLEN of the streams written
     ARGV[3]     consumer group of the results stream
@@ -23,7 +23,7 @@
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local inputsKey, resultsKey = KEYS[9], KEYS[10]
+local inputsKey, queuedKey, resultsKey = KEYS[9], KEYS[10], KEYS[11]
 
 -- @include now
 -- @include runs

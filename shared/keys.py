@@ -78,6 +78,11 @@ class ShardKeys:
         return f"{self.tag}:terminal"
 
     @property
+    def queued_hash(self) -> str:
+        """workflow id -> QUEUED runs of that workflow in this shard (the queue depth gauge)."""
+        return f"{self.tag}:queued"
+
+    @property
     def seen_zset(self) -> str:
         """Run ids requested by ingress, scored by time: de-duplication within the window."""
         return f"{self.tag}:seen"
@@ -94,6 +99,7 @@ class ShardKeys:
             self.assignments_stream,
             self.control_stream,
             self.inputs_hash,
+            self.queued_hash,
         ]
 
 

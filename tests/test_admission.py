@@ -277,3 +277,22 @@ async def test_the_service_survives_a_server_restart(keys: Keys) -> None:
         await asyncio.wait_for(task, 10)
         await redis.aclose()
         server.stop()
+
+
+async def test_gauges_report_queue_depth_per_workflow_active_runs_and_lag(
+    redis: Redis, keys: Keys, service: Admission
+) -> None:
+    from services.admission import metrics
+
+    reqs = [
+        make_request(keys, workflow="gauged", event=f"e{i}", seq=i,
+                     strategy=Strategy.GROUP_ROUND_ROBIN)
+        for i in range(3)
+    ]  # fmt: skip
+    for shard, req in reqs:
+        await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
+    await eventually(lambda: _states_are(redis, keys, ["A", "Q", "Q"], reqs))
+    await service.update_gauges()
+    assert metrics.QUEUED.labels("gauged")._value.get() == 2
+    assert metrics.ACTIVE._value.get() == 1
+    assert metrics.STREAM_LAG.labels("assignments")._value.get() == 1  # nobody read it yet

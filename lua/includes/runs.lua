@@ -1,7 +1,7 @@
 --[[
   Run records, slot counters and end-of-run bookkeeping, cached for the length of one script
   call and written once at its end (each redis.call costs about as much as the Lua around it).
-  Needs the locals runsKey, slotsKey, terminalKey, inputsKey.
+  Needs the locals runsKey, slotsKey, terminalKey, inputsKey, queuedKey.
   A record is a msgpack map: st state, g group, s sequence, w workflow, v version, k key,
   ev event id, mx max_runs, sg strategy code, sx strict (0/1), a attempt, m max attempts,
   e executor, h (1: a CANCELLING run still holds its slot), t0..t3 created/assigned/claimed/
@@ -10,6 +10,13 @@
 local runCache, runDirty = {}, {}
 local slotCache, slotDirty = {}, {}
 local endedArgs, droppedInputs = {}, {}
+local depthDelta, depthOrder = {}, {}
+
+-- Counts a run entering (+1) or leaving (-1) the queue, per workflow, written at flush.
+local function queueDepth(workflow, delta)
+  if depthDelta[workflow] == nil then depthOrder[#depthOrder + 1] = workflow; depthDelta[workflow] = 0 end
+  depthDelta[workflow] = depthDelta[workflow] + delta
+end
 
 local function loadRun(rid)
   local rec = runCache[rid]
@@ -92,4 +99,10 @@ local function flushRuns()
   callChunked('HDEL', slotsKey, del, 1000)
   callChunked('ZADD', terminalKey, endedArgs, 1000)
   callChunked('HDEL', inputsKey, droppedInputs, 1000)
+  for i = 1, #depthOrder do
+    local w = depthOrder[i]
+    if depthDelta[w] ~= 0 and rcall('HINCRBY', queuedKey, w, depthDelta[w]) <= 0 then
+      rcall('HDEL', queuedKey, w)
+    end
+  end
 end

@@ -68,16 +68,23 @@ end
 
 -- p: { m = member, stored = true when it is in the queue zset }
 local function cancelPending(p, why, by)
-  if p.stored then rcall('ZREM', queueKey, p.m) end
   local rid = ridOf(p.m)
-  endRun(rid, loadRun(rid), 'C', why, by)
+  local rec = loadRun(rid)
+  if p.stored then
+    rcall('ZREM', queueKey, p.m)
+    queueDepth(rec.w, -1)
+  end
+  endRun(rid, rec, 'C', why, by)
 end
 
 local function startPending(p)
   local rid = ridOf(p.m)
-  if p.stored then rcall('ZREM', queueKey, p.m) end
-  rcall('ZADD', activeKey, 0, p.m)
   local rec = loadRun(rid)
+  if p.stored then
+    rcall('ZREM', queueKey, p.m)
+    queueDepth(rec.w, -1)
+  end
+  rcall('ZADD', activeKey, 0, p.m)
   addSlots(rec.g, 1)
   assignRun(rid, rec)
 end
@@ -115,6 +122,7 @@ local function fillFrom(g, mx, pending, first)
       free = free - 1
     elseif not p.stored then
       rcall('ZADD', queueKey, 0, p.m)
+      queueDepth(loadRun(ridOf(p.m)).w, 1)
     end
   end
 end

@@ -36,7 +36,9 @@ BATCH_SECONDS = Histogram(
     ["op"],
     buckets=LATENCY_BUCKETS,
 )
-QUEUED = Gauge("supersede_admission_queued_runs", "Runs waiting for a slot (all shards).")
+QUEUED = Gauge(
+    "supersede_admission_queued_runs", "Runs waiting for a slot, by workflow.", ["workflow"]
+)
 ACTIVE = Gauge("supersede_admission_active_runs", "Runs ASSIGNED or RUNNING (all shards).")
 STREAM_LAG = Gauge(
     "supersede_admission_stream_lag",

@@ -58,6 +58,7 @@ class Admission:
         self.consumer = consumer or consumer_name("admission")
         self.scripts = Scripts(redis, self.keys, stream_maxlen=self.config.stream_maxlen)
         self.ready = False
+        self._gauged_workflows: set[str] = set()
         # stream name -> (shard, kind) for every stream this service reads
         self._streams: dict[bytes, tuple[int, str]] = {}
         for sk in self.keys.all_shards():
@@ -192,7 +193,7 @@ class Admission:
                 await asyncio.wait_for(stop.wait(), self.config.reap_interval)
 
     async def update_gauges(self) -> None:
-        """Queued and active runs, and the backlog of each stream kind, in one pipeline."""
+        """Queued runs per workflow, active runs, and the backlog of each stream kind."""
         kinds = (
             ("requests", ADMISSION_GROUP),
             ("results", ADMISSION_GROUP),
@@ -200,22 +201,29 @@ class Admission:
         )
         async with self.redis.pipeline(transaction=False) as pipe:
             for sk in self.keys.all_shards():
-                pipe.zcard(sk.queue_zset)
+                pipe.hgetall(sk.queued_hash)
                 pipe.zcard(sk.active_zset)
                 for kind, _ in kinds:
                     pipe.xinfo_groups(getattr(sk, f"{kind}_stream"))
             replies = await pipe.execute(raise_on_error=False)
-        queued = active = 0
+        queued: dict[str, int] = {}
+        active = 0
         lag = dict.fromkeys((k for k, _ in kinds), 0)
         per_shard = 2 + len(kinds)
         for i in range(0, len(replies), per_shard):
-            queued += int(replies[i]) if isinstance(replies[i], int) else 0
+            depth = replies[i] if isinstance(replies[i], dict) else {}
+            for workflow, n in depth.items():
+                queued[workflow.decode()] = queued.get(workflow.decode(), 0) + int(n)
             active += int(replies[i + 1]) if isinstance(replies[i + 1], int) else 0
             for (kind, group), groups in zip(kinds, replies[i + 2 : i + per_shard], strict=True):
                 for g in groups if isinstance(groups, list) else []:
                     if g["name"] == group.encode():
                         lag[kind] += int(g["pending"]) + int(g.get("lag") or 0)
-        metrics.QUEUED.set(queued)
+        for workflow in self._gauged_workflows - set(queued):
+            metrics.QUEUED.labels(workflow).set(0)
+        for workflow, n in queued.items():
+            metrics.QUEUED.labels(workflow).set(n)
+        self._gauged_workflows |= set(queued)
         metrics.ACTIVE.set(active)
         for kind, value in lag.items():
             metrics.STREAM_LAG.labels(kind).set(value)
