@@ -54,6 +54,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class EmbeddedServer:
     """A server process on a free loopback port with its data in a temporary folder."""
 
@@ -62,6 +77,7 @@ class EmbeddedServer:
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="supersede-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_args: list[str] = []
 
     @property
     def url(self) -> str:
@@ -77,6 +93,7 @@ class EmbeddedServer:
             "--appendonly", "no",
             "--protected-mode", "no",
             "--logfile", str(Path(self.dir) / "server.log"),
+            *self.extra_args,
         ]  # fmt: skip
         env = {**os.environ, "LC_ALL": "C"}
         self.proc = subprocess.Popen(
@@ -112,3 +129,64 @@ class EmbeddedServer:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def find_cli_binary(server_binary: str) -> str:
+    """The CLI next to the server binary (redis-cli or valkey-cli), else redis-cli on PATH."""
+    base = Path(server_binary).parent
+    for name in ("redis-cli", "valkey-cli"):
+        if (base / name).is_file():
+            return str(base / name)
+    found = shutil.which("redis-cli") or shutil.which("valkey-cli")
+    if not found:
+        raise FileNotFoundError("no redis-cli or valkey-cli to create a cluster with")
+    return found
+
+
+class EmbeddedCluster:
+    """A real cluster of `masters` cluster-enabled servers on loopback ports (no replicas)."""
+
+    def __init__(self, masters: int = 3, binary: str | None = None) -> None:
+        self.binary = binary or find_server_binary()
+        self.nodes = [EmbeddedServer(self.binary, port=free_cluster_port()) for _ in range(masters)]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self, timeout: float = 30.0) -> EmbeddedCluster:
+        for node in self.nodes:
+            conf = str(Path(node.dir) / "nodes.conf")
+            node.extra_args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "5000",
+                               "--cluster-config-file", conf]  # fmt: skip
+            node.start()
+        cli = find_cli_binary(self.binary)
+        addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            client = redis.Redis(port=node.port)
+            try:
+                while not self._settled(client):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("cluster did not reach state ok")
+                    time.sleep(0.05)
+            finally:
+                client.close()
+        return self
+
+    def _settled(self, client: redis.Redis) -> bool:
+        """State ok, and this node maps all 16384 slots to the masters that own them."""
+        if b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):  # type: ignore[no-untyped-call]
+            return False
+        ranges = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+        covered = sum(int(r[1]) - int(r[0]) + 1 for r in ranges)
+        owners = {int(r[2][1]) for r in ranges}
+        return covered == 16384 and owners == {n.port for n in self.nodes}
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 
 from shared.keys import Keys
 from shared.scripts import Scripts
-from shared.server import EmbeddedServer
+from shared.server import EmbeddedCluster, EmbeddedServer
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +17,17 @@ def redis_server() -> Iterator[EmbeddedServer]:
     server = EmbeddedServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[EmbeddedCluster]:
+    """A real 3-master cluster on loopback ports, started once per session on first use."""
+    try:
+        cluster = EmbeddedCluster(3).start()
+    except (FileNotFoundError, OSError) as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"NO CLUSTER TESTS: cannot start a cluster here ({exc})")
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

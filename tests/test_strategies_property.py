@@ -12,6 +12,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -23,6 +24,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from shared import codec
 from shared.keys import Keys
@@ -38,11 +40,14 @@ EXECUTORS = ("e1", "e2")
 
 class StrategyMachine(RuleBasedStateMachine):
     url: str = ""
+    cluster: bool = False
 
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.redis = Redis.from_url(self.url)
+        self.redis: Any = (
+            RedisCluster.from_url(self.url) if self.cluster else Redis.from_url(self.url)
+        )
         self.keys = Keys(f"prop{uuid.uuid4().hex[:12]}", 2)
         self.scripts = Scripts(self.redis, self.keys)
         self.model = Model(LEASE_MS)
@@ -241,8 +246,15 @@ class StrategyMachine(RuleBasedStateMachine):
         assert leases == {rid for rid, r in stored.items() if r["st"] in ("R", "X")}
 
 
-def test_scripts_match_reference_model(redis_url: str) -> None:
-    StrategyMachine.url = redis_url
+@pytest.mark.parametrize("backend", ["single", "cluster"])
+def test_scripts_match_reference_model(backend: str, request: pytest.FixtureRequest) -> None:
+    """The same state machine on one server and on a real 3-master cluster."""
+    if backend == "cluster":
+        StrategyMachine.url = request.getfixturevalue("redis_cluster").url
+        StrategyMachine.cluster = True
+    else:
+        StrategyMachine.url = request.getfixturevalue("redis_url")
+        StrategyMachine.cluster = False
     run_state_machine_as_test(
         StrategyMachine,
         settings=settings(
