@@ -151,3 +151,41 @@ def test_compose_and_manifests_reference_what_the_services_really_use() -> None:
     for sk in Keys("supersede", 16).all_shards():
         assert f'stream: "{sk.assignments_stream}"' in keda
     assert f"consumerGroup: {EXECUTOR_GROUP}" in keda
+
+
+def test_compose_manifests_and_prometheus_files_parse() -> None:
+    import yaml
+
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert set(compose["services"]) == {
+        "redis",
+        "ingress",
+        "admission",
+        "executor",
+        "prometheus",
+        "grafana",
+    }
+    assert "--appendonly" in compose["services"]["redis"]["command"]
+    assert compose["services"]["executor"]["deploy"]["replicas"] == 3
+    for service in ("ingress", "admission", "executor"):
+        assert compose["services"][service]["image"] == "supersede:latest"
+        assert compose["services"][service]["environment"]["SUPERSEDE_REDIS_URL"].startswith(
+            "redis://"
+        )
+    kinds = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            kinds.append(doc["kind"])
+            if doc["kind"] == "Deployment":
+                [container] = doc["spec"]["template"]["spec"]["containers"]
+                assert container["image"] == "supersede:latest"
+                assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+                assert container["resources"]["requests"]["cpu"]
+            if doc["kind"] == "ScaledObject":
+                assert len(doc["spec"]["triggers"]) == 16
+                assert {t["type"] for t in doc["spec"]["triggers"]} == {"redis-streams"}
+    assert kinds.count("Deployment") == 3 and "PodMonitor" in kinds and "ScaledObject" in kinds
+    for path in (DEPLOY / "grafana" / "provisioning").rglob("*.yml"):
+        assert yaml.safe_load(path.read_text())["apiVersion"] == 1
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    assert len(rules["groups"][0]["rules"]) >= 6
