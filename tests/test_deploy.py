@@ -113,6 +113,18 @@ async def test_a_real_prometheus_scrapes_the_three_services(
             )
 
         await eventually(scraped, timeout=60)
+        # The names the dashboard and the alerts use, against what the three services expose
+        # after this short end-to-end run (their own /metrics, exposition format parsed).
+        from tests.helpers import scrape
+
+        live: set[str] = set()
+        for port in ports.values():
+            body = await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics")
+            live |= set(re.findall(r"^# TYPE (supersede_\S+) \S+$", body, re.MULTILINE))
+        dashboard = json.loads((DEPLOY / "grafana" / "supersede-dashboard.json").read_text())
+        exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+        used = names_in(exprs) | names_in((DEPLOY / "prometheus" / "alerts.yml").read_text())
+        assert used <= live, used - live
     finally:
         if prom:
             prom.kill()
