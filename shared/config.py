@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 
 from shared.errors import ConfigError
 from shared.keys import Keys
@@ -50,12 +52,24 @@ class Settings:
         return Keys(self.namespace, self.shards)
 
 
+CLUSTER_SCHEME = "redis+cluster://"
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEME)
+
+
 def connect(url: str, max_connections: int = 64) -> Redis:
     """A client whose pool waits for a free connection instead of failing.
 
     Under load many coroutines issue commands at once; redis-py's default pool raises
     MaxConnectionsError past its limit, which would drop a run's result on the floor.
+    A `redis+cluster://host:port` URL gives redis-py's cluster client (any node as seed); it
+    offers the commands the services use, so it is typed as `Redis` for them.
     """
+    if is_cluster_url(url):
+        seed = "redis://" + url[len(CLUSTER_SCHEME) :]
+        return cast(Redis, RedisCluster.from_url(seed, max_connections=max_connections))
     pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30)
     return Redis(connection_pool=pool)
 

@@ -31,3 +31,55 @@ async def test_keys_of_one_shard_share_a_node_and_shards_spread_over_the_masters
         assert result.created == 1 and result.assigned == 1
     finally:
         await client.aclose()
+
+
+async def test_admission_runs_on_the_cluster(redis_cluster: EmbeddedCluster) -> None:
+    import asyncio
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import eventually
+
+    keys = Keys("clusteradm", 16)
+    url = f"redis+cluster://127.0.0.1:{redis_cluster.nodes[0].port}"
+    env = {**os.environ, "SUPERSEDE_REDIS_URL": url, "SUPERSEDE_NAMESPACE": keys.namespace,
+           "SUPERSEDE_SHARDS": "16"}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "admission", "--metrics-port", "0",
+         "--block-ms", "100"],
+        env=env, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = RedisCluster.from_url(redis_cluster.url)
+    try:
+
+        async def groups_ready() -> bool:
+            stream = keys.shard(15).requests_stream
+            return bool(await client.exists(stream)) and bool(await client.xinfo_groups(stream))
+
+        await eventually(groups_ready, timeout=30)
+        reqs = [make_request(keys, event=f"e{i}", seq=i, key=f"user{i % 8}") for i in range(40)]
+        for shard, req in reqs:
+            await client.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
+
+        async def all_admitted() -> bool:
+            total = sum([await client.hlen(sk.runs_hash) for sk in keys.all_shards()])
+            return total == len(reqs)
+
+        await eventually(all_admitted, timeout=30)
+        from shared import codec
+
+        states = {}
+        for shard, req in reqs:
+            states[req.run_id] = codec.unpack(
+                await client.hget(keys.shard(shard).runs_hash, req.run_id)
+            )["st"]
+        # CANCEL_IN_PROGRESS, max_runs=1, 8 users x 5 events: each user's newest is assigned
+        assert sorted(states.values()) == ["A"] * 8 + ["C"] * 32
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 10) == 0
+    finally:
+        proc.kill()
+        proc.wait(5)
+        await client.aclose()

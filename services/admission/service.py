@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from services.admission import metrics
@@ -78,28 +79,44 @@ class Admission:
         log.info("admission started", extra={"consumer": self.consumer})
         timer = asyncio.create_task(self._timer_loop(stop))
         try:
-            streams = {name: ">" for name in self._streams}
-            while not stop.is_set():
-                try:
-                    reply = await self.redis.xreadgroup(
-                        ADMISSION_GROUP,
-                        self.consumer,
-                        streams,  # type: ignore[arg-type]
-                        count=self.config.batch,
-                        block=self.config.block_ms,
+            if isinstance(self.redis, RedisCluster):
+                # A cluster refuses one read over the streams of many slots: one reader per
+                # shard, over the shard's requests and results streams (one hash tag).
+                await asyncio.gather(
+                    *(
+                        self._read_loop(
+                            stop, [sk.requests_stream.encode(), sk.results_stream.encode()]
+                        )
+                        for sk in self.keys.all_shards()
                     )
-                    if reply:
-                        await self.handle(cast(list[tuple[bytes, list[Entry]]], reply))
-                    shared_metrics.set_ready(True)
-                except (RedisError, OSError, ScriptError):
-                    shared_metrics.set_ready(False)
-                    # Entries of a failed batch stay pending and are taken over by the timer.
-                    log.exception("batch failed; retrying")
-                    await asyncio.sleep(0.5)
+                )
+            else:
+                await self._read_loop(stop, list(self._streams))
         finally:
             timer.cancel()
             await asyncio.gather(timer, return_exceptions=True)
             log.info("admission stopped", extra={"consumer": self.consumer})
+
+    async def _read_loop(self, stop: asyncio.Event, names: list[bytes]) -> None:
+        """XREADGROUP BLOCK over `names`, then one script call per (shard, kind)."""
+        streams = dict.fromkeys(names, ">")
+        while not stop.is_set():
+            try:
+                reply = await self.redis.xreadgroup(
+                    ADMISSION_GROUP,
+                    self.consumer,
+                    streams,  # type: ignore[arg-type]
+                    count=self.config.batch,
+                    block=self.config.block_ms,
+                )
+                if reply:
+                    await self.handle(cast(list[tuple[bytes, list[Entry]]], reply))
+                shared_metrics.set_ready(True)
+            except (RedisError, OSError, ScriptError):
+                shared_metrics.set_ready(False)
+                # Entries of a failed batch stay pending and are taken over by the timer.
+                log.exception("batch failed; retrying")
+                await asyncio.sleep(0.5)
 
     async def handle(self, reply: Sequence[tuple[bytes, list[Entry]]]) -> None:
         """Apply one XREADGROUP reply: one script call per (shard, kind), concurrently."""
