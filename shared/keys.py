@@ -122,13 +122,14 @@ class Keys:
 
     @property
     def workflows_hash(self) -> str:
-        """workflow id -> JSON definition (the registry)."""
-        return f"{self.namespace}:workflows"
+        """workflow id -> JSON definition (the registry). Tagged with the epoch key, so a
+        registration is one transaction on a cluster too."""
+        return f"{{{self.namespace}}}:workflows"
 
     @property
     def registry_epoch(self) -> str:
         """Counter (string) bumped by every registration that changed a definition."""
-        return f"{self.namespace}:workflows:epoch"
+        return f"{{{self.namespace}}}:workflows:epoch"
 
     @property
     def config_hash(self) -> str:

@@ -83,3 +83,41 @@ async def test_admission_runs_on_the_cluster(redis_cluster: EmbeddedCluster) -> 
         proc.kill()
         proc.wait(5)
         await client.aclose()
+
+
+async def test_the_chat_scenario_end_to_end_on_the_cluster(
+    redis_cluster: EmbeddedCluster,
+) -> None:
+    """Ingress, admission and two executors on the cluster: only each user's newest message
+    gets a reply; older runs are cancelled, running or not."""
+    import orjson
+
+    from tests.helpers import System, eventually, records
+
+    keys = Keys("clusterchat", 16)
+    client = RedisCluster.from_url(redis_cluster.url)
+    system = System(f"redis+cluster://127.0.0.1:{redis_cluster.nodes[0].port}", keys)
+    try:
+        await system.pipeline(client, keys, 2)  # type: ignore[arg-type]
+        users, burst = 6, 3
+        for i in range(burst):
+            for u in range(users):
+                sleep = 0.5 if i < burst - 1 else 0.05
+                data = orjson.dumps({"userId": f"u{u}", "sleep": sleep, "text": f"m{i}"})
+                await client.xadd(keys.events_stream, {"name": "chat.message", "data": data})
+
+        async def settled() -> bool:
+            recs = await records(client, keys)  # type: ignore[arg-type]
+            return len(recs) == users * burst and all(r["st"] in ("S", "C") for r in recs.values())
+
+        await eventually(settled, timeout=60)
+        recs = await records(client, keys)  # type: ignore[arg-type]
+        by_user: dict[str, list[dict[str, object]]] = {}
+        for r in recs.values():
+            by_user.setdefault(str(r["k"]), []).append(r)
+        for user, mine in by_user.items():
+            mine.sort(key=lambda r: str(r["s"]))
+            assert [r["st"] for r in mine] == ["C"] * (burst - 1) + ["S"], user
+    finally:
+        system.close()
+        await client.aclose()

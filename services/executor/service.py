@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from services.executor import metrics
@@ -102,6 +103,8 @@ class Executor:
         self._rotation = 0
         self._woken: list[int] = []
         self._malformed: list[tuple[int, bytes]] = []
+        self._cluster = isinstance(redis, RedisCluster)
+        self._wake = asyncio.Event()
         self._shard_of_stream = {name: i for i, name in enumerate(self._assign_streams)}
         self._wake_ids: dict[str, str] = {}
         # Cancels that arrived before their run was registered here (the claim reply and the
@@ -131,6 +134,10 @@ class Executor:
         loops = [
             asyncio.create_task(self._fetch_loop(stop)),
             asyncio.create_task(self._control_loop(stop)),
+            *(
+                asyncio.create_task(self._wake_loop(stop, shard))
+                for shard in (range(self.keys.shards) if self._cluster else ())
+            ),
             asyncio.create_task(self._heartbeat_loop(stop)),
         ]
         try:
@@ -166,6 +173,7 @@ class Executor:
                     self.slot_freed.clear()
                     await self.slot_freed.wait()
                     continue
+                self._wake.clear()  # cluster mode: a waker setting it from now on is not missed
                 if stale_tails:
                     # Tails first, then the scan: an entry older than a tail is seen by the
                     # scan, a newer one wakes the XREAD below, so none waits for a timeout.
@@ -253,8 +261,32 @@ class Executor:
             )
             await self.redis.xack(self._assign_streams[shard], EXECUTOR_GROUP, entry_id)
 
+    async def _wake_loop(self, stop: asyncio.Event, shard: int) -> None:
+        """Cluster mode: one XREAD BLOCK per shard sets `_wake` on new assignments."""
+        stream = self._assign_streams[shard]
+        last = (await self._tail_ids([stream]))[stream]
+        while not stop.is_set():
+            try:
+                reply = await self.redis.xread(
+                    {stream: last}, count=100, block=self.config.block_ms
+                )
+                for _, entries in cast(StreamReply, reply or []):
+                    if entries:
+                        last = entries[-1][0].decode()
+                        self._woken.append(shard)
+                        self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("wake iteration failed")
+                await asyncio.sleep(0.5)
+
     async def _wait_for_assignments(self) -> None:
         """XREAD BLOCK over every assignment stream: wakes on any new entry, consumes nothing."""
+        if self._cluster:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.block_ms / 1000)
+            return
         reply = await self.redis.xread(self._wake_ids, count=1, block=self.config.block_ms)  # type: ignore[arg-type]
         for stream, entries in cast(StreamReply, reply or []):
             if entries:
@@ -474,18 +506,29 @@ class Executor:
         return {s: (t[0][0].decode() if t else "0-0") for s, t in zip(streams, tails, strict=True)}
 
     async def _control_loop(self, stop: asyncio.Event) -> None:
-        ids = await self._tail_ids([sk.control_stream for sk in self.keys.all_shards()])
+        """XREAD BLOCK over the control streams (one reader per shard on a cluster)."""
+        streams = [sk.control_stream for sk in self.keys.all_shards()]
+        if self._cluster:
+            await asyncio.gather(*(self._read_control(stop, [s]) for s in streams))
+        else:
+            await self._read_control(stop, streams)
+
+    async def _read_control(self, stop: asyncio.Event, streams: list[str]) -> None:
+        ids = await self._tail_ids(streams)
         while not stop.is_set():
             try:
                 reply = await self.redis.xread(ids, count=1000, block=self.config.block_ms)  # type: ignore[arg-type]
                 for stream, entries in cast(StreamReply, reply or []):
                     ids[stream.decode()] = entries[-1][0].decode()
                     for entry_id, fields in entries:
+                        if fields.get(b"op") != b"cancel":
+                            continue
                         rid = fields.get(b"id", b"").decode()
-                        if fields.get(b"op") == b"cancel" and rid in self.active:
-                            self.cancel_local(
-                                rid, int(fields.get(b"a", 0)) or None, _ms_of(entry_id)
-                            )
+                        attempt = int(fields.get(b"a", 0)) or None
+                        if rid in self.active:
+                            self.cancel_local(rid, attempt, _ms_of(entry_id))
+                        else:  # its claim reply may not have been handled yet
+                            self._remember_cancel(rid, attempt, _ms_of(entry_id))
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -21,6 +21,7 @@ from typing import Any, cast
 import msgpack
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from services.ingress import metrics
@@ -305,7 +306,11 @@ class Ingress:
                 for s in shard_ids
             )
         )
-        async with self.redis.pipeline(transaction=True) as pipe:
+        # One transaction on a single server: a crash cannot duplicate a dead letter. A cluster
+        # refuses a transaction over two slots, so there the dead letters are written first and
+        # the acknowledgement after: at least once, never lost.
+        atomic = not isinstance(self.redis, RedisCluster)
+        async with self.redis.pipeline(transaction=atomic) as pipe:
             for body in batch.dead:
                 pipe.xadd(self.keys.dead_stream, body, maxlen=self.config.stream_maxlen,
                           approximate=True)  # fmt: skip
