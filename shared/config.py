@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import cast
 
+import redis as redis_sync
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -72,6 +73,14 @@ def connect(url: str, max_connections: int = 64) -> Redis:
         return cast(Redis, RedisCluster.from_url(seed, max_connections=max_connections))
     pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30)
     return Redis(connection_pool=pool)
+
+
+def connect_sync(url: str) -> redis_sync.Redis:
+    """The synchronous counterpart of `connect`, for user code such as sync steps."""
+    if is_cluster_url(url):
+        seed = "redis://" + url[len(CLUSTER_SCHEME) :]
+        return cast(redis_sync.Redis, redis_sync.RedisCluster.from_url(seed))
+    return redis_sync.Redis.from_url(url)
 
 
 async def pin_shard_count(redis: Redis, keys: Keys) -> None:

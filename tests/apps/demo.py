@@ -9,16 +9,10 @@ import asyncio
 import os
 import time
 
-import redis
-
+from shared.config import DEFAULT_URL, connect_sync
 from shared.workflow import Concurrency, Context, Strategy, Workflow
 
-_url = os.environ.get("SUPERSEDE_REDIS_URL", "redis://127.0.0.1:6379/0")
-_redis: redis.Redis = (
-    redis.RedisCluster.from_url("redis://" + _url.removeprefix("redis+cluster://"))  # type: ignore[assignment]
-    if _url.startswith("redis+cluster://")
-    else redis.Redis.from_url(_url)
-)
+_redis = connect_sync(os.environ.get("SUPERSEDE_REDIS_URL", DEFAULT_URL))
 LOG = f"{os.environ.get('SUPERSEDE_NAMESPACE', 'supersede')}:test:log"
 
 
