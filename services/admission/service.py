@@ -98,25 +98,42 @@ class Admission:
             log.info("admission stopped", extra={"consumer": self.consumer})
 
     async def _read_loop(self, stop: asyncio.Event, names: list[bytes]) -> None:
-        """XREADGROUP BLOCK over `names`, then one script call per (shard, kind)."""
+        """XREADGROUP BLOCK over `names`, then one script call per (shard, kind).
+
+        While a batch is applied the next one is already being read, so the server does not sit
+        idle while this process parses replies. Batches are still applied one after another, in
+        stream order. On stop, a read in flight is awaited and its batch applied before returning.
+        """
         streams = dict.fromkeys(names, ">")
-        while not stop.is_set():
-            try:
-                reply = await self.redis.xreadgroup(
-                    ADMISSION_GROUP,
-                    self.consumer,
-                    streams,  # type: ignore[arg-type]
-                    count=self.config.batch,
-                    block=self.config.block_ms,
-                )
-                if reply:
-                    await self.handle(cast(list[tuple[bytes, list[Entry]]], reply))
-                shared_metrics.set_ready(True)
-            except (RedisError, OSError, ScriptError):
-                shared_metrics.set_ready(False)
-                # Entries of a failed batch stay pending and are taken over by the timer.
-                log.exception("batch failed; retrying")
-                await asyncio.sleep(0.5)
+
+        async def read() -> Any:
+            return await self.redis.xreadgroup(
+                ADMISSION_GROUP,
+                self.consumer,
+                streams,  # type: ignore[arg-type]
+                count=self.config.batch,
+                block=self.config.block_ms,
+            )
+
+        ahead: asyncio.Future[Any] | None = None
+        try:
+            while ahead is not None or not stop.is_set():
+                read_now, ahead = ahead or asyncio.ensure_future(read()), None
+                try:
+                    reply = await read_now
+                    if reply:
+                        if not stop.is_set():
+                            ahead = asyncio.ensure_future(read())
+                        await self.handle(cast(list[tuple[bytes, list[Entry]]], reply))
+                    shared_metrics.set_ready(True)
+                except (RedisError, OSError, ScriptError):
+                    shared_metrics.set_ready(False)
+                    # Entries of a failed batch stay pending and are taken over by the timer.
+                    log.exception("batch failed; retrying")
+                    await asyncio.sleep(0.5)
+        finally:
+            if ahead is not None:
+                ahead.cancel()
 
     async def handle(self, reply: Sequence[tuple[bytes, list[Entry]]]) -> None:
         """Apply one XREADGROUP reply: one script call per (shard, kind), concurrently."""
