@@ -130,6 +130,40 @@ async def test_sigterm_drains_running_runs_within_the_deadline(
     await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=10)
 
 
+async def test_sigterm_under_load_starts_and_drains_everything_it_read(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """A read in flight at SIGTERM is claimed and drained, not left to another's XAUTOCLAIM."""
+    # 64 slots: at least one free per shard, so the executor waits in XREADGROUP BLOCK
+    [executor] = await system.pipeline(redis, keys, 1, "--drain-timeout", "10", "--slots", "64")
+    stop_publishing = asyncio.Event()
+    duration = [0.05]  # runs published from the SIGTERM on last longer than the drain of others
+
+    async def publisher() -> None:
+        i = 0
+        while not stop_publishing.is_set():
+            await publish(redis, keys, "work.item", k=f"u{i}", sleep=duration[0])
+            i += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(publisher())
+    try:
+        await eventually(lambda: logged(redis, keys, "started:", 30), timeout=30)
+        duration[0] = 1.0
+        await asyncio.sleep(0.02)
+        executor.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(executor.wait, 15) == 0
+    finally:
+        stop_publishing.set()
+        await task
+    pending = 0
+    for sk in keys.all_shards():
+        pending += int((await redis.xpending(sk.assignments_stream, "executors"))["pending"])
+    assert pending == 0
+    counts = await states(redis, keys)
+    assert counts["S"] >= 30 and counts["R"] == 0, counts
+
+
 @pytest.mark.parametrize(
     ("kind", "field"),
     [

@@ -142,6 +142,10 @@ class Executor:
         ]
         try:
             await stop.wait()
+            # The fetch loop ends after its read in flight, so what that read took is started
+            # and drained here rather than left pending to another executor's XAUTOCLAIM.
+            self.slot_freed.set()
+            await asyncio.wait([loops[0]], timeout=self.config.block_ms / 1000 + 5)
             await self._drain()
         finally:
             for task in [*loops, writer]:
@@ -173,24 +177,31 @@ class Executor:
                     self.slot_freed.clear()
                     await self.slot_freed.wait()
                     continue
+                # With a free slot per shard (and one server) a single XREADGROUP BLOCK over
+                # every shard both waits and reads: free // shards entries per shard at most.
+                # Otherwise an XREAD BLOCK wakes the loop and the shards are read one by one.
+                blocking = free >= self.keys.shards and not self._cluster
                 self._wake.clear()  # cluster mode: a waker setting it from now on is not missed
-                if stale_tails:
+                if stale_tails and not blocking:
                     # Tails first, then the scan: an entry older than a tail is seen by the
                     # scan, a newer one wakes the XREAD below, so none waits for a timeout.
                     # After a wake-up the XREAD's own ids are fresh: no tail read in that path.
                     self._wake_ids = await self._tail_ids(self._assign_streams)
                     stale_tails = False
-                got = await self._read_assignments(free)
-                if not got and time.monotonic() - last_reclaim > 1.0:
+                if blocking:
+                    got = await self._read_blocking(free)
+                else:
+                    got = await self._read_assignments(free)
+                if len(got) < free and time.monotonic() - last_reclaim > 1.0:
                     last_reclaim = time.monotonic()
-                    got = await self._reclaim(free)
+                    got += await self._reclaim(free - len(got))
                 if self._malformed:
                     await self._ack_malformed()
                 shared_metrics.set_ready(True)
                 if got:
                     stale_tails = True
                     await self._claim_and_start(got)
-                else:
+                elif not blocking:
                     await self._wait_for_assignments()
             except asyncio.CancelledError:
                 raise
@@ -198,6 +209,20 @@ class Executor:
                 shared_metrics.set_ready(False)
                 log.exception("fetch iteration failed")
                 await asyncio.sleep(0.5)
+
+    async def _read_blocking(self, free: int) -> list[tuple[int, bytes, str, int]]:
+        """One XREADGROUP BLOCK over every assignment stream, `free // shards` entries each."""
+        reply = await self.redis.xreadgroup(
+            EXECUTOR_GROUP,
+            self.consumer,
+            dict.fromkeys(self._assign_streams, ">"),
+            count=free // self.keys.shards,
+            block=self.config.block_ms,
+        )
+        got: list[tuple[int, bytes, str, int]] = []
+        for stream, entries in cast(StreamReply, reply or []):
+            got += self._parse_assignments(self._shard_of_stream[stream.decode()], entries)
+        return got
 
     async def _read_assignments(self, free: int) -> list[tuple[int, bytes, str, int]]:
         """XREADGROUP at most `free` entries in all: with at least one free slot per shard, from
