@@ -22,6 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from services.admission import metrics
+from shared import aio
 from shared import metrics as shared_metrics
 from shared.config import Settings, connect, pin_shard_count
 from shared.errors import ScriptError
@@ -122,7 +123,10 @@ class Admission:
                 try:
                     reply = await read_now
                     if reply:
-                        if not stop.is_set():
+                        # Read ahead only behind a backlog (a stream gave a full batch): when
+                        # little arrives, the extra read would go out before the script call.
+                        full = any(len(e) >= self.config.batch for _, e in reply)
+                        if full and not stop.is_set():
                             ahead = asyncio.ensure_future(read())
                         await self.handle(cast(list[tuple[bytes, list[Entry]]], reply))
                     shared_metrics.set_ready(True)
@@ -142,7 +146,7 @@ class Admission:
             if entries:
                 shard, kind = self._streams[stream]
                 calls.append(self._apply(stream, shard, kind, entries))
-        await asyncio.gather(*calls)
+        await aio.gather(*calls)
 
     async def _apply(self, stream: bytes, shard: int, kind: str, entries: list[Entry]) -> None:
         """Run the script over the batch; a refused item is dead-lettered and the rest retried."""

@@ -29,7 +29,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from services.executor import metrics
-from shared import codec
+from shared import aio, codec
 from shared import metrics as shared_metrics
 from shared.config import Settings, connect, pin_shard_count
 from shared.model import Outcome, RunResult
@@ -201,6 +201,8 @@ class Executor:
                 if got:
                     stale_tails = True
                     await self._claim_and_start(got)
+                    # Let the new runs reach their first step before the next read is sent.
+                    await asyncio.sleep(0)
                 elif not blocking:
                     await self._wait_for_assignments()
             except asyncio.CancelledError:
@@ -341,7 +343,7 @@ class Executor:
             by_shard.setdefault(shard, []).append((entry_id, rid, attempt))
         now = time.time() * 1000
         shards = list(by_shard)
-        replies = await asyncio.gather(
+        replies = await aio.gather(
             *(
                 self.scripts.claim(s, self.consumer, by_shard[s], lease_ms=self.config.lease_ms)
                 for s in shards

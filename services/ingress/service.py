@@ -25,7 +25,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from services.ingress import metrics
-from shared import codec
+from shared import aio, codec
 from shared import metrics as shared_metrics
 from shared.config import Settings, connect, pin_shard_count
 from shared.errors import KeyExpressionError
@@ -242,6 +242,8 @@ class Ingress:
                             if writing:
                                 await writing
                             writing = asyncio.create_task(self.write(batch))
+                            # Let the writes go out before the next read is sent.
+                            await asyncio.sleep(0)
                     shared_metrics.set_ready(True)
                 except (RedisError, OSError):
                     shared_metrics.set_ready(False)
@@ -298,7 +300,7 @@ class Ingress:
     async def write(self, batch: Batch) -> None:
         """Append the requests (one script call per shard), then dead letters + XACK at once."""
         shard_ids = list(batch.requests)
-        results = await asyncio.gather(
+        results = await aio.gather(
             *(
                 self.scripts.append_requests(
                     s, batch.requests[s], window_ms=self.config.dedup_window_ms
