@@ -7,16 +7,18 @@ The number of KEYS of each script is read from its header block and checked on e
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
-from shared import codec
+from shared import aio, codec
 from shared.errors import BadArguments, raise_for_status
 from shared.keys import Keys, ShardKeys
 
@@ -94,6 +96,28 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _parse_claims(reply: list[Any]) -> list[Claim]:
+    out = []
+    for item in reply[1:]:
+        if int(item[0]) == 1:
+            out.append(
+                Claim(
+                    run_id=_s(item[1]),
+                    claimed=True,
+                    attempt=int(item[2]),
+                    workflow=_s(item[3]),
+                    version=_s(item[4]),
+                    input=item[5],
+                    key=_s(item[6]),
+                    seq=_s(item[7]),
+                    state="R",
+                )
+            )
+        else:
+            out.append(Claim(run_id=_s(item[1]), claimed=False, state=_s(item[2])))
+    return out
+
+
 class Scripts:
     """Typed wrappers over the Lua scripts of one deployment.
 
@@ -161,31 +185,72 @@ class Scripts:
         now: int = 0,
     ) -> list[Claim]:
         """Claim (assignments entry id, run id, attempt) triples of one shard."""
+        keys, args = self._claim_call(shard, executor, items, lease_ms, now)
+        return _parse_claims(await self._call("claim", keys, args))
+
+    async def claim_shards(
+        self,
+        executor: str,
+        batches: Mapping[int, Sequence[tuple[str | bytes, str, int]]],
+        *,
+        lease_ms: int,
+        now: int = 0,
+    ) -> dict[int, list[Claim]]:
+        """`claim` for several shards at once: one pipelined round trip on a single server
+        (a task and a connection per shard cost more than the scripts), concurrent calls on a
+        cluster, whose pipelines cannot retry a script call moved between nodes."""
+        shards = list(batches)
+        if len(shards) == 1 or isinstance(self.redis, RedisCluster):
+            replies = await aio.gather(
+                *(self.claim(s, executor, batches[s], lease_ms=lease_ms, now=now) for s in shards)
+            )
+            return dict(zip(shards, replies, strict=True))
+        calls = [self._claim_call(s, executor, batches[s], lease_ms, now) for s in shards]
+        raw = await self._call_pipelined("claim", calls)
+        return {s: _parse_claims(r) for s, r in zip(shards, raw, strict=True)}
+
+    def _claim_call(
+        self,
+        shard: int,
+        executor: str,
+        items: Sequence[tuple[str | bytes, str, int]],
+        lease_ms: int,
+        now: int,
+    ) -> tuple[list[str], list[Any]]:
         sk = self.keys.shard(shard)
         args: list[Any] = [now, self.executor_group, executor, lease_ms]
         for entry_id, rid, attempt in items:
             args += (entry_id, rid, attempt)
-        keys = [sk.runs_hash, sk.inputs_hash, sk.leases_zset, sk.assignments_stream]
-        reply = await self._call("claim", keys, args)
-        out = []
-        for item in reply[1:]:
-            if int(item[0]) == 1:
-                out.append(
-                    Claim(
-                        run_id=_s(item[1]),
-                        claimed=True,
-                        attempt=int(item[2]),
-                        workflow=_s(item[3]),
-                        version=_s(item[4]),
-                        input=item[5],
-                        key=_s(item[6]),
-                        seq=_s(item[7]),
-                        state="R",
-                    )
-                )
-            else:
-                out.append(Claim(run_id=_s(item[1]), claimed=False, state=_s(item[2])))
-        return out
+        return [sk.runs_hash, sk.inputs_hash, sk.leases_zset, sk.assignments_stream], args
+
+    async def _call_pipelined(
+        self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[list[Any]]:
+        """Run one script over several (keys, args) in one pipeline; calls the server answered
+        NOSCRIPT (its script cache was flushed, e.g. by a restart) are loaded and run again."""
+        script, nkeys = self._scripts[name]
+        for keys, _ in calls:
+            if len(keys) != nkeys:
+                raise BadArguments(-1, f"{name} takes {nkeys} keys, got {len(keys)}")
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    keys, args = calls[i]
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                got = await pipe.execute(raise_on_error=False)
+            for i, reply in zip(todo, got, strict=True):
+                replies[i] = reply
+            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+            if not todo or attempt == 1:
+                break
+            script.sha = await self.redis.script_load(script.script)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+            raise_for_status(reply)
+        return replies
 
     async def heartbeat(
         self,

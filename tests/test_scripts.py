@@ -148,6 +148,33 @@ async def test_claim_acknowledges_the_assignment_entries(
     assert (await redis.xpending(stream, "executors"))["pending"] == 0
 
 
+async def test_claims_of_several_shards_go_in_one_pipeline_and_survive_a_script_flush(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    reqs = [make_request(keys, event=f"e{i}", seq=i, key=f"k{i}") for i in range(40)]
+    await admit(scripts, *reqs)
+    batches: dict[int, list[tuple[str, str, int]]] = {}
+    for shard, req in reqs:
+        batches.setdefault(shard, []).append(("0-1", req.run_id, 1))
+    assert len(batches) > 2
+    first = next(iter(batches))
+    batches[first].append(("0-1", "missing-run", 1))  # refused, the rest still claimed
+    await redis.script_flush()  # a restarted server forgets scripts: reloaded, not an error
+    got = await scripts.claim_shards("ex", batches, lease_ms=LEASE, now=2)
+    assert set(got) == set(batches)
+    for shard, triples in batches.items():
+        assert [c.run_id for c in got[shard]] == [rid for _, rid, _ in triples]
+    claimed = [c for claims in got.values() for c in claims if c.claimed]
+    assert len(claimed) == 40 and not got[first][-1].claimed
+    recs = await records(redis, keys)
+    assert all(recs[req.run_id]["st"] == "R" and recs[req.run_id]["e"] == "ex" for _, req in reqs)
+    other = next(s for s in batches if s != first)
+    with pytest.raises(BadArguments):  # a script error of one shard is raised, as per shard
+        await scripts.claim_shards(
+            "ex", {first: [("0-1", "x", 1)], other: [("0-1", "y", "nan")]}, lease_ms=LEASE
+        )
+
+
 async def test_heartbeat_renews_and_reports_cancelled_runs(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:

@@ -29,7 +29,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from services.executor import metrics
-from shared import aio, codec
+from shared import codec
 from shared import metrics as shared_metrics
 from shared.config import Settings, connect, pin_shard_count
 from shared.model import Outcome, RunResult
@@ -342,14 +342,10 @@ class Executor:
         for shard, entry_id, rid, attempt in items:
             by_shard.setdefault(shard, []).append((entry_id, rid, attempt))
         now = time.time() * 1000
-        shards = list(by_shard)
-        replies = await aio.gather(
-            *(
-                self.scripts.claim(s, self.consumer, by_shard[s], lease_ms=self.config.lease_ms)
-                for s in shards
-            )
+        replies = await self.scripts.claim_shards(
+            self.consumer, by_shard, lease_ms=self.config.lease_ms
         )
-        for shard, claims in zip(shards, replies, strict=True):
+        for shard, claims in replies.items():
             triples = by_shard[shard]
             for (entry_id, _, _), claim in zip(triples, claims, strict=True):
                 if not claim.claimed:
