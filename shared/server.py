@@ -148,11 +148,15 @@ def find_cli_binary(server_binary: str) -> str:
 
 
 class EmbeddedCluster:
-    """A real cluster of `masters` cluster-enabled servers on loopback ports (no replicas)."""
+    """A real cluster of `masters` cluster-enabled servers on loopback ports, each with
+    `replicas` replicas that take over when their master dies."""
 
-    def __init__(self, masters: int = 3, binary: str | None = None) -> None:
+    def __init__(self, masters: int = 3, binary: str | None = None, *, replicas: int = 0) -> None:
         self.binary = binary or find_server_binary()
-        self.nodes = [EmbeddedServer(self.binary, port=free_cluster_port()) for _ in range(masters)]
+        self.replicas = replicas
+        count = masters * (1 + replicas)
+        self.nodes = [EmbeddedServer(self.binary, port=free_cluster_port()) for _ in range(count)]
+        self.masters = masters
 
     @property
     def url(self) -> str:
@@ -161,13 +165,16 @@ class EmbeddedCluster:
     def start(self, timeout: float = 30.0) -> EmbeddedCluster:
         for node in self.nodes:
             conf = str(Path(node.dir) / "nodes.conf")
-            node.extra_args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "5000",
-                               "--cluster-config-file", conf]  # fmt: skip
+            node.extra_args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
+                               "--cluster-config-file", conf,
+                               # a replica may take over however long its link was down
+                               "--cluster-replica-validity-factor", "0"]  # fmt: skip
             node.start()
         cli = find_cli_binary(self.binary)
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(
-            [cli, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
+            [cli, "--cluster", "create", *addrs, "--cluster-replicas", str(self.replicas),
+             "--cluster-yes"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -183,13 +190,31 @@ class EmbeddedCluster:
         return self
 
     def _settled(self, client: redis.Redis) -> bool:
-        """State ok, and this node maps all 16384 slots to the masters that own them."""
+        """State ok, all 16384 slots mapped to the masters, a replica's link to its master up."""
         if b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):  # type: ignore[no-untyped-call]
             return False
         ranges = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
         covered = sum(int(r[1]) - int(r[0]) + 1 for r in ranges)
         owners = {int(r[2][1]) for r in ranges}
-        return covered == 16384 and owners == {n.port for n in self.nodes}
+        if covered != 16384 or len(owners) != self.masters:
+            return False
+        info = client.info("replication")
+        return info["role"] == "master" or info.get("master_link_status") == "up"
+
+    def master_ports(self) -> list[int]:
+        """Ports of the nodes that own slots now, as seen by the first live node."""
+        for node in self.nodes:
+            if node.proc and node.proc.poll() is None:
+                client = redis.Redis(port=node.port)
+                try:
+                    ranges = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+                    return sorted({int(r[2][1]) for r in ranges})
+                finally:
+                    client.close()
+        return []
+
+    def node(self, port: int) -> EmbeddedServer:
+        return next(n for n in self.nodes if n.port == port)
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
+from collections.abc import Sequence
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -37,3 +39,81 @@ async def ensure_groups(redis: Redis, keys: Keys) -> None:
         await ensure_group(redis, sk.requests_stream, ADMISSION_GROUP)
         await ensure_group(redis, sk.results_stream, ADMISSION_GROUP)
         await ensure_group(redis, sk.assignments_stream, EXECUTOR_GROUP)
+
+
+async def heal_missing_groups(redis: Redis, keys: Keys, exc: BaseException) -> bool:
+    """After a NOGROUP error (a stream deleted, or a failover to a replica that had not yet
+    received the group), create the groups again from the first entry: every consumer of
+    them is idempotent, so entries seen twice change nothing. True when it healed."""
+    if "NOGROUP" not in str(exc):
+        return False
+    await ensure_groups(redis, keys)
+    return True
+
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+class OwnPending:
+    """Which ids a consumer reads with XREADGROUP: '>' normally; after a failure, its own
+    pending entries from '0' up to the last one, so a failed batch is retried at once instead
+    of waiting for another consumer's XAUTOCLAIM. When a re-read fails too, one read of new
+    entries goes before the next re-read, so entries that keep failing never starve the rest."""
+
+    def __init__(self, streams: Sequence[str | bytes], *, sweep_every: float = 2.0) -> None:
+        self.streams = [s.decode() if isinstance(s, bytes) else s for s in streams]
+        self._ids: dict[str, str] | None = None
+        self._new_first = False
+        self._sweep_every = sweep_every
+        self._last_sweep = time.monotonic()
+
+    def sweep_if_due(self) -> None:
+        """Call where nothing read is in flight: every `sweep_every` seconds, re-read own
+        pending entries anyway. A client library that retries a read whose reply was lost
+        (redis-py does, mid-failover) leaves entries delivered to no one that knows of them."""
+        now = time.monotonic()
+        if now - self._last_sweep >= self._sweep_every:
+            self._last_sweep = now
+            if self._ids is None:
+                self.restart()
+
+    @property
+    def active(self) -> bool:
+        """The next read is a re-read of own pending entries."""
+        return self._ids is not None and not self._new_first
+
+    def restart(self, *, failed_reread: bool = False) -> None:
+        """A batch failed: re-read own pending entries from '0' (after one read of new
+        entries when the failed batch was itself a re-read)."""
+        self._ids = dict.fromkeys(self.streams, "0")
+        self._new_first = failed_reread
+
+    def ids(self) -> dict[str, str]:
+        if self.active:
+            return dict(self._ids or {})
+        return dict.fromkeys(self.streams, ">")
+
+    def advance(self, reply: Sequence[tuple[bytes, Sequence[Entry]]] | None, reread: bool) -> None:
+        """After a read that succeeded (`reread`: it was a re-read): move past what it
+        returned; back to '>' once a re-read returns nothing."""
+        if not reread:
+            self._new_first = False
+            return
+        if self._ids is None:
+            return
+        seen = False
+        for stream, entries in reply or []:
+            if entries:
+                seen = True
+                last = entries[-1][0]
+                self._ids[stream.decode()] = last.decode() if isinstance(last, bytes) else last
+        if not seen:
+            self._ids = None
+
+
+def split_deleted(entries: Sequence[Entry]) -> tuple[list[Entry], list[bytes]]:
+    """Entries that still exist, and ids of pending entries trimmed away since they were read
+    (a re-read of pending entries returns those without fields; they can only be acknowledged)."""
+    live = [e for e in entries if e[1]]
+    gone = [e[0] for e in entries if not e[1]]
+    return live, gone

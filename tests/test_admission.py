@@ -75,6 +75,33 @@ async def test_requests_and_results_flow_through_the_service(
     assert await backlog(redis, keys) == 0
 
 
+async def test_a_failed_batch_is_read_again_at_once_not_after_the_takeover_delay(
+    redis: Redis, keys: Keys, service: Admission
+) -> None:
+    """Script calls fail (a key of the wrong type stands in for a failover): the batch stays
+    pending for this consumer, which reads it again from '0' after each failure, so it lands
+    as soon as the cause is gone, not after the 30 s XAUTOCLAIM idle time."""
+    assert service.config.claim_idle_ms >= 30_000
+    for sk in keys.all_shards():
+        await redis.set(sk.runs_hash, "not a hash")  # every admit call now fails
+    reqs = [make_request(keys, event=f"e{i}", seq=i, key=f"k{i}") for i in range(6)]
+    for shard, req in reqs:
+        await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
+
+    async def all_pending() -> bool:
+        total = 0
+        for sk in keys.all_shards():
+            total += int((await redis.xpending(sk.requests_stream, ADMISSION_GROUP))["pending"])
+        return total == len(reqs)
+
+    await eventually(all_pending)
+    await asyncio.sleep(1.0)  # a few failed attempts
+    for sk in keys.all_shards():
+        await redis.delete(sk.runs_hash)
+    await eventually(lambda: _states_are(redis, keys, ["A"] * len(reqs), reqs), timeout=5)
+    assert await backlog(redis, keys) == 0
+
+
 async def _states_are(redis: Redis, keys: Keys, expected: list[str], reqs) -> bool:  # type: ignore[no-untyped-def]
     recs = await records(redis, keys)
     return [recs.get(r.run_id, {}).get("st") for _, r in reqs] == expected

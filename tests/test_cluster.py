@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import orjson
+import pytest
+import redis as sync_redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
 from shared.keys import Keys
 from shared.scripts import Scripts
 from shared.server import EmbeddedCluster
-from tests.helpers import make_request
+from tests.helpers import System, eventually, make_request, records
 
 
 async def test_keys_of_one_shard_share_a_node_and_shards_spread_over_the_masters(
@@ -83,3 +87,74 @@ async def test_admission_runs_on_the_cluster(redis_cluster: EmbeddedCluster) -> 
         proc.kill()
         proc.wait(5)
         await client.aclose()
+
+
+async def test_the_services_survive_a_master_failover_with_runs_in_flight() -> None:
+    """SIGKILL of a master while its shards have running runs: its replica takes over, the
+    services reconnect and carry on, and every event still ends as exactly one run, the newest
+    of each user succeeded and the older one cancelled by it."""
+    try:
+        cluster = EmbeddedCluster(3, replicas=1).start(timeout=60)
+    except (FileNotFoundError, OSError) as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"NO FAILOVER TEST: cannot start a cluster here ({exc})")
+    keys = Keys("failover", 16)
+    client = RedisCluster.from_url(cluster.url)
+    system = System(f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}", keys)
+    try:
+        await client.initialize()
+
+        def port_of(key: str) -> int:
+            return int(client.get_node_from_key(key).port)
+
+        # The victim owns shards but not the inbox or the test log, which the test writes.
+        spared = {port_of(keys.events_stream), port_of(f"{keys.namespace}:test:log")}
+        victim = next(p for p in cluster.master_ports() if p not in spared)
+        users = [f"user{i}" for i in range(12)]
+        await system.pipeline(client, keys, 2, "--slots", "30", "--lease", "6")
+
+        async def publish(user: str, sleep: float, text: str) -> None:
+            data = orjson.dumps({"userId": user, "sleep": sleep, "text": text})
+            await client.xadd(keys.events_stream, {"name": "chat.message", "data": data})
+
+        for user in users:
+            await publish(user, 10.0, "old")
+
+        async def all_running() -> bool:
+            recs = await records(client, keys)
+            return len(recs) == len(users) and all(r["st"] == "R" for r in recs.values())
+
+        await eventually(all_running, timeout=30)
+        shards_hit = {int(rid.split("-")[0]) for rid in await records(client, keys)}
+        assert any(port_of(keys.shard(s).runs_hash) == victim for s in shards_hit)
+        node = sync_redis.Redis(port=victim)
+        assert node.wait(1, 5000) == 1  # its replica has every write so far
+        node.close()
+        proc = cluster.node(victim).proc
+        assert proc is not None
+        proc.kill()
+        proc.wait()
+        # Newer messages while the failover is under way: each must cancel its user's old run.
+        for user in users:
+            await publish(user, 0.05, "new")
+
+        async def settled() -> bool:
+            try:
+                recs = await records(client, keys)
+            except (RedisError, OSError):  # the victim's slots have no owner yet
+                return False
+            return len(recs) == 2 * len(users) and all(r["st"] in ("S", "C") for r in recs.values())
+
+        # Well inside the 30 s after which XAUTOCLAIM would take over anything left behind.
+        await eventually(settled, timeout=20)
+        assert victim not in cluster.master_ports()
+        by_user: dict[str, list[tuple[str, dict[str, object]]]] = {}
+        for rid, rec in (await records(client, keys)).items():
+            by_user.setdefault(str(rec["k"]), []).append((rid, rec))
+        for user in users:
+            (_, old), (new_id, new) = sorted(by_user[user], key=lambda x: str(x[1]["s"]))
+            assert (old["st"], new["st"]) == ("C", "S"), (user, old, new)
+            assert old["by"] == new_id
+    finally:
+        system.close()
+        await client.aclose()
+        cluster.stop()

@@ -319,6 +319,44 @@ async def test_a_burst_of_runs_ending_together_is_reported_without_loss(
     assert {r["a"] for r in (await records(redis, keys)).values()} == {1}
 
 
+async def test_assignments_read_by_a_failed_claim_are_read_again_at_once(
+    redis: Redis, redis_url: str, keys: Keys, system: System
+) -> None:
+    """Claims fail (the executor's user loses the right to run scripts, a stand-in for a
+    failover that writes nothing): the assignments stay pending for this executor, which reads
+    them again from '0' after each failure, so the run starts as soon as the cause is gone,
+    not after the 30 s XAUTOCLAIM idle time."""
+    user = f"exec-{keys.namespace}"
+    await redis.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all")
+    executor_system = System(redis_url.replace("redis://", f"redis://{user}:pw@"), keys)
+    try:
+        system.start("admission", "--block-ms", "100")
+        executor_system.start("executor", APP, "--slots", "32")
+
+        async def registered() -> bool:
+            return int(await redis.hlen(keys.workflows_hash)) == 7
+
+        await eventually(registered, timeout=30)
+        system.start("ingress", "--block-ms", "100")
+        await redis.execute_command("ACL", "SETUSER", user, "-evalsha", "-eval")
+        await publish(redis, keys, "work.item")
+
+        async def assignment_pending() -> bool:
+            total = 0
+            for sk in keys.all_shards():
+                total += int((await redis.xpending(sk.assignments_stream, "executors"))["pending"])
+            return total == 1
+
+        await eventually(assignment_pending, timeout=30)
+        await asyncio.sleep(1.0)  # a few failed claims
+        assert not await logged(redis, keys, "started:")
+        await redis.execute_command("ACL", "SETUSER", user, "+@all")
+        await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=5)
+    finally:
+        executor_system.close()
+        await redis.execute_command("ACL", "DELUSER", user)
+
+
 async def test_a_malformed_assignment_is_acknowledged_and_the_next_one_runs(
     redis: Redis, keys: Keys, system: System
 ) -> None:

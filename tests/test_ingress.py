@@ -298,3 +298,31 @@ async def test_two_ingress_processes_share_the_inbox_and_stop_on_sigterm(
             proc.wait(5)
     reqs = await requests_in_streams(redis, keys)
     assert len(reqs) == n and len({r["id"] for r in reqs}) == n
+
+
+async def test_a_failed_batch_is_read_again_at_once_not_after_the_takeover_delay(
+    redis: Redis, keys: Keys, ingress: Ingress
+) -> None:
+    """The writes of a batch fail (a shard key of the wrong type stands in for a failover):
+    the entries stay pending for this consumer, which reads them again from '0' after each
+    failure, so they land as soon as the cause is gone, not after the 30 s XAUTOCLAIM idle."""
+    assert ingress.config.claim_idle_ms >= 30_000
+    for sk in keys.all_shards():
+        await redis.set(sk.seen_zset, "not a zset")  # every append script call now fails
+    await redis.xadd(keys.events_stream, {"name": "chat.message", "data": '{"userId":"u1"}'})
+    await redis.xadd(keys.events_stream, {"name": "user.signup", "data": "{}"})
+
+    async def pending() -> bool:
+        return int((await redis.xpending(keys.events_stream, INGRESS_GROUP))["pending"]) == 2
+
+    await eventually(pending)
+    await asyncio.sleep(1.0)  # a few failed attempts
+    assert await requests_in_streams(redis, keys) == []
+    for sk in keys.all_shards():
+        await redis.delete(sk.seen_zset)
+    await eventually(lambda: inbox_done(redis, keys), timeout=5)
+    reqs = await requests_in_streams(redis, keys)
+    assert sorted((r["w"], r["k"]) for r in reqs if r["w"] == "chat-reply") == [
+        ("chat-reply", "u1")
+    ]
+    assert len(reqs) == 3  # chat-reply + audit for the message, audit for the signup; no repeats

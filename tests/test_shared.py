@@ -170,3 +170,20 @@ def test_readyz_follows_the_ready_flag() -> None:
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
         assert b"python_info" in resp.read()
     metrics.set_ready(False)
+
+
+def test_own_pending_re_reads_after_a_failure_without_starving_new_entries() -> None:
+    from shared.streams import OwnPending
+
+    own = OwnPending([b"s1", "s2"])
+    assert not own.active and own.ids() == {"s1": ">", "s2": ">"}
+    own.restart()  # a batch of new entries failed: re-read own pending entries first
+    assert own.active and own.ids() == {"s1": "0", "s2": "0"}
+    own.advance([(b"s1", [(b"5-0", {b"r": b"x"})]), (b"s2", [])], reread=True)
+    assert own.ids() == {"s1": "5-0", "s2": "0"}  # moves past what it re-read
+    own.restart(failed_reread=True)  # the re-read failed too: new entries get one read first
+    assert not own.active and own.ids() == {"s1": ">", "s2": ">"}
+    own.advance([], reread=False)
+    assert own.active and own.ids() == {"s1": "0", "s2": "0"}
+    own.advance([(b"s1", []), (b"s2", [])], reread=True)  # nothing left of its own
+    assert not own.active and own.ids() == {"s1": ">", "s2": ">"}

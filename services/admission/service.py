@@ -19,7 +19,6 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from services.admission import metrics
 from shared import aio
@@ -27,7 +26,15 @@ from shared import metrics as shared_metrics
 from shared.config import Settings, connect, pin_shard_count
 from shared.errors import ScriptError
 from shared.scripts import Scripts
-from shared.streams import ADMISSION_GROUP, EXECUTOR_GROUP, consumer_name, ensure_groups
+from shared.streams import (
+    ADMISSION_GROUP,
+    EXECUTOR_GROUP,
+    OwnPending,
+    consumer_name,
+    ensure_groups,
+    heal_missing_groups,
+    split_deleted,
+)
 
 log = logging.getLogger("supersede.admission")
 
@@ -105,47 +112,60 @@ class Admission:
         idle while this process parses replies. Batches are still applied one after another, in
         stream order. On stop, a read in flight is awaited and its batch applied before returning.
         """
-        streams = dict.fromkeys(names, ">")
+        own = OwnPending(names)
 
-        async def read() -> Any:
-            return await self.redis.xreadgroup(
+        def read() -> tuple[bool, asyncio.Future[Any]]:
+            """(whether it re-reads own pending entries, the read in flight)."""
+            call = self.redis.xreadgroup(
                 ADMISSION_GROUP,
                 self.consumer,
-                streams,  # type: ignore[arg-type]
+                own.ids(),  # type: ignore[arg-type]
                 count=self.config.batch,
                 block=self.config.block_ms,
             )
+            return own.active, asyncio.ensure_future(call)
 
-        ahead: asyncio.Future[Any] | None = None
+        ahead: tuple[bool, asyncio.Future[Any]] | None = None
         try:
             while ahead is not None or not stop.is_set():
-                read_now, ahead = ahead or asyncio.ensure_future(read()), None
+                if ahead is None:
+                    own.sweep_if_due()
+                (reread, read_now), ahead = ahead or read(), None
                 try:
                     reply = await read_now
+                    own.advance(reply, reread)
                     if reply:
                         # Read ahead only behind a backlog (a stream gave a full batch): when
                         # little arrives, the extra read would go out before the script call.
                         full = any(len(e) >= self.config.batch for _, e in reply)
-                        if full and not stop.is_set():
-                            ahead = asyncio.ensure_future(read())
+                        if full and not own.active and not stop.is_set():
+                            ahead = read()
                         await self.handle(cast(list[tuple[bytes, list[Entry]]], reply))
                     shared_metrics.set_ready(True)
-                except (RedisError, OSError, ScriptError):
+                except Exception as exc:  # redis-py can raise others mid-failover
                     shared_metrics.set_ready(False)
-                    # Entries of a failed batch stay pending and are taken over by the timer.
                     log.exception("batch failed; retrying")
+                    # The failed batch is pending for this consumer: read it again soon.
+                    own.restart(failed_reread=reread)
+                    with contextlib.suppress(Exception):
+                        await heal_missing_groups(self.redis, self.keys, exc)
                     await asyncio.sleep(0.5)
         finally:
             if ahead is not None:
-                ahead.cancel()
+                ahead[1].cancel()
 
     async def handle(self, reply: Sequence[tuple[bytes, list[Entry]]]) -> None:
         """Apply one XREADGROUP reply: one script call per (shard, kind), concurrently."""
         calls = []
         for stream, entries in reply:
-            if entries:
+            live, gone = split_deleted(entries)
+            if gone:
+                log.error("entries trimmed before admission applied them",
+                          extra={"stream": stream.decode(), "entries": len(gone)})  # fmt: skip
+                await self.redis.xack(stream, ADMISSION_GROUP, *gone)
+            if live:
                 shard, kind = self._streams[stream]
-                calls.append(self._apply(stream, shard, kind, entries))
+                calls.append(self._apply(stream, shard, kind, live))
         await aio.gather(*calls)
 
     async def _apply(self, stream: bytes, shard: int, kind: str, entries: list[Entry]) -> None:

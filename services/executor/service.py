@@ -26,7 +26,6 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from services.executor import metrics
 from shared import codec
@@ -35,7 +34,13 @@ from shared.config import Settings, connect, pin_shard_count
 from shared.model import Outcome, RunResult
 from shared.registry import register
 from shared.scripts import Claim, Scripts
-from shared.streams import EXECUTOR_GROUP, consumer_name, ensure_groups
+from shared.streams import (
+    EXECUTOR_GROUP,
+    OwnPending,
+    consumer_name,
+    ensure_groups,
+    heal_missing_groups,
+)
 from shared.workflow import Context, Step, Workflow
 
 log = logging.getLogger("supersede.executor")
@@ -107,6 +112,7 @@ class Executor:
         self._wake = asyncio.Event()
         self._shard_of_stream = {name: i for i, name in enumerate(self._assign_streams)}
         self._wake_ids: dict[str, str] = {}
+        self._own = OwnPending(self._assign_streams)
         # Cancels that arrived before their run was registered here (the claim reply and the
         # control message race): run id -> (attempt, decided ms, monotonic time received).
         self._early_cancels: dict[str, tuple[int | None, float, float]] = {}
@@ -171,6 +177,7 @@ class Executor:
         last_reclaim = 0.0
         stale_tails = True
         while not stop.is_set():
+            reread = False
             try:
                 free = self.config.slots - len(self.active)
                 if free <= 0:
@@ -188,10 +195,16 @@ class Executor:
                     # After a wake-up the XREAD's own ids are fresh: no tail read in that path.
                     self._wake_ids = await self._tail_ids(self._assign_streams)
                     stale_tails = False
-                if blocking:
-                    got = await self._read_blocking(free)
+                self._own.sweep_if_due()
+                reread = self._own.active
+                if reread:
+                    got = await self._read_own(free)
                 else:
-                    got = await self._read_assignments(free)
+                    if blocking:
+                        got = await self._read_blocking(free)
+                    else:
+                        got = await self._read_assignments(free)
+                    self._own.advance(None, reread=False)
                 if len(got) < free and time.monotonic() - last_reclaim > 1.0:
                     last_reclaim = time.monotonic()
                     got += await self._reclaim(free - len(got))
@@ -207,10 +220,35 @@ class Executor:
                     await self._wait_for_assignments()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 shared_metrics.set_ready(False)
                 log.exception("fetch iteration failed")
+                # Assignments read but not claimed are pending for this consumer: read them
+                # again first.
+                self._own.restart(failed_reread=reread)
+                with contextlib.suppress(Exception):
+                    await heal_missing_groups(self.redis, self.keys, exc)
                 await asyncio.sleep(0.5)
+
+    async def _read_own(self, free: int) -> list[tuple[int, bytes, str, int]]:
+        """This consumer's pending assignments, shard by shard, at most `free` of them."""
+        got: list[tuple[int, bytes, str, int]] = []
+        replies: StreamReply = []
+        ids = self._own.ids()
+        for shard, stream in enumerate(self._assign_streams):
+            if len(got) >= free:
+                break
+            reply = cast(
+                StreamReply | None,
+                await self.redis.xreadgroup(
+                    EXECUTOR_GROUP, self.consumer, {stream: ids[stream]}, count=free - len(got)
+                ),
+            )
+            for name, entries in reply or []:
+                replies.append((name, entries))
+                got += self._parse_assignments(shard, entries)
+        self._own.advance(replies, reread=True)
+        return got
 
     async def _read_blocking(self, free: int) -> list[tuple[int, bytes, str, int]]:
         """One XREADGROUP BLOCK over every assignment stream, `free // shards` entries each."""
@@ -480,24 +518,36 @@ class Executor:
 
     async def _results_loop(self) -> None:
         """XADD every pending outcome to its shard's results stream: one pipeline per turn,
-        so a thousand runs ending together cost one round trip, not a thousand connections."""
+        so a thousand runs ending together cost one round trip, not a thousand connections.
+        A failed write (a failover, say) is retried for up to a lease: after that the reaper
+        has retried the run elsewhere and this result would be discarded as stale anyway."""
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             batch, self._outbox = self._outbox, []
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for shard, payload, _ in batch:
-                        pipe.xadd(self.keys.shard(shard).results_stream, {"r": payload})
-                    await pipe.execute()
-            except (RedisError, OSError) as exc:
-                for _, _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
+            deadline = time.monotonic() + self.config.lease_ms / 1000
+            error: Exception | None = None
+            while True:
+                try:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for shard, payload, _ in batch:
+                            pipe.xadd(self.keys.shard(shard).results_stream, {"r": payload})
+                        await pipe.execute()
+                    error = None
+                    break
+                except Exception as exc:  # redis-py can raise others mid-failover
+                    error = exc
+                    if time.monotonic() > deadline:
+                        break
+                    log.warning("results not written yet; retrying", extra={"runs": len(batch)})
+                    await asyncio.sleep(0.2)
             for _, _, fut in batch:
-                if not fut.done():
+                if fut.done():
+                    continue
+                if error is None:
                     fut.set_result(None)
+                else:
+                    fut.set_exception(error)
 
     # -- cancellation ----------------------------------------------------------------------------
     def cancel_local(self, rid: str, attempt: int | None, decided_ms: float) -> None:

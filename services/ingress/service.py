@@ -22,7 +22,6 @@ import msgpack
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from services.ingress import metrics
 from shared import aio, codec
@@ -33,7 +32,14 @@ from shared.keyexpr import KeyFn, compile_key
 from shared.model import RequestPacker, Strategy, encode_seq, group_id, run_id, shard_of_group
 from shared.registry import WorkflowDef, load_all
 from shared.scripts import Scripts
-from shared.streams import INGRESS_GROUP, consumer_name, ensure_groups
+from shared.streams import (
+    INGRESS_GROUP,
+    OwnPending,
+    consumer_name,
+    ensure_groups,
+    heal_missing_groups,
+    split_deleted,
+)
 
 log = logging.getLogger("supersede.ingress")
 
@@ -226,34 +232,61 @@ class Ingress:
         # routed, so neither this process nor the server waits on the other. At most one
         # batch is in flight; its inbox entries stay pending until its own writes are done.
         writing: asyncio.Task[None] | None = None
+        writing_reread = False  # whether the batch in flight was a re-read of own entries
+        own = OwnPending([self.keys.events_stream])
         try:
             while not stop.is_set():
+                failing = False  # whether the stage that may fail handles a re-read batch
+                own.sweep_if_due()
                 try:
-                    reply = await self.redis.xreadgroup(
-                        INGRESS_GROUP,
-                        self.consumer,
-                        {self.keys.events_stream: ">"},
-                        count=self.config.batch,
-                        block=self.config.block_ms,
+                    if writing and (writing.done() or own.active):
+                        # A failed write raises here even when no batch follows; and before
+                        # re-reading its own pending entries the batch in flight must end.
+                        done, writing, failing = writing, None, writing_reread
+                        await done
+                    reread = failing = own.active
+                    reply = cast(
+                        list[tuple[bytes, list[Entry]]] | None,
+                        await self.redis.xreadgroup(
+                            INGRESS_GROUP,
+                            self.consumer,
+                            own.ids(),  # type: ignore[arg-type]
+                            count=self.config.batch,
+                            block=self.config.block_ms,
+                        ),
                     )
-                    for _, entries in cast(list[tuple[bytes, list[Entry]]], reply or []):
-                        if entries:
-                            batch = self.route(entries)
+                    own.advance(reply, reread)
+                    for _, entries in reply or []:
+                        live, gone = split_deleted(entries)
+                        if gone:
+                            log.error("inbox entries trimmed before ingress processed them",
+                                      extra={"entries": len(gone)})  # fmt: skip
+                            await self.redis.xack(self.keys.events_stream, INGRESS_GROUP, *gone)
+                        if live:
+                            batch = self.route(live)
                             if writing:
+                                failing = writing_reread
                                 await writing
                             writing = asyncio.create_task(self.write(batch))
+                            writing_reread = reread
                             # Let the writes go out before the next read is sent.
                             await asyncio.sleep(0)
                     shared_metrics.set_ready(True)
-                except (RedisError, OSError):
+                except Exception as exc:  # redis-py can raise others mid-failover
                     shared_metrics.set_ready(False)
-                    # A failed batch stays pending and is taken over by the timer (XAUTOCLAIM).
                     log.exception("batch failed; retrying")
-                    writing = None
+                    if writing:  # let it end, so its entries are not handled twice at once
+                        with contextlib.suppress(Exception):
+                            await writing
+                        writing = None
+                    # The failed batch is pending for this consumer: read it again soon.
+                    own.restart(failed_reread=failing)
+                    with contextlib.suppress(Exception):
+                        await heal_missing_groups(self.redis, self.keys, exc)
                     await asyncio.sleep(0.5)
         finally:
             if writing:
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(Exception):
                     await writing
             timer.cancel()
             await asyncio.gather(timer, return_exceptions=True)
