@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from services.admission.service import Admission, AdmissionConfig
 from shared.config import Settings
@@ -277,9 +279,24 @@ async def test_a_process_with_another_shard_count_refuses_to_start(
     assert b"SUPERSEDE_SHARDS" in err and b"refusing to start" in err
 
 
+@pytest.fixture(params=["single", "cluster"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, str]]:
+    """(client, SUPERSEDE_REDIS_URL) on one server, or on the session's 3-master cluster."""
+    if request.param == "single":
+        url = request.getfixturevalue("redis_url")
+        client: Any = Redis.from_url(url)
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        client = RedisCluster.from_url(cluster.url)
+        url = f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}"
+    yield client, url
+    await client.aclose()
+
+
 async def test_two_admission_processes_share_the_shards_without_double_work(
-    redis: Redis, redis_url: str, keys: Keys
+    backend: tuple[Any, str], keys: Keys
 ) -> None:
+    redis, redis_url = backend
     await ensure_groups(redis, keys)
     wanted = set()
     async with redis.pipeline(transaction=False) as pipe:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import orjson
 import pytest
 import redis as sync_redis
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from shared.keys import Keys
@@ -158,3 +162,95 @@ async def test_the_services_survive_a_master_failover_with_runs_in_flight() -> N
         system.close()
         await client.aclose()
         cluster.stop()
+
+
+def _migrate_slot(slot: int, source: int, target: int) -> None:
+    """Move one hash slot between masters the way redis-cli --cluster reshard does: IMPORTING
+    and MIGRATING, MIGRATE its keys in small batches, then assign it to the target."""
+    src, dst = sync_redis.Redis(port=source), sync_redis.Redis(port=target)
+    try:
+        src_id = src.execute_command("CLUSTER", "MYID").decode()
+        dst_id = dst.execute_command("CLUSTER", "MYID").decode()
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        while True:
+            names = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 2)
+            if not names:
+                break
+            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *names)
+            time.sleep(0.05)  # let clients meet the slot half-moved: ASK and TRYAGAIN
+        for node in (dst, src):
+            node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+    finally:
+        src.close()
+        dst.close()
+
+
+async def test_the_services_carry_on_while_a_shards_slot_moves_to_another_node() -> None:
+    """A shard's slot is resharded to another master while events flow: scripts meet ASK,
+    TRYAGAIN and MOVED, are retried, and every event still ends as exactly one run."""
+    cluster = EmbeddedCluster(3).start()
+    keys = Keys("reshard", 4)
+    client = RedisCluster.from_url(cluster.url)
+    system = System(f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}", keys)
+    stop_publishing = asyncio.Event()
+    published: list[str] = []
+    try:
+        await client.initialize()
+        await system.pipeline(client, keys, 2, "--slots", "30")
+        users = [f"user{i}" for i in range(16)]
+
+        async def publisher() -> None:
+            i = 0
+            while not stop_publishing.is_set():
+                user = users[i % len(users)]
+                data = orjson.dumps({"userId": user, "sleep": 0.02, "text": f"m{i}"})
+                try:
+                    entry = await client.xadd(
+                        keys.events_stream, {"name": "chat.message", "data": data}
+                    )
+                except (RedisError, OSError):
+                    continue  # a producer retries; the inbox's slot may be the one moving
+                published.append(entry.decode())
+                i += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(publisher())
+        await eventually(lambda: _runs_at_least(client, keys, 20), timeout=30)
+        # Move the slot of the shard with the most runs so far.
+        counts = [await client.hlen(sk.runs_hash) for sk in keys.all_shards()]
+        shard = counts.index(max(counts))
+        slot = key_slot(keys.shard(shard).runs_hash.encode())
+        source = int(client.get_node_from_key(keys.shard(shard).runs_hash).port)
+        target = next(p for p in cluster.master_ports() if p != source)
+        await asyncio.to_thread(_migrate_slot, slot, source, target)
+        more = len(published) + 40
+        await eventually(lambda: _runs_at_least(client, keys, more), timeout=30)
+        stop_publishing.set()
+        await task
+
+        async def settled() -> bool:
+            recs = await records(client, keys)
+            return len(recs) == len(published) and all(r["st"] in ("S", "C") for r in recs.values())
+
+        await eventually(settled, timeout=30)
+        recs = await records(client, keys)
+        assert sorted(str(r["ev"]) for r in recs.values()) == sorted(published)
+        newest: dict[str, dict[str, object]] = {}
+        for rec in recs.values():
+            if str(rec["k"]) not in newest or str(rec["s"]) > str(newest[str(rec["k"])]["s"]):
+                newest[str(rec["k"])] = rec
+        assert all(rec["st"] == "S" for rec in newest.values())
+        assert int(client.get_node_from_key(keys.shard(shard).runs_hash).port) == target
+    finally:
+        stop_publishing.set()
+        system.close()
+        await client.aclose()
+        cluster.stop()
+
+
+async def _runs_at_least(client: RedisCluster, keys: Keys, n: int) -> bool:
+    try:
+        return sum([await client.hlen(sk.runs_hash) for sk in keys.all_shards()]) >= n
+    except (RedisError, OSError):
+        return False
