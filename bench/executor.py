@@ -243,7 +243,7 @@ async def main() -> None:
         redis = Redis.from_url(server.url)
         await ensure_groups(redis, settings.keys)
         procs.append(start(env, "admission", "--block-ms", "100"))
-        procs.append(start(env, "executor", "bench.apps", "--slots", "40"))
+        procs.append(start(env, "executor", "bench.apps", "--slots", "100"))
 
         async def registered() -> bool:
             return int(await redis.hlen(settings.keys.workflows_hash)) == 3

@@ -90,6 +90,7 @@ def _executor(args: argparse.Namespace, settings: Settings) -> None:
         grace=args.grace,
         drain_timeout=args.drain_timeout,
         claim_idle_ms=args.claim_idle_ms,
+        block_ms=args.block_ms,
     )
     metrics.serve(args.metrics_port)
     asyncio.run(_until_signal(lambda stop: serve(settings, workflows, config, stop)))
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     exe.add_argument("--grace", type=float, default=5.0, help="seconds a cancelled run may take")
     exe.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on SIGTERM")
     exe.add_argument("--claim-idle-ms", type=int, default=30_000)
+    exe.add_argument("--block-ms", type=int, default=1000, help="longest wait of one read")
     exe.set_defaults(func=_executor)
 
     def ops_parser(name: str, help_text: str) -> argparse.ArgumentParser:

@@ -357,6 +357,19 @@ async def test_assignments_read_by_a_failed_claim_are_read_again_at_once(
         await redis.execute_command("ACL", "DELUSER", user)
 
 
+async def test_a_backlog_is_worked_through_without_waiting_out_a_blocking_read(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Fewer slots than shards: the executor scans shard by shard and waits on an XREAD only
+    for entries newer than the tails it read. With reads that would block for a minute, a
+    backlog of short runs (spanning several periodic re-reads of its own pending entries)
+    must still finish with no wait in between."""
+    await system.pipeline(redis, keys, 1, "--slots", "1", "--block-ms", "60000")
+    for i in range(60):
+        await publish(redis, keys, "work.item", k=f"u{i}", sleep=0.05)
+    await eventually(lambda: _states(redis, keys, {"S": 60}), timeout=30)
+
+
 async def test_a_malformed_assignment_is_acknowledged_and_the_next_one_runs(
     redis: Redis, keys: Keys, system: System
 ) -> None:

@@ -216,7 +216,9 @@ class Executor:
                     await self._claim_and_start(got)
                     # Let the new runs reach their first step before the next read is sent.
                     await asyncio.sleep(0)
-                elif not blocking:
+                elif not blocking and not reread:
+                    # Only after a scan: entries older than the tails are the scan's to find,
+                    # so a wait after a re-read of own entries could sleep past them.
                     await self._wait_for_assignments()
             except asyncio.CancelledError:
                 raise
