@@ -344,7 +344,8 @@ class Ingress:
         # One transaction on a single server: a crash cannot duplicate a dead letter. A cluster
         # refuses a transaction over two slots, so there the dead letters are written first and
         # the acknowledgement after: at least once, never lost.
-        atomic = not isinstance(self.redis, RedisCluster)
+        # Without dead letters the acknowledgement alone needs no transaction.
+        atomic = bool(batch.dead) and not isinstance(self.redis, RedisCluster)
         async with self.redis.pipeline(transaction=atomic) as pipe:
             for body in batch.dead:
                 pipe.xadd(self.keys.dead_stream, body, maxlen=self.config.stream_maxlen,
