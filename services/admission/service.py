@@ -108,9 +108,10 @@ class Admission:
     async def _read_loop(self, stop: asyncio.Event, names: list[bytes]) -> None:
         """XREADGROUP BLOCK over `names`, then one script call per (shard, kind).
 
-        While a batch is applied the next one is already being read, so the server does not sit
-        idle while this process parses replies. Batches are still applied one after another, in
-        stream order. On stop, a read in flight is awaited and its batch applied before returning.
+        Behind a backlog, the next batch is read while one is applied, so the server does not
+        sit idle while this process parses replies. Batches are still applied one after another,
+        in stream order. On stop, a read in flight is awaited and its batch applied before
+        returning. After a failure the process re-reads its own pending entries (OwnPending).
         """
         own = OwnPending(names)
 
@@ -130,8 +131,9 @@ class Admission:
             while ahead is not None or not stop.is_set():
                 if ahead is None:
                     own.sweep_if_due()
-                (reread, read_now), ahead = ahead or read(), None
+                reread = own.active if ahead is None else ahead[0]
                 try:
+                    (reread, read_now), ahead = ahead or read(), None
                     reply = await read_now
                     own.advance(reply, reread)
                     if reply:
