@@ -149,10 +149,15 @@ class Scripts:
         for script, _ in self._scripts.values():
             script.sha = await self.redis.script_load(script.script)
 
-    async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
+    def _checked(self, name: str, keys: Sequence[str]) -> AsyncScript:
+        """The script, once the number of keys matches its header."""
         script, nkeys = self._scripts[name]
         if len(keys) != nkeys:
             raise BadArguments(-1, f"{name} takes {nkeys} keys, got {len(keys)}")
+        return script
+
+    async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
+        script = self._checked(name, keys)
         reply: list[Any] = await script(keys=list(keys), args=list(args))
         raise_for_status(reply)
         return reply
@@ -196,9 +201,9 @@ class Scripts:
         lease_ms: int,
         now: int = 0,
     ) -> dict[int, list[Claim]]:
-        """`claim` for several shards at once: one pipelined round trip on a single server
-        (a task and a connection per shard cost more than the scripts), concurrent calls on a
-        cluster, whose pipelines cannot retry a script call moved between nodes."""
+        """`claim` for several shards at once: one pipelined round trip on a single server (a
+        task and a connection per shard cost more than the scripts); concurrent calls on a
+        cluster, where the shards live on different nodes."""
         shards = list(batches)
         if len(shards) == 1 or isinstance(self.redis, RedisCluster):
             replies = await aio.gather(
@@ -228,10 +233,9 @@ class Scripts:
     ) -> list[list[Any]]:
         """Run one script over several (keys, args) in one pipeline; calls the server answered
         NOSCRIPT (its script cache was flushed, e.g. by a restart) are loaded and run again."""
-        script, nkeys = self._scripts[name]
+        script = self._scripts[name][0]
         for keys, _ in calls:
-            if len(keys) != nkeys:
-                raise BadArguments(-1, f"{name} takes {nkeys} keys, got {len(keys)}")
+            self._checked(name, keys)
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):

@@ -41,14 +41,12 @@ async def ensure_groups(redis: Redis, keys: Keys) -> None:
         await ensure_group(redis, sk.assignments_stream, EXECUTOR_GROUP)
 
 
-async def heal_missing_groups(redis: Redis, keys: Keys, exc: BaseException) -> bool:
+async def heal_missing_groups(redis: Redis, keys: Keys, exc: BaseException) -> None:
     """After a NOGROUP error (a stream deleted, or a failover to a replica that had not yet
     received the group), create the groups again from the first entry: every consumer of
-    them is idempotent, so entries seen twice change nothing. True when it healed."""
-    if "NOGROUP" not in str(exc):
-        return False
-    await ensure_groups(redis, keys)
-    return True
+    them is idempotent, so entries seen twice change nothing."""
+    if "NOGROUP" in str(exc):
+        await ensure_groups(redis, keys)
 
 
 Entry = tuple[bytes, dict[bytes, bytes]]

@@ -104,6 +104,19 @@ async def test_a_failed_batch_is_read_again_at_once_not_after_the_takeover_delay
     assert await backlog(redis, keys) == 0
 
 
+async def test_a_deleted_stream_and_its_group_are_recreated_and_work_goes_on(
+    redis: Redis, keys: Keys, service: Admission
+) -> None:
+    """NOGROUP (a stream deleted, or a failover to a replica without the group): the groups
+    are created again from the first entry and requests written since are admitted."""
+    shard, req = make_request(keys, event="e1", seq=1)
+    stream = keys.shard(shard).requests_stream
+    await redis.delete(stream)
+    await redis.xadd(stream, {"r": req.pack()})  # a new stream, without the admission group
+    await eventually(lambda: _states_are(redis, keys, ["A"], [(shard, req)]), timeout=10)
+    assert [g["name"] for g in await redis.xinfo_groups(stream)] == [ADMISSION_GROUP.encode()]
+
+
 async def _states_are(redis: Redis, keys: Keys, expected: list[str], reqs) -> bool:  # type: ignore[no-untyped-def]
     recs = await records(redis, keys)
     return [recs.get(r.run_id, {}).get("st") for _, r in reqs] == expected
