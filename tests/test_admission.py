@@ -311,17 +311,23 @@ async def test_two_admission_processes_share_the_shards_without_double_work(
 ) -> None:
     redis, redis_url = backend
     await ensure_groups(redis, keys)
-    wanted = set()
-    async with redis.pipeline(transaction=False) as pipe:
-        for i in range(4_000):
-            shard, req = make_request(keys, event=f"e{i}", seq=i, key=f"k{i % 50}", max_runs=3)
-            wanted.add(req.run_id)
-            pipe.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
-        await pipe.execute()
     procs = [
         start_admission(redis_url, keys, "--batch", "50", "--metrics-port", "0") for _ in range(2)
     ]
     try:
+
+        async def both_reading() -> bool:  # so both share the backlog and both heed SIGTERM
+            stream = keys.shard(0).requests_stream
+            return len(await redis.xinfo_consumers(stream, ADMISSION_GROUP)) == 2
+
+        await eventually(both_reading, timeout=30)
+        wanted = set()
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in range(4_000):
+                shard, req = make_request(keys, event=f"e{i}", seq=i, key=f"k{i % 50}", max_runs=3)
+                wanted.add(req.run_id)
+                pipe.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
+            await pipe.execute()
         await eventually(lambda: _is_zero(backlog(redis, keys)), timeout=60)
     finally:
         for proc in procs:
