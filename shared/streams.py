@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -47,6 +49,17 @@ async def heal_missing_groups(redis: Redis, keys: Keys, exc: BaseException) -> N
     them is idempotent, so entries seen twice change nothing."""
     if "NOGROUP" in str(exc):
         await ensure_groups(redis, keys)
+
+
+async def after_failure(
+    redis: Redis, keys: Keys, own: OwnPending, exc: BaseException, *, failed_reread: bool
+) -> None:
+    """What every service loop does after a failed batch: schedule the re-read of its own
+    pending entries, recreate lost groups, and pause before trying again."""
+    own.restart(failed_reread=failed_reread)
+    with contextlib.suppress(Exception):
+        await heal_missing_groups(redis, keys, exc)
+    await asyncio.sleep(0.5)
 
 
 Entry = tuple[bytes, dict[bytes, bytes]]

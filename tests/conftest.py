@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from shared.keys import Keys
 from shared.scripts import Scripts
@@ -56,3 +58,17 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 @pytest.fixture
 def scripts(redis: Redis, keys: Keys) -> Scripts:
     return Scripts(redis, keys)
+
+
+@pytest.fixture(params=["single", "cluster"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, str]]:
+    """(client, SUPERSEDE_REDIS_URL) on one server, or on the session's 3-master cluster."""
+    if request.param == "single":
+        url = request.getfixturevalue("redis_url")
+        client: Any = Redis.from_url(url)
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        client = RedisCluster.from_url(cluster.url)
+        url = f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}"
+    yield client, url
+    await client.aclose()

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -82,6 +82,16 @@ async def records(redis: Redis, keys: Keys) -> dict[str, dict[str, object]]:
         for rid, raw in (await redis.hgetall(sk.runs_hash)).items():
             out[rid.decode()] = codec.unpack(raw)
     return out
+
+
+async def pending_count(redis: Any, streams: Iterable[str], group: str) -> int:
+    """Entries delivered to `group` on `streams` and not yet acknowledged, in all."""
+    return sum([int((await redis.xpending(s, group))["pending"]) for s in streams])
+
+
+async def run_count(redis: Any, keys: Keys) -> int:
+    """Run records of the namespace, over every shard."""
+    return sum([int(await redis.hlen(sk.runs_hash)) for sk in keys.all_shards()])
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:

@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 
 from services.admission.service import Admission, AdmissionConfig
 from shared.config import Settings
@@ -21,7 +20,7 @@ from shared.keys import Keys
 from shared.model import Outcome, RunResult, Strategy
 from shared.server import free_port
 from shared.streams import ADMISSION_GROUP, ensure_groups
-from tests.helpers import eventually, make_request, records, scrape
+from tests.helpers import eventually, make_request, pending_count, records, run_count, scrape
 
 
 async def backlog(redis: Redis, keys: Keys) -> int:
@@ -91,10 +90,8 @@ async def test_a_failed_batch_is_read_again_at_once_not_after_the_takeover_delay
         await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
 
     async def all_pending() -> bool:
-        total = 0
-        for sk in keys.all_shards():
-            total += int((await redis.xpending(sk.requests_stream, ADMISSION_GROUP))["pending"])
-        return total == len(reqs)
+        streams = [sk.requests_stream for sk in keys.all_shards()]
+        return await pending_count(redis, streams, ADMISSION_GROUP) == len(reqs)
 
     await eventually(all_pending)
     await asyncio.sleep(1.0)  # a few failed attempts
@@ -174,7 +171,7 @@ async def test_sigkill_mid_stream_then_restart_gives_exactly_one_run_per_request
         await pipe.execute()
 
     async def count_runs() -> int:
-        return sum([await redis.hlen(sk.runs_hash) for sk in keys.all_shards()])
+        return await run_count(redis, keys)
 
     proc = start_admission(redis_url, keys, "--batch", "20", "--metrics-port", "0")
     kills = 0
@@ -265,16 +262,14 @@ async def test_sigterm_under_load_leaves_nothing_read_and_unapplied(
     finally:
         proc.kill()
         proc.wait(5)
-    pending = 0
-    for sk in keys.all_shards():
-        pending += int((await redis.xpending(sk.requests_stream, ADMISSION_GROUP))["pending"])
+    streams = [sk.requests_stream for sk in keys.all_shards()]
+    assert await pending_count(redis, streams, ADMISSION_GROUP) == 0
     recs = await records(redis, keys)
-    assert pending == 0
     assert 2000 <= len(recs) < written  # stopped mid-stream; what it read, it applied
 
 
 async def _some_runs(redis: Redis, keys: Keys, n: int) -> bool:
-    return sum([await redis.hlen(sk.runs_hash) for sk in keys.all_shards()]) >= n
+    return await run_count(redis, keys) >= n
 
 
 async def _has_groups(redis: Redis, keys: Keys) -> bool:
@@ -290,20 +285,6 @@ async def test_a_process_with_another_shard_count_refuses_to_start(
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 2
     assert b"SUPERSEDE_SHARDS" in err and b"refusing to start" in err
-
-
-@pytest.fixture(params=["single", "cluster"])
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, str]]:
-    """(client, SUPERSEDE_REDIS_URL) on one server, or on the session's 3-master cluster."""
-    if request.param == "single":
-        url = request.getfixturevalue("redis_url")
-        client: Any = Redis.from_url(url)
-    else:
-        cluster = request.getfixturevalue("redis_cluster")
-        client = RedisCluster.from_url(cluster.url)
-        url = f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}"
-    yield client, url
-    await client.aclose()
 
 
 async def test_two_admission_processes_share_the_shards_without_double_work(

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from shared.keys import Keys
 from shared.scripts import Scripts
 from shared.server import EmbeddedCluster
-from tests.helpers import System, eventually, make_request, records
+from tests.helpers import System, eventually, make_request, records, run_count
 
 
 async def test_keys_of_one_shard_share_a_node_and_shards_spread_over_the_masters(
@@ -72,8 +72,7 @@ async def test_admission_runs_on_the_cluster(redis_cluster: EmbeddedCluster) -> 
             await client.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
 
         async def all_admitted() -> bool:
-            total = sum([await client.hlen(sk.runs_hash) for sk in keys.all_shards()])
-            return total == len(reqs)
+            return await run_count(client, keys) == len(reqs)
 
         await eventually(all_admitted, timeout=30)
         from shared import codec
@@ -251,6 +250,6 @@ async def test_the_services_carry_on_while_a_shards_slot_moves_to_another_node()
 
 async def _runs_at_least(client: RedisCluster, keys: Keys, n: int) -> bool:
     try:
-        return sum([await client.hlen(sk.runs_hash) for sk in keys.all_shards()]) >= n
+        return await run_count(client, keys) >= n
     except (RedisError, OSError):
         return False

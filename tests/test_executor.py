@@ -16,7 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.keys import Keys
-from tests.helpers import APP, System, eventually, records
+from tests.helpers import APP, System, eventually, pending_count, records
 
 
 @pytest.fixture
@@ -37,6 +37,10 @@ async def log(redis: Redis, keys: Keys) -> list[str]:
 
 async def logged(redis: Redis, keys: Keys, prefix: str, n: int = 1) -> bool:
     return sum(1 for x in await log(redis, keys) if x.startswith(prefix)) >= n
+
+
+def assignment_streams(keys: Keys) -> list[str]:
+    return [sk.assignments_stream for sk in keys.all_shards()]
 
 
 async def states(redis: Redis, keys: Keys) -> Counter[str]:
@@ -156,10 +160,7 @@ async def test_sigterm_under_load_starts_and_drains_everything_it_read(
     finally:
         stop_publishing.set()
         await task
-    pending = 0
-    for sk in keys.all_shards():
-        pending += int((await redis.xpending(sk.assignments_stream, "executors"))["pending"])
-    assert pending == 0
+    assert await pending_count(redis, assignment_streams(keys), "executors") == 0
     counts = await states(redis, keys)
     assert counts["S"] >= 30 and counts["R"] == 0, counts
 
@@ -342,10 +343,7 @@ async def test_assignments_read_by_a_failed_claim_are_read_again_at_once(
         await publish(redis, keys, "work.item")
 
         async def assignment_pending() -> bool:
-            total = 0
-            for sk in keys.all_shards():
-                total += int((await redis.xpending(sk.assignments_stream, "executors"))["pending"])
-            return total == 1
+            return await pending_count(redis, assignment_streams(keys), "executors") == 1
 
         await eventually(assignment_pending, timeout=30)
         await asyncio.sleep(1.0)  # a few failed claims
@@ -380,8 +378,6 @@ async def test_a_malformed_assignment_is_acknowledged_and_the_next_one_runs(
     await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
 
     async def all_acked() -> bool:
-        pending = [int((await redis.xpending(sk.assignments_stream, "executors"))["pending"])
-                   for sk in keys.all_shards()]  # fmt: skip
-        return sum(pending) == 0
+        return await pending_count(redis, assignment_streams(keys), "executors") == 0
 
     await eventually(all_acked, timeout=10)

@@ -123,31 +123,22 @@ async def test_a_dead_letter_is_replayed_after_fixing_the_workflow(
     )
 
 
-@pytest.fixture(params=["single", "cluster"])
-async def backend(request: pytest.FixtureRequest, keys: Keys) -> Any:
+@pytest.fixture
+async def on_backend(backend: tuple[Any, str], keys: Keys) -> Any:
     """(client, system) on one server, or on the session's 3-master cluster."""
-    from redis.asyncio.cluster import RedisCluster
-
-    if request.param == "single":
-        client: Any = Redis.from_url(request.getfixturevalue("redis_url"))
-        url = request.getfixturevalue("redis_url")
-    else:
-        cluster = request.getfixturevalue("redis_cluster")
-        client = RedisCluster.from_url(cluster.url)
-        url = f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}"
+    client, url = backend
     system = System(url, keys)
     yield client, system
     system.close()
-    await client.aclose()
 
 
 async def test_chat_scenario_only_each_users_newest_message_succeeds(
-    backend: Any, keys: Keys
+    on_backend: Any, keys: Keys
 ) -> None:
     """Bursts for many users: the newest run of each user succeeds, every older one is
     cancelled, and no handler is still running after its cancel. The same code runs on one
     server and on a real cluster; final states are read through the CLI's --json output."""
-    redis, system = backend
+    redis, system = on_backend
     await system.pipeline(redis, keys, 2, "--slots", "30")
     users, burst = 12, 4
     async with redis.pipeline(transaction=False) as pipe:

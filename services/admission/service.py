@@ -30,9 +30,9 @@ from shared.streams import (
     ADMISSION_GROUP,
     EXECUTOR_GROUP,
     OwnPending,
+    after_failure,
     consumer_name,
     ensure_groups,
-    heal_missing_groups,
     split_deleted,
 )
 
@@ -148,10 +148,7 @@ class Admission:
                     shared_metrics.set_ready(False)
                     log.exception("batch failed; retrying")
                     # The failed batch is pending for this consumer: read it again soon.
-                    own.restart(failed_reread=reread)
-                    with contextlib.suppress(Exception):
-                        await heal_missing_groups(self.redis, self.keys, exc)
-                    await asyncio.sleep(0.5)
+                    await after_failure(self.redis, self.keys, own, exc, failed_reread=reread)
         finally:
             if ahead is not None:
                 ahead[1].cancel()

@@ -37,9 +37,9 @@ from shared.scripts import Claim, Scripts
 from shared.streams import (
     EXECUTOR_GROUP,
     OwnPending,
+    after_failure,
     consumer_name,
     ensure_groups,
-    heal_missing_groups,
 )
 from shared.workflow import Context, Step, Workflow
 
@@ -227,10 +227,7 @@ class Executor:
                 log.exception("fetch iteration failed")
                 # Assignments read but not claimed are pending for this consumer: read them
                 # again first.
-                self._own.restart(failed_reread=reread)
-                with contextlib.suppress(Exception):
-                    await heal_missing_groups(self.redis, self.keys, exc)
-                await asyncio.sleep(0.5)
+                await after_failure(self.redis, self.keys, self._own, exc, failed_reread=reread)
 
     async def _read_own(self, free: int) -> list[tuple[int, bytes, str, int]]:
         """This consumer's pending assignments, shard by shard, at most `free` of them."""

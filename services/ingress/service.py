@@ -35,9 +35,9 @@ from shared.scripts import Scripts
 from shared.streams import (
     INGRESS_GROUP,
     OwnPending,
+    after_failure,
     consumer_name,
     ensure_groups,
-    heal_missing_groups,
     split_deleted,
 )
 
@@ -280,10 +280,7 @@ class Ingress:
                             await writing
                         writing = None
                     # The failed batch is pending for this consumer: read it again soon.
-                    own.restart(failed_reread=failing)
-                    with contextlib.suppress(Exception):
-                        await heal_missing_groups(self.redis, self.keys, exc)
-                    await asyncio.sleep(0.5)
+                    await after_failure(self.redis, self.keys, own, exc, failed_reread=failing)
         finally:
             if writing:
                 with contextlib.suppress(Exception):
