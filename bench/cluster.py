@@ -14,8 +14,8 @@ from redis.asyncio.cluster import RedisCluster
 
 from bench.common import log, report
 from bench.executor import start, wait_for
-from shared.keys import Keys
-from shared.server import EmbeddedCluster, EmbeddedServer
+from supersede.keys import Keys
+from supersede.server import EmbeddedCluster, EmbeddedServer
 
 
 async def e2e(url: str, client: Any, n: int) -> float:

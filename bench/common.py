@@ -31,7 +31,7 @@ async def pipelined_xadd(
     for i in range(0, len(items), chunk):
         async with redis.pipeline(transaction=False) as pipe:
             for stream, fields in items[i : i + chunk]:
-                pipe.xadd(stream, fields)  # type: ignore[arg-type]
+                pipe.xadd(stream, fields)
             await pipe.execute()
     return len(items) / (time.perf_counter() - started)
 

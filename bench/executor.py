@@ -23,18 +23,18 @@ import orjson
 from redis.asyncio import Redis
 
 from bench.common import log, pipelined_xadd, report
-from services.ops import LIVE_STATES, cancel_key, scan_runs
-from shared import codec
-from shared.config import Settings
-from shared.scripts import Scripts
-from shared.server import EmbeddedServer
-from shared.streams import ensure_groups
+from supersede import codec
+from supersede.config import Settings
+from supersede.scripts import Scripts
+from supersede.server import EmbeddedServer
+from supersede.services.ops import LIVE_STATES, cancel_key, scan_runs
+from supersede.streams import ensure_groups
 
 
 def start(
     env: dict[str, str], *args: str, stderr: Any = subprocess.DEVNULL
 ) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "services.cli", *args, "--metrics-port", "0"]
+    cmd = [sys.executable, "-m", "supersede", *args, "--metrics-port", "0"]
     return subprocess.Popen(cmd, env=env, stderr=stderr)
 
 

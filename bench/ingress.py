@@ -11,11 +11,11 @@ import orjson
 from redis.asyncio import Redis
 
 from bench.common import log, pipelined_xadd, report
-from services.ingress.service import Ingress, IngressConfig
-from shared.config import Settings
-from shared.registry import register
-from shared.server import EmbeddedServer
-from shared.streams import INGRESS_GROUP, ensure_groups
+from supersede.config import Settings
+from supersede.registry import register
+from supersede.server import EmbeddedServer
+from supersede.services.ingress.service import Ingress, IngressConfig
+from supersede.streams import INGRESS_GROUP, ensure_groups
 
 
 async def inbox_backlog(redis: Redis, stream: str) -> int:

@@ -1,0 +1,1 @@
+"""The Lua scripts, shipped as package data and read with importlib.resources."""

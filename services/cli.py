@@ -1,4 +1,4 @@
-"""The `supersede` command: one subcommand per service (more arrive with later services)."""
+"""The `supersede` command: the three services, `dev`, and the operator commands."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ from typing import Any
 
 import orjson
 
-from shared import logs, metrics
-from shared.config import Settings, connect
-from shared.errors import ConfigError, DefinitionError, SupersedeError
-from shared.model import RunState
+from supersede import __version__, logs, metrics
+from supersede.config import Settings, connect
+from supersede.errors import ConfigError, DefinitionError, SupersedeError
+from supersede.model import RunState
 
 log = logging.getLogger("supersede")
 
 
 def _admission(args: argparse.Namespace, settings: Settings) -> None:
-    from services.admission.service import AdmissionConfig, serve
+    from supersede.services.admission.service import AdmissionConfig, serve
 
     config = AdmissionConfig(
         batch=args.batch,
@@ -46,7 +46,7 @@ async def _until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> Non
 
 
 def _ingress(args: argparse.Namespace, settings: Settings) -> None:
-    from services.ingress.service import IngressConfig, serve
+    from supersede.services.ingress.service import IngressConfig, serve
 
     config = IngressConfig(
         batch=args.batch,
@@ -64,7 +64,7 @@ def load_workflows(module_name: str) -> list[Any]:
     """Import MODULE and return its Workflow objects, each validated (DefinitionError)."""
     import importlib
 
-    from shared.workflow import Workflow
+    from supersede.workflow import Workflow
 
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -81,7 +81,7 @@ def load_workflows(module_name: str) -> list[Any]:
 
 
 def _executor(args: argparse.Namespace, settings: Settings) -> None:
-    from services.executor.service import ExecutorConfig, serve
+    from supersede.services.executor.service import ExecutorConfig, serve
 
     workflows = load_workflows(args.module)
     config = ExecutorConfig(
@@ -97,7 +97,7 @@ def _executor(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _dev(args: argparse.Namespace, settings: Settings) -> None:
-    from services import dev
+    from supersede.services import dev
 
     argv = ["--duration", str(args.duration)] if args.duration else []
     dev.main(argv + (["--no-demo-events"] if args.no_demo_events else []))
@@ -106,7 +106,7 @@ def _dev(args: argparse.Namespace, settings: Settings) -> None:
 def _ops(args: argparse.Namespace, settings: Settings) -> None:
     """publish, runs, run, cancel, status, dead: print a table, or JSON with --json."""
 
-    from services import ops
+    from supersede.services import ops
 
     async def main() -> int:
         redis = connect(settings.redis_url)
@@ -142,6 +142,7 @@ def _table(result: Any) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="supersede", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"supersede {__version__}")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from shared.workflow import Concurrency, Context, Strategy, Workflow
+from supersede.workflow import Concurrency, Context, Strategy, Workflow
 
 chat = Workflow(
     "demo-chat-reply",

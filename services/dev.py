@@ -26,9 +26,9 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from shared import codec
-from shared.config import Settings, connect
-from shared.server import EmbeddedServer
+from supersede import codec
+from supersede.config import Settings, connect
+from supersede.server import EmbeddedServer
 
 STATE_WORDS = {
     "Q": "queued",
@@ -55,7 +55,7 @@ class Children:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, *args: str) -> None:
-        cmd = [sys.executable, "-m", "services.cli", "--log-level", "WARNING", *args,
+        cmd = [sys.executable, "-m", "supersede", "--log-level", "WARNING", *args,
                "--metrics-port", "0"]  # fmt: skip
         self.procs.append(subprocess.Popen(cmd, env=self.env, stderr=self.log, stdout=self.log))
 
@@ -135,8 +135,12 @@ async def run(settings: Settings, duration: float | None, demo_events: bool) -> 
     children = Children(settings)
     try:
         children.start("admission")
-        children.start("executor", "services.demo", "--slots", "10", "--drain-timeout", "3")
-        children.start("executor", "services.demo", "--slots", "10", "--drain-timeout", "3")
+        children.start(
+            "executor", "supersede.services.demo", "--slots", "10", "--drain-timeout", "3"
+        )
+        children.start(
+            "executor", "supersede.services.demo", "--slots", "10", "--drain-timeout", "3"
+        )
         deadline = time.monotonic() + 30
         while int(await redis.hlen(settings.keys.workflows_hash)) < 2:
             if time.monotonic() > deadline or any(p.poll() is not None for p in children.procs):

@@ -15,11 +15,11 @@ from typing import Any, cast
 import orjson
 from redis.asyncio import Redis
 
-from shared import codec
-from shared.keys import Keys
-from shared.model import RunState, shard_of_run
-from shared.scripts import Scripts
-from shared.streams import ADMISSION_GROUP, EXECUTOR_GROUP, INGRESS_GROUP
+from supersede import codec
+from supersede.keys import Keys
+from supersede.model import RunState, shard_of_run
+from supersede.scripts import Scripts
+from supersede.streams import ADMISSION_GROUP, EXECUTOR_GROUP, INGRESS_GROUP
 
 STATE_NAMES = {s.value: s.name for s in RunState}
 LIVE_STATES = {"Q", "A", "R"}
@@ -207,7 +207,7 @@ def dumps(value: Any) -> str:
 
 
 async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
-    from shared.client import publish
+    from supersede.client import publish
 
     try:
         data = orjson.loads(args.data)

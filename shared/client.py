@@ -13,7 +13,7 @@ import orjson
 import redis as redis_sync
 from redis.asyncio import Redis
 
-from shared.config import DEFAULT_NAMESPACE
+from supersede.config import DEFAULT_NAMESPACE
 
 
 def event_fields(

@@ -10,8 +10,8 @@ import redis as redis_sync
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 
-from shared.errors import ConfigError
-from shared.keys import Keys
+from supersede.errors import ConfigError
+from supersede.keys import Keys
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_NAMESPACE = "supersede"

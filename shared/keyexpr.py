@@ -13,7 +13,7 @@ from typing import Any
 
 import cel
 
-from shared.errors import DefinitionError, KeyExpressionError
+from supersede.errors import DefinitionError, KeyExpressionError
 
 MAX_KEY_BYTES = 1024
 KeyFn = Callable[[Any, Any], str]

@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from shared import codec
+from supersede import codec
 
 GROUP_ID_LEN = 16  # hex chars; fixed width so the Lua side can slice members without parsing
 SEQ_LEN = 32  # hex chars: 16 for the millisecond part of a stream id, 16 for its counter

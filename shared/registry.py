@@ -15,10 +15,10 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from shared.errors import DefinitionError
-from shared.keyexpr import compile_key
-from shared.keys import Keys
-from shared.model import ConcurrencySpec, Strategy
+from supersede.errors import DefinitionError
+from supersede.keyexpr import compile_key
+from supersede.keys import Keys
+from supersede.model import ConcurrencySpec, Strategy
 
 MAX_NAME = 200
 

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
+from importlib.resources import files
 from typing import Any
 
 from redis.asyncio import Redis
@@ -18,11 +18,11 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from shared import aio, codec
-from shared.errors import BadArguments, raise_for_status
-from shared.keys import Keys, ShardKeys
+from supersede import aio, codec
+from supersede.errors import BadArguments, raise_for_status
+from supersede.keys import Keys, ShardKeys
 
-LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+LUA_DIR = files("supersede.lua")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
 _KEY_DECL = re.compile(r"^\s*KEYS\[(\d+)(?:\.\.(\d+))?\]", re.MULTILINE)
 

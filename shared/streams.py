@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from shared.keys import Keys
+from supersede.keys import Keys
 
 ADMISSION_GROUP = "admission"
 EXECUTOR_GROUP = "executors"

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.errors import DefinitionError
-from shared.model import Strategy
-from shared.registry import WorkflowDef, definition_body, parse
+from supersede.errors import DefinitionError
+from supersede.model import Strategy
+from supersede.registry import WorkflowDef, definition_body, parse
 
 __all__ = ["Concurrency", "Context", "Step", "Strategy", "Workflow"]
 

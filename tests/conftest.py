@@ -8,9 +8,9 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from shared.keys import Keys
-from shared.scripts import Scripts
-from shared.server import EmbeddedCluster, EmbeddedServer
+from supersede.keys import Keys
+from supersede.scripts import Scripts
+from supersede.server import EmbeddedCluster, EmbeddedServer
 
 
 @pytest.fixture(scope="session")

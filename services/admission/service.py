@@ -20,13 +20,13 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from services.admission import metrics
-from shared import aio
-from shared import metrics as shared_metrics
-from shared.config import Settings, connect, pin_shard_count
-from shared.errors import ScriptError
-from shared.scripts import Scripts
-from shared.streams import (
+from supersede import aio
+from supersede import metrics as shared_metrics
+from supersede.config import Settings, connect, pin_shard_count
+from supersede.errors import ScriptError
+from supersede.scripts import Scripts
+from supersede.services.admission import metrics
+from supersede.streams import (
     ADMISSION_GROUP,
     EXECUTOR_GROUP,
     OwnPending,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from shared.metrics import LATENCY_BUCKETS
+from supersede.metrics import LATENCY_BUCKETS
 
 RUNS_STARTED = Counter(
     "supersede_executor_runs_started_total", "Runs claimed and started.", ["workflow"]

@@ -27,21 +27,21 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from services.executor import metrics
-from shared import codec
-from shared import metrics as shared_metrics
-from shared.config import Settings, connect, pin_shard_count
-from shared.model import Outcome, RunResult
-from shared.registry import register
-from shared.scripts import Claim, Scripts
-from shared.streams import (
+from supersede import codec
+from supersede import metrics as shared_metrics
+from supersede.config import Settings, connect, pin_shard_count
+from supersede.model import Outcome, RunResult
+from supersede.registry import register
+from supersede.scripts import Claim, Scripts
+from supersede.services.executor import metrics
+from supersede.streams import (
     EXECUTOR_GROUP,
     OwnPending,
     after_failure,
     consumer_name,
     ensure_groups,
 )
-from shared.workflow import Context, Step, Workflow
+from supersede.workflow import Context, Step, Workflow
 
 log = logging.getLogger("supersede.executor")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from shared.metrics import LATENCY_BUCKETS
+from supersede.metrics import LATENCY_BUCKETS
 
 EVENTS = Counter("supersede_ingress_events_total", "Inbox events read.")
 RUNS_REQUESTED = Counter(

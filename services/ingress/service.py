@@ -23,16 +23,16 @@ import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from services.ingress import metrics
-from shared import aio, codec
-from shared import metrics as shared_metrics
-from shared.config import Settings, connect, pin_shard_count
-from shared.errors import KeyExpressionError
-from shared.keyexpr import KeyFn, compile_key
-from shared.model import RequestPacker, Strategy, encode_seq, group_id, run_id, shard_of_group
-from shared.registry import WorkflowDef, load_all
-from shared.scripts import Scripts
-from shared.streams import (
+from supersede import aio, codec
+from supersede import metrics as shared_metrics
+from supersede.config import Settings, connect, pin_shard_count
+from supersede.errors import KeyExpressionError
+from supersede.keyexpr import KeyFn, compile_key
+from supersede.model import RequestPacker, Strategy, encode_seq, group_id, run_id, shard_of_group
+from supersede.registry import WorkflowDef, load_all
+from supersede.scripts import Scripts
+from supersede.services.ingress import metrics
+from supersede.streams import (
     INGRESS_GROUP,
     OwnPending,
     after_failure,

@@ -26,12 +26,12 @@ from hypothesis.stateful import (
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from shared import codec
-from shared.keys import Keys
-from shared.model import Outcome, RunResult, Strategy
-from shared.scripts import Scripts
-from tests.helpers import make_request
-from tests.model import Limits, Model
+from supersede import codec
+from supersede.keys import Keys
+from supersede.model import Outcome, RunResult, Strategy
+from supersede.scripts import Scripts
+from tests.support import make_request
+from tests.support.model import Limits, Model
 
 LEASE_MS = 1_000
 GROUPS = ("alpha", "beta", "gamma")

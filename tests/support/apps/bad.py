@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from shared.workflow import Concurrency, Context, Workflow
+from supersede.workflow import Concurrency, Context, Workflow
 
 kind = os.environ.get("SUPERSEDE_TEST_BAD", "max_runs")
 concurrency = {

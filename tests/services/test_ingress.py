@@ -17,14 +17,14 @@ import pytest
 import redis as redis_sync
 from redis.asyncio import Redis
 
-from services.ingress.service import Ingress, IngressConfig
-from shared import client, codec
-from shared.config import Settings
-from shared.keys import Keys
-from shared.model import group_id, shard_of_group
-from shared.registry import register
-from shared.streams import INGRESS_GROUP
-from tests.helpers import eventually, requests_in_streams, scrape
+from supersede import client, codec
+from supersede.config import Settings
+from supersede.keys import Keys
+from supersede.model import group_id, shard_of_group
+from supersede.registry import register
+from supersede.services.ingress.service import Ingress, IngressConfig
+from supersede.streams import INGRESS_GROUP
+from tests.support import eventually, requests_in_streams, scrape
 
 CHAT = {
     "id": "chat-reply",
@@ -115,7 +115,7 @@ async def test_the_python_client_writes_the_same_contract(
     reqs = await requests_in_streams(redis, keys)
     assert sorted(r["k"] for r in reqs if r["w"] == "chat-reply") == ["a", "b"]
     with pytest.raises(TypeError):
-        client.event_fields("n", ["not", "a", "dict"])  # type: ignore[arg-type]
+        client.event_fields("n", ["not", "a", "dict"])
 
 
 BAD_EVENTS: list[tuple[dict[str, Any], str]] = [
@@ -206,7 +206,7 @@ async def test_sigkill_mid_batch_then_restart_gives_exactly_one_request_or_dead_
         await pipe.execute()
     env = {**os.environ, "SUPERSEDE_REDIS_URL": redis_url, "SUPERSEDE_NAMESPACE": keys.namespace,
            "SUPERSEDE_SHARDS": str(keys.shards)}  # fmt: skip
-    cmd = [sys.executable, "-m", "services.cli", "ingress", "--metrics-port", "0", "--batch", "25",
+    cmd = [sys.executable, "-m", "supersede", "ingress", "--metrics-port", "0", "--batch", "25",
            "--block-ms", "100"]  # fmt: skip
 
     async def appended() -> int:
@@ -215,7 +215,7 @@ async def test_sigkill_mid_batch_then_restart_gives_exactly_one_request_or_dead_
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     try:
         for threshold in (1, n // 3):
-            await eventually(lambda t=threshold: _at_least(appended, t), timeout=30)  # type: ignore[misc]
+            await eventually(lambda t=threshold: _at_least(appended, t), timeout=30)
             proc.send_signal(signal.SIGKILL)
             proc.wait(5)
             assert await appended() < 2 * n * 49 // 50, "killed too late to prove anything"
@@ -245,7 +245,7 @@ async def test_two_ingress_processes_share_the_inbox_and_stop_on_sigterm(
     redis: Redis, redis_url: str, keys: Keys
 ) -> None:
 
-    from shared.server import free_port
+    from supersede.server import free_port
 
     await register(redis, keys, CHAT)
     n = 3_000
@@ -264,7 +264,7 @@ async def test_two_ingress_processes_share_the_inbox_and_stop_on_sigterm(
             [
                 sys.executable,
                 "-m",
-                "services.cli",
+                "supersede",
                 "ingress",
                 "--metrics-port",
                 str(port),

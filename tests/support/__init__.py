@@ -1,19 +1,22 @@
-"""Small builders shared by the tests."""
+"""What the tests share: builders, pollers, the subprocess harness. Test files import helpers
+from here only, never from one another."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
 
-from shared.keys import Keys
-from shared.model import RunRequest, Strategy, group_id, run_id, shard_of_group
+from supersede.keys import Keys
+from supersede.model import RunRequest, Strategy, group_id, run_id, shard_of_group
 
 
 def make_request(
@@ -75,7 +78,7 @@ async def snapshot(redis: Redis, keys: Keys) -> dict[str, object]:
 
 async def records(redis: Redis, keys: Keys) -> dict[str, dict[str, object]]:
     """All run records of the namespace, decoded."""
-    from shared import codec
+    from supersede import codec
 
     out: dict[str, dict[str, object]] = {}
     for sk in keys.all_shards():
@@ -105,7 +108,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0
 
 async def requests_in_streams(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
     """Every run request appended to the shard streams, decoded."""
-    from shared import codec
+    from supersede import codec
 
     out = []
     for sk in keys.all_shards():
@@ -129,7 +132,21 @@ def scrape(url: str) -> str:
             time.sleep(0.05)
 
 
-APP = "tests.apps.demo"
+REPO = Path(__file__).resolve().parents[2]
+APP = "tests.support.apps.demo"
+CLI = [sys.executable, "-m", "supersede"]
+
+
+def exposed() -> dict[str, str]:
+    """Metric name -> type of every supersede_ metric the services register in this process."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    import supersede.services.admission.metrics
+    import supersede.services.executor.metrics
+    import supersede.services.ingress.metrics  # noqa: F401 - importing registers the metrics
+
+    text = generate_latest(REGISTRY).decode()
+    return dict(re.findall(r"^# TYPE (supersede_\S+) (\S+)$", text, re.MULTILINE))
 
 
 class System:
@@ -142,13 +159,13 @@ class System:
         self.stderr = open(os.environ.get("SUPERSEDE_TEST_STDERR", os.devnull), "ab")  # noqa: SIM115
 
     def start(self, *args: str) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "services.cli", *args, "--metrics-port", "0"]
+        cmd = [sys.executable, "-m", "supersede", *args, "--metrics-port", "0"]
         proc = subprocess.Popen(cmd, env=self.env, stderr=self.stderr)
         self.procs.append(proc)
         return proc
 
     def start_with_port(self, service: str, port: int, *args: str) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "services.cli", service, *args, "--metrics-port", str(port)]
+        cmd = [sys.executable, "-m", "supersede", service, *args, "--metrics-port", str(port)]
         proc = subprocess.Popen(cmd, env=self.env, stderr=self.stderr)
         self.procs.append(proc)
         return proc

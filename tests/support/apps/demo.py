@@ -9,8 +9,8 @@ import asyncio
 import os
 import time
 
-from shared.config import DEFAULT_URL, connect_sync
-from shared.workflow import Concurrency, Context, Strategy, Workflow
+from supersede.config import DEFAULT_URL, connect_sync
+from supersede.workflow import Concurrency, Context, Strategy, Workflow
 
 _redis = connect_sync(os.environ.get("SUPERSEDE_REDIS_URL", DEFAULT_URL))
 LOG = f"{os.environ.get('SUPERSEDE_NAMESPACE', 'supersede')}:test:log"

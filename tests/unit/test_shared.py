@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared import codec, scripts
-from shared.config import Settings, pin_shard_count
-from shared.errors import ConfigError, MalformedItem, UnknownRun, raise_for_status
-from shared.keys import Keys
-from shared.model import (
+from supersede import codec, scripts
+from supersede.config import Settings, pin_shard_count
+from supersede.errors import ConfigError, MalformedItem, UnknownRun, raise_for_status
+from supersede.keys import Keys
+from supersede.model import (
     ConcurrencySpec,
     RequestPacker,
     RunState,
@@ -75,7 +75,7 @@ def test_concurrency_spec_names_the_bad_field() -> None:
     with pytest.raises(ValueError, match="max_runs"):
         ConcurrencySpec("input.userId", max_runs=0)
     with pytest.raises(ValueError, match="limit_strategy"):
-        ConcurrencySpec("input.userId", limit_strategy="LATEST")  # type: ignore[arg-type]
+        ConcurrencySpec("input.userId", limit_strategy="LATEST")
     assert RunState("S").terminal and not RunState("X").terminal
 
 
@@ -151,8 +151,8 @@ def test_readyz_follows_the_ready_flag() -> None:
     import urllib.error
     import urllib.request
 
-    from shared import metrics
-    from shared.server import free_port
+    from supersede import metrics
+    from supersede.server import free_port
 
     port = free_port()
     metrics.serve(port)
@@ -173,7 +173,7 @@ def test_readyz_follows_the_ready_flag() -> None:
 
 
 def test_own_pending_re_reads_after_a_failure_without_starving_new_entries() -> None:
-    from shared.streams import OwnPending
+    from supersede.streams import OwnPending
 
     own = OwnPending([b"s1", "s2"])
     assert not own.active and own.ids() == {"s1": ">", "s2": ">"}

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from services.admission.service import Admission, AdmissionConfig
-from shared.config import Settings
-from shared.keys import Keys
-from shared.model import Outcome, RunResult, Strategy
-from shared.server import free_port
-from shared.streams import ADMISSION_GROUP, ensure_groups
-from tests.helpers import eventually, make_request, pending_count, records, run_count, scrape
+from supersede.config import Settings
+from supersede.keys import Keys
+from supersede.model import Outcome, RunResult, Strategy
+from supersede.server import free_port
+from supersede.services.admission.service import Admission, AdmissionConfig
+from supersede.streams import ADMISSION_GROUP, ensure_groups
+from tests.support import eventually, make_request, pending_count, records, run_count, scrape
 
 
 async def backlog(redis: Redis, keys: Keys) -> int:
@@ -45,7 +45,7 @@ def env_for(url: str, keys: Keys) -> dict[str, str]:
 def start_admission(
     url: str, keys: Keys, *extra: str, stderr: int = subprocess.DEVNULL
 ) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "services.cli", "admission", "--block-ms", "100", *extra]
+    cmd = [sys.executable, "-m", "supersede", "admission", "--block-ms", "100", *extra]
     return subprocess.Popen(cmd, env=env_for(url, keys), stderr=stderr)
 
 
@@ -209,7 +209,7 @@ async def test_sigkill_mid_stream_then_restart_gives_exactly_one_run_per_request
 
 
 def shard_of(rec: dict[str, object]) -> int:
-    from shared.model import shard_of_group
+    from supersede.model import shard_of_group
 
     return shard_of_group(str(rec["g"]), 4)
 
@@ -326,7 +326,7 @@ async def test_two_admission_processes_share_the_shards_without_double_work(
 
 
 async def test_the_service_survives_a_server_restart(keys: Keys) -> None:
-    from shared.server import EmbeddedServer
+    from supersede.server import EmbeddedServer
 
     server = EmbeddedServer().start()
     redis = Redis.from_url(server.url)
@@ -336,12 +336,12 @@ async def test_the_service_survives_a_server_restart(keys: Keys) -> None:
     task = asyncio.create_task(service.run(stop))
     try:
         await eventually(lambda: asyncio.sleep(0, service.ready))
-        server.proc.terminate()  # type: ignore[union-attr]
-        server.proc.wait(5)  # type: ignore[union-attr]
+        server.proc.terminate()
+        server.proc.wait(5)
         await asyncio.sleep(0.3)  # let the service hit the outage (it must not crash)
         assert not task.done()
         server.start()  # same port, empty data: groups are gone too
-        from shared.streams import ensure_groups
+        from supersede.streams import ensure_groups
 
         await ensure_groups(redis, keys)
         shard, req = make_request(keys, event="after", seq=1)
@@ -357,7 +357,7 @@ async def test_the_service_survives_a_server_restart(keys: Keys) -> None:
 async def test_gauges_report_queue_depth_per_workflow_active_runs_and_lag(
     redis: Redis, keys: Keys, service: Admission
 ) -> None:
-    from services.admission import metrics
+    from supersede.services.admission import metrics
 
     reqs = [
         make_request(keys, workflow="gauged", event=f"e{i}", seq=i,

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.errors import DefinitionError, KeyExpressionError
-from shared.keyexpr import compile_key
-from shared.keys import Keys
-from shared.registry import load_all, parse, register
+from supersede.errors import DefinitionError, KeyExpressionError
+from supersede.keyexpr import compile_key
+from supersede.keys import Keys
+from supersede.registry import load_all, parse, register
 
 
 def definition(**overrides: Any) -> dict[str, Any]:

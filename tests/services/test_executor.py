@@ -15,8 +15,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from shared.keys import Keys
-from tests.helpers import APP, System, eventually, pending_count, records
+from supersede.keys import Keys
+from tests.support import APP, CLI, System, eventually, pending_count, records
 
 
 @pytest.fixture
@@ -180,7 +180,7 @@ def test_a_bad_definition_stops_the_start_naming_the_field(
     env = {**os.environ, "SUPERSEDE_REDIS_URL": redis_url, "SUPERSEDE_NAMESPACE": keys.namespace,
            "SUPERSEDE_TEST_BAD": kind}  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "executor", "tests.apps.bad", "--metrics-port", "0"],
+        [*CLI, "executor", "tests.support.apps.bad", "--metrics-port", "0"],
         env=env, capture_output=True, timeout=30,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -231,14 +231,14 @@ async def test_a_step_timeout_or_an_unpackable_output_fails_the_run(
 
 
 async def test_executor_metrics_are_served(redis: Redis, redis_url: str, keys: Keys) -> None:
-    from shared.server import free_port
-    from tests.helpers import scrape
+    from supersede.server import free_port
+    from tests.support import scrape
 
     system = System(redis_url, keys)
     port = free_port()
     try:
         system.start("admission", "--block-ms", "100")
-        cmd = [sys.executable, "-m", "services.cli", "executor", APP, "--metrics-port", str(port)]
+        cmd = [sys.executable, "-m", "supersede", "executor", APP, "--metrics-port", str(port)]
         system.procs.append(subprocess.Popen(cmd, env=system.env, stderr=subprocess.DEVNULL))
 
         async def registered() -> bool:
@@ -292,7 +292,7 @@ async def test_assignments_a_dead_executor_read_but_never_claimed_are_taken_over
 async def test_the_heartbeat_stops_a_run_whose_cancel_message_was_missed(
     redis: Redis, keys: Keys, system: System
 ) -> None:
-    from shared import codec
+    from supersede import codec
 
     await system.pipeline(redis, keys, 1, "--lease", "1.5")
     await publish(redis, keys, "chat.message", userId="u9", sleep=30)

@@ -12,10 +12,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
-from shared.keys import Keys
-from shared.scripts import Scripts
-from shared.server import EmbeddedCluster
-from tests.helpers import System, eventually, make_request, records, run_count
+from supersede.keys import Keys
+from supersede.scripts import Scripts
+from supersede.server import EmbeddedCluster
+from tests.support import System, eventually, make_request, records, run_count
 
 
 async def test_keys_of_one_shard_share_a_node_and_shards_spread_over_the_masters(
@@ -48,14 +48,14 @@ async def test_admission_runs_on_the_cluster(redis_cluster: EmbeddedCluster) -> 
     import subprocess
     import sys
 
-    from tests.helpers import eventually
+    from tests.support import eventually
 
     keys = Keys("clusteradm", 16)
     url = f"redis+cluster://127.0.0.1:{redis_cluster.nodes[0].port}"
     env = {**os.environ, "SUPERSEDE_REDIS_URL": url, "SUPERSEDE_NAMESPACE": keys.namespace,
            "SUPERSEDE_SHARDS": "16"}  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "admission", "--metrics-port", "0",
+        [sys.executable, "-m", "supersede", "admission", "--metrics-port", "0",
          "--block-ms", "100"],
         env=env, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -75,7 +75,7 @@ async def test_admission_runs_on_the_cluster(redis_cluster: EmbeddedCluster) -> 
             return await run_count(client, keys) == len(reqs)
 
         await eventually(all_admitted, timeout=30)
-        from shared import codec
+        from supersede import codec
 
         states = {}
         for shard, req in reqs:

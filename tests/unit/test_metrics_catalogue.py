@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-from prometheus_client import REGISTRY, generate_latest
+from tests.support import REPO, exposed
 
-import services.admission.metrics
-import services.executor.metrics
-import services.ingress.metrics  # noqa: F401 - importing registers the metrics
-
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = REPO / "README.md"
 ROW = re.compile(r"^\| `(supersede_[a-z_]+)` \| (counter|gauge|histogram) \|", re.MULTILINE)
-
-
-def exposed() -> dict[str, str]:
-    text = generate_latest(REGISTRY).decode()
-    return dict(re.findall(r"^# TYPE (supersede_\S+) (\S+)$", text, re.MULTILINE))
 
 
 def test_the_catalogue_matches_the_exposition() -> None:

@@ -1,0 +1,1 @@
+"""Tests, deploy layer (see tests/README.md)."""

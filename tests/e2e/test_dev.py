@@ -1,0 +1,55 @@
+"""`supersede dev`: the one-command demo on an embedded server, ending cleanly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _descendants(pid: int) -> set[int]:
+    """Processes below `pid` now (from /proc: only what this test started, nothing else)."""
+    parent_of: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent_of[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parent_of.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_dev_runs_the_demo_on_an_embedded_server_and_exits_0() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supersede", "dev", "--duration", "5"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines = []
+    for raw in proc.stdout:
+        lines.append(raw.decode())
+        if "services up" in lines[-1]:
+            break
+    children = _descendants(proc.pid)
+    assert len(children) >= 5  # the server, admission, two executors, ingress
+    rest, err = proc.communicate(timeout=90)
+    out = "".join(lines) + rest.decode()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "supersede dev: Redis at redis://127.0.0.1:" in out
+    assert "succeeded" in out and "superseded by" in out  # CANCEL_IN_PROGRESS at work
+    assert "summary (runs by workflow and final state):" in out
+    assert [pid for pid in children if _alive(pid)] == []

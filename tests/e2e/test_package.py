@@ -1,0 +1,130 @@
+"""The distribution as a user gets it: a wheel built from the repository with its declared build
+requirements, installed into a fresh virtualenv outside the repository, running the workflows of
+an application that has `shared/` and `services/` packages of its own."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
+import redis
+
+from supersede.keys import Keys
+from tests.support import REPO
+
+APP = """
+from shared.naming import reply_text  # the application's own `shared`, not supersede's
+from services.store import remember   # the application's own `services`
+
+from supersede import Concurrency, Context, Workflow
+
+greet = Workflow("app-greet", on_events=["app.hello"],
+                 concurrency=Concurrency(expression="input.user", max_runs=1))
+
+
+@greet.step()
+def hello(ctx: Context) -> dict:
+    text = reply_text(ctx.input["user"])
+    remember(text)
+    return {"text": text}
+"""
+
+
+def _run(*cmd: str | Path, cwd: Path | None = None, timeout: float = 300) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    return proc.stdout.decode()
+
+
+def _app(root: Path, url: str, note_key: str) -> None:
+    (root / "shared").mkdir()
+    (root / "shared" / "__init__.py").write_text("")
+    (root / "shared" / "naming.py").write_text("def reply_text(user): return f'hi {user}'\n")
+    (root / "services").mkdir()
+    (root / "services" / "__init__.py").write_text("")
+    (root / "services" / "store.py").write_text(
+        f"import redis\n_r = redis.Redis.from_url({url!r})\n"
+        f"def remember(text): _r.rpush({note_key!r}, text)\n"
+    )
+    (root / "app_workflows.py").write_text(textwrap.dedent(APP))
+
+
+def test_the_wheel_adds_only_supersede_and_runs_an_app_with_its_own_shared_package(
+    tmp_path: Path, redis_url: str, keys: Keys
+) -> None:
+    dist = tmp_path / "dist"
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(REPO))
+    (wheel,) = dist.glob("supersede-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    tops = {n.split("/", 1)[0] for n in names if ".dist-info/" not in n}
+    assert tops == {"supersede"}
+    assert "supersede/lua/admit.lua" in names and "supersede/lua/includes/runs.lua" in names
+    assert "supersede/py.typed" in names
+
+    venv = tmp_path / "venv"
+    _run(sys.executable, "-m", "venv", str(venv))
+    _run(venv / "bin" / "pip", "install", "-q", str(wheel))
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = Path(_run(venv / "bin" / "python", "-c", purelib).strip())
+    (record,) = site.glob("supersede-*.dist-info/RECORD")
+    installed = {
+        line.split(",", 1)[0].split("/", 1)[0]
+        for line in record.read_text().splitlines()
+        if line and ".dist-info/" not in line and not line.startswith("..")
+    }
+    assert installed == {"supersede"}
+    assert not (site / "shared").exists() and not (site / "services").exists()
+    assert _run(venv / "bin" / "supersede", "--version").startswith("supersede ")
+
+    app = tmp_path / "app"
+    app.mkdir()
+    note_key = f"{keys.namespace}:app:notes"
+    _app(app, redis_url, note_key)
+    env = {"SUPERSEDE_REDIS_URL": redis_url, "SUPERSEDE_NAMESPACE": keys.namespace,
+           "SUPERSEDE_SHARDS": str(keys.shards), "PATH": "/usr/bin:/bin"}  # fmt: skip
+    exe = venv / "bin" / "supersede"
+    log = (tmp_path / "services.log").open("wb")
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> None:
+        cmd = [exe, *args, "--metrics-port", "0"]
+        procs.append(subprocess.Popen(cmd, cwd=app, env=env, stderr=log))
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        start("admission")
+        start("executor", "app_workflows")
+        deadline = time.monotonic() + 60
+        while not client.hexists(keys.workflows_hash, "app-greet"):
+            assert time.monotonic() < deadline, "the executor did not register app-greet"
+            assert all(p.poll() is None for p in procs), (tmp_path / "services.log").read_text()
+            time.sleep(0.05)
+        start("ingress")  # after the registration: an event nobody listens to is not run
+        client.xadd(keys.events_stream, {"name": "app.hello", "data": '{"user":"ada"}'})
+        while client.lrange(note_key, 0, -1) != [b"hi ada"]:
+            assert time.monotonic() < deadline, "the run did not complete"
+            time.sleep(0.05)
+        while not _succeeded(client, keys):
+            assert time.monotonic() < deadline, "the run was not recorded as succeeded"
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(5)
+        client.close()
+        log.close()
+
+
+def _succeeded(client: redis.Redis, keys: Keys) -> bool:
+    from supersede import codec
+
+    for sk in keys.all_shards():
+        for raw in client.hvals(sk.runs_hash):
+            if codec.unpack(raw).get("st") == "S":
+                return True
+    return False

@@ -1,0 +1,1 @@
+"""Tests, scripts layer (see tests/README.md)."""

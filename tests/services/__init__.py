@@ -1,0 +1,1 @@
+"""Tests, services layer (see tests/README.md)."""

@@ -1,0 +1,1 @@
+"""Tests, unit layer (see tests/README.md)."""
