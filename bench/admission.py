@@ -12,10 +12,11 @@ from redis.asyncio import Redis
 from bench.common import log, pipelined_xadd, report
 from supersede.config import Settings
 from supersede.keys import Keys
-from supersede.model import RunRequest, Strategy, encode_seq, group_id, run_id, shard_of_group
+from supersede.model import encode_seq, group_id, run_id, shard_of_group
+from supersede.protocol import ADMISSION_GROUP, RunRequest, Strategy
 from supersede.server import EmbeddedServer
 from supersede.services.admission.service import Admission, AdmissionConfig
-from supersede.streams import ADMISSION_GROUP, ensure_groups
+from supersede.streams import ensure_groups
 
 
 def build_requests(keys: Keys, n: int, groups: int) -> list[tuple[str, dict[str, bytes]]]:

@@ -23,11 +23,11 @@ import orjson
 from redis.asyncio import Redis
 
 from bench.common import log, pipelined_xadd, report
-from supersede import codec
 from supersede.config import Settings
+from supersede.protocol import RunRecord
 from supersede.scripts import Scripts
 from supersede.server import EmbeddedServer
-from supersede.services.ops import LIVE_STATES, cancel_key, scan_runs
+from supersede.services.ops import cancel_key, scan_runs
 from supersede.streams import ensure_groups
 
 
@@ -107,9 +107,9 @@ async def cancel_latency(redis: Redis, settings: Settings, env: dict[str, str]) 
     latencies = []
     for sk in keys.all_shards():
         for rid, raw in (await redis.hgetall(sk.runs_hash)).items():
-            rec = codec.unpack(raw)
-            if rid.decode() in cancelled and rec.get("tc"):
-                latencies.append(cancelled[rid.decode()] * 1000 - rec["tc"])
+            run = RunRecord.decode(rid, raw)
+            if run.id in cancelled and run.cancel_decided_ms:
+                latencies.append(cancelled[run.id] * 1000 - run.cancel_decided_ms)
     reference = await xread_wakeup_ms(redis)
     ref50 = statistics.median(reference)
     by_round = {k.decode(): float(v) for k, v in
@@ -138,8 +138,7 @@ async def cancel_latency(redis: Redis, settings: Settings, env: dict[str, str]) 
 
     async def released() -> bool:
         return not any(
-            rec.get("w") == "latest-only" and rec.get("st") in LIVE_STATES
-            for _, rec in await scan_runs(redis, keys)
+            run.workflow == "latest-only" and run.state.live for run in await scan_runs(redis, keys)
         )
 
     await wait_for(released)

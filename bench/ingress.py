@@ -12,10 +12,11 @@ from redis.asyncio import Redis
 
 from bench.common import log, pipelined_xadd, report
 from supersede.config import Settings
+from supersede.protocol import INGRESS_GROUP
 from supersede.registry import register
 from supersede.server import EmbeddedServer
 from supersede.services.ingress.service import Ingress, IngressConfig
-from supersede.streams import INGRESS_GROUP, ensure_groups
+from supersede.streams import ensure_groups
 
 
 async def inbox_backlog(redis: Redis, stream: str) -> int:

@@ -16,7 +16,7 @@ import orjson
 from supersede import __version__, logs, metrics
 from supersede.config import Settings, connect
 from supersede.errors import ConfigError, DefinitionError, SupersedeError
-from supersede.model import RunState
+from supersede.protocol import RunState
 
 log = logging.getLogger("supersede")
 

@@ -26,18 +26,18 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from supersede import codec
 from supersede.config import Settings, connect
+from supersede.protocol import RunRecord, RunState
 from supersede.server import EmbeddedServer
 
 STATE_WORDS = {
-    "Q": "queued",
-    "A": "assigned",
-    "R": "started",
-    "X": "cancelling",
-    "S": "succeeded",
-    "F": "failed",
-    "C": "cancelled",
+    RunState.QUEUED: "queued",
+    RunState.ASSIGNED: "assigned",
+    RunState.RUNNING: "started",
+    RunState.CANCELLING: "cancelling",
+    RunState.SUCCEEDED: "succeeded",
+    RunState.FAILED: "failed",
+    RunState.CANCELLED: "cancelled",
 }
 
 
@@ -91,26 +91,26 @@ async def publish_demo_events(redis: Redis, inbox: str, stop: asyncio.Event) -> 
 
 async def watch(redis: Redis, settings: Settings, stop: asyncio.Event) -> Counter[tuple[str, str]]:
     """Print each run's transitions by polling the run records; returns final states."""
-    seen: dict[str, str] = {}
+    seen: dict[str, RunState] = {}
     final: Counter[tuple[str, str]] = Counter()
     started = time.monotonic()
     while True:
         for sk in settings.keys.all_shards():
             runs: dict[bytes, bytes] = await redis.hgetall(sk.runs_hash)  # type: ignore[assignment]
-            for rid_raw, raw in runs.items():
-                rid, rec = rid_raw.decode(), codec.unpack(raw)
-                state = str(rec["st"])
-                if seen.get(rid) == state:
+            for rid, raw in runs.items():
+                run = RunRecord.decode(rid, raw)
+                if seen.get(run.id) == run.state:
                     continue
-                seen[rid] = state
-                if state in ("Q", "A"):
+                seen[run.id] = run.state
+                if run.state in (RunState.QUEUED, RunState.ASSIGNED):
                     continue
                 elapsed = time.monotonic() - started
                 line = (
-                    f"{elapsed:6.2f}s  {rec['w']:<16} key={rec['k']:<8} {rid}  {STATE_WORDS[state]}"
+                    f"{elapsed:6.2f}s  {run.workflow:<16} key={run.key:<8} {run.id}  "
+                    f"{STATE_WORDS[run.state]}"
                 )
-                if state in ("X", "C") and rec.get("by"):
-                    line += f" (superseded by {rec['by']})"
+                if run.state in (RunState.CANCELLING, RunState.CANCELLED) and run.cancelled_by:
+                    line += f" (superseded by {run.cancelled_by})"
                 print(line, flush=True)
         if stop.is_set():
             break
@@ -118,9 +118,9 @@ async def watch(redis: Redis, settings: Settings, stop: asyncio.Event) -> Counte
             await asyncio.wait_for(stop.wait(), 0.2)
     for sk in settings.keys.all_shards():
         records: dict[bytes, bytes] = await redis.hgetall(sk.runs_hash)  # type: ignore[assignment]
-        for raw in records.values():
-            rec = codec.unpack(raw)
-            final[(str(rec["w"]), STATE_WORDS[str(rec["st"])])] += 1
+        for rid, raw in records.items():
+            run = RunRecord.decode(rid, raw)
+            final[(run.workflow, STATE_WORDS[run.state])] += 1
     return final
 
 

@@ -15,48 +15,51 @@ from typing import Any, cast
 import orjson
 from redis.asyncio import Redis
 
-from supersede import codec
 from supersede.keys import Keys
-from supersede.model import RunState, shard_of_run
+from supersede.model import shard_of_run
+from supersede.protocol import (
+    ADMISSION_GROUP,
+    EXECUTOR_GROUP,
+    INGRESS_GROUP,
+    Dead,
+    RunRecord,
+    RunState,
+    original_fields,
+)
 from supersede.scripts import Scripts
-from supersede.streams import ADMISSION_GROUP, EXECUTOR_GROUP, INGRESS_GROUP
-
-STATE_NAMES = {s.value: s.name for s in RunState}
-LIVE_STATES = {"Q", "A", "R"}
-DEAD_EXTRA_FIELDS = {b"reason", b"detail", b"entry", b"workflow"}
 
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def view(rid: str, rec: dict[str, Any]) -> dict[str, Any]:
+def view(run: RunRecord) -> dict[str, Any]:
     """A record as operators read it (full names, no internal codes)."""
     return {
-        "id": rid,
-        "workflow": rec.get("w"),
-        "version": rec.get("v"),
-        "key": rec.get("k"),
-        "state": STATE_NAMES.get(str(rec.get("st")), rec.get("st")),
-        "attempt": rec.get("a"),
-        "event_id": rec.get("ev"),
-        "executor": rec.get("e") or None,
-        "cancelled_by": rec.get("by") or None,
-        "reason": rec.get("why") or None,
-        "error": rec.get("err") or None,
-        "created_ms": rec.get("t0"),
-        "assigned_ms": rec.get("t1"),
-        "claimed_ms": rec.get("t2"),
-        "cancel_decided_ms": rec.get("tc"),
-        "ended_ms": rec.get("t3"),
+        "id": run.id,
+        "workflow": run.workflow,
+        "version": run.version,
+        "key": run.key,
+        "state": run.state.name,
+        "attempt": run.attempt,
+        "event_id": run.event_id,
+        "executor": run.executor,
+        "cancelled_by": run.cancelled_by,
+        "reason": run.reason,
+        "error": run.error,
+        "created_ms": run.created_ms,
+        "assigned_ms": run.assigned_ms,
+        "claimed_ms": run.claimed_ms,
+        "cancel_decided_ms": run.cancel_decided_ms,
+        "ended_ms": run.ended_ms,
     }
 
 
-async def scan_runs(redis: Redis, keys: Keys) -> list[tuple[str, dict[str, Any]]]:
+async def scan_runs(redis: Redis, keys: Keys) -> list[RunRecord]:
     out = []
     for sk in keys.all_shards():
         async for rid, raw in redis.hscan_iter(sk.runs_hash, count=1000):
-            out.append((_text(rid), codec.unpack(raw)))
+            out.append(RunRecord.decode(rid, raw))
     return out
 
 
@@ -69,44 +72,45 @@ async def list_runs(
     state: str | None = None,
     limit: int = 100,
 ) -> list[dict[str, Any]]:
-    wanted_state = RunState[state.upper()].value if state else None
-    rows = []
-    for rid, rec in await scan_runs(redis, keys):
-        if workflow and rec.get("w") != workflow:
-            continue
-        if key is not None and rec.get("k") != key:
-            continue
-        if wanted_state and rec.get("st") != wanted_state:
-            continue
-        rows.append(view(rid, rec))
-    rows.sort(key=lambda r: r["created_ms"] or 0, reverse=True)
-    return rows[:limit]
+    wanted = RunState[state.upper()] if state else None
+    runs = [
+        run
+        for run in await scan_runs(redis, keys)
+        if (not workflow or run.workflow == workflow)
+        and (key is None or run.key == key)
+        and (wanted is None or run.state is wanted)
+    ]
+    runs.sort(key=lambda r: r.created_ms or 0, reverse=True)
+    return [view(run) for run in runs[:limit]]
+
+
+def timeline(run: RunRecord) -> list[dict[str, Any]]:
+    """Created, assigned, claimed by, cancel decided (and by whom), ended."""
+    out: list[dict[str, Any]] = [{"at_ms": run.created_ms, "event": "created"}]
+    if run.assigned_ms:
+        out.append({"at_ms": run.assigned_ms, "event": f"assigned (attempt {run.attempt})"})
+    if run.claimed_ms:
+        out.append({"at_ms": run.claimed_ms, "event": f"claimed by {run.executor or '?'}"})
+    if run.cancel_decided_ms:
+        by = f" by {run.cancelled_by}" if run.cancelled_by else ""
+        out.append({"at_ms": run.cancel_decided_ms, "event": f"cancel decided ({run.reason}){by}"})
+    if run.ended_ms:
+        text = f"ended {run.state.name}"
+        if run.cancelled_by and not run.cancel_decided_ms:
+            text += f" (superseded by {run.cancelled_by})"
+        elif run.reason and not run.cancel_decided_ms:
+            text += f" ({run.reason})"
+        out.append({"at_ms": run.ended_ms, "event": text})
+    return out
 
 
 async def get_run(redis: Redis, keys: Keys, rid: str) -> dict[str, Any] | None:
-    """One run with its timeline (created, assigned, claimed by, cancelled by, finished)."""
+    """One run with its timeline."""
     raw = await redis.hget(keys.shard(shard_of_run(rid)).runs_hash, rid)
     if raw is None:
         return None
-    rec = codec.unpack(codec.blob(raw))
-    run = view(rid, rec)
-    timeline = [{"at_ms": rec.get("t0"), "event": "created"}]
-    if rec.get("t1"):
-        timeline.append({"at_ms": rec["t1"], "event": f"assigned (attempt {rec.get('a')})"})
-    if rec.get("t2"):
-        timeline.append({"at_ms": rec["t2"], "event": f"claimed by {rec.get('e') or '?'}"})
-    if rec.get("tc"):
-        by = f" by {rec['by']}" if rec.get("by") else ""
-        timeline.append({"at_ms": rec["tc"], "event": f"cancel decided ({rec.get('why')}){by}"})
-    if rec.get("t3"):
-        text = f"ended {run['state']}"
-        if rec.get("by") and not rec.get("tc"):
-            text += f" (superseded by {rec['by']})"
-        elif rec.get("why") and not rec.get("tc"):
-            text += f" ({rec['why']})"
-        timeline.append({"at_ms": rec["t3"], "event": text})
-    run["timeline"] = timeline
-    return run
+    run = RunRecord.decode(rid, raw)
+    return {**view(run), "timeline": timeline(run)}
 
 
 async def cancel_runs(scripts: Scripts, rids: list[str]) -> dict[str, bool]:
@@ -123,9 +127,9 @@ async def cancel_runs(scripts: Scripts, rids: list[str]) -> dict[str, bool]:
 async def cancel_key(redis: Redis, scripts: Scripts, workflow: str, key: str) -> dict[str, bool]:
     """Cancel every live run of (workflow, key), whatever its version."""
     rids = [
-        rid
-        for rid, rec in await scan_runs(redis, scripts.keys)
-        if rec.get("w") == workflow and rec.get("k") == key and rec.get("st") in LIVE_STATES
+        run.id
+        for run in await scan_runs(redis, scripts.keys)
+        if run.workflow == workflow and run.key == key and run.state.live
     ]
     return await cancel_runs(scripts, rids) if rids else {}
 
@@ -142,8 +146,8 @@ async def _group_lag(redis: Redis, stream: str, group: str) -> dict[str, int]:
 async def status(redis: Redis, keys: Keys, live_idle_ms: int = 5000) -> dict[str, Any]:
     """Per workflow: runs by state; stream lags; live executors."""
     per_workflow: dict[str, Counter[str]] = {}
-    for _, rec in await scan_runs(redis, keys):
-        per_workflow.setdefault(str(rec.get("w")), Counter())[STATE_NAMES[str(rec["st"])]] += 1
+    for run in await scan_runs(redis, keys):
+        per_workflow.setdefault(run.workflow, Counter())[run.state.name] += 1
     lags: dict[str, dict[str, int]] = {
         "inbox": await _group_lag(redis, keys.events_stream, INGRESS_GROUP)
     }
@@ -189,9 +193,9 @@ async def replay_dead(redis: Redis, keys: Keys, entry_id: str) -> str:
     if not entries:
         raise LookupError(f"no dead letter {entry_id!r}")
     fields = cast(dict[bytes, bytes], entries[0][1])
-    if b"stream" in fields:
+    if Dead.STREAM.encode() in fields:
         raise ValueError(f"{entry_id} is a refused run request or result, not an inbox event")
-    original: dict[Any, Any] = {k: v for k, v in fields.items() if k not in DEAD_EXTRA_FIELDS}
+    original: dict[Any, Any] = original_fields(fields)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.xadd(keys.events_stream, original)
         pipe.xdel(keys.dead_stream, entry_id)

@@ -14,6 +14,8 @@ import redis as redis_sync
 from redis.asyncio import Redis
 
 from supersede.config import DEFAULT_NAMESPACE
+from supersede.keys import inbox_stream
+from supersede.protocol import Inbox
 
 
 def event_fields(
@@ -22,24 +24,24 @@ def event_fields(
     *,
     id: str | None = None,
     metadata: dict[str, Any] | None = None,
-) -> dict[str, bytes]:
+) -> dict[bytes, bytes]:
     """The inbox fields of one event; raises TypeError/ValueError on a bad argument."""
     if not isinstance(name, str) or not name:
         raise ValueError("name must be a non-empty string")
     if not isinstance(data, dict):
         raise TypeError("data must be a dict (a JSON object)")
-    fields = {"name": name.encode(), "data": orjson.dumps(data)}
+    fields = {Inbox.NAME: name.encode(), Inbox.DATA: orjson.dumps(data)}
     if id is not None:
-        fields["id"] = str(id).encode()
+        fields[Inbox.ID] = str(id).encode()
     if metadata is not None:
         if not isinstance(metadata, dict):
             raise TypeError("metadata must be a dict (a JSON object)")
-        fields["metadata"] = orjson.dumps(metadata)
+        fields[Inbox.METADATA] = orjson.dumps(metadata)
     return fields
 
 
 def inbox(namespace: str | None = None) -> str:
-    return f"{namespace or os.environ.get('SUPERSEDE_NAMESPACE', DEFAULT_NAMESPACE)}:events"
+    return inbox_stream(namespace or os.environ.get("SUPERSEDE_NAMESPACE", DEFAULT_NAMESPACE))
 
 
 async def publish(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from supersede.protocol import Reason
+
 
 class SupersedeError(Exception):
     """Base of every error this package raises on purpose."""
@@ -28,22 +30,22 @@ class ScriptError(SupersedeError):
 
 class MalformedItem(ScriptError):
     code = -1
-    reason = "malformed"
+    reason = Reason.MALFORMED
 
 
 class UnknownRun(ScriptError):
     code = -2
-    reason = "unknown_run"
+    reason = Reason.UNKNOWN_RUN
 
 
 class WrongShard(ScriptError):
     code = -3
-    reason = "wrong_shard"
+    reason = Reason.WRONG_SHARD
 
 
 class BadArguments(ScriptError):
     code = -4
-    reason = "bad_arguments"
+    reason = Reason.BAD_ARGUMENTS
 
 
 _BY_CODE: dict[int, type[ScriptError]] = {

@@ -14,6 +14,7 @@ from typing import Any
 import cel
 
 from supersede.errors import DefinitionError, KeyExpressionError
+from supersede.protocol import Reason
 
 MAX_KEY_BYTES = 1024
 KeyFn = Callable[[Any, Any], str]
@@ -23,12 +24,12 @@ _PATH = re.compile(r"^\s*(input|metadata)((?:\.[A-Za-z_][A-Za-z0-9_]*)+)\s*$")
 def _as_key(value: Any, expression: str) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise KeyExpressionError(
-            "key_error", f"{expression!r} gave {type(value).__name__}, not a string or integer"
+            Reason.KEY_ERROR, f"{expression!r} gave {type(value).__name__}, not a string or integer"
         )
     key = value if isinstance(value, str) else str(value)
     if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
         raise KeyExpressionError(
-            "key_too_large", f"{expression!r} gave a key over {MAX_KEY_BYTES} bytes"
+            Reason.KEY_TOO_LARGE, f"{expression!r} gave a key over {MAX_KEY_BYTES} bytes"
         )
     return key
 
@@ -47,13 +48,13 @@ def compile_key(expression: str, field: str = "concurrency.expression") -> KeyFn
             for part in parts:
                 if not isinstance(value, dict):
                     raise KeyExpressionError(
-                        "key_error", f"{expression!r}: no field {part!r} on a non-map"
+                        Reason.KEY_ERROR, f"{expression!r}: no field {part!r} on a non-map"
                     )
                 try:
                     value = value[part]
                 except KeyError:
                     raise KeyExpressionError(
-                        "key_error", f"{expression!r}: no such key {part!r}"
+                        Reason.KEY_ERROR, f"{expression!r}: no such key {part!r}"
                     ) from None
             return _as_key(value, expression)
 
@@ -68,7 +69,7 @@ def compile_key(expression: str, field: str = "concurrency.expression") -> KeyFn
             value = program.execute({"input": input_, "metadata": metadata})
         except Exception as exc:
             raise KeyExpressionError(
-                "key_error", f"{expression!r}: {type(exc).__name__}: {exc}"
+                Reason.KEY_ERROR, f"{expression!r}: {type(exc).__name__}: {exc}"
             ) from None
         return _as_key(value, expression)
 

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 from functools import cached_property
 
 
+def inbox_stream(namespace: str) -> str:
+    """The public inbox of a namespace (needs no shard count: publishers do not know it)."""
+    return f"{namespace}:events"
+
+
 @dataclass(frozen=True, slots=True)
 class ShardKeys:
     """Keys of one shard; the Redis type is the suffix of each attribute name."""
@@ -113,7 +118,7 @@ class Keys:
     @property
     def events_stream(self) -> str:
         """The public inbox any Redis client may XADD to."""
-        return f"{self.namespace}:events"
+        return inbox_stream(self.namespace)
 
     @property
     def dead_stream(self) -> str:

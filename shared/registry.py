@@ -18,7 +18,8 @@ from redis.asyncio import Redis
 from supersede.errors import DefinitionError
 from supersede.keyexpr import compile_key
 from supersede.keys import Keys
-from supersede.model import ConcurrencySpec, Strategy
+from supersede.model import ConcurrencySpec
+from supersede.protocol import Strategy
 
 MAX_NAME = 200
 

@@ -21,6 +21,7 @@ from redis.exceptions import NoScriptError
 from supersede import aio, codec
 from supersede.errors import BadArguments, raise_for_status
 from supersede.keys import Keys, ShardKeys
+from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP
 
 LUA_DIR = files("supersede.lua")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
@@ -131,8 +132,8 @@ class Scripts:
         keys: Keys,
         *,
         stream_maxlen: int = 1_000_000,
-        admission_group: str = "admission",
-        executor_group: str = "executors",
+        admission_group: str = ADMISSION_GROUP,
+        executor_group: str = EXECUTOR_GROUP,
     ) -> None:
         self.redis = redis
         self.keys = keys

@@ -14,10 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from supersede.keys import Keys
-
-ADMISSION_GROUP = "admission"
-EXECUTOR_GROUP = "executors"
-INGRESS_GROUP = "ingress"
+from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, INGRESS_GROUP, Entry
 
 
 def consumer_name(service: str) -> str:
@@ -60,9 +57,6 @@ async def after_failure(
     with contextlib.suppress(Exception):
         await heal_missing_groups(redis, keys, exc)
     await asyncio.sleep(0.5)
-
-
-Entry = tuple[bytes, dict[bytes, bytes]]
 
 
 class OwnPending:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from supersede.errors import DefinitionError
-from supersede.model import Strategy
+from supersede.protocol import Strategy
 from supersede.registry import WorkflowDef, definition_body, parse
 
 __all__ = ["Concurrency", "Context", "Step", "Strategy", "Workflow"]

@@ -24,22 +24,12 @@ from supersede import aio
 from supersede import metrics as shared_metrics
 from supersede.config import Settings, connect, pin_shard_count
 from supersede.errors import ScriptError
+from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, PAYLOAD, Entry, dead_letter
 from supersede.scripts import Scripts
 from supersede.services.admission import metrics
-from supersede.streams import (
-    ADMISSION_GROUP,
-    EXECUTOR_GROUP,
-    OwnPending,
-    after_failure,
-    consumer_name,
-    ensure_groups,
-    split_deleted,
-)
+from supersede.streams import OwnPending, after_failure, consumer_name, ensure_groups, split_deleted
 
 log = logging.getLogger("supersede.admission")
-
-PAYLOAD_FIELD = b"r"
-Entry = tuple[bytes, dict[bytes, bytes]]
 
 
 @dataclass(slots=True)
@@ -171,7 +161,7 @@ class Admission:
         """Run the script over the batch; a refused item is dead-lettered and the rest retried."""
         pending: list[tuple[bytes, bytes]] = []
         for entry_id, fields in entries:
-            payload = fields.get(PAYLOAD_FIELD)
+            payload = fields.get(PAYLOAD)
             if payload is None:
                 await self._reject(stream, kind, entry_id, fields, "malformed", "no payload field")
             else:
@@ -187,7 +177,7 @@ class Admission:
                 if not 0 <= exc.index < len(pending):
                     raise  # not about one entry: leave the batch pending, it is retried
                 bad_id, bad_payload = pending.pop(exc.index)
-                fields = {PAYLOAD_FIELD: bad_payload}
+                fields = {PAYLOAD: bad_payload}
                 await self._reject(stream, kind, bad_id, fields, exc.reason, exc.detail)
                 continue
             finally:
@@ -217,8 +207,7 @@ class Admission:
         detail: str,
     ) -> None:
         """Move one entry the scripts refused to the dead-letter stream, then acknowledge it."""
-        dead: dict[Any, Any] = dict(fields)
-        dead.update({"reason": reason, "detail": detail, "stream": stream, "entry": entry_id})
+        dead = dead_letter(fields, entry_id, reason, detail, stream=stream)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xadd(
                 self.keys.dead_stream, dead, maxlen=self.config.stream_maxlen, approximate=True

@@ -30,23 +30,25 @@ from redis.asyncio.cluster import RedisCluster
 from supersede import codec
 from supersede import metrics as shared_metrics
 from supersede.config import Settings, connect, pin_shard_count
-from supersede.model import Outcome, RunResult
+from supersede.protocol import (
+    EXECUTOR_GROUP,
+    PAYLOAD,
+    Outcome,
+    RunResult,
+    StreamReply,
+    parse_assignment,
+    parse_cancel,
+    unpack_input,
+)
 from supersede.registry import register
 from supersede.scripts import Claim, Scripts
 from supersede.services.executor import metrics
-from supersede.streams import (
-    EXECUTOR_GROUP,
-    OwnPending,
-    after_failure,
-    consumer_name,
-    ensure_groups,
-)
+from supersede.streams import OwnPending, after_failure, consumer_name, ensure_groups
 from supersede.workflow import Context, Step, Workflow
 
 log = logging.getLogger("supersede.executor")
 
 EARLY_CANCEL_TTL = 10.0  # seconds a cancel for an unknown run is remembered
-StreamReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
 OUTCOME_LABEL = {
     Outcome.SUCCEEDED: "succeeded",
     Outcome.FAILED: "failed",
@@ -311,7 +313,7 @@ class Executor:
         out = []
         for entry_id, fields in entries:
             try:
-                out.append((shard, entry_id, fields[b"id"].decode(), int(fields[b"a"])))
+                out.append((shard, entry_id, *parse_assignment(fields)))
             except (KeyError, ValueError, TypeError, UnicodeDecodeError):
                 self._malformed.append((shard, entry_id))
         return out
@@ -393,7 +395,7 @@ class Executor:
 
     def _start(self, shard: int, claim: Claim) -> None:
         wf = self.workflows.get(claim.workflow)
-        body = codec.unpack(claim.input) if claim.input else {}
+        body = unpack_input(claim.input)
         ctx = Context(
             run_id=claim.run_id,
             workflow=claim.workflow,
@@ -530,7 +532,7 @@ class Executor:
                 try:
                     async with self.redis.pipeline(transaction=False) as pipe:
                         for shard, payload, _ in batch:
-                            pipe.xadd(self.keys.shard(shard).results_stream, {"r": payload})
+                            pipe.xadd(self.keys.shard(shard).results_stream, {PAYLOAD: payload})
                         await pipe.execute()
                     error = None
                     break
@@ -593,10 +595,10 @@ class Executor:
                 for stream, entries in cast(StreamReply, reply or []):
                     ids[stream.decode()] = entries[-1][0].decode()
                     for entry_id, fields in entries:
-                        if fields.get(b"op") != b"cancel":
+                        cancel = parse_cancel(fields)
+                        if cancel is None:
                             continue
-                        rid = fields.get(b"id", b"").decode()
-                        attempt = int(fields.get(b"a", 0)) or None
+                        rid, attempt = cancel
                         if rid in self.active:
                             self.cancel_local(rid, attempt, _ms_of(entry_id))
                         else:  # its claim reply may not have been handled yet

@@ -23,27 +23,30 @@ import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from supersede import aio, codec
+from supersede import aio
 from supersede import metrics as shared_metrics
 from supersede.config import Settings, connect, pin_shard_count
 from supersede.errors import KeyExpressionError
 from supersede.keyexpr import KeyFn, compile_key
-from supersede.model import RequestPacker, Strategy, encode_seq, group_id, run_id, shard_of_group
+from supersede.model import encode_seq, group_id, run_id, shard_of_group
+from supersede.protocol import (
+    INGRESS_GROUP,
+    Dead,
+    Entry,
+    Inbox,
+    Reason,
+    RequestPacker,
+    Strategy,
+    dead_letter,
+    pack_input,
+)
 from supersede.registry import WorkflowDef, load_all
 from supersede.scripts import Scripts
 from supersede.services.ingress import metrics
-from supersede.streams import (
-    INGRESS_GROUP,
-    OwnPending,
-    after_failure,
-    consumer_name,
-    ensure_groups,
-    split_deleted,
-)
+from supersede.streams import OwnPending, after_failure, consumer_name, ensure_groups, split_deleted
 
 log = logging.getLogger("supersede.ingress")
 
-Entry = tuple[bytes, dict[bytes, bytes]]
 MAX_ID_BYTES = 1024
 GROUP_MEMO = 100_000
 
@@ -104,10 +107,10 @@ def _load_object(raw: bytes, what: str) -> dict[str, Any]:
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise BadEvent("bad_encoding", f"{what} is not valid UTF-8") from None
-        raise BadEvent("bad_json", f"{what} is not JSON: {exc}") from None
+            raise BadEvent(Reason.BAD_ENCODING, f"{what} is not valid UTF-8") from None
+        raise BadEvent(Reason.BAD_JSON, f"{what} is not JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise BadEvent("bad_json", f"{what} must be a JSON object, got {type(value).__name__}")
+        raise BadEvent(Reason.BAD_JSON, f"{what} must be a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -115,35 +118,39 @@ def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int) -
     """Validate one inbox entry against the contract (see README); raises BadEvent."""
     size = sum(map(len, fields.values()))
     if size > max_payload:
-        raise BadEvent("too_large", f"entry of {size} bytes is over the {max_payload} byte limit")
-    raw_name = fields.get(b"name")
+        raise BadEvent(
+            Reason.TOO_LARGE, f"entry of {size} bytes is over the {max_payload} byte limit"
+        )
+    raw_name = fields.get(Inbox.NAME)
     if not raw_name:
-        raise BadEvent("missing_name", "the entry has no `name` field")
+        raise BadEvent(Reason.MISSING_NAME, "the entry has no `name` field")
     try:
         name = raw_name.decode("utf-8")
-        raw_id = fields.get(b"id")
+        raw_id = fields.get(Inbox.ID)
         event_id = raw_id.decode("utf-8") if raw_id is not None else entry_id.decode()
     except UnicodeDecodeError:
-        raise BadEvent("bad_encoding", "`name` or `id` is not valid UTF-8") from None
+        raise BadEvent(Reason.BAD_ENCODING, "`name` or `id` is not valid UTF-8") from None
     if not event_id or len(raw_id or b"") > MAX_ID_BYTES:
-        raise BadEvent("bad_id", f"`id` must be 1..{MAX_ID_BYTES} bytes")
-    encoding = fields.get(b"encoding", b"json")
-    raw_data = fields.get(b"data")
+        raise BadEvent(Reason.BAD_ID, f"`id` must be 1..{MAX_ID_BYTES} bytes")
+    encoding = fields.get(Inbox.ENCODING, Inbox.JSON)
+    raw_data = fields.get(Inbox.DATA)
     if raw_data is None:
         data: dict[str, Any] = {}
-    elif encoding == b"msgpack":
+    elif encoding == Inbox.MSGPACK:
         try:
             decoded = msgpack.unpackb(raw_data, raw=False)
         except Exception as exc:
-            raise BadEvent("bad_msgpack", f"`data` is not msgpack: {exc}") from None
+            raise BadEvent(Reason.BAD_MSGPACK, f"`data` is not msgpack: {exc}") from None
         if not isinstance(decoded, dict):
-            raise BadEvent("bad_msgpack", f"`data` must be a map, got {type(decoded).__name__}")
+            raise BadEvent(
+                Reason.BAD_MSGPACK, f"`data` must be a map, got {type(decoded).__name__}"
+            )
         data = decoded
-    elif encoding == b"json":
+    elif encoding == Inbox.JSON:
         data = _load_object(raw_data, "`data`")
     else:
-        raise BadEvent("bad_encoding", f"unknown `encoding` {encoding!r}; use json or msgpack")
-    raw_meta = fields.get(b"metadata")
+        raise BadEvent(Reason.BAD_ENCODING, f"unknown `encoding` {encoding!r}; use json or msgpack")
+    raw_meta = fields.get(Inbox.METADATA)
     metadata = _load_object(raw_meta, "`metadata`") if raw_meta is not None else {}
     return Event(name, event_id, data, metadata)
 
@@ -307,10 +314,7 @@ class Ingress:
             if not routes:
                 batch.unrouted += 1
                 continue
-            payload = codec.pack(
-                {"input": event.data, "metadata": event.metadata, "event": event.name,
-                 "event_id": event.id}
-            )  # fmt: skip
+            payload = pack_input(event.data, event.metadata, event.name, event.id)
             seq = encode_seq(entry_id)
             keys_seen: dict[KeyFn, str] = {}
             for route in routes:
@@ -359,7 +363,7 @@ class Ingress:
         for wid, n in appended.items():
             metrics.RUNS_REQUESTED.labels(wid).inc(n)
         for body in batch.dead:
-            metrics.DEAD_LETTERS.labels(str(body["reason"])).inc()
+            metrics.DEAD_LETTERS.labels(str(body[Dead.REASON])).inc()
         metrics.BATCH_SECONDS.observe(time.perf_counter() - batch.started)
 
     @staticmethod
@@ -379,10 +383,7 @@ class Ingress:
         detail: str,
         workflow: str | None = None,
     ) -> dict[Any, Any]:
-        body: dict[Any, Any] = dict(fields)
-        body.update({"reason": reason, "detail": detail[:2000], "entry": entry_id})
-        if workflow:
-            body["workflow"] = workflow
+        body = dead_letter(fields, entry_id, reason, detail, workflow=workflow)
         log.warning(
             "event dead-lettered",
             extra={"entry": entry_id.decode(), "reason": reason, "workflow": workflow},

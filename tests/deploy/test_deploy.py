@@ -134,8 +134,8 @@ async def test_a_real_prometheus_scrapes_the_three_services(
 
 def test_compose_and_manifests_reference_what_the_services_really_use() -> None:
     from supersede.keys import Keys
+    from supersede.protocol import EXECUTOR_GROUP
     from supersede.services.cli import build_parser
-    from supersede.streams import EXECUTOR_GROUP
 
     parser = build_parser()
     defaults = {

@@ -4,6 +4,7 @@ an application that has `shared/` and `services/` packages of its own."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -56,8 +57,14 @@ def _app(root: Path, url: str, note_key: str) -> None:
 def test_the_wheel_adds_only_supersede_and_runs_an_app_with_its_own_shared_package(
     tmp_path: Path, redis_url: str, keys: Keys
 ) -> None:
-    dist = tmp_path / "dist"
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(REPO))
+    # Build from a copy of what the Dockerfile copies: a build leaves build/ and *.egg-info
+    # beside the sources, which must not appear in the repository.
+    src, dist = tmp_path / "src", tmp_path / "dist"
+    for name in ("shared", "services", "lua"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(src))
     (wheel,) = dist.glob("supersede-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()

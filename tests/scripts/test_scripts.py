@@ -9,7 +9,7 @@ from redis.crc import key_slot
 from supersede import codec
 from supersede.errors import BadArguments, MalformedItem, UnknownRun, WrongShard
 from supersede.keys import Keys
-from supersede.model import Outcome, RunRequest, RunResult, Strategy
+from supersede.protocol import Outcome, RunRequest, RunResult, Strategy
 from supersede.scripts import Scripts
 from supersede.streams import ensure_groups
 from tests.support import make_request, records, snapshot

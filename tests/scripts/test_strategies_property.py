@@ -28,7 +28,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from supersede import codec
 from supersede.keys import Keys
-from supersede.model import Outcome, RunResult, Strategy
+from supersede.protocol import Outcome, RunResult, Strategy
 from supersede.scripts import Scripts
 from tests.support import make_request
 from tests.support.model import Limits, Model

@@ -16,10 +16,10 @@ from redis.asyncio import Redis
 
 from supersede.config import Settings
 from supersede.keys import Keys
-from supersede.model import Outcome, RunResult, Strategy
+from supersede.protocol import ADMISSION_GROUP, Outcome, RunResult, Strategy
 from supersede.server import free_port
 from supersede.services.admission.service import Admission, AdmissionConfig
-from supersede.streams import ADMISSION_GROUP, ensure_groups
+from supersede.streams import ensure_groups
 from tests.support import eventually, make_request, pending_count, records, run_count, scrape
 
 

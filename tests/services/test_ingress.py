@@ -21,9 +21,9 @@ from supersede import client, codec
 from supersede.config import Settings
 from supersede.keys import Keys
 from supersede.model import group_id, shard_of_group
+from supersede.protocol import INGRESS_GROUP
 from supersede.registry import register
 from supersede.services.ingress.service import Ingress, IngressConfig
-from supersede.streams import INGRESS_GROUP
 from tests.support import eventually, requests_in_streams, scrape
 
 CHAT = {

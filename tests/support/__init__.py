@@ -16,7 +16,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from supersede.keys import Keys
-from supersede.model import RunRequest, Strategy, group_id, run_id, shard_of_group
+from supersede.model import group_id, run_id, shard_of_group
+from supersede.protocol import RunRequest, Strategy
 
 
 def make_request(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from supersede.model import Strategy
+from supersede.protocol import Strategy
 
 ACTIVE = ("A", "R")
 

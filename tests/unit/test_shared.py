@@ -13,17 +13,14 @@ from supersede.errors import ConfigError, MalformedItem, UnknownRun, raise_for_s
 from supersede.keys import Keys
 from supersede.model import (
     ConcurrencySpec,
-    RequestPacker,
-    RunState,
-    Strategy,
     decode_seq,
     encode_seq,
     group_id,
-    pack_request,
     run_id,
     shard_of_group,
     shard_of_run,
 )
+from supersede.protocol import RequestPacker, RunState, Strategy, pack_request
 
 
 def test_settings_defaults_and_validation() -> None:

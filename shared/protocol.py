@@ -1,0 +1,425 @@
+"""The wire protocol between the services, in one place.
+
+Everything that crosses a stream or sits in a run record is named here: consumer groups, stream
+field names, run-state letters, outcome and strategy codes, dead-letter fields and reason codes,
+with the helpers that pack and unpack them. Ingress, admission, the executor, the operator
+commands and the dev console use these names; none of them spells a field as a literal.
+
+The Lua scripts (lua/) keep their own literals, as Lua must; tests/unit/test_protocol.py reads
+the scripts and checks that both sides use the same names and letters (design invariant 4 rests
+on it: the model and the scripts must mean the same thing by a state).
+
+Streams (keys in `supersede.keys`):
+
+| stream | group | fields |
+|---|---|---|
+| `<ns>:events` (public inbox) | `ingress` | `name`, `data`, `id`, `metadata`, `encoding` |
+| `{<ns>:<shard>}:requests` | `admission` | `r`: msgpack `RunRequest` |
+| `{<ns>:<shard>}:assignments` | `executors` | `id` run id, `a` attempt |
+| `{<ns>:<shard>}:control` | | `op` = `cancel`, `id`, `a`, `by`, `why` |
+| `{<ns>:<shard>}:results` | `admission` | `r`: msgpack `RunResult` |
+| `<ns>:dead` | | the original fields, `reason`, `detail`, `entry` [, `stream`, `workflow`] |
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from supersede import codec
+
+# -- consumer groups ------------------------------------------------------------------------------
+INGRESS_GROUP = "ingress"
+ADMISSION_GROUP = "admission"
+EXECUTOR_GROUP = "executors"
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+"""One stream entry as redis-py returns it: (entry id, field -> value)."""
+StreamReply = list[tuple[bytes, list[Entry]]]
+"""An XREAD/XREADGROUP reply: (stream name, entries) per stream."""
+
+
+# -- stream fields --------------------------------------------------------------------------------
+class Inbox:
+    """Fields of an inbox entry: the public contract any Redis client may XADD."""
+
+    NAME = b"name"
+    DATA = b"data"
+    ID = b"id"
+    METADATA = b"metadata"
+    ENCODING = b"encoding"
+    JSON = b"json"
+    MSGPACK = b"msgpack"
+
+
+PAYLOAD = b"r"
+"""The one field of requests and results entries: a msgpack map."""
+
+
+class Assignment:
+    """Fields of an assignments entry (written by the scripts)."""
+
+    RUN_ID = b"id"
+    ATTEMPT = b"a"
+
+
+class Control:
+    """Fields of a control entry (written by the scripts; every executor XREADs them)."""
+
+    OP = b"op"
+    CANCEL = b"cancel"
+    RUN_ID = b"id"
+    ATTEMPT = b"a"
+    BY = b"by"
+    WHY = b"why"
+
+
+class Dead:
+    """Fields a dead letter adds to the entry it copies."""
+
+    REASON = "reason"
+    DETAIL = "detail"
+    ENTRY = "entry"
+    STREAM = "stream"  # set for refused requests and results; inbox events have none
+    WORKFLOW = "workflow"
+
+    ADDED = frozenset(f.encode() for f in (REASON, DETAIL, ENTRY, STREAM, WORKFLOW))
+
+
+class Reason(enum.StrEnum):
+    """Reason codes: of dead letters, and of cancellations recorded on runs."""
+
+    # inbox events ingress refuses
+    TOO_LARGE = "too_large"
+    MISSING_NAME = "missing_name"
+    BAD_ENCODING = "bad_encoding"
+    BAD_ID = "bad_id"
+    BAD_JSON = "bad_json"
+    BAD_MSGPACK = "bad_msgpack"
+    KEY_ERROR = "key_error"
+    KEY_TOO_LARGE = "key_too_large"
+    # entries the scripts refuse (supersede.errors maps the codes)
+    MALFORMED = "malformed"
+    UNKNOWN_RUN = "unknown_run"
+    WRONG_SHARD = "wrong_shard"
+    BAD_ARGUMENTS = "bad_arguments"
+    # why a run ended without succeeding (the record's `why`)
+    SUPERSEDED = "superseded"
+    NO_SLOT = "no_slot"
+    MANUAL = "manual"
+    EXECUTOR = "executor"  # the executor reported the attempt cancelled
+    LEASE_EXPIRED = "lease_expired"
+
+
+# -- states and codes -----------------------------------------------------------------------------
+class RunState(enum.StrEnum):
+    """States as stored in run records (one letter on the wire, to keep records small)."""
+
+    QUEUED = "Q"
+    ASSIGNED = "A"
+    RUNNING = "R"
+    CANCELLING = "X"
+    SUCCEEDED = "S"
+    FAILED = "F"
+    CANCELLED = "C"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+
+    @property
+    def live(self) -> bool:
+        """A run that a manual cancel can still stop (CANCELLING is already stopping)."""
+        return self in (RunState.QUEUED, RunState.ASSIGNED, RunState.RUNNING)
+
+
+class Strategy(enum.StrEnum):
+    """Per-group limit strategies (see docs/design.md, "Strategies")."""
+
+    CANCEL_IN_PROGRESS = "CANCEL_IN_PROGRESS"
+    CANCEL_NEWEST = "CANCEL_NEWEST"
+    GROUP_ROUND_ROBIN = "GROUP_ROUND_ROBIN"
+
+    @property
+    def code(self) -> int:
+        """The number the scripts know the strategy by (a request's `st`, a record's `sg`)."""
+        return STRATEGY_CODES[self]
+
+
+STRATEGY_CODES = {
+    Strategy.CANCEL_IN_PROGRESS: 1,
+    Strategy.CANCEL_NEWEST: 2,
+    Strategy.GROUP_ROUND_ROBIN: 3,
+}
+
+
+class Outcome(enum.StrEnum):
+    """What an executor reports for one attempt of a run."""
+
+    SUCCEEDED = "S"
+    FAILED = "F"
+    CANCELLED = "C"
+
+
+# -- run requests (ingress -> admission) ----------------------------------------------------------
+REQUEST_FIELDS = ("id", "g", "s", "w", "v", "k", "ev", "max", "st", "x", "m", "in")
+"""Keys of a packed run request, read by lua/admit.lua (lua/includes/validate.lua)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    """What ingress appends to a shard's requests stream for one (event, workflow)."""
+
+    run_id: str
+    group: str
+    seq: str
+    workflow: str
+    version: str
+    key: str
+    event_id: str
+    max_runs: int
+    strategy: Strategy
+    strict: bool = False
+    max_attempts: int = 3
+    input: bytes = b""
+
+    def pack(self) -> bytes:
+        return pack_request(
+            self.run_id, self.group, self.seq, self.workflow, self.version, self.key,
+            self.event_id, self.max_runs, self.strategy, self.strict, self.max_attempts,
+            self.input,
+        )  # fmt: skip
+
+
+class RequestPacker:
+    """Packs the run requests of one workflow version; its constant fields are encoded once.
+
+    Produces the same map as `pack_request` (a test checks it), at about half the
+    cost, because ingress packs one request per event and workflow.
+    """
+
+    __slots__ = ("_tail",)
+
+    def __init__(
+        self,
+        workflow: str,
+        version: str,
+        max_runs: int,
+        strategy: Strategy,
+        strict: bool,
+        max_attempts: int,
+    ) -> None:
+        constant = {
+            "w": workflow,
+            "v": version,
+            "max": max_runs,
+            "st": STRATEGY_CODES[strategy],
+            "x": 1 if strict else 0,
+            "m": max_attempts,
+        }
+        self._tail = b"".join(codec.pack(k) + codec.pack(v) for k, v in constant.items())
+
+    def pack(
+        self, rid: str, group: str, seq: str, key: str, event_id: str, payload: bytes
+    ) -> bytes:
+        p = codec.pack
+        return b"".join(
+            (
+                b"\x8c\xa2id", p(rid), b"\xa1g", p(group), b"\xa1s", p(seq), b"\xa1k", p(key),
+                b"\xa2ev", p(event_id), b"\xa2in", p(payload), self._tail,
+            )
+        )  # fmt: skip
+
+
+def pack_request(
+    rid: str,
+    group: str,
+    seq: str,
+    workflow: str,
+    version: str,
+    key: str,
+    event_id: str,
+    max_runs: int,
+    strategy: Strategy,
+    strict: bool,
+    max_attempts: int,
+    payload: bytes,
+) -> bytes:
+    """The wire form of a run request (read by lua/admit.lua)."""
+    return codec.pack(
+        {
+            "id": rid,
+            "g": group,
+            "s": seq,
+            "w": workflow,
+            "v": version,
+            "k": key,
+            "ev": event_id,
+            "max": max_runs,
+            "st": STRATEGY_CODES[strategy],
+            "x": 1 if strict else 0,
+            "m": max_attempts,
+            "in": payload,
+        }
+    )
+
+
+def pack_input(data: Any, metadata: Any, event: str, event_id: str) -> bytes:
+    """A run's input as stored beside its record and handed to the executor on claim."""
+    return codec.pack({"input": data, "metadata": metadata, "event": event, "event_id": event_id})
+
+
+def unpack_input(raw: bytes) -> dict[str, Any]:
+    """Inverse of `pack_input`; an empty input is an empty map."""
+    body = codec.unpack(raw) if raw else {}
+    return body if isinstance(body, dict) else {}
+
+
+# -- results (executor -> admission) --------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What an executor appends to a shard's results stream for one attempt."""
+
+    run_id: str
+    attempt: int
+    outcome: Outcome
+    error: str = ""
+
+    def pack(self) -> bytes:
+        body: dict[str, Any] = {"id": self.run_id, "a": self.attempt, "o": self.outcome.value}
+        if self.error:
+            body["err"] = self.error
+        return codec.pack(body)
+
+
+# -- assignments and control (scripts -> executors) -----------------------------------------------
+def parse_assignment(fields: dict[bytes, bytes]) -> tuple[str, int]:
+    """(run id, attempt) of an assignments entry; KeyError/ValueError when it is not one."""
+    return fields[Assignment.RUN_ID].decode(), int(fields[Assignment.ATTEMPT])
+
+
+def parse_cancel(fields: dict[bytes, bytes]) -> tuple[str, int | None] | None:
+    """(run id, attempt or None for any attempt) of a cancel message; None for another op."""
+    if fields.get(Control.OP) != Control.CANCEL:
+        return None
+    return fields.get(Control.RUN_ID, b"").decode(), int(fields.get(Control.ATTEMPT, 0)) or None
+
+
+# -- run records ----------------------------------------------------------------------------------
+RECORD_FIELDS = {
+    "st": "state letter (RunState)",
+    "g": "group id",
+    "s": "sequence (encode_seq of the inbox entry id)",
+    "w": "workflow id",
+    "v": "workflow version",
+    "k": "key value",
+    "ev": "event id",
+    "mx": "max_runs of the group",
+    "sg": "strategy code",
+    "sx": "strict mode (0/1)",
+    "a": "attempt",
+    "m": "max attempts",
+    "e": "executor that claimed the attempt",
+    "h": "1 while a CANCELLING run still holds its slot (strict mode)",
+    "t0": "created ms",
+    "t1": "assigned ms",
+    "t2": "claimed ms",
+    "tc": "cancel decided ms",
+    "t3": "ended ms",
+    "by": "id of the newer run that superseded this one",
+    "why": "reason code (Reason) of a cancel or failure",
+    "err": "error text of a failed attempt",
+}
+"""Keys of a run record (msgpack map in the runs hash), as lua/includes/runs.lua writes them."""
+
+
+def _opt_str(value: Any) -> str | None:
+    return str(value) if value not in (None, "") else None
+
+
+def _opt_int(value: Any) -> int | None:
+    return int(value) if value not in (None, "", 0) else None
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A run record decoded: the one reading of the runs hash for the CLI and dev console."""
+
+    id: str
+    state: RunState
+    workflow: str
+    version: str
+    key: str
+    group: str
+    seq: str
+    event_id: str
+    attempt: int
+    max_attempts: int
+    max_runs: int
+    strict: bool
+    executor: str | None
+    cancelled_by: str | None
+    reason: str | None
+    error: str | None
+    created_ms: int | None
+    assigned_ms: int | None
+    claimed_ms: int | None
+    cancel_decided_ms: int | None
+    ended_ms: int | None
+
+    @classmethod
+    def decode(cls, rid: str | bytes, raw: bytes | str) -> RunRecord:
+        """Decode one HGET/HSCAN value of the runs hash."""
+        return cls.from_map(rid, codec.unpack(codec.blob(raw)))
+
+    @classmethod
+    def from_map(cls, rid: str | bytes, rec: dict[str, Any]) -> RunRecord:
+        return cls(
+            id=rid.decode() if isinstance(rid, bytes) else rid,
+            state=RunState(rec["st"]),
+            workflow=str(rec.get("w", "")),
+            version=str(rec.get("v", "")),
+            key=str(rec.get("k", "")),
+            group=str(rec.get("g", "")),
+            seq=str(rec.get("s", "")),
+            event_id=str(rec.get("ev", "")),
+            attempt=int(rec.get("a", 1)),
+            max_attempts=int(rec.get("m", 1)),
+            max_runs=int(rec.get("mx", 1)),
+            strict=rec.get("sx") == 1,
+            executor=_opt_str(rec.get("e")),
+            cancelled_by=_opt_str(rec.get("by")),
+            reason=_opt_str(rec.get("why")),
+            error=_opt_str(rec.get("err")),
+            created_ms=_opt_int(rec.get("t0")),
+            assigned_ms=_opt_int(rec.get("t1")),
+            claimed_ms=_opt_int(rec.get("t2")),
+            cancel_decided_ms=_opt_int(rec.get("tc")),
+            ended_ms=_opt_int(rec.get("t3")),
+        )
+
+
+# -- dead letters ---------------------------------------------------------------------------------
+def dead_letter(
+    fields: dict[bytes, bytes],
+    entry_id: bytes,
+    reason: str,
+    detail: str,
+    *,
+    stream: bytes | None = None,
+    workflow: str | None = None,
+) -> dict[Any, Any]:
+    """The fields of a dead letter: the original entry's fields plus why it was refused."""
+    body: dict[Any, Any] = dict(fields)
+    body.update({Dead.REASON: str(reason), Dead.DETAIL: detail[:2000], Dead.ENTRY: entry_id})
+    if stream is not None:
+        body[Dead.STREAM] = stream
+    if workflow:
+        body[Dead.WORKFLOW] = workflow
+    return body
+
+
+def original_fields(dead: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """The fields of the entry a dead letter copied (to replay it)."""
+    return {k: v for k, v in dead.items() if k not in Dead.ADDED}

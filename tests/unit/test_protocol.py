@@ -1,0 +1,124 @@
+"""The wire protocol: the Lua scripts and supersede.protocol use the same names and letters."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from supersede import codec, protocol
+from supersede.protocol import (
+    REQUEST_FIELDS,
+    RunRecord,
+    RunState,
+    Strategy,
+    dead_letter,
+    original_fields,
+    pack_request,
+    parse_assignment,
+    parse_cancel,
+)
+from supersede.scripts import SCRIPT_NAMES, load_source
+
+SOURCES = {name: load_source(name)[0] for name in SCRIPT_NAMES}
+ALL_LUA = "\n".join(SOURCES.values())
+
+
+def _code(text: str) -> str:
+    """The Lua without its comments (the header blocks quote field names as prose)."""
+    text = re.sub(r"--\[\[.*?\]\]", "", text, flags=re.DOTALL)
+    return re.sub(r"--[^\n]*", "", text)
+
+
+CODE = _code(ALL_LUA)
+
+
+def test_every_state_letter_in_the_scripts_is_a_run_state_and_back() -> None:
+    quoted = set(re.findall(r"'([A-Z])'", CODE))  # single capitals are state letters only
+    table = re.search(r"local OUTCOMES = \{([^}]*)\}", SOURCES["finish"])
+    assert table is not None
+    outcomes = set(re.findall(r"(\w) = true", table.group(1)))
+    assert outcomes == {o.value for o in protocol.Outcome}
+    assert quoted | outcomes == {s.value for s in RunState}
+
+
+def test_every_record_field_the_scripts_touch_is_declared() -> None:
+    used = set(re.findall(r"\brec\.(\w+)", CODE))
+    created = re.search(r"local rec = \{(.*?)\}", SOURCES["admit"], re.DOTALL)
+    assert created is not None
+    used |= set(re.findall(r"(\w+) = ", created.group(1)))
+    assert used, "no record field found: the pattern no longer matches the scripts"
+    assert used <= set(protocol.RECORD_FIELDS), used - set(protocol.RECORD_FIELDS)
+
+
+def test_every_request_field_the_scripts_read_is_packed() -> None:
+    read = set(re.findall(r"\bq\.(\w+)", CODE)) | set(re.findall(r"q\['(\w+)'\]", CODE))
+    assert read and read <= set(REQUEST_FIELDS), read - set(REQUEST_FIELDS)
+    args = ("1-x", "g" * 16, "0" * 32, "w", "v", "k", "e", 1, Strategy.CANCEL_IN_PROGRESS)
+    packed = codec.unpack(pack_request(*args, False, 3, b""))
+    assert tuple(packed) == REQUEST_FIELDS
+
+
+def test_stream_fields_written_by_the_scripts_match_the_protocol() -> None:
+    xadds = re.findall(r"rcall\('XADD',([^)]*)\)", CODE, re.DOTALL)
+    assert len(xadds) >= 3
+    fields = {
+        "assignments": [protocol.Assignment.RUN_ID, protocol.Assignment.ATTEMPT],
+        "control": [protocol.Control.OP, protocol.Control.RUN_ID, protocol.Control.ATTEMPT,
+                    protocol.Control.BY, protocol.Control.WHY],
+        "requests": [protocol.PAYLOAD],
+    }  # fmt: skip
+    seen = {}
+    for call in xadds:
+        names = [n.encode() for n in re.findall(r"'([a-z]+)',", call + ",")]
+        if "assignKey" in call:
+            seen["assignments"] = names[: len(fields["assignments"])]
+        elif "controlKey" in call:
+            seen["control"] = [n for n in names if n != protocol.Control.CANCEL]
+        elif "requestsKey" in call:
+            seen["requests"] = names
+    assert seen == fields
+    assert re.search(r"'op', '" + protocol.Control.CANCEL.decode() + "'", CODE)
+
+
+def test_reason_codes_recorded_by_the_scripts_are_known() -> None:
+    quoted = set(re.findall(r"'([a-z]+_[a-z_]+|superseded|manual)'", CODE))
+    assert {"superseded", "no_slot", "lease_expired"} <= quoted
+    reasons = {r.value for r in protocol.Reason}
+    assert quoted - {"cancel"} <= reasons, quoted - reasons
+
+
+def test_strategy_codes_are_those_the_scripts_branch_on() -> None:
+    assert {s.code for s in Strategy} == {1, 2, 3}
+    assert "sg == 1" in CODE and "sg == 2" in CODE  # CANCEL_IN_PROGRESS, CANCEL_NEWEST
+    assert protocol.STRATEGY_CODES[Strategy.CANCEL_IN_PROGRESS] == 1
+    assert protocol.STRATEGY_CODES[Strategy.CANCEL_NEWEST] == 2
+
+
+def test_a_record_decodes_into_the_typed_view() -> None:
+    raw = codec.pack({"st": "X", "g": "g" * 16, "s": "0" * 32, "w": "wf", "v": "1", "k": "u1",
+                      "ev": "e1", "mx": 2, "sg": 1, "sx": 1, "a": 2, "m": 3, "e": "exec-1",
+                      "t0": 10, "t1": 11, "t2": 12, "tc": 13, "by": "3-abc",
+                      "why": "superseded"})  # fmt: skip
+    rec = RunRecord.decode(b"3-x", raw)
+    assert rec.id == "3-x" and rec.state is RunState.CANCELLING and rec.strict
+    assert (rec.workflow, rec.key, rec.attempt, rec.max_runs) == ("wf", "u1", 2, 2)
+    assert (rec.cancelled_by, rec.reason, rec.executor) == ("3-abc", "superseded", "exec-1")
+    assert (rec.created_ms, rec.cancel_decided_ms, rec.ended_ms, rec.error) == (10, 13, None, None)
+
+
+def test_assignment_and_cancel_messages_parse() -> None:
+    assert parse_assignment({b"id": b"1-a", b"a": b"2"}) == ("1-a", 2)
+    with pytest.raises(KeyError):
+        parse_assignment({b"x": b"1"})
+    assert parse_cancel({b"op": b"cancel", b"id": b"1-a", b"a": b"3"}) == ("1-a", 3)
+    assert parse_cancel({b"op": b"cancel", b"id": b"1-a"}) == ("1-a", None)
+    assert parse_cancel({b"op": b"other", b"id": b"1-a"}) is None
+
+
+def test_a_dead_letter_keeps_the_original_fields_for_replay() -> None:
+    fields = {b"name": b"chat", b"data": b"{}"}
+    body = dead_letter(fields, b"1-0", protocol.Reason.BAD_JSON, "x" * 5000, workflow="wf")
+    assert body["reason"] == "bad_json" and len(body["detail"]) == 2000
+    as_stored = {(k.encode() if isinstance(k, str) else k): v for k, v in body.items()}
+    assert original_fields(as_stored) == fields
