@@ -122,3 +122,16 @@ def split_deleted(entries: Sequence[Entry]) -> tuple[list[Entry], list[bytes]]:
     live = [e for e in entries if e[1]]
     gone = [e[0] for e in entries if not e[1]]
     return live, gone
+
+
+async def tail_ids(redis: Redis, streams: Sequence[str]) -> dict[str, str]:
+    """The last id of each stream now ('0-0' when it does not exist yet).
+
+    XREAD's '$' would be re-read on every call for streams that returned nothing, so entries
+    added between two calls would be missed; explicit ids never miss one.
+    """
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xrevrange(stream, count=1)
+        tails = await pipe.execute()
+    return {s: (t[0][0].decode() if t else "0-0") for s, t in zip(streams, tails, strict=True)}

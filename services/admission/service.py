@@ -2,16 +2,15 @@
 
 Loop: one XREADGROUP BLOCK over the requests and results streams of every shard, then one
 script call per shard and kind (admit, finish) for the whole batch, all shards concurrently.
-A timer runs the reaper and takes over entries that a dead admission process left pending.
-Scripts acknowledge their own batch, so a crash at any point leaves each entry either fully
-applied and acknowledged, or pending and applied later (applying twice changes nothing).
+Timers run the reaper, take over entries that a dead admission process left pending, and
+update the gauges. Scripts acknowledge their own batch, so a crash at any point leaves each
+entry either fully applied and acknowledged, or pending and applied later (applying twice
+changes nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -21,15 +20,21 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from supersede import aio
-from supersede import metrics as shared_metrics
-from supersede.config import Settings, connect, pin_shard_count
+from supersede.config import Settings
 from supersede.errors import ScriptError
-from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, PAYLOAD, Entry, dead_letter
-from supersede.scripts import Scripts
+from supersede.protocol import (
+    ADMISSION_GROUP,
+    EXECUTOR_GROUP,
+    PAYLOAD,
+    Entry,
+    Reason,
+    StreamReply,
+    dead_letter,
+)
+from supersede.service import Periodic, Service, Throttle
+from supersede.service import serve as serve_service
 from supersede.services.admission import metrics
-from supersede.streams import OwnPending, after_failure, consumer_name, ensure_groups, split_deleted
-
-log = logging.getLogger("supersede.admission")
+from supersede.streams import OwnPending, split_deleted
 
 
 @dataclass(slots=True)
@@ -42,7 +47,71 @@ class AdmissionConfig:
     stream_maxlen: int = 1_000_000
 
 
-class Admission:
+@dataclass(slots=True)
+class Read:
+    """One XREADGROUP in flight; `reread`: of own pending entries (after a failure)."""
+
+    reread: bool
+    reply: asyncio.Future[Any]
+
+
+class BatchReader:
+    """XREADGROUP BLOCK over some streams for one consumer.
+
+    After a failure it re-reads the consumer's own pending entries first (OwnPending). Behind a
+    backlog (a stream gave a full batch) the next read is sent while the current batch is
+    applied, so the server does not sit idle while this process parses replies; batches are
+    still applied one after another, in stream order.
+    """
+
+    def __init__(self, redis: Redis, consumer: str, names: list[bytes], count: int, block_ms: int):
+        self.redis = redis
+        self.consumer = consumer
+        self.own = OwnPending(names)
+        self.count = count
+        self.block_ms = block_ms
+        self.ahead: Read | None = None
+
+    def _send(self) -> Read:
+        call = self.redis.xreadgroup(
+            ADMISSION_GROUP,
+            self.consumer,
+            self.own.ids(),  # type: ignore[arg-type]
+            count=self.count,
+            block=self.block_ms,
+        )
+        return Read(self.own.active, asyncio.ensure_future(call))  # kept in the Read
+
+    def next(self) -> Read:
+        """The read sent ahead, else a new one (after a periodic sweep of own entries)."""
+        if self.ahead is not None:
+            read, self.ahead = self.ahead, None
+            return read
+        self.own.sweep_if_due()
+        return self._send()
+
+    async def receive(self, read: Read) -> StreamReply:
+        """Await a read and move the re-read position past what it returned."""
+        reply = cast(StreamReply, await read.reply or [])
+        self.own.advance(reply, read.reread)
+        return reply
+
+    def read_ahead_if_backlog(self, reply: StreamReply, stop: asyncio.Event) -> None:
+        """Send the next read now when a stream gave a full batch (at low load the extra read
+        would go out before the script call and delay it)."""
+        full = any(len(entries) >= self.count for _, entries in reply)
+        if full and not self.own.active and not stop.is_set():
+            self.ahead = self._send()
+
+    def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.reply.cancel()
+            self.ahead = None
+
+
+class Admission(Service):
+    name = "admission"
+
     def __init__(
         self,
         redis: Redis,
@@ -51,97 +120,59 @@ class Admission:
         *,
         consumer: str | None = None,
     ) -> None:
-        self.redis = redis
-        self.keys = settings.keys
         self.config = config or AdmissionConfig()
-        self.consumer = consumer or consumer_name("admission")
-        self.scripts = Scripts(redis, self.keys, stream_maxlen=self.config.stream_maxlen)
-        self.ready = False
+        super().__init__(
+            redis, settings, consumer=consumer, stream_maxlen=self.config.stream_maxlen
+        )
         self._gauged_workflows: set[str] = set()
+        self._gauges_due = Throttle(1.0)
         # stream name -> (shard, kind) for every stream this service reads
         self._streams: dict[bytes, tuple[int, str]] = {}
         for sk in self.keys.all_shards():
             self._streams[sk.requests_stream.encode()] = (sk.shard, "admit")
             self._streams[sk.results_stream.encode()] = (sk.shard, "finish")
 
-    async def start(self) -> None:
-        """Check the deployment, create groups, load scripts."""
-        await pin_shard_count(self.redis, self.keys)
-        await ensure_groups(self.redis, self.keys)
-        await self.scripts.load()
-        self.ready = True
-        shared_metrics.set_ready(True)
+    def periodic(self) -> Sequence[Periodic]:
+        return [(self.config.reap_interval, self.tick)]
 
-    async def run(self, stop: asyncio.Event) -> None:
-        await self.start()
-        log.info("admission started", extra={"consumer": self.consumer})
-        timer = asyncio.create_task(self._timer_loop(stop))
-        try:
-            if isinstance(self.redis, RedisCluster):
-                # A cluster refuses one read over the streams of many slots: one reader per
-                # shard, over the shard's requests and results streams (one hash tag).
-                await asyncio.gather(
-                    *(
-                        self._read_loop(
-                            stop, [sk.requests_stream.encode(), sk.results_stream.encode()]
-                        )
-                        for sk in self.keys.all_shards()
-                    )
+    async def tick(self) -> None:
+        """Reap expired leases, take over stale pending entries, and (each second) the gauges."""
+        await self.reap_all()
+        await self.reclaim_all()
+        if self._gauges_due.due():
+            await self.update_gauges()
+
+    async def main(self, stop: asyncio.Event) -> None:
+        if isinstance(self.redis, RedisCluster):
+            # A cluster refuses one read over the streams of many slots: one reader per
+            # shard, over the shard's requests and results streams (one hash tag).
+            await asyncio.gather(
+                *(
+                    self._read_loop(stop, [sk.requests_stream.encode(), sk.results_stream.encode()])
+                    for sk in self.keys.all_shards()
                 )
-            else:
-                await self._read_loop(stop, list(self._streams))
-        finally:
-            timer.cancel()
-            await asyncio.gather(timer, return_exceptions=True)
-            log.info("admission stopped", extra={"consumer": self.consumer})
+            )
+        else:
+            await self._read_loop(stop, list(self._streams))
 
     async def _read_loop(self, stop: asyncio.Event, names: list[bytes]) -> None:
-        """XREADGROUP BLOCK over `names`, then one script call per (shard, kind).
-
-        Behind a backlog, the next batch is read while one is applied, so the server does not
-        sit idle while this process parses replies. Batches are still applied one after another,
-        in stream order. On stop, a read in flight is awaited and its batch applied before
-        returning. After a failure the process re-reads its own pending entries (OwnPending).
-        """
-        own = OwnPending(names)
-
-        def read() -> tuple[bool, asyncio.Future[Any]]:
-            """(whether it re-reads own pending entries, the read in flight)."""
-            call = self.redis.xreadgroup(
-                ADMISSION_GROUP,
-                self.consumer,
-                own.ids(),  # type: ignore[arg-type]
-                count=self.config.batch,
-                block=self.config.block_ms,
-            )
-            return own.active, asyncio.ensure_future(call)
-
-        ahead: tuple[bool, asyncio.Future[Any]] | None = None
+        """Read a batch, apply it; on stop, a read already sent is applied before returning."""
+        reader = BatchReader(
+            self.redis, self.consumer, names, self.config.batch, self.config.block_ms
+        )
         try:
-            while ahead is not None or not stop.is_set():
-                if ahead is None:
-                    own.sweep_if_due()
-                reread = own.active if ahead is None else ahead[0]
+            while reader.ahead is not None or not stop.is_set():
+                read = reader.next()
                 try:
-                    (reread, read_now), ahead = ahead or read(), None
-                    reply = await read_now
-                    own.advance(reply, reread)
+                    reply = await reader.receive(read)
                     if reply:
-                        # Read ahead only behind a backlog (a stream gave a full batch): when
-                        # little arrives, the extra read would go out before the script call.
-                        full = any(len(e) >= self.config.batch for _, e in reply)
-                        if full and not own.active and not stop.is_set():
-                            ahead = read()
-                        await self.handle(cast(list[tuple[bytes, list[Entry]]], reply))
-                    shared_metrics.set_ready(True)
+                        reader.read_ahead_if_backlog(reply, stop)
+                        await self.handle(reply)
+                    self.healthy()
                 except Exception as exc:  # redis-py can raise others mid-failover
-                    shared_metrics.set_ready(False)
-                    log.exception("batch failed; retrying")
-                    # The failed batch is pending for this consumer: read it again soon.
-                    await after_failure(self.redis, self.keys, own, exc, failed_reread=reread)
+                    await self.recover(reader.own, exc, failed_reread=read.reread)
         finally:
-            if ahead is not None:
-                ahead[1].cancel()
+            reader.close()
 
     async def handle(self, reply: Sequence[tuple[bytes, list[Entry]]]) -> None:
         """Apply one XREADGROUP reply: one script call per (shard, kind), concurrently."""
@@ -149,7 +180,7 @@ class Admission:
         for stream, entries in reply:
             live, gone = split_deleted(entries)
             if gone:
-                log.error("entries trimmed before admission applied them",
+                self.log.error("entries trimmed before admission applied them",
                           extra={"stream": stream.decode(), "entries": len(gone)})  # fmt: skip
                 await self.redis.xack(stream, ADMISSION_GROUP, *gone)
             if live:
@@ -163,7 +194,7 @@ class Admission:
         for entry_id, fields in entries:
             payload = fields.get(PAYLOAD)
             if payload is None:
-                await self._reject(stream, kind, entry_id, fields, "malformed", "no payload field")
+                await self._reject(stream, kind, entry_id, fields, Reason.MALFORMED, "no payload")
             else:
                 pending.append((entry_id, payload))
         while pending:
@@ -216,27 +247,10 @@ class Admission:
             await pipe.execute()
         counter = metrics.REQUESTS if kind == "admit" else metrics.RESULTS
         counter.labels("rejected").inc()
-        log.warning(
+        self.log.warning(
             "entry dead-lettered",
             extra={"stream": stream.decode(), "entry": entry_id.decode(), "reason": reason},
         )
-
-    async def _timer_loop(self, stop: asyncio.Event) -> None:
-        """Reap expired leases and take over stale pending entries; one failure never stops it."""
-        last_gauges = 0.0
-        while not stop.is_set():
-            try:
-                await self.reap_all()
-                await self.reclaim_all()
-                if time.monotonic() - last_gauges > 1.0:
-                    last_gauges = time.monotonic()
-                    await self.update_gauges()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("timer iteration failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.reap_interval)
 
     async def update_gauges(self) -> None:
         """Queued runs per workflow, active runs, and the backlog of each stream kind."""
@@ -292,23 +306,14 @@ class Admission:
 
         async def one(stream: bytes) -> None:
             shard, kind = self._streams[stream]
-            start = "0-0"
-            while True:
-                reply = await self.redis.xautoclaim(
-                    stream,
-                    ADMISSION_GROUP,
-                    self.consumer,
-                    self.config.claim_idle_ms,
-                    start_id=start,
-                    count=self.config.batch,
-                )
-                next_id, entries = reply[0], [e for e in reply[1] if e and e[1]]
-                if entries:
-                    metrics.RECLAIMED.inc(len(entries))
-                    await self._apply(stream, shard, kind, entries)
-                if next_id in (b"0-0", "0-0"):
-                    return
-                start = next_id
+
+            async def apply(entries: list[Entry]) -> None:
+                metrics.RECLAIMED.inc(len(entries))
+                await self._apply(stream, shard, kind, entries)
+
+            await self.take_over(
+                stream, ADMISSION_GROUP, self.config.claim_idle_ms, self.config.batch, apply
+            )
 
         await asyncio.gather(*(one(s) for s in self._streams))
 
@@ -317,14 +322,7 @@ async def serve(
     settings: Settings,
     config: AdmissionConfig,
     stop: asyncio.Event,
-    on_ready: Callable[[Admission], Awaitable[None]] | None = None,
+    on_ready: Callable[[Service], Awaitable[None]] | None = None,
 ) -> None:
     """Run one admission process until `stop` is set."""
-    redis = connect(settings.redis_url)
-    try:
-        service = Admission(redis, settings, config)
-        if on_ready:
-            await on_ready(service)
-        await service.run(stop)
-    finally:
-        await redis.aclose()
+    await serve_service(lambda redis: Admission(redis, settings, config), settings, stop, on_ready)

@@ -1,0 +1,12 @@
+"""The executor service, in parts that each do one job and import only the parts before them:
+
+    config -> outbox -> steps -> cancel -> claim -> fetch -> service
+
+- config: the executor's settings;
+- outbox: hands outcomes to the results streams, one pipeline per turn;
+- steps: runs a claimed run's steps and reports its outcome once (the local slots);
+- cancel: stops local runs on control-stream cancels, and on the heartbeat's answer;
+- claim: the claim script over read assignments, and the start of what it grants;
+- fetch: reads assignments (never more than free slots) and hands them to claim;
+- service: the wiring, start-up, and the SIGTERM drain.
+"""

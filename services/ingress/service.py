@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -24,8 +23,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from supersede import aio
-from supersede import metrics as shared_metrics
-from supersede.config import Settings, connect, pin_shard_count
+from supersede.config import Settings
 from supersede.errors import KeyExpressionError
 from supersede.keyexpr import KeyFn, compile_key
 from supersede.model import encode_seq, group_id, run_id, shard_of_group
@@ -37,15 +35,15 @@ from supersede.protocol import (
     Reason,
     RequestPacker,
     Strategy,
+    StreamReply,
     dead_letter,
     pack_input,
 )
 from supersede.registry import WorkflowDef, load_all
-from supersede.scripts import Scripts
+from supersede.service import Periodic, Service, Throttle
+from supersede.service import serve as serve_service
 from supersede.services.ingress import metrics
-from supersede.streams import OwnPending, after_failure, consumer_name, ensure_groups, split_deleted
-
-log = logging.getLogger("supersede.ingress")
+from supersede.streams import OwnPending, split_deleted
 
 MAX_ID_BYTES = 1024
 GROUP_MEMO = 100_000
@@ -192,7 +190,52 @@ class Batch:
     unrouted: int = 0
 
 
-class Ingress:
+class WriteFailed(Exception):
+    """The writes of the batch in flight failed; `reread`: that batch was a re-read."""
+
+    def __init__(self, reread: bool) -> None:
+        super().__init__("writes of the batch in flight failed")
+        self.reread = reread
+
+
+class WriteStage:
+    """At most one batch's writes in flight while the next batch is read and routed, so neither
+    this process nor the server waits on the other. The batch's inbox entries stay pending
+    until its own writes are done."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.reread = False
+
+    def start(self, writes: Coroutine[Any, Any, None], reread: bool) -> None:
+        self.task = asyncio.create_task(writes)
+        self.reread = reread
+
+    def must_finish(self, rereading: bool) -> bool:
+        """The batch in flight ends now: it is done (a failure must raise even when no batch
+        follows), or the next read re-reads own pending entries, which include its own."""
+        return self.task is not None and (self.task.done() or rereading)
+
+    async def finish(self) -> None:
+        """Wait for the batch in flight; its failure raises here as WriteFailed."""
+        task, self.task = self.task, None
+        if task is None:
+            return
+        try:
+            await task
+        except Exception as exc:
+            raise WriteFailed(self.reread) from exc
+
+    async def settle(self) -> None:
+        """Let the batch in flight end, whatever its outcome (after a failure, before a
+        re-read, so that no entry is handled twice at once)."""
+        with contextlib.suppress(Exception):
+            await self.finish()
+
+
+class Ingress(Service):
+    name = "ingress"
+
     def __init__(
         self,
         redis: Redis,
@@ -201,22 +244,26 @@ class Ingress:
         *,
         consumer: str | None = None,
     ) -> None:
-        self.redis = redis
-        self.keys = settings.keys
         self.config = config or IngressConfig()
-        self.consumer = consumer or consumer_name("ingress")
-        self.scripts = Scripts(redis, self.keys, stream_maxlen=self.config.stream_maxlen)
+        super().__init__(
+            redis, settings, consumer=consumer, stream_maxlen=self.config.stream_maxlen
+        )
         self.routes: dict[str, list[Route]] = {}
         self.epoch = -1
-        self.ready = False
+        self._housekeeping_due = Throttle(1.0)
 
-    async def start(self) -> None:
-        await pin_shard_count(self.redis, self.keys)
-        await ensure_groups(self.redis, self.keys)
-        await self.scripts.load()
+    async def prepare(self) -> None:
         await self.refresh()
-        self.ready = True
-        shared_metrics.set_ready(True)
+
+    def periodic(self) -> Sequence[Periodic]:
+        return [(self.config.refresh_interval, self.tick)]
+
+    async def tick(self) -> None:
+        """Registry refresh; each second, take-over of stale pending entries and inbox lag."""
+        await self.refresh()
+        if self._housekeeping_due.due():
+            await self.reclaim()
+            await self._measure_lag()
 
     async def refresh(self) -> None:
         """Reload the registry when its epoch moved (a cheap GET otherwise)."""
@@ -225,76 +272,64 @@ class Ingress:
             return
         epoch, defs, errors = await load_all(self.redis, self.keys)
         for wid, error in errors.items():
-            log.error("invalid stored workflow skipped", extra={"workflow": wid, "error": error})
+            extra = {"workflow": wid, "error": error}
+            self.log.error("invalid stored workflow skipped", extra=extra)
         self.routes = build_routes(defs)
         self.epoch = epoch
         metrics.WORKFLOWS.set(len(defs))
-        log.info("workflows loaded", extra={"epoch": epoch, "workflows": sorted(defs)})
+        self.log.info("workflows loaded", extra={"epoch": epoch, "workflows": sorted(defs)})
 
-    async def run(self, stop: asyncio.Event) -> None:
-        await self.start()
-        log.info("ingress started", extra={"consumer": self.consumer})
-        timer = asyncio.create_task(self._timer_loop(stop))
-        # Two stages: while one batch's writes are in flight, the next batch is read and
-        # routed, so neither this process nor the server waits on the other. At most one
-        # batch is in flight; its inbox entries stay pending until its own writes are done.
-        writing: asyncio.Task[None] | None = None
-        writing_reread = False  # whether the batch in flight was a re-read of own entries
+    async def main(self, stop: asyncio.Event) -> None:
+        """Read a batch, route it, start its writes; the next read overlaps those writes."""
+        stage = WriteStage()
         own = OwnPending([self.keys.events_stream])
         try:
             while not stop.is_set():
-                failing = False  # whether the stage that may fail handles a re-read batch
                 own.sweep_if_due()
+                reread = False
                 try:
-                    if writing and (writing.done() or own.active):
-                        # A failed write raises here even when no batch follows; and before
-                        # re-reading its own pending entries the batch in flight must end.
-                        done, writing, failing = writing, None, writing_reread
-                        await done
-                    reread = failing = own.active
-                    reply = cast(
-                        list[tuple[bytes, list[Entry]]] | None,
-                        await self.redis.xreadgroup(
-                            INGRESS_GROUP,
-                            self.consumer,
-                            own.ids(),  # type: ignore[arg-type]
-                            count=self.config.batch,
-                            block=self.config.block_ms,
-                        ),
-                    )
-                    own.advance(reply, reread)
-                    for _, entries in reply or []:
-                        live, gone = split_deleted(entries)
-                        if gone:
-                            log.error("inbox entries trimmed before ingress processed them",
-                                      extra={"entries": len(gone)})  # fmt: skip
-                            await self.redis.xack(self.keys.events_stream, INGRESS_GROUP, *gone)
-                        if live:
-                            batch = self.route(live)
-                            if writing:
-                                failing = writing_reread
-                                await writing
-                            writing = asyncio.create_task(self.write(batch))
-                            writing_reread = reread
-                            # Let the writes go out before the next read is sent.
-                            await asyncio.sleep(0)
-                    shared_metrics.set_ready(True)
+                    if stage.must_finish(own.active):
+                        await stage.finish()
+                    reread = own.active
+                    for entries in await self._read(own):
+                        batch = self.route(entries)
+                        await stage.finish()
+                        stage.start(self.write(batch), reread)
+                        await asyncio.sleep(0)  # let the writes go out before the next read
+                    self.healthy()
                 except Exception as exc:  # redis-py can raise others mid-failover
-                    shared_metrics.set_ready(False)
-                    log.exception("batch failed; retrying")
-                    if writing:  # let it end, so its entries are not handled twice at once
-                        with contextlib.suppress(Exception):
-                            await writing
-                        writing = None
-                    # The failed batch is pending for this consumer: read it again soon.
-                    await after_failure(self.redis, self.keys, own, exc, failed_reread=failing)
+                    failed_reread = exc.reread if isinstance(exc, WriteFailed) else reread
+                    await stage.settle()
+                    cause = exc.__cause__ if isinstance(exc, WriteFailed) else exc
+                    await self.recover(own, cause or exc, failed_reread=failed_reread)
         finally:
-            if writing:
-                with contextlib.suppress(Exception):
-                    await writing
-            timer.cancel()
-            await asyncio.gather(timer, return_exceptions=True)
-            log.info("ingress stopped", extra={"consumer": self.consumer})
+            await stage.settle()
+
+    async def _read(self, own: OwnPending) -> list[list[Entry]]:
+        """XREADGROUP BLOCK on the inbox (own pending entries first after a failure); entries
+        trimmed away since they were delivered are acknowledged and logged."""
+        reread = own.active
+        reply = cast(
+            StreamReply | None,
+            await self.redis.xreadgroup(
+                INGRESS_GROUP,
+                self.consumer,
+                own.ids(),  # type: ignore[arg-type]
+                count=self.config.batch,
+                block=self.config.block_ms,
+            ),
+        )
+        own.advance(reply, reread)
+        batches = []
+        for _, entries in reply or []:
+            live, gone = split_deleted(entries)
+            if gone:
+                self.log.error("inbox entries trimmed before ingress processed them",
+                               extra={"entries": len(gone)})  # fmt: skip
+                await self.redis.xack(self.keys.events_stream, INGRESS_GROUP, *gone)
+            if live:
+                batches.append(live)
+        return batches
 
     async def handle(self, entries: Sequence[Entry]) -> None:
         """Route and write one batch of inbox entries."""
@@ -384,48 +419,26 @@ class Ingress:
         workflow: str | None = None,
     ) -> dict[Any, Any]:
         body = dead_letter(fields, entry_id, reason, detail, workflow=workflow)
-        log.warning(
+        self.log.warning(
             "event dead-lettered",
             extra={"entry": entry_id.decode(), "reason": reason, "workflow": workflow},
         )
         return body
 
-    async def _timer_loop(self, stop: asyncio.Event) -> None:
-        """Registry refresh, takeover of stale pending entries, inbox lag; never stops on error."""
-        last_lag = 0.0
-        while not stop.is_set():
-            try:
-                await self.refresh()
-                if time.monotonic() - last_lag > 1.0:
-                    last_lag = time.monotonic()
-                    await self.reclaim()
-                    await self._measure_lag()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("timer iteration failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.refresh_interval)
-
     async def reclaim(self) -> None:
         """XAUTOCLAIM inbox entries another ingress process read and never acknowledged."""
-        start = "0-0"
-        while True:
-            reply = await self.redis.xautoclaim(
-                self.keys.events_stream,
-                INGRESS_GROUP,
-                self.consumer,
-                self.config.claim_idle_ms,
-                start_id=start,
-                count=self.config.batch,
-            )
-            entries = [e for e in reply[1] if e and e[1]]
-            if entries:
-                metrics.RECLAIMED.inc(len(entries))
-                await self.handle(entries)
-            if reply[0] in (b"0-0", "0-0"):
-                return
-            start = reply[0]
+
+        async def handle(entries: list[Entry]) -> None:
+            metrics.RECLAIMED.inc(len(entries))
+            await self.handle(entries)
+
+        await self.take_over(
+            self.keys.events_stream,
+            INGRESS_GROUP,
+            self.config.claim_idle_ms,
+            self.config.batch,
+            handle,
+        )
 
     async def _measure_lag(self) -> None:
         for g in await self.redis.xinfo_groups(self.keys.events_stream):
@@ -435,8 +448,4 @@ class Ingress:
 
 async def serve(settings: Settings, config: IngressConfig, stop: asyncio.Event) -> None:
     """Run one ingress process until `stop` is set."""
-    redis = connect(settings.redis_url)
-    try:
-        await Ingress(redis, settings, config).run(stop)
-    finally:
-        await redis.aclose()
+    await serve_service(lambda redis: Ingress(redis, settings, config), settings, stop)

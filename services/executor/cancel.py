@@ -1,0 +1,150 @@
+"""Cancellation of local runs. Two ways in: the control streams (XREAD BLOCK, every executor
+reads every cancel within milliseconds) and the heartbeat, which renews leases and answers with
+the runs to stop (the backstop for a control message this process missed)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import cast
+
+from redis.asyncio import Redis
+
+from supersede.keys import Keys
+from supersede.protocol import Entry, Outcome, StreamReply, parse_cancel
+from supersede.scripts import Scripts
+from supersede.services.executor.config import ExecutorConfig
+from supersede.services.executor.steps import Runner, Running
+from supersede.streams import tail_ids
+
+log = logging.getLogger("supersede.executor")
+
+EARLY_CANCEL_TTL = 10.0  # seconds a cancel for a run not (yet) here is remembered
+EARLY_CANCEL_MAX = 10_000
+
+
+def entry_ms(entry_id: bytes | str) -> int:
+    """The millisecond part of a stream entry id: when the cancel was decided."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[0])
+
+
+class Cancels:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        scripts: Scripts,
+        runner: Runner,
+        config: ExecutorConfig,
+        *,
+        consumer: str,
+        cluster: bool,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.scripts = scripts
+        self.runner = runner
+        self.config = config
+        self.consumer = consumer
+        self.cluster = cluster
+        # Cancels that arrived before their run was started here (the claim reply and the
+        # control message race): run id -> (attempt, decided ms, monotonic time received).
+        self._early: dict[str, tuple[int | None, float, float]] = {}
+        self._grace_reports: set[asyncio.Task[None]] = set()
+
+    def cancel_local(self, rid: str, attempt: int | None, decided_ms: float) -> None:
+        """Stop a local run now: cancel its task, set its flag, report after the grace period."""
+        run = self.runner.active.get(rid)
+        if run is None or run.cancel_decided_ms is not None:
+            return
+        if attempt is not None and attempt != run.attempt:
+            return
+        run.cancel_decided_ms = decided_ms
+        run.ctx._cancel()
+        if run.task and not run.task.done():
+            run.task.cancel()
+        task = asyncio.create_task(self._report_after_grace(run))
+        self._grace_reports.add(task)
+        task.add_done_callback(self._grace_reports.discard)
+
+    async def _report_after_grace(self, run: Running) -> None:
+        """A handler that ignores its cancellation keeps running, but its slot is reported
+        free after the grace period (the run's own task reports sooner when it stops)."""
+        await asyncio.sleep(self.config.grace)
+        await self.runner.report(run, Outcome.CANCELLED, "")
+
+    def apply_early(self, run: Running) -> None:
+        """A cancel that arrived before this run was started applies now."""
+        early = self._early.pop(run.run_id, None)
+        if early is not None:
+            self.cancel_local(run.run_id, early[0], early[1])
+
+    def _remember(self, rid: str, attempt: int | None, decided_ms: float) -> None:
+        """Keep a cancel for a run not (yet) here for a few seconds, bounded in size."""
+        now = time.monotonic()
+        if len(self._early) > EARLY_CANCEL_MAX:
+            self._early = {k: v for k, v in self._early.items() if now - v[2] < EARLY_CANCEL_TTL}
+        self._early[rid] = (attempt, decided_ms, now)
+
+    # -- the control streams ---------------------------------------------------------------------
+    async def control_loop(self, stop: asyncio.Event) -> None:
+        """XREAD BLOCK over the control streams (one reader per shard on a cluster)."""
+        streams = [sk.control_stream for sk in self.keys.all_shards()]
+        if self.cluster:
+            await asyncio.gather(*(self._read_control(stop, [s]) for s in streams))
+        else:
+            await self._read_control(stop, streams)
+
+    async def _read_control(self, stop: asyncio.Event, streams: list[str]) -> None:
+        ids = await tail_ids(self.redis, streams)
+        while not stop.is_set():
+            try:
+                reply = await self.redis.xread(ids, count=1000, block=self.config.block_ms)  # type: ignore[arg-type]
+                for stream, entries in cast(StreamReply, reply or []):
+                    ids[stream.decode()] = entries[-1][0].decode()
+                    self._on_control(entries)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("control iteration failed")
+                await asyncio.sleep(0.5)
+
+    def _on_control(self, entries: list[Entry]) -> None:
+        for entry_id, fields in entries:
+            cancel = parse_cancel(fields)
+            if cancel is None:
+                continue
+            rid, attempt = cancel
+            if rid in self.runner.active:
+                self.cancel_local(rid, attempt, entry_ms(entry_id))
+            else:  # its claim reply may not have been handled yet
+                self._remember(rid, attempt, entry_ms(entry_id))
+
+    # -- the heartbeat ---------------------------------------------------------------------------
+    async def heartbeat_loop(self, stop: asyncio.Event) -> None:
+        """Renew the leases of local runs every third of a lease; stop the runs it names."""
+        interval = self.config.lease_ms / 3000
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+            try:
+                await self.heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("heartbeat iteration failed")
+
+    async def heartbeat(self) -> None:
+        by_shard: dict[int, list[tuple[str, int]]] = {}
+        for run in list(self.runner.active.values()):
+            if not run.reported:
+                by_shard.setdefault(run.shard, []).append((run.run_id, run.attempt))
+        for shard, runs in by_shard.items():
+            stop_ids = await self.scripts.heartbeat(
+                shard, self.consumer, runs, lease_ms=self.config.lease_ms
+            )
+            for rid in stop_ids:
+                self.cancel_local(rid, None, time.time() * 1000)

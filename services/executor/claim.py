@@ -1,0 +1,50 @@
+"""Claiming: the claim script over the assignments read (all shards in one round trip where
+it can), then the start of every run it granted. A refused claim (the run was cancelled or
+re-assigned meanwhile) starts nothing."""
+
+from __future__ import annotations
+
+import time
+
+from supersede.scripts import Scripts
+from supersede.services.executor import metrics
+from supersede.services.executor.cancel import Cancels, entry_ms
+from supersede.services.executor.config import ExecutorConfig
+from supersede.services.executor.steps import Runner
+
+Fetched = tuple[int, bytes, str, int]
+"""An assignment read: (shard, entry id, run id, attempt)."""
+
+
+class Claimer:
+    def __init__(
+        self,
+        scripts: Scripts,
+        consumer: str,
+        config: ExecutorConfig,
+        runner: Runner,
+        cancels: Cancels,
+    ) -> None:
+        self.scripts = scripts
+        self.consumer = consumer
+        self.config = config
+        self.runner = runner
+        self.cancels = cancels
+
+    async def claim_and_start(self, items: list[Fetched]) -> None:
+        by_shard: dict[int, list[tuple[bytes, str, int]]] = {}
+        for shard, entry_id, rid, attempt in items:
+            by_shard.setdefault(shard, []).append((entry_id, rid, attempt))
+        now = time.time() * 1000
+        replies = await self.scripts.claim_shards(
+            self.consumer, by_shard, lease_ms=self.config.lease_ms
+        )
+        for shard, claims in replies.items():
+            for (entry_id, _, _), claim in zip(by_shard[shard], claims, strict=True):
+                if not claim.claimed:
+                    metrics.CLAIMS_REFUSED.inc()
+                    continue
+                metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, now - entry_ms(entry_id)) / 1000)
+                run = self.runner.start(shard, claim)
+                if run is not None:
+                    self.cancels.apply_early(run)

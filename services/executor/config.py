@@ -1,0 +1,16 @@
+"""Settings of one executor process (the CLI's `supersede executor` flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class ExecutorConfig:
+    slots: int = 10  # runs executed at once
+    lease_ms: int = 10_000  # a run's lease; the heartbeat renews it every third
+    grace: float = 5.0  # seconds a cancelled run may take before its slot is reported free
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for running runs
+    block_ms: int = 1000  # longest wait of one read
+    claim_idle_ms: int = 30_000  # take over assignments another executor left this long
+    retry_backoff: float = 0.1  # seconds before a step's first retry, doubled each time

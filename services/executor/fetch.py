@@ -1,0 +1,251 @@
+"""Fetching assignments: never more entries than free local slots, then the claim.
+
+How a read is made depends on the free slots and the backend:
+- with a free slot per shard on one server, one XREADGROUP BLOCK over every shard both waits
+  and reads (free // shards entries per shard at most);
+- otherwise the shards are read one by one, woken shards first, then in rotation; when that
+  finds nothing, one XREAD BLOCK over every assignment stream (from their last seen ids) waits
+  for new entries without consuming them (on a cluster, a wake task per shard does);
+- after a failure, this consumer's own pending entries are read first (OwnPending);
+- each second, assignments a dead executor read but never claimed are taken over (XAUTOCLAIM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import cast
+
+from redis.asyncio import Redis
+
+from supersede.keys import Keys
+from supersede.protocol import EXECUTOR_GROUP, Entry, StreamReply, parse_assignment
+from supersede.service import Service, Throttle
+from supersede.services.executor.claim import Claimer, Fetched
+from supersede.services.executor.config import ExecutorConfig
+from supersede.services.executor.steps import Runner
+from supersede.streams import OwnPending, tail_ids
+
+log = logging.getLogger("supersede.executor")
+
+
+class Fetcher:
+    def __init__(
+        self,
+        service: Service,
+        keys: Keys,
+        config: ExecutorConfig,
+        runner: Runner,
+        claimer: Claimer,
+        *,
+        cluster: bool,
+    ) -> None:
+        self.service = service
+        self.redis: Redis = service.redis
+        self.consumer = service.consumer
+        self.keys = keys
+        self.config = config
+        self.runner = runner
+        self.claimer = claimer
+        self.cluster = cluster
+        self.streams = [sk.assignments_stream for sk in keys.all_shards()]
+        self.shard_of_stream = {name: i for i, name in enumerate(self.streams)}
+        self.own = OwnPending(self.streams)
+        self._take_over_due = Throttle(1.0)
+        self._rotation = 0
+        self._woken: list[int] = []
+        self._wake = asyncio.Event()
+        self._wake_ids: dict[str, str] = {}
+        self._tails_fresh = False
+        self._malformed: list[tuple[int, bytes]] = []
+
+    async def loop(self, stop: asyncio.Event) -> None:
+        """Until `stop`: wait for a free slot, read, take over, claim and start; or wait."""
+        while not stop.is_set():
+            reread = False
+            try:
+                free = await self._free_slots()
+                if not free:
+                    continue
+                self.own.sweep_if_due()
+                reread = self.own.active
+                got = await self._read(free, reread)
+                if len(got) < free and self._take_over_due.due():
+                    got += await self._take_over(free - len(got))
+                await self._ack_malformed()
+                self.service.healthy()
+                if got:
+                    self._tails_fresh = False
+                    await self.claimer.claim_and_start(got)
+                    await asyncio.sleep(0)  # let the new runs reach their first step
+                elif not reread and not self._blocking(free):
+                    # Only after a scan: entries older than the tails are the scan's to find,
+                    # so a wait after a re-read of own entries could sleep past them.
+                    await self._wait_for_assignments()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Assignments read but not claimed are pending for this consumer: read again.
+                await self.service.recover(self.own, exc, failed_reread=reread, what="fetch")
+
+    async def _free_slots(self) -> int:
+        """The free local slots; with none, wait until one frees up and return 0."""
+        free = self.runner.free()
+        if free > 0:
+            return free
+        self.runner.slot_freed.clear()
+        await self.runner.slot_freed.wait()
+        return 0
+
+    def _blocking(self, free: int) -> bool:
+        """One XREADGROUP BLOCK over every shard both waits and reads."""
+        return free >= self.keys.shards and not self.cluster
+
+    async def _read(self, free: int, reread: bool) -> list[Fetched]:
+        """At most `free` assignments: own pending ones when `reread`, else new ones."""
+        blocking = self._blocking(free)
+        self._wake.clear()  # cluster mode: a waker setting it from now on is not missed
+        if not blocking and not self._tails_fresh:
+            # Tails first, then the scan: an entry older than a tail is seen by the scan, a
+            # newer one wakes the XREAD that may follow, so none waits for a timeout. After
+            # a wake-up the XREAD's own ids are fresh: no tail read in that path.
+            self._wake_ids = await tail_ids(self.redis, self.streams)
+            self._tails_fresh = True
+        if reread:
+            return await self._read_own(free)
+        got = await (self._read_blocking(free) if blocking else self._read_scan(free))
+        self.own.advance(None, reread=False)
+        return got
+
+    async def _read_own(self, free: int) -> list[Fetched]:
+        """This consumer's pending assignments, shard by shard, at most `free` of them."""
+        got: list[Fetched] = []
+        replies: StreamReply = []
+        ids = self.own.ids()
+        for shard, stream in enumerate(self.streams):
+            if len(got) >= free:
+                break
+            reply = await self.redis.xreadgroup(
+                EXECUTOR_GROUP, self.consumer, {stream: ids[stream]}, count=free - len(got)
+            )
+            for name, entries in cast(StreamReply, reply or []):
+                replies.append((name, entries))
+                got += self._parse(shard, entries)
+        self.own.advance(replies, reread=True)
+        return got
+
+    async def _read_blocking(self, free: int) -> list[Fetched]:
+        """One XREADGROUP BLOCK over every assignment stream, `free // shards` entries each."""
+        reply = await self.redis.xreadgroup(
+            EXECUTOR_GROUP,
+            self.consumer,
+            dict.fromkeys(self.streams, ">"),
+            count=free // self.keys.shards,
+            block=self.config.block_ms,
+        )
+        got: list[Fetched] = []
+        for stream, entries in cast(StreamReply, reply or []):
+            got += self._parse(self.shard_of_stream[stream.decode()], entries)
+        return got
+
+    async def _read_scan(self, free: int) -> list[Fetched]:
+        """XREADGROUP at most `free` entries in all: with at least one free slot per shard, from
+        every shard in one pipeline; otherwise shard by shard, woken shards first."""
+        got: list[Fetched] = []
+        n = self.keys.shards
+        if free >= n:
+            # Enough free slots to ask every shard for free // n entries in one round trip
+            # (a scan of one round trip per shard takes milliseconds in redis-py).
+            self._woken = []
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream in self.streams:
+                    pipe.xreadgroup(EXECUTOR_GROUP, self.consumer, {stream: ">"}, count=free // n)
+                replies = await pipe.execute()
+            for shard, reply in enumerate(replies):
+                for _, entries in cast(StreamReply, reply or []):
+                    got += self._parse(shard, entries)
+            return got
+        order = [*self._woken, *((self._rotation + i) % n for i in range(n))]
+        self._woken = []
+        visited: set[int] = set()
+        for shard in order:
+            if len(got) >= free:
+                break
+            if shard in visited:
+                continue
+            visited.add(shard)
+            reply = await self.redis.xreadgroup(
+                EXECUTOR_GROUP, self.consumer, {self.streams[shard]: ">"}, count=free - len(got)
+            )
+            for _, entries in cast(StreamReply, reply or []):
+                got += self._parse(shard, entries)
+        self._rotation = (self._rotation + 1) % n
+        return got
+
+    def _parse(self, shard: int, entries: Sequence[Entry]) -> list[Fetched]:
+        """(shard, entry id, run id, attempt); an entry that is not an assignment is noted
+        for acknowledgement, so it cannot come back through XAUTOCLAIM forever."""
+        out = []
+        for entry_id, fields in entries:
+            try:
+                out.append((shard, entry_id, *parse_assignment(fields)))
+            except (KeyError, ValueError, TypeError, UnicodeDecodeError):
+                self._malformed.append((shard, entry_id))
+        return out
+
+    async def _ack_malformed(self) -> None:
+        bad, self._malformed = self._malformed, []
+        for shard, entry_id in bad:
+            log.error(
+                "malformed assignment acknowledged",
+                extra={"shard": shard, "entry": entry_id.decode()},
+            )
+            await self.redis.xack(self.streams[shard], EXECUTOR_GROUP, entry_id)
+
+    async def _take_over(self, free: int) -> list[Fetched]:
+        """XAUTOCLAIM assignments a dead executor read and never claimed."""
+        got: list[Fetched] = []
+        for shard, stream in enumerate(self.streams):
+            if len(got) >= free:
+                break
+            reply = await self.redis.xautoclaim(
+                stream, EXECUTOR_GROUP, self.consumer, self.config.claim_idle_ms,
+                count=free - len(got),
+            )  # fmt: skip
+            got += self._parse(shard, [e for e in reply[1] if e and e[1]])
+        return got
+
+    async def _wait_for_assignments(self) -> None:
+        """XREAD BLOCK over every assignment stream: wakes on any new entry, consumes nothing."""
+        if self.cluster:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.block_ms / 1000)
+            return
+        reply = await self.redis.xread(self._wake_ids, count=1, block=self.config.block_ms)  # type: ignore[arg-type]
+        for stream, entries in cast(StreamReply, reply or []):
+            if entries:
+                name = stream.decode()
+                self._wake_ids[name] = entries[-1][0].decode()
+                self._woken.append(self.shard_of_stream[name])
+
+    async def wake_loop(self, stop: asyncio.Event, shard: int) -> None:
+        """Cluster mode: one XREAD BLOCK per shard sets the wake-up on new assignments."""
+        stream = self.streams[shard]
+        last = (await tail_ids(self.redis, [stream]))[stream]
+        while not stop.is_set():
+            try:
+                reply = await self.redis.xread(
+                    {stream: last}, count=100, block=self.config.block_ms
+                )
+                for _, entries in cast(StreamReply, reply or []):
+                    if entries:
+                        last = entries[-1][0].decode()
+                        self._woken.append(shard)
+                        self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("wake iteration failed")
+                await asyncio.sleep(0.5)

@@ -1,0 +1,196 @@
+"""Running claimed runs: their steps in dependency order, retries and timeouts, the on-cancel
+hook, and one report of the outcome to the outbox, after which the run's local slot is free."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import traceback
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from supersede import codec
+from supersede.protocol import Outcome, RunResult, unpack_input
+from supersede.scripts import Claim
+from supersede.services.executor import metrics
+from supersede.services.executor.config import ExecutorConfig
+from supersede.services.executor.outbox import Outbox
+from supersede.workflow import Context, Step, Workflow
+
+log = logging.getLogger("supersede.executor")
+
+OUTCOME_LABEL = {
+    Outcome.SUCCEEDED: "succeeded",
+    Outcome.FAILED: "failed",
+    Outcome.CANCELLED: "cancelled",
+}
+MAX_ERROR_CHARS = 20_000
+
+
+@dataclass(slots=True)
+class Running:
+    """One run executing here (until its outcome is reported)."""
+
+    run_id: str
+    shard: int
+    attempt: int
+    workflow: Workflow
+    ctx: Context
+    task: asyncio.Task[None] | None = None
+    cancel_decided_ms: float | None = None  # set once a cancel arrived
+    reported: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+class Runner:
+    """The local slots: which runs execute here, and the code that executes them."""
+
+    def __init__(self, workflows: Sequence[Workflow], config: ExecutorConfig, outbox: Outbox):
+        self.workflows = {wf.id: wf for wf in workflows}
+        self.config = config
+        self.outbox = outbox
+        self.active: dict[str, Running] = {}
+        self.pool = ThreadPoolExecutor(max_workers=max(4, config.slots * 2))
+        self.slot_freed = asyncio.Event()
+
+    def free(self) -> int:
+        return self.config.slots - len(self.active)
+
+    def start(self, shard: int, claim: Claim) -> Running | None:
+        """Start a claimed run as a task. A run of a workflow this process lacks fails at once
+        (None)."""
+        body = unpack_input(claim.input)
+        ctx = Context(
+            run_id=claim.run_id,
+            workflow=claim.workflow,
+            attempt=claim.attempt,
+            input=body.get("input", {}),
+            metadata=body.get("metadata", {}),
+            event=body.get("event", ""),
+            event_id=body.get("event_id", ""),
+            key=claim.key,
+        )
+        wf = self.workflows.get(claim.workflow)
+        if wf is None:
+            log.error("claimed a run of an unknown workflow", extra={"run": claim.run_id})
+            run = Running(claim.run_id, shard, claim.attempt, Workflow(claim.workflow, []), ctx)
+            self.active[claim.run_id] = run
+            run.task = asyncio.create_task(self.report(run, Outcome.FAILED, "unknown workflow"))
+            return None
+        run = Running(claim.run_id, shard, claim.attempt, wf, ctx)
+        self.active[claim.run_id] = run
+        metrics.RUNS_STARTED.labels(wf.id).inc()
+        metrics.BUSY_SLOTS.set(len(self.active))
+        run.task = asyncio.create_task(self._execute(run))
+        return run
+
+    async def _execute(self, run: Running) -> None:
+        try:
+            outcome, error = await self._run_steps(run)
+        except asyncio.CancelledError:
+            if run.cancel_decided_ms is None:
+                raise  # shutdown: leave the run to its lease
+            outcome, error = Outcome.CANCELLED, ""
+            await self._on_cancel(run)
+        await self.report(run, outcome, error)
+
+    async def _run_steps(self, run: Running) -> tuple[Outcome, str]:
+        for step in run.workflow.ordered_steps():
+            for attempt in range(step.retries + 1):
+                started = time.perf_counter()
+                try:
+                    output = await self._call(step, run.ctx)
+                    codec.pack(output)  # outputs must be msgpack-able values
+                    run.ctx.outputs[step.name] = output
+                    break
+                except asyncio.CancelledError:
+                    self.observe_cancel(run)
+                    raise
+                except Exception as exc:
+                    if attempt < step.retries:
+                        await asyncio.sleep(self.config.retry_backoff * 2**attempt)
+                        continue
+                    text = "".join(traceback.format_exception(exc))
+                    return (
+                        Outcome.FAILED,
+                        f"step {step.name!r} failed after {attempt + 1} attempt(s):\n{text}",
+                    )
+                finally:
+                    metrics.STEP_SECONDS.labels(run.workflow.id).observe(
+                        time.perf_counter() - started
+                    )
+            if run.ctx.cancelled:
+                self.observe_cancel(run)
+                return Outcome.CANCELLED, ""
+        return Outcome.SUCCEEDED, ""
+
+    async def _call(self, step: Step, ctx: Context) -> Any:
+        if step.is_async:
+            coro = step.fn(ctx)
+        else:
+            loop = asyncio.get_running_loop()
+            coro = loop.run_in_executor(self.pool, functools.partial(step.fn, ctx))
+        if step.timeout:
+            try:
+                return await asyncio.wait_for(coro, step.timeout)
+            except TimeoutError:
+                raise TimeoutError(f"step {step.name!r} timed out after {step.timeout}s") from None
+        return await coro
+
+    async def _on_cancel(self, run: Running) -> None:
+        hook = run.workflow.cancel_hook
+        if hook is None:
+            return
+        try:
+            if asyncio.iscoroutinefunction(hook):
+                await asyncio.shield(hook(run.ctx))
+            else:
+                await asyncio.shield(
+                    asyncio.get_running_loop().run_in_executor(self.pool, hook, run.ctx)
+                )
+        except Exception:
+            log.exception("on_cancel hook failed", extra={"run": run.run_id})
+
+    def observe_cancel(self, run: Running) -> None:
+        if run.cancel_decided_ms is not None:
+            metrics.CANCEL_LATENCY_SECONDS.observe(
+                max(0.0, time.time() * 1000 - run.cancel_decided_ms) / 1000
+            )
+
+    async def report(self, run: Running, outcome: Outcome, error: str) -> None:
+        """Hand the outcome to the outbox (once), then free the local slot."""
+        if run.reported:
+            return
+        run.reported = True
+        if run.cancel_decided_ms is not None:
+            outcome, error = Outcome.CANCELLED, ""  # results of cancelled runs are discarded
+        result = RunResult(run.run_id, run.attempt, outcome, error[:MAX_ERROR_CHARS])
+        try:
+            await asyncio.shield(self.outbox.put(run.shard, result))
+        except Exception:
+            # Not written: the run's lease expires and the reaper retries it elsewhere.
+            log.exception("result not written", extra={"run": run.run_id})
+        finally:
+            metrics.RUNS_FINISHED.labels(run.workflow.id, OUTCOME_LABEL[outcome]).inc()
+            self.active.pop(run.run_id, None)
+            metrics.BUSY_SLOTS.set(len(self.active))
+            self.slot_freed.set()
+
+    async def drain(self) -> None:
+        """Let running runs finish within the deadline; leave the rest to their leases."""
+        pending = [r.task for r in self.active.values() if r.task]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=self.config.drain_timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning(
+                    "drain deadline passed; runs left to lease expiry", extra={"runs": len(late)}
+                )
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,168 @@
+"""The skeleton ingress, admission and the executor run on.
+
+A service starts (pins the shard count, creates the consumer groups, loads the scripts, then its
+own `prepare`), says it is ready, runs its periodic tasks beside its main loop until `stop` is
+set, and stops them. It also gives the three steps every stream consumer here shares: take over
+entries a dead consumer left pending (XAUTOCLAIM), recover after a failed batch (re-read own
+pending entries, heal lost groups, pause), and mark itself healthy again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from redis.asyncio import Redis
+
+from supersede import metrics
+from supersede.config import Settings, connect, pin_shard_count
+from supersede.protocol import Entry
+from supersede.scripts import Scripts
+from supersede.streams import OwnPending, after_failure, consumer_name, ensure_groups
+
+Periodic = tuple[float, Callable[[], Awaitable[None]]]
+"""(interval in seconds, task): run every interval; one failed run is logged, never fatal."""
+
+
+class Throttle:
+    """`due()` is true at most once per `every` seconds (first call included)."""
+
+    __slots__ = ("_every", "_last")
+
+    def __init__(self, every: float) -> None:
+        self._every = every
+        self._last = -every
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self._every:
+            return False
+        self._last = now
+        return True
+
+
+class Service:
+    """Base of the three services; subclasses give `name`, `main` and, when they have some,
+    `prepare` and `periodic`."""
+
+    name = "service"
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        *,
+        consumer: str | None = None,
+        stream_maxlen: int = 1_000_000,
+    ) -> None:
+        self.redis = redis
+        self.keys = settings.keys
+        self.consumer = consumer or consumer_name(self.name)
+        self.scripts = Scripts(redis, self.keys, stream_maxlen=stream_maxlen)
+        self.log = logging.getLogger(f"supersede.{self.name}")
+        self.ready = False
+
+    # -- what a service gives ---------------------------------------------------------------------
+    async def prepare(self) -> None:
+        """Service-specific start-up, after groups and scripts exist."""
+
+    def periodic(self) -> Sequence[Periodic]:
+        """Timer tasks run beside the main loop."""
+        return ()
+
+    async def main(self, stop: asyncio.Event) -> None:
+        """The main loop; returns once `stop` is set and its work in flight is done."""
+        raise NotImplementedError
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Check the deployment, create groups, load scripts, prepare; then ready."""
+        await pin_shard_count(self.redis, self.keys)
+        await ensure_groups(self.redis, self.keys)
+        await self.scripts.load()
+        await self.prepare()
+        self.ready = True
+        metrics.set_ready(True)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.start()
+        self.log.info(f"{self.name} started", extra={"consumer": self.consumer})
+        timers = [asyncio.create_task(self._every(stop, *p)) for p in self.periodic()]
+        try:
+            await self.main(stop)
+        finally:
+            for task in timers:
+                task.cancel()
+            await asyncio.gather(*timers, return_exceptions=True)
+            self.log.info(f"{self.name} stopped", extra={"consumer": self.consumer})
+
+    async def _every(
+        self, stop: asyncio.Event, interval: float, task: Callable[[], Awaitable[None]]
+    ) -> None:
+        while not stop.is_set():
+            try:
+                await task()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception("periodic task failed", extra={"task": task.__name__})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    # -- steps every stream consumer shares -------------------------------------------------------
+    def healthy(self) -> None:
+        """A batch went through: ready again (a failure cleared it)."""
+        metrics.set_ready(True)
+
+    async def recover(
+        self, own: OwnPending, exc: BaseException, *, failed_reread: bool, what: str = "batch"
+    ) -> None:
+        """After a failed batch: not ready, log, re-read own pending entries soon, heal lost
+        groups, pause. `failed_reread`: the failed batch was itself a re-read."""
+        metrics.set_ready(False)
+        self.log.error(f"{what} failed; retrying", exc_info=exc)
+        await after_failure(self.redis, self.keys, own, exc, failed_reread=failed_reread)
+
+    async def take_over(
+        self,
+        stream: str | bytes,
+        group: str,
+        idle_ms: int,
+        count: int,
+        handle: Callable[[list[Entry]], Awaitable[None]],
+    ) -> int:
+        """XAUTOCLAIM every entry of `stream` idle for `idle_ms` in another consumer of `group`
+        (a process that died mid-batch), page by page, and handle each page; returns how many."""
+        start: str | bytes = "0-0"
+        taken = 0
+        while True:
+            reply = await self.redis.xautoclaim(
+                stream, group, self.consumer, idle_ms, start_id=start, count=count
+            )
+            entries = [e for e in reply[1] if e and e[1]]
+            if entries:
+                taken += len(entries)
+                await handle(entries)
+            if reply[0] in (b"0-0", "0-0"):
+                return taken
+            start = reply[0]
+
+
+async def serve(
+    make: Callable[[Redis], Service],
+    settings: Settings,
+    stop: asyncio.Event,
+    on_ready: Callable[[Service], Awaitable[None]] | None = None,
+) -> None:
+    """Connect, run the service `make` builds until `stop` is set, close the connection."""
+    redis = connect(settings.redis_url)
+    try:
+        service = make(redis)
+        if on_ready:
+            await on_ready(service)
+        await service.run(stop)
+    finally:
+        await redis.aclose()
