@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint format run bench clean
+.PHONY: help install test lint lint-types format run bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ TYPES := $(VENV)/typecheck
 lint: $(STAMP) ## ruff format check, ruff lint, mypy strict (package, tests and bench)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	@$(MAKE) --no-print-directory lint-types
+
+lint-types: $(STAMP)
 	@rm -rf $(TYPES) && mkdir -p $(TYPES)/supersede
 	@for f in shared/*.py shared/py.typed; do ln -s "$(CURDIR)/$$f" $(TYPES)/supersede/; done
 	@ln -s "$(CURDIR)/services" $(TYPES)/supersede/services

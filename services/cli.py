@@ -6,17 +6,17 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
-from supersede import __version__, logs, metrics
+from supersede import __version__, logs
 from supersede.config import Settings, connect
 from supersede.errors import ConfigError, DefinitionError, SupersedeError
 from supersede.protocol import RunState
+from supersede.service import run_until_signal
 
 log = logging.getLogger("supersede")
 
@@ -32,17 +32,7 @@ def _admission(args: argparse.Namespace, settings: Settings) -> None:
         retention_ms=int(args.retention * 1000),
         stream_maxlen=args.stream_maxlen,
     )
-    metrics.serve(args.metrics_port)
-    asyncio.run(_until_signal(lambda stop: serve(settings, config, stop)))
-
-
-async def _until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run main(stop) and set `stop` on SIGTERM or SIGINT, so the service drains and exits 0."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await main(stop)
+    run_until_signal(lambda stop: serve(settings, config, stop), args.metrics_port)
 
 
 def _ingress(args: argparse.Namespace, settings: Settings) -> None:
@@ -56,8 +46,7 @@ def _ingress(args: argparse.Namespace, settings: Settings) -> None:
         max_payload=args.max_payload,
         stream_maxlen=args.stream_maxlen,
     )
-    metrics.serve(args.metrics_port)
-    asyncio.run(_until_signal(lambda stop: serve(settings, config, stop)))
+    run_until_signal(lambda stop: serve(settings, config, stop), args.metrics_port)
 
 
 def load_workflows(module_name: str) -> list[Any]:
@@ -92,8 +81,7 @@ def _executor(args: argparse.Namespace, settings: Settings) -> None:
         claim_idle_ms=args.claim_idle_ms,
         block_ms=args.block_ms,
     )
-    metrics.serve(args.metrics_port)
-    asyncio.run(_until_signal(lambda stop: serve(settings, workflows, config, stop)))
+    run_until_signal(lambda stop: serve(settings, workflows, config, stop), args.metrics_port)
 
 
 def _dev(args: argparse.Namespace, settings: Settings) -> None:

@@ -22,6 +22,7 @@ from supersede.protocol import (
     EXECUTOR_GROUP,
     INGRESS_GROUP,
     Dead,
+    Reason,
     RunRecord,
     RunState,
     original_fields,
@@ -119,7 +120,7 @@ async def cancel_runs(scripts: Scripts, rids: list[str]) -> dict[str, bool]:
         by_shard.setdefault(shard_of_run(rid), []).append(rid)
     out: dict[str, bool] = {}
     for shard, ids in by_shard.items():
-        flags = await scripts.cancel(shard, ids, reason="manual")
+        flags = await scripts.cancel(shard, ids, reason=Reason.MANUAL)
         out.update(zip(ids, flags, strict=True))
     return out
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from supersede.protocol import Strategy
 
 GROUP_ID_LEN = 16  # hex chars; fixed width so the Lua side can slice members without parsing
-SEQ_LEN = 32  # hex chars: 16 for the millisecond part of a stream id, 16 for its counter
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,8 +20,8 @@ from redis.exceptions import NoScriptError
 
 from supersede import aio, codec
 from supersede.errors import BadArguments, raise_for_status
-from supersede.keys import Keys, ShardKeys
-from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP
+from supersede.keys import Keys
+from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, Reason
 
 LUA_DIR = files("supersede.lua")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
@@ -167,9 +167,6 @@ class Scripts:
         sk = self.keys.shard(shard)
         return [*sk.state_keys(), extra] if extra else sk.state_keys()
 
-    def shard_keys(self, shard: int) -> ShardKeys:
-        return self.keys.shard(shard)
-
     async def admit(
         self, shard: int, entries: Sequence[tuple[str | bytes, bytes]], *, now: int = 0
     ) -> AdmitResult:
@@ -293,7 +290,7 @@ class Scripts:
         return ReapResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]))
 
     async def cancel(
-        self, shard: int, run_ids: Sequence[str], *, reason: str = "manual", now: int = 0
+        self, shard: int, run_ids: Sequence[str], *, reason: str = Reason.MANUAL, now: int = 0
     ) -> list[bool]:
         """Cancel runs of one shard; True for each run this call cancelled."""
         args: list[Any] = [now, self.stream_maxlen, reason, *run_ids]

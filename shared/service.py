@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -149,6 +150,21 @@ class Service:
             if reply[0] in (b"0-0", "0-0"):
                 return taken
             start = reply[0]
+
+
+def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]], metrics_port: int) -> None:
+    """A service process: serve /metrics, /healthz and /readyz on `metrics_port` (0: none),
+    run main(stop), and set `stop` on SIGTERM or SIGINT so the service drains and exits 0."""
+    metrics.serve(metrics_port)
+
+    async def until_signal() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(until_signal())
 
 
 async def serve(

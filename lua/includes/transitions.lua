@@ -127,7 +127,8 @@ local function fillFrom(g, mx, pending, first)
   end
 end
 
--- Applies the group's strategy after arrivals (`news`), per the table in DESIGN.md.
+-- Applies the group's strategy after arrivals (`news`): the table in docs/design.md, "Strategies".
+-- Invariants 1, 4 and 6 of docs/design.md are checked against this by the property test.
 -- Without strict mode, CANCEL_IN_PROGRESS and CANCEL_NEWEST start or end every run they see,
 -- so their groups never keep a queue between calls and the queue read is skipped; a group that
 -- holds no slot has no active run either.

@@ -1,4 +1,5 @@
-"""The Lua scripts on a real server: strategies, transitions, idempotency and bad input."""
+"""The Lua scripts on a real server: strategies, transitions, idempotency and bad input
+(invariant 5 of docs/design.md: claim refuses a run cancelled before it started)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The real scripts and the reference model, driven with the same random histories.
 
-After every step: invariant 1 (active runs per group never exceed max_runs), invariant 4 (every
-run's state, attempt and slot hold equal the model's) and invariant 6 (the stored slot count
-and the zset indexes agree with the run records).
+After every step, the invariants of docs/design.md: 1 (active runs per group never exceed
+max_runs), 4 (every run's state, attempt and slot hold equal the model's) and 6 (the stored
+slot count and the zset indexes agree with the run records).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The admission service: in-process behaviour, and real processes killed with SIGKILL."""
+"""The admission service: in-process behaviour, and real processes killed with SIGKILL
+(invariant 3 of docs/design.md: every run reaches exactly one terminal state)."""
 
 from __future__ import annotations
 

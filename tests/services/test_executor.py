@@ -1,5 +1,6 @@
 """Executors as real processes with ingress and admission: sharing work, cancellation within
-milliseconds, SIGKILL recovery, SIGTERM drain, retries and bad definitions."""
+milliseconds (invariant 5 of docs/design.md), SIGKILL recovery (invariant 3), SIGTERM drain,
+retries and bad definitions."""
 
 from __future__ import annotations
 

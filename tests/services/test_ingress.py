@@ -1,5 +1,6 @@
 """The ingress service on a real server: the inbox contract, dead letters, de-duplication,
-registry changes without restart, and a real process killed with SIGKILL."""
+registry changes without restart, and a real process killed with SIGKILL (invariant 2 of
+docs/design.md: every event ends as runs or a dead letter, a replayed id creates no second run)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""A pure-Python reference model of the strategies, written from the rules in DESIGN.md.
+"""A pure-Python reference model of the strategies, written from the rules in docs/design.md
+("Strategies"): the reference of invariant 4.
 
 It is deliberately declarative (recompute survivors from the whole group each time) rather than
 a transcription of the Lua, so that a bug in one is unlikely to be repeated in the other.
