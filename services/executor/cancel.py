@@ -125,7 +125,7 @@ class Cancels:
 
     # -- the heartbeat ---------------------------------------------------------------------------
     async def heartbeat_loop(self, stop: asyncio.Event) -> None:
-        """Renew the leases of local runs every third of a lease; stop the runs it names."""
+        """Every third of a lease, `heartbeat`, until `stop` (set after a drain, not before)."""
         interval = self.config.lease_ms / 3000
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -138,13 +138,16 @@ class Cancels:
                 log.exception("heartbeat iteration failed")
 
     async def heartbeat(self) -> None:
+        """Renew the leases of runs running here and of runs whose results wait for admission.
+        The script names the runs that are no longer this executor's to run: a reported one has
+        ended (its result was applied) and is let go; a running one is stopped."""
         by_shard: dict[int, list[tuple[str, int]]] = {}
-        for run in list(self.runner.active.values()):
-            if not run.reported:
-                by_shard.setdefault(run.shard, []).append((run.run_id, run.attempt))
+        for run in self.runner.leased():
+            by_shard.setdefault(run.shard, []).append((run.run_id, run.attempt))
         for shard, runs in by_shard.items():
             stop_ids = await self.scripts.heartbeat(
                 shard, self.consumer, runs, lease_ms=self.config.lease_ms
             )
             for rid in stop_ids:
-                self.cancel_local(rid, None, time.time() * 1000)
+                if self.runner.awaiting.pop(rid, None) is None:
+                    self.cancel_local(rid, None, time.time() * 1000)

@@ -45,6 +45,11 @@ class Claimer:
                     metrics.CLAIMS_REFUSED.inc()
                     continue
                 metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, now - entry_ms(entry_id)) / 1000)
+                held = self.runner.active.get(claim.run_id)
+                if held is not None and held.attempt != claim.attempt:
+                    # The reaper retried a run still executing here (its lease lapsed): that
+                    # attempt is no longer this executor's to finish.
+                    self.cancels.cancel_local(claim.run_id, held.attempt, now)
                 run = self.runner.start(shard, claim)
                 if run is not None:
                     self.cancels.apply_early(run)

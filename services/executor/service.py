@@ -1,9 +1,13 @@
 """The executor service: the wiring of its parts, start-up, and the SIGTERM drain.
 
 Tasks: fetch (assignments -> claim -> start), control (cancels), heartbeat (leases, and the runs
-to stop), the outbox writer, and on a cluster one wake task per shard. SIGTERM drains: stop
-fetching, start what the read in flight took, let running runs finish within the deadline, and
-leave the rest to their leases (they are retried elsewhere).
+to stop), the outbox writer, and on a cluster one wake task per shard.
+
+SIGTERM drains: stop fetching and start what the read in flight took; keep renewing leases and
+receiving cancels while running runs finish within the drain deadline; then wait (within the
+same deadline) until admission has applied the results written, since a run whose lease lapsed
+before that would be retried. What is still running at the deadline is stopped and left to its
+lease (retried elsewhere: at least once), and logged.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from supersede.services.executor.steps import Runner
 from supersede.workflow import Workflow
 
 __all__ = ["Executor", "ExecutorConfig", "serve"]
+
+DRAIN_POLL = 0.1  # seconds between checks that written results were applied, while draining
 
 
 class Executor(Service):
@@ -62,12 +68,13 @@ class Executor(Service):
         self.log.info("workflows registered", extra={"workflows": sorted(self.definitions)})
 
     async def main(self, stop: asyncio.Event) -> None:
+        drained = asyncio.Event()  # leases and cancels outlive `stop` until the drain ends
         writer = asyncio.create_task(self.outbox.loop())
         fetch = asyncio.create_task(self.fetcher.loop(stop))
         loops = [
             fetch,
-            asyncio.create_task(self.cancels.control_loop(stop)),
-            asyncio.create_task(self.cancels.heartbeat_loop(stop)),
+            asyncio.create_task(self.cancels.control_loop(drained)),
+            asyncio.create_task(self.cancels.heartbeat_loop(drained)),
             *(
                 asyncio.create_task(self.fetcher.wake_loop(stop, shard))
                 for shard in (range(self.keys.shards) if self.fetcher.cluster else ())
@@ -79,12 +86,32 @@ class Executor(Service):
             # and drained here rather than left pending to another executor's XAUTOCLAIM.
             self.runner.slot_freed.set()
             await asyncio.wait([fetch], timeout=self.config.block_ms / 1000 + 5)
-            await self.runner.drain()
+            await self.drain()
         finally:
+            drained.set()
             for task in [*loops, writer]:
                 task.cancel()
             await asyncio.gather(*loops, writer, return_exceptions=True)
             self.runner.close()
+
+    async def drain(self) -> None:
+        """Running runs finish (leases renewed, cancels honoured), then their results are
+        applied, all within the drain deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout
+        await self.runner.finish_running(deadline - loop.time())
+        while self.runner.awaiting and loop.time() < deadline:
+            try:
+                await self.cancels.heartbeat()  # lets go of the runs whose results were applied
+            except Exception:
+                self.log.exception("heartbeat failed while draining")
+            if self.runner.awaiting:
+                await asyncio.sleep(DRAIN_POLL)
+        if self.runner.awaiting:
+            self.log.warning(
+                "drain deadline passed with results not yet applied",
+                extra={"runs": len(self.runner.awaiting)},
+            )
 
 
 async def serve(

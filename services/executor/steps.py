@@ -1,5 +1,9 @@
 """Running claimed runs: their steps in dependency order, retries and timeouts, the on-cancel
-hook, and one report of the outcome to the outbox, after which the run's local slot is free."""
+hook, and one report of the outcome to the outbox, after which the run's local slot is free.
+
+A reported run is not done yet: until admission applies its result, the run stays RUNNING and
+its lease must be renewed, or the reaper would retry work that already finished (admission down
+or behind). `Runner.awaiting` holds those runs for the heartbeat until it says they ended."""
 
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ class Runner:
         self.config = config
         self.outbox = outbox
         self.active: dict[str, Running] = {}
+        self.awaiting: dict[str, Running] = {}  # outcome written, not yet applied by admission
         self.pool = ThreadPoolExecutor(max_workers=max(4, config.slots * 2))
         self.slot_freed = asyncio.Event()
 
@@ -74,6 +79,8 @@ class Runner:
             event_id=body.get("event_id", ""),
             key=claim.key,
         )
+        # A retry of a run whose earlier attempt's result waits here: that result is stale now.
+        self.awaiting.pop(claim.run_id, None)
         wf = self.workflows.get(claim.workflow)
         if wf is None:
             log.error("claimed a run of an unknown workflow", extra={"run": claim.run_id})
@@ -171,26 +178,37 @@ class Runner:
         result = RunResult(run.run_id, run.attempt, outcome, error[:MAX_ERROR_CHARS])
         try:
             await asyncio.shield(self.outbox.put(run.shard, result))
+            self.awaiting[run.run_id] = run  # renewed until applied
         except Exception:
             # Not written: the run's lease expires and the reaper retries it elsewhere.
             log.exception("result not written", extra={"run": run.run_id})
         finally:
             metrics.RUNS_FINISHED.labels(run.workflow.id, OUTCOME_LABEL[outcome]).inc()
-            self.active.pop(run.run_id, None)
+            if self.active.get(run.run_id) is run:  # a newer attempt may hold the id now
+                del self.active[run.run_id]
             metrics.BUSY_SLOTS.set(len(self.active))
             self.slot_freed.set()
 
-    async def drain(self) -> None:
-        """Let running runs finish within the deadline; leave the rest to their leases."""
-        pending = [r.task for r in self.active.values() if r.task]
-        if pending:
-            _, late = await asyncio.wait(pending, timeout=self.config.drain_timeout)
-            for task in late:
-                task.cancel()
-            if late:
-                log.warning(
-                    "drain deadline passed; runs left to lease expiry", extra={"runs": len(late)}
-                )
+    def leased(self) -> list[Running]:
+        """Runs whose leases this executor renews: running here, or reported and unapplied."""
+        running = [r for r in self.active.values() if not r.reported]
+        return [*running, *self.awaiting.values()]
+
+    async def finish_running(self, timeout: float) -> None:
+        """Let running runs finish within `timeout`; stop the rest and leave them to their
+        leases (they are retried elsewhere: the at-least-once case of a drain deadline)."""
+        tasks = {r.task: r.run_id for r in self.active.values() if r.task}
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=max(0.0, timeout))
+        for task in late:
+            task.cancel()
+        if late:
+            stopped = sorted(tasks[t] for t in late)
+            log.warning(
+                "drain deadline passed; runs stopped and left to lease expiry",
+                extra={"runs": len(stopped), "run_ids": stopped[:100]},
+            )
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -42,6 +43,15 @@ async def logged(redis: Redis, keys: Keys, prefix: str, n: int = 1) -> bool:
 
 def assignment_streams(keys: Keys) -> list[str]:
     return [sk.assignments_stream for sk in keys.all_shards()]
+
+
+async def _consumers(redis: Redis, keys: Keys, n: int) -> bool:
+    """At least `n` executors have read the assignment streams (each is a group consumer)."""
+    names = set()
+    for stream in assignment_streams(keys):
+        if await redis.exists(stream):
+            names |= {c["name"] for c in await redis.xinfo_consumers(stream, "executors")}
+    return len(names) >= n
 
 
 async def states(redis: Redis, keys: Keys) -> Counter[str]:
@@ -133,6 +143,54 @@ async def test_sigterm_drains_running_runs_within_the_deadline(
     executor.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(executor.wait, 10) == 0
     await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=10)
+
+
+async def test_a_drain_renews_leases_and_takes_cancels_for_handlers_longer_than_the_lease(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """A rolling deploy: SIGTERM while a 4 s handler runs under a 1 s lease, with a second
+    executor up to take retries. The handler runs once and succeeds at attempt 1; a run
+    superseded during the drain is cancelled at once, not at the drain deadline."""
+    [old] = await system.pipeline(redis, keys, 1, "--lease", "1", "--drain-timeout", "20")
+    await publish(redis, keys, "work.item", sleep=4)
+    await publish(redis, keys, "chat.message", userId="u1", sleep=30)
+    await eventually(lambda: logged(redis, keys, "started:", 2), timeout=30)
+    old.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    system.start("executor", APP, "--lease", "1")
+    await eventually(lambda: _consumers(redis, keys, 2), timeout=30)
+    # The scenario: the newer message comes once the drain outlasted a control read (1 s).
+    await asyncio.sleep(max(0.0, 1.5 - (time.monotonic() - signalled)))
+    await publish(redis, keys, "chat.message", userId="u1", sleep=0)
+    await eventually(lambda: _states(redis, keys, {"S": 2, "C": 1}), timeout=30)
+    # The superseded run stopped when its cancel came, so the drain ended with the 4 s run,
+    # not at its 20 s deadline.
+    assert await asyncio.to_thread(old.wait, 12 - (time.monotonic() - signalled)) == 0
+    recs = await records(redis, keys)
+    work = [r for r in recs.values() if r["w"] == "work"]
+    assert [r["a"] for r in work] == [1]
+    started = [x for x in await log(redis, keys) if x.startswith("started:")]
+    assert len(started) == 3  # the work run, the superseded chat run, the newer chat run
+
+
+async def test_results_waiting_for_admission_keep_their_runs_from_the_reaper(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Admission is down for three leases while runs finish: once it is back, every run ends
+    SUCCEEDED at attempt 1 and no handler ran twice."""
+    await system.pipeline(redis, keys, 1, "--lease", "1")
+    admission = system.procs[0]
+    for i in range(5):
+        await publish(redis, keys, "work.item", i=i, sleep=0.5)
+    await eventually(lambda: logged(redis, keys, "started:", 5), timeout=30)
+    admission.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(admission.wait, 10) == 0
+    await eventually(lambda: logged(redis, keys, "done:", 5), timeout=30)
+    await asyncio.sleep(3.0)  # the scenario itself: results wait three leases for admission
+    system.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
+    await eventually(lambda: _all(redis, keys, 5, "S"), timeout=30)
+    assert {r["a"] for r in (await records(redis, keys)).values()} == {1}
+    assert sum(1 for x in await log(redis, keys) if x.startswith("started:")) == 5
 
 
 async def test_sigterm_under_load_starts_and_drains_everything_it_read(
