@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 
 from supersede.config import Settings, connect
 from supersede.protocol import RunRecord, RunState
-from supersede.server import EmbeddedServer
+from supersede.server import EmbeddedServer, die_with_parent
 
 STATE_WORDS = {
     RunState.QUEUED: "queued",
@@ -57,7 +57,11 @@ class Children:
     def start(self, *args: str) -> None:
         cmd = [sys.executable, "-m", "supersede", "--log-level", "WARNING", *args,
                "--metrics-port", "0"]  # fmt: skip
-        self.procs.append(subprocess.Popen(cmd, env=self.env, stderr=self.log, stdout=self.log))
+        # Own sessions: a terminal's Ctrl-C reaches only this console, which stops the services
+        # before the server (a signal to the whole group would cut them off mid-drain).
+        proc = subprocess.Popen(cmd, env=self.env, stderr=self.log, stdout=self.log,
+                                start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
+        self.procs.append(proc)
 
     def stop(self) -> None:
         for proc in self.procs:

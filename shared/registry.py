@@ -20,6 +20,7 @@ from supersede.keyexpr import compile_key
 from supersede.keys import Keys
 from supersede.model import ConcurrencySpec
 from supersede.protocol import Strategy
+from supersede.scripts import Scripts
 
 MAX_NAME = 200
 
@@ -203,14 +204,11 @@ def _check_acyclic(steps: list[StepDef]) -> None:
 async def register(
     redis: Redis, keys: Keys, definition: WorkflowDef | dict[str, Any]
 ) -> WorkflowDef:
-    """Validate and store a definition; bumps the registry epoch only when something changed."""
+    """Validate and store a definition; bumps the registry epoch only when something changed.
+    Raises DefinitionError (`version`) for an existing version with other content."""
     wf = parse(definition.to_dict() if isinstance(definition, WorkflowDef) else definition)
     body = orjson.dumps(wf.to_dict())
-    if await redis.hget(keys.workflows_hash, wf.id) != body:
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.workflows_hash, wf.id, body)
-            pipe.incr(keys.registry_epoch)
-            await pipe.execute()
+    await Scripts(redis, keys).register_workflow(wf.id, wf.version, body)
     return wf
 
 

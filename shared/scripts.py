@@ -19,7 +19,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from supersede import aio, codec
-from supersede.errors import BadArguments, raise_for_status
+from supersede.errors import BadArguments, DefinitionError, raise_for_status
 from supersede.keys import Keys
 from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, Reason
 
@@ -27,7 +27,16 @@ LUA_DIR = files("supersede.lua")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
 _KEY_DECL = re.compile(r"^\s*KEYS\[(\d+)(?:\.\.(\d+))?\]", re.MULTILINE)
 
-SCRIPT_NAMES = ("admit", "claim", "heartbeat", "finish", "reap", "cancel", "append_requests")
+SCRIPT_NAMES = (
+    "admit",
+    "claim",
+    "heartbeat",
+    "finish",
+    "reap",
+    "cancel",
+    "append_requests",
+    "register_workflow",
+)
 
 
 def _include(match: re.Match[str], seen: frozenset[str]) -> str:
@@ -313,3 +322,17 @@ class Scripts:
         args = [now, window_ms, self.stream_maxlen, codec.pack(flat)]
         r = await self._call("append_requests", [sk.requests_stream, sk.seen_zset], args)
         return AppendResult(int(r[1]), int(r[2]), tuple(int(f) == 1 for f in r[3:]))
+
+    async def register_workflow(self, workflow_id: str, version: str, body: bytes) -> bool:
+        """Store a definition; True when it changed. A version already stored with other content
+        raises DefinitionError naming `version`."""
+        keys = [self.keys.workflows_hash, self.keys.registry_epoch]
+        r = await self._call("register_workflow", keys, [workflow_id, version, body])
+        if int(r[1]) == 2:
+            raise DefinitionError(
+                "version",
+                f"{version!r} of workflow {workflow_id!r} is already registered with another "
+                "definition; give the changed definition a new version (or omit `version` to "
+                "derive it from the content)",
+            )
+        return int(r[1]) == 1

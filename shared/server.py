@@ -45,7 +45,7 @@ def find_server_binary() -> str:
     )
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: get SIGTERM when the parent dies, so no server outlives a crashed test."""
     if sys.platform == "linux":
         pr_set_pdeathsig = 1
@@ -106,7 +106,8 @@ class EmbeddedServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the owner, which stops it last
         )
         deadline = time.monotonic() + timeout
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)

@@ -82,12 +82,19 @@ class BatchReader:
         )
         return Read(self.own.active, asyncio.ensure_future(call))  # kept in the Read
 
+    def upcoming_reread(self) -> bool:
+        """Whether the next read re-reads own pending entries (a periodic sweep may make it
+        one); known before it is sent, so a failure to send is attributed right."""
+        if self.ahead is not None:
+            return self.ahead.reread
+        self.own.sweep_if_due()
+        return self.own.active
+
     def next(self) -> Read:
-        """The read sent ahead, else a new one (after a periodic sweep of own entries)."""
+        """The read sent ahead, else a new one."""
         if self.ahead is not None:
             read, self.ahead = self.ahead, None
             return read
-        self.own.sweep_if_due()
         return self._send()
 
     async def receive(self, read: Read) -> StreamReply:
@@ -162,15 +169,15 @@ class Admission(Service):
         )
         try:
             while reader.ahead is not None or not stop.is_set():
-                read = reader.next()
+                reread = reader.upcoming_reread()
                 try:
-                    reply = await reader.receive(read)
+                    reply = await reader.receive(reader.next())
                     if reply:
                         reader.read_ahead_if_backlog(reply, stop)
                         await self.handle(reply)
                     self.healthy()
                 except Exception as exc:  # redis-py can raise others mid-failover
-                    await self.recover(reader.own, exc, failed_reread=read.reread)
+                    await self.recover(reader.own, exc, failed_reread=reread)
         finally:
             reader.close()
 

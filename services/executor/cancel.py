@@ -23,6 +23,7 @@ log = logging.getLogger("supersede.executor")
 
 EARLY_CANCEL_TTL = 10.0  # seconds a cancel for a run not (yet) here is remembered
 EARLY_CANCEL_MAX = 10_000
+HEARTBEAT_CHUNK = 1000  # runs per heartbeat script call (a call blocks the server meanwhile)
 
 
 def entry_ms(entry_id: bytes | str) -> int:
@@ -141,13 +142,27 @@ class Cancels:
         """Renew the leases of runs running here and of runs whose results wait for admission.
         The script names the runs that are no longer this executor's to run: a reported one has
         ended (its result was applied) and is let go; a running one is stopped."""
-        by_shard: dict[int, list[tuple[str, int]]] = {}
-        for run in self.runner.leased():
-            by_shard.setdefault(run.shard, []).append((run.run_id, run.attempt))
-        for shard, runs in by_shard.items():
-            stop_ids = await self.scripts.heartbeat(
-                shard, self.consumer, runs, lease_ms=self.config.lease_ms
-            )
-            for rid in stop_ids:
-                if self.runner.awaiting.pop(rid, None) is None:
-                    self.cancel_local(rid, None, time.time() * 1000)
+        self.runner.resend_due()
+        by_shard: dict[int, dict[str, int]] = {}
+        for shard, rid, attempt in self.runner.leased():
+            by_shard.setdefault(shard, {})[rid] = attempt
+        for shard, sent in by_shard.items():
+            items = list(sent.items())
+            for i in range(0, len(items), HEARTBEAT_CHUNK):
+                stop_ids = await self.scripts.heartbeat(
+                    shard, self.consumer, items[i : i + HEARTBEAT_CHUNK],
+                    lease_ms=self.config.lease_ms,
+                )  # fmt: skip
+                for rid in stop_ids:
+                    self._let_go(rid, sent[rid])
+
+    def _let_go(self, rid: str, attempt: int) -> None:
+        """The heartbeat says `attempt` of `rid` is no longer this executor's to run."""
+        reported = self.runner.awaiting.get(rid)
+        if reported is not None and reported.attempt == attempt:
+            del self.runner.awaiting[rid]  # applied (or taken over): nothing left to renew
+            return
+        run = self.runner.active.get(rid)
+        if run is not None and run.reported:
+            return  # its outcome is being written; admission sorts out which attempt counts
+        self.cancel_local(rid, attempt, time.time() * 1000)

@@ -69,6 +69,7 @@ class Fetcher:
                 free = await self._free_slots()
                 if not free:
                     continue
+                await self._refresh_tails(free)
                 self.own.sweep_if_due()
                 reread = self.own.active
                 got = await self._read(free, reread)
@@ -103,16 +104,20 @@ class Fetcher:
         """One XREADGROUP BLOCK over every shard both waits and reads."""
         return free >= self.keys.shards and not self.cluster
 
+    async def _refresh_tails(self, free: int) -> None:
+        """Before a scan: the last id of every assignment stream, for the wait that may follow.
+
+        Tails first, then the scan: an entry older than a tail is seen by the scan, a newer one
+        wakes the XREAD that may follow, so none waits for a timeout. After a wake-up the
+        XREAD's own ids are fresh: no tail read in that path."""
+        self._wake.clear()  # cluster mode: a waker setting it from now on is not missed
+        if not self._blocking(free) and not self._tails_fresh:
+            self._wake_ids = await tail_ids(self.redis, self.streams)
+            self._tails_fresh = True
+
     async def _read(self, free: int, reread: bool) -> list[Fetched]:
         """At most `free` assignments: own pending ones when `reread`, else new ones."""
         blocking = self._blocking(free)
-        self._wake.clear()  # cluster mode: a waker setting it from now on is not missed
-        if not blocking and not self._tails_fresh:
-            # Tails first, then the scan: an entry older than a tail is seen by the scan, a
-            # newer one wakes the XREAD that may follow, so none waits for a timeout. After
-            # a wake-up the XREAD's own ids are fresh: no tail read in that path.
-            self._wake_ids = await tail_ids(self.redis, self.streams)
-            self._tails_fresh = True
         if reread:
             return await self._read_own(free)
         got = await (self._read_blocking(free) if blocking else self._read_scan(free))

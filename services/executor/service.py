@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from supersede.config import Settings
+from supersede.errors import ConfigError, DefinitionError
 from supersede.registry import register
 from supersede.service import Service
 from supersede.service import serve as serve_service
@@ -63,7 +64,10 @@ class Executor(Service):
     async def prepare(self) -> None:
         """Register this process's workflows (ingress and admission need no user code)."""
         for wf in self.definitions.values():
-            await register(self.redis, self.keys, wf)
+            try:
+                await register(self.redis, self.keys, wf)
+            except DefinitionError as exc:
+                raise ConfigError(f"workflow {wf.id!r} cannot be registered: {exc}") from None
         metrics.SLOTS.set(self.config.slots)
         self.log.info("workflows registered", extra={"workflows": sorted(self.definitions)})
 
@@ -100,13 +104,17 @@ class Executor(Service):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.drain_timeout
         await self.runner.finish_running(deadline - loop.time())
+        failures = 0
         while self.runner.awaiting and loop.time() < deadline:
             try:
                 await self.cancels.heartbeat()  # lets go of the runs whose results were applied
+                failures = 0
             except Exception:
-                self.log.exception("heartbeat failed while draining")
+                failures += 1
+                if failures == 1:
+                    self.log.exception("heartbeat failed while draining; retrying")
             if self.runner.awaiting:
-                await asyncio.sleep(DRAIN_POLL)
+                await asyncio.sleep(DRAIN_POLL * min(failures + 1, 10))
         if self.runner.awaiting:
             self.log.warning(
                 "drain deadline passed with results not yet applied",

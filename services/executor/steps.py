@@ -3,7 +3,9 @@ hook, and one report of the outcome to the outbox, after which the run's local s
 
 A reported run is not done yet: until admission applies its result, the run stays RUNNING and
 its lease must be renewed, or the reaper would retry work that already finished (admission down
-or behind). `Runner.awaiting` holds those runs for the heartbeat until it says they ended."""
+or behind). `Runner.awaiting` holds those runs for the heartbeat until it says they ended; a
+result still unapplied after a lease is written again (with backoff), in case the first write
+was lost (a failover before replication), since applying a result twice changes nothing."""
 
 from __future__ import annotations
 
@@ -35,6 +37,23 @@ OUTCOME_LABEL = {
 MAX_ERROR_CHARS = 20_000
 
 
+def _ignore_outcome(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: a failed re-send is retried at the next due time
+
+
+@dataclass(slots=True)
+class Reported:
+    """A run whose outcome was written and is not yet applied: its lease is still renewed."""
+
+    run_id: str
+    shard: int
+    attempt: int
+    result: RunResult
+    resend_at: float  # monotonic time of the next write of the same result
+    resends: int = 0
+
+
 @dataclass(slots=True)
 class Running:
     """One run executing here (until its outcome is reported)."""
@@ -58,7 +77,7 @@ class Runner:
         self.config = config
         self.outbox = outbox
         self.active: dict[str, Running] = {}
-        self.awaiting: dict[str, Running] = {}  # outcome written, not yet applied by admission
+        self.awaiting: dict[str, Reported] = {}  # outcome written, not yet applied
         self.pool = ThreadPoolExecutor(max_workers=max(4, config.slots * 2))
         self.slot_freed = asyncio.Event()
 
@@ -178,7 +197,11 @@ class Runner:
         result = RunResult(run.run_id, run.attempt, outcome, error[:MAX_ERROR_CHARS])
         try:
             await asyncio.shield(self.outbox.put(run.shard, result))
-            self.awaiting[run.run_id] = run  # renewed until applied
+            if self.active.get(run.run_id) is run:  # not superseded by a newer attempt here
+                resend_at = time.monotonic() + self.config.lease_ms / 1000
+                self.awaiting[run.run_id] = Reported(
+                    run.run_id, run.shard, run.attempt, result, resend_at
+                )
         except Exception:
             # Not written: the run's lease expires and the reaper retries it elsewhere.
             log.exception("result not written", extra={"run": run.run_id})
@@ -189,10 +212,25 @@ class Runner:
             metrics.BUSY_SLOTS.set(len(self.active))
             self.slot_freed.set()
 
-    def leased(self) -> list[Running]:
-        """Runs whose leases this executor renews: running here, or reported and unapplied."""
-        running = [r for r in self.active.values() if not r.reported]
-        return [*running, *self.awaiting.values()]
+    def leased(self) -> list[tuple[int, str, int]]:
+        """(shard, run id, attempt) of the runs whose leases this executor renews: running
+        here (a result being written included), and reported but not yet applied. A run id
+        appears once: a claim of a newer attempt drops the older one from `awaiting`."""
+        out = [(r.shard, r.run_id, r.attempt) for r in self.active.values()]
+        out += [(r.shard, r.run_id, r.attempt) for r in self.awaiting.values()
+                if r.run_id not in self.active]  # fmt: skip
+        return out
+
+    def resend_due(self) -> None:
+        """Write again the results unapplied for a lease (then 2, 4, ... up to 64 leases)."""
+        now = time.monotonic()
+        lease = self.config.lease_ms / 1000
+        for rep in self.awaiting.values():
+            if now >= rep.resend_at:
+                rep.resends += 1
+                rep.resend_at = now + lease * 2 ** min(rep.resends, 6)
+                written = self.outbox.put(rep.shard, rep.result)
+                written.add_done_callback(_ignore_outcome)  # the next heartbeat tells
 
     async def finish_running(self, timeout: float) -> None:
         """Let running runs finish within `timeout`; stop the rest and leave them to their

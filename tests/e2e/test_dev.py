@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,27 @@ def test_dev_runs_the_demo_on_an_embedded_server_and_exits_0() -> None:
     assert "succeeded" in out and "superseded by" in out  # CANCEL_IN_PROGRESS at work
     assert "summary (runs by workflow and final state):" in out
     assert [pid for pid in children if _alive(pid)] == []
+
+
+def test_ctrl_c_stops_the_services_before_the_embedded_server() -> None:
+    """A terminal's Ctrl-C signals the whole foreground process group: the console must still
+    stop the services (drained, no connection errors) before it stops the server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supersede", "dev"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines = []
+    for raw in proc.stdout:
+        lines.append(raw.decode())
+        if "superseded by" in lines[-1]:  # the demo is under way: runs are in flight
+            break
+    logfile = next(line for line in lines if "services up" in line).split("logs: ")[1].rstrip(")\n")
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "summary (runs by workflow and final state):" in rest.decode()
+    log = Path(logfile).read_text()
+    Path(logfile).unlink()
+    assert "Connection closed" not in log and "Traceback" not in log, log[-3000:]

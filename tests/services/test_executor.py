@@ -18,6 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from supersede.keys import Keys
+from supersede.registry import load_all, register
 from tests.support import APP, CLI, System, eventually, pending_count, records
 
 
@@ -173,11 +174,13 @@ async def test_a_drain_renews_leases_and_takes_cancels_for_handlers_longer_than_
     assert len(started) == 3  # the work run, the superseded chat run, the newer chat run
 
 
+@pytest.mark.parametrize("results_lost", [False, True])
 async def test_results_waiting_for_admission_keep_their_runs_from_the_reaper(
-    redis: Redis, keys: Keys, system: System
+    redis: Redis, keys: Keys, system: System, results_lost: bool
 ) -> None:
     """Admission is down for three leases while runs finish: once it is back, every run ends
-    SUCCEEDED at attempt 1 and no handler ran twice."""
+    SUCCEEDED at attempt 1 and no handler ran twice. Also when the written results are lost
+    meanwhile (a failover before replication): the executor writes them again."""
     await system.pipeline(redis, keys, 1, "--lease", "1")
     admission = system.procs[0]
     for i in range(5):
@@ -187,6 +190,9 @@ async def test_results_waiting_for_admission_keep_their_runs_from_the_reaper(
     assert await asyncio.to_thread(admission.wait, 10) == 0
     await eventually(lambda: logged(redis, keys, "done:", 5), timeout=30)
     await asyncio.sleep(3.0)  # the scenario itself: results wait three leases for admission
+    if results_lost:
+        for sk in keys.all_shards():
+            await redis.xtrim(sk.results_stream, maxlen=0)
     system.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
     await eventually(lambda: _all(redis, keys, 5, "S"), timeout=30)
     assert {r["a"] for r in (await records(redis, keys)).values()} == {1}
@@ -244,6 +250,24 @@ def test_a_bad_definition_stops_the_start_naming_the_field(
     )  # fmt: skip
     assert proc.returncode == 2
     assert f"{field}:".encode() in proc.stderr
+
+
+async def test_an_executor_whose_workflow_version_is_taken_stops_naming_version(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    other = {"id": "bad", "version": "v1", "events": ["x"], "steps": [{"name": "other"}]}
+    await register(redis, keys, other)
+    env = {**os.environ, "SUPERSEDE_REDIS_URL": redis_url, "SUPERSEDE_NAMESPACE": keys.namespace,
+           "SUPERSEDE_SHARDS": str(keys.shards), "SUPERSEDE_TEST_BAD": "version"}  # fmt: skip
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [*CLI, "executor", "tests.support.apps.bad", "--metrics-port", "0"],
+        env=env, capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert b"version: 'v1' of workflow 'bad' is already registered" in proc.stderr
+    assert b"Traceback" not in proc.stderr
+    assert (await load_all(redis, keys))[1]["bad"].steps[0].name == "other"
 
 
 async def test_a_handler_that_ignores_the_cancel_is_reported_cancelled_after_the_grace(

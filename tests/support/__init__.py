@@ -138,6 +138,18 @@ APP = "tests.support.apps.demo"
 CLI = [sys.executable, "-m", "supersede"]
 
 
+def workflow_body(**overrides: Any) -> dict[str, Any]:
+    """A valid stored-definition body (the registry's dict form), with fields overridden."""
+    body: dict[str, Any] = {
+        "id": "chat-reply",
+        "events": ["chat.message"],
+        "concurrency": {"expression": "input.userId", "max_runs": 1},
+        "steps": [{"name": "reply"}, {"name": "store", "parents": ["reply"], "retries": 2}],
+    }
+    body.update(overrides)
+    return body
+
+
 def exposed() -> dict[str, str]:
     """Metric name -> type of every supersede_ metric the services register in this process."""
     from prometheus_client import REGISTRY, generate_latest

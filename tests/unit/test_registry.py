@@ -5,26 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import cel
-import fakeredis
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from supersede.errors import DefinitionError, KeyExpressionError
 from supersede.keyexpr import compile_key
-from supersede.keys import Keys
-from supersede.registry import load_all, parse, register
-
-
-def definition(**overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": "chat-reply",
-        "events": ["chat.message"],
-        "concurrency": {"expression": "input.userId", "max_runs": 1},
-        "steps": [{"name": "reply"}, {"name": "store", "parents": ["reply"], "retries": 2}],
-    }
-    body.update(overrides)
-    return body
+from supersede.registry import parse
+from tests.support import workflow_body as definition
 
 
 @pytest.mark.parametrize(
@@ -63,22 +51,6 @@ def test_a_change_gives_a_new_version() -> None:
     changed = parse(definition(concurrency={"expression": "input.userId", "max_runs": 2}))
     assert changed.version != a.version
     assert parse(definition(version="v7")).version == "v7"
-
-
-async def test_register_stores_and_bumps_the_epoch_only_on_change() -> None:
-    redis = fakeredis.FakeAsyncRedis()
-    keys = Keys("ns", 4)
-    await register(redis, keys, definition())
-    await register(redis, keys, definition())
-    epoch, defs, errors = await load_all(redis, keys)
-    assert epoch == 1 and list(defs) == ["chat-reply"] and errors == {}
-    await register(redis, keys, definition(events=["chat.message", "chat.edit"]))
-    await redis.hset(keys.workflows_hash, "broken", b"{not json")
-    epoch, defs, errors = await load_all(redis, keys)
-    assert epoch == 2 and defs["chat-reply"].events == ("chat.message", "chat.edit")
-    assert list(errors) == ["broken"]
-    with pytest.raises(DefinitionError):
-        await register(redis, keys, definition(id=""))
 
 
 def test_key_expressions() -> None:

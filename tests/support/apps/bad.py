@@ -12,7 +12,9 @@ concurrency = {
     "strategy": Concurrency(expression="input.userId", limit_strategy="LATEST_WINS"),
     "cel": Concurrency(expression="input.userId +"),
 }.get(kind)
-bad = Workflow("bad", on_events=["x"], concurrency=concurrency)
+# "version": valid, but its version is stored with other content by the test beforehand
+version = "v1" if kind == "version" else ""
+bad = Workflow("bad", on_events=["x"], concurrency=concurrency, version=version)
 
 
 @bad.step(parents=["second"] if kind == "cycle" else [])

@@ -1,0 +1,35 @@
+--[[
+  Stores one workflow definition in the registry, unless the same version is already stored
+  with other content: a version names one definition for good (runs and groups carry it), so
+  new limits or steps need a new version. Bumps the registry epoch only when something changed.
+
+  Input:
+    KEYS[1]  workflows hash     workflow id -> JSON definition
+    KEYS[2]  registry epoch     counter (string)
+    ARGV[1]  workflow id
+    ARGV[2]  its version
+    ARGV[3]  the JSON definition
+
+  Output:
+    {0, 0}                    unchanged (the same definition is stored)
+    {0, 1}                    stored, epoch bumped
+    {0, 2, stored version}    refused: this version is stored with other content; nothing written
+    {-4, 0}                   bad ARGV; nothing written
+
+  Writes: no stream.
+]]
+local rcall = redis.call
+local workflowsKey, epochKey = KEYS[1], KEYS[2]
+
+local wid, version, body = ARGV[1], ARGV[2], ARGV[3]
+if not wid or wid == '' or not version or version == '' or not body then return { -4, 0 } end
+
+local stored = rcall('HGET', workflowsKey, wid)
+if stored == body then return { 0, 0 } end
+if stored then
+  local ok, old = pcall(cjson.decode, stored)
+  if ok and type(old) == 'table' and old.version == version then return { 0, 2, version } end
+end
+rcall('HSET', workflowsKey, wid, body)
+rcall('INCR', epochKey)
+return { 0, 1 }

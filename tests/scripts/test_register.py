@@ -1,0 +1,48 @@
+"""The registry on a real server: a registration bumps the epoch only on change, and a version
+names one definition for good (registering other content under it is refused)."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import Redis
+
+from supersede.errors import DefinitionError
+from supersede.keys import Keys
+from supersede.registry import load_all, register
+from tests.support import workflow_body as definition
+
+
+async def test_register_stores_and_bumps_the_epoch_only_on_change(redis: Redis, keys: Keys) -> None:
+    await register(redis, keys, definition())
+    await register(redis, keys, definition())
+    epoch, defs, errors = await load_all(redis, keys)
+    assert epoch == 1 and list(defs) == ["chat-reply"] and errors == {}
+    await register(redis, keys, definition(events=["chat.message", "chat.edit"]))
+    await redis.hset(keys.workflows_hash, "broken", b"{not json")
+    epoch, defs, errors = await load_all(redis, keys)
+    assert epoch == 2 and defs["chat-reply"].events == ("chat.message", "chat.edit")
+    assert list(errors) == ["broken"]
+    with pytest.raises(DefinitionError):
+        await register(redis, keys, definition(id=""))
+
+
+async def test_an_explicit_version_reused_with_other_limits_is_refused(
+    redis: Redis, keys: Keys
+) -> None:
+    """Refill reads a group's limits from its runs, so version "v1" changed from max_runs 3 to
+    1 in place would keep 3 running; the change needs a new version."""
+    three = {"expression": "input.userId", "max_runs": 3}
+    await register(redis, keys, definition(version="v1", concurrency=three))
+    before = await redis.hget(keys.workflows_hash, "chat-reply")
+    one = {"expression": "input.userId", "max_runs": 1}
+    with pytest.raises(DefinitionError) as info:
+        await register(redis, keys, definition(version="v1", concurrency=one))
+    assert info.value.field == "version" and "'v1'" in str(info.value)
+    assert await redis.hget(keys.workflows_hash, "chat-reply") == before
+    assert int(await redis.get(keys.registry_epoch)) == 1
+    await register(redis, keys, definition(version="v2", concurrency=one))  # the way to change
+    _, defs, _ = await load_all(redis, keys)
+    assert defs["chat-reply"].version == "v2" and defs["chat-reply"].concurrency.max_runs == 1
+    # a definition without a version gets one from its content: a change never collides
+    await register(redis, keys, definition(concurrency=three))
+    await register(redis, keys, definition(concurrency=one))
