@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from typing import cast
 
 from redis.asyncio import Redis
@@ -53,7 +54,7 @@ class Cancels:
         self.cluster = cluster
         # Cancels that arrived before their run was started here (the claim reply and the
         # control message race): run id -> (attempt, decided ms, monotonic time received).
-        self._early: dict[str, tuple[int | None, float, float]] = {}
+        self._early: OrderedDict[str, tuple[int | None, float, float]] = OrderedDict()
         self._grace_reports: set[asyncio.Task[None]] = set()
 
     def cancel_local(self, rid: str, attempt: int | None, decided_ms: float) -> None:
@@ -84,11 +85,18 @@ class Cancels:
             self.cancel_local(run.run_id, early[0], early[1])
 
     def _remember(self, rid: str, attempt: int | None, decided_ms: float) -> None:
-        """Keep a cancel for a run not (yet) here for a few seconds, bounded in size."""
+        """Keep a cancel for a run not (yet) here for a few seconds, at most EARLY_CANCEL_MAX of
+        them. Oldest first in the dict, so forgetting is O(1) per cancel (every executor sees
+        every cancel of the deployment, so this runs at the cancel rate of the whole system)."""
         now = time.monotonic()
-        if len(self._early) > EARLY_CANCEL_MAX:
-            self._early = {k: v for k, v in self._early.items() if now - v[2] < EARLY_CANCEL_TTL}
-        self._early[rid] = (attempt, decided_ms, now)
+        early = self._early
+        while early:
+            oldest = next(iter(early.values()))
+            if now - oldest[2] < EARLY_CANCEL_TTL and len(early) < EARLY_CANCEL_MAX:
+                break
+            early.popitem(last=False)
+        early[rid] = (attempt, decided_ms, now)
+        early.move_to_end(rid)
 
     # -- the control streams ---------------------------------------------------------------------
     async def control_loop(self, stop: asyncio.Event) -> None:

@@ -1,0 +1,50 @@
+"""Executor parts that need no server: the memory of cancels that arrive before their run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from supersede.services.executor import cancel
+from supersede.services.executor.config import ExecutorConfig
+
+
+def _cancels() -> cancel.Cancels:
+    unused: Any = None
+    runner: Any = type("R", (), {"active": {}})()
+    return cancel.Cancels(unused, unused, unused, runner, ExecutorConfig(),
+                          consumer="c", cluster=False)  # fmt: skip
+
+
+def test_early_cancels_are_bounded_and_forgotten_oldest_first(monkeypatch: Any) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("time.monotonic", lambda: clock[0])
+    c = _cancels()
+    for i in range(cancel.EARLY_CANCEL_MAX + 500):
+        c._remember(f"r{i}", 1, 0.0)
+    assert len(c._early) == cancel.EARLY_CANCEL_MAX
+    assert "r0" not in c._early and f"r{cancel.EARLY_CANCEL_MAX + 499}" in c._early
+    clock[0] += cancel.EARLY_CANCEL_TTL + 1  # everything remembered so far has expired
+    c._remember("new", None, 0.0)
+    assert list(c._early) == ["new"]
+
+
+def test_remembering_a_cancel_touches_only_what_it_forgets(monkeypatch: Any) -> None:
+    """O(1) per cancel: with a full memory of fresh cancels, each new one drops exactly one."""
+    clock = [1000.0]
+    monkeypatch.setattr("time.monotonic", lambda: clock[0])
+    c = _cancels()
+    for i in range(cancel.EARLY_CANCEL_MAX):
+        c._remember(f"r{i}", 1, 0.0)
+    reads = 0
+    real = c._early
+
+    class Counting(type(real)):
+        def popitem(self, last: bool = True) -> Any:
+            nonlocal reads
+            reads += 1
+            return super().popitem(last)
+
+    c._early = Counting(real)
+    for i in range(100):
+        c._remember(f"n{i}", 1, 0.0)
+    assert reads == 100 and len(c._early) == cancel.EARLY_CANCEL_MAX
