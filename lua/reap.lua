@@ -1,8 +1,12 @@
 --[[
   Handles expired leases and old records. A RUNNING run whose lease expired is retried (attempt
   + 1, same sequence, same slot, a new assignment) while attempts remain, else it FAILS and its
-  slot is refilled. A CANCELLING run whose lease expired ends CANCELLED. Records of runs that
-  ended more than the retention ago are deleted.
+  slot is refilled. A CANCELLING run whose lease expired ends CANCELLED. An ASSIGNED run that no
+  executor claimed within the assignment deadline gets a fresh assignment entry (same attempt;
+  its entry may be gone, or held by an executor that cannot claim it), then again after twice,
+  four times ... up to 64 times the deadline, so its slot is never held by a run nobody can
+  claim; a duplicate entry is refused by claim. Records of runs that ended more than the
+  retention ago are deleted.
 
   Input:
     KEYS[1..10] the shard state keys, as in admit.lua
@@ -10,9 +14,10 @@
     ARGV[2]     approximate MAXLEN of the streams written
     ARGV[3]     at most this many leases and this many old records per call
     ARGV[4]     retention of ended runs in ms
+    ARGV[5]     assignment deadline in ms
 
   Output:
-    {0, retried, failed, cancelled, expired records, assigned}
+    {0, retried, failed, cancelled, expired records, assigned, reassigned}
     {-4, 0}  bad ARGV; nothing written
 
   Writes: XADD assignments for retries and for runs started in released slots.
@@ -27,11 +32,14 @@ local inputsKey, queuedKey = KEYS[9], KEYS[10]
 
 local now = nowMs(ARGV[1])
 local streamMax, limit, retention = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if not streamMax or not limit or limit < 1 or not retention then return { -4, 0 } end
+local deadline = tonumber(ARGV[5])
+if not streamMax or not limit or limit < 1 or not retention or not deadline or deadline <= 0 then
+  return { -4, 0 }
+end
 
 -- @include transitions
 
-local retried, failed, cancelled = 0, 0, 0
+local retried, failed, cancelled, reassigned = 0, 0, 0, 0
 local expired = rcall('ZRANGEBYSCORE', leasesKey, '-inf', now, 'LIMIT', 0, limit)
 for i = 1, #expired do
   local rid = expired[i]
@@ -49,6 +57,18 @@ for i = 1, #expired do
       endRun(rid, rec, 'F', 'lease_expired')
       failed = failed + 1
     end
+  elseif rec and rec.st == 'A' then
+    local ra = rec.ra or 0
+    local due = (rec.tr or rec.t1) + deadline * 2 ^ math.min(ra, 6)
+    if now >= due then
+      writeAssignment(rid, rec)
+      rec.ra = ra + 1
+      rec.tr = now
+      saveRun(rid, rec)
+      due = now + deadline * 2 ^ math.min(ra + 1, 6)
+      reassigned = reassigned + 1
+    end
+    rcall('ZADD', leasesKey, due, rid)
   elseif rec and rec.st == 'X' then
     if rec.h == 1 then addSlots(rec.g, -1); touch(rec) end
     endRun(rid, rec, 'C')
@@ -65,4 +85,4 @@ if #old > 0 then
   rcall('HDEL', inputsKey, unpack(old))
   rcall('ZREM', terminalKey, unpack(old))
 end
-return { 0, retried, failed, cancelled, #old, stats.assigned }
+return { 0, retried, failed, cancelled, #old, stats.assigned, reassigned }

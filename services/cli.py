@@ -30,6 +30,7 @@ def _admission(args: argparse.Namespace, settings: Settings) -> None:
         reap_interval=args.reap_interval,
         claim_idle_ms=args.claim_idle_ms,
         retention_ms=int(args.retention * 1000),
+        assign_deadline_ms=int(args.assign_deadline * 1000),
         stream_maxlen=args.stream_maxlen,
     )
     run_until_signal(lambda stop: serve(settings, config, stop), args.metrics_port)
@@ -146,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="take over entries another admission process left pending this long",
     )
     adm.add_argument("--retention", type=float, default=86_400, help="seconds to keep ended runs")
+    adm.add_argument(
+        "--assign-deadline",
+        type=float,
+        default=30.0,
+        help="seconds an assigned run may wait unclaimed before it gets a fresh assignment",
+    )
     adm.add_argument("--stream-maxlen", type=int, default=1_000_000)
     adm.set_defaults(func=_admission)
 

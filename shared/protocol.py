@@ -322,6 +322,8 @@ RECORD_FIELDS = {
     "m": "max attempts",
     "e": "executor that claimed the attempt",
     "h": "1 while a CANCELLING run still holds its slot (strict mode)",
+    "ra": "fresh assignment entries written for an unclaimed ASSIGNED attempt",
+    "tr": "ms of the last of those",
     "t0": "created ms",
     "t1": "assigned ms",
     "t2": "claimed ms",

@@ -100,6 +100,7 @@ class ReapResult:
     cancelled: int
     expired: int
     assigned: int
+    reassigned: int = 0
 
 
 def _s(value: Any) -> str:
@@ -292,11 +293,19 @@ class Scripts:
         return FinishResult(int(r[1]), int(r[2]), int(r[3]))
 
     async def reap(
-        self, shard: int, *, limit: int = 1000, retention_ms: int = 86_400_000, now: int = 0
+        self,
+        shard: int,
+        *,
+        limit: int = 1000,
+        retention_ms: int = 86_400_000,
+        assign_deadline_ms: int = 30_000,
+        now: int = 0,
     ) -> ReapResult:
-        args = [now, self.stream_maxlen, limit, retention_ms]
+        """Expired leases (retry, fail, end a cancel), unclaimed assignments (a fresh entry),
+        and records past the retention."""
+        args = [now, self.stream_maxlen, limit, retention_ms, assign_deadline_ms]
         r = await self._call("reap", self._state_keys(shard), args)
-        return ReapResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]))
+        return ReapResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]))
 
     async def cancel(
         self, shard: int, run_ids: Sequence[str], *, reason: str = Reason.MANUAL, now: int = 0

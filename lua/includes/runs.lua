@@ -4,7 +4,8 @@
   Needs the locals runsKey, slotsKey, terminalKey, inputsKey, queuedKey.
   A record is a msgpack map: st state, g group, s sequence, w workflow, v version, k key,
   ev event id, mx max_runs, sg strategy code, sx strict (0/1), a attempt, m max attempts,
-  e executor, h (1: a CANCELLING run still holds its slot), t0..t3 created/assigned/claimed/
+  e executor, h (1: a CANCELLING run still holds its slot), ra/tr re-assignments of an unclaimed
+  ASSIGNED attempt and the time of the last, t0..t3 created/assigned/claimed/
   ended ms, tc cancel decided ms, by superseding run id, why reason, err error text.
 ]]
 local runCache, runDirty = {}, {}

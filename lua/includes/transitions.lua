@@ -36,11 +36,22 @@ local function endRun(rid, rec, state, why, by)
   if state == 'C' then stats.cancelled = stats.cancelled + 1 end
 end
 
+-- An ASSIGNED run is in the leases zset too, first due for a look one second after its
+-- assignment: the reaper re-assigns it when no executor claimed it within its deadline.
+local ASSIGNED_FIRST_LOOK_MS = 1000
+
+local function writeAssignment(rid, rec)
+  rcall('XADD', assignKey, 'MAXLEN', '~', streamMax, '*', 'id', rid, 'a', rec.a)
+end
+
 local function assignRun(rid, rec)
   rec.st = 'A'
   rec.t1 = now
   rec.e = nil
-  rcall('XADD', assignKey, 'MAXLEN', '~', streamMax, '*', 'id', rid, 'a', rec.a)
+  rec.ra = nil
+  rec.tr = nil
+  writeAssignment(rid, rec)
+  rcall('ZADD', leasesKey, now + ASSIGNED_FIRST_LOOK_MS, rid)
   saveRun(rid, rec)
   stats.assigned = stats.assigned + 1
 end
@@ -52,6 +63,7 @@ local function cancelActive(m, why, by)
   rcall('ZREM', activeKey, m)
   if rec.st == 'A' then
     addSlots(rec.g, -1)
+    rcall('ZREM', leasesKey, rid)
     endRun(rid, rec, 'C', why, by)
     return
   end

@@ -20,7 +20,8 @@ ASSIGNED = Counter("supersede_admission_assigned_total", "Runs granted a slot an
 CANCELLED = Counter("supersede_admission_cancelled_total", "Runs cancelled by a strategy decision.")
 REAPED = Counter(
     "supersede_admission_reaped_total",
-    "Expired leases handled by the reaper, by outcome (retried, failed, cancelled).",
+    "Expired leases and unclaimed assignments handled by the reaper, by outcome "
+    "(retried, failed, cancelled, reassigned).",
     ["outcome"],
 )
 EXPIRED = Counter(

@@ -44,6 +44,7 @@ class AdmissionConfig:
     reap_interval: float = 0.5
     claim_idle_ms: int = 30_000
     retention_ms: int = 86_400_000
+    assign_deadline_ms: int = 30_000  # an unclaimed assignment gets a fresh entry after this
     stream_maxlen: int = 1_000_000
 
 
@@ -298,11 +299,16 @@ class Admission(Service):
     async def reap_all(self) -> None:
         async def one(shard: int) -> None:
             started = time.perf_counter()
-            r = await self.scripts.reap(shard, retention_ms=self.config.retention_ms)
+            r = await self.scripts.reap(
+                shard,
+                retention_ms=self.config.retention_ms,
+                assign_deadline_ms=self.config.assign_deadline_ms,
+            )
             metrics.BATCH_SECONDS.labels("reap").observe(time.perf_counter() - started)
             metrics.REAPED.labels("retried").inc(r.retried)
             metrics.REAPED.labels("failed").inc(r.failed)
             metrics.REAPED.labels("cancelled").inc(r.cancelled)
+            metrics.REAPED.labels("reassigned").inc(r.reassigned)
             metrics.EXPIRED.inc(r.expired)
             metrics.ASSIGNED.inc(r.assigned)
 

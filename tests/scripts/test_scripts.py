@@ -215,6 +215,38 @@ async def test_reap_retries_with_the_same_sequence_then_fails(
     assert await redis.hget(keys.shard(shard).slots_hash, req.group) is None
 
 
+async def test_an_unclaimed_assignment_whose_entry_is_gone_is_reassigned(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """A GROUP_ROUND_ROBIN group of one slot: its ASSIGNED run's entry is trimmed away, so no
+    executor can ever claim it. Past the deadline the reaper writes a fresh entry (once, then
+    with backoff); claiming it frees the group, which was frozen before."""
+    first, second = (
+        make_request(keys, event=f"e{i}", seq=i, strategy=Strategy.GROUP_ROUND_ROBIN)
+        for i in (1, 2)
+    )
+    shard = first[0]
+    stream = keys.shard(shard).assignments_stream
+    await admit(scripts, first, second, now=1_000)
+    assert states(await records(redis, keys), first, second) == ["A", "Q"]
+    await redis.xtrim(stream, maxlen=0)
+    deadline = 30_000
+    r = await scripts.reap(shard, assign_deadline_ms=deadline, now=1_000 + deadline - 1)
+    assert r.reassigned == 0 and await redis.xlen(stream) == 0
+    r = await scripts.reap(shard, assign_deadline_ms=deadline, now=1_000 + deadline)
+    assert r.reassigned == 1
+    [(_, fields)] = await redis.xrange(stream)
+    assert fields == {b"id": first[1].run_id.encode(), b"a": b"1"}
+    r = await scripts.reap(shard, assign_deadline_ms=deadline, now=1_000 + 2 * deadline)
+    assert r.reassigned == 0  # the next one waits twice as long
+    [c] = await scripts.claim(
+        shard, "ex", [("0-1", first[1].run_id, 1)], lease_ms=LEASE, now=40_000
+    )
+    assert c.claimed
+    await finish(scripts, shard, first[1], Outcome.SUCCEEDED)
+    assert states(await records(redis, keys), first, second) == ["S", "A"]
+
+
 async def test_reap_deletes_ended_runs_after_retention(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:

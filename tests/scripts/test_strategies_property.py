@@ -243,7 +243,7 @@ class StrategyMachine(RuleBasedStateMachine):
                 depth[w.decode()] += int(n)
         assert dict(depth) == dict(Counter(r["w"] for r in stored.values() if r["st"] == "Q"))
         assert active == members("A", "R")
-        assert leases == {rid for rid, r in stored.items() if r["st"] in ("R", "X")}
+        assert leases == {rid for rid, r in stored.items() if r["st"] in ("A", "R", "X")}
 
 
 @pytest.mark.parametrize("backend", ["single", "cluster"])

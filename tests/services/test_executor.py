@@ -199,6 +199,25 @@ async def test_results_waiting_for_admission_keep_their_runs_from_the_reaper(
     assert sum(1 for x in await log(redis, keys) if x.startswith("started:")) == 5
 
 
+async def test_an_assigned_run_whose_entry_was_lost_is_reassigned_and_runs(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """No executor is up when a run is assigned, and its assignment entry is then lost (a
+    trim, a failover): once an executor comes, the run still starts, after the deadline."""
+    system.start("admission", "--block-ms", "100", "--reap-interval", "0.1",
+                 "--assign-deadline", "1")  # fmt: skip
+    # registered by hand: ingress routes only to registered workflows, and no executor is up
+    await register(redis, keys, {"id": "work", "events": ["work.item"], "steps": [{"name": "x"}]})
+    system.start("ingress", "--block-ms", "100")
+    await publish(redis, keys, "work.item", sleep=0)
+    await eventually(lambda: _states(redis, keys, {"A": 1}), timeout=30)
+    for stream in assignment_streams(keys):
+        await redis.xtrim(stream, maxlen=0)
+    system.start("executor", APP)
+    await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
+    assert [x for x in await log(redis, keys) if x.startswith("started:")] != []
+
+
 async def test_sigterm_under_load_starts_and_drains_everything_it_read(
     redis: Redis, keys: Keys, system: System
 ) -> None:
