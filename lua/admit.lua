@@ -15,6 +15,9 @@
     KEYS[9]  inputs hash        run id -> input
     KEYS[10] queued hash        workflow id -> QUEUED runs (queue depth)
     KEYS[11] requests stream    the stream the batch was read from (XACKed)
+    KEYS[12] newest hash        group id -> the newest max_runs members it ever admitted
+                                (CANCEL_IN_PROGRESS: a late, older arrival loses to them)
+    KEYS[13] newest-at zset     group id by its last admission (ms), for expiry by reap
     ARGV[1]  now in ms, or 0 for the server clock
     ARGV[2]  approximate MAXLEN of the streams written
     ARGV[3]  consumer group of the requests stream
@@ -34,6 +37,7 @@ local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local inputsKey, queuedKey, requestsKey = KEYS[9], KEYS[10], KEYS[11]
+local newestKey, newestAtKey = KEYS[12], KEYS[13]
 
 -- @include now
 -- @include runs
@@ -86,6 +90,7 @@ for n = 1, #reqs do
 end
 
 prefetchSlots(newsList)
+prefetchNewest(newsList)
 for i = 1, #newsList do
   local g = newsList[i]
   local list = news[g]
@@ -103,4 +108,5 @@ callChunked('HSET', inputsKey, inputs, 1000)
 
 ackEntries(requestsKey, groupName, 5, 2)
 flushRuns()
+flushNewest()
 return { 0, created, dups, stats.assigned, stats.cancelled }

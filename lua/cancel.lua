@@ -6,6 +6,8 @@
 
   Input:
     KEYS[1..10] the shard state keys, as in admit.lua
+    KEYS[11]    newest hash      as in admit.lua
+    KEYS[12]    newest-at zset   as in admit.lua
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     approximate MAXLEN of the streams written
     ARGV[3]     reason recorded on the runs (e.g. 'manual')
@@ -22,6 +24,7 @@ local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local inputsKey, queuedKey = KEYS[9], KEYS[10]
+local newestKey, newestAtKey = KEYS[11], KEYS[12]
 
 -- @include now
 -- @include runs
@@ -52,4 +55,5 @@ end
 
 refillTouched()
 flushRuns()
+flushNewest()
 return out

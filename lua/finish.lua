@@ -7,6 +7,8 @@
   Input:
     KEYS[1..10] the shard state keys, as in admit.lua
     KEYS[11]    results stream (XACKed)
+    KEYS[12]    newest hash      as in admit.lua (an ended CANCEL_IN_PROGRESS run is remembered)
+    KEYS[13]    newest-at zset   as in admit.lua
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     approximate MAXLEN of the streams written
     ARGV[3]     consumer group of the results stream
@@ -24,6 +26,7 @@ local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local inputsKey, queuedKey, resultsKey = KEYS[9], KEYS[10], KEYS[11]
+local newestKey, newestAtKey = KEYS[12], KEYS[13]
 
 -- @include now
 -- @include runs
@@ -77,4 +80,5 @@ end
 refillTouched()
 ackEntries(resultsKey, groupName, 4, 2)
 flushRuns()
+flushNewest()
 return { 0, applied, stale, stats.assigned }

@@ -6,10 +6,13 @@
   its entry may be gone, or held by an executor that cannot claim it), then again after twice,
   four times ... up to 64 times the deadline, so its slot is never held by a run nobody can
   claim; a duplicate entry is refused by claim. Records of runs that ended more than the
-  retention ago are deleted.
+  retention ago are deleted, and so is the memory of the newest runs of groups that admitted
+  nothing for as long.
 
   Input:
     KEYS[1..10] the shard state keys, as in admit.lua
+    KEYS[11]    newest hash      as in admit.lua
+    KEYS[12]    newest-at zset   as in admit.lua
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     approximate MAXLEN of the streams written
     ARGV[3]     at most this many leases and this many old records per call
@@ -26,6 +29,7 @@ local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local inputsKey, queuedKey = KEYS[9], KEYS[10]
+local newestKey, newestAtKey = KEYS[11], KEYS[12]
 
 -- @include now
 -- @include runs
@@ -78,11 +82,17 @@ end
 
 refillTouched()
 flushRuns()
+flushNewest()
 
 local old = rcall('ZRANGEBYSCORE', terminalKey, '-inf', now - retention, 'LIMIT', 0, limit)
 if #old > 0 then
   rcall('HDEL', runsKey, unpack(old))
   rcall('HDEL', inputsKey, unpack(old))
   rcall('ZREM', terminalKey, unpack(old))
+end
+local idle = rcall('ZRANGEBYSCORE', newestAtKey, '-inf', now - retention, 'LIMIT', 0, limit)
+if #idle > 0 then
+  rcall('HDEL', newestKey, unpack(idle))
+  rcall('ZREM', newestAtKey, unpack(idle))
 end
 return { 0, retried, failed, cancelled, #old, stats.assigned, reassigned }

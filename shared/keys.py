@@ -88,6 +88,18 @@ class ShardKeys:
         return f"{self.tag}:queued"
 
     @property
+    def newest_hash(self) -> str:
+        """group id -> the newest max_runs members (``<group>|<sequence>|<run id>``, comma
+        separated) a CANCEL_IN_PROGRESS group ever admitted; a late, older arrival loses to them.
+        Deleted by the reaper once the group admitted nothing for the retention."""
+        return f"{self.tag}:newest"
+
+    @property
+    def newest_at_zset(self) -> str:
+        """group id scored by its last admission (ms): the expiry index of ``newest``."""
+        return f"{self.tag}:newest-at"
+
+    @property
     def seen_zset(self) -> str:
         """Run ids requested by ingress, scored by time: de-duplication within the window."""
         return f"{self.tag}:seen"

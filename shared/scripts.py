@@ -173,10 +173,6 @@ class Scripts:
         raise_for_status(reply)
         return reply
 
-    def _state_keys(self, shard: int, extra: str | None = None) -> list[str]:
-        sk = self.keys.shard(shard)
-        return [*sk.state_keys(), extra] if extra else sk.state_keys()
-
     async def admit(
         self, shard: int, entries: Sequence[tuple[str | bytes, bytes]], *, now: int = 0
     ) -> AdmitResult:
@@ -184,7 +180,8 @@ class Scripts:
         args: list[Any] = [now, self.stream_maxlen, self.admission_group, shard]
         for entry_id, payload in entries:
             args += (entry_id, payload)
-        keys = self._state_keys(shard, self.keys.shard(shard).requests_stream)
+        sk = self.keys.shard(shard)
+        keys = [*sk.state_keys(), sk.requests_stream, sk.newest_hash, sk.newest_at_zset]
         r = await self._call("admit", keys, args)
         return AdmitResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]))
 
@@ -288,7 +285,8 @@ class Scripts:
         args: list[Any] = [now, self.stream_maxlen, self.admission_group]
         for entry_id, payload in entries:
             args += (entry_id, payload)
-        keys = self._state_keys(shard, self.keys.shard(shard).results_stream)
+        sk = self.keys.shard(shard)
+        keys = [*sk.state_keys(), sk.results_stream, sk.newest_hash, sk.newest_at_zset]
         r = await self._call("finish", keys, args)
         return FinishResult(int(r[1]), int(r[2]), int(r[3]))
 
@@ -304,7 +302,9 @@ class Scripts:
         """Expired leases (retry, fail, end a cancel), unclaimed assignments (a fresh entry),
         and records past the retention."""
         args = [now, self.stream_maxlen, limit, retention_ms, assign_deadline_ms]
-        r = await self._call("reap", self._state_keys(shard), args)
+        sk = self.keys.shard(shard)
+        keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset]
+        r = await self._call("reap", keys, args)
         return ReapResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]))
 
     async def cancel(
@@ -312,7 +312,9 @@ class Scripts:
     ) -> list[bool]:
         """Cancel runs of one shard; True for each run this call cancelled."""
         args: list[Any] = [now, self.stream_maxlen, reason, *run_ids]
-        r = await self._call("cancel", self._state_keys(shard), args)
+        sk = self.keys.shard(shard)
+        keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset]
+        r = await self._call("cancel", keys, args)
         return [int(x) == 1 for x in r[1:]]
 
     async def append_requests(

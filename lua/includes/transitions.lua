@@ -1,6 +1,7 @@
 --[[
   State transitions shared by the scripts that change run states, and the strategy rules.
-  Needs the locals of the shard state KEYS (runsKey .. inputsKey), streamMax, now, and runs.lua.
+  Needs the locals of the shard state KEYS (runsKey .. inputsKey), newestKey and newestAtKey,
+  streamMax, now, and runs.lua; a script that includes it calls flushNewest() at its end.
   Members of the queue and active zsets are '<group 16>|<sequence 32>|<run id>', all scored 0,
   so a lexicographic range is one group in arrival order.
 ]]
@@ -18,8 +19,57 @@ local function touch(rec)
   touched[rec.g] = rec
 end
 
+-- CANCEL_IN_PROGRESS ranks arrivals against the newest max_runs runs its group ever admitted.
+-- Live ones are in the active zset and the queue; ended ones are remembered here when they end
+-- ('g|s|rid,...', at most max_runs per group; a superseded run is never among them, since the
+-- runs that superseded it are newer). Cached for the call, like the slot counts.
+local newestCache, newestDirty = {}, {}   -- group -> members, or false when none is stored
+
+local function prefetchNewest(groups)
+  for i = 1, #groups, 1000 do
+    local last = math.min(i + 999, #groups)
+    local vals = rcall('HMGET', newestKey, unpack(groups, i, last))
+    for j = 1, #vals do newestCache[groups[i + j - 1]] = vals[j] end
+  end
+end
+
+local function newestOf(g)
+  local v = newestCache[g]
+  if v == nil then
+    v = rcall('HGET', newestKey, g)
+    newestCache[g] = v
+  end
+  return v or nil
+end
+
+local function rememberEnded(g, m, mx)
+  local list = {}
+  local cur = newestOf(g)
+  if cur then
+    for x in string.gmatch(cur, '[^,]+') do list[#list + 1] = x end
+  end
+  list[#list + 1] = m
+  table.sort(list)
+  newestCache[g] = table.concat(list, ',', math.max(1, #list - mx + 1), #list)
+  if not newestDirty[g] then newestDirty[#newestDirty + 1] = g; newestDirty[g] = true end
+end
+
+local function flushNewest()
+  local set, at = {}, {}
+  for i = 1, #newestDirty do
+    local g = newestDirty[i]
+    set[#set + 1] = g
+    set[#set + 1] = newestCache[g]
+    at[#at + 1] = now
+    at[#at + 1] = g
+  end
+  callChunked('HSET', newestKey, set, 1000)
+  callChunked('ZADD', newestAtKey, at, 1000)
+end
+
 -- Ends a run that holds no slot and is in neither zset any more.
 local function endRun(rid, rec, state, why, by)
+  local was = rec.st
   rec.st = state
   rec.t3 = now
   rec.h = nil
@@ -34,6 +84,10 @@ local function endRun(rid, rec, state, why, by)
   saveRun(rid, rec)
   stats.ended = stats.ended + 1
   if state == 'C' then stats.cancelled = stats.cancelled + 1 end
+  -- (a CANCELLING run was remembered when it was cancelled, unless it was superseded)
+  if rec.sg == 1 and was ~= 'X' and rec.why ~= 'superseded' then
+    rememberEnded(rec.g, memberOf(rid, rec), rec.mx)
+  end
 end
 
 -- An ASSIGNED run is in the leases zset too, first due for a look one second after its
@@ -71,6 +125,7 @@ local function cancelActive(m, why, by)
   rec.tc = now
   rec.why = why
   if by then rec.by = by end
+  if rec.sg == 1 and why ~= 'superseded' then rememberEnded(rec.g, m, rec.mx) end
   if rec.sx == 1 then rec.h = 1 else addSlots(rec.g, -1) end
   rcall('XADD', controlKey, 'MAXLEN', '~', streamMax, '*',
     'op', 'cancel', 'id', rid, 'a', rec.a, 'by', by or '', 'why', why)
@@ -147,21 +202,45 @@ end
 local function applyArrivals(g, rec, news)
   local mx, sg = rec.mx, rec.sg
   if sg == 1 then
-    -- CANCEL_IN_PROGRESS: the newest mx of active + pending survive, every older one ends.
+    -- CANCEL_IN_PROGRESS: the newest mx of the runs the group ever admitted survive; every
+    -- older live one ends (so a late, older arrival loses to newer runs that already ended).
     local act = {}
     if slotsOf(g) > 0 then act = rcall('ZRANGEBYLEX', activeKey, '(' .. g .. '|', '(' .. g .. '}') end
     local pending = pendingOf(g, nil, news, rec.sx ~= 1)
-    local ia, ip, kept = #act, #pending, 0
-    local newest
-    if ip > 0 and (ia == 0 or pending[ip].m > act[ia]) then newest = pending[ip].m else newest = act[ia] end
-    while kept < mx and (ia > 0 or ip > 0) do
-      if ip == 0 or (ia > 0 and act[ia] > pending[ip].m) then ia = ia - 1 else ip = ip - 1 end
-      kept = kept + 1
+    local ended = newestOf(g)
+    if not ended then
+      -- Only live runs to rank: walk both sorted lists from the newest end.
+      local ia, ip, kept = #act, #pending, 0
+      local newest
+      if ip > 0 and (ia == 0 or pending[ip].m > act[ia]) then newest = pending[ip].m else newest = act[ia] end
+      while kept < mx and (ia > 0 or ip > 0) do
+        if ip == 0 or (ia > 0 and act[ia] > pending[ip].m) then ia = ia - 1 else ip = ip - 1 end
+        kept = kept + 1
+      end
+      local by = ridOf(newest)
+      for i = 1, ia do cancelActive(act[i], 'superseded', by) end
+      for i = 1, ip do cancelPending(pending[i], 'superseded', by) end
+      fillFrom(g, mx, pending, ip + 1)
+    else
+      -- Ended runs count too: rank them with the live ones (all distinct members).
+      local cands = {}
+      for m in string.gmatch(ended, '[^,]+') do cands[#cands + 1] = m end
+      for i = 1, #act do cands[#cands + 1] = act[i] end
+      for i = 1, #pending do cands[#cands + 1] = pending[i].m end
+      table.sort(cands)
+      local top = {}
+      for i = math.max(1, #cands - mx + 1), #cands do top[cands[i]] = true end
+      local by = ridOf(cands[#cands])
+      for i = 1, #act do
+        if not top[act[i]] then cancelActive(act[i], 'superseded', by) end
+      end
+      local survivors = {}
+      for i = 1, #pending do
+        local p = pending[i]
+        if top[p.m] then survivors[#survivors + 1] = p else cancelPending(p, 'superseded', by) end
+      end
+      fillFrom(g, mx, survivors, 1)
     end
-    local by = ridOf(newest)
-    for i = 1, ia do cancelActive(act[i], 'superseded', by) end
-    for i = 1, ip do cancelPending(pending[i], 'superseded', by) end
-    fillFrom(g, mx, pending, ip + 1)
   elseif sg == 2 then
     -- CANCEL_NEWEST: fill free slots oldest-first; whatever cannot start now ends.
     local pending = pendingOf(g, nil, news, true)

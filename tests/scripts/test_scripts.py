@@ -69,6 +69,34 @@ async def test_cancel_in_progress_cancels_an_older_event_admitted_late(
     assert states(await records(redis, keys), new, old) == ["A", "C"]
 
 
+@pytest.mark.parametrize("max_runs", [1, 3])
+async def test_cancel_in_progress_cancels_a_late_older_event_after_the_newer_runs_ended(
+    redis: Redis, keys: Keys, scripts: Scripts, max_runs: int
+) -> None:
+    """A redelivery or a slow ingress brings an older request after the newest max_runs of its
+    group already ended: it is cancelled on arrival, superseded by the newest run. Once the
+    group admitted nothing for the retention, the reaper forgets it."""
+    newer = [make_request(keys, event=f"n{i}", seq=10 + i, max_runs=max_runs)
+             for i in range(max_runs)]  # fmt: skip
+    shard = newer[0][0]
+    await admit(scripts, *newer)
+    for _, req in newer:
+        await claim(scripts, shard, req)
+        await finish(scripts, shard, req, Outcome.SUCCEEDED)
+    late = make_request(keys, event="late", seq=5, max_runs=max_runs)
+    between = make_request(keys, event="mid", seq=10 + max_runs, max_runs=max_runs)
+    await admit(scripts, late)
+    recs = await records(redis, keys)
+    assert recs[late[1].run_id]["st"] == "C" and recs[late[1].run_id]["why"] == "superseded"
+    assert recs[late[1].run_id]["by"] == newer[-1][1].run_id
+    await admit(scripts, between)  # newer than every ended one: it runs
+    assert states(await records(redis, keys), between) == ["A"]
+    sk = keys.shard(shard)
+    assert await redis.hlen(sk.newest_hash) == 1
+    await scripts.reap(shard, retention_ms=1_000, now=10_000)
+    assert await redis.hlen(sk.newest_hash) == 0 and await redis.zcard(sk.newest_at_zset) == 0
+
+
 async def test_cancel_newest_never_interrupts_and_sheds_what_cannot_start(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:

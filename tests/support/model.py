@@ -85,9 +85,14 @@ class Model:
         for group in touched:
             lim = self.limits[group]
             if lim.strategy is Strategy.CANCEL_IN_PROGRESS:
-                live = self.group_runs(group, "Q", "A", "R")
-                for run in live[: max(len(live) - lim.max_runs, 0)]:
-                    self._cancel(run)
+                # The newest max_runs the group ever admitted survive, ended ones included:
+                # a late, older arrival is cancelled even when the newer runs already ended.
+                ever = sorted((r for r in self.runs.values() if r.group == group),
+                              key=lambda r: r.seq)  # fmt: skip
+                newest = {r.rid for r in ever[-lim.max_runs :]}
+                for run in self.group_runs(group, "Q", "A", "R"):
+                    if run.rid not in newest:
+                        self._cancel(run)
                 self._fill(group)
             elif lim.strategy is Strategy.CANCEL_NEWEST:
                 self._fill(group)
