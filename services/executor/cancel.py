@@ -1,6 +1,7 @@
 """Cancellation of local runs. Two ways in: the control streams (XREAD BLOCK, every executor
-reads every cancel within milliseconds) and the heartbeat, which renews leases and answers with
-the runs to stop (the backstop for a control message this process missed)."""
+reads every cancel within milliseconds) and the heartbeat's answer, the runs no longer this
+executor's (the backstop for a control message this process missed): `let_go` handles those,
+from the lease keeper's thread, or from `heartbeat` while a drain waits for results."""
 
 from __future__ import annotations
 
@@ -133,18 +134,14 @@ class Cancels:
                 self._remember(rid, attempt, entry_ms(entry_id))
 
     # -- the heartbeat ---------------------------------------------------------------------------
-    async def heartbeat_loop(self, stop: asyncio.Event) -> None:
-        """Every third of a lease, `heartbeat`, until `stop` (set after a drain, not before)."""
+    async def resend_loop(self, stop: asyncio.Event) -> None:
+        """Every third of a lease, write again the results that wait too long (the leases
+        themselves are renewed by the lease keeper's thread), until `stop`."""
         interval = self.config.lease_ms / 3000
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
-            try:
-                await self.heartbeat()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("heartbeat iteration failed")
+            self.runner.resend_due()
 
     async def heartbeat(self) -> None:
         """Renew the leases of runs running here and of runs whose results wait for admission.
@@ -162,9 +159,9 @@ class Cancels:
                     lease_ms=self.config.lease_ms,
                 )  # fmt: skip
                 for rid in stop_ids:
-                    self._let_go(rid, sent[rid])
+                    self.let_go(rid, sent[rid])
 
-    def _let_go(self, rid: str, attempt: int) -> None:
+    def let_go(self, rid: str, attempt: int) -> None:
         """The heartbeat says `attempt` of `rid` is no longer this executor's to run."""
         reported = self.runner.awaiting.get(rid)
         if reported is not None and reported.attempt == attempt:

@@ -28,6 +28,7 @@ from supersede.services.executor.cancel import Cancels
 from supersede.services.executor.claim import Claimer
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.fetch import Fetcher
+from supersede.services.executor.lease import LeaseKeeper
 from supersede.services.executor.outbox import Outbox
 from supersede.services.executor.steps import Runner
 from supersede.workflow import Workflow
@@ -60,6 +61,8 @@ class Executor(Service):
         self.claimer = Claimer(self.scripts, self.consumer, self.config, self.runner, self.cancels)
         self.fetcher = Fetcher(self, self.keys, self.config, self.runner, self.claimer,
                                cluster=cluster)  # fmt: skip
+        self.leases = LeaseKeeper(settings.redis_url, self.keys, self.consumer, self.config,
+                                  self.runner, self.cancels.let_go)  # fmt: skip
 
     async def prepare(self) -> None:
         """Register this process's workflows (ingress and admission need no user code)."""
@@ -78,12 +81,13 @@ class Executor(Service):
         loops = [
             fetch,
             asyncio.create_task(self.cancels.control_loop(drained)),
-            asyncio.create_task(self.cancels.heartbeat_loop(drained)),
+            asyncio.create_task(self.cancels.resend_loop(drained)),
             *(
                 asyncio.create_task(self.fetcher.wake_loop(stop, shard))
                 for shard in (range(self.keys.shards) if self.fetcher.cluster else ())
             ),
         ]
+        self.leases.start()
         try:
             await stop.wait()
             # The fetch loop ends after its read in flight, so what that read took is started
@@ -93,6 +97,7 @@ class Executor(Service):
             await self.drain()
         finally:
             drained.set()
+            await self.leases.stop()
             for task in [*loops, writer]:
                 task.cancel()
             await asyncio.gather(*loops, writer, return_exceptions=True)

@@ -218,6 +218,19 @@ async def test_an_assigned_run_whose_entry_was_lost_is_reassigned_and_runs(
     assert [x for x in await log(redis, keys) if x.startswith("started:")] != []
 
 
+async def test_leases_are_renewed_while_a_handler_blocks_the_event_loop(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """A step blocks its executor's event loop for 4 s under a 1 s lease while another executor
+    is free: the leases are renewed from their own thread, so the run is not retried elsewhere
+    while it still runs; it runs once and succeeds at attempt 1."""
+    await system.pipeline(redis, keys, 2, "--lease", "1")
+    await publish(redis, keys, "work.item", block=4)
+    await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
+    assert [r["a"] for r in (await records(redis, keys)).values()] == [1]
+    assert sum(1 for x in await log(redis, keys) if x.startswith("started:")) == 1
+
+
 async def test_sigterm_under_load_starts_and_drains_everything_it_read(
     redis: Redis, keys: Keys, system: System
 ) -> None:

@@ -10,7 +10,9 @@ from tests.support import REPO
 
 ROOTS = {"shared": "supersede", "services": "supersede.services", "lua": "supersede.lua"}
 SERVICES = ("ingress", "admission", "executor")
-EXECUTOR_CHAIN = ("config", "metrics", "outbox", "steps", "cancel", "claim", "fetch", "service")
+EXECUTOR_CHAIN = (
+    "config", "metrics", "outbox", "steps", "lease", "cancel", "claim", "fetch", "service"
+)  # fmt: skip
 
 
 def _modules() -> dict[str, Path]:

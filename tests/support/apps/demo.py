@@ -73,6 +73,7 @@ work = Workflow("work", on_events=["work.item"])
 @work.step()
 async def do_work(ctx: Context) -> None:
     note("started", ctx.run_id)
+    time.sleep(float(ctx.input.get("block", 0)))  # blocks the executor's event loop on purpose
     await asyncio.sleep(float(ctx.input.get("sleep", 0)))
     note("done", ctx.run_id, os.getpid())
 

@@ -1,0 +1,107 @@
+"""Lease renewal on a thread of its own, with its own connection, so it goes on while user code
+blocks the event loop (a CPU-bound async step, a long sync call made on the loop): otherwise
+every lease of this executor would lapse and its runs be retried elsewhere while they still run.
+
+Each third of a lease the thread renews the leases of the runs `Runner.leased()` lists and
+hands the runs the heartbeat script names back to the loop (`call_soon_threadsafe`), where
+they are let go or stopped. A sync step sees its cancel flag set at once from this thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+
+from supersede.config import connect_sync
+from supersede.keys import Keys
+from supersede.scripts import load_source
+from supersede.services.executor.config import ExecutorConfig
+from supersede.services.executor.steps import Runner
+
+log = logging.getLogger("supersede.executor")
+
+CHUNK = 1000  # runs per script call (a call blocks the server meanwhile)
+
+
+class LeaseKeeper:
+    def __init__(
+        self,
+        url: str,
+        keys: Keys,
+        consumer: str,
+        config: ExecutorConfig,
+        runner: Runner,
+        on_stop: Callable[[str, int], None],
+    ) -> None:
+        self.url = url
+        self.keys = keys
+        self.consumer = consumer
+        self.config = config
+        self.runner = runner
+        self.on_stop = on_stop
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop renewing (after a drain); waits for the thread without blocking the loop."""
+        self._halt.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5)
+
+    def _run(self) -> None:
+        client = connect_sync(self.url)
+        source, _ = load_source("heartbeat")
+        script = client.register_script(source)
+        interval = self.config.lease_ms / 3000
+        try:
+            while not self._halt.wait(interval):
+                try:
+                    self._beat(script)
+                except Exception:  # the next beat tries again; a lease lasts three of them
+                    log.exception("lease renewal failed")
+        finally:
+            client.close()
+
+    def _snapshot(self) -> list[tuple[int, str, int]]:
+        """The runs to renew, read from the loop's structures (retried if they changed under
+        the read, which a loop that is not blocked can do)."""
+        for _ in range(10):
+            try:
+                return self.runner.leased()
+            except RuntimeError:  # dictionary changed size during iteration
+                continue
+        return []
+
+    def _beat(self, script: Callable[..., object]) -> None:
+        by_shard: dict[int, dict[str, int]] = {}
+        for shard, rid, attempt in self._snapshot():
+            by_shard.setdefault(shard, {})[rid] = attempt
+        for shard, sent in by_shard.items():
+            sk = self.keys.shard(shard)
+            items = list(sent.items())
+            for i in range(0, len(items), CHUNK):
+                args: list[object] = [0, self.consumer, self.config.lease_ms]
+                for rid, attempt in items[i : i + CHUNK]:
+                    args += (rid, attempt)
+                reply = script(keys=[sk.runs_hash, sk.leases_zset], args=args)
+                if not isinstance(reply, list) or int(reply[0]) != 0:
+                    log.error("lease renewal refused", extra={"reply": repr(reply)[:200]})
+                    continue
+                for raw in reply[1:]:
+                    rid = raw.decode() if isinstance(raw, bytes) else str(raw)
+                    self._stop(rid, sent[rid])
+
+    def _stop(self, rid: str, attempt: int) -> None:
+        run = self.runner.active.get(rid)
+        if run is not None and run.attempt == attempt and not run.reported:
+            run.ctx._flag.set()  # a sync step polling ctx.cancelled sees it now
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.on_stop, rid, attempt)
