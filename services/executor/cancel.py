@@ -1,7 +1,7 @@
 """Cancellation of local runs. Two ways in: the control streams (XREAD BLOCK, every executor
 reads every cancel within milliseconds) and the heartbeat's answer, the runs no longer this
 executor's (the backstop for a control message this process missed): `let_go` handles those,
-from the lease keeper's thread, or from `heartbeat` while a drain waits for results."""
+called from the lease keeper (services/executor/lease.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from redis.asyncio import Redis
 
 from supersede.keys import Keys
 from supersede.protocol import Entry, Outcome, StreamReply, parse_cancel
-from supersede.scripts import Scripts
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.steps import Runner, Running
 from supersede.streams import tail_ids
@@ -25,7 +24,6 @@ log = logging.getLogger("supersede.executor")
 
 EARLY_CANCEL_TTL = 10.0  # seconds a cancel for a run not (yet) here is remembered
 EARLY_CANCEL_MAX = 10_000
-HEARTBEAT_CHUNK = 1000  # runs per heartbeat script call (a call blocks the server meanwhile)
 
 
 def entry_ms(entry_id: bytes | str) -> int:
@@ -39,19 +37,15 @@ class Cancels:
         self,
         redis: Redis,
         keys: Keys,
-        scripts: Scripts,
         runner: Runner,
         config: ExecutorConfig,
         *,
-        consumer: str,
         cluster: bool,
     ) -> None:
         self.redis = redis
         self.keys = keys
-        self.scripts = scripts
         self.runner = runner
         self.config = config
-        self.consumer = consumer
         self.cluster = cluster
         # Cancels that arrived before their run was started here (the claim reply and the
         # control message race): run id -> (attempt, decided ms, monotonic time received).
@@ -142,24 +136,6 @@ class Cancels:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
             self.runner.resend_due()
-
-    async def heartbeat(self) -> None:
-        """Renew the leases of runs running here and of runs whose results wait for admission.
-        The script names the runs that are no longer this executor's to run: a reported one has
-        ended (its result was applied) and is let go; a running one is stopped."""
-        self.runner.resend_due()
-        by_shard: dict[int, dict[str, int]] = {}
-        for shard, rid, attempt in self.runner.leased():
-            by_shard.setdefault(shard, {})[rid] = attempt
-        for shard, sent in by_shard.items():
-            items = list(sent.items())
-            for i in range(0, len(items), HEARTBEAT_CHUNK):
-                stop_ids = await self.scripts.heartbeat(
-                    shard, self.consumer, items[i : i + HEARTBEAT_CHUNK],
-                    lease_ms=self.config.lease_ms,
-                )  # fmt: skip
-                for rid in stop_ids:
-                    self.let_go(rid, sent[rid])
 
     def let_go(self, rid: str, attempt: int) -> None:
         """The heartbeat says `attempt` of `rid` is no longer this executor's to run."""

@@ -44,6 +44,8 @@ class LeaseKeeper:
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._client = connect_sync(url)  # its own pool: used from this thread and a drain's
+        self._script = self._client.register_script(load_source("heartbeat")[0])
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -55,20 +57,15 @@ class LeaseKeeper:
         self._halt.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5)
+        self._client.close()
 
     def _run(self) -> None:
-        client = connect_sync(self.url)
-        source, _ = load_source("heartbeat")
-        script = client.register_script(source)
         interval = self.config.lease_ms / 3000
-        try:
-            while not self._halt.wait(interval):
-                try:
-                    self._beat(script)
-                except Exception:  # the next beat tries again; a lease lasts three of them
-                    log.exception("lease renewal failed")
-        finally:
-            client.close()
+        while not self._halt.wait(interval):
+            try:
+                self.beat()
+            except Exception:  # the next beat tries again; a lease lasts three of them
+                log.exception("lease renewal failed")
 
     def _snapshot(self) -> list[tuple[int, str, int]]:
         """The runs to renew, read from the loop's structures (retried if they changed under
@@ -80,7 +77,9 @@ class LeaseKeeper:
                 continue
         return []
 
-    def _beat(self, script: Callable[..., object]) -> None:
+    def beat(self) -> None:
+        """One heartbeat: renew, and hand back what the script names (blocking: call it from
+        a thread, e.g. `asyncio.to_thread` while a drain waits for results to be applied)."""
         by_shard: dict[int, dict[str, int]] = {}
         for shard, rid, attempt in self._snapshot():
             by_shard.setdefault(shard, {})[rid] = attempt
@@ -88,10 +87,10 @@ class LeaseKeeper:
             sk = self.keys.shard(shard)
             items = list(sent.items())
             for i in range(0, len(items), CHUNK):
-                args: list[object] = [0, self.consumer, self.config.lease_ms]
+                args: list[str | int] = [0, self.consumer, self.config.lease_ms]
                 for rid, attempt in items[i : i + CHUNK]:
                     args += (rid, attempt)
-                reply = script(keys=[sk.runs_hash, sk.leases_zset], args=args)
+                reply = self._script(keys=[sk.runs_hash, sk.leases_zset], args=args)
                 if not isinstance(reply, list) or int(reply[0]) != 0:
                     log.error("lease renewal refused", extra={"reply": repr(reply)[:200]})
                     continue

@@ -1,7 +1,8 @@
 """The executor service: the wiring of its parts, start-up, and the SIGTERM drain.
 
-Tasks: fetch (assignments -> claim -> start), control (cancels), heartbeat (leases, and the runs
-to stop), the outbox writer, and on a cluster one wake task per shard.
+Tasks: fetch (assignments -> claim -> start), control (cancels), the lease keeper's thread
+(leases, and the runs to let go or stop), the re-sending of results that wait too long, the
+outbox writer, and on a cluster one wake task per shard.
 
 SIGTERM drains: stop fetching and start what the read in flight took; keep renewing leases and
 receiving cancels while running runs finish within the drain deadline; then wait (within the
@@ -56,8 +57,7 @@ class Executor(Service):
         cluster = isinstance(redis, RedisCluster)
         self.outbox = Outbox(redis, self.keys, self.config)
         self.runner = Runner(workflows, self.config, self.outbox)
-        self.cancels = Cancels(redis, self.keys, self.scripts, self.runner, self.config,
-                               consumer=self.consumer, cluster=cluster)  # fmt: skip
+        self.cancels = Cancels(redis, self.keys, self.runner, self.config, cluster=cluster)
         self.claimer = Claimer(self.scripts, self.consumer, self.config, self.runner, self.cancels)
         self.fetcher = Fetcher(self, self.keys, self.config, self.runner, self.claimer,
                                cluster=cluster)  # fmt: skip
@@ -112,7 +112,8 @@ class Executor(Service):
         failures = 0
         while self.runner.awaiting and loop.time() < deadline:
             try:
-                await self.cancels.heartbeat()  # lets go of the runs whose results were applied
+                # lets go of the runs whose results were applied
+                await asyncio.to_thread(self.leases.beat)
                 failures = 0
             except Exception:
                 failures += 1

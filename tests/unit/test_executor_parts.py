@@ -11,8 +11,7 @@ from supersede.services.executor.config import ExecutorConfig
 def _cancels() -> cancel.Cancels:
     unused: Any = None
     runner: Any = type("R", (), {"active": {}})()
-    return cancel.Cancels(unused, unused, unused, runner, ExecutorConfig(),
-                          consumer="c", cluster=False)  # fmt: skip
+    return cancel.Cancels(unused, unused, runner, ExecutorConfig(), cluster=False)
 
 
 def test_early_cancels_are_bounded_and_forgotten_oldest_first(monkeypatch: Any) -> None:
