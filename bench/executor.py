@@ -203,13 +203,15 @@ async def executor_throughput(
     async def ended() -> int:
         return await count(lambda sk: redis.zcard(sk.terminal_zset))
 
-    assigned_before = await count(lambda sk: redis.xlen(sk.assignments_stream))
+    assigned_before = await count(lambda sk: redis.xlen(sk.assignments_stream("noop")))
     ended_before = await ended()
     items = [(keys.events_stream, {"name": b"bench.noop", "data": b"{}"}) for _ in range(n)]
     xadd_rate = await pipelined_xadd(redis, items)
 
     async def assigned() -> bool:
-        return await count(lambda sk: redis.xlen(sk.assignments_stream)) >= assigned_before + n
+        return (
+            await count(lambda sk: redis.xlen(sk.assignments_stream("noop"))) >= assigned_before + n
+        )
 
     await wait_for(assigned, timeout=120)
     proc = start(env, "executor", "bench.apps", "--slots", "100")

@@ -10,7 +10,7 @@
     KEYS[4]  slots hash         group id -> slots held
     KEYS[5]  leases zset        run id by lease expiry (ms)
     KEYS[6]  terminal zset      run id by end time (ms)
-    KEYS[7]  assignments stream
+    KEYS[7]  assignments prefix   the stream of a workflow is '<prefix>:<workflow tag>'
     KEYS[8]  control stream
     KEYS[9]  inputs hash        run id -> input
     KEYS[10] queued hash        workflow id -> QUEUED runs (queue depth)
@@ -31,7 +31,7 @@
     {-3, i}         request i belongs to another shard; nothing written
     {-4, 0}         bad ARGV; nothing written
 
-  Writes: XADD assignments {id, a}; XADD control {op = 'cancel', id, a, by, why}.
+  Writes: XADD <prefix>:<workflow tag> {id, a}; XADD control {op = 'cancel', id, a, by, why}.
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

@@ -18,7 +18,8 @@
     {-2, i}         run i does not exist; nothing written
     {-4, 0}         bad ARGV; nothing written
 
-  Writes: XADD control for RUNNING runs; XADD assignments for runs started in freed slots.
+  Writes: XADD control for RUNNING runs; XADD <prefix>:<workflow tag> for runs started in
+  freed slots.
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

@@ -7,38 +7,40 @@
     KEYS[1]  runs hash
     KEYS[2]  inputs hash
     KEYS[3]  leases zset
-    KEYS[4]  assignments stream   (XACKed)
+    KEYS[4..] assignment streams the entries were read from (XACKed), one or more
     ARGV[1]  now in ms, or 0 for the server clock
     ARGV[2]  consumer group of the assignments stream
     ARGV[3]  executor id
     ARGV[4]  lease length in ms
-    ARGV[5..] triples: assignments entry id, run id, attempt
+    ARGV[5..] quadruples: assignments entry id, run id, attempt, stream number n (KEYS[3 + n])
 
   Output:
-    {0, item, ...}, one item per triple, in order:
+    {0, item, ...}, one item per quadruple, in order:
       {1, run id, attempt, workflow, version, input, key, sequence}   claimed
       {0, run id, state}   refused: state is the run's state letter, or '' when it is gone
-    {-4, i}  triple i is malformed (attempt not an integer); nothing written
+    {-4, i}  quadruple i is malformed (attempt or stream number); nothing written
 
   Writes: nothing to streams.
 ]]
 local rcall = redis.call
-local runsKey, inputsKey, leasesKey, assignKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local runsKey, inputsKey, leasesKey = KEYS[1], KEYS[2], KEYS[3]
 
 -- @include now
--- @include ack
 
 local now = nowMs(ARGV[1])
 local groupName, executor, leaseMs = ARGV[2], ARGV[3], tonumber(ARGV[4])
-if not leaseMs or leaseMs <= 0 or (#ARGV - 4) % 3 ~= 0 then return { -4, 0 } end
-for i = 5, #ARGV, 3 do
-  local a = tonumber(ARGV[i + 2])
-  if not a or a ~= math.floor(a) or ARGV[i + 1] == '' then return { -4, (i - 2) / 3 } end
+if not leaseMs or leaseMs <= 0 or (#ARGV - 4) % 4 ~= 0 then return { -4, 0 } end
+for i = 5, #ARGV, 4 do
+  local a, n = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  if not a or a ~= math.floor(a) or ARGV[i + 1] == '' or not n or not KEYS[3 + n] or n < 1 then
+    return { -4, (i - 1) / 4 }
+  end
 end
 
 local out = { 0 }
-for i = 5, #ARGV, 3 do
-  local rid, att = ARGV[i + 1], tonumber(ARGV[i + 2])
+local acks = {}   -- stream number -> entry ids
+for i = 5, #ARGV, 4 do
+  local rid, att, n = ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   local raw = rcall('HGET', runsKey, rid)
   local rec = raw and cmsgpack.unpack(raw)
   if rec and rec.st == 'A' and rec.a == att then
@@ -51,6 +53,13 @@ for i = 5, #ARGV, 3 do
   else
     out[#out + 1] = { 0, rid, rec and rec.st or '' }
   end
+  local ids = acks[n]
+  if not ids then ids = {}; acks[n] = ids end
+  ids[#ids + 1] = ARGV[i]
 end
-ackEntries(assignKey, groupName, 5, 3)
+for n, ids in pairs(acks) do
+  for j = 1, #ids, 1000 do
+    rcall('XACK', KEYS[3 + n], groupName, unpack(ids, j, math.min(j + 999, #ids)))
+  end
+end
 return out

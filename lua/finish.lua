@@ -20,7 +20,7 @@
     {-2, i}         result i names a run that does not exist; nothing written
     {-4, 0}         bad ARGV; nothing written
 
-  Writes: XADD assignments for runs started in the released slots.
+  Writes: XADD <prefix>:<workflow tag> for runs started in the released slots.
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

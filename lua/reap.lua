@@ -23,7 +23,7 @@
     {0, retried, failed, cancelled, expired records, assigned, reassigned}
     {-4, 0}  bad ARGV; nothing written
 
-  Writes: XADD assignments for retries and for runs started in released slots.
+  Writes: XADD <prefix>:<workflow tag> for retries and for runs started in released slots.
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

@@ -85,6 +85,23 @@ def _executor(args: argparse.Namespace, settings: Settings) -> None:
     run_until_signal(lambda stop: serve(settings, workflows, config, stop), args.metrics_port)
 
 
+def _keda(args: argparse.Namespace, settings: Settings) -> None:
+    from supersede.services.keda import scaled_object
+
+    workflows = [wf.id for wf in load_workflows(args.module)]
+    print(
+        scaled_object(
+            settings.keys,
+            workflows,
+            deployment=args.deployment,
+            address=args.address,
+            lag=args.lag,
+            max_replicas=args.max_replicas,
+        ),
+        end="",
+    )
+
+
 def _dev(args: argparse.Namespace, settings: Settings) -> None:
     from supersede.services import dev
 
@@ -209,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     dead = ops_parser("dead", "list dead letters, or replay one to the inbox")
     dead.add_argument("--replay", metavar="ID")
     dead.add_argument("--limit", type=int, default=100)
+
+    keda = sub.add_parser(
+        "keda", help="print the KEDA ScaledObject of the executor pool that runs MODULE"
+    )
+    keda.add_argument("module", help="the workflow module the pool's executors run")
+    keda.add_argument("--deployment", default="supersede-executor", help="the pool's Deployment")
+    keda.add_argument("--address", default="redis:6379", help="host:port KEDA connects to")
+    keda.add_argument("--lag", type=int, default=50, help="backlog per replica (lagCount)")
+    keda.add_argument("--max-replicas", type=int, default=30)
+    keda.set_defaults(func=_keda)
 
     dev = sub.add_parser("dev", help="run the system on an embedded server (no Redis needed)")
     dev.add_argument("--duration", type=float, default=None, help="seconds, then exit 0")

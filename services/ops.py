@@ -154,15 +154,19 @@ async def status(redis: Redis, keys: Keys, live_idle_ms: int = 5000) -> dict[str
     }
     totals: dict[str, Counter[str]] = {n: Counter() for n in ("requests", "results", "assignments")}
     executors: set[str] = set()
+    registered = sorted(_text(w) for w in await redis.hkeys(keys.workflows_hash))
     for sk in keys.all_shards():
-        for name, stream, group in (
+        streams = [
             ("requests", sk.requests_stream, ADMISSION_GROUP),
             ("results", sk.results_stream, ADMISSION_GROUP),
-            ("assignments", sk.assignments_stream, EXECUTOR_GROUP),
-        ):
+        ] + [("assignments", sk.assignments_stream(wf), EXECUTOR_GROUP) for wf in registered]
+        for name, stream, group in streams:
             totals[name].update(await _group_lag(redis, stream, group))
-        if await redis.exists(sk.assignments_stream):
-            for c in await redis.xinfo_consumers(sk.assignments_stream, EXECUTOR_GROUP):
+        for wf in registered:
+            stream = sk.assignments_stream(wf)
+            if not await redis.exists(stream):
+                continue
+            for c in await redis.xinfo_consumers(stream, EXECUTOR_GROUP):
                 if int(c.get("idle", 1 << 62)) < live_idle_ms:
                     executors.add(_text(c["name"]))
     for name, counter in totals.items():

@@ -7,8 +7,18 @@ members and fields, never as key names.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import cached_property
+
+WORKFLOW_TAG_LEN = 12  # hex chars of sha1(workflow id); the Lua side computes the same
+
+
+def workflow_tag(workflow: str) -> str:
+    """The fixed-width, key-safe stand-in for a workflow id in key names (the Lua scripts
+    compute it with ``redis.sha1hex``)."""
+    digest = hashlib.sha1(workflow.encode(), usedforsecurity=False).hexdigest()
+    return digest[:WORKFLOW_TAG_LEN]
 
 
 def inbox_stream(namespace: str) -> str:
@@ -38,9 +48,14 @@ class ShardKeys:
         return f"{self.tag}:results"
 
     @property
-    def assignments_stream(self) -> str:
-        """Runs granted a slot; consumer group ``executors``."""
+    def assignments_prefix(self) -> str:
+        """Prefix of this shard's assignment streams, one per workflow (the scripts add
+        ``:<workflow tag>``): only executors that have a workflow read its runs."""
         return f"{self.tag}:assignments"
+
+    def assignments_stream(self, workflow: str) -> str:
+        """Runs of `workflow` granted a slot; consumer group ``executors``."""
+        return f"{self.tag}:assignments:{workflow_tag(workflow)}"
 
     @property
     def control_stream(self) -> str:
@@ -104,6 +119,17 @@ class ShardKeys:
         """Run ids requested by ingress, scored by time: de-duplication within the window."""
         return f"{self.tag}:seen"
 
+    @property
+    def ids_hash(self) -> str:
+        """Idempotency: digest of (workflow, explicit event id) -> the inbox entry id that owns
+        it; routed by the digest, so one id of a workflow is owned once whatever its key."""
+        return f"{self.tag}:ids"
+
+    @property
+    def ids_at_zset(self) -> str:
+        """The digests of ``ids`` scored by when they were claimed (ms): expiry by the window."""
+        return f"{self.tag}:ids-at"
+
     def state_keys(self) -> list[str]:
         """The KEYS prefix shared by every script that changes run states (order matters)."""
         return [
@@ -113,7 +139,7 @@ class ShardKeys:
             self.slots_hash,
             self.leases_zset,
             self.terminal_zset,
-            self.assignments_stream,
+            self.assignments_prefix,
             self.control_stream,
             self.inputs_hash,
             self.queued_hash,

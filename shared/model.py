@@ -65,10 +65,20 @@ def shard_of_group(gid: str, shards: int) -> int:
     return int(gid[:8], 16) % shards
 
 
-def run_id(shard: int, event_id: str, workflow_id: str) -> str:
+def event_digest(event_id: str, workflow_id: str) -> str:
+    """The fixed-width hash of (event id, workflow): the tail of a run id, and the idempotency
+    record of an explicit event id."""
+    return hashlib.blake2b(f"{event_id}\0{workflow_id}".encode(), digest_size=10).hexdigest()
+
+
+def shard_of_digest(digest: str, shards: int) -> int:
+    """Where the idempotency record of a digest lives (independent of the run's group)."""
+    return int(digest[:8], 16) % shards
+
+
+def run_id(shard: int, event_id: str, workflow_id: str, digest: str | None = None) -> str:
     """Deterministic, so a replayed event maps to the run it already created."""
-    digest = hashlib.blake2b(f"{event_id}\0{workflow_id}".encode(), digest_size=10).hexdigest()
-    return f"{shard}-{digest}"
+    return f"{shard}-{digest or event_digest(event_id, workflow_id)}"
 
 
 def shard_of_run(rid: str | bytes) -> int:

@@ -25,7 +25,7 @@ from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, Reason
 
 LUA_DIR = files("supersede.lua")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
-_KEY_DECL = re.compile(r"^\s*KEYS\[(\d+)(?:\.\.(\d+))?\]", re.MULTILINE)
+_KEY_DECL = re.compile(r"^\s*KEYS\[(\d+)(?:\.\.(\d*))?\]", re.MULTILINE)
 
 SCRIPT_NAMES = (
     "admit",
@@ -36,6 +36,7 @@ SCRIPT_NAMES = (
     "cancel",
     "append_requests",
     "register_workflow",
+    "claim_ids",
 )
 
 
@@ -49,11 +50,21 @@ def _include(match: re.Match[str], seen: frozenset[str]) -> str:
 
 @cache
 def load_source(name: str) -> tuple[str, int]:
-    """The script with its includes inlined, and the number of KEYS its header declares."""
+    """The script with its includes inlined, and the number of KEYS its header declares; a
+    negative number -n when the last declaration is open-ended (``KEYS[n..]``: n or more)."""
     text = (LUA_DIR / f"{name}.lua").read_text()
     header = text.split("]]", 1)[0]
-    nkeys = max(int(m.group(2) or m.group(1)) for m in _KEY_DECL.finditer(header))
+    decls = list(_KEY_DECL.finditer(header))
+    last = max(decls, key=lambda m: int(m.group(1)))
+    if last.group(2) == "":
+        nkeys = -int(last.group(1))
+    else:
+        nkeys = max(int(m.group(2) or m.group(1)) for m in decls)
     return _INCLUDE.sub(lambda m: _include(m, frozenset()), text), nkeys
+
+
+Assigned = tuple[str, str | bytes, str, int]
+"""An assignment to claim: (assignment stream, entry id, run id, attempt)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +174,9 @@ class Scripts:
     def _checked(self, name: str, keys: Sequence[str]) -> AsyncScript:
         """The script, once the number of keys matches its header."""
         script, nkeys = self._scripts[name]
-        if len(keys) != nkeys:
-            raise BadArguments(-1, f"{name} takes {nkeys} keys, got {len(keys)}")
+        if len(keys) != nkeys and not (nkeys < 0 and len(keys) >= -nkeys):
+            wanted = f"at least {-nkeys}" if nkeys < 0 else str(nkeys)
+            raise BadArguments(-1, f"{name} takes {wanted} keys, got {len(keys)}")
         return script
 
     async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
@@ -189,19 +201,19 @@ class Scripts:
         self,
         shard: int,
         executor: str,
-        items: Sequence[tuple[str | bytes, str, int]],
+        items: Sequence[Assigned],
         *,
         lease_ms: int,
         now: int = 0,
     ) -> list[Claim]:
-        """Claim (assignments entry id, run id, attempt) triples of one shard."""
+        """Claim assignments of one shard, each (stream, entry id, run id, attempt)."""
         keys, args = self._claim_call(shard, executor, items, lease_ms, now)
         return _parse_claims(await self._call("claim", keys, args))
 
     async def claim_shards(
         self,
         executor: str,
-        batches: Mapping[int, Sequence[tuple[str | bytes, str, int]]],
+        batches: Mapping[int, Sequence[Assigned]],
         *,
         lease_ms: int,
         now: int = 0,
@@ -223,15 +235,19 @@ class Scripts:
         self,
         shard: int,
         executor: str,
-        items: Sequence[tuple[str | bytes, str, int]],
+        items: Sequence[Assigned],
         lease_ms: int,
         now: int,
     ) -> tuple[list[str], list[Any]]:
         sk = self.keys.shard(shard)
         args: list[Any] = [now, self.executor_group, executor, lease_ms]
-        for entry_id, rid, attempt in items:
-            args += (entry_id, rid, attempt)
-        return [sk.runs_hash, sk.inputs_hash, sk.leases_zset, sk.assignments_stream], args
+        streams: dict[str, int] = {}
+        for stream, entry_id, rid, attempt in items:
+            n = streams.setdefault(stream, len(streams) + 1)
+            args += (entry_id, rid, attempt, n)
+        if not streams:  # an empty batch still names one stream (the script needs KEYS[4])
+            streams[sk.assignments_prefix] = 1
+        return [sk.runs_hash, sk.inputs_hash, sk.leases_zset, *streams], args
 
     async def _call_pipelined(
         self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
@@ -333,6 +349,18 @@ class Scripts:
         args = [now, window_ms, self.stream_maxlen, codec.pack(flat)]
         r = await self._call("append_requests", [sk.requests_stream, sk.seen_zset], args)
         return AppendResult(int(r[1]), int(r[2]), tuple(int(f) == 1 for f in r[3:]))
+
+    async def claim_ids(
+        self, shard: int, pairs: Sequence[tuple[str, str | bytes]], *, window_ms: int, now: int = 0
+    ) -> list[bool]:
+        """Claim (digest, inbox entry id) pairs of one shard; True where the entry owns the
+        digest (claimed now, or by the same entry before), False for a duplicate."""
+        sk = self.keys.shard(shard)
+        args: list[Any] = [now, window_ms]
+        for digest, entry_id in pairs:
+            args += (digest, entry_id)
+        r = await self._call("claim_ids", [sk.ids_hash, sk.ids_at_zset], args)
+        return [int(x) == 1 for x in r[1:]]
 
     async def register_workflow(self, workflow_id: str, version: str, body: bytes) -> bool:
         """Store a definition; True when it changed. A version already stored with other content

@@ -50,6 +50,7 @@ class Service:
     `prepare` and `periodic`."""
 
     name = "service"
+    workflows: Sequence[str] = ()  # whose assignment streams this service consumes
 
     def __init__(
         self,
@@ -82,7 +83,7 @@ class Service:
     async def start(self) -> None:
         """Check the deployment, create groups, load scripts, prepare; then ready."""
         await pin_shard_count(self.redis, self.keys)
-        await ensure_groups(self.redis, self.keys)
+        await ensure_groups(self.redis, self.keys, self.workflows)
         await self.scripts.load()
         await self.prepare()
         self.ready = True
@@ -125,7 +126,9 @@ class Service:
         groups, pause. `failed_reread`: the failed batch was itself a re-read."""
         metrics.set_ready(False)
         self.log.error(f"{what} failed; retrying", exc_info=exc)
-        await after_failure(self.redis, self.keys, own, exc, failed_reread=failed_reread)
+        await after_failure(
+            self.redis, self.keys, own, exc, failed_reread=failed_reread, workflows=self.workflows
+        )
 
     async def take_over(
         self,

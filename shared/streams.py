@@ -31,31 +31,42 @@ async def ensure_group(redis: Redis, stream: str, group: str) -> None:
             raise
 
 
-async def ensure_groups(redis: Redis, keys: Keys) -> None:
-    """Create the inbox group and every shard's consumer groups (idempotent)."""
+async def ensure_groups(redis: Redis, keys: Keys, workflows: Sequence[str] = ()) -> None:
+    """Create the inbox group, every shard's admission groups and the executor group of each
+    shard's assignment stream of `workflows` (idempotent). Admission writes assignments before
+    any executor of a new workflow started; its group, created from `0`, still reads them."""
     await ensure_group(redis, keys.events_stream, INGRESS_GROUP)
     for sk in keys.all_shards():
         await ensure_group(redis, sk.requests_stream, ADMISSION_GROUP)
         await ensure_group(redis, sk.results_stream, ADMISSION_GROUP)
-        await ensure_group(redis, sk.assignments_stream, EXECUTOR_GROUP)
+        for wf in workflows:
+            await ensure_group(redis, sk.assignments_stream(wf), EXECUTOR_GROUP)
 
 
-async def heal_missing_groups(redis: Redis, keys: Keys, exc: BaseException) -> None:
+async def heal_missing_groups(
+    redis: Redis, keys: Keys, exc: BaseException, workflows: Sequence[str] = ()
+) -> None:
     """After a NOGROUP error (a stream deleted, or a failover to a replica that had not yet
     received the group), create the groups again from the first entry: every consumer of
     them is idempotent, so entries seen twice change nothing."""
     if "NOGROUP" in str(exc):
-        await ensure_groups(redis, keys)
+        await ensure_groups(redis, keys, workflows)
 
 
 async def after_failure(
-    redis: Redis, keys: Keys, own: OwnPending, exc: BaseException, *, failed_reread: bool
+    redis: Redis,
+    keys: Keys,
+    own: OwnPending,
+    exc: BaseException,
+    *,
+    failed_reread: bool,
+    workflows: Sequence[str] = (),
 ) -> None:
     """What every service loop does after a failed batch: schedule the re-read of its own
     pending entries, recreate lost groups, and pause before trying again."""
     own.restart(failed_reread=failed_reread)
     with contextlib.suppress(Exception):
-        await heal_missing_groups(redis, keys, exc)
+        await heal_missing_groups(redis, keys, exc, workflows)
     await asyncio.sleep(0.5)
 
 

@@ -1,4 +1,5 @@
-"""Metrics of the admission service (labels are bounded: outcome, op)."""
+"""Metrics of the admission service (labels are bounded: outcome, op, stream kind, and the
+registered workflows)."""
 
 from __future__ import annotations
 
@@ -45,4 +46,10 @@ STREAM_LAG = Gauge(
     "supersede_admission_stream_lag",
     "Entries unread or unacknowledged, by stream (requests, results, assignments).",
     ["stream"],
+)
+ASSIGNMENT_BACKLOG = Gauge(
+    "supersede_admission_assignment_backlog",
+    "Assignments no executor has claimed yet (unread or unacknowledged), by workflow: what the "
+    "executor pool that serves a workflow scales on.",
+    ["workflow"],
 )

@@ -261,32 +261,38 @@ class Admission(Service):
         )
 
     async def update_gauges(self) -> None:
-        """Queued runs per workflow, active runs, and the backlog of each stream kind."""
-        kinds = (
-            ("requests", ADMISSION_GROUP),
-            ("results", ADMISSION_GROUP),
-            ("assignments", EXECUTOR_GROUP),
-        )
+        """Queued runs per workflow, active runs, the backlog of each stream kind, and the
+        unclaimed assignments of each registered workflow (what a pool scales on)."""
+        names = await self.redis.hkeys(self.keys.workflows_hash)
+        workflows = sorted(w.decode() if isinstance(w, bytes) else w for w in names)
         async with self.redis.pipeline(transaction=False) as pipe:
             for sk in self.keys.all_shards():
                 pipe.hgetall(sk.queued_hash)
                 pipe.zcard(sk.active_zset)
-                for kind, _ in kinds:
-                    pipe.xinfo_groups(getattr(sk, f"{kind}_stream"))
+                pipe.xinfo_groups(sk.requests_stream)
+                pipe.xinfo_groups(sk.results_stream)
+                for wf in workflows:
+                    pipe.xinfo_groups(sk.assignments_stream(wf))
+                    pipe.xlen(sk.assignments_stream(wf))
             replies = await pipe.execute(raise_on_error=False)
         queued: dict[str, int] = {}
         active = 0
-        lag = dict.fromkeys((k for k, _ in kinds), 0)
-        per_shard = 2 + len(kinds)
+        lag = dict.fromkeys(("requests", "results", "assignments"), 0)
+        backlog = dict.fromkeys(workflows, 0)
+        per_shard = 4 + 2 * len(workflows)
         for i in range(0, len(replies), per_shard):
             depth = replies[i] if isinstance(replies[i], dict) else {}
             for workflow, n in depth.items():
                 queued[workflow.decode()] = queued.get(workflow.decode(), 0) + int(n)
             active += int(replies[i + 1]) if isinstance(replies[i + 1], int) else 0
-            for (kind, group), groups in zip(kinds, replies[i + 2 : i + per_shard], strict=True):
-                for g in groups if isinstance(groups, list) else []:
-                    if g["name"] == group.encode():
-                        lag[kind] += int(g["pending"]) + int(g.get("lag") or 0)
+            lag["requests"] += _group_backlog(replies[i + 2], ADMISSION_GROUP) or 0
+            lag["results"] += _group_backlog(replies[i + 3], ADMISSION_GROUP) or 0
+            for j, wf in enumerate(workflows):
+                groups, length = replies[i + 4 + 2 * j], replies[i + 5 + 2 * j]
+                # No group yet (no executor of it ever started): every entry waits.
+                found = _group_backlog(groups, EXECUTOR_GROUP)
+                backlog[wf] += length if found is None and isinstance(length, int) else found or 0
+        lag["assignments"] = sum(backlog.values())
         for workflow in self._gauged_workflows - set(queued):
             metrics.QUEUED.labels(workflow).set(0)
         for workflow, n in queued.items():
@@ -295,6 +301,8 @@ class Admission(Service):
         metrics.ACTIVE.set(active)
         for kind, value in lag.items():
             metrics.STREAM_LAG.labels(kind).set(value)
+        for workflow, n in backlog.items():
+            metrics.ASSIGNMENT_BACKLOG.labels(workflow).set(n)
 
     async def reap_all(self) -> None:
         async def one(shard: int) -> None:
@@ -339,3 +347,12 @@ async def serve(
 ) -> None:
     """Run one admission process until `stop` is set."""
     await serve_service(lambda redis: Admission(redis, settings, config), settings, stop, on_ready)
+
+
+def _group_backlog(groups: object, group: str) -> int | None:
+    """Entries of `group` unread or unacknowledged, from an XINFO GROUPS reply; None when
+    the stream has no such group (or does not exist: its reply is an error)."""
+    for g in groups if isinstance(groups, list) else []:
+        if g["name"] == group.encode():
+            return int(g["pending"]) + int(g.get("lag") or 0)
+    return None

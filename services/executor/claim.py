@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import time
 
-from supersede.scripts import Scripts
+from supersede.scripts import Assigned, Scripts
 from supersede.services.executor import metrics
 from supersede.services.executor.cancel import Cancels, entry_ms
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.steps import Runner
 
-Fetched = tuple[int, bytes, str, int]
-"""An assignment read: (shard, entry id, run id, attempt)."""
+Fetched = tuple[int, str, bytes, str, int]
+"""An assignment read: (shard, stream, entry id, run id, attempt)."""
 
 
 class Claimer:
@@ -32,19 +32,19 @@ class Claimer:
         self.cancels = cancels
 
     async def claim_and_start(self, items: list[Fetched]) -> None:
-        by_shard: dict[int, list[tuple[bytes, str, int]]] = {}
-        for shard, entry_id, rid, attempt in items:
-            by_shard.setdefault(shard, []).append((entry_id, rid, attempt))
+        by_shard: dict[int, list[Assigned]] = {}
+        for shard, stream, entry_id, rid, attempt in items:
+            by_shard.setdefault(shard, []).append((stream, entry_id, rid, attempt))
         now = time.time() * 1000
         replies = await self.scripts.claim_shards(
             self.consumer, by_shard, lease_ms=self.config.lease_ms
         )
         for shard, claims in replies.items():
-            for (entry_id, _, _), claim in zip(by_shard[shard], claims, strict=True):
+            for (_, entry, _, _), claim in zip(by_shard[shard], claims, strict=True):
                 if not claim.claimed:
                     metrics.CLAIMS_REFUSED.inc()
                     continue
-                metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, now - entry_ms(entry_id)) / 1000)
+                metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, now - entry_ms(entry)) / 1000)
                 held = self.runner.active.get(claim.run_id)
                 if held is not None and held.attempt != claim.attempt:
                     # The reaper retried a run still executing here (its lease lapsed): that

@@ -1,11 +1,14 @@
 """Fetching assignments: never more entries than free local slots, then the claim.
 
-How a read is made depends on the free slots and the backend:
-- with a free slot per shard on one server, one XREADGROUP BLOCK over every shard both waits
-  and reads (free // shards entries per shard at most);
-- otherwise the shards are read one by one, woken shards first, then in rotation; when that
-  finds nothing, one XREAD BLOCK over every assignment stream (from their last seen ids) waits
-  for new entries without consuming them (on a cluster, a wake task per shard does);
+An executor reads only the assignment streams of its own workflows, one per workflow in each
+shard, so a run is only ever delivered to an executor that has its workflow. How a read is made
+depends on the free slots and the backend:
+- with a free slot per stream on one server, one XREADGROUP BLOCK over every stream both waits
+  and reads (free // streams entries per stream at most);
+- otherwise the streams are read in batches of at most `free` streams, woken streams first,
+  then in rotation; when that finds nothing, one XREAD BLOCK over every stream (from their last
+  seen ids) waits for new entries without consuming them (on a cluster, a wake task per shard
+  does, over that shard's streams);
 - after a failure, this consumer's own pending entries are read first (OwnPending);
 - each second, assignments a dead executor read but never claimed are taken over (XAUTOCLAIM).
 """
@@ -50,8 +53,14 @@ class Fetcher:
         self.runner = runner
         self.claimer = claimer
         self.cluster = cluster
-        self.streams = [sk.assignments_stream for sk in keys.all_shards()]
-        self.shard_of_stream = {name: i for i, name in enumerate(self.streams)}
+        pairs = [
+            (sk.shard, sk.assignments_stream(wf))
+            for sk in keys.all_shards()
+            for wf in runner.workflows
+        ]
+        self.streams = [stream for _, stream in pairs]
+        self.shard_of_stream = {stream: shard for shard, stream in pairs}
+        self.index_of_stream = {name: i for i, name in enumerate(self.streams)}
         self.own = OwnPending(self.streams)
         self._take_over_due = Throttle(1.0)
         self._rotation = 0
@@ -59,7 +68,7 @@ class Fetcher:
         self._wake = asyncio.Event()
         self._wake_ids: dict[str, str] = {}
         self._tails_fresh = False
-        self._malformed: list[tuple[int, bytes]] = []
+        self._malformed: list[tuple[str, bytes]] = []
 
     async def loop(self, stop: asyncio.Event) -> None:
         """Until `stop`: wait for a free slot, read, take over, claim and start; or wait."""
@@ -101,8 +110,8 @@ class Fetcher:
         return 0
 
     def _blocking(self, free: int) -> bool:
-        """One XREADGROUP BLOCK over every shard both waits and reads."""
-        return free >= self.keys.shards and not self.cluster
+        """One XREADGROUP BLOCK over every stream both waits and reads."""
+        return free >= len(self.streams) and not self.cluster
 
     async def _refresh_tails(self, free: int) -> None:
         """Before a scan: the last id of every assignment stream, for the wait that may follow.
@@ -125,11 +134,11 @@ class Fetcher:
         return got
 
     async def _read_own(self, free: int) -> list[Fetched]:
-        """This consumer's pending assignments, shard by shard, at most `free` of them."""
+        """This consumer's pending assignments, stream by stream, at most `free` of them."""
         got: list[Fetched] = []
         replies: StreamReply = []
         ids = self.own.ids()
-        for shard, stream in enumerate(self.streams):
+        for stream in self.streams:
             if len(got) >= free:
                 break
             reply = await self.redis.xreadgroup(
@@ -137,89 +146,103 @@ class Fetcher:
             )
             for name, entries in cast(StreamReply, reply or []):
                 replies.append((name, entries))
-                got += self._parse(shard, entries)
+                got += self._parse(stream, entries)
         self.own.advance(replies, reread=True)
         return got
 
     async def _read_blocking(self, free: int) -> list[Fetched]:
-        """One XREADGROUP BLOCK over every assignment stream, `free // shards` entries each."""
+        """One XREADGROUP BLOCK over every assignment stream, `free // streams` entries each."""
         reply = await self.redis.xreadgroup(
             EXECUTOR_GROUP,
             self.consumer,
             dict.fromkeys(self.streams, ">"),
-            count=free // self.keys.shards,
+            count=free // len(self.streams),
             block=self.config.block_ms,
         )
-        got: list[Fetched] = []
-        for stream, entries in cast(StreamReply, reply or []):
-            got += self._parse(self.shard_of_stream[stream.decode()], entries)
-        return got
+        return self._parse_reply(reply)
 
     async def _read_scan(self, free: int) -> list[Fetched]:
-        """XREADGROUP at most `free` entries in all: with at least one free slot per shard, from
-        every shard in one pipeline; otherwise shard by shard, woken shards first."""
+        """XREADGROUP at most `free` entries in all: with at least one free slot per stream,
+        from every stream in one pipeline; otherwise in batches of at most `free` streams (one
+        XREADGROUP each, `free // batch` entries per stream), woken streams first."""
         got: list[Fetched] = []
-        n = self.keys.shards
+        n = len(self.streams)
         if free >= n:
-            # Enough free slots to ask every shard for free // n entries in one round trip
-            # (a scan of one round trip per shard takes milliseconds in redis-py).
+            # Enough free slots to ask every stream for free // n entries in one round trip
+            # (a scan of one round trip per stream takes milliseconds in redis-py).
             self._woken = []
             async with self.redis.pipeline(transaction=False) as pipe:
                 for stream in self.streams:
                     pipe.xreadgroup(EXECUTOR_GROUP, self.consumer, {stream: ">"}, count=free // n)
                 replies = await pipe.execute()
-            for shard, reply in enumerate(replies):
-                for _, entries in cast(StreamReply, reply or []):
-                    got += self._parse(shard, entries)
+            for stream, reply in zip(self.streams, replies, strict=True):
+                got += self._parse_reply(reply, stream)
             return got
-        order = [*self._woken, *((self._rotation + i) % n for i in range(n))]
+        order = list(dict.fromkeys([*self._woken, *((self._rotation + i) % n for i in range(n))]))
         self._woken = []
-        visited: set[int] = set()
-        for shard in order:
-            if len(got) >= free:
-                break
-            if shard in visited:
-                continue
-            visited.add(shard)
+        while order and len(got) < free:
+            want = free - len(got)
+            batch = self._batch(order, want)
+            del order[: len(batch)]
+            names = [self.streams[i] for i in batch]
             reply = await self.redis.xreadgroup(
-                EXECUTOR_GROUP, self.consumer, {self.streams[shard]: ">"}, count=free - len(got)
+                EXECUTOR_GROUP, self.consumer, dict.fromkeys(names, ">"), count=want // len(batch)
             )
-            for _, entries in cast(StreamReply, reply or []):
-                got += self._parse(shard, entries)
+            got += self._parse_reply(reply)
         self._rotation = (self._rotation + 1) % n
         return got
 
-    def _parse(self, shard: int, entries: Sequence[Entry]) -> list[Fetched]:
-        """(shard, entry id, run id, attempt); an entry that is not an assignment is noted
-        for acknowledgement, so it cannot come back through XAUTOCLAIM forever."""
+    def _batch(self, order: list[int], size: int) -> list[int]:
+        """The first `size` streams of `order`; on a cluster only as many of them as share the
+        first one's shard (one command reaches one slot)."""
+        if not self.cluster:
+            return order[:size]
+        shard = self.shard_of_stream[self.streams[order[0]]]
+        batch = order[:1]
+        for i in order[1:size]:
+            if self.shard_of_stream[self.streams[i]] != shard:
+                break
+            batch.append(i)
+        return batch
+
+    def _parse_reply(self, reply: object, stream: str | None = None) -> list[Fetched]:
+        got: list[Fetched] = []
+        for name, entries in cast(StreamReply, reply or []):
+            got += self._parse(stream or name.decode(), entries)
+        return got
+
+    def _parse(self, stream: str, entries: Sequence[Entry]) -> list[Fetched]:
+        """(shard, stream, entry id, run id, attempt); an entry that is not an assignment is
+        noted for acknowledgement, so it cannot come back through XAUTOCLAIM forever."""
+        shard = self.shard_of_stream[stream]
         out = []
         for entry_id, fields in entries:
             try:
-                out.append((shard, entry_id, *parse_assignment(fields)))
+                out.append((shard, stream, entry_id, *parse_assignment(fields)))
             except (KeyError, ValueError, TypeError, UnicodeDecodeError):
-                self._malformed.append((shard, entry_id))
+                self._malformed.append((stream, entry_id))
         return out
 
     async def _ack_malformed(self) -> None:
         bad, self._malformed = self._malformed, []
-        for shard, entry_id in bad:
+        for stream, entry_id in bad:
             log.error(
                 "malformed assignment acknowledged",
-                extra={"shard": shard, "entry": entry_id.decode()},
+                extra={"stream": stream, "entry": entry_id.decode()},
             )
-            await self.redis.xack(self.streams[shard], EXECUTOR_GROUP, entry_id)
+            await self.redis.xack(stream, EXECUTOR_GROUP, entry_id)
 
     async def _take_over(self, free: int) -> list[Fetched]:
         """XAUTOCLAIM assignments a dead executor read and never claimed."""
         got: list[Fetched] = []
-        for shard, stream in enumerate(self.streams):
+        for stream in self.streams:
             if len(got) >= free:
                 break
             reply = await self.redis.xautoclaim(
                 stream, EXECUTOR_GROUP, self.consumer, self.config.claim_idle_ms,
                 count=free - len(got),
             )  # fmt: skip
-            got += self._parse(shard, [e for e in reply[1] if e and e[1]])
+            got += self._parse(stream, [e for e in reply[1] if e and e[1]])
         return got
 
     async def _wait_for_assignments(self) -> None:
@@ -233,21 +256,20 @@ class Fetcher:
             if entries:
                 name = stream.decode()
                 self._wake_ids[name] = entries[-1][0].decode()
-                self._woken.append(self.shard_of_stream[name])
+                self._woken.append(self.index_of_stream[name])
 
     async def wake_loop(self, stop: asyncio.Event, shard: int) -> None:
-        """Cluster mode: one XREAD BLOCK per shard sets the wake-up on new assignments."""
-        stream = self.streams[shard]
-        last = (await tail_ids(self.redis, [stream]))[stream]
+        """Cluster mode: one XREAD BLOCK per shard, over that shard's streams (one slot), sets
+        the wake-up on new assignments."""
+        streams = [s for s in self.streams if self.shard_of_stream[s] == shard]
+        last = await tail_ids(self.redis, streams)
         while not stop.is_set():
             try:
-                reply = await self.redis.xread(
-                    {stream: last}, count=100, block=self.config.block_ms
-                )
-                for _, entries in cast(StreamReply, reply or []):
+                reply = await self.redis.xread(last, count=100, block=self.config.block_ms)  # type: ignore[arg-type]
+                for name, entries in cast(StreamReply, reply or []):
                     if entries:
-                        last = entries[-1][0].decode()
-                        self._woken.append(shard)
+                        last[name.decode()] = entries[-1][0].decode()
+                        self._woken.append(self.index_of_stream[name.decode()])
                         self._wake.set()
             except asyncio.CancelledError:
                 raise

@@ -54,6 +54,7 @@ class Executor(Service):
         super().__init__(redis, settings, consumer=consumer)
         self.config = config or ExecutorConfig()
         self.definitions = {wf.id: wf.definition() for wf in workflows}  # validates
+        self.workflows = tuple(self.definitions)
         cluster = isinstance(redis, RedisCluster)
         self.outbox = Outbox(redis, self.keys, self.config)
         self.runner = Runner(workflows, self.config, self.outbox)

@@ -26,7 +26,14 @@ from supersede import aio
 from supersede.config import Settings
 from supersede.errors import KeyExpressionError
 from supersede.keyexpr import KeyFn, compile_key
-from supersede.model import encode_seq, group_id, run_id, shard_of_group
+from supersede.model import (
+    encode_seq,
+    event_digest,
+    group_id,
+    run_id,
+    shard_of_digest,
+    shard_of_group,
+)
 from supersede.protocol import (
     INGRESS_GROUP,
     Dead,
@@ -73,6 +80,7 @@ class Event:
     id: str
     data: dict[str, Any]
     metadata: dict[str, Any]
+    explicit_id: bool = False  # the producer gave `id`: de-duplicated per workflow, any key
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +158,7 @@ def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int) -
         raise BadEvent(Reason.BAD_ENCODING, f"unknown `encoding` {encoding!r}; use json or msgpack")
     raw_meta = fields.get(Inbox.METADATA)
     metadata = _load_object(raw_meta, "`metadata`") if raw_meta is not None else {}
-    return Event(name, event_id, data, metadata)
+    return Event(name, event_id, data, metadata, raw_id is not None)
 
 
 def build_routes(defs: dict[str, WorkflowDef]) -> dict[str, list[Route]]:
@@ -186,6 +194,8 @@ class Batch:
     started: float
     requests: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)
     workflows: dict[int, list[str]] = field(default_factory=dict)  # parallel to requests
+    # explicit ids: digest shard -> (digest, inbox entry id, request shard, index in requests)
+    ids: dict[int, list[tuple[str, bytes, int, int]]] = field(default_factory=dict)
     dead: list[dict[Any, Any]] = field(default_factory=list)
     unrouted: int = 0
 
@@ -360,14 +370,51 @@ class Ingress(Service):
                     batch.dead.append(self._dead(entry_id, fields, exc.reason, exc.detail, wf.id))
                     continue
                 gid, shard = route.group_of(key, shards)
-                rid = run_id(shard, event.id, wf.id)
+                digest = event_digest(event.id, wf.id)
+                rid = run_id(shard, event.id, wf.id, digest)
                 request = route.packer.pack(rid, gid, seq, key, event.id, payload)
-                batch.requests.setdefault(shard, []).append((rid, request))
+                requests = batch.requests.setdefault(shard, [])
+                if event.explicit_id:
+                    batch.ids.setdefault(shard_of_digest(digest, shards), []).append(
+                        (digest, entry_id, shard, len(requests))
+                    )
+                requests.append((rid, request))
                 batch.workflows.setdefault(shard, []).append(wf.id)
         return batch
 
+    async def drop_duplicate_ids(self, batch: Batch) -> int:
+        """Claim each explicit (workflow, id) on the shard its digest routes to, and drop the
+        requests of ids another inbox entry owns (the same id with another key, hence another
+        group and shard, would otherwise make a second run). Returns how many were dropped."""
+        id_shards = list(batch.ids)
+        owned = await aio.gather(
+            *(
+                self.scripts.claim_ids(
+                    s,
+                    [(d, e) for d, e, _, _ in batch.ids[s]],
+                    window_ms=self.config.dedup_window_ms,
+                )
+                for s in id_shards
+            )
+        )
+        drop: dict[int, set[int]] = {}
+        for s, flags in zip(id_shards, owned, strict=True):
+            for (_, _, shard, index), mine in zip(batch.ids[s], flags, strict=True):
+                if not mine:
+                    drop.setdefault(shard, set()).add(index)
+        for shard, gone in drop.items():
+            keep = [i for i in range(len(batch.requests[shard])) if i not in gone]
+            batch.requests[shard] = [batch.requests[shard][i] for i in keep]
+            batch.workflows[shard] = [batch.workflows[shard][i] for i in keep]
+            if not keep:
+                del batch.requests[shard], batch.workflows[shard]
+        batch.ids = {}
+        return sum(map(len, drop.values()))
+
     async def write(self, batch: Batch) -> None:
-        """Append the requests (one script call per shard), then dead letters + XACK at once."""
+        """Claim explicit ids, append the requests (one script call per shard), then dead
+        letters + XACK at once."""
+        dropped = await self.drop_duplicate_ids(batch) if batch.ids else 0
         shard_ids = list(batch.requests)
         results = await aio.gather(
             *(
@@ -390,6 +437,7 @@ class Ingress(Service):
             await pipe.execute()
         metrics.EVENTS.inc(len(batch.entries))
         metrics.UNROUTED.inc(batch.unrouted)
+        metrics.DEDUPLICATED.inc(dropped)
         appended: dict[str, int] = {}
         for shard, result in zip(shard_ids, results, strict=True):
             metrics.DEDUPLICATED.inc(result.duplicates)

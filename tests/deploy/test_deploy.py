@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from redis.asyncio import Redis
 
 from supersede.keys import Keys
 from supersede.server import free_port
-from tests.support import REPO, System, eventually, exposed
+from tests.support import CLI, REPO, System, eventually, exposed
 
 DEPLOY = REPO / "deploy"
 SUFFIXES = ("_bucket", "_sum", "_count")
@@ -158,10 +159,21 @@ def test_compose_and_manifests_reference_what_the_services_really_use() -> None:
         )
     assert 'ENTRYPOINT ["supersede"]' in dockerfile and "USER supersede" in dockerfile
     assert "/healthz" in k8s and "/readyz" in k8s
+    # The KEDA file is `supersede keda` for the demo pool: a trigger per (shard, workflow)
+    # stream the demo executors read, none for a workflow they do not have.
     keda = (DEPLOY / "k8s" / "keda-executor.yaml").read_text()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    generated = subprocess.run(
+        [*CLI, "keda", "supersede.services.demo"], env=clean, capture_output=True, check=True
+    ).stdout.decode()
+    assert keda == generated
+    from supersede.services import demo
+
     for sk in Keys("supersede", 16).all_shards():
-        assert f'stream: "{sk.assignments_stream}"' in keda
-    assert f"consumerGroup: {EXECUTOR_GROUP}" in keda
+        for wf in (demo.chat.id, demo.reindex.id):
+            assert f'stream: "{sk.assignments_stream(wf)}"' in keda
+        assert f'stream: "{sk.assignments_stream("other")}"' not in keda
+    assert f"consumerGroup: {EXECUTOR_GROUP}" in keda and keda.count("type: redis-streams") == 32
 
 
 def test_compose_manifests_and_prometheus_files_parse() -> None:
@@ -193,7 +205,7 @@ def test_compose_manifests_and_prometheus_files_parse() -> None:
                 assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
                 assert container["resources"]["requests"]["cpu"]
             if doc["kind"] == "ScaledObject":
-                assert len(doc["spec"]["triggers"]) == 16
+                assert len(doc["spec"]["triggers"]) == 32  # 16 shards x 2 demo workflows
                 assert {t["type"] for t in doc["spec"]["triggers"]} == {"redis-streams"}
     assert kinds.count("Deployment") == 3 and "PodMonitor" in kinds and "ScaledObject" in kinds
     for path in (DEPLOY / "grafana" / "provisioning").rglob("*.yml"):

@@ -28,7 +28,7 @@ async def test_cancel_in_progress_on_each_server_binary(name: str) -> None:
         scripts = Scripts(redis, keys)
         old, new = (make_request(keys, event=f"e{i}", seq=i) for i in (1, 2))
         await scripts.admit(old[0], [("0-1", old[1].pack())])
-        [claim] = await scripts.claim(old[0], "ex", [("0-1", old[1].run_id, 1)], lease_ms=1000)
+        [claim] = await scripts.claim(old[0], "ex", [("s", "0-1", old[1].run_id, 1)], lease_ms=1000)
         assert claim.claimed
         result = await scripts.admit(new[0], [("0-2", new[1].pack())])
         assert (result.created, result.assigned, result.cancelled) == (1, 1, 1)

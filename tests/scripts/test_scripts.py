@@ -11,7 +11,7 @@ from supersede import codec
 from supersede.errors import BadArguments, MalformedItem, UnknownRun, WrongShard
 from supersede.keys import Keys
 from supersede.protocol import Outcome, RunRequest, RunResult, Strategy
-from supersede.scripts import Scripts
+from supersede.scripts import Assigned, Scripts
 from supersede.streams import ensure_groups
 from tests.support import make_request, records, snapshot
 
@@ -27,7 +27,10 @@ async def admit(scripts: Scripts, *reqs: tuple[int, RunRequest], now: int = 1) -
 
 
 async def claim(scripts: Scripts, shard: int, req: RunRequest, attempt: int = 1, now: int = 2):  # type: ignore[no-untyped-def]
-    [c] = await scripts.claim(shard, "ex", [("0-1", req.run_id, attempt)], lease_ms=LEASE, now=now)
+    stream = scripts.keys.shard(shard).assignments_stream(req.workflow)
+    [c] = await scripts.claim(
+        shard, "ex", [(stream, "0-1", req.run_id, attempt)], lease_ms=LEASE, now=now
+    )
     return c
 
 
@@ -167,13 +170,13 @@ async def test_claim_refuses_a_cancelled_run_and_an_old_attempt(
 async def test_claim_acknowledges_the_assignment_entries(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:
-    await ensure_groups(redis, keys)
+    await ensure_groups(redis, keys, ["wf"])
     shard, req = make_request(keys, event="e", seq=1)
     await admit(scripts, (shard, req))
-    stream = keys.shard(shard).assignments_stream
+    stream = keys.shard(shard).assignments_stream(req.workflow)
     [[_, [(entry_id, fields)]]] = await redis.xreadgroup("executors", "c", {stream: ">"})
     assert fields == {b"id": req.run_id.encode(), b"a": b"1"}
-    await scripts.claim(shard, "ex", [(entry_id, req.run_id, 1)], lease_ms=LEASE)
+    await scripts.claim(shard, "ex", [(stream, entry_id, req.run_id, 1)], lease_ms=LEASE)
     assert (await redis.xpending(stream, "executors"))["pending"] == 0
 
 
@@ -182,17 +185,17 @@ async def test_claims_of_several_shards_go_in_one_pipeline_and_survive_a_script_
 ) -> None:
     reqs = [make_request(keys, event=f"e{i}", seq=i, key=f"k{i}") for i in range(40)]
     await admit(scripts, *reqs)
-    batches: dict[int, list[tuple[str, str, int]]] = {}
+    batches: dict[int, list[Assigned]] = {}
     for shard, req in reqs:
-        batches.setdefault(shard, []).append(("0-1", req.run_id, 1))
+        batches.setdefault(shard, []).append(("s", "0-1", req.run_id, 1))
     assert len(batches) > 2
     first = next(iter(batches))
-    batches[first].append(("0-1", "missing-run", 1))  # refused, the rest still claimed
+    batches[first].append(("s", "0-1", "missing-run", 1))  # refused, the rest still claimed
     await redis.script_flush()  # a restarted server forgets scripts: reloaded, not an error
     got = await scripts.claim_shards("ex", batches, lease_ms=LEASE, now=2)
     assert set(got) == set(batches)
     for shard, triples in batches.items():
-        assert [c.run_id for c in got[shard]] == [rid for _, rid, _ in triples]
+        assert [c.run_id for c in got[shard]] == [rid for _, _, rid, _ in triples]
     claimed = [c for claims in got.values() for c in claims if c.claimed]
     assert len(claimed) == 40 and not got[first][-1].claimed
     recs = await records(redis, keys)
@@ -200,7 +203,7 @@ async def test_claims_of_several_shards_go_in_one_pipeline_and_survive_a_script_
     other = next(s for s in batches if s != first)
     with pytest.raises(BadArguments):  # a script error of one shard is raised, as per shard
         await scripts.claim_shards(
-            "ex", {first: [("0-1", "x", 1)], other: [("0-1", "y", "nan")]}, lease_ms=LEASE
+            "ex", {first: [("s", "0-1", "x", 1)], other: [("s", "0-1", "y", "nan")]}, lease_ms=LEASE
         )
 
 
@@ -254,7 +257,7 @@ async def test_an_unclaimed_assignment_whose_entry_is_gone_is_reassigned(
         for i in (1, 2)
     )
     shard = first[0]
-    stream = keys.shard(shard).assignments_stream
+    stream = keys.shard(shard).assignments_stream(first[1].workflow)
     await admit(scripts, first, second, now=1_000)
     assert states(await records(redis, keys), first, second) == ["A", "Q"]
     await redis.xtrim(stream, maxlen=0)
@@ -268,7 +271,7 @@ async def test_an_unclaimed_assignment_whose_entry_is_gone_is_reassigned(
     r = await scripts.reap(shard, assign_deadline_ms=deadline, now=1_000 + 2 * deadline)
     assert r.reassigned == 0  # the next one waits twice as long
     [c] = await scripts.claim(
-        shard, "ex", [("0-1", first[1].run_id, 1)], lease_ms=LEASE, now=40_000
+        shard, "ex", [(stream, "0-1", first[1].run_id, 1)], lease_ms=LEASE, now=40_000
     )
     assert c.claimed
     await finish(scripts, shard, first[1], Outcome.SUCCEEDED)
@@ -306,7 +309,7 @@ async def test_manual_cancel(redis: Redis, keys: Keys, scripts: Scripts) -> None
 async def test_a_request_delivered_twice_changes_nothing_the_second_time(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:
-    await ensure_groups(redis, keys)
+    await ensure_groups(redis, keys, ["wf"])
     reqs = [make_request(keys, event=f"e{i}", seq=i, max_runs=2) for i in range(3)]
     await admit(scripts, *reqs)
     before = await snapshot(redis, keys)
@@ -317,7 +320,7 @@ async def test_a_request_delivered_twice_changes_nothing_the_second_time(
 async def test_a_result_delivered_twice_changes_nothing_the_second_time(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:
-    await ensure_groups(redis, keys)
+    await ensure_groups(redis, keys, ["wf"])
     reqs = [
         make_request(keys, event=f"e{i}", seq=i, strategy=Strategy.GROUP_ROUND_ROBIN)
         for i in range(3)
@@ -388,7 +391,7 @@ async def test_unknown_run_ids_are_refused_and_nothing_is_written(
     with pytest.raises(MalformedItem):
         await scripts.finish(shard, [("0-1", codec.pack({"id": req.run_id, "a": 1, "o": "?"}))])
     with pytest.raises(BadArguments):
-        await scripts.claim(shard, "ex", [("0-1", req.run_id, "x")], lease_ms=LEASE)
+        await scripts.claim(shard, "ex", [("s", "0-1", req.run_id, "x")], lease_ms=LEASE)
     assert await snapshot(redis, keys) == before
 
 

@@ -139,9 +139,10 @@ class StrategyMachine(RuleBasedStateMachine):
 
     def claim(self, rid: str, stale: int, executor: str) -> None:
         attempt = self.model.runs[rid].attempt - stale
+        stream = self.keys.shard(self.shard_of[rid]).assignments_stream("wf")
         [got] = self.run(
             self.scripts.claim(
-                self.shard_of[rid], executor, [("0-1", rid, attempt)], lease_ms=LEASE_MS,
+                self.shard_of[rid], executor, [(stream, "0-1", rid, attempt)], lease_ms=LEASE_MS,
                 now=self.now,
             )
         )  # fmt: skip

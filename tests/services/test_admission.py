@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from supersede.config import Settings
 from supersede.keys import Keys
 from supersede.protocol import ADMISSION_GROUP, Outcome, RunResult, Strategy
+from supersede.registry import register
 from supersede.server import free_port
 from supersede.services.admission.service import Admission, AdmissionConfig
 from supersede.streams import ensure_groups
@@ -70,7 +71,7 @@ async def test_requests_and_results_flow_through_the_service(
         await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
     await eventually(lambda: _states_are(redis, keys, ["C", "C", "A"], reqs))
     shard, last = reqs[-1]
-    await service.scripts.claim(shard, "ex", [("0-1", last.run_id, 1)], lease_ms=60_000)
+    await service.scripts.claim(shard, "ex", [("s", "0-1", last.run_id, 1)], lease_ms=60_000)
     result = RunResult(last.run_id, 1, Outcome.SUCCEEDED).pack()
     await redis.xadd(keys.shard(shard).results_stream, {"r": result})
     await eventually(lambda: _states_are(redis, keys, ["C", "C", "S"], reqs))
@@ -149,7 +150,7 @@ async def test_a_bad_entry_is_dead_lettered_and_the_batch_still_lands(
 async def test_the_reaper_runs_on_a_timer(redis: Redis, keys: Keys, service: Admission) -> None:
     shard, req = make_request(keys, event="e", seq=1, max_attempts=1)
     await service.scripts.admit(shard, [("0-1", req.pack())])
-    await service.scripts.claim(shard, "ex", [("0-1", req.run_id, 1)], lease_ms=1)
+    await service.scripts.claim(shard, "ex", [("s", "0-1", req.run_id, 1)], lease_ms=1)
     await eventually(lambda: _states_are(redis, keys, ["F"], [(shard, req)]))
 
 
@@ -197,7 +198,7 @@ async def test_sigkill_mid_stream_then_restart_gives_exactly_one_run_per_request
     assigned: Counter[tuple[bytes, bytes]] = Counter()
     held: Counter[str] = Counter()
     for sk in keys.all_shards():
-        for _, f in await redis.xrange(sk.assignments_stream):
+        for _, f in await redis.xrange(sk.assignments_stream("wf")):
             assigned[(f[b"id"], f[b"a"])] += 1
         stored = {g.decode(): int(v) for g, v in (await redis.hgetall(sk.slots_hash)).items()}
         mine = {r["g"] for r in recs.values() if shard_of(r) == sk.shard}
@@ -360,6 +361,7 @@ async def test_gauges_report_queue_depth_per_workflow_active_runs_and_lag(
 ) -> None:
     from supersede.services.admission import metrics
 
+    await register(redis, keys, {"id": "gauged", "events": ["gauged.event"]})
     reqs = [
         make_request(keys, workflow="gauged", event=f"e{i}", seq=i,
                      strategy=Strategy.GROUP_ROUND_ROBIN)
@@ -372,3 +374,4 @@ async def test_gauges_report_queue_depth_per_workflow_active_runs_and_lag(
     assert metrics.QUEUED.labels("gauged")._value.get() == 2
     assert metrics.ACTIVE._value.get() == 1
     assert metrics.STREAM_LAG.labels("assignments")._value.get() == 1  # nobody read it yet
+    assert metrics.ASSIGNMENT_BACKLOG.labels("gauged")._value.get() == 1  # (nor has a group)

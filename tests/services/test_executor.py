@@ -42,14 +42,14 @@ async def logged(redis: Redis, keys: Keys, prefix: str, n: int = 1) -> bool:
     return sum(1 for x in await log(redis, keys) if x.startswith(prefix)) >= n
 
 
-def assignment_streams(keys: Keys) -> list[str]:
-    return [sk.assignments_stream for sk in keys.all_shards()]
+def assignment_streams(keys: Keys, workflow: str = "work") -> list[str]:
+    return [sk.assignments_stream(workflow) for sk in keys.all_shards()]
 
 
 async def _consumers(redis: Redis, keys: Keys, n: int) -> bool:
     """At least `n` executors have read the assignment streams (each is a group consumer)."""
     names = set()
-    for stream in assignment_streams(keys):
+    for stream in [*assignment_streams(keys), *assignment_streams(keys, "chat")]:
         if await redis.exists(stream):
             names |= {c["name"] for c in await redis.xinfo_consumers(stream, "executors")}
     return len(names) >= n
@@ -104,6 +104,31 @@ async def test_cancel_in_progress_stops_async_and_sync_handlers_and_runs_the_hoo
 
 async def _states(redis: Redis, keys: Keys, expected: dict[str, int]) -> bool:
     return dict(await states(redis, keys)) == expected
+
+
+async def test_pools_with_different_workflows_each_run_only_their_own(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Two executor pools, each with a module the other lacks: every run goes to the pool that
+    has its workflow and succeeds (before routing, each claimed the other's runs and failed
+    them as `unknown workflow`)."""
+    pool_b = system.start("executor", "tests.support.apps.pool_b")
+    [pool_a] = await system.pipeline(redis, keys, 1, expected_workflows=8)
+    for i in range(8):
+        await publish(redis, keys, "work.item", i=i)
+        await publish(redis, keys, "image.uploaded", i=i)
+    await eventually(lambda: _states(redis, keys, {"S": 16}), timeout=30)
+    entries = await log(redis, keys)
+    assert (
+        sorted(x.rsplit(":", 1)[1] for x in entries if x.startswith("done:"))
+        == [str(pool_a.pid)] * 8
+    )
+    assert (
+        sorted(x.rsplit(":", 1)[1] for x in entries if x.startswith("ran:resize:"))
+        == [str(pool_b.pid)] * 8
+    )
+    by_workflow = Counter(str(r["w"]) for r in (await records(redis, keys)).values())
+    assert by_workflow == {"work": 8, "resize": 8}
 
 
 async def test_a_failing_step_is_retried_then_fails_the_run_with_its_traceback(
@@ -231,6 +256,26 @@ async def test_leases_are_renewed_while_a_handler_blocks_the_event_loop(
     assert sum(1 for x in await log(redis, keys) if x.startswith("started:")) == 1
 
 
+async def test_a_cancel_reaches_a_sync_step_while_another_step_blocks_the_event_loop(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Run B is a sync step (in a thread) polling ctx.cancelled; run A then blocks the event
+    loop for 6 s. A newer event supersedes B meanwhile: the lease keeper's thread, not the
+    blocked loop, hands B its cancel, so B stops while A still blocks the loop."""
+    await system.pipeline(redis, keys, 1, "--lease", "1", "--slots", "2")
+    await publish(redis, keys, "sync.message", userId="u", sleep=60)
+    await eventually(lambda: logged(redis, keys, "started:"), timeout=30)
+    [b_started] = await log(redis, keys)
+    await publish(redis, keys, "work.item", block=6)
+    await eventually(lambda: logged(redis, keys, "started:", 2), timeout=30)
+    await publish(redis, keys, "sync.message", userId="u", sleep=0)
+    b = b_started.split(":", 1)[1]
+    await eventually(lambda: logged(redis, keys, f"sync-cancelled:{b}"), timeout=30)
+    entries = await log(redis, keys)
+    assert not any(x.startswith("done:") for x in entries), "the loop was no longer blocked"
+    await eventually(lambda: _states(redis, keys, {"C": 1, "S": 2}), timeout=30)
+
+
 async def test_sigterm_under_load_starts_and_drains_everything_it_read(
     redis: Redis, keys: Keys, system: System
 ) -> None:
@@ -325,9 +370,9 @@ async def test_an_executor_reads_no_more_assignments_than_its_free_slots(
     await asyncio.sleep(0.5)
     delivered = 0
     for sk in keys.all_shards():
-        for g in await redis.xinfo_groups(sk.assignments_stream):
+        for g in await redis.xinfo_groups(sk.assignments_stream("work")):
             delivered += int(g["entries-read"] or 0)
-    pending_assignments = sum([await redis.xlen(sk.assignments_stream) for sk in keys.all_shards()])
+    pending_assignments = sum([await redis.xlen(s) for s in assignment_streams(keys)])
     assert pending_assignments == 6
     assert delivered == 2
     assert sum(1 for x in await log(redis, keys) if x.startswith("started:")) == 2
@@ -393,11 +438,11 @@ async def test_assignments_a_dead_executor_read_but_never_claimed_are_taken_over
             await publish(redis, keys, "work.item", i=i)
 
         async def assigned() -> bool:
-            return sum([await redis.xlen(sk.assignments_stream) for sk in keys.all_shards()]) == 4
+            return sum([await redis.xlen(s) for s in assignment_streams(keys)]) == 4
 
         await eventually(assigned, timeout=30)
-        for sk in keys.all_shards():  # a "dead executor" reads them and never claims
-            await redis.xreadgroup("executors", "ghost", {sk.assignments_stream: ">"})
+        for stream in assignment_streams(keys):  # a "dead executor" reads them, never claims
+            await redis.xreadgroup("executors", "ghost", {stream: ">"})
         system.start("executor", APP, "--claim-idle-ms", "200")
         await eventually(lambda: _states(redis, keys, {"S": 4}), timeout=30)
     finally:
@@ -487,8 +532,8 @@ async def test_a_malformed_assignment_is_acknowledged_and_the_next_one_runs(
     redis: Redis, keys: Keys, system: System
 ) -> None:
     await system.pipeline(redis, keys, 1)
-    for sk in keys.all_shards():
-        await redis.xadd(sk.assignments_stream, {"garbage": "1"})
+    for stream in assignment_streams(keys):
+        await redis.xadd(stream, {"garbage": "1"})
     await publish(redis, keys, "work.item")
     await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
 

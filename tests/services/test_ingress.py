@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from supersede import client, codec
 from supersede.config import Settings
 from supersede.keys import Keys
-from supersede.model import group_id, shard_of_group
+from supersede.model import event_digest, group_id, shard_of_digest, shard_of_group
 from supersede.protocol import INGRESS_GROUP
 from supersede.registry import register
 from supersede.services.ingress.service import Ingress, IngressConfig
@@ -173,6 +173,49 @@ async def test_replays_of_one_id_give_one_request_per_workflow(
     await settle(redis, keys)
     reqs = await requests_in_streams(redis, keys)
     assert sorted(r["w"] for r in reqs) == ["audit", "chat-reply"]
+
+
+async def test_one_id_is_one_run_per_workflow_whatever_its_key(
+    redis: Redis, keys: Keys, ingress: Ingress
+) -> None:
+    """The same `id` with other payloads and keys (so other groups and shards): the first
+    entry's requests only. Before, the seen set was per shard and each shard made a run."""
+    users = [f"u{i}" for i in range(12)]
+    [chat] = [r for r in ingress.routes["chat.message"] if r.workflow.id == "chat-reply"]
+    shards = {chat.group_of(u, keys.shards)[1] for u in users}
+    for user in users:
+        data = orjson.dumps({"userId": user})
+        await redis.xadd(keys.events_stream, {"name": "chat.message", "data": data, "id": "once"})
+    await settle(redis, keys)
+    reqs = await requests_in_streams(redis, keys)
+    assert sorted(r["w"] for r in reqs) == ["audit", "chat-reply"]
+    assert [r["k"] for r in reqs if r["w"] == "chat-reply"] == ["u0"]
+    assert len(shards) > 1  # the keys did spread over shards
+
+
+async def test_an_id_claimed_by_an_entry_that_crashed_before_appending_still_runs(
+    redis: Redis, keys: Keys, ingress: Ingress
+) -> None:
+    """A crash between the id claim and the append leaves the claim: the redelivered entry
+    still owns its ids and appends; an entry whose id another entry owns appends nothing."""
+
+    async def claim(event_id: str, workflow: str, entry: bytes) -> bool:
+        digest = event_digest(event_id, workflow)
+        shard = shard_of_digest(digest, keys.shards)
+        [owned] = await ingress.scripts.claim_ids(shard, [(digest, entry)], window_ms=60_000)
+        return owned
+
+    data = orjson.dumps({"userId": "u"})
+    entry = await redis.xadd(keys.events_stream, {"name": "chat.message", "data": data, "id": "x"})
+    # Whether ingress read the entry before this claim or after, the entry owns its ids.
+    assert await claim("x", "chat-reply", entry)
+    assert await claim("y", "audit", b"1-1")  # owned by an entry that is not the next one
+    await redis.xadd(keys.events_stream, {"name": "chat.message", "data": data, "id": "y"})
+    await settle(redis, keys)
+    reqs = await requests_in_streams(redis, keys)
+    assert sorted((r["ev"], r["w"]) for r in reqs) == [
+        ("x", "audit"), ("x", "chat-reply"), ("y", "chat-reply")
+    ]  # fmt: skip
 
 
 async def test_a_workflow_registered_while_running_is_picked_up(

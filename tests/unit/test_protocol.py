@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import pytest
 
 from supersede import codec, protocol
+from supersede.keys import WORKFLOW_TAG_LEN, workflow_tag
 from supersede.protocol import (
     REQUEST_FIELDS,
     RunRecord,
@@ -71,7 +73,7 @@ def test_stream_fields_written_by_the_scripts_match_the_protocol() -> None:
     seen = {}
     for call in xadds:
         names = [n.encode() for n in re.findall(r"'([a-z]+)',", call + ",")]
-        if "assignKey" in call:
+        if "assignStream" in call:
             seen["assignments"] = names[: len(fields["assignments"])]
         elif "controlKey" in call:
             seen["control"] = [n for n in names if n != protocol.Control.CANCEL]
@@ -79,6 +81,12 @@ def test_stream_fields_written_by_the_scripts_match_the_protocol() -> None:
             seen["requests"] = names
     assert seen == fields
     assert re.search(r"'op', '" + protocol.Control.CANCEL.decode() + "'", CODE)
+
+
+def test_the_scripts_name_assignment_streams_as_keys_py_does() -> None:
+    """keys.workflow_tag is sha1 hex cut to WORKFLOW_TAG_LEN; the scripts compute the same."""
+    assert f"string.sub(redis.sha1hex(rec.w), 1, {WORKFLOW_TAG_LEN})" in CODE
+    assert workflow_tag("chat") == hashlib.sha1(b"chat").hexdigest()[:WORKFLOW_TAG_LEN]
 
 
 def test_reason_codes_recorded_by_the_scripts_are_known() -> None:

@@ -1,0 +1,52 @@
+--[[
+  Idempotency by (workflow, explicit event id), whatever the event's key: ingress claims each
+  digest here, on the shard the digest routes to, before it appends the run requests (which go
+  to the shards of their groups). The first inbox entry to claim a digest owns it for the window;
+  the same entry may claim it again (a redelivery after a crash between this call and the
+  append), any other entry is a duplicate and appends nothing. Digests older than the window
+  are forgotten, at most 1000 per call.
+
+  Input:
+    KEYS[1]  ids hash       digest -> inbox entry id that owns it
+    KEYS[2]  ids-at zset    digest by the time it was claimed (ms)
+    ARGV[1]  now in ms, or 0 for the server clock
+    ARGV[2]  de-duplication window in ms
+    ARGV[3..] pairs: digest, inbox entry id
+
+  Output:
+    {0, flag, ...}  one flag per pair: 1 owned by this entry (claimed now or before), 0 owned
+                    by another entry (a duplicate)
+    {-4, 0}         bad ARGV; nothing written
+
+  Writes: no stream.
+]]
+local rcall = redis.call
+local idsKey, idsAtKey = KEYS[1], KEYS[2]
+
+-- @include now
+
+local now = nowMs(ARGV[1])
+local window = tonumber(ARGV[2])
+if not window or (#ARGV - 2) % 2 ~= 0 then return { -4, 0 } end
+
+local old = rcall('ZRANGEBYSCORE', idsAtKey, '-inf', now - window, 'LIMIT', 0, 1000)
+if #old > 0 then
+  rcall('HDEL', idsKey, unpack(old))
+  rcall('ZREM', idsAtKey, unpack(old))
+end
+
+local out = { 0 }
+for i = 3, #ARGV, 2 do
+  local digest, entry = ARGV[i], ARGV[i + 1]
+  local owner = rcall('HGET', idsKey, digest)
+  if not owner then
+    rcall('HSET', idsKey, digest, entry)
+    rcall('ZADD', idsAtKey, now, digest)
+    out[#out + 1] = 1
+  elseif owner == entry then
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
