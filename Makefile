@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint lint-types format run bench clean
+.PHONY: help install test lint lint-types format run bench chaos clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -25,7 +25,7 @@ test: $(STAMP) ## run the test suite (starts its own server on a free port)
 # lays shared/, services/ and lua/ out as the installed package (pyproject's package-dir).
 TYPES := $(VENV)/typecheck
 
-lint: $(STAMP) ## ruff format check, ruff lint, mypy strict (package, tests and bench)
+lint: $(STAMP) ## ruff format check, ruff lint, mypy strict (package, tests, bench, chaos)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	@$(MAKE) --no-print-directory lint-types
@@ -35,7 +35,7 @@ lint-types: $(STAMP)
 	@for f in shared/*.py shared/py.typed; do ln -s "$(CURDIR)/$$f" $(TYPES)/supersede/; done
 	@ln -s "$(CURDIR)/services" $(TYPES)/supersede/services
 	@ln -s "$(CURDIR)/lua" $(TYPES)/supersede/lua
-	MYPYPATH=$(TYPES) $(BIN)/mypy $(TYPES)/supersede tests bench
+	MYPYPATH=$(TYPES) $(BIN)/mypy $(TYPES)/supersede tests bench chaos
 
 format: $(STAMP) ## apply ruff formatting and safe fixes
 	$(BIN)/ruff format .
@@ -46,6 +46,11 @@ run: $(STAMP) ## run the system and its demo (embedded server unless SUPERSEDE_R
 
 bench: $(STAMP) ## print BENCH lines (each starts its own server)
 	$(BIN)/python -m bench
+
+DURATION ?= 180
+chaos: $(STAMP) ## faults for DURATION s (180) on one server, then on a cluster; CHAOS lines
+	$(BIN)/python -m chaos --duration $(DURATION)
+	$(BIN)/python -m chaos --duration $(DURATION) --cluster
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -152,9 +153,17 @@ class EmbeddedCluster:
     """A real cluster of `masters` cluster-enabled servers on loopback ports, each with
     `replicas` replicas that take over when their master dies."""
 
-    def __init__(self, masters: int = 3, binary: str | None = None, *, replicas: int = 0) -> None:
+    def __init__(
+        self,
+        masters: int = 3,
+        binary: str | None = None,
+        *,
+        replicas: int = 0,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.binary = binary or find_server_binary()
         self.replicas = replicas
+        self.extra_args = list(extra_args)  # for every node, e.g. AOF settings
         count = masters * (1 + replicas)
         self.nodes = [EmbeddedServer(self.binary, port=free_cluster_port()) for _ in range(count)]
         self.masters = masters
@@ -169,7 +178,8 @@ class EmbeddedCluster:
             node.extra_args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
                                "--cluster-config-file", conf,
                                # a replica may take over however long its link was down
-                               "--cluster-replica-validity-factor", "0"]  # fmt: skip
+                               "--cluster-replica-validity-factor", "0",
+                               *self.extra_args]  # fmt: skip
             node.start()
         cli = find_cli_binary(self.binary)
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
@@ -213,6 +223,28 @@ class EmbeddedCluster:
                 finally:
                     client.close()
         return []
+
+    def migrate_slot(self, slot: int, source: int, target: int) -> None:
+        """Move one hash slot between masters the way redis-cli --cluster reshard does:
+        IMPORTING and MIGRATING, MIGRATE its keys in small batches, then assign it to the
+        target (clients meet the slot half-moved: ASK and TRYAGAIN, then MOVED)."""
+        src, dst = redis.Redis(port=source), redis.Redis(port=target)
+        try:
+            src_id = src.execute_command("CLUSTER", "MYID").decode()  # type: ignore[no-untyped-call]
+            dst_id = dst.execute_command("CLUSTER", "MYID").decode()  # type: ignore[no-untyped-call]
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)  # type: ignore[no-untyped-call]
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)  # type: ignore[no-untyped-call]
+            while True:
+                names = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 2)  # type: ignore[no-untyped-call]
+                if not names:
+                    break
+                src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *names)  # type: ignore[no-untyped-call]
+                time.sleep(0.05)
+            for node in (dst, src):
+                node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)  # type: ignore[no-untyped-call]
+        finally:
+            src.close()
+            dst.close()
 
     def node(self, port: int) -> EmbeddedServer:
         return next(n for n in self.nodes if n.port == port)

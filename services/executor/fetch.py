@@ -3,6 +3,8 @@
 An executor reads only the assignment streams of its own workflows, one per workflow in each
 shard, so a run is only ever delivered to an executor that has its workflow. How a read is made
 depends on the free slots and the backend:
+- streams whose last read gave all it asked for ("hot": a backlog) are read first, in one
+  XREADGROUP, `free // hot` entries each;
 - with a free slot per stream on one server, one XREADGROUP BLOCK over every stream both waits
   and reads (free // streams entries per stream at most);
 - otherwise the streams are read in batches of at most `free` streams, woken streams first,
@@ -65,6 +67,7 @@ class Fetcher:
         self._take_over_due = Throttle(1.0)
         self._rotation = 0
         self._woken: list[int] = []
+        self._hot: set[int] = set()  # streams whose last read returned all it asked for
         self._wake = asyncio.Event()
         self._wake_ids: dict[str, str] = {}
         self._tails_fresh = False
@@ -125,13 +128,37 @@ class Fetcher:
             self._tails_fresh = True
 
     async def _read(self, free: int, reread: bool) -> list[Fetched]:
-        """At most `free` assignments: own pending ones when `reread`, else new ones."""
+        """At most `free` assignments: own pending ones when `reread`, else new ones (from the
+        streams that had more at the last read first: a backlog in a few of many streams is
+        read in one round trip, `free // hot` entries each)."""
         blocking = self._blocking(free)
         if reread:
             return await self._read_own(free)
-        got = await (self._read_blocking(free) if blocking else self._read_scan(free))
+        got = await self._read_hot(free) if self._hot else []
+        if not got:
+            got = await (self._read_blocking(free) if blocking else self._read_scan(free))
         self.own.advance(None, reread=False)
         return got
+
+    async def _read_hot(self, free: int) -> list[Fetched]:
+        order = sorted(self._hot)
+        got: list[Fetched] = []
+        while order and len(got) < free:
+            want = free - len(got)
+            batch = self._batch(order, want)
+            del order[: len(batch)]
+            got += await self._read_batch(batch, want // len(batch))
+        return got
+
+    async def _read_batch(self, batch: list[int], count: int) -> list[Fetched]:
+        """One XREADGROUP over the streams `batch`, `count` entries each; a stream that gave
+        all it was asked for stays hot (it likely has more), the others cool down."""
+        names = [self.streams[i] for i in batch]
+        reply = await self.redis.xreadgroup(
+            EXECUTOR_GROUP, self.consumer, dict.fromkeys(names, ">"), count=count
+        )
+        self._hot.difference_update(batch)
+        return self._parse_reply(reply, count=count)
 
     async def _read_own(self, free: int) -> list[Fetched]:
         """This consumer's pending assignments, stream by stream, at most `free` of them."""
@@ -152,14 +179,15 @@ class Fetcher:
 
     async def _read_blocking(self, free: int) -> list[Fetched]:
         """One XREADGROUP BLOCK over every assignment stream, `free // streams` entries each."""
+        count = free // len(self.streams)
         reply = await self.redis.xreadgroup(
             EXECUTOR_GROUP,
             self.consumer,
             dict.fromkeys(self.streams, ">"),
-            count=free // len(self.streams),
+            count=count,
             block=self.config.block_ms,
         )
-        return self._parse_reply(reply)
+        return self._parse_reply(reply, count=count)
 
     async def _read_scan(self, free: int) -> list[Fetched]:
         """XREADGROUP at most `free` entries in all: with at least one free slot per stream,
@@ -176,7 +204,7 @@ class Fetcher:
                     pipe.xreadgroup(EXECUTOR_GROUP, self.consumer, {stream: ">"}, count=free // n)
                 replies = await pipe.execute()
             for stream, reply in zip(self.streams, replies, strict=True):
-                got += self._parse_reply(reply, stream)
+                got += self._parse_reply(reply, stream, count=free // n)
             return got
         order = list(dict.fromkeys([*self._woken, *((self._rotation + i) % n for i in range(n))]))
         self._woken = []
@@ -184,11 +212,7 @@ class Fetcher:
             want = free - len(got)
             batch = self._batch(order, want)
             del order[: len(batch)]
-            names = [self.streams[i] for i in batch]
-            reply = await self.redis.xreadgroup(
-                EXECUTOR_GROUP, self.consumer, dict.fromkeys(names, ">"), count=want // len(batch)
-            )
-            got += self._parse_reply(reply)
+            got += await self._read_batch(batch, want // len(batch))
         self._rotation = (self._rotation + 1) % n
         return got
 
@@ -205,10 +229,14 @@ class Fetcher:
             batch.append(i)
         return batch
 
-    def _parse_reply(self, reply: object, stream: str | None = None) -> list[Fetched]:
+    def _parse_reply(
+        self, reply: object, stream: str | None = None, *, count: int = 0
+    ) -> list[Fetched]:
         got: list[Fetched] = []
         for name, entries in cast(StreamReply, reply or []):
             got += self._parse(stream or name.decode(), entries)
+            if count and len(entries) >= count:
+                self._hot.add(self.index_of_stream[stream or name.decode()])
         return got
 
     def _parse(self, stream: str, entries: Sequence[Entry]) -> list[Fetched]:
@@ -233,9 +261,16 @@ class Fetcher:
             await self.redis.xack(stream, EXECUTOR_GROUP, entry_id)
 
     async def _take_over(self, free: int) -> list[Fetched]:
-        """XAUTOCLAIM assignments a dead executor read and never claimed."""
+        """XAUTOCLAIM assignments a dead executor read and never claimed: one pipelined
+        XPENDING IDLE over every stream finds the streams that have some (usually none), so
+        the check costs one round trip however many streams this executor reads."""
+        idle = self.config.claim_idle_ms
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.xpending_range(stream, EXECUTOR_GROUP, "-", "+", 1, idle=idle)
+            stale = await pipe.execute(raise_on_error=False)
         got: list[Fetched] = []
-        for stream in self.streams:
+        for stream in [s for s, r in zip(self.streams, stale, strict=True) if r]:
             if len(got) >= free:
                 break
             reply = await self.redis.xautoclaim(

@@ -345,10 +345,14 @@ async def test_the_service_survives_a_server_restart(keys: Keys) -> None:
         server.start()  # same port, empty data: groups are gone too
         from supersede.streams import ensure_groups
 
-        await ensure_groups(redis, keys)
+        # The test's own reads go through a new client: the shared pool's connections died
+        # with the old server, and the service is the one that must cope with them.
+        probe = Redis.from_url(server.url)
+        await ensure_groups(probe, keys)
         shard, req = make_request(keys, event="after", seq=1)
-        await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
-        await eventually(lambda: _states_are(redis, keys, ["A"], [(shard, req)]), timeout=20)
+        await probe.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
+        await eventually(lambda: _states_are(probe, keys, ["A"], [(shard, req)]), timeout=20)
+        await probe.aclose()
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import orjson
 import pytest
@@ -163,28 +162,6 @@ async def test_the_services_survive_a_master_failover_with_runs_in_flight() -> N
         cluster.stop()
 
 
-def _migrate_slot(slot: int, source: int, target: int) -> None:
-    """Move one hash slot between masters the way redis-cli --cluster reshard does: IMPORTING
-    and MIGRATING, MIGRATE its keys in small batches, then assign it to the target."""
-    src, dst = sync_redis.Redis(port=source), sync_redis.Redis(port=target)
-    try:
-        src_id = src.execute_command("CLUSTER", "MYID").decode()
-        dst_id = dst.execute_command("CLUSTER", "MYID").decode()
-        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-        while True:
-            names = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 2)
-            if not names:
-                break
-            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *names)
-            time.sleep(0.05)  # let clients meet the slot half-moved: ASK and TRYAGAIN
-        for node in (dst, src):
-            node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
-    finally:
-        src.close()
-        dst.close()
-
-
 async def test_the_services_carry_on_while_a_shards_slot_moves_to_another_node() -> None:
     """A shard's slot is resharded to another master while events flow: scripts meet ASK,
     TRYAGAIN and MOVED, are retried, and every event still ends as exactly one run."""
@@ -222,7 +199,7 @@ async def test_the_services_carry_on_while_a_shards_slot_moves_to_another_node()
         slot = key_slot(keys.shard(shard).runs_hash.encode())
         source = int(client.get_node_from_key(keys.shard(shard).runs_hash).port)
         target = next(p for p in cluster.master_ports() if p != source)
-        await asyncio.to_thread(_migrate_slot, slot, source, target)
+        await asyncio.to_thread(cluster.migrate_slot, slot, source, target)
         more = len(published) + 40
         await eventually(lambda: _runs_at_least(client, keys, more), timeout=30)
         stop_publishing.set()

@@ -1,0 +1,417 @@
+"""`python -m chaos [--duration 180] [--cluster]`: run the whole system under faults, then check
+it against the ledger and print one `CHAOS {json}` line (exit 1 when a check fails).
+
+The system: a real redis-server with AOF `appendfsync always` (or a 3-master cluster), ingress
+x2, admission x2, executors x3 with two workflow modules (pool A: chaos/pool_a.py twice, pool B:
+chaos/pool_b.py). Producers publish for thousands of keys through the Python client, raw XADD and
+the redis-cli binary, and republish old ids. Faults at random times: SIGKILL and SIGTERM of every
+service kind, SIGSTOP of an admission process for longer than a lease, a server crash and
+restart (on a cluster: a master, and a shard's slot moved to another master). Then the faults
+stop, everything is brought back, and the run waits until every expected run has ended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis as redis_sync
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from chaos import ledger
+from chaos.verdict import TRIGGERS, Observed, check, ok
+from supersede import client
+from supersede.config import connect
+from supersede.keys import Keys
+from supersede.protocol import RunRecord
+from supersede.server import EmbeddedCluster, EmbeddedServer, find_cli_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMESPACE = "chaos"
+SHARDS = 8
+
+
+@dataclass
+class Member:
+    """One service process slot: restarted after every fault."""
+
+    kind: str
+    args: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    work: Path
+    server: EmbeddedServer | None = None
+    cluster: EmbeddedCluster | None = None
+    members: list[Member] = field(default_factory=list)
+    kills: dict[int, float] = field(default_factory=dict)
+    crashes: list[tuple[float, float]] = field(default_factory=list)
+    faults: Counter[str] = field(default_factory=Counter)
+    published: dict[str, str] = field(default_factory=dict)
+    payloads: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    duplicates: int = 0
+    terminal_seen: dict[str, str] = field(default_factory=dict)
+    terminal_changes: set[str] = field(default_factory=set)
+    stopped: bool = False  # faults and producers stop
+    rng: random.Random = field(default_factory=random.Random)
+
+    # -- processes -----------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        if self.cluster:
+            return f"redis+cluster://127.0.0.1:{self.cluster.nodes[0].port}"
+        assert self.server
+        return self.server.url
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SUPERSEDE_REDIS_URL": self.url, "SUPERSEDE_NAMESPACE": NAMESPACE,
+                "SUPERSEDE_SHARDS": str(SHARDS), "CHAOS_LEDGER": str(self.work / "ledger.jsonl"),
+                "PYTHONPATH": str(ROOT)}  # fmt: skip
+
+    def spawn(self, m: Member) -> None:
+        log = open(self.work / f"{m.kind}.log", "ab")  # noqa: SIM115 - owned by the child
+        cmd = [sys.executable, "-m", "supersede", m.kind, *m.args, "--metrics-port", "0"]
+        m.proc = subprocess.Popen(cmd, env=self.env(), cwd=ROOT, stdout=log, stderr=log)
+        log.close()
+
+    def start_all(self) -> None:
+        lease = str(self.args.lease)
+        # 3 s of drain covers every handler (at most --long s, below it) in a SIGTERM.
+        drain = str(self.args.long + 3)
+        adm = ["--block-ms", "200", "--reap-interval", "0.2", "--claim-idle-ms", "2000",
+               "--assign-deadline", str(max(2, self.args.lease))]  # fmt: skip
+        ing = ["--block-ms", "200", "--claim-idle-ms", "2000", "--dedup-window", "3600"]
+        exe = ["--lease", lease, "--slots", "200", "--claim-idle-ms", "2000",
+               "--drain-timeout", drain]  # fmt: skip
+        self.members = [
+            Member("admission", adm), Member("admission", adm),
+            Member("executor", ["chaos.pool_a", *exe]), Member("executor", ["chaos.pool_a", *exe]),
+            Member("executor", ["chaos.pool_b", *exe]),
+            Member("ingress", ing), Member("ingress", ing),
+        ]  # fmt: skip
+        for m in self.members:
+            self.spawn(m)
+
+    def revive(self) -> None:
+        """Every member running (and not stopped) again."""
+        for m in self.members:
+            assert m.proc
+            if m.proc.poll() is not None:
+                self.spawn(m)
+            else:
+                os.kill(m.proc.pid, signal.SIGCONT)
+
+    def stop_all(self) -> None:
+        for m in self.members:
+            if m.proc and m.proc.poll() is None:
+                m.proc.kill()
+                m.proc.wait(10)
+
+    # -- faults --------------------------------------------------------------------------------
+    async def faults_loop(self) -> None:
+        kinds = ["sigkill", "sigterm", "sigstop", "crash"] + (["migrate"] if self.cluster else [])
+        while not self.stopped:
+            await asyncio.sleep(self.rng.uniform(1.0, 3.0) * self.args.fault_every)
+            if self.stopped:
+                return
+            fault = self.rng.choice(kinds)
+            try:
+                await getattr(self, f"_{fault}")()
+            except Exception as exc:  # a fault that could not be made is not a failure
+                print(f"chaos: fault {fault} not made: {exc!r}", file=sys.stderr)
+
+    def _member(self, kind: str | None = None) -> Member:
+        live = [m for m in self.members if (kind is None or m.kind == kind) and m.proc
+                and m.proc.poll() is None]  # fmt: skip
+        return self.rng.choice(live)
+
+    async def _sigkill(self) -> None:
+        m = self._member()
+        assert m.proc
+        self.kills[m.proc.pid] = time.time()
+        m.proc.kill()
+        m.proc.wait(10)
+        self.faults[f"sigkill_{m.kind}"] += 1
+        self.spawn(m)
+
+    async def _sigterm(self) -> None:
+        m = self._member()
+        assert m.proc
+        m.proc.terminate()
+        self.faults[f"sigterm_{m.kind}"] += 1
+        deadline = time.monotonic() + self.args.long + 10
+        while m.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if m.proc.poll() is None:  # a drain that did not end: counted, then killed
+            self.faults["sigterm_not_exited"] += 1
+            self.kills[m.proc.pid] = time.time()
+            m.proc.kill()
+            m.proc.wait(10)
+        self.spawn(m)
+
+    async def _sigstop(self) -> None:
+        m = self._member("admission")
+        assert m.proc
+        os.kill(m.proc.pid, signal.SIGSTOP)
+        self.faults["sigstop_admission"] += 1
+        await asyncio.sleep(self.args.lease * 1.5)
+        os.kill(m.proc.pid, signal.SIGCONT)
+
+    async def _crash(self) -> None:
+        """SIGKILL a server (a master on a cluster) and start it again on its AOF."""
+        node = self.server or self.cluster.nodes[self.rng.randrange(3)]  # type: ignore[union-attr]
+        assert node and node.proc
+        down = time.time()
+        node.proc.kill()
+        node.proc.wait(10)
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(node.start, 30.0)
+        if self.cluster:
+            await asyncio.to_thread(_wait_cluster_ok, node.port)
+        self.crashes.append((down, time.time()))
+        self.faults["server_crash"] += 1
+
+    async def _migrate(self) -> None:
+        assert self.cluster
+        keys = Keys(NAMESPACE, SHARDS)
+        tag = keys.shard(self.rng.randrange(SHARDS)).tag
+        slot = int(redis_sync.Redis(port=self.cluster.nodes[0].port).cluster("keyslot", tag))
+        ports = self.cluster.master_ports()
+        source = _owner(self.cluster.nodes[0].port, slot)
+        target = self.rng.choice([p for p in ports if p != source])
+        await asyncio.to_thread(self.cluster.migrate_slot, slot, source, target)
+        self.faults["slot_migration"] += 1
+
+    # -- producers -----------------------------------------------------------------------------
+    def _event(self, n: int) -> tuple[str, str, bytes]:
+        rng = self.rng
+        name = rng.choices(["chat", "doc", "job"], weights=[5, 2, 3])[0]
+        user = f"hot{rng.randrange(50)}" if rng.random() < 0.3 else f"u{rng.randrange(3000)}"
+        roll = rng.random()
+        if roll < 0.8:
+            ms = rng.randrange(0, 200)
+        elif roll < 0.95:
+            ms = rng.randrange(200, 2000)
+        else:  # longer than a lease
+            ms = rng.randrange(int(self.args.lease * 1200), int(self.args.long * 1000))
+        return f"ev{n}", name, orjson.dumps({"user": user, "ms": ms})
+
+    async def producer(self, way: str, first: int) -> None:
+        """Publish until stopped: `client` (Python client), `xadd` (raw XADD), `cli` (the
+        redis-cli binary, slower). Failed publications are retried with the same id."""
+        redis = connect(self.url)
+        n = first
+        try:
+            while not self.stopped:
+                if self.published and self.rng.random() < 0.03:
+                    event_id = self.rng.choice(list(self.published))  # a late duplicate
+                    name, data = self.payloads[event_id]
+                    self.duplicates += 1
+                else:
+                    event_id, name, data = self._event(n)
+                    n += 1
+                await self._publish(redis, way, event_id, name, data)
+                self.published.setdefault(event_id, name)
+                self.payloads.setdefault(event_id, (name, data))
+                await asyncio.sleep(1 / self.args.rate)
+        finally:
+            await redis.aclose()
+
+    async def _publish(self, redis: Any, way: str, event_id: str, name: str, data: bytes) -> None:
+        for _ in range(600):
+            try:
+                if way == "client":
+                    await client.publish(redis, name, orjson.loads(data), id=event_id,
+                                         namespace=NAMESPACE)  # fmt: skip
+                elif way == "xadd":
+                    await redis.xadd(f"{NAMESPACE}:events",
+                                     {"name": name, "data": data, "id": event_id})  # fmt: skip
+                else:
+                    await asyncio.to_thread(self._cli_xadd, event_id, name, data)
+                return
+            except Exception:
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"could not publish {event_id}")
+
+    def _cli_xadd(self, event_id: str, name: str, data: bytes) -> None:
+        node = self.cluster.nodes[0] if self.cluster else self.server
+        assert node
+        cli = find_cli_binary(node.binary)
+        fields = ["name", name, "data", data.decode(), "id", event_id]
+        cluster = ["-c"] if self.cluster else []
+        cmd = [cli, "-p", str(node.port), *cluster, "XADD", f"{NAMESPACE}:events", "*", *fields]
+        out = subprocess.run(cmd, capture_output=True, timeout=10)
+        if out.returncode != 0 or b"ERR" in out.stdout or not out.stdout.strip():
+            raise RuntimeError(out.stdout.decode() + out.stderr.decode())
+
+    # -- observation ---------------------------------------------------------------------------
+    async def records(self, redis: Any) -> list[RunRecord]:
+        out = []
+        for sk in Keys(NAMESPACE, SHARDS).all_shards():
+            for rid, raw in (await redis.hgetall(sk.runs_hash)).items():
+                out.append(RunRecord.decode(rid, raw))
+        return out
+
+    async def watch(self) -> None:
+        """Every second: runs seen terminal must never be seen in another state later."""
+        redis = connect(self.url)
+        try:
+            while True:
+                try:
+                    for r in await self.records(redis):
+                        seen = self.terminal_seen.get(r.id)
+                        if seen is not None and seen != r.state.value:
+                            self.terminal_changes.add(r.id)
+                        if r.state.terminal:
+                            self.terminal_seen[r.id] = r.state.value
+                except Exception:
+                    pass  # the server is down: look again later
+                await asyncio.sleep(1.0)
+        finally:
+            await redis.aclose()
+
+    async def settled(self, redis: Any) -> bool:
+        want = sum(len(TRIGGERS[name]) for name in self.published.values())
+        recs = await self.records(redis)
+        return len(recs) >= want and all(r.state.terminal for r in recs)
+
+    async def slots(self, redis: Any) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for sk in Keys(NAMESPACE, SHARDS).all_shards():
+            for g, n in (await redis.hgetall(sk.slots_hash)).items():
+                out[g.decode()] = out.get(g.decode(), 0) + int(n)
+        return out
+
+
+def _owner(port: int, slot: int) -> int:
+    c = redis_sync.Redis(port=port)
+    try:
+        for lo, hi, master, *_ in c.execute_command("CLUSTER", "SLOTS"):  # type: ignore[no-untyped-call]
+            if int(lo) <= slot <= int(hi):
+                return int(master[1])
+    finally:
+        c.close()
+    raise LookupError(slot)
+
+
+def _wait_cluster_ok(port: int, timeout: float = 30.0) -> None:
+    c = redis_sync.Redis(port=port)
+    deadline = time.monotonic() + timeout
+    try:
+        while b"cluster_state:ok" not in c.execute_command("CLUSTER", "INFO"):  # type: ignore[no-untyped-call]
+            if time.monotonic() > deadline:
+                raise TimeoutError("cluster not ok after a restart")
+            time.sleep(0.1)
+    finally:
+        c.close()
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="supersede-chaos-"))
+    r = Run(args, work)
+    r.rng.seed(args.seed)
+    aof = ["--appendonly", "yes", "--appendfsync", "always"]
+    if args.cluster:
+        r.cluster = EmbeddedCluster(3, extra_args=aof).start()
+    else:
+        r.server = EmbeddedServer()
+        r.server.extra_args = aof
+        r.server.start()
+    redis = connect(r.url)
+    started = time.monotonic()
+    try:
+        r.start_all()
+        await _until(lambda: _registered(redis), 60)
+        tasks = [asyncio.create_task(r.producer(way, i * 10_000_000))
+                 for i, way in enumerate(["client", "xadd", "cli"])]  # fmt: skip
+        tasks.append(asyncio.create_task(r.faults_loop()))
+        watcher = asyncio.create_task(r.watch())
+        await asyncio.sleep(args.duration)
+        r.stopped = True
+        await asyncio.gather(*tasks)
+        r.revive()
+        await _until(lambda: r.settled(redis), args.settle)
+        watcher.cancel()
+        recs = await r.records(redis)
+        observed = Observed(
+            published=dict(r.published),
+            duplicates=r.duplicates,
+            records=recs,
+            ledger=ledger.read(str(work / "ledger.jsonl")),
+            slots=await r.slots(redis),
+            kills=dict(r.kills),
+            crashes=list(r.crashes),
+            terminal_changes=len(r.terminal_changes),
+            faults=dict(r.faults),
+        )
+        verdict = check(observed)
+        verdict |= {
+            "mode": "cluster" if args.cluster else "single",
+            "duration_s": args.duration,
+            "wall_s": round(time.monotonic() - started, 1),
+            "seed": args.seed,
+            "states": dict(Counter(rec.state.name for rec in recs)),
+        }
+        verdict["ok"] = ok(verdict)
+        return verdict
+    finally:
+        r.stop_all()
+        await redis.aclose()
+        if r.cluster:
+            r.cluster.stop()
+        elif r.server:
+            r.server.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"chaos: logs and ledger kept in {work}", file=sys.stderr)
+
+
+async def _registered(redis: Redis | RedisCluster) -> bool:
+    return int(await redis.hlen("{%s}:workflows" % NAMESPACE)) >= 4  # noqa: UP031
+
+
+async def _until(check_fn: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check_fn():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not settled within {timeout:.0f} s")
+        await asyncio.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m chaos", description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=180, help="seconds of faults (default 180)")
+    p.add_argument("--cluster", action="store_true", help="a 3-master cluster, not one server")
+    p.add_argument("--seed", type=int, default=int(time.time()))
+    p.add_argument("--rate", type=float, default=20, help="events/s per producer (3 producers)")
+    p.add_argument("--lease", type=float, default=3, help="executor lease, seconds")
+    p.add_argument("--long", type=float, default=15, help="longest handler, seconds")
+    p.add_argument("--fault-every", type=float, default=2.0, help="mean seconds between faults")
+    p.add_argument("--settle", type=float, default=240, help="seconds to wait for the end")
+    p.add_argument("--keep", action="store_true", help="keep the logs and the ledger")
+    args = p.parse_args(argv)
+    verdict = asyncio.run(run(args))
+    print("CHAOS " + orjson.dumps(verdict).decode(), flush=True)
+    return 0 if verdict["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The checks of a chaos run, as pure functions over what it observed: the events published,
+the run records at the end, the ledger the handlers wrote, the slot counts, the faults and the
+terminal states a watcher saw during the run."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from supersede.protocol import RunRecord, RunState, Strategy
+
+# workflow -> (strategy, max_runs, strict); must match chaos/pool_a.py and chaos/pool_b.py
+WORKFLOWS: dict[str, tuple[Strategy, int, bool]] = {
+    "chaos-latest": (Strategy.CANCEL_IN_PROGRESS, 1, False),
+    "chaos-latest3": (Strategy.CANCEL_IN_PROGRESS, 3, False),
+    "chaos-strict": (Strategy.CANCEL_IN_PROGRESS, 1, True),
+    "chaos-fifo": (Strategy.GROUP_ROUND_ROBIN, 2, False),
+}
+TRIGGERS = {"chat": ("chaos-latest", "chaos-latest3"), "doc": ("chaos-strict",),
+            "job": ("chaos-fifo",)}  # fmt: skip
+
+
+@dataclass
+class Observed:
+    published: dict[str, str]  # event id -> event name (unique ids)
+    duplicates: int  # re-publications of an id already published
+    records: list[RunRecord]
+    ledger: list[dict[str, Any]]
+    slots: dict[str, int]  # group id -> stored slot count (all shards)
+    kills: dict[int, float]  # pid -> when it was SIGKILLed
+    crashes: list[tuple[float, float]]  # server down (from, to)
+    terminal_changes: int  # runs seen terminal, later seen in another state
+    faults: dict[str, int] = field(default_factory=dict)
+
+
+def expected_runs(published: dict[str, str]) -> set[tuple[str, str]]:
+    return {(ev, wf) for ev, name in published.items() for wf in TRIGGERS[name]}
+
+
+def check(o: Observed) -> dict[str, Any]:
+    want = expected_runs(o.published)
+    have: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
+    for r in o.records:
+        have[(r.event_id, r.workflow)].append(r)
+    lost = len(want - set(have))
+    extra = sum(len(v) - 1 for v in have.values()) + len(set(have) - want)
+    stuck = sum(1 for r in o.records if not r.state.terminal)
+    failed = sum(1 for r in o.records if r.state is RunState.FAILED)
+    starts = _starts(o)
+    return {
+        "events_published": len(o.published),
+        "duplicates_published": o.duplicates,
+        "runs_expected": len(want),
+        "runs": len(o.records),
+        "runs_lost": lost,
+        "runs_extra": extra,
+        "runs_not_terminal": stuck,
+        "runs_failed": failed,
+        "runs_terminal_twice": o.terminal_changes,
+        "runs_succeeded_without_a_finished_handler": _unbacked_success(o),
+        "handlers_started": sum(len(v) for v in starts.values()),
+        **_started_twice(o, starts),
+        "newest_not_succeeded": _newest_not_succeeded(o.records),
+        "strict_max_executing": _strict_max(o),
+        "slot_drift_groups": _slot_drift(o),
+        "faults": o.faults,
+    }
+
+
+def ok(verdict: dict[str, Any]) -> bool:
+    zero = ("runs_lost", "runs_extra", "runs_not_terminal", "runs_failed", "runs_terminal_twice",
+            "runs_succeeded_without_a_finished_handler", "started_twice_same_attempt",
+            "started_twice_unexplained", "newest_not_succeeded", "slot_drift_groups")  # fmt: skip
+    return all(verdict[k] == 0 for k in zero) and verdict["strict_max_executing"] <= 1
+
+
+def _starts(o: Observed) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for line in o.ledger:
+        if line["ev"] == "start":
+            out[line["run"]].append(line)
+    return out
+
+
+def _ends(o: Observed) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """(run, attempt, pid) -> its end line."""
+    return {(x["run"], x["attempt"], x["pid"]): x for x in o.ledger if x["ev"] == "end"}
+
+
+def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """A handler started again for one run: never for the same attempt; for a later attempt
+    only in the README's at-least-once cases: the earlier attempt's executor was SIGKILLed while
+    it ran, or the server was down while it ran (its lease could not be renewed)."""
+    ends = _ends(o)
+    same = killed = crashed = unexplained = 0
+    for lines in starts.values():
+        attempts = [x["attempt"] for x in lines]
+        if len(set(attempts)) != len(attempts):
+            same += 1
+            continue
+        if len(lines) < 2:
+            continue
+        for earlier in sorted(lines, key=lambda x: x["t"])[:-1]:
+            end = ends.get((earlier["run"], earlier["attempt"], earlier["pid"]))
+            until = end["t"] if end else float("inf")
+            kill = o.kills.get(earlier["pid"])
+            if kill is not None and earlier["t"] <= kill <= until:
+                killed += 1
+            elif any(a <= until and b >= earlier["t"] for a, b in o.crashes):
+                crashed += 1
+            else:
+                unexplained += 1
+    return {
+        "started_twice_same_attempt": same,
+        "started_again_after_sigkill": killed,
+        "started_again_after_server_crash": crashed,
+        "started_twice_unexplained": unexplained,
+    }
+
+
+def _unbacked_success(o: Observed) -> int:
+    done = {(x["run"], x["attempt"]) for x in o.ledger if x["ev"] == "end" and x["out"] == "done"}
+    return sum(
+        1 for r in o.records if r.state is RunState.SUCCEEDED and (r.id, r.attempt) not in done
+    )
+
+
+def _newest_not_succeeded(records: Iterable[RunRecord]) -> int:
+    """CANCEL_IN_PROGRESS: the newest max_runs runs of every group end SUCCEEDED."""
+    groups: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in records:
+        strategy, _, _ = WORKFLOWS[r.workflow]
+        if strategy is Strategy.CANCEL_IN_PROGRESS:
+            groups[r.group].append(r)
+    bad = 0
+    for runs in groups.values():
+        runs.sort(key=lambda r: r.seq)
+        mx = WORKFLOWS[runs[0].workflow][1]
+        bad += sum(1 for r in runs[-mx:] if r.state is not RunState.SUCCEEDED)
+    return bad
+
+
+def _strict_max(o: Observed) -> int:
+    """The most handlers of one strict key executing at once (a SIGKILL ends a handler)."""
+    ends = _ends(o)
+    points: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for x in o.ledger:
+        if x["ev"] != "start" or not WORKFLOWS[x["wf"]][2]:
+            continue
+        end = ends.get((x["run"], x["attempt"], x["pid"]))
+        stop = end["t"] if end else o.kills.get(x["pid"], float("inf"))
+        points[x["key"]] += [(x["t"], 1), (stop, -1)]
+    most = 0
+    for marks in points.values():
+        level = 0
+        for _, step in sorted(marks, key=lambda m: (m[0], m[1])):  # an end before a start
+            level += step
+            most = max(most, level)
+    return most
+
+
+def _slot_drift(o: Observed) -> int:
+    """Groups whose stored slot count is not the number of their runs holding a slot."""
+    held: dict[str, int] = defaultdict(int)
+    for r in o.records:
+        if r.state in (RunState.ASSIGNED, RunState.RUNNING) or (
+            r.state is RunState.CANCELLING and r.strict
+        ):
+            held[r.group] += 1
+    groups = set(held) | {g for g, n in o.slots.items() if n}
+    return sum(1 for g in groups if held.get(g, 0) != o.slots.get(g, 0))

@@ -1,0 +1,77 @@
+"""The chaos run (`make chaos`, chaos/): its checks catch what they claim to, and a 60-second
+run on one server passes them all."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import orjson
+
+from chaos.verdict import Observed, check, ok
+from supersede.protocol import RunRecord
+from tests.support import REPO
+
+
+def _record(rid: str, wf: str, state: str, *, group: str = "g", seq: int = 1,
+            attempt: int = 1, ev: str = "e1") -> RunRecord:  # fmt: skip
+    rec = {"st": state, "w": wf, "k": "u", "g": group, "s": f"{seq:032x}", "ev": ev, "a": attempt,
+           "sx": 1 if wf == "chaos-strict" else 0}  # fmt: skip
+    return RunRecord.from_map(rid, rec)
+
+
+def _line(ev: str, rid: str, t: float, *, pid: int = 1, attempt: int = 1,
+          wf: str = "chaos-strict", out: str = "done") -> dict[str, Any]:  # fmt: skip
+    return {"ev": ev, "run": rid, "attempt": attempt, "pid": pid, "t": t, "wf": wf, "key": "u",
+            "out": out}  # fmt: skip
+
+
+def _observed(records: list[RunRecord], ledger: list[dict[str, Any]], **kw: Any) -> Observed:
+    base: dict[str, Any] = {"published": {"e1": "doc", "e2": "doc"}, "duplicates": 0,
+                            "records": records, "ledger": ledger, "slots": {}, "kills": {},
+                            "crashes": [], "terminal_changes": 0}  # fmt: skip
+    return Observed(**(base | kw))
+
+
+def test_the_checks_pass_a_clean_history_and_catch_each_violation() -> None:
+    recs = [_record("r1", "chaos-strict", "C", ev="e1", seq=1),
+            _record("r2", "chaos-strict", "S", ev="e2", seq=2)]  # fmt: skip
+    clean = [_line("start", "r1", 1.0), _line("end", "r1", 2.0, out="cancelled"),
+             _line("start", "r2", 2.5), _line("end", "r2", 3.0)]  # fmt: skip
+    verdict = check(_observed(recs, clean))
+    assert ok(verdict) and verdict["strict_max_executing"] == 1
+    # two strict handlers of one key at once
+    overlap = [clean[0], _line("start", "r2", 1.5), clean[1], clean[3]]
+    assert check(_observed(recs, overlap))["strict_max_executing"] == 2
+    # a second attempt while the first still ran, with no kill or crash to explain it
+    again = [*clean, _line("start", "r2", 2.7, attempt=2, pid=2)]
+    assert check(_observed(recs, again))["started_twice_unexplained"] == 1
+    # ... explained by a SIGKILL of the first attempt's process
+    explained = check(_observed(recs, again, kills={1: 2.8}))
+    assert explained["started_twice_unexplained"] == 0
+    assert explained["started_again_after_sigkill"] == 1
+    # the newest run of a CANCEL_IN_PROGRESS key not SUCCEEDED; a lost run; a drifted slot
+    wrong = [_record("r1", "chaos-strict", "S", seq=1), _record("r2", "chaos-strict", "C",
+                                                                  ev="e2", seq=2)]  # fmt: skip
+    assert check(_observed(wrong, clean))["newest_not_succeeded"] == 1
+    assert check(_observed(recs[:1], clean))["runs_lost"] == 1
+    assert check(_observed(recs, clean, slots={"g": 1}))["slot_drift_groups"] == 1
+    assert not ok(check(_observed(recs, clean, terminal_changes=1)))
+
+
+def test_a_minute_of_chaos_on_one_server_keeps_every_promise() -> None:
+    cmd = [sys.executable, "-m", "chaos", "--duration", "60", "--seed", "20261130",
+           "--lease", "2", "--long", "5", "--settle", "240"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=600)
+    lines = [x for x in out.stdout.decode().splitlines() if x.startswith("CHAOS ")]
+    assert lines, out.stderr.decode()[-3000:]
+    verdict = orjson.loads(lines[-1][len("CHAOS ") :])
+    print(lines[-1])
+    assert verdict["events_published"] > 1000
+    assert verdict["runs"] == verdict["runs_expected"]
+    assert sum(verdict["faults"].values()) >= 10
+    assert verdict["ok"], verdict
+    assert out.returncode == 0
