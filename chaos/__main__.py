@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -126,24 +127,29 @@ class Run:
 
     # -- faults --------------------------------------------------------------------------------
     async def faults_loop(self) -> None:
-        kinds = ["sigkill", "sigterm", "sigstop", "crash"] + (["migrate"] if self.cluster else [])
+        """Faults in rounds: each round makes every fault once, in a random order."""
+        kinds = ["ingress", "admission", "executor"]
+        menu: list[tuple[str, str | None]] = [("sigkill", k) for k in kinds]
+        menu += [("sigterm", k) for k in kinds] + [("sigstop", "admission"), ("crash", None)]
+        if self.cluster:
+            menu.append(("migrate", None))
         while not self.stopped:
-            await asyncio.sleep(self.rng.uniform(1.0, 3.0) * self.args.fault_every)
-            if self.stopped:
-                return
-            fault = self.rng.choice(kinds)
-            try:
-                await getattr(self, f"_{fault}")()
-            except Exception as exc:  # a fault that could not be made is not a failure
-                print(f"chaos: fault {fault} not made: {exc!r}", file=sys.stderr)
+            for fault, kind in self.rng.sample(menu, len(menu)):
+                await asyncio.sleep(self.rng.uniform(0.5, 1.5) * self.args.fault_every)
+                if self.stopped:
+                    return
+                try:
+                    await getattr(self, f"_{fault}")(*([kind] if kind else []))
+                except Exception as exc:  # a fault that could not be made is not a failure
+                    print(f"chaos: fault {fault} not made: {exc!r}", file=sys.stderr)
 
     def _member(self, kind: str | None = None) -> Member:
         live = [m for m in self.members if (kind is None or m.kind == kind) and m.proc
                 and m.proc.poll() is None]  # fmt: skip
         return self.rng.choice(live)
 
-    async def _sigkill(self) -> None:
-        m = self._member()
+    async def _sigkill(self, kind: str) -> None:
+        m = self._member(kind)
         assert m.proc
         self.kills[m.proc.pid] = time.time()
         m.proc.kill()
@@ -151,8 +157,8 @@ class Run:
         self.faults[f"sigkill_{m.kind}"] += 1
         self.spawn(m)
 
-    async def _sigterm(self) -> None:
-        m = self._member()
+    async def _sigterm(self, kind: str) -> None:
+        m = self._member(kind)
         assert m.proc
         m.proc.terminate()
         self.faults[f"sigterm_{m.kind}"] += 1
@@ -166,8 +172,8 @@ class Run:
             m.proc.wait(10)
         self.spawn(m)
 
-    async def _sigstop(self) -> None:
-        m = self._member("admission")
+    async def _sigstop(self, kind: str) -> None:
+        m = self._member(kind)
         assert m.proc
         os.kill(m.proc.pid, signal.SIGSTOP)
         self.faults["sigstop_admission"] += 1
@@ -258,7 +264,8 @@ class Run:
         cluster = ["-c"] if self.cluster else []
         cmd = [cli, "-p", str(node.port), *cluster, "XADD", f"{NAMESPACE}:events", "*", *fields]
         out = subprocess.run(cmd, capture_output=True, timeout=10)
-        if out.returncode != 0 or b"ERR" in out.stdout or not out.stdout.strip():
+        # Only an entry id is a success: redis-cli exits 0 on an error reply (e.g. LOADING).
+        if out.returncode != 0 or not re.fullmatch(rb"\d+-\d+\s*", out.stdout):
             raise RuntimeError(out.stdout.decode() + out.stderr.decode())
 
     # -- observation ---------------------------------------------------------------------------
@@ -338,7 +345,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     try:
         r.start_all()
-        await _until(lambda: _registered(redis), 60)
+        if not await _until(lambda: _registered(redis), 60):
+            raise RuntimeError(f"the executors did not register their workflows; see {work}")
         tasks = [asyncio.create_task(r.producer(way, i * 10_000_000))
                  for i, way in enumerate(["client", "xadd", "cli"])]  # fmt: skip
         tasks.append(asyncio.create_task(r.faults_loop()))
@@ -347,21 +355,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         r.stopped = True
         await asyncio.gather(*tasks)
         r.revive()
-        await _until(lambda: r.settled(redis), args.settle)
+        settled = await _until(lambda: r.settled(redis), args.settle)
         watcher.cancel()
-        recs = await r.records(redis)
+        recs = await _retrying(lambda: r.records(redis))
+        slots = await _retrying(lambda: r.slots(redis))
         observed = Observed(
             published=dict(r.published),
             duplicates=r.duplicates,
             records=recs,
             ledger=ledger.read(str(work / "ledger.jsonl")),
-            slots=await r.slots(redis),
+            slots=slots,
             kills=dict(r.kills),
             crashes=list(r.crashes),
             terminal_changes=len(r.terminal_changes),
             faults=dict(r.faults),
         )
         verdict = check(observed)
+        (work / "published.json").write_bytes(orjson.dumps(r.published))
         verdict |= {
             "mode": "cluster" if args.cluster else "single",
             "duration_s": args.duration,
@@ -369,7 +379,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "seed": args.seed,
             "states": dict(Counter(rec.state.name for rec in recs)),
         }
-        verdict["ok"] = ok(verdict)
+        verdict["settled"] = settled  # every expected run ended within --settle
+        verdict["ok"] = settled and ok(verdict)
         return verdict
     finally:
         r.stop_all()
@@ -388,12 +399,26 @@ async def _registered(redis: Redis | RedisCluster) -> bool:
     return int(await redis.hlen("{%s}:workflows" % NAMESPACE)) >= 4  # noqa: UP031
 
 
-async def _until(check_fn: Any, timeout: float) -> None:
+async def _until(check_fn: Any, timeout: float) -> bool:
+    """Poll until check_fn() is true (True) or the timeout passed (False)."""
     deadline = time.monotonic() + timeout
-    while not await check_fn():
+    while not await _retrying(check_fn):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"not settled within {timeout:.0f} s")
+            return False
         await asyncio.sleep(0.5)
+    return True
+
+
+async def _retrying(fn: Any, attempts: int = 60) -> Any:
+    """fn() again while the server is unreachable (this process's own connections may have
+    died with a crashed server)."""
+    for attempt in range(attempts):
+        try:
+            return await fn()
+        except (redis_sync.ConnectionError, redis_sync.TimeoutError, OSError):
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> int:

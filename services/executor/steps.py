@@ -10,6 +10,7 @@ was lost (a failover before replication), since applying a result twice changes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -159,13 +160,26 @@ class Runner:
             coro = step.fn(ctx)
         else:
             loop = asyncio.get_running_loop()
-            coro = loop.run_in_executor(self.pool, functools.partial(step.fn, ctx))
+            coro = self._sync(loop.run_in_executor(self.pool, functools.partial(step.fn, ctx)), ctx)
         if step.timeout:
             try:
                 return await asyncio.wait_for(coro, step.timeout)
             except TimeoutError:
                 raise TimeoutError(f"step {step.name!r} timed out after {step.timeout}s") from None
         return await coro
+
+    async def _sync(self, thread: asyncio.Future[Any], ctx: Context) -> Any:
+        """A sync step's result. A thread cannot be interrupted: when the run is cancelled,
+        wait (within the grace period) until the step has returned, so the run is not reported
+        CANCELLED, nor its slot freed, while its handler still executes."""
+        try:
+            return await asyncio.shield(thread)
+        except asyncio.CancelledError:
+            if not ctx.cancelled:
+                raise  # a step timeout or a shutdown: nothing asked the step to stop
+            with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(thread), self.config.grace)
+            raise
 
     async def _on_cancel(self, run: Running) -> None:
         hook = run.workflow.cancel_hook

@@ -276,6 +276,21 @@ async def test_a_cancel_reaches_a_sync_step_while_another_step_blocks_the_event_
     await eventually(lambda: _states(redis, keys, {"C": 1, "S": 2}), timeout=30)
 
 
+async def test_a_cancelled_sync_step_is_reported_only_once_it_has_returned(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """A sync step takes 1 s to wind down after its cancel: the run ends (CANCELLED) only
+    after the step returned, not when its task was cancelled while the thread still ran."""
+    await system.pipeline(redis, keys, 1)
+    await publish(redis, keys, "sync.message", userId="u", sleep=60, linger=1)
+    await eventually(lambda: logged(redis, keys, "started:"), timeout=30)
+    await publish(redis, keys, "sync.message", userId="u", sleep=0)
+    await eventually(lambda: _states(redis, keys, {"C": 1, "S": 1}), timeout=30)
+    [returned] = [x for x in await log(redis, keys) if x.startswith("sync-returned:")]
+    _, rid, at_ms = returned.split(":")
+    assert int(str((await records(redis, keys))[rid]["t3"])) >= int(at_ms)
+
+
 async def test_sigterm_under_load_starts_and_drains_everything_it_read(
     redis: Redis, keys: Keys, system: System
 ) -> None:

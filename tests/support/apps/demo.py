@@ -63,6 +63,8 @@ def sync_reply(ctx: Context) -> None:
     while time.monotonic() < deadline:
         if ctx.cancelled:
             note("sync-cancelled", ctx.run_id)
+            time.sleep(float(ctx.input.get("linger", 0)))  # winds down slowly
+            note("sync-returned", ctx.run_id, int(time.time() * 1000))
             return
         time.sleep(0.005)
 
