@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import admission, cluster, executor, ingress
+from bench import admission, cancel_storm, cluster, executor, ingress
 
 
 def main() -> None:
     asyncio.run(admission.main(200_000, 10_000))
     asyncio.run(ingress.main(200_000, 10_000))
     asyncio.run(executor.main())
+    asyncio.run(cancel_storm.main())
     asyncio.run(cluster.main())
 
 

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from supersede.keys import Keys
 from supersede.protocol import Entry, Outcome, StreamReply, parse_cancel
+from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.steps import Runner, Running
 from supersede.streams import tail_ids
@@ -117,6 +118,7 @@ class Cancels:
                 await asyncio.sleep(0.5)
 
     def _on_control(self, entries: list[Entry]) -> None:
+        metrics.CONTROL_MESSAGES.inc(len(entries))
         for entry_id, fields in entries:
             cancel = parse_cancel(fields)
             if cancel is None:

@@ -32,3 +32,12 @@ CANCEL_LATENCY_SECONDS = Histogram(
 )
 BUSY_SLOTS = Gauge("supersede_executor_busy_slots", "Runs executing now.")
 SLOTS = Gauge("supersede_executor_slots", "Slots of this executor.")
+CONTROL_MESSAGES = Counter(
+    "supersede_executor_control_messages_total",
+    "Cancel messages read from the control streams (every executor reads every cancel).",
+)
+LOOP_LAG_SECONDS = Histogram(
+    "supersede_executor_loop_lag_seconds",
+    "How late the event loop runs a timer due every 0.1 s: user code or bookkeeping blocking it.",
+    buckets=LATENCY_BUCKETS,
+)

@@ -37,6 +37,7 @@ from supersede.workflow import Workflow
 __all__ = ["Executor", "ExecutorConfig", "serve"]
 
 DRAIN_POLL = 0.1  # seconds between checks that written results were applied, while draining
+LOOP_LAG_EVERY = 0.1  # seconds between two measures of the event loop's lag
 
 
 class Executor(Service):
@@ -83,6 +84,7 @@ class Executor(Service):
             fetch,
             asyncio.create_task(self.cancels.control_loop(drained)),
             asyncio.create_task(self.cancels.resend_loop(drained)),
+            asyncio.create_task(_measure_loop_lag(drained)),
             *(
                 asyncio.create_task(self.fetcher.wake_loop(stop, shard))
                 for shard in (range(self.keys.shards) if self.fetcher.cluster else ())
@@ -127,6 +129,15 @@ class Executor(Service):
                 "drain deadline passed with results not yet applied",
                 extra={"runs": len(self.runner.awaiting)},
             )
+
+
+async def _measure_loop_lag(stop: asyncio.Event, every: float = LOOP_LAG_EVERY) -> None:
+    """Observe how late a timer due every `every` seconds runs: the event loop's lag."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        due = loop.time() + every
+        await asyncio.sleep(every)
+        metrics.LOOP_LAG_SECONDS.observe(max(0.0, loop.time() - due))
 
 
 async def serve(

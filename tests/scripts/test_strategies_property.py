@@ -246,6 +246,25 @@ class StrategyMachine(RuleBasedStateMachine):
         assert active == members("A", "R")
         assert leases == {rid for rid, r in stored.items() if r["st"] in ("A", "R", "X")}
 
+    @invariant()
+    def streams_carry_every_assignment_and_cancel(self) -> None:
+        """Every ASSIGNED run has an entry executors of its workflow can claim, and every run
+        cancelled while RUNNING (it has a cancel decision time) was told to stop on its
+        shard's control stream."""
+        stored = self.stored()
+        assigned: set[tuple[str, int]] = set()
+        cancels: set[tuple[str, int]] = set()
+        for sk in self.keys.all_shards():
+            for _, f in self.run(self.redis.xrange(sk.assignments_stream("wf"))):
+                assigned.add((f[b"id"].decode(), int(f[b"a"])))
+            for _, f in self.run(self.redis.xrange(sk.control_stream)):
+                cancels.add((f[b"id"].decode(), int(f[b"a"])))
+        for rid, r in stored.items():
+            if r["st"] == "A":
+                assert (rid, r["a"]) in assigned, rid
+            if "tc" in r:
+                assert (rid, r["a"]) in cancels, rid
+
 
 @pytest.mark.parametrize("backend", ["single", "cluster"])
 def test_scripts_match_reference_model(backend: str, request: pytest.FixtureRequest) -> None:
