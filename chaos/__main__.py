@@ -140,7 +140,8 @@ class Run:
                     return
                 try:
                     await getattr(self, f"_{fault}")(*([kind] if kind else []))
-                except Exception as exc:  # a fault that could not be made is not a failure
+                except Exception as exc:  # counted: the verdict shows which faults were made
+                    self.faults[f"not_made_{fault}"] += 1
                     print(f"chaos: fault {fault} not made: {exc!r}", file=sys.stderr)
 
     def _member(self, kind: str | None = None) -> Member:
@@ -229,6 +230,8 @@ class Run:
                 if self.published and self.rng.random() < 0.03:
                     event_id = self.rng.choice(list(self.published))  # a late duplicate
                     name, data = self.payloads[event_id]
+                    if self.rng.random() < 0.5:  # ... with another payload, so another key
+                        data = orjson.dumps({"user": f"other{n}", "ms": 0})
                     self.duplicates += 1
                 else:
                     event_id, name, data = self._event(n)
@@ -367,6 +370,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             slots=slots,
             kills=dict(r.kills),
             crashes=list(r.crashes),
+            lease=args.lease,
             terminal_changes=len(r.terminal_changes),
             faults=dict(r.faults),
         )

@@ -91,10 +91,9 @@ def _keda(args: argparse.Namespace, settings: Settings) -> None:
     workflows = [wf.id for wf in load_workflows(args.module)]
     print(
         scaled_object(
-            settings.keys,
             workflows,
             deployment=args.deployment,
-            address=args.address,
+            prometheus=args.prometheus,
             lag=args.lag,
             max_replicas=args.max_replicas,
         ),
@@ -232,8 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keda.add_argument("module", help="the workflow module the pool's executors run")
     keda.add_argument("--deployment", default="supersede-executor", help="the pool's Deployment")
-    keda.add_argument("--address", default="redis:6379", help="host:port KEDA connects to")
-    keda.add_argument("--lag", type=int, default=50, help="backlog per replica (lagCount)")
+    keda.add_argument(
+        "--prometheus", default="http://prometheus:9090", help="the Prometheus KEDA queries"
+    )
+    keda.add_argument("--lag", type=int, default=50, help="unclaimed runs per replica")
     keda.add_argument("--max-replicas", type=int, default=30)
     keda.set_defaults(func=_keda)
 

@@ -3,8 +3,9 @@
 An executor reads only the assignment streams of its own workflows, one per workflow in each
 shard, so a run is only ever delivered to an executor that has its workflow. How a read is made
 depends on the free slots and the backend:
-- streams whose last read gave all it asked for ("hot": a backlog) are read first, in one
-  XREADGROUP, `free // hot` entries each;
+- every other read, the streams whose last read gave all it asked for ("hot": a backlog) are
+  read first, in one XREADGROUP, `free // hot` entries each (the reads between are full ones,
+  so a backlog in one stream never starves the others);
 - with a free slot per stream on one server, one XREADGROUP BLOCK over every stream both waits
   and reads (free // streams entries per stream at most);
 - otherwise the streams are read in batches of at most `free` streams, woken streams first,
@@ -68,6 +69,7 @@ class Fetcher:
         self._rotation = 0
         self._woken: list[int] = []
         self._hot: set[int] = set()  # streams whose last read returned all it asked for
+        self._hot_turn = False
         self._wake = asyncio.Event()
         self._wake_ids: dict[str, str] = {}
         self._tails_fresh = False
@@ -134,7 +136,10 @@ class Fetcher:
         blocking = self._blocking(free)
         if reread:
             return await self._read_own(free)
-        got = await self._read_hot(free) if self._hot else []
+        # Every other read is a full one (all streams, in rotation): a backlog in one stream
+        # never starves the others.
+        self._hot_turn = not self._hot_turn
+        got = await self._read_hot(free) if self._hot and self._hot_turn else []
         if not got:
             got = await (self._read_blocking(free) if blocking else self._read_scan(free))
         self.own.advance(None, reread=False)
@@ -142,6 +147,8 @@ class Fetcher:
 
     async def _read_hot(self, free: int) -> list[Fetched]:
         order = sorted(self._hot)
+        cut = self._rotation % len(order)  # rotate, so no hot stream always comes last
+        order = order[cut:] + order[:cut]
         got: list[Fetched] = []
         while order and len(got) < free:
             want = free - len(got)

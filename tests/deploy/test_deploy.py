@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from supersede.keys import Keys
 from supersede.server import free_port
+from supersede.services.keda import backlog_query
 from tests.support import CLI, REPO, System, eventually, exposed
 
 DEPLOY = REPO / "deploy"
@@ -113,6 +114,11 @@ async def test_a_real_prometheus_scrapes_the_three_services(
             )
 
         await eventually(scraped, timeout=60)
+        # The query `supersede keda` gives a pool parses and finds the pool's backlog series.
+        from supersede.services.keda import backlog_query
+
+        keda_query = backlog_query(["work", "chat-reply"])
+        await eventually(lambda: asyncio.to_thread(lambda: bool(query(keda_query))), timeout=30)
         # The names the dashboard and the alerts use, against what the three services expose
         # after this short end-to-end run (their own /metrics, exposition format parsed).
         from tests.support import scrape
@@ -134,8 +140,6 @@ async def test_a_real_prometheus_scrapes_the_three_services(
 
 
 def test_compose_and_manifests_reference_what_the_services_really_use() -> None:
-    from supersede.keys import Keys
-    from supersede.protocol import EXECUTOR_GROUP
     from supersede.services.cli import build_parser
 
     parser = build_parser()
@@ -159,8 +163,8 @@ def test_compose_and_manifests_reference_what_the_services_really_use() -> None:
         )
     assert 'ENTRYPOINT ["supersede"]' in dockerfile and "USER supersede" in dockerfile
     assert "/healthz" in k8s and "/readyz" in k8s
-    # The KEDA file is `supersede keda` for the demo pool: a trigger per (shard, workflow)
-    # stream the demo executors read, none for a workflow they do not have.
+    # The KEDA file is `supersede keda` for the demo pool: one trigger, the pool's workflows'
+    # unclaimed backlog summed (per-stream triggers would count a spread backlog by its part).
     keda = (DEPLOY / "k8s" / "keda-executor.yaml").read_text()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
     generated = subprocess.run(
@@ -169,11 +173,8 @@ def test_compose_and_manifests_reference_what_the_services_really_use() -> None:
     assert keda == generated
     from supersede.services import demo
 
-    for sk in Keys("supersede", 16).all_shards():
-        for wf in (demo.chat.id, demo.reindex.id):
-            assert f'stream: "{sk.assignments_stream(wf)}"' in keda
-        assert f'stream: "{sk.assignments_stream("other")}"' not in keda
-    assert f"consumerGroup: {EXECUTOR_GROUP}" in keda and keda.count("type: redis-streams") == 32
+    query = backlog_query([demo.chat.id, demo.reindex.id])
+    assert query in keda and "supersede_admission_assignment_backlog" in exposed()
 
 
 def test_compose_manifests_and_prometheus_files_parse() -> None:
@@ -205,8 +206,10 @@ def test_compose_manifests_and_prometheus_files_parse() -> None:
                 assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
                 assert container["resources"]["requests"]["cpu"]
             if doc["kind"] == "ScaledObject":
-                assert len(doc["spec"]["triggers"]) == 32  # 16 shards x 2 demo workflows
-                assert {t["type"] for t in doc["spec"]["triggers"]} == {"redis-streams"}
+                [trigger] = doc["spec"]["triggers"]
+                assert (
+                    trigger["type"] == "prometheus" and "workflow=~" in trigger["metadata"]["query"]
+                )
     assert kinds.count("Deployment") == 3 and "PodMonitor" in kinds and "ScaledObject" in kinds
     for path in (DEPLOY / "grafana" / "provisioning").rglob("*.yml"):
         assert yaml.safe_load(path.read_text())["apiVersion"] == 1

@@ -31,7 +31,7 @@ def _line(ev: str, rid: str, t: float, *, pid: int = 1, attempt: int = 1,
 def _observed(records: list[RunRecord], ledger: list[dict[str, Any]], **kw: Any) -> Observed:
     base: dict[str, Any] = {"published": {"e1": "doc", "e2": "doc"}, "duplicates": 0,
                             "records": records, "ledger": ledger, "slots": {}, "kills": {},
-                            "crashes": [], "terminal_changes": 0}  # fmt: skip
+                            "crashes": [], "terminal_changes": 0, "lease": 2.0}  # fmt: skip
     return Observed(**(base | kw))
 
 
@@ -45,6 +45,7 @@ def test_the_checks_pass_a_clean_history_and_catch_each_violation() -> None:
     # two strict handlers of one key at once
     overlap = [clean[0], _line("start", "r2", 1.5), clean[1], clean[3]]
     assert check(_observed(recs, overlap))["strict_max_executing"] == 2
+    assert not ok(check(_observed(recs, overlap)))
     # a second attempt while the first still ran, with no kill or crash to explain it
     again = [*clean, _line("start", "r2", 2.7, attempt=2, pid=2)]
     assert check(_observed(recs, again))["started_twice_unexplained"] == 1
@@ -52,6 +53,14 @@ def test_the_checks_pass_a_clean_history_and_catch_each_violation() -> None:
     explained = check(_observed(recs, again, kills={1: 2.8}))
     assert explained["started_twice_unexplained"] == 0
     assert explained["started_again_after_sigkill"] == 1
+    # ... but not by a server outage too short for a lease to lapse
+    short = check(_observed(recs, again, crashes=[(2.6, 2.65)]))
+    assert short["started_twice_unexplained"] == 1
+    long_ = check(_observed(recs, again, crashes=[(2.6, 3.9)]))
+    assert long_["started_again_after_server_crash"] == 1
+    # three GROUP_ROUND_ROBIN handlers of one key (max_runs 2) at once
+    fifo = [_line("start", f"f{i}", 1.0 + i / 10, wf="chaos-fifo") for i in range(3)]
+    assert check(_observed(recs, clean + fifo))["workflows_over_their_limit"] == 1
     # the newest run of a CANCEL_IN_PROGRESS key not SUCCEEDED; a lost run; a drifted slot
     wrong = [_record("r1", "chaos-strict", "S", seq=1), _record("r2", "chaos-strict", "C",
                                                                   ev="e2", seq=2)]  # fmt: skip

@@ -131,6 +131,26 @@ async def test_pools_with_different_workflows_each_run_only_their_own(
     assert by_workflow == {"work": 8, "resize": 8}
 
 
+async def test_a_backlog_of_one_workflow_does_not_starve_another(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """With two slots busy on a backlog of `work` runs, a `sync-reply` run assigned after
+    them starts long before the backlog is worked off: every other read covers every
+    stream, not only the ones that had more the last time."""
+    await system.pipeline(redis, keys, 1, "--slots", "2")
+    for i in range(60):
+        await publish(redis, keys, "work.item", i=i, sleep=0.05)
+    await eventually(lambda: logged(redis, keys, "done:", 4), timeout=30)
+    await publish(redis, keys, "sync.message", userId="u", sleep=0)
+    await eventually(lambda: _states(redis, keys, {"S": 61}), timeout=60)
+    entries = await log(redis, keys)
+    starts = [x for x in entries if x.startswith("started:")]
+    sync_rid = next(
+        rid for rid, r in (await records(redis, keys)).items() if r["w"] == "sync-reply"
+    )
+    assert starts.index(f"started:{sync_rid}") < 40, "the other workflow waited for the backlog"
+
+
 async def test_a_failing_step_is_retried_then_fails_the_run_with_its_traceback(
     redis: Redis, keys: Keys, system: System
 ) -> None:
