@@ -80,3 +80,8 @@ class KeyExpressionError(SupersedeError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}")
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a log field or a dead letter: the exception's class and message, cut."""
+    return f"{type(exc).__name__}: {exc}"[:500]

@@ -17,7 +17,12 @@ from supersede.errors import DefinitionError, KeyExpressionError
 from supersede.protocol import Reason
 
 MAX_KEY_BYTES = 1024
+MAX_EXPRESSION_CHARS = 1000
 KeyFn = Callable[[Any, Any], str]
+# Comprehension macros: each walks a list or map of the input. One is linear in the input's size
+# (which max_payload bounds); one inside another is quadratic, so a hostile event could make a
+# key cost seconds on the ingress loop. They are refused at registration.
+_MACRO = re.compile(r"\.\s*(map|filter|all|exists|exists_one)\s*\(")
 _PATH = re.compile(r"^\s*(input|metadata)((?:\.[A-Za-z_][A-Za-z0-9_]*)+)\s*$")
 
 
@@ -34,10 +39,49 @@ def _as_key(value: Any, expression: str) -> str:
     return key
 
 
+def _check_cost(expression: str, field: str) -> None:
+    """Refuse expressions whose cost can grow faster than the input: over MAX_EXPRESSION_CHARS,
+    or a comprehension (map, filter, all, exists, exists_one) inside another one's arguments."""
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        raise DefinitionError(field, f"must be at most {MAX_EXPRESSION_CHARS} characters")
+    depth = 0  # parentheses opened
+    macro_depths: list[int] = []  # the depth each open macro's arguments started at
+    i = 0
+    while i < len(expression):
+        ch = expression[i]
+        if ch in "'\"":  # skip string literals
+            end = expression.find(ch, i + 1)
+            while end != -1 and expression[end - 1] == "\\":
+                end = expression.find(ch, end + 1)
+            i = len(expression) if end == -1 else end + 1
+            continue
+        macro = _MACRO.match(expression, i)
+        if macro:
+            if macro_depths:
+                raise DefinitionError(
+                    field,
+                    f"nested comprehension `.{macro.group(1)}()` inside another: its cost grows "
+                    "with the square of the input; compute the key with one pass",
+                )
+            depth += 1
+            macro_depths.append(depth)
+            i = macro.end()
+            continue
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            if macro_depths and macro_depths[-1] == depth:
+                macro_depths.pop()
+            depth -= 1
+        i += 1
+
+
 def compile_key(expression: str, field: str = "concurrency.expression") -> KeyFn:
-    """Compile `expression`; a syntax error raises DefinitionError naming `field`."""
+    """Compile `expression`; a syntax error or a cost over the budget (see `_check_cost`)
+    raises DefinitionError naming `field`."""
     if not isinstance(expression, str) or not expression.strip():
         raise DefinitionError(field, "must be a non-empty CEL expression")
+    _check_cost(expression, field)
     match = _PATH.match(expression)
     if match:
         root = match.group(1)

@@ -99,6 +99,7 @@ class Reason(enum.StrEnum):
     BAD_MSGPACK = "bad_msgpack"
     KEY_ERROR = "key_error"
     KEY_TOO_LARGE = "key_too_large"
+    INTERNAL = "internal"  # handling the entry raised; the detail names the exception
     # entries the scripts refuse (supersede.errors maps the codes)
     MALFORMED = "malformed"
     UNKNOWN_RUN = "unknown_run"

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from supersede.errors import DefinitionError
+from supersede.errors import DefinitionError, describe
 from supersede.keyexpr import compile_key
 from supersede.keys import Keys
 from supersede.model import ConcurrencySpec
@@ -162,7 +162,7 @@ def _parse_steps(raw: Any) -> tuple[StepDef, ...]:
             raise DefinitionError(f"steps[{i}].name", f"duplicate step name {name!r}")
         seen.add(name)
         parents = s.get("parents", [])
-        if not isinstance(parents, list | tuple):
+        if not isinstance(parents, list | tuple) or not all(isinstance(p, str) for p in parents):
             raise DefinitionError(f"steps[{i}].parents", "must be a list of step names")
         timeout = s.get("timeout")
         if timeout is not None and (
@@ -224,6 +224,6 @@ async def load_all(redis: Redis, keys: Keys) -> tuple[int, dict[str, WorkflowDef
         name = wid.decode()
         try:
             defs[name] = parse(orjson.loads(body))
-        except (DefinitionError, orjson.JSONDecodeError) as exc:
-            errors[name] = str(exc)
+        except Exception as exc:  # whatever is stored, the valid ones are still served
+            errors[name] = str(exc) if isinstance(exc, DefinitionError) else describe(exc)
     return int(epoch or 0), defs, errors

@@ -33,3 +33,7 @@ BATCH_SECONDS = Histogram(
 )
 INBOX_LAG = Gauge("supersede_ingress_inbox_lag", "Inbox entries not yet read by group ingress.")
 WORKFLOWS = Gauge("supersede_ingress_workflows", "Valid workflow definitions loaded.")
+INVALID_WORKFLOWS = Gauge(
+    "supersede_ingress_invalid_workflows",
+    "Stored workflow definitions skipped because they fail validation (logged with the error).",
+)

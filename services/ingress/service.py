@@ -24,7 +24,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from supersede import aio
 from supersede.config import Settings
-from supersede.errors import KeyExpressionError
+from supersede.errors import KeyExpressionError, describe
 from supersede.keyexpr import KeyFn, compile_key
 from supersede.model import (
     encode_seq,
@@ -287,6 +287,7 @@ class Ingress(Service):
         self.routes = build_routes(defs)
         self.epoch = epoch
         metrics.WORKFLOWS.set(len(defs))
+        metrics.INVALID_WORKFLOWS.set(len(errors))
         self.log.info("workflows loaded", extra={"epoch": epoch, "workflows": sorted(defs)})
 
     async def main(self, stop: asyncio.Event) -> None:
@@ -346,41 +347,54 @@ class Ingress(Service):
         await self.write(self.route(entries))
 
     def route(self, entries: Sequence[Entry]) -> Batch:
-        """Parse, validate and route a batch (no I/O); bad events become dead letters."""
+        """Parse, validate and route a batch (no I/O). A bad event becomes a dead letter with
+        its reason, and so does one whose handling raised anything at all (`internal`, naming
+        the exception): one entry never fails its batch."""
         batch = Batch(entries, time.perf_counter())
-        shards = self.keys.shards
         for entry_id, fields in entries:
             try:
-                event = parse_event(entry_id, fields, self.config.max_payload)
+                self._route_entry(batch, entry_id, fields)
             except BadEvent as exc:
                 batch.dead.append(self._dead(entry_id, fields, exc.reason, exc.detail))
-                continue
-            routes = self.routes.get(event.name)
-            if not routes:
-                batch.unrouted += 1
-                continue
+            except Exception as exc:
+                batch.dead.append(self._dead(entry_id, fields, Reason.INTERNAL, describe(exc)))
+        return batch
+
+    def _route_entry(self, batch: Batch, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        event = parse_event(entry_id, fields, self.config.max_payload)
+        routes = self.routes.get(event.name)
+        if not routes:
+            batch.unrouted += 1
+            return
+        try:
             payload = pack_input(event.data, event.metadata, event.name, event.id)
-            seq = encode_seq(entry_id)
-            keys_seen: dict[KeyFn, str] = {}
-            for route in routes:
-                wf = route.workflow
-                try:
-                    key = self._key(route, event, keys_seen)
-                except KeyExpressionError as exc:
-                    batch.dead.append(self._dead(entry_id, fields, exc.reason, exc.detail, wf.id))
-                    continue
-                gid, shard = route.group_of(key, shards)
+        except Exception as exc:  # e.g. nesting deeper than msgpack encodes
+            raise BadEvent(Reason.BAD_JSON, f"`data` cannot be stored: {describe(exc)}") from None
+        seq = encode_seq(entry_id)
+        keys_seen: dict[KeyFn, str] = {}
+        for route in routes:
+            wf = route.workflow
+            try:
+                key = self._key(route, event, keys_seen)
+                gid, shard = route.group_of(key, self.keys.shards)
                 digest = event_digest(event.id, wf.id)
                 rid = run_id(shard, event.id, wf.id, digest)
                 request = route.packer.pack(rid, gid, seq, key, event.id, payload)
-                requests = batch.requests.setdefault(shard, [])
-                if event.explicit_id:
-                    batch.ids.setdefault(shard_of_digest(digest, shards), []).append(
-                        (digest, entry_id, shard, len(requests))
-                    )
-                requests.append((rid, request))
-                batch.workflows.setdefault(shard, []).append(wf.id)
-        return batch
+            except KeyExpressionError as exc:
+                batch.dead.append(self._dead(entry_id, fields, exc.reason, exc.detail, wf.id))
+                continue
+            except Exception as exc:
+                batch.dead.append(
+                    self._dead(entry_id, fields, Reason.INTERNAL, describe(exc), wf.id)
+                )
+                continue
+            requests = batch.requests.setdefault(shard, [])
+            if event.explicit_id:
+                batch.ids.setdefault(shard_of_digest(digest, self.keys.shards), []).append(
+                    (digest, entry_id, shard, len(requests))
+                )
+            requests.append((rid, request))
+            batch.workflows.setdefault(shard, []).append(wf.id)
 
     async def drop_duplicate_ids(self, batch: Batch) -> int:
         """Claim each explicit (workflow, id) on the shard its digest routes to, and drop the

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -16,10 +17,13 @@ import msgpack
 import orjson
 import pytest
 import redis as redis_sync
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from supersede import client, codec
 from supersede.config import Settings
+from supersede.errors import DefinitionError
 from supersede.keys import Keys
 from supersede.model import event_digest, group_id, shard_of_digest, shard_of_group
 from supersede.protocol import INGRESS_GROUP
@@ -152,6 +156,73 @@ async def test_a_bad_event_is_dead_lettered_and_the_next_one_is_processed(
         assert body[k.encode()] == (v if isinstance(v, bytes) else str(v).encode())
     chat = [r for r in await requests_in_streams(redis, keys) if r["w"] == "chat-reply"]
     assert [r["k"] for r in chat] == ["next"]
+
+
+async def test_one_hostile_event_is_dead_lettered_alone_and_its_batch_mates_run(
+    redis: Redis, keys: Keys, ingress: Ingress, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unforeseen exception while routing one entry (here injected) dead-letters that
+    entry as `internal`, naming the exception, per workflow; before, it failed the whole batch,
+    which was read again forever. JSON nested 1,023 levels deep (orjson's limit) is routed."""
+    from supersede.services.ingress import service as ingress_module
+
+    real_digest = ingress_module.event_digest  # type: ignore[attr-defined]
+
+    def digest(event_id: str, workflow: str) -> str:
+        if event_id == "boom":
+            raise RuntimeError("injected")
+        return real_digest(event_id, workflow)
+
+    monkeypatch.setattr(ingress_module, "event_digest", digest)
+    deep = "[" * 1023 + "]" * 1023
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(20):
+            pipe.xadd(keys.events_stream, {"name": "chat.message", "data": f'{{"userId":"u{i}"}}'})
+            if i == 7:
+                pipe.xadd(
+                    keys.events_stream,
+                    {"name": "chat.message", "data": f'{{"userId":"x","deep":{deep}}}'},
+                )
+                pipe.xadd(
+                    keys.events_stream,
+                    {"name": "chat.message", "data": '{"userId":"y"}', "id": "boom"},
+                )
+        await pipe.execute()  # fmt: skip
+    await settle(redis, keys)
+    chat = [r for r in await requests_in_streams(redis, keys) if r["w"] == "chat-reply"]
+    assert sorted(r["k"] for r in chat) == sorted([*(f"u{i}" for i in range(20)), "x"])
+    dead = [f for _, f in await redis.xrange(keys.dead_stream)]
+    assert sorted((f[b"reason"], f[b"workflow"]) for f in dead) == [
+        (b"internal", b"audit"), (b"internal", b"chat-reply")
+    ]  # fmt: skip
+    assert all(f[b"detail"] == b"RuntimeError: injected" for f in dead)
+
+
+async def test_an_invalid_stored_definition_is_skipped_and_the_valid_ones_served(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """A stored definition with `parents: [{}]` (written by hand, bypassing registration) made
+    load_all raise TypeError, so ingress could neither start nor reload."""
+    await register(redis, keys, CHAT)
+    bad = {"id": "bad", "events": ["chat.message"], "steps": [{"name": "a", "parents": [{}]}]}
+    await redis.hset(keys.workflows_hash, "bad", orjson.dumps(bad))
+    with pytest.raises(DefinitionError, match=r"steps\[0\]\.parents"):
+        await register(redis, keys, bad)
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    service = Ingress(redis, settings, IngressConfig(block_ms=50, refresh_interval=0.05))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await eventually(lambda: asyncio.sleep(0, service.ready))
+        await redis.xadd(keys.events_stream, {"name": "chat.message", "data": '{"userId":"u"}'})
+        await settle(redis, keys)
+        assert [r["w"] for r in await requests_in_streams(redis, keys)] == ["chat-reply"]
+        from supersede.services.ingress import metrics
+
+        assert metrics.INVALID_WORKFLOWS._value.get() == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
 
 
 async def test_an_event_no_workflow_listens_to_is_acknowledged_not_dead_lettered(
@@ -370,3 +441,88 @@ async def test_a_failed_batch_is_read_again_at_once_not_after_the_takeover_delay
         ("chat-reply", "u1")
     ]
     assert len(reqs) == 3  # chat-reply + audit for the message, audit for the signup; no repeats
+
+
+# -- fuzz -----------------------------------------------------------------------------------------
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=20,
+)  # fmt: skip
+_data = st.one_of(
+    st.builds(lambda v: orjson.dumps({"userId": v}), st.text(max_size=30) | st.integers(0, 99)),
+    st.just(b'{"userId": 123456789012345678901234567890}'),
+    st.builds(lambda v: orjson.dumps(v), _json),
+    st.builds(lambda n: ("[" * n + "]" * n).encode(), st.integers(1, 1100)),
+    st.binary(max_size=60),
+)
+_entry = st.fixed_dictionaries(
+    {"name": st.sampled_from([b"chat.message", b"user.signup"]) | st.binary(max_size=10)},
+    optional={
+        "data": _data,
+        "id": st.binary(max_size=10) | st.binary(min_size=1020, max_size=1030),
+        "encoding": st.sampled_from([b"json", b"msgpack"]) | st.binary(max_size=6),
+        "metadata": _data,
+        "other": st.text(max_size=10).map(str.encode),
+    },
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(entries=st.lists(_entry, min_size=1, max_size=10))
+def test_fuzzed_inbox_entries_each_end_as_requests_or_dead_letters(
+    redis_url: str, entries: list[dict[str, bytes]]
+) -> None:  # fmt: skip
+    """Random field maps, encodings, nesting, sizes and unicode through the real ingress on a
+    real server: nothing stays pending, and each entry ends as one outcome per workflow it
+    triggers (a request or a dead letter naming it), or one dead letter, or (a name nobody
+    listens to) nothing."""
+    asyncio.run(_fuzz_once(redis_url, entries))
+
+
+async def _fuzz_once(redis_url: str, entries: list[dict[str, bytes]]) -> None:
+    keys = Keys(f"fz{uuid.uuid4().hex[:10]}", 4)
+    redis = Redis.from_url(redis_url)
+    await register(redis, keys, CHAT)
+    await register(redis, keys, AUDIT)
+    settings_ = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    service = Ingress(redis, settings_, IngressConfig(block_ms=20, refresh_interval=0.05))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        ids = [await redis.xadd(keys.events_stream, dict(e)) for e in entries]
+        await eventually(lambda: inbox_done(redis, keys), timeout=20)
+        dead: dict[bytes, list[bytes]] = {}
+        for _, f in await redis.xrange(keys.dead_stream):
+            dead.setdefault(f[b"entry"], []).append(f.get(b"workflow", b""))
+        requested: Counter[str] = Counter()
+        for r in await requests_in_streams(redis, keys):
+            requested[r["w"]] += 1
+        routed = {b"chat.message": ("audit", "chat-reply"), b"user.signup": ("audit",)}
+        explicit_ids: set[tuple[bytes, str]] = set()
+        expected_requests: Counter[str] = Counter()
+        for entry_id, fields in zip(ids, entries, strict=True):
+            got = dead.get(entry_id, [])
+            workflows = routed.get(fields["name"], ())
+            if got == [b""]:
+                continue  # refused as a whole: one dead letter
+            assert b"" not in got, (fields, got)
+            assert len(got) == len(set(got)), got  # at most one per workflow
+            event_id = fields.get("id", entry_id)
+            for wf in workflows:
+                if wf.encode() not in got and (event_id, wf) not in explicit_ids:
+                    expected_requests[wf] += 1
+                    explicit_ids.add((event_id, wf))
+            if not workflows:
+                assert got == [], (fields, got)
+        assert requested == expected_requests
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await redis.aclose()

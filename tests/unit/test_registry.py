@@ -100,3 +100,29 @@ def test_the_field_path_fast_path_agrees_with_cel(data: dict[str, Any], path: li
         assert got is KeyExpressionError
     else:
         assert got == str(expected)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "input.items.map(x, x.tags.map(t, t)).size()",
+        "input.a.exists(x, input.b.filter(y, y == x).size() > 0)",
+        "string(input.a.all(x, x > 0)) + string(input.b.map(y, [1].exists(z, z == y)))",
+        "x" * 1001,
+    ],
+)
+def test_a_key_expression_whose_cost_can_outgrow_its_input_is_refused(expression: str) -> None:
+    """Nested comprehensions cost seconds per event on a hostile input (quadratic)."""
+    with pytest.raises(DefinitionError, match=r"concurrency\.expression"):
+        compile_key(expression)
+
+
+def test_one_pass_comprehensions_and_macro_names_in_strings_are_fine() -> None:
+    assert compile_key("string(input.items.map(x, x * 2).size())")({"items": [1, 2]}, {}) == "2"
+    sequential = compile_key(
+        "(input.a.filter(x, x > 1).size() > 0 ? 'f' : '-') + (input.b.exists(y, y) ? 'e' : '-')"
+    )
+    assert sequential({"a": [1, 2], "b": [True]}, {}) == "fe"
+    assert compile_key("input.name + '.map(x, y.map(z, z))'")({"name": "n"}, {}) == (
+        "n.map(x, y.map(z, z))"
+    )
