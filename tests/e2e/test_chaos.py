@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 import orjson
+import pytest
 
 from chaos.verdict import Observed, check, ok
 from supersede.protocol import RunRecord
@@ -70,6 +71,7 @@ def test_the_checks_pass_a_clean_history_and_catch_each_violation() -> None:
     assert not ok(check(_observed(recs, clean, terminal_changes=1)))
 
 
+@pytest.mark.timeout(900)  # a minute of faults, then the settling (the default is 120 s)
 def test_a_minute_of_chaos_on_one_server_keeps_every_promise() -> None:
     cmd = [sys.executable, "-m", "chaos", "--duration", "60", "--seed", "20261130",
            "--lease", "2", "--long", "5", "--fault-every", "1", "--settle", "240"]  # fmt: skip
