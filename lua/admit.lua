@@ -19,10 +19,9 @@
                                 (CANCEL_IN_PROGRESS: a late, older arrival loses to them)
     KEYS[13] newest-at zset     group id by its last admission (ms), for expiry by reap
     ARGV[1]  now in ms, or 0 for the server clock
-    ARGV[2]  approximate MAXLEN of the streams written
-    ARGV[3]  consumer group of the requests stream
-    ARGV[4]  this shard's number (every run id must start with '<shard>-')
-    ARGV[5..] pairs: requests-stream entry id, msgpack request
+    ARGV[2]  consumer group of the requests stream
+    ARGV[3]  this shard's number (every run id must start with '<shard>-')
+    ARGV[4..] pairs: requests-stream entry id, msgpack request
               {id, g, s, w, v, k, ev, max, st, x, m, in}
 
   Output:
@@ -45,16 +44,15 @@ local newestKey, newestAtKey = KEYS[12], KEYS[13]
 -- @include ack
 
 local now = nowMs(ARGV[1])
-local streamMax = tonumber(ARGV[2])
-local groupName, shardPrefix = ARGV[3], ARGV[4] .. '-'
-if not streamMax or (#ARGV - 4) % 2 ~= 0 then return { -4, 0 } end
+local groupName, shardPrefix = ARGV[2], (ARGV[3] or '') .. '-'
+if not ARGV[3] or (#ARGV - 3) % 2 ~= 0 then return { -4, 0 } end
 
 -- @include transitions
 
 -- Validate the whole batch before writing anything.
 local reqs = {}
-for i = 5, #ARGV, 2 do
-  local n = (i - 3) / 2
+for i = 4, #ARGV, 2 do
+  local n = (i - 2) / 2
   local ok, req = pcall(cmsgpack.unpack, ARGV[i + 1])
   if not ok or type(req) ~= 'table' then return { -1, n, 'payload' } end
   local bad = badRequestField(req)
@@ -106,7 +104,7 @@ for rid, input in pairs(fresh) do
 end
 callChunked('HSET', inputsKey, inputs, 1000)
 
-ackEntries(requestsKey, groupName, 5, 2)
+ackEntries(requestsKey, groupName, 4, 2)
 flushRuns()
 flushNewest()
 return { 0, created, dups, stats.assigned, stats.cancelled }

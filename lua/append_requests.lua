@@ -9,8 +9,7 @@
     KEYS[2]  seen zset          run id by the time it was requested (ms)
     ARGV[1]  now in ms, or 0 for the server clock
     ARGV[2]  de-duplication window in ms
-    ARGV[3]  approximate MAXLEN of the requests stream
-    ARGV[4]  msgpack array: run id, packed run request, run id, packed run request, ...
+    ARGV[3]  msgpack array: run id, packed run request, run id, packed run request, ...
              (one argument: encoding thousands of arguments costs the client more than the
              server spends unpacking them)
 
@@ -26,16 +25,16 @@ local requestsKey, seenKey = KEYS[1], KEYS[2]
 -- @include now
 
 local now = nowMs(ARGV[1])
-local window, maxlen = tonumber(ARGV[2]), tonumber(ARGV[3])
-if not window or not maxlen then return { -4, 0 } end
-local ok, items = pcall(cmsgpack.unpack, ARGV[4] or '')
+local window = tonumber(ARGV[2])
+if not window then return { -4, 0 } end
+local ok, items = pcall(cmsgpack.unpack, ARGV[3] or '')
 if not ok or type(items) ~= 'table' or #items % 2 ~= 0 then return { -4, 0 } end
 
 rcall('ZREMRANGEBYSCORE', seenKey, '-inf', now - window)
 local out = { 0, 0, 0 }
 for i = 1, #items, 2 do
   if rcall('ZADD', seenKey, 'NX', now, items[i]) == 1 then
-    rcall('XADD', requestsKey, 'MAXLEN', '~', maxlen, '*', 'r', items[i + 1])
+    rcall('XADD', requestsKey, '*', 'r', items[i + 1])
     out[2] = out[2] + 1
     out[#out + 1] = 1
   else

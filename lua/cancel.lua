@@ -9,9 +9,8 @@
     KEYS[11]    newest hash      as in admit.lua
     KEYS[12]    newest-at zset   as in admit.lua
     ARGV[1]     now in ms, or 0 for the server clock
-    ARGV[2]     approximate MAXLEN of the streams written
-    ARGV[3]     reason recorded on the runs (e.g. 'manual')
-    ARGV[4..]   run ids
+    ARGV[2]     reason recorded on the runs (e.g. 'manual')
+    ARGV[3..]   run ids
 
   Output:
     {0, flag, ...}  one flag per run id: 1 cancelled by this call, 0 already ended/cancelling
@@ -31,17 +30,17 @@ local newestKey, newestAtKey = KEYS[11], KEYS[12]
 -- @include runs
 
 local now = nowMs(ARGV[1])
-local streamMax, reason = tonumber(ARGV[2]), ARGV[3]
-if not streamMax or not reason or reason == '' then return { -4, 0 } end
+local reason = ARGV[2]
+if not reason or reason == '' then return { -4, 0 } end
 
 -- @include transitions
 
-for i = 4, #ARGV do
-  if not loadRun(ARGV[i]) then return { -2, i - 3 } end
+for i = 3, #ARGV do
+  if not loadRun(ARGV[i]) then return { -2, i - 2 } end
 end
 
 local out = { 0 }
-for i = 4, #ARGV do
+for i = 3, #ARGV do
   local rid = ARGV[i]
   local rec = loadRun(rid)
   local st = rec.st

@@ -10,9 +10,8 @@
     KEYS[12]    newest hash      as in admit.lua (an ended CANCEL_IN_PROGRESS run is remembered)
     KEYS[13]    newest-at zset   as in admit.lua
     ARGV[1]     now in ms, or 0 for the server clock
-    ARGV[2]     approximate MAXLEN of the streams written
-    ARGV[3]     consumer group of the results stream
-    ARGV[4..]   pairs: results entry id, msgpack result {id, a, o = 'S'|'F'|'C', err}
+    ARGV[2]     consumer group of the results stream
+    ARGV[3..]   pairs: results entry id, msgpack result {id, a, o = 'S'|'F'|'C', err}
 
   Output:
     {0, applied, stale, assigned}
@@ -33,16 +32,15 @@ local newestKey, newestAtKey = KEYS[12], KEYS[13]
 -- @include ack
 
 local now = nowMs(ARGV[1])
-local streamMax = tonumber(ARGV[2])
-local groupName = ARGV[3]
-if not streamMax or (#ARGV - 3) % 2 ~= 0 then return { -4, 0 } end
+local groupName = ARGV[2]
+if not groupName or (#ARGV - 2) % 2 ~= 0 then return { -4, 0 } end
 
 -- @include transitions
 
 local OUTCOMES = { S = true, F = true, C = true }
 local results = {}
-for i = 4, #ARGV, 2 do
-  local n = (i - 2) / 2
+for i = 3, #ARGV, 2 do
+  local n = (i - 1) / 2
   local ok, r = pcall(cmsgpack.unpack, ARGV[i + 1])
   if not ok or type(r) ~= 'table' then return { -1, n, 'payload' } end
   if type(r.id) ~= 'string' or r.id == '' then return { -1, n, 'id' } end
@@ -78,7 +76,7 @@ for n = 1, #results do
 end
 
 refillTouched()
-ackEntries(resultsKey, groupName, 4, 2)
+ackEntries(resultsKey, groupName, 3, 2)
 flushRuns()
 flushNewest()
 return { 0, applied, stale, stats.assigned }

@@ -14,10 +14,9 @@
     KEYS[11]    newest hash      as in admit.lua
     KEYS[12]    newest-at zset   as in admit.lua
     ARGV[1]     now in ms, or 0 for the server clock
-    ARGV[2]     approximate MAXLEN of the streams written
-    ARGV[3]     at most this many leases and this many old records per call
-    ARGV[4]     retention of ended runs in ms
-    ARGV[5]     assignment deadline in ms
+    ARGV[2]     at most this many leases and this many old records per call
+    ARGV[3]     retention of ended runs in ms
+    ARGV[4]     assignment deadline in ms
 
   Output:
     {0, retried, failed, cancelled, expired records, assigned, reassigned}
@@ -35,9 +34,8 @@ local newestKey, newestAtKey = KEYS[11], KEYS[12]
 -- @include runs
 
 local now = nowMs(ARGV[1])
-local streamMax, limit, retention = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local deadline = tonumber(ARGV[5])
-if not streamMax or not limit or limit < 1 or not retention or not deadline or deadline <= 0 then
+local limit, retention, deadline = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if not limit or limit < 1 or not retention or not deadline or deadline <= 0 then
   return { -4, 0 }
 end
 

@@ -31,7 +31,8 @@ def _admission(args: argparse.Namespace, settings: Settings) -> None:
         claim_idle_ms=args.claim_idle_ms,
         retention_ms=int(args.retention * 1000),
         assign_deadline_ms=int(args.assign_deadline * 1000),
-        stream_maxlen=args.stream_maxlen,
+        dead_retention_ms=int(args.dead_retention * 1000),
+        trim_interval=args.trim_interval,
     )
     run_until_signal(lambda stop: serve(settings, config, stop), args.metrics_port)
 
@@ -45,7 +46,6 @@ def _ingress(args: argparse.Namespace, settings: Settings) -> None:
         claim_idle_ms=args.claim_idle_ms,
         dedup_window_ms=int(args.dedup_window * 1000),
         max_payload=args.max_payload,
-        stream_maxlen=args.stream_maxlen,
     )
     run_until_signal(lambda stop: serve(settings, config, stop), args.metrics_port)
 
@@ -169,7 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds an assigned run may wait unclaimed before it gets a fresh assignment",
     )
-    adm.add_argument("--stream-maxlen", type=int, default=1_000_000)
+    adm.add_argument(
+        "--dead-retention", type=float, default=7 * 86_400, help="seconds to keep dead letters"
+    )
+    adm.add_argument(
+        "--trim-interval",
+        type=float,
+        default=5.0,
+        help="seconds between trims of the streams (below what every group acknowledged)",
+    )
     adm.set_defaults(func=_admission)
 
     ing = sub.add_parser("ingress", help="route inbox events to run requests")
@@ -186,7 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--dedup-window", type=float, default=86_400, help="seconds an event id is remembered"
     )
     ing.add_argument("--max-payload", type=int, default=1 << 20, help="bytes per inbox entry")
-    ing.add_argument("--stream-maxlen", type=int, default=1_000_000)
     ing.set_defaults(func=_ingress)
 
     exe = sub.add_parser("executor", help="run the workflows of MODULE")

@@ -200,6 +200,11 @@ async def replay_dead(redis: Redis, keys: Keys, entry_id: str) -> str:
     fields = cast(dict[bytes, bytes], entries[0][1])
     if Dead.STREAM.encode() in fields:
         raise ValueError(f"{entry_id} is a refused run request or result, not an inbox event")
+    if Dead.TRUNCATED.encode() in fields:
+        raise ValueError(
+            f"{entry_id} kept only the first {Dead.FIELD_MAX} bytes of "
+            f"{fields[Dead.TRUNCATED.encode()].decode()}: publish the event again instead"
+        )
     original: dict[Any, Any] = original_fields(fields)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.xadd(keys.events_stream, original)

@@ -83,8 +83,10 @@ class Dead:
     ENTRY = "entry"
     STREAM = "stream"  # set for refused requests and results; inbox events have none
     WORKFLOW = "workflow"
+    TRUNCATED = "truncated"  # names of the original fields cut to FIELD_MAX bytes, comma separated
 
-    ADDED = frozenset(f.encode() for f in (REASON, DETAIL, ENTRY, STREAM, WORKFLOW))
+    FIELD_MAX = 4096  # bytes of each original field a dead letter keeps
+    ADDED = frozenset(f.encode() for f in (REASON, DETAIL, ENTRY, STREAM, WORKFLOW, TRUNCATED))
 
 
 class Reason(enum.StrEnum):
@@ -413,8 +415,17 @@ def dead_letter(
     stream: bytes | None = None,
     workflow: str | None = None,
 ) -> dict[Any, Any]:
-    """The fields of a dead letter: the original entry's fields plus why it was refused."""
-    body: dict[Any, Any] = dict(fields)
+    """The fields of a dead letter: the original entry's fields, each cut to Dead.FIELD_MAX
+    bytes (the cut ones named in `truncated`), plus why it was refused."""
+    body: dict[Any, Any] = {}
+    cut = []
+    for name, value in fields.items():
+        if len(value) > Dead.FIELD_MAX:
+            value = value[: Dead.FIELD_MAX]
+            cut.append(name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name))
+        body[name] = value
+    if cut:
+        body[Dead.TRUNCATED] = ",".join(cut)
     body.update({Dead.REASON: str(reason), Dead.DETAIL: detail[:2000], Dead.ENTRY: entry_id})
     if stream is not None:
         body[Dead.STREAM] = stream

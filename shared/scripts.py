@@ -152,13 +152,11 @@ class Scripts:
         redis: Redis,
         keys: Keys,
         *,
-        stream_maxlen: int = 1_000_000,
         admission_group: str = ADMISSION_GROUP,
         executor_group: str = EXECUTOR_GROUP,
     ) -> None:
         self.redis = redis
         self.keys = keys
-        self.stream_maxlen = stream_maxlen
         self.admission_group = admission_group
         self.executor_group = executor_group
         self._scripts: dict[str, tuple[AsyncScript, int]] = {}
@@ -189,7 +187,7 @@ class Scripts:
         self, shard: int, entries: Sequence[tuple[str | bytes, bytes]], *, now: int = 0
     ) -> AdmitResult:
         """Admit (requests-stream entry id, packed RunRequest) pairs of one shard."""
-        args: list[Any] = [now, self.stream_maxlen, self.admission_group, shard]
+        args: list[Any] = [now, self.admission_group, shard]
         for entry_id, payload in entries:
             args += (entry_id, payload)
         sk = self.keys.shard(shard)
@@ -298,7 +296,7 @@ class Scripts:
         self, shard: int, entries: Sequence[tuple[str | bytes, bytes]], *, now: int = 0
     ) -> FinishResult:
         """Record (results-stream entry id, packed RunResult) pairs of one shard."""
-        args: list[Any] = [now, self.stream_maxlen, self.admission_group]
+        args: list[Any] = [now, self.admission_group]
         for entry_id, payload in entries:
             args += (entry_id, payload)
         sk = self.keys.shard(shard)
@@ -317,7 +315,7 @@ class Scripts:
     ) -> ReapResult:
         """Expired leases (retry, fail, end a cancel), unclaimed assignments (a fresh entry),
         and records past the retention."""
-        args = [now, self.stream_maxlen, limit, retention_ms, assign_deadline_ms]
+        args = [now, limit, retention_ms, assign_deadline_ms]
         sk = self.keys.shard(shard)
         keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset]
         r = await self._call("reap", keys, args)
@@ -327,7 +325,7 @@ class Scripts:
         self, shard: int, run_ids: Sequence[str], *, reason: str = Reason.MANUAL, now: int = 0
     ) -> list[bool]:
         """Cancel runs of one shard; True for each run this call cancelled."""
-        args: list[Any] = [now, self.stream_maxlen, reason, *run_ids]
+        args: list[Any] = [now, reason, *run_ids]
         sk = self.keys.shard(shard)
         keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset]
         r = await self._call("cancel", keys, args)
@@ -346,7 +344,7 @@ class Scripts:
         flat: list[Any] = []
         for rid, payload in requests:
             flat += (rid, payload)
-        args = [now, window_ms, self.stream_maxlen, codec.pack(flat)]
+        args = [now, window_ms, codec.pack(flat)]
         r = await self._call("append_requests", [sk.requests_stream, sk.seen_zset], args)
         return AppendResult(int(r[1]), int(r[2]), tuple(int(f) == 1 for f in r[3:]))
 

@@ -58,12 +58,11 @@ class Service:
         settings: Settings,
         *,
         consumer: str | None = None,
-        stream_maxlen: int = 1_000_000,
     ) -> None:
         self.redis = redis
         self.keys = settings.keys
         self.consumer = consumer or consumer_name(self.name)
-        self.scripts = Scripts(redis, self.keys, stream_maxlen=stream_maxlen)
+        self.scripts = Scripts(redis, self.keys)
         self.log = logging.getLogger(f"supersede.{self.name}")
         self.ready = False
 

@@ -11,6 +11,7 @@ from redis.asyncio.cluster import RedisCluster
 from supersede.keys import Keys
 from supersede.scripts import Scripts
 from supersede.server import EmbeddedCluster, EmbeddedServer
+from tests.support import System
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +73,11 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, st
         url = f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}"
     yield client, url
     await client.aclose()
+
+
+@pytest.fixture
+def system(redis_url: str, keys: Keys) -> Iterator[System]:
+    """Service subprocesses of this test's namespace, all killed at its end."""
+    s = System(redis_url, keys)
+    yield s
+    s.close()

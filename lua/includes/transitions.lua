@@ -1,7 +1,7 @@
 --[[
   State transitions shared by the scripts that change run states, and the strategy rules.
   Needs the locals of the shard state KEYS (runsKey .. inputsKey), newestKey and newestAtKey,
-  streamMax, now, and runs.lua; a script that includes it calls flushNewest() at its end.
+  now, and runs.lua; a script that includes it calls flushNewest() at its end.
   Members of the queue and active zsets are '<group 16>|<sequence 32>|<run id>', all scored 0,
   so a lexicographic range is one group in arrival order.
 ]]
@@ -105,7 +105,7 @@ local function writeAssignment(rid, rec)
     assignStream = assignKey .. ':' .. string.sub(redis.sha1hex(rec.w), 1, 12)
     streamOf[rec.w] = assignStream
   end
-  rcall('XADD', assignStream, 'MAXLEN', '~', streamMax, '*', 'id', rid, 'a', rec.a)
+  rcall('XADD', assignStream, '*', 'id', rid, 'a', rec.a)
 end
 
 local function assignRun(rid, rec)
@@ -137,7 +137,7 @@ local function cancelActive(m, why, by)
   if by then rec.by = by end
   if rec.sg == 1 and why ~= 'superseded' then rememberEnded(rec.g, m, rec.mx) end
   if rec.sx == 1 then rec.h = 1 else addSlots(rec.g, -1) end
-  rcall('XADD', controlKey, 'MAXLEN', '~', streamMax, '*',
+  rcall('XADD', controlKey, '*',
     'op', 'cancel', 'id', rid, 'a', rec.a, 'by', by or '', 'why', why)
   saveRun(rid, rec)
   stats.cancelled = stats.cancelled + 1

@@ -47,6 +47,11 @@ STREAM_LAG = Gauge(
     "Entries unread or unacknowledged, by stream (requests, results, assignments).",
     ["stream"],
 )
+TRIMMED = Counter(
+    "supersede_admission_trimmed_entries_total",
+    "Stream entries trimmed: acknowledged by every group (or, for the control streams and the "
+    "dead letters, older than their retention).",
+)
 ASSIGNMENT_BACKLOG = Gauge(
     "supersede_admission_assignment_backlog",
     "Assignments no executor has claimed yet (unread or unacknowledged), by workflow: what the "

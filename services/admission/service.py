@@ -35,6 +35,7 @@ from supersede.service import Periodic, Service, Throttle
 from supersede.service import serve as serve_service
 from supersede.services.admission import metrics
 from supersede.streams import OwnPending, split_deleted
+from supersede.trim import trim_consumed, trim_older_than
 
 
 @dataclass(slots=True)
@@ -45,7 +46,9 @@ class AdmissionConfig:
     claim_idle_ms: int = 30_000
     retention_ms: int = 86_400_000
     assign_deadline_ms: int = 30_000  # an unclaimed assignment gets a fresh entry after this
-    stream_maxlen: int = 1_000_000
+    trim_interval: float = 5.0  # seconds between two trims of the streams
+    control_keep_ms: int = 600_000  # cancel messages kept this long (the heartbeat backs them up)
+    dead_retention_ms: int = 7 * 86_400_000  # dead letters kept this long
 
 
 @dataclass(slots=True)
@@ -129,9 +132,7 @@ class Admission(Service):
         consumer: str | None = None,
     ) -> None:
         self.config = config or AdmissionConfig()
-        super().__init__(
-            redis, settings, consumer=consumer, stream_maxlen=self.config.stream_maxlen
-        )
+        super().__init__(redis, settings, consumer=consumer)
         self._gauged_workflows: set[str] = set()
         self._gauges_due = Throttle(1.0)
         # stream name -> (shard, kind) for every stream this service reads
@@ -141,7 +142,26 @@ class Admission(Service):
             self._streams[sk.results_stream.encode()] = (sk.shard, "finish")
 
     def periodic(self) -> Sequence[Periodic]:
-        return [(self.config.reap_interval, self.tick)]
+        return [(self.config.reap_interval, self.tick), (self.config.trim_interval, self.trim)]
+
+    async def trim(self) -> None:
+        """Trim every stream by consumption (see supersede.trim): the inbox, each shard's
+        requests and results, each registered workflow's assignment streams; the control
+        streams and the dead letters by age."""
+        names = await self.redis.hkeys(self.keys.workflows_hash)
+        workflows = sorted(w.decode() if isinstance(w, bytes) else w for w in names)
+        grouped = [self.keys.events_stream]
+        for sk in self.keys.all_shards():
+            grouped += [sk.requests_stream, sk.results_stream]
+            grouped += [sk.assignments_stream(wf) for wf in workflows]
+        removed = await trim_consumed(self.redis, grouped)
+        controls = [sk.control_stream for sk in self.keys.all_shards()]
+        removed |= await trim_older_than(self.redis, controls, self.config.control_keep_ms)
+        removed |= await trim_older_than(
+            self.redis, [self.keys.dead_stream], self.config.dead_retention_ms
+        )
+        if removed:
+            metrics.TRIMMED.inc(sum(removed.values()))
 
     async def tick(self) -> None:
         """Reap expired leases, take over stale pending entries, and (each second) the gauges."""
@@ -248,9 +268,7 @@ class Admission(Service):
         """Move one entry the scripts refused to the dead-letter stream, then acknowledge it."""
         dead = dead_letter(fields, entry_id, reason, detail, stream=stream)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(
-                self.keys.dead_stream, dead, maxlen=self.config.stream_maxlen, approximate=True
-            )
+            pipe.xadd(self.keys.dead_stream, dead)
             pipe.xack(stream, ADMISSION_GROUP, entry_id)
             await pipe.execute()
         counter = metrics.REQUESTS if kind == "admit" else metrics.RESULTS

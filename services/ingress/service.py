@@ -64,7 +64,6 @@ class IngressConfig:
     claim_idle_ms: int = 30_000
     dedup_window_ms: int = 86_400_000
     max_payload: int = 1 << 20
-    stream_maxlen: int = 1_000_000
 
 
 class BadEvent(Exception):
@@ -255,9 +254,7 @@ class Ingress(Service):
         consumer: str | None = None,
     ) -> None:
         self.config = config or IngressConfig()
-        super().__init__(
-            redis, settings, consumer=consumer, stream_maxlen=self.config.stream_maxlen
-        )
+        super().__init__(redis, settings, consumer=consumer)
         self.routes: dict[str, list[Route]] = {}
         self.epoch = -1
         self._housekeeping_due = Throttle(1.0)
@@ -445,8 +442,7 @@ class Ingress(Service):
         atomic = bool(batch.dead) and not isinstance(self.redis, RedisCluster)
         async with self.redis.pipeline(transaction=atomic) as pipe:
             for body in batch.dead:
-                pipe.xadd(self.keys.dead_stream, body, maxlen=self.config.stream_maxlen,
-                          approximate=True)  # fmt: skip
+                pipe.xadd(self.keys.dead_stream, body)
             pipe.xack(self.keys.events_stream, INGRESS_GROUP, *[e for e, _ in batch.entries])
             await pipe.execute()
         metrics.EVENTS.inc(len(batch.entries))

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -20,13 +19,6 @@ from redis.asyncio import Redis
 from supersede.keys import Keys
 from supersede.registry import load_all, register
 from tests.support import APP, CLI, System, eventually, pending_count, records
-
-
-@pytest.fixture
-def system(redis_url: str, keys: Keys) -> Iterator[System]:
-    s = System(redis_url, keys)
-    yield s
-    s.close()
 
 
 async def publish(redis: Redis, keys: Keys, name: str, **data: object) -> str:

@@ -26,7 +26,7 @@ from supersede.config import Settings
 from supersede.errors import DefinitionError
 from supersede.keys import Keys
 from supersede.model import event_digest, group_id, shard_of_digest, shard_of_group
-from supersede.protocol import INGRESS_GROUP
+from supersede.protocol import INGRESS_GROUP, Dead
 from supersede.registry import register
 from supersede.services.ingress.service import Ingress, IngressConfig
 from tests.support import eventually, requests_in_streams, scrape
@@ -152,8 +152,14 @@ async def test_a_bad_event_is_dead_lettered_and_the_next_one_is_processed(
     assert len(dead) == 1
     body = dead[0][1]
     assert body[b"reason"] == reason.encode() and body[b"detail"] and body[b"entry"] == bad_id
-    for k, v in fields.items():  # the original fields travel with it
-        assert body[k.encode()] == (v if isinstance(v, bytes) else str(v).encode())
+    cut = []
+    for k, v in fields.items():  # the original fields travel with it, each at most 4 KiB
+        raw = v if isinstance(v, bytes) else str(v).encode()
+        assert body[k.encode()] == raw[: Dead.FIELD_MAX]
+        if len(raw) > Dead.FIELD_MAX:
+            cut.append(k)
+    assert body.get(b"truncated", b"").decode() == ",".join(cut)
+    assert (reason == "too_large") == bool(cut)
     chat = [r for r in await requests_in_streams(redis, keys) if r["w"] == "chat-reply"]
     assert [r["k"] for r in chat] == ["next"]
 

@@ -1,0 +1,111 @@
+"""Streams trimmed by consumption (supersede.trim) on a real server and a real cluster, and a
+backlog far larger than one trim holds through an executor outage."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from supersede.keys import Keys
+from supersede.server import EmbeddedCluster
+from supersede.trim import trim_consumed, trim_older_than
+from tests.support import APP, System, eventually, records
+
+
+async def _fill(redis: Redis | RedisCluster, stream: str, n: int) -> list[Any]:
+    ids = []
+    for i in range(n):
+        ids.append(await redis.xadd(stream, {"i": i}))
+    return ids
+
+
+async def _check_trims_only_what_every_group_acknowledged(
+    redis: Redis | RedisCluster, tag: str
+) -> None:
+    read, ungrouped, done = f"{{{tag}a}}:s", f"{{{tag}b}}:s", f"{{{tag}c}}:s"
+    ids = await _fill(redis, read, 300)
+    await redis.xgroup_create(read, "g", id="0")
+    await redis.xgroup_create(read, "slow", id="0")
+    await redis.xreadgroup("g", "c", {read: ">"}, count=200)
+    await redis.xack(read, "g", *ids[:150])
+    await redis.xreadgroup("slow", "c", {read: ">"}, count=250)
+    await redis.xack(read, "slow", *ids[:250])
+    await _fill(redis, ungrouped, 50)
+    done_ids = await _fill(redis, done, 40)
+    await redis.xgroup_create(done, "g", id="0")
+    await redis.xreadgroup("g", "c", {done: ">"})
+    await redis.xack(done, "g", *done_ids)
+
+    removed = await trim_consumed(redis, [read, ungrouped, done, f"{{{tag}d}}:missing"])
+    # `g` still has entries 150..199 pending and 200..299 unread; `slow` acknowledged 250.
+    assert [e[0] for e in await redis.xrange(read)] == ids[150:]
+    assert await redis.xlen(ungrouped) == 50  # nobody has read it: kept whole
+    assert await redis.xlen(done) == 0  # all acknowledged: nothing left
+    assert removed == {read: 150, done: 40}
+    await redis.xreadgroup("g", "c", {read: ">"})  # the unread ones are still readable
+    assert (await redis.xpending(read, "g"))["pending"] == 150
+
+
+async def test_streams_are_trimmed_only_below_what_every_group_acknowledged(
+    redis: Redis,
+) -> None:
+    await _check_trims_only_what_every_group_acknowledged(redis, uuid.uuid4().hex[:8])
+
+
+async def test_trimming_by_consumption_on_a_cluster(redis_cluster: EmbeddedCluster) -> None:
+    client = RedisCluster.from_url(redis_cluster.url)
+    try:
+        await _check_trims_only_what_every_group_acknowledged(client, uuid.uuid4().hex[:8])
+    finally:
+        await client.aclose()
+
+
+async def test_control_messages_and_dead_letters_are_trimmed_by_age(redis: Redis) -> None:
+    stream = f"{uuid.uuid4().hex[:8]}:control"
+    old = int(time.time() * 1000) - 120_000
+    for i in range(5):
+        await redis.xadd(stream, {"op": "cancel"}, id=f"{old + i}-0")
+    await redis.xadd(stream, {"op": "cancel"})
+    assert await trim_older_than(redis, [stream], 60_000) == {stream: 5}
+    assert await redis.xlen(stream) == 1
+
+
+async def test_a_backlog_larger_than_any_cap_survives_an_executor_outage(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """3,000 runs are admitted while no executor runs, and the streams are trimmed every
+    0.2 s meanwhile: only what every group acknowledged goes (the inbox and the requests,
+    once read), the assignments wait for their executor. Then one starts: every run succeeds.
+    (With the old length cap set below the backlog, `--stream-maxlen 100`, runs were lost.)"""
+    system.start("admission", "--block-ms", "100", "--trim-interval", "0.2")
+    body = {"id": "work", "events": ["work.item"], "steps": [{"name": "x"}]}
+    from supersede.registry import register
+
+    await register(redis, keys, body)
+    system.start("ingress", "--block-ms", "100")
+    n = 3_000
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(n):
+            pipe.xadd(keys.events_stream, {"name": "work.item", "data": orjson.dumps({"i": i})})
+        await pipe.execute()
+
+    async def trimmed() -> bool:
+        assigned = sum(1 for r in (await records(redis, keys)).values() if r["st"] == "A")
+        inbox = await redis.xlen(keys.events_stream)
+        requests = sum([await redis.xlen(sk.requests_stream) for sk in keys.all_shards()])
+        return assigned == n and inbox == 0 and requests == 0
+
+    await eventually(trimmed, timeout=60)
+    waiting = sum([await redis.xlen(sk.assignments_stream("work")) for sk in keys.all_shards()])
+    assert waiting == n
+    system.start("executor", APP)
+
+    async def all_done() -> bool:
+        return sum(1 for r in (await records(redis, keys)).values() if r["st"] == "S") == n
+
+    await eventually(all_done, timeout=120)
