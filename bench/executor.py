@@ -190,6 +190,51 @@ async def e2e_throughput(redis: Redis, settings: Settings, n: int) -> None:
            what="publish -> ingress -> admission -> 2 executors -> finished")  # fmt: skip
 
 
+async def _server_use(redis: Redis) -> tuple[int, float]:
+    """(used_memory bytes, server CPU seconds user + system) now."""
+    memory, cpu = await redis.info("memory"), await redis.info("cpu")
+    return int(memory["used_memory"]), float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+async def cost_per_run(redis: Redis, settings: Settings, n: int) -> None:
+    """Server memory per retained run and server CPU per run, end to end, for n no-op runs with
+    a 100-byte input, measured once the streams were trimmed (admission trims every 5 s).
+    Reference, in the same run: the same per entry of a plain pipelined XADD of 100 bytes."""
+    keys = settings.keys
+    payload = orjson.dumps({"pad": "x" * 90})
+    mem0, cpu0 = await _server_use(redis)
+    await pipelined_xadd(redis, [("bench:ref", {"name": b"x", "data": payload})] * n)
+    mem1, cpu1 = await _server_use(redis)
+    await redis.delete("bench:ref")
+    ref_bytes, ref_us = (mem1 - mem0) / n, (cpu1 - cpu0) / n * 1e6
+
+    async def ended() -> int:
+        return sum([int(await redis.zcard(sk.terminal_zset)) for sk in keys.all_shards()])
+
+    base = await ended()
+    mem0, cpu0 = await _server_use(redis)
+    items = [(keys.events_stream, {"name": b"bench.noop", "data": payload})] * n
+    await pipelined_xadd(redis, items)
+    await wait_for(lambda: _at_least(ended, base + n), timeout=300)
+
+    async def trimmed() -> bool:
+        lengths = [await redis.xlen(keys.events_stream)]
+        for sk in keys.all_shards():
+            lengths += [await redis.xlen(sk.requests_stream), await redis.xlen(sk.results_stream)]
+        return sum(lengths) == 0
+
+    await wait_for(trimmed, timeout=30)
+    mem1, cpu1 = await _server_use(redis)
+    report("redis_bytes_per_retained_run", (mem1 - mem0) / n, "bytes", ref_bytes, runs=n,
+           target=400, reference_name="bytes_per_xadd_entry_of_100_bytes")  # fmt: skip
+    report("redis_cpu_us_per_run", (cpu1 - cpu0) / n * 1e6, "us", ref_us, runs=n, target=40,
+           reference_name="server_cpu_us_per_pipelined_xadd")  # fmt: skip
+
+
+async def _at_least(count: Any, n: int) -> bool:
+    return int(await count()) >= n
+
+
 async def executor_throughput(
     redis: Redis, settings: Settings, env: dict[str, str], n: int
 ) -> None:
@@ -257,6 +302,7 @@ async def main() -> None:
         reference = await xread_wakeup_ms(redis)
         await start_latency(redis, settings, reference)
         await e2e_throughput(redis, settings, 20_000)
+        await cost_per_run(redis, settings, 20_000)
         procs[-1].kill()
         procs[-1].wait(30)
         procs[1].kill()

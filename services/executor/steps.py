@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from supersede import codec
+from supersede.errors import describe
 from supersede.protocol import Outcome, RunResult, unpack_input
 from supersede.scripts import Claim
 from supersede.services.executor import metrics
@@ -86,9 +87,14 @@ class Runner:
         return self.config.slots - len(self.active)
 
     def start(self, shard: int, claim: Claim) -> Running | None:
-        """Start a claimed run as a task. A run of a workflow this process lacks fails at once
-        (None)."""
-        body = unpack_input(claim.input)
+        """Start a claimed run as a task. A run of a workflow this process lacks, or whose
+        input cannot be decoded, fails at once (None): one bad assignment never stops the
+        fetch loop."""
+        try:
+            body = unpack_input(claim.input)
+        except Exception as exc:
+            self._fail_at_once(shard, claim, f"input could not be decoded: {describe(exc)}")
+            return None
         ctx = Context(
             run_id=claim.run_id,
             workflow=claim.workflow,
@@ -102,11 +108,8 @@ class Runner:
         # A retry of a run whose earlier attempt's result waits here: that result is stale now.
         self.awaiting.pop(claim.run_id, None)
         wf = self.workflows.get(claim.workflow)
-        if wf is None:
-            log.error("claimed a run of an unknown workflow", extra={"run": claim.run_id})
-            run = Running(claim.run_id, shard, claim.attempt, Workflow(claim.workflow, []), ctx)
-            self.active[claim.run_id] = run
-            run.task = asyncio.create_task(self.report(run, Outcome.FAILED, "unknown workflow"))
+        if wf is None:  # (routing delivers only this executor's workflows)
+            self._fail_at_once(shard, claim, "unknown workflow")
             return None
         run = Running(claim.run_id, shard, claim.attempt, wf, ctx)
         self.active[claim.run_id] = run
@@ -114,6 +117,14 @@ class Runner:
         metrics.BUSY_SLOTS.set(len(self.active))
         run.task = asyncio.create_task(self._execute(run))
         return run
+
+    def _fail_at_once(self, shard: int, claim: Claim, error: str) -> None:
+        log.error("claimed run cannot start", extra={"run": claim.run_id, "error": error})
+        ctx = Context(run_id=claim.run_id, workflow=claim.workflow, attempt=claim.attempt,
+                      input={}, metadata={}, event="", event_id="", key=claim.key)  # fmt: skip
+        run = Running(claim.run_id, shard, claim.attempt, Workflow(claim.workflow, []), ctx)
+        self.active[claim.run_id] = run
+        run.task = asyncio.create_task(self.report(run, Outcome.FAILED, error))
 
     async def _execute(self, run: Running) -> None:
         try:

@@ -17,8 +17,9 @@ from redis.asyncio import Redis
 
 from supersede.config import Settings
 from supersede.keys import Keys
-from supersede.protocol import ADMISSION_GROUP, Outcome, RunResult, Strategy
+from supersede.protocol import ADMISSION_GROUP, Outcome, RunRequest, RunResult, Strategy
 from supersede.registry import register
+from supersede.scripts import Scripts
 from supersede.server import free_port
 from supersede.services.admission.service import Admission, AdmissionConfig
 from supersede.streams import ensure_groups
@@ -358,6 +359,30 @@ async def test_the_service_survives_a_server_restart(keys: Keys) -> None:
         await asyncio.wait_for(task, 10)
         await redis.aclose()
         server.stop()
+
+
+async def test_one_reaper_tick_expires_every_old_record_not_only_a_thousand(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """6,000 runs ended long ago (about 1,500 per shard): one tick deletes them all, so the
+    retention keeps up above 2,000 ended runs/s per shard (one call per tick did not)."""
+    scripts = Scripts(redis, keys)
+    reqs = [make_request(keys, event=f"e{i}", seq=i, key=f"k{i}") for i in range(6_000)]
+    by_shard: dict[int, list[RunRequest]] = {}
+    for shard, req in reqs:
+        by_shard.setdefault(shard, []).append(req)
+    for shard, batch in by_shard.items():
+        await scripts.admit(shard, [("0-1", r.pack()) for r in batch], now=1_000)
+        stream = keys.shard(shard).assignments_stream("wf")
+        await scripts.claim(shard, "ex", [(stream, "0-1", r.run_id, 1) for r in batch],
+                            lease_ms=60_000, now=1_000)  # fmt: skip
+        results = [("0-1", RunResult(r.run_id, 1, Outcome.SUCCEEDED).pack()) for r in batch]
+        await scripts.finish(shard, results, now=2_000)
+    assert max(len(b) for b in by_shard.values()) > 1_000
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    admission = Admission(redis, settings, AdmissionConfig(retention_ms=1_000))
+    await admission.reap_all()
+    assert await records(redis, keys) == {}
 
 
 async def test_gauges_report_queue_depth_per_workflow_active_runs_and_lag(

@@ -47,3 +47,39 @@ def test_remembering_a_cancel_touches_only_what_it_forgets(monkeypatch: Any) -> 
     for i in range(100):
         c._remember(f"n{i}", 1, 0.0)
     assert reads == 100 and len(c._early) == cancel.EARLY_CANCEL_MAX
+
+
+async def test_an_assignment_whose_input_cannot_be_decoded_fails_its_run_alone() -> None:
+    """One bad input fails its own run (reported FAILED, naming why) instead of raising into
+    the fetch loop, which would leave the claimed run to its lease, attempt after attempt."""
+    import asyncio
+
+    from supersede.protocol import Outcome, RunResult, pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Workflow
+
+    written: list[RunResult] = []
+
+    class Outbox:
+        def put(self, shard: int, result: RunResult) -> asyncio.Future[None]:
+            written.append(result)
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+    wf = Workflow("wf", on_events=["e"])
+    wf.step()(lambda ctx: None)
+    outbox: Any = Outbox()
+    runner = Runner([wf], ExecutorConfig(), outbox)
+    bad = Claim("0-bad", True, 1, "wf", "v", b"\xc1\xc1 not msgpack", "k", "s", "R")
+    good = Claim("0-good", True, 1, "wf", "v", pack_input({}, {}, "e", "1"), "k", "s", "R")
+    assert runner.start(0, bad) is None
+    assert runner.start(0, good) is not None
+    while runner.active:
+        await asyncio.sleep(0.01)
+    outcomes = {r.run_id: (r.outcome, r.error) for r in written}
+    assert outcomes["0-good"] == (Outcome.SUCCEEDED, "")
+    assert outcomes["0-bad"][0] is Outcome.FAILED
+    assert outcomes["0-bad"][1].startswith("input could not be decoded")
+    runner.close()
