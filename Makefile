@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint lint-types format run bench chaos clean
+.PHONY: help install test lint lint-types format run bench chaos soak clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ run: $(STAMP) ## run the system and its demo (embedded server unless SUPERSEDE_R
 
 bench: $(STAMP) ## print BENCH lines (each starts its own server)
 	$(BIN)/python -m bench
+
+soak: $(STAMP) ## 10 minutes of steady load: SOAK line, memory must plateau
+	$(BIN)/python -m bench.soak --duration 600
 
 DURATION ?= 180
 chaos: $(STAMP) ## faults for DURATION s (180) on one server, then on a cluster; CHAOS lines

@@ -202,6 +202,14 @@ async def cost_per_run(redis: Redis, settings: Settings, n: int) -> None:
     Reference, in the same run: the same per entry of a plain pipelined XADD of 100 bytes."""
     keys = settings.keys
     payload = orjson.dumps({"pad": "x" * 90})
+
+    async def trimmed() -> bool:
+        lengths = [await redis.xlen(keys.events_stream)]
+        for sk in keys.all_shards():
+            lengths += [await redis.xlen(sk.requests_stream), await redis.xlen(sk.results_stream)]
+        return sum(lengths) == 0
+
+    await wait_for(trimmed, timeout=30)  # what earlier benchmarks left is gone first
     mem0, cpu0 = await _server_use(redis)
     await pipelined_xadd(redis, [("bench:ref", {"name": b"x", "data": payload})] * n)
     mem1, cpu1 = await _server_use(redis)
@@ -216,13 +224,6 @@ async def cost_per_run(redis: Redis, settings: Settings, n: int) -> None:
     items = [(keys.events_stream, {"name": b"bench.noop", "data": payload})] * n
     await pipelined_xadd(redis, items)
     await wait_for(lambda: _at_least(ended, base + n), timeout=300)
-
-    async def trimmed() -> bool:
-        lengths = [await redis.xlen(keys.events_stream)]
-        for sk in keys.all_shards():
-            lengths += [await redis.xlen(sk.requests_stream), await redis.xlen(sk.results_stream)]
-        return sum(lengths) == 0
-
     await wait_for(trimmed, timeout=30)
     mem1, cpu1 = await _server_use(redis)
     report("redis_bytes_per_retained_run", (mem1 - mem0) / n, "bytes", ref_bytes, runs=n,

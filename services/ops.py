@@ -27,6 +27,7 @@ from supersede.protocol import (
     RunState,
     original_fields,
 )
+from supersede.registry import WorkflowDef, load_all
 from supersede.scripts import Scripts
 
 
@@ -145,16 +146,18 @@ async def _group_lag(redis: Redis, stream: str, group: str) -> dict[str, int]:
 
 
 async def status(redis: Redis, keys: Keys, live_idle_ms: int = 5000) -> dict[str, Any]:
-    """Per workflow: runs by state; stream lags; live executors."""
-    per_workflow: dict[str, Counter[str]] = {}
+    """The registered workflows (trigger events, limits) with their runs by state; stream
+    lags; the live executors and the workflows each serves."""
+    _, defs, invalid = await load_all(redis, keys)
+    per_workflow: dict[str, Counter[str]] = {w: Counter() for w in defs}
     for run in await scan_runs(redis, keys):
         per_workflow.setdefault(run.workflow, Counter())[run.state.name] += 1
     lags: dict[str, dict[str, int]] = {
         "inbox": await _group_lag(redis, keys.events_stream, INGRESS_GROUP)
     }
     totals: dict[str, Counter[str]] = {n: Counter() for n in ("requests", "results", "assignments")}
-    executors: set[str] = set()
-    registered = sorted(_text(w) for w in await redis.hkeys(keys.workflows_hash))
+    executors: dict[str, set[str]] = {}
+    registered = sorted(defs)
     for sk in keys.all_shards():
         streams = [
             ("requests", sk.requests_stream, ADMISSION_GROUP),
@@ -168,17 +171,36 @@ async def status(redis: Redis, keys: Keys, live_idle_ms: int = 5000) -> dict[str
                 continue
             for c in await redis.xinfo_consumers(stream, EXECUTOR_GROUP):
                 if int(c.get("idle", 1 << 62)) < live_idle_ms:
-                    executors.add(_text(c["name"]))
+                    executors.setdefault(_text(c["name"]), set()).add(wf)
     for name, counter in totals.items():
         lags[name] = {"pending": counter["pending"], "lag": counter["lag"]}
     return {
-        "workflows": {w: dict(c) for w, c in sorted(per_workflow.items())},
+        "workflows": {
+            w: {"runs": dict(per_workflow[w]), **_definition_summary(defs.get(w))}
+            for w in sorted(per_workflow)
+        },
+        "invalid_workflows": invalid,
         "streams": lags,
         "dead_letters": int(await redis.xlen(keys.dead_stream))
         if await redis.exists(keys.dead_stream)
         else 0,
-        "executors": sorted(executors),
+        "executors": {name: sorted(wfs) for name, wfs in sorted(executors.items())},
         "at_ms": int(time.time() * 1000),
+    }
+
+
+def _definition_summary(wf: WorkflowDef | None) -> dict[str, Any]:
+    if wf is None:
+        return {"registered": False}
+    conc = wf.concurrency
+    return {
+        "registered": True,
+        "version": wf.version,
+        "events": list(wf.events),
+        "strategy": None if conc is None else str(conc.limit_strategy),
+        "key": None if conc is None else conc.expression,
+        "max_runs": None if conc is None else conc.max_runs,
+        "strict": None if conc is None else conc.strict,
     }
 
 

@@ -3,9 +3,9 @@
 An executor reads only the assignment streams of its own workflows, one per workflow in each
 shard, so a run is only ever delivered to an executor that has its workflow. How a read is made
 depends on the free slots and the backend:
-- every other read, the streams whose last read gave all it asked for ("hot": a backlog) are
-  read first, in one XREADGROUP, `free // hot` entries each (the reads between are full ones,
-  so a backlog in one stream never starves the others);
+- the streams whose last read gave all it asked for ("hot": a backlog) are read first, in one
+  XREADGROUP, `free // hot` entries each; at least every 50 ms a read covers every stream
+  instead, so a backlog in one stream never starves the others;
 - with a free slot per stream on one server, one XREADGROUP BLOCK over every stream both waits
   and reads (free // streams entries per stream at most);
 - otherwise the streams are read in batches of at most `free` streams, woken streams first,
@@ -35,6 +35,8 @@ from supersede.services.executor.steps import Runner
 from supersede.streams import OwnPending, tail_ids
 
 log = logging.getLogger("supersede.executor")
+
+FULL_READ_EVERY = 0.05  # seconds: the longest a backlog's streams are read alone
 
 
 class Fetcher:
@@ -69,7 +71,7 @@ class Fetcher:
         self._rotation = 0
         self._woken: list[int] = []
         self._hot: set[int] = set()  # streams whose last read returned all it asked for
-        self._hot_turn = False
+        self._full_read_due = Throttle(FULL_READ_EVERY)
         self._wake = asyncio.Event()
         self._wake_ids: dict[str, str] = {}
         self._tails_fresh = False
@@ -136,10 +138,11 @@ class Fetcher:
         blocking = self._blocking(free)
         if reread:
             return await self._read_own(free)
-        # Every other read is a full one (all streams, in rotation): a backlog in one stream
-        # never starves the others.
-        self._hot_turn = not self._hot_turn
-        got = await self._read_hot(free) if self._hot and self._hot_turn else []
+        # At least every FULL_READ_EVERY seconds a read covers every stream, in rotation: a
+        # backlog in one stream never starves the others for longer (and scans of the streams
+        # that have nothing cost round trips only that often).
+        hot_only = bool(self._hot) and not self._full_read_due.due()
+        got = await self._read_hot(free) if hot_only else []
         if not got:
             got = await (self._read_blocking(free) if blocking else self._read_scan(free))
         self.own.advance(None, reread=False)

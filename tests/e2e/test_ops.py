@@ -72,8 +72,15 @@ async def test_runs_run_status_and_cancel_through_the_cli(
     assert events[-1] == "ended CANCELLED"
 
     status = await acli(system, "status")
-    assert status["workflows"]["chat-reply"] == {"CANCELLED": 1, "RUNNING": 1}
-    assert len(status["executors"]) == 1 and status["streams"]["inbox"]["lag"] == 0
+    chat = status["workflows"]["chat-reply"]
+    assert chat["runs"] == {"CANCELLED": 1, "RUNNING": 1}
+    assert chat["events"] == ["chat.message"] and chat["key"] == "input.userId"
+    assert (chat["strategy"], chat["max_runs"], chat["strict"]) == ("CANCEL_IN_PROGRESS", 1, False)
+    # registered workflows without runs are listed too, with the limits they declare
+    assert status["workflows"]["work"]["runs"] == {} and status["workflows"]["work"]["registered"]
+    [(executor, serves)] = status["executors"].items()
+    assert executor.startswith("executor-") and "chat-reply" in serves and "work" in serves
+    assert status["streams"]["inbox"]["lag"] == 0
 
     assert await acli(system, "cancel", "--workflow", "chat-reply", "--key", "u1") == {
         new["id"]: True

@@ -126,3 +126,22 @@ def test_one_pass_comprehensions_and_macro_names_in_strings_are_fine() -> None:
     assert compile_key("input.name + '.map(x, y.map(z, z))'")({"name": "n"}, {}) == (
         "n.map(x, y.map(z, z))"
     )
+
+
+def test_a_comprehension_over_a_list_longer_than_its_budget_is_a_key_error() -> None:
+    """The CEL library's comprehensions are quadratic: a 150,000-item list took over a minute
+    on the ingress loop. Over MAX_COMPREHENSION_ITEMS the key is refused at once."""
+    import time
+
+    from supersede.keyexpr import MAX_COMPREHENSION_ITEMS
+
+    key = compile_key("input.items.map(x, x + 1).size() > 0 ? 'some' : 'none'")
+    assert key({"items": list(range(MAX_COMPREHENSION_ITEMS))}, {}) == "some"
+    started = time.perf_counter()
+    with pytest.raises(KeyExpressionError, match="cost budget"):
+        key({"items": list(range(150_000))}, {})
+    with pytest.raises(KeyExpressionError, match="cost budget"):
+        key({"items": [], "deep": {"more": list(range(MAX_COMPREHENSION_ITEMS + 1))}}, {})
+    assert time.perf_counter() - started < 1.0
+    plain = compile_key("input.a + input.b")  # no comprehension: no budget to check
+    assert plain({"a": "x", "b": "y", "big": list(range(150_000))}, {}) == "xy"
