@@ -32,7 +32,9 @@ from supersede.scripts import Scripts
 
 
 def _text(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value
+    """Text for display: what is not UTF-8 (a field of a refused event) shows replacement
+    characters instead of failing the command."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def view(run: RunRecord) -> dict[str, Any]:
@@ -157,7 +159,8 @@ async def status(redis: Redis, keys: Keys, live_idle_ms: int = 5000) -> dict[str
     }
     totals: dict[str, Counter[str]] = {n: Counter() for n in ("requests", "results", "assignments")}
     executors: dict[str, set[str]] = {}
-    registered = sorted(defs)
+    idle: dict[str, int] = {}  # consumer -> its smallest idle time over the streams
+    registered = sorted({*defs, *invalid})  # their streams and executors count too
     for sk in keys.all_shards():
         streams = [
             ("requests", sk.requests_stream, ADMISSION_GROUP),
@@ -170,8 +173,9 @@ async def status(redis: Redis, keys: Keys, live_idle_ms: int = 5000) -> dict[str
             if not await redis.exists(stream):
                 continue
             for c in await redis.xinfo_consumers(stream, EXECUTOR_GROUP):
-                if int(c.get("idle", 1 << 62)) < live_idle_ms:
-                    executors.setdefault(_text(c["name"]), set()).add(wf)
+                name = _text(c["name"])
+                executors.setdefault(name, set()).add(wf)
+                idle[name] = min(idle.get(name, 1 << 62), int(c.get("idle", 1 << 62)))
     for name, counter in totals.items():
         lags[name] = {"pending": counter["pending"], "lag": counter["lag"]}
     return {
@@ -184,7 +188,13 @@ async def status(redis: Redis, keys: Keys, live_idle_ms: int = 5000) -> dict[str
         "dead_letters": int(await redis.xlen(keys.dead_stream))
         if await redis.exists(keys.dead_stream)
         else 0,
-        "executors": {name: sorted(wfs) for name, wfs in sorted(executors.items())},
+        # live: read one of its streams within live_idle_ms (a consumer's idle time only
+        # restarts on the streams that gave it entries, on some server versions)
+        "executors": {
+            name: sorted(wfs)
+            for name, wfs in sorted(executors.items())
+            if idle[name] < live_idle_ms
+        },
         "at_ms": int(time.time() * 1000),
     }
 

@@ -43,23 +43,48 @@ def _as_key(value: Any, expression: str) -> str:
     return key
 
 
+_TRIPLES = ("'''", '"""')
+
+
+def _code_only(expression: str) -> str:
+    """`expression` with every string and bytes literal (quoted, triple-quoted, raw) and every
+    `//` comment blanked out: what is left is code, so a macro name inside a literal or a
+    comment is not taken for a call."""
+    out: list[str] = []
+    i, n = 0, len(expression)
+    while i < n:
+        if expression.startswith("//", i):
+            end = expression.find("\n", i)
+            i = n if end == -1 else end
+            continue
+        j = i
+        while j < n and j - i < 2 and expression[j] in "rRbB":
+            j += 1  # a string prefix: r, b, rb, br (any case)
+        if j < n and expression[j] in "'\"" and (j == i or not expression[i - 1 : i].isalnum()):
+            raw = "r" in expression[i:j].lower()
+            quote = expression[j : j + 3] if expression[j : j + 3] in _TRIPLES else expression[j]
+            k = j + len(quote)
+            while k < n and not expression.startswith(quote, k):
+                k += 2 if expression[k] == "\\" and not raw else 1
+            i = min(n, k + len(quote))
+            out.append(" ")
+            continue
+        out.append(expression[i])
+        i += 1
+    return "".join(out)
+
+
 def _check_cost(expression: str, field: str) -> None:
     """Refuse expressions whose cost can grow faster than the input: over MAX_EXPRESSION_CHARS,
     or a comprehension (map, filter, all, exists, exists_one) inside another one's arguments."""
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise DefinitionError(field, f"must be at most {MAX_EXPRESSION_CHARS} characters")
+    code = _code_only(expression)
     depth = 0  # parentheses opened
     macro_depths: list[int] = []  # the depth each open macro's arguments started at
     i = 0
-    while i < len(expression):
-        ch = expression[i]
-        if ch in "'\"":  # skip string literals
-            end = expression.find(ch, i + 1)
-            while end != -1 and expression[end - 1] == "\\":
-                end = expression.find(ch, end + 1)
-            i = len(expression) if end == -1 else end + 1
-            continue
-        macro = _MACRO.match(expression, i)
+    while i < len(code):
+        macro = _MACRO.match(code, i)
         if macro:
             if macro_depths:
                 raise DefinitionError(
@@ -71,13 +96,45 @@ def _check_cost(expression: str, field: str) -> None:
             macro_depths.append(depth)
             i = macro.end()
             continue
-        if ch == "(":
+        if code[i] == "(":
             depth += 1
-        elif ch == ")":
+        elif code[i] == ")":
             if macro_depths and macro_depths[-1] == depth:
                 macro_depths.pop()
             depth -= 1
         i += 1
+
+
+_TARGET = re.compile(
+    r"\b(input|metadata)((?:\s*\.\s*[A-Za-z_][A-Za-z0-9_]*)*?)\s*\.\s*"
+    r"(?:map|filter|all|exists|exists_one)\s*\("
+)
+
+
+def _walked_paths(code: str) -> list[tuple[str, tuple[str, ...]]] | None:
+    """The field paths the comprehensions of `code` walk (`input.items.map(...)` walks
+    input.items), or None when one walks something else (a literal, a function's result):
+    then every list and map of the event counts against the budget."""
+    macros = len(_MACRO.findall(code))
+    paths = [
+        (m.group(1), tuple(p.strip() for p in m.group(2).split(".") if p.strip()))
+        for m in _TARGET.finditer(code)
+    ]
+    return paths if len(paths) == macros else None
+
+
+def _walked_size(paths: list[tuple[str, tuple[str, ...]]] | None, input_: Any, meta: Any) -> int:
+    """The largest list or map a comprehension of the expression would walk."""
+    if paths is None:
+        return _longest_collection((input_, meta), MAX_COMPREHENSION_ITEMS)
+    longest = 0
+    for root, parts in paths:
+        value = input_ if root == "input" else meta
+        for part in parts:
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, dict | list | tuple):
+            longest = max(longest, len(value))
+    return longest
 
 
 def compile_key(expression: str, field: str = "concurrency.expression") -> KeyFn:
@@ -112,16 +169,18 @@ def compile_key(expression: str, field: str = "concurrency.expression") -> KeyFn
     except Exception as exc:
         raise DefinitionError(field, f"invalid CEL: {exc}") from None
 
-    walks = _MACRO.search(expression) is not None
+    code = _code_only(expression)
+    walks = _MACRO.search(code) is not None
+    paths = _walked_paths(code) if walks else None
 
     def evaluate(input_: Any, metadata: Any) -> str:
         if walks:
-            longest = _longest_collection((input_, metadata), MAX_COMPREHENSION_ITEMS)
+            longest = _walked_size(paths, input_, metadata)
             if longest > MAX_COMPREHENSION_ITEMS:
                 raise KeyExpressionError(
                     Reason.KEY_ERROR,
-                    f"{expression!r} walks lists or maps, and the event holds one of over "
-                    f"{MAX_COMPREHENSION_ITEMS} items (the cost budget of a comprehension)",
+                    f"{expression!r} walks a list or map of {longest} items, over the "
+                    f"{MAX_COMPREHENSION_ITEMS} a comprehension may walk (its cost budget)",
                 )
         try:
             value = program.execute({"input": input_, "metadata": metadata})

@@ -86,6 +86,7 @@ class Dead:
     TRUNCATED = "truncated"  # names of the original fields cut to FIELD_MAX bytes, comma separated
 
     FIELD_MAX = 4096  # bytes of each original field a dead letter keeps
+    TOTAL_MAX = 65_536  # bytes of original fields a dead letter keeps in all
     ADDED = frozenset(f.encode() for f in (REASON, DETAIL, ENTRY, STREAM, WORKFLOW, TRUNCATED))
 
 
@@ -416,16 +417,22 @@ def dead_letter(
     workflow: str | None = None,
 ) -> dict[Any, Any]:
     """The fields of a dead letter: the original entry's fields, each cut to Dead.FIELD_MAX
-    bytes (the cut ones named in `truncated`), plus why it was refused."""
+    bytes (at a UTF-8 character boundary) and all to Dead.TOTAL_MAX (fields past it are left
+    out), the cut or left out ones named in `truncated`; plus why the entry was refused."""
     body: dict[Any, Any] = {}
     cut = []
+    room = Dead.TOTAL_MAX
     for name, value in fields.items():
-        if len(value) > Dead.FIELD_MAX:
-            value = value[: Dead.FIELD_MAX]
+        keep = min(len(value), Dead.FIELD_MAX, max(0, room - len(name)))
+        if keep < len(value):
+            while 0 < keep < len(value) and value[keep] & 0xC0 == 0x80:
+                keep -= 1  # never split a UTF-8 character
             cut.append(name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name))
-        body[name] = value
+        room -= len(name) + keep
+        if keep > 0 or len(value) == 0:
+            body[name] = value[:keep]
     if cut:
-        body[Dead.TRUNCATED] = ",".join(cut)
+        body[Dead.TRUNCATED] = ",".join(cut)[:1024]
     body.update({Dead.REASON: str(reason), Dead.DETAIL: detail[:2000], Dead.ENTRY: entry_id})
     if stream is not None:
         body[Dead.STREAM] = stream

@@ -1,6 +1,6 @@
 """Streams trimmed by consumption, never by count.
 
-A stream read through consumer groups is trimmed (XTRIM MINID ~) only below what every group
+A stream read through consumer groups is trimmed (XTRIM MINID, exact) only below what every group
 has acknowledged: below the oldest entry pending in any group, and never past any group's last
 delivered entry, so nothing a group still has to read, or has read but not acknowledged, is
 removed. A stream without a group is not trimmed here (nobody has read it yet: an assignment
@@ -29,14 +29,17 @@ def _text(entry: tuple[int, int]) -> str:
 
 
 def consumed_below(groups: Sequence[dict[str, Any]], oldest_pending: dict[str, Any]) -> str | None:
-    """The id below which every group acknowledged every entry (None: no group, keep all).
+    """The id below which every group acknowledged every entry (None: keep all).
 
     `groups` is an XINFO GROUPS reply; `oldest_pending` maps a group name to the id of its
-    oldest pending entry (groups with none pending absent)."""
+    oldest pending entry. A group with entries pending whose oldest one is not known (its
+    XPENDING failed, or all were acknowledged in between) keeps the whole stream this time."""
     cut: tuple[int, int] | None = None
     for g in groups:
         name = g["name"].decode() if isinstance(g["name"], bytes) else str(g["name"])
-        if int(g["pending"]) and name in oldest_pending:
+        if int(g["pending"]):
+            if name not in oldest_pending:
+                return None
             low = _id(oldest_pending[name])
         else:
             ms, seq = _id(g["last-delivered-id"])

@@ -346,7 +346,8 @@ class Admission(Service):
                 metrics.REAPED.labels("reassigned").inc(r.reassigned)
                 metrics.EXPIRED.inc(r.expired)
                 metrics.ASSIGNED.inc(r.assigned)
-                if r.expired < REAP_LIMIT:
+                leases = r.retried + r.failed + r.cancelled + r.reassigned
+                if r.expired < REAP_LIMIT and leases < REAP_LIMIT:
                     return
 
         await asyncio.gather(*(one(s) for s in range(self.keys.shards)))

@@ -160,8 +160,23 @@ async def test_a_bad_event_is_dead_lettered_and_the_next_one_is_processed(
             cut.append(k)
     assert body.get(b"truncated", b"").decode() == ",".join(cut)
     assert (reason == "too_large") == bool(cut)
+
     chat = [r for r in await requests_in_streams(redis, keys) if r["w"] == "chat-reply"]
     assert [r["k"] for r in chat] == ["next"]
+
+
+def test_a_dead_letter_keeps_a_bounded_copy_cut_at_character_boundaries() -> None:
+    from supersede.protocol import dead_letter
+
+    fields = {b"name": b"n", b"data": ("\u00e9" * 5000).encode()}  # 2-byte characters
+    fields |= {f"f{i}".encode(): b"x" * 4000 for i in range(40)}
+    body = dead_letter(fields, b"1-1", "too_large", "detail")
+    data = body[b"data"]
+    assert len(data) <= Dead.FIELD_MAX and data.decode() == "\u00e9" * (len(data) // 2)
+    originals = {k: v for k, v in body.items() if isinstance(k, bytes)}
+    assert sum(len(k) + len(v) for k, v in originals.items()) <= Dead.TOTAL_MAX
+    named = body[Dead.TRUNCATED].split(",")
+    assert "data" in named and "f39" in named and b"f39" not in body  # left out past the total
 
 
 async def test_one_hostile_event_is_dead_lettered_alone_and_its_batch_mates_run(

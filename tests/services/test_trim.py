@@ -109,3 +109,15 @@ async def test_a_backlog_larger_than_any_cap_survives_an_executor_outage(
         return sum(1 for r in (await records(redis, keys)).values() if r["st"] == "S") == n
 
     await eventually(all_done, timeout=120)
+
+
+def test_a_group_with_pending_entries_of_unknown_age_keeps_the_whole_stream() -> None:
+    """XPENDING is a second round trip: when it failed (or raced), the cut must not fall back
+    to the last delivered entry, which would remove entries still pending."""
+    from supersede.trim import consumed_below
+
+    groups = [{"name": b"g", "pending": 3, "last-delivered-id": b"100-0"}]
+    assert consumed_below(groups, {}) is None
+    assert consumed_below(groups, {"g": b"90-1"}) == "90-1"
+    idle = [{"name": b"g", "pending": 0, "last-delivered-id": b"100-0"}]
+    assert consumed_below(idle, {}) == "100-1"
