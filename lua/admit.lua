@@ -13,7 +13,7 @@
     KEYS[7]  assignments prefix   the stream of a workflow is '<prefix>:<workflow tag>'
     KEYS[8]  control stream
     KEYS[9]  inputs hash        run id -> input
-    KEYS[10] queued hash        workflow id -> QUEUED runs (queue depth)
+    KEYS[10] counts hash        '<workflow>|<state>' -> runs in that state (status, gauges)
     KEYS[11] requests stream    the stream the batch was read from (XACKed)
     KEYS[12] newest hash        group id -> the newest max_runs members it ever admitted
                                 (CANCEL_IN_PROGRESS: a late, older arrival loses to them)
@@ -35,7 +35,7 @@
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local inputsKey, queuedKey, requestsKey = KEYS[9], KEYS[10], KEYS[11]
+local inputsKey, countsKey, requestsKey = KEYS[9], KEYS[10], KEYS[11]
 local newestKey, newestAtKey = KEYS[12], KEYS[13]
 
 -- @include now

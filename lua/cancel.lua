@@ -23,7 +23,7 @@
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local inputsKey, queuedKey = KEYS[9], KEYS[10]
+local inputsKey, countsKey = KEYS[9], KEYS[10]
 local newestKey, newestAtKey = KEYS[11], KEYS[12]
 
 -- @include now

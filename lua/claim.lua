@@ -7,12 +7,13 @@
     KEYS[1]  runs hash
     KEYS[2]  inputs hash
     KEYS[3]  leases zset
-    KEYS[4..] assignment streams the entries were read from (XACKed), one or more
+    KEYS[4]  counts hash   '<workflow>|<state>' -> runs in that state
+    KEYS[5..] assignment streams the entries were read from (XACKed), one or more
     ARGV[1]  now in ms, or 0 for the server clock
     ARGV[2]  consumer group of the assignments stream
     ARGV[3]  executor id
     ARGV[4]  lease length in ms
-    ARGV[5..] quadruples: assignments entry id, run id, attempt, stream number n (KEYS[3 + n])
+    ARGV[5..] quadruples: assignments entry id, run id, attempt, stream number n (KEYS[4 + n])
 
   Output:
     {0, item, ...}, one item per quadruple, in order:
@@ -23,7 +24,7 @@
   Writes: nothing to streams.
 ]]
 local rcall = redis.call
-local runsKey, inputsKey, leasesKey = KEYS[1], KEYS[2], KEYS[3]
+local runsKey, inputsKey, leasesKey, countsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
 -- @include now
 
@@ -32,13 +33,14 @@ local groupName, executor, leaseMs = ARGV[2], ARGV[3], tonumber(ARGV[4])
 if not leaseMs or leaseMs <= 0 or (#ARGV - 4) % 4 ~= 0 then return { -4, 0 } end
 for i = 5, #ARGV, 4 do
   local a, n = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-  if not a or a ~= math.floor(a) or ARGV[i + 1] == '' or not n or not KEYS[3 + n] or n < 1 then
+  if not a or a ~= math.floor(a) or ARGV[i + 1] == '' or not n or not KEYS[4 + n] or n < 1 then
     return { -4, (i - 1) / 4 }
   end
 end
 
 local out = { 0 }
 local acks = {}   -- stream number -> entry ids
+local claimedOf = {}   -- workflow -> runs claimed (ASSIGNED -> RUNNING)
 for i = 5, #ARGV, 4 do
   local rid, att, n = ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   local raw = rcall('HGET', runsKey, rid)
@@ -49,6 +51,7 @@ for i = 5, #ARGV, 4 do
     rec.t2 = now
     rcall('HSET', runsKey, rid, cmsgpack.pack(rec))
     rcall('ZADD', leasesKey, now + leaseMs, rid)
+    claimedOf[rec.w] = (claimedOf[rec.w] or 0) + 1
     out[#out + 1] = { 1, rid, att, rec.w, rec.v, rcall('HGET', inputsKey, rid) or '', rec.k, rec.s }
   else
     out[#out + 1] = { 0, rid, rec and rec.st or '' }
@@ -59,7 +62,13 @@ for i = 5, #ARGV, 4 do
 end
 for n, ids in pairs(acks) do
   for j = 1, #ids, 1000 do
-    rcall('XACK', KEYS[3 + n], groupName, unpack(ids, j, math.min(j + 999, #ids)))
+    rcall('XACK', KEYS[4 + n], groupName, unpack(ids, j, math.min(j + 999, #ids)))
   end
+end
+for w, count in pairs(claimedOf) do
+  if rcall('HINCRBY', countsKey, w .. '|A', -count) <= 0 then
+    rcall('HDEL', countsKey, w .. '|A')
+  end
+  rcall('HINCRBY', countsKey, w .. '|R', count)
 end
 return out

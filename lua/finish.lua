@@ -24,7 +24,7 @@
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local inputsKey, queuedKey, resultsKey = KEYS[9], KEYS[10], KEYS[11]
+local inputsKey, countsKey, resultsKey = KEYS[9], KEYS[10], KEYS[11]
 local newestKey, newestAtKey = KEYS[12], KEYS[13]
 
 -- @include now

@@ -27,7 +27,7 @@
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local inputsKey, queuedKey = KEYS[9], KEYS[10]
+local inputsKey, countsKey = KEYS[9], KEYS[10]
 local newestKey, newestAtKey = KEYS[11], KEYS[12]
 
 -- @include now
@@ -84,6 +84,14 @@ flushNewest()
 
 local old = rcall('ZRANGEBYSCORE', terminalKey, '-inf', now - retention, 'LIMIT', 0, limit)
 if #old > 0 then
+  local raws = rcall('HMGET', runsKey, unpack(old))
+  for i = 1, #raws do
+    if raws[i] then
+      local rec = cmsgpack.unpack(raws[i])
+      countRun(rec.w, rec.st, -1)
+    end
+  end
+  flushCounts()
   rcall('HDEL', runsKey, unpack(old))
   rcall('HDEL', inputsKey, unpack(old))
   rcall('ZREM', terminalKey, unpack(old))

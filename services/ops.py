@@ -152,8 +152,15 @@ async def status(redis: Redis, keys: Keys, live_idle_ms: int = 5000) -> dict[str
     lags; the live executors and the workflows each serves."""
     _, defs, invalid = await load_all(redis, keys)
     per_workflow: dict[str, Counter[str]] = {w: Counter() for w in defs}
-    for run in await scan_runs(redis, keys):
-        per_workflow.setdefault(run.workflow, Counter())[run.state.name] += 1
+    async with redis.pipeline(transaction=False) as pipe:
+        for sk in keys.all_shards():
+            pipe.hgetall(sk.counts_hash)  # kept by the scripts: no scan of the records
+        shard_counts = await pipe.execute()
+    for counts in shard_counts:
+        for field, n in counts.items():
+            workflow, _, state = _text(field).rpartition("|")
+            if int(n) > 0:
+                per_workflow.setdefault(workflow, Counter())[RunState(state).name] += int(n)
     lags: dict[str, dict[str, int]] = {
         "inbox": await _group_lag(redis, keys.events_stream, INGRESS_GROUP)
     }

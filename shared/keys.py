@@ -98,9 +98,10 @@ class ShardKeys:
         return f"{self.tag}:terminal"
 
     @property
-    def queued_hash(self) -> str:
-        """workflow id -> QUEUED runs of that workflow in this shard (the queue depth gauge)."""
-        return f"{self.tag}:queued"
+    def counts_hash(self) -> str:
+        """``<workflow>|<state letter>`` -> runs of that workflow in that state in this shard,
+        kept by the scripts (status and the queue gauge read it instead of every record)."""
+        return f"{self.tag}:counts"
 
     @property
     def newest_hash(self) -> str:
@@ -142,7 +143,7 @@ class ShardKeys:
             self.assignments_prefix,
             self.control_stream,
             self.inputs_hash,
-            self.queued_hash,
+            self.counts_hash,
         ]
 
 

@@ -243,9 +243,9 @@ class Scripts:
         for stream, entry_id, rid, attempt in items:
             n = streams.setdefault(stream, len(streams) + 1)
             args += (entry_id, rid, attempt, n)
-        if not streams:  # an empty batch still names one stream (the script needs KEYS[4])
+        if not streams:  # an empty batch still names one stream (the script needs KEYS[5])
             streams[sk.assignments_prefix] = 1
-        return [sk.runs_hash, sk.inputs_hash, sk.leases_zset, *streams], args
+        return [sk.runs_hash, sk.inputs_hash, sk.leases_zset, sk.counts_hash, *streams], args
 
     async def _call_pipelined(
         self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]

@@ -1,7 +1,9 @@
 --[[
   Run records, slot counters and end-of-run bookkeeping, cached for the length of one script
   call and written once at its end (each redis.call costs about as much as the Lua around it).
-  Needs the locals runsKey, slotsKey, terminalKey, inputsKey, queuedKey.
+  Needs the locals runsKey, slotsKey, terminalKey, inputsKey, countsKey. The counts hash holds
+  '<workflow>|<state letter>' -> runs of that workflow in that state, kept from the state each
+  record had when this call loaded it and the state it is written with.
   A record is a msgpack map: st state, g group, s sequence, w workflow, v version, k key,
   ev event id, mx max_runs, sg strategy code, sx strict (0/1), a attempt, m max attempts,
   e executor, h (1: a CANCELLING run still holds its slot), ra/tr re-assignments of an unclaimed
@@ -11,12 +13,24 @@
 local runCache, runDirty = {}, {}
 local slotCache, slotDirty = {}, {}
 local endedArgs, droppedInputs = {}, {}
-local depthDelta, depthOrder = {}, {}
+local stateOf = {}   -- run id -> its state when this call loaded it
+local countDelta, countOrder = {}, {}
 
--- Counts a run entering (+1) or leaving (-1) the queue, per workflow, written at flush.
-local function queueDepth(workflow, delta)
-  if depthDelta[workflow] == nil then depthOrder[#depthOrder + 1] = workflow; depthDelta[workflow] = 0 end
-  depthDelta[workflow] = depthDelta[workflow] + delta
+-- Changes the count of runs of one workflow in one state, written at flush.
+local function countRun(workflow, state, delta)
+  local field = workflow .. '|' .. state
+  if countDelta[field] == nil then countOrder[#countOrder + 1] = field; countDelta[field] = 0 end
+  countDelta[field] = countDelta[field] + delta
+end
+
+local function flushCounts()
+  for i = 1, #countOrder do
+    local field = countOrder[i]
+    if countDelta[field] ~= 0 and rcall('HINCRBY', countsKey, field, countDelta[field]) <= 0 then
+      rcall('HDEL', countsKey, field)
+    end
+  end
+  countDelta, countOrder = {}, {}
 end
 
 local function loadRun(rid)
@@ -25,6 +39,7 @@ local function loadRun(rid)
     local raw = rcall('HGET', runsKey, rid)
     rec = raw and cmsgpack.unpack(raw) or false
     runCache[rid] = rec
+    if rec then stateOf[rid] = rec.st end
   end
   return rec or nil
 end
@@ -36,7 +51,11 @@ local function prefetchRuns(rids)
     local raws = rcall('HMGET', runsKey, unpack(rids, i, last))
     for j = 1, #raws do
       local rid = rids[i + j - 1]
-      if runCache[rid] == nil then runCache[rid] = raws[j] and cmsgpack.unpack(raws[j]) or false end
+      if runCache[rid] == nil then
+        local rec = raws[j] and cmsgpack.unpack(raws[j]) or false
+        runCache[rid] = rec
+        if rec then stateOf[rid] = rec.st end
+      end
     end
   end
 end
@@ -86,8 +105,15 @@ local function flushRuns()
   local args = {}
   for i = 1, #runDirty do
     local rid = runDirty[i]
+    local rec = runCache[rid]
     args[#args + 1] = rid
-    args[#args + 1] = cmsgpack.pack(runCache[rid])
+    args[#args + 1] = cmsgpack.pack(rec)
+    local was = stateOf[rid]
+    if was ~= rec.st then
+      if was then countRun(rec.w, was, -1) end
+      countRun(rec.w, rec.st, 1)
+      stateOf[rid] = rec.st
+    end
   end
   callChunked('HSET', runsKey, args, 1000)
   local set, del = {}, {}
@@ -100,10 +126,5 @@ local function flushRuns()
   callChunked('HDEL', slotsKey, del, 1000)
   callChunked('ZADD', terminalKey, endedArgs, 1000)
   callChunked('HDEL', inputsKey, droppedInputs, 1000)
-  for i = 1, #depthOrder do
-    local w = depthOrder[i]
-    if depthDelta[w] ~= 0 and rcall('HINCRBY', queuedKey, w, depthDelta[w]) <= 0 then
-      rcall('HDEL', queuedKey, w)
-    end
-  end
+  flushCounts()
 end

@@ -147,20 +147,14 @@ end
 local function cancelPending(p, why, by)
   local rid = ridOf(p.m)
   local rec = loadRun(rid)
-  if p.stored then
-    rcall('ZREM', queueKey, p.m)
-    queueDepth(rec.w, -1)
-  end
+  if p.stored then rcall('ZREM', queueKey, p.m) end
   endRun(rid, rec, 'C', why, by)
 end
 
 local function startPending(p)
   local rid = ridOf(p.m)
   local rec = loadRun(rid)
-  if p.stored then
-    rcall('ZREM', queueKey, p.m)
-    queueDepth(rec.w, -1)
-  end
+  if p.stored then rcall('ZREM', queueKey, p.m) end
   rcall('ZADD', activeKey, 0, p.m)
   addSlots(rec.g, 1)
   assignRun(rid, rec)
@@ -199,7 +193,6 @@ local function fillFrom(g, mx, pending, first)
       free = free - 1
     elseif not p.stored then
       rcall('ZADD', queueKey, 0, p.m)
-      queueDepth(loadRun(ridOf(p.m)).w, 1)
     end
   end
 end

@@ -288,7 +288,7 @@ class Admission(Service):
         workflows = sorted(w.decode() if isinstance(w, bytes) else w for w in names)
         async with self.redis.pipeline(transaction=False) as pipe:
             for sk in self.keys.all_shards():
-                pipe.hgetall(sk.queued_hash)
+                pipe.hgetall(sk.counts_hash)
                 pipe.zcard(sk.active_zset)
                 pipe.xinfo_groups(sk.requests_stream)
                 pipe.xinfo_groups(sk.results_stream)
@@ -302,9 +302,11 @@ class Admission(Service):
         backlog = dict.fromkeys(workflows, 0)
         per_shard = 4 + 2 * len(workflows)
         for i in range(0, len(replies), per_shard):
-            depth = replies[i] if isinstance(replies[i], dict) else {}
-            for workflow, n in depth.items():
-                queued[workflow.decode()] = queued.get(workflow.decode(), 0) + int(n)
+            counts = replies[i] if isinstance(replies[i], dict) else {}
+            for field, n in counts.items():
+                workflow, _, state = field.decode().rpartition("|")
+                if state == "Q":
+                    queued[workflow] = queued.get(workflow, 0) + int(n)
             active += int(replies[i + 1]) if isinstance(replies[i + 1], int) else 0
             lag["requests"] += _group_backlog(replies[i + 2], ADMISSION_GROUP) or 0
             lag["results"] += _group_backlog(replies[i + 3], ADMISSION_GROUP) or 0

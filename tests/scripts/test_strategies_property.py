@@ -238,11 +238,11 @@ class StrategyMachine(RuleBasedStateMachine):
             return {f"{r['g']}|{r['s']}|{rid}" for rid, r in stored.items() if r["st"] in states}
 
         assert queue == members("Q")
-        depth: Counter[str] = Counter()
+        counts: Counter[str] = Counter()
         for sk in self.keys.all_shards():
-            for w, n in self.run(self.redis.hgetall(sk.queued_hash)).items():
-                depth[w.decode()] += int(n)
-        assert dict(depth) == dict(Counter(r["w"] for r in stored.values() if r["st"] == "Q"))
+            for field, n in self.run(self.redis.hgetall(sk.counts_hash)).items():
+                counts[field.decode()] += int(n)
+        assert dict(counts) == dict(Counter(f"{r['w']}|{r['st']}" for r in stored.values()))
         assert active == members("A", "R")
         assert leases == {rid for rid, r in stored.items() if r["st"] in ("A", "R", "X")}
 

@@ -381,8 +381,13 @@ async def test_one_reaper_tick_expires_every_old_record_not_only_a_thousand(
     assert max(len(b) for b in by_shard.values()) > 1_000
     settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
     admission = Admission(redis, settings, AdmissionConfig(retention_ms=1_000))
+    succeeded = sum(
+        [int(await redis.hget(sk.counts_hash, "wf|S") or 0) for sk in keys.all_shards()]
+    )
+    assert succeeded == 6_000
     await admission.reap_all()
     assert await records(redis, keys) == {}
+    assert [await redis.hlen(sk.counts_hash) for sk in keys.all_shards()] == [0] * keys.shards
 
 
 async def test_gauges_report_queue_depth_per_workflow_active_runs_and_lag(
