@@ -5,12 +5,14 @@ docs/design.md: every event ends as runs or a dead letter, a replayed id creates
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
@@ -39,18 +41,27 @@ CHAT = {
 AUDIT = {"id": "audit", "events": ["chat.message", "user.signup"]}
 
 
+@contextlib.asynccontextmanager
+async def running_ingress(redis: Redis, redis_url: str, keys: Keys) -> AsyncIterator[Ingress]:
+    """An in-process ingress service on `keys`, ready; stopped on exit."""
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    service = Ingress(redis, settings, IngressConfig(block_ms=20, refresh_interval=0.05))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await eventually(lambda: asyncio.sleep(0, service.ready))
+        yield service
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
 @pytest.fixture
 async def ingress(redis: Redis, redis_url: str, keys: Keys):  # type: ignore[no-untyped-def]
     await register(redis, keys, CHAT)
     await register(redis, keys, AUDIT)
-    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
-    service = Ingress(redis, settings, IngressConfig(block_ms=50, refresh_interval=0.05))
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    await eventually(lambda: asyncio.sleep(0, service.ready))
-    yield service
-    stop.set()
-    await asyncio.wait_for(task, 5)
+    async with running_ingress(redis, redis_url, keys) as service:
+        yield service
 
 
 async def inbox_done(redis: Redis, keys: Keys) -> bool:
@@ -229,21 +240,13 @@ async def test_an_invalid_stored_definition_is_skipped_and_the_valid_ones_served
     await redis.hset(keys.workflows_hash, "bad", orjson.dumps(bad))
     with pytest.raises(DefinitionError, match=r"steps\[0\]\.parents"):
         await register(redis, keys, bad)
-    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
-    service = Ingress(redis, settings, IngressConfig(block_ms=50, refresh_interval=0.05))
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    try:
-        await eventually(lambda: asyncio.sleep(0, service.ready))
+    async with running_ingress(redis, redis_url, keys):
         await redis.xadd(keys.events_stream, {"name": "chat.message", "data": '{"userId":"u"}'})
         await settle(redis, keys)
         assert [r["w"] for r in await requests_in_streams(redis, keys)] == ["chat-reply"]
         from supersede.services.ingress import metrics
 
         assert metrics.INVALID_WORKFLOWS._value.get() == 1
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 5)
 
 
 async def test_an_event_no_workflow_listens_to_is_acknowledged_not_dead_lettered(
@@ -512,38 +515,37 @@ async def _fuzz_once(redis_url: str, entries: list[dict[str, bytes]]) -> None:
     redis = Redis.from_url(redis_url)
     await register(redis, keys, CHAT)
     await register(redis, keys, AUDIT)
-    settings_ = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
-    service = Ingress(redis, settings_, IngressConfig(block_ms=20, refresh_interval=0.05))
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
     try:
-        ids = [await redis.xadd(keys.events_stream, dict(e)) for e in entries]
-        await eventually(lambda: inbox_done(redis, keys), timeout=20)
-        dead: dict[bytes, list[bytes]] = {}
-        for _, f in await redis.xrange(keys.dead_stream):
-            dead.setdefault(f[b"entry"], []).append(f.get(b"workflow", b""))
-        requested: Counter[str] = Counter()
-        for r in await requests_in_streams(redis, keys):
-            requested[r["w"]] += 1
-        routed = {b"chat.message": ("audit", "chat-reply"), b"user.signup": ("audit",)}
-        explicit_ids: set[tuple[bytes, str]] = set()
-        expected_requests: Counter[str] = Counter()
-        for entry_id, fields in zip(ids, entries, strict=True):
-            got = dead.get(entry_id, [])
-            workflows = routed.get(fields["name"], ())
-            if got == [b""]:
-                continue  # refused as a whole: one dead letter
-            assert b"" not in got, (fields, got)
-            assert len(got) == len(set(got)), got  # at most one per workflow
-            event_id = fields.get("id", entry_id)
-            for wf in workflows:
-                if wf.encode() not in got and (event_id, wf) not in explicit_ids:
-                    expected_requests[wf] += 1
-                    explicit_ids.add((event_id, wf))
-            if not workflows:
-                assert got == [], (fields, got)
-        assert requested == expected_requests
+        async with running_ingress(redis, redis_url, keys):
+            await _fuzz_check(redis, keys, entries)
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
         await redis.aclose()
+
+
+async def _fuzz_check(redis: Redis, keys: Keys, entries: list[dict[str, bytes]]) -> None:
+    ids = [await redis.xadd(keys.events_stream, dict(e)) for e in entries]
+    await eventually(lambda: inbox_done(redis, keys), timeout=20)
+    dead: dict[bytes, list[bytes]] = {}
+    for _, f in await redis.xrange(keys.dead_stream):
+        dead.setdefault(f[b"entry"], []).append(f.get(b"workflow", b""))
+    requested: Counter[str] = Counter()
+    for r in await requests_in_streams(redis, keys):
+        requested[r["w"]] += 1
+    routed = {b"chat.message": ("audit", "chat-reply"), b"user.signup": ("audit",)}
+    explicit_ids: set[tuple[bytes, str]] = set()
+    expected_requests: Counter[str] = Counter()
+    for entry_id, fields in zip(ids, entries, strict=True):
+        got = dead.get(entry_id, [])
+        workflows = routed.get(fields["name"], ())
+        if got == [b""]:
+            continue  # refused as a whole: one dead letter
+        assert b"" not in got, (fields, got)
+        assert len(got) == len(set(got)), got  # at most one per workflow
+        event_id = fields.get("id", entry_id)
+        for wf in workflows:
+            if wf.encode() not in got and (event_id, wf) not in explicit_ids:
+                expected_requests[wf] += 1
+                explicit_ids.add((event_id, wf))
+        if not workflows:
+            assert got == [], (fields, got)
+    assert requested == expected_requests
