@@ -75,7 +75,7 @@ for n = 1, #reqs do
   else
     local rec = {
       st = 'Q', g = q.g, s = q.s, w = q.w, v = q.v, k = q.k or '', ev = q.ev or '',
-      mx = q.max, sg = q.st, sx = q.x or 0, a = 1, m = q.m or 3, t0 = now,
+      mx = q.max, sg = q.st, sx = q.x or 0, a = 1, m = q.m or 3, t0 = now, c = 1,
     }
     saveRun(rid, rec)
     fresh[rid] = q['in'] or ''

@@ -51,7 +51,7 @@ for i = 5, #ARGV, 4 do
     rec.t2 = now
     rcall('HSET', runsKey, rid, cmsgpack.pack(rec))
     rcall('ZADD', leasesKey, now + leaseMs, rid)
-    claimedOf[rec.w] = (claimedOf[rec.w] or 0) + 1
+    if rec.c == 1 then claimedOf[rec.w] = (claimedOf[rec.w] or 0) + 1 end
     out[#out + 1] = { 1, rid, att, rec.w, rec.v, rcall('HGET', inputsKey, rid) or '', rec.k, rec.s }
   else
     out[#out + 1] = { 0, rid, rec and rec.st or '' }

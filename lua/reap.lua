@@ -88,7 +88,7 @@ if #old > 0 then
   for i = 1, #raws do
     if raws[i] then
       local rec = cmsgpack.unpack(raws[i])
-      countRun(rec.w, rec.st, -1)
+      if rec.c == 1 then countRun(rec.w, rec.st, -1) end
     end
   end
   flushCounts()

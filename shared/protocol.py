@@ -327,6 +327,7 @@ RECORD_FIELDS = {
     "e": "executor that claimed the attempt",
     "h": "1 while a CANCELLING run still holds its slot (strict mode)",
     "ra": "fresh assignment entries written for an unclaimed ASSIGNED attempt",
+    "c": "1: counted in the shard's counts hash (every run created since it exists)",
     "tr": "ms of the last of those",
     "t0": "created ms",
     "t1": "assigned ms",

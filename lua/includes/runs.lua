@@ -3,12 +3,13 @@
   call and written once at its end (each redis.call costs about as much as the Lua around it).
   Needs the locals runsKey, slotsKey, terminalKey, inputsKey, countsKey. The counts hash holds
   '<workflow>|<state letter>' -> runs of that workflow in that state, kept from the state each
-  record had when this call loaded it and the state it is written with.
+  record had when this call loaded it and the state it is written with; only records marked
+  c = 1 (all created since the counts exist) are counted, so older ones never skew them.
   A record is a msgpack map: st state, g group, s sequence, w workflow, v version, k key,
   ev event id, mx max_runs, sg strategy code, sx strict (0/1), a attempt, m max attempts,
   e executor, h (1: a CANCELLING run still holds its slot), ra/tr re-assignments of an unclaimed
   ASSIGNED attempt and the time of the last, t0..t3 created/assigned/claimed/
-  ended ms, tc cancel decided ms, by superseding run id, why reason, err error text.
+  ended ms, tc cancel decided ms, by superseding run id, why reason, err error text, c counted.
 ]]
 local runCache, runDirty = {}, {}
 local slotCache, slotDirty = {}, {}
@@ -109,7 +110,7 @@ local function flushRuns()
     args[#args + 1] = rid
     args[#args + 1] = cmsgpack.pack(rec)
     local was = stateOf[rid]
-    if was ~= rec.st then
+    if rec.c == 1 and was ~= rec.st then  -- (records from before the counts have no `c`)
       if was then countRun(rec.w, was, -1) end
       countRun(rec.w, rec.st, 1)
       stateOf[rid] = rec.st
