@@ -39,7 +39,7 @@ from supersede import client
 from supersede.config import connect
 from supersede.keys import Keys
 from supersede.protocol import RunRecord
-from supersede.server import EmbeddedCluster, EmbeddedServer, find_cli_binary
+from supersede.server import EmbeddedCluster, EmbeddedServer, die_with_parent, find_cli_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "chaos"
@@ -89,7 +89,9 @@ class Run:
     def spawn(self, m: Member) -> None:
         log = open(self.work / f"{m.kind}.log", "ab")  # noqa: SIM115 - owned by the child
         cmd = [sys.executable, "-m", "supersede", m.kind, *m.args, "--metrics-port", "0"]
-        m.proc = subprocess.Popen(cmd, env=self.env(), cwd=ROOT, stdout=log, stderr=log)
+        # die_with_parent: a runner killed (a test timeout, Ctrl-C) takes its services along
+        m.proc = subprocess.Popen(cmd, env=self.env(), cwd=ROOT, stdout=log, stderr=log,
+                                  preexec_fn=die_with_parent)  # fmt: skip
         log.close()
 
     def start_all(self) -> None:

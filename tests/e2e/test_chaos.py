@@ -13,6 +13,7 @@ import pytest
 
 from chaos.verdict import Observed, check, ok
 from supersede.protocol import RunRecord
+from supersede.server import die_with_parent
 from tests.support import REPO
 
 
@@ -76,7 +77,8 @@ def test_a_minute_of_chaos_on_one_server_keeps_every_promise() -> None:
     cmd = [sys.executable, "-m", "chaos", "--duration", "60", "--seed", "20261130",
            "--lease", "3", "--long", "7", "--fault-every", "1", "--settle", "240"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=600)
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=600,
+                         preexec_fn=die_with_parent)  # fmt: skip
     lines = [x for x in out.stdout.decode().splitlines() if x.startswith("CHAOS ")]
     assert lines, out.stderr.decode()[-3000:]
     verdict = orjson.loads(lines[-1][len("CHAOS ") :])
