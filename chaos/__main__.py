@@ -377,6 +377,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             faults=dict(r.faults),
         )
         verdict = check(observed)
+        if verdict["runs_lost"]:
+            verdict["lost_trace"] = await _retrying(lambda: _trace(redis, verdict))
         (work / "published.json").write_bytes(orjson.dumps(r.published))
         verdict |= {
             "mode": "cluster" if args.cluster else "single",
@@ -399,6 +401,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"chaos: logs and ledger kept in {work}", file=sys.stderr)
+
+
+async def _trace(redis: Any, verdict: dict[str, Any]) -> dict[str, Any]:
+    """Where the events of lost runs are: still in the inbox (and pending there?), dead
+    letters, requests in a shard's stream; for the next person to look at a failure."""
+    ids = {x.split(":", 1)[0].encode() for x in verdict["lost_examples"]}
+    keys = Keys(NAMESPACE, SHARDS)
+    inbox = [(e, f) for e, f in await redis.xrange(keys.events_stream) if f.get(b"id") in ids]
+    pending = await redis.xpending_range(keys.events_stream, "ingress", "-", "+", 10_000)
+    pending_ids = {p["message_id"] for p in pending}
+    dead = [f for _, f in await redis.xrange(keys.dead_stream) if f.get(b"id") in ids]
+    requests = 0
+    for sk in keys.all_shards():
+        for _, f in await redis.xrange(sk.requests_stream):
+            requests += any(i in f[b"r"] for i in ids)
+    return {
+        "inbox_entries": len(inbox),
+        "inbox_pending": sum(1 for e, _ in inbox if e in pending_ids),
+        "dead_letters": [f.get(b"reason", b"").decode() for f in dead],
+        "requests_in_streams": requests,
+    }
 
 
 async def _registered(redis: Redis | RedisCluster) -> bool:

@@ -45,7 +45,8 @@ def check(o: Observed) -> dict[str, Any]:
     have: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
     for r in o.records:
         have[(r.event_id, r.workflow)].append(r)
-    lost = len(want - set(have))
+    missing = sorted(want - set(have))
+    lost = len(missing)
     extra = sum(len(v) - 1 for v in have.values()) + len(set(have) - want)
     stuck = sum(1 for r in o.records if not r.state.terminal)
     failed = sum(1 for r in o.records if r.state is RunState.FAILED)
@@ -56,6 +57,7 @@ def check(o: Observed) -> dict[str, Any]:
         "runs_expected": len(want),
         "runs": len(o.records),
         "runs_lost": lost,
+        "lost_examples": [f"{ev}:{wf}" for ev, wf in missing[:5]],
         "runs_extra": extra,
         "runs_not_terminal": stuck,
         "runs_failed": failed,

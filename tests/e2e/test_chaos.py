@@ -75,7 +75,7 @@ def test_the_checks_pass_a_clean_history_and_catch_each_violation() -> None:
 @pytest.mark.timeout(900)  # a minute of faults, then the settling (the default is 120 s)
 def test_a_minute_of_chaos_on_one_server_keeps_every_promise() -> None:
     cmd = [sys.executable, "-m", "chaos", "--duration", "60", "--seed", "20261130",
-           "--lease", "3", "--long", "7", "--fault-every", "1", "--settle", "240"]  # fmt: skip
+           "--lease", "3", "--long", "7", "--fault-every", "1", "--settle", "400"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=600,
                          preexec_fn=die_with_parent)  # fmt: skip
