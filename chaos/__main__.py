@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,13 @@ from supersede import client
 from supersede.config import connect
 from supersede.keys import Keys
 from supersede.protocol import RunRecord
-from supersede.server import EmbeddedCluster, EmbeddedServer, die_with_parent, find_cli_binary
+from supersede.server import (
+    EmbeddedCluster,
+    EmbeddedServer,
+    die_with_parent,
+    find_cli_binary,
+    free_port,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "chaos"
@@ -53,6 +60,7 @@ class Member:
     kind: str
     args: list[str]
     proc: subprocess.Popen[bytes] | None = None
+    metrics_port: int = field(default_factory=free_port)
 
 
 @dataclass
@@ -88,7 +96,8 @@ class Run:
 
     def spawn(self, m: Member) -> None:
         log = open(self.work / f"{m.kind}.log", "ab")  # noqa: SIM115 - owned by the child
-        cmd = [sys.executable, "-m", "supersede", m.kind, *m.args, "--metrics-port", "0"]
+        cmd = [sys.executable, "-m", "supersede", m.kind, *m.args,
+               "--metrics-port", str(m.metrics_port)]  # fmt: skip
         # die_with_parent: a runner killed (a test timeout, Ctrl-C) takes its services along
         m.proc = subprocess.Popen(cmd, env=self.env(), cwd=ROOT, stdout=log, stderr=log,
                                   preexec_fn=die_with_parent)  # fmt: skip
@@ -352,6 +361,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         r.start_all()
         if not await _until(lambda: _registered(redis), 60):
             raise RuntimeError(f"the executors did not register their workflows; see {work}")
+        # An event read by an ingress that has not loaded them yet is unrouted, and dropped.
+        if not await _until(lambda: _ingress_routes_all(r), 60):
+            raise RuntimeError(f"the ingress processes did not load the workflows; see {work}")
         tasks = [asyncio.create_task(r.producer(way, i * 10_000_000))
                  for i, way in enumerate(["client", "xadd", "cli"])]  # fmt: skip
         tasks.append(asyncio.create_task(r.faults_loop()))
@@ -426,6 +438,25 @@ async def _trace(redis: Any, verdict: dict[str, Any]) -> dict[str, Any]:
 
 async def _registered(redis: Redis | RedisCluster) -> bool:
     return int(await redis.hlen("{%s}:workflows" % NAMESPACE)) >= 4  # noqa: UP031
+
+
+async def _ingress_routes_all(r: Run) -> bool:
+    """Every ingress process has loaded the four workflows (its metrics say so)."""
+    for m in r.members:
+        if m.kind == "ingress":
+            url = f"http://127.0.0.1:{m.metrics_port}/metrics"
+            try:
+                text = await asyncio.to_thread(_get, url)
+            except OSError:
+                return False
+            if not re.search(r"^supersede_ingress_workflows 4\.0$", text, re.MULTILINE):
+                return False
+    return True
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return str(resp.read().decode())
 
 
 async def _until(check_fn: Any, timeout: float) -> bool:
