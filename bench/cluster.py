@@ -16,6 +16,7 @@ from bench.common import log, report
 from bench.executor import start, wait_for
 from supersede.keys import Keys
 from supersede.server import EmbeddedCluster, EmbeddedServer
+from supersede.services.ops import ended_runs
 
 
 async def e2e(url: str, client: Any, n: int) -> float:
@@ -44,8 +45,7 @@ async def e2e(url: str, client: Any, n: int) -> float:
                 await pipe.execute()
 
         async def finished() -> bool:
-            ended = sum([int(await client.zcard(sk.terminal_zset)) for sk in keys.all_shards()])
-            return ended >= n
+            return await ended_runs(client, keys) >= n
 
         await wait_for(finished, timeout=300)
         return n / (time.perf_counter() - started)

@@ -27,7 +27,7 @@ from supersede.config import Settings
 from supersede.protocol import RunRecord
 from supersede.scripts import Scripts
 from supersede.server import EmbeddedServer
-from supersede.services.ops import cancel_key, scan_runs
+from supersede.services.ops import cancel_key, ended_runs, scan_runs
 from supersede.streams import ensure_groups
 
 
@@ -175,7 +175,7 @@ async def e2e_throughput(redis: Redis, settings: Settings, n: int) -> None:
     items = [(keys.events_stream, {"name": b"bench.noop", "data": b"{}"}) for _ in range(n)]
 
     async def ended() -> int:
-        return sum([int(await redis.zcard(sk.terminal_zset)) for sk in keys.all_shards()])
+        return await ended_runs(redis, keys)
 
     base = await ended()
     started = time.perf_counter()
@@ -217,7 +217,7 @@ async def cost_per_run(redis: Redis, settings: Settings, n: int) -> None:
     ref_bytes, ref_us = (mem1 - mem0) / n, (cpu1 - cpu0) / n * 1e6
 
     async def ended() -> int:
-        return sum([int(await redis.zcard(sk.terminal_zset)) for sk in keys.all_shards()])
+        return await ended_runs(redis, keys)
 
     base = await ended()
     mem0, cpu0 = await _server_use(redis)
@@ -247,7 +247,7 @@ async def executor_throughput(
         return sum([int(await key_of(sk)) for sk in keys.all_shards()])
 
     async def ended() -> int:
-        return await count(lambda sk: redis.zcard(sk.terminal_zset))
+        return await ended_runs(redis, keys)
 
     assigned_before = await count(lambda sk: redis.xlen(sk.assignments_stream("noop")))
     ended_before = await ended()

@@ -9,7 +9,8 @@
     KEYS[3]  active zset        ASSIGNED and RUNNING members
     KEYS[4]  slots hash         group id -> slots held
     KEYS[5]  leases zset        run id by lease expiry (ms)
-    KEYS[6]  terminal zset      run id by end time (ms)
+    KEYS[6]  ended hash         workflow tag -> workflow; ended runs go to the stream
+                                '<KEYS[6]>:<workflow tag>' (one entry per call and state)
     KEYS[7]  assignments prefix   the stream of a workflow is '<prefix>:<workflow tag>'
     KEYS[8]  control stream
     KEYS[9]  inputs hash        run id -> input
@@ -30,11 +31,12 @@
     {-3, i}         request i belongs to another shard; nothing written
     {-4, 0}         bad ARGV; nothing written
 
-  Writes: XADD <prefix>:<workflow tag> {id, a}; XADD control {op = 'cancel', id, a, by, why}.
+  Writes: XADD <prefix>:<workflow tag> {id, a}; XADD control {op = 'cancel', id, a, by, why};
+  XADD <ended>:<workflow tag> {<state> = run ids}.
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local leasesKey, endedKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local inputsKey, countsKey, requestsKey = KEYS[9], KEYS[10], KEYS[11]
 local newestKey, newestAtKey = KEYS[12], KEYS[13]
 

@@ -1,45 +1,27 @@
 --[[
-  Appends run requests to a shard's requests stream, at most once per run id within the
-  de-duplication window: ingress calls it before acknowledging the inbox entries, so an event
-  redelivered after a crash, or republished with the same id, appends nothing the second time.
-  Ids seen longer ago than the window are forgotten.
+  Appends run requests to a shard's requests stream, all in one call. It does not
+  de-duplicate: an event redelivered after an ingress crash appends its requests again, and
+  admission finds their runs already recorded (a run record lives until its workflow's
+  retention after it ended, so records are the de-duplication memory).
 
   Input:
     KEYS[1]  requests stream
-    KEYS[2]  seen zset          run id by the time it was requested (ms)
-    ARGV[1]  now in ms, or 0 for the server clock
-    ARGV[2]  de-duplication window in ms
-    ARGV[3]  msgpack array: run id, packed run request, run id, packed run request, ...
-             (one argument: encoding thousands of arguments costs the client more than the
-             server spends unpacking them)
+    ARGV[1]  msgpack array of packed run requests (one argument: encoding thousands of
+             arguments costs the client more than the server spends unpacking them)
 
   Output:
-    {0, appended, duplicates, flag, ...}  one flag per pair: 1 appended, 0 duplicate
+    {0, appended}
     {-4, 0}  bad ARGV; nothing written
 
   Writes: XADD requests {r = packed request}.
 ]]
 local rcall = redis.call
-local requestsKey, seenKey = KEYS[1], KEYS[2]
+local requestsKey = KEYS[1]
 
--- @include now
+local ok, items = pcall(cmsgpack.unpack, ARGV[1] or '')
+if not ok or type(items) ~= 'table' then return { -4, 0 } end
 
-local now = nowMs(ARGV[1])
-local window = tonumber(ARGV[2])
-if not window then return { -4, 0 } end
-local ok, items = pcall(cmsgpack.unpack, ARGV[3] or '')
-if not ok or type(items) ~= 'table' or #items % 2 ~= 0 then return { -4, 0 } end
-
-rcall('ZREMRANGEBYSCORE', seenKey, '-inf', now - window)
-local out = { 0, 0, 0 }
-for i = 1, #items, 2 do
-  if rcall('ZADD', seenKey, 'NX', now, items[i]) == 1 then
-    rcall('XADD', requestsKey, '*', 'r', items[i + 1])
-    out[2] = out[2] + 1
-    out[#out + 1] = 1
-  else
-    out[3] = out[3] + 1
-    out[#out + 1] = 0
-  end
+for i = 1, #items do
+  rcall('XADD', requestsKey, '*', 'r', items[i])
 end
-return out
+return { 0, #items }

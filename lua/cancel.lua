@@ -17,12 +17,12 @@
     {-2, i}         run i does not exist; nothing written
     {-4, 0}         bad ARGV; nothing written
 
-  Writes: XADD control for RUNNING runs; XADD <prefix>:<workflow tag> for runs started in
-  freed slots.
+  Writes: XADD <ended>:<workflow tag> for runs ended; XADD control for RUNNING runs;
+  XADD <prefix>:<workflow tag> for runs started in freed slots.
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local leasesKey, endedKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local inputsKey, countsKey = KEYS[9], KEYS[10]
 local newestKey, newestAtKey = KEYS[11], KEYS[12]
 

@@ -19,11 +19,12 @@
     {-2, i}         result i names a run that does not exist; nothing written
     {-4, 0}         bad ARGV; nothing written
 
-  Writes: XADD <prefix>:<workflow tag> for runs started in the released slots.
+  Writes: XADD <ended>:<workflow tag> {<state> = run ids}; XADD <prefix>:<workflow tag> for
+  runs started in the released slots.
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local leasesKey, endedKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local inputsKey, countsKey, resultsKey = KEYS[9], KEYS[10], KEYS[11]
 local newestKey, newestAtKey = KEYS[12], KEYS[13]
 

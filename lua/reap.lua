@@ -5,18 +5,24 @@
   executor claimed within the assignment deadline gets a fresh assignment entry (same attempt;
   its entry may be gone, or held by an executor that cannot claim it), then again after twice,
   four times ... up to 64 times the deadline, so its slot is never held by a run nobody can
-  claim; a duplicate entry is refused by claim. Records of runs that ended more than the
-  retention ago are deleted, and so is the memory of the newest runs of groups that admitted
-  nothing for as long.
+  claim; a duplicate entry is refused by claim. Records of runs that ended more than their
+  workflow's retention ago are deleted with their entries of the ended streams, and so is the
+  memory of the newest runs of groups that admitted nothing for the default retention.
 
   Input:
     KEYS[1..10] the shard state keys, as in admit.lua
     KEYS[11]    newest hash      as in admit.lua
     KEYS[12]    newest-at zset   as in admit.lua
+    KEYS[13]    legacy terminal zset  run id by end time, from before the ended streams:
+                                      drained with the default retention, never written
     ARGV[1]     now in ms, or 0 for the server clock
-    ARGV[2]     at most this many leases and this many old records per call
-    ARGV[3]     retention of ended runs in ms
+    ARGV[2]     at most this many leases and about this many old records per call (whole
+                ended-stream entries are expired, so up to one entry's runs more)
+    ARGV[3]     default retention of ended runs in ms
     ARGV[4]     assignment deadline in ms
+    ARGV[5]     at most this many ended runs of one workflow kept in this shard, the oldest
+                expired first whatever their age (0: no cap); counted from the counts hash
+    ARGV[6..]   pairs: workflow id, its own retention in ms
 
   Output:
     {0, retried, failed, cancelled, expired records, assigned, reassigned}
@@ -26,17 +32,24 @@
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local leasesKey, terminalKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local leasesKey, endedKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local inputsKey, countsKey = KEYS[9], KEYS[10]
-local newestKey, newestAtKey = KEYS[11], KEYS[12]
+local newestKey, newestAtKey, legacyTerminalKey = KEYS[11], KEYS[12], KEYS[13]
 
 -- @include now
 -- @include runs
 
 local now = nowMs(ARGV[1])
 local limit, retention, deadline = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if not limit or limit < 1 or not retention or not deadline or deadline <= 0 then
+local cap = tonumber(ARGV[5])
+if not limit or limit < 1 or not retention or not deadline or deadline <= 0 or not cap
+    or #ARGV % 2 ~= 1 then
   return { -4, 0 }
+end
+local keepOf = {}
+for i = 6, #ARGV, 2 do
+  keepOf[ARGV[i]] = tonumber(ARGV[i + 1])
+  if not keepOf[ARGV[i]] then return { -4, 0 } end
 end
 
 -- @include transitions
@@ -82,20 +95,69 @@ refillTouched()
 flushRuns()
 flushNewest()
 
-local old = rcall('ZRANGEBYSCORE', terminalKey, '-inf', now - retention, 'LIMIT', 0, limit)
-if #old > 0 then
-  local raws = rcall('HMGET', runsKey, unpack(old))
-  for i = 1, #raws do
-    if raws[i] then
-      local rec = cmsgpack.unpack(raws[i])
+-- Old records: whole entries of each workflow's ended stream, oldest first, up to the limit:
+-- those past the retention, and more while the workflow keeps more than `cap` ended runs.
+local old = {}
+local index = rcall('HGETALL', endedKey)
+for i = 1, #index, 2 do
+  if #old >= limit then break end
+  local w = index[i + 1]
+  local stream = endedKey .. ':' .. index[i]
+  local cut = now - (keepOf[w] or retention)
+  local excess = 0
+  if cap > 0 then
+    local n = rcall('HMGET', countsKey, w .. '|S', w .. '|F', w .. '|C')
+    excess = (tonumber(n[1]) or 0) + (tonumber(n[2]) or 0) + (tonumber(n[3]) or 0) - cap
+  end
+  local last, taken, more = nil, 0, true
+  while more and #old < limit do
+    local entries = rcall('XRANGE', stream, last and ('(' .. last) or '-', '+', 'COUNT', 16)
+    more = #entries == 16
+    for j = 1, #entries do
+      local id, fields = entries[j][1], entries[j][2]
+      if taken >= excess and tonumber(string.match(id, '^(%d+)')) > cut then
+        more = false
+        break
+      end
+      for f = 2, #fields, 2 do
+        for rid in string.gmatch(fields[f], '[^,]+') do
+          old[#old + 1] = rid
+          taken = taken + 1
+        end
+      end
+      last = id
+      if #old >= limit then break end
+    end
+  end
+  if last then
+    local ms, seq = string.match(last, '^(%d+)-(%d+)$')
+    rcall('XTRIM', stream, 'MINID', ms .. '-' .. (tonumber(seq) + 1))
+    if rcall('XLEN', stream) == 0 then
+      rcall('DEL', stream)
+      rcall('HDEL', endedKey, index[i])
+    end
+  end
+end
+local legacy = {}
+if #old < limit then
+  legacy = rcall('ZRANGEBYSCORE', legacyTerminalKey, '-inf', now - retention, 'LIMIT', 0,
+    limit - #old)
+  for i = 1, #legacy do old[#old + 1] = legacy[i] end
+end
+for i = 1, #old, 1000 do
+  local chunk = { unpack(old, i, math.min(i + 999, #old)) }
+  local raws = rcall('HMGET', runsKey, unpack(chunk))
+  for j = 1, #raws do
+    if raws[j] then
+      local rec = cmsgpack.unpack(raws[j])
       if rec.c == 1 then countRun(rec.w, rec.st, -1) end
     end
   end
-  flushCounts()
-  rcall('HDEL', runsKey, unpack(old))
-  rcall('HDEL', inputsKey, unpack(old))
-  rcall('ZREM', terminalKey, unpack(old))
+  rcall('HDEL', runsKey, unpack(chunk))
+  rcall('HDEL', inputsKey, unpack(chunk))
 end
+flushCounts()
+callChunked('ZREM', legacyTerminalKey, legacy, 1000)
 local idle = rcall('ZRANGEBYSCORE', newestAtKey, '-inf', now - retention, 'LIMIT', 0, limit)
 if #idle > 0 then
   rcall('HDEL', newestKey, unpack(idle))

@@ -6,9 +6,12 @@
   Input:
     KEYS[1]  workflows hash     workflow id -> JSON definition
     KEYS[2]  registry epoch     counter (string)
+    KEYS[3]  versions hash      workflow id -> JSON array of the versions registered, oldest
+                                first, the newest ARGV[4] kept
     ARGV[1]  workflow id
     ARGV[2]  its version
     ARGV[3]  the JSON definition
+    ARGV[4]  versions kept per workflow
 
   Output:
     {0, 0}                    unchanged (the same definition is stored)
@@ -19,10 +22,12 @@
   Writes: no stream.
 ]]
 local rcall = redis.call
-local workflowsKey, epochKey = KEYS[1], KEYS[2]
+local workflowsKey, epochKey, versionsKey = KEYS[1], KEYS[2], KEYS[3]
 
-local wid, version, body = ARGV[1], ARGV[2], ARGV[3]
-if not wid or wid == '' or not version or version == '' or not body then return { -4, 0 } end
+local wid, version, body, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+if not wid or wid == '' or not version or version == '' or not body or not keep or keep < 1 then
+  return { -4, 0 }
+end
 
 local stored = rcall('HGET', workflowsKey, wid)
 if stored == body then return { 0, 0 } end
@@ -32,4 +37,15 @@ if stored then
 end
 rcall('HSET', workflowsKey, wid, body)
 rcall('INCR', epochKey)
+local ok, was = pcall(cjson.decode, rcall('HGET', versionsKey, wid) or '[]')
+local versions = {}
+if ok and type(was) == 'table' then
+  for i = 1, #was do
+    if was[i] ~= version then versions[#versions + 1] = was[i] end
+  end
+end
+versions[#versions + 1] = version
+local kept = {}
+for i = math.max(1, #versions - keep + 1), #versions do kept[#kept + 1] = versions[i] end
+rcall('HSET', versionsKey, wid, cjson.encode(kept))
 return { 0, 1 }

@@ -30,6 +30,7 @@ def _admission(args: argparse.Namespace, settings: Settings) -> None:
         reap_interval=args.reap_interval,
         claim_idle_ms=args.claim_idle_ms,
         retention_ms=int(args.retention * 1000),
+        max_ended_runs=args.max_ended_runs,
         assign_deadline_ms=int(args.assign_deadline * 1000),
         dead_retention_ms=int(args.dead_retention * 1000),
         trim_interval=args.trim_interval,
@@ -162,7 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=30_000,
         help="take over entries another admission process left pending this long",
     )
-    adm.add_argument("--retention", type=float, default=86_400, help="seconds to keep ended runs")
+    adm.add_argument(
+        "--retention",
+        type=float,
+        default=86_400,
+        help="seconds to keep ended runs, unless a workflow sets its own `retention` "
+        "(default 86400)",
+    )
+    adm.add_argument(
+        "--max-ended-runs",
+        type=int,
+        default=1_000_000,
+        help="ended runs kept per workflow at most, the oldest deleted first whatever the "
+        "retention; bounds memory at any rate (default 1000000; 0: no cap)",
+    )
     adm.add_argument(
         "--assign-deadline",
         type=float,
@@ -191,7 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="take over entries another ingress process left pending this long",
     )
     ing.add_argument(
-        "--dedup-window", type=float, default=86_400, help="seconds an event id is remembered"
+        "--dedup-window",
+        type=float,
+        default=86_400,
+        help="seconds an explicit event id is remembered",
     )
     ing.add_argument("--max-payload", type=int, default=1 << 20, help="bytes per inbox entry")
     ing.set_defaults(func=_ingress)

@@ -1,7 +1,9 @@
 """Operator commands: publish, runs, run, cancel, status, dead (each with --json).
 
-They read run records with HSCAN over the shards (the cost grows with the retained runs; fine
-for an operator, not for a hot path) and change state only through the Lua scripts.
+They answer from the indexes the scripts keep, never from a scan of every record: live runs
+from the queue and lease zsets (a key's from its groups' members), ended runs from each
+workflow's ended streams (newest end first), counts from the counts hashes. They change state
+only through the Lua scripts.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import orjson
 from redis.asyncio import Redis
 
 from supersede.keys import Keys
-from supersede.model import shard_of_run
+from supersede.model import group_id, shard_of_group, shard_of_run
 from supersede.protocol import (
     ADMISSION_GROUP,
     EXECUTOR_GROUP,
@@ -60,11 +62,148 @@ def view(run: RunRecord) -> dict[str, Any]:
 
 
 async def scan_runs(redis: Redis, keys: Keys) -> list[RunRecord]:
+    """Every retained record (HSCAN of every shard): for tests and benchmarks, never the CLI."""
     out = []
     for sk in keys.all_shards():
         async for rid, raw in redis.hscan_iter(sk.runs_hash, count=1000):
             out.append(RunRecord.decode(rid, raw))
     return out
+
+
+PAGE = 200  # index entries read per shard and round trip
+KEY_SCAN = 10_000  # ended runs per shard searched for the runs of one key
+
+
+def _text_of(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _rid_of_member(member: bytes | str) -> str:
+    return _text_of(member).rsplit("|", 1)[1]
+
+
+async def _records(redis: Redis, keys: Keys, rids: list[str]) -> list[RunRecord]:
+    """The records of `rids` (one HMGET per shard), in the order given; gone ones left out."""
+    by_shard: dict[int, list[str]] = {}
+    for rid in rids:
+        by_shard.setdefault(shard_of_run(rid), []).append(rid)
+    shards = list(by_shard)
+    async with redis.pipeline(transaction=False) as pipe:
+        for shard in shards:
+            pipe.hmget(keys.shard(shard).runs_hash, by_shard[shard])
+        replies = await pipe.execute()
+    found: dict[str, RunRecord] = {}
+    for shard, raws in zip(shards, replies, strict=True):
+        for rid, raw in zip(by_shard[shard], raws, strict=True):
+            if raw is not None:
+                found[rid] = RunRecord.decode(rid, raw)
+    return [found[rid] for rid in rids if rid in found]
+
+
+async def versions_of(
+    redis: Redis, keys: Keys, workflows: list[str] | None
+) -> dict[str, list[str]]:
+    """workflow -> the versions the registry remembers (the current one last), for
+    `workflows`, or for every registered workflow."""
+    if workflows is None:
+        names = await redis.hkeys(keys.workflows_hash)
+        workflows = sorted(_text_of(n) for n in names)
+    raws = await redis.hmget(keys.workflow_versions_hash, workflows) if workflows else []
+    out = {
+        w: [str(v) for v in orjson.loads(raw)] if raw else []
+        for w, raw in zip(workflows, raws, strict=True)
+    }
+    if not all(out.values()):  # registered before the registry kept versions
+        _, defs, _ = await load_all(redis, keys)
+        for w, versions in out.items():
+            if not versions and w in defs:
+                versions.append(defs[w].version)
+    return out
+
+
+async def _live_of_key(redis: Redis, keys: Keys, workflow: str | None, key: str) -> list[str]:
+    """Run ids of the QUEUED, ASSIGNED and RUNNING runs of `key` (of `workflow`, or of every
+    registered workflow), every version: each group's members in the queue and active zsets."""
+    versions = await versions_of(redis, keys, [workflow] if workflow else None)
+    groups = [group_id(w, v, key) for w, vs in versions.items() for v in vs]
+    async with redis.pipeline(transaction=False) as pipe:
+        for g in groups:
+            sk = keys.shard(shard_of_group(g, keys.shards))
+            for zset in (sk.queue_zset, sk.active_zset):
+                pipe.zrangebylex(zset, f"[{g}|", f"({g}}}")  # members '<g>|...' ('}' > '|')
+        replies = await pipe.execute()
+    return [_rid_of_member(m) for members in replies for m in members]
+
+
+async def _live(redis: Redis, keys: Keys, want: int) -> list[str]:
+    """Run ids of up to `want` live runs per shard: QUEUED from the queue zset, ASSIGNED,
+    RUNNING and CANCELLING from the leases zset."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for sk in keys.all_shards():
+            pipe.zrange(sk.queue_zset, 0, want - 1)
+            pipe.zrange(sk.leases_zset, 0, want - 1)
+        replies = await pipe.execute()
+    out: list[str] = []
+    for i, members in enumerate(replies):
+        out += [_rid_of_member(m) if i % 2 == 0 else _text_of(m) for m in members]
+    return out
+
+
+async def _ended(
+    redis: Redis, keys: Keys, workflow: str | None, states: set[str], want: int, scan: int
+) -> list[str]:
+    """Run ids of ended runs in `states`, newest end first: up to `want` of them, reading at
+    most `scan` index entries' runs per stream (all shards' streams of `workflow`, or of every
+    workflow), PAGE entries per stream and round trip."""
+    streams: list[str] = []
+    if workflow:
+        streams = [sk.ended_stream(workflow) for sk in keys.all_shards()]
+    else:
+        async with redis.pipeline(transaction=False) as pipe:
+            for sk in keys.all_shards():
+                pipe.hkeys(sk.ended_hash)
+            tags = await pipe.execute()
+        for sk, names in zip(keys.all_shards(), tags, strict=True):
+            streams += [f"{sk.ended_hash}:{_text_of(t)}" for t in names]
+    found: list[tuple[str, str]] = []  # (entry id as sortable text, run id)
+    cursor = {s: "+" for s in streams}
+    seen = dict.fromkeys(streams, 0)
+    while cursor:
+        names = list(cursor)
+        async with redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.xrevrange(name, cursor[name], "-", count=PAGE)
+            replies = await pipe.execute()
+        for name, entries in zip(names, replies, strict=True):
+            for entry_id, fields in entries:
+                ms, _, sq = _text_of(entry_id).partition("-")
+                order = f"{int(ms):015d}-{int(sq):015d}"
+                for state, ids in fields.items():
+                    run_ids = _text_of(ids).split(",")
+                    seen[name] += len(run_ids)
+                    if _text_of(state) in states:
+                        found += [(order, rid) for rid in reversed(run_ids)]
+            if len(entries) < PAGE or seen[name] >= scan:
+                del cursor[name]
+            else:
+                cursor[name] = "(" + _text_of(entries[-1][0])
+        # each stream is newest first: once `want` runs are newer than every open cursor,
+        # no stream can add a newer one
+        found.sort(reverse=True)
+        if len(found) >= want and all(
+            _cursor_order(cursor[n]) < found[want - 1][0] for n in cursor
+        ):
+            break
+    return [rid for _, rid in found[:want]]
+
+
+def _cursor_order(cursor: str) -> str:
+    ms, _, sq = cursor.lstrip("(").partition("-")
+    return f"{int(ms):015d}-{int(sq):015d}"
+
+
+ENDED = {s.value for s in RunState if s.terminal}
+LIVE = {s.value for s in RunState if not s.terminal}
 
 
 async def list_runs(
@@ -76,16 +215,41 @@ async def list_runs(
     state: str | None = None,
     limit: int = 100,
 ) -> list[dict[str, Any]]:
-    wanted = RunState[state.upper()] if state else None
-    runs = [
-        run
-        for run in await scan_runs(redis, keys)
-        if (not workflow or run.workflow == workflow)
-        and (key is None or run.key == key)
-        and (wanted is None or run.state is wanted)
-    ]
-    runs.sort(key=lambda r: r.created_ms or 0, reverse=True)
-    return [view(run) for run in runs[:limit]]
+    """Live runs first (newest created first), then ended runs (newest end first), from the
+    indexes. The ended runs of a key are looked for among the last KEY_SCAN ended runs of
+    each ended stream (one per shard and workflow)."""
+    wanted = {RunState[state.upper()].value} if state else LIVE | ENDED
+
+    def keep(run: RunRecord) -> bool:
+        return (
+            run.state.value in wanted
+            and (not workflow or run.workflow == workflow)
+            and (key is None or run.key == key)
+        )
+
+    live: list[RunRecord] = []
+    if wanted & LIVE:
+        if key is not None:
+            rids = await _live_of_key(redis, keys, workflow, key)
+        else:
+            rids = await _live(redis, keys, limit if not workflow else max(limit, PAGE))
+        live = [r for r in await _records(redis, keys, rids) if keep(r)]
+        live.sort(key=lambda r: r.created_ms or 0, reverse=True)
+        live = live[:limit]
+    ended: list[RunRecord] = []
+    if wanted & ENDED and len(live) < limit:
+        want = limit - len(live)
+        if key is None:
+            rids = await _ended(redis, keys, workflow, wanted & ENDED, want, scan=1 << 62)
+            ended = [r for r in await _records(redis, keys, rids) if keep(r)]
+        else:
+            rids = await _ended(redis, keys, workflow, wanted & ENDED, KEY_SCAN, scan=KEY_SCAN)
+            for i in range(0, len(rids), 1000):
+                ended += [r for r in await _records(redis, keys, rids[i : i + 1000]) if keep(r)]
+                if len(ended) >= want:
+                    break
+            ended = ended[:want]
+    return [view(run) for run in live + ended]
 
 
 def timeline(run: RunRecord) -> list[dict[str, Any]]:
@@ -129,13 +293,24 @@ async def cancel_runs(scripts: Scripts, rids: list[str]) -> dict[str, bool]:
 
 
 async def cancel_key(redis: Redis, scripts: Scripts, workflow: str, key: str) -> dict[str, bool]:
-    """Cancel every live run of (workflow, key), whatever its version."""
-    rids = [
-        run.id
-        for run in await scan_runs(redis, scripts.keys)
-        if run.workflow == workflow and run.key == key and run.state.live
-    ]
+    """Cancel every live run of (workflow, key), whatever its version (from its groups'
+    members in the queue and active zsets, not a scan)."""
+    rids = await _live_of_key(redis, scripts.keys, workflow, key)
     return await cancel_runs(scripts, rids) if rids else {}
+
+
+async def ended_runs(redis: Redis, keys: Keys) -> int:
+    """Ended runs retained now, over every workflow (from the counts hashes)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for sk in keys.all_shards():
+            pipe.hgetall(sk.counts_hash)
+        replies = await pipe.execute()
+    return sum(
+        int(n)
+        for counts in replies
+        for name, n in counts.items()
+        if _text_of(name).rsplit("|", 1)[-1] in ENDED
+    )
 
 
 async def _group_lag(redis: Redis, stream: str, group: str) -> dict[str, int]:

@@ -93,8 +93,21 @@ class ShardKeys:
         return f"{self.tag}:leases"
 
     @property
-    def terminal_zset(self) -> str:
-        """run id scored by the time it ended (ms); the reaper expires old records."""
+    def ended_hash(self) -> str:
+        """Index of the ended-runs streams: workflow tag -> workflow id. The stream of a
+        workflow is ``<this key>:<workflow tag>``; the reaper walks every stream listed here."""
+        return f"{self.tag}:ended"
+
+    def ended_stream(self, workflow: str) -> str:
+        """Runs of `workflow` that ended, in end order: one entry per script call and end
+        state, id = the end time (ms), field = state letter, value = comma-separated run ids.
+        The reaper removes entries older than the workflow's retention with their records;
+        ``runs`` lists ended runs from here, newest first."""
+        return f"{self.ended_hash}:{workflow_tag(workflow)}"
+
+    @property
+    def legacy_terminal_zset(self) -> str:
+        """Before the ended streams: run id scored by end time. Only drained by the reaper."""
         return f"{self.tag}:terminal"
 
     @property
@@ -116,8 +129,9 @@ class ShardKeys:
         return f"{self.tag}:newest-at"
 
     @property
-    def seen_zset(self) -> str:
-        """Run ids requested by ingress, scored by time: de-duplication within the window."""
+    def legacy_seen_zset(self) -> str:
+        """Before records became the de-duplication memory: run ids by request time. Deleted
+        by admission at start."""
         return f"{self.tag}:seen"
 
     @property
@@ -139,7 +153,7 @@ class ShardKeys:
             self.active_zset,
             self.slots_hash,
             self.leases_zset,
-            self.terminal_zset,
+            self.ended_hash,
             self.assignments_prefix,
             self.control_stream,
             self.inputs_hash,
@@ -169,6 +183,12 @@ class Keys:
         """workflow id -> JSON definition (the registry). Tagged with the epoch key, so a
         registration is one transaction on a cluster too."""
         return f"{{{self.namespace}}}:workflows"
+
+    @property
+    def workflow_versions_hash(self) -> str:
+        """workflow id -> JSON array of the versions registered, newest last (the newest
+        ``scripts.MAX_VERSIONS``): ``cancel --key`` finds the live runs of every version."""
+        return f"{{{self.namespace}}}:workflows:versions"
 
     @property
     def registry_epoch(self) -> str:

@@ -9,7 +9,7 @@ counter (`registry_epoch`) that every effective registration increments.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -23,6 +23,7 @@ from supersede.protocol import Strategy
 from supersede.scripts import Scripts
 
 MAX_NAME = 200
+MAX_RETENTION = 366 * 86_400  # seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +44,17 @@ class WorkflowDef:
     steps: tuple[StepDef, ...] = ()
     max_attempts: int = 3
     version: str = field(default="", compare=False)
+    retention: int | None = None  # seconds an ended run is kept; None: admission's --retention
 
     def to_dict(self) -> dict[str, Any]:
         return definition_body(
-            self.id, self.events, self.concurrency, self.steps, self.max_attempts, self.version
+            self.id,
+            self.events,
+            self.concurrency,
+            self.steps,
+            self.max_attempts,
+            self.version,
+            self.retention,
         )
 
     def content_version(self) -> str:
@@ -67,12 +75,13 @@ def definition_body(
     steps: Any,
     max_attempts: int,
     version: str,
+    retention: Any = None,
 ) -> dict[str, Any]:
     """The dict form of a definition, from a WorkflowDef or a code-first Workflow (both have
     concurrency objects with expression/max_runs/limit_strategy/strict and steps with
     name/parents/timeout/retries). Not validated: `parse` does that, naming the field."""
     conc = concurrency
-    return {
+    body: dict[str, Any] = {
         "id": wid,
         "version": version,
         "events": list(events) if isinstance(events, list | tuple) else events,
@@ -90,10 +99,13 @@ def definition_body(
         ],
         "max_attempts": max_attempts,
     }
+    if retention is not None:  # only when set: the versions of definitions without it stay
+        body["retention"] = retention
+    return body
 
 
 def _replace_version(wf: WorkflowDef, version: str) -> WorkflowDef:
-    return WorkflowDef(wf.id, wf.events, wf.concurrency, wf.steps, wf.max_attempts, version)
+    return replace(wf, version=version)
 
 
 def _name(value: Any, field_name: str) -> str:
@@ -146,7 +158,10 @@ def parse(body: Any) -> WorkflowDef:
     version = body.get("version") or ""
     if not isinstance(version, str) or len(version) > MAX_NAME:
         raise DefinitionError("version", "must be a string")
-    return WorkflowDef(wid, names, spec, steps, max_attempts, version).with_version()
+    retention = body.get("retention")
+    if retention is not None:
+        retention = _int(retention, "retention", 1, MAX_RETENTION)
+    return WorkflowDef(wid, names, spec, steps, max_attempts, version, retention).with_version()
 
 
 def _parse_steps(raw: Any) -> tuple[StepDef, ...]:

@@ -26,6 +26,7 @@ from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, Reason
 LUA_DIR = files("supersede.lua")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
 _KEY_DECL = re.compile(r"^\s*KEYS\[(\d+)(?:\.\.(\d*))?\]", re.MULTILINE)
+MAX_VERSIONS = 50  # versions of a workflow the registry remembers (cancel --key looks at each)
 
 SCRIPT_NAMES = (
     "admit",
@@ -95,13 +96,6 @@ class FinishResult:
     applied: int
     stale: int
     assigned: int
-
-
-@dataclass(frozen=True, slots=True)
-class AppendResult:
-    appended: int
-    duplicates: int
-    flags: tuple[bool, ...]  # per request: True when appended
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,13 +305,19 @@ class Scripts:
         limit: int = 1000,
         retention_ms: int = 86_400_000,
         assign_deadline_ms: int = 30_000,
+        retentions: Mapping[str, int] | None = None,
+        max_ended: int = 0,
         now: int = 0,
     ) -> ReapResult:
         """Expired leases (retry, fail, end a cancel), unclaimed assignments (a fresh entry),
-        and records past the retention."""
-        args = [now, limit, retention_ms, assign_deadline_ms]
+        and records past their retention: `retentions` (workflow -> ms) where a workflow has
+        its own, else `retention_ms`; and the oldest ended runs of a workflow beyond
+        `max_ended` in this shard (0: no cap)."""
+        args: list[Any] = [now, limit, retention_ms, assign_deadline_ms, max_ended]
+        for workflow, ms in (retentions or {}).items():
+            args += (workflow, ms)
         sk = self.keys.shard(shard)
-        keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset]
+        keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset, sk.legacy_terminal_zset]
         r = await self._call("reap", keys, args)
         return ReapResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]))
 
@@ -331,22 +331,11 @@ class Scripts:
         r = await self._call("cancel", keys, args)
         return [int(x) == 1 for x in r[1:]]
 
-    async def append_requests(
-        self,
-        shard: int,
-        requests: Sequence[tuple[str, bytes]],
-        *,
-        window_ms: int,
-        now: int = 0,
-    ) -> AppendResult:
-        """Append (run id, packed RunRequest) pairs, each at most once within the window."""
+    async def append_requests(self, shard: int, payloads: Sequence[bytes]) -> int:
+        """Append packed RunRequests to a shard's requests stream; returns how many."""
         sk = self.keys.shard(shard)
-        flat: list[Any] = []
-        for rid, payload in requests:
-            flat += (rid, payload)
-        args = [now, window_ms, codec.pack(flat)]
-        r = await self._call("append_requests", [sk.requests_stream, sk.seen_zset], args)
-        return AppendResult(int(r[1]), int(r[2]), tuple(int(f) == 1 for f in r[3:]))
+        r = await self._call("append_requests", [sk.requests_stream], [codec.pack(list(payloads))])
+        return int(r[1])
 
     async def claim_ids(
         self, shard: int, pairs: Sequence[tuple[str, str | bytes]], *, window_ms: int, now: int = 0
@@ -363,8 +352,13 @@ class Scripts:
     async def register_workflow(self, workflow_id: str, version: str, body: bytes) -> bool:
         """Store a definition; True when it changed. A version already stored with other content
         raises DefinitionError naming `version`."""
-        keys = [self.keys.workflows_hash, self.keys.registry_epoch]
-        r = await self._call("register_workflow", keys, [workflow_id, version, body])
+        keys = [
+            self.keys.workflows_hash,
+            self.keys.registry_epoch,
+            self.keys.workflow_versions_hash,
+        ]
+        args = [workflow_id, version, body, MAX_VERSIONS]
+        r = await self._call("register_workflow", keys, args)
         if int(r[1]) == 2:
             raise DefinitionError(
                 "version",

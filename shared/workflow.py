@@ -114,6 +114,7 @@ class Workflow:
     version: str = ""
     steps: list[Step] = field(default_factory=list)
     cancel_hook: Callable[[Context], Any] | None = None
+    retention: int | None = None  # seconds an ended run is kept; None: admission's --retention
 
     def step(
         self,
@@ -138,7 +139,13 @@ class Workflow:
     def definition(self) -> WorkflowDef:
         """Validate; raises DefinitionError naming the bad field."""
         body = definition_body(
-            self.id, self.on_events, self.concurrency, self.steps, self.max_attempts, self.version
+            self.id,
+            self.on_events,
+            self.concurrency,
+            self.steps,
+            self.max_attempts,
+            self.version,
+            self.retention,
         )
         if not self.steps:
             raise DefinitionError("steps", "a workflow needs at least one step")

@@ -1,7 +1,7 @@
 --[[
   Run records, slot counters and end-of-run bookkeeping, cached for the length of one script
   call and written once at its end (each redis.call costs about as much as the Lua around it).
-  Needs the locals runsKey, slotsKey, terminalKey, inputsKey, countsKey. The counts hash holds
+  Needs the locals runsKey, slotsKey, endedKey, inputsKey, countsKey. The counts hash holds
   '<workflow>|<state letter>' -> runs of that workflow in that state, kept from the state each
   record had when this call loaded it and the state it is written with; only records marked
   c = 1 (all created since the counts exist) are counted, so older ones never skew them.
@@ -13,7 +13,7 @@
 ]]
 local runCache, runDirty = {}, {}
 local slotCache, slotDirty = {}, {}
-local endedArgs, droppedInputs = {}, {}
+local endedBy, endedOrder, endedAt, droppedInputs = {}, {}, 0, {}
 local stateOf = {}   -- run id -> its state when this call loaded it
 local countDelta, countOrder = {}, {}
 
@@ -89,11 +89,34 @@ local function addSlots(g, delta)
   slotCache[g] = slotsOf(g) + delta
 end
 
--- Marks a run ended at `now` (terminal zset) and its input for deletion, at flush time.
-local function markEnded(rid, now, dropInput)
-  endedArgs[#endedArgs + 1] = now
-  endedArgs[#endedArgs + 1] = rid
+-- Marks a run ended (its workflow's ended stream) and its input for deletion, at flush time.
+local function markEnded(rid, rec, now, dropInput)
+  endedAt = now
+  local byState = endedBy[rec.w]
+  if not byState then byState = {}; endedBy[rec.w] = byState; endedOrder[#endedOrder + 1] = rec.w end
+  local ids = byState[rec.st]
+  if not ids then ids = {}; byState[rec.st] = ids end
+  ids[#ids + 1] = rid
   if dropInput then droppedInputs[#droppedInputs + 1] = rid end
+end
+
+-- One entry per workflow with runs ended in this call. The id is the end time, unless the stream
+-- already holds a later one (another process's clock, a test's); then the server picks.
+local function flushEnded()
+  for i = 1, #endedOrder do
+    local w = endedOrder[i]
+    local tag = string.sub(redis.sha1hex(w), 1, 12)
+    local stream = endedKey .. ':' .. tag
+    local fields = {}
+    for state, ids in pairs(endedBy[w]) do
+      fields[#fields + 1] = state
+      fields[#fields + 1] = table.concat(ids, ',')
+    end
+    local added = redis.pcall('XADD', stream, string.format('%d-*', endedAt), unpack(fields))
+    if type(added) == 'table' and added.err then rcall('XADD', stream, '*', unpack(fields)) end
+    rcall('HSET', endedKey, tag, w)
+  end
+  endedBy, endedOrder = {}, {}
 end
 
 local function callChunked(cmd, key, args, step)
@@ -125,7 +148,7 @@ local function flushRuns()
   end
   callChunked('HSET', slotsKey, set, 1000)
   callChunked('HDEL', slotsKey, del, 1000)
-  callChunked('ZADD', terminalKey, endedArgs, 1000)
+  flushEnded()
   callChunked('HDEL', inputsKey, droppedInputs, 1000)
   flushCounts()
 end

@@ -77,9 +77,9 @@ local function endRun(rid, rec, state, why, by)
   if by then rec.by = by end
   if fresh[rid] then
     fresh[rid] = nil
-    markEnded(rid, now, false)
+    markEnded(rid, rec, now, false)
   else
-    markEnded(rid, now, true)
+    markEnded(rid, rec, now, true)
   end
   saveRun(rid, rec)
   stats.ended = stats.ended + 1

@@ -31,6 +31,7 @@ from supersede.protocol import (
     StreamReply,
     dead_letter,
 )
+from supersede.registry import load_all
 from supersede.service import Periodic, Service, Throttle
 from supersede.service import serve as serve_service
 from supersede.services.admission import metrics
@@ -48,6 +49,7 @@ class AdmissionConfig:
     reap_interval: float = 0.5
     claim_idle_ms: int = 30_000
     retention_ms: int = 86_400_000
+    max_ended_runs: int = 1_000_000  # per workflow (spread over the shards); 0: no cap
     assign_deadline_ms: int = 30_000  # an unclaimed assignment gets a fresh entry after this
     trim_interval: float = 5.0  # seconds between two trims of the streams
     control_keep_ms: int = 600_000  # cancel messages kept this long (the heartbeat backs them up)
@@ -137,6 +139,8 @@ class Admission(Service):
         self.config = config or AdmissionConfig()
         super().__init__(redis, settings, consumer=consumer)
         self._gauged_workflows: set[str] = set()
+        self._workflows: list[str] = []  # registered, refreshed by each trim
+        self._retentions: dict[str, int] = {}  # workflow -> its own retention (ms)
         self._gauges_due = Throttle(1.0)
         # stream name -> (shard, kind) for every stream this service reads
         self._streams: dict[bytes, tuple[int, str]] = {}
@@ -147,16 +151,29 @@ class Admission(Service):
     def periodic(self) -> Sequence[Periodic]:
         return [(self.config.reap_interval, self.tick), (self.config.trim_interval, self.trim)]
 
+    async def prepare(self) -> None:
+        await self.load_workflows()
+        # the de-duplication set of earlier versions: nothing reads it any more
+        await aio.gather(*(self.redis.unlink(sk.legacy_seen_zset) for sk in self.keys.all_shards()))
+
+    async def load_workflows(self) -> None:
+        """The registered workflows and their own retentions (a definition that fails to
+        parse keeps its assignment streams trimmed and the default retention)."""
+        _, defs, errors = await load_all(self.redis, self.keys)
+        self._workflows = sorted({*defs, *errors})
+        self._retentions = {
+            wid: wf.retention * 1000 for wid, wf in defs.items() if wf.retention is not None
+        }
+
     async def trim(self) -> None:
         """Trim every stream by consumption (see supersede.trim): the inbox, each shard's
         requests and results, each registered workflow's assignment streams; the control
         streams and the dead letters by age."""
-        names = await self.redis.hkeys(self.keys.workflows_hash)
-        workflows = sorted(w.decode() if isinstance(w, bytes) else w for w in names)
+        await self.load_workflows()
         grouped = [self.keys.events_stream]
         for sk in self.keys.all_shards():
             grouped += [sk.requests_stream, sk.results_stream]
-            grouped += [sk.assignments_stream(wf) for wf in workflows]
+            grouped += [sk.assignments_stream(wf) for wf in self._workflows]
         removed = await trim_consumed(self.redis, grouped)
         controls = [sk.control_stream for sk in self.keys.all_shards()]
         removed |= await trim_older_than(self.redis, controls, self.config.control_keep_ms)
@@ -340,6 +357,8 @@ class Admission(Service):
                     limit=REAP_LIMIT,
                     retention_ms=self.config.retention_ms,
                     assign_deadline_ms=self.config.assign_deadline_ms,
+                    retentions=self._retentions,
+                    max_ended=-(-self.config.max_ended_runs // self.keys.shards),
                 )
                 metrics.BATCH_SECONDS.labels("reap").observe(time.perf_counter() - started)
                 metrics.REAPED.labels("retried").inc(r.retried)

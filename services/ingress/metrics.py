@@ -14,7 +14,7 @@ RUNS_REQUESTED = Counter(
 )
 DEDUPLICATED = Counter(
     "supersede_ingress_deduplicated_total",
-    "Run requests not appended because their event id was seen within the window.",
+    "Run requests not appended because another inbox entry owns their explicit event id.",
 )
 DEAD_LETTERS = Counter(
     "supersede_ingress_dead_letters_total", "Events moved to the dead-letter stream.", ["reason"]

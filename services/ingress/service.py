@@ -2,10 +2,11 @@
 
 Per batch: one XREADGROUP BLOCK on the inbox, then for each event and each workflow it
 triggers, a key from the workflow's compiled expression and a run request routed to the shard of
-its group; one `append_requests` script call per shard (de-duplicated per run id within the
-window, so a redelivered or republished event appends nothing twice), then one transaction that
+its group; explicit event ids claimed first (`claim_ids`: a republished id appends nothing
+within the window); one `append_requests` script call per shard, then one transaction that
 writes the dead letters and acknowledges the whole batch. A crash between the two leaves the
-entries pending; their redelivery appends nothing new and dead-letters them exactly once.
+entries pending; their redelivery appends the requests again, which admission recognises by
+their run records (duplicates change nothing), and dead-letters them exactly once.
 """
 
 from __future__ import annotations
@@ -427,13 +428,8 @@ class Ingress(Service):
         letters + XACK at once."""
         dropped = await self.drop_duplicate_ids(batch) if batch.ids else 0
         shard_ids = list(batch.requests)
-        results = await aio.gather(
-            *(
-                self.scripts.append_requests(
-                    s, batch.requests[s], window_ms=self.config.dedup_window_ms
-                )
-                for s in shard_ids
-            )
+        await aio.gather(
+            *(self.scripts.append_requests(s, [p for _, p in batch.requests[s]]) for s in shard_ids)
         )
         # One transaction on a single server: a crash cannot duplicate a dead letter. A cluster
         # refuses a transaction over two slots, so there the dead letters are written first and
@@ -449,10 +445,9 @@ class Ingress(Service):
         metrics.UNROUTED.inc(batch.unrouted)
         metrics.DEDUPLICATED.inc(dropped)
         appended: dict[str, int] = {}
-        for shard, result in zip(shard_ids, results, strict=True):
-            metrics.DEDUPLICATED.inc(result.duplicates)
-            for wid, flag in zip(batch.workflows[shard], result.flags, strict=True):
-                appended[wid] = appended.get(wid, 0) + flag
+        for shard in shard_ids:
+            for wid in batch.workflows[shard]:
+                appended[wid] = appended.get(wid, 0) + 1
         for wid, n in appended.items():
             metrics.RUNS_REQUESTED.labels(wid).inc(n)
         for body in batch.dead:

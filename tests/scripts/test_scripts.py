@@ -288,6 +288,76 @@ async def test_reap_deletes_ended_runs_after_retention(
     assert set(await records(redis, keys)) == {new[1].run_id}
 
 
+async def _ended_at(
+    scripts: Scripts, workflow: str, key: str, ends: list[int]
+) -> list[tuple[int, RunRequest]]:
+    """Runs of one group of `workflow`, each cancelled while queued at its time in `ends`."""
+    reqs = [
+        make_request(scripts.keys, workflow=workflow, key=key, event=f"{workflow}{i}", seq=i,
+                     strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=1)
+        for i in range(len(ends) + 1)
+    ]  # fmt: skip
+    await admit(scripts, *reqs, now=1)  # the first holds the slot, the others queue
+    for (shard, req), at in zip(reqs[1:], ends, strict=True):
+        assert await scripts.cancel(shard, [req.run_id], now=at) == [True]
+    return reqs[1:]
+
+
+async def test_each_workflow_keeps_its_ended_runs_for_its_own_retention(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    short = await _ended_at(scripts, "short", "k", [100, 100])
+    long = await _ended_at(scripts, "long", "k", [100])
+    shards = {s for s, _ in short + long}
+    # the ended stream's entry ids are the end times
+    for s in shards:
+        sk = keys.shard(s)
+        for tag in await redis.hkeys(sk.ended_hash):
+            ids = [e for e, _ in await redis.xrange(f"{sk.ended_hash}:{tag.decode()}")]
+            assert ids and all(e.startswith(b"100-") for e in ids)
+
+    async def reap(now: int) -> int:
+        got = 0
+        for s in shards:
+            r = await scripts.reap(s, now=now, retention_ms=1_000, retentions={"short": 100})
+            got += r.expired
+        return got
+
+    assert await reap(150) == 0
+    assert await reap(201) == 2  # short's retention (100 ms) passed, not the default (1 s)
+    left = await records(redis, keys)
+    assert {r.run_id for _, r in long} <= set(left)
+    assert not {r.run_id for _, r in short} & set(left)
+    assert await reap(1_101) == 1
+    for s in shards:  # emptied streams and their index entries are gone
+        sk = keys.shard(s)
+        assert [t for t in await redis.hvals(sk.ended_hash) if t in (b"short", b"long")] == []
+
+
+async def test_a_workflow_keeps_at_most_max_ended_runs_per_shard_the_oldest_go_first(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    ended = await _ended_at(scripts, "capped", "k", [10, 20, 30, 40, 50])
+    shard = ended[0][0]
+    r = await scripts.reap(shard, now=60, retention_ms=86_400_000, max_ended=2)
+    assert r.expired == 3
+    left = set(await records(redis, keys))
+    assert [req.run_id in left for _, req in ended] == [False, False, False, True, True]
+    assert await redis.hget(keys.shard(shard).counts_hash, "capped|C") == b"2"
+    assert (await scripts.reap(shard, now=70, retention_ms=86_400_000, max_ended=2)).expired == 0
+
+
+async def test_the_reaper_drains_the_terminal_zset_of_earlier_versions(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    sk = keys.shard(0)
+    await redis.hset(sk.runs_hash, "0-legacy", codec.pack({"st": "S", "w": "wf"}))
+    await redis.zadd(sk.legacy_terminal_zset, {"0-legacy": 100})
+    assert (await scripts.reap(0, now=150, retention_ms=100)).expired == 0
+    assert (await scripts.reap(0, now=201, retention_ms=100)).expired == 1
+    assert await redis.exists(sk.runs_hash, sk.legacy_terminal_zset) == 0
+
+
 async def test_manual_cancel(redis: Redis, keys: Keys, scripts: Scripts) -> None:
     reqs = [
         make_request(keys, event=f"e{i}", seq=i, strategy=Strategy.GROUP_ROUND_ROBIN)

@@ -28,8 +28,9 @@ from redis.asyncio.cluster import RedisCluster
 
 from supersede import codec
 from supersede.keys import Keys
-from supersede.protocol import Outcome, RunResult, Strategy
+from supersede.protocol import Outcome, RunResult, RunState, Strategy
 from supersede.scripts import Scripts
+from supersede.services.ops import list_runs
 from tests.support import make_request
 from tests.support.model import Limits, Model
 
@@ -245,6 +246,25 @@ class StrategyMachine(RuleBasedStateMachine):
         assert dict(counts) == dict(Counter(f"{r['w']}|{r['st']}" for r in stored.values()))
         assert active == members("A", "R")
         assert leases == {rid for rid, r in stored.items() if r["st"] in ("A", "R", "X")}
+
+    @invariant()
+    def ended_streams_and_runs_listing_agree_with_the_records(self) -> None:
+        """The ended streams list every ended run once, with its end state, and `runs`
+        answers from them and the live indexes: every run once, live ones first."""
+        stored = self.stored()
+        ended: list[tuple[str, str]] = []
+        for sk in self.keys.all_shards():
+            for tag in self.run(self.redis.hkeys(sk.ended_hash)):
+                stream = f"{sk.ended_hash}:{tag.decode()}"
+                for _, fields in self.run(self.redis.xrange(stream)):
+                    for state, ids in fields.items():
+                        ended += [(rid, state.decode()) for rid in ids.decode().split(",")]
+        assert len(ended) == len(set(ended))
+        assert set(ended) == {(rid, r["st"]) for rid, r in stored.items() if r["st"] in "SFC"}
+        listed = self.run(list_runs(self.redis, self.keys, limit=100_000))
+        assert sorted(v["id"] for v in listed) == sorted(stored)
+        live = sum(1 for r in stored.values() if r["st"] not in "SFC")
+        assert all(RunState[v["state"]].terminal == (i >= live) for i, v in enumerate(listed))
 
     @invariant()
     def streams_carry_every_assignment_and_cancel(self) -> None:

@@ -26,7 +26,7 @@ async def test_keys_of_one_shard_share_a_node_and_shards_spread_over_the_masters
         keys = Keys("layout", 16)
         nodes_of_shard = {}
         for sk in keys.all_shards():
-            names = [*sk.state_keys(), sk.requests_stream, sk.results_stream, sk.seen_zset]
+            names = [*sk.state_keys(), sk.requests_stream, sk.results_stream, sk.ids_hash]
             ports = {client.get_node_from_key(name).port for name in names}
             assert len(ports) == 1, (sk.shard, ports)
             nodes_of_shard[sk.shard] = ports.pop()
