@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import admission, cancel_storm, cluster, executor, ingress
+from bench import admission, cancel_storm, cluster, executor, ingress, ops
 
 
 def main() -> None:
@@ -13,6 +13,7 @@ def main() -> None:
     asyncio.run(executor.main())
     asyncio.run(cancel_storm.main())
     asyncio.run(cluster.main())
+    asyncio.run(ops.main())
 
 
 if __name__ == "__main__":

@@ -121,13 +121,20 @@ async def versions_of(
     return out
 
 
-async def _live_of_key(redis: Redis, keys: Keys, workflow: str | None, key: str) -> list[str]:
-    """Run ids of the QUEUED, ASSIGNED and RUNNING runs of `key` (of `workflow`, or of every
-    registered workflow), every version: each group's members in the queue and active zsets."""
+async def _groups_of_key(
+    redis: Redis, keys: Keys, workflow: str | None, key: str
+) -> dict[str, list[str]]:
+    """workflow -> the group ids of `key` under each version the registry remembers (of
+    `workflow`, or of every registered workflow)."""
     versions = await versions_of(redis, keys, [workflow] if workflow else None)
-    groups = [group_id(w, v, key) for w, vs in versions.items() for v in vs]
+    return {w: [group_id(w, v, key) for v in vs] for w, vs in versions.items()}
+
+
+async def _live_of_key(redis: Redis, keys: Keys, groups: dict[str, list[str]]) -> list[str]:
+    """Run ids of the QUEUED, ASSIGNED and RUNNING runs of `groups`: each group's members in
+    the queue and active zsets."""
     async with redis.pipeline(transaction=False) as pipe:
-        for g in groups:
+        for g in (g for gs in groups.values() for g in gs):
             sk = keys.shard(shard_of_group(g, keys.shards))
             for zset in (sk.queue_zset, sk.active_zset):
                 pipe.zrangebylex(zset, f"[{g}|", f"({g}}}")  # members '<g>|...' ('}' > '|')
@@ -149,22 +156,26 @@ async def _live(redis: Redis, keys: Keys, want: int) -> list[str]:
     return out
 
 
+async def _ended_streams(redis: Redis, keys: Keys, workflow: str | None) -> list[str]:
+    """The ended streams of `workflow` in every shard, or of every workflow."""
+    if workflow:
+        return [sk.ended_stream(workflow) for sk in keys.all_shards()]
+    async with redis.pipeline(transaction=False) as pipe:
+        for sk in keys.all_shards():
+            pipe.hkeys(sk.ended_hash)
+        tags = await pipe.execute()
+    return [
+        f"{sk.ended_hash}:{_text_of(t)}"
+        for sk, names in zip(keys.all_shards(), tags, strict=True)
+        for t in names
+    ]
+
+
 async def _ended(
-    redis: Redis, keys: Keys, workflow: str | None, states: set[str], want: int, scan: int
+    redis: Redis, streams: list[str], states: set[str], want: int, scan: int
 ) -> list[str]:
     """Run ids of ended runs in `states`, newest end first: up to `want` of them, reading at
-    most `scan` index entries' runs per stream (all shards' streams of `workflow`, or of every
-    workflow), PAGE entries per stream and round trip."""
-    streams: list[str] = []
-    if workflow:
-        streams = [sk.ended_stream(workflow) for sk in keys.all_shards()]
-    else:
-        async with redis.pipeline(transaction=False) as pipe:
-            for sk in keys.all_shards():
-                pipe.hkeys(sk.ended_hash)
-            tags = await pipe.execute()
-        for sk, names in zip(keys.all_shards(), tags, strict=True):
-            streams += [f"{sk.ended_hash}:{_text_of(t)}" for t in names]
+    most `scan` runs per stream, PAGE entries per stream and round trip."""
     found: list[tuple[str, str]] = []  # (entry id as sortable text, run id)
     cursor = {s: "+" for s in streams}
     seen = dict.fromkeys(streams, 0)
@@ -217,7 +228,7 @@ async def list_runs(
 ) -> list[dict[str, Any]]:
     """Live runs first (newest created first), then ended runs (newest end first), from the
     indexes. The ended runs of a key are looked for among the last KEY_SCAN ended runs of
-    each ended stream (one per shard and workflow)."""
+    its workflow in the shard of its group."""
     wanted = {RunState[state.upper()].value} if state else LIVE | ENDED
 
     def keep(run: RunRecord) -> bool:
@@ -227,10 +238,11 @@ async def list_runs(
             and (key is None or run.key == key)
         )
 
+    groups = await _groups_of_key(redis, keys, workflow, key) if key is not None else {}
     live: list[RunRecord] = []
     if wanted & LIVE:
         if key is not None:
-            rids = await _live_of_key(redis, keys, workflow, key)
+            rids = await _live_of_key(redis, keys, groups)
         else:
             rids = await _live(redis, keys, limit if not workflow else max(limit, PAGE))
         live = [r for r in await _records(redis, keys, rids) if keep(r)]
@@ -240,10 +252,15 @@ async def list_runs(
     if wanted & ENDED and len(live) < limit:
         want = limit - len(live)
         if key is None:
-            rids = await _ended(redis, keys, workflow, wanted & ENDED, want, scan=1 << 62)
+            streams = await _ended_streams(redis, keys, workflow)
+            rids = await _ended(redis, streams, wanted & ENDED, want, scan=1 << 62)
             ended = [r for r in await _records(redis, keys, rids) if keep(r)]
-        else:
-            rids = await _ended(redis, keys, workflow, wanted & ENDED, KEY_SCAN, scan=KEY_SCAN)
+        else:  # a group lives in one shard: only its shard's streams are searched
+            streams = sorted(
+                {keys.shard(shard_of_group(g, keys.shards)).ended_stream(w)
+                 for w, gs in groups.items() for g in gs}
+            )  # fmt: skip
+            rids = await _ended(redis, streams, wanted & ENDED, KEY_SCAN, scan=KEY_SCAN)
             for i in range(0, len(rids), 1000):
                 ended += [r for r in await _records(redis, keys, rids[i : i + 1000]) if keep(r)]
                 if len(ended) >= want:
@@ -295,7 +312,8 @@ async def cancel_runs(scripts: Scripts, rids: list[str]) -> dict[str, bool]:
 async def cancel_key(redis: Redis, scripts: Scripts, workflow: str, key: str) -> dict[str, bool]:
     """Cancel every live run of (workflow, key), whatever its version (from its groups'
     members in the queue and active zsets, not a scan)."""
-    rids = await _live_of_key(redis, scripts.keys, workflow, key)
+    groups = await _groups_of_key(redis, scripts.keys, workflow, key)
+    rids = await _live_of_key(redis, scripts.keys, groups)
     return await cancel_runs(scripts, rids) if rids else {}
 
 

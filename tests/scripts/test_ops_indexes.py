@@ -1,0 +1,66 @@
+"""`runs` and `cancel --key` answer from the indexes the scripts keep (ended streams, queue and
+active zsets, counts), never from a scan of the run records (issue 13, item 5)."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from supersede.keys import Keys
+from supersede.protocol import RunRequest
+from supersede.registry import register
+from supersede.scripts import Scripts
+from supersede.services.ops import cancel_key, list_runs
+from tests.support import make_request
+
+
+async def _calls(redis: Redis) -> dict[str, int]:
+    stats = await redis.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+async def _admit(scripts: Scripts, reqs: list[tuple[int, RunRequest]], now: int) -> None:
+    by_shard: dict[int, list[tuple[str, bytes]]] = {}
+    for shard, req in reqs:
+        by_shard.setdefault(shard, []).append(("0-1", req.pack()))
+    for shard, items in by_shard.items():
+        await scripts.admit(shard, items, now=now)
+
+
+def _wf(version: str, max_runs: int) -> dict[str, object]:
+    return {"id": "wf", "events": ["e"], "version": version,
+            "concurrency": {"expression": "input.k", "max_runs": max_runs}}  # fmt: skip
+
+
+async def test_runs_and_cancel_key_answer_from_the_indexes_without_scanning_records(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    await register(redis, keys, _wf("v1", 1))
+    # 6 admissions of 500 runs of key "hot" (each keeps only its newest) and 50 other keys
+    for batch in range(6):
+        reqs = [make_request(keys, workflow="wf", version="v1", key="hot", event=f"h{batch}-{i}",
+                             seq=batch * 1000 + i) for i in range(500)]  # fmt: skip
+        reqs += [make_request(keys, workflow="wf", version="v1", key=f"k{i}",
+                              event=f"o{batch}-{i}", seq=batch * 1000 + i) for i in range(50)]  # fmt: skip
+        await _admit(scripts, reqs, now=10_000 + batch)
+    # a new version of the workflow: the same key is another group, with its own live run
+    await register(redis, keys, _wf("v2", 2))
+    v2 = make_request(keys, workflow="wf", version="v2", key="hot", event="v2", seq=99_999)
+    await _admit(scripts, [v2], now=20_000)
+
+    await redis.config_resetstat()
+    newest = await list_runs(redis, keys, limit=20)
+    assert len(newest) == 20
+    assert [r["state"] for r in newest[:51]].count("ASSIGNED") == 20  # live runs come first
+    cancelled = await list_runs(redis, keys, workflow="wf", key="hot", state="cancelled", limit=5)
+    assert len(cancelled) == 5
+    assert {r["event_id"].split("-")[0] for r in cancelled} == {"h5"}  # the newest ended first
+    assert all(r["key"] == "hot" and r["state"] == "CANCELLED" for r in cancelled)
+    flags = await cancel_key(redis, scripts, "wf", "hot")
+    assert sorted(flags) == sorted([make_request(keys, workflow="wf", version="v1", key="hot",
+                                                 event="h5-499", seq=5499)[1].run_id,
+                                    v2[1].run_id])  # fmt: skip
+    assert all(flags.values())
+    calls = await _calls(redis)
+    assert "hscan" not in calls and "hgetall" not in calls
+    # a handful of commands for 3,301 retained runs: what the answers need, not every record
+    assert sum(calls.values()) < 80, calls
