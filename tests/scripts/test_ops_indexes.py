@@ -35,12 +35,14 @@ async def test_runs_and_cancel_key_answer_from_the_indexes_without_scanning_reco
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:
     await register(redis, keys, _wf("v1", 1))
+
     # 6 admissions of 500 runs of key "hot" (each keeps only its newest) and 50 other keys
+    def v1(key: str, event: str, seq: int) -> tuple[int, RunRequest]:
+        return make_request(keys, workflow="wf", version="v1", key=key, event=event, seq=seq)
+
     for batch in range(6):
-        reqs = [make_request(keys, workflow="wf", version="v1", key="hot", event=f"h{batch}-{i}",
-                             seq=batch * 1000 + i) for i in range(500)]  # fmt: skip
-        reqs += [make_request(keys, workflow="wf", version="v1", key=f"k{i}",
-                              event=f"o{batch}-{i}", seq=batch * 1000 + i) for i in range(50)]  # fmt: skip
+        reqs = [v1("hot", f"h{batch}-{i}", batch * 1000 + i) for i in range(500)]
+        reqs += [v1(f"k{i}", f"o{batch}-{i}", batch * 1000 + i) for i in range(50)]
         await _admit(scripts, reqs, now=10_000 + batch)
     # a new version of the workflow: the same key is another group, with its own live run
     await register(redis, keys, _wf("v2", 2))
@@ -56,9 +58,7 @@ async def test_runs_and_cancel_key_answer_from_the_indexes_without_scanning_reco
     assert {r["event_id"].split("-")[0] for r in cancelled} == {"h5"}  # the newest ended first
     assert all(r["key"] == "hot" and r["state"] == "CANCELLED" for r in cancelled)
     flags = await cancel_key(redis, scripts, "wf", "hot")
-    assert sorted(flags) == sorted([make_request(keys, workflow="wf", version="v1", key="hot",
-                                                 event="h5-499", seq=5499)[1].run_id,
-                                    v2[1].run_id])  # fmt: skip
+    assert sorted(flags) == sorted([v1("hot", "h5-499", 5499)[1].run_id, v2[1].run_id])
     assert all(flags.values())
     calls = await _calls(redis)
     assert "hscan" not in calls and "hgetall" not in calls
