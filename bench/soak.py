@@ -35,7 +35,15 @@ async def soak(duration: float, rate: float, retention: float) -> dict[str, obje
         return subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
 
     procs = [
-        start("admission", "--retention", str(retention), "--trim-interval", "1"),
+        start(
+            "admission",
+            "--retention",
+            str(retention),
+            "--min-retention",
+            str(retention),
+            "--trim-interval",
+            "1",
+        ),
         start("executor", "bench.apps", "--slots", "100"),
         start("executor", "bench.apps", "--slots", "100"),
     ]

@@ -21,8 +21,12 @@
     ARGV[3]     default retention of ended runs in ms
     ARGV[4]     assignment deadline in ms
     ARGV[5]     at most this many ended runs of one workflow kept in this shard, the oldest
-                expired first whatever their age (0: no cap); counted from the counts hash
-    ARGV[6..]   pairs: workflow id, its own retention in ms
+                expired first whatever their age (0: no cap); counted from the counts hash,
+                and not applied while the legacy terminal zset still holds runs (its runs are
+                counted too, but expire by the default retention only)
+    ARGV[6]     no run is expired sooner than this many ms after it ended, whatever the
+                retention or the cap (records are the de-duplication memory)
+    ARGV[7..]   pairs: workflow id, its own retention in ms
 
   Output:
     {0, retried, failed, cancelled, expired records, assigned, reassigned}
@@ -41,13 +45,13 @@ local newestKey, newestAtKey, legacyTerminalKey = KEYS[11], KEYS[12], KEYS[13]
 
 local now = nowMs(ARGV[1])
 local limit, retention, deadline = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local cap = tonumber(ARGV[5])
+local cap, floor = tonumber(ARGV[5]), tonumber(ARGV[6])
 if not limit or limit < 1 or not retention or not deadline or deadline <= 0 or not cap
-    or #ARGV % 2 ~= 1 then
+    or not floor or #ARGV % 2 ~= 0 then
   return { -4, 0 }
 end
 local keepOf = {}
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   keepOf[ARGV[i]] = tonumber(ARGV[i + 1])
   if not keepOf[ARGV[i]] then return { -4, 0 } end
 end
@@ -96,16 +100,22 @@ flushRuns()
 flushNewest()
 
 -- Old records: whole entries of each workflow's ended stream, oldest first, up to the limit:
--- those past the retention, and more while the workflow keeps more than `cap` ended runs.
+-- those past the retention, and more while the workflow keeps more than `cap` ended runs;
+-- none that ended within `floor`. The first workflow looked at turns with the clock, so a
+-- backlog in one cannot starve the others.
 local old = {}
 local index = rcall('HGETALL', endedKey)
-for i = 1, #index, 2 do
+local legacyLeft = rcall('EXISTS', legacyTerminalKey) == 1
+local young = now - floor
+local first = #index > 0 and (math.floor(now / 1000) % (#index / 2)) or 0
+for k = 0, #index / 2 - 1 do
   if #old >= limit then break end
+  local i = ((first + k) % (#index / 2)) * 2 + 1
   local w = index[i + 1]
   local stream = endedKey .. ':' .. index[i]
-  local cut = now - (keepOf[w] or retention)
+  local cut = math.min(now - (keepOf[w] or retention), young)
   local excess = 0
-  if cap > 0 then
+  if cap > 0 and not legacyLeft then
     local n = rcall('HMGET', countsKey, w .. '|S', w .. '|F', w .. '|C')
     excess = (tonumber(n[1]) or 0) + (tonumber(n[2]) or 0) + (tonumber(n[3]) or 0) - cap
   end
@@ -115,7 +125,8 @@ for i = 1, #index, 2 do
     more = #entries == 16
     for j = 1, #entries do
       local id, fields = entries[j][1], entries[j][2]
-      if taken >= excess and tonumber(string.match(id, '^(%d+)')) > cut then
+      local endedAt = tonumber(string.match(id, '^(%d+)'))
+      if endedAt > young or (taken >= excess and endedAt > cut) then
         more = false
         break
       end
@@ -140,8 +151,8 @@ for i = 1, #index, 2 do
 end
 local legacy = {}
 if #old < limit then
-  legacy = rcall('ZRANGEBYSCORE', legacyTerminalKey, '-inf', now - retention, 'LIMIT', 0,
-    limit - #old)
+  legacy = rcall('ZRANGEBYSCORE', legacyTerminalKey, '-inf', math.min(now - retention, young),
+    'LIMIT', 0, limit - #old)
   for i = 1, #legacy do old[#old + 1] = legacy[i] end
 end
 for i = 1, #old, 1000 do

@@ -31,6 +31,7 @@ def _admission(args: argparse.Namespace, settings: Settings) -> None:
         claim_idle_ms=args.claim_idle_ms,
         retention_ms=int(args.retention * 1000),
         max_ended_runs=args.max_ended_runs,
+        min_retention_ms=int(args.min_retention * 1000),
         assign_deadline_ms=int(args.assign_deadline * 1000),
         dead_retention_ms=int(args.dead_retention * 1000),
         trim_interval=args.trim_interval,
@@ -174,8 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-ended-runs",
         type=int,
         default=1_000_000,
-        help="ended runs kept per workflow at most, the oldest deleted first whatever the "
-        "retention; bounds memory at any rate (default 1000000; 0: no cap)",
+        help="ended runs kept per workflow at most (enforced per shard: this / the shard "
+        "count), the oldest deleted first whatever the retention; bounds memory at any rate "
+        "(default 1000000; 0: no cap)",
+    )
+    adm.add_argument(
+        "--min-retention",
+        type=float,
+        default=300,
+        help="seconds an ended run is kept at least, whatever the retention or the cap: its "
+        "record is what recognises a redelivered event (default 300)",
     )
     adm.add_argument(
         "--assign-deadline",

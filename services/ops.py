@@ -142,17 +142,48 @@ async def _live_of_key(redis: Redis, keys: Keys, groups: dict[str, list[str]]) -
     return [_rid_of_member(m) for members in replies for m in members]
 
 
-async def _live(redis: Redis, keys: Keys, want: int) -> list[str]:
-    """Run ids of up to `want` live runs per shard: QUEUED from the queue zset, ASSIGNED,
-    RUNNING and CANCELLING from the leases zset."""
+LIVE_SORTED = 10_000  # up to this many live runs are all read, so the newest come first
+
+
+async def _live(
+    redis: Redis, keys: Keys, keep: Callable[[RunRecord], bool], limit: int
+) -> list[RunRecord]:
+    """Live runs that pass `keep`: QUEUED ones from the queue zsets, ASSIGNED, RUNNING and
+    CANCELLING ones from the lease zsets, PAGE per zset and round trip. With at most
+    LIVE_SORTED live runs every one is read, so the newest created come first; with more,
+    reading stops once `limit` passed (the first found in zset order, not the newest)."""
+    total = sum(n for (_, state), n in (await run_counts(redis, keys)).items() if state in LIVE)
+    zsets = [z for sk in keys.all_shards() for z in (sk.queue_zset, sk.leases_zset)]
+    found: list[RunRecord] = []
+    start = 0
+    while zsets and (total <= LIVE_SORTED or len(found) < limit):
+        async with redis.pipeline(transaction=False) as pipe:
+            for zset in zsets:
+                pipe.zrange(zset, start, start + PAGE - 1)
+            replies = await pipe.execute()
+        rids = [
+            _rid_of_member(m) if zset.endswith(":queue") else _text_of(m)
+            for zset, members in zip(zsets, replies, strict=True)
+            for m in members
+        ]
+        found += [r for r in await _records(redis, keys, rids) if keep(r)]
+        zsets = [z for z, members in zip(zsets, replies, strict=True) if len(members) == PAGE]
+        start += PAGE
+    found.sort(key=lambda r: r.created_ms or 0, reverse=True)
+    return found[:limit]
+
+
+async def run_counts(redis: Redis, keys: Keys) -> Counter[tuple[str, str]]:
+    """(workflow, state letter) -> runs, over every shard (the scripts keep the counts)."""
     async with redis.pipeline(transaction=False) as pipe:
         for sk in keys.all_shards():
-            pipe.zrange(sk.queue_zset, 0, want - 1)
-            pipe.zrange(sk.leases_zset, 0, want - 1)
+            pipe.hgetall(sk.counts_hash)
         replies = await pipe.execute()
-    out: list[str] = []
-    for i, members in enumerate(replies):
-        out += [_rid_of_member(m) if i % 2 == 0 else _text_of(m) for m in members]
+    out: Counter[tuple[str, str]] = Counter()
+    for counts in replies:
+        for name, n in counts.items():
+            workflow, _, state = _text_of(name).rpartition("|")
+            out[(workflow, state)] += int(n)
     return out
 
 
@@ -243,11 +274,11 @@ async def list_runs(
     if wanted & LIVE:
         if key is not None:
             rids = await _live_of_key(redis, keys, groups)
+            live = [r for r in await _records(redis, keys, rids) if keep(r)]
+            live.sort(key=lambda r: r.created_ms or 0, reverse=True)
+            live = live[:limit]
         else:
-            rids = await _live(redis, keys, limit if not workflow else max(limit, PAGE))
-        live = [r for r in await _records(redis, keys, rids) if keep(r)]
-        live.sort(key=lambda r: r.created_ms or 0, reverse=True)
-        live = live[:limit]
+            live = await _live(redis, keys, keep, limit)
     ended: list[RunRecord] = []
     if wanted & ENDED and len(live) < limit:
         want = limit - len(live)
@@ -266,7 +297,8 @@ async def list_runs(
                 if len(ended) >= want:
                     break
             ended = ended[:want]
-    return [view(run) for run in live + ended]
+    listed = {run.id for run in live}  # a run that ended between the two reads: once
+    return [view(run) for run in live + [r for r in ended if r.id not in listed]]
 
 
 def timeline(run: RunRecord) -> list[dict[str, Any]]:
@@ -319,16 +351,7 @@ async def cancel_key(redis: Redis, scripts: Scripts, workflow: str, key: str) ->
 
 async def ended_runs(redis: Redis, keys: Keys) -> int:
     """Ended runs retained now, over every workflow (from the counts hashes)."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for sk in keys.all_shards():
-            pipe.hgetall(sk.counts_hash)
-        replies = await pipe.execute()
-    return sum(
-        int(n)
-        for counts in replies
-        for name, n in counts.items()
-        if _text_of(name).rsplit("|", 1)[-1] in ENDED
-    )
+    return sum(n for (_, state), n in (await run_counts(redis, keys)).items() if state in ENDED)
 
 
 async def _group_lag(redis: Redis, stream: str, group: str) -> dict[str, int]:

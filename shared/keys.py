@@ -191,6 +191,12 @@ class Keys:
         return f"{{{self.namespace}}}:workflows:versions"
 
     @property
+    def retentions_hash(self) -> str:
+        """workflow id -> seconds its ended runs are kept, for workflows that set their own
+        (a storage setting beside the definition: it changes neither version nor groups)."""
+        return f"{{{self.namespace}}}:workflows:retention"
+
+    @property
     def registry_epoch(self) -> str:
         """Counter (string) bumped by every registration that changed a definition."""
         return f"{{{self.namespace}}}:workflows:epoch"

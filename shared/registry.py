@@ -58,11 +58,18 @@ class WorkflowDef:
         )
 
     def content_version(self) -> str:
-        body = self.to_dict()
+        body = self.stored_body()
         body.pop("version")
         return hashlib.blake2b(
             orjson.dumps(body, option=orjson.OPT_SORT_KEYS), digest_size=6
         ).hexdigest()
+
+    def stored_body(self) -> dict[str, Any]:
+        """What the registry stores: the definition without `retention`, a storage setting
+        kept beside it (changing it changes neither the version nor the groups)."""
+        body = self.to_dict()
+        body.pop("retention", None)
+        return body
 
     def with_version(self) -> WorkflowDef:
         return self if self.version else _replace_version(self, self.content_version())
@@ -99,7 +106,7 @@ def definition_body(
         ],
         "max_attempts": max_attempts,
     }
-    if retention is not None:  # only when set: the versions of definitions without it stay
+    if retention is not None:
         body["retention"] = retention
     return body
 
@@ -222,8 +229,8 @@ async def register(
     """Validate and store a definition; bumps the registry epoch only when something changed.
     Raises DefinitionError (`version`) for an existing version with other content."""
     wf = parse(definition.to_dict() if isinstance(definition, WorkflowDef) else definition)
-    body = orjson.dumps(wf.to_dict())
-    await Scripts(redis, keys).register_workflow(wf.id, wf.version, body)
+    body = orjson.dumps(wf.stored_body())
+    await Scripts(redis, keys).register_workflow(wf.id, wf.version, body, wf.retention)
     return wf
 
 

@@ -307,13 +307,22 @@ class Scripts:
         assign_deadline_ms: int = 30_000,
         retentions: Mapping[str, int] | None = None,
         max_ended: int = 0,
+        min_retention_ms: int = 0,
         now: int = 0,
     ) -> ReapResult:
         """Expired leases (retry, fail, end a cancel), unclaimed assignments (a fresh entry),
         and records past their retention: `retentions` (workflow -> ms) where a workflow has
         its own, else `retention_ms`; and the oldest ended runs of a workflow beyond
-        `max_ended` in this shard (0: no cap)."""
-        args: list[Any] = [now, limit, retention_ms, assign_deadline_ms, max_ended]
+        `max_ended` in this shard (0: no cap); none sooner than `min_retention_ms` after its
+        run ended."""
+        args: list[Any] = [
+            now,
+            limit,
+            retention_ms,
+            assign_deadline_ms,
+            max_ended,
+            min_retention_ms,
+        ]
         for workflow, ms in (retentions or {}).items():
             args += (workflow, ms)
         sk = self.keys.shard(shard)
@@ -349,15 +358,19 @@ class Scripts:
         r = await self._call("claim_ids", [sk.ids_hash, sk.ids_at_zset], args)
         return [int(x) == 1 for x in r[1:]]
 
-    async def register_workflow(self, workflow_id: str, version: str, body: bytes) -> bool:
-        """Store a definition; True when it changed. A version already stored with other content
-        raises DefinitionError naming `version`."""
+    async def register_workflow(
+        self, workflow_id: str, version: str, body: bytes, retention: int | None = None
+    ) -> bool:
+        """Store a definition and its retention (seconds, None: admission's default); True
+        when the definition changed. A version already stored with other content raises
+        DefinitionError naming `version`."""
         keys = [
             self.keys.workflows_hash,
             self.keys.registry_epoch,
             self.keys.workflow_versions_hash,
+            self.keys.retentions_hash,
         ]
-        args = [workflow_id, version, body, MAX_VERSIONS]
+        args = [workflow_id, version, body, MAX_VERSIONS, retention or ""]
         r = await self._call("register_workflow", keys, args)
         if int(r[1]) == 2:
             raise DefinitionError(

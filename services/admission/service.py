@@ -50,6 +50,9 @@ class AdmissionConfig:
     claim_idle_ms: int = 30_000
     retention_ms: int = 86_400_000
     max_ended_runs: int = 1_000_000  # per workflow (spread over the shards); 0: no cap
+    # no record is deleted sooner after its run ended, whatever the retention or the cap:
+    # records are the de-duplication memory of redelivered inbox entries
+    min_retention_ms: int = 300_000
     assign_deadline_ms: int = 30_000  # an unclaimed assignment gets a fresh entry after this
     trim_interval: float = 5.0  # seconds between two trims of the streams
     control_keep_ms: int = 600_000  # cancel messages kept this long (the heartbeat backs them up)
@@ -157,13 +160,12 @@ class Admission(Service):
         await aio.gather(*(self.redis.unlink(sk.legacy_seen_zset) for sk in self.keys.all_shards()))
 
     async def load_workflows(self) -> None:
-        """The registered workflows and their own retentions (a definition that fails to
-        parse keeps its assignment streams trimmed and the default retention)."""
+        """The registered workflows (a definition that fails to parse still has its
+        assignment streams trimmed) and the retentions of those that set their own."""
         _, defs, errors = await load_all(self.redis, self.keys)
         self._workflows = sorted({*defs, *errors})
-        self._retentions = {
-            wid: wf.retention * 1000 for wid, wf in defs.items() if wf.retention is not None
-        }
+        raw = await self.redis.hgetall(self.keys.retentions_hash)
+        self._retentions = {_text(w): int(float(ms)) * 1000 for w, ms in raw.items()}
 
     async def trim(self) -> None:
         """Trim every stream by consumption (see supersede.trim): the inbox, each shard's
@@ -359,6 +361,7 @@ class Admission(Service):
                     assign_deadline_ms=self.config.assign_deadline_ms,
                     retentions=self._retentions,
                     max_ended=-(-self.config.max_ended_runs // self.keys.shards),
+                    min_retention_ms=self.config.min_retention_ms,
                 )
                 metrics.BATCH_SECONDS.labels("reap").observe(time.perf_counter() - started)
                 metrics.REAPED.labels("retried").inc(r.retried)
@@ -398,6 +401,10 @@ async def serve(
 ) -> None:
     """Run one admission process until `stop` is set."""
     await serve_service(lambda redis: Admission(redis, settings, config), settings, stop, on_ready)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _group_backlog(groups: object, group: str) -> int | None:

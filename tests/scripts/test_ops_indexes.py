@@ -6,7 +6,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from supersede.keys import Keys
-from supersede.protocol import RunRequest
+from supersede.protocol import RunRequest, Strategy
 from supersede.registry import register
 from supersede.scripts import Scripts
 from supersede.services.ops import cancel_key, list_runs
@@ -61,6 +61,30 @@ async def test_runs_and_cancel_key_answer_from_the_indexes_without_scanning_reco
     assert sorted(flags) == sorted([v1("hot", "h5-499", 5499)[1].run_id, v2[1].run_id])
     assert all(flags.values())
     calls = await _calls(redis)
-    assert "hscan" not in calls and "hgetall" not in calls
+    assert "hscan" not in calls and "scan" not in calls  # (HGETALL reads only the counts)
     # a handful of commands for 3,301 retained runs: what the answers need, not every record
     assert sum(calls.values()) < 80, calls
+
+
+async def test_runs_of_a_quiet_workflow_are_found_behind_a_busy_one(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """Live runs are read from zsets ordered by group or lease time, not by workflow: a
+    filter must page on until it has its answer, not judge the first page."""
+    busy = [make_request(keys, workflow="busy", key="b", event=f"b{i}", seq=i,
+                         strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=1)
+            for i in range(3_000)]  # fmt: skip
+    quiet = [make_request(keys, workflow="quiet", key=f"q{i}", event=f"q{i}", seq=10_000 + i,
+                          strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=1)
+             for i in range(6)]  # fmt: skip
+    quiet += [make_request(keys, workflow="quiet", key=f"q{i}", event=f"q{i}-2", seq=20_000 + i,
+                           strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=1)
+              for i in range(3)]  # fmt: skip
+    await _admit(scripts, busy, now=10)
+    await _admit(scripts, quiet, now=20)
+    queued = await list_runs(redis, keys, workflow="quiet", state="queued", limit=20)
+    assert sorted(r["event_id"] for r in queued) == ["q0-2", "q1-2", "q2-2"]
+    everything = await list_runs(redis, keys, workflow="quiet", limit=20)
+    assert len(everything) == 9
+    newest = await list_runs(redis, keys, state="queued", limit=3)
+    assert all(r["workflow"] == "quiet" for r in newest)  # created last, listed first

@@ -347,6 +347,45 @@ async def test_a_workflow_keeps_at_most_max_ended_runs_per_shard_the_oldest_go_f
     assert (await scripts.reap(shard, now=70, retention_ms=86_400_000, max_ended=2)).expired == 0
 
 
+async def test_no_run_is_expired_within_the_minimum_retention_whatever_the_retention_or_cap(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """Records are the de-duplication memory: a request redelivered soon after its run ended
+    (an ingress crash) must find the record, however short the retention or tight the cap."""
+    ended = await _ended_at(scripts, "brief", "k", [100, 110])
+    shard = ended[0][0]
+
+    async def reap(now: int) -> int:
+        r = await scripts.reap(shard, now=now, retention_ms=1, max_ended=1,
+                               min_retention_ms=100, retentions={"brief": 1})  # fmt: skip
+        return r.expired
+
+    assert await reap(150) == 0
+    # the redelivered request of an ended run changes nothing
+    again = (await scripts.admit(shard, [("0-9", ended[0][1].pack())], now=160)).duplicates
+    assert again == 1
+    assert await reap(201) == 1 and await reap(211) == 1
+
+
+async def test_the_cap_waits_until_the_terminal_zset_of_earlier_versions_is_drained(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """Legacy records are counted too but expire by the default retention only; capping by
+    the count meanwhile would expire the fresh runs in their place."""
+    ended = await _ended_at(scripts, "wf", "k", [10, 20, 30])
+    shard = ended[0][0]
+    sk = keys.shard(shard)
+    await redis.hset(sk.runs_hash, f"{shard}-legacy", codec.pack({"st": "S", "w": "wf", "c": 1}))
+    await redis.hincrby(sk.counts_hash, "wf|S", 1)
+    await redis.zadd(sk.legacy_terminal_zset, {f"{shard}-legacy": 5})
+    r = await scripts.reap(shard, now=40, retention_ms=1_000, max_ended=1)
+    assert r.expired == 0
+    r = await scripts.reap(shard, now=1_006, retention_ms=1_000, max_ended=1)
+    assert r.expired == 1  # the legacy one, by the retention
+    r = await scripts.reap(shard, now=1_007, retention_ms=1_000, max_ended=1)
+    assert r.expired == 2  # now the cap: the two oldest of the three
+
+
 async def test_the_reaper_drains_the_terminal_zset_of_earlier_versions(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:
