@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from supersede import __version__, logs
-from supersede.config import Settings, connect
+from supersede.config import DEFAULT_METRICS_HOST, Settings, connect
 from supersede.errors import ConfigError, DefinitionError, SupersedeError
 from supersede.protocol import RunState
 from supersede.service import run_until_signal
@@ -36,7 +36,9 @@ def _admission(args: argparse.Namespace, settings: Settings) -> None:
         dead_retention_ms=int(args.dead_retention * 1000),
         trim_interval=args.trim_interval,
     )
-    run_until_signal(lambda stop: serve(settings, config, stop), args.metrics_port)
+    run_until_signal(
+        lambda stop: serve(settings, config, stop), args.metrics_port, _host(args, settings)
+    )
 
 
 def _ingress(args: argparse.Namespace, settings: Settings) -> None:
@@ -49,7 +51,9 @@ def _ingress(args: argparse.Namespace, settings: Settings) -> None:
         dedup_window_ms=int(args.dedup_window * 1000),
         max_payload=args.max_payload,
     )
-    run_until_signal(lambda stop: serve(settings, config, stop), args.metrics_port)
+    run_until_signal(
+        lambda stop: serve(settings, config, stop), args.metrics_port, _host(args, settings)
+    )
 
 
 def load_workflows(module_name: str) -> list[Any]:
@@ -84,7 +88,11 @@ def _executor(args: argparse.Namespace, settings: Settings) -> None:
         claim_idle_ms=args.claim_idle_ms,
         block_ms=args.block_ms,
     )
-    run_until_signal(lambda stop: serve(settings, workflows, config, stop), args.metrics_port)
+    run_until_signal(
+        lambda stop: serve(settings, workflows, config, stop),
+        args.metrics_port,
+        _host(args, settings),
+    )
 
 
 def _keda(args: argparse.Namespace, settings: Settings) -> None:
@@ -147,6 +155,16 @@ def _table(result: Any) -> str:
     return str(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
 
 
+METRICS_HOST_HELP = (
+    "address /metrics, /healthz and /readyz listen on (default: SUPERSEDE_METRICS_HOST, else "
+    f"{DEFAULT_METRICS_HOST}, for scrapes from outside a container)"
+)
+
+
+def _host(args: argparse.Namespace, settings: Settings) -> str:
+    return str(args.metrics_host or settings.metrics_host)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="supersede", description=__doc__)
     parser.add_argument("--version", action="version", version=f"supersede {__version__}")
@@ -154,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     adm = sub.add_parser("admission", help="admit run requests and apply executor results")
-    adm.add_argument("--metrics-port", type=int, default=9102, help="0 disables /metrics")
+    adm.add_argument(
+        "--metrics-port", type=int, default=9102, help="0 disables /metrics (default 9102)"
+    )
+    adm.add_argument("--metrics-host", default=None, help=METRICS_HOST_HELP)
     adm.add_argument("--batch", type=int, default=1000, help="entries per stream per read")
     adm.add_argument("--block-ms", type=int, default=1000)
     adm.add_argument("--reap-interval", type=float, default=0.5, help="seconds")
@@ -204,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     adm.set_defaults(func=_admission)
 
     ing = sub.add_parser("ingress", help="route inbox events to run requests")
-    ing.add_argument("--metrics-port", type=int, default=9101, help="0 disables /metrics")
+    ing.add_argument(
+        "--metrics-port", type=int, default=9101, help="0 disables /metrics (default 9101)"
+    )
+    ing.add_argument("--metrics-host", default=None, help=METRICS_HOST_HELP)
     ing.add_argument("--batch", type=int, default=1000, help="inbox entries per read")
     ing.add_argument("--block-ms", type=int, default=1000)
     ing.add_argument(
@@ -225,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     exe = sub.add_parser("executor", help="run the workflows of MODULE")
     exe.add_argument("module", help="importable module that defines Workflow objects")
     exe.add_argument("--slots", type=int, default=10, help="runs executed at once")
-    exe.add_argument("--metrics-port", type=int, default=9103, help="0 disables /metrics")
+    exe.add_argument(
+        "--metrics-port", type=int, default=9103, help="0 disables /metrics (default 9103)"
+    )
+    exe.add_argument("--metrics-host", default=None, help=METRICS_HOST_HELP)
     exe.add_argument("--lease", type=float, default=10.0, help="seconds; renewed every third")
     exe.add_argument("--grace", type=float, default=5.0, help="seconds a cancelled run may take")
     exe.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on SIGTERM")

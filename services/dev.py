@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from supersede.config import Settings, connect
+from supersede.config import Settings, connect, redact
 from supersede.protocol import RunRecord, RunState
 from supersede.server import EmbeddedServer, die_with_parent
 
@@ -153,7 +153,10 @@ async def run(settings: Settings, duration: float | None, demo_events: bool) -> 
             await asyncio.sleep(0.05)
         children.start("ingress")
         print(f"supersede dev: services up (logs: {children.log.name})", flush=True)
-        print(f"  publish with: redis-cli -u {settings.redis_url} XADD "
+        # a URL with a password is never printed: the shell expands the variable instead
+        url = settings.redis_url
+        cli_url = url if redact(url) == url else '"$SUPERSEDE_REDIS_URL"'
+        print(f"  publish with: redis-cli -u {cli_url} XADD "
               f"{settings.keys.events_stream} '*' name chat.message data "
               "'{\"userId\":\"u1\",\"text\":\"hi\"}'", flush=True)  # fmt: skip
         tasks: list[asyncio.Task[Any]] = []
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         env["SUPERSEDE_REDIS_URL"] = server.url
     settings = Settings.from_env(env)
     print(
-        f"supersede dev: Redis at {settings.redis_url}; inbox {settings.keys.events_stream}",
+        f"supersede dev: Redis at {redact(settings.redis_url)}; inbox "
+        f"{settings.keys.events_stream}",
         flush=True,
     )
     code = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from typing import cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis as redis_sync
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -16,6 +17,9 @@ from supersede.keys import Keys
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_NAMESPACE = "supersede"
 DEFAULT_SHARDS = 16
+# All interfaces: a container's metrics are scraped from outside it (another pod, the
+# Prometheus container); set 127.0.0.1 where the port must stay on the host.
+DEFAULT_METRICS_HOST = "0.0.0.0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +29,7 @@ class Settings:
     redis_url: str = DEFAULT_URL
     namespace: str = DEFAULT_NAMESPACE
     shards: int = DEFAULT_SHARDS
+    metrics_host: str = DEFAULT_METRICS_HOST
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -46,6 +51,7 @@ class Settings:
             redis_url=env.get("SUPERSEDE_REDIS_URL", DEFAULT_URL),
             namespace=namespace,
             shards=shards,
+            metrics_host=env.get("SUPERSEDE_METRICS_HOST") or DEFAULT_METRICS_HOST,
         )
 
     @property
@@ -54,6 +60,27 @@ class Settings:
 
 
 CLUSTER_SCHEME = "redis+cluster://"
+SECRET_PARAMS = {"password", "pass", "auth"}
+
+
+def redact(url: str) -> str:
+    """`url` with its password (in the authority or a query parameter) replaced by `***`:
+    the only form in which a server URL is ever logged or printed."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        auth, _, host = netloc.rpartition("@")
+        user, sep, _ = auth.partition(":")
+        netloc = f"{user}:***@{host}" if sep else (f"{user}@{host}" if user else f"***@{host}")
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        hidden = [(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in pairs]
+        query = urlencode(hidden, safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def is_cluster_url(url: str) -> bool:

@@ -13,6 +13,8 @@ from typing import Any
 from prometheus_client import REGISTRY, disable_created_metrics
 from prometheus_client.exposition import MetricsHandler
 
+from supersede.errors import ConfigError
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 READY = threading.Event()
@@ -52,10 +54,18 @@ class _Handler(MetricsHandler):
         return
 
 
-def serve(port: int | None) -> None:
-    """Serve /metrics, /healthz and /readyz on `port` in a daemon thread (0/None: do not)."""
+def serve(port: int | None, host: str = "0.0.0.0") -> None:
+    """Serve /metrics, /healthz and /readyz on `host`:`port` in a daemon thread (0/None: do
+    not). A port that cannot be opened is a ConfigError naming the setting."""
     if not port:
         return
-    server = ThreadingHTTPServer(("0.0.0.0", port), _Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), _Handler)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} (set --metrics-port "
+            "to a free port, or 0 to disable; --metrics-host / SUPERSEDE_METRICS_HOST for the "
+            "address)"
+        ) from None
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from redis.asyncio import Redis
 
 from supersede import metrics
-from supersede.config import Settings, connect, pin_shard_count
+from supersede.config import DEFAULT_METRICS_HOST, Settings, connect, pin_shard_count, redact
 from supersede.protocol import Entry
 from supersede.scripts import Scripts
 from supersede.streams import OwnPending, after_failure, consumer_name, ensure_groups
@@ -60,6 +60,7 @@ class Service:
         consumer: str | None = None,
     ) -> None:
         self.redis = redis
+        self.settings = settings
         self.keys = settings.keys
         self.consumer = consumer or consumer_name(self.name)
         self.scripts = Scripts(redis, self.keys)
@@ -90,7 +91,9 @@ class Service:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
-        self.log.info(f"{self.name} started", extra={"consumer": self.consumer})
+        extra = {"consumer": self.consumer, "redis": redact(self.settings.redis_url),
+                 "namespace": self.keys.namespace, "shards": self.keys.shards}  # fmt: skip
+        self.log.info(f"{self.name} started", extra=extra)
         timers = [asyncio.create_task(self._every(stop, *p)) for p in self.periodic()]
         try:
             await self.main(stop)
@@ -154,10 +157,14 @@ class Service:
             start = reply[0]
 
 
-def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]], metrics_port: int) -> None:
+def run_until_signal(
+    main: Callable[[asyncio.Event], Awaitable[None]],
+    metrics_port: int,
+    metrics_host: str = DEFAULT_METRICS_HOST,
+) -> None:
     """A service process: serve /metrics, /healthz and /readyz on `metrics_port` (0: none),
     run main(stop), and set `stop` on SIGTERM or SIGINT so the service drains and exits 0."""
-    metrics.serve(metrics_port)
+    metrics.serve(metrics_port, metrics_host)
 
     async def until_signal() -> None:
         stop = asyncio.Event()

@@ -1,0 +1,107 @@
+"""No secret printed or logged, and clear start-up errors (issue 14, items 3, 4 and 7 in part):
+the services, the CLI and `supersede dev` run against a password-protected server and no line
+they write holds the password; a metrics port in use is one line naming the setting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import redis as redis_sync
+
+from supersede.config import redact
+from supersede.server import EmbeddedServer, die_with_parent, free_port
+from tests.support import REPO
+
+SECRET = "pw-7f3c9a-do-not-print"
+
+
+def test_redact_hides_the_password_wherever_a_url_carries_it() -> None:
+    assert redact(f"redis://:{SECRET}@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact(f"rediss://app:{SECRET}@h:6380") == "rediss://app:***@h:6380"
+    assert redact(f"redis+cluster://:{SECRET}@h:7000") == "redis+cluster://:***@h:7000"
+    hidden = redact(f"redis://h/0?password={SECRET}&ssl_cert_reqs=none")
+    assert hidden == "redis://h/0?password=***&ssl_cert_reqs=none"
+    assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def protected() -> Iterator[str]:
+    server = EmbeddedServer().start()
+    redis_sync.Redis(port=server.port).config_set("requirepass", SECRET)
+    try:
+        yield f"redis://:{SECRET}@127.0.0.1:{server.port}/0"
+    finally:
+        server.stop()
+
+
+def _env(url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    return {**env, "SUPERSEDE_REDIS_URL": url, "SUPERSEDE_NAMESPACE": "secrets",
+            "SUPERSEDE_SHARDS": "2"}  # fmt: skip
+
+
+def _until_line(proc: subprocess.Popen[bytes], needle: bytes, lines: list[bytes]) -> None:
+    assert proc.stderr
+    for line in proc.stderr:
+        lines.append(line)
+        if needle in line:
+            return
+    raise AssertionError(b"".join(lines).decode()[-2000:])
+
+
+def test_services_cli_and_dev_never_print_the_password(protected: str) -> None:
+    out: list[bytes] = []
+    redacted = redact(protected).encode()
+    for service in ("admission", "ingress"):
+        cmd = [sys.executable, "-m", "supersede", service, "--metrics-port", "0"]
+        proc = subprocess.Popen(cmd, env=_env(protected), stderr=subprocess.PIPE,
+                                preexec_fn=die_with_parent)  # fmt: skip
+        try:
+            lines: list[bytes] = []
+            _until_line(proc, f"{service} started".encode(), lines)
+            # the start line names the server (redacted), the namespace and the shard count
+            assert redacted in lines[-1] and b"secrets" in lines[-1]
+            out += lines
+            proc.send_signal(signal.SIGTERM)
+            rest, _ = proc.communicate(timeout=30)
+            out.append(rest or b"")
+        finally:
+            proc.kill()
+            proc.wait(10)
+    for args in (["status"], ["runs", "--limit", "5"], ["publish", "e", "{}"]):
+        done = subprocess.run([sys.executable, "-m", "supersede", *args], env=_env(protected),
+                              capture_output=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()
+        out += [done.stdout, done.stderr]
+    dev = subprocess.run(
+        [sys.executable, "-m", "supersede", "dev", "--duration", "2", "--no-demo-events"],
+        env=_env(protected), capture_output=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert dev.returncode == 0, dev.stderr.decode()[-2000:]
+    assert redacted in dev.stdout and b'redis-cli -u "$SUPERSEDE_REDIS_URL"' in dev.stdout
+    out += [dev.stdout, dev.stderr]
+    assert SECRET.encode() not in b"".join(out)
+
+
+def test_a_metrics_port_in_use_is_one_line_naming_the_setting(protected: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "supersede", "admission", "--metrics-port", str(port)]
+        done = subprocess.run(cmd, env=_env(protected), capture_output=True, timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.decode().strip().splitlines()
+    assert lines[-1].startswith("supersede: cannot serve metrics") and "--metrics-port" in lines[-1]
+    assert "Traceback" not in done.stderr.decode()
+    # the address is a setting too, and a wrong one is refused the same way
+    env = {**_env(protected), "SUPERSEDE_METRICS_HOST": "192.0.2.1"}  # not an address here
+    cmd[-1] = str(free_port())
+    done = subprocess.run(cmd, env=env, capture_output=True, timeout=60)
+    assert done.returncode == 2 and "192.0.2.1" in done.stderr.decode().splitlines()[-1]
