@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from supersede import __version__, logs
-from supersede.config import DEFAULT_METRICS_HOST, Settings, connect
+from supersede.config import DEFAULT_METRICS_HOST, Settings, check_server, connect
 from supersede.errors import ConfigError, DefinitionError, SupersedeError
 from supersede.protocol import RunState
 from supersede.service import run_until_signal
@@ -126,7 +126,11 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
     async def main() -> int:
         redis = connect(settings.redis_url)
         try:
+            await check_server(redis, settings.redis_url)
             result = await ops.COMMANDS[args.command](redis, settings.keys, args)
+        except ConfigError as exc:
+            print(f"supersede: {exc}", file=sys.stderr)
+            return 2
         except (LookupError, ValueError, SupersedeError) as exc:
             print(f"supersede: {exc}", file=sys.stderr)
             return 1

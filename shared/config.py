@@ -47,8 +47,14 @@ class Settings:
                 f"SUPERSEDE_NAMESPACE must be non-empty without braces, colons or spaces, "
                 f"got {namespace!r}"
             )
+        url = env.get("SUPERSEDE_REDIS_URL") or DEFAULT_URL
+        if not url.startswith(URL_SCHEMES):
+            raise ConfigError(
+                f"SUPERSEDE_REDIS_URL must start with one of {', '.join(URL_SCHEMES)}, got "
+                f"{redact(url)!r}"
+            )
         return cls(
-            redis_url=env.get("SUPERSEDE_REDIS_URL", DEFAULT_URL),
+            redis_url=url,
             namespace=namespace,
             shards=shards,
             metrics_host=env.get("SUPERSEDE_METRICS_HOST") or DEFAULT_METRICS_HOST,
@@ -60,6 +66,7 @@ class Settings:
 
 
 CLUSTER_SCHEME = "redis+cluster://"
+URL_SCHEMES = ("redis://", "rediss://", "unix://", CLUSTER_SCHEME)
 SECRET_PARAMS = {"password", "pass", "auth"}
 
 
@@ -124,3 +131,28 @@ async def pin_shard_count(redis: Redis, keys: Keys) -> None:
             f"was started with SUPERSEDE_SHARDS={keys.shards}; use the stored value or a new "
             f"namespace"
         )
+
+
+async def check_server(redis: Redis, url: str) -> None:
+    """One PING before a process starts its work: an unreachable server, refused credentials
+    or a failed TLS handshake become a ConfigError of one line that names the setting (later
+    failures are retried as connections come and go)."""
+    try:
+        await redis.ping()
+    except redis_sync.AuthenticationError as exc:
+        raise ConfigError(
+            f"Redis at {redact(url)} refused the credentials ({exc}); check the user and "
+            "password in SUPERSEDE_REDIS_URL"
+        ) from None
+    except redis_sync.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc) or "NOPERM" in str(exc):
+            raise ConfigError(
+                f"Redis at {redact(url)} refused the connection ({exc}); check the user and "
+                "password in SUPERSEDE_REDIS_URL"
+            ) from None
+        raise
+    except (redis_sync.ConnectionError, OSError) as exc:
+        raise ConfigError(
+            f"cannot reach Redis at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL (host, "
+            "port, and rediss:// with its certificate options for TLS)"
+        ) from None

@@ -19,7 +19,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from redis.asyncio import Redis
 
 from supersede import metrics
-from supersede.config import DEFAULT_METRICS_HOST, Settings, connect, pin_shard_count, redact
+from supersede.config import (
+    DEFAULT_METRICS_HOST,
+    Settings,
+    check_server,
+    connect,
+    pin_shard_count,
+    redact,
+)
 from supersede.protocol import Entry
 from supersede.scripts import Scripts
 from supersede.streams import OwnPending, after_failure, consumer_name, ensure_groups
@@ -185,6 +192,7 @@ async def serve(
     """Connect, run the service `make` builds until `stop` is set, close the connection."""
     redis = connect(settings.redis_url)
     try:
+        await check_server(redis, settings.redis_url)
         service = make(redis)
         if on_ready:
             await on_ready(service)

@@ -105,3 +105,23 @@ def test_a_metrics_port_in_use_is_one_line_naming_the_setting(protected: str) ->
     cmd[-1] = str(free_port())
     done = subprocess.run(cmd, env=env, capture_output=True, timeout=60)
     assert done.returncode == 2 and "192.0.2.1" in done.stderr.decode().splitlines()[-1]
+
+
+def test_start_up_failures_are_one_line_naming_the_setting(protected: str) -> None:
+    """An unreachable server, a URL without a scheme, refused credentials: exit 2 with one
+    line that says what to fix, for a service and for the CLI alike."""
+    wrong = protected.replace(SECRET, "not-the-password")
+    cases = {
+        f"redis://127.0.0.1:{free_port()}/0": "cannot reach Redis",
+        "127.0.0.1:6379": "must start with one of redis://",
+        wrong: "refused",
+    }
+    for url, says in cases.items():
+        for args in (["admission", "--metrics-port", "0"], ["status"]):
+            done = subprocess.run([sys.executable, "-m", "supersede", *args], env=_env(url),
+                                  capture_output=True, timeout=60)  # fmt: skip
+            err = done.stderr.decode()
+            assert done.returncode == 2, (url, args, err[-1500:])
+            last = err.strip().splitlines()[-1]
+            assert last.startswith("supersede: ") and says in last and "SUPERSEDE_REDIS_URL" in last
+            assert "Traceback" not in err and "not-the-password" not in err
