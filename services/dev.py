@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -128,7 +129,9 @@ async def watch(redis: Redis, settings: Settings, stop: asyncio.Event) -> Counte
     return final
 
 
-async def run(settings: Settings, duration: float | None, demo_events: bool) -> int:
+async def run(
+    settings: Settings, duration: float | None, demo_events: bool, embedded: bool = False
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -153,9 +156,10 @@ async def run(settings: Settings, duration: float | None, demo_events: bool) -> 
             await asyncio.sleep(0.05)
         children.start("ingress")
         print(f"supersede dev: services up (logs: {children.log.name})", flush=True)
-        # a URL with a password is never printed: the shell expands the variable instead
+        # A URL with a password is printed only in this one line, and only when it is the
+        # embedded server's (made for this run); the user's own is expanded by the shell.
         url = settings.redis_url
-        cli_url = url if redact(url) == url else '"$SUPERSEDE_REDIS_URL"'
+        cli_url = url if redact(url) == url or embedded else '"$SUPERSEDE_REDIS_URL"'
         print(f"  publish with: redis-cli -u {cli_url} XADD "
               f"{settings.keys.events_stream} '*' name chat.message data "
               "'{\"userId\":\"u1\",\"text\":\"hi\"}'", flush=True)  # fmt: skip
@@ -183,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     server = None
     env = dict(os.environ)
     if "SUPERSEDE_REDIS_URL" not in env:
-        server = EmbeddedServer().start()
+        # a password of its own for each run: loopback is shared by every local process
+        server = EmbeddedServer(password=secrets.token_urlsafe(18)).start()
         env["SUPERSEDE_REDIS_URL"] = server.url
     settings = Settings.from_env(env)
     print(
@@ -193,7 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     code = 1
     try:
-        code = asyncio.run(run(settings, args.duration, not args.no_demo_events))
+        code = asyncio.run(
+            run(settings, args.duration, not args.no_demo_events, embedded=server is not None)
+        )
     finally:
         if server:
             server.stop()

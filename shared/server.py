@@ -77,16 +77,20 @@ def free_cluster_port() -> int:
 class EmbeddedServer:
     """A server process on a free loopback port with its data in a temporary folder."""
 
-    def __init__(self, binary: str | None = None, *, port: int | None = None) -> None:
+    def __init__(
+        self, binary: str | None = None, *, port: int | None = None, password: str | None = None
+    ) -> None:
         self.binary = binary or find_server_binary()
         self.port = port or free_port()
+        self.password = password  # required from clients when set (AUTH)
         self.dir = tempfile.mkdtemp(prefix="supersede-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
         self.extra_args: list[str] = []
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> EmbeddedServer:
         args = [
@@ -100,6 +104,11 @@ class EmbeddedServer:
             "--logfile", str(Path(self.dir) / "server.log"),
             *self.extra_args,
         ]  # fmt: skip
+        if self.password:  # in a config file read at start, so no process listing shows it
+            conf = Path(self.dir) / "auth.conf"
+            conf.write_text(f"requirepass {self.password}\n")
+            conf.chmod(0o600)
+            args.insert(1, str(conf))
         env = {**os.environ, "LC_ALL": "C"}
         self.proc = subprocess.Popen(
             args,
@@ -111,7 +120,7 @@ class EmbeddedServer:
             start_new_session=True,  # a terminal's Ctrl-C reaches the owner, which stops it last
         )
         deadline = time.monotonic() + timeout
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
         try:
             while True:
                 if self.proc.poll() is not None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import redis
 
 
 def _descendants(pid: int) -> set[int]:
@@ -47,10 +51,21 @@ def test_dev_runs_the_demo_on_an_embedded_server_and_exits_0() -> None:
             break
     children = _descendants(proc.pid)
     assert len(children) >= 5  # the server, admission, two executors, ingress
+    # the embedded server wants this run's password: printed once, in the redis-cli line
+    line = proc.stdout.readline().decode()
+    lines.append(line)
+    url = re.search(r"redis-cli -u (\S+) XADD", line)
+    assert url and ":***@" not in url.group(1), line
+    password = url.group(1).split("@")[0].rsplit(":", 1)[1]
+    port = int(url.group(1).rsplit(":", 1)[1].split("/")[0])
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=port).ping()
+    assert redis.Redis.from_url(url.group(1)).ping()
     rest, err = proc.communicate(timeout=90)
     out = "".join(lines) + rest.decode()
     assert proc.returncode == 0, err.decode()[-2000:]
-    assert "supersede dev: Redis at redis://127.0.0.1:" in out
+    assert "supersede dev: Redis at redis://:***@127.0.0.1:" in out
+    assert out.count(password) == 1 and password not in err.decode()
     assert "succeeded" in out and "superseded by" in out  # CANCEL_IN_PROGRESS at work
     assert "summary (runs by workflow and final state):" in out
     assert [pid for pid in children if _alive(pid)] == []
