@@ -66,7 +66,8 @@ class Settings:
 
 
 CLUSTER_SCHEME = "redis+cluster://"
-URL_SCHEMES = ("redis://", "rediss://", "unix://", CLUSTER_SCHEME)
+TLS_CLUSTER_SCHEME = "rediss+cluster://"
+URL_SCHEMES = ("redis://", "rediss://", "unix://", CLUSTER_SCHEME, TLS_CLUSTER_SCHEME)
 SECRET_PARAMS = {"password", "pass", "auth"}
 
 
@@ -91,7 +92,14 @@ def redact(url: str) -> str:
 
 
 def is_cluster_url(url: str) -> bool:
-    return url.startswith(CLUSTER_SCHEME)
+    return url.startswith((CLUSTER_SCHEME, TLS_CLUSTER_SCHEME))
+
+
+def cluster_seed(url: str) -> str:
+    """The redis-py URL of a cluster URL's seed node: `redis+cluster://` -> `redis://`,
+    `rediss+cluster://` -> `rediss://` (TLS, with the same query options)."""
+    scheme, _, rest = url.partition("+cluster://")
+    return f"{scheme}://{rest}"
 
 
 def connect(url: str, max_connections: int = 64) -> Redis:
@@ -99,11 +107,12 @@ def connect(url: str, max_connections: int = 64) -> Redis:
 
     Under load many coroutines issue commands at once; redis-py's default pool raises
     MaxConnectionsError past its limit, which would drop a run's result on the floor.
-    A `redis+cluster://host:port` URL gives redis-py's cluster client (any node as seed); it
+    A `redis+cluster://host:port` URL (`rediss+cluster://` for TLS) gives redis-py's cluster
+    client (any node as seed); it
     offers the commands the services use, so it is typed as `Redis` for them.
     """
     if is_cluster_url(url):
-        seed = "redis://" + url[len(CLUSTER_SCHEME) :]
+        seed = cluster_seed(url)
         return cast(Redis, RedisCluster.from_url(seed, max_connections=max_connections))
     pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30)
     return Redis(connection_pool=pool)
@@ -112,8 +121,7 @@ def connect(url: str, max_connections: int = 64) -> Redis:
 def connect_sync(url: str) -> redis_sync.Redis:
     """The synchronous counterpart of `connect`, for user code such as sync steps."""
     if is_cluster_url(url):
-        seed = "redis://" + url[len(CLUSTER_SCHEME) :]
-        return cast(redis_sync.Redis, redis_sync.RedisCluster.from_url(seed))
+        return cast(redis_sync.Redis, redis_sync.RedisCluster.from_url(cluster_seed(url)))
     return redis_sync.Redis.from_url(url)
 
 

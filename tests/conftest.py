@@ -12,6 +12,7 @@ from supersede.keys import Keys
 from supersede.scripts import Scripts
 from supersede.server import EmbeddedCluster, EmbeddedServer
 from tests.support import System
+from tests.support.tls import TlsServer
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +32,14 @@ def redis_cluster() -> Iterator[EmbeddedCluster]:
         pytest.skip(f"NO CLUSTER TESTS: cannot start a cluster here ({exc})")
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_tls() -> Iterator[TlsServer]:
+    """A TLS-only server that requires client certificates (a throwaway CA), on first use."""
+    server = TlsServer().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -61,12 +70,16 @@ def scripts(redis: Redis, keys: Keys) -> Scripts:
     return Scripts(redis, keys)
 
 
-@pytest.fixture(params=["single", "cluster"])
+@pytest.fixture(params=["single", "cluster", "tls"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, str]]:
-    """(client, SUPERSEDE_REDIS_URL) on one server, or on the session's 3-master cluster."""
+    """(client, SUPERSEDE_REDIS_URL) on one server, on the session's 3-master cluster, or on
+    a TLS-only server with client certificates required."""
     if request.param == "single":
         url = request.getfixturevalue("redis_url")
         client: Any = Redis.from_url(url)
+    elif request.param == "tls":
+        url = request.getfixturevalue("redis_tls").url
+        client = Redis.from_url(url)
     else:
         cluster = request.getfixturevalue("redis_cluster")
         client = RedisCluster.from_url(cluster.url)

@@ -14,9 +14,10 @@ from collections.abc import Iterator
 import pytest
 import redis as redis_sync
 
-from supersede.config import redact
+from supersede.config import cluster_seed, redact
 from supersede.server import EmbeddedServer, die_with_parent, free_port
 from tests.support import REPO
+from tests.support.tls import TlsServer
 
 SECRET = "pw-7f3c9a-do-not-print"
 
@@ -125,3 +126,23 @@ def test_start_up_failures_are_one_line_naming_the_setting(protected: str) -> No
             last = err.strip().splitlines()[-1]
             assert last.startswith("supersede: ") and says in last and "SUPERSEDE_REDIS_URL" in last
             assert "Traceback" not in err and "not-the-password" not in err
+
+
+def test_a_failed_tls_handshake_is_one_line_naming_the_setting(redis_tls: TlsServer) -> None:
+    """The server requires a client certificate and this URL has none."""
+    url = f"rediss://127.0.0.1:{redis_tls.port}/0?ssl_ca_certs={redis_tls.certs.ca}"
+    for args in (["admission", "--metrics-port", "0"], ["status"]):
+        done = subprocess.run([sys.executable, "-m", "supersede", *args], env=_env(url),
+                              capture_output=True, timeout=60)  # fmt: skip
+        err = done.stderr.decode()
+        assert done.returncode == 2, err[-1500:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("supersede: cannot reach Redis at rediss://") and "TLS" in last
+        assert "Traceback" not in err
+
+
+def test_cluster_urls_keep_their_scheme_for_the_seed_node() -> None:
+    assert cluster_seed("redis+cluster://h:7000") == "redis://h:7000"
+    assert cluster_seed("rediss+cluster://:pw@h:7000/0?ssl_ca_certs=/ca.crt") == (
+        "rediss://:pw@h:7000/0?ssl_ca_certs=/ca.crt"
+    )

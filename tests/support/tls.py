@@ -1,0 +1,98 @@
+"""A throwaway certificate authority and a TLS-only redis-server that requires client
+certificates, for the tests (issue 14, item 1)."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from supersede.server import die_with_parent, find_server_binary, free_port
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def query(self) -> str:
+        """The URL query that makes redis-py verify the server and present the client cert."""
+        return (f"ssl_ca_certs={self.ca}&ssl_certfile={self.client_cert}"
+                f"&ssl_keyfile={self.client_key}&ssl_cert_reqs=required")  # fmt: skip
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+
+def make_certs(folder: Path) -> Certs:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, signed by the CA."""
+    ca_key, ca = folder / "ca.key", folder / "ca.crt"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+             "-days", "2", "-subj", "/CN=supersede test CA")  # fmt: skip
+    made = {}
+    for name, ext in (
+        ("server", "subjectAltName=IP:127.0.0.1"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        key, csr, crt = folder / f"{name}.key", folder / f"{name}.csr", folder / f"{name}.crt"
+        extfile = folder / f"{name}.ext"
+        extfile.write_text(ext + "\n")
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+                 "-subj", f"/CN={name}")  # fmt: skip
+        _openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+                 "-out", crt, "-days", "2", "-extfile", extfile)  # fmt: skip
+        made[name] = (crt, key)
+    return Certs(ca, *made["server"], *made["client"])
+
+
+class TlsServer:
+    """redis-server with only a TLS port, client certificates required."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="supersede-tls-"))
+        self.certs = make_certs(self.dir)
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0?{self.certs.query()}"
+
+    def start(self, timeout: float = 15.0) -> TlsServer:
+        c = self.certs
+        args = [find_server_binary(), "--port", "0", "--tls-port", str(self.port),
+                "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+                "--appendonly", "no", "--tls-cert-file", str(c.server_cert),
+                "--tls-key-file", str(c.server_key), "--tls-ca-cert-file", str(c.ca),
+                "--tls-auth-clients", "yes", "--logfile", str(self.dir / "server.log")]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=die_with_parent)  # fmt: skip
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"TLS redis-server exited; see {self.dir / 'server.log'}")
+                try:
+                    if client.ping():
+                        return self
+                except (redis.ConnectionError, ssl.SSLError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
