@@ -8,11 +8,12 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from supersede.config import connect
 from supersede.keys import Keys
 from supersede.scripts import Scripts
 from supersede.server import EmbeddedCluster, EmbeddedServer
 from tests.support import System
-from tests.support.tls import TlsServer
+from tests.support.tls import TlsCluster, TlsServer
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +41,14 @@ def redis_tls() -> Iterator[TlsServer]:
     server = TlsServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_tls_cluster() -> Iterator[TlsCluster]:
+    """A 3-master cluster with TLS for clients and the cluster bus, on first use."""
+    cluster = TlsCluster().start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture
@@ -70,16 +79,19 @@ def scripts(redis: Redis, keys: Keys) -> Scripts:
     return Scripts(redis, keys)
 
 
-@pytest.fixture(params=["single", "cluster", "tls"])
+@pytest.fixture(params=["single", "cluster", "tls", "tls-cluster"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, str]]:
-    """(client, SUPERSEDE_REDIS_URL) on one server, on the session's 3-master cluster, or on
-    a TLS-only server with client certificates required."""
+    """(client, SUPERSEDE_REDIS_URL) on one server, on the session's 3-master cluster, on a
+    TLS-only server, or on a TLS cluster (client certificates required on both)."""
     if request.param == "single":
         url = request.getfixturevalue("redis_url")
         client: Any = Redis.from_url(url)
     elif request.param == "tls":
         url = request.getfixturevalue("redis_tls").url
         client = Redis.from_url(url)
+    elif request.param == "tls-cluster":
+        url = request.getfixturevalue("redis_tls_cluster").url
+        client = connect(url)
     else:
         cluster = request.getfixturevalue("redis_cluster")
         client = RedisCluster.from_url(cluster.url)

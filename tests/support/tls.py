@@ -12,7 +12,14 @@ from pathlib import Path
 
 import redis
 
-from supersede.server import die_with_parent, find_server_binary, free_port
+from supersede.server import (
+    EmbeddedServer,
+    die_with_parent,
+    find_cli_binary,
+    find_server_binary,
+    free_cluster_port,
+    free_port,
+)
 
 
 @dataclass(frozen=True)
@@ -96,3 +103,55 @@ class TlsServer:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+class TlsCluster:
+    """A 3-master cluster whose clients and cluster bus use TLS, client certificates required.
+    Each node also has a plaintext port, used only to create the cluster; a TLS client is
+    given the TLS ports (CLUSTER SLOTS answers with the port of the connection's kind)."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="supersede-tls-cluster-"))
+        self.certs = make_certs(self.dir)
+        self.nodes = [EmbeddedServer(port=free_cluster_port()) for _ in range(masters)]
+        # with tls-cluster the bus port is the TLS port + 10000
+        self.tls_ports = [free_cluster_port() for _ in range(masters)]
+
+    @property
+    def url(self) -> str:
+        return f"rediss+cluster://127.0.0.1:{self.tls_ports[0]}/0?{self.certs.query()}"
+
+    def start(self, timeout: float = 30.0) -> TlsCluster:
+        c = self.certs
+        for node, tls_port in zip(self.nodes, self.tls_ports, strict=True):
+            node.extra_args = [
+                "--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
+                "--cluster-config-file", str(Path(node.dir) / "nodes.conf"),
+                "--tls-port", str(tls_port), "--tls-cluster", "yes",
+                "--tls-cert-file", str(c.server_cert), "--tls-key-file", str(c.server_key),
+                "--tls-ca-cert-file", str(c.ca), "--tls-auth-clients", "yes",
+            ]  # fmt: skip
+            try:
+                node.start()
+            except RuntimeError as exc:
+                log = (Path(node.dir) / "server.log").read_text()[-1000:]
+                raise RuntimeError(f"{exc}; its log ends with:\n{log}") from None
+        cli = find_cli_binary(self.nodes[0].binary)
+        addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        create = [cli, "--cluster", "create", *addrs, "--cluster-yes"]
+        subprocess.run(create, check=True, capture_output=True, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            client = redis.Redis(port=node.port)
+            try:
+                while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("TLS cluster did not reach state ok")
+                    time.sleep(0.05)
+            finally:
+                client.close()
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
