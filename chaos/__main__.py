@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import re
@@ -387,6 +388,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             lease=args.lease,
             terminal_changes=len(r.terminal_changes),
             faults=dict(r.faults),
+            late=_late_heartbeats(work / "executor.log"),
         )
         verdict = check(observed)
         if verdict["runs_lost"]:
@@ -438,6 +440,18 @@ async def _trace(redis: Any, verdict: dict[str, Any]) -> dict[str, Any]:
 
 async def _registered(redis: Redis | RedisCluster) -> bool:
     return int(await redis.hlen("{%s}:workflows" % NAMESPACE)) >= 4  # noqa: UP031
+
+
+def _late_heartbeats(log: Path) -> dict[int, list[tuple[float, float]]]:
+    """pid -> (from, to) of each span an executor logged renewing no lease for too long."""
+    out: dict[int, list[tuple[float, float]]] = {}
+    for line in log.read_bytes().splitlines() if log.exists() else []:
+        if b"heartbeat late" not in line:
+            continue
+        with contextlib.suppress(ValueError, KeyError):
+            x = orjson.loads(line)
+            out.setdefault(int(x["pid"]), []).append((x["ts"] - x["late_s"], x["ts"]))
+    return out
 
 
 async def _ingress_routes_all(r: Run) -> bool:

@@ -34,6 +34,9 @@ class Observed:
     lease: float  # seconds: an outage shorter than half of it cannot make a lease lapse
     terminal_changes: int  # runs seen terminal, later seen in another state
     faults: dict[str, int] = field(default_factory=dict)
+    # pid -> (from, to) spans an executor renewed no lease for longer than a lease (its
+    # "heartbeat late" log lines: a starved process or an unreachable server)
+    late: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
 
 
 def expected_runs(published: dict[str, str]) -> set[tuple[str, str]]:
@@ -99,9 +102,10 @@ def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict
     """A handler started again for one run: never for the same attempt; for a later attempt
     only in the README's at-least-once cases: the earlier attempt's executor was SIGKILLed while
     it ran, or the server was down while it ran for long enough that its lease could lapse
-    (renewals come every third of a lease, so an outage under half a lease cannot)."""
+    (renewals come every third of a lease, so an outage under half a lease cannot), or its
+    executor logged that it renewed no lease for longer than a lease while it ran."""
     ends = _ends(o)
-    same = killed = crashed = unexplained = 0
+    same = killed = crashed = late = unexplained = 0
     for lines in starts.values():
         attempts = [x["attempt"] for x in lines]
         if len(set(attempts)) != len(attempts):
@@ -118,12 +122,15 @@ def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict
             elif any(a <= until and b >= earlier["t"] and b - a >= o.lease / 2
                      for a, b in o.crashes):  # fmt: skip
                 crashed += 1
+            elif any(a <= until and b >= earlier["t"] for a, b in o.late.get(earlier["pid"], [])):
+                late += 1
             else:
                 unexplained += 1
     return {
         "started_twice_same_attempt": same,
         "started_again_after_sigkill": killed,
         "started_again_after_server_crash": crashed,
+        "started_again_after_late_heartbeat": late,
         "started_twice_unexplained": unexplained,
     }
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable
 
 from supersede.config import connect_sync
 from supersede.keys import Keys
 from supersede.scripts import load_source
+from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.steps import Runner
 
@@ -61,11 +64,21 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         interval = self.config.lease_ms / 3000
+        last_ok = time.monotonic()
         while not self._halt.wait(interval):
             try:
                 self.beat()
             except Exception:  # the next beat tries again; a lease lasts three of them
                 log.exception("lease renewal failed")
+                continue
+            now = time.monotonic()
+            if now - last_ok > self.config.lease_ms / 1000:
+                # the process was starved (or the server unreachable) for longer than a lease:
+                # the reaper may have retried this executor's runs elsewhere meanwhile
+                metrics.HEARTBEATS_LATE.inc()
+                late = {"late_s": round(now - last_ok, 3), "pid": os.getpid()}
+                log.warning("heartbeat late: leases may have lapsed", extra=late)
+            last_ok = now
 
     def _snapshot(self) -> list[tuple[int, str, int]]:
         """The runs to renew, read from the loop's structures (retried if they changed under

@@ -36,6 +36,11 @@ CONTROL_MESSAGES = Counter(
     "supersede_executor_control_messages_total",
     "Cancel messages read from the control streams (every executor reads every cancel).",
 )
+HEARTBEATS_LATE = Counter(
+    "supersede_executor_heartbeats_late_total",
+    "Lease renewals that came more than a lease after the last one that succeeded (a starved "
+    "process or an unreachable server): this executor's runs may have been retried elsewhere.",
+)
 LOOP_LAG_SECONDS = Histogram(
     "supersede_executor_loop_lag_seconds",
     "How late the event loop runs a timer due every 0.1 s: user code or bookkeeping blocking it.",

@@ -60,6 +60,13 @@ def test_the_checks_pass_a_clean_history_and_catch_each_violation() -> None:
     assert short["started_twice_unexplained"] == 1
     long_ = check(_observed(recs, again, crashes=[(2.6, 3.9)]))
     assert long_["started_again_after_server_crash"] == 1
+    # ... or by the first attempt's executor logging it renewed no lease for too long while
+    # it ran (a starved process), but not by another executor's late heartbeat
+    starved = check(_observed(recs, again, late={1: [(2.55, 2.75)]}))
+    assert starved["started_again_after_late_heartbeat"] == 1
+    assert starved["started_twice_unexplained"] == 0
+    other = check(_observed(recs, again, late={3: [(2.55, 2.75)]}))
+    assert other["started_twice_unexplained"] == 1
     # three GROUP_ROUND_ROBIN handlers of one key (max_runs 2) at once
     fifo = [_line("start", f"f{i}", 1.0 + i / 10, wf="chaos-fifo") for i in range(3)]
     assert check(_observed(recs, clean + fifo))["workflows_over_their_limit"] == 1

@@ -83,3 +83,39 @@ async def test_an_assignment_whose_input_cannot_be_decoded_fails_its_run_alone()
     assert outcomes["0-bad"][0] is Outcome.FAILED
     assert outcomes["0-bad"][1].startswith("input could not be decoded")
     runner.close()
+
+
+def test_a_heartbeat_later_than_a_lease_is_counted_and_logged(caplog: Any) -> None:
+    """A process starved (or cut off from the server) for longer than a lease cannot know
+    whether its runs were retried elsewhere: it says so, with its pid, once it renews again."""
+    import threading
+    import time
+
+    from supersede.keys import Keys
+    from supersede.services.executor import metrics
+    from supersede.services.executor.lease import LeaseKeeper
+
+    beats: list[float] = []
+    done = threading.Event()
+
+    class Starved(LeaseKeeper):
+        def beat(self) -> None:
+            beats.append(time.monotonic())
+            if len(beats) == 2:
+                time.sleep(0.5)  # starved for longer than the 0.3 s lease
+            if len(beats) == 4:
+                done.set()
+
+    config = ExecutorConfig(lease_ms=300)
+    keeper = Starved("redis://127.0.0.1:1/0", Keys("t", 1), "c", config, Any, lambda r, a: None)
+    before = metrics.HEARTBEATS_LATE._value.get()
+    thread = threading.Thread(target=keeper._run)
+    thread.start()
+    try:
+        assert done.wait(10)
+    finally:
+        keeper._halt.set()
+        thread.join(5)
+    assert metrics.HEARTBEATS_LATE._value.get() == before + 1
+    late = [r for r in caplog.records if r.getMessage().startswith("heartbeat late")]
+    assert len(late) == 1 and late[0].late_s > 0.3 and late[0].pid > 0
