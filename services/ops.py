@@ -17,6 +17,7 @@ from typing import Any, cast
 import orjson
 from redis.asyncio import Redis
 
+from supersede import codec
 from supersede.keys import Keys
 from supersede.model import group_id, shard_of_group, shard_of_run
 from supersede.protocol import (
@@ -74,12 +75,8 @@ PAGE = 200  # index entries read per shard and round trip
 KEY_SCAN = 10_000  # ended runs per shard searched for the runs of one key
 
 
-def _text_of(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _rid_of_member(member: bytes | str) -> str:
-    return _text_of(member).rsplit("|", 1)[1]
+    return codec.text(member).rsplit("|", 1)[1]
 
 
 async def _records(redis: Redis, keys: Keys, rids: list[str]) -> list[RunRecord]:
@@ -107,7 +104,7 @@ async def versions_of(
     `workflows`, or for every registered workflow."""
     if workflows is None:
         names = await redis.hkeys(keys.workflows_hash)
-        workflows = sorted(_text_of(n) for n in names)
+        workflows = sorted(codec.text(n) for n in names)
     raws = await redis.hmget(keys.workflow_versions_hash, workflows) if workflows else []
     out = {
         w: [str(v) for v in orjson.loads(raw)] if raw else []
@@ -162,7 +159,7 @@ async def _live(
                 pipe.zrange(zset, start, start + PAGE - 1)
             replies = await pipe.execute()
         rids = [
-            _rid_of_member(m) if zset.endswith(":queue") else _text_of(m)
+            _rid_of_member(m) if zset.endswith(":queue") else codec.text(m)
             for zset, members in zip(zsets, replies, strict=True)
             for m in members
         ]
@@ -182,7 +179,7 @@ async def run_counts(redis: Redis, keys: Keys) -> Counter[tuple[str, str]]:
     out: Counter[tuple[str, str]] = Counter()
     for counts in replies:
         for name, n in counts.items():
-            workflow, _, state = _text_of(name).rpartition("|")
+            workflow, _, state = codec.text(name).rpartition("|")
             out[(workflow, state)] += int(n)
     return out
 
@@ -196,7 +193,7 @@ async def _ended_streams(redis: Redis, keys: Keys, workflow: str | None) -> list
             pipe.hkeys(sk.ended_hash)
         tags = await pipe.execute()
     return [
-        f"{sk.ended_hash}:{_text_of(t)}"
+        f"{sk.ended_hash}:{codec.text(t)}"
         for sk, names in zip(keys.all_shards(), tags, strict=True)
         for t in names
     ]
@@ -218,17 +215,17 @@ async def _ended(
             replies = await pipe.execute()
         for name, entries in zip(names, replies, strict=True):
             for entry_id, fields in entries:
-                ms, _, sq = _text_of(entry_id).partition("-")
+                ms, _, sq = codec.text(entry_id).partition("-")
                 order = f"{int(ms):015d}-{int(sq):015d}"
                 for state, ids in fields.items():
-                    run_ids = _text_of(ids).split(",")
+                    run_ids = codec.text(ids).split(",")
                     seen[name] += len(run_ids)
-                    if _text_of(state) in states:
+                    if codec.text(state) in states:
                         found += [(order, rid) for rid in reversed(run_ids)]
             if len(entries) < PAGE or seen[name] >= scan:
                 del cursor[name]
             else:
-                cursor[name] = "(" + _text_of(entries[-1][0])
+                cursor[name] = "(" + codec.text(entries[-1][0])
         # each stream is newest first: once `want` runs are newer than every open cursor,
         # no stream can add a newer one
         found.sort(reverse=True)

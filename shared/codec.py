@@ -25,3 +25,8 @@ def unpack(data: bytes) -> Any:
 def blob(value: str | bytes) -> bytes:
     """Bytes of a binary value nested in a payload (it decodes as str; see the module doc)."""
     return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+
+
+def text(value: str | bytes) -> str:
+    """A Redis reply value (bytes, or str with decode_responses) as text."""
+    return value.decode() if isinstance(value, bytes) else value

@@ -89,11 +89,25 @@ local function addSlots(g, delta)
   slotCache[g] = slotsOf(g) + delta
 end
 
+-- The key-safe stand-in for a record's workflow id in the names of its streams: keys.py's
+-- workflow_tag (sha1 hex, 12 chars), memoised for the call.
+local tagOf = {}
+local function workflowTag(rec)
+  local tag = tagOf[rec.w]
+  if not tag then tag = string.sub(redis.sha1hex(rec.w), 1, 12); tagOf[rec.w] = tag end
+  return tag
+end
+
 -- Marks a run ended (its workflow's ended stream) and its input for deletion, at flush time.
 local function markEnded(rid, rec, now, dropInput)
   endedAt = now
   local byState = endedBy[rec.w]
-  if not byState then byState = {}; endedBy[rec.w] = byState; endedOrder[#endedOrder + 1] = rec.w end
+  if not byState then
+    byState = {}
+    endedBy[rec.w] = byState
+    endedOrder[#endedOrder + 1] = rec.w
+    workflowTag(rec)
+  end
   local ids = byState[rec.st]
   if not ids then ids = {}; byState[rec.st] = ids end
   ids[#ids + 1] = rid
@@ -105,7 +119,7 @@ end
 local function flushEnded()
   for i = 1, #endedOrder do
     local w = endedOrder[i]
-    local tag = string.sub(redis.sha1hex(w), 1, 12)
+    local tag = tagOf[w]
     local stream = endedKey .. ':' .. tag
     local fields = {}
     for state, ids in pairs(endedBy[w]) do

@@ -94,17 +94,11 @@ end
 -- assignment: the reaper re-assigns it when no executor claimed it within its deadline.
 local ASSIGNED_FIRST_LOOK_MS = 1000
 
--- Each workflow has its own assignment stream in the shard, '<assignKey>:<workflow tag>' (the
--- tag is keys.py's workflow_tag: sha1 hex, 12 chars), so only executors that have a workflow
--- ever read its runs. Same hash tag as assignKey: the same slot on a cluster.
-local streamOf = {}
-
+-- Each workflow has its own assignment stream in the shard, '<assignKey>:<workflow tag>', so
+-- only executors that have a workflow ever read its runs. Same hash tag as assignKey: the same
+-- slot on a cluster.
 local function writeAssignment(rid, rec)
-  local assignStream = streamOf[rec.w]
-  if not assignStream then
-    assignStream = assignKey .. ':' .. string.sub(redis.sha1hex(rec.w), 1, 12)
-    streamOf[rec.w] = assignStream
-  end
+  local assignStream = assignKey .. ':' .. workflowTag(rec)
   rcall('XADD', assignStream, '*', 'id', rid, 'a', rec.a)
 end
 

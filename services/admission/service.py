@@ -19,7 +19,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from supersede import aio
+from supersede import aio, codec
 from supersede.config import Settings
 from supersede.errors import ScriptError
 from supersede.protocol import (
@@ -165,7 +165,7 @@ class Admission(Service):
         _, defs, errors = await load_all(self.redis, self.keys)
         self._workflows = sorted({*defs, *errors})
         raw = await self.redis.hgetall(self.keys.retentions_hash)
-        self._retentions = {_text(w): int(float(ms)) * 1000 for w, ms in raw.items()}
+        self._retentions = {codec.text(w): int(float(ms)) * 1000 for w, ms in raw.items()}
 
     async def trim(self) -> None:
         """Trim every stream by consumption (see supersede.trim): the inbox, each shard's
@@ -401,10 +401,6 @@ async def serve(
 ) -> None:
     """Run one admission process until `stop` is set."""
     await serve_service(lambda redis: Admission(redis, settings, config), settings, stop, on_ready)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _group_backlog(groups: object, group: str) -> int | None:
