@@ -98,7 +98,7 @@ def _ends(o: Observed) -> dict[tuple[str, int, int], dict[str, Any]]:
     return {(x["run"], x["attempt"], x["pid"]): x for x in o.ledger if x["ev"] == "end"}
 
 
-def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """A handler started again for one run: never for the same attempt; for a later attempt
     only in the README's at-least-once cases: the earlier attempt's executor was SIGKILLed while
     it ran, or the server was down while it ran for long enough that its lease could lapse
@@ -106,6 +106,7 @@ def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict
     executor logged that it renewed no lease for longer than a lease while it ran."""
     ends = _ends(o)
     same = killed = crashed = late = unexplained = 0
+    examples: list[str] = []
     for lines in starts.values():
         attempts = [x["attempt"] for x in lines]
         if len(set(attempts)) != len(attempts):
@@ -126,12 +127,18 @@ def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict
                 late += 1
             else:
                 unexplained += 1
+                if len(examples) < 3:  # what to look for in the logs
+                    examples.append(
+                        f"{earlier['run']} attempt {earlier['attempt']} pid {earlier['pid']} "
+                        f"t={earlier['t']:.3f}..{until:.3f}"
+                    )
     return {
         "started_twice_same_attempt": same,
         "started_again_after_sigkill": killed,
         "started_again_after_server_crash": crashed,
         "started_again_after_late_heartbeat": late,
         "started_twice_unexplained": unexplained,
+        "unexplained_examples": examples,
     }
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from supersede import __version__, logs
+from supersede.acl import ROLE_NAMES as ACL_ROLES
 from supersede.config import DEFAULT_METRICS_HOST, Settings, check_server, connect
 from supersede.errors import ConfigError, DefinitionError, SupersedeError
 from supersede.protocol import RunState
@@ -50,6 +51,7 @@ def _ingress(args: argparse.Namespace, settings: Settings) -> None:
         claim_idle_ms=args.claim_idle_ms,
         dedup_window_ms=int(args.dedup_window * 1000),
         max_payload=args.max_payload,
+        trim_interval=args.trim_interval,
     )
     run_until_signal(
         lambda stop: serve(settings, config, stop), args.metrics_port, _host(args, settings)
@@ -96,9 +98,22 @@ def _executor(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _keda(args: argparse.Namespace, settings: Settings) -> None:
-    from supersede.services.keda import scaled_object
+    from supersede.config import is_cluster_url
+    from supersede.services.keda import scaled_object, scaled_object_redis
 
     workflows = [wf.id for wf in load_workflows(args.module)]
+    if args.source == "redis":
+        text = scaled_object_redis(
+            workflows,
+            settings.keys,
+            deployment=args.deployment,
+            address=args.redis_address,
+            lag=args.lag,
+            max_replicas=args.max_replicas,
+            cluster=is_cluster_url(settings.redis_url),
+        )
+        print(text, end="")
+        return
     print(
         scaled_object(
             workflows,
@@ -109,6 +124,38 @@ def _keda(args: argparse.Namespace, settings: Settings) -> None:
         ),
         end="",
     )
+
+
+def _acl(args: argparse.Namespace, settings: Settings) -> None:
+    """Print the ACL SETUSER line of each role, or create the users (--apply)."""
+    from supersede import acl
+
+    roles = args.role or list(acl.ROLE_NAMES)
+    ns = settings.namespace
+    if not args.apply:
+        print(f"# One user per role of namespace {ns!r}; add '>password' (or '#<sha256>') to each")
+        print(
+            "# line, or let `supersede acl --apply` set SUPERSEDE_ACL_PASSWORD_<ROLE>. On Redis 7.2"
+        )
+        print(
+            f"# and later, add +{acl.SETINFO} (client libraries announce themselves; --apply does)."
+        )
+        for name in roles:
+            print(f"# {name}: {acl.role(name).about}")
+            print(acl.setuser_line(ns, name))
+        return
+    passwords = acl.passwords_from_env(roles)
+
+    async def main() -> list[str]:
+        redis = connect(settings.redis_url)
+        try:
+            await check_server(redis, settings.redis_url)
+            return await acl.apply(redis, ns, passwords)
+        finally:
+            await redis.aclose()
+
+    for user in asyncio.run(main()):
+        print(f"user {user} set")
 
 
 def _dev(args: argparse.Namespace, settings: Settings) -> None:
@@ -248,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds an explicit event id is remembered",
     )
     ing.add_argument("--max-payload", type=int, default=1 << 20, help="bytes per inbox entry")
+    ing.add_argument(
+        "--trim-interval",
+        type=float,
+        default=5.0,
+        help="seconds between trims of the inbox (below what the ingress group acknowledged)",
+    )
     ing.set_defaults(func=_ingress)
 
     exe = sub.add_parser("executor", help="run the workflows of MODULE")
@@ -298,9 +351,38 @@ def build_parser() -> argparse.ArgumentParser:
     keda.add_argument(
         "--prometheus", default="http://prometheus:9090", help="the Prometheus KEDA queries"
     )
+    keda.add_argument(
+        "--source",
+        choices=["prometheus", "redis"],
+        default="prometheus",
+        help="what KEDA reads: the backlog gauge in Prometheus (default), or the assignment "
+        "streams in Redis as the keda ACL user (one trigger per shard and workflow)",
+    )
+    keda.add_argument(
+        "--redis-address",
+        default="redis:6379",
+        help="host:port KEDA reaches Redis at (--source redis; comma-separated for a cluster)",
+    )
     keda.add_argument("--lag", type=int, default=50, help="unclaimed runs per replica")
     keda.add_argument("--max-replicas", type=int, default=30)
     keda.set_defaults(func=_keda)
+
+    acl = sub.add_parser(
+        "acl", help="print the least-privilege ACL user of each role, or create them (--apply)"
+    )
+    acl.add_argument(
+        "--role",
+        action="append",
+        choices=ACL_ROLES,
+        help="only this role (repeatable; default: all)",
+    )
+    acl.add_argument(
+        "--apply",
+        action="store_true",
+        help="create the users on SUPERSEDE_REDIS_URL (an admin user; every node of a cluster), "
+        "each with the password in SUPERSEDE_ACL_PASSWORD_<ROLE>",
+    )
+    acl.set_defaults(func=_acl)
 
     dev = sub.add_parser("dev", help="run the system on an embedded server (no Redis needed)")
     dev.add_argument("--duration", type=float, default=None, help="seconds, then exit 0")

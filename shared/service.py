@@ -29,7 +29,7 @@ from supersede.config import (
 )
 from supersede.protocol import Entry
 from supersede.scripts import Scripts
-from supersede.streams import OwnPending, after_failure, consumer_name, ensure_groups
+from supersede.streams import GroupSpec, OwnPending, after_failure, consumer_name, create_groups
 
 Periodic = tuple[float, Callable[[], Awaitable[None]]]
 """(interval in seconds, task): run every interval; one failed run is logged, never fatal."""
@@ -57,7 +57,6 @@ class Service:
     `prepare` and `periodic`."""
 
     name = "service"
-    workflows: Sequence[str] = ()  # whose assignment streams this service consumes
 
     def __init__(
         self,
@@ -75,6 +74,11 @@ class Service:
         self.ready = False
 
     # -- what a service gives ---------------------------------------------------------------------
+    def groups(self) -> Sequence[GroupSpec]:
+        """The consumer groups this service reads (created at start, recreated when lost);
+        only these, so its ACL user needs no right on the streams of another role."""
+        return ()
+
     async def prepare(self) -> None:
         """Service-specific start-up, after groups and scripts exist."""
 
@@ -90,7 +94,7 @@ class Service:
     async def start(self) -> None:
         """Check the deployment, create groups, load scripts, prepare; then ready."""
         await pin_shard_count(self.redis, self.keys)
-        await ensure_groups(self.redis, self.keys, self.workflows)
+        await create_groups(self.redis, self.groups())
         await self.scripts.load()
         await self.prepare()
         self.ready = True
@@ -135,9 +139,7 @@ class Service:
         groups, pause. `failed_reread`: the failed batch was itself a re-read."""
         metrics.set_ready(False)
         self.log.error(f"{what} failed; retrying", exc_info=exc)
-        await after_failure(
-            self.redis, self.keys, own, exc, failed_reread=failed_reread, workflows=self.workflows
-        )
+        await after_failure(self.redis, self.groups(), own, exc, failed_reread=failed_reread)
 
     async def take_over(
         self,

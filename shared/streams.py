@@ -31,42 +31,57 @@ async def ensure_group(redis: Redis, stream: str, group: str) -> None:
             raise
 
 
-async def ensure_groups(redis: Redis, keys: Keys, workflows: Sequence[str] = ()) -> None:
-    """Create the inbox group, every shard's admission groups and the executor group of each
-    shard's assignment stream of `workflows` (idempotent). Admission writes assignments before
-    any executor of a new workflow started; its group, created from `0`, still reads them."""
-    await ensure_group(redis, keys.events_stream, INGRESS_GROUP)
+GroupSpec = tuple[str, str]
+"""(stream, consumer group) a service reads."""
+
+
+def all_groups(keys: Keys, workflows: Sequence[str] = ()) -> list[GroupSpec]:
+    """Every consumer group of a deployment: the inbox's, each shard's admission groups and the
+    executor group of each shard's assignment stream of `workflows`."""
+    out = [(keys.events_stream, INGRESS_GROUP)]
     for sk in keys.all_shards():
-        await ensure_group(redis, sk.requests_stream, ADMISSION_GROUP)
-        await ensure_group(redis, sk.results_stream, ADMISSION_GROUP)
-        for wf in workflows:
-            await ensure_group(redis, sk.assignments_stream(wf), EXECUTOR_GROUP)
+        out += [(sk.requests_stream, ADMISSION_GROUP), (sk.results_stream, ADMISSION_GROUP)]
+        out += [(sk.assignments_stream(wf), EXECUTOR_GROUP) for wf in workflows]
+    return out
+
+
+async def create_groups(redis: Redis, groups: Sequence[GroupSpec]) -> None:
+    """Create each (stream, group) from the stream's first entry (idempotent). Each service
+    creates only the groups it reads, so its ACL user needs no right on other streams; admission
+    writes assignments before any executor of a new workflow started, and the executor's group,
+    created from `0`, still reads them."""
+    for stream, group in groups:
+        await ensure_group(redis, stream, group)
+
+
+async def ensure_groups(redis: Redis, keys: Keys, workflows: Sequence[str] = ()) -> None:
+    """Every group of the deployment (tests and benchmarks that play every service)."""
+    await create_groups(redis, all_groups(keys, workflows))
 
 
 async def heal_missing_groups(
-    redis: Redis, keys: Keys, exc: BaseException, workflows: Sequence[str] = ()
+    redis: Redis, groups: Sequence[GroupSpec], exc: BaseException
 ) -> None:
     """After a NOGROUP error (a stream deleted, or a failover to a replica that had not yet
     received the group), create the groups again from the first entry: every consumer of
     them is idempotent, so entries seen twice change nothing."""
     if "NOGROUP" in str(exc):
-        await ensure_groups(redis, keys, workflows)
+        await create_groups(redis, groups)
 
 
 async def after_failure(
     redis: Redis,
-    keys: Keys,
+    groups: Sequence[GroupSpec],
     own: OwnPending,
     exc: BaseException,
     *,
     failed_reread: bool,
-    workflows: Sequence[str] = (),
 ) -> None:
     """What every service loop does after a failed batch: schedule the re-read of its own
     pending entries, recreate lost groups, and pause before trying again."""
     own.restart(failed_reread=failed_reread)
     with contextlib.suppress(Exception):
-        await heal_missing_groups(redis, keys, exc, workflows)
+        await heal_missing_groups(redis, groups, exc)
     await asyncio.sleep(0.5)
 
 

@@ -35,7 +35,7 @@ from supersede.registry import load_all
 from supersede.service import Periodic, Service, Throttle
 from supersede.service import serve as serve_service
 from supersede.services.admission import metrics
-from supersede.streams import OwnPending, split_deleted
+from supersede.streams import GroupSpec, OwnPending, split_deleted
 from supersede.trim import trim_consumed, trim_older_than
 
 REAP_LIMIT = 1000  # leases and old records one reap call handles (it blocks the server)
@@ -154,6 +154,14 @@ class Admission(Service):
     def periodic(self) -> Sequence[Periodic]:
         return [(self.config.reap_interval, self.tick), (self.config.trim_interval, self.trim)]
 
+    def groups(self) -> list[GroupSpec]:
+        """The admission group of each shard's requests and results streams."""
+        return [
+            (stream, ADMISSION_GROUP)
+            for sk in self.keys.all_shards()
+            for stream in (sk.requests_stream, sk.results_stream)
+        ]
+
     async def prepare(self) -> None:
         await self.load_workflows()
         # the de-duplication set of earlier versions: nothing reads it any more
@@ -168,11 +176,11 @@ class Admission(Service):
         self._retentions = {codec.text(w): int(float(ms)) * 1000 for w, ms in raw.items()}
 
     async def trim(self) -> None:
-        """Trim every stream by consumption (see supersede.trim): the inbox, each shard's
-        requests and results, each registered workflow's assignment streams; the control
-        streams and the dead letters by age."""
+        """Trim every stream by consumption (see supersede.trim): each shard's requests and
+        results, each registered workflow's assignment streams; the control streams and the
+        dead letters by age. (Ingress trims the inbox.)"""
         await self.load_workflows()
-        grouped = [self.keys.events_stream]
+        grouped: list[str] = []
         for sk in self.keys.all_shards():
             grouped += [sk.requests_stream, sk.results_stream]
             grouped += [sk.assignments_stream(wf) for wf in self._workflows]

@@ -21,6 +21,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from supersede.config import Settings
 from supersede.errors import ConfigError, DefinitionError
+from supersede.protocol import EXECUTOR_GROUP
 from supersede.registry import register
 from supersede.service import Service
 from supersede.service import serve as serve_service
@@ -32,6 +33,7 @@ from supersede.services.executor.fetch import Fetcher
 from supersede.services.executor.lease import LeaseKeeper
 from supersede.services.executor.outbox import Outbox
 from supersede.services.executor.steps import Runner
+from supersede.streams import GroupSpec
 from supersede.workflow import Workflow
 
 __all__ = ["Executor", "ExecutorConfig", "serve"]
@@ -65,6 +67,14 @@ class Executor(Service):
                                cluster=cluster)  # fmt: skip
         self.leases = LeaseKeeper(settings.redis_url, self.keys, self.consumer, self.config,
                                   self.runner, self.cancels.let_go)  # fmt: skip
+
+    def groups(self) -> list[GroupSpec]:
+        """The executor group of each shard's assignment stream of this process's workflows."""
+        return [
+            (sk.assignments_stream(wf), EXECUTOR_GROUP)
+            for sk in self.keys.all_shards()
+            for wf in self.workflows
+        ]
 
     async def prepare(self) -> None:
         """Register this process's workflows (ingress and admission need no user code)."""

@@ -31,6 +31,10 @@ BATCH_SECONDS = Histogram(
     "Duration of handling one inbox batch.",
     buckets=LATENCY_BUCKETS,
 )
+TRIMMED = Counter(
+    "supersede_ingress_trimmed_entries_total",
+    "Inbox entries trimmed: acknowledged by the ingress group.",
+)
 INBOX_LAG = Gauge("supersede_ingress_inbox_lag", "Inbox entries not yet read by group ingress.")
 WORKFLOWS = Gauge("supersede_ingress_workflows", "Valid workflow definitions loaded.")
 INVALID_WORKFLOWS = Gauge(

@@ -51,7 +51,8 @@ from supersede.registry import WorkflowDef, load_all
 from supersede.service import Periodic, Service, Throttle
 from supersede.service import serve as serve_service
 from supersede.services.ingress import metrics
-from supersede.streams import OwnPending, split_deleted
+from supersede.streams import GroupSpec, OwnPending, split_deleted
+from supersede.trim import trim_consumed
 
 MAX_ID_BYTES = 1024
 GROUP_MEMO = 100_000
@@ -62,6 +63,7 @@ class IngressConfig:
     batch: int = 1000
     block_ms: int = 1000
     refresh_interval: float = 0.25
+    trim_interval: float = 5.0  # seconds between two trims of the inbox
     claim_idle_ms: int = 30_000
     dedup_window_ms: int = 86_400_000
     max_payload: int = 1 << 20
@@ -260,11 +262,22 @@ class Ingress(Service):
         self.epoch = -1
         self._housekeeping_due = Throttle(1.0)
 
+    def groups(self) -> list[GroupSpec]:
+        return [(self.keys.events_stream, INGRESS_GROUP)]
+
     async def prepare(self) -> None:
         await self.refresh()
 
     def periodic(self) -> Sequence[Periodic]:
-        return [(self.config.refresh_interval, self.tick)]
+        return [(self.config.refresh_interval, self.tick), (self.config.trim_interval, self.trim)]
+
+    async def trim(self) -> None:
+        """Trim the inbox below what the ingress group acknowledged (see supersede.trim): the
+        inbox's own consumers trim it, so no other role needs a right on it. Every ingress
+        process does; the cut is the same whoever computes it."""
+        removed = await trim_consumed(self.redis, [self.keys.events_stream])
+        if removed:
+            metrics.TRIMMED.inc(sum(removed.values()))
 
     async def tick(self) -> None:
         """Registry refresh; each second, take-over of stale pending entries and inbox lag."""

@@ -177,12 +177,39 @@ def test_compose_and_manifests_reference_what_the_services_really_use() -> None:
     assert query in keda and "supersede_admission_assignment_backlog" in exposed()
 
 
+def test_keda_redis_form_signs_in_as_the_keda_user() -> None:
+    """`supersede keda --source redis`: a trigger per shard and workflow on the executor group's
+    lag, each authenticated through a TriggerAuthentication that reads the keda user's
+    credentials from a Secret; the file in deploy/k8s/alternatives is that output."""
+    import yaml
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    cmd = [*CLI, "keda", "supersede.services.demo", "--source", "redis"]
+    generated = subprocess.run(cmd, env=clean, capture_output=True, check=True).stdout.decode()
+    assert (DEPLOY / "k8s" / "alternatives" / "keda-executor-redis.yaml").read_text() == generated
+    secret, auth, scaled = list(yaml.safe_load_all(generated))
+    assert secret["kind"] == "Secret" and secret["stringData"]["username"] == "supersede-keda"
+    assert auth["kind"] == "TriggerAuthentication"
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    name = secret["metadata"]["name"]
+    assert refs == {"username": (name, "username"), "password": (name, "password")}
+    triggers = scaled["spec"]["triggers"]
+    assert len(triggers) == 16 * 2  # shards x the demo pool's workflows
+    for t in triggers:
+        assert t["type"] == "redis-streams" and t["authenticationRef"] == {"name": name}
+        assert (
+            t["metadata"]["consumerGroup"] == "executors"
+            and ":assignments:" in t["metadata"]["stream"]
+        )
+
+
 def test_compose_manifests_and_prometheus_files_parse() -> None:
     import yaml
 
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     assert set(compose["services"]) == {
         "redis",
+        "acl",
         "ingress",
         "admission",
         "executor",
@@ -229,9 +256,18 @@ def test_deploy_files_are_hardened() -> None:
     redis = services["redis"]
     assert "ports" not in redis and "--requirepass" in redis["command"]
     assert "${REDIS_PASSWORD:?" in " ".join(redis["command"])
+    # each service connects as its own ACL user, created first by the one-shot `acl` service
+    acl = services["acl"]
+    assert acl["command"][:2] == ["acl", "--apply"]
+    assert acl["environment"]["SUPERSEDE_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?")
     for name in ("ingress", "admission", "executor"):
-        url = services[name]["environment"]["SUPERSEDE_REDIS_URL"]
-        assert url.startswith("redis://:${REDIS_PASSWORD:?")
+        env = services[name]["environment"]
+        secret = f"SUPERSEDE_ACL_PASSWORD_{name.upper()}"
+        assert env["SUPERSEDE_REDIS_URL"].startswith(f"redis://supersede-{name}:${{{secret}:?")
+        assert acl["environment"][secret].startswith(f"${{{secret}:?")
+        assert services[name]["depends_on"]["acl"] == {
+            "condition": "service_completed_successfully"
+        }
     grafana = services["grafana"]["environment"]
     assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
     assert "GF_AUTH_ANONYMOUS_ORG_ROLE" not in grafana
@@ -257,7 +293,11 @@ def test_deploy_files_are_hardened() -> None:
             assert sc["allowPrivilegeEscalation"] is False
             assert sc["capabilities"]["drop"] == ["ALL"]
             url = next(e for e in c["env"] if e["name"] == "SUPERSEDE_REDIS_URL")
-            assert url["valueFrom"]["secretKeyRef"]["name"] == "supersede-redis"
+            role = d["metadata"]["labels"]["app.kubernetes.io/component"]
+            assert url["valueFrom"]["secretKeyRef"] == {"name": "supersede-redis", "key": role}
+    [secret] = [d for d in docs if d["kind"] == "Secret"]
+    for role in ("ingress", "admission", "executor"):
+        assert secret["stringData"][role].startswith(f"redis://supersede-{role}:CHANGE-ME@")
     [policy] = [d for d in docs if d["kind"] == "NetworkPolicy"]
     assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "supersede"}
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}

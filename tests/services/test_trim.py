@@ -87,7 +87,7 @@ async def test_a_backlog_larger_than_any_cap_survives_an_executor_outage(
     from supersede.registry import register
 
     await register(redis, keys, body)
-    system.start("ingress", "--block-ms", "100")
+    system.start("ingress", "--block-ms", "100", "--trim-interval", "0.2")
     n = 3_000
     async with redis.pipeline(transaction=False) as pipe:
         for i in range(n):

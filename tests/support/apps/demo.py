@@ -1,6 +1,8 @@
 """Workflows the executor tests run in real executor processes.
 
-Each step logs what happened to a Redis list `<ns>:test:log` so the test can observe it.
+Each step logs what happened to a Redis list `<ns>:test:log` so the test can observe it, through
+SUPERSEDE_TEST_LOG_URL when set (user code has its own credentials: an executor's ACL user may not
+write there), else SUPERSEDE_REDIS_URL.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import time
 from supersede.config import DEFAULT_URL, connect_sync
 from supersede.workflow import Concurrency, Context, Strategy, Workflow
 
-_redis = connect_sync(os.environ.get("SUPERSEDE_REDIS_URL", DEFAULT_URL))
+_redis = connect_sync(
+    os.environ.get("SUPERSEDE_TEST_LOG_URL") or os.environ.get("SUPERSEDE_REDIS_URL", DEFAULT_URL)
+)
 LOG = f"{os.environ.get('SUPERSEDE_NAMESPACE', 'supersede')}:test:log"
 
 

@@ -1,0 +1,224 @@
+"""Least-privilege ACL users, one per role: the commands and key patterns each role uses, and
+nothing else (``supersede acl`` prints them; ``--apply`` creates them).
+
+Patterns are scoped to one namespace (``<ns>:*``, ``{<ns>}:*``, ``{<ns>:<shard>}:*``). A key a
+role passes to a script needs read and write rights (Redis checks EVALSHA's keys as read-write
+whatever the script does with them, and the commands inside against the same user), so those keys
+get ``~``; keys a role only reads or only appends to get ``%R~`` or ``%W~``. No role uses
+Pub/Sub: every user has ``resetchannels``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from supersede.errors import ConfigError
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+# Every role: the connection and the cluster client's start-up (slot map, command table).
+_BASE = _words("ping hello cluster|slots cluster|shards command readonly asking")
+# Redis 7.2 and later: client libraries announce their name and version on connect.
+SETINFO = "client|setinfo"
+# What a service does on every start: pin the shard count, load its scripts.
+_SERVICE = _words("hget hsetnx evalsha script|load")
+# Reading the registry: one MULTI/EXEC of its hashes and epoch.
+_REGISTRY = _words("multi exec get hgetall")
+_CONSUMER = _words("xreadgroup xack xautoclaim xpending xgroup|create xinfo|groups")
+# The commands inside the scripts that change run states (admit, finish, reap, cancel).
+_STATE_SCRIPTS = _words(
+    "time hget hmget hset hdel hincrby hgetall exists del zadd zrem zrangebylex zrangebyscore "
+    "xadd xack xrange xtrim xlen"
+)
+_READ = _words(
+    "hget hmget hgetall hkeys hlen hscan exists get xlen xrange xrevrange xinfo|groups "
+    "xinfo|consumers xinfo|stream zrange zrangebylex zrangebyscore zcard zscore"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    name: str
+    about: str
+    commands: tuple[str, ...]
+    keys: tuple[str, ...]  # patterns with '@' for the namespace
+
+
+def _shard(*suffixes: str) -> tuple[str, ...]:
+    return tuple(f"~{{@:*}}:{s}" for s in suffixes)
+
+
+_READS_REGISTRY = ("%R~{@}:workflows", "%R~{@}:workflows:*")
+
+ROLES: tuple[Role, ...] = (
+    Role(
+        "ingress",
+        "reads the inbox, appends run requests, writes dead letters",
+        (
+            *_BASE,
+            *_SERVICE,
+            *_CONSUMER,
+            *_REGISTRY,
+            *_words("xtrim xadd zadd zrem zrangebyscore hset hdel time"),
+        ),
+        (
+            "~@:events",
+            "~@:config",
+            "%W~@:dead",
+            *_READS_REGISTRY,
+            *_shard("requests", "ids", "ids-at"),
+        ),
+    ),
+    Role(
+        "admission",
+        "admits requests and results, reaps, trims the shard streams",
+        (
+            *_BASE,
+            *_SERVICE,
+            *_CONSUMER,
+            *_STATE_SCRIPTS,
+            *_REGISTRY,
+            *_words("hkeys unlink zcard"),
+        ),
+        (
+            "~@:config",
+            "%W~@:dead",
+            *_READS_REGISTRY,
+            *_shard(
+                "requests",
+                "results",
+                "runs",
+                "inputs",
+                "queue",
+                "active",
+                "slots",
+                "leases",
+                "ended",
+                "ended:*",
+                "assignments",
+                "assignments:*",
+                "control",
+                "counts",
+                "newest",
+                "newest-at",
+                "terminal",
+                "seen",
+            ),
+        ),
+    ),
+    Role(
+        "executor",
+        "claims and runs assignments, reports results, registers its workflows",
+        (
+            *_BASE,
+            *_SERVICE,
+            *_CONSUMER,
+            *_REGISTRY,
+            *_words("xread xrevrange xadd time hset hdel hincrby zadd zrem incr"),
+        ),
+        (
+            "~@:config",
+            "%W~@:dead",
+            "~{@}:workflows",
+            "~{@}:workflows:*",
+            *_shard("assignments:*", "runs", "inputs", "leases", "counts"),
+            "%W~{@:*}:results",
+            "%R~{@:*}:control",
+        ),
+    ),
+    Role(
+        "operator",
+        "the CLI: everything `reader` does, plus publish, cancel and dead-letter replay",
+        (*_BASE, *_READ, *_REGISTRY, *_STATE_SCRIPTS, *_words("evalsha script|load xadd xdel")),
+        ("~@:*", "~{@}:*", "~{@:*}:*"),
+    ),
+    Role(
+        "reader",
+        "the CLI's read-only commands (runs, run, status, dead) and dashboards",
+        (*_BASE, *_READ, *_REGISTRY),
+        ("%R~@:*", "%R~{@}:*", "%R~{@:*}:*"),
+    ),
+    Role(
+        "keda",
+        "KEDA's redis-streams scaler: the executor group's pending and lag counts",
+        (*_BASE, *_words("xinfo|groups xpending xlen")),
+        ("%R~{@:*}:assignments:*",),
+    ),
+)
+ROLE_NAMES = tuple(r.name for r in ROLES)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def user_name(namespace: str, role: str) -> str:
+    return f"{namespace}-{role}"
+
+
+def role(name: str) -> Role:
+    for r in ROLES:
+        if r.name == name:
+            return r
+    raise ConfigError(f"unknown ACL role {name!r}: one of {', '.join(ROLE_NAMES)}")
+
+
+def rules(namespace: str, role_name: str, extra: Sequence[str] = ()) -> list[str]:
+    """The ACL SETUSER rules of one role (no password: add '>secret' or '#<sha256>'), with the
+    `extra` commands (SETINFO on servers that have it)."""
+    r = role(role_name)
+    ns = _glob_escape(namespace)
+    commands = sorted({*r.commands, *extra})
+    keys = [k.replace("@", ns) for k in r.keys]
+    return ["reset", "on", "resetchannels", "-@all", *[f"+{c}" for c in commands], *keys]
+
+
+def setuser_line(namespace: str, role_name: str) -> str:
+    return " ".join(
+        ["ACL", "SETUSER", user_name(namespace, role_name), *rules(namespace, role_name)]
+    )
+
+
+def password_env(role_name: str) -> str:
+    return f"SUPERSEDE_ACL_PASSWORD_{role_name.upper()}"
+
+
+def passwords_from_env(roles: Sequence[str], env: dict[str, str] | None = None) -> dict[str, str]:
+    """The password of each role from SUPERSEDE_ACL_PASSWORD_<ROLE>; all must be set."""
+    env = dict(os.environ) if env is None else env
+    missing = [password_env(r) for r in roles if not env.get(password_env(r))]
+    if missing:
+        raise ConfigError(f"set {', '.join(missing)} (the password of each user to create)")
+    return {r: env[password_env(r)] for r in roles}
+
+
+async def apply(redis: Any, namespace: str, passwords: dict[str, str]) -> list[str]:
+    """Create (or reset) the user of each role in `passwords` on every node; returns the names."""
+    from redis.asyncio.cluster import RedisCluster
+    from redis.exceptions import ResponseError
+
+    async def setuser(name: str, role_name: str, password: str, extra: list[str]) -> None:
+        args = ["ACL", "SETUSER", name, *rules(namespace, role_name, extra), f">{password}"]
+        if isinstance(redis, RedisCluster):  # ACL users are per node
+            for node in redis.get_nodes():
+                await node.execute_command(*args)
+        else:
+            await redis.execute_command(*args)
+
+    names = []
+    for role_name, password in passwords.items():
+        name = user_name(namespace, role_name)
+        try:
+            await setuser(name, role_name, password, [SETINFO])
+        except ResponseError as exc:  # before Redis 7.2, which has no CLIENT SETINFO
+            if SETINFO not in str(exc):
+                raise
+            await setuser(name, role_name, password, [])
+        names.append(name)
+    return names

@@ -1,0 +1,190 @@
+"""Least-privilege ACL users (issue 14, item 2): `supersede acl --apply` creates one user per
+role on a real server and on a real cluster (every node); the whole system runs with each
+service under its own user, the CLI under the operator and reader users, and no command of the
+run is refused (the ACL log stays empty); then each user is refused what its role does not do."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+import redis as redis_sync
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoPermissionError, ResponseError
+
+from supersede import acl
+from supersede.config import connect
+from supersede.keys import Keys
+from tests.support import System, eventually
+
+PASSWORDS = {role: f"pw-{role}-3e1d" for role in acl.ROLE_NAMES}
+
+
+def as_user(url: str, user: str, password: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{user}:{password}@{rest}"
+
+
+@pytest.fixture(params=["single", "cluster"])
+async def admin(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, str, list[int]]]:
+    """(admin client, admin URL, ports of every node) on one server or the 3-master cluster."""
+    if request.param == "single":
+        url = request.getfixturevalue("redis_url")
+        ports = [request.getfixturevalue("redis_server").port]
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        ports = [node.port for node in cluster.nodes]
+        url = f"redis+cluster://127.0.0.1:{ports[0]}"
+    client = connect(url)
+    yield client, url, ports
+    await client.aclose()
+
+
+def acl_log(ports: list[int], users: set[str]) -> list[dict[str, Any]]:
+    out = []
+    for port in ports:
+        with redis_sync.Redis(port=port) as node:
+            out += [e for e in node.acl_log(count=1000) if str(e.get("username")) in users]
+    return out
+
+
+def cli(env: dict[str, str], *args: str) -> Any:
+    proc = subprocess.run([sys.executable, "-m", "supersede", *args, "--json"], env=env,
+                          capture_output=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    return orjson.loads(proc.stdout)
+
+
+async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
+    admin: tuple[Any, str, list[int]], keys: Keys
+) -> None:
+    client, url, ports = admin
+    ns = keys.namespace
+    users = {acl.user_name(ns, r) for r in acl.ROLE_NAMES}
+    env = {**System(url, keys).env, **{acl.password_env(r): p for r, p in PASSWORDS.items()}}
+    applied = subprocess.run([sys.executable, "-m", "supersede", "acl", "--apply"], env=env,
+                             capture_output=True, timeout=60)  # fmt: skip
+    assert applied.returncode == 0, applied.stderr.decode()
+    assert not any(p.encode() in applied.stdout + applied.stderr for p in PASSWORDS.values())
+    url_of = {r: as_user(url, acl.user_name(ns, r), p) for r, p in PASSWORDS.items()}
+    for port in ports:
+        with redis_sync.Redis(port=port) as node:
+            node.acl_log_reset()
+
+    systems = {r: System(url_of[r], keys) for r in ("admission", "executor", "ingress")}
+    systems["executor"].env["SUPERSEDE_TEST_LOG_URL"] = url  # user code has its own rights
+    operator, reader = (System(url_of[r], keys).env for r in ("operator", "reader"))
+    publisher = connect(url_of["operator"])
+    try:
+        systems["admission"].start("admission", "--block-ms", "100", "--reap-interval", "0.1",
+                                   "--trim-interval", "0.5")  # fmt: skip
+        for _ in range(2):
+            systems["executor"].start("executor", "tests.support.apps.demo", "--slots", "20")
+
+        async def registered() -> bool:
+            return int(await client.hlen(keys.workflows_hash)) == 7
+
+        await eventually(registered, timeout=30)
+        systems["ingress"].start("ingress", "--block-ms", "100", "--trim-interval", "0.5")
+
+        users_n, burst = 6, 3
+        for i in range(burst):
+            for u in range(users_n):
+                data = orjson.dumps({"userId": f"user{u}", "sleep": 0.3 if i < burst - 1 else 0.05})
+                await publisher.xadd(keys.events_stream, {"name": "chat.message", "data": data})
+        published = cli(operator, "publish", "chat.message", '{"userId": "solo", "sleep": 0.01}')
+        assert published
+
+        def settled() -> list[Any] | None:
+            runs = cli(reader, "runs", "--workflow", "chat-reply", "--limit", "1000")
+            done = all(r["state"] in ("SUCCEEDED", "CANCELLED") for r in runs)
+            return runs if len(runs) == users_n * burst + 1 and done else None
+
+        async def check() -> bool:
+            return await asyncio.to_thread(settled) is not None
+
+        await eventually(check, timeout=60)
+        runs = settled() or []
+        by_user: dict[str, list[dict[str, Any]]] = {}
+        for r in runs:
+            by_user.setdefault(r["key"], []).append(r)
+        for user, mine in by_user.items():
+            mine.sort(key=lambda r: tuple(int(x) for x in r["event_id"].split("-")))
+            assert mine[-1]["state"] == "SUCCEEDED", user
+            assert all(r["state"] == "CANCELLED" for r in mine[:-1]), user
+        status = cli(reader, "status")
+        assert status["workflows"]["chat-reply"]["runs"]["SUCCEEDED"] == users_n + 1
+        assert cli(reader, "dead") == []
+
+        # the inbox and the requests are trimmed by their own consumers' users
+        async def trimmed() -> bool:
+            lengths = [int(await client.xlen(keys.events_stream))]
+            lengths += [int(await client.xlen(sk.requests_stream)) for sk in keys.all_shards()]
+            return sum(lengths) == 0
+
+        await eventually(trimmed, timeout=30)
+        refused = await asyncio.to_thread(acl_log, ports, users)
+        assert refused == [], refused
+    finally:
+        await publisher.aclose()
+        for system in systems.values():
+            system.close()
+
+    await _each_user_is_refused_what_its_role_does_not_do(url_of, keys)
+
+
+async def _refused(client: Any, *command: Any) -> None:
+    with pytest.raises((NoPermissionError, ResponseError), match=r"NOPERM|permission"):
+        if isinstance(client, RedisCluster) and command[0] in ("FLUSHALL", "CONFIG"):
+            await client.initialize()
+            await client.get_random_node().execute_command(*command)  # no key to route by
+        else:
+            await client.execute_command(*command)
+
+
+async def _each_user_is_refused_what_its_role_does_not_do(
+    url_of: dict[str, str], keys: Keys
+) -> None:
+    sk = keys.shard(0)
+    other = Keys("other-ns", keys.shards).shard(0)
+    clients = {r: connect(u) for r, u in url_of.items()}
+    try:
+        for c in clients.values():
+            await _refused(c, "FLUSHALL")
+            await _refused(c, "CONFIG", "SET", "maxmemory", "1")
+            await _refused(c, "HGET", other.runs_hash, "x")  # another namespace
+        ex, ing, adm = clients["executor"], clients["ingress"], clients["admission"]
+        await _refused(ex, "XADD", keys.events_stream, "*", "name", "x")
+        await _refused(ex, "XADD", sk.requests_stream, "*", "r", "x")
+        await _refused(ex, "XADD", sk.control_stream, "*", "op", "cancel")
+        await _refused(ex, "XRANGE", sk.results_stream, "-", "+")
+        await _refused(ing, "HGET", sk.runs_hash, "x")
+        await _refused(ing, "XADD", sk.assignments_stream("chat-reply"), "*", "id", "x")
+        await _refused(ing, "HSET", keys.workflows_hash, "x", "{}")
+        await _refused(adm, "XADD", keys.events_stream, "*", "name", "x")
+        await _refused(adm, "HSET", keys.workflows_hash, "x", "{}")
+        await _refused(clients["reader"], "XADD", keys.events_stream, "*", "name", "x")
+        await _refused(clients["reader"], "HSET", sk.runs_hash, "x", "y")
+        await _refused(clients["keda"], "HGET", sk.runs_hash, "x")
+        await _refused(clients["keda"], "XRANGE", sk.assignments_stream("chat-reply"), "-", "+")
+        assert isinstance(
+            await clients["keda"].xinfo_groups(sk.assignments_stream("chat-reply")), list
+        )
+        assert await clients["reader"].hlen(keys.workflows_hash) == 7
+    finally:
+        for c in clients.values():
+            await c.aclose()
+
+
+def test_acl_prints_one_rule_per_role_scoped_to_the_namespace() -> None:
+    for role in acl.ROLE_NAMES:
+        line = acl.setuser_line("my*ns", role)
+        assert line.startswith(f"ACL SETUSER my*ns-{role} reset on resetchannels -@all ")
+        patterns = [t for t in line.split() if "~" in t]
+        assert patterns and all("my\\*ns" in p for p in patterns), line
+        assert "+@all" not in line and "allkeys" not in line and "~*" not in line.split()
