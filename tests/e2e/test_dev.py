@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,24 +53,60 @@ def test_dev_runs_the_demo_on_an_embedded_server_and_exits_0() -> None:
             break
     children = _descendants(proc.pid)
     assert len(children) >= 5  # the server, admission, two executors, ingress
-    # the embedded server wants this run's password: printed once, in the redis-cli line
-    line = proc.stdout.readline().decode()
-    lines.append(line)
-    url = re.search(r"redis-cli -u (\S+) XADD", line)
-    assert url and ":***@" not in url.group(1), line
+    # the embedded server wants this run's password: printed once, in the export line
+    while "export SUPERSEDE_REDIS_URL=" not in lines[-1]:
+        lines.append(proc.stdout.readline().decode())
+    url = re.search(r"export SUPERSEDE_REDIS_URL=(\S+)", lines[-1])
+    assert url and ":***@" not in url.group(1), lines[-1]
     password = url.group(1).split("@")[0].rsplit(":", 1)[1]
     port = int(url.group(1).rsplit(":", 1)[1].split("/")[0])
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(port=port).ping()
     assert redis.Redis.from_url(url.group(1)).ping()
-    rest, err = proc.communicate(timeout=90)
+    # (communicate() would skip what the line reads above buffered)
+    rest, err = proc.stdout.read(), proc.stderr.read() if proc.stderr else b""
+    proc.wait(90)
     out = "".join(lines) + rest.decode()
     assert proc.returncode == 0, err.decode()[-2000:]
     assert "supersede dev: Redis at redis://:***@127.0.0.1:" in out
     assert out.count(password) == 1 and password not in err.decode()
     assert "succeeded" in out and "superseded by" in out  # CANCEL_IN_PROGRESS at work
-    assert "summary (runs by workflow and final state):" in out
+    # the rules it demonstrates, one sentence each, and how to publish without redis-cli
+    assert "demo-chat-reply: runs on chat.message; key = input.userId; at most 1 at once" in out
+    assert 'publish:  supersede publish chat.message \'{"userId":"u1"}\'' in out
+    assert "outcomes per key:" in out and "not ended" in out
     assert [pid for pid in children if _alive(pid)] == []
+
+
+def _transitions(out: str) -> list[tuple[float, str]]:
+    return [
+        (float(m.group(1)), m.group(2)) for m in re.finditer(r"^ +(\d+\.\d+)s  (.*)$", out, re.M)
+    ]
+
+
+def test_dev_console_prints_transitions_in_time_order_and_how_each_run_was_cancelled() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    done = subprocess.run([sys.executable, "-m", "supersede", "dev", "--duration", "6"], env=env,
+                          capture_output=True, timeout=120)  # fmt: skip
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    lines = _transitions(out)
+    assert lines and [t for t, _ in lines] == sorted(t for t, _ in lines)
+    # every superseding run's start comes after the cancel of the run it replaced
+    started = {text.split()[2]: i for i, (_, text) in enumerate(lines) if text.endswith("started")}
+    for i, (_, text) in enumerate(lines):
+        m = re.search(r"cancelled while (queued|running): superseded by (\S+)", text)
+        if m and m.group(2) in started and m.group(1) == "running":
+            assert started[m.group(2)] > i, out
+    assert "cancelled while queued: superseded by" in out or "cancelled while running" in out
+    assert re.search(
+        r"cancelled while running: superseded by \S+ \(its handler stopped \d+ ms later\)", out
+    )
+    table = out.split("outcomes per key:")[1].splitlines()
+    assert table[1].split()[:2] == ["workflow", "key"]
+    assert any(row.split()[:2] == ["demo-chat-reply", "ada"] for row in table[2:])
+    # the final states only: nothing is listed as `started`
+    assert "started" not in out.split("outcomes per key:")[1]
 
 
 def test_ctrl_c_stops_the_services_before_the_embedded_server() -> None:
@@ -85,11 +123,37 @@ def test_ctrl_c_stops_the_services_before_the_embedded_server() -> None:
         lines.append(raw.decode())
         if "superseded by" in lines[-1]:  # the demo is under way: runs are in flight
             break
-    logfile = next(line for line in lines if "services up" in line).split("logs: ")[1].rstrip(")\n")
+    children = _descendants(proc.pid)
+    before = set(Path(tempfile.gettempdir()).glob("supersede-dev-*"))
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
     rest, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()[-2000:]
-    assert "summary (runs by workflow and final state):" in rest.decode()
-    log = Path(logfile).read_text()
-    Path(logfile).unlink()
-    assert "Connection closed" not in log and "Traceback" not in log, log[-3000:]
+    assert "outcomes per key:" in rest.decode()
+    # no error line anywhere, no process left, and the log folder is gone
+    assert err.decode().strip() == "", err.decode()[-3000:]
+    assert "Traceback" not in rest.decode() and "Error" not in rest.decode()
+    assert [pid for pid in children if _alive(pid)] == []
+    assert before and not any(p.exists() for p in before)
+
+
+def test_keep_logs_keeps_each_services_log_without_connection_errors() -> None:
+    """Ctrl-C with --keep-logs: the services were stopped before the server, so their logs
+    hold no connection error or traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supersede", "dev", "--keep-logs"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        if b"superseded by" in raw:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    folder = Path(re.findall(r"logs kept in (\S+)", rest.decode())[0])
+    logs = {p.name: p.read_text() for p in folder.glob("*.log")}
+    shutil.rmtree(folder)
+    assert {"admission.log", "ingress.log", "executor-1-1.log", "executor-1-2.log"} <= set(logs)
+    for name, text in logs.items():
+        assert "Connection closed" not in text and "Traceback" not in text, (name, text[-3000:])
