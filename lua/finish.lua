@@ -9,9 +9,10 @@
     KEYS[11]    results stream (XACKed)
     KEYS[12]    newest hash      as in admit.lua (an ended CANCEL_IN_PROGRESS run is remembered)
     KEYS[13]    newest-at zset   as in admit.lua
+    KEYS[14]    outputs hash     run id -> msgpack step outputs (of runs that ended S or F)
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     consumer group of the results stream
-    ARGV[3..]   pairs: results entry id, msgpack result {id, a, o = 'S'|'F'|'C', err}
+    ARGV[3..]   pairs: results entry id, msgpack result {id, a, o = 'S'|'F'|'C', err, out}
 
   Output:
     {0, applied, stale, assigned}
@@ -26,7 +27,7 @@ local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local leasesKey, endedKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local inputsKey, countsKey, resultsKey = KEYS[9], KEYS[10], KEYS[11]
-local newestKey, newestAtKey = KEYS[12], KEYS[13]
+local newestKey, newestAtKey, outputsKey = KEYS[12], KEYS[13], KEYS[14]
 
 -- @include now
 -- @include runs
@@ -48,11 +49,13 @@ for i = 3, #ARGV, 2 do
   if type(r.a) ~= 'number' then return { -1, n, 'a' } end
   if not OUTCOMES[r.o] then return { -1, n, 'o' } end
   if r.err ~= nil and type(r.err) ~= 'string' then return { -1, n, 'err' } end
+  if r.out ~= nil and type(r.out) ~= 'string' then return { -1, n, 'out' } end
   if not loadRun(r.id) then return { -2, n } end
   results[n] = r
 end
 
 local applied, stale = 0, 0
+local outputs = {}   -- run id, outputs, ... of runs that ended here SUCCEEDED or FAILED
 for n = 1, #results do
   local r = results[n]
   local rec = loadRun(r.id)
@@ -65,6 +68,7 @@ for n = 1, #results do
     touch(rec)
     if r.err then rec.err = r.err end
     endRun(r.id, rec, r.o, r.o == 'C' and 'executor' or nil)
+    if r.out and r.o ~= 'C' then outputs[#outputs + 1] = r.id; outputs[#outputs + 1] = r.out end
     applied = applied + 1
   elseif rec.st == 'X' then
     rcall('ZREM', leasesKey, r.id)
@@ -77,6 +81,7 @@ for n = 1, #results do
 end
 
 refillTouched()
+callChunked('HSET', outputsKey, outputs, 1000)
 ackEntries(resultsKey, groupName, 3, 2)
 flushRuns()
 flushNewest()

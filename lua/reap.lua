@@ -15,6 +15,7 @@
     KEYS[12]    newest-at zset   as in admit.lua
     KEYS[13]    legacy terminal zset  run id by end time, from before the ended streams:
                                       drained with the default retention, never written
+    KEYS[14]    outputs hash     as in finish.lua (deleted with the records)
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     at most this many leases and about this many old records per call (whole
                 ended-stream entries are expired, so up to one entry's runs more)
@@ -39,6 +40,7 @@ local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4
 local leasesKey, endedKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local inputsKey, countsKey = KEYS[9], KEYS[10]
 local newestKey, newestAtKey, legacyTerminalKey = KEYS[11], KEYS[12], KEYS[13]
+local outputsKey = KEYS[14]
 
 -- @include now
 -- @include runs
@@ -166,6 +168,7 @@ for i = 1, #old, 1000 do
   end
   rcall('HDEL', runsKey, unpack(chunk))
   rcall('HDEL', inputsKey, unpack(chunk))
+  rcall('HDEL', outputsKey, unpack(chunk))
 end
 flushCounts()
 callChunked('ZREM', legacyTerminalKey, legacy, 1000)

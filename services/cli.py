@@ -5,19 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Sequence
-from typing import Any
-
-import orjson
 
 from supersede import __version__, logs
 from supersede.acl import ROLE_NAMES as ACL_ROLES
 from supersede.config import DEFAULT_METRICS_HOST, Settings, check_server, connect
-from supersede.errors import ConfigError, DefinitionError, SupersedeError
+from supersede.errors import ConfigError, SupersedeError
 from supersede.protocol import RunState
 from supersede.service import run_until_signal
+from supersede.services.modules import load_workflows
 
 log = logging.getLogger("supersede")
 
@@ -58,62 +55,6 @@ def _ingress(args: argparse.Namespace, settings: Settings) -> None:
     )
 
 
-def import_module(spec: str) -> Any:
-    """Import a workflow module given as a dotted name (`my_workflows`, from the current folder
-    or anything on sys.path) or as a path (`my_workflows.py`, `src/app/flows.py`: its folder is
-    put on sys.path). Any failure is one ConfigError that names the file and line."""
-    import importlib
-    import traceback
-
-    name = spec
-    if spec.endswith(".py") or os.sep in spec:
-        path = os.path.abspath(spec)
-        if not os.path.isfile(path):
-            raise ConfigError(f"workflow module {spec!r}: no such file")
-        folder, name = os.path.split(path)
-        name = name.removesuffix(".py")
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
-    elif os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        return importlib.import_module(name)
-    except SyntaxError as exc:
-        where = f"{exc.filename}:{exc.lineno}"
-        raise ConfigError(f"{where}: syntax error in workflow module {spec!r}: {exc.msg}") from None
-    except ModuleNotFoundError as exc:
-        if exc.name == name or name.startswith(f"{exc.name}."):
-            raise ConfigError(
-                f"no workflow module {name!r} (looked in {os.getcwd()} and on sys.path): run from "
-                "its folder, or give its path, e.g. `supersede executor path/to/my_workflows.py`"
-            ) from None
-        raise ConfigError(f"workflow module {spec!r} failed to import: {exc}") from None
-    except Exception as exc:
-        frames = traceback.extract_tb(exc.__traceback__)
-        mine = [f for f in frames if "importlib" not in f.filename] or frames
-        frame = next((f for f in reversed(mine) if "site-packages" not in f.filename), mine[-1])
-        raise ConfigError(
-            f"{frame.filename}:{frame.lineno}: workflow module {spec!r} failed to import: "
-            f"{type(exc).__name__}: {exc}"
-        ) from None
-
-
-def load_workflows(spec: str) -> list[Any]:
-    """Import MODULE (see `import_module`) and return its Workflow objects, each validated."""
-    from supersede.workflow import Workflow
-
-    module = import_module(spec)
-    workflows = [v for v in vars(module).values() if isinstance(v, Workflow)]
-    if not workflows:
-        raise ConfigError(f"module {spec!r} defines no Workflow")
-    for wf in workflows:
-        try:
-            wf.definition()
-        except DefinitionError as exc:
-            raise ConfigError(f"workflow {wf.id!r} is invalid: {exc}") from None
-    return workflows
-
-
 def _executor(args: argparse.Namespace, settings: Settings) -> None:
     from supersede.services.executor.service import ExecutorConfig, serve
 
@@ -125,6 +66,7 @@ def _executor(args: argparse.Namespace, settings: Settings) -> None:
         drain_timeout=args.drain_timeout,
         claim_idle_ms=args.claim_idle_ms,
         block_ms=args.block_ms,
+        max_output_bytes=args.max_output_bytes,
     )
     run_until_signal(
         lambda stop: serve(settings, workflows, config, stop),
@@ -218,32 +160,20 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
         except ConfigError as exc:
             print(f"supersede: {exc}", file=sys.stderr)
             return 2
-        except (LookupError, ValueError, SupersedeError) as exc:
+        except (LookupError, ValueError, TimeoutError, SupersedeError) as exc:
             print(f"supersede: {exc}", file=sys.stderr)
             return 1
         finally:
             await redis.aclose()
-        print(ops.dumps(result) if args.json else _table(result))
+        if args.json:
+            print(ops.dumps(result))
+        else:
+            from supersede.services.render import render
+
+            print(render(args.command, result, replay=bool(getattr(args, "replay", None))))
         return 0
 
     sys.exit(asyncio.run(main()))
-
-
-def _table(result: Any) -> str:
-    """A plain rendering for humans; --json is the stable interface for scripts."""
-    if isinstance(result, list):
-        if not result:
-            return "(none)"
-        cols = [c for c in result[0] if c not in ("timeline",)][:8]
-        lines = ["  ".join(f"{c:<22}" for c in cols)]
-        for row in result:
-            lines.append("  ".join(f"{str(row.get(c, ''))[:22]:<22}" for c in cols))
-        return "\n".join(lines)
-    if isinstance(result, dict) and "timeline" in result:
-        head = [f"{k}: {v}" for k, v in result.items() if k != "timeline" and v is not None]
-        events = [f"  {e['at_ms']}  {e['event']}" for e in result["timeline"]]
-        return "\n".join([*head, "timeline:", *events])
-    return str(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
 
 
 METRICS_HOST_HELP = (
@@ -256,19 +186,60 @@ def _host(args: argparse.Namespace, settings: Settings) -> str:
     return str(args.metrics_host or settings.metrics_host)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="supersede", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"supersede {__version__}")
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (when it has one worth showing)."""
 
-    adm = sub.add_parser("admission", help="admit run requests and apply executor results")
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if default in (None, False, argparse.SUPPRESS, []) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+ENVIRONMENT = """environment:
+  SUPERSEDE_REDIS_URL     the server (default redis://127.0.0.1:6379/0); redis+cluster://,
+                          rediss:// and rediss+cluster:// for a cluster and TLS
+  SUPERSEDE_NAMESPACE     key prefix (default supersede)
+  SUPERSEDE_SHARDS        shard count, pinned on first use (default 16)"""
+SERVICE_ENVIRONMENT = (
+    ENVIRONMENT
+    + """
+  SUPERSEDE_METRICS_HOST  address of /metrics, /healthz, /readyz (default 0.0.0.0)"""
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="supersede", description=__doc__, formatter_class=_Help, epilog=ENVIRONMENT
+    )
+    parser.add_argument("--version", action="version", version=f"supersede {__version__}")
+    parser.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (JSON lines on stderr)"
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+
+    class _Sub:
+        """add_parser with the help formatter and the environment variables of each command."""
+
+        @staticmethod
+        def add_parser(name: str, help: str, service: bool = False) -> argparse.ArgumentParser:
+            epilog = SERVICE_ENVIRONMENT if service else ENVIRONMENT
+            return subparsers.add_parser(
+                name, help=help, description=help, formatter_class=_Help, epilog=epilog
+            )
+
+    sub = _Sub()
+
+    adm = sub.add_parser(
+        "admission", help="admit run requests and apply executor results", service=True
+    )
     adm.add_argument(
         "--metrics-port", type=int, default=9102, help="0 disables /metrics (default 9102)"
     )
     adm.add_argument("--metrics-host", default=None, help=METRICS_HOST_HELP)
     adm.add_argument("--batch", type=int, default=1000, help="entries per stream per read")
-    adm.add_argument("--block-ms", type=int, default=1000)
+    adm.add_argument("--block-ms", type=int, default=1000, help="longest wait of one read (ms)")
     adm.add_argument("--reap-interval", type=float, default=0.5, help="seconds")
     adm.add_argument(
         "--claim-idle-ms",
@@ -315,13 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     adm.set_defaults(func=_admission)
 
-    ing = sub.add_parser("ingress", help="route inbox events to run requests")
+    ing = sub.add_parser("ingress", help="route inbox events to run requests", service=True)
     ing.add_argument(
         "--metrics-port", type=int, default=9101, help="0 disables /metrics (default 9101)"
     )
     ing.add_argument("--metrics-host", default=None, help=METRICS_HOST_HELP)
     ing.add_argument("--batch", type=int, default=1000, help="inbox entries per read")
-    ing.add_argument("--block-ms", type=int, default=1000)
+    ing.add_argument("--block-ms", type=int, default=1000, help="longest wait of one read (ms)")
     ing.add_argument(
         "--claim-idle-ms",
         type=int,
@@ -343,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ing.set_defaults(func=_ingress)
 
-    exe = sub.add_parser("executor", help="run the workflows of MODULE")
+    exe = sub.add_parser("executor", help="run the workflows of MODULE", service=True)
     exe.add_argument("module", help="importable module that defines Workflow objects")
     exe.add_argument("--slots", type=int, default=10, help="runs executed at once")
     exe.add_argument(
@@ -353,7 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
     exe.add_argument("--lease", type=float, default=10.0, help="seconds; renewed every third")
     exe.add_argument("--grace", type=float, default=5.0, help="seconds a cancelled run may take")
     exe.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on SIGTERM")
-    exe.add_argument("--claim-idle-ms", type=int, default=30_000)
+    exe.add_argument(
+        "--max-output-bytes",
+        type=int,
+        default=65_536,
+        help="cap on a run's step outputs (msgpack) kept with it; a run over it fails",
+    )
+    exe.add_argument(
+        "--claim-idle-ms",
+        type=int,
+        default=30_000,
+        help="take over assignments another executor left unclaimed this long",
+    )
     exe.add_argument("--block-ms", type=int, default=1000, help="longest wait of one read")
     exe.set_defaults(func=_executor)
 
@@ -364,24 +346,36 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     pub = ops_parser("publish", "publish one event to the inbox")
-    pub.add_argument("name")
+    pub.add_argument("name", help="the event name, e.g. chat.message")
     pub.add_argument("data", help="a JSON object")
-    pub.add_argument("--id", default=None, help="idempotency key")
+    pub.add_argument("--id", default=None, help="idempotency key (default: the entry id)")
+    pub.add_argument(
+        "--wait", action="store_true", help="wait until the event's runs ended; print outcomes"
+    )
+    pub.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds --wait waits (default 60)"
+    )
     runs = ops_parser("runs", "list runs (newest first)")
-    runs.add_argument("--workflow")
-    runs.add_argument("--key")
-    runs.add_argument("--state", choices=[s.name.lower() for s in RunState])
-    runs.add_argument("--limit", type=int, default=100)
+    runs.add_argument("--workflow", help="only runs of this workflow")
+    runs.add_argument("--key", help="only runs of this key value (needs --workflow)")
+    runs.add_argument(
+        "--state", choices=[s.name.lower() for s in RunState], help="only runs in this state"
+    )
+    runs.add_argument("--limit", type=int, default=100, help="at most this many runs")
     one = ops_parser("run", "one run and its timeline")
-    one.add_argument("id")
+    one.add_argument("id", help="a run id, as `runs` and `publish` show it")
     can = ops_parser("cancel", "cancel a run, or every live run of a workflow key")
-    can.add_argument("id", nargs="?")
-    can.add_argument("--workflow")
-    can.add_argument("--key")
+    can.add_argument("id", nargs="?", help="the run to cancel")
+    can.add_argument("--workflow", help="with --key: cancel every live run of that key")
+    can.add_argument("--key", help="the key value whose live runs to cancel")
     ops_parser("status", "runs per workflow and state, stream lags, live executors")
     dead = ops_parser("dead", "list dead letters, or replay one to the inbox")
-    dead.add_argument("--replay", metavar="ID")
-    dead.add_argument("--limit", type=int, default=100)
+    dead.add_argument(
+        "--replay",
+        metavar="ID",
+        help="publish the dead letter ID (the `dead letter id` column) to the inbox again",
+    )
+    dead.add_argument("--limit", type=int, default=100, help="at most this many dead letters")
 
     keda = sub.add_parser(
         "keda", help="print the KEDA ScaledObject of the executor pool that runs MODULE"
@@ -404,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="host:port KEDA reaches Redis at (--source redis; comma-separated for a cluster)",
     )
     keda.add_argument("--lag", type=int, default=50, help="unclaimed runs per replica")
-    keda.add_argument("--max-replicas", type=int, default=30)
+    keda.add_argument("--max-replicas", type=int, default=30, help="the pool's largest size")
     keda.set_defaults(func=_keda)
 
     acl = sub.add_parser(

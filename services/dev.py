@@ -39,6 +39,7 @@ from supersede.errors import ConfigError
 from supersede.protocol import RunRecord, RunState, Strategy
 from supersede.registry import WorkflowDef
 from supersede.server import EmbeddedServer, die_with_parent, wheel_client_binary
+from supersede.services.modules import load_workflows
 
 DEMO = "supersede.services.demo"
 
@@ -237,8 +238,6 @@ async def run(
     embedded: bool = False,
     keep_logs: bool = False,
 ) -> int:
-    from supersede.services.cli import load_workflows
-
     specs = list(modules) or [DEMO]
     defs = [wf.definition() for spec in specs for wf in load_workflows(spec)]
     stop = asyncio.Event()
@@ -305,8 +304,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
     for spec in args.module:  # a bad module is one line before anything starts
-        from supersede.services.cli import load_workflows
-
         load_workflows(spec)
     server = None
     env = dict(os.environ)

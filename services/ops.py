@@ -9,6 +9,8 @@ only through the Lua scripts.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -319,12 +321,17 @@ def timeline(run: RunRecord) -> list[dict[str, Any]]:
 
 
 async def get_run(redis: Redis, keys: Keys, rid: str) -> dict[str, Any] | None:
-    """One run with its timeline."""
-    raw = await redis.hget(keys.shard(shard_of_run(rid)).runs_hash, rid)
+    """One run with its step outputs and its timeline."""
+    sk = keys.shard(shard_of_run(rid))
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hget(sk.runs_hash, rid)
+        pipe.hget(sk.outputs_hash, rid)
+        raw, out = await pipe.execute()
     if raw is None:
         return None
     run = RunRecord.decode(rid, raw)
-    return {**view(run), "timeline": timeline(run)}
+    outputs = codec.unpack(codec.blob(out)) if out is not None else {}
+    return {**view(run), "outputs": outputs, "timeline": timeline(run)}
 
 
 async def cancel_runs(scripts: Scripts, rids: list[str]) -> dict[str, bool]:
@@ -473,13 +480,36 @@ def dumps(value: Any) -> str:
 
 
 async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
-    from supersede.client import publish
+    """Publish; list the runs the event will make; with --wait, their outcomes once ended."""
+    from supersede.client import publish_runs, wait_for_run
 
     try:
         data = orjson.loads(args.data)
     except orjson.JSONDecodeError as exc:
-        raise ValueError(f"JSON is not valid: {exc}") from None
-    return {"entry": await publish(redis, args.name, data, id=args.id, namespace=keys.namespace)}
+        raise ValueError(f"the event's data is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError('the event\'s data must be a JSON object, e.g. \'{"userId": "u1"}\'')
+    entry, planned, known = await publish_runs(
+        redis, args.name, data, id=args.id, namespace=keys.namespace
+    )
+    if not planned:
+        print(
+            f"supersede: warning: no workflow listens to {args.name!r}, so this event makes no "
+            f"run (known events: {', '.join(known) or 'none: no workflow is registered'})",
+            file=sys.stderr,
+        )
+    runs: list[dict[str, Any]] = [
+        {"workflow": p.workflow, "key": p.key, "run": p.run_id} for p in planned
+    ]
+    if args.wait and planned:
+        ended = await asyncio.gather(
+            *(wait_for_run(redis, p.run_id, args.timeout, namespace=keys.namespace)
+              for p in planned)
+        )  # fmt: skip
+        for row, run in zip(runs, ended, strict=True):
+            row["state"], row["outputs"], row["error"] = run.state, run.outputs, run.error
+            row["cancelled_by"] = run.cancelled_by
+    return {"entry": entry, "runs": runs}
 
 
 async def _runs(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:

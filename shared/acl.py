@@ -95,6 +95,7 @@ ROLES: tuple[Role, ...] = (
                 "results",
                 "runs",
                 "inputs",
+                "outputs",
                 "queue",
                 "active",
                 "slots",

@@ -1,4 +1,5 @@
-"""Publishing events from Python: the same contract as a plain `XADD <ns>:events`.
+"""Publishing events from Python (the same contract as a plain `XADD <ns>:events`), and reading
+the runs they made: `get_run`, `wait_for_run`.
 
 Fields: `name` (the event name), `data` (a JSON object as text), optional `id` (idempotency key;
 default: the stream entry id) and optional `metadata` (a JSON object as text).
@@ -6,16 +7,21 @@ default: the stream entry id) and optional `metadata` (a JSON object as text).
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import redis as redis_sync
 from redis.asyncio import Redis
 
+from supersede import codec
 from supersede.config import DEFAULT_NAMESPACE
-from supersede.keys import inbox_stream
-from supersede.protocol import Inbox
+from supersede.keys import ShardKeys, inbox_stream
+from supersede.model import shard_of_run
+from supersede.protocol import Inbox, RunRecord
 
 
 def event_fields(
@@ -72,3 +78,151 @@ def publish_sync(
     fields = event_fields(name, data, id=id, metadata=metadata)
     entry = redis.xadd(inbox(namespace), fields)  # type: ignore[arg-type]
     return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A run as an application sees it: `state` is the RunState name (QUEUED ... CANCELLED)."""
+
+    id: str
+    workflow: str
+    key: str
+    state: str
+    attempt: int
+    outputs: dict[str, Any]  # step name -> what the step returned (runs that ended S or F)
+    error: str | None
+    reason: str | None  # why it was cancelled or failed (superseded, manual, ...)
+    cancelled_by: str | None  # the newer run that superseded it
+    superseded_by: tuple[str, ...]  # cancelled_by, then the run that superseded that one, ...
+    created_ms: int | None
+    ended_ms: int | None
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+async def _record(redis: Redis, namespace: str, run_id: str) -> tuple[RunRecord, Any] | None:
+    sk = ShardKeys(namespace, shard_of_run(run_id))
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hget(sk.runs_hash, run_id)
+        pipe.hget(sk.outputs_hash, run_id)
+        raw, out = await pipe.execute()
+    if raw is None:
+        return None
+    return RunRecord.decode(run_id, raw), codec.unpack(codec.blob(out)) if out else {}
+
+
+async def get_run(redis: Redis, run_id: str, *, namespace: str | None = None) -> Run | None:
+    """One run by id (as `publish` results and `supersede runs` show them), with its step
+    outputs and the chain of newer runs that superseded it; None when there is no such run
+    (never created, or removed after its retention)."""
+    ns = namespace or os.environ.get("SUPERSEDE_NAMESPACE", DEFAULT_NAMESPACE)
+    found = await _record(redis, ns, run_id)
+    if found is None:
+        return None
+    rec, outputs = found
+    chain: list[str] = []
+    nxt = rec.cancelled_by
+    while nxt and nxt not in chain and len(chain) < 100:
+        chain.append(nxt)
+        newer = await _record(redis, ns, nxt)
+        nxt = newer[0].cancelled_by if newer and newer[0].state.name == "CANCELLED" else None
+    return Run(
+        id=rec.id,
+        workflow=rec.workflow,
+        key=rec.key,
+        state=rec.state.name,
+        attempt=rec.attempt,
+        outputs=outputs,
+        error=rec.error,
+        reason=rec.reason,
+        cancelled_by=rec.cancelled_by,
+        superseded_by=tuple(chain),
+        created_ms=rec.created_ms,
+        ended_ms=rec.ended_ms,
+    )
+
+
+async def wait_for_run(
+    redis: Redis,
+    run_id: str,
+    timeout: float = 30.0,
+    *,
+    namespace: str | None = None,
+    poll: float = 0.05,
+) -> Run:
+    """The run once it ended (SUCCEEDED, FAILED or CANCELLED); TimeoutError after `timeout`
+    seconds. A run id from `publish_runs` may not exist yet for a few milliseconds: that is
+    waited for too."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = await get_run(redis, run_id, namespace=namespace)
+        if run is not None and run.ended:
+            return run
+        if time.monotonic() > deadline:
+            state = run.state if run else "not created yet"
+            raise TimeoutError(f"run {run_id} has not ended after {timeout}s ({state})")
+        await asyncio.sleep(poll)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRun:
+    """A run an event will make: its workflow, key value and run id (for `get_run`)."""
+
+    workflow: str
+    key: str
+    run_id: str
+
+
+def plan_runs(
+    defs: dict[str, Any], name: str, data: dict[str, Any], event_id: str, shards: int,
+    metadata: dict[str, Any] | None = None,
+) -> list[PlannedRun]:  # fmt: skip
+    """The runs ingress makes of one event under the registered definitions `defs` (id ->
+    WorkflowDef): the same key, group, shard and run id. A key expression that fails for this
+    input makes no run (ingress dead-letters the event for that workflow)."""
+    from supersede.errors import KeyExpressionError
+    from supersede.keyexpr import compile_key
+    from supersede.model import group_id, run_id, shard_of_group
+
+    out = []
+    for wf in sorted(defs.values(), key=lambda w: w.id):
+        if name not in wf.events:
+            continue
+        if wf.concurrency is None:
+            key = event_id
+        else:
+            try:
+                key = compile_key(wf.concurrency.expression)(data, metadata or {})
+            except KeyExpressionError:
+                continue
+        shard = shard_of_group(group_id(wf.id, wf.version, key), shards)
+        out.append(PlannedRun(wf.id, key, run_id(shard, event_id, wf.id)))
+    return out
+
+
+async def publish_runs(
+    redis: Redis,
+    name: str,
+    data: dict[str, Any],
+    *,
+    id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    namespace: str | None = None,
+) -> tuple[str, list[PlannedRun], list[str]]:
+    """`publish`, then the runs the event will make under the workflows registered now:
+    (entry id, planned runs, every event name some workflow listens to). No planned run means
+    no workflow listens to `name`: the event is acknowledged without a run."""
+    from supersede.keys import Keys
+    from supersede.registry import load_all
+
+    ns = namespace or os.environ.get("SUPERSEDE_NAMESPACE", DEFAULT_NAMESPACE)
+    entry = await publish(redis, name, data, id=id, metadata=metadata, namespace=ns)
+    shards = await redis.hget(Keys(ns, 1).config_hash, "shards")
+    keys = Keys(ns, int(shards) if shards else 1)
+    _, defs, _ = await load_all(redis, keys)
+    known = sorted({e for wf in defs.values() for e in wf.events})
+    if not shards:
+        return entry, [], known
+    return entry, plan_runs(defs, name, data, id or entry, keys.shards, metadata), known

@@ -73,6 +73,12 @@ class ShardKeys:
         return f"{self.tag}:inputs"
 
     @property
+    def outputs_hash(self) -> str:
+        """run id -> msgpack map of step name -> output, for runs that ended SUCCEEDED or
+        FAILED with outputs; deleted with the record."""
+        return f"{self.tag}:outputs"
+
+    @property
     def queue_zset(self) -> str:
         """QUEUED runs, score 0, member ``<group>|<sequence>|<run id>`` (lexicographic order)."""
         return f"{self.tag}:queue"

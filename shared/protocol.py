@@ -289,11 +289,14 @@ class RunResult:
     attempt: int
     outcome: Outcome
     error: str = ""
+    outputs: bytes | None = None  # msgpack map: step name -> output (ended runs keep it)
 
     def pack(self) -> bytes:
         body: dict[str, Any] = {"id": self.run_id, "a": self.attempt, "o": self.outcome.value}
         if self.error:
             body["err"] = self.error
+        if self.outputs is not None:
+            body["out"] = self.outputs
         return codec.pack(body)
 
 

@@ -294,7 +294,8 @@ class Scripts:
         for entry_id, payload in entries:
             args += (entry_id, payload)
         sk = self.keys.shard(shard)
-        keys = [*sk.state_keys(), sk.results_stream, sk.newest_hash, sk.newest_at_zset]
+        keys = [*sk.state_keys(), sk.results_stream, sk.newest_hash, sk.newest_at_zset,
+                sk.outputs_hash]  # fmt: skip
         r = await self._call("finish", keys, args)
         return FinishResult(int(r[1]), int(r[2]), int(r[3]))
 
@@ -326,7 +327,8 @@ class Scripts:
         for workflow, ms in (retentions or {}).items():
             args += (workflow, ms)
         sk = self.keys.shard(shard)
-        keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset, sk.legacy_terminal_zset]
+        keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset, sk.legacy_terminal_zset,
+                sk.outputs_hash]  # fmt: skip
         r = await self._call("reap", keys, args)
         return ReapResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]))
 

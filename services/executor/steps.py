@@ -137,12 +137,13 @@ class Runner:
         await self.report(run, outcome, error)
 
     async def _run_steps(self, run: Running) -> tuple[Outcome, str]:
+        stored = 0  # bytes of the outputs so far, msgpack-encoded
         for step in run.workflow.ordered_steps():
             for attempt in range(step.retries + 1):
                 started = time.perf_counter()
                 try:
                     output = await self._call(step, run.ctx)
-                    codec.pack(output)  # outputs must be msgpack-able values
+                    size = len(codec.pack(output))  # outputs must be msgpack-able values
                     run.ctx.outputs[step.name] = output
                     break
                 except asyncio.CancelledError:
@@ -161,6 +162,15 @@ class Runner:
                     metrics.STEP_SECONDS.labels(run.workflow.id).observe(
                         time.perf_counter() - started
                     )
+            stored += size
+            if stored > self.config.max_output_bytes:
+                del run.ctx.outputs[step.name]
+                return Outcome.FAILED, (
+                    f"step {step.name!r} returned {size:,} bytes (msgpack), which makes the run's "
+                    f"outputs {stored:,} bytes, over the {self.config.max_output_bytes:,}-byte cap "
+                    "on stored outputs: return less (store big results elsewhere and return "
+                    "their key), or raise the executor's --max-output-bytes"
+                )
             if run.ctx.cancelled:
                 self.observe_cancel(run)
                 return Outcome.CANCELLED, ""
@@ -219,7 +229,10 @@ class Runner:
         run.reported = True
         if run.cancel_decided_ms is not None:
             outcome, error = Outcome.CANCELLED, ""  # results of cancelled runs are discarded
-        result = RunResult(run.run_id, run.attempt, outcome, error[:MAX_ERROR_CHARS])
+        outputs = None
+        if run.ctx.outputs and outcome is not Outcome.CANCELLED:
+            outputs = codec.pack(run.ctx.outputs)
+        result = RunResult(run.run_id, run.attempt, outcome, error[:MAX_ERROR_CHARS], outputs)
         try:
             await asyncio.shield(self.outbox.put(run.shard, result))
             if self.active.get(run.run_id) is run:  # not superseded by a newer attempt here

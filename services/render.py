@@ -1,0 +1,234 @@
+"""The CLI's output for people: tables fitted to the terminal, human times, nothing printed as
+`None`. `--json` prints the commands' results as they are (the stable interface for scripts)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+
+def width() -> int:
+    """The terminal's columns; unlimited when the output is not a terminal (a pipe or a file
+    gets whole values) unless COLUMNS says otherwise."""
+    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+        return 1 << 20
+    return max(60, shutil.get_terminal_size((100, 24)).columns)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value)
+    if isinstance(value, dict):
+        return orjson.dumps(value).decode()
+    return str(value).replace("\n", " ")
+
+
+def table(
+    rows: Sequence[Sequence[Any]],
+    header: Sequence[str],
+    *,
+    wrap: int = -1,
+    keep: Sequence[int] = (),
+) -> str:
+    """Columns as wide as their content, shrunk (widest first, cut with '…') until the table
+    fits the terminal, except the `keep` columns (ids: cut, they could not be copied); column
+    `wrap` (if any) is wrapped over lines instead of cut."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
+    room = width() - 2 * (len(header) - 1)
+    while sum(widths) > room:
+        free = [j for j in range(len(widths)) if j not in keep]
+        if not free:
+            break
+        i = max(free, key=lambda j: widths[j])
+        if widths[i] <= max(8, len(header[i])):
+            break
+        widths[i] -= 1
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    for row in cells:
+        parts = []
+        extra: list[str] = []
+        for i, (text, w) in enumerate(zip(row, widths, strict=True)):
+            if i == wrap and len(text) > w:
+                chunks = textwrap.wrap(text, w) or [""]
+                parts.append(chunks[0].ljust(w))
+                extra = chunks[1:]
+            else:
+                parts.append((text if len(text) <= w else text[: w - 1] + "…").ljust(w))
+        lines.append("  ".join(parts).rstrip())
+        indent = sum(widths[:wrap]) + 2 * wrap if wrap >= 0 else 0
+        lines += [" " * indent + chunk for chunk in extra]
+    return "\n".join(lines)
+
+
+def when(ms: int | None, now_ms: int | None = None) -> str:
+    """'2026-12-01 11:02:03.123 UTC (4.2 s ago)'."""
+    if not ms:
+        return ""
+    now_ms = now_ms or int(time.time() * 1000)
+    stamp = datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return f"{stamp} UTC ({ago(now_ms - ms)})"
+
+
+def ago(delta_ms: int) -> str:
+    s = delta_ms / 1000
+    if s < 60:
+        return f"{s:.1f} s ago"
+    if s < 3600:
+        return f"{s / 60:.0f} min ago"
+    if s < 86400:
+        return f"{s / 3600:.1f} h ago"
+    return f"{s / 86400:.1f} d ago"
+
+
+def _duration(run: dict[str, Any]) -> str:
+    start, end = run.get("claimed_ms"), run.get("ended_ms")
+    if start and end:
+        return f"{end - start} ms"
+    if start:
+        return f"{int(time.time() * 1000) - start} ms so far"
+    return ""
+
+
+def runs(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no runs)"
+    now = int(time.time() * 1000)
+    body = [
+        [r["id"], r["workflow"], r["key"], r["state"], r["attempt"],
+         ago(now - (r.get("ended_ms") or r.get("created_ms") or now)), _duration(r),
+         r.get("cancelled_by"), r.get("reason")]
+        for r in rows
+    ]  # fmt: skip
+    heads = ["id", "workflow", "key", "state", "try", "last change", "ran", "by", "why"]
+    return table(body, heads, keep=(0, 3, 7))
+
+
+def run(r: dict[str, Any]) -> str:
+    now = int(time.time() * 1000)
+    lines = [
+        f"run       {r['id']}",
+        f"workflow  {r['workflow']} (version {r['version']})",
+        f"key       {r['key']}",
+        f"state     {r['state']}" + (f" ({r['reason']})" if r.get("reason") else ""),
+        f"attempt   {r['attempt']}",
+        f"event     {r['event_id']}",
+    ]
+    if r.get("executor"):
+        lines.append(f"executor  {r['executor']}")
+    if r.get("cancelled_by"):
+        lines.append(f"superseded by  {r['cancelled_by']}")
+    lines.append("timeline:")
+    created = r.get("created_ms") or 0
+    for e in r.get("timeline", []):
+        step = f"+{e['at_ms'] - created} ms" if created and e["at_ms"] else ""
+        lines.append(f"  {when(e['at_ms'], now):<46} {step:>10}  {e['event']}")
+    outputs = r.get("outputs") or {}
+    if outputs:
+        lines.append("outputs:")
+        for step, value in outputs.items():
+            text = orjson.dumps(value, option=orjson.OPT_INDENT_2, default=repr).decode()
+            lines.append(f"  {step}: " + text.replace("\n", "\n  "))
+    if r.get("error"):
+        lines.append("error:")
+        lines += ["  " + line for line in str(r["error"]).splitlines()]
+    return "\n".join(lines)
+
+
+STATES = ["QUEUED", "ASSIGNED", "RUNNING", "CANCELLING", "SUCCEEDED", "FAILED", "CANCELLED"]
+
+
+def status(s: dict[str, Any]) -> str:
+    out = []
+    body = []
+    for name, w in s.get("workflows", {}).items():
+        if w.get("strategy"):
+            limit = f"{w['max_runs']} per {w['key']}, {w['strategy']}"
+            limit += ", strict" if w.get("strict") else ""
+        else:
+            limit = "none" if w.get("registered") else "(not registered)"
+        counts = ", ".join(f"{w['runs'][st]} {st.lower()}" for st in STATES if w["runs"].get(st))
+        body.append([name, w.get("events"), limit, counts or "no runs"])
+    heads = ["workflow", "events", "limit", "runs"]
+    out.append(table(body, heads, wrap=3, keep=(0,)) if body else "(no workflows registered)")
+    for name, error in (s.get("invalid_workflows") or {}).items():
+        out.append(f"invalid stored workflow {name}: {error}")
+    streams = s.get("streams", {})
+    lag_rows = [[n, v.get("lag"), v.get("pending")] for n, v in streams.items()]
+    out += ["", table(lag_rows, ["stream", "unread", "pending"])]
+    out.append(f"\ndead letters: {s.get('dead_letters', 0)}")
+    executors = s.get("executors", {})
+    out.append(f"live executors: {len(executors)}")
+    if executors:
+        rows = [[e, w] for e, w in executors.items()]
+        out.append(table(rows, ["executor", "serves"], wrap=1, keep=(0,)))
+    return "\n".join(out)
+
+
+def dead(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no dead letters)"
+    now = int(time.time() * 1000)
+    body = [
+        [r["id"], ago(now - int(r["id"].split("-")[0])), r.get("reason"), r.get("name"),
+         r.get("workflow"), r.get("entry"), r.get("detail")]
+        for r in rows
+    ]  # fmt: skip
+    heads = ["dead letter id", "age", "reason", "event", "workflow", "from entry", "detail"]
+    note = "replay one with: supersede dead --replay <dead letter id>"
+    return table(body, heads, wrap=len(heads) - 1, keep=(0,)) + "\n" + note
+
+
+def publish(result: dict[str, Any]) -> str:
+    lines = [f"published inbox entry {result['entry']}"]
+    rows = result.get("runs", [])
+    if not rows:
+        return lines[0]
+    if "state" in rows[0]:
+        body = [[r["run"], r["workflow"], r["key"], r["state"], r.get("cancelled_by"),
+                 r.get("outputs") or r.get("error")] for r in rows]  # fmt: skip
+        heads = ["run", "workflow", "key", "state", "by", "outputs / error"]
+        lines.append(table(body, heads, wrap=5, keep=(0, 3)))
+    else:
+        rows_ = [[r["run"], r["workflow"], r["key"]] for r in rows]
+        lines.append(table(rows_, ["run", "workflow", "key"], keep=(0,)))
+    return "\n".join(lines)
+
+
+def cancel(result: dict[str, bool]) -> str:
+    if not result:
+        return "no live run to cancel"
+    return "\n".join(
+        f"{rid}: {'cancelled' if done else 'not cancelled (already ended or stopping)'}"
+        for rid, done in result.items()
+    )
+
+
+def replayed(result: dict[str, Any]) -> str:
+    return f"dead letter {result['replayed']} published again as inbox entry {result['entry']}"
+
+
+def render(command: str, result: Any, replay: bool = False) -> str:
+    if command == "runs":
+        return runs(result)
+    if command == "run":
+        return run(result)
+    if command == "status":
+        return status(result)
+    if command == "dead":
+        return replayed(result) if replay else dead(result)
+    if command == "publish":
+        return publish(result)
+    if command == "cancel":
+        return cancel(result)
+    return orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
