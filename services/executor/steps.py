@@ -229,9 +229,10 @@ class Runner:
         run.reported = True
         if run.cancel_decided_ms is not None:
             outcome, error = Outcome.CANCELLED, ""  # results of cancelled runs are discarded
-        outputs = None
-        if run.ctx.outputs and outcome is not Outcome.CANCELLED:
-            outputs = codec.pack(run.ctx.outputs)
+        outputs = None  # steps that returned None have no output: nothing is stored for them
+        kept = {k: v for k, v in run.ctx.outputs.items() if v is not None}
+        if kept and outcome is not Outcome.CANCELLED:
+            outputs = codec.pack(kept)
         result = RunResult(run.run_id, run.attempt, outcome, error[:MAX_ERROR_CHARS], outputs)
         try:
             await asyncio.shield(self.outbox.put(run.shard, result))

@@ -1,1 +1,1 @@
-"""Tests, deploy layer (see tests/README.md)."""
+"""Tests, deploy layer (see docs/testing.md)."""

@@ -1,1 +1,1 @@
-"""Tests, e2e layer (see tests/README.md)."""
+"""Tests, e2e layer (see docs/testing.md)."""

@@ -1,1 +1,1 @@
-"""Tests, scripts layer (see tests/README.md)."""
+"""Tests, scripts layer (see docs/testing.md)."""

@@ -1,1 +1,1 @@
-"""Tests, services layer (see tests/README.md)."""
+"""Tests, services layer (see docs/testing.md)."""

@@ -1,1 +1,1 @@
-"""Tests, unit layer (see tests/README.md)."""
+"""Tests, unit layer (see docs/testing.md)."""
