@@ -115,7 +115,7 @@ def connect(url: str, max_connections: int = 64) -> Redis:
         seed = cluster_seed(url)
         return cast(Redis, RedisCluster.from_url(seed, max_connections=max_connections))
     pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30)
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # (aclose() closes the pool's connections too)
 
 
 def connect_sync(url: str) -> redis_sync.Redis:

@@ -6,6 +6,7 @@ run is refused (the ACL log stays empty); then each user is refused what its rol
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -45,6 +46,11 @@ async def admin(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, str,
     await client.aclose()
 
 
+def env_of(url: str, keys: Keys) -> dict[str, str]:
+    return {**os.environ, "SUPERSEDE_REDIS_URL": url, "SUPERSEDE_NAMESPACE": keys.namespace,
+            "SUPERSEDE_SHARDS": str(keys.shards)}  # fmt: skip
+
+
 def acl_log(ports: list[int], users: set[str]) -> list[dict[str, Any]]:
     out = []
     for port in ports:
@@ -66,7 +72,7 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
     client, url, ports = admin
     ns = keys.namespace
     users = {acl.user_name(ns, r) for r in acl.ROLE_NAMES}
-    env = {**System(url, keys).env, **{acl.password_env(r): p for r, p in PASSWORDS.items()}}
+    env = {**env_of(url, keys), **{acl.password_env(r): p for r, p in PASSWORDS.items()}}
     applied = subprocess.run([sys.executable, "-m", "supersede", "acl", "--apply"], env=env,
                              capture_output=True, timeout=60)  # fmt: skip
     assert applied.returncode == 0, applied.stderr.decode()
@@ -78,7 +84,7 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
 
     systems = {r: System(url_of[r], keys) for r in ("admission", "executor", "ingress")}
     systems["executor"].env["SUPERSEDE_TEST_LOG_URL"] = url  # user code has its own rights
-    operator, reader = (System(url_of[r], keys).env for r in ("operator", "reader"))
+    operator, reader = (env_of(url_of[r], keys) for r in ("operator", "reader"))
     publisher = connect(url_of["operator"])
     try:
         systems["admission"].start("admission", "--block-ms", "100", "--reap-interval", "0.1",

@@ -66,6 +66,9 @@ def test_dev_runs_the_demo_on_an_embedded_server_and_exits_0() -> None:
     # (communicate() would skip what the line reads above buffered)
     rest, err = proc.stdout.read(), proc.stderr.read() if proc.stderr else b""
     proc.wait(90)
+    proc.stdout.close()
+    if proc.stderr:
+        proc.stderr.close()
     out = "".join(lines) + rest.decode()
     assert proc.returncode == 0, err.decode()[-2000:]
     assert "supersede dev: Redis at redis://:***@127.0.0.1:" in out
@@ -113,6 +116,7 @@ def test_ctrl_c_stops_the_services_before_the_embedded_server() -> None:
     """A terminal's Ctrl-C signals the whole foreground process group: the console must still
     stop the services (drained, no connection errors) before it stops the server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    existing = set(Path(tempfile.gettempdir()).glob("supersede-dev-*"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "supersede", "dev"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
@@ -124,7 +128,7 @@ def test_ctrl_c_stops_the_services_before_the_embedded_server() -> None:
         if "superseded by" in lines[-1]:  # the demo is under way: runs are in flight
             break
     children = _descendants(proc.pid)
-    before = set(Path(tempfile.gettempdir()).glob("supersede-dev-*"))
+    mine = set(Path(tempfile.gettempdir()).glob("supersede-dev-*")) - existing
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
     rest, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()[-2000:]
@@ -133,7 +137,7 @@ def test_ctrl_c_stops_the_services_before_the_embedded_server() -> None:
     assert err.decode().strip() == "", err.decode()[-3000:]
     assert "Traceback" not in rest.decode() and "Error" not in rest.decode()
     assert [pid for pid in children if _alive(pid)] == []
-    assert before and not any(p.exists() for p in before)
+    assert mine and not any(p.exists() for p in mine)  # its log folder, not another run's
 
 
 def test_keep_logs_keeps_each_services_log_without_connection_errors() -> None:
@@ -157,3 +161,22 @@ def test_keep_logs_keeps_each_services_log_without_connection_errors() -> None:
     assert {"admission.log", "ingress.log", "executor-1-1.log", "executor-1-2.log"} <= set(logs)
     for name, text in logs.items():
         assert "Connection closed" not in text and "Traceback" not in text, (name, text[-3000:])
+
+
+def test_dev_runs_several_modules_of_your_own_instead_of_the_demo(tmp_path: Path) -> None:
+    for name, event in (("flows_a", "a.happened"), ("flows_b", "b.happened")):
+        (tmp_path / f"{name}.py").write_text(
+            "from supersede import Context, Workflow\n\n"
+            f"wf = Workflow({name!r}, on_events=[{event!r}])\n\n\n"
+            "@wf.step()\nasync def one(ctx: Context) -> int:\n    return 1\n"
+        )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    args = ["dev", "--module", "flows_a.py", "--module", "flows_b", "--duration", "3"]
+    done = subprocess.run([sys.executable, "-m", "supersede", *args], cwd=tmp_path, env=env,
+                          capture_output=True, timeout=120)  # fmt: skip
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert "flows_a: runs on a.happened; no limit" in out
+    assert "flows_b: runs on b.happened; no limit" in out
+    assert "demo-chat-reply" not in out  # no demo executors, no demo events
+    assert "publish:  supersede publish a.happened '{}'" in out
