@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import statistics
 import subprocess
@@ -167,6 +168,34 @@ async def start_latency(redis: Redis, settings: Settings, reference: list[float]
            what="event published -> handler started, 200 events/s")  # fmt: skip
     report("start_latency_p99", pct(lat, 0.99), "ms", pct(reference, 0.99), samples=len(lat),
            target=10, reference_name="xadd_to_xread_block_wakeup_p99")  # fmt: skip
+    await hop_breakdown(redis, settings, "probe", len(sent), statistics.median(reference))
+
+
+async def hop_breakdown(
+    redis: Redis, settings: Settings, workflow: str, n: int, reference: float
+) -> None:
+    """Where the start latency goes: p50/p99 of each hop of the `workflow` runs (from the hop
+    times the runs record), one BENCH line per hop, value = p50."""
+
+    async def ended() -> bool:
+        runs = [r for r in await scan_runs(redis, settings.keys) if r.workflow == workflow]
+        return len(runs) >= n and all(r.state.terminal for r in runs)
+
+    await wait_for(ended)
+    hops: dict[str, list[float]] = {}
+    for run in await scan_runs(redis, settings.keys):
+        if run.workflow != workflow:
+            continue
+        path = run.path()
+        for (a, t0), (b, t1) in itertools.pairwise(path):
+            if b == "ended":
+                break
+            hops.setdefault(f"{a} -> {b}", []).append(t1 - t0)
+    for name, values in hops.items():
+        slug = name.replace(" -> ", "_to_").replace(" ", "_")
+        report(f"start_hop_{slug}_ms", statistics.median(values), "ms", reference,
+               p99=pct(values, 0.99), samples=len(values), hop=name,
+               reference_name="xadd_to_xread_block_wakeup_p50")  # fmt: skip
 
 
 async def e2e_throughput(redis: Redis, settings: Settings, n: int) -> None:

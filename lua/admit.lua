@@ -22,8 +22,10 @@
     ARGV[1]  now in ms, or 0 for the server clock
     ARGV[2]  consumer group of the requests stream
     ARGV[3]  this shard's number (every run id must start with '<shard>-')
-    ARGV[4..] pairs: requests-stream entry id, msgpack request
-              {id, g, s, w, v, k, ev, max, st, x, m, in}
+    ARGV[4]  when admission read the batch (ms, its clock), or 0 when unknown
+    ARGV[5..] pairs: requests-stream entry id, msgpack request
+              {id, g, s, w, v, k, ev, max, st, x, m, in, ir}
+              (ir: when ingress read the event, ms; optional)
 
   Output:
     {0, created, duplicates, assigned, cancelled}
@@ -47,20 +49,23 @@ local newestKey, newestAtKey = KEYS[12], KEYS[13]
 
 local now = nowMs(ARGV[1])
 local groupName, shardPrefix = ARGV[2], (ARGV[3] or '') .. '-'
-if not ARGV[3] or (#ARGV - 3) % 2 ~= 0 then return { -4, 0 } end
+local readMs = tonumber(ARGV[4])
+if not ARGV[3] or not readMs or (#ARGV - 4) % 2 ~= 0 then return { -4, 0 } end
 
 -- @include transitions
 
 -- Validate the whole batch before writing anything.
-local reqs = {}
-for i = 4, #ARGV, 2 do
-  local n = (i - 2) / 2
+local reqs, written = {}, {}
+for i = 5, #ARGV, 2 do
+  local n = (i - 3) / 2
   local ok, req = pcall(cmsgpack.unpack, ARGV[i + 1])
   if not ok or type(req) ~= 'table' then return { -1, n, 'payload' } end
   local bad = badRequestField(req)
   if bad then return { -1, n, bad } end
   if string.sub(req.id, 1, #shardPrefix) ~= shardPrefix then return { -3, n } end
+  if req.ir ~= nil and type(req.ir) ~= 'number' then return { -1, n, 'ir' } end
   reqs[n] = req
+  written[n] = tonumber(string.match(ARGV[i], '^(%d+)'))  -- the request's entry time
 end
 
 local rids = {}
@@ -79,6 +84,7 @@ for n = 1, #reqs do
       st = 'Q', g = q.g, s = q.s, w = q.w, v = q.v, k = q.k or '', ev = q.ev or '',
       mx = q.max, sg = q.st, sx = q.x or 0, a = 1, m = q.m or 3, t0 = now, c = 1,
     }
+    hopsAtAdmission(rec, q.ir, written[n], readMs)
     saveRun(rid, rec)
     fresh[rid] = q['in'] or ''
     local list = news[q.g]
@@ -106,7 +112,7 @@ for rid, input in pairs(fresh) do
 end
 callChunked('HSET', inputsKey, inputs, 1000)
 
-ackEntries(requestsKey, groupName, 4, 2)
+ackEntries(requestsKey, groupName, 5, 2)
 flushRuns()
 flushNewest()
 return { 0, created, dups, stats.assigned, stats.cancelled }

@@ -13,7 +13,8 @@
     ARGV[2]  consumer group of the assignments stream
     ARGV[3]  executor id
     ARGV[4]  lease length in ms
-    ARGV[5..] quadruples: assignments entry id, run id, attempt, stream number n (KEYS[4 + n])
+    ARGV[5]  when the executor read the assignments (ms, its clock), or 0 when unknown
+    ARGV[6..] quadruples: assignments entry id, run id, attempt, stream number n (KEYS[4 + n])
 
   Output:
     {0, item, ...}, one item per quadruple, in order:
@@ -30,18 +31,19 @@ local runsKey, inputsKey, leasesKey, countsKey = KEYS[1], KEYS[2], KEYS[3], KEYS
 
 local now = nowMs(ARGV[1])
 local groupName, executor, leaseMs = ARGV[2], ARGV[3], tonumber(ARGV[4])
-if not leaseMs or leaseMs <= 0 or (#ARGV - 4) % 4 ~= 0 then return { -4, 0 } end
-for i = 5, #ARGV, 4 do
+local readMs = tonumber(ARGV[5])
+if not leaseMs or leaseMs <= 0 or not readMs or (#ARGV - 5) % 4 ~= 0 then return { -4, 0 } end
+for i = 6, #ARGV, 4 do
   local a, n = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   if not a or a ~= math.floor(a) or ARGV[i + 1] == '' or not n or not KEYS[4 + n] or n < 1 then
-    return { -4, (i - 1) / 4 }
+    return { -4, (i - 2) / 4 }
   end
 end
 
 local out = { 0 }
 local acks = {}   -- stream number -> entry ids
 local claimedOf = {}   -- workflow -> runs claimed (ASSIGNED -> RUNNING)
-for i = 5, #ARGV, 4 do
+for i = 6, #ARGV, 4 do
   local rid, att, n = ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   local raw = rcall('HGET', runsKey, rid)
   local rec = raw and cmsgpack.unpack(raw)
@@ -49,6 +51,7 @@ for i = 5, #ARGV, 4 do
     rec.st = 'R'
     rec.e = executor
     rec.t2 = now
+    if readMs > 0 then rec.er = readMs - tonumber(string.sub(rec.s, 1, 16), 16) end
     rcall('HSET', runsKey, rid, cmsgpack.pack(rec))
     rcall('ZADD', leasesKey, now + leaseMs, rid)
     if rec.c == 1 then claimedOf[rec.w] = (claimedOf[rec.w] or 0) + 1 end

@@ -12,7 +12,8 @@
     KEYS[14]    outputs hash     run id -> msgpack step outputs (of runs that ended S or F)
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     consumer group of the results stream
-    ARGV[3..]   pairs: results entry id, msgpack result {id, a, o = 'S'|'F'|'C', err, out}
+    ARGV[3..]   pairs: results entry id, msgpack result {id, a, o = 'S'|'F'|'C', err, out, hs}
+                (hs: when the handler started, ms, executor's clock; optional)
 
   Output:
     {0, applied, stale, assigned}
@@ -50,6 +51,7 @@ for i = 3, #ARGV, 2 do
   if not OUTCOMES[r.o] then return { -1, n, 'o' } end
   if r.err ~= nil and type(r.err) ~= 'string' then return { -1, n, 'err' } end
   if r.out ~= nil and type(r.out) ~= 'string' then return { -1, n, 'out' } end
+  if r.hs ~= nil and type(r.hs) ~= 'number' then return { -1, n, 'hs' } end
   if not loadRun(r.id) then return { -2, n } end
   results[n] = r
 end
@@ -67,6 +69,7 @@ for n = 1, #results do
     addSlots(rec.g, -1)
     touch(rec)
     if r.err then rec.err = r.err end
+    hopAfterInbox(rec, 'hs', r.hs)
     endRun(r.id, rec, r.o, r.o == 'C' and 'executor' or nil)
     if r.out and r.o ~= 'C' then outputs[#outputs + 1] = r.id; outputs[#outputs + 1] = r.out end
     applied = applied + 1

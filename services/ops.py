@@ -322,16 +322,14 @@ def timeline(run: RunRecord) -> list[dict[str, Any]]:
 
 async def get_run(redis: Redis, keys: Keys, rid: str) -> dict[str, Any] | None:
     """One run with its step outputs and its timeline."""
-    sk = keys.shard(shard_of_run(rid))
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.hget(sk.runs_hash, rid)
-        pipe.hget(sk.outputs_hash, rid)
-        raw, out = await pipe.execute()
-    if raw is None:
+    from supersede.client import read_run
+
+    found = await read_run(redis, keys.namespace, rid)
+    if found is None:
         return None
-    run = RunRecord.decode(rid, raw)
-    outputs = codec.unpack(codec.blob(out)) if out is not None else {}
-    return {**view(run), "outputs": outputs, "timeline": timeline(run)}
+    run, outputs = found
+    path = [{"point": name, "at_ms": ms} for name, ms in run.path()]
+    return {**view(run), "outputs": outputs, "timeline": timeline(run), "path": path}
 
 
 async def cancel_runs(scripts: Scripts, rids: list[str]) -> dict[str, bool]:

@@ -133,6 +133,14 @@ def run(r: dict[str, Any]) -> str:
     for e in r.get("timeline", []):
         step = f"+{e['at_ms'] - created} ms" if created and e["at_ms"] else ""
         lines.append(f"  {when(e['at_ms'], now):<46} {step:>10}  {e['event']}")
+    path = r.get("path") or []
+    if path:
+        lines.append("path (ms after it was published; each hop's share):")
+        start, prev = path[0]["at_ms"], path[0]["at_ms"]
+        for p in path:
+            hop = f"(+{p['at_ms'] - prev} ms)" if p is not path[0] else ""
+            lines.append(f"  {p['point']:<16} {p['at_ms'] - start:>7} ms  {hop}")
+            prev = p["at_ms"]
     outputs = r.get("outputs") or {}
     if outputs:
         lines.append("outputs:")

@@ -102,7 +102,10 @@ class Run:
         return self.state in ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
-async def _record(redis: Redis, namespace: str, run_id: str) -> tuple[RunRecord, Any] | None:
+async def read_run(
+    redis: Redis, namespace: str, run_id: str
+) -> tuple[RunRecord, dict[str, Any]] | None:
+    """A run's record and its step outputs (one round trip); None when there is no such run."""
     sk = ShardKeys(namespace, shard_of_run(run_id))
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hget(sk.runs_hash, run_id)
@@ -118,7 +121,7 @@ async def get_run(redis: Redis, run_id: str, *, namespace: str | None = None) ->
     outputs and the chain of newer runs that superseded it; None when there is no such run
     (never created, or removed after its retention)."""
     ns = namespace or os.environ.get("SUPERSEDE_NAMESPACE", DEFAULT_NAMESPACE)
-    found = await _record(redis, ns, run_id)
+    found = await read_run(redis, ns, run_id)
     if found is None:
         return None
     rec, outputs = found
@@ -126,7 +129,7 @@ async def get_run(redis: Redis, run_id: str, *, namespace: str | None = None) ->
     nxt = rec.cancelled_by
     while nxt and nxt not in chain and len(chain) < 100:
         chain.append(nxt)
-        newer = await _record(redis, ns, nxt)
+        newer = await read_run(redis, ns, nxt)
         nxt = newer[0].cancelled_by if newer and newer[0].state.name == "CANCELLED" else None
     return Run(
         id=rec.id,

@@ -10,13 +10,23 @@ import threading
 from http.server import ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import REGISTRY, disable_created_metrics
+from prometheus_client import REGISTRY, Histogram, disable_created_metrics
 from prometheus_client.exposition import MetricsHandler
 
 from supersede.errors import ConfigError
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
+HOP_SECONDS = Histogram(
+    "supersede_hop_seconds",
+    "Time a run spends in each hop, observed by the service at its end: inbox (published -> "
+    "read by ingress), ingress (read -> request written), requests (written -> read by "
+    "admission), admission (read -> assigned), assignments (assigned -> read by an executor), "
+    "claim (read -> claimed), start (claimed -> handler started). Per batch where a service "
+    "handles batches (the batch's oldest entry for the waits).",
+    ["hop"],
+    buckets=LATENCY_BUCKETS,
+)
 READY = threading.Event()
 
 # `*_created` series double the series count for no use on dashboards or alerts.

@@ -24,7 +24,7 @@ Streams (keys in `supersede.keys`):
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from supersede import codec
@@ -167,7 +167,7 @@ class Outcome(enum.StrEnum):
 
 
 # -- run requests (ingress -> admission) ----------------------------------------------------------
-REQUEST_FIELDS = ("id", "g", "s", "w", "v", "k", "ev", "max", "st", "x", "m", "in")
+REQUEST_FIELDS = ("id", "g", "s", "w", "v", "k", "ev", "max", "st", "x", "m", "in", "ir")
 """Keys of a packed run request, read by lua/admit.lua (lua/includes/validate.lua)."""
 
 
@@ -187,12 +187,13 @@ class RunRequest:
     strict: bool = False
     max_attempts: int = 3
     input: bytes = b""
+    ingress_read_ms: int = 0  # when ingress read the event (a hop time); 0: unknown
 
     def pack(self) -> bytes:
         return pack_request(
             self.run_id, self.group, self.seq, self.workflow, self.version, self.key,
             self.event_id, self.max_runs, self.strategy, self.strict, self.max_attempts,
-            self.input,
+            self.input, self.ingress_read_ms,
         )  # fmt: skip
 
 
@@ -225,13 +226,20 @@ class RequestPacker:
         self._tail = b"".join(codec.pack(k) + codec.pack(v) for k, v in constant.items())
 
     def pack(
-        self, rid: str, group: str, seq: str, key: str, event_id: str, payload: bytes
+        self,
+        rid: str,
+        group: str,
+        seq: str,
+        key: str,
+        event_id: str,
+        payload: bytes,
+        read_ms: int = 0,
     ) -> bytes:
         p = codec.pack
         return b"".join(
             (
-                b"\x8c\xa2id", p(rid), b"\xa1g", p(group), b"\xa1s", p(seq), b"\xa1k", p(key),
-                b"\xa2ev", p(event_id), b"\xa2in", p(payload), self._tail,
+                b"\x8d\xa2id", p(rid), b"\xa1g", p(group), b"\xa1s", p(seq), b"\xa1k", p(key),
+                b"\xa2ev", p(event_id), b"\xa2in", p(payload), b"\xa2ir", p(read_ms), self._tail,
             )
         )  # fmt: skip
 
@@ -249,8 +257,10 @@ def pack_request(
     strict: bool,
     max_attempts: int,
     payload: bytes,
+    ingress_read_ms: int = 0,
 ) -> bytes:
-    """The wire form of a run request (read by lua/admit.lua)."""
+    """The wire form of a run request (read by lua/admit.lua); `ingress_read_ms` is when
+    ingress read the event (0: unknown), kept on the run as a hop time."""
     return codec.pack(
         {
             "id": rid,
@@ -265,6 +275,7 @@ def pack_request(
             "x": 1 if strict else 0,
             "m": max_attempts,
             "in": payload,
+            "ir": ingress_read_ms,
         }
     )
 
@@ -290,6 +301,7 @@ class RunResult:
     outcome: Outcome
     error: str = ""
     outputs: bytes | None = None  # msgpack map: step name -> output (ended runs keep it)
+    handler_started_ms: int = 0  # a hop time; 0: the handler never started
 
     def pack(self) -> bytes:
         body: dict[str, Any] = {"id": self.run_id, "a": self.attempt, "o": self.outcome.value}
@@ -297,6 +309,8 @@ class RunResult:
             body["err"] = self.error
         if self.outputs is not None:
             body["out"] = self.outputs
+        if self.handler_started_ms:
+            body["hs"] = self.handler_started_ms
         return codec.pack(body)
 
 
@@ -338,10 +352,19 @@ RECORD_FIELDS = {
     "tc": "cancel decided ms",
     "t3": "ended ms",
     "by": "id of the newer run that superseded this one",
+    "ir": "ingress read the event, ms after the inbox entry (hop time)",
+    "rw": "request written to the shard stream, ms after the inbox entry",
+    "ar": "admission read the request, ms after the inbox entry",
+    "er": "executor read the assignment, ms after the inbox entry",
+    "hs": "handler started, ms after the inbox entry",
     "why": "reason code (Reason) of a cancel or failure",
     "err": "error text of a failed attempt",
 }
 """Keys of a run record (msgpack map in the runs hash), as lua/includes/runs.lua writes them."""
+
+
+HOP_FIELDS = ("ir", "rw", "ar", "er", "hs")
+"""Record keys of the hop times (see RECORD_FIELDS), in the order a run passes them."""
 
 
 def _opt_str(value: Any) -> str | None:
@@ -377,6 +400,28 @@ class RunRecord:
     claimed_ms: int | None
     cancel_decided_ms: int | None
     ended_ms: int | None
+    hops: dict[str, int] = field(default_factory=dict)  # HOP_FIELDS -> ms after the inbox entry
+
+    def path(self) -> list[tuple[str, int]]:
+        """The run's way through the system, (point, ms) in order: published (the inbox entry),
+        read by ingress, request written, read by admission, assigned, read by an executor,
+        claimed, handler started, ended; points not recorded are left out. The hop times of
+        the last attempt (ingress, admission and executor clocks: skew shifts them)."""
+        published = int(self.seq[:16], 16) if len(self.seq) >= 16 else None
+        if published is None:
+            return []
+
+        def hop(name: str) -> int | None:
+            return published + self.hops[name] if name in self.hops else None
+
+        points = [
+            ("published", published), ("ingress read", hop("ir")),
+            ("request written", hop("rw")), ("admission read", hop("ar")),
+            ("assigned", self.assigned_ms), ("executor read", hop("er")),
+            ("claimed", self.claimed_ms), ("handler started", hop("hs")),
+            ("ended", self.ended_ms),
+        ]  # fmt: skip
+        return [(name, ms) for name, ms in points if ms]
 
     @classmethod
     def decode(cls, rid: str | bytes, raw: bytes | str) -> RunRecord:
@@ -407,6 +452,7 @@ class RunRecord:
             claimed_ms=_opt_int(rec.get("t2")),
             cancel_decided_ms=_opt_int(rec.get("tc")),
             ended_ms=_opt_int(rec.get("t3")),
+            hops={h: int(rec[h]) for h in HOP_FIELDS if isinstance(rec.get(h), (int, float))},
         )
 
 

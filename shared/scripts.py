@@ -178,10 +178,16 @@ class Scripts:
         return reply
 
     async def admit(
-        self, shard: int, entries: Sequence[tuple[str | bytes, bytes]], *, now: int = 0
+        self,
+        shard: int,
+        entries: Sequence[tuple[str | bytes, bytes]],
+        *,
+        now: int = 0,
+        read_ms: int = 0,
     ) -> AdmitResult:
-        """Admit (requests-stream entry id, packed RunRequest) pairs of one shard."""
-        args: list[Any] = [now, self.admission_group, shard]
+        """Admit (requests-stream entry id, packed RunRequest) pairs of one shard; `read_ms`:
+        when admission read them (a hop time of each run; 0: unknown)."""
+        args: list[Any] = [now, self.admission_group, shard, read_ms]
         for entry_id, payload in entries:
             args += (entry_id, payload)
         sk = self.keys.shard(shard)
@@ -197,9 +203,11 @@ class Scripts:
         *,
         lease_ms: int,
         now: int = 0,
+        read_ms: int = 0,
     ) -> list[Claim]:
-        """Claim assignments of one shard, each (stream, entry id, run id, attempt)."""
-        keys, args = self._claim_call(shard, executor, items, lease_ms, now)
+        """Claim assignments of one shard, each (stream, entry id, run id, attempt); `read_ms`:
+        when the executor read them (a hop time; 0: unknown)."""
+        keys, args = self._claim_call(shard, executor, items, lease_ms, now, read_ms)
         return _parse_claims(await self._call("claim", keys, args))
 
     async def claim_shards(
@@ -209,6 +217,7 @@ class Scripts:
         *,
         lease_ms: int,
         now: int = 0,
+        read_ms: int = 0,
     ) -> dict[int, list[Claim]]:
         """`claim` for several shards at once: one pipelined round trip on a single server (a
         task and a connection per shard cost more than the scripts); concurrent calls on a
@@ -216,10 +225,13 @@ class Scripts:
         shards = list(batches)
         if len(shards) == 1 or isinstance(self.redis, RedisCluster):
             replies = await aio.gather(
-                *(self.claim(s, executor, batches[s], lease_ms=lease_ms, now=now) for s in shards)
+                *(
+                    self.claim(s, executor, batches[s], lease_ms=lease_ms, now=now, read_ms=read_ms)
+                    for s in shards
+                )
             )
             return dict(zip(shards, replies, strict=True))
-        calls = [self._claim_call(s, executor, batches[s], lease_ms, now) for s in shards]
+        calls = [self._claim_call(s, executor, batches[s], lease_ms, now, read_ms) for s in shards]
         raw = await self._call_pipelined("claim", calls)
         return {s: _parse_claims(r) for s, r in zip(shards, raw, strict=True)}
 
@@ -230,9 +242,10 @@ class Scripts:
         items: Sequence[Assigned],
         lease_ms: int,
         now: int,
+        read_ms: int = 0,
     ) -> tuple[list[str], list[Any]]:
         sk = self.keys.shard(shard)
-        args: list[Any] = [now, self.executor_group, executor, lease_ms]
+        args: list[Any] = [now, self.executor_group, executor, lease_ms, read_ms]
         streams: dict[str, int] = {}
         for stream, entry_id, rid, attempt in items:
             n = streams.setdefault(stream, len(streams) + 1)

@@ -17,6 +17,12 @@ from supersede.keys import Keys
 from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, INGRESS_GROUP, Entry
 
 
+def entry_ms(entry_id: bytes | str) -> int:
+    """The millisecond part of a stream entry id: when the entry was added (server clock)."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[0])
+
+
 def consumer_name(service: str) -> str:
     """Unique per process, readable in XINFO CONSUMERS."""
     return f"{service}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -9,7 +9,9 @@
   ev event id, mx max_runs, sg strategy code, sx strict (0/1), a attempt, m max attempts,
   e executor, h (1: a CANCELLING run still holds its slot), ra/tr re-assignments of an unclaimed
   ASSIGNED attempt and the time of the last, t0..t3 created/assigned/claimed/
-  ended ms, tc cancel decided ms, by superseding run id, why reason, err error text, c counted.
+  ended ms, tc cancel decided ms, by superseding run id, why reason, err error text, c counted;
+  the hops, each in ms after the inbox entry (the first 16 hex digits of s): ir ingress read,
+  rw request written, ar admission read, er executor read, hs handler started.
 ]]
 local runCache, runDirty = {}, {}
 local slotCache, slotDirty = {}, {}
@@ -59,6 +61,20 @@ local function prefetchRuns(rids)
       end
     end
   end
+end
+
+-- The ms of the inbox entry a record's sequence encodes; hop times are stored relative to it
+-- (small numbers: a few bytes each in msgpack).
+local function inboxMs(rec) return tonumber(string.sub(rec.s, 1, 16), 16) end
+
+local function hopAfterInbox(rec, field, ms)
+  if type(ms) == 'number' and ms > 0 then rec[field] = ms - inboxMs(rec) end
+end
+
+local function hopsAtAdmission(rec, ingressRead, requestWritten, admissionRead)
+  hopAfterInbox(rec, 'ir', ingressRead)
+  hopAfterInbox(rec, 'rw', requestWritten)
+  hopAfterInbox(rec, 'ar', admissionRead)
 end
 
 local function saveRun(rid, rec)

@@ -22,6 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 from supersede import aio, codec
 from supersede.config import Settings
 from supersede.errors import ScriptError
+from supersede.metrics import HOP_SECONDS
 from supersede.protocol import (
     ADMISSION_GROUP,
     EXECUTOR_GROUP,
@@ -35,7 +36,7 @@ from supersede.registry import load_all
 from supersede.service import Periodic, Service, Throttle
 from supersede.service import serve as serve_service
 from supersede.services.admission import metrics
-from supersede.streams import GroupSpec, OwnPending, split_deleted
+from supersede.streams import GroupSpec, OwnPending, entry_ms, split_deleted
 from supersede.trim import trim_consumed, trim_older_than
 
 REAP_LIMIT = 1000  # leases and old records one reap call handles (it blocks the server)
@@ -234,6 +235,7 @@ class Admission(Service):
 
     async def handle(self, reply: Sequence[tuple[bytes, list[Entry]]]) -> None:
         """Apply one XREADGROUP reply: one script call per (shard, kind), concurrently."""
+        read_ms = int(time.time() * 1000)  # (a hop time of each run: admission read it)
         calls = []
         for stream, entries in reply:
             live, gone = split_deleted(entries)
@@ -243,10 +245,12 @@ class Admission(Service):
                 await self.redis.xack(stream, ADMISSION_GROUP, *gone)
             if live:
                 shard, kind = self._streams[stream]
-                calls.append(self._apply(stream, shard, kind, live))
+                calls.append(self._apply(stream, shard, kind, live, read_ms))
         await aio.gather(*calls)
 
-    async def _apply(self, stream: bytes, shard: int, kind: str, entries: list[Entry]) -> None:
+    async def _apply(
+        self, stream: bytes, shard: int, kind: str, entries: list[Entry], read_ms: int = 0
+    ) -> None:
         """Run the script over the batch; a refused item is dead-lettered and the rest retried."""
         pending: list[tuple[bytes, bytes]] = []
         for entry_id, fields in entries:
@@ -259,7 +263,7 @@ class Admission(Service):
             started = time.perf_counter()
             try:
                 if kind == "admit":
-                    await self._admit(shard, pending)
+                    await self._admit(shard, pending, read_ms)
                 else:
                     await self._finish(shard, pending)
             except ScriptError as exc:
@@ -273,8 +277,12 @@ class Admission(Service):
                 metrics.BATCH_SECONDS.labels(kind).observe(time.perf_counter() - started)
             return
 
-    async def _admit(self, shard: int, entries: list[tuple[bytes, bytes]]) -> None:
-        r = await self.scripts.admit(shard, entries)
+    async def _admit(self, shard: int, entries: list[tuple[bytes, bytes]], read_ms: int) -> None:
+        r = await self.scripts.admit(shard, entries, read_ms=read_ms)
+        done = time.time() * 1000
+        # request written -> read by admission, for the batch's oldest request
+        HOP_SECONDS.labels("requests").observe(max(0, read_ms - entry_ms(entries[0][0])) / 1000)
+        HOP_SECONDS.labels("admission").observe(max(0.0, done - read_ms) / 1000)
         metrics.REQUESTS.labels("created").inc(r.created)
         metrics.REQUESTS.labels("duplicate").inc(r.duplicates)
         metrics.ASSIGNED.inc(r.assigned)

@@ -19,18 +19,12 @@ from supersede.protocol import Entry, Outcome, StreamReply, parse_cancel
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.steps import Runner, Running
-from supersede.streams import tail_ids
+from supersede.streams import entry_ms, tail_ids
 
 log = logging.getLogger("supersede.executor")
 
 EARLY_CANCEL_TTL = 10.0  # seconds a cancel for a run not (yet) here is remembered
 EARLY_CANCEL_MAX = 10_000
-
-
-def entry_ms(entry_id: bytes | str) -> int:
-    """The millisecond part of a stream entry id: when the cancel was decided."""
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return int(text.split("-", 1)[0])
 
 
 class Cancels:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import time
 
+from supersede.metrics import HOP_SECONDS
 from supersede.scripts import Assigned, Scripts
 from supersede.services.executor import metrics
-from supersede.services.executor.cancel import Cancels, entry_ms
+from supersede.services.executor.cancel import Cancels
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.steps import Runner
+from supersede.streams import entry_ms
 
 Fetched = tuple[int, str, bytes, str, int]
 """An assignment read: (shard, stream, entry id, run id, attempt)."""
@@ -37,14 +39,18 @@ class Claimer:
             by_shard.setdefault(shard, []).append((stream, entry_id, rid, attempt))
         now = time.time() * 1000
         replies = await self.scripts.claim_shards(
-            self.consumer, by_shard, lease_ms=self.config.lease_ms
+            self.consumer, by_shard, lease_ms=self.config.lease_ms, read_ms=int(now)
         )
+        claimed_at = time.time() * 1000
+        HOP_SECONDS.labels("claim").observe(max(0.0, claimed_at - now) / 1000)
         for shard, claims in replies.items():
             for (_, entry, _, _), claim in zip(by_shard[shard], claims, strict=True):
                 if not claim.claimed:
                     metrics.CLAIMS_REFUSED.inc()
                     continue
-                metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, now - entry_ms(entry)) / 1000)
+                waited = max(0.0, now - entry_ms(entry)) / 1000
+                metrics.QUEUE_WAIT_SECONDS.observe(waited)
+                HOP_SECONDS.labels("assignments").observe(waited)
                 held = self.runner.active.get(claim.run_id)
                 if held is not None and held.attempt != claim.attempt:
                     # The reaper retried a run still executing here (its lease lapsed): that

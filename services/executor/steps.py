@@ -22,6 +22,7 @@ from typing import Any
 
 from supersede import codec
 from supersede.errors import describe
+from supersede.metrics import HOP_SECONDS
 from supersede.protocol import Outcome, RunResult, unpack_input
 from supersede.scripts import Claim
 from supersede.services.executor import metrics
@@ -68,7 +69,8 @@ class Running:
     task: asyncio.Task[None] | None = None
     cancel_decided_ms: float | None = None  # set once a cancel arrived
     reported: bool = False
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)  # claimed (monotonic clock)
+    handler_started_ms: int = 0  # wall clock, a hop time of the run; 0: never started
 
 
 class Runner:
@@ -127,6 +129,8 @@ class Runner:
         run.task = asyncio.create_task(self.report(run, Outcome.FAILED, error))
 
     async def _execute(self, run: Running) -> None:
+        run.handler_started_ms = int(time.time() * 1000)
+        HOP_SECONDS.labels("start").observe(time.monotonic() - run.started)
         try:
             outcome, error = await self._run_steps(run)
         except asyncio.CancelledError:
@@ -233,7 +237,8 @@ class Runner:
         kept = {k: v for k, v in run.ctx.outputs.items() if v is not None}
         if kept and outcome is not Outcome.CANCELLED:
             outputs = codec.pack(kept)
-        result = RunResult(run.run_id, run.attempt, outcome, error[:MAX_ERROR_CHARS], outputs)
+        result = RunResult(run.run_id, run.attempt, outcome, error[:MAX_ERROR_CHARS], outputs,
+                           run.handler_started_ms)  # fmt: skip
         try:
             await asyncio.shield(self.outbox.put(run.shard, result))
             if self.active.get(run.run_id) is run:  # not superseded by a newer attempt here

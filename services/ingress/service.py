@@ -27,6 +27,7 @@ from supersede import aio
 from supersede.config import Settings
 from supersede.errors import KeyExpressionError, describe
 from supersede.keyexpr import KeyFn, compile_key
+from supersede.metrics import HOP_SECONDS
 from supersede.model import (
     encode_seq,
     event_digest,
@@ -51,7 +52,7 @@ from supersede.registry import WorkflowDef, load_all
 from supersede.service import Periodic, Service, Throttle
 from supersede.service import serve as serve_service
 from supersede.services.ingress import metrics
-from supersede.streams import GroupSpec, OwnPending, split_deleted
+from supersede.streams import GroupSpec, OwnPending, entry_ms, split_deleted
 from supersede.trim import trim_consumed
 
 MAX_ID_BYTES = 1024
@@ -194,6 +195,7 @@ class Batch:
 
     entries: Sequence[Entry]
     started: float
+    read_ms: int = 0  # wall clock: a hop time of every run of the batch
     requests: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)
     workflows: dict[int, list[str]] = field(default_factory=dict)  # parallel to requests
     # explicit ids: digest shard -> (digest, inbox entry id, request shard, index in requests)
@@ -361,7 +363,11 @@ class Ingress(Service):
         """Parse, validate and route a batch (no I/O). A bad event becomes a dead letter with
         its reason, and so does one whose handling raised anything at all (`internal`, naming
         the exception): one entry never fails its batch."""
-        batch = Batch(entries, time.perf_counter())
+        batch = Batch(entries, time.perf_counter(), int(time.time() * 1000))
+        if entries:  # published -> read by ingress, for the batch's oldest entry
+            HOP_SECONDS.labels("inbox").observe(
+                max(0, batch.read_ms - entry_ms(entries[0][0])) / 1000
+            )
         for entry_id, fields in entries:
             try:
                 self._route_entry(batch, entry_id, fields)
@@ -390,7 +396,7 @@ class Ingress(Service):
                 gid, shard = route.group_of(key, self.keys.shards)
                 digest = event_digest(event.id, wf.id)
                 rid = run_id(shard, event.id, wf.id, digest)
-                request = route.packer.pack(rid, gid, seq, key, event.id, payload)
+                request = route.packer.pack(rid, gid, seq, key, event.id, payload, batch.read_ms)
             except KeyExpressionError as exc:
                 batch.dead.append(self._dead(entry_id, fields, exc.reason, exc.detail, wf.id))
                 continue
@@ -466,6 +472,7 @@ class Ingress(Service):
         for body in batch.dead:
             metrics.DEAD_LETTERS.labels(str(body[Dead.REASON])).inc()
         metrics.BATCH_SECONDS.observe(time.perf_counter() - batch.started)
+        HOP_SECONDS.labels("ingress").observe(max(0.0, time.time() * 1000 - batch.read_ms) / 1000)
 
     @staticmethod
     def _key(route: Route, event: Event, seen: dict[KeyFn, str]) -> str:

@@ -1,0 +1,62 @@
+"""Per-hop timing (issue 16, item 1): every run records when each hop read and wrote it, `supersede
+run` shows the breakdown, and each service exports the hops it ends as a histogram."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+
+from redis.asyncio import Redis
+
+from supersede.client import publish_runs, wait_for_run
+from supersede.keys import Keys
+from supersede.protocol import RunRecord
+from supersede.server import free_port
+from tests.support import APP, System, eventually, scrape
+
+PATH = ["published", "ingress read", "request written", "admission read", "assigned",
+        "executor read", "claimed", "handler started", "ended"]  # fmt: skip
+HOPS_BY = {"ingress": ["inbox", "ingress"], "admission": ["requests", "admission"],
+           "executor": ["assignments", "claim", "start"]}  # fmt: skip
+
+
+async def test_a_run_records_every_hop_in_order_and_each_service_exports_its_hops(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    ports = {name: free_port() for name in HOPS_BY}
+    system.start_with_port("admission", ports["admission"], "--block-ms", "100")
+    system.start_with_port("executor", ports["executor"], APP)
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == 7
+
+    await eventually(registered, timeout=30)
+    system.start_with_port("ingress", ports["ingress"], "--block-ms", "100")
+    data = {"userId": "hop", "sleep": 0.05}
+    _, [planned], _ = await publish_runs(redis, "chat.message", data, namespace=keys.namespace)
+    run = await wait_for_run(redis, planned.run_id, 30, namespace=keys.namespace)
+    assert run.state == "SUCCEEDED"
+    raw = await redis.hget(keys.shard(int(run.id.split("-")[0])).runs_hash, run.id)
+    path = RunRecord.decode(run.id, raw).path()
+    assert [name for name, _ in path] == PATH
+    times = [ms for _, ms in path]
+    assert times == sorted(times), path  # one machine, one clock: each hop after the last
+    assert times[-2] - times[-3] < 1000 and times[-1] - times[-2] >= 50  # the handler slept
+
+    shown = subprocess.run([sys.executable, "-m", "supersede", "run", run.id], env=system.env,
+                           capture_output=True, check=True, timeout=60).stdout.decode()  # fmt: skip
+    assert "path (ms after it was published" in shown
+    assert all(re.search(rf"^  {re.escape(p)} +\d+ ms", shown, re.M) for p in PATH), shown
+
+    for service, hops in HOPS_BY.items():
+        url = f"http://127.0.0.1:{ports[service]}/metrics"
+
+        async def exported(url: str = url, hops: list[str] = hops) -> bool:
+            text = await asyncio.to_thread(scrape, url)
+            counts = dict(re.findall(r'^supersede_hop_seconds_count\{hop="(\w+)"\} (\S+)$',
+                                     text, re.M))  # fmt: skip
+            return all(float(counts.get(h, 0)) >= 1 for h in hops)
+
+        await eventually(exported, timeout=20)
