@@ -51,6 +51,7 @@ for i = 6, #ARGV, 4 do
     rec.st = 'R'
     rec.e = executor
     rec.t2 = now
+    rec.er, rec.hs = nil, nil   -- this attempt's hop times, not an earlier attempt's
     if readMs > 0 then rec.er = readMs - tonumber(string.sub(rec.s, 1, 16), 16) end
     rcall('HSET', runsKey, rid, cmsgpack.pack(rec))
     rcall('ZADD', leasesKey, now + leaseMs, rid)

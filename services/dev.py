@@ -149,12 +149,18 @@ def transitions(run: RunRecord, before: RunState | None) -> list[Transition]:
         add(created, "queued: its key is full")
     if claimed and before in (None, RunState.QUEUED, RunState.ASSIGNED):
         add(claimed, "started")
+    why = f"superseded by {run.cancelled_by}" if run.cancelled_by else (run.reason or "")
+    if run.state is RunState.CANCELLING and before is not RunState.CANCELLING:
+        # seen while its handler is still stopping: say so now, at the decision
+        add(run.cancel_decided_ms, f"cancelled while running: {why} (stopping its handler)")
     if not run.state.terminal:
         return out
     ended = run.ended_ms or claimed or created
     if run.state is RunState.CANCELLED:
-        why = f"superseded by {run.cancelled_by}" if run.cancelled_by else (run.reason or "")
-        if claimed:  # at the decision; the handler stopped later
+        if claimed and before is RunState.CANCELLING:
+            decided = run.cancel_decided_ms or ended
+            add(ended, f"its handler stopped, {ended - decided} ms after the cancel")
+        elif claimed:  # at the decision; the handler stopped later
             decided = run.cancel_decided_ms or ended
             add(decided, f"cancelled while running: {why} (its handler stopped "
                          f"{ended - decided} ms later)")  # fmt: skip

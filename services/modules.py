@@ -14,9 +14,11 @@ def import_module(spec: str) -> Any:
     or anything on sys.path) or as a path (`my_workflows.py`, `src/app/flows.py`: its folder is
     put on sys.path). Any failure is one ConfigError that names the file and line."""
     import importlib
+    import importlib.util
     import traceback
 
     name = spec
+    path = None
     if spec.endswith(".py") or os.sep in spec:
         path = os.path.abspath(spec)
         if not os.path.isfile(path):
@@ -24,11 +26,27 @@ def import_module(spec: str) -> Any:
         folder, name = os.path.split(path)
         name = name.removesuffix(".py")
         if folder not in sys.path:
-            sys.path.insert(0, folder)
+            sys.path.insert(0, folder)  # for its own imports of modules beside it
     elif os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        return importlib.import_module(name)
+        if path is None:
+            return importlib.import_module(name)
+        # By its path, under a name of its own: two files of one name in two folders, or a
+        # file named like a module already imported (queue.py), are still both themselves.
+        unique = f"_supersede_module_{abs(hash(path)):x}_{name.replace('.', '_')}"
+        if unique in sys.modules:
+            return sys.modules[unique]
+        loader_spec = importlib.util.spec_from_file_location(unique, path)
+        assert loader_spec is not None and loader_spec.loader is not None
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[unique] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[unique]
+            raise
+        return module
     except SyntaxError as exc:
         where = f"{exc.filename}:{exc.lineno}"
         raise ConfigError(f"{where}: syntax error in workflow module {spec!r}: {exc.msg}") from None

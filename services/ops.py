@@ -329,6 +329,7 @@ async def get_run(redis: Redis, keys: Keys, rid: str) -> dict[str, Any] | None:
         return None
     run, outputs = found
     path = [{"point": name, "at_ms": ms} for name, ms in run.path()]
+    outputs = codec.jsonable(outputs)  # whatever msgpack-able values the steps returned
     return {**view(run), "outputs": outputs, "timeline": timeline(run), "path": path}
 
 
@@ -490,7 +491,14 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     entry, planned, known = await publish_runs(
         redis, args.name, data, id=args.id, namespace=keys.namespace
     )
-    if not planned:
+    if not planned and args.name in known:
+        print(
+            f"supersede: warning: a workflow listens to {args.name!r} but no run could be "
+            "planned: its key expression fails for this data (ingress dead-letters the event "
+            "for it: see `supersede dead`), or no service has started in this namespace yet",
+            file=sys.stderr,
+        )
+    elif not planned:
         print(
             f"supersede: warning: no workflow listens to {args.name!r}, so this event makes no "
             f"run (known events: {', '.join(known) or 'none: no workflow is registered'})",
@@ -505,7 +513,8 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
               for p in planned)
         )  # fmt: skip
         for row, run in zip(runs, ended, strict=True):
-            row["state"], row["outputs"], row["error"] = run.state, run.outputs, run.error
+            row["state"], row["error"] = run.state, run.error
+            row["outputs"] = codec.jsonable(run.outputs)
             row["cancelled_by"] = run.cancelled_by
     return {"entry": entry, "runs": runs}
 

@@ -23,7 +23,7 @@ def _words(text: str) -> tuple[str, ...]:
 
 
 # Every role: the connection and the cluster client's start-up (slot map, command table).
-_BASE = _words("ping hello cluster|slots cluster|shards command readonly asking")
+_BASE = _words("ping hello select cluster|slots cluster|shards command readonly asking")
 # Redis 7.2 and later: client libraries announce their name and version on connect.
 SETINFO = "client|setinfo"
 # What a service does on every start: pin the shard count, load its scripts.
@@ -222,4 +222,20 @@ async def apply(redis: Any, namespace: str, passwords: dict[str, str]) -> list[s
                 raise
             await setuser(name, role_name, password, [])
         names.append(name)
+    await _save(redis)
     return names
+
+
+async def _save(redis: Any) -> None:
+    """ACL SAVE on every node that has an ACL file, so the users survive a restart; without
+    one they live in memory only (the README says so)."""
+    from redis.asyncio.cluster import RedisCluster
+    from redis.exceptions import ResponseError
+
+    nodes = redis.get_nodes() if isinstance(redis, RedisCluster) else [redis]
+    for node in nodes:
+        try:
+            await node.execute_command("ACL", "SAVE")
+        except ResponseError as exc:
+            if "ACL file" not in str(exc) and "aclfile" not in str(exc).lower():
+                raise

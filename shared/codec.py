@@ -27,6 +27,29 @@ def blob(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
 
 
+def jsonable(value: Any) -> Any:
+    """A decoded payload made safe for JSON: map keys as text, and a string that held bytes
+    which are not UTF-8 (surrogate escapes) as the repr of those bytes."""
+    if isinstance(value, dict):
+        return {_key(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return repr(blob(value))
+        return value
+    if isinstance(value, bytes):
+        return repr(value)
+    return value
+
+
+def _key(key: Any) -> str:
+    text_key = jsonable(key)
+    return text_key if isinstance(text_key, str) else str(text_key)
+
+
 def text(value: str | bytes) -> str:
     """A Redis reply value (bytes, or str with decode_responses) as text."""
     return value.decode() if isinstance(value, bytes) else value

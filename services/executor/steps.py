@@ -237,6 +237,15 @@ class Runner:
         kept = {k: v for k, v in run.ctx.outputs.items() if v is not None}
         if kept and outcome is not Outcome.CANCELLED:
             outputs = codec.pack(kept)
+            if len(outputs) > self.config.max_output_bytes and outcome is not Outcome.SUCCEEDED:
+                outputs = None  # a failed run keeps its own error
+            elif len(outputs) > self.config.max_output_bytes:  # names and map overhead included
+                error = (
+                    f"the run's outputs come to {len(outputs):,} bytes (msgpack), over the "
+                    f"{self.config.max_output_bytes:,}-byte cap on stored outputs: return less, "
+                    "or raise the executor's --max-output-bytes"
+                )
+                outcome, outputs = Outcome.FAILED, None
         result = RunResult(run.run_id, run.attempt, outcome, error[:MAX_ERROR_CHARS], outputs,
                            run.handler_started_ms)  # fmt: skip
         try:

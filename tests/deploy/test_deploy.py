@@ -216,7 +216,7 @@ def test_compose_manifests_and_prometheus_files_parse() -> None:
         "prometheus",
         "grafana",
     }
-    assert "--appendonly" in compose["services"]["redis"]["command"]
+    assert "--appendonly yes" in " ".join(compose["services"]["redis"]["command"])
     assert compose["services"]["executor"]["deploy"]["replicas"] == 3
     for service in ("ingress", "admission", "executor"):
         assert compose["services"][service]["image"] == "supersede:latest"
@@ -254,8 +254,13 @@ def test_deploy_files_are_hardened() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
     redis = services["redis"]
-    assert "ports" not in redis and "--requirepass" in redis["command"]
-    assert "${REDIS_PASSWORD:?" in " ".join(redis["command"])
+    command = " ".join(redis["command"])
+    assert "ports" not in redis and redis["environment"]["REDIS_PASSWORD"].startswith(
+        "${REDIS_PASSWORD:?"
+    )
+    # users (the admin's password and the role users) in an ACL file: they survive a restart
+    assert "--aclfile /data/users.acl" in command
+    assert 'echo "user default on >$$REDIS_PASSWORD ~* &* +@all" > /data/users.acl' in command
     # each service connects as its own ACL user, created first by the one-shot `acl` service
     acl = services["acl"]
     assert acl["command"][:2] == ["acl", "--apply"]

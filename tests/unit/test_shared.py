@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import fakeredis
 import pytest
 from hypothesis import given
@@ -184,3 +186,34 @@ def test_own_pending_re_reads_after_a_failure_without_starving_new_entries() -> 
     assert own.active and own.ids() == {"s1": "0", "s2": "0"}
     own.advance([(b"s1", []), (b"s2", [])], reread=True)  # nothing left of its own
     assert not own.active and own.ids() == {"s1": ">", "s2": ">"}
+
+
+def test_any_msgpack_output_renders_as_json_and_as_text() -> None:
+    """A step may return any msgpack-able value: integer map keys and bytes that are not UTF-8
+    too. `supersede run` (table and --json) must show them, not fail on them."""
+    import orjson
+
+    from supersede import codec
+    from supersede.services.render import run as render_run
+
+    raw = codec.unpack(codec.pack({"s": {200: "ok", b"\xff\xfe": [b"\x80"]}}))
+    safe = codec.jsonable(raw)
+    assert safe == {"s": {"200": "ok", "b'\\xff\\xfe'": ["b'\\x80'"]}}
+    orjson.dumps(safe)
+    view = {"id": "1-a", "workflow": "w", "version": "v", "key": "k", "state": "SUCCEEDED",
+            "attempt": 1, "event_id": "1-0", "outputs": safe, "timeline": []}  # fmt: skip
+    assert "200" in render_run(view)
+
+
+def test_two_workflow_files_of_one_name_in_two_folders_are_both_loaded(tmp_path: Path) -> None:
+    from supersede.services.modules import load_workflows
+
+    for folder, wid in (("a", "wf-a"), ("b", "wf-b")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "flows.py").write_text(
+            f"from supersede import Workflow\n\nwf = Workflow({wid!r}, on_events=['e'])\n\n\n"
+            "@wf.step()\nasync def one(ctx):\n    return 1\n"
+        )
+    first = load_workflows(str(tmp_path / "a" / "flows.py"))
+    second = load_workflows(str(tmp_path / "b" / "flows.py"))
+    assert [w.id for w in first] == ["wf-a"] and [w.id for w in second] == ["wf-b"]
