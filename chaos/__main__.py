@@ -389,6 +389,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             terminal_changes=len(r.terminal_changes),
             faults=dict(r.faults),
             late=_late_heartbeats(work / "executor.log"),
+            drain_left=_drain_left(work / "executor.log"),
         )
         verdict = check(observed)
         if verdict["runs_lost"]:
@@ -440,6 +441,18 @@ async def _trace(redis: Any, verdict: dict[str, Any]) -> dict[str, Any]:
 
 async def _registered(redis: Redis | RedisCluster) -> bool:
     return int(await redis.hlen("{%s}:workflows" % NAMESPACE)) >= 4  # noqa: UP031
+
+
+def _drain_left(log: Path) -> dict[int, list[str]]:
+    """pid -> run ids whose results were not yet applied when its drain deadline passed."""
+    out: dict[int, list[str]] = {}
+    for line in log.read_bytes().splitlines() if log.exists() else []:
+        if b"drain deadline passed" not in line:
+            continue
+        with contextlib.suppress(ValueError, KeyError):
+            x = orjson.loads(line)
+            out.setdefault(int(x["pid"]), []).extend(x.get("run_ids", []))
+    return out
 
 
 def _late_heartbeats(log: Path) -> dict[int, list[tuple[float, float]]]:

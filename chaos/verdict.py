@@ -37,6 +37,9 @@ class Observed:
     # pid -> (from, to) spans an executor renewed no lease for longer than a lease (its
     # "heartbeat late" log lines: a starved process or an unreachable server)
     late: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    # pid -> run ids an executor left with results not yet applied when its SIGTERM drain
+    # deadline passed ("drain deadline passed" log lines): diagnostics, not an explanation yet
+    drain_left: dict[int, list[str]] = field(default_factory=dict)
 
 
 def expected_runs(published: dict[str, str]) -> set[tuple[str, str]]:
@@ -128,9 +131,15 @@ def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict
             else:
                 unexplained += 1
                 if len(examples) < 3:  # what to look for in the logs
+                    left = earlier["run"] in o.drain_left.get(earlier["pid"], [])
                     examples.append(
                         f"{earlier['run']} attempt {earlier['attempt']} pid {earlier['pid']} "
                         f"t={earlier['t']:.3f}..{until:.3f}"
+                        + (
+                            " (its executor's drain deadline passed with it unapplied)"
+                            if left
+                            else ""
+                        )
                     )
     return {
         "started_twice_same_attempt": same,
@@ -139,6 +148,7 @@ def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict
         "started_again_after_late_heartbeat": late,
         "started_twice_unexplained": unexplained,
         "unexplained_examples": examples,
+        "drain_deadlines_passed": sum(len(v) for v in o.drain_left.values()),
     }
 
 

@@ -14,6 +14,7 @@ lease (retried elsewhere: at least once), and logged.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 
 from redis.asyncio import Redis
@@ -137,7 +138,11 @@ class Executor(Service):
         if self.runner.awaiting:
             self.log.warning(
                 "drain deadline passed with results not yet applied",
-                extra={"runs": len(self.runner.awaiting)},
+                extra={
+                    "runs": len(self.runner.awaiting),
+                    "run_ids": sorted(self.runner.awaiting)[:20],
+                    "pid": os.getpid(),
+                },
             )
 
 
