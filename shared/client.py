@@ -46,8 +46,13 @@ def event_fields(
     return fields
 
 
+def _namespace(namespace: str | None) -> str:
+    """The given namespace, else SUPERSEDE_NAMESPACE, else the default."""
+    return namespace or os.environ.get("SUPERSEDE_NAMESPACE", DEFAULT_NAMESPACE)
+
+
 def inbox(namespace: str | None = None) -> str:
-    return inbox_stream(namespace or os.environ.get("SUPERSEDE_NAMESPACE", DEFAULT_NAMESPACE))
+    return inbox_stream(_namespace(namespace))
 
 
 async def publish(
@@ -120,7 +125,7 @@ async def get_run(redis: Redis, run_id: str, *, namespace: str | None = None) ->
     """One run by id (as `publish` results and `supersede runs` show them), with its step
     outputs and the chain of newer runs that superseded it; None when there is no such run
     (never created, or removed after its retention)."""
-    ns = namespace or os.environ.get("SUPERSEDE_NAMESPACE", DEFAULT_NAMESPACE)
+    ns = _namespace(namespace)
     found = await read_run(redis, ns, run_id)
     if found is None:
         return None
@@ -220,7 +225,7 @@ async def publish_runs(
     from supersede.keys import Keys
     from supersede.registry import load_all
 
-    ns = namespace or os.environ.get("SUPERSEDE_NAMESPACE", DEFAULT_NAMESPACE)
+    ns = _namespace(namespace)
     entry = await publish(redis, name, data, id=id, metadata=metadata, namespace=ns)
     shards = await redis.hget(Keys(ns, 1).config_hash, "shards")
     keys = Keys(ns, int(shards) if shards else 1)
