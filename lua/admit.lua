@@ -23,9 +23,12 @@
     ARGV[2]  consumer group of the requests stream
     ARGV[3]  this shard's number (every run id must start with '<shard>-')
     ARGV[4]  when admission read the batch (ms, its clock), or 0 when unknown
-    ARGV[5..] pairs: requests-stream entry id, msgpack request
-              {id, g, s, w, v, k, ev, max, st, x, m, in, ir}
-              (ir: when ingress read the event, ms; optional)
+    ARGV[5]  assignment deadline in ms: when the reaper first looks at an unclaimed ASSIGNED
+             run (0: after a second, then at the reaper's deadline)
+    ARGV[6..] pairs: requests-stream entry id, msgpack request
+              {id, g, s, w, v, k, ev, max, st, x, m, in, ir, u}
+              (ir: when ingress read the event, ms; optional. u = 1: the workflow has no
+              concurrency limit; the run is assigned at once, outside any group's books)
 
   Output:
     {0, created, duplicates, assigned, cancelled}
@@ -49,15 +52,17 @@ local newestKey, newestAtKey = KEYS[12], KEYS[13]
 
 local now = nowMs(ARGV[1])
 local groupName, shardPrefix = ARGV[2], (ARGV[3] or '') .. '-'
-local readMs = tonumber(ARGV[4])
-if not ARGV[3] or not readMs or (#ARGV - 4) % 2 ~= 0 then return { -4, 0 } end
+local readMs, assignDeadlineMs = tonumber(ARGV[4]), tonumber(ARGV[5])
+if not ARGV[3] or not readMs or not assignDeadlineMs or (#ARGV - 5) % 2 ~= 0 then
+  return { -4, 0 }
+end
 
 -- @include transitions
 
 -- Validate the whole batch before writing anything.
 local reqs, written = {}, {}
-for i = 5, #ARGV, 2 do
-  local n = (i - 3) / 2
+for i = 6, #ARGV, 2 do
+  local n = (i - 4) / 2
   local ok, req = pcall(cmsgpack.unpack, ARGV[i + 1])
   if not ok or type(req) ~= 'table' then return { -1, n, 'payload' } end
   local bad = badRequestField(req)
@@ -85,12 +90,17 @@ for n = 1, #reqs do
       mx = q.max, sg = q.st, sx = q.x or 0, a = 1, m = q.m or 3, t0 = now, c = 1,
     }
     hopsAtAdmission(rec, q.ir, written[n], readMs)
-    saveRun(rid, rec)
     fresh[rid] = q['in'] or ''
-    local list = news[q.g]
-    if not list then list = {}; news[q.g] = list; newsList[#newsList + 1] = q.g end
-    list[#list + 1] = memberOf(rid, rec)
-    touch(rec)
+    if q.u == 1 then
+      rec.u = 1
+      assignRun(rid, rec)   -- no concurrency limit: no group to rank or fill
+    else
+      saveRun(rid, rec)
+      local list = news[q.g]
+      if not list then list = {}; news[q.g] = list; newsList[#newsList + 1] = q.g end
+      list[#list + 1] = memberOf(rid, rec)
+      touch(rec)
+    end
     created = created + 1
   end
 end
@@ -112,7 +122,7 @@ for rid, input in pairs(fresh) do
 end
 callChunked('HSET', inputsKey, inputs, 1000)
 
-ackEntries(requestsKey, groupName, 5, 2)
+ackEntries(requestsKey, groupName, 6, 2)
 flushRuns()
 flushNewest()
 return { 0, created, dups, stats.assigned, stats.cancelled }

@@ -33,6 +33,7 @@ local now = nowMs(ARGV[1])
 local reason = ARGV[2]
 if not reason or reason == '' then return { -4, 0 } end
 
+local assignDeadlineMs = 0   -- (an operator's call: the reaper's first look comes after 1 s)
 -- @include transitions
 
 for i = 3, #ARGV do

@@ -2,90 +2,124 @@
   Records a batch of outcomes reported by executors, releases the slots they held and fills
   them from the queue. A result for another attempt, or for a run that already ended, changes
   nothing (duplicate or late delivery). A CANCELLING run ends CANCELLED whatever it reports:
-  results of cancelled runs are discarded.
+  results of cancelled runs are discarded. One call serves one shard, or several shards of one
+  server (on a cluster each shard's keys live in their own slot, so a call serves one): the
+  fixed cost of a call is paid once for the results of every shard read together.
 
   Input:
-    KEYS[1..10] the shard state keys, as in admit.lua
-    KEYS[11]    results stream (XACKed)
-    KEYS[12]    newest hash      as in admit.lua (an ended CANCEL_IN_PROGRESS run is remembered)
-    KEYS[13]    newest-at zset   as in admit.lua
-    KEYS[14]    outputs hash     run id -> msgpack step outputs (of runs that ended S or F)
+    KEYS[1..]   14 keys per shard, shard after shard; shard b's keys are KEYS[14(b-1) + i]:
+      i = 1..10 the shard state keys, as in admit.lua
+      i = 11    results stream (XACKed)
+      i = 12    newest hash      as in admit.lua (an ended CANCEL_IN_PROGRESS run is remembered)
+      i = 13    newest-at zset   as in admit.lua
+      i = 14    outputs hash     run id -> msgpack step outputs (of runs that ended S or F)
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     consumer group of the results stream
-    ARGV[3..]   pairs: results entry id, msgpack result {id, a, o = 'S'|'F'|'C', err, out, hs}
+    ARGV[3]     assignment deadline in ms, as in admit.lua (for runs started in freed slots)
+    ARGV[4]     results of each shard, comma-separated counts in KEYS order ('3,1,…'; the
+                counts add up to the number of pairs)
+    ARGV[5..]   pairs, shard by shard: results entry id, msgpack result
+                {id, a, o = 'S'|'F'|'C', err, out, hs}
                 (hs: when the handler started, ms, executor's clock; optional)
 
   Output:
     {0, applied, stale, assigned}
-    {-1, i, field}  result i is malformed; nothing written
+    {-1, i, field}  result i (counted over all shards) is malformed; nothing written
     {-2, i}         result i names a run that does not exist; nothing written
-    {-4, 0}         bad ARGV; nothing written
+    {-4, 0}         bad ARGV or KEYS; nothing written
 
   Writes: XADD <ended>:<workflow tag> {<state> = run ids}; XADD <prefix>:<workflow tag> for
   runs started in the released slots.
 ]]
 local rcall = redis.call
-local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local leasesKey, endedKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local inputsKey, countsKey, resultsKey = KEYS[9], KEYS[10], KEYS[11]
-local newestKey, newestAtKey, outputsKey = KEYS[12], KEYS[13], KEYS[14]
+local runsKey, queueKey, activeKey, slotsKey, leasesKey, endedKey, assignKey, controlKey
+local inputsKey, countsKey, resultsKey, newestKey, newestAtKey, outputsKey
+
+-- Points the script's key locals at shard b's keys.
+local function useShard(b)
+  local o = (b - 1) * 14
+  runsKey, queueKey, activeKey, slotsKey = KEYS[o + 1], KEYS[o + 2], KEYS[o + 3], KEYS[o + 4]
+  leasesKey, endedKey, assignKey, controlKey = KEYS[o + 5], KEYS[o + 6], KEYS[o + 7], KEYS[o + 8]
+  inputsKey, countsKey, resultsKey = KEYS[o + 9], KEYS[o + 10], KEYS[o + 11]
+  newestKey, newestAtKey, outputsKey = KEYS[o + 12], KEYS[o + 13], KEYS[o + 14]
+end
 
 -- @include now
 -- @include runs
 -- @include ack
 
 local now = nowMs(ARGV[1])
-local groupName = ARGV[2]
-if not groupName or (#ARGV - 2) % 2 ~= 0 then return { -4, 0 } end
+local groupName, assignDeadlineMs = ARGV[2], tonumber(ARGV[3])
+local counts, total = {}, 0
+for c in string.gmatch(ARGV[4] or '', '[^,]+') do
+  counts[#counts + 1] = tonumber(c)
+  if not counts[#counts] or counts[#counts] < 0 then return { -4, 0 } end
+  total = total + counts[#counts]
+end
+if not groupName or not assignDeadlineMs or #counts == 0 or #KEYS ~= 14 * #counts
+    or #ARGV ~= 4 + 2 * total then
+  return { -4, 0 }
+end
 
 -- @include transitions
 
+-- Validate every result of every shard before writing anything.
 local OUTCOMES = { S = true, F = true, C = true }
 local results = {}
-for i = 3, #ARGV, 2 do
-  local n = (i - 1) / 2
-  local ok, r = pcall(cmsgpack.unpack, ARGV[i + 1])
-  if not ok or type(r) ~= 'table' then return { -1, n, 'payload' } end
-  if type(r.id) ~= 'string' or r.id == '' then return { -1, n, 'id' } end
-  if type(r.a) ~= 'number' then return { -1, n, 'a' } end
-  if not OUTCOMES[r.o] then return { -1, n, 'o' } end
-  if r.err ~= nil and type(r.err) ~= 'string' then return { -1, n, 'err' } end
-  if r.out ~= nil and type(r.out) ~= 'string' then return { -1, n, 'out' } end
-  if r.hs ~= nil and type(r.hs) ~= 'number' then return { -1, n, 'hs' } end
-  if not loadRun(r.id) then return { -2, n } end
-  results[n] = r
-end
-
-local applied, stale = 0, 0
-local outputs = {}   -- run id, outputs, ... of runs that ended here SUCCEEDED or FAILED
-for n = 1, #results do
-  local r = results[n]
-  local rec = loadRun(r.id)
-  if rec.a ~= r.a then
-    stale = stale + 1
-  elseif rec.st == 'R' then
-    rcall('ZREM', activeKey, memberOf(r.id, rec))
-    rcall('ZREM', leasesKey, r.id)
-    addSlots(rec.g, -1)
-    touch(rec)
-    if r.err then rec.err = r.err end
-    hopAfterInbox(rec, 'hs', r.hs)
-    endRun(r.id, rec, r.o, r.o == 'C' and 'executor' or nil)
-    if r.out and r.o ~= 'C' then outputs[#outputs + 1] = r.id; outputs[#outputs + 1] = r.out end
-    applied = applied + 1
-  elseif rec.st == 'X' then
-    rcall('ZREM', leasesKey, r.id)
-    if rec.h == 1 then addSlots(rec.g, -1); touch(rec) end
-    endRun(r.id, rec, 'C')
-    applied = applied + 1
-  else
-    stale = stale + 1
+local n = 0
+for b = 1, #counts do
+  useShard(b)
+  for _ = 1, counts[b] do
+    n = n + 1
+    local ok, r = pcall(cmsgpack.unpack, ARGV[4 + 2 * n])
+    if not ok or type(r) ~= 'table' then return { -1, n, 'payload' } end
+    if type(r.id) ~= 'string' or r.id == '' then return { -1, n, 'id' } end
+    if type(r.a) ~= 'number' then return { -1, n, 'a' } end
+    if not OUTCOMES[r.o] then return { -1, n, 'o' } end
+    if r.err ~= nil and type(r.err) ~= 'string' then return { -1, n, 'err' } end
+    if r.out ~= nil and type(r.out) ~= 'string' then return { -1, n, 'out' } end
+    if r.hs ~= nil and type(r.hs) ~= 'number' then return { -1, n, 'hs' } end
+    if not loadRun(r.id) then return { -2, n } end
+    results[n] = r
   end
 end
 
-refillTouched()
-callChunked('HSET', outputsKey, outputs, 1000)
-ackEntries(resultsKey, groupName, 3, 2)
-flushRuns()
-flushNewest()
+local applied, stale = 0, 0
+n = 0
+for b = 1, #counts do
+  useShard(b)
+  local first = n + 1
+  local outputs = {}   -- run id, outputs, ... of runs that ended here SUCCEEDED or FAILED
+  for _ = 1, counts[b] do
+    n = n + 1
+    local r = results[n]
+    local rec = loadRun(r.id)
+    if rec.a ~= r.a then
+      stale = stale + 1
+    elseif rec.st == 'R' then
+      rcall('ZREM', leasesKey, r.id)
+      release(r.id, rec)
+      if r.err then rec.err = r.err end
+      hopAfterInbox(rec, 'hs', r.hs)
+      endRun(r.id, rec, r.o, r.o == 'C' and 'executor' or nil)
+      if r.out and r.o ~= 'C' then outputs[#outputs + 1] = r.id; outputs[#outputs + 1] = r.out end
+      applied = applied + 1
+    elseif rec.st == 'X' then
+      rcall('ZREM', leasesKey, r.id)
+      if rec.h == 1 then addSlots(rec.g, -1); touch(rec) end
+      endRun(r.id, rec, 'C')
+      applied = applied + 1
+    else
+      stale = stale + 1
+    end
+  end
+  if n >= first then
+    refillTouched()
+    callChunked('HSET', outputsKey, outputs, 1000)
+    ackEntries(resultsKey, groupName, 3 + 2 * first, 2, 3 + 2 * n)
+    flushRuns()
+    flushNewest()
+    nextShard()
+  end
+end
 return { 0, applied, stale, stats.assigned }

@@ -58,6 +58,7 @@ for i = 7, #ARGV, 2 do
   if not keepOf[ARGV[i]] then return { -4, 0 } end
 end
 
+local assignDeadlineMs = deadline
 -- @include transitions
 
 local retried, failed, cancelled, reassigned = 0, 0, 0, 0
@@ -72,9 +73,7 @@ for i = 1, #expired do
       assignRun(rid, rec)
       retried = retried + 1
     else
-      rcall('ZREM', activeKey, memberOf(rid, rec))
-      addSlots(rec.g, -1)
-      touch(rec)
+      release(rid, rec)
       endRun(rid, rec, 'F', 'lease_expired')
       failed = failed + 1
     end

@@ -167,7 +167,7 @@ class Outcome(enum.StrEnum):
 
 
 # -- run requests (ingress -> admission) ----------------------------------------------------------
-REQUEST_FIELDS = ("id", "g", "s", "w", "v", "k", "ev", "max", "st", "x", "m", "in", "ir")
+REQUEST_FIELDS = ("id", "g", "s", "w", "v", "k", "ev", "max", "st", "x", "m", "in", "ir", "u")
 """Keys of a packed run request, read by lua/admit.lua (lua/includes/validate.lua)."""
 
 
@@ -188,12 +188,13 @@ class RunRequest:
     max_attempts: int = 3
     input: bytes = b""
     ingress_read_ms: int = 0  # when ingress read the event (a hop time); 0: unknown
+    unlimited: bool = False  # the workflow has no concurrency limit: no group, assigned at once
 
     def pack(self) -> bytes:
         return pack_request(
             self.run_id, self.group, self.seq, self.workflow, self.version, self.key,
             self.event_id, self.max_runs, self.strategy, self.strict, self.max_attempts,
-            self.input, self.ingress_read_ms,
+            self.input, self.ingress_read_ms, self.unlimited,
         )  # fmt: skip
 
 
@@ -214,6 +215,7 @@ class RequestPacker:
         strategy: Strategy,
         strict: bool,
         max_attempts: int,
+        unlimited: bool = False,
     ) -> None:
         constant = {
             "w": workflow,
@@ -222,6 +224,7 @@ class RequestPacker:
             "st": STRATEGY_CODES[strategy],
             "x": 1 if strict else 0,
             "m": max_attempts,
+            "u": 1 if unlimited else 0,
         }
         self._tail = b"".join(codec.pack(k) + codec.pack(v) for k, v in constant.items())
 
@@ -238,7 +241,7 @@ class RequestPacker:
         p = codec.pack
         return b"".join(
             (
-                b"\x8d\xa2id", p(rid), b"\xa1g", p(group), b"\xa1s", p(seq), b"\xa1k", p(key),
+                b"\x8e\xa2id", p(rid), b"\xa1g", p(group), b"\xa1s", p(seq), b"\xa1k", p(key),
                 b"\xa2ev", p(event_id), b"\xa2in", p(payload), b"\xa2ir", p(read_ms), self._tail,
             )
         )  # fmt: skip
@@ -258,9 +261,11 @@ def pack_request(
     max_attempts: int,
     payload: bytes,
     ingress_read_ms: int = 0,
+    unlimited: bool = False,
 ) -> bytes:
     """The wire form of a run request (read by lua/admit.lua); `ingress_read_ms` is when
-    ingress read the event (0: unknown), kept on the run as a hop time."""
+    ingress read the event (0: unknown), kept on the run as a hop time; `unlimited`: the
+    workflow has no concurrency limit (the run is assigned at once, outside any group)."""
     return codec.pack(
         {
             "id": rid,
@@ -276,6 +281,7 @@ def pack_request(
             "m": max_attempts,
             "in": payload,
             "ir": ingress_read_ms,
+            "u": 1 if unlimited else 0,
         }
     )
 
@@ -337,6 +343,7 @@ RECORD_FIELDS = {
     "k": "key value",
     "ev": "event id",
     "mx": "max_runs of the group",
+    "u": "1: the workflow has no concurrency limit (no slot, queue or active zset entry)",
     "sg": "strategy code",
     "sx": "strict mode (0/1)",
     "a": "attempt",
@@ -389,7 +396,7 @@ class RunRecord:
     event_id: str
     attempt: int
     max_attempts: int
-    max_runs: int
+    max_runs: int  # 0: the workflow has no concurrency limit
     strict: bool
     executor: str | None
     cancelled_by: str | None
@@ -441,7 +448,7 @@ class RunRecord:
             event_id=str(rec.get("ev", "")),
             attempt=int(rec.get("a", 1)),
             max_attempts=int(rec.get("m", 1)),
-            max_runs=int(rec.get("mx", 1)),
+            max_runs=0 if rec.get("u") == 1 else int(rec.get("mx", 1)),
             strict=rec.get("sx") == 1,
             executor=_opt_str(rec.get("e")),
             cancelled_by=_opt_str(rec.get("by")),

@@ -16,7 +16,6 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
 from supersede import aio, codec
 from supersede.errors import BadArguments, DefinitionError, raise_for_status
@@ -184,10 +183,12 @@ class Scripts:
         *,
         now: int = 0,
         read_ms: int = 0,
+        assign_deadline_ms: int = 0,
     ) -> AdmitResult:
         """Admit (requests-stream entry id, packed RunRequest) pairs of one shard; `read_ms`:
-        when admission read them (a hop time of each run; 0: unknown)."""
-        args: list[Any] = [now, self.admission_group, shard, read_ms]
+        when admission read them (a hop time of each run; 0: unknown); `assign_deadline_ms`:
+        when the reaper first looks at a run assigned here but not claimed (0: after 1 s)."""
+        args: list[Any] = [now, self.admission_group, shard, read_ms, assign_deadline_ms]
         for entry_id, payload in entries:
             args += (entry_id, payload)
         sk = self.keys.shard(shard)
@@ -207,7 +208,7 @@ class Scripts:
     ) -> list[Claim]:
         """Claim assignments of one shard, each (stream, entry id, run id, attempt); `read_ms`:
         when the executor read them (a hop time; 0: unknown)."""
-        keys, args = self._claim_call(shard, executor, items, lease_ms, now, read_ms)
+        keys, args = self._claim_call(executor, {shard: items}, lease_ms, now, read_ms)
         return _parse_claims(await self._call("claim", keys, args))
 
     async def claim_shards(
@@ -219,11 +220,11 @@ class Scripts:
         now: int = 0,
         read_ms: int = 0,
     ) -> dict[int, list[Claim]]:
-        """`claim` for several shards at once: one pipelined round trip on a single server (a
-        task and a connection per shard cost more than the scripts); concurrent calls on a
-        cluster, where the shards live on different nodes."""
+        """`claim` for several shards at once: one script call on a single server (its fixed
+        cost is paid once for every shard read together); concurrent calls on a cluster,
+        where the shards live in different slots."""
         shards = list(batches)
-        if len(shards) == 1 or isinstance(self.redis, RedisCluster):
+        if isinstance(self.redis, RedisCluster):
             replies = await aio.gather(
                 *(
                     self.claim(s, executor, batches[s], lease_ms=lease_ms, now=now, read_ms=read_ms)
@@ -231,56 +232,30 @@ class Scripts:
                 )
             )
             return dict(zip(shards, replies, strict=True))
-        calls = [self._claim_call(s, executor, batches[s], lease_ms, now, read_ms) for s in shards]
-        raw = await self._call_pipelined("claim", calls)
-        return {s: _parse_claims(r) for s, r in zip(shards, raw, strict=True)}
+        keys, args = self._claim_call(executor, batches, lease_ms, now, read_ms)
+        claims = iter(_parse_claims(await self._call("claim", keys, args)))
+        return {s: [next(claims) for _ in batches[s]] for s in shards}
 
     def _claim_call(
         self,
-        shard: int,
         executor: str,
-        items: Sequence[Assigned],
+        batches: Mapping[int, Sequence[Assigned]],
         lease_ms: int,
         now: int,
         read_ms: int = 0,
     ) -> tuple[list[str], list[Any]]:
-        sk = self.keys.shard(shard)
-        args: list[Any] = [now, self.executor_group, executor, lease_ms, read_ms]
+        keys: list[str] = []
+        args: list[Any] = [now, self.executor_group, executor, lease_ms, read_ms, len(batches)]
         streams: dict[str, int] = {}
-        for stream, entry_id, rid, attempt in items:
-            n = streams.setdefault(stream, len(streams) + 1)
-            args += (entry_id, rid, attempt, n)
-        if not streams:  # an empty batch still names one stream (the script needs KEYS[5])
-            streams[sk.assignments_prefix] = 1
-        return [sk.runs_hash, sk.inputs_hash, sk.leases_zset, sk.counts_hash, *streams], args
-
-    async def _call_pipelined(
-        self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
-    ) -> list[list[Any]]:
-        """Run one script over several (keys, args) in one pipeline; calls the server answered
-        NOSCRIPT (its script cache was flushed, e.g. by a restart) are loaded and run again."""
-        script = self._scripts[name][0]
-        for keys, _ in calls:
-            self._checked(name, keys)
-        replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    keys, args = calls[i]
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                got = await pipe.execute(raise_on_error=False)
-            for i, reply in zip(todo, got, strict=True):
-                replies[i] = reply
-            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
-            if not todo or attempt == 1:
-                break
-            script.sha = await self.redis.script_load(script.script)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-            raise_for_status(reply)
-        return replies
+        for b, (shard, items) in enumerate(batches.items(), 1):
+            sk = self.keys.shard(shard)
+            keys += (sk.runs_hash, sk.inputs_hash, sk.leases_zset, sk.counts_hash)
+            for stream, entry_id, rid, attempt in items:
+                n = streams.setdefault(stream, len(streams) + 1)
+                args += (entry_id, rid, attempt, n, b)
+            if not streams:  # an empty batch still names one stream (the script needs one)
+                streams[sk.assignments_prefix] = 1
+        return [*keys, *streams], args
 
     async def heartbeat(
         self,
@@ -300,15 +275,40 @@ class Scripts:
         return [_s(x) for x in reply[1:]]
 
     async def finish(
-        self, shard: int, entries: Sequence[tuple[str | bytes, bytes]], *, now: int = 0
+        self,
+        shard: int,
+        entries: Sequence[tuple[str | bytes, bytes]],
+        *,
+        now: int = 0,
+        assign_deadline_ms: int = 0,
     ) -> FinishResult:
         """Record (results-stream entry id, packed RunResult) pairs of one shard."""
-        args: list[Any] = [now, self.admission_group]
-        for entry_id, payload in entries:
-            args += (entry_id, payload)
-        sk = self.keys.shard(shard)
-        keys = [*sk.state_keys(), sk.results_stream, sk.newest_hash, sk.newest_at_zset,
-                sk.outputs_hash]  # fmt: skip
+        return await self.finish_shards(
+            {shard: entries}, now=now, assign_deadline_ms=assign_deadline_ms
+        )
+
+    async def finish_shards(
+        self,
+        batches: Mapping[int, Sequence[tuple[str | bytes, bytes]]],
+        *,
+        now: int = 0,
+        assign_deadline_ms: int = 0,
+    ) -> FinishResult:
+        """`finish` for the results of several shards in one script call: the shards must live
+        on one server (on a cluster, call it per shard). A refused result's
+        `ScriptError.index` counts over every shard's entries, in the order given."""
+        shards = list(batches)
+        if not shards:
+            return FinishResult(0, 0, 0)
+        args: list[Any] = [now, self.admission_group, assign_deadline_ms,
+                           ",".join(str(len(batches[s])) for s in shards)]  # fmt: skip
+        keys: list[str] = []
+        for shard in shards:
+            for entry_id, payload in batches[shard]:
+                args += (entry_id, payload)
+            sk = self.keys.shard(shard)
+            keys += [*sk.state_keys(), sk.results_stream, sk.newest_hash, sk.newest_at_zset,
+                     sk.outputs_hash]  # fmt: skip
         r = await self._call("finish", keys, args)
         return FinishResult(int(r[1]), int(r[2]), int(r[3]))
 

@@ -1,10 +1,11 @@
 --[[
-  ackEntries(stream, group, first): XACK the entry ids found at ARGV[first], ARGV[first+step]..
-  in chunks, so a batch of any size is one or a few calls.
+  ackEntries(stream, group, first, step, last): XACK the entry ids found at ARGV[first],
+  ARGV[first+step] .. up to ARGV[last] (default: the end) in chunks, so a batch of any size is
+  one or a few calls.
 ]]
-local function ackEntries(stream, group, first, step)
+local function ackEntries(stream, group, first, step, last)
   local ids = {}
-  for i = first, #ARGV, step do
+  for i = first, last or #ARGV, step do
     ids[#ids + 1] = ARGV[i]
     if #ids == 1000 then redis.call('XACK', stream, group, unpack(ids)); ids = {} end
   end

@@ -181,4 +181,5 @@ local function flushRuns()
   flushEnded()
   callChunked('HDEL', inputsKey, droppedInputs, 1000)
   flushCounts()
+  runDirty, slotDirty, droppedInputs = {}, {}, {}
 end

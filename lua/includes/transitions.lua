@@ -14,7 +14,17 @@ local touchedList = {}
 local function memberOf(rid, rec) return rec.g .. '|' .. rec.s .. '|' .. rid end
 local function ridOf(m) return string.sub(m, RID_AT) end
 
+-- Between the shards of a call that serves several: what the last one touched is written.
+local function nextShard()
+  touched, touchedList, fresh = {}, {}, {}
+end
+
+-- A run of a workflow without a concurrency limit (u = 1) is in no group's books: it holds no
+-- slot, is in neither the queue nor the active zset, and is assigned when admitted.
+local function limited(rec) return rec.u ~= 1 end
+
 local function touch(rec)
+  if not limited(rec) then return end
   if not touched[rec.g] then touchedList[#touchedList + 1] = rec.g end
   touched[rec.g] = rec
 end
@@ -65,6 +75,7 @@ local function flushNewest()
   end
   callChunked('HSET', newestKey, set, 1000)
   callChunked('ZADD', newestAtKey, at, 1000)
+  newestDirty = {}
 end
 
 -- Ends a run that holds no slot and is in neither zset any more.
@@ -90,9 +101,11 @@ local function endRun(rid, rec, state, why, by)
   end
 end
 
--- An ASSIGNED run is in the leases zset too, first due for a look one second after its
--- assignment: the reaper re-assigns it when no executor claimed it within its deadline.
-local ASSIGNED_FIRST_LOOK_MS = 1000
+-- An ASSIGNED run is in the leases zset too, first due for a look when its assignment deadline
+-- passes: the reaper re-assigns it if no executor claimed it by then. A script that knows the
+-- deadline (the admission service's) sets assignDeadlineMs before this include; otherwise the
+-- first look comes after a second, and the reaper puts the run back until its deadline.
+local firstLookMs = (assignDeadlineMs and assignDeadlineMs > 0) and assignDeadlineMs or 1000
 
 -- Each workflow has its own assignment stream in the shard, '<assignKey>:<workflow tag>', so
 -- only executors that have a workflow ever read its runs. Same hash tag as assignKey: the same
@@ -109,18 +122,27 @@ local function assignRun(rid, rec)
   rec.ra = nil
   rec.tr = nil
   writeAssignment(rid, rec)
-  rcall('ZADD', leasesKey, now + ASSIGNED_FIRST_LOOK_MS, rid)
+  rcall('ZADD', leasesKey, now + firstLookMs, rid)
   saveRun(rid, rec)
   stats.assigned = stats.assigned + 1
+end
+
+-- A run that held a slot gives it back and leaves the active zset (a limited one).
+local function release(rid, rec)
+  if limited(rec) then
+    rcall('ZREM', activeKey, memberOf(rid, rec))
+    addSlots(rec.g, -1)
+    touch(rec)
+  end
 end
 
 -- A run leaves the active zset: ASSIGNED ends at once, RUNNING is told to stop.
 local function cancelActive(m, why, by)
   local rid = ridOf(m)
   local rec = loadRun(rid)
-  rcall('ZREM', activeKey, m)
+  if limited(rec) then rcall('ZREM', activeKey, m) end
   if rec.st == 'A' then
-    addSlots(rec.g, -1)
+    if limited(rec) then addSlots(rec.g, -1) end
     rcall('ZREM', leasesKey, rid)
     endRun(rid, rec, 'C', why, by)
     return
@@ -130,7 +152,7 @@ local function cancelActive(m, why, by)
   rec.why = why
   if by then rec.by = by end
   if rec.sg == 1 and why ~= 'superseded' then rememberEnded(rec.g, m, rec.mx) end
-  if rec.sx == 1 then rec.h = 1 else addSlots(rec.g, -1) end
+  if rec.sx == 1 then rec.h = 1 elseif limited(rec) then addSlots(rec.g, -1) end
   rcall('XADD', controlKey, '*',
     'op', 'cancel', 'id', rid, 'a', rec.a, 'by', by or '', 'why', why)
   saveRun(rid, rec)

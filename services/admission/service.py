@@ -1,7 +1,8 @@
 """The admission service: turns run requests and executor results into atomic script calls.
 
 Loop: one XREADGROUP BLOCK over the requests and results streams of every shard, then one
-script call per shard and kind (admit, finish) for the whole batch, all shards concurrently.
+admit call per shard and one finish call for the results of every shard (per shard on a
+cluster), concurrently.
 Timers run the reaper, take over entries that a dead admission process left pending, and
 update the gauges. Scripts acknowledge their own batch, so a crash at any point leaves each
 entry either fully applied and acknowledged, or pending and applied later (applying twice
@@ -41,6 +42,14 @@ from supersede.trim import trim_consumed, trim_older_than
 
 REAP_LIMIT = 1000  # leases and old records one reap call handles (it blocks the server)
 REAP_ROUNDS = 20  # reap calls per shard and tick at most, while old records remain
+
+
+Part = tuple[bytes, int, list[Entry]]
+"""Entries read from one stream: (stream, shard, entries)."""
+
+
+Items = list[tuple[bytes, bytes]]
+"""(entry id, payload) pairs of one stream, as a script call takes them."""
 
 
 @dataclass(slots=True)
@@ -234,9 +243,12 @@ class Admission(Service):
             reader.close()
 
     async def handle(self, reply: Sequence[tuple[bytes, list[Entry]]]) -> None:
-        """Apply one XREADGROUP reply: one script call per (shard, kind), concurrently."""
+        """Apply one XREADGROUP reply: one admit call per shard, and the results of every
+        shard in one finish call (on a cluster, where shards live in different slots, one
+        call per shard); the calls run concurrently."""
         read_ms = int(time.time() * 1000)  # (a hop time of each run: admission read it)
         calls = []
+        results: list[Part] = []
         for stream, entries in reply:
             live, gone = split_deleted(entries)
             if gone:
@@ -245,40 +257,57 @@ class Admission(Service):
                 await self.redis.xack(stream, ADMISSION_GROUP, *gone)
             if live:
                 shard, kind = self._streams[stream]
-                calls.append(self._apply(stream, shard, kind, live, read_ms))
+                if kind == "admit":
+                    calls.append(self._apply(kind, [(stream, shard, live)], read_ms))
+                else:
+                    results.append((stream, shard, live))
+        if results and isinstance(self.redis, RedisCluster):
+            calls += [self._apply("finish", [part]) for part in results]
+        elif results:
+            calls.append(self._apply("finish", results))
         await aio.gather(*calls)
 
-    async def _apply(
-        self, stream: bytes, shard: int, kind: str, entries: list[Entry], read_ms: int = 0
-    ) -> None:
-        """Run the script over the batch; a refused item is dead-lettered and the rest retried."""
-        pending: list[tuple[bytes, bytes]] = []
-        for entry_id, fields in entries:
-            payload = fields.get(PAYLOAD)
-            if payload is None:
-                await self._reject(stream, kind, entry_id, fields, Reason.MALFORMED, "no payload")
-            else:
-                pending.append((entry_id, payload))
+    async def _apply(self, kind: str, parts: list[Part], read_ms: int = 0) -> None:
+        """Run the script over the batch (one shard's requests, or results of one or more
+        shards); a refused item is dead-lettered and the rest retried."""
+        pending: list[tuple[bytes, int, Items]] = []
+        for stream, shard, entries in parts:
+            items: Items = []
+            for entry_id, fields in entries:
+                payload = fields.get(PAYLOAD)
+                if payload is None:
+                    await self._reject(stream, kind, entry_id, fields, Reason.MALFORMED,
+                                       "no payload")  # fmt: skip
+                else:
+                    items.append((entry_id, payload))
+            if items:
+                pending.append((stream, shard, items))
         while pending:
             started = time.perf_counter()
             try:
                 if kind == "admit":
-                    await self._admit(shard, pending, read_ms)
+                    (_, shard, items), *_ = pending
+                    await self._admit(shard, items, read_ms)
                 else:
-                    await self._finish(shard, pending)
+                    await self._finish({shard: items for _, shard, items in pending})
             except ScriptError as exc:
-                if not 0 <= exc.index < len(pending):
+                place = _locate(pending, exc.index)
+                if place is None:
                     raise  # not about one entry: leave the batch pending, it is retried
-                bad_id, bad_payload = pending.pop(exc.index)
+                stream, items, at = place
+                bad_id, bad_payload = items.pop(at)
                 fields = {PAYLOAD: bad_payload}
                 await self._reject(stream, kind, bad_id, fields, exc.reason, exc.detail)
+                pending = [part for part in pending if part[2]]
                 continue
             finally:
                 metrics.BATCH_SECONDS.labels(kind).observe(time.perf_counter() - started)
             return
 
-    async def _admit(self, shard: int, entries: list[tuple[bytes, bytes]], read_ms: int) -> None:
-        r = await self.scripts.admit(shard, entries, read_ms=read_ms)
+    async def _admit(self, shard: int, entries: Items, read_ms: int) -> None:
+        r = await self.scripts.admit(
+            shard, entries, read_ms=read_ms, assign_deadline_ms=self.config.assign_deadline_ms
+        )
         done = time.time() * 1000
         # request written -> read by admission, for the batch's oldest request
         HOP_SECONDS.labels("requests").observe(max(0, read_ms - entry_ms(entries[0][0])) / 1000)
@@ -288,8 +317,10 @@ class Admission(Service):
         metrics.ASSIGNED.inc(r.assigned)
         metrics.CANCELLED.inc(r.cancelled)
 
-    async def _finish(self, shard: int, entries: list[tuple[bytes, bytes]]) -> None:
-        r = await self.scripts.finish(shard, entries)
+    async def _finish(self, batches: dict[int, Items]) -> None:
+        r = await self.scripts.finish_shards(
+            batches, assign_deadline_ms=self.config.assign_deadline_ms
+        )
         metrics.RESULTS.labels("applied").inc(r.applied)
         metrics.RESULTS.labels("stale").inc(r.stale)
         metrics.ASSIGNED.inc(r.assigned)
@@ -324,7 +355,6 @@ class Admission(Service):
         async with self.redis.pipeline(transaction=False) as pipe:
             for sk in self.keys.all_shards():
                 pipe.hgetall(sk.counts_hash)
-                pipe.zcard(sk.active_zset)
                 pipe.xinfo_groups(sk.requests_stream)
                 pipe.xinfo_groups(sk.results_stream)
                 for wf in workflows:
@@ -335,18 +365,19 @@ class Admission(Service):
         active = 0
         lag = dict.fromkeys(("requests", "results", "assignments"), 0)
         backlog = dict.fromkeys(workflows, 0)
-        per_shard = 4 + 2 * len(workflows)
+        per_shard = 3 + 2 * len(workflows)
         for i in range(0, len(replies), per_shard):
             counts = replies[i] if isinstance(replies[i], dict) else {}
             for field, n in counts.items():
                 workflow, _, state = field.decode().rpartition("|")
                 if state == "Q":
                     queued[workflow] = queued.get(workflow, 0) + int(n)
-            active += int(replies[i + 1]) if isinstance(replies[i + 1], int) else 0
-            lag["requests"] += _group_backlog(replies[i + 2], ADMISSION_GROUP) or 0
-            lag["results"] += _group_backlog(replies[i + 3], ADMISSION_GROUP) or 0
+                elif state in ("A", "R"):  # (runs without a limit are in no active zset)
+                    active += int(n)
+            lag["requests"] += _group_backlog(replies[i + 1], ADMISSION_GROUP) or 0
+            lag["results"] += _group_backlog(replies[i + 2], ADMISSION_GROUP) or 0
             for j, wf in enumerate(workflows):
-                groups, length = replies[i + 4 + 2 * j], replies[i + 5 + 2 * j]
+                groups, length = replies[i + 3 + 2 * j], replies[i + 4 + 2 * j]
                 # No group yet (no executor of it ever started): every entry waits.
                 found = _group_backlog(groups, EXECUTOR_GROUP)
                 backlog[wf] += length if found is None and isinstance(length, int) else found or 0
@@ -400,13 +431,25 @@ class Admission(Service):
 
             async def apply(entries: list[Entry]) -> None:
                 metrics.RECLAIMED.inc(len(entries))
-                await self._apply(stream, shard, kind, entries)
+                await self._apply(kind, [(stream, shard, entries)])
 
             await self.take_over(
                 stream, ADMISSION_GROUP, self.config.claim_idle_ms, self.config.batch, apply
             )
 
         await asyncio.gather(*(one(s) for s in self._streams))
+
+
+def _locate(pending: list[tuple[bytes, int, Items]], index: int) -> tuple[bytes, Items, int] | None:
+    """(stream, items, position in items) of item `index` of a call over `pending`, counted
+    over every part in order; None when the index names no item."""
+    if index < 0:
+        return None
+    for stream, _, items in pending:
+        if index < len(items):
+            return stream, items, index
+        index -= len(items)
+    return None
 
 
 async def serve(

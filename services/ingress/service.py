@@ -172,9 +172,9 @@ def build_routes(defs: dict[str, WorkflowDef]) -> dict[str, list[Route]]:
     for wf in sorted(defs.values(), key=lambda w: w.id):
         conc = wf.concurrency
         if conc is None:
-            # No limit: every run is its own group, admitted at once.
+            # No limit: the run is assigned at once, outside any group's books (`u`).
             packer = RequestPacker(wf.id, wf.version, 1, Strategy.GROUP_ROUND_ROBIN, False,
-                                   wf.max_attempts)  # fmt: skip
+                                   wf.max_attempts, unlimited=True)  # fmt: skip
             route = Route(wf, None, 1, Strategy.GROUP_ROUND_ROBIN, False, packer)
         else:
             if conc.expression not in compiled:

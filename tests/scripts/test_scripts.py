@@ -40,6 +40,21 @@ async def finish(
     await scripts.finish(shard, [("0-1", RunResult(req.run_id, attempt, outcome).pack())], now=5)
 
 
+async def count_script_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the scripts called from now on, one per call to the server."""
+    names: list[str] = []
+    original = Scripts._call
+
+    async def spy(
+        self: Scripts, name: str, call_keys: list[str], args: list[object]
+    ) -> list[object]:
+        names.append(name)
+        return await original(self, name, call_keys, args)
+
+    monkeypatch.setattr(Scripts, "_call", spy)
+    return names
+
+
 def states(recs: dict[str, dict[str, object]], *reqs: tuple[int, RunRequest]) -> list[object]:
     return [recs[r.run_id]["st"] for _, r in reqs]
 
@@ -98,6 +113,34 @@ async def test_cancel_in_progress_cancels_a_late_older_event_after_the_newer_run
     assert await redis.hlen(sk.newest_hash) == 1
     await scripts.reap(shard, retention_ms=1_000, now=10_000)
     assert await redis.hlen(sk.newest_hash) == 0 and await redis.zcard(sk.newest_at_zset) == 0
+
+
+async def test_a_run_without_a_concurrency_limit_stays_out_of_every_group_book(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """A workflow without a limit: its runs are assigned at once and hold no slot, no queue
+    or active member (the work a limit costs is not paid); they still lease, end and cancel."""
+    reqs = [make_request(keys, key=f"own{i}", event=f"e{i}", seq=i, unlimited=True,
+                         strategy=Strategy.GROUP_ROUND_ROBIN) for i in range(3)]  # fmt: skip
+    await admit(scripts, *reqs)
+    recs = await records(redis, keys)
+    assert states(recs, *reqs) == ["A", "A", "A"] and all(recs[r.run_id]["u"] == 1 for _, r in reqs)
+    for sk in keys.all_shards():
+        assert await redis.hlen(sk.slots_hash) == 0 and await redis.zcard(sk.active_zset) == 0
+    (s0, r0), (s1, r1), (s2, r2) = reqs
+    assert (await claim(scripts, s0, r0)).claimed and (await claim(scripts, s1, r1)).claimed
+    await finish(scripts, s0, r0, Outcome.SUCCEEDED)
+    assert await scripts.cancel(s1, [r1.run_id], now=6) == [True]  # RUNNING: told to stop
+    assert await scripts.cancel(s2, [r2.run_id], now=6) == [True]  # ASSIGNED: ends at once
+    assert states(await records(redis, keys), *reqs) == ["S", "X", "C"]
+    await finish(scripts, s1, r1, Outcome.CANCELLED)
+    assert states(await records(redis, keys), *reqs) == ["S", "C", "C"]
+    counts: dict[bytes, int] = {}
+    for sk in keys.all_shards():
+        assert await redis.hlen(sk.slots_hash) == 0 and await redis.zcard(sk.leases_zset) == 0
+        for field, n in (await redis.hgetall(sk.counts_hash)).items():
+            counts[field] = counts.get(field, 0) + int(n)
+    assert counts == {b"wf|S": 1, b"wf|C": 2}
 
 
 async def test_cancel_newest_never_interrupts_and_sheds_what_cannot_start(
@@ -180,8 +223,8 @@ async def test_claim_acknowledges_the_assignment_entries(
     assert (await redis.xpending(stream, "executors"))["pending"] == 0
 
 
-async def test_claims_of_several_shards_go_in_one_pipeline_and_survive_a_script_flush(
-    redis: Redis, keys: Keys, scripts: Scripts
+async def test_claims_of_several_shards_go_in_one_call_and_survive_a_script_flush(
+    redis: Redis, keys: Keys, scripts: Scripts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reqs = [make_request(keys, event=f"e{i}", seq=i, key=f"k{i}") for i in range(40)]
     await admit(scripts, *reqs)
@@ -192,7 +235,9 @@ async def test_claims_of_several_shards_go_in_one_pipeline_and_survive_a_script_
     first = next(iter(batches))
     batches[first].append(("s", "0-1", "missing-run", 1))  # refused, the rest still claimed
     await redis.script_flush()  # a restarted server forgets scripts: reloaded, not an error
+    calls = await count_script_calls(monkeypatch)
     got = await scripts.claim_shards("ex", batches, lease_ms=LEASE, now=2)
+    assert calls == ["claim"]  # one call for every shard: its fixed cost is paid once
     assert set(got) == set(batches)
     for shard, triples in batches.items():
         assert [c.run_id for c in got[shard]] == [rid for _, _, rid, _ in triples]
@@ -205,6 +250,51 @@ async def test_claims_of_several_shards_go_in_one_pipeline_and_survive_a_script_
         await scripts.claim_shards(
             "ex", {first: [("s", "0-1", "x", 1)], other: [("s", "0-1", "y", "nan")]}, lease_ms=LEASE
         )
+
+
+async def test_results_of_several_shards_are_recorded_in_one_call(
+    redis: Redis, keys: Keys, scripts: Scripts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One finish call for every shard's results (a single server): each shard's runs end,
+    its slots refill from its own queue, and its results stream is acknowledged; a malformed
+    result is named by its position over all shards, and then nothing is written."""
+    reqs = [
+        make_request(keys, event=f"e{i}", seq=i, key=f"k{i % 6}",
+                     strategy=Strategy.GROUP_ROUND_ROBIN)
+        for i in range(24)
+    ]  # fmt: skip
+    await ensure_groups(redis, keys)
+    await admit(scripts, *reqs)
+    running = [(s, r) for s, r in reqs if (await records(redis, keys))[r.run_id]["st"] == "A"]
+    for shard, req in running:
+        assert (await claim(scripts, shard, req)).claimed
+    batches: dict[int, list[tuple[str | bytes, bytes]]] = {}
+    for shard, req in running:
+        stream = keys.shard(shard).results_stream
+        entry = await redis.xadd(stream, {"p": RunResult(req.run_id, 1, Outcome.SUCCEEDED).pack()})
+        await redis.xreadgroup("admission", "a", {stream: ">"})
+        batches.setdefault(shard, []).append(
+            (entry, RunResult(req.run_id, 1, Outcome.SUCCEEDED).pack())
+        )
+    assert len(batches) > 2
+    shards = list(batches)
+    bad = {s: list(items) for s, items in batches.items()}
+    bad[shards[1]].insert(1, ("0-1", codec.pack({"id": "x", "a": 1, "o": "?"})))
+    before = await snapshot(redis, keys)
+    with pytest.raises(MalformedItem) as info:
+        await scripts.finish_shards(bad, now=5)
+    assert info.value.index == len(batches[shards[0]]) + 1
+    assert await snapshot(redis, keys) == before
+    calls = await count_script_calls(monkeypatch)
+    r = await scripts.finish_shards(batches, now=5, assign_deadline_ms=30_000)
+    assert calls == ["finish"]
+    assert r.applied == len(running) == 6 and r.assigned == 6  # each group's next run
+    recs = await records(redis, keys)
+    assert (
+        sorted(str(recs[req.run_id]["st"]) for _, req in reqs) == ["A"] * 6 + ["Q"] * 12 + ["S"] * 6
+    )
+    for shard in batches:
+        assert (await redis.xpending(keys.shard(shard).results_stream, "admission"))["pending"] == 0
 
 
 async def test_heartbeat_renews_and_reports_cancelled_runs(
@@ -276,6 +366,26 @@ async def test_an_unclaimed_assignment_whose_entry_is_gone_is_reassigned(
     assert c.claimed
     await finish(scripts, shard, first[1], Outcome.SUCCEEDED)
     assert states(await records(redis, keys), first, second) == ["S", "A"]
+
+
+async def test_the_reaper_first_looks_at_an_assignment_when_its_deadline_passes(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """An assigned run waits in the leases zset until its assignment deadline, so the reaper
+    does not read the record of every run still waiting in a backlog after a second; a
+    cancel (an operator's call, which does not know the deadline) makes it look after 1 s."""
+    (shard, first), (_, second) = (
+        make_request(keys, event=f"e{i}", seq=i, key="k", strategy=Strategy.GROUP_ROUND_ROBIN)
+        for i in (1, 2)
+    )
+    await scripts.admit(shard, [("0-1", first.pack())], now=1_000, assign_deadline_ms=30_000)
+    leases = keys.shard(shard).leases_zset
+    assert await redis.zscore(leases, first.run_id) == 31_000
+    await scripts.admit(shard, [("0-2", second.pack())], now=1_000, assign_deadline_ms=30_000)
+    await scripts.cancel(shard, [first.run_id], now=2_000)  # frees the slot: second starts
+    assert await redis.zscore(leases, second.run_id) == 3_000
+    r = await scripts.reap(shard, assign_deadline_ms=30_000, now=3_000)
+    assert r.reassigned == 0 and await redis.zscore(leases, second.run_id) == 32_000
 
 
 async def test_reap_deletes_ended_runs_after_retention(

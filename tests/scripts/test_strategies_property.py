@@ -36,6 +36,7 @@ from tests.support.model import Limits, Model
 
 LEASE_MS = 1_000
 GROUPS = ("alpha", "beta", "gamma")
+FREE = "free"  # a workflow without a concurrency limit: each run on its own, outside any group
 EXECUTORS = ("e1", "e2")
 
 
@@ -86,7 +87,7 @@ class StrategyMachine(RuleBasedStateMachine):
     # -- rules ---------------------------------------------------------------------------------
     @rule(
         batch=st.lists(
-            st.tuples(st.sampled_from(GROUPS), st.integers(0, 3)), min_size=1, max_size=6
+            st.tuples(st.sampled_from((*GROUPS, FREE)), st.integers(0, 3)), min_size=1, max_size=6
         )
     )
     def arrive(self, batch: list[tuple[str, int]]) -> None:
@@ -96,16 +97,20 @@ class StrategyMachine(RuleBasedStateMachine):
         for key, late in batch:
             self.serial += 1
             seq = (self.now - late * 400) * 10_000 + self.serial
-            max_runs, strategy, strict, attempts = self.config[key]
+            free = key == FREE
+            max_runs, strategy, strict, attempts = (
+                (1, Strategy.GROUP_ROUND_ROBIN, False, 3) if free else self.config[key]
+            )
             shard, req = make_request(
                 self.keys,
-                key=key,
+                key=f"{FREE}{self.serial}" if free else key,  # (as ingress: a group per run)
                 event=f"ev{self.serial}",
                 seq=seq,
                 max_runs=max_runs,
                 strategy=strategy,
                 strict=strict,
                 max_attempts=attempts,
+                unlimited=free,
             )
             self.model.limits[req.group] = Limits(max_runs, strategy, strict)
             self.shard_of[req.run_id] = shard
@@ -216,7 +221,8 @@ class StrategyMachine(RuleBasedStateMachine):
         model = {rid: (r.state, r.attempt, r.hold) for rid, r in self.model.runs.items()}
         assert mine == model
         held: Counter[str] = Counter()
-        for r in stored.values():
+        limited = {rid: r for rid, r in stored.items() if r.get("u") != 1}
+        for r in limited.values():
             if r["st"] in ("A", "R") or (r["st"] == "X" and r.get("h") == 1):
                 held[r["g"]] += 1
         # Invariant 1: never more slot holders than max_runs.
@@ -236,7 +242,9 @@ class StrategyMachine(RuleBasedStateMachine):
         assert slots == dict(held)
 
         def members(*states: str) -> set[str]:
-            return {f"{r['g']}|{r['s']}|{rid}" for rid, r in stored.items() if r["st"] in states}
+            """Of runs in a group's books: a run without a limit holds no slot, and is in
+            neither the queue nor the active zset."""
+            return {f"{r['g']}|{r['s']}|{rid}" for rid, r in limited.items() if r["st"] in states}
 
         assert queue == members("Q")
         counts: Counter[str] = Counter()

@@ -33,6 +33,7 @@ def make_request(
     max_attempts: int = 3,
     version: str = "1",
     payload: bytes = b"{}",
+    unlimited: bool = False,
 ) -> tuple[int, RunRequest]:
     """A request routed the way ingress routes it: (shard, request)."""
     gid = group_id(workflow, version, key)
@@ -50,6 +51,7 @@ def make_request(
         strict=strict,
         max_attempts=max_attempts,
         input=payload,
+        unlimited=unlimited,
     )
     return shard, req
 
