@@ -47,6 +47,18 @@ async def nothing(ctx: Context) -> None:
     return None
 
 
+keyed = Workflow(
+    "keyed",
+    on_events=["bench.keyed"],
+    concurrency=Concurrency(expression="input.userId", max_runs=1),
+)
+
+
+@keyed.step()
+async def nothing_keyed(ctx: Context) -> None:
+    return None
+
+
 probe = Workflow("probe", on_events=["bench.probe"])
 
 

@@ -259,6 +259,19 @@ async def cost_per_run(redis: Redis, settings: Settings, n: int) -> None:
            target=400, reference_name="bytes_per_xadd_entry_of_100_bytes")  # fmt: skip
     report("redis_cpu_us_per_run", (cpu1 - cpu0) / n * 1e6, "us", ref_us, runs=n, target=40,
            reference_name="server_cpu_us_per_pipelined_xadd")  # fmt: skip
+    # The same for a workflow with a limit (CANCEL_IN_PROGRESS, max_runs 1, a key per event):
+    # what the group bookkeeping adds to a run.
+    base = await ended()
+    cpu0 = (await _server_use(redis))[1]
+    items = [(keys.events_stream, {"name": b"bench.keyed",
+              "data": orjson.dumps({"userId": f"u{i}", "pad": "x" * 80})}) for i in range(n)]  # fmt: skip
+    await pipelined_xadd(redis, items)
+    await wait_for(lambda: _at_least(ended, base + n), timeout=300)
+    await wait_for(trimmed, timeout=30)
+    cpu1 = (await _server_use(redis))[1]
+    report("redis_cpu_us_per_run_limited", (cpu1 - cpu0) / n * 1e6, "us", ref_us, runs=n,
+           reference_name="server_cpu_us_per_pipelined_xadd",
+           what="CANCEL_IN_PROGRESS, max_runs 1, a key per event")  # fmt: skip
 
 
 async def _at_least(count: Any, n: int) -> bool:
@@ -322,7 +335,7 @@ async def main() -> None:
         procs.append(start(env, "executor", "bench.apps", "--slots", "100"))
 
         async def registered() -> bool:
-            return int(await redis.hlen(settings.keys.workflows_hash)) == 3
+            return int(await redis.hlen(settings.keys.workflows_hash)) == 4  # bench/apps.py
 
         await wait_for(registered)
         procs.append(start(env, "ingress", "--block-ms", "100"))
