@@ -261,10 +261,10 @@ class Admission(Service):
                     calls.append(self._apply(kind, [(stream, shard, live)], read_ms))
                 else:
                     results.append((stream, shard, live))
-        if results and isinstance(self.redis, RedisCluster):
+        if isinstance(self.redis, RedisCluster):
             calls += [self._apply("finish", [part]) for part in results]
-        elif results:
-            calls.append(self._apply("finish", results))
+        else:
+            calls += [self._apply("finish", parts) for parts in _chunks(results, self.config.batch)]
         await aio.gather(*calls)
 
     async def _apply(self, kind: str, parts: list[Part], read_ms: int = 0) -> None:
@@ -438,6 +438,21 @@ class Admission(Service):
             )
 
         await asyncio.gather(*(one(s) for s in self._streams))
+
+
+def _chunks(parts: list[Part], size: int) -> list[list[Part]]:
+    """Whole parts grouped so each group holds about `size` entries at most (a part larger
+    than that alone): one script call never blocks the server for a whole backlog of every
+    shard at once, and one stream's entries are never split between calls."""
+    out: list[list[Part]] = []
+    held = size
+    for part in parts:
+        if held + len(part[2]) > size:
+            out.append([])
+            held = 0
+        out[-1].append(part)
+        held += len(part[2])
+    return out
 
 
 def _locate(pending: list[tuple[bytes, int, Items]], index: int) -> tuple[bytes, Items, int] | None:

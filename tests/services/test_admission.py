@@ -17,11 +17,18 @@ from redis.asyncio import Redis
 
 from supersede.config import Settings
 from supersede.keys import Keys
-from supersede.protocol import ADMISSION_GROUP, Outcome, RunRequest, RunResult, Strategy
+from supersede.protocol import (
+    ADMISSION_GROUP,
+    PAYLOAD,
+    Outcome,
+    RunRequest,
+    RunResult,
+    Strategy,
+)
 from supersede.registry import register
 from supersede.scripts import Scripts
 from supersede.server import free_port
-from supersede.services.admission.service import Admission, AdmissionConfig
+from supersede.services.admission.service import Admission, AdmissionConfig, _chunks
 from supersede.streams import ensure_groups
 from tests.support import eventually, make_request, pending_count, records, run_count, scrape
 
@@ -409,3 +416,55 @@ async def test_gauges_report_queue_depth_per_workflow_active_runs_and_lag(
     assert metrics.ACTIVE._value.get() == 1
     assert metrics.STREAM_LAG.labels("assignments")._value.get() == 1  # nobody read it yet
     assert metrics.ASSIGNMENT_BACKLOG.labels("gauged")._value.get() == 1  # (nor has a group)
+
+
+async def test_results_of_every_shard_go_in_few_finish_calls_and_a_bad_one_is_dead_lettered(
+    redis: Redis, redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One read with results of every shard: on a single server they are recorded in one
+    finish call per about `batch` results (never splitting a stream's entries), and a
+    malformed result in the middle is dead-lettered while the others, on every shard, apply."""
+    await ensure_groups(redis, keys)
+    scripts = Scripts(redis, keys)
+    reqs = [make_request(keys, event=f"e{i}", seq=i, key=f"k{i}") for i in range(40)]
+    reply: dict[bytes, list[tuple[bytes, dict[bytes, bytes]]]] = {}
+    for shard, req in reqs:
+        sk = keys.shard(shard)
+        await scripts.admit(shard, [("0-1", req.pack())])
+        stream = sk.assignments_stream("wf")
+        await scripts.claim(shard, "ex", [(stream, "0-1", req.run_id, 1)], lease_ms=60_000)
+        fields = {PAYLOAD: RunResult(req.run_id, 1, Outcome.SUCCEEDED).pack()}
+        await redis.xadd(sk.results_stream, fields)
+    bad_shard = reqs[len(reqs) // 2][0]
+    await redis.xadd(keys.shard(bad_shard).results_stream, {PAYLOAD: b"\xc1 not msgpack"})
+    for sk in keys.all_shards():
+        for stream, entries in await redis.xreadgroup(
+            ADMISSION_GROUP, "a", {sk.results_stream: ">"}
+        ):
+            reply[stream] = entries
+    assert len(reply) == keys.shards  # every shard has results
+    calls: list[int] = []
+    original = Scripts.finish_shards
+
+    async def spy(self: Scripts, batches: Any, **kw: Any) -> Any:
+        calls.append(sum(len(v) for v in batches.values()))
+        return await original(self, batches, **kw)
+
+    monkeypatch.setattr(Scripts, "finish_shards", spy)
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    size = 25
+    admission = Admission(redis, settings, AdmissionConfig(batch=size))
+    await admission.handle(list(reply.items()))
+    recs = await records(redis, keys)
+    assert all(recs[req.run_id]["st"] == "S" for _, req in reqs)
+    [(_, dead)] = await redis.xrange(keys.dead_stream)
+    assert dead[b"reason"] == b"malformed"
+    for sk in keys.all_shards():
+        assert await pending_count(redis, [sk.results_stream], ADMISSION_GROUP) == 0
+    parts = [(stream, int(stream.split(b":")[1].rstrip(b"}")), e) for stream, e in reply.items()]
+    chunks = [sum(len(p[2]) for p in c) for c in _chunks(parts, size)]
+    assert 1 < len(chunks) < keys.shards and max(chunks) <= size  # shards share calls
+    with_bad = next(
+        sum(len(p[2]) for p in c) for c in _chunks(parts, size) if any(p[1] == bad_shard for p in c)
+    )
+    assert sorted(calls) == sorted([*chunks, with_bad - 1])  # (then the rest is retried)
