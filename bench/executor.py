@@ -263,8 +263,8 @@ async def cost_per_run(redis: Redis, settings: Settings, n: int) -> None:
     # what the group bookkeeping adds to a run.
     base = await ended()
     cpu0 = (await _server_use(redis))[1]
-    items = [(keys.events_stream, {"name": b"bench.keyed",
-              "data": orjson.dumps({"userId": f"u{i}", "pad": "x" * 80})}) for i in range(n)]  # fmt: skip
+    keyed = [orjson.dumps({"userId": f"u{i}", "pad": "x" * 80}) for i in range(n)]
+    items = [(keys.events_stream, {"name": b"bench.keyed", "data": data}) for data in keyed]
     await pipelined_xadd(redis, items)
     await wait_for(lambda: _at_least(ended, base + n), timeout=300)
     await wait_for(trimmed, timeout=30)
