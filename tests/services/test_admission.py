@@ -438,10 +438,8 @@ async def test_results_of_every_shard_go_in_few_finish_calls_and_a_bad_one_is_de
     bad_shard = reqs[len(reqs) // 2][0]
     await redis.xadd(keys.shard(bad_shard).results_stream, {PAYLOAD: b"\xc1 not msgpack"})
     for sk in keys.all_shards():
-        for stream, entries in await redis.xreadgroup(
-            ADMISSION_GROUP, "a", {sk.results_stream: ">"}
-        ):
-            reply[stream] = entries
+        read = await redis.xreadgroup(ADMISSION_GROUP, "a", {sk.results_stream: ">"})
+        reply.update((name, got) for name, got in read)
     assert len(reply) == keys.shards  # every shard has results
     calls: list[int] = []
     original = Scripts.finish_shards
