@@ -85,14 +85,16 @@ for n = 1, #reqs do
   if loadRun(rid) then
     dups = dups + 1
   else
+    -- (strict mode only when on, and no strategy for a run without a limit: a record's size
+    -- decides its allocation class, so a field nobody reads costs more than its bytes)
     local rec = {
       st = 'Q', g = q.g, s = q.s, w = q.w, v = q.v, k = q.k or '', ev = q.ev or '',
-      mx = q.max, sg = q.st, sx = q.x or 0, a = 1, m = q.m or 3, t0 = now, c = 1,
+      mx = q.max, sg = q.st, sx = q.x == 1 and 1 or nil, a = 1, m = q.m or 3, t0 = now, c = 1,
     }
     hopsAtAdmission(rec, q.ir, written[n], readMs)
     fresh[rid] = q['in'] or ''
     if q.u == 1 then
-      rec.u = 1
+      rec.u, rec.sg = 1, nil
       assignRun(rid, rec)   -- no concurrency limit: no group to rank or fill
     else
       saveRun(rid, rec)

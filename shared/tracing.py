@@ -1,0 +1,158 @@
+"""OpenTelemetry traces: optional, and off unless asked for.
+
+Tracing needs the SDK (`pip install 'supersede[tracing]'`) and one of the standard variables:
+`OTEL_TRACES_EXPORTER` (`otlp`, `console`; `none` keeps it off) or an OTLP endpoint
+(`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`). `OTEL_SDK_DISABLED=true`
+turns it off; `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_BSP_*` work as usual.
+
+Each run is one trace, or part of the producer's: an inbox entry may carry a W3C `traceparent`
+field, which the ingress span of each of its runs continues. That span's context travels with
+the run (request field and record field `tp`, the claim reply, the cancel message of a run it
+supersedes), so admission and the executor add their spans to the same trace, the executor's
+step spans under its run span, and a cancelled run's spans link to the run that superseded it.
+With tracing off nothing is added to any entry or record.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from supersede.errors import ConfigError
+
+TRACEPARENT = b"traceparent"
+"""The inbox field that continues a producer's trace (W3C Trace Context)."""
+
+_lock = threading.Lock()
+_tracer: Any = None
+_provider: Any = None
+_configured = False
+
+
+def wanted() -> list[str]:
+    """The exporters the environment asks for ([] when tracing is off)."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return []
+    names = os.environ.get("OTEL_TRACES_EXPORTER", "").strip()
+    if not names:
+        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        return ["otlp"] if endpoint else []
+    out = [n.strip().lower() for n in names.split(",") if n.strip()]
+    return [] if out == ["none"] else [n for n in out if n != "none"]
+
+
+def setup(service: str) -> Any:
+    """The tracer of this process, set up once from the environment; None when tracing is off.
+
+    Raises ConfigError (one line naming what to fix) when the variables ask for traces the
+    installed packages cannot export."""
+    global _tracer, _provider, _configured
+    with _lock:
+        if _configured:
+            return _tracer
+        exporters = wanted()
+        if exporters:
+            _provider = _make_provider(service, exporters)
+            _tracer = _provider.get_tracer("supersede")
+        _configured = True
+        return _tracer
+
+
+def _make_provider(service: str, exporters: list[str]) -> Any:
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    except ImportError:
+        raise ConfigError(
+            "OTEL_TRACES_EXPORTER (or an OTLP endpoint) asks for traces, but the OpenTelemetry "
+            "SDK is not installed: pip install 'supersede[tracing]', or unset the variable"
+        ) from None
+    defaults = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": f"supersede-{service}"}
+    provider = TracerProvider(resource=Resource.create(defaults))
+    for name in exporters:
+        if name == "console":
+            exporter: Any = ConsoleSpanExporter()
+        elif name == "otlp":
+            exporter = _otlp_exporter()
+        else:
+            raise ConfigError(
+                f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}; use otlp, console or none"
+            )
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def _otlp_exporter() -> Any:
+    grpc = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf").startswith("grpc")
+    try:
+        if grpc:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter,
+            )
+    except ImportError:
+        package = "opentelemetry-exporter-otlp-proto-" + ("grpc" if grpc else "http")
+        raise ConfigError(
+            f"OTEL_TRACES_EXPORTER=otlp needs {package}: pip install {package} "
+            "(or set OTEL_TRACES_EXPORTER=console)"
+        ) from None
+    return OTLPSpanExporter()
+
+
+def shutdown() -> None:
+    """Export what is buffered and stop (a service's last step)."""
+    global _tracer, _provider, _configured
+    with _lock:
+        if _provider is not None:
+            _provider.shutdown()
+        _tracer, _provider, _configured = None, None, False
+
+
+def context_of(traceparent: bytes | str | None) -> Any:
+    """The OpenTelemetry context a `traceparent` value names, or None (absent or invalid)."""
+    if not traceparent:
+        return None
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    value = traceparent.decode() if isinstance(traceparent, bytes) else traceparent
+    ctx = TraceContextTextMapPropagator().extract({"traceparent": value})
+    return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
+
+
+def link_to(traceparent: bytes | str | None) -> Any:
+    """A span link to the span a `traceparent` names, or None."""
+    ctx = context_of(traceparent)
+    if ctx is None:
+        return None
+    from opentelemetry import trace
+
+    return trace.Link(trace.get_current_span(ctx).get_span_context())
+
+
+def traceparent_of(span: Any) -> str:
+    """The W3C `traceparent` value of a span ('' for a span that is not recording)."""
+    sc = span.get_span_context()
+    if not sc.is_valid:
+        return ""
+    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+
+
+def current_traceparent() -> str:
+    """The `traceparent` of the caller's current span, when the OpenTelemetry API is installed
+    and a span is current ('' otherwise): what `publish` puts in the inbox entry."""
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        return ""
+    return traceparent_of(trace.get_current_span())
+
+
+def ns(ms: float) -> int:
+    """Epoch ms -> the epoch ns OpenTelemetry takes as a span's start or end time."""
+    return int(ms * 1_000_000)
