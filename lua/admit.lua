@@ -26,18 +26,22 @@
     ARGV[5]  assignment deadline in ms: when the reaper first looks at an unclaimed ASSIGNED
              run (0: after a second, then at the reaper's deadline)
     ARGV[6..] pairs: requests-stream entry id, msgpack request
-              {id, g, s, w, v, k, ev, max, st, x, m, in, ir, u}
+              {id, g, s, w, v, k, ev, max, st, x, m, in, ir, u, tp}
               (ir: when ingress read the event, ms; optional. u = 1: the workflow has no
-              concurrency limit; the run is assigned at once, outside any group's books)
+              concurrency limit; the run is assigned at once, outside any group's books.
+              tp: the run's W3C traceparent, '' when it is not traced)
 
   Output:
-    {0, created, duplicates, assigned, cancelled}
+    {0, created, duplicates, assigned, cancelled [, traced]}
+                    traced (only when some are): {run id, tp, superseding run id, its tp,
+                    reason} for each cancelled run that carries a trace context
     {-1, i, field}  request i is malformed (names the first bad field); nothing written
     {-3, i}         request i belongs to another shard; nothing written
     {-4, 0}         bad ARGV; nothing written
 
-  Writes: XADD <prefix>:<workflow tag> {id, a}; XADD control {op = 'cancel', id, a, by, why};
-  XADD <ended>:<workflow tag> {<state> = run ids}.
+  Writes: XADD <prefix>:<workflow tag> {id, a}; XADD control {op = 'cancel', id, a, by, why
+  [, btp]} (btp: the superseding run's tp, when it has one); XADD <ended>:<workflow tag>
+  {<state> = run ids}.
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -92,6 +96,7 @@ for n = 1, #reqs do
       mx = q.max, sg = q.st, sx = q.x == 1 and 1 or nil, a = 1, m = q.m or 3, t0 = now, c = 1,
     }
     hopsAtAdmission(rec, q.ir, written[n], readMs)
+    if q.tp and q.tp ~= '' then rec.tp = q.tp end
     fresh[rid] = q['in'] or ''
     if q.u == 1 then
       rec.u, rec.sg = 1, nil
@@ -127,4 +132,5 @@ callChunked('HSET', inputsKey, inputs, 1000)
 ackEntries(requestsKey, groupName, 6, 2)
 flushRuns()
 flushNewest()
+if #traced > 0 then return { 0, created, dups, stats.assigned, stats.cancelled, traced } end
 return { 0, created, dups, stats.assigned, stats.cancelled }

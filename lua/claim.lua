@@ -22,7 +22,8 @@
 
   Output:
     {0, item, ...}, one item per quintuple, in order:
-      {1, run id, attempt, workflow, version, input, key, sequence}   claimed
+      {1, run id, attempt, workflow, version, input, key, sequence, tp}   claimed
+        (tp: the run's trace context, '' when it has none)
       {0, run id, state}   refused: state is the run's state letter, or '' when it is gone
     {-4, i}  quintuple i is malformed (attempt, stream or shard number); nothing written
 
@@ -71,7 +72,9 @@ for i = 7, #ARGV, 5 do
       if not mine then mine = {}; claimedOf[b] = mine end
       mine[rec.w] = (mine[rec.w] or 0) + 1
     end
-    out[#out + 1] = { 1, rid, att, rec.w, rec.v, rcall('HGET', KEYS[o + 2], rid) or '', rec.k, rec.s }
+    out[#out + 1] = {
+      1, rid, att, rec.w, rec.v, rcall('HGET', KEYS[o + 2], rid) or '', rec.k, rec.s, rec.tp or '',
+    }
   else
     out[#out + 1] = { 0, rid, rec and rec.st or '' }
   end

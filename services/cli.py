@@ -35,8 +35,9 @@ def _admission(args: argparse.Namespace, settings: Settings) -> None:
         trim_interval=args.trim_interval,
     )
     run_until_signal(
-        lambda stop: serve(settings, config, stop), args.metrics_port, _host(args, settings)
-    )
+        lambda stop: serve(settings, config, stop), args.metrics_port, _host(args, settings),
+        service="admission",
+    )  # fmt: skip
 
 
 def _ingress(args: argparse.Namespace, settings: Settings) -> None:
@@ -51,8 +52,9 @@ def _ingress(args: argparse.Namespace, settings: Settings) -> None:
         trim_interval=args.trim_interval,
     )
     run_until_signal(
-        lambda stop: serve(settings, config, stop), args.metrics_port, _host(args, settings)
-    )
+        lambda stop: serve(settings, config, stop), args.metrics_port, _host(args, settings),
+        service="ingress",
+    )  # fmt: skip
 
 
 def _executor(args: argparse.Namespace, settings: Settings) -> None:
@@ -72,6 +74,7 @@ def _executor(args: argparse.Namespace, settings: Settings) -> None:
         lambda stop: serve(settings, workflows, config, stop),
         args.metrics_port,
         _host(args, settings),
+        service="executor",
     )
 
 

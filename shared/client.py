@@ -17,7 +17,7 @@ import orjson
 import redis as redis_sync
 from redis.asyncio import Redis
 
-from supersede import codec
+from supersede import codec, tracing
 from supersede.config import DEFAULT_NAMESPACE
 from supersede.keys import ShardKeys, inbox_stream
 from supersede.model import shard_of_run
@@ -31,7 +31,8 @@ def event_fields(
     id: str | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> dict[bytes, bytes]:
-    """The inbox fields of one event; raises TypeError/ValueError on a bad argument."""
+    """The inbox fields of one event, with the caller's `traceparent` when an OpenTelemetry
+    span is current; raises TypeError/ValueError on a bad argument."""
     if not isinstance(name, str) or not name:
         raise ValueError("name must be a non-empty string")
     if not isinstance(data, dict):
@@ -43,6 +44,9 @@ def event_fields(
         if not isinstance(metadata, dict):
             raise TypeError("metadata must be a dict (a JSON object)")
         fields[Inbox.METADATA] = orjson.dumps(metadata)
+    traceparent = tracing.current_traceparent()  # the caller's trace goes on into the run's
+    if traceparent:
+        fields[Inbox.TRACEPARENT] = traceparent.encode()
     return fields
 
 

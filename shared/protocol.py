@@ -51,6 +51,7 @@ class Inbox:
     ENCODING = b"encoding"
     JSON = b"json"
     MSGPACK = b"msgpack"
+    TRACEPARENT = b"traceparent"  # optional W3C trace context: the run's spans continue it
 
 
 PAYLOAD = b"r"
@@ -73,6 +74,7 @@ class Control:
     ATTEMPT = b"a"
     BY = b"by"
     WHY = b"why"
+    BY_TRACEPARENT = b"btp"  # the superseding run's trace context (only when it is traced)
 
 
 class Dead:
@@ -167,7 +169,7 @@ class Outcome(enum.StrEnum):
 
 
 # -- run requests (ingress -> admission) ----------------------------------------------------------
-REQUEST_FIELDS = ("id", "g", "s", "w", "v", "k", "ev", "max", "st", "x", "m", "in", "ir", "u")
+REQUEST_FIELDS = ("id", "g", "s", "w", "v", "k", "ev", "max", "st", "x", "m", "in", "ir", "u", "tp")
 """Keys of a packed run request, read by lua/admit.lua (lua/includes/validate.lua)."""
 
 
@@ -189,12 +191,13 @@ class RunRequest:
     input: bytes = b""
     ingress_read_ms: int = 0  # when ingress read the event (a hop time); 0: unknown
     unlimited: bool = False  # the workflow has no concurrency limit: no group, assigned at once
+    traceparent: str = ""  # the run's trace context (tracing on), else ''
 
     def pack(self) -> bytes:
         return pack_request(
             self.run_id, self.group, self.seq, self.workflow, self.version, self.key,
             self.event_id, self.max_runs, self.strategy, self.strict, self.max_attempts,
-            self.input, self.ingress_read_ms, self.unlimited,
+            self.input, self.ingress_read_ms, self.unlimited, self.traceparent,
         )  # fmt: skip
 
 
@@ -237,12 +240,14 @@ class RequestPacker:
         event_id: str,
         payload: bytes,
         read_ms: int = 0,
+        traceparent: str = "",
     ) -> bytes:
         p = codec.pack
         return b"".join(
             (
-                b"\x8e\xa2id", p(rid), b"\xa1g", p(group), b"\xa1s", p(seq), b"\xa1k", p(key),
-                b"\xa2ev", p(event_id), b"\xa2in", p(payload), b"\xa2ir", p(read_ms), self._tail,
+                b"\x8f\xa2id", p(rid), b"\xa1g", p(group), b"\xa1s", p(seq), b"\xa1k", p(key),
+                b"\xa2ev", p(event_id), b"\xa2in", p(payload), b"\xa2ir", p(read_ms),
+                b"\xa2tp", p(traceparent), self._tail,
             )
         )  # fmt: skip
 
@@ -262,6 +267,7 @@ def pack_request(
     payload: bytes,
     ingress_read_ms: int = 0,
     unlimited: bool = False,
+    traceparent: str = "",
 ) -> bytes:
     """The wire form of a run request (read by lua/admit.lua); `ingress_read_ms` is when
     ingress read the event (0: unknown), kept on the run as a hop time; `unlimited`: the
@@ -282,6 +288,7 @@ def pack_request(
             "in": payload,
             "ir": ingress_read_ms,
             "u": 1 if unlimited else 0,
+            "tp": traceparent,
         }
     )
 
@@ -344,6 +351,7 @@ RECORD_FIELDS = {
     "ev": "event id",
     "mx": "max_runs of the group",
     "u": "1: the workflow has no concurrency limit (no slot, queue or active zset entry)",
+    "tp": "the run's W3C traceparent (its ingress span), only when traced",
     "sg": "strategy code (absent on a run without a limit)",
     "sx": "1: strict mode (absent when off)",
     "a": "attempt",

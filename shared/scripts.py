@@ -73,6 +73,9 @@ class AdmitResult:
     duplicates: int
     assigned: int
     cancelled: int
+    # cancelled runs that carry a trace context: (run id, its traceparent, superseding run
+    # id or '', that run's traceparent or '', reason)
+    traced: tuple[tuple[str, str, str, str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,7 @@ class Claim:
     key: str = ""
     seq: str = ""
     state: str = ""
+    traceparent: str = ""  # the run's trace context ('' when it is not traced)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,7 @@ def _parse_claims(reply: list[Any]) -> list[Claim]:
                     key=_s(item[6]),
                     seq=_s(item[7]),
                     state="R",
+                    traceparent=_s(item[8]) if len(item) > 8 else "",
                 )
             )
         else:
@@ -194,7 +199,8 @@ class Scripts:
         sk = self.keys.shard(shard)
         keys = [*sk.state_keys(), sk.requests_stream, sk.newest_hash, sk.newest_at_zset]
         r = await self._call("admit", keys, args)
-        return AdmitResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]))
+        traced = tuple(tuple(_s(x) for x in t) for t in r[5]) if len(r) > 5 else ()
+        return AdmitResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), traced)  # type: ignore[arg-type]
 
     async def claim(
         self,

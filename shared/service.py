@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from redis.asyncio import Redis
 
-from supersede import metrics
+from supersede import metrics, tracing
 from supersede.config import (
     DEFAULT_METRICS_HOST,
     Settings,
@@ -72,6 +72,7 @@ class Service:
         self.scripts = Scripts(redis, self.keys)
         self.log = logging.getLogger(f"supersede.{self.name}")
         self.ready = False
+        self.tracer = tracing.setup(self.name)  # None unless OTEL_* variables ask for traces
 
     # -- what a service gives ---------------------------------------------------------------------
     def groups(self) -> Sequence[GroupSpec]:
@@ -112,6 +113,7 @@ class Service:
             for task in timers:
                 task.cancel()
             await asyncio.gather(*timers, return_exceptions=True)
+            tracing.flush()
             self.log.info(f"{self.name} stopped", extra={"consumer": self.consumer})
 
     async def _every(
@@ -170,9 +172,13 @@ def run_until_signal(
     main: Callable[[asyncio.Event], Awaitable[None]],
     metrics_port: int,
     metrics_host: str = DEFAULT_METRICS_HOST,
+    *,
+    service: str = "service",
 ) -> None:
-    """A service process: serve /metrics, /healthz and /readyz on `metrics_port` (0: none),
-    run main(stop), and set `stop` on SIGTERM or SIGINT so the service drains and exits 0."""
+    """A service process: set up tracing (a bad OTEL_* setting is refused before anything
+    else), serve /metrics, /healthz and /readyz on `metrics_port` (0: none), run main(stop),
+    and set `stop` on SIGTERM or SIGINT so the service drains and exits 0."""
+    tracing.setup(service)
     metrics.serve(metrics_port, metrics_host)
 
     async def until_signal() -> None:

@@ -15,14 +15,13 @@ With tracing off nothing is added to any entry or record.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import threading
 from typing import Any
 
 from supersede.errors import ConfigError
-
-TRACEPARENT = b"traceparent"
-"""The inbox field that continues a producer's trace (W3C Trace Context)."""
 
 _lock = threading.Lock()
 _tracer: Any = None
@@ -57,6 +56,7 @@ def setup(service: str) -> Any:
         if exporters:
             _provider = _make_provider(service, exporters)
             _tracer = _provider.get_tracer("supersede")
+            atexit.register(shutdown)
         _configured = True
         return _tracer
 
@@ -71,7 +71,9 @@ def _make_provider(service: str, exporters: list[str]) -> Any:
             "OTEL_TRACES_EXPORTER (or an OTLP endpoint) asks for traces, but the OpenTelemetry "
             "SDK is not installed: pip install 'supersede[tracing]', or unset the variable"
         ) from None
-    defaults = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": f"supersede-{service}"}
+    defaults = (
+        {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": f"supersede-{service}"}
+    )
     provider = TracerProvider(resource=Resource.create(defaults))
     for name in exporters:
         if name == "console":
@@ -102,6 +104,12 @@ def _otlp_exporter() -> Any:
             "(or set OTEL_TRACES_EXPORTER=console)"
         ) from None
     return OTLPSpanExporter()
+
+
+def flush() -> None:
+    """Export what is buffered now (a service that stops; the process may go on)."""
+    if _provider is not None:
+        _provider.force_flush()
 
 
 def shutdown() -> None:
@@ -143,14 +151,65 @@ def traceparent_of(span: Any) -> str:
     return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
 
 
+_api: Any = None  # the opentelemetry.trace module, False when it is not installed
+
+
 def current_traceparent() -> str:
     """The `traceparent` of the caller's current span, when the OpenTelemetry API is installed
     and a span is current ('' otherwise): what `publish` puts in the inbox entry."""
-    try:
-        from opentelemetry import trace
-    except ImportError:
-        return ""
-    return traceparent_of(trace.get_current_span())
+    global _api
+    if _api is None:
+        try:
+            from opentelemetry import trace
+
+            _api = trace
+        except ImportError:
+            _api = False
+    return traceparent_of(_api.get_current_span()) if _api else ""
+
+
+def current(span: Any) -> Any:
+    """Make `span` the current one in a `with` block (nothing when it is None)."""
+    if span is None:
+        return contextlib.nullcontext()
+    from opentelemetry import trace
+
+    return trace.use_span(span, end_on_exit=False)
+
+
+def step(tracer: Any, name: str, attempt: int) -> Any:
+    """A span around one attempt of a step, a child of the current (run) span; nothing without
+    a tracer. An exception the step raises is recorded on it."""
+    if tracer is None:
+        return contextlib.nullcontext()
+    return tracer.start_as_current_span(
+        f"supersede.step {name}", attributes={"supersede.step": name, "supersede.try": attempt}
+    )
+
+
+def cancelled(span: Any, by_traceparent: bytes | str) -> None:
+    """Mark a run span cancelled, linked to the span of the run that superseded it."""
+    span.add_event("cancel requested")
+    link = link_to(by_traceparent)
+    if link is not None:
+        span.add_link(link.context, {"supersede.link": "superseded_by"})
+
+
+def end_run(span: Any, outcome: str, error: str) -> None:
+    """End a run span with its outcome (an error status when it FAILED)."""
+    from opentelemetry.trace import Status, StatusCode
+
+    span.set_attribute("supersede.outcome", outcome)
+    if outcome == "FAILED":
+        span.set_status(Status(StatusCode.ERROR, error.splitlines()[-1] if error else ""))
+    span.end()
+
+
+def kind(name: str) -> Any:
+    """The SpanKind named `name` (PRODUCER, CONSUMER, INTERNAL ...)."""
+    from opentelemetry.trace import SpanKind
+
+    return SpanKind[name]
 
 
 def ns(ms: float) -> int:

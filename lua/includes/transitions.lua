@@ -7,6 +7,10 @@
 ]]
 local RID_AT = 16 + 1 + 32 + 2
 local stats = { assigned = 0, cancelled = 0, ended = 0 }
+-- Runs cancelled by this call that carry a trace context (record field tp, only with tracing
+-- on): {run id, tp, superseding run id, its tp, reason}, for the caller's cancel spans and
+-- their links.
+local traced = {}
 local fresh = {}      -- run id -> input of runs created by this call, not yet written
 local touched = {}    -- group id -> a record of that group (carries the limits), for refills
 local touchedList = {}
@@ -127,6 +131,24 @@ local function assignRun(rid, rec)
   stats.assigned = stats.assigned + 1
 end
 
+-- The trace context of run `rid` ('' when it has none).
+local function traceOf(rid)
+  local rec = rid and loadRun(rid)
+  return rec and rec.tp or ''
+end
+
+-- A run cancelled here: remembered for the caller's spans when it is traced.
+local function noteTraced(rid, rec, by, why)
+  if rec.tp then traced[#traced + 1] = { rid, rec.tp, by or '', traceOf(by), why or '' } end
+end
+
+-- The fields a cancel message adds for tracing: the superseding run's context, for a link.
+local function traceFields(by)
+  local tp = traceOf(by)
+  if tp ~= '' then return { 'btp', tp } end
+  return {}
+end
+
 -- A run that held a slot gives it back and leaves the active zset (a limited one).
 local function release(rid, rec)
   if limited(rec) then
@@ -140,6 +162,7 @@ end
 local function cancelActive(m, why, by)
   local rid = ridOf(m)
   local rec = loadRun(rid)
+  noteTraced(rid, rec, by, why)
   if limited(rec) then rcall('ZREM', activeKey, m) end
   if rec.st == 'A' then
     if limited(rec) then addSlots(rec.g, -1) end
@@ -154,7 +177,7 @@ local function cancelActive(m, why, by)
   if rec.sg == 1 and why ~= 'superseded' then rememberEnded(rec.g, m, rec.mx) end
   if rec.sx == 1 then rec.h = 1 elseif limited(rec) then addSlots(rec.g, -1) end
   rcall('XADD', controlKey, '*',
-    'op', 'cancel', 'id', rid, 'a', rec.a, 'by', by or '', 'why', why)
+    'op', 'cancel', 'id', rid, 'a', rec.a, 'by', by or '', 'why', why, unpack(traceFields(by)))
   saveRun(rid, rec)
   stats.cancelled = stats.cancelled + 1
 end
@@ -163,6 +186,7 @@ end
 local function cancelPending(p, why, by)
   local rid = ridOf(p.m)
   local rec = loadRun(rid)
+  noteTraced(rid, rec, by, why)
   if p.stored then rcall('ZREM', queueKey, p.m) end
   endRun(rid, rec, 'C', why, by)
 end

@@ -20,7 +20,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from supersede import aio, codec
+from supersede import aio, codec, tracing
 from supersede.config import Settings
 from supersede.errors import ScriptError
 from supersede.metrics import HOP_SECONDS
@@ -309,6 +309,8 @@ class Admission(Service):
             shard, entries, read_ms=read_ms, assign_deadline_ms=self.config.assign_deadline_ms
         )
         done = time.time() * 1000
+        if self.tracer:
+            self._trace_admit(entries, read_ms, done, r.traced)
         # request written -> read by admission, for the batch's oldest request
         HOP_SECONDS.labels("requests").observe(max(0, read_ms - entry_ms(entries[0][0])) / 1000)
         HOP_SECONDS.labels("admission").observe(max(0.0, done - read_ms) / 1000)
@@ -316,6 +318,42 @@ class Admission(Service):
         metrics.REQUESTS.labels("duplicate").inc(r.duplicates)
         metrics.ASSIGNED.inc(r.assigned)
         metrics.CANCELLED.inc(r.cancelled)
+
+    def _trace_admit(
+        self,
+        entries: Items,
+        read_ms: int,
+        done_ms: float,
+        traced: tuple[tuple[str, str, str, str, str], ...],
+    ) -> None:
+        """An admission span in the trace of each traced run of the batch, from the read to the
+        script's answer; and, for each traced run it cancelled, a cancel span that links to the
+        span of the run that superseded it."""
+        for _, payload in entries:
+            req = codec.unpack(payload)
+            if not isinstance(req, dict) or not req.get("tp"):
+                continue
+            span = self.tracer.start_span(
+                "supersede.admission",
+                context=tracing.context_of(req["tp"]),
+                kind=tracing.kind("CONSUMER"),
+                start_time=tracing.ns(read_ms),
+                attributes={"supersede.run_id": str(req.get("id", "")),
+                            "supersede.workflow": str(req.get("w", ""))},
+            )  # fmt: skip
+            span.end(end_time=tracing.ns(done_ms))
+        for rid, tp, by, by_tp, why in traced:
+            link = tracing.link_to(by_tp)
+            attributes = {"supersede.run_id": rid, "supersede.reason": why,
+                          "supersede.cancelled_by": by}  # fmt: skip
+            span = self.tracer.start_span(
+                "supersede.cancel",
+                context=tracing.context_of(tp),
+                links=[link] if link else None,
+                start_time=tracing.ns(done_ms),
+                attributes=attributes,
+            )
+            span.end(end_time=tracing.ns(done_ms))
 
     async def _finish(self, batches: dict[int, Items]) -> None:
         r = await self.scripts.finish_shards(

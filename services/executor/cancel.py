@@ -14,8 +14,9 @@ from typing import cast
 
 from redis.asyncio import Redis
 
+from supersede import tracing
 from supersede.keys import Keys
-from supersede.protocol import Entry, Outcome, StreamReply, parse_cancel
+from supersede.protocol import Control, Entry, Outcome, StreamReply, parse_cancel
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.steps import Runner, Running
@@ -47,14 +48,19 @@ class Cancels:
         self._early: OrderedDict[str, tuple[int | None, float, float]] = OrderedDict()
         self._grace_reports: set[asyncio.Task[None]] = set()
 
-    def cancel_local(self, rid: str, attempt: int | None, decided_ms: float) -> None:
-        """Stop a local run now: cancel its task, set its flag, report after the grace period."""
+    def cancel_local(
+        self, rid: str, attempt: int | None, decided_ms: float, by_traceparent: bytes = b""
+    ) -> None:
+        """Stop a local run now: cancel its task, set its flag, report after the grace period.
+        `by_traceparent`: the superseding run's trace context, linked from this run's span."""
         run = self.runner.active.get(rid)
         if run is None or run.cancel_decided_ms is not None:
             return
         if attempt is not None and attempt != run.attempt:
             return
         run.cancel_decided_ms = decided_ms
+        if run.span is not None:
+            tracing.cancelled(run.span, by_traceparent)
         run.ctx._cancel()
         if run.task and not run.task.done():
             run.task.cancel()
@@ -119,7 +125,8 @@ class Cancels:
                 continue
             rid, attempt = cancel
             if rid in self.runner.active:
-                self.cancel_local(rid, attempt, entry_ms(entry_id))
+                by_tp = fields.get(Control.BY_TRACEPARENT, b"")
+                self.cancel_local(rid, attempt, entry_ms(entry_id), by_tp)
             else:  # its claim reply may not have been handled yet
                 self._remember(rid, attempt, entry_ms(entry_id))
 

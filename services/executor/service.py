@@ -61,7 +61,7 @@ class Executor(Service):
         self.workflows = tuple(self.definitions)
         cluster = isinstance(redis, RedisCluster)
         self.outbox = Outbox(redis, self.keys, self.config)
-        self.runner = Runner(workflows, self.config, self.outbox)
+        self.runner = Runner(workflows, self.config, self.outbox, tracer=self.tracer)
         self.cancels = Cancels(redis, self.keys, self.runner, self.config, cluster=cluster)
         self.claimer = Claimer(self.scripts, self.consumer, self.config, self.runner, self.cancels)
         self.fetcher = Fetcher(self, self.keys, self.config, self.runner, self.claimer,

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from supersede import codec
+from supersede import codec, tracing
 from supersede.errors import describe
 from supersede.metrics import HOP_SECONDS
 from supersede.protocol import Outcome, RunResult, unpack_input
@@ -71,15 +71,24 @@ class Running:
     reported: bool = False
     started: float = field(default_factory=time.monotonic)  # claimed (monotonic clock)
     handler_started_ms: int = 0  # wall clock, a hop time of the run; 0: never started
+    span: Any = None  # the run's span on this executor (tracing on)
 
 
 class Runner:
     """The local slots: which runs execute here, and the code that executes them."""
 
-    def __init__(self, workflows: Sequence[Workflow], config: ExecutorConfig, outbox: Outbox):
+    def __init__(
+        self,
+        workflows: Sequence[Workflow],
+        config: ExecutorConfig,
+        outbox: Outbox,
+        *,
+        tracer: Any = None,
+    ) -> None:
         self.workflows = {wf.id: wf for wf in workflows}
         self.config = config
         self.outbox = outbox
+        self.tracer = tracer
         self.active: dict[str, Running] = {}
         self.awaiting: dict[str, Reported] = {}  # outcome written, not yet applied
         self.pool = ThreadPoolExecutor(max_workers=max(4, config.slots * 2))
@@ -114,6 +123,14 @@ class Runner:
             self._fail_at_once(shard, claim, "unknown workflow")
             return None
         run = Running(claim.run_id, shard, claim.attempt, wf, ctx)
+        if self.tracer:
+            run.span = self.tracer.start_span(
+                "supersede.run",
+                context=tracing.context_of(claim.traceparent),
+                kind=tracing.kind("CONSUMER"),
+                attributes={"supersede.run_id": claim.run_id, "supersede.workflow": wf.id,
+                            "supersede.attempt": claim.attempt, "supersede.key": claim.key},
+            )  # fmt: skip
         self.active[claim.run_id] = run
         metrics.RUNS_STARTED.labels(wf.id).inc()
         metrics.BUSY_SLOTS.set(len(self.active))
@@ -132,7 +149,8 @@ class Runner:
         run.handler_started_ms = int(time.time() * 1000)
         HOP_SECONDS.labels("start").observe(time.monotonic() - run.started)
         try:
-            outcome, error = await self._run_steps(run)
+            with tracing.current(run.span):  # the step spans are its children
+                outcome, error = await self._run_steps(run)
         except asyncio.CancelledError:
             if run.cancel_decided_ms is None:
                 raise  # shutdown: leave the run to its lease
@@ -146,7 +164,8 @@ class Runner:
             for attempt in range(step.retries + 1):
                 started = time.perf_counter()
                 try:
-                    output = await self._call(step, run.ctx)
+                    with tracing.step(self.tracer if run.span else None, step.name, attempt):
+                        output = await self._call(step, run.ctx)
                     size = len(codec.pack(output))  # outputs must be msgpack-able values
                     run.ctx.outputs[step.name] = output
                     break
@@ -248,6 +267,8 @@ class Runner:
                 outcome, outputs = Outcome.FAILED, None
         result = RunResult(run.run_id, run.attempt, outcome, error[:MAX_ERROR_CHARS], outputs,
                            run.handler_started_ms)  # fmt: skip
+        if run.span is not None:
+            tracing.end_run(run.span, outcome.name, error)
         try:
             await asyncio.shield(self.outbox.put(run.shard, result))
             if self.active.get(run.run_id) is run:  # not superseded by a newer attempt here

@@ -23,7 +23,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from supersede import aio
+from supersede import aio, tracing
 from supersede.config import Settings
 from supersede.errors import KeyExpressionError, describe
 from supersede.keyexpr import KeyFn, compile_key
@@ -202,6 +202,7 @@ class Batch:
     ids: dict[int, list[tuple[str, bytes, int, int]]] = field(default_factory=dict)
     dead: list[dict[Any, Any]] = field(default_factory=list)
     unrouted: int = 0
+    spans: list[Any] = field(default_factory=list)  # one per run requested (tracing on)
 
 
 class WriteFailed(Exception):
@@ -396,7 +397,10 @@ class Ingress(Service):
                 gid, shard = route.group_of(key, self.keys.shards)
                 digest = event_digest(event.id, wf.id)
                 rid = run_id(shard, event.id, wf.id, digest)
-                request = route.packer.pack(rid, gid, seq, key, event.id, payload, batch.read_ms)
+                tp = self._trace(batch, fields, rid, wf.id, event, key) if self.tracer else ""
+                request = route.packer.pack(
+                    rid, gid, seq, key, event.id, payload, batch.read_ms, tp
+                )
             except KeyExpressionError as exc:
                 batch.dead.append(self._dead(entry_id, fields, exc.reason, exc.detail, wf.id))
                 continue
@@ -442,9 +446,42 @@ class Ingress(Service):
         batch.ids = {}
         return sum(map(len, drop.values()))
 
+    def _trace(
+        self,
+        batch: Batch,
+        fields: dict[bytes, bytes],
+        rid: str,
+        workflow: str,
+        event: Event,
+        key: str,
+    ) -> str:
+        """Start the run's ingress span (it continues the entry's `traceparent`, if any) and
+        return its context, which travels with the run; it ends when the request is written."""
+        span = self.tracer.start_span(
+            "supersede.ingress",
+            context=tracing.context_of(fields.get(Inbox.TRACEPARENT)),
+            kind=tracing.kind("PRODUCER"),
+            start_time=tracing.ns(batch.read_ms),
+            attributes={"supersede.run_id": rid, "supersede.workflow": workflow,
+                        "supersede.event": event.name, "supersede.key": key},
+        )  # fmt: skip
+        batch.spans.append(span)
+        return tracing.traceparent_of(span)
+
     async def write(self, batch: Batch) -> None:
         """Claim explicit ids, append the requests (one script call per shard), then dead
         letters + XACK at once."""
+        try:
+            await self._write(batch)
+        except BaseException as exc:
+            for span in batch.spans:
+                span.record_exception(exc)
+                span.end()
+            raise
+        for span in batch.spans:
+            span.end()
+
+    async def _write(self, batch: Batch) -> None:
         dropped = await self.drop_duplicate_ids(batch) if batch.ids else 0
         shard_ids = list(batch.requests)
         await aio.gather(
