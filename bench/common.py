@@ -9,9 +9,13 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+RESULTS: dict[str, float] = {}
+"""Every figure reported in this process, by name: the comparisons across benchmarks."""
+
 
 def report(name: str, value: float, unit: str, reference: float | None, **extra: Any) -> None:
     """Print one `BENCH {json}` line; ratio = value / reference measured in the same run."""
+    RESULTS[name] = value
     line: dict[str, Any] = {
         "name": name,
         "value": round(value, 3),
