@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,6 +28,7 @@ from supersede.config import (
     pin_shard_count,
     redact,
 )
+from supersede.errors import ConfigError
 from supersede.protocol import Entry
 from supersede.scripts import Scripts
 from supersede.streams import GroupSpec, OwnPending, after_failure, consumer_name, create_groups
@@ -188,7 +190,23 @@ def run_until_signal(
             loop.add_signal_handler(sig, stop.set)
         await main(stop)
 
-    asyncio.run(until_signal())
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(until_signal())
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when it is installed (a dependency where it builds), unless
+    SUPERSEDE_EVENT_LOOP=asyncio asks for the standard one; None: the standard one."""
+    choice = os.environ.get("SUPERSEDE_EVENT_LOOP", "uvloop").strip().lower()
+    if choice not in ("uvloop", "asyncio"):
+        raise ConfigError(f"SUPERSEDE_EVENT_LOOP must be uvloop or asyncio, not {choice!r}")
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def serve(
