@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from supersede import codec
 from supersede.keys import Keys
-from supersede.model import group_id, shard_of_group, shard_of_run
+from supersede.model import group_id, run_id, shard_of_group, shard_of_run
 from supersede.protocol import (
     ADMISSION_GROUP,
     EXECUTOR_GROUP,
@@ -129,16 +129,27 @@ async def _groups_of_key(
     return {w: [group_id(w, v, key) for v in vs] for w, vs in versions.items()}
 
 
-async def _live_of_key(redis: Redis, keys: Keys, groups: dict[str, list[str]]) -> list[str]:
-    """Run ids of the QUEUED, ASSIGNED and RUNNING runs of `groups`: each group's members in
-    the queue and active zsets."""
+async def _live_of_key(
+    redis: Redis, keys: Keys, groups: dict[str, list[str]], key: str
+) -> list[str]:
+    """Run ids of the QUEUED, ASSIGNED and RUNNING runs of `groups` (of `key`): each group's
+    members in the queue and active zsets; and a live run of a workflow without a limit,
+    which is in neither: there the key is the event id, so its run id follows from it."""
     async with redis.pipeline(transaction=False) as pipe:
         for g in (g for gs in groups.values() for g in gs):
             sk = keys.shard(shard_of_group(g, keys.shards))
             for zset in (sk.queue_zset, sk.active_zset):
                 pipe.zrangebylex(zset, f"[{g}|", f"({g}}}")  # members '<g>|...' ('}' > '|')
         replies = await pipe.execute()
-    return [_rid_of_member(m) for members in replies for m in members]
+    found = [_rid_of_member(m) for members in replies for m in members]
+    candidates = {run_id(shard_of_group(g, keys.shards), key, w)
+                  for w, gs in groups.items() for g in gs} - set(found)  # fmt: skip
+    unlimited = [
+        r.id
+        for r in await _records(redis, keys, sorted(candidates))
+        if r.max_runs == 0 and r.key == key and r.state.value in LIVE
+    ]
+    return found + unlimited
 
 
 LIVE_SORTED = 10_000  # up to this many live runs are all read, so the newest come first
@@ -272,7 +283,7 @@ async def list_runs(
     live: list[RunRecord] = []
     if wanted & LIVE:
         if key is not None:
-            rids = await _live_of_key(redis, keys, groups)
+            rids = await _live_of_key(redis, keys, groups, key)
             live = [r for r in await _records(redis, keys, rids) if keep(r)]
             live.sort(key=lambda r: r.created_ms or 0, reverse=True)
             live = live[:limit]
@@ -348,7 +359,7 @@ async def cancel_key(redis: Redis, scripts: Scripts, workflow: str, key: str) ->
     """Cancel every live run of (workflow, key), whatever its version (from its groups'
     members in the queue and active zsets, not a scan)."""
     groups = await _groups_of_key(redis, scripts.keys, workflow, key)
-    rids = await _live_of_key(redis, scripts.keys, groups)
+    rids = await _live_of_key(redis, scripts.keys, groups, key)
     return await cancel_runs(scripts, rids) if rids else {}
 
 

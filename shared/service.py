@@ -197,7 +197,7 @@ def run_until_signal(
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's loop when it is installed (a dependency where it builds), unless
     SUPERSEDE_EVENT_LOOP=asyncio asks for the standard one; None: the standard one."""
-    choice = os.environ.get("SUPERSEDE_EVENT_LOOP", "uvloop").strip().lower()
+    choice = os.environ.get("SUPERSEDE_EVENT_LOOP", "").strip().lower() or "uvloop"
     if choice not in ("uvloop", "asyncio"):
         raise ConfigError(f"SUPERSEDE_EVENT_LOOP must be uvloop or asyncio, not {choice!r}")
     if choice == "asyncio":

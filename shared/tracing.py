@@ -10,20 +10,23 @@ field, which the ingress span of each of its runs continues. That span's context
 the run (request field and record field `tp`, the claim reply, the cancel message of a run it
 supersedes), so admission and the executor add their spans to the same trace, the executor's
 step spans under its run span, and a cancelled run's spans link to the run that superseded it.
-With tracing off nothing is added to any entry or record.
+With tracing off no record grows; request entries carry an empty `tp`.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import threading
 from typing import Any
 
 from supersede.errors import ConfigError
 
+log = logging.getLogger("supersede")
 _lock = threading.Lock()
+_ALIASES = {"otlp_proto_http": "otlp", "otlp_proto_grpc": "otlp"}
 _tracer: Any = None
 _provider: Any = None
 _configured = False
@@ -39,7 +42,7 @@ def wanted() -> list[str]:
             "OTEL_EXPORTER_OTLP_ENDPOINT"
         )
         return ["otlp"] if endpoint else []
-    out = [n.strip().lower() for n in names.split(",") if n.strip()]
+    out = [_ALIASES.get(n, n) for n in (x.strip().lower() for x in names.split(",")) if n]
     return [] if out == ["none"] else [n for n in out if n != "none"]
 
 
@@ -53,12 +56,26 @@ def setup(service: str) -> Any:
         if _configured:
             return _tracer
         exporters = wanted()
+        if exporters and not os.environ.get("OTEL_TRACES_EXPORTER") and not _sdk_installed():
+            # Only an OTLP endpoint (platforms set it for every process): no traces without
+            # the SDK, said once; an exporter asked for by name is refused below instead.
+            log.warning("an OTLP endpoint is set but the OpenTelemetry SDK is not installed: "
+                        "no traces (pip install 'supersede[tracing]')")  # fmt: skip
+            exporters = []
         if exporters:
             _provider = _make_provider(service, exporters)
             _tracer = _provider.get_tracer("supersede")
             atexit.register(shutdown)
         _configured = True
         return _tracer
+
+
+def _sdk_installed() -> bool:
+    try:
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _make_provider(service: str, exporters: list[str]) -> Any:
@@ -89,7 +106,10 @@ def _make_provider(service: str, exporters: list[str]) -> Any:
 
 
 def _otlp_exporter() -> Any:
-    grpc = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf").startswith("grpc")
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+    )
+    grpc = protocol.startswith("grpc")
     try:
         if grpc:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -128,8 +148,10 @@ def context_of(traceparent: bytes | str | None) -> Any:
     from opentelemetry import trace
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    value = traceparent.decode() if isinstance(traceparent, bytes) else traceparent
-    ctx = TraceContextTextMapPropagator().extract({"traceparent": value})
+    value = (
+        traceparent.decode("ascii", "replace") if isinstance(traceparent, bytes) else traceparent
+    )
+    ctx = TraceContextTextMapPropagator().extract({"traceparent": value})  # (invalid: no parent)
     return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
 
 

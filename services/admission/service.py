@@ -300,6 +300,19 @@ class Admission(Service):
                 await self._reject(stream, kind, bad_id, fields, exc.reason, exc.detail)
                 pending = [part for part in pending if part[2]]
                 continue
+            except Exception:
+                if len(pending) < 2:
+                    raise
+                # Not about one entry, and the call served several streams: each on its own,
+                # so the streams that do apply are not held back by the one that does not.
+                alone = [[(s, shard, [(e, {PAYLOAD: p}) for e, p in items])]
+                         for s, shard, items in pending]  # fmt: skip
+                outcomes = await asyncio.gather(
+                    *(self._apply(kind, part) for part in alone), return_exceptions=True
+                )
+                failed = [x for x in outcomes if isinstance(x, BaseException)]
+                if failed:
+                    raise failed[0] from None
             finally:
                 metrics.BATCH_SECONDS.labels(kind).observe(time.perf_counter() - started)
             return

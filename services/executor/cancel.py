@@ -44,8 +44,9 @@ class Cancels:
         self.config = config
         self.cluster = cluster
         # Cancels that arrived before their run was started here (the claim reply and the
-        # control message race): run id -> (attempt, decided ms, monotonic time received).
-        self._early: OrderedDict[str, tuple[int | None, float, float]] = OrderedDict()
+        # control message race): run id -> (attempt, decided ms, monotonic time received, the
+        # superseding run's trace context).
+        self._early: OrderedDict[str, tuple[int | None, float, float, bytes]] = OrderedDict()
         self._grace_reports: set[asyncio.Task[None]] = set()
 
     def cancel_local(
@@ -78,9 +79,11 @@ class Cancels:
         """A cancel that arrived before this run was started applies now."""
         early = self._early.pop(run.run_id, None)
         if early is not None:
-            self.cancel_local(run.run_id, early[0], early[1])
+            self.cancel_local(run.run_id, early[0], early[1], early[3])
 
-    def _remember(self, rid: str, attempt: int | None, decided_ms: float) -> None:
+    def _remember(
+        self, rid: str, attempt: int | None, decided_ms: float, by_traceparent: bytes = b""
+    ) -> None:
         """Keep a cancel for a run not (yet) here for a few seconds, at most EARLY_CANCEL_MAX of
         them. Oldest first in the dict, so forgetting is O(1) per cancel (every executor sees
         every cancel of the deployment, so this runs at the cancel rate of the whole system)."""
@@ -91,7 +94,7 @@ class Cancels:
             if now - oldest[2] < EARLY_CANCEL_TTL and len(early) < EARLY_CANCEL_MAX:
                 break
             early.popitem(last=False)
-        early[rid] = (attempt, decided_ms, now)
+        early[rid] = (attempt, decided_ms, now, by_traceparent)
         early.move_to_end(rid)
 
     # -- the control streams ---------------------------------------------------------------------
@@ -124,11 +127,11 @@ class Cancels:
             if cancel is None:
                 continue
             rid, attempt = cancel
+            by_tp = fields.get(Control.BY_TRACEPARENT, b"")
             if rid in self.runner.active:
-                by_tp = fields.get(Control.BY_TRACEPARENT, b"")
                 self.cancel_local(rid, attempt, entry_ms(entry_id), by_tp)
             else:  # its claim reply may not have been handled yet
-                self._remember(rid, attempt, entry_ms(entry_id))
+                self._remember(rid, attempt, entry_ms(entry_id), by_tp)
 
     # -- the heartbeat ---------------------------------------------------------------------------
     async def resend_loop(self, stop: asyncio.Event) -> None:

@@ -153,6 +153,8 @@ class Runner:
                 outcome, error = await self._run_steps(run)
         except asyncio.CancelledError:
             if run.cancel_decided_ms is None:
+                if run.span is not None:
+                    tracing.end_run(run.span, "LEFT_TO_LEASE", "")
                 raise  # shutdown: leave the run to its lease
             outcome, error = Outcome.CANCELLED, ""
             await self._on_cancel(run)

@@ -88,3 +88,23 @@ async def test_runs_of_a_quiet_workflow_are_found_behind_a_busy_one(
     assert len(everything) == 9
     newest = await list_runs(redis, keys, state="queued", limit=3)
     assert all(r["workflow"] == "quiet" for r in newest)  # created last, listed first
+
+
+async def test_runs_and_cancel_key_find_the_live_run_of_a_workflow_without_a_limit(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """Such a run is in no queue or active zset; its key is its event id, from which its run
+    id follows, so `runs --key` lists it and `cancel --key` stops it."""
+    await register(redis, keys, {"id": "free", "events": ["e"], "version": "v1"})
+    shard, req = make_request(
+        keys, workflow="free", version="v1", key="order-7", event="order-7", seq=1,
+        unlimited=True, strategy=Strategy.GROUP_ROUND_ROBIN,
+    )  # fmt: skip
+    await _admit(scripts, [(shard, req)], now=1_000)
+    [live] = await list_runs(redis, keys, workflow="free", key="order-7", limit=10)
+    assert live["id"] == req.run_id and live["state"] == "ASSIGNED"
+    assert await list_runs(redis, keys, workflow="free", key="order-8", limit=10) == []
+    assert await cancel_key(redis, scripts, "free", "order-7") == {req.run_id: True}
+    [ended] = await list_runs(redis, keys, workflow="free", key="order-7", limit=10)
+    assert ended["state"] == "CANCELLED"
+    assert await cancel_key(redis, scripts, "free", "order-7") == {}

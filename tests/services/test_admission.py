@@ -21,6 +21,7 @@ from supersede.protocol import (
     ADMISSION_GROUP,
     PAYLOAD,
     Outcome,
+    RunRecord,
     RunRequest,
     RunResult,
     Strategy,
@@ -466,3 +467,39 @@ async def test_results_of_every_shard_go_in_few_finish_calls_and_a_bad_one_is_de
         sum(len(p[2]) for p in c) for c in _chunks(parts, size) if any(p[1] == bad_shard for p in c)
     )
     assert sorted(calls) == sorted([*chunks, with_bad - 1])  # (then the rest is retried)
+
+
+async def test_a_shard_whose_results_break_the_script_does_not_hold_back_the_others(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """A result the finish script fails on for a reason that names no entry (here a run record
+    that is not msgpack) fails the call over every shard; the streams are then applied one by
+    one, so only that shard's results stay pending, for the re-read."""
+    await ensure_groups(redis, keys)
+    scripts = Scripts(redis, keys)
+    reqs = [make_request(keys, event=f"e{i}", seq=i, key=f"k{i}") for i in range(24)]
+    for shard, req in reqs:
+        sk = keys.shard(shard)
+        await scripts.admit(shard, [("0-1", req.pack())])
+        stream = sk.assignments_stream("wf")
+        await scripts.claim(shard, "ex", [(stream, "0-1", req.run_id, 1)], lease_ms=60_000)
+        fields = {PAYLOAD: RunResult(req.run_id, 1, Outcome.SUCCEEDED).pack()}
+        await redis.xadd(sk.results_stream, fields)
+    broken_shard, broken = reqs[0]
+    await redis.hset(keys.shard(broken_shard).runs_hash, broken.run_id, b"\xc1 not msgpack")
+    reply: dict[bytes, list[tuple[bytes, dict[bytes, bytes]]]] = {}
+    for sk in keys.all_shards():
+        read = await redis.xreadgroup(ADMISSION_GROUP, "a", {sk.results_stream: ">"})
+        reply.update((name, got) for name, got in read)
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    admission = Admission(redis, settings, AdmissionConfig())
+    with pytest.raises(Exception, match=r"msgpack|script"):
+        await admission.handle(list(reply.items()))
+    for shard, req in reqs:
+        if shard != broken_shard:
+            raw = await redis.hget(keys.shard(shard).runs_hash, req.run_id)
+            assert RunRecord.decode(req.run_id, raw).state.name == "SUCCEEDED"
+    for sk in keys.all_shards():
+        left = await pending_count(redis, [sk.results_stream], ADMISSION_GROUP)
+        expected = sum(1 for s, _ in reqs if s == sk.shard) if sk.shard == broken_shard else 0
+        assert left == expected
