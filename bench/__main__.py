@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import admission, cancel_storm, cluster, executor, ingress, ops, saq_ref
+from bench import admission, cancel_storm, cluster, executor, ingress, ops, saq_ref, serve
 
 
 def main() -> None:
     asyncio.run(admission.main(200_000, 10_000))
     asyncio.run(ingress.main(200_000, 10_000))
     asyncio.run(executor.main())
+    asyncio.run(serve.main())  # the same in one process (`supersede serve`)
     asyncio.run(saq_ref.main())  # SAQ's figures, then supersede's against them
     asyncio.run(cancel_storm.main())
     asyncio.run(cluster.main())

@@ -145,8 +145,11 @@ async def cancel_latency(redis: Redis, settings: Settings, env: dict[str, str]) 
     await wait_for(released)
 
 
-async def start_latency(redis: Redis, settings: Settings, reference: list[float]) -> None:
-    """Event published -> handler started, at ~200 events/s."""
+async def start_latency(
+    redis: Redis, settings: Settings, reference: list[float], prefix: str = ""
+) -> None:
+    """Event published -> handler started, at ~200 events/s; lines named `<prefix>start_…`
+    (the hop breakdown only without a prefix)."""
     ns = settings.namespace
     sent: dict[str, float] = {}
     for n in range(400):
@@ -163,12 +166,15 @@ async def start_latency(redis: Redis, settings: Settings, reference: list[float]
         k.decode(): float(v) for k, v in (await redis.hgetall(f"{ns}:bench:started-at")).items()
     }
     lat = [(started[k] - t) * 1000 for k, t in sent.items()]
-    report("start_latency_p50", statistics.median(lat), "ms", statistics.median(reference),
-           samples=len(lat), target=2, reference_name="xadd_to_xread_block_wakeup_p50",
+    report(f"{prefix}start_latency_p50", statistics.median(lat), "ms",
+           statistics.median(reference), samples=len(lat), target=2,
+           reference_name="xadd_to_xread_block_wakeup_p50",
            what="event published -> handler started, 200 events/s")  # fmt: skip
-    report("start_latency_p99", pct(lat, 0.99), "ms", pct(reference, 0.99), samples=len(lat),
-           target=10, reference_name="xadd_to_xread_block_wakeup_p99")  # fmt: skip
-    await hop_breakdown(redis, settings, "probe", len(sent), statistics.median(reference))
+    report(f"{prefix}start_latency_p99", pct(lat, 0.99), "ms", pct(reference, 0.99),
+           samples=len(lat), target=10,
+           reference_name="xadd_to_xread_block_wakeup_p99")  # fmt: skip
+    if not prefix:
+        await hop_breakdown(redis, settings, "probe", len(sent), statistics.median(reference))
 
 
 async def hop_breakdown(
@@ -198,7 +204,9 @@ async def hop_breakdown(
                reference_name="xadd_to_xread_block_wakeup_p50")  # fmt: skip
 
 
-async def e2e_throughput(redis: Redis, settings: Settings, n: int) -> None:
+async def e2e_throughput(
+    redis: Redis, settings: Settings, n: int, name: str = "e2e_throughput"
+) -> None:
     """All services running: n no-op events published at once, until every run ended."""
     keys = settings.keys
     items = [(keys.events_stream, {"name": b"bench.noop", "data": b"{}"}) for _ in range(n)]
@@ -215,8 +223,8 @@ async def e2e_throughput(redis: Redis, settings: Settings, n: int) -> None:
 
     await wait_for(finished, timeout=300)
     elapsed = time.perf_counter() - started
-    report("e2e_throughput", n / elapsed, "runs/s", xadd_rate, runs=n, target=5000,
-           what="publish -> ingress -> admission -> 2 executors -> finished")  # fmt: skip
+    report(name, n / elapsed, "runs/s", xadd_rate, runs=n, target=5000,
+           what="publish -> ingress -> admission -> executors -> finished")  # fmt: skip
 
 
 async def _server_use(redis: Redis) -> tuple[int, float]:

@@ -78,6 +78,52 @@ def _executor(args: argparse.Namespace, settings: Settings) -> None:
     )
 
 
+def _serve(args: argparse.Namespace, settings: Settings) -> None:
+    """Ingress, admission and an executor as tasks of one process, for small deployments: no
+    wake-up crosses a process boundary. Ingress starts once the executor registered its
+    workflows (an event no workflow listens to yet would be acknowledged, not run). On SIGTERM
+    ingress and the executor stop first (the executor drains as it does alone), and admission
+    last, once the executor's results are applied."""
+    from supersede.service import Service
+    from supersede.service import serve as serve_service
+    from supersede.services.admission.service import AdmissionConfig
+    from supersede.services.admission.service import serve as serve_admission
+    from supersede.services.executor.service import Executor, ExecutorConfig
+    from supersede.services.ingress.service import IngressConfig
+    from supersede.services.ingress.service import serve as serve_ingress
+
+    workflows = [wf for module in args.module for wf in load_workflows(module)]
+    config = ExecutorConfig(slots=args.slots, drain_timeout=args.drain_timeout)
+
+    async def main(stop: asyncio.Event) -> None:
+        drained = asyncio.Event()
+        made: list[Service] = []
+
+        async def keep(service: Service) -> None:
+            made.append(service)
+
+        async def executor_then_admission() -> None:
+            try:
+                await serve_service(lambda redis: Executor(redis, settings, workflows, config),
+                                    settings, stop, keep)  # fmt: skip
+            finally:
+                drained.set()
+
+        async def ingress_once_registered() -> None:
+            while not (made and made[0].ready) and not drained.is_set():
+                await asyncio.sleep(0.01)
+            if not drained.is_set():
+                await serve_ingress(settings, IngressConfig(), stop)
+
+        await asyncio.gather(
+            executor_then_admission(),
+            serve_admission(settings, AdmissionConfig(), drained),
+            ingress_once_registered(),
+        )
+
+    run_until_signal(main, args.metrics_port, _host(args, settings), service="all-in-one")
+
+
 def _keda(args: argparse.Namespace, settings: Settings) -> None:
     from supersede.config import is_cluster_url
     from supersede.services.keda import scaled_object, scaled_object_redis
@@ -341,6 +387,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exe.add_argument("--block-ms", type=int, default=1000, help="longest wait of one read")
     exe.set_defaults(func=_executor)
+
+    one = sub.add_parser(
+        "serve",
+        help="ingress, admission and an executor of MODULE in one process (small deployments)",
+        service=True,
+    )
+    one.add_argument("module", nargs="+", help="importable module(s) that define Workflow objects")
+    one.add_argument("--slots", type=int, default=10, help="runs executed at once")
+    one.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on SIGTERM")
+    one.add_argument(
+        "--metrics-port", type=int, default=9100, help="0 disables /metrics (default 9100)"
+    )
+    one.add_argument("--metrics-host", default=None, help=METRICS_HOST_HELP)
+    one.set_defaults(func=_serve)
 
     def ops_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)

@@ -1,0 +1,49 @@
+"""`supersede serve` (ingress, admission and an executor in one process, 100 slots) against the
+separate services: the start latency at 200 events/s and the end-to-end throughput of no-op
+runs; reference: the XADD wake-up and the pipelined XADD rate, as in the executor benchmark."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+from redis.asyncio import Redis
+
+from bench.common import log
+from bench.executor import e2e_throughput, start_latency, wait_for, xread_wakeup_ms
+from supersede.config import Settings
+from supersede.server import EmbeddedServer
+from supersede.streams import ensure_groups
+
+
+async def main() -> None:
+    server = EmbeddedServer().start()
+    settings = Settings(redis_url=server.url, namespace="benchs", shards=16)
+    env = {**os.environ, "SUPERSEDE_REDIS_URL": server.url, "SUPERSEDE_NAMESPACE": "benchs",
+           "SUPERSEDE_SHARDS": "16"}  # fmt: skip
+    cmd = [sys.executable, "-m", "supersede", "serve", "bench.apps", "--slots", "100",
+           "--metrics-port", "0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    redis = Redis.from_url(server.url)
+    try:
+        await ensure_groups(redis, settings.keys)
+        log("serve bench: all-in-one start latency, end-to-end throughput")
+
+        async def ready() -> bool:  # registered, and ingress reads the inbox
+            groups = await redis.xinfo_groups(settings.keys.events_stream)
+            return bool(groups) and int(await redis.hlen(settings.keys.workflows_hash)) == 4
+
+        await wait_for(ready)
+        await start_latency(redis, settings, await xread_wakeup_ms(redis), prefix="serve_")
+        await e2e_throughput(redis, settings, 20_000, name="serve_e2e_throughput")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        await redis.aclose()
+        server.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
