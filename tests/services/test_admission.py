@@ -419,16 +419,12 @@ async def test_gauges_report_queue_depth_per_workflow_active_runs_and_lag(
     assert metrics.ASSIGNMENT_BACKLOG.labels("gauged")._value.get() == 1  # (nor has a group)
 
 
-async def test_results_of_every_shard_go_in_few_finish_calls_and_a_bad_one_is_dead_lettered(
-    redis: Redis, redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One read with results of every shard: on a single server they are recorded in one
-    finish call per about `batch` results (never splitting a stream's entries), and a
-    malformed result in the middle is dead-lettered while the others, on every shard, apply."""
+async def _running_with_results(redis: Redis, keys: Keys, n: int) -> list[tuple[int, RunRequest]]:
+    """n runs of n keys, RUNNING, each with its SUCCEEDED result in its shard's results
+    stream, unread."""
     await ensure_groups(redis, keys)
     scripts = Scripts(redis, keys)
-    reqs = [make_request(keys, event=f"e{i}", seq=i, key=f"k{i}") for i in range(40)]
-    reply: dict[bytes, list[tuple[bytes, dict[bytes, bytes]]]] = {}
+    reqs = [make_request(keys, event=f"e{i}", seq=i, key=f"k{i}") for i in range(n)]
     for shard, req in reqs:
         sk = keys.shard(shard)
         await scripts.admit(shard, [("0-1", req.pack())])
@@ -436,6 +432,17 @@ async def test_results_of_every_shard_go_in_few_finish_calls_and_a_bad_one_is_de
         await scripts.claim(shard, "ex", [(stream, "0-1", req.run_id, 1)], lease_ms=60_000)
         fields = {PAYLOAD: RunResult(req.run_id, 1, Outcome.SUCCEEDED).pack()}
         await redis.xadd(sk.results_stream, fields)
+    return reqs
+
+
+async def test_results_of_every_shard_go_in_few_finish_calls_and_a_bad_one_is_dead_lettered(
+    redis: Redis, redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One read with results of every shard: on a single server they are recorded in one
+    finish call per about `batch` results (never splitting a stream's entries), and a
+    malformed result in the middle is dead-lettered while the others, on every shard, apply."""
+    reqs = await _running_with_results(redis, keys, 40)
+    reply: dict[bytes, list[tuple[bytes, dict[bytes, bytes]]]] = {}
     bad_shard = reqs[len(reqs) // 2][0]
     await redis.xadd(keys.shard(bad_shard).results_stream, {PAYLOAD: b"\xc1 not msgpack"})
     for sk in keys.all_shards():
@@ -475,16 +482,7 @@ async def test_a_shard_whose_results_break_the_script_does_not_hold_back_the_oth
     """A result the finish script fails on for a reason that names no entry (here a run record
     that is not msgpack) fails the call over every shard; the streams are then applied one by
     one, so only that shard's results stay pending, for the re-read."""
-    await ensure_groups(redis, keys)
-    scripts = Scripts(redis, keys)
-    reqs = [make_request(keys, event=f"e{i}", seq=i, key=f"k{i}") for i in range(24)]
-    for shard, req in reqs:
-        sk = keys.shard(shard)
-        await scripts.admit(shard, [("0-1", req.pack())])
-        stream = sk.assignments_stream("wf")
-        await scripts.claim(shard, "ex", [(stream, "0-1", req.run_id, 1)], lease_ms=60_000)
-        fields = {PAYLOAD: RunResult(req.run_id, 1, Outcome.SUCCEEDED).pack()}
-        await redis.xadd(sk.results_stream, fields)
+    reqs = await _running_with_results(redis, keys, 24)
     broken_shard, broken = reqs[0]
     await redis.hset(keys.shard(broken_shard).runs_hash, broken.run_id, b"\xc1 not msgpack")
     reply: dict[bytes, list[tuple[bytes, dict[bytes, bytes]]]] = {}
