@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from bench.common import log
 from bench.executor import e2e_throughput, start_latency, wait_for, xread_wakeup_ms
 from supersede.config import Settings
+from supersede.protocol import INGRESS_GROUP
 from supersede.server import EmbeddedServer
 from supersede.streams import ensure_groups
 
@@ -32,8 +33,10 @@ async def main() -> None:
         log("serve bench: all-in-one start latency, end-to-end throughput")
 
         async def ready() -> bool:  # registered, and ingress reads the inbox
-            groups = await redis.xinfo_groups(settings.keys.events_stream)
-            return bool(groups) and int(await redis.hlen(settings.keys.workflows_hash)) == 4
+            if int(await redis.hlen(settings.keys.workflows_hash)) != 4:
+                return False
+            readers = await redis.xinfo_consumers(settings.keys.events_stream, INGRESS_GROUP)
+            return bool(readers)
 
         await wait_for(ready)
         await start_latency(redis, settings, await xread_wakeup_ms(redis), prefix="serve_")

@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--slots", type=int, default=10, help="runs executed at once")
     one.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on SIGTERM")
     one.add_argument(
-        "--metrics-port", type=int, default=9100, help="0 disables /metrics (default 9100)"
+        "--metrics-port", type=int, default=9104, help="0 disables /metrics (default 9104)"
     )
     one.add_argument("--metrics-host", default=None, help=METRICS_HOST_HELP)
     one.set_defaults(func=_serve)

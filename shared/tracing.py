@@ -26,7 +26,7 @@ from supersede.errors import ConfigError
 
 log = logging.getLogger("supersede")
 _lock = threading.Lock()
-_ALIASES = {"otlp_proto_http": "otlp", "otlp_proto_grpc": "otlp"}
+_ALIASES = {"otlp_proto_http": "otlp", "otlp_proto_grpc": "otlp_grpc"}
 _tracer: Any = None
 _provider: Any = None
 _configured = False
@@ -95,8 +95,8 @@ def _make_provider(service: str, exporters: list[str]) -> Any:
     for name in exporters:
         if name == "console":
             exporter: Any = ConsoleSpanExporter()
-        elif name == "otlp":
-            exporter = _otlp_exporter()
+        elif name in ("otlp", "otlp_grpc"):
+            exporter = _otlp_exporter(grpc=name == "otlp_grpc")
         else:
             raise ConfigError(
                 f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}; use otlp, console or none"
@@ -105,11 +105,11 @@ def _make_provider(service: str, exporters: list[str]) -> Any:
     return provider
 
 
-def _otlp_exporter() -> Any:
+def _otlp_exporter(grpc: bool = False) -> Any:
     protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
         "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
     )
-    grpc = protocol.startswith("grpc")
+    grpc = grpc or protocol.startswith("grpc")
     try:
         if grpc:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter

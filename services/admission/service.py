@@ -22,7 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from supersede import aio, codec, tracing
 from supersede.config import Settings
-from supersede.errors import ScriptError
+from supersede.errors import ScriptError, describe
 from supersede.metrics import HOP_SECONDS
 from supersede.protocol import (
     ADMISSION_GROUP,
@@ -300,11 +300,13 @@ class Admission(Service):
                 await self._reject(stream, kind, bad_id, fields, exc.reason, exc.detail)
                 pending = [part for part in pending if part[2]]
                 continue
-            except Exception:
+            except Exception as exc:
                 if len(pending) < 2:
                     raise
                 # Not about one entry, and the call served several streams: each on its own,
                 # so the streams that do apply are not held back by the one that does not.
+                self.log.warning("a script call over several streams failed; applying them "
+                                 "one by one", extra={"error": describe(exc)})  # fmt: skip
                 alone = [[(s, shard, [(e, {PAYLOAD: p}) for e, p in items])]
                          for s, shard, items in pending]  # fmt: skip
                 outcomes = await asyncio.gather(
@@ -312,7 +314,7 @@ class Admission(Service):
                 )
                 failed = [x for x in outcomes if isinstance(x, BaseException)]
                 if failed:
-                    raise failed[0] from None
+                    raise failed[0] from exc
             finally:
                 metrics.BATCH_SECONDS.labels(kind).observe(time.perf_counter() - started)
             return

@@ -161,6 +161,8 @@ def test_tracing_is_off_unless_the_environment_asks(monkeypatch: pytest.MonkeyPa
     assert wanted() == ["otlp"]
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
     assert wanted() == []
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp_proto_grpc, console")
+    assert wanted() == ["otlp_grpc", "console"]
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
     assert wanted() == ["console"]
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
