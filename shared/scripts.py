@@ -130,7 +130,7 @@ def _parse_claims(reply: list[Any]) -> list[Claim]:
                     key=_s(item[6]),
                     seq=_s(item[7]),
                     state="R",
-                    traceparent=_s(item[8]) if len(item) > 8 else "",
+                    traceparent=_s(item[8]),
                 )
             )
         else:
@@ -199,8 +199,9 @@ class Scripts:
         sk = self.keys.shard(shard)
         keys = [*sk.state_keys(), sk.requests_stream, sk.newest_hash, sk.newest_at_zset]
         r = await self._call("admit", keys, args)
-        traced = tuple(tuple(_s(x) for x in t) for t in r[5]) if len(r) > 5 else ()
-        return AdmitResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), traced)  # type: ignore[arg-type]
+        cancels = r[5] if len(r) > 5 else []  # (the script adds them only when some are traced)
+        traced = tuple((_s(a), _s(b), _s(c), _s(d), _s(e)) for a, b, c, d, e in cancels)
+        return AdmitResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), traced)
 
     async def claim(
         self,
