@@ -22,12 +22,13 @@
     ARGV[1]  now in ms, or 0 for the server clock
     ARGV[2]  consumer group of the requests stream
     ARGV[3]  this shard's number (every run id must start with '<shard>-')
-    ARGV[4]  when admission read the batch (ms, its clock), or 0 when unknown
+    ARGV[4]  when admission read the batch (µs, its clock), or 0 when unknown
     ARGV[5]  assignment deadline in ms: when the reaper first looks at an unclaimed ASSIGNED
              run (0: after a second, then at the reaper's deadline)
-    ARGV[6..] pairs: requests-stream entry id, msgpack request
-              {id, g, s, w, v, k, ev, max, st, x, m, in, ir, u, tp}
-              (ir: when ingress read the event, ms; optional. u = 1: the workflow has no
+    ARGV[6..] triples: requests-stream entry id, msgpack request
+              {id, g, s, w, v, k, ev, max, st, x, m, in, iu, u, tp}, when the request was
+              written (µs, the entry's t field; 0: unknown, the entry id's ms is used)
+              (iu: when ingress read the event, µs; optional. u = 1: the workflow has no
               concurrency limit; the run is assigned at once, outside any group's books.
               tp: the run's W3C traceparent, '' when it is not traced)
 
@@ -54,10 +55,10 @@ local newestKey, newestAtKey = KEYS[12], KEYS[13]
 -- @include validate
 -- @include ack
 
-local now = nowMs(ARGV[1])
+local now, nowUs = nowMs(ARGV[1])
 local groupName, shardPrefix = ARGV[2], (ARGV[3] or '') .. '-'
-local readMs, assignDeadlineMs = tonumber(ARGV[4]), tonumber(ARGV[5])
-if not ARGV[3] or not readMs or not assignDeadlineMs or (#ARGV - 5) % 2 ~= 0 then
+local readUs, assignDeadlineMs = tonumber(ARGV[4]), tonumber(ARGV[5])
+if not ARGV[3] or not readUs or not assignDeadlineMs or (#ARGV - 5) % 3 ~= 0 then
   return { -4, 0 }
 end
 
@@ -65,16 +66,18 @@ end
 
 -- Validate the whole batch before writing anything.
 local reqs, written = {}, {}
-for i = 6, #ARGV, 2 do
-  local n = (i - 4) / 2
+for i = 6, #ARGV, 3 do
+  local n = (i - 3) / 3
   local ok, req = pcall(cmsgpack.unpack, ARGV[i + 1])
   if not ok or type(req) ~= 'table' then return { -1, n, 'payload' } end
   local bad = badRequestField(req)
   if bad then return { -1, n, bad } end
   if string.sub(req.id, 1, #shardPrefix) ~= shardPrefix then return { -3, n } end
-  if req.ir ~= nil and type(req.ir) ~= 'number' then return { -1, n, 'ir' } end
+  if req.iu ~= nil and type(req.iu) ~= 'number' then return { -1, n, 'iu' } end
   reqs[n] = req
-  written[n] = tonumber(string.match(ARGV[i], '^(%d+)'))  -- the request's entry time
+  local at = tonumber(ARGV[i + 2])
+  if not at or at <= 0 then at = tonumber(string.match(ARGV[i], '^(%d+)')) * 1000 end
+  written[n] = at
 end
 
 local rids = {}
@@ -95,7 +98,9 @@ for n = 1, #reqs do
       st = 'Q', g = q.g, s = q.s, w = q.w, v = q.v, k = q.k or '', ev = q.ev or '',
       mx = q.max, sg = q.st, sx = q.x == 1 and 1 or nil, a = 1, m = q.m or 3, t0 = now, c = 1,
     }
-    hopsAtAdmission(rec, q.ir, written[n], readMs)
+    pointAt(rec, 'pi', q.iu)
+    pointAt(rec, 'pw', written[n])
+    pointAt(rec, 'pa', readUs)
     if q.tp and q.tp ~= '' then rec.tp = q.tp end
     fresh[rid] = q['in'] or ''
     if q.u == 1 then
@@ -129,7 +134,7 @@ for rid, input in pairs(fresh) do
 end
 callChunked('HSET', inputsKey, inputs, 1000)
 
-ackEntries(requestsKey, groupName, 6, 2)
+ackEntries(requestsKey, groupName, 6, 3)
 flushRuns()
 flushNewest()
 if #traced > 0 then return { 0, created, dups, stats.assigned, stats.cancelled, traced } end

@@ -13,7 +13,8 @@
     {0, appended}
     {-4, 0}  bad ARGV; nothing written
 
-  Writes: XADD requests {r = packed request}.
+  Writes: XADD requests {r = packed request, t = when it was written, µs (server clock): a point
+  of the run's path}.
 ]]
 local rcall = redis.call
 local requestsKey = KEYS[1]
@@ -21,7 +22,9 @@ local requestsKey = KEYS[1]
 local ok, items = pcall(cmsgpack.unpack, ARGV[1] or '')
 if not ok or type(items) ~= 'table' then return { -4, 0 } end
 
+local t = rcall('TIME')
+local written = t[1] .. string.format('%06d', tonumber(t[2]))
 for i = 1, #items do
-  rcall('XADD', requestsKey, '*', 'r', items[i])
+  rcall('XADD', requestsKey, '*', 'r', items[i], 't', written)
 end
 return { 0, #items }

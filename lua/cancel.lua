@@ -29,7 +29,7 @@ local newestKey, newestAtKey = KEYS[11], KEYS[12]
 -- @include now
 -- @include runs
 
-local now = nowMs(ARGV[1])
+local now, nowUs = nowMs(ARGV[1])
 local reason = ARGV[2]
 if not reason or reason == '' then return { -4, 0 } end
 

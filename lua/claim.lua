@@ -15,7 +15,7 @@
     ARGV[2]  consumer group of the assignments stream
     ARGV[3]  executor id
     ARGV[4]  lease length in ms
-    ARGV[5]  when the executor read the assignments (ms, its clock), or 0 when unknown
+    ARGV[5]  when the executor read the assignments (µs, its clock), or 0 when unknown
     ARGV[6]  S, the number of shards of the call
     ARGV[7..] quintuples: assignments entry id, run id, attempt, stream number n, shard b
               (the stream must belong to the shard)
@@ -33,10 +33,10 @@ local rcall = redis.call
 
 -- @include now
 
-local now = nowMs(ARGV[1])
+local now, nowUs = nowMs(ARGV[1])
 local groupName, executor, leaseMs = ARGV[2], ARGV[3], tonumber(ARGV[4])
-local readMs, shards = tonumber(ARGV[5]), tonumber(ARGV[6])
-if not leaseMs or leaseMs <= 0 or not readMs or not shards or shards < 1
+local readUs, shards = tonumber(ARGV[5]), tonumber(ARGV[6])
+if not leaseMs or leaseMs <= 0 or not readUs or not shards or shards < 1
     or #KEYS <= 4 * shards or (#ARGV - 6) % 5 ~= 0 then
   return { -4, 0 }
 end
@@ -62,9 +62,11 @@ for i = 7, #ARGV, 5 do
   if rec and rec.st == 'A' and rec.a == att then
     rec.st = 'R'
     rec.e = executor
-    rec.t2 = now
-    rec.er, rec.hs = nil, nil   -- this attempt's hop times, not an earlier attempt's
-    if readMs > 0 then rec.er = readMs - tonumber(string.sub(rec.s, 1, 16), 16) end
+    -- this attempt's points of the path, in µs after the inbox entry (see runs.lua)
+    local inboxUs = tonumber(string.sub(rec.s, 1, 16), 16) * 1000
+    rec.pe = readUs > 0 and readUs - inboxUs or nil
+    rec.pc = nowUs - inboxUs
+    rec.ph, rec.t2 = nil, nil
     rcall('HSET', runsKey, rid, cmsgpack.pack(rec))
     rcall('ZADD', KEYS[o + 3], now + leaseMs, rid)
     if rec.c == 1 then

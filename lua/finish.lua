@@ -19,8 +19,8 @@
     ARGV[4]     results of each shard, comma-separated counts in KEYS order ('3,1,…'; the
                 counts add up to the number of pairs)
     ARGV[5..]   pairs, shard by shard: results entry id, msgpack result
-                {id, a, o = 'S'|'F'|'C', err, out, hs}
-                (hs: when the handler started, ms, executor's clock; optional)
+                {id, a, o = 'S'|'F'|'C', err, out, hu}
+                (hu: when the handler started, µs, executor's clock; optional)
 
   Output:
     {0, applied, stale, assigned}
@@ -48,7 +48,7 @@ end
 -- @include runs
 -- @include ack
 
-local now = nowMs(ARGV[1])
+local now, nowUs = nowMs(ARGV[1])
 local groupName, assignDeadlineMs = ARGV[2], tonumber(ARGV[3])
 local counts, total = {}, 0
 for c in string.gmatch(ARGV[4] or '', '[^,]+') do
@@ -78,7 +78,7 @@ for b = 1, #counts do
     if not OUTCOMES[r.o] then return { -1, n, 'o' } end
     if r.err ~= nil and type(r.err) ~= 'string' then return { -1, n, 'err' } end
     if r.out ~= nil and type(r.out) ~= 'string' then return { -1, n, 'out' } end
-    if r.hs ~= nil and type(r.hs) ~= 'number' then return { -1, n, 'hs' } end
+    if r.hu ~= nil and type(r.hu) ~= 'number' then return { -1, n, 'hu' } end
     if not loadRun(r.id) then return { -2, n } end
     results[n] = r
   end
@@ -100,7 +100,7 @@ for b = 1, #counts do
       rcall('ZREM', leasesKey, r.id)
       release(r.id, rec)
       if r.err then rec.err = r.err end
-      hopAfterInbox(rec, 'hs', r.hs)
+      pointAt(rec, 'ph', r.hu)
       endRun(r.id, rec, r.o, r.o == 'C' and 'executor' or nil)
       if r.out and r.o ~= 'C' then outputs[#outputs + 1] = r.id; outputs[#outputs + 1] = r.out end
       applied = applied + 1

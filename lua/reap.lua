@@ -45,7 +45,7 @@ local outputsKey = KEYS[14]
 -- @include now
 -- @include runs
 
-local now = nowMs(ARGV[1])
+local now, nowUs = nowMs(ARGV[1])
 local limit, retention, deadline = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local cap, floor = tonumber(ARGV[5]), tonumber(ARGV[6])
 if not limit or limit < 1 or not retention or not deadline or deadline <= 0 or not cap
@@ -79,7 +79,7 @@ for i = 1, #expired do
     end
   elseif rec and rec.st == 'A' then
     local ra = rec.ra or 0
-    local due = (rec.tr or rec.t1) + deadline * 2 ^ math.min(ra, 6)
+    local due = (rec.tr or assignedMs(rec)) + deadline * 2 ^ math.min(ra, 6)
     if now >= due then
       writeAssignment(rid, rec)
       rec.ra = ra + 1

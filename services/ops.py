@@ -339,7 +339,7 @@ async def get_run(redis: Redis, keys: Keys, rid: str) -> dict[str, Any] | None:
     if found is None:
         return None
     run, outputs = found
-    path = [{"point": name, "at_ms": ms} for name, ms in run.path()]
+    path = [{"point": name, "at_ms": round(ms, 3)} for name, ms in run.path()]
     outputs = codec.jsonable(outputs)  # whatever msgpack-able values the steps returned
     return {**view(run), "outputs": outputs, "timeline": timeline(run), "path": path}
 

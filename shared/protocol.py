@@ -55,7 +55,9 @@ class Inbox:
 
 
 PAYLOAD = b"r"
-"""The one field of requests and results entries: a msgpack map."""
+"""The field of requests and results entries that holds the item: a msgpack map."""
+WRITTEN = b"t"
+"""Requests entries only: when the request was written, epoch µs (lua/append_requests.lua)."""
 
 
 class Assignment:
@@ -169,7 +171,7 @@ class Outcome(enum.StrEnum):
 
 
 # -- run requests (ingress -> admission) ----------------------------------------------------------
-REQUEST_FIELDS = ("id", "g", "s", "w", "v", "k", "ev", "max", "st", "x", "m", "in", "ir", "u", "tp")
+REQUEST_FIELDS = ("id", "g", "s", "w", "v", "k", "ev", "max", "st", "x", "m", "in", "iu", "u", "tp")
 """Keys of a packed run request, read by lua/admit.lua (lua/includes/validate.lua)."""
 
 
@@ -189,7 +191,7 @@ class RunRequest:
     strict: bool = False
     max_attempts: int = 3
     input: bytes = b""
-    ingress_read_ms: int = 0  # when ingress read the event (a hop time); 0: unknown
+    ingress_read_us: int = 0  # when ingress read the event, µs (a point of the path); 0: unknown
     unlimited: bool = False  # the workflow has no concurrency limit: no group, assigned at once
     traceparent: str = ""  # the run's trace context (tracing on), else ''
 
@@ -197,7 +199,7 @@ class RunRequest:
         return pack_request(
             self.run_id, self.group, self.seq, self.workflow, self.version, self.key,
             self.event_id, self.max_runs, self.strategy, self.strict, self.max_attempts,
-            self.input, self.ingress_read_ms, self.unlimited, self.traceparent,
+            self.input, self.ingress_read_us, self.unlimited, self.traceparent,
         )  # fmt: skip
 
 
@@ -239,14 +241,14 @@ class RequestPacker:
         key: str,
         event_id: str,
         payload: bytes,
-        read_ms: int = 0,
+        read_us: int = 0,
         traceparent: str = "",
     ) -> bytes:
         p = codec.pack
         return b"".join(
             (
                 b"\x8f\xa2id", p(rid), b"\xa1g", p(group), b"\xa1s", p(seq), b"\xa1k", p(key),
-                b"\xa2ev", p(event_id), b"\xa2in", p(payload), b"\xa2ir", p(read_ms),
+                b"\xa2ev", p(event_id), b"\xa2in", p(payload), b"\xa2iu", p(read_us),
                 b"\xa2tp", p(traceparent), self._tail,
             )
         )  # fmt: skip
@@ -265,12 +267,12 @@ def pack_request(
     strict: bool,
     max_attempts: int,
     payload: bytes,
-    ingress_read_ms: int = 0,
+    ingress_read_us: int = 0,
     unlimited: bool = False,
     traceparent: str = "",
 ) -> bytes:
-    """The wire form of a run request (read by lua/admit.lua); `ingress_read_ms` is when
-    ingress read the event (0: unknown), kept on the run as a hop time; `unlimited`: the
+    """The wire form of a run request (read by lua/admit.lua); `ingress_read_us` is when
+    ingress read the event (µs; 0: unknown), kept as a point of the run's path; `unlimited`: the
     workflow has no concurrency limit (the run is assigned at once, outside any group)."""
     return codec.pack(
         {
@@ -286,7 +288,7 @@ def pack_request(
             "x": 1 if strict else 0,
             "m": max_attempts,
             "in": payload,
-            "ir": ingress_read_ms,
+            "iu": ingress_read_us,
             "u": 1 if unlimited else 0,
             "tp": traceparent,
         }
@@ -314,7 +316,7 @@ class RunResult:
     outcome: Outcome
     error: str = ""
     outputs: bytes | None = None  # msgpack map: step name -> output (ended runs keep it)
-    handler_started_ms: int = 0  # a hop time; 0: the handler never started
+    handler_started_us: int = 0  # a point of the run's path (µs); 0: the handler never started
 
     def pack(self) -> bytes:
         body: dict[str, Any] = {"id": self.run_id, "a": self.attempt, "o": self.outcome.value}
@@ -322,8 +324,8 @@ class RunResult:
             body["err"] = self.error
         if self.outputs is not None:
             body["out"] = self.outputs
-        if self.handler_started_ms:
-            body["hs"] = self.handler_started_ms
+        if self.handler_started_us:
+            body["hu"] = self.handler_started_us
         return codec.pack(body)
 
 
@@ -362,24 +364,33 @@ RECORD_FIELDS = {
     "c": "1: counted in the shard's counts hash (every run created since it exists)",
     "tr": "ms of the last of those",
     "t0": "created ms",
-    "t1": "assigned ms",
-    "t2": "claimed ms",
+    "t1": "assigned ms (records from before the path: pg now; removed when reassigned)",
+    "t2": "claimed ms (records from before the path: pc now; removed when claimed)",
     "tc": "cancel decided ms",
     "t3": "ended ms",
     "by": "id of the newer run that superseded this one",
-    "ir": "ingress read the event, ms after the inbox entry (hop time)",
-    "rw": "request written to the shard stream, ms after the inbox entry",
-    "ar": "admission read the request, ms after the inbox entry",
-    "er": "executor read the assignment, ms after the inbox entry",
-    "hs": "handler started, ms after the inbox entry",
+    "pi": "ingress read the event, µs after the inbox entry's ms (a point of the path)",
+    "pw": "request written to the shard stream (server clock), µs after the inbox entry",
+    "pa": "admission read the request, µs after the inbox entry",
+    "pg": "assigned (server clock), µs after the inbox entry: the last attempt's",
+    "pe": "executor read the assignment, µs after the inbox entry",
+    "pc": "claimed (server clock), µs after the inbox entry",
+    "ph": "handler started, µs after the inbox entry",
     "why": "reason code (Reason) of a cancel or failure",
     "err": "error text of a failed attempt",
 }
 """Keys of a run record (msgpack map in the runs hash), as lua/includes/runs.lua writes them."""
 
+PATH_POINTS = (
+    ("ingress read", "pi"), ("request written", "pw"), ("admission read", "pa"),
+    ("assigned", "pg"), ("executor read", "pe"), ("claimed", "pc"), ("handler started", "ph"),
+)  # fmt: skip
+"""The points of a run's path after its publication, in order, with their record keys (µs after
+the inbox entry's ms)."""
 
-HOP_FIELDS = ("ir", "rw", "ar", "er", "hs")
-"""Record keys of the hop times (see RECORD_FIELDS), in the order a run passes them."""
+OLD_PATH_FIELDS = {"ir": "pi", "rw": "pw", "ar": "pa", "er": "pe", "hs": "ph"}
+"""Record keys of records written before the path was kept in µs: the same points in ms (and
+t1/t2, assigned/claimed epoch ms)."""
 
 
 def _opt_str(value: Any) -> str | None:
@@ -415,28 +426,25 @@ class RunRecord:
     claimed_ms: int | None
     cancel_decided_ms: int | None
     ended_ms: int | None
-    hops: dict[str, int] = field(default_factory=dict)  # HOP_FIELDS -> ms after the inbox entry
+    points: dict[str, int] = field(default_factory=dict)  # PATH_POINTS key -> µs after inbox
 
-    def path(self) -> list[tuple[str, int]]:
-        """The run's way through the system, (point, ms) in order: published (the inbox entry),
+    def path(self) -> list[tuple[str, float]]:
+        """The run's way through the system, (point, epoch ms with µs in the fraction) in order:
+        published (the inbox entry's ms: the first step carries up to 1 ms of its rounding),
         read by ingress, request written, read by admission, assigned, read by an executor,
-        claimed, handler started, ended; points not recorded are left out. The hop times of
-        the last attempt (ingress, admission and executor clocks: skew shifts them)."""
+        claimed, handler started, ended (whole ms); points not recorded are left out. The last
+        attempt's points; three clocks (services' for reads, the server's for writes), so skew
+        between machines shifts them."""
         published = int(self.seq[:16], 16) if len(self.seq) >= 16 else None
         if published is None:
             return []
-
-        def hop(name: str) -> int | None:
-            return published + self.hops[name] if name in self.hops else None
-
-        points = [
-            ("published", published), ("ingress read", hop("ir")),
-            ("request written", hop("rw")), ("admission read", hop("ar")),
-            ("assigned", self.assigned_ms), ("executor read", hop("er")),
-            ("claimed", self.claimed_ms), ("handler started", hop("hs")),
-            ("ended", self.ended_ms),
-        ]  # fmt: skip
-        return [(name, ms) for name, ms in points if ms]
+        path: list[tuple[str, float]] = [("published", published)]
+        for name, key in PATH_POINTS:
+            if key in self.points:
+                path.append((name, published + self.points[key] / 1000))
+        if self.ended_ms:
+            path.append(("ended", self.ended_ms))
+        return path
 
     @classmethod
     def decode(cls, rid: str | bytes, raw: bytes | str) -> RunRecord:
@@ -463,12 +471,41 @@ class RunRecord:
             reason=_opt_str(rec.get("why")),
             error=_opt_str(rec.get("err")),
             created_ms=_opt_int(rec.get("t0")),
-            assigned_ms=_opt_int(rec.get("t1")),
-            claimed_ms=_opt_int(rec.get("t2")),
+            assigned_ms=_opt_int(rec.get("t1")) or _at(rec, "pg"),
+            claimed_ms=_opt_int(rec.get("t2")) or _at(rec, "pc"),
             cancel_decided_ms=_opt_int(rec.get("tc")),
             ended_ms=_opt_int(rec.get("t3")),
-            hops={h: int(rec[h]) for h in HOP_FIELDS if isinstance(rec.get(h), (int, float))},
+            points=_points(rec),
         )
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _inbox_ms(rec: dict[str, Any]) -> int | None:
+    seq = rec.get("s")
+    return int(seq[:16], 16) if isinstance(seq, str) and len(seq) >= 16 else None
+
+
+def _at(rec: dict[str, Any], key: str) -> int | None:
+    """Point `key` of a record's path as epoch ms, or None."""
+    published = _inbox_ms(rec)
+    if published is None or not _num(rec.get(key)):
+        return None
+    return published + int(rec[key]) // 1000
+
+
+def _points(rec: dict[str, Any]) -> dict[str, int]:
+    """The path points of a record in µs after the inbox entry (older records: ms fields)."""
+    out = {new: int(rec[old]) * 1000 for old, new in OLD_PATH_FIELDS.items() if _num(rec.get(old))}
+    published = _inbox_ms(rec)
+    if published is not None:
+        for old, new in (("t1", "pg"), ("t2", "pc")):
+            if _num(rec.get(old)):
+                out[new] = (int(rec[old]) - published) * 1000
+    out.update({key: int(rec[key]) for _, key in PATH_POINTS if _num(rec.get(key))})
+    return out
 
 
 # -- dead letters ---------------------------------------------------------------------------------

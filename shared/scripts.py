@@ -187,15 +187,18 @@ class Scripts:
         entries: Sequence[tuple[str | bytes, bytes]],
         *,
         now: int = 0,
-        read_ms: int = 0,
+        read_us: int = 0,
+        written_us: Sequence[int] = (),
         assign_deadline_ms: int = 0,
     ) -> AdmitResult:
-        """Admit (requests-stream entry id, packed RunRequest) pairs of one shard; `read_ms`:
-        when admission read them (a hop time of each run; 0: unknown); `assign_deadline_ms`:
-        when the reaper first looks at a run assigned here but not claimed (0: after 1 s)."""
-        args: list[Any] = [now, self.admission_group, shard, read_ms, assign_deadline_ms]
-        for entry_id, payload in entries:
-            args += (entry_id, payload)
+        """Admit (requests-stream entry id, packed RunRequest) pairs of one shard; `read_us`:
+        when admission read them (a point of each run's path, µs; 0: unknown); `written_us`:
+        each entry's `t` field (when it was written; 0 or missing: the entry id's ms);
+        `assign_deadline_ms`: when the reaper first looks at a run assigned here but not
+        claimed (0: after 1 s)."""
+        args: list[Any] = [now, self.admission_group, shard, read_us, assign_deadline_ms]
+        for i, (entry_id, payload) in enumerate(entries):
+            args += (entry_id, payload, written_us[i] if i < len(written_us) else 0)
         sk = self.keys.shard(shard)
         keys = [*sk.state_keys(), sk.requests_stream, sk.newest_hash, sk.newest_at_zset]
         r = await self._call("admit", keys, args)
@@ -211,11 +214,11 @@ class Scripts:
         *,
         lease_ms: int,
         now: int = 0,
-        read_ms: int = 0,
+        read_us: int = 0,
     ) -> list[Claim]:
-        """Claim assignments of one shard, each (stream, entry id, run id, attempt); `read_ms`:
-        when the executor read them (a hop time; 0: unknown)."""
-        keys, args = self._claim_call(executor, {shard: items}, lease_ms, now, read_ms)
+        """Claim assignments of one shard, each (stream, entry id, run id, attempt); `read_us`:
+        when the executor read them (a point of each run's path, µs; 0: unknown)."""
+        keys, args = self._claim_call(executor, {shard: items}, lease_ms, now, read_us)
         return _parse_claims(await self._call("claim", keys, args))
 
     async def claim_shards(
@@ -225,7 +228,7 @@ class Scripts:
         *,
         lease_ms: int,
         now: int = 0,
-        read_ms: int = 0,
+        read_us: int = 0,
     ) -> dict[int, list[Claim]]:
         """`claim` for several shards at once: one script call on a single server (its fixed
         cost is paid once for every shard read together); concurrent calls on a cluster,
@@ -234,12 +237,12 @@ class Scripts:
         if isinstance(self.redis, RedisCluster):
             replies = await aio.gather(
                 *(
-                    self.claim(s, executor, batches[s], lease_ms=lease_ms, now=now, read_ms=read_ms)
+                    self.claim(s, executor, batches[s], lease_ms=lease_ms, now=now, read_us=read_us)
                     for s in shards
                 )
             )
             return dict(zip(shards, replies, strict=True))
-        keys, args = self._claim_call(executor, batches, lease_ms, now, read_ms)
+        keys, args = self._claim_call(executor, batches, lease_ms, now, read_us)
         claims = iter(_parse_claims(await self._call("claim", keys, args)))
         return {s: [next(claims) for _ in batches[s]] for s in shards}
 
@@ -249,10 +252,10 @@ class Scripts:
         batches: Mapping[int, Sequence[Assigned]],
         lease_ms: int,
         now: int,
-        read_ms: int = 0,
+        read_us: int = 0,
     ) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
-        args: list[Any] = [now, self.executor_group, executor, lease_ms, read_ms, len(batches)]
+        args: list[Any] = [now, self.executor_group, executor, lease_ms, read_us, len(batches)]
         streams: dict[str, int] = {}
         for b, (shard, items) in enumerate(batches.items(), 1):
             sk = self.keys.shard(shard)

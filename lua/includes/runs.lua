@@ -8,10 +8,12 @@
   A record is a msgpack map: st state, g group, s sequence, w workflow, v version, k key,
   ev event id, mx max_runs, sg strategy code, sx strict (0/1), a attempt, m max attempts,
   e executor, h (1: a CANCELLING run still holds its slot), ra/tr re-assignments of an unclaimed
-  ASSIGNED attempt and the time of the last, t0..t3 created/assigned/claimed/
-  ended ms, tc cancel decided ms, by superseding run id, why reason, err error text, c counted;
-  the hops, each in ms after the inbox entry (the first 16 hex digits of s): ir ingress read,
-  rw request written, ar admission read, er executor read, hs handler started.
+  ASSIGNED attempt and the time of the last, t0 created ms, t3 ended ms, tc cancel decided ms,
+  by superseding run id, why reason, err error text, c counted; the run's path, each point in
+  µs after the inbox entry's ms (the first 16 hex digits of s): pi ingress read, pw request
+  written, pa admission read, pg assigned, pe executor read, pc claimed, ph handler started
+  (the last attempt's). Records written before the path existed have t1/t2 (assigned/claimed
+  ms) and ir/rw/ar/er/hs (hops in ms after the inbox entry) instead.
 ]]
 local runCache, runDirty = {}, {}
 local slotCache, slotDirty = {}, {}
@@ -63,18 +65,19 @@ local function prefetchRuns(rids)
   end
 end
 
--- The ms of the inbox entry a record's sequence encodes; hop times are stored relative to it
--- (small numbers: a few bytes each in msgpack).
+-- The ms of the inbox entry a record's sequence encodes; the points of a run's path are stored
+-- in µs after it (small numbers: three bytes each in msgpack while under 65 ms).
 local function inboxMs(rec) return tonumber(string.sub(rec.s, 1, 16), 16) end
 
-local function hopAfterInbox(rec, field, ms)
-  if type(ms) == 'number' and ms > 0 then rec[field] = ms - inboxMs(rec) end
+-- Records point `field` of the run's path at `us` (µs, any clock's epoch time; 0: unknown).
+local function pointAt(rec, field, us)
+  if type(us) == 'number' and us > 0 then rec[field] = us - inboxMs(rec) * 1000 end
 end
 
-local function hopsAtAdmission(rec, ingressRead, requestWritten, admissionRead)
-  hopAfterInbox(rec, 'ir', ingressRead)
-  hopAfterInbox(rec, 'rw', requestWritten)
-  hopAfterInbox(rec, 'ar', admissionRead)
+-- When the run's current attempt was assigned, ms (records before the path existed: t1).
+local function assignedMs(rec)
+  if rec.pg then return inboxMs(rec) + math.floor(rec.pg / 1000) end
+  return rec.t1 or 0
 end
 
 local function saveRun(rid, rec)

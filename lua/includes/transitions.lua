@@ -121,7 +121,8 @@ end
 
 local function assignRun(rid, rec)
   rec.st = 'A'
-  rec.t1 = now
+  rec.t1 = nil   -- (the time is point pg of the path; t1 only on records from before it)
+  pointAt(rec, 'pg', nowUs)
   rec.e = nil
   rec.ra = nil
   rec.tr = nil

@@ -28,6 +28,7 @@ from supersede.protocol import (
     ADMISSION_GROUP,
     EXECUTOR_GROUP,
     PAYLOAD,
+    WRITTEN,
     Entry,
     Reason,
     StreamReply,
@@ -246,7 +247,7 @@ class Admission(Service):
         """Apply one XREADGROUP reply: one admit call per shard, and the results of every
         shard in one finish call (on a cluster, where shards live in different slots, one
         call per shard); the calls run concurrently."""
-        read_ms = int(time.time() * 1000)  # (a hop time of each run: admission read it)
+        read_us = time.time_ns() // 1000  # (a point of each run's path: admission read it)
         calls = []
         results: list[Part] = []
         for stream, entries in reply:
@@ -258,7 +259,7 @@ class Admission(Service):
             if live:
                 shard, kind = self._streams[stream]
                 if kind == "admit":
-                    calls.append(self._apply(kind, [(stream, shard, live)], read_ms))
+                    calls.append(self._apply(kind, [(stream, shard, live)], read_us))
                 else:
                     results.append((stream, shard, live))
         if isinstance(self.redis, RedisCluster):
@@ -267,7 +268,7 @@ class Admission(Service):
             calls += [self._apply("finish", parts) for parts in _chunks(results, self.config.batch)]
         await aio.gather(*calls)
 
-    async def _apply(self, kind: str, parts: list[Part], read_ms: int = 0) -> None:
+    async def _apply(self, kind: str, parts: list[Part], read_us: int = 0) -> None:
         """Run the script over the batch (one shard's requests, or results of one or more
         shards); a refused item is dead-lettered and the rest retried."""
         pending: list[tuple[bytes, int, Items]] = []
@@ -287,7 +288,7 @@ class Admission(Service):
             try:
                 if kind == "admit":
                     (_, shard, items), *_ = pending
-                    await self._admit(shard, items, read_ms)
+                    await self._admit(shard, items, read_us, _written(parts))
                 else:
                     await self._finish({shard: items for _, shard, items in pending})
             except ScriptError as exc:
@@ -319,15 +320,23 @@ class Admission(Service):
                 metrics.BATCH_SECONDS.labels(kind).observe(time.perf_counter() - started)
             return
 
-    async def _admit(self, shard: int, entries: Items, read_ms: int) -> None:
+    async def _admit(
+        self, shard: int, entries: Items, read_us: int, written: dict[bytes, int]
+    ) -> None:
         r = await self.scripts.admit(
-            shard, entries, read_ms=read_ms, assign_deadline_ms=self.config.assign_deadline_ms
+            shard,
+            entries,
+            read_us=read_us,
+            written_us=[written.get(entry_id, 0) for entry_id, _ in entries],
+            assign_deadline_ms=self.config.assign_deadline_ms,
         )
         done = time.time() * 1000
+        read_ms = read_us / 1000
         if self.tracer:
             self._trace_admit(entries, read_ms, done, r.traced)
         # request written -> read by admission, for the batch's oldest request
-        HOP_SECONDS.labels("requests").observe(max(0, read_ms - entry_ms(entries[0][0])) / 1000)
+        first = written.get(entries[0][0], 0) / 1000 or entry_ms(entries[0][0])
+        HOP_SECONDS.labels("requests").observe(max(0, read_ms - first) / 1000)
         HOP_SECONDS.labels("admission").observe(max(0.0, done - read_ms) / 1000)
         metrics.REQUESTS.labels("created").inc(r.created)
         metrics.REQUESTS.labels("duplicate").inc(r.duplicates)
@@ -337,7 +346,7 @@ class Admission(Service):
     def _trace_admit(
         self,
         entries: Items,
-        read_ms: int,
+        read_ms: float,
         done_ms: float,
         traced: tuple[tuple[str, str, str, str, str], ...],
     ) -> None:
@@ -506,6 +515,16 @@ def _chunks(parts: list[Part], size: int) -> list[list[Part]]:
         out[-1].append(part)
         held += len(part[2])
     return out
+
+
+def _written(parts: list[Part]) -> dict[bytes, int]:
+    """Requests entry id -> when it was written (µs, its `t` field), for those that have it."""
+    return {
+        entry_id: int(t)
+        for _, _, entries in parts
+        for entry_id, fields in entries
+        if (t := fields.get(WRITTEN)) and t.isdigit()
+    }
 
 
 def _locate(pending: list[tuple[bytes, int, Items]], index: int) -> tuple[bytes, Items, int] | None:

@@ -37,12 +37,11 @@ class Claimer:
         by_shard: dict[int, list[Assigned]] = {}
         for shard, stream, entry_id, rid, attempt in items:
             by_shard.setdefault(shard, []).append((stream, entry_id, rid, attempt))
-        now = time.time() * 1000
+        now = time.time()
         replies = await self.scripts.claim_shards(
-            self.consumer, by_shard, lease_ms=self.config.lease_ms, read_ms=int(now)
+            self.consumer, by_shard, lease_ms=self.config.lease_ms, read_us=int(now * 1e6)
         )
-        claimed_at = time.time() * 1000
-        HOP_SECONDS.labels("claim").observe(max(0.0, claimed_at - now) / 1000)
+        HOP_SECONDS.labels("claim").observe(max(0.0, time.time() - now))
         for shard, claims in replies.items():
             for (_, entry, _, _), claim in zip(by_shard[shard], claims, strict=True):
                 if not claim.claimed:

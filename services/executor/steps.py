@@ -70,7 +70,7 @@ class Running:
     cancel_decided_ms: float | None = None  # set once a cancel arrived
     reported: bool = False
     started: float = field(default_factory=time.monotonic)  # claimed (monotonic clock)
-    handler_started_ms: int = 0  # wall clock, a hop time of the run; 0: never started
+    handler_started_us: int = 0  # wall clock, a point of the run's path; 0: never started
     span: Any = None  # the run's span on this executor (tracing on)
 
 
@@ -146,7 +146,7 @@ class Runner:
         run.task = asyncio.create_task(self.report(run, Outcome.FAILED, error))
 
     async def _execute(self, run: Running) -> None:
-        run.handler_started_ms = int(time.time() * 1000)
+        run.handler_started_us = time.time_ns() // 1000
         HOP_SECONDS.labels("start").observe(time.monotonic() - run.started)
         try:
             with tracing.current(run.span):  # the step spans are its children
@@ -268,7 +268,7 @@ class Runner:
                 )
                 outcome, outputs = Outcome.FAILED, None
         result = RunResult(run.run_id, run.attempt, outcome, error[:MAX_ERROR_CHARS], outputs,
-                           run.handler_started_ms)  # fmt: skip
+                           run.handler_started_us)  # fmt: skip
         if run.span is not None:
             tracing.end_run(run.span, outcome.name, error)
         try:

@@ -195,7 +195,7 @@ class Batch:
 
     entries: Sequence[Entry]
     started: float
-    read_ms: int = 0  # wall clock: a hop time of every run of the batch
+    read_us: int = 0  # wall clock, µs: a point of the path of every run of the batch
     requests: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)
     workflows: dict[int, list[str]] = field(default_factory=dict)  # parallel to requests
     # explicit ids: digest shard -> (digest, inbox entry id, request shard, index in requests)
@@ -364,10 +364,10 @@ class Ingress(Service):
         """Parse, validate and route a batch (no I/O). A bad event becomes a dead letter with
         its reason, and so does one whose handling raised anything at all (`internal`, naming
         the exception): one entry never fails its batch."""
-        batch = Batch(entries, time.perf_counter(), int(time.time() * 1000))
+        batch = Batch(entries, time.perf_counter(), time.time_ns() // 1000)
         if entries:  # published -> read by ingress, for the batch's oldest entry
             HOP_SECONDS.labels("inbox").observe(
-                max(0, batch.read_ms - entry_ms(entries[0][0])) / 1000
+                max(0, batch.read_us / 1000 - entry_ms(entries[0][0])) / 1000
             )
         for entry_id, fields in entries:
             try:
@@ -399,7 +399,7 @@ class Ingress(Service):
                 rid = run_id(shard, event.id, wf.id, digest)
                 tp = self._trace(batch, fields, rid, wf.id, event, key) if self.tracer else ""
                 request = route.packer.pack(
-                    rid, gid, seq, key, event.id, payload, batch.read_ms, tp
+                    rid, gid, seq, key, event.id, payload, batch.read_us, tp
                 )
             except KeyExpressionError as exc:
                 batch.dead.append(self._dead(entry_id, fields, exc.reason, exc.detail, wf.id))
@@ -461,7 +461,7 @@ class Ingress(Service):
             "supersede.ingress",
             context=tracing.context_of(fields.get(Inbox.TRACEPARENT)),
             kind=tracing.kind("PRODUCER"),
-            start_time=tracing.ns(batch.read_ms),
+            start_time=tracing.ns(batch.read_us / 1000),
             attributes={"supersede.run_id": rid, "supersede.workflow": workflow,
                         "supersede.event": event.name, "supersede.key": key},
         )  # fmt: skip
@@ -509,7 +509,7 @@ class Ingress(Service):
         for body in batch.dead:
             metrics.DEAD_LETTERS.labels(str(body[Dead.REASON])).inc()
         metrics.BATCH_SECONDS.observe(time.perf_counter() - batch.started)
-        HOP_SECONDS.labels("ingress").observe(max(0.0, time.time() * 1000 - batch.read_ms) / 1000)
+        HOP_SECONDS.labels("ingress").observe(max(0.0, time.time() - batch.read_us / 1e6))
 
     @staticmethod
     def _key(route: Route, event: Event, seen: dict[KeyFn, str]) -> str:
