@@ -65,23 +65,35 @@ end
 
 -- Validate every result of every shard before writing anything.
 local OUTCOMES = { S = true, F = true, C = true }
+local function badResult(r)
+  if type(r.id) ~= 'string' or r.id == '' then return 'id' end
+  if type(r.a) ~= 'number' then return 'a' end
+  if not OUTCOMES[r.o] then return 'o' end
+  if r.err ~= nil and type(r.err) ~= 'string' then return 'err' end
+  if r.out ~= nil and type(r.out) ~= 'string' then return 'out' end
+  if r.hu ~= nil and type(r.hu) ~= 'number' then return 'hu' end
+  return nil
+end
+
 local results = {}
 local n = 0
 for b = 1, #counts do
   useShard(b)
+  local first, bad, field = n + 1, nil, nil
+  local ids = {}
   for _ = 1, counts[b] do
     n = n + 1
     local ok, r = pcall(cmsgpack.unpack, ARGV[4 + 2 * n])
-    if not ok or type(r) ~= 'table' then return { -1, n, 'payload' } end
-    if type(r.id) ~= 'string' or r.id == '' then return { -1, n, 'id' } end
-    if type(r.a) ~= 'number' then return { -1, n, 'a' } end
-    if not OUTCOMES[r.o] then return { -1, n, 'o' } end
-    if r.err ~= nil and type(r.err) ~= 'string' then return { -1, n, 'err' } end
-    if r.out ~= nil and type(r.out) ~= 'string' then return { -1, n, 'out' } end
-    if r.hu ~= nil and type(r.hu) ~= 'number' then return { -1, n, 'hu' } end
-    if not loadRun(r.id) then return { -2, n } end
+    field = (not ok or type(r) ~= 'table') and 'payload' or badResult(r)
+    if field then bad = n; break end
     results[n] = r
+    ids[#ids + 1] = r.id
   end
+  prefetchRuns(ids)   -- (one HMGET for the shard's records)
+  for m = first, (bad or n + 1) - 1 do
+    if not loadRun(results[m].id) then return { -2, m } end
+  end
+  if bad then return { -1, bad, field } end
 end
 
 local applied, stale = 0, 0
@@ -97,7 +109,7 @@ for b = 1, #counts do
     if rec.a ~= r.a then
       stale = stale + 1
     elseif rec.st == 'R' then
-      rcall('ZREM', leasesKey, r.id)
+      setLease(r.id, false)
       release(r.id, rec)
       if r.err then rec.err = r.err end
       pointAt(rec, 'ph', r.hu)
@@ -105,7 +117,7 @@ for b = 1, #counts do
       if r.out and r.o ~= 'C' then outputs[#outputs + 1] = r.id; outputs[#outputs + 1] = r.out end
       applied = applied + 1
     elseif rec.st == 'X' then
-      rcall('ZREM', leasesKey, r.id)
+      setLease(r.id, false)
       if rec.h == 1 then addSlots(rec.g, -1); touch(rec) end
       endRun(r.id, rec, 'C')
       applied = applied + 1

@@ -65,7 +65,7 @@ local retried, failed, cancelled, reassigned = 0, 0, 0, 0
 local expired = rcall('ZRANGEBYSCORE', leasesKey, '-inf', now, 'LIMIT', 0, limit)
 for i = 1, #expired do
   local rid = expired[i]
-  rcall('ZREM', leasesKey, rid)
+  setLease(rid, false)
   local rec = loadRun(rid)
   if rec and rec.st == 'R' then
     if rec.a < rec.m then
@@ -88,7 +88,7 @@ for i = 1, #expired do
       due = now + deadline * 2 ^ math.min(ra + 1, 6)
       reassigned = reassigned + 1
     end
-    rcall('ZADD', leasesKey, due, rid)
+    setLease(rid, due)
   elseif rec and rec.st == 'X' then
     if rec.h == 1 then addSlots(rec.g, -1); touch(rec) end
     endRun(rid, rec, 'C')

@@ -1,7 +1,7 @@
 --[[
-  Run records, slot counters and end-of-run bookkeeping, cached for the length of one script
-  call and written once at its end (each redis.call costs about as much as the Lua around it).
-  Needs the locals runsKey, slotsKey, endedKey, inputsKey, countsKey. The counts hash holds
+  Run records, slot counters, leases and end-of-run bookkeeping, cached for the length of one
+  script call and written once at its end (each redis.call costs about as much as the Lua around
+  it). Needs the locals runsKey, slotsKey, endedKey, inputsKey, countsKey, leasesKey. The counts hash holds
   '<workflow>|<state letter>' -> runs of that workflow in that state, kept from the state each
   record had when this call loaded it and the state it is written with; only records marked
   c = 1 (all created since the counts exist) are counted, so older ones never skew them.
@@ -20,6 +20,14 @@ local slotCache, slotDirty = {}, {}
 local endedBy, endedOrder, endedAt, droppedInputs = {}, {}, 0, {}
 local stateOf = {}   -- run id -> its state when this call loaded it
 local countDelta, countOrder = {}, {}
+local leaseAt, leaseOrder = {}, {}   -- run id -> lease score, or false: leaves the leases zset
+
+-- Sets (score) or removes (false) a run's entry in the leases zset, at flush: the last call for
+-- a run wins. (No script reads the leases zset after changing it.)
+local function setLease(rid, score)
+  if leaseAt[rid] == nil then leaseOrder[#leaseOrder + 1] = rid end
+  leaseAt[rid] = score
+end
 
 -- Changes the count of runs of one workflow in one state, written at flush.
 local function countRun(workflow, state, delta)
@@ -184,5 +192,13 @@ local function flushRuns()
   flushEnded()
   callChunked('HDEL', inputsKey, droppedInputs, 1000)
   flushCounts()
-  runDirty, slotDirty, droppedInputs = {}, {}, {}
+  local add, rem = {}, {}
+  for i = 1, #leaseOrder do
+    local rid = leaseOrder[i]
+    local score = leaseAt[rid]
+    if score then add[#add + 1] = score; add[#add + 1] = rid else rem[#rem + 1] = rid end
+  end
+  callChunked('ZADD', leasesKey, add, 1000)
+  callChunked('ZREM', leasesKey, rem, 1000)
+  runDirty, slotDirty, droppedInputs, leaseAt, leaseOrder = {}, {}, {}, {}, {}
 end

@@ -127,7 +127,7 @@ local function assignRun(rid, rec)
   rec.ra = nil
   rec.tr = nil
   writeAssignment(rid, rec)
-  rcall('ZADD', leasesKey, now + firstLookMs, rid)
+  setLease(rid, now + firstLookMs)
   saveRun(rid, rec)
   stats.assigned = stats.assigned + 1
 end
@@ -167,7 +167,7 @@ local function cancelActive(m, why, by)
   if limited(rec) then rcall('ZREM', activeKey, m) end
   if rec.st == 'A' then
     if limited(rec) then addSlots(rec.g, -1) end
-    rcall('ZREM', leasesKey, rid)
+    setLease(rid, false)
     endRun(rid, rec, 'C', why, by)
     return
   end
