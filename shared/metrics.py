@@ -27,18 +27,29 @@ HOP_SECONDS = Histogram(
     ["hop"],
     buckets=LATENCY_BUCKETS,
 )
-READY = threading.Event()
+_READY: dict[str, bool] = {}  # part (service name) -> ready; /readyz needs every part ready
 
 # `*_created` series double the series count for no use on dashboards or alerts.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
-def set_ready(ready: bool) -> None:
-    """Services call this: True after start-up, False while Redis calls fail."""
-    if ready:
-        READY.set()
-    else:
-        READY.clear()
+def set_ready(ready: bool, part: str = "service") -> None:
+    """Services call this: True after start-up, False while Redis calls fail. `part`: the
+    service, when one process runs several (`supersede serve`); /readyz answers 200 only while
+    every part the process runs or expects is ready."""
+    _READY[part] = ready
+
+
+def expect_parts(*parts: str) -> None:
+    """The parts a process will run, not ready until each says so (a part that starts late,
+    as ingress under `supersede serve`, keeps /readyz at 503 until it is up)."""
+    for part in parts:
+        _READY.setdefault(part, False)
+
+
+def is_ready() -> bool:
+    states = list(_READY.values())  # (a copy: the HTTP thread reads while services write)
+    return bool(states) and all(states)
 
 
 class _Handler(MetricsHandler):
@@ -49,7 +60,7 @@ class _Handler(MetricsHandler):
         if path == "/healthz":
             self._plain(200, b"ok\n")
         elif path == "/readyz":
-            self._plain(200, b"ready\n") if READY.is_set() else self._plain(503, b"not ready\n")
+            self._plain(200, b"ready\n") if is_ready() else self._plain(503, b"not ready\n")
         else:
             super().do_GET()
 

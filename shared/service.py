@@ -101,7 +101,7 @@ class Service:
         await self.scripts.load()
         await self.prepare()
         self.ready = True
-        metrics.set_ready(True)
+        metrics.set_ready(True, self.name)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
@@ -134,14 +134,14 @@ class Service:
     # -- steps every stream consumer shares -------------------------------------------------------
     def healthy(self) -> None:
         """A batch went through: ready again (a failure cleared it)."""
-        metrics.set_ready(True)
+        metrics.set_ready(True, self.name)
 
     async def recover(
         self, own: OwnPending, exc: BaseException, *, failed_reread: bool, what: str = "batch"
     ) -> None:
         """After a failed batch: not ready, log, re-read own pending entries soon, heal lost
         groups, pause. `failed_reread`: the failed batch was itself a re-read."""
-        metrics.set_ready(False)
+        metrics.set_ready(False, self.name)
         self.log.error(f"{what} failed; retrying", exc_info=exc)
         await after_failure(self.redis, self.groups(), own, exc, failed_reread=failed_reread)
 

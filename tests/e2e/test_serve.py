@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
+import pytest
 from redis.asyncio import Redis
 
 from supersede.client import get_run, publish_runs, wait_for_run
@@ -56,3 +57,46 @@ async def test_one_process_runs_the_system_and_drains_on_sigterm(
     assert (
         done is not None and done.state == "SUCCEEDED"
     )  # finished, and its result applied before the exit
+
+
+async def test_a_failing_part_stops_the_others_as_sigterm_does(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """Ingress fails while a run is in flight: the executor still drains it and admission,
+    stopped last, applies its result; then the failure is raised (the process exits with it)."""
+    from supersede.config import Settings
+    from supersede.services.cli import all_in_one
+    from supersede.services.executor.service import ExecutorConfig
+    from supersede.services.ingress.service import IngressConfig
+    from supersede.services.ingress.service import serve as serve_ingress
+    from supersede.services.modules import load_workflows
+
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    ns = keys.namespace
+    in_flight: list[str] = []
+
+    async def failing_ingress(stop: asyncio.Event) -> None:
+        mine = asyncio.Event()
+        task = asyncio.create_task(serve_ingress(settings, IngressConfig(block_ms=100), mine))
+        _, [run], _ = await publish_runs(redis, "chat.message", {"userId": "f", "sleep": 1},
+                                         namespace=ns)  # fmt: skip
+        in_flight.append(run.run_id)
+
+        async def running() -> bool:
+            got = await get_run(redis, run.run_id, namespace=ns)
+            return got is not None and got.state == "RUNNING"
+
+        await eventually(running, timeout=30)
+        mine.set()
+        await task
+        raise RuntimeError("ingress broke")
+
+    stop = asyncio.Event()
+    config = ExecutorConfig(slots=4, drain_timeout=30)
+    with pytest.raises(RuntimeError, match="ingress broke"):
+        await asyncio.wait_for(
+            all_in_one(settings, load_workflows(APP), config, stop, ingress=failing_ingress), 60
+        )
+    done = await get_run(redis, in_flight[0], namespace=ns)
+    assert done is not None and done.state == "SUCCEEDED"  # drained, and its result applied
+    assert stop.is_set()

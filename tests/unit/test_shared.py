@@ -156,6 +156,7 @@ def test_readyz_follows_the_ready_flag() -> None:
 
     port = free_port()
     metrics.serve(port)
+    metrics._READY.clear()  # (other tests of this process set parts of their own)
     metrics.set_ready(False)
     url = f"http://127.0.0.1:{port}"
     with pytest.raises(urllib.error.HTTPError) as info:
@@ -169,7 +170,27 @@ def test_readyz_follows_the_ready_flag() -> None:
         assert resp.read() == b"ok\n"
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
         assert b"python_info" in resp.read()
-    metrics.set_ready(False)
+
+    def status() -> int:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return int(exc.code)
+
+    # Several parts in one process (`supersede serve`): ready only when every part is,
+    # including one expected that has not started yet.
+    metrics._READY.clear()
+    metrics.expect_parts("ingress", "admission", "executor")
+    metrics.set_ready(True, "admission")
+    metrics.set_ready(True, "executor")
+    assert status() == 503
+    metrics.set_ready(True, "ingress")
+    assert status() == 200
+    metrics.set_ready(False, "admission")
+    assert status() == 503
+    metrics._READY.clear()
 
 
 def test_own_pending_re_reads_after_a_failure_without_starving_new_entries() -> None:
