@@ -81,7 +81,7 @@ for b, list in pairs(items) do
       local inboxUs = tonumber(string.sub(rec.s, 1, 16), 16) * 1000
       rec.pe = readUs > 0 and readUs - inboxUs or nil
       rec.pc = nowUs - inboxUs
-      rec.ph, rec.t2 = nil, nil
+      rec.ph, rec.t2, rec.er, rec.hs = nil, nil, nil, nil   -- (and an earlier version's)
       writes[#writes + 1] = rid
       writes[#writes + 1] = cmsgpack.pack(rec)
       leases[#leases + 1] = now + leaseMs

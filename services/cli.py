@@ -144,22 +144,22 @@ async def all_in_one(
         else:
             await serve_ingress(settings, IngressConfig(), stop)
 
+    failures: list[Exception] = []  # in the order they happened
+
     async def stopping_all_on_failure(part: Awaitable[None]) -> None:
         try:
             await part
-        except Exception:
+        except Exception as exc:
+            failures.append(exc)
             stop.set()  # the others stop as on SIGTERM: the executor drains, admission last
-            raise
 
-    outcomes = await asyncio.gather(
+    await asyncio.gather(
         stopping_all_on_failure(executor_then_admission()),
         stopping_all_on_failure(serve_admission(settings, AdmissionConfig(), drained)),
         stopping_all_on_failure(ingress_once_registered()),
-        return_exceptions=True,
     )
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
+    if failures:
+        raise failures[0]
 
 
 def _keda(args: argparse.Namespace, settings: Settings) -> None:

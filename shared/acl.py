@@ -121,7 +121,7 @@ ROLES: tuple[Role, ...] = (
             *_SERVICE,
             *_CONSUMER,
             *_REGISTRY,
-            *_words("xread xrevrange xadd time hset hdel hincrby zadd zrem incr"),
+            *_words("xread xrevrange xadd time hset hmget hdel hincrby zadd zrem incr"),
         ),
         (
             "~@:config",

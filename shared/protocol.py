@@ -364,8 +364,8 @@ RECORD_FIELDS = {
     "c": "1: counted in the shard's counts hash (every run created since it exists)",
     "tr": "ms of the last of those",
     "t0": "created ms",
-    "t1": "assigned ms (records from before the path: pg now; removed when reassigned)",
-    "t2": "claimed ms (records from before the path: pc now; removed when claimed)",
+    "t1": "assigned ms (the reaper's; also point pg of the path, in µs)",
+    "t2": "claimed ms (records from before the path; point pc now, removed when claimed)",
     "tc": "cancel decided ms",
     "t3": "ended ms",
     "by": "id of the newer run that superseded this one",
@@ -499,12 +499,15 @@ def _at(rec: dict[str, Any], key: str) -> int | None:
 def _points(rec: dict[str, Any]) -> dict[str, int]:
     """The path points of a record in µs after the inbox entry (older records: ms fields)."""
     out = {new: int(rec[old]) * 1000 for old, new in OLD_PATH_FIELDS.items() if _num(rec.get(old))}
+    out.update({key: int(rec[key]) for _, key in PATH_POINTS if _num(rec.get(key))})
     published = _inbox_ms(rec)
     if published is not None:
         for old, new in (("t1", "pg"), ("t2", "pc")):
+            # (a point in ms only, or one an earlier version's process rewrote later: the ms)
             if _num(rec.get(old)):
-                out[new] = (int(rec[old]) - published) * 1000
-    out.update({key: int(rec[key]) for _, key in PATH_POINTS if _num(rec.get(key))})
+                at = (int(rec[old]) - published) * 1000
+                if new not in out or abs(out[new] - at) >= 1000:
+                    out[new] = at
     return out
 
 

@@ -121,7 +121,7 @@ end
 
 local function assignRun(rid, rec)
   rec.st = 'A'
-  rec.t1 = nil   -- (the time is point pg of the path; t1 only on records from before it)
+  rec.t1 = now   -- (also point pg of the path, in µs; the reaper of the earlier version reads t1)
   pointAt(rec, 'pg', nowUs)
   rec.e = nil
   rec.ra = nil
