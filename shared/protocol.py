@@ -376,6 +376,8 @@ RECORD_FIELDS = {
     "pe": "executor read the assignment, µs after the inbox entry",
     "pc": "claimed (server clock), µs after the inbox entry",
     "ph": "handler started, µs after the inbox entry",
+    "er": "executor read, ms after the inbox entry (records from before the path; claim drops it)",
+    "hs": "handler started, ms after the inbox entry (the same)",
     "why": "reason code (Reason) of a cancel or failure",
     "err": "error text of a failed attempt",
 }
