@@ -364,7 +364,7 @@ RECORD_FIELDS = {
     "c": "1: counted in the shard's counts hash (every run created since it exists)",
     "tr": "ms of the last of those",
     "t0": "created ms",
-    "t1": "assigned ms (the reaper's; also point pg of the path, in µs)",
+    "t1": "assigned ms (records from before the path; point pg now, removed when assigned)",
     "t2": "claimed ms (records from before the path; point pc now, removed when claimed)",
     "tc": "cancel decided ms",
     "t3": "ended ms",

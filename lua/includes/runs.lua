@@ -8,7 +8,7 @@
   A record is a msgpack map: st state, g group, s sequence, w workflow, v version, k key,
   ev event id, mx max_runs, sg strategy code, sx strict (0/1), a attempt, m max attempts,
   e executor, h (1: a CANCELLING run still holds its slot), ra/tr re-assignments of an unclaimed
-  ASSIGNED attempt and the time of the last, t0 created ms, t1 assigned ms, t3 ended ms, tc
+  ASSIGNED attempt and the time of the last, t0 created ms, t3 ended ms, tc
   cancel decided ms, by superseding run id, why reason, err error text, c counted; the run's path, each point in
   µs after the inbox entry's ms (the first 16 hex digits of s): pi ingress read, pw request
   written, pa admission read, pg assigned, pe executor read, pc claimed, ph handler started
@@ -84,7 +84,8 @@ end
 
 -- When the run's current attempt was assigned, ms.
 local function assignedMs(rec)
-  return rec.t1 or (rec.pg and inboxMs(rec) + math.floor(rec.pg / 1000)) or 0
+  if rec.pg then return inboxMs(rec) + math.floor(rec.pg / 1000) end
+  return rec.t1 or 0
 end
 
 local function saveRun(rid, rec)
