@@ -95,13 +95,16 @@ for n = 1, #reqs do
     -- (strict mode only when on, and no strategy for a run without a limit: a record's size
     -- decides its allocation class, so a field nobody reads costs more than its bytes)
     local rec = {
-      st = 'Q', g = q.g, s = q.s, w = q.w, v = q.v, k = q.k or '', ev = q.ev or '',
+      st = 'Q', g = q.g, s = q.s, w = q.w, v = q.v, ev = q.ev or '',
       mx = q.max, sg = q.st, sx = q.x == 1 and 1 or nil, a = 1, m = q.m or 3, t0 = now, c = 1,
     }
     pointAt(rec, 'pi', q.iu)
     pointAt(rec, 'pw', written[n])
     pointAt(rec, 'pa', readUs)
     if q.tp and q.tp ~= '' then rec.tp = q.tp end
+    -- (a key equal to the event id, as every run of a workflow without a limit has, is not
+    -- stored twice: readers take ev when k is absent)
+    if (q.k or '') ~= rec.ev then rec.k = q.k or '' end
     fresh[rid] = q['in'] or ''
     if q.u == 1 then
       rec.u, rec.sg = 1, nil

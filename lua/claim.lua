@@ -109,7 +109,8 @@ for b, list in pairs(items) do
       local i = list[claimed[j + k - 1]]
       local rec = recs[part[k]]
       out[(i - 2) / 5 + 1] = {
-        1, part[k], rec.a, rec.w, rec.v, inputs[k] or '', rec.k, rec.s, rec.tp or '',
+        1, part[k], rec.a, rec.w, rec.v, inputs[k] or '', rec.k or rec.ev, rec.s,
+        rec.tp or '',
       }
     end
   end

@@ -1,19 +1,21 @@
 --[[
   Run records, slot counters, leases and end-of-run bookkeeping, cached for the length of one
-  script call and written once at its end (each redis.call costs about as much as the Lua around
-  it). Needs the locals runsKey, slotsKey, endedKey, inputsKey, countsKey, leasesKey. The counts hash holds
-  '<workflow>|<state letter>' -> runs of that workflow in that state, kept from the state each
-  record had when this call loaded it and the state it is written with; only records marked
-  c = 1 (all created since the counts exist) are counted, so older ones never skew them.
-  A record is a msgpack map: st state, g group, s sequence, w workflow, v version, k key,
-  ev event id, mx max_runs, sg strategy code, sx strict (0/1), a attempt, m max attempts,
-  e executor, h (1: a CANCELLING run still holds its slot), ra/tr re-assignments of an unclaimed
-  ASSIGNED attempt and the time of the last, t0 created ms, t3 ended ms, tc
-  cancel decided ms, by superseding run id, why reason, err error text, c counted; the run's path, each point in
-  µs after the inbox entry's ms (the first 16 hex digits of s): pi ingress read, pw request
-  written, pa admission read, pg assigned, pe executor read, pc claimed, ph handler started
-  (the last attempt's). Records written before the path existed have t2 (claimed ms) and
-  ir/rw/ar/er/hs (hops in ms after the inbox entry) instead; claim removes them.
+  script call and written once at its end (each redis.call costs about as much as the Lua
+  around it). Needs the locals runsKey, slotsKey, endedKey, inputsKey, countsKey, leasesKey.
+  The counts hash holds '<workflow>|<state letter>' -> runs of that workflow in that state,
+  kept from the state each record had when this call loaded it and the state it is written
+  with; only records marked c = 1 (all created since the counts exist) are counted, so older
+  ones never skew them.
+  A record is a msgpack map: st state, g group, s sequence, w workflow, v version, k key
+  (absent when it equals ev), ev event id, mx max_runs, sg strategy code, sx strict (0/1),
+  a attempt, m max attempts, e executor, h (1: a CANCELLING run still holds its slot), ra/tr
+  re-assignments of an unclaimed ASSIGNED attempt and the time of the last, t0 created ms,
+  t1 assigned ms, t3 ended ms, tc cancel decided ms, by superseding run id, why reason, err
+  error text, c counted; the run's path, each point in µs after the inbox entry's ms (the
+  first 16 hex digits of s): pi ingress read, pw request written, pa admission read, pg
+  assigned, pe executor read, pc claimed, ph handler started (the last attempt's). Records
+  written before the path existed have t2 (claimed ms) and ir/rw/ar/er/hs (hops in ms after
+  the inbox entry) instead; claim removes them.
 ]]
 local runCache, runDirty = {}, {}
 local slotCache, slotDirty = {}, {}
@@ -84,8 +86,7 @@ end
 
 -- When the run's current attempt was assigned, ms.
 local function assignedMs(rec)
-  if rec.pg then return inboxMs(rec) + math.floor(rec.pg / 1000) end
-  return rec.t1 or 0
+  return rec.t1 or (rec.pg and inboxMs(rec) + math.floor(rec.pg / 1000)) or 0
 end
 
 local function saveRun(rid, rec)

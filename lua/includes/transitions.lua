@@ -121,7 +121,7 @@ end
 
 local function assignRun(rid, rec)
   rec.st = 'A'
-  rec.t1 = nil   -- (point pg of the path now, in µs: t1 cost a record its allocation class)
+  rec.t1 = now   -- (also point pg of the path, in µs; an earlier version's reaper reads t1)
   pointAt(rec, 'pg', nowUs)
   rec.e = nil
   rec.ra = nil

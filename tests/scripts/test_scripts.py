@@ -647,3 +647,22 @@ async def test_every_key_of_a_script_call_hashes_to_one_slot(
     assert all(len(s) == 1 for s in slots_by_shard.values())
     # distinct shards are distinct slots, so a cluster can spread them over its nodes
     assert len({next(iter(s)) for s in slots_by_shard.values()}) == keys.shards
+
+
+async def test_a_key_equal_to_the_event_id_is_stored_once_and_read_back(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """A run's key is left out of its record when it is the event id (every run of a workflow
+    without a limit: its key is its event id); the record, the claim and the CLI still give
+    it. A record that keeps its key, even an empty one, reads as before."""
+    from supersede.protocol import RunRecord
+
+    same = make_request(keys, key="1-0", event="1-0", seq=1, unlimited=True)
+    other = make_request(keys, key="", event="2-0", seq=2)
+    await admit(scripts, same, other)
+    recs = await records(redis, keys)
+    assert "k" not in recs[same[1].run_id] and recs[other[1].run_id]["k"] == ""
+    for shard, req in (same, other):
+        raw = await redis.hget(keys.shard(shard).runs_hash, req.run_id)
+        assert RunRecord.decode(req.run_id, raw).key == req.key
+        assert (await claim(scripts, shard, req)).key == req.key
