@@ -107,7 +107,7 @@ for n = 1, #reqs do
     if (q.k or '') ~= rec.ev then rec.k = q.k or '' end
     fresh[rid] = q['in'] or ''
     if q.u == 1 then
-      rec.u, rec.sg = 1, nil
+      rec.u, rec.sg, rec.mx = 1, nil, nil
       assignRun(rid, rec)   -- no concurrency limit: no group to rank or fill
     else
       saveRun(rid, rec)

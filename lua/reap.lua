@@ -79,7 +79,7 @@ for i = 1, #expired do
     end
   elseif rec and rec.st == 'A' then
     local ra = rec.ra or 0
-    local due = (rec.tr or assignedMs(rec)) + deadline * 2 ^ math.min(ra, 6)
+    local due = (rec.tr or rec.t1) + deadline * 2 ^ math.min(ra, 6)
     if now >= due then
       writeAssignment(rid, rec)
       rec.ra = ra + 1

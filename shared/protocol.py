@@ -473,7 +473,7 @@ class RunRecord:
             reason=_opt_str(rec.get("why")),
             error=_opt_str(rec.get("err")),
             created_ms=_opt_int(rec.get("t0")),
-            assigned_ms=_opt_int(rec.get("t1")) or _at(rec, "pg"),
+            assigned_ms=_opt_int(rec.get("t1")),
             claimed_ms=_opt_int(rec.get("t2")) or _at(rec, "pc"),
             cancel_decided_ms=_opt_int(rec.get("tc")),
             ended_ms=_opt_int(rec.get("t3")),

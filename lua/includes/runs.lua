@@ -84,11 +84,6 @@ local function pointAt(rec, field, us)
   if type(us) == 'number' and us > 0 then rec[field] = us - inboxMs(rec) * 1000 end
 end
 
--- When the run's current attempt was assigned, ms.
-local function assignedMs(rec)
-  return rec.t1 or (rec.pg and inboxMs(rec) + math.floor(rec.pg / 1000)) or 0
-end
-
 local function saveRun(rid, rec)
   if not runDirty[rid] then runDirty[#runDirty + 1] = rid; runDirty[rid] = true end
   runCache[rid] = rec
