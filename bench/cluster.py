@@ -12,7 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from bench.common import log, report
+from bench.common import apps_registered, log, report
 from bench.executor import start, wait_for
 from supersede.keys import Keys
 from supersede.server import EmbeddedCluster, EmbeddedServer
@@ -28,7 +28,7 @@ async def e2e(url: str, client: Any, n: int) -> float:
     try:
 
         async def registered() -> bool:
-            return int(await client.hlen(keys.workflows_hash)) == 4  # bench/apps.py
+            return await apps_registered(client, keys)
 
         await wait_for(registered)
         procs.append(start(env, "ingress", "--block-ms", "100"))

@@ -8,6 +8,9 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from supersede.keys import Keys
 
 RESULTS: dict[str, float] = {}
 """Every figure reported in this process, by name: the comparisons across benchmarks."""
@@ -38,6 +41,15 @@ async def pipelined_xadd(
                 pipe.xadd(stream, fields)
             await pipe.execute()
     return len(items) / (time.perf_counter() - started)
+
+
+async def apps_registered(redis: Redis | RedisCluster, keys: Keys) -> bool:
+    """Every workflow of bench/apps.py is registered (an executor serving it started)."""
+    from bench import apps
+    from supersede.workflow import Workflow
+
+    wanted = sum(isinstance(v, Workflow) for v in vars(apps).values())
+    return int(await redis.hlen(keys.workflows_hash)) == wanted
 
 
 def log(msg: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from bench.common import log, pipelined_xadd, report
+from bench.common import apps_registered, log, pipelined_xadd, report
 from supersede.config import Settings
 from supersede.protocol import RunRecord
 from supersede.scripts import Scripts
@@ -267,32 +267,31 @@ async def cost_per_run(redis: Redis, settings: Settings, n: int) -> None:
     await redis.delete("bench:ref")
     ref_bytes, ref_us = (mem1 - mem0) / n, (cpu1 - cpu0) / n * 1e6
 
-    async def ended() -> int:
-        return await ended_runs(redis, keys)
+    async def cpu_of_runs(items: list[tuple[str, dict[str, bytes]]]) -> float:
+        """Server CPU seconds from publishing `items` until as many more runs ended (not the
+        idle wait for the trim that follows)."""
+        base = await ended_runs(redis, keys)
+        cpu0 = (await _server_use(redis))[1]
+        await pipelined_xadd(redis, items)
+        await wait_for(lambda: _at_least(lambda: ended_runs(redis, keys), base + n), timeout=300)
+        cpu = (await _server_use(redis))[1] - cpu0
+        await wait_for(trimmed, timeout=30)
+        return cpu
 
-    base = await ended()
-    mem0, cpu0 = await _server_use(redis)
-    items = [(keys.events_stream, {"name": b"bench.noop", "data": payload})] * n
-    await pipelined_xadd(redis, items)
-    await wait_for(lambda: _at_least(ended, base + n), timeout=300)
-    cpu1 = (await _server_use(redis))[1]  # (the CPU of the run, not of the idle wait below)
-    await wait_for(trimmed, timeout=30)
+    mem0 = (await _server_use(redis))[0]
+    cpu = await cpu_of_runs([(keys.events_stream, {"name": b"bench.noop", "data": payload})] * n)
     mem1 = (await _server_use(redis))[0]
     report("redis_bytes_per_retained_run", (mem1 - mem0) / n, "bytes", ref_bytes, runs=n,
            target=400, reference_name="bytes_per_xadd_entry_of_100_bytes")  # fmt: skip
-    report("redis_cpu_us_per_run", (cpu1 - cpu0) / n * 1e6, "us", ref_us, runs=n, target=40,
+    report("redis_cpu_us_per_run", cpu / n * 1e6, "us", ref_us, runs=n, target=40,
            reference_name="server_cpu_us_per_pipelined_xadd")  # fmt: skip
     # The same for a workflow with a limit (CANCEL_IN_PROGRESS, max_runs 1, a key per event):
     # what the group bookkeeping adds to a run.
-    base = await ended()
-    cpu0 = (await _server_use(redis))[1]
     keyed = [orjson.dumps({"userId": f"u{i}", "pad": "x" * 80}) for i in range(n)]
-    items = [(keys.events_stream, {"name": b"bench.keyed", "data": data}) for data in keyed]
-    await pipelined_xadd(redis, items)
-    await wait_for(lambda: _at_least(ended, base + n), timeout=300)
-    cpu1 = (await _server_use(redis))[1]
-    await wait_for(trimmed, timeout=30)
-    report("redis_cpu_us_per_run_limited", (cpu1 - cpu0) / n * 1e6, "us", ref_us, runs=n,
+    cpu = await cpu_of_runs(
+        [(keys.events_stream, {"name": b"bench.keyed", "data": data}) for data in keyed]
+    )
+    report("redis_cpu_us_per_run_limited", cpu / n * 1e6, "us", ref_us, runs=n,
            reference_name="server_cpu_us_per_pipelined_xadd",
            what="CANCEL_IN_PROGRESS, max_runs 1, a key per event")  # fmt: skip
 
@@ -358,7 +357,7 @@ async def main() -> None:
         procs.append(start(env, "executor", "bench.apps", "--slots", "100"))
 
         async def registered() -> bool:
-            return int(await redis.hlen(settings.keys.workflows_hash)) == 4  # bench/apps.py
+            return await apps_registered(redis, settings.keys)
 
         await wait_for(registered)
         procs.append(start(env, "ingress", "--block-ms", "100"))

@@ -11,7 +11,7 @@ import sys
 
 from redis.asyncio import Redis
 
-from bench.common import log
+from bench.common import apps_registered, log
 from bench.executor import e2e_throughput, start_latency, wait_for, xread_wakeup_ms
 from supersede.config import Settings
 from supersede.protocol import INGRESS_GROUP
@@ -33,7 +33,7 @@ async def main() -> None:
         log("serve bench: all-in-one start latency, end-to-end throughput")
 
         async def ready() -> bool:  # registered, and ingress reads the inbox
-            if int(await redis.hlen(settings.keys.workflows_hash)) != 4:
+            if not await apps_registered(redis, settings.keys):
                 return False
             readers = await redis.xinfo_consumers(settings.keys.events_stream, INGRESS_GROUP)
             return bool(readers)
