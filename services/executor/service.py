@@ -93,6 +93,7 @@ class Executor(Service):
         fetch = asyncio.create_task(self.fetcher.loop(stop))
         loops = [
             fetch,
+            asyncio.create_task(self.fetcher.stale_loop(stop)),
             asyncio.create_task(self.cancels.control_loop(drained)),
             asyncio.create_task(self.cancels.resend_loop(drained)),
             asyncio.create_task(_measure_loop_lag(drained)),
