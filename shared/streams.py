@@ -9,12 +9,15 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
+from typing import TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from supersede.keys import Keys
 from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, INGRESS_GROUP, Entry
+
+StreamName = TypeVar("StreamName", str, bytes)
 
 
 def entry_ms(entry_id: bytes | str) -> int:
@@ -167,3 +170,17 @@ async def tail_ids(redis: Redis, streams: Sequence[str]) -> dict[str, str]:
             pipe.xrevrange(stream, count=1)
         tails = await pipe.execute()
     return {s: (t[0][0].decode() if t else "0-0") for s, t in zip(streams, tails, strict=True)}
+
+
+async def stale_streams(
+    redis: Redis, streams: Sequence[StreamName], group: str, idle_ms: int
+) -> list[StreamName]:
+    """The streams whose `group` has an entry pending for `idle_ms` or more (read by a
+    consumer that died before acknowledging it): one pipelined XPENDING IDLE for all of them,
+    so looking costs one round trip however many streams there are (a missing stream or group
+    counts as none)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xpending_range(stream, group, "-", "+", 1, idle=idle_ms)
+        replies = await pipe.execute(raise_on_error=False)
+    return [s for s, r in zip(streams, replies, strict=True) if r and isinstance(r, list)]

@@ -34,7 +34,7 @@ from supersede.service import Service, Throttle
 from supersede.services.executor.claim import Claimer, Fetched
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.steps import Runner
-from supersede.streams import OwnPending, tail_ids
+from supersede.streams import OwnPending, stale_streams, tail_ids
 
 log = logging.getLogger("supersede.executor")
 
@@ -277,14 +277,11 @@ class Fetcher:
         `claim_idle_ms` (a dead executor's, usually none). One pipelined XPENDING IDLE over
         every stream, so the check costs one round trip however many streams this executor
         reads, and none of the fetch loop's time."""
-        idle = self.config.claim_idle_ms
         while not stop.is_set():
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for stream in self.streams:
-                        pipe.xpending_range(stream, EXECUTOR_GROUP, "-", "+", 1, idle=idle)
-                    stale = await pipe.execute(raise_on_error=False)
-                self._stale = [s for s, r in zip(self.streams, stale, strict=True) if r]
+                self._stale = await stale_streams(
+                    self.redis, self.streams, EXECUTOR_GROUP, self.config.claim_idle_ms
+                )
             except asyncio.CancelledError:
                 raise
             except Exception:
