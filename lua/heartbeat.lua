@@ -30,15 +30,27 @@ for i = 4, #ARGV, 2 do
   if not tonumber(ARGV[i + 1]) then return { -4, (i - 2) / 2 } end
 end
 
-local out = { 0 }
-for i = 4, #ARGV, 2 do
-  local rid, att = ARGV[i], tonumber(ARGV[i + 1])
-  local raw = rcall('HGET', runsKey, rid)
-  local rec = raw and cmsgpack.unpack(raw)
+-- One HMGET of the records and one ZADD of the renewed leases per call (a redis.call per run
+-- cost the server twice as much: the beat renews every active run each third of a lease).
+local rids = {}
+for i = 4, #ARGV, 2 do rids[#rids + 1] = ARGV[i] end
+local raws = {}
+for j = 1, #rids, 1000 do
+  local got = rcall('HMGET', runsKey, unpack(rids, j, math.min(j + 999, #rids)))
+  for k = 1, #got do raws[j + k - 1] = got[k] end
+end
+local out, leases = { 0 }, {}
+for j = 1, #rids do
+  local rid, att = rids[j], tonumber(ARGV[3 + 2 * j])
+  local rec = raws[j] and cmsgpack.unpack(raws[j])
   local mine = rec and rec.a == att and rec.e == executor
   if mine and (rec.st == 'R' or rec.st == 'X') then
-    rcall('ZADD', leasesKey, now + leaseMs, rid)
+    leases[#leases + 1] = now + leaseMs
+    leases[#leases + 1] = rid
   end
   if not (mine and rec.st == 'R') then out[#out + 1] = rid end
+end
+for j = 1, #leases, 1000 do
+  rcall('ZADD', leasesKey, unpack(leases, j, math.min(j + 999, #leases)))
 end
 return out
