@@ -19,6 +19,8 @@
     KEYS[12] newest hash        group id -> the newest max_runs members it ever admitted
                                 (CANCEL_IN_PROGRESS: a late, older arrival loses to them)
     KEYS[13] newest-at zset     group id by its last admission (ms), for expiry by reap
+    KEYS[14] fences hash        group id -> the sequence of the newest run it ever admitted
+                                (ctx.still_current() reads it)
     ARGV[1]  now in ms, or 0 for the server clock
     ARGV[2]  consumer group of the requests stream
     ARGV[3]  this shard's number (every run id must start with '<shard>-')
@@ -48,7 +50,7 @@ local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local leasesKey, endedKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local inputsKey, countsKey, requestsKey = KEYS[9], KEYS[10], KEYS[11]
-local newestKey, newestAtKey = KEYS[12], KEYS[13]
+local newestKey, newestAtKey, fencesKey = KEYS[12], KEYS[13], KEYS[14]
 
 -- @include now
 -- @include runs
@@ -122,12 +124,28 @@ end
 
 prefetchSlots(newsList)
 prefetchNewest(newsList)
+local fenced = {}   -- the groups' fences
+for j = 1, #newsList, 1000 do
+  local got = rcall('HMGET', fencesKey, unpack(newsList, j, math.min(j + 999, #newsList)))
+  for k = 1, #got do fenced[j + k - 1] = got[k] end
+end
+local fences, admittedAt = {}, {}
 for i = 1, #newsList do
   local g = newsList[i]
   local list = news[g]
   table.sort(list)
+  -- the group's fence: the newest sequence it ever admitted (a late, older arrival leaves it)
+  local newest = string.sub(list[#list], 18, 49)
+  if not fenced[i] or fenced[i] < newest then
+    fences[#fences + 1] = g
+    fences[#fences + 1] = newest
+  end
+  admittedAt[#admittedAt + 1] = now
+  admittedAt[#admittedAt + 1] = g
   applyArrivals(g, touched[g], list)
 end
+callChunked('HSET', fencesKey, fences, 1000)
+callChunked('ZADD', newestAtKey, admittedAt, 1000)
 
 -- Inputs of runs that survived this call.
 local inputs = {}

@@ -7,7 +7,8 @@
   four times ... up to 64 times the deadline, so its slot is never held by a run nobody can
   claim; a duplicate entry is refused by claim. Records of runs that ended more than their
   workflow's retention ago are deleted with their entries of the ended streams, and so is the
-  memory of the newest runs of groups that admitted nothing for the default retention.
+  memory of the newest runs and the fences of groups that admitted nothing for the default
+  retention.
 
   Input:
     KEYS[1..10] the shard state keys, as in admit.lua
@@ -16,6 +17,7 @@
     KEYS[13]    legacy terminal zset  run id by end time, from before the ended streams:
                                       drained with the default retention, never written
     KEYS[14]    outputs hash     as in finish.lua (deleted with the records)
+    KEYS[15]    fences hash      as in admit.lua
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     at most this many leases and about this many old records per call (whole
                 ended-stream entries are expired, so up to one entry's runs more)
@@ -40,7 +42,7 @@ local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4
 local leasesKey, endedKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local inputsKey, countsKey = KEYS[9], KEYS[10]
 local newestKey, newestAtKey, legacyTerminalKey = KEYS[11], KEYS[12], KEYS[13]
-local outputsKey = KEYS[14]
+local outputsKey, fencesKey = KEYS[14], KEYS[15]
 
 -- @include now
 -- @include runs
@@ -174,6 +176,7 @@ callChunked('ZREM', legacyTerminalKey, legacy, 1000)
 local idle = rcall('ZRANGEBYSCORE', newestAtKey, '-inf', now - retention, 'LIMIT', 0, limit)
 if #idle > 0 then
   rcall('HDEL', newestKey, unpack(idle))
+  rcall('HDEL', fencesKey, unpack(idle))
   rcall('ZREM', newestAtKey, unpack(idle))
 end
 return { 0, retried, failed, cancelled, #old, stats.assigned, reassigned }

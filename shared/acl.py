@@ -108,6 +108,7 @@ ROLES: tuple[Role, ...] = (
                 "counts",
                 "newest",
                 "newest-at",
+                "fences",
                 "terminal",
                 "seen",
             ),
@@ -121,7 +122,7 @@ ROLES: tuple[Role, ...] = (
             *_SERVICE,
             *_CONSUMER,
             *_REGISTRY,
-            *_words("xread xrevrange xadd time hset hmget hdel hincrby zadd zrem incr"),
+            *_words("xread xrevrange xadd time hget hset hmget hdel hincrby zadd zrem incr"),
         ),
         (
             "~@:config",
@@ -131,6 +132,7 @@ ROLES: tuple[Role, ...] = (
             *_shard("assignments:*", "runs", "inputs", "leases", "counts"),
             "%W~{@:*}:results",
             "%R~{@:*}:control",
+            "%R~{@:*}:fences",  # ctx.still_current()
         ),
     ),
     Role(

@@ -131,8 +131,16 @@ class ShardKeys:
 
     @property
     def newest_at_zset(self) -> str:
-        """group id scored by its last admission (ms): the expiry index of ``newest``."""
+        """group id scored by its last admission (ms): the expiry index of ``newest`` and
+        ``fences``."""
         return f"{self.tag}:newest-at"
+
+    @property
+    def fences_hash(self) -> str:
+        """group id -> the sequence of the newest run the group ever admitted (a group with a
+        concurrency limit): ``ctx.still_current()`` compares its run's sequence with it.
+        Deleted by the reaper with ``newest`` once the group admitted nothing for the retention."""
+        return f"{self.tag}:fences"
 
     @property
     def legacy_seen_zset(self) -> str:

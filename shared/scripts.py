@@ -200,7 +200,8 @@ class Scripts:
         for i, (entry_id, payload) in enumerate(entries):
             args += (entry_id, payload, written_us[i] if i < len(written_us) else 0)
         sk = self.keys.shard(shard)
-        keys = [*sk.state_keys(), sk.requests_stream, sk.newest_hash, sk.newest_at_zset]
+        keys = [*sk.state_keys(), sk.requests_stream, sk.newest_hash, sk.newest_at_zset,
+                sk.fences_hash]  # fmt: skip
         r = await self._call("admit", keys, args)
         cancels = r[5] if len(r) > 5 else []  # (the script adds them only when some are traced)
         traced = tuple((_s(a), _s(b), _s(c), _s(d), _s(e)) for a, b, c, d, e in cancels)
@@ -351,7 +352,7 @@ class Scripts:
             args += (workflow, ms)
         sk = self.keys.shard(shard)
         keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset, sk.legacy_terminal_zset,
-                sk.outputs_hash]  # fmt: skip
+                sk.outputs_hash, sk.fences_hash]  # fmt: skip
         r = await self._call("reap", keys, args)
         return ReapResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +51,8 @@ class Step:
 
 
 class Context:
-    """What a step sees: its run's input and metadata, its parents' outputs, cancellation."""
+    """What a step sees: its run's input and metadata, its parents' outputs, cancellation,
+    and its fencing token (`fence`, `still_current()`: see `supersede.fencing`)."""
 
     def __init__(
         self,
@@ -65,6 +66,8 @@ class Context:
         event_id: str = "",
         key: str = "",
         loop: asyncio.AbstractEventLoop | None = None,
+        fence: int = 0,
+        current: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.run_id = run_id
         self.workflow = workflow
@@ -74,6 +77,10 @@ class Context:
         self.event = event
         self.event_id = event_id
         self.key = key
+        # the run's fencing token: its sequence as an integer, monotonic per key, the same for
+        # every attempt (supersede.fencing.set_if_newer guards a write with it)
+        self.fence = fence
+        self._current = current
         self.outputs: dict[str, Any] = {}
         self._flag = threading.Event()
         self._loop = loop
@@ -88,6 +95,25 @@ class Context:
         """The output of a parent step, by name or by function."""
         name = step if isinstance(step, str) else step.__name__
         return self.outputs[name]
+
+    async def still_current(self) -> bool:
+        """False once a newer run of this run's key was admitted (one read of the group's
+        fence); always True for a workflow without a concurrency limit (every run is its own
+        key). Ask before costly work; guard the write itself with `fencing.set_if_newer`."""
+        return True if self._current is None else await self._current()
+
+    def still_current_blocking(self, timeout: float = 10.0) -> bool:
+        """`still_current()` for a sync step (it runs in a thread; not on the event loop)."""
+        loop = self._loop
+        if loop is None or self._current is None:
+            return True
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError("still_current_blocking() on the event loop: await still_current()")
+        return asyncio.run_coroutine_threadsafe(self.still_current(), loop).result(timeout)
 
     async def wait_cancelled(self) -> None:
         """Resolves when the run is cancelled."""

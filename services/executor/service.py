@@ -61,13 +61,19 @@ class Executor(Service):
         self.workflows = tuple(self.definitions)
         cluster = isinstance(redis, RedisCluster)
         self.outbox = Outbox(redis, self.keys, self.config)
-        self.runner = Runner(workflows, self.config, self.outbox, tracer=self.tracer)
+        self.runner = Runner(workflows, self.config, self.outbox, tracer=self.tracer,
+                             fences=self._fence)  # fmt: skip
         self.cancels = Cancels(redis, self.keys, self.runner, self.config, cluster=cluster)
         self.claimer = Claimer(self.scripts, self.consumer, self.config, self.runner, self.cancels)
         self.fetcher = Fetcher(self, self.keys, self.config, self.runner, self.claimer,
                                cluster=cluster)  # fmt: skip
         self.leases = LeaseKeeper(settings.redis_url, self.keys, self.consumer, self.config,
                                   self.runner, self.cancels.let_go)  # fmt: skip
+
+    async def _fence(self, shard: int, group: str) -> bytes | None:
+        """The sequence of the newest run `group` admitted (for `ctx.still_current()`)."""
+        fence = await self.redis.hget(self.keys.shard(shard).fences_hash, group)
+        return fence.encode() if isinstance(fence, str) else fence
 
     def groups(self) -> list[GroupSpec]:
         """The executor group of each shard's assignment stream of this process's workflows."""

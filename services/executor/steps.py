@@ -15,14 +15,16 @@ import functools
 import logging
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from supersede import codec, tracing
 from supersede.errors import describe
+from supersede.fencing import fence_of
 from supersede.metrics import HOP_SECONDS
+from supersede.model import group_id
 from supersede.protocol import Outcome, RunResult, unpack_input
 from supersede.scripts import Claim
 from supersede.services.executor import metrics
@@ -84,8 +86,12 @@ class Runner:
         outbox: Outbox,
         *,
         tracer: Any = None,
+        fences: Callable[[int, str], Awaitable[bytes | None]] | None = None,
     ) -> None:
+        """`fences(shard, group)`: reads the sequence of the newest run a group admitted (the
+        fences hash), for `ctx.still_current()`; None: every run is current."""
         self.workflows = {wf.id: wf for wf in workflows}
+        self.fences = fences
         self.config = config
         self.outbox = outbox
         self.tracer = tracer
@@ -106,6 +112,11 @@ class Runner:
         except Exception as exc:
             self._fail_at_once(shard, claim, f"input could not be decoded: {describe(exc)}")
             return None
+        wf = self.workflows.get(claim.workflow)
+        current = None
+        if self.fences is not None and wf is not None and wf.concurrency is not None:
+            group = group_id(claim.workflow, claim.version, claim.key)
+            current = functools.partial(self._still_current, shard, group, claim.seq)
         ctx = Context(
             run_id=claim.run_id,
             workflow=claim.workflow,
@@ -115,10 +126,12 @@ class Runner:
             event=body.get("event", ""),
             event_id=body.get("event_id", ""),
             key=claim.key,
+            loop=asyncio.get_running_loop(),
+            fence=fence_of(claim.seq),
+            current=current,
         )
         # A retry of a run whose earlier attempt's result waits here: that result is stale now.
         self.awaiting.pop(claim.run_id, None)
-        wf = self.workflows.get(claim.workflow)
         if wf is None:  # (routing delivers only this executor's workflows)
             self._fail_at_once(shard, claim, "unknown workflow")
             return None
@@ -136,6 +149,11 @@ class Runner:
         metrics.BUSY_SLOTS.set(len(self.active))
         run.task = asyncio.create_task(self._execute(run))
         return run
+
+    async def _still_current(self, shard: int, group: str, seq: str) -> bool:
+        assert self.fences is not None
+        newest = await self.fences(shard, group)
+        return newest is None or newest.decode() <= seq
 
     def _fail_at_once(self, shard: int, claim: Claim, error: str) -> None:
         log.error("claimed run cannot start", extra={"run": claim.run_id, "error": error})

@@ -113,6 +113,8 @@ class StrategyMachine(RuleBasedStateMachine):
                 unlimited=free,
             )
             self.model.limits[req.group] = Limits(max_runs, strategy, strict)
+            if free:
+                self.model.unlimited.add(req.group)
             self.shard_of[req.run_id] = shard
             payload = req.pack()
             by_shard.setdefault(shard, []).append((f"0-{self.serial}", payload))
@@ -253,6 +255,11 @@ class StrategyMachine(RuleBasedStateMachine):
                 counts[field.decode()] += int(n)
         assert dict(counts) == dict(Counter(f"{r['w']}|{r['st']}" for r in stored.values()))
         assert active == members("A", "R")
+        fences: dict[str, str] = {}
+        for sk in self.keys.all_shards():
+            for gid, seq in self.run(self.redis.hgetall(sk.fences_hash)).items():
+                fences[gid.decode()] = seq.decode()
+        assert fences == {gid: f"{seq:032x}" for gid, seq in self.model.fences.items()}
         assert leases == {rid for rid, r in stored.items() if r["st"] in ("A", "R", "X")}
 
     @invariant()

@@ -39,6 +39,9 @@ class Model:
     lease_ms: int
     limits: dict[str, Limits] = field(default_factory=dict)
     runs: dict[str, MRun] = field(default_factory=dict)
+    unlimited: set[str] = field(default_factory=set)  # groups of runs without a limit
+    # group -> the newest sequence it ever admitted: its fence (ctx.still_current())
+    fences: dict[str, int] = field(default_factory=dict)
 
     # -- queries -------------------------------------------------------------------------------
     def group_runs(self, group: str, *states: str) -> list[MRun]:
@@ -80,6 +83,8 @@ class Model:
             if rid in self.runs:
                 continue
             self.runs[rid] = MRun(rid, group, seq, max_attempts)
+            if group not in self.unlimited:
+                self.fences[group] = max(seq, self.fences.get(group, seq))
             if group not in touched:
                 touched.append(group)
         for group in touched:

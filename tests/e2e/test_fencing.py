@@ -1,0 +1,57 @@
+"""A superseded handler that ignores cancellation and writes late cannot overwrite what the
+newer run of its key wrote: real services, a real executor, `set_if_newer` and
+`ctx.still_current()` as user code calls them (tests/support/apps/fenced.py)."""
+
+from __future__ import annotations
+
+import orjson
+from redis.asyncio import Redis
+
+from supersede.fencing import read_fenced
+from supersede.keys import Keys
+from tests.support import System, eventually, records
+
+APP = "tests.support.apps.fenced"
+
+
+async def _log(redis: Redis, keys: Keys) -> list[list[str]]:
+    return [x.decode().split(":") for x in await redis.lrange(f"{keys.namespace}:test:log", 0, -1)]
+
+
+async def _noted(redis: Redis, keys: Keys, kind: str, n: int) -> bool:
+    return sum(1 for x in await _log(redis, keys) if x[0] == kind) >= n
+
+
+async def test_a_superseded_handler_writing_late_cannot_overwrite_the_newer_value(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    system.start("admission", "--block-ms", "100")
+    system.start("executor", APP, "--grace", "0.2")
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == 1
+
+    await eventually(registered, timeout=30)
+    system.start("ingress", "--block-ms", "100")
+
+    async def publish(**data: object) -> None:
+        await redis.xadd(keys.events_stream, {"name": "doc.write", "data": orjson.dumps(data)})
+
+    await publish(doc="d1", text="old", sleep=2)
+    await eventually(lambda: _noted(redis, keys, "started", 1), timeout=30)
+    await publish(doc="d1", text="new", sleep=0)
+    await eventually(lambda: _noted(redis, keys, "wrote", 2), timeout=30)
+
+    started = {rid: (int(fence), current) for _, rid, fence, current in
+               [x for x in await _log(redis, keys) if x[0] == "started"]}  # fmt: skip
+    wrote = {rid: (current, written) for _, rid, current, written in
+             [x for x in await _log(redis, keys) if x[0] == "wrote"]}  # fmt: skip
+    recs = await records(redis, keys)
+    [old] = [rid for rid, rec in recs.items() if rec.get("why") == "superseded"]
+    [new] = [rid for rid in recs if rid != old]
+    assert recs[old]["by"] == new
+    assert started[old][0] < started[new][0]  # fences follow the events' order
+    assert started[old][1] == "1" and started[new][1] == "1"  # each was current when it began
+    assert wrote[new] == ("1", "1")
+    assert wrote[old] == ("0", "0")  # no longer current, and its late write was refused
+    assert await read_fenced(redis, f"{keys.namespace}:test:doc:d1") == (b"new", started[new][0])
