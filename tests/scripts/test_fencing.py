@@ -82,5 +82,5 @@ def test_set_if_newer_with_a_blocking_client(redis_url: str, namespace: str) -> 
 
 @pytest.mark.parametrize("bad", [-1, 2**128, 1.5, "7", True])
 def test_a_bad_fence_is_refused_before_any_call(bad: object) -> None:
-    with pytest.raises(ValueError, match="ctx.fence"):
+    with pytest.raises(ValueError, match=r"ctx\.fence"):
         set_if_newer(object(), "k", "v", bad)  # type: ignore[call-overload]
