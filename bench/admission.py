@@ -1,5 +1,7 @@
 """Admission throughput: 200k pre-filled CANCEL_IN_PROGRESS requests over 10k groups, one
-process, against the raw pipelined XADD rate of the same client in the same run."""
+process, against the raw pipelined XADD rate of the same client in the same run; then the same
+for the queue-trimming strategies (CANCEL_QUEUED_EXCEPT_NEWEST/OLDEST), each also as a ratio to
+CANCEL_IN_PROGRESS's rate of this run."""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from supersede.services.admission.service import Admission, AdmissionConfig
 from supersede.streams import ensure_groups
 
 
-def build_requests(keys: Keys, n: int, groups: int) -> list[tuple[str, dict[str, bytes]]]:
+def build_requests(
+    keys: Keys, n: int, groups: int, strategy: Strategy = Strategy.CANCEL_IN_PROGRESS
+) -> list[tuple[str, dict[str, bytes]]]:
     items = []
     for i in range(n):
         key = f"user{i % groups}"
@@ -34,7 +38,7 @@ def build_requests(keys: Keys, n: int, groups: int) -> list[tuple[str, dict[str,
             key=key,
             event_id=f"ev{i}",
             max_runs=1,
-            strategy=Strategy.CANCEL_IN_PROGRESS,
+            strategy=strategy,
             input=b'{"text":"hello"}',
         )
         items.append((keys.shard(shard).requests_stream, {"r": req.pack()}))
@@ -55,15 +59,16 @@ async def backlog(redis: Redis, keys: Keys) -> int:
     return total
 
 
-async def main(n: int, groups: int) -> None:
+async def run_one(n: int, groups: int, strategy: Strategy) -> tuple[float, float]:
+    """(requests/s admitted, pipelined XADD rate) for n requests of one strategy."""
     server = EmbeddedServer().start()
     try:
         settings = Settings(redis_url=server.url, namespace="bench", shards=16)
         redis = Redis.from_url(server.url)
         keys = settings.keys
         await ensure_groups(redis, keys)
-        items = build_requests(keys, n, groups)
-        log(f"admission bench: {n} requests over {groups} groups")
+        items = build_requests(keys, n, groups, strategy)
+        log(f"admission bench: {n} {strategy.value} requests over {groups} groups")
         xadd_rate = await pipelined_xadd(redis, items)
         service = Admission(redis, settings, AdmissionConfig(block_ms=50, reap_interval=3600))
         await service.start()
@@ -78,12 +83,22 @@ async def main(n: int, groups: int) -> None:
         await task
         runs = sum([await redis.hlen(sk.runs_hash) for sk in keys.all_shards()])
         assert runs == n, f"expected {n} runs, found {runs}"
-        report("admission_throughput", n / elapsed, "requests/s", xadd_rate, requests=n,
-               groups=groups, strategy="CANCEL_IN_PROGRESS", target=30_000)  # fmt: skip
         await watcher.aclose()
         await redis.aclose()
+        return n / elapsed, xadd_rate
     finally:
         server.stop()
+
+
+async def main(n: int, groups: int) -> None:
+    rate, xadd_rate = await run_one(n, groups, Strategy.CANCEL_IN_PROGRESS)
+    report("admission_throughput", rate, "requests/s", xadd_rate, requests=n,
+           groups=groups, strategy="CANCEL_IN_PROGRESS", target=30_000)  # fmt: skip
+    for strategy in (Strategy.CANCEL_QUEUED_EXCEPT_NEWEST, Strategy.CANCEL_QUEUED_EXCEPT_OLDEST):
+        other, other_xadd = await run_one(n, groups, strategy)
+        report(f"admission_throughput_{strategy.value.lower()}", other, "requests/s", other_xadd,
+               requests=n, groups=groups, strategy=strategy.value,
+               vs_cancel_in_progress=round(other / rate, 3))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -47,6 +47,10 @@ RULES = {
     Strategy.CANCEL_IN_PROGRESS: "a newer run cancels the oldest running or queued ones",
     Strategy.CANCEL_NEWEST: "a run that finds the key full is cancelled at once",
     Strategy.GROUP_ROUND_ROBIN: "a run that finds the key full waits its turn, oldest first",
+    Strategy.CANCEL_QUEUED_EXCEPT_NEWEST: "a run that finds the key full waits, and replaces "
+    "the run that waited before it (only the newest waits)",
+    Strategy.CANCEL_QUEUED_EXCEPT_OLDEST: "a run that finds the key full waits if none does, "
+    "else it is cancelled (only the oldest waits)",
 }
 
 

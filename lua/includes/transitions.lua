@@ -292,6 +292,28 @@ local function applyArrivals(g, rec, news)
     for i = 1, #pending do
       if i <= free then startPending(pending[i]) else cancelPending(pending[i], 'no_slot') end
     end
+  elseif sg == 4 or sg == 5 then
+    -- CANCEL_QUEUED_EXCEPT_NEWEST (4) / _OLDEST (5): fill free slots oldest-first; of the runs
+    -- that must wait, one stays queued (the newest / the oldest) and the others end. Running
+    -- work is never interrupted. (The queue holds at most one run between calls.)
+    local pending = pendingOf(g, nil, news)
+    local free = mx - slotsOf(g)
+    local waiting = {}
+    for i = 1, #pending do
+      if i <= free then startPending(pending[i]) else waiting[#waiting + 1] = pending[i] end
+    end
+    local keep = sg == 4 and #waiting or 1
+    local kept = waiting[keep]
+    for i = 1, #waiting do
+      local p = waiting[i]
+      if i == keep then
+        if not p.stored then rcall('ZADD', queueKey, 0, p.m) end
+      elseif sg == 4 then
+        cancelPending(p, 'superseded', ridOf(kept.m))
+      else
+        cancelPending(p, 'no_slot')
+      end
+    end
   else
     -- GROUP_ROUND_ROBIN: FIFO up to mx; nothing is cancelled.
     fillFrom(g, mx, pendingOf(g, mx - slotsOf(g), news), 1)

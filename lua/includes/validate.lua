@@ -13,7 +13,7 @@ local function badRequestField(q)
   local mx = q.max
   if type(mx) ~= 'number' or mx < 1 or mx > 10000 or mx % 1 ~= 0 then return 'max' end
   local sg = q.st
-  if sg ~= 1 and sg ~= 2 and sg ~= 3 then return 'st' end
+  if type(sg) ~= 'number' or sg < 1 or sg > 5 or sg % 1 ~= 0 then return 'st' end
   if q.x ~= nil and q.x ~= 0 and q.x ~= 1 then return 'x' end
   if q.u ~= nil and q.u ~= 0 and q.u ~= 1 then return 'u' end
   if q.tp ~= nil and (type(q.tp) ~= 'string' or #q.tp > 64) then return 'tp' end

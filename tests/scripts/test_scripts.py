@@ -156,6 +156,46 @@ async def test_cancel_newest_never_interrupts_and_sheds_what_cannot_start(
     assert states(await records(redis, keys), *reqs) == ["R", "A", "C", "C"]
 
 
+async def test_cancel_queued_except_newest_keeps_only_the_latest_waiting_run(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """Hatchet's CANCEL_QUEUED_EXCEPT_NEWEST: running runs are never interrupted; of the runs
+    of a full group that wait, only the newest stays queued, and it starts when a slot frees."""
+    strategy = Strategy.CANCEL_QUEUED_EXCEPT_NEWEST
+    reqs = [make_request(keys, event=f"e{i}", seq=i, strategy=strategy) for i in range(5)]
+    shard = reqs[0][0]
+    await admit(scripts, reqs[0])
+    assert (await claim(scripts, shard, reqs[0][1])).claimed
+    await admit(scripts, reqs[1], reqs[2])  # one batch: the older waiting one ends at once
+    assert states(await records(redis, keys), *reqs[:3]) == ["R", "C", "Q"]
+    await admit(scripts, reqs[3], now=2)  # a later batch replaces the waiting run
+    recs = await records(redis, keys)
+    assert states(recs, *reqs[:4]) == ["R", "C", "C", "Q"]
+    assert recs[reqs[2][1].run_id]["why"] == "superseded"
+    assert recs[reqs[2][1].run_id]["by"] == reqs[3][1].run_id
+    await finish(scripts, shard, reqs[0][1], Outcome.SUCCEEDED)
+    assert states(await records(redis, keys), *reqs[:4]) == ["S", "C", "C", "A"]
+    assert await redis.zcard(keys.shard(shard).queue_zset) == 0
+
+
+async def test_cancel_queued_except_oldest_keeps_the_first_waiting_run(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    strategy = Strategy.CANCEL_QUEUED_EXCEPT_OLDEST
+    reqs = [make_request(keys, event=f"e{i}", seq=i, max_runs=2, strategy=strategy)
+            for i in range(6)]  # fmt: skip
+    shard = reqs[0][0]
+    await admit(scripts, *reqs[:4])  # two start, the oldest of the others waits
+    assert states(await records(redis, keys), *reqs[:4]) == ["A", "A", "Q", "C"]
+    assert (await records(redis, keys))[reqs[3][1].run_id]["why"] == "no_slot"
+    await admit(scripts, reqs[4], now=2)
+    assert states(await records(redis, keys), *reqs[:5]) == ["A", "A", "Q", "C", "C"]
+    await claim(scripts, shard, reqs[0][1])
+    await finish(scripts, shard, reqs[0][1], Outcome.SUCCEEDED)  # the waiting one starts
+    await admit(scripts, reqs[5], now=3)  # and a new one may wait again
+    assert states(await records(redis, keys), *reqs) == ["S", "A", "A", "C", "C", "Q"]
+
+
 async def test_group_round_robin_is_fifo_and_cancels_nothing(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:

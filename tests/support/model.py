@@ -88,23 +88,37 @@ class Model:
             if group not in touched:
                 touched.append(group)
         for group in touched:
-            lim = self.limits[group]
-            if lim.strategy is Strategy.CANCEL_IN_PROGRESS:
-                # The newest max_runs the group ever admitted survive, ended ones included:
-                # a late, older arrival is cancelled even when the newer runs already ended.
-                ever = sorted((r for r in self.runs.values() if r.group == group),
-                              key=lambda r: r.seq)  # fmt: skip
-                newest = {r.rid for r in ever[-lim.max_runs :]}
-                for run in self.group_runs(group, "Q", "A", "R"):
-                    if run.rid not in newest:
-                        self._cancel(run)
-                self._fill(group)
-            elif lim.strategy is Strategy.CANCEL_NEWEST:
-                self._fill(group)
-                for run in self.group_runs(group, "Q"):
-                    run.state = "C"
-            else:
-                self._fill(group)
+            self._apply(group)
+
+    def _apply(self, group: str) -> None:
+        """The group's strategy, after arrivals."""
+        lim = self.limits[group]
+        if lim.strategy is Strategy.CANCEL_IN_PROGRESS:
+            # The newest max_runs the group ever admitted survive, ended ones included:
+            # a late, older arrival is cancelled even when the newer runs already ended.
+            ever = sorted((r for r in self.runs.values() if r.group == group), key=lambda r: r.seq)
+            newest = {r.rid for r in ever[-lim.max_runs :]}
+            for run in self.group_runs(group, "Q", "A", "R"):
+                if run.rid not in newest:
+                    self._cancel(run)
+            self._fill(group)
+        elif lim.strategy is Strategy.CANCEL_NEWEST:
+            self._fill(group)
+            for run in self.group_runs(group, "Q"):
+                run.state = "C"
+        elif lim.strategy in (
+            Strategy.CANCEL_QUEUED_EXCEPT_NEWEST,
+            Strategy.CANCEL_QUEUED_EXCEPT_OLDEST,
+        ):
+            # Runs start oldest first while slots are free; of those left waiting, only the
+            # newest (resp. the oldest) stays queued. Running runs are never interrupted.
+            self._fill(group)
+            waiting = self.group_runs(group, "Q")
+            keep_newest = lim.strategy is Strategy.CANCEL_QUEUED_EXCEPT_NEWEST
+            for run in waiting[:-1] if keep_newest else waiting[1:]:
+                run.state = "C"
+        else:
+            self._fill(group)
 
     def claim(self, rid: str, attempt: int, executor: str, now: int) -> bool:
         run = self.runs.get(rid)

@@ -97,7 +97,7 @@ def test_reason_codes_recorded_by_the_scripts_are_known() -> None:
 
 
 def test_strategy_codes_are_those_the_scripts_branch_on() -> None:
-    assert {s.code for s in Strategy} == {1, 2, 3}
+    assert {s.code for s in Strategy} == {1, 2, 3, 4, 5}
     assert "sg == 1" in CODE and "sg == 2" in CODE  # CANCEL_IN_PROGRESS, CANCEL_NEWEST
     assert protocol.STRATEGY_CODES[Strategy.CANCEL_IN_PROGRESS] == 1
     assert protocol.STRATEGY_CODES[Strategy.CANCEL_NEWEST] == 2
