@@ -70,6 +70,7 @@ def _executor(args: argparse.Namespace, settings: Settings) -> None:
         slots=args.slots,
         lease_ms=int(args.lease * 1000),
         grace=args.grace,
+        kill_after=args.kill_after,
         drain_timeout=args.drain_timeout,
         claim_idle_ms=args.claim_idle_ms,
         block_ms=args.block_ms,
@@ -410,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     exe.add_argument("--metrics-host", default=None, help=METRICS_HOST_HELP)
     exe.add_argument("--lease", type=float, default=10.0, help="seconds; renewed every third")
     exe.add_argument("--grace", type=float, default=5.0, help="seconds a cancelled run may take")
+    exe.add_argument(
+        "--kill-after",
+        type=float,
+        default=2.0,
+        help="process isolation: seconds from SIGTERM to SIGKILL of a step that did not stop",
+    )
     exe.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on SIGTERM")
     exe.add_argument(
         "--max-output-bytes",

@@ -17,6 +17,7 @@ and raises DefinitionError naming the field, which stops `supersede executor` at
 from __future__ import annotations
 
 import asyncio
+import importlib
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,28 @@ from supersede.errors import DefinitionError
 from supersede.protocol import Strategy
 from supersede.registry import WorkflowDef, definition_body, parse
 
-__all__ = ["Concurrency", "Context", "Step", "Strategy", "Workflow"]
+__all__ = ["ISOLATIONS", "Concurrency", "Context", "Step", "Strategy", "Workflow"]
+
+# How a step runs (`isolation=`): "task" an asyncio task (async steps; cancelled at the next
+# await), "thread" the executor's thread pool (sync steps; cooperative: ctx.cancelled), "process"
+# a pre-started worker process (either kind; stopped for sure: flag, SIGTERM, SIGKILL).
+ISOLATIONS = ("task", "thread", "process")
+
+
+def resolve(module: str, qualname: str) -> Any:
+    """The object `qualname` of `module`: how a worker process finds a step's function."""
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def importable(fn: Callable[..., Any]) -> bool:
+    """True when a worker process can find `fn` by its module and qualified name."""
+    try:
+        return resolve(fn.__module__, fn.__qualname__) is fn
+    except Exception:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +66,7 @@ class Step:
     parents: tuple[str, ...] = ()
     timeout: float | None = None
     retries: int = 0
+    isolation: str | None = None  # None: the workflow's, else "task" (async) / "thread" (sync)
 
     @property
     def is_async(self) -> bool:
@@ -141,6 +164,7 @@ class Workflow:
     steps: list[Step] = field(default_factory=list)
     cancel_hook: Callable[[Context], Any] | None = None
     retention: int | None = None  # seconds an ended run is kept; None: admission's --retention
+    isolation: str | None = None  # of the steps that set none (ISOLATIONS); executor-side only
 
     def step(
         self,
@@ -149,10 +173,11 @@ class Workflow:
         timeout: float | None = None,
         retries: int = 0,
         name: str | None = None,
+        isolation: str | None = None,
     ) -> Callable[[Callable[[Context], Any]], Callable[[Context], Any]]:
         def register(fn: Callable[[Context], Any]) -> Callable[[Context], Any]:
             names = tuple(p if isinstance(p, str) else p.__name__ for p in parents)
-            self.steps.append(Step(name or fn.__name__, fn, names, timeout, retries))
+            self.steps.append(Step(name or fn.__name__, fn, names, timeout, retries, isolation))
             return fn
 
         return register
@@ -175,7 +200,35 @@ class Workflow:
         )
         if not self.steps:
             raise DefinitionError("steps", "a workflow needs at least one step")
+        for i, step in enumerate(self.steps):
+            self._check_isolation(i, step)
         return parse(body)
+
+    def isolation_of(self, step: Step) -> str:
+        """How `step` runs: its own isolation, else the workflow's, else by its kind."""
+        return step.isolation or self.isolation or ("task" if step.is_async else "thread")
+
+    def _check_isolation(self, i: int, step: Step) -> None:
+        where = f"steps[{i}].isolation" if step.isolation else "isolation"
+        chosen = step.isolation or self.isolation
+        if chosen is None:
+            return
+        if chosen not in ISOLATIONS:
+            raise DefinitionError(where, f"must be one of {list(ISOLATIONS)}, got {chosen!r}")
+        if chosen == "task" and not step.is_async:
+            raise DefinitionError(
+                where, f"step {step.name!r} is sync: it runs in a 'thread' or a 'process'"
+            )
+        if chosen == "thread" and step.is_async:
+            raise DefinitionError(
+                where, f"step {step.name!r} is async: it runs as a 'task' or in a 'process'"
+            )
+        if chosen == "process" and not importable(step.fn):
+            raise DefinitionError(
+                where,
+                f"step {step.name!r} must be a function defined at the top level of its module "
+                "(a worker process imports it by name)",
+            )
 
     def ordered_steps(self) -> list[Step]:
         """Steps in dependency order (parents first), stable otherwise."""

@@ -1,9 +1,11 @@
 """The executor service, in parts that each do one job and import only the parts before them:
 
-    config -> outbox -> steps -> lease -> cancel -> claim -> fetch -> service
+    config -> outbox -> isolation -> steps -> lease -> cancel -> claim -> fetch -> service
 
 - config: the executor's settings;
 - outbox: hands outcomes to the results streams, one pipeline per turn;
+- isolation: worker processes for steps with isolation="process", and the ladder that stops
+  them (flag, SIGTERM, SIGKILL);
 - steps: runs a claimed run's steps and reports its outcome once (the local slots);
 - lease: renews leases on a thread of its own, so a blocked event loop cannot let them lapse;
 - cancel: stops local runs on control-stream cancels, and on the heartbeat's answer;

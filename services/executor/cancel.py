@@ -63,6 +63,7 @@ class Cancels:
         if run.span is not None:
             tracing.cancelled(run.span, by_traceparent)
         run.ctx._cancel()
+        self.runner.stage(run, "flag")
         if run.task and not run.task.done():
             run.task.cancel()
         task = asyncio.create_task(self._report_after_grace(run))
@@ -71,8 +72,12 @@ class Cancels:
 
     async def _report_after_grace(self, run: Running) -> None:
         """A handler that ignores its cancellation keeps running, but its slot is reported
-        free after the grace period (the run's own task reports sooner when it stops)."""
+        free after the grace period (the run's own task reports sooner when it stops) — unless
+        the run must be reported only once its handler stopped (strict mode, or a step in a
+        worker process: its task reports when the ladder has stopped it)."""
         await asyncio.sleep(self.config.grace)
+        if run.report_when_stopped and run.task is not None and not run.task.done():
+            return
         await self.runner.report(run, Outcome.CANCELLED, "")
 
     def apply_early(self, run: Running) -> None:

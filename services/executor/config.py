@@ -10,6 +10,7 @@ class ExecutorConfig:
     slots: int = 10  # runs executed at once
     lease_ms: int = 10_000  # a run's lease; the heartbeat renews it every third
     grace: float = 5.0  # seconds a cancelled run may take before its slot is reported free
+    kill_after: float = 2.0  # process isolation: seconds from SIGTERM to SIGKILL
     drain_timeout: float = 30.0  # seconds SIGTERM waits for running runs
     block_ms: int = 1000  # longest wait of one read
     claim_idle_ms: int = 30_000  # take over assignments another executor left this long

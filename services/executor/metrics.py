@@ -46,3 +46,17 @@ LOOP_LAG_SECONDS = Histogram(
     "How late the event loop runs a timer due every 0.1 s: user code or bookkeeping blocking it.",
     buckets=LATENCY_BUCKETS,
 )
+CANCEL_STAGE_SECONDS = Histogram(
+    "supersede_executor_cancel_stage_seconds",
+    "From the cancel decision to each stage of stopping the handler: flag (ctx.cancelled set, an "
+    "async step cancelled), sigterm and sigkill (process isolation, after the grace period), "
+    "stopped (the handler returned or its process is gone).",
+    ["stage"],
+    buckets=(*LATENCY_BUCKETS, 10, 30, 60),
+)
+STRAY_HANDLERS = Gauge(
+    "supersede_executor_stray_handlers",
+    "Sync steps (thread isolation) still running a grace period after their run was cancelled: "
+    "a thread cannot be stopped. Without strict mode their runs were reported CANCELLED and "
+    "their slots freed; in strict mode they hold their slots until they return.",
+)

@@ -62,7 +62,7 @@ class Executor(Service):
         cluster = isinstance(redis, RedisCluster)
         self.outbox = Outbox(redis, self.keys, self.config)
         self.runner = Runner(workflows, self.config, self.outbox, tracer=self.tracer,
-                             fences=self._fence)  # fmt: skip
+                             fences=self._fence, keys=self.keys)  # fmt: skip
         self.cancels = Cancels(redis, self.keys, self.runner, self.config, cluster=cluster)
         self.claimer = Claimer(self.scripts, self.consumer, self.config, self.runner, self.cancels)
         self.fetcher = Fetcher(self, self.keys, self.config, self.runner, self.claimer,
@@ -91,6 +91,7 @@ class Executor(Service):
             except DefinitionError as exc:
                 raise ConfigError(f"workflow {wf.id!r} cannot be registered: {exc}") from None
         metrics.SLOTS.set(self.config.slots)
+        await self.runner.start_processes(self.settings.redis_url)
         self.log.info("workflows registered", extra={"workflows": sorted(self.definitions)})
 
     async def main(self, stop: asyncio.Event) -> None:

@@ -23,12 +23,14 @@ from typing import Any
 from supersede import codec, tracing
 from supersede.errors import describe
 from supersede.fencing import fence_of
+from supersede.keys import Keys
 from supersede.metrics import HOP_SECONDS
 from supersede.model import group_id
 from supersede.protocol import Outcome, RunResult, unpack_input
 from supersede.scripts import Claim
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
+from supersede.services.executor.isolation import ProcessPool, StepError
 from supersede.services.executor.outbox import Outbox
 from supersede.workflow import Context, Step, Workflow
 
@@ -74,6 +76,10 @@ class Running:
     started: float = field(default_factory=time.monotonic)  # claimed (monotonic clock)
     handler_started_us: int = 0  # wall clock, a point of the run's path; 0: never started
     span: Any = None  # the run's span on this executor (tracing on)
+    fence_at: tuple[int, str] | None = None  # (shard, group) whose fence still_current() reads
+    # While set, a cancel is reported only once the handler has stopped (strict mode, or a step
+    # in a worker process, which the ladder stops for sure), not at the end of the grace period.
+    report_when_stopped: bool = False
 
 
 class Runner:
@@ -87,11 +93,15 @@ class Runner:
         *,
         tracer: Any = None,
         fences: Callable[[int, str], Awaitable[bytes | None]] | None = None,
+        keys: Keys | None = None,
     ) -> None:
         """`fences(shard, group)`: reads the sequence of the newest run a group admitted (the
-        fences hash), for `ctx.still_current()`; None: every run is current."""
+        fences hash), for `ctx.still_current()`; None: every run is current. `keys`: where
+        worker processes read it (process isolation)."""
         self.workflows = {wf.id: wf for wf in workflows}
         self.fences = fences
+        self.keys = keys
+        self.processes: ProcessPool | None = None
         self.config = config
         self.outbox = outbox
         self.tracer = tracer
@@ -113,10 +123,11 @@ class Runner:
             self._fail_at_once(shard, claim, f"input could not be decoded: {describe(exc)}")
             return None
         wf = self.workflows.get(claim.workflow)
-        current = None
+        current, fence_at = None, None
         if self.fences is not None and wf is not None and wf.concurrency is not None:
             group = group_id(claim.workflow, claim.version, claim.key)
             current = functools.partial(self._still_current, shard, group, claim.seq)
+            fence_at = (shard, group)
         ctx = Context(
             run_id=claim.run_id,
             workflow=claim.workflow,
@@ -135,7 +146,7 @@ class Runner:
         if wf is None:  # (routing delivers only this executor's workflows)
             self._fail_at_once(shard, claim, "unknown workflow")
             return None
-        run = Running(claim.run_id, shard, claim.attempt, wf, ctx)
+        run = Running(claim.run_id, shard, claim.attempt, wf, ctx, fence_at=fence_at)
         if self.tracer:
             run.span = self.tracer.start_span(
                 "supersede.run",
@@ -149,6 +160,24 @@ class Runner:
         metrics.BUSY_SLOTS.set(len(self.active))
         run.task = asyncio.create_task(self._execute(run))
         return run
+
+    async def start_processes(self, redis_url: str) -> None:
+        """Start the worker processes (one per slot) when a step runs in process isolation."""
+        steps = [s for wf in self.workflows.values() for s in wf.steps
+                 if wf.isolation_of(s) == "process"]  # fmt: skip
+        if not steps or self.processes is not None:
+            return
+        self.processes = ProcessPool(
+            self.config.slots, [s.fn.__module__ for s in steps], redis_url,
+            grace=self.config.grace, kill_after=self.config.kill_after,
+        )  # fmt: skip
+        await self.processes.start()
+
+    def stage(self, run: Running, stage: str) -> None:
+        """A stage of stopping a cancelled run's handler, timed from the cancel decision."""
+        if run.cancel_decided_ms is not None:
+            elapsed = max(0.0, time.time() * 1000 - run.cancel_decided_ms) / 1000
+            metrics.CANCEL_STAGE_SECONDS.labels(stage).observe(elapsed)
 
     async def _still_current(self, shard: int, group: str, seq: str) -> bool:
         assert self.fences is not None
@@ -175,6 +204,7 @@ class Runner:
                     tracing.end_run(run.span, "LEFT_TO_LEASE", "")
                 raise  # shutdown: leave the run to its lease
             outcome, error = Outcome.CANCELLED, ""
+            self.stage(run, "stopped")
             await self._on_cancel(run)
         await self.report(run, outcome, error)
 
@@ -185,7 +215,7 @@ class Runner:
                 started = time.perf_counter()
                 try:
                     with tracing.step(self.tracer if run.span else None, step.name, attempt):
-                        output = await self._call(step, run.ctx)
+                        output = await self._call(step, run)
                     size = len(codec.pack(output))  # outputs must be msgpack-able values
                     run.ctx.outputs[step.name] = output
                     break
@@ -216,15 +246,23 @@ class Runner:
                 )
             if run.ctx.cancelled:
                 self.observe_cancel(run)
+                self.stage(run, "stopped")
                 return Outcome.CANCELLED, ""
         return Outcome.SUCCEEDED, ""
 
-    async def _call(self, step: Step, ctx: Context) -> Any:
+    async def _call(self, step: Step, run: Running) -> Any:
+        ctx = run.ctx
+        isolation = run.workflow.isolation_of(step)
+        strict = run.workflow.concurrency is not None and run.workflow.concurrency.strict
+        run.report_when_stopped = strict or isolation == "process"
+        if isolation == "process" and self.processes is not None:
+            return await self._in_process(step, run)
         if step.is_async:
             coro = step.fn(ctx)
         else:
             loop = asyncio.get_running_loop()
-            coro = self._sync(loop.run_in_executor(self.pool, functools.partial(step.fn, ctx)), ctx)
+            thread = loop.run_in_executor(self.pool, functools.partial(step.fn, ctx))
+            coro = self._sync(thread, ctx, strict)
         if step.timeout:
             try:
                 return await asyncio.wait_for(coro, step.timeout)
@@ -232,10 +270,38 @@ class Runner:
                 raise TimeoutError(f"step {step.name!r} timed out after {step.timeout}s") from None
         return await coro
 
-    async def _sync(self, thread: asyncio.Future[Any], ctx: Context) -> Any:
+    async def _in_process(self, step: Step, run: Running) -> Any:
+        """A step in a worker process (isolation "process"): a cancel or its timeout stops it
+        by the ladder (flag, SIGTERM, SIGKILL) before the run is reported."""
+        assert self.processes is not None
+        ctx = run.ctx
+        job: dict[str, Any] = {
+            "m": step.fn.__module__, "q": step.fn.__qualname__, "id": ctx.run_id,
+            "w": ctx.workflow, "a": ctx.attempt, "in": ctx.input, "md": ctx.metadata,
+            "ev": ctx.event, "ei": ctx.event_id, "k": ctx.key, "f": str(ctx.fence),
+            "o": ctx.outputs,
+        }  # fmt: skip
+        if run.fence_at is not None and self.keys is not None:
+            shard, group = run.fence_at
+            job.update(fk=self.keys.shard(shard).fences_hash, g=group, s=f"{ctx.fence:032x}")
+        try:
+            return await self.processes.call(
+                job,
+                timeout=step.timeout,
+                cancelled=lambda: ctx.cancelled,
+                stage=lambda stage: self.stage(run, stage),
+            )
+        except TimeoutError:
+            raise TimeoutError(f"step {step.name!r} timed out after {step.timeout}s") from None
+        except StepError as exc:
+            raise StepError(f"in its worker process:\n{exc}") from None
+
+    async def _sync(self, thread: asyncio.Future[Any], ctx: Context, strict: bool) -> Any:
         """A sync step's result. A thread cannot be interrupted: when the run is cancelled,
         wait (within the grace period) until the step has returned, so the run is not reported
-        CANCELLED, nor its slot freed, while its handler still executes."""
+        CANCELLED, nor its slot freed, while its handler still executes. A step still running
+        after the grace period is counted as a stray handler until it returns; in strict mode
+        its run keeps waiting for it (and holds its slot)."""
         try:
             return await asyncio.shield(thread)
         except asyncio.CancelledError:
@@ -243,6 +309,12 @@ class Runner:
                 raise  # a step timeout or a shutdown: nothing asked the step to stop
             with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(asyncio.shield(thread), self.config.grace)
+            if not thread.done():
+                metrics.STRAY_HANDLERS.inc()
+                thread.add_done_callback(lambda _: metrics.STRAY_HANDLERS.dec())
+                if strict:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(thread)
             raise
 
     async def _on_cancel(self, run: Running) -> None:
@@ -344,3 +416,5 @@ class Runner:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.processes is not None:
+            self.processes.close()

@@ -1,0 +1,307 @@
+"""Steps in pre-started worker processes (`isolation="process"`): cancellation that is
+guaranteed to stop code.
+
+A thread cannot be stopped and a task only at its next await, so a handler that ignores its
+cancellation keeps running after its run was reported CANCELLED. A process can be stopped: a
+cancelled (or timed-out) step gets the ladder
+
+    flag (ctx.cancelled; an async step is cancelled at its next await)
+    -> after the grace period, SIGTERM -> after --kill-after, SIGKILL
+
+and its run is reported only once the process is gone (or the step returned). The workers are
+forked from a forkserver that has imported the steps' modules, one per slot, started with the
+executor; a stopped worker is replaced in the background. Inputs, parents' outputs and the
+step's output cross the boundary as msgpack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as ProcessEvent
+from typing import Any
+
+from supersede import codec
+from supersede.workflow import Context, resolve
+
+log = logging.getLogger("supersede.executor")
+
+STAGES = ("flag", "sigterm", "sigkill", "stopped")  # of a cancel (the stage metric's label)
+
+
+class StepError(Exception):
+    """A step raised in its worker process; the message is the worker's traceback."""
+
+
+class WorkerLost(Exception):
+    """The worker process ended without answering (it crashed, or user code exited it)."""
+
+
+# -- the worker process ----------------------------------------------------------------------
+
+
+class _WorkerContext(Context):
+    """The step's Context inside a worker: `cancelled` reads the executor's flag for this
+    worker; `still_current()` reads the group's fence with the worker's own connection."""
+
+    def __init__(self, job: dict[str, Any], flag: ProcessEvent, fence_check: Any) -> None:
+        super().__init__(
+            run_id=job["id"], workflow=job["w"], attempt=job["a"], input=job["in"],
+            metadata=job["md"], event=job["ev"], event_id=job["ei"], key=job["k"],
+            fence=int(job["f"]),
+        )  # fmt: skip
+        self.outputs = dict(job["o"])
+        self._flag = flag  # type: ignore[assignment]  # (an Event with the same two methods)
+        self._fence_check = fence_check
+        self._fence_args = (job.get("fk"), job.get("g"), job.get("s"))
+
+    def still_current_blocking(self, timeout: float = 10.0) -> bool:
+        key, group, seq = self._fence_args
+        if not key:
+            return True
+        return bool(self._fence_check(key, group, seq))
+
+    async def still_current(self) -> bool:
+        return await asyncio.to_thread(self.still_current_blocking)
+
+
+async def _until_flag(fn: Callable[[Context], Any], ctx: Context, flag: ProcessEvent) -> Any:
+    """An async step inside a worker, cancelled (CancelledError at its next await) once the
+    executor raises the flag, as in task isolation."""
+    step = asyncio.ensure_future(fn(ctx))
+    while not step.done():
+        await asyncio.wait({step}, timeout=0.005)
+        if flag.is_set() and not step.done():
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await step
+            raise asyncio.CancelledError
+    return step.result()
+
+
+def worker_main(conn: Connection, flag: ProcessEvent, redis_url: str) -> None:
+    """A worker's loop: one job at a time, from the executor's end of the pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the executor
+    client: Any = None
+
+    def fence_check(key: str, group: str, seq: str) -> bool:
+        nonlocal client
+        if client is None:
+            from supersede.config import connect_sync
+
+            client = connect_sync(redis_url)
+        newest = client.hget(key, group)
+        return newest is None or newest.decode() <= seq
+
+    while True:
+        try:
+            raw = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        job = codec.unpack(raw)
+        try:
+            fn = resolve(job["m"], job["q"])
+            ctx = _WorkerContext(job, flag, fence_check)
+            if asyncio.iscoroutinefunction(fn):
+                out = asyncio.run(_until_flag(fn, ctx, flag))
+            else:
+                out = fn(ctx)
+            reply = codec.pack(["ok", out])
+        except asyncio.CancelledError:
+            reply = codec.pack(["cancelled"])
+        except Exception as exc:
+            reply = codec.pack(["err", "".join(traceback.format_exception(exc))])
+        conn.send_bytes(reply)
+
+
+# -- the executor's side ----------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)  # (hashed by identity: the pool keeps a set of them)
+class Worker:
+    process: Any  # multiprocessing's Process of the forkserver context
+    conn: Connection
+    flag: ProcessEvent
+
+
+class ProcessPool:
+    """`size` worker processes, forked from a forkserver that preloaded `modules`."""
+
+    def __init__(
+        self, size: int, modules: list[str], redis_url: str, *, grace: float, kill_after: float
+    ) -> None:
+        self.size = size
+        self.redis_url = redis_url
+        self.grace = grace
+        self.kill_after = kill_after
+        self._mp = multiprocessing.get_context("forkserver")
+        self._mp.set_forkserver_preload(sorted(set(modules)))
+        self._idle: asyncio.Queue[Worker] = asyncio.Queue()
+        self._all: set[Worker] = set()
+        self._spawning: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def start(self) -> None:
+        """Start every worker (the forkserver imports the modules once, first)."""
+        for _ in range(self.size):
+            self._idle.put_nowait(await asyncio.to_thread(self._spawn))
+
+    def _spawn(self) -> Worker:
+        ours, theirs = self._mp.Pipe()
+        flag = self._mp.Event()
+        process = self._mp.Process(
+            target=worker_main, args=(theirs, flag, self.redis_url), daemon=True,
+            name="supersede-step",
+        )  # fmt: skip
+        process.start()
+        theirs.close()
+        worker = Worker(process, ours, flag)
+        self._all.add(worker)
+        return worker
+
+    def _replace(self, worker: Worker) -> None:
+        """Forget a stopped worker and start another in the background."""
+        self._all.discard(worker)
+        worker.conn.close()
+        if self._closed:
+            return
+
+        async def spawn() -> None:
+            try:
+                self._idle.put_nowait(await asyncio.to_thread(self._spawn))
+            except Exception:
+                log.exception("a step worker process could not be started")
+
+        task = asyncio.get_running_loop().create_task(spawn())
+        self._spawning.add(task)
+        task.add_done_callback(self._spawning.discard)
+
+    async def call(
+        self,
+        job: dict[str, Any],
+        *,
+        timeout: float | None,
+        cancelled: Callable[[], bool],
+        stage: Callable[[str], None],
+    ) -> Any:
+        """Run one step in a worker; its output. A cancel of the calling task while the run
+        is cancelled (`cancelled()`), or the step's `timeout`, stops the worker by the ladder,
+        then raises CancelledError, resp. TimeoutError; any other cancel (a shutdown) kills
+        the worker at once. A step that raised raises StepError with its traceback."""
+        worker = await self._idle.get()
+        worker.flag.clear()
+        try:
+            worker.conn.send_bytes(codec.pack(job))
+            reply = await asyncio.wait_for(self._receive(worker), timeout)
+        except (asyncio.CancelledError, TimeoutError) as exc:
+            ladder = isinstance(exc, TimeoutError) or cancelled()
+            try:
+                if ladder:
+                    await self._stop(worker, stage)
+                else:
+                    self._kill(worker)
+            except BaseException:
+                self._kill(worker)  # interrupted while stopping: never leave it running
+                raise
+            raise
+        except WorkerLost:
+            self._replace(worker)
+            raise
+        self._idle.put_nowait(worker)
+        if reply[0] == "ok":
+            return reply[1]
+        if reply[0] == "cancelled":
+            raise asyncio.CancelledError
+        raise StepError(reply[1])
+
+    async def _receive(self, worker: Worker) -> list[Any]:
+        """The worker's reply (waits without blocking the loop)."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = worker.conn.fileno()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, wake)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+        try:
+            reply: list[Any] = codec.unpack(worker.conn.recv_bytes())
+        except (EOFError, OSError):
+            worker.process.join(1)
+            raise WorkerLost(
+                f"the step's worker process ended without answering "
+                f"(exit code {worker.process.exitcode})"
+            ) from None
+        return reply
+
+    async def _exited(self, worker: Worker, timeout: float) -> bool:
+        """Waits up to `timeout` for the worker process to end."""
+        deadline = time.monotonic() + timeout
+        while worker.process.is_alive():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+        worker.process.join()
+        return True
+
+    async def _stop(self, worker: Worker, stage: Callable[[str], None]) -> None:
+        """The ladder: flag, grace, SIGTERM, --kill-after, SIGKILL; returns once the step
+        returned (the worker is kept) or its process is gone (it is replaced)."""
+        worker.flag.set()
+        answer = asyncio.ensure_future(self._receive(worker))
+        try:
+            await asyncio.wait({answer}, timeout=self.grace)
+        finally:
+            if not answer.done():
+                answer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await answer
+        if not answer.cancelled():
+            if answer.exception() is None:  # the step honoured the flag: the worker is free
+                self._idle.put_nowait(worker)
+            else:  # (WorkerLost: it ended by itself)
+                self._replace(worker)
+            return
+        worker.process.terminate()
+        stage("sigterm")
+        if not await self._exited(worker, self.kill_after):
+            worker.process.kill()
+            stage("sigkill")
+            await self._exited(worker, 10.0)
+        self._replace(worker)
+
+    def _kill(self, worker: Worker) -> None:
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join(5)
+        self._replace(worker)
+
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._all if w.process.pid is not None]
+
+    def close(self) -> None:
+        """Kill every worker (the executor is exiting; a running step was left to its lease)."""
+        self._closed = True
+        for worker in list(self._all):
+            with contextlib.suppress(Exception):
+                worker.conn.close()
+            if worker.process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.process.pid, signal.SIGKILL)
+        for worker in list(self._all):
+            worker.process.join(5)
+        self._all.clear()

@@ -1,0 +1,179 @@
+"""Cancellation that is guaranteed to stop code: steps in worker processes are stopped by the
+ladder (flag, SIGTERM after the grace period, SIGKILL after --kill-after) and their runs are
+reported only once the process is gone; strict mode holds the slot until the handler really
+stopped, in processes and in threads (tests/support/apps/isolated.py)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from supersede.errors import DefinitionError
+from supersede.keys import Keys
+from supersede.workflow import Context, Workflow
+from tests.support import System, eventually, records
+
+APP = "tests.support.apps.isolated"
+
+
+async def _notes(redis: Redis, keys: Keys) -> list[tuple[str, str, int, int]]:
+    """(kind, run id, pid, ms) of every note."""
+    out = []
+    for raw in await redis.lrange(f"{keys.namespace}:test:log", 0, -1):
+        kind, rid, pid, ms = raw.decode().split(":")
+        out.append((kind, rid, int(pid), int(ms)))
+    return out
+
+
+async def _noted(redis: Redis, keys: Keys, kind: str, n: int = 1) -> bool:
+    return sum(1 for x in await _notes(redis, keys) if x[0] == kind) >= n
+
+
+def _gone(pid: int) -> bool:
+    """The process ended (reaped, or a zombie whose code can no longer run)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.fixture
+async def running(redis: Redis, keys: Keys, system: System) -> System:
+    system.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
+    system.start("executor", APP, "--slots", "4", "--grace", "0.3", "--kill-after", "0.3")
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == 5
+
+    await eventually(registered, timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    return system
+
+
+async def _publish(redis: Redis, keys: Keys, name: str, **data: Any) -> None:
+    await redis.xadd(keys.events_stream, {"name": name, "data": orjson.dumps(data)})
+
+
+async def _recs(redis: Redis, keys: Keys) -> dict[str, dict[str, Any]]:
+    return dict(await records(redis, keys))  # (values typed Any: the tests read fields)
+
+
+async def _ended(redis: Redis, keys: Keys, n: int) -> bool:
+    return sum(1 for r in (await _recs(redis, keys)).values() if r["st"] in "SFC") >= n
+
+
+@pytest.mark.parametrize("strict", [False, True])
+async def test_a_process_that_ignores_its_flag_and_sigterm_is_killed_before_it_is_reported(
+    redis: Redis, keys: Keys, running: System, strict: bool
+) -> None:
+    """Fails on a thread: the run was reported CANCELLED after the grace period while the
+    handler went on (and, in strict mode, the newer run started beside it)."""
+    event = "proc.strict" if strict else "proc.go"
+    await _publish(redis, keys, event, k="a", sleep=30, ignore_term=1)
+    await eventually(lambda: _noted(redis, keys, "alive"), timeout=30)
+    await _publish(redis, keys, event, k="a", sleep=0)
+    await eventually(lambda: _ended(redis, keys, 2), timeout=30)
+    recs = await _recs(redis, keys)
+    [old] = [rid for rid, r in recs.items() if r.get("why") == "superseded"]
+    [new] = [rid for rid in recs if rid != old]
+    assert recs[old]["st"] == "C" and recs[new]["st"] == "S"
+    notes = await _notes(redis, keys)
+    [pid] = {pid for kind, rid, pid, _ in notes if rid == old}
+    last_alive = max(ms for kind, rid, _, ms in notes if rid == old and kind == "alive")
+    assert _gone(pid)
+    assert last_alive <= recs[old]["t3"]  # reported only once its code had stopped
+    assert not any(kind == "finished" and rid == old for kind, rid, _, _ in notes)
+    if strict:  # the newer run waited for the slot until the old handler was gone
+        [new_start] = [ms for kind, rid, _, ms in notes if rid == new and kind == "started"]
+        assert new_start >= last_alive
+
+
+async def test_a_polite_process_step_stops_at_its_flag_and_its_worker_serves_again(
+    redis: Redis, keys: Keys, running: System
+) -> None:
+    await _publish(redis, keys, "proc.polite", k="p", sleep=30)  # cancelled in its async step
+    await eventually(lambda: _noted(redis, keys, "started"), timeout=30)
+    await _publish(redis, keys, "proc.polite", k="p", sleep=0)
+    await eventually(lambda: _ended(redis, keys, 2), timeout=30)
+    notes = await _notes(redis, keys)
+    assert any(kind == "async-cancelled" for kind, *_ in notes)  # CancelledError in the worker
+    recs = await _recs(redis, keys)
+    assert sorted(r["st"] for r in recs.values()) == ["C", "S"]
+    # a sync step that honours the flag returns without SIGTERM
+    await _publish(redis, keys, "proc.polite", k="q", sleep=0.05)
+    await eventually(lambda: _ended(redis, keys, 3), timeout=30)
+    await _publish(redis, keys, "proc.go", k="b", sleep=0)  # an unrelated run: workers serve
+    await eventually(lambda: _ended(redis, keys, 4), timeout=30)
+    assert sorted(r["st"] for r in (await _recs(redis, keys)).values()) == ["C", "S", "S", "S"]
+
+
+async def test_a_process_step_past_its_timeout_is_stopped_and_fails_the_attempt(
+    redis: Redis, keys: Keys, running: System
+) -> None:
+    await _publish(redis, keys, "proc.timeout", sleep=30, ignore_term=1)
+    await eventually(lambda: _ended(redis, keys, 1), timeout=60)
+    [rec] = (await _recs(redis, keys)).values()
+    assert rec["st"] == "F" and "timed out after 0.3s" in rec["err"]
+    notes = await _notes(redis, keys)
+    pids = {pid for kind, _, pid, _ in notes if kind == "started"}
+    assert all(_gone(pid) for pid in pids)
+
+
+async def test_strict_mode_holds_the_slot_until_a_thread_returns(
+    redis: Redis, keys: Keys, running: System
+) -> None:
+    """Fails on the old code: the run was reported after the grace period (0.3 s) and the
+    newer run started while the old thread still ran."""
+    await _publish(redis, keys, "thread.strict", k="t", sleep=1.5)
+    await eventually(lambda: _noted(redis, keys, "started"), timeout=30)
+    await _publish(redis, keys, "thread.strict", k="t", sleep=0)
+    await eventually(lambda: _ended(redis, keys, 2), timeout=30)
+    notes = await _notes(redis, keys)
+    started = {rid: ms for kind, rid, _, ms in notes if kind == "started"}
+    old, new = sorted(started, key=started.__getitem__)
+    [returned] = [ms for kind, rid, _, ms in notes if kind == "returned" and rid == old]
+    assert started[new] >= returned
+    recs = await _recs(redis, keys)
+    assert recs[old]["st"] == "C" and recs[new]["st"] == "S"
+
+
+def _sync_step(ctx: Context) -> None: ...
+
+
+async def _async_step(ctx: Context) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("isolation", "fn", "field", "words"),
+    [
+        ("fiber", _sync_step, "isolation", "must be one of"),
+        ("task", _sync_step, "isolation", "is sync"),
+        ("thread", _async_step, "isolation", "is async"),
+        ("process", lambda ctx: None, "isolation", "top level of its module"),
+    ],
+)
+def test_a_bad_isolation_fails_at_definition_naming_the_field(
+    isolation: str, fn: Any, field: str, words: str
+) -> None:
+    wf = Workflow("wf", on_events=["e"], isolation=isolation)
+    wf.step(name="s")(fn)
+    with pytest.raises(DefinitionError, match=words) as err:
+        wf.definition()
+    assert err.value.field == field
+    per_step = Workflow("wf", on_events=["e"])
+    per_step.step(name="s", isolation=isolation)(fn)
+    with pytest.raises(DefinitionError) as err:
+        per_step.definition()
+    assert err.value.field == "steps[0].isolation"
+
+
+def test_a_module_level_step_may_run_in_a_process() -> None:
+    wf = Workflow("wf", on_events=["e"], isolation="process")
+    wf.step()(_sync_step)
+    wf.definition()
+    assert os.environ.get("SUPERSEDE_NO_SUCH_VAR") is None  # (definition() touched no env)
