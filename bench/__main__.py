@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import admission, cancel_storm, cluster, executor, ingress, ops, saq_ref, serve
+from bench import (
+    admission,
+    cancel_storm,
+    cluster,
+    executor,
+    ingress,
+    isolation,
+    ops,
+    saq_ref,
+    serve,
+)
 
 
 def main() -> None:
@@ -14,6 +24,7 @@ def main() -> None:
     asyncio.run(serve.main())  # the same in one process (`supersede serve`)
     asyncio.run(saq_ref.main())  # SAQ's figures, then supersede's against them
     asyncio.run(cancel_storm.main())
+    asyncio.run(isolation.main())  # cancel -> a worker process stopped
     asyncio.run(cluster.main())
     asyncio.run(ops.main())
 

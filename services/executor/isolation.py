@@ -22,7 +22,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -249,12 +248,22 @@ class ProcessPool:
         return reply
 
     async def _exited(self, worker: Worker, timeout: float) -> bool:
-        """Waits up to `timeout` for the worker process to end."""
-        deadline = time.monotonic() + timeout
-        while worker.process.is_alive():
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.005)
+        """Waits up to `timeout` for the worker process to end (its sentinel turns readable)."""
+        loop = asyncio.get_running_loop()
+        gone: asyncio.Future[None] = loop.create_future()
+        sentinel = worker.process.sentinel
+
+        def wake() -> None:
+            if not gone.done():
+                gone.set_result(None)
+
+        loop.add_reader(sentinel, wake)
+        try:
+            await asyncio.wait_for(gone, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(sentinel)
         worker.process.join()
         return True
 
