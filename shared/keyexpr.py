@@ -17,6 +17,7 @@ from supersede.errors import DefinitionError, KeyExpressionError
 from supersede.protocol import Reason
 
 MAX_KEY_BYTES = 1024
+MAX_RUNS = 10_000  # the largest max_runs, fixed or computed
 MAX_EXPRESSION_CHARS = 1000
 # A comprehension's cost in the CEL library grows with the square of its list (measured: 0.4 ms
 # at 100 elements, 22 ms at 1,000, 320 ms at 4,000), so an expression with one refuses inputs
@@ -140,6 +141,37 @@ def _walked_size(paths: list[tuple[str, tuple[str, ...]]] | None, input_: Any, m
 def compile_key(expression: str, field: str = "concurrency.expression") -> KeyFn:
     """Compile `expression`; a syntax error or a cost over the budget (see `_check_cost`)
     raises DefinitionError naming `field`."""
+    raw = _compile(expression, field, Reason.KEY_ERROR)
+
+    def key(input_: Any, metadata: Any) -> str:
+        return _as_key(raw(input_, metadata), expression)
+
+    return key
+
+
+LimitFn = Callable[[Any, Any], int]
+
+
+def compile_limit(expression: str, field: str = "concurrency.max_runs") -> LimitFn:
+    """Compile a dynamic `max_runs`: a CEL expression over `input` and `metadata` giving an
+    integer in 1..MAX_RUNS; an event it fails for, or gives anything else for, raises
+    KeyExpressionError with reason `max_runs_error` (a dead letter)."""
+    raw = _compile(expression, field, Reason.MAX_RUNS_ERROR)
+
+    def limit(input_: Any, metadata: Any) -> int:
+        value = raw(input_, metadata)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RUNS:
+            raise KeyExpressionError(
+                Reason.MAX_RUNS_ERROR,
+                f"max_runs {expression!r} gave {value!r}, not an integer in 1..{MAX_RUNS}",
+            )
+        return value
+
+    return limit
+
+
+def _compile(expression: str, field: str, reason: str) -> Callable[[Any, Any], Any]:
+    """The value of `expression` for an event; its failures raise KeyExpressionError(reason)."""
     if not isinstance(expression, str) or not expression.strip():
         raise DefinitionError(field, "must be a non-empty CEL expression")
     _check_cost(expression, field)
@@ -148,20 +180,20 @@ def compile_key(expression: str, field: str = "concurrency.expression") -> KeyFn
         root = match.group(1)
         parts = tuple(match.group(2)[1:].split("."))
 
-        def lookup(input_: Any, metadata: Any) -> str:
+        def lookup(input_: Any, metadata: Any) -> Any:
             value = input_ if root == "input" else metadata
             for part in parts:
                 if not isinstance(value, dict):
                     raise KeyExpressionError(
-                        Reason.KEY_ERROR, f"{expression!r}: no field {part!r} on a non-map"
+                        reason, f"{expression!r}: no field {part!r} on a non-map"
                     )
                 try:
                     value = value[part]
                 except KeyError:
                     raise KeyExpressionError(
-                        Reason.KEY_ERROR, f"{expression!r}: no such key {part!r}"
+                        reason, f"{expression!r}: no such key {part!r}"
                     ) from None
-            return _as_key(value, expression)
+            return value
 
         return lookup
     try:
@@ -173,22 +205,21 @@ def compile_key(expression: str, field: str = "concurrency.expression") -> KeyFn
     walks = _MACRO.search(code) is not None
     paths = _walked_paths(code) if walks else None
 
-    def evaluate(input_: Any, metadata: Any) -> str:
+    def evaluate(input_: Any, metadata: Any) -> Any:
         if walks:
             longest = _walked_size(paths, input_, metadata)
             if longest > MAX_COMPREHENSION_ITEMS:
                 raise KeyExpressionError(
-                    Reason.KEY_ERROR,
+                    reason,
                     f"{expression!r} walks a list or map of {longest} items, over the "
                     f"{MAX_COMPREHENSION_ITEMS} a comprehension may walk (its cost budget)",
                 )
         try:
-            value = program.execute({"input": input_, "metadata": metadata})
+            return program.execute({"input": input_, "metadata": metadata})
         except Exception as exc:
             raise KeyExpressionError(
-                Reason.KEY_ERROR, f"{expression!r}: {type(exc).__name__}: {exc}"
+                reason, f"{expression!r}: {type(exc).__name__}: {exc}"
             ) from None
-        return _as_key(value, expression)
 
     return evaluate
 

@@ -15,21 +15,26 @@ GROUP_ID_LEN = 16  # hex chars; fixed width so the Lua side can slice members wi
 
 @dataclass(frozen=True, slots=True)
 class ConcurrencySpec:
-    """Limits of one workflow: at most `max_runs` active runs per key value.
+    """Limits of one workflow: at most `max_runs` active runs per key value. `max_runs` is an
+    integer, or a CEL expression over `input` and `metadata` evaluated per event (1..10000; a
+    group's limit is the one its newest arrival carries).
 
     `strict` holds a cancelled run's slot until its executor confirms (or its lease expires),
     so at most `max_runs` handlers ever execute at once; the default frees it at cancel time.
     """
 
     expression: str
-    max_runs: int = 1
+    max_runs: int | str = 1
     limit_strategy: Strategy = Strategy.CANCEL_IN_PROGRESS
     strict: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_runs, int) or isinstance(self.max_runs, bool):
+        if isinstance(self.max_runs, str):
+            if not self.max_runs.strip():
+                raise ValueError("max_runs must be an integer or a CEL expression")
+        elif not isinstance(self.max_runs, int) or isinstance(self.max_runs, bool):
             raise ValueError(f"max_runs must be an integer, got {self.max_runs!r}")
-        if not 1 <= self.max_runs <= 10_000:
+        elif not 1 <= self.max_runs <= 10_000:
             raise ValueError(f"max_runs must be between 1 and 10000, got {self.max_runs}")
         try:
             Strategy(self.limit_strategy)

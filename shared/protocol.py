@@ -106,6 +106,7 @@ class Reason(enum.StrEnum):
     BAD_MSGPACK = "bad_msgpack"
     KEY_ERROR = "key_error"
     KEY_TOO_LARGE = "key_too_large"
+    MAX_RUNS_ERROR = "max_runs_error"  # a dynamic max_runs failed or gave no 1..10000 integer
     INTERNAL = "internal"  # handling the entry raised; the detail names the exception
     # entries the scripts refuse (supersede.errors maps the codes)
     MALFORMED = "malformed"
@@ -220,13 +221,14 @@ class RequestPacker:
         self,
         workflow: str,
         version: str,
-        max_runs: int,
+        max_runs: int | None,
         strategy: Strategy,
         strict: bool,
         max_attempts: int,
         unlimited: bool = False,
     ) -> None:
-        constant = {
+        """`max_runs` None: computed per event (a dynamic limit), given to each `pack`."""
+        constant: dict[str, Any] = {
             "w": workflow,
             "v": version,
             "max": max_runs,
@@ -235,6 +237,8 @@ class RequestPacker:
             "m": max_attempts,
             "u": 1 if unlimited else 0,
         }
+        if max_runs is None:
+            del constant["max"]
         self._tail = b"".join(codec.pack(k) + codec.pack(v) for k, v in constant.items())
 
     def pack(
@@ -247,13 +251,16 @@ class RequestPacker:
         payload: bytes,
         read_us: int = 0,
         traceparent: str = "",
+        max_runs: int | None = None,
     ) -> bytes:
+        """One request; `max_runs` only for a packer made without one (a dynamic limit)."""
         p = codec.pack
+        limit = b"" if max_runs is None else b"\xa3max" + p(max_runs)
         return b"".join(
             (
                 b"\x8f\xa2id", p(rid), b"\xa1g", p(group), b"\xa1s", p(seq), b"\xa1k", p(key),
                 b"\xa2ev", p(event_id), b"\xa2in", p(payload), b"\xa2iu", p(read_us),
-                b"\xa2tp", p(traceparent), self._tail,
+                b"\xa2tp", p(traceparent), limit, self._tail,
             )
         )  # fmt: skip
 

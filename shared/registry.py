@@ -16,7 +16,7 @@ import orjson
 from redis.asyncio import Redis
 
 from supersede.errors import DefinitionError, describe
-from supersede.keyexpr import compile_key
+from supersede.keyexpr import compile_key, compile_limit
 from supersede.keys import Keys
 from supersede.model import ConcurrencySpec
 from supersede.protocol import Strategy
@@ -147,7 +147,12 @@ def parse(body: Any) -> WorkflowDef:
         if not isinstance(expression, str):
             raise DefinitionError("concurrency.expression", "must be a CEL expression string")
         compile_key(expression, "concurrency.expression")
-        max_runs = _int(conc.get("max_runs", 1), "concurrency.max_runs", 1, 10_000)
+        raw_max = conc.get("max_runs", 1)
+        if isinstance(raw_max, str):  # dynamic: a CEL expression evaluated per event
+            compile_limit(raw_max, "concurrency.max_runs")
+            max_runs: int | str = raw_max
+        else:
+            max_runs = _int(raw_max, "concurrency.max_runs", 1, 10_000)
         raw_strategy = conc.get("limit_strategy", Strategy.CANCEL_IN_PROGRESS.value)
         try:
             strategy = Strategy(raw_strategy)

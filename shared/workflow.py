@@ -54,7 +54,7 @@ def importable(fn: Callable[..., Any]) -> bool:
 @dataclass(frozen=True, slots=True)
 class Concurrency:
     expression: str
-    max_runs: int = 1
+    max_runs: int | str = 1  # or a CEL expression over input/metadata giving 1..10000
     limit_strategy: Strategy | str = Strategy.CANCEL_IN_PROGRESS
     strict: bool = False
 

@@ -26,7 +26,7 @@ from redis.asyncio.cluster import RedisCluster
 from supersede import aio, tracing
 from supersede.config import Settings
 from supersede.errors import KeyExpressionError, describe
-from supersede.keyexpr import KeyFn, compile_key
+from supersede.keyexpr import KeyFn, LimitFn, compile_key, compile_limit
 from supersede.metrics import HOP_SECONDS
 from supersede.model import (
     encode_seq,
@@ -96,6 +96,7 @@ class Route:
     strategy: Strategy
     strict: bool
     packer: RequestPacker
+    limit: LimitFn | None = None  # a dynamic max_runs, evaluated per event
     groups: dict[str, tuple[str, int]] = field(default_factory=dict)  # key -> (group, shard)
 
     def group_of(self, key: str, shards: int) -> tuple[str, int]:
@@ -181,9 +182,15 @@ def build_routes(defs: dict[str, WorkflowDef]) -> dict[str, list[Route]]:
                 compiled[conc.expression] = compile_key(conc.expression)
             key_fn = compiled[conc.expression]
             strategy = Strategy(conc.limit_strategy)
-            packer = RequestPacker(wf.id, wf.version, conc.max_runs, strategy, conc.strict,
-                                   wf.max_attempts)  # fmt: skip
-            route = Route(wf, key_fn, conc.max_runs, strategy, conc.strict, packer)
+            if isinstance(conc.max_runs, str):
+                limit = compile_limit(conc.max_runs)
+                packer = RequestPacker(wf.id, wf.version, None, strategy, conc.strict,
+                                       wf.max_attempts)  # fmt: skip
+                route = Route(wf, key_fn, 0, strategy, conc.strict, packer, limit=limit)
+            else:
+                packer = RequestPacker(wf.id, wf.version, conc.max_runs, strategy, conc.strict,
+                                       wf.max_attempts)  # fmt: skip
+                route = Route(wf, key_fn, conc.max_runs, strategy, conc.strict, packer)
         for name in wf.events:
             routes.setdefault(name, []).append(route)
     return routes
@@ -397,9 +404,10 @@ class Ingress(Service):
                 gid, shard = route.group_of(key, self.keys.shards)
                 digest = event_digest(event.id, wf.id)
                 rid = run_id(shard, event.id, wf.id, digest)
+                limit = route.limit(event.data, event.metadata) if route.limit else None
                 tp = self._trace(batch, fields, rid, wf.id, event, key) if self.tracer else ""
                 request = route.packer.pack(
-                    rid, gid, seq, key, event.id, payload, batch.read_us, tp
+                    rid, gid, seq, key, event.id, payload, batch.read_us, tp, limit
                 )
             except KeyExpressionError as exc:
                 batch.dead.append(self._dead(entry_id, fields, exc.reason, exc.detail, wf.id))

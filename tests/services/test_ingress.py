@@ -177,6 +177,47 @@ async def test_a_bad_event_is_dead_lettered_and_the_next_one_is_processed(
     assert [r["k"] for r in chat] == ["next"]
 
 
+async def test_a_dynamic_max_runs_is_computed_per_event_and_a_bad_one_dead_lettered(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """`max_runs` as a CEL expression: each request carries the limit its event computed; an
+    event it fails for (or gives no 1..10000 integer for) is a `max_runs_error` dead letter
+    naming the workflow, and its batch-mates run."""
+    plans = {
+        "id": "plans",
+        "events": ["job"],
+        "concurrency": {"expression": "input.user", "max_runs": "input.plan == 'pro' ? 5 : 1"},
+    }
+    await register(redis, keys, plans)
+    await register(redis, keys, {**plans, "id": "raw", "concurrency": {
+        "expression": "input.user", "max_runs": "input.n"}})  # fmt: skip
+    async with running_ingress(redis, redis_url, keys):
+        for data in ({"user": "a", "plan": "pro", "n": 2}, {"user": "b", "n": 0},
+                     {"user": "c", "plan": "free", "n": "3"}):  # fmt: skip
+            await redis.xadd(keys.events_stream, {"name": "job", "data": orjson.dumps(data)})
+        await settle(redis, keys)
+    got = {(r["w"], r["k"]): r["max"] for r in await requests_in_streams(redis, keys)}
+    assert got == {("plans", "a"): 5, ("plans", "c"): 1, ("raw", "a"): 2}
+    dead = [f for _, f in await redis.xrange(keys.dead_stream)]
+    # b has no plan (the expression fails) and n = 0; c's n is a string
+    assert sorted(f[b"workflow"] for f in dead) == [b"plans", b"raw", b"raw"]
+    assert {f[b"reason"] for f in dead} == {b"max_runs_error"}
+    assert b"gave 0" in b" ".join(f[b"detail"] for f in dead)
+
+
+@pytest.mark.parametrize(
+    ("max_runs", "words"),
+    [("input.", "invalid CEL"), ("", "non-empty"), (0, "between 1 and 10000"), (True, "integer")],
+)
+async def test_a_bad_max_runs_fails_at_registration_naming_the_field(
+    redis: Redis, keys: Keys, max_runs: Any, words: str
+) -> None:
+    body = {**CHAT, "concurrency": {"expression": "input.userId", "max_runs": max_runs}}
+    with pytest.raises(DefinitionError, match=words) as err:
+        await register(redis, keys, body)
+    assert err.value.field == "concurrency.max_runs"
+
+
 def test_a_dead_letter_keeps_a_bounded_copy_cut_at_character_boundaries() -> None:
     from supersede.protocol import dead_letter
 
