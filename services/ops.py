@@ -126,7 +126,13 @@ async def _groups_of_key(
     """workflow -> the group ids of `key` under each version the registry remembers (of
     `workflow`, or of every registered workflow)."""
     versions = await versions_of(redis, keys, [workflow] if workflow else None)
-    return {w: [group_id(w, v, key) for v in vs] for w, vs in versions.items()}
+    _, defs, _ = await load_all(redis, keys)
+    out = {w: [group_id(w, v, key) for v in vs] for w, vs in versions.items()}
+    for w, groups in out.items():  # a workflow of a scope: the scope's group (every version)
+        conc = defs[w].concurrency if w in defs else None
+        if conc is not None and conc.scope:
+            groups.append(group_id(w, "", key, conc.scope))
+    return out
 
 
 async def _live_of_key(
@@ -360,6 +366,8 @@ async def cancel_key(redis: Redis, scripts: Scripts, workflow: str, key: str) ->
     members in the queue and active zsets, not a scan)."""
     groups = await _groups_of_key(redis, scripts.keys, workflow, key)
     rids = await _live_of_key(redis, scripts.keys, groups, key)
+    if rids and workflow:  # a group of a scope holds the runs of its other workflows too
+        rids = [r.id for r in await _records(redis, scripts.keys, rids) if r.workflow == workflow]
     return await cancel_runs(scripts, rids) if rids else {}
 
 

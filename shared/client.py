@@ -209,7 +209,8 @@ def plan_runs(
                 key = compile_key(wf.concurrency.expression)(data, metadata or {})
             except KeyExpressionError:
                 continue
-        shard = shard_of_group(group_id(wf.id, wf.version, key), shards)
+        scope = wf.concurrency.scope if wf.concurrency else None
+        shard = shard_of_group(group_id(wf.id, wf.version, key, scope), shards)
         out.append(PlannedRun(wf.id, key, run_id(shard, event_id, wf.id)))
     return out
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 from supersede.protocol import Strategy
 
@@ -19,6 +20,10 @@ class ConcurrencySpec:
     integer, or a CEL expression over `input` and `metadata` evaluated per event (1..10000; a
     group's limit is the one its newest arrival carries).
 
+    `scope` names a group space shared by several workflows: runs of every workflow with the
+    same scope and key value are one group and compete for its slots (the workflows must agree
+    on the strategy, `max_runs` and `strict`); without it each workflow has its own groups.
+
     `strict` holds a cancelled run's slot until its executor confirms (or its lease expires),
     so at most `max_runs` handlers ever execute at once; the default frees it at cancel time.
     """
@@ -27,6 +32,11 @@ class ConcurrencySpec:
     max_runs: int | str = 1
     limit_strategy: Strategy = Strategy.CANCEL_IN_PROGRESS
     strict: bool = False
+    scope: str | None = None
+
+    def rules(self) -> tuple[Any, str, bool]:
+        """What the workflows of one scope must agree on: max_runs, strategy, strict."""
+        return self.max_runs, Strategy(self.limit_strategy).value, self.strict
 
     def __post_init__(self) -> None:
         if isinstance(self.max_runs, str):
@@ -60,9 +70,13 @@ def decode_seq(seq: str) -> str:
     return f"{int(seq[:16], 16)}-{int(seq[16:], 16)}"
 
 
-def group_id(workflow_id: str, version: str, key: str) -> str:
-    """The id of a concurrency group: (workflow, version, key value) hashed to fixed width."""
-    raw = f"{workflow_id}\0{version}\0{key}".encode()
+def group_id(workflow_id: str, version: str, key: str, scope: str | None = None) -> str:
+    """The id of a concurrency group: (workflow, version, key value) hashed to fixed width; with
+    a `scope`, (scope, key value), the same for every workflow of the scope and every version."""
+    if scope:
+        raw = f"\1scope\0{scope}\0{key}".encode()  # (a workflow id never starts with \1)
+    else:
+        raw = f"{workflow_id}\0{version}\0{key}".encode()
     return hashlib.blake2b(raw, digest_size=GROUP_ID_LEN // 2).hexdigest()
 
 

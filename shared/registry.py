@@ -99,6 +99,8 @@ def definition_body(
             "max_runs": conc.max_runs,
             "limit_strategy": getattr(conc.limit_strategy, "value", conc.limit_strategy),
             "strict": conc.strict,
+            # (only when set: a field every stored body gained would change every version)
+            **({"scope": conc.scope} if getattr(conc, "scope", None) is not None else {}),
         },
         "steps": [
             {"name": s.name, "parents": list(s.parents), "timeout": s.timeout, "retries": s.retries}
@@ -164,7 +166,10 @@ def parse(body: Any) -> WorkflowDef:
         strict = conc.get("strict", False)
         if not isinstance(strict, bool):
             raise DefinitionError("concurrency.strict", f"must be a boolean, got {strict!r}")
-        spec = ConcurrencySpec(expression, max_runs, strategy, strict)
+        scope = conc.get("scope")
+        if scope is not None:
+            scope = _name(scope, "concurrency.scope")
+        spec = ConcurrencySpec(expression, max_runs, strategy, strict, scope)
     steps = _parse_steps(body.get("steps", []))
     max_attempts = _int(body.get("max_attempts", 3), "max_attempts", 1, 1000)
     version = body.get("version") or ""
@@ -234,6 +239,11 @@ async def register(
     """Validate and store a definition; bumps the registry epoch only when something changed.
     Raises DefinitionError (`version`) for an existing version with other content."""
     wf = parse(definition.to_dict() if isinstance(definition, WorkflowDef) else definition)
+    if wf.concurrency is not None and wf.concurrency.scope:
+        _, defs, _ = await load_all(redis, keys)
+        error = scope_conflict(wf, [d for d in defs.values() if d.id != wf.id])
+        if error:
+            raise DefinitionError("concurrency.scope", error)
     body = orjson.dumps(wf.stored_body())
     await Scripts(redis, keys).register_workflow(wf.id, wf.version, body, wf.retention)
     return wf
@@ -253,4 +263,31 @@ async def load_all(redis: Redis, keys: Keys) -> tuple[int, dict[str, WorkflowDef
             defs[name] = parse(orjson.loads(body))
         except Exception as exc:  # whatever is stored, the valid ones are still served
             errors[name] = str(exc) if isinstance(exc, DefinitionError) else describe(exc)
+    # Workflows of one scope share groups, so they must agree on its rules: the first by id
+    # sets them, and one that disagrees (registered meanwhile by a racing executor) is skipped.
+    kept: list[WorkflowDef] = []
+    for wf in sorted(defs.values(), key=lambda w: w.id):
+        error = scope_conflict(wf, kept)
+        if error:
+            errors[wf.id] = f"concurrency.scope: {error}"
+            del defs[wf.id]
+        else:
+            kept.append(wf)
     return int(epoch or 0), defs, errors
+
+
+def scope_conflict(wf: WorkflowDef, others: list[WorkflowDef]) -> str | None:
+    """Why `wf` cannot share its scope with `others` (they disagree on max_runs, strategy or
+    strict), or None."""
+    conc = wf.concurrency
+    if conc is None or not conc.scope:
+        return None
+    for other in sorted(others, key=lambda w: w.id):
+        oc = other.concurrency
+        if oc is not None and oc.scope == conc.scope and oc.rules() != conc.rules():
+            return (
+                f"scope {conc.scope!r} is shared with workflow {other.id!r}, whose limits differ "
+                f"((max_runs, strategy, strict) = {oc.rules()} there, {conc.rules()} here); "
+                "workflows of one scope share their groups, so they must set the same limits"
+            )
+    return None

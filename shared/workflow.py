@@ -57,6 +57,7 @@ class Concurrency:
     max_runs: int | str = 1  # or a CEL expression over input/metadata giving 1..10000
     limit_strategy: Strategy | str = Strategy.CANCEL_IN_PROGRESS
     strict: bool = False
+    scope: str | None = None  # workflows of one scope share their groups (one per key value)
 
 
 @dataclass(slots=True)

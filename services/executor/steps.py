@@ -125,7 +125,7 @@ class Runner:
         wf = self.workflows.get(claim.workflow)
         current, fence_at = None, None
         if self.fences is not None and wf is not None and wf.concurrency is not None:
-            group = group_id(claim.workflow, claim.version, claim.key)
+            group = group_id(claim.workflow, claim.version, claim.key, wf.concurrency.scope)
             current = functools.partial(self._still_current, shard, group, claim.seq)
             fence_at = (shard, group)
         ctx = Context(

@@ -105,7 +105,10 @@ class Route:
         if hit is None:
             if len(self.groups) >= GROUP_MEMO:
                 self.groups.clear()
-            gid = group_id(self.workflow.id, self.workflow.version, key)
+            conc = self.workflow.concurrency
+            gid = group_id(
+                self.workflow.id, self.workflow.version, key, conc.scope if conc else None
+            )
             hit = self.groups[key] = (gid, shard_of_group(gid, shards))
         return hit
 

@@ -55,3 +55,38 @@ async def test_a_superseded_handler_writing_late_cannot_overwrite_the_newer_valu
     assert wrote[new] == ("1", "1")
     assert wrote[old] == ("0", "0")  # no longer current, and its late write was refused
     assert await read_fenced(redis, f"{keys.namespace}:test:doc:d1") == (b"new", started[new][0])
+
+
+async def test_workflows_of_one_scope_share_a_group_per_key(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """`Concurrency(scope="chat-user")` on two workflows: a user's voice reply supersedes the
+    same user's running text reply (one slot per user for both), another user's is untouched."""
+    system.start("admission", "--block-ms", "100")
+    system.start("executor", "tests.support.apps.scoped", "--grace", "0.2")
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == 2
+
+    await eventually(registered, timeout=30)
+    system.start("ingress", "--block-ms", "100")
+
+    async def publish(name: str, **data: object) -> None:
+        await redis.xadd(keys.events_stream, {"name": name, "data": orjson.dumps(data)})
+
+    await publish("chat.text", user="u1", sleep=30)
+    await publish("chat.text", user="u2", sleep=30)
+    await eventually(lambda: _noted(redis, keys, "started", 2), timeout=30)
+    await publish("chat.voice", user="u1", sleep=0)
+
+    async def settled() -> bool:
+        states = sorted(str(r["st"]) for r in (await records(redis, keys)).values())
+        return states == ["C", "R", "S"]
+
+    await eventually(settled, timeout=30)
+    recs = await records(redis, keys)
+    by_state = {str(r["st"]): (rid, r) for rid, r in recs.items()}
+    (old, old_rec), (new, new_rec) = by_state["C"], by_state["S"]
+    assert old_rec["w"] == "reply-text" and new_rec["w"] == "reply-voice"
+    assert old_rec["by"] == new and old_rec["g"] == new_rec["g"]
+    assert by_state["R"][1]["g"] != new_rec["g"]  # another user: another group

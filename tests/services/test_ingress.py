@@ -291,6 +291,27 @@ async def test_an_invalid_stored_definition_is_skipped_and_the_valid_ones_served
         assert metrics.INVALID_WORKFLOWS._value.get() == 1
 
 
+async def test_workflows_of_a_scope_must_agree_on_its_limits(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """Registering a workflow whose scope another workflow uses with other limits fails naming
+    `concurrency.scope`; one stored anyway (a race) is skipped by ingress, the first served."""
+    conc = {"expression": "input.user", "max_runs": 1, "scope": "chat"}
+    await register(redis, keys, {"id": "a", "events": ["go"], "concurrency": conc})
+    await register(redis, keys, {"id": "b", "events": ["go"], "concurrency": conc})
+    clash = {"id": "c", "events": ["go"], "concurrency": {**conc, "max_runs": 2}}
+    with pytest.raises(DefinitionError, match="shared with workflow 'a'") as err:
+        await register(redis, keys, clash)
+    assert err.value.field == "concurrency.scope"
+    await redis.hset(keys.workflows_hash, "c", orjson.dumps({**clash, "version": "v1"}))
+    async with running_ingress(redis, redis_url, keys):
+        await redis.xadd(keys.events_stream, {"name": "go", "data": '{"user": "u"}'})
+        await settle(redis, keys)
+    reqs = await requests_in_streams(redis, keys)
+    assert sorted(r["w"] for r in reqs) == ["a", "b"]
+    assert len({r["g"] for r in reqs}) == 1  # one group for both workflows
+
+
 async def test_an_event_no_workflow_listens_to_is_acknowledged_not_dead_lettered(
     redis: Redis, keys: Keys, ingress: Ingress
 ) -> None:

@@ -36,6 +36,9 @@ from tests.support import workflow_body as definition
         ({"steps": [{"name": "a"}, {"name": "a"}]}, "steps[1].name"),
         ({"steps": [{"name": "a", "timeout": -1}]}, "steps[0].timeout"),
         ({"max_attempts": 0}, "max_attempts"),
+        ({"concurrency": {"expression": "input.u", "scope": ""}}, "concurrency.scope"),
+        ({"concurrency": {"expression": "input.u", "scope": 7}}, "concurrency.scope"),
+        ({"concurrency": {"expression": "input.u", "max_runs": "input."}}, "concurrency.max_runs"),
     ],
 )
 def test_a_bad_definition_names_the_field(overrides: dict[str, Any], field: str) -> None:
@@ -51,6 +54,21 @@ def test_a_change_gives_a_new_version() -> None:
     changed = parse(definition(concurrency={"expression": "input.userId", "max_runs": 2}))
     assert changed.version != a.version
     assert parse(definition(version="v7")).version == "v7"
+
+
+def test_a_scope_changes_the_groups_and_leaves_other_versions_alone() -> None:
+    """Stored bodies gain `scope` only when it is set: the version of every workflow without
+    one is what it was before scopes existed (or each would get new groups on upgrade)."""
+    plain = parse(definition())
+    assert "scope" not in plain.stored_body()["concurrency"]
+    scoped = parse(definition(concurrency={"expression": "input.userId", "scope": "chat"}))
+    assert scoped.version != plain.version and scoped.concurrency is not None
+    assert scoped.concurrency.scope == "chat"
+    from supersede.model import group_id
+
+    assert group_id("a", "1", "k", "chat") == group_id("b", "2", "k", "chat")
+    assert group_id("a", "1", "k", "chat") != group_id("a", "1", "k")
+    assert group_id("a", "1", "k", "chat") != group_id("a", "1", "k", "other")
 
 
 def test_key_expressions() -> None:
