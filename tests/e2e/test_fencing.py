@@ -86,7 +86,7 @@ async def test_workflows_of_one_scope_share_a_group_per_key(
     await eventually(settled, timeout=30)
     recs = await records(redis, keys)
     by_state = {str(r["st"]): (rid, r) for rid, r in recs.items()}
-    (old, old_rec), (new, new_rec) = by_state["C"], by_state["S"]
+    old_rec, (new, new_rec) = by_state["C"][1], by_state["S"]
     assert old_rec["w"] == "reply-text" and new_rec["w"] == "reply-voice"
     assert old_rec["by"] == new and old_rec["g"] == new_rec["g"]
     assert by_state["R"][1]["g"] != new_rec["g"]  # another user: another group
