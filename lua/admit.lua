@@ -21,6 +21,10 @@
     KEYS[13] newest-at zset     group id by its last admission (ms), for expiry by reap
     KEYS[14] fences hash        group id -> the sequence of the newest run it ever admitted
                                 (ctx.still_current() reads it)
+    KEYS[15] debounce hash      group id -> '<window start ms>|<member>': a debounced group's
+                                waiting run (requests with db > 0)
+    KEYS[16] due zset           debounced group ids by when their waiting run is due (ms);
+                                fire_debounced.lua applies the group's strategy to it then
     ARGV[1]  now in ms, or 0 for the server clock
     ARGV[2]  consumer group of the requests stream
     ARGV[3]  this shard's number (every run id must start with '<shard>-')
@@ -32,12 +36,16 @@
               written (µs, the entry's t field; 0: unknown, the entry id's ms is used)
               (iu: when ingress read the event, µs; optional. u = 1: the workflow has no
               concurrency limit; the run is assigned at once, outside any group's books.
-              tp: the run's W3C traceparent, '' when it is not traced)
+              tp: the run's W3C traceparent, '' when it is not traced. db > 0: debounce ms,
+              dw: the longest wait in ms after the window's first event, 0: none; the run
+              waits (QUEUED, in no queue) until no newer event of its group came for db ms,
+              and a newer one supersedes it)
 
   Output:
-    {0, created, duplicates, assigned, cancelled [, traced]}
-                    traced (only when some are): {run id, tp, superseding run id, its tp,
-                    reason} for each cancelled run that carries a trace context
+    {0, created, duplicates, assigned, cancelled (, traced (, due))}
+                    traced (present when some are, or when due is): {run id, tp, superseding
+                    run id, its tp, reason} for each cancelled run that carries a trace context;
+                    due (only when the call set debounce timers): the earliest it set, ms
     {-1, i, field}  request i is malformed (names the first bad field); nothing written
     {-3, i}         request i belongs to another shard; nothing written
     {-4, 0}         bad ARGV; nothing written
@@ -51,6 +59,7 @@ local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4
 local leasesKey, endedKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local inputsKey, countsKey, requestsKey = KEYS[9], KEYS[10], KEYS[11]
 local newestKey, newestAtKey, fencesKey = KEYS[12], KEYS[13], KEYS[14]
+local debounceKey, dueKey = KEYS[15], KEYS[16]
 
 -- @include now
 -- @include runs
@@ -88,6 +97,7 @@ prefetchRuns(rids)
 
 local created, dups = 0, 0
 local news, newsList = {}, {}
+local waits, waitsList, waitOf = {}, {}, {}   -- debounced arrivals: group -> members
 for n = 1, #reqs do
   local q = reqs[n]
   local rid = q.id
@@ -111,6 +121,13 @@ for n = 1, #reqs do
     if q.u == 1 then
       rec.u, rec.sg, rec.mx = 1, nil, nil
       assignRun(rid, rec)   -- no concurrency limit: no group to rank or fill
+    elseif (q.db or 0) > 0 then
+      saveRun(rid, rec)   -- QUEUED, in no queue: it waits for its debounce window
+      local list = waits[q.g]
+      if not list then list = {}; waits[q.g] = list; waitsList[#waitsList + 1] = q.g end
+      local m = memberOf(rid, rec)
+      list[#list + 1] = m
+      waitOf[m] = q
     else
       saveRun(rid, rec)
       local list = news[q.g]
@@ -124,10 +141,13 @@ end
 
 prefetchSlots(newsList)
 prefetchNewest(newsList)
-local fenced = {}   -- the groups' fences
-for j = 1, #newsList, 1000 do
-  local got = rcall('HMGET', fencesKey, unpack(newsList, j, math.min(j + 999, #newsList)))
-  for k = 1, #got do fenced[j + k - 1] = got[k] end
+local fenced, arrived = {}, {}   -- group -> its fence; the groups of this call
+for i = 1, #newsList do arrived[#arrived + 1] = newsList[i] end
+for i = 1, #waitsList do arrived[#arrived + 1] = waitsList[i] end
+for j = 1, #arrived, 1000 do
+  local part = { unpack(arrived, j, math.min(j + 999, #arrived)) }
+  local got = rcall('HMGET', fencesKey, unpack(part))
+  for k = 1, #got do fenced[part[k]] = got[k] end
 end
 local fences, admittedAt = {}, {}
 for i = 1, #newsList do
@@ -136,13 +156,66 @@ for i = 1, #newsList do
   table.sort(list)
   -- the group's fence: the newest sequence it ever admitted (a late, older arrival leaves it)
   local newest = string.sub(list[#list], 18, 49)
-  if not fenced[i] or fenced[i] < newest then
+  if not fenced[g] or fenced[g] < newest then
     fences[#fences + 1] = g
     fences[#fences + 1] = newest
   end
   admittedAt[#admittedAt + 1] = now
   admittedAt[#admittedAt + 1] = g
   applyArrivals(g, touched[g], list)
+end
+
+-- Debounced groups: the newest arrival waits; the run it replaces (or an older arrival) ends.
+-- The window closes db ms after its newest event, at most dw ms after its first.
+local firstDue
+if #waitsList > 0 then
+  local cur = rcall('HMGET', debounceKey, unpack(waitsList))
+  local stored, timers = {}, {}
+  for i = 1, #waitsList do
+    local g = waitsList[i]
+    local list = waits[g]
+    table.sort(list)
+    local first, waiting
+    if cur[i] then
+      local bar = string.find(cur[i], '|', 1, true)
+      first, waiting = tonumber(string.sub(cur[i], 1, bar - 1)), string.sub(cur[i], bar + 1)
+      local rec = loadRun(ridOf(waiting))
+      if not rec or rec.st ~= 'Q' then first, waiting = nil, nil end   -- (cancelled by hand)
+    end
+    local moved = false
+    for j = 1, #list do
+      local m = list[j]
+      if waiting and m < waiting then   -- older than the waiting run: it never starts
+        cancelPending({ m = m, stored = false }, 'superseded', ridOf(waiting))
+      else
+        if waiting then
+          cancelPending({ m = waiting, stored = false }, 'superseded', ridOf(m))
+        else
+          first = now
+        end
+        waiting, moved = m, true
+      end
+    end
+    if moved then
+      local q = waitOf[waiting]
+      local due = now + q.db
+      if (q.dw or 0) > 0 and first + q.dw < due then due = first + q.dw end
+      stored[#stored + 1] = g
+      stored[#stored + 1] = first .. '|' .. waiting
+      timers[#timers + 1] = due
+      timers[#timers + 1] = g
+      if not firstDue or due < firstDue then firstDue = due end
+    end
+    local newest = string.sub(list[#list], 18, 49)
+    if not fenced[g] or fenced[g] < newest then
+      fences[#fences + 1] = g
+      fences[#fences + 1] = newest
+    end
+    admittedAt[#admittedAt + 1] = now
+    admittedAt[#admittedAt + 1] = g
+  end
+  callChunked('HSET', debounceKey, stored, 1000)
+  callChunked('ZADD', dueKey, timers, 1000)
 end
 callChunked('HSET', fencesKey, fences, 1000)
 callChunked('ZADD', newestAtKey, admittedAt, 1000)
@@ -158,5 +231,6 @@ callChunked('HSET', inputsKey, inputs, 1000)
 ackEntries(requestsKey, groupName, 6, 3)
 flushRuns()
 flushNewest()
+if firstDue then return { 0, created, dups, stats.assigned, stats.cancelled, traced, firstDue } end
 if #traced > 0 then return { 0, created, dups, stats.assigned, stats.cancelled, traced } end
 return { 0, created, dups, stats.assigned, stats.cancelled }

@@ -33,8 +33,8 @@ _REGISTRY = _words("multi exec get hgetall")
 _CONSUMER = _words("xreadgroup xack xautoclaim xpending xgroup|create xinfo|groups")
 # The commands inside the scripts that change run states (admit, finish, reap, cancel).
 _STATE_SCRIPTS = _words(
-    "time hget hmget hset hdel hincrby hgetall exists del zadd zrem zrangebylex zrangebyscore "
-    "xadd xack xrange xtrim xlen"
+    "time hget hmget hset hdel hincrby hgetall exists del zadd zrem zrange zrangebylex "
+    "zrangebyscore xadd xack xrange xtrim xlen"
 )
 _READ = _words(
     "hget hmget hgetall hkeys hlen hscan exists get xlen xrange xrevrange xinfo|groups "
@@ -109,6 +109,8 @@ ROLES: tuple[Role, ...] = (
                 "newest",
                 "newest-at",
                 "fences",
+                "debounce",
+                "due",
                 "terminal",
                 "seen",
             ),

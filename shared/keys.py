@@ -143,6 +143,18 @@ class ShardKeys:
         return f"{self.tag}:fences"
 
     @property
+    def debounce_hash(self) -> str:
+        """group id -> ``<window start ms>|<member>``: the run of a debounced group waiting for
+        its window to close (``<group>|<sequence>|<run id>``, as in the queue zset)."""
+        return f"{self.tag}:debounce"
+
+    @property
+    def due_zset(self) -> str:
+        """Debounced group ids scored by when their waiting run is due (ms); admission fires
+        them (fire_debounced.lua), so a restart loses no timer."""
+        return f"{self.tag}:due"
+
+    @property
     def legacy_seen_zset(self) -> str:
         """Before records became the de-duplication memory: run ids by request time. Deleted
         by admission at start."""

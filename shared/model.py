@@ -33,10 +33,14 @@ class ConcurrencySpec:
     limit_strategy: Strategy = Strategy.CANCEL_IN_PROGRESS
     strict: bool = False
     scope: str | None = None
+    debounce_ms: int = 0  # > 0: a run waits until its key had no newer event for this long
+    max_wait_ms: int = 0  # > 0: but no longer than this after the window's first event
 
-    def rules(self) -> tuple[Any, str, bool]:
-        """What the workflows of one scope must agree on: max_runs, strategy, strict."""
-        return self.max_runs, Strategy(self.limit_strategy).value, self.strict
+    def rules(self) -> tuple[Any, ...]:
+        """What the workflows of one scope must agree on: max_runs, strategy, strict and
+        the debounce window."""
+        return (self.max_runs, Strategy(self.limit_strategy).value, self.strict,
+                self.debounce_ms, self.max_wait_ms)  # fmt: skip
 
     def __post_init__(self) -> None:
         if isinstance(self.max_runs, str):

@@ -177,6 +177,7 @@ class Outcome(enum.StrEnum):
 
 # -- run requests (ingress -> admission) ----------------------------------------------------------
 REQUEST_FIELDS = ("id", "g", "s", "w", "v", "k", "ev", "max", "st", "x", "m", "in", "iu", "u", "tp")
+DEBOUNCE_FIELDS = ("db", "dw")  # only in requests of a debounced workflow (ms: window, longest)
 """Keys of a packed run request, read by lua/admit.lua (lua/includes/validate.lua)."""
 
 
@@ -215,7 +216,7 @@ class RequestPacker:
     cost, because ingress packs one request per event and workflow.
     """
 
-    __slots__ = ("_tail",)
+    __slots__ = ("_head", "_tail")
 
     def __init__(
         self,
@@ -226,6 +227,8 @@ class RequestPacker:
         strict: bool,
         max_attempts: int,
         unlimited: bool = False,
+        debounce_ms: int = 0,
+        max_wait_ms: int = 0,
     ) -> None:
         """`max_runs` None: computed per event (a dynamic limit), given to each `pack`."""
         constant: dict[str, Any] = {
@@ -239,7 +242,12 @@ class RequestPacker:
         }
         if max_runs is None:
             del constant["max"]
+        if debounce_ms:
+            constant.update(db=debounce_ms, dw=max_wait_ms)
         self._tail = b"".join(codec.pack(k) + codec.pack(v) for k, v in constant.items())
+        # the map's header: 8 fields per request, the constant ones, and max when per request
+        size = 8 + len(constant) + (1 if max_runs is None else 0)
+        self._head = bytes([0x80 | size]) if size < 16 else b"\xde" + size.to_bytes(2, "big")
 
     def pack(
         self,
@@ -258,9 +266,9 @@ class RequestPacker:
         limit = b"" if max_runs is None else b"\xa3max" + p(max_runs)
         return b"".join(
             (
-                b"\x8f\xa2id", p(rid), b"\xa1g", p(group), b"\xa1s", p(seq), b"\xa1k", p(key),
-                b"\xa2ev", p(event_id), b"\xa2in", p(payload), b"\xa2iu", p(read_us),
-                b"\xa2tp", p(traceparent), limit, self._tail,
+                self._head, b"\xa2id", p(rid), b"\xa1g", p(group), b"\xa1s", p(seq),
+                b"\xa1k", p(key), b"\xa2ev", p(event_id), b"\xa2in", p(payload),
+                b"\xa2iu", p(read_us), b"\xa2tp", p(traceparent), limit, self._tail,
             )
         )  # fmt: skip
 

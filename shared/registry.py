@@ -24,6 +24,7 @@ from supersede.scripts import Scripts
 
 MAX_NAME = 200
 MAX_RETENTION = 366 * 86_400  # seconds
+MAX_DEBOUNCE_MS = 86_400_000  # a debounce window or its longest wait: a day at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,8 @@ def definition_body(
             "strict": conc.strict,
             # (only when set: a field every stored body gained would change every version)
             **({"scope": conc.scope} if getattr(conc, "scope", None) is not None else {}),
+            **({"debounce_ms": conc.debounce_ms} if getattr(conc, "debounce_ms", 0) else {}),
+            **({"max_wait_ms": conc.max_wait_ms} if getattr(conc, "max_wait_ms", 0) else {}),
         },
         "steps": [
             {"name": s.name, "parents": list(s.parents), "timeout": s.timeout, "retries": s.retries}
@@ -140,36 +143,7 @@ def parse(body: Any) -> WorkflowDef:
     if not isinstance(events, list | tuple) or not events:
         raise DefinitionError("events", "must be a non-empty list of event names")
     names = tuple(_name(e, f"events[{i}]") for i, e in enumerate(events))
-    conc = body.get("concurrency")
-    spec = None
-    if conc is not None:
-        if not isinstance(conc, dict):
-            raise DefinitionError("concurrency", "must be an object or null")
-        expression = conc.get("expression")
-        if not isinstance(expression, str):
-            raise DefinitionError("concurrency.expression", "must be a CEL expression string")
-        compile_key(expression, "concurrency.expression")
-        raw_max = conc.get("max_runs", 1)
-        if isinstance(raw_max, str):  # dynamic: a CEL expression evaluated per event
-            compile_limit(raw_max, "concurrency.max_runs")
-            max_runs: int | str = raw_max
-        else:
-            max_runs = _int(raw_max, "concurrency.max_runs", 1, 10_000)
-        raw_strategy = conc.get("limit_strategy", Strategy.CANCEL_IN_PROGRESS.value)
-        try:
-            strategy = Strategy(raw_strategy)
-        except ValueError:
-            raise DefinitionError(
-                "concurrency.limit_strategy",
-                f"must be one of {[s.value for s in Strategy]}, got {raw_strategy!r}",
-            ) from None
-        strict = conc.get("strict", False)
-        if not isinstance(strict, bool):
-            raise DefinitionError("concurrency.strict", f"must be a boolean, got {strict!r}")
-        scope = conc.get("scope")
-        if scope is not None:
-            scope = _name(scope, "concurrency.scope")
-        spec = ConcurrencySpec(expression, max_runs, strategy, strict, scope)
+    spec = _parse_concurrency(body.get("concurrency"))
     steps = _parse_steps(body.get("steps", []))
     max_attempts = _int(body.get("max_attempts", 3), "max_attempts", 1, 1000)
     version = body.get("version") or ""
@@ -179,6 +153,47 @@ def parse(body: Any) -> WorkflowDef:
     if retention is not None:
         retention = _int(retention, "retention", 1, MAX_RETENTION)
     return WorkflowDef(wid, names, spec, steps, max_attempts, version, retention).with_version()
+
+
+def _parse_concurrency(conc: Any) -> ConcurrencySpec | None:
+    if conc is None:
+        return None
+    if not isinstance(conc, dict):
+        raise DefinitionError("concurrency", "must be an object or null")
+    expression = conc.get("expression")
+    if not isinstance(expression, str):
+        raise DefinitionError("concurrency.expression", "must be a CEL expression string")
+    compile_key(expression, "concurrency.expression")
+    raw_max = conc.get("max_runs", 1)
+    if isinstance(raw_max, str):  # dynamic: a CEL expression evaluated per event
+        compile_limit(raw_max, "concurrency.max_runs")
+        max_runs: int | str = raw_max
+    else:
+        max_runs = _int(raw_max, "concurrency.max_runs", 1, 10_000)
+    raw_strategy = conc.get("limit_strategy", Strategy.CANCEL_IN_PROGRESS.value)
+    try:
+        strategy = Strategy(raw_strategy)
+    except ValueError:
+        raise DefinitionError(
+            "concurrency.limit_strategy",
+            f"must be one of {[s.value for s in Strategy]}, got {raw_strategy!r}",
+        ) from None
+    strict = conc.get("strict", False)
+    if not isinstance(strict, bool):
+        raise DefinitionError("concurrency.strict", f"must be a boolean, got {strict!r}")
+    scope = conc.get("scope")
+    if scope is not None:
+        scope = _name(scope, "concurrency.scope")
+    debounce = _int(conc.get("debounce_ms", 0), "concurrency.debounce_ms", 0, MAX_DEBOUNCE_MS)
+    max_wait = _int(conc.get("max_wait_ms", 0), "concurrency.max_wait_ms", 0, MAX_DEBOUNCE_MS)
+    if max_wait and not debounce:
+        raise DefinitionError("concurrency.max_wait_ms", "needs concurrency.debounce_ms")
+    if max_wait and max_wait < debounce:
+        raise DefinitionError(
+            "concurrency.max_wait_ms", f"must be at least debounce_ms ({debounce}), or 0"
+        )
+    spec = ConcurrencySpec(expression, max_runs, strategy, strict, scope, debounce, max_wait)
+    return spec
 
 
 def _parse_steps(raw: Any) -> tuple[StepDef, ...]:

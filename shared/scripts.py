@@ -37,6 +37,7 @@ SCRIPT_NAMES = (
     "append_requests",
     "register_workflow",
     "claim_ids",
+    "fire_debounced",
 )
 
 
@@ -76,6 +77,15 @@ class AdmitResult:
     # cancelled runs that carry a trace context: (run id, its traceparent, superseding run
     # id or '', that run's traceparent or '', reason)
     traced: tuple[tuple[str, str, str, str, str], ...] = ()
+    due: int = 0  # the earliest debounce timer the call set (ms), 0: none
+
+
+@dataclass(frozen=True, slots=True)
+class FireResult:
+    fired: int
+    next_due: int  # the shard's earliest timer still set (ms), 0: none
+    assigned: int
+    cancelled: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,11 +211,22 @@ class Scripts:
             args += (entry_id, payload, written_us[i] if i < len(written_us) else 0)
         sk = self.keys.shard(shard)
         keys = [*sk.state_keys(), sk.requests_stream, sk.newest_hash, sk.newest_at_zset,
-                sk.fences_hash]  # fmt: skip
+                sk.fences_hash, sk.debounce_hash, sk.due_zset]  # fmt: skip
         r = await self._call("admit", keys, args)
         cancels = r[5] if len(r) > 5 else []  # (the script adds them only when some are traced)
         traced = tuple((_s(a), _s(b), _s(c), _s(d), _s(e)) for a, b, c, d, e in cancels)
-        return AdmitResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), traced)
+        due = int(r[6]) if len(r) > 6 else 0
+        return AdmitResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), traced, due)
+
+    async def fire_debounced(
+        self, shard: int, *, now: int = 0, limit: int = 1000, assign_deadline_ms: int = 0
+    ) -> FireResult:
+        """Apply the due debounce timers of one shard (at most `limit` groups)."""
+        sk = self.keys.shard(shard)
+        keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset, sk.debounce_hash,
+                sk.due_zset]  # fmt: skip
+        r = await self._call("fire_debounced", keys, [now, limit, assign_deadline_ms])
+        return FireResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]))
 
     async def claim(
         self,

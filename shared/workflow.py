@@ -58,6 +58,8 @@ class Concurrency:
     limit_strategy: Strategy | str = Strategy.CANCEL_IN_PROGRESS
     strict: bool = False
     scope: str | None = None  # workflows of one scope share their groups (one per key value)
+    debounce_ms: int = 0  # > 0: a run waits until its key had no newer event for this long
+    max_wait_ms: int = 0  # > 0: but no longer than this after the window's first event
 
 
 @dataclass(slots=True)

@@ -17,6 +17,8 @@ local function badRequestField(q)
   if q.x ~= nil and q.x ~= 0 and q.x ~= 1 then return 'x' end
   if q.u ~= nil and q.u ~= 0 and q.u ~= 1 then return 'u' end
   if q.tp ~= nil and (type(q.tp) ~= 'string' or #q.tp > 64) then return 'tp' end
+  if q.db ~= nil and (type(q.db) ~= 'number' or q.db < 0 or q.db > 86400000) then return 'db' end
+  if q.dw ~= nil and (type(q.dw) ~= 'number' or q.dw < 0 or q.dw > 86400000) then return 'dw' end
   local m = q.m
   if m ~= nil and (type(m) ~= 'number' or m < 1 or m > 1000 or m % 1 ~= 0) then return 'm' end
   if q.k ~= nil and type(q.k) ~= 'string' then return 'k' end

@@ -185,15 +185,13 @@ def build_routes(defs: dict[str, WorkflowDef]) -> dict[str, list[Route]]:
                 compiled[conc.expression] = compile_key(conc.expression)
             key_fn = compiled[conc.expression]
             strategy = Strategy(conc.limit_strategy)
-            if isinstance(conc.max_runs, str):
-                limit = compile_limit(conc.max_runs)
-                packer = RequestPacker(wf.id, wf.version, None, strategy, conc.strict,
-                                       wf.max_attempts)  # fmt: skip
-                route = Route(wf, key_fn, 0, strategy, conc.strict, packer, limit=limit)
-            else:
-                packer = RequestPacker(wf.id, wf.version, conc.max_runs, strategy, conc.strict,
-                                       wf.max_attempts)  # fmt: skip
-                route = Route(wf, key_fn, conc.max_runs, strategy, conc.strict, packer)
+            dynamic = isinstance(conc.max_runs, str)
+            fixed = None if isinstance(conc.max_runs, str) else conc.max_runs
+            packer = RequestPacker(wf.id, wf.version, fixed, strategy, conc.strict,
+                                   wf.max_attempts, debounce_ms=conc.debounce_ms,
+                                   max_wait_ms=conc.max_wait_ms)  # fmt: skip
+            limit = compile_limit(str(conc.max_runs)) if dynamic else None
+            route = Route(wf, key_fn, fixed or 0, strategy, conc.strict, packer, limit=limit)
         for name in wf.events:
             routes.setdefault(name, []).append(route)
     return routes
