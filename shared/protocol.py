@@ -200,12 +200,15 @@ class RunRequest:
     ingress_read_us: int = 0  # when ingress read the event, µs (a point of the path); 0: unknown
     unlimited: bool = False  # the workflow has no concurrency limit: no group, assigned at once
     traceparent: str = ""  # the run's trace context (tracing on), else ''
+    debounce_ms: int = 0  # > 0: the run waits for its group's debounce window
+    max_wait_ms: int = 0
 
     def pack(self) -> bytes:
         return pack_request(
             self.run_id, self.group, self.seq, self.workflow, self.version, self.key,
             self.event_id, self.max_runs, self.strategy, self.strict, self.max_attempts,
             self.input, self.ingress_read_us, self.unlimited, self.traceparent,
+            self.debounce_ms, self.max_wait_ms,
         )  # fmt: skip
 
 
@@ -289,6 +292,8 @@ def pack_request(
     ingress_read_us: int = 0,
     unlimited: bool = False,
     traceparent: str = "",
+    debounce_ms: int = 0,
+    max_wait_ms: int = 0,
 ) -> bytes:
     """The wire form of a run request (read by lua/admit.lua); `ingress_read_us` is when
     ingress read the event (µs; 0: unknown), kept as a point of the run's path; `unlimited`: the
@@ -310,6 +315,7 @@ def pack_request(
             "iu": ingress_read_us,
             "u": 1 if unlimited else 0,
             "tp": traceparent,
+            **({"db": debounce_ms, "dw": max_wait_ms} if debounce_ms else {}),
         }
     )
 

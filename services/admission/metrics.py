@@ -34,7 +34,7 @@ RECLAIMED = Counter(
 )
 BATCH_SECONDS = Histogram(
     "supersede_admission_batch_seconds",
-    "Duration of one script call, by op (admit, finish, reap).",
+    "Duration of one script call, by op (admit, finish, reap, debounce).",
     ["op"],
     buckets=LATENCY_BUCKETS,
 )
@@ -57,4 +57,9 @@ ASSIGNMENT_BACKLOG = Gauge(
     "Assignments no executor has claimed yet (unread or unacknowledged), by workflow: what the "
     "executor pool that serves a workflow scales on.",
     ["workflow"],
+)
+DEBOUNCE_FIRED = Counter(
+    "supersede_admission_debounce_fired_total",
+    "Debounced runs whose window closed: they arrived at their group then (started, queued or "
+    "cancelled by its strategy).",
 )

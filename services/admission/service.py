@@ -12,6 +12,7 @@ changes nothing).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from supersede.trim import trim_consumed, trim_older_than
 
 REAP_LIMIT = 1000  # leases and old records one reap call handles (it blocks the server)
 REAP_ROUNDS = 20  # reap calls per shard and tick at most, while old records remain
+DEBOUNCE_POLL = 1.0  # seconds between looks for debounce timers another process set
 
 
 Part = tuple[bytes, int, list[Entry]]
@@ -156,6 +158,8 @@ class Admission(Service):
         self._workflows: list[str] = []  # registered, refreshed by each trim
         self._retentions: dict[str, int] = {}  # workflow -> its own retention (ms)
         self._gauges_due = Throttle(1.0)
+        self._next_due = 0.0  # the earliest debounce timer this process set (server ms), 0: none
+        self._due_set = asyncio.Event()
         # stream name -> (shard, kind) for every stream this service reads
         self._streams: dict[bytes, tuple[int, str]] = {}
         for sk in self.keys.all_shards():
@@ -212,17 +216,61 @@ class Admission(Service):
             await self.update_gauges()
 
     async def main(self, stop: asyncio.Event) -> None:
-        if isinstance(self.redis, RedisCluster):
-            # A cluster refuses one read over the streams of many slots: one reader per
-            # shard, over the shard's requests and results streams (one hash tag).
-            await asyncio.gather(
-                *(
-                    self._read_loop(stop, [sk.requests_stream.encode(), sk.results_stream.encode()])
-                    for sk in self.keys.all_shards()
+        timers = asyncio.create_task(self._debounce_loop(stop))
+        try:
+            if isinstance(self.redis, RedisCluster):
+                # A cluster refuses one read over the streams of many slots: one reader per
+                # shard, over the shard's requests and results streams (one hash tag).
+                await asyncio.gather(
+                    *(
+                        self._read_loop(
+                            stop, [sk.requests_stream.encode(), sk.results_stream.encode()]
+                        )
+                        for sk in self.keys.all_shards()
+                    )
                 )
+            else:
+                await self._read_loop(stop, list(self._streams))
+        finally:
+            timers.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timers
+
+    async def _debounce_loop(self, stop: asyncio.Event) -> None:
+        """Fire debounce timers when they are due: at the earliest one this process set (each
+        admit call says), and every second for those other processes set or a restart left
+        (they live in each shard's due zset, on the server's clock)."""
+        while not stop.is_set():
+            now = time.time() * 1000
+            wait = DEBOUNCE_POLL if not self._next_due else (self._next_due - now) / 1000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._due_set.wait(), min(DEBOUNCE_POLL, max(0.0, wait)))
+            self._due_set.clear()
+            if self._next_due and time.time() * 1000 < self._next_due:
+                continue  # an earlier timer was set: wait for it
+            try:
+                self._next_due = await self.fire_due()
+            except Exception as exc:  # the next turn tries again
+                self.log.warning("debounce timers not fired", extra={"error": describe(exc)})
+                await asyncio.sleep(0.1)
+
+    async def fire_due(self) -> float:
+        """Fire every shard's due debounce timers; the earliest still set (server ms), 0: none."""
+
+        async def one(shard: int) -> int:
+            started = time.perf_counter()
+            r = await self.scripts.fire_debounced(
+                shard, assign_deadline_ms=self.config.assign_deadline_ms
             )
-        else:
-            await self._read_loop(stop, list(self._streams))
+            if r.fired:
+                metrics.BATCH_SECONDS.labels("debounce").observe(time.perf_counter() - started)
+                metrics.DEBOUNCE_FIRED.inc(r.fired)
+                metrics.ASSIGNED.inc(r.assigned)
+                metrics.CANCELLED.inc(r.cancelled)
+            return r.next_due
+
+        dues = [d for d in await aio.gather(*(one(s) for s in range(self.keys.shards))) if d]
+        return float(min(dues)) if dues else 0.0
 
     async def _read_loop(self, stop: asyncio.Event, names: list[bytes]) -> None:
         """Read a batch, apply it; on stop, a read already sent is applied before returning."""
@@ -330,6 +378,9 @@ class Admission(Service):
             written_us=[written.get(entry_id, 0) for entry_id, _ in entries],
             assign_deadline_ms=self.config.assign_deadline_ms,
         )
+        if r.due and (not self._next_due or r.due < self._next_due):
+            self._next_due = float(r.due)
+            self._due_set.set()
         done = time.time() * 1000
         read_ms = read_us / 1000
         if self.tracer:

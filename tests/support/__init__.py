@@ -34,6 +34,8 @@ def make_request(
     version: str = "1",
     payload: bytes = b"{}",
     unlimited: bool = False,
+    debounce_ms: int = 0,
+    max_wait_ms: int = 0,
 ) -> tuple[int, RunRequest]:
     """A request routed the way ingress routes it: (shard, request)."""
     gid = group_id(workflow, version, key)
@@ -52,6 +54,8 @@ def make_request(
         max_attempts=max_attempts,
         input=payload,
         unlimited=unlimited,
+        debounce_ms=debounce_ms,
+        max_wait_ms=max_wait_ms,
     )
     return shard, req
 
