@@ -150,19 +150,29 @@ for j = 1, #arrived, 1000 do
   for k = 1, #got do fenced[part[k]] = got[k] end
 end
 local fences, admittedAt = {}, {}
+-- The group's fence: the newest sequence it admitted that its strategy did not end on arrival
+-- (a late, older arrival leaves it, and so does one CANCEL_NEWEST turns away).
+local function advanceFence(g, list)
+  for j = #list, 1, -1 do
+    local rec = loadRun(ridOf(list[j]))
+    if rec and rec.st ~= 'C' then
+      local seq = string.sub(list[j], 18, 49)
+      if not fenced[g] or fenced[g] < seq then
+        fences[#fences + 1] = g
+        fences[#fences + 1] = seq
+      end
+      return
+    end
+  end
+end
 for i = 1, #newsList do
   local g = newsList[i]
   local list = news[g]
   table.sort(list)
-  -- the group's fence: the newest sequence it ever admitted (a late, older arrival leaves it)
-  local newest = string.sub(list[#list], 18, 49)
-  if not fenced[g] or fenced[g] < newest then
-    fences[#fences + 1] = g
-    fences[#fences + 1] = newest
-  end
   admittedAt[#admittedAt + 1] = now
   admittedAt[#admittedAt + 1] = g
   applyArrivals(g, touched[g], list)
+  advanceFence(g, list)
 end
 
 -- Debounced groups: the newest arrival waits; the run it replaces (or an older arrival) ends.
@@ -206,11 +216,7 @@ if #waitsList > 0 then
       timers[#timers + 1] = g
       if not firstDue or due < firstDue then firstDue = due end
     end
-    local newest = string.sub(list[#list], 18, 49)
-    if not fenced[g] or fenced[g] < newest then
-      fences[#fences + 1] = g
-      fences[#fences + 1] = newest
-    end
+    advanceFence(g, list)
     admittedAt[#admittedAt + 1] = now
     admittedAt[#admittedAt + 1] = g
   end

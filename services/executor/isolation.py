@@ -22,6 +22,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,9 +89,25 @@ async def _until_flag(fn: Callable[[Context], Any], ctx: Context, flag: ProcessE
     return step.result()
 
 
+def _exit_with_parent() -> None:
+    """A worker must not outlive its executor: a step still running there would run twice
+    once its lease expires and the run is retried elsewhere. Its parent is the forkserver,
+    which ends with the executor; then the worker is re-parented and exits here."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def worker_main(conn: Connection, flag: ProcessEvent, redis_url: str) -> None:
     """A worker's loop: one job at a time, from the executor's end of the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the executor
+    os.setsid()  # a signal to the executor's process group (a supervisor's) is not for steps
+    _exit_with_parent()
     client: Any = None
 
     def fence_check(key: str, group: str, seq: str) -> bool:
@@ -168,17 +186,24 @@ class ProcessPool:
         return worker
 
     def _replace(self, worker: Worker) -> None:
-        """Forget a stopped worker and start another in the background."""
+        """Forget a stopped worker and start another in the background (once per worker)."""
+        if worker not in self._all:
+            return
         self._all.discard(worker)
         worker.conn.close()
         if self._closed:
             return
 
         async def spawn() -> None:
-            try:
-                self._idle.put_nowait(await asyncio.to_thread(self._spawn))
-            except Exception:
-                log.exception("a step worker process could not be started")
+            delay = 0.1
+            while not self._closed:
+                try:
+                    self._idle.put_nowait(await asyncio.to_thread(self._spawn))
+                    return
+                except Exception:
+                    log.exception("a step worker process could not be started; retrying")
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
 
         task = asyncio.get_running_loop().create_task(spawn())
         self._spawning.add(task)
@@ -197,9 +222,15 @@ class ProcessPool:
         then raises CancelledError, resp. TimeoutError; any other cancel (a shutdown) kills
         the worker at once. A step that raised raises StepError with its traceback."""
         worker = await self._idle.get()
+        while not worker.process.is_alive():  # it died while idle (OOM-killed, say)
+            self._replace(worker)
+            worker = await self._idle.get()
         worker.flag.clear()
         try:
-            worker.conn.send_bytes(codec.pack(job))
+            try:
+                worker.conn.send_bytes(codec.pack(job))
+            except OSError as exc:
+                raise WorkerLost(f"the step's worker process could not be reached: {exc}") from None
             reply = await asyncio.wait_for(self._receive(worker), timeout)
         except (asyncio.CancelledError, TimeoutError) as exc:
             ladder = isinstance(exc, TimeoutError) or cancelled()
@@ -213,13 +244,16 @@ class ProcessPool:
                 raise
             raise
         except WorkerLost:
-            self._replace(worker)
+            self._kill(worker)
+            raise
+        except BaseException:  # anything else: the worker's state is unknown, never reuse it
+            self._kill(worker)
             raise
         self._idle.put_nowait(worker)
         if reply[0] == "ok":
             return reply[1]
-        if reply[0] == "cancelled":
-            raise asyncio.CancelledError
+        if reply[0] == "cancelled":  # (only a cancel raises it where the executor sees it)
+            raise StepError("the step raised CancelledError, and its run was not cancelled")
         raise StepError(reply[1])
 
     async def _receive(self, worker: Worker) -> list[Any]:
@@ -277,8 +311,7 @@ class ProcessPool:
         finally:
             if not answer.done():
                 answer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await answer
+                await asyncio.wait({answer})  # (a cancel of this task still propagates)
         if not answer.cancelled():
             if answer.exception() is None:  # the step honoured the flag: the worker is free
                 self._idle.put_nowait(worker)

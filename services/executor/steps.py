@@ -257,12 +257,14 @@ class Runner:
         run.report_when_stopped = strict or isolation == "process"
         if isolation == "process" and self.processes is not None:
             return await self._in_process(step, run)
-        if step.is_async:
-            coro = step.fn(ctx)
-        else:
+        if not step.is_async:
             loop = asyncio.get_running_loop()
             thread = loop.run_in_executor(self.pool, functools.partial(step.fn, ctx))
-            coro = self._sync(thread, ctx, strict)
+            try:
+                return await self._sync(thread, ctx, strict, step.timeout)
+            except TimeoutError:
+                raise TimeoutError(f"step {step.name!r} timed out after {step.timeout}s") from None
+        coro = step.fn(ctx)
         if step.timeout:
             try:
                 return await asyncio.wait_for(coro, step.timeout)
@@ -296,26 +298,40 @@ class Runner:
         except StepError as exc:
             raise StepError(f"in its worker process:\n{exc}") from None
 
-    async def _sync(self, thread: asyncio.Future[Any], ctx: Context, strict: bool) -> Any:
+    async def _sync(
+        self, thread: asyncio.Future[Any], ctx: Context, strict: bool, timeout: float | None
+    ) -> Any:
         """A sync step's result. A thread cannot be interrupted: when the run is cancelled,
         wait (within the grace period) until the step has returned, so the run is not reported
         CANCELLED, nor its slot freed, while its handler still executes. A step still running
-        after the grace period is counted as a stray handler until it returns; in strict mode
-        its run keeps waiting for it (and holds its slot)."""
+        after the grace period (or past its timeout) is counted as a stray handler until it
+        returns; in strict mode its run keeps waiting for it (and holds its slot)."""
         try:
-            return await asyncio.shield(thread)
+            return await asyncio.wait_for(asyncio.shield(thread), timeout)
+        except TimeoutError:
+            self._stray(thread)
+            if strict:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(thread)
+            raise
         except asyncio.CancelledError:
             if not ctx.cancelled:
                 raise  # a step timeout or a shutdown: nothing asked the step to stop
             with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(asyncio.shield(thread), self.config.grace)
             if not thread.done():
-                metrics.STRAY_HANDLERS.inc()
-                thread.add_done_callback(lambda _: metrics.STRAY_HANDLERS.dec())
+                self._stray(thread)
                 if strict:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(thread)
             raise
+
+    @staticmethod
+    def _stray(thread: asyncio.Future[Any]) -> None:
+        """Count a sync step that runs on though its run no longer waits for it."""
+        if not thread.done():
+            metrics.STRAY_HANDLERS.inc()
+            thread.add_done_callback(lambda _: metrics.STRAY_HANDLERS.dec())
 
     async def _on_cancel(self, run: Running) -> None:
         hook = run.workflow.cancel_hook

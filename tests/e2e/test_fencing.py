@@ -37,9 +37,11 @@ async def test_a_superseded_handler_writing_late_cannot_overwrite_the_newer_valu
     async def publish(**data: object) -> None:
         await redis.xadd(keys.events_stream, {"name": "doc.write", "data": orjson.dumps(data)})
 
-    await publish(doc="d1", text="old", sleep=2)
+    await publish(doc="d1", text="old", wait=True)  # writes once the newer run has written
     await eventually(lambda: _noted(redis, keys, "started", 1), timeout=30)
-    await publish(doc="d1", text="new", sleep=0)
+    await publish(doc="d1", text="new")
+    await eventually(lambda: _noted(redis, keys, "wrote", 1), timeout=30)
+    await redis.set(f"{keys.namespace}:test:go", 1)
     await eventually(lambda: _noted(redis, keys, "wrote", 2), timeout=30)
 
     started = {rid: (int(fence), current) for _, rid, fence, current in

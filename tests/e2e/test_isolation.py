@@ -6,6 +6,7 @@ stopped, in processes and in threads (tests/support/apps/isolated.py)."""
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 import orjson
@@ -102,14 +103,23 @@ async def test_a_polite_process_step_stops_at_its_flag_and_its_worker_serves_aga
     await eventually(lambda: _ended(redis, keys, 2), timeout=30)
     notes = await _notes(redis, keys)
     assert any(kind == "async-cancelled" for kind, *_ in notes)  # CancelledError in the worker
-    recs = await _recs(redis, keys)
-    assert sorted(r["st"] for r in recs.values()) == ["C", "S"]
-    # a sync step that honours the flag returns without SIGTERM
-    await _publish(redis, keys, "proc.polite", k="q", sleep=0.05)
-    await eventually(lambda: _ended(redis, keys, 3), timeout=30)
-    await _publish(redis, keys, "proc.go", k="b", sleep=0)  # an unrelated run: workers serve
+    # a sync step that honours its flag returns at once: no SIGTERM, its worker lives on
+    await _publish(redis, keys, "proc.polite", k="q", first_sleep=0, sleep=30)
+    await eventually(lambda: _noted(redis, keys, "polite", 2), timeout=30)
+    await _publish(redis, keys, "proc.polite", k="q", first_sleep=0, sleep=0)
+    await eventually(lambda: _noted(redis, keys, "saw-flag"), timeout=30)
     await eventually(lambda: _ended(redis, keys, 4), timeout=30)
-    assert sorted(r["st"] for r in (await _recs(redis, keys)).values()) == ["C", "S", "S", "S"]
+    notes = await _notes(redis, keys)
+    [(rid, pid)] = [(rid, pid) for kind, rid, pid, _ in notes if kind == "saw-flag"]
+    recs = await _recs(redis, keys)
+    assert recs[rid]["st"] == "C" and not _gone(pid)
+    assert sorted(r["st"] for r in recs.values()) == ["C", "C", "S", "S"]
+    # a worker that dies while idle (OOM-killed, say) is replaced, and no run is lost with it
+    os.kill(pid, signal.SIGKILL)
+    for i in range(6):
+        await _publish(redis, keys, "proc.go", k=f"after{i}", sleep=0)
+    await eventually(lambda: _ended(redis, keys, 10), timeout=60)
+    assert sorted(r["st"] for r in (await _recs(redis, keys)).values()).count("S") == 8
 
 
 async def test_a_process_step_past_its_timeout_is_stopped_and_fails_the_attempt(
@@ -175,5 +185,6 @@ def test_a_bad_isolation_fails_at_definition_naming_the_field(
 def test_a_module_level_step_may_run_in_a_process() -> None:
     wf = Workflow("wf", on_events=["e"], isolation="process")
     wf.step()(_sync_step)
-    wf.definition()
-    assert os.environ.get("SUPERSEDE_NO_SUCH_VAR") is None  # (definition() touched no env)
+    assert wf.definition().id == "wf"
+    assert wf.isolation_of(wf.steps[0]) == "process"
+    assert Workflow("w", on_events=["e"]).isolation_of(wf.steps[0]) == "thread"

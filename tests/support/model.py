@@ -78,17 +78,18 @@ class Model:
     # -- operations ----------------------------------------------------------------------------
     def arrive(self, batch: list[tuple[str, str, int, int]]) -> None:
         """A batch of (run id, group, sequence, max attempts); the limits are already known."""
-        touched: list[str] = []
+        touched: dict[str, list[MRun]] = {}
         for rid, group, seq, max_attempts in batch:
             if rid in self.runs:
                 continue
-            self.runs[rid] = MRun(rid, group, seq, max_attempts)
-            if group not in self.unlimited:
-                self.fences[group] = max(seq, self.fences.get(group, seq))
-            if group not in touched:
-                touched.append(group)
-        for group in touched:
+            run = self.runs[rid] = MRun(rid, group, seq, max_attempts)
+            touched.setdefault(group, []).append(run)
+        for group, arrived in touched.items():
             self._apply(group)
+            # the fence: the newest arrival the strategy did not end at once
+            kept = [r.seq for r in arrived if r.state != "C"]
+            if kept and group not in self.unlimited:
+                self.fences[group] = max(max(kept), self.fences.get(group, 0))
 
     def _apply(self, group: str) -> None:
         """The group's strategy, after arrivals."""

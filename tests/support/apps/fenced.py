@@ -31,7 +31,11 @@ fenced = Workflow(
 @fenced.step()
 def write(ctx: Context) -> None:
     note("started", ctx.run_id, ctx.fence, int(ctx.still_current_blocking()))
-    time.sleep(float(ctx.input.get("sleep", 0)))  # never looks at ctx.cancelled
+    deadline = time.monotonic() + 30
+    while ctx.input.get("wait") and not _redis.exists(f"{NS}:test:go"):  # ignores ctx.cancelled
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     current = ctx.still_current_blocking()
     written = set_if_newer(_redis, doc_key(ctx.input["doc"]), ctx.input["text"], ctx.fence)
     note("wrote", ctx.run_id, int(current), int(written))

@@ -39,7 +39,7 @@ def stubborn(ctx: Context) -> str:
 
 def polite(ctx: Context) -> dict[str, object]:
     """Returns as soon as its flag is up."""
-    note("started", ctx.run_id)
+    note("polite", ctx.run_id)
     deadline = time.monotonic() + float(ctx.input.get("sleep", 0))
     while time.monotonic() < deadline:
         if ctx.cancelled:
@@ -53,7 +53,7 @@ async def first(ctx: Context) -> dict[str, object]:
     """An async step in a process: cancelled at its await once the flag is up."""
     note("started", ctx.run_id)
     try:
-        await asyncio.sleep(float(ctx.input.get("sleep", 0)))
+        await asyncio.sleep(float(ctx.input.get("first_sleep", ctx.input.get("sleep", 0))))
     except asyncio.CancelledError:
         note("async-cancelled", ctx.run_id)
         raise
