@@ -146,8 +146,14 @@ async def _live_of_key(
             sk = keys.shard(shard_of_group(g, keys.shards))
             for zset in (sk.queue_zset, sk.active_zset):
                 pipe.zrangebylex(zset, f"[{g}|", f"({g}}}")  # members '<g>|...' ('}' > '|')
+            pipe.hget(sk.debounce_hash, g)  # a run waiting in a debounce window
         replies = await pipe.execute()
-    found = [_rid_of_member(m) for members in replies for m in members]
+    found = [
+        _waiting_rid(reply) if not isinstance(reply, list) else _rid_of_member(m)
+        for reply in replies
+        if reply
+        for m in (reply if isinstance(reply, list) else [reply])
+    ]
     candidates = {run_id(shard_of_group(g, keys.shards), key, w)
                   for w, gs in groups.items() for g in gs} - set(found)  # fmt: skip
     unlimited = [
@@ -161,6 +167,22 @@ async def _live_of_key(
 LIVE_SORTED = 10_000  # up to this many live runs are all read, so the newest come first
 
 
+def _waiting_rid(raw: Any) -> str:
+    """The run id of a debounce hash value ('<window start ms>|<member>')."""
+    return _rid_of_member(codec.text(raw).split("|", 1)[1])
+
+
+async def _waiting(redis: Redis, keys: Keys) -> list[RunRecord]:
+    """The QUEUED runs waiting in a debounce window (in no queue zset): one per debounced group
+    with a window open, from each shard's debounce hash."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for sk in keys.all_shards():
+            pipe.hvals(sk.debounce_hash)
+        replies = await pipe.execute()
+    rids = [_waiting_rid(v) for values in replies for v in values]
+    return [r for r in await _records(redis, keys, rids) if r.state.value == "Q"] if rids else []
+
+
 async def _live(
     redis: Redis, keys: Keys, keep: Callable[[RunRecord], bool], limit: int
 ) -> list[RunRecord]:
@@ -170,7 +192,7 @@ async def _live(
     reading stops once `limit` passed (the first found in zset order, not the newest)."""
     total = sum(n for (_, state), n in (await run_counts(redis, keys)).items() if state in LIVE)
     zsets = [z for sk in keys.all_shards() for z in (sk.queue_zset, sk.leases_zset)]
-    found: list[RunRecord] = []
+    found = [r for r in await _waiting(redis, keys) if keep(r)]
     start = 0
     while zsets and (total <= LIVE_SORTED or len(found) < limit):
         async with redis.pipeline(transaction=False) as pipe:

@@ -59,7 +59,7 @@ class StrategyMachine(RuleBasedStateMachine):
         self.results: list[tuple[int, bytes]] = []  # reported results, for duplicate delivery
         self.shard_of: dict[str, int] = {}
         self.group_of_key: dict[str, str] = {}
-        self.config: dict[str, tuple[int, Strategy, bool, int]] = {}
+        self.config: dict[str, tuple[int, Strategy, bool, int, tuple[int, int]]] = {}
 
     def teardown(self) -> None:
         self.loop.run_until_complete(self.redis.aclose())
@@ -75,12 +75,13 @@ class StrategyMachine(RuleBasedStateMachine):
                 st.sampled_from(list(Strategy)),
                 st.booleans(),
                 st.integers(1, 3),
+                st.sampled_from([(0, 0), (0, 0), (300, 0), (300, 500)]),  # debounce, max wait
             ),
             min_size=len(GROUPS),
             max_size=len(GROUPS),
         )
     )
-    def setup_groups(self, limits: list[tuple[int, Strategy, bool, int]]) -> None:
+    def setup_groups(self, limits: list[tuple[int, Strategy, bool, int, tuple[int, int]]]) -> None:
         for key, spec in zip(GROUPS, limits, strict=True):
             self.config[key] = spec
 
@@ -98,8 +99,8 @@ class StrategyMachine(RuleBasedStateMachine):
             self.serial += 1
             seq = (self.now - late * 400) * 10_000 + self.serial
             free = key == FREE
-            max_runs, strategy, strict, attempts = (
-                (1, Strategy.GROUP_ROUND_ROBIN, False, 3) if free else self.config[key]
+            max_runs, strategy, strict, attempts, (debounce, max_wait) = (
+                (1, Strategy.GROUP_ROUND_ROBIN, False, 3, (0, 0)) if free else self.config[key]
             )
             shard, req = make_request(
                 self.keys,
@@ -111,8 +112,10 @@ class StrategyMachine(RuleBasedStateMachine):
                 strict=strict,
                 max_attempts=attempts,
                 unlimited=free,
+                debounce_ms=debounce,
+                max_wait_ms=max_wait,
             )
-            self.model.limits[req.group] = Limits(max_runs, strategy, strict)
+            self.model.limits[req.group] = Limits(max_runs, strategy, strict, debounce, max_wait)
             if free:
                 self.model.unlimited.add(req.group)
             self.shard_of[req.run_id] = shard
@@ -123,7 +126,7 @@ class StrategyMachine(RuleBasedStateMachine):
         for shard, entries in by_shard.items():
             self.run(self.scripts.admit(shard, entries, now=self.now))
         # The model sees each shard's batch as one batch too; groups never span shards.
-        self.model.arrive(model_batch)
+        self.model.arrive(model_batch, self.now)
 
     @precondition(lambda self: self.sent)
     @rule(data=st.data())
@@ -197,6 +200,9 @@ class StrategyMachine(RuleBasedStateMachine):
         for shard in range(self.keys.shards):
             self.run(self.scripts.reap(shard, now=self.now))
         self.model.reap(self.now)
+        for shard in range(self.keys.shards):  # debounce windows that closed meanwhile
+            self.run(self.scripts.fire_debounced(shard, now=self.now))
+        self.model.fire(self.now)
 
     @precondition(lambda self: self.model.runs)
     @rule(data=st.data())
@@ -211,6 +217,14 @@ class StrategyMachine(RuleBasedStateMachine):
         for sk in self.keys.all_shards():
             for rid, raw in self.run(self.redis.hgetall(sk.runs_hash)).items():
                 out[rid.decode()] = codec.unpack(raw)
+        return out
+
+    def waiting_members(self) -> set[str]:
+        """Members of the debounced runs waiting for their window (in no queue)."""
+        out: set[str] = set()
+        for sk in self.keys.all_shards():
+            for raw in self.run(self.redis.hvals(sk.debounce_hash)):
+                out.add(raw.decode().split("|", 1)[1])
         return out
 
     @invariant()
@@ -248,7 +262,11 @@ class StrategyMachine(RuleBasedStateMachine):
             neither the queue nor the active zset."""
             return {f"{r['g']}|{r['s']}|{rid}" for rid, r in limited.items() if r["st"] in states}
 
-        assert queue == members("Q")
+        waiting = self.waiting_members()
+        model_waiting = {f"{r['g']}|{r['s']}|{rid}" for rid, r in limited.items()
+                         if self.model.runs[rid].waiting and r["st"] == "Q"}  # fmt: skip
+        assert model_waiting <= waiting
+        assert queue == members("Q") - model_waiting
         counts: Counter[str] = Counter()
         for sk in self.keys.all_shards():
             for field, n in self.run(self.redis.hgetall(sk.counts_hash)).items():

@@ -8,6 +8,7 @@ a transcription of the Lua, so that a bug in one is unlikely to be repeated in t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from supersede.protocol import Strategy
 
@@ -19,6 +20,8 @@ class Limits:
     max_runs: int
     strategy: Strategy
     strict: bool
+    debounce: int = 0  # ms; > 0: arrivals wait for the group's window
+    max_wait: int = 0
 
 
 @dataclass(slots=True)
@@ -32,6 +35,8 @@ class MRun:
     hold: bool = False
     executor: str | None = None
     lease: int | None = None
+    waiting: bool = False  # QUEUED in its group's debounce window (in no queue yet)
+    dropped: bool = False  # superseded inside a debounce window: never admitted to the group
 
 
 @dataclass
@@ -42,11 +47,17 @@ class Model:
     unlimited: set[str] = field(default_factory=set)  # groups of runs without a limit
     # group -> the newest sequence it ever admitted: its fence (ctx.still_current())
     fences: dict[str, int] = field(default_factory=dict)
+    # debounced group -> [its waiting run, the window's first ms, when it is due]
+    windows: dict[str, list[Any]] = field(default_factory=dict)
 
     # -- queries -------------------------------------------------------------------------------
     def group_runs(self, group: str, *states: str) -> list[MRun]:
         return sorted(
-            (r for r in self.runs.values() if r.group == group and r.state in states),
+            (
+                r
+                for r in self.runs.values()
+                if r.group == group and r.state in states and not r.waiting
+            ),
             key=lambda r: r.seq,
         )
 
@@ -76,7 +87,7 @@ class Model:
             run.state = "A"
 
     # -- operations ----------------------------------------------------------------------------
-    def arrive(self, batch: list[tuple[str, str, int, int]]) -> None:
+    def arrive(self, batch: list[tuple[str, str, int, int]], now: int = 0) -> None:
         """A batch of (run id, group, sequence, max attempts); the limits are already known."""
         touched: dict[str, list[MRun]] = {}
         for rid, group, seq, max_attempts in batch:
@@ -85,11 +96,50 @@ class Model:
             run = self.runs[rid] = MRun(rid, group, seq, max_attempts)
             touched.setdefault(group, []).append(run)
         for group, arrived in touched.items():
-            self._apply(group)
+            if self.limits[group].debounce and group not in self.unlimited:
+                self._debounce(group, sorted(arrived, key=lambda r: r.seq), now)
+            else:
+                self._apply(group)
             # the fence: the newest arrival the strategy did not end at once
             kept = [r.seq for r in arrived if r.state != "C"]
             if kept and group not in self.unlimited:
                 self.fences[group] = max(max(kept), self.fences.get(group, 0))
+
+    def _debounce(self, group: str, arrived: list[MRun], now: int) -> None:
+        """Debounced arrivals (oldest first): the newest waits for the window to close; the
+        run it replaces, or an arrival older than the waiting run, ends at once."""
+        lim = self.limits[group]
+        window = self.windows.get(group)
+        waiting = self.runs[window[0]] if window else None
+        if waiting is not None and not (waiting.state == "Q" and waiting.waiting):
+            waiting, window = None, None  # cancelled by hand: a new window opens
+        first = window[1] if window else now
+        moved = False
+        for run in arrived:
+            if waiting is not None and run.seq < waiting.seq:
+                run.state, run.dropped = "C", True
+                continue
+            if waiting is not None:
+                waiting.state, waiting.waiting, waiting.dropped = "C", False, True
+            else:
+                first = now
+            run.waiting, waiting, moved = True, run, True
+        if moved and waiting is not None:
+            due = now + lim.debounce
+            if lim.max_wait and first + lim.max_wait < due:
+                due = first + lim.max_wait
+            self.windows[group] = [waiting.rid, first, due]
+
+    def fire(self, now: int) -> None:
+        """The windows due by `now` close: each waiting run arrives at its group then."""
+        for group, (rid, _, due) in list(self.windows.items()):
+            if due > now:
+                continue
+            del self.windows[group]
+            run = self.runs[rid]
+            if run.state == "Q" and run.waiting:
+                run.waiting = False
+                self._apply(group)
 
     def _apply(self, group: str) -> None:
         """The group's strategy, after arrivals."""
@@ -97,7 +147,13 @@ class Model:
         if lim.strategy is Strategy.CANCEL_IN_PROGRESS:
             # The newest max_runs the group ever admitted survive, ended ones included:
             # a late, older arrival is cancelled even when the newer runs already ended.
-            ever = sorted((r for r in self.runs.values() if r.group == group), key=lambda r: r.seq)
+            # (Runs superseded inside a debounce window were never admitted to the group, nor
+            # is a run still waiting in one.)
+            ever = sorted(
+                (r for r in self.runs.values()
+                 if r.group == group and not r.dropped and not r.waiting),
+                key=lambda r: r.seq,
+            )  # fmt: skip
             newest = {r.rid for r in ever[-lim.max_runs :]}
             for run in self.group_runs(group, "Q", "A", "R"):
                 if run.rid not in newest:
