@@ -1,6 +1,7 @@
 """The demo workflows `supersede dev` runs: a chat reply per user that only the newest message
-of a user deserves (CANCEL_IN_PROGRESS, max_runs=1), and a per-document re-index queue
-(GROUP_ROUND_ROBIN, max_runs=2)."""
+of a user deserves (CANCEL_IN_PROGRESS, max_runs=1), a per-document re-index queue
+(GROUP_ROUND_ROBIN, max_runs=2), and an autosave debounced while a document is being edited
+(it runs once the edits paused for 300 ms)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,18 @@ reindex = Workflow(
 @reindex.step()
 async def index(ctx: Context) -> None:
     await asyncio.sleep(0.2)
+
+
+autosave = Workflow(
+    "demo-autosave",
+    on_events=["doc.edited"],
+    concurrency=Concurrency(
+        expression="input.docId", max_runs=1, debounce_ms=300, max_wait_ms=2000
+    ),
+)
+
+
+@autosave.step()
+async def save(ctx: Context) -> dict[str, str]:
+    await asyncio.sleep(0.05)
+    return {"saved": str(ctx.input.get("text", ""))}

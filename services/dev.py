@@ -63,9 +63,15 @@ def rules_of(wf: WorkflowDef) -> str:
     strict = (
         " (strict: a cancelled run keeps its slot until its handler stopped)" if c.strict else ""
     )
+    debounce = (
+        f"; debounced: a run waits until its key had no newer event for {c.debounce_ms} ms "
+        "(a newer one replaces it)"
+        if c.debounce_ms
+        else ""
+    )
     return (
         f"{wf.id}: runs on {events}; key = {c.expression}; at most {c.max_runs} at once per "
-        f"key; {c.limit_strategy.value}: {RULES[c.limit_strategy]}{strict}"
+        f"key; {c.limit_strategy.value}: {RULES[c.limit_strategy]}{strict}{debounce}"
     )
 
 
@@ -125,6 +131,10 @@ async def publish_demo_events(redis: Redis, inbox: str, stop: asyncio.Event) -> 
                 await redis.xadd(inbox, {"name": "chat.message", "data": data})
                 await asyncio.sleep(0.05)
         await redis.xadd(inbox, {"name": "doc.saved", "data": orjson.dumps({"docId": "readme"})})
+        for i in range(4):  # typing: only the last edit of the burst is saved, after a pause
+            edit = orjson.dumps({"docId": "readme", "text": f"draft {n}.{i}"})
+            await redis.xadd(inbox, {"name": "doc.edited", "data": edit})
+            await asyncio.sleep(0.05)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.5)
 

@@ -173,7 +173,7 @@ def test_compose_and_manifests_reference_what_the_services_really_use() -> None:
     assert keda == generated
     from supersede.services import demo
 
-    query = backlog_query([demo.chat.id, demo.reindex.id])
+    query = backlog_query([demo.autosave.id, demo.chat.id, demo.reindex.id])
     assert query in keda and "supersede_admission_assignment_backlog" in exposed()
 
 
@@ -194,7 +194,7 @@ def test_keda_redis_form_signs_in_as_the_keda_user() -> None:
     name = secret["metadata"]["name"]
     assert refs == {"username": (name, "username"), "password": (name, "password")}
     triggers = scaled["spec"]["triggers"]
-    assert len(triggers) == 16 * 2  # shards x the demo pool's workflows
+    assert len(triggers) == 16 * 3  # shards x the demo pool's workflows
     for t in triggers:
         assert t["type"] == "redis-streams" and t["authenticationRef"] == {"name": name}
         assert (

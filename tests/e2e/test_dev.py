@@ -110,6 +110,9 @@ def test_dev_console_prints_transitions_in_time_order_and_how_each_run_was_cance
     table = out.split("outcomes per key:")[1].splitlines()
     assert table[1].split()[:2] == ["workflow", "key"]
     assert any(row.split()[:2] == ["demo-chat-reply", "ada"] for row in table[2:])
+    # the debounced autosave: one run per burst of edits saved, the others superseded waiting
+    assert "demo-autosave: runs on doc.edited" in out and "debounced" in out
+    assert any(row.split()[:2] == ["demo-autosave", "readme"] for row in table[2:])
     # the final states only: nothing is listed as `started`
     assert "started" not in out.split("outcomes per key:")[1]
 
