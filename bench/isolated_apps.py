@@ -28,3 +28,15 @@ def work(ctx: Context) -> None:
         if ctx.input.get("honours") and ctx.cancelled:
             return
         time.sleep(0.005)
+
+
+debounced = Workflow(
+    "debounced",
+    on_events=["bench.typed"],
+    concurrency=Concurrency("input.k", debounce_ms=200),
+)
+
+
+@debounced.step()
+async def settle(ctx: Context) -> None:
+    return None

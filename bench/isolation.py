@@ -2,7 +2,9 @@
 cancel decision (the record's `tc`) to the run recorded CANCELLED (`t3`, written once the step
 returned or its process was gone, and its result applied): for a step that ignores its flag
 (stopped by SIGTERM after the grace period; reference: the grace period) and for one that
-honours it (reference: the XADD -> XREAD BLOCK wake-up of the same server)."""
+honours it (reference: the XADD -> XREAD BLOCK wake-up of the same server). And debounce:
+how late a debounced run is assigned after its window closed (the due time taken as when
+admission read its event plus the window; reference: the same wake-up)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from supersede.services.ops import scan_runs
 from supersede.streams import ensure_groups
 
 GRACE = 0.2
+DEBOUNCE_MS = 200  # bench/isolated_apps.py's `debounced`
 KEYS_PER_ROUND, ROUNDS = 6, 4
 
 
@@ -57,6 +60,31 @@ async def stop_latencies(redis: Redis, settings: Settings, honours: bool) -> lis
     ]
 
 
+async def debounce_fire_errors(redis: Redis, settings: Settings) -> list[float]:
+    """ms from each debounce window's close to its run assigned, for ROUNDS rounds of
+    KEYS_PER_ROUND keys, each a burst of three events 20 ms apart."""
+    keys = settings.keys
+    for r in range(ROUNDS):
+        names = [f"d{r}-{i}" for i in range(KEYS_PER_ROUND)]
+        for _ in range(3):
+            for k in names:
+                data = orjson.dumps({"k": k})
+                await redis.xadd(keys.events_stream, {"name": "bench.typed", "data": data})
+            await asyncio.sleep(0.02)
+
+        async def ended(names: list[str] = names) -> bool:
+            runs = [x for x in await scan_runs(redis, keys) if x.key in names]
+            return sum(1 for x in runs if x.state.terminal) >= 3 * len(names)
+
+        await wait_for(ended)
+    out = []
+    for run in await scan_runs(redis, keys):
+        points = dict(run.path())
+        if run.workflow == "debounced" and run.state.value == "S":
+            out.append(points["assigned"] - (points["admission read"] + DEBOUNCE_MS))
+    return out
+
+
 async def main() -> None:
     server = EmbeddedServer().start()
     procs: list[subprocess.Popen[bytes]] = []
@@ -71,7 +99,7 @@ async def main() -> None:
                            str(GRACE), "--kill-after", "1"))  # fmt: skip
 
         async def registered() -> bool:
-            return int(await redis.hlen(settings.keys.workflows_hash)) == 1
+            return int(await redis.hlen(settings.keys.workflows_hash)) == 2
 
         await wait_for(registered)
         procs.append(start(env, "ingress", "--block-ms", "100"))
@@ -87,6 +115,11 @@ async def main() -> None:
                    reference_name="xadd_to_xread_block_wakeup_p50" if honours else "grace_ms",
                    what=f"cancel decided -> run recorded CANCELLED, its step in a worker "
                    f"process {how}")  # fmt: skip
+        errors = await debounce_fire_errors(redis, settings)
+        report("debounce_fire_error_p50", statistics.median(errors), "ms", reference,
+               p99=round(pct(errors, 0.99), 3), samples=len(errors), debounce_ms=DEBOUNCE_MS,
+               reference_name="xadd_to_xread_block_wakeup_p50",
+               what="debounce window closed -> its run assigned")  # fmt: skip
         await redis.aclose()
     finally:
         for p in procs:
