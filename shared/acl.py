@@ -37,7 +37,7 @@ _STATE_SCRIPTS = _words(
     "zrangebyscore xadd xack xrange xtrim xlen"
 )
 _READ = _words(
-    "hget hmget hgetall hkeys hlen hscan exists get xlen xrange xrevrange xinfo|groups "
+    "hget hmget hgetall hkeys hvals hlen hscan exists get xlen xrange xrevrange xinfo|groups "
     "xinfo|consumers xinfo|stream zrange zrangebylex zrangebyscore zcard zscore"
 )
 
