@@ -185,12 +185,11 @@ def build_routes(defs: dict[str, WorkflowDef]) -> dict[str, list[Route]]:
                 compiled[conc.expression] = compile_key(conc.expression)
             key_fn = compiled[conc.expression]
             strategy = Strategy(conc.limit_strategy)
-            dynamic = isinstance(conc.max_runs, str)
-            fixed = None if isinstance(conc.max_runs, str) else conc.max_runs
+            fixed = None if isinstance(conc.max_runs, str) else conc.max_runs  # str: per event
             packer = RequestPacker(wf.id, wf.version, fixed, strategy, conc.strict,
                                    wf.max_attempts, debounce_ms=conc.debounce_ms,
                                    max_wait_ms=conc.max_wait_ms)  # fmt: skip
-            limit = compile_limit(str(conc.max_runs)) if dynamic else None
+            limit = compile_limit(conc.max_runs) if isinstance(conc.max_runs, str) else None
             route = Route(wf, key_fn, fixed or 0, strategy, conc.strict, packer, limit=limit)
         for name in wf.events:
             routes.setdefault(name, []).append(route)
