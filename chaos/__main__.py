@@ -2,12 +2,14 @@
 it against the ledger and print one `CHAOS {json}` line (exit 1 when a check fails).
 
 The system: a real redis-server with AOF `appendfsync always` (or a 3-master cluster), ingress
-x2, admission x2, executors x3 with two workflow modules (pool A: chaos/pool_a.py twice, pool B:
-chaos/pool_b.py). Producers publish for thousands of keys through the Python client, raw XADD and
-the redis-cli binary, and republish old ids. Faults at random times: SIGKILL and SIGTERM of every
-service kind, SIGSTOP of an admission process for longer than a lease, a server crash and
-restart (on a cluster: a master, and a shard's slot moved to another master). Then the faults
-stop, everything is brought back, and the run waits until every expected run has ended.
+x2, admission x2, executors x4 with three workflow modules (pool A: chaos/pool_a.py twice, pool B:
+chaos/pool_b.py, pool C: chaos/pool_c.py, whose steps run in worker processes). The workflows
+cover every strategy, a dynamic max_runs, debounce and a scope shared by two workflows.
+Producers publish for thousands of keys through the Python client, raw XADD and the redis-cli
+binary, and republish old ids. Faults at random times: SIGKILL and SIGTERM of every service
+kind, SIGSTOP of an admission process for longer than a lease, a server crash and restart (on a
+cluster: a master, and a shard's slot moved to another master). Then the faults stop,
+everything is brought back, and the run waits until every expected run has ended.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from chaos import ledger
-from chaos.verdict import TRIGGERS, Observed, check, ok
+from chaos.verdict import TRIGGERS, WORKFLOWS, Observed, check, ok
 from supersede import client
 from supersede.config import connect
 from supersede.keys import Keys
@@ -113,10 +115,13 @@ class Run:
         ing = ["--block-ms", "200", "--claim-idle-ms", "2000", "--dedup-window", "3600"]
         exe = ["--lease", lease, "--slots", "200", "--claim-idle-ms", "2000",
                "--drain-timeout", drain]  # fmt: skip
+        proc = ["--slots", "8", "--grace", "0.5", "--kill-after", "0.5"]
         self.members = [
             Member("admission", adm), Member("admission", adm),
             Member("executor", ["chaos.pool_a", *exe]), Member("executor", ["chaos.pool_a", *exe]),
             Member("executor", ["chaos.pool_b", *exe]),
+            # one worker process per slot; a short grace, so the SIGTERM/SIGKILL ladder runs
+            Member("executor", ["chaos.pool_c", *exe, *proc]),
             Member("ingress", ing), Member("ingress", ing),
         ]  # fmt: skip
         for m in self.members:
@@ -221,8 +226,18 @@ class Run:
     # -- producers -----------------------------------------------------------------------------
     def _event(self, n: int) -> tuple[str, str, bytes]:
         rng = self.rng
-        name = rng.choices(["chat", "doc", "job"], weights=[5, 2, 3])[0]
-        user = f"hot{rng.randrange(50)}" if rng.random() < 0.3 else f"u{rng.randrange(3000)}"
+        name = rng.choices(["chat", "doc", "job", "queue", "edit", "pa", "pb"],
+                           weights=[5, 2, 3, 2, 2, 1, 1])[0]  # fmt: skip
+        if name == "edit":  # a few keys: bursts the debounce window collapses
+            user = f"e{rng.randrange(8)}"
+        elif name in ("pa", "pb"):  # the two workflows of one scope compete for these keys
+            user = f"p{rng.randrange(6)}"
+        elif name == "queue":  # groups full often enough that queued runs get cancelled
+            user = f"q{rng.randrange(10)}"
+        elif rng.random() < 0.3:
+            user = f"hot{rng.randrange(50)}"
+        else:
+            user = f"u{rng.randrange(3000)}"
         roll = rng.random()
         if roll < 0.8:
             ms = rng.randrange(0, 200)
@@ -230,7 +245,10 @@ class Run:
             ms = rng.randrange(200, 2000)
         else:  # longer than a lease
             ms = rng.randrange(int(self.args.lease * 1200), int(self.args.long * 1000))
-        return f"ev{n}", name, orjson.dumps({"user": user, "ms": ms})
+        doc: dict[str, object] = {"user": user, "ms": ms}
+        if name in ("pa", "pb"):  # 0 honours the cancel flag, 1 ignores it, 2 SIGTERM too
+            doc["stubborn"] = rng.choices([0, 1, 2], weights=[6, 3, 1])[0]
+        return f"ev{n}", name, orjson.dumps(doc)
 
     async def producer(self, way: str, first: int) -> None:
         """Publish until stopped: `client` (Python client), `xadd` (raw XADD), `cli` (the
@@ -401,6 +419,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "wall_s": round(time.monotonic() - started, 1),
             "seed": args.seed,
             "states": dict(Counter(rec.state.name for rec in recs)),
+            "cancelled": dict(Counter(r.workflow for r in recs if r.state.name == "CANCELLED")),
         }
         verdict["settled"] = settled  # every expected run ended within --settle
         verdict["ok"] = settled and ok(verdict)
@@ -440,7 +459,7 @@ async def _trace(redis: Any, verdict: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _registered(redis: Redis | RedisCluster) -> bool:
-    return int(await redis.hlen("{%s}:workflows" % NAMESPACE)) >= 4  # noqa: UP031
+    return int(await redis.hlen("{%s}:workflows" % NAMESPACE)) >= len(WORKFLOWS)  # noqa: UP031
 
 
 def _drain_left(log: Path) -> dict[int, list[str]]:
@@ -468,7 +487,7 @@ def _late_heartbeats(log: Path) -> dict[int, list[tuple[float, float]]]:
 
 
 async def _ingress_routes_all(r: Run) -> bool:
-    """Every ingress process has loaded the four workflows (its metrics say so)."""
+    """Every ingress process has loaded every workflow (its metrics say so)."""
     for m in r.members:
         if m.kind == "ingress":
             url = f"http://127.0.0.1:{m.metrics_port}/metrics"
@@ -476,7 +495,8 @@ async def _ingress_routes_all(r: Run) -> bool:
                 text = await asyncio.to_thread(_get, url)
             except OSError:
                 return False
-            if not re.search(r"^supersede_ingress_workflows 4\.0$", text, re.MULTILINE):
+            want = rf"^supersede_ingress_workflows {len(WORKFLOWS)}\.0$"
+            if not re.search(want, text, re.MULTILINE):
                 return False
     return True
 

@@ -11,15 +11,36 @@ from typing import Any
 
 from supersede.protocol import RunRecord, RunState, Strategy
 
-# workflow -> (strategy, max_runs, strict); must match chaos/pool_a.py and chaos/pool_b.py
-WORKFLOWS: dict[str, tuple[Strategy, int, bool]] = {
-    "chaos-latest": (Strategy.CANCEL_IN_PROGRESS, 1, False),
-    "chaos-latest3": (Strategy.CANCEL_IN_PROGRESS, 3, False),
-    "chaos-strict": (Strategy.CANCEL_IN_PROGRESS, 1, True),
-    "chaos-fifo": (Strategy.GROUP_ROUND_ROBIN, 2, False),
+
+@dataclass(frozen=True)
+class Spec:
+    """A chaos workflow's limit; must match chaos/pool_*.py. A dynamic `max_runs` is read from
+    each run's record (this is its largest value)."""
+
+    strategy: Strategy
+    max_runs: int
+    strict: bool = False
+    scope: str = ""  # workflows of one scope share a group per key
+    debounce_ms: int = 0
+
+
+CIP, GRR = Strategy.CANCEL_IN_PROGRESS, Strategy.GROUP_ROUND_ROBIN
+NEWEST, OLDEST = Strategy.CANCEL_QUEUED_EXCEPT_NEWEST, Strategy.CANCEL_QUEUED_EXCEPT_OLDEST
+WORKFLOWS: dict[str, Spec] = {
+    "chaos-latest": Spec(CIP, 1),
+    "chaos-latest3": Spec(CIP, 3),  # dynamic: 3 for hot keys, 2 for the others
+    "chaos-strict": Spec(CIP, 1, strict=True),
+    "chaos-fifo": Spec(GRR, 2),
+    "chaos-newest": Spec(NEWEST, 1),
+    "chaos-oldest": Spec(OLDEST, 1),
+    "chaos-debounce": Spec(CIP, 1, debounce_ms=300),
+    "chaos-proc-a": Spec(CIP, 1, strict=True, scope="chaos-proc"),
+    "chaos-proc-b": Spec(CIP, 1, strict=True, scope="chaos-proc"),
 }
 TRIGGERS = {"chat": ("chaos-latest", "chaos-latest3"), "doc": ("chaos-strict",),
-            "job": ("chaos-fifo",)}  # fmt: skip
+            "job": ("chaos-fifo",), "queue": ("chaos-newest", "chaos-oldest"),
+            "edit": ("chaos-debounce",), "pa": ("chaos-proc-a",),
+            "pb": ("chaos-proc-b",)}  # fmt: skip
 
 
 @dataclass
@@ -72,9 +93,13 @@ def check(o: Observed) -> dict[str, Any]:
         "handlers_started": sum(len(v) for v in starts.values()),
         **_started_twice(o, starts),
         "newest_not_succeeded": _newest_not_succeeded(o.records),
+        "oldest_not_succeeded": _oldest_not_succeeded(o.records),
+        "running_runs_cancelled": _running_cancelled(o, starts),
+        "debounced_started_early": _debounced_early(o, starts),
         "strict_max_executing": _most_executing(o, "chaos-strict"),
+        "proc_max_executing": _most_executing(o, "chaos-proc"),
         "fifo_max_executing": _most_executing(o, "chaos-fifo"),
-        "workflows_over_their_limit": _over_limit(o),
+        "groups_over_their_limit": _over_limit(o),
         "slot_drift_groups": _slot_drift(o),
         "faults": o.faults,
     }
@@ -83,8 +108,9 @@ def check(o: Observed) -> dict[str, Any]:
 def ok(verdict: dict[str, Any]) -> bool:
     zero = ("runs_lost", "runs_extra", "runs_not_terminal", "runs_failed", "runs_terminal_twice",
             "runs_succeeded_without_a_finished_handler", "started_twice_same_attempt",
-            "started_twice_unexplained", "newest_not_succeeded", "slot_drift_groups",
-            "workflows_over_their_limit")  # fmt: skip
+            "started_twice_unexplained", "newest_not_succeeded", "oldest_not_succeeded",
+            "running_runs_cancelled", "debounced_started_early", "slot_drift_groups",
+            "groups_over_their_limit")  # fmt: skip
     return all(verdict[k] == 0 for k in zero)
 
 
@@ -120,13 +146,12 @@ def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict
         for earlier in sorted(lines, key=lambda x: x["t"])[:-1]:
             end = ends.get((earlier["run"], earlier["attempt"], earlier["pid"]))
             until = end["t"] if end else float("inf")
-            kill = o.kills.get(earlier["pid"])
-            if kill is not None and earlier["t"] <= kill <= until:
+            why = _explain(o, earlier, until)
+            if why == "sigkill":
                 killed += 1
-            elif any(a <= until and b >= earlier["t"] and b - a >= o.lease / 2
-                     for a, b in o.crashes):  # fmt: skip
+            elif why == "server_crash":
                 crashed += 1
-            elif any(a <= until and b >= earlier["t"] for a, b in o.late.get(earlier["pid"], [])):
+            elif why == "late_heartbeat":
                 late += 1
             else:
                 unexplained += 1
@@ -152,6 +177,20 @@ def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict
     }
 
 
+def _explain(o: Observed, start: dict[str, Any], until: float) -> str | None:
+    """What may have made a handler's attempt (its start line, ended at `until`) lose its run:
+    a SIGKILL of its executor while it ran, a server outage while it ran long enough for its
+    lease to lapse, or its executor logging a late heartbeat while it ran; None: nothing."""
+    kill = o.kills.get(start["pid"])
+    if kill is not None and start["t"] <= kill <= until:
+        return "sigkill"
+    if any(a <= until and b >= start["t"] and b - a >= o.lease / 2 for a, b in o.crashes):
+        return "server_crash"
+    if any(a <= until and b >= start["t"] for a, b in o.late.get(start["pid"], [])):
+        return "late_heartbeat"
+    return None
+
+
 def _unbacked_success(o: Observed) -> int:
     done = {(x["run"], x["attempt"]) for x in o.ledger if x["ev"] == "end" and x["out"] == "done"}
     return sum(
@@ -159,51 +198,110 @@ def _unbacked_success(o: Observed) -> int:
     )
 
 
-def _newest_not_succeeded(records: Iterable[RunRecord]) -> int:
-    """CANCEL_IN_PROGRESS: the newest max_runs runs of every group end SUCCEEDED."""
+def _groups(records: Iterable[RunRecord], *strategies: Strategy) -> list[list[RunRecord]]:
+    """The runs of each group of the given strategies, in sequence order."""
     groups: dict[str, list[RunRecord]] = defaultdict(list)
     for r in records:
-        strategy, _, _ = WORKFLOWS[r.workflow]
-        if strategy is Strategy.CANCEL_IN_PROGRESS:
+        if WORKFLOWS[r.workflow].strategy in strategies:
             groups[r.group].append(r)
+    return [sorted(runs, key=lambda r: r.seq) for runs in groups.values()]
+
+
+def _newest_not_succeeded(records: Iterable[RunRecord]) -> int:
+    """CANCEL_IN_PROGRESS: the newest max_runs runs of every group end SUCCEEDED (a dynamic
+    limit: the newest run's); CANCEL_QUEUED_EXCEPT_NEWEST: the newest run does."""
     bad = 0
-    for runs in groups.values():
-        runs.sort(key=lambda r: r.seq)
-        mx = WORKFLOWS[runs[0].workflow][1]
+    for runs in _groups(records, CIP):
+        mx = runs[-1].max_runs or WORKFLOWS[runs[-1].workflow].max_runs
         bad += sum(1 for r in runs[-mx:] if r.state is not RunState.SUCCEEDED)
+    for runs in _groups(records, NEWEST):
+        bad += runs[-1].state is not RunState.SUCCEEDED
     return bad
 
 
-def _most_executing(o: Observed, workflow: str) -> int:
-    """The most runs of one key of `workflow` with a handler executing at once (a SIGKILL
-    ends a handler; two attempts of one run, an at-least-once case counted above, count once)."""
+def _oldest_not_succeeded(records: Iterable[RunRecord]) -> int:
+    """CANCEL_QUEUED_EXCEPT_OLDEST: the first run of every group ends SUCCEEDED (it is never
+    queued behind a running one, and a retried one is the oldest queued)."""
+    return sum(runs[0].state is not RunState.SUCCEEDED for runs in _groups(records, OLDEST))
+
+
+def _running_cancelled(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> int:
+    """CANCEL_QUEUED_EXCEPT_*: never interrupt a running run. A CANCELLED run of theirs whose
+    handler started counts, unless a fault explains each start (a retried run is queued
+    again, and may then be cancelled like any queued run)."""
+    ends = _ends(o)
+    bad = 0
+    for r in o.records:
+        if r.state is not RunState.CANCELLED or WORKFLOWS[r.workflow].strategy not in (
+            NEWEST,
+            OLDEST,
+        ):
+            continue
+        for x in starts.get(r.id, []):
+            end = ends.get((x["run"], x["attempt"], x["pid"]))
+            if _explain(o, x, end["t"] if end else float("inf")) is None:
+                bad += 1
+                break
+    return bad
+
+
+def _debounced_early(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> int:
+    """Debounced runs whose handler started before `debounce_ms` after the run was created."""
+    bad = 0
+    for r in o.records:
+        wait = WORKFLOWS[r.workflow].debounce_ms
+        if wait and r.created_ms is not None:
+            first = min((x["t"] for x in starts.get(r.id, [])), default=None)
+            bad += first is not None and first * 1000 < r.created_ms + wait - 1
+    return bad
+
+
+def _group_name(workflow: str) -> str:
+    return WORKFLOWS[workflow].scope or workflow
+
+
+def _executing(o: Observed, group: str) -> dict[str, int]:
+    """Key -> the most runs of that key of `group` (a workflow, or a scope) with a handler
+    executing at once (a SIGKILL ends a handler; two attempts of one run, an at-least-once case
+    counted above, count once)."""
     ends = _ends(o)
     points: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
     for x in o.ledger:
-        if x["ev"] != "start" or x["wf"] != workflow:
+        if x["ev"] != "start" or _group_name(x["wf"]) != group:
             continue
         end = ends.get((x["run"], x["attempt"], x["pid"]))
         stop = end["t"] if end else o.kills.get(x["pid"], float("inf"))
         points[x["key"]] += [(x["t"], 1, x["run"]), (stop, -1, x["run"])]
-    most = 0
-    for marks in points.values():
+    out: dict[str, int] = {}
+    for key, marks in points.items():
         live: dict[str, int] = defaultdict(int)
+        most = 0
         for _, step, run in sorted(marks, key=lambda m: (m[0], m[1])):  # ends before starts
             live[run] += step
             if live[run] == 0:
                 del live[run]
             most = max(most, len(live))
-    return most
+        out[key] = most
+    return out
+
+
+def _most_executing(o: Observed, group: str) -> int:
+    return max(_executing(o, group).values(), default=0)
 
 
 def _over_limit(o: Observed) -> int:
-    """Workflows whose keys ever had more handlers executing than the limit promises: strict
-    CANCEL_IN_PROGRESS (`max_runs`, held until the handler stopped) and GROUP_ROUND_ROBIN
-    (never cancels, so never more than `max_runs` started)."""
+    """Groups (a workflow, or a scope) whose keys ever had more handlers executing than the
+    limit promises: strict CANCEL_IN_PROGRESS (`max_runs`, held until the handler stopped)
+    and GROUP_ROUND_ROBIN (never cancels, so never more than `max_runs` started)."""
+    limits: dict[tuple[str, str], int] = {}
+    for r in o.records:
+        at = (_group_name(r.workflow), r.key)
+        limits[at] = max(limits.get(at, 0), r.max_runs or WORKFLOWS[r.workflow].max_runs)
     bad = 0
-    for wf, (strategy, max_runs, strict) in WORKFLOWS.items():
-        if strict or strategy is Strategy.GROUP_ROUND_ROBIN:
-            bad += _most_executing(o, wf) > max_runs
+    for group in {_group_name(w) for w, s in WORKFLOWS.items() if s.strict or s.strategy is GRR}:
+        most = _executing(o, group)
+        spec = next(s for w, s in WORKFLOWS.items() if _group_name(w) == group)
+        bad += any(n > limits.get((group, key), spec.max_runs) for key, n in most.items())
     return bad
 
 

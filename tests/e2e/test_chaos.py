@@ -18,9 +18,9 @@ from tests.support import REPO
 
 
 def _record(rid: str, wf: str, state: str, *, group: str = "g", seq: int = 1,
-            attempt: int = 1, ev: str = "e1") -> RunRecord:  # fmt: skip
+            attempt: int = 1, ev: str = "e1", mx: int = 1, t0: int = 0) -> RunRecord:  # fmt: skip
     rec = {"st": state, "w": wf, "k": "u", "g": group, "s": f"{seq:032x}", "ev": ev, "a": attempt,
-           "sx": 1 if wf == "chaos-strict" else 0}  # fmt: skip
+           "sx": 1 if wf == "chaos-strict" else 0, "mx": mx, "t0": t0}  # fmt: skip
     return RunRecord.from_map(rid, rec)
 
 
@@ -69,7 +69,7 @@ def test_the_checks_pass_a_clean_history_and_catch_each_violation() -> None:
     assert other["started_twice_unexplained"] == 1
     # three GROUP_ROUND_ROBIN handlers of one key (max_runs 2) at once
     fifo = [_line("start", f"f{i}", 1.0 + i / 10, wf="chaos-fifo") for i in range(3)]
-    assert check(_observed(recs, clean + fifo))["workflows_over_their_limit"] == 1
+    assert check(_observed(recs, clean + fifo))["groups_over_their_limit"] == 1
     # the newest run of a CANCEL_IN_PROGRESS key not SUCCEEDED; a lost run; a drifted slot
     wrong = [_record("r1", "chaos-strict", "S", seq=1), _record("r2", "chaos-strict", "C",
                                                                   ev="e2", seq=2)]  # fmt: skip
@@ -77,6 +77,43 @@ def test_the_checks_pass_a_clean_history_and_catch_each_violation() -> None:
     assert check(_observed(recs[:1], clean))["runs_lost"] == 1
     assert check(_observed(recs, clean, slots={"g": 1}))["slot_drift_groups"] == 1
     assert not ok(check(_observed(recs, clean, terminal_changes=1)))
+
+
+def test_the_checks_of_the_newer_features_catch_each_violation() -> None:
+    """Scopes, dynamic limits, the CANCEL_QUEUED_* strategies and debounce."""
+    # two workflows of one scope: one handler of each, same key, at once, is two in the group
+    a = _line("start", "p1", 1.0, wf="chaos-proc-a")
+    b = _line("start", "p2", 1.5, wf="chaos-proc-b")
+    ends = [_line("end", "p1", 2.0, wf="chaos-proc-a"), _line("end", "p2", 3.0, wf="chaos-proc-b")]
+    recs = [_record("p1", "chaos-proc-a", "C", seq=1), _record("p2", "chaos-proc-b", "S", seq=2,
+                                                                 ev="e2")]  # fmt: skip
+    pub = {"published": {"e1": "pa", "e2": "pb"}}
+    verdict = check(_observed(recs, [a, b, *ends], **pub))
+    assert verdict["proc_max_executing"] == 2 and verdict["groups_over_their_limit"] == 1
+    b_after = _line("start", "p2", 2.5, wf="chaos-proc-b")
+    assert ok(check(_observed(recs, [a, ends[0], b_after, ends[1]], **pub)))
+    # a dynamic limit: the newest max_runs (the record's, 2) of a CANCEL_IN_PROGRESS group
+    dyn = [_record(f"d{i}", "chaos-latest3", st, seq=i, ev=f"e{i}", mx=2)
+           for i, st in enumerate(["C", "C", "S"])]  # fmt: skip
+    assert check(_observed(dyn, []))["newest_not_succeeded"] == 1
+    dyn[1] = _record("d1", "chaos-latest3", "S", seq=1, ev="e1", mx=2)
+    assert check(_observed(dyn, []))["newest_not_succeeded"] == 0
+    # CANCEL_QUEUED_EXCEPT_OLDEST: its first run cancelled; EXCEPT_NEWEST: its newest one
+    old = [_record("o1", "chaos-oldest", "C", seq=1), _record("o2", "chaos-oldest", "S", seq=2)]
+    assert check(_observed(old, []))["oldest_not_succeeded"] == 1
+    new = [_record("n1", "chaos-newest", "S", seq=1), _record("n2", "chaos-newest", "C", seq=2)]
+    assert check(_observed(new, []))["newest_not_succeeded"] == 1
+    # ... a running run of theirs cancelled, unless a SIGKILL of its executor explains it
+    run = [_record("q1", "chaos-newest", "C", seq=1), _record("q2", "chaos-newest", "S", seq=2)]
+    started = [_line("start", "q1", 1.0, wf="chaos-newest")]
+    assert check(_observed(run, started))["running_runs_cancelled"] == 1
+    assert check(_observed(run, started, kills={1: 1.2}))["running_runs_cancelled"] == 0
+    # debounce: a handler started before debounce_ms (300) after its run was created
+    deb = [_record("w1", "chaos-debounce", "S", seq=1, t0=10_000)]
+    early = [_line("start", "w1", 10.2, wf="chaos-debounce")]
+    assert check(_observed(deb, early))["debounced_started_early"] == 1
+    late = [_line("start", "w1", 10.31, wf="chaos-debounce")]
+    assert check(_observed(deb, late))["debounced_started_early"] == 0
 
 
 @pytest.mark.timeout(900)  # a minute of faults, then the settling (the default is 120 s)
