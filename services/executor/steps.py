@@ -251,6 +251,21 @@ class Runner:
         return Outcome.SUCCEEDED, ""
 
     async def _call(self, step: Step, run: Running) -> Any:
+        """The step's output. A CancelledError nothing asked for (the step raised it, or
+        awaited something another task cancelled) is the step's failure, not a cancel of the
+        run or a shutdown: those cancel this task first."""
+        try:
+            return await self._call_step(step, run)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling() or run.ctx.cancelled:
+                raise
+            raise StepError(
+                f"step {step.name!r} raised CancelledError, and neither its run was cancelled "
+                "nor the executor was stopping"
+            ) from None
+
+    async def _call_step(self, step: Step, run: Running) -> Any:
         ctx = run.ctx
         isolation = run.workflow.isolation_of(step)
         strict = run.workflow.concurrency is not None and run.workflow.concurrency.strict

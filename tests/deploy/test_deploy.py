@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from supersede.keys import Keys
 from supersede.server import free_port
 from supersede.services.keda import backlog_query
-from tests.support import CLI, REPO, System, eventually, exposed
+from tests.support import APP_WORKFLOWS, CLI, REPO, System, eventually, exposed
 
 DEPLOY = REPO / "deploy"
 SUFFIXES = ("_bucket", "_sum", "_count")
@@ -78,7 +78,7 @@ async def test_a_real_prometheus_scrapes_the_three_services(
         system.start_with_port("executor", ports["executor"], "tests.support.apps.demo")
 
         async def registered() -> bool:
-            return int(await redis.hlen(keys.workflows_hash)) == 7
+            return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
 
         await eventually(registered, timeout=30)
         system.start_with_port("ingress", ports["ingress"])

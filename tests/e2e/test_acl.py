@@ -21,7 +21,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from supersede import acl
 from supersede.config import connect
 from supersede.keys import Keys
-from tests.support import System, eventually
+from tests.support import APP_WORKFLOWS, System, eventually
 
 PASSWORDS = {role: f"pw-{role}-3e1d" for role in acl.ROLE_NAMES}
 
@@ -93,7 +93,7 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
             systems["executor"].start("executor", "tests.support.apps.demo", "--slots", "20")
 
         async def registered() -> bool:
-            return int(await client.hlen(keys.workflows_hash)) == 7
+            return int(await client.hlen(keys.workflows_hash)) == APP_WORKFLOWS
 
         await eventually(registered, timeout=30)
         systems["ingress"].start("ingress", "--block-ms", "100", "--trim-interval", "0.5")
@@ -181,7 +181,7 @@ async def _each_user_is_refused_what_its_role_does_not_do(
         assert isinstance(
             await clients["keda"].xinfo_groups(sk.assignments_stream("chat-reply")), list
         )
-        assert await clients["reader"].hlen(keys.workflows_hash) == 7
+        assert await clients["reader"].hlen(keys.workflows_hash) == APP_WORKFLOWS
     finally:
         for c in clients.values():
             await c.aclose()

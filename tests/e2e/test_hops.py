@@ -14,7 +14,7 @@ from supersede.client import publish_runs, wait_for_run
 from supersede.keys import Keys
 from supersede.protocol import RunRecord
 from supersede.server import free_port
-from tests.support import APP, System, eventually, scrape
+from tests.support import APP, APP_WORKFLOWS, System, eventually, scrape
 
 PATH = ["published", "ingress read", "request written", "admission read", "assigned",
         "executor read", "claimed", "handler started", "ended"]  # fmt: skip
@@ -30,7 +30,7 @@ async def test_a_run_records_every_hop_in_order_and_each_service_exports_its_hop
     system.start_with_port("executor", ports["executor"], APP)
 
     async def registered() -> bool:
-        return int(await redis.hlen(keys.workflows_hash)) == 7
+        return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
 
     await eventually(registered, timeout=30)
     system.start_with_port("ingress", ports["ingress"], "--block-ms", "100")

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from supersede.keys import Keys
 from supersede.registry import register
-from tests.support import System, eventually
+from tests.support import APP_WORKFLOWS, System, eventually
 
 
 @pytest.fixture
@@ -186,7 +186,7 @@ async def test_one_event_fans_out_to_two_workflows(
     redis: Redis, keys: Keys, system: System
 ) -> None:
     await register(redis, keys, {"id": "chat-audit", "events": ["chat.message"]})
-    await system.pipeline(redis, keys, 1, expected_workflows=8)
+    await system.pipeline(redis, keys, 1, expected_workflows=APP_WORKFLOWS + 1)
     await redis.xadd(keys.events_stream, {"name": "chat.message", "data": '{"userId":"f1"}'})
 
     async def both() -> bool:

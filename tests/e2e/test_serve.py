@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from supersede.client import get_run, publish_runs, wait_for_run
 from supersede.keys import Keys
 from supersede.server import free_port
-from tests.support import APP, System, eventually, scrape
+from tests.support import APP, APP_WORKFLOWS, System, eventually, scrape
 
 
 async def test_one_process_runs_the_system_and_drains_on_sigterm(
@@ -24,7 +24,7 @@ async def test_one_process_runs_the_system_and_drains_on_sigterm(
     proc = system.start_with_port("serve", port, APP, "--slots", "20")
 
     async def registered() -> bool:
-        return int(await redis.hlen(keys.workflows_hash)) == 7
+        return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
 
     await eventually(registered, timeout=30)
     ns = keys.namespace

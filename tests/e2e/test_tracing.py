@@ -20,7 +20,7 @@ from supersede.client import wait_for_run
 from supersede.keys import Keys
 from supersede.protocol import Inbox, RunRecord
 from supersede.tracing import wanted
-from tests.support import APP, System, eventually, records
+from tests.support import APP, APP_WORKFLOWS, System, eventually, records
 
 pytest.importorskip("opentelemetry.sdk.trace", reason="the tracing extra is not installed")
 
@@ -57,7 +57,7 @@ async def test_a_run_is_one_trace_through_every_hop_and_a_cancel_links_to_the_ne
         procs[name] = _start(name, args[name], env, outs[name], system)
 
     async def registered() -> bool:
-        return int(await redis.hlen(keys.workflows_hash)) == 7
+        return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
 
     await eventually(registered, timeout=30)
     procs["ingress"] = _start("ingress", args["ingress"], env, outs["ingress"], system)

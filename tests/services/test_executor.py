@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from supersede.keys import Keys
 from supersede.registry import load_all, register
-from tests.support import APP, CLI, System, eventually, pending_count, records
+from tests.support import APP, APP_WORKFLOWS, CLI, System, eventually, pending_count, records
 
 
 async def publish(redis: Redis, keys: Keys, name: str, **data: object) -> str:
@@ -105,7 +105,7 @@ async def test_pools_with_different_workflows_each_run_only_their_own(
     has its workflow and succeeds (before routing, each claimed the other's runs and failed
     them as `unknown workflow`)."""
     pool_b = system.start("executor", "tests.support.apps.pool_b")
-    [pool_a] = await system.pipeline(redis, keys, 1, expected_workflows=8)
+    [pool_a] = await system.pipeline(redis, keys, 1, expected_workflows=APP_WORKFLOWS + 1)
     for i in range(8):
         await publish(redis, keys, "work.item", i=i)
         await publish(redis, keys, "image.uploaded", i=i)
@@ -417,6 +417,21 @@ async def test_a_step_timeout_or_an_unpackable_output_fails_the_run(
     assert any("can not serialize 'object' object" in e for e in errors)
 
 
+async def test_a_step_raising_cancelled_error_by_itself_fails_its_run(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Not taken for a shutdown (which leaves the run to its lease, to run again): the run
+    fails at once with the reason, and the executor goes on."""
+    await system.pipeline(redis, keys, 1)
+    await publish(redis, keys, "selfcancel.item")
+    await eventually(lambda: _states(redis, keys, {"F": 1}), timeout=30)
+    (rec,) = (await records(redis, keys)).values()
+    assert "raised CancelledError, and neither its run was cancelled" in str(rec["err"])
+    assert rec["a"] == 1
+    await publish(redis, keys, "timeout.item")
+    await eventually(lambda: _states(redis, keys, {"F": 2}), timeout=30)
+
+
 async def test_executor_metrics_are_served(redis: Redis, redis_url: str, keys: Keys) -> None:
     from supersede.server import free_port
     from tests.support import scrape
@@ -429,7 +444,7 @@ async def test_executor_metrics_are_served(redis: Redis, redis_url: str, keys: K
         system.procs.append(subprocess.Popen(cmd, env=system.env, stderr=subprocess.DEVNULL))
 
         async def registered() -> bool:
-            return int(await redis.hlen(keys.workflows_hash)) == 7
+            return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
 
         await eventually(registered, timeout=30)
         system.start("ingress", "--block-ms", "100")
@@ -455,7 +470,7 @@ async def test_assignments_a_dead_executor_read_but_never_claimed_are_taken_over
         victim = system.start("executor", APP)
 
         async def registered() -> bool:
-            return int(await redis.hlen(keys.workflows_hash)) == 7
+            return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
 
         await eventually(registered, timeout=30)
         victim.kill()  # only its registration was needed
@@ -522,7 +537,7 @@ async def test_assignments_read_by_a_failed_claim_are_read_again_at_once(
         executor_system.start("executor", APP, "--slots", "32")
 
         async def registered() -> bool:
-            return int(await redis.hlen(keys.workflows_hash)) == 7
+            return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
 
         await eventually(registered, timeout=30)
         system.start("ingress", "--block-ms", "100")

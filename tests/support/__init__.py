@@ -141,6 +141,7 @@ def scrape(url: str) -> str:
 
 REPO = Path(__file__).resolve().parents[2]
 APP = "tests.support.apps.demo"
+APP_WORKFLOWS = 8  # the workflows APP defines
 CLI = [sys.executable, "-m", "supersede"]
 
 
@@ -195,7 +196,7 @@ class System:
         keys: Keys,
         executors: int = 1,
         *executor_args: str,
-        expected_workflows: int = 7,
+        expected_workflows: int = APP_WORKFLOWS,
     ) -> list[subprocess.Popen[bytes]]:
         """Admission and executors, then ingress once the executors registered the workflows
         (an event published before any workflow listens to it is acknowledged, not run)."""

@@ -119,3 +119,14 @@ unpackable = Workflow("unpackable", on_events=["unpackable.item"])
 @unpackable.step()
 def returns_an_object(ctx: Context) -> object:
     return object()
+
+
+self_cancelling = Workflow("self-cancelling", on_events=["selfcancel.item"])
+
+
+@self_cancelling.step()
+async def awaits_a_cancelled_future(ctx: Context) -> None:
+    """Raises CancelledError though nothing cancelled its run (a failure of the step)."""
+    inner = asyncio.ensure_future(asyncio.sleep(5))
+    inner.cancel()
+    await inner
