@@ -150,6 +150,9 @@ class Worker:
     flag: ProcessEvent
 
 
+RESPAWN_DELAY = 0.05
+
+
 class ProcessPool:
     """`size` worker processes, forked from a forkserver that preloaded `modules`."""
 
@@ -196,6 +199,13 @@ class ProcessPool:
 
         async def spawn() -> None:
             delay = 0.1
+            if not await self._exited(worker, 10.0):  # reaped (stopped, or SIGKILLed just now)
+                with contextlib.suppress(Exception):
+                    worker.process.kill()
+            # A moment for the stopped run's report, which would otherwise share the CPU with
+            # the fork and the new worker's start: SIGTERM -> CANCELLED took 16 ms over the
+            # grace period without it, 10 ms with it (the cancel's own hop and report: 6-8 ms).
+            await asyncio.sleep(RESPAWN_DELAY)
             while not self._closed:
                 try:
                     self._idle.put_nowait(await asyncio.to_thread(self._spawn))
@@ -274,7 +284,7 @@ class ProcessPool:
         try:
             reply: list[Any] = codec.unpack(worker.conn.recv_bytes())
         except (EOFError, OSError):
-            worker.process.join(1)
+            await self._exited(worker, 1.0)  # (for its exit code)
             raise WorkerLost(
                 f"the step's worker process ended without answering "
                 f"(exit code {worker.process.exitcode})"
@@ -327,9 +337,9 @@ class ProcessPool:
         self._replace(worker)
 
     def _kill(self, worker: Worker) -> None:
+        """SIGKILL, and replace (its replacement reaps it first, off the event loop's path)."""
         if worker.process.is_alive():
             worker.process.kill()
-            worker.process.join(5)
         self._replace(worker)
 
     def pids(self) -> list[int]:
