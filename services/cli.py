@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -233,6 +235,34 @@ def _dev(args: argparse.Namespace, settings: Settings) -> None:
     for spec in args.module:
         argv += ["--module", spec]
     dev.main(argv)
+
+
+def _ui(args: argparse.Namespace, settings: Settings) -> None:
+    """The web dashboard, until SIGINT or SIGTERM."""
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "supersede ui needs aiohttp: install the ui extra (pip install 'supersede[ui]')"
+        ) from None
+    from supersede.services import ui
+
+    async def main() -> None:
+        redis = connect(settings.redis_url)
+        try:
+            await check_server(redis, settings.redis_url)
+            task = asyncio.ensure_future(
+                ui.serve(redis, settings.keys, args.host, args.port, args.allow_actions)
+            )
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, task.cancel)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            await redis.aclose()
+
+    asyncio.run(main())
 
 
 def _ops(args: argparse.Namespace, settings: Settings) -> None:
@@ -525,6 +555,16 @@ def build_parser() -> argparse.ArgumentParser:
         "each with the password in SUPERSEDE_ACL_PASSWORD_<ROLE>",
     )
     acl.set_defaults(func=_acl)
+
+    ui = sub.add_parser("ui", help="serve the web dashboard (read-only unless --allow-actions)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=8686, help="port (default 8686)")
+    ui.add_argument(
+        "--allow-actions",
+        action="store_true",
+        help="allow cancelling runs and keys and replaying dead letters from the pages",
+    )
+    ui.set_defaults(func=_ui)
 
     dev = sub.add_parser("dev", help="run the system on an embedded server (no Redis needed)")
     dev.add_argument("--duration", type=float, default=None, help="seconds, then exit 0")

@@ -1,0 +1,227 @@
+"""`supersede ui`: a web dashboard over the same Redis (aiohttp, server-rendered HTML, one small
+vendored script for live pages). Read-only unless started with --allow-actions; actions go
+through the scripts the CLI uses, behind a CSRF token. Data comes from the indexes the CLI reads
+(`supersede.services.ops`), never from a scan of the records."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from redis.asyncio import Redis
+
+from supersede import codec
+from supersede.errors import ConfigError
+from supersede.keys import Keys
+from supersede.model import group_id, shard_of_group, shard_of_run
+from supersede.protocol import RunState, unpack_input
+from supersede.registry import load_all
+from supersede.scripts import Scripts
+from supersede.services import ops
+from supersede.services.ui import pages
+
+try:
+    from aiohttp import web
+except ImportError:  # pragma: no cover - the `ui` extra is not installed
+    web = None  # type: ignore[assignment]
+
+STATIC = Path(__file__).resolve().parent / "static"
+CSRF_COOKIE = "supersede_csrf"
+# No inline script or style, nothing from another origin, no framing.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+KEY_RUNS = 200  # runs of one key drawn on its page
+
+
+class UI:
+    def __init__(self, redis: Redis, keys: Keys, *, allow_actions: bool) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.scripts = Scripts(redis, keys)
+        self.allow_actions = allow_actions
+
+    # -- helpers ---------------------------------------------------------------------------
+    def csrf(self, request: web.Request) -> str | None:
+        """The page's CSRF token (the cookie's; a new one is set by `respond`), or None when
+        actions are off."""
+        if not self.allow_actions:
+            return None
+        token = request.cookies.get(CSRF_COOKIE)
+        if not token:
+            token = secrets.token_urlsafe(24)
+            request["new_csrf"] = token
+        return token
+
+    def respond(
+        self, request: web.Request, title: str, body: str, *, live: bool = False
+    ) -> web.Response:
+        text = body if request.query.get("fragment") else pages.page(title, body, live=live)
+        resp = web.Response(text=text, content_type="text/html")
+        if "new_csrf" in request:
+            resp.set_cookie(CSRF_COOKIE, request["new_csrf"], httponly=True, samesite="Strict")
+        return resp
+
+    async def check_action(self, request: web.Request) -> dict[str, str]:
+        """The posted form, once the action is allowed and its token matches the cookie's."""
+        if not self.allow_actions:
+            raise web.HTTPForbidden(text="read-only: start `supersede ui --allow-actions`")
+        form = await request.post()
+        cookie = request.cookies.get(CSRF_COOKIE, "")
+        sent = str(form.get("csrf", ""))
+        if not cookie or not hmac.compare_digest(cookie, sent):
+            raise web.HTTPForbidden(text="missing or wrong CSRF token: reload the page")
+        return {k: str(v) for k, v in form.items()}
+
+    # -- pages -----------------------------------------------------------------------------
+    async def overview(self, request: web.Request) -> web.Response:
+        s = await ops.status(self.redis, self.keys)
+        return self.respond(request, "Overview", pages.overview(s), live=True)
+
+    async def runs(self, request: web.Request) -> web.Response:
+        f: dict[str, Any] = {
+            "workflow": request.query.get("workflow") or None,
+            "key": request.query.get("key"),
+            "state": request.query.get("state") or None,
+            "limit": max(1, min(int(request.query.get("limit", "50") or 50), 1000)),
+        }
+        if f["key"] == "":
+            f["key"] = None
+        if f["state"] and f["state"].upper() not in RunState.__members__:
+            raise web.HTTPBadRequest(text=f"no state {f['state']!r}")
+        rows = await ops.list_runs(
+            self.redis,
+            self.keys,
+            workflow=f["workflow"],
+            key=f["key"],
+            state=f["state"],
+            limit=f["limit"],
+        )
+        _, defs, _ = await load_all(self.redis, self.keys)
+        return self.respond(request, "Runs", pages.runs(rows, sorted(defs), f), live=True)
+
+    async def run(self, request: web.Request) -> web.Response:
+        rid = request.match_info["rid"]
+        r = await ops.get_run(self.redis, self.keys, rid)
+        if r is None:
+            raise web.HTTPNotFound(text=f"no run {rid!r} (never created, or past its retention)")
+        raw = await self.redis.hget(self.keys.shard(shard_of_run(rid)).inputs_hash, rid)
+        if raw:
+            r["input"] = ops.dumps(codec.jsonable(unpack_input(codec.blob(raw))))
+        if r.get("outputs"):
+            r["outputs"] = ops.dumps(r["outputs"])
+        same_key = await ops.list_runs(
+            self.redis, self.keys, workflow=r["workflow"], key=r["key"], limit=KEY_RUNS
+        )
+        cancelled = [x for x in same_key if x.get("cancelled_by") == rid]
+        body = pages.run(r, cancelled, self.csrf(request))
+        return self.respond(request, f"Run {rid}", body)
+
+    async def key(self, request: web.Request) -> web.Response:
+        workflow = request.query.get("workflow", "")
+        value = request.query.get("key")
+        if not workflow or value is None:
+            raise web.HTTPBadRequest(text="a key page needs ?workflow=…&key=…")
+        runs = await ops.list_runs(
+            self.redis, self.keys, workflow=workflow, key=value, limit=KEY_RUNS
+        )
+        runs.sort(key=lambda r: (r["created_ms"] or 0, r["id"]))
+        _, defs, _ = await load_all(self.redis, self.keys)
+        wf = defs.get(workflow)
+        conc = wf.concurrency if wf else None
+        slots = 0
+        if wf is not None and conc is not None:
+            gid = group_id(workflow, wf.version, value, conc.scope)
+            shard = self.keys.shard(shard_of_group(gid, self.keys.shards))
+            slots = int(await self.redis.hget(shard.slots_hash, gid) or 0)
+        k = {
+            "workflow": workflow,
+            "key": value,
+            "runs": runs,
+            "slots": slots,
+            "max_runs": conc.max_runs if conc else "unlimited",
+            "strategy": str(conc.limit_strategy) if conc else "none",
+            "at_ms": int(time.time() * 1000),
+        }
+        return self.respond(request, f"Key {value}", pages.key(k, self.csrf(request)), live=True)
+
+    async def dead(self, request: web.Request) -> web.Response:
+        rows = await ops.dead_letters(self.redis, self.keys, limit=100)
+        return self.respond(request, "Dead letters", pages.dead(rows, self.csrf(request)))
+
+    # -- actions ---------------------------------------------------------------------------
+    async def cancel_run(self, request: web.Request) -> web.Response:
+        await self.check_action(request)
+        rid = request.match_info["rid"]
+        done = await ops.cancel_runs(self.scripts, [rid])
+        raise web.HTTPSeeOther(f"/runs/{rid}" if done.get(rid) else f"/runs/{rid}?not=1")
+
+    async def cancel_key(self, request: web.Request) -> web.Response:
+        form = await self.check_action(request)
+        workflow, value = form.get("workflow", ""), form.get("key", "")
+        await ops.cancel_key(self.redis, self.scripts, workflow, value)
+        raise web.HTTPSeeOther("/key?" + urlencode({"workflow": workflow, "key": value}))
+
+    async def replay(self, request: web.Request) -> web.Response:
+        await self.check_action(request)
+        entry = request.match_info["entry"]
+        try:
+            await ops.replay_dead(self.redis, self.keys, entry)
+        except (LookupError, ValueError) as exc:
+            return web.Response(
+                text=pages.message("Not replayed", str(exc), "/dead"),
+                content_type="text/html",
+                status=409,
+            )
+        raise web.HTTPSeeOther("/dead")
+
+
+@web.middleware
+async def _headers(request: web.Request, handler: Any) -> web.StreamResponse:
+    resp: web.StreamResponse = await handler(request)
+    resp.headers["Content-Security-Policy"] = CSP
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Referrer-Policy"] = "same-origin"
+    return resp
+
+
+def make_app(redis: Redis, keys: Keys, *, allow_actions: bool = False) -> web.Application:
+    ui = UI(redis, keys, allow_actions=allow_actions)
+    app = web.Application(middlewares=[_headers])
+    app.add_routes(
+        [
+            web.get("/", ui.overview),
+            web.get("/runs", ui.runs),
+            web.get("/runs/{rid}", ui.run),
+            web.get("/key", ui.key),
+            web.get("/dead", ui.dead),
+            web.post("/runs/{rid}/cancel", ui.cancel_run),
+            web.post("/key/cancel", ui.cancel_key),
+            web.post("/dead/{entry}/replay", ui.replay),
+            web.static("/static", STATIC),
+        ]
+    )
+    return app
+
+
+async def serve(redis: Redis, keys: Keys, host: str, port: int, allow_actions: bool) -> None:
+    runner = web.AppRunner(make_app(redis, keys, allow_actions=allow_actions), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}): set --port") from None
+    mode = "actions allowed" if allow_actions else "read-only"
+    print(f"supersede ui: http://{host}:{port}/ ({mode})", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

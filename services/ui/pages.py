@@ -1,0 +1,362 @@
+"""The web UI's pages, rendered on the server. Every value that comes from Redis (run inputs,
+keys, event names, errors, dead letters: all untrusted) goes through `esc` or `q`; the pages
+carry no inline script and no inline style (the Content-Security-Policy forbids both)."""
+
+from __future__ import annotations
+
+import html
+import itertools
+import time
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlencode
+
+from supersede.protocol import RunState
+
+FIELD_MAX = 2000  # characters of one dead-letter field or run input shown
+
+
+def esc(value: Any) -> str:
+    """Text as HTML (quotes too, so it is safe in an attribute)."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def q(**params: Any) -> str:
+    """A query string of the params that are set, escaped for an attribute."""
+    return esc(urlencode({k: v for k, v in params.items() if v not in (None, "")}))
+
+
+def cut(text: Any, limit: int = FIELD_MAX) -> str:
+    s = "" if text is None else str(text)
+    return s if len(s) <= limit else s[:limit] + f"… ({len(s) - limit:,} more characters)"
+
+
+def page(title: str, body: str, *, live: bool = False) -> str:
+    nav = "".join(
+        f'<a href="{href}">{name}</a>'
+        for href, name in (("/", "Overview"), ("/runs", "Runs"), ("/dead", "Dead letters"))
+    )
+    main = f"<main{' data-live' if live else ''}>{body}</main>"
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<title>{esc(title)} · supersede</title>"
+        '<link rel=stylesheet href="/static/ui.css"><script src="/static/ui.js" defer></script>'
+        f"</head><body><header><strong>supersede</strong>{nav}</header>{main}</body></html>"
+    )
+
+
+def run_link(rid: str | None) -> str:
+    if not rid:
+        return ""
+    return f'<a class=run href="/runs/{esc(rid)}">{esc(rid)}</a>'
+
+
+def key_link(workflow: str, key: str) -> str:
+    return f'<a class=key href="/key?{q(workflow=workflow, key=key)}">{esc(key)}</a>'
+
+
+def state(name: str) -> str:
+    return f'<span class="state-{esc(name)}">{esc(name)}</span>'
+
+
+def duration(run: dict[str, Any]) -> str:
+    start = run.get("claimed_ms") or run.get("created_ms")
+    end = run.get("ended_ms") or int(time.time() * 1000)
+    return f"{(end - start) / 1000:.3f} s" if start else ""
+
+
+def table(head: Iterable[str], rows: Iterable[Iterable[str]], cls: str = "") -> str:
+    """Cells are HTML already (escaped by the caller)."""
+    th = "".join(f"<th>{esc(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{esc(cls)}"><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>'
+
+
+def overview(s: dict[str, Any]) -> str:
+    wf_rows = []
+    for name, w in s["workflows"].items():
+        runs = ", ".join(f"{esc(k)} {n:,}" for k, n in sorted(w["runs"].items()))
+        wf_rows.append(
+            [
+                f'<a href="/runs?{q(workflow=name)}">{esc(name)}</a>',
+                esc(", ".join(w.get("events") or [])),
+                esc(w.get("strategy") or "—"),
+                f"<code>{esc(w.get('key') or '')}</code>",
+                esc(w.get("max_runs") if w.get("max_runs") is not None else "—"),
+                esc("yes" if w.get("strict") else ""),
+                runs or '<span class="muted">none retained</span>',
+            ]
+        )
+    workflows = table(
+        ["workflow", "events", "strategy", "key", "max_runs", "strict", "runs by state"],
+        wf_rows,
+        "workflows",
+    )
+    streams = table(
+        ["stream", "pending", "lag"],
+        [[esc(n), f"{v['pending']:,}", f"{v['lag']:,}"] for n, v in s["streams"].items()],
+        "streams",
+    )
+    executors = table(
+        ["executor", "workflows"],
+        [[esc(n), esc(", ".join(wfs))] for n, wfs in s["executors"].items()],
+        "executors",
+    )
+    invalid = ""
+    if s.get("invalid_workflows"):
+        invalid = "<h2>Invalid definitions</h2>" + table(
+            ["workflow", "error"], [[esc(k), esc(v)] for k, v in s["invalid_workflows"].items()]
+        )
+    dead = f'<p><a href="/dead">Dead letters</a>: <b class=dead-count>{s["dead_letters"]:,}</b></p>'
+    return (
+        "<h1>Overview</h1><h2>Workflows</h2>"
+        + workflows
+        + invalid
+        + dead
+        + "<h2>Live executors</h2>"
+        + executors
+        + "<h2>Streams</h2>"
+        + streams
+    )
+
+
+def runs(rows: list[dict[str, Any]], workflows: list[str], f: dict[str, Any]) -> str:
+    options = "".join(
+        f'<option value="{esc(w)}"{" selected" if w == f.get("workflow") else ""}>{esc(w)}</option>'
+        for w in ["", *workflows]
+    )
+    states = "".join(
+        f'<option value="{s}"{" selected" if s == f.get("state") else ""}>{s or "any"}</option>'
+        for s in ["", *(x.name.lower() for x in RunState)]
+    )
+    form = (
+        '<form method=get action="/runs">'
+        f"<label>workflow <select name=workflow>{options}</select></label> "
+        f'<label>key <input name=key value="{esc(f.get("key") or "")}"></label> '
+        f"<label>state <select name=state>{states}</select></label> "
+        "<button type=submit>Filter</button></form>"
+    )
+    body = [
+        [
+            run_link(r["id"]),
+            esc(r["workflow"]),
+            key_link(r["workflow"], r["key"]),
+            state(r["state"]),
+            esc(duration(r)),
+            ("superseded by " + run_link(r["cancelled_by"]))
+            if r.get("cancelled_by")
+            else esc(r.get("reason") or ""),
+        ]
+        for r in rows
+    ]
+    more = ""
+    if len(rows) >= f["limit"] and f["limit"] < 1000:
+        nxt = q(**{**f, "limit": min(1000, f["limit"] * 2)})
+        more = f'<p><a class=more href="/runs?{nxt}">Show more</a></p>'
+    return (
+        "<h1>Runs</h1>"
+        + form
+        + table(["run", "workflow", "key", "state", "duration", "why"], body, "runs")
+        + more
+    )
+
+
+def bar(points: list[tuple[str, float]], width: int = 900) -> str:
+    """A run's timeline as one horizontal bar: a segment per phase (from each point to the
+    next, coloured by the phase that point starts), each point labelled with its ms."""
+    if len(points) < 2:
+        return ""
+    t0, t1 = points[0][1], points[-1][1]
+    span = max(t1 - t0, 1e-6)
+    parts, labels = [], []
+    for (name, at), (_, nxt) in itertools.pairwise(points):
+        x = (at - t0) / span * width
+        w = max((nxt - at) / span * width, 1.0)
+        parts.append(
+            f'<rect class="bar-{PHASES.get(name, "QUEUED")}" x="{x:.1f}" y="4" width="{w:.1f}" '
+            f'height="18"><title>{esc(name)}: {nxt - at:.1f} ms</title></rect>'
+        )
+    for i, (name, at) in enumerate(points):
+        x = (at - t0) / span * width
+        y = 40 + (i % 2) * 14
+        labels.append(
+            f'<text x="{min(x, width - 120):.1f}" y="{y}">{esc(name)} +{at - t0:.1f} ms</text>'
+        )
+    return (
+        f'<svg class=timeline width="{width}" height="70" role=img '
+        f'aria-label="timeline">{"".join(parts)}{"".join(labels)}</svg>'
+    )
+
+
+PHASES = {
+    "created": "QUEUED",
+    "assigned": "ASSIGNED",
+    "running": "RUNNING",
+    "cancel decided": "CANCELLING",
+}
+
+
+def run(r: dict[str, Any], cancelled: list[dict[str, Any]], csrf: str | None) -> str:
+    points: list[tuple[str, float]] = []
+    for name, key in (
+        ("created", "created_ms"),
+        ("assigned", "assigned_ms"),
+        ("running", "claimed_ms"),
+        ("cancel decided", "cancel_decided_ms"),
+        ("ended", "ended_ms"),
+    ):
+        if r.get(key):
+            points.append((name, float(r[key])))
+    points.sort(key=lambda p: p[1])
+    facts = [
+        ["workflow", esc(r["workflow"]) + f" <span class=muted>v{esc(r['version'])}</span>"],
+        ["key", key_link(r["workflow"], r["key"])],
+        ["state", state(r["state"])],
+        ["attempt", esc(r["attempt"])],
+        ["event", esc(r["event_id"])],
+        ["executor", esc(r.get("executor") or "")],
+    ]
+    if r.get("cancelled_by"):
+        facts.append(["superseded by", run_link(r["cancelled_by"])])
+    if r.get("reason"):
+        facts.append(["reason", esc(r["reason"])])
+    timeline = table(
+        ["at", "event"],
+        [[esc(_clock(t["at_ms"])), esc(t["event"])] for t in r["timeline"] if t["at_ms"]],
+        "timeline",
+    )
+    chain = ""
+    if cancelled:
+        chain = "<h2>Runs it superseded</h2>" + table(
+            ["run", "state"],
+            [[run_link(c["id"]), state(c["state"])] for c in cancelled],
+            "superseded",
+        )
+    error = f"<h2>Error</h2><pre>{esc(cut(r['error']))}</pre>" if r.get("error") else ""
+    data = f"<h2>Input</h2><pre>{esc(cut(r['input']))}</pre>" if r.get("input") else ""
+    outputs = ""
+    if r.get("outputs"):
+        outputs = f"<h2>Step outputs</h2><pre>{esc(cut(r['outputs']))}</pre>"
+    action = ""
+    if csrf is not None and r["state"] not in {s.name for s in RunState if s.terminal}:
+        action = (
+            f'<form class=inline method=post action="/runs/{esc(r["id"])}/cancel">'
+            f'<input type=hidden name=csrf value="{esc(csrf)}">'
+            "<button type=submit>Cancel this run</button></form>"
+        )
+    return (
+        f"<h1>Run <code>{esc(r['id'])}</code></h1>{action}"
+        + table(["", ""], facts, "facts")
+        + bar(points)
+        + timeline
+        + chain
+        + error
+        + data
+        + outputs
+    )
+
+
+def _clock(ms: float) -> str:
+    whole = int(ms)
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole / 1000)) + f".{whole % 1000:03d}"
+
+
+def key(k: dict[str, Any], csrf: str | None) -> str:
+    """Every retained run of one key in sequence order, drawn on one time axis."""
+    runs_ = k["runs"]
+    now = k["at_ms"]
+    head = (
+        f"<h1>Key <code>{esc(k['key'])}</code> of {esc(k['workflow'])}</h1>"
+        f"<p>max_runs <b class=max-runs>{esc(k['max_runs'])}</b> · "
+        f"strategy {esc(k['strategy'])} · slots in use <b class=slots>{esc(k['slots'])}</b> · "
+        f"{len(runs_)} runs retained</p>"
+    )
+    action = ""
+    if csrf is not None and any(r["state"] in LIVE_NAMES for r in runs_):
+        action = (
+            '<form class=inline method=post action="/key/cancel">'
+            f'<input type=hidden name=csrf value="{esc(csrf)}">'
+            f'<input type=hidden name=workflow value="{esc(k["workflow"])}">'
+            f'<input type=hidden name=key value="{esc(k["key"])}">'
+            "<button type=submit>Cancel this key's live runs</button></form>"
+        )
+    if not runs_:
+        return head + action + "<p class=muted>No retained runs.</p>"
+    t0 = min(r["created_ms"] or now for r in runs_)
+    t1 = max([now, *(r["ended_ms"] or now for r in runs_)])
+    span, width, row = max(t1 - t0, 1), 900, 20
+    rects = []
+    for i, r in enumerate(runs_):
+        start = r["created_ms"] or t0
+        end = r["ended_ms"] or now
+        x, w = (start - t0) / span * width, max((end - start) / span * width, 2)
+        y = i * row + 4
+        rects.append(
+            f'<rect class="bar-{esc(r["state"])}" x="{x:.1f}" y="{y}" width="{w:.1f}" '
+            f'height="{row - 6}"><title>{esc(r["id"])} {esc(r["state"])}</title></rect>'
+        )
+        if r.get("cancel_decided_ms"):
+            cx = (r["cancel_decided_ms"] - t0) / span * width
+            rects.append(
+                f'<line class=cut x1="{cx:.1f}" x2="{cx:.1f}" y1="{y}" y2="{y + row - 6}"></line>'
+            )
+    height = len(runs_) * row + 24
+    axis = (
+        f'<line class=axis x1="0" x2="{width}" y1="{height - 18}" y2="{height - 18}"></line>'
+        f'<text x="0" y="{height - 4}">{esc(_clock(t0))}</text>'
+        f'<text x="{width - 60}" y="{height - 4}">+{(t1 - t0) / 1000:.1f} s</text>'
+    )
+    svg = (
+        f'<svg class=key-axis width="{width}" height="{height}" role=img '
+        f'aria-label="runs of the key on a time axis">{"".join(rects)}{axis}</svg>'
+    )
+    rows = [
+        [
+            esc(i + 1),
+            run_link(r["id"]),
+            state(r["state"]),
+            esc(duration(r)),
+            ("superseded by " + run_link(r["cancelled_by"]))
+            if r.get("cancelled_by")
+            else esc(r.get("reason") or ""),
+        ]
+        for i, r in enumerate(runs_)
+    ]
+    return head + action + svg + table(["#", "run", "state", "duration", "why"], rows, "key-runs")
+
+
+LIVE_NAMES = {s.name for s in RunState if not s.terminal}
+
+
+def dead(rows: list[dict[str, Any]], csrf: str | None) -> str:
+    body = []
+    for d in rows:
+        fields = {k: v for k, v in d.items() if k not in ("id", "reason", "detail")}
+        shown = "<br>".join(
+            f"<b>{esc(k)}</b>: <code>{esc(cut(v, 300))}</code>" for k, v in fields.items()
+        )
+        action = ""
+        if csrf is not None:
+            action = (
+                f'<form class=inline method=post action="/dead/{esc(d["id"])}/replay">'
+                f'<input type=hidden name=csrf value="{esc(csrf)}">'
+                "<button type=submit>Replay</button></form>"
+            )
+        body.append(
+            [
+                esc(d["id"]),
+                esc(d.get("reason") or ""),
+                esc(cut(d.get("detail"), 500)),
+                shown,
+                action,
+            ]
+        )
+    return "<h1>Dead letters</h1>" + table(["id", "reason", "detail", "fields", ""], body, "dead")
+
+
+def message(title: str, text: str, back: str = "/") -> str:
+    return page(
+        title,
+        f"<h1>{esc(title)}</h1><p class=message>{esc(text)}</p>"
+        f'<p><a href="{esc(back)}">Back</a></p>',
+    )

@@ -1,0 +1,257 @@
+"""`supersede ui` in a real browser (Debian's chromium driven by Playwright, no browser
+download): the overview, a cancelled run whose "superseded by" link leads to the run that won,
+a key page in sequence order that shows a new run live, an action behind its CSRF token, and
+untrusted strings rendered as text. Screenshots go to test-artifacts/ui/."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from supersede.keys import Keys
+from supersede.server import free_port
+from tests.support import REPO, System, eventually, records
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = REPO / "test-artifacts" / "ui"
+
+try:
+    from playwright.async_api import Browser, Page, async_playwright
+except ImportError:  # pragma: no cover - the dev extra is installed in CI
+    async_playwright = None  # type: ignore[assignment]
+
+needs_browser = pytest.mark.skipif(
+    CHROMIUM is None or async_playwright is None,
+    reason="no chromium on PATH (.ci/run installs Debian's chromium) or no playwright package",
+)
+
+
+def start_ui(system: System, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "supersede", "ui", "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, env=system.env, stderr=system.stderr)
+    system.procs.append(proc)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def get(url: str, data: bytes | None = None) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def up(base: str) -> None:
+    async def answers() -> bool:
+        try:
+            return (await asyncio.to_thread(get, base + "/"))[0] == 200
+        except OSError:
+            return False
+
+    await eventually(answers, timeout=20)
+
+
+async def publish(redis: Redis, keys: Keys, name: str, **data: Any) -> None:
+    await redis.xadd(keys.events_stream, {"name": name, "data": orjson.dumps(data)})
+
+
+async def runs_of(redis: Redis, keys: Keys, key: str) -> list[dict[str, Any]]:
+    return sorted(
+        (dict(r, id=rid) for rid, r in (await records(redis, keys)).items() if r.get("k") == key),
+        key=lambda r: str(r["s"]),
+    )
+
+
+def ended(redis: Redis, keys: Keys, key: str, n: int) -> Callable[[], Any]:
+    async def check() -> bool:
+        runs = await runs_of(redis, keys, key)
+        return len(runs) == n and all(r["st"] in ("S", "C", "F") for r in runs)
+
+    return check
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    assert async_playwright is not None and CHROMIUM is not None
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest.fixture
+def shots() -> Iterator[Callable[[Page, str], Any]]:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+
+    async def shot(page: Page, name: str) -> None:
+        await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+    yield shot
+
+
+@needs_browser
+async def test_a_person_sees_why_a_run_was_cancelled_and_a_key_live(
+    redis: Redis, keys: Keys, system: System, browser: Browser, shots: Any
+) -> None:
+    await system.pipeline(redis, keys, 1)
+    _, base = start_ui(system, "--allow-actions")
+    await up(base)
+    # alice: a long run superseded by a quick one (CANCEL_IN_PROGRESS, max_runs 1)
+    await publish(redis, keys, "chat.message", userId="alice", sleep=30, text="first")
+    await eventually(lambda: _state_of(redis, keys, "alice", 0, "R"), timeout=20)
+    await publish(redis, keys, "chat.message", userId="alice", text="second")
+    await eventually(ended(redis, keys, "alice", 2), timeout=20)
+    loser, winner = await runs_of(redis, keys, "alice")
+    assert loser["st"] == "C" and winner["st"] == "S" and loser["by"] == winner["id"]
+
+    page = await browser.new_page()
+    await page.goto(base + "/")
+    assert "chat-reply" in await page.inner_text("table.workflows")
+    assert "CANCEL_IN_PROGRESS" in await page.inner_text("table.workflows")
+    await shots(page, "overview")
+
+    # the key page: the runs in sequence order, with their outcomes
+    await page.goto(base + "/runs?workflow=chat-reply")
+    await page.click("table.runs a.key:text-is('alice')")
+    await page.wait_for_selector("table.key-runs")
+    rows = await page.locator("table.key-runs tbody tr").all_inner_texts()
+    assert [r.split("\t")[1:3] for r in rows] == [
+        [loser["id"], "CANCELLED"],
+        [winner["id"], "SUCCEEDED"],
+    ]
+    assert await page.inner_text("b.max-runs") == "1"
+    await shots(page, "key")
+
+    # the cancelled run: "superseded by" leads to the run that won
+    await page.click(f"table.key-runs a.run:text-is('{loser['id']}')")
+    await page.wait_for_selector("table.facts")
+    facts = await page.inner_text("table.facts")
+    assert "superseded by" in facts and "CANCELLED" in facts
+    assert await page.locator("svg.timeline rect").count() >= 2
+    await shots(page, "cancelled-run")
+    await page.click(f"table.facts a.run:text-is('{winner['id']}')")
+    await page.wait_for_url(f"**/runs/{winner['id']}")
+    assert "SUCCEEDED" in await page.inner_text("table.facts")
+    assert loser["id"] in await page.inner_text("table.superseded")
+    await shots(page, "winning-run")
+
+    # live: a new run of a key appears on its open page without a reload
+    await page.goto(base + "/key?workflow=chat-reply&key=carol")
+    assert await page.locator("table.key-runs").count() == 0
+    marker = await page.evaluate("window.__loaded = Math.random()")
+    await publish(redis, keys, "chat.message", userId="carol", sleep=30, text="live")
+    await page.wait_for_selector("table.key-runs a.run", timeout=20_000)
+    assert await page.evaluate("window.__loaded") == marker  # the same document: no reload
+    await shots(page, "key-live")
+
+    # an action: cancel carol's live run from its key page (the form carries the CSRF token)
+    await page.click("form[action='/key/cancel'] button")
+    await eventually(lambda: _state_of(redis, keys, "carol", 0, "C"), timeout=20)
+    (carol,) = await runs_of(redis, keys, "carol")
+    assert carol["why"] == "manual"
+    await page.close()
+
+
+async def _state_of(redis: Redis, keys: Keys, key: str, i: int, st: str) -> bool:
+    runs = await runs_of(redis, keys, key)
+    return len(runs) > i and runs[i]["st"] == st
+
+
+HOSTILE = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
+
+
+@needs_browser
+async def test_untrusted_keys_and_inputs_render_as_text(
+    redis: Redis, keys: Keys, system: System, browser: Browser, shots: Any
+) -> None:
+    await system.pipeline(redis, keys, 1)
+    _, base = start_ui(system)
+    await up(base)
+    await publish(redis, keys, "chat.message", userId=HOSTILE, text=HOSTILE)
+    await eventually(ended(redis, keys, HOSTILE, 1), timeout=20)
+    (run,) = await runs_of(redis, keys, HOSTILE)
+    await redis.xadd(keys.events_stream, {"name": HOSTILE, "data": b"{not json"})  # dead letter
+    dialogs: list[str] = []
+    page = await browser.new_page()
+    page.on("dialog", lambda d: dialogs.append(d.message))
+    for path in ("/runs", f"/runs/{run['id']}", "/key?workflow=chat-reply&key=%3Cscript%3E"):
+        await page.goto(base + path)
+    await page.goto(base + "/runs?workflow=chat-reply")
+    assert HOSTILE in await page.inner_text("table.runs")
+    await page.click("table.runs a.key")
+    await page.wait_for_selector("table.key-runs")
+    await page.goto(base + f"/runs/{run['id']}")
+    assert HOSTILE in await page.inner_text("table.facts")
+    shown = await page.inner_text("pre")  # the step's output (the input is kept while live)
+    assert "re: <script>alert(1)</script>" in shown and "<img src=x onerror=alert(2)>" in shown
+    await shots(page, "hostile-run")
+
+    await page.goto(base + "/dead")
+    assert await page.locator("table.dead tbody tr").count() >= 1
+    await shots(page, "dead-letters")
+    assert dialogs == []
+    assert await page.evaluate("document.querySelectorAll('main img, main script').length") == 0
+    await page.close()
+    status, text = await asyncio.to_thread(get, base + f"/runs/{run['id']}")
+    assert status == 200 and "<script>alert" not in text and "&lt;script&gt;" in text
+
+
+async def test_the_ui_is_read_only_unless_allowed_and_actions_need_the_csrf_token(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    await system.pipeline(redis, keys, 1)
+    await publish(redis, keys, "chat.message", userId="dora", sleep=30)
+    await eventually(lambda: _state_of(redis, keys, "dora", 0, "R"), timeout=20)
+    (run,) = await runs_of(redis, keys, "dora")
+    _, ro = start_ui(system)
+    _, rw = start_ui(system, "--allow-actions")
+    await up(ro)
+    await up(rw)
+    status, page_ro = await asyncio.to_thread(get, f"{ro}/runs/{run['id']}")
+    assert status == 200 and "Cancel this run" not in page_ro
+    status, _ = await asyncio.to_thread(get, f"{ro}/runs/{run['id']}/cancel", b"csrf=x")
+    assert status == 403
+    status, page_rw = await asyncio.to_thread(get, f"{rw}/runs/{run['id']}")
+    assert "Cancel this run" in page_rw
+    # a forged form (no cookie, or a token that is not the cookie's) is refused
+    status, text = await asyncio.to_thread(get, f"{rw}/runs/{run['id']}/cancel", b"csrf=guess")
+    assert status == 403 and "CSRF" in text
+    assert await _state_of(redis, keys, "dora", 0, "R")
+    status, _ = await asyncio.to_thread(get, f"{rw}/key?workflow=chat-reply")
+    assert status == 400  # a key page without its key: a clear error, not a traceback
+    assert os.path.isdir(REPO / "services" / "ui" / "static")
+
+
+def test_the_ui_command_names_what_to_fix(redis_url: str) -> None:
+    """A taken port is one line naming --port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+        out = subprocess.run(
+            [sys.executable, "-m", "supersede", "ui", "--port", str(port)],
+            env={**env, "SUPERSEDE_REDIS_URL": redis_url},
+            capture_output=True,
+            timeout=30,
+        )
+    assert out.returncode == 2
+    err = out.stderr.decode()
+    assert "Traceback" not in err and f"cannot listen on 127.0.0.1:{port}" in err
+    assert "set --port" in err
