@@ -225,7 +225,7 @@ async def run_counts(redis: Redis, keys: Keys) -> Counter[tuple[str, str]]:
     return out
 
 
-async def _ended_streams(redis: Redis, keys: Keys, workflow: str | None) -> list[str]:
+async def ended_streams(redis: Redis, keys: Keys, workflow: str | None) -> list[str]:
     """The ended streams of `workflow` in every shard, or of every workflow."""
     if workflow:
         return [sk.ended_stream(workflow) for sk in keys.all_shards()]
@@ -241,12 +241,32 @@ async def _ended_streams(redis: Redis, keys: Keys, workflow: str | None) -> list
 
 
 async def _ended(
-    redis: Redis, streams: list[str], states: set[str], want: int, scan: int
-) -> list[str]:
-    """Run ids of ended runs in `states`, newest end first: up to `want` of them, reading at
-    most `scan` runs per stream, PAGE entries per stream and round trip."""
-    found: list[tuple[str, str]] = []  # (entry id as sortable text, run id)
-    cursor = {s: "+" for s in streams}
+    redis: Redis,
+    streams: list[str],
+    states: set[str],
+    want: int,
+    scan: int,
+    before: str = "+",
+) -> list[tuple[str, str, str]]:
+    """(order, entry id, run id) of ended runs in `states`, newest end first: up to `want` of
+    them, reading at most `scan` runs per stream, PAGE entries per stream and round trip.
+    `before` ("+": from the newest) is a cursor: "<entry id>" (runs of older entries) or
+    "<entry id>/<n>" (the runs of that entry after its first n, then older entries)."""
+    found: list[tuple[str, str, str]] = []
+    start, skip = "+", 0
+    if before != "+":
+        eid, _, n = before.partition("/")
+        start, skip = "(" + eid, int(n or 0)
+        if skip:  # the rest of the entry the last page stopped in (in every stream)
+            async with redis.pipeline(transaction=False) as pipe:
+                for name in streams:
+                    pipe.xrange(name, eid, eid)
+                replies = await pipe.execute()
+            rest = sorted(
+                (item for entries in replies for item in _runs_in(entries, states)), reverse=True
+            )
+            found += rest[skip:]
+    cursor = dict.fromkeys(streams, start)
     seen = dict.fromkeys(streams, 0)
     while cursor:
         names = list(cursor)
@@ -255,14 +275,9 @@ async def _ended(
                 pipe.xrevrange(name, cursor[name], "-", count=PAGE)
             replies = await pipe.execute()
         for name, entries in zip(names, replies, strict=True):
-            for entry_id, fields in entries:
-                ms, _, sq = codec.text(entry_id).partition("-")
-                order = f"{int(ms):015d}-{int(sq):015d}"
-                for state, ids in fields.items():
-                    run_ids = codec.text(ids).split(",")
-                    seen[name] += len(run_ids)
-                    if codec.text(state) in states:
-                        found += [(order, rid) for rid in reversed(run_ids)]
+            for _, fields in entries:
+                seen[name] += sum(codec.text(ids).count(",") + 1 for ids in fields.values())
+            found += _runs_in(entries, states)
             if len(entries) < PAGE or seen[name] >= scan:
                 del cursor[name]
             else:
@@ -274,12 +289,34 @@ async def _ended(
             _cursor_order(cursor[n]) < found[want - 1][0] for n in cursor
         ):
             break
-    return [rid for _, rid in found[:want]]
+    return found[:want]
+
+
+def _runs_in(entries: Any, states: set[str]) -> list[tuple[str, str, str]]:
+    """(order, entry id, run id) of the runs in `states` of ended-stream entries."""
+    out: list[tuple[str, str, str]] = []
+    for entry_id, fields in entries:
+        eid = codec.text(entry_id)
+        order = _cursor_order(eid)
+        for state, ids in fields.items():
+            if codec.text(state) in states:
+                out += [(order, eid, rid) for rid in codec.text(ids).split(",")]
+    return out
+
+
+def _next_cursor(found: list[tuple[str, str, str]], upto: int, before: str | None) -> str:
+    """The cursor after found[upto]: its entry id and how many of that entry's runs (in this
+    order, with those a `before` cursor in the same entry skipped) come before the next."""
+    order, eid, _ = found[upto]
+    taken = sum(1 for o, _, _ in found[: upto + 1] if o == order)
+    if before and "/" in before and before.partition("/")[0] == eid:
+        taken += int(before.partition("/")[2])
+    return f"{eid}/{taken}"
 
 
 def _cursor_order(cursor: str) -> str:
     ms, _, sq = cursor.lstrip("(").partition("-")
-    return f"{int(ms):015d}-{int(sq):015d}"
+    return f"{int(ms):015d}-{int(sq or 0):015d}"
 
 
 ENDED = {s.value for s in RunState if s.terminal}
@@ -298,6 +335,23 @@ async def list_runs(
     """Live runs first (newest created first), then ended runs (newest end first), from the
     indexes. The ended runs of a key are looked for among the last KEY_SCAN ended runs of
     its workflow in the shard of its group."""
+    rows, _ = await runs_page(redis, keys, workflow=workflow, key=key, state=state, limit=limit)
+    return rows
+
+
+async def runs_page(
+    redis: Redis,
+    keys: Keys,
+    *,
+    workflow: str | None = None,
+    key: str | None = None,
+    state: str | None = None,
+    limit: int = 100,
+    before: str | None = None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of `list_runs`, and the cursor of the next one (None: no more). With `before`
+    (a cursor, or "<ms>" for a time: runs that ended before it), only ended runs, from there;
+    a page may hold a few more than `limit` runs, so that it ends between two end entries."""
     wanted = {RunState[state.upper()].value} if state else LIVE | ENDED
 
     def keep(run: RunRecord) -> bool:
@@ -309,7 +363,7 @@ async def list_runs(
 
     groups = await _groups_of_key(redis, keys, workflow, key) if key is not None else {}
     live: list[RunRecord] = []
-    if wanted & LIVE:
+    if wanted & LIVE and before is None:
         if key is not None:
             rids = await _live_of_key(redis, keys, groups, key)
             live = [r for r in await _records(redis, keys, rids) if keep(r)]
@@ -318,25 +372,44 @@ async def list_runs(
         else:
             live = await _live(redis, keys, keep, limit)
     ended: list[RunRecord] = []
+    nxt: str | None = None
     if wanted & ENDED and len(live) < limit:
         want = limit - len(live)
+        start = "+" if before is None else before
         if key is None:
-            streams = await _ended_streams(redis, keys, workflow)
-            rids = await _ended(redis, streams, wanted & ENDED, want, scan=1 << 62)
-            ended = [r for r in await _records(redis, keys, rids) if keep(r)]
+            streams = await ended_streams(redis, keys, workflow)
+            found = await _ended(redis, streams, wanted & ENDED, want, 1 << 62, start)
+            ended = [r for _, r in await _runs_of(redis, keys, found, keep)]
+            if len(found) >= want:
+                nxt = _next_cursor(found, len(found) - 1, before)
         else:  # a group lives in one shard: only its shard's streams are searched
             streams = sorted(
                 {keys.shard(shard_of_group(g, keys.shards)).ended_stream(w)
                  for w, gs in groups.items() for g in gs}
             )  # fmt: skip
-            rids = await _ended(redis, streams, wanted & ENDED, KEY_SCAN, scan=KEY_SCAN)
-            for i in range(0, len(rids), 1000):
-                ended += [r for r in await _records(redis, keys, rids[i : i + 1000]) if keep(r)]
-                if len(ended) >= want:
+            found = await _ended(redis, streams, wanted & ENDED, KEY_SCAN, KEY_SCAN, start)
+            kept: list[tuple[int, RunRecord]] = []
+            for i in range(0, len(found), 1000):
+                chunk = await _runs_of(redis, keys, found[i : i + 1000], keep)
+                kept += [(i + j, r) for j, r in chunk]
+                if len(kept) >= want:
                     break
-            ended = ended[:want]
+            kept = kept[:want]
+            ended = [r for _, r in kept]
+            if len(kept) == want:
+                nxt = _next_cursor(found, kept[-1][0], before)
     listed = {run.id for run in live}  # a run that ended between the two reads: once
-    return [view(run) for run in live + [r for r in ended if r.id not in listed]]
+    rows = [view(run) for run in live + [r for r in ended if r.id not in listed]]
+    return rows, nxt
+
+
+async def _runs_of(
+    redis: Redis, keys: Keys, found: list[tuple[str, str, str]], keep: Any
+) -> list[tuple[int, RunRecord]]:
+    """(index in found, record) of the found runs that still exist and are kept, in order."""
+    index = {rid: i for i, (_, _, rid) in enumerate(found)}
+    records = await _records(redis, keys, [rid for _, _, rid in found])
+    return [(index[r.id], r) for r in records if keep(r)]
 
 
 def timeline(run: RunRecord) -> list[dict[str, Any]]:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import re
 import secrets
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -24,6 +26,7 @@ from supersede.registry import load_all
 from supersede.scripts import Scripts
 from supersede.services import ops
 from supersede.services.ui import pages
+from supersede.services.ui.activity import Activity
 
 try:
     from aiohttp import web
@@ -40,12 +43,34 @@ CSP = (
 KEY_RUNS = 200  # runs of one key drawn on its page
 
 
+_CURSOR = re.compile(r"\d{1,20}-\d{1,20}(/\d{1,9})?")
+
+
+def _int(text: str | None, default: int, lo: int, hi: int) -> int:
+    try:
+        return max(lo, min(int(text or default), hi))
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"not a number: {text!r}") from None
+
+
+def _ms_of(text: str) -> int:
+    """Epoch ms of an ISO date and time ("2026-12-03T12:15", as UTC)."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"not a date and time: {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
 class UI:
     def __init__(self, redis: Redis, keys: Keys, *, allow_actions: bool) -> None:
         self.redis = redis
         self.keys = keys
         self.scripts = Scripts(redis, keys)
         self.allow_actions = allow_actions
+        self.activity = Activity(redis, keys)
 
     # -- helpers ---------------------------------------------------------------------------
     def csrf(self, request: web.Request) -> str | None:
@@ -82,29 +107,33 @@ class UI:
     # -- pages -----------------------------------------------------------------------------
     async def overview(self, request: web.Request) -> web.Response:
         s = await ops.status(self.redis, self.keys)
-        return self.respond(request, "Overview", pages.overview(s), live=True)
+        await self.activity.look()
+        body = pages.overview(s, self.activity.series())
+        return self.respond(request, "Overview", body, live=True)
 
     async def runs(self, request: web.Request) -> web.Response:
         f: dict[str, Any] = {
             "workflow": request.query.get("workflow") or None,
-            "key": request.query.get("key"),
+            "key": request.query.get("key") or None,
             "state": request.query.get("state") or None,
-            "limit": max(1, min(int(request.query.get("limit", "50") or 50), 1000)),
+            "limit": _int(request.query.get("limit"), 50, 1, 1000),
+            "before": request.query.get("before") or None,
+            "ended_before": request.query.get("ended_before") or None,
         }
-        if f["key"] == "":
-            f["key"] = None
         if f["state"] and f["state"].upper() not in RunState.__members__:
             raise web.HTTPBadRequest(text=f"no state {f['state']!r}")
-        rows = await ops.list_runs(
-            self.redis,
-            self.keys,
-            workflow=f["workflow"],
-            key=f["key"],
-            state=f["state"],
-            limit=f["limit"],
-        )
+        before = f["before"]
+        if before is None and f["ended_before"]:  # a time (the form's local time, as UTC)
+            before = f"{_ms_of(f['ended_before'])}-0"
+        if before is not None and not _CURSOR.fullmatch(before):
+            raise web.HTTPBadRequest(text=f"not a cursor: {before!r}")
+        rows, nxt = await ops.runs_page(
+            self.redis, self.keys, workflow=f["workflow"], key=f["key"], state=f["state"],
+            limit=f["limit"], before=before,
+        )  # fmt: skip
         _, defs, _ = await load_all(self.redis, self.keys)
-        return self.respond(request, "Runs", pages.runs(rows, sorted(defs), f), live=True)
+        body = pages.runs(rows, sorted(defs), f, nxt)
+        return self.respond(request, "Runs", body, live=before is None)
 
     async def run(self, request: web.Request) -> web.Response:
         rid = request.match_info["rid"]

@@ -72,7 +72,34 @@ def table(head: Iterable[str], rows: Iterable[Iterable[str]], cls: str = "") -> 
     return f'<table class="{esc(cls)}"><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>'
 
 
-def overview(s: dict[str, Any]) -> str:
+def activity(series: list[tuple[int, int, int]], width: int = 600, height: int = 90) -> str:
+    """Runs ended and cancelled per minute, as bars (cancelled drawn over ended)."""
+    top = max([1, *(n for _, n, _ in series)])
+    step = width / max(len(series), 1)
+    bars = []
+    for i, (minute, ended, cancelled) in enumerate(series):
+        x = i * step + 2
+        for cls, n in (("bar-SUCCEEDED", ended), ("bar-CANCELLED", cancelled)):
+            h = n / top * (height - 20)
+            label = time.strftime("%H:%M", time.gmtime(minute * 60))
+            bars.append(
+                f'<rect class="{cls}" x="{x:.1f}" y="{height - 16 - h:.1f}" '
+                f'width="{step - 4:.1f}" height="{h:.1f}"><title>{label} UTC: {n:,} '
+                f"{'cancelled' if cls == 'bar-CANCELLED' else 'ended'}</title></rect>"
+            )
+        if i % 2 == 0:
+            bars.append(f'<text x="{x:.1f}" y="{height - 3}">{label}</text>')
+    _, ended, cancelled = series[-1] if series else (0, 0, 0)
+    return (
+        f"<p class=activity>This minute: <b class=ended-now>{ended:,}</b> runs ended, "
+        f"<b class=cancelled-now>{cancelled:,}</b> of them cancelled (per minute, last "
+        f"{len(series)} minutes; peak {top:,})</p>"
+        f'<svg class=activity width="{width}" height="{height}" role=img '
+        f'aria-label="runs ended and cancelled per minute">{"".join(bars)}</svg>'
+    )
+
+
+def overview(s: dict[str, Any], series: list[tuple[int, int, int]]) -> str:
     wf_rows = []
     for name, w in s["workflows"].items():
         runs = ", ".join(f"{esc(k)} {n:,}" for k, n in sorted(w["runs"].items()))
@@ -113,6 +140,8 @@ def overview(s: dict[str, Any]) -> str:
         + workflows
         + invalid
         + dead
+        + "<h2>Runs ended per minute</h2>"
+        + activity(series)
         + "<h2>Live executors</h2>"
         + executors
         + "<h2>Streams</h2>"
@@ -120,7 +149,9 @@ def overview(s: dict[str, Any]) -> str:
     )
 
 
-def runs(rows: list[dict[str, Any]], workflows: list[str], f: dict[str, Any]) -> str:
+def runs(
+    rows: list[dict[str, Any]], workflows: list[str], f: dict[str, Any], nxt: str | None
+) -> str:
     options = "".join(
         f'<option value="{esc(w)}"{" selected" if w == f.get("workflow") else ""}>{esc(w)}</option>'
         for w in ["", *workflows]
@@ -130,10 +161,12 @@ def runs(rows: list[dict[str, Any]], workflows: list[str], f: dict[str, Any]) ->
         for s in ["", *(x.name.lower() for x in RunState)]
     )
     form = (
-        '<form method=get action="/runs">'
+        '<form class=filters method=get action="/runs">'
         f"<label>workflow <select name=workflow>{options}</select></label> "
         f'<label>key <input name=key value="{esc(f.get("key") or "")}"></label> '
         f"<label>state <select name=state>{states}</select></label> "
+        f"<label>ended before (UTC) <input type=datetime-local name=ended_before "
+        f'value="{esc(f.get("ended_before") or "")}"></label> '
         "<button type=submit>Filter</button></form>"
     )
     body = [
@@ -150,11 +183,12 @@ def runs(rows: list[dict[str, Any]], workflows: list[str], f: dict[str, Any]) ->
         for r in rows
     ]
     more = ""
-    if len(rows) >= f["limit"] and f["limit"] < 1000:
-        nxt = q(**{**f, "limit": min(1000, f["limit"] * 2)})
-        more = f'<p><a class=more href="/runs?{nxt}">Show more</a></p>'
+    if nxt is not None:
+        params = {k: v for k, v in f.items() if k not in ("before", "ended_before")}
+        more = f'<p><a class=older href="/runs?{q(**params, before=nxt)}">Older runs</a></p>'
+    where = " (ended runs, older than the first page)" if f.get("before") else ""
     return (
-        "<h1>Runs</h1>"
+        f"<h1>Runs{esc(where)}</h1>"
         + form
         + table(["run", "workflow", "key", "state", "duration", "why"], body, "runs")
         + more

@@ -122,7 +122,18 @@ async def test_a_person_sees_why_a_run_was_cancelled_and_a_key_live(
     await page.goto(base + "/")
     assert "chat-reply" in await page.inner_text("table.workflows")
     assert "CANCEL_IN_PROGRESS" in await page.inner_text("table.workflows")
+    # this minute's ended runs (from the ended streams; the page refreshes itself): 2, 1 cancelled
+    await page.wait_for_selector("b.ended-now:text-is('2')", timeout=10_000)
+    assert await page.inner_text("b.cancelled-now") == "1"
     await shots(page, "overview")
+
+    # pages: one run a page, the older one behind the "Older runs" link (a cursor)
+    await page.goto(base + "/runs?workflow=chat-reply&state=&limit=1")
+    first = await page.locator("table.runs td:first-child a.run").all_inner_texts()
+    await page.click("a.older")
+    await page.wait_for_url("**before=**")
+    second = await page.locator("table.runs td:first-child a.run").all_inner_texts()
+    assert first == [winner["id"]] and second == [loser["id"]], (first, second, page.url)
 
     # the key page: the runs in sequence order, with their outcomes
     await page.goto(base + "/runs?workflow=chat-reply")
