@@ -1,5 +1,6 @@
 """Operator commands at a million retained runs: `runs --limit 20` (unfiltered, by workflow,
-by a rare state, by key) and `status` answer from the indexes, whatever the number of records.
+by a rare state, by key) and `status` answer from the indexes, whatever the number of records;
+so do the web UI's pages, and an open overview's live updates cost the server little.
 
 The million runs are written straight into the keys the scripts keep (records, ended streams,
 counts, a queue of live runs), in the layout the scripts write, since making them through the
@@ -80,6 +81,52 @@ async def _median_ms(fn: Callable[[], Awaitable[Any]], rounds: int = 5) -> float
     return statistics.median(times)
 
 
+async def _ui(redis: Redis, keys: Keys, n: int, ping: float, rid: str) -> None:
+    """The web UI's pages (`supersede ui`, served in this process): the time of each request
+    (server work and rendering; the target is 100 ms), and the Redis CPU an open overview's live
+    updates cost at idle (one refresh every 2 s, as its script does), in % of one core."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from supersede.services.ui import make_app
+
+    async with TestClient(TestServer(make_app(redis, keys))) as client:
+        pages = {
+            "overview": "/",
+            "runs": "/runs?limit=50",
+            "runs_workflow": "/runs?workflow=audit&limit=50",
+            "runs_cancelled": "/runs?state=cancelled&limit=50",
+            "runs_older_page": "/runs?limit=50&before=1700000500000-0",
+            "key": "/key?workflow=chat-reply&key=user8",
+            "run": f"/runs/{rid}",
+        }
+        for name, path in pages.items():
+
+            async def fetch(path: str = path) -> None:
+                resp = await client.get(path)
+                assert resp.status == 200, (path, resp.status)
+                await resp.read()
+
+            report(f"ui_{name}_page_ms", await _median_ms(fetch), "ms", ping, retained_runs=n,
+                   target=100, reference_name="ping_round_trip_ms")  # fmt: skip
+
+        async def cpu() -> float:
+            info = await redis.info("cpu")
+            return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+        window = 20.0
+        before, started = await cpu(), time.monotonic()
+        await asyncio.sleep(window)
+        idle = (await cpu() - before) / window
+        before, started = await cpu(), time.monotonic()
+        while time.monotonic() - started < window:
+            await (await client.get("/?fragment=1")).read()
+            await asyncio.sleep(2.0)
+        polled = (await cpu() - before) / (time.monotonic() - started)
+        report("ui_overview_live_cpu_pct", max(0.0, polled - idle) * 100, "%", idle * 100,
+               target=1.0, reference_name="server_idle_cpu_pct", retained_runs=n,
+               what="Redis CPU of one open overview refreshing every 2 s, at idle")  # fmt: skip
+
+
 async def main(n: int = RUNS) -> None:
     server = EmbeddedServer().start()
     keys = Keys("ops", 16)
@@ -105,6 +152,7 @@ async def main(n: int = RUNS) -> None:
                    target=100, reference_name="ping_round_trip_ms")  # fmt: skip
         got = await list_runs(redis, keys, workflow="chat-reply", key="user8", limit=20)
         assert len(got) == 20 and all(r["key"] == "user8" for r in got), got[:2]
+        await _ui(redis, keys, n, ping, got[0]["id"])
     finally:
         await redis.aclose()
         server.stop()

@@ -268,25 +268,29 @@ async def _ended(
             found += rest[skip:]
     cursor = dict.fromkeys(streams, start)
     seen = dict.fromkeys(streams, 0)
+    # entries per stream in the first round trip, doubled up to PAGE: an entry can hold
+    # hundreds of runs (one script call's), and a page wants a few dozen
+    count = 2 if want <= 1000 else PAGE
     while cursor:
         names = list(cursor)
         async with redis.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.xrevrange(name, cursor[name], "-", count=PAGE)
+                pipe.xrevrange(name, cursor[name], "-", count=count)
             replies = await pipe.execute()
         for name, entries in zip(names, replies, strict=True):
             for _, fields in entries:
                 seen[name] += sum(codec.text(ids).count(",") + 1 for ids in fields.values())
             found += _runs_in(entries, states)
-            if len(entries) < PAGE or seen[name] >= scan:
+            if len(entries) < count or seen[name] >= scan:
                 del cursor[name]
             else:
                 cursor[name] = "(" + codec.text(entries[-1][0])
-        # each stream is newest first: once `want` runs are newer than every open cursor,
-        # no stream can add a newer one
+        count = min(count * 2, PAGE)
+        # each stream is newest first, its unread entries older than its (exclusive) cursor:
+        # once `want` runs are at least as new as every open cursor, none can add a newer one
         found.sort(reverse=True)
         if len(found) >= want and all(
-            _cursor_order(cursor[n]) < found[want - 1][0] for n in cursor
+            _cursor_order(cursor[n]) <= found[want - 1][0] for n in cursor
         ):
             break
     return found[:want]

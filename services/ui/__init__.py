@@ -6,6 +6,7 @@ through the scripts the CLI uses, behind a CSRF token. Data comes from the index
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import re
 import secrets
@@ -40,7 +41,8 @@ CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
-KEY_RUNS = 200  # runs of one key drawn on its page
+KEY_RUNS = 50  # runs of one key drawn on a page of it (older ones: the next pages)
+SUPERSEDED_WINDOW_MS = 60_000
 
 
 _CURSOR = re.compile(r"\d{1,20}-\d{1,20}(/\d{1,9})?")
@@ -145,21 +147,35 @@ class UI:
             r["input"] = ops.dumps(codec.jsonable(unpack_input(codec.blob(raw))))
         if r.get("outputs"):
             r["outputs"] = ops.dumps(r["outputs"])
-        same_key = await ops.list_runs(
-            self.redis, self.keys, workflow=r["workflow"], key=r["key"], limit=KEY_RUNS
-        )
-        cancelled = [x for x in same_key if x.get("cancelled_by") == rid]
+        cancelled = await self._superseded_by(r)
         body = pages.run(r, cancelled, self.csrf(request))
         return self.respond(request, f"Run {rid}", body)
+
+    async def _superseded_by(self, r: dict[str, Any]) -> list[dict[str, Any]]:
+        """The runs `r` cancelled: of its key, the live ones and those that ended within
+        SUPERSEDED_WINDOW_MS of its creation (a cancel is decided when the newer run is
+        admitted), from the indexes, a page of each."""
+        wf, key, rid = r["workflow"], r["key"], r["id"]
+        page = functools.partial(ops.runs_page, self.redis, self.keys, workflow=wf, key=key)
+        pages_ = [page(state="cancelling", limit=KEY_RUNS)]
+        if r.get("created_ms"):
+            before = f"{r['created_ms'] + SUPERSEDED_WINDOW_MS}-0"
+            pages_.append(page(state="cancelled", limit=KEY_RUNS, before=before))
+        found: dict[str, dict[str, Any]] = {}
+        for rows, _ in await asyncio.gather(*pages_):
+            found.update((x["id"], x) for x in rows if x.get("cancelled_by") == rid)
+        return sorted(found.values(), key=lambda x: x["created_ms"] or 0)
 
     async def key(self, request: web.Request) -> web.Response:
         workflow = request.query.get("workflow", "")
         value = request.query.get("key")
         if not workflow or value is None:
             raise web.HTTPBadRequest(text="a key page needs ?workflow=…&key=…")
-        runs = await ops.list_runs(
-            self.redis, self.keys, workflow=workflow, key=value, limit=KEY_RUNS
-        )
+        before = request.query.get("before") or None
+        if before is not None and not _CURSOR.fullmatch(before):
+            raise web.HTTPBadRequest(text=f"not a cursor: {before!r}")
+        runs, nxt = await ops.runs_page(self.redis, self.keys, workflow=workflow, key=value,
+                                        limit=KEY_RUNS, before=before)  # fmt: skip
         runs.sort(key=lambda r: (r["created_ms"] or 0, r["id"]))
         _, defs, _ = await load_all(self.redis, self.keys)
         wf = defs.get(workflow)
@@ -177,8 +193,11 @@ class UI:
             "max_runs": conc.max_runs if conc else "unlimited",
             "strategy": str(conc.limit_strategy) if conc else "none",
             "at_ms": int(time.time() * 1000),
+            "next": nxt,
+            "before": before,
         }
-        return self.respond(request, f"Key {value}", pages.key(k, self.csrf(request)), live=True)
+        body = pages.key(k, self.csrf(request))
+        return self.respond(request, f"Key {value}", body, live=before is None)
 
     async def dead(self, request: web.Request) -> web.Response:
         rows = await ops.dead_letters(self.redis, self.keys, limit=100)

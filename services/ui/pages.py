@@ -303,7 +303,7 @@ def key(k: dict[str, Any], csrf: str | None) -> str:
         f"<h1>Key <code>{esc(k['key'])}</code> of {esc(k['workflow'])}</h1>"
         f"<p>max_runs <b class=max-runs>{esc(k['max_runs'])}</b> · "
         f"strategy {esc(k['strategy'])} · slots in use <b class=slots>{esc(k['slots'])}</b> · "
-        f"{len(runs_)} runs retained</p>"
+        f"{len(runs_)} runs shown{' (older ones)' if k.get('before') else ''}</p>"
     )
     action = ""
     if csrf is not None and any(r["state"] in LIVE_NAMES for r in runs_):
@@ -356,7 +356,17 @@ def key(k: dict[str, Any], csrf: str | None) -> str:
         ]
         for i, r in enumerate(runs_)
     ]
-    return head + action + svg + table(["#", "run", "state", "duration", "why"], rows, "key-runs")
+    older = ""
+    if k.get("next"):
+        params = q(workflow=k["workflow"], key=k["key"], before=k["next"])
+        older = f'<p><a class=older href="/key?{params}">Older runs of this key</a></p>'
+    return (
+        head
+        + action
+        + svg
+        + table(["#", "run", "state", "duration", "why"], rows, "key-runs")
+        + older
+    )
 
 
 LIVE_NAMES = {s.name for s in RunState if not s.terminal}

@@ -21,6 +21,8 @@ from redis.exceptions import NoPermissionError, ResponseError
 from supersede import acl
 from supersede.config import connect
 from supersede.keys import Keys
+from supersede.server import free_port
+from tests.e2e.test_ui import get, up
 from tests.support import APP_WORKFLOWS, System, eventually
 
 PASSWORDS = {role: f"pw-{role}-3e1d" for role in acl.ROLE_NAMES}
@@ -125,6 +127,7 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
             assert all(r["state"] == "CANCELLED" for r in mine[:-1]), user
         status = cli(reader, "status")
         assert status["workflows"]["chat-reply"]["runs"]["SUCCEEDED"] == users_n + 1
+        await _ui_pages_answer_as(reader, runs)
         assert cli(reader, "dead") == []
 
         # the inbox and the requests are trimmed by their own consumers' users
@@ -142,6 +145,28 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
             system.close()
 
     await _each_user_is_refused_what_its_role_does_not_do(url_of, keys)
+
+
+async def _ui_pages_answer_as(env: dict[str, str], runs: list[dict[str, Any]]) -> None:
+    """`supersede ui` under the reader user: every page answers (the ACL log, checked after,
+    shows it was refused nothing)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "supersede", "ui", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        await up(base)
+        cancelled = next(r for r in runs if r["state"] == "CANCELLED")
+        paths = ["/", "/runs", "/runs?state=cancelled&limit=2", f"/runs/{cancelled['id']}",
+                 f"/key?workflow=chat-reply&key={cancelled['key']}", "/dead"]  # fmt: skip
+        for path in paths:
+            code, text = await asyncio.to_thread(get, base + path)
+            assert code == 200, (path, text[-500:])
+        code, _ = await asyncio.to_thread(get, base + "/runs?limit=1&before=1-0")
+        assert code == 200
+    finally:
+        proc.kill()
+        proc.wait(5)
 
 
 async def _refused(client: Any, *command: Any) -> None:
