@@ -247,27 +247,25 @@ async def _ended(
     want: int,
     scan: int,
     before: str = "+",
-) -> list[tuple[str, str, str]]:
+) -> tuple[list[tuple[str, str, str]], str | None]:
     """(order, entry id, run id) of ended runs in `states`, newest end first: up to `want` of
     them, reading at most `scan` runs per stream, PAGE entries per stream and round trip.
     `before` ("+": from the newest) is a cursor: "<entry id>" (runs of older entries) or
-    "<entry id>/<n>" (the runs of that entry after its first n, then older entries)."""
+    "<entry id>/<n>" (the runs of that entry after its first n, then older entries).
+
+    And the horizon: the entry id where a stream stopped at `scan` with more to read (None:
+    none did). Nothing older than it is returned (that stream's older runs were not read), so
+    a next page that starts there misses none."""
     found: list[tuple[str, str, str]] = []
     start, skip = "+", 0
     if before != "+":
         eid, _, n = before.partition("/")
         start, skip = "(" + eid, int(n or 0)
-        if skip:  # the rest of the entry the last page stopped in (in every stream)
-            async with redis.pipeline(transaction=False) as pipe:
-                for name in streams:
-                    pipe.xrange(name, eid, eid)
-                replies = await pipe.execute()
-            rest = sorted(
-                (item for entries in replies for item in _runs_in(entries, states)), reverse=True
-            )
-            found += rest[skip:]
+        if skip:
+            found += (await _entry_runs(redis, streams, eid, states))[skip:]
     cursor = dict.fromkeys(streams, start)
     seen = dict.fromkeys(streams, 0)
+    horizon: tuple[str, str] | None = None  # (order, entry id)
     # entries per stream in the first round trip, doubled up to PAGE: an entry can hold
     # hundreds of runs (one script call's), and a page wants a few dozen
     count = 2 if want <= 1000 else PAGE
@@ -281,8 +279,13 @@ async def _ended(
             for _, fields in entries:
                 seen[name] += sum(codec.text(ids).count(",") + 1 for ids in fields.values())
             found += _runs_in(entries, states)
-            if len(entries) < count or seen[name] >= scan:
+            if len(entries) < count:
                 del cursor[name]
+            elif seen[name] >= scan:
+                del cursor[name]
+                last = codec.text(entries[-1][0])
+                if horizon is None or _cursor_order(last) > horizon[0]:
+                    horizon = (_cursor_order(last), last)
             else:
                 cursor[name] = "(" + codec.text(entries[-1][0])
         count = min(count * 2, PAGE)
@@ -293,7 +296,21 @@ async def _ended(
             _cursor_order(cursor[n]) <= found[want - 1][0] for n in cursor
         ):
             break
-    return found[:want]
+    if horizon is not None:
+        found = [f for f in found if f[0] >= horizon[0]]
+    return found[:want], None if horizon is None else horizon[1]
+
+
+async def _entry_runs(
+    redis: Redis, streams: list[str], eid: str, states: set[str]
+) -> list[tuple[str, str, str]]:
+    """The runs in `states` of the entries `eid` of every stream (the entry a page stopped in),
+    in page order."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in streams:
+            pipe.xrange(name, eid, eid)
+        replies = await pipe.execute()
+    return sorted((item for entries in replies for item in _runs_in(entries, states)), reverse=True)
 
 
 def _runs_in(entries: Any, states: set[str]) -> list[tuple[str, str, str]]:
@@ -354,8 +371,8 @@ async def runs_page(
     before: str | None = None,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """One page of `list_runs`, and the cursor of the next one (None: no more). With `before`
-    (a cursor, or "<ms>" for a time: runs that ended before it), only ended runs, from there;
-    a page may hold a few more than `limit` runs, so that it ends between two end entries."""
+    (a cursor, or "<ms>-0" for a time: runs that ended before it), only ended runs, from
+    there; a cursor may point inside an end entry ("<entry id>/<runs of it shown>")."""
     wanted = {RunState[state.upper()].value} if state else LIVE | ENDED
 
     def keep(run: RunRecord) -> bool:
@@ -377,34 +394,55 @@ async def runs_page(
             live = await _live(redis, keys, keep, limit)
     ended: list[RunRecord] = []
     nxt: str | None = None
-    if wanted & ENDED and len(live) < limit:
+    if wanted & ENDED and len(live) >= limit:  # the ended runs start on the next page
+        nxt = f"{int(time.time() * 1000) + 1}-0"
+    elif wanted & ENDED:
         want = limit - len(live)
         start = "+" if before is None else before
         if key is None:
             streams = await ended_streams(redis, keys, workflow)
-            found = await _ended(redis, streams, wanted & ENDED, want, 1 << 62, start)
+            found, _ = await _ended(redis, streams, wanted & ENDED, want, 1 << 62, start)
             ended = [r for _, r in await _runs_of(redis, keys, found, keep)]
             if len(found) >= want:
                 nxt = _next_cursor(found, len(found) - 1, before)
-        else:  # a group lives in one shard: only its shard's streams are searched
-            streams = sorted(
-                {keys.shard(shard_of_group(g, keys.shards)).ended_stream(w)
-                 for w, gs in groups.items() for g in gs}
-            )  # fmt: skip
-            found = await _ended(redis, streams, wanted & ENDED, KEY_SCAN, KEY_SCAN, start)
-            kept: list[tuple[int, RunRecord]] = []
-            for i in range(0, len(found), 1000):
-                chunk = await _runs_of(redis, keys, found[i : i + 1000], keep)
-                kept += [(i + j, r) for j, r in chunk]
-                if len(kept) >= want:
-                    break
-            kept = kept[:want]
-            ended = [r for _, r in kept]
-            if len(kept) == want:
-                nxt = _next_cursor(found, kept[-1][0], before)
+        else:
+            ended, nxt = await _ended_of_key(
+                redis, keys, groups, wanted & ENDED, want, keep, before
+            )
     listed = {run.id for run in live}  # a run that ended between the two reads: once
     rows = [view(run) for run in live + [r for r in ended if r.id not in listed]]
     return rows, nxt
+
+
+async def _ended_of_key(
+    redis: Redis,
+    keys: Keys,
+    groups: dict[str, list[str]],
+    states: set[str],
+    want: int,
+    keep: Any,
+    before: str | None,
+) -> tuple[list[RunRecord], str | None]:
+    """A page of a key's ended runs, and the next cursor: a group lives in one shard, so only
+    its shard's streams are searched, KEY_SCAN runs per stream and page."""
+    streams = sorted(
+        {keys.shard(shard_of_group(g, keys.shards)).ended_stream(w)
+         for w, gs in groups.items() for g in gs}
+    )  # fmt: skip
+    start = "+" if before is None else before
+    found, horizon = await _ended(redis, streams, states, KEY_SCAN, KEY_SCAN, start)
+    kept: list[tuple[int, RunRecord]] = []
+    for i in range(0, len(found), 1000):
+        chunk = await _runs_of(redis, keys, found[i : i + 1000], keep)
+        kept += [(i + j, r) for j, r in chunk]
+        if len(kept) >= want:
+            break
+    kept = kept[:want]
+    if len(kept) == want:
+        return [r for _, r in kept], _next_cursor(found, kept[-1][0], before)
+    if found and (len(found) == KEY_SCAN or horizon is not None):  # the search stopped there
+        return [r for _, r in kept], _next_cursor(found, len(found) - 1, before)
+    return [r for _, r in kept], None if horizon is None else f"{horizon}/0"
 
 
 async def _runs_of(

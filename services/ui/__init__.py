@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from aiohttp import web  # the `ui` extra (the CLI says so when it is missing)
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from supersede import codec
 from supersede.errors import ConfigError
@@ -29,13 +31,7 @@ from supersede.services import ops
 from supersede.services.ui import pages
 from supersede.services.ui.activity import Activity
 
-try:
-    from aiohttp import web
-except ImportError:  # pragma: no cover - the `ui` extra is not installed
-    web = None  # type: ignore[assignment]
-
 STATIC = Path(__file__).resolve().parent / "static"
-CSRF_COOKIE = "supersede_csrf"
 # No inline script or style, nothing from another origin, no framing.
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -45,7 +41,17 @@ KEY_RUNS = 50  # runs of one key drawn on a page of it (older ones: the next pag
 SUPERSEDED_WINDOW_MS = 60_000
 
 
-_CURSOR = re.compile(r"\d{1,20}-\d{1,20}(/\d{1,9})?")
+_CURSOR = re.compile(r"(\d{1,19})-(\d{1,19})(/\d{1,9})?")
+
+
+def _cursor(text: str | None) -> str | None:
+    """A page cursor from a query, checked: `<ms>-<seq>[/<n>]`, a valid stream id above 0-0."""
+    if text is None:
+        return None
+    m = _CURSOR.fullmatch(text)
+    if m is None or int(m[1]) >= 1 << 64 or int(m[2]) >= 1 << 64 or text.startswith("0-0"):
+        raise web.HTTPBadRequest(text=f"not a cursor: {text!r}")
+    return text
 
 
 def _int(text: str | None, default: int, lo: int, hi: int) -> int:
@@ -63,7 +69,7 @@ def _ms_of(text: str) -> int:
         raise web.HTTPBadRequest(text=f"not a date and time: {text!r}") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
+    return max(1, int(when.timestamp() * 1000))
 
 
 class UI:
@@ -73,36 +79,37 @@ class UI:
         self.scripts = Scripts(redis, keys)
         self.allow_actions = allow_actions
         self.activity = Activity(redis, keys)
+        # The forms' CSRF token: this process's secret, readable only by a page of this origin
+        # (the Host check below keeps a rebound DNS name from being this origin).
+        self.token = secrets.token_urlsafe(32)
 
     # -- helpers ---------------------------------------------------------------------------
     def csrf(self, request: web.Request) -> str | None:
-        """The page's CSRF token (the cookie's; a new one is set by `respond`), or None when
-        actions are off."""
-        if not self.allow_actions:
-            return None
-        token = request.cookies.get(CSRF_COOKIE)
-        if not token:
-            token = secrets.token_urlsafe(24)
-            request["new_csrf"] = token
-        return token
+        """The forms' CSRF token, or None when actions are off."""
+        return self.token if self.allow_actions else None
 
     def respond(
-        self, request: web.Request, title: str, body: str, *, live: bool = False
+        self, request: web.Request, title: str, body: str, *, live: bool = False, head: str = ""
     ) -> web.Response:
-        text = body if request.query.get("fragment") else pages.page(title, body, live=live)
-        resp = web.Response(text=text, content_type="text/html")
-        if "new_csrf" in request:
-            resp.set_cookie(CSRF_COOKIE, request["new_csrf"], httponly=True, samesite="Strict")
-        return resp
+        """The page, or with ?fragment=1 (a live page refreshing) only its body."""
+        if request.query.get("fragment"):
+            text = body
+        else:
+            text = pages.page(title, body, live=live, head=head)
+        return web.Response(text=text, content_type="text/html")
 
     async def check_action(self, request: web.Request) -> dict[str, str]:
-        """The posted form, once the action is allowed and its token matches the cookie's."""
+        """The posted form, once actions are allowed, the request comes from a page of this
+        origin (its Origin header, or the browser's Sec-Fetch-Site) and carries the token."""
         if not self.allow_actions:
             raise web.HTTPForbidden(text="read-only: start `supersede ui --allow-actions`")
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != f"{request.scheme}://{request.host}":
+            raise web.HTTPForbidden(text=f"a form posted from another origin: {origin}")
+        if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+            raise web.HTTPForbidden(text="a form posted from another site")
         form = await request.post()
-        cookie = request.cookies.get(CSRF_COOKIE, "")
-        sent = str(form.get("csrf", ""))
-        if not cookie or not hmac.compare_digest(cookie, sent):
+        if not hmac.compare_digest(str(form.get("csrf", "")), self.token):
             raise web.HTTPForbidden(text="missing or wrong CSRF token: reload the page")
         return {k: str(v) for k, v in form.items()}
 
@@ -127,18 +134,21 @@ class UI:
         before = f["before"]
         if before is None and f["ended_before"]:  # a time (the form's local time, as UTC)
             before = f"{_ms_of(f['ended_before'])}-0"
-        if before is not None and not _CURSOR.fullmatch(before):
-            raise web.HTTPBadRequest(text=f"not a cursor: {before!r}")
+        before = _cursor(before)
         rows, nxt = await ops.runs_page(
             self.redis, self.keys, workflow=f["workflow"], key=f["key"], state=f["state"],
             limit=f["limit"], before=before,
         )  # fmt: skip
         _, defs, _ = await load_all(self.redis, self.keys)
-        body = pages.runs(rows, sorted(defs), f, nxt)
-        return self.respond(request, "Runs", body, live=before is None)
+        head, body = pages.runs(rows, sorted(defs), f, nxt)
+        return self.respond(request, "Runs", body, live=before is None, head=head)
 
     async def run(self, request: web.Request) -> web.Response:
         rid = request.match_info["rid"]
+        try:
+            shard_of_run(rid)
+        except ValueError:
+            raise web.HTTPNotFound(text=f"no run {rid!r}: not a run id") from None
         r = await ops.get_run(self.redis, self.keys, rid)
         if r is None:
             raise web.HTTPNotFound(text=f"no run {rid!r} (never created, or past its retention)")
@@ -171,9 +181,7 @@ class UI:
         value = request.query.get("key")
         if not workflow or value is None:
             raise web.HTTPBadRequest(text="a key page needs ?workflow=…&key=…")
-        before = request.query.get("before") or None
-        if before is not None and not _CURSOR.fullmatch(before):
-            raise web.HTTPBadRequest(text=f"not a cursor: {before!r}")
+        before = _cursor(request.query.get("before") or None)
         runs, nxt = await ops.runs_page(self.redis, self.keys, workflow=workflow, key=value,
                                         limit=KEY_RUNS, before=before)  # fmt: skip
         runs.sort(key=lambda r: (r["created_ms"] or 0, r["id"]))
@@ -230,18 +238,50 @@ class UI:
         raise web.HTTPSeeOther("/dead")
 
 
-@web.middleware
-async def _headers(request: web.Request, handler: Any) -> web.StreamResponse:
-    resp: web.StreamResponse = await handler(request)
-    resp.headers["Content-Security-Policy"] = CSP
-    resp.headers["X-Content-Type-Options"] = "nosniff"
-    resp.headers["Referrer-Policy"] = "same-origin"
-    return resp
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "X-Frame-Options": "DENY",
+}
 
 
-def make_app(redis: Redis, keys: Keys, *, allow_actions: bool = False) -> web.Application:
+def _guard(hosts: frozenset[str] | None) -> Any:
+    """A middleware: only requests addressed to one of `hosts` (None: any) are served, so a
+    DNS name rebound to this address cannot read the pages; a bad parameter is a 400, an
+    unknown run a 404, never a traceback; every answer carries the security headers."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            if hosts is not None and request.host.lower() not in hosts:
+                raise web.HTTPMisdirectedRequest(text=f"not served for host {request.host!r}")
+            resp: web.StreamResponse = await handler(request)
+        except web.HTTPException as exc:
+            exc.headers.update(SECURITY_HEADERS)
+            raise
+        except (ValueError, LookupError, ResponseError) as exc:
+            resp = web.Response(text=f"bad request: {exc}", status=400)
+        resp.headers.update(SECURITY_HEADERS)
+        return resp
+
+    return guard
+
+
+def served_hosts(host: str, port: int) -> frozenset[str] | None:
+    """The Host headers the UI answers: its address and the loopback names, with the port;
+    None (any) when it listens on every interface (put a proxy in front of it then)."""
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    names = {host, "127.0.0.1", "localhost", "[::1]", f"[{host}]"}
+    return frozenset(f"{n}:{port}".lower() for n in names)
+
+
+def make_app(
+    redis: Redis, keys: Keys, *, allow_actions: bool = False, hosts: frozenset[str] | None = None
+) -> web.Application:
     ui = UI(redis, keys, allow_actions=allow_actions)
-    app = web.Application(middlewares=[_headers])
+    app = web.Application(middlewares=[_guard(hosts)])
     app.add_routes(
         [
             web.get("/", ui.overview),
@@ -259,7 +299,8 @@ def make_app(redis: Redis, keys: Keys, *, allow_actions: bool = False) -> web.Ap
 
 
 async def serve(redis: Redis, keys: Keys, host: str, port: int, allow_actions: bool) -> None:
-    runner = web.AppRunner(make_app(redis, keys, allow_actions=allow_actions), access_log=None)
+    app = make_app(redis, keys, allow_actions=allow_actions, hosts=served_hosts(host, port))
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

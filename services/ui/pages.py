@@ -31,12 +31,13 @@ def cut(text: Any, limit: int = FIELD_MAX) -> str:
     return s if len(s) <= limit else s[:limit] + f"… ({len(s) - limit:,} more characters)"
 
 
-def page(title: str, body: str, *, live: bool = False) -> str:
+def page(title: str, body: str, *, live: bool = False, head: str = "") -> str:
+    """A whole page: `head` (e.g. a filter form) stays, `body` is what a live page refreshes."""
     nav = "".join(
         f'<a href="{href}">{name}</a>'
         for href, name in (("/", "Overview"), ("/runs", "Runs"), ("/dead", "Dead letters"))
     )
-    main = f"<main{' data-live' if live else ''}>{body}</main>"
+    main = f"<main>{head}<div{' data-live' if live else ''}>{body}</div></main>"
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         f"<title>{esc(title)} · supersede</title>"
@@ -151,7 +152,8 @@ def overview(s: dict[str, Any], series: list[tuple[int, int, int]]) -> str:
 
 def runs(
     rows: list[dict[str, Any]], workflows: list[str], f: dict[str, Any], nxt: str | None
-) -> str:
+) -> tuple[str, str]:
+    """(the title and filter form, which stay; the rows, which a live page refreshes)"""
     options = "".join(
         f'<option value="{esc(w)}"{" selected" if w == f.get("workflow") else ""}>{esc(w)}</option>'
         for w in ["", *workflows]
@@ -187,12 +189,8 @@ def runs(
         params = {k: v for k, v in f.items() if k not in ("before", "ended_before")}
         more = f'<p><a class=older href="/runs?{q(**params, before=nxt)}">Older runs</a></p>'
     where = " (ended runs, older than the first page)" if f.get("before") else ""
-    return (
-        f"<h1>Runs{esc(where)}</h1>"
-        + form
-        + table(["run", "workflow", "key", "state", "duration", "why"], body, "runs")
-        + more
-    )
+    table_ = table(["run", "workflow", "key", "state", "duration", "why"], body, "runs")
+    return f"<h1>Runs{esc(where)}</h1>" + form, table_ + more
 
 
 def bar(points: list[tuple[str, float]], width: int = 900) -> str:
@@ -398,7 +396,7 @@ def dead(rows: list[dict[str, Any]], csrf: str | None) -> str:
     return "<h1>Dead letters</h1>" + table(["id", "reason", "detail", "fields", ""], body, "dead")
 
 
-def message(title: str, text: str, back: str = "/") -> str:
+def message(title: str, text: str, back: str = "/") -> str:  # (a whole page)
     return page(
         title,
         f"<h1>{esc(title)}</h1><p class=message>{esc(text)}</p>"

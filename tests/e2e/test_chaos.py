@@ -17,10 +17,10 @@ from supersede.server import die_with_parent
 from tests.support import REPO
 
 
-def _record(rid: str, wf: str, state: str, *, group: str = "g", seq: int = 1,
-            attempt: int = 1, ev: str = "e1", mx: int = 1, t0: int = 0) -> RunRecord:  # fmt: skip
+def _record(rid: str, wf: str, state: str, *, group: str = "g", seq: int = 1, attempt: int = 1,
+            ev: str = "e1", mx: int = 1, t0: int = 0, **more: Any) -> RunRecord:  # fmt: skip
     rec = {"st": state, "w": wf, "k": "u", "g": group, "s": f"{seq:032x}", "ev": ev, "a": attempt,
-           "sx": 1 if wf == "chaos-strict" else 0, "mx": mx, "t0": t0}  # fmt: skip
+           "sx": 1 if wf == "chaos-strict" else 0, "mx": mx, "t0": t0, **more}  # fmt: skip
     return RunRecord.from_map(rid, rec)
 
 
@@ -52,7 +52,9 @@ def test_the_checks_pass_a_clean_history_and_catch_each_violation() -> None:
     again = [*clean, _line("start", "r2", 2.7, attempt=2, pid=2)]
     assert check(_observed(recs, again))["started_twice_unexplained"] == 1
     # ... explained by a SIGKILL of the first attempt's process
-    explained = check(_observed(recs, again, kills={1: 2.8}))
+    explained = check(_observed(recs, again, kills={1: 2.6}))
+    # ... but not by one after the second attempt had started
+    assert check(_observed(recs, again, kills={1: 2.8}))["started_twice_unexplained"] == 1
     assert explained["started_twice_unexplained"] == 0
     assert explained["started_again_after_sigkill"] == 1
     # ... but not by a server outage too short for a lease to lapse
@@ -108,6 +110,43 @@ def test_the_checks_of_the_newer_features_catch_each_violation() -> None:
     started = [_line("start", "q1", 1.0, wf="chaos-newest")]
     assert check(_observed(run, started))["running_runs_cancelled"] == 1
     assert check(_observed(run, started, kills={1: 1.2}))["running_runs_cancelled"] == 0
+    # ... a newer arrival cancelled where EXCEPT_OLDEST keeps the older one waiting: fine; the
+    # older one cancelled as NEWEST would (no older run left to start after it): wrong
+    oldest = [
+        _record("x1", "chaos-oldest", "S", seq=1, t1=1_000),
+        _record("x2", "chaos-oldest", "S", seq=2, t1=3_000),
+        _record("x3", "chaos-oldest", "C", seq=3, why="no_slot", t3=2_000),
+    ]
+    assert check(_observed(oldest, []))["wrong_run_kept_waiting"] == 0
+    oldest[1] = _record("x2", "chaos-oldest", "C", seq=2, why="no_slot", t3=2_000)
+    oldest[2] = _record("x3", "chaos-oldest", "S", seq=3, t1=3_000)
+    assert check(_observed(oldest, []))["wrong_run_kept_waiting"] == 1
+    # EXCEPT_NEWEST: a queued run must be superseded by a newer one, never an older one
+    newer = [
+        _record("y1", "chaos-newest", "C", seq=1, by="y2"),
+        _record("y2", "chaos-newest", "S", seq=2),
+    ]
+    assert check(_observed(newer, []))["wrong_run_kept_waiting"] == 0
+    older = [
+        _record("y1", "chaos-newest", "S", seq=1),
+        _record("y2", "chaos-newest", "C", seq=2, by="y1"),
+    ]
+    assert check(_observed(older, []))["wrong_run_kept_waiting"] == 1
+    # the dynamic limit: what ingress computed for the key (hot keys 3, others 2)
+    assert (
+        check(_observed([_record("z1", "chaos-latest3", "S", mx=2)], []))["dynamic_limit_wrong"]
+        == 0
+    )
+    assert (
+        check(_observed([_record("z1", "chaos-latest3", "S", mx=3)], []))["dynamic_limit_wrong"]
+        == 1
+    )
+    # the CANCEL_QUEUED_* strategies never run two handlers of a key at once
+    two = [
+        _line("start", "q1", 1.0, wf="chaos-oldest"),
+        _line("start", "q2", 1.5, wf="chaos-oldest"),
+    ]
+    assert check(_observed([], two))["groups_over_their_limit"] == 1
     # debounce: a handler started before debounce_ms (300) after its run was created
     deb = [_record("w1", "chaos-debounce", "S", seq=1, t0=10_000)]
     early = [_line("start", "w1", 10.2, wf="chaos-debounce")]

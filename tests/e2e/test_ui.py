@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,9 +46,11 @@ def start_ui(system: System, *args: str) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def get(url: str, data: bytes | None = None) -> tuple[int, str]:
+def get(url: str, data: bytes | None = None, **headers: str) -> tuple[int, str]:
+    """(status, body) of a GET, or of a POST of `data`."""
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=5) as r:
+        with urllib.request.urlopen(request, timeout=5) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -238,12 +241,43 @@ async def test_the_ui_is_read_only_unless_allowed_and_actions_need_the_csrf_toke
     assert status == 403
     status, page_rw = await asyncio.to_thread(get, f"{rw}/runs/{run['id']}")
     assert "Cancel this run" in page_rw
-    # a forged form (no cookie, or a token that is not the cookie's) is refused
-    status, text = await asyncio.to_thread(get, f"{rw}/runs/{run['id']}/cancel", b"csrf=guess")
-    assert status == 403 and "CSRF" in text
+    token = re.search(r'name=csrf value="([^"]+)"', page_rw)
+    assert token is not None
+    cancel = f"{rw}/runs/{run['id']}/cancel"
+    # a forged form: no token, or a wrong one; the right token posted from another origin; a
+    # request addressed to another host name (a DNS name rebound to 127.0.0.1)
+    right = f"csrf={token[1]}".encode()
+    forged: list[tuple[bytes, dict[str, str]]] = [
+        (b"", {}),
+        (b"csrf=guess", {}),
+        (right, {"Origin": "http://evil.example"}),
+        (right, {"Sec-Fetch-Site": "cross-site"}),
+    ]
+    for data, headers in forged:
+        status, text = await asyncio.to_thread(get, cancel, data, **headers)
+        assert status == 403, (data, headers, text)
+    host = rw.removeprefix("http://").replace("127.0.0.1", "evil.example")
+    status, _ = await asyncio.to_thread(get, f"{rw}/", None, Host=host)
+    assert status == 421
     assert await _state_of(redis, keys, "dora", 0, "R")
-    status, _ = await asyncio.to_thread(get, f"{rw}/key?workflow=chat-reply")
-    assert status == 400  # a key page without its key: a clear error, not a traceback
+    # bad parameters are a 400 (or a 404), never a 500
+    bad = [
+        ("/key?workflow=chat-reply", 400),
+        ("/runs?before=0-0", 400),
+        ("/runs?before=99999999999999999999-0", 400),
+        ("/runs?limit=x", 400),
+        ("/runs?ended_before=yesterday", 400),
+        ("/runs?state=nope", 400),
+        ("/runs/not-a-run", 404),
+        ("/runs?ended_before=1970-01-01T00:00", 200),
+    ]
+    for path, want in bad:
+        status, text = await asyncio.to_thread(get, rw + path)
+        assert status == want, (path, status, text[-300:])
+    # the right token, from the page's own origin: the run is cancelled
+    status, _ = await asyncio.to_thread(get, cancel, right, Origin=rw)
+    assert status in (200, 303)
+    await eventually(lambda: _state_of(redis, keys, "dora", 0, "C"), timeout=20)
     assert os.path.isdir(REPO / "services" / "ui" / "static")
 
 

@@ -3,12 +3,14 @@ active zsets, counts), never from a scan of the run records (issue 13, item 5)."
 
 from __future__ import annotations
 
+import pytest
 from redis.asyncio import Redis
 
 from supersede.keys import Keys
 from supersede.protocol import RunRequest, Strategy
 from supersede.registry import register
 from supersede.scripts import Scripts
+from supersede.services import ops
 from supersede.services.ops import cancel_key, list_runs, runs_page, scan_runs
 from tests.support import make_request
 
@@ -112,35 +114,47 @@ async def test_runs_and_cancel_key_find_the_live_run_of_a_workflow_without_a_lim
     assert await cancel_key(redis, scripts, "free", "order-7") == {}
 
 
+@pytest.mark.parametrize("key_scan", [ops.KEY_SCAN, 3])
 async def test_pages_of_runs_cover_every_ended_run_once_even_inside_one_large_end_entry(
-    redis: Redis, keys: Keys, scripts: Scripts
+    redis: Redis, keys: Keys, scripts: Scripts, key_scan: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The cursor of `runs_page` (the UI's pages, its "ended before" filter) splits an end
-    entry of 499 runs without losing or repeating one, over every shard and for one key."""
-    await register(redis, keys, _wf("v1", 1))
-    for batch in range(4):
-        reqs = [
-            make_request(keys, workflow="wf", version="v1", key=key, event=f"{key}{batch}-{i}",
-                         seq=batch * 1000 + i)
+    entry of 499 runs without losing or repeating one, over every shard and for one key; also
+    when a key's search stops at its scan limit (3 runs: before most pages reach their size)."""
+    monkeypatch.setattr(ops, "KEY_SCAN", key_scan)
+    for version in ("v1", "v2"):  # a key's runs in two groups (versions): two shards' streams
+        await register(redis, keys, _wf(version, 1))
+        for batch in range(4):
+            reqs = [
+            make_request(keys, workflow="wf", version=version, key=key,
+                         event=f"{version}{key}{batch}-{i}", seq=batch * 1000 + i)
             for key, n in (("hot", 500), *((f"k{j}", 1) for j in range(30)))
             for i in range(n)
         ]  # fmt: skip
-        await _admit(scripts, reqs, now=10_000 + batch)
+            await _admit(scripts, reqs, now=10_000 + batch + (version == "v2") * 100)
     every = await scan_runs(redis, keys)
     cancelled = {r.id for r in every if r.state.name == "CANCELLED"}
     hot = {r.id for r in every if r.state.name == "CANCELLED" and r.key == "hot"}
+    k5 = {r.id for r in every if r.state.name == "CANCELLED" and r.key == "k5"}
     assert len(hot) >= 4 * 499
-    for key, want in ((None, cancelled), ("hot", hot)):
+    assert len(k5) == 6
+    for key, want in ((None, cancelled), ("hot", hot), ("k5", k5)):
         seen: list[str] = []
         before = None
-        for _ in range(1000):
+        for _ in range(5000):  # (a scan limit of 3 makes pages of at most 3)
             rows, before = await runs_page(redis, keys, workflow="wf", key=key,
                                            state="cancelled", limit=37, before=before)  # fmt: skip
             assert len(rows) <= 37
             seen += [r["id"] for r in rows]
             if before is None:
                 break
-        assert len(seen) == len(set(seen)) and set(seen) == want
+        assert len(seen) == len(set(seen)), key
+        assert set(seen) == want, (key, len(want - set(seen)), len(set(seen) - want))
     # a time: the runs that ended before it (the first batch ended at 10,000 ms)
     rows, _ = await runs_page(redis, keys, state="cancelled", limit=1000, before="10001-0")
     assert rows and all(r["ended_ms"] <= 10_000 for r in rows)
+    # a page full of live runs points at the ended ones
+    live, before = await runs_page(redis, keys, workflow="wf", limit=5)
+    assert [r["state"] for r in live] == ["ASSIGNED"] * 5 and before is not None
+    rows, _ = await runs_page(redis, keys, workflow="wf", limit=5, before=before)
+    assert len(rows) == 5 and all(r["state"] == "CANCELLED" for r in rows)

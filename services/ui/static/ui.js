@@ -1,10 +1,11 @@
-// supersede ui: live pages. A page whose <main> has data-live reloads its own content every
-// two seconds (the server renders and escapes it; this file only swaps it in). No data ever
-// reaches a script here: the fragment is HTML the server escaped, and scripts in it never run.
+// supersede ui: live pages. The element marked data-live reloads its own content every two
+// seconds (the server renders and escapes it; this file only swaps it in), unless the person
+// is using a control inside it. No data ever reaches a script here: the fragment is HTML the
+// server escaped, and scripts in it never run.
 "use strict";
 (function () {
-  var main = document.querySelector("main[data-live]");
-  if (!main) return;
+  var live = document.querySelector("[data-live]");
+  if (!live) return;
   var every = 2000;
   function refresh() {
     var url = new URL(window.location.href);
@@ -12,10 +13,10 @@
     fetch(url.toString(), { credentials: "same-origin", cache: "no-store" })
       .then(function (r) { return r.ok ? r.text() : null; })
       .then(function (html) {
-        if (html !== null && html !== main.dataset.last) {
-          main.dataset.last = html;
-          main.innerHTML = html;
-        }
+        if (html === null || html === live.dataset.last) return;
+        if (live.contains(document.activeElement) && document.activeElement !== document.body) return;
+        live.dataset.last = html;
+        live.innerHTML = html;
       })
       .catch(function () { /* the next tick tries again */ })
       .finally(function () { window.setTimeout(refresh, every); });
