@@ -177,7 +177,25 @@ async def test_a_person_sees_why_a_run_was_cancelled_and_a_key_live(
     await eventually(lambda: _state_of(redis, keys, "carol", 0, "C"), timeout=20)
     (carol,) = await runs_of(redis, keys, "carol")
     assert carol["why"] == "manual"
+
+    # replay a dead letter from its page (refused again here: its data is still not JSON)
+    await redis.xadd(keys.events_stream, {"name": "chat.message", "data": b"{not json"})
+    await eventually(lambda: _dead_ids(redis, keys, 1), timeout=20)
+    (first,) = await _dead_ids(redis, keys, 1)
+    await page.goto(base + "/dead")
+    await page.click(f"form[action='/dead/{first}/replay'] button")
+
+    async def replayed() -> bool:
+        ids = await _dead_ids(redis, keys, 1)
+        return bool(ids) and first not in ids
+
+    await eventually(replayed, timeout=20)
     await page.close()
+
+
+async def _dead_ids(redis: Redis, keys: Keys, n: int) -> list[str]:
+    ids = [e.decode() for e, _ in await redis.xrange(keys.dead_stream)]
+    return ids if len(ids) >= n else []
 
 
 async def _state_of(redis: Redis, keys: Keys, key: str, i: int, st: str) -> bool:
