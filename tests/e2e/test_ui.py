@@ -180,14 +180,18 @@ async def test_a_person_sees_why_a_run_was_cancelled_and_a_key_live(
 
     # replay a dead letter from its page (refused again here: its data is still not JSON)
     await redis.xadd(keys.events_stream, {"name": "chat.message", "data": b"{not json"})
-    await eventually(lambda: _dead_ids(redis, keys, 1), timeout=20)
-    (first,) = await _dead_ids(redis, keys, 1)
+
+    async def one_dead() -> bool:
+        return len(await _dead_ids(redis, keys, 1)) == 1
+
+    await eventually(one_dead, timeout=20)
+    (dead_id,) = await _dead_ids(redis, keys, 1)
     await page.goto(base + "/dead")
-    await page.click(f"form[action='/dead/{first}/replay'] button")
+    await page.click(f"form[action='/dead/{dead_id}/replay'] button")
 
     async def replayed() -> bool:
         ids = await _dead_ids(redis, keys, 1)
-        return bool(ids) and first not in ids
+        return bool(ids) and dead_id not in ids
 
     await eventually(replayed, timeout=20)
     await page.close()
