@@ -232,6 +232,7 @@ def _dev(args: argparse.Namespace, settings: Settings) -> None:
     argv = ["--duration", str(args.duration)] if args.duration else []
     argv += ["--no-demo-events"] if args.no_demo_events else []
     argv += ["--keep-logs"] if args.keep_logs else []
+    argv += ["--ui-port", str(args.ui_port)]
     for spec in args.module:
         argv += ["--module", spec]
     dev.main(argv)
@@ -579,6 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev.add_argument(
         "--keep-logs", action="store_true", help="keep the services' log folder after exit"
+    )
+    dev.add_argument(
+        "--ui-port",
+        type=int,
+        default=8686,
+        help="serve the read-only dashboard (supersede ui) on this port, another free one if it "
+        "is taken; 0: none",
     )
     dev.set_defaults(func=_dev)
     return parser

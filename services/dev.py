@@ -22,10 +22,12 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ from supersede.config import Settings, connect, redact
 from supersede.errors import ConfigError
 from supersede.protocol import RunRecord, RunState, Strategy
 from supersede.registry import WorkflowDef
-from supersede.server import EmbeddedServer, die_with_parent, wheel_client_binary
+from supersede.server import EmbeddedServer, die_with_parent, free_port, wheel_client_binary
 from supersede.services.modules import load_workflows
 
 DEMO = "supersede.services.demo"
@@ -89,9 +91,9 @@ class Children:
         self.procs: list[subprocess.Popen[bytes]] = []
         self._files: list[Any] = []
 
-    def start(self, name: str, *args: str) -> None:
+    def start(self, name: str, *args: str, metrics: bool = True) -> None:
         cmd = [sys.executable, "-m", "supersede", "--log-level", "WARNING", *args,
-               "--metrics-port", "0"]  # fmt: skip
+               *(["--metrics-port", "0"] if metrics else [])]  # fmt: skip
         log = open(os.path.join(self.logs, f"{name}.log"), "ab")  # noqa: SIM115
         self._files.append(log)
         # Own sessions: a terminal's Ctrl-C reaches only this console, which stops the services
@@ -257,6 +259,7 @@ async def run(
     *,
     embedded: bool = False,
     keep_logs: bool = False,
+    ui_port: int = 0,
 ) -> int:
     specs = list(modules) or [DEMO]
     defs = [wf.definition() for spec in specs for wf in load_workflows(spec)]
@@ -299,6 +302,9 @@ async def run(
         print(f"  or with any Redis client:  {cli} -u \"$SUPERSEDE_REDIS_URL\" XADD "
               f"{settings.keys.events_stream} '*' name {event} data {shlex.quote(data)}",
               flush=True)  # fmt: skip
+        dashboard = await start_ui(children, ui_port) if ui_port else None
+        if dashboard:
+            print(f"  dashboard (read-only):  {dashboard}", flush=True)
         print("  then: supersede runs, supersede run <id>; Ctrl-C stops\n", flush=True)
         tasks: list[asyncio.Task[Any]] = []
         if demo_events and specs == [DEMO]:
@@ -316,12 +322,40 @@ async def run(
         await redis.aclose()
 
 
+async def start_ui(children: Children, port: int) -> str | None:
+    """`supersede ui` beside the services (on another free port when `port` is taken): its
+    address once it answers, or None (no aiohttp: the ui extra is not installed)."""
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        print("  (no dashboard: install the ui extra, pip install 'supersede[ui]')")
+        return None
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            port = free_port()
+    children.start("ui", "ui", "--port", str(port), metrics=False)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            await asyncio.to_thread(urllib.request.urlopen, url, timeout=1)
+            return url
+        except OSError:
+            await asyncio.sleep(0.1)
+    print(f"  (the dashboard did not answer; see {children.logs}/ui.log)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="supersede dev", description=__doc__)
     parser.add_argument("--duration", type=float, default=None, help="seconds, then exit 0")
     parser.add_argument("--no-demo-events", action="store_true", help="serve only")
     parser.add_argument("--module", action="append", default=[])
     parser.add_argument("--keep-logs", action="store_true")
+    parser.add_argument("--ui-port", type=int, default=8686)
     args = parser.parse_args(argv)
     for spec in args.module:  # a bad module is one line before anything starts
         load_workflows(spec)
@@ -347,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.module,
                 embedded=server is not None,
                 keep_logs=args.keep_logs,
+                ui_port=args.ui_port,
             )
         )
     except ConfigError as exc:

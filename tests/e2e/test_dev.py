@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def test_dev_runs_the_demo_on_an_embedded_server_and_exits_0() -> None:
         if "services up" in lines[-1]:
             break
     children = _descendants(proc.pid)
-    assert len(children) >= 5  # the server, admission, two executors, ingress
+    assert len(children) >= 5  # the server, admission, two executors, ingress (and the UI)
     # the embedded server wants this run's password: printed once, in the export line
     while "export SUPERSEDE_REDIS_URL=" not in lines[-1]:
         lines.append(proc.stdout.readline().decode())
@@ -63,6 +64,13 @@ def test_dev_runs_the_demo_on_an_embedded_server_and_exits_0() -> None:
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(port=port).ping()
     assert redis.Redis.from_url(url.group(1)).ping()
+    # the dashboard beside the services (read-only), showing the demo's workflows
+    while "dashboard (read-only):" not in lines[-1]:
+        lines.append(proc.stdout.readline().decode())
+    board = re.search(r"dashboard \(read-only\):  (\S+)", lines[-1])
+    assert board is not None
+    with urllib.request.urlopen(board.group(1), timeout=10) as page:
+        assert "demo-chat-reply" in page.read().decode()
     # (communicate() would skip what the line reads above buffered)
     rest, err = proc.stdout.read(), proc.stderr.read() if proc.stderr else b""
     proc.wait(90)
