@@ -138,10 +138,11 @@ def _ends(o: Observed) -> dict[tuple[str, int, int], dict[str, Any]]:
 def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """A handler started again for one run: never for the same attempt; for a later attempt
     only in the README's at-least-once cases, between the earlier attempt's start and the
-    next's (its result may not have been applied when it returned): its executor was SIGKILLed,
-    or the server was down for long enough that its lease could lapse (renewals come every
-    third of a lease, so an outage under half a lease cannot), or its executor logged that it
-    renewed no lease for longer than a lease."""
+    next's, or a lease after the earlier one returned if sooner (its result may not have been
+    applied yet): its executor was SIGKILLed, or the server was down for long enough that its
+    lease could lapse (renewals come every third of a lease, so an outage under half a lease
+    cannot), or its executor logged that it renewed no lease for longer than a lease."""
+    ends = _ends(o)
     same = killed = crashed = late = unexplained = 0
     examples: list[str] = []
     for lines in starts.values():
@@ -153,9 +154,11 @@ def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict
             continue
         ordered = sorted(lines, key=lambda x: x["t"])
         for earlier, later in itertools.pairwise(ordered):
-            # until the next attempt started: a SIGKILL after the handler returned but before
-            # its result was applied makes a retry too
-            until = later["t"]
+            # until the next attempt started, but no later than a lease after the handler
+            # returned: a SIGKILL after it returned, before its result was applied (which takes
+            # up to a lease of retries in an outage), makes a retry too
+            end = ends.get((earlier["run"], earlier["attempt"], earlier["pid"]))
+            until = later["t"] if end is None else min(later["t"], end["t"] + o.lease)
             why = _explain(o, earlier, until)
             if why == "sigkill":
                 killed += 1
@@ -263,8 +266,8 @@ def _dynamic_limit_wrong(records: Iterable[RunRecord]) -> int:
 
 def _running_cancelled(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> int:
     """CANCEL_QUEUED_EXCEPT_*: never interrupt a running run. A CANCELLED run of theirs whose
-    handler started counts, unless a fault explains each start (a retried run is queued
-    again, and may then be cancelled like any queued run)."""
+    handler started counts, unless a fault explains each start (a run whose executor was
+    killed, or whose lease lapsed, ends by the fault's path, which this check does not judge)."""
     bad = 0
     for r in o.records:
         if r.state is not RunState.CANCELLED or WORKFLOWS[r.workflow].strategy not in (
@@ -307,7 +310,7 @@ def _executing(o: Observed, group: str) -> dict[str, int]:
         end = ends.get((x["run"], x["attempt"], x["pid"]))
         stop = end["t"] if end else o.kills.get(x["pid"], float("inf"))
         if end and end["out"] == "killed":  # a watcher saw the process gone (a little late)
-            stop -= KILLED_SLACK
+            stop = max(x["t"], stop - KILLED_SLACK)
         points[x["key"]] += [(x["t"], 1, x["run"]), (stop, -1, x["run"])]
     out: dict[str, int] = {}
     for key, marks in points.items():

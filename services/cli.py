@@ -238,6 +238,17 @@ def _dev(args: argparse.Namespace, settings: Settings) -> None:
     dev.main(argv)
 
 
+def _port(text: str) -> int:
+    """A TCP port to listen on, 1..65535 (an argparse type: a bad one is a one-line error)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {port} (1..65535)")
+    return port
+
+
 def _ui(args: argparse.Namespace, settings: Settings) -> None:
     """The web dashboard, until SIGINT or SIGTERM."""
     try:
@@ -253,7 +264,9 @@ def _ui(args: argparse.Namespace, settings: Settings) -> None:
         try:
             await check_server(redis, settings.redis_url)
             task = asyncio.ensure_future(
-                ui.serve(redis, settings.keys, args.host, args.port, args.allow_actions)
+                ui.serve(
+                    redis, settings.keys, args.host, args.port, args.allow_actions, args.allow_host
+                )
             )
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -559,7 +572,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = sub.add_parser("ui", help="serve the web dashboard (read-only unless --allow-actions)")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    ui.add_argument("--port", type=int, default=8686, help="port (default 8686)")
+    ui.add_argument("--port", type=_port, default=8686, help="port (default 8686)")
+    ui.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests for this host name (the one a proxy in front forwards, "
+        "e.g. supersede.example.com); repeatable",
+    )
     ui.add_argument(
         "--allow-actions",
         action="store_true",
@@ -583,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev.add_argument(
         "--ui-port",
-        type=int,
+        type=lambda text: 0 if text == "0" else _port(text),
         default=8686,
         help="serve the read-only dashboard (supersede ui) on this port, another free one if it "
         "is taken; 0: none",

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -302,7 +303,7 @@ async def run(
         print(f"  or with any Redis client:  {cli} -u \"$SUPERSEDE_REDIS_URL\" XADD "
               f"{settings.keys.events_stream} '*' name {event} data {shlex.quote(data)}",
               flush=True)  # fmt: skip
-        dashboard = await start_ui(children, ui_port) if ui_port else None
+        dashboard = await start_ui(children, ui_port, stop) if ui_port else None
         if dashboard:
             print(f"  dashboard (read-only):  {dashboard}", flush=True)
         print("  then: supersede runs, supersede run <id>; Ctrl-C stops\n", flush=True)
@@ -322,9 +323,10 @@ async def run(
         await redis.aclose()
 
 
-async def start_ui(children: Children, port: int) -> str | None:
+async def start_ui(children: Children, port: int, stop: asyncio.Event) -> str | None:
     """`supersede ui` beside the services (on another free port when `port` is taken): its
-    address once it answers, or None (no aiohttp: the ui extra is not installed)."""
+    address once it answers, or None (no aiohttp, the ui extra not installed; or it did not
+    start, or the console was stopped first)."""
     try:
         import aiohttp  # noqa: F401
     except ImportError:
@@ -337,16 +339,34 @@ async def start_ui(children: Children, port: int) -> str | None:
         except OSError:
             port = free_port()
     children.start("ui", "ui", "--port", str(port), metrics=False)
+    proc = children.procs[-1]
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # (no http_proxy)
+
+    def answers() -> bool:
         try:
-            await asyncio.to_thread(urllib.request.urlopen, url, timeout=1)
-            return url
+            with direct.open(url, timeout=1):
+                return True
+        except urllib.error.HTTPError:
+            return True  # up, if unhappy
         except OSError:
-            await asyncio.sleep(0.1)
-    print(f"  (the dashboard did not answer; see {children.logs}/ui.log)")
+            return False
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not stop.is_set() and proc.poll() is None:
+        if await asyncio.to_thread(answers):
+            return url
+        await asyncio.sleep(0.1)
+    if not stop.is_set():
+        print(f"  (the dashboard did not start; see {children.logs}/ui.log)")
     return None
+
+
+def _ui_port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {port} (0..65535; 0: no dashboard)")
+    return port
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -355,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-demo-events", action="store_true", help="serve only")
     parser.add_argument("--module", action="append", default=[])
     parser.add_argument("--keep-logs", action="store_true")
-    parser.add_argument("--ui-port", type=int, default=8686)
+    parser.add_argument("--ui-port", type=_ui_port, default=8686)
     args = parser.parse_args(argv)
     for spec in args.module:  # a bad module is one line before anything starts
         load_workflows(spec)

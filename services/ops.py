@@ -395,7 +395,8 @@ async def runs_page(
     ended: list[RunRecord] = []
     nxt: str | None = None
     if wanted & ENDED and len(live) >= limit:  # the ended runs start on the next page
-        nxt = f"{int(time.time() * 1000) + 1}-0"
+        sec, usec = await redis.time()  # (stream ids are the server's clock)
+        nxt = f"{int(sec) * 1000 + int(usec) // 1000 + 1}-0"
     elif wanted & ENDED:
         want = limit - len(live)
         start = "+" if before is None else before

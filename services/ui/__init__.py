@@ -8,17 +8,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import logging
 import re
 import secrets
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web  # the `ui` extra (the CLI says so when it is missing)
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from supersede import codec
 from supersede.errors import ConfigError
@@ -31,6 +32,7 @@ from supersede.services import ops
 from supersede.services.ui import pages
 from supersede.services.ui.activity import Activity
 
+log = logging.getLogger("supersede.ui")
 STATIC = Path(__file__).resolve().parent / "static"
 # No inline script or style, nothing from another origin, no framing.
 CSP = (
@@ -45,11 +47,11 @@ _CURSOR = re.compile(r"(\d{1,19})-(\d{1,19})(/\d{1,9})?")
 
 
 def _cursor(text: str | None) -> str | None:
-    """A page cursor from a query, checked: `<ms>-<seq>[/<n>]`, a valid stream id above 0-0."""
+    """A page cursor from a query, checked: `<ms>-<seq>[/<n>]`, a stream id above 0-0."""
     if text is None:
         return None
     m = _CURSOR.fullmatch(text)
-    if m is None or int(m[1]) >= 1 << 64 or int(m[2]) >= 1 << 64 or text.startswith("0-0"):
+    if m is None or int(m[1]) == int(m[2]) == 0:  # (19 digits stay below 2**64)
         raise web.HTTPBadRequest(text=f"not a cursor: {text!r}")
     return text
 
@@ -104,12 +106,14 @@ class UI:
         if not self.allow_actions:
             raise web.HTTPForbidden(text="read-only: start `supersede ui --allow-actions`")
         origin = request.headers.get("Origin")
-        if origin is not None and origin != f"{request.scheme}://{request.host}":
+        # (the host part only: behind a TLS proxy the page is https and this side http)
+        if origin is not None and urlsplit(origin).netloc.lower() != request.host.lower():
             raise web.HTTPForbidden(text=f"a form posted from another origin: {origin}")
         if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
             raise web.HTTPForbidden(text="a form posted from another site")
         form = await request.post()
-        if not hmac.compare_digest(str(form.get("csrf", "")), self.token):
+        sent = str(form.get("csrf", "")).encode()
+        if not hmac.compare_digest(sent, self.token.encode()):
             raise web.HTTPForbidden(text="missing or wrong CSRF token: reload the page")
         return {k: str(v) for k, v in form.items()}
 
@@ -260,21 +264,33 @@ def _guard(hosts: frozenset[str] | None) -> Any:
         except web.HTTPException as exc:
             exc.headers.update(SECURITY_HEADERS)
             raise
-        except (ValueError, LookupError, ResponseError) as exc:
+        except (ValueError, LookupError) as exc:  # a parameter the page could not use
             resp = web.Response(text=f"bad request: {exc}", status=400)
+        except Exception:
+            log.exception("ui request failed", extra={"path": request.path})
+            resp = web.Response(text="internal error (the UI's log has it)", status=500)
         resp.headers.update(SECURITY_HEADERS)
         return resp
 
     return guard
 
 
-def served_hosts(host: str, port: int) -> frozenset[str] | None:
-    """The Host headers the UI answers: its address and the loopback names, with the port;
-    None (any) when it listens on every interface (put a proxy in front of it then)."""
-    if host in ("0.0.0.0", "::", ""):
+ANY_INTERFACE = ("0.0.0.0", "::", "0", "::0", "")
+
+
+def served_hosts(host: str, port: int, allowed: Sequence[str] = ()) -> frozenset[str] | None:
+    """The Host headers the UI answers: its address, the loopback names and `allowed` (the
+    names a proxy in front of it forwards), with the port (port 80: also without); None (any)
+    when it listens on every interface and no name is given (put a proxy in front of it)."""
+    if host in ANY_INTERFACE and not allowed:
         return None
-    names = {host, "127.0.0.1", "localhost", "[::1]", f"[{host}]"}
-    return frozenset(f"{n}:{port}".lower() for n in names)
+    names = {"127.0.0.1", "localhost", "[::1]", *allowed}
+    if host not in ANY_INTERFACE:
+        names |= {host, f"[{host}]"}
+    out = {f"{n}:{port}".lower() for n in names} | {n.lower() for n in allowed if ":" in n}
+    if port == 80:
+        out |= {n.lower() for n in names}
+    return frozenset(out)
 
 
 def make_app(
@@ -298,8 +314,16 @@ def make_app(
     return app
 
 
-async def serve(redis: Redis, keys: Keys, host: str, port: int, allow_actions: bool) -> None:
-    app = make_app(redis, keys, allow_actions=allow_actions, hosts=served_hosts(host, port))
+async def serve(
+    redis: Redis,
+    keys: Keys,
+    host: str,
+    port: int,
+    allow_actions: bool,
+    allowed_hosts: Sequence[str] = (),
+) -> None:
+    hosts = served_hosts(host, port, allowed_hosts)
+    app = make_app(redis, keys, allow_actions=allow_actions, hosts=hosts)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

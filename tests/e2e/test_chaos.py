@@ -53,8 +53,22 @@ def test_the_checks_pass_a_clean_history_and_catch_each_violation() -> None:
     assert check(_observed(recs, again))["started_twice_unexplained"] == 1
     # ... explained by a SIGKILL of the first attempt's process
     explained = check(_observed(recs, again, kills={1: 2.6}))
-    # ... but not by one after the second attempt had started
+    # ... but not by one after the second attempt had started, nor by one more than a lease
+    # after the first returned (its result was applied by then)
     assert check(_observed(recs, again, kills={1: 2.8}))["started_twice_unexplained"] == 1
+    returned = [
+        _line("start", "r2", 2.5),
+        _line("end", "r2", 2.6),
+        _line("start", "r2", 9.0, attempt=2, pid=2),
+    ]
+    assert (
+        check(_observed(recs, [*clean[:2], *returned], kills={1: 8.0}))["started_twice_unexplained"]
+        == 1
+    )
+    assert (
+        check(_observed(recs, [*clean[:2], *returned], kills={1: 4.0}))["started_twice_unexplained"]
+        == 0
+    )
     assert explained["started_twice_unexplained"] == 0
     assert explained["started_again_after_sigkill"] == 1
     # ... but not by a server outage too short for a lease to lapse
@@ -142,6 +156,14 @@ def test_the_checks_of_the_newer_features_catch_each_violation() -> None:
         == 1
     )
     # the CANCEL_QUEUED_* strategies never run two handlers of a key at once
+    # a step killed within the slack of its start, right after another ended: one at a time
+    quick = [
+        _line("start", "p1", 0.90, wf="chaos-proc-a"),
+        _line("end", "p1", 0.995, wf="chaos-proc-a", out="cancelled"),
+        _line("start", "p2", 1.0, wf="chaos-proc-b"),
+        _line("end", "p2", 1.01, wf="chaos-proc-b", out="killed"),
+    ]
+    assert check(_observed([], quick))["proc_max_executing"] == 1
     two = [
         _line("start", "q1", 1.0, wf="chaos-oldest"),
         _line("start", "q2", 1.5, wf="chaos-oldest"),

@@ -67,6 +67,7 @@ def test_dev_runs_the_demo_on_an_embedded_server_and_exits_0() -> None:
     # the dashboard beside the services (read-only), showing the demo's workflows
     while "dashboard (read-only):" not in lines[-1]:
         lines.append(proc.stdout.readline().decode())
+        assert lines[-1], "".join(lines)  # (the output ended without it)
     board = re.search(r"dashboard \(read-only\):  (\S+)", lines[-1])
     assert board is not None
     with urllib.request.urlopen(board.group(1), timeout=10) as page:

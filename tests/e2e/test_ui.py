@@ -322,3 +322,24 @@ def test_the_ui_command_names_what_to_fix(redis_url: str) -> None:
     err = out.stderr.decode()
     assert "Traceback" not in err and f"cannot listen on 127.0.0.1:{port}" in err
     assert "set --port" in err
+    bad = subprocess.run([sys.executable, "-m", "supersede", "ui", "--port", "0"], env=env,
+                         capture_output=True, timeout=30)  # fmt: skip
+    assert bad.returncode == 2 and b"not a port: 0" in bad.stderr
+    assert b"Traceback" not in bad.stderr
+
+
+def test_the_host_names_the_ui_answers() -> None:
+    """Its address and the loopback names with its port; a proxy's name when given; on port
+    80 also without the port; any name only when it listens everywhere with none given."""
+    from supersede.services.ui import served_hosts
+
+    hosts = served_hosts("127.0.0.1", 8686)
+    assert hosts is not None
+    assert {"127.0.0.1:8686", "localhost:8686", "[::1]:8686"} <= hosts
+    assert "evil.example:8686" not in hosts and "localhost" not in hosts
+    proxied = served_hosts("127.0.0.1", 8686, ["Dash.Example.com"])
+    assert proxied is not None and "dash.example.com:8686" in proxied
+    assert "localhost" in (served_hosts("127.0.0.1", 80) or set())
+    assert served_hosts("0.0.0.0", 8686) is None
+    everywhere = served_hosts("::", 8686, ["dash.example.com"])
+    assert everywhere is not None and "dash.example.com:8686" in everywhere

@@ -1,6 +1,6 @@
 // supersede ui: live pages. The element marked data-live reloads its own content every two
 // seconds (the server renders and escapes it; this file only swaps it in), unless the person
-// is using a control inside it. No data ever reaches a script here: the fragment is HTML the
+// is using a form control inside it. No data ever reaches a script here: the fragment is HTML the
 // server escaped, and scripts in it never run.
 "use strict";
 (function () {
@@ -14,7 +14,8 @@
       .then(function (r) { return r.ok ? r.text() : null; })
       .then(function (html) {
         if (html === null || html === live.dataset.last) return;
-        if (live.contains(document.activeElement) && document.activeElement !== document.body) return;
+        var f = document.activeElement;
+        if (f && live.contains(f) && /^(INPUT|SELECT|TEXTAREA|BUTTON)$/.test(f.tagName)) return;
         live.dataset.last = html;
         live.innerHTML = html;
       })
