@@ -5,6 +5,7 @@ start and end."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import time
@@ -40,12 +41,16 @@ def sleep_sync(ctx: Context) -> None:
 
 def sleep_process(ctx: Context) -> None:
     """A step in process isolation: `stubborn` 0 honours the cancel flag, 1 ignores it (so
-    SIGTERM ends it), 2 ignores SIGTERM too (so SIGKILL ends it). A watcher process writes the
-    end line when the step's process dies before returning."""
+    SIGTERM ends it), 2 ignores SIGTERM too (so SIGKILL ends it).
+
+    It holds an exclusive lock on a file of its key for as long as its process lives (the
+    kernel lets go when the process ends, however it ends). A run that finds the lock held by
+    another run of its key writes an `overlap` line: two handlers of one strict group were
+    executing at once, whatever the clocks say."""
     fields = _fields(ctx)
     stubborn = int(ctx.input.get("stubborn", 0))
     ledger.write("start", **fields)
-    alive = _watch_death(fields)
+    held = _hold(str(ctx.key), ctx.run_id, fields)
     if stubborn == 2:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
@@ -58,23 +63,21 @@ def sleep_process(ctx: Context) -> None:
         ledger.write("end", out="done", **fields)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.write(alive[1], b"x")  # returned: the watcher writes nothing
-        os.close(alive[1])
-        os.waitpid(alive[0], 0)
+        os.close(held)  # (after the end line: the next run of the key may start now)
 
 
-def _watch_death(fields: dict[str, object]) -> tuple[int, int]:
-    """Fork a watcher holding the read end of a pipe: EOF without a byte means this process
-    died mid-step (SIGTERM, SIGKILL, its executor gone), and the watcher writes the end line
-    then. (watcher pid, write end)"""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the watcher: no Python-level cleanup, only the read and the ledger line
-        try:
-            os.close(w)
-            if not os.read(r, 1):
-                ledger.write("end", out="killed", **fields)
-        finally:
-            os._exit(0)
-    os.close(r)
-    return pid, w
+def _hold(key: str, run_id: str, fields: dict[str, object]) -> int:
+    """The key's lock file, locked (flock) with this run's id in it; an `overlap` line when
+    another run holds it (then the step goes on without it)."""
+    folder = os.environ["CHAOS_LEDGER"] + ".locks"
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, key), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace")
+        ledger.write("overlap", holder=holder, **fields)
+        return fd
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, run_id.encode(), 0)
+    return fd
