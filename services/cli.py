@@ -589,7 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(func=_ui)
 
     dev = sub.add_parser("dev", help="run the system on an embedded server (no Redis needed)")
-    dev.add_argument("--duration", type=float, default=None, help="seconds, then exit 0")
+    dev.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds of demo once the services are up, then exit 0",
+    )
     dev.add_argument("--no-demo-events", action="store_true", help="serve only; publish by hand")
     dev.add_argument(
         "--module",

@@ -268,8 +268,6 @@ async def run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if duration:
-        loop.call_later(duration, stop.set)
     redis = connect(settings.redis_url)
     children = Children(settings)
     try:
@@ -306,6 +304,8 @@ async def run(
         dashboard = await start_ui(children, ui_port, stop) if ui_port else None
         if dashboard:
             print(f"  dashboard (read-only):  {dashboard}", flush=True)
+        if duration:  # (counted from here: on a loaded machine the start alone takes seconds)
+            loop.call_later(duration, stop.set)
         print("  then: supersede runs, supersede run <id>; Ctrl-C stops\n", flush=True)
         tasks: list[asyncio.Task[Any]] = []
         if demo_events and specs == [DEMO]:

@@ -46,6 +46,18 @@ def test_dev_runs_the_demo_on_an_embedded_server_and_exits_0() -> None:
         [sys.executable, "-m", "supersede", "dev", "--duration", "5"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
+    try:
+        _the_demo_runs(proc)
+    finally:  # (a failed check leaves no console running into the next test)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def _the_demo_runs(proc: subprocess.Popen[bytes]) -> None:
     assert proc.stdout is not None
     lines = []
     for raw in proc.stdout:
