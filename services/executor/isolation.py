@@ -248,16 +248,16 @@ class ProcessPool:
                 if ladder:
                     await self._stop(worker, stage)
                 else:
-                    self._kill(worker)
+                    await self._kill(worker)
             except BaseException:
-                self._kill(worker)  # interrupted while stopping: never leave it running
+                await self._kill(worker)  # interrupted while stopping: never leave it running
                 raise
             raise
         except WorkerLost:
-            self._kill(worker)
+            await self._kill(worker)
             raise
         except BaseException:  # anything else: the worker's state is unknown, never reuse it
-            self._kill(worker)
+            await self._kill(worker)
             raise
         self._idle.put_nowait(worker)
         if reply[0] == "ok":
@@ -336,11 +336,22 @@ class ProcessPool:
             await self._exited(worker, 10.0)
         self._replace(worker)
 
-    def _kill(self, worker: Worker) -> None:
-        """SIGKILL, and replace (its replacement reaps it first, off the event loop's path)."""
+    async def _kill(self, worker: Worker) -> None:
+        """SIGKILL, and return once the process is gone (the run it ran may be reported, and
+        its strict slot freed, only then), then replace it. Waits off the event loop; a cancel
+        meanwhile is raised once the process is gone."""
         if worker.process.is_alive():
             worker.process.kill()
+        interrupted = False
+        while True:
+            try:
+                await self._exited(worker, 5.0)
+                break
+            except asyncio.CancelledError:
+                interrupted = True
         self._replace(worker)
+        if interrupted:
+            raise asyncio.CancelledError
 
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._all if w.process.pid is not None]

@@ -111,6 +111,9 @@ def test_the_checks_of_the_newer_features_catch_each_violation() -> None:
     # ... held by an earlier attempt of the same run (an at-least-once retry): not this check's
     again = {**_line("overlap", "p2", 1.5, wf="chaos-proc-b"), "holder": "p2"}
     assert check(_observed(recs, [a, b, again, *ends], **pub))["proc_overlaps"] == 0
+    # ... nor where the holder's lease may have lapsed: its executor logged a late heartbeat
+    lapsed = check(_observed(recs, [a, b, overlap, *ends], late={1: [(1.2, 1.4)]}, **pub))
+    assert lapsed["proc_overlaps"] == 0 and lapsed["proc_overlaps_after_a_lease_lapse"] == 1
     # ... and a step killed mid-way (no end line) is not judged by the ledger's times
     assert ok(check(_observed(recs, [a, b, ends[1]], **pub)))
     # a dynamic limit: the newest max_runs (the record's, 2) of a CANCEL_IN_PROGRESS group
