@@ -148,8 +148,8 @@ async def cancel_latency(redis: Redis, settings: Settings, env: dict[str, str]) 
 async def start_latency(
     redis: Redis, settings: Settings, reference: list[float], prefix: str = ""
 ) -> None:
-    """Event published -> handler started, at ~200 events/s; lines named `<prefix>start_…`
-    (the hop breakdown only without a prefix)."""
+    """Event published -> handler started, at ~200 events/s, and the hop breakdown; lines
+    named `<prefix>start_…`."""
     ns = settings.namespace
     sent: dict[str, float] = {}
     published: dict[str, float] = {}  # inbox entry id -> when it was sent (ms, µs precision)
@@ -175,10 +175,9 @@ async def start_latency(
     report(f"{prefix}start_latency_p99", pct(lat, 0.99), "ms", pct(reference, 0.99),
            samples=len(lat), target=10,
            reference_name="xadd_to_xread_block_wakeup_p99")  # fmt: skip
-    if not prefix:
-        await hop_breakdown(
-            redis, settings, "probe", len(sent), statistics.median(reference), published
-        )
+    await hop_breakdown(
+        redis, settings, "probe", len(sent), statistics.median(reference), published, prefix
+    )
 
 
 async def hop_breakdown(
@@ -188,6 +187,7 @@ async def hop_breakdown(
     n: int,
     reference: float,
     published: dict[str, float],
+    prefix: str = "",
 ) -> None:
     """Where the start latency goes: p50/p99 of each hop of the `workflow` runs (from the path
     the runs record, in µs), one BENCH line per hop, value = p50. The first point is when the
@@ -212,7 +212,7 @@ async def hop_breakdown(
             hops.setdefault(f"{a} -> {b}", []).append(t1 - t0)
     for name, values in hops.items():
         slug = name.replace(" -> ", "_to_").replace(" ", "_")
-        report(f"start_hop_{slug}_ms", statistics.median(values), "ms", reference,
+        report(f"{prefix}start_hop_{slug}_ms", statistics.median(values), "ms", reference,
                p99=round(pct(values, 0.99), 3), samples=len(values), hop=name,
                reference_name="xadd_to_xread_block_wakeup_p50")  # fmt: skip
 

@@ -31,7 +31,13 @@
     ARGV[4]  when admission read the batch (µs, its clock), or 0 when unknown
     ARGV[5]  assignment deadline in ms: when the reaper first looks at an unclaimed ASSIGNED
              run (0: after a second, then at the reaper's deadline)
-    ARGV[6..] triples: requests-stream entry id, msgpack request
+    ARGV[6]  hand-over ('' : none): msgpack {e = executor id, l = lease ms, n = its free
+             slots, w = [workflow ids it serves]}: up to n runs of those workflows that this
+             call assigns are claimed for that executor at once (RUNNING under its lease, as
+             claim.lua would) instead of being written to their assignment streams. Only
+             `supersede serve` asks, for the executor of its own process.
+    ARGV[7..] triples: requests-stream entry id ('': a request handed over in the caller's
+              process, never written to the stream; nothing to acknowledge), msgpack request
               {id, g, s, w, v, k, ev, max, st, x, m, in, iu, u, tp}, when the request was
               written (µs, the entry's t field; 0: unknown, the entry id's ms is used)
               (iu: when ingress read the event, µs; optional. u = 1: the workflow has no
@@ -42,10 +48,14 @@
               and a newer one supersedes it)
 
   Output:
-    {0, created, duplicates, assigned, cancelled (, traced (, due))}
-                    traced (present when some are, or when due is): {run id, tp, superseding
-                    run id, its tp, reason} for each cancelled run that carries a trace context;
-                    due (only when the call set debounce timers): the earliest it set, ms
+    {0, created, duplicates, assigned, cancelled (, traced (, due (, handed)))}
+                    traced (present when some are, or when a later field is): {run id, tp,
+                    superseding run id, its tp, reason} for each cancelled run that carries a
+                    trace context; due (present when the call set debounce timers, or with a
+                    hand-over; 0: none set): the earliest it set, ms; handed (with a hand-over):
+                    {run id, attempt, workflow, version, input, key, sequence, tp, state} for
+                    each run claimed for the executor (state 'R', or 'X' when this call also
+                    cancelled it: its cancel message is in the control stream)
     {-1, i, field}  request i is malformed (names the first bad field); nothing written
     {-3, i}         request i belongs to another shard; nothing written
     {-4, 0}         bad ARGV; nothing written
@@ -69,16 +79,27 @@ local debounceKey, dueKey = KEYS[15], KEYS[16]
 local now, nowUs = nowMs(ARGV[1])
 local groupName, shardPrefix = ARGV[2], (ARGV[3] or '') .. '-'
 local readUs, assignDeadlineMs = tonumber(ARGV[4]), tonumber(ARGV[5])
-if not ARGV[3] or not readUs or not assignDeadlineMs or (#ARGV - 5) % 3 ~= 0 then
+if not ARGV[3] or not readUs or not assignDeadlineMs or not ARGV[6] or (#ARGV - 6) % 3 ~= 0 then
   return { -4, 0 }
 end
 
 -- @include transitions
 
+if ARGV[6] ~= '' then
+  local ok, spec = pcall(cmsgpack.unpack, ARGV[6])
+  if not ok or type(spec) ~= 'table' or type(spec.e) ~= 'string' or type(spec.w) ~= 'table'
+      or not tonumber(spec.l) or tonumber(spec.l) <= 0 or not tonumber(spec.n) then
+    return { -4, 0 }
+  end
+  local serves = {}
+  for i = 1, #spec.w do serves[spec.w[i]] = true end
+  handOver = { e = spec.e, l = tonumber(spec.l), n = tonumber(spec.n), w = serves, out = {} }
+end
+
 -- Validate the whole batch before writing anything.
 local reqs, written = {}, {}
-for i = 6, #ARGV, 3 do
-  local n = (i - 3) / 3
+for i = 7, #ARGV, 3 do
+  local n = (i - 4) / 3
   local ok, req = pcall(cmsgpack.unpack, ARGV[i + 1])
   if not ok or type(req) ~= 'table' then return { -1, n, 'payload' } end
   local bad = badRequestField(req)
@@ -87,7 +108,10 @@ for i = 6, #ARGV, 3 do
   if req.iu ~= nil and type(req.iu) ~= 'number' then return { -1, n, 'iu' } end
   reqs[n] = req
   local at = tonumber(ARGV[i + 2])
-  if not at or at <= 0 then at = tonumber(string.match(ARGV[i], '^(%d+)')) * 1000 end
+  if not at or at <= 0 then   -- the entry id's ms; now for a request handed over
+    local ms = tonumber(string.match(ARGV[i], '^(%d+)'))
+    at = ms and ms * 1000 or nowUs
+  end
   written[n] = at
 end
 
@@ -234,9 +258,37 @@ for rid, input in pairs(fresh) do
 end
 callChunked('HSET', inputsKey, inputs, 1000)
 
-ackEntries(requestsKey, groupName, 6, 3)
+ackEntries(requestsKey, groupName, 7, 3)
+local handed
+if handOver then
+  -- (inputs: a run created by this call still has its own in `fresh`, unless it ended)
+  handed = {}
+  local need = {}
+  for i = 1, #handOver.out do
+    local rid = handOver.out[i]
+    if not fresh[rid] then need[#need + 1] = rid end
+  end
+  local stored = {}
+  for j = 1, #need, 1000 do
+    local got = rcall('HMGET', inputsKey, unpack(need, j, math.min(j + 999, #need)))
+    for k = 1, #got do stored[need[j + k - 1]] = got[k] end
+  end
+  for i = 1, #handOver.out do
+    local rid = handOver.out[i]
+    local rec = loadRun(rid)
+    if rec.e == handOver.e and (rec.st == 'R' or rec.st == 'X') then
+      handed[#handed + 1] = {
+        rid, rec.a, rec.w, rec.v, fresh[rid] or stored[rid] or '', rec.k or rec.ev, rec.s,
+        rec.tp or '', rec.st,
+      }
+    end
+  end
+end
 flushRuns()
 flushNewest()
+if handed then
+  return { 0, created, dups, stats.assigned, stats.cancelled, traced, firstDue or 0, handed }
+end
 if firstDue then return { 0, created, dups, stats.assigned, stats.cancelled, traced, firstDue } end
 if #traced > 0 then return { 0, created, dups, stats.assigned, stats.cancelled, traced } end
 return { 0, created, dups, stats.assigned, stats.cancelled }

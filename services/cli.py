@@ -8,7 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from supersede import __version__, logs
@@ -20,8 +20,7 @@ from supersede.service import run_until_signal
 from supersede.services.modules import load_workflows
 
 if TYPE_CHECKING:
-    from supersede.services.executor.service import ExecutorConfig
-    from supersede.workflow import Workflow
+    pass
 
 log = logging.getLogger("supersede")
 
@@ -87,82 +86,22 @@ def _executor(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> None:
-    """Ingress, admission and an executor as tasks of one process, for small deployments: no
-    wake-up crosses a process boundary (see `all_in_one`)."""
+    """Ingress, admission and an executor as tasks of one process, for small deployments
+    (services/serve.py)."""
     from supersede import metrics
     from supersede.services.executor.service import ExecutorConfig
 
     workflows = [wf for module in args.module for wf in load_workflows(module)]
-    config = ExecutorConfig(slots=args.slots, drain_timeout=args.drain_timeout)
+    config = ExecutorConfig(slots=args.slots, lease_ms=int(args.lease * 1000),
+                            grace=args.grace, drain_timeout=args.drain_timeout)  # fmt: skip
     metrics.expect_parts("ingress", "admission", "executor")
 
     async def main(stop: asyncio.Event) -> None:
+        from supersede.services.serve import all_in_one
+
         await all_in_one(settings, workflows, config, stop)
 
     run_until_signal(main, args.metrics_port, _host(args, settings), service="all-in-one")
-
-
-async def all_in_one(
-    settings: Settings,
-    workflows: Sequence[Workflow],
-    config: ExecutorConfig,
-    stop: asyncio.Event,
-    *,
-    ingress: Callable[[asyncio.Event], Awaitable[None]] | None = None,
-) -> None:
-    """`supersede serve` until `stop`. Ingress starts once the executor registered its
-    workflows (an event no workflow listens to yet would be acknowledged, not run). On `stop`
-    ingress and the executor stop first (the executor drains as it does alone), and admission
-    last, once the executor's results are applied. A part that fails sets `stop`, so the
-    others stop the same way, and its error is raised once they have. `ingress` stands in for
-    the ingress service (tests)."""
-    from supersede.service import Service
-    from supersede.service import serve as serve_service
-    from supersede.services.admission.service import AdmissionConfig
-    from supersede.services.admission.service import serve as serve_admission
-    from supersede.services.executor.service import Executor
-    from supersede.services.ingress.service import IngressConfig
-    from supersede.services.ingress.service import serve as serve_ingress
-
-    drained = asyncio.Event()
-    made: list[Service] = []
-
-    async def keep(service: Service) -> None:
-        made.append(service)
-
-    async def executor_then_admission() -> None:
-        try:
-            await serve_service(lambda redis: Executor(redis, settings, workflows, config),
-                                settings, stop, keep)  # fmt: skip
-        finally:
-            drained.set()
-
-    async def ingress_once_registered() -> None:
-        while not (made and made[0].ready) and not drained.is_set():
-            await asyncio.sleep(0.01)
-        if drained.is_set():
-            return
-        if ingress is not None:
-            await ingress(stop)
-        else:
-            await serve_ingress(settings, IngressConfig(), stop)
-
-    failures: list[Exception] = []  # in the order they happened
-
-    async def stopping_all_on_failure(part: Awaitable[None]) -> None:
-        try:
-            await part
-        except Exception as exc:
-            failures.append(exc)
-            stop.set()  # the others stop as on SIGTERM: the executor drains, admission last
-
-    await asyncio.gather(
-        stopping_all_on_failure(executor_then_admission()),
-        stopping_all_on_failure(serve_admission(settings, AdmissionConfig(), drained)),
-        stopping_all_on_failure(ingress_once_registered()),
-    )
-    if failures:
-        raise failures[0]
 
 
 def _keda(args: argparse.Namespace, settings: Settings) -> None:
@@ -484,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     one.add_argument("module", nargs="+", help="importable module(s) that define Workflow objects")
     one.add_argument("--slots", type=int, default=10, help="runs executed at once")
+    one.add_argument("--lease", type=float, default=10.0, help="seconds; renewed every third")
+    one.add_argument("--grace", type=float, default=5.0, help="seconds a cancelled run may take")
     one.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on SIGTERM")
     one.add_argument(
         "--metrics-port", type=int, default=9104, help="0 disables /metrics (default 9104)"

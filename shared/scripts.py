@@ -78,6 +78,20 @@ class AdmitResult:
     # id or '', that run's traceparent or '', reason)
     traced: tuple[tuple[str, str, str, str, str], ...] = ()
     due: int = 0  # the earliest debounce timer the call set (ms), 0: none
+    # runs claimed for the executor of a hand-over (see `HandOver`), state 'R' or 'X'
+    handed: tuple[Claim, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HandOver:
+    """An executor of the caller's process (`supersede serve`) that takes runs straight from an
+    admit call: up to `free` runs of `workflows` are claimed for it in that call, under a lease
+    of `lease_ms`, instead of being written to their assignment streams."""
+
+    executor: str
+    lease_ms: int
+    free: int
+    workflows: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,24 +139,19 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _claimed(item: Sequence[Any], state: str = "R") -> Claim:
+    """A claimed run from {run id, attempt, workflow, version, input, key, sequence, tp}."""
+    rid, attempt, workflow, version, body, key, seq, tp = item
+    return Claim(run_id=_s(rid), claimed=True, attempt=int(attempt), workflow=_s(workflow),
+                 version=_s(version), input=body, key=_s(key), seq=_s(seq), state=state,
+                 traceparent=_s(tp))  # fmt: skip
+
+
 def _parse_claims(reply: list[Any]) -> list[Claim]:
     out = []
     for item in reply[1:]:
         if int(item[0]) == 1:
-            out.append(
-                Claim(
-                    run_id=_s(item[1]),
-                    claimed=True,
-                    attempt=int(item[2]),
-                    workflow=_s(item[3]),
-                    version=_s(item[4]),
-                    input=item[5],
-                    key=_s(item[6]),
-                    seq=_s(item[7]),
-                    state="R",
-                    traceparent=_s(item[8]),
-                )
-            )
+            out.append(_claimed(item[1:9]))
         else:
             out.append(Claim(run_id=_s(item[1]), claimed=False, state=_s(item[2])))
     return out
@@ -200,13 +209,19 @@ class Scripts:
         read_us: int = 0,
         written_us: Sequence[int] = (),
         assign_deadline_ms: int = 0,
+        hand_over: HandOver | None = None,
     ) -> AdmitResult:
         """Admit (requests-stream entry id, packed RunRequest) pairs of one shard; `read_us`:
         when admission read them (a point of each run's path, µs; 0: unknown); `written_us`:
         each entry's `t` field (when it was written; 0 or missing: the entry id's ms);
         `assign_deadline_ms`: when the reaper first looks at a run assigned here but not
-        claimed (0: after 1 s)."""
-        args: list[Any] = [now, self.admission_group, shard, read_us, assign_deadline_ms]
+        claimed (0: after 1 s). An entry id '' is a request handed over in this process, never
+        written to the stream. `hand_over`: claim runs for that executor in the same call."""
+        spec = b""
+        if hand_over is not None:
+            spec = codec.pack({"e": hand_over.executor, "l": hand_over.lease_ms,
+                               "n": hand_over.free, "w": list(hand_over.workflows)})  # fmt: skip
+        args: list[Any] = [now, self.admission_group, shard, read_us, assign_deadline_ms, spec]
         for i, (entry_id, payload) in enumerate(entries):
             args += (entry_id, payload, written_us[i] if i < len(written_us) else 0)
         sk = self.keys.shard(shard)
@@ -216,7 +231,8 @@ class Scripts:
         cancels = r[5] if len(r) > 5 else []  # (the script adds them only when some are traced)
         traced = tuple((_s(a), _s(b), _s(c), _s(d), _s(e)) for a, b, c, d, e in cancels)
         due = int(r[6]) if len(r) > 6 else 0
-        return AdmitResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), traced, due)
+        handed = tuple(_claimed(item[:8], _s(item[8])) for item in r[7]) if len(r) > 7 else ()
+        return AdmitResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), traced, due, handed)
 
     async def fire_debounced(
         self, shard: int, *, now: int = 0, limit: int = 1000, assign_deadline_ms: int = 0

@@ -119,17 +119,36 @@ local function writeAssignment(rid, rec)
   rcall('XADD', assignStream, '*', 'id', rid, 'a', rec.a)
 end
 
+-- Hand-over (admit.lua only, `supersede serve`): runs of the workflows an executor in the
+-- caller's process serves, while it has free slots, are claimed for it in the same call instead
+-- of being written to an assignment stream: { e = executor id, l = lease ms, n = free slots,
+-- w = set of workflow ids, out = run ids claimed }. Nil: every run goes to its stream.
+local handOver = nil
+
 local function assignRun(rid, rec)
-  rec.st = 'A'
   rec.t1 = now   -- (also point pg of the path, in µs; an earlier version's reaper reads t1)
   pointAt(rec, 'pg', nowUs)
-  rec.e = nil
   rec.ra = nil
   rec.tr = nil
+  stats.assigned = stats.assigned + 1
+  if handOver and handOver.n > 0 and handOver.w[rec.w] then
+    -- claimed at once, as claim.lua would (RUNNING under the executor's lease)
+    handOver.n = handOver.n - 1
+    rec.st = 'R'
+    rec.e = handOver.e
+    rec.pe = nil
+    rec.pc = rec.pg
+    rec.ph, rec.t2, rec.er, rec.hs = nil, nil, nil, nil
+    setLease(rid, now + handOver.l)
+    saveRun(rid, rec)
+    handOver.out[#handOver.out + 1] = rid
+    return
+  end
+  rec.st = 'A'
+  rec.e = nil
   writeAssignment(rid, rec)
   setLease(rid, now + firstLookMs)
   saveRun(rid, rec)
-  stats.assigned = stats.assigned + 1
 end
 
 -- The trace context of run `rid` ('' when it has none).

@@ -36,6 +36,7 @@ from supersede.protocol import (
     dead_letter,
 )
 from supersede.registry import load_all
+from supersede.scripts import AdmitResult, HandOver
 from supersede.service import Periodic, Service, Throttle
 from supersede.service import serve as serve_service
 from supersede.services.admission import metrics
@@ -368,15 +369,38 @@ class Admission(Service):
                 metrics.BATCH_SECONDS.labels(kind).observe(time.perf_counter() - started)
             return
 
+    async def admit_handed(
+        self, shard: int, payloads: Sequence[bytes], hand_over: HandOver | None
+    ) -> AdmitResult:
+        """Admit requests that ingress handed over in this process (`supersede serve`): never
+        written to the requests stream, so there is nothing to acknowledge; a crash before the
+        call leaves their inbox entries pending, and their redelivery makes the same run ids.
+        `hand_over`: claim runs for the executor of this process in the same call. A refused
+        request raises ScriptError (the caller appends the batch instead, and the read from
+        the stream dead-letters it as any other)."""
+        now_us = time.time_ns() // 1000  # read and written at once: both points of the path
+        entries: Items = [(b"", p) for p in payloads]
+        started = time.perf_counter()
+        try:
+            return await self._admit(shard, entries, now_us, {b"": now_us}, hand_over)
+        finally:
+            metrics.BATCH_SECONDS.labels("admit").observe(time.perf_counter() - started)
+
     async def _admit(
-        self, shard: int, entries: Items, read_us: int, written: dict[bytes, int]
-    ) -> None:
+        self,
+        shard: int,
+        entries: Items,
+        read_us: int,
+        written: dict[bytes, int],
+        hand_over: HandOver | None = None,
+    ) -> AdmitResult:
         r = await self.scripts.admit(
             shard,
             entries,
             read_us=read_us,
             written_us=[written.get(entry_id, 0) for entry_id, _ in entries],
             assign_deadline_ms=self.config.assign_deadline_ms,
+            hand_over=hand_over,
         )
         if r.due and (not self._next_due or r.due < self._next_due):
             self._next_due = float(r.due)
@@ -393,6 +417,7 @@ class Admission(Service):
         metrics.REQUESTS.labels("duplicate").inc(r.duplicates)
         metrics.ASSIGNED.inc(r.assigned)
         metrics.CANCELLED.inc(r.cancelled)
+        return r
 
     def _trace_admit(
         self,

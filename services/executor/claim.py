@@ -5,13 +5,14 @@ re-assigned meanwhile) starts nothing."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from supersede.metrics import HOP_SECONDS
-from supersede.scripts import Assigned, Scripts
+from supersede.scripts import Assigned, Claim, Scripts
 from supersede.services.executor import metrics
 from supersede.services.executor.cancel import Cancels
 from supersede.services.executor.config import ExecutorConfig
-from supersede.services.executor.steps import Runner
+from supersede.services.executor.steps import Runner, Running
 from supersede.streams import entry_ms
 
 Fetched = tuple[int, str, bytes, str, int]
@@ -50,11 +51,26 @@ class Claimer:
                 waited = max(0.0, now - entry_ms(entry)) / 1000
                 metrics.QUEUE_WAIT_SECONDS.observe(waited)
                 HOP_SECONDS.labels("assignments").observe(waited)
-                held = self.runner.active.get(claim.run_id)
-                if held is not None and held.attempt != claim.attempt:
-                    # The reaper retried a run still executing here (its lease lapsed): that
-                    # attempt is no longer this executor's to finish.
-                    self.cancels.cancel_local(claim.run_id, held.attempt, now)
-                run = self.runner.start(shard, claim)
-                if run is not None:
-                    self.cancels.apply_early(run)
+                self._start(shard, claim, now)
+
+    def start_handed(self, shard: int, claims: Sequence[Claim]) -> None:
+        """Start the runs an admit call claimed for this executor (`supersede serve`'s
+        hand-over: no assignment entry, no claim call). A run that call also cancelled (state
+        X) is started and stopped at once, so that its outcome is reported as any other's."""
+        now = time.time()
+        for claim in claims:
+            metrics.QUEUE_WAIT_SECONDS.observe(0.0)
+            run = self._start(shard, claim, now)
+            if run is not None and claim.state == "X":
+                self.cancels.cancel_local(claim.run_id, claim.attempt, now * 1000)
+
+    def _start(self, shard: int, claim: Claim, now: float) -> Running | None:
+        held = self.runner.active.get(claim.run_id)
+        if held is not None and held.attempt != claim.attempt:
+            # The reaper retried a run still executing here (its lease lapsed): that attempt
+            # is no longer this executor's to finish.
+            self.cancels.cancel_local(claim.run_id, held.attempt, now * 1000)
+        run = self.runner.start(shard, claim)
+        if run is not None:
+            self.cancels.apply_early(run)
+        return run

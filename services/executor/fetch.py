@@ -7,11 +7,12 @@ depends on the free slots and the backend:
   XREADGROUP, `free // hot` entries each; at least every 50 ms a read covers every stream
   instead, so a backlog in one stream never starves the others;
 - with a free slot per stream on one server, one XREADGROUP BLOCK over every stream both waits
-  and reads (free // streams entries per stream at most);
+  and reads (free // streams entries per stream at most), unless admit calls of this process
+  hand runs over (`supersede serve`);
 - otherwise the streams are read in batches of at most `free` streams, woken streams first,
   then in rotation; when that finds nothing, one XREAD BLOCK over every stream (from their last
   seen ids) waits for new entries without consuming them (on a cluster, a wake task per shard
-  does, over that shard's streams);
+  does, over that shard's streams), and while no entry comes it waits again with no scan;
 - after a failure, this consumer's own pending entries are read first (OwnPending);
 - each second a task of its own looks for assignments a dead executor read but never claimed
   (one pipelined XPENDING over every stream, off the fetch loop: that check took the loop a
@@ -78,31 +79,52 @@ class Fetcher:
         self._wake_ids: dict[str, str] = {}
         self._tails_fresh = False
         self._malformed: list[tuple[str, bytes]] = []
+        self.handed_over = False  # admit calls of this process claim runs for this executor
+        self._quiet = False  # the last scan found nothing, and the wait after it timed out
 
     async def loop(self, stop: asyncio.Event) -> None:
         """Until `stop`: wait for a free slot, read, take over, claim and start; or wait."""
         while not stop.is_set():
-            reread = False
+            reread = held_back = False
             try:
                 free = await self._free_slots()
                 if not free:
                     continue
-                await self._refresh_tails(free)
                 self.own.sweep_if_due()
-                reread = self.own.active
-                got = await self._read(free, reread)
-                if len(got) < free and self._stale:
-                    got += await self._take_over(free - len(got))
-                await self._ack_malformed()
-                self.service.healthy()
+                if self._quiet and not self.own.active and not self._stale:
+                    # The last wait saw no new entry, and the scan before it found none: no
+                    # scan (and no slot held for one) until an entry comes.
+                    self._quiet = not await self._wait_for_assignments()
+                    continue
+                self._quiet = False
+                # The free slots are held for the read, so that nothing else starts a run in
+                # them meanwhile; except while admit calls hand runs over (`supersede serve`):
+                # then a read holds none (a hand-over would find no slot, and its run would take
+                # the longer way), and what it took beyond the slots still free is left pending
+                # to this consumer, read again once slots free up.
+                window = self.runner.reserve(0 if self.handed_over else free)
+                with window:
+                    await self._refresh_tails(free)
+                    reread = self.own.active
+                    got = await self._read(free, reread)
+                    if len(got) < free and self._stale:
+                        got += await self._take_over(free - len(got))
+                    await self._ack_malformed()
+                    self.service.healthy()
+                    held_back = self.handed_over and len(got) > self.runner.free()
+                    if held_back:
+                        got = got[: max(0, self.runner.free())]
+                        self.own.restart()
+                    if got:
+                        self._tails_fresh = False
+                        with self.runner.reserve(len(got) if self.handed_over else 0):
+                            await self.claimer.claim_and_start(got)
                 if got:
-                    self._tails_fresh = False
-                    await self.claimer.claim_and_start(got)
                     await asyncio.sleep(0)  # let the new runs reach their first step
-                elif not reread and not self._blocking(free):
+                elif not reread and not held_back and not self._blocking(free):
                     # Only after a scan: entries older than the tails are the scan's to find,
                     # so a wait after a re-read of own entries could sleep past them.
-                    await self._wait_for_assignments()
+                    self._quiet = not await self._wait_for_assignments()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -119,8 +141,10 @@ class Fetcher:
         return 0
 
     def _blocking(self, free: int) -> bool:
-        """One XREADGROUP BLOCK over every stream both waits and reads."""
-        return free >= len(self.streams) and not self.cluster
+        """One XREADGROUP BLOCK over every stream both waits and reads. Not while admit calls
+        hand runs over to this executor (`supersede serve`): a read blocked for a second would
+        hold every free slot, and no run could be handed over."""
+        return free >= len(self.streams) and not self.cluster and not self.handed_over
 
     async def _refresh_tails(self, free: int) -> None:
         """Before a scan: the last id of every assignment stream, for the wait that may follow.
@@ -304,18 +328,22 @@ class Fetcher:
             got += self._parse(stream, [e for e in reply[1] if e and e[1]])
         return got
 
-    async def _wait_for_assignments(self) -> None:
-        """XREAD BLOCK over every assignment stream: wakes on any new entry, consumes nothing."""
+    async def _wait_for_assignments(self) -> bool:
+        """XREAD BLOCK over every assignment stream: wakes on any new entry, consumes nothing.
+        Whether a new entry came (False: the wait timed out)."""
         if self.cluster:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.block_ms / 1000)
-            return
+            return self._wake.is_set()
         reply = await self.redis.xread(self._wake_ids, count=1, block=self.config.block_ms)  # type: ignore[arg-type]
+        woken = False
         for stream, entries in cast(StreamReply, reply or []):
             if entries:
                 name = stream.decode()
                 self._wake_ids[name] = entries[-1][0].decode()
                 self._woken.append(self.index_of_stream[name])
+                woken = True
+        return woken
 
     async def wake_loop(self, stop: asyncio.Event, shard: int) -> None:
         """Cluster mode: one XREAD BLOCK per shard, over that shard's streams (one slot), sets

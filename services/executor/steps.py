@@ -15,7 +15,7 @@ import functools
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,9 +109,22 @@ class Runner:
         self.awaiting: dict[str, Reported] = {}  # outcome written, not yet applied
         self.pool = ThreadPoolExecutor(max_workers=max(4, config.slots * 2))
         self.slot_freed = asyncio.Event()
+        self.reserved = 0  # slots promised to a claim in flight (a fetch, or a hand-over)
 
     def free(self) -> int:
-        return self.config.slots - len(self.active)
+        return self.config.slots - len(self.active) - self.reserved
+
+    @contextlib.contextmanager
+    def reserve(self, n: int) -> Iterator[None]:
+        """Hold `n` slots for a claim in flight, so that two claims (the fetch loop's and an
+        admit call's hand-over in `supersede serve`) never start more runs than the slots."""
+        self.reserved += n
+        try:
+            yield
+        finally:
+            self.reserved -= n
+            if n:
+                self.slot_freed.set()
 
     def start(self, shard: int, claim: Claim) -> Running | None:
         """Start a claimed run as a task. A run of a workflow this process lacks, or whose

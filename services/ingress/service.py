@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -196,6 +196,10 @@ def build_routes(defs: dict[str, WorkflowDef]) -> dict[str, list[Route]]:
     return routes
 
 
+Sink = Callable[[int, list[bytes]], Awaitable[object]]
+"""Takes one shard's packed run requests; done once they are durable (appended or admitted)."""
+
+
 @dataclass(slots=True)
 class Batch:
     """One routed inbox batch, ready to be written."""
@@ -271,6 +275,9 @@ class Ingress(Service):
         self.routes: dict[str, list[Route]] = {}
         self.epoch = -1
         self._housekeeping_due = Throttle(1.0)
+        # Where a shard's requests go: the `append_requests` script, unless `supersede serve`
+        # hands them to the admission of its own process (services/serve.py).
+        self.sink: Sink = self.scripts.append_requests
 
     def groups(self) -> list[GroupSpec]:
         return [(self.keys.events_stream, INGRESS_GROUP)]
@@ -492,9 +499,7 @@ class Ingress(Service):
     async def _write(self, batch: Batch) -> None:
         dropped = await self.drop_duplicate_ids(batch) if batch.ids else 0
         shard_ids = list(batch.requests)
-        await aio.gather(
-            *(self.scripts.append_requests(s, [p for _, p in batch.requests[s]]) for s in shard_ids)
-        )
+        await aio.gather(*(self.sink(s, [p for _, p in batch.requests[s]]) for s in shard_ids))
         # One transaction on a single server: a crash cannot duplicate a dead letter. A cluster
         # refuses a transaction over two slots, so there the dead letters are written first and
         # the acknowledgement after: at least once, never lost.

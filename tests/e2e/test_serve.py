@@ -60,16 +60,19 @@ async def test_one_process_runs_the_system_and_drains_on_sigterm(
 
 
 async def test_a_failing_part_stops_the_others_as_sigterm_does(
-    redis: Redis, redis_url: str, keys: Keys
+    redis: Redis, redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ingress fails while a run is in flight: the executor still drains it and admission,
     stopped last, applies its result; then the failure is raised (the process exits with it)."""
+    # the demo app's steps log to the test's server, not to a default one
+    monkeypatch.setenv("SUPERSEDE_TEST_LOG_URL", redis_url)
+    monkeypatch.setenv("SUPERSEDE_NAMESPACE", keys.namespace)
     from supersede.config import Settings
-    from supersede.services.cli import all_in_one
     from supersede.services.executor.service import ExecutorConfig
     from supersede.services.ingress.service import IngressConfig
     from supersede.services.ingress.service import serve as serve_ingress
     from supersede.services.modules import load_workflows
+    from supersede.services.serve import all_in_one
 
     settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
     ns = keys.namespace

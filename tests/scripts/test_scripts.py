@@ -11,7 +11,7 @@ from supersede import codec
 from supersede.errors import BadArguments, MalformedItem, UnknownRun, WrongShard
 from supersede.keys import Keys
 from supersede.protocol import Outcome, RunRequest, RunResult, Strategy
-from supersede.scripts import Assigned, Scripts
+from supersede.scripts import Assigned, HandOver, Scripts
 from supersede.streams import ensure_groups
 from tests.support import make_request, records, snapshot
 
@@ -141,6 +141,79 @@ async def test_a_run_without_a_concurrency_limit_stays_out_of_every_group_book(
         for field, n in (await redis.hgetall(sk.counts_hash)).items():
             counts[field] = counts.get(field, 0) + int(n)
     assert counts == {b"wf|S": 1, b"wf|C": 2}
+
+
+async def test_a_hand_over_claims_runs_for_the_executor_within_its_free_slots(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """`supersede serve`: an admit call of requests read from no stream (entry id '') claims
+    the runs it assigns for the executor of its process, at most its free slots and only of
+    its workflows, as claim.lua would; the others take their assignment streams. A run the same
+    call cancelled is handed over as X, so that the executor reports it."""
+    reqs = [make_request(keys, key="one", event=f"e{i}", seq=i, unlimited=True) for i in range(4)]
+    other = make_request(keys, key="one", event="o", seq=9, unlimited=True, workflow="other")
+    shards = {s for s, _ in [*reqs, other]}
+    handed: list[str] = []
+    for shard in shards:
+        entries = [("", r.pack()) for s, r in [*reqs, other] if s == shard]
+        ho = HandOver("ex", LEASE, 2 - len(handed), ("wf",))
+        result = await scripts.admit(shard, entries, now=1000, hand_over=ho)
+        assert all(c.claimed and c.state == "R" and c.attempt == 1 for c in result.handed)
+        assert all(c.input == b"{}" and c.workflow == "wf" for c in result.handed)
+        handed += [c.run_id for c in result.handed]
+    assert len(handed) == 2  # the free slots, whatever the shards
+    recs = await records(redis, keys)
+    for _, r in [*reqs, other]:
+        rec = recs[r.run_id]
+        if r.run_id in handed:
+            assert rec["st"] == "R" and rec["e"] == "ex" and "pe" not in rec
+            assert rec["pc"] == rec["pg"]  # claimed as it was assigned
+        else:
+            assert rec["st"] == "A" and "e" not in rec  # for its assignment stream
+    lanes = {s: keys.shard(s) for s in shards}
+    for sk in lanes.values():
+        for rid in handed:
+            lease = await redis.zscore(sk.leases_zset, rid)
+            assert lease is None or lease == 1000 + LEASE
+        assert await redis.xlen(sk.requests_stream) == 0  # nothing written there, nothing acked
+    assigned = sum(
+        [await redis.xlen(sk.assignments_stream("wf")) for sk in lanes.values()]
+        + [await redis.xlen(sk.assignments_stream("other")) for sk in lanes.values()]
+    )
+    assert assigned == 3
+    # the heartbeat knows the handed runs as this executor's, and finish ends them
+    for s, r in [*reqs]:
+        if r.run_id in handed:
+            assert await scripts.heartbeat(s, "ex", [(r.run_id, 1)], lease_ms=LEASE) == []
+            await finish(scripts, s, r, Outcome.SUCCEEDED)
+    counts: dict[bytes, int] = {}
+    for sk in keys.all_shards():
+        for field, n in (await redis.hgetall(sk.counts_hash)).items():
+            counts[field] = counts.get(field, 0) + int(n)
+    assert counts == {b"wf|S": 2, b"wf|A": 2, b"other|A": 1}
+
+    # CANCEL_IN_PROGRESS: a newer run supersedes a handed-over one (told to stop, as any other)
+    a, b = (make_request(keys, key="chat", event=f"c{i}", seq=20 + i) for i in (1, 2))
+    ho = HandOver("ex", LEASE, 5, ("wf",))
+    [first] = (await scripts.admit(a[0], [("", a[1].pack())], now=2000, hand_over=ho)).handed
+    assert first.run_id == a[1].run_id
+    [second] = (await scripts.admit(b[0], [("", b[1].pack())], now=2001, hand_over=ho)).handed
+    assert second.run_id == b[1].run_id
+    recs = await records(redis, keys)
+    assert recs[a[1].run_id]["st"] == "X" and recs[a[1].run_id]["by"] == b[1].run_id
+
+
+async def test_a_hand_over_with_no_free_slot_or_a_bad_spec(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    shard, req = make_request(keys, event="e", seq=1)
+    r = await scripts.admit(shard, [("", req.pack())], hand_over=HandOver("ex", LEASE, 0, ("wf",)))
+    assert r.handed == () and r.assigned == 1
+    assert await redis.xlen(keys.shard(shard).assignments_stream("wf")) == 1
+    before = await snapshot(redis, keys)
+    with pytest.raises(BadArguments):
+        await scripts.admit(shard, [("", req.pack())], hand_over=HandOver("ex", 0, 1, ("wf",)))
+    assert await snapshot(redis, keys) == before
 
 
 async def test_cancel_newest_never_interrupts_and_sheds_what_cannot_start(

@@ -10,18 +10,23 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from typing import Any
 
 from supersede.config import DEFAULT_URL, connect_sync
 from supersede.workflow import Concurrency, Context, Strategy, Workflow
 
-_redis = connect_sync(
-    os.environ.get("SUPERSEDE_TEST_LOG_URL") or os.environ.get("SUPERSEDE_REDIS_URL", DEFAULT_URL)
-)
-LOG = f"{os.environ.get('SUPERSEDE_NAMESPACE', 'supersede')}:test:log"
+_logs: dict[str, Any] = {}  # log server URL -> its connection
 
 
 def note(*parts: object) -> None:
-    _redis.rpush(LOG, ":".join(str(p) for p in parts))
+    """Append to the test log of the server and namespace the environment names now (read at
+    each call: a test that runs these workflows in its own process sets them for itself)."""
+    url = os.environ.get("SUPERSEDE_TEST_LOG_URL") or os.environ.get(
+        "SUPERSEDE_REDIS_URL", DEFAULT_URL
+    )
+    conn = _logs.get(url) or _logs.setdefault(url, connect_sync(url))
+    conn.rpush(f"{os.environ.get('SUPERSEDE_NAMESPACE', 'supersede')}:test:log",
+               ":".join(str(p) for p in parts))  # fmt: skip
 
 
 chat = Workflow(

@@ -1,0 +1,136 @@
+"""`supersede serve`: ingress, admission and an executor as tasks of one process.
+
+The three parts are the services themselves, with one difference: a run request does not cross
+the process through Redis streams when it need not. Ingress hands each shard's requests to the
+admission of the process, which admits them in one `admit` call with no requests-stream entry,
+and that call claims the runs it assigns for the executor of the process while it has free
+slots, with no assignment entry and no claim call (`HandOff`). That removes two blocking-read
+wake-ups and two script calls from every run's start. What the executor cannot take (no free
+slot, a workflow it does not serve) is written to the assignment streams as usual, and runs
+that later calls assign (a slot freed, the reaper) go through the streams too.
+
+Failure stays that of the separate services: a crash before the admit call leaves the inbox
+entries pending, and their redelivery makes the same run ids (admission recognises them); a
+crash after it leaves RUNNING runs under this executor's lease, which lapses and the reaper
+retries them, as for a run claimed from a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+
+from redis.asyncio import Redis
+
+from supersede.config import Settings
+from supersede.errors import MalformedItem, WrongShard
+from supersede.scripts import HandOver
+from supersede.service import Service
+from supersede.service import serve as serve_service
+from supersede.services.admission.service import Admission, AdmissionConfig
+from supersede.services.executor.service import Executor, ExecutorConfig
+from supersede.services.ingress.service import Ingress, IngressConfig
+from supersede.workflow import Workflow
+
+
+class HandOff:
+    """Ingress's sink in `supersede serve`: admits a shard's requests at once, and starts on the
+    executor the runs that call claimed for it."""
+
+    def __init__(self, admission: Admission, executor: Executor, stop: asyncio.Event) -> None:
+        self.admission = admission
+        self.executor = executor
+        self.stop = stop
+        executor.fetcher.handed_over = True
+
+    async def __call__(self, shard: int, payloads: list[bytes]) -> None:
+        ex = self.executor
+        # No hand-over once the process is stopping: the executor drains and takes no new run.
+        free = 0 if self.stop.is_set() else max(0, ex.runner.free())
+        with ex.runner.reserve(free):
+            hand_over = None
+            if free:
+                hand_over = HandOver(ex.consumer, ex.config.lease_ms, free, ex.workflows)
+            try:
+                r = await self.admission.admit_handed(shard, payloads, hand_over)
+            except (MalformedItem, WrongShard):
+                # A request the script refuses: through the stream, where admission's read
+                # dead-letters it with its reason and admits the others.
+                await self.admission.scripts.append_requests(shard, payloads)
+                return
+            ex.claimer.start_handed(shard, r.handed)
+
+
+async def all_in_one(
+    settings: Settings,
+    workflows: Sequence[Workflow],
+    config: ExecutorConfig,
+    stop: asyncio.Event,
+    *,
+    ingress: Callable[[asyncio.Event], Awaitable[None]] | None = None,
+    hand_off: bool = True,
+) -> None:
+    """`supersede serve` until `stop`. Ingress starts once the executor registered its
+    workflows (an event no workflow listens to yet would be acknowledged, not run) and
+    admission is up. On `stop` ingress and the executor stop first (the executor drains as it
+    does alone), and admission last, once the executor's results are applied. A part that fails
+    sets `stop`, so the others stop the same way, and its error is raised once they have.
+    `ingress` stands in for the ingress service (tests); `hand_off` False: every request and
+    assignment crosses its stream, as between separate services."""
+    drained = asyncio.Event()
+    executors: list[Service] = []
+    admissions: list[Service] = []
+
+    async def executor_then_admission() -> None:
+        try:
+            await serve_service(lambda redis: Executor(redis, settings, workflows, config),
+                                settings, stop, _keep(executors))  # fmt: skip
+        finally:
+            drained.set()
+
+    def make_ingress(redis: Redis) -> Ingress:
+        part = Ingress(redis, settings, IngressConfig())
+        admission, executor = admissions[0], executors[0]
+        if hand_off:
+            assert isinstance(admission, Admission) and isinstance(executor, Executor)
+            part.sink = HandOff(admission, executor, stop)
+        return part
+
+    async def ingress_once_ready() -> None:
+        while not drained.is_set() and not all(p and p[0].ready for p in (executors, admissions)):
+            await asyncio.sleep(0.01)
+        if drained.is_set():
+            return
+        if ingress is not None:
+            await ingress(stop)
+        else:
+            await serve_service(make_ingress, settings, stop)
+
+    failures: list[Exception] = []  # in the order they happened
+
+    async def stopping_all_on_failure(part: Awaitable[None]) -> None:
+        try:
+            await part
+        except Exception as exc:
+            failures.append(exc)
+            stop.set()  # the others stop as on SIGTERM: the executor drains, admission last
+
+    def make_admission(redis: Redis) -> Admission:
+        return Admission(redis, settings, AdmissionConfig())
+
+    await asyncio.gather(
+        stopping_all_on_failure(executor_then_admission()),
+        stopping_all_on_failure(
+            serve_service(make_admission, settings, drained, _keep(admissions))
+        ),
+        stopping_all_on_failure(ingress_once_ready()),
+    )
+    if failures:
+        raise failures[0]
+
+
+def _keep(made: list[Service]) -> Callable[[Service], Awaitable[None]]:
+    async def keep(service: Service) -> None:
+        made.append(service)
+
+    return keep
