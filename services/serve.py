@@ -25,7 +25,6 @@ from redis.asyncio import Redis
 from supersede.config import Settings
 from supersede.errors import MalformedItem, WrongShard
 from supersede.scripts import HandOver
-from supersede.service import Service
 from supersede.service import serve as serve_service
 from supersede.services.admission.service import Admission, AdmissionConfig
 from supersede.services.executor.service import Executor, ExecutorConfig
@@ -41,12 +40,13 @@ class HandOff:
         self.admission = admission
         self.executor = executor
         self.stop = stop
-        executor.fetcher.handed_over = True
+        executor.fetcher.handed_over = True  # (all_in_one sets it before the executor starts)
 
     async def __call__(self, shard: int, payloads: list[bytes]) -> None:
         ex = self.executor
-        # No hand-over once the process is stopping: the executor drains and takes no new run.
-        free = 0 if self.stop.is_set() else max(0, ex.runner.free())
+        # At most a slot per request: the batch's other shards are handed over at the same
+        # time. None once the process is stopping: the executor drains and takes no new run.
+        free = 0 if self.stop.is_set() else max(0, min(ex.runner.free(), len(payloads)))
         with ex.runner.reserve(free):
             hand_over = None
             if free:
@@ -77,60 +77,78 @@ async def all_in_one(
     sets `stop`, so the others stop the same way, and its error is raised once they have.
     `ingress` stands in for the ingress service (tests); `hand_off` False: every request and
     assignment crosses its stream, as between separate services."""
-    drained = asyncio.Event()
-    executors: list[Service] = []
-    admissions: list[Service] = []
+    await _AllInOne(settings, workflows, config, stop, ingress, hand_off).run()
 
-    async def executor_then_admission() -> None:
-        try:
-            await serve_service(lambda redis: Executor(redis, settings, workflows, config),
-                                settings, stop, _keep(executors))  # fmt: skip
-        finally:
-            drained.set()
 
-    def make_ingress(redis: Redis) -> Ingress:
-        part = Ingress(redis, settings, IngressConfig())
-        admission, executor = admissions[0], executors[0]
-        if hand_off:
-            assert isinstance(admission, Admission) and isinstance(executor, Executor)
-            part.sink = HandOff(admission, executor, stop)
-        return part
+class _AllInOne:
+    def __init__(
+        self,
+        settings: Settings,
+        workflows: Sequence[Workflow],
+        config: ExecutorConfig,
+        stop: asyncio.Event,
+        ingress: Callable[[asyncio.Event], Awaitable[None]] | None,
+        hand_off: bool,
+    ) -> None:
+        self.settings = settings
+        self.workflows = workflows
+        self.config = config
+        self.stop = stop
+        self.ingress = ingress
+        self.hand_off = hand_off
+        self.drained = asyncio.Event()  # the executor stopped: admission may stop too
+        self.executor: Executor | None = None
+        self.admission: Admission | None = None
+        self.failures: list[Exception] = []  # in the order they happened
 
-    async def ingress_once_ready() -> None:
-        while not drained.is_set() and not all(p and p[0].ready for p in (executors, admissions)):
-            await asyncio.sleep(0.01)
-        if drained.is_set():
-            return
-        if ingress is not None:
-            await ingress(stop)
-        else:
-            await serve_service(make_ingress, settings, stop)
+    async def run(self) -> None:
+        await asyncio.gather(
+            self._stopping_all_on_failure(self._executor_then_admission()),
+            self._stopping_all_on_failure(
+                serve_service(self._make_admission, self.settings, self.drained)
+            ),
+            self._stopping_all_on_failure(self._ingress_once_ready()),
+        )
+        if self.failures:
+            raise self.failures[0]
 
-    failures: list[Exception] = []  # in the order they happened
-
-    async def stopping_all_on_failure(part: Awaitable[None]) -> None:
+    async def _stopping_all_on_failure(self, part: Awaitable[None]) -> None:
         try:
             await part
         except Exception as exc:
-            failures.append(exc)
-            stop.set()  # the others stop as on SIGTERM: the executor drains, admission last
+            self.failures.append(exc)
+            self.stop.set()  # the others stop as on SIGTERM: the executor drains, admission last
 
-    def make_admission(redis: Redis) -> Admission:
-        return Admission(redis, settings, AdmissionConfig())
+    def _make_executor(self, redis: Redis) -> Executor:
+        self.executor = Executor(redis, self.settings, self.workflows, self.config)
+        # from its first read on: a read that held the free slots would leave none to hand over
+        self.executor.fetcher.handed_over = self.hand_off
+        return self.executor
 
-    await asyncio.gather(
-        stopping_all_on_failure(executor_then_admission()),
-        stopping_all_on_failure(
-            serve_service(make_admission, settings, drained, _keep(admissions))
-        ),
-        stopping_all_on_failure(ingress_once_ready()),
-    )
-    if failures:
-        raise failures[0]
+    def _make_admission(self, redis: Redis) -> Admission:
+        self.admission = Admission(redis, self.settings, AdmissionConfig())
+        return self.admission
 
+    def _make_ingress(self, redis: Redis) -> Ingress:
+        part = Ingress(redis, self.settings, IngressConfig())
+        if self.hand_off and self.admission is not None and self.executor is not None:
+            part.sink = HandOff(self.admission, self.executor, self.stop)
+        return part
 
-def _keep(made: list[Service]) -> Callable[[Service], Awaitable[None]]:
-    async def keep(service: Service) -> None:
-        made.append(service)
+    async def _executor_then_admission(self) -> None:
+        try:
+            await serve_service(self._make_executor, self.settings, self.stop)
+        finally:
+            self.drained.set()
 
-    return keep
+    async def _ingress_once_ready(self) -> None:
+        while not self.drained.is_set() and not all(
+            part is not None and part.ready for part in (self.executor, self.admission)
+        ):
+            await asyncio.sleep(0.01)
+        if self.drained.is_set():
+            return
+        if self.ingress is not None:
+            await self.ingress(self.stop)
+        else:
+            await serve_service(self._make_ingress, self.settings, self.stop)

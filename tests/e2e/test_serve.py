@@ -11,10 +11,12 @@ import signal
 import pytest
 from redis.asyncio import Redis
 
+from supersede import codec
 from supersede.client import get_run, publish_runs, wait_for_run
 from supersede.keys import Keys
+from supersede.protocol import RunRecord
 from supersede.server import free_port
-from tests.support import APP, APP_WORKFLOWS, System, eventually, scrape
+from tests.support import APP, APP_WORKFLOWS, System, eventually, records, scrape
 
 
 async def test_one_process_runs_the_system_and_drains_on_sigterm(
@@ -103,3 +105,125 @@ async def test_a_failing_part_stops_the_others_as_sigterm_does(
     done = await get_run(redis, in_flight[0], namespace=ns)
     assert done is not None and done.state == "SUCCEEDED"  # drained, and its result applied
     assert stop.is_set()
+
+
+# -- the hand-over: ingress -> admission -> executor inside the process -----------------------
+
+
+async def _records(redis: Redis, keys: Keys) -> dict[str, RunRecord]:
+    return {rid: RunRecord.from_map(rid, rec) for rid, rec in (await records(redis, keys)).items()}
+
+
+async def _entries_added(redis: Redis, stream: str) -> int:
+    """Entries ever added to `stream` (0 when it was never written)."""
+    if not await redis.exists(stream):
+        return 0
+    return int((await redis.xinfo_stream(stream))["entries-added"])
+
+
+async def test_serve_hands_runs_to_its_executor_without_the_streams(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """With free slots, no run crosses the requests or an assignment stream: admitted in the
+    call that ingress makes, claimed for the executor in that same call (fails on the old
+    serve, where every run made both entries)."""
+    system.start("serve", APP, "--slots", "20")
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+    await eventually(registered, timeout=30)
+    ns = keys.namespace
+    planned = []
+    for i in range(10):
+        planned += (await publish_runs(redis, "work.item", {"i": i}, namespace=ns))[1]
+    for user in ("a", "b", "c"):
+        planned += (await publish_runs(redis, "chat.message", {"userId": user}, namespace=ns))[1]
+    for p in planned:
+        assert (await wait_for_run(redis, p.run_id, 30, namespace=ns)).state == "SUCCEEDED"
+    recs = await _records(redis, keys)
+    for p in planned:
+        points = [name for name, _ in recs[p.run_id].path()]
+        assert "claimed" in points and "executor read" not in points, points
+        assert recs[p.run_id].executor
+    for sk in keys.all_shards():
+        assert await _entries_added(redis, sk.requests_stream) == 0
+        for wf in ("work", "chat-reply"):
+            assert await _entries_added(redis, sk.assignments_stream(wf)) == 0
+
+
+async def test_serve_never_runs_more_than_its_slots_and_the_rest_take_the_streams(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Two slots, eight runs at once: two are handed over, the others wait in their assignment
+    stream until a slot frees; the step log never shows three at once."""
+    system.start("serve", APP, "--slots", "2")
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+    await eventually(registered, timeout=30)
+    ns = keys.namespace
+    planned = []
+    for i in range(8):
+        planned += (await publish_runs(redis, "work.item", {"i": i, "sleep": 0.3}, namespace=ns))[1]
+    for p in planned:
+        assert (await wait_for_run(redis, p.run_id, 30, namespace=ns)).state == "SUCCEEDED"
+    running = most = 0
+    for line in await redis.lrange(f"{ns}:test:log", 0, -1):
+        kind = line.decode().split(":")[0]
+        running += {"started": 1, "done": -1}.get(kind, 0)
+        most = max(most, running)
+    assert most == 2
+    recs = await _records(redis, keys)
+    via_stream = [p for p in planned if "executor read" in dict(recs[p.run_id].path())]
+    assert 0 < len(via_stream) < len(planned)  # both ways were taken
+
+
+async def test_a_handed_over_run_is_retried_after_serve_is_killed(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """SIGKILL after the hand-over: the run is RUNNING under the dead process's lease, which
+    lapses; the reaper retries it and the next serve process runs it to the end."""
+    first = system.start("serve", APP, "--slots", "4", "--lease", "1")
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+    await eventually(registered, timeout=30)
+    ns = keys.namespace
+    _, [run], _ = await publish_runs(redis, "work.item", {"sleep": 1.5}, namespace=ns)
+
+    async def running() -> bool:
+        got = await get_run(redis, run.run_id, namespace=ns)
+        return got is not None and got.state == "RUNNING"
+
+    await eventually(running, timeout=30)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    system.start("serve", APP, "--slots", "4", "--lease", "1")
+    done = await wait_for_run(redis, run.run_id, 60, namespace=ns)
+    assert done.state == "SUCCEEDED" and done.attempt == 2
+
+
+async def test_a_request_the_admit_call_refuses_goes_through_the_stream(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """The hand-over never fails a batch over one request the script refuses: the shard's
+    requests are appended to the stream instead, where admission dead-letters that one with
+    its reason and admits the others."""
+    from supersede.config import Settings
+    from supersede.services.admission.service import Admission
+    from supersede.services.executor.service import Executor, ExecutorConfig
+    from supersede.services.modules import load_workflows
+    from supersede.services.serve import HandOff
+
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    admission = Admission(redis, settings)
+    executor = Executor(redis, settings, load_workflows(APP), ExecutorConfig(slots=2))
+    hand_off = HandOff(admission, executor, asyncio.Event())
+    bad = codec.pack({"id": "0-x"})  # a request without most of its fields
+    await hand_off(0, [bad])
+    [(_, fields)] = await redis.xrange(keys.shard(0).requests_stream)
+    assert fields[b"r"] == bad
+    assert not executor.runner.active and executor.runner.free() == 2
