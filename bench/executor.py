@@ -246,11 +246,12 @@ async def _server_use(redis: Redis) -> tuple[int, float]:
     return int(memory["used_memory"]), float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
-async def cost_per_run(redis: Redis, settings: Settings, n: int) -> None:
+async def cost_per_run(redis: Redis, settings: Settings, n: int, prefix: str = "") -> None:
     """Server memory per retained run and server CPU per run, end to end, for n no-op runs with
     a 100-byte input: the CPU from the first publish until every run ended, the memory once
     the streams were trimmed (admission trims every 5 s).
-    Reference, in the same run: the same per entry of a plain pipelined XADD of 100 bytes."""
+    Reference, in the same run: the same per entry of a plain pipelined XADD of 100 bytes.
+    Lines named `<prefix>redis_…`."""
     keys = settings.keys
     payload = orjson.dumps({"pad": "x" * 90})
 
@@ -281,9 +282,9 @@ async def cost_per_run(redis: Redis, settings: Settings, n: int) -> None:
     mem0 = (await _server_use(redis))[0]
     cpu = await cpu_of_runs([(keys.events_stream, {"name": b"bench.noop", "data": payload})] * n)
     mem1 = (await _server_use(redis))[0]
-    report("redis_bytes_per_retained_run", (mem1 - mem0) / n, "bytes", ref_bytes, runs=n,
+    report(f"{prefix}redis_bytes_per_retained_run", (mem1 - mem0) / n, "bytes", ref_bytes, runs=n,
            target=400, reference_name="bytes_per_xadd_entry_of_100_bytes")  # fmt: skip
-    report("redis_cpu_us_per_run", cpu / n * 1e6, "us", ref_us, runs=n, target=40,
+    report(f"{prefix}redis_cpu_us_per_run", cpu / n * 1e6, "us", ref_us, runs=n, target=40,
            reference_name="server_cpu_us_per_pipelined_xadd")  # fmt: skip
     # The same for a workflow with a limit (CANCEL_IN_PROGRESS, max_runs 1, a key per event):
     # what the group bookkeeping adds to a run.
@@ -291,7 +292,7 @@ async def cost_per_run(redis: Redis, settings: Settings, n: int) -> None:
     cpu = await cpu_of_runs(
         [(keys.events_stream, {"name": b"bench.keyed", "data": data}) for data in keyed]
     )
-    report("redis_cpu_us_per_run_limited", cpu / n * 1e6, "us", ref_us, runs=n,
+    report(f"{prefix}redis_cpu_us_per_run_limited", cpu / n * 1e6, "us", ref_us, runs=n,
            reference_name="server_cpu_us_per_pipelined_xadd",
            what="CANCEL_IN_PROGRESS, max_runs 1, a key per event")  # fmt: skip
 

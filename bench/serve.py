@@ -1,6 +1,7 @@
 """`supersede serve` (ingress, admission and an executor in one process, 100 slots) against the
-separate services: the start latency at 200 events/s and the end-to-end throughput of no-op
-runs; reference: the XADD wake-up and the pipelined XADD rate, as in the executor benchmark."""
+separate services: the start latency at 200 events/s with its hops, the end-to-end throughput
+of no-op runs, and the server's memory and CPU per run; references as in the executor
+benchmark (the XADD wake-up, the pipelined XADD rate, a pipelined XADD's memory and CPU)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ import sys
 from redis.asyncio import Redis
 
 from bench.common import apps_registered, log
-from bench.executor import e2e_throughput, start_latency, wait_for, xread_wakeup_ms
+from bench.executor import (
+    cost_per_run,
+    e2e_throughput,
+    start_latency,
+    wait_for,
+    xread_wakeup_ms,
+)
 from supersede.config import Settings
 from supersede.protocol import INGRESS_GROUP
 from supersede.server import EmbeddedServer
@@ -41,6 +48,7 @@ async def main() -> None:
         await wait_for(ready)
         await start_latency(redis, settings, await xread_wakeup_ms(redis), prefix="serve_")
         await e2e_throughput(redis, settings, 20_000, name="serve_e2e_throughput")
+        await cost_per_run(redis, settings, 20_000, prefix="serve_")
     finally:
         proc.kill()
         proc.wait(10)

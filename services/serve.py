@@ -59,6 +59,8 @@ class HandOff:
                 await self.admission.scripts.append_requests(shard, payloads)
                 return
             ex.claimer.start_handed(shard, r.handed)
+        if r.handed:
+            await asyncio.sleep(0)  # the new runs reach their first step before ingress goes on
 
 
 async def all_in_one(
