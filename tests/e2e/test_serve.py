@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import uuid
 
 import pytest
 from redis.asyncio import Redis
 
 from supersede import codec
 from supersede.client import get_run, publish_runs, wait_for_run
+from supersede.config import connect
 from supersede.keys import Keys
+from supersede.model import shard_of_run
 from supersede.protocol import RunRecord
-from supersede.server import free_port
+from supersede.server import EmbeddedCluster, free_port
 from tests.support import APP, APP_WORKFLOWS, System, eventually, records, scrape
 
 
@@ -227,3 +230,33 @@ async def test_a_request_the_admit_call_refuses_goes_through_the_stream(
     [(_, fields)] = await redis.xrange(keys.shard(0).requests_stream)
     assert fields[b"r"] == bad
     assert not executor.runner.active and executor.runner.free() == 2
+
+
+async def test_serve_hands_runs_over_on_a_cluster(redis_cluster: EmbeddedCluster) -> None:
+    """The hand-over on a 3-master cluster: one admit call per shard, each on its node."""
+    keys = Keys(f"serve{uuid.uuid4().hex[:6]}", 4)
+    url = f"redis+cluster://127.0.0.1:{redis_cluster.nodes[0].port}"
+    client = connect(url)
+    system = System(url, keys)
+    try:
+        system.start("serve", APP, "--slots", "20")
+
+        async def registered() -> bool:
+            return int(await client.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+        await eventually(registered, timeout=30)
+        planned = []
+        for i in range(12):
+            planned += (
+                await publish_runs(client, "work.item", {"i": i}, namespace=keys.namespace)
+            )[1]
+        for p in planned:
+            run = await wait_for_run(client, p.run_id, 30, namespace=keys.namespace)
+            assert run.state == "SUCCEEDED"
+        assert len({shard_of_run(p.run_id) for p in planned}) > 1  # several shards and nodes
+        for sk in keys.all_shards():
+            assert await _entries_added(client, sk.requests_stream) == 0
+            assert await _entries_added(client, sk.assignments_stream("work")) == 0
+    finally:
+        system.close()
+        await client.aclose()
