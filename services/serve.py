@@ -34,31 +34,50 @@ from supersede.workflow import Workflow
 
 class HandOff:
     """Ingress's sink in `supersede serve`: admits a shard's requests at once, and starts on the
-    executor the runs that call claimed for it."""
+    executor the runs that call claimed for it. `closed`: set once the executor has stopped."""
 
-    def __init__(self, admission: Admission, executor: Executor, stop: asyncio.Event) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        executor: Executor,
+        stop: asyncio.Event,
+        closed: asyncio.Event | None = None,
+    ) -> None:
         self.admission = admission
         self.executor = executor
         self.stop = stop
+        self.closed = closed or asyncio.Event()
         executor.fetcher.handed_over = True  # (all_in_one sets it before the executor starts)
+
+    def _slots(self, requests: int) -> int:
+        """The slots this call may fill: at most one per request (the batch's other shards are
+        handed over at the same time); none once the process is stopping (the executor drains
+        and takes no new run), nor while assignment entries wait for the executor (they go
+        first: newer runs handed over must not starve them)."""
+        ex = self.executor
+        if self.stop.is_set() or self.closed.is_set() or ex.fetcher.backlog:
+            return 0
+        return max(0, min(ex.runner.free(), requests))
 
     async def __call__(self, shard: int, payloads: list[bytes]) -> None:
         ex = self.executor
-        # At most a slot per request: the batch's other shards are handed over at the same
-        # time. None once the process is stopping: the executor drains and takes no new run.
-        free = 0 if self.stop.is_set() else max(0, min(ex.runner.free(), len(payloads)))
-        with ex.runner.reserve(free):
-            hand_over = None
-            if free:
-                hand_over = HandOver(ex.consumer, ex.config.lease_ms, free, ex.workflows)
-            try:
-                r = await self.admission.admit_handed(shard, payloads, hand_over)
-            except (MalformedItem, WrongShard):
-                # A request the script refuses: through the stream, where admission's read
-                # dead-letters it with its reason and admits the others.
-                await self.admission.scripts.append_requests(shard, payloads)
-                return
-            ex.claimer.start_handed(shard, r.handed)
+        free = self._slots(len(payloads))
+        ex.runner.handing += 1
+        try:
+            with ex.runner.reserve(free):
+                hand_over = None
+                if free:
+                    hand_over = HandOver(ex.consumer, ex.config.lease_ms, free, ex.workflows)
+                try:
+                    r = await self.admission.admit_handed(shard, payloads, hand_over)
+                except (MalformedItem, WrongShard):
+                    # A request the script refuses: through the stream, where admission's read
+                    # dead-letters it with its reason and admits the others.
+                    await self.admission.scripts.append_requests(shard, payloads)
+                    return
+                ex.claimer.start_handed(shard, r.handed)
+        finally:
+            ex.runner.handing -= 1
         if r.handed:
             await asyncio.sleep(0)  # the new runs reach their first step before ingress goes on
 
@@ -98,21 +117,31 @@ class _AllInOne:
         self.stop = stop
         self.ingress = ingress
         self.hand_off = hand_off
-        self.drained = asyncio.Event()  # the executor stopped: admission may stop too
+        self.drained = asyncio.Event()  # the executor stopped
+        self.ingress_done = asyncio.Event()  # ingress stopped (or never started)
+        self.last = asyncio.Event()  # both did: admission may stop
         self.executor: Executor | None = None
         self.admission: Admission | None = None
         self.failures: list[Exception] = []  # in the order they happened
 
     async def run(self) -> None:
         await asyncio.gather(
-            self._stopping_all_on_failure(self._executor_then_admission()),
+            self._stopping_all_on_failure(self._executor()),
             self._stopping_all_on_failure(
-                serve_service(self._make_admission, self.settings, self.drained)
+                serve_service(self._make_admission, self.settings, self.last)
             ),
             self._stopping_all_on_failure(self._ingress_once_ready()),
+            self._admission_last(),
         )
         if self.failures:
             raise self.failures[0]
+
+    async def _admission_last(self) -> None:
+        """Admission stops once the executor drained (its results applied) and ingress wrote
+        its last batch (whose requests it may still be handing over)."""
+        await self.drained.wait()
+        await self.ingress_done.wait()
+        self.last.set()
 
     async def _stopping_all_on_failure(self, part: Awaitable[None]) -> None:
         try:
@@ -134,23 +163,26 @@ class _AllInOne:
     def _make_ingress(self, redis: Redis) -> Ingress:
         part = Ingress(redis, self.settings, IngressConfig())
         if self.hand_off and self.admission is not None and self.executor is not None:
-            part.sink = HandOff(self.admission, self.executor, self.stop)
+            part.sink = HandOff(self.admission, self.executor, self.stop, self.drained)
         return part
 
-    async def _executor_then_admission(self) -> None:
+    async def _executor(self) -> None:
         try:
             await serve_service(self._make_executor, self.settings, self.stop)
         finally:
             self.drained.set()
 
     async def _ingress_once_ready(self) -> None:
-        while not self.drained.is_set() and not all(
-            part is not None and part.ready for part in (self.executor, self.admission)
-        ):
-            await asyncio.sleep(0.01)
-        if self.drained.is_set():
-            return
-        if self.ingress is not None:
-            await self.ingress(self.stop)
-        else:
-            await serve_service(self._make_ingress, self.settings, self.stop)
+        try:
+            while not self.drained.is_set() and not all(
+                part is not None and part.ready for part in (self.executor, self.admission)
+            ):
+                await asyncio.sleep(0.01)
+            if self.drained.is_set():
+                return
+            if self.ingress is not None:
+                await self.ingress(self.stop)
+            else:
+                await serve_service(self._make_ingress, self.settings, self.stop)
+        finally:
+            self.ingress_done.set()

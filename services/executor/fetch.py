@@ -12,7 +12,8 @@ depends on the free slots and the backend:
 - otherwise the streams are read in batches of at most `free` streams, woken streams first,
   then in rotation; when that finds nothing, one XREAD BLOCK over every stream (from their last
   seen ids) waits for new entries without consuming them (on a cluster, a wake task per shard
-  does, over that shard's streams), and while no entry comes it waits again with no scan;
+  does, over that shard's streams), and while no entry comes it waits again with no scan
+  (on one server);
 - after a failure, this consumer's own pending entries are read first (OwnPending);
 - each second a task of its own looks for assignments a dead executor read but never claimed
   (one pipelined XPENDING over every stream, off the fetch loop: that check took the loop a
@@ -80,30 +81,28 @@ class Fetcher:
         self._tails_fresh = False
         self._malformed: list[tuple[str, bytes]] = []
         self.handed_over = False  # admit calls of this process claim runs for this executor
+        # Assignment entries wait for this executor (its last read took some, or a wait woke
+        # on one): a hand-over takes no slot then, so runs that took the streams (a slot was
+        # busy, a refill, a retry) are not starved by newer ones handed over.
+        self.backlog = False
         self._quiet = False  # the last scan found nothing, and the wait after it timed out
 
     async def loop(self, stop: asyncio.Event) -> None:
         """Until `stop`: wait for a free slot, read, take over, claim and start; or wait."""
         while not stop.is_set():
-            reread = held_back = False
+            reread = False
             try:
                 free = await self._free_slots()
                 if not free:
                     continue
                 self.own.sweep_if_due()
                 if self._quiet and not self.own.active and not self._stale:
-                    # The last wait saw no new entry, and the scan before it found none: no
-                    # scan (and no slot held for one) until an entry comes.
+                    # The last scan found nothing and the wait after it no new entry: no scan
+                    # (and no slot held for one) until an entry comes.
                     self._quiet = not await self._wait_for_assignments()
                     continue
                 self._quiet = False
-                # The free slots are held for the read, so that nothing else starts a run in
-                # them meanwhile; except while admit calls hand runs over (`supersede serve`):
-                # then a read holds none (a hand-over would find no slot, and its run would take
-                # the longer way), and what it took beyond the slots still free is left pending
-                # to this consumer, read again once slots free up.
-                window = self.runner.reserve(0 if self.handed_over else free)
-                with window:
+                with self.runner.reserve(free):  # nothing else starts a run in them meanwhile
                     await self._refresh_tails(free)
                     reread = self.own.active
                     got = await self._read(free, reread)
@@ -111,20 +110,20 @@ class Fetcher:
                         got += await self._take_over(free - len(got))
                     await self._ack_malformed()
                     self.service.healthy()
-                    held_back = self.handed_over and len(got) > self.runner.free()
-                    if held_back:
-                        got = got[: max(0, self.runner.free())]
-                        self.own.restart()
+                    self.backlog = bool(got)
                     if got:
                         self._tails_fresh = False
-                        with self.runner.reserve(len(got) if self.handed_over else 0):
-                            await self.claimer.claim_and_start(got)
+                        await self.claimer.claim_and_start(got)
                 if got:
                     await asyncio.sleep(0)  # let the new runs reach their first step
-                elif not reread and not held_back and not self._blocking(free):
+                elif not reread and not self._blocking(free):
                     # Only after a scan: entries older than the tails are the scan's to find,
                     # so a wait after a re-read of own entries could sleep past them.
-                    self._quiet = not await self._wait_for_assignments()
+                    woken = await self._wait_for_assignments()
+                    self.backlog = woken
+                    # (not on a cluster: a wake task that starts after the scan could miss an
+                    # entry written between the two)
+                    self._quiet = not woken and not self.cluster
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -197,20 +196,24 @@ class Fetcher:
         return self._parse_reply(reply, count=count)
 
     async def _read_own(self, free: int) -> list[Fetched]:
-        """This consumer's pending assignments, stream by stream, at most `free` of them."""
-        got: list[Fetched] = []
-        replies: StreamReply = []
+        """This consumer's pending assignments, at most `free` of them, the first streams
+        first: one XREADGROUP per stream, all in one round trip (one after the other, the
+        streams of a deployment held the loop for milliseconds every sweep); the re-read moves
+        past only what it takes."""
         ids = self.own.ids()
-        for stream in self.streams:
-            if len(got) >= free:
-                break
-            reply = await self.redis.xreadgroup(
-                EXECUTOR_GROUP, self.consumer, {stream: ids[stream]}, count=free - len(got)
-            )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.xreadgroup(EXECUTOR_GROUP, self.consumer, {stream: ids[stream]}, count=free)
+            replies = await pipe.execute()
+        got: list[Fetched] = []
+        taken: StreamReply = []
+        for stream, reply in zip(self.streams, replies, strict=True):
             for name, entries in cast(StreamReply, reply or []):
-                replies.append((name, entries))
-                got += self._parse(stream, entries)
-        self.own.advance(replies, reread=True)
+                entries = entries[: free - len(got)]
+                if entries:
+                    taken.append((name, entries))
+                    got += self._parse(stream, entries)
+        self.own.advance(taken, reread=True)
         return got
 
     async def _read_blocking(self, free: int) -> list[Fetched]:

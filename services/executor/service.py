@@ -130,9 +130,9 @@ class Executor(Service):
         applied, all within the drain deadline."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.drain_timeout
-        # A claim still in flight (`supersede serve`'s hand-over) starts its runs first: they
-        # are drained with the others rather than left to their leases.
-        while self.runner.reserved and loop.time() < deadline:
+        # A hand-over still in flight (`supersede serve`) starts its runs first: they are
+        # drained with the others rather than left to their leases.
+        while self.runner.handing and loop.time() < deadline:
             await asyncio.sleep(DRAIN_POLL / 10)
         await self.runner.finish_running(deadline - loop.time())
         failures = 0

@@ -110,6 +110,7 @@ class Runner:
         self.pool = ThreadPoolExecutor(max_workers=max(4, config.slots * 2))
         self.slot_freed = asyncio.Event()
         self.reserved = 0  # slots promised to a claim in flight (a fetch, or a hand-over)
+        self.handing = 0  # hand-overs in flight (`supersede serve`): the drain waits for them
 
     def free(self) -> int:
         return self.config.slots - len(self.active) - self.reserved

@@ -19,7 +19,15 @@ from supersede.keys import Keys
 from supersede.model import shard_of_run
 from supersede.protocol import RunRecord
 from supersede.server import EmbeddedCluster, free_port
-from tests.support import APP, APP_WORKFLOWS, System, eventually, records, scrape
+from tests.support import (
+    APP,
+    APP_WORKFLOWS,
+    System,
+    eventually,
+    make_request,
+    records,
+    scrape,
+)
 
 
 async def test_one_process_runs_the_system_and_drains_on_sigterm(
@@ -230,6 +238,15 @@ async def test_a_request_the_admit_call_refuses_goes_through_the_stream(
     [(_, fields)] = await redis.xrange(keys.shard(0).requests_stream)
     assert fields[b"r"] == bad
     assert not executor.runner.active and executor.runner.free() == 2
+
+    # Assignments wait for the executor (its last read took some): they go first, and a newer
+    # run takes the stream too rather than a slot they wait for.
+    executor.fetcher.backlog = True
+    shard, req = make_request(keys, workflow="work", event="late", seq=1, unlimited=True)
+    await hand_off(shard, [req.pack()])
+    assert (await records(redis, keys))[req.run_id]["st"] == "A"
+    assert await redis.xlen(keys.shard(shard).assignments_stream("work")) == 1
+    assert not executor.runner.active and executor.runner.reserved == 0
 
 
 async def test_serve_hands_runs_over_on_a_cluster(redis_cluster: EmbeddedCluster) -> None:
