@@ -81,9 +81,10 @@ class Fetcher:
         self._tails_fresh = False
         self._malformed: list[tuple[str, bytes]] = []
         self.handed_over = False  # admit calls of this process claim runs for this executor
-        # Assignment entries wait for this executor (its last read took some, or a wait woke
-        # on one): a hand-over takes no slot then, so runs that took the streams (a slot was
-        # busy, a refill, a retry) are not starved by newer ones handed over.
+        # More assignment entries wait for this executor than it has free slots (its last read
+        # took as many as it asked for): a hand-over takes no slot then, so runs that took the
+        # streams (a slot was busy, a refill, a retry) are not starved by newer ones handed
+        # over. (Fewer: the read in flight or the next one takes them at once.)
         self.backlog = False
         self._quiet = False  # the last scan found nothing, and the wait after it timed out
 
@@ -101,7 +102,10 @@ class Fetcher:
                     # (and no slot held for one) until an entry comes.
                     self._quiet = not await self._wait_for_assignments()
                     continue
-                self._quiet = False
+                if not self.own.active or self._stale:
+                    # (a re-read of own pending entries, every 2 s, finds only entries older
+                    # than the last scan: it leaves a quiet loop quiet, and adds no scan)
+                    self._quiet = False
                 with self.runner.reserve(free):  # nothing else starts a run in them meanwhile
                     await self._refresh_tails(free)
                     reread = self.own.active
@@ -110,7 +114,7 @@ class Fetcher:
                         got += await self._take_over(free - len(got))
                     await self._ack_malformed()
                     self.service.healthy()
-                    self.backlog = bool(got)
+                    self.backlog = len(got) >= free  # (and likely more behind)
                     if got:
                         self._tails_fresh = False
                         await self.claimer.claim_and_start(got)
@@ -120,7 +124,6 @@ class Fetcher:
                     # Only after a scan: entries older than the tails are the scan's to find,
                     # so a wait after a re-read of own entries could sleep past them.
                     woken = await self._wait_for_assignments()
-                    self.backlog = woken
                     # (not on a cluster: a wake task that starts after the scan could miss an
                     # entry written between the two)
                     self._quiet = not woken and not self.cluster
