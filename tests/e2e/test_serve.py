@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import uuid
 
 import pytest
@@ -121,6 +122,17 @@ async def test_a_failing_part_stops_the_others_as_sigterm_does(
 # -- the hand-over: ingress -> admission -> executor inside the process -----------------------
 
 
+async def _serve(system: System, redis: Redis, keys: Keys, *args: str) -> subprocess.Popen[bytes]:
+    """`supersede serve`, once its executor registered the workflows."""
+    proc = system.start("serve", *args)
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+    await eventually(registered, timeout=30)
+    return proc
+
+
 async def _records(redis: Redis, keys: Keys) -> dict[str, RunRecord]:
     return {rid: RunRecord.from_map(rid, rec) for rid, rec in (await records(redis, keys)).items()}
 
@@ -138,12 +150,7 @@ async def test_serve_hands_runs_to_its_executor_without_the_streams(
     """With free slots, no run crosses the requests or an assignment stream: admitted in the
     call that ingress makes, claimed for the executor in that same call (fails on the old
     serve, where every run made both entries)."""
-    system.start("serve", APP, "--slots", "20")
-
-    async def registered() -> bool:
-        return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
-
-    await eventually(registered, timeout=30)
+    await _serve(system, redis, keys, APP, "--slots", "20")
     ns = keys.namespace
     planned = []
     for i in range(10):
@@ -168,12 +175,7 @@ async def test_serve_never_runs_more_than_its_slots_and_the_rest_take_the_stream
 ) -> None:
     """Two slots, eight runs at once: two are handed over, the others wait in their assignment
     stream until a slot frees; the step log never shows three at once."""
-    system.start("serve", APP, "--slots", "2")
-
-    async def registered() -> bool:
-        return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
-
-    await eventually(registered, timeout=30)
+    await _serve(system, redis, keys, APP, "--slots", "2")
     ns = keys.namespace
     planned = []
     for i in range(8):
@@ -196,12 +198,7 @@ async def test_a_handed_over_run_is_retried_after_serve_is_killed(
 ) -> None:
     """SIGKILL after the hand-over: the run is RUNNING under the dead process's lease, which
     lapses; the reaper retries it and the next serve process runs it to the end."""
-    first = system.start("serve", APP, "--slots", "4", "--lease", "1")
-
-    async def registered() -> bool:
-        return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
-
-    await eventually(registered, timeout=30)
+    first = await _serve(system, redis, keys, APP, "--slots", "4", "--lease", "1")
     ns = keys.namespace
     _, [run], _ = await publish_runs(redis, "work.item", {"sleep": 1.5}, namespace=ns)
 
@@ -256,12 +253,7 @@ async def test_serve_hands_runs_over_on_a_cluster(redis_cluster: EmbeddedCluster
     client = connect(url)
     system = System(url, keys)
     try:
-        system.start("serve", APP, "--slots", "20")
-
-        async def registered() -> bool:
-            return int(await client.hlen(keys.workflows_hash)) == APP_WORKFLOWS
-
-        await eventually(registered, timeout=30)
+        await _serve(system, client, keys, APP, "--slots", "20")
         planned = []
         for i in range(12):
             planned += (
