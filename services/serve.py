@@ -62,7 +62,7 @@ class HandOff:
     async def __call__(self, shard: int, payloads: list[bytes]) -> None:
         ex = self.executor
         free = self._slots(len(payloads))
-        ex.runner.handing += 1
+        ex.runner.handing += 1 if free else 0  # (the drain waits only for runs to start)
         try:
             with ex.runner.reserve(free):
                 hand_over = None
@@ -75,9 +75,10 @@ class HandOff:
                     # dead-letters it with its reason and admits the others.
                     await self.admission.scripts.append_requests(shard, payloads)
                     return
-                ex.claimer.start_handed(shard, r.handed)
+                if not self.closed.is_set():  # (else left to their leases, retried)
+                    ex.claimer.start_handed(shard, r.handed)
         finally:
-            ex.runner.handing -= 1
+            ex.runner.handing -= 1 if free else 0
         if r.handed:
             await asyncio.sleep(0)  # the new runs reach their first step before ingress goes on
 

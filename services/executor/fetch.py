@@ -103,11 +103,12 @@ class Fetcher:
                     self._quiet = not await self._wait_for_assignments()
                     continue
                 if not self.own.active or self._stale:
-                    # (a re-read of own pending entries, every 2 s, finds only entries older
-                    # than the last scan: it leaves a quiet loop quiet, and adds no scan)
+                    # (a re-read of own pending entries, every 2 s, that finds none leaves a
+                    # quiet loop quiet: no scan, and the tails its wait starts from stay put)
                     self._quiet = False
                 with self.runner.reserve(free):  # nothing else starts a run in them meanwhile
-                    await self._refresh_tails(free)
+                    if not self._quiet:
+                        await self._refresh_tails(free)
                     reread = self.own.active
                     got = await self._read(free, reread)
                     if len(got) < free and self._stale:
@@ -117,6 +118,7 @@ class Fetcher:
                     self.backlog = len(got) >= free  # (and likely more behind)
                     if got:
                         self._tails_fresh = False
+                        self._quiet = False  # a scan follows whatever was taken
                         await self.claimer.claim_and_start(got)
                 if got:
                     await asyncio.sleep(0)  # let the new runs reach their first step
@@ -130,7 +132,9 @@ class Fetcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # Assignments read but not claimed are pending for this consumer: read again.
+                # Assignments read but not claimed are pending for this consumer: read again
+                # (and scan: a failed re-read lets one read of new entries go first).
+                self._quiet = False
                 await self.service.recover(self.own, exc, failed_reread=reread, what="fetch")
 
     async def _free_slots(self) -> int:
