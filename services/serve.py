@@ -52,8 +52,8 @@ class HandOff:
     def _slots(self, requests: int) -> int:
         """The slots this call may fill: at most one per request (the batch's other shards are
         handed over at the same time); none once the process is stopping (the executor drains
-        and takes no new run), nor while assignment entries wait for the executor (they go
-        first: newer runs handed over must not starve them)."""
+        and takes no new run), nor while more assignment entries wait for the executor than it
+        has free slots (they go first: newer runs handed over must not starve them)."""
         ex = self.executor
         if self.stop.is_set() or self.closed.is_set() or ex.fetcher.backlog:
             return 0
