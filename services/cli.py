@@ -9,7 +9,6 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from supersede import __version__, logs
 from supersede.acl import ROLE_NAMES as ACL_ROLES
@@ -18,9 +17,6 @@ from supersede.errors import ConfigError, SupersedeError
 from supersede.protocol import RunState
 from supersede.service import run_until_signal
 from supersede.services.modules import load_workflows
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("supersede")
 

@@ -213,15 +213,11 @@ async def serve(
     make: Callable[[Redis], Service],
     settings: Settings,
     stop: asyncio.Event,
-    on_ready: Callable[[Service], Awaitable[None]] | None = None,
 ) -> None:
     """Connect, run the service `make` builds until `stop` is set, close the connection."""
     redis = connect(settings.redis_url)
     try:
         await check_server(redis, settings.redis_url)
-        service = make(redis)
-        if on_ready:
-            await on_ready(service)
-        await service.run(stop)
+        await make(redis).run(stop)
     finally:
         await redis.aclose()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -624,10 +624,9 @@ async def serve(
     settings: Settings,
     config: AdmissionConfig,
     stop: asyncio.Event,
-    on_ready: Callable[[Service], Awaitable[None]] | None = None,
 ) -> None:
     """Run one admission process until `stop` is set."""
-    await serve_service(lambda redis: Admission(redis, settings, config), settings, stop, on_ready)
+    await serve_service(lambda redis: Admission(redis, settings, config), settings, stop)
 
 
 def _group_backlog(groups: object, group: str) -> int | None:
