@@ -434,7 +434,7 @@ async def test_a_step_raising_cancelled_error_by_itself_fails_its_run(
 
 async def test_executor_metrics_are_served(redis: Redis, redis_url: str, keys: Keys) -> None:
     from supersede.server import free_port
-    from tests.support import scrape
+    from tests.support import scrape_when
 
     system = System(redis_url, keys)
     port = free_port()
@@ -450,11 +450,8 @@ async def test_executor_metrics_are_served(redis: Redis, redis_url: str, keys: K
         system.start("ingress", "--block-ms", "100")
         await publish(redis, keys, "work.item")
         await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
-        body = await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics")
-        assert (
-            'supersede_executor_runs_finished_total{outcome="succeeded",workflow="work"} 1.0'
-            in body
-        )
+        finished = 'supersede_executor_runs_finished_total{outcome="succeeded",workflow="work"} 1.0'
+        body = await scrape_when(f"http://127.0.0.1:{port}/metrics", lambda b: finished in b)
         assert "supersede_executor_queue_wait_seconds_count 1.0" in body
         assert "supersede_executor_slots 10.0" in body
     finally:

@@ -124,6 +124,20 @@ async def requests_in_streams(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
     return out
 
 
+async def scrape_when(url: str, check: Callable[[str], bool], timeout: float = 10) -> str:
+    """The metrics page once `check` holds for it: a counter is incremented after the effect a
+    test waits for (the reply of the write that made it), so one scrape may come too early."""
+    body = ""
+
+    async def holds() -> bool:
+        nonlocal body
+        body = await asyncio.to_thread(scrape, url)
+        return check(body)
+
+    await eventually(holds, timeout=timeout)
+    return body
+
+
 def scrape(url: str) -> str:
     """GET a metrics endpoint, retrying while the server starts (blocking: use a thread)."""
     import urllib.request
