@@ -321,6 +321,9 @@ class StrategyMachine(RuleBasedStateMachine):
 
 @pytest.mark.timeout(360)  # 100 histories of 80 steps; on a loaded machine the cluster's pass
 # took over the suite's 120 s default once runs without a limit joined the histories
+# (the cluster's pass runs 50: what it adds is each shard's keys in their own slot, which every
+# history exercises; the strategies' semantics get the full 100 on one server. The two passes
+# took 130 s and 122 s of a 14-minute suite on a slow day.)
 @pytest.mark.parametrize("backend", ["single", "cluster"])
 def test_scripts_match_reference_model(backend: str, request: pytest.FixtureRequest) -> None:
     """The same state machine on one server and on a real 3-master cluster."""
@@ -333,7 +336,7 @@ def test_scripts_match_reference_model(backend: str, request: pytest.FixtureRequ
     run_state_machine_as_test(
         StrategyMachine,
         settings=settings(
-            max_examples=100,
+            max_examples=50 if backend == "cluster" else 100,
             stateful_step_count=80,
             deadline=None,
             suppress_health_check=list(HealthCheck),
