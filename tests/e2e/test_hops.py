@@ -45,7 +45,7 @@ async def test_a_run_records_every_hop_in_order_and_each_service_exports_its_hop
     # one machine, one clock: each point after the last (the first step from the inbox entry's
     # whole ms, so it may read up to 1 ms early)
     assert times[1:] == sorted(times[1:]) and times[1] >= times[0], path
-    assert times[-2] - times[-3] < 1000 and times[-1] - times[-2] >= 50  # the handler slept
+    assert times[-1] - times[-2] >= 50  # the handler slept
     # µs, not whole ms: the points between the inbox entry and the end are not all whole ms
     assert any(ms != int(ms) for ms in times[1:-1]), path
 

@@ -139,7 +139,7 @@ async def test_strict_mode_holds_the_slot_until_a_thread_returns(
 ) -> None:
     """Fails on the old code: the run was reported after the grace period (0.3 s) and the
     newer run started while the old thread still ran."""
-    await _publish(redis, keys, "thread.strict", k="t", sleep=1.5)
+    await _publish(redis, keys, "thread.strict", k="t", sleep=5)  # (outlasts the cancel)
     await eventually(lambda: _noted(redis, keys, "started"), timeout=30)
     await _publish(redis, keys, "thread.strict", k="t", sleep=0)
     await eventually(lambda: _ended(redis, keys, 2), timeout=30)

@@ -116,7 +116,7 @@ async def test_a_failed_batch_is_read_again_at_once_not_after_the_takeover_delay
     await asyncio.sleep(1.0)  # a few failed attempts
     for sk in keys.all_shards():
         await redis.delete(sk.runs_hash)
-    await eventually(lambda: _states_are(redis, keys, ["A"] * len(reqs), reqs), timeout=5)
+    await eventually(lambda: _states_are(redis, keys, ["A"] * len(reqs), reqs), timeout=15)
     assert await backlog(redis, keys) == 0
 
 

@@ -119,7 +119,7 @@ async def test_the_services_survive_a_master_failover_with_runs_in_flight() -> N
             await client.xadd(keys.events_stream, {"name": "chat.message", "data": data})
 
         for user in users:
-            await publish(user, 10.0, "old")
+            await publish(user, 30.0, "old")  # (longer than the wait below: never ends S)
 
         async def all_running() -> bool:
             recs = await records(client, keys)

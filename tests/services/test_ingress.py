@@ -539,7 +539,7 @@ async def test_a_failed_batch_is_read_again_at_once_not_after_the_takeover_delay
     assert {await redis.type(sk.requests_stream) for sk in keys.all_shards()} == {b"string"}
     for sk in keys.all_shards():
         await redis.delete(sk.requests_stream)
-    await eventually(lambda: inbox_done(redis, keys), timeout=5)
+    await eventually(lambda: inbox_done(redis, keys), timeout=15)
     reqs = await requests_in_streams(redis, keys)
     assert sorted((r["w"], r["k"]) for r in reqs if r["w"] == "chat-reply") == [
         ("chat-reply", "u1")

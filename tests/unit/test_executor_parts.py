@@ -116,6 +116,7 @@ def test_a_heartbeat_later_than_a_lease_is_counted_and_logged(caplog: Any) -> No
     finally:
         keeper._halt.set()
         thread.join(5)
-    assert metrics.HEARTBEATS_LATE._value.get() == before + 1
+    # (at least the starved beat: a loaded machine may starve a later one too)
+    assert metrics.HEARTBEATS_LATE._value.get() >= before + 1
     late = [r for r in caplog.records if r.getMessage().startswith("heartbeat late")]
-    assert len(late) == 1 and late[0].late_s > 0.3 and late[0].pid > 0
+    assert len(late) >= 1 and late[0].late_s > 0.3 and late[0].pid > 0

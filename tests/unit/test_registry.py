@@ -166,6 +166,6 @@ def test_a_comprehension_over_a_list_longer_than_its_budget_is_a_key_error() -> 
     anything = compile_key("[input.a].map(x, x + 1).size() > 0 ? 'y' : 'n'")
     with pytest.raises(KeyExpressionError, match="cost budget"):  # not a field path: all count
         anything({"a": 1, "deep": {"more": list(range(MAX_COMPREHENSION_ITEMS + 1))}}, {})
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 10.0  # (unbounded, the walk took minutes)
     plain = compile_key("input.a + input.b")  # no comprehension: no budget to check
     assert plain({"a": "x", "b": "y", "big": list(range(150_000))}, {}) == "xy"
