@@ -7,12 +7,17 @@ and that call claims the runs it assigns for the executor of the process while i
 slots, with no assignment entry and no claim call (`HandOff`). That removes two blocking-read
 wake-ups and two script calls from every run's start. What the executor cannot take (no free
 slot, a workflow it does not serve) is written to the assignment streams as usual, and runs
-that later calls assign (a slot freed, the reaper) go through the streams too.
+that later calls assign (a slot freed, the reaper) go through the streams too. The way back is
+the same: the executor's outbox hands each turn's results to this admission, which applies them
+in one `finish` call with no results-stream entry (a call that fails or refuses one sends the
+turn's results to the streams, as a separate executor writes them).
 
 Failure stays that of the separate services: a crash before the admit call leaves the inbox
 entries pending, and their redelivery makes the same run ids (admission recognises them); a
 crash after it leaves RUNNING runs under this executor's lease, which lapses and the reaper
-retries them, as for a run claimed from a stream.
+retries them, as for a run claimed from a stream. A result applied in the process is as final
+as one applied from a stream; one lost with the process is the at-least-once case of an
+executor that dies before its result is written: the lease lapses and the run is retried.
 """
 
 from __future__ import annotations
@@ -165,6 +170,9 @@ class _AllInOne:
         part = Ingress(redis, self.settings, IngressConfig())
         if self.hand_off and self.admission is not None and self.executor is not None:
             part.sink = HandOff(self.admission, self.executor, self.stop, self.drained)
+            # and back: the executor's results applied by this admission, no results entry
+            # (admission stops last, once the executor drained: it takes every last result)
+            self.executor.outbox.sink = self.admission.finish_handed
         return part
 
     async def _executor(self) -> None:

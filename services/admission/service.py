@@ -386,6 +386,20 @@ class Admission(Service):
         finally:
             metrics.BATCH_SECONDS.labels("admit").observe(time.perf_counter() - started)
 
+    async def finish_handed(self, batches: dict[int, list[bytes]]) -> None:
+        """Apply results that the executor of this process handed over (`supersede serve`):
+        never written to a results stream, so there is nothing to acknowledge. A refused
+        result raises ScriptError (the executor writes the batch to the streams instead)."""
+        items = {shard: [(b"", p) for p in payloads] for shard, payloads in batches.items()}
+        started = time.perf_counter()
+        try:
+            if isinstance(self.redis, RedisCluster):  # (each shard in its own slot)
+                await aio.gather(*(self._finish({s: part}) for s, part in items.items()))
+            else:
+                await self._finish(items)
+        finally:
+            metrics.BATCH_SECONDS.labels("finish").observe(time.perf_counter() - started)
+
     async def _admit(
         self,
         shard: int,

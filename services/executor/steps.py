@@ -44,7 +44,7 @@ OUTCOME_LABEL = {
 MAX_ERROR_CHARS = 20_000
 
 
-def _ignore_outcome(fut: asyncio.Future[None]) -> None:
+def _ignore_outcome(fut: asyncio.Future[bool]) -> None:
     if not fut.cancelled():
         fut.exception()  # retrieved: a failed re-send is retried at the next due time
 
@@ -407,8 +407,9 @@ class Runner:
         if run.span is not None:
             tracing.end_run(run.span, outcome.name, error)
         try:
-            await asyncio.shield(self.outbox.put(run.shard, result))
-            if self.active.get(run.run_id) is run:  # not superseded by a newer attempt here
+            applied = await asyncio.shield(self.outbox.put(run.shard, result))
+            # (written to a stream: renewed until admission applied it; applied here: done)
+            if not applied and self.active.get(run.run_id) is run:  # not a newer attempt's
                 resend_at = time.monotonic() + self.config.lease_ms / 1000
                 self.awaiting[run.run_id] = Reported(
                     run.run_id, run.shard, run.attempt, result, resend_at

@@ -147,9 +147,10 @@ async def _entries_added(redis: Redis, stream: str) -> int:
 async def test_serve_hands_runs_to_its_executor_without_the_streams(
     redis: Redis, keys: Keys, system: System
 ) -> None:
-    """With free slots, no run crosses the requests or an assignment stream: admitted in the
-    call that ingress makes, claimed for the executor in that same call (fails on the old
-    serve, where every run made both entries)."""
+    """With free slots, no run crosses the requests, an assignment or a results stream:
+    admitted in the call that ingress makes, claimed for the executor in that same call, and
+    its result applied by the process's admission (fails on the old serve, where every run
+    made the three entries; the results entry on `4fefa30`)."""
     await _serve(system, redis, keys, APP, "--slots", "20")
     ns = keys.namespace
     planned = []
@@ -166,6 +167,7 @@ async def test_serve_hands_runs_to_its_executor_without_the_streams(
         assert recs[p.run_id].executor
     for sk in keys.all_shards():
         assert await _entries_added(redis, sk.requests_stream) == 0
+        assert await _entries_added(redis, sk.results_stream) == 0
         for wf in ("work", "chat-reply"):
             assert await _entries_added(redis, sk.assignments_stream(wf)) == 0
 
@@ -244,6 +246,44 @@ async def test_a_request_the_admit_call_refuses_goes_through_the_stream(
     assert (await records(redis, keys))[req.run_id]["st"] == "A"
     assert await redis.xlen(keys.shard(shard).assignments_stream("work")) == 1
     assert not executor.runner.active and executor.runner.reserved == 0
+
+
+async def test_results_are_applied_in_the_process_and_a_refused_one_takes_the_stream(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """The way back: the outbox hands a turn's results to the process's admission, which
+    applies them with no results-stream entry (the future says so: nothing left to renew). A
+    turn the finish call refuses (a run that no longer exists) is written to the streams, where
+    admission's read dead-letters it as it would any executor's."""
+    from supersede.config import Settings
+    from supersede.protocol import Outcome, RunResult
+    from supersede.scripts import HandOver, Scripts
+    from supersede.services.admission.service import Admission
+    from supersede.services.executor.config import ExecutorConfig
+    from supersede.services.executor.outbox import Outbox
+
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    admission = Admission(redis, settings)
+    outbox = Outbox(redis, keys, ExecutorConfig(lease_ms=1000))
+    outbox.sink = admission.finish_handed
+    writer = asyncio.create_task(outbox.loop())
+    try:
+        shard, req = make_request(keys, workflow="work", event="e1", seq=1, unlimited=True)
+        claim = HandOver("ex-1", 30_000, 1, ("work",))
+        r = await Scripts(redis, keys).admit(shard, [("", req.pack())], hand_over=claim)
+        assert [h.run_id for h in r.handed] == [req.run_id]
+        applied = await outbox.put(shard, RunResult(req.run_id, 1, Outcome.SUCCEEDED))
+        assert applied is True
+        assert (await records(redis, keys))[req.run_id]["st"] == "S"
+        assert await _entries_added(redis, keys.shard(shard).results_stream) == 0
+
+        gone = f"{shard}-gone"
+        applied = await outbox.put(shard, RunResult(gone, 1, Outcome.SUCCEEDED))
+        assert applied is False
+        [(_, fields)] = await redis.xrange(keys.shard(shard).results_stream)
+        assert codec.unpack(fields[b"r"])["id"] == gone
+    finally:
+        writer.cancel()
 
 
 async def test_serve_hands_runs_over_on_a_cluster(redis_cluster: EmbeddedCluster) -> None:
