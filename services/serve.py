@@ -133,9 +133,7 @@ class _AllInOne:
     async def run(self) -> None:
         await asyncio.gather(
             self._stopping_all_on_failure(self._executor()),
-            self._stopping_all_on_failure(
-                serve_service(self._make_admission, self.settings, self.last)
-            ),
+            self._stopping_all_on_failure(self._admission()),
             self._stopping_all_on_failure(self._ingress_once_ready()),
             self._admission_last(),
         )
@@ -174,6 +172,13 @@ class _AllInOne:
             # (admission stops last, once the executor drained: it takes every last result)
             self.executor.outbox.sink = self.admission.finish_handed
         return part
+
+    async def _admission(self) -> None:
+        try:
+            await serve_service(self._make_admission, self.settings, self.last)
+        finally:
+            if self.executor is not None:  # (its client is closed: results take the streams)
+                self.executor.outbox.sink = None
 
     async def _executor(self) -> None:
         try:

@@ -334,7 +334,8 @@ def unpack_input(raw: bytes) -> dict[str, Any]:
 # -- results (executor -> admission) --------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class RunResult:
-    """What an executor appends to a shard's results stream for one attempt."""
+    """What an executor appends to a shard's results stream for one attempt (or, under
+    `supersede serve`, hands to the finish call of its process's admission)."""
 
     run_id: str
     attempt: int

@@ -35,8 +35,8 @@ class Outbox:
         self.sink: Sink | None = None
 
     def put(self, shard: int, result: RunResult) -> asyncio.Future[bool]:
-        """Queue one outcome; the future resolves once it is written (False) or applied in this
-        process (True), or fails."""
+        """Queue one outcome; the future resolves once it is written to a stream (False) or
+        applied in this process (True), or fails."""
         written: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending.append((shard, result.pack(), written))
         self._ready.set()
@@ -64,14 +64,17 @@ class Outbox:
     async def _apply_here(self, batch: list[tuple[int, bytes, asyncio.Future[bool]]]) -> bool:
         """The batch applied by the sink, if there is one and it takes all of it. A refused
         result or a failed call: the batch goes to the streams, where admission's read
-        dead-letters a bad one and applies the rest (a result applied twice is a no-op)."""
+        dead-letters a bad one and applies the rest (a result applied twice is a no-op; on a
+        cluster, where each shard has its own call, the shards that did apply are applied
+        again, as stale)."""
         if self.sink is None:
             return False
         by_shard: dict[int, list[bytes]] = {}
         for shard, payload, _ in batch:
             by_shard.setdefault(shard, []).append(payload)
         try:
-            await self.sink(by_shard)
+            # (bounded: a stalled call would hold every later result, and with them the slots)
+            await asyncio.wait_for(self.sink(by_shard), self.config.lease_ms / 3000)
         except Exception as exc:
             log.warning("results not applied in this process; writing them to the streams",
                         extra={"runs": len(batch), "error": describe(exc)})  # fmt: skip

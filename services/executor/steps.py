@@ -407,9 +407,10 @@ class Runner:
         if run.span is not None:
             tracing.end_run(run.span, outcome.name, error)
         try:
-            applied = await asyncio.shield(self.outbox.put(run.shard, result))
-            # (written to a stream: renewed until admission applied it; applied here: done)
-            if not applied and self.active.get(run.run_id) is run:  # not a newer attempt's
+            await asyncio.shield(self.outbox.put(run.shard, result))
+            # Renewed until the heartbeat finds the run ended, even when applied in this process
+            # (`supersede serve`): a failover or a crash of the server can still lose that write.
+            if self.active.get(run.run_id) is run:  # not superseded by a newer attempt here
                 resend_at = time.monotonic() + self.config.lease_ms / 1000
                 self.awaiting[run.run_id] = Reported(
                     run.run_id, run.shard, run.attempt, result, resend_at

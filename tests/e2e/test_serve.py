@@ -6,6 +6,7 @@ it and admission, stopped last, applies its result before the process exits."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import uuid
@@ -284,6 +285,34 @@ async def test_results_are_applied_in_the_process_and_a_refused_one_takes_the_st
         assert codec.unpack(fields[b"r"])["id"] == gone
     finally:
         writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+
+
+async def test_a_stalled_finish_call_sends_the_results_to_the_stream(
+    redis: Redis, keys: Keys
+) -> None:
+    """The in-process call is bounded (a third of a lease): one that stalls holds neither the
+    results behind it nor the slots they free; the turn is written to the streams."""
+    from supersede.protocol import Outcome, RunResult
+    from supersede.services.executor.config import ExecutorConfig
+    from supersede.services.executor.outbox import Outbox
+
+    async def stalls(batches: dict[int, list[bytes]]) -> None:
+        await asyncio.sleep(3600)
+
+    outbox = Outbox(redis, keys, ExecutorConfig(lease_ms=600))
+    outbox.sink = stalls
+    writer = asyncio.create_task(outbox.loop())
+    try:
+        written = outbox.put(1, RunResult("1-r", 1, Outcome.SUCCEEDED))
+        assert await asyncio.wait_for(written, 10) is False
+        [(_, fields)] = await redis.xrange(keys.shard(1).results_stream)
+        assert codec.unpack(fields[b"r"])["id"] == "1-r"
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
 
 
 async def test_serve_hands_runs_over_on_a_cluster(redis_cluster: EmbeddedCluster) -> None:
