@@ -169,8 +169,10 @@ class _AllInOne:
         if self.hand_off and self.admission is not None and self.executor is not None:
             part.sink = HandOff(self.admission, self.executor, self.stop, self.drained)
             # and back: the executor's results applied by this admission, no results entry
-            # (admission stops last, once the executor drained: it takes every last result)
-            self.executor.outbox.sink = self.admission.finish_handed
+            # (admission stops last, once the executor drained: it takes every last result;
+            # not once stopping: admission may have stopped already, its client closed)
+            if not self.stop.is_set():
+                self.executor.outbox.sink = self.admission.finish_handed
         return part
 
     async def _admission(self) -> None:

@@ -36,7 +36,8 @@ class Outbox:
 
     def put(self, shard: int, result: RunResult) -> asyncio.Future[bool]:
         """Queue one outcome; the future resolves once it is written to a stream (False) or
-        applied in this process (True), or fails."""
+        applied in this process (True), or fails. (The runner renews the run's lease either
+        way until the heartbeat finds it ended: a failover can lose either write.)"""
         written: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending.append((shard, result.pack(), written))
         self._ready.set()
@@ -45,8 +46,9 @@ class Outbox:
     async def loop(self) -> None:
         """Write what is queued, turn after turn, until cancelled.
 
-        A failed write (a failover, say) is retried for up to a lease: after that the reaper
-        has retried the run elsewhere and this result would be discarded as stale anyway."""
+        A failed write (a failover, say) is retried for up to a lease (after an in-process
+        call that failed, for up to a third of one): after that the reaper has retried the run
+        elsewhere and this result would be discarded as stale anyway."""
         while True:
             await self._ready.wait()
             self._ready.clear()

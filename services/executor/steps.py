@@ -51,7 +51,8 @@ def _ignore_outcome(fut: asyncio.Future[bool]) -> None:
 
 @dataclass(slots=True)
 class Reported:
-    """A run whose outcome was written and is not yet applied: its lease is still renewed."""
+    """A run whose outcome was written (or applied in this process, under `supersede serve`)
+    and that the heartbeat has not yet found ended: its lease is still renewed."""
 
     run_id: str
     shard: int
@@ -106,7 +107,7 @@ class Runner:
         self.outbox = outbox
         self.tracer = tracer
         self.active: dict[str, Running] = {}
-        self.awaiting: dict[str, Reported] = {}  # outcome written, not yet applied
+        self.awaiting: dict[str, Reported] = {}  # outcome written, not yet seen ended
         self.pool = ThreadPoolExecutor(max_workers=max(4, config.slots * 2))
         self.slot_freed = asyncio.Event()
         self.reserved = 0  # slots promised to a claim in flight (a fetch, or a hand-over)

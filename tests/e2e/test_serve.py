@@ -253,7 +253,7 @@ async def test_results_are_applied_in_the_process_and_a_refused_one_takes_the_st
     redis: Redis, redis_url: str, keys: Keys
 ) -> None:
     """The way back: the outbox hands a turn's results to the process's admission, which
-    applies them with no results-stream entry (the future says so: nothing left to renew). A
+    applies them with no results-stream entry (the outbox's future says which way it went). A
     turn the finish call refuses (a run that no longer exists) is written to the streams, where
     admission's read dead-letters it as it would any executor's."""
     from supersede.config import Settings
@@ -265,7 +265,7 @@ async def test_results_are_applied_in_the_process_and_a_refused_one_takes_the_st
 
     settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
     admission = Admission(redis, settings)
-    outbox = Outbox(redis, keys, ExecutorConfig(lease_ms=1000))
+    outbox = Outbox(redis, keys, ExecutorConfig(lease_ms=30_000))  # (bound: 10 s a call)
     outbox.sink = admission.finish_handed
     writer = asyncio.create_task(outbox.loop())
     try:
