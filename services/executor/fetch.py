@@ -13,7 +13,10 @@ depends on the free slots and the backend:
   then in rotation; when that finds nothing, one XREAD BLOCK over every stream (from their last
   seen ids) waits for new entries without consuming them (on a cluster, a wake task per shard
   does, over that shard's streams), and while no entry comes it waits again with no scan
-  (on one server);
+  (on one server). The last seen ids are the streams' tails, read once, then moved on by the
+  entries each read takes and each wake-up returns (up to WAKE_COUNT per stream, so entries
+  other executors took leave them behind for one wake-up at most): a scan reads no tails
+  unless a wake-up found that many entries past them;
 - after a failure, this consumer's own pending entries are read first (OwnPending);
 - each second a task of its own looks for assignments a dead executor read but never claimed
   (one pipelined XPENDING over every stream, off the fetch loop: that check took the loop a
@@ -41,6 +44,9 @@ from supersede.streams import OwnPending, stale_streams, tail_ids
 log = logging.getLogger("supersede.executor")
 
 FULL_READ_EVERY = 0.05  # seconds: the longest a backlog's streams are read alone
+# Entries per stream a wake-up returns: it moves the wait's ids past entries others took (a
+# wake-up for those finds nothing to take), so they need no tail read unless that many came.
+WAKE_COUNT = 64
 
 
 class Fetcher:
@@ -77,8 +83,8 @@ class Fetcher:
         self._hot: set[int] = set()  # streams whose last read returned all it asked for
         self._full_read_due = Throttle(FULL_READ_EVERY)
         self._wake = asyncio.Event()
-        self._wake_ids: dict[str, str] = {}
-        self._tails_fresh = False
+        self._wake_ids: dict[str, str] = {}  # the ids the wait reads after (one server)
+        self._tails_fresh = False  # False: read the tails before the next scan
         self._malformed: list[tuple[str, bytes]] = []
         self.handed_over = False  # admit calls of this process claim runs for this executor
         # More assignment entries wait for this executor than it has free slots (its last read
@@ -117,7 +123,6 @@ class Fetcher:
                     self.service.healthy()
                     self.backlog = len(got) >= free  # (and likely more behind)
                     if got:
-                        self._tails_fresh = False
                         self._quiet = False  # a scan follows whatever was taken
                         await self.claimer.claim_and_start(got)
                 if got:
@@ -156,9 +161,14 @@ class Fetcher:
         """Before a scan: the last id of every assignment stream, for the wait that may follow.
 
         Tails first, then the scan: an entry older than a tail is seen by the scan, a newer one
-        wakes the XREAD that may follow, so none waits for a timeout. After a wake-up the
-        XREAD's own ids are fresh: no tail read in that path."""
+        wakes the XREAD that may follow, so none waits for a timeout. Any id a stream once had
+        keeps that promise (entries come in id order); a fresh one only spares wake-ups for
+        entries others took. So the ids are read again only when a wake-up returned
+        WAKE_COUNT entries of a stream (far behind); otherwise the XREAD's own replies and the
+        entries read move them on."""
         self._wake.clear()  # cluster mode: a waker setting it from now on is not missed
+        if self.cluster:
+            return  # (the wake tasks keep their own ids)
         if not self._blocking(free) and not self._tails_fresh:
             self._wake_ids = await tail_ids(self.redis, self.streams)
             self._tails_fresh = True
@@ -283,7 +293,16 @@ class Fetcher:
             got += self._parse(stream or name.decode(), entries)
             if count and len(entries) >= count:
                 self._hot.add(self.index_of_stream[stream or name.decode()])
+            if entries:
+                self._seen(stream or name.decode(), entries[-1][0])
         return got
+
+    def _seen(self, stream: str, entry_id: bytes) -> None:
+        """An entry of `stream` was read: the wait's id moves past it (never back: a read of
+        new entries can return some older than a tail read before)."""
+        known = self._wake_ids.get(stream)
+        if known is not None and _id_key(entry_id.decode()) > _id_key(known):
+            self._wake_ids[stream] = entry_id.decode()
 
     def _parse(self, stream: str, entries: Sequence[Entry]) -> list[Fetched]:
         """(shard, stream, entry id, run id, attempt); an entry that is not an assignment is
@@ -345,7 +364,11 @@ class Fetcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.block_ms / 1000)
             return self._wake.is_set()
-        reply = await self.redis.xread(self._wake_ids, count=1, block=self.config.block_ms)  # type: ignore[arg-type]
+        reply = await self.redis.xread(
+            self._wake_ids,  # type: ignore[arg-type]
+            count=WAKE_COUNT,
+            block=self.config.block_ms,
+        )
         woken = False
         for stream, entries in cast(StreamReply, reply or []):
             if entries:
@@ -353,6 +376,8 @@ class Fetcher:
                 self._wake_ids[name] = entries[-1][0].decode()
                 self._woken.append(self.index_of_stream[name])
                 woken = True
+                if len(entries) >= WAKE_COUNT:  # (more behind: far behind the tail)
+                    self._tails_fresh = False
         return woken
 
     async def wake_loop(self, stop: asyncio.Event, shard: int) -> None:
@@ -373,3 +398,8 @@ class Fetcher:
             except Exception:
                 log.exception("wake iteration failed")
                 await asyncio.sleep(0.5)
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

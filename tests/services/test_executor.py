@@ -596,3 +596,41 @@ async def test_a_malformed_assignment_is_acknowledged_and_the_next_one_runs(
         return await pending_count(redis, assignment_streams(keys), "executors") == 0
 
     await eventually(all_acked, timeout=10)
+
+
+async def _burst(redis: Redis, keys: Keys, n: int) -> None:
+    """`n` short runs, published in bursts of three (some wake-ups, some backlog)."""
+    for i in range(n):
+        await publish(redis, keys, "work.item", k=f"u{i}")
+        if i % 3 == 0:
+            await asyncio.sleep(0.01)
+
+
+async def test_a_busy_executor_scans_without_reading_the_tails(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Fewer slots than streams, so the executor scans, and waits on an XREAD from ids it
+    keeps. It read every stream's tail before nearly every scan (8.6% of its CPU under load);
+    now the ids move on with the entries it reads, so a burst costs no tail read after the
+    first."""
+    await system.pipeline(redis, keys, 1, "--slots", "2")
+    await publish(redis, keys, "work.item", k="warm")
+    await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
+    await redis.config_resetstat()
+    await _burst(redis, keys, 150)
+    await eventually(lambda: _states(redis, keys, {"S": 151}), timeout=30)
+    stats = await redis.info("commandstats")
+    tails = int(stats.get("cmdstat_xrevrange", {}).get("calls", 0))
+    streams = keys.shards * APP_WORKFLOWS  # (the old code: one read of all per scan, 50+)
+    assert tails <= 2 * streams, (tails, streams)
+
+
+async def test_executors_taking_turns_miss_no_wake_up(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Two executors with reads that would block for a minute take turns on a burst of short
+    runs, so each one's wait starts from ids behind what the other took: none may wait out a
+    read (every run ends well before)."""
+    await system.pipeline(redis, keys, 2, "--slots", "2", "--block-ms", "60000")
+    await _burst(redis, keys, 150)
+    await eventually(lambda: _states(redis, keys, {"S": 150}), timeout=30)
