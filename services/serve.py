@@ -8,9 +8,8 @@ slots, with no assignment entry and no claim call (`HandOff`). That removes two 
 wake-ups and two script calls from every run's start. What the executor cannot take (no free
 slot, a workflow it does not serve) is written to the assignment streams as usual, and runs
 that later calls assign (a slot freed, the reaper) go through the streams too. The way back is
-the same: the executor's outbox hands each turn's results to this admission, which applies them
-in one `finish` call with no results-stream entry (a call that fails or refuses one sends the
-turn's results to the streams, as a separate executor writes them).
+every executor's: it applies each turn's results with its own `finish` call, with no
+results-stream entry (see the executor's outbox).
 
 Failure stays that of the separate services: a crash before the admit call leaves the inbox
 entries pending, and their redelivery makes the same run ids (admission recognises them); a
@@ -168,19 +167,10 @@ class _AllInOne:
         part = Ingress(redis, self.settings, IngressConfig())
         if self.hand_off and self.admission is not None and self.executor is not None:
             part.sink = HandOff(self.admission, self.executor, self.stop, self.drained)
-            # and back: the executor's results applied by this admission, no results entry
-            # (admission stops last, once the executor drained: it takes every last result;
-            # not once stopping: admission may have stopped already, its client closed)
-            if not self.stop.is_set():
-                self.executor.outbox.sink = self.admission.finish_handed
         return part
 
     async def _admission(self) -> None:
-        try:
-            await serve_service(self._make_admission, self.settings, self.last)
-        finally:
-            if self.executor is not None:  # (its client is closed: results take the streams)
-                self.executor.outbox.sink = None
+        await serve_service(self._make_admission, self.settings, self.last)
 
     async def _executor(self) -> None:
         try:

@@ -118,22 +118,41 @@ ROLES: tuple[Role, ...] = (
     ),
     Role(
         "executor",
-        "claims and runs assignments, reports results, registers its workflows",
+        "claims and runs assignments, applies its results (finish), registers its workflows",
         (
             *_BASE,
             *_SERVICE,
             *_CONSUMER,
+            *_STATE_SCRIPTS,
             *_REGISTRY,
-            *_words("xread xrevrange xadd time hget hset hmget hdel hincrby zadd zrem incr"),
+            *_words("xread xrevrange incr"),
         ),
         (
             "~@:config",
             "%W~@:dead",
             "~{@}:workflows",
             "~{@}:workflows:*",
-            *_shard("assignments:*", "runs", "inputs", "leases", "counts"),
-            "%W~{@:*}:results",
-            "%R~{@:*}:control",
+            # the finish script's keys (passed to EVALSHA, so read and write): the shard's
+            # state, its results stream (a turn the call refuses is written there), the newest
+            # runs and the outputs
+            *_shard(
+                "assignments",
+                "assignments:*",
+                "runs",
+                "inputs",
+                "outputs",
+                "queue",
+                "active",
+                "slots",
+                "leases",
+                "ended",
+                "ended:*",
+                "control",
+                "counts",
+                "results",
+                "newest",
+                "newest-at",
+            ),
             "%R~{@:*}:fences",  # ctx.still_current()
         ),
     ),

@@ -54,6 +54,9 @@ class Inbox:
     TRACEPARENT = b"traceparent"  # optional W3C trace context: the run's spans continue it
 
 
+# The config hash field where admission publishes its assignment deadline (ms) for the finish
+# calls of executors.
+ASSIGN_DEADLINE_FIELD = "assign_deadline_ms"
 PAYLOAD = b"r"
 """The field of requests and results entries that holds the item: a msgpack map."""
 WRITTEN = b"t"

@@ -27,6 +27,7 @@ from supersede.errors import ScriptError, describe
 from supersede.metrics import HOP_SECONDS
 from supersede.protocol import (
     ADMISSION_GROUP,
+    ASSIGN_DEADLINE_FIELD,
     EXECUTOR_GROUP,
     PAYLOAD,
     WRITTEN,
@@ -180,6 +181,10 @@ class Admission(Service):
 
     async def prepare(self) -> None:
         await self.load_workflows()
+        # for the finish calls of executors, which start runs in the slots they free
+        await self.redis.hset(
+            self.keys.config_hash, ASSIGN_DEADLINE_FIELD, str(self.config.assign_deadline_ms)
+        )
         # the de-duplication set of earlier versions: nothing reads it any more
         await aio.gather(*(self.redis.unlink(sk.legacy_seen_zset) for sk in self.keys.all_shards()))
 
@@ -385,20 +390,6 @@ class Admission(Service):
             return await self._admit(shard, entries, now_us, {b"": now_us}, hand_over)
         finally:
             metrics.BATCH_SECONDS.labels("admit").observe(time.perf_counter() - started)
-
-    async def finish_handed(self, batches: dict[int, list[bytes]]) -> None:
-        """Apply results that the executor of this process handed over (`supersede serve`):
-        never written to a results stream, so there is nothing to acknowledge. A refused
-        result raises ScriptError (the executor writes the batch to the streams instead)."""
-        items = {shard: [(b"", p) for p in payloads] for shard, payloads in batches.items()}
-        started = time.perf_counter()
-        try:
-            if isinstance(self.redis, RedisCluster):  # (each shard in its own slot)
-                await aio.gather(*(self._finish({s: part}) for s, part in items.items()))
-            else:
-                await self._finish(items)
-        finally:
-            metrics.BATCH_SECONDS.labels("finish").observe(time.perf_counter() - started)
 
     async def _admit(
         self,

@@ -14,6 +14,12 @@ RUNS_FINISHED = Counter(
     "Runs this executor reported, by outcome (succeeded, failed, cancelled).",
     ["workflow", "outcome"],
 )
+RESULTS = Counter(
+    "supersede_executor_results_total",
+    "Results reported, by the way they took: applied or stale (applied by this executor's "
+    "finish call: stale is a no-op), stream (written to the results stream for admission).",
+    ["way"],
+)
 CLAIMS_REFUSED = Counter(
     "supersede_executor_claims_refused_total",
     "Assignments whose run was cancelled before its claim.",

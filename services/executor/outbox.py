@@ -1,9 +1,11 @@
-"""The result outbox: outcomes XADDed to their shard's results stream, one pipeline per turn,
-so a thousand runs ending together cost one round trip, not a thousand connections.
-
-Under `supersede serve` the outcomes of a turn are applied by the admission of the same process
-instead (`sink`: one finish call, no results-stream entry); whatever that call does not take
-(a result it refuses, an error) is written to the streams as above."""
+"""The result outbox: each turn's outcomes applied with one `finish` call of the executor's own
+(`FinishHere`: one per shard on a cluster), so a thousand runs ending together cost one round
+trip, and no results-stream entry is written, read, acknowledged or trimmed. Whatever that call
+does not take (a result it refuses, an error, a call slower than a third of a lease) is XADDed
+to the shards' results streams, one pipeline per turn, and admission applies it from there
+(and dead-letters a bad one). A result applied twice is stale: a no-op. A user without the
+rights of the finish script (an ACL user created before executors applied their results) sends
+every result the stream's way, after one warning."""
 
 from __future__ import annotations
 
@@ -13,16 +15,49 @@ import time
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
 
+from supersede import aio
 from supersede.errors import describe
 from supersede.keys import Keys
 from supersede.protocol import PAYLOAD, RunResult
+from supersede.scripts import Scripts
+from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 
 log = logging.getLogger("supersede.executor")
 
-# Applies packed results of several shards at once, in this process (`supersede serve`).
+# Applies packed results of several shards at once.
 Sink = Callable[[dict[int, list[bytes]]], Awaitable[None]]
+
+
+class FinishHere:
+    """The executor applies its results itself: one `finish` call for a turn's results of
+    every shard (one per shard on a cluster, each on its node), with no results-stream entry.
+    A refused result raises ScriptError (the outbox writes the turn to the streams instead).
+    `assign_deadline_ms`: admission's (it publishes it in the config hash), for the runs the
+    call starts in the freed slots; 0 when unknown: the reaper's first look at them comes
+    after a second, and the reaper, which knows the deadline, puts them back until it."""
+
+    def __init__(self, scripts: Scripts, *, cluster: bool) -> None:
+        self.scripts = scripts
+        self.cluster = cluster
+        self.assign_deadline_ms = 0
+
+    async def __call__(self, batches: dict[int, list[bytes]]) -> None:
+        items = {shard: [(b"", p) for p in payloads] for shard, payloads in batches.items()}
+        deadline = self.assign_deadline_ms
+        if self.cluster:
+            done = await aio.gather(
+                *(
+                    self.scripts.finish(s, part, assign_deadline_ms=deadline)
+                    for s, part in items.items()
+                )
+            )
+        else:
+            done = [await self.scripts.finish_shards(items, assign_deadline_ms=deadline)]
+        metrics.RESULTS.labels("applied").inc(sum(r.applied for r in done))
+        metrics.RESULTS.labels("stale").inc(sum(r.stale for r in done))
 
 
 class Outbox:
@@ -77,6 +112,13 @@ class Outbox:
         try:
             # (bounded: a stalled call would hold every later result, and with them the slots)
             await asyncio.wait_for(self.sink(by_shard), self.config.lease_ms / 3000)
+        except NoPermissionError as exc:
+            self.sink = None  # (for good: the user's rights do not change under it)
+            log.warning("this executor's Redis user may not run the finish script; results "
+                        "go through the results stream from now on (re-create the users with "
+                        "`supersede acl --apply` to apply them here)",
+                        extra={"error": describe(exc)})  # fmt: skip
+            return False
         except Exception as exc:
             log.warning("results not applied in this process; writing them to the streams",
                         extra={"runs": len(batch), "error": describe(exc)})  # fmt: skip
@@ -93,6 +135,7 @@ class Outbox:
                     for shard, payload, _ in batch:
                         pipe.xadd(self.keys.shard(shard).results_stream, {PAYLOAD: payload})
                     await pipe.execute()
+                metrics.RESULTS.labels("stream").inc(len(batch))
                 return None
             except Exception as exc:  # redis-py can raise others mid-failover
                 if time.monotonic() > deadline:

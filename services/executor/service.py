@@ -22,7 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from supersede.config import Settings
 from supersede.errors import ConfigError, DefinitionError
-from supersede.protocol import EXECUTOR_GROUP
+from supersede.protocol import ASSIGN_DEADLINE_FIELD, EXECUTOR_GROUP
 from supersede.registry import register
 from supersede.service import Service
 from supersede.service import serve as serve_service
@@ -32,7 +32,7 @@ from supersede.services.executor.claim import Claimer
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.fetch import Fetcher
 from supersede.services.executor.lease import LeaseKeeper
-from supersede.services.executor.outbox import Outbox
+from supersede.services.executor.outbox import FinishHere, Outbox
 from supersede.services.executor.steps import Runner
 from supersede.streams import GroupSpec
 from supersede.workflow import Workflow
@@ -61,6 +61,8 @@ class Executor(Service):
         self.workflows = tuple(self.definitions)
         cluster = isinstance(redis, RedisCluster)
         self.outbox = Outbox(redis, self.keys, self.config)
+        self.finish_here = FinishHere(self.scripts, cluster=cluster)
+        self.outbox.sink = self.finish_here
         self.runner = Runner(workflows, self.config, self.outbox, tracer=self.tracer,
                              fences=self._fence, keys=self.keys)  # fmt: skip
         self.cancels = Cancels(redis, self.keys, self.runner, self.config, cluster=cluster)
@@ -91,6 +93,8 @@ class Executor(Service):
             except DefinitionError as exc:
                 raise ConfigError(f"workflow {wf.id!r} cannot be registered: {exc}") from None
         metrics.SLOTS.set(self.config.slots)
+        deadline = await self.redis.hget(self.keys.config_hash, ASSIGN_DEADLINE_FIELD)
+        self.finish_here.assign_deadline_ms = int(deadline or 0)  # (admission's, when known)
         await self.runner.start_processes(self.settings.redis_url)
         self.log.info("workflows registered", extra={"workflows": sorted(self.definitions)})
 

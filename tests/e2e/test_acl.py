@@ -192,8 +192,7 @@ async def _each_user_is_refused_what_its_role_does_not_do(
         ex, ing, adm = clients["executor"], clients["ingress"], clients["admission"]
         await _refused(ex, "XADD", keys.events_stream, "*", "name", "x")
         await _refused(ex, "XADD", sk.requests_stream, "*", "r", "x")
-        await _refused(ex, "XADD", sk.control_stream, "*", "op", "cancel")
-        await _refused(ex, "XRANGE", sk.results_stream, "-", "+")
+        await _refused(ex, "XRANGE", sk.requests_stream, "-", "+")
         await _refused(ing, "HGET", sk.runs_hash, "x")
         await _refused(ing, "XADD", sk.assignments_stream("chat-reply"), "*", "id", "x")
         await _refused(ing, "HSET", keys.workflows_hash, "x", "{}")

@@ -249,24 +249,20 @@ async def test_a_request_the_admit_call_refuses_goes_through_the_stream(
     assert not executor.runner.active and executor.runner.reserved == 0
 
 
-async def test_results_are_applied_in_the_process_and_a_refused_one_takes_the_stream(
-    redis: Redis, redis_url: str, keys: Keys
+async def test_results_are_applied_by_the_executor_and_a_refused_one_takes_the_stream(
+    redis: Redis, keys: Keys
 ) -> None:
-    """The way back: the outbox hands a turn's results to the process's admission, which
-    applies them with no results-stream entry (the outbox's future says which way it went). A
-    turn the finish call refuses (a run that no longer exists) is written to the streams, where
-    admission's read dead-letters it as it would any executor's."""
-    from supersede.config import Settings
+    """The way back: the outbox applies a turn's results with the executor's own finish call,
+    with no results-stream entry (the outbox's future says which way it went). A turn the
+    call refuses (a run that no longer exists) is written to the streams, where admission's
+    read dead-letters it as it would any executor's."""
     from supersede.protocol import Outcome, RunResult
     from supersede.scripts import HandOver, Scripts
-    from supersede.services.admission.service import Admission
     from supersede.services.executor.config import ExecutorConfig
-    from supersede.services.executor.outbox import Outbox
+    from supersede.services.executor.outbox import FinishHere, Outbox
 
-    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
-    admission = Admission(redis, settings)
     outbox = Outbox(redis, keys, ExecutorConfig(lease_ms=30_000))  # (bound: 10 s a call)
-    outbox.sink = admission.finish_handed
+    outbox.sink = FinishHere(Scripts(redis, keys), cluster=False)
     writer = asyncio.create_task(outbox.loop())
     try:
         shard, req = make_request(keys, workflow="work", event="e1", seq=1, unlimited=True)
@@ -309,6 +305,41 @@ async def test_a_stalled_finish_call_sends_the_results_to_the_stream(
         assert await asyncio.wait_for(written, 10) is False
         [(_, fields)] = await redis.xrange(keys.shard(1).results_stream)
         assert codec.unpack(fields[b"r"])["id"] == "1-r"
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+
+
+async def test_an_executor_refused_the_finish_script_sends_its_results_to_the_stream(
+    redis: Redis, keys: Keys
+) -> None:
+    """A Redis user without the finish script's rights (created by an older `supersede acl`):
+    the first refusal turns the executor's own finish off for good, with the turn and every
+    later one written to the results streams for admission, as before."""
+    from redis.exceptions import NoPermissionError
+
+    from supersede.protocol import Outcome, RunResult
+    from supersede.services.executor.config import ExecutorConfig
+    from supersede.services.executor.outbox import Outbox
+
+    calls = 0
+
+    async def refused(batches: dict[int, list[bytes]]) -> None:
+        nonlocal calls
+        calls += 1
+        raise NoPermissionError("NOPERM this user has no permissions to run the 'evalsha' command")
+
+    outbox = Outbox(redis, keys, ExecutorConfig(lease_ms=30_000))
+    outbox.sink = refused
+    writer = asyncio.create_task(outbox.loop())
+    try:
+        for run_id in ("1-a", "1-b"):
+            written = outbox.put(1, RunResult(run_id, 1, Outcome.SUCCEEDED))
+            assert await asyncio.wait_for(written, 10) is False
+        assert calls == 1 and outbox.sink is None
+        entries = await redis.xrange(keys.shard(1).results_stream)
+        assert [codec.unpack(f[b"r"])["id"] for _, f in entries] == ["1-a", "1-b"]
     finally:
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
