@@ -239,3 +239,17 @@ def test_two_workflow_files_of_one_name_in_two_folders_are_both_loaded(tmp_path:
     first = load_workflows(str(tmp_path / "a" / "flows.py"))
     second = load_workflows(str(tmp_path / "b" / "flows.py"))
     assert [w.id for w in first] == ["wf-a"] and [w.id for w in second] == ["wf-b"]
+
+
+def test_a_kept_labelled_child_counts_into_the_metric() -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    from supersede.metrics import labelled
+
+    counter = Counter("t_kept_total", "test", ["way"], registry=CollectorRegistry())
+    labelled(counter, "a").inc()
+    labelled(counter, "a").inc(2)
+    labelled(counter, "b").inc()
+    assert labelled(counter, "a") is counter.labels("a")
+    values = {s.labels["way"]: s.value for s in next(iter(counter.collect())).samples}
+    assert values == {"a": 3.0, "b": 1.0}
