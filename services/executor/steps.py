@@ -100,6 +100,8 @@ class Runner:
         fences hash), for `ctx.still_current()`; None: every run is current. `keys`: where
         worker processes read it (process isolation)."""
         self.workflows = {wf.id: wf for wf in workflows}
+        # (each workflow's steps in order, sorted once: a sort per run was 4% of the CPU)
+        self._ordered = {wf.id: wf.ordered_steps() for wf in workflows}
         self.fences = fences
         self.keys = keys
         self.processes: ProcessPool | None = None
@@ -225,7 +227,9 @@ class Runner:
 
     async def _run_steps(self, run: Running) -> tuple[Outcome, str]:
         stored = 0  # bytes of the outputs so far, msgpack-encoded
-        for step in run.workflow.ordered_steps():
+        wf = run.workflow
+        ordered = self._ordered[wf.id] if self.workflows.get(wf.id) is wf else wf.ordered_steps()
+        for step in ordered:
             for attempt in range(step.retries + 1):
                 started = time.perf_counter()
                 try:
