@@ -72,6 +72,7 @@ def _executor(args: argparse.Namespace, settings: Settings) -> None:
         claim_idle_ms=args.claim_idle_ms,
         block_ms=args.block_ms,
         max_output_bytes=args.max_output_bytes,
+        results_via_stream=args.results_via_stream,
     )
     run_until_signal(
         lambda stop: serve(settings, workflows, config, stop),
@@ -397,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="process isolation: seconds from SIGTERM to SIGKILL of a step that did not stop",
     )
     exe.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on SIGTERM")
+    exe.add_argument(
+        "--results-via-stream",
+        action="store_true",
+        help="write results to the results streams for admission to apply, instead of applying "
+        "them here with the finish script (slower; for a Redis user without the state rights)",
+    )
     exe.add_argument(
         "--max-output-bytes",
         type=int,

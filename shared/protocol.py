@@ -334,11 +334,11 @@ def unpack_input(raw: bytes) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-# -- results (executor -> admission) --------------------------------------------------------------
+# -- results (executor -> finish script) ----------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class RunResult:
-    """What an executor appends to a shard's results stream for one attempt (or, under
-    `supersede serve`, hands to the finish call of its process's admission)."""
+    """An executor's outcome of one attempt: applied by its own finish call, or appended to a
+    shard's results stream for admission when that call does not take it."""
 
     run_id: str
     attempt: int

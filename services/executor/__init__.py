@@ -3,8 +3,8 @@
     config -> outbox -> isolation -> steps -> lease -> cancel -> claim -> fetch -> service
 
 - config: the executor's settings;
-- outbox: hands outcomes to the results streams, one pipeline per turn (under `supersede
-  serve`, to the process's admission, one finish call per turn);
+- outbox: applies outcomes with one finish call per turn (what that call does not take goes
+  to the results streams, for admission);
 - isolation: worker processes for steps with isolation="process", and the ladder that stops
   them (flag, SIGTERM, SIGKILL);
 - steps: runs a claimed run's steps and reports its outcome once (the local slots);

@@ -14,9 +14,9 @@ depends on the free slots and the backend:
   seen ids) waits for new entries without consuming them (on a cluster, a wake task per shard
   does, over that shard's streams), and while no entry comes it waits again with no scan
   (on one server). The last seen ids are the streams' tails, read once, then moved on by the
-  entries each read takes and each wake-up returns (up to WAKE_COUNT per stream, so entries
-  other executors took leave them behind for one wake-up at most): a scan reads no tails
-  unless a wake-up found that many entries past them;
+  entries each read takes and each wake-up returns: a scan reads the tails again only after a
+  wake-up that found nothing to take (other executors took it: the ids may lag behind what
+  they took, and each wake-up moves them on by one entry only);
 - after a failure, this consumer's own pending entries are read first (OwnPending);
 - each second a task of its own looks for assignments a dead executor read but never claimed
   (one pipelined XPENDING over every stream, off the fetch loop: that check took the loop a
@@ -44,9 +44,6 @@ from supersede.streams import OwnPending, stale_streams, tail_ids
 log = logging.getLogger("supersede.executor")
 
 FULL_READ_EVERY = 0.05  # seconds: the longest a backlog's streams are read alone
-# Entries per stream a wake-up returns: it moves the wait's ids past entries others took (a
-# wake-up for those finds nothing to take), so they need no tail read unless that many came.
-WAKE_COUNT = 64
 
 
 class Fetcher:
@@ -85,6 +82,7 @@ class Fetcher:
         self._wake = asyncio.Event()
         self._wake_ids: dict[str, str] = {}  # the ids the wait reads after (one server)
         self._tails_fresh = False  # False: read the tails before the next scan
+        self._after_wake = False  # the next scan follows a wake-up
         self._malformed: list[tuple[str, bytes]] = []
         self.handed_over = False  # admit calls of this process claim runs for this executor
         # More assignment entries wait for this executor than it has free slots (its last read
@@ -122,6 +120,7 @@ class Fetcher:
                     await self._ack_malformed()
                     self.service.healthy()
                     self.backlog = len(got) >= free  # (and likely more behind)
+                    self._note_read(bool(got), reread)
                     if got:
                         self._quiet = False  # a scan follows whatever was taken
                         await self.claimer.claim_and_start(got)
@@ -138,9 +137,20 @@ class Fetcher:
                 raise
             except Exception as exc:
                 # Assignments read but not claimed are pending for this consumer: read again
-                # (and scan: a failed re-read lets one read of new entries go first).
+                # (and scan: a failed re-read lets one read of new entries go first). The tails
+                # too: after a failover the new master may have lost the last entries.
                 self._quiet = False
+                self._tails_fresh = False
                 await self.service.recover(self.own, exc, failed_reread=reread, what="fetch")
+
+    def _note_read(self, got: bool, reread: bool) -> None:
+        """A scan after a wake-up that took nothing: others took what woke this executor, and
+        its ids may lag behind more they took (each wake-up would move them on by one entry):
+        the tails are read before the next scan."""
+        if not reread:
+            if self._after_wake and not got:
+                self._tails_fresh = False
+            self._after_wake = False
 
     async def _free_slots(self) -> int:
         """The free local slots; with none, wait until one frees up and return 0."""
@@ -163,9 +173,8 @@ class Fetcher:
         Tails first, then the scan: an entry older than a tail is seen by the scan, a newer one
         wakes the XREAD that may follow, so none waits for a timeout. Any id a stream once had
         keeps that promise (entries come in id order); a fresh one only spares wake-ups for
-        entries others took. So the ids are read again only when a wake-up returned
-        WAKE_COUNT entries of a stream (far behind); otherwise the XREAD's own replies and the
-        entries read move them on."""
+        entries others took. So the ids are read again only after a wake-up that found nothing
+        to take; otherwise the XREAD's own replies and the entries read move them on."""
         self._wake.clear()  # cluster mode: a waker setting it from now on is not missed
         if self.cluster:
             return  # (the wake tasks keep their own ids)
@@ -364,11 +373,7 @@ class Fetcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.block_ms / 1000)
             return self._wake.is_set()
-        reply = await self.redis.xread(
-            self._wake_ids,  # type: ignore[arg-type]
-            count=WAKE_COUNT,
-            block=self.config.block_ms,
-        )
+        reply = await self.redis.xread(self._wake_ids, count=1, block=self.config.block_ms)  # type: ignore[arg-type]
         woken = False
         for stream, entries in cast(StreamReply, reply or []):
             if entries:
@@ -376,8 +381,7 @@ class Fetcher:
                 self._wake_ids[name] = entries[-1][0].decode()
                 self._woken.append(self.index_of_stream[name])
                 woken = True
-                if len(entries) >= WAKE_COUNT:  # (more behind: far behind the tail)
-                    self._tails_fresh = False
+        self._after_wake = woken
         return woken
 
     async def wake_loop(self, stop: asyncio.Event, shard: int) -> None:

@@ -20,6 +20,10 @@ RESULTS = Counter(
     "finish call: stale is a no-op), stream (written to the results stream for admission).",
     ["way"],
 )
+ASSIGNED = Counter(
+    "supersede_executor_assigned_total",
+    "Queued runs its finish calls started in the slots its results freed.",
+)
 CLAIMS_REFUSED = Counter(
     "supersede_executor_claims_refused_total",
     "Assignments whose run was cancelled before its claim.",

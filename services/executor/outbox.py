@@ -20,12 +20,15 @@ from redis.exceptions import NoPermissionError
 from supersede import aio
 from supersede.errors import describe
 from supersede.keys import Keys
-from supersede.protocol import PAYLOAD, RunResult
+from supersede.protocol import ASSIGN_DEADLINE_FIELD, PAYLOAD, RunResult
 from supersede.scripts import Scripts
+from supersede.service import Throttle
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 
 log = logging.getLogger("supersede.executor")
+
+DEADLINE_EVERY = 10.0  # seconds between two reads of admission's assignment deadline
 
 # Applies packed results of several shards at once.
 Sink = Callable[[dict[int, list[bytes]]], Awaitable[None]]
@@ -35,17 +38,23 @@ class FinishHere:
     """The executor applies its results itself: one `finish` call for a turn's results of
     every shard (one per shard on a cluster, each on its node), with no results-stream entry.
     A refused result raises ScriptError (the outbox writes the turn to the streams instead).
-    `assign_deadline_ms`: admission's (it publishes it in the config hash), for the runs the
-    call starts in the freed slots; 0 when unknown: the reaper's first look at them comes
+    The assignment deadline of the runs the call starts in the freed slots is admission's, which
+    it publishes in the config hash (read again every DEADLINE_EVERY seconds: admission may
+    start later, or with another value); 0 until known: the reaper's first look at them comes
     after a second, and the reaper, which knows the deadline, puts them back until it."""
 
     def __init__(self, scripts: Scripts, *, cluster: bool) -> None:
         self.scripts = scripts
         self.cluster = cluster
         self.assign_deadline_ms = 0
+        self._deadline_due = Throttle(DEADLINE_EVERY)
 
     async def __call__(self, batches: dict[int, list[bytes]]) -> None:
         items = {shard: [(b"", p) for p in payloads] for shard, payloads in batches.items()}
+        if self._deadline_due.due():
+            keys = self.scripts.keys
+            raw = await self.scripts.redis.hget(keys.config_hash, ASSIGN_DEADLINE_FIELD)
+            self.assign_deadline_ms = int(raw or 0)
         deadline = self.assign_deadline_ms
         if self.cluster:
             done = await aio.gather(
@@ -58,6 +67,7 @@ class FinishHere:
             done = [await self.scripts.finish_shards(items, assign_deadline_ms=deadline)]
         metrics.RESULTS.labels("applied").inc(sum(r.applied for r in done))
         metrics.RESULTS.labels("stale").inc(sum(r.stale for r in done))
+        metrics.ASSIGNED.inc(sum(r.assigned for r in done))
 
 
 class Outbox:
@@ -115,8 +125,8 @@ class Outbox:
         except NoPermissionError as exc:
             self.sink = None  # (for good: the user's rights do not change under it)
             log.warning("this executor's Redis user may not run the finish script; results "
-                        "go through the results stream from now on (re-create the users with "
-                        "`supersede acl --apply` to apply them here)",
+                        "go through the results stream until it restarts (re-create the users "
+                        "with `supersede acl --apply`, then restart the executors)",
                         extra={"error": describe(exc)})  # fmt: skip
             return False
         except Exception as exc:

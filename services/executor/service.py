@@ -6,8 +6,9 @@ outbox writer, and on a cluster one wake task per shard.
 
 SIGTERM drains: stop fetching and start what the read in flight took; keep renewing leases and
 receiving cancels while running runs finish within the drain deadline; then wait (within the
-same deadline) until admission has applied the results written, since a run whose lease lapsed
-before that would be retried. What is still running at the deadline is stopped and left to its
+same deadline) until the results are applied (by its own finish calls, or by admission for
+those written to the results streams), since a run whose lease lapsed before that would be
+retried. What is still running at the deadline is stopped and left to its
 lease (retried elsewhere: at least once), and logged.
 """
 
@@ -22,7 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from supersede.config import Settings
 from supersede.errors import ConfigError, DefinitionError
-from supersede.protocol import ASSIGN_DEADLINE_FIELD, EXECUTOR_GROUP
+from supersede.protocol import EXECUTOR_GROUP
 from supersede.registry import register
 from supersede.service import Service
 from supersede.service import serve as serve_service
@@ -62,7 +63,8 @@ class Executor(Service):
         cluster = isinstance(redis, RedisCluster)
         self.outbox = Outbox(redis, self.keys, self.config)
         self.finish_here = FinishHere(self.scripts, cluster=cluster)
-        self.outbox.sink = self.finish_here
+        if not self.config.results_via_stream:
+            self.outbox.sink = self.finish_here
         self.runner = Runner(workflows, self.config, self.outbox, tracer=self.tracer,
                              fences=self._fence, keys=self.keys)  # fmt: skip
         self.cancels = Cancels(redis, self.keys, self.runner, self.config, cluster=cluster)
@@ -93,8 +95,6 @@ class Executor(Service):
             except DefinitionError as exc:
                 raise ConfigError(f"workflow {wf.id!r} cannot be registered: {exc}") from None
         metrics.SLOTS.set(self.config.slots)
-        deadline = await self.redis.hget(self.keys.config_hash, ASSIGN_DEADLINE_FIELD)
-        self.finish_here.assign_deadline_ms = int(deadline or 0)  # (admission's, when known)
         await self.runner.start_processes(self.settings.redis_url)
         self.log.info("workflows registered", extra={"workflows": sorted(self.definitions)})
 

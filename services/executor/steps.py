@@ -1,11 +1,13 @@
 """Running claimed runs: their steps in dependency order, retries and timeouts, the on-cancel
 hook, and one report of the outcome to the outbox, after which the run's local slot is free.
 
-A reported run is not done yet: until admission applies its result, the run stays RUNNING and
-its lease must be renewed, or the reaper would retry work that already finished (admission down
-or behind). `Runner.awaiting` holds those runs for the heartbeat until it says they ended; a
-result still unapplied after a lease is written again (with backoff), in case the first write
-was lost (a failover before replication), since applying a result twice changes nothing."""
+A reported run is not done yet: until its result is applied (by the outbox's finish call, or
+by admission when it took the results stream), the run stays RUNNING and its lease must be
+renewed, or the reaper would retry work that already finished (admission down or behind, a
+finish write lost in a failover). `Runner.awaiting` holds those runs for the heartbeat until
+it says they ended; a result still unapplied after a lease is sent again (with backoff), in case
+the first write was lost (a failover before replication), since applying a result twice changes
+nothing."""
 
 from __future__ import annotations
 
@@ -51,8 +53,8 @@ def _ignore_outcome(fut: asyncio.Future[bool]) -> None:
 
 @dataclass(slots=True)
 class Reported:
-    """A run whose outcome was written (or applied in this process, under `supersede serve`)
-    and that the heartbeat has not yet found ended: its lease is still renewed."""
+    """A run whose outcome was applied by the outbox's finish call or written to the results
+    stream, and that the heartbeat has not yet found ended: its lease is still renewed."""
 
     run_id: str
     shard: int
@@ -413,8 +415,8 @@ class Runner:
             tracing.end_run(run.span, outcome.name, error)
         try:
             await asyncio.shield(self.outbox.put(run.shard, result))
-            # Renewed until the heartbeat finds the run ended, even when applied in this process
-            # (`supersede serve`): a failover or a crash of the server can still lose that write.
+            # Renewed until the heartbeat finds the run ended, even when the finish call applied
+            # it: a failover or a crash of the server can still lose that write.
             if self.active.get(run.run_id) is run:  # not superseded by a newer attempt here
                 resend_at = time.monotonic() + self.config.lease_ms / 1000
                 self.awaiting[run.run_id] = Reported(

@@ -226,10 +226,12 @@ async def test_a_drain_renews_leases_and_takes_cancels_for_handlers_longer_than_
 async def test_results_waiting_for_admission_keep_their_runs_from_the_reaper(
     redis: Redis, keys: Keys, system: System, results_lost: bool
 ) -> None:
-    """Admission is down for three leases while runs finish: once it is back, every run ends
-    SUCCEEDED at attempt 1 and no handler ran twice. Also when the written results are lost
-    meanwhile (a failover before replication): the executor writes them again."""
-    await system.pipeline(redis, keys, 1, "--lease", "1")
+    """An executor that leaves its results to admission (`--results-via-stream`, as when its own
+    finish call fails): admission is down for three leases while runs finish; once it is back,
+    every run ends SUCCEEDED at attempt 1 and no handler ran twice. Also when the written
+    results are lost meanwhile (a failover before replication): the executor writes them
+    again."""
+    await system.pipeline(redis, keys, 1, "--lease", "1", "--results-via-stream")
     admission = system.procs[0]
     for i in range(5):
         await publish(redis, keys, "work.item", i=i, sleep=0.5)
@@ -245,6 +247,11 @@ async def test_results_waiting_for_admission_keep_their_runs_from_the_reaper(
     await eventually(lambda: _all(redis, keys, 5, "S"), timeout=30)
     assert {r["a"] for r in (await records(redis, keys)).values()} == {1}
     assert sum(1 for x in await log(redis, keys) if x.startswith("started:")) == 5
+    added = 0  # (the results took the stream: the way this test is about)
+    for sk in keys.all_shards():
+        if await redis.exists(sk.results_stream):
+            added += int((await redis.xinfo_stream(sk.results_stream))["entries-added"])
+    assert added >= 5
 
 
 async def test_an_assigned_run_whose_entry_was_lost_is_reassigned_and_runs(
