@@ -55,6 +55,14 @@ def _shard(*suffixes: str) -> tuple[str, ...]:
 
 
 _READS_REGISTRY = ("%R~{@}:workflows", "%R~{@}:workflows:*")
+# The shard keys the finish script is passed (read and write, as every EVALSHA key), by
+# admission and by executors (which apply their own results): the state keys, the results
+# stream (XACKed; a turn an executor's call refuses is written there), the newest runs and
+# the outputs; the ended and assignment streams it writes under their prefixes.
+_FINISH_KEYS = (
+    "runs", "inputs", "outputs", "queue", "active", "slots", "leases", "ended", "ended:*",
+    "assignments", "assignments:*", "control", "counts", "results", "newest", "newest-at",
+)  # fmt: skip
 
 ROLES: tuple[Role, ...] = (
     Role(
@@ -92,22 +100,7 @@ ROLES: tuple[Role, ...] = (
             *_READS_REGISTRY,
             *_shard(
                 "requests",
-                "results",
-                "runs",
-                "inputs",
-                "outputs",
-                "queue",
-                "active",
-                "slots",
-                "leases",
-                "ended",
-                "ended:*",
-                "assignments",
-                "assignments:*",
-                "control",
-                "counts",
-                "newest",
-                "newest-at",
+                *_FINISH_KEYS,
                 "fences",
                 "debounce",
                 "due",
@@ -132,27 +125,7 @@ ROLES: tuple[Role, ...] = (
             "%W~@:dead",
             "~{@}:workflows",
             "~{@}:workflows:*",
-            # the finish script's keys (passed to EVALSHA, so read and write): the shard's
-            # state, its results stream (a turn the call refuses is written there), the newest
-            # runs and the outputs
-            *_shard(
-                "assignments",
-                "assignments:*",
-                "runs",
-                "inputs",
-                "outputs",
-                "queue",
-                "active",
-                "slots",
-                "leases",
-                "ended",
-                "ended:*",
-                "control",
-                "counts",
-                "results",
-                "newest",
-                "newest-at",
-            ),
+            *_shard(*_FINISH_KEYS),
             "%R~{@:*}:fences",  # ctx.still_current()
         ),
     ),
