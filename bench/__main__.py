@@ -8,6 +8,7 @@ from bench import (
     admission,
     cancel_storm,
     cluster,
+    cpu_split,
     executor,
     ingress,
     isolation,
@@ -21,6 +22,7 @@ def main() -> None:
     asyncio.run(admission.main(200_000, 10_000))
     asyncio.run(ingress.main(200_000, 10_000))
     asyncio.run(executor.main())
+    asyncio.run(cpu_split.main())  # the CPU of a run, per process
     asyncio.run(serve.main())  # the same in one process (`supersede serve`)
     asyncio.run(saq_ref.main())  # SAQ's figures, then supersede's against them
     asyncio.run(cancel_storm.main())
