@@ -31,14 +31,14 @@ HOP_SECONDS = Histogram(
 _READY: dict[str, bool] = {}  # part (service name) -> ready; /readyz needs every part ready
 
 M = TypeVar("M", bound=MetricWrapperBase)
-_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+_CHILDREN: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
 
 
 def labelled(metric: M, *values: str) -> M:
     """`metric.labels(*values)`, kept: on a per-run path `labels()` (a lock, a tuple, a dict)
     cost an executor 5% of its CPU. Only for metrics whose labels are never removed (bounded
     label sets: every metric here)."""
-    key = (id(metric), values)
+    key = (metric, values)  # (the metric itself: an id could be reused by another)
     child = _CHILDREN.get(key)
     if child is None:
         child = _CHILDREN[key] = metric.labels(*values)

@@ -117,16 +117,18 @@ class Fetcher:
                     got = await self._read(free, reread)
                     if len(got) < free and self._stale:
                         got += await self._take_over(free - len(got))
-                    await self._ack_malformed()
+                    # (a read that took only malformed entries took something: the stream may
+                    # hold valid ones behind them, older than the tails the wait starts from)
+                    took = bool(got) or await self._ack_malformed() > 0
                     self.service.healthy()
                     self.backlog = len(got) >= free  # (and likely more behind)
-                    self._note_read(bool(got), reread)
+                    self._note_read(took, reread)
                     if got:
                         self._quiet = False  # a scan follows whatever was taken
                         await self.claimer.claim_and_start(got)
                 if got:
                     await asyncio.sleep(0)  # let the new runs reach their first step
-                elif not reread and not self._blocking(free):
+                elif not reread and not took and not self._blocking(free):
                     # Only after a scan: entries older than the tails are the scan's to find,
                     # so a wait after a re-read of own entries could sleep past them.
                     woken = await self._wait_for_assignments()
@@ -325,7 +327,8 @@ class Fetcher:
                 self._malformed.append((stream, entry_id))
         return out
 
-    async def _ack_malformed(self) -> None:
+    async def _ack_malformed(self) -> int:
+        """Acknowledge the malformed entries read; how many."""
         bad, self._malformed = self._malformed, []
         for stream, entry_id in bad:
             log.error(
@@ -333,6 +336,7 @@ class Fetcher:
                 extra={"stream": stream, "entry": entry_id.decode()},
             )
             await self.redis.xack(stream, EXECUTOR_GROUP, entry_id)
+        return len(bad)
 
     async def stale_loop(self, stop: asyncio.Event) -> None:
         """Each second: which streams hold assignments read by a consumer and idle past

@@ -52,9 +52,12 @@ class FinishHere:
     async def __call__(self, batches: dict[int, list[bytes]]) -> None:
         items = {shard: [(b"", p) for p in payloads] for shard, payloads in batches.items()}
         if self._deadline_due.due():
-            keys = self.scripts.keys
-            raw = await self.scripts.redis.hget(keys.config_hash, ASSIGN_DEADLINE_FIELD)
-            self.assign_deadline_ms = int(raw or 0)
+            try:
+                keys = self.scripts.keys
+                raw = await self.scripts.redis.hget(keys.config_hash, ASSIGN_DEADLINE_FIELD)
+                self.assign_deadline_ms = int(raw or 0)
+            except Exception as exc:  # (the last one known serves; the results go on)
+                log.warning("assignment deadline not read", extra={"error": describe(exc)})
         deadline = self.assign_deadline_ms
         if self.cluster:
             done = await aio.gather(

@@ -657,3 +657,23 @@ async def test_executors_apply_their_results_without_the_results_stream(
     for sk in keys.all_shards():
         if await redis.exists(sk.results_stream):
             assert (await redis.xinfo_stream(sk.results_stream))["entries-added"] == 0
+
+
+async def test_a_valid_assignment_behind_a_malformed_one_is_not_waited_past(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """An executor starts on streams that hold a malformed entry and then a valid assignment.
+    With one slot its first scan reads only the malformed entry; the wait that would follow
+    starts from the tails, past the valid one (reads that would block for a minute). It must
+    scan again instead: the run ends well before a read would time out."""
+    [first] = await system.pipeline(redis, keys, 1, "--slots", "1")
+    await publish(redis, keys, "work.item", k="warm")
+    await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
+    first.kill()
+    first.wait(10)
+    for stream in assignment_streams(keys):
+        await redis.xadd(stream, {"garbage": "1"})
+    await publish(redis, keys, "work.item", k="behind")
+    await eventually(lambda: _states(redis, keys, {"S": 1, "A": 1}), timeout=30)
+    system.start("executor", APP, "--slots", "1", "--block-ms", "60000")
+    await eventually(lambda: _states(redis, keys, {"S": 2}), timeout=20)
