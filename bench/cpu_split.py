@@ -47,7 +47,8 @@ async def main(n: int = 20_000, rounds: int = 2) -> None:
         procs["ingress"] = start(env, "ingress", "--block-ms", "100")
         log("cpu split: CPU per run of each process, separate services")
         keys = settings.keys
-        warm = [(keys.events_stream, {"name": b"bench.noop", "data": b"{}"})] * 2000
+        noop = (keys.events_stream, {"name": b"bench.noop", "data": b"{}"})
+        warm = [noop] * 2000
 
         async def warmed() -> bool:  # every process started and ran runs: no start-up counted
             return await ended_runs(redis, keys) >= len(warm)
@@ -55,7 +56,7 @@ async def main(n: int = 20_000, rounds: int = 2) -> None:
         await pipelined_xadd(redis, warm)
         await wait_for(warmed, timeout=120)
         server_pid = int((await redis.info("server"))["process_id"])
-        items = [(keys.events_stream, {"name": b"bench.noop", "data": b"{}"}) for _ in range(n)]
+        items = [noop] * n
         totals: dict[str, float] = {}
         xadd_us = 0.0
         for _ in range(rounds):

@@ -16,6 +16,5 @@ class ExecutorConfig:
     claim_idle_ms: int = 30_000  # take over assignments another executor left this long
     retry_backoff: float = 0.1  # seconds before a step's first retry, doubled each time
     max_output_bytes: int = 65_536  # a run's step outputs, msgpack-encoded, stored with it
-    results_via_stream: bool = (
-        False  # leave results to admission (the executor's user needs no state rights)
-    )
+    # leave results to admission (the executor's Redis user then needs no state rights)
+    results_via_stream: bool = False

@@ -133,7 +133,7 @@ class Outbox:
                         extra={"error": describe(exc)})  # fmt: skip
             return False
         except Exception as exc:
-            log.warning("results not applied in this process; writing them to the streams",
+            log.warning("results not applied by the finish call; writing them to the streams",
                         extra={"runs": len(batch), "error": describe(exc)})  # fmt: skip
             return False
         return True

@@ -62,9 +62,8 @@ class Executor(Service):
         self.workflows = tuple(self.definitions)
         cluster = isinstance(redis, RedisCluster)
         self.outbox = Outbox(redis, self.keys, self.config)
-        self.finish_here = FinishHere(self.scripts, cluster=cluster)
         if not self.config.results_via_stream:
-            self.outbox.sink = self.finish_here
+            self.outbox.sink = FinishHere(self.scripts, cluster=cluster)
         self.runner = Runner(workflows, self.config, self.outbox, tracer=self.tracer,
                              fences=self._fence, keys=self.keys)  # fmt: skip
         self.cancels = Cancels(redis, self.keys, self.runner, self.config, cluster=cluster)
