@@ -30,6 +30,7 @@ MAX_VERSIONS = 50  # versions of a workflow the registry remembers (cancel --key
 SCRIPT_NAMES = (
     "admit",
     "claim",
+    "take",
     "heartbeat",
     "finish",
     "reap",
@@ -116,6 +117,25 @@ class Claim:
     seq: str = ""
     state: str = ""
     traceparent: str = ""  # the run's trace context ('' when it is not traced)
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """What one `take` call read and claimed."""
+
+    claimed: list[tuple[int, bytes, Claim]]
+    """(shard, entry id, run) of each run claimed, in the order read."""
+    refused: int
+    """Entries whose run must not start (cancelled, re-assigned or gone): acknowledged."""
+    reads: list[tuple[str, int, bytes, int]]
+    """(stream, entries read, last entry id, entries asked) of each stream that gave entries."""
+    malformed: list[tuple[str, bytes]]
+    """(stream, entry id) of each entry that was not an assignment: acknowledged."""
+    reached: int
+    """How many streams, the first ones given, were read (the others were not needed)."""
+
+    def __len__(self) -> int:
+        return sum(n for _, n, _, _ in self.reads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +303,45 @@ class Scripts:
         keys, args = self._claim_call(executor, batches, lease_ms, now, read_us)
         claims = iter(_parse_claims(await self._call("claim", keys, args)))
         return {s: [next(claims) for _ in batches[s]] for s in shards}
+
+    async def take(
+        self,
+        executor: str,
+        streams: Sequence[tuple[str, int]],
+        *,
+        want: int,
+        lease_ms: int,
+        now: int = 0,
+    ) -> Taken:
+        """Read at most `want` new entries of the assignment `streams` ((stream, shard) pairs,
+        in the order to read them) and claim them, in one call (one server only: see
+        lua/take.lua)."""
+        shards: dict[int, int] = {}
+        for _, shard in streams:
+            shards.setdefault(shard, len(shards) + 1)
+        keys: list[str] = []
+        for shard in shards:
+            sk = self.keys.shard(shard)
+            keys += (sk.runs_hash, sk.inputs_hash, sk.leases_zset, sk.counts_hash)
+        keys += [stream for stream, _ in streams]
+        args: list[Any] = [now, self.executor_group, executor, lease_ms, len(shards), want]
+        args += [shards[shard] for _, shard in streams]
+        _, claims, reads, malformed, reached = await self._call("take", keys, args)
+        shard_of = list(shards)
+        claimed: list[tuple[int, bytes, Claim]] = []
+        refused = 0
+        for item in claims:
+            if int(item[0]) == 1:
+                claimed.append((shard_of[int(item[9]) - 1], item[10], _claimed(item[1:9])))
+            else:
+                refused += 1
+        return Taken(
+            claimed,
+            refused,
+            [(streams[int(n) - 1][0], int(k), last, int(asked)) for n, k, last, asked in reads],
+            [(streams[int(n) - 1][0], entry) for n, entry in malformed],
+            int(reached),
+        )
 
     def _claim_call(
         self,

@@ -1,5 +1,6 @@
 """Claiming: the claim script over the assignments read (all shards in one round trip where
-it can), then the start of every run it granted. A refused claim (the run was cancelled or
+it can), or on one server the take script, which reads new assignments and claims them in one
+call; then the start of every run granted. A refused claim (the run was cancelled or
 re-assigned meanwhile) starts nothing."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 from supersede.metrics import HOP_SECONDS
-from supersede.scripts import Assigned, Claim, Scripts
+from supersede.scripts import Assigned, Claim, Scripts, Taken
 from supersede.services.executor import metrics
 from supersede.services.executor.cancel import Cancels
 from supersede.services.executor.config import ExecutorConfig
@@ -52,6 +53,27 @@ class Claimer:
                 metrics.QUEUE_WAIT_SECONDS.observe(waited)
                 HOP_SECONDS.labels("assignments").observe(waited)
                 self._start(shard, claim, now)
+
+    async def take(self, streams: Sequence[tuple[str, int]], want: int) -> Taken:
+        """Read at most `want` new assignments of `streams` ((stream, shard) pairs, in order)
+        and claim them, in one call (one server only); `start_taken` starts the runs."""
+        started = time.time()
+        taken = await self.scripts.take(
+            self.consumer, streams, want=want, lease_ms=self.config.lease_ms
+        )
+        HOP_SECONDS.labels("claim").observe(max(0.0, time.time() - started))
+        return taken
+
+    def start_taken(self, items: Sequence[tuple[int, bytes, Claim]], refused: int) -> None:
+        """Start the runs a `take` call claimed: (shard, assignment entry id, run)."""
+        if refused:
+            metrics.CLAIMS_REFUSED.inc(refused)
+        now = time.time()
+        for shard, entry, claim in items:
+            waited = max(0.0, now - entry_ms(entry)) / 1000
+            metrics.QUEUE_WAIT_SECONDS.observe(waited)
+            HOP_SECONDS.labels("assignments").observe(waited)
+            self._start(shard, claim, now)
 
     def start_handed(self, shard: int, claims: Sequence[Claim]) -> None:
         """Start the runs an admit call claimed for this executor (`supersede serve`'s

@@ -29,12 +29,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import cast
 
 from redis.asyncio import Redis
 
 from supersede.keys import Keys
 from supersede.protocol import EXECUTOR_GROUP, Entry, StreamReply, parse_assignment
+from supersede.scripts import Claim, Taken
 from supersede.service import Service, Throttle
 from supersede.services.executor.claim import Claimer, Fetched
 from supersede.services.executor.config import ExecutorConfig
@@ -44,6 +46,25 @@ from supersede.streams import OwnPending, stale_streams, tail_ids
 log = logging.getLogger("supersede.executor")
 
 FULL_READ_EVERY = 0.05  # seconds: the longest a backlog's streams are read alone
+
+
+@dataclass
+class Reading:
+    """What a read gave: assignments to claim, and runs the read claimed itself (lua/take.lua,
+    one server) with the number of entries it refused."""
+
+    fetched: list[Fetched] = field(default_factory=list)
+    taken: list[tuple[int, bytes, Claim]] = field(default_factory=list)
+    refused: int = 0
+
+    def __len__(self) -> int:
+        """Entries read (well-formed ones)."""
+        return len(self.fetched) + len(self.taken) + self.refused
+
+    def add(self, other: Reading) -> None:
+        self.fetched += other.fetched
+        self.taken += other.taken
+        self.refused += other.refused
 
 
 class Fetcher:
@@ -84,6 +105,7 @@ class Fetcher:
         self._tails_fresh = False  # False: read the tails before the next scan
         self._after_wake = False  # the next scan follows a wake-up
         self._malformed: list[tuple[str, bytes]] = []
+        self._took_malformed = 0  # entries a take call acknowledged as malformed, not yet counted
         self.handed_over = False  # admit calls of this process claim runs for this executor
         # More assignment entries wait for this executor than it has free slots (its last read
         # took as many as it asked for): a hand-over takes no slot then, so runs that took the
@@ -116,7 +138,7 @@ class Fetcher:
                     reread = self.own.active
                     got = await self._read(free, reread)
                     if len(got) < free and self._stale:
-                        got += await self._take_over(free - len(got))
+                        got.fetched += await self._take_over(free - len(got))
                     # (a read that took only malformed entries took something: the stream may
                     # hold valid ones behind them, older than the tails the wait starts from)
                     took = bool(got) or await self._ack_malformed() > 0
@@ -125,7 +147,7 @@ class Fetcher:
                     self._note_read(took, reread)
                     if got:
                         self._quiet = False  # a scan follows whatever was taken
-                        await self.claimer.claim_and_start(got)
+                        await self._claim_and_start(got)
                 if got:
                     await asyncio.sleep(0)  # let the new runs reach their first step
                 elif not reread and not took and not self._blocking(free):
@@ -144,6 +166,13 @@ class Fetcher:
                 self._quiet = False
                 self._tails_fresh = False
                 await self.service.recover(self.own, exc, failed_reread=reread, what="fetch")
+
+    async def _claim_and_start(self, got: Reading) -> None:
+        """Start the runs the read claimed; claim the assignments it only read, and start
+        those granted."""
+        self.claimer.start_taken(got.taken, got.refused)
+        if got.fetched:
+            await self.claimer.claim_and_start(got.fetched)
 
     def _note_read(self, got: bool, reread: bool) -> None:
         """A scan after a wake-up that took nothing: others took what woke this executor, and
@@ -184,44 +213,69 @@ class Fetcher:
             self._wake_ids = await tail_ids(self.redis, self.streams)
             self._tails_fresh = True
 
-    async def _read(self, free: int, reread: bool) -> list[Fetched]:
+    async def _read(self, free: int, reread: bool) -> Reading:
         """At most `free` assignments: own pending ones when `reread`, else new ones (from the
         streams that had more at the last read first: a backlog in a few of many streams is
         read in one round trip, `free // hot` entries each)."""
         blocking = self._blocking(free)
         if reread:
-            return await self._read_own(free)
+            return Reading(await self._read_own(free))
         # At least every FULL_READ_EVERY seconds a read covers every stream, in rotation: a
         # backlog in one stream never starves the others for longer (and scans of the streams
         # that have nothing cost round trips only that often).
         hot_only = bool(self._hot) and not self._full_read_due.due()
-        got = await self._read_hot(free) if hot_only else []
+        got = await self._read_hot(free) if hot_only else Reading()
         if not got:
-            got = await (self._read_blocking(free) if blocking else self._read_scan(free))
+            if blocking:
+                got = Reading(await self._read_blocking(free))
+            else:
+                got = await self._read_scan(free)
         self.own.advance(None, reread=False)
         return got
 
-    async def _read_hot(self, free: int) -> list[Fetched]:
+    async def _read_hot(self, free: int) -> Reading:
         order = sorted(self._hot)
         cut = self._rotation % len(order)  # rotate, so no hot stream always comes last
         order = order[cut:] + order[:cut]
-        got: list[Fetched] = []
+        if not self.cluster:
+            return await self._take(order, free)
+        got = Reading()
         while order and len(got) < free:
             want = free - len(got)
             batch = self._batch(order, want)
             del order[: len(batch)]
-            got += await self._read_batch(batch, want // len(batch))
+            got.add(await self._read_batch(batch, want // len(batch)))
         return got
 
-    async def _read_batch(self, batch: list[int], count: int) -> list[Fetched]:
+    async def _read_batch(self, batch: list[int], count: int) -> Reading:
         """One XREADGROUP over the streams `batch`, `count` entries each; a stream that gave
-        all it was asked for stays hot (it likely has more), the others cool down."""
+        all it was asked for stays hot (it likely has more), the others cool down. On one
+        server the read claims what it reads in the same call (lua/take.lua)."""
         names = [self.streams[i] for i in batch]
         reply = await self.redis.xreadgroup(
             EXECUTOR_GROUP, self.consumer, dict.fromkeys(names, ">"), count=count
         )
         self._hot.difference_update(batch)
-        return self._parse_reply(reply, count=count)
+        return Reading(self._parse_reply(reply, count=count))
+
+    async def _take(self, order: list[int], free: int) -> Reading:
+        """One server: the streams `order` read in batches as `_read_batch` reads them, until
+        `free` entries came, and what they gave claimed, all in one call (lua/take.lua)."""
+        taken: Taken = await self.claimer.take(
+            [(self.streams[i], self.shard_of_stream[self.streams[i]]) for i in order], free
+        )
+        self._hot.difference_update(order[: taken.reached])
+        for stream, n, last, asked in taken.reads:
+            if n >= asked:
+                self._hot.add(self.index_of_stream[stream])
+            self._seen(stream, last)
+        for stream, entry_id in taken.malformed:
+            log.error(
+                "malformed assignment acknowledged",
+                extra={"stream": stream, "entry": entry_id.decode()},
+            )
+        self._took_malformed += len(taken.malformed)
+        return Reading(taken=taken.claimed, refused=taken.refused)
 
     async def _read_own(self, free: int) -> list[Fetched]:
         """This consumer's pending assignments, at most `free` of them, the first streams
@@ -256,30 +310,35 @@ class Fetcher:
         )
         return self._parse_reply(reply, count=count)
 
-    async def _read_scan(self, free: int) -> list[Fetched]:
+    async def _read_scan(self, free: int) -> Reading:
         """XREADGROUP at most `free` entries in all: with at least one free slot per stream,
         from every stream in one pipeline; otherwise in batches of at most `free` streams (one
         XREADGROUP each, `free // batch` entries per stream), woken streams first."""
-        got: list[Fetched] = []
+        got = Reading()
         n = len(self.streams)
         if free >= n:
             # Enough free slots to ask every stream for free // n entries in one round trip
             # (a scan of one round trip per stream takes milliseconds in redis-py).
             self._woken = []
+            if not self.cluster:
+                return await self._take(list(range(n)), free)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for stream in self.streams:
                     pipe.xreadgroup(EXECUTOR_GROUP, self.consumer, {stream: ">"}, count=free // n)
                 replies = await pipe.execute()
             for stream, reply in zip(self.streams, replies, strict=True):
-                got += self._parse_reply(reply, stream, count=free // n)
+                got.fetched += self._parse_reply(reply, stream, count=free // n)
             return got
         order = list(dict.fromkeys([*self._woken, *((self._rotation + i) % n for i in range(n))]))
         self._woken = []
+        if not self.cluster:
+            self._rotation = (self._rotation + 1) % n
+            return await self._take(order, free)
         while order and len(got) < free:
             want = free - len(got)
             batch = self._batch(order, want)
             del order[: len(batch)]
-            got += await self._read_batch(batch, want // len(batch))
+            got.add(await self._read_batch(batch, want // len(batch)))
         self._rotation = (self._rotation + 1) % n
         return got
 
@@ -328,15 +387,16 @@ class Fetcher:
         return out
 
     async def _ack_malformed(self) -> int:
-        """Acknowledge the malformed entries read; how many."""
+        """Acknowledge the malformed entries read (a take call already did); how many."""
         bad, self._malformed = self._malformed, []
+        taken, self._took_malformed = self._took_malformed, 0
         for stream, entry_id in bad:
             log.error(
                 "malformed assignment acknowledged",
                 extra={"stream": stream, "entry": entry_id.decode()},
             )
             await self.redis.xack(stream, EXECUTOR_GROUP, entry_id)
-        return len(bad)
+        return len(bad) + taken
 
     async def stale_loop(self, stop: asyncio.Event) -> None:
         """Each second: which streams hold assignments read by a consumer and idle past

@@ -365,6 +365,53 @@ async def test_claims_of_several_shards_go_in_one_call_and_survive_a_script_flus
         )
 
 
+async def test_take_reads_and_claims_new_assignments_of_several_shards_in_one_call(
+    redis: Redis, keys: Keys, scripts: Scripts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """take.lua: the XREADGROUP and the claim of its entries in one call. Every entry read is
+    acknowledged: a claimed run is RUNNING under the lease, a cancelled one is refused, an
+    entry that is not an assignment is reported; COUNT applies per stream."""
+    await ensure_groups(redis, keys, ["wf"])
+    reqs = [make_request(keys, event=f"e{i}", seq=i, key=f"k{i}") for i in range(12)]
+    await admit(scripts, *reqs)
+    doomed_shard, doomed = reqs[0]
+    await scripts.cancel(doomed_shard, [doomed.run_id], now=1)
+    shards = sorted({shard for shard, _ in reqs})
+    streams = [(keys.shard(s).assignments_stream("wf"), s) for s in shards]
+    bad_stream = streams[-1][0]
+    bad_id = await redis.xadd(bad_stream, {"id": "", "a": "x"})
+    calls = await count_script_calls(monkeypatch)
+    taken = await scripts.take("ex", streams, want=100, lease_ms=LEASE, now=2)
+    assert calls == ["take"]
+    assert taken.refused == 1 and len(taken.claimed) == 11
+    assert taken.malformed == [(bad_stream, bad_id)]
+    assert {c.run_id for _, _, c in taken.claimed} == {r.run_id for _, r in reqs[1:]}
+    assert all(c.claimed and c.workflow == "wf" and c.input == b"{}" for _, _, c in taken.claimed)
+    shard_of = {r.run_id: s for s, r in reqs}
+    assert all(shard_of[c.run_id] == s for s, _, c in taken.claimed)
+    assert len(taken) == 13 and taken.reached == len(streams)
+    for stream, _ in streams:
+        assert (await redis.xpending(stream, "executors"))["pending"] == 0
+        [[last, _]] = await redis.xrevrange(stream, count=1)
+        assert (stream, last) in {(s, lid) for s, _, lid, _ in taken.reads}
+    recs = await records(redis, keys)
+    assert all(recs[r.run_id]["st"] == "R" and recs[r.run_id]["e"] == "ex" for _, r in reqs[1:])
+    assert recs[doomed.run_id]["st"] == "C"
+    again = await scripts.take("ex", streams, want=100, lease_ms=LEASE, now=3)
+    assert not again.claimed and not again.reads  # new entries only
+    for i in range(3):  # well-formed, but their runs are gone: refused
+        await redis.xadd(streams[0][0], {"id": f"gone{i}", "a": "1"})
+    # want 2: the first two streams one entry each, then the others (only one came)
+    two = await scripts.take("ex", streams, want=2, lease_ms=LEASE, now=4)
+    assert [(s, n, asked) for s, n, _, asked in two.reads] == [(streams[0][0], 1, 1)]
+    assert two.reached == len(streams) and two.refused == 1 and not two.claimed
+    # want 4 from the first stream alone: 2 are left there, read with COUNT 4
+    rest = await scripts.take("ex", streams[:1], want=4, lease_ms=LEASE, now=4)
+    assert [(n, asked) for _, n, _, asked in rest.reads] == [(2, 4)] and rest.refused == 2
+    with pytest.raises(BadArguments):
+        await scripts.take("ex", streams, want=0, lease_ms=LEASE)
+
+
 async def test_results_of_several_shards_are_recorded_in_one_call(
     redis: Redis, keys: Keys, scripts: Scripts, monkeypatch: pytest.MonkeyPatch
 ) -> None:

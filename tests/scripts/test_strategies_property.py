@@ -60,6 +60,7 @@ class StrategyMachine(RuleBasedStateMachine):
         self.shard_of: dict[str, int] = {}
         self.group_of_key: dict[str, str] = {}
         self.config: dict[str, tuple[int, Strategy, bool, int, tuple[int, int]]] = {}
+        self.grouped: set[str] = set()  # assignment streams with the executors' group
 
     def teardown(self) -> None:
         self.loop.run_until_complete(self.redis.aclose())
@@ -158,6 +159,35 @@ class StrategyMachine(RuleBasedStateMachine):
             )
         )  # fmt: skip
         assert got.claimed == self.model.claim(rid, attempt, executor, self.now)
+
+    @precondition(lambda self: self.model.runs)
+    @rule(executor=st.sampled_from(EXECUTORS), want=st.integers(1, 8))
+    def take(self, executor: str, want: int) -> None:
+        """New assignment entries read and claimed in one call (lua/take.lua): each entry read
+        is claimed exactly when the model would claim it, in the order read (a run assigned
+        twice, or claimed by `claim` meanwhile, is refused). One call over every shard's
+        stream on one server, one per shard on the cluster."""
+        streams = []
+        for sk in self.keys.all_shards():
+            stream = sk.assignments_stream("wf")
+            if stream not in self.grouped:
+                self.run(self.redis.xgroup_create(stream, "executors", id="0", mkstream=True))
+                self.grouped.add(stream)
+            streams.append((stream, sk.shard))
+        for part in [[s] for s in streams] if self.cluster else [streams]:
+            taken = self.run(
+                self.scripts.take(executor, part, want=want, lease_ms=LEASE_MS, now=self.now)
+            )
+            assert len(taken) <= want and not taken.malformed
+            expected = set()
+            for stream, n, last, _ in taken.reads:
+                entries = self.run(self.redis.xrevrange(stream, max=last, count=n))
+                for _, f in reversed(entries):
+                    rid, attempt = f[b"id"].decode(), int(f[b"a"])
+                    if self.model.claim(rid, attempt, executor, self.now):
+                        expected.add((rid, attempt))
+            assert {(c.run_id, c.attempt) for _, _, c in taken.claimed} == expected
+            assert taken.refused == len(taken) - len(expected)
 
     @precondition(lambda self: any(r.state in "RX" for r in self.model.runs.values()))
     @rule(data=st.data(), outcome=st.sampled_from(list(Outcome)))

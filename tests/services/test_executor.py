@@ -5,6 +5,7 @@ retries and bad definitions."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -630,6 +631,37 @@ async def test_a_busy_executor_scans_without_reading_the_tails(
     tails = int(stats.get("cmdstat_xrevrange", {}).get("calls", 0))
     streams = keys.shards * APP_WORKFLOWS  # (the old code: one read of all per scan, 50+)
     assert tails <= 2 * streams, (tails, streams)
+
+
+async def test_a_busy_executor_reads_and_claims_in_one_call(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Fewer slots than streams, so the executor scans. Each scan read the new entries with an
+    XREADGROUP and then claimed them with a second call; now one call (lua/take.lua) does
+    both: MONITOR sees XREADGROUP of new entries ('>') only from inside a script."""
+    await system.pipeline(redis, keys, 1, "--slots", "2")
+    await publish(redis, keys, "work.item", k="warm")
+    await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
+    sent: list[str] = []  # XREADGROUP '>' commands, by who sent them: 'lua' or a client
+
+    async def watch() -> None:
+        async with redis.monitor() as monitor:
+            async for cmd in monitor.listen():
+                words = cmd["command"].split()
+                if words and words[0].upper() == "XREADGROUP" and words[-1] == ">":
+                    if ":assignments:" in cmd["command"]:  # (not admission's reads)
+                        sent.append(cmd["client_type"])
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await _burst(redis, keys, 60)
+        await eventually(lambda: _states(redis, keys, {"S": 61}), timeout=30)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    assert sent.count("lua") > 0
+    assert sent.count("tcp") == 0, sent.count("tcp")  # (the old code: one per scan, 30+)
 
 
 async def test_executors_taking_turns_miss_no_wake_up(

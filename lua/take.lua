@@ -1,0 +1,106 @@
+--[[
+  An executor reads new assignments and claims them in one call: XREADGROUP (never blocking)
+  over its assignment streams, in the order given, until it has read as many entries as it
+  has free slots; then what claim.lua does with the entries read. The streams are read in
+  batches of at most `want - read so far` streams, `(want - read so far) // batch` entries
+  from each (at least one free slot per stream: one read over every stream). It spares the
+  executor a round trip per read, and its reply carries each claimed run's fields, not the
+  entries. Only on one server: the streams of several shards are read at once (on a cluster an
+  executor reads, then claims per shard).
+
+  Input:
+    KEYS[1..]  4 keys per shard, for the S shards of the call (ARGV[5]), then the streams:
+      KEYS[4(b-1) + 1..4]  shard b's runs hash, inputs hash, leases zset, counts hash
+      KEYS[4S + n]         assignment stream n, read with '>' (new entries only)
+    ARGV[1]  now in ms, or 0 for the server clock
+    ARGV[2]  consumer group of the assignments streams
+    ARGV[3]  executor id (the consumer)
+    ARGV[4]  lease length in ms
+    ARGV[5]  S, the number of shards of the call
+    ARGV[6]  want: entries to read in all at most (the executor's free slots)
+    ARGV[7..] for each stream n, in the order to read them: the shard b it belongs to
+
+  Output:
+    {0, claims, reads, malformed, reached}
+      claims: one item per well-formed entry read, in the order read:
+        {1, run id, attempt, workflow, version, input, key, sequence, tp, b, entry id}  claimed
+        {0, run id, state}   refused (cancelled, re-assigned or gone: state '' when gone)
+      reads: {n, entries read, last entry id, entries asked} for each stream that gave
+        entries (read = asked: the stream likely has more)
+      malformed: {n, entry id} for each entry that is not an assignment (acknowledged, so
+        it cannot come back through XAUTOCLAIM; the caller logs it)
+      reached: how many streams, the first ones of the order, were read (the rest were not
+        needed)
+    {-4, 0}  bad ARGV; nothing read
+
+  Writes: XREADGROUP's effects (the entries become pending for the executor), then XACK of
+  every entry read; nothing to streams.
+]]
+local rcall = redis.call
+
+-- @include now
+-- @include claim
+
+local now, nowUs = nowMs(ARGV[1])
+local groupName, executor, leaseMs = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local shards, want = tonumber(ARGV[5]), tonumber(ARGV[6])
+local streamBase = 4 * (shards or 0)
+local streams = #ARGV - 6
+if not leaseMs or leaseMs <= 0 or not shards or shards < 1 or not want or want < 1
+    or streams < 1 or #KEYS ~= streamBase + streams then
+  return { -4, 0 }
+end
+local numberOf = {}
+for n = 1, streams do
+  local b = tonumber(ARGV[6 + n])
+  if not b or b < 1 or b > shards or b ~= math.floor(b) then return { -4, 0 } end
+  numberOf[KEYS[streamBase + n]] = n
+end
+
+local q, reads, malformed = {}, {}, {}
+local got, first = 0, 1
+while first <= streams and got < want do
+  local need = want - got
+  local last = math.min(first + need - 1, streams)
+  local count = math.floor(need / (last - first + 1))
+  local args = { 'GROUP', groupName, executor, 'COUNT', count, 'STREAMS' }
+  for n = first, last do args[#args + 1] = KEYS[streamBase + n] end
+  for _ = first, last do args[#args + 1] = '>' end
+  first = last + 1
+  for _, item in ipairs(rcall('XREADGROUP', unpack(args)) or {}) do
+    local n = numberOf[item[1]]
+    local entries = item[2]
+    local b = ARGV[6 + n]
+    for _, entry in ipairs(entries) do
+      local rid, attempt
+      local fields = entry[2]
+      for k = 1, #fields, 2 do
+        if fields[k] == 'id' then rid = fields[k + 1]
+        elseif fields[k] == 'a' then attempt = tonumber(fields[k + 1]) end
+      end
+      if rid and rid ~= '' and attempt and attempt == math.floor(attempt) then
+        q[#q + 1] = entry[1]
+        q[#q + 1] = rid
+        q[#q + 1] = attempt
+        q[#q + 1] = n
+        q[#q + 1] = b
+        got = got + 1
+      else
+        rcall('XACK', KEYS[streamBase + n], groupName, entry[1])
+        malformed[#malformed + 1] = { n, entry[1] }
+      end
+    end
+    if #entries > 0 then reads[#reads + 1] = { n, #entries, entries[#entries][1], count } end
+  end
+end
+
+local claims = claimEntries(q, 1, streamBase, groupName, executor, leaseMs, now, nowUs, nowUs)
+table.remove(claims, 1)
+for j = 1, #claims do
+  local item = claims[j]
+  if item[1] == 1 then
+    item[#item + 1] = tonumber(q[5 * (j - 1) + 5])
+    item[#item + 1] = q[5 * (j - 1) + 1]
+  end
+end
+return { 0, claims, reads, malformed, first - 1 }
