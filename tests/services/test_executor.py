@@ -648,9 +648,9 @@ async def test_a_busy_executor_reads_and_claims_in_one_call(
         async with redis.monitor() as monitor:
             async for cmd in monitor.listen():
                 words = cmd["command"].split()
-                if words and words[0].upper() == "XREADGROUP" and words[-1] == ">":
-                    if ":assignments:" in cmd["command"]:  # (not admission's reads)
-                        sent.append(cmd["client_type"])
+                ours = ":assignments:" in cmd["command"]  # (not admission's reads)
+                if ours and words[0].upper() == "XREADGROUP" and words[-1] == ">":
+                    sent.append(cmd["client_type"])
 
     watcher = asyncio.create_task(watch())
     try:
