@@ -8,6 +8,9 @@
     KEYS[1..10] the shard state keys, as in admit.lua
     KEYS[11]    newest hash      as in admit.lua
     KEYS[12]    newest-at zset   as in admit.lua
+    KEYS[13]    debounce hash    as in admit.lua (a run waiting in its debounce window was
+                                 never admitted to its group: CANCEL_IN_PROGRESS does not rank it
+                                 once it is cancelled)
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     reason recorded on the runs (e.g. 'manual')
     ARGV[3..]   run ids
@@ -24,7 +27,7 @@ local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local leasesKey, endedKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local inputsKey, countsKey = KEYS[9], KEYS[10]
-local newestKey, newestAtKey = KEYS[11], KEYS[12]
+local newestKey, newestAtKey, debounceKey = KEYS[11], KEYS[12], KEYS[13]
 
 -- @include now
 -- @include runs
@@ -46,7 +49,12 @@ for i = 3, #ARGV do
   local rec = loadRun(rid)
   local st = rec.st
   if st == 'Q' then
-    cancelPending({ m = memberOf(rid, rec), stored = true }, reason)
+    local m, waiting = memberOf(rid, rec), false
+    if rec.sg == 1 then
+      local cur = rcall('HGET', debounceKey, rec.g)
+      waiting = cur and string.sub(cur, string.find(cur, '|', 1, true) + 1) == m or false
+    end
+    cancelPending({ m = m, stored = not waiting, unranked = waiting }, reason)
   elseif st == 'A' or st == 'R' then
     cancelActive(memberOf(rid, rec), reason)
     touch(rec)

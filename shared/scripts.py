@@ -458,7 +458,7 @@ class Scripts:
         """Cancel runs of one shard; True for each run this call cancelled."""
         args: list[Any] = [now, reason, *run_ids]
         sk = self.keys.shard(shard)
-        keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset]
+        keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset, sk.debounce_hash]
         r = await self._call("cancel", keys, args)
         return [int(x) == 1 for x in r[1:]]
 

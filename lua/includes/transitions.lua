@@ -82,8 +82,9 @@ local function flushNewest()
   newestDirty = {}
 end
 
--- Ends a run that holds no slot and is in neither zset any more.
-local function endRun(rid, rec, state, why, by)
+-- Ends a run that holds no slot and is in neither zset any more. `unranked`: a run its group
+-- never admitted (one waiting in a debounce window), which CANCEL_IN_PROGRESS must not rank.
+local function endRun(rid, rec, state, why, by, unranked)
   local was = rec.st
   rec.st = state
   rec.t3 = now
@@ -100,7 +101,7 @@ local function endRun(rid, rec, state, why, by)
   stats.ended = stats.ended + 1
   if state == 'C' then stats.cancelled = stats.cancelled + 1 end
   -- (a CANCELLING run was remembered when it was cancelled, unless it was superseded)
-  if rec.sg == 1 and was ~= 'X' and rec.why ~= 'superseded' then
+  if rec.sg == 1 and was ~= 'X' and rec.why ~= 'superseded' and not unranked then
     rememberEnded(rec.g, memberOf(rid, rec), rec.mx)
   end
 end
@@ -202,13 +203,14 @@ local function cancelActive(m, why, by)
   stats.cancelled = stats.cancelled + 1
 end
 
--- p: { m = member, stored = true when it is in the queue zset }
+-- p: { m = member, stored = true when it is in the queue zset, unranked = true for a run
+-- waiting in a debounce window (see endRun) }
 local function cancelPending(p, why, by)
   local rid = ridOf(p.m)
   local rec = loadRun(rid)
   noteTraced(rid, rec, by, why)
   if p.stored then rcall('ZREM', queueKey, p.m) end
-  endRun(rid, rec, 'C', why, by)
+  endRun(rid, rec, 'C', why, by, p.unranked)
 end
 
 local function startPending(p)

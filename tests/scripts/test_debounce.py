@@ -97,3 +97,20 @@ async def test_one_batch_keeps_only_its_newest_arrival_waiting(
     reqs = [_req(keys, i) for i in (3, 1, 2)]  # arrival order is not sequence order
     assert await _admit(scripts, 1000, *reqs) == 1500
     assert await _states(redis, keys, *reqs) == ["Q", "C", "C"]
+
+
+async def test_a_waiting_run_cancelled_by_hand_does_not_supersede_an_older_late_arrival(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """CANCEL_IN_PROGRESS ranks the runs its group admitted. A run cancelled while it waited
+    in its debounce window was never admitted, so a later event with an older sequence (a
+    late delivery) opens a new window and runs. It used to be superseded by the cancelled run,
+    which the cancel remembered as an admitted one (found by the property test)."""
+    waiting, late = _req(keys, 20), _req(keys, 10)
+    shard = waiting[0]
+    await _admit(scripts, 1000, waiting)
+    assert await scripts.cancel(shard, [waiting[1].run_id], now=1100) == [True]
+    assert await _admit(scripts, 1200, late) == 1700
+    fired = await scripts.fire_debounced(shard, now=1700)
+    assert fired.fired == 1 and fired.assigned == 1 and fired.cancelled == 0
+    assert await _states(redis, keys, waiting, late) == ["C", "A"]
