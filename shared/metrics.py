@@ -6,19 +6,142 @@ to Redis with its scripts loaded, and 503 while its last Redis call failed.
 
 from __future__ import annotations
 
+import math
 import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
 from http.server import ThreadingHTTPServer
-from typing import Any, TypeVar, cast
+from typing import Any
 
-from prometheus_client import REGISTRY, Histogram, disable_created_metrics
+from prometheus_client import REGISTRY, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import MetricsHandler
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
 from supersede.errors import ConfigError
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
-HOP_SECONDS = Histogram(
+class _Count:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+class _Tally:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+
+class _LoopMetric:
+    """A metric of the per-run paths of one event loop: each child is a few plain numbers
+    added to without a lock, read when /metrics is scraped. prometheus_client takes a lock
+    per increment (a histogram: two), which with the label lookups cost an executor about 5%
+    of its CPU. Only the thread of the event loop may change one (the scrape thread reads; a
+    scrape may see a histogram's sum one observation ahead of its buckets). Children are never
+    removed: bounded label sets only."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        registry: CollectorRegistry | None = REGISTRY,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], Any] = {}
+        if registry is not None:
+            registry.register(self)
+
+    def _child(self) -> Any:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+            child = self._children[values] = self._child()
+        return child
+
+    def _items(self) -> list[tuple[tuple[str, ...], Any]]:
+        return list(self._children.items())  # (a copy: the loop may add a child meanwhile)
+
+    def describe(self) -> Iterable[Metric]:
+        return self.collect()
+
+
+class LoopCounter(_LoopMetric):
+    """A counter for one event loop's hot paths (see _LoopMetric); `name` ends in _total."""
+
+    def _child(self) -> _Count:
+        return _Count()
+
+    def inc(self, amount: float = 1) -> None:
+        self.labels().inc(amount)
+
+    def labels(self, *values: str) -> _Count:
+        return super().labels(*values)  # type: ignore[no-any-return]
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in self._items():
+            family.add_metric(list(values), child.value)
+        yield family
+
+
+class LoopHistogram(_LoopMetric):
+    """A histogram for one event loop's hot paths (see _LoopMetric)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry | None = REGISTRY,
+    ) -> None:
+        self.bounds = [*(float(b) for b in buckets if b != math.inf), math.inf]
+        super().__init__(name, documentation, labelnames, registry)
+
+    def _child(self) -> _Tally:
+        return _Tally(self.bounds)
+
+    def observe(self, amount: float) -> None:
+        self.labels().observe(amount)
+
+    def labels(self, *values: str) -> _Tally:
+        return super().labels(*values)  # type: ignore[no-any-return]
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in self._items():
+            counts, total, running = list(child.counts), child.sum, 0
+            buckets = []
+            for bound, count in zip(self.bounds, counts, strict=True):
+                running += count
+                buckets.append((floatToGoString(bound), running))
+            family.add_metric(list(values), buckets, total)
+        yield family
+
+
+HOP_SECONDS = LoopHistogram(
     "supersede_hop_seconds",
     "Time a run spends in each hop, observed by the service at its end: inbox (published -> "
     "read by ingress), ingress (read -> request written), requests (written -> read by "
@@ -29,21 +152,6 @@ HOP_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 _READY: dict[str, bool] = {}  # part (service name) -> ready; /readyz needs every part ready
-
-M = TypeVar("M", bound=MetricWrapperBase)
-_CHILDREN: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
-
-
-def labelled(metric: M, *values: str) -> M:
-    """`metric.labels(*values)`, kept: on a per-run path `labels()` (a lock, a tuple, a dict)
-    cost an executor 5% of its CPU. Only for metrics whose labels are never removed (bounded
-    label sets: every metric here)."""
-    key = (metric, values)  # (the metric itself: an id could be reused by another)
-    child = _CHILDREN.get(key)
-    if child is None:
-        child = _CHILDREN[key] = metric.labels(*values)
-    return cast(M, child)
-
 
 # `*_created` series double the series count for no use on dashboards or alerts.
 disable_created_metrics()  # type: ignore[no-untyped-call]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from supersede.metrics import LATENCY_BUCKETS
+from supersede.metrics import LATENCY_BUCKETS, LoopCounter, LoopHistogram
 
-RUNS_STARTED = Counter(
+# (Loop*: updated once or twice per run, from the event loop only; see supersede.metrics.)
+RUNS_STARTED = LoopCounter(
     "supersede_executor_runs_started_total", "Runs claimed and started.", ["workflow"]
 )
-RUNS_FINISHED = Counter(
+RUNS_FINISHED = LoopCounter(
     "supersede_executor_runs_finished_total",
     "Runs this executor reported, by outcome (succeeded, failed, cancelled).",
     ["workflow", "outcome"],
@@ -28,11 +29,11 @@ CLAIMS_REFUSED = Counter(
     "supersede_executor_claims_refused_total",
     "Assignments whose run was cancelled before its claim.",
 )
-STEP_SECONDS = Histogram(
+STEP_SECONDS = LoopHistogram(
     "supersede_executor_step_seconds", "Duration of one step attempt.", ["workflow"],
     buckets=(*LATENCY_BUCKETS, 10, 30, 60, 300),
 )  # fmt: skip
-QUEUE_WAIT_SECONDS = Histogram(
+QUEUE_WAIT_SECONDS = LoopHistogram(
     "supersede_executor_queue_wait_seconds", "From assignment to claim.", buckets=LATENCY_BUCKETS
 )
 CANCEL_LATENCY_SECONDS = Histogram(

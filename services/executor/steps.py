@@ -26,7 +26,7 @@ from supersede import codec, tracing
 from supersede.errors import describe
 from supersede.fencing import fence_of
 from supersede.keys import Keys
-from supersede.metrics import HOP_SECONDS, labelled
+from supersede.metrics import HOP_SECONDS
 from supersede.model import group_id
 from supersede.protocol import Outcome, RunResult, unpack_input
 from supersede.scripts import Claim
@@ -175,7 +175,7 @@ class Runner:
                             "supersede.attempt": claim.attempt, "supersede.key": claim.key},
             )  # fmt: skip
         self.active[claim.run_id] = run
-        labelled(metrics.RUNS_STARTED, wf.id).inc()
+        metrics.RUNS_STARTED.labels(wf.id).inc()
         metrics.BUSY_SLOTS.set(len(self.active))
         run.task = asyncio.create_task(self._execute(run))
         return run
@@ -213,7 +213,7 @@ class Runner:
 
     async def _execute(self, run: Running) -> None:
         run.handler_started_us = time.time_ns() // 1000
-        labelled(HOP_SECONDS, "start").observe(time.monotonic() - run.started)
+        HOP_SECONDS.labels("start").observe(time.monotonic() - run.started)
         try:
             with tracing.current(run.span):  # the step spans are its children
                 outcome, error = await self._run_steps(run)
@@ -253,7 +253,7 @@ class Runner:
                         f"step {step.name!r} failed after {attempt + 1} attempt(s):\n{text}",
                     )
                 finally:
-                    labelled(metrics.STEP_SECONDS, run.workflow.id).observe(
+                    metrics.STEP_SECONDS.labels(run.workflow.id).observe(
                         time.perf_counter() - started
                     )
             stored += size
@@ -426,7 +426,7 @@ class Runner:
             # Not written: the run's lease expires and the reaper retries it elsewhere.
             log.exception("result not written", extra={"run": run.run_id})
         finally:
-            labelled(metrics.RUNS_FINISHED, run.workflow.id, OUTCOME_LABEL[outcome]).inc()
+            metrics.RUNS_FINISHED.labels(run.workflow.id, OUTCOME_LABEL[outcome]).inc()
             if self.active.get(run.run_id) is run:  # a newer attempt may hold the id now
                 del self.active[run.run_id]
             metrics.BUSY_SLOTS.set(len(self.active))

@@ -241,15 +241,31 @@ def test_two_workflow_files_of_one_name_in_two_folders_are_both_loaded(tmp_path:
     assert [w.id for w in first] == ["wf-a"] and [w.id for w in second] == ["wf-b"]
 
 
-def test_a_kept_labelled_child_counts_into_the_metric() -> None:
-    from prometheus_client import CollectorRegistry, Counter
+def test_loop_metrics_expose_what_prometheus_client_metrics_expose() -> None:
+    """LoopCounter and LoopHistogram (no lock per observation) scrape exactly as
+    prometheus_client's Counter and Histogram fed the same values, labels included."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-    from supersede.metrics import labelled
+    from supersede.metrics import LATENCY_BUCKETS, LoopCounter, LoopHistogram
 
-    counter = Counter("t_kept_total", "test", ["way"], registry=CollectorRegistry())
-    labelled(counter, "a").inc()
-    labelled(counter, "a").inc(2)
-    labelled(counter, "b").inc()
-    assert labelled(counter, "a") is counter.labels("a")
-    values = {s.labels["way"]: s.value for s in next(iter(counter.collect())).samples}
-    assert values == {"a": 3.0, "b": 1.0}
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    counter = Counter("t_runs_total", "Runs.", ["way"], registry=theirs)
+    hist = Histogram("t_wait_seconds", "Waits.", ["hop"], buckets=LATENCY_BUCKETS, registry=theirs)
+    plain = Histogram("t_plain_seconds", "Plain.", buckets=(0.1, 1), registry=theirs)
+    loop_counter = LoopCounter("t_runs_total", "Runs.", ["way"], registry=ours)
+    loop_hist = LoopHistogram("t_wait_seconds", "Waits.", ["hop"], buckets=LATENCY_BUCKETS,
+                              registry=ours)  # fmt: skip
+    loop_plain = LoopHistogram("t_plain_seconds", "Plain.", buckets=(0.1, 1), registry=ours)
+    for way, n in (("a", 1), ("a", 2), ("b", 1)):
+        counter.labels(way).inc(n)
+        loop_counter.labels(way).inc(n)
+    for hop, value in (("x", 0.0), ("x", 0.0005), ("x", 0.0007), ("y", 2.5), ("y", 99.0)):
+        hist.labels(hop).observe(value)
+        loop_hist.labels(hop).observe(value)
+    for value in (0.05, 0.1, 0.5, 7.0):
+        plain.observe(value)
+        loop_plain.observe(value)
+    assert loop_counter.labels("a") is loop_counter.labels("a")  # kept, not made per call
+    assert generate_latest(ours) == generate_latest(theirs)
+    with pytest.raises(ValueError, match="takes labels"):
+        loop_counter.labels("a", "b")
