@@ -23,6 +23,7 @@ from supersede.errors import ConfigError
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
+
 class _Count:
     __slots__ = ("value",)
 
