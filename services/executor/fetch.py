@@ -56,6 +56,7 @@ class Reading:
     fetched: list[Fetched] = field(default_factory=list)
     taken: list[tuple[int, bytes, Claim]] = field(default_factory=list)
     refused: int = 0
+    drained: bool = False  # every stream was read and gave less than asked: none has more
 
     def __len__(self) -> int:
         """Entries read (well-formed ones)."""
@@ -148,11 +149,13 @@ class Fetcher:
                     if got:
                         self._quiet = False  # a scan follows whatever was taken
                         await self._claim_and_start(got)
-                if got:
+                if got and not got.drained:
                     await asyncio.sleep(0)  # let the new runs reach their first step
-                elif not reread and not took and not self._blocking(free):
+                elif not reread and (got.drained or not took) and not self._blocking(free):
                     # Only after a scan: entries older than the tails are the scan's to find,
-                    # so a wait after a re-read of own entries could sleep past them.
+                    # so a wait after a re-read of own entries could sleep past them. (After a
+                    # scan that left every stream empty, a wait, not another scan: it returns
+                    # at once for an entry that came meanwhile, and costs no script call.)
                     woken = await self._wait_for_assignments()
                     # (not on a cluster: a wake task that starts after the scan could miss an
                     # entry written between the two)
@@ -275,7 +278,10 @@ class Fetcher:
                 extra={"stream": stream, "entry": entry_id.decode()},
             )
         self._took_malformed += len(taken.malformed)
-        return Reading(taken=taken.claimed, refused=taken.refused)
+        drained = taken.reached == len(order) == len(self.streams) and all(
+            n < asked for _, n, _, asked in taken.reads
+        )
+        return Reading(taken=taken.claimed, refused=taken.refused, drained=drained)
 
     async def _read_own(self, free: int) -> list[Fetched]:
         """This consumer's pending assignments, at most `free` of them, the first streams
