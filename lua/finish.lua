@@ -13,12 +13,18 @@
       i = 12    newest hash      as in admit.lua (an ended CANCEL_IN_PROGRESS run is remembered)
       i = 13    newest-at zset   as in admit.lua
       i = 14    outputs hash     run id -> msgpack step outputs (of runs that ended S or F)
+    KEYS[14S + b]  with a turn (ARGV[5]): shard b's turn key of the calling executor (string)
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     consumer group of the results stream
     ARGV[3]     assignment deadline in ms, as in admit.lua (for runs started in freed slots)
     ARGV[4]     results of each shard, comma-separated counts in KEYS order ('3,1,…'; the
                 counts add up to the number of pairs)
-    ARGV[5..]   pairs, shard by shard: results entry id, msgpack result
+    ARGV[5]     '' or '<turn>|<ttl ms>': an executor applying its own results numbers its calls
+                (turns); each shard's turn key is set to the turn, expiring after ttl ms. The
+                key and the results are written by one script, so they survive a crash or a
+                failover together: a turn key at or past a turn confirms that turn's writes
+                (the executor then need not ask about each of its runs)
+    ARGV[6..]   pairs, shard by shard: results entry id, msgpack result
                 {id, a, o = 'S'|'F'|'C', err, out, hu}
                 (hu: when the handler started, µs, executor's clock; optional)
 
@@ -56,8 +62,10 @@ for c in string.gmatch(ARGV[4] or '', '[^,]+') do
   if not counts[#counts] or counts[#counts] < 0 then return { -4, 0 } end
   total = total + counts[#counts]
 end
-if not groupName or not assignDeadlineMs or #counts == 0 or #KEYS ~= 14 * #counts
-    or #ARGV ~= 4 + 2 * total then
+local turn, turnTtl = string.match(ARGV[5] or '', '^(%d+)|(%d+)$')
+if not groupName or not assignDeadlineMs or #counts == 0 or not ARGV[5]
+    or (ARGV[5] ~= '' and not turn)
+    or #KEYS ~= (turn and 15 or 14) * #counts or #ARGV ~= 5 + 2 * total then
   return { -4, 0 }
 end
 
@@ -83,7 +91,7 @@ for b = 1, #counts do
   local ids = {}
   for _ = 1, counts[b] do
     n = n + 1
-    local ok, r = pcall(cmsgpack.unpack, ARGV[4 + 2 * n])
+    local ok, r = pcall(cmsgpack.unpack, ARGV[5 + 2 * n])
     field = (not ok or type(r) ~= 'table') and 'payload' or badResult(r)
     if field then bad = n; break end
     results[n] = r
@@ -128,10 +136,13 @@ for b = 1, #counts do
   if n >= first then
     refillTouched()
     callChunked('HSET', outputsKey, outputs, 1000)
-    ackEntries(resultsKey, groupName, 3 + 2 * first, 2, 3 + 2 * n)
+    ackEntries(resultsKey, groupName, 4 + 2 * first, 2, 4 + 2 * n)
     flushRuns()
     flushNewest()
     nextShard()
   end
+end
+if turn then
+  for b = 1, #counts do rcall('SET', KEYS[14 * #counts + b], turn, 'PX', turnTtl) end
 end
 return { 0, applied, stale, stats.assigned }

@@ -118,14 +118,14 @@ ROLES: tuple[Role, ...] = (
             *_CONSUMER,
             *_STATE_SCRIPTS,
             *_REGISTRY,
-            *_words("xread xrevrange incr"),
+            *_words("xread xrevrange incr set"),  # (set: its turn keys)
         ),
         (
             "~@:config",
             "%W~@:dead",
             "~{@}:workflows",
             "~{@}:workflows:*",
-            *_shard(*_FINISH_KEYS),
+            *_shard(*_FINISH_KEYS, "turn:*"),  # (its finish calls' turn keys)
             "%R~{@:*}:fences",  # ctx.still_current()
         ),
     ),

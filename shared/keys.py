@@ -93,6 +93,11 @@ class ShardKeys:
         """group id -> number of slots held (the stored active count)."""
         return f"{self.tag}:slots"
 
+    def turn_string(self, executor: str) -> str:
+        """The number of the last finish call (turn) of `executor` that applied results in
+        this shard, set by that call; expires (see Outbox.TURN_TTL): one per live executor."""
+        return f"{self.tag}:turn:{executor}"
+
     @property
     def leases_zset(self) -> str:
         """run id scored by lease expiry (ms) for RUNNING and CANCELLING runs."""

@@ -139,6 +139,15 @@ class Taken:
 
 
 @dataclass(frozen=True, slots=True)
+class Turn:
+    """One finish call of an executor applying its own results (see lua/finish.lua)."""
+
+    executor: str
+    number: int
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class FinishResult:
     applied: int
     stale: int
@@ -388,10 +397,11 @@ class Scripts:
         *,
         now: int = 0,
         assign_deadline_ms: int = 0,
+        turn: Turn | None = None,
     ) -> FinishResult:
         """Record (results-stream entry id, packed RunResult) pairs of one shard."""
         return await self.finish_shards(
-            {shard: entries}, now=now, assign_deadline_ms=assign_deadline_ms
+            {shard: entries}, now=now, assign_deadline_ms=assign_deadline_ms, turn=turn
         )
 
     async def finish_shards(
@@ -400,15 +410,18 @@ class Scripts:
         *,
         now: int = 0,
         assign_deadline_ms: int = 0,
+        turn: Turn | None = None,
     ) -> FinishResult:
         """`finish` for the results of several shards in one script call: the shards must live
         on one server (on a cluster, call it per shard). A refused result's
-        `ScriptError.index` counts over every shard's entries, in the order given."""
+        `ScriptError.index` counts over every shard's entries, in the order given. `turn`: an
+        executor applying its own results sets its turn key in each shard (lua/finish.lua)."""
         shards = list(batches)
         if not shards:
             return FinishResult(0, 0, 0)
+        mark = f"{turn.number}|{turn.ttl_ms}" if turn else ""
         args: list[Any] = [now, self.admission_group, assign_deadline_ms,
-                           ",".join(str(len(batches[s])) for s in shards)]  # fmt: skip
+                           ",".join(str(len(batches[s])) for s in shards), mark]  # fmt: skip
         keys: list[str] = []
         for shard in shards:
             for entry_id, payload in batches[shard]:
@@ -416,6 +429,8 @@ class Scripts:
             sk = self.keys.shard(shard)
             keys += [*sk.state_keys(), sk.results_stream, sk.newest_hash, sk.newest_at_zset,
                      sk.outputs_hash]  # fmt: skip
+        if turn:
+            keys += [self.keys.shard(shard).turn_string(turn.executor) for shard in shards]
         r = await self._call("finish", keys, args)
         return FinishResult(int(r[1]), int(r[2]), int(r[3]))
 

@@ -5,6 +5,8 @@ every lease of this executor would lapse and its runs be retried elsewhere while
 Each third of a lease the thread renews the leases of the runs `Runner.leased()` lists and
 hands the runs the heartbeat script names back to the loop (`call_soon_threadsafe`), where
 they are let go or stopped. A sync step sees its cancel flag set at once from this thread.
+Runs whose results this executor applied itself are not asked about one by one: the turn key
+each finish call sets (see outbox.FinishHere) confirms a whole turn with one read.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class LeaseKeeper:
                 log.warning("heartbeat late: leases may have lapsed", extra=late)
             last_ok = now
 
-    def _snapshot(self) -> list[tuple[int, str, int]]:
+    def _snapshot(self) -> list[tuple[int, str, int, int]]:
         """The runs to renew, read from the loop's structures (retried if they changed under
         the read, which a loop that is not blocked can do)."""
         for _ in range(10):
@@ -93,9 +95,16 @@ class LeaseKeeper:
     def beat(self) -> None:
         """One heartbeat: renew, and hand back what the script names (blocking: call it from
         a thread, e.g. `asyncio.to_thread` while a drain waits for results to be applied)."""
+        snapshot = self._snapshot()
+        confirmed = self._confirmed_turns(snapshot)
         by_shard: dict[int, dict[str, int]] = {}
-        for shard, rid, attempt in self._snapshot():
-            by_shard.setdefault(shard, {})[rid] = attempt
+        survived: list[tuple[str, int]] = []
+        for shard, rid, attempt, turn in snapshot:
+            if 0 < turn <= confirmed.get(shard, 0):
+                survived.append((rid, attempt))  # its finish call's writes are there
+            else:
+                by_shard.setdefault(shard, {})[rid] = attempt
+        self._stop(survived)
         for shard, sent in by_shard.items():
             sk = self.keys.shard(shard)
             items = list(sent.items())
@@ -110,9 +119,22 @@ class LeaseKeeper:
                 named = [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in reply[1:]]
                 self._stop([(rid, sent[rid]) for rid in named])
 
+    def _confirmed_turns(self, snapshot: list[tuple[int, str, int, int]]) -> dict[int, int]:
+        """shard -> the last turn of this executor whose writes the shard holds: its turn key,
+        read after the snapshot, so every turn in it had returned (0: none, the key expired,
+        or a crash or failover lost it; then the heartbeat asks about each run)."""
+        shards = sorted({shard for shard, _, _, turn in snapshot if turn})
+        if not shards:
+            return {}
+        with self._client.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.get(self.keys.shard(shard).turn_string(self.consumer))
+            values = pipe.execute()
+        return {shard: int(v or 0) for shard, v in zip(shards, values, strict=True)}
+
     def _stop(self, runs: list[tuple[str, int]]) -> None:
-        """Hand the runs (run id, attempt) the script named back to the loop, in one callback
-        (every run that ended since the last beat is among them: thousands under load)."""
+        """Hand the runs (run id, attempt) the script named, or whose turn is confirmed, back to
+        the loop in one callback (thousands under load)."""
         if not runs:
             return
         for rid, attempt in runs:

@@ -21,7 +21,7 @@ from supersede import aio
 from supersede.errors import describe
 from supersede.keys import Keys
 from supersede.protocol import ASSIGN_DEADLINE_FIELD, PAYLOAD, RunResult
-from supersede.scripts import Scripts
+from supersede.scripts import Scripts, Turn
 from supersede.service import Throttle
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
@@ -30,8 +30,8 @@ log = logging.getLogger("supersede.executor")
 
 DEADLINE_EVERY = 10.0  # seconds between two reads of admission's assignment deadline
 
-# Applies packed results of several shards at once.
-Sink = Callable[[dict[int, list[bytes]]], Awaitable[None]]
+# Applies packed results of several shards at once; returns the call's turn number (> 0).
+Sink = Callable[[dict[int, list[bytes]]], Awaitable[int]]
 
 
 class FinishHere:
@@ -41,15 +41,24 @@ class FinishHere:
     The assignment deadline of the runs the call starts in the freed slots is admission's, which
     it publishes in the config hash (read again every DEADLINE_EVERY seconds: admission may
     start later, or with another value); 0 until known: the reaper's first look at them comes
-    after a second, and the reaper, which knows the deadline, puts them back until it."""
+    after a second, and the reaper, which knows the deadline, puts them back until it.
 
-    def __init__(self, scripts: Scripts, *, cluster: bool) -> None:
+    Each call is a turn, numbered from 1, and sets the executor's turn key of each shard it
+    applies results in (in the same script, so the key and the results survive a crash or a
+    failover together): the lease keeper confirms a turn's runs ended with one read of those
+    keys, instead of asking about each run."""
+
+    def __init__(self, scripts: Scripts, executor: str, lease_ms: int, *, cluster: bool) -> None:
         self.scripts = scripts
+        self.executor = executor
         self.cluster = cluster
         self.assign_deadline_ms = 0
+        self.turn = 0
+        # (read within a beat of the call; an expired key only sends the runs the per-run way)
+        self.turn_ttl_ms = max(60_000, 10 * lease_ms)
         self._deadline_due = Throttle(DEADLINE_EVERY)
 
-    async def __call__(self, batches: dict[int, list[bytes]]) -> None:
+    async def __call__(self, batches: dict[int, list[bytes]]) -> int:
         items = {shard: [(b"", p) for p in payloads] for shard, payloads in batches.items()}
         if self._deadline_due.due():
             try:
@@ -59,18 +68,21 @@ class FinishHere:
             except Exception as exc:  # (the last one known serves; the results go on)
                 log.warning("assignment deadline not read", extra={"error": describe(exc)})
         deadline = self.assign_deadline_ms
+        self.turn += 1
+        turn = Turn(self.executor, self.turn, self.turn_ttl_ms)
         if self.cluster:
             done = await aio.gather(
                 *(
-                    self.scripts.finish(s, part, assign_deadline_ms=deadline)
+                    self.scripts.finish(s, part, assign_deadline_ms=deadline, turn=turn)
                     for s, part in items.items()
                 )
             )
         else:
-            done = [await self.scripts.finish_shards(items, assign_deadline_ms=deadline)]
+            done = [await self.scripts.finish_shards(items, assign_deadline_ms=deadline, turn=turn)]
         metrics.RESULTS.labels("applied").inc(sum(r.applied for r in done))
         metrics.RESULTS.labels("stale").inc(sum(r.stale for r in done))
         metrics.ASSIGNED.inc(sum(r.assigned for r in done))
+        return turn.number
 
 
 class Outbox:
@@ -78,15 +90,16 @@ class Outbox:
         self.redis = redis
         self.keys = keys
         self.config = config
-        self._pending: list[tuple[int, bytes, asyncio.Future[bool]]] = []
+        self._pending: list[tuple[int, bytes, asyncio.Future[int]]] = []
         self._ready = asyncio.Event()
         self.sink: Sink | None = None
 
-    def put(self, shard: int, result: RunResult) -> asyncio.Future[bool]:
-        """Queue one outcome; the future resolves once it is written to a stream (False) or
-        applied in this process (True), or fails. (The runner renews the run's lease either
-        way until the heartbeat finds it ended: a failover can lose either write.)"""
-        written: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    def put(self, shard: int, result: RunResult) -> asyncio.Future[int]:
+        """Queue one outcome; the future resolves once it is written to a stream (0) or
+        applied in this process (the number of the finish call's turn), or fails. (The runner
+        renews the run's lease either way until it knows the write survived: a failover can
+        lose either.)"""
+        written: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append((shard, result.pack(), written))
         self._ready.set()
         return written
@@ -111,36 +124,34 @@ class Outbox:
                 else:
                     fut.set_exception(error)
 
-    async def _apply_here(self, batch: list[tuple[int, bytes, asyncio.Future[bool]]]) -> bool:
-        """The batch applied by the sink, if there is one and it takes all of it. A refused
+    async def _apply_here(self, batch: list[tuple[int, bytes, asyncio.Future[int]]]) -> int:
+        """The batch applied by the sink, if there is one and it takes all of it: the turn
+        of the call that applied it (0: not applied). A refused
         result or a failed call: the batch goes to the streams, where admission's read
         dead-letters a bad one and applies the rest (a result applied twice is a no-op; on a
         cluster, where each shard has its own call, the shards that did apply are applied
         again, as stale)."""
         if self.sink is None:
-            return False
+            return 0
         by_shard: dict[int, list[bytes]] = {}
         for shard, payload, _ in batch:
             by_shard.setdefault(shard, []).append(payload)
         try:
             # (bounded: a stalled call would hold every later result, and with them the slots)
-            await asyncio.wait_for(self.sink(by_shard), self.config.lease_ms / 3000)
+            return await asyncio.wait_for(self.sink(by_shard), self.config.lease_ms / 3000)
         except NoPermissionError as exc:
             self.sink = None  # (for good: the user's rights do not change under it)
             log.warning("this executor's Redis user may not run the finish script; results "
                         "go through the results stream until it restarts (re-create the users "
                         "with `supersede acl --apply`, then restart the executors)",
                         extra={"error": describe(exc)})  # fmt: skip
-            return False
+            return 0
         except Exception as exc:
             log.warning("results not applied by the finish call; writing them to the streams",
                         extra={"runs": len(batch), "error": describe(exc)})  # fmt: skip
-            return False
-        return True
+            return 0
 
-    async def _write(
-        self, batch: list[tuple[int, bytes, asyncio.Future[bool]]]
-    ) -> Exception | None:
+    async def _write(self, batch: list[tuple[int, bytes, asyncio.Future[int]]]) -> Exception | None:
         deadline = time.monotonic() + self.config.lease_ms / 1000
         while True:
             try:

@@ -63,7 +63,9 @@ class Executor(Service):
         cluster = isinstance(redis, RedisCluster)
         self.outbox = Outbox(redis, self.keys, self.config)
         if not self.config.results_via_stream:
-            self.outbox.sink = FinishHere(self.scripts, cluster=cluster)
+            self.outbox.sink = FinishHere(
+                self.scripts, self.consumer, self.config.lease_ms, cluster=cluster
+            )
         self.runner = Runner(workflows, self.config, self.outbox, tracer=self.tracer,
                              fences=self._fence, keys=self.keys)  # fmt: skip
         self.cancels = Cancels(redis, self.keys, self.runner, self.config, cluster=cluster)

@@ -46,15 +46,19 @@ OUTCOME_LABEL = {
 MAX_ERROR_CHARS = 20_000
 
 
-def _ignore_outcome(fut: asyncio.Future[bool]) -> None:
-    if not fut.cancelled():
-        fut.exception()  # retrieved: a failed re-send is retried at the next due time
+def _note_turn(rep: Reported, fut: asyncio.Future[int]) -> None:
+    """A result written again: the turn that applied it (the lease keeper confirms it by that
+    turn's key), or 0 (the results stream: the heartbeat tells). A failed re-send is retried
+    at the next due time."""
+    if not fut.cancelled() and fut.exception() is None:
+        rep.turn = fut.result()
 
 
 @dataclass(slots=True)
 class Reported:
     """A run whose outcome was applied by the outbox's finish call or written to the results
-    stream, and that the heartbeat has not yet found ended: its lease is still renewed."""
+    stream, not yet known to have survived (the lease keeper reads the turn key of an applied
+    one, or asks the heartbeat about it): its lease is still renewed."""
 
     run_id: str
     shard: int
@@ -62,6 +66,7 @@ class Reported:
     result: RunResult
     resend_at: float  # monotonic time of the next write of the same result
     resends: int = 0
+    turn: int = 0  # the finish call's turn that applied it (0: written to the results stream)
 
 
 @dataclass(slots=True)
@@ -414,13 +419,13 @@ class Runner:
         if run.span is not None:
             tracing.end_run(run.span, outcome.name, error)
         try:
-            await asyncio.shield(self.outbox.put(run.shard, result))
-            # Renewed until the heartbeat finds the run ended, even when the finish call applied
-            # it: a failover or a crash of the server can still lose that write.
+            turn = await asyncio.shield(self.outbox.put(run.shard, result))
+            # Renewed until known to have survived, even when the finish call applied it: a
+            # failover or a crash of the server can still lose that write.
             if self.active.get(run.run_id) is run:  # not superseded by a newer attempt here
                 resend_at = time.monotonic() + self.config.lease_ms / 1000
                 self.awaiting[run.run_id] = Reported(
-                    run.run_id, run.shard, run.attempt, result, resend_at
+                    run.run_id, run.shard, run.attempt, result, resend_at, turn=turn
                 )
         except Exception:
             # Not written: the run's lease expires and the reaper retries it elsewhere.
@@ -432,12 +437,14 @@ class Runner:
             metrics.BUSY_SLOTS.set(len(self.active))
             self.slot_freed.set()
 
-    def leased(self) -> list[tuple[int, str, int]]:
-        """(shard, run id, attempt) of the runs whose leases this executor renews: running
-        here (a result being written included), and reported but not yet applied. A run id
-        appears once: a claim of a newer attempt drops the older one from `awaiting`."""
-        out = [(r.shard, r.run_id, r.attempt) for r in self.active.values()]
-        out += [(r.shard, r.run_id, r.attempt) for r in self.awaiting.values()
+    def leased(self) -> list[tuple[int, str, int, int]]:
+        """(shard, run id, attempt, turn) of the runs whose leases this executor renews:
+        running here (a result being written included; turn 0), and reported but not yet
+        known to have survived (turn: the finish call's that applied it, 0 for the results
+        stream). A run id appears once: a claim of a newer attempt drops the older one from
+        `awaiting`."""
+        out = [(r.shard, r.run_id, r.attempt, 0) for r in self.active.values()]
+        out += [(r.shard, r.run_id, r.attempt, r.turn) for r in self.awaiting.values()
                 if r.run_id not in self.active]  # fmt: skip
         return out
 
@@ -450,7 +457,7 @@ class Runner:
                 rep.resends += 1
                 rep.resend_at = now + lease * 2 ** min(rep.resends, 6)
                 written = self.outbox.put(rep.shard, rep.result)
-                written.add_done_callback(_ignore_outcome)  # the next heartbeat tells
+                written.add_done_callback(functools.partial(_note_turn, rep))
 
     async def finish_running(self, timeout: float) -> None:
         """Let running runs finish within `timeout`; stop the rest and leave them to their

@@ -262,7 +262,7 @@ async def test_results_are_applied_by_the_executor_and_a_refused_one_takes_the_s
     from supersede.services.executor.outbox import FinishHere, Outbox
 
     outbox = Outbox(redis, keys, ExecutorConfig(lease_ms=30_000))  # (bound: 10 s a call)
-    outbox.sink = FinishHere(Scripts(redis, keys), cluster=False)
+    outbox.sink = FinishHere(Scripts(redis, keys), "ex-1", 30_000, cluster=False)
     writer = asyncio.create_task(outbox.loop())
     try:
         shard, req = make_request(keys, workflow="work", event="e1", seq=1, unlimited=True)
@@ -270,13 +270,15 @@ async def test_results_are_applied_by_the_executor_and_a_refused_one_takes_the_s
         r = await Scripts(redis, keys).admit(shard, [("", req.pack())], hand_over=claim)
         assert [h.run_id for h in r.handed] == [req.run_id]
         applied = await outbox.put(shard, RunResult(req.run_id, 1, Outcome.SUCCEEDED))
-        assert applied is True
+        assert applied == 1  # the first turn, which set its turn key in the shard
         assert (await records(redis, keys))[req.run_id]["st"] == "S"
+        assert await redis.get(keys.shard(shard).turn_string("ex-1")) == b"1"
+        assert 0 < await redis.pttl(keys.shard(shard).turn_string("ex-1")) <= 300_000
         assert await _entries_added(redis, keys.shard(shard).results_stream) == 0
 
         gone = f"{shard}-gone"
         applied = await outbox.put(shard, RunResult(gone, 1, Outcome.SUCCEEDED))
-        assert applied is False
+        assert applied == 0
         [(_, fields)] = await redis.xrange(keys.shard(shard).results_stream)
         assert codec.unpack(fields[b"r"])["id"] == gone
     finally:
@@ -294,15 +296,16 @@ async def test_a_stalled_finish_call_sends_the_results_to_the_stream(
     from supersede.services.executor.config import ExecutorConfig
     from supersede.services.executor.outbox import Outbox
 
-    async def stalls(batches: dict[int, list[bytes]]) -> None:
+    async def stalls(batches: dict[int, list[bytes]]) -> int:
         await asyncio.sleep(3600)
+        return 1
 
     outbox = Outbox(redis, keys, ExecutorConfig(lease_ms=600))
     outbox.sink = stalls
     writer = asyncio.create_task(outbox.loop())
     try:
         written = outbox.put(1, RunResult("1-r", 1, Outcome.SUCCEEDED))
-        assert await asyncio.wait_for(written, 10) is False
+        assert await asyncio.wait_for(written, 10) == 0
         [(_, fields)] = await redis.xrange(keys.shard(1).results_stream)
         assert codec.unpack(fields[b"r"])["id"] == "1-r"
     finally:
@@ -325,7 +328,7 @@ async def test_an_executor_refused_the_finish_script_sends_its_results_to_the_st
 
     calls = 0
 
-    async def refused(batches: dict[int, list[bytes]]) -> None:
+    async def refused(batches: dict[int, list[bytes]]) -> int:
         nonlocal calls
         calls += 1
         raise NoPermissionError("NOPERM this user has no permissions to run the 'evalsha' command")
@@ -336,7 +339,7 @@ async def test_an_executor_refused_the_finish_script_sends_its_results_to_the_st
     try:
         for run_id in ("1-a", "1-b"):
             written = outbox.put(1, RunResult(run_id, 1, Outcome.SUCCEEDED))
-            assert await asyncio.wait_for(written, 10) is False
+            assert await asyncio.wait_for(written, 10) == 0
         assert calls == 1 and outbox.sink is None
         entries = await redis.xrange(keys.shard(1).results_stream)
         assert [codec.unpack(f[b"r"])["id"] for _, f in entries] == ["1-a", "1-b"]
