@@ -13,17 +13,22 @@
       i = 12    newest hash      as in admit.lua (an ended CANCEL_IN_PROGRESS run is remembered)
       i = 13    newest-at zset   as in admit.lua
       i = 14    outputs hash     run id -> msgpack step outputs (of runs that ended S or F)
-    KEYS[14S + b]  with a turn (ARGV[5]): shard b's turn key of the calling executor (string)
+    KEYS[14S + b]  with a turn (ARGV[5]): shard b's turn key of the calling executor (string
+                   '<first>|<last>': the executor's turns first..last that touched the shard
+                   all have their writes there)
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     consumer group of the results stream
     ARGV[3]     assignment deadline in ms, as in admit.lua (for runs started in freed slots)
     ARGV[4]     results of each shard, comma-separated counts in KEYS order ('3,1,…'; the
                 counts add up to the number of pairs)
-    ARGV[5]     '' or '<turn>|<ttl ms>': an executor applying its own results numbers its calls
-                (turns); each shard's turn key is set to the turn, expiring after ttl ms. The
-                key and the results are written by one script, so they survive a crash or a
-                failover together: a turn key at or past a turn confirms that turn's writes
-                (the executor then need not ask about each of its runs)
+    ARGV[5]     '' or '<turn>|<ttl ms>|<previous turn of shard 1>,<of shard 2>,...': an
+                executor applying its own results numbers its calls (turns) and says, per
+                shard, the last turn of its that touched the shard (0: none). The key and the
+                results are written by one script, so they survive a crash or a failover
+                together, and a server loses only its last writes: when the key's last turn is
+                the previous one, the range goes on (first|turn); otherwise a turn was lost (or
+                the key expired) and it starts again (turn|turn). A turn within the range has
+                its writes there (the executor then need not ask about each of its runs).
     ARGV[6..]   pairs, shard by shard: results entry id, msgpack result
                 {id, a, o = 'S'|'F'|'C', err, out, hu}
                 (hu: when the handler started, µs, executor's clock; optional)
@@ -35,7 +40,7 @@
     {-4, 0}         bad ARGV or KEYS; nothing written
 
   Writes: XADD <ended>:<workflow tag> {<state> = run ids}; XADD <prefix>:<workflow tag> for
-  runs started in the released slots.
+  runs started in the released slots; with a turn, SET of each shard's turn key.
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey, leasesKey, endedKey, assignKey, controlKey
@@ -62,9 +67,11 @@ for c in string.gmatch(ARGV[4] or '', '[^,]+') do
   if not counts[#counts] or counts[#counts] < 0 then return { -4, 0 } end
   total = total + counts[#counts]
 end
-local turn, turnTtl = string.match(ARGV[5] or '', '^(%d+)|(%d+)$')
+local turn, turnTtl, turnPrev = string.match(ARGV[5] or '', '^(%d+)|(%d+)|([%d,]+)$')
+local previous = {}
+for p in string.gmatch(turnPrev or '', '%d+') do previous[#previous + 1] = p end
 if not groupName or not assignDeadlineMs or #counts == 0 or not ARGV[5]
-    or (ARGV[5] ~= '' and not turn)
+    or (ARGV[5] ~= '' and (not turn or #previous ~= #counts))
     or #KEYS ~= (turn and 15 or 14) * #counts or #ARGV ~= 5 + 2 * total then
   return { -4, 0 }
 end
@@ -143,6 +150,11 @@ for b = 1, #counts do
   end
 end
 if turn then
-  for b = 1, #counts do rcall('SET', KEYS[14 * #counts + b], turn, 'PX', turnTtl) end
+  for b = 1, #counts do
+    local key = KEYS[14 * #counts + b]
+    local first, last = string.match(rcall('GET', key) or '', '^(%d+)|(%d+)$')
+    if not (last and last == previous[b] and previous[b] ~= '0') then first = turn end
+    rcall('SET', key, first .. '|' .. turn, 'PX', turnTtl)
+  end
 end
 return { 0, applied, stale, stats.assigned }

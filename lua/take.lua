@@ -34,7 +34,8 @@
     {-4, 0}  bad ARGV; nothing read
 
   Writes: XREADGROUP's effects (the entries become pending for the executor), then XACK of
-  every entry read; nothing to streams.
+  every entry read; the claimed runs' records (RUNNING, the executor), leases and counts;
+  nothing to streams.
 ]]
 local rcall = redis.call
 

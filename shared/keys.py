@@ -95,7 +95,8 @@ class ShardKeys:
 
     def turn_string(self, executor: str) -> str:
         """The number of the last finish call (turn) of `executor` that applied results in
-        this shard, set by that call; expires (see Outbox.TURN_TTL): one per live executor."""
+        this shard, as `first|last` (see lua/finish.lua); expires after 10 leases
+        (FinishHere.turn_ttl_ms): one per live executor."""
         return f"{self.tag}:turn:{executor}"
 
     @property

@@ -69,6 +69,8 @@ class _LoopMetric(Collector, Generic[C]):
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._children: dict[tuple[str, ...], C] = {}
+        if not self.labelnames:  # (exposed at zero from the start, as prometheus_client does)
+            self._children[()] = self._child()
         if registry is not None:
             registry.register(self)
 

@@ -145,6 +145,7 @@ class Turn:
     executor: str
     number: int
     ttl_ms: int
+    previous: Mapping[int, int]  # shard -> the executor's last turn there (0: none known)
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,7 +420,10 @@ class Scripts:
         shards = list(batches)
         if not shards:
             return FinishResult(0, 0, 0)
-        mark = f"{turn.number}|{turn.ttl_ms}" if turn else ""
+        mark = ""
+        if turn:
+            previous = ",".join(str(turn.previous.get(s, 0)) for s in shards)
+            mark = f"{turn.number}|{turn.ttl_ms}|{previous}"
         args: list[Any] = [now, self.admission_group, assign_deadline_ms,
                            ",".join(str(len(batches[s])) for s in shards), mark]  # fmt: skip
         keys: list[str] = []

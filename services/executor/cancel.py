@@ -149,7 +149,8 @@ class Cancels:
             self.runner.resend_due()
 
     def let_go(self, rid: str, attempt: int) -> None:
-        """The heartbeat says `attempt` of `rid` is no longer this executor's to run."""
+        """The heartbeat says `attempt` of `rid` is no longer this executor's to run, or the
+        lease keeper found its result's turn confirmed."""
         reported = self.runner.awaiting.get(rid)
         if reported is not None and reported.attempt == attempt:
             del self.runner.awaiting[rid]  # applied (or taken over): nothing left to renew

@@ -10,7 +10,9 @@ depends on the free slots and the backend:
   and reads (free // streams entries per stream at most), unless admit calls of this process
   hand runs over (`supersede serve`);
 - otherwise the streams are read in batches of at most `free` streams, woken streams first,
-  then in rotation; when that finds nothing, one XREAD BLOCK over every stream (from their last
+  then in rotation (on one server one take script call does those reads and claims what they
+  gave, so a scan is one round trip); when that finds nothing, or on one server when it left
+  every stream empty, one XREAD BLOCK over every stream (from their last
   seen ids) waits for new entries without consuming them (on a cluster, a wake task per shard
   does, over that shard's streams), and while no entry comes it waits again with no scan
   (on one server). The last seen ids are the streams' tails, read once, then moved on by the
@@ -252,8 +254,8 @@ class Fetcher:
 
     async def _read_batch(self, batch: list[int], count: int) -> Reading:
         """One XREADGROUP over the streams `batch`, `count` entries each; a stream that gave
-        all it was asked for stays hot (it likely has more), the others cool down. On one
-        server the read claims what it reads in the same call (lua/take.lua)."""
+        all it was asked for stays hot (it likely has more), the others cool down. (A cluster's:
+        on one server `_take` reads and claims in one call.)"""
         names = [self.streams[i] for i in batch]
         reply = await self.redis.xreadgroup(
             EXECUTOR_GROUP, self.consumer, dict.fromkeys(names, ">"), count=count

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from supersede.config import connect_sync
+from supersede.errors import describe
 from supersede.keys import Keys
 from supersede.scripts import load_source
 from supersede.services.executor import metrics
@@ -100,7 +101,8 @@ class LeaseKeeper:
         by_shard: dict[int, dict[str, int]] = {}
         survived: list[tuple[str, int]] = []
         for shard, rid, attempt, turn in snapshot:
-            if 0 < turn <= confirmed.get(shard, 0):
+            first, last = confirmed.get(shard, (0, 0))
+            if turn and first <= turn <= last:
                 survived.append((rid, attempt))  # its finish call's writes are there
             else:
                 by_shard.setdefault(shard, {})[rid] = attempt
@@ -119,18 +121,31 @@ class LeaseKeeper:
                 named = [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in reply[1:]]
                 self._stop([(rid, sent[rid]) for rid in named])
 
-    def _confirmed_turns(self, snapshot: list[tuple[int, str, int, int]]) -> dict[int, int]:
-        """shard -> the last turn of this executor whose writes the shard holds: its turn key,
-        read after the snapshot, so every turn in it had returned (0: none, the key expired,
-        or a crash or failover lost it; then the heartbeat asks about each run)."""
+    def _confirmed_turns(
+        self, snapshot: list[tuple[int, str, int, int]]
+    ) -> dict[int, tuple[int, int]]:
+        """shard -> (first, last): this executor's turns in the shard whose writes are all
+        there, from its turn key (lua/finish.lua), read after the snapshot, so every turn in it
+        had returned. Absent (the key expired, a crash or a failover lost it, the read failed):
+        the heartbeat asks about each run. A turn the server lost is never in a range: the
+        next turn there finds the key behind its previous one and starts a new range."""
         shards = sorted({shard for shard, _, _, turn in snapshot if turn})
         if not shards:
             return {}
-        with self._client.pipeline(transaction=False) as pipe:
-            for shard in shards:
-                pipe.get(self.keys.shard(shard).turn_string(self.consumer))
-            values = pipe.execute()
-        return {shard: int(v or 0) for shard, v in zip(shards, values, strict=True)}
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for shard in shards:
+                    pipe.get(self.keys.shard(shard).turn_string(self.consumer))
+                values = pipe.execute()
+        except Exception as exc:  # (the leases still get renewed, one run at a time)
+            log.warning("turn keys not read", extra={"error": describe(exc)})
+            return {}
+        out: dict[int, tuple[int, int]] = {}
+        for shard, value in zip(shards, values, strict=True):
+            first, _, last = (value or b"").decode().partition("|")
+            if first.isdigit() and last.isdigit():
+                out[shard] = (int(first), int(last))
+        return out
 
     def _stop(self, runs: list[tuple[str, int]]) -> None:
         """Hand the runs (run id, attempt) the script named, or whose turn is confirmed, back to

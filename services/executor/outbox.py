@@ -44,9 +44,10 @@ class FinishHere:
     after a second, and the reaper, which knows the deadline, puts them back until it.
 
     Each call is a turn, numbered from 1, and sets the executor's turn key of each shard it
-    applies results in (in the same script, so the key and the results survive a crash or a
-    failover together): the lease keeper confirms a turn's runs ended with one read of those
-    keys, instead of asking about each run."""
+    applies results in to the range of its turns there with no gap (in the same script, so the
+    key and the results survive a crash or a failover together, and a lost turn breaks the
+    range): the lease keeper confirms a turn's runs ended with one read of those keys, instead
+    of asking about each run (see lua/finish.lua)."""
 
     def __init__(self, scripts: Scripts, executor: str, lease_ms: int, *, cluster: bool) -> None:
         self.scripts = scripts
@@ -54,6 +55,7 @@ class FinishHere:
         self.cluster = cluster
         self.assign_deadline_ms = 0
         self.turn = 0
+        self.last_turn: dict[int, int] = {}  # shard -> the last turn of ours applied there
         # (read within a beat of the call; an expired key only sends the runs the per-run way)
         self.turn_ttl_ms = max(60_000, 10 * lease_ms)
         self._deadline_due = Throttle(DEADLINE_EVERY)
@@ -69,7 +71,7 @@ class FinishHere:
                 log.warning("assignment deadline not read", extra={"error": describe(exc)})
         deadline = self.assign_deadline_ms
         self.turn += 1
-        turn = Turn(self.executor, self.turn, self.turn_ttl_ms)
+        turn = Turn(self.executor, self.turn, self.turn_ttl_ms, dict(self.last_turn))
         if self.cluster:
             done = await aio.gather(
                 *(
@@ -79,6 +81,8 @@ class FinishHere:
             )
         else:
             done = [await self.scripts.finish_shards(items, assign_deadline_ms=deadline, turn=turn)]
+        for shard in items:  # (not after a call that raised: the next one starts a new range)
+            self.last_turn[shard] = turn.number
         metrics.RESULTS.labels("applied").inc(sum(r.applied for r in done))
         metrics.RESULTS.labels("stale").inc(sum(r.stale for r in done))
         metrics.ASSIGNED.inc(sum(r.assigned for r in done))

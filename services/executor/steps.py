@@ -4,8 +4,10 @@ hook, and one report of the outcome to the outbox, after which the run's local s
 A reported run is not done yet: until its result is applied (by the outbox's finish call, or
 by admission when it took the results stream), the run stays RUNNING and its lease must be
 renewed, or the reaper would retry work that already finished (admission down or behind, a
-finish write lost in a failover). `Runner.awaiting` holds those runs for the heartbeat until
-it says they ended; a result still unapplied after a lease is sent again (with backoff), in case
+finish write lost in a failover). `Runner.awaiting` holds those runs until their write is known
+to have survived (the turn key of the finish call that applied them, read by the lease keeper,
+or the heartbeat saying they ended); a result still unapplied after a lease is sent again (with
+backoff), in case
 the first write was lost (a failover before replication), since applying a result twice changes
 nothing."""
 
@@ -116,7 +118,7 @@ class Runner:
         self.outbox = outbox
         self.tracer = tracer
         self.active: dict[str, Running] = {}
-        self.awaiting: dict[str, Reported] = {}  # outcome written, not yet seen ended
+        self.awaiting: dict[str, Reported] = {}  # outcome written, not yet known to survive
         self.pool = ThreadPoolExecutor(max_workers=max(4, config.slots * 2))
         self.slot_freed = asyncio.Event()
         self.reserved = 0  # slots promised to a claim in flight (a fetch, or a hand-over)

@@ -272,7 +272,7 @@ async def test_results_are_applied_by_the_executor_and_a_refused_one_takes_the_s
         applied = await outbox.put(shard, RunResult(req.run_id, 1, Outcome.SUCCEEDED))
         assert applied == 1  # the first turn, which set its turn key in the shard
         assert (await records(redis, keys))[req.run_id]["st"] == "S"
-        assert await redis.get(keys.shard(shard).turn_string("ex-1")) == b"1"
+        assert await redis.get(keys.shard(shard).turn_string("ex-1")) == b"1|1"
         assert 0 < await redis.pttl(keys.shard(shard).turn_string("ex-1")) <= 300_000
         assert await _entries_added(redis, keys.shard(shard).results_stream) == 0
 

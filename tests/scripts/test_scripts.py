@@ -412,6 +412,39 @@ async def test_take_reads_and_claims_new_assignments_of_several_shards_in_one_ca
         await scripts.take("ex", streams, want=0, lease_ms=LEASE)
 
 
+async def test_finish_keeps_the_range_of_an_executors_turns_with_no_gap(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """An executor's turn key says which of its turns in the shard all have their writes
+    there: the range goes on while each turn names the last one the key holds, and starts
+    again at a turn that names another (the server lost a turn, or the key expired)."""
+    from supersede.scripts import Turn
+
+    made = [make_request(keys, event=f"e{i}", seq=i, key=f"k{i}", unlimited=True)
+            for i in range(40)]  # fmt: skip
+    shard = made[0][0]
+    reqs = [req for s, req in made if s == shard][:4]
+    assert len(reqs) == 4
+    await admit(scripts, *[(shard, req) for req in reqs])
+    for req in reqs:
+        assert (await claim(scripts, shard, req)).claimed
+    key = keys.shard(shard).turn_string("ex")
+
+    async def turn(n: int, previous: int, i: int) -> bytes:
+        payload = RunResult(reqs[i].run_id, 1, Outcome.SUCCEEDED).pack()
+        t = Turn("ex", n, 60_000, {shard: previous})
+        assert (await scripts.finish_shards({shard: [("", payload)]}, now=5, turn=t)).applied
+        return bytes(await redis.get(key))
+
+    assert await turn(1, 0, 0) == b"1|1"
+    assert await turn(2, 1, 1) == b"1|2"
+    await redis.set(key, "1|1")  # the server lost turn 2 (a failover to a lagging replica)
+    assert await turn(3, 2, 2) == b"3|3"  # so turn 2 lies in no range: asked about, resent
+    await redis.delete(key)  # a crash lost the key, or it expired
+    assert await turn(4, 3, 3) == b"4|4"
+    assert 0 < await redis.pttl(key) <= 60_000
+
+
 async def test_results_of_several_shards_are_recorded_in_one_call(
     redis: Redis, keys: Keys, scripts: Scripts, monkeypatch: pytest.MonkeyPatch
 ) -> None:

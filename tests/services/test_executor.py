@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -635,6 +636,39 @@ async def test_a_busy_executor_scans_without_reading_the_tails(
     assert tails <= 2 * streams, (tails, streams)
 
 
+class _Monitor:
+    """MONITOR in a task: each command line to `seen` (its words and who sent it: 'lua' or
+    'tcp'), from the moment `start` returns (it waits until MONITOR sees a marker)."""
+
+    def __init__(self, redis: Redis, seen: Callable[[list[str], str], None]) -> None:
+        self.redis, self.seen, self.ready = redis, seen, asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def _watch(self) -> None:
+        async with self.redis.monitor() as monitor:
+            async for cmd in monitor.listen():
+                words = cmd["command"].split()
+                if words[:2] == ["GET", "monitor-ready"]:
+                    self.ready.set()
+                elif words:
+                    self.seen(words, cmd["client_type"])
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self._watch())
+
+        async def marked() -> bool:
+            await self.redis.get("monitor-ready")
+            return self.ready.is_set()
+
+        await eventually(marked, timeout=10)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
 async def test_a_busy_executor_reads_and_claims_in_one_call(
     redis: Redis, keys: Keys, system: System
 ) -> None:
@@ -646,22 +680,18 @@ async def test_a_busy_executor_reads_and_claims_in_one_call(
     await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
     sent: list[str] = []  # XREADGROUP '>' commands, by who sent them: 'lua' or a client
 
-    async def watch() -> None:
-        async with redis.monitor() as monitor:
-            async for cmd in monitor.listen():
-                words = cmd["command"].split()
-                ours = ":assignments:" in cmd["command"]  # (not admission's reads)
-                if ours and words[0].upper() == "XREADGROUP" and words[-1] == ">":
-                    sent.append(cmd["client_type"])
+    def seen(words: list[str], client: str) -> None:
+        ours = any(":assignments:" in w for w in words)  # (not admission's reads)
+        if ours and words[0].upper() == "XREADGROUP" and words[-1] == ">":
+            sent.append(client)
 
-    watcher = asyncio.create_task(watch())
+    monitor = _Monitor(redis, seen)
+    await monitor.start()
     try:
         await _burst(redis, keys, 60)
         await eventually(lambda: _states(redis, keys, {"S": 61}), timeout=30)
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        await monitor.stop()
     assert sent.count("lua") > 0
     assert sent.count("tcp") == 0, sent.count("tcp")  # (the old code: one per scan, 30+)
 
@@ -672,7 +702,8 @@ async def test_runs_an_executor_applied_are_confirmed_by_turn_not_asked_about_on
     """An executor applies its results itself; each finish call sets its turn key, and one
     read of it confirms every run of that turn. The heartbeat, every third of a (1 s) lease,
     used to ask about each run once more after it ended (a few µs of server CPU per run):
-    MONITOR sees almost no run in a heartbeat call now (only runs still running at a beat)."""
+    MONITOR sees almost no short run in a heartbeat call now. A long run (1.5 s, in every
+    beat while it runs) shows the heartbeat is watched."""
     import hashlib
 
     from supersede.scripts import load_source
@@ -681,63 +712,70 @@ async def test_runs_an_executor_applied_are_confirmed_by_turn_not_asked_about_on
     await system.pipeline(redis, keys, 1, "--lease", "1")
     await publish(redis, keys, "work.item", k="warm")
     await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
-    asked = 0  # run ids named in heartbeat calls
+    asked: Counter[str] = Counter()  # run id -> heartbeat calls that named it
 
-    async def watch() -> None:
-        nonlocal asked
-        async with redis.monitor() as monitor:
-            async for cmd in monitor.listen():
-                words = cmd["command"].split()
-                if len(words) > 7 and words[0].upper() == "EVALSHA" and words[1] == sha:
-                    asked += (len(words) - 7) // 2  # (sha, 2, 2 keys, now, executor, lease)
+    def seen(words: list[str], client: str) -> None:
+        if len(words) > 8 and words[0].upper() == "EVALSHA" and words[1] == sha:
+            # (EVALSHA, sha, 2, the 2 keys, now, executor, lease, then run id, attempt pairs)
+            asked.update(words[8::2])
 
-    watcher = asyncio.create_task(watch())
+    monitor = _Monitor(redis, seen)
+    await monitor.start()
     try:
+        long_event = await publish(redis, keys, "work.item", sleep=1.5)
         await _burst(redis, keys, 60)
-        await eventually(lambda: _states(redis, keys, {"S": 61}), timeout=30)
-        await asyncio.sleep(1.0)  # three beats: every ended run is confirmed by now
+        await eventually(lambda: _states(redis, keys, {"S": 62}), timeout=30)
+        await asyncio.sleep(1.0)  # three more beats, for the old code to ask about the last
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-    assert asked < 20, asked  # (the old code: each of the 60 at least once)
+        await monitor.stop()
+    recs = await records(redis, keys)
+    [long_run] = [rid for rid, r in recs.items() if r["ev"] == long_event]
+    assert asked[long_run] >= 2  # the heartbeat was seen: it renewed the long run
+    short = sum(n for rid, n in asked.items() if rid != long_run)
+    assert short < 20, short  # (the old code: each of the 60 short runs at least once)
 
 
 async def test_a_turn_the_server_lost_is_not_confirmed_and_its_runs_keep_their_leases(
     redis_url: str, redis: Redis, keys: Keys
 ) -> None:
-    """The lease keeper drops a reported run without asking the heartbeat only when its
-    shard's turn key is at or past the run's turn. A key behind (a failover lost the call) or
-    gone (a crash) leaves the run to the heartbeat, which renews its lease while its record
-    says RUNNING here, so the executor writes the result again."""
+    """The lease keeper drops a reported run without asking the heartbeat only when its turn
+    lies in its shard's turn key range. A turn the server lost lies in none: before it (the
+    range starts after it, as the next turn starts a new range), after it (a failover lost
+    the call), or gone (a crash lost the key). Those runs go to the heartbeat, which renews
+    their leases while their records say RUNNING here, so the executor writes them again."""
     from supersede.services.executor.config import ExecutorConfig
     from supersede.services.executor.lease import LeaseKeeper
 
     shard = 1
     sk = keys.shard(shard)
-    leased = [(shard, "1-kept", 1, 5), (shard, "1-lost", 1, 7), (shard, "1-gone", 1, 9)]
+    leased = [(shard, "1-kept", 1, 5), (shard, "1-before", 1, 3), (shard, "1-after", 1, 9)]
     runner: Any = type("R", (), {"active": {}, "leased": lambda self: list(leased)})()
     named: list[tuple[str, int]] = []
     keeper = LeaseKeeper(redis_url, keys, "ex-1", ExecutorConfig(lease_ms=3_000), runner,
                          lambda rid, attempt: named.append((rid, attempt)))  # fmt: skip
     keeper._loop = asyncio.get_running_loop()
-    for rid in ("1-kept", "1-lost", "1-gone"):  # as a lost finish write leaves them
+    for _, rid, _, _ in leased:  # as a lost finish write leaves them
         record = {"st": "R", "a": 1, "e": "ex-1", "w": "wf", "g": "g", "s": "0" * 32}
         await redis.hset(sk.runs_hash, rid, codec.pack(record))
-    await redis.set(sk.turn_string("ex-1"), 6)  # turn 5 survived; 7 and 9 did not
+    await redis.set(sk.turn_string("ex-1"), "4|6")  # turns 4 to 6 are there; 3 and 9 are not
     try:
         await asyncio.to_thread(keeper.beat)
         await eventually(lambda: _true(named), timeout=5)
         assert named == [("1-kept", 1)]
         leases = dict(await redis.zrange(sk.leases_zset, 0, -1, withscores=True))
-        assert set(leases) == {b"1-lost", b"1-gone"}  # renewed by the heartbeat
+        assert set(leases) == {b"1-before", b"1-after"}  # renewed by the heartbeat
         await redis.delete(sk.turn_string("ex-1"))  # a crash lost the key itself
         leased[:] = leased[1:]
+        await redis.delete(sk.leases_zset)
         await asyncio.to_thread(keeper.beat)
-        await asyncio.sleep(0.2)
-        assert named == [("1-kept", 1)]
+        await eventually(lambda: _renewed(redis, sk.leases_zset, 2), timeout=5)
+        assert named == [("1-kept", 1)]  # (any callback of the beat has run: the loop polled)
     finally:
         keeper._client.close()
+
+
+async def _renewed(redis: Redis, leases: str, n: int) -> bool:
+    return int(await redis.zcard(leases)) == n
 
 
 async def _true(items: list[Any]) -> bool:

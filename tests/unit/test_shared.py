@@ -256,6 +256,10 @@ def test_loop_metrics_expose_what_prometheus_client_metrics_expose() -> None:
     loop_hist = LoopHistogram("t_wait_seconds", "Waits.", ["hop"], buckets=LATENCY_BUCKETS,
                               registry=ours)  # fmt: skip
     loop_plain = LoopHistogram("t_plain_seconds", "Plain.", buckets=(0.1, 1), registry=ours)
+    Histogram("t_idle_seconds", "Never observed.", buckets=(0.1, 1), registry=theirs)
+    LoopHistogram("t_idle_seconds", "Never observed.", buckets=(0.1, 1), registry=ours)
+    Counter("t_idle_total", "Never counted.", registry=theirs)
+    LoopCounter("t_idle_total", "Never counted.", registry=ours)
     for way, n in (("a", 1), ("a", 2), ("b", 1)):
         counter.labels(way).inc(n)
         loop_counter.labels(way).inc(n)
