@@ -329,10 +329,7 @@ class Scripts:
         shards: dict[int, int] = {}
         for _, shard in streams:
             shards.setdefault(shard, len(shards) + 1)
-        keys: list[str] = []
-        for shard in shards:
-            sk = self.keys.shard(shard)
-            keys += (sk.runs_hash, sk.inputs_hash, sk.leases_zset, sk.counts_hash)
+        keys = [key for shard in shards for key in self._claim_keys(shard)]
         keys += [stream for stream, _ in streams]
         args: list[Any] = [now, self.executor_group, executor, lease_ms, len(shards), want]
         args += [shards[shard] for _, shard in streams]
@@ -353,6 +350,11 @@ class Scripts:
             int(reached),
         )
 
+    def _claim_keys(self, shard: int) -> tuple[str, str, str, str]:
+        """A shard's keys in a claim or take call (lua/includes/claim.lua)."""
+        sk = self.keys.shard(shard)
+        return sk.runs_hash, sk.inputs_hash, sk.leases_zset, sk.counts_hash
+
     def _claim_call(
         self,
         executor: str,
@@ -366,7 +368,7 @@ class Scripts:
         streams: dict[str, int] = {}
         for b, (shard, items) in enumerate(batches.items(), 1):
             sk = self.keys.shard(shard)
-            keys += (sk.runs_hash, sk.inputs_hash, sk.leases_zset, sk.counts_hash)
+            keys += self._claim_keys(shard)
             for stream, entry_id, rid, attempt in items:
                 n = streams.setdefault(stream, len(streams) + 1)
                 args += (entry_id, rid, attempt, n, b)

@@ -44,15 +44,12 @@ class Claimer:
             self.consumer, by_shard, lease_ms=self.config.lease_ms, read_us=int(now * 1e6)
         )
         HOP_SECONDS.labels("claim").observe(max(0.0, time.time() - now))
+        claimed: list[tuple[int, bytes | str, Claim]] = []
         for shard, claims in replies.items():
             for (_, entry, _, _), claim in zip(by_shard[shard], claims, strict=True):
-                if not claim.claimed:
-                    metrics.CLAIMS_REFUSED.inc()
-                    continue
-                waited = max(0.0, now - entry_ms(entry)) / 1000
-                metrics.QUEUE_WAIT_SECONDS.observe(waited)
-                HOP_SECONDS.labels("assignments").observe(waited)
-                self._start(shard, claim, now)
+                if claim.claimed:
+                    claimed.append((shard, entry, claim))
+        self.start_taken(claimed, len(items) - len(claimed), now)
 
     async def take(self, streams: Sequence[tuple[str, int]], want: int) -> Taken:
         """Read at most `want` new assignments of `streams` ((stream, shard) pairs, in order)
@@ -64,11 +61,14 @@ class Claimer:
         HOP_SECONDS.labels("claim").observe(max(0.0, time.time() - started))
         return taken
 
-    def start_taken(self, items: Sequence[tuple[int, bytes, Claim]], refused: int) -> None:
-        """Start the runs a `take` call claimed: (shard, assignment entry id, run)."""
+    def start_taken(
+        self, items: Sequence[tuple[int, bytes | str, Claim]], refused: int, now: float = 0.0
+    ) -> None:
+        """Start the runs a `take` or claim call claimed: (shard, assignment entry id, run);
+        their queue wait runs to `now` (the read; default: this moment)."""
         if refused:
             metrics.CLAIMS_REFUSED.inc(refused)
-        now = time.time()
+        now = now or time.time()
         for shard, entry, claim in items:
             waited = max(0.0, now - entry_ms(entry)) / 1000
             metrics.QUEUE_WAIT_SECONDS.observe(waited)

@@ -108,7 +108,7 @@ class Fetcher:
         self._tails_fresh = False  # False: read the tails before the next scan
         self._after_wake = False  # the next scan follows a wake-up
         self._malformed: list[tuple[str, bytes]] = []
-        self._took_malformed = 0  # entries a take call acknowledged as malformed, not yet counted
+        self._took_malformed: list[tuple[str, bytes]] = []  # acknowledged by a take call
         self.handed_over = False  # admit calls of this process claim runs for this executor
         # More assignment entries wait for this executor than it has free slots (its last read
         # took as many as it asked for): a hand-over takes no slot then, so runs that took the
@@ -144,7 +144,7 @@ class Fetcher:
                         got.fetched += await self._take_over(free - len(got))
                     # (a read that took only malformed entries took something: the stream may
                     # hold valid ones behind them, older than the tails the wait starts from)
-                    took = bool(got) or await self._ack_malformed() > 0
+                    took = await self._ack_malformed() > 0 or bool(got)
                     self.service.healthy()
                     self.backlog = len(got) >= free  # (and likely more behind)
                     self._note_read(took, reread)
@@ -274,12 +274,7 @@ class Fetcher:
             if n >= asked:
                 self._hot.add(self.index_of_stream[stream])
             self._seen(stream, last)
-        for stream, entry_id in taken.malformed:
-            log.error(
-                "malformed assignment acknowledged",
-                extra={"stream": stream, "entry": entry_id.decode()},
-            )
-        self._took_malformed += len(taken.malformed)
+        self._took_malformed += taken.malformed  # (acknowledged by the call: logged only)
         drained = taken.reached == len(order) == len(self.streams) and all(
             n < asked for _, n, _, asked in taken.reads
         )
@@ -324,12 +319,14 @@ class Fetcher:
         XREADGROUP each, `free // batch` entries per stream), woken streams first."""
         got = Reading()
         n = len(self.streams)
+        order = list(dict.fromkeys([*self._woken, *((self._rotation + i) % n for i in range(n))]))
+        self._woken = []
+        if not self.cluster:  # (one call, in the batches below: all streams when free >= n)
+            self._rotation = (self._rotation + 1) % n
+            return await self._take(order, free)
         if free >= n:
             # Enough free slots to ask every stream for free // n entries in one round trip
             # (a scan of one round trip per stream takes milliseconds in redis-py).
-            self._woken = []
-            if not self.cluster:
-                return await self._take(list(range(n)), free)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for stream in self.streams:
                     pipe.xreadgroup(EXECUTOR_GROUP, self.consumer, {stream: ">"}, count=free // n)
@@ -337,11 +334,6 @@ class Fetcher:
             for stream, reply in zip(self.streams, replies, strict=True):
                 got.fetched += self._parse_reply(reply, stream, count=free // n)
             return got
-        order = list(dict.fromkeys([*self._woken, *((self._rotation + i) % n for i in range(n))]))
-        self._woken = []
-        if not self.cluster:
-            self._rotation = (self._rotation + 1) % n
-            return await self._take(order, free)
         while order and len(got) < free:
             want = free - len(got)
             batch = self._batch(order, want)
@@ -397,14 +389,15 @@ class Fetcher:
     async def _ack_malformed(self) -> int:
         """Acknowledge the malformed entries read (a take call already did); how many."""
         bad, self._malformed = self._malformed, []
-        taken, self._took_malformed = self._took_malformed, 0
-        for stream, entry_id in bad:
+        taken, self._took_malformed = self._took_malformed, []
+        for stream, entry_id in [*bad, *taken]:
             log.error(
                 "malformed assignment acknowledged",
                 extra={"stream": stream, "entry": entry_id.decode()},
             )
+        for stream, entry_id in bad:
             await self.redis.xack(stream, EXECUTOR_GROUP, entry_id)
-        return len(bad) + taken
+        return len(bad) + len(taken)
 
     async def stale_loop(self, stop: asyncio.Event) -> None:
         """Each second: which streams hold assignments read by a consumer and idle past
