@@ -1,9 +1,13 @@
 --[[
   An executor reads new assignments and claims them in one call: XREADGROUP (never blocking)
   over its assignment streams, in the order given, until it has read as many entries as it
-  has free slots; then what claim.lua does with the entries read. The streams are read in
-  batches of at most `want - read so far` streams, `(want - read so far) // batch` entries
-  from each (at least one free slot per stream: one read over every stream). It spares the
+  has free slots; then what claim.lua does with the entries read. Wide reads (a scan): the
+  streams are read in batches of at most `want - read so far` streams, `(want - read so far)
+  // batch` entries from each (at least one free slot per stream: one read over every stream).
+  Deep reads (the streams the executor found with a backlog): one stream after the other, each
+  asked for all that is still wanted, so a backlog fills the call from as few shards as it can
+  (the claim costs a fixed part per shard: one HMGET, HSET, ZADD and HMGET each, and the
+  executor's finish call of those runs pays its own per shard again). It spares the
   executor a round trip per read, and its reply carries each claimed run's fields, not the
   entries. Only on one server: the streams of several shards are read at once (on a cluster an
   executor reads, then claims per shard).
@@ -18,7 +22,8 @@
     ARGV[4]  lease length in ms
     ARGV[5]  S, the number of shards of the call
     ARGV[6]  want: entries to read in all at most (the executor's free slots)
-    ARGV[7..] for each stream n, in the order to read them: the shard b it belongs to
+    ARGV[7]  '1': deep reads, '0': wide reads
+    ARGV[8..] for each stream n, in the order to read them: the shard b it belongs to
 
   Output:
     {0, claims, reads, malformed, reached}
@@ -44,16 +49,16 @@ local rcall = redis.call
 
 local now, nowUs = nowMs(ARGV[1])
 local groupName, executor, leaseMs = ARGV[2], ARGV[3], tonumber(ARGV[4])
-local shards, want = tonumber(ARGV[5]), tonumber(ARGV[6])
+local shards, want, deep = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1'
 local streamBase = 4 * (shards or 0)
-local streams = #ARGV - 6
+local streams = #ARGV - 7
 if not leaseMs or leaseMs <= 0 or not shards or shards < 1 or not want or want < 1
-    or streams < 1 or #KEYS ~= streamBase + streams then
+    or (ARGV[7] ~= '1' and ARGV[7] ~= '0') or streams < 1 or #KEYS ~= streamBase + streams then
   return { -4, 0 }
 end
 local numberOf = {}
 for n = 1, streams do
-  local b = tonumber(ARGV[6 + n])
+  local b = tonumber(ARGV[7 + n])
   if not b or b < 1 or b > shards or b ~= math.floor(b) then return { -4, 0 } end
   numberOf[KEYS[streamBase + n]] = n
 end
@@ -62,7 +67,7 @@ local q, reads, malformed = {}, {}, {}
 local got, first = 0, 1
 while first <= streams and got < want do
   local need = want - got
-  local last = math.min(first + need - 1, streams)
+  local last = deep and first or math.min(first + need - 1, streams)
   local count = math.floor(need / (last - first + 1))
   local args = { 'GROUP', groupName, executor, 'COUNT', count, 'STREAMS' }
   for n = first, last do args[#args + 1] = KEYS[streamBase + n] end
@@ -71,7 +76,7 @@ while first <= streams and got < want do
   for _, item in ipairs(rcall('XREADGROUP', unpack(args)) or {}) do
     local n = numberOf[item[1]]
     local entries = item[2]
-    local b = ARGV[6 + n]
+    local b = ARGV[7 + n]
     for _, entry in ipairs(entries) do
       local rid, attempt
       local fields = entry[2]

@@ -321,17 +321,20 @@ class Scripts:
         *,
         want: int,
         lease_ms: int,
+        deep: bool = False,
         now: int = 0,
     ) -> Taken:
         """Read at most `want` new entries of the assignment `streams` ((stream, shard) pairs,
         in the order to read them) and claim them, in one call (one server only: see
-        lua/take.lua)."""
+        lua/take.lua). `deep`: each stream in turn is asked for all still wanted (streams with
+        a backlog); otherwise they are read wide, a few entries from each."""
         shards: dict[int, int] = {}
         for _, shard in streams:
             shards.setdefault(shard, len(shards) + 1)
         keys = [key for shard in shards for key in self._claim_keys(shard)]
         keys += [stream for stream, _ in streams]
         args: list[Any] = [now, self.executor_group, executor, lease_ms, len(shards), want]
+        args.append(1 if deep else 0)
         args += [shards[shard] for _, shard in streams]
         _, claims, reads, malformed, reached = await self._call("take", keys, args)
         shard_of = list(shards)

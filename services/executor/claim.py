@@ -51,12 +51,15 @@ class Claimer:
                     claimed.append((shard, entry, claim))
         self.start_taken(claimed, len(items) - len(claimed), now)
 
-    async def take(self, streams: Sequence[tuple[str, int]], want: int) -> Taken:
-        """Read at most `want` new assignments of `streams` ((stream, shard) pairs, in order)
-        and claim them, in one call (one server only); `start_taken` starts the runs."""
+    async def take(
+        self, streams: Sequence[tuple[str, int]], want: int, *, deep: bool = False
+    ) -> Taken:
+        """Read at most `want` new assignments of `streams` ((stream, shard) pairs, in order;
+        `deep`: each asked for all still wanted) and claim them, in one call (one server only);
+        `start_taken` starts the runs."""
         started = time.time()
         taken = await self.scripts.take(
-            self.consumer, streams, want=want, lease_ms=self.config.lease_ms
+            self.consumer, streams, want=want, lease_ms=self.config.lease_ms, deep=deep
         )
         HOP_SECONDS.labels("claim").observe(max(0.0, time.time() - started))
         return taken

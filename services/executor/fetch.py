@@ -100,6 +100,7 @@ class Fetcher:
         self.own = OwnPending(self.streams)
         self._stale: list[str] = []  # streams with entries to take over, found by stale_loop
         self._rotation = 0
+        self._hot_rotation = 0
         self._woken: list[int] = []
         self._hot: set[int] = set()  # streams whose last read returned all it asked for
         self._full_read_due = Throttle(FULL_READ_EVERY)
@@ -240,10 +241,14 @@ class Fetcher:
 
     async def _read_hot(self, free: int) -> Reading:
         order = sorted(self._hot)
-        cut = self._rotation % len(order)  # rotate, so no hot stream always comes last
+        cut = self._hot_rotation % len(order)  # rotate, so no hot stream always comes last
+        self._hot_rotation += 1
         order = order[cut:] + order[:cut]
         if not self.cluster:
-            return await self._take(order, free)
+            # One stream after the other, each asked for all still wanted: a backlog fills
+            # the call from one shard, where a few entries of each stream would touch every
+            # shard, and the claim and the finish of the runs pay a fixed part per shard.
+            return await self._take(order, free, deep=True)
         got = Reading()
         while order and len(got) < free:
             want = free - len(got)
@@ -263,11 +268,14 @@ class Fetcher:
         self._hot.difference_update(batch)
         return Reading(self._parse_reply(reply, count=count))
 
-    async def _take(self, order: list[int], free: int) -> Reading:
-        """One server: the streams `order` read in batches as `_read_batch` reads them, until
-        `free` entries came, and what they gave claimed, all in one call (lua/take.lua)."""
+    async def _take(self, order: list[int], free: int, *, deep: bool = False) -> Reading:
+        """One server: the streams `order` read in batches as `_read_batch` reads them (`deep`:
+        one after the other, each asked for all still wanted), until `free` entries came, and
+        what they gave claimed, all in one call (lua/take.lua)."""
         taken: Taken = await self.claimer.take(
-            [(self.streams[i], self.shard_of_stream[self.streams[i]]) for i in order], free
+            [(self.streams[i], self.shard_of_stream[self.streams[i]]) for i in order],
+            free,
+            deep=deep,
         )
         self._hot.difference_update(order[: taken.reached])
         for stream, n, last, asked in taken.reads:

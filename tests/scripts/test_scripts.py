@@ -412,6 +412,37 @@ async def test_take_reads_and_claims_new_assignments_of_several_shards_in_one_ca
         await scripts.take("ex", streams, want=0, lease_ms=LEASE)
 
 
+async def test_a_deep_take_fills_from_the_first_stream_with_a_backlog_before_the_next(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """take.lua's deep reads (the streams an executor found with a backlog): each stream in
+    turn is asked for all still wanted, so a backlog fills the call from one shard; a wide
+    read of the same streams takes a few entries from each and touches every shard."""
+    await ensure_groups(redis, keys, ["wf"])
+    by_shard: dict[int, list[str]] = {}
+    i = 0
+    while len(by_shard) < 3 or min(len(v) for v in by_shard.values()) < 6:
+        shard, req = make_request(keys, event=f"e{i}", seq=i, key=f"k{i}")
+        i += 1
+        if len(by_shard.get(shard, [])) < 6 and (shard in by_shard or len(by_shard) < 3):
+            await admit(scripts, (shard, req))
+            by_shard.setdefault(shard, []).append(req.run_id)
+    first, second, third = sorted(by_shard)
+    streams = [(keys.shard(s).assignments_stream("wf"), s) for s in (first, second, third)]
+    deep = await scripts.take("ex", streams, want=8, lease_ms=LEASE, deep=True, now=2)
+    assert [c.run_id for _, _, c in deep.claimed] == by_shard[first] + by_shard[second][:2]
+    assert [(s, n, asked) for s, n, _, asked in deep.reads] == [
+        (streams[0][0], 6, 8),  # drained: fewer than asked
+        (streams[1][0], 2, 2),  # gave all it was asked: likely more
+    ]
+    assert deep.reached == 2
+    wide = await scripts.take("ex", streams[1:], want=4, lease_ms=LEASE, now=3)
+    assert [(s, n) for s, n, _, _ in wide.reads] == [(streams[1][0], 2), (streams[2][0], 2)]
+    with pytest.raises(BadArguments):  # the mode is '1' or '0'
+        keys_of_one = [*scripts._claim_keys(first), streams[0][0]]
+        await scripts._call("take", keys_of_one, [0, "executors", "ex", LEASE, 1, 1, "x", 1])
+
+
 async def test_finish_keeps_the_range_of_an_executors_turns_with_no_gap(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:

@@ -161,8 +161,8 @@ class StrategyMachine(RuleBasedStateMachine):
         assert got.claimed == self.model.claim(rid, attempt, executor, self.now)
 
     @precondition(lambda self: self.model.runs)
-    @rule(executor=st.sampled_from(EXECUTORS), want=st.integers(1, 8))
-    def take(self, executor: str, want: int) -> None:
+    @rule(executor=st.sampled_from(EXECUTORS), want=st.integers(1, 8), deep=st.booleans())
+    def take(self, executor: str, want: int, deep: bool) -> None:
         """New assignment entries read and claimed in one call (lua/take.lua): each entry read
         is claimed exactly when the model would claim it, in the order read (a run assigned
         twice, or claimed by `claim` meanwhile, is refused). One call over every shard's
@@ -176,7 +176,9 @@ class StrategyMachine(RuleBasedStateMachine):
             streams.append((stream, sk.shard))
         for part in [[s] for s in streams] if self.cluster else [streams]:
             taken = self.run(
-                self.scripts.take(executor, part, want=want, lease_ms=LEASE_MS, now=self.now)
+                self.scripts.take(
+                    executor, part, want=want, lease_ms=LEASE_MS, deep=deep, now=self.now
+                )
             )
             assert len(taken) <= want and not taken.malformed
             expected = set()
