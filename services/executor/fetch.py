@@ -48,6 +48,7 @@ from supersede.streams import OwnPending, stale_streams, tail_ids
 log = logging.getLogger("supersede.executor")
 
 FULL_READ_EVERY = 0.05  # seconds: the longest a backlog's streams are read alone
+DEEP_STREAMS = 4  # streams with a backlog one take call may read (one fills it, usually)
 
 
 @dataclass
@@ -248,7 +249,7 @@ class Fetcher:
             # One stream after the other, each asked for all still wanted: a backlog fills
             # the call from one shard, where a few entries of each stream would touch every
             # shard, and the claim and the finish of the runs pay a fixed part per shard.
-            return await self._take(order, free, deep=True)
+            return await self._take(order[:DEEP_STREAMS], free, deep=True)
         got = Reading()
         while order and len(got) < free:
             want = free - len(got)

@@ -421,7 +421,9 @@ class Runner:
         if run.span is not None:
             tracing.end_run(run.span, outcome.name, error)
         try:
-            turn = await asyncio.shield(self.outbox.put(run.shard, result))
+            # (not shielded: a cancel of this task while it waits cancels only the future, and
+            # the outbox writes the result all the same, skipping a future that is done)
+            turn = await self.outbox.put(run.shard, result)
             # Renewed until known to have survived, even when the finish call applied it: a
             # failover or a crash of the server can still lose that write.
             if self.active.get(run.run_id) is run:  # not superseded by a newer attempt here

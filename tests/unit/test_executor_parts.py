@@ -120,3 +120,34 @@ def test_a_heartbeat_later_than_a_lease_is_counted_and_logged(caplog: Any) -> No
     assert metrics.HEARTBEATS_LATE._value.get() >= before + 1
     late = [r for r in caplog.records if r.getMessage().startswith("heartbeat late")]
     assert len(late) >= 1 and late[0].late_s > 0.3 and late[0].pid > 0
+
+
+async def test_a_read_of_streams_with_a_backlog_is_deep_over_a_few_of_them_in_rotation() -> None:
+    """The streams whose last read gave all it asked for (a backlog) are taken deep: each in
+    turn asked for all the free slots, so one call claims from one shard (a wide read took a
+    slot's worth from each of them and paid the per-shard cost of the claim, and of the
+    finish, on every shard). At most DEEP_STREAMS of them per call, the first one rotating so
+    no backlog waits behind another's."""
+    from supersede.keys import Keys
+    from supersede.scripts import Taken
+    from supersede.services.executor import fetch
+
+    calls: list[tuple[list[str], int, bool]] = []
+
+    class Claimer:
+        async def take(self, streams: Any, want: int, *, deep: bool = False) -> Taken:
+            calls.append(([s for s, _ in streams], want, deep))
+            return Taken([], 0, [], [], 1)
+
+    service: Any = type("S", (), {"redis": None, "consumer": "c"})()
+    runner: Any = type("R", (), {"workflows": {"wf": None}})()
+    keys = Keys("ns", 16)
+    claimer: Any = Claimer()
+    f = fetch.Fetcher(service, keys, ExecutorConfig(), runner, claimer, cluster=False)
+    f._hot = set(range(10))
+    for _ in range(3):
+        await f._read_hot(8)
+    assert all(deep and want == 8 for _, want, deep in calls)
+    assert all(len(streams) == fetch.DEEP_STREAMS for streams, _, _ in calls)
+    assert len({streams[0] for streams, _, _ in calls}) == 3  # rotated
+    assert all(set(streams) <= {f.streams[i] for i in range(10)} for streams, _, _ in calls)
