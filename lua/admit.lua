@@ -141,7 +141,8 @@ for n = 1, #reqs do
     -- (a key equal to the event id, as every run of a workflow without a limit has, is not
     -- stored twice: readers take ev when k is absent)
     if (q.k or '') ~= rec.ev then rec.k = q.k or '' end
-    fresh[rid] = q['in'] or ''
+    local input = q['in'] or ''
+    if #input <= INLINE_INPUT_BYTES then rec['in'] = input else fresh[rid] = input end
     if q.u == 1 then
       rec.u, rec.sg, rec.mx = 1, nil, nil
       assignRun(rid, rec)   -- no concurrency limit: no group to rank or fill
@@ -261,12 +262,12 @@ callChunked('HSET', inputsKey, inputs, 1000)
 ackEntries(requestsKey, groupName, 7, 3)
 local handed
 if handOver then
-  -- (inputs: a run created by this call still has its own in `fresh`, unless it ended)
+  -- (inputs: in the record, or a run created by this call still has its own in `fresh`)
   handed = {}
   local need = {}
   for i = 1, #handOver.out do
     local rid = handOver.out[i]
-    if not fresh[rid] then need[#need + 1] = rid end
+    if not fresh[rid] and loadRun(rid)['in'] == nil then need[#need + 1] = rid end
   end
   local stored = {}
   for j = 1, #need, 1000 do
@@ -278,8 +279,8 @@ if handOver then
     local rec = loadRun(rid)
     if rec.e == handOver.e and (rec.st == 'R' or rec.st == 'X') then
       handed[#handed + 1] = {
-        rid, rec.a, rec.w, rec.v, fresh[rid] or stored[rid] or '', rec.k or rec.ev, rec.s,
-        rec.tp or '', rec.st,
+        rid, rec.a, rec.w, rec.v, rec['in'] or fresh[rid] or stored[rid] or '', rec.k or rec.ev,
+        rec.s, rec.tp or '', rec.st,
       }
     end
   end

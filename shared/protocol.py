@@ -388,6 +388,7 @@ RECORD_FIELDS = {
     "a": "attempt",
     "m": "max attempts",
     "e": "executor that claimed the attempt",
+    "in": "the run's input while it is live, when at most 1 KiB (else in the inputs hash)",
     "h": "1 while a CANCELLING run still holds its slot (strict mode)",
     "ra": "fresh assignment entries written for an unclaimed ASSIGNED attempt",
     "c": "1: counted in the shard's counts hash (every run created since it exists)",

@@ -11,13 +11,19 @@
   a attempt, m max attempts, e executor, h (1: a CANCELLING run still holds its slot), ra/tr
   re-assignments of an unclaimed ASSIGNED attempt and the time of the last, t0 created ms,
   t1 assigned ms, t3 ended ms, tc cancel decided ms, by superseding run id, why reason, err
-  error text, c counted; the run's path, each point in µs after the inbox entry's ms (the
+  error text, c counted, in the run's input while it is live, when it is at most
+  INLINE_INPUT_BYTES (a longer one is in the inputs hash: a record is unpacked and packed again
+  by every script that changes it); the run's path, each point in µs after the inbox entry's ms (the
   first 16 hex digits of s): pi ingress read, pw request written, pa admission read, pg
   assigned, pe executor read, pc claimed, ph handler started (the last attempt's). Records
   written before the path existed have t2 (claimed ms) and ir/rw/ar/er/hs (hops in ms after
   the inbox entry) instead; claim removes them.
 ]]
 local runCache, runDirty = {}, {}
+-- Inputs up to this size live in the run's record while it is live (the inputs hash holds
+-- longer ones): an HSET at admission, an HMGET at the claim and an HDEL at the end spared,
+-- about 5 µs of server CPU per run; past it, each script that changes the record would copy it.
+local INLINE_INPUT_BYTES = 1024
 local slotCache, slotDirty = {}, {}
 local endedBy, endedOrder, endedAt, droppedInputs = {}, {}, 0, {}
 local stateOf = {}   -- run id -> its state when this call loaded it

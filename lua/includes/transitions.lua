@@ -91,7 +91,10 @@ local function endRun(rid, rec, state, why, by, unranked)
   rec.h = nil
   if why then rec.why = why end
   if by then rec.by = by end
-  if fresh[rid] then
+  if rec['in'] ~= nil then   -- (an input kept in the record goes with the run's end)
+    rec['in'] = nil
+    markEnded(rid, rec, now, false)
+  elseif fresh[rid] then
     fresh[rid] = nil
     markEnded(rid, rec, now, false)
   else

@@ -156,7 +156,12 @@ class UI:
         r = await ops.get_run(self.redis, self.keys, rid)
         if r is None:
             raise web.HTTPNotFound(text=f"no run {rid!r} (never created, or past its retention)")
-        raw = await self.redis.hget(self.keys.shard(shard_of_run(rid)).inputs_hash, rid)
+        sk = self.keys.shard(shard_of_run(rid))
+        raw = await self.redis.hget(sk.inputs_hash, rid)
+        if raw is None:  # (an input of at most 1 KiB is kept in the record of a live run)
+            record = await self.redis.hget(sk.runs_hash, rid)
+            inline = codec.unpack(codec.blob(record)).get("in") if record else None
+            raw = codec.blob(inline) if inline is not None else None
         if raw:
             r["input"] = ops.dumps(codec.jsonable(unpack_input(codec.blob(raw))))
         if r.get("outputs"):

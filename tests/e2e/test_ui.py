@@ -264,6 +264,7 @@ async def test_the_ui_is_read_only_unless_allowed_and_actions_need_the_csrf_toke
     await up(rw)
     status, page_ro = await asyncio.to_thread(get, f"{ro}/runs/{run['id']}")
     assert status == 200 and "Cancel this run" not in page_ro
+    assert "<h2>Input</h2>" in page_ro and "dora" in page_ro  # (kept in the live run's record)
     status, _ = await asyncio.to_thread(get, f"{ro}/runs/{run['id']}/cancel", b"csrf=x")
     assert status == 403
     status, page_rw = await asyncio.to_thread(get, f"{rw}/runs/{run['id']}")

@@ -46,6 +46,7 @@ def test_every_state_letter_in_the_scripts_is_a_run_state_and_back() -> None:
 
 def test_every_record_field_the_scripts_touch_is_declared() -> None:
     used = set(re.findall(r"\brec\.(\w+)", CODE))
+    used |= set(re.findall(r"\brec\[\'(\w+)\'\]", CODE))  # (rec['in']: `in` is a Lua keyword)
     created = re.search(r"local rec = \{(.*?)\}", SOURCES["admit"], re.DOTALL)
     assert created is not None
     used |= set(re.findall(r"(\w+) = ", created.group(1)))
