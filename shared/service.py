@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -190,8 +191,24 @@ def run_until_signal(
             loop.add_signal_handler(sig, stop.set)
         await main(stop)
 
+    tune_gc()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(until_signal())
+
+
+GC_THRESHOLD0 = 10_000  # allocations between two collections of the youngest generation
+
+
+def tune_gc() -> None:
+    """Fewer cyclic-GC passes for a service process: everything loaded so far (modules, the
+    user's workflows) is frozen out of the collector's scans, and the youngest generation is
+    collected every 10,000 net allocations instead of 700. Each run allocates a task, futures
+    and dicts, so the default collected every few runs; GC callbacks timed 0.1 to 0.3 s of
+    collections per process over 42,000 no-op runs before, 0.003 to 0.05 s after (bench.cpu_split;
+    about 5% of each service's CPU)."""
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD0, gen1, gen2)
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -273,3 +273,20 @@ def test_loop_metrics_expose_what_prometheus_client_metrics_expose() -> None:
     assert generate_latest(ours) == generate_latest(theirs)
     with pytest.raises(ValueError, match="takes labels"):
         loop_counter.labels("a", "b")
+
+
+def test_a_service_process_collects_cycles_less_often_and_skips_what_it_loaded() -> None:
+    """tune_gc (every service process, at start): what is loaded is frozen out of the
+    collector's scans, and the youngest generation waits for 10,000 allocations, not 700."""
+    import gc
+
+    from supersede.service import GC_THRESHOLD0, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == (GC_THRESHOLD0, *before[1:])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
