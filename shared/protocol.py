@@ -80,6 +80,7 @@ class Control:
     BY = b"by"
     WHY = b"why"
     BY_TRACEPARENT = b"btp"  # the superseding run's trace context (only when it is traced)
+    DECIDED_US = b"du"  # when the cancel was decided, server µs (the entry id has whole ms)
 
 
 class Dead:
@@ -405,6 +406,7 @@ RECORD_FIELDS = {
     "pg": "assigned (server clock), µs after the inbox entry: the last attempt's",
     "pe": "executor read the assignment, µs after the inbox entry",
     "pc": "claimed (server clock), µs after the inbox entry",
+    "px": "cancel decided (server clock), µs after the inbox entry (tc in µs)",
     "ph": "handler started, µs after the inbox entry",
     "er": "executor read, ms after the inbox entry (records from before the path; claim drops it)",
     "hs": "handler started, ms after the inbox entry (the same)",
@@ -456,7 +458,7 @@ class RunRecord:
     created_ms: int | None
     assigned_ms: int | None
     claimed_ms: int | None
-    cancel_decided_ms: int | None
+    cancel_decided_ms: float | None  # (µs in the fraction, from px; whole ms from tc before it)
     ended_ms: int | None
     points: dict[str, int] = field(default_factory=dict)  # PATH_POINTS key -> µs after inbox
 
@@ -505,7 +507,7 @@ class RunRecord:
             created_ms=_opt_int(rec.get("t0")),
             assigned_ms=_opt_int(rec.get("t1")),
             claimed_ms=_opt_int(rec.get("t2")) or _at(rec, "pc"),
-            cancel_decided_ms=_opt_int(rec.get("tc")),
+            cancel_decided_ms=_at_us(rec, "px") or _opt_int(rec.get("tc")),
             ended_ms=_opt_int(rec.get("t3")),
             points=_points(rec),
         )
@@ -526,6 +528,14 @@ def _at(rec: dict[str, Any], key: str) -> int | None:
     if published is None or not _num(rec.get(key)):
         return None
     return published + int(rec[key]) // 1000
+
+
+def _at_us(rec: dict[str, Any], key: str) -> float | None:
+    """Point `key` of a record as epoch ms with the µs in the fraction, or None."""
+    published = _inbox_ms(rec)
+    if published is None or not _num(rec.get(key)):
+        return None
+    return published + int(rec[key]) / 1000
 
 
 def _points(rec: dict[str, Any]) -> dict[str, int]:

@@ -196,12 +196,13 @@ local function cancelActive(m, why, by)
   end
   rec.st = 'X'
   rec.tc = now
+  pointAt(rec, 'px', nowUs)   -- (in µs: tc's whole ms hid up to a ms of the cancel latency)
   rec.why = why
   if by then rec.by = by end
   if rec.sg == 1 and why ~= 'superseded' then rememberEnded(rec.g, m, rec.mx) end
   if rec.sx == 1 then rec.h = 1 elseif limited(rec) then addSlots(rec.g, -1) end
-  rcall('XADD', controlKey, '*',
-    'op', 'cancel', 'id', rid, 'a', rec.a, 'by', by or '', 'why', why, unpack(traceFields(by)))
+  rcall('XADD', controlKey, '*', 'op', 'cancel', 'id', rid, 'a', rec.a, 'by', by or '',
+    'why', why, 'du', string.format('%d', nowUs), unpack(traceFields(by)))
   saveRun(rid, rec)
   stats.cancelled = stats.cancelled + 1
 end

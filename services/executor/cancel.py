@@ -133,10 +133,11 @@ class Cancels:
                 continue
             rid, attempt = cancel
             by_tp = fields.get(Control.BY_TRACEPARENT, b"")
+            decided = _decided_ms(entry_id, fields)
             if rid in self.runner.active:
-                self.cancel_local(rid, attempt, entry_ms(entry_id), by_tp)
+                self.cancel_local(rid, attempt, decided, by_tp)
             else:  # its claim reply may not have been handled yet
-                self._remember(rid, attempt, entry_ms(entry_id), by_tp)
+                self._remember(rid, attempt, decided, by_tp)
 
     # -- the heartbeat ---------------------------------------------------------------------------
     async def resend_loop(self, stop: asyncio.Event) -> None:
@@ -159,3 +160,12 @@ class Cancels:
         if run is not None and run.reported:
             return  # its outcome is being written; admission sorts out which attempt counts
         self.cancel_local(rid, attempt, time.time() * 1000)
+
+
+def _decided_ms(entry_id: bytes, fields: dict[bytes, bytes]) -> float:
+    """When a cancel was decided, epoch ms: its `du` (µs), else its entry id's whole ms (a
+    message from an earlier version's script)."""
+    try:
+        return int(fields[Control.DECIDED_US]) / 1000
+    except (KeyError, ValueError):
+        return entry_ms(entry_id)

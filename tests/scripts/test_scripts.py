@@ -10,7 +10,7 @@ from redis.crc import key_slot
 from supersede import codec
 from supersede.errors import BadArguments, MalformedItem, UnknownRun, WrongShard
 from supersede.keys import Keys
-from supersede.protocol import Outcome, RunRequest, RunResult, Strategy
+from supersede.protocol import Outcome, RunRecord, RunRequest, RunResult, Strategy
 from supersede.scripts import Assigned, HandOver, Scripts
 from supersede.streams import ensure_groups
 from tests.support import make_request, records, snapshot
@@ -485,6 +485,24 @@ async def test_an_input_of_at_most_1_kib_lives_in_its_run_record_until_the_run_e
     assert "in" in recs[holder[1].run_id]  # (still live)
     for sk in keys.all_shards():
         assert await redis.hkeys(sk.inputs_hash) == []
+
+
+async def test_a_cancel_of_a_running_run_is_timed_in_microseconds(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """The cancel latency target is 2 ms, and the decision's time was kept in whole ms (the
+    record's tc, the control entry's id): up to a ms of every measured latency was rounding.
+    The record's px and the control message's du keep it in µs (server clock)."""
+    shard, req = make_request(keys, event="e", seq=1)
+    await admit(scripts, (shard, req))
+    assert (await claim(scripts, shard, req)).claimed
+    assert await scripts.cancel(shard, [req.run_id]) == [True]  # (the server's clock)
+    rec = (await records(redis, keys))[req.run_id]
+    run = RunRecord.from_map(req.run_id, rec)
+    assert run.state == "X" and isinstance(run.cancel_decided_ms, float)
+    assert int(run.cancel_decided_ms) == rec["tc"]  # (the inbox entry of seq 1 is at 0 ms)
+    [(_, fields)] = await redis.xrange(keys.shard(shard).control_stream)
+    assert int(fields[b"du"]) == rec["px"] == round(run.cancel_decided_ms * 1000)
 
 
 async def test_finish_keeps_the_range_of_an_executors_turns_with_no_gap(

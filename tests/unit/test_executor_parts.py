@@ -151,3 +151,10 @@ async def test_a_read_of_streams_with_a_backlog_is_deep_over_a_few_of_them_in_ro
     assert all(len(streams) == fetch.DEEP_STREAMS for streams, _, _ in calls)
     assert len({streams[0] for streams, _, _ in calls}) == 3  # rotated
     assert all(set(streams) <= {f.streams[i] for i in range(10)} for streams, _, _ in calls)
+
+
+def test_a_cancel_message_is_timed_by_its_decision_in_microseconds() -> None:
+    """The cancel latency metric counts from `du` (server µs); a message from an earlier
+    version's script, without it, from its entry id's whole ms."""
+    assert cancel._decided_ms(b"1700000000123-0", {b"du": b"1700000000123456"}) == 1700000000123.456
+    assert cancel._decided_ms(b"1700000000123-0", {}) == 1700000000123
