@@ -144,7 +144,7 @@ async def publish_demo_events(redis: Redis, inbox: str, stop: asyncio.Event) -> 
 
 @dataclass(order=True, slots=True)
 class Transition:
-    at_ms: int
+    at_ms: float
     order: int  # ties keep the order they were found in
     text: str = field(compare=False)
 
@@ -158,7 +158,7 @@ def transitions(run: RunRecord, before: RunState | None) -> list[Transition]:
     out: list[Transition] = []
     head = f"{run.workflow:<16} key={run.key or '-':<8} {run.id:<24}"
 
-    def add(at: int | None, text: str) -> None:
+    def add(at: float | None, text: str) -> None:
         out.append(Transition(at or 0, next(_order), f"{head} {text}"))
 
     created, claimed = run.created_ms or 0, run.claimed_ms
@@ -176,11 +176,11 @@ def transitions(run: RunRecord, before: RunState | None) -> list[Transition]:
     if run.state is RunState.CANCELLED:
         if claimed and before is RunState.CANCELLING:
             decided = run.cancel_decided_ms or ended
-            add(ended, f"its handler stopped, {ended - decided} ms after the cancel")
+            add(ended, f"its handler stopped, {round(ended - decided)} ms after the cancel")
         elif claimed:  # at the decision; the handler stopped later
             decided = run.cancel_decided_ms or ended
             add(decided, f"cancelled while running: {why} (its handler stopped "
-                         f"{ended - decided} ms later)")  # fmt: skip
+                         f"{round(ended - decided)} ms later)")  # fmt: skip
         else:
             add(ended, f"cancelled while queued: {why}")
     elif run.state is RunState.FAILED:

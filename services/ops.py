@@ -464,7 +464,8 @@ def timeline(run: RunRecord) -> list[dict[str, Any]]:
         out.append({"at_ms": run.claimed_ms, "event": f"claimed by {run.executor or '?'}"})
     if run.cancel_decided_ms:
         by = f" by {run.cancelled_by}" if run.cancelled_by else ""
-        out.append({"at_ms": run.cancel_decided_ms, "event": f"cancel decided ({run.reason}){by}"})
+        decided = int(run.cancel_decided_ms)  # (the timeline is in whole ms, as tc was)
+        out.append({"at_ms": decided, "event": f"cancel decided ({run.reason}){by}"})
     if run.ended_ms:
         text = f"ended {run.state.name}"
         if run.cancelled_by and not run.cancel_decided_ms:

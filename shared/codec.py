@@ -2,7 +2,8 @@
 
 Payloads are read by Lua's cmsgpack, which predates msgpack's bin type, so everything is packed
 in the old format (bytes and str both as raw). Decoding turns raw into str and keeps bytes that
-are not UTF-8 reversible through surrogate escapes.
+are not UTF-8 reversible through surrogate escapes, and packing reverses them: a decoded record
+(whose `in` field holds the run's input, binary) packs back to the same bytes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import msgpack
 
-_packer = msgpack.Packer(use_bin_type=False)
+_packer = msgpack.Packer(use_bin_type=False, unicode_errors="surrogateescape")
 
 
 def pack(obj: Any) -> bytes:

@@ -290,3 +290,12 @@ def test_a_service_process_collects_cycles_less_often_and_skips_what_it_loaded()
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_a_decoded_payload_with_binary_values_packs_back_to_the_same_bytes() -> None:
+    """A run record holds its input (msgpack, binary) while it is live: decoding keeps the bytes
+    that are not UTF-8 as surrogate escapes, and packing turns them back."""
+    from supersede import codec
+
+    raw = codec.pack({"in": b"\x81\xa5\xff\xfe", "w": "wf"})
+    assert codec.pack(codec.unpack(raw)) == raw
