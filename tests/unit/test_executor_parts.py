@@ -76,8 +76,15 @@ async def test_an_assignment_whose_input_cannot_be_decoded_fails_its_run_alone()
     good = Claim("0-good", True, 1, "wf", "v", pack_input({}, {}, "e", "1"), "k", "s", "R")
     assert runner.start(0, bad) is None
     assert runner.start(0, good) is not None
+    from prometheus_client import REGISTRY
+
+    def busy() -> float | None:  # (read when scraped, not set per start and end)
+        return REGISTRY.get_sample_value("supersede_executor_busy_slots")
+
+    assert busy() == len(runner.active) == 2  # (the bad one too, until reported)
     while runner.active:
         await asyncio.sleep(0.01)
+    assert busy() == 0
     outcomes = {r.run_id: (r.outcome, r.error) for r in written}
     assert outcomes["0-good"] == (Outcome.SUCCEEDED, "")
     assert outcomes["0-bad"][0] is Outcome.FAILED
