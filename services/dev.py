@@ -144,8 +144,9 @@ async def publish_demo_events(redis: Redis, inbox: str, stop: asyncio.Event) -> 
 
 @dataclass(order=True, slots=True)
 class Transition:
-    at_ms: float
-    order: int  # ties keep the order they were found in
+    at_ms: int  # whole ms, as every other point of a record is kept
+    rank: int  # in the same ms, a cancel decision comes before the start it made room for
+    order: int  # other ties keep the order they were found in
     text: str = field(compare=False)
 
 
@@ -158,8 +159,8 @@ def transitions(run: RunRecord, before: RunState | None) -> list[Transition]:
     out: list[Transition] = []
     head = f"{run.workflow:<16} key={run.key or '-':<8} {run.id:<24}"
 
-    def add(at: float | None, text: str) -> None:
-        out.append(Transition(at or 0, next(_order), f"{head} {text}"))
+    def add(at: float | None, text: str, rank: int = 1) -> None:
+        out.append(Transition(int(at or 0), rank, next(_order), f"{head} {text}"))
 
     created, claimed = run.created_ms or 0, run.claimed_ms
     if before is None and run.state is RunState.QUEUED:
@@ -169,18 +170,18 @@ def transitions(run: RunRecord, before: RunState | None) -> list[Transition]:
     why = f"superseded by {run.cancelled_by}" if run.cancelled_by else (run.reason or "")
     if run.state is RunState.CANCELLING and before is not RunState.CANCELLING:
         # seen while its handler is still stopping: say so now, at the decision
-        add(run.cancel_decided_ms, f"cancelled while running: {why} (stopping its handler)")
+        add(run.cancel_decided_ms, f"cancelled while running: {why} (stopping its handler)", 0)
     if not run.state.terminal:
         return out
     ended = run.ended_ms or claimed or created
     if run.state is RunState.CANCELLED:
         if claimed and before is RunState.CANCELLING:
             decided = run.cancel_decided_ms or ended
-            add(ended, f"its handler stopped, {round(ended - decided)} ms after the cancel")
+            add(ended, f"its handler stopped, {_ms_after(decided, ended)} ms after the cancel")
         elif claimed:  # at the decision; the handler stopped later
             decided = run.cancel_decided_ms or ended
             add(decided, f"cancelled while running: {why} (its handler stopped "
-                         f"{round(ended - decided)} ms later)")  # fmt: skip
+                         f"{_ms_after(decided, ended)} ms later)", 0)  # fmt: skip
         else:
             add(ended, f"cancelled while queued: {why}")
     elif run.state is RunState.FAILED:
@@ -188,6 +189,12 @@ def transitions(run: RunRecord, before: RunState | None) -> list[Transition]:
     else:
         add(ended, "succeeded")
     return out
+
+
+def _ms_after(decided: float, ended: int) -> int:
+    """Whole ms from a cancel decision (µs) to its handler's end (whole ms, so up to 1 ms of
+    rounding could make it negative)."""
+    return max(0, round(ended - decided))
 
 
 async def watch(

@@ -205,7 +205,9 @@ def tune_gc() -> None:
     collected every 10,000 net allocations instead of 700. Each run allocates a task, futures
     and dicts, so the default collected every few runs; GC callbacks timed 0.1 to 0.3 s of
     collections per process over 42,000 no-op runs before, 0.003 to 0.05 s after (bench.cpu_split;
-    about 5% of each service's CPU)."""
+    about 5% of each service's CPU). Garbage from start-up is collected first, so none of it is
+    frozen for the life of the process."""
+    gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_THRESHOLD0, gen1, gen2)

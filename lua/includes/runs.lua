@@ -22,7 +22,8 @@
 local runCache, runDirty = {}, {}
 -- Inputs up to this size live in the run's record while it is live (the inputs hash holds
 -- longer ones): an HSET at admission, an HMGET at the claim and an HDEL at the end spared,
--- about 5 µs of server CPU per run; past it, each script that changes the record would copy it.
+-- about 2 µs of server CPU per run (docs/benchmarks.md); past it, each script that changes
+-- the record would copy it.
 local INLINE_INPUT_BYTES = 1024
 local slotCache, slotDirty = {}, {}
 local endedBy, endedOrder, endedAt, droppedInputs = {}, {}, 0, {}

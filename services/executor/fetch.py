@@ -3,8 +3,10 @@
 An executor reads only the assignment streams of its own workflows, one per workflow in each
 shard, so a run is only ever delivered to an executor that has its workflow. How a read is made
 depends on the free slots and the backend:
-- the streams whose last read gave all it asked for ("hot": a backlog) are read first, in one
-  XREADGROUP, `free // hot` entries each; at least every 50 ms a read covers every stream
+- the streams whose last read gave all it asked for ("hot": a backlog) are read first: on one
+  server up to four of them, in rotation, one after the other in one take call, each asked for
+  all still wanted (a backlog fills the call from as few shards as it can); on a cluster in
+  one XREADGROUP, `free // hot` entries each. At least every 50 ms a read covers every stream
   instead, so a backlog in one stream never starves the others;
 - with a free slot per stream on one server, one XREADGROUP BLOCK over every stream both waits
   and reads (free // streams entries per stream at most), unless admit calls of this process
@@ -223,7 +225,7 @@ class Fetcher:
     async def _read(self, free: int, reread: bool) -> Reading:
         """At most `free` assignments: own pending ones when `reread`, else new ones (from the
         streams that had more at the last read first: a backlog in a few of many streams is
-        read in one round trip, `free // hot` entries each)."""
+        read in one round trip, see `_read_hot`)."""
         blocking = self._blocking(free)
         if reread:
             return Reading(await self._read_own(free))

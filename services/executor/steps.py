@@ -119,8 +119,8 @@ class Runner:
         self.tracer = tracer
         self.active: dict[str, Running] = {}
         # read when scraped (a set() per start and end took a lock each: 4% of a busy
-        # executor's CPU)
-        metrics.BUSY_SLOTS.set_function(lambda: len(self.active))
+        # executor's CPU); bound to the dict, so a runner that stopped is not kept alive by it
+        metrics.BUSY_SLOTS.set_function(self.active.__len__)
         self.awaiting: dict[str, Reported] = {}  # outcome written, not yet known to survive
         self.pool = ThreadPoolExecutor(max_workers=max(4, config.slots * 2))
         self.slot_freed = asyncio.Event()
