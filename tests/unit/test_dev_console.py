@@ -9,7 +9,9 @@ SEQ = f"{1_700_000_000_000:016x}0000000000000001"  # published at this epoch ms
 
 
 def _record(rid: str, **rec: object) -> RunRecord:
-    return RunRecord.from_map(rid, {"w": "chat", "k": "ada", "s": SEQ, "t0": 1_700_000_000_000, **rec})
+    return RunRecord.from_map(
+        rid, {"w": "chat", "k": "ada", "s": SEQ, "t0": 1_700_000_000_000, **rec}
+    )
 
 
 def test_a_cancel_decided_in_the_ms_its_successor_started_is_printed_first() -> None:
