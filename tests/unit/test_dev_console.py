@@ -22,8 +22,8 @@ def test_a_cancel_decided_in_the_ms_its_successor_started_is_printed_first() -> 
     new = _record("1-new", st=RunState.RUNNING.value, t2=1_700_000_000_920)
     lines = sorted(transitions(new, RunState.ASSIGNED) + transitions(old, RunState.RUNNING))
     texts = [t.text.split(None, 3)[3] for t in lines]
-    assert texts == ["cancelled while running: superseded by 1-new (its handler stopped 0 ms later)",
-                     "started"]  # fmt: skip
+    cancel = "cancelled while running: superseded by 1-new (its handler stopped 0 ms later)"
+    assert texts == [cancel, "started"]
 
 
 def test_a_handler_ended_within_the_ms_of_its_cancel_never_shows_a_negative_delay() -> None:
