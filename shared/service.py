@@ -181,6 +181,7 @@ def run_until_signal(
     """A service process: set up tracing (a bad OTEL_* setting is refused before anything
     else), serve /metrics, /healthz and /readyz on `metrics_port` (0: none), run main(stop),
     and set `stop` on SIGTERM or SIGINT so the service drains and exits 0."""
+    place_process()
     tracing.setup(service)
     metrics.serve(metrics_port, metrics_host)
 
@@ -194,6 +195,59 @@ def run_until_signal(
     tune_gc()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(until_signal())
+
+
+def place_process() -> None:
+    """SUPERSEDE_NICE (the process's niceness, -20 to 19) and SUPERSEDE_CPUS (the CPUs it may
+    run on, as `0,2` or `0-3`), when set: how an operator puts the services that carry the
+    latency ahead of other work on a shared host. A value that cannot be applied is refused
+    with one line naming the setting."""
+    nice = os.environ.get("SUPERSEDE_NICE", "").strip()
+    if nice:
+        try:
+            value = int(nice)
+        except ValueError:
+            raise ConfigError(f"SUPERSEDE_NICE must be an integer, not {nice!r}") from None
+        if not -20 <= value <= 19:
+            raise ConfigError(f"SUPERSEDE_NICE must be from -20 to 19, not {value}")
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, value)
+        except PermissionError:
+            raise ConfigError(
+                f"SUPERSEDE_NICE={value}: a niceness below the current one "
+                f"({os.getpriority(os.PRIO_PROCESS, 0)}) needs CAP_SYS_NICE"
+            ) from None
+    cpus = os.environ.get("SUPERSEDE_CPUS", "").strip()
+    if cpus:
+        wanted = parse_cpus(cpus)
+        allowed = os.sched_getaffinity(0)
+        if not wanted <= allowed:
+            raise ConfigError(
+                f"SUPERSEDE_CPUS={cpus}: CPUs {_cpu_list(wanted - allowed)} are not available "
+                f"to this process (it may use {_cpu_list(allowed)})"
+            )
+        os.sched_setaffinity(0, wanted)
+
+
+def parse_cpus(text: str) -> set[int]:
+    """`0,2` or `0-3` or both (`0-1,4`): the set of CPU numbers; ConfigError otherwise."""
+    out: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            lo, hi = int(first), int(last or first)
+        except ValueError:
+            raise ConfigError(
+                f"SUPERSEDE_CPUS must list CPU numbers and ranges such as 0,2 or 0-3, not {text!r}"
+            ) from None
+        if lo < 0 or hi < lo:
+            raise ConfigError(f"SUPERSEDE_CPUS: {part.strip()!r} is not a range of CPU numbers")
+        out.update(range(lo, hi + 1))
+    return out
+
+
+def _cpu_list(cpus: set[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
 
 
 GC_THRESHOLD0 = 10_000  # allocations between two collections of the youngest generation

@@ -299,3 +299,13 @@ def test_a_decoded_payload_with_binary_values_packs_back_to_the_same_bytes() -> 
 
     raw = codec.pack({"in": b"\x81\xa5\xff\xfe", "w": "wf"})
     assert codec.pack(codec.unpack(raw)) == raw
+
+
+def test_cpu_lists_read_as_numbers_and_ranges() -> None:
+    from supersede.service import parse_cpus
+
+    assert parse_cpus("0") == {0}
+    assert parse_cpus("0-2, 5") == {0, 1, 2, 5}
+    for bad in ("", "a", "3-1", "-1", "0,,1"):
+        with pytest.raises(ConfigError, match="SUPERSEDE_CPUS"):
+            parse_cpus(bad)
