@@ -15,7 +15,7 @@ from supersede.acl import ROLE_NAMES as ACL_ROLES
 from supersede.config import DEFAULT_METRICS_HOST, Settings, check_server, connect
 from supersede.errors import ConfigError, SupersedeError
 from supersede.protocol import RunState
-from supersede.service import run_until_signal
+from supersede.service import place_process, run_until_signal
 from supersede.services.modules import load_workflows
 
 log = logging.getLogger("supersede")
@@ -273,7 +273,9 @@ ENVIRONMENT = """environment:
 SERVICE_ENVIRONMENT = (
     ENVIRONMENT
     + """
-  SUPERSEDE_METRICS_HOST  address of /metrics, /healthz, /readyz (default 0.0.0.0)"""
+  SUPERSEDE_METRICS_HOST  address of /metrics, /healthz, /readyz (default 0.0.0.0)
+  SUPERSEDE_NICE          the process's niceness, -20 to 19 (default: unchanged)
+  SUPERSEDE_CPUS          the CPUs it may run on, as 0,2 or 0-3 (default: unchanged)"""
 )
 
 
@@ -566,6 +568,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logs.setup(args.log_level)
     try:
+        if args.func in (_admission, _ingress, _executor, _serve):
+            place_process()  # (first: before a workflow module imported later starts a thread)
+        elif args.func is _dev:
+            place_process(apply=False)  # (its services apply them)
         settings = Settings.from_env()
         args.func(args, settings)
     except ConfigError as exc:

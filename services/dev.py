@@ -144,9 +144,8 @@ async def publish_demo_events(redis: Redis, inbox: str, stop: asyncio.Event) -> 
 
 @dataclass(order=True, slots=True)
 class Transition:
-    at_ms: int  # whole ms, as every other point of a record is kept
-    rank: int  # in the same ms, a cancel decision comes before the start it made room for
-    order: int  # other ties keep the order they were found in
+    at_ms: float  # epoch ms, with the µs in the fraction where the record has them
+    order: int  # ties keep the order they were found in
     text: str = field(compare=False)
 
 
@@ -155,14 +154,19 @@ _order = itertools.count()
 
 def transitions(run: RunRecord, before: RunState | None) -> list[Transition]:
     """What changed in `run` since it was seen in state `before`, each at the time it happened
-    (from the record's timestamps, so lines can be put in the order things happened)."""
+    (from the record's timestamps, so lines can be put in the order things happened). The
+    claim and a cancel's decision are server µs, so a cancel sorts before the start of the run
+    that superseded it; an end (whole ms) is placed no earlier than the run's own claim and
+    cancel, so a run's lines keep their order within one ms."""
     out: list[Transition] = []
     head = f"{run.workflow:<16} key={run.key or '-':<8} {run.id:<24}"
 
-    def add(at: float | None, text: str, rank: int = 1) -> None:
-        out.append(Transition(int(at or 0), rank, next(_order), f"{head} {text}"))
+    def add(at: float | None, text: str) -> None:
+        out.append(Transition(at or 0, next(_order), f"{head} {text}"))
 
-    created, claimed = run.created_ms or 0, run.claimed_ms
+    created = run.created_ms or 0
+    claimed = dict(run.path()).get("claimed") or run.claimed_ms
+    decided = run.cancel_decided_ms
     if before is None and run.state is RunState.QUEUED:
         add(created, "queued: its key is full")
     if claimed and before in (None, RunState.QUEUED, RunState.ASSIGNED):
@@ -170,18 +174,18 @@ def transitions(run: RunRecord, before: RunState | None) -> list[Transition]:
     why = f"superseded by {run.cancelled_by}" if run.cancelled_by else (run.reason or "")
     if run.state is RunState.CANCELLING and before is not RunState.CANCELLING:
         # seen while its handler is still stopping: say so now, at the decision
-        add(run.cancel_decided_ms, f"cancelled while running: {why} (stopping its handler)", 0)
+        add(decided, f"cancelled while running: {why} (stopping its handler)")
     if not run.state.terminal:
         return out
-    ended = run.ended_ms or claimed or created
+    ended = max(run.ended_ms or claimed or created, claimed or 0, decided or 0)
     if run.state is RunState.CANCELLED:
         if claimed and before is RunState.CANCELLING:
-            decided = run.cancel_decided_ms or ended
-            add(ended, f"its handler stopped, {_ms_after(decided, ended)} ms after the cancel")
+            add(ended, f"its handler stopped, {_ms_after(decided or ended, ended)} ms after the "
+                       "cancel")  # fmt: skip
         elif claimed:  # at the decision; the handler stopped later
-            decided = run.cancel_decided_ms or ended
-            add(decided, f"cancelled while running: {why} (its handler stopped "
-                         f"{_ms_after(decided, ended)} ms later)", 0)  # fmt: skip
+            at = decided or ended
+            add(at, f"cancelled while running: {why} (its handler stopped "
+                    f"{_ms_after(at, ended)} ms later)")  # fmt: skip
         else:
             add(ended, f"cancelled while queued: {why}")
     elif run.state is RunState.FAILED:
@@ -191,9 +195,8 @@ def transitions(run: RunRecord, before: RunState | None) -> list[Transition]:
     return out
 
 
-def _ms_after(decided: float, ended: int) -> int:
-    """Whole ms from a cancel decision (µs) to its handler's end (whole ms, so up to 1 ms of
-    rounding could make it negative)."""
+def _ms_after(decided: float, ended: float) -> int:
+    """Whole ms from a cancel decision to its handler's end."""
     return max(0, round(ended - decided))
 
 

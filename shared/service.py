@@ -178,10 +178,10 @@ def run_until_signal(
     *,
     service: str = "service",
 ) -> None:
-    """A service process: set up tracing (a bad OTEL_* setting is refused before anything
-    else), serve /metrics, /healthz and /readyz on `metrics_port` (0: none), run main(stop),
+    """A service process (placed by `place_process` before the command imported anything):
+    set up tracing (a bad OTEL_* setting is refused before the metrics port or the server are
+    touched), serve /metrics, /healthz and /readyz on `metrics_port` (0: none), run main(stop),
     and set `stop` on SIGTERM or SIGINT so the service drains and exits 0."""
-    place_process()
     tracing.setup(service)
     metrics.serve(metrics_port, metrics_host)
 
@@ -197,11 +197,19 @@ def run_until_signal(
         runner.run(until_signal())
 
 
-def place_process() -> None:
+PLACEMENT = ("SUPERSEDE_NICE", "SUPERSEDE_CPUS")
+"""The settings `place_process` reads (the service commands and `supersede dev` check them)."""
+
+MAX_CPU = 1 << 16  # (a range past it is a typo, and would be a set of that many numbers)
+
+
+def place_process(*, apply: bool = True) -> None:
     """SUPERSEDE_NICE (the process's niceness, -20 to 19) and SUPERSEDE_CPUS (the CPUs it may
     run on, as `0,2` or `0-3`), when set: how an operator puts the services that carry the
-    latency ahead of other work on a shared host. A value that cannot be applied is refused
-    with one line naming the setting."""
+    latency ahead of other work on a shared host. Applied to the calling thread, so a service
+    command calls it first, before any module it imports can start a thread (threads started
+    later inherit both). A value that cannot be applied is refused with one line naming the
+    setting; `apply=False` only checks (`supersede dev`, whose services apply them)."""
     nice = os.environ.get("SUPERSEDE_NICE", "").strip()
     if nice:
         try:
@@ -210,23 +218,30 @@ def place_process() -> None:
             raise ConfigError(f"SUPERSEDE_NICE must be an integer, not {nice!r}") from None
         if not -20 <= value <= 19:
             raise ConfigError(f"SUPERSEDE_NICE must be from -20 to 19, not {value}")
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, value)
-        except PermissionError:
-            raise ConfigError(
-                f"SUPERSEDE_NICE={value}: a niceness below the current one "
-                f"({os.getpriority(os.PRIO_PROCESS, 0)}) needs CAP_SYS_NICE"
-            ) from None
+        if not hasattr(os, "setpriority"):
+            raise ConfigError("SUPERSEDE_NICE is not supported on this platform")
+        current = os.getpriority(os.PRIO_PROCESS, 0)
+        if apply:
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, value)
+            except PermissionError:
+                raise ConfigError(
+                    f"SUPERSEDE_NICE={value}: a niceness below the current one ({current}) "
+                    "needs CAP_SYS_NICE or a RLIMIT_NICE that allows it (ulimit -e)"
+                ) from None
     cpus = os.environ.get("SUPERSEDE_CPUS", "").strip()
     if cpus:
         wanted = parse_cpus(cpus)
+        if not hasattr(os, "sched_setaffinity"):
+            raise ConfigError("SUPERSEDE_CPUS is not supported on this platform")
         allowed = os.sched_getaffinity(0)
         if not wanted <= allowed:
             raise ConfigError(
-                f"SUPERSEDE_CPUS={cpus}: CPUs {_cpu_list(wanted - allowed)} are not available "
-                f"to this process (it may use {_cpu_list(allowed)})"
+                f"SUPERSEDE_CPUS={cpus}: CPUs {cpu_list(wanted - allowed)} are not available "
+                f"to this process (it may use {cpu_list(allowed)})"
             )
-        os.sched_setaffinity(0, wanted)
+        if apply:
+            os.sched_setaffinity(0, wanted)
 
 
 def parse_cpus(text: str) -> set[int]:
@@ -240,14 +255,21 @@ def parse_cpus(text: str) -> set[int]:
             raise ConfigError(
                 f"SUPERSEDE_CPUS must list CPU numbers and ranges such as 0,2 or 0-3, not {text!r}"
             ) from None
-        if lo < 0 or hi < lo:
+        if hi < lo or hi >= MAX_CPU:
             raise ConfigError(f"SUPERSEDE_CPUS: {part.strip()!r} is not a range of CPU numbers")
         out.update(range(lo, hi + 1))
     return out
 
 
-def _cpu_list(cpus: set[int]) -> str:
-    return ",".join(str(c) for c in sorted(cpus))
+def cpu_list(cpus: set[int]) -> str:
+    """`{0, 1, 2, 5}` as `0-2,5`."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and runs[-1][1] == cpu - 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
 
 
 GC_THRESHOLD0 = 10_000  # allocations between two collections of the youngest generation

@@ -5,8 +5,9 @@ shard, so a run is only ever delivered to an executor that has its workflow. How
 depends on the free slots and the backend:
 - the streams whose last read gave all it asked for ("hot": a backlog) are read first: on one
   server up to four of them, in rotation, one after the other in one take call, each asked for
-  all still wanted (a backlog fills the call from as few shards as it can); on a cluster in
-  one XREADGROUP, `free // hot` entries each. At least every 50 ms a read covers every stream
+  all still wanted (a backlog fills the call from as few shards as it can); on a cluster one
+  XREADGROUP per batch of them, the entries still wanted shared out over its streams. At least
+  every 50 ms a read covers every stream
   instead, so a backlog in one stream never starves the others;
 - with a free slot per stream on one server, one XREADGROUP BLOCK over every stream both waits
   and reads (free // streams entries per stream at most), unless admit calls of this process

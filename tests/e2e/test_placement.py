@@ -1,19 +1,24 @@
 """Process placement (issue 16, item 3): a service runs at the niceness and on the CPUs its
-SUPERSEDE_NICE and SUPERSEDE_CPUS give it, and a value it cannot apply is one line naming the
-setting."""
+SUPERSEDE_NICE and SUPERSEDE_CPUS give it, every thread of it, and a value it cannot apply is
+one line naming the setting."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from supersede.errors import ConfigError
 from supersede.server import EmbeddedServer, die_with_parent
+from supersede.service import cpu_list, place_process
+from tests.support import REPO
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
 
 
 @pytest.fixture(scope="module")
@@ -30,35 +35,52 @@ def _env(url: str, **extra: str) -> dict[str, str]:
     return {**env, "SUPERSEDE_REDIS_URL": url, "SUPERSEDE_NAMESPACE": "placed", **extra}
 
 
-def _niceness(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[16])  # (field 19 of the whole line)
+def _threads(pid: int) -> list[int]:
+    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
 def test_a_service_runs_at_the_niceness_and_on_the_cpus_it_was_given(url: str) -> None:
+    # (a workflow module that starts a thread at import: it is placed too)
     cpu = min(os.sched_getaffinity(0))
-    env = _env(url, SUPERSEDE_NICE="7", SUPERSEDE_CPUS=str(cpu))
-    cmd = [sys.executable, "-m", "supersede", "admission", "--metrics-port", "0"]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
+    nice = min(19, max(7, os.getpriority(os.PRIO_PROCESS, 0) + 1))
+    env = _env(url, SUPERSEDE_NICE=str(nice), SUPERSEDE_CPUS=str(cpu))
+    cmd = [sys.executable, "-m", "supersede", "executor", "tests.support.apps.threaded",
+           "--metrics-port", "0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE,
+                            preexec_fn=die_with_parent)  # fmt: skip
     try:
         assert proc.stderr
         lines = []
         for line in proc.stderr:
             lines.append(line.decode())
-            if "admission started" in lines[-1]:
+            if "executor started" in lines[-1]:
                 break
         else:
             raise AssertionError("".join(lines)[-2000:])
-        assert _niceness(proc.pid) == 7
-        assert os.sched_getaffinity(proc.pid) == {cpu}
+        threads = _threads(proc.pid)
+        assert len(threads) > 1
+        assert {os.getpriority(os.PRIO_PROCESS, tid) for tid in threads} == {nice}
+        assert all(os.sched_getaffinity(tid) == {cpu} for tid in threads)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
     finally:
         proc.kill()
         proc.wait(10)
         if proc.stderr:
             proc.stderr.close()
+
+
+def test_a_placement_that_cannot_be_applied_stops_the_service_in_one_line(url: str) -> None:
+    bad = str(max(os.sched_getaffinity(0)) + 1)
+    cmd = [sys.executable, "-m", "supersede", "ingress", "--metrics-port", "0"]
+    for command in (cmd, [sys.executable, "-m", "supersede", "dev", "--duration", "1"]):
+        done = subprocess.run(command, env=_env(url, SUPERSEDE_CPUS=bad), capture_output=True,
+                              timeout=60)  # fmt: skip
+        err = done.stderr.decode()
+        assert done.returncode == 2, err[-2000:]
+        assert err.strip().splitlines()[-1].startswith(f"supersede: SUPERSEDE_CPUS={bad}: CPUs")
+        assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -67,15 +89,28 @@ def test_a_service_runs_at_the_niceness_and_on_the_cpus_it_was_given(url: str) -
         ("SUPERSEDE_NICE", "fast", "SUPERSEDE_NICE must be an integer"),
         ("SUPERSEDE_NICE", "40", "SUPERSEDE_NICE must be from -20 to 19"),
         ("SUPERSEDE_CPUS", "0-x", "SUPERSEDE_CPUS must list CPU numbers"),
-        ("SUPERSEDE_CPUS", "4096", "SUPERSEDE_CPUS=4096: CPUs 4096 are not available"),
+        ("SUPERSEDE_CPUS", "0-99999999999", "SUPERSEDE_CPUS: '0-99999999999' is not a range"),
     ],
 )
-def test_a_placement_that_cannot_be_applied_is_one_line_naming_the_setting(
-    url: str, setting: str, value: str, says: str
+def test_a_bad_placement_value_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch, setting: str, value: str, says: str
 ) -> None:
-    cmd = [sys.executable, "-m", "supersede", "ingress", "--metrics-port", "0"]
-    done = subprocess.run(cmd, env=_env(url, **{setting: value}), capture_output=True, timeout=60)
-    err = done.stderr.decode()
-    assert done.returncode == 2, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith(f"supersede: {says}")
-    assert "Traceback" not in err
+    monkeypatch.setenv(setting, value)
+    with pytest.raises(ConfigError, match=f"^{re.escape(says)}"):
+        place_process(apply=False)
+
+
+def test_a_niceness_below_the_current_one_without_the_right_names_what_allows_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(*_: int) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    monkeypatch.setenv("SUPERSEDE_NICE", "-5")
+    with pytest.raises(ConfigError, match=r"SUPERSEDE_NICE=-5: .*CAP_SYS_NICE.*RLIMIT_NICE"):
+        place_process()
+
+
+def test_cpu_lists_print_as_ranges() -> None:
+    assert cpu_list({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"

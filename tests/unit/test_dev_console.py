@@ -3,32 +3,44 @@
 from __future__ import annotations
 
 from supersede.protocol import RunRecord, RunState
-from supersede.services.dev import transitions
+from supersede.services.dev import Transition, transitions
 
-SEQ = f"{1_700_000_000_000:016x}0000000000000001"  # published at this epoch ms
+PUBLISHED = 1_700_000_000_000
+SEQ = f"{PUBLISHED:016x}0000000000000001"  # published at this epoch ms
 
 
 def _record(rid: str, **rec: object) -> RunRecord:
-    return RunRecord.from_map(
-        rid, {"w": "chat", "k": "ada", "s": SEQ, "t0": 1_700_000_000_000, **rec}
-    )
+    return RunRecord.from_map(rid, {"w": "chat", "k": "ada", "s": SEQ, "t0": PUBLISHED, **rec})
+
+
+def _texts(lines: list[Transition]) -> list[str]:
+    return [t.text.split(None, 3)[3] for t in sorted(lines)]
 
 
 def test_a_cancel_decided_in_the_ms_its_successor_started_is_printed_first() -> None:
-    # the decision is timed in µs (920.6 ms after publish), the successor's claim in whole ms
-    # (920): the cancel made room for the start, so it comes first in the console
-    old = _record("1-old", st=RunState.CANCELLED.value, t2=1_700_000_000_100, px=920_600,
-                  t3=1_700_000_000_921, by="1-new")  # fmt: skip
-    new = _record("1-new", st=RunState.RUNNING.value, t2=1_700_000_000_920)
-    lines = sorted(transitions(new, RunState.ASSIGNED) + transitions(old, RunState.RUNNING))
-    texts = [t.text.split(None, 3)[3] for t in lines]
+    # both server µs after the publish: decided at 920.6 ms, the successor claimed at 920.9
+    old = _record("1-old", st=RunState.CANCELLED.value, pc=100_000, px=920_600,
+                  t3=PUBLISHED + 921, by="1-new")  # fmt: skip
+    new = _record("1-new", st=RunState.RUNNING.value, pc=920_900)
+    lines = transitions(new, RunState.ASSIGNED) + transitions(old, RunState.RUNNING)
     cancel = "cancelled while running: superseded by 1-new (its handler stopped 0 ms later)"
-    assert texts == [cancel, "started"]
+    assert _texts(lines) == [cancel, "started"]
+
+
+def test_a_run_claimed_and_ended_within_one_ms_prints_its_start_first() -> None:
+    cancelled = _record("1-a", st=RunState.CANCELLED.value, pc=920_300, px=920_600,
+                        t3=PUBLISHED + 920, by="1-b")  # fmt: skip
+    assert _texts(transitions(cancelled, RunState.ASSIGNED)) == [
+        "started", "cancelled while running: superseded by 1-b (its handler stopped 0 ms later)"
+    ]  # fmt: skip
+    # (the end is whole ms, 920, before the claim's 920.3)
+    done = _record("1-c", st=RunState.SUCCEEDED.value, pc=920_300, t3=PUBLISHED + 920)
+    assert _texts(transitions(done, RunState.ASSIGNED)) == ["started", "succeeded"]
 
 
 def test_a_handler_ended_within_the_ms_of_its_cancel_never_shows_a_negative_delay() -> None:
     # ended at 920 ms (whole), decided at 920.6 ms: rounding alone would say -1 ms
-    run = _record("1-a", st=RunState.CANCELLED.value, t2=1_700_000_000_100, px=920_600,
-                  t3=1_700_000_000_920, by="1-b")  # fmt: skip
+    run = _record("1-a", st=RunState.CANCELLED.value, pc=100_000, px=920_600,
+                  t3=PUBLISHED + 920, by="1-b")  # fmt: skip
     (line,) = transitions(run, RunState.CANCELLING)
     assert line.text.endswith("its handler stopped, 0 ms after the cancel")
