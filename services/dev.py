@@ -152,7 +152,9 @@ class Transition:
 _order = itertools.count()
 
 
-def transitions(run: RunRecord, before: RunState | None) -> list[Transition]:
+def transitions(
+    run: RunRecord, before: RunState | None, *, debounced: bool = False
+) -> list[Transition]:
     """What changed in `run` since it was seen in state `before`, each at the time it happened
     (from the record's timestamps, so lines can be put in the order things happened). The
     claim and a cancel's decision are server µs, so a cancel sorts before the start of the run
@@ -168,7 +170,8 @@ def transitions(run: RunRecord, before: RunState | None) -> list[Transition]:
     claimed = dict(run.path()).get("claimed") or run.claimed_ms
     decided = run.cancel_decided_ms
     if before is None and run.state is RunState.QUEUED:
-        add(created, "queued: its key is full")
+        add(created, "queued: waiting out its debounce window" if debounced
+                     else "queued: its key is full")  # fmt: skip
     if claimed and before in (None, RunState.QUEUED, RunState.ASSIGNED):
         add(claimed, "started")
     why = f"superseded by {run.cancelled_by}" if run.cancelled_by else (run.reason or "")
@@ -201,11 +204,16 @@ def _ms_after(decided: float, ended: float) -> int:
 
 
 async def watch(
-    redis: Redis, settings: Settings, stop: asyncio.Event, t0_ms: int
+    redis: Redis,
+    settings: Settings,
+    stop: asyncio.Event,
+    t0_ms: int,
+    debounced: frozenset[str] = frozenset(),
 ) -> dict[tuple[str, str], Counter[str]]:
     """Print each run's transitions in the order they happened (held back half a second, so a
     later poll cannot bring an earlier one); once `stop` is set, up to 3 s more for the runs in
-    flight to end. Returns the final state counts per (workflow, key)."""
+    flight to end. `debounced`: the workflows whose new runs wait out a debounce window.
+    Returns the final state counts per (workflow, key)."""
     seen: dict[str, RunState] = {}
     held: list[Transition] = []
     latest: dict[str, RunRecord] = {}
@@ -217,7 +225,8 @@ async def watch(
                 run = RunRecord.decode(rid, raw)
                 latest[run.id] = run
                 if seen.get(run.id) != run.state:
-                    held += transitions(run, seen.get(run.id))
+                    held += transitions(run, seen.get(run.id),
+                                        debounced=run.workflow in debounced)  # fmt: skip
                     seen[run.id] = run.state
         if stop.is_set() and settle_until is None:
             settle_until = time.monotonic() + 3  # runs in flight may still end
@@ -322,7 +331,8 @@ async def run(
             tasks.append(
                 asyncio.create_task(publish_demo_events(redis, settings.keys.events_stream, stop))
             )
-        outcomes = await watch(redis, settings, stop, t0_ms)
+        debounced = frozenset(d.id for d in defs if d.concurrency and d.concurrency.debounce_ms)
+        outcomes = await watch(redis, settings, stop, t0_ms, debounced)
         await asyncio.gather(*tasks)
         print_outcomes(outcomes)
         return 0

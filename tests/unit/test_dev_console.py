@@ -44,3 +44,11 @@ def test_a_handler_ended_within_the_ms_of_its_cancel_never_shows_a_negative_dela
                   t3=PUBLISHED + 920, by="1-b")  # fmt: skip
     (line,) = transitions(run, RunState.CANCELLING)
     assert line.text.endswith("its handler stopped, 0 ms after the cancel")
+
+
+def test_a_new_run_of_a_debounced_workflow_is_said_to_wait_out_its_window() -> None:
+    waiting = _record("1-d", st=RunState.QUEUED.value)
+    assert _texts(transitions(waiting, None, debounced=True)) == [
+        "queued: waiting out its debounce window"
+    ]
+    assert _texts(transitions(waiting, None)) == ["queued: its key is full"]
