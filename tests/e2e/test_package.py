@@ -64,7 +64,14 @@ def test_the_wheel_adds_only_supersede_and_runs_an_app_with_its_own_shared_packa
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(src))
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(src)],
+        capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr.decode()[-3000:]
+    # every folder it ships is a listed package (setuptools warns of the others, to a newcomer's
+    # alarm, and means to stop shipping them)
+    assert b"is absent from the `packages` configuration" not in build.stderr
     (wheel,) = dist.glob("supersede-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
@@ -72,6 +79,7 @@ def test_the_wheel_adds_only_supersede_and_runs_an_app_with_its_own_shared_packa
     assert tops == {"supersede"}
     assert "supersede/lua/admit.lua" in names and "supersede/lua/includes/runs.lua" in names
     assert "supersede/py.typed" in names
+    assert "supersede/services/ui/static/ui.css" in names  # (the dashboard's data files)
 
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", str(venv))
