@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from supersede import __version__, logs
 from supersede.acl import ROLE_NAMES as ACL_ROLES
@@ -239,9 +240,23 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
             from supersede.services.render import render
 
             print(render(args.command, result, replay=bool(getattr(args, "replay", None))))
-        return 0
+        return _waited_exit(args, result)
 
     sys.exit(asyncio.run(main()))
+
+
+WAIT_FAILED, WAIT_CANCELLED = 4, 5  # `publish --wait`'s exit codes when not every run succeeded
+
+
+def _waited_exit(args: argparse.Namespace, result: Any) -> int:
+    """`publish --wait`: 0 when every run it made succeeded, WAIT_FAILED when one failed, else
+    WAIT_CANCELLED when one was cancelled (superseded, or by hand); other commands 0."""
+    if args.command != "publish" or not args.wait:
+        return 0
+    states = {row["state"] for row in result["runs"]}
+    if "FAILED" in states:
+        return WAIT_FAILED
+    return WAIT_CANCELLED if "CANCELLED" in states else 0
 
 
 METRICS_HOST_HELP = (
@@ -448,7 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("data", help="a JSON object")
     pub.add_argument("--id", default=None, help="idempotency key (default: the entry id)")
     pub.add_argument(
-        "--wait", action="store_true", help="wait until the event's runs ended; print outcomes"
+        "--wait",
+        action="store_true",
+        help="wait until the event's runs ended; print outcomes; exit 0 when every run "
+        f"succeeded, {WAIT_FAILED} when one failed, {WAIT_CANCELLED} when one was cancelled",
     )
     pub.add_argument(
         "--timeout", type=float, default=60.0, help="seconds --wait waits (default 60)"

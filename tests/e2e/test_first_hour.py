@@ -241,7 +241,7 @@ async def test_the_cli_fits_the_terminal_and_says_what_publish_did(
     published = orjson.loads(done.stdout)
     [row] = published["runs"]
     assert row["workflow"] == "out-double" and row["state"] == "SUCCEEDED"
-    assert row["outputs"]["describe"] == "twice 2 is 4"
+    assert row["outputs"]["describe"] == "twice 2 is 4" and done.returncode == 0
     for i in range(3):  # runs with long keys, a cancelled one with its `by`
         data = orjson.dumps({"k": "k" * 40 + str(i % 2), "i": i, "sleep": 0.3}).decode()
         assert (await asyncio.to_thread(cli, "publish", "out.latest", data)).returncode == 0
@@ -269,6 +269,22 @@ async def test_the_cli_fits_the_terminal_and_says_what_publish_did(
     status = await asyncio.to_thread(_pty_run, ["status"], env, 80)
     assert all(len(line) <= 80 for line in status.splitlines()), status
     assert "1 per input.k, CANCEL_IN_PROGRESS" in status
+    # --wait's exit code says how the runs ended: a failed run (its output over the cap) ...
+    failed = await asyncio.to_thread(cli, "publish", "out.big", "{}", "--wait")
+    assert failed.returncode == 4 and b"FAILED" in failed.stdout, failed.stderr
+    # ... and a run superseded while it ran, by an event published once it was running
+    slow = orjson.dumps({"k": "waited", "i": 0, "sleep": 30}).decode()
+    waiting = asyncio.create_task(asyncio.to_thread(cli, "publish", "out.latest", slow, "--wait"))
+
+    async def running() -> bool:
+        rows = orjson.loads((await asyncio.to_thread(cli, "runs", "--json")).stdout)
+        return any(r["state"] == "RUNNING" and r["key"].startswith("waited") for r in rows)
+
+    await eventually(running, timeout=30)
+    newer = orjson.dumps({"k": "waited", "i": 1, "sleep": 0}).decode()
+    assert (await asyncio.to_thread(cli, "publish", "out.latest", newer)).returncode == 0
+    cancelled = await waiting
+    assert cancelled.returncode == 5 and b"CANCELLED" in cancelled.stdout, cancelled.stderr
 
 
 @pytest.mark.parametrize("command", ["runs", "publish", "executor", "admission", "dev", "acl"])
