@@ -317,7 +317,8 @@ async def run(
             # local process, and another terminal needs it to reach the server.
             print(f"  in another terminal:  export SUPERSEDE_REDIS_URL={settings.redis_url}")
         event, data = defs[0].events[0], example_input(defs[0])
-        print(f"  publish:  supersede publish {event} {shlex.quote(data)}")
+        fill = "" if specs == [DEMO] else "   (with the fields your handlers read)"
+        print(f"  publish:  supersede publish {event} {shlex.quote(data)}{fill}")
         cli = wheel_client_binary() or "redis-cli"
         print(f"  or with any Redis client:  {cli} -u \"$SUPERSEDE_REDIS_URL\" XADD "
               f"{settings.keys.events_stream} '*' name {event} data {shlex.quote(data)}",

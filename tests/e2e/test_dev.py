@@ -205,4 +205,7 @@ def test_dev_runs_several_modules_of_your_own_instead_of_the_demo(tmp_path: Path
     assert "flows_a: runs on a.happened; no limit" in out
     assert "flows_b: runs on b.happened; no limit" in out
     assert "demo-chat-reply" not in out  # no demo executors, no demo events
-    assert "publish:  supersede publish a.happened '{}'" in out
+    # (the hint knows the key's field, not what the handlers read: it says so)
+    assert (
+        "publish:  supersede publish a.happened '{}'   (with the fields your handlers read)" in out
+    )
