@@ -50,7 +50,7 @@ def sleep_process(ctx: Context) -> None:
     fields = _fields(ctx)
     stubborn = int(ctx.input.get("stubborn", 0))
     ledger.write("start", **fields)
-    held = _hold(str(ctx.key), ctx.run_id, fields)
+    held = _hold(str(ctx.key), f"{ctx.run_id} {ctx.attempt}", fields)
     if stubborn == 2:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
@@ -66,9 +66,10 @@ def sleep_process(ctx: Context) -> None:
         os.close(held)  # (after the end line: the next run of the key may start now)
 
 
-def _hold(key: str, run_id: str, fields: dict[str, object]) -> int:
-    """The key's lock file, locked (flock) with this run's id in it; an `overlap` line when
-    another run holds it (then the step goes on without it)."""
+def _hold(key: str, holder: str, fields: dict[str, object]) -> int:
+    """The key's lock file, locked (flock) with `holder` in it (`<run id> <attempt>`); an
+    `overlap` line naming the holder when another one holds it (then the step goes on without
+    it)."""
     folder = os.environ["CHAOS_LEDGER"] + ".locks"
     os.makedirs(folder, exist_ok=True)
     fd = os.open(os.path.join(folder, key), os.O_RDWR | os.O_CREAT, 0o644)
@@ -79,5 +80,5 @@ def _hold(key: str, run_id: str, fields: dict[str, object]) -> int:
         ledger.write("overlap", holder=holder, **fields)
         return fd
     os.ftruncate(fd, 0)
-    os.pwrite(fd, run_id.encode(), 0)
+    os.pwrite(fd, holder.encode(), 0)
     return fd

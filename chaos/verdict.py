@@ -303,9 +303,14 @@ def _overlaps(o: Observed) -> dict[str, int]:
     starts = _starts(o)
     explained = unexplained = 0
     for x in o.ledger:
-        if x["ev"] != "overlap" or x["holder"] == x["run"]:
+        # (the holder: `<run id> <attempt>`; the run id alone in ledgers written before)
+        holder, _, attempt = str(x.get("holder", "")).partition(" ")
+        if x["ev"] != "overlap" or holder == x["run"]:
             continue
-        before = [s for s in starts.get(x["holder"], []) if s["t"] <= x["t"]]
+        # the attempt that holds the lock: an earlier one may still run after its lease lapsed
+        # and the run was retried, so the latest start is not necessarily the holder
+        before = [s for s in starts.get(holder, []) if s["t"] <= x["t"]
+                  and (not attempt or str(s["attempt"]) == attempt)]  # fmt: skip
         if before and _explain(o, max(before, key=lambda s: s["t"]), x["t"]) is not None:
             explained += 1
         else:

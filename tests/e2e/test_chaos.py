@@ -114,6 +114,18 @@ def test_the_checks_of_the_newer_features_catch_each_violation() -> None:
     # ... nor where the holder's lease may have lapsed: its executor logged a late heartbeat
     lapsed = check(_observed(recs, [a, b, overlap, *ends], late={1: [(1.2, 1.4)]}, **pub))
     assert lapsed["proc_overlaps"] == 0 and lapsed["proc_overlaps_after_a_lease_lapse"] == 1
+    # ... nor where the holder is an earlier attempt still running after its lease lapsed (a
+    # server outage) and the run was retried: judged by that attempt, not the retry's start
+    retried = [_line("start", "p1", 1.0, wf="chaos-proc-a"),
+               _line("start", "p1", 2.3, pid=2, attempt=2, wf="chaos-proc-a"), b,
+               {**_line("overlap", "p2", 2.5, wf="chaos-proc-b"), "holder": "p1 1"},
+               _line("end", "p1", 2.6, wf="chaos-proc-a"),
+               _line("end", "p1", 2.7, pid=2, attempt=2, wf="chaos-proc-a"), ends[1]]  # fmt: skip
+    held = check(_observed(recs, retried, crashes=[(1.1, 2.2)], **pub))
+    assert held["proc_overlaps"] == 0 and held["proc_overlaps_after_a_lease_lapse"] == 1
+    # (the same history with the retry as the holder has nothing to explain it)
+    retried[3] = {**retried[3], "holder": "p1 2"}
+    assert check(_observed(recs, retried, crashes=[(1.1, 2.2)], **pub))["proc_overlaps"] == 1
     # ... and a step killed mid-way (no end line) is not judged by the ledger's times
     assert ok(check(_observed(recs, [a, b, ends[1]], **pub)))
     # a dynamic limit: the newest max_runs (the record's, 2) of a CANCEL_IN_PROGRESS group
