@@ -254,9 +254,9 @@ def _waited_exit(args: argparse.Namespace, result: Any) -> int:
     if args.command != "publish" or not args.wait:
         return 0
     states = {row["state"] for row in result["runs"]}
-    if "FAILED" in states:
+    if RunState.FAILED.name in states:
         return WAIT_FAILED
-    return WAIT_CANCELLED if "CANCELLED" in states else 0
+    return WAIT_CANCELLED if RunState.CANCELLED.name in states else 0
 
 
 METRICS_HOST_HELP = (

@@ -133,8 +133,8 @@ async def publish_demo_events(redis: Redis, inbox: str, stop: asyncio.Event) -> 
                 data = orjson.dumps({"userId": user, "text": f"message {n}"})
                 await redis.xadd(inbox, {"name": "chat.message", "data": data})
                 await asyncio.sleep(0.05)
+        saved = orjson.dumps({"docId": "readme"})
         for _ in range(3):  # three saves at once: two re-index, the third waits for a slot
-            saved = orjson.dumps({"docId": "readme"})
             await redis.xadd(inbox, {"name": "doc.saved", "data": saved})
         for i in range(4):  # typing: only the last edit of the burst is saved, after a pause
             edit = orjson.dumps({"docId": "readme", "text": f"draft {n}.{i}"})

@@ -197,9 +197,6 @@ def run_until_signal(
         runner.run(until_signal())
 
 
-PLACEMENT = ("SUPERSEDE_NICE", "SUPERSEDE_CPUS")
-"""The settings `place_process` reads (the service commands and `supersede dev` check them)."""
-
 MAX_CPU = 1 << 16  # (a range past it is a typo, and would be a set of that many numbers)
 
 
@@ -220,11 +217,11 @@ def place_process(*, apply: bool = True) -> None:
             raise ConfigError(f"SUPERSEDE_NICE must be from -20 to 19, not {value}")
         if not hasattr(os, "setpriority"):
             raise ConfigError("SUPERSEDE_NICE is not supported on this platform")
-        current = os.getpriority(os.PRIO_PROCESS, 0)
         if apply:
             try:
                 os.setpriority(os.PRIO_PROCESS, 0, value)
             except PermissionError:
+                current = os.getpriority(os.PRIO_PROCESS, 0)
                 raise ConfigError(
                     f"SUPERSEDE_NICE={value}: a niceness below the current one ({current}) "
                     "needs CAP_SYS_NICE or a RLIMIT_NICE that allows it (ulimit -e)"
