@@ -18,8 +18,14 @@ def _fields(ctx: Context) -> dict[str, object]:
     return {"run": ctx.run_id, "attempt": ctx.attempt, "wf": ctx.workflow, "key": ctx.key}
 
 
+def _started(ctx: Context) -> None:
+    """The start line, with when the attempt was claimed: its lease runs from the claim, and a
+    process-isolated step may start long after it (its worker is busy being spawned)."""
+    ledger.write("start", claimed=ctx.claimed_at, **_fields(ctx))
+
+
 async def sleep_async(ctx: Context) -> None:
-    ledger.write("start", **_fields(ctx))
+    _started(ctx)
     try:
         await asyncio.sleep(int(ctx.input["ms"]) / 1000)
     except asyncio.CancelledError:
@@ -29,7 +35,7 @@ async def sleep_async(ctx: Context) -> None:
 
 
 def sleep_sync(ctx: Context) -> None:
-    ledger.write("start", **_fields(ctx))
+    _started(ctx)
     deadline = time.monotonic() + int(ctx.input["ms"]) / 1000
     while time.monotonic() < deadline:
         if ctx.cancelled:
@@ -49,7 +55,7 @@ def sleep_process(ctx: Context) -> None:
     executing at once, whatever the clocks say."""
     fields = _fields(ctx)
     stubborn = int(ctx.input.get("stubborn", 0))
-    ledger.write("start", **fields)
+    _started(ctx)
     held = _hold(str(ctx.key), f"{ctx.run_id} {ctx.attempt}", fields)
     if stubborn == 2:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -192,14 +192,18 @@ def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict
 
 def _explain(o: Observed, start: dict[str, Any], until: float) -> str | None:
     """What may have made a handler's attempt (its start line, ended at `until`) lose its run:
-    a SIGKILL of its executor while it ran, a server outage while it ran long enough for its
-    lease to lapse, or its executor logging a late heartbeat while it ran; None: nothing."""
+    a SIGKILL of its executor while it held the attempt, a server outage then long enough for
+    its lease to lapse, or its executor logging a late heartbeat then; None: nothing. The
+    attempt is held from its claim (the start line's `claimed`; ledgers written before it have
+    only the start): a step in a worker process may start seconds after the claim, and the
+    lease may lapse in an outage that ended before the start line."""
+    since = min(start["t"], start.get("claimed") or start["t"])
     kill = o.kills.get(start["pid"])
-    if kill is not None and start["t"] <= kill <= until:
+    if kill is not None and since <= kill <= until:
         return "sigkill"
-    if any(a <= until and b >= start["t"] and b - a >= o.lease / 2 for a, b in o.crashes):
+    if any(a <= until and b >= since and b - a >= o.lease / 2 for a, b in o.crashes):
         return "server_crash"
-    if any(a <= until and b >= start["t"] for a, b in o.late.get(start["pid"], [])):
+    if any(a <= until and b >= since for a, b in o.late.get(start["pid"], [])):
         return "late_heartbeat"
     return None
 

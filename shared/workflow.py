@@ -112,6 +112,7 @@ class Context:
         loop: asyncio.AbstractEventLoop | None = None,
         fence: int = 0,
         current: Callable[[], Awaitable[bool]] | None = None,
+        claimed_at: float = 0.0,
     ) -> None:
         self.run_id = run_id
         self.workflow = workflow
@@ -124,6 +125,9 @@ class Context:
         # the run's fencing token: its sequence as an integer, monotonic per key, the same for
         # every attempt (supersede.fencing.set_if_newer guards a write with it)
         self.fence = fence
+        # when this executor claimed the attempt (epoch seconds, its clock): the attempt's lease
+        # runs from then, before the first step starts
+        self.claimed_at = claimed_at
         self._current = current
         self.outputs: dict[str, Any] = {}
         self._flag: _Flag = _Flag()

@@ -169,6 +169,7 @@ class Runner:
             loop=asyncio.get_running_loop(),
             fence=fence_of(claim.seq),
             current=current,
+            claimed_at=time.time(),
         )
         # A retry of a run whose earlier attempt's result waits here: that result is stale now.
         self.awaiting.pop(claim.run_id, None)
@@ -326,7 +327,7 @@ class Runner:
             "m": step.fn.__module__, "q": step.fn.__qualname__, "id": ctx.run_id,
             "w": ctx.workflow, "a": ctx.attempt, "in": ctx.input, "md": ctx.metadata,
             "ev": ctx.event, "ei": ctx.event_id, "k": ctx.key, "f": str(ctx.fence),
-            "o": ctx.outputs,
+            "o": ctx.outputs, "ca": ctx.claimed_at,
         }  # fmt: skip
         if run.fence_at is not None and self.keys is not None:
             shard, group = run.fence_at

@@ -76,6 +76,16 @@ def test_the_checks_pass_a_clean_history_and_catch_each_violation() -> None:
     assert short["started_twice_unexplained"] == 1
     long_ = check(_observed(recs, again, crashes=[(2.6, 3.9)]))
     assert long_["started_again_after_server_crash"] == 1
+    # ... nor by an outage that ended before the first attempt's start line, unless the attempt
+    # was claimed before it (a process-isolated step may start seconds after its claim; the
+    # lease runs from the claim)
+    slow = [*clean[:2], {**_line("start", "r2", 5.0), "claimed": 2.4},
+            _line("start", "r2", 5.05, attempt=2, pid=2)]  # fmt: skip
+    claimed = check(_observed(recs, slow, crashes=[(2.5, 4.0)]))
+    assert claimed["started_again_after_server_crash"] == 1
+    assert claimed["started_twice_unexplained"] == 0
+    unclaimed = [*slow[:2], {**slow[2], "claimed": 4.5}, slow[3]]
+    assert check(_observed(recs, unclaimed, crashes=[(2.5, 4.0)]))["started_twice_unexplained"] == 1
     # ... or by the first attempt's executor logging it renewed no lease for too long while
     # it ran (a starved process), but not by another executor's late heartbeat
     starved = check(_observed(recs, again, late={1: [(2.55, 2.75)]}))

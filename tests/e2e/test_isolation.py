@@ -13,6 +13,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from supersede.client import get_run
 from supersede.errors import DefinitionError
 from supersede.keys import Keys
 from supersede.workflow import Context, Workflow
@@ -114,6 +115,12 @@ async def test_a_polite_process_step_stops_at_its_flag_and_its_worker_serves_aga
     recs = await _recs(redis, keys)
     assert recs[rid]["st"] == "C" and not _gone(pid)
     assert sorted(r["st"] for r in recs.values()) == ["C", "C", "S", "S"]
+    # the worker's context says when the executor claimed the attempt: before the step ran
+    done = [r for r, rec in recs.items() if rec["st"] == "S" and rec.get("k") == "q"]
+    run = await get_run(redis, done[0], namespace=keys.namespace)
+    assert run is not None and run.created_ms is not None
+    out = run.outputs["polite"]
+    assert run.created_ms / 1000 - 1 < out["claimed_at"] <= out["at"]
     # a worker that dies while idle (OOM-killed, say) is replaced, and no run is lost with it
     os.kill(pid, signal.SIGKILL)
     for i in range(6):

@@ -46,7 +46,12 @@ def polite(ctx: Context) -> dict[str, object]:
             note("saw-flag", ctx.run_id)
             return {}
         time.sleep(0.005)
-    return {"pid": os.getpid(), "parent": ctx.parent("first") if ctx.outputs else None}
+    return {
+        "pid": os.getpid(),
+        "parent": ctx.parent("first") if ctx.outputs else None,
+        "claimed_at": ctx.claimed_at,
+        "at": time.time(),
+    }
 
 
 async def first(ctx: Context) -> dict[str, object]:
