@@ -130,19 +130,24 @@ for n = 1, #reqs do
   else
     -- (strict mode only when on, and no strategy for a run without a limit: a record's size
     -- decides its allocation class, so a field nobody reads costs more than its bytes)
+    -- (every field a live record may get is named here, nil or not: the constructor sizes
+    -- the table for them, so the fields set later cost no rehash)
+    local ev, input = q.ev or '', q['in'] or ''
+    local inline = #input <= INLINE_INPUT_BYTES
     local rec = {
-      st = 'Q', g = q.g, s = q.s, w = q.w, v = q.v, ev = q.ev or '',
+      st = 'Q', g = q.g, s = q.s, w = q.w, v = q.v, ev = ev,
       mx = q.max, sg = q.st, sx = q.x == 1 and 1 or nil, a = 1, m = q.m or 3, t0 = now, c = 1,
+      -- (a key equal to the event id, as every run of a workflow without a limit has, is not
+      -- stored twice: readers take ev when k is absent)
+      k = (q.k or '') ~= ev and (q.k or '') or nil,
+      tp = (q.tp and q.tp ~= '') and q.tp or nil,
+      ['in'] = inline and input or nil,
+      pi = nil, pw = nil, pa = nil, t1 = nil, pg = nil, e = nil, u = nil,
     }
     pointAt(rec, 'pi', q.iu)
     pointAt(rec, 'pw', written[n])
     pointAt(rec, 'pa', readUs)
-    if q.tp and q.tp ~= '' then rec.tp = q.tp end
-    -- (a key equal to the event id, as every run of a workflow without a limit has, is not
-    -- stored twice: readers take ev when k is absent)
-    if (q.k or '') ~= rec.ev then rec.k = q.k or '' end
-    local input = q['in'] or ''
-    if #input <= INLINE_INPUT_BYTES then rec['in'] = input else fresh[rid] = input end
+    if not inline then fresh[rid] = input end
     if q.u == 1 then
       rec.u, rec.sg, rec.mx = 1, nil, nil
       assignRun(rid, rec)   -- no concurrency limit: no group to rank or fill

@@ -85,10 +85,15 @@ end
 -- The ms of the inbox entry a record's sequence encodes; the points of a run's path are stored
 -- in µs after it (small numbers: three bytes each in msgpack while under 65 ms).
 local function inboxMs(rec) return tonumber(string.sub(rec.s, 1, 16), 16) end
+local inboxUsOf = {}   -- record -> inboxMs(rec) * 1000 (a run gets up to four points a call)
 
 -- Records point `field` of the run's path at `us` (µs, any clock's epoch time; 0: unknown).
 local function pointAt(rec, field, us)
-  if type(us) == 'number' and us > 0 then rec[field] = us - inboxMs(rec) * 1000 end
+  if type(us) == 'number' and us > 0 then
+    local base = inboxUsOf[rec]
+    if not base then base = inboxMs(rec) * 1000; inboxUsOf[rec] = base end
+    rec[field] = us - base
+  end
 end
 
 local function saveRun(rid, rec)
