@@ -172,6 +172,7 @@ def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict
                     left = earlier["run"] in o.drain_left.get(earlier["pid"], [])
                     examples.append(
                         f"{earlier['run']} attempt {earlier['attempt']} pid {earlier['pid']} "
+                        f"claimed={earlier.get('claimed') or 0:.3f} "
                         f"t={earlier['t']:.3f}..{until:.3f}"
                         + (
                             " (its executor's drain deadline passed with it unapplied)"
