@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from typing import Any
 
 from supersede.errors import ConfigError, DefinitionError
+
+PATH_MODULE_PREFIX = "_supersede_module_"  # the name of a module loaded from its path
+
+
+def module_file(module: str) -> str | None:
+    """The file of a workflow module loaded by its path (None for one imported by name): a
+    worker process loads it from there before it looks a step up by its module's name."""
+    if not module.startswith(PATH_MODULE_PREFIX):
+        return None
+    return getattr(sys.modules.get(module), "__file__", None)
 
 
 def import_module(spec: str) -> Any:
@@ -34,7 +45,9 @@ def import_module(spec: str) -> Any:
             return importlib.import_module(name)
         # By its path, under a name of its own: two files of one name in two folders, or a
         # file named like a module already imported (queue.py), are still both themselves.
-        unique = f"_supersede_module_{abs(hash(path)):x}_{name.replace('.', '_')}"
+        # (the same name in every process: a step in process isolation is found by it)
+        digest = hashlib.sha1(path.encode(errors="surrogateescape")).hexdigest()[:12]
+        unique = f"{PATH_MODULE_PREFIX}{digest}_{name.replace('.', '_')}"
         if unique in sys.modules:
             return sys.modules[unique]
         loader_spec = importlib.util.spec_from_file_location(unique, path)

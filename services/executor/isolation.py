@@ -32,6 +32,7 @@ from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
 
 from supersede import codec
+from supersede.services.modules import import_module
 from supersede.workflow import Context, resolve
 
 log = logging.getLogger("supersede.executor")
@@ -126,6 +127,8 @@ def worker_main(conn: Connection, flag: ProcessEvent, redis_url: str) -> None:
             return
         job = codec.unpack(raw)
         try:
+            if job.get("mf"):  # (a module given by its path: loaded under the same name)
+                import_module(job["mf"])
             fn = resolve(job["m"], job["q"])
             ctx = _WorkerContext(job, flag, fence_check)
             if asyncio.iscoroutinefunction(fn):

@@ -36,6 +36,7 @@ from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.isolation import ProcessPool, StepError
 from supersede.services.executor.outbox import Outbox
+from supersede.services.modules import module_file
 from supersede.workflow import Context, Step, Workflow
 
 log = logging.getLogger("supersede.executor")
@@ -327,7 +328,7 @@ class Runner:
             "m": step.fn.__module__, "q": step.fn.__qualname__, "id": ctx.run_id,
             "w": ctx.workflow, "a": ctx.attempt, "in": ctx.input, "md": ctx.metadata,
             "ev": ctx.event, "ei": ctx.event_id, "k": ctx.key, "f": str(ctx.fence),
-            "o": ctx.outputs, "ca": ctx.claimed_at,
+            "o": ctx.outputs, "ca": ctx.claimed_at, "mf": module_file(step.fn.__module__),
         }  # fmt: skip
         if run.fence_at is not None and self.keys is not None:
             shard, group = run.fence_at

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -195,3 +196,34 @@ def test_a_module_level_step_may_run_in_a_process() -> None:
     assert wf.definition().id == "wf"
     assert wf.isolation_of(wf.steps[0]) == "process"
     assert Workflow("w", on_events=["e"]).isolation_of(wf.steps[0]) == "thread"
+
+
+async def test_a_process_step_of_a_module_given_by_its_path_runs(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """`supersede executor path/to/flows.py`: the module is loaded under a name of its own,
+    which a worker process must find too (it failed every run with ModuleNotFoundError)."""
+    module = tmp_path / "flows_by_path.py"
+    module.write_text(
+        "import os\n"
+        "from supersede import Workflow\n"
+        'wf = Workflow("by-path", on_events=["by.path"], isolation="process")\n'
+        "@wf.step()\n"
+        "def work(ctx):\n"
+        '    return {"pid": os.getpid(), "n": ctx.input["n"]}\n'
+    )
+    system.start("admission", "--block-ms", "100")
+    system.start("executor", str(module), "--slots", "2")
+    await eventually(lambda: _registered(redis, keys, 1), timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    await _publish(redis, keys, "by.path", n=7)
+    await eventually(lambda: _ended(redis, keys, 1), timeout=60)
+    [(rid, rec)] = (await _recs(redis, keys)).items()
+    assert rec["st"] == "S", rec.get("err")
+    run = await get_run(redis, rid, namespace=keys.namespace)
+    assert run is not None and run.outputs["work"]["n"] == 7
+    assert run.outputs["work"]["pid"] not in {p.pid for p in system.procs}  # (a worker's)
+
+
+async def _registered(redis: Redis, keys: Keys, n: int) -> bool:
+    return int(await redis.hlen(keys.workflows_hash)) >= n
