@@ -604,7 +604,12 @@ async def dead_letters(redis: Redis, keys: Keys, limit: int = 100) -> list[dict[
         list[tuple[bytes, dict[bytes, bytes]]], await redis.xrevrange(keys.dead_stream, count=limit)
     )
     for entry_id, fields in entries:
-        rows.append({"id": _text(entry_id), **{_text(k): _text(v) for k, v in fields.items()}})
+        row = {_text(k): _text(v) for k, v in fields.items()}
+        # `id` is the dead letter's own entry id (what --replay takes); an event's own `id`
+        # field (its idempotency key) is shown as `event_id_field`
+        if "id" in row:
+            row["event_id_field"] = row.pop("id")
+        rows.append({"id": _text(entry_id), **row})
     return rows
 
 

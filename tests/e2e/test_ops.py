@@ -132,6 +132,29 @@ async def test_a_dead_letter_is_replayed_after_fixing_the_workflow(
     )
 
 
+async def test_a_dead_letter_of_an_event_with_its_own_id_keeps_its_own_id(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """An event's `id` field (its idempotency key) must not stand in for the dead letter's id:
+    the table crashed on it (int('order')) and --replay was given an id it cannot find."""
+    system.start("ingress", "--block-ms", "100")
+    await redis.xadd(
+        keys.events_stream, {"name": "doc.saved", "data": "not json", "id": "order-42"}
+    )
+
+    async def one_dead() -> bool:
+        return len(await acli(system, "dead")) == 1
+
+    await eventually(one_dead, timeout=30)
+    [dead] = await acli(system, "dead")
+    [(entry_id, _)] = await redis.xrange(keys.dead_stream)
+    assert dead["id"] == entry_id.decode() and dead["event_id_field"] == "order-42"
+    table = subprocess.run([sys.executable, "-m", "supersede", "dead"], env=system.env,
+                           capture_output=True, timeout=30)  # fmt: skip
+    assert table.returncode == 0, table.stderr.decode()
+    assert entry_id.decode() in table.stdout.decode()
+
+
 @pytest.fixture
 async def on_backend(backend: tuple[Any, str], keys: Keys) -> Any:
     """(client, system) on one server, or on the session's 3-master cluster."""
