@@ -18,6 +18,7 @@ from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from supersede import codec
 from supersede.keys import Keys
@@ -521,7 +522,21 @@ async def _group_lag(redis: Redis, stream: str, group: str) -> dict[str, int]:
     for g in await redis.xinfo_groups(stream):
         if _text(g["name"]) == group:
             return {"pending": int(g["pending"]), "lag": int(g.get("lag") or 0)}
-    return {"pending": 0, "lag": 0}
+    # no such group yet (a workflow no executor ever read): every entry waits for one
+    return {"pending": 0, "lag": int(await redis.xlen(stream))}
+
+
+async def _executors_of(redis: Redis, stream: str) -> list[dict[Any, Any]]:
+    """The executors' consumers of an assignment stream; none when the stream or the group is
+    missing (no executor of its workflow ever read it)."""
+    if not await redis.exists(stream):
+        return []
+    try:
+        return cast(list[dict[Any, Any]], await redis.xinfo_consumers(stream, EXECUTOR_GROUP))
+    except ResponseError as exc:
+        if "NOGROUP" not in str(exc):
+            raise
+        return []
 
 
 async def status(redis: Redis, keys: Keys, live_idle_ms: int = 5000) -> dict[str, Any]:
@@ -554,9 +569,7 @@ async def status(redis: Redis, keys: Keys, live_idle_ms: int = 5000) -> dict[str
             totals[name].update(await _group_lag(redis, stream, group))
         for wf in registered:
             stream = sk.assignments_stream(wf)
-            if not await redis.exists(stream):
-                continue
-            for c in await redis.xinfo_consumers(stream, EXECUTOR_GROUP):
+            for c in await _executors_of(redis, stream):
                 name = _text(c["name"])
                 executors.setdefault(name, set()).add(wf)
                 idle[name] = min(idle.get(name, 1 << 62), int(c.get("idle", 1 << 62)))

@@ -155,6 +155,28 @@ async def test_a_dead_letter_of_an_event_with_its_own_id_keeps_its_own_id(
     assert entry_id.decode() in table.stdout.decode()
 
 
+async def test_status_shows_the_waiting_runs_of_a_workflow_no_executor_ever_served(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Its assignment stream exists without the executors' group: status crashed (NOGROUP)
+    and counted none of its entries as waiting."""
+    await register(redis, keys, {"id": "orphan", "events": ["orphan.go"]})
+    system.start("admission", "--block-ms", "100")
+    system.start("ingress", "--block-ms", "100")
+    await redis.xadd(keys.events_stream, {"name": "orphan.go", "data": "{}"})
+
+    async def assigned() -> bool:
+        return (
+            sum([await redis.xlen(sk.assignments_stream("orphan")) for sk in keys.all_shards()]) > 0
+        )
+
+    await eventually(assigned, timeout=30)
+    status = await acli(system, "status")
+    assert status["streams"]["assignments"]["lag"] >= 1
+    assert status["workflows"]["orphan"]["runs"] == {"ASSIGNED": 1}
+    assert status["executors"] == {}
+
+
 @pytest.fixture
 async def on_backend(backend: tuple[Any, str], keys: Keys) -> Any:
     """(client, system) on one server, or on the session's 3-master cluster."""
