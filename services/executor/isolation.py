@@ -90,25 +90,41 @@ async def _until_flag(fn: Callable[[Context], Any], ctx: Context, flag: ProcessE
     return step.result()
 
 
-def _exit_with_parent() -> None:
+def _exit_with_parent(executor: int) -> None:
     """A worker must not outlive its executor: a step still running there would run twice
-    once its lease expires and the run is retried elsewhere. Its parent is the forkserver,
-    which ends with the executor; then the worker is re-parented and exits here."""
+    once its lease expires and the run is retried elsewhere (in strict mode, two handlers of a
+    key at once). It watches the executor itself: the forkserver, its parent, may live on for
+    seconds after a SIGKILL of the executor. It exits when either is gone."""
     parent = os.getppid()
 
+    def alive() -> bool:
+        try:
+            os.kill(executor, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # (the pid now belongs to another user's process)
+            return False
+        try:  # (a killed executor not yet reaped by its parent is a zombie: gone too)
+            with open(f"/proc/{executor}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    return False
+        except (OSError, IndexError):
+            pass
+        return os.getppid() == parent
+
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.2)
+        while alive():
+            time.sleep(0.1)
         os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def worker_main(conn: Connection, flag: ProcessEvent, redis_url: str) -> None:
+def worker_main(conn: Connection, flag: ProcessEvent, redis_url: str, executor: int) -> None:
     """A worker's loop: one job at a time, from the executor's end of the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the executor
     os.setsid()  # a signal to the executor's process group (a supervisor's) is not for steps
-    _exit_with_parent()
+    _exit_with_parent(executor)
     client: Any = None
 
     def fence_check(key: str, group: str, seq: str) -> bool:
@@ -182,7 +198,7 @@ class ProcessPool:
         ours, theirs = self._mp.Pipe()
         flag = self._mp.Event()
         process = self._mp.Process(
-            target=worker_main, args=(theirs, flag, self.redis_url), daemon=True,
+            target=worker_main, args=(theirs, flag, self.redis_url, os.getpid()), daemon=True,
             name="supersede-step",
         )  # fmt: skip
         process.start()

@@ -227,3 +227,20 @@ async def test_a_process_step_of_a_module_given_by_its_path_runs(
 
 async def _registered(redis: Redis, keys: Keys, n: int) -> bool:
     return int(await redis.hlen(keys.workflows_hash)) >= n
+
+
+async def test_a_step_in_a_worker_stops_within_moments_of_a_sigkill_of_its_executor(
+    redis: Redis, keys: Keys, running: System
+) -> None:
+    """Its forkserver may live on for seconds: the worker watches the executor itself, so the
+    step never runs on beside the retry that the lapsed lease brings (strict mode's promise)."""
+    await _publish(redis, keys, "proc.go", k="orphan", sleep=30)
+    await eventually(lambda: _noted(redis, keys, "started"), timeout=30)
+    [pid] = {pid for kind, _, pid, _ in await _notes(redis, keys) if kind == "started"}
+    executor = running.procs[1]  # (the fixture starts admission, the executor, ingress)
+    executor.kill()  # (not reaped: a zombie executor counts as gone too)
+
+    async def worker_gone() -> bool:
+        return _gone(pid)
+
+    await eventually(worker_gone, timeout=1.5)
