@@ -111,10 +111,13 @@ def connect(url: str, max_connections: int = 64) -> Redis:
     client (any node as seed); it
     offers the commands the services use, so it is typed as `Redis` for them.
     """
-    if is_cluster_url(url):
-        seed = cluster_seed(url)
-        return cast(Redis, RedisCluster.from_url(seed, max_connections=max_connections))
-    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30)
+    try:
+        if is_cluster_url(url):
+            seed = cluster_seed(url)
+            return cast(Redis, RedisCluster.from_url(seed, max_connections=max_connections))
+        pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30)
+    except ValueError as exc:  # (a port that is not a number, an unknown option)
+        raise ConfigError(f"SUPERSEDE_REDIS_URL {redact(url)} is not a valid URL: {exc}") from None
     return Redis.from_pool(pool)  # (aclose() closes the pool's connections too)
 
 
@@ -158,7 +161,20 @@ async def check_server(redis: Redis, url: str) -> None:
                 f"Redis at {redact(url)} refused the connection ({exc}); check the user and "
                 "password in SUPERSEDE_REDIS_URL"
             ) from None
-        raise
+        raise ConfigError(
+            f"Redis at {redact(url)} refused the connection ({exc}); check SUPERSEDE_REDIS_URL "
+            "(its database number, for one)"
+        ) from None
+    except redis_sync.TimeoutError as exc:
+        raise ConfigError(
+            f"timed out reaching Redis at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL "
+            "(rediss:// only for a server with TLS)"
+        ) from None
+    except redis_sync.RedisClusterException as exc:
+        raise ConfigError(
+            f"no Redis Cluster at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL "
+            "(redis+cluster:// only for a cluster)"
+        ) from None
     except (redis_sync.ConnectionError, OSError) as exc:
         raise ConfigError(
             f"cannot reach Redis at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL (host, "

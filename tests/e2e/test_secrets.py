@@ -116,6 +116,12 @@ def test_start_up_failures_are_one_line_naming_the_setting(protected: str) -> No
         f"redis://127.0.0.1:{free_port()}/0": "cannot reach Redis",
         "127.0.0.1:6379": "must start with one of redis://",
         wrong: "refused",
+        # (a database the server does not have, TLS to a server without it, a cluster URL for
+        # one server, a port that is not a number: each was a traceback)
+        protected.rsplit("/", 1)[0] + "/99": "refused",
+        protected.replace("redis://", "rediss://", 1): "timed out",
+        protected.replace("redis://", "redis+cluster://", 1): "no Redis Cluster",
+        "redis://127.0.0.1:notaport/0": "SUPERSEDE_REDIS_URL",
     }
     for url, says in cases.items():
         for args in (["admission", "--metrics-port", "0"], ["status"]):
