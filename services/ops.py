@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 import time
 from collections import Counter
@@ -628,6 +629,8 @@ async def dead_letters(redis: Redis, keys: Keys, limit: int = 100) -> list[dict[
 
 async def replay_dead(redis: Redis, keys: Keys, entry_id: str) -> str:
     """Publish a dead letter's original fields to the inbox again, then delete it."""
+    if not re.fullmatch(r"\d+-\d+", entry_id):
+        raise ValueError(f"{entry_id!r} is not a dead letter id (`supersede dead` lists them)")
     entries = await redis.xrange(keys.dead_stream, min=entry_id, max=entry_id)
     if not entries:
         raise LookupError(f"no dead letter {entry_id!r}")

@@ -40,6 +40,8 @@ def event_fields(
     fields = {Inbox.NAME: name.encode(), Inbox.DATA: orjson.dumps(data)}
     if id is not None:
         fields[Inbox.ID] = str(id).encode()
+        if not 1 <= len(fields[Inbox.ID]) <= Inbox.MAX_ID_BYTES:  # (ingress dead-letters it)
+            raise ValueError(f"id must be 1..{Inbox.MAX_ID_BYTES} bytes of UTF-8")
     if metadata is not None:
         if not isinstance(metadata, dict):
             raise TypeError("metadata must be a dict (a JSON object)")

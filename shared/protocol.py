@@ -52,6 +52,7 @@ class Inbox:
     JSON = b"json"
     MSGPACK = b"msgpack"
     TRACEPARENT = b"traceparent"  # optional W3C trace context: the run's spans continue it
+    MAX_ID_BYTES = 1024  # an `id` is 1..this many bytes of UTF-8
 
 
 # The config hash field where admission publishes its assignment deadline (ms) for the finish

@@ -55,7 +55,7 @@ from supersede.services.ingress import metrics
 from supersede.streams import GroupSpec, OwnPending, entry_ms, split_deleted
 from supersede.trim import trim_consumed
 
-MAX_ID_BYTES = 1024
+MAX_ID_BYTES = Inbox.MAX_ID_BYTES
 GROUP_MEMO = 100_000
 
 

@@ -177,6 +177,22 @@ async def test_status_shows_the_waiting_runs_of_a_workflow_no_executor_ever_serv
     assert status["executors"] == {}
 
 
+def test_publish_and_replay_refuse_ids_that_cannot_be(system: System) -> None:
+    """It printed a run id for `--id ''` (or one over 1 KiB) and exited 0; ingress then
+    dead-lettered the event as bad_id, so that run never existed."""
+    for bad in ("", "x" * 1025):
+        done = subprocess.run([sys.executable, "-m", "supersede", "publish", "ev.a", "{}", "--id",
+                               bad], env=system.env, capture_output=True, timeout=30)  # fmt: skip
+        err = done.stderr.decode()
+        assert done.returncode == 1 and "Traceback" not in err, err  # (a bad argument: 1)
+        assert "id must be 1..1024 bytes" in err.strip().splitlines()[-1]
+    # and a dead letter id that cannot be one is one line too, not Redis's traceback
+    done = subprocess.run([sys.executable, "-m", "supersede", "dead", "--replay", "garbage"],
+                          env=system.env, capture_output=True, timeout=30)  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 1 and "Traceback" not in err and "garbage" in err, err
+
+
 @pytest.fixture
 async def on_backend(backend: tuple[Any, str], keys: Keys) -> Any:
     """(client, system) on one server, or on the session's 3-master cluster."""
