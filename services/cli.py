@@ -36,6 +36,7 @@ def _admission(args: argparse.Namespace, settings: Settings) -> None:
         assign_deadline_ms=int(args.assign_deadline * 1000),
         dead_retention_ms=int(args.dead_retention * 1000),
         trim_interval=args.trim_interval,
+        forget_consumers_ms=int(args.forget_consumers_after * 1000),
     )
     run_until_signal(
         lambda stop: serve(settings, config, stop), args.metrics_port, _host(args, settings),
@@ -53,6 +54,7 @@ def _ingress(args: argparse.Namespace, settings: Settings) -> None:
         dedup_window_ms=int(args.dedup_window * 1000),
         max_payload=args.max_payload,
         trim_interval=args.trim_interval,
+        forget_consumers_ms=int(args.forget_consumers_after * 1000),
     )
     run_until_signal(
         lambda stop: serve(settings, config, stop), args.metrics_port, _host(args, settings),
@@ -369,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="seconds between trims of the streams (below what every group acknowledged)",
     )
+    adm.add_argument(
+        "--forget-consumers-after",
+        type=float,
+        default=3600.0,
+        help="delete the consumers of the streams admission trims that have nothing pending and "
+        "were idle this many seconds: those of processes that are gone (0: never)",
+    )
     adm.set_defaults(func=_admission)
 
     ing = sub.add_parser("ingress", help="route inbox events to run requests", service=True)
@@ -396,6 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         help="seconds between trims of the inbox (below what the ingress group acknowledged)",
+    )
+    ing.add_argument(
+        "--forget-consumers-after",
+        type=float,
+        default=3600.0,
+        help="delete the consumers of the inbox's group that have nothing pending and were idle "
+        "this many seconds: those of ingress processes that are gone (0: never)",
     )
     ing.set_defaults(func=_ingress)
 

@@ -31,6 +31,8 @@ _SERVICE = _words("hget hsetnx evalsha script|load")
 # Reading the registry: one MULTI/EXEC of its hashes and epoch.
 _REGISTRY = _words("multi exec get hgetall")
 _CONSUMER = _words("xreadgroup xack xautoclaim xpending xgroup|create xinfo|groups")
+# Forgetting the consumers of gone processes (lua/forget_consumers.lua): the trimming services.
+_FORGET = _words("xinfo|consumers xgroup|delconsumer")
 # The commands inside the scripts that change run states (admit, finish, reap, cancel).
 _STATE_SCRIPTS = _words(
     "time hget hmget hset hdel hincrby hgetall exists del zadd zrem zrange zrangebylex "
@@ -72,6 +74,7 @@ ROLES: tuple[Role, ...] = (
             *_BASE,
             *_SERVICE,
             *_CONSUMER,
+            *_FORGET,
             *_REGISTRY,
             *_words("xtrim xadd zadd zrem zrangebyscore hset hdel time"),
         ),
@@ -90,6 +93,7 @@ ROLES: tuple[Role, ...] = (
             *_BASE,
             *_SERVICE,
             *_CONSUMER,
+            *_FORGET,
             *_STATE_SCRIPTS,
             *_REGISTRY,
             *_words("hkeys unlink zcard"),

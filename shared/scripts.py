@@ -39,6 +39,7 @@ SCRIPT_NAMES = (
     "register_workflow",
     "claim_ids",
     "fire_debounced",
+    "forget_consumers",
 )
 
 
@@ -485,6 +486,19 @@ class Scripts:
         keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset, sk.debounce_hash]
         r = await self._call("cancel", keys, args)
         return [int(x) == 1 for x in r[1:]]
+
+    async def forget_consumers(
+        self, groups: Sequence[tuple[str, str]], *, idle_ms: int, most: int = 100
+    ) -> int:
+        """Delete the consumers of each (stream, group) that hold nothing pending and have
+        been idle for `idle_ms` (those of processes that are gone), at most `most` per group;
+        a missing stream or group counts as none. One call per group, one after the other (on a
+        cluster the streams live on different nodes). Returns how many were deleted."""
+        deleted = 0
+        for stream, group in groups:
+            r = await self._call("forget_consumers", [stream], [group, idle_ms, most])
+            deleted += int(r[1])
+        return deleted
 
     async def append_requests(self, shard: int, payloads: Sequence[bytes]) -> int:
         """Append packed RunRequests to a shard's requests stream; returns how many."""

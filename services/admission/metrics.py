@@ -52,6 +52,11 @@ TRIMMED = Counter(
     "Stream entries trimmed: acknowledged by every group (or, for the control streams and the "
     "dead letters, older than their retention).",
 )
+FORGOTTEN_CONSUMERS = Counter(
+    "supersede_admission_forgotten_consumers_total",
+    "Consumers deleted from the groups of the streams admission trims: nothing pending and idle "
+    "for --forget-consumers-after (left by processes that are gone).",
+)
 ASSIGNMENT_BACKLOG = Gauge(
     "supersede_admission_assignment_backlog",
     "Assignments no executor has claimed yet (unread or unacknowledged), by workflow: what the "

@@ -72,6 +72,9 @@ class AdmissionConfig:
     trim_interval: float = 5.0  # seconds between two trims of the streams
     control_keep_ms: int = 600_000  # cancel messages kept this long (the heartbeat backs them up)
     dead_retention_ms: int = 7 * 86_400_000  # dead letters kept this long
+    # a consumer of a stream admission trims, idle this long with nothing pending, is deleted
+    # (one is left by every process that ever read: restarts, rolling deploys); 0: never
+    forget_consumers_ms: int = 3_600_000
 
 
 @dataclass(slots=True)
@@ -160,6 +163,7 @@ class Admission(Service):
         self._workflows: list[str] = []  # registered, refreshed by each trim
         self._retentions: dict[str, int] = {}  # workflow -> its own retention (ms)
         self._gauges_due = Throttle(1.0)
+        self._forget_due = Throttle(min(60.0, self.config.forget_consumers_ms / 2000))
         self._next_due = 0.0  # the earliest debounce timer this process set (server ms), 0: none
         self._due_set = asyncio.Event()
         # stream name -> (shard, kind) for every stream this service reads
@@ -199,13 +203,14 @@ class Admission(Service):
     async def trim(self) -> None:
         """Trim every stream by consumption (see supersede.trim): each shard's requests and
         results, each registered workflow's assignment streams; the control streams and the
-        dead letters by age. (Ingress trims the inbox.)"""
+        dead letters by age. (Ingress trims the inbox.) Now and then, also forget the consumers
+        of gone processes in the groups of the streams it trims."""
         await self.load_workflows()
-        grouped: list[str] = []
+        groups: list[GroupSpec] = []
         for sk in self.keys.all_shards():
-            grouped += [sk.requests_stream, sk.results_stream]
-            grouped += [sk.assignments_stream(wf) for wf in self._workflows]
-        removed = await trim_consumed(self.redis, grouped)
+            groups += [(sk.requests_stream, ADMISSION_GROUP), (sk.results_stream, ADMISSION_GROUP)]
+            groups += [(sk.assignments_stream(wf), EXECUTOR_GROUP) for wf in self._workflows]
+        removed = await trim_consumed(self.redis, [stream for stream, _ in groups])
         controls = [sk.control_stream for sk in self.keys.all_shards()]
         removed |= await trim_older_than(self.redis, controls, self.config.control_keep_ms)
         removed |= await trim_older_than(
@@ -213,6 +218,12 @@ class Admission(Service):
         )
         if removed:
             metrics.TRIMMED.inc(sum(removed.values()))
+        if self.config.forget_consumers_ms and self._forget_due.due():
+            gone = await self.scripts.forget_consumers(
+                groups, idle_ms=self.config.forget_consumers_ms
+            )
+            if gone:
+                metrics.FORGOTTEN_CONSUMERS.inc(gone)
 
     async def tick(self) -> None:
         """Reap expired leases, take over stale pending entries, and (each second) the gauges."""

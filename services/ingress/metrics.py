@@ -35,6 +35,11 @@ TRIMMED = Counter(
     "supersede_ingress_trimmed_entries_total",
     "Inbox entries trimmed: acknowledged by the ingress group.",
 )
+FORGOTTEN_CONSUMERS = Counter(
+    "supersede_ingress_forgotten_consumers_total",
+    "Consumers deleted from the inbox's group: nothing pending and idle for "
+    "--forget-consumers-after (left by ingress processes that are gone).",
+)
 INBOX_LAG = Gauge("supersede_ingress_inbox_lag", "Inbox entries not yet read by group ingress.")
 WORKFLOWS = Gauge("supersede_ingress_workflows", "Valid workflow definitions loaded.")
 INVALID_WORKFLOWS = Gauge(

@@ -65,6 +65,9 @@ class IngressConfig:
     block_ms: int = 1000
     refresh_interval: float = 0.25
     trim_interval: float = 5.0  # seconds between two trims of the inbox
+    # a consumer of the inbox's group idle this long with nothing pending is deleted (one is
+    # left by every ingress process that ever read: restarts, rolling deploys); 0: never
+    forget_consumers_ms: int = 3_600_000
     claim_idle_ms: int = 30_000
     dedup_window_ms: int = 86_400_000
     max_payload: int = 1 << 20
@@ -275,6 +278,7 @@ class Ingress(Service):
         self.routes: dict[str, list[Route]] = {}
         self.epoch = -1
         self._housekeeping_due = Throttle(1.0)
+        self._forget_due = Throttle(min(60.0, self.config.forget_consumers_ms / 2000))
         # Where a shard's requests go: the `append_requests` script, unless `supersede serve`
         # hands them to the admission of its own process (services/serve.py).
         self.sink: Sink = self.scripts.append_requests
@@ -291,10 +295,17 @@ class Ingress(Service):
     async def trim(self) -> None:
         """Trim the inbox below what the ingress group acknowledged (see supersede.trim): the
         inbox's own consumers trim it, so no other role needs a right on it. Every ingress
-        process does; the cut is the same whoever computes it."""
+        process does; the cut is the same whoever computes it. Now and then, also forget the
+        consumers of gone ingress processes in the inbox's group."""
         removed = await trim_consumed(self.redis, [self.keys.events_stream])
         if removed:
             metrics.TRIMMED.inc(sum(removed.values()))
+        if self.config.forget_consumers_ms and self._forget_due.due():
+            gone = await self.scripts.forget_consumers(
+                self.groups(), idle_ms=self.config.forget_consumers_ms
+            )
+            if gone:
+                metrics.FORGOTTEN_CONSUMERS.inc(gone)
 
     async def tick(self) -> None:
         """Registry refresh; each second, take-over of stale pending entries and inbox lag."""

@@ -121,3 +121,81 @@ def test_a_group_with_pending_entries_of_unknown_age_keeps_the_whole_stream() ->
     assert consumed_below(groups, {"g": b"90-1"}) == "90-1"
     idle = [{"name": b"g", "pending": 0, "last-delivered-id": b"100-0"}]
     assert consumed_below(idle, {}) == "100-1"
+
+
+async def _consumers(redis: Redis, stream: str, group: str) -> dict[str, int]:
+    """Consumer name -> its pending entries."""
+    return {
+        c["name"].decode(): int(c["pending"]) for c in await redis.xinfo_consumers(stream, group)
+    }
+
+
+async def test_only_idle_consumers_with_nothing_pending_are_forgotten(
+    redis: Redis, keys: Keys
+) -> None:
+    """`gone` read and acknowledged long ago, `holding` read an entry it never acknowledged,
+    `live` just read: only `gone` is deleted, and `holding`'s entry stays pending with it. A
+    missing stream or group is no error."""
+    from supersede.scripts import Scripts
+
+    stream = f"{uuid.uuid4().hex[:8]}:s"
+    ids = await _fill(redis, stream, 3)
+    await redis.xgroup_create(stream, "g", id="0")
+    await redis.xreadgroup("g", "gone", {stream: ">"}, count=1)
+    await redis.xack(stream, "g", ids[0])
+    await redis.xreadgroup("g", "holding", {stream: ">"}, count=1)
+
+    async def idle() -> bool:
+        return all(int(c["idle"]) >= 300 for c in await redis.xinfo_consumers(stream, "g"))
+
+    await eventually(idle, timeout=10)
+    await redis.xreadgroup("g", "live", {stream: ">"}, count=1)
+    await redis.xack(stream, "g", ids[2])
+    scripts = Scripts(redis, keys)
+    groups = [(stream, "g"), (stream, "nogroup"), (f"{stream}:missing", "g")]
+    assert await scripts.forget_consumers(groups, idle_ms=300) == 1
+    assert await _consumers(redis, stream, "g") == {"holding": 1, "live": 0}
+    assert await scripts.forget_consumers(groups, idle_ms=300) == 0
+
+
+async def test_the_consumers_of_gone_processes_are_forgotten_by_the_services(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Processes that are gone left consumers in the inbox's group, a requests stream's and an
+    assignment stream's (as every restart and rolling deploy does): ingress and admission
+    delete them once idle for --forget-consumers-after, and events still run.
+    (Before, consumers were never deleted: each stream kept one per process that ever read.)"""
+    from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, INGRESS_GROUP
+    from supersede.registry import register
+    from supersede.streams import ensure_group
+
+    await register(redis, keys, {"id": "work", "events": ["work.item"], "steps": [{"name": "x"}]})
+    sk = keys.shard(0)
+    left = [
+        (keys.events_stream, INGRESS_GROUP),
+        (sk.requests_stream, ADMISSION_GROUP),
+        (sk.assignments_stream("work"), EXECUTOR_GROUP),
+    ]
+    for stream, group in left:
+        await ensure_group(redis, stream, group)
+        for n in range(3):
+            await redis.xreadgroup(group, f"gone-{n}", {stream: ">"}, count=1)
+    fast = ("--block-ms", "100", "--trim-interval", "0.1", "--forget-consumers-after", "0.5")
+    system.start("admission", *fast)
+    system.start("ingress", *fast)
+
+    async def forgotten() -> bool:
+        for stream, group in left:
+            if any(name.startswith("gone-") for name in await _consumers(redis, stream, group)):
+                return False
+        return True
+
+    await eventually(forgotten, timeout=30)
+    # (a live process's consumer may go too, when it sat idle: its next read makes it again)
+    system.start("executor", APP)
+    await redis.xadd(keys.events_stream, {"name": "work.item", "data": b"{}"})
+
+    async def ran() -> bool:
+        return [r["st"] for r in (await records(redis, keys)).values()] == ["S"]
+
+    await eventually(ran, timeout=60)
