@@ -5,7 +5,9 @@
   executor claimed within the assignment deadline gets a fresh assignment entry (same attempt;
   its entry may be gone, or held by an executor that cannot claim it), then again after twice,
   four times ... up to 64 times the deadline, so its slot is never held by a run nobody can
-  claim; a duplicate entry is refused by claim. Records of runs that ended more than their
+  claim; a duplicate entry is refused by claim. No fresh entry is written while the last one
+  surely still waits unread in its stream (no executor of the workflow read that far: it
+  would only grow the stream); the run is looked at again on the same schedule. Records of runs that ended more than their
   workflow's retention ago are deleted with their entries of the ended streams, and so is the
   memory of the newest runs and the fences of groups that admitted nothing for the default
   retention.
@@ -35,7 +37,8 @@
     {0, retried, failed, cancelled, expired records, assigned, reassigned}
     {-4, 0}  bad ARGV; nothing written
 
-  Writes: XADD <prefix>:<workflow tag> for retries and for runs started in released slots.
+  Writes: XADD <prefix>:<workflow tag> for retries, for runs started in released slots and for
+  fresh entries of unclaimed runs.
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -63,6 +66,38 @@ end
 local assignDeadlineMs = deadline
 -- @include transitions
 
+-- Whether the last assignment entry of an ASSIGNED run surely still waits in its stream for
+-- its first reading: written at (tr or t1) ms or later, no group of the stream has had
+-- anything delivered from that ms on, and the stream holds entries from then (trimming never
+-- removes what no group was delivered). Then a fresh entry would only grow a stream nobody
+-- reads (a workflow whose executors are not up): the run is looked at again later instead.
+-- An entry delivered to some consumer (it may hold it, dead or unable to claim it) or gone
+-- (a failover, a trim by hand) gets a fresh one. Per stream: the newest delivered and the
+-- last entry's ms, once per call.
+local streamsSeen = {}
+local function waitsUnread(rid, rec)
+  local stream = assignKey .. ':' .. workflowTag(rec)
+  local seen = streamsSeen[stream]
+  if not seen then
+    seen = { delivered = -1, last = -1 }
+    local tail = rcall('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+    if #tail > 0 then
+      seen.last = tonumber(string.match(tail[1][1], '^(%d+)'))
+      for _, g in ipairs(rcall('XINFO', 'GROUPS', stream)) do
+        for k = 1, #g, 2 do
+          if g[k] == 'last-delivered-id' then
+            local ms = tonumber(string.match(g[k + 1], '^(%d+)'))
+            if ms > seen.delivered then seen.delivered = ms end
+          end
+        end
+      end
+    end
+    streamsSeen[stream] = seen
+  end
+  local written = rec.tr or rec.t1
+  return seen.last >= written and seen.delivered < written
+end
+
 local retried, failed, cancelled, reassigned = 0, 0, 0, 0
 local expired = rcall('ZRANGEBYSCORE', leasesKey, '-inf', now, 'LIMIT', 0, limit)
 for i = 1, #expired do
@@ -83,12 +118,14 @@ for i = 1, #expired do
     local ra = rec.ra or 0
     local due = (rec.tr or rec.t1) + deadline * 2 ^ math.min(ra, 6)
     if now >= due then
-      writeAssignment(rid, rec)
+      if not waitsUnread(rid, rec) then
+        writeAssignment(rid, rec)
+        rec.tr = now
+        reassigned = reassigned + 1
+      end
       rec.ra = ra + 1
-      rec.tr = now
       saveRun(rid, rec)
       due = now + deadline * 2 ^ math.min(ra + 1, 6)
-      reassigned = reassigned + 1
     end
     setLease(rid, due)
   elseif rec and rec.st == 'X' then

@@ -36,7 +36,7 @@ _FORGET = _words("xinfo|consumers xgroup|delconsumer")
 # The commands inside the scripts that change run states (admit, finish, reap, cancel).
 _STATE_SCRIPTS = _words(
     "time hget hmget hset hdel hincrby hgetall exists del zadd zrem zrange zrangebylex "
-    "zrangebyscore xadd xack xrange xtrim xlen"
+    "zrangebyscore xadd xack xrange xrevrange xtrim xlen xinfo|groups"
 )
 _READ = _words(
     "hget hmget hgetall hkeys hvals hlen hscan exists get xlen xrange xrevrange xinfo|groups "

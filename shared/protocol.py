@@ -392,7 +392,8 @@ RECORD_FIELDS = {
     "e": "executor that claimed the attempt",
     "in": "the run's input while it is live, when at most 1 KiB (else in the inputs hash)",
     "h": "1 while a CANCELLING run still holds its slot (strict mode)",
-    "ra": "fresh assignment entries written for an unclaimed ASSIGNED attempt",
+    "ra": "the reaper's looks at an unclaimed ASSIGNED attempt (each writes a fresh assignment "
+    "entry unless the last one still waits unread)",
     "c": "1: counted in the shard's counts hash (every run created since it exists)",
     "tr": "ms of the last of those",
     "t0": "created ms",

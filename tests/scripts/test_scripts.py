@@ -654,6 +654,33 @@ async def test_an_unclaimed_assignment_whose_entry_is_gone_is_reassigned(
     assert states(await records(redis, keys), first, second) == ["S", "A"]
 
 
+async def test_no_fresh_entry_is_added_while_the_last_one_waits_unread(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """Runs of a workflow no executor has started for wait ASSIGNED with their entries unread:
+    the reaper looks at them on its schedule but adds nothing, so the stream holds one entry
+    per waiting run however long they wait. (Before, it added one per run after 1, 2 … 64
+    deadlines and then every 64, for good.) Once a consumer was delivered the entries and
+    holds them (a stuck executor), fresh ones are written again."""
+    import time
+
+    reqs = [make_request(keys, event=f"e{i}", seq=i + 1, unlimited=True) for i in range(5)]
+    shard = reqs[0][0]
+    await scripts.admit(shard, [(f"0-{i + 1}", r.pack()) for i, (_, r) in enumerate(reqs)])
+    stream = keys.shard(shard).assignments_stream(reqs[0][1].workflow)
+    assert await redis.xlen(stream) == 5
+    deadline, start = 1_000, int(time.time() * 1000)
+    for k in range(1, 200):  # 199 deadlines later: every backoff step and 2 at the cap
+        r = await scripts.reap(shard, assign_deadline_ms=deadline, now=start + k * deadline)
+        assert r.reassigned == 0
+    assert await redis.xlen(stream) == 5
+    assert states(await records(redis, keys), *reqs) == ["A"] * 5
+    await redis.xgroup_create(stream, "executors", id="0")
+    await redis.xreadgroup("executors", "stuck", {stream: ">"})
+    r = await scripts.reap(shard, assign_deadline_ms=deadline, now=start + 400 * deadline)
+    assert r.reassigned == 5 and await redis.xlen(stream) == 10
+
+
 async def test_the_reaper_first_looks_at_an_assignment_when_its_deadline_passes(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:
