@@ -7,10 +7,13 @@
   four times ... up to 64 times the deadline, so its slot is never held by a run nobody can
   claim; a duplicate entry is refused by claim. No fresh entry is written while the last one
   surely still waits unread in its stream (no executor of the workflow read that far: it
-  would only grow the stream); the run is looked at again on the same schedule. Records of runs that ended more than their
-  workflow's retention ago are deleted with their entries of the ended streams, and so is the
-  memory of the newest runs and the fences of groups that admitted nothing for the default
-  retention.
+  would only grow the stream); the run is looked at again on the same schedule. Records of
+  runs that ended more than their workflow's retention ago are deleted with their entries of
+  the ended streams. A group's memory (its newest runs and its fence) is forgotten once it
+  admitted nothing for the default retention, or, while the shard remembers more groups than
+  the cap, the least recently admitting first, though none that admitted within the floor
+  (ARGV[6]), nor one with a run holding a slot or a debounce window open (it counts as
+  admitting now).
 
   Input:
     KEYS[1..10] the shard state keys, as in admit.lua
@@ -20,6 +23,7 @@
                                       drained with the default retention, never written
     KEYS[14]    outputs hash     as in finish.lua (deleted with the records)
     KEYS[15]    fences hash      as in admit.lua
+    KEYS[16]    debounce hash    as in admit.lua (a group with a window open is kept)
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     at most this many leases and about this many old records per call (whole
                 ended-stream entries are expired, so up to one entry's runs more)
@@ -30,11 +34,13 @@
                 and not applied while the legacy terminal zset still holds runs (its runs are
                 counted too, but expire by the default retention only)
     ARGV[6]     no run is expired sooner than this many ms after it ended, whatever the
-                retention or the cap (records are the de-duplication memory)
-    ARGV[7..]   pairs: workflow id, its own retention in ms
+                retention or the cap (records are the de-duplication memory), and no group
+                is forgotten by the cap sooner than this many ms after it last admitted a run
+    ARGV[7]     at most this many groups remembered in this shard (0: no cap)
+    ARGV[8..]   pairs: workflow id, its own retention in ms
 
   Output:
-    {0, retried, failed, cancelled, expired records, assigned, reassigned}
+    {0, retried, failed, cancelled, expired records, assigned, reassigned, forgotten groups}
     {-4, 0}  bad ARGV; nothing written
 
   Writes: XADD <prefix>:<workflow tag> for retries, for runs started in released slots and for
@@ -45,20 +51,20 @@ local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4
 local leasesKey, endedKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local inputsKey, countsKey = KEYS[9], KEYS[10]
 local newestKey, newestAtKey, legacyTerminalKey = KEYS[11], KEYS[12], KEYS[13]
-local outputsKey, fencesKey = KEYS[14], KEYS[15]
+local outputsKey, fencesKey, debounceKey = KEYS[14], KEYS[15], KEYS[16]
 
 -- @include now
 -- @include runs
 
 local now, nowUs = nowMs(ARGV[1])
 local limit, retention, deadline = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local cap, floor = tonumber(ARGV[5]), tonumber(ARGV[6])
+local cap, floor, maxGroups = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 if not limit or limit < 1 or not retention or not deadline or deadline <= 0 or not cap
-    or not floor or #ARGV % 2 ~= 0 then
+    or not floor or not maxGroups or #ARGV % 2 ~= 1 then
   return { -4, 0 }
 end
 local keepOf = {}
-for i = 7, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   keepOf[ARGV[i]] = tonumber(ARGV[i + 1])
   if not keepOf[ARGV[i]] then return { -4, 0 } end
 end
@@ -210,10 +216,34 @@ for i = 1, #old, 1000 do
 end
 flushCounts()
 callChunked('ZREM', legacyTerminalKey, legacy, 1000)
+-- Groups: those idle past the retention; more, the least recently admitting first, while the
+-- shard remembers more than maxGroups (none that admitted within the floor). A live one (a run
+-- holding a slot, a debounce window open) is kept and counts as admitting now.
 local idle = rcall('ZRANGEBYSCORE', newestAtKey, '-inf', now - retention, 'LIMIT', 0, limit)
-if #idle > 0 then
-  rcall('HDEL', newestKey, unpack(idle))
-  rcall('HDEL', fencesKey, unpack(idle))
-  rcall('ZREM', newestAtKey, unpack(idle))
+if maxGroups > 0 and #idle < limit then
+  local excess = rcall('ZCARD', newestAtKey) - maxGroups
+  if excess > #idle then
+    idle = rcall('ZRANGEBYSCORE', newestAtKey, '-inf', math.max(young, now - retention),
+      'LIMIT', 0, math.min(limit, excess))
+  end
 end
-return { 0, retried, failed, cancelled, #old, stats.assigned, reassigned }
+local forget, live = {}, {}
+if #idle > 0 then
+  local slots = rcall('HMGET', slotsKey, unpack(idle))
+  local windows = rcall('HMGET', debounceKey, unpack(idle))
+  for i = 1, #idle do
+    if (tonumber(slots[i]) or 0) > 0 or windows[i] then
+      live[#live + 1] = now
+      live[#live + 1] = idle[i]
+    else
+      forget[#forget + 1] = idle[i]
+    end
+  end
+end
+if #forget > 0 then
+  rcall('HDEL', newestKey, unpack(forget))
+  rcall('HDEL', fencesKey, unpack(forget))
+  rcall('ZREM', newestAtKey, unpack(forget))
+end
+if #live > 0 then rcall('ZADD', newestAtKey, unpack(live)) end
+return { 0, retried, failed, cancelled, #old, stats.assigned, reassigned, #forget }

@@ -33,6 +33,7 @@ def _admission(args: argparse.Namespace, settings: Settings) -> None:
         retention_ms=int(args.retention * 1000),
         max_ended_runs=args.max_ended_runs,
         min_retention_ms=int(args.min_retention * 1000),
+        max_groups=args.max_groups,
         assign_deadline_ms=int(args.assign_deadline * 1000),
         dead_retention_ms=int(args.dead_retention * 1000),
         trim_interval=args.trim_interval,
@@ -355,6 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=300,
         help="seconds an ended run is kept at least, whatever the retention or the cap: its "
         "record is what recognises a redelivered event (default 300)",
+    )
+    adm.add_argument(
+        "--max-groups",
+        type=int,
+        default=1_000_000,
+        help="concurrency groups remembered at most (their newest runs and fence; enforced per "
+        "shard: this / the shard count), the least recently admitting idle ones forgotten "
+        "first, none within --min-retention; bounds memory at any rate of new keys "
+        "(default 1000000; 0: no cap)",
     )
     adm.add_argument(
         "--assign-deadline",

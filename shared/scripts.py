@@ -164,6 +164,7 @@ class ReapResult:
     expired: int
     assigned: int
     reassigned: int = 0
+    forgotten: int = 0  # groups whose memory (newest runs, fence) was forgotten
 
 
 def _s(value: Any) -> str:
@@ -454,13 +455,16 @@ class Scripts:
         retentions: Mapping[str, int] | None = None,
         max_ended: int = 0,
         min_retention_ms: int = 0,
+        max_groups: int = 0,
         now: int = 0,
     ) -> ReapResult:
         """Expired leases (retry, fail, end a cancel), unclaimed assignments (a fresh entry),
         and records past their retention: `retentions` (workflow -> ms) where a workflow has
         its own, else `retention_ms`; and the oldest ended runs of a workflow beyond
         `max_ended` in this shard (0: no cap); none sooner than `min_retention_ms` after its
-        run ended."""
+        run ended. Groups idle for `retention_ms` are forgotten, and beyond `max_groups` in
+        this shard (0: no cap) the least recently admitting ones, none within
+        `min_retention_ms` of its last admission, and never a live one."""
         args: list[Any] = [
             now,
             limit,
@@ -468,14 +472,15 @@ class Scripts:
             assign_deadline_ms,
             max_ended,
             min_retention_ms,
+            max_groups,
         ]
         for workflow, ms in (retentions or {}).items():
             args += (workflow, ms)
         sk = self.keys.shard(shard)
         keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset, sk.legacy_terminal_zset,
-                sk.outputs_hash, sk.fences_hash]  # fmt: skip
+                sk.outputs_hash, sk.fences_hash, sk.debounce_hash]  # fmt: skip
         r = await self._call("reap", keys, args)
-        return ReapResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]))
+        return ReapResult(*(int(x) for x in r[1:8]))
 
     async def cancel(
         self, shard: int, run_ids: Sequence[str], *, reason: str = Reason.MANUAL, now: int = 0

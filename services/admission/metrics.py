@@ -28,6 +28,11 @@ REAPED = Counter(
 EXPIRED = Counter(
     "supersede_admission_expired_records_total", "Ended run records deleted after retention."
 )
+FORGOTTEN_GROUPS = Counter(
+    "supersede_admission_forgotten_groups_total",
+    "Groups whose memory (newest runs, fence) the reaper forgot: idle for --retention, or the "
+    "least recently admitting beyond --max-groups.",
+)
 RECLAIMED = Counter(
     "supersede_admission_reclaimed_total",
     "Stream entries taken over from a consumer that stopped (XAUTOCLAIM).",

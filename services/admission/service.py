@@ -68,6 +68,9 @@ class AdmissionConfig:
     # no record is deleted sooner after its run ended, whatever the retention or the cap:
     # records are the de-duplication memory of redelivered inbox entries
     min_retention_ms: int = 300_000
+    # groups remembered (their newest runs and fence, about 400 bytes each) in the deployment,
+    # spread over the shards: beyond it the least recently admitting idle ones are forgotten
+    max_groups: int = 1_000_000
     assign_deadline_ms: int = 30_000  # an unclaimed assignment gets a fresh entry after this
     trim_interval: float = 5.0  # seconds between two trims of the streams
     control_keep_ms: int = 600_000  # cancel messages kept this long (the heartbeat backs them up)
@@ -563,6 +566,7 @@ class Admission(Service):
                     retentions=self._retentions,
                     max_ended=-(-self.config.max_ended_runs // self.keys.shards),
                     min_retention_ms=self.config.min_retention_ms,
+                    max_groups=-(-self.config.max_groups // self.keys.shards),
                 )
                 metrics.BATCH_SECONDS.labels("reap").observe(time.perf_counter() - started)
                 metrics.REAPED.labels("retried").inc(r.retried)
@@ -570,9 +574,10 @@ class Admission(Service):
                 metrics.REAPED.labels("cancelled").inc(r.cancelled)
                 metrics.REAPED.labels("reassigned").inc(r.reassigned)
                 metrics.EXPIRED.inc(r.expired)
+                metrics.FORGOTTEN_GROUPS.inc(r.forgotten)
                 metrics.ASSIGNED.inc(r.assigned)
                 leases = r.retried + r.failed + r.cancelled + r.reassigned
-                if r.expired < REAP_LIMIT and leases < REAP_LIMIT:
+                if r.expired < REAP_LIMIT and leases < REAP_LIMIT and r.forgotten < REAP_LIMIT:
                     return
 
         await asyncio.gather(*(one(s) for s in range(self.keys.shards)))

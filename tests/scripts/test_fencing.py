@@ -12,7 +12,7 @@ from supersede.keys import Keys
 from supersede.protocol import Strategy
 from supersede.scripts import Scripts
 from tests.scripts.test_scripts import admit
-from tests.support import make_request
+from tests.support import make_request, records
 
 
 @pytest.mark.parametrize("strategy", list(Strategy))
@@ -32,10 +32,15 @@ async def test_admit_keeps_each_groups_newest_sequence_as_its_fence(
     await admit(scripts, late, now=3)
     assert await redis.hget(sk.fences_hash, a[1].group) == moved[1].seq.encode()
     assert fence_of(a[1].seq) < fence_of(late[1].seq) < fence_of(b[1].seq)
-    # an idle group's fence goes with its other memory, after the retention
+    # an idle group's fence goes with its other memory, after the retention; a run that
+    # still holds a slot keeps its group's memory
     await scripts.reap(shard, retention_ms=1_000, now=500)
     assert await redis.hexists(sk.fences_hash, a[1].group)
     await scripts.reap(shard, retention_ms=1_000, now=10_000)
+    assert await redis.hexists(sk.fences_hash, a[1].group)
+    live = [rid for rid, rec in (await records(redis, keys)).items() if str(rec["st"]) in "QAR"]
+    await scripts.cancel(shard, live, now=10_000)
+    await scripts.reap(shard, retention_ms=1_000, now=20_000)
     assert await redis.hlen(sk.fences_hash) == 0 and await redis.zcard(sk.newest_at_zset) == 0
 
 

@@ -111,8 +111,50 @@ async def test_cancel_in_progress_cancels_a_late_older_event_after_the_newer_run
     assert states(await records(redis, keys), between) == ["A"]
     sk = keys.shard(shard)
     assert await redis.hlen(sk.newest_hash) == 1
-    await scripts.reap(shard, retention_ms=1_000, now=10_000)
+    await scripts.reap(shard, retention_ms=1_000, now=10_000)  # `between` holds a slot
+    assert await redis.hlen(sk.newest_hash) == 1
+    await claim(scripts, shard, between[1])
+    await finish(scripts, shard, between[1], Outcome.SUCCEEDED)
+    await scripts.reap(shard, retention_ms=1_000, now=20_000)
     assert await redis.hlen(sk.newest_hash) == 0 and await redis.zcard(sk.newest_at_zset) == 0
+
+
+async def test_beyond_the_cap_the_least_recently_admitting_idle_groups_are_forgotten(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """Eight groups of one shard: one with a RUNNING run, one with a debounce window open, six
+    whose runs ended. With a cap of one group, the reaper forgets the six idle ones (their
+    newest runs and fences), none while they are within the floor, and keeps the two live
+    ones, which count as admitting now. (Before, groups went only after the retention, 24 h
+    by default: a workflow with a new key per event held rate x 24 h of them.)"""
+    first = make_request(keys, key="k0", event="e0", seq=1)
+    shard, names = first[0], ["k0"]
+    for n in range(1, 500):
+        if len(names) < 8 and make_request(keys, key=f"k{n}", event="x", seq=1)[0] == shard:
+            names.append(f"k{n}")
+    reqs = [first]
+    reqs.append(make_request(keys, key=names[1], event="e1", seq=2, debounce_ms=86_400_000))
+    reqs += [make_request(keys, key=k, event=f"e{i}", seq=i + 1) for i, k in enumerate(names)][2:]
+    for i, req in enumerate(reqs):
+        await admit(scripts, req, now=1_000 + 10 * i)
+    await claim(scripts, shard, reqs[0][1])
+    for _, ended in reqs[2:]:
+        await claim(scripts, shard, ended)
+        await finish(scripts, shard, ended, Outcome.SUCCEEDED)
+    sk = keys.shard(shard)
+    assert await redis.zcard(sk.newest_at_zset) == 8 and await redis.hlen(sk.fences_hash) == 8
+
+    r = await scripts.reap(shard, max_groups=1, min_retention_ms=10_000, now=5_000)
+    assert r.forgotten == 0 and await redis.zcard(sk.newest_at_zset) == 8  # within the floor
+    r = await scripts.reap(shard, max_groups=1, min_retention_ms=100, now=5_000)
+    assert r.forgotten == 6
+    r = await scripts.reap(shard, max_groups=1, min_retention_ms=100, now=6_000)
+    assert r.forgotten == 0  # both left are live
+    live = {reqs[0][1].group, reqs[1][1].group}
+    assert {g.decode() for g in await redis.zrange(sk.newest_at_zset, 0, -1)} == live
+    assert {g.decode() for g in await redis.hkeys(sk.fences_hash)} == live
+    assert set(await redis.hkeys(sk.newest_hash)) <= {g.encode() for g in live}
+    assert await redis.zscore(sk.newest_at_zset, reqs[0][1].group) == 5_000
 
 
 async def test_a_run_without_a_concurrency_limit_stays_out_of_every_group_book(
