@@ -407,6 +407,34 @@ async def test_one_reaper_tick_expires_every_old_record_not_only_a_thousand(
     assert [await redis.hlen(sk.counts_hash) for sk in keys.all_shards()] == [0] * keys.shards
 
 
+async def test_the_reaper_keeps_the_groups_of_a_shard_within_the_cap(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """3,000 groups each ran one run, a new key per event: with --max-groups 32 (2 a shard)
+    one reaper tick forgets all but the two most recent groups of each shard, their newest
+    runs and fences with them. (Before, every group stayed for the retention, 24 h.)"""
+    scripts = Scripts(redis, keys)
+    reqs = [make_request(keys, event=f"e{i}", seq=i + 1, key=f"k{i}") for i in range(3_000)]
+    by_shard: dict[int, list[RunRequest]] = {}
+    for shard, req in reqs:
+        by_shard.setdefault(shard, []).append(req)
+    for shard, batch in by_shard.items():
+        await scripts.admit(shard, [("0-1", r.pack()) for r in batch], now=0)
+        stream = keys.shard(shard).assignments_stream("wf")
+        await scripts.claim(shard, "ex", [(stream, "0-1", r.run_id, 1) for r in batch],
+                            lease_ms=60_000, now=0)  # fmt: skip
+        results = [("0-1", RunResult(r.run_id, 1, Outcome.SUCCEEDED).pack()) for r in batch]
+        await scripts.finish(shard, results, now=0)
+    sizes = [await redis.zcard(sk.newest_at_zset) for sk in keys.all_shards()]
+    assert sum(sizes) == 3_000
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    config = AdmissionConfig(max_groups=2 * keys.shards, min_retention_ms=0)
+    await Admission(redis, settings, config).reap_all()
+    for sk in keys.all_shards():
+        assert await redis.zcard(sk.newest_at_zset) == 2
+        assert await redis.hlen(sk.fences_hash) == 2 and await redis.hlen(sk.newest_hash) == 2
+
+
 async def test_gauges_report_queue_depth_per_workflow_active_runs_and_lag(
     redis: Redis, keys: Keys, service: Admission
 ) -> None:
