@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import sys
 from collections.abc import Sequence
@@ -189,6 +190,35 @@ def _port(text: str) -> int:
     return port
 
 
+def _number(kind: type[int] | type[float], low: float, *, above: bool = False) -> Any:
+    """An argparse type for a count or a duration of at least `low` (more than `low` when
+    `above`): a bad value is a one-line error naming the flag, not a traceback later on."""
+    what = "an integer" if kind is int else "a number"
+    bound = f"more than {low:g}" if above else f"at least {low:g}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not math.isfinite(value) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {bound}")
+        return value
+
+    return parse
+
+
+_COUNT = _number(int, 1)  # at least one
+_CAP = _number(int, 0)  # 0: none, or no cap
+_SECONDS = _number(float, 0, above=True)  # a period or a retention: more than zero
+_SECONDS_OR_ZERO = _number(float, 0)
+
+
+def _port_or_zero(text: str) -> int:
+    """A port to listen on, or 0: none."""
+    return 0 if text.strip() == "0" else _port(text)
+
+
 def _ui(args: argparse.Namespace, settings: Settings) -> None:
     """The web dashboard, until SIGINT or SIGTERM."""
     try:
@@ -323,28 +353,31 @@ def build_parser() -> argparse.ArgumentParser:
         "admission", help="admit run requests and apply executor results", service=True
     )
     adm.add_argument(
-        "--metrics-port", type=int, default=9102, help="0 disables /metrics (default 9102)"
+        "--metrics-port",
+        type=_port_or_zero,
+        default=9102,
+        help="0 disables /metrics (default 9102)",
     )
     adm.add_argument("--metrics-host", default=None, help=METRICS_HOST_HELP)
-    adm.add_argument("--batch", type=int, default=1000, help="entries per stream per read")
-    adm.add_argument("--block-ms", type=int, default=1000, help="longest wait of one read (ms)")
-    adm.add_argument("--reap-interval", type=float, default=0.5, help="seconds")
+    adm.add_argument("--batch", type=_COUNT, default=1000, help="entries per stream per read")
+    adm.add_argument("--block-ms", type=_COUNT, default=1000, help="longest wait of one read (ms)")
+    adm.add_argument("--reap-interval", type=_SECONDS, default=0.5, help="seconds")
     adm.add_argument(
         "--claim-idle-ms",
-        type=int,
+        type=_COUNT,
         default=30_000,
         help="take over entries another admission process left pending this long",
     )
     adm.add_argument(
         "--retention",
-        type=float,
+        type=_SECONDS,
         default=86_400,
         help="seconds to keep ended runs, unless a workflow sets its own `retention` "
         "(default 86400)",
     )
     adm.add_argument(
         "--max-ended-runs",
-        type=int,
+        type=_CAP,
         default=1_000_000,
         help="ended runs kept per workflow at most (enforced per shard: this / the shard "
         "count), the oldest deleted first whatever the retention; bounds memory at any rate "
@@ -352,14 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     adm.add_argument(
         "--min-retention",
-        type=float,
+        type=_SECONDS_OR_ZERO,
         default=300,
         help="seconds an ended run is kept at least, whatever the retention or the cap: its "
         "record is what recognises a redelivered event (default 300)",
     )
     adm.add_argument(
         "--max-groups",
-        type=int,
+        type=_CAP,
         default=1_000_000,
         help="concurrency groups remembered at most (their newest runs and fence; enforced per "
         "shard: this / the shard count), the least recently admitting idle ones forgotten "
@@ -368,22 +401,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     adm.add_argument(
         "--assign-deadline",
-        type=float,
+        type=_SECONDS,
         default=30.0,
         help="seconds an assigned run may wait unclaimed before it gets a fresh assignment",
     )
     adm.add_argument(
-        "--dead-retention", type=float, default=7 * 86_400, help="seconds to keep dead letters"
+        "--dead-retention", type=_SECONDS, default=7 * 86_400, help="seconds to keep dead letters"
     )
     adm.add_argument(
         "--trim-interval",
-        type=float,
+        type=_SECONDS,
         default=5.0,
         help="seconds between trims of the streams (below what every group acknowledged)",
     )
     adm.add_argument(
         "--forget-consumers-after",
-        type=float,
+        type=_SECONDS_OR_ZERO,
         default=3600.0,
         help="delete the consumers of the streams admission trims that have nothing pending and "
         "were idle this many seconds: those of processes that are gone (0: never)",
@@ -392,33 +425,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     ing = sub.add_parser("ingress", help="route inbox events to run requests", service=True)
     ing.add_argument(
-        "--metrics-port", type=int, default=9101, help="0 disables /metrics (default 9101)"
+        "--metrics-port",
+        type=_port_or_zero,
+        default=9101,
+        help="0 disables /metrics (default 9101)",
     )
     ing.add_argument("--metrics-host", default=None, help=METRICS_HOST_HELP)
-    ing.add_argument("--batch", type=int, default=1000, help="inbox entries per read")
-    ing.add_argument("--block-ms", type=int, default=1000, help="longest wait of one read (ms)")
+    ing.add_argument("--batch", type=_COUNT, default=1000, help="inbox entries per read")
+    ing.add_argument("--block-ms", type=_COUNT, default=1000, help="longest wait of one read (ms)")
     ing.add_argument(
         "--claim-idle-ms",
-        type=int,
+        type=_COUNT,
         default=30_000,
         help="take over entries another ingress process left pending this long",
     )
     ing.add_argument(
         "--dedup-window",
-        type=float,
+        type=_SECONDS_OR_ZERO,
         default=86_400,
         help="seconds an explicit event id is remembered",
     )
-    ing.add_argument("--max-payload", type=int, default=1 << 20, help="bytes per inbox entry")
+    ing.add_argument("--max-payload", type=_COUNT, default=1 << 20, help="bytes per inbox entry")
     ing.add_argument(
         "--trim-interval",
-        type=float,
+        type=_SECONDS,
         default=5.0,
         help="seconds between trims of the inbox (below what the ingress group acknowledged)",
     )
     ing.add_argument(
         "--forget-consumers-after",
-        type=float,
+        type=_SECONDS_OR_ZERO,
         default=3600.0,
         help="delete the consumers of the inbox's group that have nothing pending and were idle "
         "this many seconds: those of ingress processes that are gone (0: never)",
@@ -427,20 +463,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     exe = sub.add_parser("executor", help="run the workflows of MODULE", service=True)
     exe.add_argument("module", help="importable module that defines Workflow objects")
-    exe.add_argument("--slots", type=int, default=10, help="runs executed at once")
+    exe.add_argument("--slots", type=_COUNT, default=10, help="runs executed at once")
     exe.add_argument(
-        "--metrics-port", type=int, default=9103, help="0 disables /metrics (default 9103)"
+        "--metrics-port",
+        type=_port_or_zero,
+        default=9103,
+        help="0 disables /metrics (default 9103)",
     )
     exe.add_argument("--metrics-host", default=None, help=METRICS_HOST_HELP)
-    exe.add_argument("--lease", type=float, default=10.0, help="seconds; renewed every third")
-    exe.add_argument("--grace", type=float, default=5.0, help="seconds a cancelled run may take")
+    exe.add_argument("--lease", type=_SECONDS, default=10.0, help="seconds; renewed every third")
+    exe.add_argument(
+        "--grace", type=_SECONDS_OR_ZERO, default=5.0, help="seconds a cancelled run may take"
+    )
     exe.add_argument(
         "--kill-after",
-        type=float,
+        type=_SECONDS_OR_ZERO,
         default=2.0,
         help="process isolation: seconds from SIGTERM to SIGKILL of a step that did not stop",
     )
-    exe.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on SIGTERM")
+    exe.add_argument(
+        "--drain-timeout", type=_SECONDS_OR_ZERO, default=30.0, help="seconds on SIGTERM"
+    )
     exe.add_argument(
         "--results-via-stream",
         action="store_true",
@@ -449,17 +492,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exe.add_argument(
         "--max-output-bytes",
-        type=int,
+        type=_CAP,
         default=65_536,
         help="cap on a run's step outputs (msgpack) kept with it; a run over it fails",
     )
     exe.add_argument(
         "--claim-idle-ms",
-        type=int,
+        type=_COUNT,
         default=30_000,
         help="take over assignments another executor left unclaimed this long",
     )
-    exe.add_argument("--block-ms", type=int, default=1000, help="longest wait of one read")
+    exe.add_argument("--block-ms", type=_COUNT, default=1000, help="longest wait of one read")
     exe.set_defaults(func=_executor)
 
     one = sub.add_parser(
@@ -468,12 +511,19 @@ def build_parser() -> argparse.ArgumentParser:
         service=True,
     )
     one.add_argument("module", nargs="+", help="importable module(s) that define Workflow objects")
-    one.add_argument("--slots", type=int, default=10, help="runs executed at once")
-    one.add_argument("--lease", type=float, default=10.0, help="seconds; renewed every third")
-    one.add_argument("--grace", type=float, default=5.0, help="seconds a cancelled run may take")
-    one.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on SIGTERM")
+    one.add_argument("--slots", type=_COUNT, default=10, help="runs executed at once")
+    one.add_argument("--lease", type=_SECONDS, default=10.0, help="seconds; renewed every third")
     one.add_argument(
-        "--metrics-port", type=int, default=9104, help="0 disables /metrics (default 9104)"
+        "--grace", type=_SECONDS_OR_ZERO, default=5.0, help="seconds a cancelled run may take"
+    )
+    one.add_argument(
+        "--drain-timeout", type=_SECONDS_OR_ZERO, default=30.0, help="seconds on SIGTERM"
+    )
+    one.add_argument(
+        "--metrics-port",
+        type=_port_or_zero,
+        default=9104,
+        help="0 disables /metrics (default 9104)",
     )
     one.add_argument("--metrics-host", default=None, help=METRICS_HOST_HELP)
     one.set_defaults(func=_serve)
@@ -495,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"succeeded, {WAIT_FAILED} when one failed, {WAIT_CANCELLED} when one was cancelled",
     )
     pub.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds --wait waits (default 60)"
+        "--timeout", type=_SECONDS, default=60.0, help="seconds --wait waits (default 60)"
     )
     runs = ops_parser("runs", "list runs (newest first)")
     runs.add_argument("--workflow", help="only runs of this workflow")
@@ -503,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument(
         "--state", choices=[s.name.lower() for s in RunState], help="only runs in this state"
     )
-    runs.add_argument("--limit", type=int, default=100, help="at most this many runs")
+    runs.add_argument("--limit", type=_COUNT, default=100, help="at most this many runs")
     one = ops_parser("run", "one run and its timeline")
     one.add_argument("id", help="a run id, as `runs` and `publish` show it")
     can = ops_parser("cancel", "cancel a run, or every live run of a workflow key")
@@ -517,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="publish the dead letter ID (the `dead letter id` column) to the inbox again",
     )
-    dead.add_argument("--limit", type=int, default=100, help="at most this many dead letters")
+    dead.add_argument("--limit", type=_COUNT, default=100, help="at most this many dead letters")
 
     keda = sub.add_parser(
         "keda", help="print the KEDA ScaledObject of the executor pool that runs MODULE"
@@ -539,8 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="redis:6379",
         help="host:port KEDA reaches Redis at (--source redis; comma-separated for a cluster)",
     )
-    keda.add_argument("--lag", type=int, default=50, help="unclaimed runs per replica")
-    keda.add_argument("--max-replicas", type=int, default=30, help="the pool's largest size")
+    keda.add_argument("--lag", type=_COUNT, default=50, help="unclaimed runs per replica")
+    keda.add_argument("--max-replicas", type=_COUNT, default=30, help="the pool's largest size")
     keda.set_defaults(func=_keda)
 
     acl = sub.add_parser(
@@ -581,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="run the system on an embedded server (no Redis needed)")
     dev.add_argument(
         "--duration",
-        type=float,
+        type=_SECONDS,
         default=None,
         help="seconds of demo once the services are up, then exit 0",
     )
@@ -599,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev.add_argument(
         "--ui-port",
-        type=lambda text: 0 if text == "0" else _port(text),
+        type=_port_or_zero,
         default=8686,
         help="serve the read-only dashboard (supersede ui) on this port, another free one if it "
         "is taken; 0: none",

@@ -137,8 +137,9 @@ async def pin_shard_count(redis: Redis, keys: Keys) -> None:
     await redis.hsetnx(keys.config_hash, "shards", str(keys.shards))
     stored = await redis.hget(keys.config_hash, "shards")
     if stored is None or int(stored) != keys.shards:
+        was = stored.decode() if isinstance(stored, bytes) else stored
         raise ConfigError(
-            f"namespace {keys.namespace!r} was created with {stored!r} shards but this process "
+            f"namespace {keys.namespace!r} was created with {was} shards but this process "
             f"was started with SUPERSEDE_SHARDS={keys.shards}; use the stored value or a new "
             f"namespace"
         )

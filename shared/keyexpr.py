@@ -33,8 +33,14 @@ _PATH = re.compile(r"^\s*(input|metadata)((?:\.[A-Za-z_][A-Za-z0-9_]*)+)\s*$")
 
 def _as_key(value: Any, expression: str) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int):
+        what = type(value).__name__
+        if isinstance(value, float):  # (JSON numbers with a fraction, an exponent, or too big)
+            what = (
+                "a float (a number with a fraction or an exponent, or an integer too large for "
+                "64 bits: send such a key as a string)"
+            )
         raise KeyExpressionError(
-            Reason.KEY_ERROR, f"{expression!r} gave {type(value).__name__}, not a string or integer"
+            Reason.KEY_ERROR, f"{expression!r} gave {what}, not a string or integer"
         )
     key = value if isinstance(value, str) else str(value)
     if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import cel
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -81,6 +82,10 @@ def test_key_expressions() -> None:
     assert info.value.reason == "key_error"
     with pytest.raises(KeyExpressionError, match="not a string or integer"):
         compile_key("input.flag")({"flag": True}, {})
+    # a JSON integer past 64 bits reaches the key as a float: the error says so
+    big = orjson.loads(b'{"u": 123456789012345678901234567890}')
+    with pytest.raises(KeyExpressionError, match="too large for 64 bits: send such a key as a"):
+        compile_key("input.u")(big, {})
     with pytest.raises(KeyExpressionError) as info:
         compile_key("input.k")({"k": "x" * 1025}, {})
     assert info.value.reason == "key_too_large"
