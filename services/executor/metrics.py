@@ -61,7 +61,8 @@ CANCEL_STAGE_SECONDS = Histogram(
     "supersede_executor_cancel_stage_seconds",
     "From the cancel decision to each stage of stopping the handler: flag (ctx.cancelled set, an "
     "async step cancelled), sigterm and sigkill (process isolation, after the grace period), "
-    "stopped (the handler returned or its process is gone).",
+    "stopped (the handler returned or its process is gone; for a sync step that ran past the "
+    "grace, when its thread returned).",
     ["stage"],
     buckets=(*LATENCY_BUCKETS, 10, 30, 60),
 )

@@ -91,6 +91,9 @@ class Running:
     # While set, a cancel is reported only once the handler has stopped (strict mode, or a step
     # in a worker process, which the ladder stops for sure), not at the end of the grace period.
     report_when_stopped: bool = False
+    # A sync step that went on past the grace period of a cancel: its "stopped" stage is
+    # observed when its thread returns, not when the run is reported CANCELLED.
+    stops_later: bool = False
 
 
 class Runner:
@@ -234,7 +237,8 @@ class Runner:
                     tracing.end_run(run.span, "LEFT_TO_LEASE", "")
                 raise  # shutdown: leave the run to its lease
             outcome, error = Outcome.CANCELLED, ""
-            self.stage(run, "stopped")
+            if not run.stops_later:
+                self.stage(run, "stopped")
             await self._on_cancel(run)
         await self.report(run, outcome, error)
 
@@ -308,7 +312,7 @@ class Runner:
             loop = asyncio.get_running_loop()
             thread = loop.run_in_executor(self.pool, functools.partial(step.fn, ctx))
             try:
-                return await self._sync(thread, ctx, strict, step.timeout)
+                return await self._sync(thread, run, strict, step.timeout)
             except TimeoutError:
                 raise TimeoutError(f"step {step.name!r} timed out after {step.timeout}s") from None
         coro = step.fn(ctx)
@@ -346,7 +350,7 @@ class Runner:
             raise StepError(f"in its worker process:\n{exc}") from None
 
     async def _sync(
-        self, thread: asyncio.Future[Any], ctx: Context, strict: bool, timeout: float | None
+        self, thread: asyncio.Future[Any], run: Running, strict: bool, timeout: float | None
     ) -> Any:
         """A sync step's result. A thread cannot be interrupted: when the run is cancelled,
         wait (within the grace period) until the step has returned, so the run is not reported
@@ -362,12 +366,14 @@ class Runner:
                     await asyncio.shield(thread)
             raise
         except asyncio.CancelledError:
-            if not ctx.cancelled:
+            if not run.ctx.cancelled:
                 raise  # a step timeout or a shutdown: nothing asked the step to stop
             with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(asyncio.shield(thread), self.config.grace)
             if not thread.done():
                 self._stray(thread)
+                run.stops_later = True
+                thread.add_done_callback(lambda _: self.stage(run, "stopped"))
                 if strict:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(thread)

@@ -325,6 +325,43 @@ async def test_a_cancelled_sync_step_is_reported_only_once_it_has_returned(
     assert int(str((await records(redis, keys))[rid]["t3"])) >= int(at_ms)
 
 
+async def test_a_sync_step_that_outlives_the_grace_is_timed_stopped_when_it_returns(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """A sync step takes 2 s to wind down after its cancel, past the 0.5 s grace: its run is
+    reported CANCELLED at the grace, but the "stopped" stage of the cancel is observed when the
+    thread returned, 2 s or more after the cancel. (Before, it was observed at the grace: the
+    metric said the handler had stopped while it still ran.)"""
+    import re
+
+    from supersede.server import free_port
+    from tests.support import scrape_when
+
+    system = System(redis_url, keys)
+    port = free_port()
+    try:
+        system.start("admission", "--block-ms", "100")
+        cmd = [sys.executable, "-m", "supersede", "executor", APP, "--grace", "0.5",
+               "--metrics-port", str(port)]  # fmt: skip
+        system.procs.append(subprocess.Popen(cmd, env=system.env, stderr=subprocess.DEVNULL))
+
+        async def registered() -> bool:
+            return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+        await eventually(registered, timeout=30)
+        system.start("ingress", "--block-ms", "100")
+        await publish(redis, keys, "sync.message", userId="u", sleep=60, linger=2)
+        await eventually(lambda: logged(redis, keys, "started:"), timeout=30)
+        await publish(redis, keys, "sync.message", userId="u", sleep=0)
+        await eventually(lambda: logged(redis, keys, "sync-returned:"), timeout=30)
+        count = 'supersede_executor_cancel_stage_seconds_count{stage="stopped"} 1.0'
+        body = await scrape_when(f"http://127.0.0.1:{port}/metrics", lambda b: count in b)
+        [total] = re.findall(r'cancel_stage_seconds_sum\{stage="stopped"\} (\S+)', body)
+        assert float(total) >= 2.0
+    finally:
+        system.close()
+
+
 async def test_sigterm_under_load_starts_and_drains_everything_it_read(
     redis: Redis, keys: Keys, system: System
 ) -> None:
