@@ -4,14 +4,17 @@
   to the shards of their groups). The first inbox entry to claim a digest owns it for the window;
   the same entry may claim it again (a redelivery after a crash between this call and the
   append), any other entry is a duplicate and appends nothing. Digests older than the window
-  are forgotten, at most 1000 per call.
+  are forgotten, and, while the shard holds more than the cap, the oldest ones, though none
+  claimed within the floor; at most 1000 per call.
 
   Input:
     KEYS[1]  ids hash       digest -> inbox entry id that owns it
     KEYS[2]  ids-at zset    digest by the time it was claimed (ms)
     ARGV[1]  now in ms, or 0 for the server clock
     ARGV[2]  de-duplication window in ms
-    ARGV[3..] pairs: digest, inbox entry id
+    ARGV[3]  at most this many digests kept in this shard (0: no cap)
+    ARGV[4]  floor in ms: no digest is forgotten by the cap sooner after its claim
+    ARGV[5..] pairs: digest, inbox entry id
 
   Output:
     {0, flag, ...}  one flag per pair: 1 owned by this entry (claimed now or before), 0 owned
@@ -26,17 +29,24 @@ local idsKey, idsAtKey = KEYS[1], KEYS[2]
 -- @include now
 
 local now = nowMs(ARGV[1])
-local window = tonumber(ARGV[2])
-if not window or (#ARGV - 2) % 2 ~= 0 then return { -4, 0 } end
+local window, cap, floor = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if not window or not cap or not floor or (#ARGV - 4) % 2 ~= 0 then return { -4, 0 } end
 
 local old = rcall('ZRANGEBYSCORE', idsAtKey, '-inf', now - window, 'LIMIT', 0, 1000)
+if cap > 0 and #old < 1000 then
+  local excess = rcall('ZCARD', idsAtKey) - cap
+  if excess > #old then
+    old = rcall('ZRANGEBYSCORE', idsAtKey, '-inf', math.max(now - floor, now - window),
+      'LIMIT', 0, math.min(1000, excess))
+  end
+end
 if #old > 0 then
   rcall('HDEL', idsKey, unpack(old))
   rcall('ZREM', idsAtKey, unpack(old))
 end
 
 local out = { 0 }
-for i = 3, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local digest, entry = ARGV[i], ARGV[i + 1]
   local owner = rcall('HGET', idsKey, digest)
   if not owner then

@@ -54,6 +54,7 @@ def _ingress(args: argparse.Namespace, settings: Settings) -> None:
         block_ms=args.block_ms,
         claim_idle_ms=args.claim_idle_ms,
         dedup_window_ms=int(args.dedup_window * 1000),
+        max_dedup_ids=args.max_dedup_ids,
         max_payload=args.max_payload,
         trim_interval=args.trim_interval,
         forget_consumers_ms=int(args.forget_consumers_after * 1000),
@@ -444,6 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_SECONDS_OR_ZERO,
         default=86_400,
         help="seconds an explicit event id is remembered",
+    )
+    ing.add_argument(
+        "--max-dedup-ids",
+        type=_CAP,
+        default=1_000_000,
+        help="explicit event ids remembered at most (enforced per shard: this / the shard "
+        "count), the oldest forgotten first, none within 5 minutes of its event; bounds "
+        "memory at any rate (default 1000000; 0: no cap)",
     )
     ing.add_argument("--max-payload", type=_COUNT, default=1 << 20, help="bytes per inbox entry")
     ing.add_argument(

@@ -512,12 +512,21 @@ class Scripts:
         return int(r[1])
 
     async def claim_ids(
-        self, shard: int, pairs: Sequence[tuple[str, str | bytes]], *, window_ms: int, now: int = 0
+        self,
+        shard: int,
+        pairs: Sequence[tuple[str, str | bytes]],
+        *,
+        window_ms: int,
+        max_ids: int = 0,
+        floor_ms: int = 0,
+        now: int = 0,
     ) -> list[bool]:
         """Claim (digest, inbox entry id) pairs of one shard; True where the entry owns the
-        digest (claimed now, or by the same entry before), False for a duplicate."""
+        digest (claimed now, or by the same entry before), False for a duplicate. Digests
+        older than `window_ms` are forgotten, and beyond `max_ids` in this shard (0: no cap)
+        the oldest, none claimed within `floor_ms`."""
         sk = self.keys.shard(shard)
-        args: list[Any] = [now, window_ms]
+        args: list[Any] = [now, window_ms, max_ids, floor_ms]
         for digest, entry_id in pairs:
             args += (digest, entry_id)
         r = await self._call("claim_ids", [sk.ids_hash, sk.ids_at_zset], args)

@@ -70,6 +70,10 @@ class IngressConfig:
     forget_consumers_ms: int = 3_600_000
     claim_idle_ms: int = 30_000
     dedup_window_ms: int = 86_400_000
+    # explicit event ids remembered at most (spread over the shards), the oldest forgotten
+    # first, none claimed within dedup_floor_ms (a redelivery comes sooner); 0: no cap
+    max_dedup_ids: int = 1_000_000
+    dedup_floor_ms: int = 300_000
     max_payload: int = 1 << 20
 
 
@@ -454,6 +458,8 @@ class Ingress(Service):
                     s,
                     [(d, e) for d, e, _, _ in batch.ids[s]],
                     window_ms=self.config.dedup_window_ms,
+                    max_ids=-(-self.config.max_dedup_ids // self.keys.shards),
+                    floor_ms=self.config.dedup_floor_ms,
                 )
                 for s in id_shards
             )

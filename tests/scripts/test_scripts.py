@@ -1021,3 +1021,29 @@ async def test_a_key_equal_to_the_event_id_is_stored_once_and_read_back(
         raw = await redis.hget(keys.shard(shard).runs_hash, req.run_id)
         assert RunRecord.decode(req.run_id, raw).key == req.key
         assert (await claim(scripts, shard, req)).key == req.key
+
+
+async def test_beyond_the_cap_the_oldest_explicit_ids_are_forgotten(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """Ten explicit event ids claimed on one shard: with a cap of three, the next claim
+    forgets the oldest seven (but none claimed within the floor), so a shard holds about the
+    cap however many ids producers send within the window (24 h by default). (Before, ids
+    stayed for the whole window: 1,000 explicit ids/s held 86 million.)"""
+    sk = keys.shard(0)
+    for i in range(10):
+        assert await scripts.claim_ids(
+            0, [(f"d{i}", f"1-{i}")], window_ms=86_400_000, now=1_000 + i
+        )
+    cap = {"window_ms": 86_400_000, "max_ids": 3, "floor_ms": 100}
+    assert await scripts.claim_ids(0, [("d10", "2-0")], now=1_050, **cap) == [True]
+    assert await redis.zcard(sk.ids_at_zset) == 11  # every one claimed within the floor
+    assert await scripts.claim_ids(0, [("d11", "3-0")], now=5_000, **cap) == [True]
+    left = {d.decode() for d in await redis.hkeys(sk.ids_hash)}
+    assert left == {"d8", "d9", "d10", "d11"}
+    assert {d.decode() for d in await redis.zrange(sk.ids_at_zset, 0, -1)} == left
+    # a remembered id is still a duplicate; a forgotten one is owned anew
+    assert await scripts.claim_ids(0, [("d9", "9-9"), ("d0", "9-9")], now=5_001, **cap) == [
+        False,
+        True,
+    ]
