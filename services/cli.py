@@ -37,6 +37,7 @@ def _admission(args: argparse.Namespace, settings: Settings) -> None:
         max_groups=args.max_groups,
         assign_deadline_ms=int(args.assign_deadline * 1000),
         dead_retention_ms=int(args.dead_retention * 1000),
+        max_dead_letters=args.max_dead_letters,
         trim_interval=args.trim_interval,
         forget_consumers_ms=int(args.forget_consumers_after * 1000),
     )
@@ -408,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     adm.add_argument(
         "--dead-retention", type=_SECONDS, default=7 * 86_400, help="seconds to keep dead letters"
+    )
+    adm.add_argument(
+        "--max-dead-letters",
+        type=_CAP,
+        default=100_000,
+        help="dead letters kept at most, the newest (each field cut to 4 KiB); bounds memory "
+        "under a flood of bad input (default 100000; 0: no cap)",
     )
     adm.add_argument(
         "--trim-interval",

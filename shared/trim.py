@@ -81,6 +81,13 @@ async def trim_older_than(redis: Redis, streams: Sequence[str], age_ms: int) -> 
     return await _trim(redis, [(s, cut) for s in streams])
 
 
+async def trim_to_length(redis: Redis, stream: str, maxlen: int) -> dict[str, int]:
+    """Keep only the newest `maxlen` entries of a stream nobody consumes through a group (the
+    dead letters, read by people): a flood of bad input cannot grow it past that."""
+    removed = int(await redis.xtrim(stream, maxlen=maxlen, approximate=False) or 0)
+    return {stream: removed} if removed else {}
+
+
 async def _trim(redis: Redis, cuts: Sequence[tuple[str, str]]) -> dict[str, int]:
     if not cuts:
         return {}

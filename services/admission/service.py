@@ -42,7 +42,7 @@ from supersede.service import Periodic, Service, Throttle
 from supersede.service import serve as serve_service
 from supersede.services.admission import metrics
 from supersede.streams import GroupSpec, OwnPending, entry_ms, split_deleted, stale_streams
-from supersede.trim import trim_consumed, trim_older_than
+from supersede.trim import trim_consumed, trim_older_than, trim_to_length
 
 REAP_LIMIT = 1000  # leases and old records one reap call handles (it blocks the server)
 REAP_ROUNDS = 20  # reap calls per shard and tick at most, while old records remain
@@ -75,6 +75,7 @@ class AdmissionConfig:
     trim_interval: float = 5.0  # seconds between two trims of the streams
     control_keep_ms: int = 600_000  # cancel messages kept this long (the heartbeat backs them up)
     dead_retention_ms: int = 7 * 86_400_000  # dead letters kept this long
+    max_dead_letters: int = 100_000  # and at most this many, the newest (0: no cap)
     # a consumer of a stream admission trims, idle this long with nothing pending, is deleted
     # (one is left by every process that ever read: restarts, rolling deploys); 0: never
     forget_consumers_ms: int = 3_600_000
@@ -219,6 +220,10 @@ class Admission(Service):
         removed |= await trim_older_than(
             self.redis, [self.keys.dead_stream], self.config.dead_retention_ms
         )
+        if self.config.max_dead_letters:
+            removed |= await trim_to_length(
+                self.redis, self.keys.dead_stream, self.config.max_dead_letters
+            )
         if removed:
             metrics.TRIMMED.inc(sum(removed.values()))
         if self.config.forget_consumers_ms and self._forget_due.due():

@@ -199,3 +199,20 @@ async def test_the_consumers_of_gone_processes_are_forgotten_by_the_services(
         return [r["st"] for r in (await records(redis, keys)).values()] == ["S"]
 
     await eventually(ran, timeout=60)
+
+
+async def test_dead_letters_are_capped_at_the_newest(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """A flood of bad input: 300 dead letters within their retention. Admission keeps the
+    newest --max-dead-letters of them. (Before, only their age trimmed them: 7 days of a flood,
+    each up to 4 KiB a field.)"""
+    ids = await _fill(redis, keys.dead_stream, 300)
+    system.start("admission", "--block-ms", "100", "--trim-interval", "0.1",
+                 "--max-dead-letters", "10")  # fmt: skip
+
+    async def capped() -> bool:
+        return int(await redis.xlen(keys.dead_stream)) == 10
+
+    await eventually(capped, timeout=30)
+    assert [e[0] for e in await redis.xrange(keys.dead_stream)] == ids[-10:]
