@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from bench.common import log, pipelined_xadd, report
 from supersede.config import Settings
-from supersede.protocol import INGRESS_GROUP
+from supersede.protocol import INGRESS_GROUP, request_payloads
 from supersede.registry import register
 from supersede.server import EmbeddedServer
 from supersede.services.ingress.service import Ingress, IngressConfig
@@ -55,7 +55,10 @@ async def main(n: int, keys_count: int) -> None:
         elapsed = time.perf_counter() - started
         stop.set()
         await task
-        requests = sum([await redis.xlen(sk.requests_stream) for sk in keys.all_shards()])
+        requests = 0
+        for sk in keys.all_shards():
+            for _, fields in await redis.xrange(sk.requests_stream):
+                requests += len(request_payloads(fields) or [])
         assert requests == 2 * n, f"expected {2 * n} requests, found {requests}"
         report("ingress_throughput", n / elapsed, "events/s", xadd_rate, events=n,
                workflows_per_event=2, keys=keys_count, target=30_000)  # fmt: skip

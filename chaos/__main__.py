@@ -42,7 +42,7 @@ from chaos.verdict import TRIGGERS, WORKFLOWS, Observed, check, ok
 from supersede import client
 from supersede.config import connect
 from supersede.keys import Keys
-from supersede.protocol import RunRecord
+from supersede.protocol import RunRecord, request_payloads
 from supersede.server import (
     EmbeddedCluster,
     EmbeddedServer,
@@ -449,7 +449,7 @@ async def _trace(redis: Any, verdict: dict[str, Any]) -> dict[str, Any]:
     requests = 0
     for sk in keys.all_shards():
         for _, f in await redis.xrange(sk.requests_stream):
-            requests += any(i in f[b"r"] for i in ids)
+            requests += sum(1 for r in request_payloads(f) or [] if any(i in r for i in ids))
     return {
         "inbox_entries": len(inbox),
         "inbox_pending": sum(1 for e, _ in inbox if e in pending_ids),

@@ -37,7 +37,8 @@
              claim.lua would) instead of being written to their assignment streams. Only
              `supersede serve` asks, for the executor of its own process.
     ARGV[7..] triples: requests-stream entry id ('': a request handed over in the caller's
-              process, never written to the stream; nothing to acknowledge), msgpack request
+              process, never written to the stream; nothing to acknowledge; the requests of
+              one entry come one after the other, with its id each), msgpack request
               {id, g, s, w, v, k, ev, max, st, x, m, in, iu, u, tp}, when the request was
               written (µs, the entry's t field; 0: unknown, the entry id's ms is used)
               (iu: when ingress read the event, µs; optional. u = 1: the workflow has no

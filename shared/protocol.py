@@ -27,6 +27,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from supersede import codec
 
 # -- consumer groups ------------------------------------------------------------------------------
@@ -59,9 +61,29 @@ class Inbox:
 # calls of executors.
 ASSIGN_DEADLINE_FIELD = "assign_deadline_ms"
 PAYLOAD = b"r"
-"""The field of requests and results entries that holds the item: a msgpack map."""
+"""The field of results entries (and of requests entries an earlier ingress wrote) that holds
+the item: a msgpack map."""
+PAYLOADS = b"rs"
+"""The field of requests entries that holds their items: a msgpack array of packed requests,
+all that one ingress call appended to the shard (one entry per call, not per request)."""
 WRITTEN = b"t"
 """Requests entries only: when the request was written, epoch µs (lua/append_requests.lua)."""
+
+
+def request_payloads(fields: dict[bytes, bytes]) -> list[bytes] | None:
+    """The packed requests of a requests-stream entry, of either form (PAYLOADS, or one
+    PAYLOAD); None when it holds neither, or a PAYLOADS that is no array of byte strings."""
+    many = fields.get(PAYLOADS)
+    if many is None:
+        one = fields.get(PAYLOAD)
+        return None if one is None else [one]
+    try:
+        items = msgpack.unpackb(many, raw=True)  # (packed as raw strings: see codec)
+    except Exception:
+        return None
+    if not isinstance(items, list) or not all(isinstance(x, bytes) for x in items):
+        return None
+    return items
 
 
 class Assignment:

@@ -508,7 +508,10 @@ class Scripts:
     async def append_requests(self, shard: int, payloads: Sequence[bytes]) -> int:
         """Append packed RunRequests to a shard's requests stream; returns how many."""
         sk = self.keys.shard(shard)
-        r = await self._call("append_requests", [sk.requests_stream], [codec.pack(list(payloads))])
+        items = list(payloads)
+        r = await self._call(
+            "append_requests", [sk.requests_stream], [codec.pack(items), len(items)]
+        )
         return int(r[1])
 
     async def claim_ids(

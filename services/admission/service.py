@@ -35,6 +35,7 @@ from supersede.protocol import (
     Reason,
     StreamReply,
     dead_letter,
+    request_payloads,
 )
 from supersede.registry import load_all
 from supersede.scripts import AdmitResult, HandOver
@@ -346,15 +347,7 @@ class Admission(Service):
         shards); a refused item is dead-lettered and the rest retried."""
         pending: list[tuple[bytes, int, Items]] = []
         for stream, shard, entries in parts:
-            items: Items = []
-            for entry_id, fields in entries:
-                payload = fields.get(PAYLOAD)
-                if payload is None:
-                    await self._reject(stream, kind, entry_id, fields, Reason.MALFORMED,
-                                       "no payload")  # fmt: skip
-                else:
-                    items.append((entry_id, payload))
-            if items:
+            if items := await self._items(kind, stream, entries):
                 pending.append((stream, shard, items))
         while pending:
             started = time.perf_counter()
@@ -371,7 +364,10 @@ class Admission(Service):
                 stream, items, at = place
                 bad_id, bad_payload = items.pop(at)
                 fields = {PAYLOAD: bad_payload}
-                await self._reject(stream, kind, bad_id, fields, exc.reason, exc.detail)
+                # (the entry's other requests, if any, are acknowledged by the call that
+                # admits them: acknowledged now, they would be lost to a crash before it)
+                last = all(entry_id != bad_id for entry_id, _ in items)
+                await self._reject(stream, kind, bad_id, fields, exc.reason, exc.detail, ack=last)
                 pending = [part for part in pending if part[2]]
                 continue
             except Exception as exc:
@@ -392,6 +388,23 @@ class Admission(Service):
             finally:
                 metrics.BATCH_SECONDS.labels(kind).observe(time.perf_counter() - started)
             return
+
+    async def _items(self, kind: str, stream: bytes, entries: Sequence[Entry]) -> Items:
+        """(entry id, packed item) of each item of the entries, in order: a requests entry
+        holds the requests of one ingress call (see protocol.PAYLOADS), a results entry one
+        result. An entry with none is dead-lettered."""
+        items: Items = []
+        for entry_id, fields in entries:
+            if kind == "admit":
+                payloads = request_payloads(fields)
+            else:
+                payload = fields.get(PAYLOAD)
+                payloads = None if payload is None else [payload]
+            if payloads:
+                items += [(entry_id, payload) for payload in payloads]
+            else:
+                await self._reject(stream, kind, entry_id, fields, Reason.MALFORMED, "no payload")
+        return items
 
     async def admit_handed(
         self, shard: int, payloads: Sequence[bytes], hand_over: HandOver | None
@@ -495,12 +508,17 @@ class Admission(Service):
         fields: dict[bytes, bytes],
         reason: str,
         detail: str,
+        *,
+        ack: bool = True,
     ) -> None:
-        """Move one entry the scripts refused to the dead-letter stream, then acknowledge it."""
+        """Move one entry the scripts refused (or one request of it) to the dead-letter stream,
+        then acknowledge the entry (unless `ack` is False: other requests of it are still to be
+        admitted)."""
         dead = dead_letter(fields, entry_id, reason, detail, stream=stream)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xadd(self.keys.dead_stream, dead)
-            pipe.xack(stream, ADMISSION_GROUP, entry_id)
+            if ack:
+                pipe.xack(stream, ADMISSION_GROUP, entry_id)
             await pipe.execute()
         counter = metrics.REQUESTS if kind == "admit" else metrics.RESULTS
         counter.labels("rejected").inc()

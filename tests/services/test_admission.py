@@ -165,6 +165,64 @@ async def test_a_bad_entry_is_dead_lettered_and_the_batch_still_lands(
     assert await backlog(redis, keys) == 0
 
 
+async def test_one_entry_holds_an_ingress_calls_requests_and_a_bad_one_among_them_is_dead_lettered(
+    redis: Redis, keys: Keys, scripts: Scripts, service: Admission
+) -> None:
+    """Ingress appends a call's requests as one entry: admission admits them all, and one it
+    refuses is dead-lettered alone while the others are admitted; the entry is acknowledged
+    once they are, and an entry that is no array of requests is dead-lettered whole."""
+    reqs = [make_request(keys, event=f"e{i}", seq=i + 1, key="k") for i in range(3)]
+    shard = reqs[0][0]
+    stream = keys.shard(shard).requests_stream
+    payloads = [reqs[0][1].pack(), b"\xc1not msgpack", reqs[1][1].pack(), reqs[2][1].pack()]
+    assert await scripts.append_requests(shard, payloads) == 4
+    assert await redis.xlen(stream) == 1
+    await redis.xadd(stream, {"rs": b"\x93not an array of requests"})
+
+    async def settled() -> bool:
+        return await redis.xlen(keys.dead_stream) == 2 and await backlog(redis, keys) == 0
+
+    await eventually(settled)
+    assert sorted(f[b"reason"] for _, f in await redis.xrange(keys.dead_stream)) == [
+        b"malformed",
+        b"malformed",
+    ]
+    assert len(await records(redis, keys)) == 3
+
+
+async def test_the_entry_of_a_refused_request_stays_pending_until_its_others_are_admitted(
+    redis: Redis, redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refused request of a three-request entry is dead-lettered; the call that would admit
+    the other two fails (a failover, say): the entry must still be pending, so the re-read
+    admits them. (Acknowledged with the refused one, they would be lost.)"""
+    scripts = Scripts(redis, keys)
+    reqs = [make_request(keys, event=f"e{i}", seq=i + 1, key="k") for i in range(2)]
+    shard = reqs[0][0]
+    await scripts.append_requests(shard, [reqs[0][1].pack(), b"\xc1", reqs[1][1].pack()])
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    admission = Admission(redis, settings, AdmissionConfig(block_ms=50))
+    await admission.start()
+    calls = []
+    real = admission.scripts.admit
+
+    async def failing_second(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 2:
+            raise ConnectionError("the server went away")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(admission.scripts, "admit", failing_second)
+    stream = keys.shard(shard).requests_stream
+    [(_, entries)] = await redis.xreadgroup(ADMISSION_GROUP, "c", {stream: ">"})
+    with pytest.raises(ConnectionError):
+        await admission._apply("admit", [(stream.encode(), shard, entries)])
+    assert (await redis.xpending(stream, ADMISSION_GROUP))["pending"] == 1
+    await admission._apply("admit", [(stream.encode(), shard, entries)])  # the re-read
+    assert len(await records(redis, keys)) == 2
+    assert (await redis.xpending(stream, ADMISSION_GROUP))["pending"] == 0
+
+
 async def test_the_reaper_runs_on_a_timer(redis: Redis, keys: Keys, service: Admission) -> None:
     shard, req = make_request(keys, event="e", seq=1, max_attempts=1)
     await service.scripts.admit(shard, [("0-1", req.pack())])

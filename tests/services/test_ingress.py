@@ -28,7 +28,7 @@ from supersede.config import Settings
 from supersede.errors import DefinitionError
 from supersede.keys import Keys
 from supersede.model import event_digest, group_id, shard_of_digest, shard_of_group
-from supersede.protocol import INGRESS_GROUP, Dead
+from supersede.protocol import INGRESS_GROUP, Dead, request_payloads
 from supersede.registry import register
 from supersede.scripts import Scripts
 from supersede.services.ingress.service import Ingress, IngressConfig
@@ -412,7 +412,7 @@ async def test_sigkill_mid_batch_then_restart_gives_exactly_one_run_or_dead_lett
            "--block-ms", "100"]  # fmt: skip
 
     async def appended() -> int:
-        return sum([await redis.xlen(sk.requests_stream) for sk in keys.all_shards()])
+        return len(await requests_in_streams(redis, keys))
 
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     try:
@@ -436,7 +436,8 @@ async def test_sigkill_mid_batch_then_restart_gives_exactly_one_run_or_dead_lett
     scripts = Scripts(redis, keys)
     created = duplicates = 0
     for sk in keys.all_shards():
-        entries = [(e, f[b"r"]) for e, f in await redis.xrange(sk.requests_stream)]
+        entries = [(e, p) for e, f in await redis.xrange(sk.requests_stream)
+                   for p in request_payloads(f) or []]  # fmt: skip
         for i in range(0, len(entries), 500):
             result = await scripts.admit(sk.shard, entries[i : i + 500])
             created, duplicates = created + result.created, duplicates + result.duplicates

@@ -116,11 +116,12 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0
 async def requests_in_streams(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
     """Every run request appended to the shard streams, decoded."""
     from supersede import codec
+    from supersede.protocol import request_payloads
 
     out = []
     for sk in keys.all_shards():
         for _, fields in await redis.xrange(sk.requests_stream):
-            out.append(codec.unpack(fields[b"r"]))
+            out += [codec.unpack(p) for p in request_payloads(fields) or []]
     return out
 
 

@@ -70,7 +70,7 @@ def test_stream_fields_written_by_the_scripts_match_the_protocol() -> None:
         "assignments": [protocol.Assignment.RUN_ID, protocol.Assignment.ATTEMPT],
         "control": [protocol.Control.OP, protocol.Control.RUN_ID, protocol.Control.ATTEMPT,
                     protocol.Control.BY, protocol.Control.WHY, protocol.Control.DECIDED_US],
-        "requests": [protocol.PAYLOAD, protocol.WRITTEN],
+        "requests": [protocol.PAYLOADS, protocol.WRITTEN],
     }  # fmt: skip
     seen = {}
     for call in xadds:
