@@ -18,6 +18,7 @@
     {0, deleted, kept}  kept: consumers left in the group
     {0, 0, 0}           the stream or the group does not exist; nothing written
     {-4, 0}             bad ARGV; nothing written
+    an error reply      XINFO failed otherwise (e.g. NOPERM); nothing written
 
   Writes: XGROUP DELCONSUMER; nothing else.
 ]]
@@ -29,7 +30,15 @@ if not group or group == '' or not idleMs or idleMs < 0 or not most or most < 0 
 end
 
 local consumers = redis.pcall('XINFO', 'CONSUMERS', stream, group)
-if type(consumers) ~= 'table' or consumers.err then return { 0, 0, 0 } end
+if type(consumers) == 'table' and consumers.err then
+  -- (a missing stream or group has no consumers; any other error, e.g. a refused command,
+  -- is the caller's to see)
+  local err = consumers.err
+  if string.find(err, 'NOGROUP', 1, true) or string.find(err, 'no such key', 1, true) then
+    return { 0, 0, 0 }
+  end
+  return consumers
+end
 
 local deleted = 0
 for i = 1, #consumers do

@@ -7,7 +7,7 @@
   four times ... up to 64 times the deadline, so its slot is never held by a run nobody can
   claim; a duplicate entry is refused by claim. No fresh entry is written while the last one
   surely still waits unread in its stream (no executor of the workflow read that far: it
-  would only grow the stream); the run is looked at again on the same schedule. Records of
+  would only grow the stream); the run is looked at again within 4 deadlines. Records of
   runs that ended more than their workflow's retention ago are deleted with their entries of
   the ended streams. A group's memory (its newest runs and its fence) is forgotten once it
   admitted nothing for the default retention, or, while the shard remembers more groups than
@@ -40,7 +40,8 @@
     ARGV[8..]   pairs: workflow id, its own retention in ms
 
   Output:
-    {0, retried, failed, cancelled, expired records, assigned, reassigned, forgotten groups}
+    {0, retried, failed, cancelled, expired records, assigned, reassigned, forgotten groups,
+     leases looked at (when it is the limit, more may be due)}
     {-4, 0}  bad ARGV; nothing written
 
   Writes: XADD <prefix>:<workflow tag> for retries, for runs started in released slots and for
@@ -124,14 +125,18 @@ for i = 1, #expired do
     local ra = rec.ra or 0
     local due = (rec.tr or rec.t1) + deadline * 2 ^ math.min(ra, 6)
     if now >= due then
-      if not waitsUnread(rid, rec) then
+      if waitsUnread(rid, rec) then
+        -- (no record write; looked at again within 4 deadlines: once a consumer read past
+        -- the entry without claiming it, or it was lost, the fresh one follows soon)
+        due = now + deadline * 2 ^ math.min(ra, 2)
+      else
         writeAssignment(rid, rec)
         rec.tr = now
+        rec.ra = ra + 1
+        saveRun(rid, rec)
+        due = now + deadline * 2 ^ math.min(ra + 1, 6)
         reassigned = reassigned + 1
       end
-      rec.ra = ra + 1
-      saveRun(rid, rec)
-      due = now + deadline * 2 ^ math.min(ra + 1, 6)
     end
     setLease(rid, due)
   elseif rec and rec.st == 'X' then
@@ -245,5 +250,5 @@ if #forget > 0 then
   rcall('HDEL', fencesKey, unpack(forget))
   rcall('ZREM', newestAtKey, unpack(forget))
 end
-if #live > 0 then rcall('ZADD', newestAtKey, unpack(live)) end
-return { 0, retried, failed, cancelled, #old, stats.assigned, reassigned, #forget }
+callChunked('ZADD', newestAtKey, live, 1000)
+return { 0, retried, failed, cancelled, #old, stats.assigned, reassigned, #forget, #expired }

@@ -39,7 +39,7 @@ def _admission(args: argparse.Namespace, settings: Settings) -> None:
         dead_retention_ms=int(args.dead_retention * 1000),
         max_dead_letters=args.max_dead_letters,
         trim_interval=args.trim_interval,
-        forget_consumers_ms=int(args.forget_consumers_after * 1000),
+        forget_consumers_ms=_ms(args.forget_consumers_after),
     )
     run_until_signal(
         lambda stop: serve(settings, config, stop), args.metrics_port, _host(args, settings),
@@ -58,7 +58,7 @@ def _ingress(args: argparse.Namespace, settings: Settings) -> None:
         max_dedup_ids=args.max_dedup_ids,
         max_payload=args.max_payload,
         trim_interval=args.trim_interval,
-        forget_consumers_ms=int(args.forget_consumers_after * 1000),
+        forget_consumers_ms=_ms(args.forget_consumers_after),
     )
     run_until_signal(
         lambda stop: serve(settings, config, stop), args.metrics_port, _host(args, settings),
@@ -218,7 +218,12 @@ _SECONDS_OR_ZERO = _number(float, 0)
 
 def _port_or_zero(text: str) -> int:
     """A port to listen on, or 0: none."""
-    return 0 if text.strip() == "0" else _port(text)
+    return 0 if text.strip().isdigit() and int(text) == 0 else _port(text)
+
+
+def _ms(seconds: float) -> int:
+    """Seconds as whole ms, never rounding a positive duration down to 0 (which means none)."""
+    return math.ceil(seconds * 1000)
 
 
 def _ui(args: argparse.Namespace, settings: Settings) -> None:

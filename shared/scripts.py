@@ -165,6 +165,7 @@ class ReapResult:
     assigned: int
     reassigned: int = 0
     forgotten: int = 0  # groups whose memory (newest runs, fence) was forgotten
+    leases: int = 0  # leases looked at (the call's limit: more may be due)
 
 
 def _s(value: Any) -> str:
@@ -480,7 +481,7 @@ class Scripts:
         keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset, sk.legacy_terminal_zset,
                 sk.outputs_hash, sk.fences_hash, sk.debounce_hash]  # fmt: skip
         r = await self._call("reap", keys, args)
-        return ReapResult(*(int(x) for x in r[1:8]))
+        return ReapResult(*(int(x) for x in r[1:9]))
 
     async def cancel(
         self, shard: int, run_ids: Sequence[str], *, reason: str = Reason.MANUAL, now: int = 0

@@ -146,12 +146,17 @@ class Context:
 
     async def still_current(self) -> bool:
         """False once a newer run of this run's key was admitted (one read of the group's
-        fence); always True for a workflow without a concurrency limit (every run is its own
-        key). Ask before costly work; guard the write itself with `fencing.set_if_newer`."""
+        fence), or once this run was cancelled (whatever its group still remembers); otherwise
+        True for a workflow without a concurrency limit (every run is its own key). Ask before
+        costly work; guard the write itself with `fencing.set_if_newer`."""
+        if self.cancelled:
+            return False
         return True if self._current is None else await self._current()
 
     def still_current_blocking(self, timeout: float = 10.0) -> bool:
         """`still_current()` for a sync step (it runs in a thread; not on the event loop)."""
+        if self.cancelled:
+            return False
         loop = self._loop
         if loop is None or self._current is None:
             return True

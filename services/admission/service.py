@@ -599,8 +599,7 @@ class Admission(Service):
                 metrics.EXPIRED.inc(r.expired)
                 metrics.FORGOTTEN_GROUPS.inc(r.forgotten)
                 metrics.ASSIGNED.inc(r.assigned)
-                leases = r.retried + r.failed + r.cancelled + r.reassigned
-                if r.expired < REAP_LIMIT and leases < REAP_LIMIT and r.forgotten < REAP_LIMIT:
+                if r.expired < REAP_LIMIT and r.leases < REAP_LIMIT and r.forgotten < REAP_LIMIT:
                     return
 
         await asyncio.gather(*(one(s) for s in range(self.keys.shards)))

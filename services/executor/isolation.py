@@ -67,6 +67,8 @@ class _WorkerContext(Context):
         self._fence_args = (job.get("fk"), job.get("g"), job.get("s"))
 
     def still_current_blocking(self, timeout: float = 10.0) -> bool:
+        if self.cancelled:
+            return False
         key, group, seq = self._fence_args
         if not key:
             return True

@@ -465,6 +465,32 @@ async def test_one_reaper_tick_expires_every_old_record_not_only_a_thousand(
     assert [await redis.hlen(sk.counts_hash) for sk in keys.all_shards()] == [0] * keys.shards
 
 
+async def test_one_reaper_tick_reaches_an_expired_lease_behind_thousands_of_waiting_runs(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """3,000 runs of one shard wait ASSIGNED with their entries unread (no executor yet), due
+    for a look before a RUNNING run whose lease expired: one tick looks at them all (no fresh
+    entries: they still wait unread) and still retries the expired run. (Had the tick stopped
+    after a call without a retry or a fresh entry, the retry would wait for later ticks.)"""
+    scripts = Scripts(redis, keys)
+    past = int((await redis.time())[0]) * 1000 - 60_000
+    waiting = [make_request(keys, event=f"e{i}", seq=i + 1, unlimited=True) for i in range(3_000)]
+    shard = waiting[0][0]
+    await scripts.admit(shard, [("0-1", r.pack()) for _, r in waiting], now=past,
+                        assign_deadline_ms=1_000)  # fmt: skip
+    _, running = make_request(keys, event="running", seq=5_000, unlimited=True)
+    await scripts.admit(shard, [("0-2", running.pack())], now=past)
+    stream = keys.shard(shard).assignments_stream("wf")
+    [c] = await scripts.claim(shard, "ex", [(stream, "0-2", running.run_id, 1)], lease_ms=1_000,
+                              now=past + 5_000)  # fmt: skip
+    assert c.claimed
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    await Admission(redis, settings, AdmissionConfig(assign_deadline_ms=1_000)).reap_all()
+    rec = (await records(redis, keys))[running.run_id]
+    assert (rec["st"], rec["a"]) == ("A", 2)
+    assert await redis.xlen(stream) == 3_002  # the retry's entry; none for the waiting runs
+
+
 async def test_the_reaper_keeps_the_groups_of_a_shard_within_the_cap(
     redis: Redis, redis_url: str, keys: Keys
 ) -> None:

@@ -341,3 +341,16 @@ def test_a_bad_number_on_the_command_line_is_one_line_naming_the_flag(
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
     ok = build_parser().parse_args(["admission", "--max-groups", "0", "--metrics-port", "0"])
     assert (ok.max_groups, ok.metrics_port, ok.min_retention) == (0, 0, 300)
+
+
+async def test_a_cancelled_run_is_never_current() -> None:
+    """A superseded run may outlive its group's memory (a step that ignores its cancel, a
+    CANCELLING run under its lease while the reaper forgets the group by --max-groups): with no
+    fence left to read, still_current() must not call it current."""
+    from supersede.workflow import Context
+
+    ctx = Context(run_id="1-x", workflow="w", attempt=1, input={}, metadata={}, event="e",
+                  event_id="e", key="k")  # fmt: skip
+    assert await ctx.still_current() and ctx.still_current_blocking()
+    ctx._cancel()
+    assert not await ctx.still_current() and not ctx.still_current_blocking()
