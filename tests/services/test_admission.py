@@ -436,23 +436,32 @@ async def test_the_service_survives_a_server_restart(keys: Keys) -> None:
         server.stop()
 
 
+async def _ended_runs_of_new_keys(
+    redis: Redis, keys: Keys, n: int, *, now: int
+) -> dict[int, list[RunRequest]]:
+    """n runs of workflow `wf`, a key each, admitted, claimed and SUCCEEDED at `now` (0: the
+    server's clock), by shard."""
+    scripts = Scripts(redis, keys)
+    reqs = [make_request(keys, event=f"e{i}", seq=i + 1, key=f"k{i}") for i in range(n)]
+    by_shard: dict[int, list[RunRequest]] = {}
+    for shard, req in reqs:
+        by_shard.setdefault(shard, []).append(req)
+    for shard, batch in by_shard.items():
+        await scripts.admit(shard, [("0-1", r.pack()) for r in batch], now=now)
+        stream = keys.shard(shard).assignments_stream("wf")
+        await scripts.claim(shard, "ex", [(stream, "0-1", r.run_id, 1) for r in batch],
+                            lease_ms=60_000, now=now)  # fmt: skip
+        results = [("0-1", RunResult(r.run_id, 1, Outcome.SUCCEEDED).pack()) for r in batch]
+        await scripts.finish(shard, results, now=now and now + 1_000)
+    return by_shard
+
+
 async def test_one_reaper_tick_expires_every_old_record_not_only_a_thousand(
     redis: Redis, redis_url: str, keys: Keys
 ) -> None:
     """6,000 runs ended long ago (about 1,500 per shard): one tick deletes them all, so the
     retention keeps up above 2,000 ended runs/s per shard (one call per tick did not)."""
-    scripts = Scripts(redis, keys)
-    reqs = [make_request(keys, event=f"e{i}", seq=i, key=f"k{i}") for i in range(6_000)]
-    by_shard: dict[int, list[RunRequest]] = {}
-    for shard, req in reqs:
-        by_shard.setdefault(shard, []).append(req)
-    for shard, batch in by_shard.items():
-        await scripts.admit(shard, [("0-1", r.pack()) for r in batch], now=1_000)
-        stream = keys.shard(shard).assignments_stream("wf")
-        await scripts.claim(shard, "ex", [(stream, "0-1", r.run_id, 1) for r in batch],
-                            lease_ms=60_000, now=1_000)  # fmt: skip
-        results = [("0-1", RunResult(r.run_id, 1, Outcome.SUCCEEDED).pack()) for r in batch]
-        await scripts.finish(shard, results, now=2_000)
+    by_shard = await _ended_runs_of_new_keys(redis, keys, 6_000, now=1_000)
     assert max(len(b) for b in by_shard.values()) > 1_000
     settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
     admission = Admission(redis, settings, AdmissionConfig(retention_ms=1_000))
@@ -497,18 +506,7 @@ async def test_the_reaper_keeps_the_groups_of_a_shard_within_the_cap(
     """3,000 groups each ran one run, a new key per event: with --max-groups 32 (2 a shard)
     one reaper tick forgets all but the two most recent groups of each shard, their newest
     runs and fences with them. (Before, every group stayed for the retention, 24 h.)"""
-    scripts = Scripts(redis, keys)
-    reqs = [make_request(keys, event=f"e{i}", seq=i + 1, key=f"k{i}") for i in range(3_000)]
-    by_shard: dict[int, list[RunRequest]] = {}
-    for shard, req in reqs:
-        by_shard.setdefault(shard, []).append(req)
-    for shard, batch in by_shard.items():
-        await scripts.admit(shard, [("0-1", r.pack()) for r in batch], now=0)
-        stream = keys.shard(shard).assignments_stream("wf")
-        await scripts.claim(shard, "ex", [(stream, "0-1", r.run_id, 1) for r in batch],
-                            lease_ms=60_000, now=0)  # fmt: skip
-        results = [("0-1", RunResult(r.run_id, 1, Outcome.SUCCEEDED).pack()) for r in batch]
-        await scripts.finish(shard, results, now=0)
+    await _ended_runs_of_new_keys(redis, keys, 3_000, now=0)
     sizes = [await redis.zcard(sk.newest_at_zset) for sk in keys.all_shards()]
     assert sum(sizes) == 3_000
     settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
