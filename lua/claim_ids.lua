@@ -27,19 +27,13 @@ local rcall = redis.call
 local idsKey, idsAtKey = KEYS[1], KEYS[2]
 
 -- @include now
+-- @include cap
 
 local now = nowMs(ARGV[1])
 local window, cap, floor = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 if not window or not cap or not floor or (#ARGV - 4) % 2 ~= 0 then return { -4, 0 } end
 
-local old = rcall('ZRANGEBYSCORE', idsAtKey, '-inf', now - window, 'LIMIT', 0, 1000)
-if cap > 0 and #old < 1000 then
-  local excess = rcall('ZCARD', idsAtKey) - cap
-  if excess > #old then
-    old = rcall('ZRANGEBYSCORE', idsAtKey, '-inf', math.max(now - floor, now - window),
-      'LIMIT', 0, math.min(1000, excess))
-  end
-end
+local old = overdue(idsAtKey, now, window, cap, floor, 1000)
 if #old > 0 then
   rcall('HDEL', idsKey, unpack(old))
   rcall('ZREM', idsAtKey, unpack(old))

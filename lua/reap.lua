@@ -56,6 +56,7 @@ local outputsKey, fencesKey, debounceKey = KEYS[14], KEYS[15], KEYS[16]
 
 -- @include now
 -- @include runs
+-- @include cap
 
 local now, nowUs = nowMs(ARGV[1])
 local limit, retention, deadline = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -224,14 +225,7 @@ callChunked('ZREM', legacyTerminalKey, legacy, 1000)
 -- Groups: those idle past the retention; more, the least recently admitting first, while the
 -- shard remembers more than maxGroups (none that admitted within the floor). A live one (a run
 -- holding a slot, a debounce window open) is kept and counts as admitting now.
-local idle = rcall('ZRANGEBYSCORE', newestAtKey, '-inf', now - retention, 'LIMIT', 0, limit)
-if maxGroups > 0 and #idle < limit then
-  local excess = rcall('ZCARD', newestAtKey) - maxGroups
-  if excess > #idle then
-    idle = rcall('ZRANGEBYSCORE', newestAtKey, '-inf', math.max(young, now - retention),
-      'LIMIT', 0, math.min(limit, excess))
-  end
-end
+local idle = overdue(newestAtKey, now, retention, maxGroups, floor, limit)
 local forget, live = {}, {}
 if #idle > 0 then
   local slots = rcall('HMGET', slotsKey, unpack(idle))

@@ -247,3 +247,7 @@ class Keys:
 
     def all_shards(self) -> tuple[ShardKeys, ...]:
         return self._shards
+
+    def share(self, total: int) -> int:
+        """One shard's share of a deployment-wide cap, rounded up (0 stays 0: no cap)."""
+        return -(-total // self.shards)

@@ -18,6 +18,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
+from prometheus_client import Counter
 from redis.asyncio import Redis
 
 from supersede import metrics, tracing
@@ -76,6 +77,22 @@ class Service:
         self.log = logging.getLogger(f"supersede.{self.name}")
         self.ready = False
         self.tracer = tracing.setup(self.name)  # None unless OTEL_* variables ask for traces
+        self._forget_due: Throttle | None = None
+
+    async def forget_gone_consumers(
+        self, groups: Sequence[GroupSpec], idle_ms: int, counter: Counter
+    ) -> None:
+        """From a trim: delete the consumers of `groups` with nothing pending that were idle
+        for `idle_ms` (0: never), those of processes that are gone; at most once a minute (or
+        every half of `idle_ms` when that is shorter). `counter`: the service's metric."""
+        if not idle_ms:
+            return
+        if self._forget_due is None:
+            self._forget_due = Throttle(min(60.0, idle_ms / 2000))
+        if self._forget_due.due():
+            gone = await self.scripts.forget_consumers(groups, idle_ms=idle_ms)
+            if gone:
+                counter.inc(gone)
 
     # -- what a service gives ---------------------------------------------------------------------
     def groups(self) -> Sequence[GroupSpec]:

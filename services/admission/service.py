@@ -168,7 +168,6 @@ class Admission(Service):
         self._workflows: list[str] = []  # registered, refreshed by each trim
         self._retentions: dict[str, int] = {}  # workflow -> its own retention (ms)
         self._gauges_due = Throttle(1.0)
-        self._forget_due = Throttle(min(60.0, self.config.forget_consumers_ms / 2000))
         self._next_due = 0.0  # the earliest debounce timer this process set (server ms), 0: none
         self._due_set = asyncio.Event()
         # stream name -> (shard, kind) for every stream this service reads
@@ -227,12 +226,9 @@ class Admission(Service):
             )
         if removed:
             metrics.TRIMMED.inc(sum(removed.values()))
-        if self.config.forget_consumers_ms and self._forget_due.due():
-            gone = await self.scripts.forget_consumers(
-                groups, idle_ms=self.config.forget_consumers_ms
-            )
-            if gone:
-                metrics.FORGOTTEN_CONSUMERS.inc(gone)
+        await self.forget_gone_consumers(
+            groups, self.config.forget_consumers_ms, metrics.FORGOTTEN_CONSUMERS
+        )
 
     async def tick(self) -> None:
         """Reap expired leases, take over stale pending entries, and (each second) the gauges."""
@@ -587,9 +583,9 @@ class Admission(Service):
                     retention_ms=self.config.retention_ms,
                     assign_deadline_ms=self.config.assign_deadline_ms,
                     retentions=self._retentions,
-                    max_ended=-(-self.config.max_ended_runs // self.keys.shards),
+                    max_ended=self.keys.share(self.config.max_ended_runs),
                     min_retention_ms=self.config.min_retention_ms,
-                    max_groups=-(-self.config.max_groups // self.keys.shards),
+                    max_groups=self.keys.share(self.config.max_groups),
                 )
                 metrics.BATCH_SECONDS.labels("reap").observe(time.perf_counter() - started)
                 metrics.REAPED.labels("retried").inc(r.retried)

@@ -55,7 +55,6 @@ from supersede.services.ingress import metrics
 from supersede.streams import GroupSpec, OwnPending, entry_ms, split_deleted
 from supersede.trim import trim_consumed
 
-MAX_ID_BYTES = Inbox.MAX_ID_BYTES
 GROUP_MEMO = 100_000
 
 
@@ -150,8 +149,8 @@ def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int) -
         event_id = raw_id.decode("utf-8") if raw_id is not None else entry_id.decode()
     except UnicodeDecodeError:
         raise BadEvent(Reason.BAD_ENCODING, "`name` or `id` is not valid UTF-8") from None
-    if not event_id or len(raw_id or b"") > MAX_ID_BYTES:
-        raise BadEvent(Reason.BAD_ID, f"`id` must be 1..{MAX_ID_BYTES} bytes")
+    if not event_id or len(raw_id or b"") > Inbox.MAX_ID_BYTES:
+        raise BadEvent(Reason.BAD_ID, f"`id` must be 1..{Inbox.MAX_ID_BYTES} bytes")
     encoding = fields.get(Inbox.ENCODING, Inbox.JSON)
     raw_data = fields.get(Inbox.DATA)
     if raw_data is None:
@@ -282,7 +281,6 @@ class Ingress(Service):
         self.routes: dict[str, list[Route]] = {}
         self.epoch = -1
         self._housekeeping_due = Throttle(1.0)
-        self._forget_due = Throttle(min(60.0, self.config.forget_consumers_ms / 2000))
         # Where a shard's requests go: the `append_requests` script, unless `supersede serve`
         # hands them to the admission of its own process (services/serve.py).
         self.sink: Sink = self.scripts.append_requests
@@ -304,12 +302,9 @@ class Ingress(Service):
         removed = await trim_consumed(self.redis, [self.keys.events_stream])
         if removed:
             metrics.TRIMMED.inc(sum(removed.values()))
-        if self.config.forget_consumers_ms and self._forget_due.due():
-            gone = await self.scripts.forget_consumers(
-                self.groups(), idle_ms=self.config.forget_consumers_ms
-            )
-            if gone:
-                metrics.FORGOTTEN_CONSUMERS.inc(gone)
+        await self.forget_gone_consumers(
+            self.groups(), self.config.forget_consumers_ms, metrics.FORGOTTEN_CONSUMERS
+        )
 
     async def tick(self) -> None:
         """Registry refresh; each second, take-over of stale pending entries and inbox lag."""
@@ -458,7 +453,7 @@ class Ingress(Service):
                     s,
                     [(d, e) for d, e, _, _ in batch.ids[s]],
                     window_ms=self.config.dedup_window_ms,
-                    max_ids=-(-self.config.max_dedup_ids // self.keys.shards),
+                    max_ids=self.keys.share(self.config.max_dedup_ids),
                     floor_ms=self.config.dedup_floor_ms,
                 )
                 for s in id_shards
