@@ -14,13 +14,14 @@ local traced = {}
 local fresh = {}      -- run id -> input of runs created by this call, not yet written
 local touched = {}    -- group id -> a record of that group (carries the limits), for refills
 local touchedList = {}
+local streamOf = {}   -- workflow id -> its assignment stream in the shard being served
 
 local function memberOf(rid, rec) return rec.g .. '|' .. rec.s .. '|' .. rid end
 local function ridOf(m) return string.sub(m, RID_AT) end
 
 -- Between the shards of a call that serves several: what the last one touched is written.
 local function nextShard()
-  touched, touchedList, fresh = {}, {}, {}
+  touched, touchedList, fresh, streamOf = {}, {}, {}, {}
 end
 
 -- A run of a workflow without a concurrency limit (u = 1) is in no group's books: it holds no
@@ -119,7 +120,11 @@ local firstLookMs = (assignDeadlineMs and assignDeadlineMs > 0) and assignDeadli
 -- only executors that have a workflow ever read its runs. Same hash tag as assignKey: the same
 -- slot on a cluster.
 local function writeAssignment(rid, rec)
-  local assignStream = assignKey .. ':' .. workflowTag(rec)
+  local assignStream = streamOf[rec.w]
+  if not assignStream then
+    assignStream = assignKey .. ':' .. workflowTag(rec)
+    streamOf[rec.w] = assignStream
+  end
   rcall('XADD', assignStream, '*', 'id', rid, 'a', rec.a)
 end
 

@@ -621,6 +621,10 @@ async def test_results_of_several_shards_are_recorded_in_one_call(
     assert (
         sorted(str(recs[req.run_id]["st"]) for _, req in reqs) == ["A"] * 6 + ["Q"] * 12 + ["S"] * 6
     )
+    for shard, req in reqs:  # each run started in a freed slot is assigned in its own shard
+        if recs[req.run_id]["st"] == "A":
+            entries = await redis.xrange(keys.shard(shard).assignments_stream("wf"))
+            assert req.run_id.encode() in [fields[b"id"] for _, fields in entries]
     for shard in batches:
         assert (await redis.xpending(keys.shard(shard).results_stream, "admission"))["pending"] == 0
 
