@@ -1,7 +1,12 @@
 """Admission throughput: 200k pre-filled CANCEL_IN_PROGRESS requests over 10k groups, one
 process, against the raw pipelined XADD rate of the same client in the same run; then the same
 for the queue-trimming strategies (CANCEL_QUEUED_EXCEPT_NEWEST/OLDEST), each also as a ratio to
-CANCEL_IN_PROGRESS's rate of this run."""
+CANCEL_IN_PROGRESS's rate of this run.
+
+These write one request per requests-stream entry (the form before 2026-12-07, which admission
+still reads), so their ratios compare with every earlier figure. `admission_throughput_batched`
+writes the requests as ingress does now: one entry per shard for each 1,000 requests (ingress's
+default batch), holding that shard's share; its reference is the per-request run's."""
 
 from __future__ import annotations
 
@@ -12,10 +17,11 @@ import time
 from redis.asyncio import Redis
 
 from bench.common import log, pipelined_xadd, report
+from supersede import codec
 from supersede.config import Settings
 from supersede.keys import Keys
 from supersede.model import encode_seq, group_id, run_id, shard_of_group
-from supersede.protocol import ADMISSION_GROUP, RunRequest, Strategy
+from supersede.protocol import ADMISSION_GROUP, PAYLOAD, PAYLOADS, RunRequest, Strategy
 from supersede.server import EmbeddedServer
 from supersede.services.admission.service import Admission, AdmissionConfig
 from supersede.streams import ensure_groups
@@ -23,7 +29,7 @@ from supersede.streams import ensure_groups
 
 def build_requests(
     keys: Keys, n: int, groups: int, strategy: Strategy = Strategy.CANCEL_IN_PROGRESS
-) -> list[tuple[str, dict[str, bytes]]]:
+) -> list[tuple[str, dict[bytes, bytes]]]:
     items = []
     for i in range(n):
         key = f"user{i % groups}"
@@ -41,8 +47,21 @@ def build_requests(
             strategy=strategy,
             input=b'{"text":"hello"}',
         )
-        items.append((keys.shard(shard).requests_stream, {"r": req.pack()}))
+        items.append((keys.shard(shard).requests_stream, {PAYLOAD: req.pack()}))
     return items
+
+
+def batched(
+    items: list[tuple[str, dict[bytes, bytes]]], batch: int = 1000
+) -> list[tuple[str, dict[bytes, bytes]]]:
+    """The same requests as ingress appends them: per `batch` of them, one entry per stream."""
+    out = []
+    for start in range(0, len(items), batch):
+        by_stream: dict[str, list[bytes]] = {}
+        for stream, fields in items[start : start + batch]:
+            by_stream.setdefault(stream, []).append(fields[PAYLOAD])
+        out += [(stream, {PAYLOADS: codec.pack(p)}) for stream, p in by_stream.items()]
+    return out
 
 
 async def backlog(redis: Redis, keys: Keys) -> int:
@@ -59,8 +78,11 @@ async def backlog(redis: Redis, keys: Keys) -> int:
     return total
 
 
-async def run_one(n: int, groups: int, strategy: Strategy) -> tuple[float, float]:
-    """(requests/s admitted, pipelined XADD rate) for n requests of one strategy."""
+async def run_one(
+    n: int, groups: int, strategy: Strategy, *, batch: bool = False
+) -> tuple[float, float]:
+    """(requests/s admitted, pipelined XADD rate) for n requests of one strategy; `batch`: in
+    entries of many requests, as ingress writes them."""
     server = EmbeddedServer().start()
     try:
         settings = Settings(redis_url=server.url, namespace="bench", shards=16)
@@ -68,7 +90,10 @@ async def run_one(n: int, groups: int, strategy: Strategy) -> tuple[float, float
         keys = settings.keys
         await ensure_groups(redis, keys)
         items = build_requests(keys, n, groups, strategy)
-        log(f"admission bench: {n} {strategy.value} requests over {groups} groups")
+        if batch:
+            items = batched(items)
+        log(f"admission bench: {n} {strategy.value} requests over {groups} groups"
+            + (f", {len(items)} entries" if batch else ""))  # fmt: skip
         xadd_rate = await pipelined_xadd(redis, items)
         service = Admission(redis, settings, AdmissionConfig(block_ms=50, reap_interval=3600))
         await service.start()
@@ -99,6 +124,10 @@ async def main(n: int, groups: int) -> None:
         report(f"admission_throughput_{strategy.value.lower()}", other, "requests/s", other_xadd,
                requests=n, groups=groups, strategy=strategy.value,
                vs_cancel_in_progress=round(other / rate, 3))  # fmt: skip
+    many, _ = await run_one(n, groups, Strategy.CANCEL_IN_PROGRESS, batch=True)
+    report("admission_throughput_batched", many, "requests/s", xadd_rate, requests=n,
+           groups=groups, strategy="CANCEL_IN_PROGRESS", vs_one_per_entry=round(many / rate, 3),
+           reference_name="pipelined_xadd_of_one_request_per_entry")  # fmt: skip
 
 
 if __name__ == "__main__":
