@@ -293,6 +293,8 @@ def _waited_exit(args: argparse.Namespace, result: Any) -> int:
     WAIT_CANCELLED when one was cancelled (superseded, or by hand); other commands 0."""
     if args.command != "publish" or not args.wait:
         return 0
+    if any(row.get("timed_out") for row in result["runs"]):
+        return 1  # (as any other error: not every run ended within --timeout)
     states = {row["state"] for row in result["runs"]}
     if RunState.FAILED.name in states:
         return WAIT_FAILED

@@ -659,7 +659,7 @@ def dumps(value: Any) -> str:
 
 async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     """Publish; list the runs the event will make; with --wait, their outcomes once ended."""
-    from supersede.client import publish_runs, wait_for_run
+    from supersede.client import duplicate_of, get_run, publish_runs, wait_for_run
 
     try:
         data = orjson.loads(args.data)
@@ -686,15 +686,36 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     runs: list[dict[str, Any]] = [
         {"workflow": p.workflow, "key": p.key, "run": p.run_id} for p in planned
     ]
+    explicit = entry if args.id else None
+    for row in runs if explicit else []:
+        first = await duplicate_of(redis, row["run"], entry, namespace=keys.namespace)
+        if first is not None:  # the id was published before: no new run
+            row["duplicate_of"], row["run"] = first[0], first[1] or row["run"]
+            print(
+                f"supersede: event id {args.id!r} was published before (inbox entry "
+                f"{first[0]}): no new run of {row['workflow']!r}; "
+                + (f"its run is {first[1]}" if first[1] else "its run is not created yet"),
+                file=sys.stderr,
+            )
+
+    async def wait(row: dict[str, Any]) -> None:
+        try:
+            run = await wait_for_run(redis, row["run"], args.timeout, namespace=keys.namespace,
+                                     entry=explicit)  # fmt: skip
+        except TimeoutError as exc:  # the others are still shown
+            print(f"supersede: {exc}", file=sys.stderr)
+            now = await get_run(redis, row["run"], namespace=keys.namespace)
+            row["state"], row["error"] = now.state if now else "NOT_CREATED", str(exc)
+            row["timed_out"], row["cancelled_by"] = True, None
+            return
+        if run.id != row["run"]:
+            row["duplicate_of"] = row.get("duplicate_of") or "an earlier entry"
+        row["run"], row["state"], row["error"] = run.id, run.state, run.error
+        row["outputs"] = codec.jsonable(run.outputs)
+        row["cancelled_by"] = run.cancelled_by
+
     if args.wait and planned:
-        ended = await asyncio.gather(
-            *(wait_for_run(redis, p.run_id, args.timeout, namespace=keys.namespace)
-              for p in planned)
-        )  # fmt: skip
-        for row, run in zip(runs, ended, strict=True):
-            row["state"], row["error"] = run.state, run.error
-            row["outputs"] = codec.jsonable(run.outputs)
-            row["cancelled_by"] = run.cancelled_by
+        await asyncio.gather(*(wait(row) for row in runs))
     return {"entry": entry, "runs": runs}
 
 

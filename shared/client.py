@@ -165,19 +165,57 @@ async def wait_for_run(
     *,
     namespace: str | None = None,
     poll: float = 0.05,
+    entry: str | None = None,
 ) -> Run:
     """The run once it ended (SUCCEEDED, FAILED or CANCELLED); TimeoutError after `timeout`
     seconds. A run id from `publish_runs` may not exist yet for a few milliseconds: that is
-    waited for too."""
+    waited for too. `entry`: the inbox entry of an event published with an explicit id; when
+    an earlier entry owns that id (a duplicate publish: ingress makes no new run), the run of
+    that entry is waited for instead, and returned (its id differs when its key did)."""
     deadline = time.monotonic() + timeout
     while True:
         run = await get_run(redis, run_id, namespace=namespace)
         if run is not None and run.ended:
             return run
+        if run is None and entry is not None:
+            first = await duplicate_of(redis, run_id, entry, namespace=namespace)
+            if first is not None and first[1] is not None:
+                run_id = first[1]
+                continue
         if time.monotonic() > deadline:
             state = run.state if run else "not created yet"
             raise TimeoutError(f"run {run_id} has not ended after {timeout}s ({state})")
         await asyncio.sleep(poll)
+
+
+async def duplicate_of(
+    redis: Redis, run_id: str, entry: str, *, namespace: str | None = None
+) -> tuple[str, str | None] | None:
+    """For a run planned for an event published with an explicit id as inbox entry `entry`:
+    when an earlier entry already owns that id (ingress then makes no run of it), that entry
+    and its run of the same workflow (None while it is not created yet); None when the id is
+    this entry's, or ingress has not claimed it yet."""
+    from supersede.keys import Keys
+    from supersede.model import shard_of_digest
+
+    ns = _namespace(namespace)
+    shards = await redis.hget(Keys(ns, 1).config_hash, "shards")
+    if not shards:
+        return None
+    keys = Keys(ns, int(shards))
+    digest = run_id.partition("-")[2]
+    owner = await redis.hget(keys.shard(shard_of_digest(digest, keys.shards)).ids_hash, digest)
+    if owner is None or codec.text(owner) == entry:
+        return None
+    # (a run id is '<shard of its group>-<digest of (event id, workflow)>': the first event's
+    # run has the same digest, on the shard of its own key)
+    candidates = [(sk, f"{sk.shard}-{digest}") for sk in keys.all_shards()]
+    async with redis.pipeline(transaction=False) as pipe:
+        for sk, rid in candidates:
+            pipe.hexists(sk.runs_hash, rid)
+        found = await pipe.execute()
+    runs = [rid for (_, rid), there in zip(candidates, found, strict=True) if there]
+    return codec.text(owner), runs[0] if runs else None
 
 
 @dataclass(frozen=True, slots=True)

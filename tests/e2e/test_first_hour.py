@@ -285,6 +285,27 @@ async def test_the_cli_fits_the_terminal_and_says_what_publish_did(
     assert (await asyncio.to_thread(cli, "publish", "out.latest", newer)).returncode == 0
     cancelled = await waiting
     assert cancelled.returncode == 5 and b"CANCELLED" in cancelled.stdout, cancelled.stderr
+    # an explicit id published again (another key, so another planned run id) makes no run:
+    # publish says so, and --wait shows the run the first publish made
+    first = orjson.dumps({"k": "dup-a", "i": 7, "sleep": 0}).decode()
+    once = await asyncio.to_thread(cli, "publish", "out.latest", first, "--id", "order-1",
+                                   "--wait", "--json")  # fmt: skip
+    [made] = orjson.loads(once.stdout)["runs"]
+    again = orjson.dumps({"k": "dup-b", "i": 8, "sleep": 0}).decode()
+    twice = await asyncio.to_thread(cli, "publish", "out.latest", again, "--id", "order-1",
+                                    "--wait", "--timeout", "20", "--json")  # fmt: skip
+    assert twice.returncode == 0, twice.stderr
+    assert b"event id 'order-1' was published before" in twice.stderr
+    [shown_row] = orjson.loads(twice.stdout)["runs"]
+    assert shown_row["run"] == made["run"] and shown_row["state"] == "SUCCEEDED"
+    assert shown_row["outputs"] == made["outputs"] and shown_row["duplicate_of"]
+    # --timeout passing first still prints what is known, with exit code 1
+    stuck = orjson.dumps({"k": "stuck", "i": 0, "sleep": 30}).decode()
+    late = await asyncio.to_thread(cli, "publish", "out.latest", stuck, "--wait", "--timeout",
+                                   "1", "--json")  # fmt: skip
+    assert late.returncode == 1 and b"has not ended after 1.0s" in late.stderr
+    [late_row] = orjson.loads(late.stdout)["runs"]
+    assert late_row["timed_out"] and late_row["state"] in ("QUEUED", "ASSIGNED", "RUNNING")
 
 
 @pytest.mark.parametrize("command", ["runs", "publish", "executor", "admission", "dev", "acl"])
