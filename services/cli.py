@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -14,7 +15,13 @@ from typing import Any
 
 from supersede import __version__, logs
 from supersede.acl import ROLE_NAMES as ACL_ROLES
-from supersede.config import DEFAULT_METRICS_HOST, Settings, check_server, connect
+from supersede.config import (
+    DEFAULT_METRICS_HOST,
+    Settings,
+    check_server,
+    check_shard_count,
+    connect,
+)
 from supersede.errors import ConfigError, SupersedeError
 from supersede.protocol import RunState
 from supersede.service import place_process, run_until_signal
@@ -240,6 +247,7 @@ def _ui(args: argparse.Namespace, settings: Settings) -> None:
         redis = connect(settings.redis_url)
         try:
             await check_server(redis, settings.redis_url)
+            await check_shard_count(redis, settings.keys)
             task = asyncio.ensure_future(
                 ui.serve(
                     redis, settings.keys, args.host, args.port, args.allow_actions, args.allow_host
@@ -265,6 +273,7 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
         redis = connect(settings.redis_url)
         try:
             await check_server(redis, settings.redis_url)
+            await check_shard_count(redis, settings.keys)
             result = await ops.COMMANDS[args.command](redis, settings.keys, args)
         except ConfigError as exc:
             print(f"supersede: {exc}", file=sys.stderr)
@@ -696,6 +705,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.error("refusing to start", extra={"error": str(exc)})
         print(f"supersede: {exc}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # `supersede runs | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no flush error at exit)
+        sys.exit(141)  # (128 + SIGPIPE, as a command killed by it)
 
 
 if __name__ == "__main__":

@@ -735,6 +735,14 @@ async def _run(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
 async def _cancel(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     scripts = Scripts(redis, keys)
     if args.id:
+        try:
+            shard = shard_of_run(args.id)
+        except ValueError:
+            shard = -1
+        if not 0 <= shard < keys.shards or not await redis.hexists(
+            keys.shard(shard).runs_hash, args.id
+        ):
+            raise LookupError(f"no run {args.id!r}")
         return await cancel_runs(scripts, [args.id])
     if args.workflow and args.key is not None:
         return await cancel_key(redis, scripts, args.workflow, args.key)

@@ -135,8 +135,15 @@ async def pin_shard_count(redis: Redis, keys: Keys) -> None:
     it would split one group over two shards and break every per-group guarantee.
     """
     await redis.hsetnx(keys.config_hash, "shards", str(keys.shards))
+    await check_shard_count(redis, keys, created=False)
+
+
+async def check_shard_count(redis: Redis, keys: Keys, *, created: bool = True) -> None:
+    """Refuse a shard count other than the one stored (the CLI reads with it: with another it
+    would read part of the shards, or shards that do not exist). `created`: a namespace with no
+    count stored yet passes (nothing was routed in it)."""
     stored = await redis.hget(keys.config_hash, "shards")
-    if stored is None or int(stored) != keys.shards:
+    if (stored is None and not created) or (stored is not None and int(stored) != keys.shards):
         was = stored.decode() if isinstance(stored, bytes) else stored
         raise ConfigError(
             f"namespace {keys.namespace!r} was created with {was} shards but this process "

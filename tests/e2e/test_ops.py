@@ -193,6 +193,43 @@ def test_publish_and_replay_refuse_ids_that_cannot_be(system: System) -> None:
     assert done.returncode == 1 and "Traceback" not in err and "garbage" in err, err
 
 
+async def test_the_cli_refuses_another_shard_count_an_unknown_run_and_a_closed_pipe_quietly(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """With another SUPERSEDE_SHARDS, `status` and `runs` read part of the shards (or shards
+    that do not exist) and exit 0; `cancel` of an unknown id said "tuple index out of range" or
+    "unknown_run at item 0"; `runs | head` ended in a BrokenPipeError traceback."""
+    await redis.hset(keys.config_hash, "shards", keys.shards)
+
+    def run(*args: str, shards: int = keys.shards) -> subprocess.CompletedProcess[bytes]:
+        env = {**system.env, "SUPERSEDE_SHARDS": str(shards)}
+        return subprocess.run([sys.executable, "-m", "supersede", *args], env=env,
+                              capture_output=True, timeout=30)  # fmt: skip
+
+    for command in ("status", "runs"):
+        other = await asyncio.to_thread(run, command, shards=keys.shards + 1)
+        err = other.stderr.decode()
+        assert other.returncode == 2 and err.count("\n") == 1, err
+        assert f"was created with {keys.shards} shards" in err and "SUPERSEDE_SHARDS" in err
+    for unknown in (f"{keys.shards}-deadbeef", "0-deadbeef", "nonsense"):
+        done = await asyncio.to_thread(run, "cancel", unknown)
+        assert done.returncode == 1
+        assert done.stderr.decode() == f"supersede: no run {unknown!r}\n"
+
+    def closed_early() -> tuple[int, bytes]:
+        env = {**system.env, "SUPERSEDE_SHARDS": str(keys.shards)}
+        proc = subprocess.Popen([sys.executable, "-m", "supersede", "runs"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # (the reader is gone before the command writes)
+        with proc.stderr:
+            err = proc.stderr.read()
+        return proc.wait(30), err
+
+    code, err = await asyncio.to_thread(closed_early)
+    assert code == 141 and b"Traceback" not in err, err
+
+
 @pytest.fixture
 async def on_backend(backend: tuple[Any, str], keys: Keys) -> Any:
     """(client, system) on one server, or on the session's 3-master cluster."""
