@@ -226,8 +226,8 @@ async def test_the_cli_refuses_another_shard_count_an_unknown_run_and_a_closed_p
             err = proc.stderr.read()
         return proc.wait(30), err
 
-    code, err = await asyncio.to_thread(closed_early)
-    assert code == 141 and b"Traceback" not in err, err
+    code, said = await asyncio.to_thread(closed_early)
+    assert code == 141 and b"Traceback" not in said, said
 
 
 @pytest.fixture
