@@ -15,6 +15,8 @@ import gc
 import logging
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -212,6 +214,28 @@ def run_until_signal(
     tune_gc()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(until_signal())
+    exit_past_stuck_threads(service)
+
+
+def exit_past_stuck_threads(service: str) -> None:
+    """The service stopped; a thread still running user code (a sync step that never returns,
+    past the drain deadline) would hold the process until it returned, since Python joins such
+    threads at exit: the logs and spans are flushed, and the process ends now (exit 0, as a
+    drained stop). Its run is another executor's once its lease lapses."""
+    main = threading.main_thread()
+    stuck = [t for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
+    if not stuck:
+        return
+    logging.getLogger(f"supersede.{service}").warning(
+        "exiting with threads still running (a sync step past the drain deadline)",
+        extra={"threads": len(stuck), "names": sorted(t.name for t in stuck)[:10]},
+    )
+    tracing.shutdown()
+    logging.shutdown()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(0)
 
 
 MAX_CPU = 1 << 16  # (a range past it is a typo, and would be a set of that many numbers)

@@ -198,6 +198,23 @@ async def test_sigterm_drains_running_runs_within_the_deadline(
     await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=10)
 
 
+async def test_a_sync_step_past_the_drain_deadline_does_not_hold_the_process(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """SIGTERM while a sync step sleeps 30 s and ignores cancellation, with a 2 s drain: the
+    executor logged "executor stopped" after the drain, but Python then joined the step's
+    thread, so the process lived 30 s more (a rolling deploy waited for its kill, and the
+    handler ran on beside its retry). It now exits at the drain deadline, with exit 0."""
+    [executor] = await system.pipeline(redis, keys, 1, "--lease", "3", "--drain-timeout", "2")
+    await publish(redis, keys, "stubborn.item", k="held", sleep=30)
+    await eventually(lambda: logged(redis, keys, "started:"), timeout=30)
+    executor.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert await asyncio.to_thread(executor.wait, 25) == 0
+    assert time.monotonic() - signalled < 12
+    assert not await logged(redis, keys, "stubborn-finished:")
+
+
 async def test_a_drain_renews_leases_and_takes_cancels_for_handlers_longer_than_the_lease(
     redis: Redis, keys: Keys, system: System
 ) -> None:
