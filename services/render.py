@@ -91,8 +91,20 @@ def ago(delta_ms: int) -> str:
     return f"{s / 86400:.1f} d ago"
 
 
+def _last_change(run: dict[str, Any]) -> int | None:
+    """When the run last changed: its end, or the latest of its cancel decision, claim,
+    assignment (a retry's is newer than the claim before it) and creation."""
+    if run.get("ended_ms"):
+        return int(run["ended_ms"])
+    times = [run.get(k) for k in ("cancel_decided_ms", "claimed_ms", "assigned_ms", "created_ms")]
+    return int(max(t for t in times if t)) if any(times) else None
+
+
 def _duration(run: dict[str, Any]) -> str:
     start, end = run.get("claimed_ms"), run.get("ended_ms")
+    assigned = run.get("assigned_ms")
+    if start and assigned and start < assigned:
+        start = None  # (an earlier attempt's claim: this one waits for an executor)
     if start and end:
         return f"{end - start} ms"
     if start:
@@ -106,7 +118,7 @@ def runs(rows: list[dict[str, Any]]) -> str:
     now = int(time.time() * 1000)
     body = [
         [r["id"], r["workflow"], r["key"], r["state"], r["attempt"],
-         ago(now - (r.get("ended_ms") or r.get("created_ms") or now)), _duration(r),
+         ago(now - (_last_change(r) or now)), _duration(r),
          r.get("cancelled_by"), r.get("reason")]
         for r in rows
     ]  # fmt: skip

@@ -227,6 +227,26 @@ def test_any_msgpack_output_renders_as_json_and_as_text() -> None:
     assert "200" in render_run(view)
 
 
+def test_the_runs_table_times_a_retried_run_from_its_latest_change() -> None:
+    """A run back in ASSIGNED after its first attempt's lease lapsed: `last change` showed its
+    creation and `ran` counted from the dead attempt's claim ("9387 ms so far")."""
+    import re
+    import time
+
+    from supersede.services.render import runs as render_runs
+
+    now = int(time.time() * 1000)
+    row = {"id": "1-a", "workflow": "w", "key": "k", "state": "ASSIGNED", "attempt": 2,
+           "created_ms": now - 60_000, "claimed_ms": now - 50_000, "assigned_ms": now - 3_000,
+           "ended_ms": None, "cancelled_by": None, "reason": None}  # fmt: skip
+    line = render_runs([row]).splitlines()[1]
+    assert re.search(r"\b3\.\d s ago", line), line
+    assert "so far" not in line
+    running = {**row, "state": "RUNNING", "claimed_ms": now - 1_000}
+    line = render_runs([running]).splitlines()[1]
+    assert re.search(r"\b1\.\d s ago", line) and "so far" in line, line
+
+
 def test_two_workflow_files_of_one_name_in_two_folders_are_both_loaded(tmp_path: Path) -> None:
     from supersede.services.modules import load_workflows
 
