@@ -103,8 +103,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
     from supersede.services.executor.service import ExecutorConfig
 
     workflows = [wf for module in args.module for wf in load_workflows(module)]
-    config = ExecutorConfig(slots=args.slots, lease_ms=int(args.lease * 1000),
-                            grace=args.grace, drain_timeout=args.drain_timeout)  # fmt: skip
+    config = ExecutorConfig(
+        slots=args.slots,
+        lease_ms=int(args.lease * 1000),
+        grace=args.grace,
+        kill_after=args.kill_after,
+        drain_timeout=args.drain_timeout,
+    )
     metrics.expect_parts("ingress", "admission", "executor")
 
     async def main(stop: asyncio.Event) -> None:
@@ -548,6 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--lease", type=_SECONDS, default=10.0, help="seconds; renewed every third")
     one.add_argument(
         "--grace", type=_SECONDS_OR_ZERO, default=5.0, help="seconds a cancelled run may take"
+    )
+    one.add_argument(
+        "--kill-after",
+        type=_SECONDS_OR_ZERO,
+        default=2.0,
+        help="process isolation: seconds from SIGTERM to SIGKILL of a step that did not stop",
     )
     one.add_argument(
         "--drain-timeout", type=_SECONDS_OR_ZERO, default=30.0, help="seconds on SIGTERM"

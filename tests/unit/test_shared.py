@@ -361,6 +361,8 @@ def test_a_bad_number_on_the_command_line_is_one_line_naming_the_flag(
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
     ok = build_parser().parse_args(["admission", "--max-groups", "0", "--metrics-port", "0"])
     assert (ok.max_groups, ok.metrics_port, ok.min_retention) == (0, 0, 300)
+    # (`serve` runs an executor too: its process isolation has the executor's --kill-after)
+    assert build_parser().parse_args(["serve", "m", "--kill-after", "7"]).kill_after == 7
 
 
 async def test_a_cancelled_run_is_never_current() -> None:
