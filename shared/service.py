@@ -224,6 +224,10 @@ def exit_past_stuck_threads(service: str) -> None:
     drained stop). Its run is another executor's once its lease lapses."""
     main = threading.main_thread()
     stuck = [t for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
+    deadline = time.monotonic() + 1.0  # (idle pool threads are on their way out)
+    for t in stuck:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in stuck if t.is_alive()]
     if not stuck:
         return
     logging.getLogger(f"supersede.{service}").warning(
