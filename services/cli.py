@@ -278,7 +278,8 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
         redis = connect(settings.redis_url)
         try:
             await check_server(redis, settings.redis_url)
-            await check_shard_count(redis, settings.keys)
+            if args.command not in ("publish", "run"):  # (those read the stored count, or the id's)
+                await check_shard_count(redis, settings.keys)
             result = await ops.COMMANDS[args.command](redis, settings.keys, args)
         except ConfigError as exc:
             print(f"supersede: {exc}", file=sys.stderr)
@@ -294,6 +295,7 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
             from supersede.services.render import render
 
             print(render(args.command, result, replay=bool(getattr(args, "replay", None))))
+        sys.stdout.flush()  # (a reader gone shows here, not at exit: see main)
         return _waited_exit(args, result)
 
     sys.exit(asyncio.run(main()))
@@ -712,11 +714,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             place_process(apply=False)  # (its services apply them)
         settings = Settings.from_env()
         args.func(args, settings)
+        sys.stdout.flush()  # (here, so a reader gone is the BrokenPipeError below, not at exit)
     except ConfigError as exc:
         log.error("refusing to start", extra={"error": str(exc)})
         print(f"supersede: {exc}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # `supersede runs | head`: the reader has all it wanted
+        if args.func in (_admission, _ingress, _executor, _serve, _dev):
+            raise  # (a service does not write its work to stdout)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no flush error at exit)
         sys.exit(141)  # (128 + SIGPIPE, as a command killed by it)
 

@@ -659,7 +659,7 @@ def dumps(value: Any) -> str:
 
 async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     """Publish; list the runs the event will make; with --wait, their outcomes once ended."""
-    from supersede.client import duplicate_of, get_run, publish_runs, wait_for_run
+    from supersede.client import WaitTimeout, duplicate_of, get_run, publish_runs, wait_for_run
 
     try:
         data = orjson.loads(args.data)
@@ -694,7 +694,11 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
             print(
                 f"supersede: event id {args.id!r} was published before (inbox entry "
                 f"{first[0]}): no new run of {row['workflow']!r}; "
-                + (f"its run is {first[1]}" if first[1] else "its run is not created yet"),
+                + (
+                    f"its run is {first[1]}"
+                    if first[1]
+                    else "its run is not found (not created yet, or past its retention)"
+                ),
                 file=sys.stderr,
             )
 
@@ -702,8 +706,10 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
         try:
             run = await wait_for_run(redis, row["run"], args.timeout, namespace=keys.namespace,
                                      entry=explicit)  # fmt: skip
-        except TimeoutError as exc:  # the others are still shown
+        except WaitTimeout as exc:  # the others are still shown
             print(f"supersede: {exc}", file=sys.stderr)
+            if exc.run_id != row["run"]:  # (it followed a duplicate to the first event's run)
+                row["run"], row["duplicate_of"] = exc.run_id, row.get("duplicate_of") or "earlier"
             now = await get_run(redis, row["run"], namespace=keys.namespace)
             row["state"], row["error"] = now.state if now else "NOT_CREATED", str(exc)
             row["timed_out"], row["cancelled_by"] = True, None
@@ -739,9 +745,10 @@ async def _cancel(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
             shard = shard_of_run(args.id)
         except ValueError:
             shard = -1
-        if not 0 <= shard < keys.shards or not await redis.hexists(
-            keys.shard(shard).runs_hash, args.id
-        ):
+        if (
+            not 0 <= shard < keys.shards
+            or await redis.hget(keys.shard(shard).runs_hash, args.id) is None
+        ):  # (HGET: the operator user's rights have no HEXISTS)
             raise LookupError(f"no run {args.id!r}")
         return await cancel_runs(scripts, [args.id])
     if args.workflow and args.key is not None:

@@ -76,7 +76,8 @@ ROLES: tuple[Role, ...] = (
             *_CONSUMER,
             *_FORGET,
             *_REGISTRY,
-            *_words("xtrim xadd zadd zrem zrangebyscore hset hdel time"),
+            # (zcard: claim_ids' cap on the explicit ids a shard keeps, lua/includes/cap.lua)
+            *_words("xtrim xadd zadd zrem zrangebyscore zcard hset hdel time"),
         ),
         (
             "~@:events",

@@ -184,8 +184,17 @@ async def wait_for_run(
                 continue
         if time.monotonic() > deadline:
             state = run.state if run else "not created yet"
-            raise TimeoutError(f"run {run_id} has not ended after {timeout}s ({state})")
+            raise WaitTimeout(run_id, f"run {run_id} has not ended after {timeout}s ({state})")
         await asyncio.sleep(poll)
+
+
+class WaitTimeout(TimeoutError):
+    """`wait_for_run` ran out of time; `run_id` is the run it was waiting for (the first
+    event's run when it followed a duplicate publish)."""
+
+    def __init__(self, run_id: str, message: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 async def duplicate_of(
@@ -212,10 +221,14 @@ async def duplicate_of(
     candidates = [(sk, f"{sk.shard}-{digest}") for sk in keys.all_shards()]
     async with redis.pipeline(transaction=False) as pipe:
         for sk, rid in candidates:
-            pipe.hexists(sk.runs_hash, rid)
+            pipe.hget(sk.runs_hash, rid)  # (HGET: the CLI's operator user may read, not HEXISTS)
         found = await pipe.execute()
-    runs = [rid for (_, rid), there in zip(candidates, found, strict=True) if there]
-    return codec.text(owner), runs[0] if runs else None
+    runs = [RunRecord.decode(rid, raw) for (_, rid), raw in zip(candidates, found, strict=True)
+            if raw is not None]  # fmt: skip
+    # (the newest: an id used again after the de-duplication window, with another key, left
+    # an older run of the same digest on another shard)
+    runs.sort(key=lambda r: r.created_ms or 0)
+    return codec.text(owner), runs[-1].id if runs else None
 
 
 @dataclass(frozen=True, slots=True)

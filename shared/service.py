@@ -217,13 +217,18 @@ def run_until_signal(
     exit_past_stuck_threads(service)
 
 
+# The names of the threads the executor runs sync steps and hooks on (see below).
+STEP_THREAD_PREFIX = "supersede-step"
+
+
 def exit_past_stuck_threads(service: str) -> None:
-    """The service stopped; a thread still running user code (a sync step that never returns,
-    past the drain deadline) would hold the process until it returned, since Python joins such
-    threads at exit: the logs and spans are flushed, and the process ends now (exit 0, as a
-    drained stop). Its run is another executor's once its lease lapses."""
-    main = threading.main_thread()
-    stuck = [t for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
+    """The service stopped; a thread of the executor's step pool still running user code (a
+    sync step that never returns, past the drain deadline) would hold the process until it
+    returned, since Python joins such threads at exit: the logs and spans are flushed, and the
+    process ends now (exit 0, as a drained stop). Its run is another executor's once its lease
+    lapses. Other threads (a library's own pool) are left to Python's usual exit."""
+    stuck = [t for t in threading.enumerate()
+             if t.name.startswith(STEP_THREAD_PREFIX) and t.is_alive()]  # fmt: skip
     deadline = time.monotonic() + 1.0  # (idle pool threads are on their way out)
     for t in stuck:
         t.join(max(0.0, deadline - time.monotonic()))

@@ -32,6 +32,7 @@ from supersede.metrics import HOP_SECONDS
 from supersede.model import group_id
 from supersede.protocol import Outcome, RunResult, unpack_input
 from supersede.scripts import Claim
+from supersede.service import STEP_THREAD_PREFIX
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.isolation import ProcessPool, StepError
@@ -126,7 +127,9 @@ class Runner:
         # executor's CPU); bound to the dict, so a runner that stopped is not kept alive by it
         metrics.BUSY_SLOTS.set_function(self.active.__len__)
         self.awaiting: dict[str, Reported] = {}  # outcome written, not yet known to survive
-        self.pool = ThreadPoolExecutor(max_workers=max(4, config.slots * 2))
+        self.pool = ThreadPoolExecutor(
+            max_workers=max(4, config.slots * 2), thread_name_prefix=STEP_THREAD_PREFIX
+        )
         self.slot_freed = asyncio.Event()
         self.reserved = 0  # slots promised to a claim in flight (a fetch, or a hand-over)
         self.handing = 0  # hand-overs in flight (`supersede serve`): the drain waits for them

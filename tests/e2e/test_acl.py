@@ -107,6 +107,15 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
                 await publisher.xadd(keys.events_stream, {"name": "chat.message", "data": data})
         published = cli(operator, "publish", "chat.message", '{"userId": "solo", "sleep": 0.01}')
         assert published
+        # the operator's rights cover a duplicate --id (found through the ids hash and the
+        # records) and cancel's check for an unknown run
+        once = cli(operator, "publish", "work.item", '{"sleep": 0}', "--id", "acl-1", "--wait")
+        again = cli(operator, "publish", "work.item", '{"sleep": 0}', "--id", "acl-1", "--wait")
+        assert again["runs"][0]["run"] == once["runs"][0]["run"]
+        assert again["runs"][0]["state"] == "SUCCEEDED" and again["runs"][0]["duplicate_of"]
+        unknown = subprocess.run([sys.executable, "-m", "supersede", "cancel", "0-deadbeef"],
+                                 env=operator, capture_output=True, timeout=60)  # fmt: skip
+        assert unknown.returncode == 1 and unknown.stderr == b"supersede: no run '0-deadbeef'\n"
 
         def settled() -> list[Any] | None:
             runs = cli(reader, "runs", "--workflow", "chat-reply", "--limit", "1000")

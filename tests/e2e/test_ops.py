@@ -218,6 +218,7 @@ async def test_the_cli_refuses_another_shard_count_an_unknown_run_and_a_closed_p
 
     def closed_early() -> tuple[int, bytes]:
         env = {**system.env, "SUPERSEDE_SHARDS": str(keys.shards)}
+        env.pop("PYTHONUNBUFFERED", None)  # (stdout to a pipe is block-buffered, as usual)
         proc = subprocess.Popen([sys.executable, "-m", "supersede", "runs"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
         assert proc.stdout is not None and proc.stderr is not None

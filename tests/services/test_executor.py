@@ -13,6 +13,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -213,6 +214,48 @@ async def test_a_sync_step_past_the_drain_deadline_does_not_hold_the_process(
     assert await asyncio.to_thread(executor.wait, 25) == 0
     assert time.monotonic() - signalled < 12
     assert not await logged(redis, keys, "stubborn-finished:")
+
+
+LIBRARY_POOL = """
+import atexit, os
+from concurrent.futures import ThreadPoolExecutor
+from supersede.workflow import Context, Workflow
+
+pool = ThreadPoolExecutor(2)  # a library's own pool, idle once its first task is done
+pool.submit(int).result()
+atexit.register(lambda: open(os.environ["POOL_MARKER"], "w").close())
+wf = Workflow("pooled", on_events=["pooled.event"])
+
+
+@wf.step()
+async def nothing(ctx: Context) -> None:
+    return None
+"""
+
+
+async def test_a_library_thread_pool_is_left_to_python_s_usual_exit(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """Only the executor's own step threads count as stuck at exit: a pool a workflow module
+    started is joined by Python as usual, and its atexit hooks run (os._exit would skip them)."""
+    (tmp_path / "pooled_flows.py").write_text(LIBRARY_POOL)
+    marker = tmp_path / "marker.atexit"
+    env = {**system.env, "PYTHONPATH": f"{tmp_path}:{system.env.get('PYTHONPATH', '')}",
+           "POOL_MARKER": str(marker)}  # fmt: skip
+    cmd = [sys.executable, "-m", "supersede", "executor", "pooled_flows", "--metrics-port", "0"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    system.procs.append(proc)
+
+    async def registered() -> bool:
+        return bool(await redis.hexists(keys.workflows_hash, "pooled"))
+
+    await eventually(registered, timeout=30)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 20) == 0
+    assert proc.stderr is not None
+    with proc.stderr:
+        assert b"threads still running" not in proc.stderr.read()
+    assert marker.exists()
 
 
 async def test_a_drain_renews_leases_and_takes_cancels_for_handlers_longer_than_the_lease(
