@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from supersede import codec
@@ -643,6 +644,10 @@ async def replay_dead(redis: Redis, keys: Keys, entry_id: str) -> str:
             f"{fields[Dead.TRUNCATED.encode()].decode()}: publish the event again instead"
         )
     original: dict[Any, Any] = original_fields(fields)
+    if isinstance(redis, RedisCluster):  # (the inbox and the dead letters are in two slots:
+        new_id = await redis.xadd(keys.events_stream, original)  # no transaction; a crash
+        await redis.xdel(keys.dead_stream, entry_id)  # between the two leaves it to replay again)
+        return str(_text(new_id))
     async with redis.pipeline(transaction=True) as pipe:
         pipe.xadd(keys.events_stream, original)
         pipe.xdel(keys.dead_stream, entry_id)

@@ -21,6 +21,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from supersede import acl
 from supersede.config import connect
 from supersede.keys import Keys
+from supersede.registry import register
 from supersede.server import free_port
 from tests.e2e.test_ui import get, up
 from tests.support import APP_WORKFLOWS, System, eventually
@@ -107,15 +108,7 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
                 await publisher.xadd(keys.events_stream, {"name": "chat.message", "data": data})
         published = cli(operator, "publish", "chat.message", '{"userId": "solo", "sleep": 0.01}')
         assert published
-        # the operator's rights cover a duplicate --id (found through the ids hash and the
-        # records) and cancel's check for an unknown run
-        once = cli(operator, "publish", "work.item", '{"sleep": 0}', "--id", "acl-1", "--wait")
-        again = cli(operator, "publish", "work.item", '{"sleep": 0}', "--id", "acl-1", "--wait")
-        assert again["runs"][0]["run"] == once["runs"][0]["run"]
-        assert again["runs"][0]["state"] == "SUCCEEDED" and again["runs"][0]["duplicate_of"]
-        unknown = subprocess.run([sys.executable, "-m", "supersede", "cancel", "0-deadbeef"],
-                                 env=operator, capture_output=True, timeout=60)  # fmt: skip
-        assert unknown.returncode == 1 and unknown.stderr == b"supersede: no run '0-deadbeef'\n"
+        await asyncio.to_thread(_operator_publishes_twice_and_cancels, operator)
 
         def settled() -> list[Any] | None:
             runs = cli(reader, "runs", "--workflow", "chat-reply", "--limit", "1000")
@@ -136,6 +129,7 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
             assert all(r["state"] == "CANCELLED" for r in mine[:-1]), user
         status = cli(reader, "status")
         assert status["workflows"]["chat-reply"]["runs"]["SUCCEEDED"] == users_n + 1
+        await _reader_pages_live_runs(client, keys, publisher, reader)
         await _ui_pages_answer_as(reader, runs)
         assert cli(reader, "dead") == []
 
@@ -154,6 +148,34 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
             system.close()
 
     await _each_user_is_refused_what_its_role_does_not_do(url_of, keys)
+
+
+def _operator_publishes_twice_and_cancels(operator: dict[str, str]) -> None:
+    """The operator's rights cover a duplicate --id (found through the ids hash and the
+    records) and cancel's check for an unknown run."""
+    once = cli(operator, "publish", "work.item", '{"sleep": 0}', "--id", "acl-1", "--wait")
+    again = cli(operator, "publish", "work.item", '{"sleep": 0}', "--id", "acl-1", "--wait")
+    assert again["runs"][0]["run"] == once["runs"][0]["run"]
+    assert again["runs"][0]["state"] == "SUCCEEDED" and again["runs"][0]["duplicate_of"]
+    unknown = subprocess.run([sys.executable, "-m", "supersede", "cancel", "0-deadbeef"],
+                             env=operator, capture_output=True, timeout=60)  # fmt: skip
+    assert unknown.returncode == 1 and unknown.stderr == b"supersede: no run '0-deadbeef'\n"
+
+
+async def _reader_pages_live_runs(
+    client: Any, keys: Keys, publisher: Any, reader: dict[str, str]
+) -> None:
+    """A page of `runs` full of live runs asks the server's clock for the next page's cursor
+    (the reader had no TIME): runs of a workflow no executor serves stay ASSIGNED."""
+    await register(client, keys, {"id": "orphan", "events": ["orphan.event"]})
+
+    async def waiting() -> bool:
+        await publisher.xadd(keys.events_stream, {"name": "orphan.event", "data": "{}"})
+        rows = await asyncio.to_thread(cli, reader, "runs", "--workflow", "orphan")
+        return len(rows) >= 2
+
+    await eventually(waiting, timeout=30)
+    assert len(cli(reader, "runs", "--limit", "1")) == 1
 
 
 async def _ui_pages_answer_as(env: dict[str, str], runs: list[dict[str, Any]]) -> None:
@@ -214,7 +236,7 @@ async def _each_user_is_refused_what_its_role_does_not_do(
         assert isinstance(
             await clients["keda"].xinfo_groups(sk.assignments_stream("chat-reply")), list
         )
-        assert await clients["reader"].hlen(keys.workflows_hash) == APP_WORKFLOWS
+        assert await clients["reader"].hlen(keys.workflows_hash) == APP_WORKFLOWS + 1  # +orphan
     finally:
         for c in clients.values():
             await c.aclose()

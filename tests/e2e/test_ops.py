@@ -294,3 +294,31 @@ async def test_one_event_fans_out_to_two_workflows(
         return [r["state"] for r in runs] == ["SUCCEEDED"] and len(audit) == 1
 
     await eventually(both, timeout=30)
+
+
+async def test_a_dead_letter_is_replayed_on_one_server_and_on_a_cluster(
+    on_backend: Any, keys: Keys
+) -> None:
+    """`dead --replay` wrote the event and deleted the dead letter in one transaction, which a
+    cluster refuses (the inbox and the dead letters are in two slots): it failed every time
+    there, from the CLI and the UI."""
+    redis, system = on_backend
+    system.start("ingress", "--block-ms", "100")
+    await redis.xadd(keys.events_stream, {"name": "doc.saved", "data": "not json"})
+
+    async def dead_ids() -> list[str]:
+        return [d["id"] for d in await acli(system, "dead")]
+
+    async def one_dead() -> bool:
+        return len(await dead_ids()) == 1
+
+    await eventually(one_dead, timeout=30)
+    [first] = await dead_ids()
+    replayed = await acli(system, "dead", "--replay", first)
+    assert replayed["replayed"] == first
+
+    async def dead_again() -> bool:  # (still not JSON: the replayed event is dead-lettered anew)
+        now = await dead_ids()
+        return len(now) == 1 and now[0] != first
+
+    await eventually(dead_again, timeout=30)
