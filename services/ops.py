@@ -662,6 +662,9 @@ def dumps(value: Any) -> str:
 # -- the CLI's commands: (redis, keys, parsed args) -> a JSON-able result -----------------------
 
 
+EARLIER = "an earlier entry"  # `duplicate_of` when the wait found the duplicate itself
+
+
 async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     """Publish; list the runs the event will make; with --wait, their outcomes once ended."""
     from supersede.client import WaitTimeout, duplicate_of, get_run, publish_runs, wait_for_run
@@ -714,13 +717,13 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
         except WaitTimeout as exc:  # the others are still shown
             print(f"supersede: {exc}", file=sys.stderr)
             if exc.run_id != row["run"]:  # (it followed a duplicate to the first event's run)
-                row["run"], row["duplicate_of"] = exc.run_id, row.get("duplicate_of") or "earlier"
+                row["run"], row["duplicate_of"] = exc.run_id, row.get("duplicate_of") or EARLIER
             now = await get_run(redis, row["run"], namespace=keys.namespace)
             row["state"], row["error"] = now.state if now else "NOT_CREATED", str(exc)
             row["timed_out"], row["cancelled_by"] = True, None
             return
         if run.id != row["run"]:
-            row["duplicate_of"] = row.get("duplicate_of") or "an earlier entry"
+            row["duplicate_of"] = row.get("duplicate_of") or EARLIER
         row["run"], row["state"], row["error"] = run.id, run.state, run.error
         row["outputs"] = codec.jsonable(run.outputs)
         row["cancelled_by"] = run.cancelled_by
