@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supersede import __version__, logs
 from supersede.acl import ROLE_NAMES as ACL_ROLES
@@ -26,6 +26,9 @@ from supersede.errors import ConfigError, SupersedeError
 from supersede.protocol import RunState
 from supersede.service import place_process, run_until_signal
 from supersede.services.modules import load_workflows
+
+if TYPE_CHECKING:
+    from supersede.services.executor.service import ExecutorConfig
 
 log = logging.getLogger("supersede")
 
@@ -73,16 +76,38 @@ def _ingress(args: argparse.Namespace, settings: Settings) -> None:
     )  # fmt: skip
 
 
+def _run_flags(parser: argparse.ArgumentParser) -> None:
+    """How runs are held and stopped: the flags `executor` and `serve` share."""
+    parser.add_argument("--lease", type=_SECONDS, default=10.0, help="seconds; renewed every third")
+    parser.add_argument(
+        "--grace", type=_SECONDS_OR_ZERO, default=5.0, help="seconds a cancelled run may take"
+    )
+    parser.add_argument(
+        "--kill-after",
+        type=_SECONDS_OR_ZERO,
+        default=2.0,
+        help="process isolation: seconds from SIGTERM to SIGKILL of a step that did not stop",
+    )
+    parser.add_argument(
+        "--drain-timeout", type=_SECONDS_OR_ZERO, default=30.0, help="seconds on SIGTERM"
+    )
+
+
+def _run_config(args: argparse.Namespace, **more: Any) -> ExecutorConfig:
+    """The executor's settings from `_run_flags` and --slots, plus `more`."""
+    from supersede.services.executor.service import ExecutorConfig
+
+    return ExecutorConfig(slots=args.slots, lease_ms=int(args.lease * 1000), grace=args.grace,
+                          kill_after=args.kill_after, drain_timeout=args.drain_timeout,
+                          **more)  # fmt: skip
+
+
 def _executor(args: argparse.Namespace, settings: Settings) -> None:
-    from supersede.services.executor.service import ExecutorConfig, serve
+    from supersede.services.executor.service import serve
 
     workflows = load_workflows(args.module)
-    config = ExecutorConfig(
-        slots=args.slots,
-        lease_ms=int(args.lease * 1000),
-        grace=args.grace,
-        kill_after=args.kill_after,
-        drain_timeout=args.drain_timeout,
+    config = _run_config(
+        args,
         claim_idle_ms=args.claim_idle_ms,
         block_ms=args.block_ms,
         max_output_bytes=args.max_output_bytes,
@@ -100,16 +125,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
     """Ingress, admission and an executor as tasks of one process, for small deployments
     (services/serve.py)."""
     from supersede import metrics
-    from supersede.services.executor.service import ExecutorConfig
 
     workflows = [wf for module in args.module for wf in load_workflows(module)]
-    config = ExecutorConfig(
-        slots=args.slots,
-        lease_ms=int(args.lease * 1000),
-        grace=args.grace,
-        kill_after=args.kill_after,
-        drain_timeout=args.drain_timeout,
-    )
+    config = _run_config(args)
     metrics.expect_parts("ingress", "admission", "executor")
 
     async def main(stop: asyncio.Event) -> None:
@@ -511,19 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="0 disables /metrics (default 9103)",
     )
     exe.add_argument("--metrics-host", default=None, help=METRICS_HOST_HELP)
-    exe.add_argument("--lease", type=_SECONDS, default=10.0, help="seconds; renewed every third")
-    exe.add_argument(
-        "--grace", type=_SECONDS_OR_ZERO, default=5.0, help="seconds a cancelled run may take"
-    )
-    exe.add_argument(
-        "--kill-after",
-        type=_SECONDS_OR_ZERO,
-        default=2.0,
-        help="process isolation: seconds from SIGTERM to SIGKILL of a step that did not stop",
-    )
-    exe.add_argument(
-        "--drain-timeout", type=_SECONDS_OR_ZERO, default=30.0, help="seconds on SIGTERM"
-    )
+    _run_flags(exe)
     exe.add_argument(
         "--results-via-stream",
         action="store_true",
@@ -552,19 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     one.add_argument("module", nargs="+", help="importable module(s) that define Workflow objects")
     one.add_argument("--slots", type=_COUNT, default=10, help="runs executed at once")
-    one.add_argument("--lease", type=_SECONDS, default=10.0, help="seconds; renewed every third")
-    one.add_argument(
-        "--grace", type=_SECONDS_OR_ZERO, default=5.0, help="seconds a cancelled run may take"
-    )
-    one.add_argument(
-        "--kill-after",
-        type=_SECONDS_OR_ZERO,
-        default=2.0,
-        help="process isolation: seconds from SIGTERM to SIGKILL of a step that did not stop",
-    )
-    one.add_argument(
-        "--drain-timeout", type=_SECONDS_OR_ZERO, default=30.0, help="seconds on SIGTERM"
-    )
+    _run_flags(one)
     one.add_argument(
         "--metrics-port",
         type=_port_or_zero,
