@@ -37,7 +37,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from supersede.config import Settings, connect, redact
+from supersede.config import Settings, check_server, connect, redact
 from supersede.errors import ConfigError
 from supersede.protocol import RunRecord, RunState, Strategy
 from supersede.registry import WorkflowDef
@@ -392,6 +392,14 @@ def _ui_port(text: str) -> int:
     return port
 
 
+async def _reachable(url: str) -> None:
+    redis = connect(url)
+    try:
+        await check_server(redis, url)
+    finally:
+        await redis.aclose()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="supersede dev", description=__doc__)
     parser.add_argument("--duration", type=float, default=None, help="seconds, then exit 0")
@@ -416,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     code = 1
     try:
+        asyncio.run(_reachable(settings.redis_url))  # (one line, before any service starts)
         code = asyncio.run(
             run(
                 settings,

@@ -188,3 +188,8 @@ async def check_server(redis: Redis, url: str) -> None:
             f"cannot reach Redis at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL (host, "
             "port, and rediss:// with its certificate options for TLS)"
         ) from None
+    except redis_sync.RedisError as exc:  # e.g. a TLS option redis-py refuses when it connects
+        raise ConfigError(
+            f"cannot connect to Redis at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL and "
+            "its options"
+        ) from None

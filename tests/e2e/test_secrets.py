@@ -122,9 +122,13 @@ def test_start_up_failures_are_one_line_naming_the_setting(protected: str) -> No
         protected.replace("redis://", "rediss://", 1): "timed out",
         protected.replace("redis://", "redis+cluster://", 1): "no Redis Cluster",
         "redis://127.0.0.1:notaport/0": "SUPERSEDE_REDIS_URL",
+        # (an option redis-py refuses only when it connects: a traceback)
+        f"rediss://127.0.0.1:{free_port()}/0?ssl_cert_reqs=bogus": "its options",
     }
     for url, says in cases.items():
-        for args in (["admission", "--metrics-port", "0"], ["status"]):
+        # (`dev` too: it went on to start the services, then died in a traceback)
+        for args in (["admission", "--metrics-port", "0"], ["status"],
+                     ["dev", "--ui-port", "0", "--duration", "1"]):  # fmt: skip
             done = subprocess.run([sys.executable, "-m", "supersede", *args], env=_env(url),
                                   capture_output=True, timeout=60)  # fmt: skip
             err = done.stderr.decode()
