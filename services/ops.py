@@ -492,6 +492,17 @@ async def get_run(redis: Redis, keys: Keys, rid: str) -> dict[str, Any] | None:
     return {**view(run), "outputs": outputs, "timeline": timeline(run), "path": path}
 
 
+async def require_run(redis: Redis, keys: Keys, rid: str) -> None:
+    """LookupError naming `rid` unless it is a run that exists now (an id of no shard of this
+    namespace, or of none at all, included: the cancel script would refuse it less clearly)."""
+    try:
+        shard = shard_of_run(rid)
+    except ValueError:
+        shard = -1
+    if not 0 <= shard < keys.shards or await redis.hget(keys.shard(shard).runs_hash, rid) is None:
+        raise LookupError(f"no run {rid!r}")  # (HGET: the operator's rights have no HEXISTS)
+
+
 async def cancel_runs(scripts: Scripts, rids: list[str]) -> dict[str, bool]:
     by_shard: dict[int, list[str]] = {}
     for rid in rids:
@@ -749,15 +760,7 @@ async def _run(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
 async def _cancel(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     scripts = Scripts(redis, keys)
     if args.id:
-        try:
-            shard = shard_of_run(args.id)
-        except ValueError:
-            shard = -1
-        if (
-            not 0 <= shard < keys.shards
-            or await redis.hget(keys.shard(shard).runs_hash, args.id) is None
-        ):  # (HGET: the operator user's rights have no HEXISTS)
-            raise LookupError(f"no run {args.id!r}")
+        await require_run(redis, keys, args.id)
         return await cancel_runs(scripts, [args.id])
     if args.workflow and args.key is not None:
         return await cancel_key(redis, scripts, args.workflow, args.key)

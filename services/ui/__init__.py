@@ -107,7 +107,7 @@ class UI:
             raise web.HTTPForbidden(text="read-only: start `supersede ui --allow-actions`")
         origin = request.headers.get("Origin")
         # (the host part only: behind a TLS proxy the page is https and this side http)
-        if origin is not None and urlsplit(origin).netloc.lower() != request.host.lower():
+        if origin is not None and _bare(urlsplit(origin).netloc) != _bare(request.host):
             raise web.HTTPForbidden(text=f"a form posted from another origin: {origin}")
         if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
             raise web.HTTPForbidden(text="a form posted from another site")
@@ -167,7 +167,7 @@ class UI:
         if r.get("outputs"):
             r["outputs"] = ops.dumps(r["outputs"])
         cancelled = await self._superseded_by(r)
-        body = pages.run(r, cancelled, self.csrf(request))
+        body = pages.run(r, cancelled, self.csrf(request), not_cancelled="not" in request.query)
         return self.respond(request, f"Run {rid}", body)
 
     async def _superseded_by(self, r: dict[str, Any]) -> list[dict[str, Any]]:
@@ -224,6 +224,10 @@ class UI:
     async def cancel_run(self, request: web.Request) -> web.Response:
         await self.check_action(request)
         rid = request.match_info["rid"]
+        try:
+            await ops.require_run(self.redis, self.keys, rid)
+        except LookupError as exc:
+            raise web.HTTPNotFound(text=str(exc)) from None
         done = await ops.cancel_runs(self.scripts, [rid])
         raise web.HTTPSeeOther(f"/runs/{rid}" if done.get(rid) else f"/runs/{rid}?not=1")
 
@@ -263,7 +267,7 @@ def _guard(hosts: frozenset[str] | None) -> Any:
     @web.middleware
     async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         try:
-            if hosts is not None and request.host.lower() not in hosts:
+            if hosts is not None and _bare(request.host) not in hosts:
                 raise web.HTTPMisdirectedRequest(text=f"not served for host {request.host!r}")
             resp: web.StreamResponse = await handler(request)
         except web.HTTPException as exc:
@@ -283,16 +287,27 @@ def _guard(hosts: frozenset[str] | None) -> Any:
 ANY_INTERFACE = ("0.0.0.0", "::", "0", "::0", "")
 
 
+def _bare(host: str) -> str:
+    """A Host header or an origin's host part without a default port (80, 443): a proxy on
+    443 may forward `name` or `name:443`, and the browser's Origin says `https://name`."""
+    host = host.lower()
+    for default in (":80", ":443"):
+        if host.endswith(default):
+            return host[: -len(default)]
+    return host
+
+
 def served_hosts(host: str, port: int, allowed: Sequence[str] = ()) -> frozenset[str] | None:
-    """The Host headers the UI answers: its address, the loopback names and `allowed` (the
-    names a proxy in front of it forwards), with the port (port 80: also without); None (any)
-    when it listens on every interface and no name is given (put a proxy in front of it)."""
+    """The Host headers the UI answers: its address and the loopback names with its port (port
+    80: also without), and `allowed` (the names a proxy in front of it forwards) with the port
+    and without (a proxy on 80 or 443 forwards the bare name); None (any) when it listens on
+    every interface and no name is given (put a proxy in front of it)."""
     if host in ANY_INTERFACE and not allowed:
         return None
     names = {"127.0.0.1", "localhost", "[::1]", *allowed}
     if host not in ANY_INTERFACE:
         names |= {host, f"[{host}]"}
-    out = {f"{n}:{port}".lower() for n in names} | {n.lower() for n in allowed if ":" in n}
+    out = {f"{n}:{port}".lower() for n in names} | {_bare(n) for n in allowed}
     if port == 80:
         out |= {n.lower() for n in names}
     return frozenset(out)

@@ -228,7 +228,15 @@ PHASES = {
 }
 
 
-def run(r: dict[str, Any], cancelled: list[dict[str, Any]], csrf: str | None) -> str:
+def run(
+    r: dict[str, Any],
+    cancelled: list[dict[str, Any]],
+    csrf: str | None,
+    *,
+    not_cancelled: bool = False,
+) -> str:
+    """One run; `not_cancelled`: a cancel asked for it changed nothing (it had ended, or was
+    stopping already)."""
     points: list[tuple[str, float]] = []
     for name, key in (
         ("created", "created_ms"),
@@ -276,6 +284,8 @@ def run(r: dict[str, Any], cancelled: list[dict[str, Any]], csrf: str | None) ->
             f'<input type=hidden name=csrf value="{esc(csrf)}">'
             "<button type=submit>Cancel this run</button></form>"
         )
+    if not_cancelled:
+        action += "<p class=notice>Not cancelled: the run had ended, or was stopping already.</p>"
     return (
         f"<h1>Run <code>{esc(r['id'])}</code></h1>{action}"
         + table(["", ""], facts, "facts")

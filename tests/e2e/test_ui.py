@@ -287,6 +287,11 @@ async def test_the_ui_is_read_only_unless_allowed_and_actions_need_the_csrf_toke
     host = rw.removeprefix("http://").replace("127.0.0.1", "evil.example")
     status, _ = await asyncio.to_thread(get, f"{rw}/", None, Host=host)
     assert status == 421
+    # an id that is no run here: 404, not a 500 or the cancel script's words
+    for unknown in ("1-abc", f"{keys.shards}-abcd", "99999999999999999999999-abcd"):
+        status, text = await asyncio.to_thread(get, f"{rw}/runs/{unknown}/cancel", right,
+                                               Origin=rw)  # fmt: skip
+        assert status == 404 and f"no run {unknown!r}" in text, (unknown, status, text)
     assert await _state_of(redis, keys, "dora", 0, "R")
     # bad parameters are a 400 (or a 404), never a 500
     bad = [
@@ -302,10 +307,28 @@ async def test_the_ui_is_read_only_unless_allowed_and_actions_need_the_csrf_toke
     for path, want in bad:
         status, text = await asyncio.to_thread(get, rw + path)
         assert status == want, (path, status, text[-300:])
+    # behind a TLS proxy on 443 that forwards `ui.example` (or `ui.example:443`): the pages
+    # and the actions (the browser's Origin is https://ui.example)
+    _, proxied = start_ui(system, "--allow-actions", "--allow-host", "ui.example")
+    await up(proxied)
+    status, page = await asyncio.to_thread(get, f"{proxied}/", None, Host="ui.example")
+    assert status == 200, page
+    status, page = await asyncio.to_thread(get, f"{proxied}/runs/{run['id']}", None,
+                                           Host="ui.example:443")  # fmt: skip
+    proxy_token = re.search(r'name=csrf value="([^"]+)"', page)
+    assert status == 200 and proxy_token is not None
+    status, text = await asyncio.to_thread(
+        get, f"{proxied}/runs/1-abc/cancel", f"csrf={proxy_token[1]}".encode(),
+        Host="ui.example:443", Origin="https://ui.example",
+    )  # fmt: skip
+    assert status == 404, text  # (past the host and origin checks: no such run)
     # the right token, from the page's own origin: the run is cancelled
     status, _ = await asyncio.to_thread(get, cancel, right, Origin=rw)
     assert status in (200, 303)
     await eventually(lambda: _state_of(redis, keys, "dora", 0, "C"), timeout=20)
+    # a second cancel changes nothing, and the page says so (it said nothing)
+    status, text = await asyncio.to_thread(get, cancel, right, Origin=rw)
+    assert status == 200 and "Not cancelled: the run had ended" in text
     assert os.path.isdir(REPO / "services" / "ui" / "static")
 
 
@@ -345,6 +368,9 @@ def test_the_host_names_the_ui_answers() -> None:
     assert "evil.example:8686" not in hosts and "localhost" not in hosts
     proxied = served_hosts("127.0.0.1", 8686, ["Dash.Example.com"])
     assert proxied is not None and "dash.example.com:8686" in proxied
+    # (a proxy on 443 or 80 forwards the bare name: it got 421, so no setting served both
+    # the pages and the actions there)
+    assert "dash.example.com" in proxied and "evil.example" not in proxied
     assert "localhost" in (served_hosts("127.0.0.1", 80) or set())
     assert served_hosts("0.0.0.0", 8686) is None
     everywhere = served_hosts("::", 8686, ["dash.example.com"])
