@@ -56,11 +56,13 @@ def setup(service: str) -> Any:
         if _configured:
             return _tracer
         exporters = wanted()
-        if exporters and not os.environ.get("OTEL_TRACES_EXPORTER") and not _sdk_installed():
+        missing = _missing_for_otlp() if exporters else None
+        if missing and not os.environ.get("OTEL_TRACES_EXPORTER"):
             # Only an OTLP endpoint (platforms set it for every process): no traces without
-            # the SDK, said once; an exporter asked for by name is refused below instead.
-            log.warning("an OTLP endpoint is set but the OpenTelemetry SDK is not installed: "
-                        "no traces (pip install 'supersede[tracing]')")  # fmt: skip
+            # the SDK or its OTLP exporter, said once; an exporter asked for by name is refused
+            # below instead.
+            log.warning(f"an OTLP endpoint is set but {missing} is not installed: no traces "
+                        "(pip install 'supersede[tracing]')")  # fmt: skip
             exporters = []
         if exporters:
             _provider = _make_provider(service, exporters)
@@ -70,12 +72,27 @@ def setup(service: str) -> Any:
         return _tracer
 
 
-def _sdk_installed() -> bool:
+def _missing_for_otlp() -> str | None:
+    """What an OTLP export lacks here (the SDK, or the exporter of the configured protocol)."""
     try:
-        import opentelemetry.sdk.trace  # noqa: F401
+        import opentelemetry.sdk.trace
     except ImportError:
-        return False
-    return True
+        return "the OpenTelemetry SDK"
+    grpc = _protocol().startswith("grpc")
+    try:
+        if grpc:
+            import opentelemetry.exporter.otlp.proto.grpc.trace_exporter
+        else:
+            import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
+    except ImportError:
+        return "opentelemetry-exporter-otlp-proto-" + ("grpc" if grpc else "http")
+    return None
+
+
+def _protocol() -> str:
+    return os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+    )
 
 
 def _make_provider(service: str, exporters: list[str]) -> Any:
@@ -96,7 +113,7 @@ def _make_provider(service: str, exporters: list[str]) -> Any:
         if name == "console":
             exporter: Any = ConsoleSpanExporter()
         elif name in ("otlp", "otlp_grpc"):
-            exporter = _otlp_exporter(grpc=name == "otlp_grpc")
+            exporter = _otlp_exporter(name)
         else:
             raise ConfigError(
                 f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}; use otlp, console or none"
@@ -105,11 +122,8 @@ def _make_provider(service: str, exporters: list[str]) -> Any:
     return provider
 
 
-def _otlp_exporter(grpc: bool = False) -> Any:
-    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
-    )
-    grpc = grpc or protocol.startswith("grpc")
+def _otlp_exporter(name: str) -> Any:
+    grpc = name == "otlp_grpc" or _protocol().startswith("grpc")
     try:
         if grpc:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -120,7 +134,7 @@ def _otlp_exporter(grpc: bool = False) -> Any:
     except ImportError:
         package = "opentelemetry-exporter-otlp-proto-" + ("grpc" if grpc else "http")
         raise ConfigError(
-            f"OTEL_TRACES_EXPORTER=otlp needs {package}: pip install {package} "
+            f"OTEL_TRACES_EXPORTER={name} needs {package}: pip install {package} "
             "(or set OTEL_TRACES_EXPORTER=console)"
         ) from None
     return OTLPSpanExporter()

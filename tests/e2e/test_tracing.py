@@ -191,3 +191,24 @@ def test_a_service_refuses_traces_it_cannot_export_in_one_line(
     assert done.returncode == 2
     [line] = [x for x in done.stderr.decode().splitlines() if x.startswith("supersede:")]
     assert "OTEL_TRACES_EXPORTER" in line and named in line and "Redis" not in line
+
+
+def test_an_otlp_endpoint_alone_without_its_exporter_only_warns(system: System) -> None:
+    """Platforms set OTEL_EXPORTER_OTLP_ENDPOINT for every process: with the SDK installed but
+    not the OTLP exporter, the service refused to start, naming OTEL_TRACES_EXPORTER=otlp, a
+    variable nobody set. It warns once and runs without traces (here it then stops at the
+    unreachable server, which shows it went past tracing)."""
+    try:
+        import opentelemetry.exporter.otlp.proto.http  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("the OTLP exporter is installed here: nothing is missing")
+    env = {k: v for k, v in system.env.items() if not k.startswith("OTEL_")}
+    env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.invalid:4318",
+            "SUPERSEDE_REDIS_URL": "redis://127.0.0.1:1/0"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "supersede", "admission", "--metrics-port", "0"],
+                          env=env, capture_output=True, timeout=60)  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 2 and "cannot reach Redis" in err.splitlines()[-1], err
+    assert "an OTLP endpoint is set but opentelemetry-exporter-otlp-proto-http" in err
