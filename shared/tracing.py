@@ -65,11 +65,48 @@ def setup(service: str) -> Any:
                         "(pip install 'supersede[tracing]')")  # fmt: skip
             exporters = []
         if exporters:
+            check_settings()
             _provider = _make_provider(service, exporters)
             _tracer = _provider.get_tracer("supersede")
             atexit.register(shutdown)
         _configured = True
         return _tracer
+
+
+_SAMPLERS = {"always_on", "always_off", "traceidratio", "parentbased_always_on",
+             "parentbased_always_off", "parentbased_traceidratio"}  # fmt: skip
+_COUNTS = ("OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_EXPORT_TIMEOUT", "OTEL_BSP_MAX_QUEUE_SIZE",
+           "OTEL_BSP_MAX_EXPORT_BATCH_SIZE")  # fmt: skip
+
+
+def check_settings() -> None:
+    """The OTEL_* values the SDK would only warn about, then ignore or replace (traces sampled
+    otherwise than asked, spans with attributes missing): a ConfigError naming the variable."""
+    env = os.environ
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if sampler and sampler not in _SAMPLERS:
+        raise ConfigError(
+            f"OTEL_TRACES_SAMPLER: unknown sampler {sampler!r}; use one of "
+            + ", ".join(sorted(_SAMPLERS))
+        )
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if arg and sampler.endswith("traceidratio"):
+        try:
+            ratio = float(arg)
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG must be a ratio from 0 to 1, not {arg!r}")
+    for name in _COUNTS:
+        value = env.get(name, "").strip()
+        if value and not (value.isdigit()):
+            raise ConfigError(f"{name} must be a whole number (ms, or spans), not {value!r}")
+    attributes = env.get("OTEL_RESOURCE_ATTRIBUTES", "").strip()
+    bad = [a for a in attributes.split(",") if a.strip() and "=" not in a] if attributes else []
+    if bad:
+        raise ConfigError(
+            f"OTEL_RESOURCE_ATTRIBUTES must be key=value pairs separated by commas, not {bad[0]!r}"
+        )
 
 
 def _missing_for_otlp() -> str | None:

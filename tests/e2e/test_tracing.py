@@ -212,3 +212,27 @@ def test_an_otlp_endpoint_alone_without_its_exporter_only_warns(system: System) 
     err = done.stderr.decode()
     assert done.returncode == 2 and "cannot reach Redis" in err.splitlines()[-1], err
     assert "an OTLP endpoint is set but opentelemetry-exporter-otlp-proto-http" in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("OTEL_TRACES_SAMPLER", "bogus"), ("OTEL_BSP_SCHEDULE_DELAY", "abc"),
+     ("OTEL_RESOURCE_ATTRIBUTES", "garbage"), ("OTEL_TRACES_SAMPLER_ARG", "abc")],
+)  # fmt: skip
+def test_a_tracing_setting_the_sdk_would_ignore_is_refused_in_one_line(
+    system: System, variable: str, value: str
+) -> None:
+    """The SDK only logs a warning (one as a traceback in a log line) and goes on sampling
+    or batching otherwise than asked: the service refuses to start, naming the variable."""
+    env = {k: v for k, v in system.env.items() if not k.startswith("OTEL_")}
+    env |= {"OTEL_TRACES_EXPORTER": "console", variable: value,
+            "SUPERSEDE_REDIS_URL": "redis://127.0.0.1:1/0"}  # fmt: skip
+    if variable == "OTEL_TRACES_SAMPLER_ARG":
+        env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+    done = subprocess.run([sys.executable, "-m", "supersede", "admission", "--metrics-port", "0"],
+                          env=env, capture_output=True, timeout=60)  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("supersede: ") and variable in last and "Redis" not in last, err
+    assert "Traceback" not in err
