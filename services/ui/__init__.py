@@ -212,6 +212,7 @@ class UI:
             "at_ms": int(time.time() * 1000),
             "next": nxt,
             "before": before,
+            "notice": _key_notice(request.query.get("cancelled"), workflow, wf is not None),
         }
         body = pages.key(k, self.csrf(request))
         return self.respond(request, f"Key {value}", body, live=before is None)
@@ -233,9 +234,14 @@ class UI:
 
     async def cancel_key(self, request: web.Request) -> web.Response:
         form = await self.check_action(request)
-        workflow, value = form.get("workflow", ""), form.get("key", "")
-        await ops.cancel_key(self.redis, self.scripts, workflow, value)
-        raise web.HTTPSeeOther("/key?" + urlencode({"workflow": workflow, "key": value}))
+        workflow, value = form.get("workflow", ""), form.get("key")
+        if not workflow or value is None:
+            raise web.HTTPBadRequest(text="a key's cancel needs the workflow and the key")
+        done = await ops.cancel_key(self.redis, self.scripts, workflow, value)
+        cancelled = sum(1 for ok in done.values() if ok)
+        raise web.HTTPSeeOther(
+            "/key?" + urlencode({"workflow": workflow, "key": value, "cancelled": cancelled})
+        )
 
     async def replay(self, request: web.Request) -> web.Response:
         await self.check_action(request)
@@ -285,6 +291,16 @@ def _guard(hosts: frozenset[str] | None) -> Any:
 
 
 ANY_INTERFACE = ("0.0.0.0", "::", "0", "::0", "")
+
+
+def _key_notice(cancelled: str | None, workflow: str, known: bool) -> str:
+    """What a key page says after a cancel of its live runs, or of a workflow not registered."""
+    if not known:
+        return f"No workflow {workflow!r} is registered."
+    if cancelled is None:
+        return ""
+    n = int(cancelled) if cancelled.isdigit() else 0
+    return f"Cancelled {n} live run{'s' if n != 1 else ''}." if n else "No live run to cancel."
 
 
 def _bare(host: str) -> str:

@@ -322,6 +322,8 @@ def key(k: dict[str, Any], csrf: str | None) -> str:
             f'<input type=hidden name=key value="{esc(k["key"])}">'
             "<button type=submit>Cancel this key's live runs</button></form>"
         )
+    if k.get("notice"):
+        action += f"<p class=notice>{esc(k['notice'])}</p>"
     if not runs_:
         return head + action + "<p class=muted>No retained runs.</p>"
     t0 = min(r["created_ms"] or now for r in runs_)

@@ -322,6 +322,19 @@ async def test_the_ui_is_read_only_unless_allowed_and_actions_need_the_csrf_toke
         Host="ui.example:443", Origin="https://ui.example",
     )  # fmt: skip
     assert status == 404, text  # (past the host and origin checks: no such run)
+    # a key's cancel says what it did: no fields is a 400; a workflow not registered, or a key
+    # with no live run, is said on the key page (it answered 303 without a word)
+    key_cancel = f"{rw}/key/cancel"
+    status, _ = await asyncio.to_thread(get, key_cancel, right, Origin=rw)
+    assert status == 400
+    status, text = await asyncio.to_thread(
+        get, key_cancel, right + b"&workflow=nope&key=x", Origin=rw
+    )
+    assert status == 200 and "No workflow" in text and "is registered" in text
+    status, text = await asyncio.to_thread(
+        get, key_cancel, right + b"&workflow=chat-reply&key=nobody", Origin=rw
+    )
+    assert status == 200 and "No live run to cancel." in text
     # the right token, from the page's own origin: the run is cancelled
     status, _ = await asyncio.to_thread(get, cancel, right, Origin=rw)
     assert status in (200, 303)
