@@ -84,4 +84,5 @@ class KeyExpressionError(SupersedeError):
 
 def describe(exc: BaseException) -> str:
     """One line for a log field or a dead letter: the exception's class and message, cut."""
-    return f"{type(exc).__name__}: {exc}"[:500]
+    message = str(exc)  # (some have none: msgpack's FormatError, StackError)
+    return (f"{type(exc).__name__}: {message}" if message else type(exc).__name__)[:500]

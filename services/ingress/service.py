@@ -159,7 +159,8 @@ def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int) -
         try:
             decoded = msgpack.unpackb(raw_data, raw=False)
         except Exception as exc:
-            raise BadEvent(Reason.BAD_MSGPACK, f"`data` is not msgpack: {exc}") from None
+            # (msgpack's FormatError and StackError have no message: the class says it)
+            raise BadEvent(Reason.BAD_MSGPACK, f"`data` is not msgpack: {describe(exc)}") from None
         if not isinstance(decoded, dict):
             raise BadEvent(
                 Reason.BAD_MSGPACK, f"`data` must be a map, got {type(decoded).__name__}"
