@@ -41,7 +41,13 @@ from supersede.config import Settings, check_server, connect, redact
 from supersede.errors import ConfigError
 from supersede.protocol import RunRecord, RunState, Strategy
 from supersede.registry import WorkflowDef
-from supersede.server import EmbeddedServer, die_with_parent, free_port, wheel_client_binary
+from supersede.server import (
+    EmbeddedServer,
+    ServerStartError,
+    die_with_parent,
+    free_port,
+    wheel_client_binary,
+)
 from supersede.services.modules import load_workflows
 
 DEMO = "supersede.services.demo"
@@ -414,7 +420,16 @@ def main(argv: list[str] | None = None) -> None:
     env = dict(os.environ)
     if "SUPERSEDE_REDIS_URL" not in env:
         # a password of its own for each run: loopback is shared by every local process
-        server = EmbeddedServer(password=secrets.token_urlsafe(18)).start()
+        try:
+            server = EmbeddedServer(password=secrets.token_urlsafe(18)).start()
+        except (ServerStartError, FileNotFoundError) as exc:
+            print(
+                f"supersede: the embedded server would not start ({exc}); set "
+                "SUPERSEDE_REDIS_URL to a running server, or SUPERSEDE_SERVER_BIN to a "
+                "working redis-server (else the first on PATH is used)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
         env["SUPERSEDE_REDIS_URL"] = server.url
     settings = Settings.from_env(env)
     print(

@@ -83,6 +83,10 @@ def free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+class ServerStartError(RuntimeError):
+    """An embedded server that would not start (its process and folder are removed)."""
+
+
 class EmbeddedServer:
     """A server process on a free loopback port with its data in a temporary folder."""
 
@@ -133,16 +137,24 @@ class EmbeddedServer:
         try:
             while True:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.binary} exited with {self.proc.returncode}")
+                    raise self._failed(f"exited with {self.proc.returncode}")
                 try:
                     if client.ping():
                         return self
                 except redis.ConnectionError:
                     if time.monotonic() > deadline:
-                        raise
+                        raise self._failed(f"did not answer within {timeout:g} s") from None
                     time.sleep(0.02)
         finally:
             client.close()
+
+    def _failed(self, what: str) -> ServerStartError:
+        """The error of a start that failed, once the process and its folder are gone."""
+        log = Path(self.dir) / "server.log"
+        last = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+        self.stop()
+        said = f": {last[0].strip()}" if last else ""
+        return ServerStartError(f"{self.binary} {what}{said}")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -335,3 +335,17 @@ def test_a_broken_workflow_module_is_one_line_with_file_and_line(tmp_path: Path)
         assert "Traceback" not in err
         last = err.strip().splitlines()[-1]
         assert last.startswith("supersede: ") and where in last and what in last, last
+
+
+def test_an_embedded_server_that_will_not_start_is_one_line(tmp_path: Path) -> None:
+    """A broken redis-server first on PATH: `dev` ended in a traceback and left its temporary
+    folder behind."""
+    env = _clean_env(SUPERSEDE_SERVER_BIN="/bin/false", TMPDIR=str(tmp_path))
+    env.pop("SUPERSEDE_REDIS_URL", None)
+    done = subprocess.run([sys.executable, "-m", "supersede", "dev", "--duration", "1",
+                           "--ui-port", "0"], env=env, capture_output=True, timeout=60)  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert "the embedded server would not start" in last and "SUPERSEDE_REDIS_URL" in last
+    assert not list(tmp_path.glob("supersede-redis-*"))
