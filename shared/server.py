@@ -99,6 +99,7 @@ class EmbeddedServer:
         self.dir = tempfile.mkdtemp(prefix="supersede-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
         self.extra_args: list[str] = []
+        self.served = False  # a start succeeded (the folder holds data a restart must keep)
 
     @property
     def url(self) -> str:
@@ -140,6 +141,7 @@ class EmbeddedServer:
                     raise self._failed(f"exited with {self.proc.returncode}")
                 try:
                     if client.ping():
+                        self.served = True
                         return self
                 except redis.ConnectionError:
                     if time.monotonic() > deadline:
@@ -149,12 +151,22 @@ class EmbeddedServer:
             client.close()
 
     def _failed(self, what: str) -> ServerStartError:
-        """The error of a start that failed, once the process and its folder are gone."""
+        """The error of a start that failed, once the process is gone (and its folder, unless
+        an earlier start used it: a restart after a crash keeps its data)."""
         log = Path(self.dir) / "server.log"
         last = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
-        self.stop()
+        if self.served:
+            self.kill()
+        else:
+            self.stop()
         said = f": {last[0].strip()}" if last else ""
         return ServerStartError(f"{self.binary} {what}{said}")
+
+    def kill(self) -> None:
+        """Stop the process (as a crash would, when it still runs), keeping the folder."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
