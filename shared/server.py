@@ -84,7 +84,13 @@ def free_cluster_port() -> int:
 
 
 class ServerStartError(RuntimeError):
-    """An embedded server that would not start (its process and folder are removed)."""
+    """An embedded server that would not start; `log` is the end of its log. A first start's
+    process and folder are removed; a restart's are kept (they may hold data, or be loading
+    it still)."""
+
+    def __init__(self, message: str, log: str = "") -> None:
+        super().__init__(message)
+        self.log = log
 
 
 class EmbeddedServer:
@@ -124,15 +130,18 @@ class EmbeddedServer:
             conf.chmod(0o600)
             args.insert(1, str(conf))
         env = {**os.environ, "LC_ALL": "C"}
-        self.proc = subprocess.Popen(
-            args,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
-            start_new_session=True,  # a terminal's Ctrl-C reaches the owner, which stops it last
-        )
+        try:
+            self.proc = subprocess.Popen(
+                args,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
+                start_new_session=True,  # a terminal's Ctrl-C reaches the owner: stops it last
+            )
+        except OSError as exc:  # (not a program: a folder, a text file, no such file)
+            raise self._failed(f"could not be run ({exc})") from None
         deadline = time.monotonic() + timeout
         client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
         try:
@@ -151,22 +160,16 @@ class EmbeddedServer:
             client.close()
 
     def _failed(self, what: str) -> ServerStartError:
-        """The error of a start that failed, once the process is gone (and its folder, unless
-        an earlier start used it: a restart after a crash keeps its data)."""
-        log = Path(self.dir) / "server.log"
-        last = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
-        if self.served:
-            self.kill()
-        else:
+        """The error of a start that failed. A first start's process and folder are removed; a
+        restart's are left as they are (its folder holds data, and a server still loading a
+        large AOF may answer later)."""
+        path = Path(self.dir) / "server.log"
+        log = path.read_text(errors="replace")[-1000:] if path.exists() else ""
+        if not self.served:
             self.stop()
+        last = log.strip().splitlines()[-1:]
         said = f": {last[0].strip()}" if last else ""
-        return ServerStartError(f"{self.binary} {what}{said}")
-
-    def kill(self) -> None:
-        """Stop the process (as a crash would, when it still runs), keeping the folder."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        return ServerStartError(f"{self.binary} {what}{said}", log)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -77,13 +77,14 @@ _SAMPLERS = {"always_on", "always_off", "traceidratio", "parentbased_always_on",
              "parentbased_always_off", "parentbased_traceidratio"}  # fmt: skip
 _COUNTS = ("OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_EXPORT_TIMEOUT", "OTEL_BSP_MAX_QUEUE_SIZE",
            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE")  # fmt: skip
+_BSP_DEFAULTS = dict(zip(_COUNTS, (5000, 30000, 2048, 512), strict=True))  # (the SDK's)
 
 
 def check_settings() -> None:
     """The OTEL_* values the SDK would only warn about, then ignore or replace (traces sampled
     otherwise than asked, spans with attributes missing): a ConfigError naming the variable."""
     env = os.environ
-    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").lower()  # (the SDK does not strip it either)
     if sampler and sampler not in _SAMPLERS:
         raise ConfigError(
             f"OTEL_TRACES_SAMPLER: unknown sampler {sampler!r}; use one of "
@@ -97,10 +98,19 @@ def check_settings() -> None:
             ratio = -1.0
         if not 0.0 <= ratio <= 1.0:
             raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG must be a ratio from 0 to 1, not {arg!r}")
+    numbers = {}
     for name in _COUNTS:
         value = env.get(name, "").strip()
-        if value and not (value.isdigit()):
-            raise ConfigError(f"{name} must be a whole number (ms, or spans), not {value!r}")
+        if value and not (value.isdigit() and (int(value) > 0 or name == _COUNTS[1])):
+            raise ConfigError(
+                f"{name} must be a whole number above 0 (ms, or spans), not {value!r}"
+            )
+        numbers[name] = int(value) if value else _BSP_DEFAULTS[name]
+    if numbers[_COUNTS[3]] > numbers[_COUNTS[2]]:  # (the SDK raises on it, in a traceback)
+        raise ConfigError(
+            f"{_COUNTS[3]} ({numbers[_COUNTS[3]]}) must not be above {_COUNTS[2]} "
+            f"({numbers[_COUNTS[2]]})"
+        )
     attributes = env.get("OTEL_RESOURCE_ATTRIBUTES", "").strip()
     bad = [a for a in attributes.split(",") if a.strip() and "=" not in a] if attributes else []
     if bad:

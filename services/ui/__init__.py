@@ -314,17 +314,17 @@ def _bare(host: str) -> str:
 
 
 def served_hosts(host: str, port: int, allowed: Sequence[str] = ()) -> frozenset[str] | None:
-    """The Host headers the UI answers: its address and the loopback names with its port (port
-    80: also without), and `allowed` (the names a proxy in front of it forwards) with the port
-    and without (a proxy on 80 or 443 forwards the bare name); None (any) when it listens on
-    every interface and no name is given (put a proxy in front of it)."""
+    """The Host headers the UI answers: its address and the loopback names with its port (80
+    or 443: also without), and `allowed` (the names a proxy in front of it forwards) with the
+    port and without (a proxy on 80 or 443 forwards the bare name); None (any) when it listens
+    on every interface and no name is given (put a proxy in front of it)."""
     if host in ANY_INTERFACE and not allowed:
         return None
     names = {"127.0.0.1", "localhost", "[::1]", *allowed}
     if host not in ANY_INTERFACE:
         names |= {host, f"[{host}]"}
     out = {f"{n}:{port}".lower() for n in names} | {_bare(n) for n in allowed}
-    if port == 80:
+    if port in (80, 443):  # (a Host with a default port is compared without it: see _bare)
         out |= {n.lower() for n in names}
     return frozenset(out)
 

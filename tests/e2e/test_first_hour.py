@@ -340,12 +340,34 @@ def test_a_broken_workflow_module_is_one_line_with_file_and_line(tmp_path: Path)
 def test_an_embedded_server_that_will_not_start_is_one_line(tmp_path: Path) -> None:
     """A broken redis-server first on PATH: `dev` ended in a traceback and left its temporary
     folder behind."""
-    env = _clean_env(SUPERSEDE_SERVER_BIN="/bin/false", TMPDIR=str(tmp_path))
-    env.pop("SUPERSEDE_REDIS_URL", None)
-    done = subprocess.run([sys.executable, "-m", "supersede", "dev", "--duration", "1",
-                           "--ui-port", "0"], env=env, capture_output=True, timeout=60)  # fmt: skip
-    err = done.stderr.decode()
-    assert done.returncode == 2 and "Traceback" not in err, err
-    last = err.strip().splitlines()[-1]
-    assert "the embedded server would not start" in last and "SUPERSEDE_REDIS_URL" in last
-    assert not list(tmp_path.glob("supersede-redis-*"))
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    # (one that exits at once, one that is no program, one that does not exist)
+    for binary in ("/bin/false", str(folder), str(tmp_path / "missing")):
+        env = _clean_env(SUPERSEDE_SERVER_BIN=binary, TMPDIR=str(tmp_path))
+        env.pop("SUPERSEDE_REDIS_URL", None)
+        cmd = [sys.executable, "-m", "supersede", "dev", "--duration", "1", "--ui-port", "0"]
+        done = subprocess.run(cmd, env=env, capture_output=True, timeout=60)
+        err = done.stderr.decode()
+        assert done.returncode == 2 and "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert "the embedded server would not start" in last and "SUPERSEDE_REDIS_URL" in last
+        assert not list(tmp_path.glob("supersede-redis-*")), binary
+
+
+def test_a_restart_that_fails_keeps_the_server_s_folder() -> None:
+    """After a crash the folder holds the server's data (its AOF): a restart that fails must
+    leave it, and the process, as they are (a large AOF may still be loading)."""
+    from supersede.server import EmbeddedServer, ServerStartError
+
+    server = EmbeddedServer().start()
+    try:
+        assert server.proc is not None
+        server.proc.kill()
+        server.proc.wait()
+        server.binary = "/bin/false"
+        with pytest.raises(ServerStartError):
+            server.start()
+        assert Path(server.dir).is_dir()
+    finally:
+        server.stop()

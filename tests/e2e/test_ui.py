@@ -385,6 +385,8 @@ def test_the_host_names_the_ui_answers() -> None:
     # the pages and the actions there)
     assert "dash.example.com" in proxied and "evil.example" not in proxied
     assert "localhost" in (served_hosts("127.0.0.1", 80) or set())
+    # (a Host with a default port is compared without it, so on 443 the bare names are served)
+    assert "127.0.0.1" in (served_hosts("127.0.0.1", 443) or set())
     assert served_hosts("0.0.0.0", 8686) is None
     everywhere = served_hosts("::", 8686, ["dash.example.com"])
     assert everywhere is not None and "dash.example.com:8686" in everywhere

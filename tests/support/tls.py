@@ -14,6 +14,7 @@ import redis
 
 from supersede.server import (
     EmbeddedServer,
+    ServerStartError,
     die_with_parent,
     find_cli_binary,
     find_server_binary,
@@ -133,9 +134,8 @@ class TlsCluster:
             ]  # fmt: skip
             try:
                 node.start()
-            except RuntimeError as exc:
-                log = (Path(node.dir) / "server.log").read_text()[-1000:]
-                raise RuntimeError(f"{exc}; its log ends with:\n{log}") from None
+            except ServerStartError as exc:
+                raise RuntimeError(f"{exc}; its log ends with:\n{exc.log}") from None
         cli = find_cli_binary(self.nodes[0].binary)
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
         create = [cli, "--cluster", "create", *addrs, "--cluster-yes"]
