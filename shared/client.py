@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from supersede import codec, tracing
 from supersede.config import DEFAULT_NAMESPACE
-from supersede.keys import ShardKeys, inbox_stream
+from supersede.keys import Keys, ShardKeys, inbox_stream
 from supersede.model import shard_of_run
 from supersede.protocol import Inbox, RunRecord
 
@@ -197,6 +197,13 @@ class WaitTimeout(TimeoutError):
         self.run_id = run_id
 
 
+async def _stored_keys(redis: Redis, ns: str) -> Keys | None:
+    """The namespace's keys with the shard count stored in it; None before a service pinned
+    one (nothing was routed there yet)."""
+    shards = await redis.hget(Keys(ns, 1).config_hash, "shards")
+    return Keys(ns, int(shards)) if shards else None
+
+
 async def duplicate_of(
     redis: Redis, run_id: str, entry: str, *, namespace: str | None = None
 ) -> tuple[str, str | None] | None:
@@ -204,14 +211,11 @@ async def duplicate_of(
     when an earlier entry already owns that id (ingress then makes no run of it), that entry
     and its run of the same workflow (None while it is not created yet); None when the id is
     this entry's, or ingress has not claimed it yet."""
-    from supersede.keys import Keys
     from supersede.model import shard_of_digest
 
-    ns = _namespace(namespace)
-    shards = await redis.hget(Keys(ns, 1).config_hash, "shards")
-    if not shards:
+    keys = await _stored_keys(redis, _namespace(namespace))
+    if keys is None:
         return None
-    keys = Keys(ns, int(shards))
     digest = run_id.partition("-")[2]
     owner = await redis.hget(keys.shard(shard_of_digest(digest, keys.shards)).ids_hash, digest)
     if owner is None or codec.text(owner) == entry:
@@ -280,15 +284,14 @@ async def publish_runs(
     """`publish`, then the runs the event will make under the workflows registered now:
     (entry id, planned runs, every event name some workflow listens to). No planned run means
     no workflow listens to `name`: the event is acknowledged without a run."""
-    from supersede.keys import Keys
     from supersede.registry import load_all
 
     ns = _namespace(namespace)
     entry = await publish(redis, name, data, id=id, metadata=metadata, namespace=ns)
-    shards = await redis.hget(Keys(ns, 1).config_hash, "shards")
-    keys = Keys(ns, int(shards) if shards else 1)
+    stored = await _stored_keys(redis, ns)
+    keys = stored or Keys(ns, 1)
     _, defs, _ = await load_all(redis, keys)
     known = sorted({e for wf in defs.values() for e in wf.events})
-    if not shards:
+    if stored is None:
         return entry, [], known
     return entry, plan_runs(defs, name, data, id or entry, keys.shards, metadata), known
