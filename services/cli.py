@@ -140,7 +140,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
 
 def _keda(args: argparse.Namespace, settings: Settings) -> None:
     from supersede.config import is_cluster_url
-    from supersede.services.keda import scaled_object, scaled_object_redis
+    from supersede.services.keda import scaled_object, scaled_object_redis, tls_of
 
     workflows = [wf.id for wf in load_workflows(args.module)]
     if args.source == "redis":
@@ -152,6 +152,7 @@ def _keda(args: argparse.Namespace, settings: Settings) -> None:
             lag=args.lag,
             max_replicas=args.max_replicas,
             cluster=is_cluster_url(settings.redis_url),
+            tls=tls_of(settings.redis_url),
         )
         print(text, end="")
         return

@@ -14,6 +14,7 @@ of which KEDA takes the largest, would not). Every admission process exports the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from urllib.parse import parse_qsl, urlsplit
 
 from supersede.acl import user_name
 from supersede.keys import Keys
@@ -84,6 +85,24 @@ def scaled_object(
     )
 
 
+def tls_of(url: str) -> dict[str, str] | None:
+    """What KEDA needs to reach the server of `url` over TLS, or None for a plain connection:
+    `ca`, `cert`, `key` (each present when the URL names that file: the Secret must hold the
+    file's PEM text) and `unsafe` ('true' when the URL turns certificate checks off)."""
+    parts = urlsplit(url)
+    if not parts.scheme.startswith("rediss"):
+        return None
+    options = dict(parse_qsl(parts.query))
+    tls = {name: options[option] for name, option in _TLS_FILES.items() if options.get(option)}
+    if options.get("ssl_cert_reqs", "").lower() in ("none", "cert_none"):
+        tls["unsafe"] = "true"
+    return tls
+
+
+# The TriggerAuthentication parameter of each redis-py TLS file option in a rediss:// URL.
+_TLS_FILES = {"ca": "ssl_ca_certs", "cert": "ssl_certfile", "key": "ssl_keyfile"}
+
+
 def scaled_object_redis(
     workflows: Sequence[str],
     keys: Keys,
@@ -93,16 +112,20 @@ def scaled_object_redis(
     lag: int = 50,
     max_replicas: int = 30,
     cluster: bool = False,
+    tls: dict[str, str] | None = None,
 ) -> str:
     """YAML of a ScaledObject whose triggers read Redis directly (KEDA's `redis-streams`, or
     `redis-cluster-streams`): one per shard and workflow, on the executor group's lag, signed
     in as the `keda` ACL user through a TriggerAuthentication; plus that TriggerAuthentication
     and the Secret it reads. KEDA scales on the busiest stream, not on the sum: the Prometheus
-    form scales better, this one needs no Prometheus."""
+    form scales better, this one needs no Prometheus. `tls` (see `tls_of`): KEDA connects
+    over TLS, with the CA and client certificate the Secret holds (KEDA's `tls`, `ca`, `cert`
+    and `key` authentication parameters; `unsafeSsl` when the URL skips the checks)."""
     auth = f"{deployment}-keda-redis"
     kind, where = (
         ("redis-cluster-streams", "addresses") if cluster else ("redis-streams", "address")
     )
+    unsafe = ['      unsafeSsl: "true"'] if tls and tls.get("unsafe") else []
     triggers = []
     for sk in keys.all_shards():
         for wf in sorted(workflows):
@@ -113,8 +136,20 @@ def scaled_object_redis(
                 f"      stream: '{sk.assignments_stream(wf)}'",
                 f"      consumerGroup: {EXECUTOR_GROUP}",
                 f'      lagCount: "{lag}"',
+                # (KEDA requires it with lagCount; the pool never scales below one replica)
+                '      activationLagCount: "0"',
+                *unsafe,
                 f"    authenticationRef: {{name: {auth}}}",
             ]
+    secrets = ["username", "password"]
+    values = [f"  username: {user_name(keys.namespace, 'keda')}", "  password: CHANGE-ME"]
+    if tls is not None:
+        secrets.append("tls")
+        values.append("  tls: enable")
+        for name in _TLS_FILES:
+            if name in tls:
+                secrets.append(name)
+                values.append(f"  {name}: CHANGE-ME  # the PEM text of {tls[name]!r}")
     return "\n".join(
         [
             f"# KEDA scales the executor pool {deployment!r} on the executor group's lag of each",
@@ -126,16 +161,14 @@ def scaled_object_redis(
             "kind: Secret",
             f"metadata: {{name: {auth}}}",
             "stringData:",
-            f"  username: {user_name(keys.namespace, 'keda')}",
-            "  password: CHANGE-ME",
+            *values,
             "---",
             "apiVersion: keda.sh/v1alpha1",
             "kind: TriggerAuthentication",
             f"metadata: {{name: {auth}}}",
             "spec:",
             "  secretTargetRef:",
-            f"  - {{parameter: username, name: {auth}, key: username}}",
-            f"  - {{parameter: password, name: {auth}, key: password}}",
+            *(f"  - {{parameter: {s}, name: {auth}, key: {s}}}" for s in secrets),
             "---",
             *_scaled_object_head(deployment, max_replicas),
             *triggers,

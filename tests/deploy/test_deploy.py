@@ -201,6 +201,32 @@ def test_keda_redis_form_signs_in_as_the_keda_user() -> None:
             t["metadata"]["consumerGroup"] == "executors"
             and ":assignments:" in t["metadata"]["stream"]
         )
+        # KEDA refuses a lagCount trigger without its activation threshold
+        assert t["metadata"]["lagCount"] == "50" and t["metadata"]["activationLagCount"] == "0"
+        assert "unsafeSsl" not in t["metadata"]
+
+    # Over TLS (a rediss:// URL), KEDA is told to use TLS, with the URL's CA and client
+    # certificate as Secret entries, and to skip the checks only where the URL does.
+    url = (
+        "rediss://supersede-keda:pw@redis:6380/0?ssl_ca_certs=/etc/tls/ca.pem"
+        "&ssl_certfile=/etc/tls/client.pem&ssl_keyfile=/etc/tls/client.key"
+    )
+    for query, unsafe in (("", False), ("&ssl_cert_reqs=none", True)):
+        env = {**clean, "SUPERSEDE_REDIS_URL": url + query}
+        out = subprocess.run(cmd, env=env, capture_output=True, check=True).stdout.decode()
+        secret, auth, scaled = list(yaml.safe_load_all(out))
+        assert secret["stringData"]["tls"] == "enable"
+        assert {k: v for k, v in secret["stringData"].items() if k in ("ca", "cert", "key")} == {
+            "ca": "CHANGE-ME",
+            "cert": "CHANGE-ME",
+            "key": "CHANGE-ME",
+        }
+        assert "/etc/tls/client.key" in out  # (named in a comment beside its entry)
+        params = {r["parameter"] for r in auth["spec"]["secretTargetRef"]}
+        assert params == {"username", "password", "tls", "ca", "cert", "key"}
+        for t in scaled["spec"]["triggers"]:
+            assert ("unsafeSsl" in t["metadata"]) is unsafe
+            assert "enableTLS" not in t["metadata"]  # (KEDA refuses it beside the `tls` param)
 
 
 def test_compose_manifests_and_prometheus_files_parse() -> None:
