@@ -33,6 +33,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 from redis.asyncio import Redis
@@ -325,8 +326,8 @@ async def run(
         event, data = defs[0].events[0], example_input(defs[0])
         fill = "" if specs == [DEMO] else "   (with the fields your handlers read)"
         print(f"  publish:  supersede publish {event} {shlex.quote(data)}{fill}")
-        cli = wheel_client_binary() or "redis-cli"
-        print(f"  or with any Redis client:  {cli} -u \"$SUPERSEDE_REDIS_URL\" XADD "
+        cli = redis_cli(wheel_client_binary() or "redis-cli", settings.redis_url)
+        print(f"  or with any Redis client:  {cli} XADD "
               f"{settings.keys.events_stream} '*' name {event} data {shlex.quote(data)}",
               flush=True)  # fmt: skip
         dashboard = await start_ui(children, ui_port, stop) if ui_port else None
@@ -352,6 +353,28 @@ async def run(
         await redis.aclose()
 
 
+# redis-cli's flag for each redis-py TLS option of a rediss:// URL's query
+_CLI_TLS_FLAGS = {"ssl_ca_certs": "--cacert", "ssl_ca_path": "--cacertdir",
+                  "ssl_certfile": "--cert", "ssl_keyfile": "--key"}  # fmt: skip
+
+
+def redis_cli(cli: str, url: str) -> str:
+    """A redis-cli command line that reaches the server of `url` (read from the environment
+    variable, so that its password is not printed): redis-cli does not read a URL's query
+    options, so a URL with some is cut at its `?` by the shell and its TLS options become
+    flags."""
+    query = urlsplit(url).query
+    if not query:
+        return f'{cli} -u "$SUPERSEDE_REDIS_URL"'
+    flags = []
+    for option, value in parse_qsl(query):
+        if option in _CLI_TLS_FLAGS:
+            flags.append(f"{_CLI_TLS_FLAGS[option]} {shlex.quote(value)}")
+        elif option == "ssl_cert_reqs" and value.lower() in ("none", "cert_none"):
+            flags.append("--insecure")
+    return " ".join([f'{cli} -u "${{SUPERSEDE_REDIS_URL%%\\?*}}"', *flags])
+
+
 async def start_ui(children: Children, port: int, stop: asyncio.Event) -> str | None:
     """`supersede ui` beside the services (on another free port when `port` is taken): its
     address once it answers, or None (no aiohttp, the ui extra not installed; or it did not
@@ -366,7 +389,8 @@ async def start_ui(children: Children, port: int, stop: asyncio.Event) -> str | 
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
-            port = free_port()
+            taken, port = port, free_port()
+            print(f"  (port {taken} is in use: the dashboard takes {port}; --ui-port chooses)")
     children.start("ui", "ui", "--port", str(port), metrics=False)
     proc = children.procs[-1]
     url = f"http://127.0.0.1:{port}/"

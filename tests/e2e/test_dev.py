@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,13 +43,21 @@ def _alive(pid: int) -> bool:
 
 def test_dev_runs_the_demo_on_an_embedded_server_and_exits_0() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    # Its dashboard port is in use (a second console, another program): it takes another
+    # and says so, naming the flag.
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "supersede", "dev", "--duration", "5"],
+        [sys.executable, "-m", "supersede", "dev", "--duration", "5", "--ui-port", str(port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        _the_demo_runs(proc)
+        out = _the_demo_runs(proc)
+        assert f"(port {port} is in use: the dashboard takes " in out and "--ui-port" in out
     finally:  # (a failed check leaves no console running into the next test)
+        taken.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
@@ -57,7 +66,8 @@ def test_dev_runs_the_demo_on_an_embedded_server_and_exits_0() -> None:
                 pipe.close()
 
 
-def _the_demo_runs(proc: subprocess.Popen[bytes]) -> None:
+def _the_demo_runs(proc: subprocess.Popen[bytes]) -> str:
+    """Its output, once it ended."""
     assert proc.stdout is not None
     lines = []
     for raw in proc.stdout:
@@ -100,6 +110,7 @@ def _the_demo_runs(proc: subprocess.Popen[bytes]) -> None:
     assert 'publish:  supersede publish chat.message \'{"userId":"u1"}\'' in out
     assert "outcomes per key:" in out and "not ended" in out
     assert [pid for pid in children if _alive(pid)] == []
+    return out
 
 
 def _transitions(out: str) -> list[tuple[float, str]]:

@@ -156,3 +156,21 @@ def test_cluster_urls_keep_their_scheme_for_the_seed_node() -> None:
     assert cluster_seed("rediss+cluster://:pw@h:7000/0?ssl_ca_certs=/ca.crt") == (
         "rediss://:pw@h:7000/0?ssl_ca_certs=/ca.crt"
     )
+
+
+def test_dev_s_redis_cli_line_reaches_a_tls_server(redis_tls: TlsServer) -> None:
+    """The publishing line `supersede dev` prints works as printed against a server that needs
+    TLS options (redis-cli reads none of a URL's query: they become its flags)."""
+    dev = subprocess.run(
+        [sys.executable, "-m", "supersede", "dev", "--duration", "1", "--no-demo-events"],
+        env=_env(redis_tls.url), capture_output=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert dev.returncode == 0, dev.stderr.decode()[-2000:]
+    [line] = [x for x in dev.stdout.decode().splitlines() if "with any Redis client:" in x]
+    command = line.split("with any Redis client:", 1)[1].strip()
+    assert "--cacert" in command and "--cert" in command and "--key" in command
+    done = subprocess.run(["bash", "-c", command], env=_env(redis_tls.url),
+                          capture_output=True, timeout=30)  # fmt: skip
+    assert done.returncode == 0 and b"-" in done.stdout, done.stderr.decode() + line
+    inbox = redis_sync.Redis.from_url(redis_tls.url).xrange("secrets:events", count=10)
+    assert any(fields.get(b"name") for _, fields in inbox)
