@@ -3,10 +3,11 @@ process, against the raw pipelined XADD rate of the same client in the same run;
 for the queue-trimming strategies (CANCEL_QUEUED_EXCEPT_NEWEST/OLDEST), each also as a ratio to
 CANCEL_IN_PROGRESS's rate of this run.
 
-These write one request per requests-stream entry (the form before 2026-12-07, which admission
-still reads), so their ratios compare with every earlier figure. `admission_throughput_batched`
-writes the requests as ingress does now: one entry per shard for each 1,000 requests (ingress's
-default batch), holding that shard's share; its reference is the per-request run's."""
+These write one request per requests-stream entry (the form before the afternoon of
+2026-12-04, which admission still reads), so their ratios compare with every earlier figure.
+`admission_throughput_batched` writes the requests as ingress does now: one entry per shard for
+each 1,000 requests (ingress's default batch), holding that shard's share; its reference is the
+per-request run's."""
 
 from __future__ import annotations
 
