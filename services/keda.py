@@ -136,7 +136,7 @@ def scaled_object_redis(
                 f"      stream: '{sk.assignments_stream(wf)}'",
                 f"      consumerGroup: {EXECUTOR_GROUP}",
                 f'      lagCount: "{lag}"',
-                # (KEDA requires it with lagCount; the pool never scales below one replica)
+                # (KEDA's docs mark it required with lagCount; the pool keeps one replica anyway)
                 '      activationLagCount: "0"',
                 *unsafe,
                 f"    authenticationRef: {{name: {auth}}}",

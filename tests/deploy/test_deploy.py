@@ -201,7 +201,7 @@ def test_keda_redis_form_signs_in_as_the_keda_user() -> None:
             t["metadata"]["consumerGroup"] == "executors"
             and ":assignments:" in t["metadata"]["stream"]
         )
-        # KEDA refuses a lagCount trigger without its activation threshold
+        # the activation threshold KEDA's docs ask for beside lagCount
         assert t["metadata"]["lagCount"] == "50" and t["metadata"]["activationLagCount"] == "0"
         assert "unsafeSsl" not in t["metadata"]
 
