@@ -710,6 +710,9 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
         first = await duplicate_of(redis, row["run"], entry, namespace=keys.namespace)
         if first is not None:  # the id was published before: no new run
             row["duplicate_of"], row["run"] = first[0], first[1] or row["run"]
+            earlier = await get_run(redis, first[1], namespace=keys.namespace) if first[1] else None
+            if earlier is not None:  # (its key: this event's data may give another)
+                row["key"] = earlier.key
             print(
                 f"supersede: event id {args.id!r} was published before (inbox entry "
                 f"{first[0]}): no new run of {row['workflow']!r}; "
@@ -731,11 +734,12 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
                 row["run"], row["duplicate_of"] = exc.run_id, row.get("duplicate_of") or EARLIER
             now = await get_run(redis, row["run"], namespace=keys.namespace)
             row["state"], row["error"] = now.state if now else "NOT_CREATED", str(exc)
+            row["key"] = now.key if now else row["key"]
             row["timed_out"], row["cancelled_by"] = True, None
             return
         if run.id != row["run"]:
             row["duplicate_of"] = row.get("duplicate_of") or EARLIER
-        row["run"], row["state"], row["error"] = run.id, run.state, run.error
+        row["run"], row["key"], row["state"], row["error"] = run.id, run.key, run.state, run.error
         row["outputs"] = codec.jsonable(run.outputs)
         row["cancelled_by"] = run.cancelled_by
 

@@ -299,6 +299,12 @@ async def test_the_cli_fits_the_terminal_and_says_what_publish_did(
     [shown_row] = orjson.loads(twice.stdout)["runs"]
     assert shown_row["run"] == made["run"] and shown_row["state"] == "SUCCEEDED"
     assert shown_row["outputs"] == made["outputs"] and shown_row["duplicate_of"]
+    # the row is that run's: its key, not the one this event's data would have given
+    assert made["key"].startswith("dup-a") and shown_row["key"] == made["key"]
+    third = await asyncio.to_thread(cli, "publish", "out.latest", again, "--id", "order-1",
+                                    "--json")  # fmt: skip
+    [row] = orjson.loads(third.stdout)["runs"]
+    assert row["run"] == made["run"] and row["key"] == made["key"], row
     # --timeout passing first still prints what is known, with exit code 1
     stuck = orjson.dumps({"k": "stuck", "i": 0, "sleep": 30}).decode()
     late = await asyncio.to_thread(cli, "publish", "out.latest", stuck, "--wait", "--timeout",
