@@ -676,9 +676,35 @@ def dumps(value: Any) -> str:
 EARLIER = "an earlier entry"  # `duplicate_of` when the wait found the duplicate itself
 
 
+async def _follow_duplicates(
+    redis: Redis, keys: Keys, event_id: str, runs: list[dict[str, Any]], entry: str
+) -> None:
+    """Rows of a publish whose explicit id was published before: each shows the first event's
+    run (its id and key), and stderr says so."""
+    from supersede.client import duplicate_of, get_run
+
+    for row in runs:
+        first = await duplicate_of(redis, row["run"], entry, namespace=keys.namespace)
+        if first is not None:  # the id was published before: no new run
+            row["duplicate_of"], row["run"] = first[0], first[1] or row["run"]
+            earlier = await get_run(redis, first[1], namespace=keys.namespace) if first[1] else None
+            if earlier is not None:  # (its key: this event's data may give another)
+                row["key"] = earlier.key
+            print(
+                f"supersede: event id {event_id!r} was published before (inbox entry "
+                f"{first[0]}): no new run of {row['workflow']!r}; "
+                + (
+                    f"its run is {first[1]}"
+                    if first[1]
+                    else "its run is not found (not created yet, or past its retention)"
+                ),
+                file=sys.stderr,
+            )
+
+
 async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     """Publish; list the runs the event will make; with --wait, their outcomes once ended."""
-    from supersede.client import WaitTimeout, duplicate_of, get_run, publish_runs, wait_for_run
+    from supersede.client import WaitTimeout, get_run, publish_runs, wait_for_run
 
     try:
         data = orjson.loads(args.data)
@@ -706,23 +732,8 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
         {"workflow": p.workflow, "key": p.key, "run": p.run_id} for p in planned
     ]
     explicit = entry if args.id else None
-    for row in runs if explicit else []:
-        first = await duplicate_of(redis, row["run"], entry, namespace=keys.namespace)
-        if first is not None:  # the id was published before: no new run
-            row["duplicate_of"], row["run"] = first[0], first[1] or row["run"]
-            earlier = await get_run(redis, first[1], namespace=keys.namespace) if first[1] else None
-            if earlier is not None:  # (its key: this event's data may give another)
-                row["key"] = earlier.key
-            print(
-                f"supersede: event id {args.id!r} was published before (inbox entry "
-                f"{first[0]}): no new run of {row['workflow']!r}; "
-                + (
-                    f"its run is {first[1]}"
-                    if first[1]
-                    else "its run is not found (not created yet, or past its retention)"
-                ),
-                file=sys.stderr,
-            )
+    if explicit:
+        await _follow_duplicates(redis, keys, args.id, runs, explicit)
 
     async def wait(row: dict[str, Any]) -> None:
         try:
