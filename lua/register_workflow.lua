@@ -1,65 +1,81 @@
 --[[
-  Stores one workflow definition in the registry, unless the same version is already stored
-  with other content: a version names one definition for good (runs and groups carry it), so
-  new limits or steps need a new version. Bumps the registry epoch only when something changed.
+  Stores workflow definitions in the registry, all or none: one executor's module is one call,
+  so a reader never sees part of it (the workflows of a scope change their limits together).
+  A version names one definition for good (runs and groups carry it), so new limits or steps
+  need a new version: one already stored with other content refuses the whole call. Bumps the
+  registry epoch once, and only when something changed.
 
   Input:
     KEYS[1]  workflows hash     workflow id -> JSON definition
     KEYS[2]  registry epoch     counter (string)
     KEYS[3]  versions hash      workflow id -> JSON array of the versions registered, oldest
-                                first, the newest ARGV[4] kept
+                                first, the newest ARGV[1] kept
     KEYS[4]  retentions hash    workflow id -> seconds its ended runs are kept
-    ARGV[1]  workflow id
-    ARGV[2]  its version
-    ARGV[3]  the JSON definition
-    ARGV[4]  versions kept per workflow
-    ARGV[5]  its retention in seconds, or '' for admission's default (written even when the
-             definition is unchanged: it is not part of the version)
+    ARGV[1]  versions kept per workflow
+    ARGV[2..] quadruples, one per workflow (each id at most once):
+              workflow id, its version, the JSON definition, its retention in seconds or ''
+              for admission's default (written even when the definition is unchanged: it is
+              not part of the version)
 
   Output:
-    {0, 0}                    unchanged (the same definition is stored)
-    {0, 1}                    stored, epoch bumped
-    {0, 2, stored version}    refused: this version is stored with other content; nothing written
-    {-4, 0}                   bad ARGV; nothing written
+    {0, changed}                   stored; changed: how many definitions changed (the epoch
+                                   was bumped once when > 0)
+    {0, -1, workflow id, version}  refused: that version is stored with other content;
+                                   nothing written
+    {-4, 0}                        bad ARGV; nothing written
 
   Writes: no stream.
 ]]
 local rcall = redis.call
 local workflowsKey, epochKey, versionsKey, retentionsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
-local wid, version, body, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-if not wid or wid == '' or not version or version == '' or not body or not keep or keep < 1 then
-  return { -4, 0 }
+local keep = tonumber(ARGV[1])
+if not keep or keep < 1 or #ARGV < 5 or (#ARGV - 1) % 4 ~= 0 then return { -4, 0 } end
+
+-- Validate every definition before writing any.
+local items, seen = {}, {}
+for i = 2, #ARGV, 4 do
+  local wid, version, body = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if wid == '' or version == '' or body == '' or seen[wid] then return { -4, 0 } end
+  seen[wid] = true
+  local stored = rcall('HGET', workflowsKey, wid)
+  local old = nil
+  if stored and stored ~= body then
+    local ok, decoded = pcall(cjson.decode, stored)
+    if ok and type(decoded) == 'table' then old = decoded end
+    if old and old.version == version then return { 0, -1, wid, version } end
+  end
+  items[#items + 1] = { wid = wid, version = version, body = body, retention = ARGV[i + 3],
+                        stored = stored, old = old }
 end
 
-local stored = rcall('HGET', workflowsKey, wid)
-local ok, old = false, nil
-if stored and stored ~= body then
-  ok, old = pcall(cjson.decode, stored)
-  if ok and type(old) == 'table' and old.version == version then return { 0, 2, version } end
-end
-if ARGV[5] and ARGV[5] ~= '' then
-  rcall('HSET', retentionsKey, wid, ARGV[5])
-else
-  rcall('HDEL', retentionsKey, wid)
-end
-if stored == body then return { 0, 0 } end
-rcall('HSET', workflowsKey, wid, body)
-rcall('INCR', epochKey)
-local known = rcall('HGET', versionsKey, wid)
-local okv, was = pcall(cjson.decode, known or '[]')
--- (a definition stored before versions were kept: its version comes first)
-if not known and ok and type(old) == 'table' and type(old.version) == 'string' then
-  was = { old.version }
-end
-local versions = {}
-if okv and type(was) == 'table' then
-  for i = 1, #was do
-    if was[i] ~= version then versions[#versions + 1] = was[i] end
+local changed = 0
+for _, it in ipairs(items) do
+  if it.retention ~= '' then
+    rcall('HSET', retentionsKey, it.wid, it.retention)
+  else
+    rcall('HDEL', retentionsKey, it.wid)
+  end
+  if it.stored ~= it.body then
+    rcall('HSET', workflowsKey, it.wid, it.body)
+    changed = changed + 1
+    local known = rcall('HGET', versionsKey, it.wid)
+    local okv, was = pcall(cjson.decode, known or '[]')
+    -- (a definition stored before versions were kept: its version comes first)
+    if not known and it.old and type(it.old.version) == 'string' then
+      okv, was = true, { it.old.version }
+    end
+    local versions = {}
+    if okv and type(was) == 'table' then
+      for j = 1, #was do
+        if was[j] ~= it.version then versions[#versions + 1] = was[j] end
+      end
+    end
+    versions[#versions + 1] = it.version
+    local kept = {}
+    for j = math.max(1, #versions - keep + 1), #versions do kept[#kept + 1] = versions[j] end
+    rcall('HSET', versionsKey, it.wid, cjson.encode(kept))
   end
 end
-versions[#versions + 1] = version
-local kept = {}
-for i = math.max(1, #versions - keep + 1), #versions do kept[#kept + 1] = versions[i] end
-rcall('HSET', versionsKey, wid, cjson.encode(kept))
-return { 0, 1 }
+if changed > 0 then rcall('INCR', epochKey) end
+return { 0, changed }

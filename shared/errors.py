@@ -70,7 +70,17 @@ class DefinitionError(SupersedeError, ValueError):
 
     def __init__(self, field: str, message: str) -> None:
         self.field = field
+        self.message = message
         super().__init__(f"{field}: {message}")
+
+
+class WorkflowRejected(DefinitionError):
+    """One definition of a registration was refused; `workflow` names it ('' when it has no
+    valid id)."""
+
+    def __init__(self, workflow: str, field: str, message: str) -> None:
+        self.workflow = workflow
+        super().__init__(field, message)
 
 
 class KeyExpressionError(SupersedeError):

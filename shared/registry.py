@@ -9,13 +9,14 @@ counter (`registry_epoch`) that every effective registration increments.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
 
-from supersede.errors import DefinitionError, describe
+from supersede.errors import DefinitionError, WorkflowRejected, describe
 from supersede.keyexpr import compile_key, compile_limit
 from supersede.keys import Keys
 from supersede.model import ConcurrencySpec
@@ -251,17 +252,45 @@ def _check_acyclic(steps: list[StepDef]) -> None:
 async def register(
     redis: Redis, keys: Keys, definition: WorkflowDef | dict[str, Any]
 ) -> WorkflowDef:
-    """Validate and store a definition; bumps the registry epoch only when something changed.
-    Raises DefinitionError (`version`) for an existing version with other content."""
-    wf = parse(definition.to_dict() if isinstance(definition, WorkflowDef) else definition)
-    if wf.concurrency is not None and wf.concurrency.scope:
-        _, defs, _ = await load_all(redis, keys)
-        error = scope_conflict(wf, [d for d in defs.values() if d.id != wf.id])
-        if error:
-            raise DefinitionError("concurrency.scope", error)
-    body = orjson.dumps(wf.stored_body())
-    await Scripts(redis, keys).register_workflow(wf.id, wf.version, body, wf.retention)
+    """Validate and store one definition (see `register_all`)."""
+    [wf] = await register_all(redis, keys, [definition])
     return wf
+
+
+async def register_all(
+    redis: Redis, keys: Keys, definitions: Sequence[WorkflowDef | dict[str, Any]]
+) -> list[WorkflowDef]:
+    """Validate and store definitions in one call, all or none (an executor's module): a reader
+    never sees part of them, so the workflows of a scope can change their limits together.
+    Bumps the registry epoch only when something changed. Raises WorkflowRejected (naming the
+    workflow and the field) for the first one refused: invalid, a scope whose limits differ
+    from another workflow's of that scope (registered here, or stored and not registered
+    here), or an existing version with other content."""
+    wfs = []
+    for definition in definitions:
+        raw = definition.to_dict() if isinstance(definition, WorkflowDef) else definition
+        try:
+            wfs.append(parse(raw))
+        except DefinitionError as exc:
+            wid = raw.get("id") if isinstance(raw, dict) else None
+            raise WorkflowRejected(
+                wid if isinstance(wid, str) else "", exc.field, exc.message
+            ) from None
+    ids = [wf.id for wf in wfs]
+    for wid in ids:
+        if ids.count(wid) > 1:
+            raise WorkflowRejected(wid, "id", f"{wid!r} is registered twice in one call")
+    if any(wf.concurrency is not None and wf.concurrency.scope for wf in wfs):
+        _, stored, _ = await load_all(redis, keys)
+        others = {**stored, **{wf.id: wf for wf in wfs}}
+        for wf in wfs:
+            error = scope_conflict(wf, [d for d in others.values() if d.id != wf.id])
+            if error:
+                raise WorkflowRejected(wf.id, "concurrency.scope", error)
+    items = [(wf.id, wf.version, orjson.dumps(wf.stored_body()), wf.retention) for wf in wfs]
+    if items:
+        await Scripts(redis, keys).register_workflows(items)
+    return wfs
 
 
 async def load_all(redis: Redis, keys: Keys) -> tuple[int, dict[str, WorkflowDef], dict[str, str]]:
@@ -302,7 +331,8 @@ def scope_conflict(wf: WorkflowDef, others: list[WorkflowDef]) -> str | None:
         if oc is not None and oc.scope == conc.scope and oc.rules() != conc.rules():
             return (
                 f"scope {conc.scope!r} is shared with workflow {other.id!r}, whose limits differ "
-                f"((max_runs, strategy, strict) = {oc.rules()} there, {conc.rules()} here); "
+                f"((max_runs, strategy, strict, debounce_ms, max_wait_ms) = {oc.rules()} there, "
+                f"{conc.rules()} here); "
                 "workflows of one scope share their groups, so they must set the same limits"
             )
     return None

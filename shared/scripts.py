@@ -18,7 +18,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from supersede import aio, codec
-from supersede.errors import BadArguments, DefinitionError, raise_for_status
+from supersede.errors import BadArguments, WorkflowRejected, raise_for_status
 from supersede.keys import Keys
 from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, Reason
 
@@ -536,25 +536,30 @@ class Scripts:
         r = await self._call("claim_ids", [sk.ids_hash, sk.ids_at_zset], args)
         return [int(x) == 1 for x in r[1:]]
 
-    async def register_workflow(
-        self, workflow_id: str, version: str, body: bytes, retention: int | None = None
-    ) -> bool:
-        """Store a definition and its retention (seconds, None: admission's default); True
-        when the definition changed. A version already stored with other content raises
-        DefinitionError naming `version`."""
+    async def register_workflows(
+        self, definitions: Sequence[tuple[str, str, bytes, int | None]]
+    ) -> int:
+        """Store definitions, all or none: (workflow id, version, JSON body, retention in
+        seconds or None for admission's default) each. Returns how many changed. A version
+        already stored with other content raises WorkflowRejected naming the workflow and
+        `version`, and nothing is written."""
         keys = [
             self.keys.workflows_hash,
             self.keys.registry_epoch,
             self.keys.workflow_versions_hash,
             self.keys.retentions_hash,
         ]
-        args = [workflow_id, version, body, MAX_VERSIONS, retention or ""]
+        args: list[Any] = [MAX_VERSIONS]
+        for wid, version, body, retention in definitions:
+            args += [wid, version, body, retention or ""]
         r = await self._call("register_workflow", keys, args)
-        if int(r[1]) == 2:
-            raise DefinitionError(
+        if int(r[1]) == -1:
+            wid, version = r[2].decode(), r[3].decode()
+            raise WorkflowRejected(
+                wid,
                 "version",
-                f"{version!r} of workflow {workflow_id!r} is already registered with another "
+                f"{version!r} of workflow {wid!r} is already registered with another "
                 "definition; give the changed definition a new version (or omit `version` to "
                 "derive it from the content)",
             )
-        return int(r[1]) == 1
+        return int(r[1])

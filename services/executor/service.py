@@ -22,9 +22,9 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from supersede.config import Settings
-from supersede.errors import ConfigError, DefinitionError
+from supersede.errors import ConfigError, WorkflowRejected
 from supersede.protocol import EXECUTOR_GROUP
-from supersede.registry import register
+from supersede.registry import register_all
 from supersede.service import Service
 from supersede.service import serve as serve_service
 from supersede.services.executor import metrics
@@ -90,11 +90,10 @@ class Executor(Service):
 
     async def prepare(self) -> None:
         """Register this process's workflows (ingress and admission need no user code)."""
-        for wf in self.definitions.values():
-            try:
-                await register(self.redis, self.keys, wf)
-            except DefinitionError as exc:
-                raise ConfigError(f"workflow {wf.id!r} cannot be registered: {exc}") from None
+        try:  # (one call: the module's workflows change together, a scope's limits too)
+            await register_all(self.redis, self.keys, list(self.definitions.values()))
+        except WorkflowRejected as exc:
+            raise ConfigError(f"workflow {exc.workflow!r} cannot be registered: {exc}") from None
         metrics.SLOTS.set(self.config.slots)
         await self.runner.start_processes(self.settings.redis_url)
         self.log.info("workflows registered", extra={"workflows": sorted(self.definitions)})

@@ -7,9 +7,9 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from supersede.errors import DefinitionError
+from supersede.errors import DefinitionError, WorkflowRejected
 from supersede.keys import Keys
-from supersede.registry import load_all, register
+from supersede.registry import load_all, register, register_all
 from tests.support import workflow_body as definition
 
 
@@ -77,3 +77,52 @@ async def test_the_registry_remembers_the_versions_of_a_workflow(redis: Redis, k
     assert orjson.loads(await redis.hget(keys.workflow_versions_hash, "chat-reply")) == [
         "v0", "v2", "v1"
     ]  # fmt: skip
+
+
+async def test_a_scope_changes_its_limits_when_its_workflows_register_together(
+    redis: Redis, keys: Keys
+) -> None:
+    """The workflows of a scope must agree on its limits, so one registered alone with new
+    limits is refused; the module that holds them all registers them in one call, all or none,
+    so the scope's limits can change (they could not: each was checked against the others'
+    stored limits, one at a time) and no reader ever sees the scope half changed."""
+    one = {"expression": "input.k", "max_runs": 1, "scope": "s1"}
+    two = {**one, "max_runs": 2}
+    await register_all(redis, keys, [definition(id="a", concurrency=one),
+                                     definition(id="b", concurrency=one)])  # fmt: skip
+    assert int(await redis.get(keys.registry_epoch)) == 1  # one bump for the call
+    with pytest.raises(WorkflowRejected) as info:
+        await register(redis, keys, definition(id="a", concurrency=two))
+    assert info.value.workflow == "a" and info.value.field == "concurrency.scope"
+    assert "with workflow 'b'" in str(info.value)
+    # both, in one call: accepted, one bump
+    await register_all(redis, keys, [definition(id="a", concurrency=two),
+                                     definition(id="b", concurrency=two)])  # fmt: skip
+    epoch, defs, errors = await load_all(redis, keys)
+    assert errors == {} and epoch == 2
+    assert defs["a"].concurrency.max_runs == defs["b"].concurrency.max_runs == 2
+    # the set must agree within itself too
+    with pytest.raises(WorkflowRejected) as info:
+        await register_all(redis, keys, [definition(id="a", concurrency=one),
+                                         definition(id="b", concurrency=two)])  # fmt: skip
+    assert info.value.field == "concurrency.scope"
+
+
+async def test_a_registration_is_all_or_none(redis: Redis, keys: Keys) -> None:
+    """A refused definition (here a version stored with other content) writes none of the
+    call's others, and names itself."""
+    await register(redis, keys, definition(id="b", version="v1"))
+    before = await redis.hgetall(keys.workflows_hash)
+    with pytest.raises(WorkflowRejected) as info:
+        changed = definition(id="b", version="v1", max_attempts=9)
+        await register_all(redis, keys, [definition(id="a"), changed])
+    assert info.value.workflow == "b" and info.value.field == "version"
+    assert await redis.hgetall(keys.workflows_hash) == before
+    assert int(await redis.get(keys.registry_epoch)) == 1
+    with pytest.raises(WorkflowRejected) as info:
+        await register_all(redis, keys, [definition(id="a"), definition(id="a")])
+    assert info.value.workflow == "a" and info.value.field == "id"
+    with pytest.raises(WorkflowRejected) as info:
+        bad = {"expression": "input.k", "max_runs": 0}
+        await register_all(redis, keys, [definition(id="a"), definition(id="c", concurrency=bad)])
+    assert info.value.workflow == "c" and info.value.field == "concurrency.max_runs"
