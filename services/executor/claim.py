@@ -73,7 +73,7 @@ class Claimer:
             metrics.CLAIMS_REFUSED.inc(refused)
         now = now or time.time()
         for shard, entry, claim in items:
-            waited = max(0.0, now - entry_ms(entry)) / 1000
+            waited = max(0.0, now * 1000 - entry_ms(entry)) / 1000
             metrics.QUEUE_WAIT_SECONDS.observe(waited)
             HOP_SECONDS.labels("assignments").observe(waited)
             self._start(shard, claim, now)

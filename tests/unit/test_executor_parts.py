@@ -165,3 +165,28 @@ def test_a_cancel_message_is_timed_by_its_decision_in_microseconds() -> None:
     version's script, without it, from its entry id's whole ms."""
     assert cancel._decided_ms(b"1700000000123-0", {b"du": b"1700000000123456"}) == 1700000000123.456
     assert cancel._decided_ms(b"1700000000123-0", {}) == 1700000000123
+
+
+def test_queue_wait_runs_from_the_assignment_to_the_read(monkeypatch: Any) -> None:
+    """An assignment written 2.5 s before the executor read it waited 2.5 s (it was always 0:
+    seconds were compared with the entry id's milliseconds)."""
+    from prometheus_client import REGISTRY
+
+    from supersede.scripts import Claim
+    from supersede.services.executor.claim import Claimer
+
+    unused: Any = None
+    claimer = Claimer(unused, "me", ExecutorConfig(), unused, unused)
+    monkeypatch.setattr(claimer, "_start", lambda *args: None)
+
+    def observed() -> tuple[float, float]:
+        wait = REGISTRY.get_sample_value("supersede_executor_queue_wait_seconds_sum") or 0.0
+        hop = REGISTRY.get_sample_value("supersede_hop_seconds_sum", {"hop": "assignments"})
+        return wait, hop or 0.0
+
+    before = observed()
+    now = 1_800_000_000.0
+    entry = f"{int(now * 1000) - 2500}-0".encode()
+    claimer.start_taken([(0, entry, Claim("0-r", True))], 0, now)
+    after = observed()
+    assert abs(after[0] - before[0] - 2.5) < 0.01 and abs(after[1] - before[1] - 2.5) < 0.01
