@@ -184,3 +184,12 @@ async def stale_streams(
             pipe.xpending_range(stream, group, "-", "+", 1, idle=idle_ms)
         replies = await pipe.execute(raise_on_error=False)
     return [s for s, r in zip(streams, replies, strict=True) if r and isinstance(r, list)]
+
+
+def group_backlog(groups: object, group: str) -> int | None:
+    """Entries of `group` unread or unacknowledged, from an XINFO GROUPS reply; None when
+    the stream has no such group (or does not exist: its reply is an error)."""
+    for g in groups if isinstance(groups, list) else []:
+        if g["name"] == group.encode():
+            return int(g["pending"]) + int(g.get("lag") or 0)
+    return None

@@ -42,7 +42,14 @@ from supersede.scripts import AdmitResult, HandOver
 from supersede.service import Periodic, Service, Throttle
 from supersede.service import serve as serve_service
 from supersede.services.admission import metrics
-from supersede.streams import GroupSpec, OwnPending, entry_ms, split_deleted, stale_streams
+from supersede.streams import (
+    GroupSpec,
+    OwnPending,
+    entry_ms,
+    group_backlog,
+    split_deleted,
+    stale_streams,
+)
 from supersede.trim import trim_consumed, trim_older_than, trim_to_length
 
 REAP_LIMIT = 1000  # leases and old records one reap call handles (it blocks the server)
@@ -550,12 +557,12 @@ class Admission(Service):
                     queued[workflow] = queued.get(workflow, 0) + int(n)
                 elif state in ("A", "R"):  # (runs without a limit are in no active zset)
                     active += int(n)
-            lag["requests"] += _group_backlog(replies[i + 1], ADMISSION_GROUP) or 0
-            lag["results"] += _group_backlog(replies[i + 2], ADMISSION_GROUP) or 0
+            lag["requests"] += group_backlog(replies[i + 1], ADMISSION_GROUP) or 0
+            lag["results"] += group_backlog(replies[i + 2], ADMISSION_GROUP) or 0
             for j, wf in enumerate(workflows):
                 groups, length = replies[i + 3 + 2 * j], replies[i + 4 + 2 * j]
                 # No group yet (no executor of it ever started): every entry waits.
-                found = _group_backlog(groups, EXECUTOR_GROUP)
+                found = group_backlog(groups, EXECUTOR_GROUP)
                 backlog[wf] += length if found is None and isinstance(length, int) else found or 0
         lag["assignments"] = sum(backlog.values())
         for workflow in self._gauged_workflows - set(queued):
@@ -666,12 +673,3 @@ async def serve(
 ) -> None:
     """Run one admission process until `stop` is set."""
     await serve_service(lambda redis: Admission(redis, settings, config), settings, stop)
-
-
-def _group_backlog(groups: object, group: str) -> int | None:
-    """Entries of `group` unread or unacknowledged, from an XINFO GROUPS reply; None when
-    the stream has no such group (or does not exist: its reply is an error)."""
-    for g in groups if isinstance(groups, list) else []:
-        if g["name"] == group.encode():
-            return int(g["pending"]) + int(g.get("lag") or 0)
-    return None

@@ -40,7 +40,10 @@ FORGOTTEN_CONSUMERS = Counter(
     "Consumers deleted from the inbox's group: nothing pending and idle for "
     "--forget-consumers-after (left by ingress processes that are gone).",
 )
-INBOX_LAG = Gauge("supersede_ingress_inbox_lag", "Inbox entries not yet read by group ingress.")
+INBOX_LAG = Gauge(
+    "supersede_ingress_inbox_lag",
+    "Inbox entries group ingress has not handled yet: unread, or read and not acknowledged.",
+)
 WORKFLOWS = Gauge("supersede_ingress_workflows", "Valid workflow definitions loaded.")
 INVALID_WORKFLOWS = Gauge(
     "supersede_ingress_invalid_workflows",

@@ -52,7 +52,7 @@ from supersede.registry import WorkflowDef, load_all
 from supersede.service import Periodic, Service, Throttle
 from supersede.service import serve as serve_service
 from supersede.services.ingress import metrics
-from supersede.streams import GroupSpec, OwnPending, entry_ms, split_deleted
+from supersede.streams import GroupSpec, OwnPending, entry_ms, group_backlog, split_deleted
 from supersede.trim import trim_consumed
 
 GROUP_MEMO = 100_000
@@ -577,9 +577,11 @@ class Ingress(Service):
         )
 
     async def _measure_lag(self) -> None:
-        for g in await self.redis.xinfo_groups(self.keys.events_stream):
-            if g["name"] == INGRESS_GROUP.encode():
-                metrics.INBOX_LAG.set(int(g.get("lag") or 0))
+        """The inbox entries ingress has not handled: unread, or read and not acknowledged (an
+        ingress that reads but cannot write keeps reading: its entries pile up pending)."""
+        backlog = group_backlog(await self.redis.xinfo_groups(self.keys.events_stream),
+                                INGRESS_GROUP)  # fmt: skip
+        metrics.INBOX_LAG.set(backlog or 0)
 
 
 async def serve(settings: Settings, config: IngressConfig, stop: asyncio.Event) -> None:

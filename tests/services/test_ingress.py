@@ -632,3 +632,21 @@ async def _fuzz_check(redis: Redis, keys: Keys, entries: list[dict[str, bytes]])
         if not workflows:
             assert got == [], (fields, got)
     assert requested == expected_requests
+
+
+async def test_the_inbox_lag_counts_entries_read_and_not_handled(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """An ingress that reads but cannot write (its user lost a right, say) keeps reading, so its
+    entries pile up pending, not unread: the gauge counts both (it counted the unread only, so
+    it read 0 while nothing was handled)."""
+    from prometheus_client import REGISTRY
+
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    service = Ingress(redis, settings, IngressConfig())
+    await redis.xgroup_create(keys.events_stream, INGRESS_GROUP, id="0", mkstream=True)
+    for _ in range(5):
+        await redis.xadd(keys.events_stream, {"name": "x", "data": "{}"})
+    await redis.xreadgroup(INGRESS_GROUP, "stuck", {keys.events_stream: ">"}, count=3)
+    await service._measure_lag()
+    assert REGISTRY.get_sample_value("supersede_ingress_inbox_lag") == 5  # 3 pending, 2 unread
