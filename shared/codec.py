@@ -19,8 +19,21 @@ def pack(obj: Any) -> bytes:
     return _packer.pack(obj)  # type: ignore[no-any-return]
 
 
-def unpack(data: bytes) -> Any:
+def unpack_exact(data: bytes) -> Any:
+    """The value packed, as Python gives it back: a map keyed by an array raises TypeError."""
     return msgpack.unpackb(data, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
+
+
+def unpack(data: bytes) -> Any:
+    """`unpack_exact`, except that a payload holding a map keyed by an array (stored before
+    executors refused such outputs) reads with its arrays as tuples instead of raising."""
+    try:
+        return unpack_exact(data)
+    except TypeError:
+        return msgpack.unpackb(
+            data, raw=False, unicode_errors="surrogateescape", strict_map_key=False,
+            use_list=False,
+        )  # fmt: skip
 
 
 def blob(value: str | bytes) -> bytes:

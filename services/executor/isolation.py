@@ -156,7 +156,7 @@ def worker_main(conn: Connection, flag: ProcessEvent, redis_url: str, executor: 
             reply = codec.pack(["ok", out])
         except asyncio.CancelledError:
             reply = codec.pack(["cancelled"])
-        except Exception as exc:
+        except BaseException as exc:  # (SystemExit, KeyboardInterrupt too: the step's failure)
             reply = codec.pack(["err", "".join(traceback.format_exception(exc))])
         conn.send_bytes(reply)
 

@@ -97,6 +97,21 @@ class Running:
     stops_later: bool = False
 
 
+def readable(output: Any, step: str) -> bytes:
+    """`output` as msgpack, once it is sure to read back: a map keyed by an array packs but does
+    not unpack in Python (its key would be a list), and every reader of the run would fail."""
+    packed = codec.pack(output)
+    if isinstance(output, dict | list | tuple):
+        try:
+            codec.unpack_exact(packed)
+        except Exception as exc:
+            raise TypeError(
+                f"step {step!r} returned an output that cannot be read back ({describe(exc)}): "
+                "use str, int, float, bool or None as map keys"
+            ) from None
+    return packed
+
+
 class Runner:
     """The local slots: which runs execute here, and the code that executes them."""
 
@@ -255,13 +270,17 @@ class Runner:
                 try:
                     with tracing.step(self.tracer if run.span else None, step.name, attempt):
                         output = await self._call(step, run)
-                    size = len(codec.pack(output))  # outputs must be msgpack-able values
+                    size = len(readable(output, step.name))  # msgpack-able, and read back
                     run.ctx.outputs[step.name] = output
                     break
                 except asyncio.CancelledError:
                     self.observe_cancel(run)
                     raise
-                except Exception as exc:
+                # Any BaseException a step raises is its failure: SystemExit or
+                # KeyboardInterrupt would otherwise stop the executor with every run it holds
+                # (asyncio re-raises them out of the loop), and a user's BaseException
+                # subclass would end this task with the run RUNNING and its slot held.
+                except BaseException as exc:
                     if attempt < step.retries:
                         await asyncio.sleep(self.config.retry_backoff * 2**attempt)
                         continue

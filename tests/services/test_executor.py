@@ -541,6 +541,37 @@ async def test_a_step_timeout_or_an_unpackable_output_fails_the_run(
     assert any("can not serialize 'object' object" in e for e in errors)
 
 
+async def test_a_step_raising_any_base_exception_fails_its_run_alone(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """SystemExit, KeyboardInterrupt, GeneratorExit or a user's BaseException subclass raised
+    by a step (async, or sync in its thread) fails its run like any exception; an output msgpack
+    packs but Python cannot read back fails it too. Before, the first stopped the executor (and
+    every run it held) and the last left the run RUNNING for good, its slot held; the output
+    succeeded, and every reader of the run raised."""
+    system.start("admission", "--block-ms", "100")
+    executor = system.start("executor", "tests.support.apps.hostile")
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == 2
+
+    await eventually(registered, timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    kinds = ["base", "exit", "interrupt", "generator-exit", "tuple-key"]
+    for kind in kinds:
+        await publish(redis, keys, "hostile.item", kind=kind)
+    for kind in kinds[:3]:
+        await publish(redis, keys, "hostile-sync.item", kind=kind)
+    await eventually(lambda: _states(redis, keys, {"F": 8}), timeout=30)
+    errors = sorted(str(r["err"]) for r in (await records(redis, keys)).values())
+    for name in ("NotAnException", "SystemExit", "KeyboardInterrupt", "GeneratorExit"):
+        assert any(name in e for e in errors), (name, errors)
+    assert any("cannot be read back" in e for e in errors), errors
+    await publish(redis, keys, "hostile.item", kind="fine")  # the executor serves on
+    await eventually(lambda: _states(redis, keys, {"F": 8, "S": 1}), timeout=30)
+    assert executor.poll() is None
+
+
 async def test_a_step_raising_cancelled_error_by_itself_fails_its_run(
     redis: Redis, keys: Keys, system: System
 ) -> None:

@@ -376,3 +376,18 @@ async def test_a_cancelled_run_is_never_current() -> None:
     assert await ctx.still_current() and ctx.still_current_blocking()
     ctx._cancel()
     assert not await ctx.still_current() and not ctx.still_current_blocking()
+
+
+def test_a_payload_with_a_map_keyed_by_an_array_still_reads() -> None:
+    """Stored before executors refused such outputs: every reader of the run raised
+    `unhashable type: 'list'`; now the arrays read as tuples (and JSON shows the key as text),
+    while `unpack_exact`, which the executor checks outputs with, still refuses it."""
+    import pytest
+
+    from supersede import codec
+
+    packed = codec.pack({"out": {(1, 2): 3}, "n": 1})
+    assert codec.unpack(packed) == {"out": {(1, 2): 3}, "n": 1}
+    assert codec.jsonable(codec.unpack(packed)) == {"out": {"[1, 2]": 3}, "n": 1}
+    with pytest.raises(TypeError):
+        codec.unpack_exact(packed)

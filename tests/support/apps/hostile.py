@@ -1,0 +1,41 @@
+"""Steps that raise what no step should (SystemExit, KeyboardInterrupt, GeneratorExit, a
+BaseException subclass) or return what msgpack packs and Python cannot read back: each must
+fail its run alone."""
+
+from __future__ import annotations
+
+from supersede.workflow import Context, Workflow
+
+
+class NotAnException(BaseException):
+    """A user's BaseException subclass (not an Exception)."""
+
+
+_HOSTILE: dict[str, BaseException] = {
+    "base": NotAnException("raised by the step"),
+    "exit": SystemExit(3),
+    "interrupt": KeyboardInterrupt(),
+    "generator-exit": GeneratorExit(),
+}
+
+hostile = Workflow("hostile", on_events=["hostile.item"])
+
+
+@hostile.step()
+async def raises_what_it_is_told(ctx: Context) -> object:
+    """Raises the BaseException `input.kind` names; `tuple-key` returns an output msgpack
+    packs but Python cannot read back (a map with an array key); `fine` succeeds."""
+    kind = ctx.input["kind"]
+    if kind == "tuple-key":
+        return {(1, 2): 3}
+    if kind == "fine":
+        return "fine"
+    raise _HOSTILE[kind]
+
+
+hostile_sync = Workflow("hostile-sync", on_events=["hostile-sync.item"])
+
+
+@hostile_sync.step()
+def raises_in_its_thread(ctx: Context) -> None:
+    raise _HOSTILE[ctx.input["kind"]]
