@@ -25,7 +25,7 @@ from supersede.config import Settings
 from supersede.errors import ConfigError, WorkflowRejected
 from supersede.protocol import EXECUTOR_GROUP
 from supersede.registry import register_all
-from supersede.service import Service
+from supersede.service import Periodic, Service
 from supersede.service import serve as serve_service
 from supersede.services.executor import metrics
 from supersede.services.executor.cancel import Cancels
@@ -42,6 +42,7 @@ __all__ = ["Executor", "ExecutorConfig", "serve"]
 
 DRAIN_POLL = 0.1  # seconds between checks that written results were applied, while draining
 LOOP_LAG_EVERY = 0.1  # seconds between two measures of the event loop's lag
+REGISTRY_CHECK_EVERY = 1.0  # seconds between two looks for this process's workflows in the registry
 
 
 class Executor(Service):
@@ -97,6 +98,31 @@ class Executor(Service):
         metrics.SLOTS.set(self.config.slots)
         await self.runner.start_processes(self.settings.redis_url)
         self.log.info("workflows registered", extra={"workflows": sorted(self.definitions)})
+
+    def periodic(self) -> Sequence[Periodic]:
+        return [(REGISTRY_CHECK_EVERY, self.keep_registered)]
+
+    async def keep_registered(self) -> None:
+        """Register again this process's workflows that are gone from the registry (a server
+        that lost its data, restarted empty): until then ingress routes their events nowhere.
+        A workflow present, in whatever version (another pool's, a newer deploy's), is left
+        as it is."""
+        ids = sorted(self.definitions)
+        present = await self.redis.hmget(self.keys.workflows_hash, ids)
+        missing = [
+            self.definitions[wid] for wid, body in zip(ids, present, strict=True) if not body
+        ]
+        if not missing:
+            return
+        self.log.warning(
+            "workflows missing from the registry (did the server lose its data?): registering "
+            "them again", extra={"workflows": [wf.id for wf in missing]},
+        )  # fmt: skip
+        try:
+            await register_all(self.redis, self.keys, missing)
+        except WorkflowRejected as exc:
+            self.log.error("a workflow could not be registered again",
+                           extra={"workflow": exc.workflow, "error": str(exc)})  # fmt: skip
 
     async def main(self, stop: asyncio.Event) -> None:
         drained = asyncio.Event()  # leases and cancels outlive `stop` until the drain ends

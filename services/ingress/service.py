@@ -281,6 +281,7 @@ class Ingress(Service):
         super().__init__(redis, settings, consumer=consumer)
         self.routes: dict[str, list[Route]] = {}
         self.epoch = -1
+        self.stored = 0  # workflows in the registry, valid or not
         self._housekeeping_due = Throttle(1.0)
         # Where a shard's requests go: the `append_requests` script, unless `supersede serve`
         # hands them to the admission of its own process (services/serve.py).
@@ -323,7 +324,13 @@ class Ingress(Service):
         for wid, error in errors.items():
             extra = {"workflow": wid, "error": error}
             self.log.error("invalid stored workflow skipped", extra=extra)
+        if self.routes and not defs and not errors:
+            self.log.warning(
+                "the registry is empty (did the server lose its data?): the inbox waits until "
+                "a workflow is registered (executors register theirs again within a second)"
+            )
         self.routes = build_routes(defs)
+        self.stored = len(defs) + len(errors)
         self.epoch = epoch
         metrics.WORKFLOWS.set(len(defs))
         metrics.INVALID_WORKFLOWS.set(len(errors))
@@ -335,6 +342,14 @@ class Ingress(Service):
         own = OwnPending([self.keys.events_stream])
         try:
             while not stop.is_set():
+                if not self.stored:
+                    # No workflow registered at all (a new namespace before its executors
+                    # start, or a server that lost its data): read nothing, so no event is
+                    # acknowledged with no workflow to run it.
+                    await stage.settle()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self.config.refresh_interval)
+                    continue
                 own.sweep_if_due()
                 reread = False
                 try:

@@ -650,3 +650,19 @@ async def test_the_inbox_lag_counts_entries_read_and_not_handled(
     await redis.xreadgroup(INGRESS_GROUP, "stuck", {keys.events_stream: ">"}, count=3)
     await service._measure_lag()
     assert REGISTRY.get_sample_value("supersede_ingress_inbox_lag") == 5  # 3 pending, 2 unread
+
+
+async def test_with_no_workflow_registered_the_inbox_waits(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """An empty registry (a namespace whose executors have not started, a server that lost its
+    data) routes nothing: ingress reads nothing then, rather than acknowledge every event with
+    no workflow to run it; once a workflow is registered, the events waiting are routed."""
+    async with running_ingress(redis, redis_url, keys):
+        await redis.xadd(keys.events_stream, {"name": "chat.message", "data": '{"userId": "u"}'})
+        await asyncio.sleep(0.5)  # (a negative needs the chance: ingress polls every 50 ms)
+        [group] = await redis.xinfo_groups(keys.events_stream)
+        assert int(group["lag"]) == 1 and int(group["pending"]) == 0
+        await register(redis, keys, CHAT)
+        await settle(redis, keys)
+    assert [r["w"] for r in await requests_in_streams(redis, keys)] == ["chat-reply"]

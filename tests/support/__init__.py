@@ -214,7 +214,8 @@ class System:
         expected_workflows: int = APP_WORKFLOWS,
     ) -> list[subprocess.Popen[bytes]]:
         """Admission and executors, then ingress once the executors registered the workflows
-        (an event published before any workflow listens to it is acknowledged, not run)."""
+        (an event of a workflow not registered yet, while others are, is acknowledged, not
+        run)."""
         self.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
         procs = [self.start("executor", APP, *executor_args) for _ in range(executors)]
 
