@@ -32,7 +32,8 @@ async def test_services_carry_on_when_the_server_restarts_empty() -> None:
         await redis.xadd(keys.events_stream, {"name": "work.item", "data": b"{}"})
         await eventually(lambda: _succeeded(redis, keys, 1), timeout=30)
 
-        server.proc.kill()  # type: ignore[union-attr]
+        assert server.proc is not None
+        server.proc.kill()
         server.stop()  # (its folder goes too)
         server = EmbeddedServer(port=server.port).start()  # the same address, no data
         await redis.aclose()
