@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from http.server import ThreadingHTTPServer
 from typing import Any, Generic, TypeVar, cast
 
-from prometheus_client import REGISTRY, disable_created_metrics
+from prometheus_client import REGISTRY, Gauge, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -160,6 +160,12 @@ HOP_SECONDS = LoopHistogram(
     buckets=LATENCY_BUCKETS,
 )
 _READY: dict[str, bool] = {}  # part (service name) -> ready; /readyz needs every part ready
+READY = Gauge(
+    "supersede_ready",
+    "1 while the service is ready (started, and its Redis calls go through), 0 otherwise; as "
+    "/readyz, per service of the process. Alerts read it: a service down exports nothing.",
+    ["service"],
+)
 
 # `*_created` series double the series count for no use on dashboards or alerts.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -170,13 +176,15 @@ def set_ready(ready: bool, part: str = "service") -> None:
     service, when one process runs several (`supersede serve`); /readyz answers 200 only while
     every part the process runs or expects is ready."""
     _READY[part] = ready
+    READY.labels(part).set(1 if ready else 0)
 
 
 def expect_parts(*parts: str) -> None:
     """The parts a process will run, not ready until each says so (a part that starts late,
     as ingress under `supersede serve`, keeps /readyz at 503 until it is up)."""
     for part in parts:
-        _READY.setdefault(part, False)
+        if part not in _READY:
+            set_ready(False, part)
 
 
 def is_ready() -> bool:
