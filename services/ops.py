@@ -37,6 +37,7 @@ from supersede.protocol import (
 )
 from supersede.registry import WorkflowDef, load_all
 from supersede.scripts import Scripts
+from supersede.streams import unread
 
 
 def _text(value: Any) -> Any:
@@ -532,11 +533,15 @@ async def ended_runs(redis: Redis, keys: Keys) -> int:
 async def _group_lag(redis: Redis, stream: str, group: str) -> dict[str, int]:
     if not await redis.exists(stream):
         return {"pending": 0, "lag": 0}
-    for g in await redis.xinfo_groups(stream):
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xinfo_groups(stream)
+        pipe.xlen(stream)
+        groups, length = await pipe.execute()
+    for g in groups:
         if _text(g["name"]) == group:
-            return {"pending": int(g["pending"]), "lag": int(g.get("lag") or 0)}
+            return {"pending": int(g["pending"]), "lag": unread(g, int(length))}
     # no such group yet (a workflow no executor ever read): every entry waits for one
-    return {"pending": 0, "lag": int(await redis.xlen(stream))}
+    return {"pending": 0, "lag": int(length)}
 
 
 async def _executors_of(redis: Redis, stream: str) -> list[dict[Any, Any]]:

@@ -77,8 +77,9 @@ ROLES: tuple[Role, ...] = (
             *_CONSUMER,
             *_FORGET,
             *_REGISTRY,
-            # (zcard: claim_ids' cap on the explicit ids a shard keeps, lua/includes/cap.lua)
-            *_words("xtrim xadd zadd zrem zrangebyscore zcard hset hdel time"),
+            # (zcard: claim_ids' cap on the explicit ids a shard keeps, lua/includes/cap.lua;
+            # xlen: the inbox lag's cap, supersede.streams.unread)
+            *_words("xtrim xadd zadd zrem zrangebyscore zcard hset hdel time xlen"),
         ),
         (
             "~@:events",

@@ -9,7 +9,7 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -186,10 +186,23 @@ async def stale_streams(
     return [s for s, r in zip(streams, replies, strict=True) if r and isinstance(r, list)]
 
 
-def group_backlog(groups: object, group: str) -> int | None:
-    """Entries of `group` unread or unacknowledged, from an XINFO GROUPS reply; None when
-    the stream has no such group (or does not exist: its reply is an error)."""
+def unread(group: dict[Any, Any], length: object = None) -> int:
+    """Entries of a stream a group has not read, from its XINFO GROUPS entry: its `lag`, capped
+    by the stream's `length` (XLEN) less what it has pending, when given. After a crash and an
+    AOF restart of a trimmed stream, Redis can report a lag of thousands on a stream it has
+    read to the end (its entries-read counter comes back wrong); an unread entry is always in
+    the stream, so the cap holds the figure to what can be true."""
+    lag = int(group.get("lag") or 0)
+    if isinstance(length, int):
+        lag = min(lag, max(0, length - int(group["pending"])))
+    return lag
+
+
+def group_backlog(groups: object, group: str, length: object = None) -> int | None:
+    """Entries of `group` unread or unacknowledged, from an XINFO GROUPS reply (and the
+    stream's XLEN, see `unread`); None when the stream has no such group (or does not exist:
+    its reply is an error)."""
     for g in groups if isinstance(groups, list) else []:
         if g["name"] == group.encode():
-            return int(g["pending"]) + int(g.get("lag") or 0)
+            return int(g["pending"]) + unread(g, length)
     return None

@@ -539,7 +539,9 @@ class Admission(Service):
             for sk in self.keys.all_shards():
                 pipe.hgetall(sk.counts_hash)
                 pipe.xinfo_groups(sk.requests_stream)
+                pipe.xlen(sk.requests_stream)
                 pipe.xinfo_groups(sk.results_stream)
+                pipe.xlen(sk.results_stream)
                 for wf in workflows:
                     pipe.xinfo_groups(sk.assignments_stream(wf))
                     pipe.xlen(sk.assignments_stream(wf))
@@ -548,7 +550,7 @@ class Admission(Service):
         active = 0
         lag = dict.fromkeys(("requests", "results", "assignments"), 0)
         backlog = dict.fromkeys(workflows, 0)
-        per_shard = 3 + 2 * len(workflows)
+        per_shard = 5 + 2 * len(workflows)
         for i in range(0, len(replies), per_shard):
             counts = replies[i] if isinstance(replies[i], dict) else {}
             for field, n in counts.items():
@@ -557,12 +559,12 @@ class Admission(Service):
                     queued[workflow] = queued.get(workflow, 0) + int(n)
                 elif state in ("A", "R"):  # (runs without a limit are in no active zset)
                     active += int(n)
-            lag["requests"] += group_backlog(replies[i + 1], ADMISSION_GROUP) or 0
-            lag["results"] += group_backlog(replies[i + 2], ADMISSION_GROUP) or 0
+            lag["requests"] += group_backlog(replies[i + 1], ADMISSION_GROUP, replies[i + 2]) or 0
+            lag["results"] += group_backlog(replies[i + 3], ADMISSION_GROUP, replies[i + 4]) or 0
             for j, wf in enumerate(workflows):
-                groups, length = replies[i + 3 + 2 * j], replies[i + 4 + 2 * j]
+                groups, length = replies[i + 5 + 2 * j], replies[i + 6 + 2 * j]
                 # No group yet (no executor of it ever started): every entry waits.
-                found = group_backlog(groups, EXECUTOR_GROUP)
+                found = group_backlog(groups, EXECUTOR_GROUP, length)
                 backlog[wf] += length if found is None and isinstance(length, int) else found or 0
         lag["assignments"] = sum(backlog.values())
         for workflow in self._gauged_workflows - set(queued):

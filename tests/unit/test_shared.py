@@ -391,3 +391,19 @@ def test_a_payload_with_a_map_keyed_by_an_array_still_reads() -> None:
     assert codec.jsonable(codec.unpack(packed)) == {"out": {"[1, 2]": 3}, "n": 1}
     with pytest.raises(TypeError):
         codec.unpack_exact(packed)
+
+
+def test_a_group_lag_is_capped_by_what_the_stream_holds() -> None:
+    """After a crash and an AOF restart of a trimmed stream, Redis reported a lag of 4835 for a
+    group that had read an empty stream to its end: `supersede status`, the lag gauges and the
+    assignment backlog KEDA scales on showed it for good. An unread entry is in the stream, so
+    the lag is capped by its length less what is pending."""
+    from supersede.streams import group_backlog, unread
+
+    group = {"name": b"ingress", "pending": 0, "lag": 4835}
+    assert unread(group, 0) == 0 and group_backlog([group], "ingress", 0) == 0
+    assert unread(group) == 4835  # (no length: as reported)
+    busy = {"name": b"ingress", "pending": 3, "lag": 7}
+    assert group_backlog([busy], "ingress", 10) == 10  # a true lag is kept
+    assert group_backlog([busy], "ingress", 5) == 5  # 3 pending + at most 2 unread
+    assert group_backlog([busy], "admission", 5) is None
