@@ -592,7 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--workflow", help="only runs of this workflow")
     runs.add_argument("--key", help="only runs of this key value (needs --workflow)")
     runs.add_argument(
-        "--state", choices=[s.name.lower() for s in RunState], help="only runs in this state"
+        "--state",
+        type=str.lower,  # (tables print states in capitals: RUNNING reads as running)
+        choices=[s.name.lower() for s in RunState],
+        help="only runs in this state",
     )
     runs.add_argument("--limit", type=_COUNT, default=100, help="at most this many runs")
     one = ops_parser("run", "one run and its timeline")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import os
 import sys
+from types import ModuleType
 from typing import Any
 
 from supersede.errors import ConfigError, DefinitionError
@@ -24,8 +27,6 @@ def import_module(spec: str) -> Any:
     """Import a workflow module given as a dotted name (`my_workflows`, from the current folder
     or anything on sys.path) or as a path (`my_workflows.py`, `src/app/flows.py`: its folder is
     put on sys.path). Any failure is one ConfigError that names the file and line."""
-    import importlib
-    import importlib.util
     import traceback
 
     name = spec
@@ -41,25 +42,7 @@ def import_module(spec: str) -> Any:
     elif os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        if path is None:
-            return importlib.import_module(name)
-        # By its path, under a name of its own: two files of one name in two folders, or a
-        # file named like a module already imported (queue.py), are still both themselves.
-        # (the same name in every process: a step in process isolation is found by it)
-        digest = hashlib.sha1(path.encode(errors="surrogateescape")).hexdigest()[:12]
-        unique = f"{PATH_MODULE_PREFIX}{digest}_{name.replace('.', '_')}"
-        if unique in sys.modules:
-            return sys.modules[unique]
-        loader_spec = importlib.util.spec_from_file_location(unique, path)
-        assert loader_spec is not None and loader_spec.loader is not None
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[unique] = module
-        try:
-            loader_spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[unique]
-            raise
-        return module
+        return importlib.import_module(name) if path is None else _import_path(path, name)
     except SyntaxError as exc:
         where = f"{exc.filename}:{exc.lineno}"
         raise ConfigError(f"{where}: syntax error in workflow module {spec!r}: {exc.msg}") from None
@@ -70,6 +53,11 @@ def import_module(spec: str) -> Any:
                 "its folder, or give its path, e.g. `supersede executor path/to/my_workflows.py`"
             ) from None
         raise ConfigError(f"workflow module {spec!r} failed to import: {exc}") from None
+    except (SystemExit, KeyboardInterrupt) as exc:  # (a module that ends the process)
+        raise ConfigError(
+            f"workflow module {spec!r} raised {type(exc).__name__}({exc}) while importing: a "
+            "module of workflows defines them, and runs nothing at import"
+        ) from None
     except Exception as exc:
         frames = traceback.extract_tb(exc.__traceback__)
         mine = [f for f in frames if "importlib" not in f.filename] or frames
@@ -80,6 +68,26 @@ def import_module(spec: str) -> Any:
         ) from None
 
 
+def _import_path(path: str, name: str) -> ModuleType:
+    """The module of a file, by its path, under a name of its own: two files of one name in two
+    folders, or a file named like a module already imported (queue.py), are still both
+    themselves. (The same name in every process: a step in process isolation is found by it.)"""
+    digest = hashlib.sha1(path.encode(errors="surrogateescape")).hexdigest()[:12]
+    unique = f"{PATH_MODULE_PREFIX}{digest}_{name.replace('.', '_')}"
+    if unique in sys.modules:
+        return sys.modules[unique]
+    loader_spec = importlib.util.spec_from_file_location(unique, path)
+    assert loader_spec is not None and loader_spec.loader is not None
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[unique] = module
+    try:
+        loader_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[unique]
+        raise
+    return module
+
+
 def load_workflows(spec: str) -> list[Any]:
     """Import MODULE (see `import_module`) and return its Workflow objects, each validated."""
     from supersede.workflow import Workflow
@@ -88,6 +96,13 @@ def load_workflows(spec: str) -> list[Any]:
     workflows = [v for v in vars(module).values() if isinstance(v, Workflow)]
     if not workflows:
         raise ConfigError(f"module {spec!r} defines no Workflow")
+    ids = [wf.id for wf in workflows]
+    for wid in ids:
+        if ids.count(wid) > 1:
+            raise ConfigError(
+                f"module {spec!r} defines {ids.count(wid)} workflows with the id {wid!r}: the id "
+                "names one workflow (give each its own)"
+            )
     for wf in workflows:
         try:
             wf.definition()

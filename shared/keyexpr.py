@@ -145,13 +145,14 @@ def _walked_size(paths: list[tuple[str, tuple[str, ...]]] | None, input_: Any, m
 
 
 def compile_key(expression: str, field: str = "concurrency.expression") -> KeyFn:
-    """Compile `expression`; a syntax error or a cost over the budget (see `_check_cost`)
-    raises DefinitionError naming `field`."""
-    raw = _compile(expression, field, Reason.KEY_ERROR)
+    """Compile `expression`; a syntax error, a cost over the budget (see `_check_cost`), a
+    name that is not `input` or `metadata`, or a constant that is no key raises
+    DefinitionError naming `field`."""
 
     def key(input_: Any, metadata: Any) -> str:
         return _as_key(raw(input_, metadata), expression)
 
+    raw = _compile(expression, field, Reason.KEY_ERROR, lambda v: _as_key(v, expression))
     return key
 
 
@@ -162,10 +163,8 @@ def compile_limit(expression: str, field: str = "concurrency.max_runs") -> Limit
     """Compile a dynamic `max_runs`: a CEL expression over `input` and `metadata` giving an
     integer in 1..MAX_RUNS; an event it fails for, or gives anything else for, raises
     KeyExpressionError with reason `max_runs_error` (a dead letter)."""
-    raw = _compile(expression, field, Reason.MAX_RUNS_ERROR)
 
-    def limit(input_: Any, metadata: Any) -> int:
-        value = raw(input_, metadata)
+    def checked(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RUNS:
             raise KeyExpressionError(
                 Reason.MAX_RUNS_ERROR,
@@ -173,11 +172,19 @@ def compile_limit(expression: str, field: str = "concurrency.max_runs") -> Limit
             )
         return value
 
+    def limit(input_: Any, metadata: Any) -> int:
+        return checked(raw(input_, metadata))
+
+    raw = _compile(expression, field, Reason.MAX_RUNS_ERROR, checked)
     return limit
 
 
-def _compile(expression: str, field: str, reason: str) -> Callable[[Any, Any], Any]:
-    """The value of `expression` for an event; its failures raise KeyExpressionError(reason)."""
+def _compile(
+    expression: str, field: str, reason: str, check: Callable[[Any], Any]
+) -> Callable[[Any, Any], Any]:
+    """The value of `expression` for an event; its failures raise KeyExpressionError(reason).
+    `check` validates a value (raising KeyExpressionError): a constant expression's value is
+    checked here, once."""
     if not isinstance(expression, str) or not expression.strip():
         raise DefinitionError(field, "must be a non-empty CEL expression")
     _check_cost(expression, field)
@@ -206,6 +213,7 @@ def _compile(expression: str, field: str, reason: str) -> Callable[[Any, Any], A
         program = cel.compile(expression)
     except Exception as exc:
         raise DefinitionError(field, f"invalid CEL: {exc}") from None
+    _trial(program, expression, field, check)
 
     code = _code_only(expression)
     walks = _MACRO.search(code) is not None
@@ -228,6 +236,34 @@ def _compile(expression: str, field: str, reason: str) -> Callable[[Any, Any], A
             ) from None
 
     return evaluate
+
+
+def _trial(program: Any, expression: str, field: str, check: Callable[[Any], Any]) -> None:
+    """Evaluate `program` once for an empty event, at registration: a name other than `input`
+    and `metadata` (a typo, `max_runs="two"`) would fail for every event, and so would a
+    constant that is no key or limit (`max_runs="'a'"`); refuse them now. Other failures (a
+    field the empty event lacks) are the events' to meet."""
+    try:
+        value = program.execute({"input": {}, "metadata": {}})
+    except RuntimeError as exc:
+        text = str(exc)
+        if text.startswith("Undefined variable or function"):
+            raise DefinitionError(
+                field,
+                f"{text.split('. Check', 1)[0]} in {expression!r}: an expression reads `input` "
+                "(the event's data) and `metadata`",
+            ) from None
+        return
+    except Exception:
+        return
+    if not _NAMES.search(_code_only(expression)):  # a constant: the same for every event
+        try:
+            check(value)
+        except KeyExpressionError as exc:
+            raise DefinitionError(field, exc.detail) from None
+
+
+_NAMES = re.compile(r"\b(input|metadata)\b")
 
 
 def _longest_collection(root: Any, limit: int) -> int:

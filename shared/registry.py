@@ -26,6 +26,7 @@ from supersede.scripts import Scripts
 MAX_NAME = 200
 MAX_RETENTION = 366 * 86_400  # seconds
 MAX_DEBOUNCE_MS = 86_400_000  # a debounce window or its longest wait: a day at most
+MAX_STEP_TIMEOUT = 30 * 86_400  # seconds: a month (an infinite one is no timeout: leave it out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +108,13 @@ def definition_body(
             **({"max_wait_ms": conc.max_wait_ms} if getattr(conc, "max_wait_ms", 0) else {}),
         },
         "steps": [
-            {"name": s.name, "parents": list(s.parents), "timeout": s.timeout, "retries": s.retries}
+            {
+                "name": s.name,
+                # (anything else, a string say, is kept for `parse` to refuse, naming the field)
+                "parents": list(s.parents) if isinstance(s.parents, list | tuple) else s.parents,
+                "timeout": s.timeout,
+                "retries": s.retries,
+            }
             for s in steps
         ],
         "max_attempts": max_attempts,
@@ -124,6 +131,8 @@ def _replace_version(wf: WorkflowDef, version: str) -> WorkflowDef:
 def _name(value: Any, field_name: str) -> str:
     if not isinstance(value, str) or not value or len(value) > MAX_NAME:
         raise DefinitionError(field_name, f"must be a non-empty string of at most {MAX_NAME} chars")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise DefinitionError(field_name, f"must not hold control characters, got {value!r}")
     return value
 
 
@@ -214,10 +223,14 @@ def _parse_steps(raw: Any) -> tuple[StepDef, ...]:
             raise DefinitionError(f"steps[{i}].parents", "must be a list of step names")
         timeout = s.get("timeout")
         if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout <= MAX_STEP_TIMEOUT  # (False for NaN too)
         ):
             raise DefinitionError(
-                f"steps[{i}].timeout", f"must be a positive number, got {timeout!r}"
+                f"steps[{i}].timeout",
+                f"must be a number of seconds above 0 and at most {MAX_STEP_TIMEOUT:,}, "
+                f"got {timeout!r}",
             )
         retries = _int(s.get("retries", 0), f"steps[{i}].retries", 0, 100)
         steps.append(StepDef(name, tuple(parents), timeout, retries))

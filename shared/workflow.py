@@ -206,8 +206,15 @@ class Workflow:
         isolation: str | None = None,
     ) -> Callable[[Callable[[Context], Any]], Callable[[Context], Any]]:
         def register(fn: Callable[[Context], Any]) -> Callable[[Context], Any]:
-            names = tuple(p if isinstance(p, str) else p.__name__ for p in parents)
-            self.steps.append(Step(name or fn.__name__, fn, names, timeout, retries, isolation))
+            # (checked by definition(), which names the field: here, keep what was given)
+            given: Any = parents
+            names: Any = (
+                tuple(p if isinstance(p, str) else getattr(p, "__name__", p) for p in given)
+                if isinstance(given, list | tuple)
+                else given
+            )
+            step_name = name or getattr(fn, "__name__", None) or repr(fn)
+            self.steps.append(Step(step_name, fn, names, timeout, retries, isolation))
             return fn
 
         return register
@@ -219,6 +226,19 @@ class Workflow:
 
     def definition(self) -> WorkflowDef:
         """Validate; raises DefinitionError naming the bad field."""
+        if self.concurrency is not None and not isinstance(self.concurrency, Concurrency):
+            raise DefinitionError(
+                "concurrency",
+                f"must be a Concurrency(...), got {type(self.concurrency).__name__} "
+                f"{self.concurrency!r}",
+            )
+        for i, step in enumerate(self.steps):
+            if not callable(step.fn):
+                raise DefinitionError(
+                    f"steps[{i}]", f"a step must be a function of its context, got {step.fn!r}"
+                )
+        if self.cancel_hook is not None and not callable(self.cancel_hook):
+            raise DefinitionError("on_cancel", f"must be a function, got {self.cancel_hook!r}")
         body = definition_body(
             self.id,
             self.on_events,

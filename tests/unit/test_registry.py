@@ -40,6 +40,18 @@ from tests.support import workflow_body as definition
         ({"concurrency": {"expression": "input.u", "scope": ""}}, "concurrency.scope"),
         ({"concurrency": {"expression": "input.u", "scope": 7}}, "concurrency.scope"),
         ({"concurrency": {"expression": "input.u", "max_runs": "input."}}, "concurrency.max_runs"),
+        # definitions that could never run a single event (each accepted before):
+        ({"steps": [{"name": "a", "timeout": float("nan")}]}, "steps[0].timeout"),
+        ({"steps": [{"name": "a", "timeout": float("inf")}]}, "steps[0].timeout"),
+        ({"steps": [{"name": "a", "timeout": 1e300}]}, "steps[0].timeout"),
+        ({"steps": [{"name": "a"}, {"name": "b", "parents": "a"}]}, "steps[1].parents"),
+        ({"concurrency": {"expression": "foo.bar"}}, "concurrency.expression"),
+        ({"concurrency": {"expression": "nosuchfn(1)"}}, "concurrency.expression"),
+        ({"concurrency": {"expression": "1.5"}}, "concurrency.expression"),
+        ({"concurrency": {"expression": "input.u", "max_runs": "two"}}, "concurrency.max_runs"),
+        ({"concurrency": {"expression": "input.u", "max_runs": "'a'"}}, "concurrency.max_runs"),
+        ({"id": "rt\nnl"}, "id"),
+        ({"events": ["ok", "bell\x07"]}, "events[1]"),
     ],
 )
 def test_a_bad_definition_names_the_field(overrides: dict[str, Any], field: str) -> None:
@@ -174,3 +186,21 @@ def test_a_comprehension_over_a_list_longer_than_its_budget_is_a_key_error() -> 
     assert time.perf_counter() - started < 10.0  # (unbounded, the walk took minutes)
     plain = compile_key("input.a + input.b")  # no comprehension: no budget to check
     assert plain({"a": "x", "b": "y", "big": list(range(150_000))}, {}) == "xy"
+
+
+def test_names_inputs_and_constants_that_can_run_are_still_accepted() -> None:
+    """The trial evaluation refuses names other than input and metadata, not expressions that
+    fail for an empty event (a missing field) or read a comprehension's own variable."""
+    for expression in (
+        "input.userId",
+        "'global'",
+        "input.a + metadata.b",
+        "size(input.items)",
+        "input.items.map(x, x.id)[0]",
+        "[1, 2].map(x, x * 2)[0]",
+        "has(input.k) ? input.k : 'none'",
+    ):
+        parse(definition(concurrency={"expression": expression}))
+    limited = {"expression": "input.u", "max_runs": "has(input.pro) ? 3 : 1"}
+    parse(definition(concurrency=limited))
+    parse(definition(concurrency={"expression": "input.u", "max_runs": "2"}))

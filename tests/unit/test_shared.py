@@ -407,3 +407,57 @@ def test_a_group_lag_is_capped_by_what_the_stream_holds() -> None:
     assert group_backlog([busy], "ingress", 10) == 10  # a true lag is kept
     assert group_backlog([busy], "ingress", 5) == 5  # 3 pending + at most 2 unread
     assert group_backlog([busy], "admission", 5) is None
+
+
+@pytest.mark.parametrize(
+    ("code", "says"),
+    [
+        # a dict for concurrency (an AttributeError traceback, exit 1)
+        (
+            "wf = Workflow('w', on_events=['e'], concurrency={'expression': 'input.k'})\n"
+            "@wf.step()\nasync def one(ctx):\n    return 1\n",
+            "workflow 'w' is invalid: concurrency: must be a Concurrency(...), got dict",
+        ),
+        # a step that is no function (every run failed: 'int' object is not callable)
+        (
+            "wf = Workflow('w', on_events=['e'])\nwf.step(name='x')(42)\n",
+            "workflow 'w' is invalid: steps[0]: a step must be a function",
+        ),
+        # parents given as one name (read letter by letter), or as numbers (an AttributeError)
+        (
+            "wf = Workflow('w', on_events=['e'])\n@wf.step()\nasync def s0(ctx):\n    return 1\n"
+            "@wf.step(parents='s0')\nasync def s1(ctx):\n    return 1\n",
+            "workflow 'w' is invalid: steps[1].parents: must be a list of step names",
+        ),
+        (
+            "wf = Workflow('w', on_events=['e'])\n@wf.step(parents=[5])\n"
+            "async def s1(ctx):\n    return 1\n",
+            "workflow 'w' is invalid: steps[0].parents: must be a list of step names",
+        ),
+        # an on-cancel hook that is no function
+        (
+            "wf = Workflow('w', on_events=['e'])\n@wf.step()\nasync def s0(ctx):\n    return 1\n"
+            "wf.on_cancel(42)\n",
+            "workflow 'w' is invalid: on_cancel: must be a function",
+        ),
+        # two workflows of one id (the last won, silently)
+        (
+            "a = Workflow('dup', on_events=['e1'])\n@a.step()\nasync def one(ctx):\n    return 1\n"
+            "b = Workflow('dup', on_events=['e2'])\n@b.step()\nasync def two(ctx):\n    return 1\n",
+            "defines 2 workflows with the id 'dup'",
+        ),
+        # a module that ends the process at import (the executor exited 0, silently)
+        ("import sys\nsys.exit(0)\n", "raised SystemExit(0) while importing"),
+    ],
+)
+def test_a_module_that_cannot_run_is_refused_in_one_line(
+    tmp_path: Path, code: str, says: str
+) -> None:
+    from supersede.errors import ConfigError
+    from supersede.services.modules import load_workflows
+
+    path = tmp_path / "flows.py"
+    path.write_text("from supersede import Workflow\n\n" + code)
+    with pytest.raises(ConfigError) as info:
+        load_workflows(str(path))
+    assert says in str(info.value), str(info.value)
