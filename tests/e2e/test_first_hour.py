@@ -377,3 +377,47 @@ def test_a_restart_that_fails_keeps_the_server_s_folder() -> None:
         assert Path(server.dir).is_dir()
     finally:
         server.stop()
+
+
+async def test_the_readme_workflow_and_fencing_blocks_run_as_written(
+    redis: Redis, redis_url: str, keys: Keys, tmp_path: Path
+) -> None:
+    """The "Writing workflows" and "Fencing" blocks, each a module as written, served by an
+    executor of its own: a second message of one user supersedes the first; the chat run
+    that survives stores its reply's length, and the fenced write holds the newer reply. (The
+    first block's runs failed: its reply step returned None; the second named `model` and
+    `redis` without defining them.)"""
+    from supersede.fencing import read_fenced
+
+    (tmp_path / "writing.py").write_text(readme_block("writing workflows"))
+    (tmp_path / "fenced.py").write_text(readme_block("fencing"))
+    system = System(redis_url, keys)
+    try:
+        system.start("admission", "--block-ms", "100")
+        system.start("executor", str(tmp_path / "writing.py"))
+        system.start("executor", str(tmp_path / "fenced.py"))
+
+        async def registered() -> bool:
+            return int(await redis.hlen(keys.workflows_hash)) == 2
+
+        await eventually(registered, timeout=30)
+        system.start("ingress", "--block-ms", "100")
+        ns = keys.namespace
+        _, older, _ = await publish_runs(redis, "chat.message", {"userId": "u1", "text": "hi"},
+                                         namespace=ns)  # fmt: skip
+        _, newer, _ = await publish_runs(redis, "chat.message", {"userId": "u1", "text": "bye"},
+                                         namespace=ns)  # fmt: skip
+        by_workflow = {p.workflow: p.run_id for p in newer}
+        kept = await wait_for_run(redis, by_workflow["chat-reply"], 30, namespace=ns)
+        assert kept.state == "SUCCEEDED", kept.error
+        assert kept.outputs == {"reply": {"text": "you said 'bye'"}, "store": 14}
+        [first] = [p.run_id for p in older if p.workflow == "chat-reply"]
+        superseded = await wait_for_run(redis, first, 30, namespace=ns)
+        assert superseded.state == "CANCELLED"
+        fenced = await wait_for_run(redis, by_workflow["chat-fenced"], 30, namespace=ns)
+        assert fenced.state == "SUCCEEDED", fenced.error
+        value, fence = await read_fenced(redis, "reply:u1")
+        assert value == b"BYE" and fence is not None
+    finally:
+        system.close()
+        await redis.delete("reply:u1")
