@@ -367,7 +367,10 @@ SERVICE_ENVIRONMENT = (
     + """
   SUPERSEDE_METRICS_HOST  address of /metrics, /healthz, /readyz (default 0.0.0.0)
   SUPERSEDE_NICE          the process's niceness, -20 to 19 (default: unchanged)
-  SUPERSEDE_CPUS          the CPUs it may run on, as 0,2 or 0-3 (default: unchanged)"""
+  SUPERSEDE_CPUS          the CPUs it may run on, as 0,2 or 0-3 (default: unchanged)
+  SUPERSEDE_EVENT_LOOP    uvloop (default, where it is installed) or asyncio
+  OTEL_*                  traces, off unless set: OTEL_TRACES_EXPORTER (otlp, console),
+                          OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ... (README, Tracing)"""
 )
 
 
