@@ -170,7 +170,10 @@ def _keda(args: argparse.Namespace, settings: Settings) -> None:
 
 def _acl(args: argparse.Namespace, settings: Settings) -> None:
     """Print the ACL SETUSER line of each role, or create the users (--apply)."""
+    from redis.exceptions import NoPermissionError
+
     from supersede import acl
+    from supersede.config import redact
 
     roles = args.role or list(acl.ROLE_NAMES)
     ns = settings.namespace
@@ -193,6 +196,12 @@ def _acl(args: argparse.Namespace, settings: Settings) -> None:
         try:
             await check_server(redis, settings.redis_url)
             return await acl.apply(redis, ns, passwords)
+        except NoPermissionError as exc:
+            raise ConfigError(
+                f"Redis at {redact(settings.redis_url)} refused to create the users ({exc}): "
+                "SUPERSEDE_REDIS_URL must name an admin user (one allowed ACL SETUSER) for "
+                "--apply"
+            ) from None
         finally:
             await redis.aclose()
 
@@ -717,8 +726,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.func(args, settings)
         sys.stdout.flush()  # (here, so a reader gone is the BrokenPipeError below, not at exit)
     except ConfigError as exc:
-        log.error("refusing to start", extra={"error": str(exc)})
-        print(f"supersede: {exc}", file=sys.stderr)
+        if args.func in (_admission, _ingress, _executor, _serve, _ui):  # (for log collectors)
+            log.error("refusing to start", extra={"error": str(exc)})
+        print(f"supersede: {exc}", file=sys.stderr)  # a command's error: this one line
         sys.exit(2)
     except BrokenPipeError:  # `supersede runs | head`: the reader has all it wanted
         if args.func in (_admission, _ingress, _executor, _serve, _dev):
