@@ -82,11 +82,11 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
     assert not any(p.encode() in applied.stdout + applied.stderr for p in PASSWORDS.values())
     url_of = {r: as_user(url, acl.user_name(ns, r), p) for r, p in PASSWORDS.items()}
     # --apply as a user who may not create users: one line naming the setting (a traceback)
-    refused = subprocess.run([sys.executable, "-m", "supersede", "acl", "--apply"],
-                             env={**env, "SUPERSEDE_REDIS_URL": url_of["reader"]},
-                             capture_output=True, timeout=60)  # fmt: skip
-    err = refused.stderr.decode()
-    assert refused.returncode == 2 and "Traceback" not in err, err
+    not_admin = subprocess.run([sys.executable, "-m", "supersede", "acl", "--apply"],
+                               env={**env, "SUPERSEDE_REDIS_URL": url_of["reader"]},
+                               capture_output=True, timeout=60)  # fmt: skip
+    err = not_admin.stderr.decode()
+    assert not_admin.returncode == 2 and "Traceback" not in err, err
     assert err.count("\n") == 1 and "must name an admin user" in err, err
     for port in ports:
         with redis_sync.Redis(port=port) as node:
