@@ -333,14 +333,17 @@ WAIT_FAILED, WAIT_CANCELLED = 4, 5  # `publish --wait`'s exit codes when not eve
 
 
 def _waited_exit(args: argparse.Namespace, result: Any) -> int:
-    """`publish --wait`: 0 when every run it made succeeded, WAIT_FAILED when one failed, else
+    """`publish --wait`: 0 when every run it made succeeded, WAIT_FAILED when one failed (or the
+    event was dead-lettered), else
     WAIT_CANCELLED when one was cancelled (superseded, or by hand); other commands 0."""
+    from supersede.services.ops import DEAD_LETTERED
+
     if args.command != "publish" or not args.wait:
         return 0
     if any(row.get("timed_out") for row in result["runs"]):
         return 1  # (as any other error: not every run ended within --timeout)
     states = {row["state"] for row in result["runs"]}
-    if RunState.FAILED.name in states:
+    if RunState.FAILED.name in states or DEAD_LETTERED in states:
         return WAIT_FAILED
     return WAIT_CANCELLED if RunState.CANCELLED.name in states else 0
 

@@ -681,6 +681,9 @@ def dumps(value: Any) -> str:
 EARLIER = "an earlier entry"  # `duplicate_of` when the wait found the duplicate itself
 
 
+DEAD_LETTERED = "DEAD_LETTERED"  # `publish --wait`'s state for an event ingress refused
+
+
 async def _follow_duplicates(
     redis: Redis, keys: Keys, event_id: str, runs: list[dict[str, Any]], entry: str
 ) -> None:
@@ -709,7 +712,7 @@ async def _follow_duplicates(
 
 async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     """Publish; list the runs the event will make; with --wait, their outcomes once ended."""
-    from supersede.client import WaitTimeout, get_run, publish_runs, wait_for_run
+    from supersede.client import DeadLettered, WaitTimeout, get_run, publish_runs, wait_for_run
 
     try:
         data = orjson.loads(args.data)
@@ -743,7 +746,12 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     async def wait(row: dict[str, Any]) -> None:
         try:
             run = await wait_for_run(redis, row["run"], args.timeout, namespace=keys.namespace,
-                                     entry=explicit)  # fmt: skip
+                                     entry=entry)  # fmt: skip
+        except DeadLettered as exc:  # ingress refused the event: no run will be
+            print(f"supersede: {exc}", file=sys.stderr)
+            row["state"], row["error"] = DEAD_LETTERED, f"{exc.reason}: {exc.detail}"
+            row["cancelled_by"] = None
+            return
         except WaitTimeout as exc:  # the others are still shown
             print(f"supersede: {exc}", file=sys.stderr)
             if exc.run_id != row["run"]:  # (it followed a duplicate to the first event's run)

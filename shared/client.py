@@ -21,7 +21,7 @@ from supersede import codec, tracing
 from supersede.config import DEFAULT_NAMESPACE
 from supersede.keys import Keys, ShardKeys, inbox_stream
 from supersede.model import shard_of_run
-from supersede.protocol import Inbox, RunRecord
+from supersede.protocol import Dead, Inbox, RunRecord
 
 
 def event_fields(
@@ -169,10 +169,12 @@ async def wait_for_run(
 ) -> Run:
     """The run once it ended (SUCCEEDED, FAILED or CANCELLED); TimeoutError after `timeout`
     seconds. A run id from `publish_runs` may not exist yet for a few milliseconds: that is
-    waited for too. `entry`: the inbox entry of an event published with an explicit id; when
-    an earlier entry owns that id (a duplicate publish: ingress makes no new run), the run of
-    that entry is waited for instead, and returned (its id differs when its key did)."""
+    waited for too. `entry`: the inbox entry of the event (as `publish_runs` returns it); when
+    an earlier entry owns its explicit id (a duplicate publish: ingress makes no new run), the
+    run of that entry is waited for instead, and returned (its id differs when its key did);
+    when ingress dead-lettered the event, DeadLettered (a WaitTimeout) says why, at once."""
     deadline = time.monotonic() + timeout
+    next_dead_look = time.monotonic() + DEAD_LOOK_AFTER
     while True:
         run = await get_run(redis, run_id, namespace=namespace)
         if run is not None and run.ended:
@@ -182,10 +184,38 @@ async def wait_for_run(
             if first is not None and first[1] is not None:
                 run_id = first[1]
                 continue
+            now = time.monotonic()
+            if now >= next_dead_look or now > deadline:
+                next_dead_look = now + DEAD_LOOK_EVERY
+                dead = await dead_letter_of(redis, entry, namespace=namespace)
+                if dead is not None:
+                    raise DeadLettered(run_id, *dead)
         if time.monotonic() > deadline:
             state = run.state if run else "not created yet"
             raise WaitTimeout(run_id, f"run {run_id} has not ended after {timeout}s ({state})")
         await asyncio.sleep(poll)
+
+
+DEAD_LOOK_AFTER = 0.5  # s: a run not created by then may be a dead-lettered event's
+DEAD_LOOK_EVERY = 1.0  # s between two looks at the dead letters while waiting
+
+
+async def dead_letter_of(
+    redis: Redis, entry: str, *, namespace: str | None = None, count: int = 1000
+) -> tuple[str, str] | None:
+    """(reason, detail) of the dead letter ingress wrote for inbox entry `entry` (an event it
+    refused: too large, bad JSON, a key expression that failed...), or None: looks at the
+    first `count` dead letters written since that entry."""
+    keys = Keys(_namespace(namespace), 1)
+    start = f"{entry.partition('-')[0]}-0"
+    letters: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(
+        keys.dead_stream, min=start, count=count
+    )  # type: ignore[assignment]
+    for _, fields in letters:
+        if codec.text(fields.get(Dead.ENTRY.encode(), b"")) == entry:
+            reason = codec.text(fields.get(Dead.REASON.encode(), b""))
+            return reason, codec.text(fields.get(Dead.DETAIL.encode(), b""))
+    return None
 
 
 class WaitTimeout(TimeoutError):
@@ -195,6 +225,19 @@ class WaitTimeout(TimeoutError):
     def __init__(self, run_id: str, message: str) -> None:
         super().__init__(message)
         self.run_id = run_id
+
+
+class DeadLettered(WaitTimeout):
+    """The event `wait_for_run` waited for a run of was dead-lettered by ingress (`reason`,
+    `detail`): that run will never exist."""
+
+    def __init__(self, run_id: str, reason: str, detail: str) -> None:
+        super().__init__(
+            run_id, f"run {run_id} will not be created: the event was dead-lettered ({reason}: "
+            f"{detail}); see `supersede dead`",
+        )  # fmt: skip
+        self.reason = reason
+        self.detail = detail
 
 
 async def _stored_keys(redis: Redis, ns: str) -> Keys | None:
@@ -283,7 +326,10 @@ async def publish_runs(
 ) -> tuple[str, list[PlannedRun], list[str]]:
     """`publish`, then the runs the event will make under the workflows registered now:
     (entry id, planned runs, every event name some workflow listens to). No planned run means
-    no workflow listens to `name`: the event is acknowledged without a run."""
+    no workflow listens to `name`: the event is acknowledged without a run. The plan is this
+    event's: with an explicit `id` published before, ingress makes no new run (`duplicate_of`
+    names the first event's), and an event ingress refuses makes none (a dead letter);
+    `wait_for_run(..., entry=)` follows both."""
     from supersede.registry import load_all
 
     ns = _namespace(namespace)

@@ -166,6 +166,19 @@ async def test_outputs_are_stored_read_back_and_removed_with_the_record(
     assert "65,536-byte cap" in (failed.error or "") and "--max-output-bytes" in (
         failed.error or ""
     )
+    # an event ingress refuses (over its --max-payload) makes no run: waiting for the run it
+    # planned says so at once, with the dead letter's reason (it waited out the timeout,
+    # "not created yet")
+    from supersede.client import DeadLettered
+
+    entry, [refused], _ = await publish_runs(
+        redis, "out.latest", {"k": "big", "pad": "x" * 1_100_000}, namespace=ns
+    )
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(DeadLettered) as info:
+        await wait_for_run(redis, refused.run_id, 60, namespace=ns, entry=entry)
+    assert info.value.reason == "too_large" and "supersede dead" in str(info.value)
+    assert asyncio.get_running_loop().time() - started < 30
     # the supersede chain: older runs of one key point at the newest one, which succeeded
     rids = []
     for i in range(3):
