@@ -363,16 +363,23 @@ def redis_cli(cli: str, url: str) -> str:
     variable, so that its password is not printed): redis-cli does not read a URL's query
     options, so a URL with some is cut at its `?` by the shell and its TLS options become
     flags."""
-    query = urlsplit(url).query
-    if not query:
+    parts = urlsplit(url)
+    cluster = "+cluster" in parts.scheme
+    if not parts.query and not cluster:
         return f'{cli} -u "$SUPERSEDE_REDIS_URL"'
-    flags = []
-    for option, value in parse_qsl(query):
+    flags = ["-c"] if cluster else []  # (a cluster: follow its redirections)
+    for option, value in parse_qsl(parts.query):
         if option in _CLI_TLS_FLAGS:
             flags.append(f"{_CLI_TLS_FLAGS[option]} {shlex.quote(value)}")
         elif option == "ssl_cert_reqs" and value.lower() in ("none", "cert_none"):
             flags.append("--insecure")
-    return " ".join([f'{cli} -u "${{SUPERSEDE_REDIS_URL%%\\?*}}"', *flags])
+        elif option == "db":
+            flags.append(f"-n {shlex.quote(value)}")
+    if cluster:  # redis-cli knows redis:// and rediss:// only
+        target = '"$(printf %s "$SUPERSEDE_REDIS_URL" | sed -e s/+cluster// -e s/?.*//)"'
+    else:
+        target = '"${SUPERSEDE_REDIS_URL%%\\?*}"'
+    return " ".join([f"{cli} -u {target}", *flags])
 
 
 async def start_ui(children: Children, port: int, stop: asyncio.Event) -> str | None:

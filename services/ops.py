@@ -746,7 +746,7 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     async def wait(row: dict[str, Any]) -> None:
         try:
             run = await wait_for_run(redis, row["run"], args.timeout, namespace=keys.namespace,
-                                     entry=entry)  # fmt: skip
+                                     entry=entry, workflow=row["workflow"])  # fmt: skip
         except DeadLettered as exc:  # ingress refused the event: no run will be
             print(f"supersede: {exc}", file=sys.stderr)
             row["state"], row["error"] = DEAD_LETTERED, f"{exc.reason}: {exc.detail}"

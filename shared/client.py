@@ -166,13 +166,15 @@ async def wait_for_run(
     namespace: str | None = None,
     poll: float = 0.05,
     entry: str | None = None,
+    workflow: str | None = None,
 ) -> Run:
     """The run once it ended (SUCCEEDED, FAILED or CANCELLED); TimeoutError after `timeout`
     seconds. A run id from `publish_runs` may not exist yet for a few milliseconds: that is
     waited for too. `entry`: the inbox entry of the event (as `publish_runs` returns it); when
     an earlier entry owns its explicit id (a duplicate publish: ingress makes no new run), the
     run of that entry is waited for instead, and returned (its id differs when its key did);
-    when ingress dead-lettered the event, DeadLettered (a WaitTimeout) says why, at once."""
+    when ingress dead-lettered the event (or, given the run's `workflow`, refused it for that
+    workflow), DeadLettered (a WaitTimeout) says why, at once."""
     deadline = time.monotonic() + timeout
     next_dead_look = time.monotonic() + DEAD_LOOK_AFTER
     while True:
@@ -187,7 +189,7 @@ async def wait_for_run(
             now = time.monotonic()
             if now >= next_dead_look or now > deadline:
                 next_dead_look = now + DEAD_LOOK_EVERY
-                dead = await dead_letter_of(redis, entry, namespace=namespace)
+                dead = await dead_letter_of(redis, entry, workflow, namespace=namespace)
                 if dead is not None:
                     raise DeadLettered(run_id, *dead)
         if time.monotonic() > deadline:
@@ -201,20 +203,33 @@ DEAD_LOOK_EVERY = 1.0  # s between two looks at the dead letters while waiting
 
 
 async def dead_letter_of(
-    redis: Redis, entry: str, *, namespace: str | None = None, count: int = 1000
+    redis: Redis,
+    entry: str,
+    workflow: str | None = None,
+    *,
+    namespace: str | None = None,
+    count: int = 1000,
 ) -> tuple[str, str] | None:
-    """(reason, detail) of the dead letter ingress wrote for inbox entry `entry` (an event it
-    refused: too large, bad JSON, a key expression that failed...), or None: looks at the
-    first `count` dead letters written since that entry."""
+    """(reason, detail) of a dead letter ingress wrote for inbox entry `entry` that means no
+    run of `workflow` comes of it: one for the whole event (too large, bad JSON...), or one
+    for that workflow (its key expression failed); None when there is none among the first
+    `count` dead letters written since that entry. (With `workflow` None, only a whole
+    event's counts. Admission's dead letters, of requests and results, name their stream.)"""
     keys = Keys(_namespace(namespace), 1)
     start = f"{entry.partition('-')[0]}-0"
     letters: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(
         keys.dead_stream, min=start, count=count
     )  # type: ignore[assignment]
     for _, fields in letters:
-        if codec.text(fields.get(Dead.ENTRY.encode(), b"")) == entry:
-            reason = codec.text(fields.get(Dead.REASON.encode(), b""))
-            return reason, codec.text(fields.get(Dead.DETAIL.encode(), b""))
+        if codec.text(fields.get(Dead.ENTRY.encode(), b"")) != entry:
+            continue
+        if Dead.STREAM.encode() in fields:  # (admission's: an id of another stream)
+            continue
+        of = fields.get(Dead.WORKFLOW.encode())
+        if of is not None and codec.text(of) != workflow:  # another workflow's key failed
+            continue
+        reason = codec.text(fields.get(Dead.REASON.encode(), b""))
+        return reason, codec.text(fields.get(Dead.DETAIL.encode(), b""))
     return None
 
 

@@ -144,22 +144,28 @@ def _walked_size(paths: list[tuple[str, tuple[str, ...]]] | None, input_: Any, m
     return longest
 
 
-def compile_key(expression: str, field: str = "concurrency.expression") -> KeyFn:
-    """Compile `expression`; a syntax error, a cost over the budget (see `_check_cost`), a
-    name that is not `input` or `metadata`, or a constant that is no key raises
-    DefinitionError naming `field`."""
+def compile_key(
+    expression: str, field: str = "concurrency.expression", *, trial: bool = False
+) -> KeyFn:
+    """Compile `expression`; a syntax error or a cost over the budget (see `_check_cost`)
+    raises DefinitionError naming `field`; with `trial` (at registration), so does a name
+    that is not `input` or `metadata`, or a constant that is no key."""
 
     def key(input_: Any, metadata: Any) -> str:
         return _as_key(raw(input_, metadata), expression)
 
-    raw = _compile(expression, field, Reason.KEY_ERROR, lambda v: _as_key(v, expression))
+    raw = _compile(
+        expression, field, Reason.KEY_ERROR, (lambda v: _as_key(v, expression)) if trial else None
+    )
     return key
 
 
 LimitFn = Callable[[Any, Any], int]
 
 
-def compile_limit(expression: str, field: str = "concurrency.max_runs") -> LimitFn:
+def compile_limit(
+    expression: str, field: str = "concurrency.max_runs", *, trial: bool = False
+) -> LimitFn:
     """Compile a dynamic `max_runs`: a CEL expression over `input` and `metadata` giving an
     integer in 1..MAX_RUNS; an event it fails for, or gives anything else for, raises
     KeyExpressionError with reason `max_runs_error` (a dead letter)."""
@@ -175,45 +181,27 @@ def compile_limit(expression: str, field: str = "concurrency.max_runs") -> Limit
     def limit(input_: Any, metadata: Any) -> int:
         return checked(raw(input_, metadata))
 
-    raw = _compile(expression, field, Reason.MAX_RUNS_ERROR, checked)
+    raw = _compile(expression, field, Reason.MAX_RUNS_ERROR, checked if trial else None)
     return limit
 
 
 def _compile(
-    expression: str, field: str, reason: str, check: Callable[[Any], Any]
+    expression: str, field: str, reason: str, check: Callable[[Any], Any] | None
 ) -> Callable[[Any, Any], Any]:
     """The value of `expression` for an event; its failures raise KeyExpressionError(reason).
-    `check` validates a value (raising KeyExpressionError): a constant expression's value is
-    checked here, once."""
+    `check` (at registration: see `_trial`) validates a value, raising KeyExpressionError."""
     if not isinstance(expression, str) or not expression.strip():
         raise DefinitionError(field, "must be a non-empty CEL expression")
     _check_cost(expression, field)
     match = _PATH.match(expression)
     if match:
-        root = match.group(1)
-        parts = tuple(match.group(2)[1:].split("."))
-
-        def lookup(input_: Any, metadata: Any) -> Any:
-            value = input_ if root == "input" else metadata
-            for part in parts:
-                if not isinstance(value, dict):
-                    raise KeyExpressionError(
-                        reason, f"{expression!r}: no field {part!r} on a non-map"
-                    )
-                try:
-                    value = value[part]
-                except KeyError:
-                    raise KeyExpressionError(
-                        reason, f"{expression!r}: no such key {part!r}"
-                    ) from None
-            return value
-
-        return lookup
+        return _path_lookup(match, expression, reason)
     try:
         program = cel.compile(expression)
     except Exception as exc:
         raise DefinitionError(field, f"invalid CEL: {exc}") from None
-    _trial(program, expression, field, check)
+    if check is not None:
+        _trial(program, expression, field, check)
 
     code = _code_only(expression)
     walks = _MACRO.search(code) is not None
@@ -238,11 +226,39 @@ def _compile(
     return evaluate
 
 
+def _path_lookup(match: re.Match[str], expression: str, reason: str) -> Callable[[Any, Any], Any]:
+    """A plain field path (`input.a.b`) by direct lookups, as CEL would read it."""
+    root = match.group(1)
+    parts = tuple(match.group(2)[1:].split("."))
+
+    def lookup(input_: Any, metadata: Any) -> Any:
+        value = input_ if root == "input" else metadata
+        for part in parts:
+            if not isinstance(value, dict):
+                raise KeyExpressionError(reason, f"{expression!r}: no field {part!r} on a non-map")
+            try:
+                value = value[part]
+            except KeyError:
+                raise KeyExpressionError(reason, f"{expression!r}: no such key {part!r}") from None
+        return value
+
+    return lookup
+
+
 def _trial(program: Any, expression: str, field: str, check: Callable[[Any], Any]) -> None:
     """Evaluate `program` once for an empty event, at registration: a name other than `input`
     and `metadata` (a typo, `max_runs="two"`) would fail for every event, and so would a
     constant that is no key or limit (`max_runs="'a'"`); refuse them now. Other failures (a
     field the empty event lacks) are the events' to meet."""
+    code = _code_only(expression)
+    bound = {name for pair in _BOUND.findall(code) for name in pair if name}
+    free = sorted({m.group(1) for m in _IDENT.finditer(code)} - bound - _KNOWN)
+    if free:
+        raise DefinitionError(
+            field,
+            f"unknown name {free[0]!r} in {expression!r}: an expression reads `input` (the "
+            "event's data) and `metadata`",
+        )
     try:
         value = program.execute({"input": {}, "metadata": {}})
     except RuntimeError as exc:
@@ -264,6 +280,16 @@ def _trial(program: Any, expression: str, field: str, check: Callable[[Any], Any
 
 
 _NAMES = re.compile(r"\b(input|metadata)\b")
+# A name that is not a field (no dot before it) nor a call (no parenthesis after it); the
+# variables a comprehension binds; and the names CEL itself gives a meaning.
+_IDENT = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_]*)\b(?!\s*\()")
+_BOUND = re.compile(
+    r"\.\s*(?:map|filter|all|exists|exists_one)\s*\(\s*([A-Za-z_]\w*)\s*,(?:\s*([A-Za-z_]\w*)\s*,)?"
+)
+_KNOWN = frozenset(
+    {"input", "metadata", "true", "false", "null", "in", "int", "uint", "double", "bool",
+     "string", "bytes", "list", "map", "null_type", "type", "dyn"}
+)  # fmt: skip
 
 
 def _longest_collection(root: Any, limit: int) -> int:

@@ -9,6 +9,7 @@ counter (`registry_epoch`) that every effective registration increments.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -128,10 +129,10 @@ def _replace_version(wf: WorkflowDef, version: str) -> WorkflowDef:
     return replace(wf, version=version)
 
 
-def _name(value: Any, field_name: str) -> str:
+def _name(value: Any, field_name: str, strict: bool = True) -> str:
     if not isinstance(value, str) or not value or len(value) > MAX_NAME:
         raise DefinitionError(field_name, f"must be a non-empty string of at most {MAX_NAME} chars")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if strict and any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise DefinitionError(field_name, f"must not hold control characters, got {value!r}")
     return value
 
@@ -144,17 +145,20 @@ def _int(value: Any, field_name: str, lo: int, hi: int) -> int:
     return value
 
 
-def parse(body: Any) -> WorkflowDef:
-    """Build and validate a definition from its dict form; errors name the field."""
+def parse(body: Any, *, strict: bool = True) -> WorkflowDef:
+    """Build and validate a definition from its dict form; errors name the field. `strict`
+    False (a definition read back from the registry): the checks added since it may have been
+    stored are left out (control characters in names, a step timeout's ceiling, the trial
+    evaluation of expressions), so an older executor's definition keeps being served."""
     if not isinstance(body, dict):
         raise DefinitionError("definition", "must be an object")
-    wid = _name(body.get("id"), "id")
+    wid = _name(body.get("id"), "id", strict)
     events = body.get("events")
     if not isinstance(events, list | tuple) or not events:
         raise DefinitionError("events", "must be a non-empty list of event names")
-    names = tuple(_name(e, f"events[{i}]") for i, e in enumerate(events))
-    spec = _parse_concurrency(body.get("concurrency"))
-    steps = _parse_steps(body.get("steps", []))
+    names = tuple(_name(e, f"events[{i}]", strict) for i, e in enumerate(events))
+    spec = _parse_concurrency(body.get("concurrency"), strict)
+    steps = _parse_steps(body.get("steps", []), strict)
     max_attempts = _int(body.get("max_attempts", 3), "max_attempts", 1, 1000)
     version = body.get("version") or ""
     if not isinstance(version, str) or len(version) > MAX_NAME:
@@ -165,7 +169,7 @@ def parse(body: Any) -> WorkflowDef:
     return WorkflowDef(wid, names, spec, steps, max_attempts, version, retention).with_version()
 
 
-def _parse_concurrency(conc: Any) -> ConcurrencySpec | None:
+def _parse_concurrency(conc: Any, strict: bool = True) -> ConcurrencySpec | None:
     if conc is None:
         return None
     if not isinstance(conc, dict):
@@ -173,10 +177,10 @@ def _parse_concurrency(conc: Any) -> ConcurrencySpec | None:
     expression = conc.get("expression")
     if not isinstance(expression, str):
         raise DefinitionError("concurrency.expression", "must be a CEL expression string")
-    compile_key(expression, "concurrency.expression")
+    compile_key(expression, "concurrency.expression", trial=strict)
     raw_max = conc.get("max_runs", 1)
     if isinstance(raw_max, str):  # dynamic: a CEL expression evaluated per event
-        compile_limit(raw_max, "concurrency.max_runs")
+        compile_limit(raw_max, "concurrency.max_runs", trial=strict)
         max_runs: int | str = raw_max
     else:
         max_runs = _int(raw_max, "concurrency.max_runs", 1, 10_000)
@@ -193,7 +197,7 @@ def _parse_concurrency(conc: Any) -> ConcurrencySpec | None:
         raise DefinitionError("concurrency.strict", f"must be a boolean, got {strict!r}")
     scope = conc.get("scope")
     if scope is not None:
-        scope = _name(scope, "concurrency.scope")
+        scope = _name(scope, "concurrency.scope", strict)
     debounce = _int(conc.get("debounce_ms", 0), "concurrency.debounce_ms", 0, MAX_DEBOUNCE_MS)
     max_wait = _int(conc.get("max_wait_ms", 0), "concurrency.max_wait_ms", 0, MAX_DEBOUNCE_MS)
     if max_wait and not debounce:
@@ -206,7 +210,7 @@ def _parse_concurrency(conc: Any) -> ConcurrencySpec | None:
     return spec
 
 
-def _parse_steps(raw: Any) -> tuple[StepDef, ...]:
+def _parse_steps(raw: Any, strict: bool = True) -> tuple[StepDef, ...]:
     if not isinstance(raw, list | tuple):
         raise DefinitionError("steps", "must be a list")
     steps: list[StepDef] = []
@@ -214,7 +218,7 @@ def _parse_steps(raw: Any) -> tuple[StepDef, ...]:
     for i, s in enumerate(raw):
         if not isinstance(s, dict):
             raise DefinitionError(f"steps[{i}]", "must be an object")
-        name = _name(s.get("name"), f"steps[{i}].name")
+        name = _name(s.get("name"), f"steps[{i}].name", strict)
         if name in seen:
             raise DefinitionError(f"steps[{i}].name", f"duplicate step name {name!r}")
         seen.add(name)
@@ -225,7 +229,7 @@ def _parse_steps(raw: Any) -> tuple[StepDef, ...]:
         if timeout is not None and (
             isinstance(timeout, bool)
             or not isinstance(timeout, int | float)
-            or not 0 < timeout <= MAX_STEP_TIMEOUT  # (False for NaN too)
+            or not 0 < timeout <= (MAX_STEP_TIMEOUT if strict else math.inf)  # (False for NaN)
         ):
             raise DefinitionError(
                 f"steps[{i}].timeout",
@@ -317,7 +321,7 @@ async def load_all(redis: Redis, keys: Keys) -> tuple[int, dict[str, WorkflowDef
     for wid, body in raw.items():
         name = wid.decode()
         try:
-            defs[name] = parse(orjson.loads(body))
+            defs[name] = parse(orjson.loads(body), strict=False)
         except Exception as exc:  # whatever is stored, the valid ones are still served
             errors[name] = str(exc) if isinstance(exc, DefinitionError) else describe(exc)
     # Workflows of one scope share groups, so they must agree on its rules: the first by id

@@ -187,15 +187,18 @@ async def stale_streams(
 
 
 def unread(group: dict[Any, Any], length: object = None) -> int:
-    """Entries of a stream a group has not read, from its XINFO GROUPS entry: its `lag`, capped
-    by the stream's `length` (XLEN) less what it has pending, when given. After a crash and an
-    AOF restart of a trimmed stream, Redis can report a lag of thousands on a stream it has
-    read to the end (its entries-read counter comes back wrong); an unread entry is always in
-    the stream, so the cap holds the figure to what can be true."""
-    lag = int(group.get("lag") or 0)
-    if isinstance(length, int):
-        lag = min(lag, max(0, length - int(group["pending"])))
-    return lag
+    """Entries of a stream a group has not read, from its XINFO GROUPS entry: its `lag`, at most
+    the stream's `length` (XLEN) when given. After a crash and an AOF restart of a trimmed
+    stream, Redis can report a lag of thousands on a stream it has read to the end (its
+    entries-read counter comes back wrong); an unread entry is always in the stream, so the
+    cap holds the figure to what can be. A lag Redis cannot tell (nil) is the stream's entries
+    less those pending, or 0."""
+    lag = group.get("lag")
+    if not isinstance(length, int):
+        return int(lag or 0)
+    if lag is None:
+        return max(0, length - int(group["pending"]))
+    return min(int(lag), length)
 
 
 def group_backlog(groups: object, group: str, length: object = None) -> int | None:

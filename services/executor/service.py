@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Sequence
 
 from redis.asyncio import Redis
@@ -42,6 +43,7 @@ __all__ = ["Executor", "ExecutorConfig", "serve"]
 
 DRAIN_POLL = 0.1  # seconds between checks that written results were applied, while draining
 LOOP_LAG_EVERY = 0.1  # seconds between two measures of the event loop's lag
+REGISTER_RETRY_AFTER = 60.0  # seconds before a refused re-registration is tried again
 REGISTRY_CHECK_EVERY = 1.0  # seconds between two looks for this process's workflows in the registry
 
 
@@ -60,6 +62,7 @@ class Executor(Service):
         super().__init__(redis, settings, consumer=consumer)
         self.config = config or ExecutorConfig()
         self.definitions = {wf.id: wf.definition() for wf in workflows}  # validates
+        self._register_again_at = 0.0  # (monotonic) when keep_registered may try again
         self.workflows = tuple(self.definitions)
         cluster = isinstance(redis, RedisCluster)
         self.outbox = Outbox(redis, self.keys, self.config)
@@ -94,7 +97,8 @@ class Executor(Service):
         try:  # (one call: the module's workflows change together, a scope's limits too)
             await register_all(self.redis, self.keys, list(self.definitions.values()))
         except WorkflowRejected as exc:
-            raise ConfigError(f"workflow {exc.workflow!r} cannot be registered: {exc}") from None
+            which = f"workflow {exc.workflow!r}" if exc.workflow else "a workflow"
+            raise ConfigError(f"{which} cannot be registered: {exc}") from None
         metrics.SLOTS.set(self.config.slots)
         await self.runner.start_processes(self.settings.redis_url)
         self.log.info("workflows registered", extra={"workflows": sorted(self.definitions)})
@@ -107,6 +111,8 @@ class Executor(Service):
         that lost its data, restarted empty): until then ingress routes their events nowhere.
         A workflow present, in whatever version (another pool's, a newer deploy's), is left
         as it is."""
+        if time.monotonic() < self._register_again_at:
+            return
         ids = sorted(self.definitions)
         present = await self.redis.hmget(self.keys.workflows_hash, ids)
         missing = [
@@ -120,7 +126,8 @@ class Executor(Service):
         )  # fmt: skip
         try:
             await register_all(self.redis, self.keys, missing)
-        except WorkflowRejected as exc:
+        except WorkflowRejected as exc:  # (tried again in a minute, not every second)
+            self._register_again_at = time.monotonic() + REGISTER_RETRY_AFTER
             self.log.error("a workflow could not be registered again",
                            extra={"workflow": exc.workflow, "error": str(exc)})  # fmt: skip
 

@@ -340,7 +340,10 @@ class Runner:
         coro = step.fn(ctx)
         if step.timeout:
             try:
-                return await asyncio.wait_for(coro, step.timeout)
+                # (not wait_for: on Python 3.11 it runs the step as a task of its own, and
+                # asyncio re-raises a SystemExit or KeyboardInterrupt of a task out of the loop)
+                async with asyncio.timeout(step.timeout):
+                    return await coro
             except TimeoutError:
                 raise TimeoutError(f"step {step.name!r} timed out after {step.timeout}s") from None
         return await coro

@@ -281,7 +281,7 @@ class Ingress(Service):
         super().__init__(redis, settings, consumer=consumer)
         self.routes: dict[str, list[Route]] = {}
         self.epoch = -1
-        self.stored = 0  # workflows in the registry, valid or not
+        self.serving = False  # some valid workflow is registered: the inbox is read
         self._housekeeping_due = Throttle(1.0)
         # Where a shard's requests go: the `append_requests` script, unless `supersede serve`
         # hands them to the admission of its own process (services/serve.py).
@@ -312,7 +312,8 @@ class Ingress(Service):
         """Registry refresh; each second, take-over of stale pending entries and inbox lag."""
         await self.refresh()
         if self._housekeeping_due.due():
-            await self.reclaim()
+            if self.serving:  # (no workflow: the inbox waits, another consumer's pending too)
+                await self.reclaim()
             await self._measure_lag()
 
     async def refresh(self) -> None:
@@ -324,13 +325,15 @@ class Ingress(Service):
         for wid, error in errors.items():
             extra = {"workflow": wid, "error": error}
             self.log.error("invalid stored workflow skipped", extra=extra)
-        if self.routes and not defs and not errors:
+        if self.routes and not defs:
             self.log.warning(
-                "the registry is empty (did the server lose its data?): the inbox waits until "
-                "a workflow is registered (executors register theirs again within a second)"
+                "no valid workflow is registered (did the server lose its data?): the inbox "
+                "waits until one is (executors register theirs again within a second)"
             )
+        elif self.epoch == -1 and not defs:
+            self.log.info("no valid workflow is registered yet: the inbox waits until one is")
         self.routes = build_routes(defs)
-        self.stored = len(defs) + len(errors)
+        self.serving = bool(defs)
         self.epoch = epoch
         metrics.WORKFLOWS.set(len(defs))
         metrics.INVALID_WORKFLOWS.set(len(errors))
@@ -342,7 +345,7 @@ class Ingress(Service):
         own = OwnPending([self.keys.events_stream])
         try:
             while not stop.is_set():
-                if not self.stored:
+                if not self.serving:
                     # No workflow registered at all (a new namespace before its executors
                     # start, or a server that lost its data): read nothing, so no event is
                     # acknowledged with no workflow to run it.

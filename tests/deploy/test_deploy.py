@@ -54,7 +54,8 @@ def test_dashboard_and_alerts_use_only_exposed_metrics() -> None:
     dashboard = json.loads((DEPLOY / "grafana" / "supersede-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     # Every admission (ingress) process exports the same deployment-wide figures: they are
-    # read with max, or two replicas would count twice (or draw a line each).
+    # read with max, or two replicas would count twice (or draw a line each); or tested for
+    # absence (a service down).
     alerts = (DEPLOY / "prometheus" / "alerts.yml").read_text()
     every = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     every += re.findall(r"expr: (.*)", alerts)
@@ -62,7 +63,7 @@ def test_dashboard_and_alerts_use_only_exposed_metrics() -> None:
         uses = [e for e in every if name in e]
         assert uses, name
         for expr in uses:
-            assert re.search(r"max(?: by \(\w+\))? ?\(" + name, expr), expr
+            assert re.search(r"(?:max(?: by \(\w+\))? ?|absent)\(" + name, expr), expr
     alerts = (DEPLOY / "prometheus" / "alerts.yml").read_text()
     used = names_in(exprs) | names_in(alerts)
     assert used and used <= set(exposed()), used - set(exposed())

@@ -17,6 +17,8 @@ from supersede.keys import Keys
 from supersede.registry import register
 from tests.support import APP_WORKFLOWS, System, eventually
 
+DOC = {"id": "doc", "events": ["doc.saved"]}
+
 
 @pytest.fixture
 def system(redis_url: str, keys: Keys) -> Iterator[System]:
@@ -137,6 +139,7 @@ async def test_a_dead_letter_of_an_event_with_its_own_id_keeps_its_own_id(
 ) -> None:
     """An event's `id` field (its idempotency key) must not stand in for the dead letter's id:
     the table crashed on it (int('order')) and --replay was given an id it cannot find."""
+    await register(redis, keys, DOC)  # (with no workflow at all, the inbox waits)
     system.start("ingress", "--block-ms", "100")
     await redis.xadd(
         keys.events_stream, {"name": "doc.saved", "data": "not json", "id": "order-42"}
@@ -303,6 +306,7 @@ async def test_a_dead_letter_is_replayed_on_one_server_and_on_a_cluster(
     cluster refuses (the inbox and the dead letters are in two slots): it failed every time
     there, from the CLI and the UI."""
     redis, system = on_backend
+    await register(redis, keys, DOC)  # (with no workflow at all, the inbox waits)
     system.start("ingress", "--block-ms", "100")
     await redis.xadd(keys.events_stream, {"name": "doc.saved", "data": "not json"})
 

@@ -126,3 +126,19 @@ async def test_a_registration_is_all_or_none(redis: Redis, keys: Keys) -> None:
         bad = {"expression": "input.k", "max_runs": 0}
         await register_all(redis, keys, [definition(id="a"), definition(id="c", concurrency=bad)])
     assert info.value.workflow == "c" and info.value.field == "concurrency.max_runs"
+
+
+async def test_a_definition_stored_before_a_stricter_check_is_still_served(
+    redis: Redis, keys: Keys
+) -> None:
+    """The checks added at registration (a step timeout's ceiling, control characters, the
+    trial of expressions) do not apply to what an older executor stored: ingress would skip
+    it, and acknowledge its events with no run."""
+    old = definition(id="legacy", steps=[{"name": "s", "timeout": 40 * 86_400}],
+                     concurrency={"expression": "input.a + suffix"})  # fmt: skip
+    await redis.hset(keys.workflows_hash, "legacy", orjson.dumps({**old, "version": "v1"}))
+    _, defs, errors = await load_all(redis, keys)
+    assert errors == {} and defs["legacy"].steps[0].timeout == 40 * 86_400
+    with pytest.raises(WorkflowRejected) as info:  # registering it now is refused
+        await register(redis, keys, old)
+    assert info.value.field in ("steps[0].timeout", "concurrency.expression")

@@ -553,7 +553,7 @@ async def test_a_step_raising_any_base_exception_fails_its_run_alone(
     executor = system.start("executor", "tests.support.apps.hostile")
 
     async def registered() -> bool:
-        return int(await redis.hlen(keys.workflows_hash)) == 2
+        return int(await redis.hlen(keys.workflows_hash)) == 3
 
     await eventually(registered, timeout=30)
     system.start("ingress", "--block-ms", "100")
@@ -562,13 +562,14 @@ async def test_a_step_raising_any_base_exception_fails_its_run_alone(
         await publish(redis, keys, "hostile.item", kind=kind)
     for kind in kinds[:3]:
         await publish(redis, keys, "hostile-sync.item", kind=kind)
-    await eventually(lambda: _states(redis, keys, {"F": 8}), timeout=30)
+        await publish(redis, keys, "hostile-timed.item", kind=kind)
+    await eventually(lambda: _states(redis, keys, {"F": 11}), timeout=30)
     errors = sorted(str(r["err"]) for r in (await records(redis, keys)).values())
     for name in ("NotAnException", "SystemExit", "KeyboardInterrupt", "GeneratorExit"):
         assert any(name in e for e in errors), (name, errors)
     assert any("cannot be read back" in e for e in errors), errors
     await publish(redis, keys, "hostile.item", kind="fine")  # the executor serves on
-    await eventually(lambda: _states(redis, keys, {"F": 8, "S": 1}), timeout=30)
+    await eventually(lambda: _states(redis, keys, {"F": 11, "S": 1}), timeout=30)
     assert executor.poll() is None
 
 

@@ -658,6 +658,8 @@ async def test_with_no_workflow_registered_the_inbox_waits(
     """An empty registry (a namespace whose executors have not started, a server that lost its
     data) routes nothing: ingress reads nothing then, rather than acknowledge every event with
     no workflow to run it; once a workflow is registered, the events waiting are routed."""
+    # (a stored definition no version of ingress can read counts for nothing)
+    await redis.hset(keys.workflows_hash, "broken", b'{"id": "broken"}')
     async with running_ingress(redis, redis_url, keys):
         await redis.xadd(keys.events_stream, {"name": "chat.message", "data": '{"userId": "u"}'})
         await asyncio.sleep(0.5)  # (a negative needs the chance: ingress polls every 50 ms)
@@ -666,3 +668,32 @@ async def test_with_no_workflow_registered_the_inbox_waits(
         await register(redis, keys, CHAT)
         await settle(redis, keys)
     assert [r["w"] for r in await requests_in_streams(redis, keys)] == ["chat-reply"]
+
+
+async def test_a_dead_letter_names_the_runs_it_stands_for(
+    redis: Redis, keys: Keys, ingress: Ingress
+) -> None:
+    """`wait_for_run(..., entry=)` gives up at once on a run whose event was dead-lettered: for
+    the whole event (it is too large), or for the run's own workflow (its key failed); not for
+    another workflow's key, whose run of the same event is still made, nor for a dead letter of
+    admission's (an id of another stream)."""
+    from supersede.client import dead_letter_of
+
+    no_user = await redis.xadd(keys.events_stream, {"name": "chat.message", "data": "{}"})
+    big = await redis.xadd(keys.events_stream, {"name": "chat.message", "data": "x" * 2_000_000})
+    await settle(redis, keys)
+    ns = keys.namespace
+    entry = no_user.decode()
+    assert (await dead_letter_of(redis, entry, "chat-reply", namespace=ns) or ("",))[0] == (
+        "key_error"
+    )
+    assert await dead_letter_of(redis, entry, "audit", namespace=ns) is None
+    assert await dead_letter_of(redis, entry, namespace=ns) is None
+    assert [r["w"] for r in await requests_in_streams(redis, keys)] == ["audit"]
+    for workflow in ("chat-reply", "audit", None):
+        found = await dead_letter_of(redis, big.decode(), workflow, namespace=ns)
+        assert found is not None and found[0] == "too_large"
+    # admission's dead letters carry the id of an entry of another stream: not this event's
+    await redis.xadd(keys.dead_stream, {"reason": "malformed", "detail": "x", "entry": entry,
+                                        "stream": "elsewhere"})  # fmt: skip
+    assert await dead_letter_of(redis, entry, "audit", namespace=ns) is None

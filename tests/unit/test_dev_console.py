@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from supersede.protocol import RunRecord, RunState
 from supersede.services.dev import Transition, transitions
 
@@ -52,3 +54,35 @@ def test_a_new_run_of_a_debounced_workflow_is_said_to_wait_out_its_window() -> N
         "queued: waiting out its debounce window"
     ]
     assert _texts(transitions(waiting, None)) == ["queued: its key is full"]
+
+
+def test_the_redis_cli_line_reaches_any_server_url(tmp_path: Path) -> None:
+    """The publishing line `dev` prints, run by a shell: redis-cli reads no URL query and no
+    cluster scheme, so the shell cuts them from SUPERSEDE_REDIS_URL and they become flags (a
+    db in the query too: the event went to db 0)."""
+    import subprocess
+
+    from supersede.services.dev import redis_cli
+
+    fake = tmp_path / "redis-cli"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    fake.chmod(0o755)
+    cases = {
+        "redis://:pw@h:5/0": ["-u", "redis://:pw@h:5/0"],
+        "redis://h:5/0?db=2": ["-u", "redis://h:5/0", "-n", "2"],
+        "rediss://u:p@h:6/0?ssl_ca_certs=/ca.pem&ssl_cert_reqs=none": [
+            "-u", "rediss://u:p@h:6/0", "--cacert", "/ca.pem", "--insecure"
+        ],
+        "redis+cluster://u:p@h:7000": ["-u", "redis://u:p@h:7000", "-c"],
+        "rediss+cluster://h:7000?ssl_certfile=/c.pem": [
+            "-u", "rediss://h:7000", "-c", "--cert", "/c.pem"
+        ],
+    }  # fmt: skip
+    for url, args in cases.items():
+        line = redis_cli(str(fake), url)
+        assert "pw" not in line and "u:p" not in line  # (the password stays in the variable)
+        env = {"SUPERSEDE_REDIS_URL": url, "PATH": "/usr/bin:/bin"}
+        for shell in ("bash", "sh"):
+            done = subprocess.run([shell, "-c", line], env=env, capture_output=True, text=True,
+                                  check=True)  # fmt: skip
+            assert done.stdout.splitlines() == args, (url, shell, done.stdout)

@@ -46,6 +46,7 @@ from tests.support import workflow_body as definition
         ({"steps": [{"name": "a", "timeout": 1e300}]}, "steps[0].timeout"),
         ({"steps": [{"name": "a"}, {"name": "b", "parents": "a"}]}, "steps[1].parents"),
         ({"concurrency": {"expression": "foo.bar"}}, "concurrency.expression"),
+        ({"concurrency": {"expression": "input.a + suffix"}}, "concurrency.expression"),
         ({"concurrency": {"expression": "nosuchfn(1)"}}, "concurrency.expression"),
         ({"concurrency": {"expression": "1.5"}}, "concurrency.expression"),
         ({"concurrency": {"expression": "input.u", "max_runs": "two"}}, "concurrency.max_runs"),
@@ -199,6 +200,9 @@ def test_names_inputs_and_constants_that_can_run_are_still_accepted() -> None:
         "input.items.map(x, x.id)[0]",
         "[1, 2].map(x, x * 2)[0]",
         "has(input.k) ? input.k : 'none'",
+        "type(input.a) == int ? 'i' : 's'",
+        "input.m.all(k, k != '') ? 'y' : 'n'",
+        "input.a in ['x'] ? 'y' : 'n'",
     ):
         parse(definition(concurrency={"expression": expression}))
     limited = {"expression": "input.u", "max_runs": "has(input.pro) ? 3 : 1"}

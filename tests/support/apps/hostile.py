@@ -39,3 +39,12 @@ hostile_sync = Workflow("hostile-sync", on_events=["hostile-sync.item"])
 @hostile_sync.step()
 def raises_in_its_thread(ctx: Context) -> None:
     raise _HOSTILE[ctx.input["kind"]]
+
+
+hostile_timed = Workflow("hostile-timed", on_events=["hostile-timed.item"])
+
+
+@hostile_timed.step(timeout=5)
+async def raises_under_a_timeout(ctx: Context) -> None:
+    """The same, in a step with a timeout (which ran it as a task of its own on 3.11)."""
+    raise _HOSTILE[ctx.input["kind"]]
