@@ -21,6 +21,7 @@ from collections.abc import Callable
 from supersede.config import connect_sync
 from supersede.errors import describe
 from supersede.keys import Keys
+from supersede.metrics import set_ready
 from supersede.scripts import load_source
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
@@ -29,6 +30,7 @@ from supersede.services.executor.steps import Runner
 log = logging.getLogger("supersede.executor")
 
 CHUNK = 1000  # runs per script call (a call blocks the server meanwhile)
+READY_PART = "executor"  # the part of the process /readyz reports (the service's name)
 
 
 class LeaseKeeper:
@@ -68,12 +70,19 @@ class LeaseKeeper:
     def _run(self) -> None:
         interval = self.config.lease_ms / 3000
         last_ok = time.monotonic()
+        failing = False
         while not self._halt.wait(interval):
             try:
                 self.beat()
             except Exception:  # the next beat tries again; a lease lasts three of them
                 log.exception("lease renewal failed")
+                if not failing:  # not ready: with every slot busy, no other call may notice
+                    failing = True
+                    set_ready(False, READY_PART)
                 continue
+            if failing:
+                failing = False
+                set_ready(True, READY_PART)
             now = time.monotonic()
             if now - last_ok > self.config.lease_ms / 1000:
                 # the process was starved (or the server unreachable) for longer than a lease:

@@ -58,3 +58,60 @@ async def _succeeded(redis: Redis, keys: Keys, n: int) -> bool:
     except redis_sync.ConnectionError:
         return False
     return sum(1 for r in runs.values() if r["st"] == "S") >= n
+
+
+async def test_a_busy_executor_is_not_ready_while_the_server_is_down() -> None:
+    """Every slot busy, the executor makes no call but its heartbeat's: a failed heartbeat
+    makes /readyz answer 503 (it stayed 200 through the outage), and a good one 200 again."""
+    import asyncio
+    import urllib.error
+    import urllib.request
+
+    from supersede.server import free_port
+
+    keys = Keys("busy", 4)
+    server = EmbeddedServer().start()
+    system = System(server.url, keys)
+    redis = Redis.from_url(server.url)
+    port = free_port()
+    ready_url = f"http://127.0.0.1:{port}/readyz"
+
+    def status() -> int:
+        try:
+            with urllib.request.urlopen(ready_url, timeout=2) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+    async def answers(code: int) -> bool:
+        return await asyncio.to_thread(status) == code
+
+    try:
+        system.start("admission", "--block-ms", "100")
+        system.start_with_port("executor", port, APP, "--slots", "1", "--lease", "3")
+
+        async def registered() -> bool:
+            return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+        await eventually(registered, timeout=30)
+        system.start("ingress", "--block-ms", "100")
+        data = orjson.dumps({"k": "busy", "sleep": 60})
+        await redis.xadd(keys.events_stream, {"name": "stubborn.item", "data": data})
+
+        async def running() -> bool:
+            return any(r["st"] == "R" for r in (await records(redis, keys)).values())
+
+        await eventually(running, timeout=30)
+        await eventually(lambda: answers(200), timeout=10)
+        assert server.proc is not None
+        server.proc.kill()  # (the executor's one slot is busy: its fetch loop waits, no call)
+        await eventually(lambda: answers(503), timeout=15)
+        server.stop()
+        server = EmbeddedServer(port=server.port).start()
+        await eventually(lambda: answers(200), timeout=20)
+    finally:
+        system.close()
+        await redis.aclose()
+        server.stop()
