@@ -90,6 +90,7 @@ def _import_path(path: str, name: str) -> ModuleType:
 
 def load_workflows(spec: str) -> list[Any]:
     """Import MODULE (see `import_module`) and return its Workflow objects, each validated."""
+    from supersede.registry import repeated
     from supersede.workflow import Workflow
 
     module = import_module(spec)
@@ -97,12 +98,12 @@ def load_workflows(spec: str) -> list[Any]:
     if not workflows:
         raise ConfigError(f"module {spec!r} defines no Workflow")
     ids = [wf.id for wf in workflows]
-    for wid in ids:
-        if ids.count(wid) > 1:
-            raise ConfigError(
-                f"module {spec!r} defines {ids.count(wid)} workflows with the id {wid!r}: the id "
-                "names one workflow (give each its own)"
-            )
+    twice = repeated(ids)
+    if twice is not None:
+        raise ConfigError(
+            f"module {spec!r} defines {ids.count(twice)} workflows with the id {twice!r}: the id "
+            "names one workflow (give each its own)"
+        )
     for wf in workflows:
         try:
             wf.definition()

@@ -251,8 +251,9 @@ def _trial(program: Any, expression: str, field: str, check: Callable[[Any], Any
     constant that is no key or limit (`max_runs="'a'"`); refuse them now. Other failures (a
     field the empty event lacks) are the events' to meet."""
     code = _code_only(expression)
+    names = {m.group(1) for m in _IDENT.finditer(code)}
     bound = {name for pair in _BOUND.findall(code) for name in pair if name}
-    free = sorted({m.group(1) for m in _IDENT.finditer(code)} - bound - _KNOWN)
+    free = sorted(names - bound - _KNOWN)
     if free:
         raise DefinitionError(
             field,
@@ -272,14 +273,13 @@ def _trial(program: Any, expression: str, field: str, check: Callable[[Any], Any
         return
     except Exception:
         return
-    if not _NAMES.search(_code_only(expression)):  # a constant: the same for every event
+    if not names & {"input", "metadata"}:  # a constant: the same for every event
         try:
             check(value)
         except KeyExpressionError as exc:
             raise DefinitionError(field, exc.detail) from None
 
 
-_NAMES = re.compile(r"\b(input|metadata)\b")
 # A name that is not a field (no dot before it) nor a call (no parenthesis after it); the
 # variables a comprehension binds; and the names CEL itself gives a meaning.
 _IDENT = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_]*)\b(?!\s*\()")

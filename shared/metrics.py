@@ -175,6 +175,8 @@ def set_ready(ready: bool, part: str = "service") -> None:
     """Services call this: True after start-up, False while Redis calls fail. `part`: the
     service, when one process runs several (`supersede serve`); /readyz answers 200 only while
     every part the process runs or expects is ready."""
+    if _READY.get(part) is ready:  # (services call it after every batch: the gauge on changes)
+        return
     _READY[part] = ready
     READY.labels(part).set(1 if ready else 0)
 

@@ -274,6 +274,16 @@ async def register(
     return wf
 
 
+def repeated(ids: Sequence[str]) -> str | None:
+    """The first workflow id given more than once, or None: an id names one workflow."""
+    seen: set[str] = set()
+    for wid in ids:
+        if wid in seen:
+            return wid
+        seen.add(wid)
+    return None
+
+
 async def register_all(
     redis: Redis, keys: Keys, definitions: Sequence[WorkflowDef | dict[str, Any]]
 ) -> list[WorkflowDef]:
@@ -293,10 +303,9 @@ async def register_all(
             raise WorkflowRejected(
                 wid if isinstance(wid, str) else "", exc.field, exc.message
             ) from None
-    ids = [wf.id for wf in wfs]
-    for wid in ids:
-        if ids.count(wid) > 1:
-            raise WorkflowRejected(wid, "id", f"{wid!r} is registered twice in one call")
+    twice = repeated([wf.id for wf in wfs])
+    if twice is not None:
+        raise WorkflowRejected(twice, "id", f"{twice!r} is registered twice in one call")
     if any(wf.concurrency is not None and wf.concurrency.scope for wf in wfs):
         _, stored, _ = await load_all(redis, keys)
         others = {**stored, **{wf.id: wf for wf in wfs}}

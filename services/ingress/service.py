@@ -281,7 +281,6 @@ class Ingress(Service):
         super().__init__(redis, settings, consumer=consumer)
         self.routes: dict[str, list[Route]] = {}
         self.epoch = -1
-        self.serving = False  # some valid workflow is registered: the inbox is read
         self._housekeeping_due = Throttle(1.0)
         # Where a shard's requests go: the `append_requests` script, unless `supersede serve`
         # hands them to the admission of its own process (services/serve.py).
@@ -312,7 +311,7 @@ class Ingress(Service):
         """Registry refresh; each second, take-over of stale pending entries and inbox lag."""
         await self.refresh()
         if self._housekeeping_due.due():
-            if self.serving:  # (no workflow: the inbox waits, another consumer's pending too)
+            if self.routes:  # (no workflow: the inbox waits, another consumer's pending too)
                 await self.reclaim()
             await self._measure_lag()
 
@@ -332,8 +331,8 @@ class Ingress(Service):
             )
         elif self.epoch == -1 and not defs:
             self.log.info("no valid workflow is registered yet: the inbox waits until one is")
-        self.routes = build_routes(defs)
-        self.serving = bool(defs)
+        self.routes = build_routes(defs)  # (empty exactly when no valid workflow is: every
+        # workflow listens to an event)
         self.epoch = epoch
         metrics.WORKFLOWS.set(len(defs))
         metrics.INVALID_WORKFLOWS.set(len(errors))
@@ -345,7 +344,7 @@ class Ingress(Service):
         own = OwnPending([self.keys.events_stream])
         try:
             while not stop.is_set():
-                if not self.serving:
+                if not self.routes:
                     # No workflow registered at all (a new namespace before its executors
                     # start, or a server that lost its data): read nothing, so no event is
                     # acknowledged with no workflow to run it.
