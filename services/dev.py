@@ -325,10 +325,11 @@ async def run(
             print(f"  in another terminal:  export SUPERSEDE_REDIS_URL={settings.redis_url}")
         event, data = defs[0].events[0], example_input(defs[0])
         fill = "" if specs == [DEMO] else "   (with the fields your handlers read)"
-        print(f"  publish:  supersede publish {event} {shlex.quote(data)}{fill}")
+        print(f"  publish:  supersede publish {shlex.quote(event)} {shlex.quote(data)}{fill}")
         cli = redis_cli(wheel_client_binary() or "redis-cli", settings.redis_url)
         print(f"  or with any Redis client:  {cli} XADD "
-              f"{settings.keys.events_stream} '*' name {event} data {shlex.quote(data)}",
+              f"{settings.keys.events_stream} '*' name {shlex.quote(event)} "
+              f"data {shlex.quote(data)}",
               flush=True)  # fmt: skip
         dashboard = await start_ui(children, ui_port, stop) if ui_port else None
         if dashboard:
@@ -360,14 +361,20 @@ _CLI_TLS_FLAGS = {"ssl_ca_certs": "--cacert", "ssl_ca_path": "--cacertdir",
 
 def redis_cli(cli: str, url: str) -> str:
     """A redis-cli command line that reaches the server of `url` (read from the environment
-    variable, so that its password is not printed): redis-cli does not read a URL's query
-    options, so a URL with some is cut at its `?` by the shell and its TLS options become
-    flags."""
+    variable, so that its password is not printed). The shell rewrites what redis-cli reads
+    otherwise than redis-py: it reads no query options (they are cut, and the TLS ones and the
+    db become flags), no cluster scheme, and an empty user name (`redis://:pw@`) as a user
+    named "" (so it becomes `default`, as redis-py reads it)."""
     parts = urlsplit(url)
     cluster = "+cluster" in parts.scheme
-    if not parts.query and not cluster:
-        return f'{cli} -u "$SUPERSEDE_REDIS_URL"'
+    edits = []
     flags = ["-c"] if cluster else []  # (a cluster: follow its redirections)
+    if cluster:  # redis-cli knows redis:// and rediss:// only
+        edits.append("s/+cluster//")
+    if parts.query:
+        edits.append("s/[?].*//")
+    if parts.username == "" and parts.password:
+        edits.append("s#://:#://default:#")
     for option, value in parse_qsl(parts.query):
         if option in _CLI_TLS_FLAGS:
             flags.append(f"{_CLI_TLS_FLAGS[option]} {shlex.quote(value)}")
@@ -375,10 +382,10 @@ def redis_cli(cli: str, url: str) -> str:
             flags.append("--insecure")
         elif option == "db":
             flags.append(f"-n {shlex.quote(value)}")
-    if cluster:  # redis-cli knows redis:// and rediss:// only
-        target = '"$(printf %s "$SUPERSEDE_REDIS_URL" | sed -e s/+cluster// -e s/?.*//)"'
-    else:
-        target = '"${SUPERSEDE_REDIS_URL%%\\?*}"'
+    if not edits:
+        return f'{cli} -u "$SUPERSEDE_REDIS_URL"'
+    sed = " ".join(f"-e '{edit}'" for edit in edits)
+    target = f'"$(printf %s "$SUPERSEDE_REDIS_URL" | sed {sed})"'
     return " ".join([f"{cli} -u {target}", *flags])
 
 

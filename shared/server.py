@@ -109,7 +109,7 @@ class EmbeddedServer:
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
+        auth = f"default:{self.password}@" if self.password else ""  # (redis-cli reads ":pw@" as user "")
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> EmbeddedServer:

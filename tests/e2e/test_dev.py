@@ -86,6 +86,16 @@ def _the_demo_runs(proc: subprocess.Popen[bytes]) -> str:
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(port=port).ping()
     assert redis.Redis.from_url(url.group(1)).ping()
+    # the line that publishes with redis-cli works as printed (it read the URL's empty user
+    # name as a user named "": WRONGPASS, nothing published, exit 0)
+    while "with any Redis client:" not in lines[-1]:
+        lines.append(proc.stdout.readline().decode())
+    command = lines[-1].split("with any Redis client:", 1)[1].strip()
+    env = {**os.environ, "SUPERSEDE_REDIS_URL": url.group(1)}
+    done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, timeout=30)
+    entry = done.stdout.decode().strip()
+    assert re.fullmatch(r"\d+-\d+", entry), (command, done.stdout, done.stderr)
+    assert redis.Redis.from_url(url.group(1)).xrange("supersede:events", entry, entry)
     # the dashboard beside the services (read-only), showing the demo's workflows
     while "dashboard (read-only):" not in lines[-1]:
         lines.append(proc.stdout.readline().decode())
@@ -102,7 +112,7 @@ def _the_demo_runs(proc: subprocess.Popen[bytes]) -> str:
         proc.stderr.close()
     out = "".join(lines) + rest.decode()
     assert proc.returncode == 0, err.decode()[-2000:]
-    assert "supersede dev: Redis at redis://:***@127.0.0.1:" in out
+    assert "supersede dev: Redis at redis://default:***@127.0.0.1:" in out
     assert out.count(password) == 1 and password not in err.decode()
     assert "succeeded" in out and "superseded by" in out  # CANCEL_IN_PROGRESS at work
     # the rules it demonstrates, one sentence each, and how to publish without redis-cli

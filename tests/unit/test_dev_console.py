@@ -59,7 +59,7 @@ def test_a_new_run_of_a_debounced_workflow_is_said_to_wait_out_its_window() -> N
 def test_the_redis_cli_line_reaches_any_server_url(tmp_path: Path) -> None:
     """The publishing line `dev` prints, run by a shell: redis-cli reads no URL query and no
     cluster scheme, so the shell cuts them from SUPERSEDE_REDIS_URL and they become flags (a
-    db in the query too: the event went to db 0)."""
+    db in the query too: the event went to db 0), nor an empty user name as redis-py does."""
     import subprocess
 
     from supersede.services.dev import redis_cli
@@ -68,7 +68,9 @@ def test_the_redis_cli_line_reaches_any_server_url(tmp_path: Path) -> None:
     fake.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
     fake.chmod(0o755)
     cases = {
-        "redis://:pw@h:5/0": ["-u", "redis://:pw@h:5/0"],
+        "redis://:pw@h:5/0": ["-u", "redis://default:pw@h:5/0"],  # (redis-cli: user "")
+        "redis://u:pw@h:5/0": ["-u", "redis://u:pw@h:5/0"],
+        "rediss://:pw@h:5/0?db=3": ["-u", "rediss://default:pw@h:5/0", "-n", "3"],
         "redis://h:5/0?db=2": ["-u", "redis://h:5/0", "-n", "2"],
         "rediss://u:p@h:6/0?ssl_ca_certs=/ca.pem&ssl_cert_reqs=none": [
             "-u", "rediss://u:p@h:6/0", "--cacert", "/ca.pem", "--insecure"
