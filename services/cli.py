@@ -313,16 +313,17 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
             print(f"supersede: {exc}", file=sys.stderr)
             return 2
         except (LookupError, ValueError, TimeoutError, SupersedeError) as exc:
-            print(f"supersede: {exc}", file=sys.stderr)
+            ops.warn(f"supersede: {exc}")
             return 1
         finally:
             await redis.aclose()
         if args.json:
             print(ops.dumps(result))
         else:
-            from supersede.services.render import render
+            from supersede.services.render import printable, render
 
-            print(render(args.command, result, replay=bool(getattr(args, "replay", None))))
+            text = render(args.command, result, replay=bool(getattr(args, "replay", None)))
+            print(printable(text))
         sys.stdout.flush()  # (a reader gone shows here, not at exit: see main)
         return _waited_exit(args, result)
 

@@ -50,6 +50,7 @@ from supersede.server import (
     wheel_client_binary,
 )
 from supersede.services.modules import load_workflows
+from supersede.services.render import printable
 
 DEMO = "supersede.services.demo"
 
@@ -245,7 +246,7 @@ async def watch(
         held.sort()
         ready = held if done else [t for t in held if t.at_ms <= cut]
         for t in ready:
-            print(f"{(t.at_ms - t0_ms) / 1000:7.2f}s  {t.text}", flush=True)
+            print(f"{(t.at_ms - t0_ms) / 1000:7.2f}s  {printable(t.text)}", flush=True)
         held = [] if done else held[len(ready) :]
         if done:
             break
@@ -270,7 +271,7 @@ def print_outcomes(outcomes: dict[tuple[str, str], Counter[str]]) -> None:
     print(f"  {'workflow':<{width}}  {'key':<12} " + " ".join(f"{s:>9}" for s in states))
     for (workflow, key), counts in sorted(outcomes.items()):
         cells = " ".join(f"{counts.get(s, 0):>9}" for s in states)
-        print(f"  {workflow:<{width}}  {key or '-':<12} {cells}")
+        print(f"  {workflow:<{width}}  {printable(key or '-'):<12} {cells}")
 
 
 def example_input(wf: WorkflowDef) -> str:

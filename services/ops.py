@@ -681,6 +681,13 @@ def dumps(value: Any) -> str:
 EARLIER = "an earlier entry"  # `duplicate_of` when the wait found the duplicate itself
 
 
+def warn(text: str) -> None:
+    """A line on stderr, its control characters escaped (it may quote published data)."""
+    from supersede.services.render import printable
+
+    print(printable(text), file=sys.stderr)
+
+
 DEAD_LETTERED = "DEAD_LETTERED"  # `publish --wait`'s state for an event ingress refused
 
 
@@ -748,12 +755,12 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
             run = await wait_for_run(redis, row["run"], args.timeout, namespace=keys.namespace,
                                      entry=entry, workflow=row["workflow"])  # fmt: skip
         except DeadLettered as exc:  # ingress refused the event: no run will be
-            print(f"supersede: {exc}", file=sys.stderr)
+            warn(f"supersede: {exc}")
             row["state"], row["error"] = DEAD_LETTERED, f"{exc.reason}: {exc.detail}"
             row["cancelled_by"] = None
             return
         except WaitTimeout as exc:  # the others are still shown
-            print(f"supersede: {exc}", file=sys.stderr)
+            warn(f"supersede: {exc}")
             if exc.run_id != row["run"]:  # (it followed a duplicate to the first event's run)
                 row["run"], row["duplicate_of"] = exc.run_id, row.get("duplicate_of") or EARLIER
             now = await get_run(redis, row["run"], namespace=keys.namespace)
@@ -767,9 +774,49 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
         row["outputs"] = codec.jsonable(run.outputs)
         row["cancelled_by"] = run.cancelled_by
 
-    if args.wait and planned:
-        await asyncio.gather(*(wait(row) for row in runs))
+    if args.wait and args.name in known:
+        # A workflow that listens but whose key fails for this data makes no run: its row
+        # waits for the dead letter ingress writes for it.
+        _, defs, _ = await load_all(redis, keys)
+        planned_for = {row["workflow"] for row in runs}
+        refused = [
+            {"workflow": wf.id, "key": None, "run": None}
+            for wf in sorted(defs.values(), key=lambda w: w.id)
+            if args.name in wf.events and wf.id not in planned_for
+        ]
+        runs.extend(refused)
+        await asyncio.gather(
+            *(wait(row) for row in runs if row["run"]),
+            *(_wait_dead_letter(redis, keys, entry, row, args.timeout) for row in refused),
+        )
     return {"entry": entry, "runs": runs}
+
+
+async def _wait_dead_letter(
+    redis: Redis, keys: Keys, entry: str, row: dict[str, Any], timeout: float
+) -> None:
+    """The row of a workflow that makes no run of inbox entry `entry` (its key expression fails
+    for the data), once ingress dead-lettered the entry for it: DEAD_LETTERED with the reason;
+    timed out after `timeout` seconds."""
+    from supersede.client import dead_letter_of
+
+    deadline = time.monotonic() + timeout
+    row["cancelled_by"] = None
+    while True:
+        dead = await dead_letter_of(redis, entry, row["workflow"], namespace=keys.namespace)
+        if dead is not None:
+            row["state"], row["error"] = DEAD_LETTERED, f"{dead[0]}: {dead[1]}"
+            warn(
+                f"supersede: no run of {row['workflow']!r}: the event was dead-lettered for it "
+                f"({dead[0]}: {dead[1]}); see `supersede dead`"
+            )
+            return
+        if time.monotonic() >= deadline:
+            row["state"], row["timed_out"] = "NOT_CREATED", True
+            row["error"] = f"no run and no dead letter of the event within {timeout:g} s"
+            warn(f"supersede: {row['workflow']!r}: {row['error']}")
+            return
+        await asyncio.sleep(0.05)
 
 
 async def _runs(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:

@@ -14,6 +14,15 @@ from typing import Any
 
 import orjson
 
+# Control characters a published value may carry (terminal escape sequences among them), as
+# \xNN: a table shows them, a terminal does not obey them. New lines are kept.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c != 0x0A}
+
+
+def printable(text: str) -> str:
+    """`text` safe to print to a terminal: its control characters but new lines escaped."""
+    return text.translate(_CONTROL)
+
 
 def width() -> int:
     """The terminal's columns; unlimited when the output is not a terminal (a pipe or a file

@@ -109,7 +109,8 @@ class EmbeddedServer:
 
     @property
     def url(self) -> str:
-        auth = f"default:{self.password}@" if self.password else ""  # (redis-cli reads ":pw@" as user "")
+        # (the default user named: redis-cli reads ":pw@" as a user named "")
+        auth = f"default:{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> EmbeddedServer:

@@ -134,6 +134,41 @@ async def test_a_dead_letter_is_replayed_after_fixing_the_workflow(
     )
 
 
+async def test_publish_wait_reports_an_event_dead_lettered_for_its_key(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """`publish --wait` of an event whose key expression fails: ingress dead-letters it for the
+    workflow, and the wait says so with exit 4 (it planned no run, so it waited for nothing and
+    exited 0); a published value's control characters print escaped (a key, an event name,
+    raw, were terminal escape sequences)."""
+    await register(redis, keys, {"id": "reindex", "events": ["doc.saved"],
+                                 "concurrency": {"expression": "input.docId"}})  # fmt: skip
+    system.start("ingress", "--block-ms", "100")
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "supersede", "publish", "doc.saved", '{"document": "d1"}',
+         "--wait", "--timeout", "20"],
+        env=system.env, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 4, (done.stdout, done.stderr)
+    assert b"DEAD_LETTERED" in done.stdout and b"key_error" in done.stdout
+    assert b"reindex" in done.stdout and b"dead-lettered for it" in done.stderr
+    # a hostile event name, straight into the inbox: its dead letter prints escaped
+    await redis.xadd(keys.events_stream, {"name": "\x1b]0;owned\x07\x1b[2Jevil", "data": "bad"})
+
+    async def two_dead() -> bool:
+        return len(await acli(system, "dead")) == 2
+
+    await eventually(two_dead, timeout=30)
+    table = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "supersede", "dead"], env=system.env,
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert table.returncode == 0 and b"evil" in table.stdout
+    assert b"\x1b" not in table.stdout and b"\x07" not in table.stdout
+    assert b"\\x1b]0;owned\\x07\\x1b[2Jevil" in table.stdout
+
+
 async def test_a_dead_letter_of_an_event_with_its_own_id_keeps_its_own_id(
     redis: Redis, keys: Keys, system: System
 ) -> None:
