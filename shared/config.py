@@ -47,7 +47,12 @@ class Settings:
                 f"SUPERSEDE_NAMESPACE must be non-empty without braces, colons or spaces, "
                 f"got {namespace!r}"
             )
-        url = env.get("SUPERSEDE_REDIS_URL") or DEFAULT_URL
+        url = env.get("SUPERSEDE_REDIS_URL", DEFAULT_URL).strip()
+        if not url:  # (a failed `export SUPERSEDE_REDIS_URL=$(...)`: not the default server)
+            raise ConfigError(
+                "SUPERSEDE_REDIS_URL is set but empty; set it to the server's URL, or unset it "
+                f"for {DEFAULT_URL} (`supersede dev`: for its embedded server)"
+            )
         if not url.startswith(URL_SCHEMES):
             raise ConfigError(
                 f"SUPERSEDE_REDIS_URL must start with one of {', '.join(URL_SCHEMES)}, got "
@@ -116,16 +121,40 @@ def connect(url: str, max_connections: int = 64) -> Redis:
             seed = cluster_seed(url)
             return cast(Redis, RedisCluster.from_url(seed, max_connections=max_connections))
         pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30)
-    except ValueError as exc:  # (a port that is not a number, an unknown option)
+        pool.connection_class(**pool.connection_kwargs)  # (an unknown option fails here)
+    except ValueError as exc:  # (a port that is not a number, a value of the wrong type)
         raise ConfigError(f"SUPERSEDE_REDIS_URL {redact(url)} is not a valid URL: {exc}") from None
+    except TypeError as exc:  # (an option redis-py does not know)
+        raise ConfigError(unknown_option(url, exc)) from None
+    except redis_sync.RedisError as exc:  # (an option's value it refuses, e.g. a TLS one)
+        raise ConfigError(
+            f"SUPERSEDE_REDIS_URL {redact(url)} has an option the client refuses ({exc}); check "
+            "its options"
+        ) from None
     return Redis.from_pool(pool)  # (aclose() closes the pool's connections too)
+
+
+def unknown_option(url: str, exc: TypeError) -> str:
+    """The one line for a URL with a query option its scheme's client does not take."""
+    option = str(exc).rpartition("argument ")[2].strip("'\"") or str(exc)
+    hint = " (TLS options need the rediss:// scheme)" if option.startswith("ssl") else ""
+    return (
+        f"SUPERSEDE_REDIS_URL {redact(url)} has an option the client does not know: "
+        f"{option!r}{hint}"
+    )
 
 
 def connect_sync(url: str) -> redis_sync.Redis:
     """The synchronous counterpart of `connect`, for user code such as sync steps."""
-    if is_cluster_url(url):
-        return cast(redis_sync.Redis, redis_sync.RedisCluster.from_url(cluster_seed(url)))
-    return redis_sync.Redis.from_url(url)
+    try:
+        if is_cluster_url(url):
+            return cast(redis_sync.Redis, redis_sync.RedisCluster.from_url(cluster_seed(url)))
+        client = redis_sync.Redis.from_url(url)
+        pool = client.connection_pool
+        pool.connection_class(**pool.connection_kwargs)  # (an unknown option fails here)
+    except TypeError as exc:
+        raise ConfigError(unknown_option(url, exc)) from None
+    return client
 
 
 async def pin_shard_count(redis: Redis, keys: Keys) -> None:

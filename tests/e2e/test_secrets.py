@@ -85,7 +85,9 @@ def test_services_cli_and_dev_never_print_the_password(protected: str) -> None:
         env=_env(protected), capture_output=True, timeout=120, cwd=REPO,
     )  # fmt: skip
     assert dev.returncode == 0, dev.stderr.decode()[-2000:]
-    assert redacted in dev.stdout and b'redis-cli -u "$SUPERSEDE_REDIS_URL"' in dev.stdout
+    assert (
+        redacted in dev.stdout and b'redis-cli -u "$(printf %s "$SUPERSEDE_REDIS_URL"' in dev.stdout
+    )
     out += [dev.stdout, dev.stderr]
     assert SECRET.encode() not in b"".join(out)
 
@@ -124,6 +126,12 @@ def test_start_up_failures_are_one_line_naming_the_setting(protected: str) -> No
         "redis://127.0.0.1:notaport/0": "SUPERSEDE_REDIS_URL",
         # (an option redis-py refuses only when it connects: a traceback)
         f"rediss://127.0.0.1:{free_port()}/0?ssl_cert_reqs=bogus": "its options",
+        # (an option the client does not take: a traceback, a TypeError, whatever the scheme)
+        protected + "?foo=bar": "does not know: 'foo'",
+        protected + "?ssl_cert_reqs=none": "need the rediss:// scheme",
+        protected.replace("redis://", "redis+cluster://", 1) + "?foo=bar": "does not know",
+        # (set but empty, a failed `export SUPERSEDE_REDIS_URL=$(...)`: the default server)
+        "": "set but empty",
     }
     for url, says in cases.items():
         # (`dev` too: it went on to start the services, then died in a traceback)
