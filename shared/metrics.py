@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from http.server import ThreadingHTTPServer
 from typing import Any, Generic, TypeVar, cast
 
-from prometheus_client import REGISTRY, Gauge, disable_created_metrics
+from prometheus_client import REGISTRY, Counter, Gauge, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -149,6 +149,12 @@ class LoopHistogram(_LoopMetric[_Tally]):
         yield family
 
 
+TASK_FAILURES = Counter(
+    "supersede_task_failures_total",
+    "Failed runs of a service's periodic tasks (the reaper's tick, trims, the registry's "
+    "refresh...), by service and task: while a task's last run failed, /readyz answers 503.",
+    ["service", "task"],
+)
 HOP_SECONDS = LoopHistogram(
     "supersede_hop_seconds",
     "Time a run spends in each hop, observed by the service at its end: inbox (published -> "
@@ -179,6 +185,23 @@ def set_ready(ready: bool, part: str = "service") -> None:
         return
     _READY[part] = ready
     READY.labels(part).set(1 if ready else 0)
+
+
+_FAILING: dict[str, set[str]] = {}  # part -> its components whose last try failed
+_FAILING_LOCK = threading.Lock()  # (the executor's heartbeat reports from its own thread)
+
+
+def report(part: str, component: str, ok: bool) -> None:
+    """One component of a part (a stream reader, a periodic task, the heartbeat) went through
+    or failed: the part is ready while none of its components' last try failed (one reader
+    that succeeds does not hide another that fails)."""
+    with _FAILING_LOCK:
+        failing = _FAILING.setdefault(part, set())
+        if ok:
+            failing.discard(component)
+        else:
+            failing.add(component)
+        set_ready(not failing, part)
 
 
 def expect_parts(*parts: str) -> None:

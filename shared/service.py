@@ -141,27 +141,38 @@ class Service:
     async def _every(
         self, stop: asyncio.Event, interval: float, task: Callable[[], Awaitable[None]]
     ) -> None:
+        name = task.__name__
         while not stop.is_set():
             try:
                 await task()
+                metrics.report(self.name, name, True)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                self.log.exception("periodic task failed", extra={"task": task.__name__})
+            except Exception:  # (not ready until it goes through: a reaper failing is an outage)
+                metrics.TASK_FAILURES.labels(self.name, name).inc()
+                metrics.report(self.name, name, False)
+                self.log.exception("periodic task failed", extra={"task": name})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
 
     # -- steps every stream consumer shares -------------------------------------------------------
-    def healthy(self) -> None:
-        """A batch went through: ready again (a failure cleared it)."""
-        metrics.set_ready(True, self.name)
+    def healthy(self, reader: str = "read") -> None:
+        """A batch of `reader` went through: ready again, unless another reader or a periodic
+        task still fails."""
+        metrics.report(self.name, reader, True)
 
     async def recover(
-        self, own: OwnPending, exc: BaseException, *, failed_reread: bool, what: str = "batch"
+        self,
+        own: OwnPending,
+        exc: BaseException,
+        *,
+        failed_reread: bool,
+        what: str = "batch",
+        reader: str = "read",
     ) -> None:
-        """After a failed batch: not ready, log, re-read own pending entries soon, heal lost
-        groups, pause. `failed_reread`: the failed batch was itself a re-read."""
-        metrics.set_ready(False, self.name)
+        """After a failed batch of `reader`: not ready, log, re-read own pending entries soon,
+        heal lost groups, pause. `failed_reread`: the failed batch was itself a re-read."""
+        metrics.report(self.name, reader, False)
         self.log.error(f"{what} failed; retrying", exc_info=exc)
         await after_failure(self.redis, self.groups(), own, exc, failed_reread=failed_reread)
 

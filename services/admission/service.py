@@ -306,6 +306,7 @@ class Admission(Service):
         reader = BatchReader(
             self.redis, self.consumer, names, self.config.batch, self.config.block_ms
         )
+        part = f"read {names[0].decode()}"  # (on a cluster, one reader per shard)
         try:
             while reader.ahead is not None or not stop.is_set():
                 reread = reader.upcoming_reread()
@@ -314,9 +315,9 @@ class Admission(Service):
                     if reply:
                         reader.read_ahead_if_backlog(reply, stop)
                         await self.handle(reply)
-                    self.healthy()
+                    self.healthy(part)
                 except Exception as exc:  # redis-py can raise others mid-failover
-                    await self.recover(reader.own, exc, failed_reread=reread)
+                    await self.recover(reader.own, exc, failed_reread=reread, reader=part)
         finally:
             reader.close()
 

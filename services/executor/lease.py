@@ -21,7 +21,7 @@ from collections.abc import Callable
 from supersede.config import connect_sync
 from supersede.errors import describe
 from supersede.keys import Keys
-from supersede.metrics import set_ready
+from supersede.metrics import report
 from supersede.scripts import load_source
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
@@ -78,11 +78,11 @@ class LeaseKeeper:
                 log.exception("lease renewal failed")
                 if not failing:  # not ready: with every slot busy, no other call may notice
                     failing = True
-                    set_ready(False, READY_PART)
+                    report(READY_PART, "heartbeat", False)
                 continue
             if failing:
                 failing = False
-                set_ready(True, READY_PART)
+                report(READY_PART, "heartbeat", True)
             now = time.monotonic()
             if now - last_ok > self.config.lease_ms / 1000:
                 # the process was starved (or the server unreachable) for longer than a lease:

@@ -620,3 +620,45 @@ async def test_a_shard_whose_results_break_the_script_does_not_hold_back_the_oth
         left = await pending_count(redis, [sk.results_stream], ADMISSION_GROUP)
         expected = sum(1 for s, _ in reqs if s == sk.shard) if sk.shard == broken_shard else 0
         assert left == expected
+
+
+def _ready_status(port: int) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:  # (not listening yet)
+        return 0
+
+
+async def test_a_failing_reaper_makes_admission_not_ready_and_is_counted(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """The reaper's tick fails every time (a key of the wrong type stands in for an ACL user
+    without a key pattern): runs past their lease stay stuck, so admission is not ready and the
+    failures are counted, while its reads go through; ready again once the tick does. (It
+    stayed ready, the failure only logged.)"""
+    port = free_port()
+    proc = start_admission(redis_url, keys, "--metrics-port", str(port), "--reap-interval", "0.1")
+    try:
+        await eventually(lambda: asyncio.to_thread(lambda: _ready_status(port) == 200))
+        for sk in keys.all_shards():
+            await redis.set(sk.legacy_terminal_zset, "not a zset")  # every reap call fails
+        await eventually(lambda: asyncio.to_thread(lambda: _ready_status(port) == 503))
+        failed = 'supersede_task_failures_total{service="admission",task="tick"}'
+        await scrape_when(f"http://127.0.0.1:{port}/metrics", lambda body: failed in body)
+        # its reads still go through (and do not make it ready while the tick fails)
+        shard, req = make_request(keys, event="e", seq=1)
+        await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
+        await eventually(lambda: _states_are(redis, keys, ["A"], [(shard, req)]))
+        assert await asyncio.to_thread(_ready_status, port) == 503
+        for sk in keys.all_shards():
+            await redis.delete(sk.legacy_terminal_zset)
+        await eventually(lambda: asyncio.to_thread(lambda: _ready_status(port) == 200))
+    finally:
+        proc.kill()
+        proc.wait(5)

@@ -190,7 +190,20 @@ def test_readyz_follows_the_ready_flag() -> None:
     assert status() == 200
     metrics.set_ready(False, "admission")
     assert status() == 503
+    # A part with several readers and tasks: ready only while none of them fails (a reader
+    # that went through made it ready while another failed: /readyz flipped 503 / 200).
+    metrics.set_ready(True, "admission")
+    metrics.report("admission", "read shard 0", False)
+    metrics.report("admission", "read shard 1", True)
+    metrics.report("admission", "tick", True)
+    assert status() == 503
+    metrics.report("admission", "read shard 0", True)
+    metrics.report("admission", "tick", False)
+    assert status() == 503
+    metrics.report("admission", "tick", True)
+    assert status() == 200
     metrics._READY.clear()
+    metrics._FAILING.clear()
 
 
 def test_own_pending_re_reads_after_a_failure_without_starving_new_entries() -> None:
