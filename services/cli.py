@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import RedisError
+
 from supersede import __version__, logs
 from supersede.acl import ROLE_NAMES as ACL_ROLES
 from supersede.config import (
@@ -21,6 +23,8 @@ from supersede.config import (
     check_server,
     check_shard_count,
     connect,
+    redact,
+    refusal,
 )
 from supersede.errors import ConfigError, SupersedeError
 from supersede.protocol import RunState
@@ -314,6 +318,15 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
             return 2
         except (LookupError, ValueError, TimeoutError, SupersedeError) as exc:
             ops.warn(f"supersede: {exc}")
+            return 1
+        except RedisError as exc:  # (a right the user lacks, a cluster down, a timeout)
+            writes = args.command in ("publish", "cancel") or getattr(args, "replay", None)
+            refused = refusal(exc, settings.redis_url, ("operator" if writes else "reader",))
+            if refused is not None:
+                print(f"supersede: {refused}", file=sys.stderr)
+                return 2
+            ops.warn(f"supersede: Redis at {redact(settings.redis_url)} failed the command "
+                     f"({type(exc).__name__}: {exc}); try again, or check the server")  # fmt: skip
             return 1
         finally:
             await redis.aclose()

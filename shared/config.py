@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -222,3 +223,23 @@ async def check_server(redis: Redis, url: str) -> None:
             f"cannot connect to Redis at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL and "
             "its options"
         ) from None
+
+
+def refusal(exc: BaseException, url: str, roles: Sequence[str]) -> ConfigError | None:
+    """The one line for a server error a setting fixes, None for others: a command or key the
+    URL's ACL user has no right to (it needs the rights of `roles`, e.g. ["operator"]), or a
+    cluster node reached with a single server's scheme."""
+    if isinstance(exc, redis_sync.exceptions.NoPermissionError) or "NOPERM" in str(exc):
+        named = " and ".join(roles)
+        return ConfigError(
+            f"Redis at {redact(url)} refused the user of SUPERSEDE_REDIS_URL a command or key "
+            f"({exc}); it needs the rights of the {named} role{'s' if len(roles) > 1 else ''}: "
+            f"`supersede acl --role {roles[0]}` prints them, with --apply (as an admin) it "
+            "sets them"
+        )
+    if isinstance(exc, redis_sync.exceptions.AskError):  # (MOVED is one)
+        return ConfigError(
+            f"Redis at {redact(url)} is a node of a cluster ({exc}); write SUPERSEDE_REDIS_URL "
+            "with redis+cluster:// (rediss+cluster:// for TLS)"
+        )
+    return None

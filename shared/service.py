@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from supersede import metrics, tracing
 from supersede.config import (
@@ -31,6 +32,7 @@ from supersede.config import (
     connect,
     pin_shard_count,
     redact,
+    refusal,
 )
 from supersede.errors import ConfigError
 from supersede.protocol import Entry
@@ -151,7 +153,7 @@ class Service:
             except Exception:  # (not ready until it goes through: a reaper failing is an outage)
                 metrics.TASK_FAILURES.labels(self.name, name).inc()
                 metrics.report(self.name, name, False)
-                self.log.exception("periodic task failed", extra={"task": name})
+                self.log_failure("periodic task failed", sys.exc_info()[1], task=name)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
 
@@ -160,6 +162,15 @@ class Service:
         """A batch of `reader` went through: ready again, unless another reader or a periodic
         task still fails."""
         metrics.report(self.name, reader, True)
+
+    def log_failure(self, message: str, exc: BaseException | None, **extra: str) -> None:
+        """Log a failed call: with its traceback, or, for a right the ACL user lacks (or a
+        cluster node reached without the cluster scheme), the one line that names the fix."""
+        refused = exc and refusal(exc, self.settings.redis_url, (self.name,))
+        if refused:
+            self.log.error(f"{message}: {refused}", extra=extra)
+        else:
+            self.log.error(message, exc_info=exc, extra=extra)
 
     async def recover(
         self,
@@ -173,7 +184,7 @@ class Service:
         """After a failed batch of `reader`: not ready, log, re-read own pending entries soon,
         heal lost groups, pause. `failed_reread`: the failed batch was itself a re-read."""
         metrics.report(self.name, reader, False)
-        self.log.error(f"{what} failed; retrying", exc_info=exc)
+        self.log_failure(f"{what} failed; retrying", exc)
         await after_failure(self.redis, self.groups(), own, exc, failed_reread=failed_reread)
 
     async def take_over(
@@ -201,6 +212,10 @@ class Service:
             start = reply[0]
 
 
+# The ACL roles whose rights a service process needs (`supersede serve` runs all three).
+SERVICE_ROLES = {"all-in-one": ("ingress", "admission", "executor")}
+
+
 def run_until_signal(
     main: Callable[[asyncio.Event], Awaitable[None]],
     metrics_port: int,
@@ -220,7 +235,14 @@ def run_until_signal(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await main(stop)
+        try:
+            await main(stop)
+        except RedisError as exc:  # (at start-up: later ones are retried by the loops)
+            roles = SERVICE_ROLES.get(service, (service,))
+            refused = refusal(exc, Settings.from_env().redis_url, roles)
+            if refused is None:
+                raise
+            raise refused from None
 
     tune_gc()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:

@@ -155,6 +155,7 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
             system.close()
 
     await _each_user_is_refused_what_its_role_does_not_do(url_of, keys)
+    _a_user_without_the_rights_is_told_which_role_it_needs(url_of, keys)
 
 
 def _operator_publishes_twice_and_cancels(operator: dict[str, str]) -> None:
@@ -247,6 +248,25 @@ async def _each_user_is_refused_what_its_role_does_not_do(
     finally:
         for c in clients.values():
             await c.aclose()
+
+
+def _a_user_without_the_rights_is_told_which_role_it_needs(
+    url_of: dict[str, str], keys: Keys
+) -> None:
+    """The CLI writing as the reader, an executor started as the reader: one line that names
+    the role whose rights the user needs, exit 2 (each was a traceback)."""
+    reader = env_of(url_of["reader"], keys)
+    cases = {
+        ("publish", "chat.message", '{"userId": "u"}'): "operator role",
+        ("executor", "tests.support.apps.demo", "--metrics-port", "0"): "executor role",
+    }
+    for args, says in cases.items():
+        done = subprocess.run([sys.executable, "-m", "supersede", *args], env=reader,
+                              capture_output=True, timeout=60)  # fmt: skip
+        err = done.stderr.decode()
+        assert done.returncode == 2 and "Traceback" not in err, (args, err[-2000:])
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("supersede: ") and says in last and "supersede acl" in last, err
 
 
 def test_acl_prints_one_rule_per_role_scoped_to_the_namespace() -> None:

@@ -230,3 +230,22 @@ async def _runs_at_least(client: RedisCluster, keys: Keys, n: int) -> bool:
         return await run_count(client, keys) >= n
     except (RedisError, OSError):
         return False
+
+
+def test_a_cluster_node_reached_with_a_single_server_url_is_one_line(
+    redis_cluster: EmbeddedCluster,
+) -> None:
+    """`redis://` to a node of a cluster: the command and the service each say to write the
+    cluster scheme, exit 2 (a MovedError traceback)."""
+    import os
+    import subprocess
+    import sys
+
+    url = f"redis://127.0.0.1:{redis_cluster.nodes[0].port}/0"
+    env = {**os.environ, "SUPERSEDE_REDIS_URL": url, "SUPERSEDE_NAMESPACE": "moved"}
+    for args in (["status"], ["publish", "some.event", "{}"], ["admission", "--metrics-port", "0"]):
+        done = subprocess.run([sys.executable, "-m", "supersede", *args], env=env,
+                              capture_output=True, timeout=60)  # fmt: skip
+        err = done.stderr.decode()
+        assert done.returncode == 2 and "Traceback" not in err, (args, err[-2000:])
+        assert "redis+cluster://" in err.strip().splitlines()[-1], err
