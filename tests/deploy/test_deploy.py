@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import shutil
@@ -227,8 +228,16 @@ def test_keda_redis_form_signs_in_as_the_keda_user() -> None:
             and ":assignments:" in t["metadata"]["stream"]
         )
         # the activation threshold KEDA's docs ask for beside lagCount
-        assert t["metadata"]["lagCount"] == "50" and t["metadata"]["activationLagCount"] == "0"
+        assert t["metadata"]["activationLagCount"] == "0"
         assert "unsafeSsl" not in t["metadata"]
+    # What KEDA makes of it: each trigger proposes ceil(its stream's lag / lagCount) replicas
+    # and the largest wins. A backlog of 16 x --lag (50) runs of one workflow, spread over its
+    # 16 shards, asks for about 16 replicas (with lagCount 50 on each stream it proposed 1).
+    tag = triggers[0]["metadata"]["stream"].rsplit(":", 1)[1]  # (one workflow's streams)
+    one = [t for t in triggers if t["metadata"]["stream"].endswith(f":{tag}")]
+    assert len(one) == 16
+    proposals = [math.ceil(50 / int(t["metadata"]["lagCount"])) for t in one]
+    assert 16 <= max(proposals) <= 20, proposals
 
     # Over TLS (a rediss:// URL), KEDA is told to use TLS, with the URL's CA and client
     # certificate as Secret entries, and to skip the checks only where the URL does.
