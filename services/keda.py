@@ -120,9 +120,10 @@ def scaled_object_redis(
     and the Secret it reads. KEDA scales on the busiest stream, not on the sum, so each
     stream's target is `lag` / shards: right for one busy workflow, whose runs spread over the
     shards, but a pool whose W workflows are all busy at once gets up to W times fewer
-    replicas. The Prometheus form sums; this one needs no Prometheus. `tls` (see `tls_of`): KEDA connects
-    over TLS, with the CA and client certificate the Secret holds (KEDA's `tls`, `ca`, `cert`
-    and `key` authentication parameters; `unsafeSsl` when the URL skips the checks)."""
+    replicas. The Prometheus form sums; this one needs no Prometheus. `tls` (see `tls_of`):
+    KEDA connects over TLS, with the CA and client certificate the Secret holds (KEDA's `tls`,
+    `ca`, `cert` and `key` authentication parameters; `unsafeSsl` when the URL skips the
+    checks)."""
     auth = f"{deployment}-keda-redis"
     kind, where = (
         ("redis-cluster-streams", "addresses") if cluster else ("redis-streams", "address")

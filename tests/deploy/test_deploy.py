@@ -72,8 +72,10 @@ def test_dashboard_and_alerts_use_only_exposed_metrics() -> None:
     # workflow label, were drawn "by workflow": one line, named as if it were one workflow's)
     from prometheus_client import REGISTRY
 
-    labels = {name: getattr(collector, "_labelnames", getattr(collector, "labelnames", ()))
-              for collector, names in REGISTRY._collector_to_names.items() for name in names}  # fmt: skip
+    labels = {}
+    for collector, names in REGISTRY._collector_to_names.items():
+        for name in names:  # (prometheus_client's metrics, and this project's loop metrics)
+            labels[name] = getattr(collector, "_labelnames", getattr(collector, "labelnames", ()))
     grouped = re.findall(r"by \((\w+)\) \(\w*\(?(supersede_\w+)", " ".join(every))
     assert grouped
     for label, name in grouped:
