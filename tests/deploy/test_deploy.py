@@ -288,7 +288,17 @@ def test_compose_manifests_and_prometheus_files_parse() -> None:
         "prometheus",
         "grafana",
     }
-    assert "--appendonly yes" in " ".join(compose["services"]["redis"]["command"])
+    redis = compose["services"]["redis"]
+    assert "--appendonly yes" in " ".join(redis["command"])
+    # the server steps down to the image's redis user (a `sh -c` command skips the image's
+    # entrypoint, which does), and what needs it waits until it answers PING, not until its
+    # process started (still loading an AOF, it answers LOADING: `acl --apply` failed)
+    assert "exec gosu redis redis-server" in redis["command"][-1]
+    assert "ping" in " ".join(redis["healthcheck"]["test"])
+    for service in ("acl", "ingress", "admission", "executor"):
+        assert compose["services"][service]["depends_on"]["redis"] == {
+            "condition": "service_healthy"
+        }
     assert compose["services"]["executor"]["deploy"]["replicas"] == 3
     for service in ("ingress", "admission", "executor"):
         assert compose["services"][service]["image"] == "supersede:latest"
