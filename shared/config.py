@@ -231,15 +231,17 @@ def refusal(exc: BaseException, url: str, roles: Sequence[str]) -> ConfigError |
     cluster node reached with a single server's scheme."""
     if isinstance(exc, redis_sync.exceptions.NoPermissionError) or "NOPERM" in str(exc):
         named = " and ".join(roles)
+        at = f" at {redact(url)}" if url else ""
         return ConfigError(
-            f"Redis at {redact(url)} refused the user of SUPERSEDE_REDIS_URL a command or key "
+            f"Redis{at} refused the user of SUPERSEDE_REDIS_URL a command or key "
             f"({exc}); it needs the rights of the {named} role{'s' if len(roles) > 1 else ''}: "
             f"`supersede acl --role {roles[0]}` prints them, with --apply (as an admin) it "
             "sets them"
         )
     if isinstance(exc, redis_sync.exceptions.AskError):  # (MOVED is one)
+        at = f" at {redact(url)}" if url else ""
         return ConfigError(
-            f"Redis at {redact(url)} is a node of a cluster ({exc}); write SUPERSEDE_REDIS_URL "
+            f"Redis{at} is a node of a cluster ({exc}); write SUPERSEDE_REDIS_URL "
             "with redis+cluster:// (rediss+cluster:// for TLS)"
         )
     return None

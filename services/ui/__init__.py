@@ -20,8 +20,10 @@ from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web  # the `ui` extra (the CLI says so when it is missing)
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from supersede import codec
+from supersede.config import refusal
 from supersede.errors import ConfigError
 from supersede.keys import Keys
 from supersede.model import group_id, shard_of_group, shard_of_run
@@ -281,6 +283,13 @@ def _guard(hosts: frozenset[str] | None) -> Any:
             raise
         except (ValueError, LookupError) as exc:  # a parameter the page could not use
             resp = web.Response(text=f"bad request: {exc}", status=400)
+        except RedisError as exc:  # (the reader user asked to cancel, say: what it needs)
+            roles = ("operator",) if request.method == "POST" else ("reader",)
+            refused = refusal(exc, "", roles)
+            if refused is None:
+                raise
+            log.warning("ui request refused by Redis", extra={"error": str(refused)})
+            resp = web.Response(text=str(refused), status=403)
         except Exception:
             log.exception("ui request failed", extra={"path": request.path})
             resp = web.Response(text="internal error (the UI's log has it)", status=500)
