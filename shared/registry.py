@@ -8,6 +8,7 @@ counter (`registry_epoch`) that every effective registration increments.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 from collections.abc import Sequence
@@ -152,6 +153,8 @@ def parse(body: Any, *, strict: bool = True) -> WorkflowDef:
     evaluation of expressions), so an older executor's definition keeps being served."""
     if not isinstance(body, dict):
         raise DefinitionError("definition", "must be an object")
+    if strict:  # (read back: a newer executor's field is left to it)
+        _known_fields(body, TOP_FIELDS, "")
     wid = _name(body.get("id"), "id", strict)
     events = body.get("events")
     if not isinstance(events, list | tuple) or not events:
@@ -169,11 +172,30 @@ def parse(body: Any, *, strict: bool = True) -> WorkflowDef:
     return WorkflowDef(wid, names, spec, steps, max_attempts, version, retention).with_version()
 
 
+TOP_FIELDS = ("id", "version", "events", "concurrency", "steps", "max_attempts", "retention")
+CONCURRENCY_FIELDS = (
+    "expression", "max_runs", "limit_strategy", "strict", "scope", "debounce_ms", "max_wait_ms"
+)  # fmt: skip
+STEP_FIELDS = ("name", "parents", "timeout", "retries")
+
+
+def _known_fields(body: dict[Any, Any], known: Sequence[str], prefix: str) -> None:
+    """Refuse a field a definition does not have (a misspelt one would be ignored: a
+    `strategy` left the limit strategy at its default, which cancels runs)."""
+    for name in body:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
+            raise DefinitionError(f"{prefix}{name}", f"is not a field of a definition{hint}")
+
+
 def _parse_concurrency(conc: Any, strict: bool = True) -> ConcurrencySpec | None:
     if conc is None:
         return None
     if not isinstance(conc, dict):
         raise DefinitionError("concurrency", "must be an object or null")
+    if strict:
+        _known_fields(conc, CONCURRENCY_FIELDS, "concurrency.")
     expression = conc.get("expression")
     if not isinstance(expression, str):
         raise DefinitionError("concurrency.expression", "must be a CEL expression string")
@@ -192,9 +214,9 @@ def _parse_concurrency(conc: Any, strict: bool = True) -> ConcurrencySpec | None
             "concurrency.limit_strategy",
             f"must be one of {[s.value for s in Strategy]}, got {raw_strategy!r}",
         ) from None
-    strict = conc.get("strict", False)
-    if not isinstance(strict, bool):
-        raise DefinitionError("concurrency.strict", f"must be a boolean, got {strict!r}")
+    overlap_strict = conc.get("strict", False)  # (the limit's strict mode, not this parse's)
+    if not isinstance(overlap_strict, bool):
+        raise DefinitionError("concurrency.strict", f"must be a boolean, got {overlap_strict!r}")
     scope = conc.get("scope")
     if scope is not None:
         scope = _name(scope, "concurrency.scope", strict)
@@ -206,7 +228,9 @@ def _parse_concurrency(conc: Any, strict: bool = True) -> ConcurrencySpec | None
         raise DefinitionError(
             "concurrency.max_wait_ms", f"must be at least debounce_ms ({debounce}), or 0"
         )
-    spec = ConcurrencySpec(expression, max_runs, strategy, strict, scope, debounce, max_wait)
+    spec = ConcurrencySpec(
+        expression, max_runs, strategy, overlap_strict, scope, debounce, max_wait
+    )
     return spec
 
 
@@ -218,6 +242,8 @@ def _parse_steps(raw: Any, strict: bool = True) -> tuple[StepDef, ...]:
     for i, s in enumerate(raw):
         if not isinstance(s, dict):
             raise DefinitionError(f"steps[{i}]", "must be an object")
+        if strict:
+            _known_fields(s, STEP_FIELDS, f"steps[{i}].")
         name = _name(s.get("name"), f"steps[{i}].name", strict)
         if name in seen:
             raise DefinitionError(f"steps[{i}].name", f"duplicate step name {name!r}")

@@ -53,13 +53,29 @@ from tests.support import workflow_body as definition
         ({"concurrency": {"expression": "input.u", "max_runs": "'a'"}}, "concurrency.max_runs"),
         ({"id": "rt\nnl"}, "id"),
         ({"events": ["ok", "bell\x07"]}, "events[1]"),
+        # a field a definition does not have (a misspelt one was ignored: `strategy` left the
+        # default CANCEL_IN_PROGRESS, which cancels runs); a scope with a control character
+        # under a non-strict limit (the limit's `strict` stood in for the parse's)
+        ({"concurrency": {"expression": "input.u", "strategy": "GROUP_ROUND_ROBIN"}},
+         "concurrency.strategy"),
+        ({"evnts": ["a"]}, "evnts"),
+        ({"steps": [{"name": "a", "timout": 5}]}, "steps[0].timout"),
+        ({"concurrency": {"expression": "input.u", "scope": "a\x01b"}}, "concurrency.scope"),
     ],
-)
+)  # fmt: skip
 def test_a_bad_definition_names_the_field(overrides: dict[str, Any], field: str) -> None:
     with pytest.raises(DefinitionError) as info:
         parse(definition(**overrides))
     assert info.value.field == field
     assert str(info.value).startswith(f"{field}: ")
+
+
+def test_a_misspelt_field_names_the_one_meant_and_read_back_is_left_to_newer_builds() -> None:
+    body = definition(concurrency={"expression": "input.u", "strategy": "GROUP_ROUND_ROBIN"})
+    with pytest.raises(DefinitionError, match="did you mean 'limit_strategy'"):
+        parse(body)
+    # a definition read back from the registry may carry a newer build's field
+    assert parse({**definition(), "priority": 3}, strict=False).id == definition()["id"]
 
 
 def test_a_change_gives_a_new_version() -> None:
