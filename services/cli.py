@@ -320,7 +320,9 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
             ops.warn(f"supersede: {exc}")
             return 1
         except RedisError as exc:  # (a right the user lacks, a cluster down, a timeout)
-            writes = args.command in ("publish", "cancel") or getattr(args, "replay", None)
+            writes = args.command in ("publish", "cancel", "retire") or getattr(
+                args, "replay", None
+            )
             refused = refusal(exc, settings.redis_url, ("operator" if writes else "reader",))
             if refused is not None:
                 print(f"supersede: {refused}", file=sys.stderr)
@@ -634,6 +636,17 @@ def build_parser() -> argparse.ArgumentParser:
     can.add_argument("--workflow", help="with --key: cancel every live run of that key")
     can.add_argument("--key", help="the key value whose live runs to cancel")
     ops_parser("status", "runs per workflow and state, stream lags, live executors")
+    retire = ops_parser(
+        "retire",
+        "retire a workflow no executor serves any more: remove it from the registry, cancel its "
+        "live runs, delete its assignment streams",
+    )
+    retire.add_argument("workflow", help="the workflow id")
+    retire.add_argument(
+        "--force",
+        action="store_true",
+        help="even while live executors serve it (each registers it again within a second)",
+    )
     dead = ops_parser("dead", "list dead letters, or replay one to the inbox")
     dead.add_argument(
         "--replay",

@@ -593,9 +593,17 @@ async def status(redis: Redis, keys: Keys, live_idle_ms: int = 5000) -> dict[str
                 idle[name] = min(idle.get(name, 1 << 62), int(c.get("idle", 1 << 62)))
     for name, counter in totals.items():
         lags[name] = {"pending": counter["pending"], "lag": counter["lag"]}
+    served = await redis.hgetall(keys.workflows_served_hash)
+    now_ms = int(time.time() * 1000)
+    served_ago = {_text(w): max(0, now_ms - int(ms)) for w, ms in served.items()}
     return {
         "workflows": {
-            w: {"runs": dict(per_workflow[w]), **_definition_summary(defs.get(w))}
+            w: {
+                "runs": dict(per_workflow[w]),
+                **_definition_summary(defs.get(w)),
+                # ms since an executor serving it said so (each second), None: none ever did
+                "served_ms_ago": served_ago.get(w),
+            }
             for w in sorted(per_workflow)
         },
         "invalid_workflows": invalid,
@@ -842,6 +850,51 @@ async def _cancel(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     raise ValueError("cancel needs ID, or --workflow and --key")
 
 
+RETIRE_SETTLE_S = 3.0  # ingress reloads its routes within --refresh-interval (0.25 s) of a change
+SERVED_WINDOW_MS = 15_000  # an executor says it serves its workflows every second (its clock)
+
+
+async def retire(redis: Redis, keys: Keys, workflow: str, *, force: bool = False) -> dict[str, Any]:
+    """Retire `workflow`: remove it from the registry (ingress then routes its events
+    nowhere), cancel its live runs (those ingress routed meanwhile too), and delete its
+    assignment streams, which nothing trims once it is not registered. Refused while an
+    executor serves it (said so within SERVED_WINDOW_MS; `force` overrides): it would register
+    it again within a second."""
+    scripts = Scripts(redis, keys)
+    ago = await scripts.retire_workflow(workflow, 0 if force else SERVED_WINDOW_MS)
+    if ago is not None:
+        raise ValueError(
+            f"workflow {workflow!r} is served by a live executor (one said so {ago / 1000:.1f} s "
+            "ago): remove it from the executors' module and restart them first (an executor "
+            f"registers its workflows again within a second), then retire it "
+            f"{SERVED_WINDOW_MS // 1000} s later; or pass --force"
+        )
+    settled = time.monotonic() + RETIRE_SETTLE_S
+    cancelled = 0
+
+    def live(run: RunRecord) -> bool:  # (a CANCELLING run waits for its executor)
+        return run.workflow == workflow and run.state.value in LIVE - {RunState.CANCELLING.value}
+
+    while True:  # (a cancel may start the group's next queued run: it is cancelled next)
+        runs = await _live(redis, keys, live, 1 << 62)
+        for i in range(0, len(runs), 1000):
+            flags = await cancel_runs(scripts, [r.id for r in runs[i : i + 1000]])
+            cancelled += sum(flags.values())
+        if not runs and time.monotonic() >= settled:
+            break
+        if not runs:
+            await asyncio.sleep(0.25)
+    async with redis.pipeline(transaction=False) as pipe:
+        for sk in keys.all_shards():
+            pipe.unlink(sk.assignments_stream(workflow))
+        await pipe.execute()
+    return {"retired": workflow, "cancelled": cancelled}
+
+
+async def _retire(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
+    return await retire(redis, keys, args.workflow, force=args.force)
+
+
 async def _status(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     return await status(redis, keys)
 
@@ -859,4 +912,5 @@ COMMANDS: dict[str, Callable[[Redis, Keys, argparse.Namespace], Awaitable[Any]]]
     "cancel": _cancel,
     "status": _status,
     "dead": _dead,
+    "retire": _retire,
 }

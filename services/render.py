@@ -177,6 +177,9 @@ def run(r: dict[str, Any]) -> str:
 STATES = ["QUEUED", "ASSIGNED", "RUNNING", "CANCELLING", "SUCCEEDED", "FAILED", "CANCELLED"]
 
 
+SERVED_NOW_MS = 5000  # an executor says it serves its workflows every second
+
+
 def status(s: dict[str, Any]) -> str:
     out = []
     body = []
@@ -187,9 +190,11 @@ def status(s: dict[str, Any]) -> str:
         else:
             limit = "none" if w.get("registered") else "(not registered)"
         counts = ", ".join(f"{w['runs'][st]} {st.lower()}" for st in STATES if w["runs"].get(st))
-        body.append([name, w.get("events"), limit, counts or "no runs"])
-    heads = ["workflow", "events", "limit", "runs"]
-    out.append(table(body, heads, wrap=3, keep=(0,)) if body else "(no workflows registered)")
+        ms = w.get("served_ms_ago")
+        served = "never" if ms is None else ("now" if ms < SERVED_NOW_MS else ago(ms))
+        body.append([name, w.get("events"), limit, served, counts or "no runs"])
+    heads = ["workflow", "events", "limit", "served", "runs"]
+    out.append(table(body, heads, wrap=4, keep=(0,)) if body else "(no workflows registered)")
     for name, error in (s.get("invalid_workflows") or {}).items():
         out.append(f"invalid stored workflow {name}: {error}")
     streams = s.get("streams", {})
@@ -247,6 +252,13 @@ def replayed(result: dict[str, Any]) -> str:
     return f"dead letter {result['replayed']} published again as inbox entry {result['entry']}"
 
 
+def retired(result: dict[str, Any]) -> str:
+    return (
+        f"workflow {result['retired']} retired: its events make no run; "
+        f"{result['cancelled']} live runs cancelled, its assignment streams deleted"
+    )
+
+
 def render(command: str, result: Any, replay: bool = False) -> str:
     if command == "runs":
         return runs(result)
@@ -260,4 +272,6 @@ def render(command: str, result: Any, replay: bool = False) -> str:
         return publish(result)
     if command == "cancel":
         return cancel(result)
+    if command == "retire":
+        return retired(result)
     return orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()

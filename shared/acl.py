@@ -138,8 +138,14 @@ ROLES: tuple[Role, ...] = (
     ),
     Role(
         "operator",
-        "the CLI: everything `reader` does, plus publish, cancel and dead-letter replay",
-        (*_BASE, *_READ, *_REGISTRY, *_STATE_SCRIPTS, *_words("evalsha script|load xadd xdel")),
+        "the CLI: everything `reader` does, plus publish, cancel, dead-letter replay and retire",
+        (
+            *_BASE,
+            *_READ,
+            *_REGISTRY,
+            *_STATE_SCRIPTS,
+            *_words("evalsha script|load xadd xdel unlink"),  # (unlink: retire's streams)
+        ),
         ("~@:*", "~{@}:*", "~{@:*}:*"),
     ),
     Role(

@@ -229,6 +229,12 @@ class Keys:
         return f"{{{self.namespace}}}:workflows:retention"
 
     @property
+    def workflows_served_hash(self) -> str:
+        """workflow id -> when (ms, the executor's clock) an executor serving it last said so:
+        every second, while it runs. ``retire`` refuses a workflow served recently."""
+        return f"{{{self.namespace}}}:workflows:served"
+
+    @property
     def registry_epoch(self) -> str:
         """Counter (string) bumped by every registration that changed a definition."""
         return f"{{{self.namespace}}}:workflows:epoch"

@@ -37,6 +37,7 @@ SCRIPT_NAMES = (
     "cancel",
     "append_requests",
     "register_workflow",
+    "retire_workflow",
     "claim_ids",
     "fire_debounced",
     "forget_consumers",
@@ -535,6 +536,17 @@ class Scripts:
             args += (digest, entry_id)
         r = await self._call("claim_ids", [sk.ids_hash, sk.ids_at_zset], args)
         return [int(x) == 1 for x in r[1:]]
+
+    async def retire_workflow(self, workflow: str, served_window_ms: int) -> int | None:
+        """Remove `workflow`'s definition from the registry (bumping the epoch), unless an
+        executor said it serves it within `served_window_ms` (0: remove anyway): None when
+        removed, else how long ago it was served (ms). LookupError when it is not
+        registered."""
+        keys = [self.keys.workflows_hash, self.keys.registry_epoch, self.keys.workflows_served_hash]
+        r = await self._call("retire_workflow", keys, [workflow, served_window_ms])
+        if int(r[1]) == 0:
+            raise LookupError(f"no workflow {workflow!r} is registered")
+        return int(r[2]) if int(r[1]) == -1 else None
 
     async def register_workflows(
         self, definitions: Sequence[tuple[str, str, bytes, int | None]]

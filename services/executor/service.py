@@ -107,14 +107,18 @@ class Executor(Service):
         return [(REGISTRY_CHECK_EVERY, self.keep_registered)]
 
     async def keep_registered(self) -> None:
-        """Register again this process's workflows that are gone from the registry (a server
-        that lost its data, restarted empty): until then ingress routes their events nowhere.
-        A workflow present, in whatever version (another pool's, a newer deploy's), is left
-        as it is."""
+        """Say that this process serves its workflows (`retire` refuses a workflow served
+        recently), and register again those gone from the registry (a server that lost its
+        data, restarted empty): until then ingress routes their events nowhere. A workflow
+        present, in whatever version (another pool's, a newer deploy's), is left as it is."""
+        ids = sorted(self.definitions)
+        now_ms = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:  # (one slot: the registry's)
+            pipe.hset(self.keys.workflows_served_hash, mapping=dict.fromkeys(ids, now_ms))
+            pipe.hmget(self.keys.workflows_hash, ids)
+            _, present = await pipe.execute()
         if time.monotonic() < self._register_again_at:
             return
-        ids = sorted(self.definitions)
-        present = await self.redis.hmget(self.keys.workflows_hash, ids)
         missing = [
             self.definitions[wid] for wid, body in zip(ids, present, strict=True) if not body
         ]

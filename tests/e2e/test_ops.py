@@ -98,6 +98,61 @@ async def test_runs_run_status_and_cancel_through_the_cli(
     assert (await acli(system, "run", new["id"]))["reason"] == "manual"
 
 
+async def test_retire_removes_a_workflow_no_executor_serves_with_its_runs_and_streams(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """A workflow no executor serves any more: its events made runs that stayed ASSIGNED for
+    good (record, lease, input, assignment entry each) and nothing removed it. `retire`
+    removes it from the registry, cancels those runs and deletes its streams; it refuses a
+    workflow live executors serve (they would register it again), and an unknown one."""
+    orphan = {"id": "orphan", "events": ["orphan.ev"],
+              "concurrency": {"expression": "input.k", "max_runs": 2,
+                              "limit_strategy": "GROUP_ROUND_ROBIN"}}  # fmt: skip
+    await register(redis, keys, orphan)
+    await system.pipeline(redis, keys, 1, expected_workflows=APP_WORKFLOWS + 1)
+    for i in range(30):
+        await redis.xadd(keys.events_stream, {"name": "orphan.ev", "data": f'{{"k": "k{i % 5}"}}'})
+
+    async def stuck() -> bool:
+        counts = (await acli(system, "status"))["workflows"]["orphan"]["runs"]
+        return bool(counts == {"ASSIGNED": 10, "QUEUED": 20})
+
+    await eventually(stuck, timeout=30)
+    status = (await acli(system, "status"))["workflows"]
+    assert (
+        status["orphan"]["served_ms_ago"] is None and status["chat-reply"]["served_ms_ago"] < 5000
+    )
+    refused = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "supersede", "retire", "chat-reply"],
+        env=system.env, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 1 and b"served by a live executor" in refused.stderr
+    unknown = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "supersede", "retire", "nope"],
+        env=system.env, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert unknown.returncode == 1 and b"no workflow 'nope'" in unknown.stderr
+    done = await acli(system, "retire", "orphan")
+    assert done == {"retired": "orphan", "cancelled": 30}
+    assert await redis.hget(keys.workflows_hash, "orphan") is None
+    assert await redis.hget(keys.workflows_hash, "chat-reply") is not None
+    for sk in keys.all_shards():
+        assert not await redis.exists(sk.assignments_stream("orphan"))
+    counts = (await acli(system, "status"))["workflows"]["orphan"]
+    assert counts["runs"] == {"CANCELLED": 30} and not counts.get("registered")
+    # its events make no run now; the other workflows run on
+    await redis.xadd(keys.events_stream, {"name": "orphan.ev", "data": '{"k": "late"}'})
+    assert len((await acli(system, "publish", "chat.message", '{"userId": "u9"}'))["runs"]) == 1
+
+    async def served() -> bool:
+        run = await acli(system, "runs", "--workflow", "chat-reply", "--key", "u9")
+        return [r["state"] for r in run] == ["SUCCEEDED"]
+
+    await eventually(served, timeout=30)
+    assert (await acli(system, "status"))["workflows"]["orphan"]["runs"] == {"CANCELLED": 30}
+    assert await acli(system, "runs", "--workflow", "orphan", "--key", "late") == []
+
+
 async def test_a_dead_letter_is_replayed_after_fixing_the_workflow(
     redis: Redis, keys: Keys, system: System
 ) -> None:

@@ -142,3 +142,34 @@ async def test_a_definition_stored_before_a_stricter_check_is_still_served(
     with pytest.raises(WorkflowRejected) as info:  # registering it now is refused
         await register(redis, keys, old)
     assert info.value.field in ("steps[0].timeout", "concurrency.expression")
+
+
+async def test_retiring_removes_the_definition_unless_an_executor_served_it_lately(
+    redis: Redis, keys: Keys
+) -> None:
+    """retire_workflow.lua: refused while an executor said it serves the workflow within the
+    window (by the server's clock), done otherwise or when forced: the definition and its
+    served mark go, the epoch moves (ingress reloads), its versions stay remembered."""
+    import time
+
+    from supersede.scripts import Scripts
+
+    scripts = Scripts(redis, keys)
+    await register(redis, keys, definition())
+    epoch, _, _ = await load_all(redis, keys)
+    now_ms = int(time.time() * 1000)
+    await redis.hset(keys.workflows_served_hash, "chat-reply", now_ms - 2000)
+    ago = await scripts.retire_workflow("chat-reply", 15_000)
+    assert ago is not None and 1000 <= ago < 15_000
+    assert await redis.hget(keys.workflows_hash, "chat-reply") is not None
+    await redis.hset(keys.workflows_served_hash, "chat-reply", now_ms - 60_000)
+    assert await scripts.retire_workflow("chat-reply", 15_000) is None
+    after, defs, _ = await load_all(redis, keys)
+    assert defs == {} and after == epoch + 1
+    assert await redis.hget(keys.workflows_served_hash, "chat-reply") is None
+    assert await redis.hget(keys.workflow_versions_hash, "chat-reply") is not None
+    with pytest.raises(LookupError, match="no workflow 'chat-reply'"):
+        await scripts.retire_workflow("chat-reply", 0)
+    await register(redis, keys, definition())
+    await redis.hset(keys.workflows_served_hash, "chat-reply", now_ms)
+    assert await scripts.retire_workflow("chat-reply", 0) is None  # (forced)
