@@ -71,6 +71,7 @@ def _ingress(args: argparse.Namespace, settings: Settings) -> None:
         dedup_window_ms=int(args.dedup_window * 1000),
         max_dedup_ids=args.max_dedup_ids,
         max_payload=args.max_payload,
+        max_dead_letters=args.max_dead_letters,
         trim_interval=args.trim_interval,
         forget_consumers_ms=_ms(args.forget_consumers_after),
     )
@@ -487,8 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-dead-letters",
         type=_CAP,
         default=100_000,
-        help="dead letters kept at most, the newest (each field cut to 4 KiB); bounds memory "
-        "under a flood of bad input (default 100000; 0: no cap)",
+        help="dead letters kept at most, the newest (each at most about 20 KiB: every field "
+        "cut to 4 KiB, all to 16 KiB); bounds memory under a flood of bad input (default "
+        "100000; 0: no cap)",
     )
     adm.add_argument(
         "--trim-interval",
@@ -536,6 +538,14 @@ def build_parser() -> argparse.ArgumentParser:
         "memory at any rate (default 1000000; 0: no cap)",
     )
     ing.add_argument("--max-payload", type=_COUNT, default=1 << 20, help="bytes per inbox entry")
+    ing.add_argument(
+        "--max-dead-letters",
+        type=_CAP,
+        default=100_000,
+        help="dead letters kept at about most, the newest, as ingress writes them (admission "
+        "caps them too, exactly, with its own flag); bounds memory under a flood of bad input "
+        "while admission is down (default 100000; 0: no cap)",
+    )
     ing.add_argument(
         "--trim-interval",
         type=_SECONDS,

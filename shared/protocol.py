@@ -117,7 +117,7 @@ class Dead:
     TRUNCATED = "truncated"  # names of the original fields cut to FIELD_MAX bytes, comma separated
 
     FIELD_MAX = 4096  # bytes of each original field a dead letter keeps
-    TOTAL_MAX = 65_536  # bytes of original fields a dead letter keeps in all
+    TOTAL_MAX = 16_384  # bytes of original fields a dead letter keeps in all
     ADDED = frozenset(f.encode() for f in (REASON, DETAIL, ENTRY, STREAM, WORKFLOW, TRUNCATED))
 
 

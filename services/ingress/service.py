@@ -74,6 +74,9 @@ class IngressConfig:
     max_dedup_ids: int = 1_000_000
     dedup_floor_ms: int = 300_000
     max_payload: int = 1 << 20
+    # the dead letters' stream is capped at about this many on each write (0: no cap), so a
+    # flood of bad input stays bounded while admission, which trims it too, is down
+    max_dead_letters: int = 100_000
 
 
 class BadEvent(Exception):
@@ -536,8 +539,9 @@ class Ingress(Service):
         # Without dead letters the acknowledgement alone needs no transaction.
         atomic = bool(batch.dead) and not isinstance(self.redis, RedisCluster)
         async with self.redis.pipeline(transaction=atomic) as pipe:
+            cap = self.config.max_dead_letters or None
             for body in batch.dead:
-                pipe.xadd(self.keys.dead_stream, body)
+                pipe.xadd(self.keys.dead_stream, body, maxlen=cap, approximate=True)
             pipe.xack(self.keys.events_stream, INGRESS_GROUP, *[e for e, _ in batch.entries])
             await pipe.execute()
         metrics.EVENTS.inc(len(batch.entries))

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from supersede.keys import Keys
+from supersede.registry import register
 from supersede.server import EmbeddedCluster
 from supersede.trim import trim_consumed, trim_older_than
 from tests.support import APP, System, eventually, records
@@ -84,7 +85,6 @@ async def test_a_backlog_larger_than_any_cap_survives_an_executor_outage(
     (With the old length cap set below the backlog, `--stream-maxlen 100`, runs were lost.)"""
     system.start("admission", "--block-ms", "100", "--trim-interval", "0.2")
     body = {"id": "work", "events": ["work.item"], "steps": [{"name": "x"}]}
-    from supersede.registry import register
 
     await register(redis, keys, body)
     system.start("ingress", "--block-ms", "100", "--trim-interval", "0.2")
@@ -166,7 +166,6 @@ async def test_the_consumers_of_gone_processes_are_forgotten_by_the_services(
     delete them once idle for --forget-consumers-after, and events still run.
     (Before, consumers were never deleted: each stream kept one per process that ever read.)"""
     from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, INGRESS_GROUP
-    from supersede.registry import register
     from supersede.streams import ensure_group
 
     await register(redis, keys, {"id": "work", "events": ["work.item"], "steps": [{"name": "x"}]})
@@ -216,3 +215,27 @@ async def test_dead_letters_are_capped_at_the_newest(
 
     await eventually(capped, timeout=30)
     assert [e[0] for e in await redis.xrange(keys.dead_stream)] == ids[-10:]
+
+
+async def test_ingress_caps_the_dead_letters_it_writes_while_admission_is_down(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """A flood of bad input while admission (which trims the dead letters) is down: ingress
+    writes them with MAXLEN ~ its --max-dead-letters, so they stay about that many (3,000
+    kept before, every one until admission came back)."""
+    await register(redis, keys, {"id": "w", "events": ["w.ev"]})  # (the inbox waits without)
+    system.start("ingress", "--block-ms", "100", "--max-dead-letters", "100")
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(3000):
+            pipe.xadd(keys.events_stream, {"name": "w.ev", "data": f"not json {i}"})
+        await pipe.execute()
+
+    async def handled() -> bool:
+        groups = await redis.xinfo_groups(keys.events_stream)
+        return bool(groups) and groups[0]["pending"] == 0 and groups[0]["lag"] == 0
+
+    await eventually(handled, timeout=60)
+    kept = int(await redis.xlen(keys.dead_stream))
+    assert 100 <= kept <= 300, kept  # (about: whole nodes of 100 entries are trimmed)
+    newest = await redis.xrevrange(keys.dead_stream, count=1)
+    assert newest[0][1][b"data"] == b"not json 2999"
