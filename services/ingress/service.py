@@ -301,11 +301,26 @@ class Ingress(Service):
     async def trim(self) -> None:
         """Trim the inbox below what the ingress group acknowledged (see supersede.trim): the
         inbox's own consumers trim it, so no other role needs a right on it. Every ingress
-        process does; the cut is the same whoever computes it. Now and then, also forget the
-        consumers of gone ingress processes in the inbox's group."""
+        process does; the cut is the same whoever computes it. Also forget explicit event ids
+        past their window, and now and then the consumers of gone ingress processes in the
+        inbox's group."""
         removed = await trim_consumed(self.redis, [self.keys.events_stream])
         if removed:
             metrics.TRIMMED.inc(sum(removed.values()))
+        # Explicit event ids past the window are forgotten by the next claim on their shard:
+        # with no event carrying an id any more, by this one (a claim of none), 1,000 a shard.
+        await aio.gather(
+            *(
+                self.scripts.claim_ids(
+                    s,
+                    [],
+                    window_ms=self.config.dedup_window_ms,
+                    max_ids=self.keys.share(self.config.max_dedup_ids),
+                    floor_ms=self.config.dedup_floor_ms,
+                )
+                for s in range(self.keys.shards)
+            )
+        )
         await self.forget_gone_consumers(
             self.groups(), self.config.forget_consumers_ms, metrics.FORGOTTEN_CONSUMERS
         )

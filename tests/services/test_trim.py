@@ -239,3 +239,26 @@ async def test_ingress_caps_the_dead_letters_it_writes_while_admission_is_down(
     assert 100 <= kept <= 300, kept  # (about: whole nodes of 100 entries are trimmed)
     newest = await redis.xrevrange(keys.dead_stream, count=1)
     assert newest[0][1][b"data"] == b"not json 2999"
+
+
+async def test_explicit_event_ids_past_the_window_are_forgotten_with_no_traffic(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Ids are forgotten by the next claim on their shard: once no event carries an id any
+    more, the last window's ids stayed for good. Ingress's trim forgets them too."""
+    from supersede.scripts import Scripts
+
+    scripts = Scripts(redis, keys)
+    old_ms = int(time.time() * 1000) - 60_000
+    for shard in range(keys.shards):
+        pairs = [(f"d{shard}-{i}", f"1-{i}") for i in range(50)]
+        await scripts.claim_ids(shard, pairs, window_ms=86_400_000, now=old_ms)
+    await register(redis, keys, {"id": "w", "events": ["w.ev"]})
+    system.start("ingress", "--block-ms", "100", "--dedup-window", "10", "--trim-interval", "0.2")
+
+    async def forgotten() -> bool:
+        sizes = [await redis.hlen(sk.ids_hash) + await redis.zcard(sk.ids_at_zset)
+                 for sk in keys.all_shards()]  # fmt: skip
+        return sum(sizes) == 0
+
+    await eventually(forgotten, timeout=30)
