@@ -453,8 +453,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--ui-port", type=_ui_port, default=8686)
     args = parser.parse_args(argv)
-    for spec in args.module:  # a bad module is one line before anything starts
-        load_workflows(spec)
     server = None
     env = dict(os.environ)
     if "SUPERSEDE_REDIS_URL" not in env:
@@ -478,6 +476,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     code = 1
     try:
+        # A bad module is one line before any service starts; it is imported with the URL its
+        # executor will have, since a module may read it at import (the README's fencing one).
+        os.environ["SUPERSEDE_REDIS_URL"] = settings.redis_url
+        for spec in args.module:
+            load_workflows(spec)
         asyncio.run(_reachable(settings.redis_url))  # (one line, before any service starts)
         code = asyncio.run(
             run(

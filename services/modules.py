@@ -61,7 +61,14 @@ def import_module(spec: str) -> Any:
     except Exception as exc:
         frames = traceback.extract_tb(exc.__traceback__)
         mine = [f for f in frames if "importlib" not in f.filename] or frames
-        frame = next((f for f in reversed(mine) if "site-packages" not in f.filename), mine[-1])
+        frame = next(
+            (
+                f
+                for f in reversed(mine)
+                if "site-packages" not in f.filename and not f.filename.startswith("<")
+            ),
+            mine[-1],
+        )  # fmt: skip (the user's line: not a library's, nor a frozen module's as `os`)
         raise ConfigError(
             f"{frame.filename}:{frame.lineno}: workflow module {spec!r} failed to import: "
             f"{type(exc).__name__}: {exc}"

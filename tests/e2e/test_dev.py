@@ -230,3 +230,28 @@ def test_dev_runs_several_modules_of_your_own_instead_of_the_demo(tmp_path: Path
     assert (
         "publish:  supersede publish a.happened '{}'   (with the fields your handlers read)" in out
     )
+
+
+def test_dev_serves_a_module_that_reads_the_server_url_at_import(tmp_path: Path) -> None:
+    """The README's fencing block reads SUPERSEDE_REDIS_URL when it is imported: `dev` on its
+    embedded server imported the module before the server existed (KeyError, exit 2, the
+    error placed in `<frozen os>`). A module that fails at import is named at its own line."""
+    from tests.e2e.test_first_hour import readme_block
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    (tmp_path / "fenced.py").write_text(readme_block("fencing"))
+    done = subprocess.run(
+        [sys.executable, "-m", "supersede", "dev", "--module", str(tmp_path / "fenced.py"),
+         "--duration", "1", "--no-demo-events", "--ui-port", "0"],
+        env=env, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    (tmp_path / "broken.py").write_text('import os\n\nTOKEN = os.environ["NO_SUCH_SETTING"]\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "supersede", "dev", "--module", str(tmp_path / "broken.py"),
+         "--duration", "1", "--ui-port", "0"],
+        env=env, capture_output=True, timeout=120,
+    )  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 2 and f"{tmp_path / 'broken.py'}:3: " in err, err
+    assert "NO_SUCH_SETTING" in err and "Traceback" not in err
