@@ -317,7 +317,10 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
         except ConfigError as exc:
             print(f"supersede: {exc}", file=sys.stderr)
             return 2
-        except (LookupError, ValueError, TimeoutError, SupersedeError) as exc:
+        except ValueError as exc:  # a bad argument (JSON, an id...), as argparse's: 2
+            ops.warn(f"supersede: {exc}")
+            return 2
+        except (LookupError, TimeoutError, SupersedeError) as exc:
             ops.warn(f"supersede: {exc}")
             return 1
         except RedisError as exc:  # (a right the user lacks, a cluster down, a timeout)

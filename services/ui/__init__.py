@@ -48,29 +48,29 @@ SUPERSEDED_WINDOW_MS = 60_000
 _CURSOR = re.compile(r"(\d{1,19})-(\d{1,19})(/\d{1,9})?")
 
 
-def _cursor(text: str | None) -> str | None:
+def _cursor(text: str | None, param: str = "before") -> str | None:
     """A page cursor from a query, checked: `<ms>-<seq>[/<n>]`, a stream id above 0-0."""
     if text is None:
         return None
     m = _CURSOR.fullmatch(text)
     if m is None or int(m[1]) == int(m[2]) == 0:  # (19 digits stay below 2**64)
-        raise web.HTTPBadRequest(text=f"not a cursor: {text!r}")
+        raise web.HTTPBadRequest(text=f"{param}: not a cursor: {text!r}")
     return text
 
 
-def _int(text: str | None, default: int, lo: int, hi: int) -> int:
+def _int(text: str | None, default: int, lo: int, hi: int, param: str) -> int:
     try:
         return max(lo, min(int(text or default), hi))
     except ValueError:
-        raise web.HTTPBadRequest(text=f"not a number: {text!r}") from None
+        raise web.HTTPBadRequest(text=f"{param}: not a number: {text!r}") from None
 
 
-def _ms_of(text: str) -> int:
+def _ms_of(text: str, param: str = "ended_before") -> int:
     """Epoch ms of an ISO date and time ("2026-12-03T12:15", as UTC)."""
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
-        raise web.HTTPBadRequest(text=f"not a date and time: {text!r}") from None
+        raise web.HTTPBadRequest(text=f"{param}: not a date and time: {text!r}") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(1, int(when.timestamp() * 1000))
@@ -131,12 +131,12 @@ class UI:
             "workflow": request.query.get("workflow") or None,
             "key": request.query.get("key") or None,
             "state": request.query.get("state") or None,
-            "limit": _int(request.query.get("limit"), 50, 1, 1000),
+            "limit": _int(request.query.get("limit"), 50, 1, 1000, "limit"),
             "before": request.query.get("before") or None,
             "ended_before": request.query.get("ended_before") or None,
         }
         if f["state"] and f["state"].upper() not in RunState.__members__:
-            raise web.HTTPBadRequest(text=f"no state {f['state']!r}")
+            raise web.HTTPBadRequest(text=f"state: no state {f['state']!r}")
         before = f["before"]
         if before is None and f["ended_before"]:  # a time (the form's local time, as UTC)
             before = f"{_ms_of(f['ended_before'])}-0"

@@ -126,7 +126,7 @@ async def test_retire_removes_a_workflow_no_executor_serves_with_its_runs_and_st
         subprocess.run, [sys.executable, "-m", "supersede", "retire", "chat-reply"],
         env=system.env, capture_output=True, timeout=60,
     )  # fmt: skip
-    assert refused.returncode == 1 and b"served by a live executor" in refused.stderr
+    assert refused.returncode == 2 and b"served by a live executor" in refused.stderr
     unknown = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "supersede", "retire", "nope"],
         env=system.env, capture_output=True, timeout=60,
@@ -277,13 +277,14 @@ def test_publish_and_replay_refuse_ids_that_cannot_be(system: System) -> None:
         done = subprocess.run([sys.executable, "-m", "supersede", "publish", "ev.a", "{}", "--id",
                                bad], env=system.env, capture_output=True, timeout=30)  # fmt: skip
         err = done.stderr.decode()
-        assert done.returncode == 1 and "Traceback" not in err, err  # (a bad argument: 1)
+        # (a bad argument: 2, as argparse's; 1 was also a --wait timeout's)
+        assert done.returncode == 2 and "Traceback" not in err, err
         assert "id must be 1..1024 bytes" in err.strip().splitlines()[-1]
     # and a dead letter id that cannot be one is one line too, not Redis's traceback
     done = subprocess.run([sys.executable, "-m", "supersede", "dead", "--replay", "garbage"],
                           env=system.env, capture_output=True, timeout=30)  # fmt: skip
     err = done.stderr.decode()
-    assert done.returncode == 1 and "Traceback" not in err and "garbage" in err, err
+    assert done.returncode == 2 and "Traceback" not in err and "garbage" in err, err
 
 
 async def test_the_cli_refuses_another_shard_count_an_unknown_run_and_a_closed_pipe_quietly(

@@ -307,6 +307,9 @@ async def test_the_ui_is_read_only_unless_allowed_and_actions_need_the_csrf_toke
     for path, want in bad:
         status, text = await asyncio.to_thread(get, rw + path)
         assert status == want, (path, status, text[-300:])
+        if want == 400 and "?" in path and not path.startswith("/key"):  # it names the parameter
+            param = path.split("?", 1)[1].split("=", 1)[0]
+            assert text.startswith(f"{param}: "), (path, text)
     # behind a TLS proxy on 443 that forwards `ui.example` (or `ui.example:443`): the pages
     # and the actions (the browser's Origin is https://ui.example)
     _, proxied = start_ui(system, "--allow-actions", "--allow-host", "ui.example")
