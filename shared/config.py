@@ -182,6 +182,16 @@ async def check_shard_count(redis: Redis, keys: Keys, *, created: bool = True) -
         )
 
 
+def _no_password(url: str) -> str:
+    """A hint for a server that wants credentials from a URL with none."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return ""
+    named = parts.password or any(k.lower() in SECRET_PARAMS for k, _ in parse_qsl(parts.query))
+    return "" if named else " (it names no password: redis://user:password@host:port/db)"
+
+
 async def check_server(redis: Redis, url: str) -> None:
     """One PING before a process starts its work: an unreachable server, refused credentials
     or a failed TLS handshake become a ConfigError of one line that names the setting (later
@@ -191,13 +201,13 @@ async def check_server(redis: Redis, url: str) -> None:
     except redis_sync.AuthenticationError as exc:
         raise ConfigError(
             f"Redis at {redact(url)} refused the credentials ({exc}); check the user and "
-            "password in SUPERSEDE_REDIS_URL"
+            f"password in SUPERSEDE_REDIS_URL{_no_password(url)}"
         ) from None
     except redis_sync.ResponseError as exc:
         if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc) or "NOPERM" in str(exc):
             raise ConfigError(
                 f"Redis at {redact(url)} refused the connection ({exc}); check the user and "
-                "password in SUPERSEDE_REDIS_URL"
+                f"password in SUPERSEDE_REDIS_URL{_no_password(url)}"
             ) from None
         raise ConfigError(
             f"Redis at {redact(url)} refused the connection ({exc}); check SUPERSEDE_REDIS_URL "

@@ -335,6 +335,8 @@ def test_every_help_shows_defaults_and_environment(command: str) -> None:
     assert "SUPERSEDE_REDIS_URL" in text and "SUPERSEDE_NAMESPACE" in text
     if command in ("runs", "executor", "admission", "publish"):
         assert "(default: " in text
+    if command == "dev":  # (it said the default server was 6379, and named no SERVER_BIN)
+        assert "SUPERSEDE_SERVER_BIN" in text and "6379" not in text
 
 
 def test_a_broken_workflow_module_is_one_line_with_file_and_line(tmp_path: Path) -> None:

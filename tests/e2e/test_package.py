@@ -62,7 +62,7 @@ def test_the_wheel_adds_only_supersede_and_runs_an_app_with_its_own_shared_packa
     src, dist = tmp_path / "src", tmp_path / "dist"
     for name in ("shared", "services", "lua"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src / name)
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(src)],
@@ -79,6 +79,7 @@ def test_the_wheel_adds_only_supersede_and_runs_an_app_with_its_own_shared_packa
     assert tops == {"supersede"}
     assert "supersede/lua/admit.lua" in names and "supersede/lua/includes/runs.lua" in names
     assert "supersede/py.typed" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)  # (MIT, said and shipped)
     assert "supersede/services/ui/static/ui.css" in names  # (the dashboard's data files)
 
     venv = tmp_path / "venv"

@@ -118,6 +118,8 @@ def test_start_up_failures_are_one_line_naming_the_setting(protected: str) -> No
         f"redis://127.0.0.1:{free_port()}/0": "cannot reach Redis",
         "127.0.0.1:6379": "must start with one of redis://",
         wrong: "refused",
+        # (no password at all: said so, beside Redis's words about HELLO)
+        protected.replace(f":{SECRET}@", ""): "names no password",
         # (a database the server does not have, TLS to a server without it, a cluster URL for
         # one server, a port that is not a number: each was a traceback)
         protected.rsplit("/", 1)[0] + "/99": "refused",
