@@ -196,11 +196,11 @@ def _acl(args: argparse.Namespace, settings: Settings) -> None:
         return
     passwords = acl.passwords_from_env(roles)
 
-    async def main() -> list[str]:
+    async def main() -> tuple[list[str], list[str], list[str]]:
         redis = connect(settings.redis_url)
         try:
             await check_server(redis, settings.redis_url)
-            return await acl.apply(redis, ns, passwords)
+            return await acl.apply(redis, ns, passwords, settings.redis_url)
         except NoPermissionError as exc:
             raise ConfigError(
                 f"Redis at {redact(settings.redis_url)} refused to create the users ({exc}): "
@@ -210,8 +210,15 @@ def _acl(args: argparse.Namespace, settings: Settings) -> None:
         finally:
             await redis.aclose()
 
-    for user in asyncio.run(main()):
-        print(f"user {user} set")
+    users, nodes, missed = asyncio.run(main())
+    where = f" on {len(nodes)} nodes ({', '.join(nodes)})" if nodes else ""
+    for user in users:
+        print(f"user {user} set{where}")
+    if missed:  # (ACL users are per node: a failover to one of these would refuse the services)
+        print(f"supersede: the users were not set on {', '.join(missed)} (failing, loading or "
+              "unreachable): run `supersede acl --apply` again once they are back",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(1)
 
 
 def _dev(args: argparse.Namespace, settings: Settings) -> None:

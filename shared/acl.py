@@ -14,7 +14,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from supersede.config import cluster_seed, connect
 from supersede.errors import ConfigError
 
 
@@ -208,43 +214,72 @@ def passwords_from_env(roles: Sequence[str], env: dict[str, str] | None = None) 
     return {r: env[password_env(r)] for r in roles}
 
 
-async def apply(redis: Any, namespace: str, passwords: dict[str, str]) -> list[str]:
-    """Create (or reset) the user of each role in `passwords` on every node; returns the names."""
+async def apply(
+    redis: Any, namespace: str, passwords: dict[str, str], url: str
+) -> tuple[list[str], list[str], list[str]]:
+    """Create (or reset) the user of each role in `passwords` on one server, or on every node a
+    cluster's CLUSTER NODES lists, replicas included (ACL users are per node, and a replica
+    becomes the master in a failover); each node is reached at its address with `url`'s
+    credentials and options. Returns (user names, nodes set, nodes missed: failing or not
+    reachable, to apply again once they are back)."""
     from redis.asyncio.cluster import RedisCluster
+
+    if not isinstance(redis, RedisCluster):
+        await _setusers(redis, namespace, passwords)
+        await _save(redis)
+        return [user_name(namespace, r) for r in passwords], [], []
+    listing = await redis.execute_command("CLUSTER NODES", target_nodes=redis.get_random_node())
+    done, missed = [], []
+    for address, info in sorted(listing.items()):
+        flags = set(str(info.get("flags", "")).split(","))
+        if flags & {"fail", "fail?", "noaddr", "handshake"} or not info.get("connected", True):
+            missed.append(address)
+            continue
+        node = connect(_node_url(url, address))
+        try:
+            await _setusers(node, namespace, passwords)
+            await _save(node)
+            done.append(address)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            missed.append(f"{address} ({type(exc).__name__})")
+        except RedisError as exc:
+            if "LOADING" not in str(exc):
+                raise
+            missed.append(f"{address} (loading)")
+        finally:
+            await node.aclose()
+    return [user_name(namespace, r) for r in passwords], done, missed
+
+
+def _node_url(url: str, address: str) -> str:
+    """`url` (a cluster URL) pointed at one node, as a single server's URL."""
+    parts = urlsplit(cluster_seed(url))
+    auth = parts.netloc.rpartition("@")[0]
+    netloc = f"{auth}@{address}" if auth else address
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+async def _setusers(redis: Any, namespace: str, passwords: dict[str, str]) -> None:
     from redis.exceptions import ResponseError
 
-    async def setuser(name: str, role_name: str, password: str, extra: list[str]) -> None:
-        args = ["ACL", "SETUSER", name, *rules(namespace, role_name, extra), f">{password}"]
-        if isinstance(redis, RedisCluster):  # ACL users are per node
-            for node in redis.get_nodes():
-                await node.execute_command(*args)
-        else:
-            await redis.execute_command(*args)
-
-    names = []
     for role_name, password in passwords.items():
         name = user_name(namespace, role_name)
+        args = ["ACL", "SETUSER", name, *rules(namespace, role_name, [SETINFO]), f">{password}"]
         try:
-            await setuser(name, role_name, password, [SETINFO])
+            await redis.execute_command(*args)
         except ResponseError as exc:  # before Redis 7.2, which has no CLIENT SETINFO
             if SETINFO not in str(exc):
                 raise
-            await setuser(name, role_name, password, [])
-        names.append(name)
-    await _save(redis)
-    return names
+            await redis.execute_command(*args[:3], *rules(namespace, role_name), f">{password}")
 
 
 async def _save(redis: Any) -> None:
-    """ACL SAVE on every node that has an ACL file, so the users survive a restart; without
-    one they live in memory only (the README says so)."""
-    from redis.asyncio.cluster import RedisCluster
+    """ACL SAVE on a server (a node) that has an ACL file, so the users survive a restart;
+    without one they live in memory only (the README says so)."""
     from redis.exceptions import ResponseError
 
-    nodes = redis.get_nodes() if isinstance(redis, RedisCluster) else [redis]
-    for node in nodes:
-        try:
-            await node.execute_command("ACL", "SAVE")
-        except ResponseError as exc:
-            if "ACL file" not in str(exc) and "aclfile" not in str(exc).lower():
-                raise
+    try:
+        await redis.execute_command("ACL", "SAVE")
+    except ResponseError as exc:
+        if "ACL file" not in str(exc) and "aclfile" not in str(exc).lower():
+            raise

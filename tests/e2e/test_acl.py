@@ -81,6 +81,7 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
                              capture_output=True, timeout=60)  # fmt: skip
     assert applied.returncode == 0, applied.stderr.decode()
     assert not any(p.encode() in applied.stdout + applied.stderr for p in PASSWORDS.values())
+    await _users_are_on_every_node(client, ports, users)
     url_of = {r: as_user(url, acl.user_name(ns, r), p) for r, p in PASSWORDS.items()}
     # --apply as a user who may not create users: one line naming the setting (a traceback)
     not_admin = subprocess.run([sys.executable, "-m", "supersede", "acl", "--apply"],
@@ -158,6 +159,19 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
 
     await _each_user_is_refused_what_its_role_does_not_do(url_of, keys)
     _a_user_without_the_rights_is_told_which_role_it_needs(url_of, keys)
+
+
+async def _users_are_on_every_node(client: Any, ports: list[int], users: set[str]) -> None:
+    """ACL users are per node: every node the cluster lists has them, replicas included (a
+    failover makes one the master; the client's node list held the masters only)."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+        node = client.get_random_node()
+        listing = await client.execute_command("CLUSTER NODES", target_nodes=node)
+        ports = sorted(int(address.rsplit(":", 1)[1]) for address in listing)
+    for port in ports:
+        with redis_sync.Redis(port=port) as node:
+            assert users <= {str(u) for u in node.acl_users()}, port
 
 
 def _operator_publishes_twice_and_cancels(operator: dict[str, str]) -> None:
@@ -301,6 +315,41 @@ async def _the_dashboard_under_the_reader_says_what_a_cancel_needs(
     finally:
         proc.kill()
         proc.wait(5)
+
+
+async def test_acl_apply_reaches_every_node_of_a_cluster_replicas_included(keys: Keys) -> None:
+    """ACL users are per node, and a failover makes a replica the master: --apply sets them on
+    every node CLUSTER NODES lists (the client's node list held the masters only), says on
+    which, and exits 1 naming a node it could not reach (it said "set" for every role)."""
+    import signal
+
+    from supersede.server import EmbeddedCluster
+
+    cluster = EmbeddedCluster(3, replicas=1).start()
+    try:
+        url = f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}"
+        env = {**env_of(url, keys), **{acl.password_env(r): p for r, p in PASSWORDS.items()}}
+        cmd = [sys.executable, "-m", "supersede", "acl", "--apply", "--role", "executor"]
+        done = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True,
+                                       timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()
+        assert b"on 6 nodes" in done.stdout, done.stdout
+        name = acl.user_name(keys.namespace, "executor")
+        for node in cluster.nodes:
+            with redis_sync.Redis(port=node.port) as client:
+                assert name in {str(u) for u in client.acl_users()}, node.port
+        # a replica down: the others get the users, and the command names it, exit 1
+        gone = cluster.nodes[-1]
+        assert gone.proc is not None
+        gone.proc.send_signal(signal.SIGKILL)
+        gone.proc.wait(10)
+        done = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True,
+                                       timeout=60)  # fmt: skip
+        err = done.stderr.decode()
+        assert done.returncode == 1 and f":{gone.port}" in err and "again" in err, err
+        assert "Traceback" not in err
+    finally:
+        cluster.stop()
 
 
 def test_acl_prints_one_rule_per_role_scoped_to_the_namespace() -> None:
