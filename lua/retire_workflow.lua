@@ -9,7 +9,7 @@
     KEYS[1]  workflows hash     workflow id -> JSON definition
     KEYS[2]  registry epoch     counter (string)
     KEYS[3]  served hash        workflow id -> ms an executor serving it last said so (each
-                                second; the executors' clocks)
+                                second; the server's clock, as the executor last read it)
     ARGV[1]  workflow id
     ARGV[2]  ms: refuse when an executor said it serves the workflow within this long of the
              server's now (0: retire anyway)
@@ -26,14 +26,16 @@ local rcall = redis.call
 local workflowsKey, epochKey, servedKey = KEYS[1], KEYS[2], KEYS[3]
 local wid, window = ARGV[1], tonumber(ARGV[2])
 if not wid or wid == '' or not window or window < 0 then return { -4, 0 } end
-if rcall('HEXISTS', workflowsKey, wid) == 0 then return { 0, 0 } end
+if not rcall('HGET', workflowsKey, wid) then return { 0, 0 } end
 local served = tonumber(rcall('HGET', servedKey, wid) or '')
 if window > 0 and served then
   local t = rcall('TIME')
   local ago = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - served
   if ago < window then return { 0, -1, ago } end
 end
+-- The epoch first: a user refused a command here (Redis does not roll a script back) has
+-- changed nothing yet.
+rcall('INCR', epochKey)
 rcall('HDEL', workflowsKey, wid)
 rcall('HDEL', servedKey, wid)
-rcall('INCR', epochKey)
 return { 0, 1 }

@@ -782,7 +782,8 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
         row["outputs"] = codec.jsonable(run.outputs)
         row["cancelled_by"] = run.cancelled_by
 
-    if args.wait and args.name in known:
+    pinned = await redis.hget(keys.config_hash, "shards")  # (no service started: no dead letter)
+    if args.wait and args.name in known and pinned:
         # A workflow that listens but whose key fails for this data makes no run: its row
         # waits for the dead letter ingress writes for it.
         _, defs, _ = await load_all(redis, keys)
@@ -806,10 +807,11 @@ async def _wait_dead_letter(
     """The row of a workflow that makes no run of inbox entry `entry` (its key expression fails
     for the data), once ingress dead-lettered the entry for it: DEAD_LETTERED with the reason;
     timed out after `timeout` seconds."""
-    from supersede.client import dead_letter_of
+    from supersede.client import DEAD_LOOK_AFTER, DEAD_LOOK_EVERY, dead_letter_of
 
     deadline = time.monotonic() + timeout
     row["cancelled_by"] = None
+    await asyncio.sleep(min(DEAD_LOOK_AFTER, timeout))  # (ingress writes it within ms)
     while True:
         dead = await dead_letter_of(redis, entry, row["workflow"], namespace=keys.namespace)
         if dead is not None:
@@ -824,7 +826,7 @@ async def _wait_dead_letter(
             row["error"] = f"no run and no dead letter of the event within {timeout:g} s"
             warn(f"supersede: {row['workflow']!r}: {row['error']}")
             return
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(min(DEAD_LOOK_EVERY, max(0.0, deadline - time.monotonic())))
 
 
 async def _runs(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
@@ -851,17 +853,24 @@ async def _cancel(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
 
 
 RETIRE_SETTLE_S = 3.0  # ingress reloads its routes within --refresh-interval (0.25 s) of a change
-SERVED_WINDOW_MS = 15_000  # an executor says it serves its workflows every second (its clock)
+RETIRE_CATCH_UP_S = 30.0  # for admission to admit the requests written before the retire
+SERVED_WINDOW_MS = 15_000  # an executor says it serves its workflows every second
 
 
 async def retire(redis: Redis, keys: Keys, workflow: str, *, force: bool = False) -> dict[str, Any]:
     """Retire `workflow`: remove it from the registry (ingress then routes its events
-    nowhere), cancel its live runs (those ingress routed meanwhile too), and delete its
-    assignment streams, which nothing trims once it is not registered. Refused while an
-    executor serves it (said so within SERVED_WINDOW_MS; `force` overrides): it would register
-    it again within a second."""
+    nowhere), cancel its live runs (those of the requests written meanwhile too, once admission
+    admitted them), and delete its assignment streams, which nothing trims once it is not
+    registered. Refused while an executor serves it (said so within SERVED_WINDOW_MS; `force`
+    overrides): it would register it again within a second. Run again, it finishes a retire
+    that was interrupted (the workflow is gone from the registry, not from its versions)."""
     scripts = Scripts(redis, keys)
-    ago = await scripts.retire_workflow(workflow, 0 if force else SERVED_WINDOW_MS)
+    try:
+        ago = await scripts.retire_workflow(workflow, 0 if force else SERVED_WINDOW_MS)
+    except LookupError:
+        if not await redis.hget(keys.workflow_versions_hash, workflow):
+            raise
+        ago = None  # (retired before: its runs and streams are seen to again)
     if ago is not None:
         raise ValueError(
             f"workflow {workflow!r} is served by a live executor (one said so {ago / 1000:.1f} s "
@@ -869,26 +878,64 @@ async def retire(redis: Redis, keys: Keys, workflow: str, *, force: bool = False
             f"registers its workflows again within a second), then retire it "
             f"{SERVED_WINDOW_MS // 1000} s later; or pass --force"
         )
-    settled = time.monotonic() + RETIRE_SETTLE_S
-    cancelled = 0
+    await asyncio.sleep(RETIRE_SETTLE_S)  # (then ingress appends no more of its requests)
+    if not await _admitted_so_far(redis, keys, RETIRE_CATCH_UP_S):
+        raise TimeoutError(
+            f"workflow {workflow!r} is out of the registry, but admission has not admitted the "
+            f"run requests written before (within {RETIRE_CATCH_UP_S:g} s: is it running?); "
+            f"run `supersede retire {workflow}` again once it has, to cancel its runs"
+        )
 
     def live(run: RunRecord) -> bool:  # (a CANCELLING run waits for its executor)
         return run.workflow == workflow and run.state.value in LIVE - {RunState.CANCELLING.value}
 
-    while True:  # (a cancel may start the group's next queued run: it is cancelled next)
-        runs = await _live(redis, keys, live, 1 << 62)
+    cancelled = 0
+    while runs := await _live(redis, keys, live, 1 << 62):
+        # (a cancel may start the group's next queued run: the next pass cancels it)
         for i in range(0, len(runs), 1000):
             flags = await cancel_runs(scripts, [r.id for r in runs[i : i + 1000]])
             cancelled += sum(flags.values())
-        if not runs and time.monotonic() >= settled:
-            break
-        if not runs:
-            await asyncio.sleep(0.25)
     async with redis.pipeline(transaction=False) as pipe:
         for sk in keys.all_shards():
             pipe.unlink(sk.assignments_stream(workflow))
         await pipe.execute()
     return {"retired": workflow, "cancelled": cancelled}
+
+
+def _stream_id(raw: Any) -> tuple[int, int]:
+    ms, _, seq = codec.text(raw).partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def _admitted_so_far(redis: Redis, keys: Keys, timeout: float) -> bool:
+    """True once admission has read and acknowledged every run request written until now;
+    False after `timeout` seconds."""
+    streams = [sk.requests_stream for sk in keys.all_shards()]
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xrevrange(stream, count=1)
+        tails = await pipe.execute()
+    last = {s: _stream_id(t[0][0]) for s, t in zip(streams, tails, strict=True) if t}
+    deadline = time.monotonic() + timeout
+    while last:
+        for stream, tail in list(last.items()):
+            try:
+                groups = await redis.xinfo_groups(stream)
+                summary = await redis.xpending(stream, ADMISSION_GROUP)
+            except ResponseError:  # (the stream or its group is gone: nothing left to admit)
+                del last[stream]
+                continue
+            read = [g for g in groups if codec.text(g["name"]) == ADMISSION_GROUP]
+            delivered = bool(read) and _stream_id(read[0]["last-delivered-id"]) >= tail
+            oldest = summary.get("min") if summary.get("pending") else None
+            if delivered and (oldest is None or _stream_id(oldest) > tail):
+                del last[stream]
+        if not last:
+            break
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.2)
+    return True
 
 
 async def _retire(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:

@@ -150,7 +150,9 @@ ROLES: tuple[Role, ...] = (
             *_READ,
             *_REGISTRY,
             *_STATE_SCRIPTS,
-            *_words("evalsha script|load xadd xdel unlink"),  # (unlink: retire's streams)
+            # (retire: incr, the registry's epoch in its script; xpending, whether admission
+            # admitted the requests written before; unlink, the streams)
+            *_words("evalsha script|load xadd xdel unlink incr xpending"),
         ),
         ("~@:*", "~{@}:*", "~{@:*}:*"),
     ),
@@ -235,7 +237,9 @@ async def apply(
         if flags & {"fail", "fail?", "noaddr", "handshake"} or not info.get("connected", True):
             missed.append(address)
             continue
-        node = connect(_node_url(url, address))
+        host, _, port = address.rpartition(":")
+        host = str(info.get("hostname") or host)  # (the name a TLS certificate may carry)
+        node = connect(_node_url(url, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"))
         try:
             await _setusers(node, namespace, passwords)
             await _save(node)

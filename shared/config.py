@@ -235,11 +235,19 @@ async def check_server(redis: Redis, url: str) -> None:
         ) from None
 
 
+# How a server words a right the user lacks: NOPERM from a command, and, from a command a
+# script runs, "The user executing the script can't run this command" or "can't access".
+_REFUSED_WORDS = ("NOPERM", "user executing the script can't", "no permissions to")
+
+
 def refusal(exc: BaseException, url: str, roles: Sequence[str]) -> ConfigError | None:
     """The one line for a server error a setting fixes, None for others: a command or key the
     URL's ACL user has no right to (it needs the rights of `roles`, e.g. ["operator"]), or a
     cluster node reached with a single server's scheme."""
-    if isinstance(exc, redis_sync.exceptions.NoPermissionError) or "NOPERM" in str(exc):
+    text = str(exc)
+    if isinstance(exc, redis_sync.exceptions.NoPermissionError) or any(
+        words in text for words in _REFUSED_WORDS
+    ):
         named = " and ".join(roles)
         at = f" at {redact(url)}" if url else ""
         return ConfigError(

@@ -17,6 +17,12 @@ RESULTS = Counter(
     "Executor results handled, by outcome (applied, stale, rejected).",
     ["outcome"],
 )
+# Every outcome exported from the start, at 0: a counter whose series first appears at 1
+# hides that first increase from increase() (the dead-letter alert reads "rejected").
+for _outcome in ("created", "duplicate", "rejected"):
+    REQUESTS.labels(_outcome)
+for _outcome in ("applied", "stale", "rejected"):
+    RESULTS.labels(_outcome)
 ASSIGNED = Counter("supersede_admission_assigned_total", "Runs granted a slot and assigned.")
 CANCELLED = Counter("supersede_admission_cancelled_total", "Runs cancelled by a strategy decision.")
 REAPED = Counter(

@@ -44,6 +44,7 @@ __all__ = ["Executor", "ExecutorConfig", "serve"]
 DRAIN_POLL = 0.1  # seconds between checks that written results were applied, while draining
 LOOP_LAG_EVERY = 0.1  # seconds between two measures of the event loop's lag
 REGISTER_RETRY_AFTER = 60.0  # seconds before a refused re-registration is tried again
+CLOCK_READ_EVERY = 60.0  # seconds between two reads of the server's clock (the served mark's)
 REGISTRY_CHECK_EVERY = 1.0  # seconds between two looks for this process's workflows in the registry
 
 
@@ -63,6 +64,8 @@ class Executor(Service):
         self.config = config or ExecutorConfig()
         self.definitions = {wf.id: wf.definition() for wf in workflows}  # validates
         self._register_again_at = 0.0  # (monotonic) when keep_registered may try again
+        self._clock_offset_ms = 0  # the server's clock minus this host's, read each minute
+        self._clock_read_at = 0.0  # (monotonic) when to read it again
         self.workflows = tuple(self.definitions)
         cluster = isinstance(redis, RedisCluster)
         self.outbox = Outbox(redis, self.keys, self.config)
@@ -112,7 +115,11 @@ class Executor(Service):
         data, restarted empty): until then ingress routes their events nowhere. A workflow
         present, in whatever version (another pool's, a newer deploy's), is left as it is."""
         ids = sorted(self.definitions)
-        now_ms = int(time.time() * 1000)
+        if time.monotonic() >= self._clock_read_at:  # (the mark is the server's time)
+            sec, usec = await self.redis.time()
+            self._clock_offset_ms = int(sec) * 1000 + int(usec) // 1000 - int(time.time() * 1000)
+            self._clock_read_at = time.monotonic() + CLOCK_READ_EVERY
+        now_ms = int(time.time() * 1000) + self._clock_offset_ms
         async with self.redis.pipeline(transaction=False) as pipe:  # (one slot: the registry's)
             pipe.hset(self.keys.workflows_served_hash, mapping=dict.fromkeys(ids, now_ms))
             pipe.hmget(self.keys.workflows_hash, ids)

@@ -283,16 +283,16 @@ def _guard(hosts: frozenset[str] | None) -> Any:
             raise
         except (ValueError, LookupError) as exc:  # a parameter the page could not use
             resp = web.Response(text=f"bad request: {exc}", status=400)
-        except RedisError as exc:  # (the reader user asked to cancel, say: what it needs)
+        except Exception as exc:
+            # (a right the user lacks, the reader's asked to cancel say: what it needs)
             roles = ("operator",) if request.method == "POST" else ("reader",)
-            refused = refusal(exc, "", roles)
-            if refused is None:
-                raise
-            log.warning("ui request refused by Redis", extra={"error": str(refused)})
-            resp = web.Response(text=str(refused), status=403)
-        except Exception:
-            log.exception("ui request failed", extra={"path": request.path})
-            resp = web.Response(text="internal error (the UI's log has it)", status=500)
+            refused = refusal(exc, "", roles) if isinstance(exc, RedisError) else None
+            if refused is not None:
+                log.warning("ui request refused by Redis", extra={"error": str(refused)})
+                resp = web.Response(text=str(refused), status=403)
+            else:
+                log.exception("ui request failed", extra={"path": request.path})
+                resp = web.Response(text="internal error (the UI's log has it)", status=500)
         resp.headers.update(SECURITY_HEADERS)
         return resp
 

@@ -151,6 +151,9 @@ async def test_retire_removes_a_workflow_no_executor_serves_with_its_runs_and_st
     await eventually(served, timeout=30)
     assert (await acli(system, "status"))["workflows"]["orphan"]["runs"] == {"CANCELLED": 30}
     assert await acli(system, "runs", "--workflow", "orphan", "--key", "late") == []
+    # run again (an interrupted retire: the registry had lost it, so it said "no workflow"),
+    # it sees to the runs and streams once more
+    assert await acli(system, "retire", "orphan") == {"retired": "orphan", "cancelled": 0}
 
 
 async def test_a_dead_letter_is_replayed_after_fixing_the_workflow(

@@ -478,3 +478,44 @@ def test_a_module_that_cannot_run_is_refused_in_one_line(
     with pytest.raises(ConfigError) as info:
         load_workflows(str(path))
     assert says in str(info.value), str(info.value)
+
+
+def test_the_dashboard_answers_a_redis_failure_with_its_own_500_and_headers() -> None:
+    """A Redis error that is no refusal of a right: the guard's 500 page with the security
+    headers (it re-raised past them: aiohttp's bare 500)."""
+    import asyncio
+
+    from aiohttp.test_utils import make_mocked_request
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoPermissionError
+
+    from supersede.services.ui import SECURITY_HEADERS, _guard
+
+    guard = _guard(None)
+
+    async def answer(exc: Exception) -> tuple[int, str, dict[str, str]]:
+        async def handler(request: object) -> None:
+            raise exc
+
+        resp = await guard(make_mocked_request("POST", "/runs/1-a/cancel"), handler)
+        return resp.status, resp.text, dict(resp.headers)
+
+    status, text, headers = asyncio.run(answer(RedisConnectionError("gone")))
+    assert status == 500 and "internal error" in text
+    assert all(headers.get(k) == v for k, v in SECURITY_HEADERS.items())
+    status, text, headers = asyncio.run(answer(NoPermissionError("NOPERM no evalsha")))
+    assert status == 403 and "operator role" in text
+    assert all(headers.get(k) == v for k, v in SECURITY_HEADERS.items())
+
+
+def test_every_admission_outcome_is_exported_from_the_start() -> None:
+    """A counter child made on its first increment appears at 1, and increase() misses that
+    first increase: the dead-letter alert never fired for a rare rejection."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    import supersede.services.admission.metrics  # noqa: F401 - registers them
+
+    text = generate_latest(REGISTRY).decode()
+    for line in ('supersede_admission_requests_total{outcome="rejected"}',
+                 'supersede_admission_results_total{outcome="rejected"}'):  # fmt: skip
+        assert line in text
