@@ -782,8 +782,7 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
         row["outputs"] = codec.jsonable(run.outputs)
         row["cancelled_by"] = run.cancelled_by
 
-    pinned = await redis.hget(keys.config_hash, "shards")  # (no service started: no dead letter)
-    if args.wait and args.name in known and pinned:
+    if args.wait and args.name in known:  # (before ingress started too: it may start meanwhile)
         # A workflow that listens but whose key fails for this data makes no run: its row
         # waits for the dead letter ingress writes for it.
         _, defs, _ = await load_all(redis, keys)
