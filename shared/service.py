@@ -40,6 +40,7 @@ from supersede.scripts import Scripts
 from supersede.streams import GroupSpec, OwnPending, after_failure, consumer_name, create_groups
 
 Periodic = tuple[float, Callable[[], Awaitable[None]]]
+PIN_EVERY = 5.0  # seconds between two looks for the namespace's pinned facts (keep_pinned)
 """(interval in seconds, task): run every interval; one failed run is logged, never fatal."""
 
 
@@ -111,6 +112,11 @@ class Service:
         """Timer tasks run beside the main loop."""
         return ()
 
+    async def keep_pinned(self) -> None:
+        """Store the shard count again if the server lost it (restarted empty): the CLI reads
+        the namespace with it, and found no run without it until a service restarted."""
+        await self.redis.hsetnx(self.keys.config_hash, "shards", str(self.keys.shards))
+
     async def main(self, stop: asyncio.Event) -> None:
         """The main loop; returns once `stop` is set and its work in flight is done."""
         raise NotImplementedError
@@ -130,7 +136,8 @@ class Service:
         extra = {"consumer": self.consumer, "redis": redact(self.settings.redis_url),
                  "namespace": self.keys.namespace, "shards": self.keys.shards}  # fmt: skip
         self.log.info(f"{self.name} started", extra=extra)
-        timers = [asyncio.create_task(self._every(stop, *p)) for p in self.periodic()]
+        periodic = [*self.periodic(), (PIN_EVERY, self.keep_pinned)]
+        timers = [asyncio.create_task(self._every(stop, *p)) for p in periodic]
         try:
             await self.main(stop)
         finally:

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from supersede import aio, codec, tracing
+from supersede import metrics as metrics_base
 from supersede.config import Settings
 from supersede.errors import ScriptError, describe
 from supersede.metrics import HOP_SECONDS
@@ -194,6 +195,15 @@ class Admission(Service):
             for stream in (sk.requests_stream, sk.results_stream)
         ]
 
+    async def keep_pinned(self) -> None:
+        """The shard count, and the assignment deadline executors' finish calls read, again if
+        the server lost them."""
+        await super().keep_pinned()
+        if not await self.redis.hget(self.keys.config_hash, ASSIGN_DEADLINE_FIELD):
+            await self.redis.hset(
+                self.keys.config_hash, ASSIGN_DEADLINE_FIELD, str(self.config.assign_deadline_ms)
+            )
+
     async def prepare(self) -> None:
         await self.load_workflows()
         # for the finish calls of executors, which start runs in the slots they free
@@ -279,8 +289,11 @@ class Admission(Service):
                 continue  # an earlier timer was set: wait for it
             try:
                 self._next_due = await self.fire_due()
-            except Exception as exc:  # the next turn tries again
-                self.log.warning("debounce timers not fired", extra={"error": describe(exc)})
+                metrics_base.report(self.name, "debounce", True)
+            except Exception as exc:  # the next turn tries again; not ready meanwhile
+                metrics_base.TASK_FAILURES.labels(self.name, "debounce").inc()
+                metrics_base.report(self.name, "debounce", False)
+                self.log_failure("debounce timers not fired", exc)
                 await asyncio.sleep(0.1)
 
     async def fire_due(self) -> float:

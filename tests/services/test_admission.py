@@ -662,3 +662,33 @@ async def test_a_failing_reaper_makes_admission_not_ready_and_is_counted(
     finally:
         proc.kill()
         proc.wait(5)
+
+
+async def test_failing_debounce_timers_and_a_lost_config_are_seen_to(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """One shard's debounce timers fail to fire (a key of the wrong type): admission is not
+    ready and counts it (it only logged a warning, ready, while that shard's debounced runs
+    never started). And the namespace's config, lost (a server restarted empty), is written
+    again: the CLI reads the shard count there (every run looked missing until a restart)."""
+    port = free_port()
+    proc = start_admission(redis_url, keys, "--metrics-port", str(port))
+    try:
+        await eventually(lambda: asyncio.to_thread(lambda: _ready_status(port) == 200))
+        due = keys.shard(keys.shards - 1).due_zset
+        await redis.set(due, "not a zset")
+        await eventually(lambda: asyncio.to_thread(lambda: _ready_status(port) == 503))
+        failed = 'supersede_task_failures_total{service="admission",task="debounce"}'
+        await scrape_when(f"http://127.0.0.1:{port}/metrics", lambda body: failed in body)
+        await redis.delete(due)
+        await eventually(lambda: asyncio.to_thread(lambda: _ready_status(port) == 200))
+        await redis.delete(keys.config_hash)
+
+        async def pinned_again() -> bool:
+            config = await redis.hgetall(keys.config_hash)
+            return config.get(b"shards") == str(keys.shards).encode() and len(config) == 2
+
+        await eventually(pinned_again, timeout=15)
+    finally:
+        proc.kill()
+        proc.wait(5)

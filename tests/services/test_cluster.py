@@ -249,3 +249,27 @@ def test_a_cluster_node_reached_with_a_single_server_url_is_one_line(
         err = done.stderr.decode()
         assert done.returncode == 2 and "Traceback" not in err, (args, err[-2000:])
         assert "redis+cluster://" in err.strip().splitlines()[-1], err
+
+
+async def test_retire_deletes_a_workflows_streams_on_a_cluster(
+    redis_cluster: EmbeddedCluster,
+) -> None:
+    """`retire` on a cluster: its assignment streams, on every master, are deleted (a cluster
+    pipeline's unlink is a coroutine: none was queued, every stream stayed, and the command
+    said they were deleted)."""
+    from supersede.registry import register
+    from supersede.services.ops import retire
+
+    client = RedisCluster.from_url(redis_cluster.url)
+    await client.initialize()
+    try:
+        keys = Keys("retired", 16)
+        await register(client, keys, {"id": "gone", "events": ["gone.ev"]})
+        streams = [sk.assignments_stream("gone") for sk in keys.all_shards()]
+        for stream in streams:
+            await client.xadd(stream, {"id": "x"})
+        assert await retire(client, keys, "gone") == {"retired": "gone", "cancelled": 0}
+        assert [s for s in streams if await client.exists(s)] == []
+        assert await client.hget(keys.workflows_hash, "gone") is None
+    finally:
+        await client.aclose()
