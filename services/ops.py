@@ -888,14 +888,25 @@ async def retire(redis: Redis, keys: Keys, workflow: str, *, force: bool = False
     def live(run: RunRecord) -> bool:  # (a CANCELLING run waits for its executor)
         return run.workflow == workflow and run.state.value in LIVE - {RunState.CANCELLING.value}
 
+    async def still_retired() -> None:  # (an executor that started meanwhile registers it)
+        if await redis.hget(keys.workflows_hash, workflow):
+            raise ValueError(
+                f"workflow {workflow!r} was registered again meanwhile (an executor serving it "
+                "started, or one from before 2026-12-05, which marks nothing served): its runs "
+                "and streams are left as they are"
+            )
+
+    await still_retired()
     cancelled = 0
     while runs := await _live(redis, keys, live, 1 << 62):
         # (a cancel may start the group's next queued run: the next pass cancels it)
         for i in range(0, len(runs), 1000):
             flags = await cancel_runs(scripts, [r.id for r in runs[i : i + 1000]])
             cancelled += sum(flags.values())
-    for sk in keys.all_shards():  # (one call each: a cluster pipeline's unlink is a coroutine)
-        await redis.unlink(sk.assignments_stream(workflow))
+    await still_retired()
+    # one command (on a cluster, redis-py sends one per slot; a cluster pipeline's unlink is a
+    # coroutine, which queued nothing)
+    await redis.unlink(*(sk.assignments_stream(workflow) for sk in keys.all_shards()))
     return {"retired": workflow, "cancelled": cancelled}
 
 

@@ -29,6 +29,7 @@ from supersede.config import (
     DEFAULT_METRICS_HOST,
     Settings,
     check_server,
+    check_shard_count,
     connect,
     pin_shard_count,
     redact,
@@ -40,8 +41,8 @@ from supersede.scripts import Scripts
 from supersede.streams import GroupSpec, OwnPending, after_failure, consumer_name, create_groups
 
 Periodic = tuple[float, Callable[[], Awaitable[None]]]
-PIN_EVERY = 5.0  # seconds between two looks for the namespace's pinned facts (keep_pinned)
 """(interval in seconds, task): run every interval; one failed run is logged, never fatal."""
+PIN_EVERY = 5.0  # seconds between two looks for the namespace's pinned facts (keep_pinned)
 
 
 class Throttle:
@@ -114,8 +115,13 @@ class Service:
 
     async def keep_pinned(self) -> None:
         """Store the shard count again if the server lost it (restarted empty): the CLI reads
-        the namespace with it, and found no run without it until a service restarted."""
-        await self.redis.hsetnx(self.keys.config_hash, "shards", str(self.keys.shards))
+        the namespace with it, and found no run without it until a service restarted. Another
+        count stored meanwhile (a process started with another SUPERSEDE_SHARDS won the race)
+        is an error: not ready, logged, as at start."""
+        stored = await self.redis.hget(self.keys.config_hash, "shards")
+        if stored is None:
+            await self.redis.hsetnx(self.keys.config_hash, "shards", str(self.keys.shards))
+        await check_shard_count(self.redis, self.keys)
 
     async def main(self, stop: asyncio.Event) -> None:
         """The main loop; returns once `stop` is set and its work in flight is done."""

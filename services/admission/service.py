@@ -178,6 +178,7 @@ class Admission(Service):
         self._gauges_due = Throttle(1.0)
         self._next_due = 0.0  # the earliest debounce timer this process set (server ms), 0: none
         self._due_set = asyncio.Event()
+        self._debounce_failure_log = Throttle(10.0)  # (a failing shard logs once in 10 s)
         # stream name -> (shard, kind) for every stream this service reads
         self._streams: dict[bytes, tuple[int, str]] = {}
         for sk in self.keys.all_shards():
@@ -199,10 +200,9 @@ class Admission(Service):
         """The shard count, and the assignment deadline executors' finish calls read, again if
         the server lost them."""
         await super().keep_pinned()
-        if not await self.redis.hget(self.keys.config_hash, ASSIGN_DEADLINE_FIELD):
-            await self.redis.hset(
-                self.keys.config_hash, ASSIGN_DEADLINE_FIELD, str(self.config.assign_deadline_ms)
-            )
+        await self.redis.hsetnx(
+            self.keys.config_hash, ASSIGN_DEADLINE_FIELD, str(self.config.assign_deadline_ms)
+        )
 
     async def prepare(self) -> None:
         await self.load_workflows()
@@ -290,11 +290,12 @@ class Admission(Service):
             try:
                 self._next_due = await self.fire_due()
                 metrics_base.report(self.name, "debounce", True)
-            except Exception as exc:  # the next turn tries again; not ready meanwhile
+            except Exception as exc:  # the next poll tries again; not ready meanwhile
+                self._next_due = 0.0  # (a due time past would retry at once, in a tight loop)
                 metrics_base.TASK_FAILURES.labels(self.name, "debounce").inc()
                 metrics_base.report(self.name, "debounce", False)
-                self.log_failure("debounce timers not fired", exc)
-                await asyncio.sleep(0.1)
+                if self._debounce_failure_log.due():
+                    self.log_failure("debounce timers not fired", exc)
 
     async def fire_due(self) -> float:
         """Fire every shard's due debounce timers; the earliest still set (server ms), 0: none."""

@@ -173,3 +173,25 @@ async def test_retiring_removes_the_definition_unless_an_executor_served_it_late
     await register(redis, keys, definition())
     await redis.hset(keys.workflows_served_hash, "chat-reply", now_ms)
     assert await scripts.retire_workflow("chat-reply", 0) is None  # (forced)
+
+
+async def test_retire_leaves_a_workflow_registered_again_meanwhile_alone(
+    redis: Redis, keys: Keys
+) -> None:
+    """An executor that starts while retire waits for ingress and admission registers the
+    workflow again (or one from before served marks, which passes the check): retire stops
+    there, its runs and streams untouched (it cancelled them and deleted the streams, the
+    executors' group and pending entries with them)."""
+    import asyncio
+
+    from supersede.services.ops import retire
+
+    await register(redis, keys, definition())
+    stream = keys.shard(0).assignments_stream("chat-reply")
+    await redis.xadd(stream, {"id": "x"})
+    task = asyncio.create_task(retire(redis, keys, "chat-reply"))
+    await asyncio.sleep(0.5)  # (within its wait for ingress to reload)
+    await register(redis, keys, definition())
+    with pytest.raises(ValueError, match="registered again meanwhile"):
+        await task
+    assert await redis.exists(stream)
