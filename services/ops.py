@@ -864,6 +864,19 @@ async def retire(redis: Redis, keys: Keys, workflow: str, *, force: bool = False
     overrides): it would register it again within a second. Run again, it finishes a retire
     that was interrupted (the workflow is gone from the registry, not from its versions)."""
     scripts = Scripts(redis, keys)
+    if not force:  # (an executor from before 2026-12-05 marks nothing served, but reads)
+        readers = sorted({
+            _text(c["name"])
+            for sk in keys.all_shards()
+            for c in await _executors_of(redis, sk.assignments_stream(workflow))
+            if int(c.get("idle", 1 << 62)) < SERVED_WINDOW_MS
+        })  # fmt: skip
+        if readers:
+            raise ValueError(
+                f"workflow {workflow!r} is served by live executors ({', '.join(readers)} read "
+                "its assignments lately): remove it from the executors' module and restart "
+                f"them first, then retire it {SERVED_WINDOW_MS // 1000} s later; or pass --force"
+            )
     try:
         ago = await scripts.retire_workflow(workflow, 0 if force else SERVED_WINDOW_MS)
     except LookupError:

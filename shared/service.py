@@ -143,6 +143,8 @@ class Service:
                  "namespace": self.keys.namespace, "shards": self.keys.shards}  # fmt: skip
         self.log.info(f"{self.name} started", extra=extra)
         periodic = [*self.periodic(), (PIN_EVERY, self.keep_pinned)]
+        for _, job in periodic:  # (at 0 from the start: increase() sees a first failure)
+            metrics.TASK_FAILURES.labels(self.name, job.__name__)
         timers = [asyncio.create_task(self._every(stop, *p)) for p in periodic]
         try:
             await self.main(stop)

@@ -179,6 +179,7 @@ class Admission(Service):
         self._next_due = 0.0  # the earliest debounce timer this process set (server ms), 0: none
         self._due_set = asyncio.Event()
         self._debounce_failure_log = Throttle(10.0)  # (a failing shard logs once in 10 s)
+        metrics_base.TASK_FAILURES.labels(self.name, "debounce")  # (exported at 0)
         # stream name -> (shard, kind) for every stream this service reads
         self._streams: dict[bytes, tuple[int, str]] = {}
         for sk in self.keys.all_shards():

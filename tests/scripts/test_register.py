@@ -195,3 +195,20 @@ async def test_retire_leaves_a_workflow_registered_again_meanwhile_alone(
     with pytest.raises(ValueError, match="registered again meanwhile"):
         await task
     assert await redis.exists(stream)
+
+
+async def test_retire_refuses_a_workflow_an_older_executor_reads(redis: Redis, keys: Keys) -> None:
+    """An executor from before the served marks writes none, but reads the workflow's
+    assignment streams: retire is refused by those reads (it went through, and the old
+    executor registered the workflow again a second later)."""
+    from supersede.protocol import EXECUTOR_GROUP
+    from supersede.services.ops import retire
+
+    await register(redis, keys, definition())
+    stream = keys.shard(3).assignments_stream("chat-reply")
+    await redis.xgroup_create(stream, EXECUTOR_GROUP, id="0", mkstream=True)
+    await redis.xadd(stream, {"id": "x"})  # (a read that gets nothing makes no consumer on 7.0)
+    await redis.xreadgroup(EXECUTOR_GROUP, "executor-old-1", {stream: ">"}, count=1)
+    with pytest.raises(ValueError, match="executor-old-1 read its assignments lately"):
+        await retire(redis, keys, "chat-reply")
+    assert await redis.hget(keys.workflows_hash, "chat-reply") is not None
