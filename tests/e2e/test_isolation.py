@@ -5,6 +5,7 @@ stopped, in processes and in threads (tests/support/apps/isolated.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -123,7 +124,9 @@ async def test_a_polite_process_step_stops_at_its_flag_and_its_worker_serves_aga
     out = run.outputs["polite"]
     assert run.created_ms / 1000 - 1 < out["claimed_at"] <= out["at"]
     # a worker that dies while idle (OOM-killed, say) is replaced, and no run is lost with it
+    # (dead: a kill still under way when a step is sent to it is a death during the step)
     os.kill(pid, signal.SIGKILL)
+    await eventually(lambda: asyncio.sleep(0, _gone(pid)), timeout=10)
     for i in range(6):
         await _publish(redis, keys, "proc.go", k=f"after{i}", sleep=0)
     await eventually(lambda: _ended(redis, keys, 10), timeout=60)
