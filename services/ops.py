@@ -38,6 +38,7 @@ from supersede.protocol import (
 from supersede.registry import WorkflowDef, load_all
 from supersede.scripts import Scripts
 from supersede.streams import unread
+from supersede.trim import consumed_below, stream_id
 
 
 def _text(value: Any) -> Any:
@@ -923,20 +924,16 @@ async def retire(redis: Redis, keys: Keys, workflow: str, *, force: bool = False
     return {"retired": workflow, "cancelled": cancelled}
 
 
-def _stream_id(raw: Any) -> tuple[int, int]:
-    ms, _, seq = codec.text(raw).partition("-")
-    return int(ms), int(seq or 0)
-
-
 async def _admitted_so_far(redis: Redis, keys: Keys, timeout: float) -> bool:
-    """True once admission has read and acknowledged every run request written until now;
-    False after `timeout` seconds."""
+    """True once admission has read and acknowledged every run request written until now
+    (each requests stream consumed past its tail of now, as `trim` computes it); False after
+    `timeout` seconds."""
     streams = [sk.requests_stream for sk in keys.all_shards()]
     async with redis.pipeline(transaction=False) as pipe:
         for stream in streams:
             pipe.xrevrange(stream, count=1)
         tails = await pipe.execute()
-    last = {s: _stream_id(t[0][0]) for s, t in zip(streams, tails, strict=True) if t}
+    last = {s: stream_id(t[0][0]) for s, t in zip(streams, tails, strict=True) if t}
     deadline = time.monotonic() + timeout
     while last:
         for stream, tail in list(last.items()):
@@ -946,10 +943,10 @@ async def _admitted_so_far(redis: Redis, keys: Keys, timeout: float) -> bool:
             except ResponseError:  # (the stream or its group is gone: nothing left to admit)
                 del last[stream]
                 continue
-            read = [g for g in groups if codec.text(g["name"]) == ADMISSION_GROUP]
-            delivered = bool(read) and _stream_id(read[0]["last-delivered-id"]) >= tail
-            oldest = summary.get("min") if summary.get("pending") else None
-            if delivered and (oldest is None or _stream_id(oldest) > tail):
+            ours = [g for g in groups if codec.text(g["name"]) == ADMISSION_GROUP]
+            oldest = {ADMISSION_GROUP: summary["min"]} if summary.get("min") else {}
+            cut = consumed_below(ours, oldest) if ours else None
+            if cut is not None and stream_id(cut) > tail:
                 del last[stream]
         if not last:
             break

@@ -18,7 +18,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 
-def _id(raw: Any) -> tuple[int, int]:
+def stream_id(raw: Any) -> tuple[int, int]:
+    """A stream entry id (`ms-seq`, bytes or text) as a pair that orders as the stream does."""
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
@@ -40,9 +41,9 @@ def consumed_below(groups: Sequence[dict[str, Any]], oldest_pending: dict[str, A
         if int(g["pending"]):
             if name not in oldest_pending:
                 return None
-            low = _id(oldest_pending[name])
+            low = stream_id(oldest_pending[name])
         else:
-            ms, seq = _id(g["last-delivered-id"])
+            ms, seq = stream_id(g["last-delivered-id"])
             low = (ms, seq + 1)  # everything up to the last delivered entry is acknowledged
         cut = low if cut is None else min(cut, low)
     return None if cut is None else _text(cut)

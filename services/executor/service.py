@@ -26,7 +26,7 @@ from supersede.config import Settings
 from supersede.errors import ConfigError, WorkflowRejected
 from supersede.protocol import EXECUTOR_GROUP
 from supersede.registry import register_all
-from supersede.service import Periodic, Service
+from supersede.service import Periodic, Service, Throttle
 from supersede.service import serve as serve_service
 from supersede.services.executor import metrics
 from supersede.services.executor.cancel import Cancels
@@ -65,7 +65,7 @@ class Executor(Service):
         self.definitions = {wf.id: wf.definition() for wf in workflows}  # validates
         self._register_again_at = 0.0  # (monotonic) when keep_registered may try again
         self._clock_offset_ms = 0  # the server's clock minus this host's, read each minute
-        self._clock_read_at = 0.0  # (monotonic) when to read it again
+        self._clock_due = Throttle(CLOCK_READ_EVERY)
         self.workflows = tuple(self.definitions)
         cluster = isinstance(redis, RedisCluster)
         self.outbox = Outbox(redis, self.keys, self.config)
@@ -115,10 +115,9 @@ class Executor(Service):
         data, restarted empty): until then ingress routes their events nowhere. A workflow
         present, in whatever version (another pool's, a newer deploy's), is left as it is."""
         ids = sorted(self.definitions)
-        if time.monotonic() >= self._clock_read_at:  # (the mark is the server's time)
+        if self._clock_due.due():  # (the mark is the server's time)
             sec, usec = await self.redis.time()
             self._clock_offset_ms = int(sec) * 1000 + int(usec) // 1000 - int(time.time() * 1000)
-            self._clock_read_at = time.monotonic() + CLOCK_READ_EVERY
         now_ms = int(time.time() * 1000) + self._clock_offset_ms
         async with self.redis.pipeline(transaction=False) as pipe:  # (one slot: the registry's)
             pipe.hset(self.keys.workflows_served_hash, mapping=dict.fromkeys(ids, now_ms))
