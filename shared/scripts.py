@@ -16,10 +16,12 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from supersede import aio, codec
 from supersede.errors import BadArguments, WorkflowRejected, raise_for_status
 from supersede.keys import Keys
+from supersede.lane import Lane
 from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, Reason
 
 LUA_DIR = files("supersede.lua")
@@ -195,7 +197,8 @@ class Scripts:
     """Typed wrappers over the Lua scripts of one deployment.
 
     `now` parameters exist for tests that drive the clock; services leave them None and the
-    scripts use the server's clock, so every process agrees on time.
+    scripts use the server's clock, so every process agrees on time. With a `lane` (the
+    services, on one server) the calls go through it instead of redis-py's pool.
     """
 
     def __init__(
@@ -205,9 +208,11 @@ class Scripts:
         *,
         admission_group: str = ADMISSION_GROUP,
         executor_group: str = EXECUTOR_GROUP,
+        lane: Lane | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
+        self.lane = lane
         self.admission_group = admission_group
         self.executor_group = executor_group
         self._scripts: dict[str, tuple[AsyncScript, int]] = {}
@@ -230,7 +235,15 @@ class Scripts:
 
     async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
         script = self._checked(name, keys)
-        reply: list[Any] = await script(keys=list(keys), args=list(args))
+        reply: list[Any]
+        if self.lane is None:
+            reply = await script(keys=list(keys), args=list(args))
+        else:
+            try:
+                reply = await self.lane.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            except NoScriptError:  # (a server that restarted empty: load it, once)
+                script.sha = await self.redis.script_load(script.script)
+                reply = await self.lane.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         raise_for_status(reply)
         return reply
 

@@ -36,6 +36,7 @@ from supersede.config import (
     refusal,
 )
 from supersede.errors import ConfigError
+from supersede.lane import Lane, lane_of
 from supersede.protocol import Entry
 from supersede.scripts import Scripts
 from supersede.streams import GroupSpec, OwnPending, after_failure, consumer_name, create_groups
@@ -79,6 +80,7 @@ class Service:
         self.settings = settings
         self.keys = settings.keys
         self.consumer = consumer or consumer_name(self.name)
+        self._lanes: list[Lane] = []  # made by `run` and its loops, closed when it returns
         self.scripts = Scripts(redis, self.keys)
         self.log = logging.getLogger(f"supersede.{self.name}")
         self.ready = False
@@ -99,6 +101,14 @@ class Service:
             gone = await self.scripts.forget_consumers(groups, idle_ms=idle_ms)
             if gone:
                 counter.inc(gone)
+
+    def lane(self) -> Lane | None:
+        """A connection of its own for hot calls (the script calls; a blocking read), closed
+        when the service stops; None where redis-py's client must make them (a cluster)."""
+        lane = lane_of(self.redis)
+        if lane is not None:
+            self._lanes.append(lane)
+        return lane
 
     # -- what a service gives ---------------------------------------------------------------------
     def groups(self) -> Sequence[GroupSpec]:
@@ -138,6 +148,15 @@ class Service:
         metrics.set_ready(True, self.name)
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.scripts.lane = self.lane()
+        try:
+            await self._run(stop)
+        finally:
+            await asyncio.gather(*(lane.aclose() for lane in self._lanes))
+            self._lanes.clear()
+            self.scripts.lane = None
+
+    async def _run(self, stop: asyncio.Event) -> None:
         await self.start()
         extra = {"consumer": self.consumer, "redis": redact(self.settings.redis_url),
                  "namespace": self.keys.namespace, "shards": self.keys.shards}  # fmt: skip

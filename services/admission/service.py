@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -25,6 +25,7 @@ from supersede import aio, codec, tracing
 from supersede import metrics as metrics_base
 from supersede.config import Settings
 from supersede.errors import ScriptError, describe
+from supersede.lane import Lane
 from supersede.metrics import HOP_SECONDS
 from supersede.protocol import (
     ADMISSION_GROUP,
@@ -107,8 +108,17 @@ class BatchReader:
     still applied one after another, in stream order.
     """
 
-    def __init__(self, redis: Redis, consumer: str, names: list[bytes], count: int, block_ms: int):
+    def __init__(
+        self,
+        redis: Redis,
+        consumer: str,
+        names: list[bytes],
+        count: int,
+        block_ms: int,
+        lane: Lane | None = None,
+    ):
         self.redis = redis
+        self.lane = lane  # the reads' own connection (None: redis-py's pool)
         self.consumer = consumer
         self.own = OwnPending(names)
         self.count = count
@@ -116,13 +126,23 @@ class BatchReader:
         self.ahead: Read | None = None
 
     def _send(self) -> Read:
-        call = self.redis.xreadgroup(
-            ADMISSION_GROUP,
-            self.consumer,
-            self.own.ids(),  # type: ignore[arg-type]
-            count=self.count,
-            block=self.block_ms,
-        )
+        call: Awaitable[Any]
+        if self.lane is not None:
+            call = self.lane.xreadgroup(
+                ADMISSION_GROUP,
+                self.consumer,
+                self.own.ids(),
+                count=self.count,
+                block=self.block_ms,
+            )
+        else:
+            call = self.redis.xreadgroup(
+                ADMISSION_GROUP,
+                self.consumer,
+                self.own.ids(),  # type: ignore[arg-type]
+                count=self.count,
+                block=self.block_ms,
+            )
         return Read(self.own.active, asyncio.ensure_future(call))  # kept in the Read
 
     def upcoming_reread(self) -> bool:
@@ -319,7 +339,7 @@ class Admission(Service):
     async def _read_loop(self, stop: asyncio.Event, names: list[bytes]) -> None:
         """Read a batch, apply it; on stop, a read already sent is applied before returning."""
         reader = BatchReader(
-            self.redis, self.consumer, names, self.config.batch, self.config.block_ms
+            self.redis, self.consumer, names, self.config.batch, self.config.block_ms, self.lane()
         )
         part = f"read {names[0].decode()}"  # (on a cluster, one reader per shard)
         try:

@@ -40,6 +40,7 @@ from typing import cast
 from redis.asyncio import Redis
 
 from supersede.keys import Keys
+from supersede.lane import Lane
 from supersede.protocol import EXECUTOR_GROUP, Entry, StreamReply, parse_assignment
 from supersede.scripts import Claim, Taken
 from supersede.service import Service, Throttle
@@ -87,6 +88,7 @@ class Fetcher:
     ) -> None:
         self.service = service
         self.redis: Redis = service.redis
+        self.reads: Lane | None = None  # the blocking reads' own connection, from `loop`
         self.consumer = service.consumer
         self.keys = keys
         self.config = config
@@ -124,6 +126,7 @@ class Fetcher:
 
     async def loop(self, stop: asyncio.Event) -> None:
         """Until `stop`: wait for a free slot, read, take over, claim and start; or wait."""
+        self.reads = self.service.lane()  # (None: redis-py's pool makes the reads)
         while not stop.is_set():
             reread = False
             try:
@@ -316,13 +319,24 @@ class Fetcher:
     async def _read_blocking(self, free: int) -> list[Fetched]:
         """One XREADGROUP BLOCK over every assignment stream, `free // streams` entries each."""
         count = free // len(self.streams)
-        reply = await self.redis.xreadgroup(
-            EXECUTOR_GROUP,
-            self.consumer,
-            dict.fromkeys(self.streams, ">"),
-            count=count,
-            block=self.config.block_ms,
-        )
+        streams = dict.fromkeys(self.streams, ">")
+        block = self.config.block_ms
+        reply: StreamReply
+        if self.reads is not None:
+            reply = await self.reads.xreadgroup(
+                EXECUTOR_GROUP, self.consumer, streams, count=count, block=block
+            )
+        else:
+            reply = cast(
+                StreamReply,
+                await self.redis.xreadgroup(
+                    EXECUTOR_GROUP,
+                    self.consumer,
+                    streams,  # type: ignore[arg-type]
+                    count=count,
+                    block=block,
+                ),
+            )
         return self._parse_reply(reply, count=count)
 
     async def _read_scan(self, free: int) -> Reading:
@@ -450,9 +464,16 @@ class Fetcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.block_ms / 1000)
             return self._wake.is_set()
-        reply = await self.redis.xread(self._wake_ids, count=1, block=self.config.block_ms)  # type: ignore[arg-type]
+        reply: StreamReply
+        if self.reads is not None:
+            reply = await self.reads.xread(self._wake_ids, count=1, block=self.config.block_ms)
+        else:
+            reply = cast(
+                StreamReply,
+                await self.redis.xread(self._wake_ids, count=1, block=self.config.block_ms),  # type: ignore[arg-type]
+            )
         woken = False
-        for stream, entries in cast(StreamReply, reply or []):
+        for stream, entries in reply or []:
             if entries:
                 name = stream.decode()
                 self._wake_ids[name] = entries[-1][0].decode()

@@ -27,6 +27,7 @@ from supersede import aio, tracing
 from supersede.config import Settings
 from supersede.errors import KeyExpressionError, describe
 from supersede.keyexpr import KeyFn, LimitFn, compile_key, compile_limit
+from supersede.lane import Lane
 from supersede.metrics import HOP_SECONDS
 from supersede.model import (
     encode_seq,
@@ -288,6 +289,7 @@ class Ingress(Service):
         # Where a shard's requests go: the `append_requests` script, unless `supersede serve`
         # hands them to the admission of its own process (services/serve.py).
         self.sink: Sink = self.scripts.append_requests
+        self.reads: Lane | None = None  # the inbox reads' own connection, from `main`
 
     def groups(self) -> list[GroupSpec]:
         return [(self.keys.events_stream, INGRESS_GROUP)]
@@ -360,6 +362,7 @@ class Ingress(Service):
         """Read a batch, route it, start its writes; the next read overlaps those writes."""
         stage = WriteStage()
         own = OwnPending([self.keys.events_stream])
+        self.reads = self.lane()  # (None: redis-py's pool makes the reads)
         try:
             while not stop.is_set():
                 if not self.routes:
@@ -394,16 +397,23 @@ class Ingress(Service):
         """XREADGROUP BLOCK on the inbox (own pending entries first after a failure); entries
         trimmed away since they were delivered are acknowledged and logged."""
         reread = own.active
-        reply = cast(
-            StreamReply | None,
-            await self.redis.xreadgroup(
-                INGRESS_GROUP,
-                self.consumer,
-                own.ids(),  # type: ignore[arg-type]
-                count=self.config.batch,
-                block=self.config.block_ms,
-            ),
-        )
+        count, block = self.config.batch, self.config.block_ms
+        reply: StreamReply | None
+        if self.reads is not None:
+            reply = await self.reads.xreadgroup(
+                INGRESS_GROUP, self.consumer, own.ids(), count=count, block=block
+            )
+        else:
+            reply = cast(
+                StreamReply | None,
+                await self.redis.xreadgroup(
+                    INGRESS_GROUP,
+                    self.consumer,
+                    own.ids(),  # type: ignore[arg-type]
+                    count=count,
+                    block=block,
+                ),
+            )
         own.advance(reply, reread)
         batches = []
         for _, entries in reply or []:

@@ -1,0 +1,233 @@
+"""A lean connection for the hot path: one socket, commands pipelined in the order they are
+sent, replies parsed by hiredis straight from the event loop's protocol callback.
+
+redis-py's asyncio client spends most of a round trip in Python around the socket (the pool and
+its lock, the retry wrapper, a timeout context per read, a stream reader and its futures): about
+80 µs of CPU per command on the development machine, against 8 µs here (`bench/lane.py`). Each
+run crosses three hops, each a blocking read and a script call, so those microseconds are most
+of the start latency above the wake-ups themselves, and CPU the services share with Redis.
+
+A lane is used for the hot calls only (the blocking reads of the three services, the script
+calls): everything else keeps redis-py. It is made only where it can do what redis-py would:
+- one server (a cluster routes by slot: redis-py's cluster client keeps every call there);
+- either protocol redis-py negotiated (its replies are hiredis's, as redis-py's are; stream
+  reads are shaped as redis-py shapes them);
+- redis-py makes the connection (address, TLS, AUTH, SELECT, client name: its handshake, the
+  same as every other connection of the process), then the lane takes over its transport;
+- a `socket_timeout` in the URL bounds each call as it bounds redis-py's (the connection is
+  dropped: the reply it waited for is lost, the next call connects again).
+
+Errors are redis-py's exceptions (its parser's mapping: NOSCRIPT, NOPERM, ... ), so callers
+handle them as before. A connection that breaks fails every call waiting on it with
+ConnectionError; the next call connects again. A caller cancelled while its reply is on the way
+leaves the connection usable: that reply is read and dropped in its turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Mapping
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import ConnectionError, InvalidResponse, TimeoutError
+
+from supersede.protocol import StreamReply
+
+try:  # (where redis-py keeps its parsers moved between releases)
+    from redis._parsers.base import BaseParser
+except ImportError:  # pragma: no cover
+    BaseParser = None  # type: ignore[assignment,misc]
+
+_TAKEN_OVER = (Connection, SSLConnection, UnixDomainSocketConnection)  # redis-py's own
+
+
+class _Wire(asyncio.Protocol):
+    """The protocol on a taken-over transport: replies go to the waiting calls in order."""
+
+    def __init__(self, transport: asyncio.Transport, writer: asyncio.StreamWriter) -> None:
+        self.transport = transport
+        self.writer = writer  # (held: a stream writer closes its transport when collected)
+        self.reader = hiredis.Reader(
+            protocolError=InvalidResponse,
+            replyError=BaseParser.parse_error,
+        )
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.lost: BaseException | None = None
+        self.closed = asyncio.get_running_loop().create_future()  # set by the transport
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiting = self.waiting
+        while True:
+            try:
+                reply = self.reader.gets()
+            except Exception as exc:  # (a protocol error: nothing after it can be trusted)
+                self.transport.abort()
+                self.fail(exc)
+                return
+            if reply is False:
+                return
+            if isinstance(reply, hiredis.PushNotification):  # (RESP3: not a reply)
+                continue
+            if not waiting:  # (no RESP2 reply comes unasked: a broken stream)
+                self.transport.abort()
+                self.fail(InvalidResponse("a reply nobody asked for"))
+                return
+            future = waiting.popleft()
+            if future.done():  # (its caller was cancelled: the reply is dropped in its turn)
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.fail(exc)
+
+    def fail(self, exc: Exception | None) -> None:
+        """The connection is unusable: every call waiting on it fails with ConnectionError."""
+        if self.lost is None:
+            self.lost = ConnectionError(
+                f"Connection lost: {exc}" if exc else "Connection closed by server."
+            )
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(self.lost)
+
+    def eof_received(self) -> bool:
+        return False  # (close the transport: connection_lost follows)
+
+
+class Lane:
+    """One connection of `redis`'s settings for hot calls (see the module's docstring)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._pool = redis.connection_pool
+        kwargs = self._pool.connection_kwargs
+        self._timeout: float | None = kwargs.get("socket_timeout")
+        self._wire: _Wire | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._closed = False
+
+    @staticmethod
+    def usable(redis: Redis) -> bool:
+        """Whether a lane can stand in for `redis`'s calls (one server, RESP2)."""
+        if isinstance(redis, RedisCluster) or BaseParser is None:
+            return False
+        return redis.connection_pool.connection_class in _TAKEN_OVER  # (fakeredis: none)
+
+    async def execute(self, *args: Any) -> Any:
+        """Send one command; its reply as hiredis gives it (bytes, ints, lists)."""
+        wire = self._wire
+        if wire is None or wire.lost is not None:
+            wire = await self._connect()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        wire.waiting.append(future)
+        wire.transport.write(hiredis.pack_command(args))
+        if self._timeout is None:
+            return await future
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await future
+        except TimeoutError:  # (the builtin one: its reply may still come, on a dropped line)
+            wire.transport.abort()
+            wire.fail(TimeoutError("Timeout reading from the server"))
+            raise TimeoutError("Timeout reading from the server") from None
+
+    async def _connect(self) -> _Wire:
+        if self._closed:
+            raise ConnectionError("the lane is closed")
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._wire is not None and self._wire.lost is None:
+                return self._wire
+            connection = self._pool.make_connection()  # type: ignore[no-untyped-call]
+            await connection.connect()  # redis-py's handshake: TLS, AUTH, SELECT, name
+            writer = cast(asyncio.StreamWriter | None, getattr(connection, "_writer", None))
+            reader = cast(asyncio.StreamReader | None, getattr(connection, "_reader", None))
+            if writer is None or (reader is not None and reader._buffer):  # type: ignore[attr-defined]
+                await connection.disconnect()
+                raise ConnectionError("the connection could not be taken over")
+            transport = cast(asyncio.Transport, writer.transport)
+            wire = _Wire(transport, writer)
+            transport.set_protocol(wire)
+            connection._writer = connection._reader = None  # (its __del__ would close it)
+            self._wire = wire
+            return wire
+
+    async def aclose(self) -> None:
+        """Close the connection (calls waiting on it fail with ConnectionError) and wait until
+        its socket is closed."""
+        self._closed = True
+        wire, self._wire = self._wire, None
+        if wire is None:
+            return
+        wire.transport.close()
+        wire.fail(None)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(wire.closed), 1.0)
+
+    async def xreadgroup(
+        self,
+        group: str,
+        consumer: str,
+        streams: Mapping[Any, Any],
+        *,
+        count: int | None = None,
+        block: int | None = None,
+    ) -> StreamReply:
+        """XREADGROUP, its reply shaped as redis-py's: [(stream, [(id, fields)])], [] for
+        none; a pending entry trimmed away has empty fields."""
+        args: list[Any] = ["XREADGROUP", "GROUP", group, consumer]
+        if count:
+            args += ("COUNT", count)
+        if block is not None:
+            args += ("BLOCK", block)
+        args.append("STREAMS")
+        args += streams.keys()
+        args += streams.values()
+        return stream_reply(await self.execute(*args))
+
+    async def xread(
+        self, streams: Mapping[Any, Any], *, count: int | None = None, block: int | None = None
+    ) -> StreamReply:
+        """XREAD, its reply shaped as xreadgroup's."""
+        args: list[Any] = ["XREAD"]
+        if count:
+            args += ("COUNT", count)
+        if block is not None:
+            args += ("BLOCK", block)
+        args.append("STREAMS")
+        args += streams.keys()
+        args += streams.values()
+        return stream_reply(await self.execute(*args))
+
+
+def stream_reply(raw: dict[bytes, list[Any]] | list[list[Any]] | None) -> StreamReply:
+    """A raw XREAD(GROUP) reply (a map in RESP3, pairs in RESP2) as redis-py's RESP2 shape."""
+    if not raw:
+        return []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    return [(name, [(eid, _fields(fields)) for eid, fields in entries]) for name, entries in pairs]
+
+
+def _fields(flat: list[bytes] | None) -> dict[bytes, bytes]:
+    if not flat:
+        return {}
+    it = iter(flat)
+    return dict(zip(it, it, strict=True))
+
+
+def lane_of(redis: Redis) -> Lane | None:
+    """A lane for `redis`'s hot calls, or None where redis-py must make them (a cluster)."""
+    return Lane(redis) if Lane.usable(redis) else None
