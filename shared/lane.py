@@ -14,8 +14,9 @@ calls): everything else keeps redis-py. It is made only where it can do what red
   reads are shaped as redis-py shapes them);
 - redis-py makes the connection (address, TLS, AUTH, SELECT, client name: its handshake, the
   same as every other connection of the process), then the lane takes over its transport;
-- a `socket_timeout` in the URL bounds each call as it bounds redis-py's (the connection is
-  dropped: the reply it waited for is lost, the next call connects again).
+- redis-py's `socket_timeout` (5 s unless the URL says otherwise) bounds each call, plus the
+  BLOCK of a blocking read (the connection is dropped: the calls waiting on it fail with
+  TimeoutError, the next call connects again).
 
 Errors are redis-py's exceptions (its parser's mapping: NOSCRIPT, NOPERM, ... ), so callers
 handle them as before. A connection that breaks fails every call waiting on it with
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -35,7 +37,7 @@ import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
-from redis.exceptions import ConnectionError, InvalidResponse, TimeoutError
+from redis.exceptions import ConnectionError, InvalidResponse, RedisError, TimeoutError
 
 from supersede.protocol import StreamReply
 
@@ -48,18 +50,54 @@ _TAKEN_OVER = (Connection, SSLConnection, UnixDomainSocketConnection)  # redis-p
 
 
 class _Wire(asyncio.Protocol):
-    """The protocol on a taken-over transport: replies go to the waiting calls in order."""
+    """The protocol on a taken-over transport: replies go to the waiting calls in order.
 
-    def __init__(self, transport: asyncio.Transport, writer: asyncio.StreamWriter) -> None:
+    With a `timeout`, a watchdog (a timer every quarter of it, at most a second) drops the
+    connection when the oldest call waited past its deadline: one timer per connection instead
+    of one per call."""
+
+    def __init__(
+        self, transport: asyncio.Transport, writer: asyncio.StreamWriter, timeout: float | None
+    ) -> None:
         self.transport = transport
         self.writer = writer  # (held: a stream writer closes its transport when collected)
         self.reader = hiredis.Reader(
             protocolError=InvalidResponse,
             replyError=BaseParser.parse_error,
         )
-        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self.lost: BaseException | None = None
-        self.closed = asyncio.get_running_loop().create_future()  # set by the transport
+        # (call, deadline by the loop's clock; deadlines never decrease along the queue)
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self.lost: RedisError | None = None
+        self.loop = asyncio.get_running_loop()
+        self.closed = self.loop.create_future()  # set by the transport
+        self.timeout = timeout
+        if timeout:
+            self.loop.call_later(self._watch_every(), self._watch)
+
+    def send(self, packed: bytes, block_s: float) -> asyncio.Future[Any]:
+        """Write one packed command; the future of its reply. `block_s`: how long the server
+        may hold it on purpose (a BLOCK), added to its deadline."""
+        future = self.loop.create_future()
+        deadline = math.inf
+        if self.timeout:
+            deadline = self.loop.time() + self.timeout + block_s
+            if self.waiting:  # (it runs after those before it)
+                deadline = max(deadline, self.waiting[-1][1])
+        self.waiting.append((future, deadline))
+        self.transport.write(packed)
+        return future
+
+    def _watch_every(self) -> float:
+        return max(0.01, min(1.0, (self.timeout or 0) / 4))
+
+    def _watch(self) -> None:
+        if self.lost is not None:
+            return
+        if self.waiting and self.waiting[0][1] < self.loop.time():
+            self.transport.abort()
+            self.fail(TimeoutError("Timeout reading from the server"))
+            return
+        self.loop.call_later(self._watch_every(), self._watch)
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -69,17 +107,17 @@ class _Wire(asyncio.Protocol):
                 reply = self.reader.gets()
             except Exception as exc:  # (a protocol error: nothing after it can be trusted)
                 self.transport.abort()
-                self.fail(exc)
+                self.fail(ConnectionError(f"Protocol error: {exc}"))
                 return
             if reply is False:
                 return
             if isinstance(reply, hiredis.PushNotification):  # (RESP3: not a reply)
                 continue
-            if not waiting:  # (no RESP2 reply comes unasked: a broken stream)
+            if not waiting:  # (no reply comes unasked: a broken stream)
                 self.transport.abort()
-                self.fail(InvalidResponse("a reply nobody asked for"))
+                self.fail(ConnectionError("Protocol error: a reply nobody asked for"))
                 return
-            future = waiting.popleft()
+            future = waiting.popleft()[0]
             if future.done():  # (its caller was cancelled: the reply is dropped in its turn)
                 continue
             if isinstance(reply, Exception):
@@ -90,16 +128,15 @@ class _Wire(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
             self.closed.set_result(None)
-        self.fail(exc)
+        self.fail(ConnectionError(f"Connection lost: {exc}" if exc else "Connection closed."))
 
-    def fail(self, exc: Exception | None) -> None:
-        """The connection is unusable: every call waiting on it fails with ConnectionError."""
+    def fail(self, error: RedisError) -> None:
+        """The connection is unusable: every call waiting on it fails with `error` (the
+        first one given)."""
         if self.lost is None:
-            self.lost = ConnectionError(
-                f"Connection lost: {exc}" if exc else "Connection closed by server."
-            )
+            self.lost = error
         while self.waiting:
-            future = self.waiting.popleft()
+            future = self.waiting.popleft()[0]
             if not future.done():
                 future.set_exception(self.lost)
 
@@ -112,36 +149,24 @@ class Lane:
 
     def __init__(self, redis: Redis) -> None:
         self._pool = redis.connection_pool
-        kwargs = self._pool.connection_kwargs
-        self._timeout: float | None = kwargs.get("socket_timeout")
         self._wire: _Wire | None = None
         self._connecting: asyncio.Lock | None = None
         self._closed = False
 
     @staticmethod
     def usable(redis: Redis) -> bool:
-        """Whether a lane can stand in for `redis`'s calls (one server, RESP2)."""
+        """Whether a lane can stand in for `redis`'s calls (one server, redis-py's sockets)."""
         if isinstance(redis, RedisCluster) or BaseParser is None:
             return False
         return redis.connection_pool.connection_class in _TAKEN_OVER  # (fakeredis: none)
 
-    async def execute(self, *args: Any) -> Any:
-        """Send one command; its reply as hiredis gives it (bytes, ints, lists)."""
+    async def execute(self, *args: Any, block_s: float = 0.0) -> Any:
+        """Send one command; its reply as hiredis gives it (bytes, ints, lists, maps).
+        `block_s`: how long the server may hold it on purpose (a BLOCK argument)."""
         wire = self._wire
         if wire is None or wire.lost is not None:
             wire = await self._connect()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        wire.waiting.append(future)
-        wire.transport.write(hiredis.pack_command(args))
-        if self._timeout is None:
-            return await future
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await future
-        except TimeoutError:  # (the builtin one: its reply may still come, on a dropped line)
-            wire.transport.abort()
-            wire.fail(TimeoutError("Timeout reading from the server"))
-            raise TimeoutError("Timeout reading from the server") from None
+        return await wire.send(hiredis.pack_command(args), block_s)
 
     async def _connect(self) -> _Wire:
         if self._closed:
@@ -159,7 +184,7 @@ class Lane:
                 await connection.disconnect()
                 raise ConnectionError("the connection could not be taken over")
             transport = cast(asyncio.Transport, writer.transport)
-            wire = _Wire(transport, writer)
+            wire = _Wire(transport, writer, getattr(connection, "socket_timeout", None))
             transport.set_protocol(wire)
             connection._writer = connection._reader = None  # (its __del__ would close it)
             self._wire = wire
@@ -173,8 +198,8 @@ class Lane:
         if wire is None:
             return
         wire.transport.close()
-        wire.fail(None)
-        with contextlib.suppress(TimeoutError):
+        wire.fail(ConnectionError("the lane is closed"))
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(wire.closed), 1.0)
 
     async def xreadgroup(
@@ -186,7 +211,7 @@ class Lane:
         count: int | None = None,
         block: int | None = None,
     ) -> StreamReply:
-        """XREADGROUP, its reply shaped as redis-py's: [(stream, [(id, fields)])], [] for
+        """XREADGROUP, its reply shaped as redis-py's: [[stream, [(id, fields)]]], [] for
         none; a pending entry trimmed away has empty fields."""
         args: list[Any] = ["XREADGROUP", "GROUP", group, consumer]
         if count:
@@ -196,7 +221,7 @@ class Lane:
         args.append("STREAMS")
         args += streams.keys()
         args += streams.values()
-        return stream_reply(await self.execute(*args))
+        return stream_reply(await self.execute(*args, block_s=(block or 0) / 1000))
 
     async def xread(
         self, streams: Mapping[Any, Any], *, count: int | None = None, block: int | None = None
@@ -210,7 +235,7 @@ class Lane:
         args.append("STREAMS")
         args += streams.keys()
         args += streams.values()
-        return stream_reply(await self.execute(*args))
+        return stream_reply(await self.execute(*args, block_s=(block or 0) / 1000))
 
 
 def stream_reply(raw: dict[bytes, list[Any]] | list[list[Any]] | None) -> StreamReply:
@@ -218,7 +243,7 @@ def stream_reply(raw: dict[bytes, list[Any]] | list[list[Any]] | None) -> Stream
     if not raw:
         return []
     pairs = raw.items() if isinstance(raw, dict) else raw
-    return [(name, [(eid, _fields(fields)) for eid, fields in entries]) for name, entries in pairs]
+    return [[name, [(eid, _fields(fields)) for eid, fields in entries]] for name, entries in pairs]  # type: ignore[misc]
 
 
 def _fields(flat: list[bytes] | None) -> dict[bytes, bytes]:

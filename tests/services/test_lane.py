@@ -1,0 +1,176 @@
+"""The lean connection of the hot calls (shared/lane.py): replies and errors as redis-py gives
+them, in order after a cancelled call, a broken connection failing its calls and the next one
+reconnecting, the URL's socket_timeout, TLS, and the services using lanes only while they run."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import fakeredis
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
+
+from supersede.config import Settings, connect
+from supersede.keys import Keys
+from supersede.lane import Lane, lane_of
+from supersede.scripts import Scripts
+from supersede.server import EmbeddedCluster
+from supersede.services.ingress.service import Ingress, IngressConfig
+from supersede.streams import ensure_groups
+from tests.support import eventually
+
+
+@pytest.fixture(params=["resp3", "resp2", "tls"])
+async def client(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[Redis]:
+    if request.param == "tls":
+        url = request.getfixturevalue("redis_tls").url
+    else:
+        url = redis_url + ("?protocol=2" if request.param == "resp2" else "")
+    redis = connect(url)
+    yield redis
+    await redis.aclose()
+
+
+@pytest.fixture
+async def lane(client: Redis) -> AsyncIterator[Lane]:
+    made = lane_of(client)
+    assert made is not None
+    yield made
+    await made.aclose()
+
+
+async def _ids(redis: Redis) -> set[int]:
+    return {int(c["id"]) for c in await redis.client_list()}
+
+
+async def test_replies_and_errors_are_redis_py_s(client: Redis, lane: Lane, namespace: str) -> None:
+    assert await lane.execute("PING") == b"PONG"
+    sha = await client.script_load("return {1, 'two', {3}, KEYS[1], ARGV[1]}")
+    args = (sha, 1, f"{namespace}:k", 2.5)
+    assert await lane.execute("EVALSHA", *args) == await client.evalsha(*args)
+    with pytest.raises(NoScriptError):
+        await lane.execute("EVALSHA", "0" * 40, 0)
+    with pytest.raises(ResponseError, match="unknown command"):
+        await lane.execute("NOSUCHCOMMAND")
+    assert await lane.execute("PING") == b"PONG"  # (still in step after the errors)
+
+
+async def test_stream_reads_are_shaped_as_redis_py_s(
+    client: Redis, lane: Lane, namespace: str
+) -> None:
+    stream = f"{namespace}:s"
+    await client.xgroup_create(stream, "g", id="0", mkstream=True)
+    for n in range(3):
+        await client.xadd(stream, {"n": str(n), "f": b"\xff"})
+    got: Any = await lane.xreadgroup("g", "c", {stream: ">"}, count=2, block=10)
+    again = await client.xreadgroup("g", "c", {stream: "0"})  # (the same two, pending)
+    assert got == again and len(got[0][1]) == 2
+    await client.xtrim(stream, maxlen=0)  # a pending entry trimmed away: empty fields
+    got = await lane.xreadgroup("g", "c", {stream: "0"})
+    assert got == await client.xreadgroup("g", "c", {stream: "0"})
+    assert got[0][1][0][1] == {}
+    assert await lane.xreadgroup("g", "c", {stream: ">"}, block=10) == []  # (nothing new)
+    first = await client.xadd(stream, {"n": "3"})
+    got = await lane.xread({stream: "0"})
+    assert got == await client.xread({stream: "0"})
+    assert (await lane.xread({stream: "0"}, count=1))[0][1][0][0] == first
+
+
+async def test_a_cancelled_call_leaves_the_replies_in_order(lane: Lane, namespace: str) -> None:
+    blocked = asyncio.create_task(lane.execute("XREAD", "BLOCK", 300, "STREAMS", namespace, "$"))
+    await asyncio.sleep(0.05)
+    blocked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+    assert await lane.execute("ECHO", "after") == b"after"  # (not the XREAD's nil)
+    assert await lane.execute("ECHO", "next") == b"next"
+
+
+async def test_a_killed_connection_fails_its_calls_and_the_next_call_reconnects(
+    client: Redis, lane: Lane, namespace: str
+) -> None:
+    first = int(await lane.execute("CLIENT", "ID"))
+    blocked = asyncio.create_task(lane.execute("XREAD", "BLOCK", 5000, "STREAMS", namespace, "$"))
+    await asyncio.sleep(0.05)
+    await client.client_kill_filter(_id=first)
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(blocked, 2)  # (not the whole BLOCK)
+    second = int(await lane.execute("CLIENT", "ID"))
+    assert second != first
+    assert first not in await _ids(client)
+
+
+async def test_the_url_s_socket_timeout_bounds_a_call(redis_url: str, namespace: str) -> None:
+    redis = connect(redis_url + "?socket_timeout=0.2")
+    lane = lane_of(redis)
+    assert lane is not None
+    try:
+        assert await lane.xread({namespace: "$"}, block=500) == []  # (its BLOCK is not cut)
+        first = int(await lane.execute("CLIENT", "ID"))
+        with pytest.raises(TimeoutError):
+            await lane.execute("XREAD", "BLOCK", 3000, "STREAMS", namespace, "$")
+        assert int(await lane.execute("CLIENT", "ID")) != first  # (a new connection)
+        await eventually(lambda: _gone(redis, first))
+    finally:
+        await lane.aclose()
+        await redis.aclose()
+
+
+async def _gone(redis: Redis, client_id: int) -> bool:
+    return client_id not in await _ids(redis)
+
+
+async def test_a_script_call_after_the_server_lost_its_scripts(redis: Redis, keys: Keys) -> None:
+    lane = lane_of(redis)
+    scripts = Scripts(redis, keys, lane=lane)
+    await scripts.load()
+    await redis.script_flush()
+    try:
+        assert await scripts.append_requests(0, [b"x"]) == 1  # (NOSCRIPT: loaded, sent again)
+    finally:
+        assert lane is not None
+        await lane.aclose()
+
+
+async def test_a_closed_lane_closes_its_socket_and_refuses_calls(redis: Redis) -> None:
+    lane = lane_of(redis)
+    assert lane is not None
+    own = int(await lane.execute("CLIENT", "ID"))
+    await lane.aclose()
+    await eventually(lambda: _gone(redis, own))
+    with pytest.raises(ConnectionError):
+        await lane.execute("PING")
+
+
+async def test_no_lane_where_redis_py_must_make_the_calls(redis_cluster: EmbeddedCluster) -> None:
+    assert lane_of(fakeredis.FakeAsyncRedis()) is None  # (no socket to take over)
+    cluster = connect(f"redis+cluster://127.0.0.1:{redis_cluster.nodes[0].port}")
+    assert lane_of(cluster) is None  # (calls routed by slot)
+    await cluster.aclose()
+
+
+async def test_a_running_service_uses_lanes_and_closes_them_when_it_stops(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    await ensure_groups(redis, keys)
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    before = await _ids(redis)
+    service = Ingress(connect(redis_url), settings, IngressConfig(block_ms=50))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await eventually(lambda: asyncio.sleep(0, service.reads is not None))
+        assert service.scripts.lane is not None
+        await eventually(lambda: asyncio.sleep(0, len(service._lanes) == 2))
+        lanes = {int(await lane.execute("CLIENT", "ID")) for lane in service._lanes}
+        assert lanes <= await _ids(redis)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        await service.redis.aclose()
+    assert not lanes & await _ids(redis)
+    assert service.scripts.lane is None
+    assert (await _ids(redis)) - before <= set()  # (nothing of the service's left open)
