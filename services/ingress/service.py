@@ -562,13 +562,18 @@ class Ingress(Service):
         # refuses a transaction over two slots, so there the dead letters are written first and
         # the acknowledgement after: at least once, never lost.
         # Without dead letters the acknowledgement alone needs no transaction.
-        atomic = bool(batch.dead) and not isinstance(self.redis, RedisCluster)
-        async with self.redis.pipeline(transaction=atomic) as pipe:
-            cap = self.config.max_dead_letters or None
-            for body in batch.dead:
-                pipe.xadd(self.keys.dead_stream, body, maxlen=cap, approximate=True)
-            pipe.xack(self.keys.events_stream, INGRESS_GROUP, *[e for e, _ in batch.entries])
-            await pipe.execute()
+        done = [e for e, _ in batch.entries]
+        lane = self.scripts.lane
+        if lane is not None and not batch.dead:
+            await lane.execute("XACK", self.keys.events_stream, INGRESS_GROUP, *done)
+        else:
+            atomic = bool(batch.dead) and not isinstance(self.redis, RedisCluster)
+            async with self.redis.pipeline(transaction=atomic) as pipe:
+                cap = self.config.max_dead_letters or None
+                for body in batch.dead:
+                    pipe.xadd(self.keys.dead_stream, body, maxlen=cap, approximate=True)
+                pipe.xack(self.keys.events_stream, INGRESS_GROUP, *done)
+                await pipe.execute()
         metrics.EVENTS.inc(len(batch.entries))
         metrics.UNROUTED.inc(batch.unrouted)
         metrics.DEDUPLICATED.inc(dropped)
