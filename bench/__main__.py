@@ -12,6 +12,7 @@ from bench import (
     executor,
     ingress,
     isolation,
+    lane,
     ops,
     saq_ref,
     serve,
@@ -21,6 +22,7 @@ from bench import (
 def main() -> None:
     asyncio.run(admission.main(200_000, 10_000))
     asyncio.run(ingress.main(200_000, 10_000))
+    lane.run()  # one round trip: the hot calls' connection against redis-py's
     asyncio.run(executor.main())
     asyncio.run(cpu_split.main())  # the CPU of a run, per process
     asyncio.run(serve.main())  # the same in one process (`supersede serve`)
