@@ -48,7 +48,7 @@ async def main() -> None:
         # as each hop's read does, without consuming anything.
         calls: dict[str, tuple[Callable[[], Awaitable[Any]], Callable[[], Awaitable[Any]]]] = {
             "evalsha": (
-                lambda: redis.evalsha(sha, 0, "x"),  # type: ignore[arg-type]
+                lambda: redis.evalsha(sha, 0, "x"),
                 lambda: lane.execute("EVALSHA", sha, 0, "x"),
             ),
             "xreadgroup": (

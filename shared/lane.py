@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover
     BaseParser = None  # type: ignore[assignment,misc]
 
 _TAKEN_OVER = (Connection, SSLConnection, UnixDomainSocketConnection)  # redis-py's own
+_MORE = object()  # what hiredis's reader gives while a reply is incomplete
 
 
 class _Wire(asyncio.Protocol):
@@ -64,6 +65,7 @@ class _Wire(asyncio.Protocol):
         self.reader = hiredis.Reader(
             protocolError=InvalidResponse,
             replyError=BaseParser.parse_error,
+            notEnoughData=_MORE,  # (not False: a RESP3 reply can be false)
         )
         # (call, deadline by the loop's clock; deadlines never decrease along the queue)
         self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
@@ -109,7 +111,7 @@ class _Wire(asyncio.Protocol):
                 self.transport.abort()
                 self.fail(ConnectionError(f"Protocol error: {exc}"))
                 return
-            if reply is False:
+            if reply is _MORE:
                 return
             if isinstance(reply, hiredis.PushNotification):  # (RESP3: not a reply)
                 continue

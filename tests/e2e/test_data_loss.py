@@ -6,6 +6,9 @@ restarted by hand."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+
 import orjson
 import redis as redis_sync
 from redis.asyncio import Redis
@@ -13,6 +16,7 @@ from redis.asyncio import Redis
 from supersede.keys import Keys
 from supersede.server import EmbeddedServer
 from tests.support import APP, APP_WORKFLOWS, System, eventually, records
+from tests.support.proxy import FreezableProxy
 
 
 async def test_services_carry_on_when_the_server_restarts_empty() -> None:
@@ -115,3 +119,40 @@ async def test_a_busy_executor_is_not_ready_while_the_server_is_down() -> None:
         system.close()
         await redis.aclose()
         server.stop()
+
+
+async def test_services_carry_on_when_the_server_goes_silent(redis_server: EmbeddedServer) -> None:
+    """Every connection the services hold goes silent without closing (a dead host, a cut
+    network, a failover behind a virtual IP), while new connections reach the server: each
+    service's calls time out (the URL's socket_timeout), it connects again and the events
+    published after it run; then each stops at SIGTERM. Before, the hot calls' connections had
+    no timeout: the pipeline stalled for good and SIGTERM waited forever."""
+    keys = Keys("silent", 4)
+    proxy = await FreezableProxy(redis_server.port).start()
+    system = System(proxy.url("?socket_timeout=1"), keys)
+    redis = Redis.from_url(redis_server.url)
+    try:
+        await system.pipeline(redis, keys)
+        for i in range(5):
+            data = orjson.dumps({"k": f"before-{i}"})
+            await redis.xadd(keys.events_stream, {"name": "work.item", "data": data})
+        await eventually(lambda: _succeeded(redis, keys, 5), timeout=30)
+        proxy.freeze()
+        for i in range(5):
+            data = orjson.dumps({"k": f"after-{i}"})
+            await redis.xadd(keys.events_stream, {"name": "work.item", "data": data})
+        # (each ends: a step whose own connection hung at the freeze fails, as it should)
+        await eventually(lambda: _ended(redis, keys, 10), timeout=60)
+        for proc in system.procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in system.procs:
+            assert await asyncio.to_thread(proc.wait, 20) == 0
+    finally:
+        system.close()
+        await redis.aclose()
+        await proxy.stop()
+
+
+async def _ended(redis: Redis, keys: Keys, n: int) -> bool:
+    runs = await records(redis, keys)
+    return sum(1 for r in runs.values() if r["st"] in ("S", "F", "X")) >= n

@@ -5,6 +5,7 @@ reconnecting, the URL's socket_timeout, TLS, and the services using lanes only w
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,10 +18,11 @@ from supersede.config import Settings, connect
 from supersede.keys import Keys
 from supersede.lane import Lane, lane_of
 from supersede.scripts import Scripts
-from supersede.server import EmbeddedCluster
+from supersede.server import EmbeddedCluster, EmbeddedServer
 from supersede.services.ingress.service import Ingress, IngressConfig
 from supersede.streams import ensure_groups
 from tests.support import eventually
+from tests.support.proxy import FreezableProxy
 
 
 @pytest.fixture(params=["resp3", "resp2", "tls"])
@@ -101,6 +103,44 @@ async def test_a_killed_connection_fails_its_calls_and_the_next_call_reconnects(
     second = int(await lane.execute("CLIENT", "ID"))
     assert second != first
     assert first not in await _ids(client)
+
+
+async def test_a_silent_server_fails_the_calls_after_the_timeout_and_the_lane_reconnects(
+    redis_server: EmbeddedServer,
+) -> None:
+    """The peer goes silent without closing (a dead host, a cut network, a failover behind a
+    virtual IP): the calls waiting fail with redis-py's TimeoutError once the socket timeout
+    passed, and the next call connects again (new connections reach the server)."""
+    proxy = await FreezableProxy(redis_server.port).start()
+    redis = connect(proxy.url("?socket_timeout=0.3"))
+    lane = lane_of(redis)
+    assert lane is not None
+    try:
+        assert await lane.execute("PING") == b"PONG"
+        proxy.freeze()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(lane.execute("PING"), 5)
+        assert time.monotonic() - started < 2
+        assert await asyncio.wait_for(lane.execute("PING"), 5) == b"PONG"
+    finally:
+        await lane.aclose()
+        await redis.aclose()
+        await proxy.stop()
+
+
+async def test_a_lane_s_timeout_is_redis_py_s_default_unless_the_url_sets_one(
+    redis: Redis, redis_url: str
+) -> None:
+    """(redis-py keeps its default, 5 s, on the connection, not in the pool's settings.)"""
+    lane = lane_of(redis)
+    assert lane is not None
+    try:
+        await lane.execute("PING")
+        default = redis.connection_pool.make_connection().socket_timeout
+        assert default and lane._wire is not None and lane._wire.timeout == default
+    finally:
+        await lane.aclose()
 
 
 async def test_the_url_s_socket_timeout_bounds_a_call(redis_url: str, namespace: str) -> None:
