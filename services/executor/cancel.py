@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from supersede import tracing
 from supersede.keys import Keys
+from supersede.lane import Lane
 from supersede.protocol import Control, Entry, Outcome, StreamReply, parse_cancel
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
@@ -103,20 +104,30 @@ class Cancels:
         early.move_to_end(rid)
 
     # -- the control streams ---------------------------------------------------------------------
-    async def control_loop(self, stop: asyncio.Event) -> None:
-        """XREAD BLOCK over the control streams (one reader per shard on a cluster)."""
+    async def control_loop(self, stop: asyncio.Event, lane: Lane | None = None) -> None:
+        """XREAD BLOCK over the control streams (one reader per shard on a cluster; on one
+        server on `lane`, when given)."""
         streams = [sk.control_stream for sk in self.keys.all_shards()]
         if self.cluster:
             await asyncio.gather(*(self._read_control(stop, [s]) for s in streams))
         else:
-            await self._read_control(stop, streams)
+            await self._read_control(stop, streams, lane)
 
-    async def _read_control(self, stop: asyncio.Event, streams: list[str]) -> None:
+    async def _read_control(
+        self, stop: asyncio.Event, streams: list[str], lane: Lane | None = None
+    ) -> None:
         ids = await tail_ids(self.redis, streams)
+        block = self.config.block_ms
         while not stop.is_set():
             try:
-                reply = await self.redis.xread(ids, count=1000, block=self.config.block_ms)  # type: ignore[arg-type]
-                for stream, entries in cast(StreamReply, reply or []):
+                if lane is not None:
+                    reply = await lane.xread(ids, count=1000, block=block)
+                else:
+                    reply = cast(
+                        StreamReply,
+                        await self.redis.xread(ids, count=1000, block=block),  # type: ignore[arg-type]
+                    )
+                for stream, entries in reply or []:
                     ids[stream.decode()] = entries[-1][0].decode()
                     self._on_control(entries)
             except asyncio.CancelledError:
