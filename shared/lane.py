@@ -27,8 +27,8 @@ leaves the connection usable: that reply is read and dropped in its turn.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
-import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any, cast
@@ -48,6 +48,13 @@ except ImportError:  # pragma: no cover
 
 _TAKEN_OVER = (Connection, SSLConnection, UnixDomainSocketConnection)  # redis-py's own
 _MORE = object()  # what hiredis's reader gives while a reply is incomplete
+_PUSH = getattr(hiredis, "PushNotification", ())  # (hiredis before 3.2 has none)
+
+
+def _retrieved(attempt: asyncio.Future[Any]) -> None:
+    """A failed connect attempt's error is raised to those awaiting it; nothing to log."""
+    if not attempt.cancelled():
+        attempt.exception()
 
 
 class _Wire(asyncio.Protocol):
@@ -113,7 +120,7 @@ class _Wire(asyncio.Protocol):
                 return
             if reply is _MORE:
                 return
-            if isinstance(reply, hiredis.PushNotification):  # (RESP3: not a reply)
+            if isinstance(reply, _PUSH):  # (RESP3: not a reply)
                 continue
             if not waiting:  # (no reply comes unasked: a broken stream)
                 self.transport.abort()
@@ -152,7 +159,7 @@ class Lane:
     def __init__(self, redis: Redis) -> None:
         self._pool = redis.connection_pool
         self._wire: _Wire | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._connecting: asyncio.Future[_Wire] | None = None
         self._closed = False
 
     @staticmethod
@@ -171,26 +178,35 @@ class Lane:
         return await wire.send(hiredis.pack_command(args), block_s)
 
     async def _connect(self) -> _Wire:
+        """The connection, made again if it broke: one attempt shared by every call that
+        waits for it (each making its own in turn, the k-th waited k timeouts)."""
         if self._closed:
             raise ConnectionError("the lane is closed")
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            if self._wire is not None and self._wire.lost is None:
-                return self._wire
-            connection = self._pool.make_connection()  # type: ignore[no-untyped-call]
-            await connection.connect()  # redis-py's handshake: TLS, AUTH, SELECT, name
-            writer = cast(asyncio.StreamWriter | None, getattr(connection, "_writer", None))
-            reader = cast(asyncio.StreamReader | None, getattr(connection, "_reader", None))
-            if writer is None or (reader is not None and reader._buffer):  # type: ignore[attr-defined]
-                await connection.disconnect()
-                raise ConnectionError("the connection could not be taken over")
-            transport = cast(asyncio.Transport, writer.transport)
-            wire = _Wire(transport, writer, getattr(connection, "socket_timeout", None))
-            transport.set_protocol(wire)
-            connection._writer = connection._reader = None  # (its __del__ would close it)
-            self._wire = wire
-            return wire
+        attempt = self._connecting
+        if attempt is None or attempt.done():
+            attempt = self._connecting = asyncio.ensure_future(self._open())
+            attempt.add_done_callback(_retrieved)
+        wire = await asyncio.shield(attempt)
+        if self._closed:  # (closed while it connected)
+            self._wire = None
+            wire.transport.abort()
+            raise ConnectionError("the lane is closed")
+        return wire
+
+    async def _open(self) -> _Wire:
+        connection = self._pool.make_connection()  # type: ignore[no-untyped-call]
+        await connection.connect()  # redis-py's handshake: TLS, AUTH, SELECT, name
+        writer = cast(asyncio.StreamWriter | None, getattr(connection, "_writer", None))
+        reader = cast(asyncio.StreamReader | None, getattr(connection, "_reader", None))
+        if writer is None or (reader is not None and reader._buffer):  # type: ignore[attr-defined]
+            await connection.disconnect()
+            raise ConnectionError("the connection could not be taken over")
+        transport = cast(asyncio.Transport, writer.transport)
+        wire = _Wire(transport, writer, getattr(connection, "socket_timeout", None))
+        transport.set_protocol(wire)
+        connection._writer = connection._reader = None  # (its __del__ would close it)
+        self._wire = wire
+        return wire
 
     async def aclose(self) -> None:
         """Close the connection (calls waiting on it fail with ConnectionError) and wait until
@@ -201,8 +217,10 @@ class Lane:
             return
         wire.transport.close()
         wire.fail(ConnectionError("the lane is closed"))
-        with contextlib.suppress(asyncio.TimeoutError):
+        try:
             await asyncio.wait_for(asyncio.shield(wire.closed), 1.0)
+        except builtins.TimeoutError:  # (a silent peer, a TLS close never answered)
+            wire.transport.abort()
 
     async def xreadgroup(
         self,

@@ -121,13 +121,14 @@ async def test_a_busy_executor_is_not_ready_while_the_server_is_down() -> None:
         server.stop()
 
 
-async def test_services_carry_on_when_the_server_goes_silent(redis_server: EmbeddedServer) -> None:
+async def test_services_carry_on_when_the_server_goes_silent(
+    redis_server: EmbeddedServer, keys: Keys
+) -> None:
     """Every connection the services hold goes silent without closing (a dead host, a cut
     network, a failover behind a virtual IP), while new connections reach the server: each
     service's calls time out (the URL's socket_timeout), it connects again and the events
     published after it run; then each stops at SIGTERM. Before, the hot calls' connections had
     no timeout: the pipeline stalled for good and SIGTERM waited forever."""
-    keys = Keys("silent", 4)
     proxy = await FreezableProxy(redis_server.port).start()
     system = System(proxy.url("?socket_timeout=1"), keys)
     redis = Redis.from_url(redis_server.url)

@@ -11,18 +11,21 @@ from typing import Any
 
 import fakeredis
 import pytest
+import uvloop
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 from supersede.config import Settings, connect
 from supersede.keys import Keys
 from supersede.lane import Lane, lane_of
+from supersede.registry import register
 from supersede.scripts import Scripts
 from supersede.server import EmbeddedCluster, EmbeddedServer
 from supersede.services.ingress.service import Ingress, IngressConfig
 from supersede.streams import ensure_groups
 from tests.support import eventually
 from tests.support.proxy import FreezableProxy
+from tests.support.tls import TlsServer
 
 
 @pytest.fixture(params=["resp3", "resp2", "tls"])
@@ -144,19 +147,76 @@ async def test_a_lane_s_timeout_is_redis_py_s_default_unless_the_url_sets_one(
 
 
 async def test_the_url_s_socket_timeout_bounds_a_call(redis_url: str, namespace: str) -> None:
-    redis = connect(redis_url + "?socket_timeout=0.2")
+    redis = connect(redis_url + "?socket_timeout=0.5")
     lane = lane_of(redis)
     assert lane is not None
     try:
-        assert await lane.xread({namespace: "$"}, block=500) == []  # (its BLOCK is not cut)
+        assert await lane.xread({namespace: "$"}, block=1500) == []  # (its BLOCK is not cut)
         first = int(await lane.execute("CLIENT", "ID"))
         with pytest.raises(TimeoutError):
-            await lane.execute("XREAD", "BLOCK", 3000, "STREAMS", namespace, "$")
+            await lane.execute("XREAD", "BLOCK", 5000, "STREAMS", namespace, "$")
         assert int(await lane.execute("CLIENT", "ID")) != first  # (a new connection)
         await eventually(lambda: _gone(redis, first))
     finally:
         await lane.aclose()
         await redis.aclose()
+
+
+async def test_calls_waiting_for_a_connection_share_one_attempt() -> None:
+    """A server that accepts and never answers: four calls at once make one connection (one
+    handshake timeout for all), not one each in turn (the fourth failed after four)."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def mute(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    redis = connect(f"redis://127.0.0.1:{port}/0?socket_timeout=0.3")
+    lane = lane_of(redis)
+    assert lane is not None
+    try:
+        calls = [lane.execute("EVALSHA", "0" * 40, 0) for _ in range(4)]
+        failed = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+        assert all(isinstance(e, (TimeoutError, ConnectionError)) for e in failed), failed
+        assert len(accepted) == 1
+    finally:
+        await lane.aclose()
+        await redis.aclose()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_lanes_on_uvloop_plain_and_tls(redis_url: str, redis_tls: TlsServer) -> None:
+    """The services run uvloop: the takeover of its transports, TLS's included."""
+
+    async def check(url: str) -> None:
+        redis = connect(url)
+        lane = lane_of(redis)
+        assert lane is not None
+        try:
+            assert await lane.execute("ECHO", "x" * 100_000) == b"x" * 100_000
+            first = int(await lane.execute("CLIENT", "ID"))
+            await redis.client_kill_filter(_id=first)
+            assert await _eventually_answers(lane) != first  # (connected again)
+        finally:
+            await lane.aclose()
+            await redis.aclose()
+
+    for url in (redis_url, redis_tls.url):
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(check(url))
+
+
+async def _eventually_answers(lane: Lane) -> int:
+    for _ in range(100):
+        try:
+            return int(await lane.execute("CLIENT", "ID"))
+        except ConnectionError:  # (the kill seen by this call)
+            await asyncio.sleep(0.02)
+    raise AssertionError("the lane never connected again")
 
 
 async def _gone(redis: Redis, client_id: int) -> bool:
@@ -196,6 +256,7 @@ async def test_a_running_service_uses_lanes_and_closes_them_when_it_stops(
     redis: Redis, redis_url: str, keys: Keys
 ) -> None:
     await ensure_groups(redis, keys)
+    await register(redis, keys, {"id": "w", "events": ["e"]})  # (ingress reads once it routes)
     settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
     before = await _ids(redis)
     service = Ingress(connect(redis_url), settings, IngressConfig(block_ms=50))
@@ -206,11 +267,20 @@ async def test_a_running_service_uses_lanes_and_closes_them_when_it_stops(
         assert service.scripts.lane is not None
         await eventually(lambda: asyncio.sleep(0, len(service._lanes) == 2))
         lanes = {int(await lane.execute("CLIENT", "ID")) for lane in service._lanes}
-        assert lanes <= await _ids(redis)
+        read_lane = int(await service.reads.execute("CLIENT", "ID"))
+
+        async def reading() -> bool:  # (the inbox read, XREADGROUP BLOCK, is on its lane)
+            clients = {int(c["id"]): c for c in await redis.client_list()}
+            return lanes <= set(clients) and clients[read_lane]["cmd"] == "xreadgroup"
+
+        await eventually(reading)
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
         await service.redis.aclose()
-    assert not lanes & await _ids(redis)
     assert service.scripts.lane is None
-    assert (await _ids(redis)) - before <= set()  # (nothing of the service's left open)
+
+    async def closed() -> bool:
+        return not lanes & await _ids(redis) and (await _ids(redis)) - before <= set()
+
+    await eventually(closed)
