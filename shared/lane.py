@@ -233,21 +233,17 @@ class Lane:
     ) -> StreamReply:
         """XREADGROUP, its reply shaped as redis-py's: [[stream, [(id, fields)]]], [] for
         none; a pending entry trimmed away has empty fields."""
-        args: list[Any] = ["XREADGROUP", "GROUP", group, consumer]
-        if count:
-            args += ("COUNT", count)
-        if block is not None:
-            args += ("BLOCK", block)
-        args.append("STREAMS")
-        args += streams.keys()
-        args += streams.values()
-        return stream_reply(await self.execute(*args, block_s=(block or 0) / 1000))
+        return await self._read(["XREADGROUP", "GROUP", group, consumer], streams, count, block)
 
     async def xread(
         self, streams: Mapping[Any, Any], *, count: int | None = None, block: int | None = None
     ) -> StreamReply:
         """XREAD, its reply shaped as xreadgroup's."""
-        args: list[Any] = ["XREAD"]
+        return await self._read(["XREAD"], streams, count, block)
+
+    async def _read(
+        self, args: list[Any], streams: Mapping[Any, Any], count: int | None, block: int | None
+    ) -> StreamReply:
         if count:
             args += ("COUNT", count)
         if block is not None:
