@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -25,7 +25,7 @@ from supersede import aio, codec, tracing
 from supersede import metrics as metrics_base
 from supersede.config import Settings
 from supersede.errors import ScriptError, describe
-from supersede.lane import Lane
+from supersede.lane import Lane, read_group
 from supersede.metrics import HOP_SECONDS
 from supersede.protocol import (
     ADMISSION_GROUP,
@@ -126,23 +126,10 @@ class BatchReader:
         self.ahead: Read | None = None
 
     def _send(self) -> Read:
-        call: Awaitable[Any]
-        if self.lane is not None:
-            call = self.lane.xreadgroup(
-                ADMISSION_GROUP,
-                self.consumer,
-                self.own.ids(),
-                count=self.count,
-                block=self.block_ms,
-            )
-        else:
-            call = self.redis.xreadgroup(
-                ADMISSION_GROUP,
-                self.consumer,
-                self.own.ids(),  # type: ignore[arg-type]
-                count=self.count,
-                block=self.block_ms,
-            )
+        call = read_group(
+            self.lane, self.redis, ADMISSION_GROUP, self.consumer, self.own.ids(),
+            count=self.count, block=self.block_ms,
+        )  # fmt: skip
         return Read(self.own.active, asyncio.ensure_future(call))  # kept in the Read
 
     def upcoming_reread(self) -> bool:

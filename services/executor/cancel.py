@@ -10,14 +10,13 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from typing import cast
 
 from redis.asyncio import Redis
 
 from supersede import tracing
 from supersede.keys import Keys
-from supersede.lane import Lane
-from supersede.protocol import Control, Entry, Outcome, StreamReply, parse_cancel
+from supersede.lane import Lane, read
+from supersede.protocol import Control, Entry, Outcome, parse_cancel
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.steps import Runner, Running
@@ -117,17 +116,10 @@ class Cancels:
         self, stop: asyncio.Event, streams: list[str], lane: Lane | None = None
     ) -> None:
         ids = await tail_ids(self.redis, streams)
-        block = self.config.block_ms
         while not stop.is_set():
             try:
-                if lane is not None:
-                    reply = await lane.xread(ids, count=1000, block=block)
-                else:
-                    reply = cast(
-                        StreamReply,
-                        await self.redis.xread(ids, count=1000, block=block),  # type: ignore[arg-type]
-                    )
-                for stream, entries in reply or []:
+                reply = await read(lane, self.redis, ids, count=1000, block=self.config.block_ms)
+                for stream, entries in reply:
                     ids[stream.decode()] = entries[-1][0].decode()
                     self._on_control(entries)
             except asyncio.CancelledError:

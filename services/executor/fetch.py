@@ -40,7 +40,7 @@ from typing import cast
 from redis.asyncio import Redis
 
 from supersede.keys import Keys
-from supersede.lane import Lane
+from supersede.lane import Lane, read, read_group
 from supersede.protocol import EXECUTOR_GROUP, Entry, StreamReply, parse_assignment
 from supersede.scripts import Claim, Taken
 from supersede.service import Service, Throttle
@@ -319,24 +319,10 @@ class Fetcher:
     async def _read_blocking(self, free: int) -> list[Fetched]:
         """One XREADGROUP BLOCK over every assignment stream, `free // streams` entries each."""
         count = free // len(self.streams)
-        streams = dict.fromkeys(self.streams, ">")
-        block = self.config.block_ms
-        reply: StreamReply
-        if self.reads is not None:
-            reply = await self.reads.xreadgroup(
-                EXECUTOR_GROUP, self.consumer, streams, count=count, block=block
-            )
-        else:
-            reply = cast(
-                StreamReply,
-                await self.redis.xreadgroup(
-                    EXECUTOR_GROUP,
-                    self.consumer,
-                    streams,  # type: ignore[arg-type]
-                    count=count,
-                    block=block,
-                ),
-            )
+        reply = await read_group(
+            self.reads, self.redis, EXECUTOR_GROUP, self.consumer,
+            dict.fromkeys(self.streams, ">"), count=count, block=self.config.block_ms,
+        )  # fmt: skip
         return self._parse_reply(reply, count=count)
 
     async def _read_scan(self, free: int) -> Reading:
@@ -464,16 +450,11 @@ class Fetcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.block_ms / 1000)
             return self._wake.is_set()
-        reply: StreamReply
-        if self.reads is not None:
-            reply = await self.reads.xread(self._wake_ids, count=1, block=self.config.block_ms)
-        else:
-            reply = cast(
-                StreamReply,
-                await self.redis.xread(self._wake_ids, count=1, block=self.config.block_ms),  # type: ignore[arg-type]
-            )
+        reply = await read(
+            self.reads, self.redis, self._wake_ids, count=1, block=self.config.block_ms
+        )
         woken = False
-        for stream, entries in reply or []:
+        for stream, entries in reply:
             if entries:
                 name = stream.decode()
                 self._wake_ids[name] = entries[-1][0].decode()

@@ -16,7 +16,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import msgpack
 import orjson
@@ -27,7 +27,7 @@ from supersede import aio, tracing
 from supersede.config import Settings
 from supersede.errors import KeyExpressionError, describe
 from supersede.keyexpr import KeyFn, LimitFn, compile_key, compile_limit
-from supersede.lane import Lane
+from supersede.lane import Lane, read_group
 from supersede.metrics import HOP_SECONDS
 from supersede.model import (
     encode_seq,
@@ -45,7 +45,6 @@ from supersede.protocol import (
     Reason,
     RequestPacker,
     Strategy,
-    StreamReply,
     dead_letter,
     pack_input,
 )
@@ -397,23 +396,10 @@ class Ingress(Service):
         """XREADGROUP BLOCK on the inbox (own pending entries first after a failure); entries
         trimmed away since they were delivered are acknowledged and logged."""
         reread = own.active
-        count, block = self.config.batch, self.config.block_ms
-        reply: StreamReply | None
-        if self.reads is not None:
-            reply = await self.reads.xreadgroup(
-                INGRESS_GROUP, self.consumer, own.ids(), count=count, block=block
-            )
-        else:
-            reply = cast(
-                StreamReply | None,
-                await self.redis.xreadgroup(
-                    INGRESS_GROUP,
-                    self.consumer,
-                    own.ids(),  # type: ignore[arg-type]
-                    count=count,
-                    block=block,
-                ),
-            )
+        reply = await read_group(
+            self.reads, self.redis, INGRESS_GROUP, self.consumer, own.ids(),
+            count=self.config.batch, block=self.config.block_ms,
+        )  # fmt: skip
         own.advance(reply, reread)
         batches = []
         for _, entries in reply or []:
