@@ -269,35 +269,26 @@ def _fields(flat: list[bytes] | None) -> dict[bytes, bytes]:
     return dict(zip(it, it, strict=True))
 
 
-async def read_group(
-    lane: Lane | None,
-    redis: Redis,
-    group: str,
-    consumer: str,
-    streams: Mapping[Any, Any],
-    *,
-    count: int | None = None,
-    block: int | None = None,
-) -> StreamReply:
-    """XREADGROUP on `lane`, else through redis-py's client (a cluster): the same shape."""
-    if lane is not None:
-        return await lane.xreadgroup(group, consumer, streams, count=count, block=block)
-    reply = await redis.xreadgroup(group, consumer, streams, count=count, block=block)  # type: ignore[arg-type]
-    return cast(StreamReply, reply or [])
-
-
 async def read(
     lane: Lane | None,
     redis: Redis,
     streams: Mapping[Any, Any],
     *,
+    group: tuple[str, str] | None = None,
     count: int | None = None,
     block: int | None = None,
 ) -> StreamReply:
-    """XREAD on `lane`, else through redis-py's client (a cluster): the same shape."""
-    if lane is not None:
+    """XREAD, or XREADGROUP as `group` ((group, consumer)), on `lane`, else through redis-py's
+    client (a cluster): the same shape."""
+    reply: Any
+    if group is not None:
+        if lane is not None:
+            return await lane.xreadgroup(*group, streams, count=count, block=block)
+        reply = await redis.xreadgroup(*group, streams, count=count, block=block)  # type: ignore[arg-type]
+    elif lane is not None:
         return await lane.xread(streams, count=count, block=block)
-    reply = await redis.xread(streams, count=count, block=block)  # type: ignore[arg-type]
+    else:
+        reply = await redis.xread(streams, count=count, block=block)  # type: ignore[arg-type]
     return cast(StreamReply, reply or [])
 
 

@@ -25,7 +25,7 @@ from supersede import aio, codec, tracing
 from supersede import metrics as metrics_base
 from supersede.config import Settings
 from supersede.errors import ScriptError, describe
-from supersede.lane import Lane, read_group
+from supersede.lane import Lane, read
 from supersede.metrics import HOP_SECONDS
 from supersede.protocol import (
     ADMISSION_GROUP,
@@ -126,8 +126,8 @@ class BatchReader:
         self.ahead: Read | None = None
 
     def _send(self) -> Read:
-        call = read_group(
-            self.lane, self.redis, ADMISSION_GROUP, self.consumer, self.own.ids(),
+        call = read(
+            self.lane, self.redis, self.own.ids(), group=(ADMISSION_GROUP, self.consumer),
             count=self.count, block=self.block_ms,
         )  # fmt: skip
         return Read(self.own.active, asyncio.ensure_future(call))  # kept in the Read

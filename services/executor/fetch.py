@@ -40,7 +40,7 @@ from typing import cast
 from redis.asyncio import Redis
 
 from supersede.keys import Keys
-from supersede.lane import Lane, read, read_group
+from supersede.lane import Lane, read
 from supersede.protocol import EXECUTOR_GROUP, Entry, StreamReply, parse_assignment
 from supersede.scripts import Claim, Taken
 from supersede.service import Service, Throttle
@@ -319,9 +319,9 @@ class Fetcher:
     async def _read_blocking(self, free: int) -> list[Fetched]:
         """One XREADGROUP BLOCK over every assignment stream, `free // streams` entries each."""
         count = free // len(self.streams)
-        reply = await read_group(
-            self.reads, self.redis, EXECUTOR_GROUP, self.consumer,
-            dict.fromkeys(self.streams, ">"), count=count, block=self.config.block_ms,
+        reply = await read(
+            self.reads, self.redis, dict.fromkeys(self.streams, ">"),
+            group=(EXECUTOR_GROUP, self.consumer), count=count, block=self.config.block_ms,
         )  # fmt: skip
         return self._parse_reply(reply, count=count)
 

@@ -27,7 +27,7 @@ from supersede import aio, tracing
 from supersede.config import Settings
 from supersede.errors import KeyExpressionError, describe
 from supersede.keyexpr import KeyFn, LimitFn, compile_key, compile_limit
-from supersede.lane import Lane, read_group
+from supersede.lane import Lane, read
 from supersede.metrics import HOP_SECONDS
 from supersede.model import (
     encode_seq,
@@ -396,8 +396,8 @@ class Ingress(Service):
         """XREADGROUP BLOCK on the inbox (own pending entries first after a failure); entries
         trimmed away since they were delivered are acknowledged and logged."""
         reread = own.active
-        reply = await read_group(
-            self.reads, self.redis, INGRESS_GROUP, self.consumer, own.ids(),
+        reply = await read(
+            self.reads, self.redis, own.ids(), group=(INGRESS_GROUP, self.consumer),
             count=self.config.batch, block=self.config.block_ms,
         )  # fmt: skip
         own.advance(reply, reread)
