@@ -64,6 +64,7 @@
   Writes: XADD <prefix>:<workflow tag> {id, a}; XADD control {op = 'cancel', id, a, by, why
   [, btp]} (btp: the superseding run's tp, when it has one); XADD <ended>:<workflow tag>
   {<state> = run ids}.
+  Each assignment stream written rings its bell once a call: SPUBLISH <its name> ''.
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

@@ -22,6 +22,7 @@
 
   Writes: XADD <ended>:<workflow tag> for runs ended; XADD control for RUNNING runs;
   XADD <prefix>:<workflow tag> for runs started in freed slots.
+  Each assignment stream written rings its bell once a call: SPUBLISH <its name> ''.
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

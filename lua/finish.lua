@@ -41,6 +41,7 @@
 
   Writes: XADD <ended>:<workflow tag> {<state> = run ids}; XADD <prefix>:<workflow tag> for
   runs started in the released slots; with a turn, SET of each shard's turn key.
+  Each assignment stream written rings its bell once a call: SPUBLISH <its name> ''.
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey, leasesKey, endedKey, assignKey, controlKey

@@ -21,6 +21,7 @@
 
   Writes: XADD <prefix>:<workflow tag> for runs it starts; XADD control for runs it cancels;
   XADD <ended>:<workflow tag> for runs that end.
+  Each assignment stream written rings its bell once a call: SPUBLISH <its name> ''.
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

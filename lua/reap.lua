@@ -46,6 +46,7 @@
 
   Writes: XADD <prefix>:<workflow tag> for retries, for runs started in released slots and for
   fresh entries of unclaimed runs.
+  Each assignment stream written rings its bell once a call: SPUBLISH <its name> ''.
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

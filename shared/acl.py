@@ -4,8 +4,10 @@ nothing else (``supersede acl`` prints them; ``--apply`` creates them).
 Patterns are scoped to one namespace (``<ns>:*``, ``{<ns>}:*``, ``{<ns>:<shard>}:*``). A key a
 role passes to a script needs read and write rights (Redis checks EVALSHA's keys as read-write
 whatever the script does with them, and the commands inside against the same user), so those keys
-get ``~``; keys a role only reads or only appends to get ``%R~`` or ``%W~``. No role uses
-Pub/Sub: every user has ``resetchannels``.
+get ``~``; keys a role only reads or only appends to get ``%R~`` or ``%W~``. Pub/Sub: every
+user has ``resetchannels``; the roles whose scripts write assignments may publish on the
+assignment streams' bells (shard channels named as the streams), and executors subscribe to
+them.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ _FORGET = _words("xinfo|consumers xgroup|delconsumer")
 # The commands inside the scripts that change run states (admit, finish, reap, cancel).
 _STATE_SCRIPTS = _words(
     "time hget hmget hset hdel hincrby hgetall exists del zadd zrem zrange zrangebylex "
-    "zrangebyscore xadd xack xrange xrevrange xtrim xlen xinfo|groups"
+    "zrangebyscore xadd xack xrange xrevrange xtrim xlen xinfo|groups spublish"
 )
+# The bells: the shard channels named as the assignment streams (lua/includes/transitions.lua).
+_BELLS = ("&{@:*}:assignments:*",)
 _READ = _words(
     "hget hmget hgetall hkeys hvals hlen hscan exists get xlen xrange xrevrange xinfo|groups "
     "xinfo|consumers xinfo|stream zrange zrangebylex zrangebyscore zcard zscore"
@@ -57,6 +61,7 @@ class Role:
     about: str
     commands: tuple[str, ...]
     keys: tuple[str, ...]  # patterns with '@' for the namespace
+    channels: tuple[str, ...] = ()  # Pub/Sub channel patterns, '@' for the namespace
 
 
 def _shard(*suffixes: str) -> tuple[str, ...]:
@@ -121,6 +126,7 @@ ROLES: tuple[Role, ...] = (
                 "seen",
             ),
         ),
+        _BELLS,
     ),
     Role(
         "executor",
@@ -131,7 +137,7 @@ ROLES: tuple[Role, ...] = (
             *_CONSUMER,
             *_STATE_SCRIPTS,
             *_REGISTRY,
-            *_words("xread xrevrange incr set"),  # (set: its turn keys)
+            *_words("xread xrevrange incr set ssubscribe sunsubscribe"),  # (set: turn keys)
         ),
         (
             "~@:config",
@@ -141,6 +147,7 @@ ROLES: tuple[Role, ...] = (
             *_shard(*_FINISH_KEYS, "turn:*"),  # (its finish calls' turn keys)
             "%R~{@:*}:fences",  # ctx.still_current()
         ),
+        _BELLS,
     ),
     Role(
         "operator",
@@ -155,6 +162,7 @@ ROLES: tuple[Role, ...] = (
             *_words("evalsha script|load xadd xdel unlink incr xpending"),
         ),
         ("~@:*", "~{@}:*", "~{@:*}:*"),
+        _BELLS,
     ),
     Role(
         "reader",
@@ -193,7 +201,7 @@ def rules(namespace: str, role_name: str, extra: Sequence[str] = ()) -> list[str
     r = role(role_name)
     ns = _glob_escape(namespace)
     commands = sorted({*r.commands, *extra})
-    keys = [k.replace("@", ns) for k in r.keys]
+    keys = [k.replace("@", ns) for k in (*r.keys, *r.channels)]
     return ["reset", "on", "resetchannels", "-@all", *[f"+{c}" for c in commands], *keys]
 
 

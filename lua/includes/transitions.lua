@@ -119,11 +119,18 @@ local firstLookMs = (assignDeadlineMs and assignDeadlineMs > 0) and assignDeadli
 -- Each workflow has its own assignment stream in the shard, '<assignKey>:<workflow tag>', so
 -- only executors that have a workflow ever read its runs. Same hash tag as assignKey: the same
 -- slot on a cluster.
+-- The first entry a call writes to a stream rings its bell: SPUBLISH on the shard channel of
+-- the stream's own name (same slot), which executors of the workflow subscribe to instead of
+-- blocking on every stream they read (a blocked read over every stream costs the server
+-- each stream at every entry). A bell is a hint: pcall, so a server without SPUBLISH or a
+-- user without the channel right loses only the hint (executors then find the entry by their
+-- scan after a quiet wait).
 local function writeAssignment(rid, rec)
   local assignStream = streamOf[rec.w]
   if not assignStream then
     assignStream = assignKey .. ':' .. workflowTag(rec)
     streamOf[rec.w] = assignStream
+    redis.pcall('SPUBLISH', assignStream, '')
   end
   rcall('XADD', assignStream, '*', 'id', rid, 'a', rec.a)
 end

@@ -18,7 +18,11 @@ depends on the free slots and the backend:
   every stream empty, one XREAD BLOCK over every stream (from their last
   seen ids) waits for new entries without consuming them (on a cluster, a wake task per shard
   does, over that shard's streams), and while no entry comes it waits again with no scan
-  (on one server). The last seen ids are the streams' tails, read once, then moved on by the
+  (on one server). With bells (one server, Redis 7.0 or later): the scripts that write an
+  assignment publish on the stream's name once a call (SPUBLISH), the executor subscribes to
+  its streams' names, and its waits are for a bell and its scans read only the streams that
+  rang, every stream only after a wait that timed out or a new subscription; without them the
+  XREAD below. The last seen ids are the streams' tails, read once, then moved on by the
   entries each read takes and each wake-up returns: a scan reads the tails again only after a
   wake-up that found nothing to take (other executors took it: the ids may lag behind what
   they took, and each wake-up moves them on by one entry only);
@@ -35,9 +39,11 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ResponseError
 
 from supersede.keys import Keys
 from supersede.lane import Lane, read
@@ -123,6 +129,11 @@ class Fetcher:
         # over. (Fewer: the read in flight or the next one takes them at once.)
         self.backlog = False
         self._quiet = False  # the last scan found nothing, and the wait after it timed out
+        # One server: the streams' bells (bell_loop) wake this executor and name the streams
+        # to read, instead of a blocking read over every stream. Until they are subscribed
+        # (and whenever the subscription is lost) the blocking reads do it.
+        self.bells = False
+        self._full_scan = True  # the next scan reads every stream (bells may have been missed)
 
     async def loop(self, stop: asyncio.Event) -> None:
         """Until `stop`: wait for a free slot, read, take over, claim and start; or wait."""
@@ -169,7 +180,7 @@ class Fetcher:
                     woken = await self._wait_for_assignments()
                     # (not on a cluster: a wake task that starts after the scan could miss an
                     # entry written between the two)
-                    self._quiet = not woken and not self.cluster
+                    self._quiet = not woken and not self.cluster and not self.bells
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -178,6 +189,7 @@ class Fetcher:
                 # too: after a failover the new master may have lost the last entries.
                 self._quiet = False
                 self._tails_fresh = False
+                self._full_scan = True
                 await self.service.recover(self.own, exc, failed_reread=reread, what="fetch")
 
     async def _claim_and_start(self, got: Reading) -> None:
@@ -208,7 +220,8 @@ class Fetcher:
     def _blocking(self, free: int) -> bool:
         """One XREADGROUP BLOCK over every stream both waits and reads. Not while admit calls
         hand runs over to this executor (`supersede serve`): a read blocked for a second would
-        hold every free slot, and no run could be handed over."""
+        hold every free slot, and no run could be handed over. (With fewer free slots than
+        streams, the wait is on the bells, or an XREAD over every stream without them.)"""
         return free >= len(self.streams) and not self.cluster and not self.handed_over
 
     async def _refresh_tails(self, free: int) -> None:
@@ -219,9 +232,9 @@ class Fetcher:
         keeps that promise (entries come in id order); a fresh one only spares wake-ups for
         entries others took. So the ids are read again only after a wake-up that found nothing
         to take; otherwise the XREAD's own replies and the entries read move them on."""
-        self._wake.clear()  # cluster mode: a waker setting it from now on is not missed
-        if self.cluster:
-            return  # (the wake tasks keep their own ids)
+        self._wake.clear()  # cluster mode, bells: a waker setting it from now on is not missed
+        if self.cluster or self.bells:
+            return  # (the wake tasks keep their own ids; bells need none)
         if not self._blocking(free) and not self._tails_fresh:
             self._wake_ids = await tail_ids(self.redis, self.streams)
             self._tails_fresh = True
@@ -241,6 +254,10 @@ class Fetcher:
         if not got:
             if blocking:
                 got = Reading(await self._read_blocking(free))
+                # (it saw every stream: the bells rung meanwhile are stale, but the next scan
+                # reads every stream, as the read may have left entries it did not ask for)
+                self._woken = []
+                self._full_scan = True
             else:
                 got = await self._read_scan(free)
         self.own.advance(None, reread=False)
@@ -255,7 +272,7 @@ class Fetcher:
             # One stream after the other, each asked for all still wanted: a backlog fills
             # the call from one shard, where a few entries of each stream would touch every
             # shard, and the claim and the finish of the runs pay a fixed part per shard.
-            return await self._take(order[:DEEP_STREAMS], free, deep=True)
+            return (await self._take(order[:DEEP_STREAMS], free, deep=True))[0]
         got = Reading()
         while order and len(got) < free:
             want = free - len(got)
@@ -275,10 +292,13 @@ class Fetcher:
         self._hot.difference_update(batch)
         return Reading(self._parse_reply(reply, count=count))
 
-    async def _take(self, order: list[int], free: int, *, deep: bool = False) -> Reading:
+    async def _take(
+        self, order: list[int], free: int, *, deep: bool = False
+    ) -> tuple[Reading, int]:
         """One server: the streams `order` read in batches as `_read_batch` reads them (`deep`:
         one after the other, each asked for all still wanted), until `free` entries came, and
-        what they gave claimed, all in one call (lua/take.lua)."""
+        what they gave claimed, all in one call (lua/take.lua); and how many of `order` the
+        call reached."""
         taken: Taken = await self.claimer.take(
             [(self.streams[i], self.shard_of_stream[self.streams[i]]) for i in order],
             free,
@@ -293,7 +313,7 @@ class Fetcher:
         drained = taken.reached == len(order) == len(self.streams) and all(
             n < asked for _, n, _, asked in taken.reads
         )
-        return Reading(taken=taken.claimed, refused=taken.refused, drained=drained)
+        return Reading(taken=taken.claimed, refused=taken.refused, drained=drained), taken.reached
 
     async def _read_own(self, free: int) -> list[Fetched]:
         """This consumer's pending assignments, at most `free` of them, the first streams
@@ -331,11 +351,29 @@ class Fetcher:
         XREADGROUP each, `free // batch` entries per stream), woken streams first."""
         got = Reading()
         n = len(self.streams)
-        order = list(dict.fromkeys([*self._woken, *((self._rotation + i) % n for i in range(n))]))
+        woken = list(dict.fromkeys(self._woken))
         self._woken = []
+        if self.bells and not self._full_scan:
+            # Only the streams whose bells rang, and those whose last read left more: an idle
+            # stream costs nothing per entry. Those the call did not reach ring again, in
+            # effect (they are read first next).
+            order = list(dict.fromkeys([*woken, *sorted(self._hot)]))
+            if not order:
+                return Reading()
+            got, reached = await self._take(order, free)
+            unreached = set(order[reached:])
+            self._woken[:0] = [i for i in woken if i in unreached]
+            return got
+        self._full_scan = False
+        order = list(dict.fromkeys([*woken, *((self._rotation + i) % n for i in range(n))]))
         if not self.cluster:  # (one call, in the batches below: all streams when free >= n)
             self._rotation = (self._rotation + 1) % n
-            return await self._take(order, free)
+            got, reached = await self._take(order, free)
+            unreached = set(order[reached:])
+            self._woken[:0] = [i for i in woken if i in unreached]
+            if unreached:  # (filled before it reached every stream: the next scan goes on)
+                self._full_scan = True
+            return got
         if free >= n:
             # Enough free slots to ask every stream for free // n entries in one round trip
             # (a scan of one round trip per stream takes milliseconds in redis-py).
@@ -444,11 +482,18 @@ class Fetcher:
         return got
 
     async def _wait_for_assignments(self) -> bool:
-        """XREAD BLOCK over every assignment stream: wakes on any new entry, consumes nothing.
-        Whether a new entry came (False: the wait timed out)."""
-        if self.cluster:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.block_ms / 1000)
+        """Wait for new assignments: for a bell (one server, bell_loop) or a wake task's signal
+        (a cluster); without bells, an XREAD BLOCK over every assignment stream that wakes on
+        any new entry and consumes nothing. Whether a new entry came (False: the wait timed
+        out; with bells the next scan then reads every stream)."""
+        if self.cluster or self.bells:
+            if not self._wake.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.config.block_ms / 1000)
+            if not self._wake.is_set() and not self.cluster:
+                # A quiet wait: read every stream once (a bell missed by a writer without the
+                # channel right costs at most this wait, never the run)
+                self._full_scan = True
             return self._wake.is_set()
         reply = await read(
             self.reads, self.redis, self._wake_ids, count=1, block=self.config.block_ms
@@ -462,6 +507,77 @@ class Fetcher:
                 woken = True
         self._after_wake = woken
         return woken
+
+    async def bell_loop(self, stop: asyncio.Event) -> None:
+        """One server: subscribe to the bells of every stream this executor reads (SSUBSCRIBE
+        to the streams' names: the scripts that write an assignment publish on its stream's
+        name, once a call), and wake the fetch loop with the streams that rang. A bell costs
+        the server one message per executor of the workflow; a blocking read over every
+        stream cost it each stream at every entry, so many workflows or shards made every run
+        dearer. Without bells (a server before Redis 7.0, a user without the channel right,
+        the subscription lost) the blocking reads wake the loop; a new subscription reads
+        every stream once, as bells may have rung meanwhile."""
+        if self.cluster:
+            return
+        failures = 0
+        while not stop.is_set():
+            pubsub = self.redis.pubsub()
+            try:
+                await self._subscribe(pubsub)
+                failures = 0
+                while True:
+                    self._ring(await pubsub.get_message(timeout=None))
+            except asyncio.CancelledError:
+                raise
+            except ResponseError as exc:  # no SSUBSCRIBE, or no right to these channels
+                log.warning(
+                    "assignment bells not available: blocking reads wake this executor",
+                    extra={"error": str(exc)},
+                )
+                return
+            except Exception:
+                failures += 1
+                if failures == 1:
+                    log.warning("assignment bells lost: blocking reads wake this executor "
+                                "until they are subscribed again", exc_info=True)  # fmt: skip
+            finally:
+                self.bells = False
+                self._tails_fresh = False  # (the blocking reads' ids: read again)
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), min(0.1 * 2**failures, 2.0))
+
+    async def _subscribe(self, pubsub: PubSub) -> None:
+        """SSUBSCRIBE to every stream's bell; bells on once every channel is confirmed (an
+        error reply such as NOPERM raises here): only then can a scan not miss a bell."""
+        await pubsub.ssubscribe(*self.streams)
+        confirmed = 0
+        while confirmed < len(self.streams):
+            message = await asyncio.wait_for(pubsub.get_message(timeout=None), 10)
+            if message is not None and message["type"] == "ssubscribe":
+                confirmed += 1
+        self._full_scan = True
+        self.bells = True
+        self._wake.set()
+
+    def _ring(self, message: dict[str, Any] | None) -> None:
+        """A bell: its stream is read first by the next scan, which the wait lets go."""
+        if message is None:
+            return
+        if message["type"] == "ssubscribe":
+            # redis-py connected again and subscribed anew: bells may have rung in between,
+            # so the next scan reads every stream
+            self._full_scan = True
+            self._wake.set()
+            return
+        index = self.index_of_stream.get(_text(message["channel"]))
+        if message["type"] != "smessage" or index is None:
+            return
+        self._woken.append(index)
+        if len(self._woken) > 2 * len(self.streams):
+            self._woken = list(dict.fromkeys(self._woken))
+        self._wake.set()
 
     async def wake_loop(self, stop: asyncio.Event, shard: int) -> None:
         """Cluster mode: one XREAD BLOCK per shard, over that shard's streams (one slot), sets
@@ -481,6 +597,10 @@ class Fetcher:
             except Exception:
                 log.exception("wake iteration failed")
                 await asyncio.sleep(0.5)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -148,6 +148,7 @@ class Executor(Service):
         loops = [
             fetch,
             asyncio.create_task(self.fetcher.stale_loop(stop)),
+            asyncio.create_task(self.fetcher.bell_loop(stop)),
             asyncio.create_task(self.cancels.control_loop(drained, self.lane())),
             asyncio.create_task(self.cancels.resend_loop(drained)),
             asyncio.create_task(_measure_loop_lag(drained)),

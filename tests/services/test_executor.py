@@ -765,6 +765,44 @@ async def test_a_busy_executor_scans_without_reading_the_tails(
     assert tails <= 2 * streams, (tails, streams)
 
 
+async def test_an_executor_waits_on_bells_not_on_a_read_over_every_stream(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Fewer slots than streams: the executor waited on an XREAD over every stream it reads,
+    which the server ran again over all of them at each new entry, for every executor, so each
+    workflow and shard made every run dearer (at 41 workflows the server's CPU per event was
+    2.2x that at one). Now the scripts that write an assignment ring the stream's bell, and the
+    waits are for bells: events one at a time, each ending a wait, cost no XREAD."""
+    await system.pipeline(redis, keys, 1, "--slots", "2")
+    await publish(redis, keys, "work.item", k="warm")
+    await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
+    await redis.config_resetstat()
+    for i in range(20):
+        await publish(redis, keys, "work.item", k=f"u{i}")
+        await eventually(lambda n=i + 2: _states(redis, keys, {"S": n}), timeout=30)
+    stats = await redis.info("commandstats")
+    reads = int(stats.get("cmdstat_xread", {}).get("calls", 0))
+    bells = int(stats.get("cmdstat_spublish", {}).get("calls", 0))
+    assert reads < 5, reads  # (the old code: one or more per event)
+    assert bells >= 20, bells
+
+
+async def test_an_executor_subscribes_again_when_its_bells_are_cut(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """The bells' connection killed: the executor subscribes again and reads every stream
+    once, so runs assigned meanwhile start at once, not after a minute's wait."""
+    await system.pipeline(redis, keys, 1, "--slots", "2", "--block-ms", "60000")
+    await publish(redis, keys, "work.item", k="warm")
+    await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
+    for round_ in range(3):
+        killed = await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert killed >= 1
+        for i in range(3):
+            await publish(redis, keys, "work.item", k=f"r{round_}-{i}")
+        await eventually(lambda n=1 + 3 * (round_ + 1): _states(redis, keys, {"S": n}), timeout=15)
+
+
 class _Monitor:
     """MONITOR in a task: each command line to `seen` (its words and who sent it: 'lua' or
     'tcp'), from the moment `start` returns (it waits until MONITOR sees a marker)."""
