@@ -160,11 +160,15 @@ class Executor(Service):
         self.leases.start()
         try:
             await stop.wait()
+            # The drain's deadline counts from the signal: a kubelet's or Docker's grace
+            # period does too (waiting for the read first, then the whole drain, overran it).
+            deadline = asyncio.get_running_loop().time() + self.config.drain_timeout
             # The fetch loop ends after its read in flight, so what that read took is started
             # and drained here rather than left pending to another executor's XAUTOCLAIM.
             self.runner.slot_freed.set()
-            await asyncio.wait([fetch], timeout=self.config.block_ms / 1000 + 5)
-            await self.drain()
+            await asyncio.wait([fetch], timeout=min(self.config.block_ms / 1000 + 5,
+                                                    self.config.drain_timeout))  # fmt: skip
+            await self.drain(deadline)
         finally:
             drained.set()
             await self.leases.stop()
@@ -173,11 +177,14 @@ class Executor(Service):
             await asyncio.gather(*loops, writer, return_exceptions=True)
             self.runner.close()
 
-    async def drain(self) -> None:
+    async def drain(self, deadline: float | None = None) -> None:
         """Running runs finish (leases renewed, cancels honoured), then their results are
-        applied, all within the drain deadline."""
+        applied, all within the drain deadline (the loop's time; default: drain_timeout from
+        now). No call outlives it: a heartbeat that hangs on a silent server is left to its
+        thread."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.drain_timeout
+        if deadline is None:
+            deadline = loop.time() + self.config.drain_timeout
         # A hand-over still in flight (`supersede serve`) starts its runs first: they are
         # drained with the others rather than left to their leases.
         while self.runner.handing and loop.time() < deadline:
@@ -187,14 +194,17 @@ class Executor(Service):
         while self.runner.awaiting and loop.time() < deadline:
             try:
                 # lets go of the runs whose results were applied
-                await asyncio.to_thread(self.leases.beat)
+                await asyncio.wait_for(
+                    asyncio.to_thread(self.leases.beat), max(0.05, deadline - loop.time())
+                )
                 failures = 0
             except Exception:
                 failures += 1
                 if failures == 1:
                     self.log.exception("heartbeat failed while draining; retrying")
             if self.runner.awaiting:
-                await asyncio.sleep(DRAIN_POLL * min(failures + 1, 10))
+                pause = DRAIN_POLL * min(failures + 1, 10)
+                await asyncio.sleep(max(0.0, min(pause, deadline - loop.time())))
         if self.runner.awaiting:
             self.log.warning(
                 "drain deadline passed with results not yet applied",

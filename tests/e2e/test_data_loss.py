@@ -157,3 +157,45 @@ async def test_services_carry_on_when_the_server_goes_silent(
 async def _ended(redis: Redis, keys: Keys, n: int) -> bool:
     runs = await records(redis, keys)
     return sum(1 for r in runs.values() if r["st"] in ("S", "F", "X")) >= n
+
+
+async def test_an_executor_stops_within_its_drain_deadline_while_the_server_is_silent() -> None:
+    """SIGTERM to an executor with runs in flight while the server is stopped (SIGSTOP): the
+    drain's deadline counted from after the fetch loop's read in flight (up to --block-ms + 5
+    s) and a heartbeat hung on the silent server held it a socket timeout past that, so a 30 s
+    drain took up to 49 s (a kubelet's 40 s grace kills it first). The deadline now counts from
+    the signal and no call outlives it: the process exits within it plus one socket timeout."""
+    keys = Keys("silentdrain", 4)
+    server = EmbeddedServer().start()
+    system = System(server.url, keys)
+    redis = Redis.from_url(server.url)
+    assert server.proc is not None
+    try:
+        system.start("admission", "--block-ms", "100")
+        executor = system.start("executor", APP, "--drain-timeout", "3", "--block-ms", "5000")
+
+        async def registered() -> bool:
+            return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+        await eventually(registered, timeout=30)
+        system.start("ingress", "--block-ms", "100")
+        for i in range(4):
+            data = orjson.dumps({"k": f"long-{i}", "sleep": 30})
+            await redis.xadd(keys.events_stream, {"name": "work.item", "data": data})
+
+        async def running() -> bool:
+            runs = await records(redis, keys)
+            return sum(1 for r in runs.values() if r["st"] == "R") == 4
+
+        await eventually(running, timeout=30)
+        server.proc.send_signal(signal.SIGSTOP)
+        started = asyncio.get_running_loop().time()
+        executor.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(executor.wait, 40) == 0
+        took = asyncio.get_running_loop().time() - started
+        assert took < 3 + 6, took  # (the drain, then one 5 s socket timeout at most)
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        system.close()
+        await redis.aclose()
+        server.stop()
