@@ -37,6 +37,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("supersede")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(value: str) -> str:
+    """--log-level in any case; anything else is a usage error naming the levels."""
+    if value.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"one of {', '.join(LOG_LEVELS)}, not {value!r}")
+    return value.upper()
+
+
 def _admission(args: argparse.Namespace, settings: Settings) -> None:
     from supersede.services.admission.service import AdmissionConfig, serve
 
@@ -434,7 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"supersede {__version__}")
     parser.add_argument(
-        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (JSON lines on stderr)"
+        "--log-level",
+        default="INFO",
+        type=_log_level,
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR, any case (JSON lines on stderr)",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
 
@@ -568,9 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-dead-letters",
         type=_CAP,
         default=100_000,
-        help="dead letters kept at about most, the newest, as ingress writes them (admission "
-        "caps them too, exactly, with its own flag); bounds memory under a flood of bad input "
-        "while admission is down (default 100000; 0: no cap)",
+        help="dead letters kept, about this many at most, the newest, as ingress writes them "
+        "(admission caps them too, exactly, with its own flag); bounds memory under a flood "
+        "of bad input while admission is down (default 100000; 0: no cap)",
     )
     ing.add_argument(
         "--trim-interval",
@@ -657,7 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runs = ops_parser("runs", "list runs (newest first)")
     runs.add_argument("--workflow", help="only runs of this workflow")
-    runs.add_argument("--key", help="only runs of this key value (needs --workflow)")
+    runs.add_argument(
+        "--key", help="only runs of this key value (of every workflow, or of --workflow)"
+    )
     runs.add_argument(
         "--state",
         type=str.lower,  # (tables print states in capitals: RUNNING reads as running)

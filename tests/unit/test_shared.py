@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 import fakeredis
@@ -519,3 +521,50 @@ def test_every_admission_outcome_is_exported_from_the_start() -> None:
     for line in ('supersede_admission_requests_total{outcome="rejected"}',
                  'supersede_admission_results_total{outcome="rejected"}'):  # fmt: skip
         assert line in text
+
+
+def test_log_level_takes_any_case_and_refuses_other_words_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--log-level debug` (lower case, as most type it) ended in a traceback from logging."""
+    from supersede.services.cli import build_parser
+
+    assert build_parser().parse_args(["--log-level", "debug", "status"]).log_level == "DEBUG"
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--log-level", "LOUD", "status"])
+    assert exit_.value.code == 2
+    assert "--log-level: one of DEBUG, INFO, WARNING, ERROR, not 'LOUD'" in capsys.readouterr().err
+
+
+def test_a_failure_that_repeats_is_logged_once_per_window_with_one_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server down made every service log a traceback every 0.25-0.5 s (1.8 MB per 25 s for
+    four services). The same failure is written once per window, counted, and its traceback
+    once."""
+    from supersede import logs
+
+    clock = [1000.0]
+    monkeypatch.setattr("supersede.logs.time.monotonic", lambda: clock[0])
+    repeats = logs.Repeats()
+
+    def record() -> logging.LogRecord:
+        try:
+            raise ConnectionError("Connection refused")
+        except ConnectionError:
+            return logging.LogRecord("x", logging.ERROR, "f", 1, "batch failed", (), sys.exc_info())
+
+    first = record()
+    assert repeats.filter(first) and first.exc_info
+    written = 0
+    for _ in range(40):  # 10 s, every 0.25 s
+        clock[0] += 0.25
+        r = record()
+        if repeats.filter(r):
+            written += 1
+            assert r.exc_info is None
+            assert vars(r)["error"] == "ConnectionError: Connection refused"
+            assert vars(r)["repeats"] > 0
+    assert written == 2, written
+    other = logging.LogRecord("x", logging.ERROR, "f", 1, "other failure", (), None)
+    assert repeats.filter(other)
