@@ -135,6 +135,7 @@ for b = 1, #counts do
     elseif rec.st == 'X' then
       setLease(r.id, false)
       if rec.h == 1 then addSlots(rec.g, -1); touch(rec) end
+      pointAt(rec, 'ph', r.hu)   -- (a run cancelled while running did start)
       endRun(r.id, rec, 'C')
       applied = applied + 1
     else

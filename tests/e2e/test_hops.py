@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from supersede.client import publish_runs, wait_for_run
 from supersede.keys import Keys
-from supersede.protocol import RunRecord
+from supersede.protocol import RunRecord, RunState
 from supersede.server import free_port
 from tests.support import APP, APP_WORKFLOWS, System, eventually, scrape
 
@@ -65,3 +65,27 @@ async def test_a_run_records_every_hop_in_order_and_each_service_exports_its_hop
             return all(float(counts.get(h, 0)) >= 1 for h in hops)
 
         await eventually(exported, timeout=20)
+
+
+async def test_a_run_cancelled_while_running_shows_when_its_handler_started(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """A run superseded while its handler ran ended CANCELLED with no "handler started" point
+    in its path, as if it never ran (the finish script kept the point only for runs that
+    ended RUNNING, not CANCELLING)."""
+    await system.pipeline(redis, keys)
+    data = {"userId": "superseded", "sleep": 30}
+    _, [first], _ = await publish_runs(redis, "chat.message", data, namespace=keys.namespace)
+    shard = int(first.run_id.split("-")[0])
+
+    async def running() -> bool:
+        raw = await redis.hget(keys.shard(shard).runs_hash, first.run_id)
+        return raw is not None and RunRecord.decode(first.run_id, raw).state == RunState.RUNNING
+
+    await eventually(running, timeout=30)
+    await publish_runs(redis, "chat.message", {"userId": "superseded"}, namespace=keys.namespace)
+    run = await wait_for_run(redis, first.run_id, 30, namespace=keys.namespace)
+    assert run.state == "CANCELLED"
+    raw = await redis.hget(keys.shard(shard).runs_hash, first.run_id)
+    names = [name for name, _ in RunRecord.decode(first.run_id, raw).path()]
+    assert "handler started" in names, names
