@@ -199,7 +199,9 @@ def _compile(
     try:
         program = cel.compile(expression)
     except Exception as exc:
-        raise DefinitionError(field, f"invalid CEL: {exc}") from None
+        # (the parser's message is several lines: the error, then the expression and a caret)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DefinitionError(field, f"invalid CEL: {first}") from None
     if check is not None:
         _trial(program, expression, field, check)
 

@@ -68,6 +68,7 @@ def test_a_bad_definition_names_the_field(overrides: dict[str, Any], field: str)
         parse(definition(**overrides))
     assert info.value.field == field
     assert str(info.value).startswith(f"{field}: ")
+    assert "\n" not in str(info.value)  # (one line: a CEL parse error was three)
 
 
 def test_a_misspelt_field_names_the_one_meant_and_read_back_is_left_to_newer_builds() -> None:
@@ -122,9 +123,13 @@ def test_key_expressions() -> None:
         compile_key("input.(")
 
 
+def _nested(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.dictionaries(st.sampled_from(["a", "b", "c"]), inner, max_size=3)
+
+
 values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=5),
-    lambda inner: st.dictionaries(st.sampled_from(["a", "b", "c"]), inner, max_size=3),
+    _nested,
     max_leaves=6,
 )
 
