@@ -496,11 +496,9 @@ async def get_run(redis: Redis, keys: Keys, rid: str) -> dict[str, Any] | None:
 
 async def require_run(redis: Redis, keys: Keys, rid: str) -> None:
     """LookupError naming `rid` unless it is a run that exists now (an id of no shard of this
-    namespace, or of none at all, included: the cancel script would refuse it less clearly)."""
-    try:
-        shard = shard_of_run(rid)
-    except ValueError:
-        shard = -1
+    namespace included: the cancel script would refuse it less clearly); ValueError for what is
+    no run id at all (a bad argument, as `supersede run` says)."""
+    shard = shard_of_run(rid)
     if not 0 <= shard < keys.shards or await redis.hget(keys.shard(shard).runs_hash, rid) is None:
         raise LookupError(f"no run {rid!r}")  # (HGET: the operator's rights have no HEXISTS)
 

@@ -229,7 +229,7 @@ class UI:
         rid = request.match_info["rid"]
         try:
             await ops.require_run(self.redis, self.keys, rid)
-        except LookupError as exc:
+        except (LookupError, ValueError) as exc:
             raise web.HTTPNotFound(text=str(exc)) from None
         done = await ops.cancel_runs(self.scripts, [rid])
         raise web.HTTPSeeOther(f"/runs/{rid}" if done.get(rid) else f"/runs/{rid}?not=1")

@@ -309,10 +309,14 @@ async def test_the_cli_refuses_another_shard_count_an_unknown_run_and_a_closed_p
         err = other.stderr.decode()
         assert other.returncode == 2 and err.count("\n") == 1, err
         assert f"was created with {keys.shards} shards" in err and "SUPERSEDE_SHARDS" in err
-    for unknown in (f"{keys.shards}-deadbeef", "0-deadbeef", "nonsense"):
+    for unknown in (f"{keys.shards}-deadbeef", "0-deadbeef"):
         done = await asyncio.to_thread(run, "cancel", unknown)
         assert done.returncode == 1
         assert done.stderr.decode() == f"supersede: no run {unknown!r}\n"
+    # no run id at all is a bad argument (2), as `supersede run` says of it (it said 1)
+    done = await asyncio.to_thread(run, "cancel", "nonsense")
+    assert done.returncode == 2
+    assert done.stderr.decode() == "supersede: not a run id: 'nonsense'\n"
 
     def closed_early() -> tuple[int, bytes]:
         env = {**system.env, "SUPERSEDE_SHARDS": str(keys.shards)}
