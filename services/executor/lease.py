@@ -64,7 +64,7 @@ class LeaseKeeper:
         """Stop renewing (after a drain); waits for the thread without blocking the loop."""
         self._halt.set()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 5)
+            await asyncio.to_thread(self._thread.join, 2)  # (a beat hung on a silent server)
         self._client.close()
 
     def _run(self) -> None:

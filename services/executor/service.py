@@ -15,9 +15,11 @@ lease (retried elsewhere: at least once), and logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -194,9 +196,7 @@ class Executor(Service):
         while self.runner.awaiting and loop.time() < deadline:
             try:
                 # lets go of the runs whose results were applied
-                await asyncio.wait_for(
-                    asyncio.to_thread(self.leases.beat), max(0.05, deadline - loop.time())
-                )
+                await _in_daemon_thread(self.leases.beat, max(0.05, deadline - loop.time()))
                 failures = 0
             except Exception:
                 failures += 1
@@ -214,6 +214,34 @@ class Executor(Service):
                     "pid": os.getpid(),
                 },
             )
+
+
+async def _in_daemon_thread(call: Callable[[], object], timeout: float) -> None:
+    """`call()` in a daemon thread of its own, waited for at most `timeout` seconds. A call hung
+    on a silent server is left behind: the default executor's threads are joined when the
+    loop closes (the process would wait out the hang), a daemon thread is not."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(exc: BaseException | None) -> None:
+        if done.done():
+            return
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+    def run() -> None:
+        outcome: BaseException | None = None
+        try:
+            call()
+        except BaseException as exc:  # (handed to the awaiting task)
+            outcome = exc
+        with contextlib.suppress(RuntimeError):  # (the loop closed meanwhile)
+            loop.call_soon_threadsafe(settle, outcome)
+
+    threading.Thread(target=run, name="supersede-drain-beat", daemon=True).start()
+    await asyncio.wait_for(done, timeout)
 
 
 async def _measure_loop_lag(stop: asyncio.Event, every: float = LOOP_LAG_EVERY) -> None:
