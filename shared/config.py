@@ -214,9 +214,14 @@ async def check_server(redis: Redis, url: str) -> None:
             "(its database number, for one)"
         ) from None
     except redis_sync.TimeoutError as exc:
+        hint = (
+            "rediss:// only for a server with TLS"
+            if url.startswith("rediss")
+            else "a server that accepts the connection but never answers: stopped, overloaded, "
+            "or behind a firewall that drops packets"
+        )
         raise ConfigError(
-            f"timed out reaching Redis at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL "
-            "(rediss:// only for a server with TLS)"
+            f"timed out reaching Redis at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL ({hint})"
         ) from None
     except redis_sync.RedisClusterException as exc:
         raise ConfigError(

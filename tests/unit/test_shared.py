@@ -568,3 +568,22 @@ def test_a_failure_that_repeats_is_logged_once_per_window_with_one_traceback(
     assert written == 2, written
     other = logging.LogRecord("x", logging.ERROR, "f", 1, "other failure", (), None)
     assert repeats.filter(other)
+
+
+async def test_a_server_that_never_answers_is_named_as_such_not_as_a_tls_mismatch() -> None:
+    """A stopped server (SIGSTOP) made every command say "rediss:// only for a server with
+    TLS" for a plain redis:// URL; that hint is for a rediss:// URL only."""
+    import redis as redis_sync
+
+    from supersede.config import check_server
+    from supersede.errors import ConfigError
+
+    class Silent:
+        async def ping(self) -> None:
+            raise redis_sync.TimeoutError("Timeout reading from socket")
+
+    for url, hint in (("redis://h:1/0", "never answers"), ("rediss://h:1/0", "rediss://")):
+        with pytest.raises(ConfigError) as info:
+            await check_server(Silent(), url)
+        assert hint in str(info.value), str(info.value)
+        assert "\n" not in str(info.value)
