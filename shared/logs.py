@@ -40,13 +40,22 @@ class Repeats(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._seen: dict[tuple[str, str, str, str], list[float]] = {}  # [written, count, trace]
+        self._seen: dict[tuple[str, ...], list[float]] = {}  # [written, count, trace]
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is None:
+        if exc is None or not record.name.startswith("supersede"):
+            return True  # (user code's logs are its own)
+        try:
+            text = str(exc)[:200]
+            # the message with its arguments and extra fields (a run id, a task's name): the
+            # same failure of another run is another line
+            extra = sorted(
+                (k, repr(v)[:100]) for k, v in vars(record).items() if k not in _RESERVED
+            )
+            key = (record.name, record.getMessage(), type(exc).__name__, text, repr(extra))
+        except Exception:  # (an exception whose str() fails: written as it comes)
             return True
-        key = (record.name, str(record.msg), type(exc).__name__, str(exc)[:200])
         now = time.monotonic()
         seen = self._seen.get(key)
         if seen is None:
@@ -61,7 +70,7 @@ class Repeats(logging.Filter):
         seen[0], seen[1] = now, 0
         if now - seen[2] < TRACE_EVERY:
             record.exc_info = None
-            record.error = f"{type(exc).__name__}: {exc}"
+            record.error = f"{type(exc).__name__}: {text}"
         else:
             seen[2] = now
         return True

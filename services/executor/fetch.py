@@ -58,6 +58,8 @@ from supersede.streams import OwnPending, stale_streams, tail_ids
 log = logging.getLogger("supersede.executor")
 
 FULL_READ_EVERY = 0.05  # seconds: the longest a backlog's streams are read alone
+BELLS_PING_EVERY = 5.0  # seconds without a bell before the bells' connection is asked to answer
+BELLS_RETRY_AFTER = 60.0  # seconds before bells refused (an ACL user's rights) are asked again
 DEEP_STREAMS = 4  # streams with a backlog one take call may read (one fills it, usually)
 
 
@@ -134,6 +136,10 @@ class Fetcher:
         # (and whenever the subscription is lost) the blocking reads do it.
         self.bells = False
         self._full_scan = True  # the next scan reads every stream (bells may have been missed)
+        # ... and one scan in each --block-ms does, whatever the bells say: an entry whose
+        # writer could not ring (a user without the channel right, a writer of an older
+        # version) waits one --block-ms at most, even while other bells keep the waits short
+        self._full_scan_due = Throttle(config.block_ms / 1000)
 
     async def loop(self, stop: asyncio.Event) -> None:
         """Until `stop`: wait for a free slot, read, take over, claim and start; or wait."""
@@ -145,7 +151,7 @@ class Fetcher:
                 if not free:
                     continue
                 self.own.sweep_if_due()
-                if self._quiet and not self.own.active and not self._stale:
+                if self._quiet and not self.own.active and not self._stale and not self.bells:
                     # The last scan found nothing and the wait after it no new entry: no scan
                     # (and no slot held for one) until an entry comes.
                     self._quiet = not await self._wait_for_assignments()
@@ -353,7 +359,7 @@ class Fetcher:
         n = len(self.streams)
         woken = list(dict.fromkeys(self._woken))
         self._woken = []
-        if self.bells and not self._full_scan:
+        if self.bells and not self._full_scan and not self._full_scan_due.due():
             # Only the streams whose bells rang, and those whose last read left more: an idle
             # stream costs nothing per entry. Those the call did not reach ring again, in
             # effect (they are read first next).
@@ -519,34 +525,54 @@ class Fetcher:
         every stream once, as bells may have rung meanwhile."""
         if self.cluster:
             return
-        failures = 0
+        failures, refused = 0, False
         while not stop.is_set():
             pubsub = self.redis.pubsub()
+            pause = 0.0
             try:
                 await self._subscribe(pubsub)
-                failures = 0
-                while True:
-                    self._ring(await pubsub.get_message(timeout=None))
+                failures, refused = 0, False
+                await self._listen(pubsub)
             except asyncio.CancelledError:
                 raise
             except ResponseError as exc:  # no SSUBSCRIBE, or no right to these channels
-                log.warning(
-                    "assignment bells not available: blocking reads wake this executor",
-                    extra={"error": str(exc)},
-                )
-                return
+                if not refused:
+                    log.warning(
+                        "assignment bells not available: blocking reads wake this executor "
+                        "(asked again each minute)", extra={"error": str(exc)},
+                    )  # fmt: skip
+                refused, pause = True, BELLS_RETRY_AFTER
             except Exception:
                 failures += 1
                 if failures == 1:
                     log.warning("assignment bells lost: blocking reads wake this executor "
                                 "until they are subscribed again", exc_info=True)  # fmt: skip
+                pause = min(0.1 * 2**failures, 2.0)
             finally:
                 self.bells = False
-                self._tails_fresh = False  # (the blocking reads' ids: read again)
+                self._quiet = False  # (the next wait is the blocking read's, after a scan)
+                self._tails_fresh = False  # (its ids: read again)
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), min(0.1 * 2**failures, 2.0))
+                await asyncio.wait_for(stop.wait(), pause)
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        """Ring for each bell until the connection fails. A connection that goes silent (a dead
+        host, a cut network) is found by a PING after BELLS_PING_EVERY seconds without a
+        message, unanswered for as long again: the reads have socket timeouts, this one waits
+        for messages with none."""
+        pinged = False
+        while True:
+            message = await pubsub.get_message(timeout=BELLS_PING_EVERY)
+            if message is not None:
+                pinged = False
+                self._ring(message)
+            elif pinged:
+                raise ConnectionError("the bells' connection did not answer a PING")
+            else:
+                await pubsub.ping()
+                pinged = True
 
     async def _subscribe(self, pubsub: PubSub) -> None:
         """SSUBSCRIBE to every stream's bell; bells on once every channel is confirmed (an
@@ -559,6 +585,10 @@ class Fetcher:
                 confirmed += 1
         self._full_scan = True
         self.bells = True
+        self._wake.set()
+
+    def wake(self) -> None:
+        """End a wait for bells or a wake task now (a stop)."""
         self._wake.set()
 
     def _ring(self, message: dict[str, Any] | None) -> None:
@@ -591,6 +621,8 @@ class Fetcher:
                     if entries:
                         last[name.decode()] = entries[-1][0].decode()
                         self._woken.append(self.index_of_stream[name.decode()])
+                        if len(self._woken) > 2 * len(self.streams):
+                            self._woken = list(dict.fromkeys(self._woken))
                         self._wake.set()
             except asyncio.CancelledError:
                 raise

@@ -168,6 +168,7 @@ class Executor(Service):
             # The fetch loop ends after its read in flight, so what that read took is started
             # and drained here rather than left pending to another executor's XAUTOCLAIM.
             self.runner.slot_freed.set()
+            self.fetcher.wake()
             await asyncio.wait([fetch], timeout=min(self.config.block_ms / 1000 + 5,
                                                     self.config.drain_timeout))  # fmt: skip
             await self.drain(deadline)

@@ -20,7 +20,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from supersede import codec
+from supersede import acl, codec
 from supersede.keys import Keys
 from supersede.registry import load_all, register
 from tests.support import APP, APP_WORKFLOWS, CLI, System, eventually, pending_count, records
@@ -785,6 +785,47 @@ async def test_an_executor_waits_on_bells_not_on_a_read_over_every_stream(
     bells = int(stats.get("cmdstat_spublish", {}).get("calls", 0))
     assert reads < 5, reads  # (the old code: one or more per event)
     assert bells >= 20, bells
+
+
+async def test_an_entry_no_bell_announced_is_read_within_a_wait_while_other_bells_ring(
+    redis: Redis, redis_url: str, keys: Keys, system: System
+) -> None:
+    """Admission under a user without the channel right (one an earlier `supersede acl` made):
+    its scripts cannot ring, and write the assignments all the same. While another stream's
+    bell rang every 0.1 s, no wait of the executor timed out, so it never read the entries
+    nobody announced (it read every stream only after a wait that timed out). Every stream is
+    now read once in each --block-ms, whatever the bells do."""
+    user = f"{keys.namespace}-old-admission"
+    rights = [r for r in acl.rules(keys.namespace, "admission") if not r.startswith("&")]
+    await redis.execute_command("ACL", "SETUSER", user, *rights, ">old-pw")
+    scheme, _, rest = redis_url.partition("://")
+    old = System(f"{scheme}://{user}:old-pw@{rest}", keys)
+    try:
+        old.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
+        system.start("executor", APP, "--slots", "2", "--block-ms", "2000")
+
+        async def registered() -> bool:
+            return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+        await eventually(registered, timeout=30)
+        system.start("ingress", "--block-ms", "100")
+        other = keys.shard(0).assignments_stream("chat-reply")
+
+        async def ring() -> None:
+            while True:
+                await redis.execute_command("SPUBLISH", other, "")
+                await asyncio.sleep(0.1)
+
+        ringer = asyncio.create_task(ring())
+        try:
+            for i in range(3):
+                await publish(redis, keys, "work.item", k=f"quiet-{i}")
+            await eventually(lambda: _states(redis, keys, {"S": 3}), timeout=10)
+        finally:
+            ringer.cancel()
+    finally:
+        old.close()
+        await redis.execute_command("ACL", "DELUSER", user)
 
 
 async def test_an_executor_subscribes_again_when_its_bells_are_cut(

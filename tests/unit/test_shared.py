@@ -552,7 +552,9 @@ def test_a_failure_that_repeats_is_logged_once_per_window_with_one_traceback(
         try:
             raise ConnectionError("Connection refused")
         except ConnectionError:
-            return logging.LogRecord("x", logging.ERROR, "f", 1, "batch failed", (), sys.exc_info())
+            return logging.LogRecord(
+                "supersede.x", logging.ERROR, "f", 1, "batch failed", (), sys.exc_info()
+            )
 
     first = record()
     assert repeats.filter(first) and first.exc_info
@@ -566,8 +568,25 @@ def test_a_failure_that_repeats_is_logged_once_per_window_with_one_traceback(
             assert vars(r)["error"] == "ConnectionError: Connection refused"
             assert vars(r)["repeats"] > 0
     assert written == 2, written
-    other = logging.LogRecord("x", logging.ERROR, "f", 1, "other failure", (), None)
+    other = logging.LogRecord("supersede.x", logging.ERROR, "f", 1, "other failure", (), None)
     assert repeats.filter(other)
+    # the same failure of another run (an extra field) is its own line; user code's logs and
+    # an exception whose str() fails are written as they come
+    for run in ("a", "b"):
+        r = record()
+        r.run = run
+        assert repeats.filter(r)
+    user = record()
+    user.name = "payments"
+    assert repeats.filter(user) and repeats.filter(user)
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    bad = logging.LogRecord("supersede.x", logging.ERROR, "f", 1, "m", (),
+                            (Unprintable, Unprintable(), None))  # fmt: skip
+    assert repeats.filter(bad) and repeats.filter(bad)
 
 
 async def test_a_server_that_never_answers_is_named_as_such_not_as_a_tls_mismatch() -> None:
