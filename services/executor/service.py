@@ -208,7 +208,8 @@ class Executor(Service):
                 await asyncio.sleep(max(0.0, min(pause, deadline - loop.time())))
         if self.runner.awaiting:
             self.log.warning(
-                "drain deadline passed with results not yet applied",
+                "drain deadline passed with results not confirmed applied (a result may have "
+                "been applied while the heartbeat that confirms it failed)",
                 extra={
                     "runs": len(self.runner.awaiting),
                     "run_ids": sorted(self.runner.awaiting)[:20],
