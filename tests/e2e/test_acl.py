@@ -332,6 +332,18 @@ async def test_acl_apply_reaches_every_node_of_a_cluster_replicas_included(keys:
 
     cluster = EmbeddedCluster(3, replicas=1).start()
     try:
+        # (every node known to the first and out of its handshake: on a slow host a replica
+        # can still be joining when the cluster answers, and --apply rightly skips it)
+        async def all_joined() -> bool:
+            with redis_sync.Redis(port=cluster.nodes[0].port) as first:
+                text = first.execute_command("CLUSTER", "NODES")
+            lines = [ln.split() for ln in (text.decode() if isinstance(text, bytes) else text)
+                     .splitlines() if ln.strip()]  # fmt: skip
+            return len(lines) == 6 and all(
+                "handshake" not in ln[2] and ln[7] == "connected" for ln in lines
+            )
+
+        await eventually(all_joined, timeout=60)
         url = f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}"
         env = {**env_of(url, keys), **{acl.password_env(r): p for r, p in PASSWORDS.items()}}
         cmd = [sys.executable, "-m", "supersede", "acl", "--apply", "--role", "executor"]
