@@ -366,17 +366,13 @@ class Fetcher:
             order = list(dict.fromkeys([*woken, *sorted(self._hot)]))
             if not order:
                 return Reading()
-            got, reached = await self._take(order, free)
-            unreached = set(order[reached:])
-            self._woken[:0] = [i for i in woken if i in unreached]
+            got, _ = await self._take_woken(order, woken, free)
             return got
         self._full_scan = False
         order = list(dict.fromkeys([*woken, *((self._rotation + i) % n for i in range(n))]))
         if not self.cluster:  # (one call, in the batches below: all streams when free >= n)
             self._rotation = (self._rotation + 1) % n
-            got, reached = await self._take(order, free)
-            unreached = set(order[reached:])
-            self._woken[:0] = [i for i in woken if i in unreached]
+            got, unreached = await self._take_woken(order, woken, free)
             if unreached:  # (filled before it reached every stream: the next scan goes on)
                 self._full_scan = True
             return got
@@ -397,6 +393,16 @@ class Fetcher:
             got.add(await self._read_batch(batch, want // len(batch)))
         self._rotation = (self._rotation + 1) % n
         return got
+
+    async def _take_woken(
+        self, order: list[int], woken: list[int], free: int
+    ) -> tuple[Reading, bool]:
+        """`_take` of `order`; the woken streams it did not reach go back to the front of the
+        woken list (read first next). Whether it left any stream of `order` unread."""
+        got, reached = await self._take(order, free)
+        unreached = set(order[reached:])
+        self._woken[:0] = [i for i in woken if i in unreached]
+        return got, bool(unreached)
 
     def _batch(self, order: list[int], size: int) -> list[int]:
         """The first `size` streams of `order`; on a cluster only as many of them as share the
