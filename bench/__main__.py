@@ -17,6 +17,7 @@ from bench import (
     saq_ref,
     serve,
 )
+from bench.common import cpu_latency_holdable, log
 
 
 def main() -> None:
@@ -27,6 +28,11 @@ def main() -> None:
     asyncio.run(cpu_split.main())  # the CPU of a run, per process
     asyncio.run(serve.main())  # the same in one process (`supersede serve`)
     asyncio.run(saq_ref.main())  # SAQ's figures, then supersede's against them
+    if cpu_latency_holdable():  # the start latency with the CPUs held out of deep idle
+        asyncio.run(serve.main(held=True))  # (SUPERSEDE_CPU_LATENCY_US=0)
+        asyncio.run(saq_ref.main(held=True))  # (the same condition, held by the bench)
+    else:
+        log("held start latency skipped: /dev/cpu_dma_latency is not writable (needs root)")
     asyncio.run(cancel_storm.main())
     asyncio.run(isolation.main())  # cancel -> a worker process stopped
     asyncio.run(cluster.main())

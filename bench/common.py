@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import struct
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -11,6 +15,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from supersede.keys import Keys
+from supersede.service import CPU_LATENCY_DEVICE
 
 RESULTS: dict[str, float] = {}
 """Every figure reported in this process, by name: the comparisons across benchmarks."""
@@ -54,3 +59,21 @@ async def apps_registered(redis: Redis | RedisCluster, keys: Keys) -> bool:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def cpu_latency_holdable() -> bool:
+    """The held rounds need /dev/cpu_dma_latency (Linux, written as root)."""
+    return os.access(CPU_LATENCY_DEVICE, os.W_OK)
+
+
+@contextlib.contextmanager
+def cpu_latency_held() -> Iterator[None]:
+    """The host's CPUs kept out of idle states deeper than 0 µs while inside (a PM QoS
+    request: what SUPERSEDE_CPU_LATENCY_US=0 makes a service hold), for a reference measured
+    under the same condition."""
+    fd = os.open(CPU_LATENCY_DEVICE, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, struct.pack("=i", 0))
+        yield
+    finally:
+        os.close(fd)

