@@ -432,9 +432,10 @@ SERVICE_ENVIRONMENT = (
   SUPERSEDE_METRICS_HOST  address of /metrics, /healthz, /readyz (default 0.0.0.0)
   SUPERSEDE_NICE          the process's niceness, -20 to 19 (default: unchanged)
   SUPERSEDE_CPUS          the CPUs it may run on, as 0,2 or 0-3 (default: unchanged)
-  SUPERSEDE_CPU_LATENCY_US  while it runs, no CPU of the host sleeps deeper than this
-                          wake-up time, µs (Linux PM QoS, needs root; 0: idle CPUs poll,
-                          about half the start latency at low rates; default: unset)
+  SUPERSEDE_CPU_LATENCY_US
+                          while it runs, no CPU of the host sleeps deeper than this wake-up
+                          time, µs (Linux PM QoS, needs root; 0: idle CPUs poll, a lower start
+                          latency at low rates for power; default: unset)
   SUPERSEDE_EVENT_LOOP    uvloop (default, where it is installed) or asyncio
   OTEL_*                  traces, off unless set: OTEL_TRACES_EXPORTER (otlp, console),
                           OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ... (README, Tracing)"""

@@ -375,8 +375,9 @@ def hold_cpu_latency(text: str, *, apply: bool = True) -> None:
     /dev/cpu_dma_latency holds as long as the file stays open, and the process exit closes
     it). A deep idle state flushes the core's caches, and at a few hundred events a second a
     core sleeps between events: on the development machine an event's path through a service
-    took 7 µs with the core awake and 70-120 µs after 5 ms of sleep, so 0 roughly halves the
-    start latency at low rates (docs/benchmarks.md). The cost: idle CPUs poll instead of
+    took 7 µs with the core awake and 70-120 µs after 5 ms of sleep, and 0 cut the start latency
+    at low rates by up to half on the hours the CPUs slept deep (docs/benchmarks.md, "CPU idle
+    states"). The cost: idle CPUs poll instead of
     sleeping (power, and a VM's host sees them busy). Needs write access to the device (root;
     in a container, a privileged one); a host profile such as tuned's `latency-performance`
     does the same for every process of the host."""
@@ -390,20 +391,31 @@ def hold_cpu_latency(text: str, *, apply: bool = True) -> None:
         raise ConfigError(
             f"SUPERSEDE_CPU_LATENCY_US must be from 0 to {MAX_CPU_LATENCY_US}, not {value}"
         )
-    if not apply:
+    missing = ConfigError(
+        f"SUPERSEDE_CPU_LATENCY_US={value}: there is no {CPU_LATENCY_DEVICE} here (Linux PM "
+        "QoS; a container needs the device passed in); unset it"
+    )
+    refused = ConfigError(
+        f"SUPERSEDE_CPU_LATENCY_US={value}: {CPU_LATENCY_DEVICE} is not writable by this "
+        "process (it needs root, or a privileged container); unset it, or tune the host "
+        "instead (e.g. tuned's latency-performance profile)"
+    )
+    if not apply:  # (`dev`: its services apply it; one line now rather than each failing)
+        if not os.path.exists(CPU_LATENCY_DEVICE):
+            raise missing
+        if not os.access(CPU_LATENCY_DEVICE, os.W_OK):
+            raise refused
         return
     try:
         fd = os.open(CPU_LATENCY_DEVICE, os.O_WRONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ConfigError(
-            f"SUPERSEDE_CPU_LATENCY_US={value}: this host has no {CPU_LATENCY_DEVICE} "
-            "(Linux PM QoS); unset it"
-        ) from None
+        raise missing from None
     except PermissionError:
+        raise refused from None
+    except OSError as exc:  # (a read-only mount, say)
         raise ConfigError(
-            f"SUPERSEDE_CPU_LATENCY_US={value}: {CPU_LATENCY_DEVICE} is not writable by this "
-            "process (it needs root, or a privileged container); unset it, or tune the host "
-            "instead (e.g. tuned's latency-performance profile)"
+            f"SUPERSEDE_CPU_LATENCY_US={value}: {CPU_LATENCY_DEVICE} cannot be opened for "
+            f"writing ({exc.strerror}); unset it"
         ) from None
     try:
         os.write(fd, struct.pack("=i", value))
