@@ -800,6 +800,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # (replaced, or closed)
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logs.setup(args.log_level)
@@ -812,7 +819,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.func(args, settings)
         sys.stdout.flush()  # (here, so a reader gone is the BrokenPipeError below, not at exit)
     except ConfigError as exc:
-        if args.func in (_admission, _ingress, _executor, _serve, _ui):  # (for log collectors)
+        # (a service's log line for log collectors; at a terminal the plain line says it all)
+        if args.func in (_admission, _ingress, _executor, _serve, _ui) and not _terminal():
             log.error("refusing to start", extra={"error": str(exc)})
         print(f"supersede: {exc}", file=sys.stderr)  # a command's error: this one line
         sys.exit(2)

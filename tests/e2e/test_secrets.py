@@ -4,7 +4,9 @@ they write holds the password; a metrics port in use is one line naming the sett
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pty
 import signal
 import socket
 import subprocess
@@ -186,3 +188,25 @@ def test_dev_s_redis_cli_line_reaches_a_tls_server(redis_tls: TlsServer) -> None
     assert done.returncode == 0 and b"-" in done.stdout, done.stderr.decode() + line
     inbox = redis_sync.Redis.from_url(redis_tls.url).xrange("secrets:events", count=10)
     assert any(fields.get(b"name") for _, fields in inbox)
+
+
+def test_a_service_refused_at_a_terminal_says_it_in_one_line() -> None:
+    """At a terminal a service's start-up refusal is the one plain line (its JSON log line is
+    for log collectors: written when stderr is not a terminal, as above)."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    cmd = [sys.executable, "-m", "supersede", "ingress", "--metrics-port", "0"]
+    main, secondary = pty.openpty()
+    try:
+        done = subprocess.run(cmd, env=_env(url), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=secondary, timeout=60)  # fmt: skip
+        os.close(secondary)
+        out = b""
+        with contextlib.suppress(OSError):  # (EIO: the terminal's other end closed)
+            while chunk := os.read(main, 4096):
+                out += chunk
+    finally:
+        os.close(main)
+    lines = out.decode().strip().splitlines()
+    assert done.returncode == 2
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("supersede: cannot reach Redis"), lines
