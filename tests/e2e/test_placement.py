@@ -5,6 +5,7 @@ naming the setting."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -43,13 +44,10 @@ def _threads(pid: int) -> list[int]:
     return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
 
 
-def test_a_service_runs_at_the_niceness_and_on_the_cpus_it_was_given(url: str) -> None:
-    # (a workflow module that starts a thread at import: it is placed too)
-    cpu = min(os.sched_getaffinity(0))
-    nice = min(19, max(7, os.getpriority(os.PRIO_PROCESS, 0) + 1))
-    env = _env(url, SUPERSEDE_NICE=str(nice), SUPERSEDE_CPUS=str(cpu))
-    cmd = [sys.executable, "-m", "supersede", "executor", "tests.support.apps.threaded",
-           "--metrics-port", "0"]  # fmt: skip
+@contextlib.contextmanager
+def _service(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """`supersede <args>` once it logged that it started; killed on the way out."""
+    cmd = [sys.executable, "-m", "supersede", *args, "--metrics-port", "0"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE,
                             preexec_fn=die_with_parent)  # fmt: skip
     try:
@@ -57,22 +55,35 @@ def test_a_service_runs_at_the_niceness_and_on_the_cpus_it_was_given(url: str) -
         lines = []
         for line in proc.stderr:
             lines.append(line.decode())
-            if "executor started" in lines[-1]:
+            if f"{args[0]} started" in lines[-1]:
                 break
         else:
             raise AssertionError("".join(lines)[-2000:])
-        threads = _threads(proc.pid)
-        assert len(threads) > 1
-        assert {os.getpriority(os.PRIO_PROCESS, tid) for tid in threads} == {nice}
-        assert all(os.sched_getaffinity(tid) == {cpu} for tid in threads)
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-        assert proc.returncode == 0
+        yield proc
     finally:
         proc.kill()
         proc.wait(10)
         if proc.stderr:
             proc.stderr.close()
+
+
+def _stops_cleanly(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_a_service_runs_at_the_niceness_and_on_the_cpus_it_was_given(url: str) -> None:
+    # (a workflow module that starts a thread at import: it is placed too)
+    cpu = min(os.sched_getaffinity(0))
+    nice = min(19, max(7, os.getpriority(os.PRIO_PROCESS, 0) + 1))
+    env = _env(url, SUPERSEDE_NICE=str(nice), SUPERSEDE_CPUS=str(cpu))
+    with _service(["executor", "tests.support.apps.threaded"], env) as proc:
+        threads = _threads(proc.pid)
+        assert len(threads) > 1
+        assert {os.getpriority(os.PRIO_PROCESS, tid) for tid in threads} == {nice}
+        assert all(os.sched_getaffinity(tid) == {cpu} for tid in threads)
+        _stops_cleanly(proc)
 
 
 def test_a_placement_that_cannot_be_applied_stops_the_service_in_one_line(url: str) -> None:
@@ -138,33 +149,12 @@ def _host_cpu_latency() -> int:
 def test_a_service_holds_the_cpus_out_of_deep_idle_while_it_runs(url: str) -> None:
     if _host_cpu_latency() <= HELD_US:
         pytest.skip("another process holds a lower CPU latency on this host")
-    cmd = [sys.executable, "-m", "supersede", "ingress", "--metrics-port", "0"]
-    env = _env(url, SUPERSEDE_CPU_LATENCY_US=str(HELD_US))
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE,
-                            preexec_fn=die_with_parent)  # fmt: skip
-    try:
-        assert proc.stderr
-        lines = []
-        for line in proc.stderr:
-            lines.append(line.decode())
-            if "ingress started" in lines[-1]:
-                break
-        else:
-            raise AssertionError("".join(lines)[-2000:])
-        fds = [
-            os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")
-        ]
+    with _service(["ingress"], _env(url, SUPERSEDE_CPU_LATENCY_US=str(HELD_US))) as proc:
+        fds = [os.readlink(f"/proc/{proc.pid}/fd/{n}") for n in os.listdir(f"/proc/{proc.pid}/fd")]
         assert fds.count(CPU_LATENCY_DEVICE) == 1
         assert _host_cpu_latency() == HELD_US  # the kernel took the value as written
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-        assert proc.returncode == 0
+        _stops_cleanly(proc)
         assert _host_cpu_latency() > HELD_US  # released with the process
-    finally:
-        proc.kill()
-        proc.wait(10)
-        if proc.stderr:
-            proc.stderr.close()
 
 
 def test_the_cpu_latency_is_written_as_the_device_reads_it_and_held(
