@@ -377,10 +377,10 @@ def hold_cpu_latency(text: str, *, apply: bool = True) -> None:
     core sleeps between events: on the development machine an event's path through a service
     took 7 µs with the core awake and 70-120 µs after 5 ms of sleep, and 0 cut the start latency
     at low rates by up to half on the hours the CPUs slept deep (docs/benchmarks.md, "CPU idle
-    states"). The cost: idle CPUs poll instead of
-    sleeping (power, and a VM's host sees them busy). Needs write access to the device (root;
-    in a container, a privileged one); a host profile such as tuned's `latency-performance`
-    does the same for every process of the host."""
+    states"). The cost: idle CPUs poll instead of sleeping (power, and a VM's host sees them
+    busy). Needs write access to the device (root; in a container, a privileged one); a host
+    profile such as tuned's `latency-performance` does the same for every process of the
+    host."""
     try:
         value = int(text)
     except ValueError:
