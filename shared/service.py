@@ -391,32 +391,10 @@ def hold_cpu_latency(text: str, *, apply: bool = True) -> None:
         raise ConfigError(
             f"SUPERSEDE_CPU_LATENCY_US must be from 0 to {MAX_CPU_LATENCY_US}, not {value}"
         )
-    missing = ConfigError(
-        f"SUPERSEDE_CPU_LATENCY_US={value}: there is no {CPU_LATENCY_DEVICE} here (Linux PM "
-        "QoS; a container needs the device passed in); unset it"
-    )
-    refused = ConfigError(
-        f"SUPERSEDE_CPU_LATENCY_US={value}: {CPU_LATENCY_DEVICE} is not writable by this "
-        "process (it needs root, or a privileged container); unset it, or tune the host "
-        "instead (e.g. tuned's latency-performance profile)"
-    )
-    if not apply:  # (`dev`: its services apply it; one line now rather than each failing)
-        if not os.path.exists(CPU_LATENCY_DEVICE):
-            raise missing
-        if not os.access(CPU_LATENCY_DEVICE, os.W_OK):
-            raise refused
+    fd = _open_cpu_latency_device(value)
+    if not apply:  # (`dev`: its services hold it; refused now in one line if they could not)
+        os.close(fd)
         return
-    try:
-        fd = os.open(CPU_LATENCY_DEVICE, os.O_WRONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise missing from None
-    except PermissionError:
-        raise refused from None
-    except OSError as exc:  # (a read-only mount, say)
-        raise ConfigError(
-            f"SUPERSEDE_CPU_LATENCY_US={value}: {CPU_LATENCY_DEVICE} cannot be opened for "
-            f"writing ({exc.strerror}); unset it"
-        ) from None
     try:
         os.write(fd, struct.pack("=i", value))
     except OSError as exc:
@@ -425,6 +403,29 @@ def hold_cpu_latency(text: str, *, apply: bool = True) -> None:
             f"SUPERSEDE_CPU_LATENCY_US={value}: {CPU_LATENCY_DEVICE} refused it ({exc.strerror})"
         ) from None
     _cpu_latency_requests.append(fd)
+
+
+def _open_cpu_latency_device(value: int) -> int:
+    """The device opened for writing (opening alone asks nothing of the CPUs: a request holds
+    the default until a value is written), or one line that says why it cannot be."""
+    try:
+        return os.open(CPU_LATENCY_DEVICE, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"SUPERSEDE_CPU_LATENCY_US={value}: there is no {CPU_LATENCY_DEVICE} here (Linux "
+            "PM QoS; a container needs the device passed in); unset it"
+        ) from None
+    except PermissionError:
+        raise ConfigError(
+            f"SUPERSEDE_CPU_LATENCY_US={value}: {CPU_LATENCY_DEVICE} is not writable by this "
+            "process (it needs root, or a privileged container); unset it, or tune the host "
+            "instead (e.g. tuned's latency-performance profile)"
+        ) from None
+    except OSError as exc:  # (a read-only mount, say)
+        raise ConfigError(
+            f"SUPERSEDE_CPU_LATENCY_US={value}: {CPU_LATENCY_DEVICE} cannot be opened for "
+            f"writing ({exc.strerror}); unset it"
+        ) from None
 
 
 def parse_cpus(text: str) -> set[int]:
