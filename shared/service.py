@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import multiprocessing.util
 import os
 import signal
 import struct
@@ -309,6 +310,12 @@ def exit_past_stuck_threads(service: str) -> None:
     )
     tracing.shutdown()
     logging.shutdown()
+    with contextlib.suppress(Exception):
+        # (os._exit skips the finalizers that unlink the worker processes' semaphores: the
+        # resource tracker would find them and print a warning of its own into the logs)
+        run_finalizers = getattr(multiprocessing.util, "_run_finalizers", None)
+        if run_finalizers is not None:
+            run_finalizers(0)
     with contextlib.suppress(Exception):
         sys.stdout.flush()
         sys.stderr.flush()

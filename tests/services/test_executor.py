@@ -216,6 +216,62 @@ async def test_a_sync_step_past_the_drain_deadline_does_not_hold_the_process(
     assert not await logged(redis, keys, "stubborn-finished:")
 
 
+STUBBORN_BESIDE_PROCESSES = """
+import os, time
+from supersede.config import connect_sync
+from supersede.workflow import Context, Workflow
+
+_redis = connect_sync(os.environ["SUPERSEDE_REDIS_URL"])
+isolated = Workflow("isolated-step", on_events=["isolated.item"], isolation="process")
+
+
+@isolated.step()
+def quick(ctx: Context) -> None:
+    return None
+
+
+held = Workflow("held-thread", on_events=["held.item"])
+
+
+@held.step()
+def sleeps(ctx: Context) -> None:
+    _redis.rpush(os.environ["SUPERSEDE_NAMESPACE"] + ":test:log", "held-started")
+    time.sleep(30)  # (and never looks at ctx.cancelled)
+"""
+
+
+async def test_an_exit_past_the_drain_deadline_beside_worker_processes_writes_only_log_lines(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """An executor with worker processes (a step in process isolation) that exits at the drain
+    deadline past a stuck sync step: its stderr holds JSON log lines only. The exit skipped
+    the interpreter's finalizers, so multiprocessing's resource tracker found the workers'
+    semaphores and printed a two-line warning of its own ("leaked semaphore objects")."""
+    (tmp_path / "stuck_flows.py").write_text(STUBBORN_BESIDE_PROCESSES)
+    env = {**system.env, "PYTHONPATH": f"{tmp_path}:{system.env.get('PYTHONPATH', '')}"}
+    system.start("admission", "--block-ms", "100")
+    cmd = [sys.executable, "-m", "supersede", "executor", "stuck_flows", "--slots", "2",
+           "--drain-timeout", "2", "--grace", "0.5", "--metrics-port", "0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    system.procs.append(proc)
+
+    async def registered() -> bool:
+        return bool(await redis.hexists(keys.workflows_hash, "held-thread"))
+
+    await eventually(registered, timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    await publish(redis, keys, "held.item")
+    await eventually(lambda: logged(redis, keys, "held-started"), timeout=30)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 30) == 0
+    assert proc.stderr is not None
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert "threads still running" in err  # (the exit this test is about)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert [line for line in lines if not line.startswith("{")] == [], err[-3000:]
+
+
 LIBRARY_POOL = """
 import atexit, os
 from concurrent.futures import ThreadPoolExecutor
