@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -45,6 +46,7 @@ __all__ = ["Executor", "ExecutorConfig", "serve"]
 
 DRAIN_POLL = 0.1  # seconds between checks that written results were applied, while draining
 LOOP_LAG_EVERY = 0.1  # seconds between two measures of the event loop's lag
+BLOCKED_LOOP_WARN = 1.0  # a lag from which the loop is logged as blocked (seconds)
 REGISTER_RETRY_AFTER = 60.0  # seconds before a refused re-registration is tried again
 CLOCK_READ_EVERY = 60.0  # seconds between two reads of the server's clock (the served mark's)
 REGISTRY_CHECK_EVERY = 1.0  # seconds between two looks for this process's workflows in the registry
@@ -153,7 +155,7 @@ class Executor(Service):
             asyncio.create_task(self.fetcher.bell_loop(stop)),
             asyncio.create_task(self.cancels.control_loop(drained, self.lane())),
             asyncio.create_task(self.cancels.resend_loop(drained)),
-            asyncio.create_task(_measure_loop_lag(drained)),
+            asyncio.create_task(_measure_loop_lag(drained, runner=self.runner)),
             *(
                 asyncio.create_task(self.fetcher.wake_loop(stop, shard))
                 for shard in (range(self.keys.shards) if self.fetcher.cluster else ())
@@ -246,13 +248,27 @@ async def _in_daemon_thread(call: Callable[[], object], timeout: float) -> None:
     await asyncio.wait_for(done, timeout)
 
 
-async def _measure_loop_lag(stop: asyncio.Event, every: float = LOOP_LAG_EVERY) -> None:
-    """Observe how late a timer due every `every` seconds runs: the event loop's lag."""
+async def _measure_loop_lag(
+    stop: asyncio.Event, every: float = LOOP_LAG_EVERY, runner: Runner | None = None
+) -> None:
+    """Observe how late a timer due every `every` seconds runs: the event loop's lag. A lag
+    past BLOCKED_LOOP_WARN is logged: something held the loop (a step calling time.sleep or
+    sync I/O in an async function), and every Redis call of the process that timed out
+    meanwhile failed for that, not for the server."""
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         due = loop.time() + every
         await asyncio.sleep(every)
-        metrics.LOOP_LAG_SECONDS.observe(max(0.0, loop.time() - due))
+        lag = max(0.0, loop.time() - due)
+        metrics.LOOP_LAG_SECONDS.observe(lag)
+        if lag >= BLOCKED_LOOP_WARN:
+            running = sorted({r.workflow.id for r in runner.active.values()}) if runner else []
+            logging.getLogger("supersede.executor").warning(
+                "event loop blocked: a step that blocks (time.sleep or sync I/O in an async "
+                "step) stalls every run and call of this process; Redis timeouts logged "
+                "meanwhile are this, not the server",
+                extra={"seconds": round(lag, 1), "workflows_running": running[:10]},
+            )
 
 
 async def serve(

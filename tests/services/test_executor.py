@@ -272,6 +272,55 @@ async def test_an_exit_past_the_drain_deadline_beside_worker_processes_writes_on
     assert [line for line in lines if not line.startswith("{")] == [], err[-3000:]
 
 
+BLOCKING_STEP = """
+import time
+from supersede.workflow import Context, Workflow
+
+blocking = Workflow("blocking", on_events=["blocking.item"])
+
+
+@blocking.step()
+async def sleeps_in_the_loop(ctx: Context) -> None:
+    time.sleep(2)  # (the mistake: time.sleep in an async step holds the event loop)
+"""
+
+
+async def test_a_step_that_blocks_the_event_loop_is_named_in_the_logs(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """An async step that calls time.sleep holds the whole process: before, the only trace
+    was Redis timeouts of other tasks, which blamed the server; now a warning says the loop
+    was blocked, how long, and which workflows were running."""
+    (tmp_path / "blocking_flows.py").write_text(BLOCKING_STEP)
+    env = {**system.env, "PYTHONPATH": f"{tmp_path}:{system.env.get('PYTHONPATH', '')}"}
+    system.start("admission", "--block-ms", "100")
+    cmd = [sys.executable, "-m", "supersede", "executor", "blocking_flows", "--metrics-port", "0"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    system.procs.append(proc)
+
+    async def registered() -> bool:
+        return bool(await redis.hexists(keys.workflows_hash, "blocking"))
+
+    await eventually(registered, timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    await publish(redis, keys, "blocking.item")
+
+    async def succeeded() -> bool:
+        return any(r.get("w") == "blocking" and r.get("st") == "S"
+                   for r in (await records(redis, keys)).values())  # fmt: skip
+
+    await eventually(succeeded, timeout=30)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 30) == 0
+    assert proc.stderr is not None
+    with proc.stderr:
+        lines = [orjson.loads(line) for line in proc.stderr.read().splitlines() if line.strip()]
+    [blocked] = [line for line in lines if line["msg"].startswith("event loop blocked")]
+    assert blocked["level"] == "warning"
+    assert 1.5 <= blocked["seconds"] <= 10
+    assert blocked["workflows_running"] == ["blocking"]
+
+
 LIBRARY_POOL = """
 import atexit, os
 from concurrent.futures import ThreadPoolExecutor
