@@ -216,6 +216,35 @@ async def test_a_sync_step_past_the_drain_deadline_does_not_hold_the_process(
     assert not await logged(redis, keys, "stubborn-finished:")
 
 
+async def _system_with_module(
+    redis: Redis, keys: Keys, system: System, module: Path, workflow: str, *args: str
+) -> subprocess.Popen[bytes]:
+    """Admission, an executor of `module` (a file of workflows; its stderr piped) and ingress,
+    once the executor registered `workflow`."""
+    env = {**system.env, "PYTHONPATH": f"{module.parent}:{system.env.get('PYTHONPATH', '')}"}
+    system.start("admission", "--block-ms", "100")
+    cmd = [sys.executable, "-m", "supersede", "executor", module.stem, *args,
+           "--metrics-port", "0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    system.procs.append(proc)
+
+    async def registered() -> bool:
+        return bool(await redis.hexists(keys.workflows_hash, workflow))
+
+    await eventually(registered, timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    return proc
+
+
+async def _stderr_after_sigterm(proc: subprocess.Popen[bytes]) -> str:
+    """Stop `proc` as a deploy does; its stderr once it exited 0."""
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 30) == 0
+    assert proc.stderr is not None
+    with proc.stderr:
+        return proc.stderr.read().decode()
+
+
 STUBBORN_BESIDE_PROCESSES = """
 import os, time
 from supersede.config import connect_sync
@@ -247,26 +276,13 @@ async def test_an_exit_past_the_drain_deadline_beside_worker_processes_writes_on
     deadline past a stuck sync step: its stderr holds JSON log lines only. The exit skipped
     the interpreter's finalizers, so multiprocessing's resource tracker found the workers'
     semaphores and printed a two-line warning of its own ("leaked semaphore objects")."""
-    (tmp_path / "stuck_flows.py").write_text(STUBBORN_BESIDE_PROCESSES)
-    env = {**system.env, "PYTHONPATH": f"{tmp_path}:{system.env.get('PYTHONPATH', '')}"}
-    system.start("admission", "--block-ms", "100")
-    cmd = [sys.executable, "-m", "supersede", "executor", "stuck_flows", "--slots", "2",
-           "--drain-timeout", "2", "--grace", "0.5", "--metrics-port", "0"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-    system.procs.append(proc)
-
-    async def registered() -> bool:
-        return bool(await redis.hexists(keys.workflows_hash, "held-thread"))
-
-    await eventually(registered, timeout=30)
-    system.start("ingress", "--block-ms", "100")
+    module = tmp_path / "stuck_flows.py"
+    module.write_text(STUBBORN_BESIDE_PROCESSES)
+    proc = await _system_with_module(redis, keys, system, module, "held-thread", "--slots", "2",
+                                     "--drain-timeout", "2", "--grace", "0.5")  # fmt: skip
     await publish(redis, keys, "held.item")
     await eventually(lambda: logged(redis, keys, "held-started"), timeout=30)
-    proc.send_signal(signal.SIGTERM)
-    assert await asyncio.to_thread(proc.wait, 30) == 0
-    assert proc.stderr is not None
-    with proc.stderr:
-        err = proc.stderr.read().decode()
+    err = await _stderr_after_sigterm(proc)
     assert "threads still running" in err  # (the exit this test is about)
     lines = [line for line in err.splitlines() if line.strip()]
     assert [line for line in lines if not line.startswith("{")] == [], err[-3000:]
@@ -291,18 +307,9 @@ async def test_a_step_that_blocks_the_event_loop_is_named_in_the_logs(
     """An async step that calls time.sleep holds the whole process: before, the only trace
     was Redis timeouts of other tasks, which blamed the server; now a warning says the loop
     was blocked, how long, and which workflows were running."""
-    (tmp_path / "blocking_flows.py").write_text(BLOCKING_STEP)
-    env = {**system.env, "PYTHONPATH": f"{tmp_path}:{system.env.get('PYTHONPATH', '')}"}
-    system.start("admission", "--block-ms", "100")
-    cmd = [sys.executable, "-m", "supersede", "executor", "blocking_flows", "--metrics-port", "0"]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-    system.procs.append(proc)
-
-    async def registered() -> bool:
-        return bool(await redis.hexists(keys.workflows_hash, "blocking"))
-
-    await eventually(registered, timeout=30)
-    system.start("ingress", "--block-ms", "100")
+    module = tmp_path / "blocking_flows.py"
+    module.write_text(BLOCKING_STEP)
+    proc = await _system_with_module(redis, keys, system, module, "blocking")
     await publish(redis, keys, "blocking.item")
 
     async def succeeded() -> bool:
@@ -310,11 +317,8 @@ async def test_a_step_that_blocks_the_event_loop_is_named_in_the_logs(
                    for r in (await records(redis, keys)).values())  # fmt: skip
 
     await eventually(succeeded, timeout=30)
-    proc.send_signal(signal.SIGTERM)
-    assert await asyncio.to_thread(proc.wait, 30) == 0
-    assert proc.stderr is not None
-    with proc.stderr:
-        lines = [orjson.loads(line) for line in proc.stderr.read().splitlines() if line.strip()]
+    err = await _stderr_after_sigterm(proc)
+    lines = [orjson.loads(line) for line in err.splitlines() if line.strip()]
     [blocked] = [line for line in lines if line["msg"].startswith("event loop blocked")]
     assert blocked["level"] == "warning"
     assert 1.5 <= blocked["seconds"] <= 10
