@@ -264,9 +264,9 @@ async def _measure_loop_lag(
         if lag >= BLOCKED_LOOP_WARN:
             running = sorted({r.workflow.id for r in runner.active.values()}) if runner else []
             logging.getLogger("supersede.executor").warning(
-                "event loop blocked: a step that blocks (time.sleep or sync I/O in an async "
-                "step) stalls every run and call of this process; Redis timeouts logged "
-                "meanwhile are this, not the server",
+                "event loop blocked: a step blocking it (time.sleep or sync I/O in an async "
+                "step), or the process paused, stalls every run and call of this process; "
+                "Redis timeouts logged meanwhile are this, not the server",
                 extra={"seconds": round(lag, 1), "workflows_running": running[:10]},
             )
 
