@@ -581,8 +581,11 @@ class Fetcher:
                 pinged = True
 
     async def _subscribe(self, pubsub: PubSub) -> None:
-        """SSUBSCRIBE to every stream's bell; bells on once every channel is confirmed (an
-        error reply such as NOPERM raises here): only then can a scan not miss a bell."""
+        """SSUBSCRIBE to every stream's bell (an error reply such as NOPERM raises here). Bells
+        go on at the first one heard once every channel is confirmed (see `_ring`): a writer
+        that never rings (an admission of a build before the bells, or under a user without
+        the channel right) leaves the executor on the blocking reads, not on a wait for bells
+        that only a scan each --block-ms would end."""
         await pubsub.ssubscribe(*self.streams)
         confirmed = 0
         while confirmed < len(self.streams):
@@ -590,7 +593,6 @@ class Fetcher:
             if message is not None and message["type"] == "ssubscribe":
                 confirmed += 1
         self._full_scan = True
-        self.bells = True
         self._wake.set()
 
     def wake(self) -> None:
@@ -610,6 +612,9 @@ class Fetcher:
         index = self.index_of_stream.get(_text(message["channel"]))
         if message["type"] != "smessage" or index is None:
             return
+        if not self.bells:  # the first bell since the subscription: the waits are for bells
+            self.bells = True
+            self._full_scan = True
         self._woken.append(index)
         if len(self._woken) > 2 * len(self.streams):
             self._woken = list(dict.fromkeys(self._woken))

@@ -937,6 +937,40 @@ async def test_an_entry_no_bell_announced_is_read_within_a_wait_while_other_bell
         await redis.execute_command("ACL", "DELUSER", user)
 
 
+async def test_an_executor_under_an_admission_that_never_rings_keeps_its_blocking_reads(
+    redis: Redis, redis_url: str, keys: Keys, system: System
+) -> None:
+    """Admission that rings no bell (a build before them in a rolling upgrade, or a user an
+    earlier `supersede acl` made): the executor waited for bells that never came, and each run
+    started only at the scan after a timed-out wait, up to --block-ms late (1 s by default;
+    a black-box upgrade measured p50 490 ms, max 1.2 s). It now waits on bells only once it
+    has heard one; until then its blocking reads start each run at once."""
+    user = f"{keys.namespace}-silent-admission"
+    rights = [r for r in acl.rules(keys.namespace, "admission") if not r.startswith("&")]
+    await redis.execute_command("ACL", "SETUSER", user, *rights, ">silent-pw")
+    scheme, _, rest = redis_url.partition("://")
+    silent = System(f"{scheme}://{user}:silent-pw@{rest}", keys)
+    try:
+        silent.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
+        system.start("executor", APP, "--slots", "2", "--block-ms", "5000")
+
+        async def registered() -> bool:
+            return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+        await eventually(registered, timeout=30)
+        system.start("ingress", "--block-ms", "100")
+        await publish(redis, keys, "work.item", k="warm")
+        await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
+        for i in range(4):  # (one at a time: each one's wait began before it came)
+            published = time.monotonic()
+            await publish(redis, keys, "work.item", k=f"silent-{i}")
+            await eventually(lambda n=i + 2: _states(redis, keys, {"S": n}), timeout=30)
+            assert time.monotonic() - published < 2.5  # (the old code: the 5 s wait first)
+    finally:
+        silent.close()
+        await redis.execute_command("ACL", "DELUSER", user)
+
+
 async def test_an_executor_subscribes_again_when_its_bells_are_cut(
     redis: Redis, keys: Keys, system: System
 ) -> None:
@@ -945,7 +979,12 @@ async def test_an_executor_subscribes_again_when_its_bells_are_cut(
     await system.pipeline(redis, keys, 1, "--slots", "2", "--block-ms", "60000")
     await publish(redis, keys, "work.item", k="warm")
     await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
+
+    async def subscribed() -> bool:
+        return bool(await redis.execute_command("CLIENT", "LIST", "TYPE", "pubsub"))
+
     for round_ in range(3):
+        await eventually(subscribed, timeout=15)  # (again, after the last round's cut)
         killed = await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
         assert killed >= 1
         for i in range(3):
