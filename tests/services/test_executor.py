@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -896,6 +896,33 @@ async def test_an_executor_waits_on_bells_not_on_a_read_over_every_stream(
     assert bells >= 20, bells
 
 
+@contextlib.asynccontextmanager
+async def _silent_admission(
+    redis: Redis, redis_url: str, keys: Keys, system: System, *executor_args: str
+) -> AsyncIterator[None]:
+    """Admission under a user without the bells' channel right (one an earlier `supersede acl`
+    made: its scripts cannot ring, and write the assignments all the same), an executor of
+    `executor_args` under the test's own user, and ingress once the workflows are registered."""
+    user = f"{keys.namespace}-silent-admission"
+    rights = [r for r in acl.rules(keys.namespace, "admission") if not r.startswith("&")]
+    await redis.execute_command("ACL", "SETUSER", user, *rights, ">silent-pw")
+    scheme, _, rest = redis_url.partition("://")
+    silent = System(f"{scheme}://{user}:silent-pw@{rest}", keys)
+    try:
+        silent.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
+        system.start("executor", APP, *executor_args)
+
+        async def registered() -> bool:
+            return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+        await eventually(registered, timeout=30)
+        system.start("ingress", "--block-ms", "100")
+        yield
+    finally:
+        silent.close()
+        await redis.execute_command("ACL", "DELUSER", user)
+
+
 async def test_an_entry_no_bell_announced_is_read_within_a_wait_while_other_bells_ring(
     redis: Redis, redis_url: str, keys: Keys, system: System
 ) -> None:
@@ -904,20 +931,8 @@ async def test_an_entry_no_bell_announced_is_read_within_a_wait_while_other_bell
     bell rang every 0.1 s, no wait of the executor timed out, so it never read the entries
     nobody announced (it read every stream only after a wait that timed out). Every stream is
     now read once in each --block-ms, whatever the bells do."""
-    user = f"{keys.namespace}-old-admission"
-    rights = [r for r in acl.rules(keys.namespace, "admission") if not r.startswith("&")]
-    await redis.execute_command("ACL", "SETUSER", user, *rights, ">old-pw")
-    scheme, _, rest = redis_url.partition("://")
-    old = System(f"{scheme}://{user}:old-pw@{rest}", keys)
-    try:
-        old.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
-        system.start("executor", APP, "--slots", "2", "--block-ms", "2000")
-
-        async def registered() -> bool:
-            return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
-
-        await eventually(registered, timeout=30)
-        system.start("ingress", "--block-ms", "100")
+    async with _silent_admission(redis, redis_url, keys, system, "--slots", "2",
+                                 "--block-ms", "2000"):  # fmt: skip
         other = keys.shard(0).assignments_stream("chat-reply")
 
         async def ring() -> None:
@@ -932,9 +947,6 @@ async def test_an_entry_no_bell_announced_is_read_within_a_wait_while_other_bell
             await eventually(lambda: _states(redis, keys, {"S": 3}), timeout=10)
         finally:
             ringer.cancel()
-    finally:
-        old.close()
-        await redis.execute_command("ACL", "DELUSER", user)
 
 
 async def test_an_executor_under_an_admission_that_never_rings_keeps_its_blocking_reads(
@@ -945,20 +957,8 @@ async def test_an_executor_under_an_admission_that_never_rings_keeps_its_blockin
     started only at the scan after a timed-out wait, up to --block-ms late (1 s by default;
     a black-box upgrade measured p50 490 ms, max 1.2 s). It now waits on bells only once it
     has heard one; until then its blocking reads start each run at once."""
-    user = f"{keys.namespace}-silent-admission"
-    rights = [r for r in acl.rules(keys.namespace, "admission") if not r.startswith("&")]
-    await redis.execute_command("ACL", "SETUSER", user, *rights, ">silent-pw")
-    scheme, _, rest = redis_url.partition("://")
-    silent = System(f"{scheme}://{user}:silent-pw@{rest}", keys)
-    try:
-        silent.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
-        system.start("executor", APP, "--slots", "2", "--block-ms", "5000")
-
-        async def registered() -> bool:
-            return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
-
-        await eventually(registered, timeout=30)
-        system.start("ingress", "--block-ms", "100")
+    async with _silent_admission(redis, redis_url, keys, system, "--slots", "2",
+                                 "--block-ms", "5000"):  # fmt: skip
         await publish(redis, keys, "work.item", k="warm")
         await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
         for i in range(4):  # (one at a time: each one's wait began before it came)
@@ -966,9 +966,6 @@ async def test_an_executor_under_an_admission_that_never_rings_keeps_its_blockin
             await publish(redis, keys, "work.item", k=f"silent-{i}")
             await eventually(lambda n=i + 2: _states(redis, keys, {"S": n}), timeout=30)
             assert time.monotonic() - published < 2.5  # (the old code: the 5 s wait first)
-    finally:
-        silent.close()
-        await redis.execute_command("ACL", "DELUSER", user)
 
 
 async def test_an_executor_subscribes_again_when_its_bells_are_cut(
