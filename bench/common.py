@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -14,8 +13,9 @@ import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from supersede.errors import ConfigError
 from supersede.keys import Keys
-from supersede.service import CPU_LATENCY_DEVICE
+from supersede.service import open_cpu_latency_device, request_cpu_latency
 
 RESULTS: dict[str, float] = {}
 """Every figure reported in this process, by name: the comparisons across benchmarks."""
@@ -65,20 +65,19 @@ def cpu_latency_holdable() -> bool:
     """The held rounds need /dev/cpu_dma_latency (Linux, written as root; opening it is the
     test, since a container's device rules can refuse root)."""
     try:
-        os.close(os.open(CPU_LATENCY_DEVICE, os.O_WRONLY))
-    except OSError:
+        os.close(open_cpu_latency_device(0))
+    except ConfigError:
         return False
     return True
 
 
 @contextlib.contextmanager
 def cpu_latency_held() -> Iterator[None]:
-    """The host's CPUs kept out of idle states deeper than 0 µs while inside (a PM QoS
-    request: what SUPERSEDE_CPU_LATENCY_US=0 makes a service hold), for a reference measured
-    under the same condition."""
-    fd = os.open(CPU_LATENCY_DEVICE, os.O_WRONLY | os.O_CLOEXEC)
+    """The host's CPUs kept out of idle states deeper than 0 µs while inside (the PM QoS
+    request SUPERSEDE_CPU_LATENCY_US=0 makes a service hold), for a reference measured under
+    the same condition."""
+    fd = request_cpu_latency(0)
     try:
-        os.write(fd, struct.pack("=i", 0))
         yield
     finally:
         os.close(fd)

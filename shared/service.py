@@ -398,10 +398,15 @@ def hold_cpu_latency(text: str, *, apply: bool = True) -> None:
         raise ConfigError(
             f"SUPERSEDE_CPU_LATENCY_US must be from 0 to {MAX_CPU_LATENCY_US}, not {value}"
         )
-    fd = _open_cpu_latency_device(value)
     if not apply:  # (`dev`: its services hold it; refused now in one line if they could not)
-        os.close(fd)
+        os.close(open_cpu_latency_device(value))
         return
+    _cpu_latency_requests.append(request_cpu_latency(value))
+
+
+def request_cpu_latency(value: int) -> int:
+    """A PM QoS request for `value` µs: the device's fd, which holds it until closed."""
+    fd = open_cpu_latency_device(value)
     try:
         os.write(fd, struct.pack("=i", value))
     except OSError as exc:
@@ -409,10 +414,10 @@ def hold_cpu_latency(text: str, *, apply: bool = True) -> None:
         raise ConfigError(
             f"SUPERSEDE_CPU_LATENCY_US={value}: {CPU_LATENCY_DEVICE} refused it ({exc.strerror})"
         ) from None
-    _cpu_latency_requests.append(fd)
+    return fd
 
 
-def _open_cpu_latency_device(value: int) -> int:
+def open_cpu_latency_device(value: int) -> int:
     """The device opened for writing (opening alone asks nothing of the CPUs: a request holds
     the default until a value is written), or one line that says why it cannot be."""
     try:
