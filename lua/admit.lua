@@ -61,10 +61,11 @@
     {-3, i}         request i belongs to another shard; nothing written
     {-4, 0}         bad ARGV; nothing written
 
-  Writes: XADD <prefix>:<workflow tag> {id, a}; XADD control {op = 'cancel', id, a, by, why
+  Writes: XADD <prefix>:<workflow tag> {id, a[, r]}; XADD control {op = 'cancel', id, a, by, why
   [, btp]} (btp: the superseding run's tp, when it has one); XADD <ended>:<workflow tag>
   {<state> = run ids}.
-  Each assignment stream written rings its bell once a call: SPUBLISH <its name> ''.
+  Each assignment stream written rings its bell once a call: SPUBLISH <its name> ''; its
+  entries then carry r = '1' (read without it, executors keep their blocking reads).
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

@@ -41,7 +41,8 @@
 
   Writes: XADD <ended>:<workflow tag> {<state> = run ids}; XADD <prefix>:<workflow tag> for
   runs started in the released slots; with a turn, SET of each shard's turn key.
-  Each assignment stream written rings its bell once a call: SPUBLISH <its name> ''.
+  Each assignment stream written rings its bell once a call: SPUBLISH <its name> ''; its
+  entries then carry r = '1' (read without it, executors keep their blocking reads).
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey, leasesKey, endedKey, assignKey, controlKey

@@ -21,7 +21,8 @@
 
   Writes: XADD <prefix>:<workflow tag> for runs it starts; XADD control for runs it cancels;
   XADD <ended>:<workflow tag> for runs that end.
-  Each assignment stream written rings its bell once a call: SPUBLISH <its name> ''.
+  Each assignment stream written rings its bell once a call: SPUBLISH <its name> ''; its
+  entries then carry r = '1' (read without it, executors keep their blocking reads).
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

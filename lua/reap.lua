@@ -46,7 +46,8 @@
 
   Writes: XADD <prefix>:<workflow tag> for retries, for runs started in released slots and for
   fresh entries of unclaimed runs.
-  Each assignment stream written rings its bell once a call: SPUBLISH <its name> ''.
+  Each assignment stream written rings its bell once a call: SPUBLISH <its name> ''; its
+  entries then carry r = '1' (read without it, executors keep their blocking reads).
 ]]
 local rcall = redis.call
 local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

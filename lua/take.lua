@@ -26,7 +26,7 @@
     ARGV[8..] for each stream n, in the order to read them: the shard b it belongs to
 
   Output:
-    {0, claims, reads, malformed, reached}
+    {0, claims, reads, malformed, reached, unrung}
       claims: one item per well-formed entry read, in the order read:
         {1, run id, attempt, workflow, version, input, key, sequence, tp, b, entry id}  claimed
         {0, run id, state}   refused (cancelled, re-assigned or gone: state '' when gone)
@@ -36,6 +36,7 @@
         it cannot come back through XAUTOCLAIM; the caller logs it)
       reached: how many streams, the first ones of the order, were read (the rest were not
         needed)
+      unrung: how many assignments read lack r = '1' (their writer rang no bell)
     {-4, 0}  bad ARGV; nothing read
 
   Writes: XREADGROUP's effects (the entries become pending for the executor), then XACK of
@@ -63,7 +64,7 @@ for n = 1, streams do
   numberOf[KEYS[streamBase + n]] = n
 end
 
-local q, reads, malformed = {}, {}, {}
+local q, reads, malformed, unrung = {}, {}, {}, 0
 local got, first = 0, 1
 while first <= streams and got < want do
   local need = want - got
@@ -78,13 +79,15 @@ while first <= streams and got < want do
     local entries = item[2]
     local b = ARGV[7 + n]
     for _, entry in ipairs(entries) do
-      local rid, attempt
+      local rid, attempt, rung
       local fields = entry[2]
       for k = 1, #fields, 2 do
         if fields[k] == 'id' then rid = fields[k + 1]
-        elseif fields[k] == 'a' then attempt = tonumber(fields[k + 1]) end
+        elseif fields[k] == 'a' then attempt = tonumber(fields[k + 1])
+        elseif fields[k] == 'r' then rung = true end
       end
       if rid and rid ~= '' and attempt and attempt == math.floor(attempt) then
+        if not rung then unrung = unrung + 1 end
         q[#q + 1] = entry[1]
         q[#q + 1] = rid
         q[#q + 1] = attempt
@@ -109,4 +112,4 @@ for j = 1, #claims do
     item[#item + 1] = q[5 * (j - 1) + 1]
   end
 end
-return { 0, claims, reads, malformed, first - 1 }
+return { 0, claims, reads, malformed, first - 1, unrung }

@@ -91,6 +91,7 @@ class Assignment:
 
     RUN_ID = b"id"
     ATTEMPT = b"a"
+    RUNG = b"r"  # b"1": the writer rang the stream's bell for it (absent: no bell came)
 
 
 class Control:
@@ -386,6 +387,11 @@ class RunResult:
 def parse_assignment(fields: dict[bytes, bytes]) -> tuple[str, int]:
     """(run id, attempt) of an assignments entry; KeyError/ValueError when it is not one."""
     return fields[Assignment.RUN_ID].decode(), int(fields[Assignment.ATTEMPT])
+
+
+def assignment_rung(fields: dict[bytes, bytes]) -> bool:
+    """Whether the writer of an assignments entry rang the stream's bell for it."""
+    return fields.get(Assignment.RUNG) == b"1"
 
 
 def parse_cancel(fields: dict[bytes, bytes]) -> tuple[str, int | None] | None:

@@ -137,6 +137,8 @@ class Taken:
     """(stream, entry id) of each entry that was not an assignment: acknowledged."""
     reached: int
     """How many streams, the first ones given, were read (the others were not needed)."""
+    unrung: int = 0
+    """Assignments read whose writer rang no bell (lua/includes/transitions.lua)."""
 
     def __len__(self) -> int:
         return sum(n for _, n, _, _ in self.reads)
@@ -353,7 +355,7 @@ class Scripts:
         args: list[Any] = [now, self.executor_group, executor, lease_ms, len(shards), want]
         args.append(1 if deep else 0)
         args += [shards[shard] for _, shard in streams]
-        _, claims, reads, malformed, reached = await self._call("take", keys, args)
+        _, claims, reads, malformed, reached, unrung = await self._call("take", keys, args)
         shard_of = list(shards)
         claimed: list[tuple[int, bytes, Claim]] = []
         refused = 0
@@ -368,6 +370,7 @@ class Scripts:
             [(streams[int(n) - 1][0], int(k), last, int(asked)) for n, k, last, asked in reads],
             [(streams[int(n) - 1][0], entry) for n, entry in malformed],
             int(reached),
+            int(unrung),
         )
 
     def _claim_keys(self, shard: int) -> tuple[str, str, str, str]:

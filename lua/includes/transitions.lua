@@ -15,13 +15,14 @@ local fresh = {}      -- run id -> input of runs created by this call, not yet w
 local touched = {}    -- group id -> a record of that group (carries the limits), for refills
 local touchedList = {}
 local streamOf = {}   -- workflow id -> its assignment stream in the shard being served
+local rungOf = {}     -- workflow id -> true when this call's bell on that stream rang
 
 local function memberOf(rid, rec) return rec.g .. '|' .. rec.s .. '|' .. rid end
 local function ridOf(m) return string.sub(m, RID_AT) end
 
 -- Between the shards of a call that serves several: what the last one touched is written.
 local function nextShard()
-  touched, touchedList, fresh, streamOf = {}, {}, {}, {}
+  touched, touchedList, fresh, streamOf, rungOf = {}, {}, {}, {}, {}
 end
 
 -- A run of a workflow without a concurrency limit (u = 1) is in no group's books: it holds no
@@ -124,15 +125,22 @@ local firstLookMs = (assignDeadlineMs and assignDeadlineMs > 0) and assignDeadli
 -- blocking on every stream they read (a blocked read over every stream costs the server
 -- each stream at every entry). A bell is a hint: pcall, so a server without SPUBLISH or a
 -- user without the channel right loses only the hint (executors then find the entry by their
--- scan after a quiet wait).
+-- scan after a quiet wait). An entry whose bell rang says so (r = '1'): an executor that reads
+-- one without it (this case, or a writer of a build before the bells in a rolling upgrade)
+-- goes back to its blocking reads for a while instead of waiting for bells that never come.
 local function writeAssignment(rid, rec)
   local assignStream = streamOf[rec.w]
   if not assignStream then
     assignStream = assignKey .. ':' .. workflowTag(rec)
     streamOf[rec.w] = assignStream
-    redis.pcall('SPUBLISH', assignStream, '')
+    local rang = redis.pcall('SPUBLISH', assignStream, '')
+    rungOf[rec.w] = not (type(rang) == 'table' and rang.err)
   end
-  rcall('XADD', assignStream, '*', 'id', rid, 'a', rec.a)
+  if rungOf[rec.w] then
+    rcall('XADD', assignStream, '*', 'id', rid, 'a', rec.a, 'r', '1')
+  else
+    rcall('XADD', assignStream, '*', 'id', rid, 'a', rec.a)
+  end
 end
 
 -- Hand-over (admit.lua only, `supersede serve`): runs of the workflows an executor in the

@@ -22,10 +22,12 @@ depends on the free slots and the backend:
   assignment publish on the stream's name once a call (SPUBLISH), the executor subscribes to
   its streams' names, and its waits are for a bell and its scans read only the streams that
   rang, every stream only after a wait that timed out or a new subscription; without them the
-  XREAD below. The last seen ids are the streams' tails, read once, then moved on by the
-  entries each read takes and each wake-up returns: a scan reads the tails again only after a
-  wake-up that found nothing to take (other executors took it: the ids may lag behind what
-  they took, and each wake-up moves them on by one entry only);
+  XREAD below. An entry read without the mark of a bell (its writer could not ring) puts the
+  executor back on the XREAD for UNRUNG_HOLD seconds. The last seen ids are the streams'
+  tails, read once, then moved on by the entries each read takes and each wake-up returns: a
+  scan reads the tails again only after a wake-up that found nothing to take (other executors
+  took it: the ids may lag behind what they took, and each wake-up moves them on by one entry
+  only);
 - after a failure, this consumer's own pending entries are read first (OwnPending);
 - each second a task of its own looks for assignments a dead executor read but never claimed
   (one pipelined XPENDING over every stream, off the fetch loop: that check took the loop a
@@ -37,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -47,7 +50,13 @@ from redis.exceptions import ResponseError
 
 from supersede.keys import Keys
 from supersede.lane import Lane, read
-from supersede.protocol import EXECUTOR_GROUP, Entry, StreamReply, parse_assignment
+from supersede.protocol import (
+    EXECUTOR_GROUP,
+    Entry,
+    StreamReply,
+    assignment_rung,
+    parse_assignment,
+)
 from supersede.scripts import Claim, Taken
 from supersede.service import Service, Throttle
 from supersede.services.executor.claim import Claimer, Fetched
@@ -60,6 +69,9 @@ log = logging.getLogger("supersede.executor")
 FULL_READ_EVERY = 0.05  # seconds: the longest a backlog's streams are read alone
 BELLS_PING_EVERY = 5.0  # seconds without a bell before the bells' connection is asked to answer
 BELLS_RETRY_AFTER = 60.0  # seconds before bells refused (an ACL user's rights) are asked again
+# seconds of blocking reads after an assignment no bell announced (a writer of a build before
+# the bells in a rolling upgrade, or under a user without the channel right, still writes)
+UNRUNG_HOLD = 60.0
 DEEP_STREAMS = 4  # streams with a backlog one take call may read (one fills it, usually)
 
 
@@ -135,6 +147,7 @@ class Fetcher:
         # to read, instead of a blocking read over every stream. Until they are subscribed
         # (and whenever the subscription is lost) the blocking reads do it.
         self.bells = False
+        self._unrung_until = 0.0  # (monotonic) bells are not waited on before: see `_unrung`
         self._full_scan = True  # the next scan reads every stream (bells may have been missed)
         # ... and one scan in each --block-ms does, whatever the bells say: an entry whose
         # writer could not ring (a user without the channel right, a writer of an older
@@ -316,6 +329,8 @@ class Fetcher:
                 self._hot.add(self.index_of_stream[stream])
             self._seen(stream, last)
         self._took_malformed += taken.malformed  # (acknowledged by the call: logged only)
+        if taken.unrung:
+            self._unrung()
         drained = taken.reached == len(order) == len(self.streams) and all(
             n < asked for _, n, _, asked in taken.reads
         )
@@ -441,12 +456,29 @@ class Fetcher:
         noted for acknowledgement, so it cannot come back through XAUTOCLAIM forever."""
         shard = self.shard_of_stream[stream]
         out = []
+        rung = True
         for entry_id, fields in entries:
             try:
                 out.append((shard, stream, entry_id, *parse_assignment(fields)))
+                rung = rung and assignment_rung(fields)
             except (KeyError, ValueError, TypeError, UnicodeDecodeError):
                 self._malformed.append((stream, entry_id))
+        if not rung and not self.cluster:
+            self._unrung()
         return out
+
+    def _unrung(self) -> None:
+        """An assignment came that no bell announced: its writer could not ring (an admission
+        of a build before the bells in a rolling upgrade, or under a user without the channel
+        right). Waits for bells would find such entries only at the scan each --block-ms, so
+        the blocking reads wake this executor until UNRUNG_HOLD seconds pass without one."""
+        self._unrung_until = time.monotonic() + UNRUNG_HOLD
+        if self.bells:
+            log.warning("assignments come without bells: blocking reads wake this executor "
+                        "until a minute passes without one")  # fmt: skip
+            self.bells = False
+            self._quiet = False
+            self._tails_fresh = False  # (the blocking read's ids: read again)
 
     async def _ack_malformed(self) -> int:
         """Acknowledge the malformed entries read (a take call already did); how many."""
@@ -612,7 +644,9 @@ class Fetcher:
         index = self.index_of_stream.get(_text(message["channel"]))
         if message["type"] != "smessage" or index is None:
             return
-        if not self.bells:  # the first bell since the subscription: the waits are for bells
+        if not self.bells and time.monotonic() >= self._unrung_until:
+            # the first bell since the subscription (and no entry without one for a while):
+            # the waits are for bells
             self.bells = True
             self._full_scan = True
         self._woken.append(index)

@@ -7,7 +7,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from supersede import codec
+from supersede import acl, codec
 from supersede.errors import BadArguments, MalformedItem, UnknownRun, WrongShard
 from supersede.keys import Keys
 from supersede.protocol import Outcome, RunRecord, RunRequest, RunResult, Strategy
@@ -373,7 +373,7 @@ async def test_claim_acknowledges_the_assignment_entries(
     await admit(scripts, (shard, req))
     stream = keys.shard(shard).assignments_stream(req.workflow)
     [[_, [(entry_id, fields)]]] = await redis.xreadgroup("executors", "c", {stream: ">"})
-    assert fields == {b"id": req.run_id.encode(), b"a": b"1"}
+    assert fields == {b"id": req.run_id.encode(), b"a": b"1", b"r": b"1"}
     await scripts.claim(shard, "ex", [(stream, entry_id, req.run_id, 1)], lease_ms=LEASE)
     assert (await redis.xpending(stream, "executors"))["pending"] == 0
 
@@ -452,6 +452,43 @@ async def test_take_reads_and_claims_new_assignments_of_several_shards_in_one_ca
     assert [(n, asked) for _, n, _, asked in rest.reads] == [(2, 4)] and rest.refused == 2
     with pytest.raises(BadArguments):
         await scripts.take("ex", streams, want=0, lease_ms=LEASE)
+
+
+async def test_an_assignment_says_whether_its_bell_rang_and_take_counts_those_that_did_not(
+    redis: Redis, redis_url: str, keys: Keys, scripts: Scripts
+) -> None:
+    """An entry whose bell rang carries r = '1'. One written by a writer that could not ring
+    (a user without the channel right, as an earlier `supersede acl` made; a build before the
+    bells writes none either) has no mark, and take.lua counts it: the executor that reads it
+    goes back to its blocking reads instead of waiting for bells that never come."""
+    await ensure_groups(redis, keys, ["wf"])
+    rung_shard, rung = make_request(keys, event="e0", seq=0, key="k0", unlimited=True)
+    stream = keys.shard(rung_shard).assignments_stream("wf")
+    async with redis.pubsub() as bells:
+        await bells.execute_command("SSUBSCRIBE", stream)
+        await admit(scripts, (rung_shard, rung))
+        heard = [await bells.get_message(timeout=5) for _ in range(2)]
+    assert [m["type"] for m in heard if m] == ["ssubscribe", "smessage"]
+    [(_, fields)] = await redis.xrange(stream)
+    assert fields[b"r"] == b"1"
+
+    user = f"{keys.namespace}-no-channels"
+    rights = [r for r in acl.rules(keys.namespace, "admission") if not r.startswith("&")]
+    await redis.execute_command("ACL", "SETUSER", user, *rights, ">pw")
+    scheme, _, rest = redis_url.partition("://")
+    silent = Redis.from_url(f"{scheme}://{user}:pw@{rest}")
+    try:
+        _, quiet = make_request(keys, event="e1", seq=1, key="k0", unlimited=True)
+        await admit(Scripts(silent, keys), (rung_shard, quiet))
+    finally:
+        await silent.aclose()
+        await redis.execute_command("ACL", "DELUSER", user)
+    [_, (_, unmarked)] = await redis.xrange(stream)
+    assert unmarked is not None and unmarked[b"id"] == quiet.run_id.encode()
+    assert b"r" not in unmarked
+    taken = await scripts.take("ex", [(stream, rung_shard)], want=10, lease_ms=LEASE, now=2)
+    assert [c.run_id for _, _, c in taken.claimed] == [rung.run_id, quiet.run_id]
+    assert taken.unrung == 1
 
 
 async def test_a_deep_take_fills_from_the_first_stream_with_a_backlog_before_the_next(
@@ -689,7 +726,7 @@ async def test_an_unclaimed_assignment_whose_entry_is_gone_is_reassigned(
     r = await scripts.reap(shard, assign_deadline_ms=deadline, now=1_000 + deadline)
     assert r.reassigned == 1
     [(_, fields)] = await redis.xrange(stream)
-    assert fields == {b"id": first[1].run_id.encode(), b"a": b"1"}
+    assert fields == {b"id": first[1].run_id.encode(), b"a": b"1", b"r": b"1"}
     r = await scripts.reap(shard, assign_deadline_ms=deadline, now=1_000 + 2 * deadline)
     assert r.reassigned == 0  # the next one waits twice as long
     [c] = await scripts.claim(

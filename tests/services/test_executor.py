@@ -968,6 +968,36 @@ async def test_an_executor_under_an_admission_that_never_rings_keeps_its_blockin
             assert time.monotonic() - published < 2.5  # (the old code: the 5 s wait first)
 
 
+async def test_an_entry_no_bell_announced_puts_an_executor_hearing_bells_back_on_blocking_reads(
+    redis: Redis, redis_url: str, keys: Keys, system: System
+) -> None:
+    """Executors upgraded before admission in a rolling upgrade hear bells (their own finish
+    calls ring when they assign a group's next run; here another stream's bell every 0.1 s)
+    while the old admission writes without ringing: each of its runs waited for the scan each
+    --block-ms (10 s here). An entry without the mark of a bell now puts the executor back on
+    its blocking reads for a minute: after the first, each run starts at once."""
+    async with _silent_admission(redis, redis_url, keys, system, "--slots", "2",
+                                 "--block-ms", "10000"):  # fmt: skip
+        other = keys.shard(0).assignments_stream("chat-reply")
+
+        async def ring() -> None:
+            while True:
+                await redis.execute_command("SPUBLISH", other, "")
+                await asyncio.sleep(0.1)
+
+        ringer = asyncio.create_task(ring())
+        try:
+            await publish(redis, keys, "work.item", k="first")  # (found by a scan: up to 10 s)
+            await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
+            for i in range(4):
+                published = time.monotonic()
+                await publish(redis, keys, "work.item", k=f"unrung-{i}")
+                await eventually(lambda n=i + 2: _states(redis, keys, {"S": n}), timeout=30)
+                assert time.monotonic() - published < 2.5  # (the old code: the next scan)
+        finally:
+            ringer.cancel()
+
+
 async def test_an_executor_subscribes_again_when_its_bells_are_cut(
     redis: Redis, keys: Keys, system: System
 ) -> None:
