@@ -84,7 +84,7 @@ while first <= streams and got < want do
       for k = 1, #fields, 2 do
         if fields[k] == 'id' then rid = fields[k + 1]
         elseif fields[k] == 'a' then attempt = tonumber(fields[k + 1])
-        elseif fields[k] == 'r' then rung = true end
+        elseif fields[k] == 'r' then rung = fields[k + 1] == '1' end
       end
       if rid and rid ~= '' and attempt and attempt == math.floor(attempt) then
         if not rung then unrung = unrung + 1 end

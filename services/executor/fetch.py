@@ -474,8 +474,10 @@ class Fetcher:
         the blocking reads wake this executor until UNRUNG_HOLD seconds pass without one."""
         self._unrung_until = time.monotonic() + UNRUNG_HOLD
         if self.bells:
-            log.warning("assignments come without bells: blocking reads wake this executor "
-                        "until a minute passes without one")  # fmt: skip
+            log.warning(
+                "assignments come without bells: blocking reads wake this executor until "
+                "%.0f s pass without one", UNRUNG_HOLD,
+            )  # fmt: skip
             self.bells = False
             self._quiet = False
             self._tails_fresh = False  # (the blocking read's ids: read again)
@@ -539,6 +541,11 @@ class Fetcher:
                 # channel right costs at most this wait, never the run)
                 self._full_scan = True
             return self._wake.is_set()
+        if not self._tails_fresh:
+            # (bells went off since the tails were read, or they were never read while bells
+            # or the XREADGROUP BLOCK waited: a wait from those ids could name no stream at
+            # all. Round again: the tails, a scan, then the wait.)
+            return True
         reply = await read(
             self.reads, self.redis, self._wake_ids, count=1, block=self.config.block_ms
         )

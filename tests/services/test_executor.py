@@ -979,14 +979,20 @@ async def test_an_entry_no_bell_announced_puts_an_executor_hearing_bells_back_on
     async with _silent_admission(redis, redis_url, keys, system, "--slots", "2",
                                  "--block-ms", "10000"):  # fmt: skip
         other = keys.shard(0).assignments_stream("chat-reply")
+        heard = 0
 
         async def ring() -> None:
+            nonlocal heard
             while True:
-                await redis.execute_command("SPUBLISH", other, "")
+                heard += await redis.execute_command("SPUBLISH", other, "")
                 await asyncio.sleep(0.1)
+
+        async def rang() -> bool:
+            return heard >= 3  # (the executor heard bells: its waits are for bells now)
 
         ringer = asyncio.create_task(ring())
         try:
+            await eventually(rang, timeout=30)
             await publish(redis, keys, "work.item", k="first")  # (found by a scan: up to 10 s)
             await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
             for i in range(4):

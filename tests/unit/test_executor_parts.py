@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from supersede.services.executor import cancel
@@ -158,6 +159,37 @@ async def test_a_read_of_streams_with_a_backlog_is_deep_over_a_few_of_them_in_ro
     assert all(len(streams) == fetch.DEEP_STREAMS for streams, _, _ in calls)
     assert len({streams[0] for streams, _, _ in calls}) == 3  # rotated
     assert all(set(streams) <= {f.streams[i] for i in range(10)} for streams, _, _ in calls)
+
+
+async def test_an_entry_read_without_a_bell_turns_the_bells_off_for_the_hold() -> None:
+    """A take that read an assignment no bell announced turns the waits for bells off, and
+    bells heard within UNRUNG_HOLD do not turn them on again. The wait right after (the same
+    loop iteration, when the take left every stream empty) does not read from the ids kept
+    while bells were on (none at all, when the XREADGROUP BLOCK served before): it returns at
+    once, so the loop reads the tails and scans first."""
+    from supersede.keys import Keys
+    from supersede.scripts import Taken
+    from supersede.services.executor import fetch
+
+    class Claimer:
+        async def take(self, streams: Any, want: int, *, deep: bool = False) -> Taken:
+            return Taken([], 1, [(streams[0][0], 1, b"1-0", want)], [], len(streams), 1)
+
+    service: Any = type("S", (), {"redis": None, "consumer": "c"})()  # (a read would fail)
+    runner: Any = type("R", (), {"workflows": {"wf": None}})()
+    claimer: Any = Claimer()
+    f = fetch.Fetcher(service, Keys("ns", 4), ExecutorConfig(), runner, claimer, cluster=False)
+    bell = {"type": "smessage", "channel": f.streams[1]}
+    f._ring(bell)
+    assert f.bells and not f._wake_ids
+    got, _ = await f._take(list(range(len(f.streams))), 2)
+    assert got.drained and not f.bells
+    assert await f._wait_for_assignments()  # (no XREAD: it would need a connection)
+    f._ring(bell)
+    assert not f.bells
+    f._unrung_until = time.monotonic() - 1  # (the hold passed)
+    f._ring(bell)
+    assert f.bells
 
 
 def test_a_cancel_message_is_timed_by_its_decision_in_microseconds() -> None:
