@@ -4,6 +4,7 @@ they write holds the password; a metrics port in use is one line naming the sett
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import pty
@@ -137,19 +138,25 @@ def test_start_up_failures_are_one_line_naming_the_setting(protected: str) -> No
         # (set but empty, a failed `export SUPERSEDE_REDIS_URL=$(...)`: the default server)
         "": "set but empty",
     }
-    for url, says in cases.items():
-        # (`dev` too: it went on to start the services, then died in a traceback)
-        for args in (["admission", "--metrics-port", "0"], ["status"],
-                     ["dev", "--ui-port", "0", "--duration", "1"]):  # fmt: skip
-            done = subprocess.run([sys.executable, "-m", "supersede", *args], env=_env(url),
-                                  capture_output=True, timeout=60)  # fmt: skip
-            err = done.stderr.decode()
-            assert done.returncode == 2, (url, args, err[-1500:])
-            last = err.strip().splitlines()[-1]
-            assert last.startswith("supersede: ") and says in last and "SUPERSEDE_REDIS_URL" in last
-            assert "Traceback" not in err and "not-the-password" not in err
-            if args == ["status"]:  # a command's error is that one line (a service logs it too)
-                assert err.strip().splitlines() == [last], err
+    # (`dev` too: it went on to start the services, then died in a traceback)
+    commands = (["admission", "--metrics-port", "0"], ["status"],
+                ["dev", "--ui-port", "0", "--duration", "1"])  # fmt: skip
+    runs = [(url, says, args) for url, says in cases.items() for args in commands]
+
+    def run(url: str, args: list[str]) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([sys.executable, "-m", "supersede", *args], env=_env(url),
+                              capture_output=True, timeout=60)  # fmt: skip
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # (39 processes: a few at a time)
+        results = list(pool.map(lambda case: run(case[0], case[2]), runs))
+    for (url, says, args), done in zip(runs, results, strict=True):
+        err = done.stderr.decode()
+        assert done.returncode == 2, (url, args, err[-1500:])
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("supersede: ") and says in last and "SUPERSEDE_REDIS_URL" in last
+        assert "Traceback" not in err and "not-the-password" not in err
+        if args == ["status"]:  # a command's error is that one line (a service logs it too)
+            assert err.strip().splitlines() == [last], err
 
 
 def test_a_failed_tls_handshake_is_one_line_naming_the_setting(redis_tls: TlsServer) -> None:
