@@ -825,8 +825,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"supersede: {exc}", file=sys.stderr)  # a command's error: this one line
         sys.exit(2)
     except BrokenPipeError:  # `supersede runs | head`: the reader has all it wanted
-        if args.func in (_admission, _ingress, _executor, _serve, _dev):
-            raise  # (a service does not write its work to stdout)
+        if args.func in (_admission, _ingress, _executor, _serve):
+            raise  # (a service does not write its work to stdout; `dev`'s console does)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no flush error at exit)
         sys.exit(141)  # (128 + SIGPIPE, as a command killed by it)
 

@@ -74,12 +74,15 @@ def rules_of(wf: WorkflowDef) -> str:
     strict = (
         " (strict: a cancelled run keeps its slot until its handler stopped)" if c.strict else ""
     )
-    debounce = (
-        f"; debounced: a run waits until its key had no newer event for {c.debounce_ms} ms "
-        "(a newer one replaces it)"
-        if c.debounce_ms
-        else ""
-    )
+    debounce = ""
+    if c.debounce_ms:
+        longest = (
+            f", but no longer than {c.max_wait_ms} ms after the first" if c.max_wait_ms else ""
+        )
+        debounce = (
+            f"; debounced: a run waits until its key had no newer event for {c.debounce_ms} ms"
+            f"{longest} (a newer one replaces it)"
+        )
     return (
         f"{wf.id}: runs on {events}; key = {c.expression}; at most {c.max_runs} at once per "
         f"key; {c.limit_strategy.value}: {RULES[c.limit_strategy]}{strict}{debounce}"
@@ -469,13 +472,13 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         env["SUPERSEDE_REDIS_URL"] = server.url
     settings = Settings.from_env(env)
-    print(
-        f"supersede dev: Redis at {redact(settings.redis_url)}; inbox "
-        f"{settings.keys.events_stream}",
-        flush=True,
-    )
     code = 1
-    try:
+    try:  # (a reader gone, `supersede dev | head`: the server stops all the same)
+        print(
+            f"supersede dev: Redis at {redact(settings.redis_url)}; inbox "
+            f"{settings.keys.events_stream}",
+            flush=True,
+        )
         # A bad module is one line before any service starts; it is imported with the URL its
         # executor will have, since a module may read it at import (the README's fencing one).
         os.environ["SUPERSEDE_REDIS_URL"] = settings.redis_url

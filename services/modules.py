@@ -50,7 +50,7 @@ def import_module(spec: str) -> Any:
         if exc.name == name or name.startswith(f"{exc.name}."):
             raise ConfigError(
                 f"no workflow module {name!r} (looked in {os.getcwd()} and on sys.path): run from "
-                "its folder, or give its path, e.g. `supersede executor path/to/my_workflows.py`"
+                "its folder, or give its path, such as path/to/my_workflows.py"
             ) from None
         raise ConfigError(f"workflow module {spec!r} failed to import: {exc}") from None
     except (SystemExit, KeyboardInterrupt) as exc:  # (a module that ends the process)

@@ -503,6 +503,20 @@ async def require_run(redis: Redis, keys: Keys, rid: str) -> None:
         raise LookupError(f"no run {rid!r}")  # (HGET: the operator's rights have no HEXISTS)
 
 
+async def require_workflow(redis: Redis, keys: Keys, workflow: str) -> None:
+    """LookupError naming `workflow` and the registered ones unless it is, or once was,
+    registered (a misspelt name listed no runs and cancelled nothing, and said neither)."""
+    names = sorted(_text(n) for n in await redis.hkeys(keys.workflows_hash))
+    if workflow in names or await redis.hget(keys.workflow_versions_hash, workflow):
+        return
+    shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+    raise LookupError(
+        f"no workflow {workflow!r} is registered ("
+        + (f"registered: {shown}" if names else "none is: no executor has started")
+        + ")"
+    )
+
+
 async def cancel_runs(scripts: Scripts, rids: list[str]) -> dict[str, bool]:
     by_shard: dict[int, list[str]] = {}
     for rid in rids:
@@ -828,6 +842,8 @@ async def _wait_dead_letter(
 
 
 async def _runs(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
+    if args.workflow:
+        await require_workflow(redis, keys, args.workflow)
     return await list_runs(
         redis, keys, workflow=args.workflow, key=args.key, state=args.state, limit=args.limit
     )
@@ -846,6 +862,7 @@ async def _cancel(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
         await require_run(redis, keys, args.id)
         return await cancel_runs(scripts, [args.id])
     if args.workflow and args.key is not None:
+        await require_workflow(redis, keys, args.workflow)
         return await cancel_key(redis, scripts, args.workflow, args.key)
     raise ValueError("cancel needs ID, or --workflow and --key")
 

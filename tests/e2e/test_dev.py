@@ -117,6 +117,8 @@ def _the_demo_runs(proc: subprocess.Popen[bytes]) -> str:
     assert "succeeded" in out and "superseded by" in out  # CANCEL_IN_PROGRESS at work
     # the rules it demonstrates, one sentence each, and how to publish without redis-cli
     assert "demo-chat-reply: runs on chat.message; key = input.userId; at most 1 at once" in out
+    # (the autosave's rule says both its windows: the quiet time and the longest wait)
+    assert "no newer event for 300 ms, but no longer than 2000 ms after the first" in out
     assert 'publish:  supersede publish chat.message \'{"userId":"u1"}\'' in out
     assert "outcomes per key:" in out and "not ended" in out
     assert [pid for pid in children if _alive(pid)] == []
@@ -185,6 +187,35 @@ def test_ctrl_c_stops_the_services_before_the_embedded_server() -> None:
     assert "Traceback" not in rest.decode() and "Error" not in rest.decode()
     assert [pid for pid in children if _alive(pid)] == []
     assert mine and not any(p.exists() for p in mine)  # its log folder, not another run's
+
+
+def test_a_console_whose_reader_goes_away_stops_everything_quietly() -> None:
+    """`supersede dev | head`: the reader gone, the console stops the services and the server
+    and exits as a command killed by SIGPIPE would (141), without a traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    existing = set(Path(tempfile.gettempdir()).glob("supersede-dev-*"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supersede", "dev", "--ui-port", "0"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    for raw in proc.stdout:
+        if b"superseded by" in raw:  # the demo is under way: the console keeps printing
+            break
+    children = _descendants(proc.pid)
+    mine = set(Path(tempfile.gettempdir()).glob("supersede-dev-*")) - existing
+    proc.stdout.close()
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.returncode == 141, err[-3000:]
+    assert "Traceback" not in err and "Error" not in err, err[-3000:]
+    assert children and [pid for pid in children if _alive(pid)] == []
+    assert mine and not any(p.exists() for p in mine)
 
 
 def test_keep_logs_keeps_each_services_log_without_connection_errors() -> None:

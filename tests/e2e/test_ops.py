@@ -96,6 +96,16 @@ async def test_runs_run_status_and_cancel_through_the_cli(
 
     await eventually(all_cancelled, timeout=30)
     assert (await acli(system, "run", new["id"]))["reason"] == "manual"
+    # A misspelt workflow listed no runs and cancelled nothing, with exit 0: now it is named
+    for args in (["runs", "--workflow", "chat-rpely"],
+                 ["cancel", "--workflow", "chat-rpely", "--key", "u1"]):  # fmt: skip
+        typo = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "supersede", *args],
+            env=system.env, capture_output=True, timeout=60,
+        )  # fmt: skip
+        [line] = typo.stderr.decode().splitlines()
+        assert typo.returncode == 1 and "no workflow 'chat-rpely' is registered" in line, line
+        assert "chat-reply" in line.split("registered:")[1]
 
 
 async def test_retire_removes_a_workflow_no_executor_serves_with_its_runs_and_streams(
