@@ -55,6 +55,7 @@ class Inbox:
     MSGPACK = b"msgpack"
     TRACEPARENT = b"traceparent"  # optional W3C trace context: the run's spans continue it
     MAX_ID_BYTES = 1024  # an `id` is 1..this many bytes of UTF-8
+    MAX_FIELDS = 64  # an entry with more fields is refused (too_large)
 
 
 # The config hash field where admission publishes its assignment deadline (ms) for the finish
@@ -118,7 +119,8 @@ class Dead:
     TRUNCATED = "truncated"  # names of the original fields cut to FIELD_MAX bytes, comma separated
 
     FIELD_MAX = 4096  # bytes of each original field a dead letter keeps
-    TOTAL_MAX = 16_384  # bytes of original fields a dead letter keeps in all
+    TOTAL_MAX = 16_384  # bytes of original fields (names and values) a dead letter keeps in all
+    FIELDS_MAX = 64  # original fields a dead letter keeps at most
     ADDED = frozenset(f.encode() for f in (REASON, DETAIL, ENTRY, STREAM, WORKFLOW, TRUNCATED))
 
 
@@ -593,21 +595,25 @@ def dead_letter(
     stream: bytes | None = None,
     workflow: str | None = None,
 ) -> dict[Any, Any]:
-    """The fields of a dead letter: the original entry's fields, each cut to Dead.FIELD_MAX
-    bytes (at a UTF-8 character boundary) and all to Dead.TOTAL_MAX (fields past it are left
-    out), the cut or left out ones named in `truncated`; plus why the entry was refused."""
+    """The fields of a dead letter: the original entry's fields, each value cut to
+    Dead.FIELD_MAX bytes (at a UTF-8 character boundary), names and values to Dead.TOTAL_MAX
+    in all and at most Dead.FIELDS_MAX fields (a field whose name does not fit is left out),
+    the cut or left out ones named in `truncated`; plus why the entry was refused."""
     body: dict[Any, Any] = {}
-    cut = []
+    cut: list[str] = []
     room = Dead.TOTAL_MAX
     for name, value in fields.items():
         keep = min(len(value), Dead.FIELD_MAX, max(0, room - len(name)))
-        if keep < len(value):
+        if len(name) > room or len(body) >= Dead.FIELDS_MAX:
+            keep = -1  # (left out: its name alone is past the room, or too many fields)
+        elif keep < len(value):
             while 0 < keep < len(value) and value[keep] & 0xC0 == 0x80:
                 keep -= 1  # never split a UTF-8 character
+        if keep < len(value) and sum(map(len, cut)) < 1024:
             cut.append(name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name))
-        room -= len(name) + keep
-        if keep > 0 or len(value) == 0:
+        if keep > 0 or (keep == 0 and len(value) == 0):
             body[name] = value[:keep]
+            room -= len(name) + keep
     if cut:
         body[Dead.TRUNCATED] = ",".join(cut)[:1024]
     body.update({Dead.REASON: str(reason), Dead.DETAIL: detail[:2000], Dead.ENTRY: entry_id})

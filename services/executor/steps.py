@@ -47,7 +47,24 @@ OUTCOME_LABEL = {
     Outcome.FAILED: "failed",
     Outcome.CANCELLED: "cancelled",
 }
-MAX_ERROR_CHARS = 20_000
+MAX_ERROR_BYTES = 8192  # of a failed run's error (`err`) kept in its record: its start and end
+
+
+def capped_error(error: str, limit: int = MAX_ERROR_BYTES) -> str:
+    """`error` in at most `limit` bytes of UTF-8: a longer one keeps its first quarter and its
+    last part (a traceback's last lines name the exception), with what was cut between."""
+    raw = error.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return error
+    marker_room = 64
+    head = (limit - marker_room) // 4
+    tail = limit - marker_room - head
+    cut = len(raw) - head - tail
+    return (
+        raw[:head].decode("utf-8", "ignore")
+        + f"\n… ({cut} bytes cut) …\n"
+        + raw[len(raw) - tail :].decode("utf-8", "ignore")
+    )
 
 
 def _note_turn(rep: Reported, fut: asyncio.Future[int]) -> None:
@@ -451,7 +468,7 @@ class Runner:
                     "or raise the executor's --max-output-bytes"
                 )
                 outcome, outputs = Outcome.FAILED, None
-        result = RunResult(run.run_id, run.attempt, outcome, error[:MAX_ERROR_CHARS], outputs,
+        result = RunResult(run.run_id, run.attempt, outcome, capped_error(error), outputs,
                            run.handler_started_us)  # fmt: skip
         if run.span is not None:
             tracing.end_run(run.span, outcome.name, error)

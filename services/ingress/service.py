@@ -138,10 +138,14 @@ def _load_object(raw: bytes, what: str) -> dict[str, Any]:
 
 def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int) -> Event:
     """Validate one inbox entry against the contract (see README); raises BadEvent."""
-    size = sum(map(len, fields.values()))
+    size = sum(len(name) + len(value) for name, value in fields.items())
     if size > max_payload:
         raise BadEvent(
             Reason.TOO_LARGE, f"entry of {size} bytes is over the {max_payload} byte limit"
+        )
+    if len(fields) > Inbox.MAX_FIELDS:
+        raise BadEvent(
+            Reason.TOO_LARGE, f"entry of {len(fields)} fields is over the {Inbox.MAX_FIELDS} limit"
         )
     raw_name = fields.get(Inbox.NAME)
     if not raw_name:

@@ -168,6 +168,12 @@ async def test_a_failing_step_is_retried_then_fails_the_run_with_its_traceback(
     [rec] = (await records(redis, keys)).values()
     assert "RuntimeError: boom from the step" in str(rec["err"]) and "3 attempt" in str(rec["err"])
     assert sum(1 for x in await log(redis, keys) if x.startswith("attempt:")) == 3
+    # An error of 200,000 4-byte characters was kept as 20,000 of them (78 KB) for the whole
+    # retention; now at most 8 KiB of it: its start and its end, which names the exception.
+    await publish(redis, keys, "flaky.item", message="\U0001f600" * 200_000 + " the end")
+    await eventually(lambda: _states(redis, keys, {"F": 2}), timeout=30)
+    [err] = [str(r["err"]) for r in (await records(redis, keys)).values() if "the end" in str(r)]
+    assert len(err.encode()) <= 8192 and "Traceback" in err and "bytes cut" in err
 
 
 async def test_sigkill_of_an_executor_holding_runs_retries_them_elsewhere(

@@ -234,6 +234,35 @@ def test_a_dead_letter_keeps_a_bounded_copy_cut_at_character_boundaries() -> Non
     assert "data" in named and "f39" in named and b"f39" not in body  # left out past the total
 
 
+async def test_an_entry_large_by_its_field_names_is_refused_and_its_dead_letter_stays_small(
+    redis: Redis, keys: Keys, ingress: Ingress
+) -> None:
+    """The size limit counted values only, and a dead letter kept every field whose value was
+    empty, names whole: 1,500 fields of 2,000-byte names and empty values (3 MB) were not
+    too_large, and their dead letter was 3 MB (the README promises about 20 KiB each). Names
+    count now, an entry of more than 64 fields is too_large, and a dead letter keeps at most
+    64 fields and 16 KiB of names and values."""
+    wide: dict[Any, Any] = {f"{i:04d}".encode() + b"n" * 1996: b"" for i in range(1500)}
+    many: dict[Any, Any] = {f"f{i}".encode(): b"v" for i in range(100)}
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xadd(keys.events_stream, {b"name": b"chat.message", b"data": b"{}", **wide})
+        pipe.xadd(keys.events_stream, {b"name": b"chat.message", b"data": b"{}", **many})
+        pipe.xadd(keys.events_stream, {"name": "chat.message", "data": '{"userId":"ok"}'})
+        await pipe.execute()  # fmt: skip
+    await settle(redis, keys)
+    chat = [r for r in await requests_in_streams(redis, keys) if r["w"] == "chat-reply"]
+    assert [r["k"] for r in chat] == ["ok"]  # (its batch-mates are routed)
+    dead = [f for _, f in await redis.xrange(keys.dead_stream)]
+    assert [f[b"reason"] for f in dead] == [b"too_large", b"too_large"]
+    assert b"3000022 bytes" in dead[0][b"detail"] and b"102 fields" in dead[1][b"detail"]
+    for letter in dead:
+        originals = {k: v for k, v in letter.items() if k not in Dead.ADDED}
+        assert len(originals) <= Dead.FIELDS_MAX
+        assert sum(len(k) + len(v) for k, v in originals.items()) <= Dead.TOTAL_MAX
+        assert len(letter[b"truncated"]) <= 1024
+    assert int(await redis.memory_usage(keys.dead_stream) or 0) < 64 * 1024
+
+
 async def test_one_hostile_event_is_dead_lettered_alone_and_its_batch_mates_run(
     redis: Redis, keys: Keys, ingress: Ingress, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -95,7 +95,7 @@ flaky = Workflow("flaky", on_events=["flaky.item"])
 @flaky.step(retries=2)
 def always_fails(ctx: Context) -> None:
     note("attempt", ctx.run_id)
-    raise RuntimeError("boom from the step")
+    raise RuntimeError(ctx.input.get("message", "boom from the step"))
 
 
 stubborn = Workflow(
