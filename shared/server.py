@@ -219,14 +219,34 @@ class EmbeddedCluster:
         return f"redis://127.0.0.1:{self.nodes[0].port}/0"
 
     def start(self, timeout: float = 30.0) -> EmbeddedCluster:
-        for node in self.nodes:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # (the nodes started before the failure: no server outlives it)
+            raise
+
+    def _start_node(self, node: EmbeddedServer) -> None:
+        """Start one node; a port taken meanwhile (its bus port, port + 10000, is in the range
+        the kernel gives outgoing connections) is traded for another, twice at most."""
+        for attempt in range(3):
             conf = str(Path(node.dir) / "nodes.conf")
             node.extra_args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
                                "--cluster-config-file", conf,
                                # a replica may take over however long its link was down
                                "--cluster-replica-validity-factor", "0",
                                *self.extra_args]  # fmt: skip
-            node.start()
+            try:
+                node.start()
+                return
+            except ServerStartError as exc:
+                if "Failed listening" not in str(exc) or attempt == 2:
+                    raise
+                os.makedirs(node.dir, exist_ok=True)  # (a failed first start removed it)
+                node.port = free_cluster_port()
+
+    def _start(self, timeout: float) -> EmbeddedCluster:
+        for node in self.nodes:
+            self._start_node(node)
         cli = find_cli_binary(self.binary)
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(

@@ -394,6 +394,38 @@ def test_a_restart_that_fails_keeps_the_server_s_folder() -> None:
         server.stop()
 
 
+def test_a_cluster_start_survives_a_taken_bus_port_and_leaves_no_server_when_it_fails() -> None:
+    """A node's cluster bus port (port + 10000) lies in the range the kernel gives outgoing
+    connections: one taken between the choice and the start failed the whole cluster ("Failed
+    listening on port …"), and the nodes started before it kept running (a later test failed
+    on their ResourceWarning). The node now takes another port; a start that fails for good
+    stops the nodes it started."""
+    import socket
+
+    from supersede.server import EmbeddedCluster, ServerStartError
+
+    cluster = EmbeddedCluster(3)
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", cluster.nodes[1].port + 10000))
+        taken.listen()
+        blocked = cluster.nodes[1].port
+        cluster.start()
+        assert cluster.nodes[1].port != blocked
+        assert all(n.proc is not None and n.proc.poll() is None for n in cluster.nodes)
+    finally:
+        taken.close()
+        cluster.stop()
+
+    broken = EmbeddedCluster(3)
+    broken.nodes[2].binary = "/bin/false"
+    with pytest.raises(ServerStartError):
+        broken.start()
+    started = broken.nodes[:2]
+    assert all(n.proc is not None and n.proc.poll() is not None for n in started)
+    assert not any(Path(n.dir).exists() for n in broken.nodes)
+
+
 async def test_the_readme_workflow_and_fencing_blocks_run_as_written(
     redis: Redis, redis_url: str, keys: Keys, tmp_path: Path
 ) -> None:
