@@ -352,9 +352,11 @@ async def run(
         print_outcomes(outcomes)
         return 0
     finally:
+        stop.set()  # (a reader gone mid-run: the demo's publisher stops too)
         children.stop(keep_logs)
         if keep_logs:
-            print(f"supersede dev: logs kept in {children.logs}")
+            with contextlib.suppress(BrokenPipeError):  # (said on stdout, when it is still read)
+                print(f"supersede dev: logs kept in {children.logs}")
         await redis.aclose()
 
 

@@ -116,11 +116,12 @@ class Dead:
     ENTRY = "entry"
     STREAM = "stream"  # set for refused requests and results; inbox events have none
     WORKFLOW = "workflow"
-    TRUNCATED = "truncated"  # names of the original fields cut to FIELD_MAX bytes, comma separated
+    TRUNCATED = "truncated"  # names of the original fields cut or left out, comma separated
 
     FIELD_MAX = 4096  # bytes of each original field a dead letter keeps
     TOTAL_MAX = 16_384  # bytes of original fields (names and values) a dead letter keeps in all
     FIELDS_MAX = 64  # original fields a dead letter keeps at most
+    TRUNCATED_MAX = 1024  # bytes of the names listed in TRUNCATED (whole names only)
     ADDED = frozenset(f.encode() for f in (REASON, DETAIL, ENTRY, STREAM, WORKFLOW, TRUNCATED))
 
 
@@ -600,7 +601,8 @@ def dead_letter(
     in all and at most Dead.FIELDS_MAX fields (a field whose name does not fit is left out),
     the cut or left out ones named in `truncated`; plus why the entry was refused."""
     body: dict[Any, Any] = {}
-    cut: list[str] = []
+    cut: list[bytes] = []  # (their names, in at most TRUNCATED_MAX bytes)
+    cut_bytes, truncated = 0, False
     room = Dead.TOTAL_MAX
     for name, value in fields.items():
         keep = min(len(value), Dead.FIELD_MAX, max(0, room - len(name)))
@@ -609,13 +611,19 @@ def dead_letter(
         elif keep < len(value):
             while 0 < keep < len(value) and value[keep] & 0xC0 == 0x80:
                 keep -= 1  # never split a UTF-8 character
-        if keep < len(value) and sum(map(len, cut)) < 1024:
-            cut.append(name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name))
+        if keep < len(value):
+            truncated = True
+            named = name if isinstance(name, bytes) else str(name).encode()
+            if cut_bytes + len(named) + 1 <= Dead.TRUNCATED_MAX:
+                cut.append(named)
+                cut_bytes += len(named) + 1
+            elif len(body) >= Dead.FIELDS_MAX:
+                break  # (nothing more can be kept or named: a flood of fields costs no more)
         if keep > 0 or (keep == 0 and len(value) == 0):
             body[name] = value[:keep]
             room -= len(name) + keep
-    if cut:
-        body[Dead.TRUNCATED] = ",".join(cut)[:1024]
+    if truncated:  # (even when no name fits the list: such a dead letter cannot be replayed)
+        body[Dead.TRUNCATED] = b",".join(cut).decode("utf-8", "replace")
     body.update({Dead.REASON: str(reason), Dead.DETAIL: detail[:2000], Dead.ENTRY: entry_id})
     if stream is not None:
         body[Dead.STREAM] = stream

@@ -57,6 +57,8 @@ def capped_error(error: str, limit: int = MAX_ERROR_BYTES) -> str:
     if len(raw) <= limit:
         return error
     marker_room = 64
+    if limit <= 2 * marker_room:  # (no room for both ends and the note between)
+        return raw[:limit].decode("utf-8", "ignore")
     head = (limit - marker_room) // 4
     tail = limit - marker_room - head
     cut = len(raw) - head - tail

@@ -132,3 +132,18 @@ def test_a_dead_letter_keeps_the_original_fields_for_replay() -> None:
     assert body["reason"] == "bad_json" and len(body["detail"]) == 2000
     as_stored = {(k.encode() if isinstance(k, str) else k): v for k, v in body.items()}
     assert original_fields(as_stored) == fields
+
+
+def test_a_dead_letter_of_a_flood_of_fields_or_one_huge_name_stays_small_and_unreplayable() -> None:
+    """A name that alone is past the room is left out and the letter still says it was cut
+    (so it cannot be replayed); a flood of fields is kept to 64 and its names to 1 KiB, at the
+    cost of a few hundred of them, not all (300,000 took ingress two seconds)."""
+    from supersede.services.executor.steps import capped_error
+
+    huge = dead_letter({b"n" * 20_000: b"x"}, b"1-0", protocol.Reason.TOO_LARGE, "d")
+    assert huge[protocol.Dead.TRUNCATED] == "" and not [k for k in huge if isinstance(k, bytes)]
+    flood = dead_letter({f"f{i}".encode(): b"v" for i in range(300_000)}, b"1-0",
+                        protocol.Reason.TOO_LARGE, "d")  # fmt: skip
+    assert len([k for k in flood if isinstance(k, bytes)]) == protocol.Dead.FIELDS_MAX
+    assert len(flood[protocol.Dead.TRUNCATED].encode()) <= protocol.Dead.TRUNCATED_MAX
+    assert len(capped_error("x" * 100_000, 10).encode()) == 10  # (a limit below the note's room)
