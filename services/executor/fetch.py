@@ -478,9 +478,13 @@ class Fetcher:
                 "assignments come without bells: blocking reads wake this executor until "
                 "%.0f s pass without one", UNRUNG_HOLD,
             )  # fmt: skip
-            self.bells = False
-            self._quiet = False
-            self._tails_fresh = False  # (the blocking read's ids: read again)
+            self._bells_off()
+
+    def _bells_off(self) -> None:
+        """The waits go back to the blocking read, after a scan, from tails read again."""
+        self.bells = False
+        self._quiet = False
+        self._tails_fresh = False
 
     async def _ack_malformed(self) -> int:
         """Acknowledge the malformed entries read (a take call already did); how many."""
@@ -594,9 +598,7 @@ class Fetcher:
                                 "until they are subscribed again", exc_info=True)  # fmt: skip
                 pause = min(0.1 * 2**failures, 2.0)
             finally:
-                self.bells = False
-                self._quiet = False  # (the next wait is the blocking read's, after a scan)
-                self._tails_fresh = False  # (its ids: read again)
+                self._bells_off()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
             with contextlib.suppress(TimeoutError):
