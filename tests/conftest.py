@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -14,6 +15,15 @@ from supersede.scripts import Scripts
 from supersede.server import EmbeddedCluster, EmbeddedServer
 from tests.support import System
 from tests.support.tls import TlsCluster, TlsServer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_terminal_size() -> None:
+    """The CLI's tables fit COLUMNS when it is set; the tests read whole values. (A pytest-xdist
+    worker has COLUMNS=80 and LINES=24 in its environment, which the services and commands the
+    tests start would inherit.)"""
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
 
 
 @pytest.fixture(scope="session")
