@@ -11,7 +11,9 @@ cancelled (or timed-out) step gets the ladder
 and its run is reported only once the process is gone (or the step returned). The workers are
 forked from a forkserver that has imported the steps' modules, one per slot, started with the
 executor; a stopped worker is replaced in the background. Inputs, parents' outputs and the
-step's output cross the boundary as msgpack.
+step's output cross the boundary as msgpack. A supervisor's SIGTERM, to the executor, its
+process group or its cgroup, drains the executor: the forkserver and the workers ignore every
+SIGTERM but the ladder's.
 """
 
 from __future__ import annotations
@@ -122,8 +124,22 @@ def _exit_with_parent(executor: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def worker_main(conn: Connection, flag: ProcessEvent, redis_url: str, executor: int) -> None:
-    """A worker's loop: one job at a time, from the executor's end of the pipe."""
+def worker_main(
+    conn: Connection, flag: ProcessEvent, term: Any, redis_url: str, executor: int
+) -> None:
+    """A worker's loop: one job at a time, from the executor's end of the pipe. `term` (a byte
+    in shared memory) is 1 while the executor's cancel ladder sends this worker SIGTERM."""
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if term.value:  # the ladder's: end as SIGTERM ends a process
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        # Otherwise a supervisor's, sent to every process of the executor's cgroup (systemd's
+        # default KillMode): the executor drains, and lets this step finish.
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    # (the forkserver forked this process with SIGTERM blocked, see `ProcessPool._spawn`)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the executor
     os.setsid()  # a signal to the executor's process group (a supervisor's) is not for steps
     _exit_with_parent(executor)
@@ -169,6 +185,7 @@ class Worker:
     process: Any  # multiprocessing's Process of the forkserver context
     conn: Connection
     flag: ProcessEvent
+    term: Any  # a byte in shared memory: 1 while the ladder sends SIGTERM (see worker_main)
 
 
 RESPAWN_DELAY = 0.05
@@ -199,13 +216,24 @@ class ProcessPool:
     def _spawn(self) -> Worker:
         ours, theirs = self._mp.Pipe()
         flag = self._mp.Event()
+        term = self._mp.RawValue("b", 0)
         process = self._mp.Process(
-            target=worker_main, args=(theirs, flag, self.redis_url, os.getpid()), daemon=True,
-            name="supersede-step",
+            target=worker_main, args=(theirs, flag, term, self.redis_url, os.getpid()),
+            daemon=True, name="supersede-step",
         )  # fmt: skip
-        process.start()
+        # The forkserver (which the first start launches) begins with SIGTERM blocked, as this
+        # thread has it: a SIGTERM to the executor's whole process group (a supervisor's
+        # killasgroup, `kill -TERM -<pgid>`) or cgroup must not end it, since the workers
+        # forked from it end with it, and a draining executor would lose every process step in
+        # flight. (A SIGTERM to the process goes to another thread, the loop's; the forkserver
+        # ends when the executor's end of its socket closes.) Its workers unblock it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
-        worker = Worker(process, ours, flag)
+        worker = Worker(process, ours, flag, term)
         self._all.add(worker)
         return worker
 
@@ -257,6 +285,7 @@ class ProcessPool:
             self._replace(worker)
             worker = await self._idle.get()
         worker.flag.clear()
+        worker.term.value = 0
         try:
             try:
                 worker.conn.send_bytes(codec.pack(job))
@@ -349,6 +378,7 @@ class ProcessPool:
             else:  # (WorkerLost: it ended by itself)
                 self._replace(worker)
             return
+        worker.term.value = 1  # (the worker ignores any other SIGTERM)
         worker.process.terminate()
         stage("sigterm")
         if not await self._exited(worker, self.kill_after):

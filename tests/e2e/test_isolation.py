@@ -6,8 +6,11 @@ stopped, in processes and in threads (tests/support/apps/isolated.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -247,3 +250,78 @@ async def test_a_step_in_a_worker_stops_within_moments_of_a_sigkill_of_its_execu
         return _gone(pid)
 
     await eventually(worker_gone, timeout=1.5)
+
+
+async def test_a_process_step_that_ignores_its_flag_ends_at_the_ladders_sigterm(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """A worker ignores a SIGTERM its executor did not send (a supervisor's, below), but the
+    ladder's ends the step at once: the run is reported at the grace period (0.3 s), long
+    before --kill-after (10 s) would SIGKILL it."""
+    system.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
+    system.start("executor", APP, "--slots", "4", "--grace", "0.3", "--kill-after", "10")
+    await eventually(lambda: _registered(redis, keys, 5), timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    await _publish(redis, keys, "proc.go", k="t", sleep=30)
+    await eventually(lambda: _noted(redis, keys, "alive"), timeout=30)
+    await _publish(redis, keys, "proc.go", k="t", sleep=0)
+    await eventually(lambda: _ended(redis, keys, 2), timeout=30)
+    recs = await _recs(redis, keys)
+    [old] = [rid for rid, r in recs.items() if r.get("why") == "superseded"]
+    assert recs[old]["st"] == "C"
+    notes = await _notes(redis, keys)
+    [pid] = {pid for _, rid, pid, _ in notes if rid == old}
+    last_alive = max(ms for kind, rid, _, ms in notes if rid == old and kind == "alive")
+    assert _gone(pid) and last_alive - recs[old]["tc"] < 5000, last_alive - recs[old]["tc"]
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes `pid` started, and theirs (the forkserver, its workers, the resource
+    tracker), from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(FileNotFoundError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        if parent != pid:
+            found.append(parent)
+    return found
+
+
+@pytest.mark.parametrize("to", ["group", "cgroup"])
+async def test_a_supervisors_sigterm_to_every_process_of_an_executor_drains_its_process_steps(
+    redis: Redis, keys: Keys, system: System, to: str
+) -> None:
+    """A supervisor that signals the whole process group (supervisord's killasgroup, `kill
+    -TERM -<pgid>`) reached the forkserver too, and the workers forked from it ended with it;
+    one that signals every process of the cgroup (systemd's default KillMode) reached the
+    workers themselves: either way the draining executor failed every process step in flight
+    (WorkerLost). The steps finish, their runs succeed at their first attempt, and the executor
+    exits 0."""
+    system.start("admission", "--block-ms", "100")
+    executor = subprocess.Popen(
+        [sys.executable, "-m", "supersede", "executor", APP, "--slots", "4",
+         "--metrics-port", "0"],
+        env=system.env, stderr=system.stderr, start_new_session=True,
+    )  # fmt: skip
+    system.procs.append(executor)
+    await eventually(lambda: _registered(redis, keys, 5), timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    for k in ("a", "b", "c"):
+        await _publish(redis, keys, "proc.go", k=k, sleep=1.5)
+    await eventually(lambda: _noted(redis, keys, "started", 3), timeout=30)
+    if to == "group":
+        os.killpg(executor.pid, signal.SIGTERM)
+    else:
+        pids = [executor.pid, *_descendants(executor.pid)]
+        assert len(pids) >= 6  # (the executor, the forkserver, four workers)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    await eventually(lambda: _ended(redis, keys, 3), timeout=30)
+    recs = await _recs(redis, keys)
+    assert sorted((r["st"], r["a"]) for r in recs.values()) == [("S", 1)] * 3, [
+        r.get("err") for r in recs.values()
+    ]
+    assert await asyncio.to_thread(executor.wait, 30) == 0
