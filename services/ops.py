@@ -30,6 +30,7 @@ from supersede.protocol import (
     EXECUTOR_GROUP,
     INGRESS_GROUP,
     Dead,
+    Inbox,
     Reason,
     RunRecord,
     RunState,
@@ -681,6 +682,17 @@ async def replay_dead(redis: Redis, keys: Keys, entry_id: str) -> str:
             f"{fields[Dead.TRUNCATED.encode()].decode()}: publish the event again instead"
         )
     original: dict[Any, Any] = original_fields(fields)
+    # The event again, as the same event: without an `id` of its own, its first entry's id is
+    # its id (a second replay of it makes no second run). A letter of one workflow's key error
+    # replays it for that workflow only: the others made their runs (which, once their
+    # retention passed, nothing else would keep from running again) or have letters of their
+    # own.
+    entry = fields.get(Dead.ENTRY.encode())
+    if Inbox.ID not in original and entry:
+        original[Inbox.ID] = entry
+    workflow = fields.get(Dead.WORKFLOW.encode())
+    if workflow:
+        original[Inbox.ONLY_WORKFLOW] = workflow
     if isinstance(redis, RedisCluster):  # (the inbox and the dead letters are in two slots:
         new_id = await redis.xadd(keys.events_stream, original)  # no transaction; a crash
         await redis.xdel(keys.dead_stream, entry_id)  # between the two leaves it to replay again)

@@ -54,6 +54,9 @@ class Inbox:
     JSON = b"json"
     MSGPACK = b"msgpack"
     TRACEPARENT = b"traceparent"  # optional W3C trace context: the run's spans continue it
+    # optional: the one workflow of those listening to `name` that the event is for (a replayed
+    # dead letter of one workflow's key error is not for the others, which made their runs)
+    ONLY_WORKFLOW = b"only_workflow"
     MAX_ID_BYTES = 1024  # an `id` is 1..this many bytes of UTF-8
     MAX_FIELDS = 64  # an entry with more fields is refused (too_large)
 

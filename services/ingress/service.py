@@ -93,6 +93,7 @@ class Event:
     data: dict[str, Any]
     metadata: dict[str, Any]
     explicit_id: bool = False  # the producer gave `id`: de-duplicated per workflow, any key
+    only: str | None = None  # `only_workflow`: the one workflow of the name's to route it to
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +155,12 @@ def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int) -
         name = raw_name.decode("utf-8")
         raw_id = fields.get(Inbox.ID)
         event_id = raw_id.decode("utf-8") if raw_id is not None else entry_id.decode()
+        raw_only = fields.get(Inbox.ONLY_WORKFLOW)
+        only = raw_only.decode("utf-8") if raw_only is not None else None
     except UnicodeDecodeError:
-        raise BadEvent(Reason.BAD_ENCODING, "`name` or `id` is not valid UTF-8") from None
+        raise BadEvent(
+            Reason.BAD_ENCODING, "`name`, `id` or `only_workflow` is not valid UTF-8"
+        ) from None
     if not event_id or len(raw_id or b"") > Inbox.MAX_ID_BYTES:
         raise BadEvent(Reason.BAD_ID, f"`id` must be 1..{Inbox.MAX_ID_BYTES} bytes")
     encoding = fields.get(Inbox.ENCODING, Inbox.JSON)
@@ -179,7 +184,7 @@ def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int) -
         raise BadEvent(Reason.BAD_ENCODING, f"unknown `encoding` {encoding!r}; use json or msgpack")
     raw_meta = fields.get(Inbox.METADATA)
     metadata = _load_object(raw_meta, "`metadata`") if raw_meta is not None else {}
-    return Event(name, event_id, data, metadata, raw_id is not None)
+    return Event(name, event_id, data, metadata, raw_id is not None, only)
 
 
 def build_routes(defs: dict[str, WorkflowDef]) -> dict[str, list[Route]]:
@@ -441,6 +446,8 @@ class Ingress(Service):
     def _route_entry(self, batch: Batch, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         event = parse_event(entry_id, fields, self.config.max_payload)
         routes = self.routes.get(event.name)
+        if routes and event.only is not None:
+            routes = [route for route in routes if route.workflow.id == event.only]
         if not routes:
             batch.unrouted += 1
             return

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from supersede.keys import Keys
 from supersede.registry import register
-from tests.support import APP_WORKFLOWS, System, eventually
+from tests.support import APP_WORKFLOWS, System, eventually, records
 
 DOC = {"id": "doc", "events": ["doc.saved"]}
 
@@ -201,6 +201,61 @@ async def test_a_dead_letter_is_replayed_after_fixing_the_workflow(
     assert await acli(system, "dead") == [] or all(
         d["reason"] == "key_error" for d in await acli(system, "dead")
     )
+
+
+async def test_a_replayed_key_error_makes_the_run_of_its_workflow_only(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """An event (no `id`) for four workflows, two of which fail on its key: replaying one
+    letter, after its workflow was fixed, made the run of that workflow, ran the event again
+    for the two that had made their runs (new run ids: the entry id was the event's id), and
+    dead-lettered it again for the other (two letters of it then). Now: one run more, one
+    letter less."""
+    wfs = [{"id": "index", "events": ["doc.saved"], "concurrency": {"expression": "input.document"}},
+           {"id": "notify", "events": ["doc.saved"]},
+           {"id": "reindex", "events": ["doc.saved"], "concurrency": {"expression": "input.docId"}},
+           {"id": "audit", "events": ["doc.saved"], "concurrency": {"expression": "input.auditId"}}]  # fmt: skip
+    for wf in wfs:
+        await register(redis, keys, wf)
+    system.start("admission", "--block-ms", "100")
+    system.start("ingress", "--block-ms", "100")
+    await redis.xadd(keys.events_stream, {"name": "doc.saved", "data": '{"document": "d1"}'})
+
+    async def runs_of() -> list[object]:
+        return sorted(str(r["w"]) for r in (await records(redis, keys)).values())
+
+    async def first_routed() -> bool:
+        return len(await acli(system, "dead")) == 2 and await runs_of() == ["index", "notify"]
+
+    await eventually(first_routed, timeout=30)
+    letters = {d["workflow"]: d["id"] for d in await acli(system, "dead")}
+    assert set(letters) == {"reindex", "audit"}
+    await register(redis, keys, {**wfs[2], "concurrency": {"expression": "input.document"}})
+
+    async def replay_until_run() -> bool:  # (ingress sees the new version within a second)
+        for d in await acli(system, "dead"):
+            if d["workflow"] == "reindex":
+                await acli(system, "dead", "--replay", d["id"])
+        return "reindex" in await runs_of()
+
+    await eventually(replay_until_run, timeout=30)
+    assert await runs_of() == ["index", "notify", "reindex"]
+    assert [(d["workflow"], d["id"]) for d in await acli(system, "dead")] == [
+        ("audit", letters["audit"])
+    ]
+    # a second replay of it (a crash between the XADD and the XDEL on a cluster) makes nothing
+    event_id = next(iter((await records(redis, keys)).values()))["ev"]
+    await redis.xadd(keys.events_stream, {"name": "doc.saved", "data": '{"document": "d1"}',
+                                          "id": event_id, "only_workflow": "reindex"})  # fmt: skip
+    await redis.xadd(keys.events_stream, {"name": "doc.saved", "data": '{"document": "d2"}',
+                                          "only_workflow": "notify"})  # fmt: skip
+
+    async def last_routed() -> bool:
+        return len(await runs_of()) == 4
+
+    await eventually(last_routed, timeout=30)
+    assert await runs_of() == ["index", "notify", "notify", "reindex"]
+    assert len(await acli(system, "dead")) == 1
 
 
 async def test_publish_wait_reports_an_event_dead_lettered_for_its_key(
