@@ -211,10 +211,11 @@ async def test_a_replayed_key_error_makes_the_run_of_its_workflow_only(
     for the two that had made their runs (new run ids: the entry id was the event's id), and
     dead-lettered it again for the other (two letters of it then). Now: one run more, one
     letter less."""
-    wfs = [{"id": "index", "events": ["doc.saved"], "concurrency": {"expression": "input.document"}},
-           {"id": "notify", "events": ["doc.saved"]},
-           {"id": "reindex", "events": ["doc.saved"], "concurrency": {"expression": "input.docId"}},
-           {"id": "audit", "events": ["doc.saved"], "concurrency": {"expression": "input.auditId"}}]  # fmt: skip
+    def keyed(wf: str, expression: str) -> dict[str, Any]:
+        return {"id": wf, "events": ["doc.saved"], "concurrency": {"expression": expression}}
+
+    wfs = [keyed("index", "input.document"), {"id": "notify", "events": ["doc.saved"]},
+           keyed("reindex", "input.docId"), keyed("audit", "input.auditId")]  # fmt: skip
     for wf in wfs:
         await register(redis, keys, wf)
     system.start("admission", "--block-ms", "100")
@@ -230,7 +231,7 @@ async def test_a_replayed_key_error_makes_the_run_of_its_workflow_only(
     await eventually(first_routed, timeout=30)
     letters = {d["workflow"]: d["id"] for d in await acli(system, "dead")}
     assert set(letters) == {"reindex", "audit"}
-    await register(redis, keys, {**wfs[2], "concurrency": {"expression": "input.document"}})
+    await register(redis, keys, keyed("reindex", "input.document"))
 
     async def replay_until_run() -> bool:  # (ingress sees the new version within a second)
         for d in await acli(system, "dead"):
