@@ -211,6 +211,7 @@ async def test_a_replayed_key_error_makes_the_run_of_its_workflow_only(
     for the two that had made their runs (new run ids: the entry id was the event's id), and
     dead-lettered it again for the other (two letters of it then). Now: one run more, one
     letter less."""
+
     def keyed(wf: str, expression: str) -> dict[str, Any]:
         return {"id": wf, "events": ["doc.saved"], "concurrency": {"expression": expression}}
 
