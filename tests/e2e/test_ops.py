@@ -223,7 +223,7 @@ async def test_a_replayed_key_error_makes_the_run_of_its_workflow_only(
     system.start("ingress", "--block-ms", "100")
     await redis.xadd(keys.events_stream, {"name": "doc.saved", "data": '{"document": "d1"}'})
 
-    async def runs_of() -> list[object]:
+    async def runs_of() -> list[str]:
         return sorted(str(r["w"]) for r in (await records(redis, keys)).values())
 
     async def first_routed() -> bool:
@@ -247,6 +247,7 @@ async def test_a_replayed_key_error_makes_the_run_of_its_workflow_only(
     ]
     # a second replay of it (a crash between the XADD and the XDEL on a cluster) makes nothing
     event_id = next(iter((await records(redis, keys)).values()))["ev"]
+    assert isinstance(event_id, str)
     await redis.xadd(keys.events_stream, {"name": "doc.saved", "data": '{"document": "d1"}',
                                           "id": event_id, "only_workflow": "reindex"})  # fmt: skip
     await redis.xadd(keys.events_stream, {"name": "doc.saved", "data": '{"document": "d2"}',
