@@ -221,11 +221,23 @@ def _compile(
         try:
             return program.execute({"input": input_, "metadata": metadata})
         except Exception as exc:
-            raise KeyExpressionError(
-                reason, f"{expression!r}: {type(exc).__name__}: {exc}"
-            ) from None
+            raise KeyExpressionError(reason, f"{expression!r}: {_explained(exc, code)}") from None
 
     return evaluate
+
+
+_UNDEFINED = re.compile(r"Undefined variable or function: '(\w+)'")
+
+
+def _explained(exc: Exception, code: str) -> str:
+    """The CEL library's message of a failed evaluation; a function it calls undefined, which
+    the expression calls, is one it has no overload for with that value (`string([1])`,
+    `size(1)`, `bool('x')`): the detail says that instead of a misleading "undefined"."""
+    text = str(exc)
+    match = _UNDEFINED.match(text)
+    if match and re.search(rf"\b{re.escape(match.group(1))}\s*\(", code):
+        return f"{match.group(1)}() cannot take the value it was given (no overload for it)"
+    return f"{type(exc).__name__}: {text}"
 
 
 def _path_lookup(match: re.Match[str], expression: str, reason: str) -> Callable[[Any, Any], Any]:

@@ -121,6 +121,13 @@ def test_key_expressions() -> None:
     assert info.value.reason == "key_too_large"
     with pytest.raises(DefinitionError):
         compile_key("input.(")
+    # the CEL library calls a function given a value it has no overload for "undefined"
+    for expression, value in (("string(input.n)", [1]), ("input.n.size()", 1)):
+        name = expression.split("(")[0].rsplit(".", 1)[-1]
+        with pytest.raises(KeyExpressionError) as info:
+            compile_key(expression)({"n": value}, {})
+        assert f"{name}() cannot take the value it was given" in info.value.detail
+        assert "Undefined" not in info.value.detail
 
 
 def _nested(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
