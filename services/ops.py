@@ -666,6 +666,31 @@ async def dead_letters(redis: Redis, keys: Keys, limit: int = 100) -> list[dict[
     return rows
 
 
+_ONE_WORKFLOWS_REASONS = frozenset({Reason.KEY_ERROR, Reason.KEY_TOO_LARGE, Reason.MAX_RUNS_ERROR})
+
+
+async def _check_listens(
+    redis: Redis, keys: Keys, entry_id: str, workflow: str, original: dict[Any, Any]
+) -> None:
+    """Refuse, keeping the letter, a replay for a workflow that would not take the event (it
+    would be acknowledged as unrouted, and the letter gone), or that has no room for the
+    field naming the workflow."""
+    name = original.get(Inbox.NAME, b"").decode("utf-8", "replace")
+    _, defs, _ = await load_all(redis, keys)
+    wf = defs.get(workflow)
+    if wf is None or name not in wf.events:
+        raise ValueError(
+            f"{entry_id} is {workflow!r}'s, which "
+            + ("is not registered" if wf is None else f"no longer listens to {name!r}")
+            + ": register it again (with the event) before replaying, or publish the event again"
+        )
+    if len(original) >= Inbox.MAX_FIELDS:
+        raise ValueError(
+            f"{entry_id}'s event has {len(original)} fields, and one more naming {workflow!r} "
+            f"would be over the {Inbox.MAX_FIELDS} an event may have: publish it again instead"
+        )
+
+
 async def replay_dead(redis: Redis, keys: Keys, entry_id: str) -> str:
     """Publish a dead letter's original fields to the inbox again, then delete it."""
     if not re.fullmatch(r"\d+-\d+", entry_id):
@@ -683,16 +708,18 @@ async def replay_dead(redis: Redis, keys: Keys, entry_id: str) -> str:
         )
     original: dict[Any, Any] = original_fields(fields)
     # The event again, as the same event: without an `id` of its own, its first entry's id is
-    # its id (a second replay of it makes no second run). A letter of one workflow's key error
-    # replays it for that workflow only: the others made their runs (which, once their
-    # retention passed, nothing else would keep from running again) or have letters of their
-    # own.
-    entry = fields.get(Dead.ENTRY.encode())
-    if Inbox.ID not in original and entry:
-        original[Inbox.ID] = entry
+    # its id (a second replay within the de-duplication window makes no second run). A letter
+    # of one workflow's key (its reasons are only ever one workflow's; an `internal` letter may
+    # be the whole event's, and its `workflow` field the producer's) replays it for that
+    # workflow only: the others made their runs (which, once their retention passed, nothing
+    # else would keep from running again) or have letters of their own.
     workflow = fields.get(Dead.WORKFLOW.encode())
-    if workflow:
+    if workflow and fields.get(Dead.REASON.encode(), b"").decode() in _ONE_WORKFLOWS_REASONS:
+        await _check_listens(redis, keys, entry_id, workflow.decode(), original)
         original[Inbox.ONLY_WORKFLOW] = workflow
+    entry = fields.get(Dead.ENTRY.encode())
+    if Inbox.ID not in original and entry and len(original) < Inbox.MAX_FIELDS:
+        original[Inbox.ID] = entry  # (an entry of 64 fields already is replayed without it)
     if isinstance(redis, RedisCluster):  # (the inbox and the dead letters are in two slots:
         new_id = await redis.xadd(keys.events_stream, original)  # no transaction; a crash
         await redis.xdel(keys.dead_stream, entry_id)  # between the two leaves it to replay again)

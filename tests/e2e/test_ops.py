@@ -245,9 +245,11 @@ async def test_a_replayed_key_error_makes_the_run_of_its_workflow_only(
     assert [(d["workflow"], d["id"]) for d in await acli(system, "dead")] == [
         ("audit", letters["audit"])
     ]
+    # every run is the first entry's event (its id, the entry id)
+    [entry] = [d["entry"] for d in await acli(system, "dead")]
+    assert {r["ev"] for r in (await records(redis, keys)).values()} == {entry}
     # a second replay of it (a crash between the XADD and the XDEL on a cluster) makes nothing
-    event_id = next(iter((await records(redis, keys)).values()))["ev"]
-    assert isinstance(event_id, str)
+    event_id = entry
     await redis.xadd(keys.events_stream, {"name": "doc.saved", "data": '{"document": "d1"}',
                                           "id": event_id, "only_workflow": "reindex"})  # fmt: skip
     await redis.xadd(keys.events_stream, {"name": "doc.saved", "data": '{"document": "d2"}',
@@ -258,7 +260,48 @@ async def test_a_replayed_key_error_makes_the_run_of_its_workflow_only(
 
     await eventually(last_routed, timeout=30)
     assert await runs_of() == ["index", "notify", "notify", "reindex"]
-    assert len(await acli(system, "dead")) == 1
+    # a letter whose workflow no longer listens to the event is kept, not replayed to nobody
+    await register(redis, keys, {**keyed("audit", "input.auditId"), "events": ["doc.moved"]})
+    refused = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "supersede", "dead", "--replay", letters["audit"]],
+        env=system.env, capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert refused.returncode != 0 and b"no longer listens to 'doc.saved'" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert [d["id"] for d in await acli(system, "dead")] == [letters["audit"]]
+
+
+async def test_a_replay_adds_its_fields_only_where_an_event_has_room(
+    redis: Redis, keys: Keys
+) -> None:
+    """An event may have 64 fields: a replay of one of 64 adds no `id` (the entry went over
+    the limit, and its new letter could never be replayed), and one of one workflow's key that
+    has no room to name it is refused, the letter kept."""
+    from supersede.services.ops import replay_dead
+
+    await register(redis, keys, {"id": "w", "events": ["e"]})
+
+    async def letter(n: int, **added: Any) -> str:
+        fields: dict[Any, Any] = {"name": "e", **{f"f{i}": "x" for i in range(n - 1)}}
+        fields.update(entry="1-0", **added)
+        entry = await redis.xadd(keys.dead_stream, fields)
+        return str(entry.decode())
+
+    async def replayed(entry: str) -> dict[bytes, bytes]:
+        new = await replay_dead(redis, keys, entry)
+        [(_, fields)] = await redis.xrange(keys.events_stream, min=new, max=new)
+        return dict(fields)
+
+    assert (await replayed(await letter(63, reason="bad_json")))[b"id"] == b"1-0"
+    assert b"id" not in await replayed(await letter(64, reason="bad_json"))
+    full = await replayed(await letter(63, reason="key_error", workflow="w"))
+    assert full[b"only_workflow"] == b"w" and b"id" not in full and len(full) == 64
+    kept = await letter(64, reason="key_error", workflow="w")
+    with pytest.raises(ValueError, match="over the 64 an event may have"):
+        await replay_dead(redis, keys, kept)
+    assert await redis.xrange(keys.dead_stream, min=kept, max=kept)
+    # an `internal` letter may be the whole event's: its `workflow` may be the producer's field
+    assert b"only_workflow" not in await replayed(await letter(3, reason="internal", workflow="w"))
 
 
 async def test_publish_wait_reports_an_event_dead_lettered_for_its_key(
