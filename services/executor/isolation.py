@@ -11,9 +11,10 @@ cancelled (or timed-out) step gets the ladder
 and its run is reported only once the process is gone (or the step returned). The workers are
 forked from a forkserver that has imported the steps' modules, one per slot, started with the
 executor; a stopped worker is replaced in the background. Inputs, parents' outputs and the
-step's output cross the boundary as msgpack. A supervisor's SIGTERM, to the executor, its
-process group or its cgroup, drains the executor: the forkserver and the workers ignore every
-SIGTERM but the ladder's.
+step's output cross the boundary as msgpack. A supervisor's SIGTERM to the executor's process
+group drains the executor with its steps (the forkserver starts with SIGTERM blocked, the
+workers in sessions of their own); one to every process of its cgroup ends the workers too, and
+their runs are then left to their leases (`WorkerTerminated`), not failed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
@@ -48,6 +50,12 @@ class StepError(Exception):
 
 class WorkerLost(Exception):
     """The worker process ended without answering (it crashed, or user code exited it)."""
+
+
+class WorkerTerminated(WorkerLost):
+    """The worker process ended by a SIGTERM the executor did not send (not the ladder's): a
+    supervisor's stop reaching every process of the executor's cgroup (systemd's default
+    KillMode), or somebody's `kill`."""
 
 
 # -- the worker process ----------------------------------------------------------------------
@@ -124,21 +132,10 @@ def _exit_with_parent(executor: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def worker_main(
-    conn: Connection, flag: ProcessEvent, term: Any, redis_url: str, executor: int
-) -> None:
-    """A worker's loop: one job at a time, from the executor's end of the pipe. `term` (a byte
-    in shared memory) is 1 while the executor's cancel ladder sends this worker SIGTERM."""
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        if term.value:  # the ladder's: end as SIGTERM ends a process
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-        # Otherwise a supervisor's, sent to every process of the executor's cgroup (systemd's
-        # default KillMode): the executor drains, and lets this step finish.
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    # (the forkserver forked this process with SIGTERM blocked, see `ProcessPool._spawn`)
+def worker_main(conn: Connection, flag: ProcessEvent, redis_url: str, executor: int) -> None:
+    """A worker's loop: one job at a time, from the executor's end of the pipe."""
+    # (the forkserver forked it with SIGTERM blocked, see `ProcessPool._spawn`: the ladder's
+    # SIGTERM is for the worker, and so is the mask its steps' subprocesses inherit)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the executor
     os.setsid()  # a signal to the executor's process group (a supervisor's) is not for steps
@@ -185,7 +182,7 @@ class Worker:
     process: Any  # multiprocessing's Process of the forkserver context
     conn: Connection
     flag: ProcessEvent
-    term: Any  # a byte in shared memory: 1 while the ladder sends SIGTERM (see worker_main)
+    terminated: bool = False  # the ladder sent it SIGTERM
 
 
 RESPAWN_DELAY = 0.05
@@ -216,24 +213,25 @@ class ProcessPool:
     def _spawn(self) -> Worker:
         ours, theirs = self._mp.Pipe()
         flag = self._mp.Event()
-        term = self._mp.RawValue("b", 0)
         process = self._mp.Process(
-            target=worker_main, args=(theirs, flag, term, self.redis_url, os.getpid()),
-            daemon=True, name="supersede-step",
+            target=worker_main, args=(theirs, flag, self.redis_url, os.getpid()), daemon=True,
+            name="supersede-step",
         )  # fmt: skip
         # The forkserver (which the first start launches) begins with SIGTERM blocked, as this
-        # thread has it: a SIGTERM to the executor's whole process group (a supervisor's
-        # killasgroup, `kill -TERM -<pgid>`) or cgroup must not end it, since the workers
-        # forked from it end with it, and a draining executor would lose every process step in
-        # flight. (A SIGTERM to the process goes to another thread, the loop's; the forkserver
-        # ends when the executor's end of its socket closes.) Its workers unblock it.
+        # thread has it: a SIGTERM to the executor's whole process group (supervisord's
+        # stopasgroup, `kill -TERM -<pgid>`) or cgroup must not end it, since the workers
+        # forked from it end with it (their steps failed, the executor's drain notwithstanding).
+        # A SIGTERM to the process goes to another thread, the loop's; the forkserver ends when
+        # the executor's end of its socket closes. Its workers unblock it. (The resource
+        # tracker first: its launch, which the forkserver's would make, unblocks SIGTERM.)
+        resource_tracker.ensure_running()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
             process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
-        worker = Worker(process, ours, flag, term)
+        worker = Worker(process, ours, flag)
         self._all.add(worker)
         return worker
 
@@ -285,7 +283,6 @@ class ProcessPool:
             self._replace(worker)
             worker = await self._idle.get()
         worker.flag.clear()
-        worker.term.value = 0
         try:
             try:
                 worker.conn.send_bytes(codec.pack(job))
@@ -335,9 +332,14 @@ class ProcessPool:
             reply: list[Any] = codec.unpack(worker.conn.recv_bytes())
         except (EOFError, OSError):
             await self._exited(worker, 1.0)  # (for its exit code)
-            raise WorkerLost(
-                f"the step's worker process ended without answering "
-                f"(exit code {worker.process.exitcode})"
+            code = worker.process.exitcode
+            lost = (
+                WorkerTerminated
+                if code == -signal.SIGTERM and not worker.terminated
+                else WorkerLost
+            )
+            raise lost(
+                f"the step's worker process ended without answering (exit code {code})"
             ) from None
         return reply
 
@@ -378,7 +380,7 @@ class ProcessPool:
             else:  # (WorkerLost: it ended by itself)
                 self._replace(worker)
             return
-        worker.term.value = 1  # (the worker ignores any other SIGTERM)
+        worker.terminated = True
         worker.process.terminate()
         stage("sigterm")
         if not await self._exited(worker, self.kill_after):

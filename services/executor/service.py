@@ -164,6 +164,7 @@ class Executor(Service):
         self.leases.start()
         try:
             await stop.wait()
+            self.runner.stopping.set()
             # The drain's deadline counts from the signal: a kubelet's or Docker's grace
             # period does too (waiting for the read first, then the whole drain, overran it).
             deadline = asyncio.get_running_loop().time() + self.config.drain_timeout
@@ -187,6 +188,7 @@ class Executor(Service):
         applied, all within the drain deadline (the loop's time; default: drain_timeout from
         now). No call outlives it: a heartbeat that hangs on a silent server is left to its
         thread."""
+        self.runner.stopping.set()
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self.config.drain_timeout

@@ -35,7 +35,7 @@ from supersede.scripts import Claim
 from supersede.service import STEP_THREAD_PREFIX
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
-from supersede.services.executor.isolation import ProcessPool, StepError
+from supersede.services.executor.isolation import ProcessPool, StepError, WorkerTerminated
 from supersede.services.executor.outbox import Outbox
 from supersede.services.modules import module_file
 from supersede.workflow import Context, Step, Workflow
@@ -75,6 +75,10 @@ def _note_turn(rep: Reported, fut: asyncio.Future[int]) -> None:
     at the next due time."""
     if not fut.cancelled() and fut.exception() is None:
         rep.turn = fut.result()
+
+
+class LeftToLease(Exception):
+    """The run is not reported: its lease lapses and it is retried elsewhere."""
 
 
 @dataclass(slots=True)
@@ -167,6 +171,7 @@ class Runner:
         self.slot_freed = asyncio.Event()
         self.reserved = 0  # slots promised to a claim in flight (a fetch, or a hand-over)
         self.handing = 0  # hand-overs in flight (`supersede serve`): the drain waits for them
+        self.stopping = asyncio.Event()  # the executor drains (see `_left_to_lease`)
 
     def free(self) -> int:
         return self.config.slots - len(self.active) - self.reserved
@@ -268,6 +273,12 @@ class Runner:
         try:
             with tracing.current(run.span):  # the step spans are its children
                 outcome, error = await self._run_steps(run)
+        except LeftToLease:
+            if run.span is not None:
+                tracing.end_run(run.span, "LEFT_TO_LEASE", "")
+            if self.active.get(run.run_id) is run:  # (its lease lapses: retried elsewhere)
+                del self.active[run.run_id]
+            return
         except asyncio.CancelledError:
             if run.cancel_decided_ms is None:
                 if run.span is not None:
@@ -300,6 +311,8 @@ class Runner:
                 # (asyncio re-raises them out of the loop), and a user's BaseException
                 # subclass would end this task with the run RUNNING and its slot held.
                 except BaseException as exc:
+                    if isinstance(exc, WorkerTerminated) and await self._left_to_lease(run):
+                        raise LeftToLease from None
                     if attempt < step.retries:
                         await asyncio.sleep(self.config.retry_backoff * 2**attempt)
                         continue
@@ -326,6 +339,23 @@ class Runner:
                 self.stage(run, "stopped")
                 return Outcome.CANCELLED, ""
         return Outcome.SUCCEEDED, ""
+
+    async def _left_to_lease(self, run: Running) -> bool:
+        """A step's worker ended by a SIGTERM the executor did not send: when the executor is
+        stopping too (within a second: the SIGTERM of a supervisor that signals every process
+        of the cgroup, systemd's default KillMode, reaches both at once), its run is left to
+        its lease and retried elsewhere, as at a drain deadline, rather than failed. Otherwise
+        (somebody's `kill` of the worker) the step failed."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), 1.0)
+        except TimeoutError:
+            return False
+        log.warning(
+            "a step's worker process was ended by a SIGTERM not the executor's while it stops; "
+            "its run is left to its lease (use KillMode=mixed under systemd to let it finish)",
+            extra={"run": run.run_id, "workflow": run.workflow.id},
+        )
+        return True
 
     async def _call(self, step: Step, run: Running) -> Any:
         """The step's output. A CancelledError nothing asked for (the step raised it, or
