@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install supersede with its dev tools
 
-# One worker per CPU, at most four (each starts its own servers); the suite mostly waits on
-# subprocesses and servers, so two workers on two CPUs take about 60% of one's time.
+# One worker per CPU the process may use (its affinity; a container's CPU quota is not
+# counted), at most four, each with its own servers; the suite mostly waits on subprocesses and
+# servers, so two workers on two CPUs take about 60% of one's time.
 test: $(STAMP) ## run the test suite in parallel workers (each starts its own servers on free ports)
 	$(BIN)/pytest -q -n auto --maxprocesses 4 --dist worksteal
 
