@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 def _wheel_binary(name: str) -> str | None:
@@ -83,6 +85,9 @@ def free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+PORT_TAKEN = "found another server on its port"
+
+
 class ServerStartError(RuntimeError):
     """An embedded server that would not start; `log` is the end of its log. A first start's
     process and folder are removed; a restart's are kept (they may hold data, or be loading
@@ -101,6 +106,7 @@ class EmbeddedServer:
     ) -> None:
         self.binary = binary or find_server_binary()
         self.port = port or free_port()
+        self.port_chosen = not port  # (a port taken before the start is then exchanged)
         self.password = password  # required from clients when set (AUTH)
         self.dir = tempfile.mkdtemp(prefix="supersede-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -114,6 +120,21 @@ class EmbeddedServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> EmbeddedServer:
+        """Start the server and wait until it answers. A port this object chose that another
+        process took between the choice and the start (another test session's server, say)
+        is exchanged for another, twice at most."""
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except ServerStartError as exc:
+                taken = "Address already in use" in exc.log or PORT_TAKEN in str(exc)
+                if not (taken and self.port_chosen and not self.served and attempt < 2):
+                    raise
+            self.port = free_port()
+            self.dir = tempfile.mkdtemp(prefix="supersede-redis-")  # (the failed start's is gone)
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> EmbeddedServer:
         args = [
             self.binary,
             "--port", str(self.port),
@@ -144,16 +165,25 @@ class EmbeddedServer:
         except OSError as exc:  # (not a program: a folder, a text file, no such file)
             raise self._failed(f"could not be run ({exc})") from None
         deadline = time.monotonic() + timeout
-        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
+        client = redis.Redis(  # (no retries: this loop is the retry, and checks the process)
+            port=self.port, password=self.password, socket_connect_timeout=0.2, socket_timeout=1,
+            retry=Retry(NoBackoff(), 0),
+        )  # fmt: skip
         try:
             while True:
                 if self.proc.poll() is not None:
                     raise self._failed(f"exited with {self.proc.returncode}")
                 try:
+                    # (the server that answers must be this one: a port taken before the start
+                    # leaves this one exiting and another answering)
                     if client.ping():
+                        if int(client.info("server")["process_id"]) != self.proc.pid:
+                            raise self._failed(PORT_TAKEN)
                         self.served = True
                         return self
-                except redis.ConnectionError:
+                except redis.AuthenticationError:  # (a server without this password: another)
+                    raise self._failed(PORT_TAKEN) from None
+                except (redis.ConnectionError, redis.TimeoutError):  # (a socket, no server)
                     if time.monotonic() > deadline:
                         raise self._failed(f"did not answer within {timeout:g} s") from None
                     time.sleep(0.02)

@@ -426,6 +426,39 @@ def test_a_cluster_start_survives_a_taken_bus_port_and_leaves_no_server_when_it_
     assert not any(Path(n.dir).exists() for n in broken.nodes)
 
 
+@pytest.mark.parametrize("by", ["a server", "a socket"])
+def test_a_server_start_survives_its_port_taken_before_it_and_answers_as_itself(by: str) -> None:
+    """The port a server chose, taken between the choice and the start (two test workers, or
+    any other program): the start failed ("Address already in use"), or, taken by another
+    server, returned as soon as that one answered. It now takes another port, and checks
+    that the server answering is its own."""
+    import socket
+
+    import redis
+
+    from supersede.server import EmbeddedServer
+
+    other = EmbeddedServer().start() if by == "a server" else None
+    taken = socket.socket()
+    server = EmbeddedServer()
+    try:
+        if other is not None:
+            server.port = other.port
+        else:
+            taken.bind(("127.0.0.1", server.port))
+            taken.listen()
+        blocked = server.port
+        server.start()
+        assert server.port != blocked and server.proc is not None
+        with redis.Redis(port=server.port) as client:
+            assert int(client.info("server")["process_id"]) == server.proc.pid
+    finally:
+        taken.close()
+        server.stop()
+        if other is not None:
+            other.stop()
+
+
 async def test_the_readme_workflow_and_fencing_blocks_run_as_written(
     redis: Redis, redis_url: str, keys: Keys, tmp_path: Path
 ) -> None:
