@@ -10,6 +10,8 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -24,6 +26,7 @@ from supersede.streams import entry_ms, tail_ids
 
 log = logging.getLogger("supersede.executor")
 
+RECANCEL_EVERY = 0.01  # seconds between the cancels of a task whose async step goes on
 EARLY_CANCEL_TTL = 10.0  # seconds a cancel for a run not (yet) here is remembered
 EARLY_CANCEL_MAX = 10_000
 
@@ -66,9 +69,29 @@ class Cancels:
         self.runner.stage(run, "flag")
         if run.task and not run.task.done():
             run.task.cancel()
-        task = asyncio.create_task(self._report_after_grace(run))
+            if run.in_async_step:
+                self._track(self._until_out_of_step(run))
+        self._track(self._report_after_grace(run))
+
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._grace_reports.add(task)
         task.add_done_callback(self._grace_reports.discard)
+
+    async def _until_out_of_step(self, run: Running) -> None:
+        """Cancel the run's task again every RECANCEL_EVERY while its async step goes on
+        (level-triggered, as anyio's cancel scopes): a library may swallow the CancelledError
+        that lands inside a call of its own. redis-py 8.2's asyncio client does, in about two
+        cancels in three of a task looping on HGET, and so did `ctx.still_current()`; the step
+        then ran to its end beside the run that superseded it. Until the step is left: by the
+        CancelledError, or by its return (the run then ends CANCELLED before its next step)."""
+        task = run.task
+        while task is not None and not task.done():
+            await asyncio.sleep(RECANCEL_EVERY)
+            if not run.in_async_step or task.done():
+                return
+            metrics.CANCELS_REPEATED.inc()
+            task.cancel()
 
     async def _report_after_grace(self, run: Running) -> None:
         """A handler that ignores its cancellation keeps running, but its slot is reported

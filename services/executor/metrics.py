@@ -47,6 +47,11 @@ CONTROL_MESSAGES = Counter(
     "supersede_executor_control_messages_total",
     "Cancel messages read from the control streams (every executor reads every cancel).",
 )
+CANCELS_REPEATED = Counter(
+    "supersede_executor_cancels_repeated_total",
+    "Cancels of a run's task repeated because its async step went on after the last one (a "
+    "library swallowed the CancelledError).",
+)
 HEARTBEATS_LATE = Counter(
     "supersede_executor_heartbeats_late_total",
     "Lease renewals that came more than a lease after the last one that succeeded (a starved "

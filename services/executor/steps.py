@@ -118,6 +118,9 @@ class Running:
     # A sync step that went on past the grace period of a cancel: its "stopped" stage is
     # observed when its thread returns, not when the run is reported CANCELLED.
     stops_later: bool = False
+    # While an async step runs on this run's task (task isolation): a cancel is repeated until
+    # it gets out of the step (see Cancels._until_out_of_step).
+    in_async_step: bool = False
 
 
 def readable(output: Any, step: str) -> bytes:
@@ -284,6 +287,11 @@ class Runner:
                 if run.span is not None:
                     tracing.end_run(run.span, "LEFT_TO_LEASE", "")
                 raise  # shutdown: leave the run to its lease
+            # The cancel (repeated, maybe: see Cancels._until_out_of_step) is handled: none
+            # pending stays to misread an asyncio.timeout in what follows.
+            task = asyncio.current_task()
+            while task is not None and task.cancelling():
+                task.uncancel()
             outcome, error = Outcome.CANCELLED, ""
             if not run.stops_later:
                 self.stage(run, "stopped")
@@ -387,15 +395,22 @@ class Runner:
             except TimeoutError:
                 raise TimeoutError(f"step {step.name!r} timed out after {step.timeout}s") from None
         coro = step.fn(ctx)
-        if step.timeout:
-            try:
-                # (not wait_for: on Python 3.11 it runs the step as a task of its own, and
-                # asyncio re-raises a SystemExit or KeyboardInterrupt of a task out of the loop)
-                async with asyncio.timeout(step.timeout):
-                    return await coro
-            except TimeoutError:
-                raise TimeoutError(f"step {step.name!r} timed out after {step.timeout}s") from None
-        return await coro
+        run.in_async_step = True
+        try:
+            if step.timeout:
+                try:
+                    # (not wait_for: on Python 3.11 it runs the step as a task of its own, and
+                    # asyncio re-raises a SystemExit or KeyboardInterrupt of a task out of the
+                    # loop)
+                    async with asyncio.timeout(step.timeout):
+                        return await coro
+                except TimeoutError:
+                    raise TimeoutError(
+                        f"step {step.name!r} timed out after {step.timeout}s"
+                    ) from None
+            return await coro
+        finally:
+            run.in_async_step = False
 
     async def _in_process(self, step: Step, run: Running) -> Any:
         """A step in a worker process (isolation "process"): a cancel or its timeout stops it

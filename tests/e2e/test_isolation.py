@@ -231,6 +231,54 @@ async def test_a_process_step_of_a_module_given_by_its_path_runs(
     assert run.outputs["work"]["pid"] not in {p.pid for p in system.procs}  # (a worker's)
 
 
+async def test_a_cancel_stops_an_async_step_that_awaits_redis(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """redis-py's asyncio client swallows a CancelledError that lands inside a command (about
+    two cancels in three of a task looping on HGET), `ctx.still_current()`'s too: a superseded
+    handler polling Redis ran to its end beside the newer run. The executor repeats the cancel
+    until the step is left: every superseded handler gets CancelledError."""
+    module = tmp_path / "polls_redis.py"
+    module.write_text(
+        "import asyncio, os, time\n"
+        "from supersede import Concurrency, Workflow\n"
+        "from supersede.config import connect, connect_sync\n"
+        "r = connect_sync(os.environ['SUPERSEDE_REDIS_URL'])\n"
+        "ar = connect(os.environ['SUPERSEDE_REDIS_URL'])\n"
+        "LOG = os.environ['SUPERSEDE_NAMESPACE'] + ':test:log'\n"
+        "wf = Workflow('polls', on_events=['polls.go'], concurrency=Concurrency('input.k'))\n"
+        "@wf.step()\n"
+        "async def poll(ctx):\n"
+        "    r.rpush(LOG, f'started:{ctx.run_id}:0:0')\n"
+        "    deadline = time.monotonic() + ctx.input['secs']\n"
+        "    try:\n"
+        "        while time.monotonic() < deadline:\n"
+        "            await ctx.still_current()  # (after the cancel: False, at once)\n"
+        "            await ar.hget(LOG + ':h', 'f')  # (the step's own client)\n"
+        "    except asyncio.CancelledError:\n"
+        "        r.rpush(LOG, f'cancelled:{ctx.run_id}:0:0')\n"
+        "        raise\n"
+        "    r.rpush(LOG, f'done:{ctx.run_id}:0:0')\n"
+    )
+    system.start("admission", "--block-ms", "100")
+    system.start("executor", str(module), "--slots", "40")
+    await eventually(lambda: _registered(redis, keys, 1), timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    n = 20
+    for k in range(n):
+        await _publish(redis, keys, "polls.go", k=f"k{k}", secs=4)
+    await eventually(lambda: _noted(redis, keys, "started", n), timeout=30)
+    for k in range(n):  # each supersedes its key's first run, which is polling
+        await _publish(redis, keys, "polls.go", k=f"k{k}", secs=0)
+    await eventually(lambda: _ended(redis, keys, 2 * n), timeout=30)
+    recs = await _recs(redis, keys)
+    superseded = {rid for rid, r in recs.items() if r.get("why") == "superseded"}
+    assert len(superseded) == n and all(recs[rid]["st"] == "C" for rid in superseded)
+    notes = await _notes(redis, keys)
+    assert {rid for kind, rid, _, _ in notes if kind == "cancelled"} == superseded
+    assert not {rid for kind, rid, _, _ in notes if kind == "done"} & superseded
+
+
 async def _registered(redis: Redis, keys: Keys, n: int) -> bool:
     return int(await redis.hlen(keys.workflows_hash)) >= n
 
