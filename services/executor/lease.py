@@ -49,6 +49,10 @@ class LeaseKeeper:
         self.config = config
         self.runner = runner
         self.on_stop = on_stop
+        # (monotonic) when the last heartbeat that went through began: every lease it renewed
+        # runs at least a lease from then (`Runner.lease_held`)
+        self.renewed_at = time.monotonic()
+        runner.renewed = lambda: self.renewed_at
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -105,6 +109,7 @@ class LeaseKeeper:
     def beat(self) -> None:
         """One heartbeat: renew, and hand back what the script names (blocking: call it from
         a thread, e.g. `asyncio.to_thread` while a drain waits for results to be applied)."""
+        began = time.monotonic()
         snapshot = self._snapshot()
         confirmed = self._confirmed_turns(snapshot)
         by_shard: dict[int, dict[str, int]] = {}
@@ -129,6 +134,7 @@ class LeaseKeeper:
                     continue
                 named = [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in reply[1:]]
                 self._stop([(rid, sent[rid]) for rid in named])
+        self.renewed_at = began
 
     def _confirmed_turns(
         self, snapshot: list[tuple[int, str, int, int]]

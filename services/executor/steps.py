@@ -175,6 +175,7 @@ class Runner:
         self.reserved = 0  # slots promised to a claim in flight (a fetch, or a hand-over)
         self.handing = 0  # hand-overs in flight (`supersede serve`): the drain waits for them
         self.stopping = asyncio.Event()  # the executor drains (see `_left_to_lease`)
+        self.renewed: Callable[[], float] | None = None  # see `lease_held` (LeaseKeeper sets it)
 
     def free(self) -> int:
         return self.config.slots - len(self.active) - self.reserved
@@ -204,7 +205,9 @@ class Runner:
         current, fence_at = None, None
         if self.fences is not None and wf is not None and wf.concurrency is not None:
             group = group_id(claim.workflow, claim.version, claim.key, wf.concurrency.scope)
-            current = functools.partial(self._still_current, shard, group, claim.seq)
+            current = functools.partial(
+                self._still_current, shard, group, claim.seq, time.monotonic()
+            )
             fence_at = (shard, group)
         ctx = Context(
             run_id=claim.run_id,
@@ -257,7 +260,19 @@ class Runner:
             elapsed = max(0.0, time.time() * 1000 - run.cancel_decided_ms) / 1000
             metrics.CANCEL_STAGE_SECONDS.labels(stage).observe(elapsed)
 
-    async def _still_current(self, shard: int, group: str, seq: str) -> bool:
+    def lease_held(self, claimed: float) -> bool:
+        """Whether the lease of an attempt claimed at `claimed` (monotonic) surely runs still:
+        claimed, or renewed by a heartbeat that began, less than a lease ago. Not so after a
+        pause of the process (SIGSTOP, a starved host) longer than a lease: the reaper may have
+        retried the run elsewhere, and that retry shares this one's fence, so the fence alone
+        would call this attempt current until the next heartbeat lets it go."""
+        if self.renewed is None:
+            return True
+        return time.monotonic() - max(self.renewed(), claimed) < self.config.lease_ms / 1000
+
+    async def _still_current(self, shard: int, group: str, seq: str, claimed: float) -> bool:
+        if not self.lease_held(claimed):
+            return False
         assert self.fences is not None
         newest = await self.fences(shard, group)
         return newest is None or newest.decode() <= seq

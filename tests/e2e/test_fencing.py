@@ -4,6 +4,10 @@ newer run of its key wrote: real services, a real executor, `set_if_newer` and
 
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
+
 import orjson
 from redis.asyncio import Redis
 
@@ -92,3 +96,62 @@ async def test_workflows_of_one_scope_share_a_group_per_key(
     assert old_rec["w"] == "reply-text" and new_rec["w"] == "reply-voice"
     assert old_rec["by"] == new and old_rec["g"] == new_rec["g"]
     assert by_state["R"][1]["g"] != new_rec["g"]  # another user: another group
+
+
+async def test_an_attempt_whose_lease_may_have_lapsed_is_not_current(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """An executor paused (SIGSTOP) for longer than its lease: the reaper may retry its runs
+    elsewhere, and a retry shares its run's fence, so `still_current()` read only the fence
+    and called the stale attempt current until the next heartbeat let it go (a probe: three
+    of five: their heartbeat came late). It is not current once its lease may have lapsed."""
+    module = tmp_path / "paused.py"
+    module.write_text(
+        "import os, time\n"
+        "from supersede import Concurrency, Workflow\n"
+        "from supersede.config import connect_sync\n"
+        "r = connect_sync(os.environ['SUPERSEDE_REDIS_URL'])\n"
+        "LOG = os.environ['SUPERSEDE_NAMESPACE'] + ':test:log'\n"
+        "wf = Workflow('paused', on_events=['paused.go'], concurrency=Concurrency('input.k'))\n"
+        "@wf.step()\n"
+        "def work(ctx):\n"
+        "    r.rpush(LOG, f'started:{ctx.run_id}:{ctx.attempt}')\n"
+        "    time.sleep(ctx.input['secs'] if ctx.attempt == 1 else 0)\n"
+        "    now = int(ctx.still_current_blocking())\n"
+        "    r.rpush(LOG, f'current{now}:{ctx.run_id}:{ctx.attempt}')\n"
+    )
+    system.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
+    executor = system.start("executor", str(module), "--lease", "1", "--slots", "8")
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == 1
+
+    await eventually(registered, timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    n = 8
+    for k in range(n):
+        data = orjson.dumps({"k": f"k{k}", "secs": 1.5})
+        await redis.xadd(keys.events_stream, {"name": "paused.go", "data": data})
+    await eventually(lambda: _noted(redis, keys, "started", n), timeout=30)
+    os.kill(executor.pid, signal.SIGSTOP)
+    try:
+
+        async def reassigned() -> bool:  # (the reaper took every lapsed lease back)
+            return all(r["a"] == 2 for r in (await records(redis, keys)).values())
+
+        await eventually(reassigned, timeout=30)
+        # Writes wait for a second and a half: the resumed executor's heartbeat, which would
+        # let the stale attempts go, waits; the step's fence read does not.
+        await redis.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+    finally:
+        os.kill(executor.pid, signal.SIGCONT)
+
+    async def asked() -> list[str]:  # what the stale attempts' still_current() said
+        log = await _log(redis, keys)
+        return [x[0] for x in log if x[0].startswith("current") and x[2] == "1"]
+
+    async def all_asked() -> bool:
+        return len(await asked()) == n
+
+    await eventually(all_asked, timeout=30)
+    assert await asked() == ["current0"] * n
