@@ -13,7 +13,7 @@ them.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -175,6 +175,29 @@ ROLES: tuple[Role, ...] = (
         "KEDA's redis-streams scaler: the executor group's pending and lag counts",
         (*_BASE, *_words("xinfo|groups xpending xlen")),
         ("%R~{@:*}:assignments:*",),
+    ),
+)
+
+
+def _union(name: str, about: str, parts: Sequence[Role]) -> Role:
+    def merged(lists: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(item for items in lists for item in items))
+
+    return Role(
+        name,
+        about,
+        merged(r.commands for r in parts),
+        merged(r.keys for r in parts),
+        merged(r.channels for r in parts),
+    )
+
+
+# (a connection has one user: `supersede serve` needs one with the three services' rights)
+ROLES += (
+    _union(
+        "serve",
+        "`supersede serve`: ingress, admission and an executor in one process",
+        [r for r in ROLES if r.name in ("ingress", "admission", "executor")],
     ),
 )
 ROLE_NAMES = tuple(r.name for r in ROLES)

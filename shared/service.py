@@ -248,8 +248,8 @@ class Service:
             start = reply[0]
 
 
-# The ACL roles whose rights a service process needs (`supersede serve` runs all three).
-SERVICE_ROLES = {"all-in-one": ("ingress", "admission", "executor")}
+# The ACL role whose rights a service process needs, where it is not the service's name.
+SERVICE_ROLES = {"all-in-one": ("serve",)}
 
 
 def run_until_signal(

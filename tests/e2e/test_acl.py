@@ -376,3 +376,41 @@ def test_acl_prints_one_rule_per_role_scoped_to_the_namespace() -> None:
         patterns = [t for t in line.split() if "~" in t]
         assert patterns and all("my\\*ns" in p for p in patterns), line
         assert "+@all" not in line and "allkeys" not in line and "~*" not in line.split()
+
+
+async def test_serve_runs_under_the_serve_user(
+    admin: tuple[Any, str, list[int]], keys: Keys
+) -> None:
+    """`supersede serve` runs the three services on one connection, so one user: no role had
+    their rights together (its refusal named three roles, and no user could have them). The
+    serve role does: a chat burst runs under it, with nothing refused."""
+    from supersede.client import publish_runs, wait_for_run
+
+    client, url, ports = admin
+    ns = keys.namespace
+    env = {**env_of(url, keys), acl.password_env("serve"): PASSWORDS["serve"]}
+    applied = subprocess.run([sys.executable, "-m", "supersede", "acl", "--apply", "--role",
+                              "serve"], env=env, capture_output=True, timeout=60)  # fmt: skip
+    assert applied.returncode == 0, applied.stderr.decode()
+    user = acl.user_name(ns, "serve")
+    for port in ports:
+        with redis_sync.Redis(port=port) as node:
+            node.acl_log_reset()
+    system = System(as_user(url, user, PASSWORDS["serve"]), keys)
+    system.env["SUPERSEDE_TEST_LOG_URL"] = url  # user code has its own rights
+    try:
+        system.start("serve", "tests.support.apps.demo", "--slots", "10")
+
+        async def registered() -> bool:
+            return int(await client.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+        await eventually(registered, timeout=30)
+        planned = []
+        for i in range(3):  # one user's messages: only the newest may finish
+            data = {"userId": "s", "sleep": 0.5, "i": i}
+            planned += (await publish_runs(client, "chat.message", data, namespace=ns))[1]
+        runs = [await wait_for_run(client, p.run_id, 30, namespace=ns) for p in planned]
+        assert [r.state for r in runs] == ["CANCELLED", "CANCELLED", "SUCCEEDED"]
+        assert acl_log(ports, {user}) == []
+    finally:
+        system.close()
