@@ -192,10 +192,60 @@ def _no_password(url: str) -> str:
     return "" if named else " (it names no password: redis://user:password@host:port/db)"
 
 
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
+
+
+def _tls_options(url: str) -> dict[str, str]:
+    try:
+        return {
+            k.lower(): v for k, v in parse_qsl(urlsplit(url).query) if k.lower().startswith("ssl")
+        }
+    except ValueError:
+        return {}
+
+
+def tls_files_problem(url: str) -> str | None:
+    """The one line for a TLS option of the URL that names a file (or folder) that cannot be
+    read, None when each can."""
+    for option, path in _tls_options(url).items():
+        if option in _TLS_FILES and path and not os.access(path, os.R_OK):
+            return (
+                f"SUPERSEDE_REDIS_URL {redact(url)}: its {option} {path} does not exist or cannot "
+                "be read"
+            )
+    return None
+
+
+def _tls_hint(url: str, exc: BaseException) -> str:
+    """Which TLS option a failed handshake points to ('' for a URL without TLS)."""
+    if not url.startswith("rediss"):
+        return ""
+    options, text = _tls_options(url), str(exc)
+    if "PEM lib" in text or "KEY_VALUES_MISMATCH" in text:
+        return (
+            "; ssl_certfile and ssl_keyfile must be a client certificate and its key (the key in"
+            " ssl_keyfile, unless the certificate's file holds it)"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return "; the server's certificate is not signed by the CA of ssl_ca_certs"
+    if "ssl_certfile" not in options and any(
+        words in text
+        for words in ("CERTIFICATE_REQUIRED", "reset by peer", "closed by the server", "EOF")
+    ):
+        return (
+            "; the server closed the TLS connection: it may require a client certificate "
+            "(ssl_certfile and ssl_keyfile)"
+        )
+    return ""
+
+
 async def check_server(redis: Redis, url: str) -> None:
     """One PING before a process starts its work: an unreachable server, refused credentials
     or a failed TLS handshake become a ConfigError of one line that names the setting (later
     failures are retried as connections come and go)."""
+    problem = tls_files_problem(url)
+    if problem:
+        raise ConfigError(problem)
     try:
         await redis.ping()
     except redis_sync.AuthenticationError as exc:
@@ -224,14 +274,15 @@ async def check_server(redis: Redis, url: str) -> None:
             f"timed out reaching Redis at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL ({hint})"
         ) from None
     except redis_sync.RedisClusterException as exc:
+        tls = _tls_hint(url, exc)
         raise ConfigError(
             f"no Redis Cluster at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL "
-            "(redis+cluster:// only for a cluster)"
+            + (f"(its TLS options{tls})" if tls else "(redis+cluster:// only for a cluster)")
         ) from None
     except (redis_sync.ConnectionError, OSError) as exc:
         raise ConfigError(
             f"cannot reach Redis at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL (host, "
-            "port, and rediss:// with its certificate options for TLS)"
+            f"port, and rediss:// with its certificate options for TLS){_tls_hint(url, exc)}"
         ) from None
     except redis_sync.RedisError as exc:  # e.g. a TLS option redis-py refuses when it connects
         raise ConfigError(

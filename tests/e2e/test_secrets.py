@@ -170,6 +170,29 @@ def test_a_failed_tls_handshake_is_one_line_naming_the_setting(redis_tls: TlsSer
         last = err.strip().splitlines()[-1]
         assert last.startswith("supersede: cannot reach Redis at rediss://") and "TLS" in last
         assert "Traceback" not in err
+        assert "it may require a client certificate (ssl_certfile and ssl_keyfile)" in last
+
+
+def test_a_tls_option_that_fails_is_named(redis_tls: TlsServer) -> None:
+    """A TLS failure printed the ssl library's words only ("PEM lib", "No such file or
+    directory", "certificate verify failed") and a generic hint: the line now names the
+    option to fix."""
+    certs, base = redis_tls.certs, f"rediss://127.0.0.1:{redis_tls.port}/0?"
+    cases = [
+        (f"ssl_ca_certs=/nonexistent/ca.crt&ssl_certfile={certs.client_cert}",
+         "its ssl_ca_certs /nonexistent/ca.crt does not exist or cannot be read"),
+        (f"ssl_ca_certs={certs.ca}&ssl_certfile={certs.client_cert}",
+         "ssl_certfile and ssl_keyfile must be a client certificate and its key"),
+        (f"ssl_ca_certs={certs.client_cert}&ssl_certfile={certs.client_cert}"
+         f"&ssl_keyfile={certs.client_key}",
+         "the server's certificate is not signed by the CA of ssl_ca_certs"),
+    ]  # fmt: skip
+    for query, says in cases:
+        done = subprocess.run([sys.executable, "-m", "supersede", "status"],
+                              env=_env(base + query), capture_output=True, timeout=60)  # fmt: skip
+        err = done.stderr.decode()
+        assert done.returncode == 2 and err.count("\n") == 1, err[-1500:]
+        assert says in err and "Traceback" not in err, err
 
 
 def test_cluster_urls_keep_their_scheme_for_the_seed_node() -> None:
