@@ -310,7 +310,8 @@ def refusal(exc: BaseException, url: str, roles: Sequence[str]) -> ConfigError |
             f"Redis{at} refused the user of SUPERSEDE_REDIS_URL a command or key "
             f"({exc}); it needs the rights of the {named} role{'s' if len(roles) > 1 else ''}: "
             f"`supersede acl --role {roles[0]}` prints them, with --apply (as an admin) it "
-            "sets them"
+            "sets them (for the namespace of SUPERSEDE_NAMESPACE: a user made for another "
+            "has no rights in this one)"
         )
     if isinstance(exc, redis_sync.exceptions.AskError):  # (MOVED is one)
         at = f" at {redact(url)}" if url else ""

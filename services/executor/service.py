@@ -212,8 +212,9 @@ class Executor(Service):
                 await asyncio.sleep(max(0.0, min(pause, deadline - loop.time())))
         if self.runner.awaiting:
             self.log.warning(
-                "drain deadline passed with results not confirmed applied (a result may have "
-                "been applied while the heartbeat that confirms it failed)",
+                "drain deadline passed with results not confirmed applied: most were, as the "
+                "heartbeat confirms them up to a lease later; one that was not is retried "
+                "elsewhere once its lease lapses",
                 extra={
                     "runs": len(self.runner.awaiting),
                     "run_ids": sorted(self.runner.awaiting)[:20],
