@@ -190,7 +190,11 @@ def _acl(args: argparse.Namespace, settings: Settings) -> None:
     from supersede import acl
     from supersede.config import redact
 
-    roles = args.role or list(acl.ROLE_NAMES)
+    roles = args.role or [
+        r
+        for r in acl.ROLE_NAMES
+        if not args.apply or r not in acl.OPTIONAL_ROLES or os.environ.get(acl.password_env(r))
+    ]
     ns = settings.namespace
     if not args.apply:
         print(f"# One user per role of namespace {ns!r}; add '>password' (or '#<sha256>') to each")

@@ -201,6 +201,9 @@ ROLES += (
     ),
 )
 ROLE_NAMES = tuple(r.name for r in ROLES)
+# Roles `supersede acl --apply` without --role creates only when their password is set (a
+# deployment of the separate services has no use for them, nor a password for them).
+OPTIONAL_ROLES = ("serve",)
 
 
 def _glob_escape(text: str) -> str:

@@ -227,7 +227,10 @@ def _tls_hint(url: str, exc: BaseException) -> str:
             " ssl_keyfile, unless the certificate's file holds it)"
         )
     if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-        return "; the server's certificate is not signed by the CA of ssl_ca_certs"
+        return (
+            "; the server's certificate was not verified: not signed by the CA of ssl_ca_certs "
+            "(the system's when it is not set), expired, or for another host name"
+        )
     if "ssl_certfile" not in options and any(
         words in text
         for words in ("CERTIFICATE_REQUIRED", "reset by peer", "closed by the server", "EOF")

@@ -336,7 +336,7 @@ class Runner:
                 except BaseException as exc:
                     if isinstance(exc, WorkerTerminated) and await self._left_to_lease(run):
                         raise LeftToLease from None
-                    if attempt < step.retries:
+                    if attempt < step.retries and not run.ctx.cancelled:  # (cancelled: no retry)
                         await asyncio.sleep(self.config.retry_backoff * 2**attempt)
                         continue
                     text = "".join(traceback.format_exception(exc))

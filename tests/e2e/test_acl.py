@@ -414,3 +414,20 @@ async def test_serve_runs_under_the_serve_user(
         assert acl_log(ports, {user}) == []
     finally:
         system.close()
+
+
+async def test_apply_without_roles_needs_no_serve_password(
+    admin: tuple[Any, str, list[int]], keys: Keys
+) -> None:
+    """The serve role came with this build: `acl --apply` of every role must not start asking
+    a deployment of the separate services for a password of a user it has no use for."""
+    _, url, ports = admin
+    env = {**env_of(url, keys), **{acl.password_env(r): p for r, p in PASSWORDS.items()
+                                   if r not in acl.OPTIONAL_ROLES}}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "supersede", "acl", "--apply"], env=env,
+                          capture_output=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    with redis_sync.Redis(port=ports[0]) as node:
+        users = {str(u) for u in node.acl_users()}
+    assert acl.user_name(keys.namespace, "executor") in users
+    assert acl.user_name(keys.namespace, "serve") not in users

@@ -255,8 +255,9 @@ async def test_a_cancel_stops_an_async_step_that_awaits_redis(
         "        while time.monotonic() < deadline:\n"
         "            await ctx.still_current()  # (after the cancel: False, at once)\n"
         "            await ar.hget(LOG + ':h', 'f')  # (the step's own client)\n"
-        "    except asyncio.CancelledError:\n"
-        "        r.rpush(LOG, f'cancelled:{ctx.run_id}:0:0')\n"
+        "            await asyncio.sleep(0.001)\n"
+        "    except BaseException as exc:  # (CancelledError, or what a library made of it)\n"
+        "        r.rpush(LOG, f'stopped-{type(exc).__name__}:{ctx.run_id}:0:0')\n"
         "        raise\n"
         "    r.rpush(LOG, f'done:{ctx.run_id}:0:0')\n"
     )
@@ -264,9 +265,9 @@ async def test_a_cancel_stops_an_async_step_that_awaits_redis(
     system.start("executor", str(module), "--slots", "40")
     await eventually(lambda: _registered(redis, keys, 1), timeout=30)
     system.start("ingress", "--block-ms", "100")
-    n = 20
-    for k in range(n):
-        await _publish(redis, keys, "polls.go", k=f"k{k}", secs=4)
+    n = 10
+    for k in range(n):  # (10 s: a slow cancel is not mistaken for one that never came)
+        await _publish(redis, keys, "polls.go", k=f"k{k}", secs=10)
     await eventually(lambda: _noted(redis, keys, "started", n), timeout=30)
     for k in range(n):  # each supersedes its key's first run, which is polling
         await _publish(redis, keys, "polls.go", k=f"k{k}", secs=0)
@@ -275,7 +276,9 @@ async def test_a_cancel_stops_an_async_step_that_awaits_redis(
     superseded = {rid for rid, r in recs.items() if r.get("why") == "superseded"}
     assert len(superseded) == n and all(recs[rid]["st"] == "C" for rid in superseded)
     notes = await _notes(redis, keys)
-    assert {rid for kind, rid, _, _ in notes if kind == "cancelled"} == superseded
+    stopped = {rid: kind for kind, rid, _, _ in notes if kind.startswith("stopped-")}
+    missing = superseded - set(stopped)
+    assert not missing, [(rid, [n[0] for n in notes if n[1] == rid], recs[rid]) for rid in missing]
     assert not {rid for kind, rid, _, _ in notes if kind == "done"} & superseded
 
 
