@@ -218,10 +218,7 @@ async def test_a_process_step_of_a_module_given_by_its_path_runs(
         "def work(ctx):\n"
         '    return {"pid": os.getpid(), "n": ctx.input["n"]}\n'
     )
-    system.start("admission", "--block-ms", "100")
-    system.start("executor", str(module), "--slots", "2")
-    await eventually(lambda: _registered(redis, keys, 1), timeout=30)
-    system.start("ingress", "--block-ms", "100")
+    await _serve(redis, keys, system, module, slots=2)
     await _publish(redis, keys, "by.path", n=7)
     await eventually(lambda: _ended(redis, keys, 1), timeout=60)
     [(rid, rec)] = (await _recs(redis, keys)).items()
@@ -261,10 +258,7 @@ async def test_a_cancel_stops_an_async_step_that_awaits_redis(
         "        raise\n"
         "    r.rpush(LOG, f'done:{ctx.run_id}:0:0')\n"
     )
-    system.start("admission", "--block-ms", "100")
-    system.start("executor", str(module), "--slots", "40")
-    await eventually(lambda: _registered(redis, keys, 1), timeout=30)
-    system.start("ingress", "--block-ms", "100")
+    await _serve(redis, keys, system, module, slots=40)
     n = 10
     for k in range(n):  # (10 s: a slow cancel is not mistaken for one that never came)
         await _publish(redis, keys, "polls.go", k=f"k{k}", secs=10)
@@ -284,6 +278,14 @@ async def test_a_cancel_stops_an_async_step_that_awaits_redis(
 
 async def _registered(redis: Redis, keys: Keys, n: int) -> bool:
     return int(await redis.hlen(keys.workflows_hash)) >= n
+
+
+async def _serve(redis: Redis, keys: Keys, system: System, module: Path, *, slots: int) -> None:
+    """Admission, an executor of the one workflow of `module` (a file), then ingress."""
+    system.start("admission", "--block-ms", "100")
+    system.start("executor", str(module), "--slots", str(slots))
+    await eventually(lambda: _registered(redis, keys, 1), timeout=30)
+    system.start("ingress", "--block-ms", "100")
 
 
 async def test_a_step_in_a_worker_stops_within_moments_of_a_sigkill_of_its_executor(
