@@ -579,12 +579,25 @@ class Runner:
     async def finish_running(self, timeout: float) -> None:
         """Let running runs finish within `timeout`; stop the rest and leave them to their
         leases (they are retried elsewhere: the at-least-once case of a drain deadline)."""
-        tasks = {r.task: r.run_id for r in self.active.values() if r.task}
+        runs = {r.task: r for r in self.active.values() if r.task}
+        tasks = {task: run.run_id for task, run in runs.items()}
         if not tasks:
             return
         _, late = await asyncio.wait(tasks, timeout=max(0.0, timeout))
         for task in late:
             task.cancel()
+        # A library may swallow that cancel (see Cancels._until_out_of_step): an async step
+        # still going on is cancelled again every 10 ms, for a second at most, rather than run
+        # on past its leases (and beside its retry) until the loop's own last cancel, which it
+        # may swallow too (the process then waited for the step's end to exit).
+        pending = {task for task in late if runs[task].in_async_step}
+        for _ in range(100):
+            if not pending:
+                break
+            _, pending = await asyncio.wait(pending, timeout=0.01)
+            for task in pending:
+                if runs[task].in_async_step:
+                    task.cancel()
         if late:
             stopped = sorted(tasks[t] for t in late)
             log.warning(

@@ -276,6 +276,41 @@ async def test_a_cancel_stops_an_async_step_that_awaits_redis(
     assert not {rid for kind, rid, _, _ in notes if kind == "done"} & superseded
 
 
+async def test_a_drain_deadline_stops_an_async_step_that_swallows_its_cancel(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """Past the drain deadline the executor cancelled a step once, and the loop's last cancel
+    at exit once more: a step that swallowed both (as redis-py's client does, two in three)
+    kept the process for the step's whole length, past its leases and beside its retry. The
+    cancel is repeated: the executor exits within moments of the deadline."""
+    module = tmp_path / "swallows.py"
+    module.write_text(
+        "import asyncio, os\n"
+        "from supersede import Workflow\n"
+        "from supersede.config import connect_sync\n"
+        "r = connect_sync(os.environ['SUPERSEDE_REDIS_URL'])\n"
+        "LOG = os.environ['SUPERSEDE_NAMESPACE'] + ':test:log'\n"
+        "wf = Workflow('swallows', on_events=['swallows.go'])\n"
+        "@wf.step()\n"
+        "async def hold(ctx):\n"
+        "    r.rpush(LOG, f'started:{ctx.run_id}:0:0')\n"
+        "    for _ in range(2):  # (two cancels swallowed, as a library may)\n"
+        "        try:\n"
+        "            await asyncio.sleep(60)\n"
+        "        except asyncio.CancelledError:\n"
+        "            pass\n"
+        "    await asyncio.sleep(60)\n"
+    )
+    system.start("admission", "--block-ms", "100")
+    executor = system.start("executor", str(module), "--drain-timeout", "1")
+    await eventually(lambda: _registered(redis, keys, 1), timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    await _publish(redis, keys, "swallows.go")
+    await eventually(lambda: _noted(redis, keys, "started"), timeout=30)
+    executor.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(executor.wait, 15) == 0
+
+
 async def _registered(redis: Redis, keys: Keys, n: int) -> bool:
     return int(await redis.hlen(keys.workflows_hash)) >= n
 
