@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import redis
@@ -86,6 +86,7 @@ def free_cluster_port() -> int:
 
 
 PORT_TAKEN = "found another server on its port"
+_TAKEN = ("Address already in use", "Failed listening", PORT_TAKEN)  # (what a taken port gives)
 
 
 class ServerStartError(RuntimeError):
@@ -102,11 +103,18 @@ class EmbeddedServer:
     """A server process on a free loopback port with its data in a temporary folder."""
 
     def __init__(
-        self, binary: str | None = None, *, port: int | None = None, password: str | None = None
+        self,
+        binary: str | None = None,
+        *,
+        port: int | None = None,
+        password: str | None = None,
+        ports: Callable[[], int] | None = None,
     ) -> None:
+        """`ports`: where another port comes from when `port` is taken before the start (by
+        default free_port when no `port` is given; none when one is: the caller's address)."""
         self.binary = binary or find_server_binary()
         self.port = port or free_port()
-        self.port_chosen = not port  # (a port taken before the start is then exchanged)
+        self.ports = ports or (None if port else free_port)
         self.password = password  # required from clients when set (AUTH)
         self.dir = tempfile.mkdtemp(prefix="supersede-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -120,18 +128,18 @@ class EmbeddedServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> EmbeddedServer:
-        """Start the server and wait until it answers. A port this object chose that another
-        process took between the choice and the start (another test session's server, say)
-        is exchanged for another, twice at most."""
+        """Start the server and wait until it answers. A port taken between its choice and the
+        start (another test session's server; a cluster bus port, port + 10000, is in the range
+        the kernel gives outgoing connections) is exchanged for one of `ports`, twice at most."""
         for attempt in range(3):
             try:
                 return self._start(timeout)
             except ServerStartError as exc:
-                taken = "Address already in use" in exc.log or PORT_TAKEN in str(exc)
-                if not (taken and self.port_chosen and not self.served and attempt < 2):
+                taken = any(words in f"{exc} {exc.log}" for words in _TAKEN)
+                if not (taken and self.ports and not self.served and attempt < 2):
                     raise
-            self.port = free_port()
-            self.dir = tempfile.mkdtemp(prefix="supersede-redis-")  # (the failed start's is gone)
+            os.makedirs(self.dir, exist_ok=True)  # (a failed first start removed it)
+            self.port = self.ports()
         raise AssertionError("unreachable")
 
     def _start(self, timeout: float) -> EmbeddedServer:
@@ -241,7 +249,10 @@ class EmbeddedCluster:
         self.replicas = replicas
         self.extra_args = list(extra_args)  # for every node, e.g. AOF settings
         count = masters * (1 + replicas)
-        self.nodes = [EmbeddedServer(self.binary, port=free_cluster_port()) for _ in range(count)]
+        self.nodes = [
+            EmbeddedServer(self.binary, port=free_cluster_port(), ports=free_cluster_port)
+            for _ in range(count)
+        ]
         self.masters = masters
 
     @property
@@ -256,23 +267,13 @@ class EmbeddedCluster:
             raise
 
     def _start_node(self, node: EmbeddedServer) -> None:
-        """Start one node; a port taken meanwhile (its bus port, port + 10000, is in the range
-        the kernel gives outgoing connections) is traded for another, twice at most."""
-        for attempt in range(3):
-            conf = str(Path(node.dir) / "nodes.conf")
-            node.extra_args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
-                               "--cluster-config-file", conf,
-                               # a replica may take over however long its link was down
-                               "--cluster-replica-validity-factor", "0",
-                               *self.extra_args]  # fmt: skip
-            try:
-                node.start()
-                return
-            except ServerStartError as exc:
-                if "Failed listening" not in str(exc) or attempt == 2:
-                    raise
-                os.makedirs(node.dir, exist_ok=True)  # (a failed first start removed it)
-                node.port = free_cluster_port()
+        conf = str(Path(node.dir) / "nodes.conf")  # (the folder stays if the port is traded)
+        node.extra_args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
+                           "--cluster-config-file", conf,
+                           # a replica may take over however long its link was down
+                           "--cluster-replica-validity-factor", "0",
+                           *self.extra_args]  # fmt: skip
+        node.start()
 
     def _start(self, timeout: float) -> EmbeddedCluster:
         for node in self.nodes:
