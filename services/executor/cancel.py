@@ -27,7 +27,6 @@ from supersede.streams import entry_ms, tail_ids
 log = logging.getLogger("supersede.executor")
 
 RECANCEL_AFTER = 0.1  # seconds an async step may go on after a cancel before it is repeated
-RECANCEL_EVERY = 0.01  # seconds between the repeats
 EARLY_CANCEL_TTL = 10.0  # seconds a cancel for a run not (yet) here is remembered
 EARLY_CANCEL_MAX = 10_000
 
@@ -71,34 +70,16 @@ class Cancels:
         if run.task and not run.task.done():
             run.task.cancel()
             if run.in_async_step and not run.report_when_stopped:
-                self._track(self._until_out_of_step(run))
+                # (not in strict mode, whose run is reported only once its handler stopped: a
+                # repeat would leave work a step shields, or an `asyncio.wait_for` of Python
+                # 3.11 runs as a task, going on after the report)
+                self._track(self.runner.until_out_of_step(run, RECANCEL_AFTER))
         self._track(self._report_after_grace(run))
 
     def _track(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._grace_reports.add(task)
         task.add_done_callback(self._grace_reports.discard)
-
-    async def _until_out_of_step(self, run: Running) -> None:
-        """Cancel the run's task again, RECANCEL_AFTER the cancel and then every
-        RECANCEL_EVERY, while its async step goes on: a library may swallow the CancelledError
-        that lands inside a call of its own. redis-py 8.2's asyncio client does, in about two
-        cancels in three of a task looping on HGET, and so did `ctx.still_current()`; the step
-        then ran to its end beside the run that superseded it. Until the step is left: by the
-        CancelledError, or by its return (the run then ends CANCELLED before its next step).
-        A step's own cleanup after the CancelledError (`finally: await ...`) has the first
-        RECANCEL_AFTER; `on_cancel` runs shielded. Not in strict mode, whose run is reported
-        only once its handler stopped: a repeat would leave work a step shields (or an
-        `asyncio.wait_for` of Python 3.11 runs as a task) going on after the report."""
-        task = run.task
-        pause = RECANCEL_AFTER
-        while task is not None and not task.done():
-            await asyncio.sleep(pause)
-            pause = RECANCEL_EVERY
-            if not run.in_async_step or task.done():
-                return
-            metrics.CANCELS_REPEATED.inc()
-            task.cancel()
 
     async def _report_after_grace(self, run: Running) -> None:
         """A handler that ignores its cancellation keeps running, but its slot is reported

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -77,6 +78,9 @@ def _note_turn(rep: Reported, fut: asyncio.Future[int]) -> None:
         rep.turn = fut.result()
 
 
+RECANCEL_EVERY = 0.01  # seconds between the repeats of a cancel an async step swallowed
+
+
 class LeftToLease(Exception):
     """The run is not reported: its lease lapses and it is retried elsewhere."""
 
@@ -119,7 +123,7 @@ class Running:
     # observed when its thread returns, not when the run is reported CANCELLED.
     stops_later: bool = False
     # While an async step runs on this run's task (task isolation): a cancel is repeated until
-    # it gets out of the step (see Cancels._until_out_of_step).
+    # it gets out of the step (see Runner.until_out_of_step).
     in_async_step: bool = False
 
 
@@ -302,7 +306,7 @@ class Runner:
                 if run.span is not None:
                     tracing.end_run(run.span, "LEFT_TO_LEASE", "")
                 raise  # shutdown: leave the run to its lease
-            # The cancel (repeated, maybe: see Cancels._until_out_of_step) is handled: none
+            # The cancel (repeated, maybe: see Runner.until_out_of_step) is handled: none
             # pending stays to misread an asyncio.timeout in what follows.
             task = asyncio.current_task()
             while task is not None and task.cancelling():
@@ -362,6 +366,25 @@ class Runner:
                 self.stage(run, "stopped")
                 return Outcome.CANCELLED, ""
         return Outcome.SUCCEEDED, ""
+
+    async def until_out_of_step(self, run: Running, first: float, within: float = math.inf) -> None:
+        """Cancel the run's task again, `first` seconds from now and then every RECANCEL_EVERY,
+        while its async step goes on (for `within` seconds at most): a library may swallow the
+        CancelledError that lands inside a call of its own. redis-py 8.2's asyncio client does,
+        in about two cancels in three of a task looping on HGET, and so did
+        `ctx.still_current()`; the step then ran to its end beside the run that superseded it.
+        Until the step is left: by the CancelledError, or by its return (a cancelled run then
+        ends CANCELLED before its next step). A step's own cleanup after the CancelledError
+        (`finally: await ...`) has the first `first` seconds; `on_cancel` runs shielded."""
+        task, pause = run.task, first
+        end = time.monotonic() + within
+        while task is not None and not task.done() and time.monotonic() < end:
+            await asyncio.sleep(pause)
+            pause = RECANCEL_EVERY
+            if not run.in_async_step or task.done():
+                return
+            metrics.CANCELS_REPEATED.inc()
+            task.cancel()
 
     async def _left_to_lease(self, run: Running) -> bool:
         """A step's worker ended by a SIGTERM the executor did not send: when the executor is
@@ -586,18 +609,14 @@ class Runner:
         _, late = await asyncio.wait(tasks, timeout=max(0.0, timeout))
         for task in late:
             task.cancel()
-        # A library may swallow that cancel (see Cancels._until_out_of_step): an async step
+        # A library may swallow that cancel (see Runner.until_out_of_step): an async step
         # still going on is cancelled again every 10 ms, for a second at most, rather than run
         # on past its leases (and beside its retry) until the loop's own last cancel, which it
         # may swallow too (the process then waited for the step's end to exit).
-        pending = {task for task in late if runs[task].in_async_step}
-        for _ in range(100):
-            if not pending:
-                break
-            _, pending = await asyncio.wait(pending, timeout=0.01)
-            for task in pending:
-                if runs[task].in_async_step:
-                    task.cancel()
+        await asyncio.gather(*(
+            self.until_out_of_step(runs[task], RECANCEL_EVERY, within=1.0)
+            for task in late if runs[task].in_async_step
+        ))  # fmt: skip
         if late:
             stopped = sorted(tasks[t] for t in late)
             log.warning(
