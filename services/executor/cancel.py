@@ -21,12 +21,11 @@ from supersede.lane import Lane, read
 from supersede.protocol import Control, Entry, Outcome, parse_cancel
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
-from supersede.services.executor.steps import Runner, Running
+from supersede.services.executor.steps import RECANCEL_AFTER, Runner, Running
 from supersede.streams import entry_ms, tail_ids
 
 log = logging.getLogger("supersede.executor")
 
-RECANCEL_AFTER = 0.1  # seconds an async step may go on after a cancel before it is repeated
 EARLY_CANCEL_TTL = 10.0  # seconds a cancel for a run not (yet) here is remembered
 EARLY_CANCEL_MAX = 10_000
 

@@ -63,9 +63,13 @@ class WorkerTerminated(WorkerLost):
 
 class _WorkerContext(Context):
     """The step's Context inside a worker: `cancelled` reads the executor's flag for this
-    worker; `still_current()` reads the group's fence with the worker's own connection."""
+    worker; `still_current()` checks the attempt's lease as the executor does (its last
+    heartbeat, in shared memory: the workers go on while a SIGSTOPped executor's leases lapse)
+    and reads the group's fence with the worker's own connection."""
 
-    def __init__(self, job: dict[str, Any], flag: ProcessEvent, fence_check: Any) -> None:
+    def __init__(
+        self, job: dict[str, Any], flag: ProcessEvent, fence_check: Any, renewed: Any
+    ) -> None:
         super().__init__(
             run_id=job["id"], workflow=job["w"], attempt=job["a"], input=job["in"],
             metadata=job["md"], event=job["ev"], event_id=job["ei"], key=job["k"],
@@ -75,9 +79,14 @@ class _WorkerContext(Context):
         self._flag = flag  # type: ignore[assignment]  # (an Event with the same two methods)
         self._fence_check = fence_check
         self._fence_args = (job.get("fk"), job.get("g"), job.get("s"))
+        self._lease = (float(job.get("cm", 0.0)), float(job.get("ls", 0.0)))
+        self._renewed = renewed
 
     def still_current_blocking(self, timeout: float = 10.0) -> bool:
         if self.cancelled:
+            return False
+        claimed, lease = self._lease  # (Runner.lease_held, in the worker)
+        if lease and time.monotonic() - max(self._renewed.value, claimed) >= lease:
             return False
         key, group, seq = self._fence_args
         if not key:
@@ -132,7 +141,9 @@ def _exit_with_parent(executor: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def worker_main(conn: Connection, flag: ProcessEvent, redis_url: str, executor: int) -> None:
+def worker_main(
+    conn: Connection, flag: ProcessEvent, renewed: Any, redis_url: str, executor: int
+) -> None:
     """A worker's loop: one job at a time, from the executor's end of the pipe."""
     # (the forkserver forked it with SIGTERM blocked, see `ProcessPool._spawn`: the ladder's
     # SIGTERM is for the worker, and so is the mask its steps' subprocesses inherit)
@@ -161,7 +172,7 @@ def worker_main(conn: Connection, flag: ProcessEvent, redis_url: str, executor: 
             if job.get("mf"):  # (a module given by its path: loaded under the same name)
                 import_module(job["mf"])
             fn = resolve(job["m"], job["q"])
-            ctx = _WorkerContext(job, flag, fence_check)
+            ctx = _WorkerContext(job, flag, fence_check, renewed)
             if asyncio.iscoroutinefunction(fn):
                 out = asyncio.run(_until_flag(fn, ctx, flag))
             else:
@@ -200,6 +211,9 @@ class ProcessPool:
         self.kill_after = kill_after
         self._mp = multiprocessing.get_context("forkserver")
         self._mp.set_forkserver_preload(sorted(set(modules)))
+        # (monotonic) when the executor's last heartbeat that went through began, for the
+        # workers' still_current() (Runner.mark_renewed writes it)
+        self.renewed = self._mp.RawValue("d", time.monotonic())
         self._idle: asyncio.Queue[Worker] = asyncio.Queue()
         self._all: set[Worker] = set()
         self._spawning: set[asyncio.Task[None]] = set()
@@ -214,7 +228,8 @@ class ProcessPool:
         ours, theirs = self._mp.Pipe()
         flag = self._mp.Event()
         process = self._mp.Process(
-            target=worker_main, args=(theirs, flag, self.redis_url, os.getpid()), daemon=True,
+            target=worker_main, args=(theirs, flag, self.renewed, self.redis_url, os.getpid()),
+            daemon=True,
             name="supersede-step",
         )  # fmt: skip
         # The forkserver (which the first start launches) begins with SIGTERM blocked, as this

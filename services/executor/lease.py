@@ -49,10 +49,7 @@ class LeaseKeeper:
         self.config = config
         self.runner = runner
         self.on_stop = on_stop
-        # (monotonic) when the last heartbeat that went through began: every lease it renewed
-        # runs at least a lease from then (`Runner.lease_held`)
-        self.renewed_at = time.monotonic()
-        runner.renewed = lambda: self.renewed_at
+        runner.mark_renewed(time.monotonic())  # (see Runner.lease_held)
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -134,7 +131,7 @@ class LeaseKeeper:
                     continue
                 named = [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in reply[1:]]
                 self._stop([(rid, sent[rid]) for rid in named])
-        self.renewed_at = began
+        self.runner.mark_renewed(began)
 
     def _confirmed_turns(
         self, snapshot: list[tuple[int, str, int, int]]

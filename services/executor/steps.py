@@ -78,6 +78,7 @@ def _note_turn(rep: Reported, fut: asyncio.Future[int]) -> None:
         rep.turn = fut.result()
 
 
+RECANCEL_AFTER = 0.1  # seconds an async step may go on after a cancel before it is repeated
 RECANCEL_EVERY = 0.01  # seconds between the repeats of a cancel an async step swallowed
 
 
@@ -179,7 +180,7 @@ class Runner:
         self.reserved = 0  # slots promised to a claim in flight (a fetch, or a hand-over)
         self.handing = 0  # hand-overs in flight (`supersede serve`): the drain waits for them
         self.stopping = asyncio.Event()  # the executor drains (see `_left_to_lease`)
-        self.renewed: Callable[[], float] | None = None  # see `lease_held` (LeaseKeeper sets it)
+        self.renewed_at: float | None = None  # see `lease_held` (None: no lease keeper)
 
     def free(self) -> int:
         return self.config.slots - len(self.active) - self.reserved
@@ -256,6 +257,8 @@ class Runner:
             self.config.slots, [s.fn.__module__ for s in steps], redis_url,
             grace=self.config.grace, kill_after=self.config.kill_after,
         )  # fmt: skip
+        if self.renewed_at is not None:
+            self.processes.renewed.value = self.renewed_at
         await self.processes.start()
 
     def stage(self, run: Running, stage: str) -> None:
@@ -264,15 +267,23 @@ class Runner:
             elapsed = max(0.0, time.time() * 1000 - run.cancel_decided_ms) / 1000
             metrics.CANCEL_STAGE_SECONDS.labels(stage).observe(elapsed)
 
+    def mark_renewed(self, began: float) -> None:
+        """A heartbeat that began at `began` (monotonic) went through: every lease here runs at
+        least a lease from then. Called from the lease keeper's thread; worker processes read
+        it from shared memory (a float's store is atomic)."""
+        self.renewed_at = began
+        if self.processes is not None:
+            self.processes.renewed.value = began
+
     def lease_held(self, claimed: float) -> bool:
         """Whether the lease of an attempt claimed at `claimed` (monotonic) surely runs still:
         claimed, or renewed by a heartbeat that began, less than a lease ago. Not so after a
         pause of the process (SIGSTOP, a starved host) longer than a lease: the reaper may have
         retried the run elsewhere, and that retry shares this one's fence, so the fence alone
         would call this attempt current until the next heartbeat lets it go."""
-        if self.renewed is None:
+        if self.renewed_at is None:
             return True
-        return time.monotonic() - max(self.renewed(), claimed) < self.config.lease_ms / 1000
+        return time.monotonic() - max(self.renewed_at, claimed) < self.config.lease_ms / 1000
 
     async def _still_current(self, shard: int, group: str, seq: str, claimed: float) -> bool:
         if not self.lease_held(claimed):
@@ -436,19 +447,58 @@ class Runner:
         run.in_async_step = True
         try:
             if step.timeout:
-                try:
-                    # (not wait_for: on Python 3.11 it runs the step as a task of its own, and
-                    # asyncio re-raises a SystemExit or KeyboardInterrupt of a task out of the
-                    # loop)
-                    async with asyncio.timeout(step.timeout):
-                        return await coro
-                except TimeoutError:
-                    raise TimeoutError(
-                        f"step {step.name!r} timed out after {step.timeout}s"
-                    ) from None
+                return await self._timed(coro, step.name, step.timeout, not strict)
             return await coro
         finally:
             run.in_async_step = False
+
+    @staticmethod
+    async def _timed(coro: Awaitable[Any], name: str, timeout: float, repeat: bool) -> Any:
+        """An async step's output within its `timeout`: past it, the step's task is cancelled,
+        and (`repeat`) cancelled again RECANCEL_AFTER later and then every RECANCEL_EVERY until
+        the step is left, as a run's cancel is (Runner.until_out_of_step): asyncio.timeout
+        cancels once, and a step that swallowed it (redis-py's client may) ran on to its end,
+        and then succeeded. A step left after its timeout timed out, however it left, unless a
+        cancel of the run or a shutdown came too. (Not wait_for: on Python 3.11 it runs the
+        step as a task of its own, and asyncio re-raises a SystemExit or KeyboardInterrupt of a
+        task out of the loop.)"""
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        sent = 0  # cancels of the task for the timeout
+        inside = True
+        handle: asyncio.TimerHandle | None = None
+
+        def expire() -> None:
+            nonlocal handle, sent
+            if not inside:
+                return
+            if sent:
+                metrics.CANCELS_REPEATED.inc()
+            sent += 1
+            task.cancel()
+            if repeat:
+                handle = loop.call_later(RECANCEL_AFTER if sent == 1 else RECANCEL_EVERY, expire)
+
+        handle = loop.call_later(timeout, expire)
+        try:
+            output = await coro
+        except BaseException as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            if not sent or (cancelled and task.cancelling() > sent):
+                raise  # the step's own failure; a cancel of the run, or a shutdown
+            raise TimeoutError(f"step {name!r} timed out after {timeout}s") from (
+                None if cancelled else exc  # (what a library made of the CancelledError)
+            )
+        finally:
+            inside = False
+            if handle is not None:
+                handle.cancel()
+            for _ in range(sent):
+                task.uncancel()
+        if sent:  # (it swallowed every cancel, and returned)
+            raise TimeoutError(f"step {name!r} timed out after {timeout}s")
+        return output
 
     async def _in_process(self, step: Step, run: Running) -> Any:
         """A step in a worker process (isolation "process"): a cancel or its timeout stops it
@@ -460,6 +510,8 @@ class Runner:
             "w": ctx.workflow, "a": ctx.attempt, "in": ctx.input, "md": ctx.metadata,
             "ev": ctx.event, "ei": ctx.event_id, "k": ctx.key, "f": str(ctx.fence),
             "o": ctx.outputs, "ca": ctx.claimed_at, "mf": module_file(step.fn.__module__),
+            # (the lease check of still_current(): claimed at, lease; see lease_held)
+            "cm": run.started, "ls": 0 if self.renewed_at is None else self.config.lease_ms / 1000,
         }  # fmt: skip
         if run.fence_at is not None and self.keys is not None:
             shard, group = run.fence_at

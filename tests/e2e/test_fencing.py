@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import orjson
+import pytest
 from redis.asyncio import Redis
 
 from supersede.fencing import read_fenced
@@ -98,13 +99,15 @@ async def test_workflows_of_one_scope_share_a_group_per_key(
     assert by_state["R"][1]["g"] != new_rec["g"]  # another user: another group
 
 
+@pytest.mark.parametrize("isolation", ["thread", "process"])
 async def test_an_attempt_whose_lease_may_have_lapsed_is_not_current(
-    redis: Redis, keys: Keys, system: System, tmp_path: Path
+    redis: Redis, keys: Keys, system: System, tmp_path: Path, isolation: str
 ) -> None:
     """An executor paused (SIGSTOP) for longer than its lease: the reaper may retry its runs
     elsewhere, and a retry shares its run's fence, so `still_current()` read only the fence
     and called the stale attempt current until the next heartbeat let it go (a probe: three
-    of five: their heartbeat came late). It is not current once its lease may have lapsed."""
+    of five: their heartbeat came late). It is not current once its lease may have lapsed: in
+    a worker process too, which goes on while its executor is paused."""
     module = tmp_path / "paused.py"
     module.write_text(
         "import os, time\n"
@@ -112,11 +115,14 @@ async def test_an_attempt_whose_lease_may_have_lapsed_is_not_current(
         "from supersede.config import connect_sync\n"
         "r = connect_sync(os.environ['SUPERSEDE_REDIS_URL'])\n"
         "LOG = os.environ['SUPERSEDE_NAMESPACE'] + ':test:log'\n"
-        "wf = Workflow('paused', on_events=['paused.go'], concurrency=Concurrency('input.k'))\n"
+        "GO = os.environ['SUPERSEDE_NAMESPACE'] + ':test:go'\n"
+        "wf = Workflow('paused', on_events=['paused.go'], concurrency=Concurrency('input.k'),\n"
+        f"              isolation={isolation!r})\n"
         "@wf.step()\n"
         "def work(ctx):\n"
         "    r.rpush(LOG, f'started:{ctx.run_id}:{ctx.attempt}')\n"
-        "    time.sleep(ctx.input['secs'] if ctx.attempt == 1 else 0)\n"
+        "    while ctx.attempt == 1 and not r.exists(GO):\n"
+        "        time.sleep(0.01)\n"
         "    now = int(ctx.still_current_blocking())\n"
         "    r.rpush(LOG, f'current{now}:{ctx.run_id}:{ctx.attempt}')\n"
     )
@@ -130,7 +136,7 @@ async def test_an_attempt_whose_lease_may_have_lapsed_is_not_current(
     system.start("ingress", "--block-ms", "100")
     n = 8
     for k in range(n):
-        data = orjson.dumps({"k": f"k{k}", "secs": 1.5})
+        data = orjson.dumps({"k": f"k{k}"})
         await redis.xadd(keys.events_stream, {"name": "paused.go", "data": data})
     await eventually(lambda: _noted(redis, keys, "started", n), timeout=30)
     os.kill(executor.pid, signal.SIGSTOP)
@@ -140,8 +146,10 @@ async def test_an_attempt_whose_lease_may_have_lapsed_is_not_current(
             return all(r["a"] == 2 for r in (await records(redis, keys)).values())
 
         await eventually(reassigned, timeout=30)
+        # The steps ask now (a worker process at once, a thread once the executor goes on).
         # Writes wait for a second and a half: the resumed executor's heartbeat, which would
         # let the stale attempts go, waits; the step's fence read does not.
+        await redis.set(f"{keys.namespace}:test:go", 1)
         await redis.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
     finally:
         os.kill(executor.pid, signal.SIGCONT)

@@ -311,6 +311,42 @@ async def test_a_drain_deadline_stops_an_async_step_that_swallows_its_cancel(
     assert await asyncio.to_thread(executor.wait, 15) == 0
 
 
+async def test_a_step_timeout_stops_an_async_step_that_swallows_its_cancel(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """asyncio.timeout cancels once: a step that swallowed it (as redis-py's client does, two
+    in three) ran on to its end, and then succeeded, its timeout notwithstanding. The cancel
+    is repeated until the step is left, and a step left after its timeout timed out, however
+    it left (here: by its next CancelledError, or by returning)."""
+    module = tmp_path / "slow.py"
+    module.write_text(
+        "import asyncio, os\n"
+        "from supersede import Workflow\n"
+        "from supersede.config import connect_sync\n"
+        "r = connect_sync(os.environ['SUPERSEDE_REDIS_URL'])\n"
+        "LOG = os.environ['SUPERSEDE_NAMESPACE'] + ':test:log'\n"
+        "wf = Workflow('slow', on_events=['slow.go'])\n"
+        "@wf.step(timeout=0.3)\n"
+        "async def hold(ctx):\n"
+        "    r.rpush(LOG, f'started:{ctx.run_id}:0:0')\n"
+        "    for _ in range(2):  # (two cancels swallowed, as a library may)\n"
+        "        try:\n"
+        "            await asyncio.sleep(60)\n"
+        "        except asyncio.CancelledError:\n"
+        "            pass\n"
+        "    if ctx.input['returns']:\n"
+        "        return 'late'\n"
+        "    await asyncio.sleep(60)\n"
+    )
+    await _serve(redis, keys, system, module, slots=4)
+    await _publish(redis, keys, "slow.go", returns=False)
+    await _publish(redis, keys, "slow.go", returns=True)
+    await eventually(lambda: _ended(redis, keys, 2), timeout=30)
+    recs = (await _recs(redis, keys)).values()
+    assert [r["st"] for r in recs] == ["F", "F"]
+    assert all("timed out after 0.3s" in str(r["err"]) for r in recs), recs
+
+
 async def _registered(redis: Redis, keys: Keys, n: int) -> bool:
     return int(await redis.hlen(keys.workflows_hash)) >= n
 

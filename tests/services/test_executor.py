@@ -1144,7 +1144,8 @@ async def test_a_turn_the_server_lost_is_not_confirmed_and_its_runs_keep_their_l
     shard = 1
     sk = keys.shard(shard)
     leased = [(shard, "1-kept", 1, 5), (shard, "1-before", 1, 3), (shard, "1-after", 1, 9)]
-    runner: Any = type("R", (), {"active": {}, "leased": lambda self: list(leased)})()
+    runner: Any = type("R", (), {"active": {}, "leased": lambda self: list(leased),
+                                 "mark_renewed": lambda self, began: None})()  # fmt: skip
     named: list[tuple[str, int]] = []
     keeper = LeaseKeeper(redis_url, keys, "ex-1", ExecutorConfig(lease_ms=3_000), runner,
                          lambda rid, attempt: named.append((rid, attempt)))  # fmt: skip
