@@ -313,6 +313,8 @@ def _ui(args: argparse.Namespace, settings: Settings) -> None:
         try:
             await check_server(redis, settings.redis_url)
             await check_shard_count(redis, settings.keys)
+            if args.allow_actions:
+                await ui.check_actions(redis, settings.keys, settings.redis_url)
             task = asyncio.ensure_future(
                 ui.serve(
                     redis, settings.keys, args.host, args.port, args.allow_actions, args.allow_host

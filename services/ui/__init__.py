@@ -359,6 +359,19 @@ def make_app(
     return app
 
 
+async def check_actions(redis: Redis, keys: Keys, url: str) -> None:
+    """`--allow-actions` under a user without the operator's rights (the reader's) would show
+    buttons that every press then refuses: refuse to start instead, naming the role. A cancel
+    of a run that cannot exist tells (its script checks the rights, then finds no run and
+    writes nothing)."""
+    try:
+        await ops.cancel_runs(Scripts(redis, keys), ["0-0"])
+    except Exception as exc:
+        refused = refusal(exc, url, ("operator",))
+        if refused is not None:
+            raise ConfigError(f"--allow-actions: {refused}") from None
+
+
 async def serve(
     redis: Redis,
     keys: Keys,
