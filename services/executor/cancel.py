@@ -16,6 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from supersede import tracing
+from supersede.errors import describe
 from supersede.keys import Keys
 from supersede.lane import Lane, read
 from supersede.protocol import Control, Entry, Outcome, parse_cancel
@@ -141,7 +142,12 @@ class Cancels:
     def _on_control(self, entries: list[Entry]) -> None:
         metrics.CONTROL_MESSAGES.inc(len(entries))
         for entry_id, fields in entries:
-            cancel = parse_cancel(fields)
+            try:
+                cancel = parse_cancel(fields)
+            except ValueError as exc:  # (one bad entry: the cancels after it still count)
+                log.warning("control message skipped: malformed",
+                            extra={"entry": entry_id.decode(), "error": describe(exc)})  # fmt: skip
+                continue
             if cancel is None:
                 continue
             rid, attempt = cancel

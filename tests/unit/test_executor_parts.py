@@ -50,6 +50,21 @@ def test_remembering_a_cancel_touches_only_what_it_forgets(monkeypatch: Any) -> 
     assert reads == 100 and len(c._early) == cancel.EARLY_CANCEL_MAX
 
 
+def test_a_malformed_control_message_skips_itself_alone() -> None:
+    """A cancel whose attempt is not a number, or whose run id is not UTF-8, raised out of the
+    read loop: the valid cancels read with it were lost (a probe: the run ran to its end)."""
+    from supersede.protocol import Control
+
+    c = _cancels()
+    cancel_of = {Control.OP: Control.CANCEL}
+    c._on_control([
+        (b"1-0", {**cancel_of, Control.RUN_ID: b"0-1", Control.ATTEMPT: b"zz"}),
+        (b"1-1", {**cancel_of, Control.RUN_ID: b"\xff\xfe", Control.ATTEMPT: b"1"}),
+        (b"1-2", {**cancel_of, Control.RUN_ID: b"0-2", Control.ATTEMPT: b"1"}),
+    ])  # fmt: skip
+    assert list(c._early) == ["0-2"]
+
+
 async def test_an_assignment_whose_input_cannot_be_decoded_fails_its_run_alone() -> None:
     """One bad input fails its own run (reported FAILED, naming why) instead of raising into
     the fetch loop, which would leave the claimed run to its lease, attempt after attempt."""
@@ -115,7 +130,8 @@ def test_a_heartbeat_later_than_a_lease_is_counted_and_logged(caplog: Any) -> No
                 done.set()
 
     config = ExecutorConfig(lease_ms=300)
-    keeper = Starved("redis://127.0.0.1:1/0", Keys("t", 1), "c", config, Any, lambda r, a: None)
+    runner: Any = type("R", (), {"mark_renewed": lambda self, began: None})()
+    keeper = Starved("redis://127.0.0.1:1/0", Keys("t", 1), "c", config, runner, lambda r, a: None)
     before = metrics.HEARTBEATS_LATE._value.get()
     thread = threading.Thread(target=keeper._run)
     thread.start()
