@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -137,6 +138,18 @@ def _load_object(raw: bytes, what: str) -> dict[str, Any]:
     return value
 
 
+_ENTRY_ID = re.compile(rb"(\d{1,20})-(\d{1,20})")
+
+
+def _after(raw_id: bytes, entry_id: bytes) -> bool:
+    """Whether `raw_id` is a stream entry id later than `entry_id`."""
+    shaped = _ENTRY_ID.fullmatch(raw_id)
+    if shaped is None:
+        return False
+    ms, _, seq = entry_id.partition(b"-")
+    return (int(shaped[1]), int(shaped[2])) > (int(ms), int(seq or 0))
+
+
 def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int) -> Event:
     """Validate one inbox entry against the contract (see README); raises BadEvent."""
     size = sum(len(name) + len(value) for name, value in fields.items())
@@ -163,6 +176,14 @@ def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int) -
         ) from None
     if not event_id or len(raw_id or b"") > Inbox.MAX_ID_BYTES:
         raise BadEvent(Reason.BAD_ID, f"`id` must be 1..{Inbox.MAX_ID_BYTES} bytes")
+    if raw_id is not None and _after(raw_id, entry_id):
+        raise BadEvent(
+            Reason.BAD_ID,
+            f"`id` {event_id!r} is shaped like an inbox entry id later than this entry's own "
+            f"({entry_id.decode()}): an event without an `id` is known by its entry id, so "
+            "taking a later one would make that event's runs this one's (a replay carries an "
+            "earlier one); use ids of another form",
+        )
     encoding = fields.get(Inbox.ENCODING, Inbox.JSON)
     raw_data = fields.get(Inbox.DATA)
     if raw_data is None:
