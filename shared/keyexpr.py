@@ -326,16 +326,17 @@ def _trial(program: Any, expression: str, field: str, check: Callable[[Any], Any
         )
     try:
         value = program.execute({"input": {}, "metadata": {}})
-    except RuntimeError as exc:
+    except Exception as exc:
         text = str(exc)
-        if text.startswith("Undefined variable or function"):
+        if isinstance(exc, RuntimeError) and text.startswith("Undefined variable or function"):
             raise DefinitionError(
                 field,
                 f"{text.split('. Check', 1)[0]} in {expression!r}: an expression reads `input` "
                 "(the event's data) and `metadata`",
             ) from None
-        return
-    except Exception:
+        if not names & {"input", "metadata"}:  # a constant: it fails for every event
+            why = " ".join(_explained(exc, code).split())  # (one line: a parse error has more)
+            raise DefinitionError(field, f"{expression!r} fails for every event: {why}") from None
         return
     if not names & {"input", "metadata"}:  # a constant: the same for every event
         try:

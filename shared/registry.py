@@ -135,6 +135,12 @@ def _name(value: Any, field_name: str, strict: bool = True) -> str:
         raise DefinitionError(field_name, f"must be a non-empty string of at most {MAX_NAME} chars")
     if strict and any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise DefinitionError(field_name, f"must not hold control characters, got {value!r}")
+    if strict and not value.strip():
+        raise DefinitionError(field_name, f"must not be blank, got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # (a lone surrogate: no JSON, no Redis key can hold it)
+        raise DefinitionError(field_name, f"must be valid Unicode text, got {value!r}") from None
     return value
 
 
@@ -160,12 +166,19 @@ def parse(body: Any, *, strict: bool = True) -> WorkflowDef:
     if not isinstance(events, list | tuple) or not events:
         raise DefinitionError("events", "must be a non-empty list of event names")
     names = tuple(_name(e, f"events[{i}]", strict) for i, e in enumerate(events))
+    if len(set(names)) < len(names):
+        if strict:
+            i = next(i for i, e in enumerate(names) if e in names[:i])
+            raise DefinitionError(f"events[{i}]", f"{names[i]!r} is listed twice")
+        names = tuple(dict.fromkeys(names))  # (read back: its events once each)
     spec = _parse_concurrency(body.get("concurrency"), strict)
     steps = _parse_steps(body.get("steps", []), strict)
     max_attempts = _int(body.get("max_attempts", 3), "max_attempts", 1, 1000)
     version = body.get("version") or ""
-    if not isinstance(version, str) or len(version) > MAX_NAME:
-        raise DefinitionError("version", "must be a string")
+    if not isinstance(version, str):
+        raise DefinitionError("version", f"must be a string, got {type(version).__name__}")
+    if version:
+        version = _name(version, "version", strict)
     retention = body.get("retention")
     if retention is not None:
         retention = _int(retention, "retention", 1, MAX_RETENTION)

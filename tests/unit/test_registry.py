@@ -61,6 +61,16 @@ from tests.support import workflow_body as definition
         ({"evnts": ["a"]}, "evnts"),
         ({"steps": [{"name": "a", "timout": 5}]}, "steps[0].timout"),
         ({"concurrency": {"expression": "input.u", "scope": "a\x01b"}}, "concurrency.scope"),
+        # a constant that fails for every event; a name no JSON or key can hold; a version
+        # too long (it said "must be a string") or blank; an event listed twice (routed twice)
+        ({"concurrency": {"expression": "'a'.matches('(((') ? 'a' : 'b'"}},
+         "concurrency.expression"),
+        ({"concurrency": {"expression": "string(1/0)"}}, "concurrency.expression"),
+        ({"concurrency": {"expression": "input.u", "max_runs": "1/0"}}, "concurrency.max_runs"),
+        ({"id": "w\ud800"}, "id"),
+        ({"version": "v" * 10_000}, "version"),
+        ({"version": " "}, "version"),
+        ({"events": ["e", "f", "e"]}, "events[2]"),
     ],
 )  # fmt: skip
 def test_a_bad_definition_names_the_field(overrides: dict[str, Any], field: str) -> None:
@@ -77,6 +87,8 @@ def test_a_misspelt_field_names_the_one_meant_and_read_back_is_left_to_newer_bui
         parse(body)
     # a definition read back from the registry may carry a newer build's field
     assert parse({**definition(), "priority": 3}, strict=False).id == definition()["id"]
+    # ... or an event listed twice (accepted before): each once
+    assert parse(definition(events=["e", "f", "e"]), strict=False).events == ("e", "f")
 
 
 def test_a_change_gives_a_new_version() -> None:
