@@ -57,6 +57,8 @@ from supersede.streams import GroupSpec, OwnPending, entry_ms, group_backlog, sp
 from supersede.trim import trim_consumed
 
 GROUP_MEMO = 100_000
+READ_BYTES = 64 << 20  # about the most one read of the inbox holds, once entries are large
+FIRST_READ = 16  # entries the first read asks for; each read after may ask twice as many
 
 
 @dataclass(slots=True)
@@ -141,18 +143,37 @@ def _load_object(raw: bytes, what: str) -> dict[str, Any]:
 _ENTRY_ID = re.compile(rb"(\d{1,20})-(\d{1,20})")
 
 
-def _after(raw_id: bytes, entry_id: bytes) -> bool:
-    """Whether `raw_id` is a stream entry id later than `entry_id`."""
-    shaped = _ENTRY_ID.fullmatch(raw_id)
+def _check_id(event_id: str, raw_id: bytes | None, entry_id: bytes) -> None:
+    """Refuse an empty or over-long `id`, or one shaped like a stream entry id later than the
+    entry's own."""
+    if not event_id or len(raw_id or b"") > Inbox.MAX_ID_BYTES:
+        raise BadEvent(Reason.BAD_ID, f"`id` must be 1..{Inbox.MAX_ID_BYTES} bytes")
+    shaped = _ENTRY_ID.fullmatch(raw_id) if raw_id is not None else None
     if shaped is None:
-        return False
+        return
     ms, _, seq = entry_id.partition(b"-")
-    return (int(shaped[1]), int(shaped[2])) > (int(ms), int(seq or 0))
+    if (int(shaped[1]), int(shaped[2])) > (int(ms), int(seq or 0)):
+        raise BadEvent(
+            Reason.BAD_ID,
+            f"`id` {event_id!r} is shaped like an inbox entry id later than this entry's own "
+            f"({entry_id.decode()}): an event without an `id` is known by its entry id, so "
+            "taking a later one would make that event's runs this one's (a replay carries an "
+            "earlier one); use ids of another form",
+        )
 
 
-def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int) -> Event:
-    """Validate one inbox entry against the contract (see README); raises BadEvent."""
-    size = sum(len(name) + len(value) for name, value in fields.items())
+def entry_size(fields: dict[bytes, bytes]) -> int:
+    """An inbox entry's bytes: its fields' names and values."""
+    return sum(len(name) + len(value) for name, value in fields.items())
+
+
+def parse_event(
+    entry_id: bytes, fields: dict[bytes, bytes], max_payload: int, size: int | None = None
+) -> Event:
+    """Validate one inbox entry (of `size` bytes, see entry_size) against the contract (see
+    README); raises BadEvent."""
+    if size is None:
+        size = entry_size(fields)
     if size > max_payload:
         raise BadEvent(
             Reason.TOO_LARGE, f"entry of {size} bytes is over the {max_payload} byte limit"
@@ -174,16 +195,7 @@ def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int) -
         raise BadEvent(
             Reason.BAD_ENCODING, "`name`, `id` or `only_workflow` is not valid UTF-8"
         ) from None
-    if not event_id or len(raw_id or b"") > Inbox.MAX_ID_BYTES:
-        raise BadEvent(Reason.BAD_ID, f"`id` must be 1..{Inbox.MAX_ID_BYTES} bytes")
-    if raw_id is not None and _after(raw_id, entry_id):
-        raise BadEvent(
-            Reason.BAD_ID,
-            f"`id` {event_id!r} is shaped like an inbox entry id later than this entry's own "
-            f"({entry_id.decode()}): an event without an `id` is known by its entry id, so "
-            "taking a later one would make that event's runs this one's (a replay carries an "
-            "earlier one); use ids of another form",
-        )
+    _check_id(event_id, raw_id, entry_id)
     encoding = fields.get(Inbox.ENCODING, Inbox.JSON)
     raw_data = fields.get(Inbox.DATA)
     if raw_data is None:
@@ -254,6 +266,7 @@ class Batch:
     dead: list[dict[Any, Any]] = field(default_factory=list)
     unrouted: int = 0
     spans: list[Any] = field(default_factory=list)  # one per run requested (tracing on)
+    bytes: int = 0  # of its entries (see entry_size)
 
 
 class WriteFailed(Exception):
@@ -311,6 +324,7 @@ class Ingress(Service):
         consumer: str | None = None,
     ) -> None:
         self.config = config or IngressConfig()
+        self.count = min(FIRST_READ, self.config.batch)  # a read asks for (see _fit_reads)
         super().__init__(redis, settings, consumer=consumer)
         self.routes: dict[str, list[Route]] = {}
         self.epoch = -1
@@ -410,6 +424,7 @@ class Ingress(Service):
                     reread = own.active
                     for entries in await self._read(own):
                         batch = self.route(entries)
+                        self._fit_reads(batch)
                         await stage.finish()
                         stage.start(self.write(batch), reread)
                         await asyncio.sleep(0)  # let the writes go out before the next read
@@ -428,7 +443,7 @@ class Ingress(Service):
         reread = own.active
         reply = await read(
             self.reads, self.redis, own.ids(), group=(INGRESS_GROUP, self.consumer),
-            count=self.config.batch, block=self.config.block_ms,
+            count=self.count, block=self.config.block_ms,
         )  # fmt: skip
         own.advance(reply, reread)
         batches = []
@@ -441,6 +456,15 @@ class Ingress(Service):
             if live:
                 batches.append(live)
         return batches
+
+    def _fit_reads(self, batch: Batch) -> None:
+        """Ask the next read for as many entries as READ_BYTES holds of entries the size of
+        this batch's, at most twice as many as this one and --batch: reads are bounded by
+        count, and a backlog of large entries (anyone may XADD them; those over --max-payload
+        are dead-lettered, but read first) took a gigabyte of memory a read. The first read
+        asks for FIRST_READ; back to --batch within a few reads once entries are small."""
+        each = batch.bytes // max(1, len(batch.entries))
+        self.count = max(1, min(self.config.batch, 2 * self.count, READ_BYTES // max(1, each)))
 
     async def handle(self, entries: Sequence[Entry]) -> None:
         """Route and write one batch of inbox entries."""
@@ -465,7 +489,9 @@ class Ingress(Service):
         return batch
 
     def _route_entry(self, batch: Batch, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        event = parse_event(entry_id, fields, self.config.max_payload)
+        size = entry_size(fields)
+        batch.bytes += size
+        event = parse_event(entry_id, fields, self.config.max_payload, size)
         routes = self.routes.get(event.name)
         if routes and event.only is not None:
             routes = [route for route in routes if route.workflow.id == event.only]

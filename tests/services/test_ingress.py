@@ -732,3 +732,46 @@ async def test_a_dead_letter_names_the_runs_it_stands_for(
     await redis.xadd(keys.dead_stream, {"reason": "malformed", "detail": "x", "entry": entry,
                                         "stream": "elsewhere"})  # fmt: skip
     assert await dead_letter_of(redis, entry, "audit", namespace=ns) is None
+
+
+async def test_a_backlog_of_large_entries_is_read_a_few_at_a_time(
+    redis: Redis, redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads were bounded by count only: a backlog of large entries (anyone may XADD them;
+    those over --max-payload are dead-lettered, but read first) was read a thousand at a time
+    (a probe: 40 entries of 25 MiB, 1.1 GB of memory kept). Each read now holds about
+    READ_BYTES (here 1 MiB) of entries the size of the last read's, and every event is still
+    accounted for."""
+    from supersede.services.ingress import service as module
+
+    monkeypatch.setattr(module, "READ_BYTES", 1 << 20, raising=False)
+    monkeypatch.setattr(module, "FIRST_READ", 2, raising=False)
+    reads: list[int] = []  # bytes of each read
+    real = module.read  # type: ignore[attr-defined]
+
+    async def measured(*args: Any, **kwargs: Any) -> Any:
+        reply = await real(*args, **kwargs)
+        reads.append(sum(len(v) for _, es in reply or [] for _, f in es for v in f.values()))
+        return reply
+
+    monkeypatch.setattr(module, "read", measured)
+    await register(redis, keys, CHAT)
+    for i in range(30):
+        data = orjson.dumps({"userId": f"big{i}", "pad": "x" * 300_000})
+        await redis.xadd(keys.events_stream, {"name": "chat.message", "data": data})
+    for i in range(5):  # over --max-payload: dead-lettered
+        data = orjson.dumps({"userId": f"huge{i}", "pad": "x" * (2 << 20)})
+        await redis.xadd(keys.events_stream, {"name": "chat.message", "data": data})
+    for i in range(50):
+        await redis.xadd(
+            keys.events_stream, {"name": "chat.message", "data": f'{{"userId": "s{i}"}}'}
+        )
+    async with running_ingress(redis, redis_url, keys) as service:
+        await settle(redis, keys)
+        count = getattr(service, "count", 0)
+    assert max(reads) <= 3 * (2 << 20) + 3 * 400, reads  # (all 19 MiB in one read before)
+    assert count > 2  # (small entries again: the reads ask for more)
+    reqs = await requests_in_streams(redis, keys)
+    assert len({r["k"] for r in reqs}) == 80
+    dead = await redis.xrange(keys.dead_stream)
+    assert sorted(d[b"reason"] for _, d in dead) == [b"too_large"] * 5
