@@ -126,6 +126,10 @@ class Dead:
     FIELDS_MAX = 64  # original fields a dead letter keeps at most
     TRUNCATED_MAX = 1024  # bytes of the names listed in TRUNCATED (whole names only)
     ADDED = frozenset(f.encode() for f in (REASON, DETAIL, ENTRY, STREAM, WORKFLOW, TRUNCATED))
+    # An original field named like one of ADDED, or starting with ESCAPE, is kept as ESCAPE +
+    # its name (a producer's `workflow` field made a whole event's letter read as one
+    # workflow's; its `reason` was overwritten)
+    ESCAPE = b"~"
 
 
 class Reason(enum.StrEnum):
@@ -623,7 +627,7 @@ def dead_letter(
             elif len(body) >= Dead.FIELDS_MAX:
                 break  # (nothing more can be kept or named: a flood of fields costs no more)
         if keep > 0 or (keep == 0 and len(value) == 0):
-            body[name] = value[:keep]
+            body[_escaped(name)] = value[:keep]
             room -= len(name) + keep
     if truncated:  # (even when no name fits the list: such a dead letter cannot be replayed)
         body[Dead.TRUNCATED] = b",".join(cut).decode("utf-8", "replace")
@@ -635,6 +639,16 @@ def dead_letter(
     return body
 
 
+def _escaped(name: Any) -> Any:
+    """An original field's name in a dead letter (see Dead.ESCAPE)."""
+    raw = name if isinstance(name, bytes) else str(name).encode()
+    return Dead.ESCAPE + raw if raw in Dead.ADDED or raw.startswith(Dead.ESCAPE) else name
+
+
 def original_fields(dead: dict[bytes, bytes]) -> dict[bytes, bytes]:
     """The fields of the entry a dead letter copied (to replay it)."""
-    return {k: v for k, v in dead.items() if k not in Dead.ADDED}
+    return {
+        (k[1:] if k.startswith(Dead.ESCAPE) else k): v
+        for k, v in dead.items()
+        if k not in Dead.ADDED
+    }

@@ -134,6 +134,20 @@ def test_a_dead_letter_keeps_the_original_fields_for_replay() -> None:
     assert original_fields(as_stored) == fields
 
 
+def test_a_dead_letter_keeps_original_fields_named_like_its_own_apart() -> None:
+    """A producer's `workflow` or `stream` field made a whole event's letter read as one
+    workflow's or admission's (`wait_for_run(entry=...)` missed it), and its `reason` was
+    overwritten by the letter's: they are kept as `~workflow`, `~reason`, ..."""
+    fields = {b"name": b"chat", b"data": b"{", b"workflow": b"w", b"reason": b"mine",
+              b"stream": b"s", b"~x": b"tilde", b"truncated": b"no"}  # fmt: skip
+    body = dead_letter(fields, b"1-0", protocol.Reason.BAD_JSON, "bad")
+    as_stored = {(k.encode() if isinstance(k, str) else k): v for k, v in body.items()}
+    assert as_stored[b"reason"] == "bad_json" and b"workflow" not in as_stored
+    assert b"stream" not in as_stored and b"truncated" not in as_stored
+    assert as_stored[b"~reason"] == b"mine" and as_stored[b"~~x"] == b"tilde"
+    assert original_fields(as_stored) == fields
+
+
 def test_a_dead_letter_of_a_flood_of_fields_or_one_huge_name_stays_small_and_unreplayable() -> None:
     """A name that alone is past the room is left out and the letter still says it was cut
     (so it cannot be replayed); a flood of fields is kept to 64 and its names to 1 KiB, at the
