@@ -393,7 +393,11 @@ class Admission(Service):
                 # (the entry's other requests, if any, are acknowledged by the call that
                 # admits them: acknowledged now, they would be lost to a crash before it)
                 last = all(entry_id != bad_id for entry_id, _ in items)
-                await self._reject(stream, kind, bad_id, fields, exc.reason, exc.detail, ack=last)
+                detail = exc.detail
+                if exc.reason == Reason.MALFORMED and detail.isidentifier():  # (a field's name)
+                    noun = "request" if kind == "admit" else "result"
+                    detail = f"the packed {noun}'s field {detail!r} is missing or invalid"
+                await self._reject(stream, kind, bad_id, fields, exc.reason, detail, ack=last)
                 pending = [part for part in pending if part[2]]
                 continue
             except Exception as exc:
@@ -429,7 +433,12 @@ class Admission(Service):
             if payloads:
                 items += [(entry_id, payload) for payload in payloads]
             else:
-                await self._reject(stream, kind, entry_id, fields, Reason.MALFORMED, "no payload")
+                what = (
+                    "no `rs` (an array of packed requests) or `r` (one packed request) field"
+                    if kind == "admit"
+                    else "no `r` field (one packed result)"
+                )
+                await self._reject(stream, kind, entry_id, fields, Reason.MALFORMED, what)
         return items
 
     async def admit_handed(

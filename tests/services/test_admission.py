@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgpack
 import pytest
 from redis.asyncio import Redis
 
@@ -146,6 +147,9 @@ async def test_a_bad_entry_is_dead_lettered_and_the_batch_still_lands(
     stream = keys.shard(shard).requests_stream
     await redis.xadd(stream, {"r": b"\xc1not msgpack"})
     await redis.xadd(stream, {"nothing": b"here"})
+    no_group = msgpack.unpackb(good.pack())
+    del no_group["g"]
+    await redis.xadd(stream, {"r": msgpack.packb(no_group)})
     await redis.xadd(stream, {"r": good.pack()})
     await redis.xadd(
         keys.shard(shard).results_stream,
@@ -153,11 +157,15 @@ async def test_a_bad_entry_is_dead_lettered_and_the_batch_still_lands(
     )
 
     async def dead_letters() -> bool:
-        return await redis.xlen(keys.dead_stream) == 3
+        return await redis.xlen(keys.dead_stream) == 4
 
     await eventually(dead_letters)
-    reasons = sorted(f[b"reason"] for _, f in await redis.xrange(keys.dead_stream))
-    assert reasons == [b"malformed", b"malformed", b"unknown_run"]
+    letters = await redis.xrange(keys.dead_stream)
+    reasons = sorted(f[b"reason"] for _, f in letters)
+    assert reasons == [b"malformed", b"malformed", b"malformed", b"unknown_run"]
+    details = {f[b"detail"].decode() for _, f in letters}  # (they said "no payload", "g")
+    assert "no `rs` (an array of packed requests) or `r` (one packed request) field" in details
+    assert "the packed request's field 'g' is missing or invalid" in details, details
     # (the bad entries are dead-lettered before the good one is admitted again on its own)
     await eventually(lambda: _states_are(redis, keys, ["A"], [(shard, good)]))
     await redis.xadd(keys.shard(other_shard).requests_stream, {"r": other.pack()})
