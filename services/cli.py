@@ -93,7 +93,9 @@ def _ingress(args: argparse.Namespace, settings: Settings) -> None:
 
 def _run_flags(parser: argparse.ArgumentParser) -> None:
     """How runs are held and stopped: the flags `executor` and `serve` share."""
-    parser.add_argument("--lease", type=_SECONDS, default=10.0, help="seconds; renewed every third")
+    # (at least a second: a shorter lease lapses under ordinary pauses and scheduling, and its
+    # runs are started again beside themselves: a probe's 0.05 ran every run twice)
+    parser.add_argument("--lease", type=_LEASE, default=10.0, help="seconds; renewed every third")
     parser.add_argument(
         "--grace", type=_SECONDS_OR_ZERO, default=5.0, help="seconds a cancelled run may take"
     )
@@ -280,6 +282,7 @@ _COUNT = _number(int, 1)  # at least one
 _CAP = _number(int, 0)  # 0: none, or no cap
 _SECONDS = _number(float, 0, above=True)  # a period or a retention: more than zero
 _SECONDS_OR_ZERO = _number(float, 0)
+_LEASE = _number(float, 1)
 
 
 def _port_or_zero(text: str) -> int:
