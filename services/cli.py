@@ -29,7 +29,7 @@ from supersede.config import (
 from supersede.errors import ConfigError, SupersedeError
 from supersede.protocol import RunState
 from supersede.service import place_process, run_until_signal
-from supersede.services.modules import load_workflows
+from supersede.services.modules import load_modules, load_workflows
 
 if TYPE_CHECKING:
     from supersede.services.executor.service import ExecutorConfig
@@ -143,7 +143,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
     (services/serve.py)."""
     from supersede import metrics
 
-    workflows = [wf for module in args.module for wf in load_workflows(module)]
+    workflows = load_modules(args.module)
     config = _run_config(args)
     metrics.expect_parts("ingress", "admission", "executor")
 

@@ -49,7 +49,7 @@ from supersede.server import (
     free_port,
     wheel_client_binary,
 )
-from supersede.services.modules import load_workflows
+from supersede.services.modules import load_modules
 from supersede.services.render import printable
 
 DEMO = "supersede.services.demo"
@@ -295,7 +295,7 @@ async def run(
     ui_port: int = 0,
 ) -> int:
     specs = list(modules) or [DEMO]
-    defs = [wf.definition() for spec in specs for wf in load_workflows(spec)]
+    defs = [wf.definition() for wf in load_modules(specs)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -484,8 +484,7 @@ def main(argv: list[str] | None = None) -> None:
         # A bad module is one line before any service starts; it is imported with the URL its
         # executor will have, since a module may read it at import (the README's fencing one).
         os.environ["SUPERSEDE_REDIS_URL"] = settings.redis_url
-        for spec in args.module:
-            load_workflows(spec)
+        load_modules(args.module)
         asyncio.run(_reachable(settings.redis_url))  # (one line, before any service starts)
         code = asyncio.run(
             run(

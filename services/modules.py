@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
@@ -117,3 +118,23 @@ def load_workflows(spec: str) -> list[Any]:
         except DefinitionError as exc:
             raise ConfigError(f"workflow {wf.id!r} is invalid: {exc}") from None
     return workflows
+
+
+def load_modules(specs: Sequence[str]) -> list[Any]:
+    """The workflows of every module of `specs` (see `load_workflows`). An id that two modules
+    define is refused, naming both: one definition silently replaced the other, its handlers
+    and limits with it. The same Workflow object reached through two modules counts once."""
+    seen: dict[str, tuple[str, Any]] = {}
+    out = []
+    for spec in specs:
+        for wf in load_workflows(spec):
+            first = seen.setdefault(wf.id, (spec, wf))
+            if first[1] is wf and first[0] == spec:
+                out.append(wf)
+            elif first[1] is not wf:
+                raise ConfigError(
+                    f"modules {first[0]!r} and {spec!r} both define a workflow with the id "
+                    f"{wf.id!r}: the id names one workflow (give each its own, or import it "
+                    "from one module into the other)"
+                )
+    return out

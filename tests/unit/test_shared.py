@@ -353,7 +353,10 @@ def test_cpu_lists_read_as_numbers_and_ranges() -> None:
         (["dead", "--limit", "0"], "argument --limit: 0 is out of range: at least 1"),
         (["executor", "m", "--slots", "0"], "argument --slots: 0 is out of range: at least 1"),
         (["serve", "m", "--lease", "0"], "argument --lease: 0 is out of range: at least 1"),
-        (["executor", "m", "--lease", "0.05"], "argument --lease: 0.05 is out of range: at least 1"),
+        (
+            ["executor", "m", "--lease", "0.05"],
+            "argument --lease: 0.05 is out of range: at least 1",
+        ),
         (["admission", "--block-ms", "0"], "argument --block-ms: 0 is out of range"),
         (["admission", "--retention", "nan"], "argument --retention: nan is out of range"),
         (["admission", "--max-groups", "-5"], "argument --max-groups: -5 is out of range"),
@@ -481,6 +484,30 @@ def test_a_module_that_cannot_run_is_refused_in_one_line(
     with pytest.raises(ConfigError) as info:
         load_workflows(str(path))
     assert says in str(info.value), str(info.value)
+
+
+def test_a_workflow_id_two_modules_define_is_refused_naming_both(tmp_path: Path) -> None:
+    """`serve a b` and `dev --module a --module b` kept the last module's definition of an id
+    both define, and dropped the other's handlers and limits without a word; the same
+    Workflow imported into a second module counts once."""
+    from supersede.errors import ConfigError
+    from supersede.services.modules import load_modules
+
+    flow = "from supersede import Workflow\nwf = Workflow('chat', on_events=['e'])\n"
+    step = "@wf.step()\ndef s(ctx):\n    return 1\n"
+    (tmp_path / "a.py").write_text(flow + step)
+    (tmp_path / "b.py").write_text(flow + step)
+    a, b = str(tmp_path / "a.py"), str(tmp_path / "b.py")
+    with pytest.raises(ConfigError, match=r"modules '.*a\.py' and '.*b\.py' both define .*'chat'"):
+        load_modules([a, b])
+    sys.path.insert(0, str(tmp_path))
+    try:
+        (tmp_path / "c.py").write_text("from a import wf\n")
+        assert [w.id for w in load_modules(["a", "c"])] == ["chat"]
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("a", "c"):
+            sys.modules.pop(name, None)
 
 
 def test_the_dashboard_answers_a_redis_failure_with_its_own_500_and_headers() -> None:
