@@ -349,6 +349,9 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
         except ConfigError as exc:
             print(f"supersede: {exc}", file=sys.stderr)
             return 2
+        except ops.NotFollowed as exc:  # (published: said so, with its ids)
+            ops.warn(f"supersede: {exc}")
+            return 130 if exc.interrupted else 1
         except ValueError as exc:  # a bad argument (JSON, an id...), as argparse's: 2
             ops.warn(f"supersede: {exc}")
             return 2
@@ -378,7 +381,11 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
         sys.stdout.flush()  # (a reader gone shows here, not at exit: see main)
         return _waited_exit(args, result)
 
-    sys.exit(asyncio.run(main()))
+    try:
+        sys.exit(asyncio.run(main()))
+    except KeyboardInterrupt:  # (Ctrl-C: one line, not asyncio's traceback)
+        ops.warn("supersede: interrupted")
+        sys.exit(130)
 
 
 WAIT_FAILED, WAIT_CANCELLED = 4, 5  # `publish --wait`'s exit codes when not every run succeeded

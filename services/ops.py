@@ -20,7 +20,7 @@ from typing import Any, cast
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from supersede import codec
 from supersede.keys import Keys
@@ -790,19 +790,8 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     entry, planned, known = await publish_runs(
         redis, args.name, data, id=args.id, namespace=keys.namespace
     )
-    if not planned and args.name in known:
-        print(
-            f"supersede: warning: a workflow listens to {args.name!r} but no run could be "
-            "planned: its key expression fails for this data (ingress dead-letters the event "
-            "for it: see `supersede dead`), or no service has started in this namespace yet",
-            file=sys.stderr,
-        )
-    elif not planned:
-        print(
-            f"supersede: warning: no workflow listens to {args.name!r}, so this event makes no "
-            f"run (known events: {', '.join(known) or 'none: no workflow is registered'})",
-            file=sys.stderr,
-        )
+    if not planned:
+        _warn_no_run(args.name, known)
     runs: list[dict[str, Any]] = [
         {"workflow": p.workflow, "key": p.key, "run": p.run_id} for p in planned
     ]
@@ -845,11 +834,44 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
             if args.name in wf.events and wf.id not in planned_for
         ]
         runs.extend(refused)
-        await asyncio.gather(
-            *(wait(row) for row in runs if row["run"]),
-            *(_wait_dead_letter(redis, keys, entry, row, args.timeout) for row in refused),
-        )
+        try:
+            await asyncio.gather(
+                *(wait(row) for row in runs if row["run"]),
+                *(_wait_dead_letter(redis, keys, entry, row, args.timeout) for row in refused),
+            )
+        except (RedisError, OSError, asyncio.CancelledError) as exc:  # (Ctrl-C: cancelled)
+            raise NotFollowed(entry, [row["run"] for row in runs if row["run"]], exc) from None
     return {"entry": entry, "runs": runs}
+
+
+def _warn_no_run(name: str, known: list[str]) -> None:
+    """`publish` of an event that makes no run: why, on stderr."""
+    if name in known:
+        warn(
+            f"supersede: warning: a workflow listens to {name!r} but no run could be "
+            "planned: its key expression fails for this data (ingress dead-letters the event "
+            "for it: see `supersede dead`), or no service has started in this namespace yet"
+        )
+    else:
+        warn(
+            f"supersede: warning: no workflow listens to {name!r}, so this event makes no "
+            f"run (known events: {', '.join(known) or 'none: no workflow is registered'})"
+        )
+
+
+class NotFollowed(Exception):
+    """`publish --wait`: the event is published, but waiting for its runs failed (Redis, or
+    Ctrl-C). The message says so, with the entry and run ids: publishing it again would make
+    its runs twice (a "try again" did)."""
+
+    def __init__(self, entry: str, runs: list[str], cause: BaseException) -> None:
+        self.interrupted = isinstance(cause, asyncio.CancelledError)
+        why = "interrupted" if self.interrupted else f"{type(cause).__name__}: {cause}"
+        made = f"; its runs: {', '.join(runs)}" if runs else ""
+        super().__init__(
+            f"the event was published (inbox entry {entry}{made}), but waiting for its runs "
+            f"stopped ({why}): do not publish it again; follow them with `supersede run ID`"
+        )
 
 
 async def _wait_dead_letter(

@@ -108,6 +108,38 @@ async def test_runs_run_status_and_cancel_through_the_cli(
         assert "chat-reply" in line.split("registered:")[1]
 
 
+async def test_an_interrupted_publish_wait_says_the_event_was_published_with_its_ids(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Ctrl-C (or a Redis failure) while `publish --wait` waited printed asyncio's traceback
+    (or "try again") and no ids: the event was published, and publishing it again ran its
+    work twice. One line says it was published, with the entry and run ids; exit 130."""
+    import signal
+
+    await system.pipeline(redis, keys, 1)
+    cmd = [sys.executable, "-m", "supersede", "publish", "chat.message",
+           '{"userId": "waited", "sleep": 30}', "--wait"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=system.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+
+        async def running() -> bool:
+            runs = await acli(system, "runs", "--key", "waited", "--state", "running")
+            return len(runs) == 1
+
+        await eventually(running, timeout=30)
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    [run] = await acli(system, "runs", "--key", "waited")
+    text = err.decode()
+    assert proc.returncode == 130 and "Traceback" not in text, text
+    [line] = text.strip().splitlines()
+    assert "the event was published (inbox entry " in line and run["id"] in line, line
+    assert "do not publish it again" in line
+
+
 async def test_retire_removes_a_workflow_no_executor_serves_with_its_runs_and_streams(
     redis: Redis, keys: Keys, system: System
 ) -> None:
