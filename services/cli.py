@@ -25,6 +25,7 @@ from supersede.config import (
     connect,
     redact,
     refusal,
+    unknown_variables,
 )
 from supersede.errors import ConfigError, SupersedeError
 from supersede.protocol import RunState
@@ -832,6 +833,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.func is _dev:
             place_process(apply=False)  # (its services apply them)
         settings = Settings.from_env()
+        for warning in unknown_variables(os.environ):
+            if args.func in (_admission, _ingress, _executor, _serve):
+                log.warning(warning)
+            else:
+                print(f"supersede: warning: {warning}", file=sys.stderr)
         args.func(args, settings)
         sys.stdout.flush()  # (here, so a reader gone is the BrokenPipeError below, not at exit)
     except ConfigError as exc:

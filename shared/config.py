@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -59,6 +60,7 @@ class Settings:
                 f"SUPERSEDE_REDIS_URL must start with one of {', '.join(URL_SCHEMES)}, got "
                 f"{redact(url)!r}"
             )
+        _check_database(url)
         return cls(
             redis_url=url,
             namespace=namespace,
@@ -69,6 +71,46 @@ class Settings:
     @property
     def keys(self) -> Keys:
         return Keys(self.namespace, self.shards)
+
+
+# Environment variables that are settings (the rest of SUPERSEDE_* is a typo: warned of);
+# ACL_PASSWORD_<ROLE> for `supersede acl --apply`, TEST_ for the test suite's harness.
+VARIABLES = frozenset({
+    "SUPERSEDE_REDIS_URL", "SUPERSEDE_NAMESPACE", "SUPERSEDE_SHARDS", "SUPERSEDE_METRICS_HOST",
+    "SUPERSEDE_CPUS", "SUPERSEDE_NICE", "SUPERSEDE_CPU_LATENCY_US", "SUPERSEDE_EVENT_LOOP",
+    "SUPERSEDE_SERVER_BIN",
+})  # fmt: skip
+VARIABLE_PREFIXES = ("SUPERSEDE_ACL_PASSWORD_", "SUPERSEDE_TEST_")
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """One warning per SUPERSEDE_* variable that is no setting (a misspelt one is ignored:
+    `SUPERSEDE_NAMESPCE` left the default namespace), naming the one it is likely meant as."""
+    out = []
+    for name in sorted(env):
+        if not name.startswith("SUPERSEDE_") or name in VARIABLES:
+            continue
+        if name.startswith(VARIABLE_PREFIXES):
+            continue
+        close = difflib.get_close_matches(  # (by what follows the prefix they all share)
+            name.removeprefix("SUPERSEDE_"),
+            sorted(v.removeprefix("SUPERSEDE_") for v in VARIABLES),
+            n=1,
+        )
+        hint = f" (did you mean SUPERSEDE_{close[0]}?)" if close else ""
+        out.append(f"{name} is not a setting{hint}; it is ignored")
+    return out
+
+
+def _check_database(url: str) -> None:
+    """A database number in the URL's path that is no number: redis-py took db 0 for it."""
+    if not url.startswith(("redis://", "rediss://")):
+        return
+    path = urlsplit(url).path.strip("/")
+    if path and not path.isdigit():
+        raise ConfigError(
+            f"SUPERSEDE_REDIS_URL's database (its path) must be a number, got {path!r}"
+        )
 
 
 CLUSTER_SCHEME = "redis+cluster://"

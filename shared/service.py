@@ -444,9 +444,9 @@ def parse_cpus(text: str) -> set[int]:
     """`0,2` or `0-3` or both (`0-1,4`): the set of CPU numbers; ConfigError otherwise."""
     out: set[int] = set()
     for part in text.split(","):
-        first, _, last = part.strip().partition("-")
+        first, dash, last = part.strip().partition("-")
         try:
-            lo, hi = int(first), int(last or first)
+            lo, hi = int(first), int(last if dash else first)  # ("0-": no range)
         except ValueError:
             raise ConfigError(
                 f"SUPERSEDE_CPUS must list CPU numbers and ranges such as 0,2 or 0-3, not {text!r}"

@@ -38,6 +38,27 @@ def test_settings_defaults_and_validation() -> None:
         Settings.from_env({"SUPERSEDE_NAMESPACE": "a{b}"})
 
 
+def test_settings_that_were_silently_misread_are_named() -> None:
+    """A misspelt variable was ignored (SUPERSEDE_NAMESPCE: the default namespace), a database
+    path that is no number was db 0, and SUPERSEDE_CPUS=0- was CPU 0."""
+    from supersede.config import unknown_variables
+    from supersede.service import parse_cpus
+
+    env = {"SUPERSEDE_NAMESPCE": "x", "SUPERSEDE_ACL_PASSWORD_READER": "p", "PATH": "/bin",
+           "SUPERSEDE_NAMESPACE": "ok", "SUPERSEDE_WHATEVER": "1"}  # fmt: skip
+    assert unknown_variables(env) == [
+        "SUPERSEDE_NAMESPCE is not a setting (did you mean SUPERSEDE_NAMESPACE?); it is ignored",
+        "SUPERSEDE_WHATEVER is not a setting; it is ignored",
+    ]
+    with pytest.raises(ConfigError, match=r"database \(its path\) must be a number, got '1x'"):
+        Settings.from_env({"SUPERSEDE_REDIS_URL": "redis://127.0.0.1:6379/1x"})
+    assert Settings.from_env({"SUPERSEDE_REDIS_URL": "redis://h:1/2"}).redis_url.endswith("/2")
+    assert Settings.from_env({"SUPERSEDE_REDIS_URL": "unix:///tmp/r.sock?db=1"})
+    with pytest.raises(ConfigError, match="SUPERSEDE_CPUS"):
+        parse_cpus("0-")
+    assert parse_cpus("0-1,3") == {0, 1, 3}
+
+
 async def test_shard_count_is_pinned_on_first_use() -> None:
     redis = fakeredis.FakeAsyncRedis()
     await pin_shard_count(redis, Keys("ns", 8))
