@@ -967,6 +967,7 @@ async def retire(redis: Redis, keys: Keys, workflow: str, *, force: bool = False
             f"registers its workflows again within a second), then retire it "
             f"{SERVED_WINDOW_MS // 1000} s later; or pass --force"
         )
+    out_at = time.monotonic()  # (out of the registry: its events make no run until it is back)
     await asyncio.sleep(RETIRE_SETTLE_S)  # (then ingress appends no more of its requests)
     if not await _admitted_so_far(redis, keys, RETIRE_CATCH_UP_S):
         raise TimeoutError(
@@ -982,8 +983,11 @@ async def retire(redis: Redis, keys: Keys, workflow: str, *, force: bool = False
         if await redis.hget(keys.workflows_hash, workflow):
             raise ValueError(
                 f"workflow {workflow!r} was registered again meanwhile (an executor serving it "
-                "started, or one from before 2026-12-05, which marks nothing served): its runs "
-                "and streams are left as they are"
+                "started, one that --force passed over registered it, or one from before "
+                "2026-12-05, which marks nothing served): it was out of the registry for up to "
+                f"{time.monotonic() - out_at:.0f} s, and its events published then made no run "
+                "of it (ingress counts them in supersede_ingress_unrouted_total); its runs and "
+                "streams are left as they are"
             )
 
     await still_retired()

@@ -192,9 +192,11 @@ async def test_retire_leaves_a_workflow_registered_again_meanwhile_alone(
     task = asyncio.create_task(retire(redis, keys, "chat-reply"))
     await asyncio.sleep(0.5)  # (within its wait for ingress to reload)
     await register(redis, keys, definition())
-    with pytest.raises(ValueError, match="registered again meanwhile"):
+    with pytest.raises(ValueError, match="registered again meanwhile") as info:
         await task
     assert await redis.exists(stream)
+    # (it says what the gap cost: it said only "left as they are")
+    assert "its events published then made no run of it" in str(info.value)
 
 
 async def test_retire_refuses_a_workflow_an_older_executor_reads(redis: Redis, keys: Keys) -> None:
