@@ -279,6 +279,18 @@ def _number(kind: type[int] | type[float], low: float, *, above: bool = False) -
     return parse
 
 
+def _nonempty(what: str) -> Any:
+    """An argparse type for a name that must not be empty (a script refused it in its own
+    words: "bad_arguments at item -1")."""
+
+    def parse(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError(f"the {what} must not be empty")
+        return text
+
+    return parse
+
+
 _COUNT = _number(int, 1)  # at least one
 _CAP = _number(int, 0)  # 0: none, or no cap
 _SECONDS = _number(float, 0, above=True)  # a period or a retention: more than zero
@@ -480,9 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
         def add_parser(name: str, help: str, service: bool = False) -> argparse.ArgumentParser:
             epilog = SERVICE_ENVIRONMENT if service else ENVIRONMENT
             epilog = DEV_ENVIRONMENT if name == "dev" else epilog
-            return subparsers.add_parser(
+            p = subparsers.add_parser(
                 name, help=help, description=help, formatter_class=_Help, epilog=epilog
             )
+            p.add_argument(  # (after the command too: `supersede executor m --log-level debug`)
+                "--log-level", default=argparse.SUPPRESS, type=_log_level, metavar="LEVEL",
+                help="DEBUG, INFO, WARNING or ERROR, any case (JSON lines on stderr)",
+            )  # fmt: skip
+            return p
 
     sub = _Sub()
 
@@ -688,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"succeeded, {WAIT_FAILED} when one failed, {WAIT_CANCELLED} when one was cancelled",
     )
     pub.add_argument(
-        "--timeout", type=_SECONDS, default=60.0, help="seconds --wait waits (default 60)"
+        "--timeout", type=_SECONDS, default=None, help="seconds --wait waits (default 60)"
     )
     runs = ops_parser("runs", "list runs (newest first)")
     runs.add_argument("--workflow", help="only runs of this workflow")
@@ -714,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
         "retire a workflow no executor serves any more: remove it from the registry, cancel its "
         "live runs, delete its assignment streams",
     )
-    retire.add_argument("workflow", help="the workflow id")
+    retire.add_argument("workflow", type=_nonempty("workflow"), help="the workflow id")
     retire.add_argument(
         "--force",
         action="store_true",

@@ -703,8 +703,10 @@ async def replay_dead(redis: Redis, keys: Keys, entry_id: str) -> str:
         raise ValueError(f"{entry_id} is a refused run request or result, not an inbox event")
     if Dead.TRUNCATED.encode() in fields:
         raise ValueError(
-            f"{entry_id} kept only the first {Dead.FIELD_MAX} bytes of "
-            f"{fields[Dead.TRUNCATED.encode()].decode()}: publish the event again instead"
+            f"{entry_id} holds the event cut (fields over {Dead.FIELD_MAX:,} bytes cut, past "
+            f"{Dead.FIELDS_MAX} fields or {Dead.TOTAL_MAX:,} bytes in all left out: "
+            f"{fields[Dead.TRUNCATED.encode()].decode() or 'names too long to list'}): publish "
+            "the event again instead"
         )
     original: dict[Any, Any] = original_fields(fields)
     # The event again, as the same event: without an `id` of its own, its first entry's id is
@@ -777,16 +779,14 @@ async def _follow_duplicates(
             )
 
 
+PUBLISH_WAIT_S = 60.0  # `publish --wait`'s --timeout unless given
+
+
 async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     """Publish; list the runs the event will make; with --wait, their outcomes once ended."""
     from supersede.client import DeadLettered, WaitTimeout, get_run, publish_runs, wait_for_run
 
-    try:
-        data = orjson.loads(args.data)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"the event's data is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError('the event\'s data must be a JSON object, e.g. \'{"userId": "u1"}\'')
+    data = _checked_publish(args)
     entry, planned, known = await publish_runs(
         redis, args.name, data, id=args.id, namespace=keys.namespace
     )
@@ -842,6 +842,21 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
         except (RedisError, OSError, asyncio.CancelledError) as exc:  # (Ctrl-C: cancelled)
             raise NotFollowed(entry, [row["run"] for row in runs if row["run"]], exc) from None
     return {"entry": entry, "runs": runs}
+
+
+def _checked_publish(args: argparse.Namespace) -> dict[str, Any]:
+    """`publish`'s arguments checked (--timeout only with --wait, set to its default there);
+    the event's data."""
+    if args.timeout is not None and not args.wait:
+        raise ValueError("--timeout is how long --wait waits: give --wait too")
+    args.timeout = PUBLISH_WAIT_S if args.timeout is None else args.timeout
+    try:
+        data = orjson.loads(args.data)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"the event's data is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError('the event\'s data must be a JSON object, e.g. \'{"userId": "u1"}\'')
+    return data
 
 
 def _warn_no_run(name: str, known: list[str]) -> None:
@@ -918,6 +933,8 @@ async def _run(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
 
 
 async def _cancel(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
+    if args.id and (args.workflow or args.key is not None):
+        raise ValueError("cancel takes ID, or --workflow and --key, not both")
     scripts = Scripts(redis, keys)
     if args.id:
         await require_run(redis, keys, args.id)

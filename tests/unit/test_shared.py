@@ -384,6 +384,7 @@ def test_cpu_lists_read_as_numbers_and_ranges() -> None:
         (["ingress", "--batch", "many"], "argument --batch: not an integer: 'many'"),
         (["ingress", "--metrics-port", "70000"], "argument --metrics-port: not a port: 70000"),
         (["keda", "m", "--lag", "-3"], "argument --lag: -3 is out of range: at least 1"),
+        (["retire", ""], "argument workflow: the workflow must not be empty"),
     ],
 )
 def test_a_bad_number_on_the_command_line_is_one_line_naming_the_flag(
@@ -403,6 +404,27 @@ def test_a_bad_number_on_the_command_line_is_one_line_naming_the_flag(
     assert (ok.max_groups, ok.metrics_port, ok.min_retention) == (0, 0, 300)
     # (`serve` runs an executor too: its process isolation has the executor's --kill-after)
     assert build_parser().parse_args(["serve", "m", "--kill-after", "7"]).kill_after == 7
+    # --log-level after the command too (it was an error there)
+    assert build_parser().parse_args(["status", "--log-level", "debug"]).log_level == "DEBUG"
+    assert build_parser().parse_args(["--log-level", "error", "status"]).log_level == "ERROR"
+
+
+async def test_arguments_a_command_would_ignore_are_refused() -> None:
+    """`cancel ID --workflow W --key K` cancelled ID and ignored the rest; `publish --timeout`
+    without --wait ignored the timeout. Both are refused, before anything is written."""
+    from typing import Any
+
+    from supersede.services import ops
+    from supersede.services.cli import build_parser
+
+    redis: Any = None  # (refused before any call)
+    keys = Keys("ns", 1)
+    cancel = build_parser().parse_args(["cancel", "0-1", "--workflow", "w", "--key", "k"])
+    with pytest.raises(ValueError, match="ID, or --workflow and --key, not both"):
+        await ops.COMMANDS["cancel"](redis, keys, cancel)
+    publish = build_parser().parse_args(["publish", "e", "{}", "--timeout", "5"])
+    with pytest.raises(ValueError, match="give --wait too"):
+        await ops.COMMANDS["publish"](redis, keys, publish)
 
 
 async def test_a_cancelled_run_is_never_current() -> None:
