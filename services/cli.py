@@ -49,23 +49,9 @@ def _log_level(value: str) -> str:
 
 
 def _admission(args: argparse.Namespace, settings: Settings) -> None:
-    from supersede.services.admission.service import AdmissionConfig, serve
+    from supersede.services.admission.service import serve
 
-    config = AdmissionConfig(
-        batch=args.batch,
-        block_ms=args.block_ms,
-        reap_interval=args.reap_interval,
-        claim_idle_ms=args.claim_idle_ms,
-        retention_ms=int(args.retention * 1000),
-        max_ended_runs=args.max_ended_runs,
-        min_retention_ms=int(args.min_retention * 1000),
-        max_groups=args.max_groups,
-        assign_deadline_ms=int(args.assign_deadline * 1000),
-        dead_retention_ms=int(args.dead_retention * 1000),
-        max_dead_letters=args.max_dead_letters,
-        trim_interval=args.trim_interval,
-        forget_consumers_ms=_ms(args.forget_consumers_after),
-    )
+    config = _admission_config(args)
     run_until_signal(
         lambda stop: serve(settings, config, stop), args.metrics_port, _host(args, settings),
         service="admission",
@@ -73,23 +59,129 @@ def _admission(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _ingress(args: argparse.Namespace, settings: Settings) -> None:
-    from supersede.services.ingress.service import IngressConfig, serve
+    from supersede.services.ingress.service import serve
 
-    config = IngressConfig(
-        batch=args.batch,
-        block_ms=args.block_ms,
-        claim_idle_ms=args.claim_idle_ms,
-        dedup_window_ms=int(args.dedup_window * 1000),
-        max_dedup_ids=args.max_dedup_ids,
-        max_payload=args.max_payload,
-        max_dead_letters=args.max_dead_letters,
-        trim_interval=args.trim_interval,
-        forget_consumers_ms=_ms(args.forget_consumers_after),
-    )
+    config = _ingress_config(args)
     run_until_signal(
         lambda stop: serve(settings, config, stop), args.metrics_port, _host(args, settings),
         service="ingress",
     )  # fmt: skip
+
+
+def _retention_flags(parser: argparse.ArgumentParser) -> None:
+    """What bounds the runs and groups admission keeps (`admission` and `serve`)."""
+    parser.add_argument(
+        "--retention",
+        type=_SECONDS,
+        default=86_400,
+        help="seconds to keep ended runs, unless a workflow sets its own `retention` "
+        "(default 86400)",
+    )
+    parser.add_argument(
+        "--max-ended-runs",
+        type=_CAP,
+        default=1_000_000,
+        help="ended runs kept per workflow at most (enforced per shard: this / the shard "
+        "count), the oldest deleted first whatever the retention; bounds memory at any rate "
+        "(default 1000000; 0: no cap)",
+    )
+    parser.add_argument(
+        "--min-retention",
+        type=_SECONDS_OR_ZERO,
+        default=300,
+        help="seconds an ended run is kept at least, whatever the retention or the cap: its "
+        "record is what recognises a redelivered event (default 300)",
+    )
+    parser.add_argument(
+        "--max-groups",
+        type=_CAP,
+        default=1_000_000,
+        help="concurrency groups remembered at most (their newest runs and fence; enforced per "
+        "shard: this / the shard count), the least recently admitting idle ones forgotten "
+        "first, none within --min-retention; bounds memory at any rate of new keys "
+        "(default 1000000; 0: no cap)",
+    )
+
+
+def _dead_letter_flags(parser: argparse.ArgumentParser) -> None:
+    """What bounds the dead letters admission keeps (`admission` and `serve`)."""
+    parser.add_argument(
+        "--dead-retention", type=_SECONDS, default=7 * 86_400, help="seconds to keep dead letters"
+    )
+    parser.add_argument(
+        "--max-dead-letters",
+        type=_CAP,
+        default=100_000,
+        help="dead letters kept at most, the newest (each at most about 20 KiB: every field "
+        "cut to 4 KiB, all to 16 KiB); bounds memory under a flood of bad input (default "
+        "100000; 0: no cap)",
+    )
+
+
+def _event_flags(parser: argparse.ArgumentParser) -> None:
+    """What bounds the event ids ingress remembers and the entries it takes (`ingress` and
+    `serve`)."""
+    parser.add_argument(
+        "--dedup-window",
+        type=_SECONDS_OR_ZERO,
+        default=86_400,
+        help="seconds an explicit event id is remembered",
+    )
+    parser.add_argument(
+        "--max-dedup-ids",
+        type=_CAP,
+        default=1_000_000,
+        help="explicit event ids remembered at most (enforced per shard: this / the shard "
+        "count), the oldest forgotten first, none within 5 minutes of its event; bounds "
+        "memory at any rate (default 1000000; 0: no cap)",
+    )
+    parser.add_argument("--max-payload", type=_COUNT, default=1 << 20, help="bytes per inbox entry")
+
+
+def _admission_config(args: argparse.Namespace) -> Any:
+    """The AdmissionConfig of the flags given; a flag a command lacks (`serve` has only the
+    bounds) keeps its default."""
+    from supersede.services.admission.service import AdmissionConfig
+
+    given = vars(args)
+    fields: dict[str, Any] = {
+        "batch": given.get("batch"),
+        "block_ms": given.get("block_ms"),
+        "reap_interval": given.get("reap_interval"),
+        "claim_idle_ms": given.get("claim_idle_ms"),
+        "retention_ms": int(args.retention * 1000),
+        "max_ended_runs": args.max_ended_runs,
+        "min_retention_ms": int(args.min_retention * 1000),
+        "max_groups": args.max_groups,
+        "dead_retention_ms": int(args.dead_retention * 1000),
+        "max_dead_letters": args.max_dead_letters,
+        "trim_interval": given.get("trim_interval"),
+    }
+    if "assign_deadline" in given:
+        fields["assign_deadline_ms"] = int(args.assign_deadline * 1000)
+    if "forget_consumers_after" in given:
+        fields["forget_consumers_ms"] = _ms(args.forget_consumers_after)
+    return AdmissionConfig(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _ingress_config(args: argparse.Namespace) -> Any:
+    """The IngressConfig of the flags given (see `_admission_config`)."""
+    from supersede.services.ingress.service import IngressConfig
+
+    given = vars(args)
+    fields: dict[str, Any] = {
+        "batch": given.get("batch"),
+        "block_ms": given.get("block_ms"),
+        "claim_idle_ms": given.get("claim_idle_ms"),
+        "dedup_window_ms": int(args.dedup_window * 1000),
+        "max_dedup_ids": args.max_dedup_ids,
+        "max_payload": args.max_payload,
+        "max_dead_letters": args.max_dead_letters,
+        "trim_interval": given.get("trim_interval"),
+    }
+    if "forget_consumers_after" in given:
+        fields["forget_consumers_ms"] = _ms(args.forget_consumers_after)
+    return IngressConfig(**{k: v for k, v in fields.items() if v is not None})
 
 
 def _run_flags(parser: argparse.ArgumentParser) -> None:
@@ -151,7 +243,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
     async def main(stop: asyncio.Event) -> None:
         from supersede.services.serve import all_in_one
 
-        await all_in_one(settings, workflows, config, stop)
+        await all_in_one(
+            settings, workflows, config, stop,
+            admission_config=_admission_config(args), ingress_config=_ingress_config(args),
+        )  # fmt: skip
 
     run_until_signal(main, args.metrics_port, _host(args, settings), service="all-in-one")
 
@@ -522,54 +617,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=30_000,
         help="take over entries another admission process left pending this long",
     )
-    adm.add_argument(
-        "--retention",
-        type=_SECONDS,
-        default=86_400,
-        help="seconds to keep ended runs, unless a workflow sets its own `retention` "
-        "(default 86400)",
-    )
-    adm.add_argument(
-        "--max-ended-runs",
-        type=_CAP,
-        default=1_000_000,
-        help="ended runs kept per workflow at most (enforced per shard: this / the shard "
-        "count), the oldest deleted first whatever the retention; bounds memory at any rate "
-        "(default 1000000; 0: no cap)",
-    )
-    adm.add_argument(
-        "--min-retention",
-        type=_SECONDS_OR_ZERO,
-        default=300,
-        help="seconds an ended run is kept at least, whatever the retention or the cap: its "
-        "record is what recognises a redelivered event (default 300)",
-    )
-    adm.add_argument(
-        "--max-groups",
-        type=_CAP,
-        default=1_000_000,
-        help="concurrency groups remembered at most (their newest runs and fence; enforced per "
-        "shard: this / the shard count), the least recently admitting idle ones forgotten "
-        "first, none within --min-retention; bounds memory at any rate of new keys "
-        "(default 1000000; 0: no cap)",
-    )
+    _retention_flags(adm)
     adm.add_argument(
         "--assign-deadline",
         type=_SECONDS,
         default=30.0,
         help="seconds an assigned run may wait unclaimed before it gets a fresh assignment",
     )
-    adm.add_argument(
-        "--dead-retention", type=_SECONDS, default=7 * 86_400, help="seconds to keep dead letters"
-    )
-    adm.add_argument(
-        "--max-dead-letters",
-        type=_CAP,
-        default=100_000,
-        help="dead letters kept at most, the newest (each at most about 20 KiB: every field "
-        "cut to 4 KiB, all to 16 KiB); bounds memory under a flood of bad input (default "
-        "100000; 0: no cap)",
-    )
+    _dead_letter_flags(adm)
     adm.add_argument(
         "--trim-interval",
         type=_SECONDS,
@@ -601,21 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=30_000,
         help="take over entries another ingress process left pending this long",
     )
-    ing.add_argument(
-        "--dedup-window",
-        type=_SECONDS_OR_ZERO,
-        default=86_400,
-        help="seconds an explicit event id is remembered",
-    )
-    ing.add_argument(
-        "--max-dedup-ids",
-        type=_CAP,
-        default=1_000_000,
-        help="explicit event ids remembered at most (enforced per shard: this / the shard "
-        "count), the oldest forgotten first, none within 5 minutes of its event; bounds "
-        "memory at any rate (default 1000000; 0: no cap)",
-    )
-    ing.add_argument("--max-payload", type=_COUNT, default=1 << 20, help="bytes per inbox entry")
+    _event_flags(ing)
     ing.add_argument(
         "--max-dead-letters",
         type=_CAP,
@@ -686,6 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="0 disables /metrics (default 9104)",
     )
     one.add_argument("--metrics-host", default=None, help=METRICS_HOST_HELP)
+    _retention_flags(one)  # (what bounds its memory, as the separate services')
+    _dead_letter_flags(one)
+    _event_flags(one)
     one.set_defaults(func=_serve)
 
     def ops_parser(name: str, help_text: str) -> argparse.ArgumentParser:

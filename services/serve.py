@@ -95,6 +95,8 @@ async def all_in_one(
     *,
     ingress: Callable[[asyncio.Event], Awaitable[None]] | None = None,
     hand_off: bool = True,
+    admission_config: AdmissionConfig | None = None,
+    ingress_config: IngressConfig | None = None,
 ) -> None:
     """`supersede serve` until `stop`. Ingress starts once the executor registered its
     workflows (an event no workflow listens to yet would be acknowledged, not run) and
@@ -102,8 +104,12 @@ async def all_in_one(
     does alone), and admission last, once the executor's results are applied. A part that fails
     sets `stop`, so the others stop the same way, and its error is raised once they have.
     `ingress` stands in for the ingress service (tests); `hand_off` False: every request and
-    assignment crosses its stream, as between separate services."""
-    await _AllInOne(settings, workflows, config, stop, ingress, hand_off).run()
+    assignment crosses its stream, as between separate services. `admission_config` and
+    `ingress_config`: the parts' settings (their retention and caps), their defaults if None."""
+    part = _AllInOne(settings, workflows, config, stop, ingress, hand_off)
+    part.admission_config = admission_config or AdmissionConfig()
+    part.ingress_config = ingress_config or IngressConfig()
+    await part.run()
 
 
 class _AllInOne:
@@ -128,6 +134,8 @@ class _AllInOne:
         self.executor: Executor | None = None
         self.admission: Admission | None = None
         self.failures: list[Exception] = []  # in the order they happened
+        self.admission_config = AdmissionConfig()
+        self.ingress_config = IngressConfig()
 
     async def run(self) -> None:
         await asyncio.gather(
@@ -160,11 +168,11 @@ class _AllInOne:
         return self.executor
 
     def _make_admission(self, redis: Redis) -> Admission:
-        self.admission = Admission(redis, self.settings, AdmissionConfig())
+        self.admission = Admission(redis, self.settings, self.admission_config)
         return self.admission
 
     def _make_ingress(self, redis: Redis) -> Ingress:
-        part = Ingress(redis, self.settings, IngressConfig())
+        part = Ingress(redis, self.settings, self.ingress_config)
         if self.hand_off and self.admission is not None and self.executor is not None:
             part.sink = HandOff(self.admission, self.executor, self.stop, self.drained)
         return part

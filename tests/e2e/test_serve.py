@@ -217,6 +217,28 @@ async def test_a_handed_over_run_is_retried_after_serve_is_killed(
     assert done.state == "SUCCEEDED" and done.attempt == 2
 
 
+async def test_serve_takes_the_bounds_of_the_separate_services(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """`serve` had no --retention, --max-dead-letters, --max-payload, ...: the README's sizing
+    of memory could not be applied to it. Its admission and ingress take them: an event over
+    --max-payload is dead-lettered, and the dead letters are capped at --max-dead-letters."""
+    await _serve(system, redis, keys, APP, "--max-payload", "200", "--max-dead-letters", "3",
+                 "--retention", "600", "--max-dedup-ids", "100")  # fmt: skip
+    for i in range(10):
+        data = f'{{"i": {i}, "pad": "{"x" * 300}"}}'
+        await redis.xadd(keys.events_stream, {"name": "work.item", "data": data})
+
+    async def capped() -> bool:  # (all 10 dead-lettered, the oldest trimmed by admission)
+        letters = await redis.xrange(keys.dead_stream)
+        reasons = {f[b"reason"] for _, f in letters}
+        return (
+            reasons == {b"too_large"} and len(letters) <= 3 and b'"i": 9' in letters[-1][1][b"data"]
+        )
+
+    await eventually(capped, timeout=30)
+
+
 async def test_a_request_the_admit_call_refuses_goes_through_the_stream(
     redis: Redis, redis_url: str, keys: Keys
 ) -> None:
