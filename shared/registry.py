@@ -358,12 +358,24 @@ async def register_all(
     return wfs
 
 
+LOAD_TRIES = 10  # reads of the registry, while changes come between its epoch's two reads
+
+
 async def load_all(redis: Redis, keys: Keys) -> tuple[int, dict[str, WorkflowDef], dict[str, str]]:
-    """(epoch, valid definitions by id, errors by id) as stored now."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.get(keys.registry_epoch)
-        pipe.hgetall(keys.workflows_hash)
-        epoch, raw = await pipe.execute()
+    """(epoch, valid definitions by id, errors by id) as stored now. Not a transaction: a
+    server at its maxmemory refuses a MULTI however read-only (`status`, admission's trim and
+    ingress's reload failed exactly when memory was full). The epoch is read before and after,
+    and read again while a change (each bumps it in its script) came between."""
+    for _ in range(LOAD_TRIES):
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.registry_epoch)
+            pipe.hgetall(keys.workflows_hash)
+            pipe.get(keys.registry_epoch)
+            epoch, raw, after = await pipe.execute()
+        if epoch == after:
+            break
+    else:
+        raise RuntimeError(f"the registry changed during each of {LOAD_TRIES} reads")
     defs: dict[str, WorkflowDef] = {}
     errors: dict[str, str] = {}
     for wid, body in raw.items():

@@ -214,3 +214,23 @@ async def test_retire_refuses_a_workflow_an_older_executor_reads(redis: Redis, k
     with pytest.raises(ValueError, match="executor-old-1 read its assignments lately"):
         await retire(redis, keys, "chat-reply")
     assert await redis.hget(keys.workflows_hash, "chat-reply") is not None
+
+
+async def test_the_registry_reads_at_maxmemory(redis: Redis, keys: Keys) -> None:
+    """A server at its maxmemory (noeviction) refuses a MULTI, read-only or not: the registry
+    was read in one, so `status`, admission's trim (which frees memory) and ingress's reload
+    failed exactly when memory was full. It is read without one, and as it is."""
+    from supersede.services import ops
+
+    await register(redis, keys, definition())
+    used = int((await redis.info("memory"))["used_memory"])
+    await redis.config_set("maxmemory", used // 2)
+    try:
+        with pytest.raises(Exception, match=r"used memory > .maxmemory"):  # (it refuses writes)
+            await redis.set(f"{keys.namespace}:test:x", "x")
+        epoch, defs, errors = await load_all(redis, keys)
+        assert list(defs) == ["chat-reply"] and not errors and epoch == 1
+        status = await ops.COMMANDS["status"](redis, keys, None)
+        assert "chat-reply" in str(status)
+    finally:
+        await redis.config_set("maxmemory", 0)
