@@ -35,7 +35,7 @@ _BASE = _words("ping hello select cluster|slots cluster|shards command readonly 
 # Redis 7.2 and later: client libraries announce their name and version on connect.
 SETINFO = "client|setinfo"
 # What a service does on every start: pin the shard count, load its scripts.
-_SERVICE = _words("hget hsetnx evalsha script|load")
+_SERVICE = _words("hget hsetnx evalsha script|load info")  # (info: maxmemory-policy)
 # Reading the registry: one MULTI/EXEC of its hashes and epoch.
 _REGISTRY = _words("multi exec get hgetall")
 _CONSUMER = _words("xreadgroup xack xautoclaim xpending xgroup|create xinfo|groups")

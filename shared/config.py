@@ -284,6 +284,21 @@ def _tls_hint(url: str, exc: BaseException) -> str:
     return ""
 
 
+async def eviction_policy(redis: Redis) -> str | None:
+    """The server's maxmemory-policy when it evicts keys (anything but `noeviction`), else
+    None; None too when INFO is refused (an ACL user from before services had it)."""
+    try:
+        info = await redis.info("memory")
+    except redis_sync.RedisError:
+        return None
+    nodes = [info] if "maxmemory_policy" in info else list(info.values())  # (a cluster's)
+    for node in nodes:
+        policy = node.get("maxmemory_policy") if isinstance(node, dict) else None
+        if policy and policy != "noeviction":
+            return str(policy)
+    return None
+
+
 async def check_server(redis: Redis, url: str) -> None:
     """One PING before a process starts its work: an unreachable server, refused credentials
     or a failed TLS handshake become a ConfigError of one line that names the setting (later

@@ -33,6 +33,7 @@ from supersede.config import (
     check_server,
     check_shard_count,
     connect,
+    eviction_policy,
     pin_shard_count,
     redact,
     refusal,
@@ -509,6 +510,14 @@ async def serve(
     redis = connect(settings.redis_url)
     try:
         await check_server(redis, settings.redis_url)
+        policy = await eviction_policy(redis)
+        if policy is not None:  # (BullMQ's check: managed servers often default to an LRU)
+            logging.getLogger("supersede").error(
+                f"Redis evicts keys when its memory is full (maxmemory-policy {policy}): run "
+                "records, groups and streams can vanish without a trace, and their events with "
+                'them; set maxmemory-policy noeviction (README, "What Redis holds")',
+                extra={"redis": redact(settings.redis_url)},
+            )
         await make(redis).run(stop)
     finally:
         await redis.aclose()

@@ -700,3 +700,27 @@ async def test_failing_debounce_timers_and_a_lost_config_are_seen_to(
     finally:
         proc.kill()
         proc.wait(5)
+
+
+async def test_a_service_on_a_server_that_evicts_keys_says_so(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """A server whose maxmemory-policy evicts keys (managed servers often default to an LRU)
+    lost a shard's run records under memory pressure, and their events with them, without a
+    line anywhere. A service says so as it starts, naming the policy to set."""
+    await redis.config_set("maxmemory-policy", "allkeys-lru")
+    proc = start_admission(redis_url, keys, "--metrics-port", "0", stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(
+            asyncio.to_thread(lambda: next(ln for ln in proc.stderr if b"maxmemory" in ln)), 30
+        )
+    finally:
+        await redis.config_set("maxmemory-policy", "noeviction")
+        proc.kill()
+        proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    text = line.decode()
+    assert "maxmemory-policy allkeys-lru" in text and "set maxmemory-policy noeviction" in text
+    assert '"level":"error"' in text
