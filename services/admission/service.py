@@ -393,10 +393,7 @@ class Admission(Service):
                 # (the entry's other requests, if any, are acknowledged by the call that
                 # admits them: acknowledged now, they would be lost to a crash before it)
                 last = all(entry_id != bad_id for entry_id, _ in items)
-                detail = exc.detail
-                if exc.reason == Reason.MALFORMED and detail.isidentifier():  # (a field's name)
-                    noun = "request" if kind == "admit" else "result"
-                    detail = f"the packed {noun}'s field {detail!r} is missing or invalid"
+                detail = _detail(kind, exc, bad_payload)
                 await self._reject(stream, kind, bad_id, fields, exc.reason, detail, ack=last)
                 pending = [part for part in pending if part[2]]
                 continue
@@ -661,6 +658,25 @@ class Admission(Service):
             self.redis, list(self._streams), ADMISSION_GROUP, self.config.claim_idle_ms
         )
         await asyncio.gather(*(one(s) for s in stale))
+
+
+def _detail(kind: str, exc: ScriptError, payload: bytes) -> str:
+    """A refused item's dead-letter detail, in words: the script says only a field's name, or
+    nothing (an unknown run)."""
+    noun = "request" if kind == "admit" else "result"
+    if exc.reason == Reason.MALFORMED and exc.detail.isidentifier():  # (a field's name)
+        return f"the packed {noun}'s field {exc.detail!r} is missing or invalid"
+    if exc.reason == Reason.UNKNOWN_RUN and not exc.detail:
+        try:
+            body = codec.unpack(payload)
+            which = f"run {body['id']!r}, attempt {body['a']}"
+        except Exception:
+            which = "its run"
+        return (
+            f"a {noun} of {which}, whose record is gone (deleted after its retention, or lost "
+            "with the server's data)"
+        )
+    return exc.detail
 
 
 def _chunks(parts: list[Part], size: int) -> list[list[Part]]:

@@ -163,7 +163,8 @@ async def test_a_bad_entry_is_dead_lettered_and_the_batch_still_lands(
     letters = await redis.xrange(keys.dead_stream)
     reasons = sorted(f[b"reason"] for _, f in letters)
     assert reasons == [b"malformed", b"malformed", b"malformed", b"unknown_run"]
-    details = {f[b"detail"].decode() for _, f in letters}  # (they said "no payload", "g")
+    details = {f[b"detail"].decode() for _, f in letters}  # (they said "no payload", "g", "")
+    assert f"a result of run '{shard}-nope', attempt 1, whose record is gone" in " ".join(details)
     assert "no `rs` (an array of packed requests) or `r` (one packed request) field" in details
     assert "the packed request's field 'g' is missing or invalid" in details, details
     # (the bad entries are dead-lettered before the good one is admitted again on its own)
