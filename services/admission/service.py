@@ -578,24 +578,21 @@ class Admission(Service):
         queued: dict[str, int] = {}
         active = 0
         lag = dict.fromkeys(("requests", "results", "assignments"), 0)
+        # (the runs assigned and not claimed, from the counts: the streams also hold the
+        # entries of runs cancelled since, which a pool need not scale for: a key's superseded
+        # assignments read as 2,000 waiting runs for one)
         backlog = dict.fromkeys(workflows, 0)
         per_shard = 5 + 2 * len(workflows)
         for i in range(0, len(replies), per_shard):
-            counts = replies[i] if isinstance(replies[i], dict) else {}
-            for field, n in counts.items():
-                workflow, _, state = field.decode().rpartition("|")
-                if state == "Q":
-                    queued[workflow] = queued.get(workflow, 0) + int(n)
-                elif state in ("A", "R"):  # (runs without a limit are in no active zset)
-                    active += int(n)
+            active += _tally(replies[i] if isinstance(replies[i], dict) else {}, queued, backlog)
             lag["requests"] += group_backlog(replies[i + 1], ADMISSION_GROUP, replies[i + 2]) or 0
             lag["results"] += group_backlog(replies[i + 3], ADMISSION_GROUP, replies[i + 4]) or 0
-            for j, wf in enumerate(workflows):
+            for j in range(len(workflows)):
                 groups, length = replies[i + 5 + 2 * j], replies[i + 6 + 2 * j]
                 # No group yet (no executor of it ever started): every entry waits.
                 found = group_backlog(groups, EXECUTOR_GROUP, length)
-                backlog[wf] += length if found is None and isinstance(length, int) else found or 0
-        lag["assignments"] = sum(backlog.values())
+                unread = length if found is None and isinstance(length, int) else found or 0
+                lag["assignments"] += unread
         for workflow in self._gauged_workflows - set(queued):
             metrics.QUEUED.labels(workflow).set(0)
         for workflow, n in queued.items():
@@ -658,6 +655,22 @@ class Admission(Service):
             self.redis, list(self._streams), ADMISSION_GROUP, self.config.claim_idle_ms
         )
         await asyncio.gather(*(one(s) for s in stale))
+
+
+def _tally(counts: dict[bytes, Any], queued: dict[str, int], assigned: dict[str, int]) -> int:
+    """Add a shard's counts (`workflow|state` -> runs) to the queued runs of each workflow and
+    the assigned ones of each in `assigned`; the shard's active runs (runs without a limit are
+    in no active zset)."""
+    active = 0
+    for field, n in counts.items():
+        workflow, _, state = field.decode().rpartition("|")
+        if state == "Q":
+            queued[workflow] = queued.get(workflow, 0) + int(n)
+        elif state in ("A", "R"):
+            active += int(n)
+            if state == "A" and workflow in assigned:
+                assigned[workflow] += int(n)
+    return active
 
 
 def _detail(kind: str, exc: ScriptError, payload: bytes) -> str:

@@ -545,6 +545,18 @@ async def test_gauges_report_queue_depth_per_workflow_active_runs_and_lag(
     assert metrics.ACTIVE._value.get() == 1
     assert metrics.STREAM_LAG.labels("assignments")._value.get() == 1  # nobody read it yet
     assert metrics.ASSIGNMENT_BACKLOG.labels("gauged")._value.get() == 1  # (nor has a group)
+    # A key whose assigned run is superseded again and again: the stream holds every
+    # assignment, the backlog the one run that waits (it was the stream's: 5)
+    await register(redis, keys, {"id": "latest", "events": ["latest.event"]})
+    for i in range(5):
+        shard, req = make_request(keys, workflow="latest", event=f"l{i}", seq=10 + i, key="k")
+        await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
+        await eventually(
+            lambda req=req, shard=shard: _states_are(redis, keys, ["A"], [(shard, req)])
+        )
+    await service.update_gauges()
+    assert metrics.STREAM_LAG.labels("assignments")._value.get() == 1 + 5
+    assert metrics.ASSIGNMENT_BACKLOG.labels("latest")._value.get() == 1
 
 
 async def _running_with_results(redis: Redis, keys: Keys, n: int) -> list[tuple[int, RunRequest]]:
