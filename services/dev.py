@@ -38,8 +38,10 @@ from urllib.parse import parse_qsl, urlsplit
 import orjson
 from redis.asyncio import Redis
 
+from supersede import codec
 from supersede.config import Settings, check_server, connect, redact
 from supersede.errors import ConfigError
+from supersede.keys import Keys
 from supersede.protocol import RunRecord, RunState, Strategy
 from supersede.registry import WorkflowDef
 from supersede.server import (
@@ -442,10 +444,25 @@ def _ui_port(text: str) -> int:
     return port
 
 
-async def _reachable(url: str) -> None:
+async def _reachable(url: str, keys: Keys | None = None, own: Sequence[str] = ()) -> None:
+    """The server answers; with `keys` (a server of the user's, not the embedded one), its
+    namespace holds no workflow but `own`: dev registers its workflows and publishes demo
+    events, and left them beside a live deployment's (a probe: in the default namespace)."""
     redis = connect(url)
     try:
         await check_server(redis, url)
+        if keys is None:
+            return
+        stored = [codec.text(wid) for wid in await redis.hkeys(keys.workflows_hash)]
+        others = sorted(wid for wid in stored if wid not in own)
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise ConfigError(
+                f"namespace {keys.namespace!r} at {redact(url)} holds workflows dev does not "
+                f"define ({shown}): dev would register its own beside them and publish its "
+                "events there; set SUPERSEDE_NAMESPACE to one of its own, or unset "
+                "SUPERSEDE_REDIS_URL for the embedded server"
+            )
     finally:
         await redis.aclose()
 
@@ -484,8 +501,9 @@ def main(argv: list[str] | None = None) -> None:
         # A bad module is one line before any service starts; it is imported with the URL its
         # executor will have, since a module may read it at import (the README's fencing one).
         os.environ["SUPERSEDE_REDIS_URL"] = settings.redis_url
-        load_modules(args.module)
-        asyncio.run(_reachable(settings.redis_url))  # (one line, before any service starts)
+        own = [wf.id for wf in load_modules(args.module or [DEMO])]
+        # (one line, before any service starts)
+        asyncio.run(_reachable(settings.redis_url, None if server else settings.keys, own))
         code = asyncio.run(
             run(
                 settings,

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from supersede.keys import Keys
+
 
 def _descendants(pid: int) -> set[int]:
     """Processes below `pid` now (from /proc: only what this test started, nothing else)."""
@@ -286,3 +288,30 @@ def test_dev_serves_a_module_that_reads_the_server_url_at_import(tmp_path: Path)
     err = done.stderr.decode()
     assert done.returncode == 2 and f"{tmp_path / 'broken.py'}:3: " in err, err
     assert "NO_SUCH_SETTING" in err and "Traceback" not in err
+
+
+async def test_dev_on_a_server_of_yours_keeps_out_of_a_namespace_with_other_workflows(
+    redis_url: str, keys: Keys
+) -> None:
+    """With SUPERSEDE_REDIS_URL set, dev registered its demo workflows, and published demo
+    events, in a namespace a deployment served (the default one), and left them there. It
+    refuses a namespace holding workflows it does not define, naming the setting; its own
+    (an earlier dev run's) are fine."""
+    from supersede.config import connect
+    from supersede.registry import register
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    env.update(SUPERSEDE_REDIS_URL=redis_url, SUPERSEDE_NAMESPACE=keys.namespace,
+               SUPERSEDE_SHARDS=str(keys.shards))  # fmt: skip
+    client = connect(redis_url)
+    try:
+        await register(client, keys, {"id": "theirs", "events": ["their.event"]})
+        cmd = [sys.executable, "-m", "supersede", "dev", "--duration", "1", "--ui-port", "0"]
+        done = subprocess.run(cmd, env=env, capture_output=True, timeout=120)
+        err = done.stderr.decode()
+        assert done.returncode == 2 and "Traceback" not in err, err[-2000:]
+        assert "holds workflows dev does not define (theirs)" in err
+        assert "SUPERSEDE_NAMESPACE" in err.strip().splitlines()[-1]
+        assert await client.hkeys(keys.workflows_hash) == [b"theirs"]  # (nothing registered)
+    finally:
+        await client.aclose()
