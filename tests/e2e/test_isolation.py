@@ -284,23 +284,7 @@ async def test_a_drain_deadline_stops_an_async_step_that_swallows_its_cancel(
     kept the process for the step's whole length, past its leases and beside its retry. The
     cancel is repeated: the executor exits within moments of the deadline."""
     module = tmp_path / "swallows.py"
-    module.write_text(
-        "import asyncio, os\n"
-        "from supersede import Workflow\n"
-        "from supersede.config import connect_sync\n"
-        "r = connect_sync(os.environ['SUPERSEDE_REDIS_URL'])\n"
-        "LOG = os.environ['SUPERSEDE_NAMESPACE'] + ':test:log'\n"
-        "wf = Workflow('swallows', on_events=['swallows.go'])\n"
-        "@wf.step()\n"
-        "async def hold(ctx):\n"
-        "    r.rpush(LOG, f'started:{ctx.run_id}:0:0')\n"
-        "    for _ in range(2):  # (two cancels swallowed, as a library may)\n"
-        "        try:\n"
-        "            await asyncio.sleep(60)\n"
-        "        except asyncio.CancelledError:\n"
-        "            pass\n"
-        "    await asyncio.sleep(60)\n"
-    )
+    _swallows_two_cancels(module, "swallows")
     system.start("admission", "--block-ms", "100")
     executor = system.start("executor", str(module), "--drain-timeout", "1")
     await eventually(lambda: _registered(redis, keys, 1), timeout=30)
@@ -319,24 +303,11 @@ async def test_a_step_timeout_stops_an_async_step_that_swallows_its_cancel(
     is repeated until the step is left, and a step left after its timeout timed out, however
     it left (here: by its next CancelledError, or by returning)."""
     module = tmp_path / "slow.py"
-    module.write_text(
-        "import asyncio, os\n"
-        "from supersede import Workflow\n"
-        "from supersede.config import connect_sync\n"
-        "r = connect_sync(os.environ['SUPERSEDE_REDIS_URL'])\n"
-        "LOG = os.environ['SUPERSEDE_NAMESPACE'] + ':test:log'\n"
-        "wf = Workflow('slow', on_events=['slow.go'])\n"
-        "@wf.step(timeout=0.3)\n"
-        "async def hold(ctx):\n"
-        "    r.rpush(LOG, f'started:{ctx.run_id}:0:0')\n"
-        "    for _ in range(2):  # (two cancels swallowed, as a library may)\n"
-        "        try:\n"
-        "            await asyncio.sleep(60)\n"
-        "        except asyncio.CancelledError:\n"
-        "            pass\n"
-        "    if ctx.input['returns']:\n"
-        "        return 'late'\n"
-        "    await asyncio.sleep(60)\n"
+    _swallows_two_cancels(
+        module,
+        "slow",
+        step="timeout=0.3",
+        then="    if ctx.input['returns']:\n        return 'late'\n",
     )
     await _serve(redis, keys, system, module, slots=4)
     await _publish(redis, keys, "slow.go", returns=False)
@@ -345,6 +316,30 @@ async def test_a_step_timeout_stops_an_async_step_that_swallows_its_cancel(
     recs = (await _recs(redis, keys)).values()
     assert [r["st"] for r in recs] == ["F", "F"]
     assert all("timed out after 0.3s" in str(r["err"]) for r in recs), recs
+
+
+def _swallows_two_cancels(module: Path, workflow: str, *, step: str = "", then: str = "") -> None:
+    """Write `module`: workflow `workflow` (event `<workflow>.go`) of one async step,
+    `@wf.step(<step>)`, that swallows two cancels (as a library may), runs `then`, and then
+    sleeps a minute."""
+    module.write_text(
+        "import asyncio, os\n"
+        "from supersede import Workflow\n"
+        "from supersede.config import connect_sync\n"
+        "r = connect_sync(os.environ['SUPERSEDE_REDIS_URL'])\n"
+        "LOG = os.environ['SUPERSEDE_NAMESPACE'] + ':test:log'\n"
+        f"wf = Workflow({workflow!r}, on_events=['{workflow}.go'])\n"
+        f"@wf.step({step})\n"
+        "async def hold(ctx):\n"
+        "    r.rpush(LOG, f'started:{ctx.run_id}:0:0')\n"
+        "    for _ in range(2):\n"
+        "        try:\n"
+        "            await asyncio.sleep(60)\n"
+        "        except asyncio.CancelledError:\n"
+        "            pass\n"
+        f"{then}"
+        "    await asyncio.sleep(60)\n"
+    )
 
 
 async def _registered(redis: Redis, keys: Keys, n: int) -> bool:
