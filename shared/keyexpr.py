@@ -27,7 +27,8 @@ KeyFn = Callable[[Any, Any], str]
 # Comprehension macros: each walks a list or map of the input. One is linear in the input's size
 # (which max_payload bounds); one inside another is quadratic, so a hostile event could make a
 # key cost seconds on the ingress loop. They are refused at registration.
-_MACRO = re.compile(r"\.\s*(map|filter|all|exists|exists_one)\s*\(")
+# (existsOne: the library's other spelling of exists_one)
+_MACRO = re.compile(r"\.\s*(map|filter|all|exists|exists_one|existsOne)\s*\(")
 _PATH = re.compile(r"^\s*(input|metadata)((?:\.[A-Za-z_][A-Za-z0-9_]*)+)\s*$")
 
 
@@ -137,7 +138,7 @@ def _check_cost(expression: str, field: str, *, strict: bool = True) -> None:
 
 _TARGET = re.compile(
     r"\b(input|metadata)((?:\s*\.\s*[A-Za-z_][A-Za-z0-9_]*)*?)\s*\.\s*"
-    r"(?:map|filter|all|exists|exists_one)\s*\("
+    r"(?:map|filter|all|exists|exists_one|existsOne)\s*\("
 )
 
 
@@ -262,8 +263,8 @@ def _fields_read(code: str) -> dict[str, frozenset[str] | None]:
     for use in _roots(code):
         root = use.group(1)
         name = _FIELD.match(code, use.end())
-        if name is None:
-            out[root] = None
+        if name is None or code[name.end() :].lstrip().startswith("("):
+            out[root] = None  # (the map as one, or a method of it: `input.size()`)
         elif root not in out or out[root] is not None:
             out.setdefault(root, set()).add(name.group(1))  # type: ignore[union-attr]
     return {root: None if fields is None else frozenset(fields) for root, fields in out.items()}
@@ -349,7 +350,8 @@ def _trial(program: Any, expression: str, field: str, check: Callable[[Any], Any
 # variables a comprehension binds; and the names CEL itself gives a meaning.
 _IDENT = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_]*)\b(?!\s*\()")
 _BOUND = re.compile(
-    r"\.\s*(?:map|filter|all|exists|exists_one)\s*\(\s*([A-Za-z_]\w*)\s*,(?:\s*([A-Za-z_]\w*)\s*,)?"
+    r"\.\s*(?:map|filter|all|exists|exists_one|existsOne)\s*\(\s*([A-Za-z_]\w*)\s*,"
+    r"(?:\s*([A-Za-z_]\w*)\s*,)?"
 )
 _KNOWN = frozenset(
     {"input", "metadata", "true", "false", "null", "in", "int", "uint", "double", "bool",

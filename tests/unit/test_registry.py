@@ -193,6 +193,8 @@ def test_the_field_path_fast_path_agrees_with_cel(data: dict[str, Any], path: li
         "input.a.all(x, input.b == input.c) ? 'y' : 'n'",
         "input.a.exists(x, x == metadata.m) ? 'y' : 'n'",
         "input.a.map(x, size( input )).size() > 0 ? 'y' : 'n'",
+        "input.a.existsOne(x, x == input.b) ? 'y' : 'n'",  # (the library's other spelling)
+        "input.a.existsOne(x, input.b.exists(y, y == x)) ? 'y' : 'n'",
     ],
 )
 def test_a_key_expression_whose_cost_can_outgrow_its_input_is_refused(expression: str) -> None:
@@ -237,6 +239,12 @@ def test_one_pass_comprehensions_and_macro_names_in_strings_are_fine() -> None:
         "metadata.m + input . a",
         "size(metadata) == 1 ? input.a : 'n'",
         "input.b.c == 2 ? 'two' : 'no'",
+        # a method of the map itself: the whole map (they read a field named size, exists...)
+        "string(input.size())",
+        "input.exists(k, k == 'k') ? 'y' : 'n'",
+        "input.all(k, k != 'x') ? 'y' : 'n'",
+        "input.filter(k, k.startsWith('a')).size() > 0 ? 'y' : 'n'",
+        "string(metadata.size()) + input.a",
     ],
 )
 def test_an_expression_given_only_the_fields_it_reads_gives_what_cel_gives(
