@@ -481,24 +481,28 @@ class Runner:
                 handle = loop.call_later(RECANCEL_AFTER if sent == 1 else RECANCEL_EVERY, expire)
 
         handle = loop.call_later(timeout, expire)
+        failure: BaseException | None = None
         try:
             output = await coro
         except BaseException as exc:
-            cancelled = isinstance(exc, asyncio.CancelledError)
-            if not sent or (cancelled and task.cancelling() > sent):
-                raise  # the step's own failure; a cancel of the run, or a shutdown
-            raise TimeoutError(f"step {name!r} timed out after {timeout}s") from (
-                None if cancelled else exc  # (what a library made of the CancelledError)
-            )
+            if not sent:
+                raise  # the step's own failure (or a cancel of the run, or a shutdown)
+            failure = exc
         finally:
             inside = False
             if handle is not None:
                 handle.cancel()
+            others = task.cancelling() > sent  # a cancel of the run, or a shutdown, came too
             for _ in range(sent):
                 task.uncancel()
-        if sent:  # (it swallowed every cancel, and returned)
-            raise TimeoutError(f"step {name!r} timed out after {timeout}s")
-        return output
+        if not sent:
+            return output
+        if others:  # (it wins, however the step left: swallowed, returned, or another error)
+            if isinstance(failure, asyncio.CancelledError):
+                raise failure
+            raise asyncio.CancelledError
+        cause = None if isinstance(failure, asyncio.CancelledError) else failure
+        raise TimeoutError(f"step {name!r} timed out after {timeout}s") from cause
 
     async def _in_process(self, step: Step, run: Running) -> Any:
         """A step in a worker process (isolation "process"): a cancel or its timeout stops it
@@ -510,8 +514,10 @@ class Runner:
             "w": ctx.workflow, "a": ctx.attempt, "in": ctx.input, "md": ctx.metadata,
             "ev": ctx.event, "ei": ctx.event_id, "k": ctx.key, "f": str(ctx.fence),
             "o": ctx.outputs, "ca": ctx.claimed_at, "mf": module_file(step.fn.__module__),
-            # (the lease check of still_current(): claimed at, lease; see lease_held)
-            "cm": run.started, "ls": 0 if self.renewed_at is None else self.config.lease_ms / 1000,
+            # (the lease check of still_current(), as the executor's: claimed at, lease; none
+            # for a run without a group, current until cancelled; see lease_held)
+            "cm": run.started,
+            "ls": 0 if self.renewed_at is None or run.fence_at is None else self.config.lease_ms / 1000,
         }  # fmt: skip
         if run.fence_at is not None and self.keys is not None:
             shard, group = run.fence_at

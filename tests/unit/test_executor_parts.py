@@ -238,3 +238,43 @@ def test_queue_wait_runs_from_the_assignment_to_the_read(monkeypatch: Any) -> No
     claimer.start_taken([(0, entry, Claim("0-r", True))], 0, now)
     after = observed()
     assert abs(after[0] - before[0] - 2.5) < 0.01 and abs(after[1] - before[1] - 2.5) < 0.01
+
+
+async def test_a_step_timeout_repeats_its_cancel_and_a_shutdown_beside_it_wins() -> None:
+    """A step that swallows its timeout's cancels and returns, or turns them into another
+    error, timed out; with a shutdown's (or a run's) cancel beside the timeout it was reported
+    a timeout all the same (FAILED, or retried during the drain) and left a cancel counted on
+    the task. The other cancel wins, whatever the step did; the task's count is clean after."""
+    import asyncio
+    import contextlib
+
+    from supersede.services.executor.steps import Runner
+
+    async def swallows(n: int, then: str) -> str:
+        for _ in range(n):
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(10)
+        if then == "raise":
+            raise RuntimeError("a library's own error")
+        return "late"
+
+    async def step(then: str, shutdown_at: float | None) -> tuple[str, int]:
+        task = asyncio.current_task()
+        assert task is not None
+        if shutdown_at is not None:
+            asyncio.get_running_loop().call_later(shutdown_at, task.cancel)
+        try:
+            await Runner._timed(swallows(3, then), "s", 0.05, repeat=True)
+        except BaseException as exc:
+            left = type(exc).__name__
+        else:
+            left = "returned"
+        return left, task.cancelling()
+
+    async def run(then: str, shutdown_at: float | None) -> tuple[str, int]:
+        return await asyncio.create_task(step(then, shutdown_at))
+
+    assert await run("return", None) == ("TimeoutError", 0)  # (swallowed three, returned)
+    assert await run("raise", None) == ("TimeoutError", 0)
+    assert await run("return", 0.12) == ("CancelledError", 1)  # (the shutdown's, still counted)
+    assert await run("raise", 0.12) == ("CancelledError", 1)
