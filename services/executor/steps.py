@@ -516,9 +516,10 @@ class Runner:
             "o": ctx.outputs, "ca": ctx.claimed_at, "mf": module_file(step.fn.__module__),
             # (the lease check of still_current(), as the executor's: claimed at, lease; none
             # for a run without a group, current until cancelled; see lease_held)
-            "cm": run.started,
-            "ls": 0 if self.renewed_at is None or run.fence_at is None else self.config.lease_ms / 1000,
+            "cm": run.started, "ls": 0,
         }  # fmt: skip
+        if self.renewed_at is not None and run.fence_at is not None:
+            job["ls"] = self.config.lease_ms / 1000
         if run.fence_at is not None and self.keys is not None:
             shard, group = run.fence_at
             job.update(fk=self.keys.shard(shard).fences_hash, g=group, s=f"{ctx.fence:032x}")
