@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -140,26 +139,10 @@ def _load_object(raw: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-_ENTRY_ID = re.compile(rb"(\d{1,20})-(\d{1,20})")
-
-
-def _check_id(event_id: str, raw_id: bytes | None, entry_id: bytes) -> None:
-    """Refuse an empty or over-long `id`, or one shaped like a stream entry id later than the
-    entry's own."""
+def _check_id(event_id: str, raw_id: bytes | None) -> None:
+    """Refuse an empty or over-long `id`."""
     if not event_id or len(raw_id or b"") > Inbox.MAX_ID_BYTES:
         raise BadEvent(Reason.BAD_ID, f"`id` must be 1..{Inbox.MAX_ID_BYTES} bytes")
-    shaped = _ENTRY_ID.fullmatch(raw_id) if raw_id is not None else None
-    if shaped is None:
-        return
-    ms, _, seq = entry_id.partition(b"-")
-    if (int(shaped[1]), int(shaped[2])) > (int(ms), int(seq or 0)):
-        raise BadEvent(
-            Reason.BAD_ID,
-            f"`id` {event_id!r} is shaped like an inbox entry id later than this entry's own "
-            f"({entry_id.decode()}): an event without an `id` is known by its entry id, so "
-            "taking a later one would make that event's runs this one's (a replay carries an "
-            "earlier one); use ids of another form",
-        )
 
 
 def entry_size(fields: dict[bytes, bytes]) -> int:
@@ -195,7 +178,7 @@ def parse_event(
         raise BadEvent(
             Reason.BAD_ENCODING, "`name`, `id` or `only_workflow` is not valid UTF-8"
         ) from None
-    _check_id(event_id, raw_id, entry_id)
+    _check_id(event_id, raw_id)
     encoding = fields.get(Inbox.ENCODING, Inbox.JSON)
     raw_data = fields.get(Inbox.DATA)
     if raw_data is None:
