@@ -23,6 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from supersede import codec
+from supersede.errors import SupersedeError
 from supersede.keys import Keys
 from supersede.model import group_id, run_id, shard_of_group, shard_of_run
 from supersede.protocol import (
@@ -783,8 +784,9 @@ PUBLISH_WAIT_S = 60.0  # `publish --wait`'s --timeout unless given
 
 
 async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
-    """Publish; list the runs the event will make; with --wait, their outcomes once ended."""
-    from supersede.client import DeadLettered, WaitTimeout, get_run, publish_runs, wait_for_run
+    """Publish; list the runs the event will make; with --wait, their outcomes once ended.
+    Whatever fails once the event is published (Redis, Ctrl-C) says it was, with its ids."""
+    from supersede.client import publish_runs
 
     data = _checked_publish(args)
     entry, planned, known = await publish_runs(
@@ -795,9 +797,27 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     runs: list[dict[str, Any]] = [
         {"workflow": p.workflow, "key": p.key, "run": p.run_id} for p in planned
     ]
-    explicit = entry if args.id else None
-    if explicit:
-        await _follow_duplicates(redis, keys, args.id, runs, explicit)
+    try:
+        await _follow_published(redis, keys, args, entry, runs, args.name in known)
+    except (RedisError, OSError, SupersedeError, asyncio.CancelledError) as exc:  # (Ctrl-C)
+        raise NotFollowed(entry, [row["run"] for row in runs if row["run"]], exc) from None
+    return {"entry": entry, "runs": runs}
+
+
+async def _follow_published(
+    redis: Redis,
+    keys: Keys,
+    args: argparse.Namespace,
+    entry: str,
+    runs: list[dict[str, Any]],
+    listened: bool,
+) -> None:
+    """`publish` once the event is in the inbox: an --id published before leads to the first
+    event's runs; with --wait, each row gets its run's outcome (or the dead letter)."""
+    from supersede.client import DeadLettered, WaitTimeout, get_run, wait_for_run
+
+    if args.id:
+        await _follow_duplicates(redis, keys, args.id, runs, entry)
 
     async def wait(row: dict[str, Any]) -> None:
         try:
@@ -823,25 +843,22 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
         row["outputs"] = codec.jsonable(run.outputs)
         row["cancelled_by"] = run.cancelled_by
 
-    if args.wait and args.name in known:  # (before ingress started too: it may start meanwhile)
-        # A workflow that listens but whose key fails for this data makes no run: its row
-        # waits for the dead letter ingress writes for it.
-        _, defs, _ = await load_all(redis, keys)
-        planned_for = {row["workflow"] for row in runs}
-        refused = [
-            {"workflow": wf.id, "key": None, "run": None}
-            for wf in sorted(defs.values(), key=lambda w: w.id)
-            if args.name in wf.events and wf.id not in planned_for
-        ]
-        runs.extend(refused)
-        try:
-            await asyncio.gather(
-                *(wait(row) for row in runs if row["run"]),
-                *(_wait_dead_letter(redis, keys, entry, row, args.timeout) for row in refused),
-            )
-        except (RedisError, OSError, asyncio.CancelledError) as exc:  # (Ctrl-C: cancelled)
-            raise NotFollowed(entry, [row["run"] for row in runs if row["run"]], exc) from None
-    return {"entry": entry, "runs": runs}
+    if not (args.wait and listened):  # (before ingress started too: it may start meanwhile)
+        return
+    # A workflow that listens but whose key fails for this data makes no run: its row waits
+    # for the dead letter ingress writes for it.
+    _, defs, _ = await load_all(redis, keys)
+    planned_for = {row["workflow"] for row in runs}
+    refused = [
+        {"workflow": wf.id, "key": None, "run": None}
+        for wf in sorted(defs.values(), key=lambda w: w.id)
+        if args.name in wf.events and wf.id not in planned_for
+    ]
+    runs.extend(refused)
+    await asyncio.gather(
+        *(wait(row) for row in runs if row["run"]),
+        *(_wait_dead_letter(redis, keys, entry, row, args.timeout) for row in refused),
+    )
 
 
 def _checked_publish(args: argparse.Namespace) -> dict[str, Any]:

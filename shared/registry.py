@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from supersede.errors import DefinitionError, WorkflowRejected, describe
+from supersede.errors import DefinitionError, SupersedeError, WorkflowRejected, describe
 from supersede.keyexpr import compile_key, compile_limit
 from supersede.keys import Keys
 from supersede.model import ConcurrencySpec
@@ -375,7 +375,7 @@ async def load_all(redis: Redis, keys: Keys) -> tuple[int, dict[str, WorkflowDef
         if epoch == after:
             break
     else:
-        raise RuntimeError(f"the registry changed during each of {LOAD_TRIES} reads")
+        raise SupersedeError(f"the registry changed during each of {LOAD_TRIES} reads; try again")
     defs: dict[str, WorkflowDef] = {}
     errors: dict[str, str] = {}
     for wid, body in raw.items():
