@@ -249,7 +249,7 @@ class Batch:
     dead: list[dict[Any, Any]] = field(default_factory=list)
     unrouted: int = 0
     spans: list[Any] = field(default_factory=list)  # one per run requested (tracing on)
-    bytes: int = 0  # of its entries (see entry_size)
+    largest: int = 0  # bytes of its largest entry (see entry_size)
 
 
 class WriteFailed(Exception):
@@ -441,13 +441,13 @@ class Ingress(Service):
         return batches
 
     def _fit_reads(self, batch: Batch) -> None:
-        """Ask the next read for as many entries as READ_BYTES holds of entries the size of
-        this batch's, at most twice as many as this one and --batch: reads are bounded by
+        """Ask the next read (and take-over) for as many entries as READ_BYTES holds of this
+        batch's largest, at most twice as many as this one and --batch: reads are bounded by
         count, and a backlog of large entries (anyone may XADD them; those over --max-payload
         are dead-lettered, but read first) took a gigabyte of memory a read. The first read
         asks for FIRST_READ; back to --batch within a few reads once entries are small."""
-        each = batch.bytes // max(1, len(batch.entries))
-        self.count = max(1, min(self.config.batch, 2 * self.count, READ_BYTES // max(1, each)))
+        fits = READ_BYTES // max(1, batch.largest)
+        self.count = max(1, min(self.config.batch, 2 * self.count, fits))
 
     async def handle(self, entries: Sequence[Entry]) -> None:
         """Route and write one batch of inbox entries."""
@@ -473,7 +473,8 @@ class Ingress(Service):
 
     def _route_entry(self, batch: Batch, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         size = entry_size(fields)
-        batch.bytes += size
+        if size > batch.largest:
+            batch.largest = size
         event = parse_event(entry_id, fields, self.config.max_payload, size)
         routes = self.routes.get(event.name)
         if routes and event.only is not None:
@@ -650,7 +651,7 @@ class Ingress(Service):
             self.keys.events_stream,
             INGRESS_GROUP,
             self.config.claim_idle_ms,
-            self.config.batch,
+            self.count,  # (what the reads ask for: the entries another ingress died on, maybe)
             handle,
         )
 
