@@ -501,6 +501,9 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+_EVICTION_SAID: list[str] = []  # the evicting policy a service of this process logged
+
+
 async def serve(
     make: Callable[[Redis], Service],
     settings: Settings,
@@ -511,7 +514,8 @@ async def serve(
     try:
         await check_server(redis, settings.redis_url)
         policy = await eviction_policy(redis)
-        if policy is not None:  # (BullMQ's check: managed servers often default to an LRU)
+        if policy is not None and not _EVICTION_SAID:  # (BullMQ's: managed servers use LRUs)
+            _EVICTION_SAID.append(policy)  # (once a process: `serve`'s three parts)
             logging.getLogger("supersede").error(
                 f"Redis evicts keys when its memory is full (maxmemory-policy {policy}): run "
                 "records, groups and streams can vanish without a trace, and their events with "
