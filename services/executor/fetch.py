@@ -581,7 +581,7 @@ class Fetcher:
             try:
                 await self._subscribe(pubsub)
                 failures, refused = 0, False
-                await self._listen(pubsub)
+                await self._listen(pubsub, stop)
             except asyncio.CancelledError:
                 raise
             except ResponseError as exc:  # no SSUBSCRIBE, or no right to these channels
@@ -604,13 +604,15 @@ class Fetcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), pause)
 
-    async def _listen(self, pubsub: PubSub) -> None:
-        """Ring for each bell until the connection fails. A connection that goes silent (a dead
+    async def _listen(self, pubsub: PubSub, stop: asyncio.Event) -> None:
+        """Ring for each bell until the connection fails, or `stop` (a cancel that lands in
+        redis-py's get_message may be swallowed: one executor of fifteen never exited after
+        its drain, its bells' connection pinging on). A connection that goes silent (a dead
         host, a cut network) is found by a PING after BELLS_PING_EVERY seconds without a
         message, unanswered for as long again: the reads have socket timeouts, this one waits
         for messages with none."""
         pinged = False
-        while True:
+        while not stop.is_set():
             message = await pubsub.get_message(timeout=BELLS_PING_EVERY)
             if message is not None:
                 pinged = False

@@ -178,9 +178,7 @@ class Executor(Service):
         finally:
             drained.set()
             await self.leases.stop()
-            for task in [*loops, writer]:
-                task.cancel()
-            await asyncio.gather(*loops, writer, return_exceptions=True)
+            await _cancelled({*loops, writer})
             self.runner.close()
 
     async def drain(self, deadline: float | None = None) -> None:
@@ -221,6 +219,25 @@ class Executor(Service):
                     "pid": os.getpid(),
                 },
             )
+
+
+STOP_TASKS_WITHIN = 10.0  # seconds the loops have to end once cancelled, the cancel repeated
+
+
+async def _cancelled(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel `tasks` and wait for them to end, cancelling again every 0.1 s those that go on
+    (redis-py may swallow a cancel that lands inside a call: a task that never ends keeps the
+    process from exiting); after STOP_TASKS_WITHIN, log those that still did not."""
+    pending = set(tasks)
+    end = time.monotonic() + STOP_TASKS_WITHIN
+    while pending and time.monotonic() < end:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+    if pending:
+        logging.getLogger("supersede.executor").error(
+            "executor tasks did not stop", extra={"tasks": sorted(t.get_name() for t in pending)}
+        )
 
 
 async def _in_daemon_thread(call: Callable[[], object], timeout: float) -> None:

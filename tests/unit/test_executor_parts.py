@@ -278,3 +278,41 @@ async def test_a_step_timeout_repeats_its_cancel_and_a_shutdown_beside_it_wins()
     assert await run("raise", None) == ("TimeoutError", 0)
     assert await run("return", 0.12) == ("CancelledError", 1)  # (the shutdown's, still counted)
     assert await run("raise", 0.12) == ("CancelledError", 1)
+
+
+async def test_the_bells_listener_ends_at_stop_though_its_cancel_is_swallowed(
+    monkeypatch: Any,
+) -> None:
+    """redis-py's get_message may swallow the CancelledError that lands in it: the listener
+    went on pinging its connection (answered) forever, and the executor never exited after
+    its drain (a probe: one stop in fifteen). It ends once `stop` is set."""
+    import asyncio
+    import contextlib
+
+    from supersede.services.executor import fetch
+
+    monkeypatch.setattr(fetch, "BELLS_PING_EVERY", 0.02)
+
+    class Swallowing:  # (a connection that answers every PING)
+        pinged = False
+
+        async def get_message(self, timeout: float) -> Any:
+            with contextlib.suppress(asyncio.CancelledError):  # (as redis-py may)
+                await asyncio.sleep(timeout)
+            if self.pinged:
+                self.pinged = False
+                return {"type": "pong", "data": b""}
+            return None
+
+        async def ping(self) -> None:
+            self.pinged = True
+
+    fake: Any = type("F", (), {"_ring": lambda self, message: None})()
+    stop = asyncio.Event()
+    task = asyncio.create_task(fetch.Fetcher._listen(fake, Swallowing(), stop))
+    await asyncio.sleep(0.1)
+    assert not task.done()
+    stop.set()
+    task.cancel()  # (swallowed)
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert done
