@@ -120,15 +120,19 @@ class Dead:
     STREAM = "stream"  # set for refused requests and results; inbox events have none
     WORKFLOW = "workflow"
     TRUNCATED = "truncated"  # names of the original fields cut or left out, comma separated
+    ESCAPED = "escaped"  # "1": an original field's name is escaped (see ESCAPE)
 
     FIELD_MAX = 4096  # bytes of each original field a dead letter keeps
     TOTAL_MAX = 16_384  # bytes of original fields (names and values) a dead letter keeps in all
     FIELDS_MAX = 64  # original fields a dead letter keeps at most
     TRUNCATED_MAX = 1024  # bytes of the names listed in TRUNCATED (whole names only)
-    ADDED = frozenset(f.encode() for f in (REASON, DETAIL, ENTRY, STREAM, WORKFLOW, TRUNCATED))
+    ADDED = frozenset(
+        f.encode() for f in (REASON, DETAIL, ENTRY, STREAM, WORKFLOW, TRUNCATED, ESCAPED)
+    )
     # An original field named like one of ADDED, or starting with ESCAPE, is kept as ESCAPE +
-    # its name (a producer's `workflow` field made a whole event's letter read as one
-    # workflow's; its `reason` was overwritten)
+    # its name, and the letter says so in ESCAPED (a producer's `workflow` field made a whole
+    # event's letter read as one workflow's; its `reason` was overwritten). Only such a letter
+    # is unescaped: one of a build before, or without such a field, is replayed as it is.
     ESCAPE = b"~"
 
 
@@ -631,11 +635,11 @@ def dead_letter(
             room -= len(name) + keep
     if truncated:  # (even when no name fits the list: such a dead letter cannot be replayed)
         body[Dead.TRUNCATED] = b",".join(cut).decode("utf-8", "replace")
-    body.update({Dead.REASON: str(reason), Dead.DETAIL: detail[:2000], Dead.ENTRY: entry_id})
-    if stream is not None:
-        body[Dead.STREAM] = stream
-    if workflow:
-        body[Dead.WORKFLOW] = workflow
+    added = {Dead.REASON: str(reason), Dead.DETAIL: detail[:2000], Dead.ENTRY: entry_id,
+             Dead.STREAM: stream, Dead.WORKFLOW: workflow or None}  # fmt: skip
+    if any(isinstance(k, bytes) and k.startswith(Dead.ESCAPE) for k in body):
+        added[Dead.ESCAPED] = "1"  # (only an escaped name starts with it now)
+    body.update((k, v) for k, v in added.items() if v is not None)
     return body
 
 
@@ -647,8 +651,9 @@ def _escaped(name: Any) -> Any:
 
 def original_fields(dead: dict[bytes, bytes]) -> dict[bytes, bytes]:
     """The fields of the entry a dead letter copied (to replay it)."""
+    escaped = Dead.ESCAPED.encode() in dead
     return {
-        (k[1:] if k.startswith(Dead.ESCAPE) else k): v
+        (k[1:] if escaped and k.startswith(Dead.ESCAPE) else k): v
         for k, v in dead.items()
         if k not in Dead.ADDED
     }

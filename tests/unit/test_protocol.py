@@ -145,7 +145,14 @@ def test_a_dead_letter_keeps_original_fields_named_like_its_own_apart() -> None:
     assert as_stored[b"reason"] == "bad_json" and b"workflow" not in as_stored
     assert b"stream" not in as_stored and b"truncated" not in as_stored
     assert as_stored[b"~reason"] == b"mine" and as_stored[b"~~x"] == b"tilde"
+    assert as_stored[b"escaped"] == "1"
     assert original_fields(as_stored) == fields
+    # a letter with no such field is not marked (an older build's CLI replays it as it is);
+    # one of a build before the escaping keeps its fields' names, `~` and all
+    plain = dead_letter({b"name": b"chat", b"data": b"{"}, b"1-0", protocol.Reason.BAD_JSON, "")
+    assert "escaped" not in plain
+    older = {b"name": b"chat", b"~k": b"v", b"reason": b"bad_json", b"entry": b"1-0"}
+    assert original_fields(older) == {b"name": b"chat", b"~k": b"v"}
 
 
 def test_a_dead_letter_of_a_flood_of_fields_or_one_huge_name_stays_small_and_unreplayable() -> None:
