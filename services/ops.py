@@ -23,7 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from supersede import codec
-from supersede.errors import SupersedeError
+from supersede.errors import DefinitionError, SupersedeError
 from supersede.keys import Keys
 from supersede.model import group_id, run_id, shard_of_group, shard_of_run
 from supersede.protocol import (
@@ -37,7 +37,7 @@ from supersede.protocol import (
     RunState,
     original_fields,
 )
-from supersede.registry import WorkflowDef, load_all
+from supersede.registry import WorkflowDef, load_all, parse
 from supersede.scripts import Scripts
 from supersede.streams import unread
 from supersede.trim import consumed_below, stream_id
@@ -622,6 +622,7 @@ async def status(redis: Redis, keys: Keys, live_idle_ms: int = 5000) -> dict[str
             for w in sorted(per_workflow)
         },
         "invalid_workflows": invalid,
+        "refused_workflows": _refused_now(defs),
         "streams": lags,
         "dead_letters": int(await redis.xlen(keys.dead_stream))
         if await redis.exists(keys.dead_stream)
@@ -635,6 +636,19 @@ async def status(redis: Redis, keys: Keys, live_idle_ms: int = 5000) -> dict[str
         },
         "at_ms": int(time.time() * 1000),
     }
+
+
+def _refused_now(defs: dict[str, WorkflowDef]) -> dict[str, str]:
+    """The stored definitions ingress serves but an executor of this build would refuse to
+    register (a rule added since they were stored): id -> why. No executor of this build can
+    serve them until they change."""
+    refused = {}
+    for wid, wf in sorted(defs.items()):
+        try:
+            parse(wf.to_dict())
+        except DefinitionError as exc:
+            refused[wid] = str(exc)
+    return refused
 
 
 def _definition_summary(wf: WorkflowDef | None) -> dict[str, Any]:

@@ -197,6 +197,11 @@ def status(s: dict[str, Any]) -> str:
     out.append(table(body, heads, wrap=4, keep=(0,)) if body else "(no workflows registered)")
     for name, error in (s.get("invalid_workflows") or {}).items():
         out.append(f"invalid stored workflow {name}: {error}")
+    for name, error in (s.get("refused_workflows") or {}).items():
+        out.append(
+            f"workflow {name} is served as stored, but executors of this build refuse its "
+            f"definition ({error}): change it before upgrading them"
+        )
     streams = s.get("streams", {})
     lag_rows = [[n, v.get("lag"), v.get("pending")] for n, v in streams.items()]
     out += ["", table(lag_rows, ["stream", "unread", "pending"])]

@@ -234,3 +234,27 @@ async def test_the_registry_reads_at_maxmemory(redis: Redis, keys: Keys) -> None
         assert "chat-reply" in str(status)
     finally:
         await redis.config_set("maxmemory", 0)
+
+
+async def test_status_names_a_stored_definition_this_build_would_refuse(
+    redis: Redis, keys: Keys
+) -> None:
+    """A definition an older build stored, which this build refuses at registration (a
+    comprehension reading the event): ingress serves it, but no executor of this build can
+    register it, and status only showed its runs waiting. It says why."""
+    from supersede.registry import parse
+    from supersede.scripts import Scripts
+    from supersede.services import ops
+    from supersede.services.render import render
+
+    expression = "input.a.exists(x, x in input.b) ? 'y' : 'n'"
+    wf = parse(definition(concurrency={"expression": expression}), strict=False)
+    body = orjson.dumps(wf.stored_body())
+    await Scripts(redis, keys).register_workflows([(wf.id, wf.version, body, wf.retention)])
+    status = await ops.status(redis, keys)
+    assert "reads `input` inside its arguments" in status["refused_workflows"][wf.id]
+    assert f"workflow {wf.id} is served as stored, but executors of this build refuse" in render(
+        "status", status
+    )
+    await register(redis, keys, definition(id="fine"))
+    assert list((await ops.status(redis, keys))["refused_workflows"]) == [wf.id]
