@@ -99,6 +99,11 @@ class ServerStartError(RuntimeError):
         self.log = log
 
 
+def port_taken(exc: ServerStartError) -> bool:
+    """Whether a start failed because a port of the server was taken before it bound it."""
+    return any(words in f"{exc} {exc.log}" for words in _TAKEN)
+
+
 class EmbeddedServer:
     """A server process on a free loopback port with its data in a temporary folder."""
 
@@ -135,8 +140,7 @@ class EmbeddedServer:
             try:
                 return self._start(timeout)
             except ServerStartError as exc:
-                taken = any(words in f"{exc} {exc.log}" for words in _TAKEN)
-                if not (taken and self.ports and not self.served and attempt < 2):
+                if not (port_taken(exc) and self.ports and not self.served and attempt < 2):
                     raise
             os.makedirs(self.dir, exist_ok=True)  # (a failed first start removed it)
             self.port = self.ports()

@@ -3,6 +3,7 @@ certificates, for the tests (issue 14, item 1)."""
 
 from __future__ import annotations
 
+import os
 import ssl
 import subprocess
 import tempfile
@@ -20,6 +21,7 @@ from supersede.server import (
     find_server_binary,
     free_cluster_port,
     free_port,
+    port_taken,
 )
 
 
@@ -114,7 +116,10 @@ class TlsCluster:
     def __init__(self, masters: int = 3) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="supersede-tls-cluster-"))
         self.certs = make_certs(self.dir)
-        self.nodes = [EmbeddedServer(port=free_cluster_port()) for _ in range(masters)]
+        self.nodes = [
+            EmbeddedServer(port=free_cluster_port(), ports=free_cluster_port)
+            for _ in range(masters)
+        ]
         # with tls-cluster the bus port is the TLS port + 10000
         self.tls_ports = [free_cluster_port() for _ in range(masters)]
 
@@ -124,18 +129,23 @@ class TlsCluster:
 
     def start(self, timeout: float = 30.0) -> TlsCluster:
         c = self.certs
-        for node, tls_port in zip(self.nodes, self.tls_ports, strict=True):
-            node.extra_args = [
-                "--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
-                "--cluster-config-file", str(Path(node.dir) / "nodes.conf"),
-                "--tls-port", str(tls_port), "--tls-cluster", "yes",
-                "--tls-cert-file", str(c.server_cert), "--tls-key-file", str(c.server_key),
-                "--tls-ca-cert-file", str(c.ca), "--tls-auth-clients", "yes",
-            ]  # fmt: skip
-            try:
-                node.start()
-            except ServerStartError as exc:
-                raise RuntimeError(f"{exc}; its log ends with:\n{exc.log}") from None
+        for i, node in enumerate(self.nodes):
+            for attempt in range(3):  # (a port another test session took first: another)
+                node.extra_args = [
+                    "--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
+                    "--cluster-config-file", str(Path(node.dir) / "nodes.conf"),
+                    "--tls-port", str(self.tls_ports[i]), "--tls-cluster", "yes",
+                    "--tls-cert-file", str(c.server_cert), "--tls-key-file", str(c.server_key),
+                    "--tls-ca-cert-file", str(c.ca), "--tls-auth-clients", "yes",
+                ]  # fmt: skip
+                try:
+                    node.start()
+                    break
+                except ServerStartError as exc:
+                    if attempt == 2 or not port_taken(exc):
+                        raise RuntimeError(f"{exc}; its log ends with:\n{exc.log}") from None
+                    os.makedirs(node.dir, exist_ok=True)  # (a failed start removed it)
+                    self.tls_ports[i] = free_cluster_port()
         cli = find_cli_binary(self.nodes[0].binary)
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
         create = [cli, "--cluster", "create", *addrs, "--cluster-yes"]
