@@ -280,6 +280,7 @@ def run_until_signal(
             if refused is None:
                 raise
             raise refused from None
+        await _end_leftover_tasks(service)
 
     tune_gc()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
@@ -309,6 +310,35 @@ def exit_past_stuck_threads(service: str) -> None:
         "exiting with threads still running (a sync step past the drain deadline)",
         extra={"threads": len(stuck), "names": sorted(t.name for t in stuck)[:10]},
     )
+    _exit_now()
+
+
+LEFTOVER_TASKS_WITHIN = 2.0  # seconds the tasks left once a service stopped have to end
+
+
+async def _end_leftover_tasks(service: str) -> None:
+    """The service stopped: tasks it left running (a cancel a library swallowed, as
+    redis-py's client may; an async step that swallows every one) are cancelled again every
+    0.1 s for LEFTOVER_TASKS_WITHIN; those that still run end the process now (exit 0, as a
+    drained stop), since asyncio's own cancel at exit, once each, would wait for them for
+    good. A run such a task held is another executor's once its lease lapses."""
+    me = asyncio.current_task()
+    pending = {t for t in asyncio.all_tasks() if t is not me}
+    end = time.monotonic() + LEFTOVER_TASKS_WITHIN
+    while pending and time.monotonic() < end:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+    if pending:
+        logging.getLogger(f"supersede.{service}").warning(
+            "exiting with tasks that would not stop (a cancel swallowed)",
+            extra={"tasks": len(pending), "names": sorted(t.get_name() for t in pending)[:10]},
+        )
+        _exit_now()
+
+
+def _exit_now() -> None:
+    """Flush the logs and spans and end the process, exit 0 (see exit_past_stuck_threads)."""
     tracing.shutdown()
     logging.shutdown()
     with contextlib.suppress(Exception):

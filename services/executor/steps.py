@@ -128,6 +128,15 @@ class Running:
     in_async_step: bool = False
 
 
+def _stopped(run: Running) -> bool:
+    """A shutdown cancelled this run's task (the drain deadline passed): a cancel is counted
+    on it that is not the run's own. Its run is left to its lease, whatever the step made of
+    the CancelledError (a library's ConnectionError was retried past the deadline, or FAILED
+    the run, final; a step that swallowed it went on to its next step)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0 and not run.ctx.cancelled
+
+
 def readable(output: Any, step: str) -> bytes:
     """`output` as msgpack, once it is sure to read back: a map keyed by an array packs but does
     not unpack in Python (its key would be a list), and every reader of the run would fail."""
@@ -351,6 +360,8 @@ class Runner:
                 except BaseException as exc:
                     if isinstance(exc, WorkerTerminated) and await self._left_to_lease(run):
                         raise LeftToLease from None
+                    if _stopped(run):  # (a shutdown's cancel a library made another error of)
+                        raise asyncio.CancelledError from exc
                     if attempt < step.retries and not run.ctx.cancelled:  # (cancelled: no retry)
                         await asyncio.sleep(self.config.retry_backoff * 2**attempt)
                         continue
@@ -376,6 +387,8 @@ class Runner:
                 self.observe_cancel(run)
                 self.stage(run, "stopped")
                 return Outcome.CANCELLED, ""
+            if _stopped(run):  # (its step swallowed the shutdown's cancel: no later step starts)
+                raise asyncio.CancelledError
         return Outcome.SUCCEEDED, ""
 
     async def until_out_of_step(self, run: Running, first: float, within: float = math.inf) -> None:

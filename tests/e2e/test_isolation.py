@@ -276,15 +276,20 @@ async def test_a_cancel_stops_an_async_step_that_awaits_redis(
     assert not {rid for kind, rid, _, _ in notes if kind == "done"} & superseded
 
 
+@pytest.mark.parametrize("forever", [False, True])
 async def test_a_drain_deadline_stops_an_async_step_that_swallows_its_cancel(
-    redis: Redis, keys: Keys, system: System, tmp_path: Path
+    redis: Redis, keys: Keys, system: System, tmp_path: Path, forever: bool
 ) -> None:
     """Past the drain deadline the executor cancelled a step once, and the loop's last cancel
     at exit once more: a step that swallowed both (as redis-py's client does, two in three)
     kept the process for the step's whole length, past its leases and beside its retry. The
-    cancel is repeated: the executor exits within moments of the deadline."""
+    cancel is repeated: the executor exits within moments of the deadline. A step that
+    swallows every cancel kept it for good (asyncio's own cancel at exit waits for its task):
+    the process ends once such tasks have had two seconds more."""
     module = tmp_path / "swallows.py"
-    _swallows_two_cancels(module, "swallows")
+    swallow = "    while True:\n        try:\n            await asyncio.sleep(60)\n"
+    swallow += "        except asyncio.CancelledError:\n            pass\n"
+    _swallows_two_cancels(module, "swallows", then=swallow if forever else "")
     system.start("admission", "--block-ms", "100")
     executor = system.start("executor", str(module), "--drain-timeout", "1")
     await eventually(lambda: _registered(redis, keys, 1), timeout=30)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from supersede.services.executor import cancel
 from supersede.services.executor.config import ExecutorConfig
 
@@ -316,3 +318,59 @@ async def test_the_bells_listener_ends_at_stop_though_its_cancel_is_swallowed(
     task.cancel()  # (swallowed)
     done, _ = await asyncio.wait({task}, timeout=5)
     assert done
+
+
+@pytest.mark.parametrize(("retries", "then"), [(0, "raise"), (2, "raise"), (0, "return")])
+async def test_a_run_whose_step_fumbles_the_drains_cancel_is_left_to_its_lease(
+    retries: int, then: str
+) -> None:
+    """Past the drain deadline the run's task is cancelled; a step that turned the
+    CancelledError into another error (a library's ConnectionError) had its run FAILED, final,
+    or retried past the deadline (a review: 2 attempts, SUCCEEDED); one that swallowed it went
+    on to its next step. The run is left to its lease (nothing reported), and no step starts."""
+    import asyncio
+
+    from supersede.protocol import RunResult, pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Workflow
+
+    written: list[RunResult] = []
+    calls: list[str] = []
+
+    class Outbox:
+        def put(self, shard: int, result: RunResult) -> asyncio.Future[None]:
+            written.append(result)
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+    wf = Workflow("wf", on_events=["e"])
+
+    @wf.step(retries=retries)
+    async def first(ctx: Any) -> str:
+        calls.append("first")
+        if len(calls) > 1:
+            return "again"
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            if then == "raise":
+                raise ConnectionError("what a library made of the CancelledError") from None
+        return "swallowed"
+
+    @wf.step(parents=[first])
+    async def second(ctx: Any) -> None:
+        calls.append("second")
+
+    outbox: Any = Outbox()
+    runner = Runner([wf], ExecutorConfig(retry_backoff=0.01), outbox)
+    claim = Claim("0-a", True, 1, "wf", "v", pack_input({}, {}, "e", "1"), "k", "s", "R")
+    run = runner.start(0, claim)
+    assert run is not None and run.task is not None
+    await asyncio.sleep(0.05)
+    runner.stopping.set()
+    await runner.finish_running(0.0)  # (the drain deadline passed)
+    await asyncio.wait({run.task}, timeout=5)
+    assert run.task.done() and calls == ["first"] and written == []
+    runner.close()
