@@ -242,7 +242,7 @@ def test_one_pass_comprehensions_and_macro_names_in_strings_are_fine() -> None:
         # a method of the map itself: the whole map (they read a field named size, exists...)
         "string(input.size())",
         "input.exists(k, k == 'k') ? 'y' : 'n'",
-        "input.all(k, k != 'x') ? 'y' : 'n'",
+        "input.all(k, k != 'a') ? 'y' : 'n'",
         "input.filter(k, k.startsWith('a')).size() > 0 ? 'y' : 'n'",
         "string(metadata.size()) + input.a",
     ],
