@@ -651,7 +651,7 @@ def _escaped(name: Any) -> Any:
 
 def original_fields(dead: dict[bytes, bytes]) -> dict[bytes, bytes]:
     """The fields of the entry a dead letter copied (to replay it)."""
-    escaped = dead.get(Dead.ESCAPED.encode()) == b"1"
+    escaped = dead.get(Dead.ESCAPED.encode()) in (b"1", "1")  # (as stored, or as written)
     return {
         (k[1:] if escaped and k.startswith(Dead.ESCAPE) else k): v
         for k, v in dead.items()
