@@ -234,6 +234,9 @@ async def _cancelled(tasks: set[asyncio.Task[None]]) -> None:
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=0.1)
+    for task in tasks - pending:  # (read, as gather did: a loop's failure was logged by it)
+        if not task.cancelled():
+            task.exception()
     if pending:
         logging.getLogger("supersede.executor").error(
             "executor tasks did not stop", extra={"tasks": sorted(t.get_name() for t in pending)}
