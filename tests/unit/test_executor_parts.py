@@ -11,6 +11,21 @@ from supersede.services.executor import cancel
 from supersede.services.executor.config import ExecutorConfig
 
 
+class _Outbox:
+    """The runner's outbox, keeping what it is given (each put done at once)."""
+
+    def __init__(self) -> None:
+        self.written: list[Any] = []
+
+    def put(self, shard: int, result: Any) -> Any:
+        import asyncio
+
+        self.written.append(result)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
 def _cancels() -> cancel.Cancels:
     unused: Any = None
     runner: Any = type("R", (), {"active": {}})()
@@ -72,23 +87,15 @@ async def test_an_assignment_whose_input_cannot_be_decoded_fails_its_run_alone()
     the fetch loop, which would leave the claimed run to its lease, attempt after attempt."""
     import asyncio
 
-    from supersede.protocol import Outcome, RunResult, pack_input
+    from supersede.protocol import Outcome, pack_input
     from supersede.scripts import Claim
     from supersede.services.executor.steps import Runner
     from supersede.workflow import Workflow
 
-    written: list[RunResult] = []
-
-    class Outbox:
-        def put(self, shard: int, result: RunResult) -> asyncio.Future[None]:
-            written.append(result)
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            done.set_result(None)
-            return done
-
+    outbox = _Outbox()
+    written = outbox.written
     wf = Workflow("wf", on_events=["e"])
     wf.step()(lambda ctx: None)
-    outbox: Any = Outbox()
     runner = Runner([wf], ExecutorConfig(), outbox)
     bad = Claim("0-bad", True, 1, "wf", "v", b"\xc1\xc1 not msgpack", "k", "s", "R")
     good = Claim("0-good", True, 1, "wf", "v", pack_input({}, {}, "e", "1"), "k", "s", "R")
@@ -330,21 +337,13 @@ async def test_a_run_whose_step_fumbles_the_drains_cancel_is_left_to_its_lease(
     on to its next step. The run is left to its lease (nothing reported), and no step starts."""
     import asyncio
 
-    from supersede.protocol import RunResult, pack_input
+    from supersede.protocol import pack_input
     from supersede.scripts import Claim
     from supersede.services.executor.steps import Runner
     from supersede.workflow import Workflow
 
-    written: list[RunResult] = []
+    outbox = _Outbox()
     calls: list[str] = []
-
-    class Outbox:
-        def put(self, shard: int, result: RunResult) -> asyncio.Future[None]:
-            written.append(result)
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            done.set_result(None)
-            return done
-
     wf = Workflow("wf", on_events=["e"])
 
     @wf.step(retries=retries)
@@ -363,7 +362,6 @@ async def test_a_run_whose_step_fumbles_the_drains_cancel_is_left_to_its_lease(
     async def second(ctx: Any) -> None:
         calls.append("second")
 
-    outbox: Any = Outbox()
     runner = Runner([wf], ExecutorConfig(retry_backoff=0.01), outbox)
     claim = Claim("0-a", True, 1, "wf", "v", pack_input({}, {}, "e", "1"), "k", "s", "R")
     run = runner.start(0, claim)
@@ -372,5 +370,5 @@ async def test_a_run_whose_step_fumbles_the_drains_cancel_is_left_to_its_lease(
     runner.stopping.set()
     await runner.finish_running(0.0)  # (the drain deadline passed)
     await asyncio.wait({run.task}, timeout=5)
-    assert run.task.done() and calls == ["first"] and written == []
+    assert run.task.done() and calls == ["first"] and outbox.written == []
     runner.close()
