@@ -106,10 +106,10 @@ async def all_in_one(
     `ingress` stands in for the ingress service (tests); `hand_off` False: every request and
     assignment crosses its stream, as between separate services. `admission_config` and
     `ingress_config`: the parts' settings (their retention and caps), their defaults if None."""
-    part = _AllInOne(settings, workflows, config, stop, ingress, hand_off)
-    part.admission_config = admission_config or AdmissionConfig()
-    part.ingress_config = ingress_config or IngressConfig()
-    await part.run()
+    await _AllInOne(
+        settings, workflows, config, stop, ingress, hand_off,
+        admission_config or AdmissionConfig(), ingress_config or IngressConfig(),
+    ).run()  # fmt: skip
 
 
 class _AllInOne:
@@ -121,6 +121,8 @@ class _AllInOne:
         stop: asyncio.Event,
         ingress: Callable[[asyncio.Event], Awaitable[None]] | None,
         hand_off: bool,
+        admission_config: AdmissionConfig,
+        ingress_config: IngressConfig,
     ) -> None:
         self.settings = settings
         self.workflows = workflows
@@ -134,8 +136,8 @@ class _AllInOne:
         self.executor: Executor | None = None
         self.admission: Admission | None = None
         self.failures: list[Exception] = []  # in the order they happened
-        self.admission_config = AdmissionConfig()
-        self.ingress_config = IngressConfig()
+        self.admission_config = admission_config
+        self.ingress_config = ingress_config
 
     async def run(self) -> None:
         await asyncio.gather(

@@ -1,10 +1,11 @@
-"""Small asyncio helpers for the services' hot paths."""
+"""Small asyncio helpers for the services' hot paths, and for their stops."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -15,3 +16,19 @@ async def gather(*aws: Awaitable[T]) -> list[T]:
     if len(aws) == 1:
         return [await aws[0]]
     return list(await asyncio.gather(*aws))
+
+
+async def cancel_until_done(tasks: set[asyncio.Task[Any]], within: float) -> set[asyncio.Task[Any]]:
+    """Cancel `tasks`, again every 0.1 s those that go on (redis-py's asyncio client may
+    swallow a cancel that lands inside a call), for `within` seconds at most; the tasks that
+    still run then. The exceptions of those that ended are read (asyncio warns otherwise)."""
+    pending = set(tasks)
+    end = time.monotonic() + within
+    while pending and time.monotonic() < end:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+    for task in tasks - pending:
+        if not task.cancelled():
+            task.exception()
+    return pending

@@ -27,8 +27,9 @@ KeyFn = Callable[[Any, Any], str]
 # Comprehension macros: each walks a list or map of the input. One is linear in the input's size
 # (which max_payload bounds); one inside another is quadratic, so a hostile event could make a
 # key cost seconds on the ingress loop. They are refused at registration.
-# (existsOne: the library's other spelling of exists_one)
-_MACRO = re.compile(r"\.\s*(map|filter|all|exists|exists_one|existsOne)\s*\(")
+# The comprehension macros (existsOne: the library's other spelling of exists_one)
+_MACROS = "map|filter|all|exists|exists_one|existsOne"
+_MACRO = re.compile(rf"\.\s*({_MACROS})\s*\(")
 _PATH = re.compile(r"^\s*(input|metadata)((?:\.[A-Za-z_][A-Za-z0-9_]*)+)\s*$")
 
 
@@ -138,7 +139,7 @@ def _check_cost(expression: str, field: str, *, strict: bool = True) -> None:
 
 _TARGET = re.compile(
     r"\b(input|metadata)((?:\s*\.\s*[A-Za-z_][A-Za-z0-9_]*)*?)\s*\.\s*"
-    r"(?:map|filter|all|exists|exists_one|existsOne)\s*\("
+    rf"(?:{_MACROS})\s*\("
 )
 
 
@@ -350,7 +351,7 @@ def _trial(program: Any, expression: str, field: str, check: Callable[[Any], Any
 # variables a comprehension binds; and the names CEL itself gives a meaning.
 _IDENT = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_]*)\b(?!\s*\()")
 _BOUND = re.compile(
-    r"\.\s*(?:map|filter|all|exists|exists_one|existsOne)\s*\(\s*([A-Za-z_]\w*)\s*,"
+    rf"\.\s*(?:{_MACROS})\s*\(\s*([A-Za-z_]\w*)\s*,"
     r"(?:\s*([A-Za-z_]\w*)\s*,)?"
 )
 _KNOWN = frozenset(

@@ -26,7 +26,7 @@ from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from supersede import metrics, tracing
+from supersede import aio, metrics, tracing
 from supersede.config import (
     DEFAULT_METRICS_HOST,
     Settings,
@@ -323,12 +323,8 @@ async def _end_leftover_tasks(service: str) -> None:
     drained stop), since asyncio's own cancel at exit, once each, would wait for them for
     good. A run such a task held is another executor's once its lease lapses."""
     me = asyncio.current_task()
-    pending = {t for t in asyncio.all_tasks() if t is not me}
-    end = time.monotonic() + LEFTOVER_TASKS_WITHIN
-    while pending and time.monotonic() < end:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.1)
+    left = {t for t in asyncio.all_tasks() if t is not me}
+    pending = await aio.cancel_until_done(left, LEFTOVER_TASKS_WITHIN)
     if pending:
         logging.getLogger(f"supersede.{service}").warning(
             "exiting with tasks that would not stop (a cancel swallowed)",

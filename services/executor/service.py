@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from supersede import aio
 from supersede.config import Settings
 from supersede.errors import ConfigError, WorkflowRejected
 from supersede.protocol import EXECUTOR_GROUP
@@ -225,18 +226,9 @@ STOP_TASKS_WITHIN = 10.0  # seconds the loops have to end once cancelled, the ca
 
 
 async def _cancelled(tasks: set[asyncio.Task[None]]) -> None:
-    """Cancel `tasks` and wait for them to end, cancelling again every 0.1 s those that go on
-    (redis-py may swallow a cancel that lands inside a call: a task that never ends keeps the
-    process from exiting); after STOP_TASKS_WITHIN, log those that still did not."""
-    pending = set(tasks)
-    end = time.monotonic() + STOP_TASKS_WITHIN
-    while pending and time.monotonic() < end:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.1)
-    for task in tasks - pending:  # (read, as gather did: a loop's failure was logged by it)
-        if not task.cancelled():
-            task.exception()
+    """Cancel the loops until they end (a task that never ends keeps the process from
+    exiting); after STOP_TASKS_WITHIN, log those that still did not."""
+    pending = await aio.cancel_until_done(set(tasks), STOP_TASKS_WITHIN)
     if pending:
         logging.getLogger("supersede.executor").error(
             "executor tasks did not stop", extra={"tasks": sorted(t.get_name() for t in pending)}

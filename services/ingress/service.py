@@ -150,13 +150,9 @@ def entry_size(fields: dict[bytes, bytes]) -> int:
     return sum(len(name) + len(value) for name, value in fields.items())
 
 
-def parse_event(
-    entry_id: bytes, fields: dict[bytes, bytes], max_payload: int, size: int | None = None
-) -> Event:
+def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int, size: int) -> Event:
     """Validate one inbox entry (of `size` bytes, see entry_size) against the contract (see
     README); raises BadEvent."""
-    if size is None:
-        size = entry_size(fields)
     if size > max_payload:
         raise BadEvent(
             Reason.TOO_LARGE, f"entry of {size} bytes is over the {max_payload} byte limit"
