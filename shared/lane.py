@@ -198,7 +198,14 @@ class Lane:
         await connection.connect()  # redis-py's handshake: TLS, AUTH, SELECT, name
         writer = cast(asyncio.StreamWriter | None, getattr(connection, "_writer", None))
         reader = cast(asyncio.StreamReader | None, getattr(connection, "_reader", None))
-        if writer is None or (reader is not None and reader._buffer):  # type: ignore[attr-defined]
+        # (data, or a close, that reached redis-py's protocol: a close delivered there never
+        # reaches the wire, whose calls would wait for good; a server that stopped just after
+        # the handshake did that once in a parallel suite)
+        if (
+            writer is None
+            or writer.transport.is_closing()
+            or (reader is not None and (reader._buffer or reader.at_eof()))  # type: ignore[attr-defined]
+        ):
             await connection.disconnect()
             raise ConnectionError("the connection could not be taken over")
         transport = cast(asyncio.Transport, writer.transport)

@@ -284,3 +284,34 @@ async def test_a_running_service_uses_lanes_and_closes_them_when_it_stops(
         return not lanes & await _ids(redis) and (await _ids(redis)) - before <= set()
 
     await eventually(closed)
+
+
+async def test_a_connection_closed_before_its_take_over_is_not_taken(redis_url: str) -> None:
+    """The server closed the connection between redis-py's handshake and the lane's take-over:
+    the close reached redis-py's protocol, not the lane's, whose calls then waited for a reply
+    for good (no socket timeout set; a parallel suite's server restart met it once)."""
+    redis = Redis.from_url(redis_url)
+    lane = Lane(redis)
+    real = redis.connection_pool.make_connection
+
+    def closing() -> Any:
+        connection = real()
+        connect = connection.connect
+
+        async def connect_then_closed() -> None:
+            await connect()
+            connection._writer.transport.close()  # (as a peer's close would)
+            await asyncio.sleep(0.01)  # (delivered to redis-py's protocol)
+
+        connection.connect = connect_then_closed
+        return connection
+
+    redis.connection_pool.make_connection = closing  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(lane.execute("PING"), 5)
+        redis.connection_pool.make_connection = real  # type: ignore[method-assign]
+        assert await lane.execute("PING") in (b"PONG", "PONG")  # (the next call connects anew)
+    finally:
+        await lane.aclose()
+        await redis.aclose()
