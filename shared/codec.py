@@ -4,6 +4,9 @@ Payloads are read by Lua's cmsgpack, which predates msgpack's bin type, so every
 in the old format (bytes and str both as raw). Decoding turns raw into str and keeps bytes that
 are not UTF-8 reversible through surrogate escapes, and packing reverses them: a decoded record
 (whose `in` field holds the run's input, binary) packs back to the same bytes.
+
+Step outputs, which no script reads (finish stores them as one opaque string), and the messages
+of the worker processes are packed with the bin type (`pack_value`): bytes read back as bytes.
 """
 
 from __future__ import annotations
@@ -15,8 +18,16 @@ import msgpack
 _packer = msgpack.Packer(use_bin_type=False, unicode_errors="surrogateescape")
 
 
+_value_packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
+
+
 def pack(obj: Any) -> bytes:
     return _packer.pack(obj)  # type: ignore[no-any-return]
+
+
+def pack_value(obj: Any) -> bytes:
+    """A value no Lua script reads (step outputs): bytes packed as bin, read back as bytes."""
+    return _value_packer.pack(obj)  # type: ignore[no-any-return]
 
 
 def unpack_exact(data: bytes) -> Any:

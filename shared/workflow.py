@@ -5,7 +5,7 @@
                                             limit_strategy=Strategy.CANCEL_IN_PROGRESS))
 
     @chat.step()
-    async def reply(ctx: Context) -> dict: ...
+    async def reply(ctx: Context) -> dict[str, str]: ...
 
     @chat.step(parents=[reply], timeout=30, retries=2)
     def store(ctx: Context) -> None: ...   # sync steps run in a thread pool
@@ -17,7 +17,9 @@ and raises DefinitionError naming the field, which stops `supersede executor` at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
+import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +29,19 @@ from supersede.protocol import Strategy
 from supersede.registry import WorkflowDef, definition_body, parse
 
 __all__ = ["ISOLATIONS", "Concurrency", "Context", "Step", "Strategy", "Workflow"]
+
+# (workflow id, step function) -> the name the step was registered under, so that a function
+# given as a parent, or to ctx.parent(), finds a step registered with `name=` (a worker process
+# imports the module, which fills it again)
+_STEP_NAMES: dict[tuple[str, Any], str] = {}
+
+
+def _step_name(workflow: str, fn: Any) -> Any:
+    try:
+        return _STEP_NAMES[workflow, fn]
+    except (KeyError, TypeError):
+        return getattr(fn, "__name__", fn)
+
 
 # How a step runs (`isolation=`): "task" an asyncio task (async steps; cancelled at the next
 # await), "thread" the executor's thread pool (sync steps; cooperative: ctx.cancelled), "process"
@@ -140,9 +155,16 @@ class Context:
         return self._flag.is_set()
 
     def parent(self, step: str | Callable[..., Any]) -> Any:
-        """The output of a parent step, by name or by function."""
-        name = step if isinstance(step, str) else step.__name__
-        return self.outputs[name]
+        """The output of a parent step, by name or by function (the name it was registered
+        under: `name=` or the function's own)."""
+        name = step if isinstance(step, str) else _step_name(self.workflow, step)
+        try:
+            return self.outputs[name]
+        except KeyError:
+            raise KeyError(
+                f"no output of step {name!r} here: ctx.parent() takes a step this one lists in "
+                f"parents= (by name or function); outputs so far: {sorted(self.outputs)}"
+            ) from None
 
     async def still_current(self) -> bool:
         """False once a newer run of this run's key was admitted (one read of the group's
@@ -184,6 +206,25 @@ class Context:
             self._waiter.set_result(None)
 
 
+def _check_takes_context(where: str, what: str, fn: Any, not_callable: str) -> None:
+    """A step or hook is called with one argument, its context: refused at registration when
+    it cannot be (rather than failing every run with a TypeError)."""
+    if not callable(fn):
+        raise DefinitionError(where, f"{not_callable}, got {fn!r}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # (some builtins have none: called as they are)
+        return
+    try:
+        signature.bind(None)
+    except TypeError:
+        raise DefinitionError(
+            where,
+            f"{what} must take one argument, its context (ctx), but its signature is "
+            f"{getattr(fn, '__name__', 'fn')}{signature}",
+        ) from None
+
+
 @dataclass
 class Workflow:
     id: str
@@ -209,12 +250,14 @@ class Workflow:
             # (checked by definition(), which names the field: here, keep what was given)
             given: Any = parents
             names: Any = (
-                tuple(p if isinstance(p, str) else getattr(p, "__name__", p) for p in given)
+                tuple(p if isinstance(p, str) else _step_name(self.id, p) for p in given)
                 if isinstance(given, list | tuple)
                 else given
             )
             step_name = name or getattr(fn, "__name__", None) or repr(fn)
             self.steps.append(Step(step_name, fn, names, timeout, retries, isolation))
+            with contextlib.suppress(TypeError):  # (an unhashable callable: by its name only)
+                _STEP_NAMES[self.id, fn] = step_name
             return fn
 
         return register
@@ -233,12 +276,14 @@ class Workflow:
                 f"{self.concurrency!r}",
             )
         for i, step in enumerate(self.steps):
-            if not callable(step.fn):
-                raise DefinitionError(
-                    f"steps[{i}]", f"a step must be a function of its context, got {step.fn!r}"
-                )
-        if self.cancel_hook is not None and not callable(self.cancel_hook):
-            raise DefinitionError("on_cancel", f"must be a function, got {self.cancel_hook!r}")
+            _check_takes_context(
+                f"steps[{i}]", f"step {step.name!r}", step.fn,
+                "a step must be a function of its context",
+            )  # fmt: skip
+        if self.cancel_hook is not None:
+            _check_takes_context(
+                "on_cancel", "the on_cancel hook", self.cancel_hook, "must be a function"
+            )
         body = definition_body(
             self.id,
             self.on_events,

@@ -15,6 +15,7 @@ class ExecutorConfig:
     block_ms: int = 1000  # longest wait of one read
     claim_idle_ms: int = 30_000  # take over assignments another executor left this long
     retry_backoff: float = 0.1  # seconds before a step's first retry, doubled each time
+    retry_backoff_max: float = 30.0  # the longest wait before a step's retry
     max_output_bytes: int = 65_536  # a run's step outputs, msgpack-encoded, stored with it
     # leave results to admission (the executor's Redis user then needs no state rights)
     results_via_stream: bool = False

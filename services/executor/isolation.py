@@ -36,6 +36,7 @@ from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
 
 from supersede import codec
+from supersede.services.executor.outputs import OutputError, readable
 from supersede.services.modules import import_module
 from supersede.workflow import Context, resolve
 
@@ -177,11 +178,14 @@ def worker_main(
                 out = asyncio.run(_until_flag(fn, ctx, flag))
             else:
                 out = fn(ctx)
-            reply = codec.pack(["ok", out])
+            readable(out, job.get("sn", job["q"]))  # (an OutputError names the culprit)
+            reply = codec.pack_value(["ok", out])
         except asyncio.CancelledError:
-            reply = codec.pack(["cancelled"])
+            reply = codec.pack_value(["cancelled"])
+        except OutputError as exc:
+            reply = codec.pack_value(["output", str(exc)])
         except BaseException as exc:  # (SystemExit, KeyboardInterrupt too: the step's failure)
-            reply = codec.pack(["err", "".join(traceback.format_exception(exc))])
+            reply = codec.pack_value(["err", "".join(traceback.format_exception(exc))])
         conn.send_bytes(reply)
 
 
@@ -300,7 +304,7 @@ class ProcessPool:
         worker.flag.clear()
         try:
             try:
-                worker.conn.send_bytes(codec.pack(job))
+                worker.conn.send_bytes(codec.pack_value(job))
             except OSError as exc:
                 raise WorkerLost(f"the step's worker process could not be reached: {exc}") from None
             reply = await asyncio.wait_for(self._receive(worker), timeout)
@@ -326,6 +330,8 @@ class ProcessPool:
             return reply[1]
         if reply[0] == "cancelled":  # (only a cancel raises it where the executor sees it)
             raise StepError("the step raised CancelledError, and its run was not cancelled")
+        if reply[0] == "output":
+            raise OutputError(reply[1])
         raise StepError(reply[1])
 
     async def _receive(self, worker: Worker) -> list[Any]:

@@ -38,6 +38,7 @@ from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.isolation import ProcessPool, StepError, WorkerTerminated
 from supersede.services.executor.outbox import Outbox
+from supersede.services.executor.outputs import OutputError, readable
 from supersede.services.modules import module_file
 from supersede.workflow import Context, Step, Workflow
 
@@ -135,21 +136,6 @@ def _stopped(run: Running) -> bool:
     the run, final; a step that swallowed it went on to its next step)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0 and not run.ctx.cancelled
-
-
-def readable(output: Any, step: str) -> bytes:
-    """`output` as msgpack, once it is sure to read back: a map keyed by an array packs but does
-    not unpack in Python (its key would be a list), and every reader of the run would fail."""
-    packed = codec.pack(output)
-    if isinstance(output, dict | list | tuple):
-        try:
-            codec.unpack_exact(packed)
-        except Exception as exc:
-            raise TypeError(
-                f"step {step!r} returned an output that cannot be read back ({describe(exc)}): "
-                "use str, int, float, bool or None as map keys"
-            ) from None
-    return packed
 
 
 class Runner:
@@ -362,9 +348,16 @@ class Runner:
                         raise LeftToLease from None
                     if _stopped(run):  # (a shutdown's cancel a library made another error of)
                         raise asyncio.CancelledError from exc
-                    if attempt < step.retries and not run.ctx.cancelled:  # (cancelled: no retry)
-                        await asyncio.sleep(self.config.retry_backoff * 2**attempt)
+                    # (cancelled, or an output that cannot be stored: no retry)
+                    if (
+                        attempt < step.retries
+                        and not run.ctx.cancelled
+                        and not isinstance(exc, OutputError)
+                    ):
+                        await asyncio.sleep(self.retry_wait(attempt))
                         continue
+                    if isinstance(exc, OutputError):  # (its traceback would be the executor's)
+                        return Outcome.FAILED, str(exc)
                     text = "".join(traceback.format_exception(exc))
                     return (
                         Outcome.FAILED,
@@ -523,7 +516,7 @@ class Runner:
         assert self.processes is not None
         ctx = run.ctx
         job: dict[str, Any] = {
-            "m": step.fn.__module__, "q": step.fn.__qualname__, "id": ctx.run_id,
+            "m": step.fn.__module__, "q": step.fn.__qualname__, "sn": step.name, "id": ctx.run_id,
             "w": ctx.workflow, "a": ctx.attempt, "in": ctx.input, "md": ctx.metadata,
             "ev": ctx.event, "ei": ctx.event_id, "k": ctx.key, "f": str(ctx.fence),
             "o": ctx.outputs, "ca": ctx.claimed_at, "mf": module_file(step.fn.__module__),
@@ -599,6 +592,12 @@ class Runner:
         except Exception:
             log.exception("on_cancel hook failed", extra={"run": run.run_id})
 
+    def retry_wait(self, attempt: int) -> float:
+        """Seconds before a step's retry after `attempt` (0 first): doubled each time, capped."""
+        return min(
+            self.config.retry_backoff * 2.0 ** min(attempt, 60), self.config.retry_backoff_max
+        )
+
     def observe_cancel(self, run: Running) -> None:
         if run.cancel_decided_ms is not None:
             metrics.CANCEL_LATENCY_SECONDS.observe(
@@ -615,7 +614,7 @@ class Runner:
         outputs = None  # steps that returned None have no output: nothing is stored for them
         kept = {k: v for k, v in run.ctx.outputs.items() if v is not None}
         if kept and outcome is not Outcome.CANCELLED:
-            outputs = codec.pack(kept)
+            outputs = codec.pack_value(kept)
             if len(outputs) > self.config.max_output_bytes and outcome is not Outcome.SUCCEEDED:
                 outputs = None  # a failed run keeps its own error
             elif len(outputs) > self.config.max_output_bytes:  # names and map overhead included

@@ -55,7 +55,7 @@ async def running(redis: Redis, keys: Keys, system: System) -> System:
     system.start("executor", APP, "--slots", "4", "--grace", "0.3", "--kill-after", "0.3")
 
     async def registered() -> bool:
-        return int(await redis.hlen(keys.workflows_hash)) == 5
+        return int(await redis.hlen(keys.workflows_hash)) == 7
 
     await eventually(registered, timeout=30)
     system.start("ingress", "--block-ms", "100")
@@ -454,3 +454,39 @@ async def test_a_supervisors_sigterm_to_every_process_of_an_executor_fails_no_pr
     assert sorted((r["st"], r["a"]) for r in recs.values()) == [("S", attempt)] * 3, [
         r.get("err") for r in recs.values()
     ]
+
+
+async def test_a_parent_named_by_its_function_and_its_bytes_reach_thread_and_process_children(
+    redis: Redis, keys: Keys, running: System
+) -> None:
+    """A step registered with `name=` is found by its function (`parents=[fn]` refused the
+    workflow, `ctx.parent(fn)` raised KeyError), and bytes in an output read back as bytes in
+    a worker process and from the store (they came back as str, with surrogate escapes)."""
+    await _publish(redis, keys, "named.go")
+    await eventually(lambda: _ended(redis, keys, 1), timeout=30)
+    [(rid, rec)] = (await _recs(redis, keys)).items()
+    assert rec["st"] == "S", rec.get("err")
+    run = await get_run(redis, rid, namespace=keys.namespace)
+    assert run is not None
+    outputs = run.outputs
+    assert outputs["made-here"] == {"raw": b"\xff\xd8raw", "pair": [1, 2]}
+    hexed = (b"\xff\xd8raw").hex()
+    assert outputs["in-thread"] == ["bytes", "tuple", hexed]  # (the parent's own objects)
+    assert outputs["in-process"] == ["bytes", "list", hexed]
+
+
+async def test_an_output_msgpack_cannot_hold_fails_its_run_at_once_naming_the_part(
+    redis: Redis, keys: Keys, running: System
+) -> None:
+    """A fence in an output (128 bits): the run failed with msgpack's "Integer value out of
+    range", after a retry of the step (which repeated its side effects)."""
+    await _publish(redis, keys, "fence.out", k="f")
+    await eventually(lambda: _ended(redis, keys, 1), timeout=30)
+    [rec] = (await _recs(redis, keys)).values()
+    assert rec["st"] == "F"
+    assert rec["err"].startswith(
+        "step 'returns_its_fence' returned an output msgpack cannot hold: the output['fence'] "
+        "is an integer outside msgpack's 64 bits (a fence, ctx.fence, is 128 bits: return "
+        "str(ctx.fence))"
+    ), rec["err"]
+    assert sum(1 for kind, *_ in await _notes(redis, keys) if kind == "fence-attempt") == 1

@@ -372,3 +372,17 @@ async def test_a_run_whose_step_fumbles_the_drains_cancel_is_left_to_its_lease(
     await asyncio.wait({run.task}, timeout=5)
     assert run.task.done() and calls == ["first"] and outbox.written == []
     runner.close()
+
+
+def test_a_step_s_retries_wait_twice_as_long_each_time_up_to_a_cap() -> None:
+    """retries=20 waited 0.1 * 2**19 s (14.5 h) before its last try, its run RUNNING and its
+    slot held all along."""
+    from supersede.services.executor.config import ExecutorConfig
+    from supersede.services.executor.steps import Runner
+
+    runner = Runner([], ExecutorConfig(), _Outbox())
+    waits = [runner.retry_wait(attempt) for attempt in range(100)]
+    assert waits[:4] == [0.1, 0.2, 0.4, 0.8]
+    assert max(waits) == 30.0 and waits[-1] == 30.0 and waits == sorted(waits)
+    assert sum(waits[:20]) < 11 * 60  # (20 retries: about 10 minutes, not 29 hours)
+    runner.close()

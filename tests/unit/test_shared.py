@@ -506,6 +506,23 @@ def test_a_group_lag_is_capped_by_what_the_stream_holds() -> None:
             "wf.on_cancel(42)\n",
             "workflow 'w' is invalid: on_cancel: must be a function",
         ),
+        # a step or hook that cannot take its context (every run failed with a TypeError)
+        (
+            "wf = Workflow('w', on_events=['e'])\n@wf.step()\nasync def s0():\n    return 1\n",
+            "workflow 'w' is invalid: steps[0]: step 's0' must take one argument, its context "
+            "(ctx), but its signature is s0()",
+        ),
+        (
+            "wf = Workflow('w', on_events=['e'])\n@wf.step(name='two')\n"
+            "def s0(ctx, extra):\n    return 1\n",
+            "steps[0]: step 'two' must take one argument, its context (ctx), but its signature "
+            "is s0(ctx, extra)",
+        ),
+        (
+            "wf = Workflow('w', on_events=['e'])\n@wf.step()\nasync def s0(ctx):\n    return 1\n"
+            "@wf.on_cancel\nasync def hook():\n    pass\n",
+            "on_cancel: the on_cancel hook must take one argument, its context (ctx)",
+        ),
         # two workflows of one id (the last won, silently)
         (
             "a = Workflow('dup', on_events=['e1'])\n@a.step()\nasync def one(ctx):\n    return 1\n"

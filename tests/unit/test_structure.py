@@ -11,8 +11,8 @@ from tests.support import REPO
 ROOTS = {"shared": "supersede", "services": "supersede.services", "lua": "supersede.lua"}
 SERVICES = ("ingress", "admission", "executor")
 EXECUTOR_CHAIN = (
-    "config", "metrics", "outbox", "isolation", "steps", "lease", "cancel", "claim", "fetch",
-    "service",
+    "config", "metrics", "outbox", "outputs", "isolation", "steps", "lease", "cancel", "claim",
+    "fetch", "service",
 )  # fmt: skip
 
 

@@ -65,6 +65,23 @@ async def first(ctx: Context) -> dict[str, object]:
     return {"current": await ctx.still_current(), "fence": str(ctx.fence)}
 
 
+async def made(ctx: Context) -> dict[str, object]:
+    """Registered under another name (`name=`); its children name it by this function."""
+    return {"raw": b"\xff\xd8raw", "pair": (1, 2)}
+
+
+def read_made(ctx: Context) -> list[str]:
+    """What a child sees of its parent's output: in a thread, and in a worker process."""
+    got = ctx.parent(made)
+    return [type(got["raw"]).__name__, type(got["pair"]).__name__, bytes(got["raw"]).hex()]
+
+
+def returns_its_fence(ctx: Context) -> dict[str, object]:
+    """An output msgpack cannot hold (a 128-bit integer): refused once, not retried."""
+    note("fence-attempt", ctx.run_id)
+    return {"fence": ctx.fence}
+
+
 def returns_late(ctx: Context) -> None:
     """A sync step (thread) that ignores its flag for a while."""
     note("started", ctx.run_id)
@@ -85,3 +102,9 @@ slow = Workflow("proc-timeout", on_events=["proc.timeout"], isolation="process")
 slow.step(timeout=0.3)(stubborn)
 thread_strict = Workflow("thread-strict", on_events=["thread.strict"], concurrency=_by_key(True))
 thread_strict.step()(returns_late)
+named = Workflow("named", on_events=["named.go"])
+named.step(name="made-here")(made)
+named.step(parents=[made], name="in-thread")(read_made)
+named.step(parents=[made], name="in-process", isolation="process")(read_made)
+fence_out = Workflow("fence-out", on_events=["fence.out"], concurrency=_by_key())
+fence_out.step(retries=2)(returns_its_fence)
