@@ -262,6 +262,26 @@ async def _stored_keys(redis: Redis, ns: str) -> Keys | None:
     return Keys(ns, int(shards)) if shards else None
 
 
+async def cancel(redis: Redis, run_id: str, *, namespace: str | None = None) -> bool:
+    """Cancel one run, as `supersede cancel ID` does (reason `manual`; a running handler is
+    stopped as a superseded one is): True when this call cancelled it, False when it had ended.
+    LookupError when there is no such run; ValueError for what is no run id. (Every live run of
+    a key: `supersede cancel --workflow W --key K`.)"""
+    from supersede.scripts import Scripts
+
+    ns = _namespace(namespace)
+    shard = shard_of_run(run_id)
+    keys = await _stored_keys(redis, ns)
+    if (
+        keys is None
+        or shard >= keys.shards
+        or not await redis.hget(keys.shard(shard).runs_hash, run_id)
+    ):
+        raise LookupError(f"no run {run_id!r}")
+    [cancelled] = await Scripts(redis, keys).cancel(shard, [run_id])
+    return bool(cancelled)
+
+
 async def duplicate_of(
     redis: Redis, run_id: str, entry: str, *, namespace: str | None = None
 ) -> tuple[str, str | None] | None:

@@ -568,3 +568,28 @@ async def test_a_dead_letter_is_replayed_on_one_server_and_on_a_cluster(
         return len(now) == 1 and now[0] != first
 
     await eventually(dead_again, timeout=30)
+
+
+async def test_a_run_is_cancelled_from_python(redis: Redis, keys: Keys, system: System) -> None:
+    """supersede.client.cancel: a web backend's "stop" button (only the CLI could cancel)."""
+    from supersede import client
+
+    await system.pipeline(redis, keys, 1)
+    ns = keys.namespace
+    _, [one], _ = await client.publish_runs(
+        redis, "chat.message", {"userId": "p1", "sleep": 30}, namespace=ns
+    )
+
+    async def running() -> bool:
+        run = await client.get_run(redis, one.run_id, namespace=ns)
+        return run is not None and run.state == "RUNNING"
+
+    await eventually(running, timeout=30)
+    assert await client.cancel(redis, one.run_id, namespace=ns) is True
+    ended = await client.wait_for_run(redis, one.run_id, 10, namespace=ns)
+    assert (ended.state, ended.reason) == ("CANCELLED", "manual")
+    assert await client.cancel(redis, one.run_id, namespace=ns) is False  # (ended already)
+    with pytest.raises(LookupError, match="no run '0-nope'"):
+        await client.cancel(redis, "0-nope", namespace=ns)
+    with pytest.raises(ValueError, match="not a run id: 'nope'"):
+        await client.cancel(redis, "nope", namespace=ns)
