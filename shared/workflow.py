@@ -17,7 +17,6 @@ and raises DefinitionError naming the field, which stops `supersede executor` at
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import inspect
 from collections.abc import Awaitable, Callable
@@ -30,17 +29,20 @@ from supersede.registry import WorkflowDef, definition_body, parse
 
 __all__ = ["ISOLATIONS", "Concurrency", "Context", "Step", "Strategy", "Workflow"]
 
-# (workflow id, step function) -> the name the step was registered under, so that a function
-# given as a parent, or to ctx.parent(), finds a step registered with `name=` (a worker process
-# imports the module, which fills it again)
-_STEP_NAMES: dict[tuple[str, Any], str] = {}
+StepNames = dict[tuple[str, str], str]  # (module, qualname) of a step's function -> its name
 
 
-def _step_name(workflow: str, fn: Any) -> Any:
-    try:
-        return _STEP_NAMES[workflow, fn]
-    except (KeyError, TypeError):
-        return getattr(fn, "__name__", fn)
+def fn_key(fn: Any) -> tuple[str, str] | None:
+    """What names a step's function across processes (a worker imports it by these)."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    return (module, qualname) if isinstance(module, str) and isinstance(qualname, str) else None
+
+
+def step_name(names: StepNames, fn: Any) -> Any:
+    """The name `fn` was registered under as a step (`name=`, or its own): a function given as
+    a parent or to ctx.parent(). A function registered under two names is neither: its own."""
+    key = fn_key(fn)
+    return (key is not None and names.get(key)) or getattr(fn, "__name__", fn)
 
 
 # How a step runs (`isolation=`): "task" an asyncio task (async steps; cancelled at the next
@@ -128,6 +130,7 @@ class Context:
         fence: int = 0,
         current: Callable[[], Awaitable[bool]] | None = None,
         claimed_at: float = 0.0,
+        step_names: StepNames | None = None,
     ) -> None:
         self.run_id = run_id
         self.workflow = workflow
@@ -144,6 +147,7 @@ class Context:
         # runs from then, before the first step starts
         self.claimed_at = claimed_at
         self._current = current
+        self._step_names: StepNames = step_names or {}
         self.outputs: dict[str, Any] = {}
         self._flag: _Flag = _Flag()
         self._loop = loop
@@ -157,7 +161,7 @@ class Context:
     def parent(self, step: str | Callable[..., Any]) -> Any:
         """The output of a parent step, by name or by function (the name it was registered
         under: `name=` or the function's own)."""
-        name = step if isinstance(step, str) else _step_name(self.workflow, step)
+        name = step if isinstance(step, str) else step_name(self._step_names, step)
         try:
             return self.outputs[name]
         except KeyError:
@@ -212,7 +216,7 @@ def _check_takes_context(where: str, what: str, fn: Any, not_callable: str) -> N
     if not callable(fn):
         raise DefinitionError(where, f"{not_callable}, got {fn!r}")
     try:
-        signature = inspect.signature(fn)
+        signature = inspect.signature(fn, follow_wrapped=False)  # (what is called)
     except (TypeError, ValueError):  # (some builtins have none: called as they are)
         return
     try:
@@ -236,6 +240,8 @@ class Workflow:
     cancel_hook: Callable[[Context], Any] | None = None
     retention: int | None = None  # seconds an ended run is kept; None: admission's --retention
     isolation: str | None = None  # of the steps that set none (ISOLATIONS); executor-side only
+    # the names the steps' functions were registered under (see step_name)
+    step_names: StepNames = field(default_factory=dict, repr=False, compare=False)
 
     def step(
         self,
@@ -250,14 +256,17 @@ class Workflow:
             # (checked by definition(), which names the field: here, keep what was given)
             given: Any = parents
             names: Any = (
-                tuple(p if isinstance(p, str) else _step_name(self.id, p) for p in given)
+                tuple(p if isinstance(p, str) else step_name(self.step_names, p) for p in given)
                 if isinstance(given, list | tuple)
                 else given
             )
-            step_name = name or getattr(fn, "__name__", None) or repr(fn)
-            self.steps.append(Step(step_name, fn, names, timeout, retries, isolation))
-            with contextlib.suppress(TypeError):  # (an unhashable callable: by its name only)
-                _STEP_NAMES[self.id, fn] = step_name
+            registered = name or getattr(fn, "__name__", None) or repr(fn)
+            self.steps.append(Step(registered, fn, names, timeout, retries, isolation))
+            key = fn_key(fn)
+            if key is not None:  # (one function registered under two names: by neither)
+                known = self.step_names.setdefault(key, registered)
+                if known != registered:
+                    self.step_names[key] = ""
             return fn
 
         return register

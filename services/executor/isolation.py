@@ -75,6 +75,7 @@ class _WorkerContext(Context):
             run_id=job["id"], workflow=job["w"], attempt=job["a"], input=job["in"],
             metadata=job["md"], event=job["ev"], event_id=job["ei"], key=job["k"],
             fence=int(job["f"]), claimed_at=float(job.get("ca", 0.0)),
+            step_names={(m, q): name for m, q, name in job.get("pn", ())},
         )  # fmt: skip
         self.outputs = dict(job["o"])
         self._flag = flag  # type: ignore[assignment]  # (an Event with the same two methods)

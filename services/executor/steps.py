@@ -222,6 +222,7 @@ class Runner:
             fence=fence_of(claim.seq),
             current=current,
             claimed_at=time.time(),
+            step_names=wf.step_names if wf is not None else None,
         )
         # A retry of a run whose earlier attempt's result waits here: that result is stale now.
         self.awaiting.pop(claim.run_id, None)
@@ -523,6 +524,9 @@ class Runner:
             # (the lease check of still_current(), as the executor's: claimed at, lease; none
             # for a run without a group, current until cancelled; see lease_held)
             "cm": run.started, "ls": 0,
+            # (the names its steps' functions were registered under, for ctx.parent(fn): the
+            # worker may not have imported the module that registered them)
+            "pn": [[*fn, name] for fn, name in run.workflow.step_names.items()],
         }  # fmt: skip
         if self.renewed_at is not None and run.fence_at is not None:
             job["ls"] = self.config.lease_ms / 1000

@@ -55,7 +55,7 @@ async def running(redis: Redis, keys: Keys, system: System) -> System:
     system.start("executor", APP, "--slots", "4", "--grace", "0.3", "--kill-after", "0.3")
 
     async def registered() -> bool:
-        return int(await redis.hlen(keys.workflows_hash)) == 7
+        return int(await redis.hlen(keys.workflows_hash)) == 8
 
     await eventually(registered, timeout=30)
     system.start("ingress", "--block-ms", "100")
@@ -475,12 +475,14 @@ async def test_a_parent_named_by_its_function_and_its_bytes_reach_thread_and_pro
     assert outputs["in-process"] == ["bytes", "list", hexed]
 
 
+@pytest.mark.parametrize("event", ["fence.out", "fence.process"])
 async def test_an_output_msgpack_cannot_hold_fails_its_run_at_once_naming_the_part(
-    redis: Redis, keys: Keys, running: System
+    redis: Redis, keys: Keys, running: System, event: str
 ) -> None:
-    """A fence in an output (128 bits): the run failed with msgpack's "Integer value out of
-    range", after a retry of the step (which repeated its side effects)."""
-    await _publish(redis, keys, "fence.out", k="f")
+    """A fence in an output (128 bits), in a thread or in a worker process: the run failed with
+    msgpack's "Integer value out of range", after retries of the step (which repeated its side
+    effects)."""
+    await _publish(redis, keys, event, k="f")
     await eventually(lambda: _ended(redis, keys, 1), timeout=30)
     [rec] = (await _recs(redis, keys)).values()
     assert rec["st"] == "F"

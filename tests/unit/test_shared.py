@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
@@ -412,7 +413,6 @@ def test_a_bad_number_on_the_command_line_is_one_line_naming_the_flag(
 async def test_arguments_a_command_would_ignore_are_refused() -> None:
     """`cancel ID --workflow W --key K` cancelled ID and ignored the rest; `publish --timeout`
     without --wait ignored the timeout. Both are refused, before anything is written."""
-    from typing import Any
 
     from supersede.services import ops
     from supersede.services.cli import build_parser
@@ -694,3 +694,70 @@ async def test_a_server_that_never_answers_is_named_as_such_not_as_a_tls_mismatc
             await check_server(Silent(), url)
         assert hint in str(info.value), str(info.value)
         assert "\n" not in str(info.value)
+
+
+def test_steps_called_with_their_context_are_accepted_however_they_are_made() -> None:
+    """A decorator that injects an argument (functools.wraps) was refused: the signature
+    checked was the wrapped function's, not the one called."""
+    import functools
+
+    from supersede.workflow import Workflow
+
+    def with_session(f: Any) -> Any:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return f(*args, session="s", **kwargs)
+
+        return wrapper
+
+    class Callable_:
+        def __call__(self, ctx: Any) -> None: ...
+
+    def two(ctx: Any, extra: Any) -> None: ...
+
+    def defaulted(ctx: Any, extra: int = 1, *, more: int = 2) -> None: ...
+
+    def variadic(*args: Any) -> None: ...
+
+    wf = Workflow("w", on_events=["e"])
+    wf.step(name="wrapped")(with_session(two))
+    wf.step(name="partial")(functools.partial(two, extra=1))
+    wf.step(name="instance")(Callable_())
+    wf.step(name="defaulted")(defaulted)
+    wf.step(name="variadic")(variadic)
+    assert [s.name for s in wf.definition().steps] == [
+        "wrapped",
+        "partial",
+        "instance",
+        "defaulted",
+        "variadic",
+    ]
+
+
+def test_a_parent_is_named_by_its_function_whatever_it_was_registered_as() -> None:
+    from supersede.errors import DefinitionError
+    from supersede.workflow import Context, Workflow
+
+    wf = Workflow("w", on_events=["e"])
+
+    @wf.step(name="fetch-data")
+    async def fetch(ctx: Context) -> int:
+        return 1
+
+    @wf.step(parents=[fetch])
+    async def use(ctx: Context) -> None: ...
+
+    assert wf.definition().steps[1].parents == ("fetch-data",)
+    ctx = Context(run_id="r", workflow="w", attempt=1, input={}, metadata={},
+                  step_names=wf.step_names)  # fmt: skip
+    ctx.outputs["fetch-data"] = 1
+    assert ctx.parent(fetch) == 1 and ctx.parent("fetch-data") == 1
+    with pytest.raises(KeyError, match=r"no output of step 'use' here: .* \['fetch-data'\]"):
+        ctx.parent(use)
+    # one function registered under two names is neither (not the last one, silently)
+    twice = Workflow("t", on_events=["e"])
+    twice.step(name="a")(fetch)
+    twice.step(name="b")(fetch)
+    twice.step(parents=[fetch])(use)
+    with pytest.raises(DefinitionError, match=r"steps\[2\].parents: unknown step 'fetch'"):
+        twice.definition()

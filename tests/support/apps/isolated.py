@@ -11,6 +11,7 @@ import time
 
 from supersede.config import DEFAULT_URL, connect_sync
 from supersede.workflow import Concurrency, Context, Workflow
+from tests.support.apps.named_steps import made, read_made
 
 _redis = connect_sync(os.environ.get("SUPERSEDE_REDIS_URL", DEFAULT_URL))
 LOG = f"{os.environ.get('SUPERSEDE_NAMESPACE', 'supersede')}:test:log"
@@ -65,17 +66,6 @@ async def first(ctx: Context) -> dict[str, object]:
     return {"current": await ctx.still_current(), "fence": str(ctx.fence)}
 
 
-async def made(ctx: Context) -> dict[str, object]:
-    """Registered under another name (`name=`); its children name it by this function."""
-    return {"raw": b"\xff\xd8raw", "pair": (1, 2)}
-
-
-def read_made(ctx: Context) -> list[str]:
-    """What a child sees of its parent's output: in a thread, and in a worker process."""
-    got = ctx.parent(made)
-    return [type(got["raw"]).__name__, type(got["pair"]).__name__, bytes(got["raw"]).hex()]
-
-
 def returns_its_fence(ctx: Context) -> dict[str, object]:
     """An output msgpack cannot hold (a 128-bit integer): refused once, not retried."""
     note("fence-attempt", ctx.run_id)
@@ -108,3 +98,7 @@ named.step(parents=[made], name="in-thread")(read_made)
 named.step(parents=[made], name="in-process", isolation="process")(read_made)
 fence_out = Workflow("fence-out", on_events=["fence.out"], concurrency=_by_key())
 fence_out.step(retries=2)(returns_its_fence)
+fence_out_process = Workflow(
+    "fence-out-process", on_events=["fence.process"], concurrency=_by_key(), isolation="process"
+)
+fence_out_process.step(retries=2)(returns_its_fence)
