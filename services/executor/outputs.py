@@ -62,6 +62,8 @@ def _culprit(value: Any, where: str, depth: int) -> tuple[str, Any] | None:
 
 
 def _kind(value: Any) -> str:
+    if isinstance(value, dict | list | tuple):  # (the walk stopped at _DEPTH)
+        return f"a {type(value).__name__} nested too deep (or holding itself)"
     if isinstance(value, int) and not isinstance(value, bool):
         return (
             "an integer outside msgpack's 64 bits (a fence, ctx.fence, is 128 bits: return "
