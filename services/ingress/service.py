@@ -401,7 +401,10 @@ class Ingress(Service):
                     if stage.must_finish(own.active):
                         await stage.finish()
                     reread = own.active
-                    for entries in await self._read(own):
+                    batches = await self._read(own)
+                    if not batches:  # (a quiet inbox: the next burst may be of large entries)
+                        self.count = min(FIRST_READ, self.config.batch)
+                    for entries in batches:
                         batch = self.route(entries)
                         self._fit_reads(batch)
                         await stage.finish()
@@ -438,12 +441,14 @@ class Ingress(Service):
 
     def _fit_reads(self, batch: Batch) -> None:
         """Ask the next read (and take-over) for as many entries as READ_BYTES holds of this
-        batch's largest, at most twice as many as this one and --batch: reads are bounded by
-        count, and a backlog of large entries (anyone may XADD them; those over --max-payload
-        are dead-lettered, but read first) took a gigabyte of memory a read. The first read
-        asks for FIRST_READ; back to --batch within a few reads once entries are small."""
+        batch's largest, at most twice as many as this one read and --batch: reads are bounded
+        by count, and a backlog of large entries (anyone may XADD them; those over
+        --max-payload are dead-lettered, but read first) took a gigabyte of memory a read. The
+        first read, and the first after a quiet inbox (a read that found nothing), asks for
+        FIRST_READ; back to --batch within a few reads of a backlog of small entries."""
         fits = READ_BYTES // max(1, batch.largest)
-        self.count = max(1, min(self.config.batch, 2 * self.count, fits))
+        grow = 2 * max(len(batch.entries), FIRST_READ // 2)
+        self.count = max(1, min(self.config.batch, grow, fits))
 
     async def handle(self, entries: Sequence[Entry]) -> None:
         """Route and write one batch of inbox entries."""

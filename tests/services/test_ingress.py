@@ -732,6 +732,47 @@ async def test_a_dead_letter_names_the_runs_it_stands_for(
     assert await dead_letter_of(redis, entry, "audit", namespace=ns) is None
 
 
+async def test_a_burst_of_large_entries_after_a_backlog_of_small_ones_is_read_a_few_at_a_time(
+    redis: Redis, redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a backlog of small entries the reads asked for --batch, and a burst of large ones
+    that came after a quiet moment was read --batch at once (here 30 x 300 KB, 9 MB, in one
+    read). A read that finds nothing sends the next back to FIRST_READ."""
+    from supersede.services.ingress import service as module
+
+    monkeypatch.setattr(module, "READ_BYTES", 1 << 20, raising=False)
+    monkeypatch.setattr(module, "FIRST_READ", 2, raising=False)
+    reads: list[int] = []  # bytes of each read
+    real = module.read  # type: ignore[attr-defined]
+
+    async def measured(*args: Any, **kwargs: Any) -> Any:
+        reply = await real(*args, **kwargs)
+        reads.append(sum(len(v) for _, es in reply or [] for _, f in es for v in f.values()))
+        return reply
+
+    monkeypatch.setattr(module, "read", measured)
+    await register(redis, keys, CHAT)
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(3000):
+            pipe.xadd(keys.events_stream, {"name": "chat.message", "data": f'{{"userId": "s{i}"}}'})
+        await pipe.execute()
+    async with running_ingress(redis, redis_url, keys) as service:
+        await settle(redis, keys)
+        assert getattr(service, "count", 0) >= 1000  # (the backlog read --batch at a time)
+        await eventually(lambda: asyncio.sleep(0, getattr(service, "count", 0) == 2))
+        before = len(reads)
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in range(30):
+                data = orjson.dumps({"userId": f"big{i}", "pad": "x" * 300_000})
+                pipe.xadd(keys.events_stream, {"name": "chat.message", "data": data})
+            await pipe.execute()
+        await settle(redis, keys)
+    burst = reads[before:]
+    assert sum(burst) > 30 * 300_000 and max(burst) <= 3 * 300_100, burst
+    reqs = await requests_in_streams(redis, keys)
+    assert len({r["k"] for r in reqs}) == 3030
+
+
 async def test_a_backlog_of_large_entries_is_read_a_few_at_a_time(
     redis: Redis, redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
