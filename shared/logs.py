@@ -76,6 +76,28 @@ class Repeats(logging.Filter):
         return True
 
 
+class Sampled:
+    """A line that comes once per input (a dead letter per bad event: a flood of hostile events
+    wrote a line each, 165 bytes): written for the first of each kind in REPEAT_EVERY, with
+    `repeats`, how many of that kind were not written since (the metrics count them all)."""
+
+    def __init__(self, every: float = REPEAT_EVERY) -> None:
+        self.every = every
+        self._seen: dict[Any, list[float]] = {}  # kind -> [written at, not written since]
+
+    def due(self, kind: Any) -> int | None:
+        """None: not to be written; else how many of `kind` were not written before it."""
+        now = time.monotonic()
+        seen = self._seen.get(kind)
+        if seen is None or now - seen[0] >= self.every:
+            if seen is None and len(self._seen) > 1000:
+                self._seen.clear()
+            self._seen[kind] = [now, 0]
+            return int(seen[1]) if seen else 0
+        seen[1] += 1
+        return None
+
+
 def setup(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())

@@ -26,6 +26,7 @@ from supersede import metrics as metrics_base
 from supersede.config import Settings
 from supersede.errors import ScriptError, describe
 from supersede.lane import Lane, read
+from supersede.logs import Sampled
 from supersede.metrics import HOP_SECONDS
 from supersede.protocol import (
     ADMISSION_GROUP,
@@ -183,6 +184,7 @@ class Admission(Service):
         self._workflows: list[str] = []  # registered, refreshed by each trim
         self._retentions: dict[str, int] = {}  # workflow -> its own retention (ms)
         self._gauges_due = Throttle(1.0)
+        self.dead_lines = Sampled()  # (one line per kind of dead letter in 5 s)
         self._next_due = 0.0  # the earliest debounce timer this process set (server ms), 0: none
         self._due_set = asyncio.Event()
         self._debounce_failure_log = Throttle(10.0)  # (a failing shard logs once in 10 s)
@@ -554,10 +556,10 @@ class Admission(Service):
             await pipe.execute()
         counter = metrics.REQUESTS if kind == "admit" else metrics.RESULTS
         counter.labels("rejected").inc()
-        self.log.warning(
-            "entry dead-lettered",
-            extra={"stream": stream.decode(), "entry": entry_id.decode(), "reason": reason},
-        )
+        repeats = self.dead_lines.due((kind, reason))
+        if repeats is not None:
+            extra = {"stream": stream.decode(), "entry": entry_id.decode(), "reason": reason}
+            self.log.warning("entry dead-lettered", extra={**extra, "repeats": repeats})
 
     async def update_gauges(self) -> None:
         """Queued runs per workflow, active runs, the backlog of each stream kind, and the

@@ -28,6 +28,7 @@ from supersede.config import Settings
 from supersede.errors import KeyExpressionError, describe
 from supersede.keyexpr import KeyFn, LimitFn, compile_key, compile_limit
 from supersede.lane import Lane, read
+from supersede.logs import Sampled
 from supersede.metrics import HOP_SECONDS
 from supersede.model import (
     encode_seq,
@@ -308,6 +309,7 @@ class Ingress(Service):
         self.routes: dict[str, list[Route]] = {}
         self.epoch = -1
         self._housekeeping_due = Throttle(1.0)
+        self.dead_lines = Sampled()  # (one line per kind of dead letter in 5 s)
         # Where a shard's requests go: the `append_requests` script, unless `supersede serve`
         # hands them to the admission of its own process (services/serve.py).
         self.sink: Sink = self.scripts.append_requests
@@ -635,10 +637,10 @@ class Ingress(Service):
         workflow: str | None = None,
     ) -> dict[Any, Any]:
         body = dead_letter(fields, entry_id, reason, detail, workflow=workflow)
-        self.log.warning(
-            "event dead-lettered",
-            extra={"entry": entry_id.decode(), "reason": reason, "workflow": workflow},
-        )
+        repeats = self.dead_lines.due((reason, workflow))
+        if repeats is not None:
+            extra = {"entry": entry_id.decode(), "reason": reason, "workflow": workflow}
+            self.log.warning("event dead-lettered", extra={**extra, "repeats": repeats})
         return body
 
     async def reclaim(self) -> None:

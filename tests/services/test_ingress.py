@@ -732,6 +732,35 @@ async def test_a_dead_letter_names_the_runs_it_stands_for(
     assert await dead_letter_of(redis, entry, "audit", namespace=ns) is None
 
 
+async def test_a_flood_of_bad_events_writes_a_line_per_kind_not_per_event(
+    redis: Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each dead letter wrote a log line (a probe: 10,767 lines for as many bad events); now
+    the first of each reason and workflow in 5 s, and the next says how many were not written."""
+    import logging
+
+    await register(redis, keys, CHAT)
+    async with redis.pipeline(transaction=False) as pipe:
+        for _ in range(500):
+            pipe.xadd(keys.events_stream, {"name": "chat.message", "data": "{not json"})
+            pipe.xadd(keys.events_stream, {"name": "chat.message", "data": '{"noUser": 1}'})
+        await pipe.execute()
+    with caplog.at_level(logging.WARNING, logger="supersede"):
+        async with running_ingress(redis, redis_url, keys) as service:
+            await settle(redis, keys)
+            lines = [r for r in caplog.records if r.getMessage() == "event dead-lettered"]
+            assert sorted((r.reason, r.workflow) for r in lines) == [  # type: ignore[attr-defined]
+                ("bad_json", None), ("key_error", "chat-reply")
+            ]  # fmt: skip
+            service.dead_lines.every = 0.0  # (the window passed)
+            await redis.xadd(keys.events_stream, {"name": "chat.message", "data": "{not json"})
+            await settle(redis, keys)
+    last = [r for r in caplog.records if r.getMessage() == "event dead-lettered"][-1]
+    # (the 499 other bad_json letters of the flood were not written)
+    assert (last.reason, last.repeats) == ("bad_json", 499)  # type: ignore[attr-defined]
+    assert int(await redis.xlen(keys.dead_stream)) == 1001
+
+
 async def test_a_burst_of_large_entries_after_a_backlog_of_small_ones_is_read_a_few_at_a_time(
     redis: Redis, redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
