@@ -49,6 +49,15 @@ def _text(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
+def _lossless(value: bytes) -> str:
+    """A field as text: UTF-8 as it is, other bytes (a msgpack event's data) as their repr,
+    b'\\x93...', which keeps every byte (replacement characters kept none)."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return repr(value)
+
+
 def view(run: RunRecord) -> dict[str, Any]:
     """A record as operators read it (full names, no internal codes)."""
     return {
@@ -672,7 +681,7 @@ async def dead_letters(redis: Redis, keys: Keys, limit: int = 100) -> list[dict[
         list[tuple[bytes, dict[bytes, bytes]]], await redis.xrevrange(keys.dead_stream, count=limit)
     )
     for entry_id, fields in entries:
-        row = {_text(k): _text(v) for k, v in fields.items()}
+        row = {_text(k): _lossless(v) for k, v in fields.items()}
         # `id` is the dead letter's own entry id (what --replay takes); an event's own `id`
         # field (its idempotency key) is shown as `event_id_field`
         if "id" in row:

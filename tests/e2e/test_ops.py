@@ -393,6 +393,13 @@ async def test_a_dead_letter_of_an_event_with_its_own_id_keeps_its_own_id(
                            capture_output=True, timeout=30)  # fmt: skip
     assert table.returncode == 0, table.stderr.decode()
     assert entry_id.decode() in table.stdout.decode()
+    # a field that is no UTF-8 (a binary payload) shows every byte: replacement characters
+    # kept none of them
+    binary = b"\x93\xff\x00\xfe"
+    await redis.xadd(keys.events_stream, {"name": "doc.saved", "data": binary})
+    await eventually(lambda: asyncio.sleep(0, len(cli(system, "dead")) == 2), timeout=30)
+    newest = (await acli(system, "dead"))[0]
+    assert newest["data"] == repr(binary) and newest["reason"] == "bad_encoding", newest
 
 
 async def test_status_shows_the_waiting_runs_of_a_workflow_no_executor_ever_served(
