@@ -404,8 +404,9 @@ class Ingress(Service):
                         await stage.finish()
                     reread = own.active
                     batches = await self._read(own)
-                    if not batches:  # (a quiet inbox: the next burst may be of large entries)
-                        self.count = min(FIRST_READ, self.config.batch)
+                    if not batches and not reread:  # (a quiet inbox, not an own-pending
+                        # sweep, which finds nothing mid-backlog: the next burst may be large)
+                        self.count = min(self.count, FIRST_READ, self.config.batch)
                     for entries in batches:
                         batch = self.route(entries)
                         self._fit_reads(batch)
