@@ -234,8 +234,9 @@ def publish(result: dict[str, Any]) -> str:
     if not rows:
         return lines[0]
     if "state" in rows[0]:
+        # (a failed run's error, not the outputs of the steps before the one that failed)
         body = [[r["run"], r["workflow"], r["key"], r["state"], r.get("cancelled_by"),
-                 r.get("outputs") or r.get("error")] for r in rows]  # fmt: skip
+                 r.get("error") or r.get("outputs")] for r in rows]  # fmt: skip
         heads = ["run", "workflow", "key", "state", "by", "outputs / error"]
         lines.append(table(body, heads, wrap=5, keep=(0, 3)))
     else:

@@ -761,3 +761,20 @@ def test_a_parent_is_named_by_its_function_whatever_it_was_registered_as() -> No
     twice.step(parents=[fetch])(use)
     with pytest.raises(DefinitionError, match=r"steps\[2\].parents: unknown step 'fetch'"):
         twice.definition()
+
+
+def test_publish_wait_shows_a_failed_run_s_error_not_its_partial_outputs() -> None:
+    """A run whose second step failed showed the first step's output in the table, and not
+    why it failed (an upgrade probe)."""
+    from supersede.services import render
+
+    rows = [
+        {"run": "0-a", "workflow": "w", "key": "k", "state": "FAILED", "cancelled_by": None,
+         "outputs": {"first": 1}, "error": "step 'second' failed: ValueError: boom"},
+        {"run": "0-b", "workflow": "w", "key": "j", "state": "SUCCEEDED", "cancelled_by": None,
+         "outputs": {"first": 2}, "error": ""},
+    ]  # fmt: skip
+    text = render.publish({"entry": "1-0", "runs": rows})
+    failed, succeeded = (line for line in text.splitlines() if line.startswith("0-"))
+    assert "ValueError: boom" in failed and "first" not in failed
+    assert "first" in succeeded
