@@ -25,10 +25,11 @@ from redis.asyncio import Redis
 
 from bench.common import apps_registered, log, pipelined_xadd, report
 from supersede.config import Settings
+from supersede.lookups import cancel_key
 from supersede.protocol import RunRecord
 from supersede.scripts import Scripts
 from supersede.server import EmbeddedServer
-from supersede.services.ops import cancel_key, ended_runs, scan_runs
+from supersede.services.ops import ended_runs, scan_runs
 from supersede.streams import ensure_groups
 
 

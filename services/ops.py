@@ -25,7 +25,19 @@ from redis.exceptions import RedisError, ResponseError
 from supersede import codec
 from supersede.errors import DefinitionError, SupersedeError
 from supersede.keys import Keys
-from supersede.model import group_id, run_id, shard_of_group, shard_of_run
+from supersede.lookups import (
+    LIVE,
+    cancel_key,
+    cancel_runs,
+    groups_of_key,
+    live_of_key,
+    records_of,
+    require_run,
+    require_workflow,
+    rid_of_member,
+    waiting_rid,
+)
+from supersede.model import shard_of_group
 from supersede.protocol import (
     ADMISSION_GROUP,
     EXECUTOR_GROUP,
@@ -93,99 +105,7 @@ PAGE = 200  # index entries read per shard and round trip
 KEY_SCAN = 10_000  # ended runs per shard searched for the runs of one key
 
 
-def _rid_of_member(member: bytes | str) -> str:
-    return codec.text(member).rsplit("|", 1)[1]
-
-
-async def _records(redis: Redis, keys: Keys, rids: list[str]) -> list[RunRecord]:
-    """The records of `rids` (one HMGET per shard), in the order given; gone ones left out."""
-    by_shard: dict[int, list[str]] = {}
-    for rid in rids:
-        by_shard.setdefault(shard_of_run(rid), []).append(rid)
-    shards = list(by_shard)
-    async with redis.pipeline(transaction=False) as pipe:
-        for shard in shards:
-            pipe.hmget(keys.shard(shard).runs_hash, by_shard[shard])
-        replies = await pipe.execute()
-    found: dict[str, RunRecord] = {}
-    for shard, raws in zip(shards, replies, strict=True):
-        for rid, raw in zip(by_shard[shard], raws, strict=True):
-            if raw is not None:
-                found[rid] = RunRecord.decode(rid, raw)
-    return [found[rid] for rid in rids if rid in found]
-
-
-async def versions_of(
-    redis: Redis, keys: Keys, workflows: list[str] | None
-) -> dict[str, list[str]]:
-    """workflow -> the versions the registry remembers (the current one last), for
-    `workflows`, or for every registered workflow."""
-    if workflows is None:
-        names = await redis.hkeys(keys.workflows_hash)
-        workflows = sorted(codec.text(n) for n in names)
-    raws = await redis.hmget(keys.workflow_versions_hash, workflows) if workflows else []
-    out = {
-        w: [str(v) for v in orjson.loads(raw)] if raw else []
-        for w, raw in zip(workflows, raws, strict=True)
-    }
-    if not all(out.values()):  # registered before the registry kept versions
-        _, defs, _ = await load_all(redis, keys)
-        for w, versions in out.items():
-            if not versions and w in defs:
-                versions.append(defs[w].version)
-    return out
-
-
-async def _groups_of_key(
-    redis: Redis, keys: Keys, workflow: str | None, key: str
-) -> dict[str, list[str]]:
-    """workflow -> the group ids of `key` under each version the registry remembers (of
-    `workflow`, or of every registered workflow)."""
-    versions = await versions_of(redis, keys, [workflow] if workflow else None)
-    _, defs, _ = await load_all(redis, keys)
-    out = {w: [group_id(w, v, key) for v in vs] for w, vs in versions.items()}
-    for w, groups in out.items():  # a workflow of a scope: the scope's group (every version)
-        conc = defs[w].concurrency if w in defs else None
-        if conc is not None and conc.scope:
-            groups.append(group_id(w, "", key, conc.scope))
-    return out
-
-
-async def _live_of_key(
-    redis: Redis, keys: Keys, groups: dict[str, list[str]], key: str
-) -> list[str]:
-    """Run ids of the QUEUED, ASSIGNED and RUNNING runs of `groups` (of `key`): each group's
-    members in the queue and active zsets; and a live run of a workflow without a limit,
-    which is in neither: there the key is the event id, so its run id follows from it."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for g in (g for gs in groups.values() for g in gs):
-            sk = keys.shard(shard_of_group(g, keys.shards))
-            for zset in (sk.queue_zset, sk.active_zset):
-                pipe.zrangebylex(zset, f"[{g}|", f"({g}}}")  # members '<g>|...' ('}' > '|')
-            pipe.hget(sk.debounce_hash, g)  # a run waiting in a debounce window
-        replies = await pipe.execute()
-    found = [
-        _waiting_rid(reply) if not isinstance(reply, list) else _rid_of_member(m)
-        for reply in replies
-        if reply
-        for m in (reply if isinstance(reply, list) else [reply])
-    ]
-    candidates = {run_id(shard_of_group(g, keys.shards), key, w)
-                  for w, gs in groups.items() for g in gs} - set(found)  # fmt: skip
-    unlimited = [
-        r.id
-        for r in await _records(redis, keys, sorted(candidates))
-        if r.max_runs == 0 and r.key == key and r.state.value in LIVE
-    ]
-    return found + unlimited
-
-
 LIVE_SORTED = 10_000  # up to this many live runs are all read, so the newest come first
-
-
-def _waiting_rid(raw: Any) -> str:
-    """The run id of a debounce hash value ('<window start ms>|<member>')."""
-    return _rid_of_member(codec.text(raw).split("|", 1)[1])
 
 
 async def _waiting(redis: Redis, keys: Keys) -> list[RunRecord]:
@@ -195,8 +115,8 @@ async def _waiting(redis: Redis, keys: Keys) -> list[RunRecord]:
         for sk in keys.all_shards():
             pipe.hvals(sk.debounce_hash)
         replies = await pipe.execute()
-    rids = [_waiting_rid(v) for values in replies for v in values]
-    return [r for r in await _records(redis, keys, rids) if r.state.value == "Q"] if rids else []
+    rids = [waiting_rid(v) for values in replies for v in values]
+    return [r for r in await records_of(redis, keys, rids) if r.state.value == "Q"] if rids else []
 
 
 async def _live(
@@ -216,11 +136,11 @@ async def _live(
                 pipe.zrange(zset, start, start + PAGE - 1)
             replies = await pipe.execute()
         rids = [
-            _rid_of_member(m) if zset.endswith(":queue") else codec.text(m)
+            rid_of_member(m) if zset.endswith(":queue") else codec.text(m)
             for zset, members in zip(zsets, replies, strict=True)
             for m in members
         ]
-        found += [r for r in await _records(redis, keys, rids) if keep(r)]
+        found += [r for r in await records_of(redis, keys, rids) if keep(r)]
         zsets = [z for z, members in zip(zsets, replies, strict=True) if len(members) == PAGE]
         start += PAGE
     found.sort(key=lambda r: r.created_ms or 0, reverse=True)
@@ -357,7 +277,6 @@ def _cursor_order(cursor: str) -> str:
 
 
 ENDED = {s.value for s in RunState if s.terminal}
-LIVE = {s.value for s in RunState if not s.terminal}
 
 
 async def list_runs(
@@ -398,12 +317,12 @@ async def runs_page(
             and (key is None or run.key == key)
         )
 
-    groups = await _groups_of_key(redis, keys, workflow, key) if key is not None else {}
+    groups = await groups_of_key(redis, keys, workflow, key) if key is not None else {}
     live: list[RunRecord] = []
     if wanted & LIVE and before is None:
         if key is not None:
-            rids = await _live_of_key(redis, keys, groups, key)
-            live = [r for r in await _records(redis, keys, rids) if keep(r)]
+            rids = await live_of_key(redis, keys, groups, key)
+            live = [r for r in await records_of(redis, keys, rids) if keep(r)]
             live.sort(key=lambda r: r.created_ms or 0, reverse=True)
             live = live[:limit]
         else:
@@ -467,7 +386,7 @@ async def _runs_of(
 ) -> list[tuple[int, RunRecord]]:
     """(index in found, record) of the found runs that still exist and are kept, in order."""
     index = {rid: i for i, (_, _, rid) in enumerate(found)}
-    records = await _records(redis, keys, [rid for _, _, rid in found])
+    records = await records_of(redis, keys, [rid for _, _, rid in found])
     return [(index[r.id], r) for r in records if keep(r)]
 
 
@@ -503,50 +422,6 @@ async def get_run(redis: Redis, keys: Keys, rid: str) -> dict[str, Any] | None:
     path = [{"point": name, "at_ms": round(ms, 3)} for name, ms in run.path()]
     outputs = codec.jsonable(outputs)  # whatever msgpack-able values the steps returned
     return {**view(run), "outputs": outputs, "timeline": timeline(run), "path": path}
-
-
-async def require_run(redis: Redis, keys: Keys, rid: str) -> None:
-    """LookupError naming `rid` unless it is a run that exists now (an id of no shard of this
-    namespace included: the cancel script would refuse it less clearly); ValueError for what is
-    no run id at all (a bad argument, as `supersede run` says)."""
-    shard = shard_of_run(rid)
-    if not 0 <= shard < keys.shards or await redis.hget(keys.shard(shard).runs_hash, rid) is None:
-        raise LookupError(f"no run {rid!r}")  # (HGET: the operator's rights have no HEXISTS)
-
-
-async def require_workflow(redis: Redis, keys: Keys, workflow: str) -> None:
-    """LookupError naming `workflow` and the registered ones unless it is, or once was,
-    registered (a misspelt name listed no runs and cancelled nothing, and said neither)."""
-    names = sorted(_text(n) for n in await redis.hkeys(keys.workflows_hash))
-    if workflow in names or await redis.hget(keys.workflow_versions_hash, workflow):
-        return
-    shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
-    raise LookupError(
-        f"no workflow {workflow!r} is registered ("
-        + (f"registered: {shown}" if names else "none is: no executor has started")
-        + ")"
-    )
-
-
-async def cancel_runs(scripts: Scripts, rids: list[str]) -> dict[str, bool]:
-    by_shard: dict[int, list[str]] = {}
-    for rid in rids:
-        by_shard.setdefault(shard_of_run(rid), []).append(rid)
-    out: dict[str, bool] = {}
-    for shard, ids in by_shard.items():
-        flags = await scripts.cancel(shard, ids, reason=Reason.MANUAL)
-        out.update(zip(ids, flags, strict=True))
-    return out
-
-
-async def cancel_key(redis: Redis, scripts: Scripts, workflow: str, key: str) -> dict[str, bool]:
-    """Cancel every live run of (workflow, key), whatever its version (from its groups'
-    members in the queue and active zsets, not a scan)."""
-    groups = await _groups_of_key(redis, scripts.keys, workflow, key)
-    rids = await _live_of_key(redis, scripts.keys, groups, key)
-    if rids and workflow:  # a group of a scope holds the runs of its other workflows too
-        rids = [r.id for r in await _records(redis, scripts.keys, rids) if r.workflow == workflow]
-    return await cancel_runs(scripts, rids) if rids else {}
 
 
 async def ended_runs(redis: Redis, keys: Keys) -> int:

@@ -265,21 +265,37 @@ async def _stored_keys(redis: Redis, ns: str) -> Keys | None:
 async def cancel(redis: Redis, run_id: str, *, namespace: str | None = None) -> bool:
     """Cancel one run, as `supersede cancel ID` does (reason `manual`; a running handler is
     stopped as a superseded one is): True when this call cancelled it, False when it had ended.
-    LookupError when there is no such run; ValueError for what is no run id. (Every live run of
-    a key: `supersede cancel --workflow W --key K`.)"""
+    LookupError when there is no such run; ValueError for what is no run id."""
+    from supersede.lookups import cancel_runs, require_run
     from supersede.scripts import Scripts
 
-    ns = _namespace(namespace)
-    shard = shard_of_run(run_id)
-    keys = await _stored_keys(redis, ns)
-    if (
-        keys is None
-        or shard >= keys.shards
-        or not await redis.hget(keys.shard(shard).runs_hash, run_id)
-    ):
-        raise LookupError(f"no run {run_id!r}")
-    [cancelled] = await Scripts(redis, keys).cancel(shard, [run_id])
-    return bool(cancelled)
+    keys = await _deployment(redis, namespace, f"no run {run_id!r}")
+    await require_run(redis, keys, run_id)
+    return (await cancel_runs(Scripts(redis, keys), [run_id]))[run_id]
+
+
+async def cancel_key(
+    redis: Redis, workflow: str, key: str, *, namespace: str | None = None
+) -> list[str]:
+    """Cancel every live run (queued, assigned, running, waiting out a debounce window) of one
+    key of `workflow`, whatever its version, as `supersede cancel --workflow W --key K` does:
+    the ids of the runs this call cancelled. LookupError for a workflow never registered."""
+    from supersede.lookups import cancel_key as cancel_of_key
+    from supersede.lookups import require_workflow
+    from supersede.scripts import Scripts
+
+    keys = await _deployment(redis, namespace, f"no workflow {workflow!r} is registered")
+    await require_workflow(redis, keys, workflow)
+    done = await cancel_of_key(redis, Scripts(redis, keys), workflow, key)
+    return [rid for rid, cancelled in done.items() if cancelled]
+
+
+async def _deployment(redis: Redis, namespace: str | None, missing: str) -> Keys:
+    """The namespace's keys; LookupError(`missing`) before anything was routed there."""
+    keys = await _stored_keys(redis, _namespace(namespace))
+    if keys is None:
+        raise LookupError(missing)
+    return keys
 
 
 async def duplicate_of(

@@ -22,7 +22,7 @@ from aiohttp import web  # the `ui` extra (the CLI says so when it is missing)
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from supersede import codec
+from supersede import codec, lookups
 from supersede.config import refusal
 from supersede.errors import ConfigError
 from supersede.keys import Keys
@@ -228,10 +228,10 @@ class UI:
         await self.check_action(request)
         rid = request.match_info["rid"]
         try:
-            await ops.require_run(self.redis, self.keys, rid)
+            await lookups.require_run(self.redis, self.keys, rid)
         except (LookupError, ValueError) as exc:
             raise web.HTTPNotFound(text=str(exc)) from None
-        done = await ops.cancel_runs(self.scripts, [rid])
+        done = await lookups.cancel_runs(self.scripts, [rid])
         raise web.HTTPSeeOther(f"/runs/{rid}" if done.get(rid) else f"/runs/{rid}?not=1")
 
     async def cancel_key(self, request: web.Request) -> web.Response:
@@ -239,7 +239,7 @@ class UI:
         workflow, value = form.get("workflow", ""), form.get("key")
         if not workflow or value is None:
             raise web.HTTPBadRequest(text="a key's cancel needs the workflow and the key")
-        done = await ops.cancel_key(self.redis, self.scripts, workflow, value)
+        done = await lookups.cancel_key(self.redis, self.scripts, workflow, value)
         cancelled = sum(1 for ok in done.values() if ok)
         raise web.HTTPSeeOther(
             "/key?" + urlencode({"workflow": workflow, "key": value, "cancelled": cancelled})
@@ -365,7 +365,7 @@ async def check_actions(redis: Redis, keys: Keys, url: str) -> None:
     of a run that cannot exist tells (its script checks the rights, then finds no run and
     writes nothing)."""
     try:
-        await ops.cancel_runs(Scripts(redis, keys), ["0-0"])
+        await lookups.cancel_runs(Scripts(redis, keys), ["0-0"])
     except Exception as exc:
         refused = refusal(exc, url, ("operator",))
         if refused is not None:

@@ -577,8 +577,11 @@ async def test_a_dead_letter_is_replayed_on_one_server_and_on_a_cluster(
     await eventually(dead_again, timeout=30)
 
 
-async def test_a_run_is_cancelled_from_python(redis: Redis, keys: Keys, system: System) -> None:
-    """supersede.client.cancel: a web backend's "stop" button (only the CLI could cancel)."""
+async def test_a_run_and_a_key_are_cancelled_from_python(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """supersede.client.cancel and cancel_key: a web backend's "stop" button (only the CLI
+    could cancel)."""
     from supersede import client
 
     await system.pipeline(redis, keys, 1)
@@ -600,3 +603,20 @@ async def test_a_run_is_cancelled_from_python(redis: Redis, keys: Keys, system: 
         await client.cancel(redis, "0-nope", namespace=ns)
     with pytest.raises(ValueError, match="not a run id: 'nope'"):
         await client.cancel(redis, "nope", namespace=ns)
+
+    # every live run of a key (here one: the newer event's run superseded the older one's)
+    for text in ("a", "b"):
+        await client.publish(redis, "chat.message", {"userId": "p2", "sleep": 30, "t": text},
+                             namespace=ns)  # fmt: skip
+
+    async def superseded_once() -> bool:
+        runs = await acli(system, "runs", "--workflow", "chat-reply", "--key", "p2")
+        return sorted(r["state"] for r in runs) == ["CANCELLED", "RUNNING"]
+
+    await eventually(superseded_once, timeout=30)
+    [live] = [r["id"] for r in await acli(system, "runs", "--workflow", "chat-reply",
+                                           "--key", "p2", "--state", "running")]  # fmt: skip
+    assert await client.cancel_key(redis, "chat-reply", "p2", namespace=ns) == [live]
+    assert await client.cancel_key(redis, "chat-reply", "p2", namespace=ns) == []
+    with pytest.raises(LookupError, match="no workflow 'chat-rpely' is registered"):
+        await client.cancel_key(redis, "chat-rpely", "p2", namespace=ns)

@@ -7,11 +7,12 @@ import pytest
 from redis.asyncio import Redis
 
 from supersede.keys import Keys
+from supersede.lookups import cancel_key
 from supersede.protocol import RunRequest, Strategy
 from supersede.registry import register
 from supersede.scripts import Scripts
 from supersede.services import ops
-from supersede.services.ops import cancel_key, list_runs, runs_page, scan_runs
+from supersede.services.ops import list_runs, runs_page, scan_runs
 from tests.support import make_request
 
 
