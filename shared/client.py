@@ -1,5 +1,5 @@
-"""Publishing events from Python (the same contract as a plain `XADD <ns>:events`), and reading
-the runs they made: `get_run`, `wait_for_run`.
+"""Publishing events from Python (the same contract as a plain `XADD <ns>:events`), reading
+the runs they made (`get_run`, `wait_for_run`), and cancelling them (`cancel`, `cancel_key`).
 
 Fields: `name` (the event name), `data` (a JSON object as text), optional `id` (idempotency key;
 default: the stream entry id) and optional `metadata` (a JSON object as text).
@@ -269,7 +269,8 @@ async def cancel(redis: Redis, run_id: str, *, namespace: str | None = None) -> 
     from supersede.lookups import cancel_runs, require_run
     from supersede.scripts import Scripts
 
-    keys = await _deployment(redis, namespace, f"no run {run_id!r}")
+    shard_of_run(run_id)  # (ValueError for what is no run id, before any lookup)
+    keys = await _deployment(redis, namespace)
     await require_run(redis, keys, run_id)
     return (await cancel_runs(Scripts(redis, keys), [run_id]))[run_id]
 
@@ -284,17 +285,21 @@ async def cancel_key(
     from supersede.lookups import require_workflow
     from supersede.scripts import Scripts
 
-    keys = await _deployment(redis, namespace, f"no workflow {workflow!r} is registered")
+    keys = await _deployment(redis, namespace)
     await require_workflow(redis, keys, workflow)
     done = await cancel_of_key(redis, Scripts(redis, keys), workflow, key)
     return [rid for rid, cancelled in done.items() if cancelled]
 
 
-async def _deployment(redis: Redis, namespace: str | None, missing: str) -> Keys:
-    """The namespace's keys; LookupError(`missing`) before anything was routed there."""
-    keys = await _stored_keys(redis, _namespace(namespace))
+async def _deployment(redis: Redis, namespace: str | None) -> Keys:
+    """The namespace's keys; LookupError naming it before any service started there."""
+    ns = _namespace(namespace)
+    keys = await _stored_keys(redis, ns)
     if keys is None:
-        raise LookupError(missing)
+        raise LookupError(
+            f"nothing in namespace {ns!r} yet (no service has started there): is namespace= "
+            "(SUPERSEDE_NAMESPACE) the deployment's?"
+        )
     return keys
 
 

@@ -1,7 +1,7 @@
 """`supersede ui`: a web dashboard over the same Redis (aiohttp, server-rendered HTML, one small
 vendored script for live pages). Read-only unless started with --allow-actions; actions go
 through the scripts the CLI uses, behind a CSRF token. Data comes from the indexes the CLI reads
-(`supersede.services.ops`), never from a scan of the records."""
+(`supersede.services.ops`, `supersede.lookups`), never from a scan of the records."""
 
 from __future__ import annotations
 

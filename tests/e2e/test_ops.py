@@ -620,3 +620,8 @@ async def test_a_run_and_a_key_are_cancelled_from_python(
     assert await client.cancel_key(redis, "chat-reply", "p2", namespace=ns) == []
     with pytest.raises(LookupError, match="no workflow 'chat-rpely' is registered"):
         await client.cancel_key(redis, "chat-rpely", "p2", namespace=ns)
+    # a namespace nothing ever ran in (namespace= forgotten): said as such
+    with pytest.raises(LookupError, match="nothing in namespace 'elsewhere' yet"):
+        await client.cancel_key(redis, "chat-reply", "p2", namespace="elsewhere")
+    with pytest.raises(ValueError, match="not a run id: 'nope'"):
+        await client.cancel(redis, "nope", namespace="elsewhere")
