@@ -16,8 +16,6 @@ from typing import Any
 import msgpack
 
 _packer = msgpack.Packer(use_bin_type=False, unicode_errors="surrogateescape")
-
-
 _value_packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
 
 

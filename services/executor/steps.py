@@ -349,16 +349,11 @@ class Runner:
                         raise LeftToLease from None
                     if _stopped(run):  # (a shutdown's cancel a library made another error of)
                         raise asyncio.CancelledError from exc
-                    # (cancelled, or an output that cannot be stored: no retry)
-                    if (
-                        attempt < step.retries
-                        and not run.ctx.cancelled
-                        and not isinstance(exc, OutputError)
-                    ):
+                    if isinstance(exc, OutputError):  # (no retry; its traceback is the executor's)
+                        return Outcome.FAILED, str(exc)
+                    if attempt < step.retries and not run.ctx.cancelled:  # (cancelled: no retry)
                         await asyncio.sleep(self.retry_wait(attempt))
                         continue
-                    if isinstance(exc, OutputError):  # (its traceback would be the executor's)
-                        return Outcome.FAILED, str(exc)
                     text = "".join(traceback.format_exception(exc))
                     return (
                         Outcome.FAILED,
