@@ -44,7 +44,6 @@ from supersede.protocol import (
     INGRESS_GROUP,
     Dead,
     Inbox,
-    Reason,
     RunRecord,
     RunState,
     original_fields,
@@ -565,9 +564,6 @@ async def dead_letters(redis: Redis, keys: Keys, limit: int = 100) -> list[dict[
     return rows
 
 
-_ONE_WORKFLOWS_REASONS = frozenset({Reason.KEY_ERROR, Reason.KEY_TOO_LARGE, Reason.MAX_RUNS_ERROR})
-
-
 async def _check_listens(
     redis: Redis, keys: Keys, entry_id: str, workflow: str, original: dict[Any, Any]
 ) -> None:
@@ -609,13 +605,13 @@ async def replay_dead(redis: Redis, keys: Keys, entry_id: str) -> str:
         )
     original: dict[Any, Any] = original_fields(fields)
     # The event again, as the same event: without an `id` of its own, its first entry's id is
-    # its id (a second replay within the de-duplication window makes no second run). A letter
-    # of one workflow's key (its reasons are only ever one workflow's; an `internal` letter may
-    # be the whole event's, and its `workflow` field the producer's) replays it for that
-    # workflow only: the others made their runs (which, once their retention passed, nothing
-    # else would keep from running again) or have letters of their own.
+    # its id (a second replay within the de-duplication window makes no second run; an `id`
+    # shaped like an entry id is hashed apart from entry ids, so its runs' ids are not the
+    # first entry's). A letter naming a workflow (of its key, or `internal` to it) replays the
+    # event for that workflow only: the others made their runs or have letters of their own.
+    # A letter of the whole event names none: the event made no run.
     workflow = fields.get(Dead.WORKFLOW.encode())
-    if workflow and fields.get(Dead.REASON.encode(), b"").decode() in _ONE_WORKFLOWS_REASONS:
+    if workflow:
         await _check_listens(redis, keys, entry_id, workflow.decode(), original)
         original[Inbox.ONLY_WORKFLOW] = workflow
     entry = fields.get(Dead.ENTRY.encode())

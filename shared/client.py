@@ -345,11 +345,12 @@ class PlannedRun:
 
 def plan_runs(
     defs: dict[str, Any], name: str, data: dict[str, Any], event_id: str, shards: int,
-    metadata: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None, explicit: bool = False,
 ) -> list[PlannedRun]:  # fmt: skip
     """The runs ingress makes of one event under the registered definitions `defs` (id ->
-    WorkflowDef): the same key, group, shard and run id. A key expression that fails for this
-    input makes no run (ingress dead-letters the event for that workflow)."""
+    WorkflowDef): the same key, group, shard and run id. `event_id` is the explicit `id`
+    (`explicit`) or the inbox entry id. A key expression that fails for this input makes no
+    run (ingress dead-letters the event for that workflow)."""
     from supersede.errors import KeyExpressionError
     from supersede.keyexpr import compile_key
     from supersede.model import group_id, run_id, shard_of_group
@@ -367,7 +368,7 @@ def plan_runs(
                 continue
         scope = wf.concurrency.scope if wf.concurrency else None
         shard = shard_of_group(group_id(wf.id, wf.version, key, scope), shards)
-        out.append(PlannedRun(wf.id, key, run_id(shard, event_id, wf.id)))
+        out.append(PlannedRun(wf.id, key, run_id(shard, event_id, wf.id, explicit=explicit)))
     return out
 
 
@@ -396,4 +397,5 @@ async def publish_runs(
     known = sorted({e for wf in defs.values() for e in wf.events})
     if stored is None:
         return entry, [], known
-    return entry, plan_runs(defs, name, data, id or entry, keys.shards, metadata), known
+    plan = plan_runs(defs, name, data, id or entry, keys.shards, metadata, id is not None)
+    return entry, plan, known

@@ -96,8 +96,14 @@ async def live_of_key(
         if reply
         for m in (reply if isinstance(reply, list) else [reply])
     ]
-    candidates = {run_id(shard_of_group(g, keys.shards), key, w)
-                  for w, gs in groups.items() for g in gs} - set(found)  # fmt: skip
+    # (the key is an inbox entry id, or an explicit id: hashed apart when it looks like one)
+    candidates = {
+        run_id(shard_of_group(g, keys.shards), key, w, explicit=explicit)
+        for w, gs in groups.items()
+        for g in gs
+        for explicit in (False, True)
+    }
+    candidates -= set(found)
     unlimited = [
         r.id
         for r in await records_of(redis, keys, sorted(candidates))

@@ -6,6 +6,7 @@ What crosses a stream (requests, results, states, codes) is in `supersede.protoc
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,10 +89,19 @@ def shard_of_group(gid: str, shards: int) -> int:
     return int(gid[:8], 16) % shards
 
 
-def event_digest(event_id: str, workflow_id: str) -> str:
+ENTRY_ID_FORM = re.compile(r"[0-9]+-[0-9]+")  # what an inbox entry id looks like ('<ms>-<seq>')
+EXPLICIT_DOMAIN = b"supersede.id"  # BLAKE2 personalisation of explicit ids of that form
+
+
+def event_digest(event_id: str, workflow_id: str, explicit: bool = False) -> str:
     """The fixed-width hash of (event id, workflow): the tail of a run id, and the idempotency
-    record of an explicit event id."""
-    return hashlib.blake2b(f"{event_id}\0{workflow_id}".encode(), digest_size=10).hexdigest()
+    record of an explicit event id. An event without `id` is known by its inbox entry id; an
+    explicit `id` written like one ('<ms>-<seq>') is hashed in a domain of its own, so no
+    producer can name another event's runs (and keep them from being made) by giving its
+    entry id, past or to come. Every other explicit id hashes as it always did."""
+    person = EXPLICIT_DOMAIN if explicit and ENTRY_ID_FORM.fullmatch(event_id) else b""
+    text = f"{event_id}\0{workflow_id}".encode()
+    return hashlib.blake2b(text, digest_size=10, person=person).hexdigest()
 
 
 def shard_of_digest(digest: str, shards: int) -> int:
@@ -99,9 +109,11 @@ def shard_of_digest(digest: str, shards: int) -> int:
     return int(digest[:8], 16) % shards
 
 
-def run_id(shard: int, event_id: str, workflow_id: str, digest: str | None = None) -> str:
+def run_id(
+    shard: int, event_id: str, workflow_id: str, digest: str | None = None, explicit: bool = False
+) -> str:
     """Deterministic, so a replayed event maps to the run it already created."""
-    return f"{shard}-{digest or event_digest(event_id, workflow_id)}"
+    return f"{shard}-{digest or event_digest(event_id, workflow_id, explicit)}"
 
 
 def shard_of_run(rid: str | bytes) -> int:

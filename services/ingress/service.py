@@ -497,7 +497,7 @@ class Ingress(Service):
             try:
                 key = self._key(route, event, keys_seen)
                 gid, shard = route.group_of(key, self.keys.shards)
-                digest = event_digest(event.id, wf.id)
+                digest = event_digest(event.id, wf.id, event.explicit_id)
                 rid = run_id(shard, event.id, wf.id, digest)
                 limit = route.limit(event.data, event.metadata) if route.limit else None
                 tp = self._trace(batch, fields, rid, wf.id, event, key) if self.tracer else ""

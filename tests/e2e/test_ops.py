@@ -308,7 +308,8 @@ async def test_a_replay_adds_its_fields_only_where_an_event_has_room(
 ) -> None:
     """An event may have 64 fields: a replay of one of 64 adds no `id` (the entry went over
     the limit, and its new letter could never be replayed), and one of one workflow's key that
-    has no room to name it is refused, the letter kept."""
+    has no room to name it is refused, the letter kept. A letter naming a workflow, `internal`
+    too, is replayed for that workflow only."""
     from supersede.services.ops import replay_dead
 
     await register(redis, keys, {"id": "w", "events": ["e"]})
@@ -332,8 +333,13 @@ async def test_a_replay_adds_its_fields_only_where_an_event_has_room(
     with pytest.raises(ValueError, match="over the 64 an event may have"):
         await replay_dead(redis, keys, kept)
     assert await redis.xrange(keys.dead_stream, min=kept, max=kept)
-    # an `internal` letter may be the whole event's: its `workflow` may be the producer's field
-    assert b"only_workflow" not in await replayed(await letter(3, reason="internal", workflow="w"))
+    # an `internal` letter of one workflow is replayed for it alone: the event's id (the entry
+    # id) no longer gives the first entry's run ids, so the others would run again; a letter of
+    # the whole event names no workflow (a producer's `workflow` field is kept as `~workflow`)
+    internal = await replayed(await letter(3, reason="internal", workflow="w"))
+    assert internal[b"only_workflow"] == b"w" and internal[b"id"] == b"1-0"
+    whole = await replayed(await letter(3, reason="internal", **{"~workflow": "w", "escaped": 1}))
+    assert b"only_workflow" not in whole and whole[b"workflow"] == b"w"
 
 
 async def test_publish_wait_reports_an_event_dead_lettered_for_its_key(

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import uuid
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -394,3 +395,50 @@ async def test_serve_hands_runs_over_on_a_cluster(redis_cluster: EmbeddedCluster
     finally:
         system.close()
         await client.aclose()
+
+
+async def test_an_explicit_id_naming_another_event_s_entry_id_takes_none_of_its_runs(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """An event without `id` is known by its inbox entry id. Before, a producer giving that
+    entry id as its `id` had the same run id: published after the event, it got the event's
+    (ended) run back and no run of its own; published before it (entry ids are predictable:
+    milliseconds), the event itself made no run. Each has its own run now."""
+    from supersede.client import plan_runs
+    from supersede.registry import load_all
+
+    system.start("serve", APP)
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+    await eventually(registered, timeout=30)
+    ns = keys.namespace
+
+    async def text_of(run_id: str) -> str:
+        run = await wait_for_run(redis, run_id, 20, namespace=ns)
+        assert run.state == "SUCCEEDED", run
+        return str(run.outputs["reply"]["text"])
+
+    # After: the event runs, then a producer names its entry id.
+    entry, [mine], _ = await publish_runs(redis, "chat.message", {"userId": "u", "text": "mine"},
+                                          namespace=ns)  # fmt: skip
+    assert await text_of(mine.run_id) == "re: mine"
+    _, [theirs], _ = await publish_runs(redis, "chat.message", {"userId": "u", "text": "theirs"},
+                                        id=entry, namespace=ns)  # fmt: skip
+    assert theirs.run_id != mine.run_id
+    assert await text_of(theirs.run_id) == "re: theirs"
+
+    # Before: a producer names an entry id to come, then the event is written at that id.
+    coming = f"{int(entry.split('-')[0]) + 60_000}-0"
+    _, [early], _ = await publish_runs(redis, "chat.message", {"userId": "v", "text": "early"},
+                                       id=coming, namespace=ns)  # fmt: skip
+    assert await text_of(early.run_id) == "re: early"
+    data = {"userId": "v", "text": "on time"}
+    assert codec.text(await redis.xadd(keys.events_stream, {"name": "chat.message",
+                                                            "data": orjson.dumps(data)},
+                                       id=coming)) == coming  # fmt: skip
+    _, defs, _ = await load_all(redis, keys)
+    [planned] = plan_runs(defs, "chat.message", data, coming, keys.shards)
+    assert planned.run_id != early.run_id
+    assert await text_of(planned.run_id) == "re: on time"

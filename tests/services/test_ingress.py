@@ -274,10 +274,10 @@ async def test_one_hostile_event_is_dead_lettered_alone_and_its_batch_mates_run(
 
     real_digest = ingress_module.event_digest  # type: ignore[attr-defined]
 
-    def digest(event_id: str, workflow: str) -> str:
+    def digest(event_id: str, workflow: str, explicit: bool = False) -> str:
         if event_id == "boom":
             raise RuntimeError("injected")
-        return real_digest(event_id, workflow)
+        return real_digest(event_id, workflow, explicit)
 
     monkeypatch.setattr(ingress_module, "event_digest", digest)
     deep = "[" * 1023 + "]" * 1023
