@@ -631,3 +631,14 @@ async def test_a_run_and_a_key_are_cancelled_from_python(
         await client.cancel_key(redis, "chat-reply", "p2", namespace="elsewhere")
     with pytest.raises(ValueError, match="not a run id: 'nope'"):
         await client.cancel(redis, "nope", namespace="elsewhere")
+    # a workflow without a limit is keyed by the event id: here one shaped like an entry id,
+    # whose run id is hashed apart from the entry ids'
+    _, [work], _ = await client.publish_runs(redis, "work.item", {"sleep": 30}, id="77-1",
+                                             namespace=ns)  # fmt: skip
+
+    async def working() -> bool:
+        run = await client.get_run(redis, work.run_id, namespace=ns)
+        return run is not None and run.state == "RUNNING"
+
+    await eventually(working, timeout=30)
+    assert await client.cancel_key(redis, "work", "77-1", namespace=ns) == [work.run_id]
