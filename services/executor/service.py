@@ -165,10 +165,11 @@ class Executor(Service):
         self.leases.start()
         try:
             await stop.wait()
-            self.runner.stopping.set()
             # The drain's deadline counts from the signal: a kubelet's or Docker's grace
             # period does too (waiting for the read first, then the whole drain, overran it).
             deadline = asyncio.get_running_loop().time() + self.config.drain_timeout
+            self.runner.drain_deadline = deadline
+            self.runner.stopping.set()
             # The fetch loop ends after its read in flight, so what that read took is started
             # and drained here rather than left pending to another executor's XAUTOCLAIM.
             self.runner.slot_freed.set()
@@ -187,10 +188,11 @@ class Executor(Service):
         applied, all within the drain deadline (the loop's time; default: drain_timeout from
         now). No call outlives it: a heartbeat that hangs on a silent server is left to its
         thread."""
-        self.runner.stopping.set()
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self.config.drain_timeout
+        self.runner.drain_deadline = min(self.runner.drain_deadline, deadline)
+        self.runner.stopping.set()
         # A hand-over still in flight (`supersede serve`) starts its runs first: they are
         # drained with the others rather than left to their leases.
         while self.runner.handing and loop.time() < deadline:

@@ -175,6 +175,7 @@ class Runner:
         self.reserved = 0  # slots promised to a claim in flight (a fetch, or a hand-over)
         self.handing = 0  # hand-overs in flight (`supersede serve`): the drain waits for them
         self.stopping = asyncio.Event()  # the executor drains (see `_left_to_lease`)
+        self.drain_deadline = math.inf  # the loop's time the drain ends by, once it drains
         self.renewed_at: float | None = None  # see `lease_held` (None: no lease keeper)
 
     def free(self) -> int:
@@ -330,39 +331,13 @@ class Runner:
         ordered = self._ordered[wf.id] if self.workflows.get(wf.id) is wf else wf.ordered_steps()
         for step in ordered:
             for attempt in range(step.retries + 1):
-                started = time.perf_counter()
-                try:
-                    with tracing.step(self.tracer if run.span else None, step.name, attempt):
-                        output = await self._call(step, run)
-                    size = len(readable(output, step.name))  # msgpack-able, and read back
-                    run.ctx.outputs[step.name] = output
+                tried = await self._try_step(run, step, attempt)
+                if isinstance(tried, int):
+                    size = tried
                     break
-                except asyncio.CancelledError:
-                    self.observe_cancel(run)
-                    raise
-                # Any BaseException a step raises is its failure: SystemExit or
-                # KeyboardInterrupt would otherwise stop the executor with every run it holds
-                # (asyncio re-raises them out of the loop), and a user's BaseException
-                # subclass would end this task with the run RUNNING and its slot held.
-                except BaseException as exc:
-                    if isinstance(exc, WorkerTerminated) and await self._left_to_lease(run):
-                        raise LeftToLease from None
-                    if _stopped(run):  # (a shutdown's cancel a library made another error of)
-                        raise asyncio.CancelledError from exc
-                    if isinstance(exc, OutputError):  # (no retry; its traceback is the executor's)
-                        return Outcome.FAILED, str(exc)
-                    if attempt < step.retries and not run.ctx.cancelled:  # (cancelled: no retry)
-                        await asyncio.sleep(self.retry_wait(attempt))
-                        continue
-                    text = "".join(traceback.format_exception(exc))
-                    return (
-                        Outcome.FAILED,
-                        f"step {step.name!r} failed after {attempt + 1} attempt(s):\n{text}",
-                    )
-                finally:
-                    metrics.STEP_SECONDS.labels(run.workflow.id).observe(
-                        time.perf_counter() - started
-                    )
+                failed = await self._after_failure(run, step, attempt, tried)
+                if failed is not None:
+                    return failed
             stored += size
             if stored > self.config.max_output_bytes:
                 del run.ctx.outputs[step.name]
@@ -379,6 +354,45 @@ class Runner:
             if _stopped(run):  # (its step swallowed the shutdown's cancel: no later step starts)
                 raise asyncio.CancelledError
         return Outcome.SUCCEEDED, ""
+
+    async def _try_step(self, run: Running, step: Step, attempt: int) -> int | BaseException:
+        """One try of a step: its output stored in the run's outputs and its size (msgpack),
+        or what it raised. Any BaseException a step raises is its failure: SystemExit or
+        KeyboardInterrupt would otherwise stop the executor with every run it holds (asyncio
+        re-raises them out of the loop), and a user's BaseException subclass would end the
+        run's task with the run RUNNING and its slot held."""
+        started = time.perf_counter()
+        try:
+            with tracing.step(self.tracer if run.span else None, step.name, attempt):
+                output = await self._call(step, run)
+            size = len(readable(output, step.name))  # msgpack-able, and read back
+            run.ctx.outputs[step.name] = output
+            return size
+        except asyncio.CancelledError:
+            self.observe_cancel(run)
+            raise
+        except BaseException as exc:
+            return exc
+        finally:  # (the try's time: a retry's wait is not the step's)
+            metrics.STEP_SECONDS.labels(run.workflow.id).observe(time.perf_counter() - started)
+
+    async def _after_failure(
+        self, run: Running, step: Step, attempt: int, exc: BaseException
+    ) -> tuple[Outcome, str] | None:
+        """The run's end after `attempt` of `step` raised `exc`, or None once the step may be
+        tried again (its retry's wait slept)."""
+        if isinstance(exc, WorkerTerminated) and await self._left_to_lease(run):
+            raise LeftToLease from None
+        if _stopped(run):  # (a shutdown's cancel a library made another error of)
+            raise asyncio.CancelledError from exc
+        if isinstance(exc, OutputError):  # (no retry; its traceback is the executor's)
+            return Outcome.FAILED, str(exc)
+        if attempt < step.retries and not run.ctx.cancelled:  # (cancelled: no retry)
+            if not await self._waited_to_retry(run, self.retry_wait(attempt)):
+                raise LeftToLease from None
+            return None
+        text = "".join(traceback.format_exception(exc))
+        return Outcome.FAILED, f"step {step.name!r} failed after {attempt + 1} attempt(s):\n{text}"
 
     async def until_out_of_step(self, run: Running, first: float, within: float = math.inf) -> None:
         """Cancel the run's task again, `first` seconds from now and then every RECANCEL_EVERY,
@@ -590,6 +604,26 @@ class Runner:
                 )
         except Exception:
             log.exception("on_cancel hook failed", extra={"run": run.run_id})
+
+    async def _waited_to_retry(self, run: Running, wait: float) -> bool:
+        """Sleep `wait` seconds before a step's next try: True once slept. False, at once, when
+        the executor drains (or starts to) and the try could not start before the drain's
+        deadline: the run is then left to its lease and retried elsewhere now, rather than
+        holding the drain to its end (up to retry_backoff_max) to be stopped there anyway."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + wait
+        if not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), wait)  # (a drain began)
+        if self.stopping.is_set() and until >= self.drain_deadline:
+            log.warning(
+                "a run waiting to retry a step is left to its lease: the try would start "
+                "after the drain deadline (it is retried elsewhere, from its first step)",
+                extra={"run": run.run_id, "workflow": run.workflow.id},
+            )
+            return False
+        await asyncio.sleep(max(0.0, until - loop.time()))
+        return True
 
     def retry_wait(self, attempt: int) -> float:
         """Seconds before a step's retry after `attempt` (0 first): doubled each time, capped."""

@@ -386,3 +386,56 @@ def test_a_step_s_retries_wait_twice_as_long_each_time_up_to_a_cap() -> None:
     assert max(waits) == 30.0 and waits[-1] == 30.0 and waits == sorted(waits)
     assert sum(waits[:20]) < 11 * 60  # (20 retries: about 10 minutes, not 29 hours)
     runner.close()
+
+
+@pytest.mark.parametrize("backoff", [0.3, 20.0])
+async def test_a_run_waiting_to_retry_past_the_drain_deadline_is_left_to_its_lease_at_once(
+    backoff: float,
+) -> None:
+    """A step failed and its retry waits: once the executor drains, a wait that ends after the
+    drain deadline leaves the run to its lease at once (it held the drain to its deadline, up
+    to retry_backoff_max, to be stopped there anyway); a shorter one is waited and the step
+    tried again. The step's time is its tries', not its waits'."""
+    import asyncio
+
+    from supersede.metrics import REGISTRY
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Workflow
+
+    def step_seconds() -> float:
+        return (
+            REGISTRY.get_sample_value("supersede_executor_step_seconds_sum", {"workflow": "wf"})
+            or 0.0
+        )
+
+    outbox = _Outbox()
+    calls: list[float] = []
+    wf = Workflow("wf", on_events=["e"])
+
+    @wf.step(retries=3)
+    async def flaky(ctx: Any) -> None:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise ConnectionError("the API is down")
+
+    runner = Runner([wf], ExecutorConfig(retry_backoff=backoff), outbox)
+    before = step_seconds()
+    run = runner.start(0, Claim("0-a", True, 1, "wf", "v", pack_input({}, {}, "e", "1"), "k",
+                                "s", "R"))  # fmt: skip
+    assert run is not None and run.task is not None
+    while not calls:
+        await asyncio.sleep(0.01)
+    loop = asyncio.get_running_loop()
+    runner.drain_deadline = loop.time() + 5.0  # (as the service sets it, with `stopping`)
+    runner.stopping.set()
+    await asyncio.wait({run.task}, timeout=5)
+    assert run.task.done()
+    if backoff > 5:  # left to its lease: nothing reported, the run no longer this executor's
+        assert len(calls) == 1 and outbox.written == [] and "0-a" not in runner.active
+    else:  # waited (0.3 s, then 0.6 s) and tried again within the drain
+        assert len(calls) == 3 and [r.outcome.value for r in outbox.written] == ["S"]
+        assert calls[1] - calls[0] >= 0.3 and calls[2] - calls[1] >= 0.6
+    assert 0 < step_seconds() - before < 0.25  # (three quick tries; the waits took 0.9 s)
+    runner.close()
