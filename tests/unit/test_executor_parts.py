@@ -398,7 +398,7 @@ async def test_a_run_waiting_to_retry_past_the_drain_deadline_is_left_to_its_lea
     tried again. The step's time is its tries', not its waits'."""
     import asyncio
 
-    from supersede.metrics import REGISTRY
+    from prometheus_client import REGISTRY
     from supersede.protocol import pack_input
     from supersede.scripts import Claim
     from supersede.services.executor.steps import Runner
