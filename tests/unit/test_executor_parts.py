@@ -399,6 +399,7 @@ async def test_a_run_waiting_to_retry_past_the_drain_deadline_is_left_to_its_lea
     import asyncio
 
     from prometheus_client import REGISTRY
+
     from supersede.protocol import pack_input
     from supersede.scripts import Claim
     from supersede.services.executor.steps import Runner
