@@ -23,6 +23,11 @@ MAX_EXPRESSION_CHARS = 1000
 # at 100 elements, 22 ms at 1,000, 320 ms at 4,000), so an expression with one refuses inputs
 # holding a longer list or map: a key_error dead letter instead of a stalled ingress.
 MAX_COMPREHENSION_ITEMS = 500
+# The CEL library converts each value an expression reads into its own types first: 0.1 s for a
+# list of 500,000 numbers, whatever the expression does with it. An expression reading values
+# of more items than this (lists, maps and what they hold, counted together) refuses the event
+# (a key_error / max_runs_error dead letter) rather than stall ingress on it.
+MAX_READ_ITEMS = 10_000
 KeyFn = Callable[[Any, Any], str]
 # Comprehension macros: each walks a list or map of the input. One is linear in the input's size
 # (which max_payload bounds); one inside another is quadratic, so a hostile event could make a
@@ -240,6 +245,12 @@ def _compile(
         # (the fields it reads only: the library converts all it is given, 0.3 s for a 1 MB
         # event whatever the expression reads)
         input_, metadata = _only(input_, only_in), _only(metadata, only_md)
+        if _items_over([input_, metadata], MAX_READ_ITEMS):
+            raise KeyExpressionError(
+                reason,
+                f"{expression!r} reads values of over {MAX_READ_ITEMS:,} items (lists and maps "
+                "with what they hold), over what an expression may read (its cost budget)",
+            )
         if walks:
             longest = _walked_size(paths, input_, metadata)
             if longest > MAX_COMPREHENSION_ITEMS:
@@ -358,6 +369,21 @@ _KNOWN = frozenset(
     {"input", "metadata", "true", "false", "null", "in", "int", "uint", "double", "bool",
      "string", "bytes", "list", "map", "null_type", "type", "dyn"}
 )  # fmt: skip
+
+
+def _items_over(roots: list[Any], limit: int) -> bool:
+    """Whether `roots` hold more than `limit` items: lists' and maps' entries, nested ones
+    too (stops counting past `limit`, so an event of any size costs at most that)."""
+    items = 0
+    todo = roots
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict | list | tuple):
+            items += len(node)
+            if items > limit:
+                return True
+            todo.extend(node.values() if isinstance(node, dict) else node)
+    return False
 
 
 def _longest_collection(root: Any, limit: int) -> int:
