@@ -202,6 +202,9 @@ def shutdown() -> None:
         _tracer, _provider, _configured = None, None, False
 
 
+TRACEPARENT_MAX = 512  # characters: OpenTelemetry's propagator refuses longer ones, logging
+
+
 def context_of(traceparent: bytes | str | None) -> Any:
     """The OpenTelemetry context a `traceparent` value names, or None (absent or invalid)."""
     if not traceparent:
@@ -212,6 +215,8 @@ def context_of(traceparent: bytes | str | None) -> Any:
     value = (
         traceparent.decode("ascii", "replace") if isinstance(traceparent, bytes) else traceparent
     )
+    if len(value) > TRACEPARENT_MAX:  # (the propagator logs a line for each one: a producer's
+        return None  # flood of them would decide the log volume)
     ctx = TraceContextTextMapPropagator().extract({"traceparent": value})  # (invalid: no parent)
     return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
 

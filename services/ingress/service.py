@@ -177,6 +177,8 @@ def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int, s
         ) from None
     _check_id(event_id, raw_id)
     encoding = fields.get(Inbox.ENCODING, Inbox.JSON)
+    if encoding not in (Inbox.JSON, Inbox.MSGPACK):  # (with `data` or without)
+        raise BadEvent(Reason.BAD_ENCODING, f"unknown `encoding` {encoding!r}; use json or msgpack")
     raw_data = fields.get(Inbox.DATA)
     if raw_data is None:
         data: dict[str, Any] = {}
@@ -191,10 +193,8 @@ def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int, s
                 Reason.BAD_MSGPACK, f"`data` must be a map, got {type(decoded).__name__}"
             )
         data = decoded
-    elif encoding == Inbox.JSON:
-        data = _load_object(raw_data, "`data`")
     else:
-        raise BadEvent(Reason.BAD_ENCODING, f"unknown `encoding` {encoding!r}; use json or msgpack")
+        data = _load_object(raw_data, "`data`")
     raw_meta = fields.get(Inbox.METADATA)
     metadata = _load_object(raw_meta, "`metadata`") if raw_meta is not None else {}
     return Event(name, event_id, data, metadata, raw_id is not None, only)

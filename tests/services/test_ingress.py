@@ -151,6 +151,8 @@ BAD_EVENTS: list[tuple[dict[str, Any], str]] = [
     ({"name": "chat.message", "data": '{"userId": {"nested": 1}}'}, "key_error"),
     ({"name": "chat.message", "data": orjson.dumps({"userId": "k" * 1025})}, "key_too_large"),
     ({"name": "chat.message", "data": "{}", "metadata": "[]"}, "bad_json"),
+    ({"name": "chat.message", "encoding": "yaml", "data": '{"userId": "u"}'}, "bad_encoding"),
+    ({"name": "chat.message", "encoding": "yaml"}, "bad_encoding"),  # (no data: was routed)
 ]
 
 

@@ -778,3 +778,20 @@ def test_publish_wait_shows_a_failed_run_s_error_not_its_partial_outputs() -> No
     failed, succeeded = (line for line in text.splitlines() if line.startswith("0-"))
     assert "ValueError: boom" in failed and "first" not in failed
     assert "first" in succeeded
+
+
+def test_an_over_long_traceparent_is_no_parent_and_writes_no_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """OpenTelemetry's propagator logs a warning for each traceparent over 512 characters: a
+    producer's 5,000 such events wrote 20,000 lines (one per workflow), past the sampling of
+    supersede's own lines. They are no parent, without a line."""
+    from supersede import tracing
+
+    valid = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert tracing.context_of(valid) is not None
+    with caplog.at_level(logging.DEBUG):
+        for _ in range(100):
+            assert tracing.context_of(("00-" + "a" * 600).encode()) is None
+            assert tracing.context_of(valid + "-" + "x" * 500) is None
+    assert caplog.records == []
