@@ -165,6 +165,12 @@ ROLES: tuple[Role, ...] = (
         _BELLS,
     ),
     Role(
+        "producer",
+        "an application that publishes events: XADD to the inbox, nothing else",
+        (*_BASE, "xadd"),
+        ("%W~@:events",),
+    ),
+    Role(
         "reader",
         "the CLI's read-only commands (runs, run, status, dead) and dashboards",
         (*_BASE, *_READ, *_REGISTRY),
@@ -203,7 +209,7 @@ ROLES += (
 ROLE_NAMES = tuple(r.name for r in ROLES)
 # Roles `supersede acl --apply` without --role creates only when their password is set (a
 # deployment of the separate services has no use for them, nor a password for them).
-OPTIONAL_ROLES = ("serve",)
+OPTIONAL_ROLES = ("serve", "producer")
 
 
 def _glob_escape(text: str) -> str:

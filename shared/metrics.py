@@ -155,6 +155,14 @@ TASK_FAILURES = Counter(
     "refresh...), by service and task: while a task's last run failed, /readyz answers 503.",
     ["service", "task"],
 )
+PENDING_DELETED = Counter(
+    "supersede_pending_entries_deleted_total",
+    "Entries read and never acknowledged (a process died on them) that were deleted before a "
+    "take-over: supersede trims only acknowledged entries, so something else trimmed or "
+    "deleted the stream (an XADD with MAXLEN or MINID, XTRIM, XDEL) and their events or runs "
+    "are lost. By service.",
+    ["service"],
+)
 HOP_SECONDS = LoopHistogram(
     "supersede_hop_seconds",
     "Time a run spends in each hop, observed by the service at its end: inbox (published -> "

@@ -26,7 +26,7 @@ from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from supersede import aio, metrics, tracing
+from supersede import aio, codec, metrics, tracing
 from supersede.config import (
     DEFAULT_METRICS_HOST,
     Settings,
@@ -224,6 +224,18 @@ class Service:
         self.log_failure(f"{what} failed; retrying", exc)
         await after_failure(self.redis, self.groups(), own, exc, failed_reread=failed_reread)
 
+    def _pending_deleted(self, stream: str | bytes, group: str, ids: list[bytes]) -> None:
+        """Entries a process read and never acknowledged, deleted before this take-over: only
+        acknowledged ones are trimmed by supersede, so another client deleted them."""
+        metrics.PENDING_DELETED.labels(self.name).inc(len(ids))
+        self.log.error(
+            "pending entries were deleted before they were handled, by something other than "
+            "supersede (an XADD with MAXLEN or MINID, XTRIM or XDEL on the stream): they are "
+            "lost; publish with XADD <stream> * and no trim option",
+            extra={"stream": codec.text(stream), "group": group, "entries": len(ids),
+                   "ids": [codec.text(i) for i in ids[:10]]},
+        )  # fmt: skip
+
     async def take_over(
         self,
         stream: str | bytes,
@@ -241,6 +253,8 @@ class Service:
                 stream, group, self.consumer, idle_ms, start_id=start, count=count
             )
             entries = [e for e in reply[1] if e and e[1]]
+            if len(reply) > 2 and reply[2]:  # (Redis 7: pending entries no longer in the stream)
+                self._pending_deleted(stream, group, reply[2])
             if entries:
                 taken += len(entries)
                 await handle(entries)

@@ -96,7 +96,7 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
     systems = {r: System(url_of[r], keys) for r in ("admission", "executor", "ingress")}
     systems["executor"].env["SUPERSEDE_TEST_LOG_URL"] = url  # user code has its own rights
     operator, reader = (env_of(url_of[r], keys) for r in ("operator", "reader"))
-    publisher = connect(url_of["operator"])
+    publisher = connect(url_of["producer"])  # (an application's user: XADD to the inbox)
     try:
         systems["admission"].start("admission", "--block-ms", "100", "--reap-interval", "0.1",
                                    "--trim-interval", "0.5")  # fmt: skip
@@ -259,6 +259,12 @@ async def _each_user_is_refused_what_its_role_does_not_do(
         await _refused(adm, "HSET", keys.workflows_hash, "x", "{}")
         await _refused(clients["reader"], "XADD", keys.events_stream, "*", "name", "x")
         await _refused(clients["reader"], "HSET", sk.runs_hash, "x", "y")
+        producer = clients["producer"]
+        await _refused(producer, "XRANGE", keys.events_stream, "-", "+")
+        await _refused(producer, "XDEL", keys.events_stream, "1-0")
+        await _refused(producer, "XTRIM", keys.events_stream, "MAXLEN", "0")
+        await _refused(producer, "XADD", sk.requests_stream, "*", "r", "x")
+        await _refused(producer, "HGET", sk.runs_hash, "x")
         await _refused(clients["keda"], "HGET", sk.runs_hash, "x")
         await _refused(clients["keda"], "XRANGE", sk.assignments_stream("chat-reply"), "-", "+")
         assert isinstance(

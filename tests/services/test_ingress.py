@@ -44,10 +44,13 @@ AUDIT = {"id": "audit", "events": ["chat.message", "user.signup"]}
 
 
 @contextlib.asynccontextmanager
-async def running_ingress(redis: Redis, redis_url: str, keys: Keys) -> AsyncIterator[Ingress]:
+async def running_ingress(
+    redis: Redis, redis_url: str, keys: Keys, **config: Any
+) -> AsyncIterator[Ingress]:
     """An in-process ingress service on `keys`, ready; stopped on exit."""
     settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
-    service = Ingress(redis, settings, IngressConfig(block_ms=20, refresh_interval=0.05))
+    config = {"block_ms": 20, "refresh_interval": 0.05, **config}
+    service = Ingress(redis, settings, IngressConfig(**config))
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
@@ -863,3 +866,33 @@ async def test_a_backlog_of_large_entries_is_read_a_few_at_a_time(
     assert len({r["k"] for r in reqs}) == 80
     dead = await redis.xrange(keys.dead_stream)
     assert sorted(d[b"reason"] for _, d in dead) == [b"too_large"] * 5
+
+
+async def test_entries_a_dead_ingress_read_and_a_producer_trimmed_are_reported_lost(
+    redis: Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ingress process died holding five entries; a producer's XADD with MAXLEN then
+    deleted them. The take-over found nothing and said nothing (the events were lost without
+    a trace); now it counts them, names the cause in an error line, and the alert fires."""
+    from prometheus_client import REGISTRY
+
+    def deleted() -> float:
+        labels = {"service": "ingress"}
+        return REGISTRY.get_sample_value("supersede_pending_entries_deleted_total", labels) or 0
+
+    await register(redis, keys, CHAT)
+    stream = keys.events_stream
+    await redis.xgroup_create(stream, INGRESS_GROUP, id="$", mkstream=True)
+    for i in range(5):
+        await redis.xadd(stream, {"name": "chat.message", "data": f'{{"userId": "lost{i}"}}'})
+    await redis.xreadgroup(INGRESS_GROUP, "ingress-that-died", {stream: ">"})
+    await redis.xadd(stream, {"name": "chat.message", "data": '{"userId": "kept"}'},
+                     maxlen=1, approximate=False)  # fmt: skip
+    before = deleted()
+    async with running_ingress(redis, redis_url, keys, claim_idle_ms=50):
+        await eventually(lambda: asyncio.sleep(0, deleted() - before >= 5))
+        await settle(redis, keys)
+    assert deleted() - before == 5
+    assert [r["k"] for r in await requests_in_streams(redis, keys)] == ["kept"]
+    [line] = [r for r in caplog.records if r.getMessage().startswith("pending entries were")]
+    assert "MAXLEN" in line.getMessage() and line.entries == 5  # type: ignore[attr-defined]
