@@ -89,8 +89,8 @@ ROLES: tuple[Role, ...] = (
             *_FORGET,
             *_REGISTRY,
             # (zcard: claim_ids' cap on the explicit ids a shard keeps, lua/includes/cap.lua;
-            # xlen: the inbox lag's cap, supersede.streams.unread)
-            *_words("xtrim xadd zadd zrem zrangebyscore zcard hset hdel time xlen"),
+            # xlen: the inbox lag's cap, supersede.streams.unread; xinfo|stream: its last id)
+            *_words("xtrim xadd zadd zrem zrangebyscore zcard hset hdel time xlen xinfo|stream"),
         ),
         (
             "~@:events",

@@ -44,6 +44,11 @@ INBOX_LAG = Gauge(
     "supersede_ingress_inbox_lag",
     "Inbox entries group ingress has not handled yet: unread, or read and not acknowledged.",
 )
+INBOX_ID_AHEAD = Gauge(
+    "supersede_ingress_inbox_id_ahead_seconds",
+    "How far the inbox's last entry id is ahead of this process's clock (0 when it is not): an "
+    "XADD gave an explicit id in the future, and every later entry gets an id after it.",
+)
 WORKFLOWS = Gauge("supersede_ingress_workflows", "Valid workflow definitions loaded.")
 INVALID_WORKFLOWS = Gauge(
     "supersede_ingress_invalid_workflows",

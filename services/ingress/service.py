@@ -23,7 +23,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from supersede import aio, tracing
+from supersede import aio, codec, tracing
 from supersede.config import Settings
 from supersede.errors import KeyExpressionError, describe
 from supersede.keyexpr import KeyFn, LimitFn, compile_key, compile_limit
@@ -59,6 +59,9 @@ from supersede.trim import trim_consumed
 GROUP_MEMO = 100_000
 READ_BYTES = 64 << 20  # about the most one read of the inbox holds, once entries are large
 FIRST_READ = 16  # entries the first read asks for; each read after may ask twice as many
+
+
+ID_AHEAD_WARN = 60.0  # seconds the inbox's last id may be ahead of the clock unremarked
 
 
 @dataclass(slots=True)
@@ -665,9 +668,34 @@ class Ingress(Service):
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xinfo_groups(self.keys.events_stream)
             pipe.xlen(self.keys.events_stream)
+            pipe.xinfo_stream(self.keys.events_stream)
             # (an XLEN refused, by a user from before ingress had the right, leaves no cap)
-            groups, length = await pipe.execute(raise_on_error=False)
+            groups, length, stream = await pipe.execute(raise_on_error=False)
         metrics.INBOX_LAG.set(group_backlog(groups, INGRESS_GROUP, length) or 0)
+        if isinstance(stream, dict):
+            self._check_last_id(stream.get("last-generated-id"))
+
+    def _check_last_id(self, last: Any) -> None:
+        """Say so when the inbox's last id is ahead of the clock: a producer's XADD with an
+        explicit id moved every later event's id (the largest possible id stops every XADD)."""
+        if not last:
+            return
+        ms, _, seq = codec.text(last).partition("-")
+        ahead = max(0.0, int(ms) / 1000 - time.time())
+        metrics.INBOX_ID_AHEAD.set(ahead)
+        if ahead < ID_AHEAD_WARN:
+            return
+        stopped = int(ms) == int(seq or 0) == 2**64 - 1
+        self.log.error(
+            "the inbox's last entry id is ahead of the clock: an XADD gave an explicit id, "
+            + ("the largest there is, so every XADD to the inbox fails; "
+               if stopped else "and every later entry gets an id after it; ")
+            + "delete that entry (XDEL), set the stream's last id back (XSETID) and, if ingress "
+            "read it, the ingress group's last id too (XGROUP SETID): README, \"Publishing "
+            "events\"",
+            extra={"stream": self.keys.events_stream, "last_id": codec.text(last),
+                   "ahead_seconds": round(ahead)},
+        )  # fmt: skip
 
 
 async def serve(settings: Settings, config: IngressConfig, stop: asyncio.Event) -> None:

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -896,3 +897,33 @@ async def test_entries_a_dead_ingress_read_and_a_producer_trimmed_are_reported_l
     assert [r["k"] for r in await requests_in_streams(redis, keys)] == ["kept"]
     [line] = [r for r in caplog.records if r.getMessage().startswith("pending entries were")]
     assert "MAXLEN" in line.getMessage() and line.entries == 5  # type: ignore[attr-defined]
+
+
+async def test_an_inbox_id_ahead_of_the_clock_is_reported_with_its_repair(
+    redis: Redis, keys: Keys, ingress: Ingress, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A producer's XADD with an explicit id an hour ahead moved every later event's id (runs
+    then showed negative times); the largest id stops every XADD. Nothing said so: now a gauge
+    and an error line that names the repair."""
+    from prometheus_client import REGISTRY
+
+    def ahead() -> float:
+        return REGISTRY.get_sample_value("supersede_ingress_inbox_id_ahead_seconds") or 0.0
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "ahead of the clock" in r.getMessage()]
+
+    await redis.xadd(keys.events_stream, {"name": "chat.message", "data": '{"userId": "now"}'})
+    await settle(redis, keys)
+    assert ahead() == 0 and lines() == []
+    hour = int(time.time() * 1000) + 3_600_000
+    await redis.xadd(keys.events_stream, {"name": "chat.message", "data": '{"userId": "later"}'},
+                     id=f"{hour}-0")  # fmt: skip
+    await eventually(lambda: asyncio.sleep(0, 3000 < ahead() <= 3600 and bool(lines())))
+    assert "every later entry gets an id after it" in lines()[0] and "XSETID" in lines()[0]
+    top = 2**64 - 1
+    await redis.xadd(keys.events_stream, {"name": "chat.message", "data": '{"userId": "end"}'},
+                     id=f"{top}-{top}")  # fmt: skip
+    with pytest.raises(redis_sync.ResponseError, match="exhausted the last possible ID"):
+        await redis.xadd(keys.events_stream, {"name": "chat.message", "data": "{}"})
+    await eventually(lambda: asyncio.sleep(0, any("every XADD" in line for line in lines())))
