@@ -313,6 +313,7 @@ class Ingress(Service):
         self.epoch = -1
         self._housekeeping_due = Throttle(1.0)
         self.dead_lines = Sampled()  # (one line per kind of dead letter in 5 s)
+        self._unread_lost = 0  # inbox entries deleted unread, as last reported
         # Where a shard's requests go: the `append_requests` script, unless `supersede serve`
         # hands them to the admission of its own process (services/serve.py).
         self.sink: Sink = self.scripts.append_requests
@@ -674,6 +675,31 @@ class Ingress(Service):
         metrics.INBOX_LAG.set(group_backlog(groups, INGRESS_GROUP, length) or 0)
         if isinstance(stream, dict):
             self._check_last_id(stream.get("last-generated-id"))
+            if isinstance(groups, list):
+                self._check_unread_lost(groups, stream)
+
+    def _check_unread_lost(self, groups: list[dict[str, Any]], stream: dict[str, Any]) -> None:
+        """Redis counts a group's lag as the entries added less those the group read. While
+        ingress has read the inbox to its last id (read after the groups: no entry came in
+        between), a lag left is entries added that it never read: deleted by another client
+        (a producer's XADD with MAXLEN or MINID, XTRIM). Reported until Redis estimates the
+        count again (an XDEL in the stream makes it)."""
+        group = next((g for g in groups if g["name"] == INGRESS_GROUP.encode()), None)
+        if group is None or group.get("lag") is None:
+            return
+        if group["last-delivered-id"] != stream.get("last-generated-id"):
+            return  # (entries unread: the lag counts them too)
+        lost = int(group["lag"])
+        metrics.INBOX_UNREAD_LOST.set(lost)
+        if lost > self._unread_lost:
+            self.log.error(
+                "inbox entries were deleted before ingress read them, by something other than "
+                "supersede (an XADD with MAXLEN or MINID, XTRIM): their events are lost; "
+                "publish with XADD <inbox> * and no trim option",
+                extra={"stream": self.keys.events_stream, "entries": lost - self._unread_lost,
+                       "lost": lost},
+            )  # fmt: skip
+        self._unread_lost = lost
 
     def _check_last_id(self, last: Any) -> None:
         """Say so when the inbox's last id is ahead of the clock: a producer's XADD with an
