@@ -20,11 +20,13 @@ from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web  # the `ui` extra (the CLI says so when it is missing)
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede import codec, lookups
 from supersede.config import refusal
-from supersede.errors import ConfigError
+from supersede.errors import ConfigError, describe
 from supersede.keys import Keys
 from supersede.model import group_id, shard_of_group, shard_of_run
 from supersede.protocol import RunState, unpack_input
@@ -267,6 +269,9 @@ SECURITY_HEADERS = {
 }
 
 
+REQUEST_TIMEOUT = 5.0  # seconds a page may take: past it, Redis is said not to answer
+
+
 def _guard(hosts: frozenset[str] | None) -> Any:
     """A middleware: only requests addressed to one of `hosts` (None: any) are served, so a
     DNS name rebound to this address cannot read the pages; a bad parameter is a 400, an
@@ -277,12 +282,20 @@ def _guard(hosts: frozenset[str] | None) -> Any:
         try:
             if hosts is not None and _bare(request.host) not in hosts:
                 raise web.HTTPMisdirectedRequest(text=f"not served for host {request.host!r}")
-            resp: web.StreamResponse = await handler(request)
+            async with asyncio.timeout(REQUEST_TIMEOUT):  # (a hung server: no answer at all)
+                resp: web.StreamResponse = await handler(request)
         except web.HTTPException as exc:
             exc.headers.update(SECURITY_HEADERS)
             raise
         except (ValueError, LookupError) as exc:  # a parameter the page could not use
             resp = web.Response(text=f"bad request: {exc}", status=400)
+        except (RedisConnectionError, RedisTimeoutError, TimeoutError) as exc:  # (down, hung)
+            said = describe(exc) if str(exc) else f"no answer within {REQUEST_TIMEOUT:g} s"
+            log.warning("ui request: Redis unreachable", extra={"error": said})
+            resp = web.Response(
+                text=f"Redis is unreachable ({said}): the page is up to date again once it answers",
+                status=503,
+            )
         except Exception as exc:
             # (a right the user lacks, the reader's asked to cancel say: what it needs)
             roles = ("operator",) if request.method == "POST" else ("reader",)

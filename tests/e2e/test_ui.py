@@ -47,11 +47,11 @@ def start_ui(system: System, *args: str) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def get(url: str, data: bytes | None = None, **headers: str) -> tuple[int, str]:
+def get(url: str, data: bytes | None = None, timeout: float = 5, **headers: str) -> tuple[int, str]:
     """(status, body) of a GET, or of a POST of `data`."""
     request = urllib.request.Request(url, data=data, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=5) as r:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -249,6 +249,51 @@ async def test_untrusted_keys_and_inputs_render_as_text(
     await page.close()
     status, text = await asyncio.to_thread(get, base + f"/runs/{run['id']}")
     assert status == 200 and "<script>alert" not in text and "&lt;script&gt;" in text
+
+
+@needs_browser
+async def test_a_live_page_says_since_when_and_why_it_is_not_updated(
+    keys: Keys, browser: Browser, shots: Any
+) -> None:
+    """Redis hung (SIGSTOP), then gone: the dashboard answered 500 "internal error", or hung
+    with the server, and an open page kept showing its last figures as if live. Each page now
+    answers 503 naming Redis within 5 s, and a live page says since when it is not updated,
+    and why, until it is again."""
+    import signal
+
+    from supersede.server import EmbeddedServer
+
+    server = EmbeddedServer().start()  # (its own: this test stops it)
+    system = System(server.url, keys)
+    own = Redis.from_url(server.url)
+    try:
+        await system.pipeline(own, keys, 1)
+        _, base = start_ui(system)
+        await up(base)
+        page = await browser.new_page()
+        await page.goto(base + "/")
+        note = page.locator("p.stale")
+        assert await note.count() == 1 and await note.is_hidden()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)  # hung: connections open, nothing answers
+        try:
+            await note.wait_for(state="visible", timeout=20_000)
+            said = await note.inner_text()
+            assert said.startswith("Not updated since ") and "Redis is unreachable" in said, said
+            await shots(page, "stale")
+            status, text = await asyncio.to_thread(get, base + "/runs", None, 15)
+            assert status == 503 and "no answer within 5 s" in text, (status, text)
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        await note.wait_for(state="hidden", timeout=20_000)
+        server.stop()  # gone: connections refused
+        await note.wait_for(state="visible", timeout=20_000)
+        assert "Redis is unreachable" in await note.inner_text()
+        await page.close()
+    finally:
+        await own.aclose()
+        system.close()
+        server.stop()
 
 
 async def test_the_ui_is_read_only_unless_allowed_and_actions_need_the_csrf_token(

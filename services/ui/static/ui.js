@@ -7,20 +7,45 @@
   var live = document.querySelector("[data-live]");
   if (!live) return;
   var every = 2000;
+  // When a reload fails the content stays, and a note above it says since when and why (text
+  // only), until one succeeds: a page left open during an outage showed old figures as live.
+  var note = document.createElement("p");
+  note.className = "stale";
+  note.hidden = true;
+  live.parentNode.insertBefore(note, live);
+  var fresh = new Date();
+  function stale(reason) {
+    note.textContent = "Not updated since " + fresh.toLocaleTimeString() + ": " + reason;
+    note.hidden = false;
+  }
   function refresh() {
     var url = new URL(window.location.href);
     url.searchParams.set("fragment", "1");
-    fetch(url.toString(), { credentials: "same-origin", cache: "no-store" })
-      .then(function (r) { return r.ok ? r.text() : null; })
+    var abort = new AbortController();  // (the server answers within 5 s, or says why not)
+    var late = window.setTimeout(function () { abort.abort(); }, 15000);
+    fetch(url.toString(), { credentials: "same-origin", cache: "no-store", signal: abort.signal })
+      .then(function (r) {
+        if (r.ok) return r.text();
+        return r.text().then(function (t) {
+          stale((t || "").slice(0, 300) || "HTTP " + r.status);
+          return null;
+        });
+      })
       .then(function (html) {
-        if (html === null || html === live.dataset.last) return;
+        if (html === null) return;
+        fresh = new Date();
+        note.hidden = true;
+        if (html === live.dataset.last) return;
         var f = document.activeElement;
         if (f && live.contains(f) && /^(INPUT|SELECT|TEXTAREA|BUTTON)$/.test(f.tagName)) return;
         live.dataset.last = html;
         live.innerHTML = html;
       })
-      .catch(function () { /* the next tick tries again */ })
-      .finally(function () { window.setTimeout(refresh, every); });
+      .catch(function () { stale("the UI server does not answer"); })  // (tried again)
+      .finally(function () {
+        window.clearTimeout(late);
+        window.setTimeout(refresh, every);
+      });
   }
   window.setTimeout(refresh, every);
 })();
