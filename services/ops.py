@@ -44,6 +44,7 @@ from supersede.protocol import (
     INGRESS_GROUP,
     Dead,
     Inbox,
+    Reason,
     RunRecord,
     RunState,
     original_fields,
@@ -564,6 +565,11 @@ async def dead_letters(redis: Redis, keys: Keys, limit: int = 100) -> list[dict[
     return rows
 
 
+_ONE_WORKFLOWS_REASONS = frozenset(
+    {Reason.KEY_ERROR, Reason.KEY_TOO_LARGE, Reason.MAX_RUNS_ERROR, Reason.INTERNAL}
+)
+
+
 async def _check_listens(
     redis: Redis, keys: Keys, entry_id: str, workflow: str, original: dict[Any, Any]
 ) -> None:
@@ -609,9 +615,10 @@ async def replay_dead(redis: Redis, keys: Keys, entry_id: str) -> str:
     # shaped like an entry id is hashed apart from entry ids, so its runs' ids are not the
     # first entry's). A letter naming a workflow (of its key, or `internal` to it) replays the
     # event for that workflow only: the others made their runs or have letters of their own.
-    # A letter of the whole event names none: the event made no run.
+    # A letter of the whole event names none: the event made no run. (Only those reasons: a
+    # letter of a build before names were escaped may hold a producer's own `workflow` field.)
     workflow = fields.get(Dead.WORKFLOW.encode())
-    if workflow:
+    if workflow and fields.get(Dead.REASON.encode(), b"").decode() in _ONE_WORKFLOWS_REASONS:
         await _check_listens(redis, keys, entry_id, workflow.decode(), original)
         original[Inbox.ONLY_WORKFLOW] = workflow
     entry = fields.get(Dead.ENTRY.encode())

@@ -282,7 +282,9 @@ def _guard(hosts: frozenset[str] | None) -> Any:
         try:
             if hosts is not None and _bare(request.host) not in hosts:
                 raise web.HTTPMisdirectedRequest(text=f"not served for host {request.host!r}")
-            async with asyncio.timeout(REQUEST_TIMEOUT):  # (a hung server: no answer at all)
+            # (a hung server: no answer at all; an action is not cut short, half done)
+            within = REQUEST_TIMEOUT if request.method in ("GET", "HEAD") else None
+            async with asyncio.timeout(within):
                 resp: web.StreamResponse = await handler(request)
         except web.HTTPException as exc:
             exc.headers.update(SECURITY_HEADERS)
@@ -292,10 +294,12 @@ def _guard(hosts: frozenset[str] | None) -> Any:
         except (RedisConnectionError, RedisTimeoutError, TimeoutError) as exc:  # (down, hung)
             said = describe(exc) if str(exc) else f"no answer within {REQUEST_TIMEOUT:g} s"
             log.warning("ui request: Redis unreachable", extra={"error": said})
-            resp = web.Response(
-                text=f"Redis is unreachable ({said}): the page is up to date again once it answers",
-                status=503,
+            after = (
+                "the page is up to date again once it answers"
+                if request.method in ("GET", "HEAD")
+                else "the action may be partly done: look again once it answers"
             )
+            resp = web.Response(text=f"Redis is unreachable ({said}): {after}", status=503)
         except Exception as exc:
             # (a right the user lacks, the reader's asked to cancel say: what it needs)
             roles = ("operator",) if request.method == "POST" else ("reader",)

@@ -591,6 +591,9 @@ def test_the_dashboard_answers_a_redis_failure_with_its_own_500_and_headers() ->
         return resp.status, resp.text, dict(resp.headers)
 
     status, text, headers = asyncio.run(answer(RedisConnectionError("gone")))
+    assert status == 503 and "Redis is unreachable" in text
+    assert all(headers.get(k) == v for k, v in SECURITY_HEADERS.items())
+    status, text, headers = asyncio.run(answer(RuntimeError("a fault")))
     assert status == 500 and "internal error" in text
     assert all(headers.get(k) == v for k, v in SECURITY_HEADERS.items())
     status, text, headers = asyncio.run(answer(NoPermissionError("NOPERM no evalsha")))

@@ -33,11 +33,13 @@
       })
       .then(function (html) {
         if (html === null) return;
-        fresh = new Date();
+        if (html !== live.dataset.last) {
+          var f = document.activeElement;
+          if (f && live.contains(f) && /^(INPUT|SELECT|TEXTAREA|BUTTON)$/.test(f.tagName)) return;
+        }
+        fresh = new Date();  // (what the page shows is the server's now)
         note.hidden = true;
         if (html === live.dataset.last) return;
-        var f = document.activeElement;
-        if (f && live.contains(f) && /^(INPUT|SELECT|TEXTAREA|BUTTON)$/.test(f.tagName)) return;
         live.dataset.last = html;
         live.innerHTML = html;
       })
