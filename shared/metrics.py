@@ -157,8 +157,9 @@ TASK_FAILURES = Counter(
 )
 PENDING_DELETED = Counter(
     "supersede_pending_entries_deleted_total",
-    "Entries read and never acknowledged (a process died on them) that were deleted before a "
-    "take-over: supersede trims only acknowledged entries, so something else trimmed or "
+    "Entries read and never acknowledged that were deleted before they were handled (on a "
+    "re-read, or a take-over of a process that died): supersede trims only acknowledged "
+    "entries, so something else trimmed or "
     "deleted the stream (an XADD with MAXLEN or MINID, XTRIM, XDEL) and their events or runs "
     "are lost. By service.",
     ["service"],

@@ -89,6 +89,7 @@ class Service:
         self.ready = False
         self.tracer = tracing.setup(self.name)  # None unless OTEL_* variables ask for traces
         self._forget_due: Throttle | None = None
+        metrics.PENDING_DELETED.labels(self.name)  # (at 0 from the start: a first rise counts)
 
     async def forget_gone_consumers(
         self, groups: Sequence[GroupSpec], idle_ms: int, counter: Counter
@@ -224,9 +225,10 @@ class Service:
         self.log_failure(f"{what} failed; retrying", exc)
         await after_failure(self.redis, self.groups(), own, exc, failed_reread=failed_reread)
 
-    def _pending_deleted(self, stream: str | bytes, group: str, ids: list[bytes]) -> None:
-        """Entries a process read and never acknowledged, deleted before this take-over: only
-        acknowledged ones are trimmed by supersede, so another client deleted them."""
+    def pending_deleted(self, stream: str | bytes, group: str, ids: list[bytes]) -> None:
+        """Entries a process read and never acknowledged, deleted before it (on a re-read of its
+        own) or another (a take-over) handled them: only acknowledged ones are trimmed by
+        supersede, so another client deleted them."""
         metrics.PENDING_DELETED.labels(self.name).inc(len(ids))
         self.log.error(
             "pending entries were deleted before they were handled, by something other than "
@@ -254,7 +256,7 @@ class Service:
             )
             entries = [e for e in reply[1] if e and e[1]]
             if len(reply) > 2 and reply[2]:  # (Redis 7: pending entries no longer in the stream)
-                self._pending_deleted(stream, group, reply[2])
+                self.pending_deleted(stream, group, reply[2])
             if entries:
                 taken += len(entries)
                 await handle(entries)

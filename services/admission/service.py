@@ -355,8 +355,7 @@ class Admission(Service):
         for stream, entries in reply:
             live, gone = split_deleted(entries)
             if gone:
-                self.log.error("entries trimmed before admission applied them",
-                          extra={"stream": stream.decode(), "entries": len(gone)})  # fmt: skip
+                self.pending_deleted(stream, ADMISSION_GROUP, gone)
                 await self.redis.xack(stream, ADMISSION_GROUP, *gone)
             if live:
                 shard, kind = self._streams[stream]

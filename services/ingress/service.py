@@ -439,8 +439,7 @@ class Ingress(Service):
         for _, entries in reply or []:
             live, gone = split_deleted(entries)
             if gone:
-                self.log.error("inbox entries trimmed before ingress processed them",
-                               extra={"entries": len(gone)})  # fmt: skip
+                self.pending_deleted(self.keys.events_stream, INGRESS_GROUP, gone)
                 await self.redis.xack(self.keys.events_stream, INGRESS_GROUP, *gone)
             if live:
                 batches.append(live)
