@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -297,6 +298,19 @@ async def eviction_policy(redis: Redis) -> str | None:
         if policy and policy != "noeviction":
             return str(policy)
     return None
+
+
+async def server_time(redis: Redis) -> float:
+    """The server's clock in seconds (a cluster's: one node's); this process's clock when TIME
+    is refused (an ACL user from before the role had it)."""
+    try:
+        reply = await redis.time()
+    except redis_sync.RedisError:
+        return time.time()
+    if isinstance(reply, dict):  # (a cluster client: node -> reply)
+        reply = next(iter(reply.values()))
+    seconds, micros = reply
+    return float(seconds) + float(micros) / 1e6
 
 
 async def check_server(redis: Redis, url: str) -> None:

@@ -56,12 +56,6 @@ INBOX_ID_AHEAD = Gauge(
     "How far the inbox's last entry id is ahead of this process's clock (0 when it is not): an "
     "XADD gave an explicit id in the future, and every later entry gets an id after it.",
 )
-INBOX_UNREAD_LOST = Gauge(
-    "supersede_ingress_inbox_unread_lost",
-    "Inbox entries added that ingress never read (deleted by another client: an XADD with "
-    "MAXLEN or MINID, XTRIM), as Redis counts them while ingress has read the inbox to its end; "
-    "until Redis estimates its count again (an XDEL in the inbox makes it).",
-)
 WORKFLOWS = Gauge("supersede_ingress_workflows", "Valid workflow definitions loaded.")
 INVALID_WORKFLOWS = Gauge(
     "supersede_ingress_invalid_workflows",

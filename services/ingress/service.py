@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -22,9 +23,10 @@ import msgpack
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoPermissionError, ResponseError
 
 from supersede import aio, codec, tracing
-from supersede.config import Settings
+from supersede.config import Settings, server_time
 from supersede.errors import KeyExpressionError, describe
 from supersede.keyexpr import KeyFn, LimitFn, compile_key, compile_limit
 from supersede.lane import Lane, read
@@ -62,6 +64,7 @@ FIRST_READ = 16  # entries the first read asks for; each read after may ask twic
 
 
 ID_AHEAD_WARN = 60.0  # seconds the inbox's last id may be ahead of the clock unremarked
+ID_AHEAD_LOG_EVERY = 300.0  # seconds between two lines that say so (the gauge: each check)
 
 
 @dataclass(slots=True)
@@ -74,6 +77,7 @@ class IngressConfig:
     # left by every ingress process that ever read: restarts, rolling deploys); 0: never
     forget_consumers_ms: int = 3_600_000
     claim_idle_ms: int = 30_000
+    inbox_check_interval: float = 10.0  # seconds between two looks at what producers did to it
     dedup_window_ms: int = 86_400_000
     # explicit event ids remembered at most (spread over the shards), the oldest forgotten
     # first, none claimed within dedup_floor_ms (a redelivery comes sooner); 0: no cap
@@ -313,7 +317,10 @@ class Ingress(Service):
         self.epoch = -1
         self._housekeeping_due = Throttle(1.0)
         self.dead_lines = Sampled()  # (one line per kind of dead letter in 5 s)
-        self._unread_lost = 0  # inbox entries deleted unread, as last reported
+        self._inbox_check_due = Throttle(self.config.inbox_check_interval)
+        self._ahead_said: bool | None = None  # what the last check found: stopped, or not
+        self._inbox_unchecked = False  # the ACL user may not check it
+        self._ahead_line_at = -math.inf  # monotonic time of the last line that said so
         # Where a shard's requests go: the `append_requests` script, unless `supersede serve`
         # hands them to the admission of its own process (services/serve.py).
         self.sink: Sink = self.scripts.append_requests
@@ -362,6 +369,8 @@ class Ingress(Service):
             if self.routes:  # (no workflow: the inbox waits, another consumer's pending too)
                 await self.reclaim()
             await self._measure_lag()
+        if self._inbox_check_due.due():
+            await self.check_inbox()
 
     async def refresh(self) -> None:
         """Reload the registry when its epoch moved (a cheap GET otherwise)."""
@@ -668,56 +677,50 @@ class Ingress(Service):
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xinfo_groups(self.keys.events_stream)
             pipe.xlen(self.keys.events_stream)
-            pipe.xinfo_stream(self.keys.events_stream)
             # (an XLEN refused, by a user from before ingress had the right, leaves no cap)
-            groups, length, stream = await pipe.execute(raise_on_error=False)
+            groups, length = await pipe.execute(raise_on_error=False)
         metrics.INBOX_LAG.set(group_backlog(groups, INGRESS_GROUP, length) or 0)
-        if isinstance(stream, dict):
-            self._check_last_id(stream.get("last-generated-id"))
-            if isinstance(groups, list):
-                self._check_unread_lost(groups, stream)
 
-    def _check_unread_lost(self, groups: list[dict[str, Any]], stream: dict[str, Any]) -> None:
-        """Redis counts a group's lag as the entries added less those the group read. While
-        ingress has read the inbox to its last id (read after the groups: no entry came in
-        between), a lag left is entries added that it never read: deleted by another client
-        (a producer's XADD with MAXLEN or MINID, XTRIM). Reported until Redis estimates the
-        count again (an XDEL in the stream makes it)."""
-        group = next((g for g in groups if g["name"] == INGRESS_GROUP.encode()), None)
-        if group is None or group.get("lag") is None:
+    async def check_inbox(self) -> None:
+        """Say what producers did to the inbox that ingress cannot undo: a last id ahead of the
+        clock (every --inbox-check-interval: XINFO STREAM returns the first and last entries
+        whole)."""
+        if self._inbox_unchecked:
             return
-        if group["last-delivered-id"] != stream.get("last-generated-id"):
-            return  # (entries unread: the lag counts them too)
-        lost = int(group["lag"])
-        metrics.INBOX_UNREAD_LOST.set(lost)
-        if lost > self._unread_lost:
-            self.log.error(
-                "inbox entries were deleted before ingress read them, by something other than "
-                "supersede (an XADD with MAXLEN or MINID, XTRIM): their events are lost; "
-                "publish with XADD <inbox> * and no trim option",
-                extra={"stream": self.keys.events_stream, "entries": lost - self._unread_lost,
-                       "lost": lost},
-            )  # fmt: skip
-        self._unread_lost = lost
+        try:
+            stream = await self.redis.xinfo_stream(self.keys.events_stream)
+        except NoPermissionError:  # (a user from before ingress had the right: said once)
+            self._inbox_unchecked = True
+            self.log.warning(
+                "the inbox's last id is not checked: ingress's ACL user lacks XINFO STREAM; "
+                "apply the roles again (supersede acl --apply --role ingress)"
+            )
+            return
+        except ResponseError:  # (no inbox yet)
+            return
+        self._check_last_id(stream.get("last-generated-id"), await server_time(self.redis))
 
-    def _check_last_id(self, last: Any) -> None:
-        """Say so when the inbox's last id is ahead of the clock: a producer's XADD with an
-        explicit id moved every later event's id (the largest possible id stops every XADD)."""
+    def _check_last_id(self, last: Any, now: float) -> None:
+        """Say so when the inbox's last id is ahead of the server's clock: a producer's XADD
+        with an explicit id moved every later event's id (the largest possible id stops every
+        XADD). The gauge each check, a line at most every ID_AHEAD_LOG_EVERY."""
         if not last:
             return
         ms, _, seq = codec.text(last).partition("-")
-        ahead = max(0.0, int(ms) / 1000 - time.time())
+        ahead = max(0.0, int(ms) / 1000 - now)
         metrics.INBOX_ID_AHEAD.set(ahead)
-        if ahead < ID_AHEAD_WARN:
-            return
         stopped = int(ms) == int(seq or 0) == 2**64 - 1
+        said, self._ahead_said = self._ahead_said, (None if ahead < ID_AHEAD_WARN else stopped)
+        if self._ahead_said is None:
+            return
+        if said == stopped and time.monotonic() - self._ahead_line_at < ID_AHEAD_LOG_EVERY:
+            return
+        self._ahead_line_at = time.monotonic()
         self.log.error(
             "the inbox's last entry id is ahead of the clock: an XADD gave an explicit id, "
             + ("the largest there is, so every XADD to the inbox fails; "
                if stopped else "and every later entry gets an id after it; ")
-            + "delete that entry (XDEL), set the stream's last id back (XSETID) and, if ingress "
-            "read it, the ingress group's last id too (XGROUP SETID): README, \"Publishing "
-            "events\"",
+            + "repair it as README's \"Publishing events\" says (XDEL, XSETID, XGROUP SETID)",
             extra={"stream": self.keys.events_stream, "last_id": codec.text(last),
                    "ahead_seconds": round(ahead)},
         )  # fmt: skip
