@@ -74,6 +74,12 @@ ASSIGNMENT_BACKLOG = Gauge(
     "executor pool that serves a workflow scales on.",
     ["workflow"],
 )
+WORKFLOW_UNSERVED = Gauge(
+    "supersede_admission_workflow_unserved_seconds",
+    "Seconds since an executor serving the workflow last said so (each does every second while "
+    "it runs, not while it drains), by workflow; none for a workflow no executor ever served.",
+    ["workflow"],
+)
 DEBOUNCE_FIRED = Counter(
     "supersede_admission_debounce_fired_total",
     "Debounced runs whose window closed: they arrived at their group then (started, queued or "

@@ -23,7 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from supersede import aio, codec, tracing
 from supersede import metrics as metrics_base
-from supersede.config import Settings
+from supersede.config import Settings, server_time
 from supersede.errors import ScriptError, describe
 from supersede.lane import Lane, read
 from supersede.logs import Sampled
@@ -604,6 +604,12 @@ class Admission(Service):
             metrics.STREAM_LAG.labels(kind).set(value)
         for workflow, n in backlog.items():
             metrics.ASSIGNMENT_BACKLOG.labels(workflow).set(n)
+        served = await self.redis.hgetall(self.keys.workflows_served_hash)
+        now_ms = await server_time(self.redis) * 1000  # (the executors' marks are its time)
+        for name, at in served.items():
+            wid = codec.text(name)
+            if wid in backlog:  # (registered: a retired one is left as it was)
+                metrics.WORKFLOW_UNSERVED.labels(wid).set(max(0.0, (now_ms - int(at)) / 1000))
 
     async def reap_all(self) -> None:
         """One reap per shard, repeated (up to REAP_ROUNDS calls of REAP_LIMIT records) while

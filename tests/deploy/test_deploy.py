@@ -36,6 +36,7 @@ GLOBAL_GAUGES = (
     "supersede_admission_queued_runs",
     "supersede_admission_active_runs",
     "supersede_admission_stream_lag",
+    "supersede_admission_workflow_unserved_seconds",
     "supersede_ingress_inbox_lag",
 )
 

@@ -1223,3 +1223,46 @@ async def test_a_valid_assignment_behind_a_malformed_one_is_not_waited_past(
     await eventually(lambda: _states(redis, keys, {"S": 1, "A": 1}), timeout=30)
     system.start("executor", APP, "--slots", "1", "--block-ms", "60000")
     await eventually(lambda: _states(redis, keys, {"S": 2}), timeout=20)
+
+
+async def test_admission_says_how_long_no_executor_has_served_a_workflow(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """A pool whose executors were all killed had no alert (the slots of another pool kept
+    `SupersedeNoLiveExecutors` quiet, and a full pool starts nothing for long either): admission
+    exports the seconds since an executor last said it serves each workflow."""
+    import re
+
+    from supersede.server import free_port
+    from tests.support import scrape
+
+    port = free_port()
+    system.start_with_port("admission", port, "--block-ms", "100")
+    [executor] = [system.start("executor", APP)]
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+    await eventually(registered, timeout=30)
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def unserved(body: str) -> float | None:
+        pattern = (
+            r'^supersede_admission_workflow_unserved_seconds\{workflow="chat-reply"\} (\S+)$'
+        )
+        found = re.search(pattern, body, re.MULTILINE)
+        return float(found.group(1)) if found else None
+
+    async def served_now() -> bool:
+        seconds = unserved(await asyncio.to_thread(scrape, url))
+        return seconds is not None and seconds < 3
+
+    await eventually(served_now, timeout=30)
+    executor.kill()
+    executor.wait(10)
+
+    async def unserved_for_a_while() -> bool:
+        seconds = unserved(await asyncio.to_thread(scrape, url))
+        return seconds is not None and seconds > 4
+
+    await eventually(unserved_for_a_while, timeout=30)
