@@ -1247,9 +1247,7 @@ async def test_admission_says_how_long_no_executor_has_served_a_workflow(
     url = f"http://127.0.0.1:{port}/metrics"
 
     def unserved(body: str) -> float | None:
-        pattern = (
-            r'^supersede_admission_workflow_unserved_seconds\{workflow="chat-reply"\} (\S+)$'
-        )
+        pattern = r'^supersede_admission_workflow_unserved_seconds\{workflow="chat-reply"\} (\S+)$'
         found = re.search(pattern, body, re.MULTILINE)
         return float(found.group(1)) if found else None
 
