@@ -608,8 +608,9 @@ class Runner:
     async def _waited_to_retry(self, run: Running, wait: float) -> bool:
         """Sleep `wait` seconds before a step's next try: True once slept. False, at once, when
         the executor drains (or starts to) and the try could not start before the drain's
-        deadline: the run is then left to its lease and retried elsewhere now, rather than
-        holding the drain to its end (up to retry_backoff_max) to be stopped there anyway."""
+        deadline: the run is then left to its lease now (retried elsewhere once it lapses),
+        rather than holding the drain to its end (up to retry_backoff_max) to be stopped there
+        anyway."""
         loop = asyncio.get_running_loop()
         until = loop.time() + wait
         if not self.stopping.is_set():
