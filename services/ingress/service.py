@@ -65,6 +65,7 @@ FIRST_READ = 16  # entries the first read asks for; each read after may ask twic
 
 ID_AHEAD_WARN = 60.0  # seconds the inbox's last id may be ahead of the clock unremarked
 ID_AHEAD_LOG_EVERY = 300.0  # seconds between two lines that say so (the gauge: each check)
+UNCHECKED_RETRY = 60.0  # seconds before the check is tried again after the ACL user lacked it
 
 
 @dataclass(slots=True)
@@ -319,7 +320,7 @@ class Ingress(Service):
         self.dead_lines = Sampled()  # (one line per kind of dead letter in 5 s)
         self._inbox_check_due = Throttle(self.config.inbox_check_interval)
         self._ahead_said: bool | None = None  # what the last check found: stopped, or not
-        self._inbox_unchecked = False  # the ACL user may not check it
+        self._inbox_unchecked_until = 0.0  # monotonic: the ACL user may not check it before
         self._ahead_line_at = -math.inf  # monotonic time of the last line that said so
         # Where a shard's requests go: the `append_requests` script, unless `supersede serve`
         # hands them to the admission of its own process (services/serve.py).
@@ -685,16 +686,18 @@ class Ingress(Service):
         """Say what producers did to the inbox that ingress cannot undo: a last id ahead of the
         clock (every --inbox-check-interval: XINFO STREAM returns the first and last entries
         whole)."""
-        if self._inbox_unchecked:
+        if time.monotonic() < self._inbox_unchecked_until:
             return
         try:
             stream = await self.redis.xinfo_stream(self.keys.events_stream)
-        except NoPermissionError:  # (a user from before ingress had the right: said once)
-            self._inbox_unchecked = True
-            self.log.warning(
-                "the inbox's last id is not checked: ingress's ACL user lacks XINFO STREAM; "
-                "apply the roles again (supersede acl --apply --role ingress)"
-            )
+        except NoPermissionError:  # (a user from before ingress had the right: said once, and
+            # tried again each minute, so the roles applied again need no restart)
+            if self._inbox_unchecked_until == 0:
+                self.log.warning(
+                    "the inbox's last id is not checked: ingress's ACL user lacks XINFO STREAM; "
+                    "apply the roles again (supersede acl --apply --role ingress)"
+                )
+            self._inbox_unchecked_until = time.monotonic() + UNCHECKED_RETRY
             return
         except ResponseError:  # (no inbox yet)
             return

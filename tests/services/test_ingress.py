@@ -934,3 +934,44 @@ async def test_an_inbox_id_ahead_of_the_clock_is_reported_with_its_repair(
             await redis.xadd(keys.events_stream, {"name": "chat.message", "data": "{}"})
         await eventually(lambda: asyncio.sleep(0, len(lines()) == 2))
         assert "every XADD to the inbox fails" in lines()[1]
+
+
+async def test_the_last_id_check_resumes_once_the_acl_user_may_run_it(
+    redis: Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """An ingress user from before the check (no XINFO STREAM) said so once and never checked
+    again, though the roles were applied again (an upgrade probe: it took a restart)."""
+    from prometheus_client import REGISTRY
+    from redis.exceptions import NoPermissionError
+
+    from supersede.services.ingress import service as ingress_module
+
+    monkeypatch.setattr(ingress_module, "UNCHECKED_RETRY", 0.2)
+    ingress_module.metrics.INBOX_ID_AHEAD.set(0)  # (another test's check, this process)
+    refused = [True]
+    real = Redis.xinfo_stream
+
+    async def xinfo_stream(self: Redis, name: str, full: bool = False) -> Any:
+        if refused[0]:
+            raise NoPermissionError("this user has no permissions to run the 'xinfo|stream'")
+        return await real(self, name, full)
+
+    monkeypatch.setattr(Redis, "xinfo_stream", xinfo_stream)
+    await register(redis, keys, CHAT)
+    hour = int(time.time() * 1000) + 3_600_000
+    await redis.xadd(keys.events_stream, {"name": "chat.message", "data": '{"userId": "l"}'},
+                     id=f"{hour}-0")  # fmt: skip
+
+    def ahead() -> float:
+        return REGISTRY.get_sample_value("supersede_ingress_inbox_id_ahead_seconds") or 0.0
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "is not checked" in r.getMessage()]
+
+    async with running_ingress(redis, redis_url, keys, inbox_check_interval=0.05):
+        await eventually(lambda: asyncio.sleep(0, bool(said())))
+        await asyncio.sleep(0.5)  # (tried again twice: said once)
+        assert len(said()) == 1
+        refused[0] = False  # the roles applied again
+        await eventually(lambda: asyncio.sleep(0, ahead() > 3000))
