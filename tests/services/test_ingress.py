@@ -945,10 +945,11 @@ async def test_the_last_id_check_resumes_once_the_acl_user_may_run_it(
     from prometheus_client import REGISTRY
     from redis.exceptions import NoPermissionError
 
+    from supersede.services.ingress import metrics as ingress_metrics
     from supersede.services.ingress import service as ingress_module
 
     monkeypatch.setattr(ingress_module, "UNCHECKED_RETRY", 0.2)
-    ingress_module.metrics.INBOX_ID_AHEAD.set(0)  # (another test's check, this process)
+    ingress_metrics.INBOX_ID_AHEAD.set(0)  # (another test's check, this process)
     refused = [True]
     real = Redis.xinfo_stream
 
