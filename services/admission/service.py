@@ -33,6 +33,7 @@ from supersede.protocol import (
     ASSIGN_DEADLINE_FIELD,
     EXECUTOR_GROUP,
     PAYLOAD,
+    PAYLOADS,
     WRITTEN,
     Entry,
     Reason,
@@ -431,11 +432,12 @@ class Admission(Service):
             if payloads:
                 items += [(entry_id, payload) for payload in payloads]
             else:
-                what = (
-                    "no `rs` (an array of packed requests) or `r` (one packed request) field"
-                    if kind == "admit"
-                    else "no `r` field (one packed result)"
-                )
+                if kind != "admit":
+                    what = "no `r` field (one packed result)"
+                elif PAYLOADS in fields:
+                    what = "`rs` is no msgpack array of packed requests (byte strings)"
+                else:
+                    what = "no `rs` (an array of packed requests) or `r` (one packed request) field"
                 await self._reject(stream, kind, entry_id, fields, Reason.MALFORMED, what)
         return items
 

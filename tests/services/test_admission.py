@@ -147,6 +147,7 @@ async def test_a_bad_entry_is_dead_lettered_and_the_batch_still_lands(
     stream = keys.shard(shard).requests_stream
     await redis.xadd(stream, {"r": b"\xc1not msgpack"})
     await redis.xadd(stream, {"nothing": b"here"})
+    await redis.xadd(stream, {"rs": b"garbage"})
     no_group = msgpack.unpackb(good.pack())
     del no_group["g"]
     await redis.xadd(stream, {"r": msgpack.packb(no_group)})
@@ -157,15 +158,16 @@ async def test_a_bad_entry_is_dead_lettered_and_the_batch_still_lands(
     )
 
     async def dead_letters() -> bool:
-        return await redis.xlen(keys.dead_stream) == 4
+        return await redis.xlen(keys.dead_stream) == 5
 
     await eventually(dead_letters)
     letters = await redis.xrange(keys.dead_stream)
     reasons = sorted(f[b"reason"] for _, f in letters)
-    assert reasons == [b"malformed", b"malformed", b"malformed", b"unknown_run"]
+    assert reasons == [b"malformed", b"malformed", b"malformed", b"malformed", b"unknown_run"]
     details = {f[b"detail"].decode() for _, f in letters}  # (they said "no payload", "g", "")
     assert f"a result of run '{shard}-nope', attempt 1, whose record is gone" in " ".join(details)
     assert "no `rs` (an array of packed requests) or `r` (one packed request) field" in details
+    assert "`rs` is no msgpack array of packed requests (byte strings)" in details  # (was "no")
     assert "the packed request's field 'g' is missing or invalid" in details, details
     # (the bad entries are dead-lettered before the good one is admitted again on its own)
     await eventually(lambda: _states_are(redis, keys, ["A"], [(shard, good)]))
