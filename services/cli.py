@@ -10,12 +10,12 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
-from supersede import __version__, logs
+from supersede import __version__, aio, logs
 from supersede.acl import ROLE_NAMES as ACL_ROLES
 from supersede.config import (
     DEFAULT_METRICS_HOST,
@@ -447,7 +447,9 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
 
     from supersede.services import ops
 
-    async def main() -> int:
+    said: list[str] = []  # (a line the command wrote about its interruption)
+
+    async def command() -> int:
         redis = connect(settings.redis_url)
         try:
             await check_server(redis, settings.redis_url)
@@ -458,6 +460,7 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
             print(f"supersede: {exc}", file=sys.stderr)
             return 2
         except ops.NotFollowed as exc:  # (published: said so, with its ids)
+            said.append(str(exc))
             ops.warn(f"supersede: {exc}")
             return 130 if exc.interrupted else 1
         except ValueError as exc:  # a bad argument (JSON, an id...), as argparse's: 2
@@ -490,10 +493,41 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
         return _waited_exit(args, result)
 
     try:
-        sys.exit(asyncio.run(main()))
+        sys.exit(asyncio.run(_until_interrupted(command, said)))
     except KeyboardInterrupt:  # (Ctrl-C: one line, not asyncio's traceback)
         ops.warn("supersede: interrupted")
         sys.exit(130)
+
+
+async def _until_interrupted(command: Callable[[], Awaitable[int]], said: list[str]) -> int:
+    """`command()`'s exit code; 130 after Ctrl-C, with one line unless the command said one."""
+    _interruptible()
+    try:
+        return await command()
+    except asyncio.CancelledError:  # (Ctrl-C: one line, not asyncio's traceback)
+        if not said:
+            print("supersede: interrupted", file=sys.stderr)
+        return 130
+
+
+def _interruptible() -> None:
+    """Ctrl-C cancels the command's task, and again every INTERRUPT_AGAIN while it goes on:
+    redis-py's asyncio client may swallow a cancel that lands inside a call (a probe: one
+    `publish --wait` in 18 went on waiting for its run after Ctrl-C; asyncio.run cancels
+    once). A Ctrl-C before this (while Python imports) is `main`'s KeyboardInterrupt."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    assert task is not None
+    repeats: set[asyncio.Task[object]] = set()  # (a reference, so the repeater is not lost)
+
+    def interrupt() -> None:
+        if not repeats:
+            repeats.add(loop.create_task(aio.cancel_until_done({task}, 10.0, INTERRUPT_AGAIN)))
+
+    loop.add_signal_handler(signal.SIGINT, interrupt)
+
+
+INTERRUPT_AGAIN = 0.5  # seconds between two cancels of a command that goes on after Ctrl-C
 
 
 WAIT_FAILED, WAIT_CANCELLED = 4, 5  # `publish --wait`'s exit codes when not every run succeeded

@@ -1,6 +1,12 @@
 """`python -m supersede ...` is the `supersede` command (the only module of the package
 proper that imports a service: it is the launcher, imported by nothing)."""
 
-from supersede.services.cli import main
+import sys
 
-main()
+try:
+    from supersede.services.cli import main
+
+    main()
+except KeyboardInterrupt:  # (Ctrl-C while Python imports: one line, not a traceback)
+    print("supersede: interrupted", file=sys.stderr)
+    sys.exit(130)

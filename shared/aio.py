@@ -18,16 +18,19 @@ async def gather(*aws: Awaitable[T]) -> list[T]:
     return list(await asyncio.gather(*aws))
 
 
-async def cancel_until_done(tasks: set[asyncio.Task[Any]], within: float) -> set[asyncio.Task[Any]]:
-    """Cancel `tasks`, again every 0.1 s those that go on (redis-py's asyncio client may
-    swallow a cancel that lands inside a call), for `within` seconds at most; the tasks that
-    still run then. The exceptions of those that ended are read (asyncio warns otherwise)."""
+async def cancel_until_done(
+    tasks: set[asyncio.Task[Any]], within: float, every: float = 0.1
+) -> set[asyncio.Task[Any]]:
+    """Cancel `tasks`, again every `every` seconds those that go on (redis-py's asyncio client
+    may swallow a cancel that lands inside a call), for `within` seconds at most; the tasks
+    that still run then. The exceptions of those that ended are read (asyncio warns
+    otherwise)."""
     pending = set(tasks)
     end = time.monotonic() + within
     while pending and time.monotonic() < end:
         for task in pending:
             task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.1)
+        _, pending = await asyncio.wait(pending, timeout=every)
     for task in tasks - pending:
         if not task.cancelled():
             task.exception()

@@ -798,3 +798,33 @@ def test_an_over_long_traceparent_is_no_parent_and_writes_no_log_line(
             assert tracing.context_of(("00-" + "a" * 600).encode()) is None
             assert tracing.context_of(valid + "-" + "x" * 500) is None
     assert caplog.records == []
+
+
+def test_ctrl_c_ends_a_command_whose_first_cancel_a_library_swallowed() -> None:
+    """asyncio.run cancels the command once at Ctrl-C; redis-py's asyncio client may swallow a
+    cancel that lands inside a call, and then `publish --wait` went on waiting for its run (a
+    probe: one run in 18). The CLI cancels again until the command ends: exit 130, one line."""
+    import subprocess
+    import time
+
+    script = """
+import asyncio, os, signal, sys
+from supersede.services.cli import _until_interrupted
+
+async def stubborn() -> int:
+    asyncio.get_running_loop().call_later(0.2, os.kill, os.getpid(), signal.SIGINT)
+    for _ in range(2):
+        try:
+            await asyncio.sleep(20)
+        except asyncio.CancelledError:
+            pass  # (what a library did with the first)
+    await asyncio.sleep(20)
+    return 0
+
+sys.exit(asyncio.run(_until_interrupted(stubborn, [])))
+"""
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert done.returncode == 130, done.stderr.decode()[-2000:]
+    assert done.stderr == b"supersede: interrupted\n"
+    assert time.monotonic() - started < 10  # (a cancel a second: the command took 20 s)
