@@ -684,8 +684,8 @@ class Ingress(Service):
 
     async def check_inbox(self) -> None:
         """Say what producers did to the inbox that ingress cannot undo: a last id ahead of the
-        clock (every --inbox-check-interval: XINFO STREAM returns the first and last entries
-        whole)."""
+        clock (every `inbox_check_interval`, 10 s: XINFO STREAM returns the first and last
+        entries whole)."""
         if time.monotonic() < self._inbox_unchecked_until:
             return
         try:
