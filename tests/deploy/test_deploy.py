@@ -13,15 +13,15 @@ import subprocess
 import tempfile
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
 from supersede.keys import Keys
-from supersede.server import free_port
 from supersede.services.keda import backlog_query
-from tests.support import APP_WORKFLOWS, CLI, REPO, System, eventually, exposed
+from tests.support import APP_WORKFLOWS, CLI, REPO, System, eventually, exposed, listening
 
 DEPLOY = REPO / "deploy"
 SUFFIXES = ("_bucket", "_sum", "_count")
@@ -96,68 +96,106 @@ def test_promtool_accepts_the_rules_and_the_config() -> None:
         assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
 
 
+class _Prometheus:
+    """A real Prometheus scraping `targets` every second, from a scratch directory."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.log = workdir / "prometheus.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    async def start(self, targets: Iterable[int]) -> None:
+        config = self.workdir / "prometheus.yml"
+        listed = ", ".join(f'"127.0.0.1:{p}"' for p in targets)
+        config.write_text(
+            "global: {scrape_interval: 1s}\n"
+            "scrape_configs:\n  - job_name: supersede\n"
+            f"    static_configs: [{{targets: [{listed}]}}]\n"
+        )
+
+        def start(port: int) -> subprocess.Popen[bytes]:
+            assert PROMETHEUS is not None
+            with self.log.open("ab") as log:
+                return subprocess.Popen(
+                    [PROMETHEUS, f"--config.file={config}",
+                     f"--storage.tsdb.path={self.workdir}/data",
+                     f"--web.listen-address=127.0.0.1:{port}"],
+                    stdout=log, stderr=log,
+                )  # fmt: skip
+
+        self.proc, self.port = await listening(start, "/-/ready")
+
+    def query(self, expr: str) -> list[dict[str, object]]:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": expr}
+        )
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return list(json.loads(resp.read())["data"]["result"])
+        except OSError:
+            return []
+
+    async def value(self, expr: str) -> float:
+        result = await asyncio.to_thread(self.query, expr)
+        return float(result[0]["value"][1]) if result else 0.0
+
+    async def reaches(self, wanted: dict[str, float], timeout: float) -> None:
+        """Each query's value reaches its least; the values last seen and Prometheus's own
+        log otherwise (a port taken, a scrape refused, a slow start: said, not guessed)."""
+        seen: dict[str, float] = {}
+
+        async def reached() -> bool:
+            for expr, least in wanted.items():
+                seen[expr] = await self.value(expr)
+                if seen[expr] < least:
+                    return False
+            return True
+
+        try:
+            await eventually(reached, timeout=timeout)
+        except AssertionError:
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"saw {seen}, wanted {wanted}; prometheus:\n{tail}") from None
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
 @pytest.mark.skipif(PROMETHEUS is None, reason=NO_PROMETHEUS)
 async def test_a_real_prometheus_scrapes_the_three_services(
     redis: Redis, redis_url: str, keys: Keys
 ) -> None:
     system = System(redis_url, keys)
-    ports = {"ingress": free_port(), "admission": free_port(), "executor": free_port()}
-    prom_port = free_port()
-    workdir = tempfile.mkdtemp(prefix="supersede-prom-")
-    config = Path(workdir) / "prometheus.yml"
-    targets = ", ".join(f'"127.0.0.1:{p}"' for p in ports.values())
-    config.write_text(
-        "global: {scrape_interval: 1s}\n"
-        "scrape_configs:\n  - job_name: supersede\n"
-        f"    static_configs: [{{targets: [{targets}]}}]\n"
-    )
-    prom = None
+    workdir = Path(tempfile.mkdtemp(prefix="supersede-prom-"))
+    prom = _Prometheus(workdir)
     try:
-        system.start_with_port("admission", ports["admission"])
-        system.start_with_port("executor", ports["executor"], "tests.support.apps.demo")
+        ports: dict[str, int] = {}
+        _, ports["admission"] = await system.serving("admission")
+        _, ports["executor"] = await system.serving("executor", "tests.support.apps.demo")
 
         async def registered() -> bool:
             return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
 
         await eventually(registered, timeout=30)
-        system.start_with_port("ingress", ports["ingress"])
-        prom = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir}/data",
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        _, ports["ingress"] = await system.serving("ingress")
+        await prom.start(ports.values())
         for i in range(20):
             await redis.xadd(keys.events_stream, {"name": "work.item", "data": f'{{"i": {i}}}'})
-
-        def query(expr: str) -> list[dict[str, object]]:
-            url = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode(
-                {"query": expr}
-            )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    return list(json.loads(resp.read())["data"]["result"])
-            except OSError:
-                return []
-
-        async def value(expr: str) -> float:
-            result = await asyncio.to_thread(query, expr)
-            return float(result[0]["value"][1]) if result else 0.0
-
-        async def scraped() -> bool:
-            finished = 'sum(supersede_executor_runs_finished_total{outcome="succeeded"})'
-            return (
-                await value('count(up{job="supersede"} == 1)') == 3
-                and await value(finished) >= 20
-                and await value("sum(supersede_ingress_runs_requested_total)") >= 20
-                and await value("sum(supersede_admission_requests_total)") >= 20
-            )
-
-        await eventually(scraped, timeout=60)
+        wanted = {
+            'count(up{job="supersede"} == 1)': 3.0,
+            'sum(supersede_executor_runs_finished_total{outcome="succeeded"})': 20.0,
+            "sum(supersede_ingress_runs_requested_total)": 20.0,
+            "sum(supersede_admission_requests_total)": 20.0,
+        }
+        await prom.reaches(wanted, timeout=60)
         # The query `supersede keda` gives a pool parses and finds the pool's backlog series.
         from supersede.services.keda import backlog_query
 
         keda_query = backlog_query(["work", "chat-reply"])
-        await eventually(lambda: asyncio.to_thread(lambda: bool(query(keda_query))), timeout=30)
+        await eventually(lambda: asyncio.to_thread(lambda: bool(prom.query(keda_query))), 30)
         # The names the dashboard and the alerts use, against what the three services expose
         # after this short end-to-end run (their own /metrics, exposition format parsed).
         from tests.support import scrape
@@ -171,9 +209,7 @@ async def test_a_real_prometheus_scrapes_the_three_services(
         used = names_in(exprs) | names_in((DEPLOY / "prometheus" / "alerts.yml").read_text())
         assert used <= live, used - live
     finally:
-        if prom:
-            prom.kill()
-            prom.wait(10)
+        prom.stop()
         system.close()
         shutil.rmtree(workdir, ignore_errors=True)
 

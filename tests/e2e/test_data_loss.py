@@ -71,18 +71,14 @@ async def test_a_busy_executor_is_not_ready_while_the_server_is_down() -> None:
     import urllib.error
     import urllib.request
 
-    from supersede.server import free_port
-
     keys = Keys("busy", 4)
     server = EmbeddedServer().start()
     system = System(server.url, keys)
     redis = Redis.from_url(server.url)
-    port = free_port()
-    ready_url = f"http://127.0.0.1:{port}/readyz"
 
     def status() -> int:
         try:
-            with urllib.request.urlopen(ready_url, timeout=2) as resp:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
                 return int(resp.status)
         except urllib.error.HTTPError as exc:
             return exc.code
@@ -94,7 +90,7 @@ async def test_a_busy_executor_is_not_ready_while_the_server_is_down() -> None:
 
     try:
         system.start("admission", "--block-ms", "100")
-        system.start_with_port("executor", port, APP, "--slots", "1", "--lease", "3")
+        _, port = await system.serving("executor", APP, "--slots", "1", "--lease", "3")
 
         async def registered() -> bool:
             return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS

@@ -13,7 +13,6 @@ from redis.asyncio import Redis
 from supersede.client import publish_runs, wait_for_run
 from supersede.keys import Keys
 from supersede.protocol import RunRecord, RunState
-from supersede.server import free_port
 from tests.support import APP, APP_WORKFLOWS, System, eventually, scrape
 
 PATH = ["published", "ingress read", "request written", "admission read", "assigned",
@@ -25,15 +24,15 @@ HOPS_BY = {"ingress": ["inbox", "ingress"], "admission": ["requests", "admission
 async def test_a_run_records_every_hop_in_order_and_each_service_exports_its_hops(
     redis: Redis, keys: Keys, system: System
 ) -> None:
-    ports = {name: free_port() for name in HOPS_BY}
-    system.start_with_port("admission", ports["admission"], "--block-ms", "100")
-    system.start_with_port("executor", ports["executor"], APP)
+    ports: dict[str, int] = {}
+    _, ports["admission"] = await system.serving("admission", "--block-ms", "100")
+    _, ports["executor"] = await system.serving("executor", APP)
 
     async def registered() -> bool:
         return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
 
     await eventually(registered, timeout=30)
-    system.start_with_port("ingress", ports["ingress"], "--block-ms", "100")
+    _, ports["ingress"] = await system.serving("ingress", "--block-ms", "100")
     data = {"userId": "hop", "sleep": 0.05}
     _, [planned], _ = await publish_runs(redis, "chat.message", data, namespace=keys.namespace)
     run = await wait_for_run(redis, planned.run_id, 30, namespace=keys.namespace)

@@ -21,7 +21,7 @@ from supersede.config import connect
 from supersede.keys import Keys
 from supersede.model import shard_of_run
 from supersede.protocol import RunRecord, request_payloads
-from supersede.server import EmbeddedCluster, free_port
+from supersede.server import EmbeddedCluster
 from tests.support import (
     APP,
     APP_WORKFLOWS,
@@ -36,8 +36,7 @@ from tests.support import (
 async def test_one_process_runs_the_system_and_drains_on_sigterm(
     redis: Redis, keys: Keys, system: System
 ) -> None:
-    port = free_port()
-    proc = system.start_with_port("serve", port, APP, "--slots", "20")
+    proc, port = await system.serving("serve", APP, "--slots", "20")
 
     async def registered() -> bool:
         return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS

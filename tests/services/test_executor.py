@@ -1233,11 +1233,9 @@ async def test_admission_says_how_long_no_executor_has_served_a_workflow(
     exports the seconds since an executor last said it serves each workflow."""
     import re
 
-    from supersede.server import free_port
     from tests.support import scrape
 
-    port = free_port()
-    system.start_with_port("admission", port, "--block-ms", "100")
+    _, port = await system.serving("admission", "--block-ms", "100")
     [executor] = [system.start("executor", APP)]
 
     async def registered() -> bool:

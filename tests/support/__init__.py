@@ -139,6 +139,38 @@ async def scrape_when(url: str, check: Callable[[str], bool], timeout: float = 1
     return body
 
 
+async def listening(
+    start: Callable[[int], subprocess.Popen[bytes]], path: str, tries: int = 3
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A process `start(port)` began on a free port, once GET `path` there answers 200. A port is
+    only free when picked: another process (a test's server, a client connection's ephemeral
+    port) may take it before the process binds, which then exits; that is retried on another."""
+    import urllib.error
+    import urllib.request
+
+    from supersede.server import free_port
+
+    def answers(url: str) -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return int(resp.status) == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    for _ in range(tries):
+        port = free_port()
+        proc = start(port)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None:
+            if await asyncio.to_thread(answers, f"http://127.0.0.1:{port}{path}"):
+                return proc, port
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"{proc.args!r} did not answer {path} on {port} within 30s")
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{proc.args!r} exited {tries} times (rc {proc.returncode}); see stderr")
+
+
 def scrape(url: str) -> str:
     """GET a metrics endpoint, retrying while the server starts (blocking: use a thread)."""
     import urllib.request
@@ -204,6 +236,11 @@ class System:
         proc = subprocess.Popen(cmd, env=self.env, stderr=self.stderr)
         self.procs.append(proc)
         return proc
+
+    async def serving(self, service: str, *args: str) -> tuple[subprocess.Popen[bytes], int]:
+        """A service with its metrics on a free port, once that port answers /healthz (a port
+        taken between the pick and the bind is retried on another)."""
+        return await listening(lambda port: self.start_with_port(service, port, *args), "/healthz")
 
     async def pipeline(
         self,
