@@ -155,8 +155,22 @@ class _Prometheus:
         try:
             await eventually(reached, timeout=timeout)
         except AssertionError:
+            targets = await asyncio.to_thread(self.targets)
             tail = self.log.read_text(errors="replace")[-3000:]
-            raise AssertionError(f"saw {seen}, wanted {wanted}; prometheus:\n{tail}") from None
+            raise AssertionError(
+                f"saw {seen}, wanted {wanted}; targets {targets}; prometheus:\n{tail}"
+            ) from None
+
+    def targets(self) -> list[tuple[object, ...]]:
+        """Each target's health, last error and last scrape's duration."""
+        url = f"http://127.0.0.1:{self.port}/api/v1/targets"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                active = json.loads(resp.read())["data"]["activeTargets"]
+        except OSError as exc:
+            return [("unreachable", str(exc))]
+        keys = ("scrapeUrl", "health", "lastError", "lastScrapeDuration")
+        return [tuple(t.get(k) for k in keys) for t in active]
 
     def stop(self) -> None:
         if self.proc:
