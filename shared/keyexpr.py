@@ -11,8 +11,6 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import cel
-
 from supersede.errors import DefinitionError, KeyExpressionError
 from supersede.protocol import Reason
 
@@ -226,6 +224,8 @@ def _compile(
     match = _PATH.match(expression)
     if match:
         return _path_lookup(match, expression, reason)
+    import cel  # (here: its import pulls in a REPL's toolkit, 0.1 s a CLI command need not pay)
+
     try:
         program = cel.compile(expression)
     except Exception as exc:
