@@ -1,6 +1,7 @@
 --[[
   Handles expired leases and old records. A RUNNING run whose lease expired is retried (attempt
-  + 1, same sequence, same slot, a new assignment) while attempts remain, else it FAILS and its
+  + 1, same sequence, same slot, a new assignment) while attempts remain (a drain's hand-backs
+  use none: see hand_back.lua), else it FAILS and its
   slot is refilled. A CANCELLING run whose lease expired ends CANCELLED. An ASSIGNED run that no
   executor claimed within the assignment deadline gets a fresh assignment entry (same attempt;
   its entry may be gone, or held by an executor that cannot claim it), then again after twice,
@@ -115,7 +116,7 @@ for i = 1, #expired do
   setLease(rid, false)
   local rec = loadRun(rid)
   if rec and rec.st == 'R' then
-    if rec.a < rec.m then
+    if attemptsUsed(rec) < rec.m then
       rec.a = rec.a + 1
       assignRun(rid, rec)
       retried = retried + 1

@@ -79,6 +79,8 @@ def view(run: RunRecord) -> dict[str, Any]:
         "key": run.key,
         "state": run.state.name,
         "attempt": run.attempt,
+        "max_attempts": run.max_attempts,
+        "hand_backs": run.hand_backs,
         "event_id": run.event_id,
         "executor": run.executor,
         "cancelled_by": run.cancelled_by,
@@ -394,7 +396,10 @@ def timeline(run: RunRecord) -> list[dict[str, Any]]:
     """Created, assigned, claimed by, cancel decided (and by whom), ended."""
     out: list[dict[str, Any]] = [{"at_ms": run.created_ms, "event": "created"}]
     if run.assigned_ms:
-        out.append({"at_ms": run.assigned_ms, "event": f"assigned (attempt {run.attempt})"})
+        attempt = f"attempt {run.attempt}"
+        if run.hand_backs:  # (those starts used none of max_attempts)
+            attempt += f"; {run.hand_backs} handed back by draining executors"
+        out.append({"at_ms": run.assigned_ms, "event": f"assigned ({attempt})"})
     if run.claimed_ms:
         out.append({"at_ms": run.claimed_ms, "event": f"claimed by {run.executor or '?'}"})
     if run.cancel_decided_ms:

@@ -431,6 +431,7 @@ RECORD_FIELDS = {
     "sx": "1: strict mode (absent when off)",
     "a": "attempt",
     "m": "max attempts",
+    "hb": "hand-backs by draining executors (the first 10 use none of the max attempts)",
     "e": "executor that claimed the attempt",
     "in": "the run's input while it is live, when at most 1 KiB (else in the inputs hash)",
     "h": "1 while a CANCELLING run still holds its slot (strict mode)",
@@ -491,7 +492,7 @@ class RunRecord:
     group: str
     seq: str
     event_id: str
-    attempt: int
+    attempt: int  # every start counts, hand-backs included
     max_attempts: int
     max_runs: int  # 0: the workflow has no concurrency limit
     strict: bool
@@ -505,6 +506,7 @@ class RunRecord:
     cancel_decided_ms: float | None  # (µs in the fraction, from px; whole ms from tc before it)
     ended_ms: int | None
     points: dict[str, int] = field(default_factory=dict)  # PATH_POINTS key -> µs after inbox
+    hand_backs: int = 0  # times a draining executor stopped it and handed it back (hb)
 
     def path(self) -> list[tuple[str, float]]:
         """The run's way through the system, (point, epoch ms with µs in the fraction) in order:
@@ -554,6 +556,7 @@ class RunRecord:
             cancel_decided_ms=_at_us(rec, "px") or _opt_int(rec.get("tc")),
             ended_ms=_opt_int(rec.get("t3")),
             points=_points(rec),
+            hand_backs=int(rec.get("hb", 0)),
         )
 
 

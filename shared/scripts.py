@@ -43,6 +43,7 @@ SCRIPT_NAMES = (
     "claim_ids",
     "fire_debounced",
     "forget_consumers",
+    "hand_back",
 )
 
 
@@ -171,6 +172,14 @@ class ReapResult:
     reassigned: int = 0
     forgotten: int = 0  # groups whose memory (newest runs, fence) was forgotten
     leases: int = 0  # leases looked at (the call's limit: more may be due)
+
+
+@dataclass(frozen=True, slots=True)
+class HandBackResult:
+    handed: int  # retried at once, no attempt used
+    cancelled: int  # CANCELLING runs ended CANCELLED
+    failed: int  # past the free hand-backs, no attempt left
+    stale: int  # not this executor's attempt any more, or of one attempt: left to the lease
 
 
 def _s(value: Any) -> str:
@@ -415,6 +424,25 @@ class Scripts:
             args += (rid, attempt)
         reply = await self._call("heartbeat", [sk.runs_hash, sk.leases_zset], args)
         return [_s(x) for x in reply[1:]]
+
+    async def hand_back(
+        self,
+        shard: int,
+        executor: str,
+        runs: Sequence[tuple[str, int]],
+        *,
+        assign_deadline_ms: int = 0,
+        now: int = 0,
+    ) -> HandBackResult:
+        """Hand back (run id, attempt) pairs a draining executor stopped: retried at once,
+        without using an attempt (lua/hand_back.lua)."""
+        sk = self.keys.shard(shard)
+        args: list[Any] = [now, assign_deadline_ms, executor]
+        for rid, attempt in runs:
+            args += (rid, attempt)
+        keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset]
+        r = await self._call("hand_back", keys, args)
+        return HandBackResult(*(int(x) for x in r[1:5]))
 
     async def finish(
         self,

@@ -155,7 +155,9 @@ class Context:
 
     @property
     def cancelled(self) -> bool:
-        """True once the run was cancelled; sync steps poll it (cooperative cancellation)."""
+        """True once the run was cancelled, or a draining executor stops this attempt at its
+        deadline (the run is handed back and runs again elsewhere); sync steps poll it
+        (cooperative cancellation) and return."""
         return self._flag.is_set()
 
     def parent(self, step: str | Callable[..., Any]) -> Any:

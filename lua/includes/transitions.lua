@@ -25,6 +25,12 @@ local function nextShard()
   touched, touchedList, fresh, streamOf, rungOf = {}, {}, {}, {}, {}
 end
 
+-- A draining executor hands back the runs it stops (hand_back.lua): the first FREE_HAND_BACKS
+-- hand-backs of a run (record field hb) use none of its max attempts (m); its attempt number
+-- (a) still counts every start, as the fencing of results needs.
+local FREE_HAND_BACKS = 10
+local function attemptsUsed(rec) return rec.a - math.min(rec.hb or 0, FREE_HAND_BACKS) end
+
 -- A run of a workflow without a concurrency limit (u = 1) is in no group's books: it holds no
 -- slot, is in neither the queue nor the active zset, and is assigned when admitted.
 local function limited(rec) return rec.u ~= 1 end

@@ -52,6 +52,11 @@ CANCELS_REPEATED = Counter(
     "Cancels of a run's task repeated because its async step went on after the last one (a "
     "library swallowed the CancelledError).",
 )
+HANDED_BACK = Counter(
+    "supersede_executor_runs_handed_back_total",
+    "Runs a drain stopped (its deadline passed, or a step's retry would have started after "
+    "it) and handed back: retried elsewhere at once, no attempt used.",
+)
 HEARTBEATS_LATE = Counter(
     "supersede_executor_heartbeats_late_total",
     "Lease renewals that came more than a lease after the last one that succeeded (a starved "

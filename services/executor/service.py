@@ -8,8 +8,9 @@ SIGTERM drains: stop fetching and start what the read in flight took; keep renew
 receiving cancels while running runs finish within the drain deadline; then wait (within the
 same deadline) until the results are applied (by its own finish calls, or by admission for
 those written to the results streams), since a run whose lease lapsed before that would be
-retried. What is still running at the deadline is stopped and left to its
-lease (retried elsewhere: at least once), and logged.
+retried. What is still running at the deadline is stopped, logged and handed back: retried
+elsewhere at once (at least once), without using an attempt (lua/hand_back.lua); a sync step
+that runs on past it leaves its run to its lease instead.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from supersede import aio
 from supersede.config import Settings
-from supersede.errors import ConfigError, WorkflowRejected
+from supersede.errors import ConfigError, WorkflowRejected, describe
 from supersede.protocol import EXECUTOR_GROUP
 from supersede.registry import register_all
 from supersede.service import Periodic, Service, Throttle
@@ -51,6 +52,7 @@ BLOCKED_LOOP_WARN = 1.0  # a lag from which the loop is logged as blocked (secon
 REGISTER_RETRY_AFTER = 60.0  # seconds before a refused re-registration is tried again
 CLOCK_READ_EVERY = 60.0  # seconds between two reads of the server's clock (the served mark's)
 REGISTRY_CHECK_EVERY = 1.0  # seconds between two looks for this process's workflows in the registry
+HAND_BACK_WITHIN = 1.0  # seconds past the drain deadline the last hand-back may take
 
 
 class Executor(Service):
@@ -193,6 +195,19 @@ class Executor(Service):
             deadline = loop.time() + self.config.drain_timeout
         self.runner.drain_deadline = min(self.runner.drain_deadline, deadline)
         self.runner.stopping.set()
+        done = asyncio.Event()
+        handing_back = asyncio.create_task(self._hand_back_loop(done))
+        try:
+            await self._drain_runs(deadline)
+        finally:
+            done.set()
+            self.runner.left_added.set()
+            within = max(0.0, deadline + HAND_BACK_WITHIN - loop.time())
+            _, late = await asyncio.wait({handing_back}, timeout=within)
+            await aio.cancel_until_done(late, 1.0)  # (its call logs the runs it had)
+
+    async def _drain_runs(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
         # A hand-over still in flight (`supersede serve`) starts its runs first: they are
         # drained with the others rather than left to their leases.
         while self.runner.handing and loop.time() < deadline:
@@ -222,6 +237,51 @@ class Executor(Service):
                     "pid": os.getpid(),
                 },
             )
+
+    async def _hand_back_loop(self, done: asyncio.Event) -> None:
+        """Hand back the runs the drain stops as they come (one waiting to retry is stopped
+        before the deadline), until `done` and none is left."""
+        runner = self.runner
+        while True:
+            await runner.left_added.wait()
+            runner.left_added.clear()
+            if runner.left:
+                await self._hand_back(runner.left)
+            if done.is_set() and not runner.left:
+                return
+
+    async def _hand_back(self, left: list[tuple[int, str, int]]) -> None:
+        """One hand-back call per shard of the runs in `left` (emptied as each is made); a
+        failed call logs, and its runs are retried once their leases lapse."""
+        by_shard: dict[int, list[tuple[str, int]]] = {}
+        for shard, rid, attempt in left:
+            by_shard.setdefault(shard, []).append((rid, attempt))
+        left.clear()
+        sink = self.outbox.sink
+        deadline_ms = sink.assign_deadline_ms if isinstance(sink, FinishHere) else 0
+
+        async def one(shard: int, runs: list[tuple[str, int]]) -> None:
+            try:
+                r = await self.scripts.hand_back(shard, self.consumer, runs,
+                                                 assign_deadline_ms=deadline_ms)  # fmt: skip
+            except (Exception, asyncio.CancelledError) as exc:
+                self.log.warning(
+                    "runs not handed back: they are retried once their leases lapse",
+                    extra={"run_ids": [rid for rid, _ in runs][:100],
+                           "error": "no reply in time" if isinstance(exc, asyncio.CancelledError)
+                           else describe(exc)},
+                )  # fmt: skip
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return
+            metrics.HANDED_BACK.inc(r.handed)
+            self.log.info(
+                "runs handed back: retried elsewhere now, no attempt used",
+                extra={"run_ids": [rid for rid, _ in runs][:100], "handed_back": r.handed,
+                       "cancelled": r.cancelled, "failed": r.failed, "unchanged": r.stale},
+            )  # fmt: skip
+
+        await asyncio.gather(*(one(shard, runs) for shard, runs in by_shard.items()))
 
 
 STOP_TASKS_WITHIN = 10.0  # seconds the loops have to end once cancelled, the cancel repeated

@@ -81,6 +81,7 @@ def _note_turn(rep: Reported, fut: asyncio.Future[int]) -> None:
 
 RECANCEL_AFTER = 0.1  # seconds an async step may go on after a cancel before it is repeated
 RECANCEL_EVERY = 0.01  # seconds between the repeats of a cancel an async step swallowed
+DRAIN_STOP_WITHIN = 1.0  # seconds a step has to stop once the drain deadline passed
 
 
 class LeftToLease(Exception):
@@ -127,13 +128,21 @@ class Running:
     # While an async step runs on this run's task (task isolation): a cancel is repeated until
     # it gets out of the step (see Runner.until_out_of_step).
     in_async_step: bool = False
+    # The drain deadline stopped it (Runner.finish_running): not the run's own cancel.
+    drained: bool = False
+    # A sync step of it still ran when its task ended: it may not be handed back (it would
+    # run twice at once); its lease lapses instead.
+    step_runs_on: bool = False
 
 
 def _stopped(run: Running) -> bool:
     """A shutdown cancelled this run's task (the drain deadline passed): a cancel is counted
-    on it that is not the run's own. Its run is left to its lease, whatever the step made of
-    the CancelledError (a library's ConnectionError was retried past the deadline, or FAILED
-    the run, final; a step that swallowed it went on to its next step)."""
+    on it that is not the run's own. Its run is handed back (or left to its lease), whatever
+    the step made of the CancelledError (a library's ConnectionError was retried past the
+    deadline, or FAILED the run, final; a step that swallowed it went on to its next step;
+    a sync step asked to stop by `ctx.cancelled` returned)."""
+    if run.drained:
+        return True
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0 and not run.ctx.cancelled
 
@@ -175,6 +184,10 @@ class Runner:
         self.reserved = 0  # slots promised to a claim in flight (a fetch, or a hand-over)
         self.handing = 0  # hand-overs in flight (`supersede serve`): the drain waits for them
         self.stopping = asyncio.Event()  # the executor drains (see `_left_to_lease`)
+        # (shard, run id, attempt) of the runs a drain stopped once their steps ended, for the
+        # executor to hand back (lua/hand_back.lua); `left_added` is set as one is added
+        self.left: list[tuple[int, str, int]] = []
+        self.left_added = asyncio.Event()
         self.drain_deadline = math.inf  # the loop's time the drain ends by, once it drains
         self.renewed_at: float | None = None  # see `lease_held` (None: no lease keeper)
 
@@ -305,15 +318,17 @@ class Runner:
                 outcome, error = await self._run_steps(run)
         except LeftToLease:
             if run.span is not None:
-                tracing.end_run(run.span, "LEFT_TO_LEASE", "")
-            if self.active.get(run.run_id) is run:  # (its lease lapses: retried elsewhere)
+                tracing.end_run(run.span, "HANDED_BACK", "")
+            if self.active.get(run.run_id) is run:  # (handed back, or its lease lapses)
                 del self.active[run.run_id]
+            self._leave(run)
             return
         except asyncio.CancelledError:
             if run.cancel_decided_ms is None:
                 if run.span is not None:
-                    tracing.end_run(run.span, "LEFT_TO_LEASE", "")
-                raise  # shutdown: leave the run to its lease
+                    tracing.end_run(run.span, "HANDED_BACK", "")
+                self._leave(run)
+                raise  # shutdown: the run is handed back (or left to its lease)
             # The cancel (repeated, maybe: see Runner.until_out_of_step) is handled: none
             # pending stays to misread an asyncio.timeout in what follows.
             task = asyncio.current_task()
@@ -324,6 +339,15 @@ class Runner:
                 self.stage(run, "stopped")
             await self._on_cancel(run)
         await self.report(run, outcome, error)
+
+    def _leave(self, run: Running) -> None:
+        """A run the drain stopped, its step ended: queued to be handed back (retried
+        elsewhere at once, no attempt used). One whose sync step runs on is left to its
+        lease."""
+        if run.step_runs_on or not self.stopping.is_set():
+            return
+        self.left.append((run.shard, run.run_id, run.attempt))
+        self.left_added.set()
 
     async def _run_steps(self, run: Running) -> tuple[Outcome, str]:
         stored = 0  # bytes of the outputs so far, msgpack-encoded
@@ -347,12 +371,12 @@ class Runner:
                     "on stored outputs: return less (store big results elsewhere and return "
                     "their key), or raise the executor's --max-output-bytes"
                 )
+            if _stopped(run):  # (its step swallowed the shutdown's cancel, or returned when
+                raise asyncio.CancelledError  # asked to stop: no later step starts)
             if run.ctx.cancelled:
                 self.observe_cancel(run)
                 self.stage(run, "stopped")
                 return Outcome.CANCELLED, ""
-            if _stopped(run):  # (its step swallowed the shutdown's cancel: no later step starts)
-                raise asyncio.CancelledError
         return Outcome.SUCCEEDED, ""
 
     async def _try_step(self, run: Running, step: Step, attempt: int) -> int | BaseException:
@@ -572,7 +596,9 @@ class Runner:
             raise
         except asyncio.CancelledError:
             if not run.ctx.cancelled:
-                raise  # a step timeout or a shutdown: nothing asked the step to stop
+                if run.drained:  # the drain deadline: the step is asked to stop
+                    await self._stop_for_drain(thread, run)
+                raise  # a step timeout or a shutdown
             with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(asyncio.shield(thread), self.config.grace)
             if not thread.done():
@@ -583,6 +609,18 @@ class Runner:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(thread)
             raise
+
+    async def _stop_for_drain(self, thread: asyncio.Future[Any], run: Running) -> None:
+        """At the drain deadline, a sync step sees `ctx.cancelled` (a cooperative one returns)
+        and has DRAIN_STOP_WITHIN seconds to: then its run is handed back. One that runs on is
+        a stray handler, and its run is left to its lease (handing it back would run it twice
+        at once)."""
+        run.ctx._cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(thread), DRAIN_STOP_WITHIN)
+        if not thread.done():
+            self._stray(thread)
+            run.step_runs_on = True
 
     @staticmethod
     def _stray(thread: asyncio.Future[Any]) -> None:
@@ -608,9 +646,8 @@ class Runner:
     async def _waited_to_retry(self, run: Running, wait: float) -> bool:
         """Sleep `wait` seconds before a step's next try: True once slept. False, at once, when
         the executor drains (or starts to) and the try could not start before the drain's
-        deadline: the run is then left to its lease now (retried elsewhere once it lapses),
-        rather than holding the drain to its end (up to retry_backoff_max) to be stopped there
-        anyway."""
+        deadline: the run is then handed back now (retried elsewhere at once), rather than
+        holding the drain to its end (up to retry_backoff_max) to be stopped there anyway."""
         loop = asyncio.get_running_loop()
         until = loop.time() + wait
         if not self.stopping.is_set():
@@ -618,8 +655,9 @@ class Runner:
                 await asyncio.wait_for(self.stopping.wait(), wait)  # (a drain began)
         if self.stopping.is_set() and until >= self.drain_deadline:
             log.warning(
-                "a run waiting to retry a step is left to its lease: the try would start "
-                "after the drain deadline (it is retried elsewhere, from its first step)",
+                "a run waiting to retry a step is handed back: the try would start after the "
+                "drain deadline (it is retried elsewhere now, from its first step, no attempt "
+                "used)",
                 extra={"run": run.run_id, "workflow": run.workflow.id},
             )
             return False
@@ -705,29 +743,37 @@ class Runner:
                 written.add_done_callback(functools.partial(_note_turn, rep))
 
     async def finish_running(self, timeout: float) -> None:
-        """Let running runs finish within `timeout`; stop the rest and leave them to their
-        leases (they are retried elsewhere: the at-least-once case of a drain deadline)."""
+        """Let running runs finish within `timeout`; stop the rest (an async step cancelled, a
+        sync step shown `ctx.cancelled`) and wait up to DRAIN_STOP_WITHIN for their steps to
+        end: those are handed back (`left`), the others left to their leases. Either way they
+        are retried elsewhere: the at-least-once case of a drain deadline."""
         runs = {r.task: r for r in self.active.values() if r.task}
         tasks = {task: run.run_id for task, run in runs.items()}
         if not tasks:
             return
         _, late = await asyncio.wait(tasks, timeout=max(0.0, timeout))
         for task in late:
+            runs[task].drained = True
             task.cancel()
         # A library may swallow that cancel (see Runner.until_out_of_step): an async step
         # still going on is cancelled again every 10 ms, for a second at most, rather than run
         # on past its leases (and beside its retry) until the loop's own last cancel, which it
         # may swallow too (the process then waited for the step's end to exit).
         await asyncio.gather(*(
-            self.until_out_of_step(runs[task], RECANCEL_EVERY, within=1.0)
+            self.until_out_of_step(runs[task], RECANCEL_EVERY, within=DRAIN_STOP_WITHIN)
             for task in late if runs[task].in_async_step
         ))  # fmt: skip
-        if late:
+        if late:  # (a sync step's own wait is DRAIN_STOP_WITHIN: see _stop_for_drain)
+            await asyncio.wait(late, timeout=DRAIN_STOP_WITHIN + 0.1)
             stopped = sorted(tasks[t] for t in late)
+            kept = sorted(tasks[t] for t in late if not t.done() or runs[t].step_runs_on)
             log.warning(
-                "drain deadline passed; runs stopped and left to lease expiry",
-                extra={"runs": len(stopped), "run_ids": stopped[:100]},
-            )
+                "drain deadline passed; runs stopped: handed back to be retried elsewhere at "
+                "once, but those in left_to_lease (their sync steps ran on) once their leases "
+                "lapse",
+                extra={"runs": len(stopped), "run_ids": stopped[:100],
+                       "left_to_lease": kept[:100]},
+            )  # fmt: skip
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

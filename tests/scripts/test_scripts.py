@@ -705,6 +705,78 @@ async def test_reap_retries_with_the_same_sequence_then_fails(
     assert await redis.hget(keys.shard(shard).slots_hash, req.group) is None
 
 
+async def test_a_hand_back_retries_at_once_without_using_an_attempt(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """A run a draining executor stopped is handed back: assigned again at once (attempt + 1,
+    same sequence, a fresh entry) without waiting for its lease, and its max attempts are not
+    spent on it: stopped by three drains in a row, a run of max_attempts 2 still has both
+    left (before, each drain's lapsed lease used one: a rolling deploy FAILED it). Only the
+    caller's own attempt is touched."""
+    shard, req = make_request(keys, event="e", seq=7, max_attempts=2)
+    stream = keys.shard(shard).assignments_stream(req.workflow)
+    await admit(scripts, (shard, req))
+    for attempt in (1, 2, 3):
+        await claim(scripts, shard, req, attempt=attempt, now=10 * attempt)
+        for executor, which in (("other", attempt), ("ex", attempt + 1)):  # not its own
+            r = await scripts.hand_back(shard, executor, [(req.run_id, which)])
+            assert (r.handed, r.stale) == (0, 1)
+        r = await scripts.hand_back(shard, "ex", [(req.run_id, attempt)], now=10 * attempt + 1)
+        assert (r.handed, r.cancelled, r.failed, r.stale) == (1, 0, 0, 0)
+        rec = (await records(redis, keys))[req.run_id]
+        assert (rec["st"], rec["a"], rec["hb"], rec["s"]) == ("A", attempt + 1, attempt, req.seq)
+        lease = await redis.zscore(keys.shard(shard).leases_zset, req.run_id)
+        assert lease is not None and lease > 10 * attempt + 1  # (the assignment deadline's)
+        [*_, (_, fields)] = await redis.xrange(stream)
+        assert fields[b"a"] == str(attempt + 1).encode()
+    # Its lease lapses twice now (an executor SIGKILLed): both attempts are still there.
+    await claim(scripts, shard, req, attempt=4, now=100)
+    assert (await scripts.reap(shard, now=100 + LEASE)).retried == 1
+    await claim(scripts, shard, req, attempt=5, now=2_000)
+    assert (await scripts.reap(shard, now=2_000 + LEASE)).failed == 1
+    rec = (await records(redis, keys))[req.run_id]
+    assert (rec["st"], rec["why"], rec["a"]) == ("F", "lease_expired", 5)
+    assert RunRecord.decode(req.run_id, codec.pack(rec)).hand_backs == 3
+    assert await redis.hget(keys.shard(shard).slots_hash, req.group) is None
+
+
+async def test_hand_backs_past_the_free_ones_use_attempts_and_one_attempt_is_never_handed_back(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """The first 10 hand-backs of a run are free; past them each uses an attempt (a pool that
+    keeps being stopped fails its runs rather than moving them about for ever). A workflow of
+    one attempt is never run twice: its run is left to its lease. A CANCELLING run ends
+    CANCELLED and frees its slot for the next one."""
+    shard, req = make_request(keys, event="e", seq=7, max_attempts=2)
+    await admit(scripts, (shard, req))
+    for attempt in range(1, 12):  # 10 free, then the 11th uses the second attempt
+        await claim(scripts, shard, req, attempt=attempt, now=attempt)
+        r = await scripts.hand_back(shard, "ex", [(req.run_id, attempt)], now=attempt)
+        assert (r.handed, r.failed) == (1, 0), attempt
+    await claim(scripts, shard, req, attempt=12, now=20)
+    r = await scripts.hand_back(shard, "ex", [(req.run_id, 12)], now=21)
+    assert (r.handed, r.failed) == (0, 1)
+    rec = (await records(redis, keys))[req.run_id]
+    assert (rec["st"], rec["why"], rec["hb"]) == ("F", "lease_expired", 12)
+
+    one = make_request(keys, event="once", seq=8, max_attempts=1, unlimited=True)
+    await admit(scripts, one)
+    await claim(scripts, one[0], one[1], now=30)
+    r = await scripts.hand_back(one[0], "ex", [(one[1].run_id, 1)], now=31)
+    assert (r.handed, r.stale) == (0, 1)
+    rec = (await records(redis, keys))[one[1].run_id]
+    assert (rec["st"], rec["a"]) == ("R", 1)
+
+    old, new = (make_request(keys, event=f"k{i}", seq=20 + i, key="k") for i in (1, 2))
+    await admit(scripts, old, now=40)
+    await claim(scripts, old[0], old[1], now=41)
+    await admit(scripts, new, now=42)  # CANCEL_IN_PROGRESS: the running one is CANCELLING
+    assert states(await records(redis, keys), old, new) == ["X", "A"]
+    r = await scripts.hand_back(old[0], "ex", [(old[1].run_id, 1)], now=43)
+    assert (r.handed, r.cancelled) == (0, 1)
+    assert states(await records(redis, keys), old, new) == ["C", "A"]
+
+
 async def test_an_unclaimed_assignment_whose_entry_is_gone_is_reassigned(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:

@@ -205,6 +205,40 @@ async def test_sigterm_drains_running_runs_within_the_deadline(
     await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=10)
 
 
+async def test_a_rolling_deploy_hands_runs_back_at_once_and_uses_none_of_their_attempts(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Three rolling restarts of the executor, each drain (1 s) shorter than the handlers: a
+    rolling-deploy probe saw a third of such runs FAIL (each drain's lapsed lease used an
+    attempt) and each wait a lease before it ran again. Now each drain hands its runs back:
+    the next executor starts them at once (the lease here is a minute, so a lapse would not
+    do it), a sync step polling `ctx.cancelled` sees it, and after three drains the runs run
+    a fourth time, beyond max_attempts (3). A sync step that ignores `ctx.cancelled` is left
+    to its lease: handing it back would run it twice at once."""
+    args = ("--drain-timeout", "1", "--lease", "60")
+    [executor] = await system.pipeline(redis, keys, 1, *args)
+    await publish(redis, keys, "work.item", sleep=120)
+    await publish(redis, keys, "sync.message", userId="roll", sleep=120)
+    await publish(redis, keys, "stubborn.item", k="roll", sleep=120)
+
+    async def running(attempt: int, hand_backs: int, n: int = 2) -> bool:
+        recs = await records(redis, keys)
+        return n == sum(r["st"] == "R" and r["a"] == attempt and r.get("hb", 0) == hand_backs
+                        for r in recs.values())  # fmt: skip
+
+    await eventually(lambda: running(1, 0, 3), timeout=30)
+    for drain in (1, 2, 3):
+        successor = system.start("executor", APP, *args)
+        executor.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(executor.wait, 30) == 0
+        await eventually(lambda d=drain: running(d + 1, d), timeout=20)
+        executor = successor
+    assert await logged(redis, keys, "sync-cancelled:", 3)
+    recs = await records(redis, keys)
+    [stubborn] = [r for r in recs.values() if r["w"] == "stubborn"]
+    assert (stubborn["st"], stubborn["a"], stubborn.get("hb")) == ("R", 1, None)
+
+
 async def test_a_sync_step_past_the_drain_deadline_does_not_hold_the_process(
     redis: Redis, keys: Keys, system: System
 ) -> None:

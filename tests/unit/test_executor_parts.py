@@ -371,7 +371,58 @@ async def test_a_run_whose_step_fumbles_the_drains_cancel_is_left_to_its_lease(
     await runner.finish_running(0.0)  # (the drain deadline passed)
     await asyncio.wait({run.task}, timeout=5)
     assert run.task.done() and calls == ["first"] and outbox.written == []
+    assert runner.left == [(0, "0-a", 1)]  # handed back by the executor
     runner.close()
+
+
+async def test_at_the_drain_deadline_a_sync_step_sees_ctx_cancelled_and_is_handed_back() -> None:
+    """A sync step polling `ctx.cancelled` was never told the drain deadline passed: it was cut
+    off mid-work when the process exited, and its run waited for its lease (a rolling-deploy
+    probe). It now sees `ctx.cancelled`, returns, and its run is handed back (not reported,
+    no later step). One that ignores it runs on: its run is left to its lease, never handed
+    back while its handler still runs."""
+    import asyncio
+    import threading
+
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Workflow
+
+    outbox = _Outbox()
+    seen: list[str] = []
+    release = threading.Event()
+    wf = Workflow("wf", on_events=["e"])
+
+    @wf.step()
+    def first(ctx: Any) -> None:
+        if ctx.input.get("polls"):
+            while not ctx.cancelled:
+                time.sleep(0.005)
+            seen.append(ctx.run_id)
+        else:
+            release.wait(10)  # (never looks at ctx.cancelled)
+
+    @wf.step(parents=[first])
+    def second(ctx: Any) -> None:
+        seen.append("second")
+
+    runner = Runner([wf], ExecutorConfig(), outbox)
+    runs = [
+        runner.start(0, Claim(rid, True, 1, "wf", "v", pack_input({"polls": polls}, {}, "e", rid),
+                              "k", "s", "R"))
+        for rid, polls in (("0-polls", True), ("0-ignores", False))
+    ]  # fmt: skip
+    await asyncio.sleep(0.1)
+    runner.stopping.set()
+    try:
+        await runner.finish_running(0.0)  # (the drain deadline passed)
+        assert seen == ["0-polls"] and outbox.written == []
+        assert runner.left == [(0, "0-polls", 1)]
+        assert all(r is not None and r.task is not None and r.task.done() for r in runs)
+    finally:
+        release.set()
+        runner.close()
 
 
 def test_a_step_s_retries_wait_twice_as_long_each_time_up_to_a_cap() -> None:
@@ -433,10 +484,12 @@ async def test_a_run_waiting_to_retry_past_the_drain_deadline_is_left_to_its_lea
     runner.stopping.set()
     await asyncio.wait({run.task}, timeout=5)
     assert run.task.done()
-    if backoff > 5:  # left to its lease: nothing reported, the run no longer this executor's
+    if backoff > 5:  # handed back: nothing reported, the run no longer this executor's
         assert len(calls) == 1 and outbox.written == [] and "0-a" not in runner.active
+        assert runner.left == [(0, "0-a", 1)]
     else:  # waited (0.3 s, then 0.6 s) and tried again within the drain
         assert len(calls) == 3 and [r.outcome.value for r in outbox.written] == ["S"]
+        assert runner.left == []
         assert calls[1] - calls[0] >= 0.3 and calls[2] - calls[1] >= 0.6
     assert 0 < step_seconds() - before < 0.25  # (three quick tries; the waits took 0.9 s)
     runner.close()
