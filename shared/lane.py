@@ -30,7 +30,7 @@ import asyncio
 import builtins
 import collections
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import hiredis
@@ -177,6 +177,26 @@ class Lane:
             wire = await self._connect()
         return await wire.send(hiredis.pack_command(args), block_s)
 
+    async def execute_then(
+        self, first: Sequence[Any], then: Sequence[Any], *, block_s: float = 0.0
+    ) -> tuple[Any, Any]:
+        """Send `first`, then `then` in the same write: the server runs `then` once `first`
+        returned (after its BLOCK), no round trip more. Both replies; `first`'s error raises
+        (and `then`'s reply is dropped)."""
+        wire = self._wire
+        if wire is None or wire.lost is not None:
+            wire = await self._connect()
+        replies = wire.send(hiredis.pack_command(tuple(first)), block_s)
+        after = wire.send(hiredis.pack_command(tuple(then)), block_s)
+        after.add_done_callback(_retrieved)
+        try:
+            reply = await replies
+        except BaseException:
+            if not after.done():
+                after.cancel()  # (its reply is read and dropped in its turn)
+            raise
+        return reply, await after
+
     async def _connect(self) -> _Wire:
         """The connection, made again if it broke: one attempt shared by every call that
         waits for it (each making its own in turn, the k-th waited k timeouts)."""
@@ -242,6 +262,22 @@ class Lane:
         none; a pending entry trimmed away has empty fields."""
         return await self._read(["XREADGROUP", "GROUP", group, consumer], streams, count, block)
 
+    async def xreadgroup_then(
+        self,
+        group: str,
+        consumer: str,
+        streams: Mapping[Any, Any],
+        then: Sequence[Any],
+        *,
+        count: int | None = None,
+        block: int | None = None,
+    ) -> tuple[StreamReply, Any]:
+        """`xreadgroup`, and the reply of `then`, run by the server once the read returned
+        (see `execute_then`)."""
+        args = _read_args(["XREADGROUP", "GROUP", group, consumer], streams, count, block)
+        raw, after = await self.execute_then(args, then, block_s=(block or 0) / 1000)
+        return stream_reply(raw), after
+
     async def xread(
         self, streams: Mapping[Any, Any], *, count: int | None = None, block: int | None = None
     ) -> StreamReply:
@@ -251,14 +287,21 @@ class Lane:
     async def _read(
         self, args: list[Any], streams: Mapping[Any, Any], count: int | None, block: int | None
     ) -> StreamReply:
-        if count:
-            args += ("COUNT", count)
-        if block is not None:
-            args += ("BLOCK", block)
-        args.append("STREAMS")
-        args += streams.keys()
-        args += streams.values()
+        args = _read_args(args, streams, count, block)
         return stream_reply(await self.execute(*args, block_s=(block or 0) / 1000))
+
+
+def _read_args(
+    args: list[Any], streams: Mapping[Any, Any], count: int | None, block: int | None
+) -> list[Any]:
+    if count:
+        args += ("COUNT", count)
+    if block is not None:
+        args += ("BLOCK", block)
+    args.append("STREAMS")
+    args += streams.keys()
+    args += streams.values()
+    return args
 
 
 def stream_reply(raw: dict[bytes, list[Any]] | list[list[Any]] | None) -> StreamReply:
@@ -297,6 +340,25 @@ async def read(
     else:
         reply = await redis.xread(streams, count=count, block=block)  # type: ignore[arg-type]
     return cast(StreamReply, reply or [])
+
+
+async def read_then(
+    lane: Lane | None,
+    redis: Redis,
+    streams: Mapping[Any, Any],
+    then: Sequence[Any],
+    *,
+    group: tuple[str, str],
+    count: int | None = None,
+    block: int | None = None,
+) -> tuple[StreamReply, Any]:
+    """`read` as `group`, and the reply of the command `then`, run by the server once the read
+    returned: in the same write on `lane`; else (a cluster) through redis-py after it, a round
+    trip more, and only when the read found entries (None otherwise)."""
+    if lane is not None:
+        return await lane.xreadgroup_then(*group, streams, then, count=count, block=block)
+    reply = await read(None, redis, streams, group=group, count=count, block=block)
+    return reply, (await redis.execute_command(*then) if reply else None)  # type: ignore[no-untyped-call]
 
 
 def lane_of(redis: Redis) -> Lane | None:

@@ -29,7 +29,7 @@ from supersede import aio, codec, tracing
 from supersede.config import Settings, server_time
 from supersede.errors import KeyExpressionError, describe
 from supersede.keyexpr import KeyFn, LimitFn, compile_key, compile_limit
-from supersede.lane import Lane, read
+from supersede.lane import Lane, read_then
 from supersede.logs import Sampled
 from supersede.metrics import HOP_SECONDS
 from supersede.model import (
@@ -373,9 +373,10 @@ class Ingress(Service):
         if self._inbox_check_due.due():
             await self.check_inbox()
 
-    async def refresh(self) -> None:
-        """Reload the registry when its epoch moved (a cheap GET otherwise)."""
-        epoch = int(await self.redis.get(self.keys.registry_epoch) or 0)
+    async def refresh(self, read: int | None = None) -> None:
+        """Reload the registry when its epoch moved (a cheap GET otherwise; none when the
+        epoch was `read` already)."""
+        epoch = int(await self.redis.get(self.keys.registry_epoch) or 0) if read is None else read
         if epoch == self.epoch:
             return
         epoch, defs, errors = await load_all(self.redis, self.keys)
@@ -438,13 +439,20 @@ class Ingress(Service):
 
     async def _read(self, own: OwnPending) -> list[list[Entry]]:
         """XREADGROUP BLOCK on the inbox (own pending entries first after a failure); entries
-        trimmed away since they were delivered are acknowledged and logged."""
+        trimmed away since they were delivered are acknowledged and logged. The registry's
+        epoch is read after it, in the same write on a lane (no round trip more), and the
+        routes reloaded when it moved: a workflow registered between two refreshes (every
+        0.25 s) was in the registry when its first events were published (`publish_runs`
+        planned their runs from it), yet ingress routed them by its old routes: acknowledged
+        as unrouted, or without the new workflow's runs (an API-user probe lost 3 of 20)."""
         reread = own.active
-        reply = await read(
-            self.reads, self.redis, own.ids(), group=(INGRESS_GROUP, self.consumer),
-            count=self.count, block=self.config.block_ms,
+        reply, epoch = await read_then(
+            self.reads, self.redis, own.ids(), ("GET", self.keys.registry_epoch),
+            group=(INGRESS_GROUP, self.consumer), count=self.count, block=self.config.block_ms,
         )  # fmt: skip
         own.advance(reply, reread)
+        if reply:
+            await self.refresh(int(epoch or 0))
         batches = []
         for _, entries in reply or []:
             live, gone = split_deleted(entries)
@@ -467,7 +475,9 @@ class Ingress(Service):
         self.count = max(1, min(self.config.batch, grow, fits))
 
     async def handle(self, entries: Sequence[Entry]) -> None:
-        """Route and write one batch of inbox entries."""
+        """Route and write one batch of inbox entries (taken over: the registry is looked at
+        first, as `_read` does)."""
+        await self.refresh()
         await self.write(self.route(entries))
 
     def route(self, entries: Sequence[Entry]) -> Batch:
