@@ -110,6 +110,9 @@ class _Flag:
     def set(self) -> None:
         self._set = True
 
+    def clear(self) -> None:
+        self._set = False
+
 
 class Context:
     """What a step sees: its run's input and metadata, its parents' outputs, cancellation,

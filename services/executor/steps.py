@@ -84,6 +84,10 @@ RECANCEL_EVERY = 0.01  # seconds between the repeats of a cancel an async step s
 DRAIN_STOP_WITHIN = 1.0  # seconds a step has to stop once the drain deadline passed
 
 
+class StepRunsOn(TimeoutError):
+    """A sync step timed out and ran on past the grace period: not retried beside itself."""
+
+
 class LeftToLease(Exception):
     """The run is not reported: its lease lapses and it is retried elsewhere."""
 
@@ -409,7 +413,7 @@ class Runner:
             raise LeftToLease from None
         if _stopped(run):  # (a shutdown's cancel a library made another error of)
             raise asyncio.CancelledError from exc
-        if isinstance(exc, OutputError):  # (no retry; its traceback is the executor's)
+        if isinstance(exc, (OutputError, StepRunsOn)):  # (no retry; the executor's traceback)
             return Outcome.FAILED, str(exc)
         if attempt < step.retries and not run.ctx.cancelled:  # (cancelled: no retry)
             if not await self._waited_to_retry(run, self.retry_wait(attempt)):
@@ -481,6 +485,8 @@ class Runner:
             thread = loop.run_in_executor(self.pool, functools.partial(step.fn, ctx))
             try:
                 return await self._sync(thread, run, strict, step.timeout)
+            except StepRunsOn as exc:
+                raise StepRunsOn(f"step {step.name!r} {exc} (timeout {step.timeout}s)") from None
             except TimeoutError:
                 raise TimeoutError(f"step {step.name!r} timed out after {step.timeout}s") from None
         coro = step.fn(ctx)
@@ -589,10 +595,7 @@ class Runner:
         try:
             return await asyncio.wait_for(asyncio.shield(thread), timeout)
         except TimeoutError:
-            self._stray(thread)
-            if strict:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(thread)
+            await self._stop_timed_out(thread, run, strict)
             raise
         except asyncio.CancelledError:
             if not run.ctx.cancelled:
@@ -609,6 +612,32 @@ class Runner:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(thread)
             raise
+
+    async def _stop_timed_out(
+        self, thread: asyncio.Future[Any], run: Running, strict: bool
+    ) -> None:
+        """A sync step past its timeout sees `ctx.cancelled` and has the grace period to return
+        (strict mode: as long as it runs); then `ctx.cancelled` is cleared for its retry. One
+        that runs on is a stray handler and raises StepRunsOn: its run FAILS rather than retry
+        the step beside it (a probe saw three tries of one step running at once, none of them
+        told to stop)."""
+        flag = run.ctx._flag
+        flag.set()
+        with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(thread), self.config.grace)
+        if not thread.done():
+            self._stray(thread)
+            if strict:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(thread)
+        if not thread.done():
+            raise StepRunsOn(
+                f"timed out, and did not return within the {self.config.grace:g}s grace period "
+                "once `ctx.cancelled` was set: not retried while it runs (poll ctx.cancelled, "
+                'or give it isolation="process")'
+            )
+        if run.cancel_decided_ms is None and not run.drained:
+            flag.clear()  # (its retry starts afresh; a cancel of the run keeps it set)
 
     async def _stop_for_drain(self, thread: asyncio.Future[Any], run: Running) -> None:
         """At the drain deadline, a sync step sees `ctx.cancelled` (a cooperative one returns)

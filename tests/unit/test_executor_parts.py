@@ -425,6 +425,57 @@ async def test_at_the_drain_deadline_a_sync_step_sees_ctx_cancelled_and_is_hande
         runner.close()
 
 
+async def test_a_sync_step_past_its_timeout_sees_ctx_cancelled_and_no_retry_overlaps_it() -> None:
+    """A sync step's timeout set nothing the step could see, and its retry started at once: a
+    probe saw three tries of one step running together, none told to stop. Now the step sees
+    `ctx.cancelled` (cleared again for its retry) and has the grace period to return before
+    the retry starts; one that runs on past it fails its run, not retried beside itself."""
+    import asyncio
+    import itertools
+    import threading
+
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Workflow
+
+    outbox = _Outbox()
+    tries: list[tuple[str, float, float, bool]] = []  # (run, start, end, saw ctx.cancelled)
+    release = threading.Event()
+    wf = Workflow("wf", on_events=["e"])
+
+    @wf.step(timeout=0.2, retries=2)
+    def slow(ctx: Any) -> None:
+        start = time.monotonic()
+        if ctx.input["polls"]:
+            while not ctx.cancelled and time.monotonic() - start < 5:
+                time.sleep(0.005)
+        else:
+            release.wait(10)  # (never looks at ctx.cancelled)
+        tries.append((ctx.run_id, start, time.monotonic(), ctx.cancelled))
+
+    runner = Runner([wf], ExecutorConfig(grace=0.5, retry_backoff=0.01), outbox)
+    try:
+        runs = [
+            runner.start(0, Claim(rid, True, 1, "wf", "v",
+                                  pack_input({"polls": polls}, {}, "e", rid), "k", "s", "R"))
+            for rid, polls in (("0-polls", True), ("0-ignores", False))
+        ]  # fmt: skip
+        await asyncio.wait({r.task for r in runs if r and r.task}, timeout=10)
+        polled = [t for t in tries if t[0] == "0-polls"]
+        assert len(polled) == 3 and all(saw for *_, saw in polled)  # each try was told
+        assert all(later[1] >= earlier[2] for earlier, later in itertools.pairwise(polled))
+        assert {r.run_id: r.outcome.value for r in outbox.written} == {
+            "0-polls": "F", "0-ignores": "F"
+        }  # fmt: skip
+        ignored = next(r for r in outbox.written if r.run_id == "0-ignores")
+        assert "not retried while it runs" in (ignored.error or "")
+        assert not [t for t in tries if t[0] == "0-ignores"]  # (one try, still running)
+    finally:
+        release.set()
+        runner.close()
+
+
 def test_a_step_s_retries_wait_twice_as_long_each_time_up_to_a_cap() -> None:
     """retries=20 waited 0.1 * 2**19 s (14.5 h) before its last try, its run RUNNING and its
     slot held all along."""
