@@ -102,7 +102,8 @@ def load_workflows(spec: str) -> list[Any]:
     from supersede.workflow import Workflow
 
     module = import_module(spec)
-    workflows = [v for v in vars(module).values() if isinstance(v, Workflow)]
+    # (by identity: a second name for one Workflow object is the same workflow)
+    workflows = list({id(v): v for v in vars(module).values() if isinstance(v, Workflow)}.values())
     if not workflows:
         raise ConfigError(f"module {spec!r} defines no Workflow")
     ids = [wf.id for wf in workflows]

@@ -546,6 +546,20 @@ def test_a_module_that_cannot_run_is_refused_in_one_line(
     assert says in str(info.value), str(info.value)
 
 
+def test_a_second_name_for_one_workflow_object_is_the_same_workflow(tmp_path: Path) -> None:
+    """`reply_workflow = chat` in a module stopped the executor: "defines 2 workflows with the
+    id" (an API-user probe); one object under two names is one workflow."""
+    from supersede.services.modules import load_workflows
+
+    path = tmp_path / "aliased.py"
+    path.write_text(
+        "from supersede import Workflow\nchat = Workflow('alias', on_events=['e'])\n"
+        "@chat.step()\ndef s(ctx):\n    return 1\nreply_workflow = chat\n"
+    )
+    [wf] = load_workflows(str(path))
+    assert wf.id == "alias"
+
+
 def test_a_workflow_id_two_modules_define_is_refused_naming_both(tmp_path: Path) -> None:
     """`serve a b` and `dev --module a --module b` kept the last module's definition of an id
     both define, and dropped the other's handlers and limits without a word; the same
