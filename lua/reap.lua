@@ -42,7 +42,8 @@
 
   Output:
     {0, retried, failed, cancelled, expired records, assigned, reassigned, forgotten groups,
-     leases looked at (when it is the limit, more may be due)}
+     leases looked at (when it is the limit, more may be due), then pairs: workflow id, runs
+     of it failed}
     {-4, 0}  bad ARGV; nothing written
 
   Writes: XADD <prefix>:<workflow tag> for retries, for runs started in released slots and for
@@ -110,6 +111,7 @@ local function waitsUnread(rid, rec)
 end
 
 local retried, failed, cancelled, reassigned = 0, 0, 0, 0
+local failedOf, failedOrder = {}, {}   -- workflow -> runs this call FAILED (lease_expired)
 local expired = rcall('ZRANGEBYSCORE', leasesKey, '-inf', now, 'LIMIT', 0, limit)
 for i = 1, #expired do
   local rid = expired[i]
@@ -124,6 +126,8 @@ for i = 1, #expired do
       release(rid, rec)
       endRun(rid, rec, 'F', 'lease_expired')
       failed = failed + 1
+      if not failedOf[rec.w] then failedOf[rec.w] = 0; failedOrder[#failedOrder + 1] = rec.w end
+      failedOf[rec.w] = failedOf[rec.w] + 1
     end
   elseif rec and rec.st == 'A' then
     local ra = rec.ra or 0
@@ -248,4 +252,9 @@ if #forget > 0 then
   rcall('ZREM', newestAtKey, unpack(forget))
 end
 callChunked('ZADD', newestAtKey, live, 1000)
-return { 0, retried, failed, cancelled, #old, stats.assigned, reassigned, #forget, #expired }
+local out = { 0, retried, failed, cancelled, #old, stats.assigned, reassigned, #forget, #expired }
+for _, w in ipairs(failedOrder) do
+  out[#out + 1] = w
+  out[#out + 1] = failedOf[w]
+end
+return out

@@ -172,6 +172,7 @@ class ReapResult:
     reassigned: int = 0
     forgotten: int = 0  # groups whose memory (newest runs, fence) was forgotten
     leases: int = 0  # leases looked at (the call's limit: more may be due)
+    failed_by: tuple[tuple[str, int], ...] = ()  # (workflow, runs failed) of `failed`
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,7 +527,13 @@ class Scripts:
         keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset, sk.legacy_terminal_zset,
                 sk.outputs_hash, sk.fences_hash, sk.debounce_hash]  # fmt: skip
         r = await self._call("reap", keys, args)
-        return ReapResult(*(int(x) for x in r[1:9]))
+        pairs = r[9:]
+        failed_by = tuple((_s(pairs[i]), int(pairs[i + 1])) for i in range(0, len(pairs) - 1, 2))
+        retried, failed, cancelled, expired, assigned, reassigned, forgotten, leases = (
+            int(x) for x in r[1:9]
+        )
+        return ReapResult(retried, failed, cancelled, expired, assigned, reassigned, forgotten,
+                          leases, failed_by)  # fmt: skip
 
     async def cancel(
         self, shard: int, run_ids: Sequence[str], *, reason: str = Reason.MANUAL, now: int = 0

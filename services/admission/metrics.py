@@ -25,6 +25,13 @@ for _outcome in ("applied", "stale", "rejected"):
     RESULTS.labels(_outcome)
 ASSIGNED = Counter("supersede_admission_assigned_total", "Runs granted a slot and assigned.")
 CANCELLED = Counter("supersede_admission_cancelled_total", "Runs cancelled by a strategy decision.")
+LEASE_FAILURES = Counter(
+    "supersede_admission_runs_failed_total",
+    "Runs the reaper FAILED, by workflow: their lease lapsed with no attempt left (an executor "
+    "killed, stalled or cut off on their last attempt). Executors count the failures they "
+    "report in supersede_executor_runs_finished_total.",
+    ["workflow"],
+)
 REAPED = Counter(
     "supersede_admission_reaped_total",
     "Expired leases and unclaimed assignments handled by the reaper, by outcome "

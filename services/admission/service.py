@@ -634,6 +634,8 @@ class Admission(Service):
                 metrics.BATCH_SECONDS.labels("reap").observe(time.perf_counter() - started)
                 metrics.REAPED.labels("retried").inc(r.retried)
                 metrics.REAPED.labels("failed").inc(r.failed)
+                for workflow, n in r.failed_by:
+                    metrics.LEASE_FAILURES.labels(workflow).inc(n)
                 metrics.REAPED.labels("cancelled").inc(r.cancelled)
                 metrics.REAPED.labels("reassigned").inc(r.reassigned)
                 metrics.EXPIRED.inc(r.expired)

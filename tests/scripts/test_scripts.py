@@ -700,6 +700,7 @@ async def test_reap_retries_with_the_same_sequence_then_fails(
     assert (await records(redis, keys))[req.run_id]["st"] == "R"
     result = await scripts.reap(shard, now=2_000 + LEASE)
     assert result.failed == 1
+    assert result.failed_by == (("wf", 1),)  # (by workflow: SupersedeRunsFailing counts them)
     rec = (await records(redis, keys))[req.run_id]
     assert (rec["st"], rec["why"]) == ("F", "lease_expired")
     assert await redis.hget(keys.shard(shard).slots_hash, req.group) is None
