@@ -198,11 +198,12 @@ def transitions(
     ended = max(run.ended_ms or claimed or created, claimed or 0, decided or 0)
     if run.state is RunState.CANCELLED:
         if claimed and before is RunState.CANCELLING:
-            add(ended, f"its handler stopped, {_ms_after(decided or ended, ended)} ms after the "
+            add(ended, f"its run ended, {_ms_after(decided or ended, ended)} ms after the "
                        "cancel")  # fmt: skip
-        elif claimed:  # at the decision; the handler stopped later
+        elif claimed:  # at the decision; the run ended later (its handler stopped, or the
+            # grace period passed: a sync step that ignores ctx.cancelled may still run)
             at = decided or ended
-            add(at, f"cancelled while running: {why} (its handler stopped "
+            add(at, f"cancelled while running: {why} (its run ended "
                     f"{_ms_after(at, ended)} ms later)")  # fmt: skip
         else:
             add(ended, f"cancelled while queued: {why}")

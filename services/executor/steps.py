@@ -127,8 +127,9 @@ class Running:
     # in a worker process, which the ladder stops for sure), not at the end of the grace period.
     report_when_stopped: bool = False
     # A sync step that went on past the grace period of a cancel: its "stopped" stage is
-    # observed when its thread returns, not when the run is reported CANCELLED.
-    stops_later: bool = False
+    # observed, and the on_cancel hook run, when its thread returns (this future), not when
+    # the run is reported CANCELLED.
+    stops_later: asyncio.Future[Any] | None = None
     # While an async step runs on this run's task (task isolation): a cancel is repeated until
     # it gets out of the step (see Runner.until_out_of_step).
     in_async_step: bool = False
@@ -191,6 +192,7 @@ class Runner:
         # (shard, run id, attempt) of the runs a drain stopped once their steps ended, for the
         # executor to hand back (lua/hand_back.lua); `left_added` is set as one is added
         self.left: list[tuple[int, str, int]] = []
+        self._hooks: set[asyncio.Future[None]] = set()  # on_cancel hooks run after a report
         self.left_added = asyncio.Event()
         self.drain_deadline = math.inf  # the loop's time the drain ends by, once it drains
         self.renewed_at: float | None = None  # see `lease_held` (None: no lease keeper)
@@ -339,9 +341,11 @@ class Runner:
             while task is not None and task.cancelling():
                 task.uncancel()
             outcome, error = Outcome.CANCELLED, ""
-            if not run.stops_later:
+            if run.stops_later is None:
                 self.stage(run, "stopped")
-            await self._on_cancel(run)
+                await self._on_cancel(run)
+            else:  # (the hook cleans up after the step: not beside it, while it still runs)
+                run.stops_later.add_done_callback(lambda _: self._hook_later(run))
         await self.report(run, outcome, error)
 
     def _leave(self, run: Running) -> None:
@@ -606,7 +610,7 @@ class Runner:
                 await asyncio.wait_for(asyncio.shield(thread), self.config.grace)
             if not thread.done():
                 self._stray(thread)
-                run.stops_later = True
+                run.stops_later = thread
                 thread.add_done_callback(lambda _: self.stage(run, "stopped"))
                 if strict:
                     with contextlib.suppress(Exception):
@@ -657,6 +661,14 @@ class Runner:
         if not thread.done():
             metrics.STRAY_HANDLERS.inc()
             thread.add_done_callback(lambda _: metrics.STRAY_HANDLERS.dec())
+
+    def _hook_later(self, run: Running) -> None:
+        """The on_cancel hook of a run whose sync step returned after its run was reported."""
+        if run.workflow.cancel_hook is None:
+            return
+        task = asyncio.ensure_future(self._on_cancel(run))
+        self._hooks.add(task)  # (held until done: the loop keeps only weak references)
+        task.add_done_callback(self._hooks.discard)
 
     async def _on_cancel(self, run: Running) -> None:
         hook = run.workflow.cancel_hook

@@ -149,7 +149,7 @@ def test_dev_console_prints_transitions_in_time_order_and_how_each_run_was_cance
             assert started[m.group(2)] > i, out
     assert "cancelled while queued: superseded by" in out or "cancelled while running" in out
     assert re.search(
-        r"cancelled while running: superseded by \S+ \((its handler stopped \d+ ms later|"
+        r"cancelled while running: superseded by \S+ \((its run ended \d+ ms later|"
         r"stopping its handler)\)",
         out,
     )

@@ -25,7 +25,7 @@ def test_a_cancel_decided_in_the_ms_its_successor_started_is_printed_first() -> 
                   t3=PUBLISHED + 921, by="1-new")  # fmt: skip
     new = _record("1-new", st=RunState.RUNNING.value, pc=920_900)
     lines = transitions(new, RunState.ASSIGNED) + transitions(old, RunState.RUNNING)
-    cancel = "cancelled while running: superseded by 1-new (its handler stopped 0 ms later)"
+    cancel = "cancelled while running: superseded by 1-new (its run ended 0 ms later)"
     assert _texts(lines) == [cancel, "started"]
 
 
@@ -33,7 +33,7 @@ def test_a_run_claimed_and_ended_within_one_ms_prints_its_start_first() -> None:
     cancelled = _record("1-a", st=RunState.CANCELLED.value, pc=920_300, px=920_600,
                         t3=PUBLISHED + 920, by="1-b")  # fmt: skip
     assert _texts(transitions(cancelled, RunState.ASSIGNED)) == [
-        "started", "cancelled while running: superseded by 1-b (its handler stopped 0 ms later)"
+        "started", "cancelled while running: superseded by 1-b (its run ended 0 ms later)"
     ]  # fmt: skip
     # (the end is whole ms, 920, before the claim's 920.3)
     done = _record("1-c", st=RunState.SUCCEEDED.value, pc=920_300, t3=PUBLISHED + 920)
@@ -45,7 +45,7 @@ def test_a_handler_ended_within_the_ms_of_its_cancel_never_shows_a_negative_dela
     run = _record("1-a", st=RunState.CANCELLED.value, pc=100_000, px=920_600,
                   t3=PUBLISHED + 920, by="1-b")  # fmt: skip
     (line,) = transitions(run, RunState.CANCELLING)
-    assert line.text.endswith("its handler stopped, 0 ms after the cancel")
+    assert line.text.endswith("its run ended, 0 ms after the cancel")
 
 
 def test_a_new_run_of_a_debounced_workflow_is_said_to_wait_out_its_window() -> None:

@@ -476,6 +476,49 @@ async def test_a_sync_step_past_its_timeout_sees_ctx_cancelled_and_no_retry_over
         runner.close()
 
 
+async def test_the_on_cancel_hook_of_a_sync_step_past_its_grace_waits_for_the_step() -> None:
+    """A cancelled run whose sync step ignored `ctx.cancelled` is reported CANCELLED after the
+    grace period (its slot freed), but its on_cancel hook ran then too, beside the step it
+    cleans up after (an API-user probe). The hook now runs when the step returns."""
+    import asyncio
+
+    from supersede.keys import Keys
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.cancel import Cancels
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Workflow
+
+    outbox = _Outbox()
+    at: dict[str, float] = {}
+    wf = Workflow("wf", on_events=["e"])
+
+    @wf.step()
+    def stubborn(ctx: Any) -> None:
+        time.sleep(0.8)  # (never looks at ctx.cancelled)
+        at["step returned"] = time.monotonic()
+
+    @wf.on_cancel
+    def hook(ctx: Any) -> None:
+        at["hook"] = time.monotonic()
+
+    config = ExecutorConfig(grace=0.2)
+    runner = Runner([wf], config, outbox)
+    cancels = Cancels(None, Keys("t", 1), runner, config, cluster=False)
+    try:
+        runner.start(0, Claim("0-a", True, 1, "wf", "v", pack_input({}, {}, "e", "1"), "k",
+                              "s", "R"))  # fmt: skip
+        await asyncio.sleep(0.1)
+        cancels.cancel_local("0-a", 1, time.time() * 1000)
+        deadline = time.monotonic() + 5
+        while "hook" not in at and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert [r.outcome.value for r in outbox.written] == ["C"]  # (after the grace period)
+        assert "step returned" in at and at["hook"] >= at["step returned"], at
+    finally:
+        runner.close()
+
+
 def test_a_step_s_retries_wait_twice_as_long_each_time_up_to_a_cap() -> None:
     """retries=20 waited 0.1 * 2**19 s (14.5 h) before its last try, its run RUNNING and its
     slot held all along."""
