@@ -21,8 +21,8 @@
     ARGV[4..]   pairs: run id, attempt
 
   Output:
-    {0, handed back, cancelled, failed, stale}   failed: past FREE_HAND_BACKS with no
-                                                 attempts left (FAILED, lease_expired)
+    {0, handed back, cancelled, failed, stale, then pairs: workflow id, runs of it failed}
+                failed: past FREE_HAND_BACKS with no attempts left (FAILED, handed_back)
     {-4, 0}     bad ARGV; nothing written
 
   Writes: XADD <prefix>:<workflow tag> for the runs handed back and for runs started in
@@ -55,6 +55,7 @@ for i = 4, #ARGV, 2 do rids[#rids + 1] = ARGV[i] end
 prefetchRuns(rids)
 
 local handed, cancelled, failed, stale = 0, 0, 0, 0
+local failedOf, failedOrder = {}, {}   -- workflow -> runs this call FAILED
 for i = 4, #ARGV, 2 do
   local rid, attempt = ARGV[i], tonumber(ARGV[i + 1])
   local rec = loadRun(rid)
@@ -69,8 +70,10 @@ for i = 4, #ARGV, 2 do
       handed = handed + 1
     else
       release(rid, rec)
-      endRun(rid, rec, 'F', 'lease_expired')
+      endRun(rid, rec, 'F', 'handed_back')
       failed = failed + 1
+      if not failedOf[rec.w] then failedOf[rec.w] = 0; failedOrder[#failedOrder + 1] = rec.w end
+      failedOf[rec.w] = failedOf[rec.w] + 1
     end
   elseif rec.st == 'X' then
     setLease(rid, false)
@@ -85,4 +88,9 @@ end
 refillTouched()
 flushRuns()
 flushNewest()
-return { 0, handed, cancelled, failed, stale }
+local out = { 0, handed, cancelled, failed, stale }
+for _, w in ipairs(failedOrder) do
+  out[#out + 1] = w
+  out[#out + 1] = failedOf[w]
+end
+return out

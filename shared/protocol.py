@@ -161,6 +161,7 @@ class Reason(enum.StrEnum):
     MANUAL = "manual"
     EXECUTOR = "executor"  # the executor reported the attempt cancelled
     LEASE_EXPIRED = "lease_expired"
+    HANDED_BACK = "handed_back"  # drains stopped it past its free hand-backs and its attempts
 
 
 # -- states and codes -----------------------------------------------------------------------------

@@ -181,6 +181,12 @@ class HandBackResult:
     cancelled: int  # CANCELLING runs ended CANCELLED
     failed: int  # past the free hand-backs, no attempt left
     stale: int  # not this executor's attempt any more, or of one attempt: left to the lease
+    failed_by: tuple[tuple[str, int], ...] = ()  # (workflow, runs failed) of `failed`
+
+
+def _pairs(flat: Sequence[Any]) -> tuple[tuple[str, int], ...]:
+    """(name, count) pairs from a script's flat reply."""
+    return tuple((_s(flat[i]), int(flat[i + 1])) for i in range(0, len(flat) - 1, 2))
 
 
 def _s(value: Any) -> str:
@@ -443,7 +449,8 @@ class Scripts:
             args += (rid, attempt)
         keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset]
         r = await self._call("hand_back", keys, args)
-        return HandBackResult(*(int(x) for x in r[1:5]))
+        handed, cancelled, failed, stale = (int(x) for x in r[1:5])
+        return HandBackResult(handed, cancelled, failed, stale, _pairs(r[5:]))
 
     async def finish(
         self,
@@ -527,8 +534,7 @@ class Scripts:
         keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset, sk.legacy_terminal_zset,
                 sk.outputs_hash, sk.fences_hash, sk.debounce_hash]  # fmt: skip
         r = await self._call("reap", keys, args)
-        pairs = r[9:]
-        failed_by = tuple((_s(pairs[i]), int(pairs[i + 1])) for i in range(0, len(pairs) - 1, 2))
+        failed_by = _pairs(r[9:])
         retried, failed, cancelled, expired, assigned, reassigned, forgotten, leases = (
             int(x) for x in r[1:9]
         )

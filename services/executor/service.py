@@ -52,7 +52,7 @@ BLOCKED_LOOP_WARN = 1.0  # a lag from which the loop is logged as blocked (secon
 REGISTER_RETRY_AFTER = 60.0  # seconds before a refused re-registration is tried again
 CLOCK_READ_EVERY = 60.0  # seconds between two reads of the server's clock (the served mark's)
 REGISTRY_CHECK_EVERY = 1.0  # seconds between two looks for this process's workflows in the registry
-HAND_BACK_WITHIN = 1.0  # seconds past the drain deadline the last hand-back may take
+HAND_BACK_WITHIN = 1.0  # seconds the last hand-back call may take once the drain ended
 
 
 class Executor(Service):
@@ -202,9 +202,15 @@ class Executor(Service):
         finally:
             done.set()
             self.runner.left_added.set()
-            within = max(0.0, deadline + HAND_BACK_WITHIN - loop.time())
-            _, late = await asyncio.wait({handing_back}, timeout=within)
+            # (after the drain's own end: its stopped steps have up to DRAIN_STOP_WITHIN past
+            # the deadline to be left)
+            _, late = await asyncio.wait({handing_back}, timeout=HAND_BACK_WITHIN)
             await aio.cancel_until_done(late, 1.0)  # (its call logs the runs it had)
+            if self.runner.left:
+                self.log.warning(
+                    "runs not handed back in time: they are retried once their leases lapse",
+                    extra={"run_ids": [rid for _, rid, _ in self.runner.left][:100]},
+                )
 
     async def _drain_runs(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
@@ -275,6 +281,8 @@ class Executor(Service):
                     raise
                 return
             metrics.HANDED_BACK.inc(r.handed)
+            for workflow, n in r.failed_by:  # (counted where SupersedeRunsFailing looks)
+                metrics.RUNS_FINISHED.labels(workflow, "failed").inc(n)
             self.log.info(
                 "runs handed back: retried elsewhere now, no attempt used",
                 extra={"run_ids": [rid for rid, _ in runs][:100], "handed_back": r.handed,

@@ -135,9 +135,13 @@ class Running:
     in_async_step: bool = False
     # The drain deadline stopped it (Runner.finish_running): not the run's own cancel.
     drained: bool = False
-    # A sync step of it still ran when its task ended: it may not be handed back (it would
-    # run twice at once); its lease lapses instead.
-    step_runs_on: bool = False
+    # The thread of its last sync step: while that runs, the run is never handed back (it
+    # would execute twice at once); its lease lapses instead.
+    thread: asyncio.Future[Any] | None = None
+
+    @property
+    def step_runs_on(self) -> bool:
+        return self.thread is not None and not self.thread.done()
 
 
 def _stopped(run: Running) -> bool:
@@ -333,6 +337,9 @@ class Runner:
             if run.cancel_decided_ms is None:
                 if run.span is not None:
                     tracing.end_run(run.span, "HANDED_BACK", "")
+                if self.stopping.is_set() and self.active.get(run.run_id) is run:
+                    del self.active[run.run_id]  # (renewed no more; a heartbeat that names
+                    # it must not report the old attempt CANCELLED after the grace period)
                 self._leave(run)
                 raise  # shutdown: the run is handed back (or left to its lease)
             # The cancel (repeated, maybe: see Runner.until_out_of_step) is handled: none
@@ -343,6 +350,8 @@ class Runner:
             outcome, error = Outcome.CANCELLED, ""
             if run.stops_later is None:
                 self.stage(run, "stopped")
+                await self._on_cancel(run)
+            elif run.stops_later.done():  # (strict mode waited for it: "stopped" was seen)
                 await self._on_cancel(run)
             else:  # (the hook cleans up after the step: not beside it, while it still runs)
                 run.stops_later.add_done_callback(lambda _: self._hook_later(run))
@@ -487,6 +496,7 @@ class Runner:
         if not step.is_async:
             loop = asyncio.get_running_loop()
             thread = loop.run_in_executor(self.pool, functools.partial(step.fn, ctx))
+            run.thread = thread
             try:
                 return await self._sync(thread, run, strict, step.timeout)
             except StepRunsOn as exc:
@@ -599,23 +609,35 @@ class Runner:
         try:
             return await asyncio.wait_for(asyncio.shield(thread), timeout)
         except TimeoutError:
-            await self._stop_timed_out(thread, run, strict)
-            raise
+            pass
         except asyncio.CancelledError:
-            if not run.ctx.cancelled:
-                if run.drained:  # the drain deadline: the step is asked to stop
-                    await self._stop_for_drain(thread, run)
-                raise  # a step timeout or a shutdown
-            with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(asyncio.shield(thread), self.config.grace)
-            if not thread.done():
-                self._stray(thread)
-                run.stops_later = thread
-                thread.add_done_callback(lambda _: self.stage(run, "stopped"))
-                if strict:
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(thread)
+            await self._cancelled_sync(thread, run, strict)
             raise
+        try:  # (past its timeout)
+            await self._stop_timed_out(thread, run, strict)
+        except asyncio.CancelledError:  # (a cancel of the run, or the drain, meanwhile)
+            await self._cancelled_sync(thread, run, strict)
+            raise
+        raise TimeoutError
+
+    async def _cancelled_sync(
+        self, thread: asyncio.Future[Any], run: Running, strict: bool
+    ) -> None:
+        """The run's task was cancelled while its sync step ran: by the run's cancel (the step
+        has the grace period to return), the drain deadline, or a shutdown."""
+        if run.cancel_decided_ms is None:
+            if run.drained:  # the drain deadline: the step is asked to stop
+                await self._stop_for_drain(thread, run)
+            return  # a shutdown
+        with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(thread), self.config.grace)
+        if not thread.done():
+            self._stray(thread)
+            run.stops_later = thread
+            thread.add_done_callback(lambda _: self.stage(run, "stopped"))
+            if strict:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(thread)
 
     async def _stop_timed_out(
         self, thread: asyncio.Future[Any], run: Running, strict: bool
@@ -627,14 +649,13 @@ class Runner:
         told to stop)."""
         flag = run.ctx._flag
         flag.set()
-        with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
+        with contextlib.suppress(Exception, TimeoutError):  # (a cancel goes to the caller)
             await asyncio.wait_for(asyncio.shield(thread), self.config.grace)
+        if not thread.done() and strict:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(thread)
         if not thread.done():
             self._stray(thread)
-            if strict:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(thread)
-        if not thread.done():
             raise StepRunsOn(
                 f"timed out, and did not return within the {self.config.grace:g}s grace period "
                 "once `ctx.cancelled` was set: not retried while it runs (poll ctx.cancelled, "
@@ -651,9 +672,7 @@ class Runner:
         run.ctx._cancel()
         with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(asyncio.shield(thread), DRAIN_STOP_WITHIN)
-        if not thread.done():
-            self._stray(thread)
-            run.step_runs_on = True
+        self._stray(thread)  # (counted only while it runs)
 
     @staticmethod
     def _stray(thread: asyncio.Future[Any]) -> None:
@@ -800,12 +819,13 @@ class Runner:
         # still going on is cancelled again every 10 ms, for a second at most, rather than run
         # on past its leases (and beside its retry) until the loop's own last cancel, which it
         # may swallow too (the process then waited for the step's end to exit).
-        await asyncio.gather(*(
-            self.until_out_of_step(runs[task], RECANCEL_EVERY, within=DRAIN_STOP_WITHIN)
-            for task in late if runs[task].in_async_step
-        ))  # fmt: skip
-        if late:  # (a sync step's own wait is DRAIN_STOP_WITHIN: see _stop_for_drain)
-            await asyncio.wait(late, timeout=DRAIN_STOP_WITHIN + 0.1)
+        # A sync step's own wait is DRAIN_STOP_WITHIN (see _stop_for_drain): both at once.
+        await asyncio.gather(
+            *(self.until_out_of_step(runs[task], RECANCEL_EVERY, within=DRAIN_STOP_WITHIN)
+              for task in late if runs[task].in_async_step),
+            asyncio.wait(late, timeout=DRAIN_STOP_WITHIN + 0.1) if late else asyncio.sleep(0),
+        )  # fmt: skip
+        if late:
             stopped = sorted(tasks[t] for t in late)
             kept = sorted(tasks[t] for t in late if not t.done() or runs[t].step_runs_on)
             log.warning(

@@ -453,6 +453,9 @@ class Ingress(Service):
         own.advance(reply, reread)
         if reply:
             await self.refresh(int(epoch or 0))
+            if not self.routes:  # (the registry emptied: none is acknowledged with no workflow
+                own.restart()  # to run it; read again, from this process's pending entries)
+                return []
         batches = []
         for _, entries in reply or []:
             live, gone = split_deleted(entries)
@@ -478,6 +481,8 @@ class Ingress(Service):
         """Route and write one batch of inbox entries (taken over: the registry is looked at
         first, as `_read` does)."""
         await self.refresh()
+        if not self.routes:  # (left pending: read again once a workflow is registered)
+            return
         await self.write(self.route(entries))
 
     def route(self, entries: Sequence[Entry]) -> Batch:

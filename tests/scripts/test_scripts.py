@@ -756,9 +756,9 @@ async def test_hand_backs_past_the_free_ones_use_attempts_and_one_attempt_is_nev
         assert (r.handed, r.failed) == (1, 0), attempt
     await claim(scripts, shard, req, attempt=12, now=20)
     r = await scripts.hand_back(shard, "ex", [(req.run_id, 12)], now=21)
-    assert (r.handed, r.failed) == (0, 1)
+    assert (r.handed, r.failed, r.failed_by) == (0, 1, (("wf", 1),))
     rec = (await records(redis, keys))[req.run_id]
-    assert (rec["st"], rec["why"], rec["hb"]) == ("F", "lease_expired", 12)
+    assert (rec["st"], rec["why"], rec["hb"]) == ("F", "handed_back", 12)
 
     one = make_request(keys, event="once", seq=8, max_attempts=1, unlimited=True)
     await admit(scripts, one)

@@ -102,6 +102,18 @@ async def test_an_event_of_a_workflow_registered_since_the_last_refresh_is_route
         await redis.xadd(keys.events_stream, {"name": "nobody.listens", "data": "{}"})
         await settle(redis, keys)
         assert service.epoch == int(await redis.get(keys.registry_epoch) or 0)
+        # The registry emptied (a server that lost its data): an event read after it is left
+        # pending, not acknowledged as unrouted with no workflow to run it.
+        await redis.delete(keys.workflows_hash)
+        await redis.incr(keys.registry_epoch)
+        await redis.xadd(keys.events_stream, {"name": "chat.message", "data": "{}"})
+
+        async def held() -> bool:
+            info = await redis.xpending(keys.events_stream, INGRESS_GROUP)
+            return int(info["pending"]) == 1 and not service.routes
+
+        await eventually(held, timeout=10)
+        assert await redis.xlen(keys.dead_stream) == 0
 
 
 async def test_the_contract_json_and_msgpack_with_and_without_id_and_metadata(

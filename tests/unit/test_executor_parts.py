@@ -519,6 +519,78 @@ async def test_the_on_cancel_hook_of_a_sync_step_past_its_grace_waits_for_the_st
         runner.close()
 
 
+@pytest.mark.parametrize("then", ["drain", "cancel", "strict cancel"])
+async def test_a_sync_step_stopped_during_its_timeout_s_grace_is_never_run_twice_at_once(
+    then: str,
+) -> None:
+    """A sync step timed out and ignores `ctx.cancelled`; during the grace its timeout gives
+    it, the drain deadline passes, or the run is cancelled (a review: the grace wait swallowed
+    that cancel). Drained: its run is not handed back while the step runs (it would execute
+    twice at once). Cancelled: it goes the way of any cancel of a sync step: the on_cancel
+    hook runs after the step returned, and in strict mode before the run is reported (the
+    next run of its key starts only after the cleanup)."""
+    import asyncio
+    import threading
+
+    from supersede.keys import Keys
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.cancel import Cancels
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Concurrency, Workflow
+
+    events: list[str] = []
+
+    class Outbox(_Outbox):
+        def put(self, shard: int, result: Any) -> Any:
+            events.append(f"reported {result.outcome.value}")
+            return super().put(shard, result)
+
+    outbox = Outbox()
+    release = threading.Event()
+    limit = Concurrency(expression="input.k", strict=then == "strict cancel")
+    wf = Workflow("wf", on_events=["e"], concurrency=limit)
+
+    @wf.step(timeout=0.1, retries=1)
+    def stubborn(ctx: Any) -> None:
+        release.wait(10)  # (never looks at ctx.cancelled)
+        events.append("step returned")
+
+    @wf.on_cancel
+    def hook(ctx: Any) -> None:
+        events.append("hook")
+
+    config = ExecutorConfig(grace=1.0)
+    runner = Runner([wf], config, outbox)
+    cancels = Cancels(None, Keys("t", 1), runner, config, cluster=False)
+    try:
+        claim = Claim(
+            "0-a", True, 1, "wf", "v", pack_input({"k": "a"}, {}, "e", "1"), "k", "s", "R"
+        )
+        run = runner.start(0, claim)
+        assert run is not None and run.task is not None
+        await asyncio.sleep(0.3)  # (timed out at 0.1 s: within its grace now)
+        if then == "drain":
+            runner.stopping.set()
+            await runner.finish_running(0.0)
+            assert run.task.done() and runner.left == []  # left to its lease
+            release.set()
+        else:
+            cancels.cancel_local("0-a", 1, time.time() * 1000)
+            await asyncio.sleep(1.2)  # (past the cancel's grace period)
+            release.set()
+            deadline = time.monotonic() + 5
+            while "hook" not in events and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert events.index("step returned") < events.index("hook"), events
+            assert "reported C" in events, events
+            if then == "strict cancel":
+                assert events.index("hook") < events.index("reported C"), events
+    finally:
+        release.set()
+        runner.close()
+
+
 def test_a_step_s_retries_wait_twice_as_long_each_time_up_to_a_cap() -> None:
     """retries=20 waited 0.1 * 2**19 s (14.5 h) before its last try, its run RUNNING and its
     slot held all along."""
