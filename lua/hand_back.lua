@@ -55,7 +55,6 @@ for i = 4, #ARGV, 2 do rids[#rids + 1] = ARGV[i] end
 prefetchRuns(rids)
 
 local handed, cancelled, failed, stale = 0, 0, 0, 0
-local failedOf, failedOrder = {}, {}   -- workflow -> runs this call FAILED
 for i = 4, #ARGV, 2 do
   local rid, attempt = ARGV[i], tonumber(ARGV[i + 1])
   local rec = loadRun(rid)
@@ -69,16 +68,11 @@ for i = 4, #ARGV, 2 do
       assignRun(rid, rec)
       handed = handed + 1
     else
-      release(rid, rec)
-      endRun(rid, rec, 'F', 'handed_back')
+      endFailed(rid, rec, 'handed_back')
       failed = failed + 1
-      if not failedOf[rec.w] then failedOf[rec.w] = 0; failedOrder[#failedOrder + 1] = rec.w end
-      failedOf[rec.w] = failedOf[rec.w] + 1
     end
   elseif rec.st == 'X' then
-    setLease(rid, false)
-    if rec.h == 1 then addSlots(rec.g, -1); touch(rec) end
-    endRun(rid, rec, 'C')
+    endCancelling(rid, rec)
     cancelled = cancelled + 1
   else
     stale = stale + 1   -- (one attempt only: left to its lease)
@@ -88,9 +82,4 @@ end
 refillTouched()
 flushRuns()
 flushNewest()
-local out = { 0, handed, cancelled, failed, stale }
-for _, w in ipairs(failedOrder) do
-  out[#out + 1] = w
-  out[#out + 1] = failedOf[w]
-end
-return out
+return withFailed({ 0, handed, cancelled, failed, stale })

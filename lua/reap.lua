@@ -111,7 +111,6 @@ local function waitsUnread(rid, rec)
 end
 
 local retried, failed, cancelled, reassigned = 0, 0, 0, 0
-local failedOf, failedOrder = {}, {}   -- workflow -> runs this call FAILED (lease_expired)
 local expired = rcall('ZRANGEBYSCORE', leasesKey, '-inf', now, 'LIMIT', 0, limit)
 for i = 1, #expired do
   local rid = expired[i]
@@ -123,11 +122,8 @@ for i = 1, #expired do
       assignRun(rid, rec)
       retried = retried + 1
     else
-      release(rid, rec)
-      endRun(rid, rec, 'F', 'lease_expired')
+      endFailed(rid, rec, 'lease_expired')
       failed = failed + 1
-      if not failedOf[rec.w] then failedOf[rec.w] = 0; failedOrder[#failedOrder + 1] = rec.w end
-      failedOf[rec.w] = failedOf[rec.w] + 1
     end
   elseif rec and rec.st == 'A' then
     local ra = rec.ra or 0
@@ -148,8 +144,7 @@ for i = 1, #expired do
     end
     setLease(rid, due)
   elseif rec and rec.st == 'X' then
-    if rec.h == 1 then addSlots(rec.g, -1); touch(rec) end
-    endRun(rid, rec, 'C')
+    endCancelling(rid, rec)
     cancelled = cancelled + 1
   end
 end
@@ -252,9 +247,5 @@ if #forget > 0 then
   rcall('ZREM', newestAtKey, unpack(forget))
 end
 callChunked('ZADD', newestAtKey, live, 1000)
-local out = { 0, retried, failed, cancelled, #old, stats.assigned, reassigned, #forget, #expired }
-for _, w in ipairs(failedOrder) do
-  out[#out + 1] = w
-  out[#out + 1] = failedOf[w]
-end
-return out
+return withFailed({ 0, retried, failed, cancelled, #old, stats.assigned, reassigned, #forget,
+                    #expired })

@@ -208,6 +208,33 @@ local function release(rid, rec)
   end
 end
 
+-- Runs failed by the lapse of their last attempt (reap.lua) or of their hand-backs
+-- (hand_back.lua), counted by workflow for the caller's metrics (SupersedeRunsFailing).
+local failedOf, failedOrder = {}, {}
+local function endFailed(rid, rec, why)
+  release(rid, rec)
+  endRun(rid, rec, 'F', why)
+  if not failedOf[rec.w] then failedOf[rec.w] = 0; failedOrder[#failedOrder + 1] = rec.w end
+  failedOf[rec.w] = failedOf[rec.w] + 1
+end
+
+-- A CANCELLING run whose handler is gone (its lease lapsed, or its executor handed it back)
+-- ends CANCELLED, and the slot it held (strict mode) is freed.
+local function endCancelling(rid, rec)
+  setLease(rid, false)
+  if rec.h == 1 then addSlots(rec.g, -1); touch(rec) end
+  endRun(rid, rec, 'C')
+end
+
+-- The reply `out`, then pairs: workflow id, runs of it failed (see endFailed).
+local function withFailed(out)
+  for _, w in ipairs(failedOrder) do
+    out[#out + 1] = w
+    out[#out + 1] = failedOf[w]
+  end
+  return out
+end
+
 -- A run leaves the active zset: ASSIGNED ends at once, RUNNING is told to stop.
 local function cancelActive(m, why, by)
   local rid = ridOf(m)
