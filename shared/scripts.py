@@ -183,6 +183,29 @@ class HandBackResult:
     stale: int  # not this executor's attempt any more, or of one attempt: left to the lease
     failed_by: tuple[tuple[str, int], ...] = ()  # (workflow, runs failed) of `failed`
 
+    @classmethod
+    def of(cls, reply: Sequence[Any]) -> HandBackResult:
+        handed, cancelled, failed, stale = (int(x) for x in reply[1:5])
+        return cls(handed, cancelled, failed, stale, _pairs(reply[5:]))
+
+
+def hand_back_call(
+    keys: Keys,
+    shard: int,
+    executor: str,
+    runs: Sequence[tuple[str, int]],
+    *,
+    assign_deadline_ms: int = 0,
+    now: int = 0,
+) -> tuple[list[str], list[Any]]:
+    """The KEYS and ARGV of lua/hand_back.lua for (run id, attempt) pairs of one shard (also
+    called by the executor's lease keeper, on its own sync client)."""
+    sk = keys.shard(shard)
+    args: list[Any] = [now, assign_deadline_ms, executor]
+    for rid, attempt in runs:
+        args += (rid, attempt)
+    return [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset], args
+
 
 def _pairs(flat: Sequence[Any]) -> tuple[tuple[str, int], ...]:
     """(name, count) pairs from a script's flat reply."""
@@ -443,14 +466,9 @@ class Scripts:
     ) -> HandBackResult:
         """Hand back (run id, attempt) pairs a draining executor stopped: retried at once,
         without using an attempt (lua/hand_back.lua)."""
-        sk = self.keys.shard(shard)
-        args: list[Any] = [now, assign_deadline_ms, executor]
-        for rid, attempt in runs:
-            args += (rid, attempt)
-        keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset]
-        r = await self._call("hand_back", keys, args)
-        handed, cancelled, failed, stale = (int(x) for x in r[1:5])
-        return HandBackResult(handed, cancelled, failed, stale, _pairs(r[5:]))
+        keys, args = hand_back_call(self.keys, shard, executor, runs,
+                                    assign_deadline_ms=assign_deadline_ms, now=now)  # fmt: skip
+        return HandBackResult.of(await self._call("hand_back", keys, args))
 
     async def finish(
         self,

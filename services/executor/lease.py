@@ -16,13 +16,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from supersede.config import connect_sync
 from supersede.errors import describe
 from supersede.keys import Keys
 from supersede.metrics import report
-from supersede.scripts import load_source
+from supersede.scripts import HandBackResult, hand_back_call, load_source
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.steps import Runner
@@ -55,17 +56,22 @@ class LeaseKeeper:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client = connect_sync(url)  # its own pool: used from this thread and a drain's
         self._script = self._client.register_script(load_source("heartbeat")[0])
+        self._hand_back = self._client.register_script(load_source("hand_back")[0])
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
         self._thread.start()
 
-    async def stop(self) -> None:
-        """Stop renewing (after a drain); waits for the thread without blocking the loop."""
+    async def stop(self, also: Awaitable[None] | None = None) -> None:
+        """Stop renewing (after a drain); waits for the thread, and for `also` meanwhile (the
+        drain's last hand-backs, made on this client), without blocking the loop; then closes
+        the client."""
         self._halt.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 2)  # (a beat hung on a silent server)
+        waits: list[Awaitable[Any]] = [] if also is None else [also]
+        if self._thread is not None:  # (a beat hung on a silent server: 2 s at most)
+            waits.append(asyncio.to_thread(self._thread.join, 2))
+        await asyncio.gather(*waits)
         self._client.close()
 
     def _run(self) -> None:
@@ -92,6 +98,19 @@ class LeaseKeeper:
                 late = {"late_s": round(now - last_ok, 3), "pid": os.getpid()}
                 log.warning("heartbeat late: leases may have lapsed", extra=late)
             last_ok = now
+
+    def hand_back(
+        self, shard: int, runs: list[tuple[str, int]], assign_deadline_ms: int
+    ) -> HandBackResult:
+        """Hand back runs a drain stopped (lua/hand_back.lua), on this keeper's own client
+        (blocking: the executor calls it from a daemon thread, which a silent server may hold
+        past the drain without holding the process)."""
+        keys, args = hand_back_call(self.keys, shard, self.consumer, runs,
+                                    assign_deadline_ms=assign_deadline_ms)  # fmt: skip
+        reply = self._hand_back(keys=keys, args=args)
+        if not isinstance(reply, list) or int(reply[0]) != 0:
+            raise RuntimeError(f"hand-back refused: {reply!r}"[:200])
+        return HandBackResult.of(reply)
 
     def _snapshot(self) -> list[tuple[int, str, int, int]]:
         """The runs to renew, read from the loop's structures (retried if they changed under

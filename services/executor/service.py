@@ -31,6 +31,7 @@ from supersede.config import Settings
 from supersede.errors import ConfigError, WorkflowRejected, describe
 from supersede.protocol import EXECUTOR_GROUP
 from supersede.registry import register_all
+from supersede.scripts import HandBackResult
 from supersede.service import Periodic, Service, Throttle
 from supersede.service import serve as serve_service
 from supersede.services.executor import metrics
@@ -52,7 +53,8 @@ BLOCKED_LOOP_WARN = 1.0  # a lag from which the loop is logged as blocked (secon
 REGISTER_RETRY_AFTER = 60.0  # seconds before a refused re-registration is tried again
 CLOCK_READ_EVERY = 60.0  # seconds between two reads of the server's clock (the served mark's)
 REGISTRY_CHECK_EVERY = 1.0  # seconds between two looks for this process's workflows in the registry
-HAND_BACK_WITHIN = 1.0  # seconds the last hand-back call may take once the drain ended
+HAND_BACK_WITHIN = 0.5  # seconds the last hand-back calls may take once the drain ended
+HAND_BACK_CALL_TIMEOUT = 5.0  # seconds one hand-back call may take (during the drain)
 
 
 class Executor(Service):
@@ -88,6 +90,7 @@ class Executor(Service):
                                cluster=cluster)  # fmt: skip
         self.leases = LeaseKeeper(settings.redis_url, self.keys, self.consumer, self.config,
                                   self.runner, self.cancels.let_go)  # fmt: skip
+        self._handing_back: asyncio.Task[None] | None = None  # (while it drains)
 
     async def _fence(self, shard: int, group: str) -> bytes | None:
         """The sequence of the newest run `group` admitted (for `ctx.still_current()`)."""
@@ -181,7 +184,7 @@ class Executor(Service):
             await self.drain(deadline)
         finally:
             drained.set()
-            await self.leases.stop()
+            await self.leases.stop(also=self._handed_back())
             await _cancelled({*loops, writer})
             self.runner.close()
 
@@ -196,21 +199,27 @@ class Executor(Service):
         self.runner.drain_deadline = min(self.runner.drain_deadline, deadline)
         self.runner.stopping.set()
         done = asyncio.Event()
-        handing_back = asyncio.create_task(self._hand_back_loop(done))
+        self._handing_back = asyncio.create_task(self._hand_back_loop(done))
         try:
             await self._drain_runs(deadline)
         finally:
             done.set()
             self.runner.left_added.set()
-            # (after the drain's own end: its stopped steps have up to DRAIN_STOP_WITHIN past
-            # the deadline to be left)
-            _, late = await asyncio.wait({handing_back}, timeout=HAND_BACK_WITHIN)
-            await aio.cancel_until_done(late, 1.0)  # (its call logs the runs it had)
-            if self.runner.left:
-                self.log.warning(
-                    "runs not handed back in time: they are retried once their leases lapse",
-                    extra={"run_ids": [rid for _, rid, _ in self.runner.left][:100]},
-                )
+
+    async def _handed_back(self) -> None:
+        """The drain's last hand-backs, given HAND_BACK_WITHIN once the drain ended (its
+        stopped steps had up to DRAIN_STOP_WITHIN past the deadline to be left); those not
+        made by then are retried once their leases lapse."""
+        task = self._handing_back
+        if task is None:
+            return
+        _, late = await asyncio.wait({task}, timeout=HAND_BACK_WITHIN)
+        await aio.cancel_until_done(late, 1.0)  # (it awaits threads only: its calls log)
+        if self.runner.left:
+            self.log.warning(
+                "runs not handed back in time: they are retried once their leases lapse",
+                extra={"run_ids": [rid for _, rid, _ in self.runner.left][:100]},
+            )
 
     async def _drain_runs(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
@@ -267,9 +276,14 @@ class Executor(Service):
         deadline_ms = sink.assign_deadline_ms if isinstance(sink, FinishHere) else 0
 
         async def one(shard: int, runs: list[tuple[str, int]]) -> None:
-            try:
-                r = await self.scripts.hand_back(shard, self.consumer, runs,
-                                                 assign_deadline_ms=deadline_ms)  # fmt: skip
+            got: list[HandBackResult] = []
+            try:  # (the lease keeper's client, in a daemon thread: a call hung on a silent
+                # server neither swallows the cancel nor holds the process)
+                await _in_daemon_thread(
+                    lambda: got.append(self.leases.hand_back(shard, runs, deadline_ms)),
+                    HAND_BACK_CALL_TIMEOUT,
+                )
+                r = got[0]
             except (Exception, asyncio.CancelledError) as exc:
                 self.log.warning(
                     "runs not handed back: they are retried once their leases lapse",

@@ -829,9 +829,9 @@ class Runner:
             stopped = sorted(tasks[t] for t in late)
             kept = sorted(tasks[t] for t in late if not t.done() or runs[t].step_runs_on)
             log.warning(
-                "drain deadline passed; runs stopped: handed back to be retried elsewhere at "
-                "once, but those in left_to_lease (their sync steps ran on) once their leases "
-                "lapse",
+                "drain deadline passed; runs stopped and handed back, to be retried elsewhere "
+                "at once" + (", but those in left_to_lease (their sync steps ran on) once their "
+                             "leases lapse" if kept else ""),
                 extra={"runs": len(stopped), "run_ids": stopped[:100],
                        "left_to_lease": kept[:100]},
             )  # fmt: skip
