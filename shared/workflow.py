@@ -311,7 +311,12 @@ class Workflow:
             raise DefinitionError("steps", "a workflow needs at least one step")
         for i, step in enumerate(self.steps):
             self._check_isolation(i, step)
-        return parse(body)
+        try:
+            return parse(body)
+        except DefinitionError as exc:  # (the stored body's `events` is the argument on_events)
+            if exc.field == "events" or exc.field.startswith("events["):
+                raise DefinitionError("on_events" + exc.field[6:], exc.message) from None
+            raise
 
     def isolation_of(self, step: Step) -> str:
         """How `step` runs: its own isolation, else the workflow's, else by its kind."""

@@ -330,3 +330,24 @@ def test_names_inputs_and_constants_that_can_run_are_still_accepted() -> None:
     limited = {"expression": "input.u", "max_runs": "has(input.pro) ? 3 : 1"}
     parse(definition(concurrency=limited))
     parse(definition(concurrency={"expression": "input.u", "max_runs": "2"}))
+
+
+@pytest.mark.parametrize(
+    ("on_events", "field"), [("chat.message", "on_events"), (["ok", 3], "on_events[1]")]
+)
+def test_a_bad_on_events_names_the_argument_not_the_stored_field(
+    on_events: Any, field: str
+) -> None:
+    """`Workflow(..., on_events="x")` said `events: must be a non-empty list`: the stored
+    definition's name, not the argument the author wrote (an API-user probe)."""
+    from supersede.workflow import Workflow
+
+    wf = Workflow("w", on_events=on_events)
+
+    @wf.step()
+    def s(ctx: Any) -> int:
+        return 1
+
+    with pytest.raises(DefinitionError) as info:
+        wf.definition()
+    assert info.value.field == field
