@@ -22,8 +22,9 @@
 
   Output:
     {0, item, ...}, one item per quintuple, in order:
-      {1, run id, attempt, workflow, version, input, key, sequence, tp}   claimed
-        (tp: the run's trace context, '' when it has none)
+      {1, run id, attempt, workflow, version, input, key, sequence, tp, hq}   claimed
+        (tp: the run's trace context, '' when it has none; hq: 1 on the first start since
+        a draining executor handed the run back, else 0)
       {0, run id, state}   refused: state is the run's state letter, or '' when it is gone
     {-4, i}  quintuple i is malformed (attempt, stream or shard number); nothing written
 

@@ -63,6 +63,7 @@ for i = 4, #ARGV, 2 do
   elseif rec.st == 'R' and (rec.m or 1) > 1 then
     setLease(rid, false)
     rec.hb = (rec.hb or 0) + 1
+    rec.hq = 1   -- (its next claim tells the executor: it counts the restart)
     rec.a = rec.a + 1
     if attemptsUsed(rec) <= rec.m then
       assignRun(rid, rec)

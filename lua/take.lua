@@ -28,7 +28,8 @@
   Output:
     {0, claims, reads, malformed, reached, unrung}
       claims: one item per well-formed entry read, in the order read:
-        {1, run id, attempt, workflow, version, input, key, sequence, tp, b, entry id}  claimed
+        {1, run id, attempt, workflow, version, input, key, sequence, tp, hq, b, entry id}
+          claimed (hq as in claim.lua)
         {0, run id, state}   refused (cancelled, re-assigned or gone: state '' when gone)
       reads: {n, entries read, last entry id, entries asked} for each stream that gave
         entries (read = asked: the stream likely has more)

@@ -433,6 +433,7 @@ RECORD_FIELDS = {
     "a": "attempt",
     "m": "max attempts",
     "hb": "hand-backs by draining executors (the first 10 use none of the max attempts)",
+    "hq": "1 from a hand-back until the run's next claim (which tells the executor)",
     "e": "executor that claimed the attempt",
     "in": "the run's input while it is live, when at most 1 KiB (else in the inputs hash)",
     "h": "1 while a CANCELLING run still holds its slot (strict mode)",

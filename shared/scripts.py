@@ -122,6 +122,7 @@ class Claim:
     seq: str = ""
     state: str = ""
     traceparent: str = ""  # the run's trace context ('' when it is not traced)
+    handed_back: bool = False  # its first start since a draining executor handed it back
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,18 +218,18 @@ def _s(value: Any) -> str:
 
 
 def _claimed(item: Sequence[Any], state: str = "R") -> Claim:
-    """A claimed run from {run id, attempt, workflow, version, input, key, sequence, tp}."""
-    rid, attempt, workflow, version, body, key, seq, tp = item
+    """A claimed run from {run id, attempt, workflow, version, input, key, sequence, tp[, hq]}."""
+    rid, attempt, workflow, version, body, key, seq, tp, *more = item
     return Claim(run_id=_s(rid), claimed=True, attempt=int(attempt), workflow=_s(workflow),
                  version=_s(version), input=body, key=_s(key), seq=_s(seq), state=state,
-                 traceparent=_s(tp))  # fmt: skip
+                 traceparent=_s(tp), handed_back=bool(more and int(more[0])))  # fmt: skip
 
 
 def _parse_claims(reply: list[Any]) -> list[Claim]:
     out = []
     for item in reply[1:]:
         if int(item[0]) == 1:
-            out.append(_claimed(item[1:9]))
+            out.append(_claimed(item[1:10]))
         else:
             out.append(Claim(run_id=_s(item[1]), claimed=False, state=_s(item[2])))
     return out
@@ -400,7 +401,7 @@ class Scripts:
         refused = 0
         for item in claims:
             if int(item[0]) == 1:
-                claimed.append((shard_of[int(item[9]) - 1], item[10], _claimed(item[1:9])))
+                claimed.append((shard_of[int(item[10]) - 1], item[11], _claimed(item[1:10])))
             else:
                 refused += 1
         return Taken(

@@ -31,7 +31,7 @@ local function claimEntries(q, first, streamBase, groupName, executor, leaseMs, 
       local got = rcall('HMGET', KEYS[o + 1], unpack(rids, j, math.min(j + 999, #rids)))
       for k = 1, #got do raws[j + k - 1] = got[k] end
     end
-    local writes, leases, claimed, recs, claimedOf = {}, {}, {}, {}, {}
+    local writes, leases, claimed, recs, claimedOf, handedBack = {}, {}, {}, {}, {}, {}
     for j = 1, #list do
       local i, rid = list[j], rids[j]
       local rec = raws[j] and cmsgpack.unpack(raws[j])
@@ -43,6 +43,8 @@ local function claimEntries(q, first, streamBase, groupName, executor, leaseMs, 
         rec.pe = readUs > 0 and readUs - inboxUs or nil
         rec.pc = nowUs - inboxUs
         rec.ph, rec.t2, rec.er, rec.hs = nil, nil, nil, nil   -- (and an earlier version's)
+        handedBack[rid] = rec.hq   -- (the first start since a drain handed it back: told once)
+        rec.hq = nil
         writes[#writes + 1] = rid
         writes[#writes + 1] = cmsgpack.pack(rec)
         leases[#leases + 1] = now + leaseMs
@@ -79,7 +81,7 @@ local function claimEntries(q, first, streamBase, groupName, executor, leaseMs, 
       local rec = recs[rid]
       out[(list[claimed[j]] - first) / 5 + 2] = {
         1, rid, rec.a, rec.w, rec.v, rec['in'] or inputs[rid] or '', rec.k or rec.ev, rec.s,
-        rec.tp or '',
+        rec.tp or '', handedBack[rid] or 0,
       }
     end
     local countsKey = KEYS[o + 4]

@@ -54,8 +54,9 @@ CANCELS_REPEATED = Counter(
 )
 HANDED_BACK = Counter(
     "supersede_executor_runs_handed_back_total",
-    "Runs a drain stopped (its deadline passed, or a step's retry would have started after "
-    "it) and handed back: retried elsewhere at once, no attempt used.",
+    "Runs this executor started again after a draining executor stopped and handed them back "
+    "(retried at once, no attempt used): counted at the new start, since the draining executor "
+    "exits before a scrape could see its own count.",
 )
 HEARTBEATS_LATE = Counter(
     "supersede_executor_heartbeats_late_total",

@@ -294,12 +294,12 @@ class Executor(Service):
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 return
-            metrics.HANDED_BACK.inc(r.handed)
             for workflow, n in r.failed_by:  # (counted where SupersedeRunsFailing looks)
                 metrics.RUNS_FINISHED.labels(workflow, "failed").inc(n)
             self.log.info(
-                "runs handed back: retried elsewhere now, no attempt used",
-                extra={"run_ids": [rid for rid, _ in runs][:100], "handed_back": r.handed,
+                "runs handed back: retried elsewhere now, no attempt used; those unchanged (of "
+                "one attempt, or no longer this executor's) are left to their leases",
+                extra={"sent": [rid for rid, _ in runs][:100], "handed_back": r.handed,
                        "cancelled": r.cancelled, "failed": r.failed, "unchanged": r.stale},
             )  # fmt: skip
 

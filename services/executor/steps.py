@@ -264,6 +264,8 @@ class Runner:
             )  # fmt: skip
         self.active[claim.run_id] = run
         metrics.RUNS_STARTED.labels(wf.id).inc()
+        if claim.handed_back:
+            metrics.HANDED_BACK.inc()
         run.task = asyncio.create_task(self._execute(run))
         return run
 
@@ -829,9 +831,9 @@ class Runner:
             stopped = sorted(tasks[t] for t in late)
             kept = sorted(tasks[t] for t in late if not t.done() or runs[t].step_runs_on)
             log.warning(
-                "drain deadline passed; runs stopped and handed back, to be retried elsewhere "
-                "at once" + (", but those in left_to_lease (their sync steps ran on) once their "
-                             "leases lapse" if kept else ""),
+                "drain deadline passed; runs stopped, to be handed back and retried elsewhere "
+                "at once (a run of one attempt, and those in left_to_lease, whose sync steps "
+                "ran on, once their leases lapse)",
                 extra={"runs": len(stopped), "run_ids": stopped[:100],
                        "left_to_lease": kept[:100]},
             )  # fmt: skip

@@ -718,7 +718,8 @@ async def test_a_hand_back_retries_at_once_without_using_an_attempt(
     stream = keys.shard(shard).assignments_stream(req.workflow)
     await admit(scripts, (shard, req))
     for attempt in (1, 2, 3):
-        await claim(scripts, shard, req, attempt=attempt, now=10 * attempt)
+        c = await claim(scripts, shard, req, attempt=attempt, now=10 * attempt)
+        assert c.handed_back == (attempt > 1)  # (the new start says so, once: it is counted)
         for executor, which in (("other", attempt), ("ex", attempt + 1)):  # not its own
             r = await scripts.hand_back(shard, executor, [(req.run_id, which)])
             assert (r.handed, r.stale) == (0, 1)
@@ -731,9 +732,9 @@ async def test_a_hand_back_retries_at_once_without_using_an_attempt(
         [*_, (_, fields)] = await redis.xrange(stream)
         assert fields[b"a"] == str(attempt + 1).encode()
     # Its lease lapses twice now (an executor SIGKILLed): both attempts are still there.
-    await claim(scripts, shard, req, attempt=4, now=100)
+    assert (await claim(scripts, shard, req, attempt=4, now=100)).handed_back
     assert (await scripts.reap(shard, now=100 + LEASE)).retried == 1
-    await claim(scripts, shard, req, attempt=5, now=2_000)
+    assert not (await claim(scripts, shard, req, attempt=5, now=2_000)).handed_back
     assert (await scripts.reap(shard, now=2_000 + LEASE)).failed == 1
     rec = (await records(redis, keys))[req.run_id]
     assert (rec["st"], rec["why"], rec["a"]) == ("F", "lease_expired", 5)

@@ -23,7 +23,16 @@ from redis.asyncio import Redis
 from supersede import acl, codec
 from supersede.keys import Keys
 from supersede.registry import load_all, register
-from tests.support import APP, APP_WORKFLOWS, CLI, System, eventually, pending_count, records
+from tests.support import (
+    APP,
+    APP_WORKFLOWS,
+    CLI,
+    System,
+    eventually,
+    pending_count,
+    records,
+    scrape,
+)
 
 
 async def publish(redis: Redis, keys: Keys, name: str, **data: object) -> str:
@@ -227,13 +236,17 @@ async def test_a_rolling_deploy_hands_runs_back_at_once_and_uses_none_of_their_a
                         for r in recs.values())  # fmt: skip
 
     await eventually(lambda: running(1, 0, 3), timeout=30)
+    port = 0
     for drain in (1, 2, 3):
-        successor = system.start("executor", APP, *args)
+        successor, port = await system.serving("executor", APP, *args)
         executor.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(executor.wait, 30) == 0
         await eventually(lambda d=drain: running(d + 1, d), timeout=20)
         executor = successor
     assert await logged(redis, keys, "sync-cancelled:", 3)
+    # (the executor that starts a handed-back run counts it: the draining one exits first)
+    body = await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics")
+    assert "supersede_executor_runs_handed_back_total 2.0" in body, body[-2000:]
     recs = await records(redis, keys)
     [stubborn] = [r for r in recs.values() if r["w"] == "stubborn"]
     assert (stubborn["st"], stubborn["a"], stubborn.get("hb")) == ("R", 1, None)
