@@ -777,6 +777,9 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("data", help="a JSON object")
     pub.add_argument("--id", default=None, help="idempotency key (default: the entry id)")
     pub.add_argument(
+        "--metadata", default=None, help="a JSON object, visible to key expressions as metadata"
+    )
+    pub.add_argument(
         "--wait",
         action="store_true",
         help="wait until the event's runs ended; print outcomes; exit 0 when every run "

@@ -694,9 +694,9 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     Whatever fails once the event is published (Redis, Ctrl-C) says it was, with its ids."""
     from supersede.client import publish_runs
 
-    data = _checked_publish(args)
+    data, metadata = _checked_publish(args)
     entry, planned, known = await publish_runs(
-        redis, args.name, data, id=args.id, namespace=keys.namespace
+        redis, args.name, data, id=args.id, metadata=metadata, namespace=keys.namespace
     )
     if not planned:
         _warn_no_run(args.name, known)
@@ -767,19 +767,27 @@ async def _follow_published(
     )
 
 
-def _checked_publish(args: argparse.Namespace) -> dict[str, Any]:
+def _checked_publish(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """`publish`'s arguments checked (--timeout only with --wait, set to its default there);
-    the event's data."""
+    the event's data and metadata."""
     if args.timeout is not None and not args.wait:
         raise ValueError("--timeout is how long --wait waits: give --wait too")
     args.timeout = PUBLISH_WAIT_S if args.timeout is None else args.timeout
+    data = _json_object(args.data, "the event's data", '{"userId": "u1"}')
+    metadata = getattr(args, "metadata", None)
+    if metadata is None:
+        return data, None
+    return data, _json_object(metadata, "--metadata", '{"tenant": "acme"}')
+
+
+def _json_object(text: str, what: str, example: str) -> dict[str, Any]:
     try:
-        data = orjson.loads(args.data)
+        value = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        raise ValueError(f"the event's data is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError('the event\'s data must be a JSON object, e.g. \'{"userId": "u1"}\'')
-    return data
+        raise ValueError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object, e.g. '{example}'")
+    return value
 
 
 def _warn_no_run(name: str, known: list[str]) -> None:

@@ -645,3 +645,28 @@ async def test_a_run_and_a_key_are_cancelled_from_python(
 
     await eventually(working, timeout=30)
     assert await client.cancel_key(redis, "work", "77-1", namespace=ns) == [work.run_id]
+
+
+async def test_publish_takes_metadata_for_keys_that_read_it(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """`supersede publish` had no way to give `metadata`: a workflow keyed by it could not be
+    tried from the CLI (an API-user probe). `--metadata` is a JSON object, checked as the data
+    is, in one line naming the option."""
+    body = {"id": "tenant", "events": ["tenant.ev"],
+            "concurrency": {"expression": "metadata.tenant", "max_runs": 1}}  # fmt: skip
+    await register(redis, keys, body)
+    await redis.hset(keys.config_hash, "shards", keys.shards)  # (as a service pins it)
+    published = await acli(system, "publish", "tenant.ev", "{}", "--metadata", '{"tenant": "acme"}')
+    assert [r["key"] for r in published["runs"]] == ["acme"]
+    [(_, fields)] = await redis.xrange(keys.events_stream)
+    assert orjson.loads(fields[b"metadata"]) == {"tenant": "acme"}
+    bad = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "supersede", "publish", "tenant.ev", "{}", "--metadata", "[1]"],
+        env=system.env, capture_output=True, timeout=30,
+    )  # fmt: skip
+    lines = bad.stderr.decode().strip().splitlines()
+    assert (
+        bad.returncode != 0 and len(lines) == 1 and "--metadata must be a JSON object" in lines[0]
+    )
