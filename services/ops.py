@@ -660,30 +660,24 @@ def warn(text: str) -> None:
 DEAD_LETTERED = "DEAD_LETTERED"  # `publish --wait`'s state for an event ingress refused
 
 
-async def _follow_duplicates(
-    redis: Redis, keys: Keys, event_id: str, runs: list[dict[str, Any]], entry: str
+async def _say_duplicates(
+    redis: Redis, keys: Keys, event_id: str, runs: list[dict[str, Any]]
 ) -> None:
-    """Rows of a publish whose explicit id was published before: each shows the first event's
-    run (its id and key), and stderr says so."""
-    from supersede.client import duplicate_of, get_run
+    """stderr says which rows are a duplicate's: an --id published before makes no new run,
+    and the row shows the first event's run (as `publish_runs` found it)."""
+    from supersede.client import get_run
 
     for row in runs:
-        first = await duplicate_of(redis, row["run"], entry, namespace=keys.namespace)
-        if first is not None:  # the id was published before: no new run
-            row["duplicate_of"], row["run"] = first[0], first[1] or row["run"]
-            earlier = await get_run(redis, first[1], namespace=keys.namespace) if first[1] else None
-            if earlier is not None:  # (its key: this event's data may give another)
-                row["key"] = earlier.key
-            print(
-                f"supersede: event id {event_id!r} was published before (inbox entry "
-                f"{first[0]}): no new run of {row['workflow']!r}; "
-                + (
-                    f"its run is {first[1]}"
-                    if first[1]
-                    else "its run is not found (not created yet, or past its retention)"
-                ),
-                file=sys.stderr,
-            )
+        if "duplicate_of" not in row:
+            continue
+        found = await get_run(redis, row["run"], namespace=keys.namespace) is not None
+        print(
+            f"supersede: event id {event_id!r} was published before (inbox entry "
+            f"{row['duplicate_of']}): no new run of {row['workflow']!r}; "
+            + (f"its run is {row['run']}" if found else "its run is not found (not created "
+               "yet, or past its retention)"),
+            file=sys.stderr,
+        )  # fmt: skip
 
 
 PUBLISH_WAIT_S = 60.0  # `publish --wait`'s --timeout unless given
@@ -701,7 +695,9 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     if not planned:
         _warn_no_run(args.name, known)
     runs: list[dict[str, Any]] = [
-        {"workflow": p.workflow, "key": p.key, "run": p.run_id} for p in planned
+        {"workflow": p.workflow, "key": p.key, "run": p.run_id}
+        | ({"duplicate_of": p.duplicate_of} if p.duplicate_of else {})
+        for p in planned
     ]
     try:
         await _follow_published(redis, keys, args, entry, runs, args.name in known)
@@ -718,12 +714,13 @@ async def _follow_published(
     runs: list[dict[str, Any]],
     listened: bool,
 ) -> None:
-    """`publish` once the event is in the inbox: an --id published before leads to the first
-    event's runs; with --wait, each row gets its run's outcome (or the dead letter)."""
+    """`publish` once the event is in the inbox: with --wait, each row gets its run's outcome
+    (or the dead letter; an --id whose first entry ingress had not read yet when the event was
+    published leads to that entry's run)."""
     from supersede.client import DeadLettered, WaitTimeout, get_run, wait_for_run
 
     if args.id:
-        await _follow_duplicates(redis, keys, args.id, runs, entry)
+        await _say_duplicates(redis, keys, args.id, runs)
 
     async def wait(row: dict[str, Any]) -> None:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -336,11 +336,15 @@ async def duplicate_of(
 
 @dataclass(frozen=True, slots=True)
 class PlannedRun:
-    """A run an event will make: its workflow, key value and run id (for `get_run`)."""
+    """A run an event will make: its workflow, key value and run id (for `get_run`). For an
+    explicit id published before, `duplicate_of` is the inbox entry that owns it: the event
+    makes no run, and `run_id` and `key` are the first event's run's (the planned ones while
+    that run is not found: not created yet, or past its retention)."""
 
     workflow: str
     key: str
     run_id: str
+    duplicate_of: str | None = None
 
 
 def plan_runs(
@@ -383,10 +387,11 @@ async def publish_runs(
 ) -> tuple[str, list[PlannedRun], list[str]]:
     """`publish`, then the runs the event will make under the workflows registered now:
     (entry id, planned runs, every event name some workflow listens to). No planned run means
-    no workflow listens to `name`: the event is acknowledged without a run. The plan is this
-    event's: with an explicit `id` published before, ingress makes no new run (`duplicate_of`
-    names the first event's), and an event ingress refuses makes none (a dead letter);
-    `wait_for_run(..., entry=)` follows both."""
+    no workflow listens to `name`: the event is acknowledged without a run. With an explicit
+    `id` that ingress has seen before, ingress makes no new run: the planned run is the first
+    event's (its `duplicate_of` the first entry). An event ingress refuses makes none (a dead
+    letter); `wait_for_run(..., entry=)` follows it, and a duplicate whose first entry ingress
+    had not read yet when this returned."""
     from supersede.registry import load_all
 
     ns = _namespace(namespace)
@@ -398,4 +403,18 @@ async def publish_runs(
     if stored is None:
         return entry, [], known
     plan = plan_runs(defs, name, data, id or entry, keys.shards, metadata, id is not None)
+    if id is not None:
+        plan = [await _first_of_duplicate(redis, p, entry, ns) for p in plan]
     return entry, plan, known
+
+
+async def _first_of_duplicate(redis: Redis, planned: PlannedRun, entry: str, ns: str) -> PlannedRun:
+    """`planned` as the first event's run when an earlier entry owns the explicit id."""
+    first = await duplicate_of(redis, planned.run_id, entry, namespace=ns)
+    if first is None:
+        return planned
+    owner, run_id = first
+    earlier = await get_run(redis, run_id, namespace=ns) if run_id else None
+    if earlier is None:  # (not created yet, or past its retention)
+        return replace(planned, duplicate_of=owner)
+    return replace(planned, key=earlier.key, run_id=earlier.id, duplicate_of=owner)

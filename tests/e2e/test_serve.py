@@ -441,3 +441,28 @@ async def test_an_explicit_id_naming_another_event_s_entry_id_takes_none_of_its_
     [planned] = plan_runs(defs, "chat.message", data, coming, keys.shards)
     assert planned.run_id != early.run_id
     assert await text_of(planned.run_id) == "re: on time"
+
+
+async def test_publish_runs_of_an_id_published_before_gives_the_first_event_s_run(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """An explicit id published again with other data (another key, so another planned run
+    id) makes no run. `publish_runs` planned that other id anyway: `get_run` on it gave None
+    for good (an API-user probe). The plan is now the first event's run, naming its entry."""
+    system.start("serve", APP)
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+    await eventually(registered, timeout=30)
+    ns = keys.namespace
+    entry, [first], _ = await publish_runs(redis, "chat.message", {"userId": "a", "text": "1"},
+                                           id="order-1", namespace=ns)  # fmt: skip
+    done = await wait_for_run(redis, first.run_id, 20, namespace=ns)
+    assert done.state == "SUCCEEDED"
+    again, [planned], _ = await publish_runs(redis, "chat.message", {"userId": "b", "text": "2"},
+                                             id="order-1", namespace=ns)  # fmt: skip
+    assert (planned.run_id, planned.key) == (first.run_id, first.key)
+    run = await get_run(redis, planned.run_id, namespace=ns)
+    assert run is not None and run.outputs["reply"]["text"] == "re: 1"
+    assert planned.duplicate_of == entry != again and first.duplicate_of is None
