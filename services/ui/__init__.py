@@ -139,6 +139,11 @@ class UI:
         }
         if f["state"] and f["state"].upper() not in RunState.__members__:
             raise web.HTTPBadRequest(text=f"state: no state {f['state']!r}")
+        if f["workflow"]:  # (a misspelt name in a link listed no runs and said nothing)
+            try:
+                await lookups.require_workflow(self.redis, self.keys, f["workflow"])
+            except LookupError as exc:
+                raise web.HTTPNotFound(text=f"workflow: {exc}") from None
         before = f["before"]
         if before is None and f["ended_before"]:  # a time (the form's local time, as UTC)
             before = f"{_ms_of(f['ended_before'])}-0"

@@ -347,11 +347,14 @@ async def test_the_ui_is_read_only_unless_allowed_and_actions_need_the_csrf_toke
         ("/runs?ended_before=yesterday", 400),
         ("/runs?state=nope", 400),
         ("/runs/not-a-run", 404),
+        ("/runs?workflow=chat-replies", 404),
         ("/runs?ended_before=1970-01-01T00:00", 200),
     ]
     for path, want in bad:
         status, text = await asyncio.to_thread(get, rw + path)
         assert status == want, (path, status, text[-300:])
+        if path.startswith("/runs?workflow="):  # it names the registered ones
+            assert "no workflow 'chat-replies' is registered" in text and "chat-reply" in text
         if want == 400 and "?" in path and not path.startswith("/key"):  # it names the parameter
             param = path.split("?", 1)[1].split("=", 1)[0]
             assert text.startswith(f"{param}: "), (path, text)
