@@ -552,6 +552,9 @@ def _definition_summary(wf: WorkflowDef | None) -> dict[str, Any]:
         "key": None if conc is None else conc.expression,
         "max_runs": None if conc is None else conc.max_runs,
         "strict": None if conc is None else conc.strict,
+        "scope": None if conc is None else conc.scope,
+        "debounce_ms": 0 if conc is None else conc.debounce_ms,
+        "max_wait_ms": 0 if conc is None else conc.max_wait_ms,
     }
 
 

@@ -180,6 +180,12 @@ STATES = ["QUEUED", "ASSIGNED", "RUNNING", "CANCELLING", "SUCCEEDED", "FAILED", 
 SERVED_NOW_MS = 5000  # an executor says it serves its workflows every second
 
 
+def debounced(w: dict[str, Any]) -> str:
+    """A status row's debounce window: 'debounced 300 ms (at most 2000 ms)'."""
+    most = f" (at most {w['max_wait_ms']} ms)" if w.get("max_wait_ms") else ""
+    return f"debounced {w['debounce_ms']} ms{most}"
+
+
 def status(s: dict[str, Any]) -> str:
     out = []
     body = []
@@ -187,6 +193,8 @@ def status(s: dict[str, Any]) -> str:
         if w.get("strategy"):
             limit = f"{w['max_runs']} per {w['key']}, {w['strategy']}"
             limit += ", strict" if w.get("strict") else ""
+            limit += f", scope {w['scope']}" if w.get("scope") else ""
+            limit += f", {debounced(w)}" if w.get("debounce_ms") else ""
         else:
             limit = "none" if w.get("registered") else "(not registered)"
         counts = ", ".join(f"{w['runs'][st]} {st.lower()}" for st in STATES if w["runs"].get(st))

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from supersede.protocol import RunState
+from supersede.services.render import debounced
 
 FIELD_MAX = 2000  # characters of one dead-letter field or run input shown
 
@@ -108,7 +109,10 @@ def overview(s: dict[str, Any], series: list[tuple[int, int, int]]) -> str:
             [
                 f'<a href="/runs?{q(workflow=name)}">{esc(name)}</a>',
                 esc(", ".join(w.get("events") or [])),
-                esc(w.get("strategy") or "—"),
+                esc(w.get("strategy") or "—")
+                + (
+                    f" <span class=muted>{esc(debounced(w))}</span>" if w.get("debounce_ms") else ""
+                ),
                 f"<code>{esc(w.get('key') or '')}</code>",
                 esc(w.get("max_runs") if w.get("max_runs") is not None else "—"),
                 esc("yes" if w.get("strict") else ""),

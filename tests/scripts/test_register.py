@@ -258,3 +258,27 @@ async def test_status_names_a_stored_definition_this_build_would_refuse(
     )
     await register(redis, keys, definition(id="fine"))
     assert list((await ops.status(redis, keys))["refused_workflows"]) == [wf.id]
+
+
+async def test_status_shows_a_workflow_s_debounce_window_and_scope(
+    redis: Redis, keys: Keys
+) -> None:
+    """status listed the key, max_runs, strategy and strict of each workflow but not its
+    debounce window or scope, so a debounced run's QUEUED wait looked unexplained."""
+    from supersede.services import ops
+    from supersede.services.render import render
+    from supersede.services.ui.pages import overview
+
+    concurrency = {"expression": "input.docId", "max_runs": 1, "debounce_ms": 300,
+                   "max_wait_ms": 2000, "scope": "docs"}  # fmt: skip
+    await register(redis, keys, definition(id="autosave", concurrency=concurrency))
+    await register(redis, keys, definition(id="plain"))
+    status = await ops.status(redis, keys)
+    saved, plain = status["workflows"]["autosave"], status["workflows"]["plain"]
+    assert (saved["debounce_ms"], saved["max_wait_ms"], saved["scope"]) == (300, 2000, "docs")
+    assert (plain["debounce_ms"], plain["scope"]) == (0, None)
+    text = render("status", status)
+    [row] = [line for line in text.splitlines() if line.startswith("autosave")]
+    assert "scope docs, debounced 300 ms (at most 2000 ms)" in row
+    assert "debounced" not in text.replace(row, "")
+    assert "debounced 300 ms (at most 2000 ms)" in overview(status, [])
