@@ -96,3 +96,35 @@ def describe(exc: BaseException) -> str:
     """One line for a log field or a dead letter: the exception's class and message, cut."""
     message = str(exc)  # (some have none: msgpack's FormatError, StackError)
     return (f"{type(exc).__name__}: {message}" if message else type(exc).__name__)[:500]
+
+
+def _library_roots() -> tuple[str, ...]:
+    """The folders whose frames lead into a step: this package's (two in an editable
+    install) and the standard library's asyncio, concurrent.futures and threading."""
+    import asyncio
+    import concurrent.futures
+    import os
+    import threading
+
+    import supersede
+    import supersede.services
+
+    folders = [os.path.dirname(m.__file__ or "") for m in (supersede, supersede.services)]
+    folders += [os.path.dirname(m.__file__ or "") for m in (asyncio, concurrent.futures)]
+    return (*(f + os.sep for f in folders if f), threading.__file__ or "threading.py")
+
+
+def step_traceback(exc: BaseException) -> str:
+    """`exc`'s traceback from the first frame of the user's own code: the frames of the
+    executor and the event loop or thread pool that called the step come first and say
+    nothing about the failure (and took the start of an error cut to 8 KiB). The whole
+    traceback when every frame is the library's (its own failure)."""
+    import traceback
+
+    roots = _library_roots()
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(roots):
+        tb = tb.tb_next
+    if tb is None:
+        return "".join(traceback.format_exception(exc))
+    return "".join(traceback.format_exception(type(exc), exc, tb))

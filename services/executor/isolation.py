@@ -27,7 +27,6 @@ import os
 import signal
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
@@ -36,6 +35,7 @@ from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
 
 from supersede import codec
+from supersede.errors import step_traceback
 from supersede.services.executor.outputs import OutputError, readable
 from supersede.services.modules import import_module
 from supersede.workflow import Context, resolve
@@ -186,7 +186,7 @@ def worker_main(
         except OutputError as exc:
             reply = codec.pack_value(["output", str(exc)])
         except BaseException as exc:  # (SystemExit, KeyboardInterrupt too: the step's failure)
-            reply = codec.pack_value(["err", "".join(traceback.format_exception(exc))])
+            reply = codec.pack_value(["err", step_traceback(exc)])
         conn.send_bytes(reply)
 
 

@@ -19,14 +19,13 @@ import functools
 import logging
 import math
 import time
-import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from supersede import codec, tracing
-from supersede.errors import describe
+from supersede.errors import describe, step_traceback
 from supersede.fencing import fence_of
 from supersede.keys import Keys
 from supersede.metrics import HOP_SECONDS
@@ -434,7 +433,8 @@ class Runner:
             if not await self._waited_to_retry(run, self.retry_wait(attempt)):
                 raise LeftToLease from None
             return None
-        text = "".join(traceback.format_exception(exc))
+        # (a worker's traceback is its message: the executor's frames above it say nothing)
+        text = str(exc) if isinstance(exc, StepError) else step_traceback(exc)
         return Outcome.FAILED, f"step {step.name!r} failed after {attempt + 1} attempt(s):\n{text}"
 
     async def until_out_of_step(self, run: Running, first: float, within: float = math.inf) -> None:

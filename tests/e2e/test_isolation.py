@@ -475,6 +475,21 @@ async def test_a_parent_named_by_its_function_and_its_bytes_reach_thread_and_pro
     assert outputs["in-process"] == ["bytes", "list", hexed]
 
 
+async def test_a_step_that_raises_in_its_worker_process_fails_with_its_own_traceback(
+    redis: Redis, keys: Keys, running: System
+) -> None:
+    """The stored error starts at the step's own frame: the worker loop's frames, and the
+    executor's above the worker's traceback, came first and said nothing."""
+    await _publish(redis, keys, "proc.go", k="raises", fail="bad input")
+    await eventually(lambda: _ended(redis, keys, 1), timeout=30)
+    [rec] = (await _recs(redis, keys)).values()
+    err = str(rec["err"])
+    assert rec["st"] == "F" and "ValueError: the step failed on purpose: bad input" in err, err
+    frames = [line for line in err.splitlines() if line.lstrip().startswith("File ")]
+    assert frames and "isolated.py" in frames[0] and "stubborn" in frames[0], err
+    assert err.startswith("step 'stubborn' failed after 1 attempt(s):\nin its worker process:")
+
+
 @pytest.mark.parametrize("event", ["fence.out", "fence.process"])
 async def test_an_output_msgpack_cannot_hold_fails_its_run_at_once_naming_the_part(
     redis: Redis, keys: Keys, running: System, event: str

@@ -176,6 +176,10 @@ async def test_a_failing_step_is_retried_then_fails_the_run_with_its_traceback(
     await eventually(lambda: _states(redis, keys, {"F": 1}), timeout=30)
     [rec] = (await records(redis, keys)).values()
     assert "RuntimeError: boom from the step" in str(rec["err"]) and "3 attempt" in str(rec["err"])
+    # the traceback starts at the step's own frame: the executor's and the thread pool's,
+    # which said nothing about the failure, are left out
+    frames = [line for line in str(rec["err"]).splitlines() if line.lstrip().startswith("File ")]
+    assert frames and "apps/demo.py" in frames[0] and "always_fails" in frames[0], rec["err"]
     assert sum(1 for x in await log(redis, keys) if x.startswith("attempt:")) == 3
     # An error of 200,000 4-byte characters was kept as 20,000 of them (78 KB) for the whole
     # retention; now at most 8 KiB of it: its start and its end, which names the exception.

@@ -30,6 +30,8 @@ def stubborn(ctx: Context) -> str:
     if ctx.input.get("ignore_term"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     note("started", ctx.run_id)
+    if ctx.input.get("fail"):
+        raise ValueError(f"the step failed on purpose: {ctx.input['fail']}")
     deadline = time.monotonic() + float(ctx.input.get("sleep", 0))
     while time.monotonic() < deadline:
         note("alive", ctx.run_id)
