@@ -104,13 +104,13 @@ def _library_roots() -> tuple[str, ...]:
     import asyncio
     import concurrent.futures
     import os
+    import sys
     import threading
 
-    import supersede
-    import supersede.services
-
-    folders = [os.path.dirname(m.__file__ or "") for m in (supersede, supersede.services)]
-    folders += [os.path.dirname(m.__file__ or "") for m in (asyncio, concurrent.futures)]
+    # (this file's folder is the package's; the services' is apart in an editable install)
+    services = sys.modules.get("supersede.services")
+    modules = [m for m in (services, asyncio, concurrent.futures) if m is not None]
+    folders = [os.path.dirname(__file__), *(os.path.dirname(m.__file__ or "") for m in modules)]
     return (*(f + os.sep for f in folders if f), threading.__file__ or "threading.py")
 
 
