@@ -64,11 +64,13 @@ for i = 4, #ARGV, 2 do
     setLease(rid, false)
     rec.hb = (rec.hb or 0) + 1
     rec.hq = 1   -- (its next claim tells the executor: it counts the restart)
-    rec.a = rec.a + 1
-    if attemptsUsed(rec) <= rec.m then
+    if attemptsUsed(rec) < rec.m then
+      noteEarlier(rec, 'handed_back')
+      rec.a = rec.a + 1
       assignRun(rid, rec)
       handed = handed + 1
     else
+      rec.a = rec.a + 1
       endFailed(rid, rec, 'handed_back')
       failed = failed + 1
     end

@@ -118,6 +118,7 @@ for i = 1, #expired do
   local rec = loadRun(rid)
   if rec and rec.st == 'R' then
     if attemptsUsed(rec) < rec.m then
+      noteEarlier(rec, 'lease_expired')
       rec.a = rec.a + 1
       assignRun(rid, rec)
       retried = retried + 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import re
 import sys
 import time
@@ -81,6 +82,7 @@ def view(run: RunRecord) -> dict[str, Any]:
         "attempt": run.attempt,
         "max_attempts": run.max_attempts,
         "hand_backs": run.hand_backs,
+        "earlier_attempts": [dataclasses.asdict(e) for e in run.earlier],
         "event_id": run.event_id,
         "executor": run.executor,
         "cancelled_by": run.cancelled_by,
@@ -392,9 +394,21 @@ async def _runs_of(
     return [(index[r.id], r) for r in records if keep(r)]
 
 
+EARLIER_ENDS: dict[str, str] = {
+    Reason.LEASE_EXPIRED: "ended: its lease lapsed (its executor died, hung or lost Redis)",
+    Reason.HANDED_BACK: "handed back by its draining executor",
+}
+
+
 def timeline(run: RunRecord) -> list[dict[str, Any]]:
     """Created, assigned, claimed by, cancel decided (and by whom), ended."""
     out: list[dict[str, Any]] = [{"at_ms": run.created_ms, "event": "created"}]
+    for e in run.earlier:  # (the last ones: a run keeps 5)
+        if e.claimed_ms:
+            claimed = f"attempt {e.attempt} claimed by {e.executor or '?'}"
+            out.append({"at_ms": e.claimed_ms, "event": claimed})
+        ended = EARLIER_ENDS.get(e.reason, f"ended ({e.reason})")
+        out.append({"at_ms": e.ended_ms, "event": f"attempt {e.attempt} {ended}"})
     if run.assigned_ms:
         attempt = f"attempt {run.attempt}"
         if run.hand_backs:  # (those starts used none of max_attempts)

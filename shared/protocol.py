@@ -435,6 +435,9 @@ RECORD_FIELDS = {
     "hb": "hand-backs by draining executors (the first 10 use none of the max attempts)",
     "hq": "1 from a hand-back until the run's next claim (which tells the executor)",
     "e": "executor that claimed the attempt",
+    "ea": "the last 5 earlier attempts, each [attempt, executor, claimed (µs after the inbox "
+    "entry, 0: not known), ended ms, reason]: their lease lapsed, or a draining executor "
+    "handed them back",
     "in": "the run's input while it is live, when at most 1 KiB (else in the inputs hash)",
     "h": "1 while a CANCELLING run still holds its slot (strict mode)",
     "ra": "the reaper's looks at an unclaimed ASSIGNED attempt (each writes a fresh assignment "
@@ -509,6 +512,7 @@ class RunRecord:
     ended_ms: int | None
     points: dict[str, int] = field(default_factory=dict)  # PATH_POINTS key -> µs after inbox
     hand_backs: int = 0  # times a draining executor stopped it and handed it back (hb)
+    earlier: tuple[EarlierAttempt, ...] = ()  # how the last earlier attempts ended (ea)
 
     def path(self) -> list[tuple[str, float]]:
         """The run's way through the system, (point, epoch ms with µs in the fraction) in order:
@@ -559,7 +563,35 @@ class RunRecord:
             ended_ms=_opt_int(rec.get("t3")),
             points=_points(rec),
             hand_backs=int(rec.get("hb", 0)),
+            earlier=_earlier(rec),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class EarlierAttempt:
+    """An attempt of a run that ended when another started: its lease lapsed (`reason`
+    lease_expired: its executor died, hung or was cut off) or its draining executor handed it
+    back (handed_back)."""
+
+    attempt: int
+    executor: str
+    claimed_ms: int | None
+    ended_ms: int
+    reason: str
+
+
+def _earlier(rec: dict[str, Any]) -> tuple[EarlierAttempt, ...]:
+    out = []
+    published = _inbox_ms(rec)
+    for item in rec.get("ea") or ():
+        if not isinstance(item, list) or len(item) < 5:  # (a later version's shape: skipped)
+            continue
+        attempt, executor, claimed_us, ended, why = item[:5]
+        claimed = None
+        if published is not None and _num(claimed_us) and claimed_us > 0:
+            claimed = published + int(claimed_us) // 1000
+        out.append(EarlierAttempt(int(attempt), str(executor), claimed, int(ended), str(why)))
+    return tuple(out)
 
 
 def _num(value: Any) -> bool:

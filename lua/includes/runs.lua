@@ -9,7 +9,7 @@
   A record is a msgpack map: st state, g group, s sequence, w workflow, v version, k key
   (absent when it equals ev), ev event id, mx max_runs, sg strategy code, sx strict (0/1),
   a attempt, m max attempts, hb hand-backs by draining executors (hq 1 until the next claim),
-  e executor, h (1: a
+  ea how the last earlier attempts ended (transitions.lua's noteEarlier), e executor, h (1: a
   CANCELLING run still holds its slot), ra/tr re-assignments of an unclaimed ASSIGNED attempt
   and the time of the last, t0 created ms,
   t1 assigned ms, t3 ended ms, tc cancel decided ms, by superseding run id, why reason, err

@@ -31,6 +31,18 @@ end
 local FREE_HAND_BACKS = 10
 local function attemptsUsed(rec) return rec.a - math.min(rec.hb or 0, FREE_HAND_BACKS) end
 
+-- How a run's attempt ended when another starts (its lease lapsed, or its executor handed it
+-- back): the record's ea keeps the last EARLIER_KEPT, each {attempt, executor, claimed (point
+-- pc, µs after the inbox entry; 0: not known), ended ms, reason}, for `supersede run`'s
+-- timeline. Called before the attempt number moves on.
+local EARLIER_KEPT = 5
+local function noteEarlier(rec, why)
+  local ea = rec.ea or {}
+  ea[#ea + 1] = { rec.a, rec.e or '', rec.pc or 0, now, why }
+  if #ea > EARLIER_KEPT then table.remove(ea, 1) end
+  rec.ea = ea
+end
+
 -- A run of a workflow without a concurrency limit (u = 1) is in no group's books: it holds no
 -- slot, is in neither the queue nor the active zset, and is assigned when admitted.
 local function limited(rec) return rec.u ~= 1 end

@@ -738,8 +738,15 @@ async def test_a_hand_back_retries_at_once_without_using_an_attempt(
     assert (await scripts.reap(shard, now=2_000 + LEASE)).failed == 1
     rec = (await records(redis, keys))[req.run_id]
     assert (rec["st"], rec["why"], rec["a"]) == ("F", "lease_expired", 5)
-    assert RunRecord.decode(req.run_id, codec.pack(rec)).hand_backs == 3
+    run = RunRecord.decode(req.run_id, codec.pack(rec))
+    assert run.hand_backs == 3
     assert await redis.hget(keys.shard(shard).slots_hash, req.group) is None
+    # how each earlier attempt ended is kept, for `supersede run` (it showed the last only)
+    assert [(e.attempt, e.executor, e.ended_ms, e.reason) for e in run.earlier] == [
+        (1, "ex", 11, "handed_back"), (2, "ex", 21, "handed_back"), (3, "ex", 31, "handed_back"),
+        (4, "ex", 100 + LEASE, "lease_expired"),
+    ]  # fmt: skip
+    assert all(e.claimed_ms is not None for e in run.earlier)
 
 
 async def test_hand_backs_past_the_free_ones_use_attempts_and_one_attempt_is_never_handed_back(
@@ -760,6 +767,8 @@ async def test_hand_backs_past_the_free_ones_use_attempts_and_one_attempt_is_nev
     assert (r.handed, r.failed, r.failed_by) == (0, 1, (("wf", 1),))
     rec = (await records(redis, keys))[req.run_id]
     assert (rec["st"], rec["why"], rec["hb"]) == ("F", "handed_back", 12)
+    earlier = RunRecord.decode(req.run_id, codec.pack(rec)).earlier
+    assert [e.attempt for e in earlier] == [7, 8, 9, 10, 11]  # (the last 5: a record stays small)
 
     one = make_request(keys, event="once", seq=8, max_attempts=1, unlimited=True)
     await admit(scripts, one)

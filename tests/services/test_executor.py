@@ -205,6 +205,23 @@ async def test_sigkill_of_an_executor_holding_runs_retries_them_elsewhere(
     for sk in keys.all_shards():
         assert await redis.hlen(sk.slots_hash) == 0  # every slot released exactly
         assert await redis.zcard(sk.active_zset) == 0
+    # `supersede run` shows the first attempt too (it showed only the last): its executor,
+    # and how it ended
+    shown = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "supersede", "run", next(iter(recs)), "--json"],
+        env=system.env, capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    run = orjson.loads(shown.stdout)
+    events = [e["event"] for e in run["timeline"]]
+    first = run["earlier_attempts"][0]
+    assert first["attempt"] == 1 and first["reason"] == "lease_expired", run
+    assert first["executor"] != run["executor"] and first["executor"].startswith("executor-")
+    assert f"attempt 1 claimed by {first['executor']}" in events, events
+    assert any(e.startswith("attempt 1 ended: its lease lapsed") for e in events), events
+    assert events.index(f"attempt 1 claimed by {first['executor']}") < events.index(
+        "assigned (attempt 2)"
+    )
 
 
 async def test_sigterm_drains_running_runs_within_the_deadline(
