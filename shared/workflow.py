@@ -149,6 +149,9 @@ class Context:
         # when this executor claimed the attempt (epoch seconds, its clock): the attempt's lease
         # runs from then, before the first step starts
         self.claimed_at = claimed_at
+        # the step's retries so far: 0 on its first try, 1 on its first retry (`retries=`);
+        # a new attempt of the run (its lease lapsed, a hand-back) starts again from 0
+        self.retry_count = 0
         self._current = current
         self._step_names: StepNames = step_names or {}
         self.outputs: dict[str, Any] = {}

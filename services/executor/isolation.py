@@ -78,6 +78,7 @@ class _WorkerContext(Context):
             step_names={(m, q): name for m, q, name in job.get("pn", ())},
         )  # fmt: skip
         self.outputs = dict(job["o"])
+        self.retry_count = int(job.get("rc", 0))
         self._flag = flag  # type: ignore[assignment]  # (an Event with the same two methods)
         self._fence_check = fence_check
         self._fence_args = (job.get("fk"), job.get("g"), job.get("s"))

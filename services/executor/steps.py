@@ -404,6 +404,7 @@ class Runner:
         re-raises them out of the loop), and a user's BaseException subclass would end the
         run's task with the run RUNNING and its slot held."""
         started = time.perf_counter()
+        run.ctx.retry_count = attempt  # (steps run one at a time: one field serves them)
         try:
             with tracing.step(self.tracer if run.span else None, step.name, attempt):
                 output = await self._call(step, run)
@@ -576,6 +577,7 @@ class Runner:
             "w": ctx.workflow, "a": ctx.attempt, "in": ctx.input, "md": ctx.metadata,
             "ev": ctx.event, "ei": ctx.event_id, "k": ctx.key, "f": str(ctx.fence),
             "o": ctx.outputs, "ca": ctx.claimed_at, "mf": module_file(step.fn.__module__),
+            "rc": ctx.retry_count,
             # (the lease check of still_current(), as the executor's: claimed at, lease; none
             # for a run without a group, current until cancelled; see lease_held)
             "cm": run.started, "ls": 0,

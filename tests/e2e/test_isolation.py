@@ -55,7 +55,7 @@ async def running(redis: Redis, keys: Keys, system: System) -> System:
     system.start("executor", APP, "--slots", "4", "--grace", "0.3", "--kill-after", "0.3")
 
     async def registered() -> bool:
-        return int(await redis.hlen(keys.workflows_hash)) == 8
+        return int(await redis.hlen(keys.workflows_hash)) == 9
 
     await eventually(registered, timeout=30)
     system.start("ingress", "--block-ms", "100")
@@ -479,15 +479,18 @@ async def test_a_step_that_raises_in_its_worker_process_fails_with_its_own_trace
     redis: Redis, keys: Keys, running: System
 ) -> None:
     """The stored error starts at the step's own frame: the worker loop's frames, and the
-    executor's above the worker's traceback, came first and said nothing."""
-    await _publish(redis, keys, "proc.go", k="raises", fail="bad input")
+    executor's above the worker's traceback, came first and said nothing. The step's
+    `ctx.retry_count` is 0, then 1 on its retry (a step could not tell which try it was)."""
+    await _publish(redis, keys, "proc.retried", fail="bad input")
     await eventually(lambda: _ended(redis, keys, 1), timeout=30)
     [rec] = (await _recs(redis, keys)).values()
     err = str(rec["err"])
     assert rec["st"] == "F" and "ValueError: the step failed on purpose: bad input" in err, err
     frames = [line for line in err.splitlines() if line.lstrip().startswith("File ")]
     assert frames and "isolated.py" in frames[0] and "stubborn" in frames[0], err
-    assert err.startswith("step 'stubborn' failed after 1 attempt(s):\nin its worker process:")
+    assert err.startswith("step 'stubborn' failed after 2 attempt(s):\nin its worker process:")
+    tries = [kind for kind, *_ in await _notes(redis, keys) if kind.startswith("failing")]
+    assert tries == ["failing0", "failing1"]
 
 
 @pytest.mark.parametrize("event", ["fence.out", "fence.process"])

@@ -94,7 +94,7 @@ flaky = Workflow("flaky", on_events=["flaky.item"])
 
 @flaky.step(retries=2)
 def always_fails(ctx: Context) -> None:
-    note("attempt", ctx.run_id)
+    note("attempt", ctx.run_id, ctx.retry_count)
     raise RuntimeError(ctx.input.get("message", "boom from the step"))
 
 

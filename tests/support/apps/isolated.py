@@ -31,6 +31,7 @@ def stubborn(ctx: Context) -> str:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     note("started", ctx.run_id)
     if ctx.input.get("fail"):
+        note(f"failing{ctx.retry_count}", ctx.run_id)
         raise ValueError(f"the step failed on purpose: {ctx.input['fail']}")
     deadline = time.monotonic() + float(ctx.input.get("sleep", 0))
     while time.monotonic() < deadline:
@@ -83,6 +84,8 @@ def returns_late(ctx: Context) -> None:
 
 proc = Workflow("proc", on_events=["proc.go"], concurrency=_by_key(), isolation="process")
 proc.step()(stubborn)
+proc_retried = Workflow("proc-retried", on_events=["proc.retried"], isolation="process")
+proc_retried.step(retries=1)(stubborn)
 proc_strict = Workflow(
     "proc-strict", on_events=["proc.strict"], concurrency=_by_key(True), isolation="process"
 )
