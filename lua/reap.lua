@@ -79,32 +79,47 @@ local assignDeadlineMs = deadline
 -- @include transitions
 
 -- Whether the last assignment entry of an ASSIGNED run surely still waits in its stream for
--- its first reading: written at (tr or t1) ms or later, no group of the stream has had
--- anything delivered from that ms on, and the stream holds entries from then (trimming never
--- removes what no group was delivered). Then a fresh entry would only grow a stream nobody
--- reads (a workflow whose executors are not up): the run is looked at again later instead.
--- An entry delivered to some consumer (it may hold it, dead or unable to claim it) or gone
--- (a failover, a trim by hand) gets a fresh one. Per stream: the newest delivered and the
--- last entry's ms, once per call.
+-- its first reading: its id (the record's ai) is past what any group of the stream has had
+-- delivered, and the stream still reaches it (trimming never removes what no group was
+-- delivered). Then a fresh entry would only grow a stream nobody reads yet (a workflow whose
+-- executors are not up, or a backlog they are working off): the run is looked at again later
+-- instead. An entry delivered to some consumer (it may hold it, dead or unable to claim it)
+-- or gone (a failover, a trim by hand) gets a fresh one. A record from before ai has only the
+-- ms of its write (tr or t1), and so was judged by ms: a call writes hundreds of entries in
+-- one ms, all of which counted as delivered once one was. Per stream: the newest delivered
+-- id and the last entry's, once per call.
+local function idParts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function idAfter(ms, seq, ms2, seq2) return ms > ms2 or (ms == ms2 and seq > seq2) end
+
 local streamsSeen = {}
 local function waitsUnread(rid, rec)
   local stream = assignKey .. ':' .. workflowTag(rec)
   local seen = streamsSeen[stream]
   if not seen then
-    seen = { delivered = -1, last = -1 }
+    seen = { delivered = -1, deliveredSeq = -1, last = -1, lastSeq = -1 }
     local tail = rcall('XREVRANGE', stream, '+', '-', 'COUNT', 1)
     if #tail > 0 then
-      seen.last = tonumber(string.match(tail[1][1], '^(%d+)'))
+      seen.last, seen.lastSeq = idParts(tail[1][1])
       for _, g in ipairs(rcall('XINFO', 'GROUPS', stream)) do
         for k = 1, #g, 2 do
           if g[k] == 'last-delivered-id' then
-            local ms = tonumber(string.match(g[k + 1], '^(%d+)'))
-            if ms > seen.delivered then seen.delivered = ms end
+            local ms, seq = idParts(g[k + 1])
+            if idAfter(ms, seq, seen.delivered, seen.deliveredSeq) then
+              seen.delivered, seen.deliveredSeq = ms, seq
+            end
           end
         end
       end
     end
     streamsSeen[stream] = seen
+  end
+  if rec.ai then
+    local ms, seq = idParts(rec.ai)
+    return ms ~= nil and idAfter(ms, seq, seen.delivered, seen.deliveredSeq)
+        and not idAfter(ms, seq, seen.last, seen.lastSeq)
   end
   local written = rec.tr or rec.t1
   return seen.last >= written and seen.delivered < written

@@ -444,6 +444,8 @@ RECORD_FIELDS = {
     "entry unless the last one still waits unread)",
     "c": "1: counted in the shard's counts hash (every run created since it exists)",
     "tr": "ms of the last of those",
+    "ai": "id of the run's last assignment entry, until its claim (the reaper's: was it "
+    "delivered?)",
     "t0": "created ms",
     "t1": "assigned ms (the reaper's; also point pg of the path, in µs)",
     "t2": "claimed ms (records from before the path; point pc now, removed when claimed)",

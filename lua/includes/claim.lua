@@ -43,6 +43,7 @@ local function claimEntries(q, first, streamBase, groupName, executor, leaseMs, 
         rec.pe = readUs > 0 and readUs - inboxUs or nil
         rec.pc = nowUs - inboxUs
         rec.ph, rec.t2, rec.er, rec.hs = nil, nil, nil, nil   -- (and an earlier version's)
+        rec.ai = nil   -- (its assignment entry's id: read by the reaper until the claim)
         handedBack[rid] = rec.hq   -- (the first start since a drain handed it back: told once)
         rec.hq = nil
         writes[#writes + 1] = rid

@@ -11,7 +11,8 @@
   a attempt, m max attempts, hb hand-backs by draining executors (hq 1 until the next claim),
   ea how the last earlier attempts ended (transitions.lua's noteEarlier), e executor, h (1: a
   CANCELLING run still holds its slot), ra/tr re-assignments of an unclaimed ASSIGNED attempt
-  and the time of the last, t0 created ms,
+  and the time of the last, ai the id of its last assignment entry (until the claim), t0
+  created ms,
   t1 assigned ms, t3 ended ms, tc cancel decided ms, by superseding run id, why reason, err
   error text, c counted, in the run's input while it is live, when it is at most
   INLINE_INPUT_BYTES (a longer one is in the inputs hash: a record is unpacked and packed again

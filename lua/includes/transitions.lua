@@ -154,10 +154,12 @@ local function writeAssignment(rid, rec)
     local rang = redis.pcall('SPUBLISH', assignStream, '')
     rungOf[rec.w] = not (type(rang) == 'table' and rang.err)
   end
+  -- (its id, in the record until the claim: the reaper tells from it whether the entry was
+  -- delivered, which the ms of the write cannot: one call writes hundreds in the same ms)
   if rungOf[rec.w] then
-    rcall('XADD', assignStream, '*', 'id', rid, 'a', rec.a, 'r', '1')
+    rec.ai = rcall('XADD', assignStream, '*', 'id', rid, 'a', rec.a, 'r', '1')
   else
-    rcall('XADD', assignStream, '*', 'id', rid, 'a', rec.a)
+    rec.ai = rcall('XADD', assignStream, '*', 'id', rid, 'a', rec.a)
   end
 end
 
@@ -180,7 +182,7 @@ local function assignRun(rid, rec)
     rec.e = handOver.e
     rec.pe = nil
     rec.pc = rec.pg
-    rec.ph, rec.t2, rec.er, rec.hs = nil, nil, nil, nil
+    rec.ph, rec.t2, rec.er, rec.hs, rec.ai = nil, nil, nil, nil, nil
     setLease(rid, now + handOver.l)
     saveRun(rid, rec)
     handOver.out[#handOver.out + 1] = rid
