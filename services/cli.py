@@ -470,7 +470,7 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
             ops.warn(f"supersede: {exc}")
             return 1
         except RedisError as exc:  # (a right the user lacks, a cluster down, a timeout)
-            writes = args.command in ("publish", "cancel", "retire") or getattr(
+            writes = args.command in ("publish", "cancel", "retire", "register") or getattr(
                 args, "replay", None
             )
             refused = refusal(exc, settings.redis_url, ("operator" if writes else "reader",))
@@ -818,6 +818,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="even while live executors serve it (each registers it again within a second)",
     )
+    reg = ops_parser(
+        "register",
+        "register the workflows of MODULE without running them (as an executor does when it "
+        "starts): before a new pool's events are published, since an event no registered "
+        "workflow listens to makes no run",
+    )
+    reg.add_argument("module", nargs="+", help="a module or .py file, as the executor takes")
     dead = ops_parser("dead", "list dead letters, or replay one to the inbox")
     dead.add_argument(
         "--replay",

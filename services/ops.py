@@ -24,7 +24,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from supersede import codec
-from supersede.errors import DefinitionError, SupersedeError
+from supersede.errors import ConfigError, DefinitionError, SupersedeError
 from supersede.keys import Keys
 from supersede.lookups import (
     LIVE,
@@ -1002,6 +1002,23 @@ async def _retire(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     return await retire(redis, keys, args.workflow, force=args.force)
 
 
+async def _register(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
+    """Register the workflows of MODULEs without running them (an executor does it as it
+    starts): a deploy that adds a pool registers its workflows before their events are
+    published, since ingress acknowledges an event no registered workflow listens to."""
+    from supersede.errors import WorkflowRejected
+    from supersede.registry import register_all
+    from supersede.services.modules import load_modules
+
+    defs = [wf.definition() for wf in load_modules(args.module)]
+    try:
+        stored = await register_all(redis, keys, defs)
+    except WorkflowRejected as exc:
+        which = f"workflow {exc.workflow!r}" if exc.workflow else "a workflow"
+        raise ConfigError(f"{which} cannot be registered: {exc}") from None
+    return [{"workflow": wf.id, "version": wf.version, "events": list(wf.events)} for wf in stored]
+
+
 async def _status(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     return await status(redis, keys)
 
@@ -1020,4 +1037,5 @@ COMMANDS: dict[str, Callable[[Redis, Keys, argparse.Namespace], Awaitable[Any]]]
     "status": _status,
     "dead": _dead,
     "retire": _retire,
+    "register": _register,
 }

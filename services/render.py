@@ -288,4 +288,9 @@ def render(command: str, result: Any, replay: bool = False) -> str:
         return cancel(result)
     if command == "retire":
         return retired(result)
+    if command == "register":
+        return "\n".join(
+            f"registered {w['workflow']} (version {w['version']}; events: {', '.join(w['events'])})"
+            for w in result
+        )
     return orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()

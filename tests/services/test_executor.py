@@ -148,6 +148,38 @@ async def test_pools_with_different_workflows_each_run_only_their_own(
     assert by_workflow == {"work": 8, "resize": 8}
 
 
+async def test_a_pool_registered_ahead_keeps_the_events_published_before_it_started(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Events of two pools' workflows wait in the inbox of a new namespace. The first pool to
+    start registered only its own workflows, and ingress then acknowledged the other pool's
+    events as unrouted: lost (a black-box probe). `supersede register MODULE` registers a
+    pool's workflows before it runs: its events make runs that wait for it."""
+    system.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
+    system.start("ingress", "--block-ms", "100")
+    for i in range(4):
+        await publish(redis, keys, "work.item", i=i)
+        await publish(redis, keys, "image.uploaded", i=i)
+    env = system.env
+    register = [sys.executable, "-m", "supersede", "register", "tests.support.apps.pool_b"]
+    done = await asyncio.to_thread(subprocess.run, [*register, "--json"], env=env,
+                                   capture_output=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    [row] = orjson.loads(done.stdout)
+    assert (row["workflow"], row["events"]) == ("resize", ["image.uploaded"])
+    system.start("executor", APP)  # pool A: the inbox is read once it registered its own
+    await eventually(lambda: _states(redis, keys, {"S": 4, "A": 4}), timeout=30)
+    pool_b = system.start("executor", "tests.support.apps.pool_b")
+    await eventually(lambda: _states(redis, keys, {"S": 8}), timeout=30)
+    ran = [x for x in await log(redis, keys) if x.startswith("ran:resize:")]
+    assert sorted(x.rsplit(":", 1)[1] for x in ran) == [str(pool_b.pid)] * 4
+    # a module that cannot be loaded, or a definition refused, is one line naming it
+    bad = await asyncio.to_thread(subprocess.run, [*register[:-1], "no.such.module"], env=env,
+                                  capture_output=True, timeout=60)  # fmt: skip
+    err = bad.stderr.decode()
+    assert bad.returncode == 2 and "no.such.module" in err and "Traceback" not in err, err
+
+
 async def test_a_backlog_of_one_workflow_does_not_starve_another(
     redis: Redis, keys: Keys, system: System
 ) -> None:
