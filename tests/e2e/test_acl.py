@@ -188,6 +188,10 @@ def _operator_publishes_twice_and_cancels(operator: dict[str, str]) -> None:
     unknown = subprocess.run([sys.executable, "-m", "supersede", "cancel", "0-deadbeef"],
                              env=operator, capture_output=True, timeout=60)  # fmt: skip
     assert unknown.returncode == 1 and unknown.stderr == b"supersede: no run '0-deadbeef'\n"
+    # `register` (a pool's workflows ahead of its start) is the operator's too
+    [row] = cli(operator, "register", "tests.support.apps.pool_b")
+    assert row["workflow"] == "resize"
+    assert cli(operator, "retire", "resize")["retired"] == "resize"  # (no pool of it here)
 
 
 async def _reader_pages_live_runs(
