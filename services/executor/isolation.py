@@ -34,6 +34,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from supersede import codec
 from supersede.errors import step_traceback
 from supersede.services.executor.outputs import OutputError, readable
@@ -41,6 +43,9 @@ from supersede.services.modules import import_module
 from supersede.workflow import Context, resolve
 
 log = logging.getLogger("supersede.executor")
+
+FENCE_RETRY_FIRST = 0.05  # s before `ctx.still_current()` reads the fence again after an error
+FENCE_RETRY_MAX = 1.0
 
 STAGES = ("flag", "sigterm", "sigkill", "stopped")  # of a cancel (the stage metric's label)
 
@@ -86,15 +91,23 @@ class _WorkerContext(Context):
         self._renewed = renewed
 
     def still_current_blocking(self, timeout: float = 10.0) -> bool:
-        if self.cancelled:
-            return False
-        claimed, lease = self._lease  # (Runner.lease_held, in the worker)
-        if lease and time.monotonic() - max(self._renewed.value, claimed) >= lease:
-            return False
-        key, group, seq = self._fence_args
-        if not key:
-            return True
-        return bool(self._fence_check(key, group, seq))
+        """As the executor's (Runner._still_current): a read the server fails is made again
+        until it answers, the lease runs out or the run is cancelled (False then)."""
+        pause = FENCE_RETRY_FIRST
+        while True:
+            if self.cancelled:
+                return False
+            claimed, lease = self._lease  # (Runner.lease_held, in the worker)
+            if lease and time.monotonic() - max(self._renewed.value, claimed) >= lease:
+                return False
+            key, group, seq = self._fence_args
+            if not key:
+                return True
+            try:
+                return bool(self._fence_check(key, group, seq))
+            except (RedisError, OSError):
+                time.sleep(pause)
+                pause = min(pause * 2, FENCE_RETRY_MAX)
 
     async def still_current(self) -> bool:
         return await asyncio.to_thread(self.still_current_blocking)

@@ -31,6 +31,11 @@ from supersede.services.executor.steps import Runner
 log = logging.getLogger("supersede.executor")
 
 CHUNK = 1000  # runs per script call (a call blocks the server meanwhile)
+# A run this executor could not renew is stopped this share of a lease before its lease runs
+# out by the executor's clock (from the start of the last heartbeat that went through, which
+# is before the server stamped it), so it no longer runs when the reaper retries it.
+LAPSE_MARGIN = 0.1
+LAPSE_LOOK_EVERY = 0.1  # seconds between two looks for such runs
 READY_PART = "executor"  # the part of the process /readyz reports (the service's name)
 
 
@@ -53,6 +58,8 @@ class LeaseKeeper:
         runner.mark_renewed(time.monotonic())  # (see Runner.lease_held)
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
+        self._lapsing: set[tuple[str, int]] = set()  # told to the loop, maybe not stopped yet
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client = connect_sync(url)  # its own pool: used from this thread and a drain's
         self._script = self._client.register_script(load_source("heartbeat")[0])
@@ -62,6 +69,9 @@ class LeaseKeeper:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
         self._thread.start()
+        # (a thread of its own: a renewal hung on a silent server must not delay it)
+        self._watcher = threading.Thread(target=self._watch, name="lease-watch", daemon=True)
+        self._watcher.start()
 
     async def stop(self, also: Awaitable[None] | None = None) -> None:
         """Stop renewing (after a drain); waits for the thread, and for `also` meanwhile (the
@@ -98,6 +108,31 @@ class LeaseKeeper:
                 late = {"late_s": round(now - last_ok, 3), "pid": os.getpid()}
                 log.warning("heartbeat late: leases may have lapsed", extra=late)
             last_ok = now
+
+    def _watch(self) -> None:
+        """Stop the runs whose leases run out before a renewal went through (Runner.lapsing):
+        the server refused the renewals (its maxmemory reached) or did not answer for about a
+        lease. Their sync steps see `ctx.cancelled` at once; the loop stops the rest."""
+        within = self.config.lease_ms / 1000 * (1 - LAPSE_MARGIN)
+        while not self._halt.wait(LAPSE_LOOK_EVERY):
+            lapsing = self.runner.lapsing(within)
+            self._lapsing.intersection_update(lapsing)  # (stopped since, or renewed)
+            runs = [r for r in lapsing if r not in self._lapsing]
+            if not runs:
+                continue
+            self._lapsing.update(runs)
+            for rid, attempt in runs:
+                run = self.runner.active.get(rid)
+                if run is not None and run.attempt == attempt:
+                    run.ctx._flag.set()
+            renewed = self.runner.renewed_at or 0.0
+            log.warning(
+                "leases not renewed in time: stopping runs before their leases lapse (they are "
+                "retried elsewhere)",
+                extra={"runs": len(runs), "renewed_s_ago": round(time.monotonic() - renewed, 3)},
+            )
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self.runner.let_lapse, runs, within)
 
     def hand_back(
         self, shard: int, runs: list[tuple[str, int]], assign_deadline_ms: int

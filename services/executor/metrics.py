@@ -58,6 +58,12 @@ HANDED_BACK = Counter(
     "(retried at once, no attempt used): counted at the new start, since the draining executor "
     "exits before a scrape could see its own count.",
 )
+LEASES_LAPSED = Counter(
+    "supersede_executor_leases_lapsed_total",
+    "Runs this executor stopped, unreported, because it could not renew their leases in time "
+    "(the server refused or did not answer): the reaper retries them elsewhere, and they must "
+    "not still run here then.",
+)
 HEARTBEATS_LATE = Counter(
     "supersede_executor_heartbeats_late_total",
     "Lease renewals that came more than a lease after the last one that succeeded (a starved "

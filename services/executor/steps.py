@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from supersede import codec, tracing
 from supersede.errors import describe, step_traceback
 from supersede.fencing import fence_of
@@ -35,7 +37,13 @@ from supersede.scripts import Claim
 from supersede.service import STEP_THREAD_PREFIX
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
-from supersede.services.executor.isolation import ProcessPool, StepError, WorkerTerminated
+from supersede.services.executor.isolation import (
+    FENCE_RETRY_FIRST,
+    FENCE_RETRY_MAX,
+    ProcessPool,
+    StepError,
+    WorkerTerminated,
+)
 from supersede.services.executor.outbox import Outbox
 from supersede.services.executor.outputs import OutputError, readable
 from supersede.services.modules import module_file
@@ -132,7 +140,8 @@ class Running:
     # While an async step runs on this run's task (task isolation): a cancel is repeated until
     # it gets out of the step (see Runner.until_out_of_step).
     in_async_step: bool = False
-    # The drain deadline stopped it (Runner.finish_running): not the run's own cancel.
+    # The drain deadline stopped it (Runner.finish_running), or its lease ran out here
+    # (Runner.let_lapse): not the run's own cancel, and nothing is reported.
     drained: bool = False
     # The thread of its last sync step: while that runs, the run is never handed back (it
     # would execute twice at once); its lease lapses instead.
@@ -306,12 +315,71 @@ class Runner:
             return True
         return time.monotonic() - max(self.renewed_at, claimed) < self.config.lease_ms / 1000
 
+    def lapsing(self, within: float) -> list[tuple[str, int]]:
+        """(run id, attempt) of the runs executing here that were neither claimed nor renewed
+        (by a heartbeat that began) within `within` seconds. Read from the lease keeper's
+        thread: retried while the loop changes the dict under the read."""
+        renewed = self.renewed_at
+        now = time.monotonic()
+        if renewed is None or now - renewed < within:  # (no run's lease runs out sooner)
+            return []
+        for _ in range(10):
+            try:
+                runs = list(self.active.values())
+                break
+            except RuntimeError:  # dictionary changed size during iteration
+                continue
+        else:
+            return []
+        return [(r.run_id, r.attempt) for r in runs
+                if not r.reported and now - max(renewed, r.started) >= within]  # fmt: skip
+
+    def let_lapse(self, runs: list[tuple[str, int]], within: float) -> None:
+        """Stop the runs whose leases run out by this process's clock (see `lapsing`; the
+        lease keeper could not renew them: the server refused or did not answer) before the
+        server's lapse: the reaper retries each elsewhere then, and it must not still run here
+        (a server at its maxmemory refused the renewals, and once memory was freed the reaper
+        re-ran runs whose handlers went on here for seconds, strict ones included). Stopped as
+        at a drain deadline, nothing reported: each leaves the slots and the leases renewed
+        here, and runs again once the reaper sees its lease lapse, as after a crash."""
+        for rid, attempt in runs:
+            run = self.active.get(rid)
+            if run is None or run.attempt != attempt or run.reported or run.drained:
+                continue
+            if self.renewed_at is not None and (
+                time.monotonic() - max(self.renewed_at, run.started) < within
+            ):
+                continue  # (renewed since the keeper looked)
+            run.drained = True
+            run.ctx._flag.set()  # (a sync step sees it; a step in a worker is stopped by the
+            del self.active[rid]  # ladder when its task is cancelled with the flag set)
+            metrics.LEASES_LAPSED.inc()
+            self.slot_freed.set()
+            if run.task is not None and not run.task.done():
+                run.task.cancel()
+                if run.in_async_step:  # (a library may swallow the cancel)
+                    later = asyncio.ensure_future(self.until_out_of_step(run, RECANCEL_AFTER))
+                    self._hooks.add(later)
+                    later.add_done_callback(self._hooks.discard)
+
     async def _still_current(self, shard: int, group: str, seq: str, claimed: float) -> bool:
-        if not self.lease_held(claimed):
-            return False
+        """Whether the run's lease is held and no newer run of its group was admitted. While
+        the server fails the read (down, restarting, failing over), asked again until it
+        answers or the lease runs out: False then, as the run is retried elsewhere (the error
+        reached the step, which FAILED runs of ten attempts on their first: a probe)."""
         assert self.fences is not None
-        newest = await self.fences(shard, group)
-        return newest is None or newest.decode() <= seq
+        pause = FENCE_RETRY_FIRST
+        while True:
+            if not self.lease_held(claimed):
+                return False
+            try:
+                newest = await self.fences(shard, group)
+            except (RedisError, OSError) as exc:
+                log.warning("fence not read; asking again", extra={"error": describe(exc)})
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, FENCE_RETRY_MAX)
+                continue
+            return newest is None or newest.decode() <= seq
 
     def _fail_at_once(self, shard: int, claim: Claim, error: str) -> None:
         log.error("claimed run cannot start", extra={"run": claim.run_id, "error": error})

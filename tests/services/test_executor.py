@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,28 +153,28 @@ async def test_a_pool_registered_ahead_keeps_the_events_published_before_it_star
 ) -> None:
     """Events of two pools' workflows wait in the inbox of a new namespace. The first pool to
     start registered only its own workflows, and ingress then acknowledged the other pool's
-    events as unrouted: lost (a black-box probe). `supersede register MODULE` registers a
-    pool's workflows before it runs: its events make runs that wait for it."""
+    events as unrouted: lost (a black-box probe). `supersede register MODULE...` registers
+    the pools' workflows before they run: their events make runs that wait for them."""
     system.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
     system.start("ingress", "--block-ms", "100")
     for i in range(4):
         await publish(redis, keys, "work.item", i=i)
         await publish(redis, keys, "image.uploaded", i=i)
     env = system.env
-    register = [sys.executable, "-m", "supersede", "register", "tests.support.apps.pool_b"]
+    register = [sys.executable, "-m", "supersede", "register", APP, "tests.support.apps.pool_b"]
     done = await asyncio.to_thread(subprocess.run, [*register, "--json"], env=env,
                                    capture_output=True, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    [row] = orjson.loads(done.stdout)
-    assert (row["workflow"], row["events"]) == ("resize", ["image.uploaded"])
-    system.start("executor", APP)  # pool A: the inbox is read once it registered its own
+    rows = {row["workflow"]: row["events"] for row in orjson.loads(done.stdout)}
+    assert len(rows) == APP_WORKFLOWS + 1 and rows["resize"] == ["image.uploaded"]
+    system.start("executor", APP)  # pool A
     await eventually(lambda: _states(redis, keys, {"S": 4, "A": 4}), timeout=30)
     pool_b = system.start("executor", "tests.support.apps.pool_b")
     await eventually(lambda: _states(redis, keys, {"S": 8}), timeout=30)
     ran = [x for x in await log(redis, keys) if x.startswith("ran:resize:")]
     assert sorted(x.rsplit(":", 1)[1] for x in ran) == [str(pool_b.pid)] * 4
     # a module that cannot be loaded, or a definition refused, is one line naming it
-    bad = await asyncio.to_thread(subprocess.run, [*register[:-1], "no.such.module"], env=env,
+    bad = await asyncio.to_thread(subprocess.run, [*register[:-2], "no.such.module"], env=env,
                                   capture_output=True, timeout=60)  # fmt: skip
     err = bad.stderr.decode()
     assert bad.returncode == 2 and "no.such.module" in err and "Traceback" not in err, err
@@ -1363,3 +1363,70 @@ async def test_admission_says_how_long_no_executor_has_served_a_workflow(
         return seconds is not None and seconds > 4
 
     await eventually(unserved_for_a_while, timeout=30)
+
+
+LEDGER_MODULE = """
+import asyncio, os, time
+from supersede import Concurrency, Context, Workflow
+
+LEDGER = os.environ["LEDGER"]
+
+
+def note(*parts: object) -> None:
+    with open(LEDGER, "a") as f:  # (a file: the server refuses writes in this test)
+        f.write(" ".join(str(p) for p in parts) + f" {time.time():.6f}\\n")
+
+
+held = Workflow("held", on_events=["held.go"], concurrency=Concurrency("input.k"))
+
+
+@held.step()
+async def hold(ctx: Context) -> None:
+    note("start", ctx.run_id, ctx.attempt, os.getpid())
+    try:
+        await asyncio.sleep(float(ctx.input["sleep"]) if ctx.attempt == 1 else 0)
+    except asyncio.CancelledError:
+        note("stop", ctx.run_id, ctx.attempt, os.getpid())
+        raise
+    note("end", ctx.run_id, ctx.attempt, os.getpid())
+"""
+
+
+async def test_a_run_whose_lease_cannot_be_renewed_stops_before_it_runs_again_elsewhere(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """At its maxmemory the server refuses the lease renewals (and the reaper's writes). Once
+    memory was freed the reaper, faster than the heartbeat, re-ran the runs whose handlers
+    still ran on the executor that could not renew them: two handlers of one run at once for
+    seconds, strict mode included (a probe). The executor now stops a run it could not renew
+    before its lease runs out, reports nothing, and the reaper retries it."""
+    module = tmp_path / "ledgered.py"
+    module.write_text(LEDGER_MODULE)
+    ledger = tmp_path / "ledger.txt"
+    system.env["LEDGER"] = str(ledger)
+    executor = await _system_with_module(redis, keys, system, module, "held", "--lease", "2")
+    system.start("admission", "--reap-interval", "0.1")  # (a second one: reaps every 0.1 s)
+
+    def lines() -> list[list[str]]:
+        return [x.split() for x in ledger.read_text().splitlines()] if ledger.exists() else []
+
+    def noted(kind: str) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return any(x[0] == kind for x in lines())
+
+        return check
+
+    await publish(redis, keys, "held.go", k="a", sleep=30)
+    await eventually(noted("start"), timeout=30)
+    await redis.config_set("maxmemory", 1)  # (noeviction: every write is refused)
+    try:
+        await eventually(noted("stop"), timeout=10)
+    finally:
+        await redis.config_set("maxmemory", 0)
+    await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
+    [first, stop, second, end] = lines()
+    assert (first[0], stop[0], second[0], end[0]) == ("start", "stop", "start", "end")
+    assert (first[2], stop[2], second[2]) == ("1", "1", "2")
+    assert float(stop[-1]) < float(second[-1])  # stopped before it ran again
+    assert float(stop[-1]) - float(first[-1]) < 2.5  # within its lease of 2 s (and a beat)
+    assert "leases not renewed in time" in await _stderr_after_sigterm(executor)

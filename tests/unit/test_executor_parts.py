@@ -659,3 +659,61 @@ async def test_a_run_waiting_to_retry_past_the_drain_deadline_is_left_to_its_lea
         assert calls[1] - calls[0] >= 0.3 and calls[2] - calls[1] >= 0.6
     assert 0 < step_seconds() - before < 0.25  # (three quick tries; the waits took 0.9 s)
     runner.close()
+
+
+async def test_still_current_asks_again_while_the_server_fails_until_the_lease_ran_out() -> None:
+    """`ctx.still_current()` raised the client's ConnectionError into the step while the
+    server restarted, and the step FAILED a run of ten attempts on its first (a probe). The
+    read is made again until the server answers, or the lease runs out: False then, as the
+    run is retried elsewhere."""
+    import time
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from supersede.services.executor.steps import Runner
+
+    answers: list[Any] = [RedisConnectionError("down"), OSError("refused"), b"0" * 32]
+
+    async def fences(shard: int, group: str) -> bytes | None:
+        answer = answers.pop(0) if answers else RedisConnectionError("down for good")
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[no-any-return]
+
+    runner = Runner([], ExecutorConfig(lease_ms=600), _Outbox(), fences=fences)
+    runner.mark_renewed(time.monotonic())
+    seq = "0" * 31 + "1"
+    assert await runner._still_current(0, "g", seq, time.monotonic()) is True  # (newer: own)
+    assert not answers
+    began = time.monotonic()
+    assert await runner._still_current(0, "g", seq, began) is False  # (the server stays down)
+    assert 0.3 < time.monotonic() - began < 1.5  # until its lease of 0.6 s ran out
+    runner.close()
+
+
+def test_still_current_in_a_worker_process_asks_again_while_the_server_fails() -> None:
+    """The same in a worker process (its own connection): the error reached the step."""
+    import multiprocessing
+    import time
+
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from supersede.services.executor.isolation import _WorkerContext
+
+    errors = [RedisTimeoutError("silent"), ConnectionResetError("reset")]
+
+    def fence_check(key: str, group: str, seq: str) -> bool:
+        if errors:
+            raise errors.pop(0)
+        return True
+
+    renewed = multiprocessing.Value("d", time.monotonic())
+    job = {"id": "0-a", "w": "wf", "a": 1, "in": {}, "md": {}, "ev": "e", "ei": "1-0",
+           "k": "k", "f": "1", "o": {}, "fk": "fences", "g": "g", "s": "0" * 32,
+           "cm": time.monotonic(), "ls": 0.6}  # fmt: skip
+    ctx = _WorkerContext(job, multiprocessing.Event(), fence_check, renewed)
+    assert ctx.still_current_blocking() is True and not errors
+    errors.extend([RedisTimeoutError("silent")] * 1000)
+    began = time.monotonic()
+    assert ctx.still_current_blocking() is False  # (its lease of 0.6 s ran out meanwhile)
+    assert time.monotonic() - began < 1.5
