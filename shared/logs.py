@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -30,6 +31,7 @@ class JsonFormatter(logging.Formatter):
 # traceback is written at most once in TRACE_EVERY (a server down for an hour made each
 # service write a traceback every 0.25-0.5 s: 1.8 MB per 25 s for four services).
 REPEAT_EVERY = 5.0
+_NUMBERS = re.compile(r"\d+")
 TRACE_EVERY = 300.0
 
 
@@ -48,12 +50,15 @@ class Repeats(logging.Filter):
             return True  # (user code's logs are its own)
         try:
             text = str(exc)[:200]
+            # (numbers aside: a refused command quotes its arguments, timestamps among them,
+            # and a failure repeated each second was another line each time)
+            same = _NUMBERS.sub("#", text)
             # the message with its arguments and extra fields (a run id, a task's name): the
             # same failure of another run is another line
             extra = sorted(
                 (k, repr(v)[:100]) for k, v in vars(record).items() if k not in _RESERVED
             )
-            key = (record.name, record.getMessage(), type(exc).__name__, text, repr(extra))
+            key = (record.name, record.getMessage(), type(exc).__name__, same, repr(extra))
         except Exception:  # (an exception whose str() fails: written as it comes)
             return True
         now = time.monotonic()

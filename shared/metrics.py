@@ -6,7 +6,9 @@ to Redis with its scripts loaded, and 503 while its last Redis call failed.
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
@@ -19,7 +21,7 @@ from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from supersede.errors import ConfigError
+from supersede.errors import ConfigError, describe
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -249,18 +251,34 @@ class _Handler(MetricsHandler):
         return
 
 
+log = logging.getLogger("supersede.metrics")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that gave up before its answer (a probe's 1 s timeout against a paused or
+        starved process) is no error: socketserver printed a traceback of several lines to
+        stderr for it, not a JSON line. Anything else is one JSON line."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):  # (BrokenPipe, reset, aborted)
+            return
+        log.warning("a metrics or probe request failed",
+                    extra={"error": describe(exc) if exc else "unknown"})  # fmt: skip
+
+
 def serve(port: int | None, host: str = "0.0.0.0") -> None:
     """Serve /metrics, /healthz and /readyz on `host`:`port` in a daemon thread (0/None: do
     not). A port that cannot be opened is a ConfigError naming the setting."""
     if not port:
         return
     try:
-        server = ThreadingHTTPServer((host, port), _Handler)
+        server = _Server((host, port), _Handler)
     except OSError as exc:
         raise ConfigError(
             f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} (set --metrics-port "
             "to a free port, or 0 to disable; --metrics-host / SUPERSEDE_METRICS_HOST for the "
             "address)"
         ) from None
-    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()

@@ -20,6 +20,7 @@ from redis.exceptions import NoPermissionError
 from supersede import aio
 from supersede.errors import describe
 from supersede.keys import Keys
+from supersede.logs import Sampled
 from supersede.protocol import ASSIGN_DEADLINE_FIELD, PAYLOAD, RunResult
 from supersede.scripts import Scripts, Turn
 from supersede.service import Throttle
@@ -27,6 +28,9 @@ from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 
 log = logging.getLogger("supersede.executor")
+# (lines that repeat while the server is down: written once per 5 s, with how many were not)
+_NOT_WRITTEN_YET = Sampled()
+_NOT_APPLIED = Sampled()
 
 DEADLINE_EVERY = 10.0  # seconds between two reads of admission's assignment deadline
 
@@ -151,8 +155,11 @@ class Outbox:
                         extra={"error": describe(exc)})  # fmt: skip
             return 0
         except Exception as exc:
-            log.warning("results not applied by the finish call; writing them to the streams",
-                        extra={"runs": len(batch), "error": describe(exc)})  # fmt: skip
+            repeats = _NOT_APPLIED.due(type(exc).__name__)
+            if repeats is not None:
+                log.warning("results not applied by the finish call; writing them to the streams",
+                            extra={"runs": len(batch), "error": describe(exc),
+                                   "repeats": repeats})  # fmt: skip
             return 0
 
     async def _write(self, batch: list[tuple[int, bytes, asyncio.Future[int]]]) -> Exception | None:
@@ -168,5 +175,9 @@ class Outbox:
             except Exception as exc:  # redis-py can raise others mid-failover
                 if time.monotonic() > deadline:
                     return exc
-                log.warning("results not written yet; retrying", extra={"runs": len(batch)})
+                repeats = _NOT_WRITTEN_YET.due("write")  # (every 0.2 s while the server is down)
+                if repeats is not None:
+                    log.warning("results not written yet; retrying",
+                                extra={"runs": len(batch), "error": describe(exc),
+                                       "repeats": repeats})  # fmt: skip
                 await asyncio.sleep(0.2)

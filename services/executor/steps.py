@@ -30,6 +30,7 @@ from supersede import codec, tracing
 from supersede.errors import describe, step_traceback
 from supersede.fencing import fence_of
 from supersede.keys import Keys
+from supersede.logs import Sampled
 from supersede.metrics import HOP_SECONDS
 from supersede.model import group_id
 from supersede.protocol import Outcome, RunResult, unpack_input
@@ -50,6 +51,7 @@ from supersede.services.modules import module_file
 from supersede.workflow import Context, Step, Workflow
 
 log = logging.getLogger("supersede.executor")
+_NOT_WRITTEN = Sampled()  # "result not written" lines: one per 5 s of a kind, with repeats
 
 OUTCOME_LABEL = {
     Outcome.SUCCEEDED: "succeeded",
@@ -843,9 +845,13 @@ class Runner:
                 self.awaiting[run.run_id] = Reported(
                     run.run_id, run.shard, run.attempt, result, resend_at, turn=turn
                 )
-        except Exception:
+        except Exception as exc:
             # Not written: the run's lease expires and the reaper retries it elsewhere.
-            log.exception("result not written", extra={"run": run.run_id})
+            repeats = _NOT_WRITTEN.due(type(exc).__name__)  # (each run's, in an outage)
+            if repeats is not None:
+                log.warning("result not written: the run is retried once its lease lapses",
+                            extra={"run": run.run_id, "error": describe(exc),
+                                   "repeats": repeats})  # fmt: skip
         finally:
             metrics.RUNS_FINISHED.labels(run.workflow.id, OUTCOME_LABEL[outcome]).inc()
             if self.active.get(run.run_id) is run:  # a newer attempt may hold the id now

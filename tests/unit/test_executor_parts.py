@@ -717,3 +717,40 @@ def test_still_current_in_a_worker_process_asks_again_while_the_server_fails() -
     began = time.monotonic()
     assert ctx.still_current_blocking() is False  # (its lease of 0.6 s ran out meanwhile)
     assert time.monotonic() - began < 1.5
+
+
+async def test_results_waiting_for_a_server_that_is_down_log_one_line_per_window(
+    caplog: Any,
+) -> None:
+    """The outbox retries a write every 0.2 s for up to a lease: each retry wrote a warning
+    (175-191 lines per executor in a 40 s outage, a probe). One line per window now, with the
+    error and how many were not written."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from supersede.keys import Keys
+    from supersede.protocol import Outcome, RunResult
+    from supersede.services.executor import outbox
+
+    class _Down:
+        def pipeline(self, transaction: bool = False) -> Any:
+            return self
+
+        async def __aenter__(self) -> Any:
+            return self
+
+        async def __aexit__(self, *exc: Any) -> None:
+            return None
+
+        def xadd(self, *args: Any) -> None:
+            return None
+
+        async def execute(self) -> None:
+            raise RedisConnectionError("Error 111 connecting")
+
+    box = outbox.Outbox(_Down(), Keys("ns", 1), ExecutorConfig(lease_ms=1000))
+    result = RunResult("0-a", 1, Outcome.SUCCEEDED, "", None, 0)
+    with caplog.at_level("WARNING", logger="supersede.executor"):
+        error = await box._write([(0, result.pack(), None)])
+    assert isinstance(error, RedisConnectionError)
+    lines = [r for r in caplog.records if r.getMessage() == "results not written yet; retrying"]
+    assert len(lines) == 1 and "Error 111" in str(vars(lines[0])["error"]), lines

@@ -693,6 +693,20 @@ def test_a_failure_that_repeats_is_logged_once_per_window_with_one_traceback(
                             (Unprintable, Unprintable(), None))  # fmt: skip
     assert repeats.filter(bad) and repeats.filter(bad)
 
+    # A refused command quotes its arguments, timestamps among them: each second's was
+    # another text, so each wrote a traceback (a server at its maxmemory: 130 KB a minute)
+    def refused(ms: int) -> logging.LogRecord:
+        try:
+            raise ConnectionError(f"OOM command not allowed (HSET served p-fast {ms})")
+        except ConnectionError:
+            return logging.LogRecord(
+                "supersede.x", logging.ERROR, "f", 1, "registry check failed", (), sys.exc_info()
+            )
+
+    assert repeats.filter(refused(1796518052808))
+    clock[0] += 1
+    assert not repeats.filter(refused(1796518053808))
+
 
 async def test_a_server_that_never_answers_is_named_as_such_not_as_a_tls_mismatch() -> None:
     """A stopped server (SIGSTOP) made every command say "rediss:// only for a server with
@@ -842,3 +856,30 @@ sys.exit(asyncio.run(_until_interrupted(stubborn, [])))
     assert done.returncode == 130, done.stderr.decode()[-2000:]
     assert done.stderr == b"supersede: interrupted\n"
     assert time.monotonic() - started < 10  # (a cancel a second: the command took 20 s)
+
+
+def test_a_probe_client_that_gave_up_writes_no_traceback(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A probe with a 1 s timeout against a paused process: socketserver printed a traceback
+    of 21 lines, not JSON, to stderr for each (a probe). None now; another failure of a
+    request is one log line."""
+    from supersede import metrics
+
+    server = metrics._Server(("127.0.0.1", 0), metrics._Handler)
+    try:
+        for gone in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset")):
+            try:
+                raise gone
+            except OSError:
+                server.handle_error(None, ("127.0.0.1", 1))
+        assert capsys.readouterr().err == "" and not caplog.records
+        try:
+            raise ValueError("bad request line")
+        except ValueError:
+            server.handle_error(None, ("127.0.0.1", 1))
+        assert capsys.readouterr().err == ""
+        [line] = caplog.records
+        assert "ValueError: bad request line" in str(vars(line)["error"])
+    finally:
+        server.server_close()
