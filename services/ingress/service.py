@@ -172,7 +172,8 @@ def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int, s
         )
     raw_name = fields.get(Inbox.NAME)
     if not raw_name:
-        raise BadEvent(Reason.MISSING_NAME, "the entry has no `name` field")
+        said = "no `name` field" if raw_name is None else "an empty `name`"
+        raise BadEvent(Reason.MISSING_NAME, f"the entry has {said}")
     try:
         name = raw_name.decode("utf-8")
         raw_id = fields.get(Inbox.ID)

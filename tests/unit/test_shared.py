@@ -883,3 +883,14 @@ def test_a_probe_client_that_gave_up_writes_no_traceback(
         assert "ValueError: bad request line" in str(vars(line)["error"])
     finally:
         server.server_close()
+
+
+def test_an_entry_with_an_empty_name_is_told_apart_from_one_without() -> None:
+    """An empty `name` was dead-lettered with "the entry has no `name` field" (a probe)."""
+    from supersede.services.ingress.service import BadEvent, parse_event
+
+    for fields, said in (({b"data": b"{}"}, "no `name` field"),
+                         ({b"name": b"", b"data": b"{}"}, "an empty `name`")):  # fmt: skip
+        with pytest.raises(BadEvent) as refused:
+            parse_event(b"1-0", fields, 1 << 20, 10)
+        assert refused.value.reason == "missing_name" and refused.value.detail.endswith(said)
