@@ -414,7 +414,8 @@ def timeline(run: RunRecord) -> list[dict[str, Any]]:
         if run.hand_backs:  # (those starts used none of max_attempts)
             attempt += f"; {run.hand_backs} handed back by draining executors"
         out.append({"at_ms": run.assigned_ms, "event": f"assigned ({attempt})"})
-    if run.claimed_ms:
+    # (a retried run not claimed again keeps the earlier attempt's claim: shown above)
+    if run.claimed_ms and run.claimed_ms >= (run.assigned_ms or 0):
         out.append({"at_ms": run.claimed_ms, "event": f"claimed by {run.executor or '?'}"})
     if run.cancel_decided_ms:
         by = f" by {run.cancelled_by}" if run.cancelled_by else ""

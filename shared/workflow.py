@@ -17,6 +17,7 @@ and raises DefinitionError naming the field, which stops `supersede executor` at
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib
 import inspect
 from collections.abc import Awaitable, Callable
@@ -158,6 +159,9 @@ class Context:
         self._flag: _Flag = _Flag()
         self._loop = loop
         self._waiter: asyncio.Future[None] | None = None
+        # how long `still_current_blocking()` waits for the loop's answer unless told: the
+        # executor sets it to a lease and a second (the answer comes within the lease)
+        self._answer_within = 10.0
 
     @property
     def cancelled(self) -> bool:
@@ -187,8 +191,10 @@ class Context:
             return False
         return True if self._current is None else await self._current()
 
-    def still_current_blocking(self, timeout: float = 10.0) -> bool:
-        """`still_current()` for a sync step (it runs in a thread; not on the event loop)."""
+    def still_current_blocking(self, timeout: float | None = None) -> bool:
+        """`still_current()` for a sync step (it runs in a thread; not on the event loop).
+        False when no answer came within `timeout` seconds (default: the run's lease and a
+        second; the event loop blocked, say): not known to be current."""
         if self.cancelled:
             return False
         loop = self._loop
@@ -200,7 +206,12 @@ class Context:
             running = None
         if running is loop:
             raise RuntimeError("still_current_blocking() on the event loop: await still_current()")
-        return asyncio.run_coroutine_threadsafe(self.still_current(), loop).result(timeout)
+        answer = asyncio.run_coroutine_threadsafe(self.still_current(), loop)
+        try:
+            return answer.result(self._answer_within if timeout is None else timeout)
+        except concurrent.futures.TimeoutError:
+            answer.cancel()
+            return False
 
     async def wait_cancelled(self) -> None:
         """Resolves when the run is cancelled."""

@@ -108,7 +108,7 @@ local function endRun(rid, rec, state, why, by, unranked)
   local was = rec.st
   rec.st = state
   rec.t3 = now
-  rec.h = nil
+  rec.h, rec.ai, rec.ra, rec.tr = nil, nil, nil, nil   -- (of a wait for a claim: over)
   if why then rec.why = why end
   if by then rec.by = by end
   if rec['in'] ~= nil then   -- (an input kept in the record goes with the run's end)

@@ -34,8 +34,12 @@ class Claimer:
         self.config = config
         self.runner = runner
         self.cancels = cancels
+        # (monotonic) when the last `take` call was sent: the server stamps the leases of the
+        # runs it claims after that, so their leases run from no earlier (Running.leased_at)
+        self.asked = 0.0
 
     async def claim_and_start(self, items: list[Fetched]) -> None:
+        asked = time.monotonic()
         by_shard: dict[int, list[Assigned]] = {}
         for shard, stream, entry_id, rid, attempt in items:
             by_shard.setdefault(shard, []).append((stream, entry_id, rid, attempt))
@@ -49,7 +53,7 @@ class Claimer:
             for (_, entry, _, _), claim in zip(by_shard[shard], claims, strict=True):
                 if claim.claimed:
                     claimed.append((shard, entry, claim))
-        self.start_taken(claimed, len(items) - len(claimed), now)
+        self.start_taken(claimed, len(items) - len(claimed), now, asked)
 
     async def take(
         self, streams: Sequence[tuple[str, int]], want: int, *, deep: bool = False
@@ -58,6 +62,7 @@ class Claimer:
         `deep`: each asked for all still wanted) and claim them, in one call (one server only);
         `start_taken` starts the runs."""
         started = time.time()
+        self.asked = time.monotonic()
         taken = await self.scripts.take(
             self.consumer, streams, want=want, lease_ms=self.config.lease_ms, deep=deep
         )
@@ -65,18 +70,24 @@ class Claimer:
         return taken
 
     def start_taken(
-        self, items: Sequence[tuple[int, bytes | str, Claim]], refused: int, now: float = 0.0
+        self,
+        items: Sequence[tuple[int, bytes | str, Claim]],
+        refused: int,
+        now: float = 0.0,
+        asked: float = 0.0,
     ) -> None:
         """Start the runs a `take` or claim call claimed: (shard, assignment entry id, run);
-        their queue wait runs to `now` (the read; default: this moment)."""
+        their queue wait runs to `now` (the read; default: this moment), their leases from
+        `asked` (monotonic: when the call was sent; default: the last `take`'s)."""
         if refused:
             metrics.CLAIMS_REFUSED.inc(refused)
         now = now or time.time()
+        asked = asked or self.asked
         for shard, entry, claim in items:
             waited = max(0.0, now * 1000 - entry_ms(entry)) / 1000
             metrics.QUEUE_WAIT_SECONDS.observe(waited)
             HOP_SECONDS.labels("assignments").observe(waited)
-            self._start(shard, claim, now)
+            self._start(shard, claim, now, asked)
 
     def start_handed(self, shard: int, claims: Sequence[Claim]) -> None:
         """Start the runs an admit call claimed for this executor (`supersede serve`'s
@@ -89,13 +100,13 @@ class Claimer:
             if run is not None and claim.state == "X":
                 self.cancels.cancel_local(claim.run_id, claim.attempt, now * 1000)
 
-    def _start(self, shard: int, claim: Claim, now: float) -> Running | None:
+    def _start(self, shard: int, claim: Claim, now: float, asked: float = 0.0) -> Running | None:
         held = self.runner.active.get(claim.run_id)
         if held is not None and held.attempt != claim.attempt:
             # The reaper retried a run still executing here (its lease lapsed): that attempt
             # is no longer this executor's to finish.
             self.cancels.cancel_local(claim.run_id, held.attempt, now * 1000)
-        run = self.runner.start(shard, claim)
+        run = self.runner.start(shard, claim, leased_at=asked)
         if run is not None:
             self.cancels.apply_early(run)
         return run

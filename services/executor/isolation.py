@@ -34,7 +34,14 @@ from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    ReadOnlyError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede import codec
 from supersede.errors import step_traceback
@@ -46,6 +53,12 @@ log = logging.getLogger("supersede.executor")
 
 FENCE_RETRY_FIRST = 0.05  # s before `ctx.still_current()` reads the fence again after an error
 FENCE_RETRY_MAX = 1.0
+# The client's errors of a server that is down, restarting, loading or failing over: the read
+# is made again (a refused right, a wrong command or bad data is not).
+SERVER_UNAVAILABLE: tuple[type[Exception], ...] = (
+    RedisConnectionError, RedisTimeoutError, BusyLoadingError, TryAgainError, ClusterDownError,
+    ReadOnlyError, ConnectionError, TimeoutError,
+)  # fmt: skip
 
 STAGES = ("flag", "sigterm", "sigkill", "stopped")  # of a cancel (the stage metric's label)
 
@@ -90,7 +103,7 @@ class _WorkerContext(Context):
         self._lease = (float(job.get("cm", 0.0)), float(job.get("ls", 0.0)))
         self._renewed = renewed
 
-    def still_current_blocking(self, timeout: float = 10.0) -> bool:
+    def still_current_blocking(self, timeout: float | None = None) -> bool:
         """As the executor's (Runner._still_current): a read the server fails is made again
         until it answers, the lease runs out or the run is cancelled (False then)."""
         pause = FENCE_RETRY_FIRST
@@ -105,7 +118,7 @@ class _WorkerContext(Context):
                 return True
             try:
                 return bool(self._fence_check(key, group, seq))
-            except (RedisError, OSError):
+            except SERVER_UNAVAILABLE:
                 time.sleep(pause)
                 pause = min(pause * 2, FENCE_RETRY_MAX)
 

@@ -12,6 +12,7 @@ each finish call sets (see outbox.FinishHere) confirms a whole turn with one rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -59,7 +60,6 @@ class LeaseKeeper:
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
-        self._lapsing: set[tuple[str, int]] = set()  # told to the loop, maybe not stopped yet
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client = connect_sync(url)  # its own pool: used from this thread and a drain's
         self._script = self._client.register_script(load_source("heartbeat")[0])
@@ -81,6 +81,8 @@ class LeaseKeeper:
         waits: list[Awaitable[Any]] = [] if also is None else [also]
         if self._thread is not None:  # (a beat hung on a silent server: 2 s at most)
             waits.append(asyncio.to_thread(self._thread.join, 2))
+        if self._watcher is not None:
+            waits.append(asyncio.to_thread(self._watcher.join, 1))
         await asyncio.gather(*waits)
         self._client.close()
 
@@ -112,27 +114,27 @@ class LeaseKeeper:
     def _watch(self) -> None:
         """Stop the runs whose leases run out before a renewal went through (Runner.lapsing):
         the server refused the renewals (its maxmemory reached) or did not answer for about a
-        lease. Their sync steps see `ctx.cancelled` at once; the loop stops the rest."""
+        lease. Marked here, so that neither a step that sees its flag nor the loop, however
+        late it comes to them, takes it for the run's own cancel; their sync steps see
+        `ctx.cancelled` at once, and the loop stops the rest (Runner.let_lapse)."""
         within = self.config.lease_ms / 1000 * (1 - LAPSE_MARGIN)
         while not self._halt.wait(LAPSE_LOOK_EVERY):
-            lapsing = self.runner.lapsing(within)
-            self._lapsing.intersection_update(lapsing)  # (stopped since, or renewed)
-            runs = [r for r in lapsing if r not in self._lapsing]
+            runs = self.runner.lapsing(within)
             if not runs:
                 continue
-            self._lapsing.update(runs)
-            for rid, attempt in runs:
-                run = self.runner.active.get(rid)
-                if run is not None and run.attempt == attempt:
-                    run.ctx._flag.set()
+            for run in runs:
+                run.lapsed = True  # (renewed no more)
+                run.drained = True  # (not the run's own cancel: nothing is reported)
+                run.ctx._flag.set()
             renewed = self.runner.renewed_at or 0.0
             log.warning(
                 "leases not renewed in time: stopping runs before their leases lapse (they are "
                 "retried elsewhere)",
                 extra={"runs": len(runs), "renewed_s_ago": round(time.monotonic() - renewed, 3)},
             )
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self.runner.let_lapse, runs, within)
+            if self._loop is not None and not self._halt.is_set():
+                with contextlib.suppress(RuntimeError):  # (the loop closed: the process ends)
+                    self._loop.call_soon_threadsafe(self.runner.let_lapse, runs)
 
     def hand_back(
         self, shard: int, runs: list[tuple[str, int]], assign_deadline_ms: int
@@ -155,7 +157,7 @@ class LeaseKeeper:
                 return self.runner.leased()
             except RuntimeError:  # dictionary changed size during iteration
                 continue
-        return []
+        raise RuntimeError("the runs to renew changed under each of 10 reads")  # (no renewal)
 
     def beat(self) -> None:
         """One heartbeat: renew, and hand back what the script names (blocking: call it from

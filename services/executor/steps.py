@@ -24,8 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from supersede import codec, tracing
 from supersede.errors import describe, step_traceback
 from supersede.fencing import fence_of
@@ -41,6 +39,7 @@ from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.isolation import (
     FENCE_RETRY_FIRST,
     FENCE_RETRY_MAX,
+    SERVER_UNAVAILABLE,
     ProcessPool,
     StepError,
     WorkerTerminated,
@@ -52,6 +51,7 @@ from supersede.workflow import Context, Step, Workflow
 
 log = logging.getLogger("supersede.executor")
 _NOT_WRITTEN = Sampled()  # "result not written" lines: one per 5 s of a kind, with repeats
+_FENCE_NOT_READ = Sampled()
 
 OUTCOME_LABEL = {
     Outcome.SUCCEEDED: "succeeded",
@@ -129,6 +129,11 @@ class Running:
     cancel_decided_ms: float | None = None  # set once a cancel arrived
     reported: bool = False
     started: float = field(default_factory=time.monotonic)  # claimed (monotonic clock)
+    # (monotonic) no later than the server stamped its lease: when the claim call was sent
+    leased_at: float = 0.0
+    # Its lease could not be renewed in time: stopped, unreported (Runner.let_lapse); it
+    # keeps its slot until its task ended, and is renewed no more.
+    lapsed: bool = False
     handler_started_us: int = 0  # wall clock, a point of the run's path; 0: never started
     span: Any = None  # the run's span on this executor (tracing on)
     fence_at: tuple[int, str] | None = None  # (shard, group) whose fence still_current() reads
@@ -207,6 +212,7 @@ class Runner:
         # executor to hand back (lua/hand_back.lua); `left_added` is set as one is added
         self.left: list[tuple[int, str, int]] = []
         self._hooks: set[asyncio.Future[None]] = set()  # on_cancel hooks run after a report
+        self._pending: set[asyncio.Future[None]] = set()  # repeated cancels of lapsed runs
         self.left_added = asyncio.Event()
         self.drain_deadline = math.inf  # the loop's time the drain ends by, once it drains
         self.renewed_at: float | None = None  # see `lease_held` (None: no lease keeper)
@@ -226,7 +232,7 @@ class Runner:
             if n:
                 self.slot_freed.set()
 
-    def start(self, shard: int, claim: Claim) -> Running | None:
+    def start(self, shard: int, claim: Claim, leased_at: float = 0.0) -> Running | None:
         """Start a claimed run as a task. A run of a workflow this process lacks, or whose
         input cannot be decoded, fails at once (None): one bad assignment never stops the
         fetch loop."""
@@ -264,6 +270,8 @@ class Runner:
             self._fail_at_once(shard, claim, "unknown workflow")
             return None
         run = Running(claim.run_id, shard, claim.attempt, wf, ctx, fence_at=fence_at)
+        run.leased_at = leased_at or run.started
+        ctx._answer_within = self.config.lease_ms / 1000 + 1.0  # (still_current_blocking)
         if self.tracer:
             run.span = self.tracer.start_span(
                 "supersede.run",
@@ -317,10 +325,10 @@ class Runner:
             return True
         return time.monotonic() - max(self.renewed_at, claimed) < self.config.lease_ms / 1000
 
-    def lapsing(self, within: float) -> list[tuple[str, int]]:
-        """(run id, attempt) of the runs executing here that were neither claimed nor renewed
-        (by a heartbeat that began) within `within` seconds. Read from the lease keeper's
-        thread: retried while the loop changes the dict under the read."""
+    def lapsing(self, within: float) -> list[Running]:
+        """The runs executing here that were neither claimed nor renewed (by a heartbeat that
+        began) within `within` seconds, and not stopped for it yet. Read from the lease
+        keeper's thread: retried while the loop changes the dict under the read."""
         renewed = self.renewed_at
         now = time.monotonic()
         if renewed is None or now - renewed < within:  # (no run's lease runs out sooner)
@@ -333,36 +341,30 @@ class Runner:
                 continue
         else:
             return []
-        return [(r.run_id, r.attempt) for r in runs
-                if not r.reported and now - max(renewed, r.started) >= within]  # fmt: skip
+        return [r for r in runs if not r.reported and not r.lapsed
+                and now - max(renewed, r.leased_at or r.started) >= within]  # fmt: skip
 
-    def let_lapse(self, runs: list[tuple[str, int]], within: float) -> None:
+    def let_lapse(self, runs: list[Running]) -> None:
         """Stop the runs whose leases run out by this process's clock (see `lapsing`; the
         lease keeper could not renew them: the server refused or did not answer) before the
         server's lapse: the reaper retries each elsewhere then, and it must not still run here
         (a server at its maxmemory refused the renewals, and once memory was freed the reaper
-        re-ran runs whose handlers went on here for seconds, strict ones included). Stopped as
-        at a drain deadline, nothing reported: each leaves the slots and the leases renewed
-        here, and runs again once the reaper sees its lease lapse, as after a crash."""
-        for rid, attempt in runs:
-            run = self.active.get(rid)
-            if run is None or run.attempt != attempt or run.reported or run.drained:
+        re-ran runs whose handlers went on here for seconds, strict ones included). The lease
+        keeper's thread marked them (`lapsed`, `drained`: not the run's own cancel, nothing
+        is reported) and raised their flags; here their tasks are cancelled as at a drain
+        deadline (a step in a worker process is killed at once). Each keeps its slot until
+        its task ended, and is renewed no more: it runs again once the reaper sees its lease
+        lapse, as after a crash."""
+        for run in runs:
+            if self.active.get(run.run_id) is not run or run.reported:
                 continue
-            if self.renewed_at is not None and (
-                time.monotonic() - max(self.renewed_at, run.started) < within
-            ):
-                continue  # (renewed since the keeper looked)
-            run.drained = True
-            run.ctx._flag.set()  # (a sync step sees it; a step in a worker is stopped by the
-            del self.active[rid]  # ladder when its task is cancelled with the flag set)
             metrics.LEASES_LAPSED.inc()
-            self.slot_freed.set()
             if run.task is not None and not run.task.done():
                 run.task.cancel()
                 if run.in_async_step:  # (a library may swallow the cancel)
-                    later = asyncio.ensure_future(self.until_out_of_step(run, RECANCEL_AFTER))
-                    self._hooks.add(later)
-                    later.add_done_callback(self._hooks.discard)
+                    again = asyncio.ensure_future(self.until_out_of_step(run, RECANCEL_AFTER))
+                    self._pending.add(again)
+                    again.add_done_callback(self._pending.discard)
 
     async def _still_current(self, shard: int, group: str, seq: str, claimed: float) -> bool:
         """Whether the run's lease is held and no newer run of its group was admitted. While
@@ -371,13 +373,18 @@ class Runner:
         reached the step, which FAILED runs of ten attempts on their first: a probe)."""
         assert self.fences is not None
         pause = FENCE_RETRY_FIRST
+        lease = self.config.lease_ms / 1000
         while True:
             if not self.lease_held(claimed):
                 return False
-            try:
-                newest = await self.fences(shard, group)
-            except (RedisError, OSError) as exc:
-                log.warning("fence not read; asking again", extra={"error": describe(exc)})
+            left = lease - (time.monotonic() - max(self.renewed_at or claimed, claimed))
+            try:  # (bounded: a silent server holds a read past the lease otherwise)
+                newest = await asyncio.wait_for(self.fences(shard, group), max(0.05, left))
+            except SERVER_UNAVAILABLE as exc:  # (TimeoutError among them: wait_for's)
+                repeats = _FENCE_NOT_READ.due(type(exc).__name__)
+                if repeats is not None:
+                    log.warning("fence not read; asking again until the lease runs out",
+                                extra={"error": describe(exc), "repeats": repeats})  # fmt: skip
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, FENCE_RETRY_MAX)
                 continue
@@ -407,10 +414,11 @@ class Runner:
         except asyncio.CancelledError:
             if run.cancel_decided_ms is None:
                 if run.span is not None:
-                    tracing.end_run(run.span, "HANDED_BACK", "")
-                if self.stopping.is_set() and self.active.get(run.run_id) is run:
+                    tracing.end_run(run.span, "LEASE_LAPSED" if run.lapsed else "HANDED_BACK", "")
+                if (self.stopping.is_set() or run.lapsed) and self.active.get(run.run_id) is run:
                     del self.active[run.run_id]  # (renewed no more; a heartbeat that names
                     # it must not report the old attempt CANCELLED after the grace period)
+                    self.slot_freed.set()
                 self._leave(run)
                 raise  # shutdown: the run is handed back (or left to its lease)
             # The cancel (repeated, maybe: see Runner.until_out_of_step) is handled: none
@@ -664,7 +672,8 @@ class Runner:
             return await self.processes.call(
                 job,
                 timeout=step.timeout,
-                cancelled=lambda: ctx.cancelled,
+                # (a drain deadline or a lapsed lease kills the worker at once: no ladder)
+                cancelled=lambda: ctx.cancelled and not run.drained,
                 stage=lambda stage: self.stage(run, stage),
             )
         except TimeoutError:
@@ -847,8 +856,9 @@ class Runner:
                 )
         except Exception as exc:
             # Not written: the run's lease expires and the reaper retries it elsewhere.
-            repeats = _NOT_WRITTEN.due(type(exc).__name__)  # (each run's, in an outage)
-            if repeats is not None:
+            if not isinstance(exc, SERVER_UNAVAILABLE):  # (a defect: its stack)
+                log.exception("result not written", extra={"run": run.run_id})
+            elif (repeats := _NOT_WRITTEN.due(type(exc).__name__)) is not None:  # (each run's)
                 log.warning("result not written: the run is retried once its lease lapses",
                             extra={"run": run.run_id, "error": describe(exc),
                                    "repeats": repeats})  # fmt: skip
@@ -864,7 +874,7 @@ class Runner:
         known to have survived (turn: the finish call's that applied it, 0 for the results
         stream). A run id appears once: a claim of a newer attempt drops the older one from
         `awaiting`."""
-        out = [(r.shard, r.run_id, r.attempt, 0) for r in self.active.values()]
+        out = [(r.shard, r.run_id, r.attempt, 0) for r in self.active.values() if not r.lapsed]
         out += [(r.shard, r.run_id, r.attempt, r.turn) for r in self.awaiting.values()
                 if r.run_id not in self.active]  # fmt: skip
         return out

@@ -101,6 +101,13 @@ def activity(series: list[tuple[int, int, int]], width: int = 600, height: int =
     )
 
 
+def _limit_notes(w: dict[str, Any]) -> str:
+    """A workflow's scope and debounce window, after its strategy."""
+    notes = [f"scope {w['scope']}"] if w.get("scope") else []
+    notes += [debounced(w)] if w.get("debounce_ms") else []
+    return "".join(f" <span class=muted>{esc(n)}</span>" for n in notes)
+
+
 def overview(s: dict[str, Any], series: list[tuple[int, int, int]]) -> str:
     wf_rows = []
     for name, w in s["workflows"].items():
@@ -109,10 +116,7 @@ def overview(s: dict[str, Any], series: list[tuple[int, int, int]]) -> str:
             [
                 f'<a href="/runs?{q(workflow=name)}">{esc(name)}</a>',
                 esc(", ".join(w.get("events") or [])),
-                esc(w.get("strategy") or "—")
-                + (
-                    f" <span class=muted>{esc(debounced(w))}</span>" if w.get("debounce_ms") else ""
-                ),
+                esc(w.get("strategy") or "—") + _limit_notes(w),
                 f"<code>{esc(w.get('key') or '')}</code>",
                 esc(w.get("max_runs") if w.get("max_runs") is not None else "—"),
                 esc("yes" if w.get("strict") else ""),

@@ -281,4 +281,5 @@ async def test_status_shows_a_workflow_s_debounce_window_and_scope(
     [row] = [line for line in text.splitlines() if line.startswith("autosave")]
     assert "scope docs, debounced 300 ms (at most 2000 ms)" in row
     assert "debounced" not in text.replace(row, "")
-    assert "debounced 300 ms (at most 2000 ms)" in overview(status, [])
+    page = overview(status, [])
+    assert "debounced 300 ms (at most 2000 ms)" in page and "scope docs" in page

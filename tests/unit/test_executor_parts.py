@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -669,10 +670,11 @@ async def test_still_current_asks_again_while_the_server_fails_until_the_lease_r
     import time
 
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoPermissionError
 
     from supersede.services.executor.steps import Runner
 
-    answers: list[Any] = [RedisConnectionError("down"), OSError("refused"), b"0" * 32]
+    answers: list[Any] = [RedisConnectionError("down"), ConnectionRefusedError(), b"0" * 32]
 
     async def fences(shard: int, group: str) -> bytes | None:
         answer = answers.pop(0) if answers else RedisConnectionError("down for good")
@@ -688,7 +690,42 @@ async def test_still_current_asks_again_while_the_server_fails_until_the_lease_r
     began = time.monotonic()
     assert await runner._still_current(0, "g", seq, began) is False  # (the server stays down)
     assert 0.3 < time.monotonic() - began < 1.5  # until its lease of 0.6 s ran out
+    # a refused right or a wrong command is no outage: raised at once, not asked for ever
+    answers.append(NoPermissionError("no rights on the fences hash"))
+    runner.mark_renewed(time.monotonic())
+    with pytest.raises(NoPermissionError):
+        await runner._still_current(0, "g", seq, time.monotonic())
+
+    # a read that hangs (a silent server) is bounded by the lease too
+    async def silent(shard: int, group: str) -> bytes | None:
+        await asyncio.sleep(60)
+        return None
+
+    runner.fences = silent
+    runner.mark_renewed(time.monotonic())
+    began = time.monotonic()
+    assert await runner._still_current(0, "g", seq, began) is False
+    assert time.monotonic() - began < 1.5
     runner.close()
+
+
+async def test_still_current_blocking_is_false_when_no_answer_comes_in_time() -> None:
+    """In a sync step it waited 10 s for the loop's answer and then raised TimeoutError into
+    the step; now an answer that does not come in time is False (not known to be current)."""
+    import time
+
+    from supersede.workflow import Context
+
+    async def never() -> bool:
+        await asyncio.sleep(60)
+        return True
+
+    ctx = Context(run_id="0-a", workflow="wf", attempt=1, input={}, metadata={},
+                  loop=asyncio.get_running_loop(), current=never)  # fmt: skip
+    ctx._answer_within = 0.3
+    began = time.monotonic()
+    assert await asyncio.to_thread(ctx.still_current_blocking) is False
+    assert time.monotonic() - began < 2
 
 
 def test_still_current_in_a_worker_process_asks_again_while_the_server_fails() -> None:
@@ -720,7 +757,7 @@ def test_still_current_in_a_worker_process_asks_again_while_the_server_fails() -
 
 
 async def test_results_waiting_for_a_server_that_is_down_log_one_line_per_window(
-    caplog: Any,
+    caplog: Any, monkeypatch: Any
 ) -> None:
     """The outbox retries a write every 0.2 s for up to a lease: each retry wrote a warning
     (175-191 lines per executor in a 40 s outage, a probe). One line per window now, with the
@@ -747,6 +784,9 @@ async def test_results_waiting_for_a_server_that_is_down_log_one_line_per_window
         async def execute(self) -> None:
             raise RedisConnectionError("Error 111 connecting")
 
+    from supersede.logs import Sampled
+
+    monkeypatch.setattr(outbox, "_NOT_WRITTEN_YET", Sampled())  # (another test's lines aside)
     box = outbox.Outbox(_Down(), Keys("ns", 1), ExecutorConfig(lease_ms=1000))
     result = RunResult("0-a", 1, Outcome.SUCCEEDED, "", None, 0)
     with caplog.at_level("WARNING", logger="supersede.executor"):
