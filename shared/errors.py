@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from supersede.protocol import Reason
 
 
@@ -92,9 +94,15 @@ class KeyExpressionError(SupersedeError):
         super().__init__(f"{reason}: {detail}")
 
 
+_PIPELINE_ARGS = re.compile(r"Command # (\d+) \(.*?\) of pipeline caused error: ", re.DOTALL)
+
+
 def describe(exc: BaseException) -> str:
-    """One line for a log field or a dead letter: the exception's class and message, cut."""
+    """One line for a log field or a dead letter: the exception's class and message, cut. A
+    failed pipeline's command is named by its number, not quoted: its arguments are data (a
+    result's outputs, an event's input) that logs must not carry."""
     message = str(exc)  # (some have none: msgpack's FormatError, StackError)
+    message = _PIPELINE_ARGS.sub(r"command \1 of a pipeline: ", message)
     return (f"{type(exc).__name__}: {message}" if message else type(exc).__name__)[:500]
 
 

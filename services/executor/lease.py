@@ -23,6 +23,7 @@ from typing import Any
 from supersede.config import connect_sync
 from supersede.errors import describe
 from supersede.keys import Keys
+from supersede.logs import Sampled
 from supersede.metrics import report
 from supersede.scripts import HandBackResult, hand_back_call, load_source
 from supersede.services.executor import metrics
@@ -30,6 +31,7 @@ from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.steps import Runner
 
 log = logging.getLogger("supersede.executor")
+_TURNS_NOT_READ = Sampled()
 
 CHUNK = 1000  # runs per script call (a call blocks the server meanwhile)
 # A run this executor could not renew is stopped this share of a lease before its lease runs
@@ -206,7 +208,10 @@ class LeaseKeeper:
                     pipe.get(self.keys.shard(shard).turn_string(self.consumer))
                 values = pipe.execute()
         except Exception as exc:  # (the leases still get renewed, one run at a time)
-            log.warning("turn keys not read", extra={"error": describe(exc)})
+            repeats = _TURNS_NOT_READ.due(type(exc).__name__)  # (each beat, in an outage)
+            if repeats is not None:
+                log.warning("turn keys not read",
+                            extra={"error": describe(exc), "repeats": repeats})  # fmt: skip
             return {}
         out: dict[int, tuple[int, int]] = {}
         for shard, value in zip(shards, values, strict=True):

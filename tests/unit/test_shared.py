@@ -894,3 +894,22 @@ def test_an_entry_with_an_empty_name_is_told_apart_from_one_without() -> None:
         with pytest.raises(BadEvent) as refused:
             parse_event(b"1-0", fields, 1 << 20, 10)
         assert refused.value.reason == "missing_name" and refused.value.detail.endswith(said)
+
+
+def test_a_failed_pipeline_command_is_described_without_its_arguments() -> None:
+    """redis-py quotes a failed pipeline command with its arguments: a refused results XADD
+    put a run's outputs (raw msgpack) into the executor's log lines (a probe)."""
+    from redis.exceptions import ResponseError
+
+    from supersede.errors import describe
+
+    exc = ResponseError(
+        "Command # 1 (XADD {ns:0}:results * p \x93\xa3secret output) of pipeline caused error: "
+        "OOM command not allowed when used memory > 'maxmemory'."
+    )
+    said = describe(exc)
+    assert "secret" not in said and "XADD" not in said
+    assert said == (
+        "ResponseError: command 1 of a pipeline: OOM command not allowed when used memory > "
+        "'maxmemory'."
+    )
