@@ -27,6 +27,7 @@ from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, Reason
 LUA_DIR = files("supersede.lua")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
 _KEY_DECL = re.compile(r"^\s*KEYS\[(\d+)(?:\.\.(\d*))?\]", re.MULTILINE)
+RECLAIM_CAP = 100_000  # leases a reclaim call looks at in a shard (a call blocks the server)
 MAX_VERSIONS = 50  # versions of a workflow the registry remembers (cancel --key looks at each)
 
 SCRIPT_NAMES = (
@@ -44,6 +45,7 @@ SCRIPT_NAMES = (
     "fire_debounced",
     "forget_consumers",
     "hand_back",
+    "reclaim",
 )
 
 
@@ -455,6 +457,25 @@ class Scripts:
             args += (rid, attempt)
         reply = await self._call("heartbeat", [sk.runs_hash, sk.leases_zset], args)
         return [_s(x) for x in reply[1:]]
+
+    async def reclaim(
+        self,
+        shard: int,
+        executor: str,
+        held: Sequence[str],
+        *,
+        since_ms: int,
+        lease_ms: int,
+        cap: int = RECLAIM_CAP,
+        now: int = 0,
+    ) -> list[Claim]:
+        """The runs a claim call sent at or after `since_ms` (the server's clock) claimed for
+        `executor` in `shard` that it does not hold (`held`): its reply never came (see
+        lua/reclaim.lua). Their leases are renewed."""
+        sk = self.keys.shard(shard)
+        args: list[Any] = [now, executor, lease_ms, since_ms, cap, *held]
+        reply = await self._call("reclaim", [sk.runs_hash, sk.inputs_hash, sk.leases_zset], args)
+        return _parse_claims(reply)
 
     async def hand_back(
         self,

@@ -5,6 +5,7 @@ re-assigned meanwhile) starts nothing."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -15,6 +16,12 @@ from supersede.services.executor.cancel import Cancels
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.steps import Runner, Running
 from supersede.streams import entry_ms
+
+log = logging.getLogger("supersede.executor")
+
+# seconds the executor's clock may be ahead of the server's: a reclaim looks at the claims made
+# since a lost call was sent, by the server's clock
+RECLAIM_SKEW = 5.0
 
 Fetched = tuple[int, str, bytes, str, int]
 """An assignment read: (shard, stream, entry id, run id, attempt)."""
@@ -37,16 +44,24 @@ class Claimer:
         # (monotonic) when the last `take` call was sent: the server stamps the leases of the
         # runs it claims after that, so their leases run from no earlier (Running.leased_at)
         self.asked = 0.0
+        # (wall clock) the earliest claim call since the last reclaim whose reply did not come
+        # (it raised): the server may have carried it out (see `reclaim`); 0: none
+        self.lost_since = 0.0
 
     async def claim_and_start(self, items: list[Fetched]) -> None:
         asked = time.monotonic()
+        sent = time.time()
         by_shard: dict[int, list[Assigned]] = {}
         for shard, stream, entry_id, rid, attempt in items:
             by_shard.setdefault(shard, []).append((stream, entry_id, rid, attempt))
         now = time.time()
-        replies = await self.scripts.claim_shards(
-            self.consumer, by_shard, lease_ms=self.config.lease_ms, read_us=int(now * 1e6)
-        )
+        try:
+            replies = await self.scripts.claim_shards(
+                self.consumer, by_shard, lease_ms=self.config.lease_ms, read_us=int(now * 1e6)
+            )
+        except BaseException:
+            self.lost_since = min(self.lost_since or sent, sent)
+            raise
         HOP_SECONDS.labels("claim").observe(max(0.0, time.time() - now))
         claimed: list[tuple[int, bytes | str, Claim]] = []
         for shard, claims in replies.items():
@@ -63,9 +78,13 @@ class Claimer:
         `start_taken` starts the runs."""
         started = time.time()
         self.asked = time.monotonic()
-        taken = await self.scripts.take(
-            self.consumer, streams, want=want, lease_ms=self.config.lease_ms, deep=deep
-        )
+        try:
+            taken = await self.scripts.take(
+                self.consumer, streams, want=want, lease_ms=self.config.lease_ms, deep=deep
+            )
+        except BaseException:
+            self.lost_since = min(self.lost_since or started, started)
+            raise
         HOP_SECONDS.labels("claim").observe(max(0.0, time.time() - started))
         return taken
 
@@ -100,8 +119,38 @@ class Claimer:
             if run is not None and claim.state == "X":
                 self.cancels.cancel_local(claim.run_id, claim.attempt, now * 1000)
 
+    async def reclaim(self) -> int:
+        """Start the runs that claim calls whose replies never came claimed for this executor
+        (lua/reclaim.lua): the server may have carried such a call out (it froze mid-call, a
+        connection was cut after the request), and its runs sat RUNNING, never started, for a
+        lease, then used an attempt. Made before the next claim; a failure keeps it due. How
+        many it started."""
+        if not self.lost_since:
+            return 0
+        since_ms = int((self.lost_since - RECLAIM_SKEW) * 1000)
+        asked, now = time.monotonic(), time.time()
+        held = [*self.runner.active, *self.runner.awaiting]
+        found = 0
+        for shard in range(self.scripts.keys.shards):
+            claims = await self.scripts.reclaim(
+                shard, self.consumer, held, since_ms=since_ms, lease_ms=self.config.lease_ms
+            )
+            for claim in claims:
+                if claim.run_id in self.runner.active or claim.run_id in self.runner.awaiting:
+                    continue  # (started meanwhile: a hand-over of `supersede serve`)
+                found += 1
+                self._start(shard, claim, now, asked)
+        self.lost_since = 0.0
+        if found:
+            metrics.RECLAIMED.inc(found)
+            log.warning("runs claimed by a call whose reply was lost are started now",
+                        extra={"runs": found})  # fmt: skip
+        return found
+
     def _start(self, shard: int, claim: Claim, now: float, asked: float = 0.0) -> Running | None:
         held = self.runner.active.get(claim.run_id)
+        if held is not None and held.attempt == claim.attempt:
+            return None  # (started already: never twice)
         if held is not None and held.attempt != claim.attempt:
             # The reaper retried a run still executing here (its lease lapsed): that attempt
             # is no longer this executor's to finish.

@@ -261,7 +261,11 @@ class Fetcher:
     async def _read(self, free: int, reread: bool) -> Reading:
         """At most `free` assignments: own pending ones when `reread`, else new ones (from the
         streams that had more at the last read first: a backlog in a few of many streams is
-        read in one round trip, see `_read_hot`)."""
+        read in one round trip, see `_read_hot`). First, the runs of a claim call whose reply
+        was lost (Claimer.reclaim), which take slots of `free`."""
+        free -= await self.claimer.reclaim()
+        if free <= 0:
+            return Reading()
         blocking = self._blocking(free)
         if reread:
             return Reading(await self._read_own(free))

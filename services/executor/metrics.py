@@ -58,6 +58,11 @@ HANDED_BACK = Counter(
     "(retried at once, no attempt used): counted at the new start, since the draining executor "
     "exits before a scrape could see its own count.",
 )
+RECLAIMED = Counter(
+    "supersede_executor_runs_reclaimed_total",
+    "Runs a claim call claimed for this executor whose reply never came (the server froze "
+    "mid-call, a connection was cut), found and started by the next call (lua/reclaim.lua).",
+)
 LEASES_LAPSED = Counter(
     "supersede_executor_leases_lapsed_total",
     "Runs this executor stopped, unreported, because it could not renew their leases in time "

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
@@ -10,7 +13,7 @@ from redis.crc import key_slot
 from supersede import acl, codec
 from supersede.errors import BadArguments, MalformedItem, UnknownRun, WrongShard
 from supersede.keys import Keys
-from supersede.protocol import Outcome, RunRecord, RunRequest, RunResult, Strategy
+from supersede.protocol import Outcome, RunRecord, RunRequest, RunResult, Strategy, pack_input
 from supersede.scripts import Assigned, HandOver, Scripts
 from supersede.streams import ensure_groups
 from tests.support import make_request, records, snapshot
@@ -1180,3 +1183,95 @@ async def test_beyond_the_cap_the_oldest_explicit_ids_are_forgotten(
         False,
         True,
     ]
+
+
+async def test_a_claim_whose_reply_was_lost_is_taken_back_by_its_executor(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """The server carried out a claim call whose reply never came (it froze mid-call): its
+    runs sat RUNNING under the executor, never started, for a lease, and then used an attempt
+    (one of one attempt FAILED unrun: a probe saw 34 of 40 such runs). The executor takes back
+    the runs claimed for it since the call was sent that it does not hold, renewed from now;
+    not those it holds, nor earlier claims, nor another executor's, nor ended runs."""
+    mine, held, early, theirs, ended = (
+        make_request(keys, event=f"e{i}", seq=i + 1, unlimited=True) for i in range(5)
+    )
+    shard = mine[0]
+    for req in (mine, held, early, theirs, ended):
+        await scripts.admit(req[0], [(f"0-{req[1].seq[-1]}", req[1].pack())], now=1)
+    await claim(scripts, early[0], early[1], now=50)  # (before the lost call was sent)
+    for req in (mine, held, ended):
+        await claim(scripts, req[0], req[1], now=120)
+    stream = keys.shard(theirs[0]).assignments_stream(theirs[1].workflow)
+    await scripts.claim(theirs[0], "other", [(stream, "0-9", theirs[1].run_id, 1)],
+                        lease_ms=LEASE, now=120)  # fmt: skip
+    await finish(scripts, ended[0], ended[1], Outcome.SUCCEEDED)
+    got: dict[int, list[str]] = {}
+    for s in sorted({r[0] for r in (mine, held, early, theirs, ended)}):
+        claims = await scripts.reclaim(s, "ex", [held[1].run_id], since_ms=100,
+                                       lease_ms=LEASE, now=500)  # fmt: skip
+        got[s] = [c.run_id for c in claims]
+        assert all(c.claimed and c.attempt == 1 and c.workflow == "wf" for c in claims)
+    assert sorted(r for rs in got.values() for r in rs) == [mine[1].run_id]
+    lease = await redis.zscore(keys.shard(shard).leases_zset, mine[1].run_id)
+    assert lease == 500 + LEASE  # (renewed: it starts now)
+    assert await scripts.reclaim(shard, "ex", [], since_ms=200, lease_ms=LEASE) == []
+
+
+async def test_an_executor_starts_the_runs_of_a_take_whose_reply_was_lost(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """The executor's side: a take call that raised (here the server carried it out and its
+    reply was dropped) leaves `lost_since`; the next fetch iteration's reclaim starts its runs
+    once, and none it already runs."""
+    import time
+
+    from supersede.services.executor.cancel import Cancels
+    from supersede.services.executor.claim import Claimer
+    from supersede.services.executor.config import ExecutorConfig
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Context, Workflow
+
+    ran: list[str] = []
+    wf = Workflow("wf", on_events=["e"])
+
+    @wf.step()
+    async def step(ctx: Context) -> None:
+        ran.append(ctx.run_id)
+
+    class _Outbox:
+        def put(self, shard: int, result: Any) -> asyncio.Future[int]:
+            done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            done.set_result(0)
+            return done
+
+    await ensure_groups(redis, keys, ["wf"])
+    body = pack_input({}, {}, "e", "1-0")
+    reqs = [make_request(keys, event=f"e{i}", seq=i + 1, unlimited=True, payload=body)
+            for i in range(3)]  # fmt: skip
+    await admit(scripts, *reqs)
+    config = ExecutorConfig(lease_ms=LEASE)
+    runner = Runner([wf], config, _Outbox())
+    cancels = Cancels(redis, keys, runner, config, cluster=False)
+    claimer = Claimer(scripts, "ex", config, runner, cancels)
+    streams = [(keys.shard(s).assignments_stream("wf"), s) for s in sorted({s for s, _ in reqs})]
+
+    async def lost(*args: Any, **kwargs: Any) -> Any:
+        await Scripts.take(scripts, *args, **kwargs)  # (carried out; the reply is dropped)
+        raise TimeoutError("Timeout reading from socket")
+
+    scripts.take = lost  # type: ignore[method-assign]
+    with pytest.raises(TimeoutError):
+        await claimer.take(streams, 10)
+    assert claimer.lost_since and not runner.active
+    await claimer.reclaim()
+    deadline = time.monotonic() + 10
+    while len(ran) < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert sorted(ran) == sorted(r.run_id for _, r in reqs) and not claimer.lost_since
+    await claimer.reclaim()  # (nothing more to take back: no run starts twice)
+    claimer.lost_since = time.time() - 60
+    await claimer.reclaim()
+    await asyncio.sleep(0.05)
+    assert len(ran) == 3
+    runner.close()
