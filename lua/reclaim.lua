@@ -2,7 +2,9 @@
   An executor whose claim call failed (the server carried it out, but the reply never came:
   a server frozen mid-call, a connection cut) takes back the runs that call claimed for it:
   RUNNING under this executor, claimed at or after the call was sent, and not among the runs
-  the executor holds. Without it they sat RUNNING, never started, for a whole lease, and then
+  the executor holds (an older attempt of the run that it still holds hides none: the reaper
+  may have retried it while its result waited). Without it they sat RUNNING, never started,
+  for a whole lease, and then
   used an attempt (a run of one attempt FAILED unrun). Their leases are renewed from now.
 
   Input:
@@ -15,7 +17,8 @@
     ARGV[4]  the claim call was sent at or after this ms (the server's clock: the caller
              subtracts its clock skew allowance)
     ARGV[5]  at most this many leases are looked at (those set since ARGV[4] + lease)
-    ARGV[6..] run ids the executor holds (running, or reported and not yet confirmed)
+    ARGV[6..] pairs: run id, attempt, of the attempts the executor holds (running, or
+              reported and not yet confirmed); a newer attempt of such a run is taken back
 
   Output:
     {0, item, ...}  one item per run taken back, as claim.lua's claimed ones:
@@ -32,11 +35,12 @@ local runsKey, inputsKey, leasesKey = KEYS[1], KEYS[2], KEYS[3]
 local now = nowMs(ARGV[1])
 local executor, leaseMs = ARGV[2], tonumber(ARGV[3])
 local since, cap = tonumber(ARGV[4]), tonumber(ARGV[5])
-if not leaseMs or leaseMs <= 0 or not since or not cap or cap < 1 or executor == '' then
+if not leaseMs or leaseMs <= 0 or not since or not cap or cap < 1 or executor == ''
+    or (#ARGV - 5) % 2 ~= 0 then
   return { -4, 0 }
 end
 local held = {}
-for i = 6, #ARGV do held[ARGV[i]] = true end
+for i = 6, #ARGV, 2 do held[ARGV[i]] = tonumber(ARGV[i + 1]) end
 
 -- A lease set by a claim at or after `since` runs out at `since + lease` or later (renewals
 -- only move it on), so the runs to look at are those leased until then or later.
@@ -51,7 +55,7 @@ while looked < cap do
   for j = 1, #rids do
     local rid = rids[j]
     local rec = raws[j] and cmsgpack.unpack(raws[j])
-    if rec and rec.st == 'R' and rec.e == executor and not held[rid] and rec.pc then
+    if rec and rec.st == 'R' and rec.e == executor and held[rid] ~= rec.a and rec.pc then
       local claimedMs = tonumber(string.sub(rec.s, 1, 16), 16) + rec.pc / 1000
       if claimedMs >= since then found[#found + 1] = { rid, rec } end
     end

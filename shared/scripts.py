@@ -462,7 +462,7 @@ class Scripts:
         self,
         shard: int,
         executor: str,
-        held: Sequence[str],
+        held: Sequence[tuple[str, int]],
         *,
         since_ms: int,
         lease_ms: int,
@@ -470,10 +470,12 @@ class Scripts:
         now: int = 0,
     ) -> list[Claim]:
         """The runs a claim call sent at or after `since_ms` (the server's clock) claimed for
-        `executor` in `shard` that it does not hold (`held`): its reply never came (see
-        lua/reclaim.lua). Their leases are renewed."""
+        `executor` in `shard` in attempts it does not hold (`held`: (run id, attempt)): its
+        reply never came (see lua/reclaim.lua). Their leases are renewed."""
         sk = self.keys.shard(shard)
-        args: list[Any] = [now, executor, lease_ms, since_ms, cap, *held]
+        args: list[Any] = [now, executor, lease_ms, since_ms, cap]
+        for rid, attempt in held:
+            args += (rid, attempt)
         reply = await self._call("reclaim", [sk.runs_hash, sk.inputs_hash, sk.leases_zset], args)
         return _parse_claims(reply)
 

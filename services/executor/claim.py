@@ -129,15 +129,16 @@ class Claimer:
             return 0
         since_ms = int((self.lost_since - RECLAIM_SKEW) * 1000)
         asked, now = time.monotonic(), time.time()
-        held = [*self.runner.active, *self.runner.awaiting]
+        held = self._held()
         found = 0
         for shard in range(self.scripts.keys.shards):
             claims = await self.scripts.reclaim(
-                shard, self.consumer, held, since_ms=since_ms, lease_ms=self.config.lease_ms
+                shard, self.consumer, list(held), since_ms=since_ms, lease_ms=self.config.lease_ms
             )
+            held = self._held()  # (a hand-over of `supersede serve` may have started one)
             for claim in claims:
-                if claim.run_id in self.runner.active or claim.run_id in self.runner.awaiting:
-                    continue  # (started meanwhile: a hand-over of `supersede serve`)
+                if (claim.run_id, claim.attempt) in held:
+                    continue
                 found += 1
                 self._start(shard, claim, now, asked)
         self.lost_since = 0.0
@@ -146,6 +147,12 @@ class Claimer:
             log.warning("runs claimed by a call whose reply was lost are started now",
                         extra={"runs": found})  # fmt: skip
         return found
+
+    def _held(self) -> set[tuple[str, int]]:
+        """(run id, attempt) of the attempts this executor holds: running, or reported and not
+        yet known to have survived (an older attempt hides no newer one)."""
+        held = {(r.run_id, r.attempt) for r in self.runner.active.values()}
+        return held | {(r.run_id, r.attempt) for r in self.runner.awaiting.values()}
 
     def _start(self, shard: int, claim: Claim, now: float, asked: float = 0.0) -> Running | None:
         held = self.runner.active.get(claim.run_id)

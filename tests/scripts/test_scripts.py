@@ -1192,7 +1192,9 @@ async def test_a_claim_whose_reply_was_lost_is_taken_back_by_its_executor(
     runs sat RUNNING under the executor, never started, for a lease, and then used an attempt
     (one of one attempt FAILED unrun: a probe saw 34 of 40 such runs). The executor takes back
     the runs claimed for it since the call was sent that it does not hold, renewed from now;
-    not those it holds, nor earlier claims, nor another executor's, nor ended runs."""
+    not those it holds, nor earlier claims, nor another executor's, nor ended runs. An older
+    attempt it holds (its result waiting while the reaper retried the run) hides no newer one
+    (a re-probe: 12 runs claimed and never started)."""
     mine, held, early, theirs, ended = (
         make_request(keys, event=f"e{i}", seq=i + 1, unlimited=True) for i in range(5)
     )
@@ -1208,8 +1210,8 @@ async def test_a_claim_whose_reply_was_lost_is_taken_back_by_its_executor(
     await finish(scripts, ended[0], ended[1], Outcome.SUCCEEDED)
     got: dict[int, list[str]] = {}
     for s in sorted({r[0] for r in (mine, held, early, theirs, ended)}):
-        claims = await scripts.reclaim(s, "ex", [held[1].run_id], since_ms=100,
-                                       lease_ms=LEASE, now=500)  # fmt: skip
+        claims = await scripts.reclaim(s, "ex", [(held[1].run_id, 1), (mine[1].run_id, 0)],
+                                       since_ms=100, lease_ms=LEASE, now=500)  # fmt: skip
         got[s] = [c.run_id for c in claims]
         assert all(c.claimed and c.attempt == 1 and c.workflow == "wf" for c in claims)
     assert sorted(r for rs in got.values() for r in rs) == [mine[1].run_id]
@@ -1264,7 +1266,13 @@ async def test_an_executor_starts_the_runs_of_a_take_whose_reply_was_lost(
     with pytest.raises(TimeoutError):
         await claimer.take(streams, 10)
     assert claimer.lost_since and not runner.active
-    await claimer.reclaim()
+    # an older attempt whose result waits here hides no newer one (a re-probe)
+    from supersede.services.executor.steps import Reported
+
+    shard0, older = reqs[0]
+    stale = RunResult(older.run_id, 0, Outcome.SUCCEEDED)
+    runner.awaiting[older.run_id] = Reported(older.run_id, shard0, 0, stale, time.monotonic())
+    assert await claimer.reclaim() == 3
     deadline = time.monotonic() + 10
     while len(ran) < 3 and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
