@@ -1,7 +1,7 @@
 --[[
   An executor whose claim call failed (the server carried it out, but the reply never came:
   a server frozen mid-call, a connection cut) takes back the runs that call claimed for it:
-  RUNNING under this executor, claimed at or after the call was sent, and not among the runs
+  RUNNING (or CANCELLING since) under this executor, claimed at or after the call was sent, and not among the runs
   the executor holds (an older attempt of the run that it still holds hides none: the reaper
   may have retried it while its result waited). Without it they sat RUNNING, never started,
   for a whole lease, and then
@@ -21,8 +21,10 @@
               reported and not yet confirmed); a newer attempt of such a run is taken back
 
   Output:
-    {0, item, ...}  one item per run taken back, as claim.lua's claimed ones:
-      {1, run id, attempt, workflow, version, input, key, sequence, tp, 0}
+    {0, item, ...}  one item per run taken back, as claim.lua's claimed ones, with its state:
+      {1, run id, attempt, workflow, version, input, key, sequence, tp, 0, state}
+      (state 'X': it was cancelled since: the executor starts and stops it, so that its
+      outcome is reported and a strict slot freed, rather than left to its lease)
     {-4, 0}  bad ARGV; nothing written
 
   Writes: the leases of the runs taken back (ZADD); nothing to streams.
@@ -55,7 +57,8 @@ while looked < cap do
   for j = 1, #rids do
     local rid = rids[j]
     local rec = raws[j] and cmsgpack.unpack(raws[j])
-    if rec and rec.st == 'R' and rec.e == executor and held[rid] ~= rec.a and rec.pc then
+    if rec and (rec.st == 'R' or rec.st == 'X') and rec.e == executor and held[rid] ~= rec.a
+        and rec.pc then
       local claimedMs = tonumber(string.sub(rec.s, 1, 16), 16) + rec.pc / 1000
       if claimedMs >= since then found[#found + 1] = { rid, rec } end
     end
@@ -64,7 +67,8 @@ end
 for _, f in ipairs(found) do
   local rid, rec = f[1], f[2]
   local body = rec['in'] or rcall('HGET', inputsKey, rid) or ''
-  out[#out + 1] = { 1, rid, rec.a, rec.w, rec.v, body, rec.k or rec.ev, rec.s, rec.tp or '', 0 }
+  out[#out + 1] = { 1, rid, rec.a, rec.w, rec.v, body, rec.k or rec.ev, rec.s, rec.tp or '', 0,
+                    rec.st }
   renew[#renew + 1] = now + leaseMs
   renew[#renew + 1] = rid
 end

@@ -477,7 +477,7 @@ class Scripts:
         for rid, attempt in held:
             args += (rid, attempt)
         reply = await self._call("reclaim", [sk.runs_hash, sk.inputs_hash, sk.leases_zset], args)
-        return _parse_claims(reply)
+        return [_claimed(item[1:10], state=_s(item[10])) for item in reply[1:]]
 
     async def hand_back(
         self,

@@ -140,7 +140,10 @@ class Claimer:
                 if (claim.run_id, claim.attempt) in held:
                     continue
                 found += 1
-                self._start(shard, claim, now, asked)
+                run = self._start(shard, claim, now, asked)
+                if run is not None and claim.state == "X":  # (cancelled since: stopped at
+                    # once, its outcome reported, as a hand-over's)
+                    self.cancels.cancel_local(claim.run_id, claim.attempt, now * 1000)
         self.lost_since = 0.0
         if found:
             metrics.RECLAIMED.inc(found)

@@ -1218,6 +1218,12 @@ async def test_a_claim_whose_reply_was_lost_is_taken_back_by_its_executor(
     lease = await redis.zscore(keys.shard(shard).leases_zset, mine[1].run_id)
     assert lease == 500 + LEASE  # (renewed: it starts now)
     assert await scripts.reclaim(shard, "ex", [], since_ms=200, lease_ms=LEASE) == []
+    # one cancelled since (CANCELLING) is taken back too, saying so: the executor starts and
+    # stops it (left out, it sat CANCELLING for a lease, a strict key's next run waiting)
+    await scripts.cancel(shard, [mine[1].run_id], now=600)
+    [back] = await scripts.reclaim(shard, "ex", [(held[1].run_id, 1)], since_ms=100,
+                                   lease_ms=LEASE, now=700)  # fmt: skip
+    assert (back.run_id, back.state) == (mine[1].run_id, "X")
 
 
 async def test_an_executor_starts_the_runs_of_a_take_whose_reply_was_lost(
