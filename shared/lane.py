@@ -87,6 +87,9 @@ class _Wire(asyncio.Protocol):
         """Write one packed command; the future of its reply. `block_s`: how long the server
         may hold it on purpose (a BLOCK), added to its deadline."""
         future = self.loop.create_future()
+        if self.lost is not None:  # (lost since its caller got it: nothing would answer or fail
+            future.set_exception(self.lost)  # it, the watchdog stopped with the connection)
+            return future
         deadline = math.inf
         if self.timeout:
             deadline = self.loop.time() + self.timeout + block_s

@@ -315,3 +315,28 @@ async def test_a_connection_closed_before_its_take_over_is_not_taken(redis_url: 
     finally:
         await lane.aclose()
         await redis.aclose()
+
+
+async def test_a_connection_lost_before_its_first_call_fails_that_call(redis_url: str) -> None:
+    """The connection broke after the take-over and before the call that made it was sent (a
+    server stopping just then): the loss failed no call, so the call sent after it waited for
+    good, its watchdog stopped with the connection (a parallel suite's server restart met it:
+    the admission service read nothing more)."""
+    redis = Redis.from_url(redis_url)
+    lane = Lane(redis)
+    real = lane._open
+
+    async def open_then_lost() -> Any:
+        wire = await real()
+        wire.transport.abort()  # (the peer's close, delivered before the waiting call resumes)
+        return wire
+
+    lane._open = open_then_lost  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(lane.execute("PING"), 5)
+        lane._open = real  # type: ignore[method-assign]
+        assert await lane.execute("PING") in (b"PONG", "PONG")  # (the next call connects anew)
+    finally:
+        await lane.aclose()
+        await redis.aclose()
