@@ -442,9 +442,11 @@ async def test_the_service_survives_a_server_restart(keys: Keys) -> None:
         await probe.aclose()
     finally:
         stop.set()
-        await asyncio.wait_for(task, 10)
-        await redis.aclose()
-        server.stop()
+        try:
+            await asyncio.wait_for(task, 10)
+        finally:  # (a service that did not stop must not leak the server and its sockets too)
+            await redis.aclose()
+            server.stop()
 
 
 async def _ended_runs_of_new_keys(
