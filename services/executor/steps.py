@@ -129,7 +129,8 @@ class Running:
     cancel_decided_ms: float | None = None  # set once a cancel arrived
     reported: bool = False
     started: float = field(default_factory=time.monotonic)  # claimed (monotonic clock)
-    # (monotonic) no later than the server stamped its lease: when the claim call was sent
+    # (monotonic) no later than the server last stamped its lease: when the claim call, or the
+    # last heartbeat call that renewed it, was sent (Runner.mark_leased)
     leased_at: float = 0.0
     # Its lease could not be renewed in time: stopped, unreported (Runner.let_lapse); it
     # keeps its slot until its task ended, and is renewed no more.
@@ -315,6 +316,16 @@ class Runner:
         if self.processes is not None:
             self.processes.renewed.value = began
 
+    def mark_leased(self, runs: Sequence[tuple[str, int]], asked: float) -> None:
+        """A heartbeat call sent at `asked` (monotonic) renewed the leases of `runs` (run id,
+        attempt): each runs at least a lease from then (see `lapsing`). Called from the lease
+        keeper's thread."""
+        active = self.active
+        for rid, attempt in runs:
+            run = active.get(rid)
+            if run is not None and run.attempt == attempt and run.leased_at < asked:
+                run.leased_at = asked
+
     def lease_held(self, claimed: float) -> bool:
         """Whether the lease of an attempt claimed at `claimed` (monotonic) surely runs still:
         claimed, or renewed by a heartbeat that began, less than a lease ago. Not so after a
@@ -326,9 +337,10 @@ class Runner:
         return time.monotonic() - max(self.renewed_at, claimed) < self.config.lease_ms / 1000
 
     def lapsing(self, within: float) -> list[Running]:
-        """The runs executing here that were neither claimed nor renewed (by a heartbeat that
-        began) within `within` seconds, and not stopped for it yet. Read from the lease
-        keeper's thread: retried while the loop changes the dict under the read."""
+        """The runs executing here that were neither claimed nor renewed (by a heartbeat call
+        sent, see `mark_leased`) within `within` seconds, and not stopped for it yet. Read
+        from the lease keeper's thread: retried while the loop changes the dict under the
+        read."""
         renewed = self.renewed_at
         now = time.monotonic()
         if renewed is None or now - renewed < within:  # (no run's lease runs out sooner)

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from supersede import acl, codec
 from supersede.keys import Keys
 from supersede.registry import load_all, register
+from supersede.server import EmbeddedServer
 from tests.support import (
     APP,
     APP_WORKFLOWS,
@@ -33,6 +34,7 @@ from tests.support import (
     records,
     scrape,
 )
+from tests.support.proxy import FreezableProxy
 
 
 async def publish(redis: Redis, keys: Keys, name: str, **data: object) -> str:
@@ -1246,7 +1248,8 @@ async def test_a_turn_the_server_lost_is_not_confirmed_and_its_runs_keep_their_l
     sk = keys.shard(shard)
     leased = [(shard, "1-kept", 1, 5), (shard, "1-before", 1, 3), (shard, "1-after", 1, 9)]
     runner: Any = type("R", (), {"active": {}, "leased": lambda self: list(leased),
-                                 "mark_renewed": lambda self, began: None})()  # fmt: skip
+                                 "mark_renewed": lambda self, began: None,
+                                 "mark_leased": lambda self, runs, asked: None})()  # fmt: skip
     named: list[tuple[str, int]] = []
     keeper = LeaseKeeper(redis_url, keys, "ex-1", ExecutorConfig(lease_ms=3_000), runner,
                          lambda rid, attempt: named.append((rid, attempt)))  # fmt: skip
@@ -1455,6 +1458,49 @@ async def test_a_run_whose_lease_cannot_be_renewed_stops_before_it_runs_again_el
     if event == "held.go":
         assert first[-1][0] == "stop"
     assert "leases not renewed in time" in await _stderr_after_sigterm(executor)
+
+
+async def test_slow_heartbeat_calls_stop_no_run_whose_lease_the_server_renewed(
+    redis: Redis, redis_server: EmbeddedServer, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """On a loaded host each heartbeat call is slow, and a beat makes one per shard in turn.
+    The watch counted every run from the start of the last beat that ended, and the next beat
+    began a third of a lease after it ended: two slow beats took a run past 0.9 of its lease
+    while the server had renewed it well within it, and healthy runs were stopped and run
+    again (a probe: 3 s lease, two CPU hogs; 14 of 16 process-isolated runs FAILED after
+    three stops). Here every call of the executor crosses a proxy that delays it: the runs'
+    renewals are at most a beat apart on the server, and none is stopped."""
+    module = tmp_path / "ledgered.py"
+    module.write_text(LEDGER_MODULE)
+    ledger = tmp_path / "ledger.txt"
+    proxy = await FreezableProxy(redis_server.port, delay=0.12).start()
+    env = {**system.env, "LEDGER": str(ledger), "SUPERSEDE_REDIS_URL": proxy.url(),
+           "PYTHONPATH": f"{module.parent}:{system.env.get('PYTHONPATH', '')}"}  # fmt: skip
+    system.start("admission", "--block-ms", "100")
+    system.start("ingress", "--block-ms", "100")
+    cmd = [sys.executable, "-m", "supersede", "executor", module.stem, "--lease", "2",
+           "--metrics-port", "0"]  # fmt: skip
+    executor = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    system.procs.append(executor)
+    try:
+        await eventually(lambda: _registered(redis, keys, "held"), timeout=30)
+        runs = 24  # (distinct keys: the runs spread over every shard, a call each per beat)
+        for i in range(runs):
+            await publish(redis, keys, "held.go", k=f"k{i}", sleep=6)
+        await eventually(lambda: _states(redis, keys, {"S": runs}), timeout=60)
+        stderr = await _stderr_after_sigterm(executor)
+    finally:
+        await proxy.stop()
+    shards = {int(rid.split("-")[0]) for rid in await records(redis, keys)}
+    assert len(shards) == keys.shards  # (else fewer calls per beat than meant)
+    kinds = Counter((x.split()[0], x.split()[2]) for x in ledger.read_text().splitlines())
+    assert kinds[("start", "1")] == runs and kinds[("end", "1")] == runs, kinds
+    assert set(kinds) == {("start", "1"), ("alive", "1"), ("end", "1")}, kinds  # no stop, no retry
+    assert "leases not renewed in time" not in stderr
+
+
+async def _registered(redis: Redis, keys: Keys, workflow: str) -> bool:
+    return bool(await redis.hexists(keys.workflows_hash, workflow))
 
 
 async def _past(ms: float) -> bool:

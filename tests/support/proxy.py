@@ -1,6 +1,7 @@
 """A TCP proxy in the test's event loop that can go silent: `freeze()` stops forwarding on
 every connection it holds while keeping them open (a dead host, a cut network, a failover
-behind a virtual IP), and connections made after it are forwarded again."""
+behind a virtual IP), and connections made after it are forwarded again. With a `delay`, each
+chunk waits that long before it is forwarded, both ways (a slow network, a loaded host)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import contextlib
 
 
 class FreezableProxy:
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, delay: float = 0.0) -> None:
         self.target_port = target_port
+        self.delay = delay
         self.port = 0
         self._server: asyncio.Server | None = None
         self._frozen: list[asyncio.Event] = []  # per connection: set = go silent
@@ -36,16 +38,18 @@ class FreezableProxy:
         frozen = asyncio.Event()
         self._frozen.append(frozen)
         for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pump(src, dst, frozen))
+            task = asyncio.create_task(self._pump(src, dst, frozen, self.delay))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     @staticmethod
     async def _pump(
-        src: asyncio.StreamReader, dst: asyncio.StreamWriter, frozen: asyncio.Event
+        src: asyncio.StreamReader, dst: asyncio.StreamWriter, frozen: asyncio.Event, delay: float
     ) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await src.read(65536):
+                if delay:
+                    await asyncio.sleep(delay)
                 if frozen.is_set():
                     await asyncio.Event().wait()  # (silent: never forwards, never closes)
                 dst.write(data)
