@@ -139,7 +139,8 @@ for n = 1, #reqs do
     local inline = #input <= INLINE_INPUT_BYTES
     local rec = {
       st = 'Q', g = q.g, s = q.s, w = q.w, v = q.v, ev = ev,
-      mx = q.max, sg = q.st, sx = q.x == 1 and 1 or nil, a = 1, m = q.m or 3, t0 = now, c = 1,
+      mx = q.max, sg = q.st, sx = q.x == 1 and 1 or nil, sc = q.sc == 1 and 1 or nil,
+      a = 1, m = q.m or 3, t0 = now, c = 1,
       -- (a key equal to the event id, as every run of a workflow without a limit has, is not
       -- stored twice: readers take ev when k is absent)
       k = (q.k or '') ~= ev and (q.k or '') or nil,

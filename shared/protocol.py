@@ -221,6 +221,7 @@ class Outcome(enum.StrEnum):
 # -- run requests (ingress -> admission) ----------------------------------------------------------
 REQUEST_FIELDS = ("id", "g", "s", "w", "v", "k", "ev", "max", "st", "x", "m", "in", "iu", "u", "tp")
 DEBOUNCE_FIELDS = ("db", "dw")  # only in requests of a debounced workflow (ms: window, longest)
+SCOPED_FIELD = "sc"  # 1, only in requests of a workflow with a scope (its groups span versions)
 """Keys of a packed run request, read by lua/admit.lua (lua/includes/validate.lua)."""
 
 
@@ -245,13 +246,14 @@ class RunRequest:
     traceparent: str = ""  # the run's trace context (tracing on), else ''
     debounce_ms: int = 0  # > 0: the run waits for its group's debounce window
     max_wait_ms: int = 0
+    scoped: bool = False  # its workflow has a scope: its group may hold runs of other versions
 
     def pack(self) -> bytes:
         return pack_request(
             self.run_id, self.group, self.seq, self.workflow, self.version, self.key,
             self.event_id, self.max_runs, self.strategy, self.strict, self.max_attempts,
             self.input, self.ingress_read_us, self.unlimited, self.traceparent,
-            self.debounce_ms, self.max_wait_ms,
+            self.debounce_ms, self.max_wait_ms, self.scoped,
         )  # fmt: skip
 
 
@@ -275,6 +277,7 @@ class RequestPacker:
         unlimited: bool = False,
         debounce_ms: int = 0,
         max_wait_ms: int = 0,
+        scoped: bool = False,
     ) -> None:
         """`max_runs` None: computed per event (a dynamic limit), given to each `pack`."""
         constant: dict[str, Any] = {
@@ -290,6 +293,8 @@ class RequestPacker:
             del constant["max"]
         if debounce_ms:
             constant.update(db=debounce_ms, dw=max_wait_ms)
+        if scoped:
+            constant[SCOPED_FIELD] = 1
         self._tail = b"".join(codec.pack(k) + codec.pack(v) for k, v in constant.items())
         # the map's header: 8 fields per request, the constant ones, and max when per request
         size = 8 + len(constant) + (1 if max_runs is None else 0)
@@ -337,10 +342,12 @@ def pack_request(
     traceparent: str = "",
     debounce_ms: int = 0,
     max_wait_ms: int = 0,
+    scoped: bool = False,
 ) -> bytes:
     """The wire form of a run request (read by lua/admit.lua); `ingress_read_us` is when
     ingress read the event (µs; 0: unknown), kept as a point of the run's path; `unlimited`: the
-    workflow has no concurrency limit (the run is assigned at once, outside any group)."""
+    workflow has no concurrency limit (the run is assigned at once, outside any group);
+    `scoped`: the workflow has a scope (its groups span versions, whose strategies may differ)."""
     return codec.pack(
         {
             "id": rid,
@@ -359,6 +366,7 @@ def pack_request(
             "u": 1 if unlimited else 0,
             "tp": traceparent,
             **({"db": debounce_ms, "dw": max_wait_ms} if debounce_ms else {}),
+            **({SCOPED_FIELD: 1} if scoped else {}),
         }
     )
 
@@ -430,6 +438,8 @@ RECORD_FIELDS = {
     "tp": "the run's W3C traceparent (its ingress span), only when traced",
     "sg": "strategy code (absent on a run without a limit)",
     "sx": "1: strict mode (absent when off)",
+    "sc": "1: its workflow has a scope, so its group may keep a queue of another version's "
+    "strategy (absent without one)",
     "a": "attempt",
     "m": "max attempts",
     "hb": "hand-backs by draining executors (the first 10 use none of the max attempts)",

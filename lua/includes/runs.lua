@@ -7,7 +7,8 @@
   with; only records marked c = 1 (all created since the counts exist) are counted, so older
   ones never skew them.
   A record is a msgpack map: st state, g group, s sequence, w workflow, v version, k key
-  (absent when it equals ev), ev event id, mx max_runs, sg strategy code, sx strict (0/1),
+  (absent when it equals ev), ev event id, mx max_runs, sg strategy code, sx strict (0/1), sc
+  1: a scope's group (it may keep another version's queue),
   a attempt, m max attempts, hb hand-backs by draining executors (hq 1 until the next claim),
   ea how the last earlier attempts ended (transitions.lua's noteEarlier), e executor, h (1: a
   CANCELLING run still holds its slot), ra/tr re-assignments of an unclaimed ASSIGNED attempt

@@ -334,7 +334,11 @@ end
 -- Invariants 1, 4 and 6 of docs/design.md are checked against this by the property test.
 -- Without strict mode, CANCEL_IN_PROGRESS and CANCEL_NEWEST start or end every run they see,
 -- so their groups never keep a queue between calls and the queue read is skipped; a group that
--- holds no slot has no active run either.
+-- holds no slot has no active run either. Not so for CANCEL_IN_PROGRESS in a scope's group
+-- (`sc`): it spans versions, and an earlier version's strategy (GROUP_ROUND_ROBIN, strict mode)
+-- may have left a queue, whose runs, older than the arrival, must be ranked with it (left out,
+-- they ran after the newest one: a probe). CANCEL_NEWEST lets such older runs wait their turn,
+-- as it lets older runs keep their slots.
 local function applyArrivals(g, rec, news)
   local mx, sg = rec.mx, rec.sg
   if sg == 1 then
@@ -342,7 +346,7 @@ local function applyArrivals(g, rec, news)
     -- older live one ends (so a late, older arrival loses to newer runs that already ended).
     local act = {}
     if slotsOf(g) > 0 then act = rcall('ZRANGEBYLEX', activeKey, '(' .. g .. '|', '(' .. g .. '}') end
-    local pending = pendingOf(g, nil, news, rec.sx ~= 1)
+    local pending = pendingOf(g, nil, news, rec.sx ~= 1 and rec.sc ~= 1)
     local ended = newestOf(g)
     if not ended then
       -- Only live runs to rank: walk both sorted lists from the newest end.

@@ -16,6 +16,7 @@ local function badRequestField(q)
   if type(sg) ~= 'number' or sg < 1 or sg > 5 or sg % 1 ~= 0 then return 'st' end
   if q.x ~= nil and q.x ~= 0 and q.x ~= 1 then return 'x' end
   if q.u ~= nil and q.u ~= 0 and q.u ~= 1 then return 'u' end
+  if q.sc ~= nil and q.sc ~= 0 and q.sc ~= 1 then return 'sc' end
   if q.tp ~= nil and (type(q.tp) ~= 'string' or #q.tp > 64) then return 'tp' end
   if q.db ~= nil and (type(q.db) ~= 'number' or q.db < 0 or q.db > 86400000) then return 'db' end
   if q.dw ~= nil and (type(q.dw) ~= 'number' or q.dw < 0 or q.dw > 86400000) then return 'dw' end

@@ -229,7 +229,8 @@ def build_routes(defs: dict[str, WorkflowDef]) -> dict[str, list[Route]]:
             fixed = None if isinstance(conc.max_runs, str) else conc.max_runs  # str: per event
             packer = RequestPacker(wf.id, wf.version, fixed, strategy, conc.strict,
                                    wf.max_attempts, debounce_ms=conc.debounce_ms,
-                                   max_wait_ms=conc.max_wait_ms)  # fmt: skip
+                                   max_wait_ms=conc.max_wait_ms,
+                                   scoped=bool(conc.scope))  # fmt: skip
             limit = compile_limit(conc.max_runs) if isinstance(conc.max_runs, str) else None
             route = Route(wf, key_fn, fixed or 0, strategy, conc.strict, packer, limit=limit)
         for name in wf.events:

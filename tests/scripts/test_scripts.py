@@ -81,6 +81,39 @@ async def test_cancel_in_progress_keeps_the_newest_and_stops_the_running(
     assert int(await redis.hget(keys.shard(shard).slots_hash, a[1].group)) == 2
 
 
+@pytest.mark.parametrize("earlier", ["round_robin", "strict"])
+async def test_cancel_in_progress_in_a_scope_ends_the_queue_an_earlier_version_left(
+    redis: Redis, keys: Keys, scripts: Scripts, earlier: str
+) -> None:
+    """A scope's groups span versions. A version that queued runs (GROUP_ROUND_ROBIN, or
+    CANCEL_IN_PROGRESS in strict mode) left a queue behind when the next version made the
+    scope CANCEL_IN_PROGRESS; its arrivals skipped the queue read, so the older queued runs
+    were never superseded and ran after the newest one had succeeded (a probe: 390 stale runs,
+    78 per key). The newest run ranks them now."""
+    first = dict(version="1", scope="chat-user", max_runs=1)
+    if earlier == "round_robin":
+        first["strategy"] = Strategy.GROUP_ROUND_ROBIN
+    else:
+        first["strict"] = True
+    old = [make_request(keys, event=f"o{i}", seq=i, **first) for i in (1, 2, 3)]
+    shard = old[0][0]
+    await admit(scripts, old[0])
+    assert (await claim(scripts, shard, old[0][1])).claimed
+    await admit(scripts, old[1])
+    await admit(scripts, old[2])
+    # (round robin: the last two wait; strict: the running one holds its slot while it stops,
+    # the second was superseded by the third, which waits)
+    waiting = ["R", "Q", "Q"] if earlier == "round_robin" else ["X", "C", "Q"]
+    assert states(await records(redis, keys), *old) == waiting
+    newest = make_request(keys, event="n", seq=9, version="2", scope="chat-user", max_runs=1)
+    assert newest[1].group == old[0][1].group  # (one group across the versions)
+    await admit(scripts, newest, now=3)
+    recs = await records(redis, keys)
+    assert "Q" not in states(recs, *old)  # none left to run after the newest
+    assert recs[old[2][1].run_id]["by"] == newest[1].run_id
+    assert recs[newest[1].run_id]["st"] in ("A", "Q")  # (strict: once the running one stopped)
+
+
 async def test_cancel_in_progress_cancels_an_older_event_admitted_late(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:

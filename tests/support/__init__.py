@@ -36,9 +36,10 @@ def make_request(
     unlimited: bool = False,
     debounce_ms: int = 0,
     max_wait_ms: int = 0,
+    scope: str | None = None,
 ) -> tuple[int, RunRequest]:
     """A request routed the way ingress routes it: (shard, request)."""
-    gid = group_id(workflow, version, key)
+    gid = group_id(workflow, version, key, scope)
     shard = shard_of_group(gid, keys.shards)
     req = RunRequest(
         run_id=run_id(shard, event, workflow),
@@ -56,6 +57,7 @@ def make_request(
         unlimited=unlimited,
         debounce_ms=debounce_ms,
         max_wait_ms=max_wait_ms,
+        scoped=bool(scope),
     )
     return shard, req
 

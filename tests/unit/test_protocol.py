@@ -56,7 +56,7 @@ def test_every_record_field_the_scripts_touch_is_declared() -> None:
 
 def test_every_request_field_the_scripts_read_is_packed() -> None:
     read = set(re.findall(r"\bq\.(\w+)", CODE)) | set(re.findall(r"q\['(\w+)'\]", CODE))
-    fields = {*REQUEST_FIELDS, *protocol.DEBOUNCE_FIELDS}
+    fields = {*REQUEST_FIELDS, *protocol.DEBOUNCE_FIELDS, protocol.SCOPED_FIELD}
     assert read and read <= fields, read - fields
     args = ("1-x", "g" * 16, "0" * 32, "w", "v", "k", "e", 1, Strategy.CANCEL_IN_PROGRESS)
     packed = codec.unpack(pack_request(*args, False, 3, b""))

@@ -157,16 +157,18 @@ def test_every_shipped_script_has_a_header_and_declares_its_keys() -> None:
     st.text(max_size=30),
     st.binary(max_size=300),
     st.booleans(),
+    st.booleans(),
 )
 def test_the_request_packer_writes_the_same_map_as_pack_request(
     workflow: str, key: str, max_runs: int, strategy: Strategy, strict: bool, attempts: int,
-    event_id: str, payload: bytes, unlimited: bool,
+    event_id: str, payload: bytes, unlimited: bool, scoped: bool,
 ) -> None:  # fmt: skip
-    packer = RequestPacker(workflow, "v1", max_runs, strategy, strict, attempts, unlimited)
+    packer = RequestPacker(workflow, "v1", max_runs, strategy, strict, attempts, unlimited,
+                           scoped=scoped)  # fmt: skip
     args = ("3-abc", "0123456789abcdef", "0" * 32, key, event_id, payload)
     expected = pack_request(
         "3-abc", "0123456789abcdef", "0" * 32, workflow, "v1", key, event_id, max_runs, strategy,
-        strict, attempts, payload, 0, unlimited,
+        strict, attempts, payload, 0, unlimited, scoped=scoped,
     )  # fmt: skip
     assert codec.unpack(packer.pack(*args)) == codec.unpack(expected)
 
