@@ -26,7 +26,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 
 from supersede import aio, codec, tracing
-from supersede.config import Settings, server_time
+from supersede.config import Settings, redact, server_time
 from supersede.errors import KeyExpressionError, describe
 from supersede.keyexpr import KeyFn, LimitFn, compile_key, compile_limit
 from supersede.lane import Lane, read_then
@@ -66,6 +66,10 @@ FIRST_READ = 16  # entries the first read asks for; each read after may ask twic
 ID_AHEAD_WARN = 60.0  # seconds the inbox's last id may be ahead of the clock unremarked
 ID_AHEAD_LOG_EVERY = 300.0  # seconds between two lines that say so (the gauge: each check)
 UNCHECKED_RETRY = 60.0  # seconds before the check is tried again after the ACL user lacked it
+# Seconds with no workflow registered before a warning, then between two: an ingress pointed at
+# another namespace or server than the executors' reads nothing and no other alarm rings (its
+# own inbox is empty and ready; the deployment's inbox waits unread: a probe).
+NO_WORKFLOWS_WARN_EVERY = 60.0
 
 
 @dataclass(slots=True)
@@ -324,6 +328,8 @@ class Ingress(Service):
         self._ahead_said: bool | None = None  # what the last check found: stopped, or not
         self._inbox_unchecked_until = 0.0  # monotonic: the ACL user may not check it before
         self._ahead_line_at = -math.inf  # monotonic time of the last line that said so
+        self._unrouted_since: float | None = None  # monotonic: since no workflow is registered
+        self._unrouted_said = -math.inf  # monotonic time of the last warning that said so
         # Where a shard's requests go: the `append_requests` script, unless `supersede serve`
         # hands them to the admission of its own process (services/serve.py).
         self.sink: Sink = self.scripts.append_requests
@@ -394,10 +400,31 @@ class Ingress(Service):
             self.log.info("no valid workflow is registered yet: the inbox waits until one is")
         self.routes = build_routes(defs)  # (empty exactly when no valid workflow is: every
         # workflow listens to an event)
+        if self.routes:
+            self._unrouted_since = None
         self.epoch = epoch
         metrics.WORKFLOWS.set(len(defs))
         metrics.INVALID_WORKFLOWS.set(len(errors))
         self.log.info("workflows loaded", extra={"epoch": epoch, "workflows": sorted(defs)})
+
+    def _warn_unrouted(self) -> None:
+        """Once no workflow was registered for NO_WORKFLOWS_WARN_EVERY, say so that often,
+        naming the namespace and server (the setting to check)."""
+        now = time.monotonic()
+        since = self._unrouted_since = self._unrouted_since or now
+        if (
+            now - since < NO_WORKFLOWS_WARN_EVERY
+            or now - self._unrouted_said < NO_WORKFLOWS_WARN_EVERY
+        ):
+            return
+        self._unrouted_said = now
+        self.log.warning(
+            "no workflow is registered in this namespace on this server: the inbox is not read; "
+            "check SUPERSEDE_NAMESPACE and SUPERSEDE_REDIS_URL against the executors', or "
+            "register the workflows (`supersede register MODULE`)",
+            extra={"namespace": self.keys.namespace, "redis": redact(self.settings.redis_url),
+                   "for_s": round(now - since)},
+        )  # fmt: skip
 
     async def main(self, stop: asyncio.Event) -> None:
         """Read a batch, route it, start its writes; the next read overlaps those writes."""
@@ -410,6 +437,7 @@ class Ingress(Service):
                     # No workflow registered at all (a new namespace before its executors
                     # start, or a server that lost its data): read nothing, so no event is
                     # acknowledged with no workflow to run it.
+                    self._warn_unrouted()
                     await stage.settle()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), self.config.refresh_interval)

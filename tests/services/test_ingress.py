@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import signal
 import subprocess
@@ -385,6 +386,35 @@ async def test_workflows_of_a_scope_must_agree_on_its_limits(
     assert len({r["g"] for r in reqs}) == 1  # one group for both workflows
     # (a scope's group may keep another version's queue: admission reads it, see admit.lua)
     assert [r.get("sc") for r in reqs] == [1, 1]
+
+
+async def test_an_ingress_with_no_workflow_registered_warns_naming_its_namespace(
+    redis: Redis,
+    redis_url: str,
+    keys: Keys,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An ingress pointed at another namespace or server than the executors' reads nothing,
+    and nothing rang: its own inbox is empty, it is ready, one INFO line at its start (a probe:
+    1,000 events waited unread). After a while with no workflow it warns, and again, naming
+    the namespace and the server; the alert reads its workflows gauge, 0."""
+    from supersede.services.ingress import metrics
+    from supersede.services.ingress import service as ingress_service
+
+    monkeypatch.setattr(ingress_service, "NO_WORKFLOWS_WARN_EVERY", 0.2, raising=False)
+    said = "no workflow is registered in this namespace on this server"
+
+    async def warned(n: int) -> bool:
+        return sum(said in r.getMessage() for r in caplog.records) >= n
+
+    with caplog.at_level(logging.WARNING, logger="supersede"):
+        async with running_ingress(redis, redis_url, keys):
+            await eventually(lambda: warned(2), timeout=10)
+            assert metrics.WORKFLOWS._value.get() == 0
+    line = next(r for r in caplog.records if said in r.getMessage())
+    assert line.namespace == keys.namespace  # type: ignore[attr-defined]
+    assert "SUPERSEDE_NAMESPACE" in line.getMessage()
 
 
 async def test_an_event_no_workflow_listens_to_is_acknowledged_not_dead_lettered(
