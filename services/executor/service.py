@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 
+import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -53,6 +55,8 @@ BLOCKED_LOOP_WARN = 1.0  # a lag from which the loop is logged as blocked (secon
 REGISTER_RETRY_AFTER = 60.0  # seconds before a refused re-registration is tried again
 CLOCK_READ_EVERY = 60.0  # seconds between two reads of the server's clock (the served mark's)
 REGISTRY_CHECK_EVERY = 1.0  # seconds between two looks for this process's workflows in the registry
+# Seconds between two warnings that a workflow of this process is registered in another version
+REPLACED_WARN_EVERY = 300.0
 HAND_BACK_WITHIN = 0.5  # seconds the last hand-back calls may take once the drain ended
 HAND_BACK_CALL_TIMEOUT = 5.0  # seconds one hand-back call may take (during the drain)
 
@@ -75,6 +79,7 @@ class Executor(Service):
         self._register_again_at = 0.0  # (monotonic) when keep_registered may try again
         self._clock_offset_ms = 0  # the server's clock minus this host's, read each minute
         self._clock_due = Throttle(CLOCK_READ_EVERY)
+        self._replaced_said: dict[str, float] = {}  # workflow -> when last said (monotonic)
         self.workflows = tuple(self.definitions)
         cluster = isinstance(redis, RedisCluster)
         self.outbox = Outbox(redis, self.keys, self.config)
@@ -133,6 +138,7 @@ class Executor(Service):
             pipe.hset(self.keys.workflows_served_hash, mapping=dict.fromkeys(ids, now_ms))
             pipe.hmget(self.keys.workflows_hash, ids)
             _, present = await pipe.execute()
+        self._say_replaced(ids, present)
         if time.monotonic() < self._register_again_at:
             return
         missing = [
@@ -150,6 +156,33 @@ class Executor(Service):
             self._register_again_at = time.monotonic() + REGISTER_RETRY_AFTER
             self.log.error("a workflow could not be registered again",
                            extra={"workflow": exc.workflow, "error": str(exc)})  # fmt: skip
+
+    def _say_replaced(self, ids: list[str], present: list[bytes | None]) -> None:
+        """Warn, at most once in REPLACED_WARN_EVERY per workflow, while one of this process's
+        workflows is registered in another version: ingress and admission then give new runs
+        that definition's key, limit and strategy, and this process runs them with its own
+        steps. A rollout under way does it for a while; two pools registering one workflow id
+        with different definitions replaced each other at each start, silently (a probe: one
+        pool's runs executed by the other's steps, its limit and strategy flipping)."""
+        now = time.monotonic()
+        for wid, body in zip(ids, present, strict=True):
+            if not body or now - self._replaced_said.get(wid, -math.inf) < REPLACED_WARN_EVERY:
+                continue
+            try:
+                stored = orjson.loads(body).get("version")
+            except (orjson.JSONDecodeError, AttributeError):  # (ingress says so: not here)
+                continue
+            mine = self.definitions[wid].version
+            if stored == mine:
+                continue
+            self._replaced_said[wid] = now
+            self.log.warning(
+                "a workflow of this executor is registered in another version: new runs get "
+                "that definition's key, limit and strategy, and run here with this executor's "
+                "steps; a rollout under way, or another pool registering the same workflow id "
+                "with another definition (give it its own id)",
+                extra={"workflow": wid, "registered": stored, "here": mine},
+            )
 
     async def main(self, stop: asyncio.Event) -> None:
         drained = asyncio.Event()  # leases and cancels outlive `stop` until the drain ends

@@ -182,6 +182,33 @@ async def test_a_pool_registered_ahead_keeps_the_events_published_before_it_star
     assert bad.returncode == 2 and "no.such.module" in err and "Traceback" not in err, err
 
 
+async def test_an_executor_whose_workflow_another_definition_replaced_says_so(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """Two pools registering one workflow id with different definitions replace each other at
+    each start, silently: one pool's runs got the other's key, limit and strategy and ran with
+    the other's steps (a probe). An executor whose workflow is registered in another version
+    says so (a rollout under way does it too, for a while), naming both versions."""
+    err = tmp_path / "executor.err"
+    cmd = [sys.executable, "-m", "supersede", "executor", APP, "--metrics-port", "0"]
+    with err.open("wb") as sink:
+        system.procs.append(subprocess.Popen(cmd, env=system.env, stderr=sink))
+    await eventually(lambda: _registered(redis, keys, "work"), timeout=30)
+    [mine] = [w for w in (await load_all(redis, keys))[1].values() if w.id == "work"]
+    said = "a workflow of this executor is registered in another version"
+    assert said not in err.read_text()
+    other = await register(redis, keys, {"id": "work", "events": ["work.item"],
+                                         "steps": [{"name": "elsewhere"}]})  # fmt: skip
+
+    async def warned() -> bool:
+        return said in err.read_text()
+
+    await eventually(warned, timeout=10)
+    [line] = [orjson.loads(x) for x in err.read_text().splitlines() if said in x]
+    assert (line["workflow"], line["here"]) == ("work", mine.version)
+    assert line["registered"] == other.version != mine.version
+
+
 async def test_a_backlog_of_one_workflow_does_not_starve_another(
     redis: Redis, keys: Keys, system: System
 ) -> None:
