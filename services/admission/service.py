@@ -217,6 +217,14 @@ class Admission(Service):
 
     async def prepare(self) -> None:
         await self.load_workflows()
+        if self.config.retention_ms < self.config.min_retention_ms:  # (accepted silently: a probe)
+            self.log.warning(
+                "--retention is below --min-retention: ended runs are kept for --min-retention "
+                "(lower it too to keep them less; the records are the de-duplication memory of "
+                "redelivered inbox entries)",
+                extra={"retention_s": self.config.retention_ms / 1000,
+                       "min_retention_s": self.config.min_retention_ms / 1000},
+            )  # fmt: skip
         # for the finish calls of executors, which start runs in the slots they free
         await self.redis.hset(
             self.keys.config_hash, ASSIGN_DEADLINE_FIELD, str(self.config.assign_deadline_ms)

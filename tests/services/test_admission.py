@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -485,6 +486,22 @@ async def test_one_reaper_tick_expires_every_old_record_not_only_a_thousand(
     await admission.reap_all()
     assert await records(redis, keys) == {}
     assert [await redis.hlen(sk.counts_hash) for sk in keys.all_shards()] == [0] * keys.shards
+
+
+@pytest.mark.parametrize("retention_s", [60, 300])
+async def test_a_retention_below_the_minimum_is_said_at_start(
+    redis: Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture, retention_s: int
+) -> None:
+    """`--retention 60` with the default `--min-retention 300` keeps ended runs 300 s: it was
+    accepted silently (a probe). Admission says so as it starts; not when it holds."""
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    config = AdmissionConfig(retention_ms=retention_s * 1000, min_retention_ms=300_000)
+    with caplog.at_level(logging.WARNING, logger="supersede"):
+        await Admission(redis, settings, config).prepare()
+    said = [r for r in caplog.records if "--retention is below --min-retention" in r.getMessage()]
+    assert len(said) == (1 if retention_s < 300 else 0)
+    if said:
+        assert (said[0].retention_s, said[0].min_retention_s) == (60, 300)  # type: ignore[attr-defined]
 
 
 async def test_one_reaper_tick_reaches_an_expired_lease_behind_thousands_of_waiting_runs(
