@@ -874,7 +874,7 @@ async def _runs(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
 async def _run(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     run = await get_run(redis, keys, args.id)
     if run is None:
-        raise LookupError(f"no run {args.id!r}")
+        raise LookupError(f"no run {args.id!r} (never created, or past its retention: --retention)")
     return run
 
 

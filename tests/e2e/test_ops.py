@@ -472,6 +472,9 @@ async def test_the_cli_refuses_another_shard_count_an_unknown_run_and_a_closed_p
         done = await asyncio.to_thread(run, "cancel", unknown)
         assert done.returncode == 1
         assert done.stderr.decode() == f"supersede: no run {unknown!r}\n"
+    # (a run deleted after its retention is one too: `run` names the setting, a probe)
+    done = await asyncio.to_thread(run, "run", "0-deadbeef")
+    assert done.returncode == 1 and "--retention" in done.stderr.decode(), done.stderr
     # no run id at all is a bad argument (2), as `supersede run` says of it (it said 1)
     done = await asyncio.to_thread(run, "cancel", "nonsense")
     assert done.returncode == 2
