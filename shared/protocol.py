@@ -221,8 +221,8 @@ class Outcome(enum.StrEnum):
 # -- run requests (ingress -> admission) ----------------------------------------------------------
 REQUEST_FIELDS = ("id", "g", "s", "w", "v", "k", "ev", "max", "st", "x", "m", "in", "iu", "u", "tp")
 DEBOUNCE_FIELDS = ("db", "dw")  # only in requests of a debounced workflow (ms: window, longest)
-SCOPED_FIELD = "sc"  # 1, only in requests of a workflow with a scope (its groups span versions)
 """Keys of a packed run request, read by lua/admit.lua (lua/includes/validate.lua)."""
+SCOPED_FIELD = "sc"  # 1, only in requests of a workflow with a scope (its groups span versions)
 
 
 @dataclass(frozen=True, slots=True)

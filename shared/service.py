@@ -147,6 +147,10 @@ class Service:
         await pin_shard_count(self.redis, self.keys)
         await create_groups(self.redis, self.groups())
         await self.scripts.load()
+        if self.scripts.lane is not None:  # (connected now, not by the first hot call: a run's
+            # lease counts from when its claim call was sent, a handshake included)
+            with contextlib.suppress(RedisError):
+                await self.scripts.lane.execute("PING")
         await self.prepare()
         self.ready = True
         metrics.set_ready(True, self.name)

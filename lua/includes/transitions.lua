@@ -334,11 +334,11 @@ end
 -- Invariants 1, 4 and 6 of docs/design.md are checked against this by the property test.
 -- Without strict mode, CANCEL_IN_PROGRESS and CANCEL_NEWEST start or end every run they see,
 -- so their groups never keep a queue between calls and the queue read is skipped; a group that
--- holds no slot has no active run either. Not so for CANCEL_IN_PROGRESS in a scope's group
--- (`sc`): it spans versions, and an earlier version's strategy (GROUP_ROUND_ROBIN, strict mode)
--- may have left a queue, whose runs, older than the arrival, must be ranked with it (left out,
--- they ran after the newest one: a probe). CANCEL_NEWEST lets such older runs wait their turn,
--- as it lets older runs keep their slots.
+-- holds no slot has no active run either. Not so in a scope's group (`sc`): it spans versions,
+-- and an earlier version's strategy (GROUP_ROUND_ROBIN, strict mode) may have left a queue,
+-- whose runs, older than the arrival, are ranked with it (left out, they ran after the newest
+-- one under CANCEL_IN_PROGRESS, a probe; and under CANCEL_NEWEST the arrival took a free slot
+-- before them, and the other free slots waited for a run's end, a review).
 local function applyArrivals(g, rec, news)
   local mx, sg = rec.mx, rec.sg
   if sg == 1 then
@@ -383,7 +383,7 @@ local function applyArrivals(g, rec, news)
     end
   elseif sg == 2 then
     -- CANCEL_NEWEST: fill free slots oldest-first; whatever cannot start now ends.
-    local pending = pendingOf(g, nil, news, true)
+    local pending = pendingOf(g, nil, news, rec.sc ~= 1)
     local free = mx - slotsOf(g)
     for i = 1, #pending do
       if i <= free then startPending(pending[i]) else cancelPending(pending[i], 'no_slot') end

@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import redis as redis_sync
 from redis.exceptions import NoScriptError
 
 from supersede.config import connect_sync
@@ -67,6 +68,9 @@ class LeaseKeeper:
         self.on_stop = on_stop
         runner.mark_renewed(time.monotonic())  # (see Runner.lease_held)
         self._halt = threading.Event()
+        # (set: beat now, a run started whose claim was sent long before; see Runner.start)
+        self._soon = threading.Event()
+        runner.renew_soon = self._soon.set
         self._thread: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -87,6 +91,7 @@ class LeaseKeeper:
         drain's last hand-backs, made on this client), without blocking the loop; then closes
         the client."""
         self._halt.set()
+        self._soon.set()  # (wakes the beat loop, which sees the halt)
         waits: list[Awaitable[Any]] = [] if also is None else [also]
         if self._thread is not None:  # (a beat hung on a silent server: 2 s at most)
             waits.append(asyncio.to_thread(self._thread.join, 2))
@@ -96,14 +101,26 @@ class LeaseKeeper:
         self._client.close()
 
     def _run(self) -> None:
+        # (connected before the first runs: a beat stamps its runs from when it sent its calls,
+        # and a connection made in the first beat with runs took most of a lease over a slow
+        # link, so the watch stopped them before the reply came)
+        with contextlib.suppress(Exception):  # (the first beat tries again)
+            self._client.ping()
         interval = self.config.lease_ms / 3000
         last_ok = time.monotonic()
         failing = False
-        due = last_ok + interval
-        # (from each beat's start: counted from its end, two slow beats under a loaded CPU, 10
-        # to 16 shard calls of 30-150 ms each, left a run's renewals most of a lease apart and
-        # the watch stopped healthy runs at a 3 s lease: a probe)
-        while not self._halt.wait(max(interval / 10, due - time.monotonic())):
+        # Beats start a third of a lease apart, counted from each one's start: counted from its
+        # end, two slow beats under a loaded CPU (10 to 16 shard calls of 30-150 ms each) left
+        # a run's renewals most of a lease apart, and the watch stopped healthy runs at a 3 s
+        # lease (a probe). A beat comes sooner when a run started whose claim was sent long
+        # before (`_soon`, see Runner.start), and never within a quarter of the interval after
+        # the previous one ended, so a slow server is not kept busy by the renewals.
+        due, earliest = last_ok + interval, last_ok
+        while not self._halt.wait(max(0.0, earliest - time.monotonic())):
+            self._soon.wait(max(0.0, due - time.monotonic()))
+            if self._halt.is_set():
+                break
+            self._soon.clear()
             due = time.monotonic() + interval
             try:
                 self.beat()
@@ -113,6 +130,8 @@ class LeaseKeeper:
                     failing = True
                     report(READY_PART, "heartbeat", False)
                 continue
+            finally:
+                earliest = time.monotonic() + interval / 4
             if failing:
                 failing = False
                 report(READY_PART, "heartbeat", True)
@@ -220,16 +239,41 @@ class LeaseKeeper:
         took 0.4-2 s on a loaded host, and a run's renewals came most of a lease apart."""
         if not calls:
             return []
-        with self._client.pipeline(transaction=False) as pipe:
-            for keys, args, _ in calls:
-                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-            replies: list[Any] = pipe.execute(raise_on_error=False)
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for keys, args, _ in calls:
+                    pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+                replies: list[Any] = pipe.execute(raise_on_error=False)
+        except Exception:
+            if not isinstance(self._client, redis_sync.RedisCluster):
+                raise  # (one server: nothing else to renew on)
+            # (a cluster's pipeline fails as a whole when one node cannot be reached: the
+            # runs of the other nodes' shards are renewed still, a review found)
+            replies = self._one_by_one(calls)
         for i, (keys, args, _) in enumerate(calls):
             if isinstance(replies[i], NoScriptError):  # (a restart or a failover lost it)
                 try:
                     replies[i] = self._script(keys=keys, args=args)  # (loads it)
                 except Exception as exc:
                     replies[i] = exc
+        return replies
+
+    def _one_by_one(self, calls: list[_Call]) -> list[Any]:
+        """Each call on its own; a node that failed one is not asked again in this beat."""
+        assert isinstance(self._client, redis_sync.RedisCluster)
+        replies: list[Any] = []
+        down: dict[str, Exception] = {}
+        for keys, args, _ in calls:
+            node = self._client.get_node_from_key(keys[0])
+            name = node.name if node is not None else ""
+            if name in down:
+                replies.append(down[name])
+                continue
+            try:
+                replies.append(self._script(keys=keys, args=args))
+            except Exception as exc:
+                replies.append(exc)
+                down[name] = exc
         return replies
 
     def _confirmed_turns(

@@ -217,6 +217,8 @@ class Runner:
         self.left_added = asyncio.Event()
         self.drain_deadline = math.inf  # the loop's time the drain ends by, once it drains
         self.renewed_at: float | None = None  # see `lease_held` (None: no lease keeper)
+        # asks the lease keeper for a beat now (thread-safe; None: no lease keeper)
+        self.renew_soon: Callable[[], None] | None = None
 
     def free(self) -> int:
         return self.config.slots - len(self.active) - self.reserved
@@ -272,6 +274,15 @@ class Runner:
             return None
         run = Running(claim.run_id, shard, claim.attempt, wf, ctx, fence_at=fence_at)
         run.leased_at = leased_at or run.started
+        if (
+            self.renew_soon is not None
+            and run.started - run.leased_at > self.config.lease_ms / 4000
+        ):
+            # (its claim call was sent long before the reply came: a connection made anew, a
+            # queue of calls before it; the server stamped the lease somewhere in between, and
+            # the run counts from the send until a beat renews it: one now, not in a third of a
+            # lease, or the watch stopped such runs: the first ones of a start over a slow link)
+            self.renew_soon()
         ctx._answer_within = self.config.lease_ms / 1000 + 1.0  # (still_current_blocking)
         if self.tracer:
             run.span = self.tracer.start_span(
@@ -340,11 +351,13 @@ class Runner:
         """The runs executing here that were neither claimed nor renewed (by a heartbeat call
         sent, see `mark_leased`) within `within` seconds, and not stopped for it yet. Read
         from the lease keeper's thread: retried while the loop changes the dict under the
-        read."""
-        renewed = self.renewed_at
-        now = time.monotonic()
-        if renewed is None or now - renewed < within:  # (no run's lease runs out sooner)
+        read. Each run counts from its own claim or renewal: every beat stamps each run it
+        renewed, and one that began after a claim call was sent may not hold the run yet (the
+        loop starts it later), so the beat's start would credit that run with time its server
+        lease never had (a review)."""
+        if self.renewed_at is None:  # (no lease keeper)
             return []
+        now = time.monotonic()
         for _ in range(10):
             try:
                 runs = list(self.active.values())
@@ -354,7 +367,7 @@ class Runner:
         else:
             return []
         return [r for r in runs if not r.reported and not r.lapsed
-                and now - max(renewed, r.leased_at or r.started) >= within]  # fmt: skip
+                and now - (r.leased_at or r.started) >= within]  # fmt: skip
 
     def let_lapse(self, runs: list[Running]) -> None:
         """Stop the runs whose leases run out by this process's clock (see `lapsing`; the

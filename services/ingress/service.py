@@ -330,6 +330,7 @@ class Ingress(Service):
         self._ahead_line_at = -math.inf  # monotonic time of the last line that said so
         self._unrouted_since: float | None = None  # monotonic: since no workflow is registered
         self._unrouted_said = -math.inf  # monotonic time of the last warning that said so
+        self._invalid = 0  # stored workflows the last load could not use
         # Where a shard's requests go: the `append_requests` script, unless `supersede serve`
         # hands them to the admission of its own process (services/serve.py).
         self.sink: Sink = self.scripts.append_requests
@@ -405,6 +406,7 @@ class Ingress(Service):
         self.epoch = epoch
         metrics.WORKFLOWS.set(len(defs))
         metrics.INVALID_WORKFLOWS.set(len(errors))
+        self._invalid = len(errors)
         self.log.info("workflows loaded", extra={"epoch": epoch, "workflows": sorted(defs)})
 
     def _warn_unrouted(self) -> None:
@@ -419,11 +421,12 @@ class Ingress(Service):
             return
         self._unrouted_said = now
         self.log.warning(
-            "no workflow is registered in this namespace on this server: the inbox is not read; "
-            "check SUPERSEDE_NAMESPACE and SUPERSEDE_REDIS_URL against the executors', or "
-            "register the workflows (`supersede register MODULE`)",
+            "no valid workflow is registered in this namespace on this server: the inbox is "
+            "not read; check SUPERSEDE_NAMESPACE and SUPERSEDE_REDIS_URL against the "
+            "executors', or register the workflows (`supersede register MODULE`); `invalid` "
+            "counts stored ones this build cannot use (their errors were logged)",
             extra={"namespace": self.keys.namespace, "redis": redact(self.settings.redis_url),
-                   "for_s": round(now - since)},
+                   "for_s": round(now - since), "invalid": self._invalid},
         )  # fmt: skip
 
     async def main(self, stop: asyncio.Event) -> None:

@@ -114,6 +114,26 @@ async def test_cancel_in_progress_in_a_scope_ends_the_queue_an_earlier_version_l
     assert recs[newest[1].run_id]["st"] in ("A", "Q")  # (strict: once the running one stopped)
 
 
+async def test_cancel_newest_in_a_scope_fills_free_slots_with_the_queue_left_first(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """A GROUP_ROUND_ROBIN version of a scope queued two runs behind a running one; the next
+    version is CANCEL_NEWEST with a higher limit. Its arrival took a free slot ahead of the
+    older queued runs, and the other free slots waited for a run's end (a review). The older
+    runs start first now, and the arrival, with no slot left, ends."""
+    first = dict(version="1", scope="s", max_runs=1, strategy=Strategy.GROUP_ROUND_ROBIN)
+    old = [make_request(keys, event=f"o{i}", seq=i, **first) for i in (1, 2, 3)]
+    await admit(scripts, old[0])
+    assert (await claim(scripts, old[0][0], old[0][1])).claimed
+    await admit(scripts, old[1], old[2])
+    newest = make_request(keys, event="n", seq=9, version="2", scope="s", max_runs=3,
+                          strategy=Strategy.CANCEL_NEWEST)  # fmt: skip
+    await admit(scripts, newest, now=3)
+    recs = await records(redis, keys)
+    assert states(recs, *old, newest) == ["R", "A", "A", "C"]
+    assert recs[newest[1].run_id]["why"] == "no_slot"
+
+
 async def test_cancel_in_progress_cancels_an_older_event_admitted_late(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:

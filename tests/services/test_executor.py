@@ -1526,6 +1526,29 @@ async def test_slow_heartbeat_calls_stop_no_run_whose_lease_the_server_renewed(
     assert "leases not renewed in time" not in stderr
 
 
+async def test_the_lease_watch_counts_each_run_from_its_own_claim_or_renewal() -> None:
+    """A beat that began after a run's claim call was sent may not hold the run yet (the loop
+    starts it later). Counted from that beat's start, the run got time its server lease never
+    had, and the watch stopped it after the lease ran out on the server, if later renewals
+    failed (a review). Each run counts from its own claim or renewal now."""
+    from types import SimpleNamespace
+
+    from supersede.services.executor.config import ExecutorConfig
+    from supersede.services.executor.steps import Runner
+
+    runner = Runner([], ExecutorConfig(lease_ms=1_000), outbox=None)
+    now = time.monotonic()
+    runner.mark_renewed(now)  # a beat that began just now went through, without `late`
+    late = SimpleNamespace(attempt=1, reported=False, lapsed=False, leased_at=now - 0.95,
+                           started=now - 0.01)  # fmt: skip
+    kept = SimpleNamespace(attempt=1, reported=False, lapsed=False, leased_at=now - 0.95,
+                           started=now - 5)  # fmt: skip
+    runner.active.update({"1-late": late, "1-kept": kept})  # type: ignore[dict-item]
+    runner.mark_leased([("1-kept", 1)], now)  # the beat's call renewed `kept`
+    assert runner.lapsing(0.9) == [late]
+    assert kept.leased_at == now
+
+
 async def _registered(redis: Redis, keys: Keys, workflow: str) -> bool:
     return bool(await redis.hexists(keys.workflows_hash, workflow))
 

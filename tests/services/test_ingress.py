@@ -402,8 +402,8 @@ async def test_an_ingress_with_no_workflow_registered_warns_naming_its_namespace
     from supersede.services.ingress import metrics
     from supersede.services.ingress import service as ingress_service
 
-    monkeypatch.setattr(ingress_service, "NO_WORKFLOWS_WARN_EVERY", 0.2, raising=False)
-    said = "no workflow is registered in this namespace on this server"
+    monkeypatch.setattr(ingress_service, "NO_WORKFLOWS_WARN_EVERY", 0.2)
+    said = "no valid workflow is registered in this namespace on this server"
 
     async def warned(n: int) -> bool:
         return sum(said in r.getMessage() for r in caplog.records) >= n
