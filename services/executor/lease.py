@@ -225,10 +225,11 @@ class LeaseKeeper:
             if not isinstance(reply, list) or int(reply[0]) != 0:
                 log.error("lease renewal refused", extra={"reply": repr(reply)[:200]})
                 continue
-            self.runner.mark_leased(runs, asked)
-            attempts = dict(runs)
-            named = [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in reply[1:]]
-            self._stop([(rid, attempts[rid]) for rid in named])
+            named = {raw.decode() if isinstance(raw, bytes) else str(raw) for raw in reply[1:]}
+            # (a run the script named is no longer this executor's: not renewed, and a run
+            # held for its renewal must not start its handler before it is let go)
+            self.runner.mark_leased([(rid, a) for rid, a in runs if rid not in named], asked)
+            self._stop([(rid, a) for rid, a in runs if rid in named])
         if failed is not None:
             raise failed
         self.runner.mark_renewed(began)

@@ -135,6 +135,9 @@ class Running:
     # Its lease could not be renewed in time: stopped, unreported (Runner.let_lapse); it
     # keeps its slot until its task ended, and is renewed no more.
     lapsed: bool = False
+    # Its claim call was sent long before the reply came: its handler starts once a beat
+    # renewed its lease (set then, from the lease keeper's thread; see Runner.start).
+    held: asyncio.Event | None = None
     handler_started_us: int = 0  # wall clock, a point of the run's path; 0: never started
     span: Any = None  # the run's span on this executor (tracing on)
     fence_at: tuple[int, str] | None = None  # (shard, group) whose fence still_current() reads
@@ -219,6 +222,7 @@ class Runner:
         self.renewed_at: float | None = None  # see `lease_held` (None: no lease keeper)
         # asks the lease keeper for a beat now (thread-safe; None: no lease keeper)
         self.renew_soon: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the runs' (set by `start`)
 
     def free(self) -> int:
         return self.config.slots - len(self.active) - self.reserved
@@ -252,6 +256,7 @@ class Runner:
                 self._still_current, shard, group, claim.seq, time.monotonic()
             )
             fence_at = (shard, group)
+        self._loop = asyncio.get_running_loop()
         ctx = Context(
             run_id=claim.run_id,
             workflow=claim.workflow,
@@ -261,7 +266,7 @@ class Runner:
             event=body.get("event", ""),
             event_id=body.get("event_id", ""),
             key=claim.key,
-            loop=asyncio.get_running_loop(),
+            loop=self._loop,
             fence=fence_of(claim.seq),
             current=current,
             claimed_at=time.time(),
@@ -278,10 +283,14 @@ class Runner:
             self.renew_soon is not None
             and run.started - run.leased_at > self.config.lease_ms / 4000
         ):
-            # (its claim call was sent long before the reply came: a connection made anew, a
-            # queue of calls before it; the server stamped the lease somewhere in between, and
-            # the run counts from the send until a beat renews it: one now, not in a third of a
-            # lease, or the watch stopped such runs: the first ones of a start over a slow link)
+            # Its claim call was sent long before the reply came (a connection made anew, a
+            # queue of calls before it, a cluster node failing over): the server stamped the
+            # lease somewhere in between, and the run counts from the send. Its handler waits
+            # for a beat, asked for now, that renews it: started at once, such runs were
+            # stopped by the watch before any beat (the first ones of a start over a slow
+            # link), or a moment after their start (a chaos run: claims sent during a node's
+            # outage, answered 2.7 s later at a 3 s lease), and ran again elsewhere.
+            run.held = asyncio.Event()
             self.renew_soon()
         ctx._answer_within = self.config.lease_ms / 1000 + 1.0  # (still_current_blocking)
         if self.tracer:
@@ -336,6 +345,9 @@ class Runner:
             run = active.get(rid)
             if run is not None and run.attempt == attempt and run.leased_at < asked:
                 run.leased_at = asked
+                if run.held is not None and not run.held.is_set() and self._loop is not None:
+                    with contextlib.suppress(RuntimeError):  # (the loop closed: it ends)
+                        self._loop.call_soon_threadsafe(run.held.set)
 
     def lease_held(self, claimed: float) -> bool:
         """Whether the lease of an attempt claimed at `claimed` (monotonic) surely runs still:
@@ -366,7 +378,10 @@ class Runner:
                 continue
         else:
             return []
+        # (a run held for its renewal has not started its handler: no retry can run beside
+        # it; it starts once a beat renews it, and is let go when one names it gone)
         return [r for r in runs if not r.reported and not r.lapsed
+                and (r.held is None or r.held.is_set())
                 and now - (r.leased_at or r.started) >= within]  # fmt: skip
 
     def let_lapse(self, runs: list[Running]) -> None:
@@ -424,9 +439,11 @@ class Runner:
         run.task = asyncio.create_task(self.report(run, Outcome.FAILED, error))
 
     async def _execute(self, run: Running) -> None:
-        run.handler_started_us = time.time_ns() // 1000
-        HOP_SECONDS.labels("start").observe(time.monotonic() - run.started)
         try:
+            if run.held is not None:
+                await run.held.wait()  # (see Runner.start)
+            run.handler_started_us = time.time_ns() // 1000
+            HOP_SECONDS.labels("start").observe(time.monotonic() - run.started)
             with tracing.current(run.span):  # the step spans are its children
                 outcome, error = await self._run_steps(run)
         except LeftToLease:

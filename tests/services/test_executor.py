@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from redis.asyncio import Redis
 from supersede import acl, codec
 from supersede.keys import Keys
 from supersede.registry import load_all, register
+from supersede.scripts import load_source
 from supersede.server import EmbeddedServer
 from tests.support import (
     APP,
@@ -1526,6 +1528,49 @@ async def test_slow_heartbeat_calls_stop_no_run_whose_lease_the_server_renewed(
     assert "leases not renewed in time" not in stderr
 
 
+async def test_a_run_whose_claim_reached_the_server_late_starts_once_a_beat_renewed_it(
+    redis: Redis, redis_server: EmbeddedServer, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """A claim call answered long after it was sent (a chaos run: claims sent during a cluster
+    node's outage, answered 2.7 s later at a 3 s lease): the run counts from the send, so the
+    watch stopped its handler a moment after it started, though the server had just stamped
+    the lease, and the run ran again elsewhere. Here every claim of the executor reaches the
+    server 1.9 s late at a 2 s lease, each beat 0.3 s late: each handler starts once a beat
+    renewed its lease, and runs once."""
+    module = tmp_path / "ledgered.py"
+    module.write_text(LEDGER_MODULE)
+    ledger = tmp_path / "ledger.txt"
+
+    def sha(name: str) -> bytes:
+        return hashlib.sha1(load_source(name)[0].encode()).hexdigest().encode()
+
+    # (the beats are slowed too, as in that outage: a beat asked for at the start came after
+    # the watch's next look)
+    hold = {sha("take"): 1.9, sha("claim"): 1.9, sha("heartbeat"): 0.3}
+    proxy = await FreezableProxy(redis_server.port, hold=hold).start()
+    env = {**system.env, "LEDGER": str(ledger), "SUPERSEDE_REDIS_URL": proxy.url(),
+           "PYTHONPATH": f"{module.parent}:{system.env.get('PYTHONPATH', '')}"}  # fmt: skip
+    system.start("admission", "--block-ms", "100")
+    system.start("ingress", "--block-ms", "100")
+    cmd = [sys.executable, "-m", "supersede", "executor", module.stem, "--lease", "2",
+           "--metrics-port", "0"]  # fmt: skip
+    executor = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    system.procs.append(executor)
+    try:
+        await eventually(lambda: _registered(redis, keys, "held"), timeout=30)
+        runs = 4
+        for i in range(runs):
+            await publish(redis, keys, "held.go", k=f"k{i}", sleep=0.5)
+        await eventually(lambda: _states(redis, keys, {"S": runs}), timeout=60)
+        stderr = await _stderr_after_sigterm(executor)
+    finally:
+        await proxy.stop()
+    kinds = Counter((x.split()[0], x.split()[2]) for x in ledger.read_text().splitlines())
+    assert kinds[("start", "1")] == runs and kinds[("end", "1")] == runs, kinds
+    assert set(kinds) == {("start", "1"), ("alive", "1"), ("end", "1")}, kinds  # no stop, no retry
+    assert "leases not renewed in time" not in stderr
+
+
 async def test_the_lease_watch_counts_each_run_from_its_own_claim_or_renewal() -> None:
     """A beat that began after a run's claim call was sent may not hold the run yet (the loop
     starts it later). Counted from that beat's start, the run got time its server lease never
@@ -1540,10 +1585,13 @@ async def test_the_lease_watch_counts_each_run_from_its_own_claim_or_renewal() -
     now = time.monotonic()
     runner.mark_renewed(now)  # a beat that began just now went through, without `late`
     late = SimpleNamespace(attempt=1, reported=False, lapsed=False, leased_at=now - 0.95,
-                           started=now - 0.01)  # fmt: skip
+                           started=now - 0.01, held=None)  # fmt: skip
     kept = SimpleNamespace(attempt=1, reported=False, lapsed=False, leased_at=now - 0.95,
-                           started=now - 5)  # fmt: skip
-    runner.active.update({"1-late": late, "1-kept": kept})  # type: ignore[dict-item]
+                           started=now - 5, held=None)  # fmt: skip
+    # (its handler waits for a beat to renew it: no retry can run beside it, see Runner.start)
+    held = SimpleNamespace(attempt=1, reported=False, lapsed=False, leased_at=now - 0.95,
+                           started=now - 0.01, held=asyncio.Event())  # fmt: skip
+    runner.active.update({"1-late": late, "1-kept": kept, "1-held": held})  # type: ignore[dict-item]
     runner.mark_leased([("1-kept", 1)], now)  # the beat's call renewed `kept`
     assert runner.lapsing(0.9) == [late]
     assert kept.leased_at == now

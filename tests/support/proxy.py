@@ -10,9 +10,15 @@ import contextlib
 
 
 class FreezableProxy:
-    def __init__(self, target_port: int, delay: float = 0.0) -> None:
+    def __init__(
+        self, target_port: int, delay: float = 0.0, hold: dict[bytes, float] | None = None
+    ) -> None:
+        """`delay`: seconds each chunk waits, both ways; `hold`: pattern -> seconds a chunk
+        sent to the server that holds the pattern waits (a script's SHA: its calls reach the
+        server late, the others do not)."""
         self.target_port = target_port
         self.delay = delay
+        self.hold = hold
         self.port = 0
         self._server: asyncio.Server | None = None
         self._frozen: list[asyncio.Event] = []  # per connection: set = go silent
@@ -37,19 +43,25 @@ class FreezableProxy:
         self._writers += [writer, up_writer]
         frozen = asyncio.Event()
         self._frozen.append(frozen)
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pump(src, dst, frozen, self.delay))
+        for src, dst, hold in ((reader, up_writer, self.hold), (up_reader, writer, None)):
+            task = asyncio.create_task(self._pump(src, dst, frozen, self.delay, hold))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     @staticmethod
     async def _pump(
-        src: asyncio.StreamReader, dst: asyncio.StreamWriter, frozen: asyncio.Event, delay: float
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        frozen: asyncio.Event,
+        delay: float,
+        hold: dict[bytes, float] | None,
     ) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await src.read(65536):
                 if delay:
                     await asyncio.sleep(delay)
+                if hold:
+                    await asyncio.sleep(max((s for p, s in hold.items() if p in data), default=0))
                 if frozen.is_set():
                     await asyncio.Event().wait()  # (silent: never forwards, never closes)
                 dst.write(data)
