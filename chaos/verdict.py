@@ -140,8 +140,10 @@ def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict
     only in the README's at-least-once cases, between the earlier attempt's start and the
     next's, or a lease after the earlier one returned if sooner (its result may not have been
     applied yet): its executor was SIGKILLed, or the server was down for long enough that its
-    lease could lapse (renewals come every third of a lease, so an outage under half a lease
-    cannot), or its executor logged that it renewed no lease for longer than a lease."""
+    lease could lapse (renewals come every third of a lease, and a failed one is tried again a
+    twelfth of a lease later, so an outage under half a lease cannot; when failed ones waited
+    a whole third, one of 1.3 s at a 3 s lease failed two beats and leases lapsed), or its
+    executor logged that it renewed no lease for longer than a lease."""
     ends = _ends(o)
     same = killed = crashed = late = unexplained = 0
     examples: list[str] = []

@@ -5,11 +5,12 @@ Not while a call into C holds the GIL for seconds (`sum(range(10**9))`, a C exte
 not release it): that starves this thread too; such steps belong in `isolation="process"`.
 
 Each third of a lease, counted from the start of the previous beat (a slow beat does not push
-the next one later), the thread renews the leases of the runs `Runner.leased()` lists and
-hands the runs the heartbeat script names back to the loop (`call_soon_threadsafe`), where
-they are let go or stopped. A sync step sees its cancel flag set at once from this thread.
-Runs whose results this executor applied itself are not asked about one by one: the turn key
-each finish call sets (see outbox.FinishHere) confirms a whole turn with one read.
+the next one later; a failed one is tried again a quarter of that after it), the thread renews
+the leases of the runs `Runner.leased()` lists and hands the runs the heartbeat script names
+back to the loop (`call_soon_threadsafe`), where they are let go or stopped. A sync step sees
+its cancel flag set at once from this thread. Runs whose results this executor applied itself
+are not asked about one by one: the turn key each finish call sets (see outbox.FinishHere)
+confirms a whole turn with one read.
 """
 
 from __future__ import annotations
@@ -129,6 +130,11 @@ class LeaseKeeper:
                 if not failing:  # not ready: with every slot busy, no other call may notice
                     failing = True
                     report(READY_PART, "heartbeat", False)
+                # Again a quarter interval after this one ended, not a whole interval after it
+                # began: in an outage of half a lease two beats a whole interval apart could
+                # both fail, and the third came as the leases ran out (a chaos run: a server
+                # restart whose AOF took a second to load; the watch stopped 15 runs)
+                due = time.monotonic() + interval / 4
                 continue
             finally:
                 earliest = time.monotonic() + interval / 4

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import os
 import signal
 import subprocess
@@ -1301,6 +1302,46 @@ async def test_a_turn_the_server_lost_is_not_confirmed_and_its_runs_keep_their_l
         assert named == [("1-kept", 1)]  # (any callback of the beat has run: the loop polled)
     finally:
         keeper._client.close()
+
+
+async def test_a_failed_beat_is_tried_again_a_quarter_interval_after_it(
+    redis_url: str, keys: Keys
+) -> None:
+    """Beats come a third of a lease apart. A failed one was tried again only a whole interval
+    after it began, so an outage of under half a lease (a server restart whose AOF took a second
+    to load, in a chaos run) could fail two beats, and the next came as the leases ran out: the
+    watch stopped 15 runs, retried elsewhere. A failed beat is tried again a quarter interval
+    after it ended; after one that went through, the next comes a whole interval later."""
+    from supersede.services.executor.config import ExecutorConfig
+    from supersede.services.executor.lease import LeaseKeeper
+
+    runner: Any = type("R", (), {"active": {}, "leased": lambda self: [],
+                                 "mark_renewed": lambda self, began: None})()  # fmt: skip
+    keeper = LeaseKeeper(redis_url, keys, "ex-1", ExecutorConfig(lease_ms=3_000), runner,
+                         lambda rid, attempt: None)  # fmt: skip
+    beats: list[float] = []
+
+    def beat() -> None:
+        beats.append(time.monotonic())
+        if len(beats) <= 3:  # (the server is down for three beats)
+            raise ConnectionError("Connection refused")
+
+    keeper.beat = beat  # type: ignore[method-assign]
+    thread = asyncio.ensure_future(asyncio.to_thread(keeper._run))
+    try:
+        await eventually(lambda: _at_least(beats, 5), timeout=10)
+    finally:
+        keeper._halt.set()
+        keeper._soon.set()
+        await thread
+        keeper._client.close()
+    gaps = [b - a for a, b in itertools.pairwise(beats)]
+    assert all(gap < 0.6 for gap in gaps[:3]), gaps  # (a quarter interval: 0.25 s; was 1 s)
+    assert gaps[3] >= 0.9, gaps  # (a whole interval after the beat that went through)
+
+
+async def _at_least(items: list[Any], n: int) -> bool:
+    return len(items) >= n
 
 
 async def _renewed(redis: Redis, leases: str, n: int) -> bool:
