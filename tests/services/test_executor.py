@@ -1540,33 +1540,13 @@ async def test_slow_heartbeat_calls_stop_no_run_whose_lease_the_server_renewed(
     again (a probe: 3 s lease, two CPU hogs; 14 of 16 process-isolated runs FAILED after
     three stops). Here every call of the executor crosses a proxy that delays it: the runs'
     renewals are at most a beat apart on the server, and none is stopped."""
-    module = tmp_path / "ledgered.py"
-    module.write_text(LEDGER_MODULE)
-    ledger = tmp_path / "ledger.txt"
-    proxy = await FreezableProxy(redis_server.port, delay=0.12).start()
-    env = {**system.env, "LEDGER": str(ledger), "SUPERSEDE_REDIS_URL": proxy.url(),
-           "PYTHONPATH": f"{module.parent}:{system.env.get('PYTHONPATH', '')}"}  # fmt: skip
-    system.start("admission", "--block-ms", "100")
-    system.start("ingress", "--block-ms", "100")
-    cmd = [sys.executable, "-m", "supersede", "executor", module.stem, "--lease", "2",
-           "--metrics-port", "0"]  # fmt: skip
-    executor = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-    system.procs.append(executor)
-    try:
-        await eventually(lambda: _registered(redis, keys, "held"), timeout=30)
-        runs = 24  # (distinct keys: the runs spread over every shard, a call each per beat)
-        for i in range(runs):
-            await publish(redis, keys, "held.go", k=f"k{i}", sleep=6)
-        await eventually(lambda: _states(redis, keys, {"S": runs}), timeout=60)
-        stderr = await _stderr_after_sigterm(executor)
-    finally:
-        await proxy.stop()
+    proxy = FreezableProxy(redis_server.port, delay=0.12)
+    runs = 24  # (distinct keys: the runs spread over every shard, a call each per beat)
+    kinds = await _held_runs_behind(proxy, redis, keys, system, tmp_path, runs, sleep=6)
     shards = {int(rid.split("-")[0]) for rid in await records(redis, keys)}
     assert len(shards) == keys.shards  # (else fewer calls per beat than meant)
-    kinds = Counter((x.split()[0], x.split()[2]) for x in ledger.read_text().splitlines())
     assert kinds[("start", "1")] == runs and kinds[("end", "1")] == runs, kinds
     assert set(kinds) == {("start", "1"), ("alive", "1"), ("end", "1")}, kinds  # no stop, no retry
-    assert "leases not renewed in time" not in stderr
 
 
 async def test_a_run_whose_claim_reached_the_server_late_starts_once_a_beat_renewed_it(
@@ -1578,9 +1558,6 @@ async def test_a_run_whose_claim_reached_the_server_late_starts_once_a_beat_rene
     the lease, and the run ran again elsewhere. Here every claim of the executor reaches the
     server 1.9 s late at a 2 s lease, each beat 0.3 s late: each handler starts once a beat
     renewed its lease, and runs once."""
-    module = tmp_path / "ledgered.py"
-    module.write_text(LEDGER_MODULE)
-    ledger = tmp_path / "ledger.txt"
 
     def sha(name: str) -> bytes:
         return hashlib.sha1(load_source(name)[0].encode()).hexdigest().encode()
@@ -1588,7 +1565,30 @@ async def test_a_run_whose_claim_reached_the_server_late_starts_once_a_beat_rene
     # (the beats are slowed too, as in that outage: a beat asked for at the start came after
     # the watch's next look)
     hold = {sha("take"): 1.9, sha("claim"): 1.9, sha("heartbeat"): 0.3}
-    proxy = await FreezableProxy(redis_server.port, hold=hold).start()
+    proxy = FreezableProxy(redis_server.port, hold=hold)
+    runs = 4
+    kinds = await _held_runs_behind(proxy, redis, keys, system, tmp_path, runs, sleep=0.5)
+    assert kinds[("start", "1")] == runs and kinds[("end", "1")] == runs, kinds
+    assert set(kinds) == {("start", "1"), ("alive", "1"), ("end", "1")}, kinds  # no stop, no retry
+
+
+async def _held_runs_behind(
+    proxy: FreezableProxy,
+    redis: Redis,
+    keys: Keys,
+    system: System,
+    tmp_path: Path,
+    runs: int,
+    *,
+    sleep: float,
+) -> Counter[tuple[str, str]]:
+    """`runs` runs of LEDGER_MODULE's `held` (`sleep` s each, a key each) on an executor at a
+    2 s lease whose calls cross `proxy`, until all succeeded; the ledger's (kind, attempt)
+    counts. The executor must not have stopped a run for its lease."""
+    module = tmp_path / "ledgered.py"
+    module.write_text(LEDGER_MODULE)
+    ledger = tmp_path / "ledger.txt"
+    await proxy.start()
     env = {**system.env, "LEDGER": str(ledger), "SUPERSEDE_REDIS_URL": proxy.url(),
            "PYTHONPATH": f"{module.parent}:{system.env.get('PYTHONPATH', '')}"}  # fmt: skip
     system.start("admission", "--block-ms", "100")
@@ -1599,17 +1599,14 @@ async def test_a_run_whose_claim_reached_the_server_late_starts_once_a_beat_rene
     system.procs.append(executor)
     try:
         await eventually(lambda: _registered(redis, keys, "held"), timeout=30)
-        runs = 4
         for i in range(runs):
-            await publish(redis, keys, "held.go", k=f"k{i}", sleep=0.5)
+            await publish(redis, keys, "held.go", k=f"k{i}", sleep=sleep)
         await eventually(lambda: _states(redis, keys, {"S": runs}), timeout=60)
         stderr = await _stderr_after_sigterm(executor)
     finally:
         await proxy.stop()
-    kinds = Counter((x.split()[0], x.split()[2]) for x in ledger.read_text().splitlines())
-    assert kinds[("start", "1")] == runs and kinds[("end", "1")] == runs, kinds
-    assert set(kinds) == {("start", "1"), ("alive", "1"), ("end", "1")}, kinds  # no stop, no retry
     assert "leases not renewed in time" not in stderr
+    return Counter((x.split()[0], x.split()[2]) for x in ledger.read_text().splitlines())
 
 
 async def test_the_lease_watch_counts_each_run_from_its_own_claim_or_renewal() -> None:
