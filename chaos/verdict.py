@@ -45,6 +45,10 @@ TRIGGERS = {"chat": ("chaos-latest", "chaos-latest3"), "doc": ("chaos-strict",),
             "job": ("chaos-fifo",), "queue": ("chaos-newest", "chaos-oldest"),
             "edit": ("chaos-debounce",), "pa": ("chaos-proc-a",),
             "pb": ("chaos-proc-b",)}  # fmt: skip
+# A server outage this share of a lease or longer may lapse leases (see _started_twice): the
+# watch stops a run 0.9 of a lease after its last renewal was sent, a beat comes a third of a
+# lease after the one before, and a failed one is tried again a twelfth of a lease later.
+OUTAGE_LAPSES = 0.9 - 1 / 3 - 1 / 12 - 0.03  # (the failed calls' time: connections refused)
 
 
 @dataclass
@@ -141,9 +145,11 @@ def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict
     next's, or a lease after the earlier one returned if sooner (its result may not have been
     applied yet): its executor was SIGKILLed, or the server was down for long enough that its
     lease could lapse (renewals come every third of a lease, and a failed one is tried again a
-    twelfth of a lease later, so an outage under half a lease cannot; when failed ones waited
-    a whole third, one of 1.3 s at a 3 s lease failed two beats and leases lapsed), or its
-    executor logged that it renewed no lease for longer than a lease."""
+    twelfth of a lease later: an outage that begins just before a beat must end within 0.9 -
+    1/3 - 1/12, about 0.48, of a lease, less the time its failed calls took, for the watch not
+    to stop the runs; when failed ones waited a whole third, one of 1.3 s at a 3 s lease
+    failed two beats and leases lapsed), or its executor logged that it renewed no lease for
+    longer than a lease."""
     ends = _ends(o)
     same = killed = crashed = late = unexplained = 0
     examples: list[str] = []
@@ -204,7 +210,7 @@ def _explain(o: Observed, start: dict[str, Any], until: float) -> str | None:
     kill = o.kills.get(start["pid"])
     if kill is not None and since <= kill <= until:
         return "sigkill"
-    if any(a <= until and b >= since and b - a >= o.lease / 2 for a, b in o.crashes):
+    if any(a <= until and b >= since and b - a >= o.lease * OUTAGE_LAPSES for a, b in o.crashes):
         return "server_crash"
     if any(a <= until and b >= since for a, b in o.late.get(start["pid"], [])):
         return "late_heartbeat"

@@ -232,9 +232,9 @@ class LeaseKeeper:
                 log.error("lease renewal refused", extra={"reply": repr(reply)[:200]})
                 continue
             named = {raw.decode() if isinstance(raw, bytes) else str(raw) for raw in reply[1:]}
-            # (a run the script named is no longer this executor's: not renewed, and a run
-            # held for its renewal must not start its handler before it is let go)
-            self.runner.mark_leased([(rid, a) for rid, a in runs if rid not in named], asked)
+            # (a named run is to stop: a CANCELLING one's lease is renewed still, while its
+            # handler winds down, but one held for its renewal must not start its handler)
+            self.runner.mark_leased(runs, asked, gone=named)
             self._stop([(rid, a) for rid, a in runs if rid in named])
         if failed is not None:
             raise failed

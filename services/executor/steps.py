@@ -19,7 +19,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -291,7 +291,6 @@ class Runner:
             # link), or a moment after their start (a chaos run: claims sent during a node's
             # outage, answered 2.7 s later at a 3 s lease), and ran again elsewhere.
             run.held = asyncio.Event()
-            self.renew_soon()
         ctx._answer_within = self.config.lease_ms / 1000 + 1.0  # (still_current_blocking)
         if self.tracer:
             run.span = self.tracer.start_span(
@@ -302,6 +301,8 @@ class Runner:
                             "supersede.attempt": claim.attempt, "supersede.key": claim.key},
             )  # fmt: skip
         self.active[claim.run_id] = run
+        if run.held is not None and self.renew_soon is not None:
+            self.renew_soon()  # (once in `active`, where the beat's snapshot finds it)
         metrics.RUNS_STARTED.labels(wf.id).inc()
         if claim.handed_back:
             metrics.HANDED_BACK.inc()
@@ -336,16 +337,24 @@ class Runner:
         if self.processes is not None:
             self.processes.renewed.value = began
 
-    def mark_leased(self, runs: Sequence[tuple[str, int]], asked: float) -> None:
+    def mark_leased(
+        self, runs: Sequence[tuple[str, int]], asked: float, gone: Collection[str] = ()
+    ) -> None:
         """A heartbeat call sent at `asked` (monotonic) renewed the leases of `runs` (run id,
-        attempt): each runs at least a lease from then (see `lapsing`). Called from the lease
+        attempt): each runs at least a lease from then (see `lapsing`), and a run held for its
+        renewal starts, unless the call named it to stop (`gone`). Called from the lease
         keeper's thread."""
         active = self.active
         for rid, attempt in runs:
             run = active.get(rid)
             if run is not None and run.attempt == attempt and run.leased_at < asked:
                 run.leased_at = asked
-                if run.held is not None and not run.held.is_set() and self._loop is not None:
+                if (
+                    run.held is not None
+                    and not run.held.is_set()
+                    and rid not in gone
+                    and self._loop is not None
+                ):
                     with contextlib.suppress(RuntimeError):  # (the loop closed: it ends)
                         self._loop.call_soon_threadsafe(run.held.set)
 
