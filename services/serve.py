@@ -22,6 +22,7 @@ executor that dies before its result is written: the lease lapses and the run is
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from redis.asyncio import Redis
@@ -72,6 +73,7 @@ class HandOff:
                 hand_over = None
                 if free:
                     hand_over = HandOver(ex.consumer, ex.config.lease_ms, free, ex.workflows)
+                asked = time.monotonic()  # (the leases of the runs it hands over run from then)
                 try:
                     r = await self.admission.admit_handed(shard, payloads, hand_over)
                 except (MalformedItem, WrongShard):
@@ -80,7 +82,7 @@ class HandOff:
                     await self.admission.scripts.append_requests(shard, payloads)
                     return
                 if not self.closed.is_set():  # (else left to their leases, retried)
-                    ex.claimer.start_handed(shard, r.handed)
+                    ex.claimer.start_handed(shard, r.handed, asked)
         finally:
             ex.runner.handing -= 1 if free else 0
         if r.handed:

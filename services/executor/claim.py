@@ -108,14 +108,15 @@ class Claimer:
             HOP_SECONDS.labels("assignments").observe(waited)
             self._start(shard, claim, now, asked)
 
-    def start_handed(self, shard: int, claims: Sequence[Claim]) -> None:
+    def start_handed(self, shard: int, claims: Sequence[Claim], asked: float = 0.0) -> None:
         """Start the runs an admit call claimed for this executor (`supersede serve`'s
-        hand-over: no assignment entry, no claim call). A run that call also cancelled (state
+        hand-over: no assignment entry, no claim call), their leases counted from `asked`
+        (monotonic: when that call was sent; 0: now). A run that call also cancelled (state
         X) is started and stopped at once, so that its outcome is reported as any other's."""
         now = time.time()
         for claim in claims:
             metrics.QUEUE_WAIT_SECONDS.observe(0.0)
-            run = self._start(shard, claim, now)
+            run = self._start(shard, claim, now, asked)
             if run is not None and claim.state == "X":
                 self.cancels.cancel_local(claim.run_id, claim.attempt, now * 1000)
 

@@ -9,7 +9,9 @@ import asyncio
 import contextlib
 import signal
 import subprocess
+import time
 import uuid
+from typing import Any
 
 import orjson
 import pytest
@@ -20,7 +22,7 @@ from supersede.client import get_run, publish_runs, wait_for_run
 from supersede.config import connect
 from supersede.keys import Keys
 from supersede.model import shard_of_run
-from supersede.protocol import RunRecord, request_payloads
+from supersede.protocol import RunRecord, pack_input, request_payloads
 from supersede.server import EmbeddedCluster
 from tests.support import (
     APP,
@@ -269,6 +271,53 @@ async def test_a_request_the_admit_call_refuses_goes_through_the_stream(
     assert (await records(redis, keys))[req.run_id]["st"] == "A"
     assert await redis.xlen(keys.shard(shard).assignments_stream("work")) == 1
     assert not executor.runner.active and executor.runner.reserved == 0
+
+
+async def test_a_run_handed_over_counts_its_lease_from_the_admit_call(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """The admit call that hands runs over stamps their leases on the server before its reply
+    comes. They counted from the reply: a reply that came late (a slow link, a server busy)
+    credited them time their leases never had, so in an outage after it the watch would stop
+    them only after the reaper could retry them elsewhere. They count from the call's send now,
+    and one whose reply came more than a quarter lease later waits for a beat to renew it."""
+    from supersede.config import Settings
+    from supersede.services.admission.service import Admission
+    from supersede.services.executor.service import Executor, ExecutorConfig
+    from supersede.services.modules import load_workflows
+    from supersede.services.serve import HandOff
+
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    admission = Admission(redis, settings)
+    executor = Executor(
+        redis, settings, load_workflows(APP), ExecutorConfig(slots=2, lease_ms=2_000)
+    )
+    beats: list[float] = []
+    executor.runner.renew_soon = lambda: beats.append(time.monotonic())  # (a lease keeper's)
+    admit = admission.admit_handed
+
+    async def late_reply(*args: Any) -> Any:
+        reply = await admit(*args)
+        await asyncio.sleep(0.6)  # (past a quarter of the lease)
+        return reply
+
+    admission.admit_handed = late_reply  # type: ignore[assignment]
+    hand_off = HandOff(admission, executor, asyncio.Event())
+    body = pack_input({}, {}, "work.item", "e1")
+    shard, req = make_request(keys, workflow="work", event="e1", seq=1, unlimited=True,
+                              payload=body)  # fmt: skip
+    sent = time.monotonic()
+    await hand_off(shard, [req.pack()])
+    run = executor.runner.active[req.run_id]
+    try:
+        assert sent <= run.leased_at < sent + 0.3  # (from the send, not the reply)
+        assert run.held is not None and not run.held.is_set() and len(beats) == 1
+        assert not run.ctx.outputs and run.handler_started_us == 0  # (not started yet)
+    finally:
+        assert run.task is not None
+        run.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run.task
 
 
 async def test_results_are_applied_by_the_executor_and_a_refused_one_takes_the_stream(
