@@ -274,7 +274,7 @@ async def test_a_request_the_admit_call_refuses_goes_through_the_stream(
 
 
 async def test_a_run_handed_over_counts_its_lease_from_the_admit_call(
-    redis: Redis, redis_url: str, keys: Keys
+    redis: Redis, redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The admit call that hands runs over stamps their leases on the server before its reply
     comes. They counted from the reply: a reply that came late (a slow link, a server busy)
@@ -292,6 +292,9 @@ async def test_a_run_handed_over_counts_its_lease_from_the_admit_call(
     executor = Executor(
         redis, settings, load_workflows(APP), ExecutorConfig(slots=2, lease_ms=2_000)
     )
+    # (a step that starts, as on the old code, notes it on this session's server, not 6379)
+    monkeypatch.setenv("SUPERSEDE_TEST_LOG_URL", redis_url)
+    monkeypatch.setenv("SUPERSEDE_NAMESPACE", keys.namespace)
     beats: list[float] = []
     executor.runner.renew_soon = lambda: beats.append(time.monotonic())  # (a lease keeper's)
     admit = admission.admit_handed
