@@ -478,14 +478,20 @@ class Runner:
             while task is not None and task.cancelling():
                 task.uncancel()
             outcome, error = Outcome.CANCELLED, ""
-            if run.stops_later is None:
-                self.stage(run, "stopped")
-                await self._on_cancel(run)
-            elif run.stops_later.done():  # (strict mode waited for it: "stopped" was seen)
-                await self._on_cancel(run)
-            else:  # (the hook cleans up after the step: not beside it, while it still runs)
-                run.stops_later.add_done_callback(lambda _: self._hook_later(run))
+            await self._cancelled(run)
         await self.report(run, outcome, error)
+
+    async def _cancelled(self, run: Running) -> None:
+        """The on_cancel hook of a run whose task took its cancel: now, or once its sync step
+        returned (it cleans up after the step, not beside it while it still runs)."""
+        if run.stops_later is None:
+            self.stage(run, "stopped")
+            if run.handler_started_us:  # (one held for its renewal ran no step: no hook, as
+                await self._on_cancel(run)  # for a run cancelled before its task began)
+        elif run.stops_later.done():  # (strict mode waited for it: "stopped" was seen)
+            await self._on_cancel(run)
+        else:
+            run.stops_later.add_done_callback(lambda _: self._hook_later(run))
 
     def _leave(self, run: Running) -> None:
         """A run the drain stopped, its step ended: queued to be handed back (retried

@@ -794,3 +794,54 @@ async def test_results_waiting_for_a_server_that_is_down_log_one_line_per_window
     assert isinstance(error, RedisConnectionError)
     lines = [r for r in caplog.records if r.getMessage() == "results not written yet; retrying"]
     assert len(lines) == 1 and "Error 111" in str(vars(lines[0])["error"]), lines
+
+
+async def test_a_run_cancelled_while_held_for_its_renewal_runs_no_on_cancel_hook() -> None:
+    """A run whose claim reply came late waits for a beat before its first step. Cancelled
+    there, it ran no step, yet its on_cancel hook ran (the last session's note): a cleanup of
+    work that never began. Now it runs none, as for a run cancelled before its task began;
+    a run cancelled in its step still runs its hook."""
+    from supersede.protocol import Outcome, pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Workflow
+
+    outbox = _Outbox()
+    hooked: list[str] = []
+    wf = Workflow("wf", on_events=["e"])
+
+    @wf.step()
+    async def wait(ctx: Any) -> None:
+        await asyncio.sleep(10)
+
+    @wf.on_cancel
+    async def cleanup(ctx: Any) -> None:
+        hooked.append(ctx.run_id)
+
+    def claim(rid: str) -> Claim:
+        return Claim(rid, True, 1, "wf", "v", pack_input({}, {}, "e", rid), "k", "s", "R")
+
+    runner = Runner([wf], ExecutorConfig(lease_ms=1_000, grace=0.2), outbox)
+    asked: list[bool] = []
+    runner.renew_soon = lambda: asked.append(True)  # (a beat asked for, never made here)
+    cancels = cancel.Cancels(None, None, runner, runner.config, cluster=False)
+    try:
+        held = runner.start(0, claim("0-held"), leased_at=time.monotonic() - 0.5)
+        live = runner.start(0, claim("0-live"))
+        assert held is not None and held.held is not None and asked == [True]
+        assert live is not None
+        deadline = time.monotonic() + 5
+        while not live.handler_started_us and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert live.handler_started_us and not held.handler_started_us
+        for rid in ("0-held", "0-live"):
+            cancels.cancel_local(rid, 1, time.time() * 1000)
+        while runner.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert {r.run_id: r.outcome for r in outbox.written} == {
+            "0-held": Outcome.CANCELLED,
+            "0-live": Outcome.CANCELLED,
+        }
+        assert hooked == ["0-live"] and not held.handler_started_us
+    finally:
+        runner.close()
