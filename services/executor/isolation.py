@@ -82,12 +82,12 @@ class WorkerTerminated(WorkerLost):
 
 class _WorkerContext(Context):
     """The step's Context inside a worker: `cancelled` reads the executor's flag for this
-    worker; `still_current()` checks the attempt's lease as the executor does (its last
-    heartbeat, in shared memory: the workers go on while a SIGSTOPped executor's leases lapse)
-    and reads the group's fence with the worker's own connection."""
+    worker; `still_current()` checks the attempt's lease as the executor does (its stamp, in
+    shared memory: the workers go on while a SIGSTOPped executor's leases lapse) and reads the
+    group's fence with the worker's own connection."""
 
     def __init__(
-        self, job: dict[str, Any], flag: ProcessEvent, fence_check: Any, renewed: Any
+        self, job: dict[str, Any], flag: ProcessEvent, fence_check: Any, leased: Any
     ) -> None:
         super().__init__(
             run_id=job["id"], workflow=job["w"], attempt=job["a"], input=job["in"],
@@ -100,8 +100,8 @@ class _WorkerContext(Context):
         self._flag = flag  # type: ignore[assignment]  # (an Event with the same two methods)
         self._fence_check = fence_check
         self._fence_args = (job.get("fk"), job.get("g"), job.get("s"))
-        self._lease = (float(job.get("cm", 0.0)), float(job.get("ls", 0.0)))
-        self._renewed = renewed
+        self._lease = float(job.get("ls", 0.0))
+        self._leased = leased
 
     def still_current_blocking(self, timeout: float | None = None) -> bool:
         """As the executor's (Runner._still_current): a read the server fails is made again
@@ -110,8 +110,8 @@ class _WorkerContext(Context):
         while True:
             if self.cancelled:
                 return False
-            claimed, lease = self._lease  # (Runner.lease_held, in the worker)
-            if lease and time.monotonic() - max(self._renewed.value, claimed) >= lease:
+            lease = self._lease  # (Runner.lease_left, in the worker)
+            if lease and time.monotonic() - self._leased.value >= lease:
                 return False
             key, group, seq = self._fence_args
             if not key:
@@ -171,7 +171,7 @@ def _exit_with_parent(executor: int) -> None:
 
 
 def worker_main(
-    conn: Connection, flag: ProcessEvent, renewed: Any, redis_url: str, executor: int
+    conn: Connection, flag: ProcessEvent, leased: Any, redis_url: str, executor: int
 ) -> None:
     """A worker's loop: one job at a time, from the executor's end of the pipe."""
     # (the forkserver forked it with SIGTERM blocked, see `ProcessPool._spawn`: the ladder's
@@ -201,7 +201,7 @@ def worker_main(
             if job.get("mf"):  # (a module given by its path: loaded under the same name)
                 import_module(job["mf"])
             fn = resolve(job["m"], job["q"])
-            ctx = _WorkerContext(job, flag, fence_check, renewed)
+            ctx = _WorkerContext(job, flag, fence_check, leased)
             if asyncio.iscoroutinefunction(fn):
                 out = asyncio.run(_until_flag(fn, ctx, flag))
             else:
@@ -225,6 +225,10 @@ class Worker:
     process: Any  # multiprocessing's Process of the forkserver context
     conn: Connection
     flag: ProcessEvent
+    # (monotonic) the lease stamp of the run whose step it runs, in shared memory: written
+    # by the executor as its heartbeat renews it; the worker goes on while a SIGSTOPped
+    # executor's leases lapse (see Runner.lease_left)
+    leased: Any
     terminated: bool = False  # the ladder sent it SIGTERM
 
 
@@ -243,9 +247,6 @@ class ProcessPool:
         self.kill_after = kill_after
         self._mp = multiprocessing.get_context("forkserver")
         self._mp.set_forkserver_preload(sorted(set(modules)))
-        # (monotonic) when the executor's last heartbeat that went through began, for the
-        # workers' still_current() (Runner.mark_renewed writes it)
-        self.renewed = self._mp.RawValue("d", time.monotonic())
         self._idle: asyncio.Queue[Worker] = asyncio.Queue()
         self._all: set[Worker] = set()
         self._spawning: set[asyncio.Task[None]] = set()
@@ -259,8 +260,9 @@ class ProcessPool:
     def _spawn(self) -> Worker:
         ours, theirs = self._mp.Pipe()
         flag = self._mp.Event()
+        leased = self._mp.RawValue("d", 0.0)
         process = self._mp.Process(
-            target=worker_main, args=(theirs, flag, self.renewed, self.redis_url, os.getpid()),
+            target=worker_main, args=(theirs, flag, leased, self.redis_url, os.getpid()),
             daemon=True,
             name="supersede-step",
         )  # fmt: skip
@@ -278,7 +280,7 @@ class ProcessPool:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
-        worker = Worker(process, ours, flag)
+        worker = Worker(process, ours, flag, leased)
         self._all.add(worker)
         return worker
 
@@ -317,11 +319,13 @@ class ProcessPool:
         self,
         job: dict[str, Any],
         *,
+        lease: Callable[[Any], None],
         timeout: float | None,
         cancelled: Callable[[], bool],
         stage: Callable[[str], None],
     ) -> Any:
-        """Run one step in a worker; its output. A cancel of the calling task while the run
+        """Run one step in a worker; its output. `lease(cell)` is given the worker's shared
+        lease stamp first. A cancel of the calling task while the run
         is cancelled (`cancelled()`), or the step's `timeout`, stops the worker by the ladder,
         then raises CancelledError, resp. TimeoutError; any other cancel (a shutdown) kills
         the worker at once. A step that raised raises StepError with its traceback."""
@@ -330,6 +334,7 @@ class ProcessPool:
             self._replace(worker)
             worker = await self._idle.get()
         worker.flag.clear()
+        lease(worker.leased)  # (the run's stamp, for its still_current() in the worker)
         try:
             try:
                 worker.conn.send_bytes(codec.pack_value(job))

@@ -67,7 +67,7 @@ class LeaseKeeper:
         self.config = config
         self.runner = runner
         self.on_stop = on_stop
-        runner.mark_renewed(time.monotonic())  # (see Runner.lease_held)
+        runner.mark_renewed(time.monotonic())  # (see Runner.lease_left)
         self._halt = threading.Event()
         # (set: beat now, a run started whose claim was sent long before; see Runner.start)
         self._soon = threading.Event()
@@ -233,9 +233,11 @@ class LeaseKeeper:
                 continue
             named = {raw.decode() if isinstance(raw, bytes) else str(raw) for raw in reply[1:]}
             # (a named run is to stop: a CANCELLING one's lease is renewed still, while its
-            # handler winds down, but one held for its renewal must not start its handler)
-            self.runner.mark_leased(runs, asked, gone=named)
+            # handler winds down, but one held for its renewal must not start its handler;
+            # its flag is raised first, so a step's still_current() never sees the stamp of
+            # a run the heartbeat let go, retried elsewhere under the same fence)
             self._stop([(rid, a) for rid, a in runs if rid in named])
+            self.runner.mark_leased(runs, asked, gone=named)
         if failed is not None:
             raise failed
         self.runner.mark_renewed(began)

@@ -138,6 +138,9 @@ class Running:
     # Its claim call was sent long before the reply came: its handler starts once a beat
     # renewed its lease (set then, from the lease keeper's thread; see Runner.start).
     held: asyncio.Event | None = None
+    # While a step runs in a worker process: that worker's shared copy of `leased_at`, for
+    # its still_current() (Runner.mark_leased writes it too).
+    lease_cell: Any = None
     handler_started_us: int = 0  # wall clock, a point of the run's path; 0: never started
     span: Any = None  # the run's span on this executor (tracing on)
     fence_at: tuple[int, str] | None = None  # (shard, group) whose fence still_current() reads
@@ -161,6 +164,14 @@ class Running:
     @property
     def step_runs_on(self) -> bool:
         return self.thread is not None and not self.thread.done()
+
+
+def _share_lease(run: Running, cell: Any) -> None:
+    """Show the run's lease stamp to the worker process about to run its step (`cell`, that
+    worker's shared float), and have the lease keeper's renewals of it written there too."""
+    run.lease_cell = cell
+    cell.value = run.leased_at or run.started  # (an older stamp stored over a renewal made
+    # meanwhile errs on the safe side, until the next beat)
 
 
 def _stopped(run: Running) -> bool:
@@ -219,7 +230,7 @@ class Runner:
         self._pending: set[asyncio.Future[None]] = set()  # repeated cancels of lapsed runs
         self.left_added = asyncio.Event()
         self.drain_deadline = math.inf  # the loop's time the drain ends by, once it drains
-        self.renewed_at: float | None = None  # see `lease_held` (None: no lease keeper)
+        self.renewed_at: float | None = None  # see `lease_left` (None: no lease keeper)
         # asks the lease keeper for a beat now (thread-safe; None: no lease keeper)
         self.renew_soon: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the runs' (set by `start`)
@@ -249,12 +260,9 @@ class Runner:
             self._fail_at_once(shard, claim, f"input could not be decoded: {describe(exc)}")
             return None
         wf = self.workflows.get(claim.workflow)
-        current, fence_at = None, None
+        fence_at = None
         if self.fences is not None and wf is not None and wf.concurrency is not None:
             group = group_id(claim.workflow, claim.version, claim.key, wf.concurrency.scope)
-            current = functools.partial(
-                self._still_current, shard, group, claim.seq, time.monotonic()
-            )
             fence_at = (shard, group)
         self._loop = asyncio.get_running_loop()
         ctx = Context(
@@ -268,7 +276,6 @@ class Runner:
             key=claim.key,
             loop=self._loop,
             fence=fence_of(claim.seq),
-            current=current,
             claimed_at=time.time(),
             step_names=wf.step_names if wf is not None else None,
         )
@@ -279,6 +286,8 @@ class Runner:
             return None
         run = Running(claim.run_id, shard, claim.attempt, wf, ctx, fence_at=fence_at)
         run.leased_at = leased_at or run.started
+        if fence_at is not None:
+            ctx._current = functools.partial(self._still_current, run, claim.seq)
         if (
             self.renew_soon is not None
             and run.started - run.leased_at > self.config.lease_ms / 4000
@@ -319,8 +328,6 @@ class Runner:
             self.config.slots, [s.fn.__module__ for s in steps], redis_url,
             grace=self.config.grace, kill_after=self.config.kill_after,
         )  # fmt: skip
-        if self.renewed_at is not None:
-            self.processes.renewed.value = self.renewed_at
         await self.processes.start()
 
     def stage(self, run: Running, stage: str) -> None:
@@ -330,12 +337,9 @@ class Runner:
             metrics.CANCEL_STAGE_SECONDS.labels(stage).observe(elapsed)
 
     def mark_renewed(self, began: float) -> None:
-        """A heartbeat that began at `began` (monotonic) went through: every lease here runs at
-        least a lease from then. Called from the lease keeper's thread; worker processes read
-        it from shared memory (a float's store is atomic)."""
+        """A heartbeat that began at `began` (monotonic) went through, every call of it (the
+        watch's log says how long ago). Called from the lease keeper's thread."""
         self.renewed_at = began
-        if self.processes is not None:
-            self.processes.renewed.value = began
 
     def mark_leased(
         self, runs: Sequence[tuple[str, int]], asked: float, gone: Collection[str] = ()
@@ -349,6 +353,9 @@ class Runner:
             run = active.get(rid)
             if run is not None and run.attempt == attempt and run.leased_at < asked:
                 run.leased_at = asked
+                cell = run.lease_cell  # (its step's worker process reads it there)
+                if cell is not None:
+                    cell.value = asked  # (a float's store is atomic)
                 if (
                     run.held is not None
                     and not run.held.is_set()
@@ -358,15 +365,19 @@ class Runner:
                     with contextlib.suppress(RuntimeError):  # (the loop closed: it ends)
                         self._loop.call_soon_threadsafe(run.held.set)
 
-    def lease_held(self, claimed: float) -> bool:
-        """Whether the lease of an attempt claimed at `claimed` (monotonic) surely runs still:
-        claimed, or renewed by a heartbeat that began, less than a lease ago. Not so after a
-        pause of the process (SIGSTOP, a starved host) longer than a lease: the reaper may have
-        retried the run elsewhere, and that retry shares this one's fence, so the fence alone
-        would call this attempt current until the next heartbeat lets it go."""
+    def lease_left(self, run: Running) -> float:
+        """Seconds the run's lease surely runs still (<= 0: it may have lapsed): a lease from
+        when its claim call, or the last heartbeat call that renewed it, was sent. Not so after
+        a pause of the process (SIGSTOP, a starved host) longer than a lease: the reaper may
+        have retried the run elsewhere, and that retry shares this one's fence, so the fence
+        alone would call this attempt current until the next heartbeat lets it go. Each run
+        counts from its own stamp: counted from the last beat whose every call went through,
+        a cluster node down for a lease made every run of the other nodes not current, though
+        their leases were renewed (the last session's note). No lease keeper: a lease ahead."""
+        lease = self.config.lease_ms / 1000
         if self.renewed_at is None:
-            return True
-        return time.monotonic() - max(self.renewed_at, claimed) < self.config.lease_ms / 1000
+            return lease
+        return lease - (time.monotonic() - (run.leased_at or run.started))
 
     def lapsing(self, within: float) -> list[Running]:
         """The runs executing here that were neither claimed nor renewed (by a heartbeat call
@@ -415,18 +426,19 @@ class Runner:
                     self._pending.add(again)
                     again.add_done_callback(self._pending.discard)
 
-    async def _still_current(self, shard: int, group: str, seq: str, claimed: float) -> bool:
-        """Whether the run's lease is held and no newer run of its group was admitted. While
-        the server fails the read (down, restarting, failing over), asked again until it
-        answers or the lease runs out: False then, as the run is retried elsewhere (the error
-        reached the step, which FAILED runs of ten attempts on their first: a probe)."""
-        assert self.fences is not None
+    async def _still_current(self, run: Running, seq: str) -> bool:
+        """Whether the run's lease is held, it was not cancelled and no newer run of its group
+        was admitted. While the server fails the read (down, restarting, failing over), asked
+        again until it answers or the lease runs out: False then, as the run is retried
+        elsewhere (the error reached the step, which FAILED runs of ten attempts on their
+        first: a probe)."""
+        assert self.fences is not None and run.fence_at is not None
+        shard, group = run.fence_at
         pause = FENCE_RETRY_FIRST
-        lease = self.config.lease_ms / 1000
         while True:
-            if not self.lease_held(claimed):
+            left = self.lease_left(run)
+            if left <= 0 or run.ctx.cancelled:  # (a heartbeat let it go meanwhile, maybe)
                 return False
-            left = lease - (time.monotonic() - max(self.renewed_at or claimed, claimed))
             try:  # (bounded: a silent server holds a read past the lease otherwise)
                 newest = await asyncio.wait_for(self.fences(shard, group), max(0.05, left))
             except SERVER_UNAVAILABLE as exc:  # (TimeoutError among them: wait_for's)
@@ -713,9 +725,9 @@ class Runner:
             "ev": ctx.event, "ei": ctx.event_id, "k": ctx.key, "f": str(ctx.fence),
             "o": ctx.outputs, "ca": ctx.claimed_at, "mf": module_file(step.fn.__module__),
             "rc": ctx.retry_count,
-            # (the lease check of still_current(), as the executor's: claimed at, lease; none
-            # for a run without a group, current until cancelled; see lease_held)
-            "cm": run.started, "ls": 0,
+            # (the lease check of still_current(), as the executor's: the lease; none for a
+            # run without a group, current until cancelled; see lease_left)
+            "ls": 0,
             # (the names its steps' functions were registered under, for ctx.parent(fn): the
             # worker may not have imported the module that registered them)
             "pn": [[*fn, name] for fn, name in run.workflow.step_names.items()],
@@ -728,6 +740,7 @@ class Runner:
         try:
             return await self.processes.call(
                 job,
+                lease=lambda cell: _share_lease(run, cell),
                 timeout=step.timeout,
                 # (a drain deadline or a lapsed lease kills the worker at once: no ladder)
                 cancelled=lambda: ctx.cancelled and not run.drained,
@@ -737,6 +750,8 @@ class Runner:
             raise TimeoutError(f"step {step.name!r} timed out after {step.timeout}s") from None
         except StepError as exc:
             raise StepError(f"in its worker process:\n{exc}") from None
+        finally:
+            run.lease_cell = None
 
     async def _sync(
         self, thread: asyncio.Future[Any], run: Running, strict: bool, timeout: float | None

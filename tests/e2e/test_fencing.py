@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import orjson
@@ -109,7 +110,9 @@ async def test_an_attempt_whose_lease_may_have_lapsed_is_not_current(
     of five: their heartbeat came late). It is not current once its lease may have lapsed: in
     a worker process too, which goes on while its executor is paused. (The answers go to a
     file: the resumed executor stops its lapsed runs, a worker process at once, while the
-    writes of this test are paused.)"""
+    writes of this test are paused.) Before the pause, each asks once a lease and a half
+    after its start: current, its lease renewed by the beats (a worker reads the stamp that
+    the executor writes into its shared memory for the run it runs)."""
     module = tmp_path / "paused.py"
     answers = tmp_path / "answers.txt"
     module.write_text(
@@ -119,11 +122,18 @@ async def test_an_attempt_whose_lease_may_have_lapsed_is_not_current(
         "r = connect_sync(os.environ['SUPERSEDE_REDIS_URL'])\n"
         "LOG = os.environ['SUPERSEDE_NAMESPACE'] + ':test:log'\n"
         "GO = os.environ['SUPERSEDE_NAMESPACE'] + ':test:go'\n"
+        "ASK = os.environ['SUPERSEDE_NAMESPACE'] + ':test:ask'\n"
         "wf = Workflow('paused', on_events=['paused.go'], concurrency=Concurrency('input.k'),\n"
         f"              isolation={isolation!r})\n"
         "@wf.step()\n"
         "def work(ctx):\n"
         "    r.rpush(LOG, f'started:{ctx.run_id}:{ctx.attempt}')\n"
+        "    while ctx.attempt == 1 and not r.exists(ASK):\n"
+        "        time.sleep(0.01)\n"
+        "    if ctx.attempt == 1:\n"
+        "        early = int(ctx.still_current_blocking())\n"
+        f"        with open({str(answers)!r}, 'a') as f:\n"
+        "            f.write(f'early{early}:{ctx.run_id}:{ctx.attempt}\\n')\n"
         "    while ctx.attempt == 1 and not r.exists(GO):\n"
         "        time.sleep(0.01)\n"
         "    now = int(ctx.still_current_blocking())\n"
@@ -144,12 +154,19 @@ async def test_an_attempt_whose_lease_may_have_lapsed_is_not_current(
         await redis.xadd(keys.events_stream, {"name": "paused.go", "data": data})
     await eventually(lambda: _noted(redis, keys, "started", n), timeout=30)
 
-    async def asked() -> list[str]:  # what the stale attempts' still_current() said
+    async def asked(when: str = "current") -> list[str]:  # what the first attempts said
         lines = answers.read_text().split() if answers.exists() else []
-        return [x.split(":")[0] for x in lines if x.split(":")[2] == "1"]
+        return [x.split(":")[0] for x in lines
+                if x.split(":")[2] == "1" and x.startswith(when)]  # fmt: skip
 
-    async def all_asked() -> bool:
-        return len(await asked()) == n
+    async def all_asked(when: str = "current") -> bool:
+        return len(await asked(when)) == n
+
+    started = time.monotonic()
+    await eventually(lambda: _past(started + 1.5), timeout=30)  # (a lease and a half)
+    await redis.set(f"{keys.namespace}:test:ask", 1)
+    await eventually(lambda: all_asked("early"), timeout=30)
+    assert await asked("early") == ["early1"] * n
 
     os.kill(executor.pid, signal.SIGSTOP)
     try:
@@ -169,3 +186,7 @@ async def test_an_attempt_whose_lease_may_have_lapsed_is_not_current(
         os.kill(executor.pid, signal.SIGCONT)
     await eventually(all_asked, timeout=30)
     assert await asked() == ["current0"] * n
+
+
+async def _past(when: float) -> bool:
+    return time.monotonic() > when

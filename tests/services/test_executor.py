@@ -1375,6 +1375,69 @@ async def test_a_beat_counts_a_cancelling_run_it_renewed_as_renewed(
     assert stamped == [([("2-x", 1)], {"2-x"})]
 
 
+async def test_a_run_its_node_renews_is_current_while_another_node_is_down(
+    redis_url: str, redis: Redis, keys: Keys
+) -> None:
+    """`ctx.still_current()` counted every run's lease from the last beat whose every call
+    went through. On a cluster with one node down for a lease, the runs of the other nodes'
+    shards, renewed by every beat, were then not current (a step that asks before it writes
+    skipped its write, and its run SUCCEEDED). Each run counts from its own stamp now: a run
+    whose shard's renewals fail is not current once its lease may have lapsed, the others
+    stay current. (Shard 1's calls fail here, as its node's would.)"""
+    from supersede import Concurrency, Workflow
+    from supersede.model import group_id
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.config import ExecutorConfig
+    from supersede.services.executor.lease import LeaseKeeper
+    from supersede.services.executor.steps import Runner
+
+    wf = Workflow("wf", on_events=["e"], concurrency=Concurrency("input.k"))
+
+    @wf.step()
+    async def wait(ctx: Any) -> None:
+        await asyncio.sleep(30)
+
+    async def fences(shard: int, group: str) -> bytes | None:
+        raw = await redis.hget(keys.shard(shard).fences_hash, group)
+        return None if raw is None else codec.blob(raw)
+
+    config = ExecutorConfig(lease_ms=1_000)
+    runner = Runner([wf], config, outbox=None, fences=fences)
+    keeper = LeaseKeeper(redis_url, keys, "ex-1", config, runner, lambda rid, attempt: None)
+    keeper._loop = asyncio.get_running_loop()
+    down = keys.shard(1).runs_hash
+    renew = keeper._renew
+
+    def renew_but_shard_1(calls: list[Any]) -> list[Any]:
+        up = iter(renew([c for c in calls if c[0][0] != down]))
+        return [ConnectionError("node down") if c[0][0] == down else next(up) for c in calls]
+
+    keeper._renew = renew_but_shard_1  # type: ignore[method-assign]
+    seq = f"{1:032x}"
+    runs = {}
+    for shard in (0, 1):
+        rid, key = f"{shard}-1", f"k{shard}"
+        record = {"st": "R", "a": 1, "e": "ex-1", "w": "wf", "g": "g", "s": seq}
+        await redis.hset(keys.shard(shard).runs_hash, rid, codec.pack(record))
+        await redis.hset(keys.shard(shard).fences_hash, group_id("wf", "v", key), seq)
+        claim = Claim(rid, True, 1, "wf", "v", pack_input({"k": key}, {}, "e", rid), key, seq, "R")
+        runs[shard] = runner.start(shard, claim)
+    try:
+        assert await runs[0].ctx.still_current() and await runs[1].ctx.still_current()
+        until = time.monotonic() + 1.5  # (a lease and a half of beats, a third of one apart)
+        while time.monotonic() < until:
+            with contextlib.suppress(ConnectionError):
+                await asyncio.to_thread(keeper.beat)
+            await asyncio.sleep(0.3)
+        assert runner.renewed_at is not None and time.monotonic() - runner.renewed_at > 1.0
+        assert await runs[0].ctx.still_current()  # (renewed by each beat)
+        assert not await runs[1].ctx.still_current()  # (its lease may have lapsed)
+    finally:
+        keeper._client.close()
+        runner.close()
+
+
 async def _renewed(redis: Redis, leases: str, n: int) -> bool:
     return int(await redis.zcard(leases)) == n
 
@@ -1653,13 +1716,14 @@ async def test_the_lease_watch_counts_each_run_from_its_own_claim_or_renewal() -
     runner = Runner([], ExecutorConfig(lease_ms=1_000), outbox=None)
     now = time.monotonic()
     runner.mark_renewed(now)  # a beat that began just now went through, without `late`
-    late = SimpleNamespace(attempt=1, reported=False, lapsed=False, leased_at=now - 0.95,
-                           started=now - 0.01, held=None)  # fmt: skip
-    kept = SimpleNamespace(attempt=1, reported=False, lapsed=False, leased_at=now - 0.95,
-                           started=now - 5, held=None)  # fmt: skip
+    late = SimpleNamespace(attempt=1, reported=False, lapsed=False, lease_cell=None,
+                           leased_at=now - 0.95, started=now - 0.01, held=None)  # fmt: skip
+    kept = SimpleNamespace(attempt=1, reported=False, lapsed=False, lease_cell=None,
+                           leased_at=now - 0.95, started=now - 5, held=None)  # fmt: skip
     # (its handler waits for a beat to renew it: no retry can run beside it, see Runner.start)
-    held = SimpleNamespace(attempt=1, reported=False, lapsed=False, leased_at=now - 0.95,
-                           started=now - 0.01, held=asyncio.Event())  # fmt: skip
+    held = SimpleNamespace(attempt=1, reported=False, lapsed=False, lease_cell=None,
+                           leased_at=now - 0.95, started=now - 0.01,
+                           held=asyncio.Event())  # fmt: skip
     runner.active.update({"1-late": late, "1-kept": kept, "1-held": held})  # type: ignore[dict-item]
     runner.mark_leased([("1-kept", 1)], now)  # the beat's call renewed `kept`
     assert runner.lapsing(0.9) == [late]
@@ -1681,8 +1745,9 @@ async def test_a_beat_starts_a_held_run_it_renewed_unless_it_named_the_run_to_st
     now = time.monotonic()
 
     def run(held: bool) -> Any:
-        return SimpleNamespace(attempt=1, reported=False, lapsed=False, leased_at=now - 0.5,
-                               started=now, held=asyncio.Event() if held else None)  # fmt: skip
+        return SimpleNamespace(attempt=1, reported=False, lapsed=False, lease_cell=None,
+                               leased_at=now - 0.5, started=now,
+                               held=asyncio.Event() if held else None)  # fmt: skip
 
     renewed, gone, cancelling = run(True), run(True), run(False)
     runner.active.update({"1-renewed": renewed, "1-gone": gone, "1-x": cancelling})

@@ -668,6 +668,7 @@ async def test_still_current_asks_again_while_the_server_fails_until_the_lease_r
     read is made again until the server answers, or the lease runs out: False then, as the
     run is retried elsewhere."""
     import time
+    from types import SimpleNamespace
 
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import NoPermissionError
@@ -685,16 +686,22 @@ async def test_still_current_asks_again_while_the_server_fails_until_the_lease_r
     runner = Runner([], ExecutorConfig(lease_ms=600), _Outbox(), fences=fences)
     runner.mark_renewed(time.monotonic())
     seq = "0" * 31 + "1"
-    assert await runner._still_current(0, "g", seq, time.monotonic()) is True  # (newer: own)
+
+    def claimed() -> Any:  # (a run claimed just now)
+        now = time.monotonic()
+        return SimpleNamespace(fence_at=(0, "g"), leased_at=now, started=now,
+                               ctx=SimpleNamespace(cancelled=False))  # fmt: skip
+
+    assert await runner._still_current(claimed(), seq) is True  # (newer: own)
     assert not answers
     began = time.monotonic()
-    assert await runner._still_current(0, "g", seq, began) is False  # (the server stays down)
+    assert await runner._still_current(claimed(), seq) is False  # (the server stays down)
     assert 0.3 < time.monotonic() - began < 1.5  # until its lease of 0.6 s ran out
     # a refused right or a wrong command is no outage: raised at once, not asked for ever
     answers.append(NoPermissionError("no rights on the fences hash"))
     runner.mark_renewed(time.monotonic())
     with pytest.raises(NoPermissionError):
-        await runner._still_current(0, "g", seq, time.monotonic())
+        await runner._still_current(claimed(), seq)
 
     # a read that hangs (a silent server) is bounded by the lease too
     async def silent(shard: int, group: str) -> bytes | None:
@@ -704,7 +711,7 @@ async def test_still_current_asks_again_while_the_server_fails_until_the_lease_r
     runner.fences = silent
     runner.mark_renewed(time.monotonic())
     began = time.monotonic()
-    assert await runner._still_current(0, "g", seq, began) is False
+    assert await runner._still_current(claimed(), seq) is False
     assert time.monotonic() - began < 1.5
     runner.close()
 
