@@ -1238,6 +1238,29 @@ async def test_beyond_the_cap_the_oldest_explicit_ids_are_forgotten(
     ]
 
 
+async def test_explicit_ids_claimed_in_full_batches_stay_within_the_window_and_the_cap(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """A claim forgot at most 1,000 old ids, however many it claimed: while ingress read full
+    batches (a backlog; an event of several workflows claims one id for each), every call added
+    more than it forgot, and a shard held 120 times its cap, every id past the window (a
+    probe: 239,000 ids at a cap of 2,000). A call now forgets as many as it claims, and 1,000
+    more."""
+    sk = keys.shard(0)
+    bounds = {"window_ms": 1_000, "max_ids": 1_500, "floor_ms": 100}
+    now = 10_000
+    for call in range(8):  # (each call 1.5 s after the last: every id before it is past the window)
+        pairs = [(f"d{call}-{i}", f"{call}-{i}") for i in range(3_000)]
+        assert all(await scripts.claim_ids(0, pairs, now=now, **bounds))
+        now += 1_500
+    held = await redis.zcard(sk.ids_at_zset)
+    assert held == await redis.hlen(sk.ids_hash)
+    assert held == 3_000  # (the last call's, within the window: the cap yields to the floor)
+    # the trims' claims of none forget 1,000 a call, as before
+    assert await scripts.claim_ids(0, [], now=now, **bounds) == []
+    assert await redis.zcard(sk.ids_at_zset) == 2_000
+
+
 async def test_a_claim_whose_reply_was_lost_is_taken_back_by_its_executor(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:
