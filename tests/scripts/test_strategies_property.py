@@ -2,7 +2,8 @@
 
 After every step, the invariants of docs/design.md: 1 (active runs per group never exceed
 max_runs), 4 (every run's state, attempt and slot hold equal the model's) and 6 (the stored
-slot count and the zset indexes agree with the run records).
+slot count and the zset indexes agree with the run records). One group is a scope's: the runs
+of two workflows share it.
 """
 
 from __future__ import annotations
@@ -35,8 +36,14 @@ from tests.support import make_request
 from tests.support.model import Limits, Model
 
 LEASE_MS = 1_000
-GROUPS = ("alpha", "beta", "gamma")
+GROUPS = ("alpha", "beta", "gamma", "delta")
 FREE = "free"  # a workflow without a concurrency limit: each run on its own, outside any group
+# "delta" is a scope's group: the runs of two workflows of the scope share it (one group per
+# key across workflows and versions; its group record says so, and admission then reads its
+# queue whatever the strategy). The other groups' runs are all of WORKFLOWS[0].
+SCOPED = "delta"
+SCOPE = "chat"
+WORKFLOWS = ("wf", "wf2")
 EXECUTORS = ("e1", "e2")
 
 
@@ -58,6 +65,7 @@ class StrategyMachine(RuleBasedStateMachine):
         self.sent: list[tuple[int, bytes]] = []  # admitted requests, for duplicate delivery
         self.results: list[tuple[int, bytes]] = []  # reported results, for duplicate delivery
         self.shard_of: dict[str, int] = {}
+        self.workflow_of: dict[str, str] = {}
         self.group_of_key: dict[str, str] = {}
         self.config: dict[str, tuple[int, Strategy, bool, int, tuple[int, int]]] = {}
         self.grouped: set[str] = set()  # assignment streams with the executors' group
@@ -89,22 +97,28 @@ class StrategyMachine(RuleBasedStateMachine):
     # -- rules ---------------------------------------------------------------------------------
     @rule(
         batch=st.lists(
-            st.tuples(st.sampled_from((*GROUPS, FREE)), st.integers(0, 3)), min_size=1, max_size=6
+            st.tuples(st.sampled_from((*GROUPS, FREE)), st.integers(0, 3), st.booleans()),
+            min_size=1,
+            max_size=6,
         )
     )
-    def arrive(self, batch: list[tuple[str, int]]) -> None:
-        """New events; `late` > 0 gives a sequence older than runs already admitted."""
+    def arrive(self, batch: list[tuple[str, int, bool]]) -> None:
+        """New events; `late` > 0 gives a sequence older than runs already admitted; `other`:
+        a run of the scope's group comes from the scope's other workflow."""
         by_shard: dict[int, list[tuple[str, bytes]]] = {}
         model_batch = []
-        for key, late in batch:
+        for key, late, other in batch:
             self.serial += 1
             seq = (self.now - late * 400) * 10_000 + self.serial
             free = key == FREE
             max_runs, strategy, strict, attempts, (debounce, max_wait) = (
                 (1, Strategy.GROUP_ROUND_ROBIN, False, 3, (0, 0)) if free else self.config[key]
             )
+            scoped = key == SCOPED
             shard, req = make_request(
                 self.keys,
+                workflow=WORKFLOWS[1] if scoped and other else WORKFLOWS[0],
+                scope=SCOPE if scoped else None,
                 key=f"{FREE}{self.serial}" if free else key,  # (as ingress: a group per run)
                 event=f"ev{self.serial}",
                 seq=seq,
@@ -120,6 +134,7 @@ class StrategyMachine(RuleBasedStateMachine):
             if free:
                 self.model.unlimited.add(req.group)
             self.shard_of[req.run_id] = shard
+            self.workflow_of[req.run_id] = req.workflow
             payload = req.pack()
             by_shard.setdefault(shard, []).append((f"0-{self.serial}", payload))
             self.sent.append((shard, payload))
@@ -151,7 +166,7 @@ class StrategyMachine(RuleBasedStateMachine):
 
     def claim(self, rid: str, stale: int, executor: str) -> None:
         attempt = self.model.runs[rid].attempt - stale
-        stream = self.keys.shard(self.shard_of[rid]).assignments_stream("wf")
+        stream = self.keys.shard(self.shard_of[rid]).assignments_stream(self.workflow_of[rid])
         [got] = self.run(
             self.scripts.claim(
                 self.shard_of[rid], executor, [(stream, "0-1", rid, attempt)], lease_ms=LEASE_MS,
@@ -169,12 +184,14 @@ class StrategyMachine(RuleBasedStateMachine):
         stream on one server, one per shard on the cluster."""
         streams = []
         for sk in self.keys.all_shards():
-            stream = sk.assignments_stream("wf")
-            if stream not in self.grouped:
-                self.run(self.redis.xgroup_create(stream, "executors", id="0", mkstream=True))
-                self.grouped.add(stream)
-            streams.append((stream, sk.shard))
-        for part in [[s] for s in streams] if self.cluster else [streams]:
+            for wf in WORKFLOWS:  # (an executor that serves both)
+                stream = sk.assignments_stream(wf)
+                if stream not in self.grouped:
+                    self.run(self.redis.xgroup_create(stream, "executors", id="0", mkstream=True))
+                    self.grouped.add(stream)
+                streams.append((stream, sk.shard))
+        by_shard = [[s for s in streams if s[1] == shard] for shard in range(self.keys.shards)]
+        for part in by_shard if self.cluster else [streams]:
             taken = self.run(
                 self.scripts.take(
                     executor, part, want=want, lease_ms=LEASE_MS, deep=deep, now=self.now
@@ -337,16 +354,17 @@ class StrategyMachine(RuleBasedStateMachine):
         cancelled while RUNNING (it has a cancel decision time) was told to stop on its
         shard's control stream."""
         stored = self.stored()
-        assigned: set[tuple[str, int]] = set()
+        assigned: set[tuple[str, str, int]] = set()
         cancels: set[tuple[str, int]] = set()
         for sk in self.keys.all_shards():
-            for _, f in self.run(self.redis.xrange(sk.assignments_stream("wf"))):
-                assigned.add((f[b"id"].decode(), int(f[b"a"])))
+            for wf in WORKFLOWS:
+                for _, f in self.run(self.redis.xrange(sk.assignments_stream(wf))):
+                    assigned.add((wf, f[b"id"].decode(), int(f[b"a"])))
             for _, f in self.run(self.redis.xrange(sk.control_stream)):
                 cancels.add((f[b"id"].decode(), int(f[b"a"])))
         for rid, r in stored.items():
             if r["st"] == "A":
-                assert (rid, r["a"]) in assigned, rid
+                assert (self.workflow_of[rid], rid, r["a"]) in assigned, rid  # (its own)
             if "tc" in r:
                 assert (rid, r["a"]) in cancels, rid
 
