@@ -951,6 +951,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             log.error("refusing to start", extra={"error": str(exc)})
         print(f"supersede: {exc}", file=sys.stderr)  # a command's error: this one line
         sys.exit(2)
+    except KeyboardInterrupt:  # (Ctrl-C before a command handles it: a slow module's import)
+        print("supersede: interrupted", file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:  # `supersede runs | head`: the reader has all it wanted
         if args.func in (_admission, _ingress, _executor, _serve):
             raise  # (a service does not write its work to stdout; `dev`'s console does)

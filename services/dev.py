@@ -92,7 +92,8 @@ def rules_of(wf: WorkflowDef) -> str:
 
 
 class Children:
-    """The services as child processes, each logging to its own file in one folder."""
+    """The services as child processes, each logging to its own file in one folder, each
+    serving its probes on a port of loopback (see `ready`)."""
 
     def __init__(self, settings: Settings) -> None:
         self.env = {
@@ -103,11 +104,15 @@ class Children:
         }
         self.logs = tempfile.mkdtemp(prefix="supersede-dev-")
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.names: list[str] = []
+        self.probes: dict[str, str] = {}  # service -> its /readyz
         self._files: list[Any] = []
 
     def start(self, name: str, *args: str, metrics: bool = True) -> None:
+        port = free_port() if metrics else 0
         cmd = [sys.executable, "-m", "supersede", "--log-level", "WARNING", *args,
-               *(["--metrics-port", "0"] if metrics else [])]  # fmt: skip
+               *(["--metrics-port", str(port), "--metrics-host", "127.0.0.1"] if metrics
+                 else [])]  # fmt: skip
         log = open(os.path.join(self.logs, f"{name}.log"), "ab")  # noqa: SIM115
         self._files.append(log)
         # Own sessions: a terminal's Ctrl-C reaches only this console, which stops the services
@@ -115,6 +120,48 @@ class Children:
         proc = subprocess.Popen(cmd, env=self.env, stderr=log, stdout=log,
                                 start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
         self.procs.append(proc)
+        self.names.append(name)
+        if metrics:
+            self.probes[name] = f"http://127.0.0.1:{port}/readyz"
+
+    def exited(self) -> str | None:
+        """What a service that exited said last (its name, exit code and last log line); None
+        while every one runs. (Not the dashboard's: dev goes on without it.)"""
+        for name, proc in zip(self.names, self.procs, strict=True):
+            if name in self.probes and proc.poll() is not None:
+                path = os.path.join(self.logs, f"{name}.log")
+                with open(path, "rb") as f:
+                    lines = f.read()[-4000:].decode(errors="replace").strip().splitlines()
+                said = f": {printable(lines[-1])}" if lines else ""
+                return f"{name} exited with {proc.returncode}{said}"
+        return None
+
+    async def ready(self, names: Sequence[str], timeout: float = 60.0) -> str | None:
+        """Wait until each service of `names` answers its /readyz with 200; why not (a service
+        exited, or did not get ready within `timeout`), or None. (The workflows' presence in
+        the registry proved nothing: a namespace of an earlier run holds them, and services
+        that refused to start, its shard count another, were said to be up.)"""
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+        def answers(url: str) -> bool:
+            try:
+                with direct.open(url, timeout=1) as reply:
+                    return bool(reply.status == 200)
+            except OSError:  # (HTTPError 503 included: not ready yet)
+                return False
+
+        waiting = [self.probes[name] for name in names]
+        deadline = time.monotonic() + timeout
+        while waiting:
+            gone = self.exited()
+            if gone is not None:
+                return gone
+            if time.monotonic() > deadline:
+                return f"services not ready within {timeout:g} s"
+            waiting = [u for u in waiting if not await asyncio.to_thread(answers, u)]
+            if waiting:
+                await asyncio.sleep(0.05)
+        return None
 
     def stop(self, keep_logs: bool) -> None:
         for proc in self.procs:
@@ -301,50 +348,26 @@ async def run(
     defs = [wf.definition() for wf in load_modules(specs)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # (SIGHUP: its terminal closed)
         loop.add_signal_handler(sig, stop.set)
     redis = connect(settings.redis_url)
     children = Children(settings)
+    failed: list[str] = []
     try:
-        children.start("admission", "admission")
-        args = ["--slots", "10", "--drain-timeout", "3"]
-        for i, spec in enumerate(specs):
-            for j in range(2 if spec == DEMO else 1):
-                children.start(f"executor-{i + 1}-{j + 1}", "executor", spec, *args)
-        deadline = time.monotonic() + 30
-        while not all([await redis.hexists(settings.keys.workflows_hash, d.id) for d in defs]):
-            if time.monotonic() > deadline or any(p.poll() is not None for p in children.procs):
-                print(f"supersede dev: services failed to start; see {children.logs}")
-                keep_logs = True
-                return 1
-            await asyncio.sleep(0.05)
-        children.start("ingress", "ingress")
+        why = await start_services(children, specs)
+        if why is not None:
+            print(f"supersede dev: services failed to start ({why})", file=sys.stderr)
+            keep_logs = True
+            return 1
         t0_ms = int(time.time() * 1000)
-        print("supersede dev: services up", flush=True)
-        for d in defs:
-            print(f"  {rules_of(d)}")
-        shards = settings.shards
-        print(f"  run ids read <shard>-<hash>: the shard (of {shards}) that holds the run, then a "
-              "hash of its event and workflow")  # fmt: skip
-        if embedded:
-            # This run's password, printed in this one line only: loopback is shared by every
-            # local process, and another terminal needs it to reach the server.
-            print(f"  in another terminal:  export SUPERSEDE_REDIS_URL={settings.redis_url}")
-        event, data = defs[0].events[0], example_input(defs[0])
-        fill = "" if specs == [DEMO] else "   (with the fields your handlers read)"
-        print(f"  publish:  supersede publish {shlex.quote(event)} {shlex.quote(data)}{fill}")
-        cli = redis_cli(wheel_client_binary() or "redis-cli", settings.redis_url)
-        print(f"  or with any Redis client:  {cli} XADD "
-              f"{settings.keys.events_stream} '*' name {shlex.quote(event)} "
-              f"data {shlex.quote(data)}",
-              flush=True)  # fmt: skip
+        say_up(settings, defs, specs, embedded)
         dashboard = await start_ui(children, ui_port, stop) if ui_port else None
         if dashboard:
             print(f"  dashboard (read-only):  {dashboard}", flush=True)
         if duration:  # (counted from here: on a loaded machine the start alone takes seconds)
             loop.call_later(duration, stop.set)
         print("  then: supersede runs, supersede run <id>; Ctrl-C stops\n", flush=True)
-        tasks: list[asyncio.Task[Any]] = []
+        tasks: list[asyncio.Task[Any]] = [asyncio.create_task(supervise(children, stop, failed))]
         if demo_events and specs == [DEMO]:
             tasks.append(
                 asyncio.create_task(publish_demo_events(redis, settings.keys.events_stream, stop))
@@ -353,6 +376,11 @@ async def run(
         outcomes = await watch(redis, settings, stop, t0_ms, debounced)
         await asyncio.gather(*tasks)
         print_outcomes(outcomes)
+        if failed:
+            keep_logs = True
+            print(f"supersede dev: a service stopped ({failed[0]}); the others were stopped",
+                  file=sys.stderr)  # fmt: skip
+            return 1
         return 0
     finally:
         stop.set()  # (a reader gone mid-run: the demo's publisher stops too)
@@ -361,6 +389,58 @@ async def run(
             with contextlib.suppress(BrokenPipeError):  # (said on stdout, when it is still read)
                 print(f"supersede dev: logs kept in {children.logs}")
         await redis.aclose()
+
+
+async def start_services(children: Children, specs: Sequence[str]) -> str | None:
+    """Start admission and the executors, then ingress once they are ready (the workflows
+    registered: an event before would route nowhere); why they are not all ready, or None."""
+    children.start("admission", "admission")
+    args = ["--slots", "10", "--drain-timeout", "3"]
+    for i, spec in enumerate(specs):
+        for j in range(2 if spec == DEMO else 1):
+            children.start(f"executor-{i + 1}-{j + 1}", "executor", spec, *args)
+    why = await children.ready(children.names)
+    if why is None:
+        children.start("ingress", "ingress")
+        why = await children.ready(["ingress"])
+    return why
+
+
+def say_up(
+    settings: Settings, defs: Sequence[WorkflowDef], specs: Sequence[str], embedded: bool
+) -> None:
+    """The services are up: the workflows' rules, and how to publish."""
+    print("supersede dev: services up", flush=True)
+    for d in defs:
+        print(f"  {rules_of(d)}")
+    shards = settings.shards
+    print(f"  run ids read <shard>-<hash>: the shard (of {shards}) that holds the run, then a "
+          "hash of its event and workflow")  # fmt: skip
+    if embedded:
+        # This run's password, printed in this one line only: loopback is shared by every
+        # local process, and another terminal needs it to reach the server.
+        print(f"  in another terminal:  export SUPERSEDE_REDIS_URL={settings.redis_url}")
+    event, data = defs[0].events[0], example_input(defs[0])
+    fill = "" if list(specs) == [DEMO] else "   (with the fields your handlers read)"
+    print(f"  publish:  supersede publish {shlex.quote(event)} {shlex.quote(data)}{fill}")
+    cli = redis_cli(wheel_client_binary() or "redis-cli", settings.redis_url)
+    print(f"  or with any Redis client:  {cli} XADD "
+          f"{settings.keys.events_stream} '*' name {shlex.quote(event)} "
+          f"data {shlex.quote(data)}",
+          flush=True)  # fmt: skip
+
+
+async def supervise(children: Children, stop: asyncio.Event, failed: list[str]) -> None:
+    """Stop the console once a service exits (it refused to go on, or was killed): with no
+    ingress no event is read, with no executor no run starts. (It went on, and exited 0.)"""
+    while not stop.is_set():
+        gone = children.exited()
+        if gone is not None:
+            failed.append(gone)
+            stop.set()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.2)
 
 
 # redis-cli's flag for each redis-py TLS option of a rediss:// URL's query
@@ -468,7 +548,28 @@ async def _reachable(url: str, keys: Keys | None = None, own: Sequence[str] = ()
         await redis.aclose()
 
 
+class Interrupted(KeyboardInterrupt):
+    """A SIGTERM or SIGHUP before the console handles them (while a module imports, say), as
+    Ctrl-C's KeyboardInterrupt: the server and the folders are removed on the way out. (The
+    signal's default ended the process: the server's folder, with its password file, was
+    left behind.)"""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def _interruptible() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+
+
 def main(argv: list[str] | None = None) -> None:
+    _interruptible()
     parser = argparse.ArgumentParser(prog="supersede dev", description=__doc__)
     parser.add_argument("--duration", type=float, default=None, help="seconds, then exit 0")
     parser.add_argument("--no-demo-events", action="store_true", help="serve only")
@@ -476,24 +577,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--ui-port", type=_ui_port, default=8686)
     args = parser.parse_args(argv)
-    server = None
-    env = dict(os.environ)
-    if "SUPERSEDE_REDIS_URL" not in env:
-        # a password of its own for each run: loopback is shared by every local process
-        try:
-            server = EmbeddedServer(password=secrets.token_urlsafe(18)).start()
-        except (ServerStartError, FileNotFoundError) as exc:
-            print(
-                f"supersede: the embedded server would not start ({exc}); set "
-                "SUPERSEDE_REDIS_URL to a running server, or SUPERSEDE_SERVER_BIN to a "
-                "working redis-server (else the first on PATH is used)",
-                file=sys.stderr,
-            )
-            sys.exit(2)
-        env["SUPERSEDE_REDIS_URL"] = server.url
-    settings = Settings.from_env(env)
+    server: EmbeddedServer | None = None
     code = 1
     try:  # (a reader gone, `supersede dev | head`: the server stops all the same)
+        env = dict(os.environ)
+        if "SUPERSEDE_REDIS_URL" not in env:
+            server = _embedded()
+            env["SUPERSEDE_REDIS_URL"] = server.url
+        settings = Settings.from_env(env)
         print(
             f"supersede dev: Redis at {redact(settings.redis_url)}; inbox "
             f"{settings.keys.events_stream}",
@@ -516,13 +607,32 @@ def main(argv: list[str] | None = None) -> None:
                 ui_port=args.ui_port,
             )
         )
+        _interruptible()  # (the loop's close set them back to their defaults)
     except ConfigError as exc:
         print(f"supersede: {exc}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt as exc:  # (Ctrl-C, SIGTERM or SIGHUP before the console ran)
+        print("supersede dev: interrupted", file=sys.stderr)
+        code = 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
     finally:
         if server:
             server.stop()
     sys.exit(code)
+
+
+def _embedded() -> EmbeddedServer:
+    """The embedded server, started with a password of its own for each run (loopback is
+    shared by every local process); one line and exit 2 when it would not start."""
+    try:
+        return EmbeddedServer(password=secrets.token_urlsafe(18)).start()
+    except (ServerStartError, FileNotFoundError) as exc:
+        print(
+            f"supersede: the embedded server would not start ({exc}); set "
+            "SUPERSEDE_REDIS_URL to a running server, or SUPERSEDE_SERVER_BIN to a "
+            "working redis-server (else the first on PATH is used)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,9 @@ def import_module(spec: str) -> Any:
                 "its folder, or give its path, such as path/to/my_workflows.py"
             ) from None
         raise ConfigError(f"workflow module {spec!r} failed to import: {exc}") from None
-    except (SystemExit, KeyboardInterrupt) as exc:  # (a module that ends the process)
+    except KeyboardInterrupt:  # (Ctrl-C while a slow module imports: the user's, not its)
+        raise
+    except SystemExit as exc:  # (a module that ends the process)
         raise ConfigError(
             f"workflow module {spec!r} raised {type(exc).__name__}({exc}) while importing: a "
             "module of workflows defines them, and runs nothing at import"

@@ -142,6 +142,10 @@ class EmbeddedServer:
             except ServerStartError as exc:
                 if not (port_taken(exc) and self.ports and not self.served and attempt < 2):
                     raise
+            except BaseException:  # (Ctrl-C meanwhile: no server, nor its folder, is left)
+                if not self.served:
+                    self.stop()
+                raise
             os.makedirs(self.dir, exist_ok=True)  # (a failed first start removed it)
             self.port = self.ports()
         raise AssertionError("unreachable")

@@ -315,3 +315,94 @@ async def test_dev_on_a_server_of_yours_keeps_out_of_a_namespace_with_other_work
         assert await client.hkeys(keys.workflows_hash) == [b"theirs"]  # (nothing registered)
     finally:
         await client.aclose()
+
+
+async def test_dev_exits_1_naming_why_when_its_services_refuse_to_start(
+    redis_url: str, keys: Keys
+) -> None:
+    """A namespace created with another shard count: every service refused to start, yet dev
+    said "services up" (its workflows were in the registry from an earlier run), went on
+    reading nothing, and exited 0 (a newcomer's probe). It waits for each service's /readyz
+    now, and says why one exited."""
+    from supersede.config import connect
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    env.update(SUPERSEDE_REDIS_URL=redis_url, SUPERSEDE_NAMESPACE=keys.namespace,
+               SUPERSEDE_SHARDS=str(keys.shards * 2))  # fmt: skip
+    client = connect(redis_url)
+    try:
+        await client.hset(keys.config_hash, "shards", keys.shards)  # (an earlier run's count)
+        cmd = [sys.executable, "-m", "supersede", "dev", "--duration", "30", "--ui-port", "0",
+               "--no-demo-events"]  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, timeout=120)
+    finally:
+        await client.delete(keys.config_hash)
+        await client.aclose()
+    out, err = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 1 and "services up" not in out, (out, err)
+    assert "services failed to start (" in err and "Traceback" not in err, err
+    assert f"was created with {keys.shards} shards" in err and "SUPERSEDE_SHARDS" in err
+    assert "logs kept in" in out
+
+
+def test_dev_stops_and_exits_1_when_a_service_dies() -> None:
+    """A service of dev SIGKILLed (or exiting on its own): dev went on without it (no ingress:
+    no event read) and exited 0 at Ctrl-C. It stops the others and says which one died."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    cmd = [sys.executable, "-m", "supersede", "dev", "--no-demo-events", "--ui-port", "0",
+           "--duration", "120"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if b"Ctrl-C stops" in line:
+                break
+        [ingress] = [p for p in _descendants(proc.pid)
+                     if b"ingress" in Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
+        os.kill(ingress, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, (out, err)
+    text = err.decode()
+    assert "a service stopped (ingress exited with -9" in text and "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_dev_interrupted_while_a_module_imports_removes_the_server_and_its_folder(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """A signal while dev imports a slow module: Ctrl-C blamed the module ("raised
+    KeyboardInterrupt() while importing", exit 2); SIGTERM and SIGHUP (the terminal closed)
+    ended dev at once, leaving the embedded server's folder behind, its password file in it
+    (a newcomer's probe). Each is one line now, exit 128 + the signal, nothing left."""
+    module = tmp_path / "slow.py"
+    module.write_text(
+        "import time\n"
+        "time.sleep(60)  # (a heavy import)\n"
+        "from supersede import Workflow\n"
+        "wf = Workflow('slow', on_events=['slow.go'])\n"
+    )
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    env["TMPDIR"] = str(temp)
+    cmd = [sys.executable, "-m", "supersede", "dev", "--module", str(module), "--ui-port", "0"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # (said once the server answers, before the import)
+        assert b"supersede dev: Redis at" in line, line
+        assert [p.name for p in temp.iterdir() if p.name.startswith("supersede-redis-")]
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = err.decode()
+    assert proc.returncode == 128 + sig, (proc.returncode, text)
+    assert text.strip().splitlines() == ["supersede dev: interrupted"], text
+    assert list(temp.iterdir()) == []
