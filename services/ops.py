@@ -747,7 +747,7 @@ async def _follow_published(
         except DeadLettered as exc:  # ingress refused the event: no run will be
             warn(f"supersede: {exc}")
             row["state"], row["error"] = DEAD_LETTERED, f"{exc.reason}: {exc.detail}"
-            row["cancelled_by"] = None
+            row["cancelled_by"], row["reason"] = None, exc.reason
             return
         except WaitTimeout as exc:  # the others are still shown
             warn(f"supersede: {exc}")
@@ -756,13 +756,13 @@ async def _follow_published(
             now = await get_run(redis, row["run"], namespace=keys.namespace)
             row["state"], row["error"] = now.state if now else "NOT_CREATED", str(exc)
             row["key"] = now.key if now else row["key"]
-            row["timed_out"], row["cancelled_by"] = True, None
+            row["timed_out"], row["cancelled_by"], row["reason"] = True, None, None
             return
         if run.id != row["run"]:
             row["duplicate_of"] = row.get("duplicate_of") or EARLIER
         row["run"], row["key"], row["state"], row["error"] = run.id, run.key, run.state, run.error
         row["outputs"] = codec.jsonable(run.outputs)
-        row["cancelled_by"] = run.cancelled_by
+        row["cancelled_by"], row["reason"] = run.cancelled_by, run.reason
 
     if not (args.wait and listened):  # (before ingress started too: it may start meanwhile)
         return
@@ -844,12 +844,13 @@ async def _wait_dead_letter(
     from supersede.client import DEAD_LOOK_AFTER, DEAD_LOOK_EVERY, dead_letter_of
 
     deadline = time.monotonic() + timeout
-    row["cancelled_by"] = None
+    row["cancelled_by"] = row["reason"] = None
     await asyncio.sleep(min(DEAD_LOOK_AFTER, timeout))  # (ingress writes it within ms)
     while True:
         dead = await dead_letter_of(redis, entry, row["workflow"], namespace=keys.namespace)
         if dead is not None:
             row["state"], row["error"] = DEAD_LETTERED, f"{dead[0]}: {dead[1]}"
+            row["reason"] = dead[0]
             warn(
                 f"supersede: no run of {row['workflow']!r}: the event was dead-lettered for it "
                 f"({dead[0]}: {dead[1]}); see `supersede dead`"

@@ -244,9 +244,9 @@ def publish(result: dict[str, Any]) -> str:
     if "state" in rows[0]:
         # (a failed run's error, not the outputs of the steps before the one that failed)
         body = [[r["run"], r["workflow"], r["key"], r["state"], r.get("cancelled_by"),
-                 r.get("error") or r.get("outputs")] for r in rows]  # fmt: skip
-        heads = ["run", "workflow", "key", "state", "by", "outputs / error"]
-        lines.append(table(body, heads, wrap=5, keep=(0, 3)))
+                 r.get("reason"), r.get("error") or r.get("outputs")] for r in rows]  # fmt: skip
+        heads = ["run", "workflow", "key", "state", "by", "why", "outputs / error"]
+        lines.append(table(body, heads, wrap=6, keep=(0, 3)))
     else:
         rows_ = [[r["run"], r["workflow"], r["key"]] for r in rows]
         lines.append(table(rows_, ["run", "workflow", "key"], keep=(0,)))

@@ -41,7 +41,10 @@ def event_fields(
     if id is not None:
         fields[Inbox.ID] = str(id).encode()
         if not 1 <= len(fields[Inbox.ID]) <= Inbox.MAX_ID_BYTES:  # (ingress dead-letters it)
-            raise ValueError(f"id must be 1..{Inbox.MAX_ID_BYTES} bytes of UTF-8")
+            raise ValueError(
+                f"the event's id (`id`, the CLI's --id) must be 1..{Inbox.MAX_ID_BYTES} bytes "
+                "of UTF-8"
+            )
     if metadata is not None:
         if not isinstance(metadata, dict):
             raise TypeError("metadata must be a dict (a JSON object)")

@@ -583,7 +583,8 @@ class Runner:
             return None
         # (a worker's traceback is its message: the executor's frames above it say nothing)
         text = str(exc) if isinstance(exc, StepError) else step_traceback(exc)
-        return Outcome.FAILED, f"step {step.name!r} failed after {attempt + 1} attempt(s):\n{text}"
+        tries = f"{attempt + 1} tries" if attempt else "1 try"  # (the run's attempts are others)
+        return Outcome.FAILED, f"step {step.name!r} failed after {tries}:\n{text}"
 
     async def until_out_of_step(self, run: Running, first: float, within: float = math.inf) -> None:
         """Cancel the run's task again, `first` seconds from now and then every RECANCEL_EVERY,

@@ -298,6 +298,7 @@ async def test_the_cli_fits_the_terminal_and_says_what_publish_did(
     assert (await asyncio.to_thread(cli, "publish", "out.latest", newer)).returncode == 0
     cancelled = await waiting
     assert cancelled.returncode == 5 and b"CANCELLED" in cancelled.stdout, cancelled.stderr
+    assert b"superseded" in cancelled.stdout  # (why: a no_slot cancel looked the same)
     # an explicit id published again (another key, so another planned run id) makes no run:
     # publish says so, and --wait shows the run the first publish made
     first = orjson.dumps({"k": "dup-a", "i": 7, "sleep": 0}).decode()
@@ -312,6 +313,7 @@ async def test_the_cli_fits_the_terminal_and_says_what_publish_did(
     [shown_row] = orjson.loads(twice.stdout)["runs"]
     assert shown_row["run"] == made["run"] and shown_row["state"] == "SUCCEEDED"
     assert shown_row["outputs"] == made["outputs"] and shown_row["duplicate_of"]
+    assert shown_row["reason"] is None and shown_row["cancelled_by"] is None
     # the row is that run's: its key, not the one this event's data would have given
     assert made["key"].startswith("dup-a") and shown_row["key"] == made["key"]
     third = await asyncio.to_thread(cli, "publish", "out.latest", again, "--id", "order-1",

@@ -488,7 +488,7 @@ async def test_a_step_that_raises_in_its_worker_process_fails_with_its_own_trace
     assert rec["st"] == "F" and "ValueError: the step failed on purpose: bad input" in err, err
     frames = [line for line in err.splitlines() if line.lstrip().startswith("File ")]
     assert frames and "isolated.py" in frames[0] and "stubborn" in frames[0], err
-    assert err.startswith("step 'stubborn' failed after 2 attempt(s):\nin its worker process:")
+    assert err.startswith("step 'stubborn' failed after 2 tries:\nin its worker process:")
     tries = [kind for kind, *_ in await _notes(redis, keys) if kind.startswith("failing")]
     assert tries == ["failing0", "failing1"]
 

@@ -442,7 +442,7 @@ def test_publish_and_replay_refuse_ids_that_cannot_be(system: System) -> None:
         err = done.stderr.decode()
         # (a bad argument: 2, as argparse's; 1 was also a --wait timeout's)
         assert done.returncode == 2 and "Traceback" not in err, err
-        assert "id must be 1..1024 bytes" in err.strip().splitlines()[-1]
+        assert "the CLI's --id) must be 1..1024 bytes" in err.strip().splitlines()[-1]
     # and a dead letter id that cannot be one is one line too, not Redis's traceback
     done = subprocess.run([sys.executable, "-m", "supersede", "dead", "--replay", "garbage"],
                           env=system.env, capture_output=True, timeout=30)  # fmt: skip
