@@ -55,6 +55,9 @@ from supersede.services.modules import load_modules
 from supersede.services.render import printable
 
 DEMO = "supersede.services.demo"
+# The console shows the runs created from this long before its services were up (a server's
+# clock and this machine's may differ a little).
+EARLIER_MS = 5_000
 
 RULES = {
     Strategy.CANCEL_IN_PROGRESS: "a newer run cancels the oldest running or queued ones",
@@ -286,6 +289,8 @@ async def watch(
             runs: dict[bytes, bytes] = await redis.hgetall(sk.runs_hash)  # type: ignore[assignment]
             for rid, raw in runs.items():
                 run = RunRecord.decode(rid, raw)
+                if (run.created_ms or t0_ms) < t0_ms - EARLIER_MS:  # (an earlier console's,
+                    continue  # on a server of yours: shown, its times negative, and counted)
                 latest[run.id] = run
                 if seen.get(run.id) != run.state:
                     held += transitions(run, seen.get(run.id),

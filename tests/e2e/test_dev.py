@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from supersede import codec
 from supersede.keys import Keys
 
 
@@ -406,3 +407,30 @@ def test_dev_interrupted_while_a_module_imports_removes_the_server_and_its_folde
     assert proc.returncode == 128 + sig, (proc.returncode, text)
     assert text.strip().splitlines() == ["supersede dev: interrupted"], text
     assert list(temp.iterdir()) == []
+
+
+def test_dev_on_a_server_of_yours_shows_only_the_runs_of_this_console(
+    redis_url: str, keys: Keys
+) -> None:
+    """A second console on the same server and namespace printed the runs of the first, their
+    times negative (-121.45s), and counted them in its outcomes (a newcomer's probe)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    env.update(SUPERSEDE_REDIS_URL=redis_url, SUPERSEDE_NAMESPACE=keys.namespace,
+               SUPERSEDE_SHARDS=str(keys.shards))  # fmt: skip
+    cmd = [sys.executable, "-m", "supersede", "dev", "--ui-port", "0", "--duration"]
+    first = subprocess.run([*cmd, "3"], env=env, capture_output=True, timeout=120)
+    assert first.returncode == 0 and "started" in first.stdout.decode(), first.stderr
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for sk in keys.all_shards():  # (the first console's runs, now older than its margin)
+            for rid, raw in client.hgetall(sk.runs_hash).items():
+                record = codec.unpack(raw)
+                record["t0"] -= 60_000
+                client.hset(sk.runs_hash, rid, codec.pack(record))
+    finally:
+        client.close()
+    second = subprocess.run([*cmd, "1", "--no-demo-events"], env=env, capture_output=True,
+                            timeout=120)  # fmt: skip
+    out = second.stdout.decode()
+    assert second.returncode == 0, second.stderr
+    assert "(no runs)" in out and not re.search(r"^\s*-\d", out, re.M), out
