@@ -188,12 +188,23 @@ def unknown_option(url: str, exc: TypeError) -> str:
     )
 
 
-def connect_sync(url: str) -> redis_sync.Redis:
-    """The synchronous counterpart of `connect`, for user code such as sync steps."""
+def connect_sync(url: str, *, timeout: float | None = None) -> redis_sync.Redis:
+    """The synchronous counterpart of `connect`, for user code such as sync steps. `timeout`:
+    each call fails after that many seconds without an answer (connecting included), and is
+    not tried again (the caller's loop is the retry), unless the URL sets its own timeouts."""
+    options: dict[str, object] = {}
+    if timeout is not None:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        options = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                   "retry": Retry(NoBackoff(), 0)}  # fmt: skip
     try:
         if is_cluster_url(url):
-            return cast(redis_sync.Redis, redis_sync.RedisCluster.from_url(cluster_seed(url)))
-        client = redis_sync.Redis.from_url(url)
+            return cast(
+                redis_sync.Redis, redis_sync.RedisCluster.from_url(cluster_seed(url), **options)
+            )
+        client = redis_sync.Redis.from_url(url, **options)
         pool = client.connection_pool
         pool.connection_class(**pool.connection_kwargs)  # (an unknown option fails here)
     except TypeError as exc:

@@ -43,6 +43,7 @@ _Call = tuple[list[str], list[str | int], list[tuple[str, int]]]
 _TURNS_NOT_READ = Sampled()
 
 CHUNK = 1000  # runs per script call (a call blocks the server meanwhile)
+CALL_TIMEOUT_MIN = 0.5  # seconds: the least a call of the lease keeper waits for its answer
 # A run this executor could not renew is stopped this share of a lease before its lease runs
 # out by the executor's clock (from when the last call that renewed it, or claimed it, was sent,
 # which is before the server stamped it), so it no longer runs when the reaper retries it.
@@ -75,7 +76,12 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client = connect_sync(url)  # its own pool: used from this thread and a drain's
+        # Its own pool, used from this thread and a drain's. Each call fails after a sixth of a
+        # lease without an answer (half a second at least), tried again by the next beat, not
+        # by the client: a cluster master that froze (SIGSTOP, a silent network) held the beat
+        # until it answered again, and no run of any node was renewed (a probe: 20 s, the
+        # client's retries and backoff included, at a 3 s lease).
+        self._client = connect_sync(url, timeout=max(CALL_TIMEOUT_MIN, config.lease_ms / 6000))
         self._script = self._client.register_script(load_source("heartbeat")[0])
         self._hand_back = self._client.register_script(load_source("hand_back")[0])
 

@@ -273,3 +273,76 @@ async def test_retire_deletes_a_workflows_streams_on_a_cluster(
         assert await client.hget(keys.workflows_hash, "gone") is None
     finally:
         await client.aclose()
+
+
+def test_a_beat_renews_the_other_nodes_runs_while_a_master_is_frozen() -> None:
+    """A master that stops answering without closing its connections (SIGSTOP here; a silent
+    network link alike): the lease keeper's beat waited for it, with the client's retries and
+    backoff, until it answered again, and renewed no run of any node meanwhile (a probe: 20 s
+    at a 3 s lease, every run of the deployment stopped by the lease watch and retried). Its
+    calls now fail after a sixth of a lease, and the other nodes' runs are renewed within the
+    lease."""
+    import os
+    import signal
+    import threading
+    import time
+    from typing import Any
+
+    from supersede import codec
+    from supersede.services.executor.config import ExecutorConfig
+    from supersede.services.executor.lease import LeaseKeeper
+
+    try:  # (no node declared failed while it is frozen: a cluster down would refuse them all)
+        cluster = EmbeddedCluster(3, extra_args=["--cluster-node-timeout", "30000"]).start()
+    except (FileNotFoundError, OSError) as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"NO CLUSTER TEST: cannot start a cluster here ({exc})")
+    keys = Keys("frozen", 6)
+    client = sync_redis.RedisCluster.from_url(cluster.url)
+    stopped = None
+    try:
+        leased = []
+        for shard in range(keys.shards):
+            record = {"st": "R", "a": 1, "e": "ex-1", "w": "wf", "g": "g", "s": "0" * 32}
+            client.hset(keys.shard(shard).runs_hash, f"{shard}-r", codec.pack(record))
+            leased.append((shard, f"{shard}-r", 1, 0))
+        renewed: list[str] = []
+        runner: Any = type("R", (), {"active": {}, "leased": lambda self: list(leased),
+                                     "mark_renewed": lambda self, began: None,
+                                     "mark_leased": lambda self, runs, asked, gone:
+                                         renewed.extend(rid for rid, _ in runs)})()  # fmt: skip
+        url = cluster.url.replace("redis://", "redis+cluster://")
+        keeper = LeaseKeeper(url, keys, "ex-1", ExecutorConfig(lease_ms=3_000), runner,
+                             lambda rid, attempt: None)  # fmt: skip
+        keeper.beat()
+        assert sorted(renewed) == sorted(rid for _, rid, _, _ in leased)
+
+        def port_of(shard: int) -> int:
+            return int(client.get_node_from_key(keys.shard(shard).runs_hash).port)
+
+        port = port_of(0)
+        frozen = {rid for shard, rid, _, _ in leased if port_of(shard) == port}
+        [stopped] = [n for n in cluster.nodes if n.port == port]
+        assert stopped.proc is not None
+        os.kill(stopped.proc.pid, signal.SIGSTOP)
+        renewed.clear()
+        failed: list[BaseException] = []
+
+        def beat() -> None:
+            try:
+                keeper.beat()
+            except Exception as exc:
+                failed.append(exc)
+
+        began = time.monotonic()
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        thread.join(10)
+        took = time.monotonic() - began
+        assert not thread.is_alive(), "the beat waited for the frozen master"
+        assert took < 2.7 and failed, (took, failed)  # (within 0.9 of the 3 s lease)
+        assert set(renewed) == {rid for _, rid, _, _ in leased} - frozen and frozen
+    finally:
+        if stopped is not None and stopped.proc is not None:
+            os.kill(stopped.proc.pid, signal.SIGCONT)
+        client.close()
+        cluster.stop()
