@@ -37,9 +37,10 @@ local window, cap, floor = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4
 if not window or not cap or not floor or (#ARGV - 4) % 2 ~= 0 then return { -4, 0 } end
 
 local old = overdue(idsAtKey, now, window, cap, floor, 1000 + (#ARGV - 4) / 2)
-if #old > 0 then
-  rcall('HDEL', idsKey, unpack(old))
-  rcall('ZREM', idsAtKey, unpack(old))
+for j = 1, #old, 1000 do  -- (Lua unpacks about 8,000 values at most)
+  local last = math.min(j + 999, #old)
+  rcall('HDEL', idsKey, unpack(old, j, last))
+  rcall('ZREM', idsAtKey, unpack(old, j, last))
 end
 
 local out = { 0 }

@@ -1259,6 +1259,14 @@ async def test_explicit_ids_claimed_in_full_batches_stay_within_the_window_and_t
     # the trims' claims of none forget 1,000 a call, as before
     assert await scripts.claim_ids(0, [], now=now, **bounds) == []
     assert await redis.zcard(sk.ids_at_zset) == 2_000
+    # a claim of 9,000 ids forgets the 10,000 before it at once (more than Lua unpacks in one
+    # call: the script failed, a review)
+    old = [(f"o{i}", "1-1") for i in range(10_000)]
+    assert all(await scripts.claim_ids(0, old, now=now, **bounds))
+    assert await redis.zcard(sk.ids_at_zset) == 10_000  # (the 2,000 before were forgotten)
+    many = [(f"m{i}", "2-2") for i in range(9_000)]
+    assert all(await scripts.claim_ids(0, many, now=now + 1_500, **bounds))
+    assert await redis.zcard(sk.ids_at_zset) == await redis.hlen(sk.ids_hash) == 9_000
 
 
 async def test_a_claim_whose_reply_was_lost_is_taken_back_by_its_executor(
