@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -166,14 +167,6 @@ class Running:
         return self.thread is not None and not self.thread.done()
 
 
-def _share_lease(run: Running, cell: Any) -> None:
-    """Show the run's lease stamp to the worker process about to run its step (`cell`, that
-    worker's shared float), and have the lease keeper's renewals of it written there too."""
-    run.lease_cell = cell
-    cell.value = run.leased_at or run.started  # (an older stamp stored over a renewal made
-    # meanwhile errs on the safe side, until the next beat)
-
-
 def _stopped(run: Running) -> bool:
     """A shutdown cancelled this run's task (the drain deadline passed): a cancel is counted
     on it that is not the run's own. Its run is handed back (or left to its lease), whatever
@@ -231,6 +224,7 @@ class Runner:
         self.left_added = asyncio.Event()
         self.drain_deadline = math.inf  # the loop's time the drain ends by, once it drains
         self.renewed_at: float | None = None  # see `lease_left` (None: no lease keeper)
+        self._cells = threading.Lock()  # guards Running.lease_cell (see `mark_leased`)
         # asks the lease keeper for a beat now (thread-safe; None: no lease keeper)
         self.renew_soon: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the runs' (set by `start`)
@@ -353,9 +347,13 @@ class Runner:
             run = active.get(rid)
             if run is not None and run.attempt == attempt and run.leased_at < asked:
                 run.leased_at = asked
-                cell = run.lease_cell  # (its step's worker process reads it there)
-                if cell is not None:
-                    cell.value = asked  # (a float's store is atomic)
+                if run.lease_cell is not None and rid not in gone:
+                    # (its step's worker reads it there; one named is to stop, and may be
+                    # another executor's now: never shown renewed. The lock: the loop may hand
+                    # this worker to another run's step between the read and the write.)
+                    with self._cells:
+                        if run.lease_cell is not None:
+                            run.lease_cell.value = asked
                 if (
                     run.held is not None
                     and not run.held.is_set()
@@ -741,7 +739,7 @@ class Runner:
         try:
             return await self.processes.call(
                 job,
-                lease=lambda cell: _share_lease(run, cell),
+                lease=lambda cell: self._share_lease(run, cell),
                 timeout=step.timeout,
                 # (a drain deadline or a lapsed lease kills the worker at once: no ladder)
                 cancelled=lambda: ctx.cancelled and not run.drained,
@@ -752,7 +750,17 @@ class Runner:
         except StepError as exc:
             raise StepError(f"in its worker process:\n{exc}") from None
         finally:
-            run.lease_cell = None
+            with self._cells:  # (the worker is idle again: no renewal of this run goes there)
+                run.lease_cell = None
+
+    def _share_lease(self, run: Running, cell: Any) -> None:
+        """Show the run's lease stamp to the worker process about to run its step (`cell`, that
+        worker's shared float), and have the lease keeper's renewals of it written there too;
+        a cancelled run's as lapsed (its still_current() is False: the worker's own flag is
+        raised only when the loop stops it)."""
+        with self._cells:
+            run.lease_cell = cell
+            cell.value = 0.0 if run.ctx.cancelled else run.leased_at or run.started
 
     async def _sync(
         self, thread: asyncio.Future[Any], run: Running, strict: bool, timeout: float | None

@@ -239,7 +239,9 @@ async def test_a_failing_step_is_retried_then_fails_the_run_with_its_traceback(
     await publish(redis, keys, "flaky.item")
     await eventually(lambda: _states(redis, keys, {"F": 1}), timeout=30)
     [rec] = (await records(redis, keys)).values()
-    assert "RuntimeError: boom from the step" in str(rec["err"]) and "3 attempt" in str(rec["err"])
+    assert "RuntimeError: boom from the step" in str(rec["err"]) and "failed after 3 tries" in str(
+        rec["err"]
+    )
     # the traceback starts at the step's own frame: the executor's and the thread pool's,
     # which said nothing about the failure, are left out
     frames = [line for line in str(rec["err"]).splitlines() if line.lstrip().startswith("File ")]
@@ -1756,6 +1758,34 @@ async def test_a_beat_starts_a_held_run_it_renewed_unless_it_named_the_run_to_st
     await asyncio.sleep(0)  # (the loop runs what the lease thread handed it)
     assert renewed.held.is_set() and not gone.held.is_set()
     assert renewed.leased_at == gone.leased_at == cancelling.leased_at == now
+
+
+async def test_a_worker_sees_the_renewals_of_its_run_but_not_of_one_named_to_stop() -> None:
+    """A step in a worker process reads its run's lease stamp from shared memory. A beat that
+    named the run (retried elsewhere, under the same fence) wrote it there all the same, and
+    the worker called the stale attempt current until the loop stopped it (a review: 1, 1, 1
+    after 0 with the loop busy). A cancelled run is shown lapsed to the worker it goes to."""
+    from types import SimpleNamespace
+
+    from supersede.services.executor.config import ExecutorConfig
+    from supersede.services.executor.steps import Runner
+
+    runner = Runner([], ExecutorConfig(lease_ms=1_000), outbox=None)
+    runner._loop = asyncio.get_running_loop()
+    now = time.monotonic()
+    ctx = SimpleNamespace(cancelled=False)
+    kept, named = (SimpleNamespace(attempt=1, reported=False, lapsed=False, held=None,
+                                   leased_at=now - 2, started=now - 2, ctx=ctx,
+                                   lease_cell=SimpleNamespace(value=now - 2))
+                   for _ in range(2))  # fmt: skip
+    runner.active.update({"1-kept": kept, "1-named": named})  # type: ignore[dict-item]
+    await asyncio.to_thread(runner.mark_leased, [("1-kept", 1), ("1-named", 1)], now, {"1-named"})
+    assert kept.lease_cell.value == now and named.lease_cell.value == now - 2
+    cell = SimpleNamespace(value=now)
+    ctx.cancelled = True
+    runner._share_lease(kept, cell)
+    assert cell.value == 0.0 and kept.lease_cell is cell
+    runner.close()
 
 
 async def _registered(redis: Redis, keys: Keys, workflow: str) -> bool:
