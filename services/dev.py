@@ -39,7 +39,7 @@ import orjson
 from redis.asyncio import Redis
 
 from supersede import codec
-from supersede.config import Settings, check_server, connect, redact
+from supersede.config import Settings, check_server, connect, redact, server_time
 from supersede.errors import ConfigError
 from supersede.keys import Keys
 from supersede.protocol import RunRecord, RunState, Strategy
@@ -55,6 +55,7 @@ from supersede.services.modules import load_modules
 from supersede.services.render import printable
 
 DEMO = "supersede.services.demo"
+PORT_TAKEN = "cannot serve metrics on 127.0.0.1:"  # (a service's line when its port was taken)
 # The console shows the runs created from this long before its services were up (a server's
 # clock and this machine's may differ a little).
 EARLIER_MS = 5_000
@@ -109,9 +110,11 @@ class Children:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.names: list[str] = []
         self.probes: dict[str, str] = {}  # service -> its /readyz
+        self._args: dict[str, tuple[str, ...]] = {}
         self._files: list[Any] = []
 
     def start(self, name: str, *args: str, metrics: bool = True) -> None:
+        self._args[name] = args
         port = free_port() if metrics else 0
         cmd = [sys.executable, "-m", "supersede", "--log-level", "WARNING", *args,
                *(["--metrics-port", str(port), "--metrics-host", "127.0.0.1"] if metrics
@@ -122,28 +125,35 @@ class Children:
         # before the server (a signal to the whole group would cut them off mid-drain).
         proc = subprocess.Popen(cmd, env=self.env, stderr=log, stdout=log,
                                 start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
-        self.procs.append(proc)
-        self.names.append(name)
+        if name in self.names:  # (started again)
+            self.procs[self.names.index(name)] = proc
+        else:
+            self.procs.append(proc)
+            self.names.append(name)
         if metrics:
             self.probes[name] = f"http://127.0.0.1:{port}/readyz"
 
-    def exited(self) -> str | None:
-        """What a service that exited said last (its name, exit code and last log line); None
-        while every one runs. (Not the dashboard's: dev goes on without it.)"""
+    def exited(self) -> tuple[str, str] | None:
+        """A service that exited (its name) and what it said last (its exit code and last log
+        line); None while every one runs. (Not the dashboard: dev goes on without it.)"""
         for name, proc in zip(self.names, self.procs, strict=True):
             if name in self.probes and proc.poll() is not None:
                 path = os.path.join(self.logs, f"{name}.log")
                 with open(path, "rb") as f:
                     lines = f.read()[-4000:].decode(errors="replace").strip().splitlines()
                 said = f": {printable(lines[-1])}" if lines else ""
-                return f"{name} exited with {proc.returncode}{said}"
+                return name, f"{name} exited with {proc.returncode}{said}"
         return None
 
-    async def ready(self, names: Sequence[str], timeout: float = 60.0) -> str | None:
+    async def ready(
+        self, names: Sequence[str], stop: asyncio.Event, timeout: float = 60.0
+    ) -> str | None:
         """Wait until each service of `names` answers its /readyz with 200; why not (a service
-        exited, or did not get ready within `timeout`), or None. (The workflows' presence in
-        the registry proved nothing: a namespace of an earlier run holds them, and services
-        that refused to start, its shard count another, were said to be up.)"""
+        exited, or did not get ready within `timeout`), "" once `stop` is set, or None. (The
+        workflows' presence in the registry proved nothing: a namespace of an earlier run
+        holds them, and services that refused to start, its shard count another, were said to
+        be up.) A service whose metrics port was taken between its choice and its start (the
+        choice frees it) is started again on another, twice at most."""
         direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
         def answers(url: str) -> bool:
@@ -153,17 +163,25 @@ class Children:
             except OSError:  # (HTTPError 503 included: not ready yet)
                 return False
 
-        waiting = [self.probes[name] for name in names]
+        waiting = list(names)
         deadline = time.monotonic() + timeout
+        again = 0
         while waiting:
+            if stop.is_set():
+                return ""
             gone = self.exited()
+            if gone is not None and PORT_TAKEN in gone[1] and again < 2:
+                again += 1
+                self.start(gone[0], *self._args[gone[0]])
+                continue
             if gone is not None:
-                return gone
+                return gone[1]
             if time.monotonic() > deadline:
                 return f"services not ready within {timeout:g} s"
-            waiting = [u for u in waiting if not await asyncio.to_thread(answers, u)]
+            waiting = [n for n in waiting if not await asyncio.to_thread(answers, self.probes[n])]
             if waiting:
-                await asyncio.sleep(0.05)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.05)
         return None
 
     def stop(self, keep_logs: bool) -> None:
@@ -275,11 +293,13 @@ async def watch(
     stop: asyncio.Event,
     t0_ms: int,
     debounced: frozenset[str] = frozenset(),
+    skew_ms: int = 0,
 ) -> dict[tuple[str, str], Counter[str]]:
     """Print each run's transitions in the order they happened (held back half a second, so a
     later poll cannot bring an earlier one); once `stop` is set, up to 3 s more for the runs in
     flight to end. `debounced`: the workflows whose new runs wait out a debounce window.
-    Returns the final state counts per (workflow, key)."""
+    `t0_ms` is the server's time (the records' times are), `skew_ms` how far the server's
+    clock is ahead of this machine's. Returns the final state counts per (workflow, key)."""
     seen: dict[str, RunState] = {}
     held: list[Transition] = []
     latest: dict[str, RunRecord] = {}
@@ -300,7 +320,7 @@ async def watch(
             settle_until = time.monotonic() + 3  # runs in flight may still end
         live = any(not r.state.terminal for r in latest.values())
         done = settle_until is not None and (not live or time.monotonic() > settle_until)
-        cut = int(time.time() * 1000) - 500
+        cut = int(time.time() * 1000) + skew_ms - 500
         held.sort()
         ready = held if done else [t for t in held if t.at_ms <= cut]
         for t in ready:
@@ -354,17 +374,23 @@ async def run(
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # (SIGHUP: its terminal closed)
-        loop.add_signal_handler(sig, stop.set)
+        if sig not in _IGNORED:
+            loop.add_signal_handler(sig, stop.set)
     redis = connect(settings.redis_url)
     children = Children(settings)
     failed: list[str] = []
     try:
-        why = await start_services(children, specs)
+        why = await start_services(children, specs, stop)
+        if why == "":  # (Ctrl-C meanwhile)
+            print("supersede dev: interrupted", file=sys.stderr)
+            return 128 + signal.SIGINT
         if why is not None:
             print(f"supersede dev: services failed to start ({why})", file=sys.stderr)
             keep_logs = True
             return 1
-        t0_ms = int(time.time() * 1000)
+        # (the server's clock: the records' times are its; a server of yours may be behind)
+        t0_ms = int(await server_time(redis) * 1000)
+        skew_ms = t0_ms - int(time.time() * 1000)
         say_up(settings, defs, specs, embedded)
         dashboard = await start_ui(children, ui_port, stop) if ui_port else None
         if dashboard:
@@ -378,7 +404,7 @@ async def run(
                 asyncio.create_task(publish_demo_events(redis, settings.keys.events_stream, stop))
             )
         debounced = frozenset(d.id for d in defs if d.concurrency and d.concurrency.debounce_ms)
-        outcomes = await watch(redis, settings, stop, t0_ms, debounced)
+        outcomes = await watch(redis, settings, stop, t0_ms, debounced, skew_ms)
         await asyncio.gather(*tasks)
         print_outcomes(outcomes)
         if failed:
@@ -396,18 +422,21 @@ async def run(
         await redis.aclose()
 
 
-async def start_services(children: Children, specs: Sequence[str]) -> str | None:
+async def start_services(
+    children: Children, specs: Sequence[str], stop: asyncio.Event
+) -> str | None:
     """Start admission and the executors, then ingress once they are ready (the workflows
-    registered: an event before would route nowhere); why they are not all ready, or None."""
+    registered: an event before would route nowhere); why they are not all ready ("" once
+    `stop` is set), or None."""
     children.start("admission", "admission")
     args = ["--slots", "10", "--drain-timeout", "3"]
     for i, spec in enumerate(specs):
         for j in range(2 if spec == DEMO else 1):
             children.start(f"executor-{i + 1}-{j + 1}", "executor", spec, *args)
-    why = await children.ready(children.names)
+    why = await children.ready(children.names, stop)
     if why is None:
         children.start("ingress", "ingress")
-        why = await children.ready(["ingress"])
+        why = await children.ready(["ingress"], stop)
     return why
 
 
@@ -441,8 +470,13 @@ async def supervise(children: Children, stop: asyncio.Event, failed: list[str]) 
     while not stop.is_set():
         gone = children.exited()
         if gone is not None:
-            failed.append(gone)
-            stop.set()
+            # (a supervisor's SIGTERM to every process of the console, as systemd's
+            # KillMode=control-group: a service may end before the console heard its own)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if not stop.is_set():
+                failed.append(gone[1])
+                stop.set()
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.2)
@@ -568,12 +602,20 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
+# The signals the console was started with ignored (`nohup supersede dev`: SIGHUP), which it
+# leaves ignored.
+_IGNORED: set[signal.Signals] = set()
+
+
 def _interruptible() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+        if sig not in _IGNORED:
+            signal.signal(sig, _interrupt)
 
 
 def main(argv: list[str] | None = None) -> None:
+    _IGNORED.update(s for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+                    if signal.getsignal(s) == signal.SIG_IGN)  # fmt: skip
     _interruptible()
     parser = argparse.ArgumentParser(prog="supersede dev", description=__doc__)
     parser.add_argument("--duration", type=float, default=None, help="seconds, then exit 0")
@@ -620,6 +662,8 @@ def main(argv: list[str] | None = None) -> None:
         print("supersede dev: interrupted", file=sys.stderr)
         code = 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
     finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # (the server and its
+            signal.signal(sig, signal.SIG_IGN)  # folder are removed, whatever comes now)
         if server:
             server.stop()
     sys.exit(code)

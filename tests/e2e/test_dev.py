@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -164,11 +163,11 @@ def test_dev_console_prints_transitions_in_time_order_and_how_each_run_was_cance
     assert "started" not in out.split("outcomes per key:")[1]
 
 
-def test_ctrl_c_stops_the_services_before_the_embedded_server() -> None:
+def test_ctrl_c_stops_the_services_before_the_embedded_server(tmp_path: Path) -> None:
     """A terminal's Ctrl-C signals the whole foreground process group: the console must still
     stop the services (drained, no connection errors) before it stops the server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
-    existing = set(Path(tempfile.gettempdir()).glob("supersede-dev-*"))
+    env["TMPDIR"] = str(tmp_path)  # (its folders alone there: not another test's console's)
     proc = subprocess.Popen(
         [sys.executable, "-m", "supersede", "dev"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
@@ -180,7 +179,7 @@ def test_ctrl_c_stops_the_services_before_the_embedded_server() -> None:
         if "superseded by" in lines[-1]:  # the demo is under way: runs are in flight
             break
     children = _descendants(proc.pid)
-    mine = set(Path(tempfile.gettempdir()).glob("supersede-dev-*")) - existing
+    mine = set(tmp_path.glob("supersede-dev-*"))
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
     rest, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()[-2000:]
@@ -192,11 +191,11 @@ def test_ctrl_c_stops_the_services_before_the_embedded_server() -> None:
     assert mine and not any(p.exists() for p in mine)  # its log folder, not another run's
 
 
-def test_a_console_whose_reader_goes_away_stops_everything_quietly() -> None:
+def test_a_console_whose_reader_goes_away_stops_everything_quietly(tmp_path: Path) -> None:
     """`supersede dev | head`: the reader gone, the console stops the services and the server
     and exits as a command killed by SIGPIPE would (141), without a traceback."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
-    existing = set(Path(tempfile.gettempdir()).glob("supersede-dev-*"))
+    env["TMPDIR"] = str(tmp_path)  # (its folders alone there: not another test's console's)
     proc = subprocess.Popen(
         [sys.executable, "-m", "supersede", "dev", "--ui-port", "0"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
@@ -206,7 +205,7 @@ def test_a_console_whose_reader_goes_away_stops_everything_quietly() -> None:
         if b"superseded by" in raw:  # the demo is under way: the console keeps printing
             break
     children = _descendants(proc.pid)
-    mine = set(Path(tempfile.gettempdir()).glob("supersede-dev-*")) - existing
+    mine = set(tmp_path.glob("supersede-dev-*"))
     proc.stdout.close()
     try:
         proc.wait(timeout=60)
@@ -319,7 +318,7 @@ async def test_dev_on_a_server_of_yours_keeps_out_of_a_namespace_with_other_work
 
 
 async def test_dev_exits_1_naming_why_when_its_services_refuse_to_start(
-    redis_url: str, keys: Keys
+    redis_url: str, keys: Keys, tmp_path: Path
 ) -> None:
     """A namespace created with another shard count: every service refused to start, yet dev
     said "services up" (its workflows were in the registry from an earlier run), went on
@@ -329,7 +328,8 @@ async def test_dev_exits_1_naming_why_when_its_services_refuse_to_start(
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
     env.update(SUPERSEDE_REDIS_URL=redis_url, SUPERSEDE_NAMESPACE=keys.namespace,
-               SUPERSEDE_SHARDS=str(keys.shards * 2))  # fmt: skip
+               SUPERSEDE_SHARDS=str(keys.shards * 2), TMPDIR=str(tmp_path))  # fmt: skip
+    # (TMPDIR: the logs it keeps go where the test's files go)
     client = connect(redis_url)
     try:
         await client.hset(keys.config_hash, "shards", keys.shards)  # (an earlier run's count)
@@ -343,13 +343,14 @@ async def test_dev_exits_1_naming_why_when_its_services_refuse_to_start(
     assert done.returncode == 1 and "services up" not in out, (out, err)
     assert "services failed to start (" in err and "Traceback" not in err, err
     assert f"was created with {keys.shards} shards" in err and "SUPERSEDE_SHARDS" in err
-    assert "logs kept in" in out
+    assert f"logs kept in {tmp_path}" in out
 
 
-def test_dev_stops_and_exits_1_when_a_service_dies() -> None:
+def test_dev_stops_and_exits_1_when_a_service_dies(tmp_path: Path) -> None:
     """A service of dev SIGKILLed (or exiting on its own): dev went on without it (no ingress:
     no event read) and exited 0 at Ctrl-C. It stops the others and says which one died."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    env["TMPDIR"] = str(tmp_path)  # (the logs it keeps go where the test's files go)
     cmd = [sys.executable, "-m", "supersede", "dev", "--no-demo-events", "--ui-port", "0",
            "--duration", "120"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -434,3 +435,34 @@ def test_dev_on_a_server_of_yours_shows_only_the_runs_of_this_console(
     out = second.stdout.decode()
     assert second.returncode == 0, second.stderr
     assert "(no runs)" in out and not re.search(r"^\s*-\d", out, re.M), out
+
+
+def test_dev_started_with_sighup_ignored_leaves_it_ignored() -> None:
+    """`nohup supersede dev &`: the console caught SIGHUP to stop as on Ctrl-C, so closing the
+    terminal stopped what nohup was asked to keep running (a review)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    cmd = [sys.executable, "-m", "supersede", "dev", "--no-demo-events", "--ui-port", "0",
+           "--duration", "120"]  # fmt: skip
+
+    def nohup() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=nohup)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if b"Ctrl-C stops" in line:
+                break
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        masks = {k: int(v, 16) for k, v in (x.split(":\t") for x in status.splitlines()
+                                            if x.startswith(("SigIgn", "SigCgt")))}  # fmt: skip
+        bit = 1 << (signal.SIGHUP - 1)
+        assert masks["SigIgn"] & bit and not masks["SigCgt"] & bit, masks
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
