@@ -1428,9 +1428,11 @@ async def test_a_run_its_node_renews_is_current_while_another_node_is_down(
     try:
         assert await runs[0].ctx.still_current() and await runs[1].ctx.still_current()
         until = time.monotonic() + 1.5  # (a lease and a half of beats, a third of one apart)
-        while time.monotonic() < until:
+        while True:
             with contextlib.suppress(ConnectionError):
                 await asyncio.to_thread(keeper.beat)
+            if time.monotonic() > until:
+                break  # (the last beat just now: a loaded host's pauses do not count)
             await asyncio.sleep(0.3)
         assert runner.renewed_at is not None and time.monotonic() - runner.renewed_at > 1.0
         assert await runs[0].ctx.still_current()  # (renewed by each beat)
