@@ -4,6 +4,7 @@ certificates, for the tests (issue 14, item 1)."""
 from __future__ import annotations
 
 import os
+import shutil
 import ssl
 import subprocess
 import tempfile
@@ -106,6 +107,7 @@ class TlsServer:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)  # (its certificates and keys too)
 
 
 class TlsCluster:
@@ -165,3 +167,4 @@ class TlsCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)  # (its certificates and keys)
