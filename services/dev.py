@@ -37,6 +37,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from supersede import codec
 from supersede.config import Settings, check_server, connect, redact, server_time
@@ -56,9 +57,6 @@ from supersede.services.render import printable
 
 DEMO = "supersede.services.demo"
 PORT_TAKEN = "cannot serve metrics on 127.0.0.1:"  # (a service's line when its port was taken)
-# The console shows the runs created from this long before its services were up (a server's
-# clock and this machine's may differ a little).
-EARLIER_MS = 5_000
 
 RULES = {
     Strategy.CANCEL_IN_PROGRESS: "a newer run cancels the oldest running or queued ones",
@@ -309,8 +307,8 @@ async def watch(
             runs: dict[bytes, bytes] = await redis.hgetall(sk.runs_hash)  # type: ignore[assignment]
             for rid, raw in runs.items():
                 run = RunRecord.decode(rid, raw)
-                if (run.created_ms or t0_ms) < t0_ms - EARLIER_MS:  # (an earlier console's,
-                    continue  # on a server of yours: shown, its times negative, and counted)
+                if (run.created_ms or t0_ms) < t0_ms:  # (an earlier console's, on a server of
+                    continue  # yours: shown, its times negative, and counted; same clock)
                 latest[run.id] = run
                 if seen.get(run.id) != run.state:
                     held += transitions(run, seen.get(run.id),
@@ -346,10 +344,11 @@ def print_outcomes(outcomes: dict[tuple[str, str], Counter[str]]) -> None:
         return
     states = ["succeeded", "cancelled", "failed", "not ended"]
     width = max(len(w) for w, _ in outcomes)
-    print(f"  {'workflow':<{width}}  {'key':<12} " + " ".join(f"{s:>9}" for s in states))
+    keys = max(12, *(len(printable(k or "-")) for _, k in outcomes))  # (an entry id: 15)
+    print(f"  {'workflow':<{width}}  {'key':<{keys}} " + " ".join(f"{s:>9}" for s in states))
     for (workflow, key), counts in sorted(outcomes.items()):
         cells = " ".join(f"{counts.get(s, 0):>9}" for s in states)
-        print(f"  {workflow:<{width}}  {printable(key or '-'):<12} {cells}")
+        print(f"  {workflow:<{width}}  {printable(key or '-'):<{keys}} {cells}")
 
 
 def example_input(wf: WorkflowDef) -> str:
@@ -373,9 +372,15 @@ async def run(
     defs = [wf.definition() for wf in load_modules(specs)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    signalled: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        signalled.append(signum)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # (SIGHUP: its terminal closed)
         if sig not in _IGNORED:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
     redis = connect(settings.redis_url)
     children = Children(settings)
     failed: list[str] = []
@@ -383,7 +388,7 @@ async def run(
         why = await start_services(children, specs, stop)
         if why == "":  # (Ctrl-C meanwhile)
             print("supersede dev: interrupted", file=sys.stderr)
-            return 128 + signal.SIGINT
+            return 128 + (signalled[0] if signalled else signal.SIGINT)
         if why is not None:
             print(f"supersede dev: services failed to start ({why})", file=sys.stderr)
             keep_logs = True
@@ -404,8 +409,17 @@ async def run(
                 asyncio.create_task(publish_demo_events(redis, settings.keys.events_stream, stop))
             )
         debounced = frozenset(d.id for d in defs if d.concurrency and d.concurrency.debounce_ms)
-        outcomes = await watch(redis, settings, stop, t0_ms, debounced, skew_ms)
-        await asyncio.gather(*tasks)
+        try:
+            outcomes = await watch(redis, settings, stop, t0_ms, debounced, skew_ms)
+        except RedisError as exc:  # (the server went away: one line, not a traceback)
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            where, kind = redact(settings.redis_url), type(exc).__name__
+            print(f"supersede dev: Redis at {where} failed ({kind}: {exc}); the services were "
+                  "stopped", file=sys.stderr)  # fmt: skip
+            keep_logs = True
+            return 1
+        await asyncio.gather(*tasks, return_exceptions=True)  # (a publisher cut off: said above)
         print_outcomes(outcomes)
         if failed:
             keep_logs = True

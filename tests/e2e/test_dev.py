@@ -9,13 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import redis
 
-from supersede import codec
 from supersede.keys import Keys
 
 
@@ -414,22 +414,15 @@ def test_dev_on_a_server_of_yours_shows_only_the_runs_of_this_console(
     redis_url: str, keys: Keys
 ) -> None:
     """A second console on the same server and namespace printed the runs of the first, their
-    times negative (-121.45s), and counted them in its outcomes (a newcomer's probe)."""
+    times negative (-121.45s), and counted them in its outcomes (a newcomer's probe; then,
+    with a margin of 5 s for clocks that differ, those of a console that had just ended: a
+    second probe). The console counts from the server's clock, which the runs' times are."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
     env.update(SUPERSEDE_REDIS_URL=redis_url, SUPERSEDE_NAMESPACE=keys.namespace,
                SUPERSEDE_SHARDS=str(keys.shards))  # fmt: skip
     cmd = [sys.executable, "-m", "supersede", "dev", "--ui-port", "0", "--duration"]
     first = subprocess.run([*cmd, "3"], env=env, capture_output=True, timeout=120)
     assert first.returncode == 0 and "started" in first.stdout.decode(), first.stderr
-    client = redis.Redis.from_url(redis_url)
-    try:
-        for sk in keys.all_shards():  # (the first console's runs, now older than its margin)
-            for rid, raw in client.hgetall(sk.runs_hash).items():
-                record = codec.unpack(raw)
-                record["t0"] -= 60_000
-                client.hset(sk.runs_hash, rid, codec.pack(record))
-    finally:
-        client.close()
     second = subprocess.run([*cmd, "1", "--no-demo-events"], env=env, capture_output=True,
                             timeout=120)  # fmt: skip
     out = second.stdout.decode()
@@ -466,3 +459,66 @@ def test_dev_started_with_sighup_ignored_leaves_it_ignored() -> None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err
+
+
+def test_dev_whose_server_dies_says_so_in_one_line(tmp_path: Path) -> None:
+    """The embedded server killed under a running console: a 67-line traceback of the
+    console's next read, exit 1, its logs removed (a newcomer's probe). One line now."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    env["TMPDIR"] = str(tmp_path)
+    cmd = [sys.executable, "-m", "supersede", "dev", "--ui-port", "0", "--duration", "120"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if b"Ctrl-C stops" in line:
+                break
+        [server] = [p for p in _descendants(proc.pid)
+                    if b"redis-server" in Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
+        os.kill(server, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = err.decode()
+    assert proc.returncode == 1 and "Traceback" not in text, text
+    assert "supersede dev: Redis at redis://" in text and "failed (" in text, text
+    assert "logs kept in" in out.decode()
+
+
+def test_dev_stopped_while_its_services_start_exits_128_plus_the_signal(tmp_path: Path) -> None:
+    """SIGTERM while the services start (an executor importing a slow module): exit 130, as
+    for Ctrl-C, whichever signal came (a newcomer's probe). 128 + the signal now."""
+    module = tmp_path / "slow_there.py"
+    module.write_text(
+        "import sys, time\n"
+        "if 'executor' in sys.argv:  # (slow in the executors only, not in the console)\n"
+        "    time.sleep(60)\n"
+        "from supersede import Workflow\n"
+        "wf = Workflow('slow', on_events=['slow.go'])\n"
+        "@wf.step()\n"
+        "def s(ctx):\n"
+        "    return None\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    env["TMPDIR"] = str(tmp_path)
+    cmd = [sys.executable, "-m", "supersede", "dev", "--module", str(module), "--ui-port", "0"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+
+        def executor_started() -> bool:
+            return any(b"executor" in Path(f"/proc/{p}/cmdline").read_bytes()
+                       for p in _descendants(proc.pid))  # fmt: skip
+
+        deadline = time.monotonic() + 60
+        while not executor_started() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.decode().strip().splitlines() == ["supersede dev: interrupted"], err
