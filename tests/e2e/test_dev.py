@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -11,7 +12,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -349,27 +352,43 @@ async def test_dev_exits_1_naming_why_when_its_services_refuse_to_start(
 def test_dev_stops_and_exits_1_when_a_service_dies(tmp_path: Path) -> None:
     """A service of dev SIGKILLed (or exiting on its own): dev went on without it (no ingress:
     no event read) and exited 0 at Ctrl-C. It stops the others and says which one died."""
+    code, _, text = _killed_under_a_console(tmp_path, b"ingress", "--no-demo-events")
+    assert code == 1, text
+    assert "a service stopped (ingress exited with -9" in text and "Traceback" not in text, text
+
+
+def _killed_under_a_console(tmp_path: Path, name: bytes, *args: str) -> tuple[int, str, str]:
+    """Start `supersede dev` (its folders in `tmp_path`), SIGKILL the one process below it
+    whose command line holds `name` once the console is up; its exit code, stdout, stderr."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
     env["TMPDIR"] = str(tmp_path)  # (the logs it keeps go where the test's files go)
-    cmd = [sys.executable, "-m", "supersede", "dev", "--no-demo-events", "--ui-port", "0",
-           "--duration", "120"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    cmd = [sys.executable, "-m", "supersede", "dev", "--ui-port", "0", "--duration", "120",
+           *args]  # fmt: skip
+    with _console(cmd, env) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             if b"Ctrl-C stops" in line:
                 break
-        [ingress] = [p for p in _descendants(proc.pid)
-                     if b"ingress" in Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
-        os.kill(ingress, signal.SIGKILL)
+        [victim] = [p for p in _descendants(proc.pid)
+                    if name in Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
+        os.kill(victim, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
+    return proc.returncode, out.decode(), err.decode()
+
+
+@contextlib.contextmanager
+def _console(
+    cmd: list[str], env: dict[str, str], **popen: Any
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A console process, killed on the way out if it still runs (a failed check)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            **popen)  # fmt: skip
+    try:
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 1, (out, err)
-    text = err.decode()
-    assert "a service stopped (ingress exited with -9" in text and "Traceback" not in text, text
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
@@ -392,18 +411,13 @@ def test_dev_interrupted_while_a_module_imports_removes_the_server_and_its_folde
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
     env["TMPDIR"] = str(temp)
     cmd = [sys.executable, "-m", "supersede", "dev", "--module", str(module), "--ui-port", "0"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with _console(cmd, env) as proc:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # (said once the server answers, before the import)
         assert b"supersede dev: Redis at" in line, line
         assert [p.name for p in temp.iterdir() if p.name.startswith("supersede-redis-")]
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     text = err.decode()
     assert proc.returncode == 128 + sig, (proc.returncode, text)
     assert text.strip().splitlines() == ["supersede dev: interrupted"], text
@@ -440,9 +454,7 @@ def test_dev_started_with_sighup_ignored_leaves_it_ignored() -> None:
     def nohup() -> None:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=nohup)  # fmt: skip
-    try:
+    with _console(cmd, env, preexec_fn=nohup) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             if b"Ctrl-C stops" in line:
@@ -454,37 +466,16 @@ def test_dev_started_with_sighup_ignored_leaves_it_ignored() -> None:
         assert masks["SigIgn"] & bit and not masks["SigCgt"] & bit, masks
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
 
 
 def test_dev_whose_server_dies_says_so_in_one_line(tmp_path: Path) -> None:
     """The embedded server killed under a running console: a 67-line traceback of the
     console's next read, exit 1, its logs removed (a newcomer's probe). One line now."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
-    env["TMPDIR"] = str(tmp_path)
-    cmd = [sys.executable, "-m", "supersede", "dev", "--ui-port", "0", "--duration", "120"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if b"Ctrl-C stops" in line:
-                break
-        [server] = [p for p in _descendants(proc.pid)
-                    if b"redis-server" in Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
-        os.kill(server, signal.SIGKILL)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    text = err.decode()
-    assert proc.returncode == 1 and "Traceback" not in text, text
+    code, out, text = _killed_under_a_console(tmp_path, b"redis-server")
+    assert code == 1 and "Traceback" not in text, text
     assert "supersede dev: Redis at redis://" in text and "failed (" in text, text
-    assert "logs kept in" in out.decode()
+    assert "logs kept in" in out
 
 
 def test_dev_stopped_while_its_services_start_exits_128_plus_the_signal(tmp_path: Path) -> None:
@@ -504,8 +495,7 @@ def test_dev_stopped_while_its_services_start_exits_128_plus_the_signal(tmp_path
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
     env["TMPDIR"] = str(tmp_path)
     cmd = [sys.executable, "-m", "supersede", "dev", "--module", str(module), "--ui-port", "0"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with _console(cmd, env) as proc:
 
         def executor_started() -> bool:
             return any(b"executor" in Path(f"/proc/{p}/cmdline").read_bytes()
@@ -516,9 +506,5 @@ def test_dev_stopped_while_its_services_start_exits_128_plus_the_signal(tmp_path
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err.decode().strip().splitlines() == ["supersede dev: interrupted"], err
