@@ -152,15 +152,6 @@ class Children:
         holds them, and services that refused to start, its shard count another, were said to
         be up.) A service whose metrics port was taken between its choice and its start (the
         choice frees it) is started again on another, twice at most."""
-        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-        def answers(url: str) -> bool:
-            try:
-                with direct.open(url, timeout=1) as reply:
-                    return bool(reply.status == 200)
-            except OSError:  # (HTTPError 503 included: not ready yet)
-                return False
-
         waiting = list(names)
         deadline = time.monotonic() + timeout
         again = 0
@@ -176,7 +167,8 @@ class Children:
                 return gone[1]
             if time.monotonic() > deadline:
                 return f"services not ready within {timeout:g} s"
-            waiting = [n for n in waiting if not await asyncio.to_thread(answers, self.probes[n])]
+            waiting = [n for n in waiting
+                       if await asyncio.to_thread(http_status, self.probes[n]) != 200]  # fmt: skip
             if waiting:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.05)
@@ -531,6 +523,20 @@ def redis_cli(cli: str, url: str) -> str:
     return " ".join([f"{cli} -u {target}", *flags])
 
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # (no http_proxy)
+
+
+def http_status(url: str) -> int | None:
+    """The HTTP status a local service answers `url` with; None while nothing answers."""
+    try:
+        with _DIRECT.open(url, timeout=1) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
 async def start_ui(children: Children, port: int, stop: asyncio.Event) -> str | None:
     """`supersede ui` beside the services (on another free port when `port` is taken): its
     address once it answers, or None (no aiohttp, the ui extra not installed; or it did not
@@ -550,20 +556,9 @@ async def start_ui(children: Children, port: int, stop: asyncio.Event) -> str | 
     children.start("ui", "ui", "--port", str(port), metrics=False)
     proc = children.procs[-1]
     url = f"http://127.0.0.1:{port}/"
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # (no http_proxy)
-
-    def answers() -> bool:
-        try:
-            with direct.open(url, timeout=1):
-                return True
-        except urllib.error.HTTPError:
-            return True  # up, if unhappy
-        except OSError:
-            return False
-
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and not stop.is_set() and proc.poll() is None:
-        if await asyncio.to_thread(answers):
+        if await asyncio.to_thread(http_status, url) is not None:  # (up, if unhappy)
             return url
         await asyncio.sleep(0.1)
     if not stop.is_set():

@@ -231,8 +231,8 @@ async def check_shard_count(redis: Redis, keys: Keys, *, created: bool = True) -
         was = stored.decode() if isinstance(stored, bytes) else stored
         raise ConfigError(
             f"namespace {keys.namespace!r} was created with {was} shards but this process "
-            f"was started with SUPERSEDE_SHARDS={keys.shards} (16 when unset); use the stored "
-            "value or a new namespace"
+            f"was started with SUPERSEDE_SHARDS={keys.shards} ({DEFAULT_SHARDS} when unset); use "
+            "the stored value or a new namespace"
         )
 
 
