@@ -183,6 +183,13 @@ READY = Gauge(
     "/readyz, per service of the process. Alerts read it: a service down exports nothing.",
     ["service"],
 )
+SHARDS_SILENT = Gauge(
+    "supersede_shards_silent",
+    "Shards whose master did not answer a call in time (a cluster master gone silent: frozen, "
+    "or behind a link that drops packets) and has not answered a probe since: the service "
+    "leaves their calls out meanwhile, and the other shards go on. By service; 0 on one server.",
+    ["service"],
+)
 
 # `*_created` series double the series count for no use on dashboards or alerts.
 disable_created_metrics()  # type: ignore[no-untyped-call]

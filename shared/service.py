@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from supersede import aio, codec, metrics, tracing
@@ -39,6 +40,7 @@ from supersede.config import (
     refusal,
 )
 from supersede.errors import ConfigError
+from supersede.health import SILENT_AFTER, ShardHealth
 from supersede.lane import Lane, lane_of
 from supersede.protocol import Entry
 from supersede.scripts import Scripts
@@ -90,6 +92,12 @@ class Service:
         self.tracer = tracing.setup(self.name)  # None unless OTEL_* variables ask for traces
         self._forget_due: Throttle | None = None
         metrics.PENDING_DELETED.labels(self.name)  # (at 0 from the start: a first rise counts)
+        # (a cluster's hot calls, per node or shard, bounded: a silent master holds only its own
+        # shards' work; the subclass may shorten the deadline)
+        self.health = ShardHealth(
+            redis, lambda s: self.keys.shard(s).runs_hash, enabled=isinstance(redis, RedisCluster),
+            deadline=SILENT_AFTER, service=self.name, shards=self.keys.shards,
+        )  # fmt: skip
 
     async def forget_gone_consumers(
         self, groups: Sequence[GroupSpec], idle_ms: int, counter: Counter

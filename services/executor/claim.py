@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 
+from supersede.health import ShardHealth, ShardSilent
 from supersede.metrics import HOP_SECONDS
 from supersede.scripts import Assigned, Claim, Scripts, Taken
 from supersede.services.executor import metrics
@@ -35,8 +36,10 @@ class Claimer:
         config: ExecutorConfig,
         runner: Runner,
         cancels: Cancels,
+        health: ShardHealth | None = None,
     ) -> None:
         self.scripts = scripts
+        self.health = health
         self.consumer = consumer
         self.config = config
         self.runner = runner
@@ -44,9 +47,10 @@ class Claimer:
         # (monotonic) when the last `take` call was sent: the server stamps the leases of the
         # runs it claims after that, so their leases run from no earlier (Running.leased_at)
         self.asked = 0.0
-        # (wall clock) the earliest claim call since the last reclaim whose reply did not come
-        # (it raised): the server may have carried it out (see `reclaim`); 0: none
-        self.lost_since = 0.0
+        # shard -> (wall clock) the earliest claim call of the shard since its last reclaim
+        # whose reply did not come (it raised): the server may have carried it out (see
+        # `reclaim`)
+        self.lost_since: dict[int, float] = {}
 
     async def claim_and_start(self, items: list[Fetched]) -> None:
         asked = time.monotonic()
@@ -55,20 +59,56 @@ class Claimer:
         for shard, stream, entry_id, rid, attempt in items:
             by_shard.setdefault(shard, []).append((stream, entry_id, rid, attempt))
         now = time.time()
+        failed: BaseException | None = None
         try:
-            replies = await self.scripts.claim_shards(
-                self.consumer, by_shard, lease_ms=self.config.lease_ms, read_us=int(now * 1e6)
-            )
+            replies, failed = await self._claim(by_shard, int(now * 1e6))
         except BaseException:
-            self.lost_since = min(self.lost_since or sent, sent)
+            self._lost(by_shard, sent)
             raise
+        self._lost([s for s in by_shard if s not in replies], sent)
         HOP_SECONDS.labels("claim").observe(max(0.0, time.time() - now))
         claimed: list[tuple[int, bytes | str, Claim]] = []
         for shard, claims in replies.items():
             for (_, entry, _, _), claim in zip(by_shard[shard], claims, strict=True):
                 if claim.claimed:
                     claimed.append((shard, entry, claim))
-        self.start_taken(claimed, len(items) - len(claimed), now, asked)
+        asked_for = sum(len(by_shard[s]) for s in replies)
+        self.start_taken(claimed, asked_for - len(claimed), now, asked)
+        if failed is not None:
+            raise failed
+
+    async def _claim(
+        self, by_shard: dict[int, list[Assigned]], read_us: int
+    ) -> tuple[dict[int, list[Claim]], BaseException | None]:
+        """The claims of each shard's assignments, and an error of a shard that failed. On a
+        cluster one call per shard, each bounded by ShardHealth: the shards that answered are
+        claimed whatever the others do (a silent one's assignments stay pending for this
+        consumer: a sweep of own pending entries reads them again once it answers)."""
+        lease_ms = self.config.lease_ms
+        health = self.health
+        if health is None or not health.enabled:
+            replies = await self.scripts.claim_shards(
+                self.consumer, by_shard, lease_ms=lease_ms, read_us=read_us
+            )
+            return replies, None
+        done = await health.each(
+            {s: ([s], self._claim_call(s, part, read_us)) for s, part in by_shard.items()}
+        )
+        failed = next(
+            (e for e in done.values() if isinstance(e, BaseException)
+             and not isinstance(e, ShardSilent)), None,
+        )  # fmt: skip
+        return {s: r for s, r in done.items() if not isinstance(r, BaseException)}, failed
+
+    def _claim_call(self, shard: int, part: list[Assigned], read_us: int) -> Awaitable[list[Claim]]:
+        return self.scripts.claim(
+            shard, self.consumer, part, lease_ms=self.config.lease_ms, read_us=read_us
+        )
+
+    def _lost(self, shards: Iterable[int], sent: float) -> None:
+        """Claim calls of `shards` sent at `sent` (wall clock) whose replies did not come."""
+        for shard in shards:
+            self.lost_since[shard] = min(self.lost_since.get(shard, sent), sent)
 
     async def take(
         self, streams: Sequence[tuple[str, int]], want: int, *, deep: bool = False
@@ -83,7 +123,7 @@ class Claimer:
                 self.consumer, streams, want=want, lease_ms=self.config.lease_ms, deep=deep
             )
         except BaseException:
-            self.lost_since = min(self.lost_since or started, started)
+            self._lost({shard for _, shard in streams}, started)
             raise
         HOP_SECONDS.labels("claim").observe(max(0.0, time.time() - started))
         return taken
@@ -124,18 +164,25 @@ class Claimer:
         """Start the runs that claim calls whose replies never came claimed for this executor
         (lua/reclaim.lua): the server may have carried such a call out (it froze mid-call, a
         connection was cut after the request), and its runs sat RUNNING, never started, for a
-        lease, then used an attempt. Made before the next claim; a failure keeps it due. How
-        many it started."""
+        lease, then used an attempt. Made before the next claim, per shard; a failure keeps it
+        due (a silent shard's, until it answers). How many it started."""
         if not self.lost_since:
             return 0
-        since_ms = int((self.lost_since - RECLAIM_SKEW) * 1000)
         asked, now = time.monotonic(), time.time()
         held = self._held()
         found = 0
-        for shard in range(self.scripts.keys.shards):
-            claims = await self.scripts.reclaim(
-                shard, self.consumer, list(held), since_ms=since_ms, lease_ms=self.config.lease_ms
-            )
+        for shard, lost in sorted(self.lost_since.items()):
+            if self.health is not None and not self.health.up(shard):
+                continue
+            call = self.scripts.reclaim(
+                shard, self.consumer, list(held), since_ms=int((lost - RECLAIM_SKEW) * 1000),
+                lease_ms=self.config.lease_ms,
+            )  # fmt: skip
+            try:
+                claims = await (call if self.health is None else self.health.call([shard], call))
+            except ShardSilent:
+                continue
+            del self.lost_since[shard]
             held = self._held()  # (a hand-over of `supersede serve` may have started one)
             for claim in claims:
                 if (claim.run_id, claim.attempt) in held:
@@ -145,7 +192,6 @@ class Claimer:
                 if run is not None and claim.state == "X":  # (cancelled since: stopped at
                     # once, its outcome reported, as a hand-over's)
                     self.cancels.cancel_local(claim.run_id, claim.attempt, now * 1000)
-        self.lost_since = 0.0
         if found:
             metrics.RECLAIMED.inc(found)
             log.warning("runs claimed by a call whose reply was lost are started now",

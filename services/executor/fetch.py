@@ -48,6 +48,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
 
+from supersede.health import ShardSilent
 from supersede.keys import Keys
 from supersede.lane import Lane, read
 from supersede.protocol import (
@@ -108,6 +109,7 @@ class Fetcher:
     ) -> None:
         self.service = service
         self.redis: Redis = service.redis
+        self.health = service.health
         self.reads: Lane | None = None  # the blocking reads' own connection, from `loop`
         self.consumer = service.consumer
         self.keys = keys
@@ -297,6 +299,7 @@ class Fetcher:
             # shard, and the claim and the finish of the runs pay a fixed part per shard.
             return (await self._take(order[:DEEP_STREAMS], free, deep=True))[0]
         got = Reading()
+        order = self._answering(order)
         while order and len(got) < free:
             want = free - len(got)
             batch = self._batch(order, want)
@@ -304,15 +307,68 @@ class Fetcher:
             got.add(await self._read_batch(batch, want // len(batch)))
         return got
 
+    def _answering(self, order: list[int]) -> list[int]:
+        """The streams of `order` whose shards are not silent (ShardHealth; a cluster)."""
+        up = self.health.up
+        return [i for i in order if up(self.shard_of_stream[self.streams[i]])]
+
+    async def _read_each(self, reads: list[tuple[str, str, int]]) -> list[tuple[str, object]]:
+        """XREADGROUP of each (stream, id, count) of `reads`, and each stream's reply: one
+        pipeline on one server; on a cluster one per node, all at once, each bounded by
+        ShardHealth: a silent shard's streams are left out, and a node that does not answer
+        in time gives nothing (what it delivered meanwhile is pending for this consumer: a
+        sweep of own pending entries reads it once it answers)."""
+        if not self.cluster:
+            return list(zip([s for s, _, _ in reads], await self._pipelined(reads), strict=True))
+        by_node: dict[str, list[tuple[str, str, int]]] = {}
+        for one in reads:
+            if self.health.up(self.shard_of_stream[one[0]]):
+                by_node.setdefault(self._node_of(one[0]), []).append(one)
+        done = await self.health.each(
+            {
+                node: ({self.shard_of_stream[s] for s, _, _ in part}, self._pipelined(part))
+                for node, part in by_node.items()
+            }
+        )
+        out: list[tuple[str, object]] = []
+        for node, part in by_node.items():
+            replies = done[node]
+            if isinstance(replies, ShardSilent):
+                continue
+            if isinstance(replies, BaseException):
+                raise replies
+            out += zip([s for s, _, _ in part], replies, strict=True)
+        return out
+
+    async def _pipelined(self, reads: list[tuple[str, str, int]]) -> list[object]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, at, count in reads:
+                pipe.xreadgroup(EXECUTOR_GROUP, self.consumer, {stream: at}, count=count)
+            return cast(list[object], await pipe.execute())
+
+    def _node_of(self, stream: str) -> str:
+        """The name of the master serving `stream` (a cluster; its shard's name when the
+        client knows no node of its slot)."""
+        try:
+            return str(cast(Any, self.redis).get_node_from_key(stream).name)
+        except Exception:
+            return f"shard {self.shard_of_stream[stream]}"
+
     async def _read_batch(self, batch: list[int], count: int) -> Reading:
         """One XREADGROUP over the streams `batch`, `count` entries each; a stream that gave
         all it was asked for stays hot (it likely has more), the others cool down. (A cluster's:
         on one server `_take` reads and claims in one call.)"""
         names = [self.streams[i] for i in batch]
-        reply = await self.redis.xreadgroup(
-            EXECUTOR_GROUP, self.consumer, dict.fromkeys(names, ">"), count=count
-        )
         self._hot.difference_update(batch)
+        try:
+            reply = await self.health.call(
+                [self.shard_of_stream[names[0]]],
+                self.redis.xreadgroup(
+                    EXECUTOR_GROUP, self.consumer, dict.fromkeys(names, ">"), count=count
+                ),
+            )
+        except ShardSilent:  # (its master did not answer in time: the other shards go on)
+            return Reading()
         return Reading(self._parse_reply(reply, count=count))
 
     async def _take(
@@ -346,13 +402,9 @@ class Fetcher:
         streams of a deployment held the loop for milliseconds every sweep); the re-read moves
         past only what it takes."""
         ids = self.own.ids()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in self.streams:
-                pipe.xreadgroup(EXECUTOR_GROUP, self.consumer, {stream: ids[stream]}, count=free)
-            replies = await pipe.execute()
         got: list[Fetched] = []
         taken: StreamReply = []
-        for stream, reply in zip(self.streams, replies, strict=True):
+        for stream, reply in await self._read_each([(s, ids[s], free) for s in self.streams]):
             for name, entries in cast(StreamReply, reply or []):
                 entries = entries[: free - len(got)]
                 if entries:
@@ -398,13 +450,11 @@ class Fetcher:
         if free >= n:
             # Enough free slots to ask every stream for free // n entries in one round trip
             # (a scan of one round trip per stream takes milliseconds in redis-py).
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for stream in self.streams:
-                    pipe.xreadgroup(EXECUTOR_GROUP, self.consumer, {stream: ">"}, count=free // n)
-                replies = await pipe.execute()
-            for stream, reply in zip(self.streams, replies, strict=True):
-                got.fetched += self._parse_reply(reply, stream, count=free // n)
+            count = free // n
+            for stream, reply in await self._read_each([(s, ">", count) for s in self.streams]):
+                got.fetched += self._parse_reply(reply, stream, count=count)
             return got
+        order = self._answering(order)
         while order and len(got) < free:
             want = free - len(got)
             batch = self._batch(order, want)
@@ -500,7 +550,11 @@ class Fetcher:
                 extra={"stream": stream, "entry": entry_id.decode()},
             )
         for stream, entry_id in bad:
-            await self.redis.xack(stream, EXECUTOR_GROUP, entry_id)
+            with contextlib.suppress(ShardSilent):  # (read again, and acknowledged, later)
+                await self.health.call(
+                    [self.shard_of_stream[stream]],
+                    self.redis.xack(stream, EXECUTOR_GROUP, entry_id),
+                )
         return len(bad) + len(taken)
 
     async def stale_loop(self, stop: asyncio.Event) -> None:
@@ -510,8 +564,12 @@ class Fetcher:
         reads, and none of the fetch loop's time."""
         while not stop.is_set():
             try:
-                self._stale = await stale_streams(
-                    self.redis, self.streams, EXECUTOR_GROUP, self.config.claim_idle_ms
+                # (a silent shard's streams left out: the look is bounded by the deadline of
+                # the other shards' calls, not held by a silent master)
+                streams = [s for s in self.streams if self.health.up(self.shard_of_stream[s])]
+                look = stale_streams(self.redis, streams, EXECUTOR_GROUP, self.config.claim_idle_ms)
+                self._stale = await (
+                    asyncio.wait_for(look, self.health.deadline) if self.cluster else look
                 )
             except asyncio.CancelledError:
                 raise
@@ -528,10 +586,16 @@ class Fetcher:
             if len(got) >= free:
                 self._stale = streams[i:]  # the rest once slots free up
                 break
-            reply = await self.redis.xautoclaim(
-                stream, EXECUTOR_GROUP, self.consumer, self.config.claim_idle_ms,
-                count=free - len(got),
-            )  # fmt: skip
+            try:
+                reply = await self.health.call(
+                    [self.shard_of_stream[stream]],
+                    self.redis.xautoclaim(
+                        stream, EXECUTOR_GROUP, self.consumer, self.config.claim_idle_ms,
+                        count=free - len(got),
+                    ),
+                )  # fmt: skip
+            except ShardSilent:  # (stale_loop finds it again once its master answers)
+                continue
             got += self._parse(stream, [e for e in reply[1] if e and e[1]])
         return got
 

@@ -5,20 +5,26 @@ does not take (a result it refuses, an error, a call slower than a third of a le
 to the shards' results streams, one pipeline per turn, and admission applies it from there
 (and dead-letters a bad one). A result applied twice is stale: a no-op. A user without the
 rights of the finish script (an ACL user created before executors applied their results) sends
-every result the stream's way, after one warning."""
+every result the stream's way, after one warning.
+
+On a cluster each shard's call is bounded (ShardHealth): the results of a shard whose master
+does not answer wait, and are tried again every RETRY_EVERY seconds for up to a lease, while
+the other shards' results are applied turn after turn."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
 
-from supersede import aio
 from supersede.errors import describe
+from supersede.health import ShardHealth
 from supersede.keys import Keys
 from supersede.logs import Sampled
 from supersede.protocol import ASSIGN_DEADLINE_FIELD, PAYLOAD, RunResult
@@ -33,6 +39,22 @@ _NOT_WRITTEN_YET = Sampled()
 _NOT_APPLIED = Sampled()
 
 DEADLINE_EVERY = 10.0  # seconds between two reads of admission's assignment deadline
+RETRY_EVERY = 0.2  # seconds between two tries of a result not written
+
+# One outcome to write: (shard, packed result, its future, when to give up (monotonic)).
+Held = tuple[int, bytes, asyncio.Future[int], float]
+
+
+class PartlyApplied(Exception):
+    """A finish call of some shards failed (a cluster: one call per shard): `applied` says
+    which did apply, and the turn; the error is the first failure's."""
+
+    def __init__(self, applied: set[int], turn: int, error: BaseException) -> None:
+        super().__init__(describe(error))
+        self.applied = applied
+        self.turn = turn
+        self.error = error
+
 
 # Applies packed results of several shards at once; returns the call's turn number (> 0).
 Sink = Callable[[dict[int, list[bytes]]], Awaitable[int]]
@@ -53,8 +75,17 @@ class FinishHere:
     range): the lease keeper confirms a turn's runs ended with one read of those keys, instead
     of asking about each run (see lua/finish.lua)."""
 
-    def __init__(self, scripts: Scripts, executor: str, lease_ms: int, *, cluster: bool) -> None:
+    def __init__(
+        self,
+        scripts: Scripts,
+        executor: str,
+        lease_ms: int,
+        *,
+        cluster: bool,
+        health: ShardHealth | None = None,
+    ) -> None:
         self.scripts = scripts
+        self.health = health or ShardHealth.off()
         self.executor = executor
         self.cluster = cluster
         self.assign_deadline_ms = 0
@@ -69,36 +100,51 @@ class FinishHere:
         if self._deadline_due.due():
             try:
                 keys = self.scripts.keys
-                raw = await self.scripts.redis.hget(keys.config_hash, ASSIGN_DEADLINE_FIELD)
+                read = self.scripts.redis.hget(keys.config_hash, ASSIGN_DEADLINE_FIELD)
+                # (bounded: its master may be silent; the results are not held for it)
+                raw = await asyncio.wait_for(read, self.health.deadline)
                 self.assign_deadline_ms = int(raw or 0)
             except Exception as exc:  # (the last one known serves; the results go on)
                 log.warning("assignment deadline not read", extra={"error": describe(exc)})
         deadline = self.assign_deadline_ms
         self.turn += 1
         turn = Turn(self.executor, self.turn, self.turn_ttl_ms, dict(self.last_turn))
+        failed: BaseException | None = None
         if self.cluster:
-            done = await aio.gather(
-                *(
-                    self.scripts.finish(s, part, assign_deadline_ms=deadline, turn=turn)
-                    for s, part in items.items()
-                )
-            )
+            calls = {
+                s: ([s], self.scripts.finish(s, part, assign_deadline_ms=deadline, turn=turn))
+                for s, part in items.items()
+            }
+            replies = await self.health.each(calls)
+            failed = next((r for r in replies.values() if isinstance(r, BaseException)), None)
+            done = [r for r in replies.values() if not isinstance(r, BaseException)]
+            applied = {s for s, r in replies.items() if not isinstance(r, BaseException)}
         else:
             done = [await self.scripts.finish_shards(items, assign_deadline_ms=deadline, turn=turn)]
-        for shard in items:  # (not after a call that raised: the next one starts a new range)
+            applied = set(items)
+        for shard in applied:  # (not after a call that raised: the next one starts a new range)
             self.last_turn[shard] = turn.number
         metrics.RESULTS.labels("applied").inc(sum(r.applied for r in done))
         metrics.RESULTS.labels("stale").inc(sum(r.stale for r in done))
         metrics.ASSIGNED.inc(sum(r.assigned for r in done))
+        if failed is not None:
+            if not applied:
+                raise failed
+            raise PartlyApplied(applied, turn.number, failed)
         return turn.number
 
 
 class Outbox:
-    def __init__(self, redis: Redis, keys: Keys, config: ExecutorConfig) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, config: ExecutorConfig, health: ShardHealth | None = None
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.config = config
+        self.health = health or ShardHealth.off()
         self._pending: list[tuple[int, bytes, asyncio.Future[int]]] = []
+        self._retry: list[Held] = []  # not written yet: tried again from _retry_at
+        self._retry_at = 0.0  # (monotonic)
         self._ready = asyncio.Event()
         self.sink: Sink | None = None
 
@@ -115,69 +161,113 @@ class Outbox:
     async def loop(self) -> None:
         """Write what is queued, turn after turn, until cancelled.
 
-        A failed write (a failover, say) is retried for up to a lease (after an in-process
-        call that failed, for up to a third of one): after that the reaper has retried the run
-        elsewhere and this result would be discarded as stale anyway."""
+        A result neither applied nor written (a failover, a silent master) is tried again
+        every RETRY_EVERY seconds, through the stream, for up to a lease (after an in-process
+        call that failed, for up to a third of one): after that the reaper has retried the
+        run elsewhere and this result would be discarded as stale anyway. Meanwhile the
+        results queued after it are applied or written as usual."""
         while True:
-            await self._ready.wait()
+            if self._retry and not self._pending:
+                # (nothing new: the retries when due, or something new before)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._ready.wait(), max(0.0, self._retry_at - time.monotonic())
+                    )
+            else:
+                await self._ready.wait()
             self._ready.clear()
             batch, self._pending = self._pending, []
-            applied = await self._apply_here(batch)
-            error = None if applied else await self._write(batch)
-            for _, _, fut in batch:
-                if fut.done():
-                    continue
-                if error is None:
-                    fut.set_result(applied)
-                else:
-                    fut.set_exception(error)
+            give_up = time.monotonic() + self.config.lease_ms / 1000
+            if self.health.silent:  # (a silent shard's results wait for the retries)
+                up = self.health.up
+                self._retry += [(s, p, f, give_up) for s, p, f in batch if not up(s)]
+                batch = [item for item in batch if up(item[0])]
+            rest = await self._apply_here(batch) if batch else []
+            held = [(shard, payload, fut, give_up) for shard, payload, fut in rest]
+            if self._retry and time.monotonic() >= self._retry_at:
+                held += self._retry
+                self._retry = []
+            if held:
+                await self._write(held)
 
-    async def _apply_here(self, batch: list[tuple[int, bytes, asyncio.Future[int]]]) -> int:
-        """The batch applied by the sink, if there is one and it takes all of it: the turn
-        of the call that applied it (0: not applied). A refused
-        result or a failed call: the batch goes to the streams, where admission's read
-        dead-letters a bad one and applies the rest (a result applied twice is a no-op; on a
-        cluster, where each shard has its own call, the shards that did apply are applied
-        again, as stale)."""
+    async def _apply_here(
+        self, batch: list[tuple[int, bytes, asyncio.Future[int]]]
+    ) -> list[tuple[int, bytes, asyncio.Future[int]]]:
+        """The batch applied by the sink, if there is one, each future given the turn of the
+        call that applied it; what it did not apply is returned. A refused result or a failed
+        call: the batch goes to the streams, where admission's read dead-letters a bad one and
+        applies the rest (a result applied twice is a no-op); on a cluster the shards whose
+        calls did apply are done, the others' results go to the streams."""
         if self.sink is None:
-            return 0
+            return batch
         by_shard: dict[int, list[bytes]] = {}
         for shard, payload, _ in batch:
             by_shard.setdefault(shard, []).append(payload)
         try:
             # (bounded: a stalled call would hold every later result, and with them the slots)
-            return await asyncio.wait_for(self.sink(by_shard), self.config.lease_ms / 3000)
+            turn = await asyncio.wait_for(self.sink(by_shard), self.config.lease_ms / 3000)
         except NoPermissionError as exc:
             self.sink = None  # (for good: the user's rights do not change under it)
             log.warning("this executor's Redis user may not run the finish script; results "
                         "go through the results stream until it restarts (re-create the users "
                         "with `supersede acl --apply`, then restart the executors)",
                         extra={"error": describe(exc)})  # fmt: skip
-            return 0
+            return batch
         except Exception as exc:
-            repeats = _NOT_APPLIED.due(type(exc).__name__)
+            applied = exc.applied if isinstance(exc, PartlyApplied) else set()
+            error = exc.error if isinstance(exc, PartlyApplied) else exc
+            rest = [item for item in batch if item[0] not in applied]
+            repeats = _NOT_APPLIED.due(type(error).__name__)
             if repeats is not None:
                 log.warning("results not applied by the finish call; writing them to the streams",
-                            extra={"runs": len(batch), "error": describe(exc),
+                            extra={"runs": len(rest), "error": describe(error),
                                    "repeats": repeats})  # fmt: skip
-            return 0
+            if not applied:
+                return batch
+            turn = cast(PartlyApplied, exc).turn
+            batch = [item for item in batch if item[0] in applied]
+        else:
+            rest = []
+        for _, _, fut in batch:
+            if not fut.done():
+                fut.set_result(turn)
+        return rest
 
-    async def _write(self, batch: list[tuple[int, bytes, asyncio.Future[int]]]) -> Exception | None:
-        deadline = time.monotonic() + self.config.lease_ms / 1000
-        while True:
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for shard, payload, _ in batch:
-                        pipe.xadd(self.keys.shard(shard).results_stream, {PAYLOAD: payload})
-                    await pipe.execute()
-                metrics.RESULTS.labels("stream").inc(len(batch))
-                return None
-            except Exception as exc:  # redis-py can raise others mid-failover
-                if time.monotonic() > deadline:
-                    return exc
-                repeats = _NOT_WRITTEN_YET.due("write")  # (every 0.2 s while the server is down)
-                if repeats is not None:
-                    log.warning("results not written yet; retrying",
-                                extra={"runs": len(batch), "error": describe(exc),
-                                       "repeats": repeats})  # fmt: skip
-                await asyncio.sleep(0.2)
+    async def _write(self, items: list[Held]) -> None:
+        """XADD each result to its shard's results stream: one pipeline on one server; on a
+        cluster one per shard, each bounded by ShardHealth. A result not written is tried again
+        after RETRY_EVERY seconds, until its time to give up (its future fails then)."""
+        by_shard: dict[int, list[Held]] = {}
+        for item in items:  # (one server: one pipeline)
+            by_shard.setdefault(item[0] if self.health.enabled else -1, []).append(item)
+        # (redis-py can raise others than its own mid-failover: each is the call's outcome)
+        outcome = await self.health.each(
+            {s: ([s], self._xadd(part)) for s, part in by_shard.items()}
+        )
+        now = time.monotonic()
+        for s, part in by_shard.items():
+            exc = outcome[s]
+            if not isinstance(exc, BaseException):
+                metrics.RESULTS.labels("stream").inc(len(part))
+                for _, _, fut, _ in part:
+                    if not fut.done():
+                        fut.set_result(0)
+                continue
+            for item in part:
+                if now < item[3]:
+                    self._retry.append(item)
+                elif not item[2].done():
+                    item[2].set_exception(exc)
+            repeats = _NOT_WRITTEN_YET.due("write")  # (every 0.2 s while the server is down)
+            if repeats is not None:
+                log.warning("results not written yet; retrying",
+                            extra={"runs": len(part), "error": describe(exc),
+                                   "repeats": repeats})  # fmt: skip
+        if self._retry:
+            self._retry_at = now + RETRY_EVERY
+
+    async def _xadd(self, items: list[Held]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard, payload, _, _ in items:
+                pipe.xadd(self.keys.shard(shard).results_stream, {PAYLOAD: payload})
+            await pipe.execute()

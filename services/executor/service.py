@@ -82,15 +82,20 @@ class Executor(Service):
         self._replaced_said: dict[str, float] = {}  # workflow -> when last said (monotonic)
         self.workflows = tuple(self.definitions)
         cluster = isinstance(redis, RedisCluster)
-        self.outbox = Outbox(redis, self.keys, self.config)
+        # (a cluster call of a shard waits a sixth of a lease at most, and 2 s, before the shard
+        # is left out: a lease is renewed within a third of it, and its run's result applied)
+        self.health.deadline = min(self.health.deadline, max(0.5, self.config.lease_ms / 6000))
+        self.outbox = Outbox(redis, self.keys, self.config, self.health)
         if not self.config.results_via_stream:
             self.outbox.sink = FinishHere(
-                self.scripts, self.consumer, self.config.lease_ms, cluster=cluster
-            )
+                self.scripts, self.consumer, self.config.lease_ms, cluster=cluster,
+                health=self.health,
+            )  # fmt: skip
         self.runner = Runner(workflows, self.config, self.outbox, tracer=self.tracer,
                              fences=self._fence, keys=self.keys)  # fmt: skip
         self.cancels = Cancels(redis, self.keys, self.runner, self.config, cluster=cluster)
-        self.claimer = Claimer(self.scripts, self.consumer, self.config, self.runner, self.cancels)
+        self.claimer = Claimer(self.scripts, self.consumer, self.config, self.runner, self.cancels,
+                               self.health)  # fmt: skip
         self.fetcher = Fetcher(self, self.keys, self.config, self.runner, self.claimer,
                                cluster=cluster)  # fmt: skip
         self.leases = LeaseKeeper(settings.redis_url, self.keys, self.consumer, self.config,

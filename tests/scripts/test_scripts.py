@@ -1368,7 +1368,7 @@ async def test_an_executor_starts_the_runs_of_a_take_whose_reply_was_lost(
         await asyncio.sleep(0.01)
     assert sorted(ran) == sorted(r.run_id for _, r in reqs) and not claimer.lost_since
     await claimer.reclaim()  # (nothing more to take back: no run starts twice)
-    claimer.lost_since = time.time() - 60
+    claimer.lost_since = dict.fromkeys(range(keys.shards), time.time() - 60)
     await claimer.reclaim()
     await asyncio.sleep(0.05)
     assert len(ran) == 3

@@ -346,3 +346,97 @@ def test_a_beat_renews_the_other_nodes_runs_while_a_master_is_frozen() -> None:
             os.kill(stopped.proc.pid, signal.SIGCONT)
         client.close()
         cluster.stop()
+
+
+@pytest.mark.parametrize("slots", ["30", "400"])  # (fewer free slots than streams, and more)
+async def test_the_other_masters_shards_run_while_a_master_is_frozen(slots: str) -> None:
+    """A master that stops answering without closing its connections (SIGSTOP; a frozen VM, a
+    link that drops packets) held every shard's work until it answered again: the executor
+    read every stream in one pipeline, and ingress's batch waited for its appends to every
+    shard (a probe: 0.1-0.2 runs/s started on the healthy shards for 20 s, against 13.5).
+    Now the calls of a shard whose node does not answer fail after a deadline, and that shard
+    is left out until a probe of it is answered: the other masters' users are served while it
+    is frozen, and its own users once it answers again."""
+    import os
+    import signal
+
+    try:  # (no node declared failed while it is frozen: a cluster down would refuse them all)
+        cluster = EmbeddedCluster(3, extra_args=["--cluster-node-timeout", "60000"]).start()
+    except (FileNotFoundError, OSError) as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"NO CLUSTER TEST: cannot start a cluster here ({exc})")
+    client = RedisCluster.from_url(cluster.url)
+    stopped = None
+    await client.initialize()
+
+    def port_of(key: str) -> int:
+        return int(client.get_node_from_key(key).port)
+
+    def spared(keys: Keys) -> set[int]:
+        """The masters of the deployment-wide keys (the inbox, the registry, the config) and
+        of the test's log: the test freezes another."""
+        return {port_of(k) for k in (keys.events_stream, f"{keys.namespace}:test:log",
+                                     keys.workflows_hash, keys.config_hash)}  # fmt: skip
+
+    keys = next(k for i in range(100) if len(spared(k := Keys(f"frozen{i}", 16))) < 3)
+    frozen_port = next(p for p in cluster.master_ports() if p not in spared(keys))
+    system = System(f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}", keys)
+    try:
+        await system.pipeline(client, keys, 1, "--slots", slots, "--lease", "6")
+
+        async def publish(user: str, text: str) -> None:
+            data = orjson.dumps({"userId": user, "sleep": 0.01, "text": text})
+            await client.xadd(keys.events_stream, {"name": "chat.message", "data": data})
+
+        users = [f"user{i}" for i in range(40)]
+        for user in users:
+            await publish(user, "first")
+
+        async def ended(n: int) -> bool:
+            recs = await records(client, keys)
+            return len(recs) == n and all(r["st"] == "S" for r in recs.values())
+
+        await eventually(lambda: ended(len(users)), timeout=30)
+        shard_of = {str(r["k"]): int(rid.split("-")[0]) for rid, r in
+                    (await records(client, keys)).items()}  # fmt: skip
+        on_frozen = {u for u in users if port_of(keys.shard(shard_of[u]).runs_hash) == frozen_port}
+        healthy = [u for u in users if u not in on_frozen]
+        assert on_frozen and healthy
+
+        [stopped] = [n for n in cluster.nodes if n.port == frozen_port]
+        assert stopped.proc is not None
+        os.kill(stopped.proc.pid, signal.SIGSTOP)
+        # The executor alone: only the healthy masters' users publish.
+        for user in healthy:
+            await publish(user, "second")
+
+        async def served(times: int) -> bool:
+            count = await _succeeded(client, keys, {shard_of[u] for u in healthy})
+            return all(count.get(u, 0) == times for u in healthy)
+
+        await eventually(lambda: served(2), timeout=15)
+        # Ingress too: each batch also holds events of the frozen master's users.
+        for user in users:
+            await publish(user, "third")
+        await eventually(lambda: served(3), timeout=15)
+        os.kill(stopped.proc.pid, signal.SIGCONT)
+        stopped = None
+        await eventually(lambda: ended(3 * len(users) - len(on_frozen)), timeout=30)
+    finally:
+        if stopped is not None and stopped.proc is not None:
+            os.kill(stopped.proc.pid, signal.SIGCONT)
+        system.close()
+        await client.aclose()
+        cluster.stop()
+
+
+async def _succeeded(client: RedisCluster, keys: Keys, shards: set[int]) -> dict[str, int]:
+    """Key -> runs SUCCEEDED, read from the runs of `shards` only."""
+    from supersede import codec
+
+    count: dict[str, int] = {}
+    for shard in shards:
+        for raw in (await client.hgetall(keys.shard(shard).runs_hash)).values():
+            rec = codec.unpack(raw)
+            if rec["st"] == "S":
+                count[str(rec["k"])] = count.get(str(rec["k"]), 0) + 1
+    return count

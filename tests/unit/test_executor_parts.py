@@ -162,6 +162,7 @@ async def test_a_read_of_streams_with_a_backlog_is_deep_over_a_few_of_them_in_ro
     slot's worth from each of them and paid the per-shard cost of the claim, and of the
     finish, on every shard). At most DEEP_STREAMS of them per call, the first one rotating so
     no backlog waits behind another's."""
+    from supersede.health import ShardHealth
     from supersede.keys import Keys
     from supersede.scripts import Taken
     from supersede.services.executor import fetch
@@ -173,7 +174,7 @@ async def test_a_read_of_streams_with_a_backlog_is_deep_over_a_few_of_them_in_ro
             calls.append(([s for s, _ in streams], want, deep))
             return Taken([], 0, [], [], 1)
 
-    service: Any = type("S", (), {"redis": None, "consumer": "c"})()
+    service: Any = type("S", (), {"redis": None, "consumer": "c", "health": ShardHealth.off()})()
     runner: Any = type("R", (), {"workflows": {"wf": None}})()
     keys = Keys("ns", 16)
     claimer: Any = Claimer()
@@ -193,6 +194,7 @@ async def test_an_entry_read_without_a_bell_turns_the_bells_off_for_the_hold() -
     loop iteration, when the take left every stream empty) does not read from the ids kept
     while bells were on (none at all, when the XREADGROUP BLOCK served before): it returns at
     once, so the loop reads the tails and scans first."""
+    from supersede.health import ShardHealth
     from supersede.keys import Keys
     from supersede.scripts import Taken
     from supersede.services.executor import fetch
@@ -201,7 +203,9 @@ async def test_an_entry_read_without_a_bell_turns_the_bells_off_for_the_hold() -
         async def take(self, streams: Any, want: int, *, deep: bool = False) -> Taken:
             return Taken([], 1, [(streams[0][0], 1, b"1-0", want)], [], len(streams), 1)
 
-    service: Any = type("S", (), {"redis": None, "consumer": "c"})()  # (a read would fail)
+    service: Any = type(
+        "S", (), {"redis": None, "consumer": "c", "health": ShardHealth.off()}
+    )()  # (a read would fail)
     runner: Any = type("R", (), {"workflows": {"wf": None}})()
     claimer: Any = Claimer()
     f = fetch.Fetcher(service, Keys("ns", 4), ExecutorConfig(), runner, claimer, cluster=False)
@@ -797,8 +801,12 @@ async def test_results_waiting_for_a_server_that_is_down_log_one_line_per_window
     box = outbox.Outbox(_Down(), Keys("ns", 1), ExecutorConfig(lease_ms=1000))
     result = RunResult("0-a", 1, Outcome.SUCCEEDED, "", None, 0)
     with caplog.at_level("WARNING", logger="supersede.executor"):
-        error = await box._write([(0, result.pack(), None)])
-    assert isinstance(error, RedisConnectionError)
+        writer = asyncio.create_task(box.loop())
+        try:
+            with pytest.raises(RedisConnectionError):  # (after a lease of retries)
+                await asyncio.wait_for(box.put(0, result), 5)
+        finally:
+            writer.cancel()
     lines = [r for r in caplog.records if r.getMessage() == "results not written yet; retrying"]
     assert len(lines) == 1 and "Error 111" in str(vars(lines[0])["error"]), lines
 

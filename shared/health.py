@@ -1,0 +1,168 @@
+"""Which shards' masters answer, on a cluster.
+
+A master that goes silent without closing its connections (a frozen VM, a link that drops
+packets) holds every call sent to it until it answers again, and redis-py's cluster client
+tries a timed-out call again (ten times by default). A call that combines shards (a read over
+every assignment stream, a turn's results, an inbox batch's appends) then held every shard's
+work for the whole silence. So the hot calls of a cluster go through `ShardHealth.call`, per
+node or per shard, each bounded by a deadline. A call past it marks its shards *silent*: the
+calls that follow leave them out (a call to a silent shard fails at once, with `ShardSilent`)
+until a probe of the shard, made every PROBE_EVERY seconds off the hot path, is answered.
+What a silent shard's calls would have done waits in Redis (entries pending, results queued)
+and is done once it answers.
+
+On one server the deadline is not applied and no shard is ever silent: every shard shares the
+server, so leaving some out would help none, and a slow server's calls are only slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+from collections.abc import Awaitable, Callable, Collection, Hashable, Mapping
+from typing import Any, TypeVar, cast
+
+from redis.asyncio import Redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from supersede.errors import describe
+from supersede.metrics import SHARDS_SILENT
+
+log = logging.getLogger("supersede")
+
+T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+PROBE_EVERY = 0.5  # seconds between two probes of the silent shards
+# seconds a hot call of a cluster may wait for an answer before its shards are silent (a call
+# of a healthy master takes milliseconds; one past this only delays what it would have done)
+SILENT_AFTER = 2.0
+
+
+class ShardSilent(RedisTimeoutError):
+    """A call to a shard whose master did not answer within the deadline, and has not answered
+    a probe since: failed at once."""
+
+    def __init__(self, shards: Collection[int]) -> None:
+        super().__init__(f"shard(s) {sorted(shards)} did not answer; left out until they do")
+        self.shards = frozenset(shards)
+
+
+class ShardHealth:
+    """`call` bounds a cluster call of some shards by `deadline`; `up` says whether a shard's
+    calls are made at all. `probe_key(shard)` names a key of the shard (its master answers a
+    probe of it). `service` labels the metric."""
+
+    def __init__(
+        self,
+        redis: Redis | None,
+        probe_key: Callable[[int], str],
+        *,
+        enabled: bool,
+        deadline: float,
+        service: str,
+        shards: int = 0,
+    ) -> None:
+        self.redis = redis
+        self.shards = shards
+        self.probe_key = probe_key
+        self.enabled = enabled
+        self.deadline = deadline
+        self.service = service
+        self.silent: set[int] = set()
+        self._prober: asyncio.Task[None] | None = None
+
+    @classmethod
+    def off(cls) -> ShardHealth:
+        """One that bounds nothing and leaves no shard out (one server; tests of the parts)."""
+        return cls(None, str, enabled=False, deadline=SILENT_AFTER, service="")
+
+    def up(self, shard: int) -> bool:
+        return shard not in self.silent
+
+    async def call(self, shards: Collection[int], call: Awaitable[T]) -> T:
+        """`call`'s result; ShardSilent at once when one of `shards` is silent (`call` is
+        closed unawaited), or after `deadline` seconds without an answer (the shards become
+        silent). Any other error is the call's own."""
+        if not self.enabled:
+            return await call
+        down = self.silent.intersection(shards)
+        if down:
+            _close(call)
+            raise ShardSilent(down)
+        try:
+            return await asyncio.wait_for(call, self.deadline)
+        except (TimeoutError, RedisTimeoutError) as exc:
+            self.went_silent(shards, exc)
+            raise ShardSilent(shards) from exc
+
+    async def each(self, calls: Mapping[K, tuple[Collection[int], Awaitable[Any]]]) -> dict[K, Any]:
+        """`call` for each of `calls` (key -> (shards, call)), at once; key -> its result or
+        the exception it raised."""
+        keys = list(calls)
+        results = await asyncio.gather(
+            *(self.call(*calls[k]) for k in keys), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+        return dict(zip(keys, results, strict=True))
+
+    def went_silent(self, shards: Collection[int], exc: BaseException) -> None:
+        """`shards` did not answer in time: they, and every shard their masters serve, are
+        left out until a probe is answered."""
+        new = sorted(self._siblings(shards) - self.silent)
+        if not new:
+            return
+        self.silent.update(new)
+        SHARDS_SILENT.labels(self.service).set(len(self.silent))
+        log.warning("shards' master did not answer in time; their calls are left out until it "
+                    "answers a probe (the other shards go on)",
+                    extra={"shards": new, "deadline_s": self.deadline,
+                           "error": describe(exc) or type(exc).__name__})  # fmt: skip
+        if self._prober is None or self._prober.done():
+            self._prober = asyncio.create_task(self._probe())
+
+    def _siblings(self, shards: Collection[int]) -> set[int]:
+        """`shards` and the other shards of their masters (a silent master's shards are found
+        at once, not one call's deadline after another)."""
+        try:
+            nodes = {self._node_of(s) for s in shards}
+            return set(shards) | {s for s in range(self.shards) if self._node_of(s) in nodes}
+        except Exception:  # (a slot with no node known: those named)
+            return set(shards)
+
+    def _node_of(self, shard: int) -> str:
+        return str(cast(Any, self.redis).get_node_from_key(self.probe_key(shard)).name)
+
+    async def _probe(self) -> None:
+        """Until no shard is silent: every PROBE_EVERY seconds, one EXISTS of each silent
+        shard's key (its master's), bounded by the deadline; an answer ends its silence."""
+        assert self.redis is not None  # (enabled)
+        while self.silent:
+            await asyncio.sleep(PROBE_EVERY)
+            shards = sorted(self.silent)
+            answers = await asyncio.gather(
+                *(
+                    asyncio.wait_for(self.redis.exists(self.probe_key(s)), self.deadline)
+                    for s in shards
+                ),
+                return_exceptions=True,
+            )
+            back = [
+                s for s, a in zip(shards, answers, strict=True) if not isinstance(a, BaseException)
+            ]
+            if back:
+                self.silent.difference_update(back)
+                SHARDS_SILENT.labels(self.service).set(len(self.silent))
+                log.warning("shards' master answers again; their calls are made again",
+                            extra={"shards": back})  # fmt: skip
+
+
+def _close(call: Awaitable[Any]) -> None:
+    """A coroutine never awaited, closed (no 'never awaited' warning)."""
+    close = getattr(call, "close", None)
+    if close is not None:
+        with warnings.catch_warnings():  # (Python 3.11 warns of a coroutine closed unstarted)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            close()
