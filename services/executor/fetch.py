@@ -573,6 +573,8 @@ class Fetcher:
                 )
             except asyncio.CancelledError:
                 raise
+            except TimeoutError:  # (a master that went silent: its shards are left out next)
+                log.warning("looking for assignments to take over timed out; looking again")
             except Exception:
                 log.exception("looking for assignments to take over failed")
             with contextlib.suppress(TimeoutError):

@@ -8,6 +8,12 @@ from supersede.metrics import LATENCY_BUCKETS
 from supersede.protocol import Reason
 
 EVENTS = Counter("supersede_ingress_events_total", "Inbox events read.")
+EVENTS_HELD = Counter(
+    "supersede_ingress_events_held_total",
+    "Inbox events left pending by a batch because a shard they route to did not answer (a "
+    "silent cluster master, see supersede_shards_silent): read again, and counted again, until "
+    "it answers.",
+)
 RUNS_REQUESTED = Counter(
     "supersede_ingress_runs_requested_total",
     "Run requests appended to shard streams, by workflow.",

@@ -28,6 +28,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from supersede import aio, codec, tracing
 from supersede.config import Settings, redact, server_time
 from supersede.errors import KeyExpressionError, describe
+from supersede.health import ShardSilent
 from supersede.keyexpr import KeyFn, LimitFn, compile_key, compile_limit
 from supersede.lane import Lane, read_then
 from supersede.logs import Sampled
@@ -255,6 +256,9 @@ class Batch:
     read_us: int = 0  # wall clock, µs: a point of the path of every run of the batch
     requests: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)
     workflows: dict[int, list[str]] = field(default_factory=dict)  # parallel to requests
+    # (a cluster's, parallel to requests) the inbox entry of each request
+    sources: dict[int, list[bytes]] | None = None
+    held: set[bytes] = field(default_factory=set)  # entries left pending (a silent shard's)
     # explicit ids: digest shard -> (digest, inbox entry id, request shard, index in requests)
     ids: dict[int, list[tuple[str, bytes, int, int]]] = field(default_factory=dict)
     dead: list[dict[Any, Any]] = field(default_factory=list)
@@ -523,6 +527,8 @@ class Ingress(Service):
         its reason, and so does one whose handling raised anything at all (`internal`, naming
         the exception): one entry never fails its batch."""
         batch = Batch(entries, time.perf_counter(), time.time_ns() // 1000)
+        if self.health.enabled:
+            batch.sources = {}
         if entries:  # published -> read by ingress, for the batch's oldest entry
             HOP_SECONDS.labels("inbox").observe(
                 max(0, batch.read_us / 1000 - entry_ms(entries[0][0])) / 1000
@@ -580,37 +586,54 @@ class Ingress(Service):
                 )
             requests.append((rid, request))
             batch.workflows.setdefault(shard, []).append(wf.id)
+            if batch.sources is not None:
+                batch.sources.setdefault(shard, []).append(entry_id)
 
     async def drop_duplicate_ids(self, batch: Batch) -> int:
         """Claim each explicit (workflow, id) on the shard its digest routes to, and drop the
         requests of ids another inbox entry owns (the same id with another key, hence another
         group and shard, would otherwise make a second run). Returns how many were dropped."""
         id_shards = list(batch.ids)
-        owned = await aio.gather(
-            *(
-                self.scripts.claim_ids(
-                    s,
-                    [(d, e) for d, e, _, _ in batch.ids[s]],
-                    window_ms=self.config.dedup_window_ms,
-                    max_ids=self.keys.share(self.config.max_dedup_ids),
-                    floor_ms=self.config.dedup_floor_ms,
-                )
-                for s in id_shards
-            )
-        )
+        calls = {s: ([s], self._claim_ids(s, batch.ids[s])) for s in id_shards}
+        if self.health.enabled:  # (a silent shard's ids: their entries wait, appending nothing)
+            owned = list((await self.health.each(calls)).values())
+            _raise_unless_silent(owned)
+        else:
+            owned = await aio.gather(*(call for _, call in calls.values()))
         drop: dict[int, set[int]] = {}
+        dropped = 0
         for s, flags in zip(id_shards, owned, strict=True):
-            for (_, _, shard, index), mine in zip(batch.ids[s], flags, strict=True):
+            silent = isinstance(flags, ShardSilent)
+            for (_, entry_id, shard, index), mine in zip(
+                batch.ids[s], [False] * len(batch.ids[s]) if silent else flags, strict=True
+            ):
                 if not mine:
                     drop.setdefault(shard, set()).add(index)
+                    if silent:
+                        batch.held.add(entry_id)
+                    else:
+                        dropped += 1
         for shard, gone in drop.items():
             keep = [i for i in range(len(batch.requests[shard])) if i not in gone]
             batch.requests[shard] = [batch.requests[shard][i] for i in keep]
             batch.workflows[shard] = [batch.workflows[shard][i] for i in keep]
+            if batch.sources is not None:
+                batch.sources[shard] = [batch.sources[shard][i] for i in keep]
             if not keep:
                 del batch.requests[shard], batch.workflows[shard]
         batch.ids = {}
-        return sum(map(len, drop.values()))
+        return dropped
+
+    def _claim_ids(
+        self, shard: int, ids: list[tuple[str, bytes, int, int]]
+    ) -> Awaitable[list[bool]]:
+        return self.scripts.claim_ids(
+            shard,
+            [(d, e) for d, e, _, _ in ids],
+            window_ms=self.config.dedup_window_ms,
+            max_ids=self.keys.share(self.config.max_dedup_ids),
+            floor_ms=self.config.dedup_floor_ms,
+        )
 
     def _trace(
         self,
@@ -650,14 +673,22 @@ class Ingress(Service):
     async def _write(self, batch: Batch) -> None:
         dropped = await self.drop_duplicate_ids(batch) if batch.ids else 0
         shard_ids = list(batch.requests)
-        await aio.gather(*(self.sink(s, [p for _, p in batch.requests[s]]) for s in shard_ids))
+        if batch.sources is None:
+            await aio.gather(*(self.sink(s, [p for _, p in batch.requests[s]]) for s in shard_ids))
+        else:
+            shard_ids = await self._append_answering(batch, shard_ids)
         # One transaction on a single server: a crash cannot duplicate a dead letter. A cluster
         # refuses a transaction over two slots, so there the dead letters are written first and
         # the acknowledgement after: at least once, never lost.
         # Without dead letters the acknowledgement alone needs no transaction.
         done = [e for e, _ in batch.entries]
+        if batch.held:
+            done = [e for e in done if e not in batch.held]
+            metrics.EVENTS_HELD.inc(len(batch.held))
         lane = self.scripts.lane
-        if lane is not None and not batch.dead:
+        if not done and not batch.dead:
+            pass  # (every entry held)
+        elif lane is not None and not batch.dead:
             await lane.execute("XACK", self.keys.events_stream, INGRESS_GROUP, *done)
         else:
             atomic = bool(batch.dead) and not isinstance(self.redis, RedisCluster)
@@ -665,9 +696,10 @@ class Ingress(Service):
                 cap = self.config.max_dead_letters or None
                 for body in batch.dead:
                     pipe.xadd(self.keys.dead_stream, body, maxlen=cap, approximate=True)
-                pipe.xack(self.keys.events_stream, INGRESS_GROUP, *done)
+                if done:
+                    pipe.xack(self.keys.events_stream, INGRESS_GROUP, *done)
                 await pipe.execute()
-        metrics.EVENTS.inc(len(batch.entries))
+        metrics.EVENTS.inc(len(done))
         metrics.UNROUTED.inc(batch.unrouted)
         metrics.DEDUPLICATED.inc(dropped)
         appended: dict[str, int] = {}
@@ -680,6 +712,21 @@ class Ingress(Service):
             metrics.DEAD_LETTERS.labels(str(body[Dead.REASON])).inc()
         metrics.BATCH_SECONDS.observe(time.perf_counter() - batch.started)
         HOP_SECONDS.labels("ingress").observe(max(0.0, time.time() - batch.read_us / 1e6))
+
+    async def _append_answering(self, batch: Batch, shard_ids: list[int]) -> list[int]:
+        """A cluster's appends, one call per shard, each bounded (ShardHealth): the entries
+        with a request for a shard whose master is silent are held (left pending, read again
+        by the sweep of own pending entries once it answers; the requests they had appended
+        elsewhere are appended again then, which admission recognises). The shards appended."""
+        done = await self.health.each(
+            {s: ([s], self.sink(s, [p for _, p in batch.requests[s]])) for s in shard_ids}
+        )
+        _raise_unless_silent(list(done.values()))
+        sources = batch.sources or {}
+        for s, outcome in done.items():
+            if isinstance(outcome, ShardSilent):
+                batch.held.update(sources[s])
+        return [s for s, outcome in done.items() if not isinstance(outcome, ShardSilent)]
 
     @staticmethod
     def _key(route: Route, event: Event, seen: dict[KeyFn, str]) -> str:
@@ -775,6 +822,14 @@ class Ingress(Service):
             extra={"stream": self.keys.events_stream, "last_id": codec.text(last),
                    "ahead_seconds": round(ahead)},
         )  # fmt: skip
+
+
+def _raise_unless_silent(outcomes: list[Any]) -> None:
+    """The first error of `outcomes` other than a silent shard's (a failover, say: the whole
+    batch is retried, as before a shard could be silent)."""
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, ShardSilent):
+            raise outcome
 
 
 async def serve(settings: Settings, config: IngressConfig, stop: asyncio.Event) -> None:
