@@ -860,3 +860,94 @@ async def test_a_run_cancelled_while_held_for_its_renewal_runs_no_on_cancel_hook
         assert hooked == ["0-live"] and not held.handler_started_us
     finally:
         runner.close()
+
+
+async def test_results_of_a_silent_shard_wait_while_the_other_shards_results_are_applied() -> None:
+    """A cluster executor's results: one finish call per shard, each bounded. A shard whose
+    master went silent held every result of the turn (one call for all, bounded by a third of a
+    lease, then writes to the streams retried for a lease, while later results waited behind
+    them). Now the other shards' results are applied at once, turn after turn, and the silent
+    shard's are tried again until they give up, a lease later."""
+    import time
+
+    from supersede.health import ShardHealth
+    from supersede.keys import Keys
+    from supersede.protocol import Outcome, RunResult
+    from supersede.scripts import FinishResult
+    from supersede.services.executor import outbox
+
+    keys = Keys("ns", 2)
+
+    class Cluster:
+        def get_node_from_key(self, key: str) -> Any:
+            return type("N", (), {"name": f"node{_shard_of_key(key)}"})()
+
+        async def exists(self, key: str) -> int:
+            await asyncio.sleep(3600 if _shard_of_key(key) == 1 else 0)
+            return 0
+
+        async def hget(self, *args: Any) -> None:
+            return None
+
+        def pipeline(self, transaction: bool = False) -> Any:
+            return _Pipe()
+
+    class Scripts:
+        redis = Cluster()
+        keys = Keys("ns", 2)
+
+        async def finish(self, shard: int, part: Any, **kwargs: Any) -> FinishResult:
+            await asyncio.sleep(3600 if shard == 1 else 0)
+            return FinishResult(len(part), 0, 0)
+
+    redis: Any = Cluster()
+    config = ExecutorConfig(lease_ms=1500)
+    health = ShardHealth(redis, lambda s: keys.shard(s).runs_hash, enabled=True, deadline=0.25,
+                         service="test", shards=2)  # fmt: skip
+    box = outbox.Outbox(redis, keys, config, health)
+    scripts: Any = Scripts()
+    box.sink = outbox.FinishHere(scripts, "ex", 1500, cluster=True, health=health)
+    writer = asyncio.create_task(box.loop())
+    try:
+
+        def result(i: int) -> RunResult:
+            return RunResult(f"0-{i}", 1, Outcome.SUCCEEDED, "", None, 0)
+
+        began = time.monotonic()
+        first, silent = box.put(0, result(1)), box.put(1, result(2))
+        assert await asyncio.wait_for(first, 1) > 0  # (applied: a turn number)
+        assert time.monotonic() - began < 0.45  # (the deadline, not a third of the lease)
+        assert not silent.done() and health.silent == {1}
+        later = time.monotonic()
+        assert await asyncio.wait_for(box.put(0, result(3)), 1) > 0
+        assert time.monotonic() - later < 0.1  # (not behind the silent shard's result)
+        with pytest.raises(Exception, match="did not answer"):
+            await asyncio.wait_for(silent, 3)
+        assert time.monotonic() - began > 1.4  # (tried again for a lease)
+    finally:
+        writer.cancel()
+
+
+def _shard_of_key(key: str) -> int:
+    import re
+
+    return int(re.findall(r"\{ns:(\d+)\}", key)[0])
+
+
+class _Pipe:
+    """A cluster pipeline whose calls to shard 1 never answer."""
+
+    def __init__(self) -> None:
+        self.shards: set[int] = set()
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        return None
+
+    def xadd(self, stream: str, fields: Any) -> None:
+        self.shards.add(_shard_of_key(stream))
+
+    async def execute(self) -> None:
+        await asyncio.sleep(3600 if 1 in self.shards else 0)

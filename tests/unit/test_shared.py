@@ -915,3 +915,63 @@ def test_a_failed_pipeline_command_is_described_without_its_arguments() -> None:
         "ResponseError: command 1 of a pipeline: OOM command not allowed when used memory > "
         "'maxmemory'."
     )
+
+
+async def test_a_shard_past_the_deadline_is_left_out_with_its_masters_others_until_a_probe() -> (
+    None
+):
+    """ShardHealth (a cluster's hot calls): a call past the deadline marks its shards and every
+    other shard of their master silent; a call to a silent shard fails at once, and its
+    coroutine never runs; the other master's shards are called as usual; an answered probe
+    brings them back."""
+    import asyncio
+    import time
+    import warnings
+
+    from supersede import health
+    from supersede.metrics import SHARDS_SILENT
+
+    frozen = asyncio.Event()  # set: master "a" answers again
+
+    class Node:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    class Cluster:
+        def get_node_from_key(self, key: str) -> Node:
+            return Node("a" if int(key) % 2 == 0 else "b")  # (even shards on master a)
+
+        async def exists(self, key: str) -> int:
+            if int(key) % 2 == 0 and not frozen.is_set():
+                await asyncio.sleep(3600)
+            return 0
+
+    redis: Any = Cluster()
+    h = health.ShardHealth(redis, str, enabled=True, deadline=0.2, service="test", shards=6)
+    ran: list[int] = []
+
+    async def call(shard: int, wait: float = 0.0) -> int:
+        ran.append(shard)
+        await asyncio.sleep(wait)
+        return shard
+
+    with pytest.raises(health.ShardSilent):
+        await h.call([2], call(2, wait=3600))
+    assert h.silent == {0, 2, 4} and SHARDS_SILENT.labels("test")._value.get() == 3
+    began = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a coroutine closed unstarted warns of nothing)
+        with pytest.raises(health.ShardSilent):
+            await h.call([4], call(4))
+    assert time.monotonic() - began < 0.1 and ran == [2]
+    assert await h.call([1], call(1)) == 1 and h.up(1)
+    out = await h.each({0: ([0], call(0)), 3: ([3], call(3))})
+    assert isinstance(out[0], health.ShardSilent) and out[3] == 3
+    await asyncio.sleep(2 * health.PROBE_EVERY)
+    assert h.silent == {0, 2, 4}  # (the probes go unanswered)
+    frozen.set()
+    deadline = time.monotonic() + 5
+    while h.silent and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not h.silent and SHARDS_SILENT.labels("test")._value.get() == 0
+    assert await h.call([2], call(2)) == 2
