@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from supersede import aio
-from supersede.config import Settings
+from supersede.config import Settings, server_time
 from supersede.errors import ConfigError, WorkflowRejected, describe
 from supersede.protocol import EXECUTOR_GROUP
 from supersede.registry import register_all
@@ -136,8 +136,7 @@ class Executor(Service):
         present, in whatever version (another pool's, a newer deploy's), is left as it is."""
         ids = sorted(self.definitions)
         if self._clock_due.due():  # (the mark is the server's time)
-            sec, usec = await self.redis.time()
-            self._clock_offset_ms = int(sec) * 1000 + int(usec) // 1000 - int(time.time() * 1000)
+            self._clock_offset_ms = int((await server_time(self.redis) - time.time()) * 1000)
         now_ms = int(time.time() * 1000) + self._clock_offset_ms
         async with self.redis.pipeline(transaction=False) as pipe:  # (one slot: the registry's)
             pipe.hset(self.keys.workflows_served_hash, mapping=dict.fromkeys(ids, now_ms))

@@ -975,3 +975,15 @@ async def test_a_shard_past_the_deadline_is_left_out_with_its_masters_others_unt
         await asyncio.sleep(0.02)
     assert not h.silent and SHARDS_SILENT.labels("test")._value.get() == 0
     assert await h.call([2], call(2)) == 2
+
+
+def test_the_streams_of_a_stream_read_are_found_without_asking_a_node() -> None:
+    """A cluster client places XREAD and XREADGROUP itself (redis-py asked its default node,
+    COMMAND GETKEYS, before every read: a silent default node held every read)."""
+    from supersede.config import stream_keys
+
+    assert stream_keys(
+        "XREADGROUP", ["GROUP", "streams", "c", "COUNT", 5, "STREAMS", "a", "b", ">", ">"]
+    ) == ["a", "b"]
+    assert stream_keys("xread", [b"COUNT", 1, b"BLOCK", 100, b"streams", b"s", b"0-0"]) == [b"s"]
+    assert stream_keys("XREAD", ["COUNT", 1]) == ()
