@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
-from collections.abc import Awaitable, Callable, Collection, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Mapping
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
@@ -108,6 +108,14 @@ class ShardHealth:
                 raise result
         return dict(zip(keys, results, strict=True))
 
+    async def bounded(self, call: Awaitable[T]) -> T:
+        """`call`, failing with TimeoutError after the deadline on a cluster, without marking a
+        shard silent (a call over several shards, of a periodic task: its next run tries again,
+        leaving out the shards found silent meanwhile)."""
+        if not self.enabled:
+            return await call
+        return await asyncio.wait_for(call, self.deadline)
+
     def went_silent(self, shards: Collection[int], exc: BaseException) -> None:
         """`shards` did not answer in time: they, and every shard their masters serve, are
         left out until a probe is answered."""
@@ -157,6 +165,14 @@ class ShardHealth:
                 SHARDS_SILENT.labels(self.service).set(len(self.silent))
                 log.warning("shards' master answers again; their calls are made again",
                             extra={"shards": back})  # fmt: skip
+
+
+def raise_unless_silent(outcomes: Iterable[Any]) -> None:
+    """Raise the first error of `outcomes` (calls' results, or the exceptions they raised)
+    other than a silent shard's."""
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, ShardSilent):
+            raise outcome
 
 
 def _close(call: Awaitable[Any]) -> None:

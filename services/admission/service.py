@@ -25,6 +25,7 @@ from supersede import aio, codec, tracing
 from supersede import metrics as metrics_base
 from supersede.config import Settings, server_time
 from supersede.errors import ScriptError, describe
+from supersede.health import ShardSilent, raise_unless_silent
 from supersede.lane import Lane, read
 from supersede.logs import Sampled
 from supersede.metrics import HOP_SECONDS
@@ -321,9 +322,15 @@ class Admission(Service):
 
         async def one(shard: int) -> int:
             started = time.perf_counter()
-            r = await self.scripts.fire_debounced(
-                shard, assign_deadline_ms=self.config.assign_deadline_ms
-            )
+            try:
+                r = await self.health.call(
+                    [shard],
+                    self.scripts.fire_debounced(
+                        shard, assign_deadline_ms=self.config.assign_deadline_ms
+                    ),
+                )
+            except ShardSilent:  # (its timers fire once it answers; the others' now)
+                return 0
             if r.fired:
                 metrics.BATCH_SECONDS.labels("debounce").observe(time.perf_counter() - started)
                 metrics.DEBOUNCE_FIRED.inc(r.fired)
@@ -576,7 +583,10 @@ class Admission(Service):
         names = await self.redis.hkeys(self.keys.workflows_hash)
         workflows = sorted(w.decode() if isinstance(w, bytes) else w for w in names)
         async with self.redis.pipeline(transaction=False) as pipe:
+            # (a silent master's shards left out: the gauges sum the others meanwhile)
             for sk in self.keys.all_shards():
+                if not self.health.up(sk.shard):
+                    continue
                 pipe.hgetall(sk.counts_hash)
                 pipe.xinfo_groups(sk.requests_stream)
                 pipe.xlen(sk.requests_stream)
@@ -585,7 +595,7 @@ class Admission(Service):
                 for wf in workflows:
                     pipe.xinfo_groups(sk.assignments_stream(wf))
                     pipe.xlen(sk.assignments_stream(wf))
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await self.health.bounded(pipe.execute(raise_on_error=False))
         queued: dict[str, int] = {}
         active = 0
         lag = dict.fromkeys(("requests", "results", "assignments"), 0)
@@ -629,15 +639,18 @@ class Admission(Service):
         async def one(shard: int) -> None:
             for _ in range(REAP_ROUNDS):
                 started = time.perf_counter()
-                r = await self.scripts.reap(
-                    shard,
-                    limit=REAP_LIMIT,
-                    retention_ms=self.config.retention_ms,
-                    assign_deadline_ms=self.config.assign_deadline_ms,
-                    retentions=self._retentions,
-                    max_ended=self.keys.share(self.config.max_ended_runs),
-                    min_retention_ms=self.config.min_retention_ms,
-                    max_groups=self.keys.share(self.config.max_groups),
+                r = await self.health.call(
+                    [shard],
+                    self.scripts.reap(
+                        shard,
+                        limit=REAP_LIMIT,
+                        retention_ms=self.config.retention_ms,
+                        assign_deadline_ms=self.config.assign_deadline_ms,
+                        retentions=self._retentions,
+                        max_ended=self.keys.share(self.config.max_ended_runs),
+                        min_retention_ms=self.config.min_retention_ms,
+                        max_groups=self.keys.share(self.config.max_groups),
+                    ),
                 )
                 metrics.BATCH_SECONDS.labels("reap").observe(time.perf_counter() - started)
                 metrics.REAPED.labels("retried").inc(r.retried)
@@ -652,7 +665,10 @@ class Admission(Service):
                 if r.expired < REAP_LIMIT and r.leases < REAP_LIMIT and r.forgotten < REAP_LIMIT:
                     return
 
-        await asyncio.gather(*(one(s) for s in range(self.keys.shards)))
+        # (on a cluster a silent master's shards are left out: the others are reaped, the
+        # tick is not held for it)
+        up = [s for s in range(self.keys.shards) if self.health.up(s)]
+        raise_unless_silent(await asyncio.gather(*(one(s) for s in up), return_exceptions=True))
 
     async def reclaim_all(self) -> None:
         """XAUTOCLAIM entries another admission process read and never acknowledged, from the
@@ -670,9 +686,9 @@ class Admission(Service):
                 stream, ADMISSION_GROUP, self.config.claim_idle_ms, self.config.batch, apply
             )
 
-        stale = await stale_streams(
-            self.redis, list(self._streams), ADMISSION_GROUP, self.config.claim_idle_ms
-        )
+        streams = [s for s in self._streams if self.health.up(self._streams[s][0])]
+        look = stale_streams(self.redis, streams, ADMISSION_GROUP, self.config.claim_idle_ms)
+        stale = await self.health.bounded(look)
         await asyncio.gather(*(one(s) for s in stale))
 
 

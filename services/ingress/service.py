@@ -28,7 +28,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from supersede import aio, codec, tracing
 from supersede.config import Settings, redact, server_time
 from supersede.errors import KeyExpressionError, describe
-from supersede.health import ShardSilent
+from supersede.health import ShardSilent, raise_unless_silent
 from supersede.keyexpr import KeyFn, LimitFn, compile_key, compile_limit
 from supersede.lane import Lane, read_then
 from supersede.logs import Sampled
@@ -597,7 +597,7 @@ class Ingress(Service):
         calls = {s: ([s], self._claim_ids(s, batch.ids[s])) for s in id_shards}
         if self.health.enabled:  # (a silent shard's ids: their entries wait, appending nothing)
             owned = list((await self.health.each(calls)).values())
-            _raise_unless_silent(owned)
+            raise_unless_silent(owned)
         else:
             owned = await aio.gather(*(call for _, call in calls.values()))
         drop: dict[int, set[int]] = {}
@@ -721,7 +721,7 @@ class Ingress(Service):
         done = await self.health.each(
             {s: ([s], self.sink(s, [p for _, p in batch.requests[s]])) for s in shard_ids}
         )
-        _raise_unless_silent(list(done.values()))
+        raise_unless_silent(list(done.values()))
         sources = batch.sources or {}
         for s, outcome in done.items():
             if isinstance(outcome, ShardSilent):
@@ -822,14 +822,6 @@ class Ingress(Service):
             extra={"stream": self.keys.events_stream, "last_id": codec.text(last),
                    "ahead_seconds": round(ahead)},
         )  # fmt: skip
-
-
-def _raise_unless_silent(outcomes: list[Any]) -> None:
-    """The first error of `outcomes` other than a silent shard's (a failover, say: the whole
-    batch is retried, as before a shard could be silent)."""
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException) and not isinstance(outcome, ShardSilent):
-            raise outcome
 
 
 async def serve(settings: Settings, config: IngressConfig, stop: asyncio.Event) -> None:

@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from supersede.keys import Keys
 from supersede.scripts import Scripts
 from supersede.server import EmbeddedCluster
-from tests.support import System, eventually, make_request, records, run_count
+from tests.support import APP, System, eventually, make_request, records, run_count
 
 
 async def test_keys_of_one_shard_share_a_node_and_shards_spread_over_the_masters(
@@ -466,3 +466,66 @@ def _namespace_to_freeze(
         if port is not None:
             return keys, port
     raise AssertionError("no namespace fits")
+
+
+async def test_a_dead_executors_runs_are_retried_on_the_other_masters_while_one_is_frozen() -> None:
+    """Admission's reaper reaped every shard in one gather, so a silent master held the
+    reaping of all of them (retries of lapsed leases, assignments never claimed, retention):
+    a dead executor's runs on the healthy masters waited for the frozen one to answer. Now a
+    silent master's shards are left out of the tick and the others are reaped as usual."""
+    import os
+    import signal
+
+    try:  # (no node declared failed while it is frozen: a cluster down would refuse them all)
+        cluster = EmbeddedCluster(3, extra_args=["--cluster-node-timeout", "60000"]).start()
+    except (FileNotFoundError, OSError) as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"NO CLUSTER TEST: cannot start a cluster here ({exc})")
+    client = RedisCluster.from_url(cluster.url)
+    stopped = None
+    await client.initialize()
+    keys, frozen_port = _namespace_to_freeze(client, cluster, default=False)
+    system = System(f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}", keys)
+    try:
+        [first] = await system.pipeline(client, keys, 1, "--lease", "3", "--slots", "40")
+        users = [f"user{i}" for i in range(24)]
+        for user in users:
+            data = orjson.dumps({"userId": user, "sleep": 60.0, "text": "long"})
+            await client.xadd(keys.events_stream, {"name": "chat.message", "data": data})
+
+        async def running() -> bool:
+            recs = await records(client, keys)
+            return len(recs) == len(users) and all(r["st"] == "R" for r in recs.values())
+
+        await eventually(running, timeout=30)
+        healthy = {
+            int(rid.split("-")[0])
+            for rid in await records(client, keys)
+            if int(client.get_node_from_key(keys.shard(int(rid.split("-")[0])).runs_hash).port)
+            != frozen_port
+        }
+        assert healthy and len(healthy) < len(
+            {int(r.split("-")[0]) for r in await records(client, keys)}
+        )
+        first.kill()
+        first.wait(5)
+        [stopped] = [n for n in cluster.nodes if n.port == frozen_port]
+        assert stopped.proc is not None
+        os.kill(stopped.proc.pid, signal.SIGSTOP)
+        system.start("executor", APP, "--lease", "3", "--slots", "40")
+
+        async def retried() -> bool:
+            from supersede import codec
+
+            for shard in healthy:
+                for raw in (await client.hgetall(keys.shard(shard).runs_hash)).values():
+                    if int(codec.unpack(raw)["a"]) < 2:
+                        return False
+            return True
+
+        await eventually(retried, timeout=12)  # (a lease, the reaper's deadline, a start)
+    finally:
+        if stopped is not None and stopped.proc is not None:
+            os.kill(stopped.proc.pid, signal.SIGCONT)
+        system.close()
+        await client.aclose()
+        cluster.stop()
