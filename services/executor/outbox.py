@@ -145,6 +145,7 @@ class Outbox:
         self._pending: list[tuple[int, bytes, asyncio.Future[int]]] = []
         self._retry: list[Held] = []  # not written yet: tried again from _retry_at
         self._retry_at = 0.0  # (monotonic)
+        self._retry_error: BaseException | None = None  # (the last write's that failed)
         self._ready = asyncio.Event()
         self.sink: Sink | None = None
 
@@ -176,11 +177,13 @@ class Outbox:
             else:
                 await self._ready.wait()
             self._ready.clear()
+            now = time.monotonic()
+            self._give_up(now)
             batch, self._pending = self._pending, []
-            give_up = time.monotonic() + self.config.lease_ms / 1000
+            give_up = now + self.config.lease_ms / 1000
             if self.health.silent:  # (a silent shard's results wait for the retries)
                 up = self.health.up
-                self._retry += [(s, p, f, give_up) for s, p, f in batch if not up(s)]
+                self._hold([(s, p, f, give_up) for s, p, f in batch if not up(s)], now)
                 batch = [item for item in batch if up(item[0])]
             rest = await self._apply_here(batch) if batch else []
             held = [(shard, payload, fut, give_up) for shard, payload, fut in rest]
@@ -189,6 +192,27 @@ class Outbox:
                 self._retry = []
             if held:
                 await self._write(held)
+
+    def _hold(self, items: list[Held], now: float) -> None:
+        """Hold `items` for the next retry (in RETRY_EVERY seconds, or with those held already:
+        a result that came later never puts the earlier ones off)."""
+        if items:
+            if not self._retry:
+                self._retry_at = now + RETRY_EVERY
+            self._retry += items
+
+    def _give_up(self, now: float) -> None:
+        """Fail the held results whose time to give up passed (whether or not they were tried
+        since: a steady flow of new results does not keep them waiting)."""
+        if not self._retry:
+            return
+        keep: list[Held] = []
+        for item in self._retry:
+            if now < item[3]:
+                keep.append(item)
+            elif not item[2].done():
+                item[2].set_exception(self._retry_error or TimeoutError("result not written"))
+        self._retry = keep
 
     async def _apply_here(
         self, batch: list[tuple[int, bytes, asyncio.Future[int]]]
@@ -253,18 +277,16 @@ class Outbox:
                     if not fut.done():
                         fut.set_result(0)
                 continue
+            self._retry_error = exc
+            self._hold([item for item in part if now < item[3]], now)
             for item in part:
-                if now < item[3]:
-                    self._retry.append(item)
-                elif not item[2].done():
+                if now >= item[3] and not item[2].done():
                     item[2].set_exception(exc)
             repeats = _NOT_WRITTEN_YET.due("write")  # (every 0.2 s while the server is down)
             if repeats is not None:
                 log.warning("results not written yet; retrying",
                             extra={"runs": len(part), "error": describe(exc),
                                    "repeats": repeats})  # fmt: skip
-        if self._retry:
-            self._retry_at = now + RETRY_EVERY
 
     async def _xadd(self, items: list[Held]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -951,3 +951,48 @@ class _Pipe:
 
     async def execute(self) -> None:
         await asyncio.sleep(3600 if 1 in self.shards else 0)
+
+
+async def test_a_result_not_written_is_tried_again_while_newer_results_keep_coming() -> None:
+    """A result whose write failed waits RETRY_EVERY seconds for its retry; each later write
+    put that retry off again, so under a steady flow of results (one every 50 ms here) it was
+    never tried again nor given up, and its run held its slot for good (a review). Now the
+    held results are tried when due whatever comes after them."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from supersede.keys import Keys
+    from supersede.protocol import Outcome, RunResult
+    from supersede.services.executor import outbox
+
+    calls: list[int] = []
+
+    class _Flaky:
+        def pipeline(self, transaction: bool = False) -> Any:
+            return self
+
+        async def __aenter__(self) -> Any:
+            return self
+
+        async def __aexit__(self, *exc: Any) -> None:
+            return None
+
+        def xadd(self, *args: Any) -> None:
+            return None
+
+        async def execute(self) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RedisConnectionError("Error 111 connecting")
+
+    box = outbox.Outbox(_Flaky(), Keys("ns", 1), ExecutorConfig(lease_ms=10_000))
+    writer = asyncio.create_task(box.loop())
+    try:
+        first = box.put(0, RunResult("0-a", 1, Outcome.SUCCEEDED, "", None, 0))
+        began = time.monotonic()
+        while not first.done() and time.monotonic() - began < 3:
+            box.put(0, RunResult("0-b", 1, Outcome.SUCCEEDED, "", None, 0))
+            await asyncio.sleep(0.05)
+        assert first.done() and first.result() == 0, "never tried again"
+        assert time.monotonic() - began < 1.0
+    finally:
+        writer.cancel()
