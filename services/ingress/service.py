@@ -339,6 +339,7 @@ class Ingress(Service):
         # hands them to the admission of its own process (services/serve.py).
         self.sink: Sink = self.scripts.append_requests
         self.reads: Lane | None = None  # the inbox reads' own connection, from `main`
+        self._held = False  # entries were held for silent shards (a cluster's): read them again
 
     def groups(self) -> list[GroupSpec]:
         return [(self.keys.events_stream, INGRESS_GROUP)]
@@ -360,18 +361,9 @@ class Ingress(Service):
             metrics.TRIMMED.inc(sum(removed.values()))
         # Explicit event ids past the window are forgotten by the next claim on their shard:
         # with no event carrying an id any more, by this one (a claim of none), 1,000 a shard.
-        await aio.gather(
-            *(
-                self.scripts.claim_ids(
-                    s,
-                    [],
-                    window_ms=self.config.dedup_window_ms,
-                    max_ids=self.keys.share(self.config.max_dedup_ids),
-                    floor_ms=self.config.dedup_floor_ms,
-                )
-                for s in range(self.keys.shards)
-            )
-        )
+        # (a cluster's silent shards are left out, and each call is bounded: the trim goes on)
+        calls = {s: ([s], self._claim_ids(s, [])) for s in range(self.keys.shards)}
+        raise_unless_silent((await self.health.each(calls)).values())
         await self.forget_gone_consumers(
             self.groups(), self.config.forget_consumers_ms, metrics.FORGOTTEN_CONSUMERS
         )
@@ -449,7 +441,13 @@ class Ingress(Service):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), self.config.refresh_interval)
                     continue
-                own.sweep_if_due()
+                if self._held and not self.health.silent:
+                    # (entries held for silent shards, which all answer again: read them again
+                    # now; while a shard is silent no sweep re-reads them only to hold them)
+                    self._held = False
+                    own.restart()
+                elif not self.health.silent:
+                    own.sweep_if_due()
                 reread = False
                 try:
                     if stage.must_finish(own.active):
@@ -671,9 +669,13 @@ class Ingress(Service):
             span.end()
 
     async def _write(self, batch: Batch) -> None:
+        if batch.sources is not None and self.health.silent:
+            _hold_silent(batch, self.health.silent)
         dropped = await self.drop_duplicate_ids(batch) if batch.ids else 0
         shard_ids = list(batch.requests)
-        if batch.sources is None:
+        if batch.sources is None or self.sink != self.scripts.append_requests:
+            # (`supersede serve`'s hand-over is not bounded: cancelled, the runs it claimed
+            # would wait for a lease, never started)
             await aio.gather(*(self.sink(s, [p for _, p in batch.requests[s]]) for s in shard_ids))
         else:
             shard_ids = await self._append_answering(batch, shard_ids)
@@ -685,6 +687,7 @@ class Ingress(Service):
         if batch.held:
             done = [e for e in done if e not in batch.held]
             metrics.EVENTS_HELD.inc(len(batch.held))
+            self._held = True
         lane = self.scripts.lane
         if not done and not batch.dead:
             pass  # (every entry held)
@@ -822,6 +825,33 @@ class Ingress(Service):
             extra={"stream": self.keys.events_stream, "last_id": codec.text(last),
                    "ahead_seconds": round(ahead)},
         )  # fmt: skip
+
+
+def _hold_silent(batch: Batch, silent: set[int]) -> None:
+    """Hold whole, before any call, the entries with a request or an explicit id on a `silent`
+    shard: none of their requests is appended (appended to the other shards now, they would be
+    appended again when the entries are read again)."""
+    sources = batch.sources or {}
+    held = {e for s in silent for e in sources.get(s, ())}
+    held.update(e for s in silent for _, e, _, _ in batch.ids.get(s, ()))
+    if not held:
+        return
+    batch.held |= held
+    remap: dict[int, dict[int, int]] = {}  # shard -> old index -> new (of its requests)
+    for shard in list(batch.requests):
+        keep = [i for i, e in enumerate(sources[shard]) if e not in held]
+        remap[shard] = {old: new for new, old in enumerate(keep)}
+        batch.requests[shard] = [batch.requests[shard][i] for i in keep]
+        batch.workflows[shard] = [batch.workflows[shard][i] for i in keep]
+        sources[shard] = [sources[shard][i] for i in keep]
+        if not keep:
+            del batch.requests[shard], batch.workflows[shard], sources[shard]
+    for s in list(batch.ids):
+        ids = [(d, e, sh, remap[sh][i]) for d, e, sh, i in batch.ids[s] if e not in held]
+        if ids:
+            batch.ids[s] = ids
+        else:
+            del batch.ids[s]
 
 
 async def serve(settings: Settings, config: IngressConfig, stop: asyncio.Event) -> None:

@@ -1043,3 +1043,49 @@ async def test_the_last_id_check_resumes_once_the_acl_user_may_run_it(
         assert len(said()) == 1
         refused[0] = False  # the roles applied again
         await eventually(lambda: asyncio.sleep(0, ahead() > 3000))
+
+
+async def test_an_event_for_a_silent_shard_waits_whole_and_is_not_reread_until_it_answers(
+    redis: Redis, keys: Keys, ingress: Ingress
+) -> None:
+    """A cluster's silent shard (forced here): an event with a request for it stays pending,
+    and none of its requests is appended, not even those for the shards that answer (the
+    sweep of own pending entries re-read it every 2 s and appended those again, a review: 1.2
+    million entries re-read in a probe of a long silence). The others are acknowledged. Once
+    the shard answers, the held events are read again at once and appended once."""
+    from supersede.services.ingress import metrics
+
+    [chat] = [r for r in ingress.routes["chat.message"] if r.workflow.id == "chat-reply"]
+    silent = chat.group_of("held", keys.shards)[1]
+    ingress.health.enabled = True  # (as on a cluster)
+    ingress.health.silent = {silent}
+    held_before = metrics.EVENTS_HELD._value.get()
+    for user in ["held", *(f"u{i}" for i in range(8))]:  # (2 requests each: chat, audit)
+        data = orjson.dumps({"userId": user})
+        await redis.xadd(keys.events_stream, {"name": "chat.message", "data": data})
+
+    async def handled() -> tuple[list[Any], Counter[str]]:
+        """The entries pending (-1: some not read yet), and the requests of each entry."""
+        [group] = await redis.xinfo_groups(keys.events_stream)
+        if int(group.get("lag") or 0):
+            return [b"-1"], Counter()
+        pending = [p["message_id"] for p in await redis.xpending_range(
+            keys.events_stream, INGRESS_GROUP, "-", "+", 100)]  # fmt: skip
+        return pending, Counter(r["ev"] for r in await requests_in_streams(redis, keys))
+
+    async def only_held_pending() -> bool:
+        pending, reqs = await handled()
+        return (
+            bool(pending) and b"-1" not in pending and sum(reqs.values()) == 2 * (9 - len(pending))
+        )
+
+    await eventually(only_held_pending)
+    await asyncio.sleep(4.5)  # (two sweeps of own pending entries, had they run)
+    pending, reqs = await handled()
+    assert all(n == 2 for n in reqs.values()) and len(reqs) == 9 - len(pending)
+    assert not {p.decode() for p in pending} & set(reqs)  # (nothing of a held event appended)
+    assert metrics.EVENTS_HELD._value.get() - held_before == len(pending)  # (held once each)
+    ingress.health.silent = set()
+    await settle(redis, keys)
+    _, reqs = await handled()
+    assert len(reqs) == 9 and all(n == 2 for n in reqs.values())
