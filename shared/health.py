@@ -18,6 +18,7 @@ server, so leaving some out would help none, and a slow server's calls are only 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import warnings
 from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Mapping
@@ -34,6 +35,7 @@ log = logging.getLogger("supersede")
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
 PROBE_EVERY = 0.5  # seconds between two probes of the silent shards
+PROBE_WAIT = 30.0  # seconds a probe waits for its answer
 # seconds a hot call of a cluster may wait for an answer before its shards are silent (a call
 # of a healthy master takes milliseconds; one past this only delays what it would have done)
 SILENT_AFTER = 2.0
@@ -70,7 +72,8 @@ class ShardHealth:
         self.deadline = deadline
         self.service = service
         self.silent: set[int] = set()
-        self._prober: asyncio.Task[None] | None = None
+        self._probes: dict[int, asyncio.Task[None]] = {}  # silent shard -> its probe
+        self._back: list[int] = []  # shards that answered, not said yet
 
     @classmethod
     def off(cls) -> ShardHealth:
@@ -128,8 +131,8 @@ class ShardHealth:
                     "answers a probe (the other shards go on)",
                     extra={"shards": new, "deadline_s": self.deadline,
                            "error": describe(exc) or type(exc).__name__})  # fmt: skip
-        if self._prober is None or self._prober.done():
-            self._prober = asyncio.create_task(self._probe())
+        for shard in new:
+            self._probes[shard] = asyncio.create_task(self._probe(shard))
 
     def _siblings(self, shards: Collection[int]) -> set[int]:
         """`shards` and the other shards of their masters (a silent master's shards are found
@@ -143,28 +146,35 @@ class ShardHealth:
     def _node_of(self, shard: int) -> str:
         return str(cast(Any, self.redis).get_node_from_key(self.probe_key(shard)).name)
 
-    async def _probe(self) -> None:
-        """Until no shard is silent: every PROBE_EVERY seconds, one EXISTS of each silent
-        shard's key (its master's), bounded by the deadline; an answer ends its silence."""
+    async def _probe(self, shard: int) -> None:
+        """Until `shard` answers: one EXISTS of its key every PROBE_EVERY seconds, each allowed
+        PROBE_WAIT seconds (longer than a socket timeout, so that the client sees the node time
+        out and reads the cluster's slots again: after a failover the probe reaches the new
+        master). An answer ends its silence."""
         assert self.redis is not None  # (enabled)
-        while self.silent:
-            await asyncio.sleep(PROBE_EVERY)
-            shards = sorted(self.silent)
-            answers = await asyncio.gather(
-                *(
-                    asyncio.wait_for(self.redis.exists(self.probe_key(s)), self.deadline)
-                    for s in shards
-                ),
-                return_exceptions=True,
-            )
-            back = [
-                s for s, a in zip(shards, answers, strict=True) if not isinstance(a, BaseException)
-            ]
-            if back:
-                self.silent.difference_update(back)
-                SHARDS_SILENT.labels(self.service).set(len(self.silent))
-                log.warning("shards' master answers again; their calls are made again",
-                            extra={"shards": back})  # fmt: skip
+        try:
+            while True:
+                await asyncio.sleep(PROBE_EVERY)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.redis.exists(self.probe_key(shard)), PROBE_WAIT)
+                    break
+            self.silent.discard(shard)
+            SHARDS_SILENT.labels(self.service).set(len(self.silent))
+            self._back.append(shard)
+            if len(self._back) == 1:  # (one line for the shards that answer together)
+                asyncio.get_running_loop().call_later(PROBE_EVERY, self._say_back)
+        finally:
+            self._probes.pop(shard, None)
+
+    def _say_back(self) -> None:
+        back, self._back = sorted(self._back), []
+        log.warning("shards' master answers again; their calls are made again",
+                    extra={"shards": back})  # fmt: skip
+
+    def close(self) -> None:
+        """Stop the probes (the service stops)."""
+        for task in list(self._probes.values()):
+            task.cancel()
 
 
 def raise_unless_silent(outcomes: Iterable[Any]) -> None:

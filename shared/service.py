@@ -168,6 +168,7 @@ class Service:
         try:
             await self._run(stop)
         finally:
+            self.health.close()
             await asyncio.gather(*(lane.aclose() for lane in self._lanes))
             self._lanes.clear()
             self.scripts.lane = None

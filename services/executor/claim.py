@@ -166,7 +166,9 @@ class Claimer:
         connection was cut after the request), and its runs sat RUNNING, never started, for a
         lease, then used an attempt. Made before the next claim, per shard; a failure keeps it
         due (a silent shard's, until it answers). How many it started."""
-        if not self.lost_since:
+        if not self.lost_since or (
+            self.health is not None and not any(map(self.health.up, self.lost_since))
+        ):
             return 0
         asked, now = time.monotonic(), time.time()
         held = self._held()

@@ -48,7 +48,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
 
-from supersede.health import ShardSilent
+from supersede.health import ShardSilent, raise_unless_silent
 from supersede.keys import Keys
 from supersede.lane import Lane, read
 from supersede.protocol import (
@@ -320,10 +320,11 @@ class Fetcher:
         sweep of own pending entries reads it once it answers)."""
         if not self.cluster:
             return list(zip([s for s, _, _ in reads], await self._pipelined(reads), strict=True))
-        by_node: dict[str, list[tuple[str, str, int]]] = {}
-        for one in reads:
-            if self.health.up(self.shard_of_stream[one[0]]):
-                by_node.setdefault(self._node_of(one[0]), []).append(one)
+        of = {read[0]: read for read in reads}
+        by_node = {
+            node: [of[s] for s in part]
+            for node, part in self._by_node([s for s, _, _ in reads]).items()
+        }
         done = await self.health.each(
             {
                 node: ({self.shard_of_stream[s] for s, _, _ in part}, self._pipelined(part))
@@ -564,21 +565,40 @@ class Fetcher:
         reads, and none of the fetch loop's time."""
         while not stop.is_set():
             try:
-                # (a silent shard's streams left out: the look is bounded by the deadline of
-                # the other shards' calls, not held by a silent master)
-                streams = [s for s in self.streams if self.health.up(self.shard_of_stream[s])]
-                look = stale_streams(self.redis, streams, EXECUTOR_GROUP, self.config.claim_idle_ms)
-                self._stale = await (
-                    asyncio.wait_for(look, self.health.deadline) if self.cluster else look
-                )
+                self._stale = await self._stale_streams()
             except asyncio.CancelledError:
                 raise
-            except TimeoutError:  # (a master that went silent: its shards are left out next)
-                log.warning("looking for assignments to take over timed out; looking again")
             except Exception:
                 log.exception("looking for assignments to take over failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
+
+    async def _stale_streams(self) -> list[str]:
+        """stale_streams over every stream; on a cluster per node, each bounded (ShardHealth):
+        a silent master's streams are left out."""
+        idle = self.config.claim_idle_ms
+        if not self.cluster:
+            return await stale_streams(self.redis, self.streams, EXECUTOR_GROUP, idle)
+        by_node = self._by_node(self.streams)
+        done = await self.health.each(
+            {
+                node: (
+                    {self.shard_of_stream[s] for s in part},
+                    stale_streams(self.redis, part, EXECUTOR_GROUP, idle),
+                )
+                for node, part in by_node.items()
+            }
+        )
+        raise_unless_silent(done.values())
+        return [s for found in done.values() if isinstance(found, list) for s in found]
+
+    def _by_node(self, streams: list[str]) -> dict[str, list[str]]:
+        """The streams of shards not silent, by the name of their master."""
+        by_node: dict[str, list[str]] = {}
+        for stream in streams:
+            if self.health.up(self.shard_of_stream[stream]):
+                by_node.setdefault(self._node_of(stream), []).append(stream)
+        return by_node
 
     async def _take_over(self, free: int) -> list[Fetched]:
         """XAUTOCLAIM, up to `free`, the assignments of the streams stale_loop found."""

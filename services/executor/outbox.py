@@ -228,8 +228,10 @@ class Outbox:
         for shard, payload, _ in batch:
             by_shard.setdefault(shard, []).append(payload)
         try:
-            # (bounded: a stalled call would hold every later result, and with them the slots)
-            turn = await asyncio.wait_for(self.sink(by_shard), self.config.lease_ms / 3000)
+            # (bounded: a stalled call would hold every later result, and with them the slots;
+            # on a cluster each shard's call is, by ShardHealth's deadline)
+            bound = None if self.health.enabled else self.config.lease_ms / 3000
+            turn = await asyncio.wait_for(self.sink(by_shard), bound)
         except NoPermissionError as exc:
             self.sink = None  # (for good: the user's rights do not change under it)
             log.warning("this executor's Redis user may not run the finish script; results "
