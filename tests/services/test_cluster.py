@@ -529,3 +529,73 @@ async def test_a_dead_executors_runs_are_retried_on_the_other_masters_while_one_
         system.close()
         await client.aclose()
         cluster.stop()
+
+
+async def test_a_frozen_masters_shards_are_served_once_its_replica_takes_over() -> None:
+    """A master frozen (SIGSTOP) and replaced by its replica while it stays frozen (a failover
+    the cluster decides; forced here with CLUSTER FAILOVER TAKEOVER): its shards, left out as
+    silent, are served by the new master. The probes of a silent shard wait longer than a
+    socket timeout, so the client reads the cluster's slots again and reaches the new master
+    (a probe bounded by the call deadline never let it)."""
+    import os
+    import signal
+
+    import redis as sync_redis_module
+
+    try:  # (no node declared failed on its own: the test decides the failover)
+        cluster = EmbeddedCluster(3, replicas=1, extra_args=["--cluster-node-timeout", "60000"])
+        cluster.start(timeout=60)
+    except (FileNotFoundError, OSError) as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"NO FAILOVER TEST: cannot start a cluster here ({exc})")
+    client = RedisCluster.from_url(cluster.url)
+    stopped = None
+    await client.initialize()
+    keys, frozen_port = _namespace_to_freeze(client, cluster, default=False)
+    system = System(f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}", keys)
+    try:
+        await system.pipeline(client, keys, 1, "--lease", "6", "--slots", "40")
+        users = [f"user{i}" for i in range(24)]
+
+        async def publish(text: str) -> None:
+            for user in users:
+                data = orjson.dumps({"userId": user, "sleep": 0.01, "text": text})
+                await client.xadd(keys.events_stream, {"name": "chat.message", "data": data})
+
+        async def ended(n: int) -> bool:
+            try:
+                recs = await records(client, keys)
+            except (RedisError, OSError):
+                return False
+            return len(recs) == n and all(r["st"] == "S" for r in recs.values())
+
+        await publish("first")
+        await eventually(lambda: ended(len(users)), timeout=30)
+        replica = next(
+            n.port for n in cluster.nodes if n.port not in cluster.master_ports()
+            and _master_of(n.port) == frozen_port
+        )  # fmt: skip
+        [stopped] = [n for n in cluster.nodes if n.port == frozen_port]
+        assert stopped.proc is not None
+        os.kill(stopped.proc.pid, signal.SIGSTOP)
+        await publish("second")
+        await asyncio.sleep(3)  # (its shards found silent)
+        node = sync_redis_module.Redis(port=replica)
+        assert node.execute_command("CLUSTER FAILOVER TAKEOVER")
+        node.close()
+        await eventually(lambda: ended(2 * len(users)), timeout=30)
+    finally:
+        if stopped is not None and stopped.proc is not None:
+            os.kill(stopped.proc.pid, signal.SIGCONT)
+        system.close()
+        await client.aclose()
+        cluster.stop()
+
+
+def _master_of(port: int) -> int:
+    """The port of the master a replica node replicates."""
+    node = sync_redis.Redis(port=port)
+    try:
+        info = node.info("replication")
+        return int(info["master_port"])
+    finally:
+        node.close()
