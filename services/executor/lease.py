@@ -41,6 +41,7 @@ log = logging.getLogger("supersede.executor")
 # One heartbeat call: its keys, its arguments, and the runs (run id, attempt) it renews.
 _Call = tuple[list[str], list[str | int], list[tuple[str, int]]]
 _TURNS_NOT_READ = Sampled()
+_PARTLY_RENEWED = Sampled()
 
 CHUNK = 1000  # runs per script call (a call blocks the server meanwhile)
 CALL_TIMEOUT_MIN = 0.5  # seconds: the least a call of the lease keeper waits for its answer
@@ -230,9 +231,11 @@ class LeaseKeeper:
                 calls.append(([sk.runs_hash, sk.leases_zset], args, items[i : i + CHUNK]))
         asked = time.monotonic()  # (before the server stamps the leases)
         failed: Exception | None = None
+        unrenewed = 0  # runs of the calls that failed
         for (_, _, runs), reply in zip(calls, self._renew(calls), strict=True):
             if isinstance(reply, Exception):  # (the other calls' runs are renewed still)
                 failed = failed or reply
+                unrenewed += len(runs)
                 continue
             if not isinstance(reply, list) or int(reply[0]) != 0:
                 log.error("lease renewal refused", extra={"reply": repr(reply)[:200]})
@@ -244,8 +247,17 @@ class LeaseKeeper:
             # a run the heartbeat let go, retried elsewhere under the same fence)
             self._stop([(rid, a) for rid, a in runs if rid in named])
             self.runner.mark_leased(runs, asked, gone=named)
+        if failed is not None and unrenewed == sum(len(runs) for _, _, runs in calls):
+            raise failed  # (none renewed: the server, or every master, does not answer)
         if failed is not None:
-            raise failed
+            # Some masters did not answer (a cluster's: one down, or silent): their runs are
+            # stopped by the watch if that lasts, the others were renewed. Not a failed beat:
+            # the executor is ready, and serves the other masters' shards.
+            repeats = _PARTLY_RENEWED.due(type(failed).__name__)
+            if repeats is not None:
+                log.warning("leases not renewed on a master that does not answer; the others "
+                            "were", extra={"runs": unrenewed, "error": describe(failed),
+                                           "repeats": repeats})  # fmt: skip
         self.runner.mark_renewed(began)
 
     def _renew(self, calls: list[_Call]) -> list[Any]:

@@ -339,7 +339,8 @@ def test_a_beat_renews_the_other_nodes_runs_while_a_master_is_frozen() -> None:
         thread.join(10)
         took = time.monotonic() - began
         assert not thread.is_alive(), "the beat waited for the frozen master"
-        assert took < 2.7 and failed, (took, failed)  # (within 0.9 of the 3 s lease)
+        # (within 0.9 of the 3 s lease; not a failed beat: the executor stays ready)
+        assert took < 2.7 and not failed, (took, failed)
         assert set(renewed) == {rid for _, rid, _, _ in leased} - frozen and frozen
     finally:
         if stopped is not None and stopped.proc is not None:

@@ -1434,7 +1434,8 @@ async def test_a_run_its_node_renews_is_current_while_another_node_is_down(
             if time.monotonic() > until:
                 break  # (the last beat just now: a loaded host's pauses do not count)
             await asyncio.sleep(0.3)
-        assert runner.renewed_at is not None and time.monotonic() - runner.renewed_at > 1.0
+        # (a beat that renewed some runs is not a failed one: the executor stays ready)
+        assert runner.renewed_at is not None and time.monotonic() - runner.renewed_at < 1.0
         assert await runs[0].ctx.still_current()  # (renewed by each beat)
         assert not await runs[1].ctx.still_current()  # (its lease may have lapsed)
     finally:
