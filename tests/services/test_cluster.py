@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import orjson
 import pytest
@@ -367,23 +372,8 @@ async def test_the_other_masters_shards_run_while_a_master_is_frozen(
     is frozen, and its own users once it answers again. The master redis-py asked where the
     keys of every stream read are (its default node) held every read too, until the services
     found them themselves."""
-    import os
-    import signal
-
-    try:  # (no node declared failed while it is frozen: a cluster down would refuse them all)
-        cluster = EmbeddedCluster(3, extra_args=["--cluster-node-timeout", "60000"]).start()
-    except (FileNotFoundError, OSError) as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"NO CLUSTER TEST: cannot start a cluster here ({exc})")
-    client = RedisCluster.from_url(cluster.url)
-    stopped = None
-    await client.initialize()
-
-    def port_of(key: str) -> int:
-        return int(client.get_node_from_key(key).port)
-
-    keys, frozen_port = _namespace_to_freeze(client, cluster, default=frozen == "default")
-    system = System(f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}", keys)
-    try:
+    async with _freezable(default=frozen == "default") as f:
+        client, keys, system = f.client, f.keys, f.system
         await system.pipeline(client, keys, 1, "--slots", slots, "--lease", "6")
 
         async def publish(user: str, text: str) -> None:
@@ -401,13 +391,11 @@ async def test_the_other_masters_shards_run_while_a_master_is_frozen(
         await eventually(lambda: ended(len(users)), timeout=30)
         shard_of = {str(r["k"]): int(rid.split("-")[0]) for rid, r in
                     (await records(client, keys)).items()}  # fmt: skip
-        on_frozen = {u for u in users if port_of(keys.shard(shard_of[u]).runs_hash) == frozen_port}
+        on_frozen = {u for u in users if f.port_of(shard_of[u]) == f.port}
         healthy = [u for u in users if u not in on_frozen]
         assert on_frozen and healthy
 
-        [stopped] = [n for n in cluster.nodes if n.port == frozen_port]
-        assert stopped.proc is not None
-        os.kill(stopped.proc.pid, signal.SIGSTOP)
+        f.freeze()
         # The executor alone: only the healthy masters' users publish.
         for user in healthy:
             await publish(user, "second")
@@ -421,15 +409,8 @@ async def test_the_other_masters_shards_run_while_a_master_is_frozen(
         for user in users:
             await publish(user, "third")
         await eventually(lambda: served(3), timeout=8)
-        os.kill(stopped.proc.pid, signal.SIGCONT)
-        stopped = None
+        f.freeze(False)
         await eventually(lambda: ended(3 * len(users) - len(on_frozen)), timeout=30)
-    finally:
-        if stopped is not None and stopped.proc is not None:
-            os.kill(stopped.proc.pid, signal.SIGCONT)
-        system.close()
-        await client.aclose()
-        cluster.stop()
 
 
 async def _succeeded(client: RedisCluster, keys: Keys, shards: set[int]) -> dict[str, int]:
@@ -474,19 +455,8 @@ async def test_a_dead_executors_runs_are_retried_on_the_other_masters_while_one_
     reaping of all of them (retries of lapsed leases, assignments never claimed, retention):
     a dead executor's runs on the healthy masters waited for the frozen one to answer. Now a
     silent master's shards are left out of the tick and the others are reaped as usual."""
-    import os
-    import signal
-
-    try:  # (no node declared failed while it is frozen: a cluster down would refuse them all)
-        cluster = EmbeddedCluster(3, extra_args=["--cluster-node-timeout", "60000"]).start()
-    except (FileNotFoundError, OSError) as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"NO CLUSTER TEST: cannot start a cluster here ({exc})")
-    client = RedisCluster.from_url(cluster.url)
-    stopped = None
-    await client.initialize()
-    keys, frozen_port = _namespace_to_freeze(client, cluster, default=False)
-    system = System(f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}", keys)
-    try:
+    async with _freezable() as f:
+        client, keys, system = f.client, f.keys, f.system
         [first] = await system.pipeline(client, keys, 1, "--lease", "3", "--slots", "40")
         users = [f"user{i}" for i in range(24)]
         for user in users:
@@ -501,17 +471,14 @@ async def test_a_dead_executors_runs_are_retried_on_the_other_masters_while_one_
         healthy = {
             int(rid.split("-")[0])
             for rid in await records(client, keys)
-            if int(client.get_node_from_key(keys.shard(int(rid.split("-")[0])).runs_hash).port)
-            != frozen_port
+            if f.port_of(int(rid.split("-")[0])) != f.port
         }
         assert healthy and len(healthy) < len(
             {int(r.split("-")[0]) for r in await records(client, keys)}
         )
         first.kill()
         first.wait(5)
-        [stopped] = [n for n in cluster.nodes if n.port == frozen_port]
-        assert stopped.proc is not None
-        os.kill(stopped.proc.pid, signal.SIGSTOP)
+        f.freeze()
         system.start("executor", APP, "--lease", "3", "--slots", "40")
 
         async def retried() -> bool:
@@ -524,12 +491,6 @@ async def test_a_dead_executors_runs_are_retried_on_the_other_masters_while_one_
             return True
 
         await eventually(retried, timeout=12)  # (a lease, the reaper's deadline, a start)
-    finally:
-        if stopped is not None and stopped.proc is not None:
-            os.kill(stopped.proc.pid, signal.SIGCONT)
-        system.close()
-        await client.aclose()
-        cluster.stop()
 
 
 async def test_a_frozen_masters_shards_are_served_once_its_replica_takes_over() -> None:
@@ -538,22 +499,8 @@ async def test_a_frozen_masters_shards_are_served_once_its_replica_takes_over() 
     silent, are served by the new master. The probes of a silent shard wait longer than a
     socket timeout, so the client reads the cluster's slots again and reaches the new master
     (a probe bounded by the call deadline never let it)."""
-    import os
-    import signal
-
-    import redis as sync_redis_module
-
-    try:  # (no node declared failed on its own: the test decides the failover)
-        cluster = EmbeddedCluster(3, replicas=1, extra_args=["--cluster-node-timeout", "60000"])
-        cluster.start(timeout=60)
-    except (FileNotFoundError, OSError) as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"NO FAILOVER TEST: cannot start a cluster here ({exc})")
-    client = RedisCluster.from_url(cluster.url)
-    stopped = None
-    await client.initialize()
-    keys, frozen_port = _namespace_to_freeze(client, cluster, default=False)
-    system = System(f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}", keys)
-    try:
+    async with _freezable(replicas=1) as f:
+        client, keys, system, cluster = f.client, f.keys, f.system, f.cluster
         await system.pipeline(client, keys, 1, "--lease", "6", "--slots", "40")
         users = [f"user{i}" for i in range(24)]
 
@@ -573,23 +520,15 @@ async def test_a_frozen_masters_shards_are_served_once_its_replica_takes_over() 
         await eventually(lambda: ended(len(users)), timeout=30)
         replica = next(
             n.port for n in cluster.nodes if n.port not in cluster.master_ports()
-            and _master_of(n.port) == frozen_port
+            and _master_of(n.port) == f.port
         )  # fmt: skip
-        [stopped] = [n for n in cluster.nodes if n.port == frozen_port]
-        assert stopped.proc is not None
-        os.kill(stopped.proc.pid, signal.SIGSTOP)
+        f.freeze()
         await publish("second")
         await asyncio.sleep(3)  # (its shards found silent)
-        node = sync_redis_module.Redis(port=replica)
+        node = sync_redis.Redis(port=replica)
         assert node.execute_command("CLUSTER FAILOVER TAKEOVER")
         node.close()
         await eventually(lambda: ended(2 * len(users)), timeout=30)
-    finally:
-        if stopped is not None and stopped.proc is not None:
-            os.kill(stopped.proc.pid, signal.SIGCONT)
-        system.close()
-        await client.aclose()
-        cluster.stop()
 
 
 def _master_of(port: int) -> int:
@@ -600,3 +539,51 @@ def _master_of(port: int) -> int:
         return int(info["master_port"])
     finally:
         node.close()
+
+
+@dataclass
+class _Freezable:
+    """A cluster, a namespace of it, its services, and one master to freeze (holding none of
+    the namespace's deployment-wide keys)."""
+
+    cluster: EmbeddedCluster
+    client: RedisCluster
+    keys: Keys
+    port: int
+    system: System
+    frozen: bool = False
+
+    def port_of(self, shard: int) -> int:
+        return int(self.client.get_node_from_key(self.keys.shard(shard).runs_hash).port)
+
+    def freeze(self, stop: bool = True) -> None:
+        proc = self.cluster.node(self.port).proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGSTOP if stop else signal.SIGCONT)
+        self.frozen = stop
+
+
+@contextlib.asynccontextmanager
+async def _freezable(*, replicas: int = 0, default: bool = False) -> AsyncIterator[_Freezable]:
+    """A `_Freezable` (no node declared failed while one is frozen: the cluster node timeout
+    is a minute); the master thawed and everything stopped at the end. `default`: freeze the
+    client's default node."""
+    try:
+        cluster = EmbeddedCluster(
+            3, replicas=replicas, extra_args=["--cluster-node-timeout", "60000"]
+        ).start(timeout=60)
+    except (FileNotFoundError, OSError) as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"NO CLUSTER TEST: cannot start a cluster here ({exc})")
+    client = RedisCluster.from_url(cluster.url)
+    await client.initialize()
+    keys, port = _namespace_to_freeze(client, cluster, default=default)
+    system = System(f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}", keys)
+    frozen = _Freezable(cluster, client, keys, port, system)
+    try:
+        yield frozen
+    finally:
+        if frozen.frozen:
+            frozen.freeze(False)
+        system.close()
+        await client.aclose()
+        cluster.stop()

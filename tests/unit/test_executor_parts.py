@@ -779,19 +779,7 @@ async def test_results_waiting_for_a_server_that_is_down_log_one_line_per_window
     from supersede.protocol import Outcome, RunResult
     from supersede.services.executor import outbox
 
-    class _Down:
-        def pipeline(self, transaction: bool = False) -> Any:
-            return self
-
-        async def __aenter__(self) -> Any:
-            return self
-
-        async def __aexit__(self, *exc: Any) -> None:
-            return None
-
-        def xadd(self, *args: Any) -> None:
-            return None
-
+    class _Down(_Writes):
         async def execute(self) -> None:
             raise RedisConnectionError("Error 111 connecting")
 
@@ -966,19 +954,7 @@ async def test_a_result_not_written_is_tried_again_while_newer_results_keep_comi
 
     calls: list[int] = []
 
-    class _Flaky:
-        def pipeline(self, transaction: bool = False) -> Any:
-            return self
-
-        async def __aenter__(self) -> Any:
-            return self
-
-        async def __aexit__(self, *exc: Any) -> None:
-            return None
-
-        def xadd(self, *args: Any) -> None:
-            return None
-
+    class _Flaky(_Writes):
         async def execute(self) -> None:
             calls.append(1)
             if len(calls) == 1:
@@ -996,3 +972,19 @@ async def test_a_result_not_written_is_tried_again_while_newer_results_keep_comi
         assert time.monotonic() - began < 1.0
     finally:
         writer.cancel()
+
+
+class _Writes:
+    """A client whose pipelines take XADDs; subclasses say what `execute` does."""
+
+    def pipeline(self, transaction: bool = False) -> Any:
+        return self
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        return None
+
+    def xadd(self, *args: Any) -> None:
+        return None
