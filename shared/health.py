@@ -95,6 +95,8 @@ class ShardHealth:
             raise ShardSilent(down)
         try:
             return await asyncio.wait_for(call, self.deadline)
+        except ShardSilent:
+            raise  # (a call of other shards inside it: those are marked already)
         except (TimeoutError, RedisTimeoutError) as exc:
             self.went_silent(shards, exc)
             raise ShardSilent(shards) from exc
