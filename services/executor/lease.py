@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import redis as redis_sync
@@ -62,8 +62,13 @@ class LeaseKeeper:
         config: ExecutorConfig,
         runner: Runner,
         on_stop: Callable[[str, int], None],
+        silent: Callable[[], Collection[int]] = tuple,
     ) -> None:
         self.url = url
+        # the shards whose cluster master is silent (the service's ShardHealth): their runs are
+        # left out of the beats (no renewal would reach them), whose calls to the others are
+        # then not held by it
+        self.silent = silent
         self.keys = keys
         self.consumer = consumer
         self.config = config
@@ -209,7 +214,8 @@ class LeaseKeeper:
         """One heartbeat: renew, and hand back what the script names (blocking: call it from
         a thread, e.g. `asyncio.to_thread` while a drain waits for results to be applied)."""
         began = time.monotonic()
-        snapshot = self._snapshot()
+        skip = self.silent()
+        snapshot = [run for run in self._snapshot() if run[0] not in skip]
         confirmed = self._confirmed_turns(snapshot)
         by_shard: dict[int, dict[str, int]] = {}
         survived: list[tuple[str, int]] = []

@@ -940,7 +940,8 @@ class Runner:
             if not isinstance(exc, SERVER_UNAVAILABLE):  # (a defect: its stack)
                 log.exception("result not written", extra={"run": run.run_id})
             elif (repeats := _NOT_WRITTEN.due(type(exc).__name__)) is not None:  # (each run's)
-                log.warning("result not written: the run is retried once its lease lapses",
+                log.warning("result not written: the run is retried once its lease lapses "
+                            "(unless a finish call sent before the failure is applied)",
                             extra={"run": run.run_id, "error": describe(exc),
                                    "repeats": repeats})  # fmt: skip
         finally:
