@@ -149,7 +149,7 @@ class Run:
         menu: list[tuple[str, str | None]] = [("sigkill", k) for k in kinds]
         menu += [("sigterm", k) for k in kinds] + [("sigstop", "admission"), ("crash", None)]
         if self.cluster:
-            menu.append(("migrate", None))
+            menu += [("migrate", None), ("freeze", None)]
         while not self.stopped:
             for fault, kind in self.rng.sample(menu, len(menu)):
                 await asyncio.sleep(self.rng.uniform(0.5, 1.5) * self.args.fault_every)
@@ -211,6 +211,22 @@ class Run:
             await asyncio.to_thread(_wait_cluster_ok, node.port)
         self.crashes.append((down, time.time()))
         self.faults["server_crash"] += 1
+
+    async def _freeze(self) -> None:
+        """SIGSTOP a cluster master for a lease and a half (a frozen VM: its connections stay
+        open), then SIGCONT: its shards' runs may lose their leases (an outage, for the
+        verdict), the other masters' shards go on."""
+        assert self.cluster
+        node = self.cluster.nodes[self.rng.randrange(3)]
+        assert node.proc
+        down = time.time()
+        os.kill(node.proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(self.args.lease * 1.5)
+        finally:
+            os.kill(node.proc.pid, signal.SIGCONT)
+        self.crashes.append((down, time.time()))
+        self.faults["sigstop_node"] += 1
 
     async def _migrate(self) -> None:
         assert self.cluster
@@ -369,7 +385,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     r.rng.seed(args.seed)
     aof = ["--appendonly", "yes", "--appendfsync", "always"]
     if args.cluster:
-        r.cluster = EmbeddedCluster(3, extra_args=aof).start()
+        # (a node frozen for a lease and a half is not declared failed: with no replica, the
+        # whole cluster would refuse commands until it answers)
+        r.cluster = EmbeddedCluster(3, extra_args=[*aof, "--cluster-node-timeout", "30000"])
+        r.cluster.start()
     else:
         r.server = EmbeddedServer()
         r.server.extra_args = aof
