@@ -22,10 +22,18 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from typing import Any, cast
 
 import redis as redis_sync
-from redis.exceptions import NoScriptError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    TryAgainError,
+)
 
 from supersede.config import connect_sync
 from supersede.errors import describe
@@ -51,6 +59,67 @@ CALL_TIMEOUT_MIN = 0.5  # seconds: the least a call of the lease keeper waits fo
 LAPSE_MARGIN = 0.1
 LAPSE_LOOK_EVERY = 0.1  # seconds between two looks for such runs
 READY_PART = "executor"  # the part of the process /readyz reports (the service's name)
+
+
+# errors of a call sent to a master's own connection that the cluster client handles (it
+# follows the redirection, waits, or reads the cluster's slots again)
+_REDIRECTED = (MovedError, AskError, TryAgainError, ClusterDownError)
+
+
+class _ByNode:
+    """A cluster's calls of one beat: a pipeline per master, all at once on threads of their
+    own, the beat waiting `wait` seconds at most for them. A master that does not answer holds
+    only its own calls (one cluster pipeline waited for it, then tried each of its commands
+    again on a new connection, a call deadline each: the first beats after a master froze took
+    4-10 s in a probe, and the watch stopped healthy runs), and is not asked again while a call
+    to it still waits."""
+
+    def __init__(self, client: redis_sync.RedisCluster, wait: float) -> None:
+        self.client = client
+        self.wait = wait
+        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lease-node")
+        self.busy: dict[str, Future[list[Any]]] = {}  # master -> its last call
+
+    def run(self, keys: list[str], send: Callable[[Any, int], object]) -> list[Any]:
+        """For each i, the reply of what `send(pipe, i)` queues on the pipeline of the master
+        of `keys[i]`, or the error its master's call raised (TimeoutError: no answer in time)."""
+        out: list[Any] = [None] * len(keys)
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for i, key in enumerate(keys):
+            try:
+                node = cast(Any, self.client).get_node_from_key(key)
+            except Exception as exc:  # (a slot with no master known)
+                out[i] = exc
+                continue
+            groups.setdefault(node.name, (node, []))[1].append(i)
+        calls: dict[str, Future[list[Any]]] = {}
+        for name, (node, part) in groups.items():
+            previous = self.busy.get(name)
+            if previous is not None and not previous.done():
+                for i in part:
+                    out[i] = TimeoutError(f"{name} has not answered an earlier call")
+                continue
+            calls[name] = self.busy[name] = self.pool.submit(self._pipeline, node, part, send)
+        done, _ = futures_wait(calls.values(), timeout=self.wait)
+        for name, call in calls.items():
+            part = groups[name][1]
+            error = call.exception() if call in done else TimeoutError(f"{name} did not answer")
+            replies = [error] * len(part) if error is not None else call.result()
+            for i, reply in zip(part, replies, strict=True):
+                out[i] = reply
+        return out
+
+    def _pipeline(
+        self, node: Any, part: list[int], send: Callable[[Any, int], object]
+    ) -> list[Any]:
+        with self.client.get_redis_connection(node).pipeline(transaction=False) as pipe:
+            for i in part:
+                send(pipe, i)
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+            return replies
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class LeaseKeeper:
@@ -87,7 +156,13 @@ class LeaseKeeper:
         # by the client: a cluster master that froze (SIGSTOP, a silent network) held the beat
         # until it answered again, and no run of any node was renewed (a probe: 20 s, the
         # client's retries and backoff included, at a 3 s lease).
-        self._client = connect_sync(url, timeout=max(CALL_TIMEOUT_MIN, config.lease_ms / 6000))
+        timeout = max(CALL_TIMEOUT_MIN, config.lease_ms / 6000)
+        self._client = connect_sync(url, timeout=timeout)
+        self._nodes = (
+            _ByNode(self._client, timeout * 1.5)
+            if isinstance(self._client, redis_sync.RedisCluster)
+            else None
+        )
         self._script = self._client.register_script(load_source("heartbeat")[0])
         self._hand_back = self._client.register_script(load_source("hand_back")[0])
 
@@ -111,6 +186,8 @@ class LeaseKeeper:
         if self._watcher is not None:
             waits.append(asyncio.to_thread(self._watcher.join, 1))
         await asyncio.gather(*waits)
+        if self._nodes is not None:
+            self._nodes.close()
         self._client.close()
 
     def _run(self) -> None:
@@ -268,45 +345,30 @@ class LeaseKeeper:
 
     def _renew(self, calls: list[_Call]) -> list[Any]:
         """The replies of the heartbeat calls (a failed call's as its error), sent in one
-        round trip (on a cluster, one per node). Made one after another, a beat over 16 shards
-        took 0.4-2 s on a loaded host, and a run's renewals came most of a lease apart."""
+        round trip (on a cluster, one per master, at once: see _ByNode). Made one after
+        another, a beat over 16 shards took 0.4-2 s on a loaded host, and a run's renewals
+        came most of a lease apart."""
         if not calls:
             return []
-        try:
+        sha = self._script.sha
+        if self._nodes is not None:
+            replies = self._nodes.run(
+                [keys[0] for keys, _, _ in calls],
+                lambda pipe, i: pipe.evalsha(sha, 2, *calls[i][0], *calls[i][1]),
+            )
+        else:
             with self._client.pipeline(transaction=False) as pipe:
                 for keys, args, _ in calls:
-                    pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-                replies: list[Any] = pipe.execute(raise_on_error=False)
-        except Exception:
-            if not isinstance(self._client, redis_sync.RedisCluster):
-                raise  # (one server: nothing else to renew on)
-            # (a cluster's pipeline fails as a whole when one node cannot be reached: the
-            # runs of the other nodes' shards are renewed still, a review found)
-            replies = self._one_by_one(calls)
+                    pipe.evalsha(sha, len(keys), *keys, *args)
+                replies = pipe.execute(raise_on_error=False)
         for i, (keys, args, _) in enumerate(calls):
-            if isinstance(replies[i], NoScriptError):  # (a restart or a failover lost it)
+            # (a restart or a failover lost the script; a slot moved: the cluster client
+            # follows the redirection and reads the slots again)
+            if isinstance(replies[i], (NoScriptError, *_REDIRECTED)):
                 try:
                     replies[i] = self._script(keys=keys, args=args)  # (loads it)
                 except Exception as exc:
                     replies[i] = exc
-        return replies
-
-    def _one_by_one(self, calls: list[_Call]) -> list[Any]:
-        """Each call on its own; a node that failed one is not asked again in this beat."""
-        assert isinstance(self._client, redis_sync.RedisCluster)
-        replies: list[Any] = []
-        down: dict[str, Exception] = {}
-        for keys, args, _ in calls:
-            node = self._client.get_node_from_key(keys[0])
-            name = node.name if node is not None else ""
-            if name in down:
-                replies.append(down[name])
-                continue
-            try:
-                replies.append(self._script(keys=keys, args=args))
-            except Exception as exc:
-                replies.append(exc)
-                down[name] = exc
         return replies
 
     def _confirmed_turns(
@@ -320,17 +382,26 @@ class LeaseKeeper:
         shards = sorted({shard for shard, _, _, turn in snapshot if turn})
         if not shards:
             return {}
+        keys = [self.keys.shard(shard).turn_string(self.consumer) for shard in shards]
         try:
-            with self._client.pipeline(transaction=False) as pipe:
-                for shard in shards:
-                    pipe.get(self.keys.shard(shard).turn_string(self.consumer))
-                values = pipe.execute()
+            if self._nodes is not None:  # (a master that does not answer: its shards unread)
+                values = self._nodes.run(keys, lambda pipe, i: pipe.get(keys[i]))
+                failed = next((v for v in values if isinstance(v, Exception)), None)
+                values = [None if isinstance(v, Exception) else v for v in values]
+                if failed is not None:
+                    raise failed
+            else:
+                with self._client.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        pipe.get(key)
+                    values = pipe.execute()
         except Exception as exc:  # (the leases still get renewed, one run at a time)
             repeats = _TURNS_NOT_READ.due(type(exc).__name__)  # (each beat, in an outage)
             if repeats is not None:
                 log.warning("turn keys not read",
                             extra={"error": describe(exc), "repeats": repeats})  # fmt: skip
-            return {}
+            if self._nodes is None:
+                return {}
         out: dict[int, tuple[int, int]] = {}
         for shard, value in zip(shards, values, strict=True):
             first, _, last = (value or b"").decode().partition("|")

@@ -344,8 +344,10 @@ def test_a_beat_renews_the_other_nodes_runs_while_a_master_is_frozen() -> None:
         thread.join(10)
         took = time.monotonic() - began
         assert not thread.is_alive(), "the beat waited for the frozen master"
-        # (within 0.9 of the 3 s lease; not a failed beat: the executor stays ready)
-        assert took < 2.7 and not failed, (took, failed)
+        # (a call deadline and a half: one pipeline per master, at once; a cluster pipeline
+        # took 2.5 s here, each of the frozen master's commands tried again on a new
+        # connection; not a failed beat: the executor stays ready)
+        assert took < 1.5 and not failed, (took, failed)
         assert set(renewed) == {rid for _, rid, _, _ in leased} - frozen and frozen
         # Once the service found the master's shards silent, the beats leave their runs out:
         # the other masters' runs are renewed without waiting for it at all (a probe: the
