@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from typing import Any, cast
@@ -34,6 +34,8 @@ from redis.exceptions import (
     NoScriptError,
     TryAgainError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede.config import connect_sync
 from supersede.errors import describe
@@ -64,6 +66,7 @@ READY_PART = "executor"  # the part of the process /readyz reports (the service'
 # errors of a call sent to a master's own connection that the cluster client handles (it
 # follows the redirection, waits, or reads the cluster's slots again)
 _REDIRECTED = (MovedError, AskError, TryAgainError, ClusterDownError)
+_UNANSWERED = (ConnectionError, TimeoutError, RedisConnectionError, RedisTimeoutError)
 
 
 class _ByNode:
@@ -79,6 +82,7 @@ class _ByNode:
         self.wait = wait
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lease-node")
         self.busy: dict[str, Future[list[Any]]] = {}  # master -> its last call
+        self._refresh: Future[None] | None = None
 
     def run(self, keys: list[str], send: Callable[[Any, int], object]) -> list[Any]:
         """For each i, the reply of what `send(pipe, i)` queues on the pipeline of the master
@@ -107,7 +111,16 @@ class _ByNode:
             replies = [error] * len(part) if error is not None else call.result()
             for i, reply in zip(part, replies, strict=True):
                 out[i] = reply
+        if len(done) < len(calls) or any(isinstance(r, _UNANSWERED) for r in out):
+            self._read_slots()
         return out
+
+    def _read_slots(self) -> None:
+        """A master did not answer: read the cluster's slots again (off the beat, one read at a
+        time). Calls on a master's own connection never make the cluster client do it, and
+        after a failover the beats would go to the old master for good (a review)."""
+        if self._refresh is None or self._refresh.done():
+            self._refresh = self.pool.submit(self.client.nodes_manager.initialize)
 
     def _pipeline(
         self, node: Any, part: list[int], send: Callable[[Any, int], object]
@@ -131,13 +144,8 @@ class LeaseKeeper:
         config: ExecutorConfig,
         runner: Runner,
         on_stop: Callable[[str, int], None],
-        silent: Callable[[], Collection[int]] = tuple,
     ) -> None:
         self.url = url
-        # the shards whose cluster master is silent (the service's ShardHealth): their runs are
-        # left out of the beats (no renewal would reach them), whose calls to the others are
-        # then not held by it
-        self.silent = silent
         self.keys = keys
         self.consumer = consumer
         self.config = config
@@ -291,8 +299,7 @@ class LeaseKeeper:
         """One heartbeat: renew, and hand back what the script names (blocking: call it from
         a thread, e.g. `asyncio.to_thread` while a drain waits for results to be applied)."""
         began = time.monotonic()
-        skip = self.silent()
-        snapshot = [run for run in self._snapshot() if run[0] not in skip]
+        snapshot = self._snapshot()
         confirmed = self._confirmed_turns(snapshot)
         by_shard: dict[int, dict[str, int]] = {}
         survived: list[tuple[str, int]] = []
