@@ -18,13 +18,13 @@ server, so leaving some out would help none, and a slow server's calls are only 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import warnings
 from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Mapping
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede.errors import describe
@@ -74,6 +74,8 @@ class ShardHealth:
         self.silent: set[int] = set()
         self._probes: dict[int, asyncio.Task[None]] = {}  # silent shard -> its probe
         self._back: list[int] = []  # shards that answered, not said yet
+        if service:
+            SHARDS_SILENT.labels(service).set(0)
 
     @classmethod
     def off(cls) -> ShardHealth:
@@ -157,9 +159,13 @@ class ShardHealth:
         try:
             while True:
                 await asyncio.sleep(PROBE_EVERY)
-                with contextlib.suppress(Exception):
+                try:
                     await asyncio.wait_for(self.redis.exists(self.probe_key(shard)), PROBE_WAIT)
                     break
+                except ResponseError:  # (an answer all the same: a user without EXISTS)
+                    break
+                except Exception:  # (no answer yet, or none to be had: again)
+                    continue
             self.silent.discard(shard)
             SHARDS_SILENT.labels(self.service).set(len(self.silent))
             self._back.append(shard)

@@ -988,3 +988,31 @@ def test_the_streams_of_a_stream_read_are_found_without_asking_a_node() -> None:
     ) == ["a", "b"]
     assert stream_keys("xread", [b"COUNT", 1, b"BLOCK", 100, b"streams", b"s", b"0-0"]) == [b"s"]
     assert stream_keys("XREAD", ["COUNT", 1]) == ()
+
+
+async def test_a_probe_refused_by_the_users_rights_still_ends_a_silence() -> None:
+    """A refusal is an answer: ingress's ACL user may not run EXISTS, and its probes were
+    refused (NOPERM) for ever, its silent shards never back (a review)."""
+    import asyncio
+    import time
+
+    from redis.exceptions import NoPermissionError
+
+    from supersede import health
+
+    class Refusing:
+        def get_node_from_key(self, key: str) -> Any:
+            return type("N", (), {"name": "a"})()
+
+        async def exists(self, key: str) -> int:
+            raise NoPermissionError("this user has no permissions to run the 'exists' command")
+
+    redis: Any = Refusing()
+    h = health.ShardHealth(redis, str, enabled=True, deadline=0.1, service="test", shards=2)
+    h.went_silent([0], TimeoutError())
+    assert h.silent == {0, 1}
+    deadline = time.monotonic() + 5
+    while h.silent and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not h.silent
+    h.close()
