@@ -339,7 +339,9 @@ class Ingress(Service):
         # hands them to the admission of its own process (services/serve.py).
         self.sink: Sink = self.scripts.append_requests
         self.reads: Lane | None = None  # the inbox reads' own connection, from `main`
-        self._held = False  # entries were held for silent shards (a cluster's): read them again
+        # entries were held for these silent shards (a cluster's): read them again when one
+        # of them answers (those still held for another are held again)
+        self._held_for: set[int] = set()
 
     def groups(self) -> list[GroupSpec]:
         return [(self.keys.events_stream, INGRESS_GROUP)]
@@ -441,10 +443,11 @@ class Ingress(Service):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), self.config.refresh_interval)
                     continue
-                if self._held and not self.health.silent:
-                    # (entries held for silent shards, which all answer again: read them again
-                    # now; while a shard is silent no sweep re-reads them only to hold them)
-                    self._held = False
+                if self._held_for and not self._held_for <= self.health.silent:
+                    # (entries held for silent shards, one of which answers again: read them
+                    # again now; while a shard is silent no sweep re-reads them only to hold
+                    # them)
+                    self._held_for = set()
                     own.restart()
                 elif not self.health.silent:
                     own.sweep_if_due()
@@ -687,7 +690,9 @@ class Ingress(Service):
         if batch.held:
             done = [e for e in done if e not in batch.held]
             metrics.EVENTS_HELD.inc(len(batch.held))
-            self._held = True
+            self._held_for |= self.health.silent
+            # (its dead letters too: written when the entry is handled whole, once)
+            batch.dead = [d for d in batch.dead if d[Dead.ENTRY] not in batch.held]
         lane = self.scripts.lane
         if not done and not batch.dead:
             pass  # (every entry held)
@@ -756,7 +761,11 @@ class Ingress(Service):
         return body
 
     async def reclaim(self) -> None:
-        """XAUTOCLAIM inbox entries another ingress process read and never acknowledged."""
+        """XAUTOCLAIM inbox entries another ingress process read and never acknowledged. Not
+        while a shard is silent: this process's own entries held for it would be taken over
+        (idle, pending), handled and held again every --claim-idle-ms."""
+        if self.health.silent:
+            return
 
         async def handle(entries: list[Entry]) -> None:
             metrics.RECLAIMED.inc(len(entries))

@@ -1045,47 +1045,60 @@ async def test_the_last_id_check_resumes_once_the_acl_user_may_run_it(
         await eventually(lambda: asyncio.sleep(0, ahead() > 3000))
 
 
-async def test_an_event_for_a_silent_shard_waits_whole_and_is_not_reread_until_it_answers(
+async def test_an_event_for_a_silent_shard_waits_whole_and_is_read_again_when_it_answers(
     redis: Redis, keys: Keys, ingress: Ingress
 ) -> None:
-    """A cluster's silent shard (forced here): an event with a request for it stays pending,
+    """A cluster's silent shards (forced here): an event with a request for one stays pending,
     and none of its requests is appended, not even those for the shards that answer (the
     sweep of own pending entries re-read it every 2 s and appended those again, a review: 1.2
-    million entries re-read in a probe of a long silence). The others are acknowledged. Once
-    the shard answers, the held events are read again at once and appended once."""
+    million entries re-read in a probe of a long silence). The others are acknowledged. When
+    one of two silent shards answers, the events held for it alone are read again at once and
+    appended once (they waited for every shard to answer, a review); the others wait on."""
     from supersede.services.ingress import metrics
 
-    [chat] = [r for r in ingress.routes["chat.message"] if r.workflow.id == "chat-reply"]
-    silent = chat.group_of("held", keys.shards)[1]
+    routes = {r.workflow.id: r for r in ingress.routes["chat.message"]}
+    a = routes["chat-reply"].group_of("held-a", keys.shards)[1]
+    b_user = next(u for u in (f"held-b{i}" for i in range(100))
+                  if routes["chat-reply"].group_of(u, keys.shards)[1] != a)  # fmt: skip
+    b = routes["chat-reply"].group_of(b_user, keys.shards)[1]
     ingress.health.enabled = True  # (as on a cluster)
-    ingress.health.silent = {silent}
+    ingress.health.silent = {a, b}
     held_before = metrics.EVENTS_HELD._value.get()
-    for user in ["held", *(f"u{i}" for i in range(8))]:  # (2 requests each: chat, audit)
+    shards_of: dict[str, set[int]] = {}  # entry -> the shards of its requests (chat, audit)
+    for user in ["held-a", b_user, *(f"u{i}" for i in range(8))]:
         data = orjson.dumps({"userId": user})
-        await redis.xadd(keys.events_stream, {"name": "chat.message", "data": data})
+        entry = await redis.xadd(keys.events_stream, {"name": "chat.message", "data": data})
+        entry = entry.decode()
+        shards_of[entry] = {routes["chat-reply"].group_of(user, keys.shards)[1],
+                            routes["audit"].group_of(entry, keys.shards)[1]}  # fmt: skip
+    n = len(shards_of)
 
-    async def handled() -> tuple[list[Any], Counter[str]]:
-        """The entries pending (-1: some not read yet), and the requests of each entry."""
+    async def handled() -> tuple[set[str], Counter[str]]:
+        """The entries pending (None among them: some not read yet), and the requests of each
+        entry."""
         [group] = await redis.xinfo_groups(keys.events_stream)
         if int(group.get("lag") or 0):
-            return [b"-1"], Counter()
-        pending = [p["message_id"] for p in await redis.xpending_range(
-            keys.events_stream, INGRESS_GROUP, "-", "+", 100)]  # fmt: skip
+            return {"-1"}, Counter()
+        pending = {p["message_id"].decode() for p in await redis.xpending_range(
+            keys.events_stream, INGRESS_GROUP, "-", "+", 100)}  # fmt: skip
         return pending, Counter(r["ev"] for r in await requests_in_streams(redis, keys))
 
-    async def only_held_pending() -> bool:
-        pending, reqs = await handled()
-        return (
-            bool(pending) and b"-1" not in pending and sum(reqs.values()) == 2 * (9 - len(pending))
-        )
+    def touching(silent: set[int]) -> set[str]:
+        return {e for e, shards in shards_of.items() if shards & silent}
 
-    await eventually(only_held_pending)
+    async def held_for(silent: set[int]) -> bool:
+        pending, reqs = await handled()
+        return pending == touching(silent) and sum(reqs.values()) == 2 * (n - len(pending))
+
+    await eventually(lambda: held_for({a, b}))
     await asyncio.sleep(4.5)  # (two sweeps of own pending entries, had they run)
     pending, reqs = await handled()
-    assert all(n == 2 for n in reqs.values()) and len(reqs) == 9 - len(pending)
-    assert not {p.decode() for p in pending} & set(reqs)  # (nothing of a held event appended)
+    assert pending == touching({a, b}) and all(v == 2 for v in reqs.values())
+    assert not pending & set(reqs)  # (nothing of a held event appended)
     assert metrics.EVENTS_HELD._value.get() - held_before == len(pending)  # (held once each)
+    ingress.health.silent = {b}
+    await eventually(lambda: held_for({b}), timeout=5)
     ingress.health.silent = set()
     await settle(redis, keys)
     _, reqs = await handled()
-    assert len(reqs) == 9 and all(n == 2 for n in reqs.values())
+    assert len(reqs) == n and all(v == 2 for v in reqs.values())
