@@ -60,6 +60,7 @@ from supersede.trim import trim_consumed, trim_older_than, trim_to_length
 REAP_LIMIT = 1000  # leases and old records one reap call handles (it blocks the server)
 REAP_ROUNDS = 20  # reap calls per shard and tick at most, while old records remain
 DEBOUNCE_POLL = 1.0  # seconds between looks for debounce timers another process set
+_NOT_LOOKED = Sampled()  # (a line per 5 s while a master is silent)
 
 
 Part = tuple[bytes, int, list[Entry]]
@@ -270,9 +271,14 @@ class Admission(Service):
     async def tick(self) -> None:
         """Reap expired leases, take over stale pending entries, and (each second) the gauges."""
         await self.reap_all()
-        await self.reclaim_all()
-        if self._gauges_due.due():
-            await self.update_gauges()
+        try:  # (on a cluster each bounded: a master that went silent since the reaps)
+            await self.reclaim_all()
+            if self._gauges_due.due():
+                await self.update_gauges()
+        except TimeoutError:  # (skipped this round; its shards are found silent by the reaps)
+            if (repeats := _NOT_LOOKED.due("tick")) is not None:
+                self.log.warning("take-overs or gauges skipped: a master did not answer in time",
+                                 extra={"repeats": repeats})  # fmt: skip
 
     async def main(self, stop: asyncio.Event) -> None:
         timers = asyncio.create_task(self._debounce_loop(stop))
@@ -580,7 +586,7 @@ class Admission(Service):
     async def update_gauges(self) -> None:
         """Queued runs per workflow, active runs, the backlog of each stream kind, and the
         unclaimed assignments of each registered workflow (what a pool scales on)."""
-        names = await self.redis.hkeys(self.keys.workflows_hash)
+        names = await self.health.bounded(self.redis.hkeys(self.keys.workflows_hash))
         workflows = sorted(w.decode() if isinstance(w, bytes) else w for w in names)
         async with self.redis.pipeline(transaction=False) as pipe:
             # (a silent master's shards left out: the gauges sum the others meanwhile)
@@ -689,7 +695,12 @@ class Admission(Service):
         streams = [s for s in self._streams if self.health.up(self._streams[s][0])]
         look = stale_streams(self.redis, streams, ADMISSION_GROUP, self.config.claim_idle_ms)
         stale = await self.health.bounded(look)
-        await asyncio.gather(*(one(s) for s in stale))
+        # (each bounded: a master that goes silent holds its own streams' take-overs only)
+        done = await asyncio.gather(
+            *(self.health.call([self._streams[s][0]], one(s)) for s in stale),
+            return_exceptions=True,
+        )
+        raise_unless_silent(done)
 
 
 def _tally(counts: dict[bytes, Any], queued: dict[str, int], assigned: dict[str, int]) -> int:
