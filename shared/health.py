@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable,
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede.errors import describe
@@ -162,7 +162,7 @@ class ShardHealth:
                 try:
                     await asyncio.wait_for(self.redis.exists(self.probe_key(shard)), PROBE_WAIT)
                     break
-                except ResponseError:  # (an answer all the same: a user without EXISTS)
+                except NoPermissionError:  # (an answer all the same: a user without EXISTS)
                     break
                 except Exception:  # (no answer yet, or none to be had: again)
                     continue

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede import aio, codec, tracing
 from supersede import metrics as metrics_base
@@ -275,7 +276,8 @@ class Admission(Service):
             await self.reclaim_all()
             if self._gauges_due.due():
                 await self.update_gauges()
-        except TimeoutError:  # (skipped this round; its shards are found silent by the reaps)
+        except (TimeoutError, RedisTimeoutError):  # (skipped this round; its shards are found
+            # silent by the reaps)
             if (repeats := _NOT_LOOKED.due("tick")) is not None:
                 self.log.warning("take-overs or gauges skipped: a master did not answer in time",
                                  extra={"repeats": repeats})  # fmt: skip
@@ -630,7 +632,7 @@ class Admission(Service):
             metrics.STREAM_LAG.labels(kind).set(value)
         for workflow, n in backlog.items():
             metrics.ASSIGNMENT_BACKLOG.labels(workflow).set(n)
-        served = await self.redis.hgetall(self.keys.workflows_served_hash)
+        served = await self.health.bounded(self.redis.hgetall(self.keys.workflows_served_hash))
         now_ms = await server_time(self.redis) * 1000  # (the executors' marks are its time)
         for name, at in served.items():
             wid = codec.text(name)
@@ -695,12 +697,9 @@ class Admission(Service):
         streams = [s for s in self._streams if self.health.up(self._streams[s][0])]
         look = stale_streams(self.redis, streams, ADMISSION_GROUP, self.config.claim_idle_ms)
         stale = await self.health.bounded(look)
-        # (each bounded: a master that goes silent holds its own streams' take-overs only)
-        done = await asyncio.gather(
-            *(self.health.call([self._streams[s][0]], one(s)) for s in stale),
-            return_exceptions=True,
-        )
-        raise_unless_silent(done)
+        # (not bounded: a take-over of a backlog takes its time; a master that froze since the
+        # look holds it, rarely: take-overs follow the death of an admission process)
+        await asyncio.gather(*(one(s) for s in stale))
 
 
 def _tally(counts: dict[bytes, Any], queued: dict[str, int], assigned: dict[str, int]) -> int:

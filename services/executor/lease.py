@@ -65,8 +65,10 @@ READY_PART = "executor"  # the part of the process /readyz reports (the service'
 
 # errors of a call sent to a master's own connection that the cluster client handles (it
 # follows the redirection, waits, or reads the cluster's slots again)
-_REDIRECTED = (MovedError, AskError, TryAgainError, ClusterDownError)
-_UNANSWERED = (ConnectionError, TimeoutError, RedisConnectionError, RedisTimeoutError)
+_REDIRECTED = (MovedError, AskError, TryAgainError)
+# (a master that does not answer, or a cluster that says it is down: read the slots again)
+_UNANSWERED = (ConnectionError, TimeoutError, RedisConnectionError, RedisTimeoutError,
+               ClusterDownError)  # fmt: skip
 
 
 class _ByNode:
@@ -75,13 +77,16 @@ class _ByNode:
     only its own calls (one cluster pipeline waited for it, then tried each of its commands
     again on a new connection, a call deadline each: the first beats after a master froze took
     4-10 s in a probe, and the watch stopped healthy runs), and is not asked again while a call
-    to it still waits."""
+    to it still waits. A master whose last call went unanswered is still asked, but not waited
+    for: each beat would otherwise wait a call deadline for it twice (turn keys, renewals), too
+    long at a short lease; its answer counts once it comes."""
 
     def __init__(self, client: redis_sync.RedisCluster, wait: float) -> None:
         self.client = client
         self.wait = wait
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lease-node")
         self.busy: dict[str, Future[list[Any]]] = {}  # master -> its last call
+        self.suspect: set[str] = set()  # masters whose last call went unanswered
         self._refresh: Future[None] | None = None
 
     def run(self, keys: list[str], send: Callable[[Any, int], object]) -> list[Any]:
@@ -103,15 +108,24 @@ class _ByNode:
                 for i in part:
                     out[i] = TimeoutError(f"{name} has not answered an earlier call")
                 continue
-            calls[name] = self.busy[name] = self.pool.submit(self._pipeline, node, part, send)
-        done, _ = futures_wait(calls.values(), timeout=self.wait)
+            if previous is not None and not isinstance(previous.exception(), _UNANSWERED):
+                self.suspect.discard(name)  # (its last call was answered, late or not)
+            try:
+                calls[name] = self.busy[name] = self.pool.submit(self._pipeline, node, part, send)
+            except RuntimeError as exc:  # (closed: the keeper stopped)
+                for i in part:
+                    out[i] = exc
+        waited = [call for name, call in calls.items() if name not in self.suspect]
+        futures_wait(waited, timeout=self.wait)
         for name, call in calls.items():
             part = groups[name][1]
-            error = call.exception() if call in done else TimeoutError(f"{name} did not answer")
+            error = call.exception() if call.done() else TimeoutError(f"{name} did not answer")
             replies = [error] * len(part) if error is not None else call.result()
+            unanswered = isinstance(error, _UNANSWERED)
+            (self.suspect.add if unanswered else self.suspect.discard)(name)
             for i, reply in zip(part, replies, strict=True):
                 out[i] = reply
-        if len(done) < len(calls) or any(isinstance(r, _UNANSWERED) for r in out):
+        if any(isinstance(r, _UNANSWERED) for r in out):
             self._read_slots()
         return out
 
@@ -153,6 +167,7 @@ class LeaseKeeper:
         self.on_stop = on_stop
         runner.mark_renewed(time.monotonic())  # (see Runner.lease_left)
         self._halt = threading.Event()
+        self._beating = threading.Lock()
         # (set: beat now, a run started whose claim was sent long before; see Runner.start)
         self._soon = threading.Event()
         runner.renew_soon = self._soon.set
@@ -297,7 +312,12 @@ class LeaseKeeper:
 
     def beat(self) -> None:
         """One heartbeat: renew, and hand back what the script names (blocking: call it from
-        a thread, e.g. `asyncio.to_thread` while a drain waits for results to be applied)."""
+        a thread, e.g. `asyncio.to_thread` while a drain waits for results to be applied).
+        One at a time (the keeper's and a drain's)."""
+        with self._beating:
+            self._beat()
+
+    def _beat(self) -> None:
         began = time.monotonic()
         snapshot = self._snapshot()
         confirmed = self._confirmed_turns(snapshot)

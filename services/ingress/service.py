@@ -66,6 +66,7 @@ FIRST_READ = 16  # entries the first read asks for; each read after may ask twic
 
 ID_AHEAD_WARN = 60.0  # seconds the inbox's last id may be ahead of the clock unremarked
 ID_AHEAD_LOG_EVERY = 300.0  # seconds between two lines that say so (the gauge: each check)
+HELD_SWEEP = 30.0  # seconds between re-reads of entries held for shards still silent
 UNCHECKED_RETRY = 60.0  # seconds before the check is tried again after the ACL user lacked it
 # Seconds with no workflow registered before a warning, then between two: an ingress pointed at
 # another namespace or server than the executors' reads nothing and no other alarm rings (its
@@ -259,6 +260,7 @@ class Batch:
     # (a cluster's, parallel to requests) the inbox entry of each request
     sources: dict[int, list[bytes]] | None = None
     held: set[bytes] = field(default_factory=set)  # entries left pending (a silent shard's)
+    held_for: set[int] = field(default_factory=set)  # the silent shards they wait for
     # explicit ids: digest shard -> (digest, inbox entry id, request shard, index in requests)
     ids: dict[int, list[tuple[str, bytes, int, int]]] = field(default_factory=dict)
     dead: list[dict[Any, Any]] = field(default_factory=list)
@@ -342,6 +344,7 @@ class Ingress(Service):
         # entries were held for these silent shards (a cluster's): read them again when one
         # of them answers (those still held for another are held again)
         self._held_for: set[int] = set()
+        self._held_sweep = Throttle(HELD_SWEEP)
 
     def groups(self) -> list[GroupSpec]:
         return [(self.keys.events_stream, INGRESS_GROUP)]
@@ -443,10 +446,12 @@ class Ingress(Service):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), self.config.refresh_interval)
                     continue
-                if self._held_for and not self._held_for <= self.health.silent:
+                if self._held_for - self.health.silent or (
+                    self._held_for and self._held_sweep.due()
+                ):
                     # (entries held for silent shards, one of which answers again: read them
-                    # again now; while a shard is silent no sweep re-reads them only to hold
-                    # them)
+                    # again now, and each HELD_SWEEP seconds whatever; while a shard is silent
+                    # no sweep re-reads them only to hold them)
                     self._held_for = set()
                     own.restart()
                 elif not self.health.silent:
@@ -612,6 +617,7 @@ class Ingress(Service):
                     drop.setdefault(shard, set()).add(index)
                     if silent:
                         batch.held.add(entry_id)
+                        batch.held_for.add(s)
                     else:
                         dropped += 1
         for shard, gone in drop.items():
@@ -686,13 +692,7 @@ class Ingress(Service):
         # refuses a transaction over two slots, so there the dead letters are written first and
         # the acknowledgement after: at least once, never lost.
         # Without dead letters the acknowledgement alone needs no transaction.
-        done = [e for e, _ in batch.entries]
-        if batch.held:
-            done = [e for e in done if e not in batch.held]
-            metrics.EVENTS_HELD.inc(len(batch.held))
-            self._held_for |= self.health.silent
-            # (its dead letters too: written when the entry is handled whole, once)
-            batch.dead = [d for d in batch.dead if d[Dead.ENTRY] not in batch.held]
+        done = self._note_held(batch) if batch.held else [e for e, _ in batch.entries]
         lane = self.scripts.lane
         if not done and not batch.dead:
             pass  # (every entry held)
@@ -721,6 +721,17 @@ class Ingress(Service):
         metrics.BATCH_SECONDS.observe(time.perf_counter() - batch.started)
         HOP_SECONDS.labels("ingress").observe(max(0.0, time.time() - batch.read_us / 1e6))
 
+    def _note_held(self, batch: Batch) -> list[bytes]:
+        """The entries of a batch that held some (a cluster's silent shards) to acknowledge;
+        the held ones are read again when one of their shards answers, or HELD_SWEEP later."""
+        metrics.EVENTS_HELD.inc(len(batch.held))
+        if not self._held_for:  # (the first hold: its backstop re-read is HELD_SWEEP away)
+            self._held_sweep.due()
+        self._held_for |= batch.held_for
+        # (its dead letters too: written when the entry is handled whole, once)
+        batch.dead = [d for d in batch.dead if d[Dead.ENTRY] not in batch.held]
+        return [e for e, _ in batch.entries if e not in batch.held]
+
     async def _append_answering(self, batch: Batch, shard_ids: list[int]) -> list[int]:
         """A cluster's appends, one call per shard, each bounded (ShardHealth): the entries
         with a request for a shard whose master is silent are held (left pending, read again
@@ -734,6 +745,7 @@ class Ingress(Service):
         for s, outcome in done.items():
             if isinstance(outcome, ShardSilent):
                 batch.held.update(sources[s])
+                batch.held_for.add(s)
         return [s for s, outcome in done.items() if not isinstance(outcome, ShardSilent)]
 
     @staticmethod
@@ -846,6 +858,7 @@ def _hold_silent(batch: Batch, silent: set[int]) -> None:
     if not held:
         return
     batch.held |= held
+    batch.held_for |= {s for s in silent if s in sources or s in batch.ids}
     remap: dict[int, dict[int, int]] = {}  # shard -> old index -> new (of its requests)
     for shard in list(batch.requests):
         keep = [i for i, e in enumerate(sources[shard]) if e not in held]
