@@ -52,6 +52,7 @@ log = logging.getLogger("supersede.executor")
 _Call = tuple[list[str], list[str | int], list[tuple[str, int]]]
 _TURNS_NOT_READ = Sampled()
 _PARTLY_RENEWED = Sampled()
+_SLOTS_NOT_READ = Sampled()
 
 CHUNK = 1000  # runs per script call (a call blocks the server meanwhile)
 CALL_TIMEOUT_MIN = 0.5  # seconds: the least a call of the lease keeper waits for its answer
@@ -125,16 +126,22 @@ class _ByNode:
             (self.suspect.add if unanswered else self.suspect.discard)(name)
             for i, reply in zip(part, replies, strict=True):
                 out[i] = reply
-        if any(isinstance(r, _UNANSWERED) for r in out):
-            self._read_slots()
+        if self.suspect or any(isinstance(r, _UNANSWERED) for r in out):
+            self._read_slots(min(self.suspect, default=None))
         return out
 
-    def _read_slots(self) -> None:
-        """A master did not answer: read the cluster's slots again (off the beat, one read at a
-        time). Calls on a master's own connection never make the cluster client do it, and
-        after a failover the beats would go to the old master for good (a review)."""
-        if self._refresh is None or self._refresh.done():
-            self._refresh = self.pool.submit(self.client.nodes_manager.initialize)
+    def _read_slots(self, unanswered: str | None) -> None:
+        """A master did not answer: read the cluster's slots again, asking the others first
+        (off the beat, one read at a time). Calls on a master's own connection never make the
+        cluster client do it, and after a failover the beats would go to the old master for
+        good (a review)."""
+        if self._refresh is not None and not self._refresh.done():
+            return
+        with contextlib.suppress(RuntimeError):  # (closed: the keeper stopped)
+            self._refresh = self.pool.submit(
+                self.client.nodes_manager.initialize, last_failed_node_name=unanswered
+            )
+            self._refresh.add_done_callback(_say_unread)
 
     def _pipeline(
         self, node: Any, part: list[int], send: Callable[[Any, int], object]
@@ -147,6 +154,14 @@ class _ByNode:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _say_unread(refresh: Future[None]) -> None:
+    """A failed read of the cluster's slots, said (once per 5 s)."""
+    error = None if refresh.cancelled() else refresh.exception()
+    if error is not None and (repeats := _SLOTS_NOT_READ.due(type(error).__name__)) is not None:
+        log.warning("the cluster's slots not read again; the next beat tries",
+                    extra={"error": describe(error), "repeats": repeats})  # fmt: skip
 
 
 class LeaseKeeper:
