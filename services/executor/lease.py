@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from typing import Any, cast
@@ -173,8 +173,12 @@ class LeaseKeeper:
         config: ExecutorConfig,
         runner: Runner,
         on_stop: Callable[[str, int], None],
+        silent: Callable[[], Collection[int]] = frozenset,
     ) -> None:
         self.url = url
+        # the shards whose cluster master the service found silent (its ShardHealth): a beat
+        # that renewed none of its runs, all on those, is not a failed beat
+        self.silent = silent
         self.keys = keys
         self.consumer = consumer
         self.config = config
@@ -372,18 +376,26 @@ class LeaseKeeper:
             # a run the heartbeat let go, retried elsewhere under the same fence)
             self._stop([(rid, a) for rid, a in runs if rid in named])
             self.runner.mark_leased(runs, asked, gone=named)
-        if failed is not None and unrenewed == sum(len(runs) for _, _, runs in calls):
-            raise failed  # (none renewed: the server, or every master, does not answer)
         if failed is not None:
-            # Some masters did not answer (a cluster's: one down, or silent): their runs are
-            # stopped by the watch if that lasts, the others were renewed. Not a failed beat:
-            # the executor is ready, and serves the other masters' shards.
-            repeats = _PARTLY_RENEWED.due(type(failed).__name__)
-            if repeats is not None:
-                log.warning("leases not renewed on a master that does not answer; the others "
-                            "were", extra={"runs": unrenewed, "error": describe(failed),
-                                           "repeats": repeats})  # fmt: skip
+            self._failed(failed, unrenewed, sum(len(runs) for _, _, runs in calls), set(by_shard))
         self.runner.mark_renewed(began)
+
+    def _failed(self, failed: Exception, unrenewed: int, runs: int, shards: set[int]) -> None:
+        """A beat some of whose calls (`unrenewed` of its `runs`, on `shards`) failed: raise
+        when it renewed none (the server, or every master, does not answer), unless each run is
+        on shards the service found silent while others answer it (the runs of the other
+        masters ended meanwhile: a probe saw an executor unready for that). Otherwise some
+        masters did not answer (a cluster's: one down, or silent): their runs are stopped by
+        the watch if that lasts, the others were renewed. Not a failed beat: the executor is
+        ready, and serves the other masters' shards."""
+        silent = set(self.silent())
+        if unrenewed == runs and not (shards <= silent and len(silent) < self.keys.shards):
+            raise failed
+        repeats = _PARTLY_RENEWED.due(type(failed).__name__)
+        if repeats is not None:
+            log.warning("leases not renewed on a master that does not answer; the others "
+                        "were", extra={"runs": unrenewed, "error": describe(failed),
+                                       "repeats": repeats})  # fmt: skip
 
     def _renew(self, calls: list[_Call]) -> list[Any]:
         """The replies of the heartbeat calls (a failed call's as its error), sent in one

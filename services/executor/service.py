@@ -99,7 +99,8 @@ class Executor(Service):
         self.fetcher = Fetcher(self, self.keys, self.config, self.runner, self.claimer,
                                cluster=cluster)  # fmt: skip
         self.leases = LeaseKeeper(settings.redis_url, self.keys, self.consumer, self.config,
-                                  self.runner, self.cancels.let_go)  # fmt: skip
+                                  self.runner, self.cancels.let_go,
+                                  silent=lambda: self.health.silent.copy())  # fmt: skip
         self._handing_back: asyncio.Task[None] | None = None  # (while it drains)
 
     async def _fence(self, shard: int, group: str) -> bytes | None:
