@@ -185,12 +185,20 @@ class ShardHealth:
             task.cancel()
 
 
-def raise_unless_silent(outcomes: Iterable[Any]) -> None:
-    """Raise the first error of `outcomes` (calls' results, or the exceptions they raised)
-    other than a silent shard's."""
+def first_error(outcomes: Iterable[Any]) -> BaseException | None:
+    """The first error of `outcomes` (calls' results, or the exceptions they raised) other
+    than a silent shard's."""
     for outcome in outcomes:
         if isinstance(outcome, BaseException) and not isinstance(outcome, ShardSilent):
-            raise outcome
+            return outcome
+    return None
+
+
+def raise_unless_silent(outcomes: Iterable[Any]) -> None:
+    """Raise `first_error(outcomes)`, if any."""
+    error = first_error(outcomes)
+    if error is not None:
+        raise error
 
 
 def _close(call: Awaitable[Any]) -> None:

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Awaitable, Iterable, Sequence
 
-from supersede.health import ShardHealth, ShardSilent
+from supersede.health import ShardHealth, ShardSilent, first_error
 from supersede.metrics import HOP_SECONDS
 from supersede.scripts import Assigned, Claim, Scripts, Taken
 from supersede.services.executor import metrics
@@ -39,7 +39,7 @@ class Claimer:
         health: ShardHealth | None = None,
     ) -> None:
         self.scripts = scripts
-        self.health = health
+        self.health = health or ShardHealth.off()
         self.consumer = consumer
         self.config = config
         self.runner = runner
@@ -84,21 +84,16 @@ class Claimer:
         cluster one call per shard, each bounded by ShardHealth: the shards that answered are
         claimed whatever the others do (a silent one's assignments stay pending for this
         consumer: a sweep of own pending entries reads them again once it answers)."""
-        lease_ms = self.config.lease_ms
-        health = self.health
-        if health is None or not health.enabled:
+        if not self.health.enabled:
             replies = await self.scripts.claim_shards(
-                self.consumer, by_shard, lease_ms=lease_ms, read_us=read_us
+                self.consumer, by_shard, lease_ms=self.config.lease_ms, read_us=read_us
             )
             return replies, None
-        done = await health.each(
+        done = await self.health.each(
             {s: ([s], self._claim_call(s, part, read_us)) for s, part in by_shard.items()}
         )
-        failed = next(
-            (e for e in done.values() if isinstance(e, BaseException)
-             and not isinstance(e, ShardSilent)), None,
-        )  # fmt: skip
-        return {s: r for s, r in done.items() if not isinstance(r, BaseException)}, failed
+        replies = {s: r for s, r in done.items() if not isinstance(r, BaseException)}
+        return replies, first_error(done.values())
 
     def _claim_call(self, shard: int, part: list[Assigned], read_us: int) -> Awaitable[list[Claim]]:
         return self.scripts.claim(
@@ -166,22 +161,20 @@ class Claimer:
         connection was cut after the request), and its runs sat RUNNING, never started, for a
         lease, then used an attempt. Made before the next claim, per shard; a failure keeps it
         due (a silent shard's, until it answers). How many it started."""
-        if not self.lost_since or (
-            self.health is not None and not any(map(self.health.up, self.lost_since))
-        ):
+        if not any(map(self.health.up, self.lost_since)):
             return 0
         asked, now = time.monotonic(), time.time()
         held = self._held()
         found = 0
         for shard, lost in sorted(self.lost_since.items()):
-            if self.health is not None and not self.health.up(shard):
+            if not self.health.up(shard):
                 continue
             call = self.scripts.reclaim(
                 shard, self.consumer, list(held), since_ms=int((lost - RECLAIM_SKEW) * 1000),
                 lease_ms=self.config.lease_ms,
             )  # fmt: skip
             try:
-                claims = await (call if self.health is None else self.health.call([shard], call))
+                claims = await self.health.call([shard], call)
             except ShardSilent:
                 continue
             del self.lost_since[shard]

@@ -331,14 +331,11 @@ class Fetcher:
                 for node, part in by_node.items()
             }
         )
+        raise_unless_silent(done.values())
         out: list[tuple[str, object]] = []
         for node, part in by_node.items():
-            replies = done[node]
-            if isinstance(replies, ShardSilent):
-                continue
-            if isinstance(replies, BaseException):
-                raise replies
-            out += zip([s for s, _, _ in part], replies, strict=True)
+            if not isinstance(replies := done[node], ShardSilent):
+                out += zip([s for s, _, _ in part], replies, strict=True)
         return out
 
     async def _pipelined(self, reads: list[tuple[str, str, int]]) -> list[object]:
