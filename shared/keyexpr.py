@@ -7,6 +7,7 @@ program. A key must be a string or an integer (not a bool) of at most 1 KiB once
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -232,10 +233,14 @@ def _compile(
         # (the parser's message is several lines: the error, then the expression and a caret)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DefinitionError(field, f"invalid CEL: {first}") from None
-    if check is not None:
-        _trial(program, expression, field, check)
-
     code = _code_only(expression)
+    called = _calls(code)
+    functions = {name: fn for name, fn in _strings_library().items() if name in called}
+    if check is not None:
+        _refuse_unknown_calls(called, expression, field)
+        _refuse_always_bool(code, expression, field, reason)
+        _trial(program, expression, field, check, functions)
+
     walks = _MACRO.search(code) is not None
     paths = _walked_paths(code) if walks else None
     read = _fields_read(code)
@@ -260,7 +265,7 @@ def _compile(
                     f"{MAX_COMPREHENSION_ITEMS} a comprehension may walk (its cost budget)",
                 )
         try:
-            return program.execute({"input": input_, "metadata": metadata})
+            return program.execute({"input": input_, "metadata": metadata, **functions})
         except Exception as exc:
             raise KeyExpressionError(reason, f"{expression!r}: {_explained(exc, code)}") from None
 
@@ -290,6 +295,10 @@ def _only(value: Any, fields: frozenset[str] | None) -> Any:
 
 
 _UNDEFINED = re.compile(r"Undefined variable or function: '(\w+)'")
+_FUNCTION_FAILED = re.compile(
+    r"Function '([\w.]+)' error: Python function call failed: \w+: (.*?)\.? Check function",
+    re.DOTALL,
+)
 
 
 def _explained(exc: Exception, code: str) -> str:
@@ -297,6 +306,9 @@ def _explained(exc: Exception, code: str) -> str:
     the expression calls, is one it has no overload for with that value (`string([1])`,
     `size(1)`, `bool('x')`): the detail says that instead of a misleading "undefined"."""
     text = str(exc)
+    failed = _FUNCTION_FAILED.match(text)  # (one of the strings extension's, by its own words)
+    if failed:
+        return f"{failed[1]}(): {failed[2]}"
     match = _UNDEFINED.match(text)
     if match and re.search(rf"\b{re.escape(match.group(1))}\s*\(", code):
         return f"{match.group(1)}() cannot take the value it was given (no overload for it)"
@@ -322,7 +334,13 @@ def _path_lookup(match: re.Match[str], expression: str, reason: str) -> Callable
     return lookup
 
 
-def _trial(program: Any, expression: str, field: str, check: Callable[[Any], Any]) -> None:
+def _trial(
+    program: Any,
+    expression: str,
+    field: str,
+    check: Callable[[Any], Any],
+    functions: dict[str, Callable[..., Any]],
+) -> None:
     """Evaluate `program` once for an empty event, at registration: a name other than `input`
     and `metadata` (a typo, `max_runs="two"`) would fail for every event, and so would a
     constant that is no key or limit (`max_runs="'a'"`); refuse them now. Other failures (a
@@ -338,7 +356,7 @@ def _trial(program: Any, expression: str, field: str, check: Callable[[Any], Any
             "event's data) and `metadata`",
         )
     try:
-        value = program.execute({"input": {}, "metadata": {}})
+        value = program.execute({"input": {}, "metadata": {}, **functions})
     except Exception as exc:
         text = str(exc)
         if isinstance(exc, RuntimeError) and text.startswith("Undefined variable or function"):
@@ -367,8 +385,147 @@ _BOUND = re.compile(
 )
 _KNOWN = frozenset(
     {"input", "metadata", "true", "false", "null", "in", "int", "uint", "double", "bool",
-     "string", "bytes", "list", "map", "null_type", "type", "dyn"}
+     "string", "bytes", "list", "map", "null_type", "type", "dyn", "optional", "strings"}
 )  # fmt: skip
+
+# The functions the CEL library itself implements (the core specification: conversions, size,
+# the string predicates, timestamps' and durations' accessors, optionals, the macros). It
+# reports a call of any other name only when an event is evaluated, "undefined" for every
+# event, so registration refuses one (it registered, and every event became a dead letter).
+_NATIVE_CALLS = frozenset(
+    {"size", "contains", "startsWith", "endsWith", "matches", "int", "uint", "double",
+     "string", "bytes", "timestamp", "duration", "dyn", "type", "has", "all", "exists",
+     "exists_one", "existsOne", "map", "filter", "getFullYear", "getMonth", "getDate",
+     "getDayOfMonth", "getDayOfWeek", "getDayOfYear", "getHours", "getMinutes", "getSeconds",
+     "getMilliseconds", "hasValue", "value", "orValue", "or", "optional.of", "optional.none",
+     "optional.ofNonZeroValue"}
+)  # fmt: skip
+# The strings extension (cel-go's names, the CEL library's pure-Python implementations), given
+# to an evaluation that calls them: `input.email.lowerAscii()`, `input.path.split('/')[1]`.
+STRING_FUNCTIONS = (
+    "charAt", "indexOf", "lastIndexOf", "substring", "replace", "split", "join", "lowerAscii",
+    "upperAscii", "trim", "reverse", "strings.quote",
+)  # fmt: skip
+# The longest string `replace` and `join` may make (an event's field is at most --max-payload,
+# 1 MiB by default): `input.s.replace('a', input.t)` could otherwise make a string of the
+# product of two fields' lengths from one hostile event.
+MAX_STRING_BYTES = 4 << 20
+_NAMESPACES = ("optional", "strings")
+_CALL = re.compile(r"(?<![\w])([A-Za-z_]\w*)\s*\(")
+_QUALIFIER = re.compile(r"(?<![\w.])([A-Za-z_]\w*)\s*\.\s*$")
+
+
+def _calls(code: str) -> frozenset[str]:
+    """The names of the functions `code` calls, as `f(x)` or as `x.f()`; a namespaced one
+    with its namespace (`strings.quote`)."""
+    names = set()
+    for match in _CALL.finditer(code):
+        name = match.group(1)
+        before = _QUALIFIER.search(code, 0, match.start())
+        if before is not None and before.group(1) in _NAMESPACES:
+            name = f"{before.group(1)}.{name}"
+        names.add(name)
+    return frozenset(names)
+
+
+def _refuse_unknown_calls(called: frozenset[str], expression: str, field: str) -> None:
+    unknown = sorted(called - _NATIVE_CALLS - set(STRING_FUNCTIONS))
+    if unknown:
+        raise DefinitionError(
+            field,
+            f"unknown function {unknown[0]}() in {expression!r}: an expression may call CEL's "
+            f"standard functions and the strings extension ({', '.join(STRING_FUNCTIONS)})",
+        )
+
+
+_COMPARISON = re.compile(r"==|!=|<=|>=|<|>|&&|\|\||(?<![\w.])in(?!\w)")
+_LAST_CALL = re.compile(r"([A-Za-z_]\w*)\s*\(\s*\)\s*$")
+_PREDICATES = frozenset(
+    {"contains", "startsWith", "endsWith", "matches", "has", "all", "exists", "exists_one",
+     "existsOne", "hasValue"}
+)  # fmt: skip
+
+
+def _refuse_always_bool(code: str, expression: str, field: str, reason: str) -> None:
+    """Refuse an expression that gives a bool whatever the event (a comparison, `!x`, a
+    predicate such as `input.a.contains('x')`, outside a ternary): no key nor limit is a
+    bool, so every event would be a dead letter."""
+    top = _top_level(code).strip()
+    if "?" in top:  # (a ternary: its branches give the value)
+        return
+    last = _LAST_CALL.search(top)  # (what the outermost call holds is blanked)
+    if not (_COMPARISON.search(top) or top.startswith("!") or (last and last[1] in _PREDICATES)):
+        return
+    wanted = "a string or an integer" if reason == Reason.KEY_ERROR else "an integer"
+    raise DefinitionError(
+        field, f"{expression!r} gives a bool (true or false) for every event, not {wanted}"
+    )
+
+
+def _top_level(code: str) -> str:
+    """`code` with what its parentheses, brackets and braces hold blanked out (their
+    delimiters kept): the operators left are the expression's outermost ones."""
+    out: list[str] = []
+    depth = 0
+    for char in code:
+        if char in ")]}":
+            depth = max(0, depth - 1)
+        out.append(char if depth == 0 else " ")
+        if char in "([{":
+            depth += 1
+    return "".join(out)
+
+
+def _strings_library() -> dict[str, Callable[..., Any]]:
+    """The strings extension's functions (see STRING_FUNCTIONS), `replace`, `join` and `split`
+    bounded so one event cannot make an expression's cost grow past its own size."""
+    global _STRINGS
+    if _STRINGS is None:
+        from cel.stdlib import EXTENSIONS
+
+        # (the library logs each failure of a Python function as a warning: an event's
+        # failure is its dead letter's reason, not a log line per hostile event)
+        logging.getLogger("cel").setLevel(logging.CRITICAL)
+
+        library = {name: EXTENSIONS["strings"][name] for name in STRING_FUNCTIONS}
+        replace, join, split = library["replace"], library["join"], library["split"]
+
+        def bounded_replace(text: Any, old: Any, new: Any, *rest: Any) -> Any:
+            if isinstance(text, str) and isinstance(old, str) and isinstance(new, str):
+                grows = max(0, len(new) - len(old)) * text.count(old)
+                _bounded(len(text) + grows)
+            return replace(text, old, new, *rest)
+
+        def bounded_join(items: Any, *rest: Any) -> Any:
+            if isinstance(items, list) and items:
+                sep = rest[0] if rest and isinstance(rest[0], str) else ""
+                size = sum(len(x) for x in items if isinstance(x, str))
+                _bounded(size + len(sep) * (len(items) - 1))
+            return join(items, *rest)
+
+        def bounded_split(text: Any, *rest: Any) -> Any:
+            parts = split(text, *rest)
+            if isinstance(parts, list) and len(parts) > MAX_COMPREHENSION_ITEMS:
+                raise ValueError(
+                    f"made {len(parts):,} parts, over the {MAX_COMPREHENSION_ITEMS} "
+                    "an expression may make (its cost budget)"
+                )
+            return parts
+
+        library.update(replace=bounded_replace, join=bounded_join, split=bounded_split)
+        _STRINGS = library
+    return _STRINGS
+
+
+_STRINGS: dict[str, Callable[..., Any]] | None = None
+
+
+def _bounded(size: int) -> None:
+    if size > MAX_STRING_BYTES:
+        raise ValueError(
+            f"would make a string of {size:,} characters, over the "
+            f"{MAX_STRING_BYTES:,} an expression may make (its cost budget)"
+        )
 
 
 def _items_over(roots: list[Any], limit: int) -> bool:

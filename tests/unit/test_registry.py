@@ -351,3 +351,95 @@ def test_a_bad_on_events_names_the_argument_not_the_stored_field(
     with pytest.raises(DefinitionError) as info:
         wf.definition()
     assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("input.user.email.lowerAscii()", "bob@acme.com"),
+        ("lowerAscii(input.user.email)", "bob@acme.com"),
+        ("input.path.split('/')[2].trim()", "b"),
+        ("input.tags.join('+')", "x+y"),
+        ("input.user.email.substring(0, 3).upperAscii()", "BOB"),
+        ("input.path.replace('/', ':')", ":a: b :c"),
+        ("string(input.path.indexOf('b')) + input.path.charAt(1)", "4a"),
+        ("strings.quote(input.tags[0])", '"x"'),
+        ("optional.none().orValue(input.tags[1])", "y"),
+    ],
+)
+def test_a_key_may_call_the_strings_extension(expression: str, expected: str) -> None:
+    """cel-go's strings extension (lowerAscii, split, ...), as methods or functions: the CEL
+    library has them, opt-in. They registered before and failed for every event ("no
+    overload"): each event a dead letter."""
+    key = compile_key(expression, trial=True)
+    event = {"user": {"email": "Bob@Acme.com"}, "path": "/a/ b /c", "tags": ["x", "y"]}
+    assert key(event, {}) == expected
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "frobnicate(input.x)",
+        "input.x.frobnicate()",
+        "lower(input.email)",  # (the strings extension's is lowerAscii)
+        "input.a.format([1])",  # (strings.format is not implemented by the library)
+        "math.abs(input.n)",  # (not given: math.bitShiftLeft(1, n) would be a memory bomb)
+        "input.a + string(max(1, 2))",
+    ],
+)
+def test_an_expression_calling_a_function_cel_lacks_is_refused_at_registration(
+    expression: str,
+) -> None:
+    """The library reports an unknown function only for an event, as for every event: it was
+    registered, then every event was dead-lettered `key_error`."""
+    with pytest.raises(DefinitionError, match=r"concurrency\.expression: unknown function"):
+        compile_key(expression, trial=True)
+    compile_key(expression)  # (a definition read back from the registry is served as it was)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "input.x == 1",
+        "input.a.contains('x')",
+        "has(input.a)",
+        "!input.a",
+        "input.a && input.b",
+        "'k' in input",
+        "input.n < 3 || input.m > 4",
+        "input.tags.exists(t, t == 'vip')",
+    ],
+)
+def test_an_expression_that_always_gives_a_bool_is_refused_at_registration(
+    expression: str,
+) -> None:
+    """No key is a bool: such an expression registered, then dead-lettered every event. A
+    comparison inside a ternary or a call is fine."""
+    from supersede.keyexpr import compile_limit
+
+    with pytest.raises(DefinitionError, match=r"concurrency\.expression: .* gives a bool"):
+        compile_key(expression, trial=True)
+    with pytest.raises(DefinitionError, match=r"concurrency\.max_runs: .* gives a bool"):
+        compile_limit(expression, trial=True)
+    for fine in ("input.x == 1 ? 'one' : 'other'", "string(input.n < 3)", "input.a[0]"):
+        compile_key(fine, trial=True)
+
+
+def test_the_strings_extension_cannot_grow_one_event_past_its_budget(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`replace` with a field for its new text, or `split('')` then `join`, could make a
+    string of the product of two fields' lengths from one hostile event: refused (a key_error
+    dead letter naming the budget) at once, without a log line per event."""
+    import time
+
+    started = time.perf_counter()
+    replace = compile_key("input.s.replace('a', input.t)")
+    with pytest.raises(KeyExpressionError, match=r"replace\(\): would make a string of"):
+        replace({"s": "a" * 1_000_000, "t": "b" * 1_000_000}, {})
+    explode = compile_key("input.s.split('').join(input.t)")
+    with pytest.raises(KeyExpressionError, match=r"split\(\): made 1,000,000 parts"):
+        explode({"s": "a" * 1_000_000, "t": "b" * 1_000_000}, {})
+    assert time.perf_counter() - started < 5.0  # (unbounded: a terabyte string)
+    assert replace({"s": "xa", "t": "b"}, {}) == "xb"
+    assert not [r for r in caplog.records if r.name == "cel"]  # (the letter says it)
