@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from supersede.protocol import Reason
+
+if TYPE_CHECKING:
+    from traceback import FrameSummary
 
 
 class SupersedeError(Exception):
@@ -122,13 +127,38 @@ def _library_roots() -> tuple[str, ...]:
     return (*(f + os.sep for f in folders if f), threading.__file__ or "threading.py")
 
 
+class StepTimedOut(TimeoutError):
+    """A step's `timeout` passed. `where`: the step's frames when its timeout passed (from its
+    own frame; see `frames_from_step`), "" where not known (a step in a worker process)."""
+
+    def __init__(self, message: str, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where
+
+
+def frames_from_step(frames: Sequence[FrameSummary]) -> str:
+    """`frames` (outermost first) from the first frame of the user's own code, formatted as a
+    traceback's lines; "" when none is the user's."""
+    import traceback
+
+    roots = _library_roots()
+    first = next((i for i, f in enumerate(frames) if not f.filename.startswith(roots)), None)
+    if first is None:
+        return ""
+    return "".join(traceback.StackSummary.from_list(list(frames[first:])).format())
+
+
 def step_traceback(exc: BaseException) -> str:
     """`exc`'s traceback from the first frame of the user's own code: the frames of the
     executor and the event loop or thread pool that called the step come first and say
     nothing about the failure (and took the start of an error cut to 8 KiB). The whole
-    traceback when every frame is the library's (its own failure)."""
+    traceback when every frame is the library's (its own failure). A step's timeout: where
+    the step was when it passed (the executor's frames raised it, and say nothing either)."""
     import traceback
 
+    if isinstance(exc, StepTimedOut) and exc.__cause__ is None:
+        where = f"Traceback (the step when its timeout passed):\n{exc.where}" if exc.where else ""
+        return f"{where}TimeoutError: {exc}\n"
     roots = _library_roots()
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(roots):

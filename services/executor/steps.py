@@ -18,15 +18,17 @@ import contextlib
 import functools
 import logging
 import math
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from supersede import codec, tracing
-from supersede.errors import describe, step_traceback
+from supersede.errors import StepTimedOut, describe, frames_from_step, step_traceback
 from supersede.fencing import fence_of
 from supersede.keys import Keys
 from supersede.logs import Sampled
@@ -161,10 +163,35 @@ class Running:
     # The thread of its last sync step: while that runs, the run is never handed back (it
     # would execute twice at once); its lease lapses instead.
     thread: asyncio.Future[Any] | None = None
+    # The ident of the pool thread its sync step runs on (where it was is told at its timeout).
+    thread_ident: int | None = None
 
     @property
     def step_runs_on(self) -> bool:
         return self.thread is not None and not self.thread.done()
+
+
+def _timed_out(name: str, timeout: float, failure: BaseException | None) -> StepTimedOut:
+    """An async step's timeout, told from where the step awaited when it passed (the cancel's
+    traceback), or caused by the error it raised once stopped."""
+    message = f"step {name!r} timed out after {timeout}s"
+    if isinstance(failure, asyncio.CancelledError):
+        return StepTimedOut(message, frames_from_step(traceback.extract_tb(failure.__traceback__)))
+    timed_out = StepTimedOut(message)
+    timed_out.__cause__ = failure
+    return timed_out
+
+
+def _on_thread(run: Running, step: Step, ctx: Context) -> Any:
+    """A sync step, on a pool thread whose ident its run keeps (see `_thread_frames`)."""
+    run.thread_ident = threading.get_ident()
+    return step.fn(ctx)
+
+
+def _thread_frames(ident: int | None) -> str:
+    """Where a sync step's thread is now, from the step's own frame ("" when not known)."""
+    frame = sys._current_frames().get(ident) if ident is not None else None
+    return "" if frame is None else frames_from_step(traceback.extract_stack(frame))
 
 
 def _stopped(run: Running) -> bool:
@@ -644,14 +671,15 @@ class Runner:
             return await self._in_process(step, run)
         if not step.is_async:
             loop = asyncio.get_running_loop()
-            thread = loop.run_in_executor(self.pool, functools.partial(step.fn, ctx))
+            thread = loop.run_in_executor(self.pool, functools.partial(_on_thread, run, step, ctx))
             run.thread = thread
             try:
                 return await self._sync(thread, run, strict, step.timeout)
             except StepRunsOn as exc:
                 raise StepRunsOn(f"step {step.name!r} {exc} (timeout {step.timeout}s)") from None
-            except TimeoutError:
-                raise TimeoutError(f"step {step.name!r} timed out after {step.timeout}s") from None
+            except StepTimedOut as exc:
+                message = f"step {step.name!r} timed out after {step.timeout}s"
+                raise StepTimedOut(message, exc.where) from None
         coro = step.fn(ctx)
         run.in_async_step = True
         try:
@@ -710,8 +738,7 @@ class Runner:
             if isinstance(failure, asyncio.CancelledError):
                 raise failure
             raise asyncio.CancelledError
-        cause = None if isinstance(failure, asyncio.CancelledError) else failure
-        raise TimeoutError(f"step {name!r} timed out after {timeout}s") from cause
+        raise _timed_out(name, timeout, failure)
 
     async def _in_process(self, step: Step, run: Running) -> Any:
         """A step in a worker process (isolation "process"): a cancel or its timeout stops it
@@ -746,7 +773,7 @@ class Runner:
                 stage=lambda stage: self.stage(run, stage),
             )
         except TimeoutError:
-            raise TimeoutError(f"step {step.name!r} timed out after {step.timeout}s") from None
+            raise StepTimedOut(f"step {step.name!r} timed out after {step.timeout}s") from None
         except StepError as exc:
             raise StepError(f"in its worker process:\n{exc}") from None
         finally:
@@ -773,7 +800,7 @@ class Runner:
         try:
             return await asyncio.wait_for(asyncio.shield(thread), timeout)
         except TimeoutError:
-            pass
+            where = _thread_frames(run.thread_ident)
         except asyncio.CancelledError:
             await self._cancelled_sync(thread, run, strict)
             raise
@@ -782,7 +809,7 @@ class Runner:
         except asyncio.CancelledError:  # (a cancel of the run, or the drain, meanwhile)
             await self._cancelled_sync(thread, run, strict)
             raise
-        raise TimeoutError
+        raise StepTimedOut("", where)
 
     async def _cancelled_sync(
         self, thread: asyncio.Future[Any], run: Running, strict: bool

@@ -784,11 +784,22 @@ async def test_a_step_timeout_or_an_unpackable_output_fails_the_run(
 ) -> None:
     await system.pipeline(redis, keys, 1)
     await publish(redis, keys, "timeout.item")
+    await publish(redis, keys, "sync.timeout.item")
     await publish(redis, keys, "unpackable.item")
-    await eventually(lambda: _states(redis, keys, {"F": 2}), timeout=30)
-    errors = sorted(str(r["err"]) for r in (await records(redis, keys)).values())
-    assert any("timed out after 0.2s" in e for e in errors)
-    assert any("can not serialize 'object' object" in e for e in errors)
+    await eventually(lambda: _states(redis, keys, {"F": 3}), timeout=30)
+    errors = {r["w"]: str(r["err"]) for r in (await records(redis, keys)).values()}
+    assert "can not serialize 'object' object" in errors["unpackable"]
+    # A timeout says where the step was when it passed, from the step's own frame (it was the
+    # executor's traceback, which raised it: `_timed`, `_call`, `_try_step`)
+    for workflow, step, line in [
+        ("timeouts", "too_slow", "await asyncio.sleep(5)"),
+        ("sync-timeouts", "waits_past_its_timeout", "time.sleep(0.01)"),
+    ]:
+        err = errors[workflow]
+        assert f"step {step!r} timed out after 0.2s" in err, err
+        frames = [x for x in err.splitlines() if x.lstrip().startswith("File ")]
+        assert frames and "apps/demo.py" in frames[0] and step in frames[0], err
+        assert line in err and "services/executor" not in err, err
 
 
 async def test_a_step_raising_any_base_exception_fails_its_run_alone(

@@ -190,7 +190,7 @@ def scrape(url: str) -> str:
 
 REPO = Path(__file__).resolve().parents[2]
 APP = "tests.support.apps.demo"
-APP_WORKFLOWS = 8  # the workflows APP defines
+APP_WORKFLOWS = 9  # the workflows APP defines
 CLI = [sys.executable, "-m", "supersede"]
 
 

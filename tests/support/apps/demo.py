@@ -118,6 +118,15 @@ async def too_slow(ctx: Context) -> None:
     await asyncio.sleep(5)
 
 
+sync_timeouts = Workflow("sync-timeouts", on_events=["sync.timeout.item"])
+
+
+@sync_timeouts.step(timeout=0.2)
+def waits_past_its_timeout(ctx: Context) -> None:
+    while not ctx.cancelled:  # (its timeout sets it: the step returns within the grace)
+        time.sleep(0.01)
+
+
 unpackable = Workflow("unpackable", on_events=["unpackable.item"])
 
 
