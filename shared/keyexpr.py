@@ -312,6 +312,8 @@ def _explained(exc: Exception, code: str) -> str:
     match = _UNDEFINED.match(text)
     if match and re.search(rf"\b{re.escape(match.group(1))}\s*\(", code):
         return f"{match.group(1)}() cannot take the value it was given (no overload for it)"
+    if isinstance(exc, KeyError):  # (a map without the field: as a plain path says it)
+        return f"no such key {text}"
     return f"{type(exc).__name__}: {text}"
 
 

@@ -178,8 +178,9 @@ class Context:
             return self.outputs[name]
         except KeyError:
             raise KeyError(
-                f"no output of step {name!r} here: ctx.parent() takes a step this one lists in "
-                f"parents= (by name or function); outputs so far: {sorted(self.outputs)}"
+                f"no output of step {name!r} here: ctx.parent() takes a step that ran before "
+                f"this one, one it lists in parents= (by name or function); outputs so far: "
+                f"{sorted(self.outputs)}"
             ) from None
 
     async def still_current(self) -> bool:
@@ -221,6 +222,12 @@ class Context:
         if self._waiter is None:
             self._waiter = loop.create_future()
         await asyncio.shield(self._waiter)
+
+    def mark_cancelled(self) -> None:
+        """Set `cancelled` (and wake `wait_cancelled()`) as the executor does when the run is
+        cancelled: for a test of a step's cancelled branch. It cancels nothing in Redis
+        (`supersede.client.cancel` does)."""
+        self._cancel()
 
     def _cancel(self) -> None:
         """Called by the executor on its loop."""

@@ -62,13 +62,15 @@ def _culprit(value: Any, where: str, depth: int) -> tuple[str, Any] | None:
 
 
 def _kind(value: Any) -> str:
+    name = type(value).__name__
+    a = "an" if name[:1].lower() in "aeiou" else "a"
     if isinstance(value, dict | list | tuple):  # (the walk stopped at _DEPTH)
-        return f"a {type(value).__name__} nested too deep (or holding itself)"
+        return f"{a} {name} nested too deep (or holding itself)"
     if isinstance(value, int) and not isinstance(value, bool):
         return (
             "an integer outside msgpack's 64 bits (a fence, ctx.fence, is 128 bits: return "
             "str(ctx.fence))"
         )
     if inspect.isawaitable(value):
-        return f"a {type(value).__name__} (an async call not awaited: await it, in an async step)"
-    return f"a {type(value).__name__} (return str, bytes, numbers, bool, None, lists or maps)"
+        return f"{a} {name} (an async call not awaited: await it, in an async step)"
+    return f"{a} {name} (return str, bytes, numbers, bool, None, lists or maps)"

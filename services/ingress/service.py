@@ -165,6 +165,19 @@ def entry_size(fields: dict[bytes, bytes]) -> int:
     return sum(len(name) + len(value) for name, value in fields.items())
 
 
+def _not_msgpack(exc: Exception) -> str:
+    """Why `data` is no msgpack map, in the contract's words (msgpack's own name its
+    arguments: `unpack(b) received extra data`, `when strict_map_key=True`)."""
+    if isinstance(exc, msgpack.ExtraData):
+        return "holds bytes after its first msgpack value (send one map)"
+    if isinstance(exc, ValueError) and "map key" in str(exc):
+        return "has a map key that is not a string (keys are strings, as in JSON)"
+    if isinstance(exc, msgpack.StackError):
+        return "is nested too deep"
+    # (FormatError has no message: the class says it)
+    return f"is not msgpack: {describe(exc)}"
+
+
 def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int, size: int) -> Event:
     """Validate one inbox entry (of `size` bytes, see entry_size) against the contract (see
     README); raises BadEvent."""
@@ -191,9 +204,10 @@ def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int, s
             Reason.BAD_ENCODING, "`name`, `id` or `only_workflow` is not valid UTF-8"
         ) from None
     _check_id(event_id, raw_id)
-    encoding = fields.get(Inbox.ENCODING, Inbox.JSON)
+    encoding = fields.get(Inbox.ENCODING, Inbox.JSON).lower()  # (`JSON` is json)
     if encoding not in (Inbox.JSON, Inbox.MSGPACK):  # (with `data` or without)
-        raise BadEvent(Reason.BAD_ENCODING, f"unknown `encoding` {encoding!r}; use json or msgpack")
+        said = encoding.decode("utf-8", "backslashreplace")
+        raise BadEvent(Reason.BAD_ENCODING, f"unknown `encoding` {said!r}; use json or msgpack")
     raw_data = fields.get(Inbox.DATA)
     if raw_data is None:
         data: dict[str, Any] = {}
@@ -201,8 +215,7 @@ def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int, s
         try:
             decoded = msgpack.unpackb(raw_data, raw=False)
         except Exception as exc:
-            # (msgpack's FormatError and StackError have no message: the class says it)
-            raise BadEvent(Reason.BAD_MSGPACK, f"`data` is not msgpack: {describe(exc)}") from None
+            raise BadEvent(Reason.BAD_MSGPACK, f"`data` {_not_msgpack(exc)}") from None
         if not isinstance(decoded, dict):
             raise BadEvent(
                 Reason.BAD_MSGPACK, f"`data` must be a map, got {type(decoded).__name__}"

@@ -948,7 +948,9 @@ async def test_assignments_read_by_a_failed_claim_are_read_again_at_once(
     executor_system = System(redis_url.replace("redis://", f"redis://{user}:pw@"), keys)
     try:
         system.start("admission", "--block-ms", "100")
-        executor_system.start("executor", APP, "--slots", "32")
+        # (slots for every assignment stream: the blocking XREADGROUP reads them, then the
+        # claim fails; with fewer, the take script's call fails before it reads anything)
+        executor_system.start("executor", APP, "--slots", str(keys.shards * APP_WORKFLOWS))
 
         async def registered() -> bool:
             return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS

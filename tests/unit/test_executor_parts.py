@@ -279,8 +279,8 @@ async def test_a_step_timeout_repeats_its_cancel_and_a_shutdown_beside_it_wins()
             asyncio.get_running_loop().call_later(shutdown_at, task.cancel)
         try:
             await Runner._timed(swallows(3, then), "s", 0.05, repeat=True)
-        except BaseException as exc:
-            left = type(exc).__name__
+        except BaseException as exc:  # (a timeout is a StepTimedOut: a TimeoutError)
+            left = "TimeoutError" if isinstance(exc, TimeoutError) else type(exc).__name__
         else:
             left = "returned"
         return left, task.cancelling()

@@ -443,3 +443,23 @@ def test_the_strings_extension_cannot_grow_one_event_past_its_budget(
     assert time.perf_counter() - started < 5.0  # (unbounded: a terabyte string)
     assert replace({"s": "xa", "t": "b"}, {}) == "xb"
     assert not [r for r in caplog.records if r.name == "cel"]  # (the letter says it)
+
+
+def test_a_missing_field_is_said_as_a_plain_path_says_it_not_as_python_s_key_error() -> None:
+    """`max_runs_error ... KeyError: 'plan'` (a newcomer probe): Python's words for a map
+    without the field."""
+    from supersede.keyexpr import compile_limit
+
+    with pytest.raises(KeyExpressionError, match=r": no such key 'plan'$"):
+        compile_limit("metadata.plan == 'pro' ? 5 : 1")({}, {})
+    with pytest.raises(KeyExpressionError, match=r": no such key 'plan'$"):
+        compile_key("metadata.plan")({}, {})  # (the plain path's own words)
+
+
+def test_an_output_msgpack_cannot_hold_is_named_with_its_article() -> None:
+    from supersede.services.executor.outputs import OutputError, readable
+
+    with pytest.raises(OutputError, match=r"the output is an object \(return str"):
+        readable(object(), "s")
+    with pytest.raises(OutputError, match=r"the output\['a'\] is a set \(return str"):
+        readable({"a": {1}}, "s")

@@ -796,6 +796,26 @@ def test_a_parent_is_named_by_its_function_whatever_it_was_registered_as() -> No
         twice.definition()
 
 
+def test_a_test_marks_a_context_cancelled_to_run_a_step_s_cancelled_branch() -> None:
+    """A test of a step's cancelled branch needed the private ctx._cancel() (a newcomer
+    probe): `mark_cancelled()` sets the flag and wakes `wait_cancelled()`."""
+    import asyncio
+
+    from supersede.workflow import Context
+
+    ctx = Context(run_id="r", workflow="w", attempt=1, input={}, metadata={})
+    assert not ctx.cancelled
+
+    async def waits() -> bool:
+        waiter = asyncio.ensure_future(ctx.wait_cancelled())
+        await asyncio.sleep(0)
+        ctx.mark_cancelled()
+        await asyncio.wait_for(waiter, 5)
+        return ctx.cancelled
+
+    assert asyncio.run(waits())
+
+
 def test_publish_wait_shows_a_failed_run_s_error_not_its_partial_outputs() -> None:
     """A run whose second step failed showed the first step's output in the table, and not
     why it failed (an upgrade probe)."""
@@ -896,6 +916,31 @@ def test_an_entry_with_an_empty_name_is_told_apart_from_one_without() -> None:
         with pytest.raises(BadEvent) as refused:
             parse_event(b"1-0", fields, 1 << 20, 10)
         assert refused.value.reason == "missing_name" and refused.value.detail.endswith(said)
+
+
+def test_a_bad_entry_s_detail_says_what_to_send_in_the_contract_s_words() -> None:
+    """A newcomer probe: `unknown `encoding` b'xml'` (a bytes repr), msgpack's own words
+    (`unpack(b) received extra data`, `when strict_map_key=True`), and `JSON` refused."""
+    import msgpack
+
+    from supersede.services.ingress.service import BadEvent, parse_event
+
+    cases = [
+        ({b"encoding": b"xml"}, "bad_encoding", "unknown `encoding` 'xml'; use json or msgpack"),
+        ({b"encoding": b"msgpack", b"data": msgpack.packb({"a": 1}) + b"x"}, "bad_msgpack",
+         "`data` holds bytes after its first msgpack value (send one map)"),
+        ({b"encoding": b"msgpack", b"data": msgpack.packb({1: 2})}, "bad_msgpack",
+         "`data` has a map key that is not a string (keys are strings, as in JSON)"),
+        ({b"encoding": b"msgpack", b"data": b"\xc1"}, "bad_msgpack",
+         "`data` is not msgpack: FormatError"),
+    ]  # fmt: skip
+    for fields, reason, detail in cases:
+        with pytest.raises(BadEvent) as refused:
+            parse_event(b"1-0", {b"name": b"e", **fields}, 1 << 20, 10)
+        assert (refused.value.reason, refused.value.detail) == (reason, detail)
+    event = parse_event(b"1-0", {b"name": b"e", b"encoding": b"JSON", b"data": b'{"a": 1}'},
+                        1 << 20, 10)  # fmt: skip
+    assert event.data == {"a": 1}
 
 
 def test_a_failed_pipeline_command_is_described_without_its_arguments() -> None:
