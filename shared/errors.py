@@ -156,7 +156,12 @@ def step_traceback(exc: BaseException) -> str:
     the step was when it passed (the executor's frames raised it, and say nothing either)."""
     import traceback
 
-    if isinstance(exc, StepTimedOut) and exc.__cause__ is None:
+    if isinstance(exc, StepTimedOut):
+        if exc.__cause__ is not None:  # (the error the step raised once stopped)
+            caused = step_traceback(exc.__cause__)
+            return (
+                f"{caused}\nThe step raised it after its timeout passed:\n\nTimeoutError: {exc}\n"
+            )
         where = f"Traceback (the step when its timeout passed):\n{exc.where}" if exc.where else ""
         return f"{where}TimeoutError: {exc}\n"
     roots = _library_roots()

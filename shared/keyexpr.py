@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from supersede import celstrings
 from supersede.errors import DefinitionError, KeyExpressionError
 from supersede.protocol import Reason
 
@@ -235,7 +236,11 @@ def _compile(
         raise DefinitionError(field, f"invalid CEL: {first}") from None
     code = _code_only(expression)
     called = _calls(code)
-    functions = {name: fn for name, fn in _strings_library().items() if name in called}
+    functions = {
+        name: celstrings.FUNCTIONS[name] for name, _ in called if name in celstrings.FUNCTIONS
+    }
+    if functions:  # (the library logs each failure of a Python function: an event's failure
+        logging.getLogger("cel").setLevel(logging.CRITICAL)  # is its dead letter, not a line)
     if check is not None:
         _refuse_unknown_calls(called, expression, field)
         _refuse_always_bool(code, expression, field, reason)
@@ -265,7 +270,10 @@ def _compile(
                     f"{MAX_COMPREHENSION_ITEMS} a comprehension may walk (its cost budget)",
                 )
         try:
-            return program.execute({"input": input_, "metadata": metadata, **functions})
+            if functions:
+                celstrings.reset()
+                return program.execute({"input": input_, "metadata": metadata, **functions})
+            return program.execute({"input": input_, "metadata": metadata})
         except Exception as exc:
             raise KeyExpressionError(reason, f"{expression!r}: {_explained(exc, code)}") from None
 
@@ -358,6 +366,7 @@ def _trial(
             "event's data) and `metadata`",
         )
     try:
+        celstrings.reset()
         value = program.execute({"input": {}, "metadata": {}, **functions})
     except Exception as exc:
         text = str(exc)
@@ -387,56 +396,60 @@ _BOUND = re.compile(
 )
 _KNOWN = frozenset(
     {"input", "metadata", "true", "false", "null", "in", "int", "uint", "double", "bool",
-     "string", "bytes", "list", "map", "null_type", "type", "dyn", "optional", "strings"}
+     "string", "bytes", "list", "map", "null_type", "type", "dyn", "optional"}
 )  # fmt: skip
 
-# The functions the CEL library itself implements (the core specification: conversions, size,
-# the string predicates, timestamps' and durations' accessors, optionals, the macros). It
-# reports a call of any other name only when an event is evaluated, "undefined" for every
-# event, so registration refuses one (it registered, and every event became a dead letter).
-_NATIVE_CALLS = frozenset(
-    {"size", "contains", "startsWith", "endsWith", "matches", "int", "uint", "double",
-     "string", "bytes", "timestamp", "duration", "dyn", "type", "has", "all", "exists",
-     "exists_one", "existsOne", "map", "filter", "getFullYear", "getMonth", "getDate",
-     "getDayOfMonth", "getDayOfWeek", "getDayOfYear", "getHours", "getMinutes", "getSeconds",
-     "getMilliseconds", "hasValue", "value", "orValue", "or", "optional.of", "optional.none",
-     "optional.ofNonZeroValue"}
+# The functions the CEL library itself implements (the core specification), as it takes them:
+# as methods (`x.contains(y)`) or as functions (`int(x)`). It reports any other call only when
+# an event is evaluated, "undefined", for every event: registration refuses one (it registered,
+# and every event became a dead letter).
+_NATIVE_METHODS = frozenset(
+    {"size", "contains", "startsWith", "endsWith", "matches", "all", "exists", "exists_one",
+     "existsOne", "map", "filter", "getFullYear", "getMonth", "getDate", "getDayOfMonth",
+     "getDayOfWeek", "getDayOfYear", "getHours", "getMinutes", "getSeconds",
+     "getMilliseconds", "hasValue", "value", "orValue", "or"}
 )  # fmt: skip
-# The strings extension (cel-go's names, the CEL library's pure-Python implementations), given
-# to an evaluation that calls them: `input.email.lowerAscii()`, `input.path.split('/')[1]`.
-STRING_FUNCTIONS = (
-    "charAt", "indexOf", "lastIndexOf", "substring", "replace", "split", "join", "lowerAscii",
-    "upperAscii", "trim", "reverse", "strings.quote",
+_NATIVE_FUNCTIONS = frozenset(
+    {"size", "int", "uint", "double", "string", "bytes", "timestamp", "duration", "dyn",
+     "type", "has", "optional.of", "optional.none", "optional.ofNonZeroValue"}
 )  # fmt: skip
-# The longest string `replace` and `join` may make (an event's field is at most --max-payload,
-# 1 MiB by default): `input.s.replace('a', input.t)` could otherwise make a string of the
-# product of two fields' lengths from one hostile event.
-MAX_STRING_BYTES = 4 << 20
-_NAMESPACES = ("optional", "strings")
 _CALL = re.compile(r"(?<![\w])([A-Za-z_]\w*)\s*\(")
-_QUALIFIER = re.compile(r"(?<![\w.])([A-Za-z_]\w*)\s*\.\s*$")
+_QUALIFIER = re.compile(r"(?<![\w.])(optional)\s*\.\s*$")
+_DOT_BEFORE = re.compile(r"\.\s*$")
+_OPERATORS = frozenset({"in"})  # (`x in(['a'])`: an operator before a parenthesis)
 
 
-def _calls(code: str) -> frozenset[str]:
-    """The names of the functions `code` calls, as `f(x)` or as `x.f()`; a namespaced one
-    with its namespace (`strings.quote`)."""
-    names = set()
+def _calls(code: str) -> frozenset[tuple[str, bool]]:
+    """The functions `code` calls: (name, called as a method `x.f()`); `optional.of` by its
+    namespaced name, as a function."""
+    calls = set()
     for match in _CALL.finditer(code):
         name = match.group(1)
-        before = _QUALIFIER.search(code, 0, match.start())
-        if before is not None and before.group(1) in _NAMESPACES:
-            name = f"{before.group(1)}.{name}"
-        names.add(name)
-    return frozenset(names)
+        if name in _OPERATORS:
+            continue
+        if _QUALIFIER.search(code, 0, match.start()):
+            calls.add((f"optional.{name}", False))
+        else:
+            calls.add((name, _DOT_BEFORE.search(code, 0, match.start()) is not None))
+    return frozenset(calls)
 
 
-def _refuse_unknown_calls(called: frozenset[str], expression: str, field: str) -> None:
-    unknown = sorted(called - _NATIVE_CALLS - set(STRING_FUNCTIONS))
-    if unknown:
+def _refuse_unknown_calls(called: frozenset[tuple[str, bool]], expression: str, field: str) -> None:
+    for name, method in sorted(called):
+        if name in celstrings.FUNCTIONS or name in (
+            _NATIVE_METHODS if method else _NATIVE_FUNCTIONS
+        ):
+            continue
+        if not method and name in _NATIVE_METHODS:
+            raise DefinitionError(
+                field,
+                f"{name}() in {expression!r} is a method in CEL: call it on its value "
+                f"(`x.{name}(...)`)",
+            )
         raise DefinitionError(
             field,
-            f"unknown function {unknown[0]}() in {expression!r}: an expression may call CEL's "
-            f"standard functions and the strings extension ({', '.join(STRING_FUNCTIONS)})",
+            f"unknown function {name}() in {expression!r}: an expression may call CEL's "
+            f"standard functions and the strings extension ({', '.join(celstrings.FUNCTIONS)})",
         )
 
 
@@ -452,6 +465,9 @@ def _refuse_always_bool(code: str, expression: str, field: str, reason: str) -> 
     """Refuse an expression that gives a bool whatever the event (a comparison, `!x`, a
     predicate such as `input.a.contains('x')`, outside a ternary): no key nor limit is a
     bool, so every event would be a dead letter."""
+    code = code.strip()
+    while code.startswith("(") and _top_level(code).strip() == "(" + " " * (len(code) - 2) + ")":
+        code = code[1:-1].strip()  # (`(input.a == 1)`: what the parentheses hold)
     top = _top_level(code).strip()
     if "?" in top:  # (a ternary: its branches give the value)
         return
@@ -476,58 +492,6 @@ def _top_level(code: str) -> str:
         if char in "([{":
             depth += 1
     return "".join(out)
-
-
-def _strings_library() -> dict[str, Callable[..., Any]]:
-    """The strings extension's functions (see STRING_FUNCTIONS), `replace`, `join` and `split`
-    bounded so one event cannot make an expression's cost grow past its own size."""
-    global _STRINGS
-    if _STRINGS is None:
-        from cel.stdlib import EXTENSIONS
-
-        # (the library logs each failure of a Python function as a warning: an event's
-        # failure is its dead letter's reason, not a log line per hostile event)
-        logging.getLogger("cel").setLevel(logging.CRITICAL)
-
-        library = {name: EXTENSIONS["strings"][name] for name in STRING_FUNCTIONS}
-        replace, join, split = library["replace"], library["join"], library["split"]
-
-        def bounded_replace(text: Any, old: Any, new: Any, *rest: Any) -> Any:
-            if isinstance(text, str) and isinstance(old, str) and isinstance(new, str):
-                grows = max(0, len(new) - len(old)) * text.count(old)
-                _bounded(len(text) + grows)
-            return replace(text, old, new, *rest)
-
-        def bounded_join(items: Any, *rest: Any) -> Any:
-            if isinstance(items, list) and items:
-                sep = rest[0] if rest and isinstance(rest[0], str) else ""
-                size = sum(len(x) for x in items if isinstance(x, str))
-                _bounded(size + len(sep) * (len(items) - 1))
-            return join(items, *rest)
-
-        def bounded_split(text: Any, *rest: Any) -> Any:
-            parts = split(text, *rest)
-            if isinstance(parts, list) and len(parts) > MAX_COMPREHENSION_ITEMS:
-                raise ValueError(
-                    f"made {len(parts):,} parts, over the {MAX_COMPREHENSION_ITEMS} "
-                    "an expression may make (its cost budget)"
-                )
-            return parts
-
-        library.update(replace=bounded_replace, join=bounded_join, split=bounded_split)
-        _STRINGS = library
-    return _STRINGS
-
-
-_STRINGS: dict[str, Callable[..., Any]] | None = None
-
-
-def _bounded(size: int) -> None:
-    if size > MAX_STRING_BYTES:
-        raise ValueError(
-            f"would make a string of {size:,} characters, over the "
-            f"{MAX_STRING_BYTES:,} an expression may make (its cost budget)"
-        )
 
 
 def _items_over(roots: list[Any], limit: int) -> bool:

@@ -183,15 +183,27 @@ def _timed_out(name: str, timeout: float, failure: BaseException | None) -> Step
 
 
 def _on_thread(run: Running, step: Step, ctx: Context) -> Any:
-    """A sync step, on a pool thread whose ident its run keeps (see `_thread_frames`)."""
+    """A sync step, on a pool thread whose ident its run keeps while the step runs (see
+    `_thread_frames`)."""
     run.thread_ident = threading.get_ident()
-    return step.fn(ctx)
+    try:
+        return step.fn(ctx)
+    finally:
+        run.thread_ident = None
 
 
-def _thread_frames(ident: int | None) -> str:
-    """Where a sync step's thread is now, from the step's own frame ("" when not known)."""
+def _thread_frames(run: Running) -> str:
+    """Where the run's sync step is now, from the step's own frame; "" when not known (not
+    started: the pool was full; or returned meanwhile, its thread maybe on another run's)."""
+    ident = run.thread_ident
     frame = sys._current_frames().get(ident) if ident is not None else None
-    return "" if frame is None else frames_from_step(traceback.extract_stack(frame))
+    stack = traceback.extract_stack(frame) if frame is not None else []
+    inner = frame
+    while inner is not None and not (
+        inner.f_code is _on_thread.__code__ and inner.f_locals.get("run") is run
+    ):
+        inner = inner.f_back
+    return "" if inner is None else frames_from_step(stack)
 
 
 def _stopped(run: Running) -> bool:
@@ -800,7 +812,9 @@ class Runner:
         try:
             return await asyncio.wait_for(asyncio.shield(thread), timeout)
         except TimeoutError:
-            where = _thread_frames(run.thread_ident)
+            if thread.done():  # (the step's own TimeoutError, a socket's say: its failure)
+                return thread.result()
+            where = _thread_frames(run)
         except asyncio.CancelledError:
             await self._cancelled_sync(thread, run, strict)
             raise

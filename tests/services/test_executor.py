@@ -788,6 +788,13 @@ async def test_a_step_timeout_or_an_unpackable_output_fails_the_run(
     await publish(redis, keys, "unpackable.item")
     await eventually(lambda: _states(redis, keys, {"F": 3}), timeout=30)
     errors = {r["w"]: str(r["err"]) for r in (await records(redis, keys)).values()}
+    # a sync step that raises a TimeoutError of its own (a socket's) failed with it, not with
+    # its step timeout's "timed out after 0.2s" and the executor's frames
+    await publish(redis, keys, "sync.timeout.item", **{"raise": 1})
+    await eventually(lambda: _states(redis, keys, {"F": 4}), timeout=30)
+    sync = [str(r["err"]) for r in (await records(redis, keys)).values()]
+    [own] = [e for e in sync if "a socket's own timeout" in e]
+    assert "TimeoutError: a socket's own timeout" in own and "timed out after" not in own, own
     assert "can not serialize 'object' object" in errors["unpackable"]
     # A timeout says where the step was when it passed, from the step's own frame (it was the
     # executor's traceback, which raised it: `_timed`, `_call`, `_try_step`)

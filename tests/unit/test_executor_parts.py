@@ -988,3 +988,34 @@ class _Writes:
 
     def xadd(self, *args: Any) -> None:
         return None
+
+
+def test_a_sync_step_s_place_at_its_timeout_is_read_from_its_own_thread_only() -> None:
+    """Pool threads are reused: a run whose step had not started (the pool full) or had just
+    returned kept the ident of a thread now running another run's step, and its timeout error
+    showed that run's code (a review)."""
+    import threading
+    import types
+
+    from supersede.services.executor.steps import _on_thread, _thread_frames
+
+    release = threading.Event()
+
+    def others_step(ctx: Any) -> None:
+        release.wait(10)
+
+    mine, other = types.SimpleNamespace(thread_ident=None), types.SimpleNamespace(thread_ident=None)
+    step = types.SimpleNamespace(fn=others_step)
+    thread = threading.Thread(target=_on_thread, args=(other, step, None))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while other.thread_ident is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "in others_step" in _thread_frames(other)
+        mine.thread_ident = other.thread_ident  # (stale: the thread runs another run's step)
+        assert _thread_frames(mine) == ""
+    finally:
+        release.set()
+        thread.join(10)
+    assert other.thread_ident is None  # (cleared when the step returned)

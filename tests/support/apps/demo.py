@@ -123,6 +123,8 @@ sync_timeouts = Workflow("sync-timeouts", on_events=["sync.timeout.item"])
 
 @sync_timeouts.step(timeout=0.2)
 def waits_past_its_timeout(ctx: Context) -> None:
+    if ctx.input.get("raise"):
+        raise TimeoutError("a socket's own timeout")  # (the step's failure, not its timeout)
     while not ctx.cancelled:  # (its timeout sets it: the step returns within the grace)
         time.sleep(0.01)
 
