@@ -918,12 +918,13 @@ async def retire(redis: Redis, keys: Keys, workflow: str, *, force: bool = False
                 "its assignments lately): remove it from the executors' module and restart "
                 f"them first, then retire it {SERVED_WINDOW_MS // 1000} s later; or pass --force"
             )
+    before = False
     try:
         ago = await scripts.retire_workflow(workflow, 0 if force else SERVED_WINDOW_MS)
     except LookupError:
         if not await redis.hget(keys.workflow_versions_hash, workflow):
             raise
-        ago = None  # (retired before: its runs and streams are seen to again)
+        ago, before = None, True  # (retired before: its runs and streams are seen to again)
     if ago is not None:
         raise ValueError(
             f"workflow {workflow!r} is served by a live executor (one said so {ago / 1000:.1f} s "
@@ -965,7 +966,7 @@ async def retire(redis: Redis, keys: Keys, workflow: str, *, force: bool = False
     # one command (on a cluster, redis-py sends one per slot; a cluster pipeline's unlink is a
     # coroutine, which queued nothing)
     await redis.unlink(*(sk.assignments_stream(workflow) for sk in keys.all_shards()))
-    return {"retired": workflow, "cancelled": cancelled}
+    return {"retired": workflow, "cancelled": cancelled, "before": before}
 
 
 async def _admitted_so_far(redis: Redis, keys: Keys, timeout: float) -> bool:

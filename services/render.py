@@ -267,6 +267,11 @@ def replayed(result: dict[str, Any]) -> str:
 
 
 def retired(result: dict[str, Any]) -> str:
+    if result.get("before"):  # (again: it finishes a retire that was interrupted, if it was)
+        return (
+            f"workflow {result['retired']} was retired before (it is not registered): "
+            f"{result['cancelled']} live runs cancelled now, its assignment streams deleted"
+        )
     return (
         f"workflow {result['retired']} retired: its events make no run; "
         f"{result['cancelled']} live runs cancelled, its assignment streams deleted"

@@ -212,11 +212,13 @@ class Admission(Service):
 
     async def keep_pinned(self) -> None:
         """The shard count, and the assignment deadline executors' finish calls read, again if
-        the server lost them."""
+        the server lost them: written only then (at maxmemory the server refuses any write,
+        one that changes nothing too, and a failed look makes admission not ready)."""
         await super().keep_pinned()
-        await self.redis.hsetnx(
-            self.keys.config_hash, ASSIGN_DEADLINE_FIELD, str(self.config.assign_deadline_ms)
-        )
+        if await self.redis.hget(self.keys.config_hash, ASSIGN_DEADLINE_FIELD) is None:
+            await self.redis.hsetnx(
+                self.keys.config_hash, ASSIGN_DEADLINE_FIELD, str(self.config.assign_deadline_ms)
+            )
 
     async def prepare(self) -> None:
         await self.load_workflows()

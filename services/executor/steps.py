@@ -1023,6 +1023,12 @@ class Runner:
         if not tasks:
             return
         _, late = await asyncio.wait(tasks, timeout=max(0.0, timeout))
+        if late:  # (said first: the hand-backs, made as their steps end, log their outcome)
+            log.warning(
+                "drain deadline passed; stopping runs: each is handed back as its step ends and "
+                "retried elsewhere at once (a run of one attempt once its lease lapses)",
+                extra={"runs": len(late), "run_ids": sorted(tasks[t] for t in late)[:100]},
+            )  # fmt: skip
         for task in late:
             runs[task].drained = True
             task.cancel()
@@ -1036,15 +1042,11 @@ class Runner:
               for task in late if runs[task].in_async_step),
             asyncio.wait(late, timeout=DRAIN_STOP_WITHIN + 0.1) if late else asyncio.sleep(0),
         )  # fmt: skip
-        if late:
-            stopped = sorted(tasks[t] for t in late)
-            kept = sorted(tasks[t] for t in late if not t.done() or runs[t].step_runs_on)
+        kept = sorted(tasks[t] for t in late if not t.done() or runs[t].step_runs_on)
+        if kept:
             log.warning(
-                "drain deadline passed; runs stopped, to be handed back and retried elsewhere "
-                "at once (a run of one attempt, and those in left_to_lease, whose sync steps "
-                "ran on, once their leases lapse)",
-                extra={"runs": len(stopped), "run_ids": stopped[:100],
-                       "left_to_lease": kept[:100]},
+                "runs whose steps ran on past their stop are not handed back: they are retried "
+                "elsewhere once their leases lapse", extra={"run_ids": kept[:100]},
             )  # fmt: skip
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from supersede.keys import Keys
 from supersede.registry import register
+from supersede.services import render
 from tests.support import APP_WORKFLOWS, System, eventually, records
 
 DOC = {"id": "doc", "events": ["doc.saved"]}
@@ -176,7 +177,7 @@ async def test_retire_removes_a_workflow_no_executor_serves_with_its_runs_and_st
     )  # fmt: skip
     assert unknown.returncode == 1 and b"no workflow 'nope'" in unknown.stderr
     done = await acli(system, "retire", "orphan")
-    assert done == {"retired": "orphan", "cancelled": 30}
+    assert done == {"retired": "orphan", "cancelled": 30, "before": False}
     assert await redis.hget(keys.workflows_hash, "orphan") is None
     assert await redis.hget(keys.workflows_hash, "chat-reply") is not None
     for sk in keys.all_shards():
@@ -195,8 +196,11 @@ async def test_retire_removes_a_workflow_no_executor_serves_with_its_runs_and_st
     assert (await acli(system, "status"))["workflows"]["orphan"]["runs"] == {"CANCELLED": 30}
     assert await acli(system, "runs", "--workflow", "orphan", "--key", "late") == []
     # run again (an interrupted retire: the registry had lost it, so it said "no workflow"),
-    # it sees to the runs and streams once more
-    assert await acli(system, "retire", "orphan") == {"retired": "orphan", "cancelled": 0}
+    # it sees to the runs and streams once more, and says it was retired before (it said
+    # "retired" as the first time: an operator probe)
+    again = {"retired": "orphan", "cancelled": 0, "before": True}
+    assert await acli(system, "retire", "orphan") == again
+    assert render.retired(again).startswith("workflow orphan was retired before (it is not")
 
 
 async def test_a_dead_letter_is_replayed_after_fixing_the_workflow(

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -675,6 +676,33 @@ def _ready_status(port: int) -> int:
         return exc.code
     except OSError:  # (not listening yet)
         return 0
+
+
+async def test_admission_stays_ready_at_maxmemory_when_nothing_pinned_was_lost(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """At maxmemory the server refuses every write command, even one that would change
+    nothing: the look for the pinned facts wrote the assignment deadline (HSETNX) every 5 s,
+    failed, and admission was not ready for as long as memory stayed full (a probe: 2 min of
+    503 and the critical SupersedeAdmissionDown, "process gone or Redis unreachable", while
+    it reaped and trimmed). It writes only what is missing now."""
+    from supersede.service import PIN_EVERY
+
+    port = free_port()
+    proc = start_admission(redis_url, keys, "--metrics-port", str(port), "--reap-interval", "0.1")
+    try:
+        await eventually(lambda: asyncio.to_thread(lambda: _ready_status(port) == 200))
+        await redis.config_set("maxmemory", 1)  # (noeviction: every write is refused)
+        try:
+            until = time.monotonic() + PIN_EVERY * 1.5  # (a look for the pinned facts at least)
+            while time.monotonic() < until:
+                assert await asyncio.to_thread(_ready_status, port) == 200
+                await asyncio.sleep(0.2)
+        finally:
+            await redis.config_set("maxmemory", 0)
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 async def test_a_failing_reaper_makes_admission_not_ready_and_is_counted(

@@ -273,7 +273,9 @@ async def test_retire_deletes_a_workflows_streams_on_a_cluster(
         streams = [sk.assignments_stream("gone") for sk in keys.all_shards()]
         for stream in streams:
             await client.xadd(stream, {"id": "x"})
-        assert await retire(client, keys, "gone") == {"retired": "gone", "cancelled": 0}
+        assert await retire(client, keys, "gone") == {
+            "retired": "gone", "cancelled": 0, "before": False,
+        }  # fmt: skip
         assert [s for s in streams if await client.exists(s)] == []
         assert await client.hget(keys.workflows_hash, "gone") is None
     finally:

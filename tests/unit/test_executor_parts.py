@@ -1019,3 +1019,48 @@ def test_a_sync_step_s_place_at_its_timeout_is_read_from_its_own_thread_only() -
         release.set()
         thread.join(10)
     assert other.thread_ident is None  # (cleared when the step returned)
+
+
+async def test_the_drain_deadline_is_said_before_the_hand_backs_of_the_runs_it_stops() -> None:
+    """The runs stopped at the drain deadline are handed back as their steps end, and a hand-
+    back that failed (Redis down) said "not handed back: retried once their leases lapse"; the
+    line "drain deadline passed; runs stopped, to be handed back" came after it, for the same
+    runs (an operator probe). The deadline is said as the runs are stopped, before their ends."""
+    import asyncio
+    import logging
+
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Workflow
+
+    wf = Workflow("wf", on_events=["e"])
+    events: list[str] = []
+
+    class Said(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            events.append(record.getMessage().split(";")[0].split(":")[0])
+
+    @wf.step()
+    async def long(ctx: Any) -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            events.append("step ended")
+
+    runner = Runner([wf], ExecutorConfig(), _Outbox())
+    run = runner.start(0, Claim("0-a", True, 1, "wf", "v", pack_input({}, {}, "e", "1"), "k",
+                                "s", "R"))  # fmt: skip
+    assert run is not None and run.task is not None
+    await asyncio.sleep(0.05)
+    runner.stopping.set()
+    handler = Said(logging.WARNING)
+    logger = logging.getLogger("supersede")
+    logger.addHandler(handler)
+    try:
+        await runner.finish_running(0.0)
+    finally:
+        logger.removeHandler(handler)
+    assert events == ["drain deadline passed", "step ended"], events
+    assert runner.left == [(0, "0-a", 1)]
+    runner.close()
