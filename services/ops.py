@@ -686,7 +686,7 @@ async def _say_duplicates(
     from supersede.client import get_run
 
     for row in runs:
-        if "duplicate_of" not in row:
+        if not row["duplicate_of"]:
             continue
         found = await get_run(redis, row["run"], namespace=keys.namespace) is not None
         print(
@@ -699,6 +699,10 @@ async def _say_duplicates(
 
 
 PUBLISH_WAIT_S = 60.0  # `publish --wait`'s --timeout unless given
+# The fields of a `publish --wait` row besides workflow, key, run and duplicate_of, with the
+# value of a row whose end did not give one (a dead letter has no outputs, say).
+WAITED_ROW = {"state": None, "error": "", "outputs": None, "cancelled_by": None, "reason": None,
+              "timed_out": False}  # fmt: skip
 
 
 async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
@@ -713,8 +717,7 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     if not planned:
         _warn_no_run(args.name, known)
     runs: list[dict[str, Any]] = [
-        {"workflow": p.workflow, "key": p.key, "run": p.run_id}
-        | ({"duplicate_of": p.duplicate_of} if p.duplicate_of else {})
+        {"workflow": p.workflow, "key": p.key, "run": p.run_id, "duplicate_of": p.duplicate_of}
         for p in planned
     ]
     try:
@@ -771,7 +774,7 @@ async def _follow_published(
     _, defs, _ = await load_all(redis, keys)
     planned_for = {row["workflow"] for row in runs}
     refused = [
-        {"workflow": wf.id, "key": None, "run": None}
+        {"workflow": wf.id, "key": None, "run": None, "duplicate_of": None}
         for wf in sorted(defs.values(), key=lambda w: w.id)
         if args.name in wf.events and wf.id not in planned_for
     ]
@@ -780,6 +783,9 @@ async def _follow_published(
         *(wait(row) for row in runs if row["run"]),
         *(_wait_dead_letter(redis, keys, entry, row, args.timeout) for row in refused),
     )
+    for row in runs:  # (every row has every field, whatever its end: --json is for scripts)
+        for name, default in WAITED_ROW.items():
+            row.setdefault(name, default)
 
 
 def _checked_publish(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] | None]:

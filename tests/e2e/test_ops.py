@@ -368,13 +368,26 @@ async def test_publish_wait_reports_an_event_dead_lettered_for_its_key(
     assert done.returncode == 4, (done.stdout, done.stderr)
     assert b"DEAD_LETTERED" in done.stdout and b"key_error" in done.stdout
     assert b"reindex" in done.stdout and b"dead-lettered for it" in done.stderr
+    # --json: a dead-lettered row has every field a run's row has (it had no `outputs`,
+    # `timed_out` nor `duplicate_of`: an operator probe)
+    as_json = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "supersede", "publish", "doc.saved", '{"document": "d2"}',
+         "--wait", "--timeout", "20", "--json"],
+        env=system.env, capture_output=True, timeout=60,
+    )  # fmt: skip
+    [row] = orjson.loads(as_json.stdout)["runs"]
+    assert row["state"] == "DEAD_LETTERED" and set(row) == {
+        "workflow", "key", "run", "duplicate_of", "state", "error", "outputs", "cancelled_by",
+        "reason", "timed_out",
+    }, row  # fmt: skip
     # a hostile event name, straight into the inbox: its dead letter prints escaped
     await redis.xadd(keys.events_stream, {"name": "\x1b]0;owned\x07\x1b[2Jevil", "data": "bad"})
 
-    async def two_dead() -> bool:
-        return len(await acli(system, "dead")) == 2
+    async def three_dead() -> bool:
+        return len(await acli(system, "dead")) == 3
 
-    await eventually(two_dead, timeout=30)
+    await eventually(three_dead, timeout=30)
     table = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "supersede", "dead"], env=system.env,
         capture_output=True, timeout=30,
