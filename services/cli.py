@@ -929,11 +929,24 @@ def _terminal() -> bool:
         return False
 
 
+class _StoppedBeforeStart(BaseException):
+    """A SIGTERM to a service before its loop handles it (while it imports its workflows'
+    modules, say): nothing was claimed yet, so the service exits 0 as a drained one does (the
+    signal's default ended it, -15, without a line)."""
+
+
+def _stop_before_start(signum: int, frame: Any) -> None:
+    raise _StoppedBeforeStart
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logs.setup(args.log_level)
+    service = args.func in (_admission, _ingress, _executor, _serve)
+    if service and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _stop_before_start)  # (the loop's handler replaces it)
     try:
-        if args.func in (_admission, _ingress, _executor, _serve):
+        if service:
             place_process()  # (first: before a workflow module imported later starts a thread)
         elif args.func is _dev:
             place_process(apply=False)  # (its services apply them)
@@ -954,6 +967,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:  # (Ctrl-C before a command handles it: a slow module's import)
         print("supersede: interrupted", file=sys.stderr)
         sys.exit(130)
+    except _StoppedBeforeStart:
+        log.info("stopped before it started (SIGTERM)")
+        sys.exit(0)
     except BrokenPipeError:  # `supersede runs | head`: the reader has all it wanted
         if args.func in (_admission, _ingress, _executor, _serve):
             raise  # (a service does not write its work to stdout; `dev`'s console does)

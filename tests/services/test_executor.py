@@ -291,6 +291,31 @@ async def test_sigkill_of_an_executor_holding_runs_retries_them_elsewhere(
     )
 
 
+async def test_sigterm_while_the_workflows_import_exits_0_at_once(
+    system: System, tmp_path: Path
+) -> None:
+    """A deploy that stops an executor still importing its workflows' modules (a model
+    loaded at import: seconds) saw it killed by the signal's default, exit -15, without a
+    line. Nothing was claimed yet: it exits 0 at once, saying so."""
+    module = tmp_path / "slow_import.py"
+    marker = tmp_path / "importing"
+    module.write_text(f"import pathlib, time\npathlib.Path({str(marker)!r}).touch()\n"
+                      "time.sleep(30)\n")  # fmt: skip
+    proc = subprocess.Popen([*CLI, "executor", str(module), "--metrics-port", "0"],
+                            env=system.env, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        await eventually(lambda: asyncio.to_thread(marker.exists), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 10) == 0
+        assert proc.stderr is not None
+        assert "stopped before it started (SIGTERM)" in proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
 async def test_sigterm_drains_running_runs_within_the_deadline(
     redis: Redis, keys: Keys, system: System
 ) -> None:
