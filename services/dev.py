@@ -178,9 +178,18 @@ class Children:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        started = time.monotonic()
+        deadline = started + STOP_WITHIN
+        said = False
         for proc in self.procs:
             try:
+                if not said:  # (a stop that takes a while says why: it was silent, ~8 s)
+                    try:
+                        proc.wait(max(0.0, started + SAY_STOPPING_AFTER - time.monotonic()))
+                        continue
+                    except subprocess.TimeoutExpired:
+                        print(STOPPING, file=sys.stderr, flush=True)
+                        said = True
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
@@ -189,6 +198,14 @@ class Children:
             log.close()
         if not keep_logs:
             shutil.rmtree(self.logs, ignore_errors=True)
+
+
+STOP_WITHIN = 10.0  # seconds the services have to stop once signalled; then SIGKILL
+SAY_STOPPING_AFTER = 1.0  # a stop not done by then says what it waits for
+STOPPING = (
+    "supersede dev: stopping: the executors drain their runs (up to 3 s), and a sync step that "
+    f"does not return holds its executor up to {STOP_WITHIN:g} s, then it is killed"
+)
 
 
 async def publish_demo_events(redis: Redis, inbox: str, stop: asyncio.Event) -> None:

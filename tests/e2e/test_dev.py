@@ -508,3 +508,38 @@ def test_dev_stopped_while_its_services_start_exits_128_plus_the_signal(tmp_path
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err.decode().strip().splitlines() == ["supersede dev: interrupted"], err
+
+
+def test_dev_says_what_it_waits_for_when_its_services_take_a_while_to_stop(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C with a sync step that never returns: dev waited for its executor's drain and
+    exit, ~8 s, without a line (a probe). Past a second it says what it waits for."""
+    marker = tmp_path / "started"
+    (tmp_path / "stuck.py").write_text(
+        "import pathlib, time\n\nfrom supersede import Context, Workflow\n\n"
+        "wf = Workflow('stuck', on_events=['stuck.go'])\n\n\n"
+        "@wf.step()\ndef never_returns(ctx: Context) -> None:\n"
+        f"    pathlib.Path({str(marker)!r}).touch()\n    time.sleep(60)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    cmd = [sys.executable, "-m", "supersede", "dev", "--module", "stuck.py", "--no-demo-events",
+           "--ui-port", "0"]  # fmt: skip
+    with _console(cmd, env, cwd=tmp_path) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = ""
+        while "export SUPERSEDE_REDIS_URL=" not in line:
+            line = proc.stdout.readline().decode()
+            assert line, "the console ended before it said its server's URL"
+        url = re.search(r"export SUPERSEDE_REDIS_URL=(\S+)", line)
+        assert url is not None
+        client = redis.Redis.from_url(url.group(1))
+        client.xadd("supersede:events", {"name": "stuck.go", "data": "{}"})
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the stuck step never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "supersede dev: stopping: the executors drain their runs" in err.decode()
