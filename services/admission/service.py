@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -185,6 +186,7 @@ class Admission(Service):
         self.config = config or AdmissionConfig()
         super().__init__(redis, settings, consumer=consumer)
         self._gauged_workflows: set[str] = set()
+        self._backlog_workflows: set[str] = set()  # (the workflows the backlog gauge shows)
         self._workflows: list[str] = []  # registered, refreshed by each trim
         self._retentions: dict[str, int] = {}  # workflow -> its own retention (ms)
         self._gauges_due = Throttle(1.0)
@@ -272,8 +274,14 @@ class Admission(Service):
         )
 
     async def tick(self) -> None:
-        """Reap expired leases, take over stale pending entries, and (each second) the gauges."""
-        await self.reap_all()
+        """Reap expired leases, take over stale pending entries, and (each second) the gauges.
+        A tick that fails (Redis down) makes the gauges of what Redis holds unknown (NaN):
+        they showed the last values read, a lag of 0 through an outage."""
+        try:
+            await self.reap_all()
+        except BaseException:
+            self._gauges_unknown()
+            raise
         try:  # (on a cluster each bounded: a master that went silent since the reaps)
             await self.reclaim_all()
             if self._gauges_due.due():
@@ -587,6 +595,16 @@ class Admission(Service):
             extra = {"stream": stream.decode(), "entry": entry_id.decode(), "reason": reason}
             self.log.warning("entry dead-lettered", extra={**extra, "repeats": repeats})
 
+    def _gauges_unknown(self) -> None:
+        unknown = math.nan
+        metrics.ACTIVE.set(unknown)
+        for kind in ("requests", "results", "assignments"):
+            metrics.STREAM_LAG.labels(kind).set(unknown)
+        for workflow in self._gauged_workflows:
+            metrics.QUEUED.labels(workflow).set(unknown)
+        for workflow in self._backlog_workflows:
+            metrics.ASSIGNMENT_BACKLOG.labels(workflow).set(unknown)
+
     async def update_gauges(self) -> None:
         """Queued runs per workflow, active runs, the backlog of each stream kind, and the
         unclaimed assignments of each registered workflow (what a pool scales on)."""
@@ -634,6 +652,7 @@ class Admission(Service):
             metrics.STREAM_LAG.labels(kind).set(value)
         for workflow, n in backlog.items():
             metrics.ASSIGNMENT_BACKLOG.labels(workflow).set(n)
+        self._backlog_workflows = set(backlog)
         served = await self.health.bounded(self.redis.hgetall(self.keys.workflows_served_hash))
         now_ms = await server_time(self.redis) * 1000  # (the executors' marks are its time)
         for name, at in served.items():

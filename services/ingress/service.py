@@ -387,8 +387,14 @@ class Ingress(Service):
         )
 
     async def tick(self) -> None:
-        """Registry refresh; each second, take-over of stale pending entries and inbox lag."""
-        await self.refresh()
+        """Registry refresh; each second, take-over of stale pending entries and inbox lag. A
+        refresh that fails (Redis down) makes the lag unknown (NaN: it showed the last value
+        read through an outage)."""
+        try:
+            await self.refresh()
+        except BaseException:
+            metrics.INBOX_LAG.set(math.nan)
+            raise
         if self._housekeeping_due.due():
             if self.routes:  # (no workflow: the inbox waits, another consumer's pending too)
                 await self.reclaim()

@@ -705,6 +705,39 @@ async def test_admission_stays_ready_at_maxmemory_when_nothing_pinned_was_lost(
         proc.wait(10)
 
 
+async def test_the_gauges_of_what_redis_holds_are_unknown_while_it_is_down(keys: Keys) -> None:
+    """With Redis down, admission's and ingress's /metrics showed the last lags they read (0,
+    say) for the whole outage: dashboards read "no backlog". They read NaN until a read
+    succeeds again."""
+    from supersede.server import EmbeddedServer
+
+    server = EmbeddedServer().start()
+    ports = {"admission": free_port(), "ingress": free_port()}
+    procs = [subprocess.Popen([sys.executable, "-m", "supersede", name, "--block-ms", "100",
+                               "--metrics-port", str(port)],
+                              env=env_for(server.url, keys), stderr=subprocess.DEVNULL)
+             for name, port in ports.items()]  # fmt: skip
+    lag = {
+        "admission": 'supersede_admission_stream_lag{stream="requests"}',
+        "ingress": "supersede_ingress_inbox_lag",
+    }
+
+    def reads(name: str, value: str) -> Callable[[str], bool]:
+        return lambda body: f"{lag[name]} {value}" in body
+
+    try:
+        for name, port in ports.items():
+            await scrape_when(f"http://127.0.0.1:{port}/metrics", reads(name, "0.0"), timeout=30)
+        server.stop()
+        for name, port in ports.items():
+            await scrape_when(f"http://127.0.0.1:{port}/metrics", reads(name, "NaN"), timeout=30)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
+        server.stop()
+
+
 async def test_a_failing_reaper_makes_admission_not_ready_and_is_counted(
     redis: Redis, redis_url: str, keys: Keys
 ) -> None:
