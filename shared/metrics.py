@@ -239,20 +239,34 @@ class _Handler(MetricsHandler):
     registry = REGISTRY
 
     def do_GET(self) -> None:
+        self._answer(head=False)
+
+    def do_HEAD(self) -> None:  # (a probe may ask HEAD: it was 501)
+        self._answer(head=True)
+
+    def _answer(self, head: bool) -> None:
+        """/metrics, /healthz and /readyz; any other path is 404 (it was the metrics, 200: a
+        probe's typo, `/health`, passed while Redis was down)."""
         path = self.path.split("?", 1)[0]
         if path == "/healthz":
-            self._plain(200, b"ok\n")
+            self._plain(200, b"ok\n", head)
         elif path == "/readyz":
-            self._plain(200, b"ready\n") if is_ready() else self._plain(503, b"not ready\n")
+            ready = is_ready()
+            self._plain(200 if ready else 503, b"ready\n" if ready else b"not ready\n", head)
+        elif path != "/metrics":
+            self._plain(404, b"not found: /metrics, /healthz and /readyz are served\n", head)
+        elif head:
+            self._plain(200, b"", head)
         else:
             super().do_GET()
 
-    def _plain(self, status: int, body: bytes) -> None:
+    def _plain(self, status: int, body: bytes, head: bool = False) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if not head:
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
         return

@@ -624,7 +624,7 @@ class Admission(Service):
                     pipe.xinfo_groups(sk.assignments_stream(wf))
                     pipe.xlen(sk.assignments_stream(wf))
             replies = await self.health.bounded(pipe.execute(raise_on_error=False))
-        queued: dict[str, int] = {}
+        queued = dict.fromkeys(workflows, 0)  # (every registered one: 0, not no series)
         active = 0
         lag = dict.fromkeys(("requests", "results", "assignments"), 0)
         # (the runs assigned and not claimed, from the counts: the streams also hold the
@@ -646,6 +646,7 @@ class Admission(Service):
             metrics.QUEUED.labels(workflow).set(0)
         for workflow, n in queued.items():
             metrics.QUEUED.labels(workflow).set(n)
+            metrics.LEASE_FAILURES.labels(workflow)  # (at 0: increase() sees the first)
         self._gauged_workflows |= set(queued)
         metrics.ACTIVE.set(active)
         for kind, value in lag.items():

@@ -43,7 +43,7 @@ from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.fetch import Fetcher
 from supersede.services.executor.lease import LeaseKeeper
 from supersede.services.executor.outbox import FinishHere, Outbox
-from supersede.services.executor.steps import Runner
+from supersede.services.executor.steps import OUTCOME_LABEL, Runner
 from supersede.streams import GroupSpec
 from supersede.workflow import Workflow
 
@@ -124,6 +124,9 @@ class Executor(Service):
             which = f"workflow {exc.workflow!r}" if exc.workflow else "a workflow"
             raise ConfigError(f"{which} cannot be registered: {exc}") from None
         metrics.SLOTS.set(self.config.slots)
+        for wid in self.definitions:  # (at 0 from the start: increase() sees the first ones)
+            for outcome in OUTCOME_LABEL.values():
+                metrics.RUNS_FINISHED.labels(wid, outcome)
         await self.runner.start_processes(self.settings.redis_url)
         self.log.info("workflows registered", extra={"workflows": sorted(self.definitions)})
 

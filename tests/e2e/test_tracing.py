@@ -170,21 +170,27 @@ def test_tracing_is_off_unless_the_environment_asks(monkeypatch: pytest.MonkeyPa
     assert os.environ["OTEL_TRACES_EXPORTER"] == "console"
 
 
+def _without_the_otlp_exporter(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """`env` for a process that cannot import the OTLP exporters (`make install` has the HTTP
+    one, as README "Tracing" needs): an install without them, as a user's may be."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n\n\nclass _NoOtlp:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.startswith('opentelemetry.exporter.otlp'):\n"
+        "            raise ImportError(name)\n\n\nsys.meta_path.insert(0, _NoOtlp())\n"
+    )
+    paths = [str(tmp_path), *filter(None, [env.get("PYTHONPATH")])]
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 @pytest.mark.parametrize(
     ("exporter", "named"), [("zipkin", "use otlp, console or none"), ("otlp", "pip install")]
 )
 def test_a_service_refuses_traces_it_cannot_export_in_one_line(
-    system: System, exporter: str, named: str
+    system: System, exporter: str, named: str, tmp_path: Path
 ) -> None:
     """Before it connects anywhere: the variable to fix, or the package to install."""
-    if exporter == "otlp":
-        try:
-            import opentelemetry.exporter.otlp.proto.http  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            pytest.skip("the OTLP exporter is installed here: nothing to refuse")
-    env = {**system.env, "OTEL_TRACES_EXPORTER": exporter,
+    env = {**_without_the_otlp_exporter(system.env, tmp_path), "OTEL_TRACES_EXPORTER": exporter,
            "SUPERSEDE_REDIS_URL": "redis://127.0.0.1:1/0"}  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "supersede", "admission", "--metrics-port", "0"],
                           env=env, capture_output=True, timeout=60)  # fmt: skip
@@ -193,18 +199,15 @@ def test_a_service_refuses_traces_it_cannot_export_in_one_line(
     assert "OTEL_TRACES_EXPORTER" in line and named in line and "Redis" not in line
 
 
-def test_an_otlp_endpoint_alone_without_its_exporter_only_warns(system: System) -> None:
+def test_an_otlp_endpoint_alone_without_its_exporter_only_warns(
+    system: System, tmp_path: Path
+) -> None:
     """Platforms set OTEL_EXPORTER_OTLP_ENDPOINT for every process: with the SDK installed but
     not the OTLP exporter, the service refused to start, naming OTEL_TRACES_EXPORTER=otlp, a
     variable nobody set. It warns once and runs without traces (here it then stops at the
     unreachable server, which shows it went past tracing)."""
-    try:
-        import opentelemetry.exporter.otlp.proto.http  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("the OTLP exporter is installed here: nothing is missing")
-    env = {k: v for k, v in system.env.items() if not k.startswith("OTEL_")}
+    env = {k: v for k, v in _without_the_otlp_exporter(system.env, tmp_path).items()
+           if not k.startswith("OTEL_")}  # fmt: skip
     env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.invalid:4318",
             "SUPERSEDE_REDIS_URL": "redis://127.0.0.1:1/0"}  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "supersede", "admission", "--metrics-port", "0"],
@@ -239,3 +242,47 @@ def test_a_tracing_setting_the_sdk_would_ignore_is_refused_in_one_line(
     last = err.strip().splitlines()[-1]
     assert last.startswith("supersede: ") and variable in last and "Redis" not in last, err
     assert "Traceback" not in err
+
+
+async def test_traces_reach_an_otlp_collector_over_http(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """README "Tracing" as written, after `make install`: OTEL_TRACES_EXPORTER=otlp and an
+    endpoint send the spans to a collector over HTTP (the dev tools lacked the exporter: the
+    service refused to start, exit 2; an observability probe)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[tuple[str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, body))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{collector.server_port}"
+        system.env = {
+            **system.env,
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        }
+        await system.pipeline(redis, keys, 1)
+        await redis.xadd(keys.events_stream, {Inbox.NAME: b"work.item", Inbox.DATA: b"{}"})
+
+        async def exported() -> bool:
+            return any(p == "/v1/traces" and b"supersede-executor" in b for p, b in received)
+
+        await eventually(exported, timeout=30)
+    finally:
+        collector.shutdown()
+        collector.server_close()

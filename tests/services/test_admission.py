@@ -728,6 +728,21 @@ async def test_the_gauges_of_what_redis_holds_are_unknown_while_it_is_down(keys:
     try:
         for name, port in ports.items():
             await scrape_when(f"http://127.0.0.1:{port}/metrics", reads(name, "0.0"), timeout=30)
+        # a registered workflow's queued gauge and failures counter read 0 from the start (no
+        # series until a run queued or failed: increase() missed the first failures)
+        client = Redis.from_url(server.url)
+        try:
+            await register(client, keys, {"id": "quiet", "events": ["q"]})
+        finally:
+            await client.aclose()
+        await scrape_when(
+            f"http://127.0.0.1:{ports['admission']}/metrics",
+            lambda body: (
+                'supersede_admission_queued_runs{workflow="quiet"} 0.0' in body
+                and 'supersede_admission_runs_failed_total{workflow="quiet"} 0.0' in body
+            ),
+            timeout=30,
+        )
         server.stop()
         for name, port in ports.items():
             await scrape_when(f"http://127.0.0.1:{port}/metrics", reads(name, "NaN"), timeout=30)

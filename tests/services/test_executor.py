@@ -903,6 +903,11 @@ async def test_executor_metrics_are_served(redis: Redis, redis_url: str, keys: K
         body = await scrape_when(f"http://127.0.0.1:{port}/metrics", lambda b: finished in b)
         assert "supersede_executor_queue_wait_seconds_count 1.0" in body
         assert "supersede_executor_slots 10.0" in body
+        # each of its workflows' outcomes at 0 from the start: a first failure showed as a new
+        # series at 1, which increase() misses (SupersedeRunsFailing; an observability probe)
+        assert (
+            'supersede_executor_runs_finished_total{outcome="failed",workflow="work"} 0.0' in body
+        )
     finally:
         system.close()
 

@@ -196,6 +196,16 @@ def test_readyz_follows_the_ready_flag() -> None:
         assert resp.read() == b"ok\n"
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
         assert b"python_info" in resp.read()
+    # another path is 404, not the metrics (a probe's typo passed: an observability probe),
+    # and HEAD answers as GET does, without a body (it was 501)
+    for typo in ("/health", "/ready", "/", "/healthz/"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"{url}{typo}", timeout=5)
+        assert info.value.code == 404, typo
+        info.value.close()
+    head = urllib.request.Request(f"{url}/readyz", method="HEAD")
+    with urllib.request.urlopen(head, timeout=5) as resp:
+        assert resp.status == 200 and resp.read() == b""
 
     def status() -> int:
         try:
