@@ -16,7 +16,15 @@ import orjson
 
 # Control characters a published value may carry (terminal escape sequences among them), as
 # \xNN: a table shows them, a terminal does not obey them. New lines are kept.
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c != 0x0A}
+_CONTROL: dict[int, str] = {
+    c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c != 0x0A
+}
+# And the characters that reorder or hide text (bidirectional overrides and isolates, zero-
+# width marks), as \uNNNN: a key holding U+202E printed its row's columns reversed (a probe).
+_CONTROL.update(
+    {c: f"\\u{c:04x}" for c in (*range(0x200B, 0x2010), *range(0x202A, 0x202F),
+                                 *range(0x2066, 0x206A), 0xFEFF)}
+)  # fmt: skip
 
 
 def printable(text: str) -> str:

@@ -12,19 +12,26 @@ from typing import Any
 from urllib.parse import urlencode
 
 from supersede.protocol import RunState
-from supersede.services.render import debounced
+from supersede.services.render import debounced, printable
 
 FIELD_MAX = 2000  # characters of one dead-letter field or run input shown
 
 
 def esc(value: Any) -> str:
-    """Text as HTML (quotes too, so it is safe in an attribute)."""
+    """Text shown, as HTML (quotes too, so it is safe in an attribute): control characters and
+    those that reorder or hide text (U+202E) shown escaped, as the CLI's tables do (a NUL and
+    a bidirectional override were sent raw: a probe)."""
+    return html.escape(printable("" if value is None else str(value)), quote=True)
+
+
+def attr(value: Any) -> str:
+    """A value a form sends back (a key to cancel), as an HTML attribute: whole, not shown."""
     return html.escape("" if value is None else str(value), quote=True)
 
 
 def q(**params: Any) -> str:
     """A query string of the params that are set, escaped for an attribute."""
-    return esc(urlencode({k: v for k, v in params.items() if v not in (None, "")}))
+    return attr(urlencode({k: v for k, v in params.items() if v not in (None, "")}))
 
 
 def cut(text: Any, limit: int = FIELD_MAX) -> str:
@@ -162,21 +169,23 @@ def runs(
     rows: list[dict[str, Any]], workflows: list[str], f: dict[str, Any], nxt: str | None
 ) -> tuple[str, str]:
     """(the title and filter form, which stay; the rows, which a live page refreshes)"""
+    chosen = f.get("workflow")
     options = "".join(
-        f'<option value="{esc(w)}"{" selected" if w == f.get("workflow") else ""}>{esc(w)}</option>'
+        f'<option value="{attr(w)}"{" selected" if w == chosen else ""}>{esc(w)}</option>'
         for w in ["", *workflows]
     )
-    states = "".join(
-        f'<option value="{s}"{" selected" if s == f.get("state") else ""}>{s or "any"}</option>'
+    wanted = (f.get("state") or "").lower()  # (`?state=SUCCEEDED` filters as `succeeded`: the
+    states = "".join(  # form showed "any" for it, and a Filter dropped it)
+        f'<option value="{s}"{" selected" if s == wanted else ""}>{s or "any"}</option>'
         for s in ["", *(x.name.lower() for x in RunState)]
     )
     form = (
         '<form class=filters method=get action="/runs">'
         f"<label>workflow <select name=workflow>{options}</select></label> "
-        f'<label>key <input name=key value="{esc(f.get("key") or "")}"></label> '
+        f'<label>key <input name=key value="{attr(f.get("key") or "")}"></label> '
         f"<label>state <select name=state>{states}</select></label> "
         f"<label>ended before (UTC) <input type=datetime-local name=ended_before "
-        f'value="{esc(f.get("ended_before") or "")}"></label> '
+        f'value="{attr(f.get("ended_before") or "")}"></label> '
         "<button type=submit>Filter</button></form>"
     )
     body = [
@@ -289,7 +298,7 @@ def run(
     if csrf is not None and r["state"] not in {s.name for s in RunState if s.terminal}:
         action = (
             f'<form class=inline method=post action="/runs/{esc(r["id"])}/cancel">'
-            f'<input type=hidden name=csrf value="{esc(csrf)}">'
+            f'<input type=hidden name=csrf value="{attr(csrf)}">'
             "<button type=submit>Cancel this run</button></form>"
         )
     if not_cancelled:
@@ -325,9 +334,9 @@ def key(k: dict[str, Any], csrf: str | None) -> str:
     if csrf is not None and any(r["state"] in LIVE_NAMES for r in runs_):
         action = (
             '<form class=inline method=post action="/key/cancel">'
-            f'<input type=hidden name=csrf value="{esc(csrf)}">'
-            f'<input type=hidden name=workflow value="{esc(k["workflow"])}">'
-            f'<input type=hidden name=key value="{esc(k["key"])}">'
+            f'<input type=hidden name=csrf value="{attr(csrf)}">'
+            f'<input type=hidden name=workflow value="{attr(k["workflow"])}">'
+            f'<input type=hidden name=key value="{attr(k["key"])}">'
             "<button type=submit>Cancel this key's live runs</button></form>"
         )
     if k.get("notice"):
@@ -401,7 +410,7 @@ def dead(rows: list[dict[str, Any]], csrf: str | None) -> str:
         if csrf is not None:
             action = (
                 f'<form class=inline method=post action="/dead/{esc(d["id"])}/replay">'
-                f'<input type=hidden name=csrf value="{esc(csrf)}">'
+                f'<input type=hidden name=csrf value="{attr(csrf)}">'
                 "<button type=submit>Replay</button></form>"
             )
         body.append(

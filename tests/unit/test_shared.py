@@ -1071,3 +1071,18 @@ async def test_a_probe_refused_by_the_users_rights_still_ends_a_silence() -> Non
         await asyncio.sleep(0.02)
     assert not h.silent
     h.close()
+
+
+def test_text_that_reorders_or_hides_itself_is_shown_escaped_in_tables_and_pages() -> None:
+    """A key holding U+202E (a right-to-left override) printed its table row reversed, and
+    the web pages sent it and a NUL raw (an observability probe). Shown escaped, as control
+    characters are; a value a form sends back (a key to cancel) stays whole."""
+    from supersede.services.render import printable
+    from supersede.services.ui import pages
+
+    hostile = "a\u202eb\x00c\u200bd\u2066e"
+    assert printable(hostile) == "a\\u202eb\\x00c\\u200bd\\u2066e"
+    assert pages.esc(hostile) == "a\\u202eb\\x00c\\u200bd\\u2066e"
+    assert pages.attr(hostile) == hostile and pages.esc("<&>") == "&lt;&amp;&gt;"
+    form, _ = pages.runs([], ["w"], {"state": "SUCCEEDED"}, None)
+    assert '<option value="succeeded" selected>' in form  # (it showed "any")

@@ -15,7 +15,8 @@
   live.parentNode.insertBefore(note, live);
   var fresh = new Date();
   function stale(reason) {
-    note.textContent = "Not updated since " + fresh.toLocaleTimeString() + ": " + reason;
+    // (in UTC, as the pages' times: toISOString gives "2026-12-06T13:57:22.123Z")
+    note.textContent = "Not updated since " + fresh.toISOString().slice(11, 19) + " UTC: " + reason;
     note.hidden = false;
   }
   function refresh() {
