@@ -66,11 +66,60 @@ def setup(service: str) -> Any:
             exporters = []
         if exporters:
             check_settings()
+            if {"otlp", "otlp_grpc"} & set(exporters):
+                check_otlp_settings()
             _provider = _make_provider(service, exporters)
             _tracer = _provider.get_tracer("supersede")
             atexit.register(shutdown)
         _configured = True
         return _tracer
+
+
+_OTLP = ("OTEL_EXPORTER_OTLP_", "OTEL_EXPORTER_OTLP_TRACES_")
+_PROTOCOLS = ("http/protobuf", "grpc")  # (the Python exporters': no http/json)
+
+
+def check_otlp_settings() -> None:
+    """The OTLP exporter's settings it would only warn about and then drop (headers: the
+    credentials of every export), replace (a timeout), or ignore (http/json, sent as protobuf;
+    an endpoint that is no URL): a ConfigError naming the variable."""
+    env = os.environ
+    for prefix in _OTLP:
+        name = f"{prefix}HEADERS"
+        headers = env.get(name, "").strip()
+        pairs = [h for h in headers.split(",") if h.strip()]
+        bad = [h for h in pairs if "=" not in h or not h.split("=", 1)[0].strip()]
+        if bad:
+            raise ConfigError(f"{name} must be key=value pairs separated by commas, not {bad[0]!r}")
+        name = f"{prefix}TIMEOUT"
+        timeout = env.get(name, "").strip()
+        if timeout and not _non_negative(timeout):
+            raise ConfigError(f"{name} must be a number of seconds, not {timeout!r}")
+        name = f"{prefix}PROTOCOL"
+        protocol = env.get(name, "").strip()
+        if protocol and protocol not in _PROTOCOLS:
+            raise ConfigError(f"{name} must be http/protobuf or grpc, not {protocol!r}")
+        name = f"{prefix}ENDPOINT"
+        endpoint = env.get(name, "").strip()
+        if endpoint and not _is_url(endpoint):
+            raise ConfigError(f"{name} must be a URL (http://collector:4318), not {endpoint!r}")
+
+
+def _non_negative(text: str) -> bool:
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
+
+
+def _is_url(text: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 _SAMPLERS = {"always_on", "always_off", "traceidratio", "parentbased_always_on",

@@ -223,7 +223,12 @@ def test_an_otlp_endpoint_alone_without_its_exporter_only_warns(
      ("OTEL_RESOURCE_ATTRIBUTES", "garbage"), ("OTEL_TRACES_SAMPLER_ARG", "abc"),
      # (the SDK does not strip a sampler's name; it refuses these in a traceback)
      ("OTEL_TRACES_SAMPLER", "traceidratio "), ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
-     ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4096")],
+     ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4096"),
+     # the OTLP exporter's (an observability probe): headers dropped with a warning, so every
+     # export went without its credentials; a timeout replaced; http/json sent as protobuf
+     ("OTEL_EXPORTER_OTLP_HEADERS", "garbage"), ("OTEL_EXPORTER_OTLP_TIMEOUT", "abc"),
+     ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
+     ("OTEL_EXPORTER_OTLP_ENDPOINT", "not-a-url")],
 )  # fmt: skip
 def test_a_tracing_setting_the_sdk_would_ignore_is_refused_in_one_line(
     system: System, variable: str, value: str
@@ -231,7 +236,8 @@ def test_a_tracing_setting_the_sdk_would_ignore_is_refused_in_one_line(
     """The SDK only logs a warning (one as a traceback in a log line) and goes on sampling
     or batching otherwise than asked: the service refuses to start, naming the variable."""
     env = {k: v for k, v in system.env.items() if not k.startswith("OTEL_")}
-    env |= {"OTEL_TRACES_EXPORTER": "console", variable: value,
+    exporter = "otlp" if variable.startswith("OTEL_EXPORTER_OTLP") else "console"
+    env |= {"OTEL_TRACES_EXPORTER": exporter, variable: value,
             "SUPERSEDE_REDIS_URL": "redis://127.0.0.1:1/0"}  # fmt: skip
     if variable == "OTEL_TRACES_SAMPLER_ARG":
         env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
