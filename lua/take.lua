@@ -31,8 +31,9 @@
         {1, run id, attempt, workflow, version, input, key, sequence, tp, hq, b, entry id}
           claimed (hq as in claim.lua)
         {0, run id, state}   refused (cancelled, re-assigned or gone: state '' when gone)
-      reads: {n, entries read, last entry id, entries asked} for each stream that gave
-        entries (read = asked: the stream likely has more)
+      reads: {n, entries read, last entry id, entries asked} for each read of a stream that
+        gave entries (read = asked: the stream likely has more), a stream once per round
+        (entries of runs that cannot be claimed take no slot: see STALE_MAX)
       malformed: {n, entry id} for each entry that is not an assignment (acknowledged, so
         it cannot come back through XAUTOCLAIM; the caller logs it)
       reached: how many streams, the first ones of the order, were read (the rest were not
@@ -65,52 +66,68 @@ for n = 1, streams do
   numberOf[KEYS[streamBase + n]] = n
 end
 
-local q, reads, malformed, unrung = {}, {}, {}, 0
-local got, first = 0, 1
-while first <= streams and got < want do
-  local need = want - got
-  local last = deep and first or math.min(first + need - 1, streams)
-  local count = math.floor(need / (last - first + 1))
-  local args = { 'GROUP', groupName, executor, 'COUNT', count, 'STREAMS' }
-  for n = first, last do args[#args + 1] = KEYS[streamBase + n] end
-  for _ = first, last do args[#args + 1] = '>' end
-  first = last + 1
-  for _, item in ipairs(rcall('XREADGROUP', unpack(args)) or {}) do
-    local n = numberOf[item[1]]
-    local entries = item[2]
-    local b = ARGV[7 + n]
-    for _, entry in ipairs(entries) do
-      local rid, attempt, rung
-      local fields = entry[2]
-      for k = 1, #fields, 2 do
-        if fields[k] == 'id' then rid = fields[k + 1]
-        elseif fields[k] == 'a' then attempt = tonumber(fields[k + 1])
-        elseif fields[k] == 'r' then rung = fields[k + 1] == '1' end
+-- An entry whose run cannot be claimed (superseded or cancelled since it was assigned, or
+-- assigned again) takes no slot: the call reads on, in rounds, from the streams whose last read
+-- gave all it asked for, until `want` runs were claimed or it read STALE_MAX entries beyond
+-- `want`. (Counted as a slot, a key's superseded assignments piled up behind a busy pool were
+-- read one per free slot: 16,000 of them kept its newest runs waiting for many minutes.)
+local STALE_MAX = 1000
+local reads, malformed, unrung, claims = {}, {}, 0, {}
+local order = {}
+for n = 1, streams do order[n] = n end
+local claimedN, readN, reached = 0, 0, nil
+while #order > 0 and claimedN < want and readN < want + STALE_MAX do
+  local q, full = {}, {}
+  local got, first, wanted = 0, 1, want - claimedN
+  while first <= #order and got < wanted do
+    local need = wanted - got
+    local last = deep and first or math.min(first + need - 1, #order)
+    local count = math.floor(need / (last - first + 1))
+    local args = { 'GROUP', groupName, executor, 'COUNT', count, 'STREAMS' }
+    for k = first, last do args[#args + 1] = KEYS[streamBase + order[k]] end
+    for _ = first, last do args[#args + 1] = '>' end
+    first = last + 1
+    for _, item in ipairs(rcall('XREADGROUP', unpack(args)) or {}) do
+      local n = numberOf[item[1]]
+      local entries = item[2]
+      local b = ARGV[7 + n]
+      for _, entry in ipairs(entries) do
+        local rid, attempt, rung
+        local fields = entry[2]
+        for k = 1, #fields, 2 do
+          if fields[k] == 'id' then rid = fields[k + 1]
+          elseif fields[k] == 'a' then attempt = tonumber(fields[k + 1])
+          elseif fields[k] == 'r' then rung = fields[k + 1] == '1' end
+        end
+        if rid and rid ~= '' and attempt and attempt == math.floor(attempt) then
+          if not rung then unrung = unrung + 1 end
+          q[#q + 1] = entry[1]
+          q[#q + 1] = rid
+          q[#q + 1] = attempt
+          q[#q + 1] = n
+          q[#q + 1] = b
+          got = got + 1
+        else
+          rcall('XACK', KEYS[streamBase + n], groupName, entry[1])
+          malformed[#malformed + 1] = { n, entry[1] }
+        end
       end
-      if rid and rid ~= '' and attempt and attempt == math.floor(attempt) then
-        if not rung then unrung = unrung + 1 end
-        q[#q + 1] = entry[1]
-        q[#q + 1] = rid
-        q[#q + 1] = attempt
-        q[#q + 1] = n
-        q[#q + 1] = b
-        got = got + 1
-      else
-        rcall('XACK', KEYS[streamBase + n], groupName, entry[1])
-        malformed[#malformed + 1] = { n, entry[1] }
-      end
+      readN = readN + #entries
+      if #entries > 0 then reads[#reads + 1] = { n, #entries, entries[#entries][1], count } end
+      if #entries >= count then full[#full + 1] = n end
     end
-    if #entries > 0 then reads[#reads + 1] = { n, #entries, entries[#entries][1], count } end
   end
-end
-
-local claims = claimEntries(q, 1, streamBase, groupName, executor, leaseMs, now, nowUs, nowUs)
-table.remove(claims, 1)
-for j = 1, #claims do
-  local item = claims[j]
-  if item[1] == 1 then
-    item[#item + 1] = tonumber(q[5 * (j - 1) + 5])
-    item[#item + 1] = q[5 * (j - 1) + 1]
+  reached = reached or first - 1   -- (of the order given: the later rounds re-read those)
+  local round = claimEntries(q, 1, streamBase, groupName, executor, leaseMs, now, nowUs, nowUs)
+  for j = 2, #round do
+    local item = round[j]
+    if item[1] == 1 then
+      claimedN = claimedN + 1
+      item[#item + 1] = tonumber(q[5 * (j - 2) + 5])
+      item[#item + 1] = q[5 * (j - 2) + 1]
+    end
+    claims[#claims + 1] = item
   end
+  order = full
 end
-return { 0, claims, reads, malformed, first - 1, unrung }
+return { 0, claims, reads, malformed, reached or 0, unrung }

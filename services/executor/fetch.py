@@ -382,10 +382,11 @@ class Fetcher:
             deep=deep,
         )
         self._hot.difference_update(order[: taken.reached])
-        for stream, n, last, asked in taken.reads:
-            if n >= asked:
-                self._hot.add(self.index_of_stream[stream])
+        full: dict[str, bool] = {}  # (a stream's last read decides: the call reads one again
+        for stream, n, last, asked in taken.reads:  # past entries of runs it cannot claim)
+            full[stream] = n >= asked
             self._seen(stream, last)
+        self._hot.update(self.index_of_stream[s] for s, more in full.items() if more)
         self._took_malformed += taken.malformed  # (acknowledged by the call: logged only)
         if taken.unrung:
             self._unrung()
@@ -438,13 +439,19 @@ class Fetcher:
             got, _ = await self._take_woken(order, woken, free)
             return got
         self._full_scan = False
-        order = list(dict.fromkeys([*woken, *((self._rotation + i) % n for i in range(n))]))
         if not self.cluster:  # (one call, in the batches below: all streams when free >= n)
-            self._rotation = (self._rotation + 1) % n
-            got, unreached = await self._take_woken(order, woken, free)
-            if unreached:  # (filled before it reached every stream: the next scan goes on)
+            # Every stream in rotation from where the last full scan stopped, the woken ones
+            # in their turn: woken first, a stream whose bell rings at every finish (a queue
+            # worked off) took each free slot, and a stream no bell rang for (its writer could
+            # not ring) was never reached (a probe: runs ASSIGNED for many minutes).
+            order = [(self._rotation + i) % n for i in range(n)]
+            got, reached = await self._take(order, free)
+            self._rotation = (self._rotation + max(1, reached)) % n
+            self._put_back(order[reached:], woken)
+            if reached < n:  # (filled before it reached every stream: the next scan goes on)
                 self._full_scan = True
             return got
+        order = list(dict.fromkeys([*woken, *((self._rotation + i) % n for i in range(n))]))
         if free >= n:
             # Enough free slots to ask every stream for free // n entries in one round trip
             # (a scan of one round trip per stream takes milliseconds in redis-py).
@@ -464,12 +471,20 @@ class Fetcher:
     async def _take_woken(
         self, order: list[int], woken: list[int], free: int
     ) -> tuple[Reading, bool]:
-        """`_take` of `order`; the woken streams it did not reach go back to the front of the
-        woken list (read first next). Whether it left any stream of `order` unread."""
+        """`_take` of `order`; the woken and hot streams it did not reach go back to the front
+        of the woken list (read first next). Whether it left any stream of `order` unread."""
         got, reached = await self._take(order, free)
-        unreached = set(order[reached:])
-        self._woken[:0] = [i for i in woken if i in unreached]
-        return got, bool(unreached)
+        self._put_back(order[reached:], woken)
+        return got, reached < len(order)
+
+    def _put_back(self, unreached: list[int], woken: list[int]) -> None:
+        """The streams a call did not reach that have entries waiting (their bells rang, or
+        their last read left more) are read first by the next scan, before those it reached:
+        a stream whose bell rings at each finish of its own runs (a queue being worked off)
+        came first every time and took every free slot, and the other workflows' streams of
+        the pool waited for its whole queue (a probe: 6 minutes and more)."""
+        waiting = set(woken) | self._hot
+        self._woken[:0] = [i for i in unreached if i in waiting]
 
     def _batch(self, order: list[int], size: int) -> list[int]:
         """The first `size` streams of `order`; on a cluster only as many of them as share the

@@ -499,15 +499,47 @@ async def test_take_reads_and_claims_new_assignments_of_several_shards_in_one_ca
     assert not again.claimed and not again.reads  # new entries only
     for i in range(3):  # well-formed, but their runs are gone: refused
         await redis.xadd(streams[0][0], {"id": f"gone{i}", "a": "1"})
-    # want 2: the first two streams one entry each, then the others (only one came)
+    # want 2: the first two streams one entry each, then the others (only one came); a refused
+    # entry takes no slot: the stream that gave all it was asked is read again, with COUNT 2
     two = await scripts.take("ex", streams, want=2, lease_ms=LEASE, now=4)
-    assert [(s, n, asked) for s, n, _, asked in two.reads] == [(streams[0][0], 1, 1)]
-    assert two.reached == len(streams) and two.refused == 1 and not two.claimed
-    # want 4 from the first stream alone: 2 are left there, read with COUNT 4
-    rest = await scripts.take("ex", streams[:1], want=4, lease_ms=LEASE, now=4)
-    assert [(n, asked) for _, n, _, asked in rest.reads] == [(2, 4)] and rest.refused == 2
+    assert [(s, n, asked) for s, n, _, asked in two.reads] == [
+        (streams[0][0], 1, 1), (streams[0][0], 2, 2),
+    ]  # fmt: skip
+    assert two.reached == len(streams) and two.refused == 3 and not two.claimed
     with pytest.raises(BadArguments):
         await scripts.take("ex", streams, want=0, lease_ms=LEASE)
+
+
+async def test_a_take_reads_past_the_entries_of_superseded_runs_to_the_live_ones(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """A busy pool: a CANCEL_IN_PROGRESS key's runs are assigned and superseded before a slot
+    frees, and their entries pile up in the assignment stream. Each counted as a slot, so a
+    free slot read one of them (refused) and the newest run behind them waited for as many
+    reads (a probe: 16,000 entries, its newest runs ASSIGNED for many minutes). Refused
+    entries take no slot: one call reads past them, up to STALE_MAX beyond what it wants."""
+    await ensure_groups(redis, keys, ["wf"])
+    shard, first = make_request(keys, event="e0", seq=0, key="hot")
+    await admit(scripts, (shard, first))
+    stream = keys.shard(shard).assignments_stream("wf")
+    stale = [first.run_id]
+    for i in range(1, 60):  # each supersedes the one assigned before it (max_runs 1)
+        _, req = make_request(keys, event=f"e{i}", seq=i, key="hot")
+        await admit(scripts, (shard, req))
+        stale.append(req.run_id)
+    newest = stale.pop()
+    assert await redis.xlen(stream) == 60
+    taken = await scripts.take("ex", [(stream, shard)], want=1, lease_ms=LEASE, now=2)
+    assert [c.run_id for _, _, c in taken.claimed] == [newest]
+    assert taken.refused == 59 and (await redis.xpending(stream, "executors"))["pending"] == 0
+    # ... but no further than STALE_MAX beyond `want` in one call (the script's time bound)
+    for i in range(60, 1160):
+        _, req = make_request(keys, event=f"e{i}", seq=i, key="hot")
+        await admit(scripts, (shard, req))
+    some = await scripts.take("ex", [(stream, shard)], want=1, lease_ms=LEASE, now=3)
+    assert not some.claimed and 1000 <= some.refused < 1100
+    last = await scripts.take("ex", [(stream, shard)], want=1, lease_ms=LEASE, now=4)
+    assert len(last.claimed) == 1  # (the next call goes on where it stopped)
 
 
 async def test_an_assignment_says_whether_its_bell_rang_and_take_counts_those_that_did_not(

@@ -1064,3 +1064,41 @@ async def test_the_drain_deadline_is_said_before_the_hand_backs_of_the_runs_it_s
     assert events == ["drain deadline passed", "step ended"], events
     assert runner.left == [(0, "0-a", 1)]
     runner.close()
+
+
+async def test_a_stream_that_rings_at_every_scan_does_not_take_every_free_slot() -> None:
+    """One server, bells: a stream whose bell rings before every scan (its workflow's queue
+    worked off: each finish assigns the next run) came first at every scan, and with one free
+    slot at a time the pool's other streams with entries (hot) were never reached (a probe:
+    runs ASSIGNED for over 6 minutes). A stream a call did not reach is read first next."""
+    from supersede.health import ShardHealth
+    from supersede.keys import Keys
+    from supersede.scripts import Taken
+    from supersede.services.executor import fetch
+
+    firsts: list[str] = []
+
+    class Claimer:
+        async def take(self, streams: Any, want: int, *, deep: bool = False) -> Taken:
+            firsts.append(streams[0][0])  # (it reads one entry there, all it asked: more)
+            return Taken([], 1, [(streams[0][0], 1, b"1-0", 1)], [], 1, 0)
+
+    service: Any = type("S", (), {"redis": None, "consumer": "c", "health": ShardHealth.off()})()
+    runner: Any = type("R", (), {"workflows": {"queue": None, "latest": None}})()
+    claimer: Any = Claimer()
+    f = fetch.Fetcher(service, Keys("ns", 4), ExecutorConfig(), runner, claimer, cluster=False)
+    f.bells, f._full_scan = True, False
+    f._full_scan_due = type("T", (), {"due": lambda self: False})()
+    ringing, waiting = 0, len(f.streams) - 1
+    f._hot = {waiting}
+    for _ in range(4):
+        f._woken.append(ringing)
+        await f._read_scan(1)
+    assert f.streams[waiting] in firsts[:2], firsts
+    # full scans go round every stream from where the last one stopped, not woken ones first
+    f._full_scan, firsts[:] = True, []
+    for _ in range(len(f.streams)):
+        f._woken.append(ringing)
+        f._full_scan = True
+        await f._read_scan(1)
+    assert sorted(firsts) == sorted(f.streams), firsts
