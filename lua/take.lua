@@ -68,15 +68,18 @@ end
 
 -- An entry whose run cannot be claimed (superseded or cancelled since it was assigned, or
 -- assigned again) takes no slot: the call reads on, in rounds, from the streams whose last read
--- gave all it asked for, until `want` runs were claimed or it read STALE_MAX entries beyond
--- `want`. (Counted as a slot, a key's superseded assignments piled up behind a busy pool were
--- read one per free slot: 16,000 of them kept its newest runs waiting for many minutes.)
-local STALE_MAX = 1000
+-- gave all it asked for, until `want` runs were claimed, it read STALE_MAX entries beyond
+-- `want`, or it made MAX_ROUNDS rounds (a round costs a few µs per entry and per stream; 1,000
+-- rounds of one entry held the server 15 ms). (Counted as a slot, a key's superseded
+-- assignments piled up behind a busy pool were read one per free slot: 16,000 of them kept
+-- its newest runs waiting for many minutes.)
+local STALE_MAX, MAX_ROUNDS = 256, 32
 local reads, malformed, unrung, claims = {}, {}, 0, {}
 local order = {}
 for n = 1, streams do order[n] = n end
-local claimedN, readN, reached = 0, 0, nil
-while #order > 0 and claimedN < want and readN < want + STALE_MAX do
+local claimedN, readN, reached, rounds = 0, 0, nil, 0
+while #order > 0 and claimedN < want and readN < want + STALE_MAX and rounds < MAX_ROUNDS do
+  rounds = rounds + 1
   local q, full = {}, {}
   local got, first, wanted = 0, 1, want - claimedN
   while first <= #order and got < wanted do

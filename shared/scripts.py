@@ -136,7 +136,8 @@ class Taken:
     refused: int
     """Entries whose run must not start (cancelled, re-assigned or gone): acknowledged."""
     reads: list[tuple[str, int, bytes, int]]
-    """(stream, entries read, last entry id, entries asked) of each stream that gave entries."""
+    """(stream, entries read, last entry id, entries asked) of each read that gave entries: a
+    stream once per round (entries of runs it cannot claim take no slot: lua/take.lua)."""
     malformed: list[tuple[str, bytes]]
     """(stream, entry id) of each entry that was not an assignment: acknowledged."""
     reached: int

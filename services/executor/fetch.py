@@ -90,6 +90,12 @@ class Reading:
         """Entries read (well-formed ones)."""
         return len(self.fetched) + len(self.taken) + self.refused
 
+    @property
+    def runs(self) -> int:
+        """The runs it may start: not the refused entries, which take no slot (a take call
+        reads past up to hundreds of them)."""
+        return len(self.fetched) + len(self.taken)
+
     def add(self, other: Reading) -> None:
         self.fetched += other.fetched
         self.taken += other.taken
@@ -180,13 +186,13 @@ class Fetcher:
                         await self._refresh_tails(free)
                     reread = self.own.active
                     got = await self._read(free, reread)
-                    if len(got) < free and self._stale:
-                        got.fetched += await self._take_over(free - len(got))
+                    if got.runs < free and self._stale:
+                        got.fetched += await self._take_over(free - got.runs)
                     # (a read that took only malformed entries took something: the stream may
                     # hold valid ones behind them, older than the tails the wait starts from)
                     took = await self._ack_malformed() > 0 or bool(got)
                     self.service.healthy()
-                    self.backlog = len(got) >= free  # (and likely more behind)
+                    self.backlog = got.runs >= free  # (and likely more behind)
                     self._note_read(took, reread)
                     if got:
                         self._quiet = False  # a scan follows whatever was taken

@@ -517,7 +517,8 @@ async def test_a_take_reads_past_the_entries_of_superseded_runs_to_the_live_ones
     frees, and their entries pile up in the assignment stream. Each counted as a slot, so a
     free slot read one of them (refused) and the newest run behind them waited for as many
     reads (a probe: 16,000 entries, its newest runs ASSIGNED for many minutes). Refused
-    entries take no slot: one call reads past them, up to STALE_MAX beyond what it wants."""
+    entries take no slot: one call reads past them, up to STALE_MAX beyond what it wants and
+    MAX_ROUNDS rounds."""
     await ensure_groups(redis, keys, ["wf"])
     shard, first = make_request(keys, event="e0", seq=0, key="hot")
     await admit(scripts, (shard, first))
@@ -529,17 +530,21 @@ async def test_a_take_reads_past_the_entries_of_superseded_runs_to_the_live_ones
         stale.append(req.run_id)
     newest = stale.pop()
     assert await redis.xlen(stream) == 60
+    # one free slot: a round per entry, MAX_ROUNDS (32) of them per call (the call's time bound)
+    first_call = await scripts.take("ex", [(stream, shard)], want=1, lease_ms=LEASE, now=2)
+    assert not first_call.claimed and first_call.refused == 32
     taken = await scripts.take("ex", [(stream, shard)], want=1, lease_ms=LEASE, now=2)
     assert [c.run_id for _, _, c in taken.claimed] == [newest]
-    assert taken.refused == 59 and (await redis.xpending(stream, "executors"))["pending"] == 0
-    # ... but no further than STALE_MAX beyond `want` in one call (the script's time bound)
+    assert taken.refused == 27 and (await redis.xpending(stream, "executors"))["pending"] == 0
+    # ten free slots: rounds of ten, until STALE_MAX (256) beyond what it wants
     for i in range(60, 1160):
         _, req = make_request(keys, event=f"e{i}", seq=i, key="hot")
         await admit(scripts, (shard, req))
-    some = await scripts.take("ex", [(stream, shard)], want=1, lease_ms=LEASE, now=3)
-    assert not some.claimed and 1000 <= some.refused < 1100
-    last = await scripts.take("ex", [(stream, shard)], want=1, lease_ms=LEASE, now=4)
-    assert len(last.claimed) == 1  # (the next call goes on where it stopped)
+    calls = []
+    while not calls or not calls[-1].claimed:
+        calls.append(await scripts.take("ex", [(stream, shard)], want=10, lease_ms=LEASE, now=3))
+    assert all(266 <= c.refused <= 276 for c in calls[:-1]) and len(calls) == 5
+    assert sum(c.refused for c in calls) == 1099 and len(calls[-1].claimed) == 1
 
 
 async def test_an_assignment_says_whether_its_bell_rang_and_take_counts_those_that_did_not(
