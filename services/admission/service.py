@@ -63,6 +63,7 @@ REAP_LIMIT = 1000  # leases and old records one reap call handles (it blocks the
 REAP_ROUNDS = 20  # reap calls per shard and tick at most, while old records remain
 DEBOUNCE_POLL = 1.0  # seconds between looks for debounce timers another process set
 _NOT_LOOKED = Sampled()  # (a line per 5 s while a master is silent)
+LAG_STREAMS = ("requests", "results", "assignments")  # the kinds of streams the lag gauge sums
 
 
 Part = tuple[bytes, int, list[Entry]]
@@ -598,7 +599,7 @@ class Admission(Service):
     def _gauges_unknown(self) -> None:
         unknown = math.nan
         metrics.ACTIVE.set(unknown)
-        for kind in ("requests", "results", "assignments"):
+        for kind in LAG_STREAMS:
             metrics.STREAM_LAG.labels(kind).set(unknown)
         for workflow in self._gauged_workflows:
             metrics.QUEUED.labels(workflow).set(unknown)
@@ -626,7 +627,7 @@ class Admission(Service):
             replies = await self.health.bounded(pipe.execute(raise_on_error=False))
         queued = dict.fromkeys(workflows, 0)  # (every registered one: 0, not no series)
         active = 0
-        lag = dict.fromkeys(("requests", "results", "assignments"), 0)
+        lag = dict.fromkeys(LAG_STREAMS, 0)
         # (the runs assigned and not claimed, from the counts: the streams also hold the
         # entries of runs cancelled since, which a pool need not scale for: a key's superseded
         # assignments read as 2,000 waiting runs for one)

@@ -197,13 +197,12 @@ def _thread_frames(run: Running) -> str:
     started: the pool was full; or returned meanwhile, its thread maybe on another run's)."""
     ident = run.thread_ident
     frame = sys._current_frames().get(ident) if ident is not None else None
-    stack = traceback.extract_stack(frame) if frame is not None else []
     inner = frame
     while inner is not None and not (
         inner.f_code is _on_thread.__code__ and inner.f_locals.get("run") is run
     ):
         inner = inner.f_back
-    return "" if inner is None else frames_from_step(stack)
+    return "" if inner is None else frames_from_step(traceback.extract_stack(frame))
 
 
 def _stopped(run: Running) -> bool:
