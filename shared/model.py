@@ -116,9 +116,14 @@ def run_id(
     return f"{shard}-{digest or event_digest(event_id, workflow_id, explicit)}"
 
 
+RUN_ID_FORM = re.compile(r"([0-9]+)-[0-9a-f]{20}")  # '<shard>-<event_digest>'
+
+
 def shard_of_run(rid: str | bytes) -> int:
-    text = rid.decode() if isinstance(rid, bytes) else rid
-    head, sep, _ = text.partition("-")
-    if not sep or not head.isdigit():
+    """The shard of a run id; ValueError for what is not one (so `run 3-zz` is refused as no
+    run id, not looked up as a run that might exist)."""
+    text = rid.decode(errors="replace") if isinstance(rid, bytes) else rid
+    form = RUN_ID_FORM.fullmatch(text)
+    if form is None:
         raise ValueError(f"not a run id: {text!r}")
-    return int(head)
+    return int(form.group(1))

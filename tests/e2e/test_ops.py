@@ -485,17 +485,20 @@ async def test_the_cli_refuses_another_shard_count_an_unknown_run_and_a_closed_p
         err = other.stderr.decode()
         assert other.returncode == 2 and err.count("\n") == 1, err
         assert f"was created with {keys.shards} shards" in err and "SUPERSEDE_SHARDS" in err
-    for unknown in (f"{keys.shards}-deadbeef", "0-deadbeef"):
+    digest = "deadbeef" * 2 + "0123"  # (a run id's tail: 20 hex digits)
+    for unknown in (f"{keys.shards}-{digest}", f"0-{digest}"):
         done = await asyncio.to_thread(run, "cancel", unknown)
         assert done.returncode == 1
         assert done.stderr.decode() == f"supersede: no run {unknown!r}\n"
     # (a run deleted after its retention is one too: `run` names the setting, a probe)
-    done = await asyncio.to_thread(run, "run", "0-deadbeef")
+    done = await asyncio.to_thread(run, "run", f"0-{digest}")
     assert done.returncode == 1 and "--retention" in done.stderr.decode(), done.stderr
-    # no run id at all is a bad argument (2), as `supersede run` says of it (it said 1)
-    done = await asyncio.to_thread(run, "cancel", "nonsense")
-    assert done.returncode == 2
-    assert done.stderr.decode() == "supersede: not a run id: 'nonsense'\n"
+    # no run id at all is a bad argument (2), as `supersede run` says of it (it said 1); so is
+    # a shard number before a tail that no run id has (`run 3-zz` said "no run", exit 1)
+    for command, nonsense in (("cancel", "nonsense"), ("run", "3-zz"), ("cancel", "0-deadbeef")):
+        done = await asyncio.to_thread(run, command, nonsense)
+        assert done.returncode == 2, (command, nonsense, done.stderr)
+        assert done.stderr.decode() == f"supersede: not a run id: {nonsense!r}\n"
 
     def closed_early() -> tuple[int, bytes]:
         env = {**system.env, "SUPERSEDE_SHARDS": str(keys.shards)}
@@ -628,10 +631,11 @@ async def test_a_run_and_a_key_are_cancelled_from_python(
     ended = await client.wait_for_run(redis, one.run_id, 10, namespace=ns)
     assert (ended.state, ended.reason) == ("CANCELLED", "manual")
     assert await client.cancel(redis, one.run_id, namespace=ns) is False  # (ended already)
-    with pytest.raises(LookupError, match="no run '0-nope'"):
-        await client.cancel(redis, "0-nope", namespace=ns)
-    with pytest.raises(ValueError, match="not a run id: 'nope'"):
-        await client.cancel(redis, "nope", namespace=ns)
+    with pytest.raises(LookupError, match=r"no run '0-0{20}'"):
+        await client.cancel(redis, "0-" + "0" * 20, namespace=ns)
+    for nope in ("nope", "0-nope"):
+        with pytest.raises(ValueError, match=f"not a run id: '{nope}'"):
+            await client.cancel(redis, nope, namespace=ns)
 
     # every live run of a key (here one: the newer event's run superseded the older one's)
     for text in ("a", "b"):

@@ -333,10 +333,13 @@ async def test_the_ui_is_read_only_unless_allowed_and_actions_need_the_csrf_toke
     status, _ = await asyncio.to_thread(get, f"{rw}/", None, Host=host)
     assert status == 421
     # an id that is no run here: 404, not a 500 or the cancel script's words
-    for unknown in ("1-abc", f"{keys.shards}-abcd", "99999999999999999999999-abcd"):
+    tail = "abcd" * 5  # (a run id's tail: 20 hex digits)
+    for unknown in ("1-" + tail, f"{keys.shards}-{tail}", f"99999999999999999999999-{tail}"):
         status, text = await asyncio.to_thread(get, f"{rw}/runs/{unknown}/cancel", right,
                                                Origin=rw)  # fmt: skip
         assert status == 404 and f"no run {unknown!r}" in text, (unknown, status, text)
+    status, text = await asyncio.to_thread(get, f"{rw}/runs/1-abc/cancel", right, Origin=rw)
+    assert status == 404 and "not a run id: '1-abc'" in text, (status, text)
     assert await _state_of(redis, keys, "dora", 0, "R")
     # bad parameters are a 400 (or a 404), never a 500
     bad = [
