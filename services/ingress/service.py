@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,10 @@ from supersede.trim import trim_consumed
 GROUP_MEMO = 100_000
 READ_BYTES = 64 << 20  # about the most one read of the inbox holds, once entries are large
 FIRST_READ = 16  # entries the first read asks for; each read after may ask twice as many
+# Routing time after which the part of a read routed so far is written (the rest routed while
+# it is): a read of costly events (key expressions over long lists, ~14 ms each) held the
+# events routed before them until the whole read was routed, a second and more.
+ROUTE_SLICE_S = 0.05
 
 
 ID_AHEAD_WARN = 60.0  # seconds the inbox's last id may be ahead of the clock unremarked
@@ -485,11 +490,13 @@ class Ingress(Service):
                         # sweep, which finds nothing mid-backlog: the next burst may be large)
                         self.count = min(self.count, FIRST_READ, self.config.batch)
                     for entries in batches:
-                        batch = self.route(entries)
-                        self._fit_reads(batch)
-                        await stage.finish()
-                        stage.start(self.write(batch), reread)
-                        await asyncio.sleep(0)  # let the writes go out before the next read
+                        largest = 0
+                        for batch in self.routed(entries):
+                            largest = max(largest, batch.largest)
+                            await stage.finish()
+                            stage.start(self.write(batch), reread)
+                            await asyncio.sleep(0)  # let the writes go out before routing on
+                        self._fit_reads(len(entries), largest)
                     self.healthy()
                 except Exception as exc:  # redis-py can raise others mid-failover
                     failed_reread = exc.reread if isinstance(exc, WriteFailed) else reread
@@ -528,15 +535,15 @@ class Ingress(Service):
                 batches.append(live)
         return batches
 
-    def _fit_reads(self, batch: Batch) -> None:
+    def _fit_reads(self, read: int, largest: int) -> None:
         """Ask the next read (and take-over) for as many entries as READ_BYTES holds of this
         batch's largest, at most twice as many as this one read and --batch: reads are bounded
         by count, and a backlog of large entries (anyone may XADD them; those over
         --max-payload are dead-lettered, but read first) took a gigabyte of memory a read. The
         first read, and the first after a quiet inbox (a read that found nothing), asks for
         FIRST_READ; back to --batch within a few reads of a backlog of small entries."""
-        fits = READ_BYTES // max(1, batch.largest)
-        grow = 2 * max(len(batch.entries), FIRST_READ // 2)
+        fits = READ_BYTES // max(1, largest)
+        grow = 2 * max(read, FIRST_READ // 2)
         self.count = max(1, min(self.config.batch, grow, fits))
 
     async def handle(self, entries: Sequence[Entry]) -> None:
@@ -545,26 +552,51 @@ class Ingress(Service):
         await self.refresh()
         if not self.routes:  # (left pending: read again once a workflow is registered)
             return
-        await self.write(self.route(entries))
+        for batch in self.routed(entries):
+            await self.write(batch)
 
-    def route(self, entries: Sequence[Entry]) -> Batch:
-        """Parse, validate and route a batch (no I/O). A bad event becomes a dead letter with
-        its reason, and so does one whose handling raised anything at all (`internal`, naming
-        the exception): one entry never fails its batch."""
-        batch = Batch(entries, time.perf_counter(), time.time_ns() // 1000)
+    def routed(self, entries: Sequence[Entry]) -> Iterator[Batch]:
+        """The entries of one read as batches to write, in order: one, unless routing them takes
+        over ROUTE_SLICE_S; then each part routed in that time is a batch of its own, so what
+        was routed is written while the rest is routed."""
+        start, read_us = 0, time.time_ns() // 1000
+        while start < len(entries):
+            batch = self.route(entries, start, time.perf_counter() + ROUTE_SLICE_S, read_us)
+            start += len(batch.entries)
+            yield batch
+
+    def route(
+        self,
+        entries: Sequence[Entry],
+        start: int = 0,
+        deadline: float = math.inf,
+        read_us: int | None = None,
+    ) -> Batch:
+        """Parse, validate and route `entries` from `start` (no I/O), until `deadline`
+        (perf_counter) passes: the batch of those routed, at least one. A bad event becomes a
+        dead letter with its reason, and so does one whose handling raised anything at all
+        (`internal`, naming the exception): one entry never fails its batch. `read_us`: when
+        the entries were read (wall clock, µs; now by default)."""
+        batch = Batch(entries, time.perf_counter(), read_us or time.time_ns() // 1000)
         if self.health.enabled:
             batch.sources = {}
-        if entries:  # published -> read by ingress, for the batch's oldest entry
+        if entries and not start:  # published -> read by ingress, for the read's oldest entry
             HOP_SECONDS.labels("inbox").observe(
                 max(0, batch.read_us / 1000 - entry_ms(entries[0][0])) / 1000
             )
-        for entry_id, fields in entries:
+        end = start
+        for entry_id, fields in itertools.islice(entries, start, None):
+            end += 1
             try:
                 self._route_entry(batch, entry_id, fields)
             except BadEvent as exc:
                 batch.dead.append(self._dead(entry_id, fields, exc.reason, exc.detail))
             except Exception as exc:
                 batch.dead.append(self._dead(entry_id, fields, Reason.INTERNAL, describe(exc)))
+            if time.perf_counter() > deadline:
+                break
+        if start or end < len(entries):
+            batch.entries = entries[start:end]
         return batch
 
     def _route_entry(self, batch: Batch, entry_id: bytes, fields: dict[bytes, bytes]) -> None:

@@ -346,6 +346,49 @@ async def test_one_hostile_event_is_dead_lettered_alone_and_its_batch_mates_run(
     assert all(f[b"detail"] == b"RuntimeError: injected" for f in dead)
 
 
+async def test_costly_events_do_not_hold_back_the_events_read_before_them(
+    redis: Redis, redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One read of 40 plain events, then 100 whose key expression walks a 499-item list
+    (about 14 ms each): the plain ones' requests are written while the costly ones are still
+    being routed. Before, a read was routed whole before any of it was written, so the events
+    read before costly ones waited for all of them (1.4 s here; a read holds up to --batch)."""
+    from supersede.services.ingress import service as ingress_module
+
+    costly = {
+        "id": "costly",
+        "events": ["doc.saved"],
+        "concurrency": {
+            "expression": "input.items.map(x, x + x).join(',').size() > 0 ? 'k' : 'k'",
+            "max_runs": 1,
+        },
+    }
+    await register(redis, keys, costly)
+    monkeypatch.setattr(ingress_module, "FIRST_READ", 500)  # (the whole burst in one read)
+    async with running_ingress(redis, redis_url, keys):
+        items = [f"item-{i:05d}-" + "y" * 50 for i in range(499)]
+        async with redis.pipeline(transaction=True) as pipe:  # (one read takes them all)
+            for _ in range(40):
+                pipe.xadd(keys.events_stream, {"name": "doc.saved", "data": '{"items": []}'})
+            for i in range(100):
+                data = orjson.dumps({"items": items, "n": i})
+                pipe.xadd(keys.events_stream, {"name": "doc.saved", "data": data})
+            ids = [e.decode() for e in await pipe.execute()]
+        plain = set(ids[:40])
+        seen: list[int] = []
+
+        async def plain_written() -> bool:
+            written = {r["ev"] for r in await requests_in_streams(redis, keys)}
+            seen.append(len(written - plain))
+            return plain <= written
+
+        await eventually(plain_written, timeout=30)
+        await settle(redis, keys)
+    assert seen[-1] < 100, seen  # (the costly ones were still being routed)
+    assert len(await requests_in_streams(redis, keys)) == 140
+    assert not await redis.xlen(keys.dead_stream)
+
+
 async def test_an_invalid_stored_definition_is_skipped_and_the_valid_ones_served(
     redis: Redis, redis_url: str, keys: Keys
 ) -> None:
