@@ -382,6 +382,9 @@ class ProcessPool:
             await ready
         finally:
             loop.remove_reader(fd)
+            # (uvloop's reader leaves the socket non-blocking: a message larger than its buffer
+            # then failed part-way, EAGAIN, here and at the next job's send to this worker)
+            os.set_blocking(fd, True)
         try:
             reply: list[Any] = codec.unpack(worker.conn.recv_bytes())
         except (EOFError, OSError):

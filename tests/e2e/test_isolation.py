@@ -55,7 +55,7 @@ async def running(redis: Redis, keys: Keys, system: System) -> System:
     system.start("executor", APP, "--slots", "4", "--grace", "0.3", "--kill-after", "0.3")
 
     async def registered() -> bool:
-        return int(await redis.hlen(keys.workflows_hash)) == 9
+        return int(await redis.hlen(keys.workflows_hash)) == 10
 
     await eventually(registered, timeout=30)
     system.start("ingress", "--block-ms", "100")
@@ -473,6 +473,33 @@ async def test_a_parent_named_by_its_function_and_its_bytes_reach_thread_and_pro
     hexed = (b"\xff\xd8raw").hex()
     assert outputs["in-thread"] == ["bytes", "tuple", hexed]  # (the parent's own objects)
     assert outputs["in-process"] == ["bytes", "list", hexed]
+
+
+async def test_messages_larger_than_the_pipe_buffer_cross_to_and_from_a_worker_process(
+    redis: Redis, keys: Keys, running: System
+) -> None:
+    """A 900 KB input, a 1 MB exception message and a 1 MB output, each several times (the
+    workers are used in turn): the input arrives, the error is the step's own, the output is
+    refused by the output cap. With uvloop, whose reader left the pipe non-blocking, these
+    failed as "worker process could not be reached: [Errno 11]" or "ended without answering",
+    at random, and the step's exception was lost."""
+    pad = "p" * 900_000
+    seen: set[str] = set()
+    for _ in range(5):
+        for data, outcome in (({"pad": pad}, "S"), ({"raise": 1}, "raise"), ({"big": 1}, "big")):
+            await _publish(redis, keys, "proc.large", **data)
+            await eventually(lambda: _ended(redis, keys, len(seen) + 1), timeout=30)
+            [(rid, rec)] = [(r, v) for r, v in (await _recs(redis, keys)).items() if r not in seen]
+            seen.add(rid)
+            err = str(rec.get("err", ""))[:300]
+            if outcome == "S":
+                assert rec["st"] == "S", err
+                run = await get_run(redis, rid, namespace=keys.namespace)
+                assert run is not None and run.outputs == {"sized": 900_000}
+            elif outcome == "raise":
+                assert rec["st"] == "F" and "ValueError: MMMM" in err, err
+            else:
+                assert rec["st"] == "F" and "WorkerLost" not in err and "output" in err, err
 
 
 async def test_a_step_that_raises_in_its_worker_process_fails_with_its_own_traceback(

@@ -82,6 +82,16 @@ def returns_late(ctx: Context) -> None:
     note("returned", ctx.run_id)
 
 
+def sized(ctx: Context) -> object:
+    """The size of its input's `pad`; or raises an error of a megabyte (`raise`), or returns
+    an output of one (`big`): messages larger than the pipe's buffer, both ways."""
+    if ctx.input.get("raise"):
+        raise ValueError("M" * 1_000_000)
+    if ctx.input.get("big"):
+        return "x" * 1_000_000
+    return len(ctx.input.get("pad", ""))
+
+
 proc = Workflow("proc", on_events=["proc.go"], concurrency=_by_key(), isolation="process")
 proc.step()(stubborn)
 proc_retried = Workflow("proc-retried", on_events=["proc.retried"], isolation="process")
@@ -107,3 +117,5 @@ fence_out_process = Workflow(
     "fence-out-process", on_events=["fence.process"], concurrency=_by_key(), isolation="process"
 )
 fence_out_process.step(retries=2)(returns_its_fence)
+proc_large = Workflow("proc-large", on_events=["proc.large"], isolation="process")
+proc_large.step()(sized)
