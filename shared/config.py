@@ -196,7 +196,7 @@ def connect(url: str, max_connections: int = 64) -> Redis:
     try:
         if is_cluster_url(url):
             seed = cluster_seed(url)
-            return cast(Redis, _Cluster.from_url(seed, max_connections=max_connections))
+            return _parsing_streams(_Cluster.from_url(seed, max_connections=max_connections))
         pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30)
         pool.connection_class(**pool.connection_kwargs)  # (an unknown option fails here)
     except ValueError as exc:  # (a port that is not a number, a value of the wrong type)
@@ -208,7 +208,19 @@ def connect(url: str, max_connections: int = 64) -> Redis:
             f"SUPERSEDE_REDIS_URL {redact(url)} has an option the client refuses ({exc}); check "
             "its options"
         ) from None
-    return Redis.from_pool(pool)  # (aclose() closes the pool's connections too)
+    return _parsing_streams(Redis.from_pool(pool))  # (aclose() closes the pool's too)
+
+
+def _parsing_streams(client: Any) -> Redis:
+    """`client`, its stream reads parsed by supersede.streams: an entry that gives a field
+    name twice is seen as one (redis-py keeps the last value only, so an inbox entry of 5,000
+    repeated fields passed the 64-field limit, and of 27 MB the 1 MiB one)."""
+    from supersede.streams import parse_autoclaim, parse_stream_read
+
+    client.set_response_callback("XREADGROUP", parse_stream_read)
+    client.set_response_callback("XREAD", parse_stream_read)
+    client.set_response_callback("XAUTOCLAIM", parse_autoclaim)
+    return cast(Redis, client)
 
 
 def unknown_option(url: str, exc: TypeError) -> str:

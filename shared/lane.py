@@ -40,6 +40,7 @@ from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocket
 from redis.exceptions import ConnectionError, InvalidResponse, RedisError, TimeoutError
 
 from supersede.protocol import StreamReply
+from supersede.streams import entry_fields
 
 try:  # (where redis-py keeps its parsers moved between releases)
     from redis._parsers.base import BaseParser
@@ -312,14 +313,10 @@ def stream_reply(raw: dict[bytes, list[Any]] | list[list[Any]] | None) -> Stream
     if not raw:
         return []
     pairs = raw.items() if isinstance(raw, dict) else raw
-    return [[name, [(eid, _fields(fields)) for eid, fields in entries]] for name, entries in pairs]  # type: ignore[misc]
-
-
-def _fields(flat: list[bytes] | None) -> dict[bytes, bytes]:
-    if not flat:
-        return {}
-    it = iter(flat)
-    return dict(zip(it, it, strict=True))
+    return [
+        [name, [(eid, entry_fields(fields)) for eid, fields in entries]]  # type: ignore[misc]
+        for name, entries in pairs
+    ]
 
 
 async def read(

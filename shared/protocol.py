@@ -142,6 +142,7 @@ class Reason(enum.StrEnum):
     # inbox events ingress refuses
     TOO_LARGE = "too_large"
     MISSING_NAME = "missing_name"
+    REPEATED_FIELD = "repeated_field"  # a field name given twice in one entry
     BAD_ENCODING = "bad_encoding"
     BAD_ID = "bad_id"
     BAD_JSON = "bad_json"

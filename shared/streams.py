@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import socket
@@ -149,6 +150,57 @@ class OwnPending:
                 self._ids[stream.decode()] = last.decode() if isinstance(last, bytes) else last
         if not seen:
             self._ids = None
+
+
+class RepeatedFields(dict[bytes, bytes]):
+    """The fields of a stream entry that gives a name more than once (Redis keeps each pair):
+    the last value of each name, as a dict holds them, with what the entry held in all, for
+    the checks a dict would mislead (an inbox entry's field count and size)."""
+
+    __slots__ = ("count", "repeated", "size")
+
+    def __init__(self, flat: Sequence[bytes]) -> None:
+        it = iter(flat)
+        super().__init__(zip(it, it, strict=True))
+        self.count = len(flat) // 2  # fields, repeats included
+        self.size = sum(len(part) for part in flat)  # bytes of names and values
+        names = flat[::2]
+        self.repeated = sorted({n for n, times in collections.Counter(names).items() if times > 1})
+
+
+def entry_fields(flat: Sequence[bytes] | None) -> dict[bytes, bytes]:
+    """A stream entry's flat field list as a dict; a RepeatedFields when a name repeats."""
+    if not flat:
+        return {}
+    it = iter(flat)
+    fields = dict(zip(it, it, strict=True))
+    return fields if 2 * len(fields) == len(flat) else RepeatedFields(flat)
+
+
+def parse_stream_read(response: Any, **options: Any) -> Any:
+    """redis-py's reply of XREAD(GROUP) (either protocol's), in its RESP2 shape, an entry that
+    repeats a field name a RepeatedFields (redis-py's own parser keeps the last value only)."""
+    if not response:
+        return []
+    pairs = response.items() if isinstance(response, dict) else response
+    return [
+        [
+            name,
+            [
+                (eid, entry_fields(flat)) if eid is not None else (None, None)
+                for eid, flat in entries
+            ],
+        ]
+        for name, entries in pairs
+    ]
+
+
+def parse_autoclaim(response: Any, **options: Any) -> Any:
+    """redis-py's reply of XAUTOCLAIM, as `parse_stream_read` parses entries."""
+    if options.get("parse_justid", False):
+        return response[1]
+    response[1] = [(e[0], entry_fields(e[1])) if e else (None, None) for e in response[1]]
+    return response
 
 
 def split_deleted(entries: Sequence[Entry]) -> tuple[list[Entry], list[bytes]]:

@@ -57,7 +57,14 @@ from supersede.registry import WorkflowDef, load_all
 from supersede.service import Periodic, Service, Throttle
 from supersede.service import serve as serve_service
 from supersede.services.ingress import metrics
-from supersede.streams import GroupSpec, OwnPending, entry_ms, group_backlog, split_deleted
+from supersede.streams import (
+    GroupSpec,
+    OwnPending,
+    RepeatedFields,
+    entry_ms,
+    group_backlog,
+    split_deleted,
+)
 from supersede.trim import trim_consumed
 
 GROUP_MEMO = 100_000
@@ -166,7 +173,9 @@ def _check_id(event_id: str, raw_id: bytes | None) -> None:
 
 
 def entry_size(fields: dict[bytes, bytes]) -> int:
-    """An inbox entry's bytes: its fields' names and values."""
+    """An inbox entry's bytes: its fields' names and values (repeated ones too)."""
+    if isinstance(fields, RepeatedFields):
+        return fields.size
     return sum(len(name) + len(value) for name, value in fields.items())
 
 
@@ -190,9 +199,17 @@ def parse_event(entry_id: bytes, fields: dict[bytes, bytes], max_payload: int, s
         raise BadEvent(
             Reason.TOO_LARGE, f"entry of {size} bytes is over the {max_payload} byte limit"
         )
-    if len(fields) > Inbox.MAX_FIELDS:
+    count = fields.count if isinstance(fields, RepeatedFields) else len(fields)
+    if count > Inbox.MAX_FIELDS:
         raise BadEvent(
-            Reason.TOO_LARGE, f"entry of {len(fields)} fields is over the {Inbox.MAX_FIELDS} limit"
+            Reason.TOO_LARGE, f"entry of {count} fields is over the {Inbox.MAX_FIELDS} limit"
+        )
+    if isinstance(fields, RepeatedFields):
+        names = ", ".join(repr(n.decode("utf-8", "backslashreplace")) for n in fields.repeated[:5])
+        raise BadEvent(
+            Reason.REPEATED_FIELD,
+            f"the entry gives the field {names} more than once (give each once; this letter "
+            "keeps the last value of each)",
         )
     raw_name = fields.get(Inbox.NAME)
     if not raw_name:

