@@ -126,6 +126,7 @@ class Dead:
     TOTAL_MAX = 16_384  # bytes of original fields (names and values) a dead letter keeps in all
     FIELDS_MAX = 64  # original fields a dead letter keeps at most
     TRUNCATED_MAX = 1024  # bytes of the names listed in TRUNCATED (whole names only)
+    DETAIL_MAX = 2000  # bytes of the detail (UTF-8; never a character split)
     ADDED = frozenset(
         f.encode() for f in (REASON, DETAIL, ENTRY, STREAM, WORKFLOW, TRUNCATED, ESCAPED)
     )
@@ -685,7 +686,9 @@ def dead_letter(
             room -= len(name) + keep
     if truncated:  # (even when no name fits the list: such a dead letter cannot be replayed)
         body[Dead.TRUNCATED] = b",".join(cut).decode("utf-8", "replace")
-    added = {Dead.REASON: str(reason), Dead.DETAIL: detail[:2000], Dead.ENTRY: entry_id,
+    cut_detail = detail.encode("utf-8", "surrogatepass")[: Dead.DETAIL_MAX]
+    said = cut_detail.decode("utf-8", "ignore")  # (a character cut at the end is left out)
+    added = {Dead.REASON: str(reason), Dead.DETAIL: said, Dead.ENTRY: entry_id,
              Dead.STREAM: stream, Dead.WORKFLOW: workflow or None}  # fmt: skip
     if any(isinstance(k, bytes) and k.startswith(Dead.ESCAPE) for k in body):
         added[Dead.ESCAPED] = "1"  # (only an escaped name starts with it now)

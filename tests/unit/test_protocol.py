@@ -130,6 +130,13 @@ def test_a_dead_letter_keeps_the_original_fields_for_replay() -> None:
     fields = {b"name": b"chat", b"data": b"{}"}
     body = dead_letter(fields, b"1-0", protocol.Reason.BAD_JSON, "x" * 5000, workflow="wf")
     assert body["reason"] == "bad_json" and len(body["detail"]) == 2000
+    # at most 2,000 bytes, not characters (2,000 emoji made a 25 KB letter), never a character
+    # cut: 1,999 bytes of four-byte characters is 499 of them
+    detail = "\U0001f600" * 2000
+    body = dead_letter(fields, b"1-0", protocol.Reason.BAD_ENCODING, detail)
+    assert body["detail"] == "\U0001f600" * 500
+    body = dead_letter(fields, b"1-0", protocol.Reason.BAD_ENCODING, "x" + detail)
+    assert body["detail"] == "x" + "\U0001f600" * 499
     as_stored = {(k.encode() if isinstance(k, str) else k): v for k, v in body.items()}
     assert original_fields(as_stored) == fields
 
