@@ -783,7 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait",
         action="store_true",
         help="wait until the event's runs ended; print outcomes; exit 0 when every run "
-        f"succeeded, {WAIT_FAILED} when one failed, {WAIT_CANCELLED} when one was cancelled",
+        f"succeeded, {WAIT_FAILED} when one failed or ingress dead-lettered the event, "
+        f"{WAIT_CANCELLED} when one was cancelled, 1 when --timeout passed first",
     )
     pub.add_argument(
         "--timeout", type=_SECONDS, default=None, help="seconds --wait waits (default 60)"
