@@ -259,7 +259,9 @@ def transitions(
     created = run.created_ms or 0
     claimed = dict(run.path()).get("claimed") or run.claimed_ms
     decided = run.cancel_decided_ms
-    if before is None and run.state is RunState.QUEUED:
+    # (first seen queued, or already ended without a start: it was queued meanwhile, a
+    # debounced run superseded within its window, which the console's look came too late for)
+    if before is None and (run.state is RunState.QUEUED or (run.state.terminal and not claimed)):
         add(created, "queued: waiting out its debounce window" if debounced
                      else "queued: its key is full")  # fmt: skip
     if claimed and before in (None, RunState.QUEUED, RunState.ASSIGNED):

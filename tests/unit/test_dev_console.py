@@ -54,6 +54,12 @@ def test_a_new_run_of_a_debounced_workflow_is_said_to_wait_out_its_window() -> N
         "queued: waiting out its debounce window"
     ]
     assert _texts(transitions(waiting, None)) == ["queued: its key is full"]
+    # first seen already cancelled, never started: its queued line comes first (a probe saw
+    # 261 of 351 autosave runs "cancelled while queued" with no line before)
+    gone = _record("1-e", st=RunState.CANCELLED.value, t3=PUBLISHED + 300, by="1-f")
+    assert _texts(transitions(gone, None, debounced=True)) == [
+        "queued: waiting out its debounce window", "cancelled while queued: superseded by 1-f"
+    ]  # fmt: skip
 
 
 def test_the_redis_cli_line_reaches_any_server_url(tmp_path: Path) -> None:
