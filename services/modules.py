@@ -101,11 +101,15 @@ def _import_path(path: str, name: str) -> ModuleType:
 def load_workflows(spec: str) -> list[Any]:
     """Import MODULE (see `import_module`) and return its Workflow objects, each validated."""
     from supersede.registry import repeated
-    from supersede.workflow import Workflow
+    from supersede.workflow import DEFINED_IN, Workflow
 
     module = import_module(spec)
-    # (by identity: a second name for one Workflow object is the same workflow)
-    workflows = list({id(v): v for v in vars(module).values() if isinstance(v, Workflow)}.values())
+    # Its top-level names, and the Workflow objects its own code made (in a list, a factory's
+    # registry...: not those of the modules it imports, another pool's maybe). By identity: a
+    # second name for one Workflow object is the same workflow.
+    found = [v for v in vars(module).values() if isinstance(v, Workflow)]
+    found += DEFINED_IN.get(module.__name__, [])
+    workflows = list({id(v): v for v in found}.values())
     if not workflows:
         raise ConfigError(f"module {spec!r} defines no Workflow")
     ids = [wf.id for wf in workflows]

@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import importlib
 import inspect
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -241,6 +242,12 @@ def _check_takes_context(where: str, what: str, fn: Any, not_callable: str) -> N
     it cannot be (rather than failing every run with a TypeError)."""
     if not callable(fn):
         raise DefinitionError(where, f"{not_callable}, got {fn!r}")
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise DefinitionError(  # (every run failed: "the output is a generator")
+            where,
+            f"{what} is a generator function (it yields): its output is what it returns; "
+            "return a list instead",
+        )
     try:
         signature = inspect.signature(fn, follow_wrapped=False)  # (what is called)
     except (TypeError, ValueError):  # (some builtins have none: called as they are)
@@ -253,6 +260,10 @@ def _check_takes_context(where: str, what: str, fn: Any, not_callable: str) -> N
             f"{what} must take one argument, its context (ctx), but its signature is "
             f"{getattr(fn, '__name__', 'fn')}{signature}",
         ) from None
+
+
+# module name -> the Workflow objects its code made (see Workflow.__post_init__)
+DEFINED_IN: dict[str, list[Workflow]] = {}
 
 
 @dataclass
@@ -268,6 +279,13 @@ class Workflow:
     isolation: str | None = None  # of the steps that set none (ISOLATIONS); executor-side only
     # the names the steps' functions were registered under (see step_name)
     step_names: StepNames = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # (the module whose code made it: `load_workflows` finds it there even when it is no
+        # top-level name, `WORKFLOWS = [make(1), make(2)]` say; such ones were left out, silently)
+        made_by = sys._getframe(2).f_globals.get("__name__")
+        if isinstance(made_by, str):
+            DEFINED_IN.setdefault(made_by, []).append(self)
 
     def step(
         self,

@@ -535,6 +535,15 @@ def test_a_group_lag_is_capped_by_what_the_stream_holds() -> None:
             "@wf.on_cancel\nasync def hook():\n    pass\n",
             "on_cancel: the on_cancel hook must take one argument, its context (ctx)",
         ),
+        # a generator step (it registered, then every run failed: "the output is a generator")
+        (
+            "wf = Workflow('w', on_events=['e'])\n@wf.step()\ndef s0(ctx):\n    yield 1\n",
+            "steps[0]: step 's0' is a generator function (it yields)",
+        ),
+        (
+            "wf = Workflow('w', on_events=['e'])\n@wf.step()\nasync def s0(ctx):\n    yield 1\n",
+            "steps[0]: step 's0' is a generator function (it yields)",
+        ),
         # two workflows of one id (the last won, silently)
         (
             "a = Workflow('dup', on_events=['e1'])\n@a.step()\nasync def one(ctx):\n    return 1\n"
@@ -570,6 +579,29 @@ def test_a_second_name_for_one_workflow_object_is_the_same_workflow(tmp_path: Pa
     )
     [wf] = load_workflows(str(path))
     assert wf.id == "alias"
+
+
+def test_workflows_a_module_makes_are_found_though_no_top_level_name_holds_them(
+    tmp_path: Path,
+) -> None:
+    """`WORKFLOWS = [make(1), make(2)]`: such workflows were left out silently (a probe's
+    `register` registered only the one a name held). The workflows of a module it imports
+    are not its own (another pool's, maybe): only those its own names hold count."""
+    from supersede.services.modules import load_workflows
+
+    (tmp_path / "other_pool.py").write_text(
+        "from supersede import Workflow\n"
+        "theirs = Workflow('theirs', on_events=['t'])\ntheirs.step()(lambda ctx: 1)\n"
+    )
+    path = tmp_path / "listed.py"
+    path.write_text(
+        "import other_pool\nfrom supersede import Workflow\n"
+        "def make(n):\n    wf = Workflow(f'listed-{n}', on_events=['e'])\n"
+        "    wf.step()(lambda ctx: n)\n    return wf\n"
+        "WORKFLOWS = [make(1), make(2)]\nthird = make(3)\n"
+    )
+    found = load_workflows(str(path))
+    assert sorted(wf.id for wf in found) == ["listed-1", "listed-2", "listed-3"]
 
 
 def test_a_workflow_id_two_modules_define_is_refused_naming_both(tmp_path: Path) -> None:
