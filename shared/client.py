@@ -8,6 +8,7 @@ default: the stream entry id) and optional `metadata` (a JSON object as text).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from dataclasses import dataclass, replace
@@ -55,6 +56,23 @@ def event_fields(
     return fields
 
 
+def _check_client(redis: Any) -> None:
+    """Refuse, in one line, a client these helpers cannot use: a blocking one (they are
+    coroutines), or one made with decode_responses=True (they read bytes: a probe's got a
+    UnicodeDecodeError of 34 lines from get_run)."""
+    if isinstance(redis, redis_sync.Redis | redis_sync.RedisCluster):
+        raise TypeError(
+            "supersede.client's helpers take a redis.asyncio client (supersede.connect(url)); "
+            "with a blocking one, use publish_sync"
+        )
+    encoder = getattr(redis, "get_encoder", None)
+    if encoder is not None and getattr(encoder(), "decode_responses", False):
+        raise ValueError(
+            "supersede.client's helpers need a client made without decode_responses=True "
+            "(they read bytes): supersede.connect(url), or Redis.from_url(url)"
+        )
+
+
 def _namespace(namespace: str | None) -> str:
     """The given namespace, else SUPERSEDE_NAMESPACE, else the default."""
     return namespace or os.environ.get("SUPERSEDE_NAMESPACE", DEFAULT_NAMESPACE)
@@ -74,6 +92,7 @@ async def publish(
     namespace: str | None = None,
 ) -> str:
     """Append one event to the inbox; returns its stream entry id."""
+    _check_client(redis)
     fields = event_fields(name, data, id=id, metadata=metadata)
     entry = await redis.xadd(inbox(namespace), fields)  # type: ignore[arg-type]
     return entry.decode() if isinstance(entry, bytes) else str(entry)
@@ -134,6 +153,7 @@ async def get_run(redis: Redis, run_id: str, *, namespace: str | None = None) ->
     """One run by id (as `publish` results and `supersede runs` show them), with its step
     outputs and the chain of newer runs that superseded it; None when there is no such run
     (never created, or removed after its retention)."""
+    _check_client(redis)
     ns = _namespace(namespace)
     found = await read_run(redis, ns, run_id)
     if found is None:
@@ -177,11 +197,55 @@ async def wait_for_run(
     an earlier entry owns its explicit id (a duplicate publish: ingress makes no new run), the
     run of that entry is waited for instead, and returned (its id differs when its key did);
     when ingress dead-lettered the event (or, given the run's `workflow`, refused it for that
-    workflow), DeadLettered (a WaitTimeout) says why, at once."""
+    workflow), DeadLettered (a WaitTimeout) says why, at once. A server that does not answer
+    ends the wait at `timeout` all the same."""
+    _check_client(redis)
+    if timeout < 0:
+        raise ValueError(f"timeout must be 0 or more seconds, got {timeout}")
+    seen: list[Run | None] = [None]
+    try:
+        async with asyncio.timeout(timeout):
+            return await _wait_for_run(
+                redis, run_id, timeout, seen, namespace=namespace, poll=poll, entry=entry,
+                workflow=workflow,
+            )  # fmt: skip
+    except WaitTimeout:
+        raise
+    except TimeoutError:  # (a call the server did not answer in time)
+        raise await _not_ended(redis, run_id, timeout, seen[0], namespace) from None
+
+
+async def _not_ended(
+    redis: Redis, run_id: str, timeout: float, run: Run | None, namespace: str | None
+) -> WaitTimeout:
+    """The WaitTimeout of a run not ended within `timeout`; for one never seen, it names the
+    namespace when nothing is in it (a wrong namespace= waited in silence)."""
+    state = run.state if run else "not created yet"
+    if run is None:
+        ns = _namespace(namespace)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                if await _stored_keys(redis, ns) is None:
+                    state += f"; nothing is in namespace {ns!r}: is namespace= the deployment's?"
+    return WaitTimeout(run_id, f"run {run_id} has not ended after {timeout}s ({state})")
+
+
+async def _wait_for_run(
+    redis: Redis,
+    run_id: str,
+    timeout: float,
+    seen: list[Run | None],
+    *,
+    namespace: str | None,
+    poll: float,
+    entry: str | None,
+    workflow: str | None,
+) -> Run:
+    """`wait_for_run`'s polls; `seen[0]` the run as last read."""
     deadline = time.monotonic() + timeout
     next_dead_look = time.monotonic() + DEAD_LOOK_AFTER
     while True:
-        run = await get_run(redis, run_id, namespace=namespace)
+        run = seen[0] = await get_run(redis, run_id, namespace=namespace)
         if run is not None and run.ended:
             return run
         if run is None and entry is not None:
@@ -196,8 +260,7 @@ async def wait_for_run(
                 if dead is not None:
                     raise DeadLettered(run_id, *dead)
         if time.monotonic() > deadline:
-            state = run.state if run else "not created yet"
-            raise WaitTimeout(run_id, f"run {run_id} has not ended after {timeout}s ({state})")
+            raise await _not_ended(redis, run_id, timeout, run, namespace)
         await asyncio.sleep(poll)
 
 
@@ -218,6 +281,7 @@ async def dead_letter_of(
     for that workflow (its key expression failed); None when there is none among the first
     `count` dead letters written since that entry. (With `workflow` None, only a whole
     event's counts. Admission's dead letters, of requests and results, name their stream.)"""
+    _check_client(redis)
     keys = Keys(_namespace(namespace), 1)
     start = f"{entry.partition('-')[0]}-0"
     letters: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(
@@ -269,6 +333,7 @@ async def cancel(redis: Redis, run_id: str, *, namespace: str | None = None) -> 
     """Cancel one run, as `supersede cancel ID` does (reason `manual`; a running handler is
     stopped as a superseded one is): True when this call cancelled it, False when it had ended.
     LookupError when there is no such run; ValueError for what is no run id."""
+    _check_client(redis)
     from supersede.lookups import cancel_runs, require_run
     from supersede.scripts import Scripts
 
@@ -284,6 +349,7 @@ async def cancel_key(
     """Cancel every live run (queued, assigned, running, waiting out a debounce window) of one
     key of `workflow`, whatever its version, as `supersede cancel --workflow W --key K` does:
     the ids of the runs this call cancelled. LookupError for a workflow never registered."""
+    _check_client(redis)
     from supersede.lookups import cancel_key as cancel_of_key
     from supersede.lookups import require_workflow
     from supersede.scripts import Scripts

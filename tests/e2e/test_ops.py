@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -607,6 +608,60 @@ async def test_a_dead_letter_is_replayed_on_one_server_and_on_a_cluster(
         return len(now) == 1 and now[0] != first
 
     await eventually(dead_again, timeout=30)
+
+
+async def test_the_client_helpers_refuse_what_they_cannot_use_and_bound_their_waits(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """A client made with decode_responses=True failed with a UnicodeDecodeError of 34 lines
+    (get_run) or an AttributeError (publish_runs); a blocking one with "object bytes can't be
+    used in 'await' expression". A wait on a server that stopped answering ended after 5.5 s
+    with redis-py's TimeoutError (no builtin TimeoutError), not at its timeout; a wait in a
+    namespace where nothing is said only "not created yet"; timeout=-1 waited."""
+    import signal
+
+    import redis as redis_sync
+
+    from supersede import client
+    from supersede.server import EmbeddedServer
+
+    rid = "0-" + "ab" * 10
+    texts = Redis.from_url(redis_url, decode_responses=True)
+    blocking = redis_sync.Redis.from_url(redis_url)
+    try:
+        for call in (
+            lambda r: client.get_run(r, rid),
+            lambda r: client.wait_for_run(r, rid, 1),
+            lambda r: client.publish_runs(r, "e", {}, namespace=keys.namespace),
+            lambda r: client.cancel(r, rid),
+        ):
+            with pytest.raises(ValueError, match="without decode_responses=True"):
+                await call(texts)
+            with pytest.raises(TypeError, match=r"take a redis\.asyncio client"):
+                await call(blocking)
+    finally:
+        await texts.aclose()
+        blocking.close()
+    with pytest.raises(ValueError, match="timeout must be 0 or more"):
+        await client.wait_for_run(redis, rid, -1)
+    with pytest.raises(client.WaitTimeout, match="nothing is in namespace 'nowhere'"):
+        await client.wait_for_run(redis, rid, 0.2, namespace="nowhere")
+
+    server = EmbeddedServer().start()
+    frozen = Redis.from_url(server.url)
+    try:
+        await frozen.ping()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(client.WaitTimeout, match=r"has not ended after 0\.5s"):
+            await client.wait_for_run(frozen, rid, 0.5)
+        assert time.monotonic() - started < 3.0  # (at its timeout, plus a second's look)
+    finally:
+        if server.proc is not None:
+            server.proc.send_signal(signal.SIGCONT)
+        await frozen.aclose(close_connection_pool=True)
+        server.stop()
 
 
 async def test_a_run_and_a_key_are_cancelled_from_python(
