@@ -42,9 +42,16 @@ def fn_key(fn: Any) -> tuple[str, str] | None:
 
 def step_name(names: StepNames, fn: Any) -> Any:
     """The name `fn` was registered under as a step (`name=`, or its own): a function given as
-    a parent or to ctx.parent(). A function registered under two names is neither: its own."""
+    a parent or to ctx.parent(). A function registered under two names is neither: its own.
+    Without `names` (a Context a test built), the name any workflow registered it under."""
     key = fn_key(fn)
-    return (key is not None and names.get(key)) or getattr(fn, "__name__", fn)
+    if key is None:
+        return getattr(fn, "__name__", fn)
+    return (names or REGISTERED_STEPS).get(key) or getattr(fn, "__name__", fn)
+
+
+# every workflow's step functions -> the name each was registered under ("" when two names)
+REGISTERED_STEPS: StepNames = {}
 
 
 # How a step runs (`isolation=`): "task" an asyncio task (async steps; cancelled at the next
@@ -136,6 +143,7 @@ class Context:
         current: Callable[[], Awaitable[bool]] | None = None,
         claimed_at: float = 0.0,
         step_names: StepNames | None = None,
+        retry_count: int = 0,
     ) -> None:
         self.run_id = run_id
         self.workflow = workflow
@@ -153,7 +161,7 @@ class Context:
         self.claimed_at = claimed_at
         # the step's retries so far: 0 on its first try, 1 on its first retry (`retries=`);
         # a new attempt of the run (its lease lapsed, a hand-back) starts again from 0
-        self.retry_count = 0
+        self.retry_count = retry_count
         self._current = current
         self._step_names: StepNames = step_names or {}
         self.outputs: dict[str, Any] = {}
@@ -220,14 +228,15 @@ class Context:
         if self._flag.is_set():
             return
         loop = asyncio.get_running_loop()
-        if self._waiter is None:
-            self._waiter = loop.create_future()
+        if self._waiter is None or self._waiter.get_loop() is not loop:  # (a test's next
+            self._waiter = loop.create_future()  # asyncio.run: "attached to a different loop")
         await asyncio.shield(self._waiter)
 
     def mark_cancelled(self) -> None:
         """Set `cancelled` (and wake `wait_cancelled()`) as the executor does when the run is
         cancelled: for a test of a step's cancelled branch. It cancels nothing in Redis
-        (`supersede.client.cancel` does)."""
+        (`supersede.client.cancel` does), nor a running async step's task (the executor
+        also cancels it: in a test, cancel the task that runs the step)."""
         self._cancel()
 
     def _cancel(self) -> None:
@@ -308,9 +317,9 @@ class Workflow:
             self.steps.append(Step(registered, fn, names, timeout, retries, isolation))
             key = fn_key(fn)
             if key is not None:  # (one function registered under two names: by neither)
-                known = self.step_names.setdefault(key, registered)
-                if known != registered:
-                    self.step_names[key] = ""
+                for names in (self.step_names, REGISTERED_STEPS):
+                    if names.setdefault(key, registered) != registered:
+                        names[key] = ""
             return fn
 
         return register

@@ -858,6 +858,48 @@ def test_a_test_marks_a_context_cancelled_to_run_a_step_s_cancelled_branch() -> 
     assert asyncio.run(waits())
 
 
+def test_a_context_a_test_builds_finds_parents_by_function_and_serves_several_loops() -> None:
+    """A second-week probe: `ctx.parent(fetch_doc)` of a step registered with `name='fetch'`
+    raised KeyError in a test's Context (it knew no step names: only the executor's did);
+    one Context used by two `asyncio.run` calls failed in `wait_cancelled()` ("attached to a
+    different loop"); `retry_count` could not be given."""
+    import asyncio
+
+    from supersede.workflow import Context, Workflow
+
+    wf = Workflow("ctx-names", on_events=["e"])
+
+    def fetch_doc(ctx: Context) -> str:
+        return "doc"
+
+    def use(ctx: Context) -> str:
+        return str(ctx.parent(fetch_doc)) + "!"
+
+    wf.step(name="fetch")(fetch_doc)
+    wf.step(parents=[fetch_doc])(use)
+    ctx = Context(run_id="r", workflow="w", attempt=1, input={}, metadata={}, retry_count=1)
+    ctx.outputs["fetch"] = fetch_doc(ctx)
+    assert use(ctx) == "doc!" and ctx.retry_count == 1
+
+    async def cancelled_within(seconds: float) -> bool:
+        waiter = asyncio.ensure_future(ctx.wait_cancelled())
+        await asyncio.sleep(0)
+        done, _ = await asyncio.wait([waiter], timeout=seconds)
+        waiter.cancel()
+        return bool(done)
+
+    assert not asyncio.run(cancelled_within(0.01))  # (a first loop made its waiter)
+
+    async def marked() -> bool:
+        waiter = asyncio.ensure_future(ctx.wait_cancelled())
+        await asyncio.sleep(0)
+        ctx.mark_cancelled()
+        await asyncio.wait_for(waiter, 5)
+        return ctx.cancelled
+
+    assert asyncio.run(marked())
+
+
 def test_publish_wait_shows_a_failed_run_s_error_not_its_partial_outputs() -> None:
     """A run whose second step failed showed the first step's output in the table, and not
     why it failed (an upgrade probe)."""
