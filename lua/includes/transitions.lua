@@ -190,6 +190,9 @@ local function assignRun(rid, rec)
   end
   rec.st = 'A'
   rec.e = nil
+  -- (an earlier attempt's read, claim and start: they came before this assignment, and its
+  -- path showed `executor read ... (+-32155 ms)`; noteEarlier kept its claim)
+  rec.pe, rec.pc, rec.ph = nil, nil, nil
   writeAssignment(rid, rec)
   setLease(rid, now + firstLookMs)
   saveRun(rid, rec)

@@ -820,6 +820,10 @@ async def test_a_hand_back_retries_at_once_without_using_an_attempt(
         assert (r.handed, r.cancelled, r.failed, r.stale) == (1, 0, 0, 0)
         rec = (await records(redis, keys))[req.run_id]
         assert (rec["st"], rec["a"], rec["hb"], rec["s"]) == ("A", attempt + 1, attempt, req.seq)
+        # its path ends at the new assignment: the handed-back attempt's claim came before it
+        # (`supersede run` showed "executor read ... (+-32155 ms)")
+        path = [p for p, _ in RunRecord.decode(req.run_id, codec.pack(rec)).path()]
+        assert path[-1] == "assigned" and "claimed" not in path, path
         lease = await redis.zscore(keys.shard(shard).leases_zset, req.run_id)
         assert lease is not None and lease > 10 * attempt + 1  # (the assignment deadline's)
         [*_, (_, fields)] = await redis.xrange(stream)
