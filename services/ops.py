@@ -966,7 +966,7 @@ async def retire(redis: Redis, keys: Keys, workflow: str, *, force: bool = False
     while runs := await _live(redis, keys, live, 1 << 62):
         # (a cancel may start the group's next queued run: the next pass cancels it)
         for i in range(0, len(runs), 1000):
-            flags = await cancel_runs(scripts, [r.id for r in runs[i : i + 1000]])
+            flags = await cancel_runs(scripts, [r.id for r in runs[i : i + 1000]], Reason.RETIRED)
             cancelled += sum(flags.values())
     await still_retired()
     # one command (on a cluster, redis-py sends one per slot; a cluster pipeline's unlink is a

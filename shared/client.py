@@ -331,7 +331,8 @@ async def _stored_keys(redis: Redis, ns: str) -> Keys | None:
 
 async def cancel(redis: Redis, run_id: str, *, namespace: str | None = None) -> bool:
     """Cancel one run, as `supersede cancel ID` does (reason `manual`; a running handler is
-    stopped as a superseded one is): True when this call cancelled it, False when it had ended.
+    stopped as a superseded one is): True when this call cancelled it, False when it had ended
+    or was being cancelled already (CANCELLING: its handler stopping).
     LookupError when there is no such run; ValueError for what is no run id."""
     _check_client(redis)
     from supersede.lookups import cancel_runs, require_run

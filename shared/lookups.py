@@ -140,13 +140,15 @@ async def require_workflow(redis: Redis, keys: Keys, workflow: str) -> None:
     )
 
 
-async def cancel_runs(scripts: Scripts, rids: list[str]) -> dict[str, bool]:
+async def cancel_runs(
+    scripts: Scripts, rids: list[str], reason: str = Reason.MANUAL
+) -> dict[str, bool]:
     by_shard: dict[int, list[str]] = {}
     for rid in rids:
         by_shard.setdefault(shard_of_run(rid), []).append(rid)
     out: dict[str, bool] = {}
     for shard, ids in by_shard.items():
-        flags = await scripts.cancel(shard, ids, reason=Reason.MANUAL)
+        flags = await scripts.cancel(shard, ids, reason=reason)
         out.update(zip(ids, flags, strict=True))
     return out
 

@@ -161,6 +161,7 @@ class Reason(enum.StrEnum):
     SUPERSEDED = "superseded"
     NO_SLOT = "no_slot"
     MANUAL = "manual"
+    RETIRED = "retired"  # `supersede retire` cancelled it with its workflow
     EXECUTOR = "executor"  # the executor reported the attempt cancelled
     LEASE_EXPIRED = "lease_expired"
     HANDED_BACK = "handed_back"  # drains stopped it past its free hand-backs and its attempts

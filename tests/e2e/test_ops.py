@@ -185,6 +185,9 @@ async def test_retire_removes_a_workflow_no_executor_serves_with_its_runs_and_st
         assert not await redis.exists(sk.assignments_stream("orphan"))
     counts = (await acli(system, "status"))["workflows"]["orphan"]
     assert counts["runs"] == {"CANCELLED": 30} and not counts.get("registered")
+    # their reason says the retire did it (it said `manual`, as an operator's cancel)
+    recs = await records(redis, keys)
+    assert {r["why"] for r in recs.values() if r["w"] == "orphan"} == {"retired"}
     # its events make no run now; the other workflows run on
     await redis.xadd(keys.events_stream, {"name": "orphan.ev", "data": '{"k": "late"}'})
     assert len((await acli(system, "publish", "chat.message", '{"userId": "u9"}'))["runs"]) == 1
