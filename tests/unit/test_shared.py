@@ -848,14 +848,18 @@ def test_a_test_marks_a_context_cancelled_to_run_a_step_s_cancelled_branch() -> 
     ctx = Context(run_id="r", workflow="w", attempt=1, input={}, metadata={})
     assert not ctx.cancelled
 
-    async def waits() -> bool:
-        waiter = asyncio.ensure_future(ctx.wait_cancelled())
-        await asyncio.sleep(0)
-        ctx.mark_cancelled()
-        await asyncio.wait_for(waiter, 5)
-        return ctx.cancelled
+    assert asyncio.run(_marked_and_woken(ctx))
 
-    assert asyncio.run(waits())
+
+async def _marked_and_woken(ctx: Any) -> bool:
+    """`mark_cancelled()` wakes a waiting `wait_cancelled()`; then `cancelled`."""
+    import asyncio
+
+    waiter = asyncio.ensure_future(ctx.wait_cancelled())
+    await asyncio.sleep(0)
+    ctx.mark_cancelled()
+    await asyncio.wait_for(waiter, 5)
+    return bool(ctx.cancelled)
 
 
 def test_a_context_a_test_builds_finds_parents_by_function_and_serves_several_loops() -> None:
@@ -890,14 +894,7 @@ def test_a_context_a_test_builds_finds_parents_by_function_and_serves_several_lo
 
     assert not asyncio.run(cancelled_within(0.01))  # (a first loop made its waiter)
 
-    async def marked() -> bool:
-        waiter = asyncio.ensure_future(ctx.wait_cancelled())
-        await asyncio.sleep(0)
-        ctx.mark_cancelled()
-        await asyncio.wait_for(waiter, 5)
-        return ctx.cancelled
-
-    assert asyncio.run(marked())
+    assert asyncio.run(_marked_and_woken(ctx))
 
 
 def test_publish_wait_shows_a_failed_run_s_error_not_its_partial_outputs() -> None:
