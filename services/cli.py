@@ -648,8 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     adm.add_argument(
         "--claim-idle-ms",
         type=_COUNT,
-        default=30_000,
-        help="take over entries another admission process left pending this long",
+        default=5_000,
+        help="take over entries another admission process left pending this long (a frozen "
+        "one's: applying an entry twice changes nothing)",
     )
     _retention_flags(adm)
     adm.add_argument(
@@ -740,8 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
     exe.add_argument(
         "--claim-idle-ms",
         type=_COUNT,
-        default=30_000,
-        help="take over assignments another executor left unclaimed this long",
+        default=2_000,
+        help="take over assignments another executor left unclaimed this long (a frozen "
+        "one's: a claim is fenced, so a run taken over still runs once)",
     )
     exe.add_argument("--block-ms", type=_COUNT, default=1000, help="longest wait of one read")
     exe.set_defaults(func=_executor)

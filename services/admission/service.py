@@ -79,7 +79,7 @@ class AdmissionConfig:
     batch: int = 1000
     block_ms: int = 1000
     reap_interval: float = 0.5
-    claim_idle_ms: int = 30_000
+    claim_idle_ms: int = 5_000  # take over another admission's pending entries (see the CLI)
     retention_ms: int = 86_400_000
     max_ended_runs: int = 1_000_000  # per workflow (spread over the shards); 0: no cap
     # no record is deleted sooner after its run ended, whatever the retention or the cap:

@@ -13,7 +13,9 @@ class ExecutorConfig:
     kill_after: float = 2.0  # process isolation: seconds from SIGTERM to SIGKILL
     drain_timeout: float = 30.0  # seconds SIGTERM waits for running runs
     block_ms: int = 1000  # longest wait of one read
-    claim_idle_ms: int = 30_000  # take over assignments another executor left this long
+    # take over assignments another executor read and left unclaimed this long: an idle one
+    # frozen in its blocking read held a new run for the whole wait (30 s before)
+    claim_idle_ms: int = 2_000
     retry_backoff: float = 0.1  # seconds before a step's first retry, doubled each time
     retry_backoff_max: float = 30.0  # the longest wait before a step's retry
     max_output_bytes: int = 65_536  # a run's step outputs, msgpack-encoded, stored with it

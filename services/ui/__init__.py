@@ -387,7 +387,7 @@ async def check_actions(redis: Redis, keys: Keys, url: str) -> None:
     of a run that cannot exist tells (its script checks the rights, then finds no run and
     writes nothing)."""
     try:
-        await lookups.cancel_runs(Scripts(redis, keys), ["0-0"])
+        await lookups.cancel_runs(Scripts(redis, keys), ["0-" + "0" * 20])
     except Exception as exc:
         refused = refusal(exc, url, ("operator",))
         if refused is not None:

@@ -185,9 +185,10 @@ def _operator_publishes_twice_and_cancels(operator: dict[str, str]) -> None:
     again = cli(operator, "publish", "work.item", '{"sleep": 0}', "--id", "acl-1", "--wait")
     assert again["runs"][0]["run"] == once["runs"][0]["run"]
     assert again["runs"][0]["state"] == "SUCCEEDED" and again["runs"][0]["duplicate_of"]
-    unknown = subprocess.run([sys.executable, "-m", "supersede", "cancel", "0-deadbeef"],
+    rid = "0-" + "deadbeef" * 2 + "0123"
+    unknown = subprocess.run([sys.executable, "-m", "supersede", "cancel", rid],
                              env=operator, capture_output=True, timeout=60)  # fmt: skip
-    assert unknown.returncode == 1 and unknown.stderr == b"supersede: no run '0-deadbeef'\n"
+    assert unknown.returncode == 1 and unknown.stderr == f"supersede: no run {rid!r}\n".encode()
     # `register` (a pool's workflows ahead of its start) is the operator's too
     [row] = cli(operator, "register", "tests.support.apps.pool_b")
     assert row["workflow"] == "resize"

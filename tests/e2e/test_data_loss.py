@@ -195,3 +195,44 @@ async def test_an_executor_stops_within_its_drain_deadline_while_the_server_is_s
         system.close()
         await redis.aclose()
         server.stop()
+
+
+async def test_a_run_read_by_a_frozen_idle_executor_starts_on_another_within_seconds(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """An idle executor with a free slot per stream waits in one XREADGROUP BLOCK, which the
+    server answers even while the executor is frozen (SIGSTOP, a hung VM): the new run it
+    was handed waited for the 30 s take-over (`--claim-idle-ms`) while another executor sat
+    idle (a fleet probe: the newest run of a CANCEL_IN_PROGRESS key, 30.05 s). Assignments
+    are taken over after 2 s now: a claim is fenced, so a taken-over run still runs once."""
+    system.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
+    frozen = system.start("executor", APP, "--slots", "40")  # (9 workflows x 4 shards)
+
+    async def reading() -> bool:
+        for sk in keys.all_shards():
+            stream = sk.assignments_stream("work")
+            if not await redis.exists(stream) or not await redis.xinfo_consumers(
+                stream, "executors"
+            ):
+                return False
+        return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+    await eventually(reading, timeout=30)
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        system.start("ingress", "--block-ms", "100")
+        await redis.xadd(keys.events_stream, {"name": "work.item", "data": b"{}"})
+
+        async def held() -> bool:  # (delivered to the frozen executor's blocked read)
+            for sk in keys.all_shards():
+                if (await redis.xpending(sk.assignments_stream("work"), "executors"))["pending"]:
+                    return True
+            return False
+
+        await eventually(held, timeout=30)
+        system.start("executor", APP, "--slots", "40")
+        await eventually(lambda: _succeeded(redis, keys, 1), timeout=15)
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    [rec] = (await records(redis, keys)).values()
+    assert (rec["st"], rec["a"]) == ("S", 1)

@@ -390,7 +390,7 @@ async def test_costly_events_do_not_hold_back_the_events_read_before_them(
         "id": "costly",
         "events": ["doc.saved"],
         "concurrency": {
-            "expression": "input.items.map(x, x + x).join(',').size() > 0 ? 'k' : 'k'",
+            "expression": "input.items.map(x, x).join(',').size() > 0 ? 'k' : 'k'",
             "max_runs": 1,
         },
     }
