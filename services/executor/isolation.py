@@ -140,11 +140,26 @@ async def _until_flag(fn: Callable[[Context], Any], ctx: Context, flag: ProcessE
     return step.result()
 
 
-def _exit_with_parent(executor: int) -> None:
+class _Job:
+    """The job a worker runs, as its watch thread sees it: the attempt's lease (s, 0: none)
+    and how long the ladder gives a step after its flag (grace and kill-after, s)."""
+
+    __slots__ = ("ladder", "lease")
+
+    def __init__(self) -> None:
+        self.lease = 0.0
+        self.ladder = 0.0
+
+
+def _exit_with_parent(executor: int, job: _Job, flag: ProcessEvent, leased: Any) -> None:
     """A worker must not outlive its executor: a step still running there would run twice
     once its lease expires and the run is retried elsewhere (in strict mode, two handlers of a
     key at once). It watches the executor itself: the forkserver, its parent, may live on for
-    seconds after a SIGKILL of the executor. It exits when either is gone."""
+    seconds after a SIGKILL of the executor. It exits when either is gone. Nor may a step
+    outlive its attempt's lease while the executor is frozen (SIGSTOP, a hung VM: it renews
+    nothing, and the run is retried elsewhere): once the lease lapsed the worker raises the
+    step's flag itself, and exits once the ladder's grace and kill-after passed (a probe saw a
+    worker's step run 7 s beside the retry, for as long as its executor was stopped)."""
     parent = os.getppid()
 
     def alive() -> bool:
@@ -162,8 +177,18 @@ def _exit_with_parent(executor: int) -> None:
             pass
         return os.getppid() == parent
 
+    def lapsed_for() -> float:
+        """Seconds since the running attempt's lease lapsed (negative: it holds, or none)."""
+        lease = job.lease
+        return time.monotonic() - leased.value - lease if lease else -1.0
+
     def watch() -> None:
         while alive():
+            late = lapsed_for()
+            if late >= 0:
+                flag.set()  # (as the ladder's first rung: the step sees ctx.cancelled)
+                if late >= job.ladder:
+                    break
             time.sleep(0.1)
         os._exit(1)
 
@@ -179,7 +204,8 @@ def worker_main(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the executor
     os.setsid()  # a signal to the executor's process group (a supervisor's) is not for steps
-    _exit_with_parent(executor)
+    running = _Job()
+    _exit_with_parent(executor, running, flag, leased)
     client: Any = None
 
     def fence_check(key: str, group: str, seq: str) -> bool:
@@ -197,6 +223,8 @@ def worker_main(
         except (EOFError, OSError):
             return
         job = codec.unpack(raw)
+        running.ladder = float(job.get("ld", 0.0))
+        running.lease = float(job.get("ls", 0.0))
         try:
             if job.get("mf"):  # (a module given by its path: loaded under the same name)
                 import_module(job["mf"])
@@ -214,6 +242,7 @@ def worker_main(
             reply = codec.pack_value(["output", str(exc)])
         except BaseException as exc:  # (SystemExit, KeyboardInterrupt too: the step's failure)
             reply = codec.pack_value(["err", step_traceback(exc)])
+        running.lease = 0.0
         conn.send_bytes(reply)
 
 

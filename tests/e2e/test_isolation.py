@@ -376,6 +376,39 @@ async def test_a_step_in_a_worker_stops_within_moments_of_a_sigkill_of_its_execu
     await eventually(worker_gone, timeout=1.5)
 
 
+async def test_a_step_in_a_worker_stops_once_its_lease_lapsed_while_its_executor_is_frozen(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """An executor frozen (SIGSTOP, a hung VM) renews no lease, and the run is retried
+    elsewhere; its worker processes run on, so a step that ignores its flag ran beside the
+    retry for as long as the freeze lasted (a fleet probe: 7.3 s, in strict mode). The worker
+    now watches the attempt's lease itself: past it, the flag, then its exit once the ladder's
+    grace and kill-after passed, while the executor is still frozen."""
+    system.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
+    executor = system.start(
+        "executor", APP, "--slots", "4", "--lease", "2", "--grace", "0.3", "--kill-after", "0.3"
+    )
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == 10
+
+    await eventually(registered, timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    await _publish(redis, keys, "proc.go", k="frozen", sleep=60)
+    await eventually(lambda: _noted(redis, keys, "started"), timeout=30)
+    [pid] = {pid for kind, _, pid, _ in await _notes(redis, keys) if kind == "started"}
+    executor.send_signal(signal.SIGSTOP)
+    try:
+
+        async def worker_gone() -> bool:
+            return _gone(pid)
+
+        await eventually(worker_gone, timeout=10)  # (lease 2 s, then 0.6 s of ladder)
+        assert executor.poll() is None  # (still there, frozen)
+    finally:
+        executor.send_signal(signal.SIGCONT)
+
+
 async def test_a_process_step_that_ignores_its_flag_ends_at_the_ladders_sigterm(
     redis: Redis, keys: Keys, system: System
 ) -> None:
