@@ -296,6 +296,9 @@ class LeaseKeeper:
                 run.lapsed = True  # (renewed no more)
                 run.drained = True  # (not the run's own cancel: nothing is reported)
                 run.ctx._flag.set()
+            # (counted as marked: a run whose step returned before the loop came to stop it,
+            # its time out during a freeze, was logged and not counted)
+            metrics.LEASES_LAPSED.inc(len(runs))
             renewed = self.runner.renewed_at or 0.0
             log.warning(
                 "leases not renewed in time: stopping runs before their leases lapse (they are "

@@ -454,7 +454,6 @@ class Runner:
         for run in runs:
             if self.active.get(run.run_id) is not run or run.reported:
                 continue
-            metrics.LEASES_LAPSED.inc()
             if run.task is not None and not run.task.done():
                 run.task.cancel()
                 if run.in_async_step:  # (a library may swallow the cancel)

@@ -1785,6 +1785,40 @@ async def test_the_lease_watch_counts_each_run_from_its_own_claim_or_renewal() -
     assert kept.leased_at == now
 
 
+async def test_the_lease_watch_counts_the_runs_it_stops_when_it_marks_them(
+    redis_url: str, keys: Keys
+) -> None:
+    """The watch logged `leases not renewed in time` with their number, and the loop counted
+    them later, only those still running then: after a freeze, a run whose step's time ran
+    out meanwhile returned first, and the counter stayed at 0 (a fleet probe, 2 of 3 tries)."""
+    import threading
+    from types import SimpleNamespace
+
+    from supersede.services.executor import metrics
+    from supersede.services.executor.config import ExecutorConfig
+    from supersede.services.executor.lease import LeaseKeeper
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Context
+
+    config = ExecutorConfig(lease_ms=1_000)
+    runner = Runner([], config, outbox=None)
+    keeper = LeaseKeeper(redis_url, keys, "c", config, runner, on_stop=lambda *_: None)
+    now = time.monotonic()
+    ctx = Context(run_id="1-x", workflow="w", attempt=1, input={}, metadata={})
+    run = SimpleNamespace(attempt=1, reported=False, lapsed=False, drained=False, ctx=ctx,
+                          lease_cell=None, leased_at=now - 5, started=now, held=None)  # fmt: skip
+    runner.active["1-x"] = run  # type: ignore[assignment]
+    before = metrics.LEASES_LAPSED._value.get()
+    watch = threading.Thread(target=keeper._watch, daemon=True)  # (no loop: nothing else counts)
+    watch.start()
+    try:
+        await eventually(lambda: asyncio.sleep(0, run.lapsed), timeout=10)
+    finally:
+        keeper._halt.set()
+        watch.join(5)
+    assert ctx.cancelled and metrics.LEASES_LAPSED._value.get() == before + 1
+
+
 async def test_a_beat_starts_a_held_run_it_renewed_unless_it_named_the_run_to_stop() -> None:
     """A run held for its renewal (its claim reply came late) starts once a beat's call
     renewed it. A run the call named to stop is still stamped (a CANCELLING run's lease is
