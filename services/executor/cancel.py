@@ -22,6 +22,7 @@ from supersede.lane import Lane, read
 from supersede.protocol import Control, Entry, Outcome, parse_cancel
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
+from supersede.services.executor.isolation import SERVER_UNAVAILABLE
 from supersede.services.executor.steps import RECANCEL_AFTER, Runner, Running
 from supersede.streams import entry_ms, tail_ids
 
@@ -135,6 +136,10 @@ class Cancels:
                     self._on_control(entries)
             except asyncio.CancelledError:
                 raise
+            except SERVER_UNAVAILABLE as exc:  # (one line: a resume from SIGSTOP timed out the
+                # read in flight, and a traceback at ERROR said nothing more)
+                log.warning("control read failed; reading again", extra={"error": describe(exc)})
+                await asyncio.sleep(0.5)
             except Exception:
                 log.exception("control iteration failed")
                 await asyncio.sleep(0.5)

@@ -214,6 +214,13 @@ class Executor(Service):
             # The drain's deadline counts from the signal: a kubelet's or Docker's grace
             # period does too (waiting for the read first, then the whole drain, overran it).
             deadline = asyncio.get_running_loop().time() + self.config.drain_timeout
+            self.log.info(  # (nothing said so until "executor stopped", up to the deadline)
+                "draining: no new runs; waiting for the running ones",
+                extra={
+                    "runs": len(self.runner.active),
+                    "drain_timeout_s": self.config.drain_timeout,
+                },
+            )
             self.runner.drain_deadline = deadline
             self.runner.stopping.set()
             # The fetch loop ends after its read in flight, so what that read took is started

@@ -450,6 +450,9 @@ async def test_an_exit_past_the_drain_deadline_beside_worker_processes_writes_on
     await eventually(lambda: logged(redis, keys, "held-started"), timeout=30)
     err = await _stderr_after_sigterm(proc)
     assert "threads still running" in err  # (the exit this test is about)
+    # the signal is said at once (only "executor stopped" came, up to the deadline later)
+    drain = next(orjson.loads(x) for x in err.splitlines() if '"draining' in x)
+    assert drain["runs"] == 1 and drain["drain_timeout_s"] == 2.0, drain
     lines = [line for line in err.splitlines() if line.strip()]
     assert [line for line in lines if not line.startswith("{")] == [], err[-3000:]
 
