@@ -90,11 +90,14 @@ def _import_path(path: str, name: str) -> ModuleType:
     assert loader_spec is not None and loader_spec.loader is not None
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[unique] = module
-    try:
+    loader_spec._initializing = True  # type: ignore[attr-defined]  # (as importlib marks a
+    try:  # module being imported: Workflow.__post_init__ reads it)
         loader_spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[unique]
         raise
+    finally:
+        loader_spec._initializing = False  # type: ignore[attr-defined]
     return module
 
 

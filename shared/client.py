@@ -56,7 +56,7 @@ def event_fields(
     return fields
 
 
-def _check_client(redis: Any) -> None:
+def _check_client(redis: Any, *, text_ok: bool = False) -> None:
     """Refuse, in one line, a client these helpers cannot use: a blocking one (they are
     coroutines), or one made with decode_responses=True (they read bytes: a probe's got a
     UnicodeDecodeError of 34 lines from get_run)."""
@@ -66,7 +66,7 @@ def _check_client(redis: Any) -> None:
             "with a blocking one, use publish_sync"
         )
     encoder = getattr(redis, "get_encoder", None)
-    if encoder is not None and getattr(encoder(), "decode_responses", False):
+    if not text_ok and encoder is not None and getattr(encoder(), "decode_responses", False):
         raise ValueError(
             "supersede.client's helpers need a client made without decode_responses=True "
             "(they read bytes): supersede.connect(url), or Redis.from_url(url)"
@@ -92,7 +92,7 @@ async def publish(
     namespace: str | None = None,
 ) -> str:
     """Append one event to the inbox; returns its stream entry id."""
-    _check_client(redis)
+    _check_client(redis, text_ok=True)
     fields = event_fields(name, data, id=id, metadata=metadata)
     entry = await redis.xadd(inbox(namespace), fields)  # type: ignore[arg-type]
     return entry.decode() if isinstance(entry, bytes) else str(entry)
@@ -198,13 +198,13 @@ async def wait_for_run(
     run of that entry is waited for instead, and returned (its id differs when its key did);
     when ingress dead-lettered the event (or, given the run's `workflow`, refused it for that
     workflow), DeadLettered (a WaitTimeout) says why, at once. A server that does not answer
-    ends the wait at `timeout` all the same."""
+    ends the wait within a second of `timeout` all the same."""
     _check_client(redis)
     if timeout < 0:
         raise ValueError(f"timeout must be 0 or more seconds, got {timeout}")
     seen: list[Run | None] = [None]
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout + WAIT_SLACK):  # (the polls' own deadline first)
             return await _wait_for_run(
                 redis, run_id, timeout, seen, namespace=namespace, poll=poll, entry=entry,
                 workflow=workflow,
@@ -265,6 +265,9 @@ async def _wait_for_run(
 
 
 DEAD_LOOK_AFTER = 0.5  # s: a run not created by then may be a dead-lettered event's
+# s past a wait's timeout at which a call the server does not answer ends it (the polls stop
+# at the timeout, after a last look: a bound at the timeout itself cut that look short)
+WAIT_SLACK = 1.0
 DEAD_LOOK_EVERY = 1.0  # s between two looks at the dead letters while waiting
 
 

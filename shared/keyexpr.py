@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from supersede import celstrings
@@ -31,9 +32,9 @@ MAX_READ_ITEMS = 10_000
 # A comprehension that builds a list (map, filter) copies the list it built so far at each item,
 # deeply: its cost is the items walked times the size of what it builds (measured: filter over
 # 500 maps of two fields, 60 ms; one item of 7,400 numbers first, 0.3 s; map(t, t) over 500
-# strings of 20 KB, 0.4 s). An event for which the items walked x the copies the expression
-# builds x the size of what it reads (see `_units`) exceed this is refused (a key_error dead
-# letter); at most ~25 ms of ingress (about 50 ns a unit).
+# strings of 20 KB, 0.4 s). An event for which the items walked x the size of what is built
+# (see `_Build`, `_units`) exceed this is refused (a key_error dead letter); at most ~25 ms of
+# ingress (about 50 ns a unit).
 MAX_BUILD_COST = 500_000
 KeyFn = Callable[[Any, Any], str]
 # Comprehension macros: each walks a list or map of the input. One is linear in the input's size
@@ -42,7 +43,10 @@ KeyFn = Callable[[Any, Any], str]
 # The comprehension macros (existsOne: the library's other spelling of exists_one)
 _MACROS = "map|filter|all|exists|exists_one|existsOne"
 _MACRO = re.compile(rf"\.\s*({_MACROS})\s*\(")
-_BUILDS = re.compile(r"\.\s*(map|filter)\s*\(")  # (the macros that build a list)
+# the macros that build a list, with the field path they walk when it is one
+_BUILDS = re.compile(
+    r"(?:\b(input|metadata)((?:\s*\.\s*[A-Za-z_][A-Za-z0-9_]*)*?)\s*)?\.\s*(map|filter)\s*\("
+)
 _PATH = re.compile(r"^\s*(input|metadata)((?:\.[A-Za-z_][A-Za-z0-9_]*)+)\s*$")
 
 
@@ -256,7 +260,7 @@ def _compile(
 
     walks = _MACRO.search(code) is not None
     paths = _walked_paths(code) if walks else None
-    copies = _copies_built(code)
+    builds = _builds(code)
     read = _fields_read(code)
     only_in, only_md = read.get("input", frozenset()), read.get("metadata", frozenset())
 
@@ -271,7 +275,7 @@ def _compile(
                 "with what they hold), over what an expression may read (its cost budget)",
             )
         if walks:
-            _check_walks(expression, reason, paths, copies, [input_, metadata])
+            _check_walks(expression, reason, paths, builds, [input_, metadata])
         try:
             if functions:
                 celstrings.reset()
@@ -287,7 +291,7 @@ def _check_walks(
     expression: str,
     reason: str,
     paths: list[tuple[str, tuple[str, ...]]] | None,
-    copies: int,
+    builds: list[_Build],
     roots: list[Any],
 ) -> None:
     """Refuse an event whose comprehensions would walk over MAX_COMPREHENSION_ITEMS items, or
@@ -299,25 +303,89 @@ def _check_walks(
             f"{expression!r} walks a list or map of {longest} items, over the "
             f"{MAX_COMPREHENSION_ITEMS} a comprehension may walk (its cost budget)",
         )
-    if copies:  # (a walk of what a function made, `split`'s parts: up to as many items)
-        walked = longest if paths is not None else MAX_COMPREHENSION_ITEMS
-        _check_build(expression, reason, copies, walked, roots)
+    cost = 0
+    for build in builds:
+        cost += build.cost(roots, MAX_BUILD_COST - cost + 1)
+        if cost > MAX_BUILD_COST:
+            raise KeyExpressionError(
+                reason,
+                f"{expression!r} builds a list (map, filter) costing over {MAX_BUILD_COST:,} "
+                "for this event (its cost budget): the library copies the list built so far at "
+                "each item, so the items walked x the size of what is built (1 per value, a "
+                "string 1 more per 512 characters, a map's entry 1 more); walk fewer or smaller "
+                "items, map them to a field of each, or test them with exists() or all()",
+            )
 
 
-def _copies_built(code: str) -> int:
-    """How many copies of the items they walk the list-building comprehensions of `code` may
-    hold: one per filter, and per map the uses of its variable in what it makes of each item
-    (`t + t` builds items twice the size of those walked; one use at least)."""
-    copies = 0
+@dataclass(frozen=True, slots=True)
+class _Build:
+    """A comprehension of a key expression that builds a list (map, filter): what it walks
+    (`path`: root and fields; None: what a function made, `split`'s parts, or a literal), and
+    what it makes of each item: a filter keeps the item; a map makes what its body reads of the
+    item (`uses`: each use of its variable, by the fields it reads of it, () for all of it),
+    a unit, and the elements of the list and map literals it writes (`literals`)."""
+
+    path: tuple[str, tuple[str, ...]] | None
+    uses: tuple[tuple[str, ...], ...] | None  # None: a filter
+    literals: int
+
+    def cost(self, roots: list[Any], limit: int) -> int:
+        """Items walked x the size of what is built from them, counted up to past `limit`."""
+        if self.path is None:  # (up to as many items; each built from anything read)
+            per_item = max(1, len(self.uses or ()) + self.literals)
+            n = MAX_COMPREHENSION_ITEMS * per_item
+            return n * _units(roots, limit // n + 1)
+        value = roots[0] if self.path[0] == "input" else roots[1]
+        for part in self.path[1]:
+            value = value.get(part) if isinstance(value, dict) else None
+        items = list(value) if isinstance(value, dict | list | tuple) else []
+        if not items:
+            return 0
+        n, room = len(items), limit // len(items) + 1
+        if self.uses is None:
+            return n * _units(items, room)
+        built = n * (1 + self.literals)  # (what it makes, and the literals' elements)
+        for item in items:
+            for fields in self.uses:
+                built += _units([_field_of(item, fields)], room - built)
+            if built > room:
+                break
+        return n * built
+
+
+def _field_of(item: Any, fields: tuple[str, ...]) -> Any:
+    for name in fields:
+        item = item.get(name) if isinstance(item, dict) else None
+    return item
+
+
+_USE_TAIL = re.compile(r"((?:\s*\.\s*[A-Za-z_][A-Za-z0-9_]*)*)(\s*\()?")
+
+
+def _builds(code: str) -> list[_Build]:
+    """The comprehensions of `code` that build a list (see _Build)."""
+    out = []
     for m in _BUILDS.finditer(code):
+        path = None
+        if m.group(1):
+            path = (m.group(1), tuple(p.strip() for p in m.group(2).split(".") if p.strip()))
         args = _arguments(code, m.end())
         name = args[0].strip()
-        if m.group(1) == "filter" or len(args) < 2 or not name.isidentifier():
-            copies += 1
+        if m.group(3) == "filter" or len(args) < 2 or not name.isidentifier():
+            out.append(_Build(path, None, 0))
             continue
-        uses = re.findall(rf"(?<![\w.]){re.escape(name)}\b", args[-1])
-        copies += max(1, len(uses))
-    return copies
+        body = args[-1]
+        uses = []
+        for use in re.finditer(rf"(?<![\w.]){re.escape(name)}\b", body):
+            tail = _USE_TAIL.match(body, use.end())
+            fields = [f.strip() for f in tail.group(1).split(".") if f.strip()] if tail else []
+            if tail and tail.group(2) and fields:  # (a method's result: about its receiver)
+                fields.pop()
+            uses.append(tuple(fields))
+        # (each element of a literal is built per item: `[t, 0, 0, ...]` cost seconds)
+        literals = body.count(",") + body.count("[") + body.count("{")
+        out.append(_Build(path, tuple(uses), literals))
+    return out
 
 
 def _arguments(code: str, start: int) -> list[str]:
@@ -338,23 +406,6 @@ def _arguments(code: str, start: int) -> list[str]:
         i = len(code)
     parts.append(code[begin:i])
     return parts
-
-
-def _check_build(expression: str, reason: str, copies: int, walked: int, roots: list[Any]) -> None:
-    """Refuse an event for which the list-building comprehensions would cost over
-    MAX_BUILD_COST: the items walked x the copies built x the size of the values read."""
-    per_unit = max(1, walked * copies)
-    units = _units(roots, MAX_BUILD_COST // per_unit + 1)
-    if units * per_unit > MAX_BUILD_COST:
-        raise KeyExpressionError(
-            reason,
-            f"{expression!r} builds a list (map, filter) of up to {walked} items from values "
-            f"of {'over ' if units > MAX_BUILD_COST // per_unit else ''}{units:,} units (a "
-            f"value 1, a string 1 more per 512 characters, a map's entry 1 more), copied at "
-            f"each item: over the {MAX_BUILD_COST:,} (items x copies x units) a comprehension "
-            "that builds a list may cost (its cost budget); walk fewer or smaller items, or "
-            "test them with exists() or all()",
-        )
 
 
 def _units(roots: list[Any], limit: int) -> int:

@@ -186,10 +186,7 @@ def parse_stream_read(response: Any, **options: Any) -> Any:
     return [
         [
             name,
-            [
-                (eid, entry_fields(flat)) if eid is not None else (None, None)
-                for eid, flat in entries
-            ],
+            [(e[0], entry_fields(e[1])) if e else (None, None) for e in entries],
         ]
         for name, entries in pairs
     ]

@@ -275,6 +275,19 @@ def _check_takes_context(where: str, what: str, fn: Any, not_callable: str) -> N
 DEFINED_IN: dict[str, list[Workflow]] = {}
 
 
+def _module_importing(frame: Any) -> str | None:
+    """The name of the innermost module, from `frame` outwards, that is being imported."""
+    for _ in range(50):
+        if frame is None:
+            return None
+        name = frame.f_globals.get("__name__")
+        spec = getattr(sys.modules.get(name), "__spec__", None) if isinstance(name, str) else None
+        if getattr(spec, "_initializing", False):
+            return str(name)
+        frame = frame.f_back
+    return None
+
+
 @dataclass
 class Workflow:
     id: str
@@ -290,10 +303,13 @@ class Workflow:
     step_names: StepNames = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # (the module whose code made it: `load_workflows` finds it there even when it is no
-        # top-level name, `WORKFLOWS = [make(1), make(2)]` say; such ones were left out, silently)
-        made_by = sys._getframe(2).f_globals.get("__name__")
-        if isinstance(made_by, str):
+        # (the module being imported whose code made it, a factory's caller's too:
+        # `load_workflows` finds it there even when it is no top-level name, `WORKFLOWS =
+        # [make(1), make(2)]` say; such ones were left out, silently. Only while a module is
+        # imported: one made later, as the executor does for a run it cannot start, is no
+        # module's, and is not kept.)
+        made_by = _module_importing(sys._getframe(2))
+        if made_by is not None:
             DEFINED_IN.setdefault(made_by, []).append(self)
 
     def step(

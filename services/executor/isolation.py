@@ -71,6 +71,11 @@ class WorkerLost(Exception):
     """The worker process ended without answering (it crashed, or user code exited it)."""
 
 
+class WorkerLapsed(WorkerLost):
+    """The worker stopped the step itself, its attempt's lease lapsed (the executor froze): the
+    run is retried elsewhere; this attempt reports nothing."""
+
+
 class WorkerTerminated(WorkerLost):
     """The worker process ended by a SIGTERM the executor did not send (not the ladder's): a
     supervisor's stop reaching every process of the executor's cgroup (systemd's default
@@ -141,14 +146,24 @@ async def _until_flag(fn: Callable[[Context], Any], ctx: Context, flag: ProcessE
 
 
 class _Job:
-    """The job a worker runs, as its watch thread sees it: the attempt's lease (s, 0: none)
-    and how long the ladder gives a step after its flag (grace and kill-after, s)."""
+    """The job a worker runs, as its watch thread sees it: the attempt's lease (s, 0: none),
+    how long the ladder gives a step after its flag (grace and kill-after, s), its number
+    (the watch acts on the job it looked at, not the next), and whether the watch stopped it
+    because the lease lapsed (its reply then says so: not the step's failure)."""
 
-    __slots__ = ("ladder", "lease")
+    __slots__ = ("ladder", "lapsed", "lease", "number")
 
     def __init__(self) -> None:
         self.lease = 0.0
         self.ladder = 0.0
+        self.number = 0
+        self.lapsed = False
+
+    def start(self, job: dict[str, Any]) -> None:
+        self.number += 1
+        self.lapsed = False
+        self.ladder = float(job.get("ld", 0.0))
+        self.lease = float(job.get("ls", 0.0))
 
 
 def _exit_with_parent(executor: int, job: _Job, flag: ProcessEvent, leased: Any) -> None:
@@ -184,10 +199,12 @@ def _exit_with_parent(executor: int, job: _Job, flag: ProcessEvent, leased: Any)
 
     def watch() -> None:
         while alive():
+            number = job.number
             late = lapsed_for()
-            if late >= 0:
+            if late >= 0 and number == job.number and job.lease:
+                job.lapsed = True
                 flag.set()  # (as the ladder's first rung: the step sees ctx.cancelled)
-                if late >= job.ladder:
+                if late >= job.ladder and number == job.number and job.lease:
                     break
             time.sleep(0.1)
         os._exit(1)
@@ -223,8 +240,7 @@ def worker_main(
         except (EOFError, OSError):
             return
         job = codec.unpack(raw)
-        running.ladder = float(job.get("ld", 0.0))
-        running.lease = float(job.get("ls", 0.0))
+        running.start(job)
         try:
             if job.get("mf"):  # (a module given by its path: loaded under the same name)
                 import_module(job["mf"])
@@ -243,6 +259,8 @@ def worker_main(
         except BaseException as exc:  # (SystemExit, KeyboardInterrupt too: the step's failure)
             reply = codec.pack_value(["err", step_traceback(exc)])
         running.lease = 0.0
+        if running.lapsed:  # (stopped by the watch: the attempt is over, whatever the step did)
+            reply = codec.pack_value(["lapsed"])
         conn.send_bytes(reply)
 
 
@@ -392,6 +410,8 @@ class ProcessPool:
             return reply[1]
         if reply[0] == "cancelled":  # (only a cancel raises it where the executor sees it)
             raise StepError("the step raised CancelledError, and its run was not cancelled")
+        if reply[0] == "lapsed":
+            raise WorkerLapsed("the worker stopped the step: its attempt's lease lapsed")
         if reply[0] == "output":
             raise OutputError(reply[1])
         raise StepError(reply[1])
@@ -413,7 +433,9 @@ class ProcessPool:
             loop.remove_reader(fd)
             # (uvloop's reader leaves the socket non-blocking: a message larger than its buffer
             # then failed part-way, EAGAIN, here and at the next job's send to this worker)
-            os.set_blocking(fd, True)
+            if not worker.conn.closed:  # (closed at a shutdown: its fd may be another's)
+                with contextlib.suppress(OSError):
+                    os.set_blocking(fd, True)
         try:
             reply: list[Any] = codec.unpack(worker.conn.recv_bytes())
         except (EOFError, OSError):

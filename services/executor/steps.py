@@ -45,6 +45,8 @@ from supersede.services.executor.isolation import (
     SERVER_UNAVAILABLE,
     ProcessPool,
     StepError,
+    WorkerLapsed,
+    WorkerLost,
     WorkerTerminated,
 )
 from supersede.services.executor.outbox import Outbox
@@ -607,6 +609,11 @@ class Runner:
         """The run's end after `attempt` of `step` raised `exc`, or None once the step may be
         tried again (its retry's wait slept)."""
         if isinstance(exc, WorkerTerminated) and await self._left_to_lease(run):
+            raise LeftToLease from None
+        if isinstance(exc, WorkerLapsed) or (
+            isinstance(exc, WorkerLost) and self.lease_left(run) <= 0
+        ):  # (its worker stopped the step, the lease lapsed while this process was frozen:
+            # the run is retried elsewhere; failing it here would end it FAILED)
             raise LeftToLease from None
         if _stopped(run):  # (a shutdown's cancel a library made another error of)
             raise asyncio.CancelledError from exc

@@ -1822,6 +1822,37 @@ async def test_the_lease_watch_counts_the_runs_it_stops_when_it_marks_them(
     assert ctx.cancelled and metrics.LEASES_LAPSED._value.get() == before + 1
 
 
+async def test_a_step_its_worker_stopped_past_the_lease_is_left_to_the_lease_not_failed() -> None:
+    """A worker stops its step itself once the attempt's lease lapsed while the executor was
+    frozen (see test_isolation). Its reply (a CancelledError, the worker's exit) looked like the
+    step's failure: a step without retries FAILED its run, final where the reaper was frozen
+    too (`supersede serve`; a review). Such a run is left to its lease and retried now."""
+    from types import SimpleNamespace
+
+    from supersede.services.executor.config import ExecutorConfig
+    from supersede.services.executor.isolation import WorkerLapsed, WorkerLost
+    from supersede.services.executor.steps import LeftToLease, Runner
+    from supersede.workflow import Context, Step
+
+    runner = Runner([], ExecutorConfig(lease_ms=1_000), outbox=None)
+    now = time.monotonic()
+    runner.mark_renewed(now)
+    step = Step("s", lambda ctx: None)
+    ctx = Context(run_id="1-x", workflow="w", attempt=1, input={}, metadata={})
+
+    def run(leased_at: float) -> Any:
+        return SimpleNamespace(drained=False, ctx=ctx, leased_at=leased_at, started=leased_at,
+                               run_id="1-x", workflow=SimpleNamespace(id="w"))  # fmt: skip
+
+    with pytest.raises(LeftToLease):
+        await runner._after_failure(run(now), step, 0, WorkerLapsed("stopped"))
+    with pytest.raises(LeftToLease):  # (exited past the ladder: a lost worker, lease lapsed)
+        await runner._after_failure(run(now - 5), step, 0, WorkerLost("gone"))
+    # a worker lost while the lease holds (OOM-killed, say) is the step's failure, as before
+    outcome = await runner._after_failure(run(now), step, 0, WorkerLost("gone"))
+    assert outcome is not None and outcome[0].name == "FAILED"
+
+
 async def test_a_beat_starts_a_held_run_it_renewed_unless_it_named_the_run_to_stop() -> None:
     """A run held for its renewal (its claim reply came late) starts once a beat's call
     renewed it. A run the call named to stop is still stamped (a CANCELLING run's lease is

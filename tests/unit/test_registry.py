@@ -300,13 +300,24 @@ def test_a_comprehension_that_builds_a_list_is_refused_past_its_items_times_its_
     assert first({"items": small[:300]}, {}) == "0"  # (about 20 ms)
     none_b = compile_key("input.items.exists(i, i.kind == 'b') ? 'b' : 'none'")
     assert none_b(hostile, {}) == "none"
-    # a map counts the uses of its variable in what it makes: `t + t + t` builds three copies
-    strings = {"items": ["s" * 20] * 500}
+    # a map is charged what it makes of each item: `t + t + t` three copies of it, `i.sku` the
+    # field only (a review: projections of 200 line items of 11 fields were refused, 7 ms),
+    # and each element of a literal it writes (`[t, 0, 0, ...]`: seconds an event, uncounted)
+    strings = {"items": ["s" * 20] * 400}
     once = compile_key("string(size(input.items.map(t, t)))")
     thrice = compile_key("string(size(input.items.map(t, t + t + t)))")
-    assert once(strings, {}) == "500"
+    assert once(strings, {}) == "400"
     with pytest.raises(KeyExpressionError, match="cost budget"):
         thrice(strings, {})
+    lines = {"items": [{"sku": f"s{i}", **{f"f{j}": "v" for j in range(10)}} for i in range(200)]}
+    skus = compile_key("input.items.map(i, i.sku.lowerAscii()).join(',').size() > 0 ? 'k' : 'k'")
+    assert skus(lines, {}) == "k"
+    with pytest.raises(KeyExpressionError, match="cost budget"):
+        compile_key("string(size(input.items.map(i, i)))")(lines, {})
+    padded = compile_key("string(size(input.items.map(t, [t" + ", 0" * 200 + "])))")
+    assert padded({"items": list(range(10))}, {}) == "10"
+    with pytest.raises(KeyExpressionError, match="cost budget"):
+        padded({"items": list(range(200))}, {})
     # a walk of what a function made (split's parts, up to 500) counts 500 items
     parts = compile_key("string(size(input.s.split(',').map(t, t)))")
     assert parts({"s": ",".join(["z" * 20] * 10)}, {}) == "10"
