@@ -467,6 +467,7 @@ async def publish_runs(
     had not read yet when this returned."""
     from supersede.registry import load_all
 
+    _check_client(redis)  # (before publishing: what follows reads bytes)
     ns = _namespace(namespace)
     entry = await publish(redis, name, data, id=id, metadata=metadata, namespace=ns)
     stored = await _stored_keys(redis, ns)

@@ -205,27 +205,29 @@ async def test_a_run_read_by_a_frozen_idle_executor_starts_on_another_within_sec
     was handed waited for the 30 s take-over (`--claim-idle-ms`) while another executor sat
     idle (a fleet probe: the newest run of a CANCEL_IN_PROGRESS key, 30.05 s). Assignments
     are taken over after 2 s now: a claim is fenced, so a taken-over run still runs once."""
-    system.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
-    frozen = system.start("executor", APP, "--slots", "40")  # (9 workflows x 4 shards)
+    # alone first, its blocking reads a minute long: the only client blocked in XREADGROUP
+    frozen = system.start("executor", APP, "--slots", "40", "--block-ms", "60000")
 
-    async def reading() -> bool:
-        for sk in keys.all_shards():
-            stream = sk.assignments_stream("work")
-            if not await redis.exists(stream) or not await redis.xinfo_consumers(
-                stream, "executors"
-            ):
-                return False
-        return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+    async def blocked_reading() -> bool:
+        if int(await redis.hlen(keys.workflows_hash)) != APP_WORKFLOWS:
+            return False
+        clients = await redis.client_list()
+        return any(c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "") for c in clients)
 
-    await eventually(reading, timeout=30)
+    await eventually(blocked_reading, timeout=30)  # (9 workflows x 4 shards: 36 streams)
     frozen.send_signal(signal.SIGSTOP)
     try:
+        system.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
         system.start("ingress", "--block-ms", "100")
         await redis.xadd(keys.events_stream, {"name": "work.item", "data": b"{}"})
 
         async def held() -> bool:  # (delivered to the frozen executor's blocked read)
             for sk in keys.all_shards():
-                if (await redis.xpending(sk.assignments_stream("work"), "executors"))["pending"]:
+                stream = sk.assignments_stream("work")
+                if (
+                    await redis.exists(stream)
+                    and (await redis.xpending(stream, "executors"))["pending"]
+                ):
                     return True
             return False
 

@@ -642,6 +642,8 @@ async def test_the_client_helpers_refuse_what_they_cannot_use_and_bound_their_wa
                 await call(texts)
             with pytest.raises(TypeError, match=r"take a redis\.asyncio client"):
                 await call(blocking)
+        # (publish took such a client, and still does: it reads nothing back)
+        assert "-" in await client.publish(texts, "e", {}, namespace=keys.namespace)
     finally:
         await texts.aclose()
         blocking.close()
