@@ -25,7 +25,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede import aio, codec, metrics, tracing
 from supersede.config import (
@@ -39,7 +41,7 @@ from supersede.config import (
     redact,
     refusal,
 )
-from supersede.errors import ConfigError
+from supersede.errors import ConfigError, describe
 from supersede.health import SILENT_AFTER, ShardHealth
 from supersede.lane import Lane, lane_of
 from supersede.protocol import Entry
@@ -48,6 +50,9 @@ from supersede.streams import GroupSpec, OwnPending, after_failure, consumer_nam
 
 Periodic = tuple[float, Callable[[], Awaitable[None]]]
 """(interval in seconds, task): run every interval; one failed run is logged, never fatal."""
+# A call the server did not answer (down, failing over, or this process was paused): logged
+# in one line, as its traceback adds nothing.
+UNANSWERED = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
 PIN_EVERY = 5.0  # seconds between two looks for the namespace's pinned facts (keep_pinned)
 
 
@@ -220,6 +225,9 @@ class Service:
         refused = exc and refusal(exc, self.settings.redis_url, (self.name,))
         if refused:
             self.log.error(f"{message}: {refused}", extra=extra)
+        elif isinstance(exc, UNANSWERED):  # (an outage, a failover, a resume from SIGSTOP: the
+            # traceback says nothing more than its last line)
+            self.log.error(f"{message}: {describe(exc)}", extra=extra)
         else:
             self.log.error(message, exc_info=exc, extra=extra)
 

@@ -145,24 +145,27 @@ async def _until_flag(fn: Callable[[Context], Any], ctx: Context, flag: ProcessE
     return step.result()
 
 
+# (as the executor's lease watch: a step is stopped a tenth of a lease before its lease runs
+# out by this process's stamp)
+LAPSE_MARGIN = 0.1
+WATCH_EVERY = 0.05  # seconds between two looks of a worker's watch
+
+
 class _Job:
     """The job a worker runs, as its watch thread sees it: the attempt's lease (s, 0: none),
-    how long the ladder gives a step after its flag (grace and kill-after, s), its number
-    (the watch acts on the job it looked at, not the next), and whether the watch stopped it
-    because the lease lapsed (its reply then says so: not the step's failure)."""
+    its number (the watch acts on the job it looked at, not the next), and whether the watch
+    stopped it because the lease ran out (its reply then says so: not the step's failure)."""
 
-    __slots__ = ("ladder", "lapsed", "lease", "number")
+    __slots__ = ("lapsed", "lease", "number")
 
     def __init__(self) -> None:
         self.lease = 0.0
-        self.ladder = 0.0
         self.number = 0
         self.lapsed = False
 
     def start(self, job: dict[str, Any]) -> None:
         self.number += 1
         self.lapsed = False
-        self.ladder = float(job.get("ld", 0.0))
         self.lease = float(job.get("ls", 0.0))
 
 
@@ -172,9 +175,11 @@ def _exit_with_parent(executor: int, job: _Job, flag: ProcessEvent, leased: Any)
     key at once). It watches the executor itself: the forkserver, its parent, may live on for
     seconds after a SIGKILL of the executor. It exits when either is gone. Nor may a step
     outlive its attempt's lease while the executor is frozen (SIGSTOP, a hung VM: it renews
-    nothing, and the run is retried elsewhere): once the lease lapsed the worker raises the
-    step's flag itself, and exits once the ladder's grace and kill-after passed (a probe saw a
-    worker's step run 7 s beside the retry, for as long as its executor was stopped)."""
+    nothing, and the run is retried elsewhere): as the executor's own lease watch does, the
+    worker raises the step's flag a tenth of a lease before the lease runs out by its stamp
+    (sent before the server stamped it), and exits when it runs out, before the retry (a probe
+    saw a worker's step run 7 s beside the retry, for as long as its executor was stopped; and
+    with a ladder's grace after the lapse, 6.8 s)."""
     parent = os.getppid()
 
     def alive() -> bool:
@@ -192,21 +197,16 @@ def _exit_with_parent(executor: int, job: _Job, flag: ProcessEvent, leased: Any)
             pass
         return os.getppid() == parent
 
-    def lapsed_for() -> float:
-        """Seconds since the running attempt's lease lapsed (negative: it holds, or none)."""
-        lease = job.lease
-        return time.monotonic() - leased.value - lease if lease else -1.0
-
     def watch() -> None:
         while alive():
-            number = job.number
-            late = lapsed_for()
-            if late >= 0 and number == job.number and job.lease:
+            number, lease = job.number, job.lease
+            late = time.monotonic() - leased.value - lease  # (>= 0: it ran out)
+            if lease and late >= -lease * LAPSE_MARGIN and number == job.number:
                 job.lapsed = True
-                flag.set()  # (as the ladder's first rung: the step sees ctx.cancelled)
-                if late >= job.ladder and number == job.number and job.lease:
-                    break
-            time.sleep(0.1)
+                flag.set()  # (a polite step stops; the reply says "lapsed", not its failure)
+                if late >= -WATCH_EVERY and number == job.number and job.lease:
+                    break  # (the next look would be past it)
+            time.sleep(WATCH_EVERY)
         os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()

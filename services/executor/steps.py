@@ -776,10 +776,8 @@ class Runner:
             "pn": [[*fn, name] for fn, name in run.workflow.step_names.items()],
         }  # fmt: skip
         if self.renewed_at is not None and run.fence_at is not None:
-            job["ls"] = self.config.lease_ms / 1000
-            # (past the lease the worker stops the step itself, by the ladder: its executor
-            # may be frozen, the run retried elsewhere)
-            job["ld"] = self.config.grace + self.config.kill_after
+            job["ls"] = self.config.lease_ms / 1000  # (and the worker's own watch: its
+            # executor may be frozen, the run retried elsewhere once the lease runs out)
         if run.fence_at is not None and self.keys is not None:
             shard, group = run.fence_at
             job.update(fk=self.keys.shard(shard).fences_hash, g=group, s=f"{ctx.fence:032x}")
