@@ -40,7 +40,7 @@ from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocket
 from redis.exceptions import ConnectionError, InvalidResponse, RedisError, TimeoutError
 
 from supersede.protocol import StreamReply
-from supersede.streams import entry_fields
+from supersede.streams import parse_stream_read
 
 try:  # (where redis-py keeps its parsers moved between releases)
     from redis._parsers.base import BaseParser
@@ -310,13 +310,7 @@ def _read_args(
 
 def stream_reply(raw: dict[bytes, list[Any]] | list[list[Any]] | None) -> StreamReply:
     """A raw XREAD(GROUP) reply (a map in RESP3, pairs in RESP2) as redis-py's RESP2 shape."""
-    if not raw:
-        return []
-    pairs = raw.items() if isinstance(raw, dict) else raw
-    return [
-        [name, [(eid, entry_fields(fields)) for eid, fields in entries]]  # type: ignore[misc]
-        for name, entries in pairs
-    ]
+    return cast(StreamReply, parse_stream_read(raw))
 
 
 async def read(

@@ -183,21 +183,20 @@ def parse_stream_read(response: Any, **options: Any) -> Any:
     if not response:
         return []
     pairs = response.items() if isinstance(response, dict) else response
-    return [
-        [
-            name,
-            [(e[0], entry_fields(e[1])) if e else (None, None) for e in entries],
-        ]
-        for name, entries in pairs
-    ]
+    return [[name, _entries(entries)] for name, entries in pairs]
 
 
 def parse_autoclaim(response: Any, **options: Any) -> Any:
     """redis-py's reply of XAUTOCLAIM, as `parse_stream_read` parses entries."""
     if options.get("parse_justid", False):
         return response[1]
-    response[1] = [(e[0], entry_fields(e[1])) if e else (None, None) for e in response[1]]
+    response[1] = _entries(response[1])
     return response
+
+
+def _entries(entries: Sequence[Any]) -> list[Any]:
+    """(id, fields) of each raw entry; (None, None) for a nil one, as redis-py gives it."""
+    return [(e[0], entry_fields(e[1])) if e else (None, None) for e in entries]
 
 
 def split_deleted(entries: Sequence[Entry]) -> tuple[list[Entry], list[bytes]]:
