@@ -506,18 +506,16 @@ class Runner:
         except LeftToLease:
             if run.span is not None:
                 tracing.end_run(run.span, "HANDED_BACK", "")
-            if self.active.get(run.run_id) is run:  # (handed back, or its lease lapses)
-                del self.active[run.run_id]
+            self._free_slot(run)  # (handed back, or its lease lapses)
             self._leave(run)
             return
         except asyncio.CancelledError:
             if run.cancel_decided_ms is None:
                 if run.span is not None:
                     tracing.end_run(run.span, "LEASE_LAPSED" if run.lapsed else "HANDED_BACK", "")
-                if (self.stopping.is_set() or run.lapsed) and self.active.get(run.run_id) is run:
-                    del self.active[run.run_id]  # (renewed no more; a heartbeat that names
-                    # it must not report the old attempt CANCELLED after the grace period)
-                    self.slot_freed.set()
+                if self.stopping.is_set() or run.lapsed:  # (renewed no more; a heartbeat
+                    # that names it must not report the old attempt CANCELLED after the grace)
+                    self._free_slot(run)
                 self._leave(run)
                 raise  # shutdown: the run is handed back (or left to its lease)
             # The cancel (repeated, maybe: see Runner.until_out_of_step) is handled: none
@@ -540,6 +538,15 @@ class Runner:
             await self._on_cancel(run)
         else:
             run.stops_later.add_done_callback(lambda _: self._hook_later(run))
+
+    def _free_slot(self, run: Running) -> None:
+        """The run leaves its slot (unless a newer attempt holds its id now), and the fetch
+        loop, which may wait on a full executor, is woken. A run left to its lease (its worker
+        lost while this process was frozen past the lease) once left without the wake-up: the
+        fetch loop went on waiting, its retry ASSIGNED here with the slot unused."""
+        if self.active.get(run.run_id) is run:
+            del self.active[run.run_id]
+        self.slot_freed.set()
 
     def _leave(self, run: Running) -> None:
         """A run the drain stopped, its step ended: queued to be handed back (retried
@@ -990,9 +997,7 @@ class Runner:
                                    "repeats": repeats})  # fmt: skip
         finally:
             metrics.RUNS_FINISHED.labels(run.workflow.id, OUTCOME_LABEL[outcome]).inc()
-            if self.active.get(run.run_id) is run:  # a newer attempt may hold the id now
-                del self.active[run.run_id]
-            self.slot_freed.set()
+            self._free_slot(run)
 
     def leased(self) -> list[tuple[int, str, int, int]]:
         """(shard, run id, attempt, turn) of the runs whose leases this executor renews:

@@ -537,3 +537,51 @@ async def test_an_output_msgpack_cannot_hold_fails_its_run_at_once_naming_the_pa
         "str(ctx.fence))"
     ), rec["err"]
     assert sum(1 for kind, *_ in await _notes(redis, keys) if kind == "fence-attempt") == 1
+
+
+async def test_a_worker_killed_while_its_executor_was_frozen_frees_the_slot_on_resume(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """An executor frozen (SIGSTOP) past its lease, its run's worker killed meanwhile (OOM):
+    on resume the attempt is left to its lease (the reaper retried it already), and its slot
+    is free again. The slot was dropped without waking the fetch loop, which waited on a full
+    executor: the retry sat ASSIGNED to it, its only slot unused (a frozen-fleet probe: 30 s
+    with every slot so left)."""
+    module = tmp_path / "lost.py"
+    module.write_text(
+        "import os, time\n"
+        "from supersede import Concurrency, Workflow\n"
+        "from supersede.config import connect_sync\n"
+        "r = connect_sync(os.environ['SUPERSEDE_REDIS_URL'])\n"
+        "LOG = os.environ['SUPERSEDE_NAMESPACE'] + ':test:log'\n"
+        "wf = Workflow('lost', on_events=['lost.go'], concurrency=Concurrency('input.k'),\n"
+        "              isolation='process')\n"
+        "@wf.step()\n"
+        "def work(ctx):\n"
+        "    r.rpush(LOG, f'started:{ctx.run_id}:{os.getpid()}:{ctx.attempt}')\n"
+        "    while ctx.attempt == 1:\n"
+        "        time.sleep(0.01)\n"
+    )
+    system.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
+    executor = system.start("executor", str(module), "--lease", "1", "--slots", "1")
+    await eventually(lambda: _registered(redis, keys, 1), timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    await _publish(redis, keys, "lost.go", k="one")
+    await eventually(lambda: _noted(redis, keys, "started"), timeout=30)
+    [(_, run_id, pid, _)] = await _notes(redis, keys)
+    os.kill(executor.pid, signal.SIGSTOP)
+    try:
+        os.kill(pid, signal.SIGKILL)
+
+        async def retried() -> bool:  # (the reaper took the lapsed lease back)
+            return all(r["a"] == 2 for r in (await records(redis, keys)).values())
+
+        await eventually(retried, timeout=30)
+    finally:
+        os.kill(executor.pid, signal.SIGCONT)
+
+    async def succeeded() -> bool:
+        run = await get_run(redis, run_id, namespace=keys.namespace)
+        return run is not None and run.state == "SUCCEEDED"
+
+    await eventually(succeeded, timeout=10)

@@ -1851,6 +1851,29 @@ async def test_a_step_whose_worker_ended_while_the_lease_lapsed_is_left_to_the_l
     assert outcome is not None and outcome[0].name == "FAILED"
 
 
+async def test_a_run_left_to_its_lease_frees_its_slot_and_wakes_the_fetch_loop() -> None:
+    """A run left to its lease (its worker lost while the executor was frozen past the lease)
+    left its slot without waking the fetch loop, which waits on a full executor: its retry
+    stayed ASSIGNED here, the slot unused (30 s, every slot of eight so left, in a review's
+    run of the fencing test)."""
+    from supersede.services.executor.config import ExecutorConfig
+    from supersede.services.executor.steps import LeftToLease, Runner, Running
+    from supersede.workflow import Context, Workflow
+
+    runner = Runner([], ExecutorConfig(lease_ms=1_000, slots=1), outbox=None)
+    ctx = Context(run_id="1-x", workflow="w", attempt=1, input={}, metadata={})
+    run = Running("1-x", 0, 1, Workflow("w", []), ctx)
+    runner.active[run.run_id] = run
+
+    async def left(_: Running) -> Any:
+        raise LeftToLease
+
+    runner._run_steps = left  # type: ignore[method-assign,assignment]
+    runner.slot_freed.clear()
+    await runner._execute(run)
+    assert runner.free() == 1 and runner.slot_freed.is_set()
+
+
 async def test_a_beat_starts_a_held_run_it_renewed_unless_it_named_the_run_to_stop() -> None:
     """A run held for its renewal (its claim reply came late) starts once a beat's call
     renewed it. A run the call named to stop is still stamped (a CANCELLING run's lease is
