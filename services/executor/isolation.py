@@ -71,6 +71,11 @@ class WorkerLost(Exception):
     """The worker process ended without answering (it crashed, or user code exited it)."""
 
 
+class WorkerLapsed(WorkerLost):
+    """The worker stopped the step itself, its attempt's lease lapsed (the executor froze): the
+    run is retried elsewhere; this attempt reports nothing."""
+
+
 class WorkerTerminated(WorkerLost):
     """The worker process ended by a SIGTERM the executor did not send (not the ladder's): a
     supervisor's stop reaching every process of the executor's cgroup (systemd's default
@@ -140,11 +145,41 @@ async def _until_flag(fn: Callable[[Context], Any], ctx: Context, flag: ProcessE
     return step.result()
 
 
-def _exit_with_parent(executor: int) -> None:
+# (as the executor's lease watch: a step is stopped a tenth of a lease before its lease runs
+# out by this process's stamp)
+LAPSE_MARGIN = 0.1
+WATCH_EVERY = 0.05  # seconds between two looks of a worker's watch
+
+
+class _Job:
+    """The job a worker runs, as its watch thread sees it: the attempt's lease (s, 0: none),
+    its number (the watch acts on the job it looked at, not the next), and whether the watch
+    stopped it because the lease ran out (its reply then says so: not the step's failure)."""
+
+    __slots__ = ("lapsed", "lease", "number")
+
+    def __init__(self) -> None:
+        self.lease = 0.0
+        self.number = 0
+        self.lapsed = False
+
+    def start(self, job: dict[str, Any]) -> None:
+        self.number += 1
+        self.lapsed = False
+        self.lease = float(job.get("ls", 0.0))
+
+
+def _exit_with_parent(executor: int, job: _Job, flag: ProcessEvent, leased: Any) -> None:
     """A worker must not outlive its executor: a step still running there would run twice
     once its lease expires and the run is retried elsewhere (in strict mode, two handlers of a
     key at once). It watches the executor itself: the forkserver, its parent, may live on for
-    seconds after a SIGKILL of the executor. It exits when either is gone."""
+    seconds after a SIGKILL of the executor. It exits when either is gone. Nor may a step
+    outlive its attempt's lease while the executor is frozen (SIGSTOP, a hung VM: it renews
+    nothing, and the run is retried elsewhere): as the executor's own lease watch does, the
+    worker raises the step's flag a tenth of a lease before the lease runs out by its stamp
+    (sent before the server stamped it), and exits when it runs out, before the retry (a probe
+    saw a worker's step run 7 s beside the retry, for as long as its executor was stopped; and
+    with a ladder's grace after the lapse, 6.8 s)."""
     parent = os.getppid()
 
     def alive() -> bool:
@@ -164,7 +199,14 @@ def _exit_with_parent(executor: int) -> None:
 
     def watch() -> None:
         while alive():
-            time.sleep(0.1)
+            number, lease = job.number, job.lease
+            late = time.monotonic() - leased.value - lease  # (>= 0: it ran out)
+            if lease and late >= -lease * LAPSE_MARGIN and number == job.number:
+                job.lapsed = True
+                flag.set()  # (a polite step stops; the reply says "lapsed", not its failure)
+                if late >= -WATCH_EVERY and number == job.number and job.lease:
+                    break  # (the next look would be past it)
+            time.sleep(WATCH_EVERY)
         os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
@@ -179,7 +221,8 @@ def worker_main(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the executor
     os.setsid()  # a signal to the executor's process group (a supervisor's) is not for steps
-    _exit_with_parent(executor)
+    running = _Job()
+    _exit_with_parent(executor, running, flag, leased)
     client: Any = None
 
     def fence_check(key: str, group: str, seq: str) -> bool:
@@ -197,6 +240,7 @@ def worker_main(
         except (EOFError, OSError):
             return
         job = codec.unpack(raw)
+        running.start(job)
         try:
             if job.get("mf"):  # (a module given by its path: loaded under the same name)
                 import_module(job["mf"])
@@ -214,6 +258,9 @@ def worker_main(
             reply = codec.pack_value(["output", str(exc)])
         except BaseException as exc:  # (SystemExit, KeyboardInterrupt too: the step's failure)
             reply = codec.pack_value(["err", step_traceback(exc)])
+        running.lease = 0.0
+        if running.lapsed:  # (stopped by the watch: the attempt is over, whatever the step did)
+            reply = codec.pack_value(["lapsed"])
         conn.send_bytes(reply)
 
 
@@ -363,6 +410,8 @@ class ProcessPool:
             return reply[1]
         if reply[0] == "cancelled":  # (only a cancel raises it where the executor sees it)
             raise StepError("the step raised CancelledError, and its run was not cancelled")
+        if reply[0] == "lapsed":
+            raise WorkerLapsed("the worker stopped the step: its attempt's lease lapsed")
         if reply[0] == "output":
             raise OutputError(reply[1])
         raise StepError(reply[1])

@@ -45,6 +45,7 @@ from supersede.services.executor.isolation import (
     SERVER_UNAVAILABLE,
     ProcessPool,
     StepError,
+    WorkerLapsed,
     WorkerLost,
     WorkerTerminated,
 )
@@ -616,9 +617,10 @@ class Runner:
         tried again (its retry's wait slept)."""
         if isinstance(exc, WorkerTerminated) and await self._left_to_lease(run):
             raise LeftToLease from None
-        if isinstance(exc, WorkerLost) and self.lease_left(run) <= 0:
-            # (its worker ended, the lease lapsed meanwhile, this process frozen: the run is
-            # retried elsewhere; failing it here would end it FAILED where the reaper froze too)
+        if isinstance(exc, WorkerLapsed) or (
+            isinstance(exc, WorkerLost) and self.lease_left(run) <= 0
+        ):  # (its worker stopped the step, the lease lapsed while this process was frozen:
+            # the run is retried elsewhere; failing it here would end it FAILED)
             raise LeftToLease from None
         if _stopped(run):  # (a shutdown's cancel a library made another error of)
             raise asyncio.CancelledError from exc
@@ -781,7 +783,8 @@ class Runner:
             "pn": [[*fn, name] for fn, name in run.workflow.step_names.items()],
         }  # fmt: skip
         if self.renewed_at is not None and run.fence_at is not None:
-            job["ls"] = self.config.lease_ms / 1000
+            job["ls"] = self.config.lease_ms / 1000  # (and the worker's own watch: its
+            # executor may be frozen, the run retried elsewhere once the lease runs out)
         if run.fence_at is not None and self.keys is not None:
             shard, group = run.fence_at
             job.update(fk=self.keys.shard(shard).fences_hash, g=group, s=f"{ctx.fence:032x}")

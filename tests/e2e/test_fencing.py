@@ -107,12 +107,14 @@ async def test_an_attempt_whose_lease_may_have_lapsed_is_not_current(
     """An executor paused (SIGSTOP) for longer than its lease: the reaper may retry its runs
     elsewhere, and a retry shares its run's fence, so `still_current()` read only the fence
     and called the stale attempt current until the next heartbeat let it go (a probe: three
-    of five: their heartbeat came late). It is not current once its lease may have lapsed: in
-    a worker process too, which goes on while its executor is paused. (The answers go to a
-    file: the resumed executor stops its lapsed runs, a worker process at once, while the
-    writes of this test are paused.) Before the pause, each asks once a lease and a half
-    after its start: current, its lease renewed by the beats (a worker reads the stamp that
-    the executor writes into its shared memory for the run it runs)."""
+    of five: their heartbeat came late). It is not current once its lease may have lapsed.
+    A worker process, which goes on while its executor is paused, stops the step itself at
+    the lapse: it never asks, and the retries run on the executor once it goes on (its slots
+    were once left held: every retry ASSIGNED for 30 s). (The answers go to a file: the
+    resumed executor stops its lapsed runs while the writes of this test are paused.) Before
+    the pause, each asks once a lease and a half after its start: current, its lease renewed
+    by the beats (a worker reads the stamp that the executor writes into its shared memory for
+    the run it runs)."""
     module = tmp_path / "paused.py"
     answers = tmp_path / "answers.txt"
     module.write_text(
@@ -175,15 +177,23 @@ async def test_an_attempt_whose_lease_may_have_lapsed_is_not_current(
             return all(r["a"] == 2 for r in (await records(redis, keys)).values())
 
         await eventually(reassigned, timeout=30)
-        # The steps ask now (a worker process at once, a thread once the executor goes on).
-        # Writes wait for a second and a half: the resumed executor's heartbeat, which would
-        # let the stale attempts go, waits; the step's fence read does not.
+        # The steps ask now (a thread once the executor goes on; a worker process stopped
+        # its step at the lapse). Writes wait for a second and a half: the resumed executor's
+        # heartbeat, which would let the stale attempts go, waits; the step's fence read not.
         await redis.set(f"{keys.namespace}:test:go", 1)
-        if isolation == "process":  # (the workers answer while their executor is paused: it
-            await eventually(all_asked, timeout=30)  # kills them once it goes on)
-        await redis.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+        if isolation == "thread":
+            await redis.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
     finally:
         os.kill(executor.pid, signal.SIGCONT)
+    if isolation == "process":
+
+        async def retried() -> bool:
+            lines = answers.read_text().split() if answers.exists() else []
+            return sum(1 for x in lines if x.split(":")[2] == "2") == n
+
+        await eventually(retried, timeout=15)
+        assert await asked() == []  # (no first attempt asked after its lapse)
+        return
     await eventually(all_asked, timeout=30)
     assert await asked() == ["current0"] * n
 

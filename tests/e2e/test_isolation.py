@@ -376,6 +376,48 @@ async def test_a_step_in_a_worker_stops_within_moments_of_a_sigkill_of_its_execu
     await eventually(worker_gone, timeout=1.5)
 
 
+async def test_a_step_in_a_worker_stops_once_its_lease_lapsed_while_its_executor_is_frozen(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """An executor frozen (SIGSTOP, a hung VM) renews no lease, and the run is retried
+    elsewhere; its worker processes run on, so a step that ignores its flag ran beside the
+    retry for as long as the freeze lasted (a fleet probe: 7.3 s, in strict mode; with the
+    ladder's grace after the lapse, 6.8 s). The worker now watches the attempt's lease itself:
+    the flag a tenth of a lease before it runs out, its exit when it does, while the executor
+    is still frozen and before the retry starts on another executor."""
+    system.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
+    executor = system.start(
+        "executor", APP, "--slots", "4", "--lease", "2", "--grace", "0.3", "--kill-after", "0.3"
+    )
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == 10
+
+    await eventually(registered, timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    await _publish(redis, keys, "proc.go", k="frozen", sleep=60)
+    await eventually(lambda: _noted(redis, keys, "started"), timeout=30)
+    [pid] = {pid for kind, _, pid, _ in await _notes(redis, keys) if kind == "started"}
+    system.start("executor", APP, "--slots", "4", "--lease", "2")  # (where the retry runs)
+    await eventually(registered, timeout=30)
+    executor.send_signal(signal.SIGSTOP)
+    try:
+
+        async def worker_gone() -> bool:
+            return _gone(pid)
+
+        await eventually(worker_gone, timeout=10)  # (the lease, 2 s)
+        assert executor.poll() is None  # (still there, frozen)
+        await eventually(lambda: _noted(redis, keys, "started", 2), timeout=30)
+    finally:
+        executor.send_signal(signal.SIGCONT)
+    # the step stopped before its retry started: strict mode's one handler at a time
+    notes = await _notes(redis, keys)
+    last_alive = max(ms for kind, _, p, ms in notes if p == pid)
+    retried = min(ms for kind, _, p, ms in notes if kind == "started" and p != pid)
+    assert last_alive < retried, (last_alive, retried)
+
+
 async def test_a_process_step_that_ignores_its_flag_ends_at_the_ladders_sigterm(
     redis: Redis, keys: Keys, system: System
 ) -> None:

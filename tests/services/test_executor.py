@@ -1822,15 +1822,15 @@ async def test_the_lease_watch_counts_the_runs_it_stops_when_it_marks_them(
     assert ctx.cancelled and metrics.LEASES_LAPSED._value.get() == before + 1
 
 
-async def test_a_step_whose_worker_ended_while_the_lease_lapsed_is_left_to_the_lease() -> None:
-    """An executor frozen past its lease (SIGSTOP) whose step's worker ended meanwhile (killed,
-    OOM): on resume the lost worker was the step's failure, and a step without retries FAILED
-    its run, final where the reaper was frozen too (`supersede serve`; a review). The run was
-    retried elsewhere, or will be: such an attempt is left to its lease now."""
+async def test_a_step_its_worker_stopped_past_the_lease_is_left_to_the_lease_not_failed() -> None:
+    """A worker stops its step itself once the attempt's lease lapsed while the executor was
+    frozen (see test_isolation). Its reply (a CancelledError, the worker's exit) looked like the
+    step's failure: a step without retries FAILED its run, final where the reaper was frozen
+    too (`supersede serve`; a review). Such a run is left to its lease and retried now."""
     from types import SimpleNamespace
 
     from supersede.services.executor.config import ExecutorConfig
-    from supersede.services.executor.isolation import WorkerLost
+    from supersede.services.executor.isolation import WorkerLapsed, WorkerLost
     from supersede.services.executor.steps import LeftToLease, Runner
     from supersede.workflow import Context, Step
 
@@ -1845,6 +1845,8 @@ async def test_a_step_whose_worker_ended_while_the_lease_lapsed_is_left_to_the_l
                                run_id="1-x", workflow=SimpleNamespace(id="w"))  # fmt: skip
 
     with pytest.raises(LeftToLease):
+        await runner._after_failure(run(now), step, 0, WorkerLapsed("stopped"))
+    with pytest.raises(LeftToLease):  # (exited past the ladder: a lost worker, lease lapsed)
         await runner._after_failure(run(now - 5), step, 0, WorkerLost("gone"))
     # a worker lost while the lease holds (OOM-killed, say) is the step's failure, as before
     outcome = await runner._after_failure(run(now), step, 0, WorkerLost("gone"))
