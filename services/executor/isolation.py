@@ -252,8 +252,8 @@ def worker_main(
                 out = fn(ctx)
             readable(out, job.get("sn", job["q"]))  # (an OutputError names the culprit)
             reply = codec.pack_value(["ok", out])
-        except asyncio.CancelledError:
-            reply = codec.pack_value(["cancelled"])
+        except asyncio.CancelledError as exc:
+            reply = codec.pack_value(["cancelled", step_traceback(exc)])
         except OutputError as exc:
             reply = codec.pack_value(["output", str(exc)])
         except BaseException as exc:  # (SystemExit, KeyboardInterrupt too: the step's failure)
@@ -409,7 +409,8 @@ class ProcessPool:
         if reply[0] == "ok":
             return reply[1]
         if reply[0] == "cancelled":  # (only a cancel raises it where the executor sees it)
-            raise StepError("the step raised CancelledError, and its run was not cancelled")
+            raise StepError(f"{reply[1]}the step raised CancelledError, and its run was not "
+                            "cancelled")  # fmt: skip
         if reply[0] == "lapsed":
             raise WorkerLapsed("the worker stopped the step: its attempt's lease lapsed")
         if reply[0] == "output":

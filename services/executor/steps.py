@@ -677,13 +677,13 @@ class Runner:
         run or a shutdown: those cancel this task first."""
         try:
             return await self._call_step(step, run)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is None or task.cancelling() or run.ctx.cancelled:
                 raise
-            raise StepError(
-                f"step {step.name!r} raised CancelledError, and neither its run was cancelled "
-                "nor the executor was stopping"
+            raise StepError(  # (where the step raised it: it has no message of its own)
+                f"{step_traceback(exc)}step {step.name!r} raised CancelledError, and neither "
+                "its run was cancelled nor the executor was stopping"
             ) from None
 
     async def _call_step(self, step: Step, run: Running) -> Any:

@@ -562,6 +562,19 @@ async def test_a_step_that_raises_in_its_worker_process_fails_with_its_own_trace
     assert tries == ["failing0", "failing1"]
 
 
+async def test_a_cancelled_error_a_worker_step_raised_by_itself_fails_its_run_with_its_place(
+    redis: Redis, keys: Keys, running: System
+) -> None:
+    """Nothing cancelled its run: the step failed, and the error says where it raised it (it
+    had no location: a review)."""
+    await _publish(redis, keys, "proc.retried", cancel=1)
+    await eventually(lambda: _ended(redis, keys, 1), timeout=30)
+    [rec] = (await _recs(redis, keys)).values()
+    err = str(rec["err"])
+    assert rec["st"] == "F" and "raised CancelledError, and its run was not cancelled" in err
+    assert "isolated.py" in err and "in stubborn" in err, err
+
+
 @pytest.mark.parametrize("event", ["fence.out", "fence.process"])
 async def test_an_output_msgpack_cannot_hold_fails_its_run_at_once_naming_the_part(
     redis: Redis, keys: Keys, running: System, event: str

@@ -873,12 +873,14 @@ async def test_a_step_raising_cancelled_error_by_itself_fails_its_run(
     redis: Redis, keys: Keys, system: System
 ) -> None:
     """Not taken for a shutdown (which leaves the run to its lease, to run again): the run
-    fails at once with the reason, and the executor goes on."""
+    fails at once with the reason and where the step raised it (the error had no location: a
+    review), and the executor goes on."""
     await system.pipeline(redis, keys, 1)
     await publish(redis, keys, "selfcancel.item")
     await eventually(lambda: _states(redis, keys, {"F": 1}), timeout=30)
     (rec,) = (await records(redis, keys)).values()
     assert "raised CancelledError, and neither its run was cancelled" in str(rec["err"])
+    assert "in awaits_a_cancelled_future" in str(rec["err"]), rec["err"]
     assert rec["a"] == 1
     await publish(redis, keys, "timeout.item")
     await eventually(lambda: _states(redis, keys, {"F": 2}), timeout=30)

@@ -33,6 +33,8 @@ def stubborn(ctx: Context) -> str:
     if ctx.input.get("fail"):
         note(f"failing{ctx.retry_count}", ctx.run_id)
         raise ValueError(f"the step failed on purpose: {ctx.input['fail']}")
+    if ctx.input.get("cancel"):
+        raise asyncio.CancelledError  # (nothing cancelled its run: the step's failure)
     deadline = time.monotonic() + float(ctx.input.get("sleep", 0))
     while time.monotonic() < deadline:
         note("alive", ctx.run_id)
