@@ -21,10 +21,10 @@ from supersede.config import (
     DEFAULT_METRICS_HOST,
     Settings,
     check_server,
-    check_shard_count,
     connect,
     redact,
     refusal,
+    stored_keys,
     unknown_variables,
 )
 from supersede.errors import ConfigError, SupersedeError
@@ -423,13 +423,11 @@ def _ui(args: argparse.Namespace, settings: Settings) -> None:
         redis = connect(settings.redis_url)
         try:
             await check_server(redis, settings.redis_url)
-            await check_shard_count(redis, settings.keys)
+            keys = await stored_keys(redis, settings)
             if args.allow_actions:
-                await ui.check_actions(redis, settings.keys, settings.redis_url)
+                await ui.check_actions(redis, keys, settings.redis_url)
             task = asyncio.ensure_future(
-                ui.serve(
-                    redis, settings.keys, args.host, args.port, args.allow_actions, args.allow_host
-                )
+                ui.serve(redis, keys, args.host, args.port, args.allow_actions, args.allow_host)
             )
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -453,9 +451,10 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
         redis = connect(settings.redis_url)
         try:
             await check_server(redis, settings.redis_url)
+            keys = settings.keys
             if args.command not in ("publish", "run"):  # (those read the stored count, or the id's)
-                await check_shard_count(redis, settings.keys)
-            result = await ops.COMMANDS[args.command](redis, settings.keys, args)
+                keys = await stored_keys(redis, settings)
+            result = await ops.COMMANDS[args.command](redis, keys, args)
         except ConfigError as exc:
             print(f"supersede: {exc}", file=sys.stderr)
             return 2

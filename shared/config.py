@@ -34,6 +34,7 @@ class Settings:
     namespace: str = DEFAULT_NAMESPACE
     shards: int = DEFAULT_SHARDS
     metrics_host: str = DEFAULT_METRICS_HOST
+    shards_set: bool = False  # SUPERSEDE_SHARDS was given (else `shards` is the default)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -68,6 +69,7 @@ class Settings:
             namespace=namespace,
             shards=shards,
             metrics_host=env.get("SUPERSEDE_METRICS_HOST") or DEFAULT_METRICS_HOST,
+            shards_set="SUPERSEDE_SHARDS" in env,
         )
 
     @property
@@ -279,6 +281,18 @@ async def check_shard_count(redis: Redis, keys: Keys, *, created: bool = True) -
             f"was started with SUPERSEDE_SHARDS={keys.shards} ({DEFAULT_SHARDS} when unset); use "
             "the stored value or a new namespace"
         )
+
+
+async def stored_keys(redis: Redis, settings: Settings) -> Keys:
+    """The keys of a command that reads (the CLI, the UI): with the stored shard count when
+    SUPERSEDE_SHARDS is not set (`supersede status` refused a namespace of 4 shards unless
+    told so, though the count is stored); a count set that differs is refused."""
+    if not settings.shards_set:
+        stored = await redis.hget(settings.keys.config_hash, "shards")
+        if stored is not None and stored.isdigit():
+            return Keys(settings.namespace, int(stored))
+    await check_shard_count(redis, settings.keys)
+    return settings.keys
 
 
 def _no_password(url: str) -> str:

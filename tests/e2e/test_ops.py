@@ -475,8 +475,9 @@ async def test_the_cli_refuses_another_shard_count_an_unknown_run_and_a_closed_p
     redis: Redis, keys: Keys, system: System
 ) -> None:
     """With another SUPERSEDE_SHARDS, `status` and `runs` read part of the shards (or shards
-    that do not exist) and exit 0; `cancel` of an unknown id said "tuple index out of range" or
-    "unknown_run at item 0"; `runs | head` ended in a BrokenPipeError traceback."""
+    that do not exist) and exit 0; without it they read the stored count (they refused the
+    namespace unless told its count: a probe); `cancel` of an unknown id said "tuple index out
+    of range" or "unknown_run at item 0"; `runs | head` ended in a BrokenPipeError traceback."""
     await redis.hset(keys.config_hash, "shards", keys.shards)
 
     def run(*args: str, shards: int = keys.shards) -> subprocess.CompletedProcess[bytes]:
@@ -489,6 +490,11 @@ async def test_the_cli_refuses_another_shard_count_an_unknown_run_and_a_closed_p
         err = other.stderr.decode()
         assert other.returncode == 2 and err.count("\n") == 1, err
         assert f"was created with {keys.shards} shards" in err and "SUPERSEDE_SHARDS" in err
+        unset = {k: v for k, v in system.env.items() if k != "SUPERSEDE_SHARDS"}
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "supersede", command, "--json"], env=unset,
+            capture_output=True, timeout=30)  # fmt: skip
+        assert done.returncode == 0 and not done.stderr, done.stderr
     digest = "deadbeef" * 2 + "0123"  # (a run id's tail: 20 hex digits)
     for unknown in (f"{keys.shards}-{digest}", f"0-{digest}"):
         done = await asyncio.to_thread(run, "cancel", unknown)
