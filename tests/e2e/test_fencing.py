@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from supersede.fencing import read_fenced
 from supersede.keys import Keys
-from tests.support import System, eventually, records
+from tests.support import MODULE_HEAD, System, eventually, records
 
 APP = "tests.support.apps.fenced"
 
@@ -118,12 +118,7 @@ async def test_an_attempt_whose_lease_may_have_lapsed_is_not_current(
     module = tmp_path / "paused.py"
     answers = tmp_path / "answers.txt"
     module.write_text(
-        "import os, time\n"
-        "from supersede import Concurrency, Workflow\n"
-        "from supersede.config import connect_sync\n"
-        "r = connect_sync(os.environ['SUPERSEDE_REDIS_URL'])\n"
-        "LOG = os.environ['SUPERSEDE_NAMESPACE'] + ':test:log'\n"
-        "GO = os.environ['SUPERSEDE_NAMESPACE'] + ':test:go'\n"
+        MODULE_HEAD + "GO = os.environ['SUPERSEDE_NAMESPACE'] + ':test:go'\n"
         "ASK = os.environ['SUPERSEDE_NAMESPACE'] + ':test:ask'\n"
         "wf = Workflow('paused', on_events=['paused.go'], concurrency=Concurrency('input.k'),\n"
         f"              isolation={isolation!r})\n"

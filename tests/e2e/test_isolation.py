@@ -22,7 +22,7 @@ from supersede.client import get_run
 from supersede.errors import DefinitionError
 from supersede.keys import Keys
 from supersede.workflow import Context, Workflow
-from tests.support import System, eventually, records
+from tests.support import MODULE_HEAD, System, eventually, records
 
 APP = "tests.support.apps.isolated"
 
@@ -600,16 +600,12 @@ async def test_a_worker_killed_while_its_executor_was_frozen_frees_the_slot_on_r
     """An executor frozen (SIGSTOP) past its lease, its run's worker killed meanwhile (OOM):
     on resume the attempt is left to its lease (the reaper retried it already), and its slot
     is free again. The slot was dropped without waking the fetch loop, which waited on a full
-    executor: the retry sat ASSIGNED to it, its only slot unused (a frozen-fleet probe: 30 s
-    with every slot so left)."""
+    executor: the retry sat ASSIGNED to it, its only slot unused (every retry of eight for
+    30 s in a run of the fencing test)."""
     module = tmp_path / "lost.py"
     module.write_text(
-        "import os, time\n"
-        "from supersede import Concurrency, Workflow\n"
-        "from supersede.config import connect_sync\n"
-        "r = connect_sync(os.environ['SUPERSEDE_REDIS_URL'])\n"
-        "LOG = os.environ['SUPERSEDE_NAMESPACE'] + ':test:log'\n"
-        "wf = Workflow('lost', on_events=['lost.go'], concurrency=Concurrency('input.k'),\n"
+        MODULE_HEAD
+        + "wf = Workflow('lost', on_events=['lost.go'], concurrency=Concurrency('input.k'),\n"
         "              isolation='process')\n"
         "@wf.step()\n"
         "def work(ctx):\n"

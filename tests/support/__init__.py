@@ -218,6 +218,17 @@ def exposed() -> dict[str, str]:
     return dict(re.findall(r"^# TYPE (supersede_\S+) (\S+)$", text, re.MULTILINE))
 
 
+# The head of a workflow module a test writes to a file: a connection of its own, and the
+# test's log list.
+MODULE_HEAD = (
+    "import os, time\n"
+    "from supersede import Concurrency, Workflow\n"
+    "from supersede.config import connect_sync\n"
+    "r = connect_sync(os.environ['SUPERSEDE_REDIS_URL'])\n"
+    "LOG = os.environ['SUPERSEDE_NAMESPACE'] + ':test:log'\n"
+)
+
+
 class System:
     """Subprocesses of one test's namespace; all killed at the end."""
 
