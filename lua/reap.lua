@@ -42,8 +42,8 @@
 
   Output:
     {0, retried, failed, cancelled, expired records, assigned, reassigned, forgotten groups,
-     leases looked at (when it is the limit, more may be due), then pairs: workflow id, runs
-     of it failed}
+     leases looked at (when it is the limit, more may be due), runs whose records were gone
+     (their members dropped, their slots freed), then pairs: workflow id, runs of it failed}
     {-4, 0}  bad ARGV; nothing written
 
   Writes: XADD <prefix>:<workflow tag> for retries, for runs started in released slots and for
@@ -125,6 +125,26 @@ local function waitsUnread(rid, rec)
   return seen.last >= written and seen.delivered < written
 end
 
+-- A lease whose record is gone (evicted, deleted by hand: see dropGhost): its member, found by
+-- a scan of the active zset, leaves it with its slot, and the group's queue moves on (a
+-- GROUP_ROUND_ROBIN group waited for good behind it, a probe). Scans are few per call (each
+-- reads the whole zset); a lease past them waits for the next call.
+local GHOST_SCANS = 10
+local ghostLeases = 0
+local function dropGhostLease(rid)
+  local cursor = '0'
+  repeat
+    local got = rcall('ZSCAN', activeKey, cursor, 'MATCH', '*|' .. rid, 'COUNT', 1000)
+    cursor = got[1]
+    for j = 1, #got[2], 2 do
+      local m = got[2][j]
+      dropGhost(m, activeKey)
+      local head = liveQueued(groupOfMember(m), 1)[1]   -- (its record: the group's limits)
+      if head then touch(loadRun(ridOf(head))) end
+    end
+  until cursor == '0'
+end
+
 local retried, failed, cancelled, reassigned = 0, 0, 0, 0
 local expired = rcall('ZRANGEBYSCORE', leasesKey, '-inf', now, 'LIMIT', 0, limit)
 for i = 1, #expired do
@@ -162,6 +182,9 @@ for i = 1, #expired do
   elseif rec and rec.st == 'X' then
     endCancelling(rid, rec)
     cancelled = cancelled + 1
+  elseif not rec then
+    ghostLeases = ghostLeases + 1
+    if ghostLeases <= GHOST_SCANS then dropGhostLease(rid) else setLease(rid, now + 1000) end
   end
 end
 
@@ -264,4 +287,4 @@ if #forget > 0 then
 end
 callChunked('ZADD', newestAtKey, live, 1000)
 return withFailed({ 0, retried, failed, cancelled, #old, stats.assigned, reassigned, #forget,
-                    #expired })
+                    #expired, ghosts })

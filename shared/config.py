@@ -265,8 +265,9 @@ async def pin_shard_count(redis: Redis, keys: Keys) -> None:
     Runs are routed to shards by hash modulo the shard count, so two processes that disagree on
     it would split one group over two shards and break every per-group guarantee.
     """
-    await redis.hsetnx(keys.config_hash, "shards", str(keys.shards))
-    await check_shard_count(redis, keys, created=False)
+    if await redis.hget(keys.config_hash, "shards") is None:  # (no write when stored: at its
+        await redis.hsetnx(keys.config_hash, "shards", str(keys.shards))  # maxmemory the
+    await check_shard_count(redis, keys, created=False)  # server refuses one, a probe)
 
 
 async def check_shard_count(redis: Redis, keys: Keys, *, created: bool = True) -> None:

@@ -92,6 +92,8 @@ class Sampled:
 
     def due(self, kind: Any) -> int | None:
         """None: not to be written; else how many of `kind` were not written before it."""
+        if isinstance(kind, str):  # (numbers aside: a timestamp in an error is the same one)
+            kind = _NUMBERS.sub("#", kind)
         now = time.monotonic()
         seen = self._seen.get(kind)
         if seen is None or now - seen[0] >= self.every:

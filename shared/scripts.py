@@ -177,6 +177,9 @@ class ReapResult:
     forgotten: int = 0  # groups whose memory (newest runs, fence) was forgotten
     leases: int = 0  # leases looked at (the call's limit: more may be due)
     failed_by: tuple[tuple[str, int], ...] = ()  # (workflow, runs failed) of `failed`
+    # members of runs whose records are gone (evicted, deleted by hand), dropped with their
+    # slots
+    records_gone: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -577,12 +580,12 @@ class Scripts:
         keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset, sk.legacy_terminal_zset,
                 sk.outputs_hash, sk.fences_hash, sk.debounce_hash]  # fmt: skip
         r = await self._call("reap", keys, args)
-        failed_by = _pairs(r[9:])
-        retried, failed, cancelled, expired, assigned, reassigned, forgotten, leases = (
-            int(x) for x in r[1:9]
+        failed_by = _pairs(r[10:])
+        retried, failed, cancelled, expired, assigned, reassigned, forgotten, leases, gone = (
+            int(x) for x in r[1:10]
         )
         return ReapResult(retried, failed, cancelled, expired, assigned, reassigned, forgotten,
-                          leases, failed_by)  # fmt: skip
+                          leases, failed_by, gone)  # fmt: skip
 
     async def cancel(
         self, shard: int, run_ids: Sequence[str], *, reason: str = Reason.MANUAL, now: int = 0

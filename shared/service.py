@@ -25,8 +25,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MaxClientsReachedError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede import aio, codec, metrics, tracing
@@ -44,6 +52,7 @@ from supersede.config import (
 from supersede.errors import ConfigError, describe
 from supersede.health import SILENT_AFTER, ShardHealth
 from supersede.lane import Lane, lane_of
+from supersede.logs import Sampled
 from supersede.protocol import Entry
 from supersede.scripts import Scripts
 from supersede.streams import GroupSpec, OwnPending, after_failure, consumer_name, create_groups
@@ -53,6 +62,18 @@ Periodic = tuple[float, Callable[[], Awaitable[None]]]
 # A call the server did not answer (down, failing over, or this process was paused): logged
 # in one line, as its traceback adds nothing.
 UNANSWERED = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
+# A server that cannot take a service's start yet: full (maxmemory, maxclients), loading,
+# failing over. The start is tried again, one line per REPEAT_EVERY (it exited 1 with a
+# traceback: admission, which frees memory, could not come back to a full server; a probe).
+NOT_YET = (*UNANSWERED, BusyLoadingError, TryAgainError, ClusterDownError, ReadOnlyError,
+           OutOfMemoryError)  # fmt: skip
+START_RETRY_MAX = 5.0  # seconds between two tries of a start, at most
+_NOT_YET_HINTS = (
+    (OutOfMemoryError, "Redis is at its maxmemory: free memory or raise maxmemory"),
+    (MaxClientsReachedError, "Redis has maxclients connections: raise maxclients (README, "
+                             '"Connections")'),
+    (ReadOnlyError, "SUPERSEDE_REDIS_URL names a replica, or a failover is under way"),
+)  # fmt: skip
 PIN_EVERY = 5.0  # seconds between two looks for the namespace's pinned facts (keep_pinned)
 
 
@@ -91,6 +112,7 @@ class Service:
         self.keys = settings.keys
         self.consumer = consumer or consumer_name(self.name)
         self._lanes: list[Lane] = []  # made by `run` and its loops, closed when it returns
+        self._failures = Sampled()  # (the one-line failures of log_failure)
         self.scripts = Scripts(redis, self.keys)
         self.log = logging.getLogger(f"supersede.{self.name}")
         self.ready = False
@@ -178,8 +200,31 @@ class Service:
             self._lanes.clear()
             self.scripts.lane = None
 
+    async def _start_when_possible(self, stop: asyncio.Event) -> bool:
+        """`start()`, tried again while the server cannot take it yet (NOT_YET); False when
+        `stop` came first."""
+        pause, said = 0.5, Sampled()
+        while True:
+            try:
+                await self.start()
+                return True
+            except NOT_YET as exc:
+                repeats = said.due(describe(exc))
+                if repeats is not None:
+                    hint = next((h for cls, h in _NOT_YET_HINTS if isinstance(exc, cls)), "")
+                    self.log.warning(
+                        f"{self.name} cannot start yet; trying again: {describe(exc)}"
+                        + (f" ({hint})" if hint else ""),
+                        extra={"repeats": repeats},
+                    )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), pause)
+                return False
+            pause = min(pause * 2, START_RETRY_MAX)
+
     async def _run(self, stop: asyncio.Event) -> None:
-        await self.start()
+        if not await self._start_when_possible(stop):
+            return
         extra = {"consumer": self.consumer, "redis": redact(self.settings.redis_url),
                  "namespace": self.keys.namespace, "shards": self.keys.shards}  # fmt: skip
         self.log.info(f"{self.name} started", extra=extra)
@@ -221,13 +266,16 @@ class Service:
 
     def log_failure(self, message: str, exc: BaseException | None, **extra: str) -> None:
         """Log a failed call: with its traceback, or, for a right the ACL user lacks (or a
-        cluster node reached without the cluster scheme), the one line that names the fix."""
+        cluster node reached without the cluster scheme), the one line that names the fix.
+        One line, repeated, is written once per REPEAT_EVERY with `repeats` (as the traceback
+        lines are by the log filter: a 30 s outage wrote 650 lines, a probe)."""
         refused = exc and refusal(exc, self.settings.redis_url, (self.name,))
-        if refused:
-            self.log.error(f"{message}: {refused}", extra=extra)
-        elif isinstance(exc, UNANSWERED):  # (an outage, a failover, a resume from SIGSTOP: the
-            # traceback says nothing more than its last line)
-            self.log.error(f"{message}: {describe(exc)}", extra=extra)
+        if exc is not None and (refused or isinstance(exc, UNANSWERED)):  # (an outage, a
+            # failover, a resume from SIGSTOP: the traceback says no more than its last line)
+            line = f"{message}: {refused or describe(exc)}"
+            repeats = self._failures.due(f"{line} {sorted(extra.items())}")
+            if repeats is not None:
+                self.log.error(line, extra={**extra, "repeats": repeats})
         else:
             self.log.error(message, exc_info=exc, extra=extra)
 

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
+from supersede import codec
 from supersede.keys import Keys
 from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, INGRESS_GROUP, Entry
 
@@ -36,9 +37,20 @@ async def ensure_group(redis: Redis, stream: str, group: str) -> None:
     """Create `group` on `stream` from its first entry, so nothing published earlier is skipped."""
     try:
         await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except OutOfMemoryError:  # (refused before the server looks for the group: at its
+        if not await _has_group(redis, stream, group):  # maxmemory a service could not start)
+            raise
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+async def _has_group(redis: Redis, stream: str, group: str) -> bool:
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:  # (no such stream)
+        return False
+    return any(codec.text(g["name"]) == group for g in groups)
 
 
 GroupSpec = tuple[str, str]

@@ -19,6 +19,7 @@ local rungOf = {}     -- workflow id -> true when this call's bell on that strea
 
 local function memberOf(rid, rec) return rec.g .. '|' .. rec.s .. '|' .. rid end
 local function ridOf(m) return string.sub(m, RID_AT) end
+local function groupOfMember(m) return string.sub(m, 1, string.find(m, '|', 1, true) - 1) end
 
 -- Between the shards of a call that serves several: what the last one touched is written.
 local function nextShard()
@@ -252,10 +253,37 @@ local function withFailed(out)
   return out
 end
 
+-- A member whose record is gone (evicted at maxmemory under an evicting policy, deleted by
+-- hand) leaves its zset, and an active one its slot: the script failed on it at every call
+-- ("attempt to index a nil value"), its shard's requests stuck for good (a probe). Such a run
+-- cannot end, nor be told: nothing of it is left to tell.
+local ghosts = 0
+local function dropGhost(m, zset)
+  rcall('ZREM', zset, m)
+  if zset == activeKey then addSlots(groupOfMember(m), -1) end
+  ghosts = ghosts + 1
+end
+
+-- The first `limit` queued members of group g whose records exist; those whose records are
+-- gone, read on the way, are dropped (a FIFO group started a newer arrival before the runs
+-- queued behind one). (Each record is loaded: the caller starts these runs.)
+local function liveQueued(g, limit)
+  local lo, hi = '(' .. g .. '|', '(' .. g .. '}'
+  while true do
+    local got = rcall('ZRANGEBYLEX', queueKey, lo, hi, 'LIMIT', 0, limit)
+    local live = {}
+    for i = 1, #got do
+      if loadRun(ridOf(got[i])) then live[#live + 1] = got[i] else dropGhost(got[i], queueKey) end
+    end
+    if #live == #got or #got < limit then return live end
+  end
+end
+
 -- A run leaves the active zset: ASSIGNED ends at once, RUNNING is told to stop.
 local function cancelActive(m, why, by)
   local rid = ridOf(m)
   local rec = loadRun(rid)
+  if not rec then return dropGhost(m, activeKey) end
   noteTraced(rid, rec, by, why)
   if limited(rec) then rcall('ZREM', activeKey, m) end
   if rec.st == 'A' then
@@ -282,18 +310,28 @@ end
 local function cancelPending(p, why, by)
   local rid = ridOf(p.m)
   local rec = loadRun(rid)
+  if not rec then
+    if p.stored then dropGhost(p.m, queueKey) end
+    return
+  end
   noteTraced(rid, rec, by, why)
   if p.stored then rcall('ZREM', queueKey, p.m) end
   endRun(rid, rec, 'C', why, by, p.unranked)
 end
 
+-- False for a member whose record is gone (see dropGhost).
 local function startPending(p)
   local rid = ridOf(p.m)
   local rec = loadRun(rid)
+  if not rec then
+    if p.stored then dropGhost(p.m, queueKey) end
+    return false
+  end
   if p.stored then rcall('ZREM', queueKey, p.m) end
   rcall('ZADD', activeKey, 0, p.m)
   addSlots(rec.g, 1)
   assignRun(rid, rec)
+  return true
 end
 
 -- Queued runs of group g (oldest first, at most `limit` when given) merged with `news`
@@ -304,7 +342,7 @@ local function pendingOf(g, limit, news, queueEmpty)
   if queueEmpty or (limit and limit <= 0) then
     que = {}
   elseif limit then
-    que = rcall('ZRANGEBYLEX', queueKey, lo, hi, 'LIMIT', 0, limit)
+    que = liveQueued(g, limit)
   else
     que = rcall('ZRANGEBYLEX', queueKey, lo, hi)
   end
@@ -325,8 +363,7 @@ local function fillFrom(g, mx, pending, first)
   for i = first, #pending do
     local p = pending[i]
     if free > 0 then
-      startPending(p)
-      free = free - 1
+      if startPending(p) then free = free - 1 end
     elseif not p.stored then
       rcall('ZADD', queueKey, 0, p.m)
     end
@@ -389,7 +426,11 @@ local function applyArrivals(g, rec, news)
     local pending = pendingOf(g, nil, news, rec.sc ~= 1)
     local free = mx - slotsOf(g)
     for i = 1, #pending do
-      if i <= free then startPending(pending[i]) else cancelPending(pending[i], 'no_slot') end
+      if free <= 0 then
+        cancelPending(pending[i], 'no_slot')
+      elseif startPending(pending[i]) then
+        free = free - 1
+      end
     end
   elseif sg == 4 or sg == 5 then
     -- CANCEL_QUEUED_EXCEPT_NEWEST (4) / _OLDEST (5): fill free slots oldest-first; of the runs
@@ -399,7 +440,11 @@ local function applyArrivals(g, rec, news)
     local free = mx - slotsOf(g)
     local waiting = {}
     for i = 1, #pending do
-      if i <= free then startPending(pending[i]) else waiting[#waiting + 1] = pending[i] end
+      if free <= 0 then
+        waiting[#waiting + 1] = pending[i]
+      elseif startPending(pending[i]) then
+        free = free - 1
+      end
     end
     local keep = sg == 4 and #waiting or 1
     local kept = waiting[keep]

@@ -35,7 +35,8 @@ LEASE_FAILURES = Counter(
 REAPED = Counter(
     "supersede_admission_reaped_total",
     "Expired leases and unclaimed assignments handled by the reaper, by outcome "
-    "(retried, failed, cancelled, reassigned).",
+    "(retried, failed, cancelled, reassigned; record_gone: a run whose record was gone, "
+    "evicted or deleted by hand, left its slot).",
     ["outcome"],
 )
 EXPIRED = Counter(

@@ -191,6 +191,7 @@ class Admission(Service):
         self._workflows: list[str] = []  # registered, refreshed by each trim
         self._retentions: dict[str, int] = {}  # workflow -> its own retention (ms)
         self._gauges_due = Throttle(1.0)
+        self._gone_said = Sampled()  # (runs whose records were gone, by shard)
         self.dead_lines = Sampled()  # (one line per kind of dead letter in 5 s)
         self._next_due = 0.0  # the earliest debounce timer this process set (server ms), 0: none
         self._due_set = asyncio.Event()
@@ -234,11 +235,17 @@ class Admission(Service):
                        "min_retention_s": self.config.min_retention_ms / 1000},
             )  # fmt: skip
         # for the finish calls of executors, which start runs in the slots they free
-        await self.redis.hset(
-            self.keys.config_hash, ASSIGN_DEADLINE_FIELD, str(self.config.assign_deadline_ms)
-        )
-        # the de-duplication set of earlier versions: nothing reads it any more
-        await aio.gather(*(self.redis.unlink(sk.legacy_seen_zset) for sk in self.keys.all_shards()))
+        # (written when it changed: at its maxmemory the server refuses a write, a probe)
+        deadline = str(self.config.assign_deadline_ms)
+        stored = await self.redis.hget(self.keys.config_hash, ASSIGN_DEADLINE_FIELD)
+        if stored is None or codec.text(stored) != deadline:
+            await self.redis.hset(self.keys.config_hash, ASSIGN_DEADLINE_FIELD, deadline)
+        # the de-duplication set of earlier versions: nothing reads it any more (one pipeline:
+        # a call each took a connection each, 18 at the start of an idle admission, a probe)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sk in self.keys.all_shards():
+                pipe.unlink(sk.legacy_seen_zset)
+            await pipe.execute()
 
     async def load_workflows(self) -> None:
         """The registered workflows (a definition that fails to parse still has its
@@ -690,6 +697,15 @@ class Admission(Service):
                     metrics.LEASE_FAILURES.labels(workflow).inc(n)
                 metrics.REAPED.labels("cancelled").inc(r.cancelled)
                 metrics.REAPED.labels("reassigned").inc(r.reassigned)
+                if r.records_gone:
+                    metrics.REAPED.labels("record_gone").inc(r.records_gone)
+                    if (repeats := self._gone_said.due(shard)) is not None:
+                        self.log.error(
+                            "runs whose records are gone left their slots: the server lost "
+                            "keys (maxmemory-policy evicts, or a hand deleted them); their "
+                            "runs cannot end or be told (set maxmemory-policy noeviction)",
+                            extra={"shard": shard, "runs": r.records_gone, "repeats": repeats},
+                        )
                 metrics.EXPIRED.inc(r.expired)
                 metrics.FORGOTTEN_GROUPS.inc(r.forgotten)
                 metrics.ASSIGNED.inc(r.assigned)

@@ -19,6 +19,7 @@ from supersede import tracing
 from supersede.errors import describe
 from supersede.keys import Keys
 from supersede.lane import Lane, read
+from supersede.logs import Sampled
 from supersede.protocol import Control, Entry, Outcome, parse_cancel
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
@@ -30,6 +31,7 @@ log = logging.getLogger("supersede.executor")
 
 EARLY_CANCEL_TTL = 10.0  # seconds a cancel for a run not (yet) here is remembered
 EARLY_CANCEL_MAX = 10_000
+_CONTROL_FAILED = Sampled()  # (a control read failing while the server is down)
 
 
 class Cancels:
@@ -138,7 +140,10 @@ class Cancels:
                 raise
             except SERVER_UNAVAILABLE as exc:  # (one line: a resume from SIGSTOP timed out the
                 # read in flight, and a traceback at ERROR said nothing more)
-                log.warning("control read failed; reading again", extra={"error": describe(exc)})
+                error = describe(exc)
+                if (repeats := _CONTROL_FAILED.due(error)) is not None:  # (once in 5 s)
+                    log.warning("control read failed; reading again",
+                                extra={"error": error, "repeats": repeats})  # fmt: skip
                 await asyncio.sleep(0.5)
             except Exception:
                 log.exception("control iteration failed")

@@ -396,9 +396,10 @@ class LeaseKeeper:
             raise failed
         repeats = _PARTLY_RENEWED.due(type(failed).__name__)
         if repeats is not None:
-            log.warning("leases not renewed on a master that does not answer; the others "
-                        "were", extra={"runs": unrenewed, "error": describe(failed),
-                                       "repeats": repeats})  # fmt: skip
+            log.warning("leases not renewed where the calls failed (a master that does not "
+                        "answer, a server that refused them: see error); the others were",
+                        extra={"runs": unrenewed, "error": describe(failed),
+                               "repeats": repeats})  # fmt: skip
 
     def _renew(self, calls: list[_Call]) -> list[Any]:
         """The replies of the heartbeat calls (a failed call's as its error), sent in one

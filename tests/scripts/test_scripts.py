@@ -382,6 +382,39 @@ async def test_group_round_robin_is_fifo_and_cancels_nothing(
     assert states(await records(redis, keys), *reqs) == ["S", "A", "A", "Q", "Q"]
 
 
+@pytest.mark.parametrize(
+    "strategy",
+    [Strategy.CANCEL_IN_PROGRESS, Strategy.CANCEL_NEWEST, Strategy.GROUP_ROUND_ROBIN,
+     Strategy.CANCEL_QUEUED_EXCEPT_NEWEST],
+)  # fmt: skip
+async def test_a_run_whose_record_is_gone_leaves_its_group_and_its_slot(
+    redis: Redis, keys: Keys, scripts: Scripts, strategy: Strategy
+) -> None:
+    """A record evicted (an evicting maxmemory-policy) or deleted by hand: admit failed on its
+    member at every call ("attempt to index a nil value"), its shard's requests stuck for
+    good, and a GROUP_ROUND_ROBIN group's queue waited behind the slot it held (a probe). An
+    arrival drops such a member; the reaper drops one it finds by its lease, with its slot."""
+    reqs = [make_request(keys, event=f"e{i}", seq=i, max_runs=1, strategy=strategy)
+            for i in range(4)]  # fmt: skip
+    shard = reqs[0][0]
+    sk = keys.shard(shard)
+    await admit(scripts, reqs[0], reqs[1])
+    await redis.hdel(sk.runs_hash, reqs[0][1].run_id, reqs[1][1].run_id)  # (active; queued)
+    await admit(scripts, reqs[2], now=2)
+    r = await scripts.reap(shard, now=10**12)  # (every lease lapsed: the gone one's too)
+    await admit(scripts, reqs[3], now=3)
+    recs = await records(redis, keys)
+    assert reqs[0][1].run_id not in recs and reqs[1][1].run_id not in recs
+    live = [m.decode().rsplit("|", 1)[1] for z in (sk.active_zset, sk.queue_zset)
+            for m in await redis.zrange(z, 0, -1)]  # fmt: skip
+    assert reqs[0][1].run_id not in live and reqs[1][1].run_id not in live, live
+    if strategy in (Strategy.CANCEL_IN_PROGRESS, Strategy.CANCEL_NEWEST):
+        assert recs[reqs[3][1].run_id]["st"] == "A"  # (the ended r2 may be reaped: 10**12)
+    else:  # (FIFO: the queued run first, once the reaper freed the slot the gone one held)
+        assert r.records_gone >= 1  # (the active one by its lease; the queued one maybe)
+        assert states(recs, reqs[2], reqs[3]) == ["A", "Q"]
+
+
 async def test_strict_mode_holds_the_slot_until_the_executor_confirms(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:

@@ -705,6 +705,71 @@ async def test_admission_stays_ready_at_maxmemory_when_nothing_pinned_was_lost(
         proc.wait(10)
 
 
+async def test_services_start_at_maxmemory_or_wait_for_it_in_one_line_a_try(
+    redis: Redis, redis_url: str, keys: Keys, tmp_path: Any
+) -> None:
+    """At maxmemory (noeviction) the server refuses every write command, even one that would
+    change nothing. A service's start wrote the shard count (HSETNX) and created its groups,
+    so none could start: exit 1 with a traceback, and admission, which frees memory, could
+    not come back (a probe). Admission restarts there now (it writes only what is missing);
+    an executor whose workflow is new waits, a line each 5 s naming maxmemory, and starts
+    once memory is freed."""
+    port = free_port()
+    proc = start_admission(redis_url, keys, "--metrics-port", str(port))
+    try:
+        await eventually(lambda: asyncio.to_thread(lambda: _ready_status(port) == 200))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    log = tmp_path / "stderr.log"
+    await redis.config_set("maxmemory", 1)
+    procs = []
+    try:
+        with open(log, "ab") as err:
+            procs.append(start_admission(redis_url, keys, "--metrics-port", str(port), stderr=err))
+            executor_port = free_port()
+            cmd = [sys.executable, "-m", "supersede", "executor", "tests.support.apps.demo",
+                   "--metrics-port", str(executor_port)]  # fmt: skip
+            procs.append(subprocess.Popen(cmd, env=env_for(redis_url, keys), stderr=err))
+        await eventually(lambda: asyncio.to_thread(lambda: _ready_status(port) == 200))
+
+        def waits() -> bool:
+            return "executor cannot start yet" in log.read_text()
+
+        await eventually(lambda: asyncio.to_thread(waits))
+        assert procs[1].poll() is None and _ready_status(executor_port) == 503
+    finally:
+        await redis.config_set("maxmemory", 0)
+    try:
+        await eventually(lambda: asyncio.to_thread(lambda: _ready_status(executor_port) == 200))
+        lines = [x for x in log.read_text().splitlines() if "cannot start yet" in x]
+        assert lines and all("maxmemory" in x for x in lines), lines
+        assert "Traceback" not in log.read_text()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)
+
+
+async def test_a_failure_of_one_line_repeated_is_written_once_per_five_seconds(
+    redis: Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The loops' retries while a server is down: the README promises one line per 5 s with
+    `repeats`. Lines of one line (no traceback) were written each time: 650 lines in a 30 s
+    outage (a probe), a timestamp in the error making each another."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    admission = Admission(redis, settings, AdmissionConfig())
+    with caplog.at_level(logging.ERROR, logger="supersede"):
+        for i in range(20):
+            exc = RedisConnectionError(f"Error 111 connecting at {time.time() + i}")
+            admission.log_failure("batch failed; retrying", exc)
+        admission.log_failure("batch failed; retrying", RedisConnectionError("another"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "another" in lines[1], lines
+
+
 async def test_the_gauges_of_what_redis_holds_are_unknown_while_it_is_down(keys: Keys) -> None:
     """With Redis down, admission's and ingress's /metrics showed the last lags they read (0,
     say) for the whole outage: dashboards read "no backlog". They read NaN until a read
