@@ -423,7 +423,13 @@ def _ui(args: argparse.Namespace, settings: Settings) -> None:
         redis = connect(settings.redis_url)
         try:
             await check_server(redis, settings.redis_url)
-            keys = await stored_keys(redis, settings)
+            try:
+                keys = await stored_keys(redis, settings)
+            except RedisError as exc:  # (a user without the reader's rights: one line)
+                refused = refusal(exc, settings.redis_url, ("reader",))
+                if refused is None:
+                    raise
+                raise refused from None
             if args.allow_actions:
                 await ui.check_actions(redis, keys, settings.redis_url)
             task = asyncio.ensure_future(

@@ -155,7 +155,8 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
         await eventually(trimmed, timeout=30)
         refused = await asyncio.to_thread(acl_log, ports, users)
         assert refused == [], refused
-        await _the_dashboard_allows_actions_under_the_operator_only(reader, operator)
+        producer = {**reader, "SUPERSEDE_REDIS_URL": url_of["producer"]}
+        await _the_dashboard_allows_actions_under_the_operator_only(reader, operator, producer)
     finally:
         await publisher.aclose()
         for system in systems.values():
@@ -301,11 +302,17 @@ def _a_user_without_the_rights_is_told_which_role_it_needs(
 
 
 async def _the_dashboard_allows_actions_under_the_operator_only(
-    reader: dict[str, str], operator: dict[str, str]
+    reader: dict[str, str], operator: dict[str, str], producer: dict[str, str]
 ) -> None:
     """`ui --allow-actions` under the reader user refuses to start, in one line that names the
     operator role (it started, and showed buttons that every press refused); under the
-    operator it starts."""
+    operator it starts. `ui` under a user that cannot read (the producer's) refuses in one
+    line naming the reader role (a traceback: a security probe)."""
+    ui = [sys.executable, "-m", "supersede", "ui", "--port", str(free_port())]
+    done = subprocess.run(ui, env=producer, capture_output=True, timeout=60)
+    err = done.stderr.decode()
+    assert done.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert "reader role" in err.strip().splitlines()[-1], err
     cmd = [sys.executable, "-m", "supersede", "ui", "--port", str(free_port()), "--allow-actions"]
     done = subprocess.run(cmd, env=reader, capture_output=True, timeout=60)
     err = done.stderr.decode()
