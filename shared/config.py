@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import difflib
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import redis as redis_sync
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 
-from supersede.errors import ConfigError
+from supersede.errors import ConfigError, message_of
 from supersede.keys import Keys
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -112,35 +113,35 @@ def _check_database(url: str) -> None:
         return
     path = urlsplit(url).path.strip("/")
     if path and not path.isdigit():
-        raise ConfigError(
-            f"SUPERSEDE_REDIS_URL's database (its path) must be a number, got {path!r}"
+        raise ConfigError(  # (a path is what follows a password's `/` too: not quoted)
+            f"SUPERSEDE_REDIS_URL's database (its path) must be a number, in {redact(url)!r} "
+            "(a password that holds /, # or ? must be percent-encoded: %2F, %23, %3F)"
         )
 
 
 CLUSTER_SCHEME = "redis+cluster://"
 TLS_CLUSTER_SCHEME = "rediss+cluster://"
 URL_SCHEMES = ("redis://", "rediss://", "unix://", CLUSTER_SCHEME, TLS_CLUSTER_SCHEME)
-SECRET_PARAMS = {"password", "pass", "auth"}
+SECRET_PARAMS = {"password", "pass", "auth", "ssl_password"}
+_SECRET_NAMES = "|".join(sorted(SECRET_PARAMS, key=len, reverse=True))
+_SECRET_QUERY = re.compile(rf"([?&](?:{_SECRET_NAMES})=)[^&]*", re.IGNORECASE)
 
 
 def redact(url: str) -> str:
     """`url` with its password (in the authority or a query parameter) replaced by `***`:
-    the only form in which a server URL is ever logged or printed."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        auth, _, host = netloc.rpartition("@")
-        user, sep, _ = auth.partition(":")
-        netloc = f"{user}:***@{host}" if sep else (f"{user}@{host}" if user else f"***@{host}")
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        hidden = [(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in pairs]
-        query = urlencode(hidden, safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    the only form in which a server URL is ever logged or printed. Read from the text, not
+    parsed as a URL: a password holding `#`, `?` or `/` (generated ones do) moved out of the
+    part a URL parser calls the authority, and was printed (a security probe). A host holds
+    no `@`, so the credentials run to the last one (a query value holding one is hidden
+    with them: too much rather than too little)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:  # (no scheme: refused by the settings, and printed by that refusal)
+        scheme, rest = "", url
+    if "@" in rest:
+        auth, _, host = rest.rpartition("@")
+        user, colon, _ = auth.partition(":")
+        rest = f"{user}:***@{host}" if colon else (f"{user}@{host}" if user else f"***@{host}")
+    return scheme + sep + _SECRET_QUERY.sub(r"\1***", rest)
 
 
 def is_cluster_url(url: str) -> bool:
@@ -453,11 +454,11 @@ def refusal(exc: BaseException, url: str, roles: Sequence[str]) -> ConfigError |
     if isinstance(exc, redis_sync.exceptions.NoPermissionError) or any(
         words in text for words in _REFUSED_WORDS
     ):
-        named = " and ".join(roles)
+        named = " and ".join(roles) + (" roles" if len(roles) > 1 else " role")
         at = f" at {redact(url)}" if url else ""
         return ConfigError(
             f"Redis{at} refused the user of SUPERSEDE_REDIS_URL a command or key "
-            f"({exc}); it needs the rights of the {named} role{'s' if len(roles) > 1 else ''}: "
+            f"({message_of(exc)}); it needs the rights of the {named}: "
             f"`supersede acl --role {roles[0]}` prints them, with --apply (as an admin) it "
             "sets them (for the namespace of SUPERSEDE_NAMESPACE: a user made for another "
             "has no rights in this one)"

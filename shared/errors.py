@@ -106,9 +106,13 @@ def describe(exc: BaseException) -> str:
     """One line for a log field or a dead letter: the exception's class and message, cut. A
     failed pipeline's command is named by its number, not quoted: its arguments are data (a
     result's outputs, an event's input) that logs must not carry."""
-    message = str(exc)  # (some have none: msgpack's FormatError, StackError)
-    message = _PIPELINE_ARGS.sub(r"command \1 of a pipeline: ", message)
+    message = message_of(exc)  # (some have none: msgpack's FormatError, StackError)
     return (f"{type(exc).__name__}: {message}" if message else type(exc).__name__)[:500]
+
+
+def message_of(exc: BaseException) -> str:
+    """`exc`'s message, a failed pipeline's command named by its number (see describe)."""
+    return _PIPELINE_ARGS.sub(r"command \1 of a pipeline: ", str(exc))
 
 
 def _library_roots() -> tuple[str, ...]:

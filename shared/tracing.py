@@ -89,8 +89,11 @@ def check_otlp_settings() -> None:
         headers = env.get(name, "").strip()
         pairs = [h for h in headers.split(",") if h.strip()]
         bad = [h for h in pairs if "=" not in h or not h.split("=", 1)[0].strip()]
-        if bad:
-            raise ConfigError(f"{name} must be key=value pairs separated by commas, not {bad[0]!r}")
+        if bad:  # (its text not quoted: a header is a credential, `key:token` a usual slip)
+            raise ConfigError(
+                f"{name} must be key=value pairs separated by commas; pair "
+                f"{pairs.index(bad[0]) + 1} of {len(pairs)} has no '=' or no key"
+            )
         name = f"{prefix}TIMEOUT"
         timeout = env.get(name, "").strip()
         if timeout and not _non_negative(timeout):
@@ -102,7 +105,18 @@ def check_otlp_settings() -> None:
         name = f"{prefix}ENDPOINT"
         endpoint = env.get(name, "").strip()
         if endpoint and not _is_url(endpoint):
-            raise ConfigError(f"{name} must be a URL (http://collector:4318), not {endpoint!r}")
+            raise ConfigError(
+                f"{name} must be a URL (http://collector:4318), not {_without_userinfo(endpoint)!r}"
+            )
+
+
+def _without_userinfo(text: str) -> str:
+    """An endpoint as it may be printed: credentials in it (`user:pw@`) replaced by `***`."""
+    head, at, host = text.rpartition("@")
+    if not at:
+        return text
+    scheme, sep, _ = head.partition("://")
+    return f"{scheme}{sep}***@{host}" if sep else f"***@{host}"
 
 
 def _non_negative(text: str) -> bool:

@@ -32,6 +32,40 @@ def test_redact_hides_the_password_wherever_a_url_carries_it() -> None:
     hidden = redact(f"redis://h/0?password={SECRET}&ssl_cert_reqs=none")
     assert hidden == "redis://h/0?password=***&ssl_cert_reqs=none"
     assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    # a password holding #, ? or / (generated ones do) left the authority a URL parser reads,
+    # and was printed; so were a TLS key's passphrase and a URL without a scheme (a probe)
+    for odd in ("Se#cret", "k8s/Gen+Pw==", "Se?cret", "p@ss"):
+        assert redact(f"redis://app:{odd}{SECRET}@h:1/0") == "redis://app:***@h:1/0"
+    tls = redact(f"rediss://h:1/0?ssl_password={SECRET}&ssl_cert_reqs=none")
+    assert tls == "rediss://h:1/0?ssl_password=***&ssl_cert_reqs=none"
+    assert redact(f"app:{SECRET}@h:1/0") == "app:***@h:1/0"
+
+
+@pytest.mark.parametrize(
+    "url", [f"redis://app:k8s/{SECRET}@127.0.0.1:1/0", f"redis://app:a#{SECRET}@127.0.0.1:1/0",
+            f"app:{SECRET}@127.0.0.1:1/0"],
+)  # fmt: skip
+def test_a_url_the_settings_refuse_is_not_printed_with_its_password(url: str) -> None:
+    env = {**_env(url)}
+    done = subprocess.run([sys.executable, "-m", "supersede", "status"], env=env,
+                          capture_output=True, timeout=60)  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 2 and SECRET not in err and "SUPERSEDE_REDIS_URL" in err, err
+
+
+def test_a_refusal_does_not_quote_the_pipeline_command_it_names() -> None:
+    """A refused command of a pipeline: redis-py's message quotes its arguments (an event's
+    data, a prefix of it in a dead letter), which the refusal's line carried (a probe)."""
+    from redis.exceptions import NoPermissionError
+
+    from supersede.config import refusal
+
+    exc = NoPermissionError(
+        f"Command # 2 (XADD ns:dead * data {SECRET}) of pipeline caused error: No permissions "
+        "to run the 'xadd' command"
+    )
+    refused = refusal(exc, "redis://h:1/0", ("ingress",))
+    assert refused is not None and SECRET not in str(refused) and "command 2" in str(refused)
 
 
 @pytest.fixture

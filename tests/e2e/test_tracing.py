@@ -226,7 +226,8 @@ def test_an_otlp_endpoint_alone_without_its_exporter_only_warns(
      ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4096"),
      # the OTLP exporter's (an observability probe): headers dropped with a warning, so every
      # export went without its credentials; a timeout replaced; http/json sent as protobuf
-     ("OTEL_EXPORTER_OTLP_HEADERS", "garbage"), ("OTEL_EXPORTER_OTLP_TIMEOUT", "abc"),
+     # (a header is a credential: `key:token` is refused without quoting it, a probe)
+     ("OTEL_EXPORTER_OTLP_HEADERS", "x-team:SECRET-token"), ("OTEL_EXPORTER_OTLP_TIMEOUT", "abc"),
      ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
      ("OTEL_EXPORTER_OTLP_ENDPOINT", "not-a-url")],
 )  # fmt: skip
@@ -247,7 +248,7 @@ def test_a_tracing_setting_the_sdk_would_ignore_is_refused_in_one_line(
     assert done.returncode == 2, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("supersede: ") and variable in last and "Redis" not in last, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "SECRET" not in err
 
 
 async def test_traces_reach_an_otlp_collector_over_http(
