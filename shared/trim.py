@@ -56,6 +56,7 @@ async def trim_consumed(redis: Redis, streams: Sequence[str]) -> dict[str, int]:
         for stream in streams:
             pipe.xinfo_groups(stream)
         infos = await pipe.execute(raise_on_error=False)
+    _raise_refused(infos, expected="no such key")  # (a stream not made yet: nothing to trim)
     grouped = [(s, g) for s, g in zip(streams, infos, strict=True) if isinstance(g, list) and g]
     async with redis.pipeline(transaction=False) as pipe:
         asks = []
@@ -65,6 +66,7 @@ async def trim_consumed(redis: Redis, streams: Sequence[str]) -> dict[str, int]:
                     pipe.xpending(stream, g["name"])
                     asks.append((stream, g["name"]))
         summaries = await pipe.execute(raise_on_error=False) if asks else []
+    _raise_refused(summaries, expected="NOGROUP")  # (a group deleted since: nothing to keep)
     oldest: dict[str, dict[str, Any]] = {}
     for (stream, name), summary in zip(asks, summaries, strict=True):
         if isinstance(summary, dict) and summary.get("min"):
@@ -96,4 +98,14 @@ async def _trim(redis: Redis, cuts: Sequence[tuple[str, str]]) -> dict[str, int]
         for stream, cut in cuts:
             pipe.xtrim(stream, minid=cut, approximate=False)
         removed = await pipe.execute(raise_on_error=False)
+    _raise_refused(removed)
     return {s: int(n) for (s, _), n in zip(cuts, removed, strict=True) if isinstance(n, int) and n}
+
+
+def _raise_refused(replies: Sequence[Any], expected: str = "") -> None:
+    """Raise the first error among a pipeline's replies (one whose text holds `expected`
+    aside): a trim the server refused (an ACL user without XTRIM) was passed over, and the
+    stream grew without a line, a failed task or an unready service (a security probe)."""
+    for reply in replies:
+        if isinstance(reply, Exception) and not (expected and expected in str(reply)):
+            raise reply

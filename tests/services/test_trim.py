@@ -262,3 +262,34 @@ async def test_explicit_event_ids_past_the_window_are_forgotten_with_no_traffic(
         return sum(sizes) == 0
 
     await eventually(forgotten, timeout=30)
+
+
+async def test_a_trim_the_server_refuses_fails_its_task_rather_than_passing_over_it(
+    redis: Redis, redis_url: str, keys: Keys
+) -> None:
+    """An ACL user without XTRIM (or XINFO): the refusal was one of a pipeline's replies, not
+    looked at, and the inbox grew with no line, no failed task, a ready service (a security
+    probe). It is raised now: the periodic task fails, its line names the right it lacks."""
+    import pytest
+    from redis.exceptions import NoPermissionError
+
+    from supersede.config import connect
+
+    stream = keys.events_stream
+    await redis.xgroup_create(stream, "g", id="0", mkstream=True)
+    for _ in range(3):
+        await redis.xadd(stream, {"f": "v"})
+    await redis.xreadgroup("g", "c", {stream: ">"})
+    await redis.xack(stream, "g", *[e[0] for e in await redis.xrange(stream)])
+    user, password = f"trim-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    await redis.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all",
+                                "-xtrim")  # fmt: skip
+    limited = connect(redis_url.replace("redis://", f"redis://{user}:{password}@"))
+    try:
+        with pytest.raises(NoPermissionError, match="xtrim"):
+            await trim_consumed(limited, [stream])
+        assert await trim_consumed(redis, [stream]) == {stream: 3}
+        assert await trim_consumed(redis, [f"{stream}-not-made"]) == {}  # (nothing to trim)
+    finally:
+        await limited.aclose()
+        await redis.execute_command("ACL", "DELUSER", user)
