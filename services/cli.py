@@ -419,6 +419,13 @@ def _ui(args: argparse.Namespace, settings: Settings) -> None:
         ) from None
     from supersede.services import ui
 
+    if args.allow_actions and args.host in ui.ANY_INTERFACE and not args.allow_host:
+        raise ConfigError(  # (it answers any Host then: a DNS name rebound to it could post)
+            f"--allow-actions on every interface (--host {args.host}) needs --allow-host NAME, "
+            "the name your proxy forwards: without it the UI answers any Host, and a page of "
+            "a DNS name rebound to this address could cancel runs"
+        )
+
     async def main() -> None:
         redis = connect(settings.redis_url)
         try:

@@ -271,6 +271,7 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",  # (inputs, outputs and the CSRF token stay out of caches)
 }
 
 
@@ -304,7 +305,9 @@ def _guard(hosts: frozenset[str] | None) -> Any:
                 if request.method in ("GET", "HEAD")
                 else "the action may be partly done: look again once it answers"
             )
-            resp = web.Response(text=f"Redis is unreachable ({said}): {after}", status=503)
+            # (the server's address and the error stay in the UI's log, not for visitors)
+            resp = web.Response(text=f"Redis is unreachable (the UI's log says why): {after}",
+                                status=503)  # fmt: skip
         except Exception as exc:
             # (a right the user lacks, the reader's asked to cancel say: what it needs)
             roles = ("operator",) if request.method == "POST" else ("reader",)

@@ -442,5 +442,13 @@ def test_the_host_names_the_ui_answers() -> None:
     # (a Host with a default port is compared without it, so on 443 the bare names are served)
     assert "127.0.0.1" in (served_hosts("127.0.0.1", 443) or set())
     assert served_hosts("0.0.0.0", 8686) is None
+    # so actions on every interface need a name to serve (a probe posted a cancel through a
+    # rebound name): refused in one line
+    cmd = [sys.executable, "-m", "supersede", "ui", "--host", "0.0.0.0", "--allow-actions"]
+    done = subprocess.run(cmd, capture_output=True, timeout=60)
+    err = done.stderr.decode()
+    last = err.strip().splitlines()[-1]
+    assert done.returncode == 2 and "Traceback" not in err, err
+    assert last.startswith("supersede: ") and "--allow-host" in last, err
     everywhere = served_hosts("::", 8686, ["dash.example.com"])
     assert everywhere is not None and "dash.example.com:8686" in everywhere
