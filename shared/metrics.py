@@ -151,6 +151,12 @@ class LoopHistogram(_LoopMetric[_Tally]):
         yield family
 
 
+BUILD_INFO = Gauge(
+    "supersede_build_info",
+    "1, labelled with the version this process runs (`supersede --version`): a rolling "
+    "upgrade is done when every process shows the new one.",
+    ["version"],
+)
 TASK_FAILURES = Counter(
     "supersede_task_failures_total",
     "Failed runs of a service's periodic tasks (the reaper's tick, trims, the registry's "
@@ -294,6 +300,9 @@ def serve(port: int | None, host: str = "0.0.0.0") -> None:
     not). A port that cannot be opened is a ConfigError naming the setting."""
     if not port:
         return
+    from supersede import __version__
+
+    BUILD_INFO.labels(__version__).set(1)
     try:
         server = _Server((host, port), _Handler)
     except OSError as exc:

@@ -37,7 +37,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from supersede import aio, codec, metrics, tracing
+from supersede import __version__, aio, codec, metrics, tracing
 from supersede.config import (
     DEFAULT_METRICS_HOST,
     Settings,
@@ -226,7 +226,8 @@ class Service:
         if not await self._start_when_possible(stop):
             return
         extra = {"consumer": self.consumer, "redis": redact(self.settings.redis_url),
-                 "namespace": self.keys.namespace, "shards": self.keys.shards}  # fmt: skip
+                 "namespace": self.keys.namespace, "shards": self.keys.shards,
+                 "version": __version__}  # fmt: skip
         self.log.info(f"{self.name} started", extra=extra)
         periodic = [*self.periodic(), (PIN_EVERY, self.keep_pinned)]
         for _, job in periodic:  # (at 0 from the start: increase() sees a first failure)

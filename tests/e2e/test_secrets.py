@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 import redis as redis_sync
 
+from supersede import __version__
 from supersede.config import cluster_seed, redact
 from supersede.server import EmbeddedServer, die_with_parent, free_port
 from tests.support import REPO
@@ -103,8 +104,10 @@ def test_services_cli_and_dev_never_print_the_password(protected: str) -> None:
         try:
             lines: list[bytes] = []
             _until_line(proc, f"{service} started".encode(), lines)
-            # the start line names the server (redacted), the namespace and the shard count
+            # the start line names the server (redacted), the namespace, the shard count and
+            # the version (a rolling upgrade's progress: an upgrade probe)
             assert redacted in lines[-1] and b"secrets" in lines[-1]
+            assert f'"version":"{__version__}"'.encode() in lines[-1], lines[-1]
             out += lines
             proc.send_signal(signal.SIGTERM)
             rest, _ = proc.communicate(timeout=30)

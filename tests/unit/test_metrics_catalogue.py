@@ -40,3 +40,18 @@ def test_dead_letter_reasons_are_exported_from_the_start() -> None:
     for reason in reasons:
         labels = {"reason": reason.value}
         assert REGISTRY.get_sample_value("supersede_ingress_dead_letters_total", labels) is not None
+
+
+def test_each_process_exports_the_version_it_runs() -> None:
+    """A rolling upgrade is done when every process shows the new version (an upgrade probe:
+    no log line, metric or command told which build a process ran)."""
+    import urllib.request
+
+    from supersede import __version__, metrics
+    from supersede.server import free_port
+
+    port = free_port()
+    metrics.serve(port, "127.0.0.1")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        body = resp.read().decode()
+    assert f'supersede_build_info{{version="{__version__}"}} 1.0' in body
