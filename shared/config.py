@@ -144,6 +144,15 @@ def redact(url: str) -> str:
     return scheme + sep + _SECRET_QUERY.sub(r"\1***", rest)
 
 
+def unverified_tls(url: str) -> bool:
+    """A TLS URL that skips the server certificate's check (`ssl_cert_reqs=none`/`optional`):
+    anyone on the path can read and change every call, credentials included."""
+    if not url.startswith(("rediss://", TLS_CLUSTER_SCHEME)):
+        return False
+    reqs = {v.lower() for k, v in parse_qsl(urlsplit(url).query) if k.lower() == "ssl_cert_reqs"}
+    return bool(reqs & {"none", "optional", "cert_none", "cert_optional"})
+
+
 def is_cluster_url(url: str) -> bool:
     return url.startswith((CLUSTER_SCHEME, TLS_CLUSTER_SCHEME))
 

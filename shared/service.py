@@ -48,6 +48,7 @@ from supersede.config import (
     pin_shard_count,
     redact,
     refusal,
+    unverified_tls,
 )
 from supersede.errors import ConfigError, describe
 from supersede.health import SILENT_AFTER, ShardHealth
@@ -633,6 +634,12 @@ async def serve(
                 "records, groups and streams can vanish without a trace, and their events with "
                 'them; set maxmemory-policy noeviction (README, "What Redis holds")',
                 extra={"redis": redact(settings.redis_url)},
+            )
+        if unverified_tls(settings.redis_url):
+            logging.getLogger("supersede").warning(
+                "TLS without the server certificate's check (ssl_cert_reqs in "
+                "SUPERSEDE_REDIS_URL): anyone on the path can read and change every call; "
+                "give ssl_ca_certs instead"
             )
         await make(redis).run(stop)
     finally:

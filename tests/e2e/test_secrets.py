@@ -277,3 +277,23 @@ def test_a_service_refused_at_a_terminal_says_it_in_one_line() -> None:
     assert done.returncode == 2
     assert len(lines) == 1, lines
     assert lines[0].startswith("supersede: cannot reach Redis"), lines
+
+
+def test_a_service_warns_of_tls_without_the_servers_certificate_check(
+    redis_tls: TlsServer,
+) -> None:
+    """`ssl_cert_reqs=none` was taken without a word (a security probe): anyone on the path
+    reads and changes every call. A service says so in its log at start."""
+    certs = redis_tls.certs
+    url = (f"rediss://127.0.0.1:{redis_tls.port}/0?ssl_certfile={certs.client_cert}"
+           f"&ssl_keyfile={certs.client_key}&ssl_cert_reqs=none")  # fmt: skip
+    cmd = [sys.executable, "-m", "supersede", "admission", "--metrics-port", "0"]
+    proc = subprocess.Popen(cmd, env=_env(url), stderr=subprocess.PIPE, preexec_fn=die_with_parent)
+    try:
+        lines: list[bytes] = []
+        _until_line(proc, b"admission started", lines)
+        warned = [x for x in lines if b"without the server certificate's check" in x]
+        assert len(warned) == 1 and b"ssl_ca_certs" in warned[0], lines
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)  # (its pipe closed)
