@@ -67,6 +67,13 @@ class StepError(Exception):
     """A step raised in its worker process; the message is the worker's traceback."""
 
 
+# The two stamps a worker's shared pair holds for the run it runs (monotonic seconds of the
+# renewal's send): CURRENT for its still_current(), not renewed once the run is named to stop
+# (0: a cancelled run); RENEWED the server's lease, renewed while a cancel's ladder winds the
+# step down, which the worker's own watch reads (it cut the ladder's grace short otherwise).
+CURRENT, RENEWED = 0, 1
+
+
 class WorkerLost(Exception):
     """The worker process ended without answering (it crashed, or user code exited it)."""
 
@@ -116,7 +123,7 @@ class _WorkerContext(Context):
             if self.cancelled:
                 return False
             lease = self._lease  # (Runner.lease_left, in the worker)
-            if lease and time.monotonic() - self._leased.value >= lease:
+            if lease and time.monotonic() - self._leased[CURRENT] >= lease:
                 return False
             key, group, seq = self._fence_args
             if not key:
@@ -200,7 +207,7 @@ def _exit_with_parent(executor: int, job: _Job, flag: ProcessEvent, leased: Any)
     def watch() -> None:
         while alive():
             number, lease = job.number, job.lease
-            late = time.monotonic() - leased.value - lease  # (>= 0: it ran out)
+            late = time.monotonic() - leased[RENEWED] - lease  # (>= 0: it ran out)
             if lease and late >= -lease * LAPSE_MARGIN and number == job.number:
                 job.lapsed = True
                 flag.set()  # (a polite step stops; the reply says "lapsed", not its failure)
@@ -307,7 +314,7 @@ class ProcessPool:
     def _spawn(self) -> Worker:
         ours, theirs = self._mp.Pipe()
         flag = self._mp.Event()
-        leased = self._mp.RawValue("d", 0.0)
+        leased = self._mp.RawArray("d", 2)  # ([CURRENT], [RENEWED]: Runner.mark_leased)
         process = self._mp.Process(
             target=worker_main, args=(theirs, flag, leased, self.redis_url, os.getpid()),
             daemon=True,

@@ -40,8 +40,10 @@ from supersede.service import STEP_THREAD_PREFIX
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.isolation import (
+    CURRENT,
     FENCE_RETRY_FIRST,
     FENCE_RETRY_MAX,
+    RENEWED,
     SERVER_UNAVAILABLE,
     ProcessPool,
     StepError,
@@ -387,13 +389,17 @@ class Runner:
             run = active.get(rid)
             if run is not None and run.attempt == attempt and run.leased_at < asked:
                 run.leased_at = asked
-                if run.lease_cell is not None and rid not in gone:
-                    # (its step's worker reads it there; one named is to stop, and may be
-                    # another executor's now: never shown renewed. The lock: the loop may hand
+                if run.lease_cell is not None:
+                    # (its step's worker reads it there: [0] for still_current(), never
+                    # renewed for one named to stop, which may be another executor's now;
+                    # [1] the server's lease, which a CANCELLING run's keeps while its ladder
+                    # winds it down, for the worker's own watch. The lock: the loop may hand
                     # this worker to another run's step between the read and the write.)
                     with self._cells:
                         if run.lease_cell is not None:
-                            run.lease_cell.value = asked
+                            if rid not in gone:
+                                run.lease_cell[CURRENT] = asked
+                            run.lease_cell[RENEWED] = asked
                 if (
                     run.held is not None
                     and not run.held.is_set()
@@ -806,13 +812,16 @@ class Runner:
                 run.lease_cell = None
 
     def _share_lease(self, run: Running, cell: Any) -> None:
-        """Show the run's lease stamp to the worker process about to run its step (`cell`, that
-        worker's shared float), and have the lease keeper's renewals of it written there too;
-        a cancelled run's as lapsed (its still_current() is False: the worker's own flag is
-        raised only when the loop stops it)."""
+        """Show the run's lease stamps to the worker process about to run its step (`cell`,
+        that worker's shared pair: see mark_leased), and have the lease keeper's renewals of
+        them written there too; a cancelled run's current stamp as lapsed (its
+        still_current() is False: the worker's own flag is raised only when the loop stops
+        it)."""
         with self._cells:
             run.lease_cell = cell
-            cell.value = 0.0 if run.ctx.cancelled else run.leased_at or run.started
+            stamp = run.leased_at or run.started
+            cell[CURRENT] = 0.0 if run.ctx.cancelled else stamp
+            cell[RENEWED] = stamp
 
     async def _sync(
         self, thread: asyncio.Future[Any], run: Running, strict: bool, timeout: float | None

@@ -418,6 +418,35 @@ async def test_a_step_in_a_worker_stops_once_its_lease_lapsed_while_its_executor
     assert last_alive < retried, (last_alive, retried)
 
 
+async def test_a_cancelled_process_step_has_its_grace_period_though_it_outlasts_a_lease(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """The worker's own lease watch read the stamp a beat stops renewing once the run is named
+    to stop, and exited a lease after the cancel, cutting the ladder's grace short (a review:
+    1.9 s of a 6 s grace under a 2 s lease). It reads the server's lease, which a CANCELLING
+    run keeps while its ladder winds it down."""
+    system.start("admission", "--block-ms", "100", "--reap-interval", "0.1")
+    system.start(
+        "executor", APP, "--slots", "4", "--lease", "2", "--grace", "4", "--kill-after", "10"
+    )
+    await eventually(lambda: _registered(redis, keys, 10), timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    await _publish(redis, keys, "proc.go", k="graced", sleep=30)
+    await eventually(lambda: _noted(redis, keys, "started"), timeout=30)
+    [first] = {pid for kind, _, pid, _ in await _notes(redis, keys) if kind == "started"}
+    await _publish(redis, keys, "proc.go", k="graced", sleep=0)  # (supersedes it)
+    await eventually(lambda: _noted(redis, keys, "finished"), timeout=30)
+
+    async def first_gone() -> bool:
+        return _gone(first)
+
+    await eventually(first_gone, timeout=30)
+    notes = await _notes(redis, keys)
+    cancelled_at = max(ms for kind, _, pid, ms in notes if kind == "started")  # (the newer's)
+    last_alive = max(ms for kind, _, pid, ms in notes if kind == "alive" and pid == first)
+    assert last_alive - cancelled_at >= 3000, (last_alive - cancelled_at, notes[-3:])
+
+
 async def test_a_process_step_that_ignores_its_flag_ends_at_the_ladders_sigterm(
     redis: Redis, keys: Keys, system: System
 ) -> None:

@@ -1914,6 +1914,7 @@ async def test_a_worker_sees_the_renewals_of_its_run_but_not_of_one_named_to_sto
     from types import SimpleNamespace
 
     from supersede.services.executor.config import ExecutorConfig
+    from supersede.services.executor.isolation import CURRENT, RENEWED
     from supersede.services.executor.steps import Runner
 
     runner = Runner([], ExecutorConfig(lease_ms=1_000), outbox=None)
@@ -1922,15 +1923,18 @@ async def test_a_worker_sees_the_renewals_of_its_run_but_not_of_one_named_to_sto
     ctx = SimpleNamespace(cancelled=False)
     kept, named = (SimpleNamespace(attempt=1, reported=False, lapsed=False, held=None,
                                    leased_at=now - 2, started=now - 2, ctx=ctx,
-                                   lease_cell=SimpleNamespace(value=now - 2))
+                                   lease_cell=[now - 2, now - 2])
                    for _ in range(2))  # fmt: skip
     runner.active.update({"1-kept": kept, "1-named": named})  # type: ignore[dict-item]
     await asyncio.to_thread(runner.mark_leased, [("1-kept", 1), ("1-named", 1)], now, {"1-named"})
-    assert kept.lease_cell.value == now and named.lease_cell.value == now - 2
-    cell = SimpleNamespace(value=now)
+    assert kept.lease_cell == [now, now]
+    # (the server's lease of one named to stop is renewed while its ladder winds it down: the
+    # worker's own watch reads that one, and cut the ladder's grace short, a review)
+    assert named.lease_cell[CURRENT] == now - 2 and named.lease_cell[RENEWED] == now
+    cell = [now, now]
     ctx.cancelled = True
     runner._share_lease(kept, cell)
-    assert cell.value == 0.0 and kept.lease_cell is cell
+    assert cell == [0.0, now] and kept.lease_cell is cell
     runner.close()
 
 
