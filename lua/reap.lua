@@ -125,24 +125,31 @@ local function waitsUnread(rid, rec)
   return seen.last >= written and seen.delivered < written
 end
 
--- A lease whose record is gone (evicted, deleted by hand: see dropGhost): its member, found by
--- a scan of the active zset, leaves it with its slot, and the group's queue moves on (a
--- GROUP_ROUND_ROBIN group waited for good behind it, a probe). Scans are few per call (each
--- reads the whole zset); a lease past them waits for the next call.
-local GHOST_SCANS = 10
-local ghostLeases = 0
-local function dropGhostLease(rid)
+-- Leases whose records are gone (evicted, deleted by hand: see dropGhost): their members, found
+-- by one scan of the active zset after the leases are handled, leave it with their slots, and
+-- their groups' queues move on (a GROUP_ROUND_ROBIN group waited for good behind one, a
+-- probe). One scan a call, however many (a scan per lease was quadratic when an eviction took
+-- a shard's records at once). A strict run's, CANCELLING, is in no zset: its slot cannot be
+-- found (counted all the same, so the error line says so).
+local goneRids, goneCount = {}, 0
+local function dropGhostLeases()
+  if goneCount == 0 then return end
+  local found = 0
   local cursor = '0'
   repeat
-    local got = rcall('ZSCAN', activeKey, cursor, 'MATCH', '*|' .. rid, 'COUNT', 1000)
+    local got = rcall('ZSCAN', activeKey, cursor, 'COUNT', 1000)
     cursor = got[1]
     for j = 1, #got[2], 2 do
       local m = got[2][j]
-      dropGhost(m, activeKey)
-      local head = liveQueued(groupOfMember(m), 1)[1]   -- (its record: the group's limits)
-      if head then touch(loadRun(ridOf(head))) end
+      if goneRids[ridOf(m)] then
+        dropGhost(m, activeKey)
+        found = found + 1
+        local head = liveQueued(groupOfMember(m), 1)[1]   -- (its record: the group's limits)
+        if head then touch(loadRun(ridOf(head))) end
+      end
     end
   until cursor == '0'
+  ghosts = ghosts + goneCount - found   -- (the strict ones: see above)
 end
 
 local retried, failed, cancelled, reassigned = 0, 0, 0, 0
@@ -183,10 +190,11 @@ for i = 1, #expired do
     endCancelling(rid, rec)
     cancelled = cancelled + 1
   elseif not rec then
-    ghostLeases = ghostLeases + 1
-    if ghostLeases <= GHOST_SCANS then dropGhostLease(rid) else setLease(rid, now + 1000) end
+    goneRids[rid] = true
+    goneCount = goneCount + 1
   end
 end
+dropGhostLeases()
 
 refillTouched()
 flushRuns()

@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis as redis_sync
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -123,8 +123,14 @@ CLUSTER_SCHEME = "redis+cluster://"
 TLS_CLUSTER_SCHEME = "rediss+cluster://"
 URL_SCHEMES = ("redis://", "rediss://", "unix://", CLUSTER_SCHEME, TLS_CLUSTER_SCHEME)
 SECRET_PARAMS = {"password", "pass", "auth", "ssl_password"}
-_SECRET_NAMES = "|".join(sorted(SECRET_PARAMS, key=len, reverse=True))
-_SECRET_QUERY = re.compile(rf"([?&](?:{_SECRET_NAMES})=)[^&]*", re.IGNORECASE)
+_QUERY_PAIR = re.compile(r"([?&])([^=&?]*)=([^&]*)")
+
+
+def _hide_secret(pair: re.Match[str]) -> str:
+    """One `name=value` of a URL's query, its value hidden when the name, decoded as redis-py
+    decodes it (`p%61ssword`), is a secret's."""
+    sep, name, _ = pair.groups()
+    return f"{sep}{name}=***" if unquote(name).lower() in SECRET_PARAMS else pair.group(0)
 
 
 def redact(url: str) -> str:
@@ -141,7 +147,7 @@ def redact(url: str) -> str:
         auth, _, host = rest.rpartition("@")
         user, colon, _ = auth.partition(":")
         rest = f"{user}:***@{host}" if colon else (f"{user}@{host}" if user else f"***@{host}")
-    return scheme + sep + _SECRET_QUERY.sub(r"\1***", rest)
+    return scheme + sep + _QUERY_PAIR.sub(_hide_secret, rest)
 
 
 def unverified_tls(url: str) -> bool:
@@ -422,6 +428,8 @@ async def check_server(redis: Redis, url: str) -> None:
             f"Redis at {redact(url)} refused the connection ({exc}); check SUPERSEDE_REDIS_URL "
             "(its database number, for one)"
         ) from None
+    except (redis_sync.exceptions.BusyLoadingError, redis_sync.exceptions.MaxClientsReachedError):
+        raise  # (the server is there, not ready yet: a service waits, a command says so)
     except redis_sync.TimeoutError as exc:
         hint = (
             "rediss:// only for a server with TLS"

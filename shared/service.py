@@ -95,6 +95,28 @@ class Throttle:
         return True
 
 
+async def when_possible(
+    call: Callable[[], Awaitable[None]], stop: asyncio.Event, log: logging.Logger, name: str
+) -> bool:
+    """`call()`, made again while the server cannot take it yet (NOT_YET), a warning line each
+    REPEAT_EVERY naming the fix; False when `stop` came first."""
+    pause, said = 0.5, Sampled()
+    while True:
+        try:
+            await call()
+            return True
+        except NOT_YET as exc:
+            repeats = said.due(describe(exc))
+            if repeats is not None:
+                hint = next((h for cls, h in _NOT_YET_HINTS if isinstance(exc, cls)), "")
+                line = f"{name} cannot start yet; trying again: {describe(exc)}"
+                log.warning(line + (f" ({hint})" if hint else ""), extra={"repeats": repeats})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), pause)
+            return False
+        pause = min(pause * 2, START_RETRY_MAX)
+
+
 class Service:
     """Base of the three services; subclasses give `name`, `main` and, when they have some,
     `prepare` and `periodic`."""
@@ -204,24 +226,7 @@ class Service:
     async def _start_when_possible(self, stop: asyncio.Event) -> bool:
         """`start()`, tried again while the server cannot take it yet (NOT_YET); False when
         `stop` came first."""
-        pause, said = 0.5, Sampled()
-        while True:
-            try:
-                await self.start()
-                return True
-            except NOT_YET as exc:
-                repeats = said.due(describe(exc))
-                if repeats is not None:
-                    hint = next((h for cls, h in _NOT_YET_HINTS if isinstance(exc, cls)), "")
-                    self.log.warning(
-                        f"{self.name} cannot start yet; trying again: {describe(exc)}"
-                        + (f" ({hint})" if hint else ""),
-                        extra={"repeats": repeats},
-                    )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), pause)
-                return False
-            pause = min(pause * 2, START_RETRY_MAX)
+        return await when_possible(self.start, stop, self.log, self.name)
 
     async def _run(self, stop: asyncio.Event) -> None:
         if not await self._start_when_possible(stop):
@@ -625,7 +630,10 @@ async def serve(
     """Connect, run the service `make` builds until `stop` is set, close the connection."""
     redis = connect(settings.redis_url)
     try:
-        await check_server(redis, settings.redis_url)
+        log = logging.getLogger("supersede")
+        if not await when_possible(lambda: check_server(redis, settings.redis_url), stop, log,
+                                   "this process"):  # fmt: skip
+            return  # (a server loading its data, or at maxclients: not yet; stopped meanwhile)
         policy = await eviction_policy(redis)
         if policy is not None and not _EVICTION_SAID:  # (BullMQ's: managed servers use LRUs)
             _EVICTION_SAID.append(policy)  # (once a process: `serve`'s three parts)

@@ -19,7 +19,7 @@ local rungOf = {}     -- workflow id -> true when this call's bell on that strea
 
 local function memberOf(rid, rec) return rec.g .. '|' .. rec.s .. '|' .. rid end
 local function ridOf(m) return string.sub(m, RID_AT) end
-local function groupOfMember(m) return string.sub(m, 1, string.find(m, '|', 1, true) - 1) end
+local function groupOfMember(m) return string.sub(m, 1, 16) end   -- (see RID_AT)
 
 -- Between the shards of a call that serves several: what the last one touched is written.
 local function nextShard()
@@ -259,7 +259,7 @@ end
 -- cannot end, nor be told: nothing of it is left to tell.
 local ghosts = 0
 local function dropGhost(m, zset)
-  rcall('ZREM', zset, m)
+  if rcall('ZREM', zset, m) == 0 then return end   -- (dropped already this call)
   if zset == activeKey then addSlots(groupOfMember(m), -1) end
   ghosts = ghosts + 1
 end
@@ -440,10 +440,13 @@ local function applyArrivals(g, rec, news)
     local free = mx - slotsOf(g)
     local waiting = {}
     for i = 1, #pending do
-      if free <= 0 then
-        waiting[#waiting + 1] = pending[i]
-      elseif startPending(pending[i]) then
-        free = free - 1
+      local p = pending[i]
+      if free > 0 then
+        if startPending(p) then free = free - 1 end
+      elseif p.stored and not loadRun(ridOf(p.m)) then
+        dropGhost(p.m, queueKey)   -- (kept, it turned the live arrival away: a review)
+      else
+        waiting[#waiting + 1] = p
       end
     end
     local keep = sg == 4 and #waiting or 1

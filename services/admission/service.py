@@ -697,15 +697,15 @@ class Admission(Service):
                     metrics.LEASE_FAILURES.labels(workflow).inc(n)
                 metrics.REAPED.labels("cancelled").inc(r.cancelled)
                 metrics.REAPED.labels("reassigned").inc(r.reassigned)
-                if r.records_gone:
-                    metrics.REAPED.labels("record_gone").inc(r.records_gone)
-                    if (repeats := self._gone_said.due(shard)) is not None:
-                        self.log.error(
-                            "runs whose records are gone left their slots: the server lost "
-                            "keys (maxmemory-policy evicts, or a hand deleted them); their "
-                            "runs cannot end or be told (set maxmemory-policy noeviction)",
-                            extra={"shard": shard, "runs": r.records_gone, "repeats": repeats},
-                        )
+                metrics.REAPED.labels("record_gone").inc(r.records_gone)  # (0: from the start)
+                if r.records_gone and (repeats := self._gone_said.due(shard)) is not None:
+                    self.log.error(
+                        "runs whose records are gone left their slots (a strict run that was "
+                        "cancelling keeps its slot): the server lost keys (maxmemory-policy "
+                        "evicts, or a hand deleted them); their runs cannot end or be told "
+                        "(set maxmemory-policy noeviction)",
+                        extra={"shard": shard, "runs": r.records_gone, "repeats": repeats},
+                    )
                 metrics.EXPIRED.inc(r.expired)
                 metrics.FORGOTTEN_GROUPS.inc(r.forgotten)
                 metrics.ASSIGNED.inc(r.assigned)

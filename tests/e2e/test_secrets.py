@@ -40,6 +40,8 @@ def test_redact_hides_the_password_wherever_a_url_carries_it() -> None:
     tls = redact(f"rediss://h:1/0?ssl_password={SECRET}&ssl_cert_reqs=none")
     assert tls == "rediss://h:1/0?ssl_password=***&ssl_cert_reqs=none"
     assert redact(f"app:{SECRET}@h:1/0") == "app:***@h:1/0"
+    # a parameter's name percent-encoded, as redis-py decodes it (a review)
+    assert redact(f"redis://h:1/0?p%61ssword={SECRET}&db=0") == "redis://h:1/0?p%61ssword=***&db=0"
 
 
 @pytest.mark.parametrize(

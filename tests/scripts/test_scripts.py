@@ -415,6 +415,38 @@ async def test_a_run_whose_record_is_gone_leaves_its_group_and_its_slot(
         assert states(recs, reqs[2], reqs[3]) == ["A", "Q"]
 
 
+async def test_a_queued_run_whose_record_is_gone_never_waits_in_a_live_ones_place(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """CANCEL_QUEUED_EXCEPT_OLDEST keeps the oldest waiting run: a queued one whose record was
+    gone was kept, and the live arrival was turned away `no_slot` (a review)."""
+    reqs = [make_request(keys, event=f"e{i}", seq=i, max_runs=1,
+                         strategy=Strategy.CANCEL_QUEUED_EXCEPT_OLDEST)
+            for i in range(3)]  # fmt: skip
+    shard = reqs[0][0]
+    await admit(scripts, reqs[0], reqs[1])
+    assert states(await records(redis, keys), reqs[0], reqs[1]) == ["A", "Q"]
+    await redis.hdel(keys.shard(shard).runs_hash, reqs[1][1].run_id)
+    await admit(scripts, reqs[2], now=2)
+    assert states(await records(redis, keys), reqs[0], reqs[2]) == ["A", "Q"]
+
+
+async def test_a_strict_cancelling_run_whose_record_is_gone_is_counted(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """A strict run cancelled holds its slot outside the active zset: with its record gone its
+    slot cannot be found, but the reaper counts it (its error line says so)."""
+    reqs = [make_request(keys, event=f"e{i}", seq=i, max_runs=1, strict=True) for i in range(2)]
+    shard = reqs[0][0]
+    await admit(scripts, reqs[0])
+    await claim(scripts, shard, reqs[0][1])
+    await admit(scripts, reqs[1], now=3)
+    assert states(await records(redis, keys), *reqs) == ["X", "Q"]
+    await redis.hdel(keys.shard(shard).runs_hash, reqs[0][1].run_id)
+    r = await scripts.reap(shard, now=10**12)
+    assert r.records_gone == 1
+
+
 async def test_strict_mode_holds_the_slot_until_the_executor_confirms(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:

@@ -751,6 +751,36 @@ async def test_services_start_at_maxmemory_or_wait_for_it_in_one_line_a_try(
             p.wait(10)
 
 
+async def test_a_service_waits_for_a_server_at_maxclients_and_starts_once_one_is_free(
+    redis: Redis, redis_url: str, keys: Keys, tmp_path: Any
+) -> None:
+    """A server at its maxclients answers a new connection with an error: the start's first
+    PING made it a ConfigError, exit 2, pointing at the URL (a review). It waits now, a line
+    each 5 s naming maxclients, and starts once a connection is free."""
+    port = free_port()
+    log = tmp_path / "stderr.log"
+    before = (await redis.config_get("maxclients"))["maxclients"]
+    connected = int((await redis.info("clients"))["connected_clients"])
+    await redis.config_set("maxclients", connected)
+    try:
+        with open(log, "ab") as err:
+            proc = start_admission(redis_url, keys, "--metrics-port", str(port), stderr=err)
+
+        def waits() -> bool:
+            return "cannot start yet" in log.read_text()
+
+        await eventually(lambda: asyncio.to_thread(waits))
+        assert proc.poll() is None and "maxclients" in log.read_text()
+    finally:
+        await redis.config_set("maxclients", before)
+    try:
+        await eventually(lambda: asyncio.to_thread(lambda: _ready_status(port) == 200))
+        assert "Traceback" not in log.read_text()
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 async def test_a_failure_of_one_line_repeated_is_written_once_per_five_seconds(
     redis: Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
