@@ -167,7 +167,7 @@ def run(r: dict[str, Any]) -> str:
         lines.append("path (ms after it was published; each hop's share):")
         start, prev = path[0]["at_ms"], path[0]["at_ms"]
         for p in path:
-            hop = f"(+{p['at_ms'] - prev:.3f} ms)" if p is not path[0] else ""
+            hop = f"({p['at_ms'] - prev:+.3f} ms)" if p is not path[0] else ""
             lines.append(f"  {p['point']:<16} {p['at_ms'] - start:>10.3f} ms  {hop}")
             prev = p["at_ms"]
     outputs = r.get("outputs") or {}

@@ -48,6 +48,7 @@ from supersede.config import (
     pin_shard_count,
     redact,
     refusal,
+    server_time,
     unverified_tls,
 )
 from supersede.errors import ConfigError, describe
@@ -117,6 +118,41 @@ async def when_possible(
         pause = min(pause * 2, START_RETRY_MAX)
 
 
+CLOCK_READ_EVERY = 60.0  # seconds between two reads of the server's clock
+CLOCK_WARN_MS = 2_000  # a host clock this far off the server's is logged (every 10 min)
+
+
+class ServerClock:
+    """The server's clock as this process tells it: this host's plus an offset read with TIME
+    now and then. Debounce timers, stream ids and the marks of records are the server's time:
+    a service that compared them with its own clock fired timers as late as its clock was
+    behind, or in a tight loop when ahead, and trimmed the control streams by its own age (a
+    clock probe: a debounced run started 61 s after its 500 ms window)."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.offset_ms = 0.0  # the server's clock minus this host's
+        self._log = log
+        self._due = Throttle(CLOCK_READ_EVERY)
+        self._said = Throttle(600.0)
+
+    async def refresh(self, redis: Redis) -> None:
+        """Read the server's clock when CLOCK_READ_EVERY has passed (at once the first time)."""
+        if not self._due.due():
+            return
+        self.offset_ms = (await server_time(redis) - time.time()) * 1000
+        if abs(self.offset_ms) > CLOCK_WARN_MS and self._said.due():
+            self._log.warning(
+                f"this host's clock is {self.offset_ms / 1000:+.1f} s off the Redis server's "
+                "(server minus host): supersede keeps time by the server's, but run paths, "
+                "hop metrics and logs of this process are off by as much; run NTP on both",
+                extra={"offset_s": round(self.offset_ms / 1000, 3)},
+            )
+
+    def now_ms(self) -> float:
+        """The server's clock now, in ms, as far as this process tells."""
+        return time.time() * 1000 + self.offset_ms
+
+
 class Service:
     """Base of the three services; subclasses give `name`, `main` and, when they have some,
     `prepare` and `periodic`."""
@@ -138,6 +174,7 @@ class Service:
         self._failures = Sampled()  # (the one-line failures of log_failure)
         self.scripts = Scripts(redis, self.keys)
         self.log = logging.getLogger(f"supersede.{self.name}")
+        self.clock = ServerClock(self.log)
         self.ready = False
         self.tracer = tracing.setup(self.name)  # None unless OTEL_* variables ask for traces
         self._forget_due: Throttle | None = None

@@ -76,11 +76,14 @@ async def trim_consumed(redis: Redis, streams: Sequence[str]) -> dict[str, int]:
     return await _trim(redis, [(s, c) for s, c in cuts if c is not None and c != "0-1"])
 
 
-async def trim_older_than(redis: Redis, streams: Sequence[str], age_ms: int) -> dict[str, int]:
-    """Trim each stream below the entries added in the last `age_ms` (server-independent: the
-    ids are milliseconds of the server clock, and this uses the local one; skew only shifts
-    the age)."""
-    cut = f"{max(0, int(time.time() * 1000) - age_ms)}-0"
+async def trim_older_than(
+    redis: Redis, streams: Sequence[str], age_ms: int, now_ms: float | None = None
+) -> dict[str, int]:
+    """Trim each stream below the entries added in the last `age_ms`, by the server's clock
+    (`now_ms`, as the caller tells it: the ids are the server's milliseconds; this host's
+    clock when not given, which a skew of the age's size made trim every entry)."""
+    now = time.time() * 1000 if now_ms is None else now_ms
+    cut = f"{max(0, int(now) - age_ms)}-0"
     return await _trim(redis, [(s, cut) for s in streams])
 
 

@@ -267,9 +267,11 @@ class Admission(Service):
             groups += [(sk.assignments_stream(wf), EXECUTOR_GROUP) for wf in self._workflows]
         removed = await trim_consumed(self.redis, [stream for stream, _ in groups])
         controls = [sk.control_stream for sk in self.keys.all_shards()]
-        removed |= await trim_older_than(self.redis, controls, self.config.control_keep_ms)
+        await self.clock.refresh(self.redis)  # (entry ids are the server's ms)
+        now_ms = self.clock.now_ms()
+        removed |= await trim_older_than(self.redis, controls, self.config.control_keep_ms, now_ms)
         removed |= await trim_older_than(
-            self.redis, [self.keys.dead_stream], self.config.dead_retention_ms
+            self.redis, [self.keys.dead_stream], self.config.dead_retention_ms, now_ms
         )
         if self.config.max_dead_letters:
             removed |= await trim_to_length(
@@ -326,14 +328,15 @@ class Admission(Service):
         admit call says), and every second for those other processes set or a restart left
         (they live in each shard's due zset, on the server's clock)."""
         while not stop.is_set():
-            now = time.time() * 1000
+            now = self.clock.now_ms()  # (the timers are the server's time)
             wait = DEBOUNCE_POLL if not self._next_due else (self._next_due - now) / 1000
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._due_set.wait(), min(DEBOUNCE_POLL, max(0.0, wait)))
             self._due_set.clear()
-            if self._next_due and time.time() * 1000 < self._next_due:
+            if self._next_due and self.clock.now_ms() < self._next_due:
                 continue  # an earlier timer was set: wait for it
             try:
+                await self.clock.refresh(self.redis)
                 self._next_due = await self.fire_due()
                 metrics_base.report(self.name, "debounce", True)
             except Exception as exc:  # the next poll tries again; not ready meanwhile

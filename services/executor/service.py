@@ -29,12 +29,12 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from supersede import aio
-from supersede.config import Settings, server_time
+from supersede.config import Settings
 from supersede.errors import ConfigError, WorkflowRejected, describe
 from supersede.protocol import EXECUTOR_GROUP
 from supersede.registry import register_all
 from supersede.scripts import HandBackResult
-from supersede.service import Periodic, Service, Throttle
+from supersede.service import Periodic, Service
 from supersede.service import serve as serve_service
 from supersede.services.executor import metrics
 from supersede.services.executor.cancel import Cancels
@@ -53,7 +53,6 @@ DRAIN_POLL = 0.1  # seconds between checks that written results were applied, wh
 LOOP_LAG_EVERY = 0.1  # seconds between two measures of the event loop's lag
 BLOCKED_LOOP_WARN = 1.0  # a lag from which the loop is logged as blocked (seconds)
 REGISTER_RETRY_AFTER = 60.0  # seconds before a refused re-registration is tried again
-CLOCK_READ_EVERY = 60.0  # seconds between two reads of the server's clock (the served mark's)
 REGISTRY_CHECK_EVERY = 1.0  # seconds between two looks for this process's workflows in the registry
 # Seconds between two warnings that a workflow of this process is registered in another version
 REPLACED_WARN_EVERY = 300.0
@@ -77,8 +76,6 @@ class Executor(Service):
         self.config = config or ExecutorConfig()
         self.definitions = {wf.id: wf.definition() for wf in workflows}  # validates
         self._register_again_at = 0.0  # (monotonic) when keep_registered may try again
-        self._clock_offset_ms = 0  # the server's clock minus this host's, read each minute
-        self._clock_due = Throttle(CLOCK_READ_EVERY)
         self._replaced_said: dict[str, float] = {}  # workflow -> when last said (monotonic)
         self.workflows = tuple(self.definitions)
         cluster = isinstance(redis, RedisCluster)
@@ -139,9 +136,9 @@ class Executor(Service):
         data, restarted empty): until then ingress routes their events nowhere. A workflow
         present, in whatever version (another pool's, a newer deploy's), is left as it is."""
         ids = sorted(self.definitions)
-        if self._clock_due.due():  # (the mark is the server's time)
-            self._clock_offset_ms = int((await server_time(self.redis) - time.time()) * 1000)
-        now_ms = int(time.time() * 1000) + self._clock_offset_ms
+        await self.clock.refresh(self.redis)  # (the mark is the server's time)
+        self.runner.clock_offset_ms = self.clock.offset_ms
+        now_ms = int(self.clock.now_ms())
         async with self.redis.pipeline(transaction=False) as pipe:  # (one slot: the registry's)
             pipe.hset(self.keys.workflows_served_hash, mapping=dict.fromkeys(ids, now_ms))
             pipe.hmget(self.keys.workflows_hash, ids)

@@ -255,6 +255,7 @@ class Runner:
             max_workers=max(4, config.slots * 2), thread_name_prefix=STEP_THREAD_PREFIX
         )
         self.slot_freed = asyncio.Event()
+        self.clock_offset_ms = 0.0  # the server's clock minus this host's (the service reads it)
         self.reserved = 0  # slots promised to a claim in flight (a fetch, or a hand-over)
         self.handing = 0  # hand-overs in flight (`supersede serve`): the drain waits for them
         self.stopping = asyncio.Event()  # the executor drains (see `_left_to_lease`)
@@ -958,10 +959,9 @@ class Runner:
         )
 
     def observe_cancel(self, run: Running) -> None:
-        if run.cancel_decided_ms is not None:
-            metrics.CANCEL_LATENCY_SECONDS.observe(
-                max(0.0, time.time() * 1000 - run.cancel_decided_ms) / 1000
-            )
+        if run.cancel_decided_ms is not None:  # (the server's time: this host's told apart)
+            now = time.time() * 1000 + self.clock_offset_ms
+            metrics.CANCEL_LATENCY_SECONDS.observe(max(0.0, now - run.cancel_decided_ms) / 1000)
 
     async def report(self, run: Running, outcome: Outcome, error: str) -> None:
         """Hand the outcome to the outbox (once), then free the local slot."""

@@ -59,8 +59,9 @@ INBOX_LAG = Gauge(
 )
 INBOX_ID_AHEAD = Gauge(
     "supersede_ingress_inbox_id_ahead_seconds",
-    "How far the inbox's last entry id is ahead of this process's clock (0 when it is not): an "
-    "XADD gave an explicit id in the future, and every later entry gets an id after it.",
+    "How far the inbox's last entry id is ahead of the server's clock (0 when it is not): an "
+    "XADD gave an explicit id in the future, and every later entry gets an id after it (or "
+    "the server's clock stepped back).",
 )
 WORKFLOWS = Gauge("supersede_ingress_workflows", "Valid workflow definitions loaded.")
 INVALID_WORKFLOWS = Gauge(

@@ -84,3 +84,31 @@ async def test_a_timer_set_before_admission_was_killed_fires_after_its_restart(
 
 async def _ran_text(redis: Redis, keys: Keys, text: str) -> bool:
     return any(x.split(":")[1] == text for x in await _ran(redis, keys))
+
+
+async def test_debounce_timers_fire_on_the_servers_clock_whatever_admissions_is(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Admission compared the timers (the server's time) with its own clock: a minute behind,
+    a 300 ms window closed a minute late (a clock probe: 61 s); ahead, it fired in a tight
+    loop. It keeps the server's time now (an offset read with TIME)."""
+    import subprocess
+    import sys
+
+    behind = ("import runpy, time; real = time.time; time.time = lambda: real() - 60; "
+              "runpy.run_module('supersede', run_name='__main__', alter_sys=True)")  # fmt: skip
+    cmd = [sys.executable, "-c", behind, "admission", "--block-ms", "100", "--metrics-port", "0"]
+    system.procs.append(subprocess.Popen(cmd, env=system.env, stderr=system.stderr))
+    system.start("executor", APP)
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == 2
+
+    await eventually(registered, timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    await _publish(redis, keys, "u1", "draft")
+
+    async def ran() -> bool:
+        return len(await _ran(redis, keys)) >= 1
+
+    await eventually(ran, timeout=20)  # (not the minute its clock is behind)

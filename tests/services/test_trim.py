@@ -293,3 +293,14 @@ async def test_a_trim_the_server_refuses_fails_its_task_rather_than_passing_over
     finally:
         await limited.aclose()
         await redis.execute_command("ACL", "DELUSER", user)
+
+
+async def test_a_trim_by_age_counts_it_on_the_servers_clock(redis: Redis, keys: Keys) -> None:
+    """Entry ids are the server's milliseconds: admission trimmed the control streams by its
+    own clock, and an hour ahead it deleted every cancel message at each trim (a clock probe).
+    It gives the server's time now."""
+    stream = keys.shard(0).control_stream
+    await redis.xadd(stream, {"op": "cancel"})
+    server_now = float((await redis.time())[0]) * 1000
+    assert await trim_older_than(redis, [stream], 600_000, server_now) == {}
+    assert await trim_older_than(redis, [stream], 600_000, server_now + 3_600_000) == {stream: 1}

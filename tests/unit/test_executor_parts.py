@@ -755,7 +755,7 @@ def test_still_current_in_a_worker_process_asks_again_while_the_server_fails() -
             raise errors.pop(0)
         return True
 
-    renewed = multiprocessing.Value("d", time.monotonic())
+    renewed = multiprocessing.Array("d", [time.monotonic()] * 2)  # (CURRENT, RENEWED)
     job = {"id": "0-a", "w": "wf", "a": 1, "in": {}, "md": {}, "ev": "e", "ei": "1-0",
            "k": "k", "f": "1", "o": {}, "fk": "fences", "g": "g", "s": "0" * 32,
            "cm": time.monotonic(), "ls": 0.6}  # fmt: skip

@@ -51,7 +51,7 @@ def test_settings_that_were_silently_misread_are_named() -> None:
         "SUPERSEDE_NAMESPCE is not a setting (did you mean SUPERSEDE_NAMESPACE?); it is ignored",
         "SUPERSEDE_WHATEVER is not a setting; it is ignored",
     ]
-    with pytest.raises(ConfigError, match=r"database \(its path\) must be a number, got '1x'"):
+    with pytest.raises(ConfigError, match=r"database \(its path\) must be a number, in .*/1x'"):
         Settings.from_env({"SUPERSEDE_REDIS_URL": "redis://127.0.0.1:6379/1x"})
     assert Settings.from_env({"SUPERSEDE_REDIS_URL": "redis://h:1/2"}).redis_url.endswith("/2")
     assert Settings.from_env({"SUPERSEDE_REDIS_URL": "unix:///tmp/r.sock?db=1"})
@@ -1168,3 +1168,24 @@ def test_text_that_reorders_or_hides_itself_is_shown_escaped_in_tables_and_pages
     assert pages.attr(hostile) == hostile and pages.esc("<&>") == "&lt;&amp;&gt;"
     form, _ = pages.runs([], ["w"], {"state": "SUCCEEDED"}, None)
     assert '<option value="succeeded" selected>' in form  # (it showed "any")
+
+
+async def test_a_service_tells_the_servers_clock_and_warns_when_its_own_is_far_off(
+    redis: Any, caplog: Any, monkeypatch: Any
+) -> None:
+    """Debounce timers and entry ids are the server's time (see ServerClock): a host a minute
+    behind is told the server's time, and its clock's offset is logged once."""
+    import logging
+    import time
+
+    from supersede.service import ServerClock
+
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 60)
+    clock = ServerClock(logging.getLogger("supersede.test"))
+    with caplog.at_level(logging.WARNING, logger="supersede"):
+        await clock.refresh(redis)
+        await clock.refresh(redis)  # (not read again within the minute)
+    assert abs(clock.now_ms() - real() * 1000) < 1_000
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "+60" in line and "off the Redis server's" in line
