@@ -6,6 +6,7 @@ The number of KEYS of each script is read from its header block and checked on e
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -264,6 +265,10 @@ class Scripts:
         self.admission_group = admission_group
         self.executor_group = executor_group
         self._scripts: dict[str, tuple[AsyncScript, int]] = {}
+        # (a server that restarted empty answers every call in flight NOSCRIPT: one load at a
+        # time, on one connection; at once, each took a connection the pool kept, 18-32 a
+        # process after each restart, a probe)
+        self._loading = asyncio.Lock()
         for name in SCRIPT_NAMES:
             source, nkeys = load_source(name)
             self._scripts[name] = (redis.register_script(source), nkeys)
@@ -290,7 +295,8 @@ class Scripts:
             try:
                 reply = await self.lane.execute("EVALSHA", script.sha, len(keys), *keys, *args)
             except NoScriptError:  # (a server that restarted empty: load it, once)
-                script.sha = await self.redis.script_load(script.script)
+                async with self._loading:
+                    script.sha = await self.redis.script_load(script.script)
                 reply = await self.lane.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         raise_for_status(reply)
         return reply

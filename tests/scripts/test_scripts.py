@@ -1479,3 +1479,28 @@ async def test_an_executor_starts_the_runs_of_a_take_whose_reply_was_lost(
     await asyncio.sleep(0.05)
     assert len(ran) == 3
     runner.close()
+
+
+async def test_scripts_lost_by_a_restart_are_loaded_on_one_connection(
+    redis_url: str, keys: Keys
+) -> None:
+    """A server that restarted empty answers every call in flight NOSCRIPT: each loaded the
+    script at once, on a connection of its own the pool then kept (18-32 a process after each
+    restart, a probe). They are loaded one at a time now."""
+    from supersede.config import connect
+    from supersede.lane import lane_of
+
+    client = connect(redis_url)
+    lane = lane_of(client)
+    assert lane is not None
+    try:
+        scripts = Scripts(client, keys, lane=lane)
+        await scripts.load()
+        await client.script_flush()
+        await asyncio.gather(*(scripts.reap(s % keys.shards, now=1) for s in range(16)))
+        pool = client.connection_pool
+        opened = len(pool._available_connections) + len(pool._in_use_connections)
+        assert opened <= 2, opened
+    finally:
+        await lane.aclose()
+        await client.aclose()
