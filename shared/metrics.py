@@ -157,6 +157,12 @@ BUILD_INFO = Gauge(
     "upgrade is done when every process shows the new one.",
     ["version"],
 )
+REDIS_EVICTS = Gauge(
+    "supersede_redis_evicts",
+    "1 while the Redis server's maxmemory-policy evicts keys (anything but noeviction): run "
+    "records, groups and stream entries may vanish; read every minute, by service.",
+    ["service"],
+)
 TASK_FAILURES = Counter(
     "supersede_task_failures_total",
     "Failed runs of a service's periodic tasks (the reaper's tick, trims, the registry's "

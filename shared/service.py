@@ -122,6 +122,15 @@ CLOCK_READ_EVERY = 60.0  # seconds between two reads of the server's clock
 CLOCK_WARN_MS = 2_000  # a host clock this far off the server's is logged (every 10 min)
 
 
+def evicting(policy: str) -> str:
+    """The line for a server whose maxmemory-policy evicts keys."""
+    return (
+        f"Redis evicts keys when its memory is full (maxmemory-policy {policy}): run records, "
+        "groups and streams can vanish without a trace, and their events with them; set "
+        'maxmemory-policy noeviction (README, "What Redis holds")'
+    )
+
+
 class ServerClock:
     """The server's clock as this process tells it: this host's plus an offset read with TIME
     now and then. Debounce timers, stream ids and the marks of records are the server's time:
@@ -175,6 +184,8 @@ class Service:
         self.scripts = Scripts(redis, self.keys)
         self.log = logging.getLogger(f"supersede.{self.name}")
         self.clock = ServerClock(self.log)
+        self._policy_due = Throttle(CLOCK_READ_EVERY)  # (the eviction policy's look)
+        self._policy_said = Throttle(600.0)
         self.ready = False
         self.tracer = tracing.setup(self.name)  # None unless OTEL_* variables ask for traces
         self._forget_due: Throttle | None = None
@@ -231,6 +242,11 @@ class Service:
         if stored is None:
             await self.redis.hsetnx(self.keys.config_hash, "shards", str(self.keys.shards))
         await check_shard_count(self.redis, self.keys)
+        if self._policy_due.due():  # (set at runtime, it was never said: a probe)
+            policy = await eviction_policy(self.redis)
+            metrics.REDIS_EVICTS.labels(self.name).set(1 if policy else 0)
+            if policy and self._policy_said.due():
+                self.log.error(evicting(policy), extra={"redis": redact(self.settings.redis_url)})
 
     async def main(self, stop: asyncio.Event) -> None:
         """The main loop; returns once `stop` is set and its work in flight is done."""
@@ -675,10 +691,7 @@ async def serve(
         if policy is not None and not _EVICTION_SAID:  # (BullMQ's: managed servers use LRUs)
             _EVICTION_SAID.append(policy)  # (once a process: `serve`'s three parts)
             logging.getLogger("supersede").error(
-                f"Redis evicts keys when its memory is full (maxmemory-policy {policy}): run "
-                "records, groups and streams can vanish without a trace, and their events with "
-                'them; set maxmemory-policy noeviction (README, "What Redis holds")',
-                extra={"redis": redact(settings.redis_url)},
+                evicting(policy), extra={"redis": redact(settings.redis_url)}
             )
         if unverified_tls(settings.redis_url):
             logging.getLogger("supersede").warning(

@@ -781,6 +781,29 @@ async def test_a_service_waits_for_a_server_at_maxclients_and_starts_once_one_is
         proc.wait(10)
 
 
+async def test_an_evicting_policy_set_while_a_service_runs_is_seen_to(
+    redis: Redis, service: Admission, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The policy was read at start only: one set later (a managed server's default restored,
+    a hand's CONFIG SET) evicted records with no line, metric or alert (a probe). Each
+    service looks every minute (here at once)."""
+    from supersede.metrics import REDIS_EVICTS
+    from supersede.service import Throttle
+
+    before = (await redis.config_get("maxmemory-policy"))["maxmemory-policy"]
+    service._policy_due = Throttle(0.0)
+    await redis.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        with caplog.at_level(logging.ERROR, logger="supersede"):
+            await service.keep_pinned()
+        assert REDIS_EVICTS.labels("admission")._value.get() == 1
+        assert any("maxmemory-policy allkeys-lru" in r.getMessage() for r in caplog.records)
+    finally:
+        await redis.config_set("maxmemory-policy", before)
+    await service.keep_pinned()
+    assert REDIS_EVICTS.labels("admission")._value.get() == 0
+
+
 async def test_a_failure_of_one_line_repeated_is_written_once_per_five_seconds(
     redis: Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
