@@ -443,11 +443,15 @@ local function applyArrivals(g, rec, news)
       local p = pending[i]
       if free > 0 then
         if startPending(p) then free = free - 1 end
-      elseif p.stored and not loadRun(ridOf(p.m)) then
-        dropGhost(p.m, queueKey)   -- (kept, it turned the live arrival away: a review)
       else
         waiting[#waiting + 1] = p
       end
+    end
+    -- (the one kept, when queued before, may be a run whose record is gone: kept, it turned
+    -- the live arrival away, a review. HEXISTS, not a load: this is every call of the group.)
+    while sg == 5 and waiting[1] and waiting[1].stored
+        and rcall('HEXISTS', runsKey, ridOf(waiting[1].m)) == 0 do
+      dropGhost(table.remove(waiting, 1).m, queueKey)
     end
     local keep = sg == 4 and #waiting or 1
     local kept = waiting[keep]
