@@ -306,8 +306,8 @@ def _guard(hosts: frozenset[str] | None) -> Any:
                 else "the action may be partly done: look again once it answers"
             )
             # (the server's address and the error stay in the UI's log, not for visitors)
-            resp = web.Response(text=f"Redis is unreachable (the UI's log says why): {after}",
-                                status=503)  # fmt: skip
+            why = "the UI's log says why" if str(exc) else said
+            resp = web.Response(text=f"Redis is unreachable ({why}): {after}", status=503)
         except Exception as exc:
             # (a right the user lacks, the reader's asked to cancel say: what it needs)
             roles = ("operator",) if request.method == "POST" else ("reader",)
