@@ -370,8 +370,14 @@ class Runner:
     def stage(self, run: Running, stage: str) -> None:
         """A stage of stopping a cancelled run's handler, timed from the cancel decision."""
         if run.cancel_decided_ms is not None:
-            elapsed = max(0.0, time.time() * 1000 - run.cancel_decided_ms) / 1000
-            metrics.CANCEL_STAGE_SECONDS.labels(stage).observe(elapsed)
+            metrics.CANCEL_STAGE_SECONDS.labels(stage).observe(self._since_cancel(run))
+
+    def _since_cancel(self, run: Running) -> float:
+        """Seconds since the run's cancel was decided (the server's time: this host's clock
+        told apart by the offset the service reads)."""
+        assert run.cancel_decided_ms is not None
+        now = time.time() * 1000 + self.clock_offset_ms
+        return max(0.0, now - run.cancel_decided_ms) / 1000
 
     def mark_renewed(self, began: float) -> None:
         """A heartbeat that began at `began` (monotonic) went through, every call of it (the
@@ -959,9 +965,8 @@ class Runner:
         )
 
     def observe_cancel(self, run: Running) -> None:
-        if run.cancel_decided_ms is not None:  # (the server's time: this host's told apart)
-            now = time.time() * 1000 + self.clock_offset_ms
-            metrics.CANCEL_LATENCY_SECONDS.observe(max(0.0, now - run.cancel_decided_ms) / 1000)
+        if run.cancel_decided_ms is not None:
+            metrics.CANCEL_LATENCY_SECONDS.observe(self._since_cancel(run))
 
     async def report(self, run: Running, outcome: Outcome, error: str) -> None:
         """Hand the outcome to the outbox (once), then free the local slot."""
