@@ -131,12 +131,24 @@ def evicting(policy: str) -> str:
     )
 
 
+_offset_ms = 0.0  # the server's clock minus this host's, as a ServerClock of this process read it
+
+
+def server_now() -> float:
+    """The server's clock now, in seconds, as far as this process tells (the last offset a
+    ServerClock of it read; this host's clock until then). The points of a run's path and
+    the hops' metrics are stamped with it: they are set against stream ids, the server's ms,
+    and an executor an hour ahead added an hour to every run's wait for an executor."""
+    return time.time() + _offset_ms / 1000
+
+
 class ServerClock:
     """The server's clock as this process tells it: this host's plus an offset read with TIME
     now and then. Debounce timers, stream ids and the marks of records are the server's time:
     a service that compared them with its own clock fired timers as late as its clock was
     behind, or in a tight loop when ahead, and trimmed the control streams by its own age (a
-    clock probe: a debounced run started 61 s after its 500 ms window)."""
+    clock probe: a debounced run started 61 s after its 500 ms window). The offset is the
+    process's (`server_now`): its services all use one server."""
 
     def __init__(self, log: logging.Logger) -> None:
         self.offset_ms = 0.0  # the server's clock minus this host's
@@ -148,12 +160,13 @@ class ServerClock:
         """Read the server's clock when CLOCK_READ_EVERY has passed (at once the first time)."""
         if not self._due.due():
             return
-        self.offset_ms = (await server_time(redis) - time.time()) * 1000
+        global _offset_ms
+        self.offset_ms = _offset_ms = (await server_time(redis) - time.time()) * 1000
         if abs(self.offset_ms) > CLOCK_WARN_MS and self._said.due():
             self._log.warning(
                 f"this host's clock is {self.offset_ms / 1000:+.1f} s off the Redis server's "
-                "(server minus host): supersede keeps time by the server's, but run paths, "
-                "hop metrics and logs of this process are off by as much; run NTP on both",
+                "(server minus host): supersede keeps time by the server's, but the logs of this "
+                "process are off by as much; run NTP on both",
                 extra={"offset_s": round(self.offset_ms / 1000, 3)},
             )
 
@@ -242,6 +255,7 @@ class Service:
         if stored is None:
             await self.redis.hsetnx(self.keys.config_hash, "shards", str(self.keys.shards))
         await check_shard_count(self.redis, self.keys)
+        await self.clock.refresh(self.redis)  # (read once a minute)
         if self._policy_due.due():  # (set at runtime, it was never said: a probe)
             policy = await eviction_policy(self.redis)
             metrics.REDIS_EVICTS.labels(self.name).set(1 if policy else 0)
@@ -256,6 +270,7 @@ class Service:
     async def start(self) -> None:
         """Check the deployment, create groups, load scripts, prepare; then ready."""
         await pin_shard_count(self.redis, self.keys)
+        await self.clock.refresh(self.redis)  # (before the first stamps: see server_now)
         await create_groups(self.redis, self.groups())
         await self.scripts.load()
         if self.scripts.lane is not None:  # (connected now, not by the first hot call: a run's

@@ -46,7 +46,7 @@ from supersede.protocol import (
 )
 from supersede.registry import load_all
 from supersede.scripts import AdmitResult, HandOver
-from supersede.service import Periodic, Service, Throttle
+from supersede.service import Periodic, Service, Throttle, server_now
 from supersede.service import serve as serve_service
 from supersede.services.admission import metrics
 from supersede.streams import (
@@ -394,7 +394,7 @@ class Admission(Service):
         """Apply one XREADGROUP reply: one admit call per shard, and the results of every
         shard in one finish call (on a cluster, where shards live in different slots, one
         call per shard); the calls run concurrently."""
-        read_us = time.time_ns() // 1000  # (a point of each run's path: admission read it)
+        read_us = int(server_now() * 1e6)  # (a point of each run's path: admission read it)
         calls = []
         results: list[Part] = []
         for stream, entries in reply:
@@ -494,7 +494,7 @@ class Admission(Service):
         `hand_over`: claim runs for the executor of this process in the same call. A refused
         request raises ScriptError (the caller appends the batch instead, and the read from
         the stream dead-letters it as any other)."""
-        now_us = time.time_ns() // 1000  # read and written at once: both points of the path
+        now_us = int(server_now() * 1e6)  # read and written at once: both points of the path
         entries: Items = [(b"", p) for p in payloads]
         started = time.perf_counter()
         try:
@@ -521,7 +521,7 @@ class Admission(Service):
         if r.due and (not self._next_due or r.due < self._next_due):
             self._next_due = float(r.due)
             self._due_set.set()
-        done = time.time() * 1000
+        done = server_now() * 1000
         read_ms = read_us / 1000
         if self.tracer:
             self._trace_admit(entries, read_ms, done, r.traced)

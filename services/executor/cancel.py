@@ -21,6 +21,7 @@ from supersede.keys import Keys
 from supersede.lane import Lane, read
 from supersede.logs import Sampled
 from supersede.protocol import Control, Entry, Outcome, parse_cancel
+from supersede.service import server_now
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.isolation import SERVER_UNAVAILABLE
@@ -188,7 +189,7 @@ class Cancels:
         run = self.runner.active.get(rid)
         if run is not None and run.reported:
             return  # its outcome is being written; admission sorts out which attempt counts
-        self.cancel_local(rid, attempt, time.time() * 1000)
+        self.cancel_local(rid, attempt, server_now() * 1000)
 
 
 def _decided_ms(entry_id: bytes, fields: dict[bytes, bytes]) -> float:

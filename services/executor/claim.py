@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Iterable, Sequence
 from supersede.health import ShardHealth, ShardSilent, first_error
 from supersede.metrics import HOP_SECONDS
 from supersede.scripts import Assigned, Claim, Scripts, Taken
+from supersede.service import server_now
 from supersede.services.executor import metrics
 from supersede.services.executor.cancel import Cancels
 from supersede.services.executor.config import ExecutorConfig
@@ -54,11 +55,11 @@ class Claimer:
 
     async def claim_and_start(self, items: list[Fetched]) -> None:
         asked = time.monotonic()
-        sent = time.time()
+        sent = server_now()
         by_shard: dict[int, list[Assigned]] = {}
         for shard, stream, entry_id, rid, attempt in items:
             by_shard.setdefault(shard, []).append((stream, entry_id, rid, attempt))
-        now = time.time()
+        now = server_now()
         failed: BaseException | None = None
         try:
             replies, failed = await self._claim(by_shard, int(now * 1e6))
@@ -66,7 +67,7 @@ class Claimer:
             self._lost(by_shard, sent)
             raise
         self._lost([s for s in by_shard if s not in replies], sent)
-        HOP_SECONDS.labels("claim").observe(max(0.0, time.time() - now))
+        HOP_SECONDS.labels("claim").observe(max(0.0, server_now() - now))
         claimed: list[tuple[int, bytes | str, Claim]] = []
         for shard, claims in replies.items():
             for (_, entry, _, _), claim in zip(by_shard[shard], claims, strict=True):
@@ -111,7 +112,7 @@ class Claimer:
         """Read at most `want` new assignments of `streams` ((stream, shard) pairs, in order;
         `deep`: each asked for all still wanted) and claim them, in one call (one server only);
         `start_taken` starts the runs."""
-        started = time.time()
+        started = server_now()
         self.asked = time.monotonic()
         try:
             taken = await self.scripts.take(
@@ -120,7 +121,7 @@ class Claimer:
         except BaseException:
             self._lost({shard for _, shard in streams}, started)
             raise
-        HOP_SECONDS.labels("claim").observe(max(0.0, time.time() - started))
+        HOP_SECONDS.labels("claim").observe(max(0.0, server_now() - started))
         return taken
 
     def start_taken(
@@ -135,7 +136,7 @@ class Claimer:
         `asked` (monotonic: when the call was sent; default: the last `take`'s)."""
         if refused:
             metrics.CLAIMS_REFUSED.inc(refused)
-        now = now or time.time()
+        now = now or server_now()
         asked = asked or self.asked
         for shard, entry, claim in items:
             waited = max(0.0, now * 1000 - entry_ms(entry)) / 1000
@@ -148,7 +149,7 @@ class Claimer:
         hand-over: no assignment entry, no claim call), their leases counted from `asked`
         (monotonic: when that call was sent; 0: now). A run that call also cancelled (state
         X) is started and stopped at once, so that its outcome is reported as any other's."""
-        now = time.time()
+        now = server_now()
         for claim in claims:
             metrics.QUEUE_WAIT_SECONDS.observe(0.0)
             run = self._start(shard, claim, now, asked)
@@ -163,7 +164,7 @@ class Claimer:
         due (a silent shard's, until it answers). How many it started."""
         if not any(map(self.health.up, self.lost_since)):
             return 0
-        asked, now = time.monotonic(), time.time()
+        asked, now = time.monotonic(), server_now()
         held = self._held()
         found = 0
         for shard, lost in sorted(self.lost_since.items()):

@@ -137,7 +137,6 @@ class Executor(Service):
         present, in whatever version (another pool's, a newer deploy's), is left as it is."""
         ids = sorted(self.definitions)
         await self.clock.refresh(self.redis)  # (the mark is the server's time)
-        self.runner.clock_offset_ms = self.clock.offset_ms
         now_ms = int(self.clock.now_ms())
         async with self.redis.pipeline(transaction=False) as pipe:  # (one slot: the registry's)
             pipe.hset(self.keys.workflows_served_hash, mapping=dict.fromkeys(ids, now_ms))

@@ -36,7 +36,7 @@ from supersede.metrics import HOP_SECONDS
 from supersede.model import group_id
 from supersede.protocol import Outcome, RunResult, unpack_input
 from supersede.scripts import Claim
-from supersede.service import STEP_THREAD_PREFIX
+from supersede.service import STEP_THREAD_PREFIX, server_now
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.isolation import (
@@ -255,7 +255,6 @@ class Runner:
             max_workers=max(4, config.slots * 2), thread_name_prefix=STEP_THREAD_PREFIX
         )
         self.slot_freed = asyncio.Event()
-        self.clock_offset_ms = 0.0  # the server's clock minus this host's (the service reads it)
         self.reserved = 0  # slots promised to a claim in flight (a fetch, or a hand-over)
         self.handing = 0  # hand-overs in flight (`supersede serve`): the drain waits for them
         self.stopping = asyncio.Event()  # the executor drains (see `_left_to_lease`)
@@ -376,8 +375,7 @@ class Runner:
         """Seconds since the run's cancel was decided (the server's time: this host's clock
         told apart by the offset the service reads)."""
         assert run.cancel_decided_ms is not None
-        now = time.time() * 1000 + self.clock_offset_ms
-        return max(0.0, now - run.cancel_decided_ms) / 1000
+        return max(0.0, server_now() * 1000 - run.cancel_decided_ms) / 1000
 
     def mark_renewed(self, began: float) -> None:
         """A heartbeat that began at `began` (monotonic) went through, every call of it (the
@@ -513,7 +511,7 @@ class Runner:
         try:
             if run.held is not None:
                 await run.held.wait()  # (see Runner.start)
-            run.handler_started_us = time.time_ns() // 1000
+            run.handler_started_us = int(server_now() * 1e6)
             HOP_SECONDS.labels("start").observe(time.monotonic() - run.started)
             with tracing.current(run.span):  # the step spans are its children
                 outcome, error = await self._run_steps(run)

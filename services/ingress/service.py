@@ -54,7 +54,7 @@ from supersede.protocol import (
     pack_input,
 )
 from supersede.registry import WorkflowDef, load_all
-from supersede.service import Periodic, Service, Throttle
+from supersede.service import Periodic, Service, Throttle, server_now
 from supersede.service import serve as serve_service
 from supersede.services.ingress import metrics
 from supersede.streams import (
@@ -576,7 +576,7 @@ class Ingress(Service):
         """The entries of one read as batches to write, in order: one, unless routing them takes
         over ROUTE_SLICE_S; then each part routed in that time is a batch of its own, so what
         was routed is written while the rest is routed."""
-        start, read_us = 0, time.time_ns() // 1000
+        start, read_us = 0, int(server_now() * 1e6)
         while start < len(entries):
             batch = self.route(entries, start, time.perf_counter() + ROUTE_SLICE_S, read_us)
             start += len(batch.entries)
@@ -594,7 +594,7 @@ class Ingress(Service):
         dead letter with its reason, and so does one whose handling raised anything at all
         (`internal`, naming the exception): one entry never fails its batch. `read_us`: when
         the entries were read (wall clock, µs; now by default)."""
-        batch = Batch(entries, time.perf_counter(), read_us or time.time_ns() // 1000)
+        batch = Batch(entries, time.perf_counter(), read_us or int(server_now() * 1e6))
         if self.health.enabled:
             batch.sources = {}
         if entries and not start:  # published -> read by ingress, for the read's oldest entry
@@ -787,7 +787,7 @@ class Ingress(Service):
         for body in batch.dead:
             metrics.DEAD_LETTERS.labels(str(body[Dead.REASON])).inc()
         metrics.BATCH_SECONDS.observe(time.perf_counter() - batch.started)
-        HOP_SECONDS.labels("ingress").observe(max(0.0, time.time() - batch.read_us / 1e6))
+        HOP_SECONDS.labels("ingress").observe(max(0.0, server_now() - batch.read_us / 1e6))
 
     def _note_held(self, batch: Batch) -> list[bytes]:
         """The entries of a batch that held some (a cluster's silent shards) to acknowledge;

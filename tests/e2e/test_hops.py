@@ -7,6 +7,8 @@ import asyncio
 import re
 import subprocess
 import sys
+from collections.abc import Callable
+from subprocess import Popen
 
 from redis.asyncio import Redis
 
@@ -88,3 +90,53 @@ async def test_a_run_cancelled_while_running_shows_when_its_handler_started(
     raw = await redis.hget(keys.shard(shard).runs_hash, first.run_id)
     names = [name for name, _ in RunRecord.decode(first.run_id, raw).path()]
     assert "handler started" in names, names
+
+
+async def test_hops_and_the_path_are_the_servers_time_whatever_each_hosts_clock_is(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Each service stamped a run's path and timed its hops with its own clock, against stream
+    ids (the server's): an executor a minute ahead added a minute to every run's wait for an
+    executor, in the metrics and in `supersede run`. Each keeps the server's time now (the
+    offset it reads with TIME): here ingress is a minute ahead, admission a minute behind and
+    the executor two minutes ahead."""
+    from tests.support import listening
+
+    def skewed(service: str, seconds: int, *args: str) -> Callable[[int], Popen[bytes]]:
+        shifted = ("import runpy, time; real, ns = time.time, time.time_ns; "
+                   f"time.time = lambda: real() + {seconds}; "
+                   f"time.time_ns = lambda: ns() + {seconds * 10**9}; "
+                   "runpy.run_module('supersede', run_name='__main__', alter_sys=True)"
+                   )  # fmt: skip
+
+        def start(port: int) -> Popen[bytes]:
+            cmd = [sys.executable, "-c", shifted, service, *args, "--metrics-port", str(port)]
+            proc = subprocess.Popen(cmd, env=system.env, stderr=system.stderr)
+            system.procs.append(proc)
+            return proc
+
+        return start
+
+    ports: dict[str, int] = {}
+    _, ports["admission"] = await listening(skewed("admission", -60, "--block-ms", "100"),
+                                            "/healthz")  # fmt: skip
+    _, ports["executor"] = await listening(skewed("executor", 120, APP), "/healthz")
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == APP_WORKFLOWS
+
+    await eventually(registered, timeout=30)
+    _, ports["ingress"] = await listening(skewed("ingress", 60, "--block-ms", "100"), "/healthz")
+    _, [planned], _ = await publish_runs(redis, "chat.message", {"userId": "skewed"},
+                                         namespace=keys.namespace)  # fmt: skip
+    run = await wait_for_run(redis, planned.run_id, 30, namespace=keys.namespace)
+    assert run.state == "SUCCEEDED"
+    raw = await redis.hget(keys.shard(int(run.id.split("-")[0])).runs_hash, run.id)
+    path = RunRecord.decode(run.id, raw).path()
+    published = path[0][1]
+    assert all(-50 < ms - published < 5_000 for _, ms in path), path  # (not a minute off)
+    for service, hops in HOPS_BY.items():
+        text = await asyncio.to_thread(scrape, f"http://127.0.0.1:{ports[service]}/metrics")
+        for hop in hops:
+            [total] = re.findall(rf'^supersede_hop_seconds_sum\{{hop="{hop}"\}} (\S+)$', text, re.M)
+            assert float(total) < 5, (service, hop, total)
