@@ -112,7 +112,13 @@ def describe(exc: BaseException) -> str:
 
 def message_of(exc: BaseException) -> str:
     """`exc`'s message, a failed pipeline's command named by its number (see describe)."""
-    return _PIPELINE_ARGS.sub(r"command \1 of a pipeline: ", str(exc))
+    return message_of_text(str(exc))
+
+
+def message_of_text(text: str) -> str:
+    """`text` (an exception's message, a traceback) with a failed pipeline's command named by
+    its number, without its arguments."""
+    return _PIPELINE_ARGS.sub(r"command \1 of a pipeline: ", text)
 
 
 def _library_roots() -> tuple[str, ...]:

@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 
+from supersede.errors import message_of_text
+
 _RESERVED = set(vars(logging.makeLogRecord({})))
 
 
@@ -22,8 +24,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         body.update({k: v for k, v in vars(record).items() if k not in _RESERVED})
-        if record.exc_info:
-            body["exc"] = self.formatException(record.exc_info)
+        if record.exc_info:  # (a failed pipeline's command by its number: its arguments are
+            # event data and outputs, written to the logs with each outage's first traceback)
+            body["exc"] = message_of_text(self.formatException(record.exc_info))
         return orjson.dumps(body, default=str).decode()
 
 
@@ -49,7 +52,7 @@ class Repeats(logging.Filter):
         if exc is None or not record.name.startswith("supersede"):
             return True  # (user code's logs are its own)
         try:
-            text = str(exc)[:200]
+            text = message_of_text(str(exc))[:200]
             # (numbers aside: a refused command quotes its arguments, timestamps among them,
             # and a failure repeated each second was another line each time)
             same = _NUMBERS.sub("#", text)

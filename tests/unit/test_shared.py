@@ -1189,3 +1189,39 @@ async def test_a_service_tells_the_servers_clock_and_warns_when_its_own_is_far_o
     assert abs(clock.now_ms() - real() * 1000) < 1_000
     [line] = [r.getMessage() for r in caplog.records]
     assert "+60" in line and "off the Redis server's" in line
+
+
+async def test_a_failed_pipelines_arguments_are_never_written_to_the_logs(redis: Any) -> None:
+    """redis-py quotes a failed pipeline command's arguments in its message: event data and
+    outputs, written with the first traceback of a failure (a probe: an outage's first line
+    quoted the event's data). The logs name the command by its number."""
+    import io
+
+    from supersede import logs
+
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set("test:logs:k", "v")
+        pipe.lpush("test:logs:k", "card-4242-4242")
+        try:
+            await pipe.execute()
+        except Exception:
+            exc_info = sys.exc_info()
+    await redis.delete("test:logs:k")
+    assert "card-4242-4242" in str(exc_info[1])  # (redis-py's message quotes it)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    repeats = logs.Repeats()
+    handler.addFilter(repeats)
+    log = logging.getLogger("supersede.test.pipeline")
+    log.addHandler(handler)
+    try:
+        for _ in range(2):
+            log.error("batch failed", exc_info=exc_info)
+        repeats._seen = {k: [v[0] - 10, v[1], v[2]] for k, v in repeats._seen.items()}
+        log.error("batch failed", exc_info=exc_info)  # (a repeat: its `error` field)
+    finally:
+        log.removeHandler(handler)
+    written = stream.getvalue()
+    assert written.count("\n") == 2 and "command 2 of a pipeline" in written, written
+    assert "card-4242" not in written, written
