@@ -784,8 +784,16 @@ class Ingress(Service):
                 appended[wid] = appended.get(wid, 0) + 1
         for wid, n in appended.items():
             metrics.RUNS_REQUESTED.labels(wid).inc(n)
-        for body in batch.dead:
-            metrics.DEAD_LETTERS.labels(str(body[Dead.REASON])).inc()
+        for body in batch.dead:  # (said once written: a server at its maxmemory refused the
+            # letters, and each retry of the batch said they were written)
+            reason, workflow = str(body[Dead.REASON]), body.get(Dead.WORKFLOW)
+            metrics.DEAD_LETTERS.labels(reason).inc()
+            repeats = self.dead_lines.due((reason, workflow))
+            if repeats is not None:
+                entry = body[Dead.ENTRY]
+                extra = {"entry": entry.decode() if isinstance(entry, bytes) else entry,
+                         "reason": reason, "workflow": workflow, "repeats": repeats}  # fmt: skip
+                self.log.warning("event dead-lettered", extra=extra)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - batch.started)
         HOP_SECONDS.labels("ingress").observe(max(0.0, server_now() - batch.read_us / 1e6))
 
@@ -833,12 +841,7 @@ class Ingress(Service):
         detail: str,
         workflow: str | None = None,
     ) -> dict[Any, Any]:
-        body = dead_letter(fields, entry_id, reason, detail, workflow=workflow)
-        repeats = self.dead_lines.due((reason, workflow))
-        if repeats is not None:
-            extra = {"entry": entry_id.decode(), "reason": reason, "workflow": workflow}
-            self.log.warning("event dead-lettered", extra={**extra, "repeats": repeats})
-        return body
+        return dead_letter(fields, entry_id, reason, detail, workflow=workflow)
 
     async def reclaim(self) -> None:
         """XAUTOCLAIM inbox entries another ingress process read and never acknowledged. Not

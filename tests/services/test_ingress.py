@@ -909,6 +909,37 @@ async def test_a_flood_of_bad_events_writes_a_line_per_kind_not_per_event(
     assert int(await redis.xlen(keys.dead_stream)) == 1001
 
 
+async def test_a_dead_letter_is_said_once_written_not_while_the_server_refuses_it(
+    redis: Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bad event's line was written as it was routed, before its letter was: a server at
+    its maxmemory refused the letter, the batch was tried again and again, and each 5 s the
+    log said "event dead-lettered" of a letter that was not (a probe). It is said once
+    written."""
+    await register(redis, keys, CHAT)
+    async with running_ingress(redis, redis_url, keys):
+        pass  # (its group created)
+    await redis.xadd(keys.events_stream, {"name": "chat.message", "data": "{not json"})
+    await redis.config_set("maxmemory", 1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="supersede"):
+            async with running_ingress(redis, redis_url, keys):
+
+                async def refused() -> bool:
+                    return any("batch failed" in r.getMessage() for r in caplog.records)
+
+                await eventually(refused)
+                said = [r for r in caplog.records if r.getMessage() == "event dead-lettered"]
+                assert not said and int(await redis.xlen(keys.dead_stream)) == 0
+                await redis.config_set("maxmemory", 0)
+                await settle(redis, keys)
+    finally:
+        await redis.config_set("maxmemory", 0)
+    said = [r for r in caplog.records if r.getMessage() == "event dead-lettered"]
+    assert [r.reason for r in said] == ["bad_json"]  # type: ignore[attr-defined]
+    assert int(await redis.xlen(keys.dead_stream)) == 1
+
+
 async def test_a_burst_of_large_entries_after_a_backlog_of_small_ones_is_read_a_few_at_a_time(
     redis: Redis, redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
