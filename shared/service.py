@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import multiprocessing.util
 import os
 import signal
@@ -120,6 +121,11 @@ async def when_possible(
 
 CLOCK_READ_EVERY = 60.0  # seconds between two reads of the server's clock
 CLOCK_WARN_MS = 2_000  # a host clock this far off the server's is logged (every 10 min)
+# An offset within a read's error (half its round trip) plus this is taken as none: hosts kept
+# by NTP, or one host, stamp with their own clocks (a 0.3 ms error read under a busy loop put
+# a run's "ingress read" before its inbox entry's ms).
+CLOCK_NOISE_MS = 1.0
+CLOCK_TRIES = 3  # reads of the server's clock, the one of the shortest round trip kept
 
 
 def evicting(policy: str) -> str:
@@ -161,7 +167,18 @@ class ServerClock:
         if not self._due.due():
             return
         global _offset_ms
-        self.offset_ms = _offset_ms = (await server_time(redis) - time.time()) * 1000
+        rtt_ms, offset_ms = math.inf, 0.0
+        for _ in range(CLOCK_TRIES):
+            sent = time.time()
+            told = await server_time(redis)
+            back = time.time()
+            if (back - sent) * 1000 < rtt_ms:  # (the server's time, mid-way through the call)
+                rtt_ms, offset_ms = (back - sent) * 1000, (told - (sent + back) / 2) * 1000
+            if rtt_ms < CLOCK_NOISE_MS:
+                break
+        if abs(offset_ms) <= rtt_ms / 2 + CLOCK_NOISE_MS:
+            offset_ms = 0.0
+        self.offset_ms = _offset_ms = offset_ms
         if abs(self.offset_ms) > CLOCK_WARN_MS and self._said.due():
             self._log.warning(
                 f"this host's clock is {self.offset_ms / 1000:+.1f} s off the Redis server's "

@@ -1191,6 +1191,33 @@ async def test_a_service_tells_the_servers_clock_and_warns_when_its_own_is_far_o
     assert "+60" in line and "off the Redis server's" in line
 
 
+async def test_a_clock_offset_within_the_reads_error_is_taken_as_none(
+    redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One host, or hosts kept by NTP: the offset read with TIME is the read's own error (half
+    its round trip, more under a busy loop), and stamping with it put a run's "ingress read"
+    before its inbox entry. Within that error plus a ms it is none; past it, it is kept."""
+    import logging
+    import time
+
+    from supersede import service
+    from supersede.service import ServerClock, server_now
+
+    for _ in range(20):
+        clock = ServerClock(logging.getLogger("supersede.test"))
+        await clock.refresh(redis)
+        assert clock.offset_ms == 0.0
+    assert abs(server_now() - time.time()) < 0.001
+
+    real = time.time
+    with monkeypatch.context() as patched:
+        patched.setattr(time, "time", lambda: real() - 0.05)
+        clock = ServerClock(logging.getLogger("supersede.test"))
+        await clock.refresh(redis)
+        assert 45 < clock.offset_ms < 55
+    service._offset_ms = 0.0  # (the process's: other tests stamp on)
+
+
 async def test_a_failed_pipelines_arguments_are_never_written_to_the_logs(redis: Any) -> None:
     """redis-py quotes a failed pipeline command's arguments in its message: event data and
     outputs, written with the first traceback of a failure (a probe: an outage's first line
