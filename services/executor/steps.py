@@ -161,6 +161,8 @@ class Running:
     # While an async step runs on this run's task (task isolation): a cancel is repeated until
     # it gets out of the step (see Runner.until_out_of_step).
     in_async_step: bool = False
+    # The try of an async step under its timeout now (a token of that try; see _timed).
+    timing: object | None = None
     # The drain deadline stopped it (Runner.finish_running), or its lease ran out here
     # (Runner.let_lapse): not the run's own cancel, and nothing is reported.
     drained: bool = False
@@ -626,6 +628,8 @@ class Runner:
     ) -> tuple[Outcome, str] | None:
         """The run's end after `attempt` of `step` raised `exc`, or None once the step may be
         tried again (its retry's wait slept)."""
+        if run.reported:  # (its step ran on past its timeout and grace: failed then)
+            return Outcome.FAILED, ""
         if isinstance(exc, WorkerTerminated) and await self._left_to_lease(run):
             raise LeftToLease from None
         if isinstance(exc, WorkerLapsed) or (
@@ -717,12 +721,48 @@ class Runner:
                 raise StepTimedOut(message, exc.where) from None
         coro = step.fn(ctx)
         run.in_async_step = True
+        token = run.timing = object()
+        late = None
         try:
             if step.timeout:
+                if not strict:
+                    late = asyncio.get_running_loop().call_later(
+                        step.timeout + self.config.grace, self._fail_if_on, run, step, token
+                    )
                 return await self._timed(coro, step.name, step.timeout, not strict)
             return await coro
         finally:
             run.in_async_step = False
+            run.timing = None
+            if late is not None:
+                late.cancel()
+
+    def _fail_if_on(self, run: Running, step: Step, token: object) -> None:
+        """An async step's timeout and the grace period after it passed with the step still in
+        (it swallows every cancel): its run fails and its slot is freed, the step's task
+        left to run on (a stray handler, as a sync step's), as a cancel of the run does. The
+        run stayed RUNNING with its slot, without a word, for as long as the step ran (a
+        probe: for good). Strict mode holds the slot until the step is out."""
+        task = asyncio.ensure_future(self._fail_left_on(run, step, token))
+        self._hooks.add(task)
+        task.add_done_callback(self._hooks.discard)
+
+    async def _fail_left_on(self, run: Running, step: Step, token: object) -> None:
+        if run.timing is not token or run.reported or run.ctx.cancelled or _stopped(run):
+            return  # (out of the step; or its cancel, the drain or a lapse reports it)
+        if run.task is not None and not run.task.done():
+            metrics.STRAY_HANDLERS.inc()
+            run.task.add_done_callback(lambda _: metrics.STRAY_HANDLERS.dec())
+        log.warning(
+            "an async step ran on past its timeout and the grace period, catching each "
+            "CancelledError: its run failed and its slot is free, the step runs on beside",
+            extra={"run": run.run_id, "workflow": run.workflow.id, "step": step.name},
+        )
+        await self.report(run, Outcome.FAILED, (
+            f"step {step.name!r} timed out after {step.timeout}s and was still running "
+            f"{self.config.grace}s later, catching each CancelledError (its task was left "
+            "running): let CancelledError propagate"
+        ))  # fmt: skip
 
     @staticmethod
     async def _timed(coro: Awaitable[Any], name: str, timeout: float, repeat: bool) -> Any:

@@ -1843,8 +1843,9 @@ async def test_a_step_its_worker_stopped_past_the_lease_is_left_to_the_lease_not
     ctx = Context(run_id="1-x", workflow="w", attempt=1, input={}, metadata={})
 
     def run(leased_at: float) -> Any:
-        return SimpleNamespace(drained=False, ctx=ctx, leased_at=leased_at, started=leased_at,
-                               run_id="1-x", workflow=SimpleNamespace(id="w"))  # fmt: skip
+        return SimpleNamespace(drained=False, reported=False, ctx=ctx, leased_at=leased_at,
+                               started=leased_at, run_id="1-x",
+                               workflow=SimpleNamespace(id="w"))  # fmt: skip
 
     with pytest.raises(LeftToLease):
         await runner._after_failure(run(now), step, 0, WorkerLapsed("stopped"))

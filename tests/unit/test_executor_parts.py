@@ -481,6 +481,63 @@ async def test_a_sync_step_past_its_timeout_sees_ctx_cancelled_and_no_retry_over
         runner.close()
 
 
+async def test_an_async_step_that_catches_its_timeouts_cancels_fails_its_run_after_grace() -> None:
+    """An async step that catches every CancelledError (a `while True: try: await ... except
+    CancelledError: pass`) ran on past its timeout with its run RUNNING and its slot held, for
+    good and without a word (a probe: four such runs stalled an executor of four slots). Its
+    run fails once the grace period after the timeout passed, its slot freed; the step's task
+    runs on, counted a stray handler. One that leaves within the grace fails as before."""
+    import asyncio
+    import contextlib
+
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor import metrics
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Workflow
+
+    outbox = _Outbox()
+    stop = asyncio.Event()
+    wf = Workflow("wf", on_events=["e"])
+
+    @wf.step(timeout=0.1, retries=2)
+    async def stubborn(ctx: Any) -> None:
+        for _ in range(1_000 if ctx.input["forever"] else 1):
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05 if stop.is_set() else 30)
+            if stop.is_set():
+                return
+
+    runner = Runner([wf], ExecutorConfig(grace=0.3, retry_backoff=0.01), outbox)
+    strays = metrics.STRAY_HANDLERS._value.get()
+    try:
+        runs = [
+            runner.start(0, Claim(rid, True, 1, "wf", "v",
+                                  pack_input({"forever": forever}, {}, "e", rid), "k", "s", "R"))
+            for rid, forever in (("0-forever", True), ("0-once", False))
+        ]  # fmt: skip
+        for _ in range(200):
+            if len(outbox.written) == 2:
+                break
+            await asyncio.sleep(0.02)
+        results = {r.run_id: r for r in outbox.written}
+        assert {rid: r.outcome.value for rid, r in results.items()} == {
+            "0-forever": "F", "0-once": "F"
+        }  # fmt: skip
+        assert "catching each CancelledError" in (results["0-forever"].error or "")
+        assert "timed out after 0.1s" in (results["0-once"].error or "")
+        assert "0-forever" not in runner.active and "0-once" not in runner.active
+        forever = runs[0]
+        assert forever is not None and forever.task is not None and not forever.task.done()
+        assert metrics.STRAY_HANDLERS._value.get() == strays + 1
+        stop.set()  # (it leaves: not tried again, reported once)
+        await asyncio.wait({forever.task}, timeout=10)
+        assert len(outbox.written) == 2 and metrics.STRAY_HANDLERS._value.get() == strays
+    finally:
+        stop.set()
+        runner.close()
+
+
 async def test_the_on_cancel_hook_of_a_sync_step_past_its_grace_waits_for_the_step() -> None:
     """A cancelled run whose sync step ignored `ctx.cancelled` is reported CANCELLED after the
     grace period (its slot freed), but its on_cancel hook ran then too, beside the step it
