@@ -177,6 +177,25 @@ class Running:
         return self.thread is not None and not self.thread.done()
 
 
+class HookFailed(Exception):
+    """An on_cancel hook raised a BaseException that is not an Exception (its cause)."""
+
+
+async def _hook_guarded(hook: Awaitable[Any]) -> Any:
+    """An async on_cancel hook, run as a task of its own (shielded): a SystemExit or
+    KeyboardInterrupt it raised left the task, and asyncio re-raises those out of the loop:
+    the executor exited with every run it held, saying only "executor stopped" (a probe).
+    They are the hook's failure now, logged as any other."""
+    try:
+        return await hook
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise HookFailed(f"on_cancel hook raised {type(exc).__name__}: {exc}") from exc
+
+
 def _timed_out(name: str, timeout: float, failure: BaseException | None) -> StepTimedOut:
     """An async step's timeout, told from where the step awaited when it passed (the cancel's
     traceback), or caused by the error it raised once stopped."""
@@ -967,12 +986,14 @@ class Runner:
             return
         try:
             if asyncio.iscoroutinefunction(hook):
-                await asyncio.shield(hook(run.ctx))
+                await asyncio.shield(_hook_guarded(hook(run.ctx)))
             else:
                 await asyncio.shield(
                     asyncio.get_running_loop().run_in_executor(self.pool, hook, run.ctx)
                 )
-        except Exception:
+        except asyncio.CancelledError:
+            raise
+        except BaseException:  # (SystemExit, KeyboardInterrupt: a hook's failure, as a step's)
             log.exception("on_cancel hook failed", extra={"run": run.run_id})
 
     async def _waited_to_retry(self, run: Running, wait: float) -> bool:

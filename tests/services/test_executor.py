@@ -22,7 +22,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from supersede import acl, codec
+from supersede import acl, client, codec
 from supersede.keys import Keys
 from supersede.registry import load_all, register
 from supersede.scripts import load_source
@@ -849,7 +849,7 @@ async def test_a_step_raising_any_base_exception_fails_its_run_alone(
     executor = system.start("executor", "tests.support.apps.hostile")
 
     async def registered() -> bool:
-        return int(await redis.hlen(keys.workflows_hash)) == 3
+        return int(await redis.hlen(keys.workflows_hash)) == 5
 
     await eventually(registered, timeout=30)
     system.start("ingress", "--block-ms", "100")
@@ -866,6 +866,33 @@ async def test_a_step_raising_any_base_exception_fails_its_run_alone(
     assert any("cannot be read back" in e for e in errors), errors
     await publish(redis, keys, "hostile.item", kind="fine")  # the executor serves on
     await eventually(lambda: _states(redis, keys, {"F": 11, "S": 1}), timeout=30)
+    assert executor.poll() is None
+
+
+async def test_an_on_cancel_hook_raising_system_exit_or_keyboard_interrupt_is_its_failure(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """A SystemExit or KeyboardInterrupt raised by an on_cancel hook (async or sync) stopped
+    the executor with every run it held, saying only "executor stopped" (a probe: exit 4; the
+    cancelled run CANCELLING until its lease ran out, healthy runs ASSIGNED). It is the hook's
+    failure now, logged, and the executor serves on."""
+    system.start("admission", "--block-ms", "100")
+    executor = system.start("executor", "tests.support.apps.hostile")
+
+    async def registered() -> bool:
+        return int(await redis.hlen(keys.workflows_hash)) == 5
+
+    await eventually(registered, timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    for event in ("hostile-hook.item", "hostile-sync-hook.item"):
+        for kind in ("exit", "interrupt"):
+            await publish(redis, keys, event, kind=kind)
+    await eventually(lambda: _states(redis, keys, {"R": 4}), timeout=30)
+    for rid in await records(redis, keys):
+        assert await client.cancel(redis, rid, namespace=keys.namespace)
+    await eventually(lambda: _states(redis, keys, {"C": 4}), timeout=30)
+    await publish(redis, keys, "hostile.item", kind="fine")  # the executor serves on
+    await eventually(lambda: _states(redis, keys, {"C": 4, "S": 1}), timeout=30)
     assert executor.poll() is None
 
 

@@ -4,6 +4,8 @@ fail its run alone."""
 
 from __future__ import annotations
 
+import asyncio
+
 from supersede.workflow import Context, Workflow
 
 
@@ -47,4 +49,31 @@ hostile_timed = Workflow("hostile-timed", on_events=["hostile-timed.item"])
 @hostile_timed.step(timeout=5)
 async def raises_under_a_timeout(ctx: Context) -> None:
     """The same, in a step with a timeout (which ran it as a task of its own on 3.11)."""
+    raise _HOSTILE[ctx.input["kind"]]
+
+
+hostile_hook = Workflow("hostile-hook", on_events=["hostile-hook.item"])
+
+
+@hostile_hook.step()
+async def waits_to_be_cancelled(ctx: Context) -> None:
+    await asyncio.sleep(60)
+
+
+@hostile_hook.on_cancel
+async def hook_raises(ctx: Context) -> None:
+    """Raises the BaseException `input.kind` names, in the async on_cancel hook."""
+    raise _HOSTILE[ctx.input["kind"]]
+
+
+hostile_sync_hook = Workflow("hostile-sync-hook", on_events=["hostile-sync-hook.item"])
+
+
+@hostile_sync_hook.step()
+async def waits_to_be_cancelled_too(ctx: Context) -> None:
+    await asyncio.sleep(60)
+
+
+@hostile_sync_hook.on_cancel
+def sync_hook_raises(ctx: Context) -> None:
     raise _HOSTILE[ctx.input["kind"]]
