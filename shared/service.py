@@ -471,12 +471,14 @@ STEP_THREAD_PREFIX = "supersede-step"
 
 def exit_past_stuck_threads(service: str) -> None:
     """The service stopped; a thread of the executor's step pool still running user code (a
-    sync step that never returns, past the drain deadline) would hold the process until it
-    returned, since Python joins such threads at exit: the logs and spans are flushed, and the
-    process ends now (exit 0, as a drained stop). Its run is another executor's once its lease
-    lapses. Other threads (a library's own pool) are left to Python's usual exit."""
-    stuck = [t for t in threading.enumerate()
-             if t.name.startswith(STEP_THREAD_PREFIX) and t.is_alive()]  # fmt: skip
+    sync step that never returns, past the drain deadline), or any other thread Python joins
+    at exit (one a step started and left running: a probe's executor never exited), would
+    hold the process until it returned: the logs and spans are flushed, and the process ends
+    now (exit 0, as a drained stop). A stuck step's run is another executor's once its lease
+    lapses. Daemon threads are left to Python's usual exit."""
+    main = threading.main_thread()
+    stuck = [t for t in threading.enumerate() if t is not main and t.is_alive()
+             and (t.name.startswith(STEP_THREAD_PREFIX) or not t.daemon)]  # fmt: skip
     deadline = time.monotonic() + 1.0  # (idle pool threads are on their way out)
     for t in stuck:
         t.join(max(0.0, deadline - time.monotonic()))
@@ -484,7 +486,8 @@ def exit_past_stuck_threads(service: str) -> None:
     if not stuck:
         return
     logging.getLogger(f"supersede.{service}").warning(
-        "exiting with threads still running (a sync step past the drain deadline)",
+        "exiting with threads still running (a sync step past the drain deadline, or a "
+        "thread a step started)",
         extra={"threads": len(stuck), "names": sorted(t.name for t in stuck)[:10]},
     )
     _exit_now()

@@ -457,6 +457,39 @@ async def test_an_exit_past_the_drain_deadline_beside_worker_processes_writes_on
     assert [line for line in lines if not line.startswith("{")] == [], err[-3000:]
 
 
+THREAD_LEFT_BEHIND = """
+import threading, time
+from supersede.workflow import Context, Workflow
+
+spawns = Workflow("spawns-thread", on_events=["spawns.item"])
+
+
+@spawns.step()
+async def starts_a_thread(ctx: Context) -> str:
+    def forever() -> None:
+        while True:
+            time.sleep(0.2)
+
+    threading.Thread(target=forever, name="user-thread").start()  # (not a daemon)
+    return "left it running"
+"""
+
+
+async def test_a_thread_a_step_left_running_does_not_hold_the_executors_exit(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """A step that starts a (non-daemon) thread and returns: at SIGTERM the executor said
+    "executor stopped" and then never exited, as Python joins such threads (a probe: alive
+    after 60 s, until SIGKILL). It exits 0 now, naming the thread."""
+    module = tmp_path / "spawning_flows.py"
+    module.write_text(THREAD_LEFT_BEHIND)
+    proc = await _system_with_module(redis, keys, system, module, "spawns-thread")
+    await publish(redis, keys, "spawns.item")
+    await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
+    err = await _stderr_after_sigterm(proc)
+    assert "threads still running" in err and "user-thread" in err, err[-2000:]
+
+
 BLOCKING_STEP = """
 import time
 from supersede.workflow import Context, Workflow
