@@ -475,10 +475,15 @@ def exit_past_stuck_threads(service: str) -> None:
     at exit (one a step started and left running: a probe's executor never exited), would
     hold the process until it returned: the logs and spans are flushed, and the process ends
     now (exit 0, as a drained stop). A stuck step's run is another executor's once its lease
-    lapses. Daemon threads are left to Python's usual exit."""
+    lapses. Daemon threads, and the workers of a library's thread pool (which Python's exit
+    tells to end before it joins them, its atexit hooks run), are left to Python's usual
+    exit."""
+    from concurrent.futures.thread import _worker as pool_worker
+
     main = threading.main_thread()
-    stuck = [t for t in threading.enumerate() if t is not main and t.is_alive()
-             and (t.name.startswith(STEP_THREAD_PREFIX) or not t.daemon)]  # fmt: skip
+    stuck = [t for t in threading.enumerate() if t is not main and t.is_alive() and (
+        t.name.startswith(STEP_THREAD_PREFIX)
+        or (not t.daemon and getattr(t, "_target", None) is not pool_worker))]  # fmt: skip
     deadline = time.monotonic() + 1.0  # (idle pool threads are on their way out)
     for t in stuck:
         t.join(max(0.0, deadline - time.monotonic()))

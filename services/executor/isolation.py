@@ -63,6 +63,23 @@ SERVER_UNAVAILABLE: tuple[type[Exception], ...] = (
 STAGES = ("flag", "sigterm", "sigkill", "stopped")  # of a cancel (the stage metric's label)
 
 
+def _signal_session(worker: Worker, sig: int) -> None:
+    """`sig` to the worker and to every process of its session that stayed in its group (the
+    worker is its session's leader: see _worker): what a step started (`subprocess.Popen`) is
+    stopped with it. Only the worker's own, then, before its setsid (just forked)."""
+    pid = worker.process.pid
+    if pid is None:
+        return
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:  # (no such group: gone, or not yet its own)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if worker.process.is_alive():
+                os.kill(pid, sig)
+    except PermissionError:
+        pass
+
+
 class StepError(Exception):
     """A step raised in its worker process; the message is the worker's traceback."""
 
@@ -352,6 +369,7 @@ class ProcessPool:
             if not await self._exited(worker, 10.0):  # reaped (stopped, or SIGKILLed just now)
                 with contextlib.suppress(Exception):
                     worker.process.kill()
+            _signal_session(worker, signal.SIGKILL)  # (what its step started and left)
             # A moment for the stopped run's report, which would otherwise share the CPU with
             # the fork and the new worker's start: SIGTERM -> CANCELLED took 16 ms over the
             # grace period without it, 10 ms with it (the cancel's own hop and report: 6-8 ms).
@@ -497,10 +515,10 @@ class ProcessPool:
                 self._replace(worker)
             return
         worker.terminated = True
-        worker.process.terminate()
+        _signal_session(worker, signal.SIGTERM)
         stage("sigterm")
         if not await self._exited(worker, self.kill_after):
-            worker.process.kill()
+            _signal_session(worker, signal.SIGKILL)
             stage("sigkill")
             await self._exited(worker, 10.0)
         self._replace(worker)
@@ -509,8 +527,7 @@ class ProcessPool:
         """SIGKILL, and return once the process is gone (the run it ran may be reported, and
         its strict slot freed, only then), then replace it. Waits off the event loop; a cancel
         meanwhile is raised once the process is gone."""
-        if worker.process.is_alive():
-            worker.process.kill()
+        _signal_session(worker, signal.SIGKILL)
         interrupted = False
         while True:
             try:
@@ -531,9 +548,7 @@ class ProcessPool:
         for worker in list(self._all):
             with contextlib.suppress(Exception):
                 worker.conn.close()
-            if worker.process.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.process.pid, signal.SIGKILL)
+            _signal_session(worker, signal.SIGKILL)
         for worker in list(self._all):
             worker.process.join(5)
         self._all.clear()

@@ -59,6 +59,7 @@ from supersede.workflow import Context, Step, Workflow
 log = logging.getLogger("supersede.executor")
 _NOT_WRITTEN = Sampled()  # "result not written" lines: one per 5 s of a kind, with repeats
 _FENCE_NOT_READ = Sampled()
+_THREADS_BUSY = Sampled()  # "every step thread is busy" lines
 
 OUTCOME_LABEL = {
     Outcome.SUCCEEDED: "succeeded",
@@ -275,6 +276,7 @@ class Runner:
         self.pool = ThreadPoolExecutor(
             max_workers=max(4, config.slots * 2), thread_name_prefix=STEP_THREAD_PREFIX
         )
+        self.on_threads = 0  # sync steps given to the pool and not yet returned
         self.slot_freed = asyncio.Event()
         self.reserved = 0  # slots promised to a claim in flight (a fetch, or a hand-over)
         self.handing = 0  # hand-overs in flight (`supersede serve`): the drain waits for them
@@ -729,7 +731,10 @@ class Runner:
             return await self._in_process(step, run)
         if not step.is_async:
             loop = asyncio.get_running_loop()
+            self._say_if_threads_busy(run)
             thread = loop.run_in_executor(self.pool, functools.partial(_on_thread, run, step, ctx))
+            self.on_threads += 1
+            thread.add_done_callback(self._thread_returned)
             run.thread = thread
             try:
                 return await self._sync(thread, run, strict, step.timeout)
@@ -755,6 +760,21 @@ class Runner:
             run.timing = None
             if late is not None:
                 late.cancel()
+
+    def _thread_returned(self, _: object) -> None:
+        self.on_threads -= 1
+
+    def _say_if_threads_busy(self, run: Running) -> None:
+        """Every thread of the step pool holds a sync step (those past their run's cancel or
+        timeout among them): this one waits for a thread, its run RUNNING. Said once per 5 s;
+        before, only the stray handlers gauge showed it (a probe)."""
+        threads = self.pool._max_workers
+        if self.on_threads >= threads and (repeats := _THREADS_BUSY.due("busy")) is not None:
+            log.warning(
+                "every step thread is busy: sync steps wait for one, their runs RUNNING (steps "
+                "that never return hold them; see stray handlers)",
+                extra={"threads": threads, "workflow": run.workflow.id, "repeats": repeats},
+            )
 
     def _fail_if_on(self, run: Running, step: Step, token: object) -> None:
         """An async step's timeout and the grace period after it passed with the step still in

@@ -359,6 +359,39 @@ async def _serve(redis: Redis, keys: Keys, system: System, module: Path, *, slot
     system.start("ingress", "--block-ms", "100")
 
 
+async def test_a_worker_stopped_by_the_ladder_takes_the_processes_its_step_started(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """A step in a worker process that started a subprocess and ran past its timeout: the
+    ladder stopped the worker, and the subprocess ran on, reparented (a probe: `sleep 4321`
+    alive after the run FAILED). The ladder's signals go to the worker's whole group now."""
+    module = tmp_path / "spawns_children.py"
+    module.write_text(
+        "import os, subprocess, time\n"
+        "from supersede import Workflow\n"
+        "from supersede.config import connect_sync\n"
+        "r = connect_sync(os.environ['SUPERSEDE_REDIS_URL'])\n"
+        "LOG = os.environ['SUPERSEDE_NAMESPACE'] + ':test:log'\n"
+        "wf = Workflow('spawns', on_events=['spawns.go'], isolation='process')\n"
+        "@wf.step(timeout=1)\n"
+        "def spawn(ctx):\n"
+        "    child = subprocess.Popen(['sleep', '4321'])\n"
+        "    r.rpush(LOG, f'child:{ctx.run_id}:{child.pid}:0')\n"
+        "    while True:  # (never looks at ctx.cancelled)\n"
+        "        time.sleep(0.05)\n"
+    )
+    system.start("admission", "--block-ms", "100")
+    system.start("executor", str(module), "--grace", "0.5", "--kill-after", "0.5")
+    await eventually(lambda: _registered(redis, keys, 1), timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    await _publish(redis, keys, "spawns.go")
+    await eventually(lambda: _noted(redis, keys, "child"), timeout=30)
+    [(_, rid, child, _)] = await _notes(redis, keys)
+    await eventually(lambda: _ended(redis, keys, 1), timeout=30)
+    assert (await _recs(redis, keys))[rid]["st"] == "F"
+    await eventually(lambda: asyncio.sleep(0, _gone(child)), timeout=10)
+
+
 async def test_a_step_in_a_worker_stops_within_moments_of_a_sigkill_of_its_executor(
     redis: Redis, keys: Keys, running: System
 ) -> None:

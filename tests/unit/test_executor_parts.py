@@ -538,6 +538,59 @@ async def test_an_async_step_that_catches_its_timeouts_cancels_fails_its_run_aft
         runner.close()
 
 
+async def test_a_sync_step_waiting_for_a_thread_of_a_full_pool_is_said(caplog: Any) -> None:
+    """Sync steps that never return held every thread of the step pool, and later runs sat
+    RUNNING with nothing logged, only the stray handlers gauge to show it (a probe). The first
+    step that waits for a thread is said, once per 5 s."""
+    import asyncio
+    import logging
+    import threading
+
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Workflow
+
+    release = threading.Event()
+    wf = Workflow("wf", on_events=["e"])
+
+    @wf.step()
+    def holds(ctx: Any) -> None:
+        release.wait(10)
+
+    runner = Runner([wf], ExecutorConfig(slots=2), _Outbox())  # (4 threads)
+    try:
+        with caplog.at_level(logging.WARNING, logger="supersede"):
+            runs = [
+                runner.start(0, Claim(f"0-{i}", True, 1, "wf", "v",
+                                      pack_input({}, {}, "e", f"0-{i}"), "k", "s", "R"))
+                for i in range(4)
+            ]  # fmt: skip
+            for _ in range(100):
+                if runner.on_threads == 4:
+                    break
+                await asyncio.sleep(0.01)
+            assert not [r for r in caplog.records if "thread is busy" in r.getMessage()]
+            runs.append(
+                runner.start(
+                    0,
+                    Claim("0-4", True, 1, "wf", "v", pack_input({}, {}, "e", "0-4"), "k", "s", "R"),
+                )
+            )
+            for _ in range(100):
+                if runner.on_threads == 5:
+                    break
+                await asyncio.sleep(0.01)
+        [line] = [r for r in caplog.records if "thread is busy" in r.getMessage()]
+        assert vars(line)["threads"] == 4
+        release.set()
+        await asyncio.wait({r.task for r in runs if r and r.task}, timeout=10)
+        assert runner.on_threads == 0
+    finally:
+        release.set()
+        runner.close()
+
+
 async def test_the_on_cancel_hook_of_a_sync_step_past_its_grace_waits_for_the_step() -> None:
     """A cancelled run whose sync step ignored `ctx.cancelled` is reported CANCELLED after the
     grace period (its slot freed), but its on_cancel hook ran then too, beside the step it
