@@ -461,7 +461,17 @@ def run_until_signal(
 
     tune_gc()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(until_signal())
+        try:
+            runner.run(until_signal())
+        except RuntimeError as exc:  # (a traceback of asyncio's frames said nothing of why)
+            if "Event loop stopped before Future completed" not in str(exc):
+                raise
+            logging.getLogger(f"supersede.{service}").error(
+                "the event loop was stopped under the service (an async step calling "
+                "loop.stop()? give such code isolation='process'): exiting; its runs are "
+                "retried once their leases lapse"
+            )
+            raise SystemExit(1) from None
     exit_past_stuck_threads(service)
 
 

@@ -490,6 +490,37 @@ async def test_a_thread_a_step_left_running_does_not_hold_the_executors_exit(
     assert "threads still running" in err and "user-thread" in err, err[-2000:]
 
 
+LOOP_STOPPER = """
+import asyncio
+from supersede.workflow import Context, Workflow
+
+stops = Workflow("stops-loop", on_events=["stops.item"])
+
+
+@stops.step()
+async def stops_the_loop(ctx: Context) -> None:
+    asyncio.get_running_loop().stop()
+    await asyncio.sleep(60)
+"""
+
+
+async def test_a_step_that_stops_the_event_loop_ends_the_executor_in_one_line(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """An async step calling loop.stop(): the executor exited 1 with a traceback of asyncio's
+    frames ("Event loop stopped before Future completed") after an info "executor stopped"
+    (a probe). It says what happened in one line, naming the fix."""
+    module = tmp_path / "stopping_flows.py"
+    module.write_text(LOOP_STOPPER)
+    proc = await _system_with_module(redis, keys, system, module, "stops-loop")
+    await publish(redis, keys, "stops.item")
+    assert await asyncio.to_thread(proc.wait, 30) == 1
+    assert proc.stderr is not None
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert "the event loop was stopped" in err and "Traceback" not in err, err[-2000:]
+
+
 BLOCKING_STEP = """
 import time
 from supersede.workflow import Context, Workflow
