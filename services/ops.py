@@ -325,9 +325,12 @@ async def runs_page(
     live: list[RunRecord] = []
     if wanted & LIVE and before is None:
         if key is not None:
-            rids = await live_of_key(redis, keys, groups, key)
+            # (of each queue, the newest `limit` only: a page of a key with 200,000 queued
+            # loaded them all, 4 s; the active zset holds max_runs at most)
+            queued = limit if RunState.QUEUED.value in wanted else 0
+            rids = await live_of_key(redis, keys, groups, key, queued)
             live = [r for r in await records_of(redis, keys, rids) if keep(r)]
-            live.sort(key=lambda r: r.created_ms or 0, reverse=True)
+            live.sort(key=lambda r: (r.created_ms or 0, r.seq), reverse=True)
             live = live[:limit]
         else:
             live = await _live(redis, keys, keep, limit)

@@ -159,3 +159,54 @@ async def test_pages_of_runs_cover_every_ended_run_once_even_inside_one_large_en
     assert [r["state"] for r in live] == ["ASSIGNED"] * 5 and before is not None
     rows, _ = await runs_page(redis, keys, workflow="wf", limit=5, before=before)
     assert len(rows) == 5 and all(r["state"] == "CANCELLED" for r in rows)
+
+
+async def test_a_page_of_a_key_with_a_long_queue_loads_its_newest_and_its_cancel_goes_in_parts(
+    redis: Redis, keys: Keys, scripts: Scripts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key of GROUP_ROUND_ROBIN with a long queue: a page of its runs read every queued
+    member and loaded every record before it kept 20 (a scale probe: 4 s at 200,000, and the
+    UI's 503 past about 250,000), and `cancel --key` cancelled them all in one script call
+    (6.6 s at 300,000, BUSY to every service). A page loads the newest of the queue only; the
+    cancel goes CANCEL_CHUNK runs a call."""
+
+    await register(
+        redis,
+        keys,
+        {
+            **_wf("v1", 1),
+            "concurrency": {
+                "expression": "input.k",
+                "max_runs": 1,
+                "limit_strategy": "GROUP_ROUND_ROBIN",
+            },
+        },
+    )
+    reqs = [make_request(keys, workflow="wf", version="v1", key="deep", event=f"e{i}", seq=i,
+                         strategy=Strategy.GROUP_ROUND_ROBIN) for i in range(2_500)]  # fmt: skip
+    for i in range(0, len(reqs), 500):
+        await _admit(scripts, reqs[i : i + 500], now=10_000 + i)
+    loaded: list[int] = []
+    records_of = ops.records_of  # type: ignore[attr-defined]
+
+    async def counted(redis: Redis, keys: Keys, rids: list[str]) -> list[object]:
+        loaded.append(len(rids))
+        return await records_of(redis, keys, rids)  # type: ignore[return-value]
+
+    monkeypatch.setattr(ops, "records_of", counted)
+    rows, _ = await runs_page(redis, keys, workflow="wf", key="deep", limit=20)
+    assert [r["event_id"] for r in rows] == [f"e{i}" for i in range(2_499, 2_479, -1)]
+    assert max(loaded) <= 21 + 2, loaded  # (the newest 20 queued, the one assigned, candidates)
+    running, _ = await runs_page(redis, keys, workflow="wf", key="deep", state="assigned")
+    assert [r["event_id"] for r in running] == ["e0"]
+    calls: list[int] = []
+    cancel = scripts.cancel
+
+    async def sized(shard: int, rids: list[str], **kw: object) -> list[bool]:
+        calls.append(len(rids))
+        return await cancel(shard, rids, **kw)
+
+    monkeypatch.setattr(scripts, "cancel", sized)
+    flags = await cancel_key(redis, scripts, "wf", "deep")
+    assert len(flags) == 2_500 and all(flags.values())
+    assert calls == [1_000, 1_000, 500], calls
