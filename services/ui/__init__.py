@@ -276,12 +276,25 @@ SECURITY_HEADERS = {
 
 
 REQUEST_TIMEOUT = 5.0  # seconds a page may take: past it, Redis is said not to answer
+PING_WITHIN = 1.0  # seconds a PING may take, past a page's timeout, for Redis to be said up
 
 
-def _guard(hosts: frozenset[str] | None) -> Any:
+async def _answers(redis: Redis) -> bool:
+    """Redis answers a PING within PING_WITHIN."""
+    try:
+        async with asyncio.timeout(PING_WITHIN):
+            await redis.ping()
+    except (RedisError, TimeoutError, OSError):
+        return False
+    return True
+
+
+def _guard(hosts: frozenset[str] | None, redis: Redis | None = None) -> Any:
     """A middleware: only requests addressed to one of `hosts` (None: any) are served, so a
     DNS name rebound to this address cannot read the pages; a bad parameter is a 400, an
-    unknown run a 404, never a traceback; every answer carries the security headers."""
+    unknown run a 404, never a traceback; every answer carries the security headers. A page
+    past REQUEST_TIMEOUT while `redis` answers a PING is said to be too slow, not Redis
+    unreachable (a scale probe: the status of 1,000 workflows)."""
 
     @web.middleware
     async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -299,6 +312,16 @@ def _guard(hosts: frozenset[str] | None) -> Any:
             resp = web.Response(text=f"bad request: {exc}", status=400)
         except (RedisConnectionError, RedisTimeoutError, TimeoutError) as exc:  # (down, hung)
             said = describe(exc) if str(exc) else f"no answer within {REQUEST_TIMEOUT:g} s"
+            if not str(exc) and redis is not None and await _answers(redis):
+                log.warning("ui request: the page took too long", extra={
+                    "path": request.path, "within_s": REQUEST_TIMEOUT})  # fmt: skip
+                text = (
+                    f"this page took over {REQUEST_TIMEOUT:g} s though Redis answers: what "
+                    "it reads is too large; narrow it (a workflow, a key, a state)"
+                )
+                resp = web.Response(text=text, status=503)
+                resp.headers.update(SECURITY_HEADERS)
+                return resp
             log.warning("ui request: Redis unreachable", extra={"error": said})
             after = (
                 "the page is up to date again once it answers"
@@ -367,7 +390,7 @@ def make_app(
     redis: Redis, keys: Keys, *, allow_actions: bool = False, hosts: frozenset[str] | None = None
 ) -> web.Application:
     ui = UI(redis, keys, allow_actions=allow_actions)
-    app = web.Application(middlewares=[_guard(hosts)])
+    app = web.Application(middlewares=[_guard(hosts, redis)])
     app.add_routes(
         [
             web.get("/", ui.overview),

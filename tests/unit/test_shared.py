@@ -637,6 +637,35 @@ def test_a_workflow_id_two_modules_define_is_refused_naming_both(tmp_path: Path)
             sys.modules.pop(name, None)
 
 
+async def test_a_dashboard_page_past_its_time_is_said_slow_while_redis_answers(
+    redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page past the UI's 5 s (the status of 1,000 workflows, a state filter over a million
+    retained runs) was answered "Redis is unreachable" and logged so, though Redis answered
+    (a scale probe). It says the page is too slow, and what to narrow; a silent Redis is
+    still said unreachable."""
+    import asyncio
+
+    from aiohttp.test_utils import make_mocked_request
+    from redis.asyncio import Redis
+
+    from supersede.services import ui
+
+    monkeypatch.setattr(ui, "REQUEST_TIMEOUT", 0.1)
+
+    async def slow(request: object) -> None:
+        await asyncio.sleep(1)
+
+    resp = await ui._guard(None, redis)(make_mocked_request("GET", "/"), slow)
+    assert resp.status == 503 and "took over 0.1 s though Redis answers" in resp.text, resp.text
+    silent = Redis.from_url("redis://10.255.255.1:6379/0", socket_connect_timeout=5)
+    try:
+        resp = await ui._guard(None, silent)(make_mocked_request("GET", "/"), slow)
+    finally:
+        await silent.aclose()
+    assert resp.status == 503 and "Redis is unreachable (no answer within 0.1 s)" in resp.text
+
+
 def test_the_dashboard_answers_a_redis_failure_with_its_own_500_and_headers() -> None:
     """A Redis error that is no refusal of a right: the guard's 500 page with the security
     headers (it re-raised past them: aiohttp's bare 500)."""
