@@ -50,7 +50,7 @@ _STATE_SCRIPTS = _words(
 _BELLS = ("&{@:*}:assignments:*",)
 _READ = _words(
     "hget hmget hgetall hkeys hvals hlen hscan exists get xlen xrange xrevrange xinfo|groups "
-    "xinfo|consumers xinfo|stream zrange zrangebylex zrangebyscore zcard zscore"
+    "xinfo|consumers xinfo|stream zrange zrangebylex zrevrangebylex zrangebyscore zcard zscore"
     " time"  # (a page of `runs` full of live runs: the next page's cursor is the server's now)
 )
 
