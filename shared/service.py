@@ -89,6 +89,14 @@ class Throttle:
         self._every = every
         self._last = -every
 
+    @property
+    def every(self) -> float:
+        return self._every
+
+    @every.setter
+    def every(self, seconds: float) -> None:
+        self._every = seconds
+
     def due(self) -> bool:
         now = time.monotonic()
         if now - self._last < self._every:

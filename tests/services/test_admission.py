@@ -581,6 +581,27 @@ async def test_gauges_report_queue_depth_per_workflow_active_runs_and_lag(
     assert metrics.ASSIGNMENT_BACKLOG.labels("latest")._value.get() == 1
 
 
+async def test_the_gauges_of_many_workflows_are_read_less_often(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    """The gauges read two commands of every stream of every workflow on every shard each
+    second: with 1,000 workflows on 16 shards, half of admission's CPU while idle (a scale
+    probe). Past GAUGED_STREAMS_PER_S streams they are read less often."""
+    from supersede.registry import register_all
+    from supersede.services.admission import service as admission
+
+    keys = Keys(namespace, 16)
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    gauges = Admission(redis, settings, AdmissionConfig())
+    await register(redis, keys, {"id": "one", "events": ["e"]})
+    await gauges.update_gauges()
+    assert gauges._gauges_due.every == admission.GAUGES_EVERY
+    await register_all(redis, keys, [{"id": f"w{i}", "events": ["e"]} for i in range(300)])
+    await gauges.update_gauges()
+    streams = 16 * (2 + 301)
+    assert gauges._gauges_due.every == pytest.approx(streams / admission.GAUGED_STREAMS_PER_S, 0.01)
+
+
 async def _running_with_results(redis: Redis, keys: Keys, n: int) -> list[tuple[int, RunRequest]]:
     """n runs of n keys, RUNNING, each with its SUCCEEDED result in its shard's results
     stream, unread."""
