@@ -329,7 +329,18 @@ async def runs_page(
             # loaded them all, 4 s; the active zset holds max_runs at most)
             queued = limit if RunState.QUEUED.value in wanted else 0
             rids = await live_of_key(redis, keys, groups, key, queued)
-            live = [r for r in await records_of(redis, keys, rids) if keep(r)]
+            loaded = await records_of(redis, keys, rids)
+            live = [r for r in loaded if keep(r)]
+            if (
+                queued
+                and len(live) < limit
+                and workflow
+                and any(r.workflow != workflow for r in loaded)
+            ):
+                # (a scope's queue holds its other workflows' runs: the newest may all be
+                # theirs, and ours behind them)
+                rids = await live_of_key(redis, keys, groups, key)
+                live = [r for r in await records_of(redis, keys, rids) if keep(r)]
             live.sort(key=lambda r: (r.created_ms or 0, r.seq), reverse=True)
             live = live[:limit]
         else:

@@ -391,13 +391,19 @@ async def server_time(redis: Redis) -> float:
     """The server's clock in seconds (a cluster's: one node's); this process's clock when TIME
     is refused (an ACL user from before the role had it), or on a cluster when no answer came
     within TIME_WAIT seconds (a master gone silent: the callers' periodic tasks go on)."""
+    told = await server_time_read(redis)
+    return time.time() if told is None else told
+
+
+async def server_time_read(redis: Redis) -> float | None:
+    """The server's clock in seconds, or None when TIME failed (see server_time)."""
     try:
         if isinstance(redis, RedisCluster):
             reply = await asyncio.wait_for(redis.time(), TIME_WAIT)
         else:
             reply = await redis.time()
     except (redis_sync.RedisError, TimeoutError):
-        return time.time()
+        return None
     if isinstance(reply, dict):  # (a cluster client: node -> reply)
         reply = next(iter(reply.values()))
     seconds, micros = reply

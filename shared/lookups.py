@@ -102,12 +102,13 @@ async def live_of_key(
             pipe.zrangebylex(sk.active_zset, lo, hi)
             pipe.hget(sk.debounce_hash, g)  # a run waiting in a debounce window
         replies = await pipe.execute()
-    found = [
-        waiting_rid(reply) if not isinstance(reply, list) else rid_of_member(m)
-        for reply in replies
-        if reply
-        for m in (reply if isinstance(reply, list) else [reply])
-    ]
+    # Every group's queued runs first, its active ones last: `cancel_key` cancels in this
+    # order, in parts, and an active run cancelled first freed a slot that started the head
+    # of the queue, cancelled then as it ran.
+    queues, actives, waiting = replies[0::3], replies[1::3], replies[2::3]
+    found = [rid_of_member(m) for members in queues for m in members]
+    found += [waiting_rid(raw) for raw in waiting if raw]
+    found += [rid_of_member(m) for members in actives for m in members]
     # (the key is an inbox entry id, or an explicit id: hashed apart when it looks like one)
     candidates = {
         run_id(shard_of_group(g, keys.shards), key, w, explicit=explicit)

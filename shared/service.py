@@ -49,7 +49,7 @@ from supersede.config import (
     pin_shard_count,
     redact,
     refusal,
-    server_time,
+    server_time_read,
     unverified_tls,
 )
 from supersede.errors import ConfigError, describe
@@ -178,12 +178,16 @@ class ServerClock:
         rtt_ms, offset_ms = math.inf, 0.0
         for _ in range(CLOCK_TRIES):
             sent = time.time()
-            told = await server_time(redis)
+            told = await server_time_read(redis)
             back = time.time()
+            if told is None:  # (refused or unanswered: not this host's clock, the offset 0)
+                continue
             if (back - sent) * 1000 < rtt_ms:  # (the server's time, mid-way through the call)
                 rtt_ms, offset_ms = (back - sent) * 1000, (told - (sent + back) / 2) * 1000
             if rtt_ms < CLOCK_NOISE_MS:
                 break
+        if rtt_ms == math.inf:
+            return  # (no read went through: the offset kept)
         if abs(offset_ms) <= rtt_ms / 2 + CLOCK_NOISE_MS:
             offset_ms = 0.0
         self.offset_ms = _offset_ms = offset_ms
@@ -479,7 +483,7 @@ def run_until_signal(
                 "loop.stop()? give such code isolation='process'): exiting; its runs are "
                 "retried once their leases lapse"
             )
-            raise SystemExit(1) from None
+            _exit_now(1)  # (not past the runner's close: it waits for every task, stuck too)
     exit_past_stuck_threads(service)
 
 
@@ -536,8 +540,8 @@ async def _end_leftover_tasks(service: str) -> None:
         _exit_now()
 
 
-def _exit_now() -> None:
-    """Flush the logs and spans and end the process, exit 0 (see exit_past_stuck_threads)."""
+def _exit_now(code: int = 0) -> None:
+    """Flush the logs and spans and end the process, exit `code` (see exit_past_stuck_threads)."""
     tracing.shutdown()
     logging.shutdown()
     with contextlib.suppress(Exception):
@@ -549,7 +553,7 @@ def _exit_now() -> None:
     with contextlib.suppress(Exception):
         sys.stdout.flush()
         sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 MAX_CPU = 1 << 16  # (a range past it is a typo, and would be a set of that many numbers)

@@ -61,7 +61,10 @@ end
 -- end in a call are merged in once, when the group is ranked or the call ends (split, sorted
 -- and joined at each end, a finish of 500 runs of a group at max_runs 10,000 took 8.5 s).
 local newestCache, newestDirty = {}, {}   -- group -> members, or false when none is stored
-local endedNow = {}   -- group -> {members ended this call, unsorted; mx = the least max_runs}
+-- group -> {members ended this call, unsorted; mx = the largest max_runs of theirs: a group
+-- whose max_runs an expression computes keeps as many as its largest asks (the ranking walk
+-- stops at each arrival's own max_runs)}
+local endedNow = {}
 
 local function prefetchNewest(groups)
   for i = 1, #groups, 1000 do
@@ -111,7 +114,7 @@ local function rememberEnded(g, m, mx)
     if newestCache[g] == nil then newestCache[g] = rcall('HGET', newestKey, g) end
     ended = { mx = mx }
     endedNow[g] = ended
-  elseif mx < ended.mx then
+  elseif mx > ended.mx then
     ended.mx = mx
   end
   ended[#ended + 1] = m

@@ -70,6 +70,15 @@ def _signal_session(worker: Worker, sig: int) -> None:
     pid = worker.process.pid
     if pid is None:
         return
+    if worker.process.exitcode is not None:  # (reaped: its pid may be another's now)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            pass  # (no process has it: while its group has members, none can)
+        except PermissionError:
+            return
+        else:
+            return  # (a process took its pid, so its group was empty: nothing to stop)
     try:
         os.killpg(pid, sig)
     except ProcessLookupError:  # (no such group: gone, or not yet its own)

@@ -60,6 +60,7 @@ log = logging.getLogger("supersede.executor")
 _NOT_WRITTEN = Sampled()  # "result not written" lines: one per 5 s of a kind, with repeats
 _FENCE_NOT_READ = Sampled()
 _THREADS_BUSY = Sampled()  # "every step thread is busy" lines
+_STRAYS_FULL = Sampled()  # "as many left running already" lines
 
 OUTCOME_LABEL = {
     Outcome.SUCCEEDED: "succeeded",
@@ -277,6 +278,7 @@ class Runner:
             max_workers=max(4, config.slots * 2), thread_name_prefix=STEP_THREAD_PREFIX
         )
         self.on_threads = 0  # sync steps given to the pool and not yet returned
+        self.async_strays = 0  # async steps left running past their timeout and grace
         self.slot_freed = asyncio.Event()
         self.reserved = 0  # slots promised to a claim in flight (a fetch, or a hand-over)
         self.handing = 0  # hand-overs in flight (`supersede serve`): the drain waits for them
@@ -587,8 +589,8 @@ class Runner:
         """A run the drain stopped, its step ended: queued to be handed back (retried
         elsewhere at once, no attempt used). One whose sync step runs on is left to its
         lease."""
-        if run.step_runs_on or not self.stopping.is_set():
-            return
+        if run.step_runs_on or run.reported or not self.stopping.is_set():
+            return  # (reported: its step ran on past its timeout, the run failed)
         self.left.append((run.shard, run.run_id, run.attempt))
         self.left_added.set()
 
@@ -746,23 +748,29 @@ class Runner:
         coro = step.fn(ctx)
         run.in_async_step = True
         token = run.timing = object()
-        late = None
+        timers: list[asyncio.TimerHandle] = []
         try:
             if step.timeout:
-                if not strict:
-                    late = asyncio.get_running_loop().call_later(
-                        step.timeout + self.config.grace, self._fail_if_on, run, step, token
-                    )
+                if not strict:  # (the grace counted from when the timeout came: a step that
+                    # blocked the loop past both was failed as it left)
+                    loop = asyncio.get_running_loop()
+                    timers.append(loop.call_later(step.timeout, lambda: timers.append(
+                        loop.call_later(self.config.grace, self._fail_if_on, run, step, token)
+                    )))  # fmt: skip
                 return await self._timed(coro, step.name, step.timeout, not strict)
             return await coro
         finally:
             run.in_async_step = False
             run.timing = None
-            if late is not None:
-                late.cancel()
+            for timer in timers:
+                timer.cancel()
 
     def _thread_returned(self, _: object) -> None:
         self.on_threads -= 1
+
+    def _async_stray_ended(self, _: object) -> None:
+        self.async_strays -= 1
+        metrics.STRAY_HANDLERS.dec()
 
     def _say_if_threads_busy(self, run: Running) -> None:
         """Every thread of the step pool holds a sync step (those past their run's cancel or
@@ -789,9 +797,19 @@ class Runner:
     async def _fail_left_on(self, run: Running, step: Step, token: object) -> None:
         if run.timing is not token or run.reported or run.ctx.cancelled or _stopped(run):
             return  # (out of the step; or its cancel, the drain or a lapse reports it)
+        if self.async_strays >= self.config.slots:  # (bounded, as sync ones by the pool)
+            if (repeats := _STRAYS_FULL.due("full")) is not None:
+                log.warning(
+                    "an async step runs on past its timeout and grace, catching each "
+                    "CancelledError, and as many left running already: its run keeps its "
+                    "slot", extra={"run": run.run_id, "workflow": run.workflow.id,
+                                   "step": step.name, "repeats": repeats},
+                )  # fmt: skip
+            return
         if run.task is not None and not run.task.done():
+            self.async_strays += 1
             metrics.STRAY_HANDLERS.inc()
-            run.task.add_done_callback(lambda _: metrics.STRAY_HANDLERS.dec())
+            run.task.add_done_callback(self._async_stray_ended)
         log.warning(
             "an async step ran on past its timeout and the grace period, catching each "
             "CancelledError: its run failed and its slot is free, the step runs on beside",

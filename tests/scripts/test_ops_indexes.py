@@ -199,14 +199,23 @@ async def test_a_page_of_a_key_with_a_long_queue_loads_its_newest_and_its_cancel
     assert max(loaded) <= 21 + 2, loaded  # (the newest 20 queued, the one assigned, candidates)
     running, _ = await runs_page(redis, keys, workflow="wf", key="deep", state="assigned")
     assert [r["event_id"] for r in running] == ["e0"]
-    calls: list[int] = []
+    calls: list[list[str]] = []
     cancel = scripts.cancel
 
     async def sized(shard: int, rids: list[str], **kw: object) -> list[bool]:
-        calls.append(len(rids))
+        calls.append(rids)
         return await cancel(shard, rids, **kw)
 
     monkeypatch.setattr(scripts, "cancel", sized)
     flags = await cancel_key(redis, scripts, "wf", "deep")
     assert len(flags) == 2_500 and all(flags.values())
-    assert calls == [1_000, 1_000, 500], calls
+    assert [len(c) for c in calls] == [1_000, 1_000, 500], calls
+    # (the assigned run last: cancelled first, its slot started the head of the queue, which
+    # a later part then cancelled as it ran)
+    assert calls[-1][-1] == reqs[0][1].run_id
+    from supersede.protocol import RunRecord
+
+    raw = await redis.hgetall(keys.shard(reqs[0][0]).runs_hash)
+    runs = [RunRecord.decode(k.decode(), v) for k, v in raw.items()]
+    assert {r.state.value for r in runs} == {"C"}
+    assert [r.event_id for r in runs if r.assigned_ms] == ["e0"]  # (none of the queue started)

@@ -202,6 +202,29 @@ async def test_cancel_in_progress_ranks_runs_ended_in_one_call_as_if_ended_one_b
     assert recs[late[1].run_id]["by"] == newer[1].run_id
 
 
+async def test_runs_ended_in_one_call_with_computed_max_runs_keep_the_largest_of_theirs(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """max_runs computed per event: the runs one call ends are kept up to the largest max_runs
+    among them (the least cut the group's newest to one, and a late, older arrival of the
+    larger limit survived though three newer runs ended)."""
+    runs = [make_request(keys, event=f"m{i}", seq=10 + i, max_runs=3 if i else 1)
+            for i in range(3)]  # fmt: skip
+    shard = runs[0][0]
+    for run in runs:
+        await admit(scripts, run)  # (each alone: the first's limit of 1 ranks none after)
+    started = [req for _, req in runs]
+    for req in started:
+        await claim(scripts, shard, req)
+    await scripts.finish(shard, [("0-1", RunResult(r.run_id, 1, Outcome.SUCCEEDED).pack())
+                                 for r in started], now=5)  # fmt: skip
+    [stored] = (await redis.hgetall(keys.shard(shard).newest_hash)).values()
+    assert stored.count(b",") == 2
+    late = make_request(keys, event="late", seq=9, max_runs=3)
+    await admit(scripts, late)
+    assert states(await records(redis, keys), late) == ["C"]
+
+
 async def test_a_finish_of_many_runs_of_a_group_at_the_largest_max_runs_stays_short(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:

@@ -537,6 +537,32 @@ async def test_an_async_step_that_catches_its_timeouts_cancels_fails_its_run_aft
         stop.set()
         runner.close()
 
+    # A step that blocked the loop past its timeout and the grace, then left at its next
+    # await (its cleanup awaiting briefly): timed out, tried again, not failed as a stray
+    blocker = Workflow("blocker", on_events=["e"])
+
+    @blocker.step(timeout=0.1, retries=1)
+    async def blocks(ctx: Any) -> None:
+        try:
+            time.sleep(0.5)  # (the loop held: the timeout's cancel comes at the next await)
+            await asyncio.sleep(10)
+        finally:
+            await asyncio.sleep(0.01)
+
+    outbox = _Outbox()
+    runner = Runner([blocker], ExecutorConfig(grace=0.3, retry_backoff=0.01), outbox)
+    try:
+        claim = Claim("0-blocks", True, 1, "blocker", "v", pack_input({}, {}, "e", "0-blocks"),
+                      "k", "s", "R")  # fmt: skip
+        run = runner.start(0, claim)
+        assert run is not None and run.task is not None
+        await asyncio.wait({run.task}, timeout=10)
+        [result] = outbox.written
+        assert result.outcome.value == "F" and "failed after 2 tries" in (result.error or "")
+        assert "catching each" not in (result.error or ""), result.error
+    finally:
+        runner.close()
+
 
 async def test_a_sync_step_waiting_for_a_thread_of_a_full_pool_is_said(caplog: Any) -> None:
     """Sync steps that never return held every thread of the step pool, and later runs sat

@@ -1244,6 +1244,17 @@ async def test_a_clock_offset_within_the_reads_error_is_taken_as_none(
         clock = ServerClock(logging.getLogger("supersede.test"))
         await clock.refresh(redis)
         assert 45 < clock.offset_ms < 55
+    # a read the server refuses (or does not answer) is none: the offset found is kept (it
+    # fell back to this host's clock, the shortest round trip, and wiped it for a minute)
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def refused() -> None:
+        raise RedisConnectionError("gone")
+
+    monkeypatch.setattr(redis, "time", refused)
+    clock._due = type(clock._due)(0.0)
+    await clock.refresh(redis)
+    assert 45 < clock.offset_ms < 55
     service._offset_ms = 0.0  # (the process's: other tests stamp on)
 
 
