@@ -1292,3 +1292,40 @@ async def test_a_failed_pipelines_arguments_are_never_written_to_the_logs(redis:
     written = stream.getvalue()
     assert written.count("\n") == 2 and "command 2 of a pipeline" in written, written
     assert "card-4242" not in written, written
+
+
+async def test_a_periodic_task_a_silent_master_failed_leaves_its_service_ready(
+    redis: Any, redis_url: str, namespace: str
+) -> None:
+    """On a cluster with a master gone silent, admission's trim (every shard's streams) timed
+    out and made admission not ready, for as long as the master was silent, while it admitted
+    and ended runs on the other shards (a probe: SupersedeAdmissionDown's expression true,
+    a critical "no run is admitted, none ends"). SupersedeShardsSilent says it: a task failed
+    by a silent shard's timeout leaves the service ready; with no shard silent, it does not."""
+    import asyncio
+
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from supersede import metrics
+    from supersede.config import Settings
+    from supersede.service import Service
+
+    class Probe(Service):
+        name = "probe-ready"
+
+    service = Probe(redis, Settings(redis_url=redis_url, namespace=namespace, shards=4))
+    stop = asyncio.Event()
+
+    async def trim() -> None:
+        stop.set()
+        raise RedisTimeoutError("Timeout reading from a silent master")
+
+    metrics.report("probe-ready", "read", True)
+    service.health.silent.add(2)
+    await service._every(stop, 0.01, trim)
+    assert metrics._READY["probe-ready"] is True
+    service.health.silent.clear()
+    stop.clear()
+    await service._every(stop, 0.01, trim)
+    assert metrics._READY["probe-ready"] is False
+    metrics.report("probe-ready", "trim", True)
