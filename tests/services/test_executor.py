@@ -901,14 +901,9 @@ async def test_a_step_timeout_or_an_unpackable_output_fails_the_run(
         assert line in err and "services/executor" not in err, err
 
 
-async def test_a_step_raising_any_base_exception_fails_its_run_alone(
-    redis: Redis, keys: Keys, system: System
-) -> None:
-    """SystemExit, KeyboardInterrupt, GeneratorExit or a user's BaseException subclass raised
-    by a step (async, or sync in its thread) fails its run like any exception; an output msgpack
-    packs but Python cannot read back fails it too. Before, the first stopped the executor (and
-    every run it held) and the last left the run RUNNING for good, its slot held; the output
-    succeeded, and every reader of the run raised."""
+async def _hostile_system(redis: Redis, keys: Keys, system: System) -> subprocess.Popen[bytes]:
+    """Admission, an executor of tests.support.apps.hostile, then ingress once it registered
+    its workflows; the executor."""
     system.start("admission", "--block-ms", "100")
     executor = system.start("executor", "tests.support.apps.hostile")
 
@@ -917,6 +912,18 @@ async def test_a_step_raising_any_base_exception_fails_its_run_alone(
 
     await eventually(registered, timeout=30)
     system.start("ingress", "--block-ms", "100")
+    return executor
+
+
+async def test_a_step_raising_any_base_exception_fails_its_run_alone(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """SystemExit, KeyboardInterrupt, GeneratorExit or a user's BaseException subclass raised
+    by a step (async, or sync in its thread) fails its run like any exception; an output msgpack
+    packs but Python cannot read back fails it too. Before, the first stopped the executor (and
+    every run it held) and the last left the run RUNNING for good, its slot held; the output
+    succeeded, and every reader of the run raised."""
+    executor = await _hostile_system(redis, keys, system)
     kinds = ["base", "exit", "interrupt", "generator-exit", "tuple-key"]
     for kind in kinds:
         await publish(redis, keys, "hostile.item", kind=kind)
@@ -940,14 +947,7 @@ async def test_an_on_cancel_hook_raising_system_exit_or_keyboard_interrupt_is_it
     the executor with every run it held, saying only "executor stopped" (a probe: exit 4; the
     cancelled run CANCELLING until its lease ran out, healthy runs ASSIGNED). It is the hook's
     failure now, logged, and the executor serves on."""
-    system.start("admission", "--block-ms", "100")
-    executor = system.start("executor", "tests.support.apps.hostile")
-
-    async def registered() -> bool:
-        return int(await redis.hlen(keys.workflows_hash)) == 5
-
-    await eventually(registered, timeout=30)
-    system.start("ingress", "--block-ms", "100")
+    executor = await _hostile_system(redis, keys, system)
     for event in ("hostile-hook.item", "hostile-sync-hook.item"):
         for kind in ("exit", "interrupt"):
             await publish(redis, keys, event, kind=kind)
