@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from supersede.metrics import LATENCY_BUCKETS, LoopCounter, LoopHistogram
+from supersede.metrics import LATENCY_BUCKETS, WAIT_BUCKETS, LoopCounter, LoopHistogram
 
 # (Loop*: updated once or twice per run, from the event loop only; see supersede.metrics.)
 RUNS_STARTED = LoopCounter(
@@ -34,7 +34,7 @@ STEP_SECONDS = LoopHistogram(
     buckets=(*LATENCY_BUCKETS, 10, 30, 60, 300),
 )  # fmt: skip
 QUEUE_WAIT_SECONDS = LoopHistogram(
-    "supersede_executor_queue_wait_seconds", "From assignment to claim.", buckets=LATENCY_BUCKETS
+    "supersede_executor_queue_wait_seconds", "From assignment to claim.", buckets=WAIT_BUCKETS
 )
 CANCEL_LATENCY_SECONDS = Histogram(
     "supersede_executor_cancel_latency_seconds",
