@@ -83,23 +83,15 @@ PIN_EVERY = 5.0  # seconds between two looks for the namespace's pinned facts (k
 class Throttle:
     """`due()` is true at most once per `every` seconds (first call included)."""
 
-    __slots__ = ("_every", "_last")
+    __slots__ = ("_last", "every")
 
     def __init__(self, every: float) -> None:
-        self._every = every
+        self.every = every
         self._last = -every
-
-    @property
-    def every(self) -> float:
-        return self._every
-
-    @every.setter
-    def every(self, seconds: float) -> None:
-        self._every = seconds
 
     def due(self) -> bool:
         now = time.monotonic()
-        if now - self._last < self._every:
+        if now - self._last < self.every:
             return False
         self._last = now
         return True

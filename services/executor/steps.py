@@ -190,9 +190,7 @@ async def _hook_guarded(hook: Awaitable[Any]) -> Any:
     They are the hook's failure now, logged as any other."""
     try:
         return await hook
-    except asyncio.CancelledError:
-        raise
-    except Exception:
+    except (asyncio.CancelledError, Exception):
         raise
     except BaseException as exc:
         raise HookFailed(f"on_cancel hook raised {type(exc).__name__}: {exc}") from exc
