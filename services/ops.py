@@ -833,10 +833,17 @@ def _warn_no_run(name: str, known: list[str]) -> None:
             "planned: its key expression fails for this data (ingress dead-letters the event "
             "for it: see `supersede dead`), or no service has started in this namespace yet"
         )
-    else:
+    elif known:
         warn(
             f"supersede: warning: no workflow listens to {name!r}, so this event makes no "
-            f"run (known events: {', '.join(known) or 'none: no workflow is registered'})"
+            f"run (known events: {', '.join(known)})"
+        )
+    else:  # (ingress reads nothing while none is registered: the event is not lost)
+        warn(
+            "supersede: warning: no workflow is registered in this namespace yet, so ingress "
+            "reads nothing: the event waits in the inbox, and makes the runs of the workflows "
+            "registered when it is read (start their executors, or `supersede register "
+            "MODULE`); publishing it again would make them twice"
         )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 import redis as redis_sync
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from supersede import codec, tracing
 from supersede.config import DEFAULT_NAMESPACE
@@ -108,6 +108,11 @@ def publish_sync(
     namespace: str | None = None,
 ) -> str:
     """`publish` for synchronous code."""
+    if isinstance(redis, Redis | RedisCluster):  # (its xadd made a coroutine, never awaited:
+        raise TypeError(  # the event was lost and a '<coroutine ...>' returned as its id)
+            "publish_sync takes a blocking client (supersede.connect_sync(url)); with a "
+            "redis.asyncio one, await supersede.publish(...)"
+        )
     fields = event_fields(name, data, id=id, metadata=metadata)
     entry = redis.xadd(inbox(namespace), fields)  # type: ignore[arg-type]
     return entry.decode() if isinstance(entry, bytes) else str(entry)
@@ -200,6 +205,8 @@ async def wait_for_run(
     workflow), DeadLettered (a WaitTimeout) says why, at once. A server that does not answer
     ends the wait within a second of `timeout` all the same."""
     _check_client(redis)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
     if timeout < 0:
         raise ValueError(f"timeout must be 0 or more seconds, got {timeout}")
     seen: list[Run | None] = [None]
@@ -354,6 +361,9 @@ async def cancel_key(
     key of `workflow`, whatever its version, as `supersede cancel --workflow W --key K` does:
     the ids of the runs this call cancelled. LookupError for a workflow never registered."""
     _check_client(redis)
+    for what, value in (("workflow", workflow), ("key", key)):
+        if not isinstance(value, str):
+            raise TypeError(f"{what} must be a str, got {type(value).__name__} {value!r}")
     from supersede.lookups import cancel_key as cancel_of_key
     from supersede.lookups import require_workflow
     from supersede.scripts import Scripts
@@ -460,7 +470,10 @@ async def publish_runs(
 ) -> tuple[str, list[PlannedRun], list[str]]:
     """`publish`, then the runs the event will make under the workflows registered now:
     (entry id, planned runs, every event name some workflow listens to). No planned run means
-    no workflow listens to `name`: the event is acknowledged without a run. With an explicit
+    no workflow listens to `name`: the event is acknowledged without a run; or, when no
+    workflow is registered at all (`known` is empty), ingress reads nothing yet: the event
+    waits in the inbox, and what runs it makes is decided by the workflows registered when
+    ingress reads it. With an explicit
     `id` that ingress has seen before, ingress makes no new run: the planned run is the first
     event's (its `duplicate_of` the first entry). An event ingress refuses makes none (a dead
     letter); `wait_for_run(..., entry=)` follows it, and a duplicate whose first entry ingress

@@ -211,6 +211,7 @@ def connect(url: str, max_connections: int = 64) -> Redis:
     client (any node as seed); it
     offers the commands the services use, so it is typed as `Redis` for them.
     """
+    _check_database(url)  # (Settings checks the variable; a URL given here, the same way)
     try:
         if is_cluster_url(url):
             seed = cluster_seed(url)
@@ -262,6 +263,7 @@ def connect_sync(url: str, *, timeout: float | None = None) -> redis_sync.Redis:
 
         options = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
                    "retry": Retry(NoBackoff(), 0)}  # fmt: skip
+    _check_database(url)
     try:
         if is_cluster_url(url):
             return cast(

@@ -23,7 +23,7 @@ import inspect
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from supersede.errors import DefinitionError
 from supersede.protocol import Strategy
@@ -32,6 +32,21 @@ from supersede.registry import WorkflowDef, definition_body, parse
 __all__ = ["ISOLATIONS", "Concurrency", "Context", "Step", "Strategy", "Workflow"]
 
 StepNames = dict[tuple[str, str], str]  # (module, qualname) of a step's function -> its name
+
+# A step or hook as its decorator returns it: the function itself, its type kept for the
+# caller's type checker (a test that calls a step sees what it returns)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def is_async_callable(fn: Any) -> bool:
+    """True when calling `fn` gives a coroutine: an async function (a functools.partial of one
+    too), or an object whose class has an `async def __call__` (treated as sync, every run
+    failed with "the output is a coroutine")."""
+    if asyncio.iscoroutinefunction(fn):
+        return True
+    if inspect.isroutine(fn) or inspect.isclass(fn) or not callable(fn):
+        return False
+    return asyncio.iscoroutinefunction(type(fn).__call__)
 
 
 def fn_key(fn: Any) -> tuple[str, str] | None:
@@ -100,7 +115,7 @@ class Step:
     def __post_init__(self) -> None:
         # (asked for at every call of the step: iscoroutinefunction cost a no-op run 3% of an
         # executor's CPU)
-        self.is_async = asyncio.iscoroutinefunction(self.fn)
+        self.is_async = is_async_callable(self.fn)
 
 
 class _Flag:
@@ -312,16 +327,37 @@ class Workflow:
         if made_by is not None:
             DEFINED_IN.setdefault(made_by, []).append(self)
 
+    @overload
+    def step(self, fn: F, /) -> F: ...
+
+    @overload
     def step(
         self,
+        fn: None = None,
+        /,
         *,
         parents: list[Callable[..., Any] | str] | tuple[Callable[..., Any] | str, ...] = (),
         timeout: float | None = None,
         retries: int = 0,
         name: str | None = None,
         isolation: str | None = None,
-    ) -> Callable[[Callable[[Context], Any]], Callable[[Context], Any]]:
-        def register(fn: Callable[[Context], Any]) -> Callable[[Context], Any]:
+    ) -> Callable[[F], F]: ...
+
+    def step(
+        self,
+        fn: Any = None,
+        /,
+        *,
+        parents: list[Callable[..., Any] | str] | tuple[Callable[..., Any] | str, ...] = (),
+        timeout: float | None = None,
+        retries: int = 0,
+        name: str | None = None,
+        isolation: str | None = None,
+    ) -> Any:
+        """Register the decorated function as a step: `@wf.step()` with options, or `@wf.step`
+        with none. It returns the function itself (a test calls it with a Context)."""
+
+        def register(fn: F) -> F:
             # (checked by definition(), which names the field: here, keep what was given)
             given: Any = parents
             names: Any = (
@@ -338,12 +374,23 @@ class Workflow:
                         names[key] = ""
             return fn
 
-        return register
+        return register if fn is None else register(fn)
 
-    def on_cancel(self, fn: Callable[[Context], Any]) -> Callable[[Context], Any]:
-        """Register a clean-up hook run (shielded) when a run of this workflow is cancelled."""
-        self.cancel_hook = fn
-        return fn
+    @overload
+    def on_cancel(self, fn: F, /) -> F: ...
+
+    @overload
+    def on_cancel(self, fn: None = None, /) -> Callable[[F], F]: ...
+
+    def on_cancel(self, fn: Any = None, /) -> Any:
+        """Register a clean-up hook run (shielded) when a run of this workflow is cancelled:
+        `@wf.on_cancel`, or `@wf.on_cancel()`."""
+
+        def register(fn: F) -> F:
+            self.cancel_hook = fn
+            return fn
+
+        return register if fn is None else register(fn)
 
     def definition(self) -> WorkflowDef:
         """Validate; raises DefinitionError naming the bad field."""

@@ -47,7 +47,7 @@ from supersede import codec
 from supersede.errors import step_traceback
 from supersede.services.executor.outputs import OutputError, readable
 from supersede.services.modules import import_module
-from supersede.workflow import Context, resolve
+from supersede.workflow import Context, is_async_callable, resolve
 
 log = logging.getLogger("supersede.executor")
 
@@ -279,10 +279,7 @@ def worker_main(
                 import_module(job["mf"])
             fn = resolve(job["m"], job["q"])
             ctx = _WorkerContext(job, flag, fence_check, leased)
-            if asyncio.iscoroutinefunction(fn):
-                out = asyncio.run(_until_flag(fn, ctx, flag))
-            else:
-                out = fn(ctx)
+            out = asyncio.run(_until_flag(fn, ctx, flag)) if is_async_callable(fn) else fn(ctx)
             readable(out, job.get("sn", job["q"]))  # (an OutputError names the culprit)
             reply = codec.pack_value(["ok", out])
         except asyncio.CancelledError as exc:

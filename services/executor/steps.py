@@ -54,7 +54,7 @@ from supersede.services.executor.isolation import (
 from supersede.services.executor.outbox import Outbox
 from supersede.services.executor.outputs import OutputError, readable
 from supersede.services.modules import module_file
-from supersede.workflow import Context, Step, Workflow
+from supersede.workflow import Context, Step, Workflow, is_async_callable
 
 log = logging.getLogger("supersede.executor")
 _NOT_WRITTEN = Sampled()  # "result not written" lines: one per 5 s of a kind, with repeats
@@ -1021,7 +1021,7 @@ class Runner:
         if hook is None:
             return
         try:
-            if asyncio.iscoroutinefunction(hook):
+            if is_async_callable(hook):
                 await asyncio.shield(_hook_guarded(hook(run.ctx)))
             else:
                 await asyncio.shield(

@@ -14,6 +14,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+import supersede
 from supersede.keys import Keys
 from supersede.registry import register
 from supersede.services import render
@@ -471,6 +472,24 @@ def test_publish_and_replay_refuse_ids_that_cannot_be(system: System) -> None:
     assert done.returncode == 2 and "Traceback" not in err and "garbage" in err, err
 
 
+async def test_publish_where_no_workflow_is_registered_says_the_event_waits_in_the_inbox(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """It said "no workflow listens to 'app.chat', so this event makes no run (known events:
+    none: no workflow is registered)", but ingress reads nothing while none is registered:
+    the event waited and made its runs once a pool started (an API probe; one told "no run"
+    publishes again, and gets two)."""
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "supersede", "publish", "app.chat", "{}"],
+        env=system.env, capture_output=True, timeout=30,
+    )  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 0 and "makes no run" not in err, err
+    assert "no workflow is registered in this namespace yet" in err
+    assert "the event waits in the inbox" in err
+    assert await redis.xlen(keys.events_stream) == 1
+
+
 async def test_the_cli_refuses_another_shard_count_an_unknown_run_and_a_closed_pipe_quietly(
     redis: Redis, keys: Keys, system: System
 ) -> None:
@@ -650,11 +669,28 @@ async def test_the_client_helpers_refuse_what_they_cannot_use_and_bound_their_wa
                 await call(blocking)
         # (publish took such a client, and still does: it reads nothing back)
         assert "-" in await client.publish(texts, "e", {}, namespace=keys.namespace)
+        # publish_sync given an asyncio client returned '<coroutine object ...>' as the entry
+        # id and published nothing (an API probe)
+        before = await redis.xlen(keys.events_stream)
+        with pytest.raises(TypeError, match=r"publish_sync takes a blocking client"):
+            client.publish_sync(redis, "e", {}, namespace=keys.namespace)
+        assert await redis.xlen(keys.events_stream) == before
     finally:
         await texts.aclose()
         blocking.close()
     with pytest.raises(ValueError, match="timeout must be 0 or more"):
         await client.wait_for_run(redis, rid, -1)
+    # wrong types said by argument (a TypeError from deep inside: "'<' not supported ...")
+    with pytest.raises(TypeError, match="timeout must be a number of seconds, got '5'"):
+        await client.wait_for_run(redis, rid, "5")
+    with pytest.raises(TypeError, match="key must be a str, got int 1"):
+        await client.cancel_key(redis, "w", 1, namespace=keys.namespace)
+    # a database that is no number: the CLI refused it, connect() used database 0
+    from supersede.errors import ConfigError
+
+    for connect in (supersede.connect, supersede.connect_sync):
+        with pytest.raises(ConfigError, match=r"database \(its path\) must be a number"):
+            connect(redis_url.rstrip("/") + "/1x")
     with pytest.raises(client.WaitTimeout, match="nothing is in namespace 'nowhere'"):
         await client.wait_for_run(redis, rid, 0.2, namespace="nowhere")
 

@@ -2036,3 +2036,69 @@ async def _registered(redis: Redis, keys: Keys, workflow: str) -> bool:
 
 async def _past(ms: float) -> bool:
     return time.time() * 1000 > ms
+
+
+CALLABLE_OBJECTS = """
+import asyncio, os
+from supersede import Concurrency, Context, Workflow
+from supersede.config import connect_sync
+
+_redis = connect_sync(os.environ["SUPERSEDE_REDIS_URL"])
+LOG = os.environ["SUPERSEDE_NAMESPACE"] + ":test:log"
+
+
+class Reply:
+    async def __call__(self, ctx: Context) -> str:
+        _redis.rpush(LOG, "started:" + ctx.run_id)
+        if ctx.input.get("wait"):
+            await asyncio.sleep(30)
+        return "async object"
+
+
+class Hook:
+    async def __call__(self, ctx: Context) -> None:
+        _redis.rpush(LOG, "hook:" + ctx.run_id)
+
+
+objects = Workflow("callable-objects", on_events=["objects.item"],
+                   concurrency=Concurrency(expression="input.k", max_runs=1))
+objects.step(name="reply")(Reply())
+objects.on_cancel(Hook())
+
+bare = Workflow("bare-decorators", on_events=["bare.item"])
+
+
+@bare.step
+async def plain(ctx: Context) -> int:
+    return 1
+
+
+@bare.on_cancel()
+def tidy(ctx: Context) -> None:
+    return None
+"""
+
+
+async def test_an_object_with_an_async_call_is_an_async_step_and_decorators_take_no_parens(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """A step (or on_cancel hook) that is an object whose class has `async def __call__` was
+    registered as a sync step, and every run failed: "the output is a coroutine (an async call
+    not awaited: await it, in an async step)" (an API probe). `@wf.step` without parentheses
+    failed the module's import with a TypeError; `@wf.on_cancel()` with them likewise."""
+    module = tmp_path / "object_flows.py"
+    module.write_text(CALLABLE_OBJECTS)
+    proc = await _system_with_module(redis, keys, system, module, "callable-objects")
+    await eventually(lambda: _registered(redis, keys, "bare-decorators"), timeout=30)
+    await publish(redis, keys, "objects.item", k="a", wait=True)
+    await eventually(lambda: logged(redis, keys, "started:"), timeout=30)
+    await publish(redis, keys, "objects.item", k="a")
+    await publish(redis, keys, "bare.item")
+    await eventually(lambda: _states(redis, keys, {"C": 1, "S": 2}), timeout=30)
+    entries = await log(redis, keys)
+    first = entries[0].removeprefix("started:")
+    await eventually(lambda: logged(redis, keys, f"hook:{first}"), timeout=10)
+    [second] = [e.removeprefix("started:") for e in entries[1:] if e.startswith("started:")]
+    run = await client.get_run(redis, second, namespace=keys.namespace)
+    assert run is not None and run.outputs == {"reply": "async object"}, run
+    assert "Traceback" not in await _stderr_after_sigterm(proc)

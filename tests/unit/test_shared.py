@@ -1329,3 +1329,47 @@ async def test_a_periodic_task_a_silent_master_failed_leaves_its_service_ready(
     await service._every(stop, 0.01, trim)
     assert metrics._READY["probe-ready"] is False
     metrics.report("probe-ready", "trim", True)
+
+
+def test_a_decorated_step_or_hook_keeps_its_type_and_parentheses_are_optional() -> None:
+    """`@wf.step()` returned `Callable[[Context], Any]`: a test calling a step saw Any (mypy
+    accepted `reply(ctx)["text"]` on an async step: an API probe). The function is returned
+    as it is, its type kept (`make lint` checks the assert_type lines), with or without the
+    decorator's parentheses (`@wf.step` failed the import: "takes 1 positional argument")."""
+    import asyncio
+    from collections.abc import Coroutine
+    from typing import assert_type
+
+    from supersede.workflow import Context, Workflow, is_async_callable
+
+    wf = Workflow("typed", on_events=["e"])
+
+    @wf.step()
+    async def reply(ctx: Context) -> dict[str, str]:
+        return {"text": "hi"}
+
+    @wf.step
+    def store(ctx: Context) -> int:
+        return 1
+
+    @wf.on_cancel()
+    def hook(ctx: Context) -> None:
+        return None
+
+    class Later:
+        async def __call__(self, ctx: Context) -> str:
+            return "later"
+
+    wf.step(name="later", parents=[reply])(Later())
+    ctx = Context(run_id="r", workflow="typed", attempt=1, input={}, metadata={})
+    replied = assert_type(reply(ctx), Coroutine[Any, Any, dict[str, str]])
+    assert asyncio.run(replied) == {"text": "hi"}
+    assert assert_type(store(ctx), int) == 1
+    assert [(s.name, s.parents, s.is_async) for s in wf.steps] == [
+        ("reply", (), True),
+        ("store", (), False),
+        ("later", ("reply",), True),
+    ]
+    assert wf.cancel_hook is hook and wf.definition().id == "typed"
+    assert not is_async_callable(store) and not is_async_callable(Later)
+    assert is_async_callable(Later()) and is_async_callable(reply)
