@@ -49,14 +49,16 @@
               and a newer one supersedes it)
 
   Output:
-    {0, created, duplicates, assigned, cancelled (, traced (, due (, handed)))}
+    {0, created, duplicates, assigned, cancelled (, traced (, due (, handed (, gone))))}
                     traced (present when some are, or when a later field is): {run id, tp,
                     superseding run id, its tp, reason} for each cancelled run that carries a
                     trace context; due (present when the call set debounce timers, or with a
                     hand-over; 0: none set): the earliest it set, ms; handed (with a hand-over):
                     {run id, attempt, workflow, version, input, key, sequence, tp, state} for
                     each run claimed for the executor (state 'R', or 'X' when this call also
-                    cancelled it: its cancel message is in the control stream)
+                    cancelled it: its cancel message is in the control stream); gone
+                    (present when some were): runs whose records or members were gone
+                    (evicted, deleted by hand), their members dropped, their slots freed
     {-1, i, field}  request i is malformed (names the first bad field); nothing written
     {-3, i}         request i belongs to another shard; nothing written
     {-4, 0}         bad ARGV; nothing written
@@ -296,8 +298,9 @@ if handOver then
 end
 flushRuns()
 flushNewest()
-if handed then
-  return { 0, created, dups, stats.assigned, stats.cancelled, traced, firstDue or 0, handed }
+if handed or ghosts > 0 then
+  return { 0, created, dups, stats.assigned, stats.cancelled, traced, firstDue or 0, handed or {},
+           ghosts }
 end
 if firstDue then return { 0, created, dups, stats.assigned, stats.cancelled, traced, firstDue } end
 if #traced > 0 then return { 0, created, dups, stats.assigned, stats.cancelled, traced } end

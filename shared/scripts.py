@@ -89,6 +89,8 @@ class AdmitResult:
     due: int = 0  # the earliest debounce timer the call set (ms), 0: none
     # runs claimed for the executor of a hand-over (see `HandOver`), state 'R' or 'X'
     handed: tuple[Claim, ...] = ()
+    # runs whose records (or active members) were gone, their slots freed (see ReapResult)
+    records_gone: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,7 +335,8 @@ class Scripts:
         traced = tuple((_s(a), _s(b), _s(c), _s(d), _s(e)) for a, b, c, d, e in cancels)
         due = int(r[6]) if len(r) > 6 else 0
         handed = tuple(_claimed(item[:8], _s(item[8])) for item in r[7]) if len(r) > 7 else ()
-        return AdmitResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), traced, due, handed)
+        gone = int(r[8]) if len(r) > 8 else 0
+        return AdmitResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]), traced, due, handed, gone)
 
     async def fire_debounced(
         self, shard: int, *, now: int = 0, limit: int = 1000, assign_deadline_ms: int = 0

@@ -27,6 +27,7 @@ from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
+    AuthenticationError,
     BusyLoadingError,
     ClusterDownError,
     MaxClientsReachedError,
@@ -76,7 +77,13 @@ _NOT_YET_HINTS = (
     (MaxClientsReachedError, "Redis has maxclients connections: raise maxclients (README, "
                              '"Connections")'),
     (ReadOnlyError, "SUPERSEDE_REDIS_URL names a replica, or a failover is under way"),
+    (AuthenticationError, "the server refused SUPERSEDE_REDIS_URL's user or password: changed "
+                          "or deleted while this process ran; restore it, or restart with the "
+                          'new one (README, "Least-privilege users")'),
 )  # fmt: skip
+# Failures a setting or the operator fixes, said in one line with the fix (a traceback added
+# nothing: a probe's replica demoted under running services)
+_SAID_WITH_HINT = tuple(cls for cls, _ in _NOT_YET_HINTS)
 PIN_EVERY = 5.0  # seconds between two looks for the namespace's pinned facts (keep_pinned)
 
 
@@ -369,9 +376,11 @@ class Service:
         One line, repeated, is written once per REPEAT_EVERY with `repeats` (as the traceback
         lines are by the log filter: a 30 s outage wrote 650 lines, a probe)."""
         refused = exc and refusal(exc, self.settings.redis_url, (self.name,))
-        if exc is not None and (refused or isinstance(exc, UNANSWERED)):  # (an outage, a
-            # failover, a resume from SIGSTOP: the traceback says no more than its last line)
-            line = f"{message}: {refused or describe(exc)}"
+        if exc is not None and (refused or isinstance(exc, UNANSWERED + _SAID_WITH_HINT)):  # (an
+            # outage, a failover, a resume from SIGSTOP: the traceback says no more than its
+            # last line)
+            hint = next((h for cls, h in _NOT_YET_HINTS if isinstance(exc, cls)), "")
+            line = f"{message}: {refused or describe(exc)}" + (f" ({hint})" if hint else "")
             repeats = self._failures.due(f"{line} {sorted(extra.items())}")
             if repeats is not None:
                 self.log.error(line, extra={**extra, "repeats": repeats})

@@ -417,9 +417,20 @@ local function applyArrivals(g, rec, news)
   if sg == 1 then
     -- CANCEL_IN_PROGRESS: the newest mx of the runs the group ever admitted survive; every
     -- older live one ends (so a late, older arrival loses to newer runs that already ended).
-    local act = {}
-    if slotsOf(g) > 0 then act = rcall('ZRANGEBYLEX', activeKey, '(' .. g .. '|', '(' .. g .. '}') end
-    local pending = pendingOf(g, nil, news, rec.sx ~= 1 and rec.sc ~= 1)
+    local act, held = {}, slotsOf(g)
+    if held > 0 then act = rcall('ZRANGEBYLEX', activeKey, '(' .. g .. '|', '(' .. g .. '}') end
+    local queueEmpty = rec.sx ~= 1 and rec.sc ~= 1
+    if queueEmpty and #act < held then
+      -- Slots held by no member of the active zset (each run holding one is in it, outside
+      -- strict mode: the zset or the runs' leases were evicted, or deleted by hand): given
+      -- back, and the queue is read, which such a group filled (a probe's max_runs 1 group
+      -- held 23 queued runs after an eviction, for good, with no line). The runs it held are
+      -- counted as gone.
+      addSlots(g, #act - held)
+      ghosts = ghosts + held - #act
+      queueEmpty = false
+    end
+    local pending = pendingOf(g, nil, news, queueEmpty)
     local ended, e = newestOf(g), {}
     if ended then
       for m in string.gmatch(ended, '[^,]+') do e[#e + 1] = m end

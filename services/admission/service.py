@@ -535,7 +535,21 @@ class Admission(Service):
         metrics.REQUESTS.labels("duplicate").inc(r.duplicates)
         metrics.ASSIGNED.inc(r.assigned)
         metrics.CANCELLED.inc(r.cancelled)
+        if r.records_gone:
+            self._records_gone(shard, r.records_gone)
         return r
+
+    def _records_gone(self, shard: int, runs: int) -> None:
+        """Count (and say, once per REPEAT_EVERY and shard) the runs a call found gone."""
+        metrics.REAPED.labels("record_gone").inc(runs)  # (0: the series exists from the start)
+        if runs and (repeats := self._gone_said.due(shard)) is not None:
+            self.log.error(
+                "runs whose records are gone left their slots (a strict run that was "
+                "cancelling keeps its slot): the server lost keys (maxmemory-policy "
+                "evicts, or a hand deleted them); their runs cannot end or be told "
+                "(set maxmemory-policy noeviction)",
+                extra={"shard": shard, "runs": runs, "repeats": repeats},
+            )
 
     def _trace_admit(
         self,
@@ -705,15 +719,7 @@ class Admission(Service):
                     metrics.LEASE_FAILURES.labels(workflow).inc(n)
                 metrics.REAPED.labels("cancelled").inc(r.cancelled)
                 metrics.REAPED.labels("reassigned").inc(r.reassigned)
-                metrics.REAPED.labels("record_gone").inc(r.records_gone)  # (0: from the start)
-                if r.records_gone and (repeats := self._gone_said.due(shard)) is not None:
-                    self.log.error(
-                        "runs whose records are gone left their slots (a strict run that was "
-                        "cancelling keeps its slot): the server lost keys (maxmemory-policy "
-                        "evicts, or a hand deleted them); their runs cannot end or be told "
-                        "(set maxmemory-policy noeviction)",
-                        extra={"shard": shard, "runs": r.records_gone, "repeats": repeats},
-                    )
+                self._records_gone(shard, r.records_gone)
                 metrics.EXPIRED.inc(r.expired)
                 metrics.FORGOTTEN_GROUPS.inc(r.forgotten)
                 metrics.ASSIGNED.inc(r.assigned)

@@ -489,6 +489,48 @@ async def test_a_run_whose_record_is_gone_leaves_its_group_and_its_slot(
         assert states(recs, reqs[2], reqs[3]) == ["A", "Q"]
 
 
+async def test_a_cancel_in_progress_group_whose_active_runs_were_evicted_admits_again(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """An eviction took a shard's active zset and leases (and a record) while a run held the
+    group's slot: each arrival found the slot full and no run to cancel, and queued, and the
+    next arrival did not read the queue (a CANCEL_IN_PROGRESS group keeps none): a max_runs 1
+    group held 23 queued runs, for good, with no line (a Redis-operator probe). The slot
+    held by no active member is given back at the next arrival, which reads the queue: the
+    newest starts, the queued ones are superseded."""
+    import msgpack
+
+    reqs = [make_request(keys, event=f"e{i}", seq=i, max_runs=1) for i in range(4)]
+    shard = reqs[0][0]
+    sk = keys.shard(shard)
+
+    async def evicted(run: RunRequest) -> None:  # (its record and the shard's indexes)
+        await redis.delete(sk.active_zset, sk.leases_zset)
+        await redis.hdel(sk.runs_hash, run.run_id)
+
+    await admit(scripts, reqs[0])
+    await evicted(reqs[0][1])
+    gone = await scripts.admit(shard, [("0-1", reqs[1][1].pack())], now=2)
+    assert states(await records(redis, keys), reqs[1]) == ["A"] and gone.records_gone == 1
+    # What an arrival did before: it queued behind the slot no run held, where the next one
+    # never looked. Made by hand from the run just started.
+    [member] = [bytes(m) for m in await redis.zrange(sk.active_zset, 0, -1)]
+    rid = reqs[1][1].run_id
+    rec = msgpack.unpackb(await redis.hget(sk.runs_hash, rid), raw=False)
+    rec["st"] = "Q"
+    await redis.hset(sk.runs_hash, rid, msgpack.packb(rec))
+    await redis.zrem(sk.active_zset, member)
+    await redis.zrem(sk.leases_zset, rid)
+    await redis.zadd(sk.queue_zset, {member: 0})
+    await scripts.admit(shard, [("0-1", reqs[2][1].pack())], now=3)
+    recs = await records(redis, keys)
+    assert states(recs, reqs[1], reqs[2]) == ["C", "A"], recs
+    assert recs[rid]["why"] == "superseded" and not await redis.zcard(sk.queue_zset)
+    await admit(scripts, reqs[3], now=4)
+    assert states(await records(redis, keys), reqs[2], reqs[3]) == ["C", "A"]
+    assert await redis.zcard(sk.active_zset) == 1
+
+
 async def test_a_queued_run_whose_record_is_gone_never_waits_in_a_live_ones_place(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:

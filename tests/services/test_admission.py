@@ -844,6 +844,26 @@ async def test_a_failure_of_one_line_repeated_is_written_once_per_five_seconds(
     assert len(lines) == 2 and "another" in lines[1], lines
 
 
+async def test_refused_credentials_and_a_read_only_server_are_said_in_one_line_with_the_fix(
+    redis: Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A password rotated under running services, or a master demoted to a replica: the
+    lines said "AuthenticationError: invalid username-password pair or user is disabled." (a
+    read-only server's with a traceback), naming no setting, though a start names
+    SUPERSEDE_REDIS_URL (a Redis-operator probe)."""
+    from redis.exceptions import AuthenticationError, ReadOnlyError
+
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    admission = Admission(redis, settings, AdmissionConfig())
+    with caplog.at_level(logging.ERROR, logger="supersede"):
+        admission.log_failure("batch failed; retrying", AuthenticationError("invalid pair"))
+        admission.log_failure("batch failed; retrying", ReadOnlyError("read only replica"))
+    said = [(r.getMessage(), r.exc_info) for r in caplog.records]
+    assert [exc_info for _, exc_info in said] == [None, None], said
+    assert "refused SUPERSEDE_REDIS_URL's user or password" in said[0][0], said
+    assert "SUPERSEDE_REDIS_URL names a replica" in said[1][0], said
+
+
 async def test_the_gauges_of_what_redis_holds_are_unknown_while_it_is_down(keys: Keys) -> None:
     """With Redis down, admission's and ingress's /metrics showed the last lags they read (0,
     say) for the whole outage: dashboards read "no backlog". They read NaN until a read
