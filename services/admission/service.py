@@ -632,6 +632,16 @@ class Admission(Service):
         for workflow in self._backlog_workflows:
             metrics.ASSIGNMENT_BACKLOG.labels(workflow).set(unknown)
 
+    def _forget_retired(self, registered: set[str]) -> None:
+        """The per-workflow series of workflows no longer registered (retired) go, as they
+        did: kept at their last values, a retired workflow's backlog fired
+        SupersedeWorkflowUnserved for runs the retire had cancelled, until admission restarted
+        (a churn probe)."""
+        for workflow in (self._gauged_workflows | self._backlog_workflows) - registered:
+            for gauge in (metrics.QUEUED, metrics.ASSIGNMENT_BACKLOG, metrics.WORKFLOW_UNSERVED):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(workflow)
+
     async def update_gauges(self) -> None:
         """Queued runs per workflow, active runs, the backlog of each stream kind, and the
         unclaimed assignments of each registered workflow (what a pool scales on)."""
@@ -672,12 +682,11 @@ class Admission(Service):
                 found = group_backlog(groups, EXECUTOR_GROUP, length)
                 unread = length if found is None and isinstance(length, int) else found or 0
                 lag["assignments"] += unread
-        for workflow in self._gauged_workflows - set(queued):
-            metrics.QUEUED.labels(workflow).set(0)
+        self._forget_retired(set(queued))
         for workflow, n in queued.items():
             metrics.QUEUED.labels(workflow).set(n)
             metrics.LEASE_FAILURES.labels(workflow)  # (at 0: increase() sees the first)
-        self._gauged_workflows |= set(queued)
+        self._gauged_workflows = set(queued)
         metrics.ACTIVE.set(active)
         for kind, value in lag.items():
             metrics.STREAM_LAG.labels(kind).set(value)
@@ -688,7 +697,7 @@ class Admission(Service):
         now_ms = await server_time(self.redis) * 1000  # (the executors' marks are its time)
         for name, at in served.items():
             wid = codec.text(name)
-            if wid in backlog:  # (registered: a retired one is left as it was)
+            if wid in backlog:  # (registered: a retired one's series were removed above)
                 metrics.WORKFLOW_UNSERVED.labels(wid).set(max(0.0, (now_ms - int(at)) / 1000))
 
     async def reap_all(self) -> None:

@@ -67,7 +67,11 @@ from supersede.streams import (
 )
 from supersede.trim import trim_consumed
 
+# Key values whose group ingress remembers, shared by the workflows with a limit (each keeps
+# its share, at least GROUP_MEMO_LEAST): 100,000 per workflow grew ingress by about 21 MB per
+# workflow under many keys, never given back (a churn probe)
 GROUP_MEMO = 100_000
+GROUP_MEMO_LEAST = 100
 READ_BYTES = 64 << 20  # about the most one read of the inbox holds, once entries are large
 FIRST_READ = 16  # entries the first read asks for; each read after may ask twice as many
 # Routing time after which the part of a read routed so far is written (the rest routed while
@@ -137,12 +141,13 @@ class Route:
     packer: RequestPacker
     limit: LimitFn | None = None  # a dynamic max_runs, evaluated per event
     groups: dict[str, tuple[str, int]] = field(default_factory=dict)  # key -> (group, shard)
+    memo: int = GROUP_MEMO  # at most this many entries in `groups` (see build_routes)
 
     def group_of(self, key: str, shards: int) -> tuple[str, int]:
         """The group id and shard of a key value, memoised (hashing costs more than routing)."""
         hit = self.groups.get(key)
         if hit is None:
-            if len(self.groups) >= GROUP_MEMO:
+            if len(self.groups) >= self.memo:
                 self.groups.clear()
             conc = self.workflow.concurrency
             gid = group_id(
@@ -255,6 +260,8 @@ def build_routes(defs: dict[str, WorkflowDef]) -> dict[str, list[Route]]:
     so an event evaluates each distinct expression once."""
     routes: dict[str, list[Route]] = {}
     compiled: dict[str, KeyFn] = {}
+    limited = sum(1 for wf in defs.values() if wf.concurrency is not None)
+    memo = max(GROUP_MEMO_LEAST, GROUP_MEMO // max(1, limited))
     for wf in sorted(defs.values(), key=lambda w: w.id):
         conc = wf.concurrency
         if conc is None:
@@ -273,7 +280,8 @@ def build_routes(defs: dict[str, WorkflowDef]) -> dict[str, list[Route]]:
                                    max_wait_ms=conc.max_wait_ms,
                                    scoped=bool(conc.scope))  # fmt: skip
             limit = compile_limit(conc.max_runs) if isinstance(conc.max_runs, str) else None
-            route = Route(wf, key_fn, fixed or 0, strategy, conc.strict, packer, limit=limit)
+            route = Route(wf, key_fn, fixed or 0, strategy, conc.strict, packer, limit=limit,
+                          memo=memo)  # fmt: skip
         for name in wf.events:
             routes.setdefault(name, []).append(route)
     return routes

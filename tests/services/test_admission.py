@@ -581,6 +581,37 @@ async def test_gauges_report_queue_depth_per_workflow_active_runs_and_lag(
     assert metrics.ASSIGNMENT_BACKLOG.labels("latest")._value.get() == 1
 
 
+async def test_the_series_of_a_retired_workflow_go_with_it(
+    redis: Redis, keys: Keys, service: Admission
+) -> None:
+    """A retired workflow's queued runs, backlog and unserved seconds stayed exported at their
+    last values until admission restarted, and SupersedeWorkflowUnserved fired for runs the
+    retire had cancelled (a churn probe)."""
+    import uuid
+
+    from prometheus_client import REGISTRY
+
+    wid = f"retired-{uuid.uuid4().hex[:8]}"
+    await register(redis, keys, {"id": wid, "events": ["r.event"]})
+    [seconds, _] = await redis.time()
+    await redis.hset(keys.workflows_served_hash, wid, str((seconds - 100) * 1000))
+    shard, req = make_request(keys, workflow=wid, event="r0", seq=1)
+    await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
+    await eventually(lambda: _states_are(redis, keys, ["A"], [(shard, req)]))
+    names = ("supersede_admission_queued_runs", "supersede_admission_assignment_backlog",
+             "supersede_admission_workflow_unserved_seconds")  # fmt: skip
+
+    def exported() -> list[float | None]:
+        return [REGISTRY.get_sample_value(name, {"workflow": wid}) for name in names]
+
+    await service.update_gauges()
+    queued, backlog, unserved = exported()
+    assert queued == 0 and backlog == 1 and unserved is not None and unserved >= 99
+    await redis.hdel(keys.workflows_hash, wid)  # (what retire does to the registry)
+    await service.update_gauges()
+    assert exported() == [None, None, None]
+
+
 async def test_the_gauges_of_many_workflows_are_read_less_often(
     redis: Redis, redis_url: str, namespace: str
 ) -> None:
