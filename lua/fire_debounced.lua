@@ -70,4 +70,4 @@ if #groups > 0 then
   flushNewest()
 end
 local head = rcall('ZRANGE', dueKey, 0, 0, 'WITHSCORES')
-return { 0, fired, tonumber(head[2] or 0), stats.assigned, stats.cancelled }
+return { 0, fired, tonumber(head[2] or 0), stats.assigned, stats.cancelled, ghosts }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import numbers
 import os
 import time
 from dataclasses import dataclass, replace
@@ -205,7 +206,7 @@ async def wait_for_run(
     workflow), DeadLettered (a WaitTimeout) says why, at once. A server that does not answer
     ends the wait within a second of `timeout` all the same."""
     _check_client(redis)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
     if timeout < 0:
         raise ValueError(f"timeout must be 0 or more seconds, got {timeout}")

@@ -111,7 +111,7 @@ def _check_database(url: str) -> None:
     """A database number in the URL's path that is no number: redis-py took db 0 for it."""
     if not url.startswith(("redis://", "rediss://")):
         return
-    path = urlsplit(url).path.strip("/")
+    path = unquote(urlsplit(url).path).strip("/")  # (as redis-py reads it)
     if path and not path.isdigit():
         raise ConfigError(  # (a path is what follows a password's `/` too: not quoted)
             f"SUPERSEDE_REDIS_URL's database (its path) must be a number, in {redact(url)!r} "

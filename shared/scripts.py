@@ -111,6 +111,7 @@ class FireResult:
     next_due: int  # the shard's earliest timer still set (ms), 0: none
     assigned: int
     cancelled: int
+    records_gone: int = 0  # runs whose records or active members were gone (see AdmitResult)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,7 +347,9 @@ class Scripts:
         keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset, sk.debounce_hash,
                 sk.due_zset]  # fmt: skip
         r = await self._call("fire_debounced", keys, [now, limit, assign_deadline_ms])
-        return FireResult(int(r[1]), int(r[2]), int(r[3]), int(r[4]))
+        return FireResult(
+            int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]) if len(r) > 5 else 0
+        )
 
     async def claim(
         self,

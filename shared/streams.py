@@ -94,6 +94,13 @@ async def heal_missing_groups(
 AUTH_RETRY_S = 5.0  # seconds before a loop whose login was refused tries again
 
 
+def retry_pause(exc: BaseException) -> float:
+    """Seconds a stream reader waits after a failed read before the next. Refused credentials
+    stay refused until an operator acts: each loop of each process tried a login twice a
+    second (1,157 failed logins in the server's ACL LOG in a minute, a probe)."""
+    return AUTH_RETRY_S if isinstance(exc, AuthenticationError) else 0.5
+
+
 async def after_failure(
     redis: Redis,
     groups: Sequence[GroupSpec],
@@ -107,9 +114,7 @@ async def after_failure(
     own.restart(failed_reread=failed_reread)
     with contextlib.suppress(Exception):
         await heal_missing_groups(redis, groups, exc)
-    # (refused credentials stay refused until an operator acts: each loop of each process
-    # tried a login twice a second, 1,157 failed logins in the server's ACL LOG in a minute)
-    await asyncio.sleep(AUTH_RETRY_S if isinstance(exc, AuthenticationError) else 0.5)
+    await asyncio.sleep(retry_pause(exc))
 
 
 class OwnPending:

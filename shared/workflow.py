@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import importlib
 import inspect
 import sys
@@ -35,13 +36,15 @@ StepNames = dict[tuple[str, str], str]  # (module, qualname) of a step's functio
 
 # A step or hook as its decorator returns it: the function itself, its type kept for the
 # caller's type checker (a test that calls a step sees what it returns)
-F = TypeVar("F", bound=Callable[..., Any])
+F = TypeVar("F", bound=Callable[["Context"], Any])
 
 
 def is_async_callable(fn: Any) -> bool:
     """True when calling `fn` gives a coroutine: an async function (a functools.partial of one
     too), or an object whose class has an `async def __call__` (treated as sync, every run
     failed with "the output is a coroutine")."""
+    while isinstance(fn, functools.partial):  # (a partial of an object with an async call)
+        fn = fn.func
     if asyncio.iscoroutinefunction(fn):
         return True
     if inspect.isroutine(fn) or inspect.isclass(fn) or not callable(fn):
@@ -261,6 +264,16 @@ class Context:
             self._waiter.set_result(None)
 
 
+def _own_name(fn: Any) -> str:
+    """A step's name when `name=` gives none: its function's, the wrapped function's of a
+    functools.partial, else its class's (an object's repr, `<app.Reply object at 0x7f..>`,
+    went into the definition's version: a new version at every start, a review)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    own = getattr(fn, "__name__", None)
+    return own if isinstance(own, str) else type(fn).__name__
+
+
 def _check_takes_context(where: str, what: str, fn: Any, not_callable: str) -> None:
     """A step or hook is called with one argument, its context: refused at registration when
     it cannot be (rather than failing every run with a TypeError)."""
@@ -365,7 +378,7 @@ class Workflow:
                 if isinstance(given, list | tuple)
                 else given
             )
-            registered = name or getattr(fn, "__name__", None) or repr(fn)
+            registered = name or _own_name(fn)
             self.steps.append(Step(registered, fn, names, timeout, retries, isolation))
             key = fn_key(fn)
             if key is not None:  # (one function registered under two names: by neither)

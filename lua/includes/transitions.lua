@@ -251,10 +251,12 @@ local function traceFields(by)
 end
 
 -- A run that held a slot gives it back and leaves the active zset (a limited one).
+-- (Its slot only with its member: a group whose active zset was lost gave back the slots of
+-- the runs missing from it (see applyArrivals), and a run still live there took its slot a
+-- second time when it ended, a review: slots at 0 with a run active.)
 local function release(rid, rec)
   if limited(rec) then
-    rcall('ZREM', activeKey, memberOf(rid, rec))
-    addSlots(rec.g, -1)
+    if rcall('ZREM', activeKey, memberOf(rid, rec)) == 1 then addSlots(rec.g, -1) end
     touch(rec)
   end
 end
@@ -318,9 +320,9 @@ local function cancelActive(m, why, by)
   local rec = loadRun(rid)
   if not rec then return dropGhost(m, activeKey) end
   noteTraced(rid, rec, by, why)
-  if limited(rec) then rcall('ZREM', activeKey, m) end
+  local held = limited(rec) and rcall('ZREM', activeKey, m) == 1   -- (see release)
   if rec.st == 'A' then
-    if limited(rec) then addSlots(rec.g, -1) end
+    if held then addSlots(rec.g, -1) end
     setLease(rid, false)
     endRun(rid, rec, 'C', why, by)
     return
@@ -331,7 +333,7 @@ local function cancelActive(m, why, by)
   rec.why = why
   if by then rec.by = by end
   if rec.sg == 1 and why ~= 'superseded' then rememberEnded(rec.g, m, rec.mx) end
-  if rec.sx == 1 then rec.h = 1 elseif limited(rec) then addSlots(rec.g, -1) end
+  if rec.sx == 1 then rec.h = 1 elseif held then addSlots(rec.g, -1) end
   rcall('XADD', controlKey, '*', 'op', 'cancel', 'id', rid, 'a', rec.a, 'by', by or '',
     'why', why, 'du', string.format('%d', nowUs), unpack(traceFields(by)))
   saveRun(rid, rec)

@@ -362,6 +362,8 @@ class Admission(Service):
                 )
             except ShardSilent:  # (its timers fire once it answers; the others' now)
                 return 0
+            if r.records_gone:
+                self._records_gone(shard, r.records_gone)
             if r.fired:
                 metrics.BATCH_SECONDS.labels("debounce").observe(time.perf_counter() - started)
                 metrics.DEBOUNCE_FIRED.inc(r.fired)
@@ -544,10 +546,10 @@ class Admission(Service):
         metrics.REAPED.labels("record_gone").inc(runs)  # (0: the series exists from the start)
         if runs and (repeats := self._gone_said.due(shard)) is not None:
             self.log.error(
-                "runs whose records are gone left their slots (a strict run that was "
-                "cancelling keeps its slot): the server lost keys (maxmemory-policy "
-                "evicts, or a hand deleted them); their runs cannot end or be told "
-                "(set maxmemory-policy noeviction)",
+                "runs whose records or indexes are gone left their slots (a strict run "
+                "that was cancelling keeps its slot): the server lost keys "
+                "(maxmemory-policy evicts, or a hand deleted them); such runs cannot be "
+                "told or end (set maxmemory-policy noeviction)",
                 extra={"shard": shard, "runs": runs, "repeats": repeats},
             )
 
@@ -632,13 +634,17 @@ class Admission(Service):
         for workflow in self._backlog_workflows:
             metrics.ASSIGNMENT_BACKLOG.labels(workflow).set(unknown)
 
-    def _forget_retired(self, registered: set[str]) -> None:
+    def _forget_retired(self, registered: set[str], queued: set[str]) -> None:
         """The per-workflow series of workflows no longer registered (retired) go, as they
         did: kept at their last values, a retired workflow's backlog fired
         SupersedeWorkflowUnserved for runs the retire had cancelled, until admission restarted
         (a churn probe)."""
-        for workflow in (self._gauged_workflows | self._backlog_workflows) - registered:
-            for gauge in (metrics.QUEUED, metrics.ASSIGNMENT_BACKLOG, metrics.WORKFLOW_UNSERVED):
+        gone = [(metrics.QUEUED, self._gauged_workflows - queued)]  # (a retired one's
+        # queued runs, if any, are still counted)
+        for gauge in (metrics.ASSIGNMENT_BACKLOG, metrics.WORKFLOW_UNSERVED):
+            gone.append((gauge, (self._gauged_workflows | self._backlog_workflows) - registered))
+        for gauge, workflows in gone:
+            for workflow in workflows:
                 with contextlib.suppress(KeyError):
                     gauge.remove(workflow)
 
@@ -682,7 +688,7 @@ class Admission(Service):
                 found = group_backlog(groups, EXECUTOR_GROUP, length)
                 unread = length if found is None and isinstance(length, int) else found or 0
                 lag["assignments"] += unread
-        self._forget_retired(set(queued))
+        self._forget_retired(set(workflows), set(queued))
         for workflow, n in queued.items():
             metrics.QUEUED.labels(workflow).set(n)
             metrics.LEASE_FAILURES.labels(workflow)  # (at 0: increase() sees the first)

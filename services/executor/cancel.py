@@ -26,7 +26,7 @@ from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.isolation import SERVER_UNAVAILABLE
 from supersede.services.executor.steps import RECANCEL_AFTER, Runner, Running
-from supersede.streams import entry_ms, tail_ids
+from supersede.streams import entry_ms, retry_pause, tail_ids
 
 log = logging.getLogger("supersede.executor")
 
@@ -145,7 +145,7 @@ class Cancels:
                 if (repeats := _CONTROL_FAILED.due(error)) is not None:  # (once in 5 s)
                     log.warning("control read failed; reading again",
                                 extra={"error": error, "repeats": repeats})  # fmt: skip
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(retry_pause(exc))
             except Exception:
                 log.exception("control iteration failed")
                 await asyncio.sleep(0.5)

@@ -63,7 +63,7 @@ from supersede.service import Service, Throttle
 from supersede.services.executor.claim import Claimer, Fetched
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.steps import Runner
-from supersede.streams import OwnPending, stale_streams, tail_ids
+from supersede.streams import OwnPending, retry_pause, stale_streams, tail_ids
 
 log = logging.getLogger("supersede.executor")
 
@@ -790,9 +790,9 @@ class Fetcher:
                         self._wake.set()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 log.exception("wake iteration failed")
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(retry_pause(exc))
 
 
 def _text(value: str | bytes) -> str:

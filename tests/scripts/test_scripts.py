@@ -531,6 +531,27 @@ async def test_a_cancel_in_progress_group_whose_active_runs_were_evicted_admits_
     assert await redis.zcard(sk.active_zset) == 1
 
 
+async def test_a_run_whose_member_alone_was_lost_gives_its_slot_back_once(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """The active zset alone lost (records and leases kept): the arrival's repair gives back
+    the slot of a run still running, and when that run ended it gave it back again: slots 0
+    with a run active, and the next arrival started beside it (a review). A slot goes back
+    with its member only."""
+    reqs = [make_request(keys, event=f"e{i}", seq=i, max_runs=1) for i in range(3)]
+    shard = reqs[0][0]
+    sk = keys.shard(shard)
+    await admit(scripts, reqs[0])
+    await claim(scripts, shard, reqs[0][1])
+    await redis.delete(sk.active_zset)
+    await admit(scripts, reqs[1], now=3)
+    assert states(await records(redis, keys), *reqs[:2]) == ["R", "A"]
+    await finish(scripts, shard, reqs[0][1], Outcome.SUCCEEDED)
+    assert int(await redis.hget(sk.slots_hash, reqs[1][1].group) or 0) == 1
+    await admit(scripts, reqs[2], now=4)
+    assert states(await records(redis, keys), *reqs) == ["S", "C", "A"]
+
+
 async def test_a_queued_run_whose_record_is_gone_never_waits_in_a_live_ones_place(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:

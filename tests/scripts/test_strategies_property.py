@@ -140,7 +140,8 @@ class StrategyMachine(RuleBasedStateMachine):
             self.sent.append((shard, payload))
             model_batch.append((req.run_id, req.group, seq, attempts))
         for shard, entries in by_shard.items():
-            self.run(self.scripts.admit(shard, entries, now=self.now))
+            admitted = self.run(self.scripts.admit(shard, entries, now=self.now))
+            assert admitted.records_gone == 0  # (the eviction repair never acts on live books)
         # The model sees each shard's batch as one batch too; groups never span shards.
         self.model.arrive(model_batch, self.now)
 
@@ -251,7 +252,7 @@ class StrategyMachine(RuleBasedStateMachine):
             self.run(self.scripts.reap(shard, now=self.now))
         self.model.reap(self.now)
         for shard in range(self.keys.shards):  # debounce windows that closed meanwhile
-            self.run(self.scripts.fire_debounced(shard, now=self.now))
+            assert self.run(self.scripts.fire_debounced(shard, now=self.now)).records_gone == 0
         self.model.fire(self.now)
 
     @precondition(lambda self: self.model.runs)

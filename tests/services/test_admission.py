@@ -595,9 +595,11 @@ async def test_the_series_of_a_retired_workflow_go_with_it(
     await register(redis, keys, {"id": wid, "events": ["r.event"]})
     [seconds, _] = await redis.time()
     await redis.hset(keys.workflows_served_hash, wid, str((seconds - 100) * 1000))
-    shard, req = make_request(keys, workflow=wid, event="r0", seq=1)
-    await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
-    await eventually(lambda: _states_are(redis, keys, ["A"], [(shard, req)]))
+    reqs = [make_request(keys, workflow=wid, event=f"r{i}", seq=i, key="k",
+                         strategy=Strategy.GROUP_ROUND_ROBIN) for i in range(2)]  # fmt: skip
+    for shard, req in reqs:
+        await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
+    await eventually(lambda: _states_are(redis, keys, ["A", "Q"], reqs))
     names = ("supersede_admission_queued_runs", "supersede_admission_assignment_backlog",
              "supersede_admission_workflow_unserved_seconds")  # fmt: skip
 
@@ -606,10 +608,12 @@ async def test_the_series_of_a_retired_workflow_go_with_it(
 
     await service.update_gauges()
     queued, backlog, unserved = exported()
-    assert queued == 0 and backlog == 1 and unserved is not None and unserved >= 99
-    await redis.hdel(keys.workflows_hash, wid)  # (what retire does to the registry)
+    assert queued == 1 and backlog == 1 and unserved is not None and unserved >= 99
+    # (what retire does to the registry; its queued run is left here, still counted: a review
+    # found a retired workflow with queued runs kept all three series)
+    await redis.hdel(keys.workflows_hash, wid)
     await service.update_gauges()
-    assert exported() == [None, None, None]
+    assert exported() == [1, None, None]
 
 
 async def test_the_gauges_of_many_workflows_are_read_less_often(

@@ -1337,6 +1337,7 @@ def test_a_decorated_step_or_hook_keeps_its_type_and_parentheses_are_optional() 
     as it is, its type kept (`make lint` checks the assert_type lines), with or without the
     decorator's parentheses (`@wf.step` failed the import: "takes 1 positional argument")."""
     import asyncio
+    import functools
     from collections.abc import Coroutine
     from typing import assert_type
 
@@ -1361,6 +1362,7 @@ def test_a_decorated_step_or_hook_keeps_its_type_and_parentheses_are_optional() 
             return "later"
 
     wf.step(name="later", parents=[reply])(Later())
+    wf.step()(functools.partial(Later()))  # (named by its class, not its repr)
     ctx = Context(run_id="r", workflow="typed", attempt=1, input={}, metadata={})
     replied = assert_type(reply(ctx), Coroutine[Any, Any, dict[str, str]])
     assert asyncio.run(replied) == {"text": "hi"}
@@ -1369,6 +1371,7 @@ def test_a_decorated_step_or_hook_keeps_its_type_and_parentheses_are_optional() 
         ("reply", (), True),
         ("store", (), False),
         ("later", ("reply",), True),
+        ("Later", (), True),
     ]
     assert wf.cancel_hook is hook and wf.definition().id == "typed"
     assert not is_async_callable(store) and not is_async_callable(Later)
