@@ -198,6 +198,7 @@ class Claimer:
         """(run id, attempt) of the attempts this executor holds: running, or reported and not
         yet known to have survived (an older attempt hides no newer one)."""
         held = {(r.run_id, r.attempt) for r in self.runner.active.values()}
+        held |= self.runner.let_go.keys()  # (stopped here on purpose: never started again)
         return held | {(r.run_id, r.attempt) for r in self.runner.awaiting.values()}
 
     def _start(self, shard: int, claim: Claim, now: float, asked: float = 0.0) -> Running | None:

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -97,6 +98,8 @@ def _note_turn(rep: Reported, fut: asyncio.Future[int]) -> None:
         rep.turn = fut.result()
 
 
+LET_GO_LEASES = 3  # leases an attempt stopped unreported is remembered (Runner.let_go)
+LET_GO_MOST = 10_000  # such attempts remembered at most
 RECANCEL_AFTER = 0.1  # seconds an async step may go on after a cancel before it is repeated
 RECANCEL_EVERY = 0.01  # seconds between the repeats of a cancel an async step swallowed
 DRAIN_STOP_WITHIN = 1.0  # seconds a step has to stop once the drain deadline passed
@@ -272,6 +275,11 @@ class Runner:
         # executor's CPU); bound to the dict, so a runner that stopped is not kept alive by it
         metrics.BUSY_SLOTS.set_function(self.active.__len__)
         self.awaiting: dict[str, Reported] = {}  # outcome written, not yet known to survive
+        # attempts this executor stopped unreported (their leases could not be renewed, a
+        # drain): (run id, attempt) -> when (monotonic). A reclaim must not start them again
+        # (a chaos run: a run stopped by the lease watch in a master's outage was started
+        # again, the same attempt, by the reclaim of a claim call the outage failed)
+        self.let_go: OrderedDict[tuple[str, int], float] = OrderedDict()
         self.pool = ThreadPoolExecutor(
             max_workers=max(4, config.slots * 2), thread_name_prefix=STEP_THREAD_PREFIX
         )
@@ -581,7 +589,21 @@ class Runner:
         fetch loop went on waiting, its retry ASSIGNED here with the slot unused."""
         if self.active.get(run.run_id) is run:
             del self.active[run.run_id]
+        if not run.reported:
+            self._let_go(run)
         self.slot_freed.set()
+
+    def _let_go(self, run: Running) -> None:
+        """Remember an attempt stopped unreported for LET_GO_LEASES leases (by then the
+        reaper retried it as a newer attempt), LET_GO_MOST at most."""
+        now = time.monotonic()
+        self.let_go[(run.run_id, run.attempt)] = now
+        self.let_go.move_to_end((run.run_id, run.attempt))
+        keep = now - LET_GO_LEASES * self.config.lease_ms / 1000
+        while self.let_go and (
+            len(self.let_go) > LET_GO_MOST or next(iter(self.let_go.values())) < keep
+        ):
+            self.let_go.popitem(last=False)
 
     def _leave(self, run: Running) -> None:
         """A run the drain stopped, its step ended: queued to be handed back (retried

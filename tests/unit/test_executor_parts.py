@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -1238,3 +1238,46 @@ async def test_a_stream_that_rings_at_every_scan_does_not_take_every_free_slot()
         f._full_scan = True
         await f._read_scan(1)
     assert sorted(firsts) == sorted(f.streams), firsts
+
+
+async def test_a_reclaim_never_starts_again_an_attempt_this_executor_let_go() -> None:
+    """A master's outage: the lease watch stopped a run it could not renew, unreported, and a
+    claim call failed; once the master answered, the reclaim of that call found the run still
+    RUNNING for this executor, not held here, and started the same attempt again (a chaos
+    run's `started_twice_same_attempt`). An attempt stopped here is not started again."""
+    import asyncio
+    import time
+
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.claim import Claimer
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Context, Workflow
+
+    wf = Workflow("wf", on_events=["e"])
+
+    @wf.step()
+    async def slow(ctx: Context) -> None:
+        await asyncio.sleep(30)
+
+    runner = Runner([wf], ExecutorConfig(), _Outbox())
+    claim = Claim("0-r", True, 1, "wf", "v", pack_input({}, {}, "e", "1"), "k", "s", "R")
+    run = runner.start(0, claim)
+    assert run is not None
+    await asyncio.sleep(0.05)
+    run.lapsed = run.drained = True  # (what the lease watch marks, then the loop stops it)
+    runner.let_lapse([run])
+    while runner.active:
+        await asyncio.sleep(0.01)
+
+    class Scripts:
+        async def reclaim(self, *args: Any, **kwargs: Any) -> list[Claim]:
+            return [claim]  # (the server: still RUNNING, claimed for this executor)
+
+    started: list[Claim] = []
+    unused: Any = None
+    claimer = Claimer(cast(Any, Scripts()), "me", ExecutorConfig(), runner, unused)
+    claimer._start = lambda shard, c, now, asked=0.0: started.append(c)  # type: ignore[method-assign,assignment]
+    claimer.lost_since[0] = time.time() - 1
+    assert await claimer.reclaim() == 0 and started == []
+    runner.close()
