@@ -39,12 +39,18 @@ StepNames = dict[tuple[str, str], str]  # (module, qualname) of a step's functio
 F = TypeVar("F", bound=Callable[["Context"], Any])
 
 
+def _unwrapped(fn: Any) -> Any:
+    """The callable a functools.partial (of a partial ...) wraps; `fn` itself otherwise."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn
+
+
 def is_async_callable(fn: Any) -> bool:
     """True when calling `fn` gives a coroutine: an async function (a functools.partial of one
     too), or an object whose class has an `async def __call__` (treated as sync, every run
     failed with "the output is a coroutine")."""
-    while isinstance(fn, functools.partial):  # (a partial of an object with an async call)
-        fn = fn.func
+    fn = _unwrapped(fn)  # (a partial of an object with an async call)
     if asyncio.iscoroutinefunction(fn):
         return True
     if inspect.isroutine(fn) or inspect.isclass(fn) or not callable(fn):
@@ -268,8 +274,7 @@ def _own_name(fn: Any) -> str:
     """A step's name when `name=` gives none: its function's, the wrapped function's of a
     functools.partial, else its class's (an object's repr, `<app.Reply object at 0x7f..>`,
     went into the definition's version: a new version at every start, a review)."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
+    fn = _unwrapped(fn)
     own = getattr(fn, "__name__", None)
     return own if isinstance(own, str) else type(fn).__name__
 
