@@ -34,6 +34,7 @@ from redis.exceptions import (
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -84,6 +85,21 @@ _NOT_YET_HINTS = (
 # Failures a setting or the operator fixes, said in one line with the fix (a traceback added
 # nothing: a probe's replica demoted under running services)
 _SAID_WITH_HINT = tuple(cls for cls, _ in _NOT_YET_HINTS)
+NOGROUP_HINT = (
+    "a stream or its consumer group was deleted (FLUSHALL, a restart without persistence, a "
+    "failover to a replica that had not received it): created again"
+)
+
+
+def _hint(exc: BaseException) -> str | None:
+    """The fix to name beside a failure said in one line; None: log its traceback."""
+    if isinstance(exc, _SAID_WITH_HINT):
+        return next(h for cls, h in _NOT_YET_HINTS if isinstance(exc, cls))
+    if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
+        return NOGROUP_HINT  # (healed by after_failure; its traceback said no more, a probe)
+    return "" if isinstance(exc, UNANSWERED) else None
+
+
 PIN_EVERY = 5.0  # seconds between two looks for the namespace's pinned facts (keep_pinned)
 
 
@@ -376,10 +392,10 @@ class Service:
         One line, repeated, is written once per REPEAT_EVERY with `repeats` (as the traceback
         lines are by the log filter: a 30 s outage wrote 650 lines, a probe)."""
         refused = exc and refusal(exc, self.settings.redis_url, (self.name,))
-        if exc is not None and (refused or isinstance(exc, UNANSWERED + _SAID_WITH_HINT)):  # (an
-            # outage, a failover, a resume from SIGSTOP: the traceback says no more than its
-            # last line)
-            hint = next((h for cls, h in _NOT_YET_HINTS if isinstance(exc, cls)), "")
+        hint = None if exc is None else _hint(exc)
+        if exc is not None and (refused or hint is not None):  # (an outage, a failover, a
+            # resume from SIGSTOP: the traceback says no more than its last line)
+            hint = hint or ""
             line = f"{message}: {refused or describe(exc)}" + (f" ({hint})" if hint else "")
             repeats = self._failures.due(f"{line} {sorted(extra.items())}")
             if repeats is not None:
