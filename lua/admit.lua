@@ -39,14 +39,15 @@
     ARGV[7..] triples: requests-stream entry id ('': a request handed over in the caller's
               process, never written to the stream; nothing to acknowledge; the requests of
               one entry come one after the other, with its id each), msgpack request
-              {id, g, s, w, v, k, ev, max, st, x, m, in, iu, u, tp}, when the request was
+              {id, g, s, w, v, k, ev, max, st, x, m, in, iu, u, tp, db, dw, sc}, when the request was
               written (µs, the entry's t field; 0: unknown, the entry id's ms is used)
               (iu: when ingress read the event, µs; optional. u = 1: the workflow has no
               concurrency limit; the run is assigned at once, outside any group's books.
               tp: the run's W3C traceparent, '' when it is not traced. db > 0: debounce ms,
               dw: the longest wait in ms after the window's first event, 0: none; the run
               waits (QUEUED, in no queue) until no newer event of its group came for db ms,
-              and a newer one supersedes it)
+              and a newer one supersedes it. sc = 1: the workflow's groups are a scope's,
+              shared by its versions)
 
   Output:
     {0, created, duplicates, assigned, cancelled (, traced (, due (, handed (, gone))))}

@@ -16,7 +16,8 @@
     ARGV[3]     assignment deadline in ms, as in admit.lua
 
   Output:
-    {0, fired, next due ms (0: none), assigned, cancelled}
+    {0, fired, next due ms (0: none), assigned, cancelled, gone (runs whose records or members
+     were gone: their members dropped, their slots freed)}
     {-4, 0}  bad ARGV; nothing written
 
   Writes: XADD <prefix>:<workflow tag> for runs it starts; XADD control for runs it cancels;

@@ -420,7 +420,7 @@ async def check_server(redis: Redis, url: str) -> None:
     if problem:
         raise ConfigError(problem)
     try:
-        await redis.ping()
+        await _ping(redis)
     except redis_sync.AuthenticationError as exc:
         raise ConfigError(
             f"Redis at {redact(url)} refused the credentials ({exc}); check the user and "
@@ -436,7 +436,8 @@ async def check_server(redis: Redis, url: str) -> None:
             f"Redis at {redact(url)} refused the connection ({exc}); check SUPERSEDE_REDIS_URL "
             "(its database number, for one)"
         ) from None
-    except (redis_sync.exceptions.BusyLoadingError, redis_sync.exceptions.MaxClientsReachedError):
+    except (redis_sync.exceptions.BusyLoadingError, redis_sync.exceptions.MaxClientsReachedError,
+            ClusterNodeSilent):  # fmt: skip
         raise  # (the server is there, not ready yet: a service waits, a command says so)
     except redis_sync.TimeoutError as exc:
         hint = (
@@ -449,6 +450,11 @@ async def check_server(redis: Redis, url: str) -> None:
             f"timed out reaching Redis at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL ({hint})"
         ) from None
     except redis_sync.RedisClusterException as exc:
+        if "Timeout" in str(exc):  # (the seed accepted the connection and never answered)
+            raise ConfigError(
+                f"the cluster node {redact(url)} names did not answer ({exc}): stopped, frozen "
+                "or overloaded; check SUPERSEDE_REDIS_URL, or name another node of the cluster"
+            ) from None
         tls = _tls_hint(url, exc)
         raise ConfigError(
             f"no Redis Cluster at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL "
@@ -464,6 +470,26 @@ async def check_server(redis: Redis, url: str) -> None:
             f"cannot connect to Redis at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL and "
             "its options"
         ) from None
+
+
+class ClusterNodeSilent(redis_sync.TimeoutError):
+    """A cluster's master did not answer a start's PING (stopped, frozen, failing over) while
+    the cluster itself was found: not a setting to fix (a service waits, a command says so)."""
+
+
+async def _ping(redis: Redis) -> None:
+    """PING the server. On a cluster, a master that does not answer is an outage, not a bad
+    URL: `supersede status` run while the master redis-py pings was frozen for 7 s exited 2
+    with "timed out reaching Redis ...; check SUPERSEDE_REDIS_URL", a cluster probe."""
+    try:
+        await redis.ping()
+    except (redis_sync.TimeoutError, redis_sync.ConnectionError) as exc:
+        if isinstance(redis, RedisCluster) and not isinstance(exc, ClusterNodeSilent):
+            raise ClusterNodeSilent(
+                f"a master of the cluster did not answer ({exc}): stopped, frozen or failing "
+                "over; try again once it answers or its replica took over"
+            ) from None
+        raise
 
 
 # How a server words a right the user lacks: NOPERM from a command, and, from a command a

@@ -101,7 +101,8 @@ class ShardKeys:
 
     @property
     def leases_zset(self) -> str:
-        """run id scored by lease expiry (ms) for RUNNING and CANCELLING runs."""
+        """run id scored by lease expiry (ms) for RUNNING and CANCELLING runs; by the time of
+        the next look (the assignment deadline) for ASSIGNED ones."""
         return f"{self.tag}:leases"
 
     @property
@@ -230,7 +231,7 @@ class Keys:
 
     @property
     def workflows_served_hash(self) -> str:
-        """workflow id -> when (ms, the executor's clock) an executor serving it last said so:
+        """workflow id -> when (ms, the server's clock) an executor serving it last said so:
         every second, while it runs. ``retire`` refuses a workflow served recently."""
         return f"{{{self.namespace}}}:workflows:served"
 

@@ -167,6 +167,12 @@ class Reason(enum.StrEnum):
     HANDED_BACK = "handed_back"  # drains stopped it past its free hand-backs and its attempts
 
 
+# The reasons ingress dead-letters an inbox entry for (its counter exports each from the start)
+INBOX_REASONS = (Reason.TOO_LARGE, Reason.MISSING_NAME, Reason.REPEATED_FIELD, Reason.BAD_ENCODING,
+                 Reason.BAD_ID, Reason.BAD_JSON, Reason.BAD_MSGPACK, Reason.KEY_ERROR,
+                 Reason.KEY_TOO_LARGE, Reason.MAX_RUNS_ERROR, Reason.INTERNAL)  # fmt: skip
+
+
 # -- states and codes -----------------------------------------------------------------------------
 class RunState(enum.StrEnum):
     """States as stored in run records (one letter on the wire, to keep records small)."""

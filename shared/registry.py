@@ -398,8 +398,8 @@ async def load_all(redis: Redis, keys: Keys) -> tuple[int, dict[str, WorkflowDef
 
 
 def scope_conflict(wf: WorkflowDef, others: list[WorkflowDef]) -> str | None:
-    """Why `wf` cannot share its scope with `others` (they disagree on max_runs, strategy or
-    strict), or None."""
+    """Why `wf` cannot share its scope with `others` (they disagree on max_runs, strategy,
+    strict, debounce or max_wait), or None."""
     conc = wf.concurrency
     if conc is None or not conc.scope:
         return None

@@ -242,12 +242,11 @@ class Admission(Service):
         stored = await self.redis.hget(self.keys.config_hash, ASSIGN_DEADLINE_FIELD)
         if stored is None or codec.text(stored) != deadline:
             await self.redis.hset(self.keys.config_hash, ASSIGN_DEADLINE_FIELD, deadline)
-        # the de-duplication set of earlier versions: nothing reads it any more (one pipeline:
-        # a call each took a connection each, 18 at the start of an idle admission, a probe)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for sk in self.keys.all_shards():
-                pipe.unlink(sk.legacy_seen_zset)
-            await pipe.execute()
+        # the de-duplication set of earlier versions: nothing reads it any more (one call: a
+        # call each took a connection each, 18 at the start of an idle admission, a probe; a
+        # cluster client splits it by slot, where its pipeline's UNLINK is a coroutine and
+        # deleted nothing, a cluster probe)
+        await self.redis.unlink(*(sk.legacy_seen_zset for sk in self.keys.all_shards()))
 
     async def load_workflows(self) -> None:
         """The registered workflows (a definition that fails to parse still has its

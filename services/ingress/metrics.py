@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 from supersede.metrics import LATENCY_BUCKETS
-from supersede.protocol import Reason
+from supersede.protocol import INBOX_REASONS
 
 EVENTS = Counter("supersede_ingress_events_total", "Inbox events read.")
 EVENTS_HELD = Counter(
@@ -28,9 +28,7 @@ DEAD_LETTERS = Counter(
 )
 # Each reason exported at 0 from the start: a counter's first sample is what rate() and
 # increase() count from, so a burst that made the series would otherwise count for nothing.
-for _reason in (Reason.TOO_LARGE, Reason.MISSING_NAME, Reason.BAD_ENCODING, Reason.BAD_ID,
-                Reason.BAD_JSON, Reason.BAD_MSGPACK, Reason.KEY_ERROR, Reason.KEY_TOO_LARGE,
-                Reason.MAX_RUNS_ERROR, Reason.INTERNAL):  # fmt: skip
+for _reason in INBOX_REASONS:
     DEAD_LETTERS.labels(_reason.value)
 UNROUTED = Counter(
     "supersede_ingress_unrouted_total", "Events that no registered workflow listens to."
