@@ -30,6 +30,7 @@ from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
     ClusterDownError,
+    ClusterError,
     MaxClientsReachedError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -91,12 +92,20 @@ NOGROUP_HINT = (
 )
 
 
+MOVING_HINT = (
+    "the cluster redirected the call too many times: a slot is migrating (TRYAGAIN) or the "
+    "cluster's layout is changing; tried again"
+)
+
+
 def _hint(exc: BaseException) -> str | None:
     """The fix to name beside a failure said in one line; None: log its traceback."""
     if isinstance(exc, _SAID_WITH_HINT):
         return next(h for cls, h in _NOT_YET_HINTS if isinstance(exc, cls))
     if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
         return NOGROUP_HINT  # (healed by after_failure; its traceback said no more, a probe)
+    if isinstance(exc, ClusterError) and "TTL exhausted" in str(exc):
+        return MOVING_HINT  # (redis-py's words name no cause; a cluster probe's reshard)
     return "" if isinstance(exc, UNANSWERED) else None
 
 
