@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 
@@ -1153,6 +1154,32 @@ async def test_no_fresh_entry_is_added_while_the_last_one_waits_unread(
     await redis.xreadgroup("executors", "stuck", {stream: ">"}, count=3)
     r = await scripts.reap(shard, assign_deadline_ms=deadline, now=start + 500 * deadline)
     assert r.reassigned == 3 and await redis.xlen(stream) == 10
+
+
+async def test_a_run_waiting_unread_is_looked_at_less_often_the_longer_it_waits(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """A run whose entry no executor read (its workflow unserved) was looked at every 1 to 4
+    deadlines for as long as it waited: a million such runs kept a server 80% busy with no
+    traffic (a probe). The reaper now looks again after about as long as it has waited, 1, 2,
+    4 ... 64 deadlines, and still writes no fresh entry."""
+    import time
+
+    ((shard, req),) = [make_request(keys, event="e1", seq=1, unlimited=True)]
+    await scripts.admit(shard, [("0-1", req.pack())])
+    leases = keys.shard(shard).leases_zset
+    deadline, start = 1_000, int(time.time() * 1000)
+    looks = []
+    for k in range(1, 1_000):  # every deadline for 1,000 deadlines
+        before = await redis.zscore(leases, req.run_id)
+        r = await scripts.reap(shard, assign_deadline_ms=deadline, now=start + k * deadline)
+        assert r.reassigned == 0
+        if await redis.zscore(leases, req.run_id) != before:
+            looks.append(k)
+    gaps = [b - a for a, b in itertools.pairwise(looks)]
+    assert gaps == sorted(gaps) and max(gaps) <= 65, gaps  # (growing, up to 64 deadlines)
+    assert len(looks) <= 6 + 1_000 // 64 + 2, looks  # 999 deadlines: 1, 2, 4 ... 32, then 64s
+    assert await redis.xlen(keys.shard(shard).assignments_stream(req.workflow)) == 1
 
 
 async def test_the_reaper_first_looks_at_an_assignment_when_its_deadline_passes(
