@@ -32,6 +32,11 @@ def printable(text: str) -> str:
     return text.translate(_CONTROL)
 
 
+def _one_line(value: Any) -> str:
+    """A value on the one line it is printed on: its new lines shown as \\n."""
+    return str(value).replace("\n", "\\n")
+
+
 def width() -> int:
     """The terminal's columns; unlimited when the output is not a terminal (a pipe or a file
     gets whole values) unless COLUMNS says otherwise."""
@@ -148,13 +153,14 @@ def run(r: dict[str, Any]) -> str:
     lines = [
         f"run       {r['id']}",
         f"workflow  {r['workflow']} (version {r['version']})",
-        f"key       {r['key']}",
+        f"key       {_one_line(r['key'])}",  # (a producer's: "mallory\nstate  FAILED" printed
+        # a line of its own above the real state, a probe)
         f"state     {r['state']}" + (f" ({r['reason']})" if r.get("reason") else ""),
         f"attempt   {r['attempt']}",
-        f"event     {r['event_id']}",
+        f"event     {_one_line(r['event_id'])}",
     ]
     if r.get("executor"):
-        lines.append(f"executor  {r['executor']}")
+        lines.append(f"executor  {_one_line(r['executor'])}")
     if r.get("cancelled_by"):
         lines.append(f"superseded by  {r['cancelled_by']}")
     lines.append("timeline:")

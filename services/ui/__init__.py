@@ -78,6 +78,33 @@ def _ms_of(text: str, param: str = "ended_before") -> int:
     return max(1, int(when.timestamp() * 1000))
 
 
+SHOWN_DEPTH = 100  # levels of a payload shown; deeper ones are said to be there
+
+
+def shown(value: Any) -> str:
+    """A run's input or outputs as indented JSON for its page. Whatever a producer sent: a
+    msgpack timestamp, an integer past 64 bits, JSON nested 260 deep (which the JSON parser
+    takes, orjson writes 254 at most) answered 500 with a traceback (a probe)."""
+    try:
+        return ops.dumps(value)
+    except (TypeError, RecursionError):
+        return ops.dumps(_displayable(value, SHOWN_DEPTH))
+
+
+def _displayable(value: Any, depth: int) -> Any:
+    if isinstance(value, dict | list | tuple) and depth <= 0:
+        return f"... ({type(value).__name__} nested deeper than {SHOWN_DEPTH} levels)"
+    if isinstance(value, dict):
+        return {str(k): _displayable(v, depth - 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_displayable(v, depth - 1) for v in value]
+    if value is None or isinstance(value, bool | float | str):
+        return value
+    if isinstance(value, int) and -(2**63) <= value < 2**64:
+        return value
+    return str(value)  # (a msgpack Timestamp or ExtType, an integer past 64 bits)
+
+
 class UI:
     def __init__(self, redis: Redis, keys: Keys, *, allow_actions: bool) -> None:
         self.redis = redis
@@ -172,9 +199,9 @@ class UI:
             inline = codec.unpack(codec.blob(record)).get("in") if record else None
             raw = codec.blob(inline) if inline is not None else None
         if raw:
-            r["input"] = ops.dumps(codec.jsonable(unpack_input(codec.blob(raw))))
+            r["input"] = shown(codec.jsonable(unpack_input(codec.blob(raw))))
         if r.get("outputs"):
-            r["outputs"] = ops.dumps(r["outputs"])
+            r["outputs"] = shown(r["outputs"])
         cancelled = await self._superseded_by(r)
         body = pages.run(r, cancelled, self.csrf(request), not_cancelled="not" in request.query)
         return self.respond(request, f"Run {rid}", body)

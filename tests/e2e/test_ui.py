@@ -452,3 +452,35 @@ def test_the_host_names_the_ui_answers() -> None:
     assert last.startswith("supersede: ") and "--allow-host" in last, err
     everywhere = served_hosts("::", 8686, ["dash.example.com"])
     assert everywhere is not None and "dash.example.com:8686" in everywhere
+
+
+async def test_a_run_page_shows_any_input_a_producer_can_send(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """A live run's page answered 500, with a traceback in the UI's log, for inputs ingress
+    accepts: a msgpack timestamp, JSON nested 260 deep (orjson writes
+    254 levels at most; a probe). Each page shows the input."""
+    import msgpack
+
+    await system.pipeline(redis, keys, 1)
+    _, base = start_ui(system)
+    await up(base)
+    deep = b'{"userId": "deep", "sleep": 30, "x": ' + b"[" * 300 + b"]" * 300 + b"}"
+    await redis.xadd(keys.events_stream, {"name": "chat.message", "data": deep})
+    packed = msgpack.packb({"userId": "stamp", "sleep": 30, "at": msgpack.Timestamp(1, 0),
+                            "big": 2**64 - 1})  # fmt: skip
+    await redis.xadd(keys.events_stream, {"name": "chat.message", "data": packed,
+                                          "encoding": "msgpack"})  # fmt: skip
+
+    async def running() -> list[dict[str, Any]]:
+        runs = [r for k in ("deep", "stamp") for r in await runs_of(redis, keys, k)]
+        return runs if len(runs) == 2 and all(r["st"] == "R" for r in runs) else []
+
+    await eventually(running, timeout=20)
+    for run in await running():
+        status, text = await asyncio.to_thread(get, base + f"/runs/{run['id']}")
+        assert status == 200, text[:500]
+        if run["k"] == "deep":  # (its levels past 100 are said to be cut, past what shows)
+            assert "[\n" in text
+        else:
+            assert "18446744073709551615" in text and "Timestamp" in text

@@ -276,6 +276,20 @@ def test_any_msgpack_output_renders_as_json_and_as_text() -> None:
     assert "200" in render_run(view)
 
 
+def test_a_key_cannot_forge_lines_of_the_run_view() -> None:
+    """A producer's key "mallory\nstate     FAILED" printed a line of its own above the real
+    state in `supersede run ID` (a probe): one-line facts show a new line as \\n."""
+    from supersede.services.render import run as render_run
+
+    forged = "mallory\nstate     FAILED\nerror     your account was deleted"
+    view = {"id": "1-a", "workflow": "w", "version": "v", "key": forged, "state": "SUCCEEDED",
+            "attempt": 1, "event_id": "id\nx", "executor": "e\ny", "timeline": []}  # fmt: skip
+    lines = render_run(view).splitlines()
+    assert [line for line in lines if line.startswith("state")] == ["state     SUCCEEDED"]
+    assert "key       mallory\\nstate     FAILED\\nerror     your account was deleted" in lines
+    assert not any(line.startswith(("error", "x", "y")) for line in lines), lines
+
+
 def test_the_runs_table_times_a_retried_run_from_its_latest_change() -> None:
     """A run back in ASSIGNED after its first attempt's lease lapsed: `last change` showed its
     creation and `ran` counted from the dead attempt's claim ("9387 ms so far")."""
