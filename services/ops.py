@@ -15,7 +15,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import orjson
@@ -131,24 +131,39 @@ async def _live(
     LIVE_SORTED live runs every one is read, so the newest created come first; with more,
     reading stops once `limit` passed (the first found in zset order, not the newest)."""
     total = sum(n for (_, state), n in (await run_counts(redis, keys)).items() if state in LIVE)
+    found: list[RunRecord] = []
+    async for page in _live_pages(redis, keys, keep):
+        found += page
+        if total > LIVE_SORTED and len(found) >= limit:
+            break
+    found = list({r.id: r for r in found}.values())  # (a run in two pages: see _live_pages)
+    found.sort(key=lambda r: r.created_ms or 0, reverse=True)
+    return found[:limit]
+
+
+async def _live_pages(
+    redis: Redis, keys: Keys, keep: Callable[[RunRecord], bool]
+) -> AsyncIterator[list[RunRecord]]:
+    """The live runs that pass `keep`, a page (one round trip over every zset) at a time, each
+    run once within a page. Zsets change while they are read (the reaper rescores leases, a
+    cancel removes members): a run may show in two pages, or in none (read again to be
+    sure)."""
     zsets = [z for sk in keys.all_shards() for z in (sk.queue_zset, sk.leases_zset)]
-    found = [r for r in await _waiting(redis, keys) if keep(r)]
+    yield [r for r in await _waiting(redis, keys) if keep(r)]
     start = 0
-    while zsets and (total <= LIVE_SORTED or len(found) < limit):
+    while zsets:
         async with redis.pipeline(transaction=False) as pipe:
             for zset in zsets:
                 pipe.zrange(zset, start, start + PAGE - 1)
             replies = await pipe.execute()
-        rids = [
+        rids = dict.fromkeys(
             rid_of_member(m) if zset.endswith(":queue") else codec.text(m)
             for zset, members in zip(zsets, replies, strict=True)
             for m in members
-        ]
-        found += [r for r in await records_of(redis, keys, rids) if keep(r)]
+        )
+        yield [r for r in await records_of(redis, keys, list(rids)) if keep(r)]
         zsets = [z for z, members in zip(zsets, replies, strict=True) if len(members) == PAGE]
         start += PAGE
-    found.sort(key=lambda r: r.created_ms or 0, reverse=True)
-    return found[:limit]
 
 
 async def run_counts(redis: Redis, keys: Keys) -> Counter[tuple[str, str]]:
@@ -983,17 +998,30 @@ async def retire(redis: Redis, keys: Keys, workflow: str, *, force: bool = False
             )
 
     await still_retired()
-    cancelled = 0
-    while runs := await _live(redis, keys, live, 1 << 62):
-        # (a cancel may start the group's next queued run: the next pass cancels it)
-        for i in range(0, len(runs), 1000):
-            flags = await cancel_runs(scripts, [r.id for r in runs[i : i + 1000]], Reason.RETIRED)
-            cancelled += sum(flags.values())
+    cancelled = await _cancel_live(redis, keys, scripts, live, Reason.RETIRED)
     await still_retired()
     # one command (on a cluster, redis-py sends one per slot; a cluster pipeline's unlink is a
     # coroutine, which queued nothing)
     await redis.unlink(*(sk.assignments_stream(workflow) for sk in keys.all_shards()))
     return {"retired": workflow, "cancelled": cancelled, "before": before}
+
+
+async def _cancel_live(
+    redis: Redis, keys: Keys, scripts: Scripts, keep: Callable[[RunRecord], bool], reason: str
+) -> int:
+    """Cancel the live runs that pass `keep`, page by page as they are read, until a pass finds
+    none (a cancel may start a group's next queued run: the next pass cancels it); how many.
+    (All of a backlog of 1,000,000 runs held 1.5 GB in the process, and a run listed twice in
+    one call counted as not cancelled: "679164 live runs cancelled" of 1,000,000, a probe.)"""
+    cancelled, found = 0, True
+    while found:
+        found = False
+        async for page in _live_pages(redis, keys, keep):
+            found = found or bool(page)
+            for i in range(0, len(page), 1000):
+                flags = await cancel_runs(scripts, [r.id for r in page[i : i + 1000]], reason)
+                cancelled += sum(flags.values())
+    return cancelled
 
 
 async def _admitted_so_far(redis: Redis, keys: Keys, timeout: float) -> bool:

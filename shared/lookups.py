@@ -160,7 +160,7 @@ async def cancel_runs(
     scripts: Scripts, rids: list[str], reason: str = Reason.MANUAL
 ) -> dict[str, bool]:
     by_shard: dict[int, list[str]] = {}
-    for rid in rids:
+    for rid in dict.fromkeys(rids):  # (a run given twice: its second flag, False, was kept)
         by_shard.setdefault(shard_of_run(rid), []).append(rid)
     out: dict[str, bool] = {}
     for shard, ids in by_shard.items():

@@ -67,6 +67,20 @@ def states(recs: dict[str, dict[str, object]], *reqs: tuple[int, RunRequest]) ->
 # -- strategies -------------------------------------------------------------------------------
 
 
+async def test_a_run_named_twice_in_one_cancel_counts_as_cancelled(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """`retire` listed a run twice (a lease rescored while its zset was read) and its second
+    flag, False (already ended), was the one kept: "679164 live runs cancelled" of 1,000,000
+    (a probe)."""
+    from supersede.lookups import cancel_runs
+
+    a, b = (make_request(keys, event=f"e{i}", seq=i, max_runs=2) for i in (1, 2))
+    await admit(scripts, a, b)
+    flags = await cancel_runs(scripts, [a[1].run_id, b[1].run_id, a[1].run_id])
+    assert flags == {a[1].run_id: True, b[1].run_id: True}
+
+
 async def test_cancel_in_progress_keeps_the_newest_and_stops_the_running(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:
