@@ -787,10 +787,11 @@ async def _follow_published(
                 row["run"], row["duplicate_of"] = exc.run_id, row.get("duplicate_of") or EARLIER
             now = await get_run(redis, row["run"], namespace=keys.namespace)
             row["state"], row["error"] = now.state if now else "NOT_CREATED", str(exc)
-            row["key"] = now.key if now else row["key"]
+            row["key"], row["run"] = (now.key, now.id) if now else (row["key"], row["run"])
             row["timed_out"], row["cancelled_by"], row["reason"] = True, None, None
             return
-        if run.id != row["run"]:
+        moved = run.id.partition("-")[2] == row["run"].partition("-")[2] and run.key == row["key"]
+        if run.id != row["run"] and not moved:  # (moved: a new version put it on another shard)
             row["duplicate_of"] = row.get("duplicate_of") or EARLIER
         row["run"], row["key"], row["state"], row["error"] = run.id, run.key, run.state, run.error
         row["outputs"] = codec.jsonable(run.outputs)
@@ -926,8 +927,7 @@ async def _cancel(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
         raise ValueError("cancel takes ID, or --workflow and --key, not both")
     scripts = Scripts(redis, keys)
     if args.id:
-        await require_run(redis, keys, args.id)
-        return await cancel_runs(scripts, [args.id])
+        return await cancel_runs(scripts, [await require_run(redis, keys, args.id)])
     if args.workflow and args.key is not None:
         await require_workflow(redis, keys, args.workflow)
         return await cancel_key(redis, scripts, args.workflow, args.key)

@@ -144,14 +144,20 @@ class Run:
 async def read_run(
     redis: Redis, namespace: str, run_id: str
 ) -> tuple[RunRecord, dict[str, Any]] | None:
-    """A run's record and its step outputs (one round trip); None when there is no such run."""
+    """A run's record and its step outputs (one round trip); None when there is no such run.
+    A run id `publish` planned whose run went to another shard (a new version registered
+    before ingress read the event: see lookups.moved_run) gives that run."""
     sk = ShardKeys(namespace, shard_of_run(run_id))
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hget(sk.runs_hash, run_id)
         pipe.hget(sk.outputs_hash, run_id)
         raw, out = await pipe.execute()
     if raw is None:
-        return None
+        from supersede.lookups import moved_run
+
+        keys = await _stored_keys(redis, namespace)
+        moved = await moved_run(redis, keys, run_id) if keys is not None else None
+        return await read_run(redis, namespace, moved) if moved is not None else None
     return RunRecord.decode(run_id, raw), codec.unpack(codec.blob(out)) if out else {}
 
 
@@ -351,7 +357,7 @@ async def cancel(redis: Redis, run_id: str, *, namespace: str | None = None) -> 
 
     shard_of_run(run_id)  # (ValueError for what is no run id, before any lookup)
     keys = await _deployment(redis, namespace)
-    await require_run(redis, keys, run_id)
+    run_id = await require_run(redis, keys, run_id)
     return (await cancel_runs(Scripts(redis, keys), [run_id]))[run_id]
 
 

@@ -192,6 +192,7 @@ class UI:
         r = await ops.get_run(self.redis, self.keys, rid)
         if r is None:
             raise web.HTTPNotFound(text=f"no run {rid!r} (never created, or past its retention)")
+        rid = r["id"]  # (a planned id whose run went to another shard: see lookups.moved_run)
         sk = self.keys.shard(shard_of_run(rid))
         raw = await self.redis.hget(sk.inputs_hash, rid)
         if raw is None:  # (an input of at most 1 KiB is kept in the record of a live run)
@@ -262,7 +263,7 @@ class UI:
         await self.check_action(request)
         rid = request.match_info["rid"]
         try:
-            await lookups.require_run(self.redis, self.keys, rid)
+            rid = await lookups.require_run(self.redis, self.keys, rid)
         except (LookupError, ValueError) as exc:
             raise web.HTTPNotFound(text=str(exc)) from None
         done = await lookups.cancel_runs(self.scripts, [rid])

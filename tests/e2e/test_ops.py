@@ -796,3 +796,51 @@ async def test_publish_takes_metadata_for_keys_that_read_it(
     assert (
         bad.returncode != 0 and len(lines) == 1 and "--metadata must be a JSON object" in lines[0]
     )
+
+
+async def test_a_planned_run_id_finds_its_run_after_a_new_version_moved_it(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """`publish` plans run ids from the registry when it writes the event; a new version of
+    the workflow registered before ingress read it puts the run's group, so its shard,
+    elsewhere: the ids printed named no run, `--wait` said NOT_CREATED for a run that had
+    succeeded, `wait_for_run` timed out (a rolling-deploy probe: 10% of the ids published).
+    The tail of the id stays (the event and the workflow): the run is found by it."""
+    import os
+    import signal
+
+    from supersede.client import get_run, publish_runs, wait_for_run
+
+    moves = {"id": "moves", "events": ["moves.ev"],
+             "concurrency": {"expression": "input.k", "max_runs": 1}}  # fmt: skip
+    await register(redis, keys, moves)
+    await system.pipeline(redis, keys, 1, expected_workflows=APP_WORKFLOWS + 1)
+    ingress = system.procs[-1]
+    os.kill(ingress.pid, signal.SIGSTOP)
+    try:
+        planned = [
+            (await publish_runs(redis, "moves.ev", {"k": f"k{i}"}, namespace=keys.namespace))[1][0]
+            for i in range(8)
+        ]  # fmt: skip
+        await register(redis, keys, {**moves, "concurrency": {"expression": "input.k",
+                                                              "max_runs": 2}})  # fmt: skip
+    finally:
+        os.kill(ingress.pid, signal.SIGCONT)
+
+    async def created() -> bool:
+        recs = await records(redis, keys)
+        return sum(1 for r in recs.values() if r["w"] == "moves") == len(planned)
+
+    await eventually(created, timeout=30)
+    actual = {rid for rid, r in (await records(redis, keys)).items() if r["w"] == "moves"}
+    moved = [p for p in planned if p.run_id not in actual]
+    assert moved, "no run changed shards (1 in 16**8): the test shows nothing"
+    for p in planned:
+        run = await get_run(redis, p.run_id, namespace=keys.namespace)
+        assert run is not None and run.id in actual and run.key == p.key
+        assert run.id.partition("-")[2] == p.run_id.partition("-")[2]
+    shown = await acli(system, "run", moved[0].run_id)
+    assert shown["id"] in actual and shown["id"] != moved[0].run_id
+    assert await acli(system, "cancel", moved[0].run_id) == {shown["id"]: True}
+    ended = await wait_for_run(redis, moved[0].run_id, timeout=10, namespace=keys.namespace)
+    assert ended.id == shown["id"] and ended.state == "CANCELLED"
