@@ -69,8 +69,7 @@ for i = 4, #ARGV, 2 do
       rec.a = rec.a + 1
       assignRun(rid, rec)
       handed = handed + 1
-    else
-      rec.a = rec.a + 1
+    else  -- (its attempt stays the last one started: one more showed a start never made)
       endFailed(rid, rec, 'handed_back')
       failed = failed + 1
     end

@@ -1081,6 +1081,8 @@ async def test_hand_backs_past_the_free_ones_use_attempts_and_one_attempt_is_nev
     assert (r.handed, r.failed, r.failed_by) == (0, 1, (("wf", 1),))
     rec = (await records(redis, keys))[req.run_id]
     assert (rec["st"], rec["why"], rec["hb"]) == ("F", "handed_back", 12)
+    # its attempt is the last one started (`supersede run` showed a 13th, never made: a probe)
+    assert rec["a"] == 12
     earlier = RunRecord.decode(req.run_id, codec.pack(rec)).earlier
     assert [e.attempt for e in earlier] == [7, 8, 9, 10, 11]  # (the last 5: a record stays small)
 
