@@ -135,6 +135,7 @@ class Run:
     superseded_by: tuple[str, ...]  # cancelled_by, then the run that superseded that one, ...
     created_ms: int | None
     ended_ms: int | None
+    entry: str | None = None  # the inbox entry of its event ('<ms>-<seq>')
 
     @property
     def ended(self) -> bool:
@@ -142,23 +143,39 @@ class Run:
 
 
 async def read_run(
-    redis: Redis, namespace: str, run_id: str
+    redis: Redis, namespace: str, run_id: str, *, follow: bool = False
 ) -> tuple[RunRecord, dict[str, Any]] | None:
     """A run's record and its step outputs (one round trip); None when there is no such run.
-    A run id `publish` planned whose run went to another shard (a new version registered
-    before ingress read the event: see lookups.moved_run) gives that run."""
+    `follow` (a person's lookup by id): a run id `publish` planned whose run went to another
+    shard (a new version registered before ingress read the event: see lookups.moved_run)
+    gives that run, its own id in its record."""
+    found = await _read_run(redis, namespace, run_id)
+    if found is None and follow:
+        moved = await _moved(redis, namespace, run_id)
+        return await _read_run(redis, namespace, moved.id) if moved is not None else None
+    return found
+
+
+async def _read_run(
+    redis: Redis, namespace: str, run_id: str
+) -> tuple[RunRecord, dict[str, Any]] | None:
     sk = ShardKeys(namespace, shard_of_run(run_id))
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hget(sk.runs_hash, run_id)
         pipe.hget(sk.outputs_hash, run_id)
         raw, out = await pipe.execute()
     if raw is None:
-        from supersede.lookups import moved_run
-
-        keys = await _stored_keys(redis, namespace)
-        moved = await moved_run(redis, keys, run_id) if keys is not None else None
-        return await read_run(redis, namespace, moved) if moved is not None else None
+        return None
     return RunRecord.decode(run_id, raw), codec.unpack(codec.blob(out)) if out else {}
+
+
+async def _moved(
+    redis: Redis, namespace: str, run_id: str, entry: str | None = None
+) -> RunRecord | None:
+    from supersede.lookups import moved_run
+
+    keys = await _stored_keys(redis, namespace)
+    return await moved_run(redis, keys, run_id, entry) if keys is not None else None
 
 
 async def get_run(redis: Redis, run_id: str, *, namespace: str | None = None) -> Run | None:
@@ -190,6 +207,7 @@ async def get_run(redis: Redis, run_id: str, *, namespace: str | None = None) ->
         superseded_by=tuple(chain),
         created_ms=rec.created_ms,
         ended_ms=rec.ended_ms,
+        entry=rec.entry,
     )
 
 
@@ -273,6 +291,12 @@ async def _wait_for_run(
                 dead = await dead_letter_of(redis, entry, workflow, namespace=namespace)
                 if dead is not None:
                     raise DeadLettered(run_id, *dead)
+                # the event's run on another shard than planned (a new version registered
+                # meanwhile: --wait said NOT_CREATED for a run that had succeeded, a probe)
+                moved = await _moved(redis, _namespace(namespace), run_id, entry)
+                if moved is not None:
+                    run_id = moved.id
+                    continue
         if time.monotonic() > deadline:
             raise await _not_ended(redis, run_id, timeout, run, namespace)
         await asyncio.sleep(poll)
@@ -357,7 +381,7 @@ async def cancel(redis: Redis, run_id: str, *, namespace: str | None = None) -> 
 
     shard_of_run(run_id)  # (ValueError for what is no run id, before any lookup)
     keys = await _deployment(redis, namespace)
-    run_id = await require_run(redis, keys, run_id)
+    await require_run(redis, keys, run_id)
     return (await cancel_runs(Scripts(redis, keys), [run_id]))[run_id]
 
 

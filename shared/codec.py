@@ -50,13 +50,21 @@ def blob(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
 
 
-def jsonable(value: Any) -> Any:
-    """A decoded payload made safe for JSON: map keys as text, and a string that held bytes
-    which are not UTF-8 (surrogate escapes) as the repr of those bytes."""
+JSONABLE_DEPTH = 200  # levels of a payload shown; orjson writes 254 at most, and a parser
+# took 1,024 (an input nested 500 deep raised RecursionError on its run's page, a review)
+
+
+def jsonable(value: Any, depth: int = JSONABLE_DEPTH) -> Any:
+    """A decoded payload made safe for JSON, to show: map keys as text, a string that held
+    bytes which are not UTF-8 (surrogate escapes) as the repr of those bytes, a value JSON has
+    no form for (a msgpack timestamp or extension type) as its text, and levels past `depth`
+    as a string that says they are cut."""
+    if isinstance(value, dict | list | tuple) and depth <= 0:
+        return f"... ({type(value).__name__} nested deeper than {JSONABLE_DEPTH} levels)"
     if isinstance(value, dict):
-        return {_key(k): jsonable(v) for k, v in value.items()}
+        return {_key(k): jsonable(v, depth - 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
+        return [jsonable(v, depth - 1) for v in value]
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -65,7 +73,11 @@ def jsonable(value: Any) -> Any:
         return value
     if isinstance(value, bytes):
         return repr(value)
-    return value
+    if value is None or isinstance(value, bool | float):
+        return value
+    if isinstance(value, int) and -(2**63) <= value < 2**64:  # (orjson's range)
+        return value
+    return str(value)
 
 
 def _key(key: Any) -> str:

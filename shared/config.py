@@ -483,7 +483,8 @@ async def _ping(redis: Redis) -> None:
     with "timed out reaching Redis ...; check SUPERSEDE_REDIS_URL", a cluster probe."""
     try:
         await redis.ping()
-    except (redis_sync.TimeoutError, redis_sync.ConnectionError) as exc:
+    except redis_sync.TimeoutError as exc:  # (not ConnectionError: refused credentials and
+        # unreachable addresses are settings to fix, and redis-py's are ConnectionErrors)
         if isinstance(redis, RedisCluster) and not isinstance(exc, ClusterNodeSilent):
             raise ClusterNodeSilent(
                 f"a master of the cluster did not answer ({exc}): stopped, frozen or failing "

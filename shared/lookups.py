@@ -4,10 +4,12 @@ cancel script: what the operator CLI, the dashboard and `supersede.client` share
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from supersede import codec
 from supersede.keys import Keys
@@ -130,35 +132,45 @@ def waiting_rid(raw: Any) -> str:
     return rid_of_member(codec.text(raw).split("|", 1)[1])
 
 
-async def require_run(redis: Redis, keys: Keys, rid: str) -> str:
-    """The id of the run `rid` names (itself, or the run's id on the shard it went to: see
-    moved_run); LookupError naming `rid` unless such a run exists now (an id of no shard of
-    this namespace included: the cancel script would refuse it less clearly); ValueError for
-    what is no run id at all (a bad argument, as `supersede run` says)."""
+async def require_run(redis: Redis, keys: Keys, rid: str) -> None:
+    """LookupError naming `rid` unless it is a run that exists now (an id of no shard of this
+    namespace included: the cancel script would refuse it less clearly); ValueError for what is
+    no run id at all (a bad argument, as `supersede run` says)."""
     shard = shard_of_run(rid)
-    if 0 <= shard < keys.shards and await redis.hget(keys.shard(shard).runs_hash, rid) is not None:
-        return rid  # (HGET: the operator's rights have no HEXISTS)
-    moved = await moved_run(redis, keys, rid)
-    if moved is None:
-        raise LookupError(f"no run {rid!r}")
-    return moved
+    if not 0 <= shard < keys.shards or await redis.hget(keys.shard(shard).runs_hash, rid) is None:
+        raise LookupError(f"no run {rid!r}")  # (HGET: the operator's rights have no HEXISTS)
 
 
-async def moved_run(redis: Redis, keys: Keys, rid: str) -> str | None:
-    """The id of the run `rid` names when it went to another shard: `publish` plans run ids
-    from the registry when it writes the event, and a workflow's new version registered
-    before ingress read it puts the run's group, so its shard, elsewhere (a rolling deploy:
-    10% of the ids a probe published named no run). The tail of an id, from the event and the
-    workflow, stays. None when no other shard holds it."""
+MOVED_LOOK_S = 1.0  # seconds a look on the other shards may take (a master may not answer)
+
+
+async def moved_run(
+    redis: Redis, keys: Keys, rid: str, entry: str | None = None
+) -> RunRecord | None:
+    """The run `rid` names when it went to another shard: `publish` plans run ids from the
+    registry when it writes the event, and a workflow's new version registered before
+    ingress read it puts the run's group, so its shard, elsewhere (a rolling deploy: 10% of
+    the ids a probe published named no run). The tail of an id, from the event and the
+    workflow, stays; so it does for an explicit id published again once forgotten, whose
+    earlier run may still be kept: given `entry`, the event's inbox entry, only its run is
+    taken. None when no other shard holds it, or they did not answer within MOVED_LOOK_S."""
     shard, digest = shard_of_run(rid), rid.partition("-")[2]
     others = [s for s in range(keys.shards) if s != shard]
     if not others:
         return None
-    async with redis.pipeline(transaction=False) as pipe:
-        for s in others:
-            pipe.hget(keys.shard(s).runs_hash, f"{s}-{digest}")
-        replies = await pipe.execute()
-    return next((f"{s}-{digest}" for s, raw in zip(others, replies, strict=True) if raw), None)
+    try:
+        async with asyncio.timeout(MOVED_LOOK_S), redis.pipeline(transaction=False) as pipe:
+            for s in others:
+                pipe.hget(keys.shard(s).runs_hash, f"{s}-{digest}")
+            replies = await pipe.execute()
+    except (TimeoutError, RedisError):
+        return None
+    for s, raw in zip(others, replies, strict=True):
+        if raw:
+            rec = RunRecord.decode(f"{s}-{digest}", raw)
+            if entry is None or rec.entry == entry:
+                return rec
+    return None
 
 
 async def require_workflow(redis: Redis, keys: Keys, workflow: str) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from supersede.protocol import Strategy
+from supersede.protocol import decode_seq as decode_seq  # (encode_seq's inverse)
 
 GROUP_ID_LEN = 16  # hex chars; fixed width so the Lua side can slice members without parsing
 
@@ -68,11 +69,6 @@ def encode_seq(entry_id: str | bytes) -> str:
     """
     ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
     return "%016x%016x" % (int(ms), int(seq or 0))  # noqa: UP031 - measurably faster here
-
-
-def decode_seq(seq: str) -> str:
-    """Inverse of `encode_seq`."""
-    return f"{int(seq[:16], 16)}-{int(seq[16:], 16)}"
 
 
 def group_id(workflow_id: str, version: str, key: str, scope: str | None = None) -> str:

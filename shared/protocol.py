@@ -506,6 +506,11 @@ def _opt_int(value: Any) -> int | None:
     return int(value) if value not in (None, "", 0) else None
 
 
+def decode_seq(seq: str) -> str:
+    """Inverse of `model.encode_seq`: the stream id '<ms>-<seq>' of a 32-digit sequence."""
+    return f"{int(seq[:16], 16)}-{int(seq[16:], 16)}"
+
+
 @dataclass(frozen=True, slots=True)
 class RunRecord:
     """A run record decoded: the one reading of the runs hash for the CLI and dev console."""
@@ -534,6 +539,15 @@ class RunRecord:
     points: dict[str, int] = field(default_factory=dict)  # PATH_POINTS key -> µs after inbox
     hand_backs: int = 0  # times a draining executor stopped it and handed it back (hb)
     earlier: tuple[EarlierAttempt, ...] = ()  # how the last earlier attempts ended (ea)
+
+    @property
+    def entry(self) -> str | None:
+        """The inbox entry of its event ('<ms>-<seq>', as the sequence encodes it), None for a
+        sequence of another form."""
+        seq = self.seq
+        if len(seq) != 32 or not all(c in "0123456789abcdef" for c in seq):
+            return None
+        return decode_seq(seq)
 
     def path(self) -> list[tuple[str, float]]:
         """The run's way through the system, (point, epoch ms with µs in the fraction) in order:

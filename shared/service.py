@@ -88,7 +88,7 @@ _NOT_YET_HINTS = (
 _SAID_WITH_HINT = tuple(cls for cls, _ in _NOT_YET_HINTS)
 NOGROUP_HINT = (
     "a stream or its consumer group was deleted (FLUSHALL, a restart without persistence, a "
-    "failover to a replica that had not received it): created again"
+    "failover to a replica that had not received it): its readers create it again"
 )
 
 
@@ -102,7 +102,8 @@ def _hint(exc: BaseException) -> str | None:
     """The fix to name beside a failure said in one line; None: log its traceback."""
     if isinstance(exc, _SAID_WITH_HINT):
         return next(h for cls, h in _NOT_YET_HINTS if isinstance(exc, cls))
-    if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
+    if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):  # (a pipeline's says
+        # "Command # 1 (XREADGROUP ...) of pipeline caused error: NOGROUP ...")
         return NOGROUP_HINT  # (healed by after_failure; its traceback said no more, a probe)
     if isinstance(exc, ClusterError) and "TTL exhausted" in str(exc):
         return MOVING_HINT  # (redis-py's words name no cause; a cluster probe's reshard)

@@ -59,11 +59,11 @@ def is_async_callable(fn: Any) -> bool:
 
 
 def _is_coroutine_function(fn: Any) -> bool:
-    # inspect's: asyncio.iscoroutinefunction warns from Python 3.14 on. Before 3.12, only
-    # asyncio's sees the marker AsyncMock and similar objects carry.
+    # inspect's: asyncio.iscoroutinefunction warns from Python 3.14 on. Before, asyncio's also
+    # sees the marker some objects carry (AsyncMock before 3.12, Cython's async functions).
     if inspect.iscoroutinefunction(fn):
         return True
-    return sys.version_info < (3, 12) and asyncio.iscoroutinefunction(fn)
+    return sys.version_info < (3, 14) and asyncio.iscoroutinefunction(fn)
 
 
 def fn_key(fn: Any) -> tuple[str, str] | None:

@@ -78,31 +78,14 @@ def _ms_of(text: str, param: str = "ended_before") -> int:
     return max(1, int(when.timestamp() * 1000))
 
 
-SHOWN_DEPTH = 100  # levels of a payload shown; deeper ones are said to be there
-
-
 def shown(value: Any) -> str:
-    """A run's input or outputs as indented JSON for its page. Whatever a producer sent: a
-    msgpack timestamp, an integer past 64 bits, JSON nested 260 deep (which the JSON parser
-    takes, orjson writes 254 at most) answered 500 with a traceback (a probe)."""
+    """A run's input or outputs (made `codec.jsonable`) as indented JSON for its page. A msgpack
+    timestamp, JSON nested 260 deep (orjson writes 254 levels at most) answered 500 with a
+    traceback (a probe)."""
     try:
         return ops.dumps(value)
-    except (TypeError, RecursionError):
-        return ops.dumps(_displayable(value, SHOWN_DEPTH))
-
-
-def _displayable(value: Any, depth: int) -> Any:
-    if isinstance(value, dict | list | tuple) and depth <= 0:
-        return f"... ({type(value).__name__} nested deeper than {SHOWN_DEPTH} levels)"
-    if isinstance(value, dict):
-        return {str(k): _displayable(v, depth - 1) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_displayable(v, depth - 1) for v in value]
-    if value is None or isinstance(value, bool | float | str):
-        return value
-    if isinstance(value, int) and -(2**63) <= value < 2**64:
-        return value
-    return str(value)  # (a msgpack Timestamp or ExtType, an integer past 64 bits)
+    except (TypeError, RecursionError) as exc:  # (what jsonable leaves that orjson refuses)
+        return f"(not shown: {exc})"
 
 
 class UI:
@@ -263,7 +246,7 @@ class UI:
         await self.check_action(request)
         rid = request.match_info["rid"]
         try:
-            rid = await lookups.require_run(self.redis, self.keys, rid)
+            await lookups.require_run(self.redis, self.keys, rid)
         except (LookupError, ValueError) as exc:
             raise web.HTTPNotFound(text=str(exc)) from None
         done = await lookups.cancel_runs(self.scripts, [rid])

@@ -805,11 +805,14 @@ async def test_a_planned_run_id_finds_its_run_after_a_new_version_moved_it(
     the workflow registered before ingress read it puts the run's group, so its shard,
     elsewhere: the ids printed named no run, `--wait` said NOT_CREATED for a run that had
     succeeded, `wait_for_run` timed out (a rolling-deploy probe: 10% of the ids published).
-    The tail of the id stays (the event and the workflow): the run is found by it."""
+    The tail of the id stays (the event and the workflow): `supersede run` finds the run by
+    it, and `wait_for_run(entry=)` follows it to the event's own run, never to a run of
+    another event that shares the tail (an explicit id published again once forgotten)."""
     import os
     import signal
 
     from supersede.client import get_run, publish_runs, wait_for_run
+    from supersede.lookups import moved_run
 
     moves = {"id": "moves", "events": ["moves.ev"],
              "concurrency": {"expression": "input.k", "max_runs": 1}}  # fmt: skip
@@ -818,10 +821,11 @@ async def test_a_planned_run_id_finds_its_run_after_a_new_version_moved_it(
     ingress = system.procs[-1]
     os.kill(ingress.pid, signal.SIGSTOP)
     try:
-        planned = [
-            (await publish_runs(redis, "moves.ev", {"k": f"k{i}"}, namespace=keys.namespace))[1][0]
-            for i in range(8)
-        ]  # fmt: skip
+        published = []
+        for i in range(8):
+            entry, (plan,), _ = await publish_runs(redis, "moves.ev", {"k": f"k{i}"},
+                                                   namespace=keys.namespace)  # fmt: skip
+            published.append((entry, plan))
         await register(redis, keys, {**moves, "concurrency": {"expression": "input.k",
                                                               "max_runs": 2}})  # fmt: skip
     finally:
@@ -829,18 +833,21 @@ async def test_a_planned_run_id_finds_its_run_after_a_new_version_moved_it(
 
     async def created() -> bool:
         recs = await records(redis, keys)
-        return sum(1 for r in recs.values() if r["w"] == "moves") == len(planned)
+        return sum(1 for r in recs.values() if r["w"] == "moves") == len(published)
 
     await eventually(created, timeout=30)
     actual = {rid for rid, r in (await records(redis, keys)).items() if r["w"] == "moves"}
-    moved = [p for p in planned if p.run_id not in actual]
+    moved = [(e, p) for e, p in published if p.run_id not in actual]
     assert moved, "no run changed shards (1 in 16**8): the test shows nothing"
-    for p in planned:
-        run = await get_run(redis, p.run_id, namespace=keys.namespace)
-        assert run is not None and run.id in actual and run.key == p.key
-        assert run.id.partition("-")[2] == p.run_id.partition("-")[2]
-    shown = await acli(system, "run", moved[0].run_id)
-    assert shown["id"] in actual and shown["id"] != moved[0].run_id
-    assert await acli(system, "cancel", moved[0].run_id) == {shown["id"]: True}
-    ended = await wait_for_run(redis, moved[0].run_id, timeout=10, namespace=keys.namespace)
-    assert ended.id == shown["id"] and ended.state == "CANCELLED"
+    for _, p in published:
+        shown = await acli(system, "run", p.run_id)
+        assert shown["id"] in actual and shown["key"] == p.key
+        assert shown["id"].partition("-")[2] == p.run_id.partition("-")[2]
+    entry, plan = moved[0]
+    assert await get_run(redis, plan.run_id, namespace=keys.namespace) is None  # (exact)
+    own = (await moved_run(redis, keys, plan.run_id, entry)).id
+    assert await moved_run(redis, keys, plan.run_id, "1-1") is None  # (another event's)
+    assert await acli(system, "cancel", own) == {own: True}
+    ended = await wait_for_run(redis, plan.run_id, timeout=10, namespace=keys.namespace,
+                               entry=entry)  # fmt: skip
+    assert ended.id == own and ended.state == "CANCELLED" and ended.entry == entry

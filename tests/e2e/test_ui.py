@@ -458,14 +458,14 @@ async def test_a_run_page_shows_any_input_a_producer_can_send(
     redis: Redis, keys: Keys, system: System
 ) -> None:
     """A live run's page answered 500, with a traceback in the UI's log, for inputs ingress
-    accepts: a msgpack timestamp, JSON nested 260 deep (orjson writes
+    accepts: a msgpack timestamp, JSON nested 260 deep (and up to 1,000 deep) (orjson writes
     254 levels at most; a probe). Each page shows the input."""
     import msgpack
 
     await system.pipeline(redis, keys, 1)
     _, base = start_ui(system)
     await up(base)
-    deep = b'{"userId": "deep", "sleep": 30, "x": ' + b"[" * 300 + b"]" * 300 + b"}"
+    deep = b'{"userId": "deep", "sleep": 30, "x": ' + b"[" * 1000 + b"]" * 1000 + b"}"
     await redis.xadd(keys.events_stream, {"name": "chat.message", "data": deep})
     packed = msgpack.packb({"userId": "stamp", "sleep": 30, "at": msgpack.Timestamp(1, 0),
                             "big": 2**64 - 1})  # fmt: skip

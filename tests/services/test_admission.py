@@ -892,7 +892,7 @@ async def test_refused_credentials_and_a_read_only_server_are_said_in_one_line_w
     lines said "AuthenticationError: invalid username-password pair or user is disabled." (a
     read-only server's with a traceback), naming no setting, though a start names
     SUPERSEDE_REDIS_URL (a Redis-operator probe)."""
-    from redis.exceptions import AuthenticationError, ClusterError, ReadOnlyError
+    from redis.exceptions import AuthenticationError, ClusterError, ReadOnlyError, ResponseError
 
     settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
     admission = Admission(redis, settings, AdmissionConfig())
@@ -902,8 +902,16 @@ async def test_refused_credentials_and_a_read_only_server_are_said_in_one_line_w
         # (redis-py's words for a slot half-moved under a reshard, in every service's log with
         # a traceback: a cluster probe)
         admission.log_failure("batch failed; retrying", ClusterError("TTL exhausted."))
+        # (a pipeline's error names its command first: a review)
+        admission.log_failure(
+            "batch failed; retrying",
+            ResponseError(
+                "Command # 1 (XREADGROUP GROUP g c STREAMS s 0) of pipeline caused error: NOGROUP"
+            ),
+        )
     said = [(r.getMessage(), r.exc_info) for r in caplog.records]
-    assert [exc_info for _, exc_info in said] == [None, None, None], said
+    assert [exc_info for _, exc_info in said] == [None, None, None, None], said
+    assert "readers create it again" in said[3][0], said
     assert "refused SUPERSEDE_REDIS_URL's user or password" in said[0][0], said
     assert "SUPERSEDE_REDIS_URL names a replica" in said[1][0], said
     assert "a slot is migrating" in said[2][0], said

@@ -276,6 +276,24 @@ def test_any_msgpack_output_renders_as_json_and_as_text() -> None:
     assert "200" in render_run(view)
 
 
+def test_any_payload_is_made_showable_as_json() -> None:
+    """A run's input or outputs as its page, `supersede run` and --json show them: JSON nested
+    1,000 deep (which ingress takes: orjson writes 254 levels, and deeper recursion failed), a
+    msgpack timestamp, an integer past 64 bits."""
+    import msgpack
+    import orjson
+
+    from supersede import codec
+
+    deep: list[object] = []
+    for _ in range(1_000):
+        deep = [deep]
+    shown = codec.jsonable({"x": deep, "at": msgpack.Timestamp(1, 0), "big": 2**70})
+    text = orjson.dumps(shown).decode()
+    assert "nested deeper than 200 levels" in text and "Timestamp" in text
+    assert str(2**70) in text and codec.jsonable(2**64 - 1) == 2**64 - 1
+
+
 def test_a_key_cannot_forge_lines_of_the_run_view() -> None:
     """A producer's key "mallory\nstate     FAILED" printed a line of its own above the real
     state in `supersede run ID` (a probe): one-line facts show a new line as \\n."""
@@ -823,6 +841,33 @@ async def test_a_server_that_never_answers_is_named_as_such_not_as_a_tls_mismatc
             await check_server(Silent(), url)
         assert hint in str(info.value), str(info.value)
         assert "\n" not in str(info.value)
+
+
+async def test_a_cluster_node_that_refuses_the_credentials_is_a_setting_not_an_outage() -> None:
+    """A cluster master that does not answer the start's PING is an outage (a service waits,
+    a command exits 1); one that refuses the credentials (ACL users are per node) or cannot be
+    reached is a setting to fix: redis-py's AuthenticationError is a ConnectionError, and the
+    first form of the outage check said a master was frozen (a review)."""
+    import redis as redis_sync
+    from redis.asyncio.cluster import RedisCluster
+
+    from supersede.config import ClusterNodeSilent, check_server
+    from supersede.errors import ConfigError
+
+    class Node(RedisCluster):
+        def __init__(self, exc: Exception) -> None:  # (no connection: ping raises `exc`)
+            self.exc = exc
+
+        async def ping(self, *args: Any, **kwargs: Any) -> Any:
+            raise self.exc
+
+    url = "redis+cluster://h:1"
+    with pytest.raises(ConfigError, match="check the user and password"):
+        await check_server(Node(redis_sync.AuthenticationError("invalid password")), url)
+    with pytest.raises(ConfigError, match="cannot reach Redis"):
+        await check_server(Node(redis_sync.ConnectionError("refused")), url)
+    with pytest.raises(ClusterNodeSilent, match="did not answer"):
+        await check_server(Node(redis_sync.TimeoutError("Timeout reading")), url)
 
 
 def test_steps_called_with_their_context_are_accepted_however_they_are_made() -> None:
