@@ -781,11 +781,14 @@ async def _follow_published(
             return
         except WaitTimeout as exc:  # the others are still shown
             warn(f"supersede: {exc}")
-            if exc.run_id != row["run"]:  # (it followed a duplicate to the first event's run)
-                row["run"], row["duplicate_of"] = exc.run_id, row.get("duplicate_of") or EARLIER
-            now = await get_run(redis, row["run"], namespace=keys.namespace)
+            now = await get_run(redis, exc.run_id, namespace=keys.namespace)
+            if exc.run_id != row["run"]:  # (it followed a duplicate to the first event's run,
+                # or the event's own run to the shard a new version put it on)
+                if now is None or now.entry != entry:
+                    row["duplicate_of"] = row.get("duplicate_of") or EARLIER
+                row["run"] = exc.run_id
             row["state"], row["error"] = now.state if now else "NOT_CREATED", str(exc)
-            row["key"], row["run"] = (now.key, now.id) if now else (row["key"], row["run"])
+            row["key"] = now.key if now else row["key"]
             row["timed_out"], row["cancelled_by"], row["reason"] = True, None, None
             return
         moved = run.id.partition("-")[2] == row["run"].partition("-")[2]

@@ -851,3 +851,41 @@ async def test_a_planned_run_id_finds_its_run_after_a_new_version_moved_it(
     ended = await wait_for_run(redis, plan.run_id, timeout=10, namespace=keys.namespace,
                                entry=entry)  # fmt: skip
     assert ended.id == own and ended.state == "CANCELLED" and ended.entry == entry
+
+    # `publish --wait` whose run moves and does not end in time: the row shows the run's own
+    # id and state, and does not call it a duplicate (it did, the review of the first mend)
+    from supersede.model import group_id, shard_of_group
+
+    v1 = (await register(redis, Keys("scratch", keys.shards), moves)).version
+    v2 = (await register(redis, Keys("scratch", keys.shards), {**moves, "concurrency": {
+        "expression": "input.k", "max_runs": 3}})).version  # fmt: skip
+    key = next(
+        f"w{i}"
+        for i in range(100)
+        if shard_of_group(group_id("moves", v1, f"w{i}"), keys.shards)
+        != shard_of_group(group_id("moves", v2, f"w{i}"), keys.shards)
+    )
+    await register(redis, keys, moves)  # (v1 again: its events planned on v1's shards)
+    os.kill(ingress.pid, signal.SIGSTOP)
+    try:
+        inbox = await redis.xlen(keys.events_stream)
+        waiting = asyncio.ensure_future(asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "supersede", "publish", "moves.ev",
+                             orjson.dumps({"k": key}).decode(), "--wait", "--timeout", "6",
+                             "--json"],
+            env=system.env, capture_output=True, timeout=60,
+        ))  # fmt: skip
+
+        async def written() -> bool:
+            return await redis.xlen(keys.events_stream) > inbox
+
+        await eventually(written, timeout=30)
+        await register(redis, keys, {**moves, "concurrency": {"expression": "input.k",
+                                                              "max_runs": 3}})  # fmt: skip
+    finally:
+        os.kill(ingress.pid, signal.SIGCONT)
+    done = await waiting
+    [row] = orjson.loads(done.stdout)["runs"]
+    assert row["state"] == "ASSIGNED" and row["timed_out"], row
+    assert row["duplicate_of"] is None, row
+    assert row["run"] in {rid for rid, r in (await records(redis, keys)).items() if r["k"] == key}
