@@ -791,9 +791,8 @@ async def _follow_published(
             row["key"] = now.key if now else row["key"]
             row["timed_out"], row["cancelled_by"], row["reason"] = True, None, None
             return
-        moved = run.id.partition("-")[2] == row["run"].partition("-")[2]
-        if run.id != row["run"] and not (moved and run.entry == entry):  # (moved: a new
-            # version put the event's own run on another shard; a duplicate's is another's)
+        if run.id != row["run"] and run.entry != entry:  # (the same entry: the event's own
+            # run, on the shard a new version put it on; a duplicate's is another entry's)
             row["duplicate_of"] = row.get("duplicate_of") or EARLIER
         row["run"], row["key"], row["state"], row["error"] = run.id, run.key, run.state, run.error
         row["outputs"] = codec.jsonable(run.outputs)
