@@ -735,12 +735,15 @@ WAITED_ROW = {"state": None, "error": "", "outputs": None, "cancelled_by": None,
 async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     """Publish; list the runs the event will make; with --wait, their outcomes once ended.
     Whatever fails once the event is published (Redis, Ctrl-C) says it was, with its ids."""
-    from supersede.client import publish_runs
+    from supersede.client import PublishedError, publish_runs
 
     data, metadata = _checked_publish(args)
-    entry, planned, known = await publish_runs(
-        redis, args.name, data, id=args.id, metadata=metadata, namespace=keys.namespace
-    )
+    try:
+        entry, planned, known = await publish_runs(
+            redis, args.name, data, id=args.id, metadata=metadata, namespace=keys.namespace
+        )
+    except PublishedError as exc:  # (published: said so, with its entry)
+        raise NotFollowed(exc.entry, [], exc.__cause__ or exc) from None
     if not planned:
         _warn_no_run(args.name, known)
     runs: list[dict[str, Any]] = [
@@ -874,7 +877,7 @@ class NotFollowed(Exception):
         why = "interrupted" if self.interrupted else f"{type(cause).__name__}: {cause}"
         made = f"; its runs: {', '.join(runs)}" if runs else ""
         super().__init__(
-            f"the event was published (inbox entry {entry}{made}), but waiting for its runs "
+            f"the event was published (inbox entry {entry}{made}), but following its runs "
             f"stopped ({why}): do not publish it again; follow them with `supersede run ID`"
         )
 

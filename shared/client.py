@@ -21,6 +21,7 @@ from redis.asyncio import Redis, RedisCluster
 
 from supersede import codec, tracing
 from supersede.config import DEFAULT_NAMESPACE
+from supersede.errors import SupersedeError
 from supersede.keys import Keys, ShardKeys, inbox_stream
 from supersede.model import shard_of_run
 from supersede.protocol import Dead, Inbox, RunRecord
@@ -513,17 +514,34 @@ async def publish_runs(
 
     _check_client(redis)  # (before publishing: what follows reads bytes)
     ns = _namespace(namespace)
-    entry = await publish(redis, name, data, id=id, metadata=metadata, namespace=ns)
+    # The registry is read first: a user that may publish but not read (the producer role)
+    # is refused before the event is in the inbox, not after (a retry published it twice).
     stored = await _stored_keys(redis, ns)
     keys = stored or Keys(ns, 1)
     _, defs, _ = await load_all(redis, keys)
     known = sorted({e for wf in defs.values() for e in wf.events})
+    entry = await publish(redis, name, data, id=id, metadata=metadata, namespace=ns)
     if stored is None:
         return entry, [], known
     plan = plan_runs(defs, name, data, id or entry, keys.shards, metadata, id is not None)
     if id is not None:
-        plan = [await _first_of_duplicate(redis, p, entry, ns) for p in plan]
+        try:
+            plan = [await _first_of_duplicate(redis, p, entry, ns) for p in plan]
+        except (redis_sync.RedisError, OSError) as exc:
+            raise PublishedError(entry, exc) from exc
     return entry, plan, known
+
+
+class PublishedError(SupersedeError):
+    """`publish_runs`: the event is in the inbox (`entry`), but what followed failed
+    (`__cause__`): publishing it again would make its runs twice."""
+
+    def __init__(self, entry: str, cause: BaseException) -> None:
+        self.entry = entry
+        super().__init__(
+            f"the event was published (inbox entry {entry}), but looking up its runs failed "
+            f"({type(cause).__name__}: {cause})"
+        )
 
 
 async def _first_of_duplicate(redis: Redis, planned: PlannedRun, entry: str, ns: str) -> PlannedRun:

@@ -164,6 +164,7 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
 
     await _each_user_is_refused_what_its_role_does_not_do(url_of, keys)
     _a_user_without_the_rights_is_told_which_role_it_needs(url_of, keys)
+    await _publish_as_the_producer_is_refused_before_publishing(client, url_of, keys)
 
 
 async def _users_are_on_every_node(client: Any, ports: list[int], users: set[str]) -> None:
@@ -299,6 +300,24 @@ def _a_user_without_the_rights_is_told_which_role_it_needs(
         assert done.returncode == 2 and "Traceback" not in err, (args, err[-2000:])
         last = err.strip().splitlines()[-1]
         assert last.startswith("supersede: ") and says in last and "supersede acl" in last, err
+
+
+async def _publish_as_the_producer_is_refused_before_publishing(
+    client: Any, url_of: dict[str, str], keys: Keys
+) -> None:
+    """`supersede publish` under the producer user (it may XADD, not read the registry) is
+    refused in one line naming the operator role, and nothing is published: it published the
+    event, then failed reading the registry, and said nothing of it (a retry published it
+    twice; a security probe)."""
+    before = int(await client.xlen(keys.events_stream))
+    producer = env_of(url_of["producer"], keys)
+    args = [sys.executable, "-m", "supersede", "publish", "chat.message", '{"userId": "p"}']
+    done = await asyncio.to_thread(subprocess.run, args, env=producer, capture_output=True,
+                                   timeout=60)  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert "operator role" in err.strip().splitlines()[-1], err
+    assert int(await client.xlen(keys.events_stream)) == before
 
 
 async def _the_dashboard_allows_actions_under_the_operator_only(

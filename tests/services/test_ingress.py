@@ -117,6 +117,30 @@ async def test_an_event_of_a_workflow_registered_since_the_last_refresh_is_route
         assert await redis.xlen(keys.dead_stream) == 0
 
 
+async def test_publish_runs_says_which_entry_it_published_when_a_later_read_fails(
+    redis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis failure after the event is in the inbox (looking up an explicit id's first
+    event) raised the bare error: the caller could not tell the event was published, and a
+    retry published it twice. PublishedError carries the entry (the CLI says "do not publish
+    it again" with it)."""
+    await register(redis, keys, CHAT)
+    await redis.hset(keys.config_hash, "shards", keys.shards)  # (as a service pins it)
+
+    async def lost(*_: Any, **__: Any) -> None:
+        raise redis_sync.ConnectionError("connection lost")
+
+    monkeypatch.setattr(client, "duplicate_of", lost)
+    with pytest.raises(client.PublishedError) as caught:
+        await client.publish_runs(
+            redis, "chat.message", {"userId": "p"}, id="once", namespace=keys.namespace
+        )
+    [(entry, _)] = await redis.xrange(keys.events_stream)
+    assert caught.value.entry == entry.decode()
+    assert "published (inbox entry " in str(caught.value)
+    assert isinstance(caught.value.__cause__, redis_sync.ConnectionError)
+
+
 async def test_the_contract_json_and_msgpack_with_and_without_id_and_metadata(
     redis: Redis, keys: Keys, ingress: Ingress
 ) -> None:
