@@ -64,7 +64,7 @@ class Settings:
                 f"SUPERSEDE_REDIS_URL must start with one of {', '.join(URL_SCHEMES)}, got "
                 f"{redact(url)!r}"
             )
-        _check_database(url)
+        _check_url(url)
         return cls(
             redis_url=url,
             namespace=namespace,
@@ -107,16 +107,74 @@ def unknown_variables(env: Mapping[str, str]) -> list[str]:
     return out
 
 
-def _check_database(url: str) -> None:
-    """A database number in the URL's path that is no number: redis-py took db 0 for it."""
-    if not url.startswith(("redis://", "rediss://")):
+def _check_url(url: str) -> None:
+    """What redis-py would fail on later, with a traceback or a part of the password in its
+    message: a host and port it cannot read (a password holding `#`, `?`, `[` or `]` moved
+    its rest out of the authority), and a database number in the path that is no number
+    (redis-py took db 0 for it)."""
+    cluster = is_cluster_url(url)
+    seed = cluster_seed(url) if cluster else url
+    if not seed.startswith(("redis://", "rediss://")):
         return
-    path = unquote(urlsplit(url).path).strip("/")  # (as redis-py reads it)
-    if path and not path.isdigit():
+    try:
+        parts = urlsplit(seed)
+        parts.port  # noqa: B018 (it raises for a port that is no number)
+        path = unquote(parts.path).strip("/")  # (as redis-py reads it)
+    except ValueError as exc:  # ("Invalid IPv6 URL": a `[` or `]` in a password)
+        raise url_problem(url, exc) from None
+    if path and not path.isdigit() and not cluster:
         raise ConfigError(  # (a path is what follows a password's `/` too: not quoted)
             f"SUPERSEDE_REDIS_URL's database (its path) must be a number, in {redact(url)!r} "
-            "(a password that holds /, # or ? must be percent-encoded: %2F, %23, %3F)"
+            f"({ENCODE_HINT})"
         )
+
+
+ENCODE_HINT = (
+    "a password that holds /, #, ?, [ or ] must be percent-encoded: %2F, %23, %3F, %5B, %5D"
+)
+
+
+def url_problem(url: str, exc: Exception) -> ConfigError:
+    """The one line for a URL redis-py could not make a client of (`exc`: a ValueError for
+    what is no URL, a TypeError for an option it does not know, a RedisError for an option's
+    value it refuses), with no part of the password: its messages quote the piece they could
+    not read, and "Port could not be cast to integer value as 'Tr0ub4dor'" was the password's
+    part before its `#` (a security probe)."""
+    if isinstance(exc, TypeError):
+        return ConfigError(unknown_option(url, exc))
+    said = scrub(str(exc), url)
+    if isinstance(exc, ValueError):
+        hint = f"; {ENCODE_HINT}" if "@" in url else ""
+        return ConfigError(f"SUPERSEDE_REDIS_URL {redact(url)} is not a valid URL ({said}){hint}")
+    return ConfigError(
+        f"SUPERSEDE_REDIS_URL {redact(url)} has an option the client refuses ({said}); check "
+        "its options"
+    )
+
+
+def scrub(text: str, url: str) -> str:
+    """`text`, an error about `url`, with every part of the URL's password it may echo
+    replaced by `***` (the password whole, decoded, and its pieces between the characters a
+    URL parser splits at)."""
+    for secret in sorted(_secret_parts(url), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _secret_parts(url: str) -> set[str]:
+    rest = url.partition("://")[2] or url
+    secrets = [m.group(3) for m in _QUERY_PAIR.finditer(rest) if unquote(m.group(2)).lower()
+               in SECRET_PARAMS]  # fmt: skip
+    if "@" in rest:
+        _, colon, password = rest.rpartition("@")[0].partition(":")
+        if colon:
+            secrets.append(password)
+    parts = set()
+    for secret in secrets:
+        for part in (secret, unquote(secret), *re.split(r"[/#?\[\]@:&=]", secret)):
+            if len(part) >= 2:  # (a single character tells nothing, and is everywhere)
+                parts.add(part)
+    return parts
 
 
 CLUSTER_SCHEME = "redis+cluster://"
@@ -211,22 +269,17 @@ def connect(url: str, max_connections: int = 64) -> Redis:
     client (any node as seed); it
     offers the commands the services use, so it is typed as `Redis` for them.
     """
-    _check_database(url)  # (Settings checks the variable; a URL given here, the same way)
+    _check_url(url)  # (Settings checks the variable; a URL given here, the same way)
     try:
         if is_cluster_url(url):
             seed = cluster_seed(url)
             return _parsing_streams(_Cluster.from_url(seed, max_connections=max_connections))
         pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30)
         pool.connection_class(**pool.connection_kwargs)  # (an unknown option fails here)
-    except ValueError as exc:  # (a port that is not a number, a value of the wrong type)
-        raise ConfigError(f"SUPERSEDE_REDIS_URL {redact(url)} is not a valid URL: {exc}") from None
-    except TypeError as exc:  # (an option redis-py does not know)
-        raise ConfigError(unknown_option(url, exc)) from None
-    except redis_sync.RedisError as exc:  # (an option's value it refuses, e.g. a TLS one)
-        raise ConfigError(
-            f"SUPERSEDE_REDIS_URL {redact(url)} has an option the client refuses ({exc}); check "
-            "its options"
-        ) from None
+    # (ValueError: a port that is not a number, a value of the wrong type; TypeError: an
+    # option redis-py does not know; RedisError: an option's value it refuses, a TLS one)
+    except (ValueError, TypeError, redis_sync.RedisError) as exc:
+        raise url_problem(url, exc) from None
     return _parsing_streams(Redis.from_pool(pool))  # (aclose() closes the pool's too)
 
 
@@ -263,7 +316,7 @@ def connect_sync(url: str, *, timeout: float | None = None) -> redis_sync.Redis:
 
         options = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
                    "retry": Retry(NoBackoff(), 0)}  # fmt: skip
-    _check_database(url)
+    _check_url(url)
     try:
         if is_cluster_url(url):
             return cast(
@@ -272,8 +325,8 @@ def connect_sync(url: str, *, timeout: float | None = None) -> redis_sync.Redis:
         client = redis_sync.Redis.from_url(url, **options)
         pool = client.connection_pool
         pool.connection_class(**pool.connection_kwargs)  # (an unknown option fails here)
-    except TypeError as exc:
-        raise ConfigError(unknown_option(url, exc)) from None
+    except (ValueError, TypeError, redis_sync.RedisError) as exc:
+        raise url_problem(url, exc) from None
     return client
 
 
@@ -421,55 +474,63 @@ async def check_server(redis: Redis, url: str) -> None:
         raise ConfigError(problem)
     try:
         await _ping(redis)
-    except redis_sync.AuthenticationError as exc:
-        raise ConfigError(
-            f"Redis at {redact(url)} refused the credentials ({exc}); check the user and "
-            f"password in SUPERSEDE_REDIS_URL{_no_password(url)}"
-        ) from None
-    except redis_sync.ResponseError as exc:
-        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc) or "NOPERM" in str(exc):
-            raise ConfigError(
-                f"Redis at {redact(url)} refused the connection ({exc}); check the user and "
-                f"password in SUPERSEDE_REDIS_URL{_no_password(url)}"
-            ) from None
-        raise ConfigError(
-            f"Redis at {redact(url)} refused the connection ({exc}); check SUPERSEDE_REDIS_URL "
-            "(its database number, for one)"
-        ) from None
     except (redis_sync.exceptions.BusyLoadingError, redis_sync.exceptions.MaxClientsReachedError,
             ClusterNodeSilent):  # fmt: skip
         raise  # (the server is there, not ready yet: a service waits, a command says so)
-    except redis_sync.TimeoutError as exc:
+    except (redis_sync.RedisError, redis_sync.RedisClusterException, OSError) as exc:
+        raise _server_problem(url, exc) from None
+
+
+# How a server (or redis-py's cluster client, which words it its own way) refuses credentials
+_CREDENTIALS_WORDS = ("NOAUTH", "WRONGPASS", "NOPERM", "invalid username-password")
+
+
+def _server_problem(url: str, exc: BaseException) -> ConfigError:
+    """The one line for a start's PING that failed (check_server): the setting to fix, and
+    the error's text with no part of the password (scrub)."""
+    said, at = scrub(str(exc), url), redact(url)
+    if isinstance(exc, redis_sync.AuthenticationError) or (
+        isinstance(exc, (redis_sync.ResponseError, redis_sync.RedisClusterException))
+        and any(words in str(exc) for words in _CREDENTIALS_WORDS)
+    ):  # (a cluster's said "no Redis Cluster at ...", a security probe)
+        return ConfigError(
+            f"Redis at {at} refused the credentials ({said}); check the user and password in "
+            f"SUPERSEDE_REDIS_URL{_no_password(url)}"
+        )
+    if isinstance(exc, redis_sync.ResponseError):
+        return ConfigError(
+            f"Redis at {at} refused the connection ({said}); check SUPERSEDE_REDIS_URL (its "
+            "database number, for one)"
+        )
+    if isinstance(exc, redis_sync.TimeoutError):
         hint = (
             "rediss:// only for a server with TLS"
             if url.startswith("rediss")
             else "a server that accepts the connection but never answers: stopped, overloaded, "
             "or behind a firewall that drops packets"
         )
-        raise ConfigError(
-            f"timed out reaching Redis at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL ({hint})"
-        ) from None
-    except redis_sync.RedisClusterException as exc:
+        return ConfigError(
+            f"timed out reaching Redis at {at} ({said}); check SUPERSEDE_REDIS_URL ({hint})"
+        )
+    if isinstance(exc, redis_sync.RedisClusterException):
         if "Timeout" in str(exc):  # (the seed accepted the connection and never answered)
-            raise ConfigError(
-                f"the cluster node {redact(url)} names did not answer ({exc}): stopped, frozen "
-                "or overloaded; check SUPERSEDE_REDIS_URL, or name another node of the cluster"
-            ) from None
+            return ConfigError(
+                f"the cluster node {at} names did not answer ({said}): stopped, frozen or "
+                "overloaded; check SUPERSEDE_REDIS_URL, or name another node of the cluster"
+            )
         tls = _tls_hint(url, exc)
-        raise ConfigError(
-            f"no Redis Cluster at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL "
+        return ConfigError(
+            f"no Redis Cluster at {at} ({said}); check SUPERSEDE_REDIS_URL "
             + (f"(its TLS options{tls})" if tls else "(redis+cluster:// only for a cluster)")
-        ) from None
-    except (redis_sync.ConnectionError, OSError) as exc:
-        raise ConfigError(
-            f"cannot reach Redis at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL (host, "
-            f"port, and rediss:// with its certificate options for TLS){_tls_hint(url, exc)}"
-        ) from None
-    except redis_sync.RedisError as exc:  # e.g. a TLS option redis-py refuses when it connects
-        raise ConfigError(
-            f"cannot connect to Redis at {redact(url)} ({exc}); check SUPERSEDE_REDIS_URL and "
-            "its options"
-        ) from None
+        )
+    if isinstance(exc, (redis_sync.ConnectionError, OSError)):
+        return ConfigError(
+            f"cannot reach Redis at {at} ({said}); check SUPERSEDE_REDIS_URL (host, port, and "
+            f"rediss:// with its certificate options for TLS){_tls_hint(url, exc)}"
+        )
+    return ConfigError(  # e.g. a TLS option redis-py refuses when it connects
+        f"cannot connect to Redis at {at} ({said}); check SUPERSEDE_REDIS_URL and its options"
+    )
 
 
 class ClusterNodeSilent(redis_sync.TimeoutError):

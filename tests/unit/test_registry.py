@@ -339,7 +339,7 @@ def test_an_expression_reading_a_value_of_too_many_items_is_refused_before_the_l
     at_most = MAX_READ_ITEMS - 2  # (with the fields k and n)
     assert key({"k": "h", "n": list(range(at_most))}, {}) == f"h:{at_most}"
     assert limit({}, {"plan": "pro", "more": list(range(500_000))}) == 5  # (not read)
-    started = time.perf_counter()
+    started = time.process_time()  # (this process's CPU: other processes' load not counted)
     for _ in range(10):
         with pytest.raises(KeyExpressionError, match="over 10,000 items") as refused:
             key({"k": "h", "n": [0] * 500_000}, {})
@@ -349,7 +349,7 @@ def test_an_expression_reading_a_value_of_too_many_items_is_refused_before_the_l
         with pytest.raises(KeyExpressionError, match="over 10,000 items") as refused:
             limit({}, {"plan": [0] * 500_000})
         assert refused.value.reason == "max_runs_error"
-    assert time.perf_counter() - started < 0.5  # (the library's conversion: 2.6 s)
+    assert time.process_time() - started < 0.5  # (the library's conversion: 2.6 s)
 
 
 def test_names_inputs_and_constants_that_can_run_are_still_accepted() -> None:

@@ -864,10 +864,56 @@ async def test_a_cluster_node_that_refuses_the_credentials_is_a_setting_not_an_o
     url = "redis+cluster://h:1"
     with pytest.raises(ConfigError, match="check the user and password"):
         await check_server(Node(redis_sync.AuthenticationError("invalid password")), url)
+    # redis-py's cluster client words a refused password its own way: it said "no Redis
+    # Cluster at ...; (redis+cluster:// only for a cluster)" (a security probe)
+    refused = redis_sync.RedisClusterException(
+        "Redis Cluster cannot be connected. Please provide at least one reachable node: "
+        "invalid username-password pair or user is disabled."
+    )
+    with pytest.raises(ConfigError, match=r"refused the credentials.*check the user and password"):
+        await check_server(Node(refused), url)
     with pytest.raises(ConfigError, match="cannot reach Redis"):
         await check_server(Node(redis_sync.ConnectionError("refused")), url)
     with pytest.raises(ClusterNodeSilent, match="did not answer"):
         await check_server(Node(redis_sync.TimeoutError("Timeout reading")), url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://app:Tr0ub4dorZZ#3xyz@127.0.0.1:1/0",
+        "redis://app:Tr0ub4dorZZ?3xyz@127.0.0.1:1/0",
+        "redis://app:Tr0ub4dorZZ[3xyz@127.0.0.1:1/0",
+        "redis://app:Tr0ub4dorZZ]3xyz@127.0.0.1:1/0",
+        "rediss://:Tr0ub4dorZZ#3xyz@127.0.0.1:1",
+        "redis+cluster://app:Tr0ub4dorZZ#3xyz@127.0.0.1:1",
+    ],
+)
+def test_a_url_the_client_cannot_read_is_one_line_with_no_part_of_its_password(url: str) -> None:
+    """A password holding `#` or `?` made redis-py read its first part as the port, and its
+    message ("Port could not be cast to integer value as 'Tr0ub4dorZZ'") was printed and
+    logged; one holding `[` or `]` was a traceback ("Invalid IPv6 URL", a security probe).
+    Each is one line naming SUPERSEDE_REDIS_URL, with the percent-encoding hint, and no part
+    of the password; from the sync client too."""
+    from supersede.config import Settings, connect, connect_sync
+    from supersede.errors import ConfigError
+
+    for make in (connect, connect_sync, lambda u: Settings.from_env({"SUPERSEDE_REDIS_URL": u})):
+        with pytest.raises(ConfigError) as info:
+            make(url)
+        said = str(info.value)
+        assert "SUPERSEDE_REDIS_URL" in said and "\n" not in said, said
+        assert "Tr0ub" not in said and "3xyz" not in said, said
+        assert "percent-encoded" in said, said
+
+
+def test_scrub_hides_every_part_of_a_password_an_error_may_quote() -> None:
+    from supersede.config import scrub
+
+    url = "redis://u:ab%23cd#ef/gh@h:1/0?password=qq-secret"
+    text = "bad 'ab%23cd#ef/gh', 'ab#cd#ef/gh', 'ef', 'gh' and qq-secret at h:1 for u"
+    assert scrub(text, url) == "bad '***', '***', '***', '***' and *** at h:1 for u"
+    assert scrub("nothing to hide at h:1", "redis://h:1/0") == "nothing to hide at h:1"
 
 
 def test_steps_called_with_their_context_are_accepted_however_they_are_made() -> None:
