@@ -19,6 +19,7 @@ from supersede import __version__, aio, logs
 from supersede.acl import ROLE_NAMES as ACL_ROLES
 from supersede.config import (
     DEFAULT_METRICS_HOST,
+    UNVERIFIED_TLS,
     Settings,
     check_server,
     connect,
@@ -26,6 +27,7 @@ from supersede.config import (
     refusal,
     stored_keys,
     unknown_variables,
+    unverified_tls,
 )
 from supersede.errors import ConfigError, SupersedeError
 from supersede.protocol import RunState
@@ -307,8 +309,10 @@ def _acl(args: argparse.Namespace, settings: Settings) -> None:
             print(acl.setuser_line(ns, name))
         return
     passwords = acl.passwords_from_env(roles)
+    for warning in acl.password_warnings(passwords):
+        print(f"supersede: warning: {warning}", file=sys.stderr)
 
-    async def main() -> tuple[list[str], list[str], list[str]]:
+    async def main() -> tuple[list[str], list[str], list[str], bool]:
         redis = connect(settings.redis_url)
         try:
             await check_server(redis, settings.redis_url)
@@ -322,10 +326,15 @@ def _acl(args: argparse.Namespace, settings: Settings) -> None:
         finally:
             await redis.aclose()
 
-    users, nodes, missed = asyncio.run(main())
+    users, nodes, missed, unsaved = asyncio.run(main())
     where = f" on {len(nodes)} nodes ({', '.join(nodes)})" if nodes else ""
     for user in users:
         print(f"user {user} set{where}")
+    if unsaved:  # (the README says so; the command did not)
+        print("supersede: warning: the server has no ACL file (--aclfile): the users live in "
+              "its memory only and are gone when it restarts; run `supersede acl --apply` "
+              "again then, or put `supersede acl`'s lines in an ACL file",
+              file=sys.stderr)  # fmt: skip
     if missed:  # (ACL users are per node: a failover to one of these would refuse the services)
         print(f"supersede: the users were not set on {', '.join(missed)} (failing, loading or "
               "unreachable): run `supersede acl --apply` again once they are back",
@@ -954,6 +963,17 @@ def _stop_before_start(signum: int, frame: Any) -> None:
     raise _StoppedBeforeStart
 
 
+def _warn(args: argparse.Namespace, settings: Settings, service: bool) -> None:
+    """The settings' warnings: logged by a service, on stderr from a command."""
+    for warning in unknown_variables(os.environ):
+        if service:
+            log.warning(warning)
+        else:
+            print(f"supersede: warning: {warning}", file=sys.stderr)
+    if not service and args.func is not _dev and unverified_tls(settings.redis_url):
+        print(f"supersede: warning: {UNVERIFIED_TLS}", file=sys.stderr)  # (a service logs it)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logs.setup(args.log_level)
@@ -966,11 +986,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.func is _dev:
             place_process(apply=False)  # (its services apply them)
         settings = Settings.from_env()
-        for warning in unknown_variables(os.environ):
-            if args.func in (_admission, _ingress, _executor, _serve):
-                log.warning(warning)
-            else:
-                print(f"supersede: warning: {warning}", file=sys.stderr)
+        _warn(args, settings, service)
         args.func(args, settings)
         sys.stdout.flush()  # (here, so a reader gone is the BrokenPipeError below, not at exit)
     except ConfigError as exc:

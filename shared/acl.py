@@ -256,22 +256,45 @@ def passwords_from_env(roles: Sequence[str], env: dict[str, str] | None = None) 
     return {r: env[password_env(r)] for r in roles}
 
 
+# What a URL's parser splits at, or decodes: a password holding one is percent-encoded there
+URL_UNSAFE = "/#?[]@%:"
+MIN_PASSWORD = 16
+
+
+def password_warnings(passwords: dict[str, str]) -> list[str]:
+    """One warning per password of `passwords` (role -> password) that the processes' URLs
+    must percent-encode, or that is short (`--apply` took `ab#cd` and `a` silently)."""
+    out = []
+    for role_name, password in passwords.items():
+        env = password_env(role_name)
+        unsafe = sorted({c for c in password if c in URL_UNSAFE})
+        if unsafe:
+            codes = ", ".join(f"{c} as %{ord(c):02X}" for c in unsafe)
+            out.append(f"{env} holds {' '.join(unsafe)}: percent-encode it in the processes' "
+                       f"SUPERSEDE_REDIS_URL ({codes})")  # fmt: skip
+        if len(password) < MIN_PASSWORD:
+            out.append(f"{env} has {len(password)} characters: give it {MIN_PASSWORD} or more "
+                       "(`openssl rand -hex 16`)")  # fmt: skip
+    return out
+
+
 async def apply(
     redis: Any, namespace: str, passwords: dict[str, str], url: str
-) -> tuple[list[str], list[str], list[str]]:
+) -> tuple[list[str], list[str], list[str], bool]:
     """Create (or reset) the user of each role in `passwords` on one server, or on every node a
     cluster's CLUSTER NODES lists, replicas included (ACL users are per node, and a replica
     becomes the master in a failover); each node is reached at its address with `url`'s
     credentials and options. Returns (user names, nodes set, nodes missed: failing or not
-    reachable, to apply again once they are back)."""
+    reachable, to apply again once they are back, whether a server or node has no ACL file:
+    its users are lost when it restarts)."""
     from redis.asyncio.cluster import RedisCluster
 
     if not isinstance(redis, RedisCluster):
         await _setusers(redis, namespace, passwords)
-        await _save(redis)
-        return [user_name(namespace, r) for r in passwords], [], []
+        saved = await _save(redis)
+        return [user_name(namespace, r) for r in passwords], [], [], not saved
     listing = await redis.execute_command("CLUSTER NODES", target_nodes=redis.get_random_node())
-    done, missed = [], []
+    done, missed, unsaved = [], [], False
     for address, info in sorted(listing.items()):
         flags = set(str(info.get("flags", "")).split(","))
         if flags & {"fail", "fail?", "noaddr", "handshake"} or not info.get("connected", True):
@@ -282,7 +305,7 @@ async def apply(
         node = connect(_node_url(url, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"))
         try:
             await _setusers(node, namespace, passwords)
-            await _save(node)
+            unsaved |= not await _save(node)
             done.append(address)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             missed.append(f"{address} ({type(exc).__name__})")
@@ -292,7 +315,7 @@ async def apply(
             missed.append(f"{address} (loading)")
         finally:
             await node.aclose()
-    return [user_name(namespace, r) for r in passwords], done, missed
+    return [user_name(namespace, r) for r in passwords], done, missed, unsaved
 
 
 def _node_url(url: str, address: str) -> str:
@@ -317,9 +340,9 @@ async def _setusers(redis: Any, namespace: str, passwords: dict[str, str]) -> No
             await redis.execute_command(*args[:3], *rules(namespace, role_name), f">{password}")
 
 
-async def _save(redis: Any) -> None:
-    """ACL SAVE on a server (a node) that has an ACL file, so the users survive a restart;
-    without one they live in memory only (the README says so)."""
+async def _save(redis: Any) -> bool:
+    """ACL SAVE on a server (a node) that has an ACL file, so the users survive a restart:
+    True; False without one (they live in memory only: `--apply` says so)."""
     from redis.exceptions import ResponseError
 
     try:
@@ -327,3 +350,5 @@ async def _save(redis: Any) -> None:
     except ResponseError as exc:
         if "ACL file" not in str(exc) and "aclfile" not in str(exc).lower():
             raise
+        return False
+    return True

@@ -208,6 +208,12 @@ def redact(url: str) -> str:
     return scheme + sep + _QUERY_PAIR.sub(_hide_secret, rest)
 
 
+UNVERIFIED_TLS = (
+    "TLS without the server certificate's check (ssl_cert_reqs in SUPERSEDE_REDIS_URL): anyone "
+    "on the path can read and change every call; give ssl_ca_certs instead"
+)
+
+
 def unverified_tls(url: str) -> bool:
     """A TLS URL that skips the server certificate's check (`ssl_cert_reqs=none`/`optional`):
     anyone on the path can read and change every call, credentials included."""

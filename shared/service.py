@@ -44,6 +44,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from supersede import __version__, aio, codec, metrics, tracing
 from supersede.config import (
     DEFAULT_METRICS_HOST,
+    UNVERIFIED_TLS,
     Settings,
     check_server,
     check_shard_count,
@@ -786,11 +787,7 @@ async def serve(
                 evicting(policy), extra={"redis": redact(settings.redis_url)}
             )
         if unverified_tls(settings.redis_url):
-            logging.getLogger("supersede").warning(
-                "TLS without the server certificate's check (ssl_cert_reqs in "
-                "SUPERSEDE_REDIS_URL): anyone on the path can read and change every call; "
-                "give ssl_ca_certs instead"
-            )
+            logging.getLogger("supersede").warning(UNVERIFIED_TLS)
         await make(redis).run(stop)
     finally:
         await redis.aclose()

@@ -6,6 +6,7 @@ through the scripts the CLI uses, behind a CSRF token. Data comes from the index
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import hmac
 import logging
@@ -448,7 +449,12 @@ async def serve(
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}): set --port") from None
+        # (a port in use or below 1024; anything else is the host: a name that does not
+        # resolve, an address not this machine's; it said "set --port" for `--host '[::]'`)
+        setting = "--port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "--host"
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({exc.strerror}): set {setting}"
+        ) from None
     mode = "actions allowed" if allow_actions else "read-only"
     print(f"supersede ui: http://{host}:{port}/ ({mode})", flush=True)
     try:

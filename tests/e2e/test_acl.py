@@ -26,7 +26,7 @@ from supersede.server import free_port
 from tests.e2e.test_ui import get, up
 from tests.support import APP_WORKFLOWS, System, eventually
 
-PASSWORDS = {role: f"pw-{role}-3e1d" for role in acl.ROLE_NAMES}
+PASSWORDS = {role: f"pw-{role}-3e1d5a7c9b" for role in acl.ROLE_NAMES}  # (16 or more)
 
 
 def as_user(url: str, user: str, password: str) -> str:
@@ -80,6 +80,10 @@ async def test_each_service_runs_under_its_own_user_and_nothing_else_is_allowed(
                              capture_output=True, timeout=60)  # fmt: skip
     assert applied.returncode == 0, applied.stderr.decode()
     assert not any(p.encode() in applied.stdout + applied.stderr for p in PASSWORDS.values())
+    # the test servers have no ACL file: the users are in memory only, and it says so (the
+    # README said it, the command printed "set" only: a security probe)
+    [said] = applied.stderr.decode().splitlines()
+    assert "no ACL file" in said and "gone when it restarts" in said, said
     await _users_are_on_every_node(client, ports, users)
     url_of = {r: as_user(url, acl.user_name(ns, r), p) for r, p in PASSWORDS.items()}
     # --apply as a user who may not create users: one line naming the setting (a traceback)

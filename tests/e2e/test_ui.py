@@ -399,8 +399,23 @@ async def test_the_ui_is_read_only_unless_allowed_and_actions_need_the_csrf_toke
     assert os.path.isdir(REPO / "services" / "ui" / "static")
 
 
+def test_a_command_over_tls_without_the_certificates_check_says_so(redis_url: str) -> None:
+    """The services log that `ssl_cert_reqs=none` lets anyone on the path read and change
+    every call; the CLI and the UI said nothing (a security probe)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    unchecked = redis_url.replace("redis://", "rediss://") + "?ssl_cert_reqs=none"
+    for args in (["status"], ["ui", "--port", "1"]):
+        out = subprocess.run([sys.executable, "-m", "supersede", *args], capture_output=True,
+                             env={**env, "SUPERSEDE_REDIS_URL": unchecked}, timeout=30)  # fmt: skip
+        said = out.stderr.decode()
+        assert "warning: TLS without the server certificate's check" in said, said
+    out = subprocess.run([sys.executable, "-m", "supersede", "status"], capture_output=True,
+                         env={**env, "SUPERSEDE_REDIS_URL": redis_url}, timeout=30)  # fmt: skip
+    assert out.returncode == 0 and b"warning" not in out.stderr, out.stderr
+
+
 def test_the_ui_command_names_what_to_fix(redis_url: str) -> None:
-    """A taken port is one line naming --port."""
+    """A taken port is one line naming --port; a host that is no address here, --host."""
     import socket
 
     with socket.socket() as s:
@@ -418,6 +433,15 @@ def test_the_ui_command_names_what_to_fix(redis_url: str) -> None:
     err = out.stderr.decode()
     assert "Traceback" not in err and f"cannot listen on 127.0.0.1:{port}" in err
     assert "set --port" in err
+    # a host that names no address of this machine is the host to fix (it said "set --port")
+    for host in ("[::]", "203.0.113.7"):
+        out = subprocess.run(
+            [sys.executable, "-m", "supersede", "ui", "--host", host, "--port", str(port)],
+            env={**env, "SUPERSEDE_REDIS_URL": redis_url}, capture_output=True, timeout=30,
+        )  # fmt: skip
+        said = out.stderr.decode()
+        assert out.returncode == 2 and "Traceback" not in said, said
+        assert said.strip().splitlines()[-1].endswith("set --host"), said
     bad = subprocess.run([sys.executable, "-m", "supersede", "ui", "--port", "0"], env=env,
                          capture_output=True, timeout=30)  # fmt: skip
     assert bad.returncode == 2 and b"not a port: 0" in bad.stderr

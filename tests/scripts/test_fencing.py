@@ -91,3 +91,36 @@ def test_set_if_newer_with_a_blocking_client(redis_url: str, namespace: str) -> 
 def test_a_bad_fence_is_refused_before_any_call(bad: object) -> None:
     with pytest.raises(ValueError, match=r"ctx\.fence"):
         set_if_newer(object(), "k", "v", bad)  # type: ignore[call-overload]
+
+
+async def test_the_readme_user_for_fenced_writes_may_make_them(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    """The README's ACL user for workflow code's own fenced writes (the executor's user may
+    not touch keys outside the namespace, and the README's fencing example was refused under
+    it, a security probe): with exactly its rules, `set_if_newer` (with an expiry) and
+    `read_fenced` work, and other keys are refused."""
+    import re
+    from pathlib import Path
+
+    from redis.exceptions import NoPermissionError
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    [rules] = re.findall(r"`ACL SETUSER app-replies on >PASSWORD ([^`]+)`", readme)
+    user = f"{namespace}-app"
+    await redis.execute_command("ACL", "SETUSER", user, "on", ">pw-app", *rules.split())
+    scheme, _, rest = redis_url.partition("://")
+    app = Redis.from_url(f"{scheme}://{user}:pw-app@{rest}")
+    try:
+        key = f"reply:{namespace}"
+        assert await set_if_newer(app, key, "hi", 5, ttl_ms=60_000)
+        assert await read_fenced(app, key) == (b"hi", 5)
+        assert not await set_if_newer(app, key, "late", 4)
+        # redis-py loads the script when the server lost it (a restart): allowed too
+        dry = await redis.execute_command("ACL", "DRYRUN", user, "SCRIPT", "LOAD", "return 1")
+        assert dry in (b"OK", "OK"), dry
+        with pytest.raises(NoPermissionError):
+            await app.hset(f"{namespace}:other", "k", "v")
+    finally:
+        await app.aclose()
+        await redis.execute_command("ACL", "DELUSER", user)

@@ -1481,3 +1481,16 @@ def test_a_decorated_step_or_hook_keeps_its_type_and_parentheses_are_optional() 
     assert wf.cancel_hook is hook and wf.definition().id == "typed"
     assert not is_async_callable(store) and not is_async_callable(Later)
     assert is_async_callable(Later()) and is_async_callable(reply)
+
+
+def test_acl_apply_warns_of_passwords_a_url_must_encode_and_short_ones() -> None:
+    """`acl --apply` set `ab#cd` and `a` without a word, though the processes' URLs must
+    percent-encode the one and the other is guessed at once (a security probe)."""
+    from supersede.acl import password_warnings
+
+    said = password_warnings({"reader": "ab#cd", "executor": "x" * 16, "keda": "p@ss/w0rd?[]%:xx"})
+    assert len(said) == 3, said
+    assert said[0].startswith("SUPERSEDE_ACL_PASSWORD_READER holds #") and "%23" in said[0]
+    assert "SUPERSEDE_ACL_PASSWORD_READER has 5 characters" in said[1]
+    assert all(f"%{ord(c):02X}" in said[2] for c in "/#?[]@%:" if c != "#"), said[2]
+    assert not any("EXECUTOR" in line for line in said)
