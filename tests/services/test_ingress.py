@@ -407,7 +407,9 @@ async def test_costly_events_do_not_hold_back_the_events_read_before_them(
     """One read of 40 plain events, then 100 whose key expression walks a 499-item list
     (about 14 ms each): the plain ones' requests are written while the costly ones are still
     being routed. Before, a read was routed whole before any of it was written, so the events
-    read before costly ones waited for all of them (1.4 s here; a read holds up to --batch)."""
+    read before costly ones waited for all of them (1.4 s here; a read holds up to --batch).
+    A read routed for longer than --claim-idle-ms is not taken over by its own process: it
+    was, and handled twice at once (165 requests of 140 events, on a loaded machine)."""
     from supersede.services.ingress import service as ingress_module
 
     costly = {
@@ -420,7 +422,7 @@ async def test_costly_events_do_not_hold_back_the_events_read_before_them(
     }
     await register(redis, keys, costly)
     monkeypatch.setattr(ingress_module, "FIRST_READ", 500)  # (the whole burst in one read)
-    async with running_ingress(redis, redis_url, keys):
+    async with running_ingress(redis, redis_url, keys, claim_idle_ms=100):
         items = [f"item-{i:05d}-" + "y" * 50 for i in range(499)]
         async with redis.pipeline(transaction=True) as pipe:  # (one read takes them all)
             for _ in range(40):
