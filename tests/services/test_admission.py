@@ -98,6 +98,30 @@ async def test_requests_and_results_flow_through_the_service(
     assert await backlog(redis, keys) == 0
 
 
+async def test_a_batch_slower_than_the_takeover_delay_is_not_taken_over_by_its_own_process(
+    redis: Redis, keys: Keys, service: Admission, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """XAUTOCLAIM takes this consumer's idle entries too: a batch whose call took longer than
+    --claim-idle-ms (a slow server) was taken over by its own process, and applied again
+    while the first call ran. Entries in flight are left to it."""
+    service.config.claim_idle_ms = 100
+    calls: list[int] = []
+    admit = service._admit
+
+    async def slow(shard: int, items: Any, *args: Any) -> Any:
+        calls.append(len(items))
+        if len(calls) == 1:
+            await asyncio.sleep(1.5)  # (15 take-over delays, 30 ticks)
+        return await admit(shard, items, *args)
+
+    monkeypatch.setattr(service, "_admit", slow)
+    [(shard, req)] = [make_request(keys, event="slow", seq=1, max_runs=1)]
+    await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
+    await eventually(lambda: _states_are(redis, keys, ["A"], [(shard, req)]))
+    await eventually(lambda: _is_zero(backlog(redis, keys)))
+    assert calls == [1], calls
+
+
 async def test_a_failed_batch_is_read_again_at_once_not_after_the_takeover_delay(
     redis: Redis, keys: Keys, service: Admission
 ) -> None:
