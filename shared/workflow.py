@@ -22,7 +22,7 @@ import functools
 import importlib
 import inspect
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
@@ -224,11 +224,31 @@ class Context:
                 f"{sorted(self.outputs)}"
             ) from None
 
-    async def still_current(self) -> bool:
+    def still_current(self) -> Coroutine[Any, Any, bool]:
         """False once a newer run of this run's key was admitted (one read of the group's
         fence), or once this run was cancelled (whatever its group still remembers); otherwise
         True for a workflow without a concurrency limit (every run is its own key). Ask before
-        costly work; guard the write itself with `fencing.set_if_newer`."""
+        costly work; guard the write itself with `fencing.set_if_newer`. Await it; a sync step
+        calls `still_current_blocking()`, and this raises there: the coroutine it returned
+        was always true (`if not ctx.still_current(): return` never returned, a probe)."""
+        self._refuse_in_sync_step("still_current()", "ctx.still_current_blocking()")
+        return self._still_current()
+
+    def _refuse_in_sync_step(self, call: str, instead: str) -> None:
+        if self._in_sync_step():
+            raise RuntimeError(f"{call} in a sync step (a coroutine, never awaited): {instead}")
+
+    def _in_sync_step(self) -> bool:
+        """Called from a sync step of the executor's: a thread beside its running loop."""
+        if self._loop is None:  # (a Context made by a test: its caller knows)
+            return False
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return True
+        return False
+
+    async def _still_current(self) -> bool:
         if self.cancelled:
             return False
         return True if self._current is None else await self._current()
@@ -248,15 +268,19 @@ class Context:
             running = None
         if running is loop:
             raise RuntimeError("still_current_blocking() on the event loop: await still_current()")
-        answer = asyncio.run_coroutine_threadsafe(self.still_current(), loop)
+        answer = asyncio.run_coroutine_threadsafe(self._still_current(), loop)
         try:
             return answer.result(self._answer_within if timeout is None else timeout)
         except concurrent.futures.TimeoutError:
             answer.cancel()
             return False
 
-    async def wait_cancelled(self) -> None:
-        """Resolves when the run is cancelled."""
+    def wait_cancelled(self) -> Coroutine[Any, Any, None]:
+        """Resolves when the run is cancelled (await it: a sync step polls `cancelled`)."""
+        self._refuse_in_sync_step("wait_cancelled()", "poll ctx.cancelled")
+        return self._wait_cancelled()
+
+    async def _wait_cancelled(self) -> None:
         if self._flag.is_set():
             return
         loop = asyncio.get_running_loop()

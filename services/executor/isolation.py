@@ -160,7 +160,14 @@ class _WorkerContext(Context):
                 time.sleep(pause)
                 pause = min(pause * 2, FENCE_RETRY_MAX)
 
-    async def still_current(self) -> bool:
+    def _in_sync_step(self) -> bool:
+        try:  # (a worker runs a sync step on its main thread, with no loop)
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return True
+        return False
+
+    async def _still_current(self) -> bool:
         return await asyncio.to_thread(self.still_current_blocking)
 
 
