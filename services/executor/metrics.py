@@ -92,5 +92,6 @@ STRAY_HANDLERS = Gauge(
     "supersede_executor_stray_handlers",
     "Sync steps (thread isolation) still running a grace period after their run was cancelled: "
     "a thread cannot be stopped. Without strict mode their runs were reported CANCELLED and "
-    "their slots freed; in strict mode they hold their slots until they return.",
+    "their slots freed; in strict mode they hold their slots until they return. Also on_cancel "
+    "hooks still running a grace period after they began (their runs were reported).",
 )

@@ -199,6 +199,16 @@ async def _hook_guarded(hook: Awaitable[Any]) -> Any:
         raise HookFailed(f"on_cancel hook raised {type(exc).__name__}: {exc}") from exc
 
 
+def _hook_ended(run_id: str, job: asyncio.Future[Any]) -> None:
+    """Log an on_cancel hook's failure (SystemExit, KeyboardInterrupt too: a hook's failure,
+    as a step's), once it ended, within the grace period or after."""
+    if job.cancelled():
+        return
+    exc = job.exception()
+    if exc is not None:
+        log.error("on_cancel hook failed", extra={"run": run_id}, exc_info=exc)
+
+
 def _timed_out(name: str, timeout: float, failure: BaseException | None) -> StepTimedOut:
     """An async step's timeout, told from where the step awaited when it passed (the cancel's
     traceback), or caused by the error it raised once stopped."""
@@ -282,6 +292,11 @@ class Runner:
         self.let_go: OrderedDict[tuple[str, int], float] = OrderedDict()
         self.pool = ThreadPoolExecutor(
             max_workers=max(4, config.slots * 2), thread_name_prefix=STEP_THREAD_PREFIX
+        )
+        # sync on_cancel hooks run on threads of their own: one that never returns held a
+        # step's thread for good, and each such hook one more (a new-user probe)
+        self.hook_pool = ThreadPoolExecutor(
+            max_workers=max(2, config.slots), thread_name_prefix=f"{STEP_THREAD_PREFIX}-hook"
         )
         self.on_threads = 0  # sync steps given to the pool and not yet returned
         self.async_strays = 0  # async steps left running past their timeout and grace
@@ -1035,24 +1050,38 @@ class Runner:
         if run.workflow.cancel_hook is None:
             return
         task = asyncio.ensure_future(self._on_cancel(run))
-        self._hooks.add(task)  # (held until done: the loop keeps only weak references)
+        self._hooks.add(task)
         task.add_done_callback(self._hooks.discard)
 
     async def _on_cancel(self, run: Running) -> None:
+        """The run's on_cancel hook, shielded, waited for within the grace period: one still
+        running then is left to run on, a stray handler, and the run is reported (a hook that
+        never returned kept its run from being reported, and its slot taken, for good)."""
         hook = run.workflow.cancel_hook
         if hook is None:
             return
+        if is_async_callable(hook):
+            job: asyncio.Future[Any] = asyncio.ensure_future(_hook_guarded(hook(run.ctx)))
+        else:
+            job = asyncio.get_running_loop().run_in_executor(self.hook_pool, hook, run.ctx)
+        self._hooks.add(job)  # (held until done: the loop keeps only weak references)
+        job.add_done_callback(self._hooks.discard)
+        job.add_done_callback(functools.partial(_hook_ended, run.run_id))
         try:
-            if is_async_callable(hook):
-                await asyncio.shield(_hook_guarded(hook(run.ctx)))
-            else:
-                await asyncio.shield(
-                    asyncio.get_running_loop().run_in_executor(self.pool, hook, run.ctx)
-                )
+            await asyncio.wait_for(asyncio.shield(job), self.config.grace)
+        except TimeoutError:
+            if not job.done():
+                log.warning(
+                    "on_cancel hook still running after the grace period: its run is "
+                    "reported CANCELLED and the hook runs on, a stray handler",
+                    extra={"run": run.run_id, "workflow": run.workflow.id,
+                           "grace_s": self.config.grace},
+                )  # fmt: skip
+                self._stray(job)
         except asyncio.CancelledError:
             raise
-        except BaseException:  # (SystemExit, KeyboardInterrupt: a hook's failure, as a step's)
-            log.exception("on_cancel hook failed", extra={"run": run.run_id})
+        except BaseException:  # (its failure: logged by _hook_ended)
+            pass
 
     async def _waited_to_retry(self, run: Running, wait: float) -> bool:
         """Sleep `wait` seconds before a step's next try: True once slept. False, at once, when
@@ -1193,5 +1222,6 @@ class Runner:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.hook_pool.shutdown(wait=False, cancel_futures=True)
         if self.processes is not None:
             self.processes.close()

@@ -660,6 +660,80 @@ async def test_the_on_cancel_hook_of_a_sync_step_past_its_grace_waits_for_the_st
         runner.close()
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_an_on_cancel_hook_that_never_returns_holds_neither_its_run_nor_a_steps_thread(
+    kind: str,
+) -> None:
+    """A hook that hung (a user's bug) kept its run from being reported: CANCELLING, its slot
+    taken, for good; a sync one held a thread of the steps' pool too, so with a few of them
+    later runs' sync steps queued while their runs showed RUNNING (a new-user probe: four
+    5 s steps on four slots took 5, 10, 15 and 20 s). The run is reported CANCELLED after the
+    grace period, the hook runs on (a stray handler, said once), on a thread of its own."""
+    import asyncio
+    import threading
+
+    from supersede.keys import Keys
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor import metrics
+    from supersede.services.executor.cancel import Cancels
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Workflow
+
+    outbox = _Outbox()
+    release = threading.Event()
+    wf = Workflow("wf", on_events=["e"])
+
+    @wf.step()
+    async def waits(ctx: Any) -> None:
+        await asyncio.sleep(30)
+
+    if kind == "sync":
+
+        @wf.on_cancel
+        def hangs(ctx: Any) -> None:
+            release.wait(30)
+
+    else:
+
+        @wf.on_cancel
+        async def hangs_async(ctx: Any) -> None:
+            await asyncio.to_thread(release.wait, 30)
+
+    quick = Workflow("quick", on_events=["q"])
+
+    @quick.step()
+    def sync_step(ctx: Any) -> str:
+        return threading.current_thread().name
+
+    config = ExecutorConfig(grace=0.2, slots=2)
+    runner = Runner([wf, quick], config, outbox)
+    cancels = Cancels(None, Keys("t", 1), runner, config, cluster=False)
+    strays = metrics.STRAY_HANDLERS._value.get()
+    try:
+        for i in range(4):  # (the pool has max(4, 2 * slots) threads: every one hung before)
+            rid = f"0-{i}"
+            runner.start(0, Claim(rid, True, 1, "wf", "v", pack_input({}, {}, "e", str(i)),
+                                  "k", "s", "R"))  # fmt: skip
+            await asyncio.sleep(0.05)
+            cancels.cancel_local(rid, 1, time.time() * 1000)
+        deadline = time.monotonic() + 5
+        while len(outbox.written) < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert [r.outcome.value for r in outbox.written] == ["C"] * 4
+        assert metrics.STRAY_HANDLERS._value.get() == strays + 4
+        run = runner.start(0, Claim("0-q", True, 1, "quick", "v", pack_input({}, {}, "q", "q"),
+                                    "k2", "s", "R"))  # fmt: skip
+        assert run is not None and run.task is not None
+        await asyncio.wait_for(run.task, 5)  # (a step thread was free)
+        assert outbox.written[-1].outcome.value == "S"
+    finally:
+        release.set()
+        await asyncio.sleep(0.2)
+        runner.close()
+    assert metrics.STRAY_HANDLERS._value.get() == strays
+
+
 @pytest.mark.parametrize("then", ["drain", "cancel", "strict cancel"])
 async def test_a_sync_step_stopped_during_its_timeout_s_grace_is_never_run_twice_at_once(
     then: str,
