@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -80,7 +81,11 @@ class _ByNode:
     4-10 s in a probe, and the watch stopped healthy runs), and is not asked again while a call
     to it still waits. A master whose last call went unanswered is still asked, but not waited
     for: each beat would otherwise wait a call deadline for it twice (turn keys, renewals), too
-    long at a short lease; its answer counts once it comes."""
+    long at a short lease; its answer counts once it comes (`late`). An `optional` call (the
+    turn keys' read) is not sent to a master in doubt, and never holds one: it held the
+    master's one call for the next beat's renewal, refused then, so a master slow for a
+    second, a third of a lease, had two beats renew nothing and the watch stop every run on it,
+    run again elsewhere (a chaos run: 13 runs started twice)."""
 
     def __init__(self, client: redis_sync.RedisCluster, wait: float) -> None:
         self.client = client
@@ -90,9 +95,17 @@ class _ByNode:
         self.suspect: set[str] = set()  # masters whose last call went unanswered
         self._refresh: Future[None] | None = None
 
-    def run(self, keys: list[str], send: Callable[[Any, int], object]) -> list[Any]:
+    def run(
+        self,
+        keys: list[str],
+        send: Callable[[Any, int], object],
+        *,
+        late: Callable[[int, Any], None] | None = None,
+        optional: bool = False,
+    ) -> list[Any]:
         """For each i, the reply of what `send(pipe, i)` queues on the pipeline of the master
-        of `keys[i]`, or the error its master's call raised (TimeoutError: no answer in time)."""
+        of `keys[i]`, or the error its master's call raised (TimeoutError: no answer in time).
+        A call not answered in time that answers later gives `late(i, reply)` each reply."""
         out: list[Any] = [None] * len(keys)
         groups: dict[str, tuple[Any, list[int]]] = {}
         for i, key in enumerate(keys):
@@ -104,22 +117,15 @@ class _ByNode:
             groups.setdefault(node.name, (node, []))[1].append(i)
         calls: dict[str, Future[list[Any]]] = {}
         for name, (node, part) in groups.items():
-            previous = self.busy.get(name)
-            if previous is not None and not previous.done():
-                for i in part:
-                    out[i] = TimeoutError(f"{name} has not answered an earlier call")
-                continue
-            if previous is not None and not isinstance(previous.exception(), _UNANSWERED):
-                self.suspect.discard(name)  # (its last call was answered, late or not)
-            try:
-                calls[name] = self.busy[name] = self.pool.submit(self._pipeline, node, part, send)
-            except RuntimeError as exc:  # (closed: the keeper stopped)
-                for i in part:
-                    out[i] = exc
+            call = self._submit(name, node, part, send, optional, out)
+            if call is not None:
+                calls[name] = call
         waited = [call for name, call in calls.items() if name not in self.suspect]
         futures_wait(waited, timeout=self.wait)
         for name, call in calls.items():
             part = groups[name][1]
+            if not call.done() and late is not None:
+                call.add_done_callback(functools.partial(_answered_late, part, late))
             error = call.exception() if call.done() else TimeoutError(f"{name} did not answer")
             replies = [error] * len(part) if error is not None else call.result()
             unanswered = isinstance(error, _UNANSWERED)
@@ -129,6 +135,39 @@ class _ByNode:
         if self.suspect or any(isinstance(r, _UNANSWERED) for r in out):
             self._read_slots(min(self.suspect, default=None))
         return out
+
+    def _submit(
+        self,
+        name: str,
+        node: Any,
+        part: list[int],
+        send: Callable[[Any, int], object],
+        optional: bool,
+        out: list[Any],
+    ) -> Future[list[Any]] | None:
+        """The call to master `name` of the indexes `part`; None when not sent (each index's
+        reason in `out`): a call to it still waits, or (`optional`) its last one went
+        unanswered. Only a call not optional holds the master until it is answered."""
+        previous = self.busy.get(name)
+        if previous is not None and not previous.done():
+            for i in part:
+                out[i] = TimeoutError(f"{name} has not answered an earlier call")
+            return None
+        if previous is not None and not isinstance(previous.exception(), _UNANSWERED):
+            self.suspect.discard(name)  # (its last call was answered, late or not)
+        if optional and name in self.suspect:
+            for i in part:
+                out[i] = TimeoutError(f"{name} did not answer its last call: not asked")
+            return None
+        try:
+            call = self.pool.submit(self._pipeline, node, part, send)
+        except RuntimeError as exc:  # (closed: the keeper stopped)
+            for i in part:
+                out[i] = exc
+            return None
+        if not optional:
+            self.busy[name] = call
+        return call
 
     def _read_slots(self, unanswered: str | None) -> None:
         """A master did not answer: read the cluster's slots again, asking the others first
@@ -154,6 +193,18 @@ class _ByNode:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _answered_late(part: list[int], late: Callable[[int, Any], None], call: Future[Any]) -> None:
+    """A call `_ByNode.run` did not wait for, answered: each reply to `late` (none for a call
+    that failed: its runs are renewed by a later beat, or stopped by the watch)."""
+    if call.cancelled() or call.exception() is not None:
+        return
+    for i, reply in zip(part, call.result(), strict=True):
+        try:
+            late(i, reply)
+        except Exception:  # (on the pool's thread: said, never raised into nothing)
+            log.exception("a renewal answered late was not applied")
 
 
 def _say_unread(refresh: Future[None]) -> None:
@@ -187,6 +238,7 @@ class LeaseKeeper:
         runner.mark_renewed(time.monotonic())  # (see Runner.lease_left)
         self._halt = threading.Event()
         self._beating = threading.Lock()
+        self._applying = threading.Lock()  # (a beat's replies, and late ones from a pool thread)
         # (set: beat now, a run started whose claim was sent long before; see Runner.start)
         self._soon = threading.Event()
         runner.renew_soon = self._soon.set
@@ -364,24 +416,35 @@ class LeaseKeeper:
         asked = time.monotonic()  # (before the server stamps the leases)
         failed: Exception | None = None
         unrenewed = 0  # runs of the calls that failed
-        for (_, _, runs), reply in zip(calls, self._renew(calls), strict=True):
+
+        def late(i: int, reply: Any) -> None:  # (a master in doubt answered after the beat)
+            if not isinstance(reply, Exception) and not self._halt.is_set():
+                self._renewed(calls[i][2], reply, asked)
+
+        for (_, _, runs), reply in zip(calls, self._renew(calls, late), strict=True):
             if isinstance(reply, Exception):  # (the other calls' runs are renewed still)
                 failed = failed or reply
                 unrenewed += len(runs)
                 continue
-            if not isinstance(reply, list) or int(reply[0]) != 0:
-                log.error("lease renewal refused", extra={"reply": repr(reply)[:200]})
-                continue
-            named = {raw.decode() if isinstance(raw, bytes) else str(raw) for raw in reply[1:]}
+            self._renewed(runs, reply, asked)
+        if failed is not None:
+            self._failed(failed, unrenewed, sum(len(runs) for _, _, runs in calls), set(by_shard))
+        self.runner.mark_renewed(began)
+
+    def _renewed(self, runs: list[tuple[str, int]], reply: Any, asked: float) -> None:
+        """Apply one heartbeat call's reply (sent at `asked`) to its runs: in the beat, or on
+        a pool thread once a master in doubt answered (a lock: stamps only move forward)."""
+        if not isinstance(reply, list) or int(reply[0]) != 0:
+            log.error("lease renewal refused", extra={"reply": repr(reply)[:200]})
+            return
+        named = {raw.decode() if isinstance(raw, bytes) else str(raw) for raw in reply[1:]}
+        with self._applying:
             # (a named run is to stop: a CANCELLING one's lease is renewed still, while its
             # handler winds down, but one held for its renewal must not start its handler;
             # its flag is raised first, so a step's still_current() never sees the stamp of
             # a run the heartbeat let go, retried elsewhere under the same fence)
             self._stop([(rid, a) for rid, a in runs if rid in named])
             self.runner.mark_leased(runs, asked, gone=named)
-        if failed is not None:
-            self._failed(failed, unrenewed, sum(len(runs) for _, _, runs in calls), set(by_shard))
-        self.runner.mark_renewed(began)
 
     def _failed(self, failed: Exception, unrenewed: int, runs: int, shards: set[int]) -> None:
         """A beat some of whose calls (`unrenewed` of its `runs`, on `shards`) failed: raise
@@ -401,7 +464,9 @@ class LeaseKeeper:
                         extra={"runs": unrenewed, "error": describe(failed),
                                "repeats": repeats})  # fmt: skip
 
-    def _renew(self, calls: list[_Call]) -> list[Any]:
+    def _renew(
+        self, calls: list[_Call], late: Callable[[int, Any], None] | None = None
+    ) -> list[Any]:
         """The replies of the heartbeat calls (a failed call's as its error), sent in one
         round trip (on a cluster, one per master, at once: see _ByNode). Made one after
         another, a beat over 16 shards took 0.4-2 s on a loaded host, and a run's renewals
@@ -413,6 +478,7 @@ class LeaseKeeper:
             replies = self._nodes.run(
                 [keys[0] for keys, _, _ in calls],
                 lambda pipe, i: pipe.evalsha(sha, 2, *calls[i][0], *calls[i][1]),
+                late=late,
             )
         else:
             with self._client.pipeline(transaction=False) as pipe:
@@ -443,7 +509,7 @@ class LeaseKeeper:
         keys = [self.keys.shard(shard).turn_string(self.consumer) for shard in shards]
         try:
             if self._nodes is not None:  # (a master that does not answer: its shards unread)
-                values = self._nodes.run(keys, lambda pipe, i: pipe.get(keys[i]))
+                values = self._nodes.run(keys, lambda pipe, i: pipe.get(keys[i]), optional=True)
                 failed = next((v for v in values if isinstance(v, Exception)), None)
                 values = [None if isinstance(v, Exception) else v for v in values]
                 if failed is not None:

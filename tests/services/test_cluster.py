@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -387,6 +388,81 @@ def test_a_beat_renews_the_other_nodes_runs_while_a_master_is_frozen() -> None:
     finally:
         if stopped is not None and stopped.proc is not None:
             os.kill(stopped.proc.pid, signal.SIGCONT)
+        client.close()
+        cluster.stop()
+
+
+def test_a_master_slow_for_a_third_of_a_lease_stops_no_run() -> None:
+    """A master that answers nothing for 1.2 s, 0.4 of a 3 s lease (CLIENT PAUSE here; a
+    loaded host, an fsync): its runs went two beats without a renewal, and the lease watch
+    stopped them (at 0.9 of a lease) to run again elsewhere (a chaos run: 13 runs started
+    twice, in three executors at once). The turn keys' read held the master's one call, and
+    the next beat's renewal was refused for it; a renewal sent to a master in doubt was not
+    waited for, nor counted when it answered. Now the renewals go on, and count once answered:
+    no run goes 0.9 of a lease without a stamp."""
+    import threading
+    import time
+    from typing import Any
+
+    from supersede import codec
+    from supersede.services.executor.config import ExecutorConfig
+    from supersede.services.executor.lease import LeaseKeeper
+
+    try:
+        cluster = EmbeddedCluster(3, extra_args=["--cluster-node-timeout", "30000"]).start()
+    except (FileNotFoundError, OSError) as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"NO CLUSTER TEST: cannot start a cluster here ({exc})")
+    keys = Keys("slow", 6)
+    client = sync_redis.RedisCluster.from_url(cluster.url)
+    keeper = None
+    try:
+        leased = []
+        for shard in range(keys.shards):
+            record = {"st": "R", "a": 1, "e": "ex-1", "w": "wf", "g": "g", "s": "0" * 32}
+            client.hset(keys.shard(shard).runs_hash, f"{shard}-r", codec.pack(record))
+            leased.append((shard, f"{shard}-r", 1, 7))  # (a turn: its key is read first)
+        stamps: dict[str, list[float]] = {rid: [] for _, rid, _, _ in leased}
+        lock = threading.Lock()
+
+        def mark_leased(runs: Any, asked: float, gone: Any) -> None:
+            with lock:
+                for rid, _ in runs:
+                    stamps[rid].append(asked)
+
+        runner: Any = type("R", (), {"active": {}, "leased": lambda self: list(leased),
+                                     "mark_renewed": lambda self, began: None,
+                                     "mark_leased": lambda self, runs, asked, gone:
+                                         mark_leased(runs, asked, gone)})()  # fmt: skip
+        url = cluster.url.replace("redis://", "redis+cluster://")
+        lease = 3.0
+        keeper = LeaseKeeper(url, keys, "ex-1", ExecutorConfig(lease_ms=int(lease * 1000)),
+                             runner, lambda rid, attempt: None)  # fmt: skip
+
+        def port_of(shard: int) -> int:
+            return int(client.get_node_from_key(keys.shard(shard).runs_hash).port)
+
+        port = port_of(0)
+        slow = {rid for shard, rid, _, _ in leased if port_of(shard) == port}
+        start = time.monotonic()
+        for n in range(6):  # (a beat each third of a lease, as the keeper's loop makes them)
+            time.sleep(max(0.0, start + n * lease / 3 - time.monotonic()))
+            if n == 2:
+                with sync_redis.Redis(port=port) as node:
+                    node.execute_command("CLIENT", "PAUSE", 1200, "ALL")
+            with contextlib.suppress(Exception):  # (a beat that renewed none raises)
+                keeper.beat()
+        time.sleep(0.5)  # (a renewal answered late is counted on the keeper's pool)
+        for rid in slow:
+            times = [start, *sorted(stamps[rid])]
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            assert max(gaps) < 0.9 * lease, (rid, [round(g, 2) for g in gaps])
+        assert slow and all(stamps[rid] for rid in stamps)
+    finally:
+        if keeper is not None:
+            keeper._halt.set()
+            if keeper._nodes is not None:
+                keeper._nodes.close()
+            keeper._client.close()
         client.close()
         cluster.stop()
 

@@ -1557,7 +1557,7 @@ async def test_a_run_its_node_renews_is_current_while_another_node_is_down(
     down = keys.shard(1).runs_hash
     renew = keeper._renew
 
-    def renew_but_shard_1(calls: list[Any]) -> list[Any]:
+    def renew_but_shard_1(calls: list[Any], late: Any = None) -> list[Any]:
         up = iter(renew([c for c in calls if c[0][0] != down]))
         return [ConnectionError("node down") if c[0][0] == down else next(up) for c in calls]
 
