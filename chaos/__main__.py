@@ -83,6 +83,7 @@ class Run:
     terminal_changes: set[str] = field(default_factory=set)
     stopped: bool = False  # faults and producers stop
     rng: random.Random = field(default_factory=random.Random)
+    made: list[dict[str, Any]] = field(default_factory=list)  # each fault: what, when, where
 
     # -- processes -----------------------------------------------------------------------------
     @property
@@ -148,6 +149,7 @@ class Run:
         kinds = ["ingress", "admission", "executor"]
         menu: list[tuple[str, str | None]] = [("sigkill", k) for k in kinds]
         menu += [("sigterm", k) for k in kinds] + [("sigstop", "admission"), ("crash", None)]
+        menu += [("pause", None)]
         if self.cluster:
             menu += [("migrate", None), ("freeze", None)]
         while not self.stopped:
@@ -155,11 +157,14 @@ class Run:
                 await asyncio.sleep(self.rng.uniform(0.5, 1.5) * self.args.fault_every)
                 if self.stopped:
                     return
+                made = {"fault": fault, "kind": kind, "at": time.time()}
                 try:
                     await getattr(self, f"_{fault}")(*([kind] if kind else []))
                 except Exception as exc:  # counted: the verdict shows which faults were made
                     self.faults[f"not_made_{fault}"] += 1
+                    made["not_made"] = repr(exc)
                     print(f"chaos: fault {fault} not made: {exc!r}", file=sys.stderr)
+                self.made.append(made | {"until": time.time()})  # (kept with --keep)
 
     def _member(self, kind: str | None = None) -> Member:
         live = [m for m in self.members if (kind is None or m.kind == kind) and m.proc
@@ -227,6 +232,18 @@ class Run:
             os.kill(node.proc.pid, signal.SIGCONT)
         self.crashes.append((down, time.time()))
         self.faults["sigstop_node"] += 1
+
+    async def _pause(self) -> None:
+        """CLIENT PAUSE the server (a random master on a cluster) for 0.4 of a lease: a server
+        busy with an fsync, a slow disk, a loaded host. Shorter than a lease, it is no outage:
+        no run may be stopped and run again for it (not in `crashes`). Such a pause of one
+        master stopped every run on it in a probe (lease.py's turn keys held the renewals)."""
+        node = self.server or self.cluster.nodes[self.rng.randrange(3)]  # type: ignore[union-attr]
+        ms = int(self.args.lease * 400)
+        with redis_sync.Redis(port=node.port) as client:
+            client.execute_command("CLIENT", "PAUSE", ms, "ALL")
+        await asyncio.sleep(ms / 1000)
+        self.faults["server_pause"] += 1
 
     async def _migrate(self) -> None:
         assert self.cluster
@@ -432,6 +449,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if verdict["runs_lost"]:
             verdict["lost_trace"] = await _retrying(lambda: _trace(redis, verdict))
         (work / "published.json").write_bytes(orjson.dumps(r.published))
+        (work / "faults.json").write_bytes(orjson.dumps(r.made))  # (for a kept run's reading)
         verdict |= {
             "mode": "cluster" if args.cluster else "single",
             "duration_s": args.duration,

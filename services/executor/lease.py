@@ -355,7 +355,12 @@ class LeaseKeeper:
             log.warning(
                 "leases not renewed in time: stopping runs before their leases lapse (they are "
                 "retried elsewhere)",
-                extra={"runs": len(runs), "renewed_s_ago": round(time.monotonic() - renewed, 3)},
+                extra={
+                    "runs": len(runs),
+                    "renewed_s_ago": round(time.monotonic() - renewed, 3),
+                    "pid": os.getpid(),
+                    "run_ids": [r.run_id for r in runs][:20],
+                },
             )
             if self._loop is not None and not self._halt.is_set():
                 with contextlib.suppress(RuntimeError):  # (the loop closed: the process ends)
