@@ -797,7 +797,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pub = ops_parser("publish", "publish one event to the inbox")
     pub.add_argument("name", help="the event name, e.g. chat.message")
-    pub.add_argument("data", help="a JSON object")
+    pub.add_argument(
+        "data",
+        help="a JSON object; - reads it from stdin, @PATH from a file (past the OS's "
+        "limit on an argument's length, ~128 KiB)",
+    )
     pub.add_argument("--id", default=None, help="idempotency key (default: the entry id)")
     pub.add_argument(
         "--metadata", default=None, help="a JSON object, visible to key expressions as metadata"

@@ -16,6 +16,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, cast
 
 import orjson
@@ -828,14 +829,28 @@ def _checked_publish(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     if args.timeout is not None and not args.wait:
         raise ValueError("--timeout is how long --wait waits: give --wait too")
     args.timeout = PUBLISH_WAIT_S if args.timeout is None else args.timeout
-    data = _json_object(args.data, "the event's data", '{"userId": "u1"}')
+    data = _json_object(_read_data(args.data), "the event's data", '{"userId": "u1"}')
     metadata = getattr(args, "metadata", None)
     if metadata is None:
         return data, None
     return data, _json_object(metadata, "--metadata", '{"tenant": "acme"}')
 
 
-def _json_object(text: str, what: str, example: str) -> dict[str, Any]:
+def _read_data(text: str) -> str | bytes:
+    """`publish`'s data argument: the JSON itself, `-` for stdin, `@PATH` for a file (an
+    argument is limited to ~128 KiB by the OS, the inbox takes 1 MiB: "Argument list too
+    long", a new-user probe). Neither form is JSON, so none is taken for the other."""
+    if text == "-":
+        return sys.stdin.buffer.read()
+    if text.startswith("@"):
+        try:
+            return Path(text[1:]).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"the event's data file {text[1:]!r}: {exc.strerror}") from None
+    return text
+
+
+def _json_object(text: str | bytes, what: str, example: str) -> dict[str, Any]:
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError as exc:

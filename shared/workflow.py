@@ -415,7 +415,7 @@ class Workflow:
                 if isinstance(given, list | tuple)
                 else given
             )
-            registered = name or _own_name(fn)
+            registered = _own_name(fn) if name is None else name
             self.steps.append(Step(registered, fn, names, timeout, retries, isolation))
             key = fn_key(fn)
             if key is not None:  # (one function registered under two names: by neither)

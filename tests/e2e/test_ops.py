@@ -798,6 +798,36 @@ async def test_publish_takes_metadata_for_keys_that_read_it(
     )
 
 
+async def test_publish_reads_data_past_an_arguments_limit_from_stdin_or_a_file(
+    redis: Redis, keys: Keys, system: System, tmp_path: Any
+) -> None:
+    """The data was an argument only: past ~128 KiB the OS refused the command ("Argument list
+    too long"), though the inbox takes 1 MiB (a new-user probe). `-` reads it from stdin,
+    `@PATH` from a file; a missing file is one line naming it."""
+    body = {"id": "big", "events": ["big.ev"], "concurrency": {"expression": "input.k"}}
+    await register(redis, keys, body)
+    await redis.hset(keys.config_hash, "shards", keys.shards)  # (as a service pins it)
+    data = orjson.dumps({"k": "big", "text": "word " * 100_000})  # (500 KB)
+    path = tmp_path / "data.json"
+    path.write_bytes(data)
+    for args, stdin in ((["-"], data), ([f"@{path}"], b"")):
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "supersede", "publish", "big.ev", *args,
+                             "--json"],
+            env=system.env, input=stdin, capture_output=True, timeout=30,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()
+        assert [r["key"] for r in orjson.loads(done.stdout)["runs"]] == ["big"]
+    entries = await redis.xrange(keys.events_stream)
+    assert [orjson.loads(f[b"data"]) for _, f in entries] == [orjson.loads(data)] * 2
+    gone = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "supersede", "publish", "big.ev", "@/nonexistent"],
+        env=system.env, capture_output=True, timeout=30,
+    )  # fmt: skip
+    [line] = gone.stderr.decode().strip().splitlines()
+    assert gone.returncode == 2 and "'/nonexistent'" in line and "No such file" in line, line
+
+
 async def test_a_planned_run_id_finds_its_run_after_a_new_version_moved_it(
     redis: Redis, keys: Keys, system: System
 ) -> None:

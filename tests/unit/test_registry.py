@@ -572,3 +572,35 @@ def test_ingress_remembers_the_groups_of_a_bounded_number_of_keys_in_all() -> No
         one.group_of(f"user-{i}", 16)
         assert len(one.groups) <= one.memo
     assert len(one.groups) == 5  # (emptied once full, then the last five)
+
+
+def test_an_integer_key_is_its_decimal_text_and_the_readmes_way_to_tell_them_apart() -> None:
+    """`{"k": 42}` and `{"k": "42"}` are one key (a new-user probe asked); the README says so,
+    and its expression that keeps them apart registers and does."""
+    import re
+    from pathlib import Path
+
+    from supersede.registry import parse
+
+    assert compile_key("input.k")({"k": 42}, {}) == compile_key("input.k")({"k": "42"}, {})
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    [expression] = re.findall(r"make the expression say so\s+\(`([^`]+)`\)", readme)
+    parse({"id": "x", "events": ["e"], "concurrency": {"expression": expression}})
+    key = compile_key(expression)
+    assert key({"k": 42}, {}) != key({"k": "42"}, {})
+
+
+def test_a_step_named_empty_is_refused_naming_the_field() -> None:
+    """`@wf.step(name="")` fell back to the function's name without a word (a new-user
+    probe): a name given is the name, and an empty one fails registration naming it."""
+    from supersede.errors import DefinitionError
+    from supersede.workflow import Workflow
+
+    wf = Workflow("w", on_events=["e"])
+
+    @wf.step(name="")
+    def a(ctx: Any) -> None:
+        return None
+
+    with pytest.raises(DefinitionError, match=r"steps\[0\]\.name"):
+        wf.definition()
