@@ -52,7 +52,7 @@ from supersede.server import (
     free_port,
     wheel_client_binary,
 )
-from supersede.services.modules import load_modules
+from supersede.services.modules import check_found, load_modules
 from supersede.services.render import printable
 
 DEMO = "supersede.services.demo"
@@ -655,6 +655,8 @@ def main(argv: list[str] | None = None) -> None:
     server: EmbeddedServer | None = None
     code = 1
     try:  # (a reader gone, `supersede dev | head`: the server stops all the same)
+        for spec in args.module:  # (a typo is said before the server starts)
+            check_found(spec)
         env = dict(os.environ)
         if "SUPERSEDE_REDIS_URL" not in env:
             server = _embedded()

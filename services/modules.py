@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -22,6 +23,26 @@ def module_file(module: str) -> str | None:
     if not module.startswith(PATH_MODULE_PREFIX):
         return None
     return getattr(sys.modules.get(module), "__file__", None)
+
+
+def check_found(spec: str) -> None:
+    """Fail as `import_module` would for a module that is not there (a path to no file, a
+    name no folder on sys.path holds), importing nothing: `supersede dev` checks this before
+    it starts its server (a typo took the server's start to be said, a new-user probe)."""
+    if spec.endswith(".py") or os.sep in spec:
+        if not os.path.isfile(os.path.abspath(spec)):
+            raise ConfigError(f"workflow module {spec!r}: no such file")
+        return
+    top = spec.partition(".")[0]
+    found = bool(top) and (
+        importlib.machinery.PathFinder.find_spec(top, [os.getcwd(), *sys.path]) is not None
+        or importlib.util.find_spec(top) is not None  # (a module known otherwise: built in)
+    )
+    if not found:
+        raise ConfigError(
+            f"no workflow module {spec!r} (looked in {os.getcwd()} and on sys.path): run from "
+            "its folder, or give its path, such as path/to/my_workflows.py"
+        )
 
 
 def import_module(spec: str) -> Any:

@@ -268,6 +268,20 @@ def test_dev_runs_several_modules_of_your_own_instead_of_the_demo(tmp_path: Path
     )
 
 
+@pytest.mark.parametrize("spec", ["flows_typo", "flows_typo.py", "sub/flows.py"])
+def test_dev_names_a_module_that_is_not_there_before_it_starts_a_server(
+    tmp_path: Path, spec: str
+) -> None:
+    """A misspelt --module was said only once the embedded server had started (a new-user
+    probe): now at once, in one line, exit 2, no server started."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    done = subprocess.run([sys.executable, "-m", "supersede", "dev", "--module", spec],
+                          cwd=tmp_path, env=env, capture_output=True, timeout=60)  # fmt: skip
+    [line] = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2 and spec.removesuffix(".py").split("/")[-1] in line, line
+    assert "Redis at" not in done.stdout.decode()  # (no server was started)
+
+
 def test_dev_serves_a_module_that_reads_the_server_url_at_import(tmp_path: Path) -> None:
     """The README's fencing block reads SUPERSEDE_REDIS_URL when it is imported: `dev` on its
     embedded server imported the module before the server existed (KeyError, exit 2, the
