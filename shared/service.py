@@ -255,10 +255,6 @@ class Service:
         self._policy_due = Throttle(CLOCK_READ_EVERY)  # (the eviction policy's look)
         self._policy_said = Throttle(600.0)
         self.ready = False
-        # entries this process read and is handling (not acknowledged yet): a take-over leaves
-        # them (XAUTOCLAIM takes this consumer's idle entries too: a read routed for longer than
-        # --claim-idle-ms, under load, was handled twice at once)
-        self.in_flight: set[bytes] = set()
         self.tracer = tracing.setup(self.name)  # None unless OTEL_* variables ask for traces
         self._forget_due: Throttle | None = None
         metrics.PENDING_DELETED.labels(self.name)  # (at 0 from the start: a first rise counts)
@@ -429,7 +425,6 @@ class Service:
     ) -> None:
         """After a failed batch of `reader`: not ready, log, re-read own pending entries soon,
         heal lost groups, pause. `failed_reread`: the failed batch was itself a re-read."""
-        self.in_flight.clear()  # (the re-read of own pending entries handles them)
         metrics.report(self.name, reader, False)
         self.log_failure(f"{what} failed; retrying", exc)
         await after_failure(self.redis, self.groups(), own, exc, failed_reread=failed_reread)
@@ -456,17 +451,23 @@ class Service:
         handle: Callable[[list[Entry]], Awaitable[None]],
     ) -> int:
         """XAUTOCLAIM every entry of `stream` idle for `idle_ms` in another consumer of `group`
-        (a process that died mid-batch), page by page, and handle each page but the entries this
-        process is handling (`in_flight`); returns how many."""
+        (a process that died mid-batch), page by page, and handle each page; returns how many.
+        This process's own entries are left to it (XAUTOCLAIM takes them too: a read routed, or
+        a batch applied, for longer than `idle_ms`, under load, was handled twice at once; one
+        read ahead while a slow batch was applied, likewise): the same round trip lists them
+        first, those idle for a little less too (its own pending entries are read again by
+        OwnPending after a failure; a take-over is for the dead)."""
         start: str | bytes = "0-0"
         taken = 0
+        margin = min(1000, idle_ms // 2)  # (an entry of its own idle past `idle_ms` meanwhile)
         while True:
-            handling = set(self.in_flight)  # (those handled meanwhile are done: left too)
-            reply = await self.redis.xautoclaim(
-                stream, group, self.consumer, idle_ms, start_id=start, count=count
-            )
-            handling |= self.in_flight
-            entries = [e for e in reply[1] if e and e[1] and e[0] not in handling]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xpending_range(stream, group, start, "+", count + OWN_LISTED,
+                                    consumername=self.consumer, idle=idle_ms - margin)  # fmt: skip
+                pipe.xautoclaim(stream, group, self.consumer, idle_ms, start_id=start, count=count)
+                listed, reply = await pipe.execute()
+            mine = {p["message_id"] for p in listed}
+            entries = [e for e in reply[1] if e and e[1] and e[0] not in mine]
             if len(reply) > 2 and reply[2]:  # (Redis 7: pending entries no longer in the stream)
                 self.pending_deleted(stream, group, reply[2])
             if entries:
@@ -475,6 +476,10 @@ class Service:
             if reply[0] in (b"0-0", "0-0"):
                 return taken
             start = reply[0]
+
+
+# A take-over lists this many of its own idle entries beyond a page (see take_over).
+OWN_LISTED = 1000
 
 
 # The ACL role whose rights a service process needs, where it is not the service's name.

@@ -386,23 +386,12 @@ class Admission(Service):
                     reply = await reader.receive(reader.next())
                     if reply:
                         reader.read_ahead_if_backlog(reply, stop)
-                        await self._handle_held(reply)
+                        await self.handle(reply)
                     self.healthy(part)
                 except Exception as exc:  # redis-py can raise others mid-failover
                     await self.recover(reader.own, exc, failed_reread=reread, reader=part)
         finally:
             reader.close()
-
-    async def _handle_held(self, reply: Sequence[tuple[bytes, list[Entry]]]) -> None:
-        """`handle` a read, its entries in flight meanwhile: a take-over leaves them (a batch
-        whose call took longer than --claim-idle-ms was taken over by its own process and
-        applied twice at once)."""
-        ids = [entry_id for _, entries in reply for entry_id, _ in entries]
-        self.in_flight.update(ids)
-        try:
-            await self.handle(reply)
-        finally:
-            self.in_flight.difference_update(ids)
 
     async def handle(self, reply: Sequence[tuple[bytes, list[Entry]]]) -> None:
         """Apply one XREADGROUP reply: one admit call per shard, and the results of every

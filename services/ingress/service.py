@@ -511,8 +511,6 @@ class Ingress(Service):
                         await stage.finish()
                     reread = own.active
                     batches = await self._read(own)
-                    for entries in batches:
-                        self.in_flight.update(e for e, _ in entries)
                     if not batches and not reread:  # (a quiet inbox, not an own-pending
                         # sweep, which finds nothing mid-backlog: the next burst may be large)
                         self.count = min(self.count, FIRST_READ, self.config.batch)
@@ -752,8 +750,6 @@ class Ingress(Service):
                 span.record_exception(exc)
                 span.end()
             raise
-        finally:
-            self.in_flight.difference_update(e for e, _ in batch.entries)
         for span in batch.spans:
             span.end()
 

@@ -99,27 +99,39 @@ async def test_requests_and_results_flow_through_the_service(
 
 
 async def test_a_batch_slower_than_the_takeover_delay_is_not_taken_over_by_its_own_process(
-    redis: Redis, keys: Keys, service: Admission, monkeypatch: pytest.MonkeyPatch
+    redis: Redis, redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """XAUTOCLAIM takes this consumer's idle entries too: a batch whose call took longer than
     --claim-idle-ms (a slow server) was taken over by its own process, and applied again
-    while the first call ran. Entries in flight are left to it."""
-    service.config.claim_idle_ms = 100
-    calls: list[int] = []
+    while the first call ran; so were the entries read ahead meanwhile (a backlog: the next
+    read is sent before a batch is applied). Each request is admitted once."""
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    config = AdmissionConfig(block_ms=50, reap_interval=0.05, batch=2, claim_idle_ms=100)
+    service = Admission(redis, settings, config)
+    calls: list[bytes] = []
     admit = service._admit
 
     async def slow(shard: int, items: Any, *args: Any) -> Any:
-        calls.append(len(items))
-        if len(calls) == 1:
+        first = not calls
+        calls.extend(entry for entry, _ in items)
+        if first:
             await asyncio.sleep(1.5)  # (15 take-over delays, 30 ticks)
         return await admit(shard, items, *args)
 
     monkeypatch.setattr(service, "_admit", slow)
-    [(shard, req)] = [make_request(keys, event="slow", seq=1, max_runs=1)]
-    await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
-    await eventually(lambda: _states_are(redis, keys, ["A"], [(shard, req)]))
-    await eventually(lambda: _is_zero(backlog(redis, keys)))
-    assert calls == [1], calls
+    reqs = [make_request(keys, event=f"slow{i}", seq=i, key="k", max_runs=1) for i in range(6)]
+    [shard] = {shard for shard, _ in reqs}  # (one key: one shard, one stream, a backlog)
+    for _, req in reqs:
+        await redis.xadd(keys.shard(shard).requests_stream, {"r": req.pack()})
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await eventually(lambda: asyncio.sleep(0, service.ready))
+        await eventually(lambda: _is_zero(backlog(redis, keys)), timeout=20)
+        assert len(calls) == len(set(calls)) == len(reqs), calls
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
 
 
 async def test_a_failed_batch_is_read_again_at_once_not_after_the_takeover_delay(
