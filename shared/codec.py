@@ -11,6 +11,7 @@ of the worker processes are packed with the bin type (`pack_value`): bytes read 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
@@ -57,7 +58,8 @@ JSONABLE_DEPTH = 200  # levels of a payload shown; orjson writes 254 at most, an
 def jsonable(value: Any, depth: int = JSONABLE_DEPTH) -> Any:
     """A decoded payload made safe for JSON, to show: map keys as text, a string that held
     bytes which are not UTF-8 (surrogate escapes) as the repr of those bytes, a value JSON has
-    no form for (a msgpack timestamp or extension type) as its text, and levels past `depth`
+    no form for (a msgpack timestamp or extension type, a float NaN or infinity) as its text,
+    and levels past `depth`
     as a string that says they are cut."""
     if isinstance(value, dict | list | tuple) and depth <= 0:
         return f"... ({type(value).__name__} nested deeper than {JSONABLE_DEPTH} levels)"
@@ -73,6 +75,8 @@ def jsonable(value: Any, depth: int = JSONABLE_DEPTH) -> Any:
         return value
     if isinstance(value, bytes):
         return repr(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # ("nan", "inf", "-inf": JSON has no form, orjson wrote null)
     if value is None or isinstance(value, bool | float):
         return value
     if isinstance(value, int) and -(2**63) <= value < 2**64:  # (orjson's range)

@@ -292,6 +292,11 @@ def test_any_payload_is_made_showable_as_json() -> None:
     text = orjson.dumps(shown).decode()
     assert "nested deeper than 200 levels" in text and "Timestamp" in text
     assert str(2**70) in text and codec.jsonable(2**64 - 1) == 2**64 - 1
+    # a step's float NaN or infinity showed as null (JSON has no form): its text now
+    nan = float("nan")
+    assert codec.jsonable({"o": [nan, float("inf"), -float("inf"), 1.5]}) == {
+        "o": ["nan", "inf", "-inf", 1.5]
+    }
 
 
 def test_a_key_cannot_forge_lines_of_the_run_view() -> None:
