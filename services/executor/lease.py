@@ -90,8 +90,10 @@ class _ByNode:
     def __init__(self, client: redis_sync.RedisCluster, wait: float) -> None:
         self.client = client
         self.wait = wait
-        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lease-node")
+        # (two calls a master at most, one optional: 16 masters all silent leave room)
+        self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="lease-node")
         self.busy: dict[str, Future[list[Any]]] = {}  # master -> its last call
+        self.reading: dict[str, Future[list[Any]]] = {}  # master -> its last optional call
         self.suspect: set[str] = set()  # masters whose last call went unanswered
         self._refresh: Future[None] | None = None
 
@@ -124,9 +126,10 @@ class _ByNode:
         futures_wait(waited, timeout=self.wait)
         for name, call in calls.items():
             part = groups[name][1]
-            if not call.done() and late is not None:
+            done = call.done()  # (once: a call answered between two looks went both ways)
+            if not done and late is not None:
                 call.add_done_callback(functools.partial(_answered_late, part, late))
-            error = call.exception() if call.done() else TimeoutError(f"{name} did not answer")
+            error = call.exception() if done else TimeoutError(f"{name} did not answer")
             replies = [error] * len(part) if error is not None else call.result()
             unanswered = isinstance(error, _UNANSWERED)
             (self.suspect.add if unanswered else self.suspect.discard)(name)
@@ -153,6 +156,11 @@ class _ByNode:
             for i in part:
                 out[i] = TimeoutError(f"{name} has not answered an earlier call")
             return None
+        read = self.reading.get(name)
+        if optional and read is not None and not read.done():
+            for i in part:
+                out[i] = TimeoutError(f"{name} has not answered an earlier read")
+            return None
         if previous is not None and not isinstance(previous.exception(), _UNANSWERED):
             self.suspect.discard(name)  # (its last call was answered, late or not)
         if optional and name in self.suspect:
@@ -165,8 +173,7 @@ class _ByNode:
             for i in part:
                 out[i] = exc
             return None
-        if not optional:
-            self.busy[name] = call
+        (self.reading if optional else self.busy)[name] = call
         return call
 
     def _read_slots(self, unanswered: str | None) -> None:

@@ -1355,3 +1355,35 @@ async def test_a_reclaim_never_starts_again_an_attempt_this_executor_let_go() ->
     claimer.lost_since[0] = time.time() - 1
     assert await claimer.reclaim() == 0 and started == []
     runner.close()
+
+
+def test_a_renewal_answered_between_two_looks_is_applied_once() -> None:
+    """`_ByNode.run` looked at a call's `done()` twice: one answered in between was given to
+    the late callback and returned as the beat's reply too, so its runs were stopped and
+    marked twice (a review). One look decides: late, or now."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from supersede.services.executor.lease import _ByNode
+
+    class AnsweredBetweenLooks(Future[Any]):
+        looks = 0
+
+        def done(self) -> bool:
+            self.looks += 1
+            if self.looks == 2 and not super().done():
+                self.set_result([b"renewed"])
+            return super().done()
+
+    call = AnsweredBetweenLooks()
+    node = SimpleNamespace(name="m1")
+    by_node = _ByNode(SimpleNamespace(get_node_from_key=lambda key: node), wait=0.01)
+    by_node.pool = SimpleNamespace(submit=lambda *a: call)  # type: ignore[assignment]
+    by_node._read_slots = lambda unanswered: None  # type: ignore[method-assign]
+    by_node.suspect.add("m1")  # (not waited for: its answer counts when it comes)
+    late: list[Any] = []
+    out = by_node.run(["k"], lambda pipe, i: None, late=lambda i, reply: late.append(reply))
+    if not call.done():
+        call.set_result([b"renewed"])
+    applied = late + [r for r in out if not isinstance(r, Exception)]
+    assert applied == [b"renewed"], (out, late)
