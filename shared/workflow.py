@@ -155,6 +155,10 @@ class _Flag:
         self._set = False
 
 
+# how many coroutines of `still_current()` a step's Context keeps to check (see its doc)
+ASKED_KEPT = 16
+
+
 class Context:
     """What a step sees: its run's input and metadata, its parents' outputs, cancellation,
     and its fencing token (`fence`, `still_current()`: see `supersede.fencing`)."""
@@ -200,6 +204,7 @@ class Context:
         self._flag: _Flag = _Flag()
         self._loop = loop
         self._waiter: asyncio.Future[None] | None = None
+        self._asked: list[Coroutine[Any, Any, bool]] = []  # still_current()'s, see its doc
         # how long `still_current_blocking()` waits for the loop's answer unless told: the
         # executor sets it to a lease and a second (the answer comes within the lease)
         self._answer_within = 10.0
@@ -228,25 +233,31 @@ class Context:
         """False once a newer run of this run's key was admitted (one read of the group's
         fence), or once this run was cancelled (whatever its group still remembers); otherwise
         True for a workflow without a concurrency limit (every run is its own key). Ask before
-        costly work; guard the write itself with `fencing.set_if_newer`. Await it; a sync step
-        calls `still_current_blocking()`, and this raises there: the coroutine it returned
-        was always true (`if not ctx.still_current(): return` never returned, a probe)."""
-        self._refuse_in_sync_step("still_current()", "ctx.still_current_blocking()")
-        return self._still_current()
+        costly work; guard the write itself with `fencing.set_if_newer`. Await it (a sync step
+        calls `still_current_blocking()`): a call the step never awaited fails the step as it
+        returns, since the coroutine reads as true (`if not ctx.still_current(): return` in a
+        sync step never returned, and fencing was skipped without a word, a probe)."""
+        coro = self._still_current()
+        asked = self._asked
+        if len(asked) >= ASKED_KEPT:  # (bounded: a step may ask in a loop)
+            asked[:] = [c for c in asked if inspect.getcoroutinestate(c) == inspect.CORO_CREATED]
+            del asked[: max(0, len(asked) - ASKED_KEPT + 1)]
+        asked.append(coro)
+        return coro
 
-    def _refuse_in_sync_step(self, call: str, instead: str) -> None:
-        if self._in_sync_step():
-            raise RuntimeError(f"{call} in a sync step (a coroutine, never awaited): {instead}")
-
-    def _in_sync_step(self) -> bool:
-        """Called from a sync step of the executor's: a thread beside its running loop."""
-        if self._loop is None:  # (a Context made by a test: its caller knows)
-            return False
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return True
-        return False
+    def _check_awaited(self, step: str) -> None:
+        """After a step returned: RuntimeError when it called `still_current()` without
+        awaiting it (those coroutines are closed: no RuntimeWarning beside the error)."""
+        unawaited = [c for c in self._asked if inspect.getcoroutinestate(c) == inspect.CORO_CREATED]
+        self._asked.clear()
+        for coro in unawaited:
+            coro.close()
+        if unawaited:
+            raise RuntimeError(
+                f"step {step!r} called ctx.still_current() without awaiting it: a coroutine, "
+                "which reads as true; await it in an async step, call "
+                "ctx.still_current_blocking() in a sync one"
+            )
 
     async def _still_current(self) -> bool:
         if self.cancelled:
@@ -275,12 +286,8 @@ class Context:
             answer.cancel()
             return False
 
-    def wait_cancelled(self) -> Coroutine[Any, Any, None]:
-        """Resolves when the run is cancelled (await it: a sync step polls `cancelled`)."""
-        self._refuse_in_sync_step("wait_cancelled()", "poll ctx.cancelled")
-        return self._wait_cancelled()
-
-    async def _wait_cancelled(self) -> None:
+    async def wait_cancelled(self) -> None:
+        """Resolves when the run is cancelled."""
         if self._flag.is_set():
             return
         loop = asyncio.get_running_loop()

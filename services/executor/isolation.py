@@ -160,13 +160,6 @@ class _WorkerContext(Context):
                 time.sleep(pause)
                 pause = min(pause * 2, FENCE_RETRY_MAX)
 
-    def _in_sync_step(self) -> bool:
-        try:  # (a worker runs a sync step on its main thread, with no loop)
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return True
-        return False
-
     async def _still_current(self) -> bool:
         return await asyncio.to_thread(self.still_current_blocking)
 
@@ -287,6 +280,7 @@ def worker_main(
             fn = resolve(job["m"], job["q"])
             ctx = _WorkerContext(job, flag, fence_check, leased)
             out = asyncio.run(_until_flag(fn, ctx, flag)) if is_async_callable(fn) else fn(ctx)
+            ctx._check_awaited(job.get("sn", job["q"]))
             readable(out, job.get("sn", job["q"]))  # (an OutputError names the culprit)
             reply = codec.pack_value(["ok", out])
         except asyncio.CancelledError as exc:

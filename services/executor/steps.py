@@ -103,6 +103,7 @@ LET_GO_MOST = 10_000  # such attempts remembered at most
 RECANCEL_AFTER = 0.1  # seconds an async step may go on after a cancel before it is repeated
 RECANCEL_EVERY = 0.01  # seconds between the repeats of a cancel an async step swallowed
 DRAIN_STOP_WITHIN = 1.0  # seconds a step has to stop once the drain deadline passed
+HOOK_WAIT = 1.0  # seconds an on_cancel hook is waited for at least (--grace 0 too)
 
 
 class StepRunsOn(TimeoutError):
@@ -199,6 +200,12 @@ async def _hook_guarded(hook: Awaitable[Any]) -> Any:
         raise HookFailed(f"on_cancel hook raised {type(exc).__name__}: {exc}") from exc
 
 
+def _hook_on_thread(hook: Callable[[Context], Any], ctx: Context, started: threading.Event) -> Any:
+    """A sync on_cancel hook, on a thread of the hooks' pool: `started` once it has one."""
+    started.set()
+    return hook(ctx)
+
+
 def _hook_ended(run_id: str, job: asyncio.Future[Any]) -> None:
     """Log an on_cancel hook's failure (SystemExit, KeyboardInterrupt too: a hook's failure,
     as a step's), once it ended, within the grace period or after."""
@@ -225,7 +232,10 @@ def _on_thread(run: Running, step: Step, ctx: Context) -> Any:
     `_thread_frames`)."""
     run.thread_ident = threading.get_ident()
     try:
-        return step.fn(ctx)
+        out = step.fn(ctx)
+        if isinstance(ctx, Context):  # (a test's stand-in may be none)
+            ctx._check_awaited(step.name)
+        return out
     finally:
         run.thread_ident = None
 
@@ -792,8 +802,11 @@ class Runner:
                     timers.append(loop.call_later(step.timeout, lambda: timers.append(
                         loop.call_later(self.config.grace, self._fail_if_on, run, step, token)
                     )))  # fmt: skip
-                return await self._timed(coro, step.name, step.timeout, not strict)
-            return await coro
+                out = await self._timed(coro, step.name, step.timeout, not strict)
+            else:
+                out = await coro
+            ctx._check_awaited(step.name)
+            return out
         finally:
             run.in_async_step = False
             run.timing = None
@@ -1054,34 +1067,52 @@ class Runner:
         task.add_done_callback(self._hooks.discard)
 
     async def _on_cancel(self, run: Running) -> None:
-        """The run's on_cancel hook, shielded, waited for within the grace period: one still
-        running then is left to run on, a stray handler, and the run is reported (a hook that
-        never returned kept its run from being reported, and its slot taken, for good)."""
+        """The run's on_cancel hook, shielded, waited for within the grace period (a second at
+        least; in strict mode as long as it runs, as a step): one still running then is left to
+        run on, a stray handler, and the run is reported (a hook that never returned kept its
+        run from being reported, and its slot taken, for good)."""
         hook = run.workflow.cancel_hook
         if hook is None:
             return
+        started = threading.Event()
         if is_async_callable(hook):
+            started.set()
             job: asyncio.Future[Any] = asyncio.ensure_future(_hook_guarded(hook(run.ctx)))
         else:
-            job = asyncio.get_running_loop().run_in_executor(self.hook_pool, hook, run.ctx)
+            job = asyncio.get_running_loop().run_in_executor(
+                self.hook_pool, _hook_on_thread, hook, run.ctx, started
+            )
         self._hooks.add(job)  # (held until done: the loop keeps only weak references)
         job.add_done_callback(self._hooks.discard)
         job.add_done_callback(functools.partial(_hook_ended, run.run_id))
+        conc = run.workflow.concurrency
+        wait = None if conc is not None and conc.strict else max(self.config.grace, HOOK_WAIT)
         try:
-            await asyncio.wait_for(asyncio.shield(job), self.config.grace)
+            await asyncio.wait_for(asyncio.shield(job), wait)
         except TimeoutError:
             if not job.done():
-                log.warning(
-                    "on_cancel hook still running after the grace period: its run is "
-                    "reported CANCELLED and the hook runs on, a stray handler",
-                    extra={"run": run.run_id, "workflow": run.workflow.id,
-                           "grace_s": self.config.grace},
-                )  # fmt: skip
-                self._stray(job)
+                self._hook_runs_on(run, job, started.is_set(), wait or 0.0)
         except asyncio.CancelledError:
             raise
         except BaseException:  # (its failure: logged by _hook_ended)
             pass
+
+    def _hook_runs_on(
+        self, run: Running, job: asyncio.Future[Any], began: bool, waited: float
+    ) -> None:
+        """A hook not done within its wait: its run is reported, and the hook runs on (a stray
+        handler), or waits for a thread of the hooks' pool, every one held by a hook that never
+        returned (not started: not a stray; it runs when one is free)."""
+        extra = {"run": run.run_id, "workflow": run.workflow.id, "waited_s": waited}
+        if began:
+            log.warning("on_cancel hook still running after the grace period: its run is "
+                        "reported CANCELLED and the hook runs on, a stray handler",
+                        extra=extra)  # fmt: skip
+            self._stray(job)
+        else:
+            log.warning("on_cancel hook not started: every thread of the hooks' pool is held by "
+                        "a hook that has not returned; its run is reported CANCELLED and the "
+                        "hook runs once a thread is free", extra=extra)  # fmt: skip
 
     async def _waited_to_retry(self, run: Running, wait: float) -> bool:
         """Sleep `wait` seconds before a step's next try: True once slept. False, at once, when
@@ -1222,6 +1253,10 @@ class Runner:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        waiting = sum(1 for job in self._hooks if not job.done())
         self.hook_pool.shutdown(wait=False, cancel_futures=True)
+        if waiting:  # (those not started are dropped; those running are left to end)
+            log.warning("on_cancel hooks not done as the executor stops: those not started "
+                        "are not run", extra={"hooks": waiting})  # fmt: skip
         if self.processes is not None:
             self.processes.close()

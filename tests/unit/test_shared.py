@@ -489,46 +489,6 @@ async def test_a_cancelled_run_is_never_current() -> None:
     assert not await ctx.still_current() and not ctx.still_current_blocking()
 
 
-async def test_still_current_called_in_a_sync_step_without_await_raises() -> None:
-    """`if not ctx.still_current(): return` in a sync step tested a coroutine, always true:
-    fencing skipped with only a RuntimeWarning on stderr (a new-user probe). Called from a
-    thread beside the executor's loop (a sync step), it raises naming still_current_blocking;
-    awaited on the loop it answers; a Context a test made answers wherever it is run."""
-    import asyncio
-    import threading
-
-    from supersede.services.executor.isolation import _WorkerContext
-    from supersede.workflow import Context
-
-    loop = asyncio.get_running_loop()
-    ctx = Context(run_id="1-x", workflow="w", attempt=1, input={}, metadata={}, event="e",
-                  event_id="e", key="k", loop=loop)  # fmt: skip
-    assert await ctx.still_current()
-    with pytest.raises(RuntimeError, match=r"still_current_blocking\(\)"):
-        await asyncio.to_thread(ctx.still_current)  # type: ignore[unused-coroutine]
-    with pytest.raises(RuntimeError, match=r"poll ctx.cancelled"):
-        await asyncio.to_thread(ctx.wait_cancelled)  # type: ignore[unused-coroutine]
-    assert await asyncio.to_thread(ctx.still_current_blocking)
-    made = Context(run_id="1-x", workflow="w", attempt=1, input={}, metadata={}, event="e",
-                   event_id="e", key="k")  # fmt: skip
-    assert await asyncio.to_thread(asyncio.run, made.still_current())
-    # in a process step's worker, a sync step runs on the main thread with no loop
-    job = {"id": "1-x", "w": "w", "a": 1, "in": {}, "md": {}, "ev": "e", "ei": "e", "k": "k",
-           "f": "1", "o": {}}  # fmt: skip
-    worker = _WorkerContext(job, threading.Event(), lambda *_: True, [0.0])
-
-    def sync_step() -> None:
-        worker.still_current()  # type: ignore[unused-coroutine]  # (the user's slip)
-
-    with pytest.raises(RuntimeError, match=r"still_current_blocking\(\)"):
-        await asyncio.to_thread(sync_step)
-
-    async def async_step() -> bool:
-        return await worker.still_current()
-
-    assert await asyncio.to_thread(asyncio.run, async_step())
-
-
 def test_a_payload_with_a_map_keyed_by_an_array_still_reads() -> None:
     """Stored before executors refused such outputs: every reader of the run raised
     `unhashable type: 'list'`; now the arrays read as tuples (and JSON shows the key as text),
