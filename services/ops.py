@@ -891,9 +891,12 @@ class NotFollowed(Exception):
         self.interrupted = isinstance(cause, asyncio.CancelledError)
         why = "interrupted" if self.interrupted else f"{type(cause).__name__}: {cause}"
         made = f"; its runs: {', '.join(runs)}" if runs else ""
+        follow = (
+            "`supersede run ID`" if runs else "`supersede runs` (event id: the entry's, or --id)"
+        )
         super().__init__(
             f"the event was published (inbox entry {entry}{made}), but following its runs "
-            f"stopped ({why}): do not publish it again; follow them with `supersede run ID`"
+            f"stopped ({why}): do not publish it again; follow them with {follow}"
         )
 
 

@@ -257,7 +257,7 @@ def passwords_from_env(roles: Sequence[str], env: dict[str, str] | None = None) 
 
 
 # What a URL's parser splits at, or decodes: a password holding one is percent-encoded there
-URL_UNSAFE = "/#?[]@%:"
+URL_UNSAFE = "/#?[]@%"
 MIN_PASSWORD = 16
 
 

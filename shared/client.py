@@ -527,7 +527,7 @@ async def publish_runs(
     if id is not None:
         try:
             plan = [await _first_of_duplicate(redis, p, entry, ns) for p in plan]
-        except (redis_sync.RedisError, OSError) as exc:
+        except (redis_sync.RedisError, redis_sync.RedisClusterException, OSError) as exc:
             raise PublishedError(entry, exc) from exc
     return entry, plan, known
 

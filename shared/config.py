@@ -140,16 +140,30 @@ def url_problem(url: str, exc: Exception) -> ConfigError:
     value it refuses), with no part of the password: its messages quote the piece they could
     not read, and "Port could not be cast to integer value as 'Tr0ub4dor'" was the password's
     part before its `#` (a security probe)."""
-    if isinstance(exc, TypeError):
-        return ConfigError(unknown_option(url, exc))
+    if isinstance(exc, TypeError):  # (its option's name may be a piece of the password)
+        return ConfigError(scrub(unknown_option(url, exc), url) + misread_hint(url))
     said = scrub(str(exc), url)
     if isinstance(exc, ValueError):
         hint = f"; {ENCODE_HINT}" if "@" in url else ""
         return ConfigError(f"SUPERSEDE_REDIS_URL {redact(url)} is not a valid URL ({said}){hint}")
     return ConfigError(
         f"SUPERSEDE_REDIS_URL {redact(url)} has an option the client refuses ({said}); check "
-        "its options"
+        f"its options{misread_hint(url)}"
     )
+
+
+def misread_hint(url: str) -> str:
+    """The percent-encoding hint, for a URL whose credentials a parser does not find where
+    they are written (a `#`, `?` or `/` in the password ends the authority before its `@`:
+    `redis://u:12345#pw@h:1/0` reads as host `u`, port 12345, no password); "" otherwise."""
+    seed = cluster_seed(url) if is_cluster_url(url) else url
+    if "@" not in seed.partition("://")[2]:
+        return ""
+    try:
+        netloc = urlsplit(seed).netloc
+    except ValueError:
+        return f"; {ENCODE_HINT}"
+    return "" if "@" in netloc else f"; {ENCODE_HINT}"
 
 
 def scrub(text: str, url: str) -> str:
@@ -333,6 +347,13 @@ def connect_sync(url: str, *, timeout: float | None = None) -> redis_sync.Redis:
         pool.connection_class(**pool.connection_kwargs)  # (an unknown option fails here)
     except (ValueError, TypeError, redis_sync.RedisError) as exc:
         raise url_problem(url, exc) from None
+    except redis_sync.RedisClusterException as exc:  # (the cluster client connects at once)
+        if misread_hint(url):  # (a password's piece taken for the host: said, not quoted)
+            raise ConfigError(
+                f"cannot reach Redis at {redact(url)} ({scrub(str(exc), url)}): check "
+                f"SUPERSEDE_REDIS_URL{misread_hint(url)}"
+            ) from None
+        raise
     return client
 
 
@@ -494,7 +515,7 @@ _CREDENTIALS_WORDS = ("NOAUTH", "WRONGPASS", "NOPERM", "invalid username-passwor
 def _server_problem(url: str, exc: BaseException) -> ConfigError:
     """The one line for a start's PING that failed (check_server): the setting to fix, and
     the error's text with no part of the password (scrub)."""
-    said, at = scrub(str(exc), url), redact(url)
+    said, at = scrub(str(exc), url) + misread_hint(url), redact(url)
     if isinstance(exc, redis_sync.AuthenticationError) or (
         isinstance(exc, (redis_sync.ResponseError, redis_sync.RedisClusterException))
         and any(words in str(exc) for words in _CREDENTIALS_WORDS)

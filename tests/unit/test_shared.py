@@ -892,6 +892,9 @@ async def test_a_cluster_node_that_refuses_the_credentials_is_a_setting_not_an_o
         "redis://app:Tr0ub4dorZZ]3xyz@127.0.0.1:1/0",
         "rediss://:Tr0ub4dorZZ#3xyz@127.0.0.1:1",
         "redis+cluster://app:Tr0ub4dorZZ#3xyz@127.0.0.1:1",
+        # (a review: a port that parses, the rest taken for an option's name, or the host)
+        "redis://app:7?Tr0ub4dorZZ=3xyz@127.0.0.1:1/0",
+        "redis+cluster://app:7?Tr0ub4dorZZ=3xyz@127.0.0.1:1",
     ],
 )
 def test_a_url_the_client_cannot_read_is_one_line_with_no_part_of_its_password(url: str) -> None:
@@ -903,7 +906,10 @@ def test_a_url_the_client_cannot_read_is_one_line_with_no_part_of_its_password(u
     from supersede.config import Settings, connect, connect_sync
     from supersede.errors import ConfigError
 
-    for make in (connect, connect_sync, lambda u: Settings.from_env({"SUPERSEDE_REDIS_URL": u})):
+    makers = [connect, connect_sync]
+    if "7?" not in url:  # (a URL that parses, its query holding an `@`: the clients refuse it)
+        makers.append(lambda u: Settings.from_env({"SUPERSEDE_REDIS_URL": u}))
+    for make in makers:
         with pytest.raises(ConfigError) as info:
             make(url)
         said = str(info.value)
@@ -1497,5 +1503,6 @@ def test_acl_apply_warns_of_passwords_a_url_must_encode_and_short_ones() -> None
     assert len(said) == 3, said
     assert said[0].startswith("SUPERSEDE_ACL_PASSWORD_READER holds #") and "%23" in said[0]
     assert "SUPERSEDE_ACL_PASSWORD_READER has 5 characters" in said[1]
-    assert all(f"%{ord(c):02X}" in said[2] for c in "/#?[]@%:" if c != "#"), said[2]
+    assert all(f"%{ord(c):02X}" in said[2] for c in "/?[]@%"), said[2]
+    assert "%3A" not in said[2]  # (a `:` in a password parses: no warning for it)
     assert not any("EXECUTOR" in line for line in said)
