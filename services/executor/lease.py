@@ -53,6 +53,7 @@ log = logging.getLogger("supersede.executor")
 _Call = tuple[list[str], list[str | int], list[tuple[str, int]]]
 _TURNS_NOT_READ = Sampled()
 _PARTLY_RENEWED = Sampled()
+_BEAT_FAILED = Sampled()  # "lease renewal failed" lines of a server that did not answer
 _SLOTS_NOT_READ = Sampled()
 
 CHUNK = 1000  # runs per script call (a call blocks the server meanwhile)
@@ -315,8 +316,14 @@ class LeaseKeeper:
             due = time.monotonic() + interval
             try:
                 self.beat()
-            except Exception:  # the next beat tries again; a lease lasts three of them
-                log.exception("lease renewal failed")
+            except Exception as exc:  # the next beat tries again; a lease lasts three of them
+                if isinstance(exc, _UNANSWERED):  # (a server stalled, or restarting: one line)
+                    repeats = _BEAT_FAILED.due(type(exc).__name__)
+                    if repeats is not None:
+                        log.warning("lease renewal failed; the next beat tries again",
+                                    extra={"error": describe(exc), "repeats": repeats})  # fmt: skip
+                else:
+                    log.exception("lease renewal failed")
                 if not failing:  # not ready: with every slot busy, no other call may notice
                     failing = True
                     report(READY_PART, "heartbeat", False)
