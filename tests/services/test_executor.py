@@ -1901,8 +1901,9 @@ async def test_the_lease_watch_counts_the_runs_it_stops_when_it_marks_them(
     keeper = LeaseKeeper(redis_url, keys, "c", config, runner, on_stop=lambda *_: None)
     now = time.monotonic()
     ctx = Context(run_id="1-x", workflow="w", attempt=1, input={}, metadata={})
-    run = SimpleNamespace(attempt=1, reported=False, lapsed=False, drained=False, ctx=ctx,
-                          lease_cell=None, leased_at=now - 5, started=now, held=None)  # fmt: skip
+    run = SimpleNamespace(run_id="1-x", attempt=1, reported=False, lapsed=False, drained=False,
+                          ctx=ctx, lease_cell=None, leased_at=now - 5, started=now,
+                          held=None)  # fmt: skip
     runner.active["1-x"] = run  # type: ignore[assignment]
     before = metrics.LEASES_LAPSED._value.get()
     watch = threading.Thread(target=keeper._watch, daemon=True)  # (no loop: nothing else counts)
