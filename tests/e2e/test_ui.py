@@ -403,7 +403,8 @@ def test_a_command_over_tls_without_the_certificates_check_says_so(redis_url: st
     """The services log that `ssl_cert_reqs=none` lets anyone on the path read and change
     every call; the CLI and the UI said nothing (a security probe)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
-    unchecked = redis_url.replace("redis://", "rediss://") + "?ssl_cert_reqs=none"
+    port = free_port()  # (nothing listens: refused at once, after the warning)
+    unchecked = f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none"
     for args in (["status"], ["ui", "--port", "1"]):
         out = subprocess.run([sys.executable, "-m", "supersede", *args], capture_output=True,
                              env={**env, "SUPERSEDE_REDIS_URL": unchecked}, timeout=30)  # fmt: skip
