@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import pytest
@@ -301,6 +302,33 @@ async def test_retire_deletes_a_workflows_streams_on_a_cluster(
         await client.aclose()
 
 
+def _cluster_with_running_runs(
+    namespace: str, turn: int
+) -> tuple[EmbeddedCluster, Any, Keys, list[tuple[int, str, int, int]]]:
+    """A 3-master cluster whose nodes are not declared failed while frozen (a cluster down
+    would refuse every call), with a RUNNING run of executor `ex-1` on each of 6 shards:
+    (cluster, client, keys, the rows a lease keeper's `leased()` gives for them)."""
+    from supersede import codec
+
+    try:
+        cluster = EmbeddedCluster(3, extra_args=["--cluster-node-timeout", "30000"]).start()
+    except (FileNotFoundError, OSError) as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"NO CLUSTER TEST: cannot start a cluster here ({exc})")
+    keys = Keys(namespace, 6)
+    client = sync_redis.RedisCluster.from_url(cluster.url)
+    try:
+        leased = []
+        for shard in range(keys.shards):
+            record = {"st": "R", "a": 1, "e": "ex-1", "w": "wf", "g": "g", "s": "0" * 32}
+            client.hset(keys.shard(shard).runs_hash, f"{shard}-r", codec.pack(record))
+            leased.append((shard, f"{shard}-r", 1, turn))
+    except BaseException:
+        client.close()
+        cluster.stop()
+        raise
+    return cluster, client, keys, leased
+
+
 def test_a_beat_renews_the_other_nodes_runs_while_a_master_is_frozen() -> None:
     """A master that stops answering without closing its connections (SIGSTOP here; a silent
     network link alike): the lease keeper's beat waited for it, with the client's retries and
@@ -312,25 +340,13 @@ def test_a_beat_renews_the_other_nodes_runs_while_a_master_is_frozen() -> None:
     import signal
     import threading
     import time
-    from typing import Any
 
-    from supersede import codec
     from supersede.services.executor.config import ExecutorConfig
     from supersede.services.executor.lease import LeaseKeeper
 
-    try:  # (no node declared failed while it is frozen: a cluster down would refuse them all)
-        cluster = EmbeddedCluster(3, extra_args=["--cluster-node-timeout", "30000"]).start()
-    except (FileNotFoundError, OSError) as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"NO CLUSTER TEST: cannot start a cluster here ({exc})")
-    keys = Keys("frozen", 6)
-    client = sync_redis.RedisCluster.from_url(cluster.url)
+    cluster, client, keys, leased = _cluster_with_running_runs("frozen", turn=0)
     stopped = None
     try:
-        leased = []
-        for shard in range(keys.shards):
-            record = {"st": "R", "a": 1, "e": "ex-1", "w": "wf", "g": "g", "s": "0" * 32}
-            client.hset(keys.shard(shard).runs_hash, f"{shard}-r", codec.pack(record))
-            leased.append((shard, f"{shard}-r", 1, 0))
         renewed: list[str] = []
         runner: Any = type("R", (), {"active": {}, "leased": lambda self: list(leased),
                                      "mark_renewed": lambda self, began: None,
@@ -402,25 +418,13 @@ def test_a_master_slow_for_a_third_of_a_lease_stops_no_run() -> None:
     no run goes 0.9 of a lease without a stamp."""
     import threading
     import time
-    from typing import Any
 
-    from supersede import codec
     from supersede.services.executor.config import ExecutorConfig
     from supersede.services.executor.lease import LeaseKeeper
 
+    cluster, client, keys, leased = _cluster_with_running_runs("slow", turn=7)  # (a turn: its
+    keeper = None  # key is read first)
     try:
-        cluster = EmbeddedCluster(3, extra_args=["--cluster-node-timeout", "30000"]).start()
-    except (FileNotFoundError, OSError) as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"NO CLUSTER TEST: cannot start a cluster here ({exc})")
-    keys = Keys("slow", 6)
-    client = sync_redis.RedisCluster.from_url(cluster.url)
-    keeper = None
-    try:
-        leased = []
-        for shard in range(keys.shards):
-            record = {"st": "R", "a": 1, "e": "ex-1", "w": "wf", "g": "g", "s": "0" * 32}
-            client.hset(keys.shard(shard).runs_hash, f"{shard}-r", codec.pack(record))
-            leased.append((shard, f"{shard}-r", 1, 7))  # (a turn: its key is read first)
         stamps: dict[str, list[float]] = {rid: [] for _, rid, _, _ in leased}
         lock = threading.Lock()
 
