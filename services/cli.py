@@ -331,10 +331,10 @@ def _acl(args: argparse.Namespace, settings: Settings) -> None:
     for user in users:
         print(f"user {user} set{where}")
     if unsaved:  # (the README says so; the command did not)
-        print("supersede: warning: the server has no ACL file (--aclfile): the users live in "
-              "its memory only and are gone when it restarts; run `supersede acl --apply` "
-              "again then, or put `supersede acl`'s lines in an ACL file",
-              file=sys.stderr)  # fmt: skip
+        server = "a node has" if nodes else "the server has"
+        print(f"supersede: warning: {server} no ACL file (--aclfile): the users live in its "
+              "memory only and are gone when it restarts; run `supersede acl --apply` again "
+              "then, or put `supersede acl`'s lines in an ACL file", file=sys.stderr)  # fmt: skip
     if missed:  # (ACL users are per node: a failover to one of these would refuse the services)
         print(f"supersede: the users were not set on {', '.join(missed)} (failing, loading or "
               "unreachable): run `supersede acl --apply` again once they are back",

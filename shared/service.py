@@ -557,8 +557,8 @@ def exit_past_stuck_threads(service: str) -> None:
     if not stuck:
         return
     logging.getLogger(f"supersede.{service}").warning(
-        "exiting with threads still running (a sync step past the drain deadline, or a "
-        "thread a step started)",
+        "exiting with threads still running (a sync step past the drain deadline, an "
+        "on_cancel hook, or a thread a step started)",
         extra={"threads": len(stuck), "names": sorted(t.name for t in stuck)[:10]},
     )
     _exit_now()

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -318,6 +319,7 @@ class Runner:
         # executor to hand back (lua/hand_back.lua); `left_added` is set as one is added
         self.left: list[tuple[int, str, int]] = []
         self._hooks: set[asyncio.Future[None]] = set()  # on_cancel hooks run after a report
+        self._strays: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()  # (counted)
         self._pending: set[asyncio.Future[None]] = set()  # repeated cancels of lapsed runs
         self.left_added = asyncio.Event()
         self.drain_deadline = math.inf  # the loop's time the drain ends by, once it drains
@@ -1001,11 +1003,15 @@ class Runner:
         self, thread: asyncio.Future[Any], run: Running, strict: bool
     ) -> None:
         """The run's task was cancelled while its sync step ran: by the run's cancel (the step
-        has the grace period to return), the drain deadline, or a shutdown."""
+        has the grace period to return), the drain deadline, or a shutdown. A cancel of the
+        run that came while the drain stopped the step is a cancel still: it ended the drain's
+        wait, and the run was reported (its strict slot freed, its hook run) while the step
+        ran on, beside the newer run of its key (an upgrade probe, 5 tries of 5)."""
         if run.cancel_decided_ms is None:
             if run.drained:  # the drain deadline: the step is asked to stop
                 await self._stop_for_drain(thread, run)
-            return  # a shutdown
+            if run.cancel_decided_ms is None or thread.done():
+                return  # a shutdown, or a drain's stop the step obeyed
         with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(asyncio.shield(thread), self.config.grace)
         if not thread.done():
@@ -1051,10 +1057,10 @@ class Runner:
             await asyncio.wait_for(asyncio.shield(thread), DRAIN_STOP_WITHIN)
         self._stray(thread)  # (counted only while it runs)
 
-    @staticmethod
-    def _stray(thread: asyncio.Future[Any]) -> None:
-        """Count a sync step that runs on though its run no longer waits for it."""
-        if not thread.done():
+    def _stray(self, thread: asyncio.Future[Any]) -> None:
+        """Count a sync step that runs on though its run no longer waits for it (once)."""
+        if not thread.done() and thread not in self._strays:
+            self._strays.add(thread)
             metrics.STRAY_HANDLERS.inc()
             thread.add_done_callback(lambda _: metrics.STRAY_HANDLERS.dec())
 

@@ -813,6 +813,66 @@ async def test_a_sync_step_stopped_during_its_timeout_s_grace_is_never_run_twice
         runner.close()
 
 
+async def test_a_cancel_that_comes_while_the_drain_stops_a_strict_sync_step_waits_for_it() -> None:
+    """A drain's deadline asks a sync step to stop and waits for it; a cancel of its run that
+    came meanwhile ended that wait, and the run was reported CANCELLED (its strict slot freed,
+    the next run of its key started) and its on_cancel hook run, beside the step still running
+    (an upgrade probe: 5 tries of 5, the newer run 0.1-0.35 s before the old step returned).
+    It is a cancel still: in strict mode the report waits for the step, the hook after it."""
+    import asyncio
+    import threading
+
+    from supersede.keys import Keys
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.cancel import Cancels
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Concurrency, Workflow
+
+    events: list[str] = []
+
+    class Outbox(_Outbox):
+        def put(self, shard: int, result: Any) -> Any:
+            events.append(f"reported {result.outcome.value}")
+            return super().put(shard, result)
+
+    release = threading.Event()
+    wf = Workflow("wf", on_events=["e"], concurrency=Concurrency("input.k", strict=True))
+
+    @wf.step()
+    def stubborn(ctx: Any) -> None:
+        release.wait(10)  # (never looks at ctx.cancelled)
+        events.append("step returned")
+
+    @wf.on_cancel
+    def hook(ctx: Any) -> None:
+        events.append("hook")
+
+    config = ExecutorConfig(grace=0.2)
+    runner = Runner([wf], config, Outbox())
+    cancels = Cancels(None, Keys("t", 1), runner, config, cluster=False)
+    try:
+        body = pack_input({"k": "a"}, {}, "e", "1")
+        run = runner.start(0, Claim("0-a", True, 1, "wf", "v", body, "k", "s", "R"))
+        assert run is not None and run.task is not None
+        await asyncio.sleep(0.1)
+        runner.stopping.set()
+        drain = asyncio.ensure_future(runner.finish_running(0.0))  # (the deadline: now)
+        await asyncio.sleep(0.2)  # (within the drain's stop of the step)
+        cancels.cancel_local("0-a", 1, time.time() * 1000)
+        await asyncio.sleep(1.0)  # (past the drain's stop and the grace: the step runs on)
+        assert not any(e.startswith("reported") for e in events), events
+        release.set()
+        deadline = time.monotonic() + 10
+        while "reported C" not in events and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert events == ["step returned", "hook", "reported C"], events
+        await drain
+    finally:
+        release.set()
+        runner.close()
+
+
 def test_a_step_s_retries_wait_twice_as_long_each_time_up_to_a_cap() -> None:
     """retries=20 waited 0.1 * 2**19 s (14.5 h) before its last try, its run RUNNING and its
     slot held all along."""
