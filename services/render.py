@@ -8,6 +8,7 @@ import shutil
 import sys
 import textwrap
 import time
+import unicodedata
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -45,6 +46,33 @@ def width() -> int:
     return max(60, shutil.get_terminal_size((100, 24)).columns)
 
 
+def _columns(text: str) -> int:
+    """The columns `text` takes in a terminal: two for a wide character (CJK, most emoji),
+    none for a combining mark (a table's columns drifted past a key holding either, a probe)."""
+    if text.isascii():
+        return len(text)
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in text
+    )
+
+
+def _fit(text: str, w: int) -> str:
+    """`text` in exactly `w` columns: padded, or cut with '…'."""
+    taken = _columns(text)
+    if taken > w:
+        kept, taken = [], 0
+        for c in text:
+            step = _columns(c)
+            if taken + step > w - 1:
+                break
+            kept.append(c)
+            taken += step
+        text = "".join(kept) + "…"
+        taken += 1
+    return text + " " * (w - taken)
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -66,7 +94,7 @@ def table(
     fits the terminal, except the `keep` columns (ids: cut, they could not be copied); column
     `wrap` (if any) is wrapped over lines instead of cut."""
     cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
+    widths = [max([len(h)] + [_columns(r[i]) for r in cells]) for i, h in enumerate(header)]
     room = width() - 2 * (len(header) - 1)
     while sum(widths) > room:
         free = [j for j in range(len(widths)) if j not in keep]
@@ -81,12 +109,12 @@ def table(
         parts = []
         extra: list[str] = []
         for i, (text, w) in enumerate(zip(row, widths, strict=True)):
-            if i == wrap and len(text) > w:
-                chunks = textwrap.wrap(text, w) or [""]
-                parts.append(chunks[0].ljust(w))
+            if i == wrap and _columns(text) > w:
+                chunks = textwrap.wrap(text, w) or [""]  # (by characters: a chunk of wide
+                parts.append(chunks[0] + " " * max(0, w - _columns(chunks[0])))  # ones is whole)
                 extra = chunks[1:]
             else:
-                parts.append((text if len(text) <= w else text[: w - 1] + "…").ljust(w))
+                parts.append(_fit(text, w))
         lines.append("  ".join(parts).rstrip())
         indent = sum(widths[:wrap]) + 2 * wrap if wrap >= 0 else 0
         lines += [" " * indent + chunk for chunk in extra]

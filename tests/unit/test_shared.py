@@ -1506,3 +1506,26 @@ def test_acl_apply_warns_of_passwords_a_url_must_encode_and_short_ones() -> None
     assert all(f"%{ord(c):02X}" in said[2] for c in "/?[]@%"), said[2]
     assert "%3A" not in said[2]  # (a `:` in a password parses: no warning for it)
     assert not any("EXECUTOR" in line for line in said)
+
+
+def test_table_columns_stay_aligned_past_wide_characters_and_combining_marks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key of CJK characters or emoji (two columns each in a terminal) or with a combining
+    mark (none) pushed the columns after it out of line (a new-user probe): every row's next
+    column starts at the same terminal column, and a cut keeps within its width."""
+    import unicodedata
+
+    from supersede.services.render import table
+
+    def columns(text: str) -> int:
+        return sum(0 if unicodedata.combining(c) else
+                   2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)  # fmt: skip
+
+    keys = ["ab", "日本語キー", "🎉🎉", "e\u0301te"]
+    lines = table([[k, "x"] for k in keys], ["key", "v"]).splitlines()
+    starts = {columns(line[: line.rindex("x" if i else "V")]) for i, line in enumerate(lines)}
+    assert len(starts) == 1, lines
+    monkeypatch.setenv("COLUMNS", "60")
+    wide = table([["日" * 40, "n" * 40, "end"]], ["a", "b", "c"]).splitlines()[1]
+    assert columns(wide) <= 60 and "…" in wide, wide
