@@ -539,10 +539,13 @@ class LeaseKeeper:
                         pipe.get(key)
                     values = pipe.execute()
         except Exception as exc:  # (the leases still get renewed, one run at a time)
+            # A slot that moved, or a master that does not answer (its renewals say so), is
+            # no news: a warning each slot move was noise in a reshard (a cluster probe).
+            expected = isinstance(exc, (*_REDIRECTED, *_UNANSWERED))
             repeats = _TURNS_NOT_READ.due(type(exc).__name__)  # (each beat, in an outage)
             if repeats is not None:
-                log.warning("turn keys not read",
-                            extra={"error": describe(exc), "repeats": repeats})  # fmt: skip
+                log.log(logging.DEBUG if expected else logging.WARNING, "turn keys not read",
+                        extra={"error": describe(exc), "repeats": repeats})  # fmt: skip
             if self._nodes is None:
                 return {}
         out: dict[int, tuple[int, int]] = {}

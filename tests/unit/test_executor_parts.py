@@ -1517,3 +1517,34 @@ async def test_a_step_that_does_not_await_still_current_fails_saying_so() -> Non
             )
     finally:
         runner.close()
+
+
+def test_turn_keys_not_read_for_a_moved_slot_or_a_silent_master_is_no_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each executor logged a `turn keys not read: MovedError` warning per slot move in a
+    reshard (a cluster probe), and one each time a silent master's read was not sent: the
+    renewals fall back to asking run by run, and their own lines say what matters. Other
+    failures are still warned of."""
+    import logging
+    from types import SimpleNamespace
+
+    from redis.exceptions import MovedError, ResponseError
+
+    from supersede.keys import Keys
+    from supersede.services.executor import lease
+
+    keeper = lease.LeaseKeeper.__new__(lease.LeaseKeeper)
+    keeper.keys, keeper.consumer = Keys("t", 4), "ex-1"
+    snapshot = [(0, "0-a", 1, 3), (1, "1-a", 1, 3)]
+    for error, warned in ((MovedError("3999 127.0.0.1:7001"), False),
+                          (TimeoutError("m1 did not answer its last call: not asked"), False),
+                          (ResponseError("WRONGTYPE"), True)):  # fmt: skip
+        replies = [error, None]
+        keeper._nodes = SimpleNamespace(run=lambda keys, send, _r=replies, **_: _r)  # type: ignore[assignment]
+        lease._TURNS_NOT_READ._seen.clear()  # (said again: a fresh window)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="supersede.executor"):
+            assert keeper._confirmed_turns(snapshot) == {}
+        said = [r for r in caplog.records if r.getMessage() == "turn keys not read"]
+        assert [r.levelno == logging.WARNING for r in said] == [warned], (error, said)
