@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any, cast
 
@@ -10,6 +11,7 @@ import pytest
 
 from supersede.services.executor import cancel
 from supersede.services.executor.config import ExecutorConfig
+from supersede.workflow import Concurrency, Workflow
 
 
 class _Outbox:
@@ -25,6 +27,35 @@ class _Outbox:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
+
+
+class _Reported(_Outbox):
+    """An outbox that notes each report in `events` ("reported C"), beside what the test notes."""
+
+    def __init__(self, events: list[str]) -> None:
+        super().__init__()
+        self.events = events
+
+    def put(self, shard: int, result: Any) -> Any:
+        self.events.append(f"reported {result.outcome.value}")
+        return super().put(shard, result)
+
+
+def _stubborn(events: list[str], release: threading.Event, strict: bool, **step: Any) -> Workflow:
+    """A workflow keyed by `input.k` whose one sync step waits for `release` without looking
+    at `ctx.cancelled`, and whose on_cancel hook notes itself in `events` after it."""
+    wf = Workflow("wf", on_events=["e"], concurrency=Concurrency("input.k", strict=strict))
+
+    @wf.step(**step)
+    def stubborn(ctx: Any) -> None:
+        release.wait(10)  # (never looks at ctx.cancelled)
+        events.append("step returned")
+
+    @wf.on_cancel
+    def hook(ctx: Any) -> None:
+        events.append("hook")
+
+    return wf
 
 
 def _cancels() -> cancel.Cancels:
@@ -759,29 +790,11 @@ async def test_a_sync_step_stopped_during_its_timeout_s_grace_is_never_run_twice
     from supersede.scripts import Claim
     from supersede.services.executor.cancel import Cancels
     from supersede.services.executor.steps import Runner
-    from supersede.workflow import Concurrency, Workflow
 
     events: list[str] = []
-
-    class Outbox(_Outbox):
-        def put(self, shard: int, result: Any) -> Any:
-            events.append(f"reported {result.outcome.value}")
-            return super().put(shard, result)
-
-    outbox = Outbox()
+    outbox = _Reported(events)
     release = threading.Event()
-    limit = Concurrency(expression="input.k", strict=then == "strict cancel")
-    wf = Workflow("wf", on_events=["e"], concurrency=limit)
-
-    @wf.step(timeout=0.1, retries=1)
-    def stubborn(ctx: Any) -> None:
-        release.wait(10)  # (never looks at ctx.cancelled)
-        events.append("step returned")
-
-    @wf.on_cancel
-    def hook(ctx: Any) -> None:
-        events.append("hook")
-
+    wf = _stubborn(events, release, then == "strict cancel", timeout=0.1, retries=1)
     config = ExecutorConfig(grace=1.0)
     runner = Runner([wf], config, outbox)
     cancels = Cancels(None, Keys("t", 1), runner, config, cluster=False)
@@ -827,29 +840,12 @@ async def test_a_cancel_that_comes_while_the_drain_stops_a_strict_sync_step_wait
     from supersede.scripts import Claim
     from supersede.services.executor.cancel import Cancels
     from supersede.services.executor.steps import Runner
-    from supersede.workflow import Concurrency, Workflow
 
     events: list[str] = []
-
-    class Outbox(_Outbox):
-        def put(self, shard: int, result: Any) -> Any:
-            events.append(f"reported {result.outcome.value}")
-            return super().put(shard, result)
-
     release = threading.Event()
-    wf = Workflow("wf", on_events=["e"], concurrency=Concurrency("input.k", strict=True))
-
-    @wf.step()
-    def stubborn(ctx: Any) -> None:
-        release.wait(10)  # (never looks at ctx.cancelled)
-        events.append("step returned")
-
-    @wf.on_cancel
-    def hook(ctx: Any) -> None:
-        events.append("hook")
-
+    wf = _stubborn(events, release, strict=True)
     config = ExecutorConfig(grace=0.2)
-    runner = Runner([wf], config, Outbox())
+    runner = Runner([wf], config, _Reported(events))
     cancels = Cancels(None, Keys("t", 1), runner, config, cluster=False)
     try:
         body = pack_input({"k": "a"}, {}, "e", "1")
