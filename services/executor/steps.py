@@ -319,6 +319,7 @@ class Runner:
         # executor to hand back (lua/hand_back.lua); `left_added` is set as one is added
         self.left: list[tuple[int, str, int]] = []
         self._hooks: set[asyncio.Future[None]] = set()  # on_cancel hooks run after a report
+        self._hook_jobs: set[asyncio.Future[Any]] = set()  # the hooks themselves, not done
         self._strays: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()  # (counted)
         self._pending: set[asyncio.Future[None]] = set()  # repeated cancels of lapsed runs
         self.left_added = asyncio.Event()
@@ -1088,8 +1089,8 @@ class Runner:
             job = asyncio.get_running_loop().run_in_executor(
                 self.hook_pool, _hook_on_thread, hook, run.ctx, started
             )
-        self._hooks.add(job)  # (held until done: the loop keeps only weak references)
-        job.add_done_callback(self._hooks.discard)
+        self._hook_jobs.add(job)  # (held until done: the loop keeps only weak references)
+        job.add_done_callback(self._hook_jobs.discard)
         job.add_done_callback(functools.partial(_hook_ended, run.run_id))
         conc = run.workflow.concurrency
         wait = None if conc is not None and conc.strict else max(self.config.grace, HOOK_WAIT)
@@ -1259,7 +1260,7 @@ class Runner:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-        waiting = sum(1 for job in self._hooks if not job.done())
+        waiting = len(self._hook_jobs)
         self.hook_pool.shutdown(wait=False, cancel_futures=True)
         if waiting:  # (those not started are dropped; those running are left to end)
             log.warning("on_cancel hooks not done as the executor stops: those not started "
