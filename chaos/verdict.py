@@ -46,9 +46,9 @@ TRIGGERS = {"chat": ("chaos-latest", "chaos-latest3"), "doc": ("chaos-strict",),
             "edit": ("chaos-debounce",), "pa": ("chaos-proc-a",),
             "pb": ("chaos-proc-b",)}  # fmt: skip
 # A server outage this share of a lease or longer may lapse leases (see _started_twice): the
-# watch stops a run 0.9 of a lease after its last renewal was sent, a beat comes a third of a
-# lease after the one before, and a failed one is tried again a twelfth of a lease later.
-OUTAGE_LAPSES = 0.9 - 1 / 3 - 1 / 12 - 0.03  # (the failed calls' time: connections refused)
+# watch stops a run 0.9 of a lease after its last renewal was sent, a beat comes a sixth of a
+# lease after the one before, and a failed one is tried again a 24th of a lease later.
+OUTAGE_LAPSES = 0.9 - 1 / 6 - 1 / 24 - 0.03  # (the failed calls' time: connections refused)
 
 
 @dataclass
@@ -144,10 +144,10 @@ def _started_twice(o: Observed, starts: dict[str, list[dict[str, Any]]]) -> dict
     only in the README's at-least-once cases, between the earlier attempt's start and the
     next's, or a lease after the earlier one returned if sooner (its result may not have been
     applied yet): its executor was SIGKILLed, or the server was down for long enough that its
-    lease could lapse (renewals come every third of a lease, and a failed one is tried again a
-    twelfth of a lease later: an outage that begins just before a beat must end within 0.9 -
-    1/3 - 1/12, about 0.48, of a lease, less the time its failed calls took, for the watch not
-    to stop the runs; when failed ones waited a whole third, one of 1.3 s at a 3 s lease
+    lease could lapse (renewals come every sixth of a lease, and a failed one is tried again a
+    24th of a lease later: an outage that begins just before a beat must end within 0.9 -
+    1/6 - 1/24, about 0.69, of a lease, less the time its failed calls took, for the watch not
+    to stop the runs; when failed ones waited a whole interval, one of 1.3 s at a 3 s lease
     failed two beats and leases lapsed), or its executor logged that it renewed no lease for
     longer than a lease."""
     ends = _ends(o)

@@ -31,7 +31,7 @@ for i = 4, #ARGV, 2 do
 end
 
 -- One HMGET of the records and one ZADD of the renewed leases per call (a redis.call per run
--- cost the server twice as much: the beat renews every active run each third of a lease).
+-- cost the server twice as much: the beat renews every active run each sixth of a lease).
 local rids = {}
 for i = 4, #ARGV, 2 do rids[#rids + 1] = ARGV[i] end
 local raws = {}

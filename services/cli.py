@@ -190,7 +190,7 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     """How runs are held and stopped: the flags `executor` and `serve` share."""
     # (at least a second: a shorter lease lapses under ordinary pauses and scheduling, and its
     # runs are started again beside themselves: a probe's 0.05 ran every run twice)
-    parser.add_argument("--lease", type=_LEASE, default=10.0, help="seconds; renewed every third")
+    parser.add_argument("--lease", type=_LEASE, default=10.0, help="seconds; renewed every sixth")
     parser.add_argument(
         "--grace", type=_SECONDS_OR_ZERO, default=5.0, help="seconds a cancelled run may take"
     )

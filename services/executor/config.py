@@ -8,7 +8,7 @@ from dataclasses import dataclass
 @dataclass(slots=True)
 class ExecutorConfig:
     slots: int = 10  # runs executed at once
-    lease_ms: int = 10_000  # a run's lease; the heartbeat renews it every third
+    lease_ms: int = 10_000  # a run's lease; the heartbeat renews it every sixth
     grace: float = 5.0  # seconds a cancelled run may take before its slot is reported free
     kill_after: float = 2.0  # process isolation: seconds from SIGTERM to SIGKILL
     drain_timeout: float = 30.0  # seconds SIGTERM waits for running runs

@@ -4,8 +4,9 @@ every lease of this executor would lapse and its runs be retried elsewhere while
 Not while a call into C holds the GIL for seconds (`sum(range(10**9))`, a C extension that does
 not release it): that starves this thread too; such steps belong in `isolation="process"`.
 
-Each third of a lease, counted from the start of the previous beat (a slow beat does not push
-the next one later; a failed one is tried again a quarter of that after it), the thread renews
+Each sixth of a lease (BEATS_PER_LEASE), counted from the start of the previous beat (a slow
+beat does not push the next one later; a failed one is tried again a quarter of that after it),
+the thread renews
 the leases of the runs `Runner.leased()` lists and hands the runs the heartbeat script names
 back to the loop (`call_soon_threadsafe`), where they are let go or stopped. A sync step sees
 its cancel flag set at once from this thread. Runs whose results this executor applied itself
@@ -57,6 +58,13 @@ _BEAT_FAILED = Sampled()  # "lease renewal failed" lines of a server that did no
 _SLOTS_NOT_READ = Sampled()
 
 CHUNK = 1000  # runs per script call (a call blocks the server meanwhile)
+# Beats per lease. A stall (of the server, its cluster master, or this process) that begins
+# just before a beat is bridged when a renewal is answered before the watch's deadline, 0.9 of
+# a lease after the last renewal was sent: a stall of up to 0.9 - 1/BEATS_PER_LEASE of the
+# lease, less the failed calls' retry, stops no run. At three beats a lease that was 0.57 of
+# it (a probe: a server stalled 0.6 to 0.85 of a lease re-ran 44 of 195 runs; 11 at six).
+# Each beat is one call per shard (one round trip), whatever its runs, so six cost little.
+BEATS_PER_LEASE = 6
 CALL_TIMEOUT_MIN = 0.5  # seconds: the least a call of the lease keeper waits for its answer
 # A run this executor could not renew is stopped this share of a lease before its lease runs
 # out by the executor's clock (from when the last call that renewed it, or claimed it, was sent,
@@ -298,10 +306,11 @@ class LeaseKeeper:
         # link, so the watch stopped them before the reply came)
         with contextlib.suppress(Exception):  # (the first beat tries again)
             self._client.ping()
-        interval = self.config.lease_ms / 3000
+        interval = self.config.lease_ms / 1000 / BEATS_PER_LEASE
+        retry = max(0.05, interval / 4)
         last_ok = time.monotonic()
         failing = False
-        # Beats start a third of a lease apart, counted from each one's start: counted from its
+        # Beats start a sixth of a lease apart, counted from each one's start: counted from its
         # end, two slow beats under a loaded CPU (10 to 16 shard calls of 30-150 ms each) left
         # a run's renewals most of a lease apart, and the watch stopped healthy runs at a 3 s
         # lease (a probe). A beat comes sooner when a run started whose claim was sent long
@@ -316,7 +325,7 @@ class LeaseKeeper:
             due = time.monotonic() + interval
             try:
                 self.beat()
-            except Exception as exc:  # the next beat tries again; a lease lasts three of them
+            except Exception as exc:  # the next beat tries again; a lease lasts six of them
                 if isinstance(exc, _UNANSWERED):  # (a server stalled, or restarting: one line)
                     repeats = _BEAT_FAILED.due(type(exc).__name__)
                     if repeats is not None:
@@ -331,10 +340,10 @@ class LeaseKeeper:
                 # began: in an outage of half a lease two beats a whole interval apart could
                 # both fail, and the third came as the leases ran out (a chaos run: a server
                 # restart whose AOF took a second to load; the watch stopped 15 runs)
-                due = time.monotonic() + interval / 4
+                due = time.monotonic() + retry
                 continue
             finally:
-                earliest = time.monotonic() + interval / 4
+                earliest = time.monotonic() + retry
             if failing:
                 failing = False
                 report(READY_PART, "heartbeat", True)

@@ -80,7 +80,7 @@ class Executor(Service):
         self.workflows = tuple(self.definitions)
         cluster = isinstance(redis, RedisCluster)
         # (a cluster call of a shard waits a sixth of a lease at most, and 2 s, before the shard
-        # is left out: a lease is renewed within a third of it, and its run's result applied)
+        # is left out: a lease is renewed within a sixth of it, and its run's result applied)
         self.health.deadline = min(self.health.deadline, max(0.5, self.config.lease_ms / 6000))
         self.outbox = Outbox(redis, self.keys, self.config, self.health)
         if not self.config.results_via_stream:
