@@ -74,7 +74,7 @@ def test_the_checks_pass_a_clean_history_and_catch_each_violation() -> None:
     # ... but not by a server outage too short for a lease to lapse
     short = check(_observed(recs, again, crashes=[(2.6, 2.65)]))
     assert short["started_twice_unexplained"] == 1
-    long_ = check(_observed(recs, again, crashes=[(2.6, 3.9)]))
+    long_ = check(_observed(recs, again, crashes=[(2.6, 4.0)]))
     assert long_["started_again_after_server_crash"] == 1
     # ... nor by an outage that ended before the first attempt's start line, unless the attempt
     # was claimed before it (a process-isolated step may start seconds after its claim; the
@@ -131,11 +131,11 @@ def test_the_checks_of_the_newer_features_catch_each_violation() -> None:
                {**_line("overlap", "p2", 2.5, wf="chaos-proc-b"), "holder": "p1 1"},
                _line("end", "p1", 2.6, wf="chaos-proc-a"),
                _line("end", "p1", 2.7, pid=2, attempt=2, wf="chaos-proc-a"), ends[1]]  # fmt: skip
-    held = check(_observed(recs, retried, crashes=[(1.1, 2.2)], **pub))
+    held = check(_observed(recs, retried, crashes=[(0.85, 2.25)], **pub))
     assert held["proc_overlaps"] == 0 and held["proc_overlaps_after_a_lease_lapse"] == 1
     # (the same history with the retry as the holder has nothing to explain it)
     retried[3] = {**retried[3], "holder": "p1 2"}
-    assert check(_observed(recs, retried, crashes=[(1.1, 2.2)], **pub))["proc_overlaps"] == 1
+    assert check(_observed(recs, retried, crashes=[(0.85, 2.25)], **pub))["proc_overlaps"] == 1
     # ... and a step killed mid-way (no end line) is not judged by the ledger's times
     assert ok(check(_observed(recs, [a, b, ends[1]], **pub)))
     # a dynamic limit: the newest max_runs (the record's, 2) of a CANCEL_IN_PROGRESS group
