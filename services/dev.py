@@ -40,6 +40,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from supersede import codec
+from supersede.aio import wait_for
 from supersede.config import Settings, check_server, connect, redact, server_time
 from supersede.errors import ConfigError
 from supersede.keys import Keys
@@ -171,7 +172,7 @@ class Children:
                        if await asyncio.to_thread(http_status, self.probes[n]) != 200]  # fmt: skip
             if waiting:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.05)
+                    await wait_for(stop.wait(), 0.05)
         return None
 
     def stop(self, keep_logs: bool) -> None:
@@ -229,7 +230,7 @@ async def publish_demo_events(redis: Redis, inbox: str, stop: asyncio.Event) -> 
             await redis.xadd(inbox, {"name": "doc.edited", "data": edit})
             await asyncio.sleep(0.05)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.5)
+            await wait_for(stop.wait(), 1.5)
 
 
 @dataclass(order=True, slots=True)
@@ -340,7 +341,7 @@ async def watch(
         if stop.is_set():
             await asyncio.sleep(0.1)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.2)
+            await wait_for(stop.wait(), 0.2)
     outcomes: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     for run in latest.values():
         state = run.state.name.lower() if run.state.terminal else "not ended"
@@ -498,13 +499,13 @@ async def supervise(children: Children, stop: asyncio.Event, failed: list[str]) 
             # (a supervisor's SIGTERM to every process of the console, as systemd's
             # KillMode=control-group: a service may end before the console heard its own)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+                await wait_for(stop.wait(), 1.0)
             if not stop.is_set():
                 failed.append(gone[1])
                 stop.set()
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.2)
+            await wait_for(stop.wait(), 0.2)
 
 
 # redis-cli's flag for each redis-py TLS option of a rediss:// URL's query

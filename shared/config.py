@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import difflib
 import os
 import re
@@ -16,8 +15,11 @@ import redis as redis_sync
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 
+from supersede.aio import mend_redis, wait_for
 from supersede.errors import ConfigError, message_of
 from supersede.keys import Keys
+
+mend_redis()  # (every service, the CLI and the dashboard connect through this module)
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_NAMESPACE = "supersede"
@@ -481,7 +483,7 @@ async def server_time_read(redis: Redis) -> float | None:
     """The server's clock in seconds, or None when TIME failed (see server_time)."""
     try:
         if isinstance(redis, RedisCluster):
-            reply = await asyncio.wait_for(redis.time(), TIME_WAIT)
+            reply = await wait_for(redis.time(), TIME_WAIT)
         else:
             reply = await redis.time()
     except (redis_sync.RedisError, TimeoutError):

@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from supersede.aio import wait_for
 from supersede.errors import describe
 from supersede.metrics import SHARDS_SILENT
 
@@ -96,7 +97,7 @@ class ShardHealth:
             _close(call)
             raise ShardSilent(down)
         try:
-            return await asyncio.wait_for(call, self.deadline)
+            return await wait_for(call, self.deadline)
         except ShardSilent:
             raise  # (a call of other shards inside it: those are marked already)
         except (TimeoutError, RedisTimeoutError) as exc:
@@ -121,7 +122,7 @@ class ShardHealth:
         leaving out the shards found silent meanwhile)."""
         if not self.enabled:
             return await call
-        return await asyncio.wait_for(call, self.deadline)
+        return await wait_for(call, self.deadline)
 
     def went_silent(self, shards: Collection[int], exc: BaseException) -> None:
         """`shards` did not answer in time: they, and every shard their masters serve, are
@@ -160,7 +161,7 @@ class ShardHealth:
             while True:
                 await asyncio.sleep(PROBE_EVERY)
                 try:
-                    await asyncio.wait_for(self.redis.exists(self.probe_key(shard)), PROBE_WAIT)
+                    await wait_for(self.redis.exists(self.probe_key(shard)), PROBE_WAIT)
                     break
                 except NoPermissionError:  # (an answer all the same: a user without EXISTS)
                     break

@@ -39,6 +39,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import ConnectionError, InvalidResponse, RedisError, TimeoutError
 
+from supersede.aio import wait_for
 from supersede.protocol import StreamReply
 from supersede.streams import parse_stream_read
 
@@ -249,7 +250,7 @@ class Lane:
         wire.transport.close()
         wire.fail(ConnectionError("the lane is closed"))
         try:
-            await asyncio.wait_for(asyncio.shield(wire.closed), 1.0)
+            await wait_for(asyncio.shield(wire.closed), 1.0)
         except builtins.TimeoutError:  # (a silent peer, a TLS close never answered)
             wire.transport.abort()
 

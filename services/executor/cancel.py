@@ -16,6 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from supersede import tracing
+from supersede.aio import wait_for
 from supersede.errors import describe
 from supersede.keys import Keys
 from supersede.lane import Lane, read
@@ -176,7 +177,7 @@ class Cancels:
         interval = self.config.lease_ms / 3000
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+                await wait_for(stop.wait(), interval)
             self.runner.resend_due()
 
     def let_go(self, rid: str, attempt: int) -> None:

@@ -48,6 +48,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
 
+from supersede.aio import wait_for
 from supersede.health import ShardSilent, raise_unless_silent
 from supersede.keys import Keys
 from supersede.lane import Lane, read
@@ -589,7 +590,7 @@ class Fetcher:
             except Exception:
                 log.exception("looking for assignments to take over failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+                await wait_for(stop.wait(), 1.0)
 
     async def _stale_streams(self) -> list[str]:
         """stale_streams over every stream; on a cluster per node, each bounded (ShardHealth):
@@ -647,7 +648,7 @@ class Fetcher:
         if self.cluster or self.bells:
             if not self._wake.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.config.block_ms / 1000)
+                    await wait_for(self._wake.wait(), self.config.block_ms / 1000)
             if not self._wake.is_set() and not self.cluster:
                 # A quiet wait: read every stream once (a bell missed by a writer without the
                 # channel right costs at most this wait, never the run)
@@ -710,7 +711,7 @@ class Fetcher:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), pause)
+                await wait_for(stop.wait(), pause)
 
     async def _listen(self, pubsub: PubSub, stop: asyncio.Event) -> None:
         """Ring for each bell until the connection fails, or `stop` (a cancel that lands in
@@ -740,7 +741,7 @@ class Fetcher:
         await pubsub.ssubscribe(*self.streams)
         confirmed = 0
         while confirmed < len(self.streams):
-            message = await asyncio.wait_for(pubsub.get_message(timeout=None), 10)
+            message = await wait_for(pubsub.get_message(timeout=None), 10)
             if message is not None and message["type"] == "ssubscribe":
                 confirmed += 1
         self._full_scan = True

@@ -44,6 +44,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede import codec
+from supersede.aio import wait_for
 from supersede.errors import step_traceback
 from supersede.services.executor.outputs import OutputError, readable
 from supersede.services.modules import import_module
@@ -419,7 +420,7 @@ class ProcessPool:
                 worker.conn.send_bytes(codec.pack_value(job))
             except OSError as exc:
                 raise WorkerLost(f"the step's worker process could not be reached: {exc}") from None
-            reply = await asyncio.wait_for(self._receive(worker), timeout)
+            reply = await wait_for(self._receive(worker), timeout)
         except (asyncio.CancelledError, TimeoutError) as exc:
             ladder = isinstance(exc, TimeoutError) or cancelled()
             try:
@@ -496,7 +497,7 @@ class ProcessPool:
 
         loop.add_reader(sentinel, wake)
         try:
-            await asyncio.wait_for(gone, timeout)
+            await wait_for(gone, timeout)
         except TimeoutError:
             return False
         finally:

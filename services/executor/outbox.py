@@ -23,6 +23,7 @@ from typing import cast
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
 
+from supersede.aio import wait_for
 from supersede.errors import describe
 from supersede.health import ShardHealth
 from supersede.keys import Keys
@@ -102,7 +103,7 @@ class FinishHere:
                 keys = self.scripts.keys
                 read = self.scripts.redis.hget(keys.config_hash, ASSIGN_DEADLINE_FIELD)
                 # (bounded: its master may be silent; the results are not held for it)
-                raw = await asyncio.wait_for(read, self.health.deadline)
+                raw = await wait_for(read, self.health.deadline)
                 self.assign_deadline_ms = int(raw or 0)
             except Exception as exc:  # (the last one known serves; the results go on)
                 log.warning("assignment deadline not read", extra={"error": describe(exc)})
@@ -171,9 +172,7 @@ class Outbox:
             if self._retry and not self._pending:
                 # (nothing new: the retries when due, or something new before)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._ready.wait(), max(0.0, self._retry_at - time.monotonic())
-                    )
+                    await wait_for(self._ready.wait(), max(0.0, self._retry_at - time.monotonic()))
             else:
                 await self._ready.wait()
             self._ready.clear()
@@ -231,7 +230,7 @@ class Outbox:
             # (bounded: a stalled call would hold every later result, and with them the slots;
             # on a cluster each shard's call is, by ShardHealth's deadline)
             bound = None if self.health.enabled else self.config.lease_ms / 3000
-            turn = await asyncio.wait_for(self.sink(by_shard), bound)
+            turn = await wait_for(self.sink(by_shard), bound)
         except NoPermissionError as exc:
             self.sink = None  # (for good: the user's rights do not change under it)
             log.warning("this executor's Redis user may not run the finish script; results "

@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from supersede import aio
+from supersede.aio import wait_for
 from supersede.config import Settings
 from supersede.errors import ConfigError, WorkflowRejected, describe
 from supersede.protocol import EXECUTOR_GROUP
@@ -388,7 +389,7 @@ async def _in_daemon_thread(call: Callable[[], object], timeout: float) -> None:
             loop.call_soon_threadsafe(settle, outcome)
 
     threading.Thread(target=run, name="supersede-drain-beat", daemon=True).start()
-    await asyncio.wait_for(done, timeout)
+    await wait_for(done, timeout)
 
 
 async def _measure_loop_lag(

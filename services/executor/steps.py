@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from supersede import codec, tracing
+from supersede.aio import wait_for
 from supersede.errors import StepTimedOut, describe, frames_from_step, step_traceback
 from supersede.fencing import fence_of
 from supersede.keys import Keys
@@ -547,7 +548,7 @@ class Runner:
             if left <= 0 or run.ctx.cancelled:  # (a heartbeat let it go meanwhile, maybe)
                 return False
             try:  # (bounded: a silent server holds a read past the lease otherwise)
-                newest = await asyncio.wait_for(self.fences(shard, group), max(0.05, left))
+                newest = await wait_for(self.fences(shard, group), max(0.05, left))
             except SERVER_UNAVAILABLE as exc:  # (TimeoutError among them: wait_for's)
                 repeats = _FENCE_NOT_READ.due(type(exc).__name__)
                 if repeats is not None:
@@ -747,7 +748,7 @@ class Runner:
         its lease and retried elsewhere, as at a drain deadline, rather than failed. Otherwise
         (somebody's `kill` of the worker) the step failed."""
         try:
-            await asyncio.wait_for(self.stopping.wait(), 1.0)
+            await wait_for(self.stopping.wait(), 1.0)
         except TimeoutError:
             return False
         log.warning(
@@ -985,7 +986,7 @@ class Runner:
         after the grace period (or past its timeout) is counted as a stray handler until it
         returns; in strict mode its run keeps waiting for it (and holds its slot)."""
         try:
-            return await asyncio.wait_for(asyncio.shield(thread), timeout)
+            return await wait_for(asyncio.shield(thread), timeout)
         except TimeoutError:
             if thread.done():  # (the step's own TimeoutError, a socket's say: its failure)
                 return thread.result()
@@ -1014,7 +1015,7 @@ class Runner:
             if run.cancel_decided_ms is None or thread.done():
                 return  # a shutdown, or a drain's stop the step obeyed
         with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(asyncio.shield(thread), self.config.grace)
+            await wait_for(asyncio.shield(thread), self.config.grace)
         if not thread.done():
             self._stray(thread)
             run.stops_later = thread
@@ -1034,7 +1035,7 @@ class Runner:
         flag = run.ctx._flag
         flag.set()
         with contextlib.suppress(Exception, TimeoutError):  # (a cancel goes to the caller)
-            await asyncio.wait_for(asyncio.shield(thread), self.config.grace)
+            await wait_for(asyncio.shield(thread), self.config.grace)
         if not thread.done() and strict:
             with contextlib.suppress(Exception):
                 await asyncio.shield(thread)
@@ -1055,7 +1056,7 @@ class Runner:
         at once)."""
         run.ctx._cancel()
         with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(asyncio.shield(thread), DRAIN_STOP_WITHIN)
+            await wait_for(asyncio.shield(thread), DRAIN_STOP_WITHIN)
         self._stray(thread)  # (counted only while it runs)
 
     def _stray(self, thread: asyncio.Future[Any]) -> None:
@@ -1095,7 +1096,7 @@ class Runner:
         conc = run.workflow.concurrency
         wait = None if conc is not None and conc.strict else max(self.config.grace, HOOK_WAIT)
         try:
-            await asyncio.wait_for(asyncio.shield(job), wait)
+            await wait_for(asyncio.shield(job), wait)
         except TimeoutError:
             if not job.done():
                 self._hook_runs_on(run, job, started.is_set(), wait or 0.0)
@@ -1130,7 +1131,7 @@ class Runner:
         until = loop.time() + wait
         if not self.stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), wait)  # (a drain began)
+                await wait_for(self.stopping.wait(), wait)  # (a drain began)
         if self.stopping.is_set() and until >= self.drain_deadline:
             log.warning(
                 "a run waiting to retry a step is handed back: the try would start after the "

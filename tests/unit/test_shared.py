@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -1529,3 +1531,46 @@ def test_table_columns_stay_aligned_past_wide_characters_and_combining_marks(
     monkeypatch.setenv("COLUMNS", "60")
     wide = table([["日" * 40, "n" * 40, "end"]], ["a", "b", "c"]).splitlines()[1]
     assert columns(wide) <= 60 and "…" in wide, wide
+
+
+async def test_a_deadline_round_a_run_of_redis_calls_fires(redis_url: str) -> None:
+    """redis-py sends each command through asyncio.wait_for when the connection has a socket
+    timeout (5 s by default since redis-py 8), and Python 3.11's wait_for loses a cancel that
+    comes as the awaited call completes: a loop of PINGs under `asyncio.timeout(0.3)` ran its
+    20,000 calls (2 s) and returned, and the dashboard's 5 s bound on a page never fired (a
+    probe: 11 s). `supersede.aio.mend_redis` (applied by `supersede.config`) gives redis-py
+    Python 3.12's wait_for, and the services use `supersede.aio.wait_for`."""
+    from supersede.aio import wait_for
+    from supersede.config import connect
+
+    client = connect(redis_url)
+    try:
+        for _ in range(3):
+            began, calls = time.monotonic(), 0
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    for _ in range(200_000):
+                        await client.ping()
+                        calls += 1
+            assert time.monotonic() - began < 1.0, calls
+        # (the same for a cancel from outside: the task ends, it does not go on)
+        task = asyncio.ensure_future(_pings(client))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await wait_for(task, 1.0)
+
+        async def slow() -> int:
+            await asyncio.sleep(5)
+            return 1
+
+        with pytest.raises(TimeoutError):
+            await wait_for(slow(), 0.05)
+        assert await wait_for(asyncio.sleep(0, 7), None) == 7
+    finally:
+        await client.aclose()
+
+
+async def _pings(client: Any) -> None:
+    for _ in range(200_000):
+        await client.ping()
