@@ -236,6 +236,14 @@ class Keys:
         return f"{{{self.namespace}}}:workflows:served"
 
     @property
+    def served_versions_hash(self) -> str:
+        """'<workflow id>\\n<version>' -> when (ms, the server's clock) an executor serving that
+        version last said so (every second), or it was registered. An executor whose workflow
+        is registered in a version unmarked for a minute registers its own. Executors delete
+        marks an hour old: bounded by the versions served or registered in the last hour."""
+        return f"{{{self.namespace}}}:workflows:served-versions"
+
+    @property
     def registry_epoch(self) -> str:
         """Counter (string) bumped by every registration that changed a definition."""
         return f"{{{self.namespace}}}:workflows:epoch"

@@ -355,7 +355,20 @@ async def register_all(
     items = [(wf.id, wf.version, orjson.dumps(wf.stored_body()), wf.retention) for wf in wfs]
     if items:
         await Scripts(redis, keys).register_workflows(items)
+        # (a version registered is one wanted now: the executors serving another leave it be
+        # for a minute, a deploy's time, before they register theirs again; see keys)
+        seconds, micros = await redis.time()
+        marks: dict[Any, int] = {
+            served_version_field(wf.id, wf.version): seconds * 1000 + micros // 1000 for wf in wfs
+        }
+        await redis.hset(keys.served_versions_hash, mapping=marks)
     return wfs
+
+
+def served_version_field(wid: str, version: str) -> str:
+    """The field of a workflow's version in Keys.served_versions_hash (a name holds no
+    control character: the newline cannot be part of either)."""
+    return f"{wid}\n{version}"
 
 
 LOAD_TRIES = 10  # reads of the registry, while changes come between its epoch's two reads

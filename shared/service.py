@@ -42,7 +42,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede import __version__, aio, codec, metrics, tracing
-from supersede.aio import wait_for
 from supersede.config import (
     DEFAULT_METRICS_HOST,
     UNVERIFIED_TLS,
@@ -149,7 +148,7 @@ async def when_possible(
                 line = f"{name} cannot start yet; trying again: {describe(exc)}"
                 log.warning(line + (f" ({hint})" if hint else ""), extra={"repeats": repeats})
         with contextlib.suppress(TimeoutError):
-            await wait_for(stop.wait(), pause)
+            await aio.wait_for(stop.wait(), pause)
             return False
         pause = min(pause * 2, START_RETRY_MAX)
 
@@ -390,7 +389,7 @@ class Service:
                     metrics.report(self.name, name, False)
                 self.log_failure("periodic task failed", exc, task=name)
             with contextlib.suppress(TimeoutError):
-                await wait_for(stop.wait(), interval)
+                await aio.wait_for(stop.wait(), interval)
 
     # -- steps every stream consumer shares -------------------------------------------------------
     def healthy(self, reader: str = "read") -> None:

@@ -25,7 +25,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede import aio, codec, tracing
 from supersede import metrics as metrics_base
-from supersede.aio import wait_for
 from supersede.config import Settings, server_time
 from supersede.errors import ScriptError, describe
 from supersede.health import ShardSilent, raise_unless_silent
@@ -333,7 +332,7 @@ class Admission(Service):
             now = self.clock.now_ms()  # (the timers are the server's time)
             wait = DEBOUNCE_POLL if not self._next_due else (self._next_due - now) / 1000
             with contextlib.suppress(TimeoutError):
-                await wait_for(self._due_set.wait(), min(DEBOUNCE_POLL, max(0.0, wait)))
+                await aio.wait_for(self._due_set.wait(), min(DEBOUNCE_POLL, max(0.0, wait)))
             self._due_set.clear()
             if self._next_due and self.clock.now_ms() < self._next_due:
                 continue  # an earlier timer was set: wait for it

@@ -95,3 +95,10 @@ STRAY_HANDLERS = Gauge(
     "their slots freed; in strict mode they hold their slots until they return. Also on_cancel "
     "hooks still running a grace period after they began (their runs were reported).",
 )
+DEFINITION_DIFFERS = Gauge(
+    "supersede_executor_workflow_definition_differs",
+    "1 while a workflow of this executor is registered in another version (its runs get that "
+    "definition's key, limit and strategy, and run with this executor's steps): a rollout under "
+    "way, or two pools registering one workflow id with different definitions.",
+    ["workflow"],
+)

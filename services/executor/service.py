@@ -23,17 +23,17 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from supersede import aio
-from supersede.aio import wait_for
 from supersede.config import Settings
 from supersede.errors import ConfigError, WorkflowRejected, describe
 from supersede.protocol import EXECUTOR_GROUP
-from supersede.registry import register_all
+from supersede.registry import register_all, served_version_field
 from supersede.scripts import HandBackResult
 from supersede.service import Periodic, Service
 from supersede.service import serve as serve_service
@@ -57,6 +57,10 @@ REGISTER_RETRY_AFTER = 60.0  # seconds before a refused re-registration is tried
 REGISTRY_CHECK_EVERY = 1.0  # seconds between two looks for this process's workflows in the registry
 # Seconds between two warnings that a workflow of this process is registered in another version
 REPLACED_WARN_EVERY = 300.0
+# Seconds after which a registered version no live executor serves (nor was registered since)
+# gives way to this process's: see Executor.keep_registered
+UNSERVED_VERSION_AFTER = 60.0
+SERVED_VERSION_FORGOTTEN_AFTER = 3600.0  # seconds after which a version's served mark is deleted
 HAND_BACK_WITHIN = 0.5  # seconds the last hand-back calls may take once the drain ended
 HAND_BACK_CALL_TIMEOUT = 5.0  # seconds one hand-back call may take (during the drain)
 
@@ -132,35 +136,89 @@ class Executor(Service):
         return [(REGISTRY_CHECK_EVERY, self.keep_registered)]
 
     async def keep_registered(self) -> None:
-        """Say that this process serves its workflows (`retire` refuses a workflow served
-        recently), and register again those gone from the registry (a server that lost its
-        data, restarted empty): until then ingress routes their events nowhere. A workflow
-        present, in whatever version (another pool's, a newer deploy's), is left as it is."""
+        """Say that this process serves its workflows, in its versions (`retire` refuses a
+        workflow served recently), and register again those gone from the registry (a server
+        that lost its data, restarted empty): until then ingress routes their events nowhere.
+        A workflow registered in another version is left as it is while an executor serves
+        that version (a rollout under way, another pool), or it was registered lately (ahead of
+        its deploy); once neither held for UNSERVED_VERSION_AFTER, this process registers its
+        own: an old executor that started late in a rollout (restarted, rescheduled) put its
+        definition back, which stayed once the rollout had replaced it, for good (a probe: the
+        events only the new definition listens to made no run)."""
         ids = sorted(self.definitions)
         await self.clock.refresh(self.redis)  # (the mark is the server's time)
         now_ms = int(self.clock.now_ms())
+        marks: dict[Any, int] = {
+            served_version_field(wid, self.definitions[wid].version): now_ms for wid in ids
+        }
         async with self.redis.pipeline(transaction=False) as pipe:  # (one slot: the registry's)
             pipe.hset(self.keys.workflows_served_hash, mapping=dict.fromkeys(ids, now_ms))
+            pipe.hset(self.keys.served_versions_hash, mapping=marks)
             pipe.hmget(self.keys.workflows_hash, ids)
-            _, present = await pipe.execute()
+            pipe.hgetall(self.keys.served_versions_hash)
+            _, _, present, served = await pipe.execute()
         self._say_replaced(ids, present)
+        await self._forget_served(served, now_ms)
         if time.monotonic() < self._register_again_at:
             return
         missing = [
             self.definitions[wid] for wid, body in zip(ids, present, strict=True) if not body
         ]
-        if not missing:
+        unserved = self._unserved(ids, present, served, now_ms)
+        if not missing and not unserved:
             return
-        self.log.warning(
-            "workflows missing from the registry (did the server lose its data?): registering "
-            "them again", extra={"workflows": [wf.id for wf in missing]},
-        )  # fmt: skip
+        if missing:
+            self.log.warning(
+                "workflows missing from the registry (did the server lose its data?): "
+                "registering them again", extra={"workflows": [wf.id for wf in missing]},
+            )  # fmt: skip
+        for wid, stored in unserved.items():
+            here = self.definitions[wid].version
+            self.log.warning(
+                "a workflow of this executor is registered in a version no executor has served "
+                "for a minute: registering this executor's (an old executor of a rollout that "
+                "started late had put its own back)",
+                extra={"workflow": wid, "registered": stored, "here": here},
+            )
+        again = [*missing, *(self.definitions[wid] for wid in unserved)]
         try:
-            await register_all(self.redis, self.keys, missing)
+            await register_all(self.redis, self.keys, again)
         except WorkflowRejected as exc:  # (tried again in a minute, not every second)
             self._register_again_at = time.monotonic() + REGISTER_RETRY_AFTER
             self.log.error("a workflow could not be registered again",
                            extra={"workflow": exc.workflow, "error": str(exc)})  # fmt: skip
+
+    def _unserved(
+        self, ids: list[str], present: list[bytes | None], served: dict[bytes, bytes], now_ms: int
+    ) -> dict[str, str]:
+        """workflow id -> its registered version, for this process's workflows registered in
+        another version that no executor has said it serves (nor was registered) for
+        UNSERVED_VERSION_AFTER. A stored definition this process cannot read is left as it
+        is (ingress says what is wrong with it)."""
+        out: dict[str, str] = {}
+        for wid, body in zip(ids, present, strict=True):
+            metrics.DEFINITION_DIFFERS.labels(wid).set(0)
+            if not body:
+                continue
+            try:
+                stored = orjson.loads(body).get("version")
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            if not isinstance(stored, str) or stored == self.definitions[wid].version:
+                continue
+            metrics.DEFINITION_DIFFERS.labels(wid).set(1)
+            mark = served.get(served_version_field(wid, stored).encode(), b"0")
+            if now_ms - int(mark) > UNSERVED_VERSION_AFTER * 1000:
+                out[wid] = stored
+        return out
+
+    async def _forget_served(self, served: dict[bytes, bytes], now_ms: int) -> None:
+        """Delete the served marks of versions no executor served for an hour (the hash holds
+        each workflow's versions served or registered within the last hour)."""
+        old = [field for field, ms in served.items()
+               if now_ms - int(ms) > SERVED_VERSION_FORGOTTEN_AFTER * 1000]  # fmt: skip
+        if old:
+            await self.redis.hdel(self.keys.served_versions_hash, *old)
 
     def _say_replaced(self, ids: list[str], present: list[bytes | None]) -> None:
         """Warn, at most once in REPLACED_WARN_EVERY per workflow, while one of this process's
@@ -389,7 +447,7 @@ async def _in_daemon_thread(call: Callable[[], object], timeout: float) -> None:
             loop.call_soon_threadsafe(settle, outcome)
 
     threading.Thread(target=run, name="supersede-drain-beat", daemon=True).start()
-    await wait_for(done, timeout)
+    await aio.wait_for(done, timeout)
 
 
 async def _measure_loop_lag(

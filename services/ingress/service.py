@@ -27,7 +27,6 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 
 from supersede import aio, codec, tracing
-from supersede.aio import wait_for
 from supersede.config import Settings, redact, server_time
 from supersede.errors import KeyExpressionError, describe
 from supersede.health import ShardSilent, raise_unless_silent
@@ -494,7 +493,7 @@ class Ingress(Service):
                     self._warn_unrouted()
                     await stage.settle()
                     with contextlib.suppress(TimeoutError):
-                        await wait_for(stop.wait(), self.config.refresh_interval)
+                        await aio.wait_for(stop.wait(), self.config.refresh_interval)
                     continue
                 if self._held_for - self.health.silent or (
                     self._held_for and self._held_sweep.due()

@@ -212,6 +212,47 @@ async def test_an_executor_whose_workflow_another_definition_replaced_says_so(
     assert line["registered"] == other.version != mine.version
 
 
+async def test_a_version_no_executor_serves_gives_way_to_the_served_one(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Each executor registers its definitions as it starts, so an old executor that started
+    late in a rollout (restarted, rescheduled) put its own back, and it stayed once the rollout
+    had replaced that executor, for good: the events only the new definition listens to made no
+    run (a probe: 205 of 240). A version registered lately, or served by an executor, is left as
+    it is (a deploy about to start, a rollout under way); one no executor has served for a
+    minute gives way to the executor's own, which says so."""
+    from tests.support import scrape_when
+
+    _, port = await system.serving("executor", APP)
+    await eventually(lambda: _registered(redis, keys, "work"), timeout=30)
+    [mine] = [w for w in (await load_all(redis, keys))[1].values() if w.id == "work"]
+    other = await register(redis, keys, {"id": "work", "events": ["work.item", "work.more"],
+                                         "steps": [{"name": "elsewhere"}]})  # fmt: skip
+    differs = 'supersede_executor_workflow_definition_differs{workflow="work"} 1.0'
+    await scrape_when(f"http://127.0.0.1:{port}/metrics", lambda body: differs in body)
+    # (registered lately: the executor saw it, and left it)
+    assert (await load_all(redis, keys))[1]["work"].version == other.version
+    marks = await redis.hgetall(keys.served_versions_hash)
+    assert {f"work\n{mine.version}".encode(), f"work\n{other.version}".encode()} <= set(marks)
+    seconds, _ = await redis.time()
+    # Its executor went a minute ago; another version's mark of two hours ago is forgotten.
+    await redis.hset(
+        keys.served_versions_hash,
+        mapping={
+            f"work\n{other.version}": (seconds - 61) * 1000,
+            "gone\nv0": (seconds - 7200) * 1000,
+        },
+    )
+
+    async def own_again() -> bool:
+        return (await load_all(redis, keys))[1]["work"].version == mine.version
+
+    await eventually(own_again, timeout=15)
+    same = 'supersede_executor_workflow_definition_differs{workflow="work"} 0.0'
+    await scrape_when(f"http://127.0.0.1:{port}/metrics", lambda body: same in body)
+    assert b"gone\nv0" not in await redis.hgetall(keys.served_versions_hash)
+
+
 async def test_a_backlog_of_one_workflow_does_not_starve_another(
     redis: Redis, keys: Keys, system: System
 ) -> None:
