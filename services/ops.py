@@ -645,7 +645,8 @@ async def _check_listens(
 
 async def replay_dead(redis: Redis, keys: Keys, entry_id: str) -> str:
     """Publish a dead letter's original fields to the inbox again, then delete it."""
-    if not re.fullmatch(r"\d+-\d+", entry_id):
+    ms, _, seq = entry_id.partition("-")
+    if not re.fullmatch(r"\d+-\d+", entry_id) or max(int(ms), int(seq)) >= 2**64:
         raise ValueError(f"{entry_id!r} is not a dead letter id (`supersede dead` lists them)")
     entries = await redis.xrange(keys.dead_stream, min=entry_id, max=entry_id)
     if not entries:

@@ -21,8 +21,8 @@ from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web  # the `ui` extra (the CLI says so when it is missing)
 from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede import codec, lookups
@@ -256,6 +256,11 @@ class UI:
     async def cancel_key(self, request: web.Request) -> web.Response:
         form = await self.check_action(request)
         workflow, value = form.get("workflow", ""), form.get("key")
+        if "key_hex" in form:  # (a browser sends a lone LF or CR as CRLF, a NUL not at all)
+            try:
+                value = bytes.fromhex(form["key_hex"]).decode()
+            except (ValueError, UnicodeDecodeError):
+                raise web.HTTPBadRequest(text="a key's cancel needs the key in hex") from None
         if not workflow or value is None:
             raise web.HTTPBadRequest(text="a key's cancel needs the workflow and the key")
         done = await lookups.cancel_key(self.redis, self.scripts, workflow, value)
@@ -322,6 +327,11 @@ def _guard(hosts: frozenset[str] | None, redis: Redis | None = None) -> Any:
             raise
         except (ValueError, LookupError) as exc:  # a parameter the page could not use
             resp = web.Response(text=f"bad request: {exc}", status=400)
+        except AuthenticationError:  # (a ConnectionError to redis-py: not an outage)
+            log.warning("ui request: Redis refused the credentials", extra={"path": request.path})
+            resp = web.Response(status=503, text=(
+                "Redis refused the UI's credentials (its password changed, or its user was "
+                "removed): restart `supersede ui` with the new SUPERSEDE_REDIS_URL"))  # fmt: skip
         except (RedisConnectionError, RedisTimeoutError, TimeoutError) as exc:  # (down, hung)
             said = describe(exc) if str(exc) else f"no answer within {REQUEST_TIMEOUT:g} s"
             if not str(exc) and redis is not None and await _answers(redis):

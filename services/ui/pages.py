@@ -336,7 +336,7 @@ def key(k: dict[str, Any], csrf: str | None) -> str:
             '<form class=inline method=post action="/key/cancel">'
             f'<input type=hidden name=csrf value="{attr(csrf)}">'
             f'<input type=hidden name=workflow value="{attr(k["workflow"])}">'
-            f'<input type=hidden name=key value="{attr(k["key"])}">'
+            f'<input type=hidden name=key_hex value="{attr(str(k["key"]).encode().hex())}">'
             "<button type=submit>Cancel this key's live runs</button></form>"
         )
     if k.get("notice"):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -182,6 +183,15 @@ async def test_a_person_sees_why_a_run_was_cancelled_and_a_key_live(
     await eventually(lambda: _state_of(redis, keys, "carol", 0, "C"), timeout=20)
     (carol,) = await runs_of(redis, keys, "carol")
     assert carol["why"] == "manual"
+    # a key holding line breaks: the browser sent a lone LF or CR as CRLF, so the page said
+    # "No live run to cancel." while the run went on (a probe); the form carries it in hex
+    odd = "two\nlines\rand a CR"
+    await publish(redis, keys, "chat.message", userId=odd, sleep=30, text="odd")
+    await eventually(lambda: _state_of(redis, keys, odd, 0, "R"), timeout=20)
+    await page.goto(base + "/key?" + urllib.parse.urlencode({"workflow": "chat-reply", "key": odd}))
+    await page.click("form[action='/key/cancel'] button")
+    await eventually(lambda: _state_of(redis, keys, odd, 0, "C"), timeout=20)
+    assert "Cancelled 1 live run." in await page.inner_text("p.notice")
 
     # replay a dead letter from its page (refused again here: its data is still not JSON)
     await redis.xadd(keys.events_stream, {"name": "chat.message", "data": b"{not json"})
@@ -397,6 +407,38 @@ async def test_the_ui_is_read_only_unless_allowed_and_actions_need_the_csrf_toke
     status, text = await asyncio.to_thread(get, cancel, right, Origin=rw)
     assert status == 200 and "Not cancelled: the run had ended" in text
     assert os.path.isdir(REPO / "services" / "ui" / "static")
+
+
+async def test_a_password_changed_under_the_ui_is_said_so_and_a_bad_entry_id_refused(
+    redis: Redis, redis_url: str, keys: Keys, system: System
+) -> None:
+    """A password rotated (or a user removed) under a running dashboard: its new connections
+    are refused, which redis-py raises as a ConnectionError, and the pages said "Redis is
+    unreachable" (a probe). They say the credentials were refused. A dead letter's replay of an
+    id past the server's 64 bits answered 500."""
+    user, url = f"ui-{keys.namespace}", urllib.parse.urlsplit(redis_url)
+    await redis.execute_command("ACL", "SETUSER", user, "on", ">first-password-1234", "~*",
+                                "&*", "+@all")  # fmt: skip
+    try:
+        own = url._replace(netloc=f"{user}:first-password-1234@{url.hostname}:{url.port}")
+        system.env = {**system.env, "SUPERSEDE_REDIS_URL": own.geturl()}
+        _, base = start_ui(system, "--allow-actions")
+        await up(base)
+        await redis.xadd(keys.dead_stream, {"name": "x", "reason": "bad_json", "detail": "-"})
+        status, page = await asyncio.to_thread(get, base + "/dead")  # (a replay form: a token)
+        token = re.search(r'name=csrf value="([^"]+)"', page)
+        assert status == 200 and token is not None, page
+        status, text = await asyncio.to_thread(
+            get, base + "/dead/99999999999999999999999-0/replay", f"csrf={token[1]}".encode(),
+            Origin=base,
+        )  # fmt: skip
+        assert status == 409 and "is not a dead letter id" in text, (status, text)
+        await redis.execute_command("ACL", "SETUSER", user, "resetpass", ">second-password-12")
+        await redis.execute_command("CLIENT", "KILL", "USER", user)
+        status, text = await asyncio.to_thread(get, base + "/runs")
+        assert status == 503 and "refused the UI's credentials" in text, (status, text)
+    finally:
+        await redis.execute_command("ACL", "DELUSER", user)
 
 
 def test_a_command_over_tls_without_the_certificates_check_says_so(redis_url: str) -> None:
