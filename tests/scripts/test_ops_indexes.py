@@ -95,6 +95,35 @@ async def test_runs_of_a_quiet_workflow_are_found_behind_a_busy_one(
     assert all(r["workflow"] == "quiet" for r in newest)  # created last, listed first
 
 
+async def test_a_quiet_workflows_runs_are_listed_without_reading_a_busy_ones_backlog(
+    redis: Redis, keys: Keys, scripts: Scripts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past LIVE_SORTED live runs, a list stopped reading only once it had a page of matches:
+    a quiet workflow's list (the dashboard's links of each workflow) read every queued run of a
+    busy one, and so did a list of running or cancelling runs, which are never queued (a
+    probe: 11 s behind 150,000 queued, every 2 s while the page was open). Reading stops
+    once the counts' matching runs are found, and reads only the zsets of the states asked."""
+    monkeypatch.setattr(ops, "LIVE_SORTED", 100)  # (3,000 queued stand for 150,000)
+    busy = [make_request(keys, workflow="busy", key="b", event=f"b{i}", seq=i,
+                         strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=1)
+            for i in range(3_000)]  # fmt: skip
+    quiet = [make_request(keys, workflow="quiet", key=f"q{i}", event=f"q{i}", seq=10_000 + i,
+                          strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=1)
+             for i in range(3)]  # fmt: skip
+    await _admit(scripts, busy, now=10)
+    await _admit(scripts, quiet, now=20)
+    for state in (None, "assigned"):
+        await redis.config_resetstat()
+        rows, _ = await runs_page(redis, keys, workflow="quiet", state=state, limit=50)
+        assert sorted(r["event_id"] for r in rows) == ["q0", "q1", "q2"], state
+        zranges = (await _calls(redis)).get("zrange", 0)
+        # (one round over each shard's zsets: 32 of both kinds, 16 lease zsets; it was 15
+        # rounds of every queue zset's 200 members)
+        assert zranges <= (2 if state is None else 1) * keys.shards, (state, zranges)
+    queued = await list_runs(redis, keys, workflow="busy", state="queued", limit=5)
+    assert len(queued) == 5  # (a busy workflow's list still finds its queued runs)
+
+
 async def test_runs_and_cancel_key_find_the_live_run_of_a_workflow_without_a_limit(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:
