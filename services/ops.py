@@ -37,6 +37,7 @@ from supersede.lookups import (
     require_run,
     require_workflow,
     rid_of_member,
+    served_ms_ago,
     waiting_rid,
 )
 from supersede.model import shard_of_group
@@ -487,7 +488,10 @@ async def get_run(redis: Redis, keys: Keys, rid: str) -> dict[str, Any] | None:
     run, outputs = found
     path = [{"point": name, "at_ms": round(ms, 3)} for name, ms in run.path()]
     outputs = codec.jsonable(outputs)  # whatever msgpack-able values the steps returned
-    return {**view(run), "outputs": outputs, "timeline": timeline(run), "path": path}
+    out = {**view(run), "outputs": outputs, "timeline": timeline(run), "path": path}
+    if run.state in (RunState.QUEUED, RunState.ASSIGNED):  # (does an executor serve it?)
+        out["workflow_served_ms_ago"] = await served_ms_ago(redis, keys, run.workflow)
+    return out
 
 
 async def ended_runs(redis: Redis, keys: Keys) -> int:

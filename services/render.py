@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from supersede.lookups import SERVED_NOW_MS
+
 # Control characters a published value may carry (terminal escape sequences among them), as
 # \xNN: a table shows them, a terminal does not obey them. New lines are kept.
 _CONTROL: dict[int, str] = {
@@ -191,6 +193,11 @@ def run(r: dict[str, Any]) -> str:
         lines.append(f"executor  {_one_line(r['executor'])}")
     if r.get("cancelled_by"):
         lines.append(f"superseded by  {r['cancelled_by']}")
+    last = r.get("workflow_served_ms_ago", 0)
+    if "workflow_served_ms_ago" in r and (last is None or last >= SERVED_NOW_MS):
+        said = "none ever said so" if last is None else f"the last said so {ago(last)}"
+        lines.append(f"waits     for an executor: none serves workflow {r['workflow']} ({said}); "
+                     "it starts once one of its pool is up")  # fmt: skip
     lines.append("timeline:")
     created = r.get("created_ms") or 0
     for e in r.get("timeline", []):
@@ -217,9 +224,6 @@ def run(r: dict[str, Any]) -> str:
 
 
 STATES = ["QUEUED", "ASSIGNED", "RUNNING", "CANCELLING", "SUCCEEDED", "FAILED", "CANCELLED"]
-
-
-SERVED_NOW_MS = 5000  # an executor says it serves its workflows every second
 
 
 def debounced(w: dict[str, Any]) -> str:

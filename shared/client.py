@@ -23,6 +23,7 @@ from supersede import codec, tracing
 from supersede.config import DEFAULT_NAMESPACE
 from supersede.errors import SupersedeError
 from supersede.keys import Keys, ShardKeys, inbox_stream
+from supersede.lookups import SERVED_NOW_MS, served_ms_ago
 from supersede.model import shard_of_run
 from supersede.protocol import Dead, Inbox, RunRecord
 
@@ -254,12 +255,18 @@ async def _not_ended(
     """The WaitTimeout of a run not ended within `timeout`; for one never seen, it names the
     namespace when nothing is in it (a wrong namespace= waited in silence)."""
     state = run.state if run else "not created yet"
+    ns = _namespace(namespace)
     if run is None:
-        ns = _namespace(namespace)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
                 if await _stored_keys(redis, ns) is None:
                     state += f"; nothing is in namespace {ns!r}: is namespace= the deployment's?"
+    elif run.state in ("QUEUED", "ASSIGNED"):  # (its pool scaled to zero, or never started)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                last = await served_ms_ago(redis, Keys(ns, 1), run.workflow)
+                if last is None or last >= SERVED_NOW_MS:
+                    state += f"; no executor serves workflow {run.workflow} now"
     return WaitTimeout(run_id, f"run {run_id} has not ended after {timeout}s ({state})")
 
 

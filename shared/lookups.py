@@ -214,3 +214,16 @@ async def cancel_key(redis: Redis, scripts: Scripts, workflow: str, key: str) ->
     if rids and workflow:  # a group of a scope holds the runs of its other workflows too
         rids = [r.id for r in await records_of(redis, scripts.keys, rids) if r.workflow == workflow]
     return await cancel_runs(scripts, rids) if rids else {}
+
+
+SERVED_NOW_MS = 5000  # an executor says every second that it serves its workflows
+
+
+async def served_ms_ago(redis: Redis, keys: Keys, workflow: str) -> int | None:
+    """Milliseconds since an executor last said it serves `workflow` (by the server's clock),
+    or None when none ever did (or not since the mark went with a `retire`)."""
+    mark = await redis.hget(keys.workflows_served_hash, workflow)
+    if mark is None:
+        return None
+    seconds, micros = await redis.time()
+    return max(0, seconds * 1000 + micros // 1000 - int(mark))

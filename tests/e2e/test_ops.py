@@ -919,3 +919,39 @@ async def test_a_planned_run_id_finds_its_run_after_a_new_version_moved_it(
     assert row["state"] == "ASSIGNED" and row["timed_out"], row
     assert row["duplicate_of"] is None, row
     assert row["run"] in {rid for rid, r in (await records(redis, keys)).items() if r["k"] == key}
+
+
+async def test_a_run_waiting_for_an_executor_says_none_serves_its_workflow(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """A run of a workflow whose pool is scaled to zero showed only ASSIGNED, in `supersede
+    run` and in `publish --wait`'s timeout; only `status` said that no executor serves it (a
+    probe). Both say it now."""
+    await register(redis, keys, DOC)  # (registered ahead of its pool, which never starts)
+    system.start("admission", "--block-ms", "100")
+    system.start("ingress", "--block-ms", "100")
+
+    async def pinned() -> bool:  # (the shard count a publish plans its run ids with)
+        return bool(await redis.exists(keys.config_hash))
+
+    await eventually(pinned, timeout=30)
+    waited = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "supersede", "publish", "doc.saved", "{}", "--wait",
+         "--timeout", "2"],
+        env=system.env, capture_output=True, timeout=60,
+    )  # fmt: skip
+    said = waited.stderr.decode()
+    assert waited.returncode != 0 and "(ASSIGNED; no executor serves workflow doc now)" in said, (
+        said
+    )
+    [rid] = list(await records(redis, keys))
+    shown = await acli(system, "run", rid)
+    assert shown["state"] == "ASSIGNED" and shown["workflow_served_ms_ago"] is None, shown
+    text = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "supersede", "run", rid], env=system.env,
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert "waits     for an executor: none serves workflow doc (none ever said so)" in (
+        text.stdout.decode()
+    ), text.stdout.decode()
