@@ -194,7 +194,7 @@ class Executor(Service):
         """workflow id -> its registered version, for this process's workflows registered in
         another version that no executor has said it serves (nor was registered) for
         UNSERVED_VERSION_AFTER. A stored definition this process cannot read is left as it
-        is (ingress says what is wrong with it)."""
+        is (ingress says what is wrong with it), and so is a version never marked."""
         out: dict[str, str] = {}
         for wid, body in zip(ids, present, strict=True):
             metrics.DEFINITION_DIFFERS.labels(wid).set(0)
@@ -207,8 +207,10 @@ class Executor(Service):
             if not isinstance(stored, str) or stored == self.definitions[wid].version:
                 continue
             metrics.DEFINITION_DIFFERS.labels(wid).set(1)
-            mark = served.get(served_version_field(wid, stored).encode(), b"0")
-            if now_ms - int(mark) > UNSERVED_VERSION_AFTER * 1000:
+            mark = served.get(served_version_field(wid, stored).encode())
+            # (no mark: registered by an earlier build, which does not mark what it serves;
+            # left as it is, as before, or a rollback to that build would be undone)
+            if mark is not None and now_ms - int(mark) > UNSERVED_VERSION_AFTER * 1000:
                 out[wid] = stored
         return out
 

@@ -1544,3 +1544,32 @@ def test_turn_keys_not_read_for_a_moved_slot_or_a_silent_master_is_no_warning(
             assert keeper._confirmed_turns(snapshot) == {}
         said = [r for r in caplog.records if r.getMessage() == "turn keys not read"]
         assert [r.levelno == logging.WARNING for r in said] == [warned], (error, said)
+
+
+def test_only_a_version_marked_and_unserved_for_a_minute_gives_way() -> None:
+    """Executors register their own definition again when the registered version's mark (an
+    executor serving it said so, or it was registered) is over a minute old. A version with no
+    mark at all was registered by an earlier build, which marks nothing: left as it is, or a
+    rollback to that build would be undone by the newer executors still running."""
+    import types
+
+    import orjson
+
+    from supersede.registry import served_version_field
+    from supersede.services.executor.service import Executor
+
+    mine = Workflow("w", on_events=["e"])
+    me = types.SimpleNamespace(definitions={"w": mine})
+    body = orjson.dumps({"id": "w", "events": ["e"], "version": "other"})
+    now = 1_000_000
+    field = served_version_field("w", "other").encode()
+
+    def unserved(served: dict[bytes, bytes], stored: bytes | None = body) -> dict[str, str]:
+        return Executor._unserved(cast(Executor, me), ["w"], [stored], served, now)
+
+    assert unserved({field: str(now - 61_000).encode()}) == {"w": "other"}
+    assert unserved({field: str(now - 30_000).encode()}) == {}  # (served, or registered, lately)
+    assert unserved({}) == {}  # (never marked: an earlier build's)
+    assert unserved({field: b"0"}, stored=None) == {}  # (missing: registered again as missing)
+    own = orjson.dumps({"id": "w", "events": ["e"], "version": mine.version})
+    assert unserved({}, stored=own) == {}
