@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import threading
 from bisect import bisect_left
@@ -195,8 +196,10 @@ _READY: dict[str, bool] = {}  # part (service name) -> ready; /readyz needs ever
 READY = Gauge(
     "supersede_ready",
     "1 while the service is ready (started, and its Redis calls go through), 0 otherwise; as "
-    "/readyz, per service of the process. Alerts read it: a service down exports nothing.",
-    ["service"],
+    "/readyz, per service of the process. Alerts read it: a service down exports nothing. "
+    "Labelled with its namespace (SUPERSEDE_NAMESPACE): one deployment's ingress up must not "
+    "hide another's down, in one Prometheus.",
+    ["service", "supersede_namespace"],
 )
 SHARDS_SILENT = Gauge(
     "supersede_shards_silent",
@@ -217,7 +220,8 @@ def set_ready(ready: bool, part: str = "service") -> None:
     if _READY.get(part) is ready:  # (services call it after every batch: the gauge on changes)
         return
     _READY[part] = ready
-    READY.labels(part).set(1 if ready else 0)
+    namespace = os.environ.get("SUPERSEDE_NAMESPACE", "supersede")  # (as Settings reads it)
+    READY.labels(part, namespace).set(1 if ready else 0)
 
 
 _FAILING: dict[str, set[str]] = {}  # part -> its components whose last try failed

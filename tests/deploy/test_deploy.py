@@ -42,7 +42,9 @@ GLOBAL_GAUGES = (
 
 
 def names_in(text: str) -> set[str]:
-    found = set(re.findall(r"supersede_[a-z_]+", text))
+    """The metric names `text` uses (a label named supersede_..., as supersede_namespace, is
+    not one)."""
+    found = set(re.findall(r"supersede_[a-z_]+", text)) - {"supersede_namespace"}
     out = set()
     for name in found:
         for suffix in SUFFIXES:

@@ -1039,6 +1039,9 @@ async def test_executor_metrics_are_served(redis: Redis, redis_url: str, keys: K
         finished = 'supersede_executor_runs_finished_total{outcome="succeeded",workflow="work"} 1.0'
         body = await scrape_when(f"http://127.0.0.1:{port}/metrics", lambda b: finished in b)
         assert "supersede_executor_queue_wait_seconds_count 1.0" in body
+        # (its namespace: the alerts tell one deployment's readiness from another's)
+        ready = f'supersede_ready{{service="executor",supersede_namespace="{keys.namespace}"}} 1.0'
+        assert ready in body
         assert "supersede_executor_slots 10.0" in body
         # each of its workflows' outcomes at 0 from the start: a first failure showed as a new
         # series at 1, which increase() misses (SupersedeRunsFailing; an observability probe)
