@@ -101,6 +101,18 @@ class UI:
         self.token = secrets.token_urlsafe(32)
 
     # -- helpers ---------------------------------------------------------------------------
+    def signed(self, value: str, *about: str) -> str:
+        """`value` with a MAC of it and what it is `about`: a notice an action's redirect
+        carries, which a link from elsewhere cannot forge ("Cancelled 999999 live runs")."""
+        mac = hmac.new(self.token.encode(), "\n".join((value, *about)).encode(), "sha256")
+        return f"{value}.{mac.hexdigest()[:16]}"
+
+    def verified(self, text: str | None, *about: str) -> str | None:
+        """The value of a `signed` notice, or None (absent, or not this process's)."""
+        value = (text or "").rpartition(".")[0]
+        ok = text is not None and hmac.compare_digest(text, self.signed(value, *about))
+        return value if ok else None
+
     def csrf(self, request: web.Request) -> str | None:
         """The forms' CSRF token, or None when actions are off."""
         return self.token if self.allow_actions else None
@@ -188,7 +200,9 @@ class UI:
         if r.get("outputs"):
             r["outputs"] = shown(r["outputs"])
         cancelled = await self._superseded_by(r)
-        body = pages.run(r, cancelled, self.csrf(request), not_cancelled="not" in request.query)
+        asked = request.match_info["rid"]
+        unchanged = self.verified(request.query.get("not"), asked) is not None
+        body = pages.run(r, cancelled, self.csrf(request), not_cancelled=unchanged)
         return self.respond(request, f"Run {rid}", body)
 
     async def _superseded_by(self, r: dict[str, Any]) -> list[dict[str, Any]]:
@@ -233,7 +247,11 @@ class UI:
             "at_ms": int(time.time() * 1000),
             "next": nxt,
             "before": before,
-            "notice": _key_notice(request.query.get("cancelled"), workflow, wf is not None),
+            "notice": _key_notice(
+                self.verified(request.query.get("cancelled"), workflow, value),
+                workflow,
+                wf is not None,
+            ),
         }
         body = pages.key(k, self.csrf(request))
         return self.respond(request, f"Key {value}", body, live=before is None)
@@ -251,7 +269,8 @@ class UI:
         except (LookupError, ValueError) as exc:
             raise web.HTTPNotFound(text=str(exc)) from None
         done = await lookups.cancel_runs(self.scripts, [rid])
-        raise web.HTTPSeeOther(f"/runs/{rid}" if done.get(rid) else f"/runs/{rid}?not=1")
+        unchanged = urlencode({"not": self.signed("1", rid)})
+        raise web.HTTPSeeOther(f"/runs/{rid}" if done.get(rid) else f"/runs/{rid}?{unchanged}")
 
     async def cancel_key(self, request: web.Request) -> web.Response:
         form = await self.check_action(request)
@@ -266,7 +285,14 @@ class UI:
         done = await lookups.cancel_key(self.redis, self.scripts, workflow, value)
         cancelled = sum(1 for ok in done.values() if ok)
         raise web.HTTPSeeOther(
-            "/key?" + urlencode({"workflow": workflow, "key": value, "cancelled": cancelled})
+            "/key?"
+            + urlencode(
+                {
+                    "workflow": workflow,
+                    "key": value,
+                    "cancelled": self.signed(str(cancelled), workflow, value),
+                }
+            )
         )
 
     async def replay(self, request: web.Request) -> web.Response:

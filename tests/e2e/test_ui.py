@@ -406,6 +406,13 @@ async def test_the_ui_is_read_only_unless_allowed_and_actions_need_the_csrf_toke
     # a second cancel changes nothing, and the page says so (it said nothing)
     status, text = await asyncio.to_thread(get, cancel, right, Origin=rw)
     assert status == 200 and "Not cancelled: the run had ended" in text
+    # ... and a link from elsewhere cannot make a page say so (the notices are signed)
+    spoofed = {f"{rw}/runs/{run['id']}?not=1": "Not cancelled",
+              f"{rw}/key?workflow=chat-reply&key=nobody&cancelled=999999": "Cancelled 999999",
+              f"{rw}/key?workflow=chat-reply&key=nobody&cancelled=0": "No live run"}  # fmt: skip
+    for url, said in spoofed.items():
+        status, text = await asyncio.to_thread(get, url)
+        assert status == 200 and said not in text, (url, text)
     assert os.path.isdir(REPO / "services" / "ui" / "static")
 
 
