@@ -346,6 +346,7 @@ async def runs_page(
     (a cursor, or "<ms>-0" for a time: runs that ended before it), only ended runs, from
     there; a cursor may point inside an end entry ("<entry id>/<runs of it shown>")."""
     wanted = {RunState[state.upper()].value} if state else LIVE | ENDED
+    workflow = workflow or None  # ("": every workflow, as no filter)
 
     def keep(run: RunRecord) -> bool:
         return (

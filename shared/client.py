@@ -262,8 +262,8 @@ async def _not_ended(
                 if await _stored_keys(redis, ns) is None:
                     state += f"; nothing is in namespace {ns!r}: is namespace= the deployment's?"
     elif run.state in ("QUEUED", "ASSIGNED"):  # (its pool scaled to zero, or never started)
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1.0):
+        with contextlib.suppress(Exception):  # (briefly: the wait ends within WAIT_SLACK)
+            async with asyncio.timeout(WAIT_SLACK / 4):
                 last = await served_ms_ago(redis, Keys(ns, 1), run.workflow)
                 if last is None or last >= SERVED_NOW_MS:
                     state += f"; no executor serves workflow {run.workflow} now"

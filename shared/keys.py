@@ -237,10 +237,12 @@ class Keys:
 
     @property
     def served_versions_hash(self) -> str:
-        """'<workflow id>\\n<version>' -> when (ms, the server's clock) an executor serving that
-        version last said so (every second), or it was registered. An executor whose workflow
-        is registered in a version unmarked for a minute registers its own. Executors delete
-        marks an hour old: bounded by the versions served or registered in the last hour."""
+        r"""'<workflow id>\n<version>' -> when (ms, the server's clock) an executor serving that
+        version last said so (every second; a registration deletes the mark: not served since),
+        and '<workflow id>' -> the version registered last (by a build that keeps this hash).
+        An executor whose workflow is registered, by such a build, in a version served since
+        and not for a minute registers its own. Executors delete marks an hour old: bounded by
+        the workflows, and their versions served in the last hour."""
         return f"{{{self.namespace}}}:workflows:served-versions"
 
     @property

@@ -355,13 +355,14 @@ async def register_all(
     items = [(wf.id, wf.version, orjson.dumps(wf.stored_body()), wf.retention) for wf in wfs]
     if items:
         await Scripts(redis, keys).register_workflows(items)
-        # (a version registered is one wanted now: the executors serving another leave it be
-        # for a minute, a deploy's time, before they register theirs again; see keys)
-        seconds, micros = await redis.time()
-        marks: dict[Any, int] = {
-            served_version_field(wf.id, wf.version): seconds * 1000 + micros // 1000 for wf in wfs
-        }
-        await redis.hset(keys.served_versions_hash, mapping=marks)
+        # (which version this build registered last, and none served since: the executors
+        # serving another leave it be until an executor served it, see Keys)
+        named: dict[Any, str] = {wf.id: wf.version for wf in wfs}
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.hset(keys.served_versions_hash, mapping=named)
+            pipe.hdel(keys.served_versions_hash,
+                      *(served_version_field(wf.id, wf.version) for wf in wfs))  # fmt: skip
+            await pipe.execute()
     return wfs
 
 

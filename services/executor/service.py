@@ -140,11 +140,12 @@ class Executor(Service):
         workflow served recently), and register again those gone from the registry (a server
         that lost its data, restarted empty): until then ingress routes their events nowhere.
         A workflow registered in another version is left as it is while an executor serves
-        that version (a rollout under way, another pool), or it was registered lately (ahead of
-        its deploy); once neither held for UNSERVED_VERSION_AFTER, this process registers its
-        own: an old executor that started late in a rollout (restarted, rescheduled) put its
-        definition back, which stayed once the rollout had replaced it, for good (a probe: the
-        events only the new definition listens to made no run)."""
+        that version (a rollout under way, another pool), and so is one no executor served
+        since it was registered (ahead of its deploy; a pool that crashes as it starts); once
+        executors served it and none has for UNSERVED_VERSION_AFTER, this process registers
+        its own: an old executor that started late in a rollout (restarted, rescheduled) put
+        its definition back, which stayed once the rollout had replaced it, for good (a probe:
+        the events only the new definition listens to made no run)."""
         ids = sorted(self.definitions)
         await self.clock.refresh(self.redis)  # (the mark is the server's time)
         now_ms = int(self.clock.now_ms())
@@ -159,12 +160,12 @@ class Executor(Service):
             _, _, present, served = await pipe.execute()
         self._say_replaced(ids, present)
         await self._forget_served(served, now_ms)
+        unserved = self._unserved(ids, present, served, now_ms)  # (and the gauge, each look)
         if time.monotonic() < self._register_again_at:
             return
         missing = [
             self.definitions[wid] for wid, body in zip(ids, present, strict=True) if not body
         ]
-        unserved = self._unserved(ids, present, served, now_ms)
         if not missing and not unserved:
             return
         if missing:
@@ -192,9 +193,11 @@ class Executor(Service):
         self, ids: list[str], present: list[bytes | None], served: dict[bytes, bytes], now_ms: int
     ) -> dict[str, str]:
         """workflow id -> its registered version, for this process's workflows registered in
-        another version that no executor has said it serves (nor was registered) for
-        UNSERVED_VERSION_AFTER. A stored definition this process cannot read is left as it
-        is (ingress says what is wrong with it), and so is a version never marked."""
+        another version that executors served since it was registered, and none for
+        UNSERVED_VERSION_AFTER. Left as it is: a version no executor served since its
+        registration (`register_all` deletes its mark), one registered by an earlier build
+        (which names nothing in the hash: a rollback to it is not undone), and a stored
+        definition this process cannot read (ingress says what is wrong with it)."""
         out: dict[str, str] = {}
         for wid, body in zip(ids, present, strict=True):
             metrics.DEFINITION_DIFFERS.labels(wid).set(0)
@@ -207,18 +210,18 @@ class Executor(Service):
             if not isinstance(stored, str) or stored == self.definitions[wid].version:
                 continue
             metrics.DEFINITION_DIFFERS.labels(wid).set(1)
-            mark = served.get(served_version_field(wid, stored).encode())
-            # (no mark: registered by an earlier build, which does not mark what it serves;
-            # left as it is, as before, or a rollback to that build would be undone)
-            if mark is not None and now_ms - int(mark) > UNSERVED_VERSION_AFTER * 1000:
+            if served.get(wid.encode()) != stored.encode():  # (an earlier build registered it)
+                continue
+            mark = _ms(served.get(served_version_field(wid, stored).encode()))
+            if mark is not None and now_ms - mark > UNSERVED_VERSION_AFTER * 1000:
                 out[wid] = stored
         return out
 
     async def _forget_served(self, served: dict[bytes, bytes], now_ms: int) -> None:
         """Delete the served marks of versions no executor served for an hour (the hash holds
         each workflow's versions served or registered within the last hour)."""
-        old = [field for field, ms in served.items()
-               if now_ms - int(ms) > SERVED_VERSION_FORGOTTEN_AFTER * 1000]  # fmt: skip
+        old = [field for field, ms in served.items() if b"\n" in field
+               and now_ms - (_ms(ms) or 0) > SERVED_VERSION_FORGOTTEN_AFTER * 1000]  # fmt: skip
         if old:
             await self.redis.hdel(self.keys.served_versions_hash, *old)
 
@@ -480,3 +483,11 @@ async def serve(
 ) -> None:
     """Run one executor process until `stop` is set."""
     await serve_service(lambda redis: Executor(redis, settings, workflows, config), settings, stop)
+
+
+def _ms(raw: bytes | None) -> int | None:
+    """A served mark's milliseconds (None: absent, or not a number: another hand's write)."""
+    try:
+        return None if raw is None else int(raw)
+    except ValueError:
+        return None

@@ -448,7 +448,7 @@ def test_a_master_slow_for_a_third_of_a_lease_stops_no_run() -> None:
         port = port_of(0)
         slow = {rid for shard, rid, _, _ in leased if port_of(shard) == port}
         start = time.monotonic()
-        for n in range(6):  # (a beat each third of a lease, as the keeper's loop makes them)
+        for n in range(6):  # (a beat each third of a lease: twice the keeper's gap)
             time.sleep(max(0.0, start + n * lease / 3 - time.monotonic()))
             if n == 2:
                 with sync_redis.Redis(port=port) as node:

@@ -1547,10 +1547,11 @@ def test_turn_keys_not_read_for_a_moved_slot_or_a_silent_master_is_no_warning(
 
 
 def test_only_a_version_marked_and_unserved_for_a_minute_gives_way() -> None:
-    """Executors register their own definition again when the registered version's mark (an
-    executor serving it said so, or it was registered) is over a minute old. A version with no
-    mark at all was registered by an earlier build, which marks nothing: left as it is, or a
-    rollback to that build would be undone by the newer executors still running."""
+    """Executors register their own definition again when the registered version was served
+    since its registration and its mark (an executor serving it said so) is over a minute old.
+    Left as it is: a version no executor served since it was registered (ahead of its deploy),
+    and one an earlier build registered (it names nothing in the hash): a rollback to that
+    build is not undone by the newer executors still running."""
     import types
 
     import orjson
@@ -1565,11 +1566,15 @@ def test_only_a_version_marked_and_unserved_for_a_minute_gives_way() -> None:
     field = served_version_field("w", "other").encode()
 
     def unserved(served: dict[bytes, bytes], stored: bytes | None = body) -> dict[str, str]:
-        return Executor._unserved(cast(Executor, me), ["w"], [stored], served, now)
+        named = {b"w": b"other", **served}  # (registered last by a build that keeps the hash)
+        return Executor._unserved(cast(Executor, me), ["w"], [stored], named, now)
 
     assert unserved({field: str(now - 61_000).encode()}) == {"w": "other"}
-    assert unserved({field: str(now - 30_000).encode()}) == {}  # (served, or registered, lately)
-    assert unserved({}) == {}  # (never marked: an earlier build's)
+    assert unserved({field: str(now - 30_000).encode()}) == {}  # (served lately)
+    assert unserved({}) == {}  # (not served since it was registered: ahead of its deploy)
+    assert unserved({field: b"soon"}) == {}  # (another hand's write)
+    # (registered by an earlier build, after this build's: a rollback to it is not undone)
+    assert unserved({field: str(now - 61_000).encode(), b"w": b"mine-before"}) == {}
     assert unserved({field: b"0"}, stored=None) == {}  # (missing: registered again as missing)
     own = orjson.dumps({"id": "w", "events": ["e"], "version": mine.version})
     assert unserved({}, stored=own) == {}
