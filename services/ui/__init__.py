@@ -434,6 +434,11 @@ def served_hosts(host: str, port: int, allowed: Sequence[str] = ()) -> frozenset
     return frozenset(out)
 
 
+async def _no_icon(request: web.Request) -> web.Response:
+    """No icon, and no 404 for it: a browser asks on every page, and logged an error each time."""
+    return web.Response(status=204)
+
+
 def make_app(
     redis: Redis, keys: Keys, *, allow_actions: bool = False, hosts: frozenset[str] | None = None
 ) -> web.Application:
@@ -446,6 +451,7 @@ def make_app(
             web.get("/runs/{rid}", ui.run),
             web.get("/key", ui.key),
             web.get("/dead", ui.dead),
+            web.get("/favicon.ico", _no_icon),
             web.post("/runs/{rid}/cancel", ui.cancel_run),
             web.post("/key/cancel", ui.cancel_key),
             web.post("/dead/{entry}/replay", ui.replay),

@@ -413,6 +413,7 @@ async def test_the_ui_is_read_only_unless_allowed_and_actions_need_the_csrf_toke
     for url, said in spoofed.items():
         status, text = await asyncio.to_thread(get, url)
         assert status == 200 and said not in text, (url, text)
+    assert (await asyncio.to_thread(get, f"{rw}/favicon.ico"))[0] == 204  # (it was a 404)
     assert os.path.isdir(REPO / "services" / "ui" / "static")
 
 
