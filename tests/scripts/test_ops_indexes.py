@@ -71,22 +71,29 @@ async def test_runs_and_cancel_key_answer_from_the_indexes_without_scanning_reco
     assert asked < 80, calls
 
 
+async def _busy_and_quiet(keys: Keys, scripts: Scripts, quiet: int) -> None:
+    """3,000 runs of one key of workflow `busy` (one assigned, the others queued), then one
+    run of each of `quiet` keys of workflow `quiet` (assigned)."""
+    busy = [make_request(keys, workflow="busy", key="b", event=f"b{i}", seq=i,
+                         strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=1)
+            for i in range(3_000)]  # fmt: skip
+    few = [make_request(keys, workflow="quiet", key=f"q{i}", event=f"q{i}", seq=10_000 + i,
+                        strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=1)
+           for i in range(quiet)]  # fmt: skip
+    await _admit(scripts, busy, now=10)
+    await _admit(scripts, few, now=20)
+
+
 async def test_runs_of_a_quiet_workflow_are_found_behind_a_busy_one(
     redis: Redis, keys: Keys, scripts: Scripts
 ) -> None:
     """Live runs are read from zsets ordered by group or lease time, not by workflow: a
     filter must page on until it has its answer, not judge the first page."""
-    busy = [make_request(keys, workflow="busy", key="b", event=f"b{i}", seq=i,
-                         strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=1)
-            for i in range(3_000)]  # fmt: skip
-    quiet = [make_request(keys, workflow="quiet", key=f"q{i}", event=f"q{i}", seq=10_000 + i,
+    await _busy_and_quiet(keys, scripts, 6)
+    quiet = [make_request(keys, workflow="quiet", key=f"q{i}", event=f"q{i}-2", seq=20_000 + i,
                           strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=1)
-             for i in range(6)]  # fmt: skip
-    quiet += [make_request(keys, workflow="quiet", key=f"q{i}", event=f"q{i}-2", seq=20_000 + i,
-                           strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=1)
-              for i in range(3)]  # fmt: skip
-    await _admit(scripts, busy, now=10)
-    await _admit(scripts, quiet, now=20)
+             for i in range(3)]  # fmt: skip
+    await _admit(scripts, quiet, now=30)
     queued = await list_runs(redis, keys, workflow="quiet", state="queued", limit=20)
     assert sorted(r["event_id"] for r in queued) == ["q0-2", "q1-2", "q2-2"]
     everything = await list_runs(redis, keys, workflow="quiet", limit=20)
@@ -104,14 +111,7 @@ async def test_a_quiet_workflows_runs_are_listed_without_reading_a_busy_ones_bac
     probe: 11 s behind 150,000 queued, every 2 s while the page was open). Reading stops
     once the counts' matching runs are found, and reads only the zsets of the states asked."""
     monkeypatch.setattr(ops, "LIVE_SORTED", 100)  # (3,000 queued stand for 150,000)
-    busy = [make_request(keys, workflow="busy", key="b", event=f"b{i}", seq=i,
-                         strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=1)
-            for i in range(3_000)]  # fmt: skip
-    quiet = [make_request(keys, workflow="quiet", key=f"q{i}", event=f"q{i}", seq=10_000 + i,
-                          strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=1)
-             for i in range(3)]  # fmt: skip
-    await _admit(scripts, busy, now=10)
-    await _admit(scripts, quiet, now=20)
+    await _busy_and_quiet(keys, scripts, 3)
     for state in (None, "assigned"):
         await redis.config_resetstat()
         rows, _ = await runs_page(redis, keys, workflow="quiet", state=state, limit=50)
