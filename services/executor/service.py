@@ -57,8 +57,8 @@ REGISTER_RETRY_AFTER = 60.0  # seconds before a refused re-registration is tried
 REGISTRY_CHECK_EVERY = 1.0  # seconds between two looks for this process's workflows in the registry
 # Seconds between two warnings that a workflow of this process is registered in another version
 REPLACED_WARN_EVERY = 300.0
-# Seconds after which a registered version no live executor serves (nor was registered since)
-# gives way to this process's: see Executor.keep_registered
+# Seconds after which a registered version that executors served since its registration, and
+# none serves now, gives way to this process's: see Executor.keep_registered
 UNSERVED_VERSION_AFTER = 60.0
 SERVED_VERSION_FORGOTTEN_AFTER = 3600.0  # seconds after which a version's served mark is deleted
 HAND_BACK_WITHIN = 0.5  # seconds the last hand-back calls may take once the drain ended
@@ -219,7 +219,8 @@ class Executor(Service):
 
     async def _forget_served(self, served: dict[bytes, bytes], now_ms: int) -> None:
         """Delete the served marks of versions no executor served for an hour (the hash holds
-        each workflow's versions served or registered within the last hour)."""
+        each workflow's versions served within the last hour, and the version each workflow
+        was registered in last)."""
         old = [field for field, ms in served.items() if b"\n" in field
                and now_ms - (_ms(ms) or 0) > SERVED_VERSION_FORGOTTEN_AFTER * 1000]  # fmt: skip
         if old:
