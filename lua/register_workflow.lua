@@ -3,7 +3,11 @@
   so a reader never sees part of it (the workflows of a scope change their limits together).
   A version names one definition for good (runs and groups carry it), so new limits or steps
   need a new version: one already stored with other content refuses the whole call. Bumps the
-  registry epoch once, and only when something changed.
+  registry epoch once, and only when something changed. Names, in the same step, the version
+  each workflow was registered in last, and marks it served now (an executor registering as
+  it starts) or not served since (`supersede register` ahead of a deploy): the executors'
+  definition heal reads both (services/executor/service.py, keep_registered); written apart,
+  two registrations at once left one version stored and the other named, and the heal off.
 
   Input:
     KEYS[1]  workflows hash     workflow id -> JSON definition
@@ -11,8 +15,12 @@
     KEYS[3]  versions hash      workflow id -> JSON array of the versions registered, oldest
                                 first, the newest ARGV[1] kept
     KEYS[4]  retentions hash    workflow id -> seconds its ended runs are kept
+    KEYS[5]  served-versions    workflow id -> the version registered last; 'id\nversion' ->
+             hash               ms (the server's clock) an executor last said it serves it
     ARGV[1]  versions kept per workflow
-    ARGV[2..] quadruples, one per workflow (each id at most once):
+    ARGV[2]  '1': mark each version served now (its registering executor serves it); '': delete
+             its mark (not served since)
+    ARGV[3..] quadruples, one per workflow (each id at most once):
               workflow id, its version, the JSON definition, its retention in seconds or ''
               for admission's default (written even when the definition is unchanged: it is
               not part of the version)
@@ -28,13 +36,16 @@
 ]]
 local rcall = redis.call
 local workflowsKey, epochKey, versionsKey, retentionsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local servedKey = KEYS[5]
 
-local keep = tonumber(ARGV[1])
-if not keep or keep < 1 or #ARGV < 5 or (#ARGV - 1) % 4 ~= 0 then return { -4, 0 } end
+-- @include now
+
+local keep, serving = tonumber(ARGV[1]), ARGV[2] == '1'
+if not keep or keep < 1 or #ARGV < 6 or (#ARGV - 2) % 4 ~= 0 then return { -4, 0 } end
 
 -- Validate every definition before writing any.
 local items, seen = {}, {}
-for i = 2, #ARGV, 4 do
+for i = 3, #ARGV, 4 do
   local wid, version, body = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if wid == '' or version == '' or body == '' or seen[wid] then return { -4, 0 } end
   seen[wid] = true
@@ -75,6 +86,15 @@ for _, it in ipairs(items) do
     local kept = {}
     for j = math.max(1, #versions - keep + 1), #versions do kept[#kept + 1] = versions[j] end
     rcall('HSET', versionsKey, it.wid, cjson.encode(kept))
+  end
+end
+local now = serving and nowMs(0) or nil
+for _, it in ipairs(items) do
+  rcall('HSET', servedKey, it.wid, it.version)
+  if serving then
+    rcall('HSET', servedKey, it.wid .. '\n' .. it.version, now)
+  else
+    rcall('HDEL', servedKey, it.wid .. '\n' .. it.version)
   end
 end
 if changed > 0 then rcall('INCR', epochKey) end

@@ -324,14 +324,20 @@ def repeated(ids: Sequence[str]) -> str | None:
 
 
 async def register_all(
-    redis: Redis, keys: Keys, definitions: Sequence[WorkflowDef | dict[str, Any]]
+    redis: Redis,
+    keys: Keys,
+    definitions: Sequence[WorkflowDef | dict[str, Any]],
+    *,
+    serving: bool = False,
 ) -> list[WorkflowDef]:
     """Validate and store definitions in one call, all or none (an executor's module): a reader
     never sees part of them, so the workflows of a scope can change their limits together.
     Bumps the registry epoch only when something changed. Raises WorkflowRejected (naming the
     workflow and the field) for the first one refused: invalid, a scope whose limits differ
     from another workflow's of that scope (registered here, or stored and not registered
-    here), or an existing version with other content."""
+    here), or an existing version with other content. `serving`: the caller is an executor
+    that serves them from now (their versions are marked served, see Keys.served_versions_hash);
+    otherwise they count as not served since (registered ahead of a deploy)."""
     wfs = []
     for definition in definitions:
         raw = definition.to_dict() if isinstance(definition, WorkflowDef) else definition
@@ -354,15 +360,7 @@ async def register_all(
                 raise WorkflowRejected(wf.id, "concurrency.scope", error)
     items = [(wf.id, wf.version, orjson.dumps(wf.stored_body()), wf.retention) for wf in wfs]
     if items:
-        await Scripts(redis, keys).register_workflows(items)
-        # (which version this build registered last, and none served since: the executors
-        # serving another leave it be until an executor served it, see Keys)
-        named: dict[Any, str] = {wf.id: wf.version for wf in wfs}
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.hset(keys.served_versions_hash, mapping=named)
-            pipe.hdel(keys.served_versions_hash,
-                      *(served_version_field(wf.id, wf.version) for wf in wfs))  # fmt: skip
-            await pipe.execute()
+        await Scripts(redis, keys).register_workflows(items, serving=serving)
     return wfs
 
 

@@ -664,19 +664,21 @@ class Scripts:
         return int(r[2]) if int(r[1]) == -1 else None
 
     async def register_workflows(
-        self, definitions: Sequence[tuple[str, str, bytes, int | None]]
+        self, definitions: Sequence[tuple[str, str, bytes, int | None]], *, serving: bool = False
     ) -> int:
         """Store definitions, all or none: (workflow id, version, JSON body, retention in
         seconds or None for admission's default) each. Returns how many changed. A version
         already stored with other content raises WorkflowRejected naming the workflow and
-        `version`, and nothing is written."""
+        `version`, and nothing is written. Names each version as registered last, and marks it
+        served now (`serving`: an executor as it starts) or not served since."""
         keys = [
             self.keys.workflows_hash,
             self.keys.registry_epoch,
             self.keys.workflow_versions_hash,
             self.keys.retentions_hash,
+            self.keys.served_versions_hash,
         ]
-        args: list[Any] = [MAX_VERSIONS]
+        args: list[Any] = [MAX_VERSIONS, "1" if serving else ""]
         for wid, version, body, retention in definitions:
             args += [wid, version, body, retention or ""]
         r = await self._call("register_workflow", keys, args)

@@ -121,7 +121,8 @@ class Executor(Service):
     async def prepare(self) -> None:
         """Register this process's workflows (ingress and admission need no user code)."""
         try:  # (one call: the module's workflows change together, a scope's limits too)
-            await register_all(self.redis, self.keys, list(self.definitions.values()))
+            await register_all(self.redis, self.keys, list(self.definitions.values()),
+                               serving=True)  # fmt: skip
         except WorkflowRejected as exc:
             which = f"workflow {exc.workflow!r}" if exc.workflow else "a workflow"
             raise ConfigError(f"{which} cannot be registered: {exc}") from None
@@ -177,13 +178,13 @@ class Executor(Service):
             here = self.definitions[wid].version
             self.log.warning(
                 "a workflow of this executor is registered in a version no executor has served "
-                "for a minute: registering this executor's (an old executor of a rollout that "
-                "started late had put its own back)",
+                "for a minute: registering this executor's (the executors of that version are "
+                "gone: an old one that started late in a rollout, a newer one that stopped)",
                 extra={"workflow": wid, "registered": stored, "here": here},
             )
         again = [*missing, *(self.definitions[wid] for wid in unserved)]
         try:
-            await register_all(self.redis, self.keys, again)
+            await register_all(self.redis, self.keys, again, serving=True)
         except WorkflowRejected as exc:  # (tried again in a minute, not every second)
             self._register_again_at = time.monotonic() + REGISTER_RETRY_AFTER
             self.log.error("a workflow could not be registered again",

@@ -283,3 +283,29 @@ async def test_status_shows_a_workflow_s_debounce_window_and_scope(
     assert "debounced" not in text.replace(row, "")
     page = overview(status, [])
     assert "debounced 300 ms (at most 2000 ms)" in page and "scope docs" in page
+
+
+async def test_a_registration_names_its_version_and_marks_it_in_the_same_step(
+    redis: Redis, keys: Keys
+) -> None:
+    """The executors' definition heal reads which version was registered last and whether an
+    executor served it since. Written after the registration, apart from it, two registrations
+    at once left one version stored and the other named (an upgrade probe: 50 of 400), and the
+    heal off for good. An executor's registration marks its version served at once (a late
+    executor killed before its first mark left its definition for good); `supersede
+    register`'s leaves it unmarked (ahead of a deploy: kept until served)."""
+    import asyncio
+
+    bodies = [{"id": "w", "events": ["e"], "version": v} for v in ("v1", "v2")]
+    for _ in range(100):
+        await asyncio.gather(*(register_all(redis, keys, [b], serving=True) for b in bodies))
+        stored = orjson.loads(await redis.hget(keys.workflows_hash, "w"))["version"]
+        named = await redis.hget(keys.served_versions_hash, "w")
+        assert named == stored.encode(), (named, stored)
+    seconds, _ = await redis.time()
+    mark = await redis.hget(keys.served_versions_hash, f"w\n{stored}")
+    assert mark is not None and abs(int(mark) - seconds * 1000) < 5_000
+    other = "v1" if stored == "v2" else "v2"
+    await register_all(redis, keys, [{"id": "w", "events": ["e"], "version": other}])
+    assert await redis.hget(keys.served_versions_hash, "w") == other.encode()
+    assert await redis.hget(keys.served_versions_hash, f"w\n{other}") is None
