@@ -428,6 +428,12 @@ def _ui(args: argparse.Namespace, settings: Settings) -> None:
         ) from None
     from supersede.services import ui
 
+    blank = [name for name in args.allow_host if not name.strip() or "/" in name]
+    if blank:  # ('' passed the check below, and served loopback names and an empty Host only)
+        raise ConfigError(
+            f"--allow-host {blank[0]!r} is no host name: give the name your proxy forwards, "
+            "e.g. --allow-host supersede.example.com"
+        )
     if args.allow_actions and args.host in ui.ANY_INTERFACE and not args.allow_host:
         raise ConfigError(  # (it answers any Host then: a DNS name rebound to it could post)
             f"--allow-actions on every interface (--host {args.host}) needs --allow-host NAME, "

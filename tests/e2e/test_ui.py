@@ -525,6 +525,10 @@ def test_the_host_names_the_ui_answers() -> None:
     last = err.strip().splitlines()[-1]
     assert done.returncode == 2 and "Traceback" not in err, err
     assert last.startswith("supersede: ") and "--allow-host" in last, err
+    # (an empty name passed that check, and served nothing more: a UI probe)
+    done = subprocess.run([*cmd, "--allow-host", ""], capture_output=True, timeout=60)
+    err = done.stderr.decode()
+    assert done.returncode == 2 and "--allow-host '' is no host name" in err, err
     everywhere = served_hosts("::", 8686, ["dash.example.com"])
     assert everywhere is not None and "dash.example.com:8686" in everywhere
 
