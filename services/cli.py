@@ -418,6 +418,10 @@ def _ms(seconds: float) -> int:
     return math.ceil(seconds * 1000)
 
 
+UI_SECRET = "SUPERSEDE_UI_SECRET"
+UI_SECRET_LEN = 16
+
+
 def _ui(args: argparse.Namespace, settings: Settings) -> None:
     """The web dashboard, until SIGINT or SIGTERM."""
     try:
@@ -433,6 +437,12 @@ def _ui(args: argparse.Namespace, settings: Settings) -> None:
         raise ConfigError(
             f"--allow-host {blank[0]!r} is no host name: give the name your proxy forwards, "
             "e.g. --allow-host supersede.example.com"
+        )
+    secret = os.environ.get(UI_SECRET) or None
+    if secret is not None and len(secret) < UI_SECRET_LEN:  # (a guessable token)
+        raise ConfigError(
+            f"{UI_SECRET} is too short: at least {UI_SECRET_LEN} characters, the same for every "
+            "dashboard behind one proxy (e.g. the output of: openssl rand -hex 32)"
         )
     if args.allow_actions and args.host in ui.ANY_INTERFACE and not args.allow_host:
         raise ConfigError(  # (it answers any Host then: a DNS name rebound to it could post)
@@ -455,7 +465,9 @@ def _ui(args: argparse.Namespace, settings: Settings) -> None:
             if args.allow_actions:
                 await ui.check_actions(redis, keys, settings.redis_url)
             task = asyncio.ensure_future(
-                ui.serve(redis, keys, args.host, args.port, args.allow_actions, args.allow_host)
+                ui.serve(
+                    redis, keys, args.host, args.port, args.allow_actions, args.allow_host, secret
+                )
             )
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -611,6 +623,13 @@ DEV_ENVIRONMENT = """environment:
   SUPERSEDE_SHARDS        shard count, pinned on first use (default 16)
   SUPERSEDE_NICE, SUPERSEDE_CPUS, SUPERSEDE_CPU_LATENCY_US, SUPERSEDE_EVENT_LOOP, OTEL_*:
                           passed to its services (see `supersede admission --help`)"""
+UI_ENVIRONMENT = (
+    ENVIRONMENT
+    + """
+  SUPERSEDE_UI_SECRET     a secret (16 characters at least) the forms' CSRF token and the
+                          actions' notices derive from: give several dashboards behind one
+                          load balancer the same (default: one of the process's own)"""
+)
 SERVICE_ENVIRONMENT = (
     ENVIRONMENT
     + """
@@ -648,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
         def add_parser(name: str, help: str, service: bool = False) -> argparse.ArgumentParser:
             epilog = SERVICE_ENVIRONMENT if service else ENVIRONMENT
             epilog = DEV_ENVIRONMENT if name == "dev" else epilog
+            epilog = UI_ENVIRONMENT if name == "ui" else epilog
             p = subparsers.add_parser(
                 name, help=help, description=help, formatter_class=_Help, epilog=epilog
             )

@@ -90,15 +90,23 @@ def shown(value: Any) -> str:
 
 
 class UI:
-    def __init__(self, redis: Redis, keys: Keys, *, allow_actions: bool) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, *, allow_actions: bool, secret: str | None = None
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.scripts = Scripts(redis, keys)
         self.allow_actions = allow_actions
         self.activity = Activity(redis, keys)
-        # The forms' CSRF token: this process's secret, readable only by a page of this origin
-        # (the Host check below keeps a rebound DNS name from being this origin).
-        self.token = secrets.token_urlsafe(32)
+        # The forms' CSRF token, readable only by a page of this origin (the Host check below
+        # keeps a rebound DNS name from being this origin): this process's own secret, or one
+        # derived from SUPERSEDE_UI_SECRET, which several dashboards behind one load balancer
+        # share (a form of one posted to another was refused, its notices not shown)
+        self.token = (
+            hmac.new(secret.encode(), b"supersede ui: forms", "sha256").hexdigest()
+            if secret
+            else secrets.token_urlsafe(32)
+        )
 
     # -- helpers ---------------------------------------------------------------------------
     def signed(self, value: str, *about: str) -> str:
@@ -440,9 +448,14 @@ async def _no_icon(request: web.Request) -> web.Response:
 
 
 def make_app(
-    redis: Redis, keys: Keys, *, allow_actions: bool = False, hosts: frozenset[str] | None = None
+    redis: Redis,
+    keys: Keys,
+    *,
+    allow_actions: bool = False,
+    hosts: frozenset[str] | None = None,
+    secret: str | None = None,
 ) -> web.Application:
-    ui = UI(redis, keys, allow_actions=allow_actions)
+    ui = UI(redis, keys, allow_actions=allow_actions, secret=secret)
     app = web.Application(middlewares=[_guard(hosts, redis)])
     app.add_routes(
         [
@@ -481,9 +494,10 @@ async def serve(
     port: int,
     allow_actions: bool,
     allowed_hosts: Sequence[str] = (),
+    secret: str | None = None,
 ) -> None:
     hosts = served_hosts(host, port, allowed_hosts)
-    app = make_app(redis, keys, allow_actions=allow_actions, hosts=hosts)
+    app = make_app(redis, keys, allow_actions=allow_actions, hosts=hosts, secret=secret)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

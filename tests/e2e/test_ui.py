@@ -40,10 +40,12 @@ needs_browser = pytest.mark.skipif(
 )
 
 
-def start_ui(system: System, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_ui(
+    system: System, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     cmd = [sys.executable, "-m", "supersede", "ui", "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, env=system.env, stderr=system.stderr)
+    proc = subprocess.Popen(cmd, env={**system.env, **(env or {})}, stderr=system.stderr)
     system.procs.append(proc)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -415,6 +417,59 @@ async def test_the_ui_is_read_only_unless_allowed_and_actions_need_the_csrf_toke
         assert status == 200 and said not in text, (url, text)
     assert (await asyncio.to_thread(get, f"{rw}/favicon.ico"))[0] == 204  # (it was a 404)
     assert os.path.isdir(REPO / "services" / "ui" / "static")
+
+
+def _posted(url: str, data: bytes, origin: str) -> tuple[int, str]:
+    """(status, the address it ended at) of a form's post, its redirect followed."""
+    request = urllib.request.Request(url, data=data, headers={"Origin": origin})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status, r.geturl()
+    except urllib.error.HTTPError as exc:
+        return exc.code, url
+
+
+async def test_dashboards_sharing_a_secret_take_each_others_forms_and_notices(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """Behind one load balancer, a page from one dashboard posts to another: with the same
+    SUPERSEDE_UI_SECRET its token is taken and its notices shown (each process had its own
+    token: the post was refused, "reload the page"); without, refused as before."""
+    await system.pipeline(redis, keys, 1)
+    await publish(redis, keys, "chat.message", userId="erin", sleep=30)
+    await eventually(lambda: _state_of(redis, keys, "erin", 0, "R"), timeout=20)
+    (run,) = await runs_of(redis, keys, "erin")
+    shared = {"SUPERSEDE_UI_SECRET": "correct horse battery staple"}
+    _, a = start_ui(system, "--allow-actions", env=shared)
+    _, b = start_ui(system, "--allow-actions", env=shared)
+    _, own = start_ui(system, "--allow-actions")
+    for base in (a, b, own):
+        await up(base)
+    _, page = await asyncio.to_thread(get, f"{a}/runs/{run['id']}")
+    token = re.search(r'name=csrf value="([^"]+)"', page)
+    assert token is not None
+    form = f"csrf={token[1]}".encode()
+    status, _ = await asyncio.to_thread(_posted, f"{own}/runs/{run['id']}/cancel", form, own)
+    assert status == 403  # (another secret: a token of a's is no token of its)
+    status, _ = await asyncio.to_thread(_posted, f"{b}/runs/{run['id']}/cancel", form, b)
+    assert status == 200
+    await eventually(lambda: _state_of(redis, keys, "erin", 0, "C"), timeout=20)
+    # a's notice ("not cancelled: the run had ended"), shown by b, not by the other
+    status, notice = await asyncio.to_thread(_posted, f"{a}/runs/{run['id']}/cancel", form, a)
+    assert status == 200 and "?not=" in notice, notice
+    query = notice.split("?", 1)[1]
+    _, text = await asyncio.to_thread(get, f"{b}/runs/{run['id']}?{query}")
+    assert "Not cancelled: the run had ended" in text
+    _, text = await asyncio.to_thread(get, f"{own}/runs/{run['id']}?{query}")
+    assert "Not cancelled" not in text
+    # a short secret is one line naming it
+    done = subprocess.run(
+        [sys.executable, "-m", "supersede", "ui", "--port", str(free_port())],
+        env={**system.env, "SUPERSEDE_UI_SECRET": "hunter2"}, capture_output=True, timeout=60,
+    )  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("supersede: SUPERSEDE_UI_SECRET is too short")
 
 
 async def test_a_password_changed_under_the_ui_is_said_so_and_a_bad_entry_id_refused(
