@@ -1,9 +1,10 @@
 --[[
   An executor whose claim call failed (the server carried it out, but the reply never came:
   a server frozen mid-call, a connection cut) takes back the runs that call claimed for it:
-  RUNNING (or CANCELLING since) under this executor, claimed at or after the call was sent, and not among the runs
-  the executor holds (an older attempt of the run that it still holds hides none: the reaper
-  may have retried it while its result waited). Without it they sat RUNNING, never started,
+  RUNNING (or CANCELLING since) under this executor, claimed at or after the call was sent, and not among the
+  attempts the executor holds or started (an older attempt of the run hides none: the reaper
+  may have retried it while its result waited; one it started is never started again, though
+  it holds it no more: its result given up after a lease, as its master froze). Without it they sat RUNNING, never started,
   for a whole lease, and then
   used an attempt (a run of one attempt FAILED unrun). Their leases are renewed from now.
 
@@ -18,7 +19,8 @@
              subtracts its clock skew allowance)
     ARGV[5]  at most this many leases are looked at (those set since ARGV[4] + lease)
     ARGV[6..] pairs: run id, attempt, of the attempts the executor holds (running, or
-              reported and not yet confirmed); a newer attempt of such a run is taken back
+              reported and not yet confirmed) or started since the call, less its skew (a run
+              may come twice, in two attempts); a newer attempt of such a run is taken back
 
   Output:
     {0, item, ...}  one item per run taken back, as claim.lua's claimed ones, with its state:
@@ -42,7 +44,7 @@ if not leaseMs or leaseMs <= 0 or not since or not cap or cap < 1 or executor ==
   return { -4, 0 }
 end
 local held = {}
-for i = 6, #ARGV, 2 do held[ARGV[i]] = tonumber(ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do held[ARGV[i] .. '/' .. tonumber(ARGV[i + 1])] = true end
 
 -- A lease set by a claim at or after `since` runs out at `since + lease` or later (renewals
 -- only move it on), so the runs to look at are those leased until then or later.
@@ -57,8 +59,8 @@ while looked < cap do
   for j = 1, #rids do
     local rid = rids[j]
     local rec = raws[j] and cmsgpack.unpack(raws[j])
-    if rec and (rec.st == 'R' or rec.st == 'X') and rec.e == executor and held[rid] ~= rec.a
-        and rec.pc then
+    if rec and (rec.st == 'R' or rec.st == 'X') and rec.e == executor
+        and not held[rid .. '/' .. rec.a] and rec.pc then
       local claimedMs = tonumber(string.sub(rec.s, 1, 16), 16) + rec.pc / 1000
       if claimedMs >= since then found[#found + 1] = { rid, rec } end
     end

@@ -5,9 +5,12 @@ re-assigned meanwhile) starts nothing."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 from supersede.health import ShardHealth, ShardSilent, first_error
 from supersede.metrics import HOP_SECONDS
@@ -24,6 +27,9 @@ log = logging.getLogger("supersede.executor")
 # seconds the executor's clock may be ahead of the server's: a reclaim looks at the claims made
 # since a lost call was sent, by the server's clock
 RECLAIM_SKEW = 5.0
+# attempts started remembered per shard at most (`Claimer.started`): about RECLAIM_SKEW + 1 s of
+# starts are kept, so this binds only past ~5,000 runs a second per shard and executor
+STARTED_MOST = 30_000
 
 Fetched = tuple[int, str, bytes, str, int]
 """An assignment read: (shard, stream, entry id, run id, attempt)."""
@@ -52,6 +58,11 @@ class Claimer:
         # whose reply did not come (it raised): the server may have carried it out (see
         # `reclaim`)
         self.lost_since: dict[int, float] = {}
+        # shard -> (run id, attempt) -> (wall clock) when this executor started it: the attempts
+        # started since the earliest claim call a reclaim may take back runs of (see `reclaim`)
+        self.started: dict[int, OrderedDict[tuple[str, int], float]] = {}
+        self._calls: dict[int, float] = {}  # claim calls in flight: (wall clock) when sent
+        self._call_ids = itertools.count()
 
     async def claim_and_start(self, items: list[Fetched]) -> None:
         asked = time.monotonic()
@@ -62,7 +73,8 @@ class Claimer:
         now = server_now()
         failed: BaseException | None = None
         try:
-            replies, failed = await self._claim(by_shard, int(now * 1e6))
+            with self._in_flight(sent):
+                replies, failed = await self._claim(by_shard, int(now * 1e6))
         except BaseException:
             self._lost(by_shard, sent)
             raise
@@ -106,6 +118,35 @@ class Claimer:
         for shard in shards:
             self.lost_since[shard] = min(self.lost_since.get(shard, sent), sent)
 
+    @contextmanager
+    def _in_flight(self, sent: float) -> Iterator[None]:
+        """A claim call sent at `sent` (wall clock), until its reply or its failure: the
+        attempts started since it was sent, less the skew, are remembered meanwhile."""
+        call = next(self._call_ids)
+        self._calls[call] = sent
+        try:
+            yield
+        finally:
+            del self._calls[call]
+
+    def _remember(self, shard: int, run: tuple[str, int], now: float) -> None:
+        """Note an attempt started, and forget those no reclaim can take back: started before
+        every claim call a reclaim of `shard` may look back from (a lost one, one in flight,
+        one sent from now on) less RECLAIM_SKEW; STARTED_MOST at most."""
+        started = self.started.setdefault(shard, OrderedDict())
+        started[run] = now
+        started.move_to_end(run)
+        self._forget(shard, now)
+
+    def _forget(self, shard: int, now: float) -> None:
+        started = self.started.get(shard)
+        if not started:
+            return
+        oldest = min(self.lost_since.get(shard, now), min(self._calls.values(), default=now))
+        keep = min(now, oldest) - RECLAIM_SKEW - 1.0
+        while started and (len(started) > STARTED_MOST or next(iter(started.values())) < keep):
+            started.popitem(last=False)
+
     async def take(
         self, streams: Sequence[tuple[str, int]], want: int, *, deep: bool = False
     ) -> Taken:
@@ -115,9 +156,10 @@ class Claimer:
         started = server_now()
         self.asked = time.monotonic()
         try:
-            taken = await self.scripts.take(
-                self.consumer, streams, want=want, lease_ms=self.config.lease_ms, deep=deep
-            )
+            with self._in_flight(started):
+                taken = await self.scripts.take(
+                    self.consumer, streams, want=want, lease_ms=self.config.lease_ms, deep=deep
+                )
         except BaseException:
             self._lost({shard for _, shard in streams}, started)
             raise
@@ -170,8 +212,12 @@ class Claimer:
         for shard, lost in sorted(self.lost_since.items()):
             if not self.health.up(shard):
                 continue
+            # (and every attempt started here since: one whose result could not be written,
+            # given up after a lease, is held no more, and was started again, the same
+            # attempt, by the reclaim of a call lost as the master froze: a cluster probe)
+            mine = held | self.started.get(shard, {}).keys()
             call = self.scripts.reclaim(
-                shard, self.consumer, list(held), since_ms=int((lost - RECLAIM_SKEW) * 1000),
+                shard, self.consumer, list(mine), since_ms=int((lost - RECLAIM_SKEW) * 1000),
                 lease_ms=self.config.lease_ms,
             )  # fmt: skip
             try:
@@ -181,7 +227,7 @@ class Claimer:
             del self.lost_since[shard]
             held = self._held()  # (a hand-over of `supersede serve` may have started one)
             for claim in claims:
-                if (claim.run_id, claim.attempt) in held:
+                if (claim.run_id, claim.attempt) in held | self.started.get(shard, {}).keys():
                     continue
                 found += 1
                 run = self._start(shard, claim, now, asked)
@@ -212,4 +258,5 @@ class Claimer:
         run = self.runner.start(shard, claim, leased_at=asked)
         if run is not None:
             self.cancels.apply_early(run)
+            self._remember(shard, (claim.run_id, claim.attempt), now or server_now())
         return run

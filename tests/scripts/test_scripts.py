@@ -1594,6 +1594,10 @@ async def test_a_claim_whose_reply_was_lost_is_taken_back_by_its_executor(
     [back] = await scripts.reclaim(shard, "ex", [(held[1].run_id, 1)], since_ms=100,
                                    lease_ms=LEASE, now=700)  # fmt: skip
     assert (back.run_id, back.state) == (mine[1].run_id, "X")
+    # an attempt the executor started is never taken back, whichever other attempts of its
+    # run it names (a run named twice, in two attempts, was held in the last one only)
+    named = [(held[1].run_id, 1), (mine[1].run_id, 1), (mine[1].run_id, 0)]
+    assert await scripts.reclaim(shard, "ex", named, since_ms=100, lease_ms=LEASE, now=800) == []
 
 
 async def test_an_executor_starts_the_runs_of_a_take_whose_reply_was_lost(

@@ -1420,6 +1420,58 @@ async def test_a_reclaim_never_starts_again_an_attempt_this_executor_let_go() ->
     runner.close()
 
 
+async def test_a_reclaim_never_starts_again_an_attempt_whose_result_was_given_up() -> None:
+    """A master froze: a run's handler ended, its result could not be written within a lease
+    and was given up (so the executor held it no more), and a claim call to that master was
+    lost; once a replica took over, the reclaim of that call found the run still RUNNING for
+    this executor and started the same attempt again (a cluster probe: a handler run twice
+    under one attempt, which fencing cannot tell apart). An attempt started here is never
+    started again; one it never started is."""
+    import time
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.claim import Claimer
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Context, Workflow
+
+    wf = Workflow("wf", on_events=["e"])
+
+    @wf.step()
+    async def quick(ctx: Context) -> None:
+        return None
+
+    class Unwritable(_Outbox):
+        def put(self, shard: int, result: Any) -> Any:
+            raise RedisConnectionError("the master froze")
+
+    runner = Runner([wf], ExecutorConfig(), Unwritable())
+    body = pack_input({}, {}, "e", "1")
+    ran = Claim("0-r", True, 1, "wf", "v", body, "k", "s", "R")
+    never = Claim("0-n", True, 1, "wf", "v", body, "k", "t", "R")
+
+    class Scripts:
+        async def reclaim(self, shard: int, executor: str, held: Any, **kw: Any) -> list[Claim]:
+            # (the server: both RUNNING for this executor, but for the attempts it names)
+            return [c for c in (ran, never) if (c.run_id, c.attempt) not in set(held)]
+
+    class Cancels:
+        def apply_early(self, run: Any) -> None:
+            pass
+
+    claimer = Claimer(cast(Any, Scripts()), "me", ExecutorConfig(), runner, cast(Any, Cancels()))
+    claimer.lost_since[0] = time.time() - 1
+    claimer.start_taken([(0, "1-0", ran)], 0)
+    while runner.active:  # (its handler ends, its result is not written: held no more)
+        await asyncio.sleep(0.01)
+    assert not runner.awaiting and ("0-r", 1) not in claimer._held()
+    assert await claimer.reclaim() == 1
+    assert set(runner.active) == {"0-n"}  # (the one never started here starts; "0-r" not)
+    runner.close()
+
+
 def test_a_renewal_answered_between_two_looks_is_applied_once() -> None:
     """`_ByNode.run` looked at a call's `done()` twice: one answered in between was given to
     the late callback and returned as the beat's reply too, so its runs were stopped and
