@@ -6,15 +6,40 @@ What a workflow author needs is importable from here::
 
 The services live in `supersede.services` (`supersede ingress|admission|executor`), the Lua
 scripts in `supersede.lua`; the design is in docs/design.md of the repository.
+
+The names are imported when first asked for (PEP 562): `import supersede` alone imports no
+dependency, so the `supersede` command's launcher (`supersede.launch`) is running before redis
+and the rest are imported, and turns a Ctrl-C during those imports into one line.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from supersede._version import __version__
-from supersede.client import publish, publish_sync
-from supersede.config import Settings, connect, connect_sync
-from supersede.errors import ConfigError, DefinitionError, SupersedeError
-from supersede.workflow import Concurrency, Context, Step, Strategy, Workflow
+
+if TYPE_CHECKING:
+    from supersede.client import publish, publish_sync
+    from supersede.config import Settings, connect, connect_sync
+    from supersede.errors import ConfigError, DefinitionError, SupersedeError
+    from supersede.workflow import Concurrency, Context, Step, Strategy, Workflow
+
+_WHERE = {
+    "publish": "client",
+    "publish_sync": "client",
+    "Settings": "config",
+    "connect": "config",
+    "connect_sync": "config",
+    "ConfigError": "errors",
+    "DefinitionError": "errors",
+    "SupersedeError": "errors",
+    "Concurrency": "workflow",
+    "Context": "workflow",
+    "Step": "workflow",
+    "Strategy": "workflow",
+    "Workflow": "workflow",
+}
 
 __all__ = [
     "Concurrency",
@@ -32,3 +57,17 @@ __all__ = [
     "publish",
     "publish_sync",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'supersede' has no attribute {name!r}")
+    importlib.import_module("supersede.config")  # (it mends redis-py first: see aio.mend_redis)
+    value = getattr(importlib.import_module(f"supersede.{where}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})

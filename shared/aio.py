@@ -38,8 +38,9 @@ def mend_redis() -> None:
     a loop of PINGs under `asyncio.timeout(0.3)` ran 2 s, 20,000 calls, and returned (the
     dashboard's 5 s bound on a page never fired: a probe's pages took 11 s; so did any deadline
     of the services, and the cancel of a user's step, round such calls). Idempotent. Applied
-    by importing `supersede` (its config module): in every process that does, a producer's
-    included, its own redis-py asyncio clients get it too."""
+    by importing `supersede.config`, which any name taken from `supersede` does first: in
+    every process that does, a producer's included, its own redis-py asyncio clients get it
+    too."""
     # (3.12 has it; before 3.11.3, asyncio.timeout itself miscounted cancels, gh-102780)
     if not (3, 11, 3) <= sys.version_info < (3, 12):
         return

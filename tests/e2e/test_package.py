@@ -144,3 +144,46 @@ def _succeeded(client: redis.Redis, keys: Keys) -> bool:
             if codec.unpack(raw).get("st") == "S":
                 return True
     return False
+
+
+SLOW_IMPORT = """
+import importlib.abc, os, pathlib, sys, time
+
+class SlowRedis(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "redis":  # (said, then slow: a loaded host's imports took 2-3 s)
+            pathlib.Path(os.environ["SUPERSEDE_TEST_IMPORTING"]).touch()
+            time.sleep(60)
+        return None
+
+sys.meta_path.insert(0, SlowRedis())
+"""
+
+
+def test_ctrl_c_while_the_command_imports_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    """The `supersede` command and `python -m supersede` interrupted while Python imports
+    redis (a second or two on a loaded host): one line, exit 130 (the console script imported
+    the CLI, and redis with it, before any handler: a traceback, killed by SIGINT; two probes).
+    The importing is made slow and said by a `sitecustomize` of the test's own."""
+    import os
+    import signal
+
+    (tmp_path / "sitecustomize.py").write_text(SLOW_IMPORT)
+    exe = Path(sys.executable).with_name("supersede")
+    for cmd in ([str(exe), "status"], [sys.executable, "-m", "supersede", "dev", "--ui-port", "0"]):
+        marker = tmp_path / "importing"
+        marker.unlink(missing_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(tmp_path), "SUPERSEDE_TEST_IMPORTING": str(marker)}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while not marker.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        text = err.decode()
+        assert proc.returncode == 130 and "Traceback" not in text, (cmd, proc.returncode, text)
+        assert text.strip().splitlines() == ["supersede: interrupted"], text

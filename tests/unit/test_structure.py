@@ -83,10 +83,13 @@ def test_services_never_import_each_other() -> None:
                 assert not others, f"{name} imports {others}"
 
 
+LAUNCHERS = {"supersede.__main__", "supersede.launch"}
+
+
 def test_the_package_proper_imports_no_service() -> None:
     for name, deps in GRAPH.items():
-        if name.startswith("supersede.services") or name == "supersede.__main__":
-            continue  # __main__ is the launcher: `python -m supersede` is the CLI
+        if name.startswith("supersede.services") or name in LAUNCHERS:
+            continue  # the `supersede` command and `python -m supersede`: the CLI
         assert not {d for d in deps if d.startswith("supersede.services")}, name
 
 
@@ -96,3 +99,23 @@ def test_the_executor_parts_form_a_one_way_chain() -> None:
         deps = {d[len(prefix) :] for d in GRAPH[prefix + part] if d.startswith(prefix)}
         later = deps - set(EXECUTOR_CHAIN[:i])
         assert not later, f"executor.{part} imports a later part: {later}"
+
+
+def test_the_package_names_import_when_asked_and_import_supersede_alone_imports_nothing() -> None:
+    """`import supersede` imports no dependency (the command's launcher runs before redis is
+    imported, so a Ctrl-C then is one line); every name of `__all__` is there when asked."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, supersede\n"
+        "assert 'redis' not in sys.modules and 'supersede.config' not in sys.modules\n"
+        "names = [getattr(supersede, n) for n in supersede.__all__]\n"
+        "assert 'redis.asyncio.connection' in sys.modules\n"  # (mended on the first name)
+        "print(len(names))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr.decode()
+    import supersede
+
+    assert int(out.stdout) == len(supersede.__all__) == len(set(supersede.__all__))
