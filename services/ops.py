@@ -763,12 +763,20 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     from supersede.client import PublishedError, publish_runs
 
     data, metadata = _checked_publish(args)
+    sending: list[bool] = []
     try:
         entry, planned, known = await publish_runs(
-            redis, args.name, data, id=args.id, metadata=metadata, namespace=keys.namespace
-        )
+            redis, args.name, data, id=args.id, metadata=metadata, namespace=keys.namespace,
+            on_sending=lambda: sending.append(True),
+        )  # fmt: skip
     except PublishedError as exc:  # (published: said so, with its entry)
         raise NotFollowed(exc.entry, [], exc.__cause__ or exc) from None
+    except (RedisError, OSError, asyncio.CancelledError) as exc:  # (Ctrl-C: a cancel)
+        if not sending or isinstance(exc, ResponseError):  # (a reply: not published)
+            raise
+        # (its XADD was sent, no reply came: a server that hung past the socket timeout
+        # applied it once it went on; "try again" published it twice: a CLI probe)
+        raise MaybePublished(args.id, exc) from None
     if not planned:
         _warn_no_run(args.name, known)
     runs: list[dict[str, Any]] = [
@@ -921,6 +929,25 @@ class NotFollowed(Exception):
         super().__init__(
             f"the event was published (inbox entry {entry}{made}), but following its runs "
             f"stopped ({why}): do not publish it again; follow them with {follow}"
+        )
+
+
+class MaybePublished(NotFollowed):
+    """`publish`: the event's XADD was sent and its reply never came (a server that hung, a
+    connection cut, Ctrl-C): it may be in the inbox. Said so, not "try again"."""
+
+    def __init__(self, event_id: str | None, cause: BaseException) -> None:
+        self.interrupted = isinstance(cause, asyncio.CancelledError)
+        why = "interrupted" if self.interrupted else f"{type(cause).__name__}: {cause}"
+        again = (
+            f"publishing it again with --id {event_id} makes no second run"
+            if event_id
+            else "publishing it again makes its runs twice if it was (give events an --id)"
+        )
+        Exception.__init__(
+            self,
+            f"the event may have been published: its XADD was sent and no reply came ({why}); "
+            f"look for its runs with `supersede runs` before publishing it again: {again}",
         )
 
 

@@ -12,6 +12,7 @@ import contextlib
 import numbers
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -506,6 +507,7 @@ async def publish_runs(
     id: str | None = None,
     metadata: dict[str, Any] | None = None,
     namespace: str | None = None,
+    on_sending: Callable[[], None] | None = None,
 ) -> tuple[str, list[PlannedRun], list[str]]:
     """`publish`, then the runs the event will make under the workflows registered now:
     (entry id, planned runs, every event name some workflow listens to). No planned run means
@@ -516,7 +518,9 @@ async def publish_runs(
     `id` that ingress has seen before, ingress makes no new run: the planned run is the first
     event's (its `duplicate_of` the first entry). An event ingress refuses makes none (a dead
     letter); `wait_for_run(..., entry=)` follows it, and a duplicate whose first entry ingress
-    had not read yet when this returned."""
+    had not read yet when this returned. `on_sending` is called as the XADD is sent: a failure
+    after it (no reply: a server that hung, a connection cut, a cancel) leaves the event
+    published or not."""
     from supersede.registry import load_all
 
     _check_client(redis)  # (before publishing: what follows reads bytes)
@@ -527,6 +531,8 @@ async def publish_runs(
     keys = stored or Keys(ns, 1)
     _, defs, _ = await load_all(redis, keys)
     known = sorted({e for wf in defs.values() for e in wf.events})
+    if on_sending is not None:
+        on_sending()
     entry = await publish(redis, name, data, id=id, metadata=metadata, namespace=ns)
     if stored is None:
         return entry, [], known

@@ -143,6 +143,50 @@ async def test_an_interrupted_publish_wait_says_the_event_was_published_with_its
     assert "do not publish it again" in line
 
 
+async def test_a_publish_whose_xadd_got_no_reply_says_the_event_may_be_published(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """A server that hung as `publish` sent its XADD (past the client's socket timeout), or a
+    Ctrl-C then: it said "try again" (or only "interrupted"), and the event landed once the
+    server went on, so a retry published it twice (a CLI probe). It says the event may have
+    been published, and to look for its runs first. The hang: CLIENT PAUSE of writes, which
+    lets the registry reads through and holds the XADD (a paused server drops it when the
+    client goes; a frozen one, SIGSTOP, applies it when it goes on)."""
+    import signal
+
+    await system.pipeline(redis, keys, 1)
+    url = system.env["SUPERSEDE_REDIS_URL"]
+    env = {**system.env, "SUPERSEDE_REDIS_URL": url + ("&" if "?" in url else "?")
+           + "socket_timeout=1"}  # fmt: skip
+    cmd = [sys.executable, "-m", "supersede", "publish", "chat.message", '{"userId": "hung"}']
+    await redis.execute_command("CLIENT", "PAUSE", "4000", "WRITE")
+    timed_out = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True,
+                                        timeout=60)  # fmt: skip
+    err = timed_out.stderr.decode()
+    assert timed_out.returncode == 1 and "Traceback" not in err, err
+    assert "the event may have been published" in err and "try again" not in err, err
+    # Ctrl-C while the XADD waits: the same words, exit 130
+    await redis.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
+    try:
+        proc = subprocess.Popen([*cmd[:-1], '{"userId": "hung2"}', "--id", "hung-2"],
+                                env=system.env, stderr=subprocess.PIPE)  # fmt: skip
+
+        async def sent() -> bool:
+            clients = await redis.execute_command("CLIENT", "LIST")
+            text = clients.decode() if isinstance(clients, bytes) else str(clients)
+            return "cmd=xadd" in text
+
+        await eventually(sent, timeout=30)
+        proc.send_signal(signal.SIGINT)
+        _, raw = await asyncio.to_thread(proc.communicate, timeout=30)
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
+    said = raw.decode()
+    assert proc.returncode == 130 and "Traceback" not in said, said
+    [line] = said.strip().splitlines()
+    assert "the event may have been published" in line and "--id hung-2" in line, line
+
+
 async def test_retire_removes_a_workflow_no_executor_serves_with_its_runs_and_streams(
     redis: Redis, keys: Keys, system: System
 ) -> None:
