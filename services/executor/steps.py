@@ -590,18 +590,23 @@ class Runner:
                     self._free_slot(run)
                 self._leave(run)
                 raise  # shutdown: the run is handed back (or left to its lease)
-            # The cancel (repeated, maybe: see Runner.until_out_of_step) is handled: none
-            # pending stays to misread an asyncio.timeout in what follows.
-            task = asyncio.current_task()
-            while task is not None and task.cancelling():
-                task.uncancel()
             outcome, error = Outcome.CANCELLED, ""
             await self._cancelled(run)
+        else:
+            if run.cancel_decided_ms is not None:  # (a step took its cancel without raising
+                # CancelledError: it returned, or raised another error; its hook never ran, a
+                # probe: only runs whose task raised it got theirs)
+                await self._cancelled(run)
         await self.report(run, outcome, error)
 
     async def _cancelled(self, run: Running) -> None:
         """The on_cancel hook of a run whose task took its cancel: now, or once its sync step
         returned (it cleans up after the step, not beside it while it still runs)."""
+        # The cancel (repeated, maybe: see Runner.until_out_of_step) is handled: none pending
+        # stays to misread an asyncio.timeout in what follows.
+        task = asyncio.current_task()
+        while task is not None and task.cancelling():
+            task.uncancel()
         if run.stops_later is None:
             self.stage(run, "stopped")
             if run.handler_started_us:  # (one held for its renewal ran no step: no hook, as
@@ -667,9 +672,8 @@ class Runner:
                 )
             if _stopped(run):  # (its step swallowed the shutdown's cancel, or returned when
                 raise asyncio.CancelledError  # asked to stop: no later step starts)
-            if run.ctx.cancelled:
+            if run.ctx.cancelled:  # (`_execute` runs its on_cancel hook: "stopped" then)
                 self.observe_cancel(run)
-                self.stage(run, "stopped")
                 return Outcome.CANCELLED, ""
         return Outcome.SUCCEEDED, ""
 

@@ -691,6 +691,55 @@ async def test_the_on_cancel_hook_of_a_sync_step_past_its_grace_waits_for_the_st
         runner.close()
 
 
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("how", ["returns", "raises"])
+async def test_the_on_cancel_hook_runs_when_an_async_step_takes_its_cancel_without_raising_it(
+    how: str, strict: bool
+) -> None:
+    """An async step that catches its cancel and returns, or raises another error in its
+    `except CancelledError`: the run ended CANCELLED, and its on_cancel hook never ran (a
+    probe; only a task that raised CancelledError ran it). It runs once, after the step."""
+    from supersede.keys import Keys
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.cancel import Cancels
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Concurrency, Workflow
+
+    events: list[str] = []
+    wf = Workflow("wf", on_events=["e"], concurrency=Concurrency("input.k", strict=strict))
+
+    @wf.step()
+    async def swallows(ctx: Any) -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            events.append("step took its cancel")
+            if how == "raises":
+                raise RuntimeError("cleaning up failed") from None
+
+    @wf.on_cancel
+    async def hook(ctx: Any) -> None:
+        events.append("hook")
+
+    outbox = _Outbox()
+    config = ExecutorConfig(grace=0.2)
+    runner = Runner([wf], config, outbox)
+    cancels = Cancels(None, Keys("t", 1), runner, config, cluster=False)
+    try:
+        run = runner.start(0, Claim("0-a", True, 1, "wf", "v", pack_input({"k": 1}, {}, "e",
+                                    "1"), "k", "s", "R"))  # fmt: skip
+        assert run is not None and run.task is not None
+        await asyncio.sleep(0.05)
+        cancels.cancel_local("0-a", 1, time.time() * 1000)
+        await asyncio.wait_for(run.task, 5)
+        await asyncio.sleep(0.3)  # (past the grace: a second hook would have run by then)
+        assert events == ["step took its cancel", "hook"], events
+        assert [r.outcome.value for r in outbox.written] == ["C"]
+    finally:
+        runner.close()
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_an_on_cancel_hook_that_never_returns_holds_neither_its_run_nor_a_steps_thread(
     kind: str,
