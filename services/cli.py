@@ -365,18 +365,22 @@ def _port(text: str) -> int:
     return port
 
 
-def _number(kind: type[int] | type[float], low: float, *, above: bool = False) -> Any:
+def _number(
+    kind: type[int] | type[float], low: float, *, above: bool = False, high: float = math.inf
+) -> Any:
     """An argparse type for a count or a duration of at least `low` (more than `low` when
-    `above`): a bad value is a one-line error naming the flag, not a traceback later on."""
+    `above`), and at most `high`: a bad value is a one-line error naming the flag, not a
+    traceback later on."""
     what = "an integer" if kind is int else "a number"
     bound = f"more than {low:g}" if above else f"at least {low:g}"
+    bound += f" and at most {high:g}" if high < math.inf else ""
 
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
-        if not math.isfinite(value) or value < low or (above and value == low):
+        if not math.isfinite(value) or value < low or (above and value == low) or value > high:
             raise argparse.ArgumentTypeError(f"{text} is out of range: {bound}")
         return value
 
@@ -399,7 +403,9 @@ _COUNT = _number(int, 1)  # at least one
 _CAP = _number(int, 0)  # 0: none, or no cap
 _SECONDS = _number(float, 0, above=True)  # a period or a retention: more than zero
 _SECONDS_OR_ZERO = _number(float, 0)
-_LEASE = _number(float, 1)
+# a day at most: a lease of 1e30 s overflowed the lease keeper's clock and the scripts' ms (a
+# CLI probe: tracebacks, finish calls refused); a SIGKILLed executor's runs wait a lease
+_LEASE = _number(float, 1, high=86_400)
 
 
 def _port_or_zero(text: str) -> int:

@@ -430,6 +430,11 @@ def test_cpu_lists_read_as_numbers_and_ranges() -> None:
             ["executor", "m", "--lease", "0.05"],
             "argument --lease: 0.05 is out of range: at least 1",
         ),
+        (  # (1e30 overflowed the lease keeper's clock: tracebacks, finishes refused)
+            ["executor", "m", "--lease", "1e30"],
+            "argument --lease: 1e30 is out of range: at least 1 and at most 86400",
+        ),
+        (["serve", "m", "--lease", "86401"], "argument --lease: 86401 is out of range"),
         (["admission", "--block-ms", "0"], "argument --block-ms: 0 is out of range"),
         (["admission", "--retention", "nan"], "argument --retention: nan is out of range"),
         (["admission", "--max-groups", "-5"], "argument --max-groups: -5 is out of range"),
