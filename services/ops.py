@@ -31,6 +31,7 @@ from supersede.lookups import (
     LIVE,
     cancel_key,
     cancel_runs,
+    executor_said,
     groups_of_key,
     live_of_key,
     records_of,
@@ -564,8 +565,16 @@ async def status(redis: Redis, keys: Keys, live_idle_ms: int = 5000) -> dict[str
     for name, counter in totals.items():
         lags[name] = {"pending": counter["pending"], "lag": counter["lag"]}
     served = await redis.hgetall(keys.workflows_served_hash)
-    now_ms = int(time.time() * 1000)
+    seconds, micros = await redis.time()  # (the marks are the server's time)
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
     served_ago = {_text(w): max(0, now_ms - int(ms)) for w, ms in served.items()}
+    live = {  # (those that read a stream lately: an executor of a build before this hash)
+        name: sorted(wfs) for name, wfs in sorted(executors.items()) if idle[name] < live_idle_ms
+    }
+    for who, raw in (await redis.hgetall(keys.executors_hash)).items():
+        said_ms, workflows = executor_said(raw)  # (each says so every second while it serves:
+        if now_ms - said_ms < live_idle_ms:  # one whose slots are all busy reads no stream)
+            live[_text(who)] = sorted(workflows)
     return {
         "workflows": {
             w: {
@@ -582,13 +591,9 @@ async def status(redis: Redis, keys: Keys, live_idle_ms: int = 5000) -> dict[str
         "dead_letters": int(await redis.xlen(keys.dead_stream))
         if await redis.exists(keys.dead_stream)
         else 0,
-        # live: read one of its streams within live_idle_ms (a consumer's idle time only
-        # restarts on the streams that gave it entries, on some server versions)
-        "executors": {
-            name: sorted(wfs)
-            for name, wfs in sorted(executors.items())
-            if idle[name] < live_idle_ms
-        },
+        # live: said so within live_idle_ms, or read one of its streams then (a consumer's
+        # idle time only restarts on the streams that gave it entries, on some server versions)
+        "executors": dict(sorted(live.items())),
         "at_ms": int(time.time() * 1000),
     }
 

@@ -246,6 +246,15 @@ class Keys:
         return f"{{{self.namespace}}}:workflows:served-versions"
 
     @property
+    def executors_hash(self) -> str:
+        """executor (its consumer name) -> JSON {"ms": when (the server's clock) it last said
+        it runs, every second while it serves, "workflows": the ids it serves}: the live
+        executors `status` lists (one whose slots are all busy reads no stream, so its consumers
+        looked idle: "live executors: 0" while it ran 20 runs). An executor deletes its own as
+        it exits, and those an hour old: bounded by the executors of the last hour."""
+        return f"{{{self.namespace}}}:workflows:executors"
+
+    @property
     def registry_epoch(self) -> str:
         """Counter (string) bumped by every registration that changed a definition."""
         return f"{{{self.namespace}}}:workflows:epoch"

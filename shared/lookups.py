@@ -227,3 +227,14 @@ async def served_ms_ago(redis: Redis, keys: Keys, workflow: str) -> int | None:
         return None
     seconds, micros = await redis.time()
     return max(0, seconds * 1000 + micros // 1000 - int(mark))
+
+
+def executor_said(raw: bytes | str) -> tuple[int, list[str]]:
+    """A value of the executors hash (`Keys.executors_hash`): (when the executor last said it
+    runs, ms by the server's clock; the workflow ids it serves). (0, []) for what is none."""
+    try:
+        said = orjson.loads(raw)
+        ms, workflows = int(said["ms"]), [str(w) for w in said["workflows"]]
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return 0, []
+    return ms, workflows

@@ -28,14 +28,16 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
 from supersede import aio
 from supersede.config import Settings
 from supersede.errors import ConfigError, WorkflowRejected, describe
+from supersede.lookups import executor_said
 from supersede.protocol import EXECUTOR_GROUP
 from supersede.registry import register_all, served_version_field
 from supersede.scripts import HandBackResult
-from supersede.service import Periodic, Service
+from supersede.service import Periodic, Service, Throttle
 from supersede.service import serve as serve_service
 from supersede.services.executor import metrics
 from supersede.services.executor.cancel import Cancels
@@ -54,6 +56,7 @@ DRAIN_POLL = 0.1  # seconds between checks that written results were applied, wh
 LOOP_LAG_EVERY = 0.1  # seconds between two measures of the event loop's lag
 BLOCKED_LOOP_WARN = 1.0  # a lag from which the loop is logged as blocked (seconds)
 REGISTER_RETRY_AFTER = 60.0  # seconds before a refused re-registration is tried again
+EXECUTOR_FORGOTTEN_AFTER = 3600.0  # seconds: an executor silent that long is deleted from the hash
 REGISTRY_CHECK_EVERY = 1.0  # seconds between two looks for this process's workflows in the registry
 # Seconds between two warnings that a workflow of this process is registered in another version
 REPLACED_WARN_EVERY = 300.0
@@ -81,6 +84,7 @@ class Executor(Service):
         self.config = config or ExecutorConfig()
         self.definitions = {wf.id: wf.definition() for wf in workflows}  # validates
         self._register_again_at = 0.0  # (monotonic) when keep_registered may try again
+        self._forget_executors_due = Throttle(60.0)  # (a look at the executors hash)
         self._replaced_said: dict[str, float] = {}  # workflow -> when last said (monotonic)
         self.workflows = tuple(self.definitions)
         cluster = isinstance(redis, RedisCluster)
@@ -153,14 +157,21 @@ class Executor(Service):
         marks: dict[Any, int] = {
             served_version_field(wid, self.definitions[wid].version): now_ms for wid in ids
         }
+        forget = self._forget_executors_due.due()
         async with self.redis.pipeline(transaction=False) as pipe:  # (one slot: the registry's)
             pipe.hset(self.keys.workflows_served_hash, mapping=dict.fromkeys(ids, now_ms))
             pipe.hset(self.keys.served_versions_hash, mapping=marks)
+            pipe.hset(self.keys.executors_hash, self.consumer,
+                      orjson.dumps({"ms": now_ms, "workflows": ids}))  # fmt: skip
             pipe.hmget(self.keys.workflows_hash, ids)
             pipe.hgetall(self.keys.served_versions_hash)
-            _, _, present, served = await pipe.execute()
+            if forget:
+                pipe.hgetall(self.keys.executors_hash)
+            _, _, _, present, served, *executors = await pipe.execute()
         self._say_replaced(ids, present)
         await self._forget_served(served, now_ms)
+        if executors:
+            await self._forget_executors(executors[0], now_ms)
         unserved = self._unserved(ids, present, served, now_ms)  # (and the gauge, each look)
         if time.monotonic() < self._register_again_at:
             return
@@ -217,6 +228,22 @@ class Executor(Service):
             if mark is not None and now_ms - mark > UNSERVED_VERSION_AFTER * 1000:
                 out[wid] = stored
         return out
+
+    async def _forget_executors(self, executors: dict[bytes, bytes], now_ms: int) -> None:
+        """Delete the entries of executors that said nothing for an hour (killed: an executor
+        that exits deletes its own)."""
+        old = [name for name, raw in executors.items()
+               if now_ms - executor_said(raw)[0] > EXECUTOR_FORGOTTEN_AFTER * 1000]  # fmt: skip
+        if old:
+            await self.redis.hdel(self.keys.executors_hash, *old)
+
+    async def _say_gone(self) -> None:
+        """This executor's entry in the executors hash, deleted as it exits (`status` then
+        no longer lists it), within a second; left to the others' hourly look otherwise."""
+        try:
+            await aio.wait_for(self.redis.hdel(self.keys.executors_hash, self.consumer), 1.0)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.log.info("could not say this executor is gone", extra={"error": describe(exc)})
 
     async def _forget_served(self, served: dict[bytes, bytes], now_ms: int) -> None:
         """Delete the served marks of versions no executor served for an hour (the hash holds
@@ -297,6 +324,7 @@ class Executor(Service):
             await self.leases.stop(also=self._handed_back())
             await _cancelled({*loops, writer})
             self.runner.close()
+            await self._say_gone()
 
     async def drain(self, deadline: float | None = None) -> None:
         """Running runs finish (leases renewed, cancels honoured), then their results are

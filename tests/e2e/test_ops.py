@@ -499,6 +499,35 @@ async def test_status_shows_the_waiting_runs_of_a_workflow_no_executor_ever_serv
     assert status["executors"] == {}
 
 
+async def test_status_lists_an_executor_whose_slots_are_all_busy_and_not_one_that_exited(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """An executor running as many runs as it has slots reads no stream, and its consumers
+    looked idle: `status` said "live executors: 0" while it ran them (a CLI probe). Each says
+    it runs every second; one that exited is gone from the list at once (it stayed for
+    seconds, by its consumers' idle time)."""
+    import signal
+
+    [executor] = await system.pipeline(redis, keys, 1, "--slots", "2", "--drain-timeout", "1")
+    for user in ("busy-1", "busy-2", "busy-3"):
+        await redis.xadd(keys.events_stream, {"name": "chat.message",
+                                              "data": orjson.dumps({"userId": user, "sleep": 60})})  # fmt: skip
+
+    async def full() -> bool:
+        return len(await acli(system, "runs", "--state", "running")) == 2
+
+    await eventually(full, timeout=30)
+    await asyncio.sleep(6)  # (past the 5 s of idle reads that counted as live)
+    status = await acli(system, "status")
+    [(name, serves)] = status["executors"].items()
+    assert "chat-reply" in serves, status["executors"]
+    executor.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(executor.wait, 60)
+    assert executor.returncode == 0
+    assert (await acli(system, "status"))["executors"] == {}
+    assert await redis.hexists(keys.executors_hash, name) == 0
+
+
 def test_publish_and_replay_refuse_ids_that_cannot_be(system: System) -> None:
     """It printed a run id for `--id ''` (or one over 1 KiB) and exited 0; ingress then
     dead-lettered the event as bad_id, so that run never existed."""
