@@ -24,12 +24,12 @@ from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable,
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import NoPermissionError
+from redis.exceptions import AuthenticationError, NoPermissionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede.aio import wait_for
 from supersede.errors import describe
-from supersede.metrics import SHARDS_SILENT
+from supersede.metrics import SHARDS_SILENT, report
 
 log = logging.getLogger("supersede")
 
@@ -73,6 +73,7 @@ class ShardHealth:
         self.deadline = deadline
         self.service = service
         self.silent: set[int] = set()
+        self.refused: set[int] = set()  # silent shards whose master refuses the user
         self._probes: dict[int, asyncio.Task[None]] = {}  # silent shard -> its probe
         self._back: list[int] = []  # shards that answered, not said yet
         if service:
@@ -165,15 +166,37 @@ class ShardHealth:
                     break
                 except NoPermissionError:  # (an answer all the same: a user without EXISTS)
                     break
+                except AuthenticationError as exc:  # (an answer: a refusal, not a silence)
+                    self._refused(shard, exc)
+                    continue
                 except Exception:  # (no answer yet, or none to be had: again)
                     continue
             self.silent.discard(shard)
+            if shard in self.refused:
+                self.refused.discard(shard)
+                if not self.refused:
+                    report(self.service, "shards", True)
             SHARDS_SILENT.labels(self.service).set(len(self.silent))
             self._back.append(shard)
             if len(self._back) == 1:  # (one line for the shards that answer together)
                 asyncio.get_running_loop().call_later(PROBE_EVERY, self._say_back)
         finally:
             self._probes.pop(shard, None)
+
+    def _refused(self, shard: int, exc: AuthenticationError) -> None:
+        """A silent shard's master refuses this process's user (a password changed on one
+        node, a node whose ACL users are missing): not ready until it takes it (a probe: an
+        executor stayed ready, its refusals read as a silence), said once per outage."""
+        if shard in self.refused:
+            return
+        if not self.refused:
+            report(self.service, "shards", False)
+            log.error("a master refuses this process's user: its shards' calls are left out, "
+                      "and the process is not ready, until it takes it (check the user and "
+                      "password of SUPERSEDE_REDIS_URL on every node)",
+                      extra={"shards": sorted(self._siblings([shard])),
+                             "error": describe(exc)})  # fmt: skip
+        self.refused.add(shard)
 
     def _say_back(self) -> None:
         back, self._back = sorted(self._back), []

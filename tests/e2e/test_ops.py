@@ -510,8 +510,8 @@ async def test_status_lists_an_executor_whose_slots_are_all_busy_and_not_one_tha
 
     [executor] = await system.pipeline(redis, keys, 1, "--slots", "2", "--drain-timeout", "1")
     for user in ("busy-1", "busy-2", "busy-3"):
-        await redis.xadd(keys.events_stream, {"name": "chat.message",
-                                              "data": orjson.dumps({"userId": user, "sleep": 60})})  # fmt: skip
+        data = orjson.dumps({"userId": user, "sleep": 60})
+        await redis.xadd(keys.events_stream, {"name": "chat.message", "data": data})
 
     async def full() -> bool:
         return len(await acli(system, "runs", "--state", "running")) == 2

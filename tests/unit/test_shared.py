@@ -1579,3 +1579,50 @@ async def test_a_deadline_round_a_run_of_redis_calls_fires(redis_url: str) -> No
 async def _pings(client: Any) -> None:
     for _ in range(200_000):
         await client.ping()
+
+
+async def test_a_master_that_refuses_the_user_makes_the_process_not_ready_until_it_takes_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cluster master whose ACL users were changed (a password set on one node, a node
+    without its users) answers every call with AuthenticationError, which the client's
+    retries make a timeout: its shards went silent, and the process stayed ready, its
+    refusals read as a silence (a cluster probe: /readyz 200 for 27 s, runs not started). The
+    probe of a silent shard that is refused makes it not ready, in one line, until it is
+    answered."""
+    import asyncio
+    import logging
+    from typing import cast
+
+    from redis.exceptions import AuthenticationError
+
+    from supersede import health, metrics
+
+    refusal: list[BaseException | int] = [AuthenticationError("invalid password")]
+    answers = refusal * 2 + [1]
+
+    class Cluster:
+        async def exists(self, key: str) -> int:
+            answer = answers.pop(0) if len(answers) > 1 else answers[0]
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+
+        def get_node_from_key(self, key: str) -> Any:
+            return type("Node", (), {"name": "m1"})()
+
+    h = health.ShardHealth(cast(Any, Cluster()), str, enabled=True, deadline=0.1,
+                           service="refused-test", shards=2)  # fmt: skip
+    metrics.set_ready(True, "refused-test")
+    caplog.set_level(logging.ERROR, logger="supersede")
+    h.went_silent([0], TimeoutError())
+    deadline = asyncio.get_running_loop().time() + 10
+    while metrics._READY["refused-test"] and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert metrics._READY["refused-test"] is False
+    said = [r.getMessage() for r in caplog.records if "refuses this process's user" in r.message]
+    assert len(said) == 1, said
+    while h.silent and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert not h.silent and metrics._READY["refused-test"] is True
+    h.close()
