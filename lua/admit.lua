@@ -22,7 +22,9 @@
     KEYS[14] fences hash        group id -> the sequence of the newest run it ever admitted
                                 (ctx.still_current() reads it)
     KEYS[15] debounce hash      group id -> '<window start ms>|<member>': a debounced group's
-                                waiting run (requests with db > 0)
+                                waiting run (requests with db > 0); 'f|<member>' once its
+                                window closed: the run it let through (an older arrival
+                                ends at once), until reap forgets the group
     KEYS[16] due zset           debounced group ids by when their waiting run is due (ms);
                                 fire_debounced.lua applies the group's strategy to it then
     ARGV[1]  now in ms, or 0 for the server clock
@@ -222,18 +224,28 @@ if #waitsList > 0 then
     local g = waitsList[i]
     local list = waits[g]
     table.sort(list)
-    local first, waiting
+    local first, waiting, fired
     if cur[i] then
       local bar = string.find(cur[i], '|', 1, true)
-      first, waiting = tonumber(string.sub(cur[i], 1, bar - 1)), string.sub(cur[i], bar + 1)
-      local rec = loadRun(ridOf(waiting))
-      if not rec or rec.st ~= 'Q' then first, waiting = nil, nil end   -- (cancelled by hand)
+      local head, m = string.sub(cur[i], 1, bar - 1), string.sub(cur[i], bar + 1)
+      if head == 'f' then
+        fired = m   -- the window closed; its run arrived at the group then
+      else
+        first, waiting = tonumber(head), m
+        local rec = loadRun(ridOf(waiting))
+        if not rec or rec.st ~= 'Q' then first, waiting = nil, nil end   -- (cancelled by hand)
+      end
     end
     local moved = false
     for j = 1, #list do
       local m = list[j]
       if waiting and m < waiting then   -- older than the waiting run: it never starts
         cancelPending({ m = m, stored = false }, 'superseded', ridOf(waiting))
+      elseif not waiting and fired and m < fired then
+        -- older than the run the last window let through: it arrived after that window closed
+        -- (a slow ingress, a redelivery) and never starts (it opened a window of its own, and
+        -- under GROUP_ROUND_ROBIN ran after the newer one, a probe)
+        cancelPending({ m = m, stored = false }, 'superseded', ridOf(fired))
       else
         if waiting then
           cancelPending({ m = waiting, stored = false }, 'superseded', ridOf(m))

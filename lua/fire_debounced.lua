@@ -1,8 +1,9 @@
 --[[
   Fires the debounce timers that are due: the waiting run of each due group arrives at its
   group now, under the group's strategy, as a run without debounce would have on admission
-  (it may start, queue, or supersede older runs). A waiting run cancelled meanwhile (by hand)
-  is skipped. Admission calls it when the earliest timer it set is due, and every second for
+  (it may start, queue, or supersede older runs), and the group's window is closed, naming it
+  ('f|<member>': an older event that arrives later ends at once). A waiting run cancelled
+  meanwhile (by hand) is skipped, its window deleted. Admission calls it when the earliest timer it set is due, and every second for
   the timers other processes set (or a restart left).
 
   Input:
@@ -56,17 +57,21 @@ if #groups > 0 then
   prefetchRuns(waiting)
   prefetchSlots(groups)
   prefetchNewest(groups)
+  local closed = {}   -- group -> 'f|<member>': the run its window let through
   for i = 1, #groups do
-    if cur[i] then
+    if cur[i] and string.sub(cur[i], 1, 2) ~= 'f|' then
       local g = groups[i]
       local m = string.sub(cur[i], string.find(cur[i], '|', 1, true) + 1)
       local rec = loadRun(ridOf(m))
       if rec and rec.st == 'Q' then
         applyArrivals(g, rec, { m })
         fired = fired + 1
+        closed[#closed + 1] = g
+        closed[#closed + 1] = 'f|' .. m
       end
     end
   end
+  callChunked('HSET', debounceKey, closed, 1000)
   flushRuns()
   flushNewest()
 end

@@ -122,7 +122,7 @@ async def _waiting(redis: Redis, keys: Keys) -> list[RunRecord]:
         for sk in keys.all_shards():
             pipe.hvals(sk.debounce_hash)
         replies = await pipe.execute()
-    rids = [waiting_rid(v) for values in replies for v in values]
+    rids = [rid for values in replies for v in values if (rid := waiting_rid(v))]
     return [r for r in await records_of(redis, keys, rids) if r.state.value == "Q"] if rids else []
 
 

@@ -152,7 +152,9 @@ class ShardKeys:
     @property
     def debounce_hash(self) -> str:
         """group id -> ``<window start ms>|<member>``: the run of a debounced group waiting for
-        its window to close (``<group>|<sequence>|<run id>``, as in the queue zset)."""
+        its window to close (``<group>|<sequence>|<run id>``, as in the queue zset); once it
+        closed, ``f|<member>``, the run it let through (an older event that arrives later ends
+        at once), until reap forgets the group."""
         return f"{self.tag}:debounce"
 
     @property

@@ -46,7 +46,8 @@ async def test_the_newest_event_of_a_quiet_window_runs_and_the_others_never_star
     fired = await scripts.fire_debounced(shard, now=1700)
     assert (fired.fired, fired.assigned, fired.next_due) == (1, 1, 0)
     assert await _states(redis, keys, a, b, c) == ["C", "C", "A"]
-    assert await redis.hlen(sk.debounce_hash) == 0 and await redis.zcard(sk.due_zset) == 0
+    assert await redis.zcard(sk.due_zset) == 0  # (the window closed, naming its run)
+    assert await redis.hget(sk.debounce_hash, c[1].group) == f"f|{_member(keys, c)}".encode()
     # after the window the next event opens a new one, and then arrives at its group's
     # strategy like any run: under CANCEL_IN_PROGRESS it supersedes the running one
     d = _req(keys, 4)
@@ -76,6 +77,38 @@ async def test_a_late_older_event_ends_at_once_and_leaves_the_timer(
     recs = await records(redis, keys)
     assert recs[old[1].run_id]["st"] == "C" and recs[old[1].run_id]["by"] == new[1].run_id
     assert await redis.zscore(keys.shard(new[0]).due_zset, new[1].group) == 1500
+
+
+def _member(keys: Keys, req: tuple[int, RunRequest]) -> str:
+    return f"{req[1].group}|{req[1].seq}|{req[1].run_id}"
+
+
+async def test_an_older_event_that_arrives_after_the_window_closed_ends_at_once(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """An older event that arrived after its key's window had fired (a slow ingress, a
+    redelivery) opened a window of its own and, under GROUP_ROUND_ROBIN, ran after the newer
+    one (a strategies probe; the README says it ends at once). It ends at once, superseded by
+    the run the window let through; a newer one opens a window as before. The closed window's
+    entry goes when reap forgets the group."""
+    new = _req(keys, 9, strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=2)
+    old = _req(keys, 5, strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=2)
+    newer = _req(keys, 12, strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=2)
+    shard, sk = new[0], keys.shard(new[0])
+    assert await _admit(scripts, 1000, new) == 1500
+    await scripts.fire_debounced(shard, now=1500)
+    assert await _admit(scripts, 1600, old) == 0  # (no window opened)
+    recs = await records(redis, keys)
+    assert recs[old[1].run_id]["st"] == "C" and recs[old[1].run_id]["by"] == new[1].run_id
+    assert await _states(redis, keys, new, old) == ["A", "C"]
+    assert await _admit(scripts, 1700, newer) == 2200
+    await scripts.fire_debounced(shard, now=2200)
+    assert await _states(redis, keys, new, old, newer) == ["A", "C", "A"]
+    # its runs ended, the group idle past the retention: forgotten, its closed window too
+    assert await scripts.cancel(shard, [new[1].run_id, newer[1].run_id], now=2300) == [True] * 2
+    assert await redis.hexists(sk.debounce_hash, new[1].group)
+    await scripts.reap(shard, now=10_000_000, retention_ms=1000)
+    assert not await redis.hexists(sk.debounce_hash, new[1].group)
 
 
 async def test_a_waiting_run_cancelled_by_hand_is_skipped_and_a_new_window_opens(

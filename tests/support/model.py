@@ -49,6 +49,8 @@ class Model:
     fences: dict[str, int] = field(default_factory=dict)
     # debounced group -> [its waiting run, the window's first ms, when it is due]
     windows: dict[str, list[Any]] = field(default_factory=dict)
+    # debounced group -> the run its last window let through (an older arrival ends at once)
+    closed: dict[str, str] = field(default_factory=dict)
 
     # -- queries -------------------------------------------------------------------------------
     def group_runs(self, group: str, *states: str) -> list[MRun]:
@@ -114,10 +116,14 @@ class Model:
         if waiting is not None and not (waiting.state == "Q" and waiting.waiting):
             waiting, window = None, None  # cancelled by hand: a new window opens
         first = window[1] if window else now
+        fired = self.runs[self.closed[group]] if group in self.closed else None
         moved = False
         for run in arrived:
             if waiting is not None and run.seq < waiting.seq:
                 run.state, run.dropped = "C", True
+                continue
+            if waiting is None and fired is not None and run.seq < fired.seq:
+                run.state, run.dropped = "C", True  # (after the window closed: it ends too)
                 continue
             if waiting is not None:
                 waiting.state, waiting.waiting, waiting.dropped = "C", False, True
@@ -139,6 +145,7 @@ class Model:
             run = self.runs[rid]
             if run.state == "Q" and run.waiting:
                 run.waiting = False
+                self.closed[group] = rid
                 self._apply(group)
 
     def _apply(self, group: str) -> None:
