@@ -62,7 +62,14 @@ from supersede.lane import Lane, lane_of
 from supersede.logs import Sampled
 from supersede.protocol import Entry
 from supersede.scripts import Scripts
-from supersede.streams import GroupSpec, OwnPending, after_failure, consumer_name, create_groups
+from supersede.streams import (
+    GroupSpec,
+    OwnPending,
+    after_failure,
+    consumer_name,
+    create_groups,
+    failed_over,
+)
 
 Periodic = tuple[float, Callable[[], Awaitable[None]]]
 """(interval in seconds, task): run every interval; one failed run is logged, never fatal."""
@@ -93,6 +100,7 @@ NOGROUP_HINT = (
 )
 
 
+FAILED_OVER_HINT = "the master became a replica (a failover): read again from the new master"
 MOVING_HINT = (
     "the cluster redirected the call too many times: a slot is migrating (TRYAGAIN) or the "
     "cluster's layout is changing; tried again"
@@ -108,6 +116,8 @@ def _hint(exc: BaseException) -> str | None:
         return NOGROUP_HINT  # (healed by after_failure; its traceback said no more, a probe)
     if isinstance(exc, ClusterError) and "TTL exhausted" in str(exc):
         return MOVING_HINT  # (redis-py's words name no cause; a cluster probe's reshard)
+    if failed_over(exc):
+        return FAILED_OVER_HINT
     return "" if isinstance(exc, UNANSWERED) else None
 
 

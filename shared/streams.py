@@ -94,6 +94,14 @@ async def heal_missing_groups(
 AUTH_RETRY_S = 5.0  # seconds before a loop whose login was refused tries again
 
 
+def failed_over(exc: BaseException) -> bool:
+    """The server ended a blocking read as it became a replica ("UNBLOCKED force unblock from
+    blocking operation, instance state changed": a failover, `CLUSTER FAILOVER` included): the
+    reader reads again, from the new master. Said in one line (a cluster probe: a traceback at
+    ERROR for each graceful failover)."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("UNBLOCKED")
+
+
 def retry_pause(exc: BaseException) -> float:
     """Seconds a stream reader waits after a failed read before the next. Refused credentials
     stay refused until an operator acts: each loop of each process tried a login twice a

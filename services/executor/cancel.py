@@ -27,7 +27,7 @@ from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.isolation import SERVER_UNAVAILABLE
 from supersede.services.executor.steps import RECANCEL_AFTER, Runner, Running
-from supersede.streams import entry_ms, retry_pause, tail_ids
+from supersede.streams import entry_ms, failed_over, retry_pause, tail_ids
 
 log = logging.getLogger("supersede.executor")
 
@@ -140,16 +140,18 @@ class Cancels:
                     self._on_control(entries)
             except asyncio.CancelledError:
                 raise
-            except SERVER_UNAVAILABLE as exc:  # (one line: a resume from SIGSTOP timed out the
-                # read in flight, and a traceback at ERROR said nothing more)
+            except Exception as exc:
+                if not isinstance(exc, SERVER_UNAVAILABLE) and not failed_over(exc):
+                    log.exception("control iteration failed")
+                    await asyncio.sleep(0.5)
+                    continue
+                # (one line: a resume from SIGSTOP timed out the read in flight, a failover
+                # ended it, and a traceback at ERROR said nothing more)
                 error = describe(exc)
                 if (repeats := _CONTROL_FAILED.due(error)) is not None:  # (once in 5 s)
                     log.warning("control read failed; reading again",
                                 extra={"error": error, "repeats": repeats})  # fmt: skip
                 await asyncio.sleep(retry_pause(exc))
-            except Exception:
-                log.exception("control iteration failed")
-                await asyncio.sleep(0.5)
 
     def _on_control(self, entries: list[Entry]) -> None:
         metrics.CONTROL_MESSAGES.inc(len(entries))

@@ -49,9 +49,11 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
 
 from supersede.aio import wait_for
+from supersede.errors import describe
 from supersede.health import ShardSilent, raise_unless_silent
 from supersede.keys import Keys
 from supersede.lane import Lane, read
+from supersede.logs import Sampled
 from supersede.protocol import (
     EXECUTOR_GROUP,
     Entry,
@@ -63,9 +65,11 @@ from supersede.scripts import Claim, Taken
 from supersede.service import Service, Throttle
 from supersede.services.executor.claim import Claimer, Fetched
 from supersede.services.executor.config import ExecutorConfig
+from supersede.services.executor.isolation import SERVER_UNAVAILABLE
 from supersede.services.executor.steps import Runner
-from supersede.streams import OwnPending, retry_pause, stale_streams, tail_ids
+from supersede.streams import OwnPending, failed_over, retry_pause, stale_streams, tail_ids
 
+_WAKE_FAILED = Sampled()  # (a wake read failing while a master is down or failing over)
 log = logging.getLogger("supersede.executor")
 
 FULL_READ_EVERY = 0.05  # seconds: the longest a backlog's streams are read alone
@@ -792,7 +796,13 @@ class Fetcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.exception("wake iteration failed")
+                if failed_over(exc) or isinstance(exc, SERVER_UNAVAILABLE):  # (one line)
+                    error = describe(exc)
+                    if (repeats := _WAKE_FAILED.due(error)) is not None:  # (once in 5 s)
+                        log.warning("wake read failed; reading again",
+                                    extra={"error": error, "repeats": repeats})  # fmt: skip
+                else:
+                    log.exception("wake iteration failed")
                 await asyncio.sleep(retry_pause(exc))
 
 

@@ -1679,3 +1679,44 @@ def test_only_a_version_marked_and_unserved_for_a_minute_gives_way() -> None:
     assert unserved({field: b"0"}, stored=None) == {}  # (missing: registered again as missing)
     own = orjson.dumps({"id": "w", "events": ["e"], "version": mine.version})
     assert unserved({}, stored=own) == {}
+
+
+async def test_a_failover_that_ends_the_control_read_is_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`CLUSTER FAILOVER` ends a blocking read with "UNBLOCKED force unblock from blocking
+    operation, instance state changed": the executor logged "control iteration failed" at
+    ERROR with a traceback, as for a defect (a cluster probe). One warning line; read again."""
+    import logging
+
+    from redis.exceptions import ResponseError
+
+    from supersede.service import _hint
+    from supersede.services.executor import cancel as cancel_mod
+
+    unblocked = ResponseError("UNBLOCKED force unblock from blocking operation, instance state "
+                              "changed (master -> replica?)")  # fmt: skip
+    stop = asyncio.Event()
+    reads = 0
+
+    async def read(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        if reads == 1:
+            raise unblocked
+        stop.set()
+        return []
+
+    async def tails(redis: Any, streams: Any) -> dict[str, str]:
+        return dict.fromkeys(streams, "0-0")
+
+    monkeypatch.setattr(cancel_mod, "read", read)
+    monkeypatch.setattr(cancel_mod, "tail_ids", tails)
+    monkeypatch.setattr(cancel_mod, "retry_pause", lambda exc: 0.0)
+    caplog.set_level(logging.WARNING, logger="supersede")
+    await asyncio.wait_for(_cancels()._read_control(stop, ["s"]), 5)
+    assert reads == 2
+    said = [r for r in caplog.records if r.name.startswith("supersede")]
+    assert [r.levelno for r in said] == [logging.WARNING], [r.getMessage() for r in said]
+    assert said[0].exc_info is None and "reading again" in said[0].getMessage()
+    assert _hint(unblocked) is not None and "failover" in str(_hint(unblocked))
