@@ -158,8 +158,8 @@ async def moved_run(
     taken. None when no other shard holds it, or they did not answer within MOVED_LOOK_S."""
     shard, digest = shard_of_run(rid), rid.partition("-")[2]
     others = [s for s in range(keys.shards) if s != shard]
-    if not others:
-        return None
+    if not others or shard >= keys.shards:  # (no id `publish` planned here: `run 99-<tail>`
+        return None  # showed the run of shard 9 as if it were the one asked, a CLI probe)
     try:
         async with asyncio.timeout(MOVED_LOOK_S), redis.pipeline(transaction=False) as pipe:
             for s in others:

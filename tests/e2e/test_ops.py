@@ -950,6 +950,15 @@ async def test_a_planned_run_id_finds_its_run_after_a_new_version_moved_it(
     assert await get_run(redis, plan.run_id, namespace=keys.namespace) is None  # (exact)
     own = (await moved_run(redis, keys, plan.run_id, entry)).id
     assert await moved_run(redis, keys, plan.run_id, "1-1") is None  # (another event's)
+    # an id of no shard of this namespace is no run, not another shard's (it showed one)
+    tail = plan.run_id.partition("-")[2]
+    for stray in (f"{keys.shards}-{tail}", f"99-{tail}"):
+        assert await moved_run(redis, keys, stray) is None
+        gone = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "supersede", "run", stray],
+            env=system.env, capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert gone.returncode == 1 and b"no run" in gone.stderr, gone.stderr
     assert await acli(system, "cancel", own) == {own: True}
     ended = await wait_for_run(redis, plan.run_id, timeout=10, namespace=keys.namespace,
                                entry=entry)  # fmt: skip
