@@ -30,7 +30,7 @@ from supersede.config import (
     unverified_tls,
 )
 from supersede.errors import ConfigError, SupersedeError
-from supersede.protocol import RunState
+from supersede.protocol import Inbox, RunState
 from supersede.service import place_process, run_until_signal
 from supersede.services.modules import load_modules, load_workflows
 
@@ -137,7 +137,8 @@ def _event_flags(parser: argparse.ArgumentParser) -> None:
         "count), the oldest forgotten first, none within 5 minutes of its event; bounds "
         "memory at any rate (default 1000000; 0: no cap)",
     )
-    parser.add_argument("--max-payload", type=_COUNT, default=1 << 20, help="bytes per inbox entry")
+    parser.add_argument("--max-payload", type=_COUNT, default=Inbox.MAX_BYTES,
+                        help="bytes per inbox entry")  # fmt: skip
 
 
 def _admission_config(args: argparse.Namespace) -> Any:

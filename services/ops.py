@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
+import json
 import re
 import sys
 import time
@@ -756,6 +758,7 @@ async def _say_duplicates(
 
 
 PUBLISH_WAIT_S = 60.0  # `publish --wait`'s --timeout unless given
+INGRESS_MAX_PAYLOAD = Inbox.MAX_BYTES  # ingress's --max-payload unless set (warned past it)
 # The fields of a `publish --wait` row besides workflow, key, run and duplicate_of, with the
 # value of a row whose end did not give one (a dead letter has no outputs, say).
 WAITED_ROW = {"state": None, "error": "", "outputs": None, "cancelled_by": None, "reason": None,
@@ -784,6 +787,11 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
         raise MaybePublished(args.id, exc) from None
     if not planned:
         _warn_no_run(args.name, known)
+    size = len(orjson.dumps(data))
+    if size > INGRESS_MAX_PAYLOAD and not args.wait:  # (--wait says the dead letter)
+        warn(f"supersede: warning: the event's data is {size:,} bytes, over ingress's default "
+             f"--max-payload ({INGRESS_MAX_PAYLOAD:,}): it is dead-lettered (too_large) unless "
+             "ingress runs with a larger one")  # fmt: skip
     runs: list[dict[str, Any]] = [
         {"workflow": p.workflow, "key": p.key, "run": p.run_id, "duplicate_of": p.duplicate_of}
         for p in planned
@@ -894,7 +902,24 @@ def _json_object(text: str | bytes, what: str, example: str) -> dict[str, Any]:
         raise ValueError(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ValueError(f"{what} must be a JSON object, e.g. '{example}'")
+    if _LONG_NUMBER.search(text if isinstance(text, bytes) else text.encode()):
+        json.loads(text, parse_int=functools.partial(_int64, what))
     return value
+
+
+_LONG_NUMBER = re.compile(rb"\d{19}")  # (what may be an integer past 64 bits: looked at closer)
+
+
+def _int64(what: str, digits: str) -> int:
+    """An integer of the JSON, refused past 64 bits: orjson, as ingress reads events, makes
+    it a float (123456789012345678901234567890 was published as 1.2345678901234568e+29, its
+    digits lost: a CLI probe)."""
+    n = int(digits)
+    if not -(1 << 63) <= n < 1 << 64:
+        raise ValueError(f"{what} holds an integer past 64 bits ({digits[:40]}): JSON readers "
+                         "such as ingress's make it a float and lose its digits; send it as a "
+                         "string")  # fmt: skip
+    return n
 
 
 def _warn_no_run(name: str, known: list[str]) -> None:

@@ -312,15 +312,19 @@ def replayed(result: dict[str, Any]) -> str:
     return f"dead letter {result['replayed']} published again as inbox entry {result['entry']}"
 
 
+def _runs(n: int) -> str:
+    return f"{n} live run" if n == 1 else f"{n} live runs"
+
+
 def retired(result: dict[str, Any]) -> str:
     if result.get("before"):  # (again: it finishes a retire that was interrupted, if it was)
         return (
             f"workflow {result['retired']} was retired before (it is not registered): "
-            f"{result['cancelled']} live runs cancelled now, its assignment streams deleted"
+            f"{_runs(result['cancelled'])} cancelled now, its assignment streams deleted"
         )
     return (
         f"workflow {result['retired']} retired: its events make no run; "
-        f"{result['cancelled']} live runs cancelled, its assignment streams deleted"
+        f"{_runs(result['cancelled'])} cancelled, its assignment streams deleted"
     )
 
 

@@ -59,6 +59,7 @@ class Inbox:
     ONLY_WORKFLOW = b"only_workflow"
     MAX_ID_BYTES = 1024  # an `id` is 1..this many bytes of UTF-8
     MAX_FIELDS = 64  # an entry with more fields is refused (too_large)
+    MAX_BYTES = 1 << 20  # ingress's --max-payload unless set: a larger entry is too_large
 
 
 # The config hash field where admission publishes its assignment deadline (ms) for the finish

@@ -106,7 +106,7 @@ class IngressConfig:
     # first, none claimed within dedup_floor_ms (a redelivery comes sooner); 0: no cap
     max_dedup_ids: int = 1_000_000
     dedup_floor_ms: int = 300_000
-    max_payload: int = 1 << 20
+    max_payload: int = Inbox.MAX_BYTES
     # the dead letters' stream is capped at about this many on each write (0: no cap), so a
     # flood of bad input stays bounded while admission, which trims it too, is down
     max_dead_letters: int = 100_000

@@ -891,8 +891,26 @@ async def test_publish_reads_data_past_an_arguments_limit_from_stdin_or_a_file(
         )  # fmt: skip
         assert done.returncode == 0, done.stderr.decode()
         assert [r["key"] for r in orjson.loads(done.stdout)["runs"]] == ["big"]
+        assert not done.stderr  # (under 1 MiB: no warning)
     entries = await redis.xrange(keys.events_stream)
     assert [orjson.loads(f[b"data"]) for _, f in entries] == [orjson.loads(data)] * 2
+    # past ingress's default 1 MiB: published, with a warning that it is dead-lettered (it
+    # said nothing, exit 0; a CLI probe); an integer past 64 bits is refused (it became a float)
+    huge = orjson.dumps({"k": "huge", "text": "word " * 250_000})
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "supersede", "publish", "big.ev", "-"],
+        env=system.env, input=huge, capture_output=True, timeout=30,
+    )  # fmt: skip
+    said = done.stderr.decode()
+    assert done.returncode == 0 and "over ingress's default --max-payload" in said, said
+    long_int = b'{"k": "n", "n": 123456789012345678901234567890}'
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "supersede", "publish", "big.ev", "-"],
+        env=system.env, input=long_int, capture_output=True, timeout=30,
+    )  # fmt: skip
+    [line] = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2 and "an integer past 64 bits" in line, line
+    assert await redis.xlen(keys.events_stream) == 3
     gone = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "supersede", "publish", "big.ev", "@/nonexistent"],
         env=system.env, capture_output=True, timeout=30,

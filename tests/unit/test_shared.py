@@ -1626,3 +1626,11 @@ async def test_a_master_that_refuses_the_user_makes_the_process_not_ready_until_
         await asyncio.sleep(0.05)
     assert not h.silent and metrics._READY["refused-test"] is True
     h.close()
+
+
+def test_a_retire_says_one_live_run_in_the_singular() -> None:
+    """ "1 live runs cancelled" (a newcomer probe)."""
+    from supersede.services.render import retired
+
+    assert "1 live run cancelled" in retired({"retired": "w", "cancelled": 1})
+    assert "2 live runs cancelled now" in retired({"retired": "w", "cancelled": 2, "before": 1})
