@@ -20,11 +20,11 @@
                                 (CANCEL_IN_PROGRESS: a late, older arrival loses to them)
     KEYS[13] newest-at zset     group id by its last admission (ms), for expiry by reap
     KEYS[14] fences hash        group id -> the sequence of the newest run it ever admitted
-                                (ctx.still_current() reads it)
+                                (ctx.still_current() reads it); '<group id>|last' -> the
+                                member of the run a debounced group's last window let through
+                                (fire_debounced.lua writes it): an older arrival ends at once
     KEYS[15] debounce hash      group id -> '<window start ms>|<member>': a debounced group's
-                                waiting run (requests with db > 0); 'f|<member>' once its
-                                window closed: the run it let through (an older arrival
-                                ends at once), until reap forgets the group
+                                waiting run (requests with db > 0)
     KEYS[16] due zset           debounced group ids by when their waiting run is due (ms);
                                 fire_debounced.lua applies the group's strategy to it then
     ARGV[1]  now in ms, or 0 for the server clock
@@ -219,32 +219,32 @@ end
 local firstDue
 if #waitsList > 0 then
   local cur = rcall('HMGET', debounceKey, unpack(waitsList))
+  local lastFields = {}
+  for i = 1, #waitsList do lastFields[i] = waitsList[i] .. '|last' end
+  local last = rcall('HMGET', fencesKey, unpack(lastFields))
   local stored, timers = {}, {}
   for i = 1, #waitsList do
     local g = waitsList[i]
     local list = waits[g]
     table.sort(list)
-    local first, waiting, fired
+    local first, waiting
+    local fired = last[i]   -- (the run the group's last window let through, if any)
     if cur[i] then
       local bar = string.find(cur[i], '|', 1, true)
-      local head, m = string.sub(cur[i], 1, bar - 1), string.sub(cur[i], bar + 1)
-      if head == 'f' then
-        fired = m   -- the window closed; its run arrived at the group then
-      else
-        first, waiting = tonumber(head), m
-        local rec = loadRun(ridOf(waiting))
-        if not rec or rec.st ~= 'Q' then first, waiting = nil, nil end   -- (cancelled by hand)
-      end
+      first, waiting = tonumber(string.sub(cur[i], 1, bar - 1)), string.sub(cur[i], bar + 1)
+      local rec = loadRun(ridOf(waiting))
+      if not rec or rec.st ~= 'Q' then first, waiting = nil, nil end   -- (cancelled by hand)
     end
     local moved = false
     for j = 1, #list do
       local m = list[j]
       if waiting and m < waiting then   -- older than the waiting run: it never starts
         cancelPending({ m = m, stored = false }, 'superseded', ridOf(waiting))
-      elseif not waiting and fired and m < fired then
+      elseif fired and m < fired then
         -- older than the run the last window let through: it arrived after that window closed
         -- (a slow ingress, a redelivery) and never starts (it opened a window of its own, and
-        -- under GROUP_ROUND_ROBIN ran after the newer one, a probe)
+        -- under GROUP_ROUND_ROBIN ran after the newer one, a probe); whatever window is open
+        -- now, or was cancelled by hand since
         cancelPending({ m = m, stored = false }, 'superseded', ridOf(fired))
       else
         if waiting then

@@ -54,8 +54,7 @@ for i = 3, #ARGV do
     local m, waiting = memberOf(rid, rec), false
     if rec.sg == 1 then
       local cur = rcall('HGET', debounceKey, rec.g)
-      waiting = cur and string.sub(cur, 1, 2) ~= 'f|'
-        and string.sub(cur, string.find(cur, '|', 1, true) + 1) == m or false
+      waiting = cur and string.sub(cur, string.find(cur, '|', 1, true) + 1) == m or false
     end
     cancelPending({ m = m, stored = not waiting, unranked = waiting }, reason)
   elseif st == 'A' or st == 'R' then

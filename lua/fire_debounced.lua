@@ -1,9 +1,9 @@
 --[[
   Fires the debounce timers that are due: the waiting run of each due group arrives at its
   group now, under the group's strategy, as a run without debounce would have on admission
-  (it may start, queue, or supersede older runs), and the group's window is closed, naming it
-  ('f|<member>': an older event that arrives later ends at once). A waiting run cancelled
-  meanwhile (by hand) is skipped, its window deleted. Admission calls it when the earliest timer it set is due, and every second for
+  (it may start, queue, or supersede older runs), and is named the group's last (an older
+  event that arrives later ends at once). A waiting run cancelled meanwhile (by hand) is
+  skipped. Admission calls it when the earliest timer it set is due, and every second for
   the timers other processes set (or a restart left).
 
   Input:
@@ -12,6 +12,8 @@
     KEYS[12]    newest-at zset   as in admit.lua
     KEYS[13]    debounce hash    as in admit.lua
     KEYS[14]    due zset         as in admit.lua
+    KEYS[15]    fences hash      as in admit.lua: '<group id>|last', the run each window fired
+                                 let through
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     at most this many groups per call
     ARGV[3]     assignment deadline in ms, as in admit.lua
@@ -31,6 +33,7 @@ local runsKey, queueKey, activeKey, slotsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4
 local leasesKey, endedKey, assignKey, controlKey = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local inputsKey, countsKey = KEYS[9], KEYS[10]
 local newestKey, newestAtKey, debounceKey, dueKey = KEYS[11], KEYS[12], KEYS[13], KEYS[14]
+local fencesKey = KEYS[15]
 
 -- @include now
 -- @include runs
@@ -57,21 +60,21 @@ if #groups > 0 then
   prefetchRuns(waiting)
   prefetchSlots(groups)
   prefetchNewest(groups)
-  local closed = {}   -- group -> 'f|<member>': the run its window let through
+  local closed = {}   -- group -> the member its window let through
   for i = 1, #groups do
-    if cur[i] and string.sub(cur[i], 1, 2) ~= 'f|' then
+    if cur[i] then
       local g = groups[i]
       local m = string.sub(cur[i], string.find(cur[i], '|', 1, true) + 1)
       local rec = loadRun(ridOf(m))
       if rec and rec.st == 'Q' then
         applyArrivals(g, rec, { m })
         fired = fired + 1
-        closed[#closed + 1] = g
-        closed[#closed + 1] = 'f|' .. m
+        closed[#closed + 1] = g .. '|last'
+        closed[#closed + 1] = m
       end
     end
   end
-  callChunked('HSET', debounceKey, closed, 1000)
+  callChunked('HSET', fencesKey, closed, 1000)
   flushRuns()
   flushNewest()
 end

@@ -25,8 +25,7 @@
                                       drained with the default retention, never written
     KEYS[14]    outputs hash     as in finish.lua (deleted with the records)
     KEYS[15]    fences hash      as in admit.lua
-    KEYS[16]    debounce hash    as in admit.lua (a group with a window open is kept; a closed
-                                 window's entry goes with its group)
+    KEYS[16]    debounce hash    as in admit.lua (a group with a window open is kept)
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     at most this many leases and about this many old records per call (whole
                 ended-stream entries are expired, so up to one entry's runs more)
@@ -287,7 +286,7 @@ if #idle > 0 then
   local slots = rcall('HMGET', slotsKey, unpack(idle))
   local windows = rcall('HMGET', debounceKey, unpack(idle))
   for i = 1, #idle do
-    if (tonumber(slots[i]) or 0) > 0 or (windows[i] and string.sub(windows[i], 1, 2) ~= 'f|') then
+    if (tonumber(slots[i]) or 0) > 0 or windows[i] then
       live[#live + 1] = now
       live[#live + 1] = idle[i]
     else
@@ -298,7 +297,9 @@ end
 if #forget > 0 then
   rcall('HDEL', newestKey, unpack(forget))
   rcall('HDEL', fencesKey, unpack(forget))
-  rcall('HDEL', debounceKey, unpack(forget))   -- (a closed window's name of its last run)
+  local lasts = {}   -- (a debounced group's last run let through, with its fence)
+  for i = 1, #forget do lasts[i] = forget[i] .. '|last' end
+  rcall('HDEL', fencesKey, unpack(lasts))
   rcall('ZREM', newestAtKey, unpack(forget))
 end
 callChunked('ZADD', newestAtKey, live, 1000)

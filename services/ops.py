@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
@@ -24,7 +25,7 @@ from typing import Any, cast
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from supersede import codec
 from supersede.errors import ConfigError, DefinitionError, SupersedeError
@@ -124,7 +125,7 @@ async def _waiting(redis: Redis, keys: Keys) -> list[RunRecord]:
         for sk in keys.all_shards():
             pipe.hvals(sk.debounce_hash)
         replies = await pipe.execute()
-    rids = [rid for values in replies for v in values if (rid := waiting_rid(v))]
+    rids = [waiting_rid(v) for values in replies for v in values]
     return [r for r in await records_of(redis, keys, rids) if r.state.value == "Q"] if rids else []
 
 
@@ -768,7 +769,7 @@ WAITED_ROW = {"state": None, "error": "", "outputs": None, "cancelled_by": None,
 async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     """Publish; list the runs the event will make; with --wait, their outcomes once ended.
     Whatever fails once the event is published (Redis, Ctrl-C) says it was, with its ids."""
-    from supersede.client import PublishedError, publish_runs
+    from supersede.client import PublishedError, event_fields, publish_runs
 
     data, metadata = _checked_publish(args)
     sending: list[bool] = []
@@ -779,7 +780,7 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
         )  # fmt: skip
     except PublishedError as exc:  # (published: said so, with its entry)
         raise NotFollowed(exc.entry, [], exc.__cause__ or exc) from None
-    except (RedisError, OSError, asyncio.CancelledError) as exc:  # (Ctrl-C: a cancel)
+    except (RedisError, RedisClusterException, OSError, asyncio.CancelledError) as exc:
         if not sending or isinstance(exc, ResponseError):  # (a reply: not published)
             raise
         # (its XADD was sent, no reply came: a server that hung past the socket timeout
@@ -787,9 +788,10 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
         raise MaybePublished(args.id, exc) from None
     if not planned:
         _warn_no_run(args.name, known)
-    size = len(orjson.dumps(data))
+    fields = event_fields(args.name, data, id=args.id, metadata=metadata)
+    size = sum(len(k) + len(v) for k, v in fields.items())  # (what ingress measures)
     if size > INGRESS_MAX_PAYLOAD and not args.wait:  # (--wait says the dead letter)
-        warn(f"supersede: warning: the event's data is {size:,} bytes, over ingress's default "
+        warn(f"supersede: warning: the event is {size:,} bytes, over ingress's default "
              f"--max-payload ({INGRESS_MAX_PAYLOAD:,}): it is dead-lettered (too_large) unless "
              "ingress runs with a larger one")  # fmt: skip
     runs: list[dict[str, Any]] = [
@@ -903,7 +905,9 @@ def _json_object(text: str | bytes, what: str, example: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{what} must be a JSON object, e.g. '{example}'")
     if _LONG_NUMBER.search(text if isinstance(text, bytes) else text.encode()):
-        json.loads(text, parse_int=functools.partial(_int64, what))
+        # (nested past the stdlib's depth: orjson read it, 254 deep; not looked at closer)
+        with contextlib.suppress(RecursionError):
+            json.loads(text, parse_int=functools.partial(_int64, what))
     return value
 
 
@@ -976,7 +980,7 @@ class MaybePublished(NotFollowed):
         )
         Exception.__init__(
             self,
-            f"the event may have been published: its XADD was sent and no reply came ({why}); "
+            f"the event may have been published: its XADD failed with no reply ({why}); "
             f"look for its runs with `supersede runs` before publishing it again: {again}",
         )
 

@@ -145,16 +145,17 @@ class ShardKeys:
     @property
     def fences_hash(self) -> str:
         """group id -> the sequence of the newest run the group ever admitted (a group with a
-        concurrency limit): ``ctx.still_current()`` compares its run's sequence with it.
+        concurrency limit): ``ctx.still_current()`` compares its run's sequence with it; and
+        '<group id>|last' -> ``<member>`` of the run a debounced group's last window let through
+        (fired): an older event that arrives later ends at once (a field of this hash, which
+        admission may write under its ACL role and older builds read by exact field only).
         Deleted by the reaper with ``newest`` once the group admitted nothing for the retention."""
         return f"{self.tag}:fences"
 
     @property
     def debounce_hash(self) -> str:
         """group id -> ``<window start ms>|<member>``: the run of a debounced group waiting for
-        its window to close (``<group>|<sequence>|<run id>``, as in the queue zset); once it
-        closed, ``f|<member>``, the run it let through (an older event that arrives later ends
-        at once), until reap forgets the group."""
+        its window to close (``<group>|<sequence>|<run id>``, as in the queue zset)."""
         return f"{self.tag}:debounce"
 
     @property

@@ -109,7 +109,7 @@ async def live_of_key(
     # of the queue, cancelled then as it ran.
     queues, actives, waiting = replies[0::3], replies[1::3], replies[2::3]
     found = [rid_of_member(m) for members in queues for m in members]
-    found += [rid for raw in waiting if raw and (rid := waiting_rid(raw))]
+    found += [waiting_rid(raw) for raw in waiting if raw]
     found += [rid_of_member(m) for members in actives for m in members]
     # (the key is an inbox entry id, or an explicit id: hashed apart when it looks like one)
     candidates = {
@@ -127,11 +127,9 @@ async def live_of_key(
     return found + unlimited
 
 
-def waiting_rid(raw: Any) -> str | None:
-    """The run id of a debounce hash value ('<window start ms>|<member>'); None for a closed
-    window's ('f|<member>': the run it let through, in its group's queue or active now)."""
-    head, _, member = codec.text(raw).partition("|")
-    return None if head == "f" else rid_of_member(member)
+def waiting_rid(raw: Any) -> str:
+    """The run id of a debounce hash value ('<window start ms>|<member>')."""
+    return rid_of_member(codec.text(raw).split("|", 1)[1])
 
 
 async def require_run(redis: Redis, keys: Keys, rid: str) -> None:

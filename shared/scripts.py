@@ -345,7 +345,7 @@ class Scripts:
         """Apply the due debounce timers of one shard (at most `limit` groups)."""
         sk = self.keys.shard(shard)
         keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset, sk.debounce_hash,
-                sk.due_zset]  # fmt: skip
+                sk.due_zset, sk.fences_hash]  # fmt: skip
         r = await self._call("fire_debounced", keys, [now, limit, assign_deadline_ms])
         return FireResult(
             int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]) if len(r) > 5 else 0

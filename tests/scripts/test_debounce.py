@@ -46,8 +46,9 @@ async def test_the_newest_event_of_a_quiet_window_runs_and_the_others_never_star
     fired = await scripts.fire_debounced(shard, now=1700)
     assert (fired.fired, fired.assigned, fired.next_due) == (1, 1, 0)
     assert await _states(redis, keys, a, b, c) == ["C", "C", "A"]
-    assert await redis.zcard(sk.due_zset) == 0  # (the window closed, naming its run)
-    assert await redis.hget(sk.debounce_hash, c[1].group) == f"f|{_member(keys, c)}".encode()
+    assert await redis.hlen(sk.debounce_hash) == 0 and await redis.zcard(sk.due_zset) == 0
+    # (the run the window let through is named: an older event later ends at once)
+    assert await redis.hget(sk.fences_hash, f"{c[1].group}|last") == _member(keys, c).encode()
     # after the window the next event opens a new one, and then arrives at its group's
     # strategy like any run: under CANCEL_IN_PROGRESS it supersedes the running one
     d = _req(keys, 4)
@@ -89,8 +90,9 @@ async def test_an_older_event_that_arrives_after_the_window_closed_ends_at_once(
     """An older event that arrived after its key's window had fired (a slow ingress, a
     redelivery) opened a window of its own and, under GROUP_ROUND_ROBIN, ran after the newer
     one (a strategies probe; the README says it ends at once). It ends at once, superseded by
-    the run the window let through; a newer one opens a window as before. The closed window's
-    entry goes when reap forgets the group."""
+    the run the window let through, even after a newer window was cancelled by hand; a newer
+    one opens a window as before. The name of the run let through goes when reap forgets the
+    group."""
     new = _req(keys, 9, strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=2)
     old = _req(keys, 5, strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=2)
     newer = _req(keys, 12, strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=2)
@@ -102,13 +104,18 @@ async def test_an_older_event_that_arrives_after_the_window_closed_ends_at_once(
     assert recs[old[1].run_id]["st"] == "C" and recs[old[1].run_id]["by"] == new[1].run_id
     assert await _states(redis, keys, new, old) == ["A", "C"]
     assert await _admit(scripts, 1700, newer) == 2200
+    # the newer window cancelled by hand (a review: it took the name's place), then another
+    # late, older one: it ends all the same
+    assert await scripts.cancel(shard, [newer[1].run_id], now=1800) == [True]
+    later = _req(keys, 7, strategy=Strategy.GROUP_ROUND_ROBIN, max_runs=2)
+    assert await _admit(scripts, 1900, later) == 0
     await scripts.fire_debounced(shard, now=2200)
-    assert await _states(redis, keys, new, old, newer) == ["A", "C", "A"]
-    # its runs ended, the group idle past the retention: forgotten, its closed window too
-    assert await scripts.cancel(shard, [new[1].run_id, newer[1].run_id], now=2300) == [True] * 2
-    assert await redis.hexists(sk.debounce_hash, new[1].group)
+    assert await _states(redis, keys, new, old, newer, later) == ["A", "C", "C", "C"]
+    # its runs ended, the group idle past the retention: forgotten, with the name
+    assert await scripts.cancel(shard, [new[1].run_id], now=2300) == [True]
+    assert await redis.hexists(sk.fences_hash, f"{new[1].group}|last")
     await scripts.reap(shard, now=10_000_000, retention_ms=1000)
-    assert not await redis.hexists(sk.debounce_hash, new[1].group)
+    assert not await redis.hexists(sk.fences_hash, f"{new[1].group}|last")
 
 
 async def test_a_waiting_run_cancelled_by_hand_is_skipped_and_a_new_window_opens(

@@ -122,8 +122,8 @@ class Model:
             if waiting is not None and run.seq < waiting.seq:
                 run.state, run.dropped = "C", True
                 continue
-            if waiting is None and fired is not None and run.seq < fired.seq:
-                run.state, run.dropped = "C", True  # (after the window closed: it ends too)
+            if fired is not None and run.seq < fired.seq:
+                run.state, run.dropped = "C", True  # (after that window closed: it ends too)
                 continue
             if waiting is not None:
                 waiting.state, waiting.waiting, waiting.dropped = "C", False, True
