@@ -59,14 +59,24 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    where = _WHERE.get(name)
-    if where is None:
-        raise AttributeError(f"module 'supersede' has no attribute {name!r}")
-    importlib.import_module("supersede.config")  # (it mends redis-py first: see aio.mend_redis)
-    value = getattr(importlib.import_module(f"supersede.{where}"), name)
-    globals()[name] = value
-    return value
+if not TYPE_CHECKING:  # (for mypy, the imports above: a misspelt name is an error)
+
+    def __getattr__(name: str) -> Any:
+        where = _WHERE.get(name)
+        if where is None:  # (a submodule: `import supersede; supersede.client.publish_runs`;
+            # also asked by `from supersede import codec` inside the package, before it
+            # imports it: nothing else may be imported then, or the imports go round)
+            try:
+                value = importlib.import_module(f"supersede.{name}")
+            except ModuleNotFoundError as exc:
+                if exc.name != f"supersede.{name}":
+                    raise
+                raise AttributeError(f"module 'supersede' has no attribute {name!r}") from None
+        else:
+            importlib.import_module("supersede.config")  # (it mends redis-py: aio.mend_redis)
+            value = getattr(importlib.import_module(f"supersede.{where}"), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:

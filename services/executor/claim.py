@@ -226,8 +226,9 @@ class Claimer:
                 continue
             del self.lost_since[shard]
             held = self._held()  # (a hand-over of `supersede serve` may have started one)
+            skip = held | self.started.get(shard, {}).keys()
             for claim in claims:
-                if (claim.run_id, claim.attempt) in held | self.started.get(shard, {}).keys():
+                if (claim.run_id, claim.attempt) in skip:
                     continue
                 found += 1
                 run = self._start(shard, claim, now, asked)
@@ -258,5 +259,7 @@ class Claimer:
         run = self.runner.start(shard, claim, leased_at=asked)
         if run is not None:
             self.cancels.apply_early(run)
-            self._remember(shard, (claim.run_id, claim.attempt), now or server_now())
+            # (when it starts, not when its claim was read: a claim held up in a freeze is
+            # remembered as long as a reclaim can reach it, a review)
+            self._remember(shard, (claim.run_id, claim.attempt), server_now())
         return run

@@ -324,7 +324,9 @@ class LeaseKeeper:
             self._soon.clear()
             due = time.monotonic() + interval
             try:
-                self.beat()
+                sent = self.beat()
+                if not sent and failing:  # (no lease to renew says nothing of the server)
+                    self._client.ping()
             except Exception as exc:  # the next beat tries again; a lease lasts six of them
                 if isinstance(exc, _UNANSWERED):  # (a server stalled, or restarting: one line)
                     repeats = _BEAT_FAILED.due(type(exc).__name__)
@@ -348,7 +350,9 @@ class LeaseKeeper:
                 failing = False
                 report(READY_PART, "heartbeat", True)
             now = time.monotonic()
-            if now - last_ok > self.config.lease_ms / 1000:
+            if sent and now - last_ok > self.config.lease_ms / 1000:  # (a beat with no lease
+                # to renew is not late: it said so 2.8 s into a 5 s outage, a probe, once the
+                # watch had stopped every run)
                 # the process was starved (or the server unreachable) for longer than a lease:
                 # the reaper may have retried this executor's runs elsewhere meanwhile
                 metrics.HEARTBEATS_LATE.inc()
@@ -412,14 +416,14 @@ class LeaseKeeper:
                 continue
         raise RuntimeError("the runs to renew changed under each of 10 reads")  # (no renewal)
 
-    def beat(self) -> None:
+    def beat(self) -> bool:
         """One heartbeat: renew, and hand back what the script names (blocking: call it from
         a thread, e.g. `asyncio.to_thread` while a drain waits for results to be applied).
-        One at a time (the keeper's and a drain's)."""
+        One at a time (the keeper's and a drain's). False when it had no lease to renew."""
         with self._beating:
-            self._beat()
+            return self._beat()
 
-    def _beat(self) -> None:
+    def _beat(self) -> bool:
         began = time.monotonic()
         snapshot = self._snapshot()
         confirmed = self._confirmed_turns(snapshot)
@@ -458,6 +462,7 @@ class LeaseKeeper:
         if failed is not None:
             self._failed(failed, unrenewed, sum(len(runs) for _, _, runs in calls), set(by_shard))
         self.runner.mark_renewed(began)
+        return bool(calls)
 
     def _renewed(self, runs: list[tuple[str, int]], reply: Any, asked: float) -> None:
         """Apply one heartbeat call's reply (sent at `asked`) to its runs: in the beat, or on

@@ -107,12 +107,18 @@ class UI:
             if secret
             else secrets.token_urlsafe(32)
         )
+        # the notices' MAC key: another secret (the token is printed in every page's forms)
+        self._notices = (
+            hmac.new(secret.encode(), b"supersede ui: notices", "sha256").digest()
+            if secret
+            else secrets.token_bytes(32)
+        )
 
     # -- helpers ---------------------------------------------------------------------------
     def signed(self, value: str, *about: str) -> str:
         """`value` with a MAC of it and what it is `about`: a notice an action's redirect
         carries, which a link from elsewhere cannot forge ("Cancelled 999999 live runs")."""
-        mac = hmac.new(self.token.encode(), "\n".join((value, *about)).encode(), "sha256")
+        mac = hmac.new(self._notices, "\n".join((value, *about)).encode(), "sha256")
         return f"{value}.{mac.hexdigest()[:16]}"
 
     def verified(self, text: str | None, *about: str) -> str | None:

@@ -1517,10 +1517,11 @@ async def test_a_failed_beat_is_tried_again_a_quarter_interval_after_it(
                          lambda rid, attempt: None)  # fmt: skip
     beats: list[float] = []
 
-    def beat() -> None:
+    def beat() -> bool:
         beats.append(time.monotonic())
         if len(beats) <= 3:  # (the server is down for three beats)
             raise ConnectionError("Connection refused")
+        return True
 
     keeper.beat = beat  # type: ignore[method-assign]
     thread = asyncio.ensure_future(asyncio.to_thread(keeper._run))

@@ -162,13 +162,16 @@ def test_a_heartbeat_later_than_a_lease_is_counted_and_logged(caplog: Any) -> No
     beats: list[float] = []
     done = threading.Event()
 
+    sends = True
+
     class Starved(LeaseKeeper):
-        def beat(self) -> None:
+        def beat(self) -> bool:
             beats.append(time.monotonic())
             if len(beats) == 2:
                 time.sleep(0.5)  # starved for longer than the 0.3 s lease
             if len(beats) == 4:
                 done.set()
+            return sends
 
     config = ExecutorConfig(lease_ms=300)
     runner: Any = type("R", (), {"mark_renewed": lambda self, began: None})()
@@ -185,6 +188,20 @@ def test_a_heartbeat_later_than_a_lease_is_counted_and_logged(caplog: Any) -> No
     assert metrics.HEARTBEATS_LATE._value.get() >= before + 1
     late = [r for r in caplog.records if r.getMessage().startswith("heartbeat late")]
     assert len(late) >= 1 and late[0].late_s > 0.3 and late[0].pid > 0
+    # beats with no lease to renew are never late (it said so in an outage, once the watch
+    # had stopped every run: a probe)
+    caplog.clear()
+    sends, beats[:] = False, []
+    done.clear()
+    idle = Starved("redis://127.0.0.1:1/0", Keys("t", 1), "c", config, runner, lambda r, a: None)
+    thread = threading.Thread(target=idle._run)
+    thread.start()
+    try:
+        assert done.wait(10)
+    finally:
+        idle._halt.set()
+        thread.join(5)
+    assert not [r for r in caplog.records if r.getMessage().startswith("heartbeat late")]
 
 
 async def test_a_read_of_streams_with_a_backlog_is_deep_over_a_few_of_them_in_rotation() -> None:
@@ -707,11 +724,13 @@ async def test_the_on_cancel_hook_runs_when_an_async_step_takes_its_cancel_witho
     from supersede.workflow import Concurrency, Workflow
 
     events: list[str] = []
+    began = asyncio.Event()
     wf = Workflow("wf", on_events=["e"], concurrency=Concurrency("input.k", strict=strict))
 
     @wf.step()
     async def swallows(ctx: Any) -> None:
         try:
+            began.set()
             await asyncio.sleep(10)
         except asyncio.CancelledError:
             events.append("step took its cancel")
@@ -730,10 +749,13 @@ async def test_the_on_cancel_hook_runs_when_an_async_step_takes_its_cancel_witho
         run = runner.start(0, Claim("0-a", True, 1, "wf", "v", pack_input({"k": 1}, {}, "e",
                                     "1"), "k", "s", "R"))  # fmt: skip
         assert run is not None and run.task is not None
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(began.wait(), 5)
         cancels.cancel_local("0-a", 1, time.time() * 1000)
         await asyncio.wait_for(run.task, 5)
-        await asyncio.sleep(0.3)  # (past the grace: a second hook would have run by then)
+        deadline = time.monotonic() + 5
+        while not outbox.written and time.monotonic() < deadline:  # (reported, in strict mode
+            await asyncio.sleep(0.01)  # by its task; else at the grace's end at the latest)
+        await asyncio.sleep(config.grace)  # (a second hook, from the grace's report, by now)
         assert events == ["step took its cancel", "hook"], events
         assert [r.outcome.value for r in outbox.written] == ["C"]
     finally:
@@ -1513,8 +1535,9 @@ async def test_a_reclaim_never_starts_again_an_attempt_whose_result_was_given_up
     claimer = Claimer(cast(Any, Scripts()), "me", ExecutorConfig(), runner, cast(Any, Cancels()))
     claimer.lost_since[0] = time.time() - 1
     claimer.start_taken([(0, "1-0", ran)], 0)
-    while runner.active:  # (its handler ends, its result is not written: held no more)
-        await asyncio.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while runner.active and time.monotonic() < deadline:  # (its handler ends, its result is
+        await asyncio.sleep(0.01)  # not written: held no more)
     assert not runner.awaiting and ("0-r", 1) not in claimer._held()
     assert await claimer.reclaim() == 1
     assert set(runner.active) == {"0-n"}  # (the one never started here starts; "0-r" not)

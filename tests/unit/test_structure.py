@@ -112,6 +112,13 @@ def test_the_package_names_import_when_asked_and_import_supersede_alone_imports_
         "assert 'redis' not in sys.modules and 'supersede.config' not in sys.modules\n"
         "names = [getattr(supersede, n) for n in supersede.__all__]\n"
         "assert 'redis.asyncio.connection' in sys.modules\n"  # (mended on the first name)
+        "assert supersede.errors.SupersedeError and supersede.client.publish_runs\n"
+        "try:\n"
+        "    supersede.nothing_here\n"
+        "except AttributeError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
         "print(len(names))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60)
