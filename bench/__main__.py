@@ -17,7 +17,7 @@ from bench import (
     saq_ref,
     serve,
 )
-from bench.common import cpu_latency_holdable, log
+from bench.common import cpu_latency_holdable, log, no_arguments
 
 
 def main() -> None:
@@ -40,4 +40,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     main()

@@ -20,7 +20,7 @@ import urllib.request
 
 from redis.asyncio import Redis
 
-from bench.common import log, pipelined_xadd, report
+from bench.common import log, no_arguments, pipelined_xadd, report
 from supersede.config import Settings
 from supersede.server import EmbeddedServer, free_port
 
@@ -113,4 +113,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     asyncio.run(main())

@@ -12,7 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from bench.common import apps_registered, log, report
+from bench.common import apps_registered, log, no_arguments, report
 from bench.executor import start, wait_for
 from supersede.keys import Keys
 from supersede.server import EmbeddedCluster, EmbeddedServer
@@ -75,4 +75,5 @@ async def main(n: int = 10_000) -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     asyncio.run(main())

@@ -81,3 +81,14 @@ def cpu_latency_held() -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def no_arguments(doc: str | None) -> None:
+    """A benchmark module that takes no argument: `--help` prints what it measures and exits,
+    and any argument is refused (each started the whole benchmark: minutes of CPU, a newcomer
+    probe)."""
+    import argparse
+
+    argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from bench.common import apps_registered, log, pipelined_xadd, report
+from bench.common import apps_registered, log, no_arguments, pipelined_xadd, report
 from bench.executor import start, wait_for
 from supersede.config import Settings
 from supersede.server import EmbeddedServer
@@ -91,4 +91,5 @@ async def main(n: int = 20_000, rounds: int = 2) -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     asyncio.run(main())

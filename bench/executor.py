@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from bench.common import apps_registered, log, pipelined_xadd, report
+from bench.common import apps_registered, log, no_arguments, pipelined_xadd, report
 from supersede.config import Settings
 from supersede.lookups import cancel_key
 from supersede.protocol import RunRecord
@@ -385,4 +385,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     asyncio.run(main())

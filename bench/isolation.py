@@ -16,7 +16,7 @@ import subprocess
 import orjson
 from redis.asyncio import Redis
 
-from bench.common import log, report
+from bench.common import log, no_arguments, report
 from bench.executor import pct, start, wait_for, xread_wakeup_ms
 from supersede.config import Settings
 from supersede.server import EmbeddedServer
@@ -129,4 +129,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     asyncio.run(main())

@@ -12,7 +12,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bench.common import report
+from bench.common import no_arguments, report
 from supersede.config import connect
 from supersede.lane import lane_of
 from supersede.server import EmbeddedServer
@@ -77,4 +77,5 @@ def run() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     run()

@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bench.common import log, report
+from bench.common import log, no_arguments, report
 from supersede import codec
 from supersede.keys import Keys, workflow_tag
 from supersede.model import group_id, run_id, shard_of_group
@@ -159,4 +159,5 @@ async def main(n: int = RUNS) -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     asyncio.run(main())

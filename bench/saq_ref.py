@@ -17,7 +17,7 @@ import time
 
 from redis.asyncio import Redis
 
-from bench.common import RESULTS, cpu_latency_held, log, report
+from bench.common import RESULTS, cpu_latency_held, log, no_arguments, report
 from bench.executor import pct, wait_for, xread_wakeup_ms
 from supersede.server import EmbeddedServer
 
@@ -111,4 +111,5 @@ def compare(held: bool = False) -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     asyncio.run(main())

@@ -13,7 +13,7 @@ import sys
 
 from redis.asyncio import Redis
 
-from bench.common import apps_registered, log
+from bench.common import apps_registered, log, no_arguments
 from bench.executor import (
     cost_per_run,
     e2e_throughput,
@@ -66,4 +66,5 @@ async def main(held: bool = False) -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     asyncio.run(main())

@@ -82,7 +82,9 @@ def _cell(value: Any) -> str:
         return ", ".join(_cell(v) for v in value)
     if isinstance(value, dict):
         return orjson.dumps(value).decode()
-    return str(value).replace("\n", " ")
+    # (escaped here, so that the widths are those printed: a new line showed as a space, and a
+    # key holding ESC or U+202E drifted its row's columns, a CLI probe)
+    return printable(_one_line(value))
 
 
 def table(

@@ -344,7 +344,9 @@ def key(k: dict[str, Any], csrf: str | None) -> str:
     if not runs_:
         return head + action + "<p class=muted>No retained runs.</p>"
     t0 = min(r["created_ms"] or now for r in runs_)
-    t1 = max([now, *(r["ended_ms"] or now for r in runs_)])
+    # (to now while a run is live, else to the last end: runs of an hour ago filled a pixel
+    # of an axis that ran on to now, a newcomer probe)
+    t1 = max(r["ended_ms"] or now for r in runs_)
     span, width, row = max(t1 - t0, 1), 900, 20
     rects = []
     for i, r in enumerate(runs_):

@@ -1634,3 +1634,35 @@ def test_a_retire_says_one_live_run_in_the_singular() -> None:
 
     assert "1 live run cancelled" in retired({"retired": "w", "cancelled": 1})
     assert "2 live runs cancelled now" in retired({"retired": "w", "cancelled": 2, "before": 1})
+
+
+def test_the_key_page_axis_ends_at_the_last_end_once_every_run_ended() -> None:
+    """The axis ran from the first run to now: runs of an hour ago were one-pixel slivers and
+    the red tick of a cancel could not be told (a newcomer probe). While a run is live it
+    runs to now."""
+    from supersede.services.ui import pages
+
+    hour = 3_600_000
+    ended = [
+        {"id": "0-a", "state": "CANCELLED", "created_ms": 1_000, "ended_ms": 3_700,
+         "cancel_decided_ms": 3_600, "claimed_ms": None, "cancelled_by": "0-b"},
+        {"id": "0-b", "state": "SUCCEEDED", "created_ms": 3_500, "ended_ms": 11_000,
+         "cancel_decided_ms": None, "claimed_ms": None},
+    ]  # fmt: skip
+    k = {"key": "k", "workflow": "w", "max_runs": 1, "strategy": "CANCEL_IN_PROGRESS",
+         "slots": 0, "runs": ended, "at_ms": hour}  # fmt: skip
+    assert "+10.0 s</text>" in pages.key(k, None)
+    live = [*ended, {**ended[1], "id": "0-c", "state": "RUNNING", "ended_ms": None}]
+    assert f"+{(hour - 1_000) / 1000:.1f} s</text>" in pages.key({**k, "runs": live}, None)
+
+
+def test_a_table_cell_shows_its_new_lines_and_control_characters_escaped_in_its_width() -> None:
+    """A key holding a new line printed as a space; one holding ESC or U+202E was escaped after
+    the widths were taken, so its row's columns drifted (a CLI probe)."""
+    from supersede.services.render import printable, table
+
+    text = printable(table([["nl\nkey", "x"], ["\x1b[31m\u202e", "y"], ["plain", "z"]],
+                           ["key", "next"]))  # fmt: skip
+    lines = text.splitlines()
+    assert "nl\\nkey" in lines[1] and "\\x1b[31m\\u202e" in lines[2]
+    assert len({line.index(v) for line, v in zip(lines[1:], "xyz", strict=True)}) == 1, text
