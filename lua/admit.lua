@@ -20,9 +20,10 @@
                                 (CANCEL_IN_PROGRESS: a late, older arrival loses to them)
     KEYS[13] newest-at zset     group id by its last admission (ms), for expiry by reap
     KEYS[14] fences hash        group id -> the sequence of the newest run it ever admitted
-                                (ctx.still_current() reads it); '<group id>|last' -> the
-                                member of the run a debounced group's last window let through
-                                (fire_debounced.lua writes it): an older arrival ends at once
+                                (ctx.still_current() reads it); '<group id>|last' ->
+                                '<seq>|<run id>' of the run a debounced group's last window
+                                let through (fire_debounced.lua writes it): an older arrival
+                                ends at once
     KEYS[15] debounce hash      group id -> '<window start ms>|<member>': a debounced group's
                                 waiting run (requests with db > 0)
     KEYS[16] due zset           debounced group ids by when their waiting run is due (ms);
@@ -228,7 +229,7 @@ if #waitsList > 0 then
     local list = waits[g]
     table.sort(list)
     local first, waiting
-    local fired = last[i]   -- (the run the group's last window let through, if any)
+    local fired = last[i] and g .. '|' .. last[i]   -- (the member its last window let through)
     if cur[i] then
       local bar = string.find(cur[i], '|', 1, true)
       first, waiting = tonumber(string.sub(cur[i], 1, bar - 1)), string.sub(cur[i], bar + 1)

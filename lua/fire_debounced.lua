@@ -12,8 +12,9 @@
     KEYS[12]    newest-at zset   as in admit.lua
     KEYS[13]    debounce hash    as in admit.lua
     KEYS[14]    due zset         as in admit.lua
-    KEYS[15]    fences hash      as in admit.lua: '<group id>|last', the run each window fired
-                                 let through
+    KEYS[15]    fences hash      as in admit.lua: '<group id>|last' -> '<seq>|<run id>', the
+                                 run each window fired let through (unless its strategy
+                                 ended it at once)
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     at most this many groups per call
     ARGV[3]     assignment deadline in ms, as in admit.lua
@@ -69,8 +70,10 @@ if #groups > 0 then
       if rec and rec.st == 'Q' then
         applyArrivals(g, rec, { m })
         fired = fired + 1
-        closed[#closed + 1] = g .. '|last'
-        closed[#closed + 1] = m
+        if rec.st ~= 'C' then   -- (one its strategy turned away, CANCEL_NEWEST's, is none)
+          closed[#closed + 1] = g .. '|last'
+          closed[#closed + 1] = string.sub(m, #g + 2)   -- '<seq>|<rid>' (a short value)
+        end
       end
     end
   end

@@ -26,7 +26,7 @@ _CONTROL: dict[int, str] = {
 # width marks), as \uNNNN: a key holding U+202E printed its row's columns reversed (a probe).
 _CONTROL.update(
     {c: f"\\u{c:04x}" for c in (*range(0x200B, 0x2010), *range(0x202A, 0x202F),
-                                 *range(0x2066, 0x206A), 0xFEFF)}
+                                 *range(0x2066, 0x206A), 0xFEFF, 0x2028, 0x2029)}
 )  # fmt: skip
 
 
@@ -80,8 +80,8 @@ def _cell(value: Any) -> str:
         return ""
     if isinstance(value, (list, tuple)):
         return ", ".join(_cell(v) for v in value)
-    if isinstance(value, dict):
-        return orjson.dumps(value).decode()
+    if isinstance(value, dict):  # (orjson leaves U+202E, DEL and C1 characters as they are)
+        return printable(orjson.dumps(value).decode())
     # (escaped here, so that the widths are those printed: a new line showed as a space, and a
     # key holding ESC or U+202E drifted its row's columns, a CLI probe)
     return printable(_one_line(value))

@@ -63,6 +63,9 @@ if not TYPE_CHECKING:  # (for mypy, the imports above: a misspelt name is an err
 
     def __getattr__(name: str) -> Any:
         where = _WHERE.get(name)
+        if where is None and (name.startswith("_") or not name.isidentifier()):
+            # (`hasattr(supersede, "__main__")` imported the launcher, which ran the CLI)
+            raise AttributeError(f"module 'supersede' has no attribute {name!r}")
         if where is None:  # (a submodule: `import supersede; supersede.client.publish_runs`;
             # also asked by `from supersede import codec` inside the package, before it
             # imports it: nothing else may be imported then, or the imports go round)

@@ -146,9 +146,10 @@ class ShardKeys:
     def fences_hash(self) -> str:
         """group id -> the sequence of the newest run the group ever admitted (a group with a
         concurrency limit): ``ctx.still_current()`` compares its run's sequence with it; and
-        '<group id>|last' -> ``<member>`` of the run a debounced group's last window let through
-        (fired): an older event that arrives later ends at once (a field of this hash, which
-        admission may write under its ACL role and older builds read by exact field only).
+        '<group id>|last' -> ``<seq>|<run id>`` of the run a debounced group's last window let
+        through (fired, and not turned away at once by its strategy): an older event that
+        arrives later ends at once (a field of this hash, which admission may write under its
+        ACL role and older builds read by exact field only).
         Deleted by the reaper with ``newest`` once the group admitted nothing for the retention."""
         return f"{self.tag}:fences"
 

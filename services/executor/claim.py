@@ -212,6 +212,7 @@ class Claimer:
         for shard, lost in sorted(self.lost_since.items()):
             if not self.health.up(shard):
                 continue
+            self._forget(shard, now)  # (a shard that started nothing since its last start)
             # (and every attempt started here since: one whose result could not be written,
             # given up after a lease, is held no more, and was started again, the same
             # attempt, by the reclaim of a call lost as the master froze: a cluster probe)

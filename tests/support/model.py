@@ -145,8 +145,9 @@ class Model:
             run = self.runs[rid]
             if run.state == "Q" and run.waiting:
                 run.waiting = False
-                self.closed[group] = rid
                 self._apply(group)
+                if run.state != "C":  # (one its strategy turned away at once is none)
+                    self.closed[group] = rid
 
     def _apply(self, group: str) -> None:
         """The group's strategy, after arrivals."""

@@ -1661,8 +1661,9 @@ def test_a_table_cell_shows_its_new_lines_and_control_characters_escaped_in_its_
     the widths were taken, so its row's columns drifted (a CLI probe)."""
     from supersede.services.render import printable, table
 
-    text = printable(table([["nl\nkey", "x"], ["\x1b[31m\u202e", "y"], ["plain", "z"]],
-                           ["key", "next"]))  # fmt: skip
+    rows = [["nl\nkey", "x"], ["\x1b[31m\u202e", "y"], [{"o": "\u202e\x7f"}, "w"],
+            ["plain", "z"]]  # fmt: skip
+    text = printable(table(rows, ["key", "next"]))
     lines = text.splitlines()
     assert "nl\\nkey" in lines[1] and "\\x1b[31m\\u202e" in lines[2]
-    assert len({line.index(v) for line, v in zip(lines[1:], "xyz", strict=True)}) == 1, text
+    assert len({line.index(v) for line, v in zip(lines[1:], "xywz", strict=True)}) == 1, text

@@ -113,6 +113,8 @@ def test_the_package_names_import_when_asked_and_import_supersede_alone_imports_
         "names = [getattr(supersede, n) for n in supersede.__all__]\n"
         "assert 'redis.asyncio.connection' in sys.modules\n"  # (mended on the first name)
         "assert supersede.errors.SupersedeError and supersede.client.publish_runs\n"
+        "assert not hasattr(supersede, '__main__')\n"  # (it imported the launcher: the CLI ran)
+        "assert getattr(supersede, 'a.b', None) is None\n"
         "try:\n"
         "    supersede.nothing_here\n"
         "except AttributeError:\n"
