@@ -43,3 +43,22 @@ def test_measured_figures_appear_only_in_the_dated_benchmark_table() -> None:
         if re.search(figure, line) and not any(a in line for a in allowed)
     ]
     assert found == []
+
+
+def test_every_benchmark_module_answers_help_without_running() -> None:
+    """`python -m bench.executor --help` started the benchmark (minutes of CPU, a newcomer
+    probe): each module prints what it measures and exits."""
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+
+    libraries = {"__init__", "apps", "common", "isolated_apps", "saq_app"}  # (no entry point)
+    names = sorted(p.stem for p in (REPO / "bench").glob("*.py") if p.stem not in libraries)
+    modules = ["bench" if name == "__main__" else f"bench.{name}" for name in names]
+    procs = {m: subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for m in modules}  # fmt: skip
+    for module, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and out.startswith(b"usage:"), (module, out, err)
