@@ -20,8 +20,8 @@ install: $(STAMP) ## create .venv and install supersede with its dev tools
 
 # One worker per CPU the process may use (its affinity; a container's CPU quota is not
 # counted) and one more, at most four, each with its own servers: the suite mostly waits on
-# subprocesses and servers (two workers on two CPUs kept them 70% busy, and took 15.7 min on a
-# machine 2.5 times slower than the usual one).
+# subprocesses and servers (two workers on two CPUs kept them 70% busy: 15 min 43 s on a machine
+# 2.5 times slower than the usual one, 15 min 15 s with three).
 WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0)) + 1))")
 test: $(STAMP) ## run the test suite in parallel workers (each starts its own servers on free ports)
 	$(BIN)/pytest -q -n $(WORKERS) --dist worksteal
