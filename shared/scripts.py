@@ -277,9 +277,20 @@ class Scripts:
             self._scripts[name] = (redis.register_script(source), nkeys)
 
     async def load(self) -> None:
-        """Load every script now, so the first real call does not pay for it (readiness)."""
-        for script, _ in self._scripts.values():
-            script.sha = await self.redis.script_load(script.script)
+        """Load every script now, so the first real call does not pay for it (readiness): in
+        one round trip on one server (one each took 15 round trips of every start, 3.6 s of a
+        start 0.24 s away); a cluster's client sends each to every master in turn."""
+        scripts = [script for script, _ in self._scripts.values()]
+        if isinstance(self.redis, RedisCluster):
+            for script in scripts:
+                script.sha = await self.redis.script_load(script.script)
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for script in scripts:
+                pipe.script_load(script.script)
+            shas = await pipe.execute()
+        for script, sha in zip(scripts, shas, strict=True):
+            script.sha = codec.text(sha)
 
     def _checked(self, name: str, keys: Sequence[str]) -> AsyncScript:
         """The script, once the number of keys matches its header."""

@@ -1688,3 +1688,31 @@ async def test_scripts_lost_by_a_restart_are_loaded_on_one_connection(
     finally:
         await lane.aclose()
         await client.aclose()
+
+
+async def test_a_start_loads_every_script_in_one_round_trip(redis: Redis, keys: Keys) -> None:
+    """Every service loads the scripts as it starts: one SCRIPT LOAD after another took 15
+    round trips (3.6 s of a start 0.24 s away from its server). One pipeline now; each script
+    is on the server afterwards, under the digest its calls use."""
+    from redis.asyncio.connection import Connection
+
+    from supersede.scripts import SCRIPT_NAMES
+
+    await redis.script_flush()
+    scripts = Scripts(redis, keys)
+    await redis.ping()  # (the connection is open: what follows is the load's own)
+    sent = 0
+    send = Connection.send_packed_command
+
+    async def counted(self: Connection, command: Any, check_health: bool = True) -> None:
+        nonlocal sent
+        sent += 1
+        await send(self, command, check_health)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Connection, "send_packed_command", counted)
+        await scripts.load()
+    assert sent == 1
+    shas = [scripts._scripts[name][0].sha for name in SCRIPT_NAMES]
+    assert await redis.script_exists(*shas) == [True] * len(SCRIPT_NAMES)
+    await scripts.reap(0, now=1)  # (a call by its digest: no NOSCRIPT)

@@ -1928,8 +1928,8 @@ async def _held_runs_behind(
     system.start("admission", "--block-ms", "100")
     system.start("ingress", "--block-ms", "100")
     cmd = [sys.executable, "-m", "supersede", "executor", module.stem, "--lease", "2",
-           "--metrics-port", "0"]  # fmt: skip
-    executor = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+           "--slots", str(max(runs, 10)), "--metrics-port", "0"]  # fmt: skip
+    executor = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)  # (all held at once)
     system.procs.append(executor)
     try:
         await eventually(lambda: _registered(redis, keys, "held"), timeout=30)
