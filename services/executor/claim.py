@@ -28,7 +28,8 @@ log = logging.getLogger("supersede.executor")
 # since a lost call was sent, by the server's clock
 RECLAIM_SKEW = 5.0
 # attempts started remembered per shard at most (`Claimer.started`): about RECLAIM_SKEW + 1 s of
-# starts are kept, so this binds only past ~5,000 runs a second per shard and executor
+# starts are kept, so this binds only past ~5,000 runs a second per shard and executor (each one
+# dropped then: supersede_executor_starts_forgotten_total)
 STARTED_MOST = 30_000
 
 Fetched = tuple[int, str, bytes, str, int]
@@ -145,7 +146,9 @@ class Claimer:
         oldest = min(self.lost_since.get(shard, now), min(self._calls.values(), default=now))
         keep = min(now, oldest) - RECLAIM_SKEW - 1.0
         while started and (len(started) > STARTED_MOST or next(iter(started.values())) < keep):
-            started.popitem(last=False)
+            _, at = started.popitem(last=False)
+            if at >= keep:  # (a reclaim may still look back past it: counted)
+                metrics.STARTS_FORGOTTEN.inc()
 
     async def take(
         self, streams: Sequence[tuple[str, int]], want: int, *, deep: bool = False

@@ -63,6 +63,12 @@ RECLAIMED = Counter(
     "Runs a claim call claimed for this executor whose reply never came (the server froze "
     "mid-call, a connection was cut), found and started by the next call (lua/reclaim.lua).",
 )
+STARTS_FORGOTTEN = Counter(
+    "supersede_executor_starts_forgotten_total",
+    "Attempts this executor started and forgot while a reclaim could still look back past them "
+    "(more than 30,000 starts of one shard within about six seconds): after a lost claim call, "
+    "a reclaim could start such an attempt here again.",
+)
 LEASES_LAPSED = Counter(
     "supersede_executor_leases_lapsed_total",
     "Runs this executor stopped, unreported, because it could not renew their leases in time "

@@ -1741,3 +1741,32 @@ async def test_a_failover_that_ends_the_control_read_is_one_line_not_a_traceback
     assert [r.levelno for r in said] == [logging.WARNING], [r.getMessage() for r in said]
     assert said[0].exc_info is None and "reading again" in said[0].getMessage()
     assert _hint(unblocked) is not None and "failover" in str(_hint(unblocked))
+
+
+def test_starts_forgotten_past_the_cap_are_counted_and_old_ones_are_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The starts a reclaim may look back past are kept up to STARTED_MOST per shard; one
+    dropped by the cap meanwhile could start again after a lost claim call, and it was
+    dropped without a word (a review). Each is counted; starts forgotten because no reclaim
+    can reach them any more are not."""
+    from prometheus_client import REGISTRY
+
+    from supersede.services.executor import claim
+    from supersede.services.executor.claim import Claimer
+
+    def forgotten() -> float:
+        return REGISTRY.get_sample_value("supersede_executor_starts_forgotten_total") or 0.0
+
+    monkeypatch.setattr(claim, "STARTED_MOST", 3)
+    unused: Any = None
+    claimer = Claimer(unused, "me", ExecutorConfig(), unused, unused)
+    before = forgotten()
+    now = 1_800_000_000.0
+    for i in range(5):  # (within a second: every one still within a reclaim's reach)
+        claimer._remember(0, (f"0-r{i}", 1), now + i * 0.1)
+    assert list(claimer.started[0]) == [("0-r2", 1), ("0-r3", 1), ("0-r4", 1)]
+    assert forgotten() - before == 2
+    claimer._remember(0, ("0-late", 1), now + 60)  # (a minute on: the others are out of reach)
+    assert list(claimer.started[0]) == [("0-late", 1)]
+    assert forgotten() - before == 2
