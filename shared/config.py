@@ -129,6 +129,22 @@ def _check_url(url: str) -> None:
             f"SUPERSEDE_REDIS_URL's database (its path) must be a number, in {redact(url)!r} "
             f"({ENCODE_HINT})"
         )
+    for name, value in parse_qsl(parts.query):
+        if name in TIMEOUT_OPTIONS and _not_above_zero(value):
+            raise ConfigError(  # (0: every read timed out at once, said as a server that hangs)
+                f"SUPERSEDE_REDIS_URL's {name} must be a number of seconds above 0, not "
+                f"{value!r}, in {redact(url)!r} (leave it out for the default)"
+            )
+
+
+TIMEOUT_OPTIONS = ("socket_timeout", "socket_connect_timeout")
+
+
+def _not_above_zero(value: str) -> bool:
+    try:
+        return not float(value) > 0
+    except ValueError:
+        return False  # (redis-py says what it cannot read)
 
 
 ENCODE_HINT = (

@@ -62,6 +62,22 @@ def test_settings_that_were_silently_misread_are_named() -> None:
     assert parse_cpus("0-1,3") == {0, 1, 3}
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "0.0", "nan"])
+def test_a_url_timeout_of_zero_is_a_bad_setting_not_a_hung_server(value: str) -> None:
+    """socket_timeout=0 in the URL made every read time out at once: each command said the
+    server accepts the connection but never answers (a CLI probe). The URL's timeouts must be
+    above 0, in one line naming the option; the password stays out of it."""
+    for option in ("socket_timeout", "socket_connect_timeout"):
+        url = f"redis://:s3cret@127.0.0.1:6379/0?{option}={value}"
+        with pytest.raises(ConfigError, match=f"{option} must be a number of seconds above 0"):
+            Settings.from_env({"SUPERSEDE_REDIS_URL": url})
+        try:
+            Settings.from_env({"SUPERSEDE_REDIS_URL": url})
+        except ConfigError as exc:
+            assert "s3cret" not in str(exc) and "\n" not in str(exc)
+    assert Settings.from_env({"SUPERSEDE_REDIS_URL": "redis://h:1/0?socket_timeout=0.5"})
+
+
 async def test_shard_count_is_pinned_on_first_use() -> None:
     redis = fakeredis.FakeAsyncRedis()
     await pin_shard_count(redis, Keys("ns", 8))
