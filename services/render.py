@@ -276,12 +276,21 @@ def dead(rows: list[dict[str, Any]]) -> str:
     now = int(time.time() * 1000)
     body = [
         [r["id"], ago(now - int(r["id"].split("-")[0])), r.get("reason"), r.get("name"),
-         r.get("workflow"), r.get("entry"), r.get("detail")]
+         r.get("workflow"), _origin(r), r.get("detail")]
         for r in rows
     ]  # fmt: skip
     heads = ["dead letter id", "age", "reason", "event", "workflow", "from entry", "detail"]
     note = "replay one with: supersede dead --replay <dead letter id>"
     return table(body, heads, wrap=len(heads) - 1, keep=(0,)) + "\n" + note
+
+
+def _origin(row: dict[str, Any]) -> str | None:
+    """The entry a letter came from, with its stream when it is not the inbox (a refused run
+    request or result names the shard's stream: the table showed only the entry id)."""
+    entry, stream = row.get("entry"), row.get("stream")
+    if entry is None or stream is None:
+        return entry
+    return f"{stream} {entry}"
 
 
 def publish(result: dict[str, Any]) -> str:

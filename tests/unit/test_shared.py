@@ -351,6 +351,22 @@ def test_the_runs_table_times_a_retried_run_from_its_latest_change() -> None:
     assert re.search(r"\b1\.\d s ago", line) and "so far" in line, line
 
 
+def test_the_dead_table_names_the_stream_a_refused_request_came_from() -> None:
+    """A run request or result admission refused carries its stream (its shard's); the table
+    showed only its entry id, which is in none of the inbox's ids (a CLI probe)."""
+    import time
+
+    from supersede.services.render import dead
+
+    now = int(time.time() * 1000)
+    rows = [{"id": f"{now}-0", "reason": "malformed", "entry": "17-3",
+             "stream": "{supersede:3}:requests", "detail": "not msgpack"},
+            {"id": f"{now}-1", "reason": "unrouted", "name": "ev", "entry": "18-0"}]  # fmt: skip
+    lines = dead(rows).splitlines()
+    assert "{supersede:3}:requests 17-3" in lines[1], lines
+    assert "18-0" in lines[2] and "requests" not in lines[2], lines
+
+
 def test_two_workflow_files_of_one_name_in_two_folders_are_both_loaded(tmp_path: Path) -> None:
     from supersede.services.modules import load_workflows
 
