@@ -15,8 +15,10 @@
     KEYS[3]  versions hash      workflow id -> JSON array of the versions registered, oldest
                                 first, the newest ARGV[1] kept
     KEYS[4]  retentions hash    workflow id -> seconds its ended runs are kept
-    KEYS[5]  served-versions    workflow id -> the version registered last; 'id\nversion' ->
-             hash               ms (the server's clock) an executor last said it serves it
+    KEYS[5]  served-versions    'id\nversion' -> ms (the server's clock) an executor last said
+             hash               it serves it (the bare 'id' field 0.3.16 wrote is deleted:
+                                older executors read every value there as a number)
+    KEYS[6]  registered hash    workflow id -> the version registered last
     ARGV[1]  versions kept per workflow
     ARGV[2]  '1': mark each version served now (its registering executor serves it); '': delete
              its mark (not served since)
@@ -36,7 +38,7 @@
 ]]
 local rcall = redis.call
 local workflowsKey, epochKey, versionsKey, retentionsKey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local servedKey = KEYS[5]
+local servedKey, registeredKey = KEYS[5], KEYS[6]
 
 -- @include now
 
@@ -90,7 +92,8 @@ for _, it in ipairs(items) do
 end
 local now = serving and nowMs(0) or nil
 for _, it in ipairs(items) do
-  rcall('HSET', servedKey, it.wid, it.version)
+  rcall('HSET', registeredKey, it.wid, it.version)
+  rcall('HDEL', servedKey, it.wid)
   if serving then
     rcall('HSET', servedKey, it.wid .. '\n' .. it.version, now)
   else

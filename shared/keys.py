@@ -242,12 +242,20 @@ class Keys:
     @property
     def served_versions_hash(self) -> str:
         r"""'<workflow id>\n<version>' -> when (ms, the server's clock) an executor serving that
-        version last said so (every second; a registration deletes the mark: not served since),
-        and '<workflow id>' -> the version registered last (by a build that keeps this hash).
-        An executor whose workflow is registered, by such a build, in a version served since
-        and not for a minute registers its own. Executors delete marks an hour old: bounded by
-        the workflows, and their versions served in the last hour."""
+        version last said so (every second; a registration deletes the mark: not served since).
+        Executors delete marks an hour old: bounded by the workflows, and their versions served
+        in the last hour. Only such fields: 0.3.15 and older executors read every value as a
+        number, and the '<workflow id>' -> version fields 0.3.16 wrote here made each of them
+        fail its registry task and turn not ready (an upgrade probe); executors delete them."""
         return f"{{{self.namespace}}}:workflows:served-versions"
+
+    @property
+    def registered_versions_hash(self) -> str:
+        """workflow id -> the version registered last, by a build that names it (0.3.17 on). An
+        executor whose workflow is registered, so named, in a version served since and not for
+        a minute registers its own (see Keys.served_versions_hash); one registered by an
+        earlier build is left as it is. Bounded by the workflows ever registered."""
+        return f"{{{self.namespace}}}:workflows:registered"
 
     @property
     def executors_hash(self) -> str:

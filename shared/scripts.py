@@ -688,6 +688,7 @@ class Scripts:
             self.keys.workflow_versions_hash,
             self.keys.retentions_hash,
             self.keys.served_versions_hash,
+            self.keys.registered_versions_hash,
         ]
         args: list[Any] = [MAX_VERSIONS, "1" if serving else ""]
         for wid, version, body, retention in definitions:

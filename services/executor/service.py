@@ -165,14 +165,15 @@ class Executor(Service):
                       orjson.dumps({"ms": now_ms, "workflows": ids}))  # fmt: skip
             pipe.hmget(self.keys.workflows_hash, ids)
             pipe.hgetall(self.keys.served_versions_hash)
+            pipe.hmget(self.keys.registered_versions_hash, ids)
             if forget:
                 pipe.hgetall(self.keys.executors_hash)
-            _, _, _, present, served, *executors = await pipe.execute()
+            _, _, _, present, served, named, *executors = await pipe.execute()
         self._say_replaced(ids, present)
         await self._forget_served(served, now_ms)
         if executors:
             await self._forget_executors(executors[0], now_ms)
-        unserved = self._unserved(ids, present, served, now_ms)  # (and the gauge, each look)
+        unserved = self._unserved(ids, present, named, served, now_ms)  # (and the gauge)
         if time.monotonic() < self._register_again_at:
             return
         missing = [
@@ -202,7 +203,12 @@ class Executor(Service):
                            extra={"workflow": exc.workflow, "error": str(exc)})  # fmt: skip
 
     def _unserved(
-        self, ids: list[str], present: list[bytes | None], served: dict[bytes, bytes], now_ms: int
+        self,
+        ids: list[str],
+        present: list[bytes | None],
+        named: list[bytes | None],
+        served: dict[bytes, bytes],
+        now_ms: int,
     ) -> dict[str, str]:
         """workflow id -> its registered version, for this process's workflows registered in
         another version that executors served since it was registered, and none for
@@ -211,7 +217,7 @@ class Executor(Service):
         (which names nothing in the hash: a rollback to it is not undone), and a stored
         definition this process cannot read (ingress says what is wrong with it)."""
         out: dict[str, str] = {}
-        for wid, body in zip(ids, present, strict=True):
+        for wid, body, name in zip(ids, present, named, strict=True):
             metrics.DEFINITION_DIFFERS.labels(wid).set(0)
             if not body:
                 continue
@@ -222,7 +228,7 @@ class Executor(Service):
             if not isinstance(stored, str) or stored == self.definitions[wid].version:
                 continue
             metrics.DEFINITION_DIFFERS.labels(wid).set(1)
-            if served.get(wid.encode()) != stored.encode():  # (an earlier build registered it)
+            if name != stored.encode():  # (an earlier build registered it)
                 continue
             mark = _ms(served.get(served_version_field(wid, stored).encode()))
             if mark is not None and now_ms - mark > UNSERVED_VERSION_AFTER * 1000:
@@ -247,10 +253,12 @@ class Executor(Service):
 
     async def _forget_served(self, served: dict[bytes, bytes], now_ms: int) -> None:
         """Delete the served marks of versions no executor served for an hour (the hash holds
-        each workflow's versions served within the last hour, and the version each workflow
-        was registered in last)."""
-        old = [field for field, ms in served.items() if b"\n" in field
-               and now_ms - (_ms(ms) or 0) > SERVED_VERSION_FORGOTTEN_AFTER * 1000]  # fmt: skip
+        each workflow's versions served within the last hour), and the fields 0.3.16 wrote
+        there naming the version registered last (0.3.15 and older executors read each value
+        there as a number: those fields made them fail and turn not ready, for good after a
+        rollback; Keys.registered_versions_hash names it now)."""
+        old = [field for field, ms in served.items() if b"\n" not in field
+               or now_ms - (_ms(ms) or 0) > SERVED_VERSION_FORGOTTEN_AFTER * 1000]  # fmt: skip
         if old:
             await self.redis.hdel(self.keys.served_versions_hash, *old)
 

@@ -300,12 +300,20 @@ async def test_a_registration_names_its_version_and_marks_it_in_the_same_step(
     for _ in range(100):
         await asyncio.gather(*(register_all(redis, keys, [b], serving=True) for b in bodies))
         stored = orjson.loads(await redis.hget(keys.workflows_hash, "w"))["version"]
-        named = await redis.hget(keys.served_versions_hash, "w")
+        named = await redis.hget(keys.registered_versions_hash, "w")
         assert named == stored.encode(), (named, stored)
     seconds, _ = await redis.time()
     mark = await redis.hget(keys.served_versions_hash, f"w\n{stored}")
     assert mark is not None and abs(int(mark) - seconds * 1000) < 5_000
     other = "v1" if stored == "v2" else "v2"
     await register_all(redis, keys, [{"id": "w", "events": ["e"], "version": other}])
-    assert await redis.hget(keys.served_versions_hash, "w") == other.encode()
+    assert await redis.hget(keys.registered_versions_hash, "w") == other.encode()
     assert await redis.hget(keys.served_versions_hash, f"w\n{other}") is None
+    # Every value of the served-versions hash is a number: 0.3.15 and older executors read
+    # each as one, and the version names 0.3.16 kept there made each fail its registry task
+    # and turn not ready, for good after a rollback (an upgrade probe). A registration deletes
+    # the name an 0.3.16 build left.
+    await redis.hset(keys.served_versions_hash, "w", "v0")
+    await register_all(redis, keys, [{"id": "w", "events": ["e"], "version": stored}])
+    for field, value in (await redis.hgetall(keys.served_versions_hash)).items():
+        assert value.isdigit(), (field, value)

@@ -234,9 +234,8 @@ async def test_a_version_no_executor_serves_gives_way_to_the_served_one(
     assert (await load_all(redis, keys))[1]["work"].version == other.version
     marks = await redis.hgetall(keys.served_versions_hash)
     assert f"work\n{mine.version}".encode() in marks, marks
-    assert (
-        f"work\n{other.version}".encode() not in marks and marks[b"work"] == other.version.encode()
-    )
+    assert f"work\n{other.version}".encode() not in marks
+    assert await redis.hget(keys.registered_versions_hash, "work") == other.version.encode()
     seconds, _ = await redis.time()
     # Served, and its executor went a minute ago; a mark of two hours ago is forgotten.
     await redis.hset(
@@ -244,6 +243,7 @@ async def test_a_version_no_executor_serves_gives_way_to_the_served_one(
         mapping={
             f"work\n{other.version}": (seconds - 61) * 1000,
             "gone\nv0": (seconds - 7200) * 1000,
+            "gone": "v0",  # (a version name as 0.3.16 kept it here: 0.3.15 read it as ms)
         },
     )
 
@@ -253,7 +253,8 @@ async def test_a_version_no_executor_serves_gives_way_to_the_served_one(
     await eventually(own_again, timeout=15)
     same = 'supersede_executor_workflow_definition_differs{workflow="work"} 0.0'
     await scrape_when(f"http://127.0.0.1:{port}/metrics", lambda body: same in body)
-    assert b"gone\nv0" not in await redis.hgetall(keys.served_versions_hash)
+    marks = await redis.hgetall(keys.served_versions_hash)
+    assert b"gone\nv0" not in marks and b"gone" not in marks, marks
 
 
 async def test_a_backlog_of_one_workflow_does_not_starve_another(

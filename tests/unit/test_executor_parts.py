@@ -1687,16 +1687,21 @@ def test_only_a_version_marked_and_unserved_for_a_minute_gives_way() -> None:
     now = 1_000_000
     field = served_version_field("w", "other").encode()
 
-    def unserved(served: dict[bytes, bytes], stored: bytes | None = body) -> dict[str, str]:
-        named = {b"w": b"other", **served}  # (registered last by a build that keeps the hash)
-        return Executor._unserved(cast(Executor, me), ["w"], [stored], named, now)
+    def unserved(
+        served: dict[bytes, bytes], stored: bytes | None = body, named: bytes | None = b"other"
+    ) -> dict[str, str]:
+        """(`named`: the version registered last, by a build that names it)"""
+        return Executor._unserved(cast(Executor, me), ["w"], [stored], [named], served, now)
 
     assert unserved({field: str(now - 61_000).encode()}) == {"w": "other"}
     assert unserved({field: str(now - 30_000).encode()}) == {}  # (served lately)
     assert unserved({}) == {}  # (not served since it was registered: ahead of its deploy)
     assert unserved({field: b"soon"}) == {}  # (another hand's write)
     # (registered by an earlier build, after this build's: a rollback to it is not undone)
-    assert unserved({field: str(now - 61_000).encode(), b"w": b"mine-before"}) == {}
+    assert unserved({field: str(now - 61_000).encode()}, named=b"mine-before") == {}
+    assert unserved({field: str(now - 61_000).encode()}, named=None) == {}
+    # (0.3.16 named it in the served-versions hash: read no more, as an earlier build's)
+    assert unserved({field: str(now - 61_000).encode(), b"w": b"other"}, named=None) == {}
     assert unserved({field: b"0"}, stored=None) == {}  # (missing: registered again as missing)
     own = orjson.dumps({"id": "w", "events": ["e"], "version": mine.version})
     assert unserved({}, stored=own) == {}
