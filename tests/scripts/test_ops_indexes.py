@@ -3,6 +3,8 @@ active zsets, counts), never from a scan of the run records (issue 13, item 5)."
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from redis.asyncio import Redis
 
@@ -248,3 +250,58 @@ async def test_a_page_of_a_key_with_a_long_queue_loads_its_newest_and_its_cancel
     runs = [RunRecord.decode(k.decode(), v) for k, v in raw.items()]
     assert {r.state.value for r in runs} == {"C"}
     assert [r.event_id for r in runs if r.assigned_ms] == ["e0"]  # (none of the queue started)
+
+
+async def test_status_reads_every_stream_in_round_trips_that_do_not_grow_with_them(
+    redis: Redis,
+) -> None:
+    """`status` read each stream's group and consumers call after call: 269 round trips with
+    16 shards and three workflows, 28 s from a server 100 ms away, and the dashboard's
+    overview, which reads it, gave up at 20 ms (a latency probe). Its round trips are the same
+    for 2 shards and one workflow as for 16 and three now, and its figures are those of the
+    streams: lags and pending entries summed, the executors that read each workflow, the dead
+    letters."""
+    import uuid
+
+    from redis.asyncio.connection import Connection
+
+    from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP
+    from tests.support import workflow_body
+
+    async def measured(keys: Keys, workflows: list[str]) -> tuple[int, dict[str, Any]]:
+        for wid in workflows:
+            await register(redis, keys, workflow_body(id=wid))
+        for i in range(3):  # (the inbox: no ingress group yet, every entry waits)
+            await redis.xadd(keys.events_stream, {"name": "e", "data": str(i)})
+        last = keys.shard(keys.shards - 1)
+        await redis.xadd(last.requests_stream, {"r": "x"})
+        await redis.xgroup_create(last.requests_stream, ADMISSION_GROUP, id="$")
+        await redis.xadd(last.requests_stream, {"r": "y"})
+        stream = last.assignments_stream(workflows[-1])
+        await redis.xadd(stream, {"id": "r", "a": "1"})
+        await redis.xgroup_create(stream, EXECUTOR_GROUP, id="0")
+        await redis.xreadgroup(EXECUTOR_GROUP, "ex-1", {stream: ">"})  # (one pending)
+        await redis.xadd(keys.dead_stream, {"reason": "malformed"})
+        sent = 0
+        send = Connection.send_packed_command
+
+        async def counted(self: Connection, command: Any, check_health: bool = True) -> None:
+            nonlocal sent
+            sent += 1
+            await send(self, command, check_health)
+
+        await redis.ping()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Connection, "send_packed_command", counted)
+            got = await ops.status(redis, keys)
+        return sent, got
+
+    small, s = await measured(Keys(f"st{uuid.uuid4().hex[:8]}", 2), ["w1"])
+    large, big = await measured(Keys(f"st{uuid.uuid4().hex[:8]}", 16), ["w1", "w2", "w3"])
+    assert small == large and large <= 8, (small, large)
+    for got, wf in ((s, "w1"), (big, "w3")):
+        streams = got["streams"]
+        assert streams["inbox"] == {"pending": 0, "lag": 3}
+        assert streams["requests"] == {"pending": 0, "lag": 1}
+        assert streams["assignments"] == {"pending": 1, "lag": 0}
+        assert got["executors"] == {"ex-1": [wf]} and got["dead_letters"] == 1
