@@ -263,10 +263,8 @@ async def test_status_reads_every_stream_in_round_trips_that_do_not_grow_with_th
     letters."""
     import uuid
 
-    from redis.asyncio.connection import Connection
-
     from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP
-    from tests.support import workflow_body
+    from tests.support import RoundTrips, workflow_body
 
     async def measured(keys: Keys, workflows: list[str]) -> tuple[int, dict[str, Any]]:
         for wid in workflows:
@@ -282,19 +280,10 @@ async def test_status_reads_every_stream_in_round_trips_that_do_not_grow_with_th
         await redis.xgroup_create(stream, EXECUTOR_GROUP, id="0")
         await redis.xreadgroup(EXECUTOR_GROUP, "ex-1", {stream: ">"})  # (one pending)
         await redis.xadd(keys.dead_stream, {"reason": "malformed"})
-        sent = 0
-        send = Connection.send_packed_command
-
-        async def counted(self: Connection, command: Any, check_health: bool = True) -> None:
-            nonlocal sent
-            sent += 1
-            await send(self, command, check_health)
-
-        await redis.ping()
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(Connection, "send_packed_command", counted)
+        await redis.ping()  # (the connection is open: what follows is status's own)
+        with RoundTrips() as trips:
             got = await ops.status(redis, keys)
-        return sent, got
+        return trips.sent, got
 
     small, s = await measured(Keys(f"st{uuid.uuid4().hex[:8]}", 2), ["w1"])
     large, big = await measured(Keys(f"st{uuid.uuid4().hex[:8]}", 16), ["w1", "w2", "w3"])

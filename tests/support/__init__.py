@@ -281,3 +281,29 @@ class System:
             proc.kill()
             proc.wait(5)
         self.stderr.close()
+
+
+class RoundTrips:
+    """Counts the round trips of asyncio clients while in use (`with RoundTrips() as trips:`
+    ... `trips.sent`): each send of one command, or of one pipeline, is one."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self._patch: Any = None
+
+    def __enter__(self) -> RoundTrips:
+        import pytest
+        from redis.asyncio.connection import Connection
+
+        send = Connection.send_packed_command
+
+        async def counted(conn: Connection, command: Any, check_health: bool = True) -> None:
+            self.sent += 1
+            await send(conn, command, check_health)
+
+        self._patch = pytest.MonkeyPatch()
+        self._patch.setattr(Connection, "send_packed_command", counted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._patch.undo()
