@@ -363,7 +363,8 @@ class Executor(Service):
         await aio.cancel_until_done(late, 1.0)  # (it awaits threads only: its calls log)
         if self.runner.left:
             self.log.warning(
-                "runs not handed back in time: they are retried once their leases lapse",
+                "hand-backs not confirmed in time: a run whose hand-back reached the server is "
+                "retried at once, the others once their leases lapse",
                 extra={"run_ids": [rid for _, rid, _ in self.runner.left][:100]},
             )
 
