@@ -379,7 +379,8 @@ def _guard(hosts: frozenset[str] | None, redis: Redis | None = None) -> Any:
                     "path": request.path, "within_s": REQUEST_TIMEOUT})  # fmt: skip
                 text = (
                     f"this page took over {REQUEST_TIMEOUT:g} s though Redis answers: what "
-                    "it reads is too large; narrow it (a workflow, a key, a state)"
+                    "it reads is too large, or each call to Redis is slow (a distant or loaded "
+                    "server); narrow it (a workflow, a key, a state)"
                 )
                 resp = web.Response(text=text, status=503)
                 resp.headers.update(SECURITY_HEADERS)
