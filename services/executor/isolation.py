@@ -37,6 +37,7 @@ from typing import Any
 from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
+    OutOfMemoryError,
     ReadOnlyError,
     TryAgainError,
 )
@@ -59,6 +60,7 @@ FENCE_RETRY_MAX = 1.0
 SERVER_UNAVAILABLE: tuple[type[Exception], ...] = (
     RedisConnectionError, RedisTimeoutError, BusyLoadingError, TryAgainError, ClusterDownError,
     ReadOnlyError, ConnectionError, TimeoutError,
+    OutOfMemoryError,  # (a full server: one sampled line, not a traceback per run; a probe)
 )  # fmt: skip
 
 STAGES = ("flag", "sigterm", "sigkill", "stopped")  # of a cancel (the stage metric's label)

@@ -34,6 +34,7 @@ from redis.exceptions import (
     ClusterDownError,
     MovedError,
     NoScriptError,
+    OutOfMemoryError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -80,6 +81,8 @@ _REDIRECTED = (MovedError, AskError, TryAgainError)
 # (a master that does not answer, or a cluster that says it is down: read the slots again)
 _UNANSWERED = (ConnectionError, TimeoutError, RedisConnectionError, RedisTimeoutError,
                ClusterDownError)  # fmt: skip
+# A renewal that failed this way is one sampled line (a full server: a traceback each beat)
+_SAID_IN_ONE_LINE = (*_UNANSWERED, OutOfMemoryError)
 
 
 class _ByNode:
@@ -328,7 +331,7 @@ class LeaseKeeper:
                 if not sent and failing:  # (no lease to renew says nothing of the server)
                     self._client.ping()
             except Exception as exc:  # the next beat tries again; a lease lasts six of them
-                if isinstance(exc, _UNANSWERED):  # (a server stalled, or restarting: one line)
+                if isinstance(exc, _SAID_IN_ONE_LINE):  # (stalled, restarting, full)
                     repeats = _BEAT_FAILED.due(type(exc).__name__)
                     if repeats is not None:
                         log.warning("lease renewal failed; the next beat tries again",

@@ -1775,3 +1775,17 @@ def test_starts_forgotten_past_the_cap_are_counted_and_old_ones_are_not(
     claimer._remember(0, ("0-late", 1), now + 60)  # (a minute on: the others are out of reach)
     assert list(claimer.started[0]) == [("0-late", 1)]
     assert forgotten() - before == 2
+
+
+def test_a_full_server_is_said_in_one_line_by_the_result_and_lease_paths() -> None:
+    """At maxmemory an executor logged a traceback for every run it finished ("result not
+    written", 50 in a minute) and for each failed renewal: a defect's branch (a memory probe).
+    A full server is a server that cannot take the write now, said in one sampled line."""
+    from redis.exceptions import OutOfMemoryError
+
+    from supersede.services.executor import lease
+    from supersede.services.executor.isolation import SERVER_UNAVAILABLE
+
+    full = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+    assert isinstance(full, SERVER_UNAVAILABLE)
+    assert isinstance(full, lease._SAID_IN_ONE_LINE) and not isinstance(full, lease._UNANSWERED)
