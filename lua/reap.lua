@@ -153,59 +153,11 @@ local function dropGhostLeases()
   ghosts = ghosts + goneCount - found   -- (the strict ones: see above)
 end
 
-local retried, failed, cancelled, reassigned = 0, 0, 0, 0
-local expired = rcall('ZRANGEBYSCORE', leasesKey, '-inf', now, 'LIMIT', 0, limit)
-for i = 1, #expired do
-  local rid = expired[i]
-  setLease(rid, false)
-  local rec = loadRun(rid)
-  if rec and rec.st == 'R' then
-    if attemptsUsed(rec) < rec.m then
-      noteEarlier(rec, 'lease_expired')
-      rec.a = rec.a + 1
-      assignRun(rid, rec)
-      retried = retried + 1
-    else
-      endFailed(rid, rec, 'lease_expired')
-      failed = failed + 1
-    end
-  elseif rec and rec.st == 'A' then
-    local ra = rec.ra or 0
-    local due = (rec.tr or rec.t1) + deadline * 2 ^ math.min(ra, 6)
-    if now >= due then
-      if waitsUnread(rid, rec) then
-        -- (no record write.) Looked at again after about as long as it has waited: 1, 2, 4
-        -- ... 64 deadlines. Every 1 to 4 deadlines kept a server busy with nothing coming in
-        -- (a probe: 1,000,000 runs of a workflow no executor served, re-read every 30 s,
-        -- 80% of a core); a consumer that starts reads the entries itself, the reaper's
-        -- fresh entry only covers one delivered and never claimed, or lost.
-        local step, waited = deadline, now - (rec.tr or rec.t1)
-        while step < 64 * deadline and step * 2 <= waited do step = step * 2 end
-        due = now + step
-      else
-        writeAssignment(rid, rec)
-        rec.tr = now
-        rec.ra = ra + 1
-        saveRun(rid, rec)
-        due = now + deadline * 2 ^ math.min(ra + 1, 6)
-        reassigned = reassigned + 1
-      end
-    end
-    setLease(rid, due)
-  elseif rec and rec.st == 'X' then
-    endCancelling(rid, rec)
-    cancelled = cancelled + 1
-  elseif not rec then
-    goneRids[rid] = true
-    goneCount = goneCount + 1
-  end
-end
-dropGhostLeases()
-
-refillTouched()
-flushRuns()
-flushNewest()
-
+-- (First, as it only frees: a server at its maxmemory refuses a script's first write that
+-- may grow memory, and lets the rest of the script write once it wrote anything. The leases'
+-- retries write an assignment first: with the records after them, a full server whose runs'
+-- leases had lapsed, as they do when renewals are refused, kept every old record and stayed
+-- full until an operator acted; a memory probe.)
 -- Old records: whole entries of each workflow's ended stream, oldest first, up to the limit:
 -- those past the retention, and more while the workflow keeps more than `cap` ended runs;
 -- none that ended within `floor`. The first workflow looked at turns with the clock, so a
@@ -277,6 +229,60 @@ for i = 1, #old, 1000 do
 end
 flushCounts()
 callChunked('ZREM', legacyTerminalKey, legacy, 1000)
+
+local retried, failed, cancelled, reassigned = 0, 0, 0, 0
+local expired = rcall('ZRANGEBYSCORE', leasesKey, '-inf', now, 'LIMIT', 0, limit)
+for i = 1, #expired do
+  local rid = expired[i]
+  setLease(rid, false)
+  local rec = loadRun(rid)
+  if rec and rec.st == 'R' then
+    if attemptsUsed(rec) < rec.m then
+      noteEarlier(rec, 'lease_expired')
+      rec.a = rec.a + 1
+      assignRun(rid, rec)
+      retried = retried + 1
+    else
+      endFailed(rid, rec, 'lease_expired')
+      failed = failed + 1
+    end
+  elseif rec and rec.st == 'A' then
+    local ra = rec.ra or 0
+    local due = (rec.tr or rec.t1) + deadline * 2 ^ math.min(ra, 6)
+    if now >= due then
+      if waitsUnread(rid, rec) then
+        -- (no record write.) Looked at again after about as long as it has waited: 1, 2, 4
+        -- ... 64 deadlines. Every 1 to 4 deadlines kept a server busy with nothing coming in
+        -- (a probe: 1,000,000 runs of a workflow no executor served, re-read every 30 s,
+        -- 80% of a core); a consumer that starts reads the entries itself, the reaper's
+        -- fresh entry only covers one delivered and never claimed, or lost.
+        local step, waited = deadline, now - (rec.tr or rec.t1)
+        while step < 64 * deadline and step * 2 <= waited do step = step * 2 end
+        due = now + step
+      else
+        writeAssignment(rid, rec)
+        rec.tr = now
+        rec.ra = ra + 1
+        saveRun(rid, rec)
+        due = now + deadline * 2 ^ math.min(ra + 1, 6)
+        reassigned = reassigned + 1
+      end
+    end
+    setLease(rid, due)
+  elseif rec and rec.st == 'X' then
+    endCancelling(rid, rec)
+    cancelled = cancelled + 1
+  elseif not rec then
+    goneRids[rid] = true
+    goneCount = goneCount + 1
+  end
+end
+dropGhostLeases()
+
+refillTouched()
+flushRuns()
+flushNewest()
+
 -- Groups: those idle past the retention; more, the least recently admitting first, while the
 -- shard remembers more than maxGroups (none that admitted within the floor). A live one (a run
 -- holding a slot, a debounce window open) is kept and counts as admitting now.

@@ -1738,3 +1738,33 @@ async def test_a_start_creates_its_consumer_groups_in_one_round_trip(
     await redis.set(f"{keys.namespace}:not-a-stream", "x")
     with pytest.raises(ResponseError, match="WRONGTYPE"):
         await create_groups(redis, [(f"{keys.namespace}:not-a-stream", "g"), *groups[:2]])
+
+
+async def test_a_full_server_s_reaper_frees_the_old_records_whatever_leases_lapsed(
+    redis: Redis, keys: Keys, scripts: Scripts
+) -> None:
+    """At maxmemory (noeviction) the server refuses a script's first write that may grow
+    memory, and lets the rest through once it wrote anything. The reaper retried the lapsed
+    leases first, and a retry's first write is an assignment: with any lease lapsed, as they
+    all do while renewals are refused, every call failed there and no old record was deleted;
+    the server stayed full until an operator acted (a memory probe: 20,020 records past their
+    retention, 2 minutes). The old records go first now, and the retries follow."""
+    old = make_request(keys, event="e-old", key="k-old", seq=1)
+    for i in range(200):  # (a run of the same shard, in a group of its own)
+        lapsed = make_request(keys, event=f"e-{i}", key=f"k-{i}", seq=2 + i)
+        if lapsed[0] == old[0]:
+            break
+    shard = old[0]
+    await admit(scripts, old, lapsed)
+    await claim(scripts, shard, old[1])
+    await finish(scripts, shard, old[1], Outcome.SUCCEEDED)
+    await claim(scripts, shard, lapsed[1])  # (its lease lapses at 2 + LEASE)
+    await redis.config_set("maxmemory", 1)  # (noeviction: every first write is refused)
+    try:
+        r = await scripts.reap(shard, retention_ms=1_000, now=100_000)
+    finally:
+        await redis.config_set("maxmemory", 0)
+    assert (r.expired, r.retried) == (1, 1), r
+    recs = await records(redis, keys)
+    assert old[1].run_id not in recs
+    assert (recs[lapsed[1].run_id]["st"], recs[lapsed[1].run_id]["a"]) == ("A", 2)
