@@ -30,7 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -628,7 +628,32 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    if _finalizing(frame):
+        # (an exception raised inside a `__del__` is printed and dropped: a Ctrl-C that came
+        # while the garbage collector closed a connection pool was lost, and dev went on
+        # importing a slow module; a test under load. Raised again once it returned.)
+        _AGAIN.append(signum)
+        signal.signal(signal.SIGALRM, _interrupt_again)
+        signal.setitimer(signal.ITIMER_REAL, AGAIN_AFTER)
+        return
     raise Interrupted(signum)
+
+
+AGAIN_AFTER = 0.01  # seconds before a signal that came during a finalizer is raised again
+_AGAIN: list[int] = []
+
+
+def _interrupt_again(signum: int, frame: Any) -> None:
+    if _AGAIN:
+        _interrupt(_AGAIN.pop(), frame)
+
+
+def _finalizing(frame: Any) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 # The signals the console was started with ignored (`nohup supersede dev`: SIGHUP), which it
@@ -640,6 +665,20 @@ def _interruptible() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if sig not in _IGNORED:
             signal.signal(sig, _interrupt)
+
+
+@contextlib.contextmanager
+def _ctrl_c_kept() -> Iterator[None]:
+    """Ctrl-C raises Interrupted(SIGINT) meanwhile, even when it comes while a finalizer runs
+    (see _interrupt); Python's own handler after (asyncio.run installs its own only over it)."""
+    if signal.SIGINT in _IGNORED:
+        yield
+        return
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -671,7 +710,8 @@ def main(argv: list[str] | None = None) -> None:
         # A bad module is one line before any service starts; it is imported with the URL its
         # executor will have, since a module may read it at import (the README's fencing one).
         os.environ["SUPERSEDE_REDIS_URL"] = settings.redis_url
-        own = [wf.id for wf in load_modules(args.module or [DEMO])]
+        with _ctrl_c_kept():
+            own = [wf.id for wf in load_modules(args.module or [DEMO])]
         # (one line, before any service starts)
         asyncio.run(_reachable(settings.redis_url, None if server else settings.keys, own))
         code = asyncio.run(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from supersede.protocol import RunRecord, RunState
 from supersede.services.dev import Transition, transitions
 
@@ -94,3 +96,30 @@ def test_the_redis_cli_line_reaches_any_server_url(tmp_path: Path) -> None:
             done = subprocess.run([shell, "-c", line], env=env, capture_output=True, text=True,
                                   check=True)  # fmt: skip
             assert done.stdout.splitlines() == args, (url, shell, done.stdout)
+
+
+def test_a_signal_that_comes_while_a_finalizer_runs_is_raised_again_after_it() -> None:
+    """An exception raised inside a `__del__` is printed and dropped: a Ctrl-C that came while
+    the garbage collector closed a connection pool (dev importing a slow module, under load)
+    was lost, and dev went on importing for a minute. Raised again once the finalizer
+    returned, as the signal it was."""
+    import signal
+    import sys
+    import time
+
+    from supersede.services import dev
+
+    class Dropped:
+        def __del__(self) -> None:
+            dev._interrupt(signal.SIGINT, sys._getframe())
+
+    try:
+        with pytest.raises(dev.Interrupted) as caught:
+            Dropped()  # (deleted at once: its finalizer runs the handler)
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert caught.value.signum == signal.SIGINT
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
