@@ -475,16 +475,30 @@ def _tls_hint(url: str, exc: BaseException) -> str:
 async def eviction_policy(redis: Redis) -> str | None:
     """The server's maxmemory-policy when it evicts keys (anything but `noeviction`), else
     None; None too when INFO is refused (an ACL user from before services had it)."""
+    return (await memory_state(redis))[0]
+
+
+async def memory_state(redis: Redis) -> tuple[str | None, float | None]:
+    """(the evicting maxmemory-policy, as `eviction_policy`; used_memory over maxmemory of the
+    fullest node, 0.0 where no maxmemory is set), from one INFO memory; (None, None) when INFO
+    is refused."""
     try:
         info = await redis.info("memory")
     except redis_sync.RedisError:
-        return None
+        return None, None
     nodes = [info] if "maxmemory_policy" in info else list(info.values())  # (a cluster's)
+    evicting: str | None = None
+    fullest = 0.0
     for node in nodes:
-        policy = node.get("maxmemory_policy") if isinstance(node, dict) else None
-        if policy and policy != "noeviction":
-            return str(policy)
-    return None
+        if not isinstance(node, dict):
+            continue
+        policy = node.get("maxmemory_policy")
+        if policy and policy != "noeviction" and evicting is None:
+            evicting = str(policy)
+        most = int(node.get("maxmemory") or 0)
+        if most > 0:
+            fullest = max(fullest, int(node.get("used_memory") or 0) / most)
+    return evicting, fullest
 
 
 async def server_time(redis: Redis) -> float:

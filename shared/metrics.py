@@ -167,6 +167,13 @@ REDIS_EVICTS = Gauge(
     "records, groups and stream entries may vanish; read every minute, by service.",
     ["service"],
 )
+REDIS_MEMORY_USED = Gauge(
+    "supersede_redis_memory_used_ratio",
+    "The Redis server's used_memory over its maxmemory (a cluster's fullest master; 0 when no "
+    "maxmemory is set): at 1 a noeviction server refuses writes, runs wait and their leases "
+    "lapse. Read every minute, by service.",
+    ["service"],
+)
 TASK_FAILURES = Counter(
     "supersede_task_failures_total",
     "Failed runs of a service's periodic tasks (the reaper's tick, trims, the registry's "

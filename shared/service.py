@@ -50,6 +50,7 @@ from supersede.config import (
     check_shard_count,
     connect,
     eviction_policy,
+    memory_state,
     pin_shard_count,
     redact,
     refusal,
@@ -322,8 +323,10 @@ class Service:
         await check_shard_count(self.redis, self.keys)
         await self.clock.refresh(self.redis)  # (read once a minute)
         if self._policy_due.due():  # (set at runtime, it was never said: a probe)
-            policy = await eviction_policy(self.redis)
+            policy, used = await memory_state(self.redis)
             metrics.REDIS_EVICTS.labels(self.name).set(1 if policy else 0)
+            if used is not None:
+                metrics.REDIS_MEMORY_USED.labels(self.name).set(used)
             if policy and self._policy_said.due():
                 self.log.error(evicting(policy), extra={"redis": redact(self.settings.redis_url)})
 

@@ -902,6 +902,27 @@ async def test_an_evicting_policy_set_while_a_service_runs_is_seen_to(
     assert REDIS_EVICTS.labels("admission")._value.get() == 0
 
 
+async def test_each_service_says_how_full_the_server_is_against_its_maxmemory(
+    redis: Redis, service: Admission
+) -> None:
+    """Nothing said a server was filling up before it refused writes at its maxmemory (a
+    memory probe: no metric of used or maximum memory, no early alert). Each service reads
+    used_memory over maxmemory with the eviction policy, every minute (here at once)."""
+    from supersede.metrics import REDIS_MEMORY_USED
+    from supersede.service import Throttle
+
+    service._policy_due = Throttle(0.0)
+    await service.keep_pinned()
+    assert REDIS_MEMORY_USED.labels("admission")._value.get() == 0  # (no maxmemory set)
+    used = int((await redis.info("memory"))["used_memory"])
+    await redis.config_set("maxmemory", used * 2)
+    try:
+        await service.keep_pinned()
+        assert 0.3 < REDIS_MEMORY_USED.labels("admission")._value.get() < 0.8
+    finally:
+        await redis.config_set("maxmemory", 0)
+
+
 async def test_a_failure_of_one_line_repeated_is_written_once_per_five_seconds(
     redis: Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
