@@ -526,7 +526,7 @@ async def _streams_read(
             raise length
         lag = {"pending": 0, "lag": 0}
         if isinstance(groups, BaseException):
-            if "no such key" not in str(groups).lower():  # (a stream nothing wrote yet)
+            if not _missing(groups):  # (a stream nothing wrote yet)
                 raise groups
         else:
             lag["lag"] = int(length)  # (no such group yet: every entry waits for one)
@@ -545,19 +545,6 @@ def _missing(exc: BaseException) -> bool:
     """An XINFO error of a stream or group that does not exist yet."""
     said = str(exc)
     return "NOGROUP" in said or "no such key" in said.lower()
-
-
-async def _executors_of(redis: Redis, stream: str) -> list[dict[Any, Any]]:
-    """The executors' consumers of an assignment stream; none when the stream or the group is
-    missing (no executor of its workflow ever read it)."""
-    if not await redis.exists(stream):
-        return []
-    try:
-        return cast(list[dict[Any, Any]], await redis.xinfo_consumers(stream, EXECUTOR_GROUP))
-    except ResponseError as exc:
-        if "NOGROUP" not in str(exc):
-            raise
-        return []
 
 
 async def status(redis: Redis, keys: Keys, live_idle_ms: int = 5000) -> dict[str, Any]:
@@ -1087,10 +1074,12 @@ async def retire(redis: Redis, keys: Keys, workflow: str, *, force: bool = False
     that was interrupted (the workflow is gone from the registry, not from its versions)."""
     scripts = Scripts(redis, keys)
     if not force:  # (an executor from before 2026-12-05 marks nothing served, but reads)
+        read = await _streams_read(redis, [(sk.assignments_stream(workflow), EXECUTOR_GROUP, True)
+                                           for sk in keys.all_shards()])  # fmt: skip
         readers = sorted({
             _text(c["name"])
-            for sk in keys.all_shards()
-            for c in await _executors_of(redis, sk.assignments_stream(workflow))
+            for _, consumers in read
+            for c in consumers
             if int(c.get("idle", 1 << 62)) < SERVED_WINDOW_MS
         })  # fmt: skip
         if readers:
