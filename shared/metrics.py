@@ -169,7 +169,7 @@ REDIS_EVICTS = Gauge(
 )
 REDIS_MEMORY_USED = Gauge(
     "supersede_redis_memory_used_ratio",
-    "The Redis server's used_memory over its maxmemory (a cluster's fullest master; 0 when no "
+    "The Redis server's used_memory over its maxmemory (a cluster's fullest node; 0 when no "
     "maxmemory is set): at 1 a noeviction server refuses writes, runs wait and their leases "
     "lapse. Read every minute, by service.",
     ["service"],
