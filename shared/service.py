@@ -35,7 +35,6 @@ from redis.exceptions import (
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
-    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -70,6 +69,7 @@ from supersede.streams import (
     consumer_name,
     create_groups,
     failed_over,
+    group_gone,
 )
 
 Periodic = tuple[float, Callable[[], Awaitable[None]]]
@@ -97,7 +97,8 @@ _NOT_YET_HINTS = (
 _SAID_WITH_HINT = tuple(cls for cls, _ in _NOT_YET_HINTS)
 NOGROUP_HINT = (
     "a stream or its consumer group was deleted (FLUSHALL, a restart without persistence, a "
-    "failover to a replica that had not received it): its readers create it again"
+    "failover to a replica that had not received it, or evicted: maxmemory-policy must be "
+    "noeviction): its readers create it again"
 )
 
 
@@ -112,7 +113,7 @@ def _hint(exc: BaseException) -> str | None:
     """The fix to name beside a failure said in one line; None: log its traceback."""
     if isinstance(exc, _SAID_WITH_HINT):
         return next(h for cls, h in _NOT_YET_HINTS if isinstance(exc, cls))
-    if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):  # (a pipeline's says
+    if group_gone(exc):  # (a pipeline's says
         # "Command # 1 (XREADGROUP ...) of pipeline caused error: NOGROUP ...")
         return NOGROUP_HINT  # (healed by after_failure; its traceback said no more, a probe)
     if isinstance(exc, ClusterError) and "TTL exhausted" in str(exc):

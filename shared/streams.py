@@ -98,8 +98,18 @@ async def heal_missing_groups(
     """After a NOGROUP error (a stream deleted, or a failover to a replica that had not yet
     received the group), create the groups again from the first entry: every consumer of
     them is idempotent, so entries seen twice change nothing."""
-    if "NOGROUP" in str(exc):
+    if group_gone(exc):
         await create_groups(redis, groups)
+
+
+def group_gone(exc: BaseException) -> bool:
+    """A read failed because its stream or consumer group is gone: NOGROUP, or a blocking read
+    ended as its stream was deleted ("UNBLOCKED the stream key no longer exists": a DEL, an
+    eviction, a FLUSHALL), which is not a failover."""
+    said = str(exc)
+    return isinstance(exc, ResponseError) and (
+        "NOGROUP" in said or (said.startswith("UNBLOCKED") and "no longer exists" in said)
+    )
 
 
 AUTH_RETRY_S = 5.0  # seconds before a loop whose login was refused tries again
