@@ -102,7 +102,11 @@ def import_module(spec: str) -> Any:
 def _import_path(path: str, name: str) -> ModuleType:
     """The module of a file, by its path, under a name of its own: two files of one name in two
     folders, or a file named like a module already imported (queue.py), are still both
-    themselves. (The same name in every process: a step in process isolation is found by it.)"""
+    themselves. (The same name in every process: a step in process isolation is found by it.)
+    It is also the module of its plain name, when that name is free and imports this file: a
+    module beside it that imports it by name (`import shop_wf` in shop_steps.py) ran it a
+    second time, and the steps it added went to that copy's workflow, dropped without a word
+    (an API-user probe)."""
     digest = hashlib.sha1(path.encode(errors="surrogateescape")).hexdigest()[:12]
     unique = f"{PATH_MODULE_PREFIX}{digest}_{name.replace('.', '_')}"
     if unique in sys.modules:
@@ -110,16 +114,31 @@ def _import_path(path: str, name: str) -> ModuleType:
     loader_spec = importlib.util.spec_from_file_location(unique, path)
     assert loader_spec is not None and loader_spec.loader is not None
     module = importlib.util.module_from_spec(loader_spec)
-    sys.modules[unique] = module
+    names = [unique, *([name] if _imports_as(name, path) else [])]
+    for each in names:
+        sys.modules[each] = module
     loader_spec._initializing = True  # type: ignore[attr-defined]  # (as importlib marks a
     try:  # module being imported: Workflow.__post_init__ reads it)
         loader_spec.loader.exec_module(module)
     except BaseException:
-        del sys.modules[unique]
+        for each in names:
+            del sys.modules[each]
         raise
     finally:
         loader_spec._initializing = False  # type: ignore[attr-defined]
     return module
+
+
+def _imports_as(name: str, path: str) -> bool:
+    """Whether `import name` would import the file at `path` and has not imported anything."""
+    if "." in name or name in sys.modules:
+        return False
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    origin = found.origin if found is not None else None
+    return origin is not None and os.path.realpath(origin) == os.path.realpath(path)
 
 
 def load_workflows(spec: str) -> list[Any]:

@@ -381,6 +381,36 @@ def test_two_workflow_files_of_one_name_in_two_folders_are_both_loaded(tmp_path:
     assert [w.id for w in first] == ["wf-a"] and [w.id for w in second] == ["wf-b"]
 
 
+def test_a_workflow_module_given_by_path_is_the_module_its_neighbours_import(
+    tmp_path: Path,
+) -> None:
+    """`dev --module shop_wf.py`, whose steps are partly in shop_steps.py beside it (`from
+    shop_wf import shop`): the file ran twice, once by its path and once by its name, and the
+    steps shop_steps.py added went to the second copy's workflow: runs ended SUCCEEDED without
+    them (an API-user probe). Given by path or by name, it is one module, all of its steps."""
+    from supersede.services.modules import load_workflows
+
+    (tmp_path / "shop_wf.py").write_text(
+        "from supersede import Workflow\nshop = Workflow('shop', on_events=['e'])\n"
+        "@shop.step()\nasync def reserve(ctx):\n    return 1\n"
+        "import shop_steps  # noqa\n"
+    )
+    (tmp_path / "shop_steps.py").write_text(
+        "from shop_wf import shop, reserve\n"
+        "@shop.step(parents=[reserve])\nasync def charge(ctx):\n    return 2\n"
+    )
+    try:
+        [wf] = load_workflows(str(tmp_path / "shop_wf.py"))
+        assert sorted(s.name for s in wf.definition().steps) == ["charge", "reserve"]
+        assert sys.modules["shop_wf"].shop is wf
+        [again] = load_workflows("shop_wf")  # (by name, in the same process: the same one)
+        assert again is wf
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [n for n, m in sys.modules.items() if "shop_" in n]:
+            del sys.modules[name]
+
+
 def test_loop_metrics_expose_what_prometheus_client_metrics_expose() -> None:
     """LoopCounter and LoopHistogram (no lock per observation) scrape exactly as
     prometheus_client's Counter and Histogram fed the same values, labels included."""
