@@ -159,6 +159,11 @@ class _Flag:
 ASKED_KEPT = 16
 
 
+class NotAwaited(RuntimeError):
+    """A step called `ctx.still_current()` and never awaited it: the step's failure, not
+    retried (the same code skips the same check again)."""
+
+
 class Context:
     """What a step sees: its run's input and metadata, its parents' outputs, cancellation,
     and its fencing token (`fence`, `still_current()`: see `supersede.fencing`)."""
@@ -204,7 +209,8 @@ class Context:
         self._flag: _Flag = _Flag()
         self._loop = loop
         self._waiter: asyncio.Future[None] | None = None
-        self._asked: list[Coroutine[Any, Any, bool]] = []  # still_current()'s, see its doc
+        # still_current()'s coroutines and where each was asked ("file:line"), see its doc
+        self._asked: list[tuple[Coroutine[Any, Any, bool], str]] = []
         # how long `still_current_blocking()` waits for the loop's answer unless told: the
         # executor sets it to a lease and a second (the answer comes within the lease)
         self._answer_within = 10.0
@@ -236,27 +242,34 @@ class Context:
         costly work; guard the write itself with `fencing.set_if_newer`. Await it (a sync step
         calls `still_current_blocking()`): a call the step never awaited fails the step as it
         returns, since the coroutine reads as true (`if not ctx.still_current(): return` in a
-        sync step never returned, and fencing was skipped without a word, a probe)."""
+        sync step never returned, and fencing was skipped without a word, a probe), naming the
+        line that asked, and is not retried (each retry did the unguarded work again)."""
         coro = self._still_current()
         asked = self._asked
         if len(asked) >= ASKED_KEPT:  # (bounded: a step may ask in a loop)
-            asked[:] = [c for c in asked if inspect.getcoroutinestate(c) == inspect.CORO_CREATED]
+            asked[:] = [a for a in asked if inspect.getcoroutinestate(a[0]) == inspect.CORO_CREATED]
             del asked[: max(0, len(asked) - ASKED_KEPT + 1)]
-        asked.append(coro)
+        caller = sys._getframe(1)
+        asked.append((coro, f"{caller.f_code.co_filename}:{caller.f_lineno}"))
         return coro
 
     def _check_awaited(self, step: str) -> None:
-        """After a step returned: RuntimeError when it called `still_current()` without
-        awaiting it (those coroutines are closed: no RuntimeWarning beside the error)."""
-        unawaited = [c for c in self._asked if inspect.getcoroutinestate(c) == inspect.CORO_CREATED]
+        """After a step returned: NotAwaited when it called `still_current()` without awaiting
+        it (those coroutines are closed: no RuntimeWarning beside the error)."""
+        unawaited = [
+            (coro, where)
+            for coro, where in self._asked
+            if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
+        ]
         self._asked.clear()
-        for coro in unawaited:
+        for coro, _ in unawaited:
             coro.close()
         if unawaited:
-            raise RuntimeError(
-                f"step {step!r} called ctx.still_current() without awaiting it: a coroutine, "
-                "which reads as true; await it in an async step, call "
-                "ctx.still_current_blocking() in a sync one"
+            raise NotAwaited(
+                f"{unawaited[0][1]}: step {step!r} called ctx.still_current() without awaiting "
+                "it: a coroutine, which reads as true; await it in an async step, call "
+                "ctx.still_current_blocking() in a sync one (not retried: the work it was to "
+                "guard ran)"
             )
 
     async def _still_current(self) -> bool:

@@ -49,7 +49,7 @@ from supersede.aio import wait_for
 from supersede.errors import step_traceback
 from supersede.services.executor.outputs import OutputError, readable
 from supersede.services.modules import import_module
-from supersede.workflow import Context, is_async_callable, resolve
+from supersede.workflow import Context, NotAwaited, is_async_callable, resolve
 
 log = logging.getLogger("supersede.executor")
 
@@ -288,7 +288,7 @@ def worker_main(
             reply = codec.pack_value(["ok", out])
         except asyncio.CancelledError as exc:
             reply = codec.pack_value(["cancelled", step_traceback(exc)])
-        except OutputError as exc:
+        except (OutputError, NotAwaited) as exc:  # (the step's failure, not retried)
             reply = codec.pack_value(["output", str(exc)])
         except BaseException as exc:  # (SystemExit, KeyboardInterrupt too: the step's failure)
             reply = codec.pack_value(["err", step_traceback(exc)])

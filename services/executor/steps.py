@@ -57,7 +57,7 @@ from supersede.services.executor.isolation import (
 from supersede.services.executor.outbox import Outbox
 from supersede.services.executor.outputs import OutputError, readable
 from supersede.services.modules import module_file
-from supersede.workflow import Context, Step, Workflow, is_async_callable
+from supersede.workflow import Context, NotAwaited, Step, Workflow, is_async_callable
 
 log = logging.getLogger("supersede.executor")
 _NOT_WRITTEN = Sampled()  # "result not written" lines: one per 5 s of a kind, with repeats
@@ -715,7 +715,8 @@ class Runner:
             raise LeftToLease from None
         if _stopped(run):  # (a shutdown's cancel a library made another error of)
             raise asyncio.CancelledError from exc
-        if isinstance(exc, (OutputError, StepRunsOn)):  # (no retry; the executor's traceback)
+        if isinstance(exc, (OutputError, StepRunsOn, NotAwaited)):  # (no retry; the executor's
+            # traceback, or the line that asked still_current(), said in the message)
             return Outcome.FAILED, str(exc)
         if attempt < step.retries and not run.ctx.cancelled:  # (cancelled: no retry)
             if not await self._waited_to_retry(run, self.retry_wait(attempt)):

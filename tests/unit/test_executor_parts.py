@@ -1579,7 +1579,9 @@ async def test_a_step_that_does_not_await_still_current_fails_saying_so() -> Non
     fencing skipped with only a RuntimeWarning on stderr (a new-user probe). A step that
     called it without awaiting it fails as it returns, saying what to call; awaiting it (in
     an async step, or by `asyncio.run` or `run_coroutine_threadsafe` in a sync one) and
-    `still_current_blocking()` are fine (a review: a first form refused those)."""
+    `still_current_blocking()` are fine (a review: a first form refused those). It is not
+    retried (each retry did the unguarded work again, an API-user probe), and names the line
+    that asked."""
     import asyncio
 
     from supersede.protocol import pack_input
@@ -1607,15 +1609,18 @@ async def test_a_step_that_does_not_await_still_current_fails_saying_so() -> Non
         return await ctx.still_current()
 
     slip = Workflow("slip", on_events=["e"])
+    tries = {"sync": 0, "async": 0}
 
-    @slip.step()
+    @slip.step(retries=2)
     def forgot(ctx: Context) -> bool:
+        tries["sync"] += 1
         return bool(ctx.still_current())  # (the user's slip)
 
     async_slip = Workflow("async-slip", on_events=["e"])
 
-    @async_slip.step()
+    @async_slip.step(retries=2)
     async def forgot_too(ctx: Context) -> bool:
+        tries["async"] += 1
         return bool(ctx.still_current())
 
     outbox = _Outbox()
@@ -1633,6 +1638,8 @@ async def test_a_step_that_does_not_await_still_current_fails_saying_so() -> Non
             assert (
                 "without awaiting it" in failed.error and "still_current_blocking" in failed.error
             )
+            assert f"{__file__}:" in failed.error, failed.error  # (the step's line)
+        assert tries == {"sync": 1, "async": 1}
     finally:
         runner.close()
 
