@@ -806,6 +806,8 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
         raise MaybePublished(args.id, exc) from None
     if not planned:
         _warn_no_run(args.name, known)
+    elif args.name in known and not args.wait:  # (--wait's rows say each dead letter)
+        await _warn_refused(redis, keys, args.name, {p.workflow for p in planned})
     fields = event_fields(args.name, data, id=args.id, metadata=metadata)
     size = sum(len(k) + len(v) for k, v in fields.items())  # (what ingress measures)
     if size > INGRESS_MAX_PAYLOAD and not args.wait:  # (--wait says the dead letter)
@@ -949,8 +951,9 @@ def _warn_no_run(name: str, known: list[str]) -> None:
     if name in known:
         warn(
             f"supersede: warning: a workflow listens to {name!r} but no run could be "
-            "planned: its key expression fails for this data (ingress dead-letters the event "
-            "for it: see `supersede dead`), or no service has started in this namespace yet"
+            "planned: its key or max_runs expression fails for this data (ingress "
+            "dead-letters the event for it: see `supersede dead`), or no service has started "
+            "in this namespace yet"
         )
     elif known:
         warn(
@@ -963,6 +966,19 @@ def _warn_no_run(name: str, known: list[str]) -> None:
             "reads nothing: the event waits in the inbox, and makes the runs of the workflows "
             "registered when it is read (start their executors, or `supersede register "
             "MODULE`); publishing it again would make them twice"
+        )
+
+
+async def _warn_refused(redis: Redis, keys: Keys, name: str, planned: set[str]) -> None:
+    """`publish` of an event some workflows listening to it make no run of: which, on stderr
+    (the event's other runs were listed, and these said nothing: an API-user probe)."""
+    _, defs, _ = await load_all(redis, keys)
+    refused = sorted(w.id for w in defs.values() if name in w.events and w.id not in planned)
+    if refused:
+        warn(
+            f"supersede: warning: no run of {', '.join(map(repr, refused))}: its key or "
+            "max_runs expression fails for this data (ingress dead-letters the event for it: "
+            "see `supersede dead`)"
         )
 
 

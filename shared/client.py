@@ -476,10 +476,11 @@ def plan_runs(
 ) -> list[PlannedRun]:  # fmt: skip
     """The runs ingress makes of one event under the registered definitions `defs` (id ->
     WorkflowDef): the same key, group, shard and run id. `event_id` is the explicit `id`
-    (`explicit`) or the inbox entry id. A key expression that fails for this input makes no
-    run (ingress dead-letters the event for that workflow)."""
+    (`explicit`) or the inbox entry id. A key expression, or a `max_runs` expression, that
+    fails for this input makes no run (ingress dead-letters the event for that workflow: a
+    failing `max_runs` was planned, and a wait for its run waited for a run never made)."""
     from supersede.errors import KeyExpressionError
-    from supersede.keyexpr import compile_key
+    from supersede.keyexpr import compile_key, compile_limit
     from supersede.model import group_id, run_id, shard_of_group
 
     out = []
@@ -489,8 +490,11 @@ def plan_runs(
         if wf.concurrency is None:
             key = event_id
         else:
+            limit = wf.concurrency.max_runs
             try:
                 key = compile_key(wf.concurrency.expression)(data, metadata or {})
+                if isinstance(limit, str):
+                    compile_limit(limit)(data, metadata or {})
             except KeyExpressionError:
                 continue
         scope = wf.concurrency.scope if wf.concurrency else None

@@ -869,6 +869,25 @@ async def test_publish_takes_metadata_for_keys_that_read_it(
     assert (
         bad.returncode != 0 and len(lines) == 1 and "--metadata must be a JSON object" in lines[0]
     )
+    # a max_runs expression that fails for an event: no run planned, and said (a run id was
+    # printed, exit 0, for an event ingress dead-letters for that workflow: an API-user probe)
+    plan = {"id": "by-plan", "events": ["tenant.ev"],
+            "concurrency": {"expression": "metadata.tenant",
+                            "max_runs": "metadata.plan == 'pro' ? 5 : 1"}}  # fmt: skip
+    await register(redis, keys, plan)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "supersede", "publish", "tenant.ev", "{}", "--metadata",
+         '{"tenant": "acme"}', "--json"],
+        env=system.env, capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [r["workflow"] for r in orjson.loads(done.stdout)["runs"]] == ["tenant"]
+    said = done.stderr.decode()
+    assert "no run of 'by-plan'" in said and "max_runs expression fails" in said, said
+    pro = await acli(system, "publish", "tenant.ev", "{}", "--metadata",
+                     '{"tenant": "acme", "plan": "pro"}')  # fmt: skip
+    assert sorted(r["workflow"] for r in pro["runs"]) == ["by-plan", "tenant"]
 
 
 async def test_publish_reads_data_past_an_arguments_limit_from_stdin_or_a_file(
