@@ -692,6 +692,24 @@ async def _check_listens(
         )
 
 
+async def _check_routed(redis: Redis, keys: Keys, entry_id: str, original: dict[Any, Any]) -> None:
+    """Refuse, keeping the letter, a replay of a whole event no registered workflow listens to
+    (its `name` a second time, say: the letter keeps the last): it would be acknowledged
+    without a run and its only copy gone (an API-user probe). An event without a name is
+    dead-lettered again; with no workflow registered at all, ingress reads nothing yet."""
+    name = original.get(Inbox.NAME)
+    if not name:
+        return
+    _, defs, _ = await load_all(redis, keys)
+    text = name.decode("utf-8", "replace")
+    if defs and not any(text in wf.events for wf in defs.values()):
+        raise ValueError(
+            f"{entry_id}'s event is named {text!r}, which no registered workflow listens to: "
+            "replayed, it would make no run and the letter would be gone; register a workflow "
+            "that listens to it before replaying, or publish the event again under its name"
+        )
+
+
 async def replay_dead(redis: Redis, keys: Keys, entry_id: str) -> str:
     """Publish a dead letter's original fields to the inbox again, then delete it."""
     ms, _, seq = entry_id.partition("-")
@@ -722,6 +740,8 @@ async def replay_dead(redis: Redis, keys: Keys, entry_id: str) -> str:
     if workflow and fields.get(Dead.REASON.encode(), b"").decode() in _ONE_WORKFLOWS_REASONS:
         await _check_listens(redis, keys, entry_id, workflow.decode(), original)
         original[Inbox.ONLY_WORKFLOW] = workflow
+    else:
+        await _check_routed(redis, keys, entry_id, original)
     entry = fields.get(Dead.ENTRY.encode())
     if Inbox.ID not in original and entry and len(original) < Inbox.MAX_FIELDS:
         original[Inbox.ID] = entry  # (an entry of 64 fields already is replayed without it)

@@ -362,7 +362,7 @@ async def test_a_replay_adds_its_fields_only_where_an_event_has_room(
     """An event may have 64 fields: a replay of one of 64 adds no `id` (the entry went over
     the limit, and its new letter could never be replayed), and one of one workflow's key that
     has no room to name it is refused, the letter kept. A letter naming a workflow, `internal`
-    too, is replayed for that workflow only."""
+    too, is replayed for that workflow only; a whole event no workflow listens to is kept."""
     from supersede.services.ops import replay_dead
 
     await register(redis, keys, {"id": "w", "events": ["e"]})
@@ -396,6 +396,12 @@ async def test_a_replay_adds_its_fields_only_where_an_event_has_room(
     # a letter of a build before names were escaped: a whole event's, with a producer's field
     old = await replayed(await letter(3, reason="bad_json", workflow="w"))
     assert b"only_workflow" not in old and old[b"name"] == b"e"
+    # a whole event's letter whose name no workflow listens to (a repeated `name`, the letter
+    # keeping the last) is kept: replayed, it was acknowledged without a run, and lost
+    nobody = await letter(3, reason="repeated_field", name="other")
+    with pytest.raises(ValueError, match="no registered workflow listens to"):
+        await replay_dead(redis, keys, nobody)
+    assert await redis.xrange(keys.dead_stream, min=nobody, max=nobody)
 
 
 async def test_publish_wait_reports_an_event_dead_lettered_for_its_key(
