@@ -57,6 +57,8 @@ class Inbox:
     # optional: the one workflow of those listening to `name` that the event is for (a replayed
     # dead letter of one workflow's key error is not for the others, which made their runs)
     ONLY_WORKFLOW = b"only_workflow"
+    # every field of the contract; others are ignored, counted and said (a typo: `metdata`)
+    FIELDS = frozenset((NAME, DATA, ID, METADATA, ENCODING, TRACEPARENT, ONLY_WORKFLOW))
     MAX_ID_BYTES = 1024  # an `id` is 1..this many bytes of UTF-8
     MAX_FIELDS = 64  # an entry with more fields is refused (too_large)
     MAX_BYTES = 1 << 20  # ingress's --max-payload unless set: a larger entry is too_large

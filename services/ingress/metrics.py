@@ -30,6 +30,11 @@ DEAD_LETTERS = Counter(
 # increase() count from, so a burst that made the series would otherwise count for nothing.
 for _reason in INBOX_REASONS:
     DEAD_LETTERS.labels(_reason.value)
+UNKNOWN_FIELDS = Counter(
+    "supersede_ingress_unknown_fields_total",
+    "Inbox events with a field the inbox contract does not define (ignored; a typo of "
+    "`metadata` or `id` loses it): each said in a sampled warning naming the fields.",
+)
 UNROUTED = Counter(
     "supersede_ingress_unrouted_total", "Events that no registered workflow listens to."
 )

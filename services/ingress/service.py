@@ -629,6 +629,8 @@ class Ingress(Service):
         if size > batch.largest:
             batch.largest = size
         event = parse_event(entry_id, fields, self.config.max_payload, size)
+        if not fields.keys() <= Inbox.FIELDS:
+            self._unknown_fields(entry_id, fields)
         routes = self.routes.get(event.name)
         if routes and event.only is not None:
             routes = [route for route in routes if route.workflow.id == event.only]
@@ -831,6 +833,23 @@ class Ingress(Service):
                 batch.held.update(sources[s])
                 batch.held_for.add(s)
         return [s for s, outcome in done.items() if not isinstance(outcome, ShardSilent)]
+
+    def _unknown_fields(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        """An event with fields the contract does not define: ignored (a producer may add its
+        own), but counted and said, sampled: a typo of `metadata` or `id` (`metdata`) dropped
+        them without a word (an API-user probe)."""
+        metrics.UNKNOWN_FIELDS.inc()
+        repeats = self.dead_lines.due("unknown_fields")
+        if repeats is None:
+            return
+        unknown = sorted(k for k in fields if k not in Inbox.FIELDS)
+        said = [k[:64].decode("utf-8", "backslashreplace") for k in unknown[:5]]
+        known = ", ".join(sorted(k.decode() for k in Inbox.FIELDS))
+        self.log.warning(
+            "inbox event has fields the inbox contract does not define: ignored (a misspelt "
+            f"field is lost; the contract's: {known})",
+            extra={"entry": entry_id.decode(), "fields": said, "repeats": repeats},
+        )
 
     @staticmethod
     def _key(route: Route, event: Event, seen: dict[KeyFn, str]) -> str:

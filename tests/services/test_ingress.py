@@ -527,6 +527,32 @@ async def test_an_event_no_workflow_listens_to_is_acknowledged_not_dead_lettered
     assert await requests_in_streams(redis, keys) == []
 
 
+async def test_a_field_the_contract_does_not_define_is_ignored_counted_and_said(
+    redis: Redis, keys: Keys, ingress: Ingress, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`metdata` for `metadata`: the field was ignored without a word, so the key expression
+    read no metadata and a misspelt `id` made a run per publish (an API-user probe). The event
+    still runs (a producer may add fields of its own), and the field is counted and named."""
+    from prometheus_client import REGISTRY
+
+    def unknown() -> float:
+        return REGISTRY.get_sample_value("supersede_ingress_unknown_fields_total") or 0.0
+
+    before = unknown()
+    with caplog.at_level(logging.WARNING, logger="supersede"):
+        await redis.xadd(
+            keys.events_stream,
+            {"name": "chat.message", "data": '{"userId":"u"}', "metdata": '{"t": 1}'},
+        )
+        await redis.xadd(keys.events_stream, {"name": "chat.message", "data": '{"userId":"v"}'})
+        await settle(redis, keys)
+    reqs = await requests_in_streams(redis, keys)
+    assert sorted(r["k"] for r in reqs if r["w"] == "chat-reply") == ["u", "v"]
+    assert unknown() - before == 1
+    said = [r for r in caplog.records if "does not define" in r.getMessage()]
+    assert len(said) == 1 and said[0].fields == ["metdata"], said  # type: ignore[attr-defined]
+
+
 async def test_replays_of_one_id_give_one_request_per_workflow(
     redis: Redis, keys: Keys, ingress: Ingress
 ) -> None:
