@@ -144,6 +144,19 @@ def _name(value: Any, field_name: str, strict: bool = True) -> str:
     return value
 
 
+def _event_name(value: Any, field_name: str, strict: bool) -> str:
+    """An event name: matched exactly (`chat.*` and ` chat.message` registered, and never
+    matched what their author meant: an API-user probe)."""
+    name = _name(value, field_name, strict)
+    if strict and name != name.strip():
+        raise DefinitionError(field_name, f"must not start or end with spaces, got {name!r}")
+    if strict and "*" in name:
+        raise DefinitionError(
+            field_name, f"event names are matched exactly, with no wildcard: got {name!r}"
+        )
+    return name
+
+
 def _int(value: Any, field_name: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise DefinitionError(
@@ -165,7 +178,7 @@ def parse(body: Any, *, strict: bool = True) -> WorkflowDef:
     events = body.get("events")
     if not isinstance(events, list | tuple) or not events:
         raise DefinitionError("events", "must be a non-empty list of event names")
-    names = tuple(_name(e, f"events[{i}]", strict) for i, e in enumerate(events))
+    names = tuple(_event_name(e, f"events[{i}]", strict) for i, e in enumerate(events))
     if len(set(names)) < len(names):
         if strict:
             i = next(i for i, e in enumerate(names) if e in names[:i])

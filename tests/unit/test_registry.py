@@ -71,6 +71,9 @@ from tests.support import workflow_body as definition
         ({"version": "v" * 10_000}, "version"),
         ({"version": " "}, "version"),
         ({"events": ["e", "f", "e"]}, "events[2]"),
+        # names matched exactly that match nothing meant (an API-user probe)
+        ({"events": ["chat.*"]}, "events[0]"),
+        ({"events": ["e", " chat.message"]}, "events[1]"),
     ],
 )  # fmt: skip
 def test_a_bad_definition_names_the_field(overrides: dict[str, Any], field: str) -> None:
