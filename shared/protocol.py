@@ -673,6 +673,20 @@ def _points(rec: dict[str, Any]) -> dict[str, int]:
 
 
 # -- dead letters ---------------------------------------------------------------------------------
+class CutFields(dict[bytes, bytes]):
+    """The fields of an inbox entry larger than ingress takes, as the take-over returns it
+    (lua/take_inbox.lua): its first fields, each value cut, with the whole entry's `size`
+    (bytes of names and values) and `count` (fields). Its dead letter says it is cut."""
+
+    __slots__ = ("count", "size")
+
+    def __init__(self, flat: list[bytes], size: int, count: int) -> None:
+        it = iter(flat)
+        super().__init__(zip(it, it, strict=True))
+        self.size = size
+        self.count = count
+
+
 def dead_letter(
     fields: dict[bytes, bytes],
     entry_id: bytes,
@@ -708,6 +722,7 @@ def dead_letter(
         if keep > 0 or (keep == 0 and len(value) == 0):
             body[_escaped(name)] = value[:keep]
             room -= len(name) + keep
+    truncated = truncated or isinstance(fields, CutFields)  # (cut as it was read)
     if truncated:  # (even when no name fits the list: such a dead letter cannot be replayed)
         body[Dead.TRUNCATED] = b",".join(cut).decode("utf-8", "replace")
     cut_detail = detail.encode("utf-8", "surrogatepass")[: Dead.DETAIL_MAX]

@@ -23,7 +23,8 @@ from supersede import aio, codec
 from supersede.errors import BadArguments, WorkflowRejected, raise_for_status
 from supersede.keys import Keys
 from supersede.lane import Lane
-from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, Reason
+from supersede.protocol import ADMISSION_GROUP, EXECUTOR_GROUP, CutFields, Dead, Entry, Reason
+from supersede.streams import OWN_LISTED, entry_fields
 
 LUA_DIR = files("supersede.lua")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
@@ -45,6 +46,7 @@ SCRIPT_NAMES = (
     "claim_ids",
     "fire_debounced",
     "forget_consumers",
+    "take_inbox",
     "hand_back",
     "reclaim",
 )
@@ -632,6 +634,24 @@ class Scripts:
             r = await self._call("forget_consumers", [stream], [group, idle_ms, most])
             deleted += int(r[1])
         return deleted
+
+    async def take_inbox(
+        self, group: str, consumer: str, idle_ms: int, start: str | bytes, count: int, largest: int
+    ) -> tuple[bytes, list[Entry], list[bytes]]:
+        """XAUTOCLAIM inbox entries idle for `idle_ms` from `start`, at most `count`, for
+        `consumer`, leaving out its own (see lua/take_inbox.lua): (the next start id, the
+        entries, the ids of pending entries no longer in the stream). An entry of over
+        `largest` bytes comes back cut, as CutFields with its true size, never whole."""
+        keep = (Dead.FIELD_MAX + 1, Dead.FIELDS_MAX + 1)  # (past them: the letter says cut)
+        args = [group, consumer, idle_ms, start, count, largest, *keep, OWN_LISTED]
+        reply = await self._call("take_inbox", [self.keys.events_stream], args)
+        sizes = {item[0]: (int(item[1]), int(item[2])) for item in reply[4]}
+        entries: list[Entry] = []
+        for entry_id, flat in reply[2]:
+            cut = sizes.get(entry_id)
+            fields = entry_fields(flat) if cut is None else CutFields(flat, *cut)
+            entries.append((entry_id, fields))
+        return reply[1], entries, list(reply[3])
 
     async def append_requests(self, shard: int, payloads: Sequence[bytes]) -> int:
         """Append packed RunRequests to a shard's requests stream; returns how many."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import math
@@ -63,6 +64,7 @@ from supersede.logs import Sampled
 from supersede.protocol import Entry
 from supersede.scripts import Scripts
 from supersede.streams import (
+    OWN_LISTED,
     GroupSpec,
     OwnPending,
     after_failure,
@@ -463,6 +465,7 @@ class Service:
         idle_ms: int,
         count: int,
         handle: Callable[[list[Entry]], Awaitable[None]],
+        claim: Claimer | None = None,
     ) -> int:
         """XAUTOCLAIM every entry of `stream` idle for `idle_ms` in another consumer of `group`
         (a process that died mid-batch), page by page, and handle each page; returns how many.
@@ -470,30 +473,39 @@ class Service:
         a batch applied, for longer than `idle_ms`, under load, was handled twice at once; one
         read ahead while a slow batch was applied, likewise): the same round trip lists them
         first, those idle for a little less too (its own pending entries are read again by
-        OwnPending after a failure; a take-over is for the dead)."""
+        OwnPending after a failure; a take-over is for the dead). `claim(start)`: a page another
+        way, as (next start id, entries, ids of pending entries no longer in the stream)."""
         start: str | bytes = "0-0"
         taken = 0
-        margin = min(1000, idle_ms // 2)  # (an entry of its own idle past `idle_ms` meanwhile)
+        claim = claim or functools.partial(self._autoclaim, stream, group, idle_ms, count)
         while True:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xpending_range(stream, group, start, "+", count + OWN_LISTED,
-                                    consumername=self.consumer, idle=idle_ms - margin)  # fmt: skip
-                pipe.xautoclaim(stream, group, self.consumer, idle_ms, start_id=start, count=count)
-                listed, reply = await pipe.execute()
-            mine = {p["message_id"] for p in listed}
-            entries = [e for e in reply[1] if e and e[1] and e[0] not in mine]
-            if len(reply) > 2 and reply[2]:  # (Redis 7: pending entries no longer in the stream)
-                self.pending_deleted(stream, group, reply[2])
+            after, entries, deleted = await claim(start)
+            if deleted:  # (Redis 7: pending entries no longer in the stream)
+                self.pending_deleted(stream, group, deleted)
             if entries:
                 taken += len(entries)
                 await handle(entries)
-            if reply[0] in (b"0-0", "0-0"):
+            if after in (b"0-0", "0-0"):
                 return taken
-            start = reply[0]
+            start = after
+
+    async def _autoclaim(
+        self, stream: str | bytes, group: str, idle_ms: int, count: int, start: str | bytes
+    ) -> tuple[bytes, list[Entry], list[bytes]]:
+        """A page of `take_over`: its own entries listed and XAUTOCLAIM, in one round trip."""
+        margin = min(1000, idle_ms // 2)  # (an entry of its own idle past `idle_ms` meanwhile)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xpending_range(stream, group, start, "+", count + OWN_LISTED,
+                                consumername=self.consumer, idle=idle_ms - margin)  # fmt: skip
+            pipe.xautoclaim(stream, group, self.consumer, idle_ms, start_id=start, count=count)
+            listed, reply = await pipe.execute()
+        mine = {p["message_id"] for p in listed}
+        entries = [e for e in reply[1] if e and e[1] and e[0] not in mine]
+        return reply[0], entries, (reply[2] if len(reply) > 2 else [])
 
 
-# A take-over lists this many of its own idle entries beyond a page (see take_over).
-OWN_LISTED = 1000
+Claimer = Callable[[str | bytes], Awaitable[tuple[bytes, list[Entry], list[bytes]]]]
+"""A page of a take-over from a start id: (next start id, entries, ids no longer in the stream)."""
 
 
 # The ACL role whose rights a service process needs, where it is not the service's name.

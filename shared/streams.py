@@ -112,6 +112,8 @@ def group_gone(exc: BaseException) -> bool:
     )
 
 
+# A take-over lists this many of its own idle entries beyond a page (see Service.take_over).
+OWN_LISTED = 1000
 AUTH_RETRY_S = 5.0  # seconds before a loop whose login was refused tries again
 
 

@@ -44,6 +44,7 @@ from supersede.model import (
 )
 from supersede.protocol import (
     INGRESS_GROUP,
+    CutFields,
     Dead,
     Entry,
     Inbox,
@@ -178,8 +179,9 @@ def _check_id(event_id: str, raw_id: bytes | None) -> None:
 
 
 def entry_size(fields: dict[bytes, bytes]) -> int:
-    """An inbox entry's bytes: its fields' names and values (repeated ones too)."""
-    if isinstance(fields, RepeatedFields):
+    """An inbox entry's bytes: its fields' names and values (repeated ones too; a cut one's
+    whole size)."""
+    if isinstance(fields, RepeatedFields | CutFields):
         return fields.size
     return sum(len(name) + len(value) for name, value in fields.items())
 
@@ -881,12 +883,21 @@ class Ingress(Service):
             metrics.RECLAIMED.inc(len(entries))
             await self.handle(entries)
 
+        async def claim(start: str | bytes) -> tuple[bytes, list[Entry], list[bytes]]:
+            # (an entry over --max-payload comes back cut: one of 250 MB killed each process
+            # that took it over, past its memory limit, for good; a security probe)
+            return await self.scripts.take_inbox(
+                INGRESS_GROUP, self.consumer, self.config.claim_idle_ms, start,
+                self.count, self.config.max_payload,
+            )  # fmt: skip
+
         await self.take_over(
             self.keys.events_stream,
             INGRESS_GROUP,
             self.config.claim_idle_ms,
             self.count,  # (what the reads ask for: the entries another ingress died on, maybe)
             handle,
+            claim,
         )
 
     async def _measure_lag(self) -> None:

@@ -1094,6 +1094,44 @@ async def test_a_backlog_of_large_entries_is_read_a_few_at_a_time(
     assert sorted(d[b"reason"] for _, d in dead) == [b"too_large"] * 5
 
 
+async def test_a_huge_entry_taken_over_comes_back_cut_and_is_dead_lettered(
+    redis: Redis, redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry of 250 MB took the ingress process that read it past its memory limit (killed,
+    no dead letter), and each process that took it over 30 s later was killed the same way:
+    intake stopped for good (a security probe). A take-over now gets such an entry cut (its
+    first fields, each value cut, with its true size), never whole, dead-letters it
+    `too_large`, and handles its page-mates as before."""
+    handed: list[int] = []
+    handle = Ingress.handle
+
+    async def measured(self: Ingress, entries: Any) -> None:
+        handed.extend(sum(len(k) + len(v) for k, v in f.items()) for _, f in entries)
+        await handle(self, entries)
+
+    monkeypatch.setattr(Ingress, "handle", measured)
+    await register(redis, keys, CHAT)
+    stream = keys.events_stream
+    await redis.xgroup_create(stream, INGRESS_GROUP, id="$", mkstream=True)
+    huge = await redis.xadd(stream, {"name": "chat.message", "data": b"x" * (40 << 20), "n": "1"})
+    await redis.xadd(stream, {"name": "chat.message", "data": '{"userId": "mate"}'})
+    await redis.xreadgroup(INGRESS_GROUP, "ingress-that-died", {stream: ">"})
+    async with running_ingress(redis, redis_url, keys, claim_idle_ms=50):
+
+        async def dead_lettered() -> bool:
+            return bool(await redis.xlen(keys.dead_stream))
+
+        await eventually(dead_lettered)
+        await settle(redis, keys)
+    assert [r["k"] for r in await requests_in_streams(redis, keys)] == ["mate"]
+    assert len(handed) == 2 and max(handed) < Dead.TOTAL_MAX, handed
+    [(_, letter)] = await redis.xrange(keys.dead_stream)
+    assert letter[b"reason"] == b"too_large" and letter[b"entry"] == huge
+    assert f"entry of {(40 << 20) + 22} bytes".encode() in letter[b"detail"], letter[b"detail"]
+    assert len(letter[b"data"]) == Dead.FIELD_MAX and letter[b"n"] == b"1"
+    assert letter[b"truncated"] == b"data"  # (said cut: a replay is refused)
+
+
 async def test_entries_a_dead_ingress_read_and_a_producer_trimmed_are_reported_lost(
     redis: Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
