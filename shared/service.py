@@ -261,6 +261,9 @@ class Service:
         self.settings = settings
         self.keys = settings.keys
         self.consumer = consumer or consumer_name(self.name)
+        # ids of the entries a take-over is handling now: claimed, they are this consumer's own
+        # pending entries too, and a sweep of those read and handled them a second time
+        self.taking: set[bytes] = set()
         self._lanes: list[Lane] = []  # made by `run` and its loops, closed when it returns
         self._failures = Sampled()  # (the one-line failures of log_failure)
         self.scripts = Scripts(redis, self.keys)
@@ -484,7 +487,12 @@ class Service:
                 self.pending_deleted(stream, group, deleted)
             if entries:
                 taken += len(entries)
-                await handle(entries)
+                ids = {e[0] for e in entries}
+                self.taking |= ids
+                try:
+                    await handle(entries)
+                finally:
+                    self.taking -= ids
             if after in (b"0-0", "0-0"):
                 return taken
             start = after

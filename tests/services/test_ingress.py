@@ -1132,6 +1132,37 @@ async def test_a_huge_entry_taken_over_comes_back_cut_and_is_dead_lettered(
     assert letter[b"truncated"] == b"data"  # (said cut: a replay is refused)
 
 
+async def test_entries_a_take_over_handles_are_not_handled_again_by_a_sweep(
+    redis: Redis, redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A take-over claims a dead process's entries, which makes them this process's own
+    pending entries: the main loop's sweep of those (every 2 s) read them while the take-over
+    was still handling them, and each was dead-lettered twice (4 runs in 12 of a security
+    probe). The sweep leaves them to the take-over."""
+    handle = Ingress.handle
+
+    async def slow(self: Ingress, entries: Any) -> None:
+        await asyncio.sleep(2.5)  # (past a sweep of own pending entries)
+        await handle(self, entries)
+
+    await register(redis, keys, CHAT)
+    stream = keys.events_stream
+    await redis.xgroup_create(stream, INGRESS_GROUP, id="$", mkstream=True)
+    for _ in range(3):
+        await redis.xadd(stream, {"name": "chat.message", "data": "{not json"})
+    await redis.xreadgroup(INGRESS_GROUP, "ingress-that-died", {stream: ">"})
+    async with running_ingress(redis, redis_url, keys, claim_idle_ms=50) as service:
+        monkeypatch.setattr(Ingress, "handle", slow)
+
+        async def handled() -> bool:
+            return await redis.xlen(keys.dead_stream) >= 3 and not getattr(service, "taking", 0)
+
+        await eventually(handled, timeout=20)
+        await asyncio.sleep(3)  # (the take-over's handling ends, and another sweep comes)
+    letters = [f[b"entry"] for _, f in await redis.xrange(keys.dead_stream)]
+    assert len(letters) == 3 == len(set(letters)), letters
+
+
 async def test_entries_a_dead_ingress_read_and_a_producer_trimmed_are_reported_lost(
     redis: Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
