@@ -241,18 +241,26 @@ def redact(url: str) -> str:
 
 
 UNVERIFIED_TLS = (
-    "TLS without the server certificate's check (ssl_cert_reqs in SUPERSEDE_REDIS_URL): anyone "
-    "on the path can read and change every call; give ssl_ca_certs instead"
+    "TLS without the server certificate's check (ssl_cert_reqs in SUPERSEDE_REDIS_URL), or "
+    "without its host name's (ssl_check_hostname=false: any certificate the CA signed passes): "
+    "anyone on the path can read and change every call; give ssl_ca_certs, and the host name "
+    "the server's certificate names, instead"
 )
 
 
 def unverified_tls(url: str) -> bool:
-    """A TLS URL that skips the server certificate's check (`ssl_cert_reqs=none`/`optional`):
-    anyone on the path can read and change every call, credentials included."""
+    """A TLS URL that skips the server certificate's check (`ssl_cert_reqs=none`/`optional`)
+    or its host name's (`ssl_check_hostname=false`): anyone on the path can read and change
+    every call, credentials included."""
     if not url.startswith(("rediss://", TLS_CLUSTER_SCHEME)):
         return False
-    reqs = {v.lower() for k, v in parse_qsl(urlsplit(url).query) if k.lower() == "ssl_cert_reqs"}
-    return bool(reqs & {"none", "optional", "cert_none", "cert_optional"})
+    query = [(k.lower(), v.lower()) for k, v in parse_qsl(urlsplit(url).query)]
+    reqs = {v for k, v in query if k == "ssl_cert_reqs"}
+    unnamed = {v for k, v in query if k == "ssl_check_hostname"}  # (redis-py's to_bool)
+    return bool(
+        reqs & {"none", "optional", "cert_none", "cert_optional"}
+        or unnamed & {"0", "f", "false", "n", "no"}
+    )
 
 
 def is_cluster_url(url: str) -> bool:

@@ -411,6 +411,20 @@ def test_a_workflow_module_given_by_path_is_the_module_its_neighbours_import(
             del sys.modules[name]
 
 
+def test_tls_without_the_host_name_check_is_said_unverified() -> None:
+    """`ssl_check_hostname=false` let any certificate the CA signed pass, without the warning
+    `ssl_cert_reqs=none` gets (a security probe)."""
+    from supersede.config import unverified_tls
+
+    base = "rediss://u:p@h:6380/0?ssl_ca_certs=/ca.pem"
+    assert not unverified_tls(base) and not unverified_tls(base + "&ssl_check_hostname=true")
+    assert unverified_tls(base + "&ssl_check_hostname=false")
+    assert unverified_tls(base + "&ssl_check_hostname=NO") and unverified_tls(
+        base + "&ssl_cert_reqs=none"
+    )
+    assert not unverified_tls("redis://h/0?ssl_check_hostname=false")  # (no TLS: another warning)
+
+
 def test_loop_metrics_expose_what_prometheus_client_metrics_expose() -> None:
     """LoopCounter and LoopHistogram (no lock per observation) scrape exactly as
     prometheus_client's Counter and Histogram fed the same values, labels included."""
