@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web  # the `ui` extra (the CLI says so when it is missing)
+from aiohttp.http_exceptions import HttpProcessingError
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -29,6 +30,7 @@ from supersede import codec, lookups
 from supersede.config import refusal
 from supersede.errors import ConfigError, describe
 from supersede.keys import Keys
+from supersede.logs import Sampled
 from supersede.model import group_id, shard_of_group, shard_of_run
 from supersede.protocol import RunState, unpack_input
 from supersede.registry import load_all
@@ -494,6 +496,29 @@ async def check_actions(redis: Redis, keys: Keys, url: str) -> None:
             raise ConfigError(f"--allow-actions: {refused}") from None
 
 
+class _BadRequests(logging.Filter):
+    """aiohttp's line for a request it could not read (a request line of 100 KB, any client
+    may send one): one line, at most one a kind every few seconds, not a traceback each (a
+    security probe: any client could fill the dashboard's log)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sampled = Sampled()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        repeats = self.sampled.due(type(exc).__name__)
+        if repeats is None:
+            return False
+        record.msg = f"%s: a request not read, answered {exc.code}: {type(exc).__name__}"
+        record.msg += f" ({repeats} more since the last said)" if repeats else ""
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 async def serve(
     redis: Redis,
     keys: Keys,
@@ -503,6 +528,7 @@ async def serve(
     allowed_hosts: Sequence[str] = (),
     secret: str | None = None,
 ) -> None:
+    logging.getLogger("aiohttp.server").addFilter(_BadRequests())
     hosts = served_hosts(host, port, allowed_hosts)
     app = make_app(redis, keys, allow_actions=allow_actions, hosts=hosts, secret=secret)
     runner = web.AppRunner(app, access_log=None)

@@ -554,6 +554,43 @@ def test_the_ui_command_names_what_to_fix(redis_url: str) -> None:
     assert b"Traceback" not in bad.stderr
 
 
+async def test_requests_the_ui_cannot_read_are_one_sampled_line_not_a_traceback(
+    redis_url: str, tmp_path: Any
+) -> None:
+    """A request line of 100 KB got its 400, and the log a traceback each ("Error handling
+    request"): any client could fill the dashboard's log (a security probe). One line, at most
+    one a kind every few seconds."""
+    import socket
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERSEDE_")}
+    port = free_port()
+    log = tmp_path / "ui.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "supersede", "ui", "--port", str(port)],
+            env={**env, "SUPERSEDE_REDIS_URL": redis_url}, stderr=err,
+        )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        await up(base)
+
+        def long_line() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(b"GET /key?key=" + b"k" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                return conn.recv(100)
+
+        for _ in range(5):
+            assert (await asyncio.to_thread(long_line))[9:12] == b"400", "answered"
+        assert (await asyncio.to_thread(get, base + "/"))[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    said = log.read_text()
+    assert "Traceback" not in said, said
+    lines = [line for line in said.splitlines() if "request not read" in line]
+    assert len(lines) == 1 and "answered 400" in lines[0], said
+
+
 def test_the_host_names_the_ui_answers() -> None:
     """Its address and the loopback names with its port; a proxy's name when given; on port
     80 also without the port; any name only when it listens everywhere with none given."""
