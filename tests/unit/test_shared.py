@@ -1101,6 +1101,36 @@ async def _marked_and_woken(ctx: Any) -> bool:
     return bool(ctx.cancelled)
 
 
+def test_a_context_a_test_builds_names_a_function_two_workflows_share_by_its_workflow(
+    tmp_path: Path,
+) -> None:
+    """One function registered as `load` in one workflow and as `fetch` in another: in a test's
+    Context, `ctx.parent(fetch)` knew neither name (KeyError), though the run succeeded in
+    production (an API-user probe). The Context's `workflow` names which."""
+    from supersede.services.modules import load_workflows
+    from supersede.workflow import Context
+
+    (tmp_path / "shared_steps.py").write_text(
+        "from supersede import Workflow\n"
+        "a = Workflow('wf-a', on_events=['e'])\nb = Workflow('wf-b', on_events=['e'])\n"
+        "def fetch(ctx):\n    return 1\n"
+        "def use(ctx):\n    return ctx.parent(fetch) + 1\n"
+        "a.step(name='load')(fetch)\na.step(parents=[fetch])(use)\n"
+        "b.step(fetch)\nb.step(parents=[fetch])(use)\n"
+    )
+    try:
+        load_workflows(str(tmp_path / "shared_steps.py"))
+        module = sys.modules["shared_steps"]
+        for workflow, name in (("wf-a", "load"), ("wf-b", "fetch")):
+            ctx = Context(run_id="r", workflow=workflow, attempt=1, input={}, metadata={})
+            ctx.outputs[name] = module.fetch(ctx)
+            assert module.use(ctx) == 2
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [n for n in sys.modules if "shared_steps" in n]:
+            del sys.modules[name]
+
+
 def test_a_context_a_test_builds_finds_parents_by_function_and_serves_several_loops() -> None:
     """A second-week probe: `ctx.parent(fetch_doc)` of a step registered with `name='fetch'`
     raised KeyError in a test's Context (it knew no step names: only the executor's did);
