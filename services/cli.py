@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from redis.exceptions import RedisError
 
@@ -653,8 +653,16 @@ SERVICE_ENVIRONMENT = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad argument is one line naming it and where the help is (the usage printed first
+    was 11 lines for `supersede executor m.py --slots 0`: an API-user probe)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="supersede", description=__doc__, formatter_class=_Help, epilog=ENVIRONMENT
     )
     parser.add_argument("--version", action="version", version=f"supersede {__version__}")

@@ -425,6 +425,19 @@ def test_tls_without_the_host_name_check_is_said_unverified() -> None:
     assert not unverified_tls("redis://h/0?ssl_check_hostname=false")  # (no TLS: another warning)
 
 
+def test_a_bad_argument_is_one_line_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """The usage came first: 11 lines for one bad --slots (an API-user probe)."""
+    from supersede.services.cli import build_parser
+
+    for args, says in ((["executor", "m.py", "--slots", "0"], "argument --slots"),
+                       (["nosuch"], "invalid choice: 'nosuch'")):  # fmt: skip
+        with pytest.raises(SystemExit) as info:
+            build_parser().parse_args(args)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1 and says in err, err
+        assert "--help" in err
+
+
 def test_loop_metrics_expose_what_prometheus_client_metrics_expose() -> None:
     """LoopCounter and LoopHistogram (no lock per observation) scrape exactly as
     prometheus_client's Counter and Histogram fed the same values, labels included."""
