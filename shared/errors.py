@@ -180,4 +180,10 @@ def step_traceback(exc: BaseException) -> str:
         tb = tb.tb_next
     if tb is None:
         return "".join(traceback.format_exception(exc))
-    return "".join(traceback.format_exception(type(exc), exc, tb))
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    return _PATH_MODULE.sub("", text)
+
+
+# The name a module loaded by its path is imported under (supersede.services.modules): its
+# exceptions' names said `_supersede_module_df96c3a09d2e_pipe_wf.Flaky` (an API-user probe).
+_PATH_MODULE = re.compile(r"\b_supersede_module_[0-9a-f]{12}_")

@@ -438,6 +438,30 @@ def test_a_bad_argument_is_one_line_naming_it(capsys: pytest.CaptureFixture[str]
         assert "--help" in err
 
 
+def test_an_error_of_a_module_given_by_path_is_named_by_its_module(tmp_path: Path) -> None:
+    """A step's exception class of a module given by path was stored as
+    `_supersede_module_df96c3a09d2e_pipe_wf.Flaky` (an API-user probe)."""
+    from supersede.errors import step_traceback
+    from supersede.services.modules import load_workflows
+
+    (tmp_path / "pipe_wf.py").write_text(
+        "from supersede import Workflow\nwf = Workflow('pipe', on_events=['e'])\n"
+        "class Flaky(Exception):\n    pass\n"
+        "@wf.step()\ndef s(ctx):\n    raise Flaky('try 3')\n"
+    )
+    try:
+        [wf] = load_workflows(str(tmp_path / "pipe_wf.py"))
+        try:
+            wf.steps[0].fn(None)
+        except Exception as exc:
+            said = step_traceback(exc)
+        assert "pipe_wf.Flaky: try 3" in said and "_supersede_module_" not in said, said
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [n for n in sys.modules if "pipe_wf" in n]:
+            del sys.modules[name]
+
+
 def test_loop_metrics_expose_what_prometheus_client_metrics_expose() -> None:
     """LoopCounter and LoopHistogram (no lock per observation) scrape exactly as
     prometheus_client's Counter and Histogram fed the same values, labels included."""
