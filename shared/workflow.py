@@ -230,9 +230,7 @@ class Context:
         elif self._step_names:
             name = step_name(self._step_names, step)
         else:  # (a Context a test built: its workflow's name for it first, then any's)
-            key = fn_key(step)
-            mine = _step_names_of(self.workflow).get(key) if key is not None else None
-            name = mine or step_name({}, step)
+            name = _name_in(self.workflow, step) or step_name({}, step)
         try:
             return self.outputs[name]
         except KeyError:
@@ -367,15 +365,19 @@ def _check_takes_context(where: str, what: str, fn: Any, not_callable: str) -> N
 DEFINED_IN: dict[str, list[Workflow]] = {}
 
 
-def _step_names_of(workflow: str) -> StepNames:
-    """The step names of the workflow of id `workflow` a module made, for a Context a test
-    built: a function registered in two workflows under two names is neither name without
-    them (an API-user probe's test failed, its run in production succeeded)."""
-    for made in DEFINED_IN.values():
+def _name_in(workflow: str, fn: Any) -> str | None:
+    """The name a workflow of id `workflow` that a module made registered `fn` under, for a
+    Context a test built: a function registered in two workflows under two names is neither
+    name without them (an API-user probe's test failed, its run in production succeeded)."""
+    key = fn_key(fn)
+    if key is None:
+        return None
+    for made in reversed(DEFINED_IN.values()):  # (the newest module first)
         for wf in made:
-            if wf.id == workflow:
-                return wf.step_names
-    return {}
+            name = wf.step_names.get(key) if wf.id == workflow else None
+            if name:
+                return name
+    return None
 
 
 def _module_importing(frame: Any) -> str | None:
