@@ -175,6 +175,9 @@ class BatchReader:
             self.ahead = None
 
 
+LAPSED_SAID_EVERY = 10.0  # seconds: the reaper's line for lapsed leases, at most this often
+
+
 class Admission(Service):
     name = "admission"
 
@@ -198,6 +201,10 @@ class Admission(Service):
         self._next_due = 0.0  # the earliest debounce timer this process set (server ms), 0: none
         self._due_set = asyncio.Event()
         self._debounce_failure_log = Throttle(10.0)  # (a failing shard logs once in 10 s)
+        # runs whose leases lapsed, retried and failed since the last line that said so (a
+        # SIGKILLed executor's 95 runs were retried without a word, only a metric: a probe)
+        self._lapsed = [0, 0]
+        self._lapsed_said = Throttle(LAPSED_SAID_EVERY)
         metrics_base.TASK_FAILURES.labels(self.name, "debounce")  # (exported at 0)
         # stream name -> (shard, kind) for every stream this service reads
         self._streams: dict[bytes, tuple[int, str]] = {}
@@ -729,6 +736,8 @@ class Admission(Service):
                 metrics.BATCH_SECONDS.labels("reap").observe(time.perf_counter() - started)
                 metrics.REAPED.labels("retried").inc(r.retried)
                 metrics.REAPED.labels("failed").inc(r.failed)
+                self._lapsed[0] += r.retried
+                self._lapsed[1] += r.failed
                 for workflow, n in r.failed_by:
                     metrics.LEASE_FAILURES.labels(workflow).inc(n)
                 metrics.REAPED.labels("cancelled").inc(r.cancelled)
@@ -743,7 +752,22 @@ class Admission(Service):
         # (on a cluster a silent master's shards are left out: the others are reaped, the
         # tick is not held for it)
         up = [s for s in range(self.keys.shards) if self.health.up(s)]
-        raise_unless_silent(await asyncio.gather(*(one(s) for s in up), return_exceptions=True))
+        try:
+            raise_unless_silent(await asyncio.gather(*(one(s) for s in up), return_exceptions=True))
+        finally:
+            self._say_lapsed()
+
+    def _say_lapsed(self) -> None:
+        """One line, at most every LAPSED_SAID_EVERY seconds, for the runs whose leases lapsed
+        since the last: retried elsewhere, or failed on their last attempt."""
+        retried, failed = self._lapsed
+        if (retried or failed) and self._lapsed_said.due():
+            self._lapsed = [0, 0]
+            self.log.warning(
+                "leases lapsed: runs retried, or failed on their last attempt (their executor "
+                "was killed, froze or lost Redis for a lease: --lease)",
+                extra={"retried": retried, "failed": failed},
+            )
 
     async def reclaim_all(self) -> None:
         """XAUTOCLAIM entries another admission process read and never acknowledged, from the

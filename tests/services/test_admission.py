@@ -549,7 +549,7 @@ async def test_a_retention_below_the_minimum_is_said_at_start(
 
 
 async def test_one_reaper_tick_reaches_an_expired_lease_behind_thousands_of_waiting_runs(
-    redis: Redis, redis_url: str, keys: Keys
+    redis: Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
     """3,000 runs of one shard wait ASSIGNED with their entries unread (no executor yet), due
     for a look before a RUNNING run whose lease expired: one tick looks at them all (no fresh
@@ -568,10 +568,14 @@ async def test_one_reaper_tick_reaches_an_expired_lease_behind_thousands_of_wait
                               now=past + 5_000)  # fmt: skip
     assert c.claimed
     settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
-    await Admission(redis, settings, AdmissionConfig(assign_deadline_ms=1_000)).reap_all()
+    with caplog.at_level(logging.WARNING, logger="supersede"):
+        await Admission(redis, settings, AdmissionConfig(assign_deadline_ms=1_000)).reap_all()
     rec = (await records(redis, keys))[running.run_id]
     assert (rec["st"], rec["a"]) == ("A", 2)
     assert await redis.xlen(stream) == 3_002  # the retry's entry; none for the waiting runs
+    # said in a line (a SIGKILLed executor's runs were retried with only a metric: a probe)
+    [said] = [r for r in caplog.records if r.getMessage().startswith("leases lapsed")]
+    assert (said.retried, said.failed) == (1, 0)  # type: ignore[attr-defined]
 
 
 async def test_the_reaper_keeps_the_groups_of_a_shard_within_the_cap(
