@@ -83,7 +83,7 @@ from tests.support import workflow_body as definition
         ({"concurrency": {"expression": "input.e.matches('[') ? 'a' : 'b'"}},
          "concurrency.expression"),
         ({"concurrency": {"expression": "input.u",
-                          "max_runs": r"input.e.matches('\\w{1,50}') ? 2 : 1"}},
+                          "max_runs": r"input.e.matches('^[\\w-]{1,63}$') ? 2 : 1"}},
          "concurrency.max_runs"),
         # names matched exactly that match nothing meant (an API-user probe)
         ({"events": ["chat.*"]}, "events[0]"),
@@ -96,6 +96,15 @@ def test_a_bad_definition_names_the_field(overrides: dict[str, Any], field: str)
     assert info.value.field == field
     assert str(info.value).startswith(f"{field}: ")
     assert "\n" not in str(info.value)  # (one line: a CEL parse error was three)
+
+
+def test_a_matches_pattern_is_refused_by_its_cost_against_a_plain_w() -> None:
+    """The limit is a multiple of `\\w`'s compile time on the same machine: a fixed 2 ms refused
+    `^\\w{2,8}$` on one machine and not on another (a review). Patterns a key uses pass."""
+    from supersede.keyexpr import compile_key
+
+    for pattern in (r"^\w{2,8}$", r"^\w{1,16}$", r"^[a-z0-9._%+-]+@[a-z0-9.-]+$", r"^\p{L}+$"):
+        compile_key(f"input.e.matches(r'{pattern}') ? input.e : 'x'", "k", trial=True)
 
 
 def test_a_misspelt_field_names_the_one_meant_and_read_back_is_left_to_newer_builds() -> None:
