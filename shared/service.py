@@ -261,9 +261,11 @@ class Service:
         self.settings = settings
         self.keys = settings.keys
         self.consumer = consumer or consumer_name(self.name)
-        # ids of the entries a take-over is handling now: claimed, they are this consumer's own
-        # pending entries too, and a sweep of those read and handled them a second time
-        self.taking: set[bytes] = set()
+        # entries a take-over claimed -> when it was done with them (monotonic; inf while it
+        # handles them): claimed, they are this consumer's own pending entries too, and a sweep
+        # of those read and handled them a second time; one whose read was answered before the
+        # take-over's acknowledgement, after it, too (a review): see `taken`
+        self.taking: dict[bytes, float] = {}
         self._lanes: list[Lane] = []  # made by `run` and its loops, closed when it returns
         self._failures = Sampled()  # (the one-line failures of log_failure)
         self.scripts = Scripts(redis, self.keys)
@@ -487,15 +489,23 @@ class Service:
                 self.pending_deleted(stream, group, deleted)
             if entries:
                 taken += len(entries)
-                ids = {e[0] for e in entries}
-                self.taking |= ids
+                self.taking.update((e[0], math.inf) for e in entries)
                 try:
                     await handle(entries)
                 finally:
-                    self.taking -= ids
+                    now = time.monotonic()
+                    self.taking.update((e[0], now) for e in entries)
+                    for entry_id in [i for i, t in self.taking.items() if t < now - TAKEN_HOLD]:
+                        del self.taking[entry_id]
             if after in (b"0-0", "0-0"):
                 return taken
             start = after
+
+    def taken(self, entry_id: bytes) -> bool:
+        """Whether a take-over of this process handles `entry_id`, or did within TAKEN_HOLD
+        seconds: a sweep of its own pending entries leaves it (handled, it is acknowledged; a
+        take-over that failed leaves it pending, for the sweeps after)."""
+        return self.taking.get(entry_id, -math.inf) >= time.monotonic() - TAKEN_HOLD
 
     async def _autoclaim(
         self, stream: str | bytes, group: str, idle_ms: int, count: int, start: str | bytes
@@ -511,6 +521,8 @@ class Service:
         entries = [e for e in reply[1] if e and e[1] and e[0] not in mine]
         return reply[0], entries, (reply[2] if len(reply) > 2 else [])
 
+
+TAKEN_HOLD = 10.0  # seconds a sweep leaves the entries a take-over handled (see Service.taken)
 
 Claimer = Callable[[str | bytes], Awaitable[tuple[bytes, list[Entry], list[bytes]]]]
 """A page of a take-over from a start id: (next start id, entries, ids no longer in the stream)."""

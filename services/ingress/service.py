@@ -555,9 +555,9 @@ class Ingress(Service):
         batches = []
         for _, entries in reply or []:
             live, gone = split_deleted(entries)
-            if reread and self.taking:  # (a take-over of this process handles them now: a
-                # sweep that read them too dead-lettered them twice, a security probe)
-                live = [e for e in live if e[0] not in self.taking]
+            if reread and self.taking:  # (a take-over of this process handles them, or did:
+                # a sweep that read them too dead-lettered them twice, a security probe)
+                live = [e for e in live if not self.taken(e[0])]
             if gone:
                 self.pending_deleted(self.keys.events_stream, INGRESS_GROUP, gone)
                 await self.redis.xack(self.keys.events_stream, INGRESS_GROUP, *gone)

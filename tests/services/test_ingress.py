@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -1155,7 +1156,8 @@ async def test_entries_a_take_over_handles_are_not_handled_again_by_a_sweep(
         monkeypatch.setattr(Ingress, "handle", slow)
 
         async def handled() -> bool:
-            return await redis.xlen(keys.dead_stream) >= 3 and not getattr(service, "taking", 0)
+            taking = getattr(service, "taking", {})
+            return await redis.xlen(keys.dead_stream) >= 3 and math.inf not in taking.values()
 
         await eventually(handled, timeout=20)
         await asyncio.sleep(3)  # (the take-over's handling ends, and another sweep comes)
