@@ -257,10 +257,15 @@ def unverified_tls(url: str) -> bool:
     query = [(k.lower(), v.lower()) for k, v in parse_qsl(urlsplit(url).query)]
     reqs = {v for k, v in query if k == "ssl_cert_reqs"}
     unnamed = {v for k, v in query if k == "ssl_check_hostname"}  # (redis-py's to_bool)
+    if not unnamed and _REDIS_PY_MAJOR < 6:  # (before 6.0 its default was not to check)
+        unnamed = {"false"}
     return bool(
         reqs & {"none", "optional", "cert_none", "cert_optional"}
         or unnamed & {"0", "f", "false", "n", "no"}
     )
+
+
+_REDIS_PY_MAJOR = int(redis_sync.__version__.split(".")[0])
 
 
 def is_cluster_url(url: str) -> bool:

@@ -512,8 +512,10 @@ class _BadRequests(logging.Filter):
         repeats = self.sampled.due(type(exc).__name__)
         if repeats is None:
             return False
-        record.msg = f"%s: a request not read, answered {exc.code}: {type(exc).__name__}"
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "a client"
+        record.msg = f"{remote}: a request not read, answered {exc.code}: {type(exc).__name__}"
         record.msg += f" ({repeats} more since the last said)" if repeats else ""
+        record.args = ()  # (aiohttp before 3.11.12 passes none: the line had a bare %s)
         record.exc_info = record.exc_text = None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
@@ -528,7 +530,9 @@ async def serve(
     allowed_hosts: Sequence[str] = (),
     secret: str | None = None,
 ) -> None:
-    logging.getLogger("aiohttp.server").addFilter(_BadRequests())
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _BadRequests) for f in server_log.filters):
+        server_log.addFilter(_BadRequests())
     hosts = served_hosts(host, port, allowed_hosts)
     app = make_app(redis, keys, allow_actions=allow_actions, hosts=hosts, secret=secret)
     runner = web.AppRunner(app, access_log=None)

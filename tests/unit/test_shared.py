@@ -423,6 +423,14 @@ def test_tls_without_the_host_name_check_is_said_unverified() -> None:
         base + "&ssl_cert_reqs=none"
     )
     assert not unverified_tls("redis://h/0?ssl_check_hostname=false")  # (no TLS: another warning)
+    # redis-py before 6.0 did not check the host name unless told to (a review)
+    from supersede import config
+
+    old, config._REDIS_PY_MAJOR = config._REDIS_PY_MAJOR, 5
+    try:
+        assert unverified_tls(base) and not unverified_tls(base + "&ssl_check_hostname=true")
+    finally:
+        config._REDIS_PY_MAJOR = old
 
 
 def test_a_bad_argument_is_one_line_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
