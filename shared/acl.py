@@ -38,7 +38,10 @@ SETINFO = "client|setinfo"
 _SERVICE = _words("hget hsetnx evalsha script|load info")  # (info: maxmemory-policy)
 # Reading the registry: one MULTI/EXEC of its hashes and epoch.
 _REGISTRY = _words("multi exec get hgetall")
-_CONSUMER = _words("xreadgroup xack xautoclaim xpending xgroup|create xinfo|groups")
+# (xinfo|stream, xgroup|setid: lua/heal_lag.lua, the lag Redis before 7.2.4 restores wrong)
+_CONSUMER = _words(
+    "xreadgroup xack xautoclaim xpending xgroup|create xinfo|groups xinfo|stream xgroup|setid"
+)
 # Forgetting the consumers of gone processes (lua/forget_consumers.lua): the trimming services.
 _FORGET = _words("xinfo|consumers xgroup|delconsumer")
 # The commands inside the scripts that change run states (admit, finish, reap, cancel).

@@ -47,6 +47,7 @@ SCRIPT_NAMES = (
     "fire_debounced",
     "forget_consumers",
     "take_inbox",
+    "heal_lag",
     "hand_back",
     "reclaim",
 )
@@ -652,6 +653,12 @@ class Scripts:
             fields = entry_fields(flat) if cut is None else CutFields(flat, *cut)
             entries.append((entry_id, fields))
         return reply[1], entries, list(reply[3])
+
+    async def heal_lag(self, stream: str | bytes, group: str) -> int:
+        """Set right the lag Redis reports for `group` when it has read `stream` to the end
+        (see lua/heal_lag.lua); the lag it said before, 0 when there was nothing to set."""
+        r = await self._call("heal_lag", [codec.text(stream)], [group])
+        return int(r[2]) if int(r[1]) else 0
 
     async def append_requests(self, shard: int, payloads: Sequence[bytes]) -> int:
         """Append packed RunRequests to a shard's requests stream; returns how many."""

@@ -33,6 +33,7 @@ from redis.exceptions import (
     ClusterDownError,
     ClusterError,
     MaxClientsReachedError,
+    NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
@@ -266,6 +267,7 @@ class Service:
         # of those read and handled them a second time; one whose read was answered before the
         # take-over's acknowledgement, after it, too (a review): see `taken`
         self.taking: dict[bytes, float] = {}
+        self._heal_due = Throttle(HEAL_LAGS_EVERY)
         self._lanes: list[Lane] = []  # made by `run` and its loops, closed when it returns
         self._failures = Sampled()  # (the one-line failures of log_failure)
         self.scripts = Scripts(redis, self.keys)
@@ -501,6 +503,31 @@ class Service:
                 return taken
             start = after
 
+    async def heal_lags(self, suspects: Sequence[tuple[str | bytes, str]]) -> None:
+        """Set right, at most once per HEAL_LAGS_EVERY and HEAL_LAGS_MOST streams, the lag
+        Redis reports for each (stream, group) of `suspects` (a lag it said was not 0) whose
+        group has read its stream to the end (lua/heal_lag.lua). Refused (a role from before
+        it, without xgroup|setid): said once in a while; the gauges stay capped by XLEN."""
+        if not suspects or not self._heal_due.due():
+            return
+        for stream, group in suspects[:HEAL_LAGS_MOST]:
+            try:
+                lag = await self.scripts.heal_lag(stream, group)
+            except NoPermissionError as exc:
+                if self._failures.due("heal_lag") is not None:
+                    self.log.warning(
+                        "the lag Redis reports wrong after an AOF restart is not set right: "
+                        "the ACL user lacks xgroup|setid; apply the roles again (supersede "
+                        f"acl --apply): {exc}"
+                    )
+                return
+            if lag:
+                self.log.warning(
+                    "a consumer group's lag was wrong (Redis before 7.2.4 after a restart from "
+                    "its AOF): set right",
+                    extra={"stream": codec.text(stream), "group": group, "said": lag},
+                )
+
     def taken(self, entry_id: bytes) -> bool:
         """Whether a take-over of this process handles `entry_id`, or did within TAKEN_HOLD
         seconds: a sweep of its own pending entries leaves it (handled, it is acknowledged; a
@@ -523,6 +550,8 @@ class Service:
 
 
 TAKEN_HOLD = 10.0  # seconds a sweep leaves the entries a take-over handled (see Service.taken)
+HEAL_LAGS_EVERY = 60.0  # seconds between two looks for wrong lags (Service.heal_lags)
+HEAL_LAGS_MOST = 100  # streams looked at in one
 
 Claimer = Callable[[str | bytes], Awaitable[tuple[bytes, list[Entry], list[bytes]]]]
 """A page of a take-over from a start id: (next start id, entries, ids no longer in the stream)."""

@@ -302,6 +302,15 @@ def unread(group: dict[Any, Any], length: object = None) -> int:
     return min(int(lag), length)
 
 
+def reported_lag(groups: object, group: str) -> int:
+    """The lag Redis reports for `group` in an XINFO GROUPS reply (0: none, unknown, or no such
+    group): a figure `Service.heal_lags` checks when it is not 0."""
+    for g in groups if isinstance(groups, list) else []:
+        if g["name"] == group.encode():
+            return int(g.get("lag") or 0)
+    return 0
+
+
 def group_backlog(groups: object, group: str, length: object = None) -> int | None:
     """Entries of `group` unread or unacknowledged, from an XINFO GROUPS reply (and the
     stream's XLEN, see `unread`); None when the stream has no such group (or does not exist:

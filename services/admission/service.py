@@ -28,6 +28,7 @@ from supersede import metrics as metrics_base
 from supersede.config import Settings, server_time
 from supersede.errors import ScriptError, describe
 from supersede.health import ShardSilent, raise_unless_silent
+from supersede.keys import ShardKeys
 from supersede.lane import Lane, read
 from supersede.logs import Sampled
 from supersede.metrics import HOP_SECONDS
@@ -54,6 +55,7 @@ from supersede.streams import (
     OwnPending,
     entry_ms,
     group_backlog,
+    reported_lag,
     split_deleted,
     stale_streams,
 )
@@ -173,6 +175,23 @@ class BatchReader:
         if self.ahead is not None:
             self.ahead.reply.cancel()
             self.ahead = None
+
+
+def _lag_suspects(
+    shards: Sequence[ShardKeys], replies: list[Any], workflows: list[str]
+) -> list[tuple[str | bytes, str]]:
+    """The streams whose group's lag Redis said was not 0, from `update_gauges`' replies (see
+    Service.heal_lags)."""
+    per_shard = 5 + 2 * len(workflows)
+    out: list[tuple[str | bytes, str]] = []
+    for sk, i in zip(shards, range(0, len(replies), per_shard), strict=False):
+        for offset, stream in ((1, sk.requests_stream), (3, sk.results_stream)):
+            if reported_lag(replies[i + offset], ADMISSION_GROUP):
+                out.append((stream, ADMISSION_GROUP))
+        for j, workflow in enumerate(workflows):
+            if reported_lag(replies[i + 5 + 2 * j], EXECUTOR_GROUP):
+                out.append((sk.assignments_stream(workflow), EXECUTOR_GROUP))
+    return out
 
 
 LAPSED_SAID_EVERY = 10.0  # seconds: the reaper's line for lapsed leases, at most this often
@@ -659,11 +678,10 @@ class Admission(Service):
         unclaimed assignments of each registered workflow (what a pool scales on)."""
         names = await self.health.bounded(self.redis.hkeys(self.keys.workflows_hash))
         workflows = sorted(w.decode() if isinstance(w, bytes) else w for w in names)
+        # (a silent master's shards left out: the gauges sum the others meanwhile)
+        up = [sk for sk in self.keys.all_shards() if self.health.up(sk.shard)]
         async with self.redis.pipeline(transaction=False) as pipe:
-            # (a silent master's shards left out: the gauges sum the others meanwhile)
-            for sk in self.keys.all_shards():
-                if not self.health.up(sk.shard):
-                    continue
+            for sk in up:
                 pipe.hgetall(sk.counts_hash)
                 pipe.xinfo_groups(sk.requests_stream)
                 pipe.xlen(sk.requests_stream)
@@ -695,6 +713,7 @@ class Admission(Service):
                 unread = length if found is None and isinstance(length, int) else found or 0
                 lag["assignments"] += unread
         self._forget_retired(set(workflows), set(queued))
+        await self.heal_lags(_lag_suspects(up, replies, workflows))
         for workflow, n in queued.items():
             metrics.QUEUED.labels(workflow).set(n)
             metrics.LEASE_FAILURES.labels(workflow)  # (at 0: increase() sees the first)

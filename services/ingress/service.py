@@ -64,6 +64,7 @@ from supersede.streams import (
     RepeatedFields,
     entry_ms,
     group_backlog,
+    reported_lag,
     split_deleted,
 )
 from supersede.trim import trim_consumed
@@ -912,6 +913,8 @@ class Ingress(Service):
             # (an XLEN refused, by a user from before ingress had the right, leaves no cap)
             groups, length = await pipe.execute(raise_on_error=False)
         metrics.INBOX_LAG.set(group_backlog(groups, INGRESS_GROUP, length) or 0)
+        if reported_lag(groups, INGRESS_GROUP):
+            await self.heal_lags([(self.keys.events_stream, INGRESS_GROUP)])
 
     async def check_inbox(self) -> None:
         """Say what producers did to the inbox that ingress cannot undo: a last id ahead of the

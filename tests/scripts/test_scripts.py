@@ -1768,3 +1768,31 @@ async def test_a_full_server_s_reaper_frees_the_old_records_whatever_leases_laps
     recs = await records(redis, keys)
     assert old[1].run_id not in recs
     assert (recs[lapsed[1].run_id]["st"], recs[lapsed[1].run_id]["a"]) == ("A", 2)
+
+
+async def test_a_lag_redis_restored_wrong_is_set_right_only_for_a_group_read_to_the_end(
+    redis: Redis, scripts: Scripts
+) -> None:
+    """Redis before 7.2.4 can restore a group's entries-read wrong after a restart from its AOF
+    (a soak probe: the inbox's lag 10,103 for good, every group read to the end), which is the
+    state `XGROUP SETID ... ENTRIESREAD` makes here. heal_lag sets it right without moving the
+    group; a group with an entry unread, a lag already right, and a missing stream are left."""
+    for stream in ("s:read", "s:behind"):
+        await redis.xgroup_create(stream, "g", id="$", mkstream=True)
+        for i in range(20):
+            await redis.xadd(stream, {"f": str(i)})
+        await redis.xreadgroup("g", "c", {stream: ">"}, count=20 if stream == "s:read" else 19)
+        [g] = await redis.xinfo_groups(stream)
+        await redis.execute_command("XGROUP", "SETID", stream, "g", g["last-delivered-id"],
+                                    "ENTRIESREAD", 3)  # fmt: skip
+    [before] = await redis.xinfo_groups("s:read")
+    assert before["lag"] == 17  # (the wrong figure: nothing is unread)
+    assert await scripts.heal_lag("s:read", "g") == 17
+    [after] = await redis.xinfo_groups("s:read")
+    assert after["lag"] == 0 and after["last-delivered-id"] == before["last-delivered-id"]
+    assert after["pending"] == before["pending"] == 20
+    assert await scripts.heal_lag("s:read", "g") == 0  # (right already)
+    [behind] = await redis.xinfo_groups("s:behind")
+    assert await scripts.heal_lag("s:behind", "g") == 0  # (an entry unread: not read to the end)
+    assert (await redis.xinfo_groups("s:behind"))[0]["lag"] == behind["lag"]
+    assert await scripts.heal_lag("s:none", "g") == 0

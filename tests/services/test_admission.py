@@ -22,6 +22,7 @@ from supersede.config import Settings
 from supersede.keys import Keys
 from supersede.protocol import (
     ADMISSION_GROUP,
+    EXECUTOR_GROUP,
     PAYLOAD,
     Outcome,
     RunRecord,
@@ -593,6 +594,33 @@ async def test_the_reaper_keeps_the_groups_of_a_shard_within_the_cap(
     for sk in keys.all_shards():
         assert await redis.zcard(sk.newest_at_zset) == 2
         assert await redis.hlen(sk.fences_hash) == 2 and await redis.hlen(sk.newest_hash) == 2
+
+
+async def test_a_stream_lag_redis_restored_wrong_is_set_right_by_the_gauges(
+    redis: Redis, keys: Keys, service: Admission
+) -> None:
+    """Redis before 7.2.4 can restore a group's entries-read wrong after an AOF restart (a soak
+    probe: each requests stream's lag about 400, the assignment streams' 250-400, for good,
+    every group read to the end). The gauges' look sets the ones it reads right: here a
+    requests stream (admission's group) and an assignment stream (the executors')."""
+    await register(redis, keys, {"id": "healed", "events": ["e"]})
+    sk = keys.shard(0)
+    streams = [
+        (sk.requests_stream, ADMISSION_GROUP),
+        (sk.assignments_stream("healed"), EXECUTOR_GROUP),
+    ]
+    await ensure_groups(redis, keys, ["healed"])
+    for stream, group in streams:
+        for i in range(10):
+            await redis.xadd(stream, {"x": str(i)})
+        # (read to the end, as the group had: its last-delivered-id the stream's last id)
+        await redis.execute_command("XGROUP", "SETID", stream, group, "$", "ENTRIESREAD", 1)
+        [g] = [g for g in await redis.xinfo_groups(stream) if g["name"] == group.encode()]
+        assert g["lag"], g
+    await service.update_gauges()
+    for stream, group in streams:
+        [g] = [g for g in await redis.xinfo_groups(stream) if g["name"] == group.encode()]
+        assert g["lag"] == 0, (stream, g)
 
 
 async def test_gauges_report_queue_depth_per_workflow_active_runs_and_lag(

@@ -1165,6 +1165,35 @@ async def test_entries_a_take_over_handles_are_not_handled_again_by_a_sweep(
     assert len(letters) == 3 == len(set(letters)), letters
 
 
+async def test_an_inbox_lag_redis_restored_wrong_is_set_right_and_said(
+    redis: Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a restart from its AOF, Redis before 7.2.4 can keep a group's lag wrong for good
+    though it read to the end (a soak probe: the inbox's lag 10,103; the gauge read the
+    stream's length, `status` said entries were unread). Ingress sets it right (lua/heal_lag.lua)
+    and says so; the state is made here with XGROUP SETID ... ENTRIESREAD."""
+    await register(redis, keys, CHAT)
+    stream = keys.events_stream
+    await redis.xgroup_create(stream, INGRESS_GROUP, id="$", mkstream=True)
+    for i in range(30):
+        await redis.xadd(stream, {"name": "nobody.listens", "data": f'{{"n": {i}}}'})
+    await redis.xreadgroup(INGRESS_GROUP, "gone", {stream: ">"}, count=30)
+    [g] = await redis.xinfo_groups(stream)
+    await redis.xack(stream, INGRESS_GROUP, *[e[0] for e in await redis.xrange(stream)])
+    await redis.execute_command("XGROUP", "SETID", stream, INGRESS_GROUP,
+                                g["last-delivered-id"], "ENTRIESREAD", 2)  # fmt: skip
+    assert (await redis.xinfo_groups(stream))[0]["lag"] == 28
+
+    async def set_right() -> bool:
+        return bool((await redis.xinfo_groups(stream))[0]["lag"] == 0)
+
+    with caplog.at_level(logging.WARNING, logger="supersede"):
+        async with running_ingress(redis, redis_url, keys):
+            await eventually(set_right, timeout=10)
+    said = [r for r in caplog.records if r.getMessage().startswith("a consumer group's lag")]
+    assert len(said) == 1 and said[0].said == 28, said  # type: ignore[attr-defined]
+
+
 async def test_entries_a_dead_ingress_read_and_a_producer_trimmed_are_reported_lost(
     redis: Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
