@@ -37,6 +37,7 @@ from redis.exceptions import (
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -513,12 +514,14 @@ class Service:
         for stream, group in suspects[:HEAL_LAGS_MOST]:
             try:
                 lag = await self.scripts.heal_lag(stream, group)
-            except NoPermissionError as exc:
+            except (NoPermissionError, ResponseError) as exc:  # (a refused command inside
+                # the script is a ResponseError: "The user executing the script can't run...")
                 if self._failures.due("heal_lag") is not None:
                     self.log.warning(
-                        "the lag Redis reports wrong after an AOF restart is not set right: "
-                        "the ACL user lacks xgroup|setid; apply the roles again (supersede "
-                        f"acl --apply): {exc}"
+                        "a lag Redis reports wrong after an AOF restart is not set right: the "
+                        "ACL user may lack xinfo|stream or xgroup|setid; apply the roles again "
+                        "(supersede acl --apply)",
+                        extra={"error": describe(exc)},
                     )
                 return
             if lag:

@@ -1192,6 +1192,24 @@ async def test_an_inbox_lag_redis_restored_wrong_is_set_right_and_said(
             await eventually(set_right, timeout=10)
     said = [r for r in caplog.records if r.getMessage().startswith("a consumer group's lag")]
     assert len(said) == 1 and said[0].said == 28, said  # type: ignore[attr-defined]
+    # under a user of a role from before it (no xgroup|setid): a warning naming the fix, and
+    # the tick goes on (the refusal inside the script is a ResponseError, not NoPermissionError)
+    await redis.execute_command("XGROUP", "SETID", stream, INGRESS_GROUP, "$", "ENTRIESREAD", 2)
+    user = f"old-{uuid.uuid4().hex[:6]}"
+    await redis.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all",
+                                "-xgroup|setid")  # fmt: skip
+    url = redis_url.replace("redis://", f"redis://{user}:pw@")
+    old = Redis.from_url(url)
+    try:
+        settings = Settings(redis_url=url, namespace=keys.namespace, shards=keys.shards)
+        service = Ingress(old, settings, IngressConfig())
+        with caplog.at_level(logging.WARNING, logger="supersede"):
+            await service.heal_lags([(stream, INGRESS_GROUP)])
+        [line] = [r for r in caplog.records if "not set right" in r.getMessage()]
+        assert "supersede acl --apply" in line.getMessage()
+    finally:
+        await old.aclose()
+        await redis.execute_command("ACL", "DELUSER", user)
 
 
 async def test_entries_a_dead_ingress_read_and_a_producer_trimmed_are_reported_lost(
