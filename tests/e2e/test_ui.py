@@ -138,13 +138,22 @@ async def test_a_person_sees_why_a_run_was_cancelled_and_a_key_live(
         assert await page.inner_text("b.cancelled-now") == "1"
     await shots(page, "overview")
 
-    # pages: one run a page, the older one behind the "Older runs" link (a cursor)
+    # pages: one run a page, the older one behind the "Older runs" link (a cursor). Newest end
+    # first: the superseded run ends when its executor has stopped it, which may be after the
+    # quick winner ended (a loaded CI machine: the pages in the other order)
     await page.goto(base + "/runs?workflow=chat-reply&state=&limit=1")
     first = await page.locator("table.runs td:first-child a.run").all_inner_texts()
     await page.click("a.older")
     await page.wait_for_url("**before=**")
     second = await page.locator("table.runs td:first-child a.run").all_inner_texts()
-    assert first == [winner["id"]] and second == [loser["id"]], (first, second, page.url)
+    ends: list[tuple[tuple[int, ...], str]] = []
+    for sk in keys.all_shards():
+        for entry_id, fields in await redis.xrange(sk.ended_stream("chat-reply")):
+            at = tuple(int(n) for n in entry_id.decode().split("-"))
+            ends += [(at, run) for ids in fields.values() for run in ids.decode().split(",")]
+    newest_first = [run for _, run in sorted(ends, reverse=True)]
+    assert first + second == newest_first, (first, second, newest_first, page.url)
+    assert sorted(first + second) == sorted([winner["id"], loser["id"]])
 
     # the key page: the runs in sequence order, with their outcomes
     await page.goto(base + "/runs?workflow=chat-reply")
