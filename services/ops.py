@@ -894,11 +894,9 @@ async def _follow_published(
     # A workflow that listens but whose key fails for this data makes no run: its row waits
     # for the dead letter ingress writes for it.
     _, defs, _ = await load_all(redis, keys)
-    planned_for = {row["workflow"] for row in runs}
     refused = [
-        {"workflow": wf.id, "key": None, "run": None, "duplicate_of": None}
-        for wf in sorted(defs.values(), key=lambda w: w.id)
-        if args.name in wf.events and wf.id not in planned_for
+        {"workflow": wid, "key": None, "run": None, "duplicate_of": None}
+        for wid in _unplanned(defs, args.name, {row["workflow"] for row in runs})
     ]
     runs.extend(refused)
     await asyncio.gather(
@@ -989,11 +987,17 @@ def _warn_no_run(name: str, known: list[str]) -> None:
         )
 
 
+def _unplanned(defs: dict[str, WorkflowDef], name: str, planned: set[str]) -> list[str]:
+    """The ids of the workflows listening to `name` that `planned` has no run of (their key or
+    max_runs expression fails for the event), sorted."""
+    return sorted(w.id for w in defs.values() if name in w.events and w.id not in planned)
+
+
 async def _warn_refused(redis: Redis, keys: Keys, name: str, planned: set[str]) -> None:
     """`publish` of an event some workflows listening to it make no run of: which, on stderr
     (the event's other runs were listed, and these said nothing: an API-user probe)."""
     _, defs, _ = await load_all(redis, keys)
-    refused = sorted(w.id for w in defs.values() if name in w.events and w.id not in planned)
+    refused = _unplanned(defs, name, planned)
     if refused:
         warn(
             f"supersede: warning: no run of {', '.join(map(repr, refused))}: its key or "

@@ -10,7 +10,7 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, OutOfMemoryError, ResponseError
@@ -302,20 +302,25 @@ def unread(group: dict[Any, Any], length: object = None) -> int:
     return min(int(lag), length)
 
 
+def _group_of(groups: object, group: str) -> dict[Any, Any] | None:
+    """`group`'s entry of an XINFO GROUPS reply; None when there is none (or the reply is an
+    error: no such stream)."""
+    for g in groups if isinstance(groups, list) else []:
+        if g["name"] == group.encode():
+            return cast(dict[Any, Any], g)
+    return None
+
+
 def reported_lag(groups: object, group: str) -> int:
     """The lag Redis reports for `group` in an XINFO GROUPS reply (0: none, unknown, or no such
     group): a figure `Service.heal_lags` checks when it is not 0."""
-    for g in groups if isinstance(groups, list) else []:
-        if g["name"] == group.encode():
-            return int(g.get("lag") or 0)
-    return 0
+    g = _group_of(groups, group)
+    return int(g.get("lag") or 0) if g is not None else 0
 
 
 def group_backlog(groups: object, group: str, length: object = None) -> int | None:
     """Entries of `group` unread or unacknowledged, from an XINFO GROUPS reply (and the
     stream's XLEN, see `unread`); None when the stream has no such group (or does not exist:
     its reply is an error)."""
-    for g in groups if isinstance(groups, list) else []:
-        if g["name"] == group.encode():
-            return int(g["pending"]) + unread(g, length)
-    return None
+    g = _group_of(groups, group)
+    return int(g["pending"]) + unread(g, length) if g is not None else None

@@ -178,11 +178,10 @@ class BatchReader:
 
 
 def _lag_suspects(
-    shards: Sequence[ShardKeys], replies: list[Any], workflows: list[str]
+    shards: Sequence[ShardKeys], replies: list[Any], workflows: list[str], per_shard: int
 ) -> list[tuple[str | bytes, str]]:
     """The streams whose group's lag Redis said was not 0, from `update_gauges`' replies (see
     Service.heal_lags)."""
-    per_shard = 5 + 2 * len(workflows)
     out: list[tuple[str | bytes, str]] = []
     for sk, i in zip(shards, range(0, len(replies), per_shard), strict=False):
         for offset, stream in ((1, sk.requests_stream), (3, sk.results_stream)):
@@ -713,7 +712,7 @@ class Admission(Service):
                 unread = length if found is None and isinstance(length, int) else found or 0
                 lag["assignments"] += unread
         self._forget_retired(set(workflows), set(queued))
-        await self.heal_lags(_lag_suspects(up, replies, workflows))
+        await self.heal_lags(_lag_suspects(up, replies, workflows, per_shard))
         for workflow, n in queued.items():
             metrics.QUEUED.labels(workflow).set(n)
             metrics.LEASE_FAILURES.labels(workflow)  # (at 0: increase() sees the first)
