@@ -6,7 +6,8 @@ import logging
 import re
 import sys
 import time
-from typing import Any
+import warnings
+from typing import Any, TextIO
 
 import orjson
 
@@ -108,6 +109,22 @@ class Sampled:
         return None
 
 
+def _warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """A Python warning (a library's deprecation, a step's own `warnings.warn`) as a log line:
+    it was plain text among the JSON lines, which a log pipeline reading JSON dropped or
+    mangled (a workflow-author probe)."""
+    logging.getLogger("py.warnings").warning(
+        "%s: %s", category.__name__, message, extra={"where": f"{filename}:{lineno}"}
+    )
+
+
 def setup(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -115,3 +132,4 @@ def setup(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    warnings.showwarning = _warning

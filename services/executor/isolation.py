@@ -44,7 +44,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from supersede import codec
+from supersede import codec, logs
 from supersede.aio import wait_for
 from supersede.errors import step_traceback
 from supersede.services.executor.outputs import OutputError, readable
@@ -249,9 +249,18 @@ def _exit_with_parent(executor: int, job: _Job, flag: ProcessEvent, leased: Any)
 
 
 def worker_main(
-    conn: Connection, flag: ProcessEvent, leased: Any, redis_url: str, executor: int
+    conn: Connection,
+    flag: ProcessEvent,
+    leased: Any,
+    redis_url: str,
+    executor: int,
+    log_level: int = logging.INFO,
 ) -> None:
     """A worker's loop: one job at a time, from the executor's end of the pipe."""
+    if not logging.getLogger().handlers:  # (unless the steps' modules set up their own)
+        # the executor's JSON lines at its level: a step's logger.info was lost, its warnings
+        # plain text (a process the forkserver started has no logging set up)
+        logs.setup(logging.getLevelName(log_level))
     # (the forkserver forked it with SIGTERM blocked, see `ProcessPool._spawn`: the ladder's
     # SIGTERM is for the worker, and so is the mask its steps' subprocesses inherit)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
@@ -343,7 +352,8 @@ class ProcessPool:
         flag = self._mp.Event()
         leased = self._mp.RawArray("d", 2)  # ([CURRENT], [RENEWED]: Runner.mark_leased)
         process = self._mp.Process(
-            target=worker_main, args=(theirs, flag, leased, self.redis_url, os.getpid()),
+            target=worker_main,
+            args=(theirs, flag, leased, self.redis_url, os.getpid(), logging.root.level),
             daemon=True,
             name="supersede-step",
         )  # fmt: skip

@@ -698,3 +698,52 @@ async def test_a_worker_killed_while_its_executor_was_frozen_frees_the_slot_on_r
         return run is not None and run.state == "SUCCEEDED"
 
     await eventually(succeeded, timeout=10)
+
+
+async def test_a_process_steps_logs_and_warnings_are_the_executors_json_lines(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> None:
+    """A worker process had no logging set up: a step's `logger.info` was lost, its warnings
+    and `logger.warning` plain text among the executor's JSON lines (a workflow-author probe).
+    They are JSON lines at the executor's level now."""
+    module = tmp_path / "talks.py"
+    module.write_text(
+        "import logging, warnings\n"
+        "from supersede import Workflow\n"
+        "wf = Workflow('talks', on_events=['talks.go'], isolation='process')\n"
+        "@wf.step()\n"
+        "def talk(ctx):\n"
+        "    logging.getLogger('talks').info('said by %s', ctx.run_id)\n"
+        "    warnings.warn('an old way')\n"
+        "    logging.getLogger('talks').debug('below the level')\n"
+        "    return 'ok'\n"
+    )
+    err = tmp_path / "executor.err"
+    with err.open("ab") as sink:
+        executor = subprocess.Popen(
+            [sys.executable, "-m", "supersede", "executor", str(module), "--metrics-port", "0"],
+            env=system.env, stderr=sink,
+        )  # fmt: skip
+    system.procs.append(executor)
+    system.start("admission", "--block-ms", "100")
+    await eventually(lambda: _registered(redis, keys, 1), timeout=30)
+    system.start("ingress", "--block-ms", "100")
+    await _publish(redis, keys, "talks.go")
+    await eventually(lambda: _ended(redis, keys, 1), timeout=30)
+    [(rid, rec)] = (await _recs(redis, keys)).items()
+    assert rec["st"] == "S", rec
+
+    def lines() -> list[dict[str, Any]]:
+        return [orjson.loads(x) for x in err.read_bytes().splitlines()]  # (each one JSON)
+
+    async def logged() -> bool:
+        return any(x["logger"] == "py.warnings" for x in lines())
+
+    await eventually(logged, timeout=10)
+    said = [
+        (x["logger"], x["level"], x["msg"]) for x in lines() if x["logger"] != "supersede.executor"
+    ]
+    assert said == [
+        ("talks", "info", f"said by {rid}"),
+        ("py.warnings", "warning", "UserWarning: an old way"),
+    ], said

@@ -890,6 +890,21 @@ def test_log_level_takes_any_case_and_refuses_other_words_in_one_line(
     assert "--log-level: one of DEBUG, INFO, WARNING, ERROR, not 'LOUD'" in capsys.readouterr().err
 
 
+def test_a_python_warning_is_a_json_log_line_naming_where() -> None:
+    """A library's or a step's `warnings.warn` reached stderr as plain text among the JSON
+    lines (a workflow-author probe)."""
+    import json
+    import subprocess
+
+    code = "from supersede import logs; import warnings; logs.setup(); warnings.warn('old way')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    line = json.loads(lines[0])
+    assert line["level"] == "warning" and line["msg"] == "UserWarning: old way", line
+    assert line["where"] == "<string>:1"
+
+
 def test_a_failure_that_repeats_is_logged_once_per_window_with_one_traceback(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
