@@ -454,7 +454,11 @@ class Admission(Service):
             try:
                 if kind == "admit":
                     (_, shard, items), *_ = pending
-                    await self._admit(shard, items, read_us, _written(parts))
+                    written = _written(parts)
+                    while items:  # (a refused one's index is of the call's first item on)
+                        take = _whole_entries(items, self.config.batch)
+                        await self._admit(shard, items[:take], read_us, written)
+                        del items[:take]
                 else:
                     await self._finish({shard: items for _, shard, items in pending})
             except ScriptError as exc:
@@ -859,6 +863,23 @@ def _chunks(parts: list[Part], size: int) -> list[list[Part]]:
         out[-1].append(part)
         held += len(part[2])
     return out
+
+
+def _whole_entries(items: Items, size: int) -> int:
+    """How many of the first items one admit call takes: whole entries, `size` requests at
+    most (one entry larger than that alone). An entry holds an ingress call's requests of one
+    shard, and a read of `--batch` such entries after an outage held up to `--batch` times
+    1,000 requests: one call of 100,000 of one hot key blocked the server 3.1 s."""
+    if len(items) <= size:
+        return len(items)
+    last = items[size][0]  # (the entry the first item past `size` belongs to is left whole)
+    take = size
+    while take > 0 and items[take - 1][0] == last:
+        take -= 1
+    if take == 0:  # (the first entry alone is larger: taken whole)
+        while take < len(items) and items[take][0] == last:
+            take += 1
+    return take
 
 
 def _written(parts: list[Part]) -> dict[bytes, int]:
