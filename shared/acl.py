@@ -38,10 +38,10 @@ SETINFO = "client|setinfo"
 _SERVICE = _words("hget hsetnx evalsha script|load info")  # (info: maxmemory-policy)
 # Reading the registry: one MULTI/EXEC of its hashes and epoch.
 _REGISTRY = _words("multi exec get hgetall")
-# (xinfo|stream, xgroup|setid: lua/heal_lag.lua, the lag Redis before 7.2.4 restores wrong)
-_CONSUMER = _words(
-    "xreadgroup xack xautoclaim xpending xgroup|create xinfo|groups xinfo|stream xgroup|setid"
-)
+_CONSUMER = _words("xreadgroup xack xautoclaim xpending xgroup|create xinfo|groups")
+# lua/heal_lag.lua, the lag Redis before 7.2.4 restores wrong: ingress's and admission's (an
+# executor's role had them in 0.3.18, and could move admission's group on its results stream)
+_HEAL = _words("xinfo|stream xgroup|setid")
 # Forgetting the consumers of gone processes (lua/forget_consumers.lua): the trimming services.
 _FORGET = _words("xinfo|consumers xgroup|delconsumer")
 # The commands inside the scripts that change run states (admit, finish, reap, cancel).
@@ -89,6 +89,7 @@ ROLES: tuple[Role, ...] = (
             *_BASE,
             *_SERVICE,
             *_CONSUMER,
+            *_HEAL,
             *_FORGET,
             *_REGISTRY,
             # (zcard: claim_ids' cap on the explicit ids a shard keeps, lua/includes/cap.lua;
@@ -110,6 +111,7 @@ ROLES: tuple[Role, ...] = (
             *_BASE,
             *_SERVICE,
             *_CONSUMER,
+            *_HEAL,
             *_FORGET,
             *_STATE_SCRIPTS,
             *_REGISTRY,

@@ -7,11 +7,8 @@ program. A key must be a string or an integer (not a bool) of at most 1 KiB once
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -409,22 +406,126 @@ def _builds(code: str) -> list[_Build]:
 
 
 _MATCHES = re.compile(r"\.\s*matches\s*\(")
-# How much longer than a plain `\w` a `matches` pattern may take to compile: the CEL library
+# How many copies of a Unicode class a `matches` pattern may compile into: the CEL library
 # compiles it again at each evaluation, on ingress's loop, for every event (a probe: an email
-# pattern with `[\w.+-]{1,64}` took 56 ms, 13 events a second). Measured against `\w` in the
-# same process, the limit is the same on a slow machine as on a fast one (a review: a fixed 2 ms
-# refused `^\w{2,8}$` on one machine and not on another). Here `\w` takes 0.2 ms, `^\w{1,16}$`
-# 16 times as long, `[\w.]{1,64}` 74 times, the email pattern 230 times; ASCII classes and
-# `+` about a tenth of `\w`.
-MATCHES_COST_MOST = 40
+# pattern with `[\w.+-]{1,64}` took 56 ms, 13 events a second). Counted from the pattern, not
+# timed: a limit on compile time measured as the pattern registered (40 times a plain `\w`'s)
+# flapped on a busy machine, an executor refused on one start and not on the next (an upgrade
+# probe: `^\w{1,24}$` measured 25 to 83 times). A plain `\w` compiles in 0.2-0.3 ms here,
+# `^\w{1,16}$` in 16-19 times that, `^\w{1,32}$` 95 times, `[\w.]{1,64}` 237 times; `\d` a
+# fifteenth of `\w`, ASCII classes, `.`, `\s` and negated ASCII classes a hundredth or less.
+MATCHES_UNITS_MOST = 24
+
+_HEAVY = 1.0  # \w \W \p{..} \P{..}, or a class that holds one
+_DIGIT = 0.1  # \d \D (Unicode digits)
+_REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}\??")
+_FLAGS = re.compile(r"\(\?([a-zA-Z]*)(?:-([a-zA-Z]*))?(:|\))")
+
+
+def pattern_units(pattern: str) -> float:
+    r"""The copies of Unicode classes `pattern` compiles into, by its text (see
+    MATCHES_UNITS_MOST): `\w`, `\W`, `\p{..}`, `\P{..}` or a class holding one count 1, `\d`
+    and `\D` a tenth, anything else nothing; a repetition `{m,n}` multiplies what it repeats
+    by n (`{m}` by m, `{m,}` by m + 1), `+`, `*` and `?` by 1; under `(?-u)` nothing counts
+    (ASCII classes). A pattern the regex library refuses is the library's to say."""
+    # a frame per open group: [units before its last atom, units of its last atom, unicode]
+    stack: list[list[Any]] = [[0.0, 0.0, True]]
+    i, n = 0, len(pattern)
+
+    def atom(units: float) -> None:
+        top = stack[-1]
+        top[0] += top[1]
+        top[1] = units if top[2] else 0.0
+
+    while i < n:
+        c = pattern[i]
+        repeat = _REPEAT.match(pattern, i)
+        if c == "\\" and i + 1 < n:
+            units, i = _escape_units(pattern, i)
+            atom(units)
+        elif c == "[":
+            units, i = _class_units(pattern, i)
+            atom(units)
+        elif c == "(":
+            i = _open_group(pattern, i, stack, atom)
+        elif c == ")" and len(stack) > 1:
+            top = stack.pop()
+            i += 1
+            atom(top[0] + top[1])
+            stack[-1][1] = top[0] + top[1]  # (whatever the group's own flags)
+        elif repeat:
+            low, high = int(repeat.group(1)), repeat.group(2)
+            times = low + 1 if high == "" else int(high) if high else low
+            stack[-1][1] *= max(times, 1)
+            i = repeat.end()
+        else:
+            atom(0.0)  # (a literal, `|`, or `*`, `+`, `?`: what they repeat counts once)
+            i += 1
+    while len(stack) > 1:  # (unbalanced: the library refuses it)
+        top = stack.pop()
+        stack[-1][0] += top[0] + top[1]
+    return float(stack[0][0] + stack[0][1])
+
+
+def _escape_units(pattern: str, i: int) -> tuple[float, int]:
+    """The units of the escape at `i` (see pattern_units), and where the next atom starts."""
+    e = pattern[i + 1]
+    i += 2
+    if e in "pP":  # (\pL, \p{Letter})
+        if pattern.startswith("{", i):
+            return _HEAVY, pattern.find("}", i) + 1 or len(pattern)
+        return _HEAVY, i + 1
+    return (_HEAVY if e in "wW" else _DIGIT if e in "dD" else 0.0), i
+
+
+def _class_units(pattern: str, i: int) -> tuple[float, int]:
+    """The units of the class `[...]` at `i` (see pattern_units), and where it ends."""
+    j, n, depth, units = i + 1, len(pattern), 1, 0.0
+    if pattern.startswith("^", j):
+        j += 1
+    if pattern.startswith("]", j):  # (a first `]` is a literal)
+        j += 1
+    while j < n and depth:
+        d = pattern[j]
+        if d == "\\" and j + 1 < n:
+            e = pattern[j + 1]
+            units = _HEAVY if e in "wWpP" else max(units, _DIGIT) if e in "dD" else units
+            j += 2
+        elif pattern.startswith("[:", j):  # ([[:alpha:]]: ASCII)
+            j = pattern.find(":]", j) + 2 or n
+        else:
+            depth += 1 if d == "[" else -1 if d == "]" else 0
+            j += 1
+    return units, j
+
+
+def _open_group(pattern: str, i: int, stack: list[list[Any]], atom: Callable[[float], None]) -> int:
+    """At `(`: a frame for the group (or, for `(?flags)` alone, the flags set in the enclosing
+    one); where its inside starts."""
+    unicode = stack[-1][2]
+    flags = _FLAGS.match(pattern, i)
+    if flags:
+        on, off, end = flags.group(1), flags.group(2) or "", flags.group(3)
+        unicode = (unicode or "u" in on) and "u" not in off
+        if end == ")":  # ((?-u) alone: to the end of the enclosing group)
+            atom(0.0)
+            stack[-1][2] = unicode
+            return flags.end()
+        i = flags.end()
+    else:
+        i += 1
+        if pattern.startswith(("?P<", "?<"), i) and not pattern.startswith(("?<=", "?<!"), i):
+            i = pattern.find(">", i) + 1 or len(pattern)
+    stack.append([0.0, 0.0, unicode])
+    return i
 
 
 def _refuse_costly_patterns(
     code: str, literals: dict[int, str], expression: str, field: str
 ) -> None:
     r"""Refuse a `matches` whose pattern is not a string literal (an event would choose what the
-    regex costs to compile), that the regex library refuses, or that takes over
-    MATCHES_COST_MOST times `\w`'s time to compile."""
+    regex costs to compile), that the regex library refuses, or that compiles into over
+    MATCHES_UNITS_MOST copies of a Unicode class."""
     for match in _MATCHES.finditer(code):
         [argument, *more] = _arguments(code, match.end())
         start = match.end()
@@ -437,42 +538,40 @@ def _refuse_costly_patterns(
             )
         pattern = literals[at[0]]
         try:
-            took = _compile_time(pattern)
+            _compile_pattern(pattern)
         except Exception as exc:  # (it failed for every event: each a dead letter)
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             why = next((line for line in lines if line.startswith("error:")), lines[0])
             why = why.removeprefix("error: ").split(". Check function")[0]
             raise DefinitionError(field, f"the regex library refuses {pattern}: {why}") from None
-        times = took / _plain_w_time()
-        if times > MATCHES_COST_MOST:
+        units = pattern_units(_unquoted(pattern))
+        if units > MATCHES_UNITS_MOST:
             raise DefinitionError(
                 field,
-                f"the pattern {pattern} takes {times:.0f} times as long as `\\w` to compile "
-                f"({took * 1000:.1f} ms here), and CEL compiles it at every evaluation, for "
+                f"the pattern {pattern} compiles into {units:.0f} copies of a Unicode class "
+                f"(at most {MATCHES_UNITS_MOST}), and CEL compiles it at every evaluation, for "
                 "every event: a counted repetition of a Unicode class (`[\\w.]{1,64}`) is "
                 "the usual cost; use ASCII classes ((?-u:\\w), [A-Za-z0-9_]) or + and * for "
                 "the count",
             )
 
 
-@functools.cache
-def _plain_w_time() -> float:
-    """Seconds a plain `\\w` takes to compile here (see MATCHES_COST_MOST), measured once."""
-    return _compile_time(r"r'\w'")
-
-
-def _compile_time(pattern: str) -> float:
-    """Seconds the CEL library takes to compile `pattern` (a literal) in a `matches`: the least
-    of five (a busy machine's pause is not the pattern's). Raises what the library raises."""
+def _compile_pattern(pattern: str) -> None:
+    """The CEL library compiles `pattern` (a literal) in a `matches`; raises what it raises."""
     import cel
 
-    program = cel.compile(f"s.matches({pattern})")
-    took = math.inf
-    for _ in range(5):
-        began = time.perf_counter()
-        program.execute({"s": ""})
-        took = min(took, time.perf_counter() - began)
-    return took
+    cel.compile(f"s.matches({pattern})").execute({"s": ""})
+
+
+def _unquoted(literal: str) -> str:
+    """The text of a CEL string literal (quotes and prefix included: r'..', '..', "..",
+    triple-quoted); a non-raw one's escaped backslashes as one (`'\\\\w'` is `\\w`)."""
+    prefix = len(literal) - len(literal.lstrip("rRbB"))
+    raw = "r" in literal[:prefix].lower()
+    body = literal[prefix:]
+    quote = 3 if body[:3] in ("'''", '"""') else 1
+    body = body[quote:-quote]
+    return body if raw else body.replace("\\\\", "\\")
 
 
 def _arguments(code: str, start: int) -> list[str]:

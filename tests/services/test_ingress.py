@@ -1190,8 +1190,8 @@ async def test_an_inbox_lag_redis_restored_wrong_is_set_right_and_said(
     with caplog.at_level(logging.WARNING, logger="supersede"):
         async with running_ingress(redis, redis_url, keys):
             await eventually(set_right, timeout=10)
-    said = [r for r in caplog.records if r.getMessage().startswith("a consumer group's lag")]
-    assert len(said) == 1 and said[0].said == 28, said  # type: ignore[attr-defined]
+    said = [r for r in caplog.records if r.getMessage().startswith("consumer groups' lags")]
+    assert len(said) == 1 and said[0].said == {f"{stream} {INGRESS_GROUP}": 28}, said  # type: ignore[attr-defined]
     # under a user of a role from before it (no xgroup|setid): a warning naming the fix, and
     # the tick goes on (the refusal inside the script is a ResponseError, not NoPermissionError)
     await redis.execute_command("XGROUP", "SETID", stream, INGRESS_GROUP, "$", "ENTRIESREAD", 2)
@@ -1205,7 +1205,7 @@ async def test_an_inbox_lag_redis_restored_wrong_is_set_right_and_said(
         service = Ingress(old, settings, IngressConfig())
         with caplog.at_level(logging.WARNING, logger="supersede"):
             await service.heal_lags([(stream, INGRESS_GROUP)])
-        [line] = [r for r in caplog.records if "not set right" in r.getMessage()]
+        [line] = [r for r in caplog.records if "lags Redis reports are not" in r.getMessage()]
         assert "supersede acl --apply" in line.getMessage()
     finally:
         await old.aclose()
