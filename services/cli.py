@@ -706,7 +706,12 @@ def build_parser() -> argparse.ArgumentParser:
     adm.add_argument("--metrics-host", default=None, help=METRICS_HOST_HELP)
     adm.add_argument("--batch", type=_COUNT, default=1000, help="entries per stream per read")
     adm.add_argument("--block-ms", type=_COUNT, default=1000, help="longest wait of one read (ms)")
-    adm.add_argument("--reap-interval", type=_SECONDS, default=0.5, help="seconds")
+    adm.add_argument(
+        "--reap-interval",
+        type=_SECONDS,
+        default=0.5,
+        help="seconds between two reaper ticks (lapsed leases, unclaimed and expired runs)",
+    )
     adm.add_argument(
         "--claim-idle-ms",
         type=_COUNT,

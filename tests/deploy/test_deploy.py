@@ -436,7 +436,20 @@ def test_deploy_files_are_hardened() -> None:
             url = next(e for e in c["env"] if e["name"] == "SUPERSEDE_REDIS_URL")
             role = d["metadata"]["labels"]["app.kubernetes.io/component"]
             assert url["valueFrom"]["secretKeyRef"] == {"name": "supersede-redis", "key": role}
-    [secret] = [d for d in docs if d["kind"] == "Secret"]
+    [secret] = [
+        d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "supersede-redis"
+    ]
+    # the users they sign in as, made by a Job as compose's `acl` service makes them (its
+    # passwords are those of the URLs above; a docs probe found no step that made them)
+    [job] = [d for d in docs if d["kind"] == "Job"]
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    assert container["args"][:2] == ["acl", "--apply"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert env["SUPERSEDE_REDIS_URL"] == {"name": "supersede-redis-admin", "key": "url"}
+    for role in ("ingress", "admission", "executor"):
+        assert f"--role {role}" in " ".join(container["args"])
+        assert env[f"SUPERSEDE_ACL_PASSWORD_{role.upper()}"]["key"] == role
     for role in ("ingress", "admission", "executor"):
         assert secret["stringData"][role].startswith(f"redis://supersede-{role}:CHANGE-ME@")
     [policy] = [d for d in docs if d["kind"] == "NetworkPolicy"]
