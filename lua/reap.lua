@@ -26,6 +26,12 @@
     KEYS[14]    outputs hash     as in finish.lua (deleted with the records)
     KEYS[15]    fences hash      as in admit.lua
     KEYS[16]    debounce hash    as in admit.lua (a group with a window open is kept)
+    KEYS[17?]   outcome string   (optional) where a call with a token (ARGV[8]) that retried,
+                                 failed or cancelled runs keeps '<token>|<its reply, msgpack>'
+                                 10 minutes:
+                                 the caller's next call reads it when this one's reply was
+                                 lost (a link stalled past the client's timeout, the call run
+                                 once it healed: its retries and failures went uncounted)
     ARGV[1]     now in ms, or 0 for the server clock
     ARGV[2]     at most this many leases and about this many old records per call (whole
                 ended-stream entries are expired, so up to one entry's runs more)
@@ -39,7 +45,8 @@
                 retention or the cap (records are the de-duplication memory), and no group
                 is forgotten by the cap sooner than this many ms after it last admitted a run
     ARGV[7]     at most this many groups remembered in this shard (0: no cap)
-    ARGV[8..]   pairs: workflow id, its own retention in ms
+    ARGV[8]     the call's token for KEYS[17] ('': nothing kept)
+    ARGV[9..]   pairs: workflow id, its own retention in ms
 
   Output:
     {0, retried, failed, cancelled, expired records, assigned, reassigned, forgotten groups,
@@ -67,11 +74,12 @@ local now, nowUs = nowMs(ARGV[1])
 local limit, retention, deadline = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local cap, floor, maxGroups = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 if not limit or limit < 1 or not retention or not deadline or deadline <= 0 or not cap
-    or not floor or not maxGroups or #ARGV % 2 ~= 1 then
+    or not floor or not maxGroups or #ARGV % 2 ~= 0 then
   return { -4, 0 }
 end
+local token = ARGV[8]
 local keepOf = {}
-for i = 8, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   keepOf[ARGV[i]] = tonumber(ARGV[i + 1])
   if not keepOf[ARGV[i]] then return { -4, 0 } end
 end
@@ -309,5 +317,9 @@ if #forget > 0 then
   rcall('ZREM', newestAtKey, unpack(forget))
 end
 callChunked('ZADD', newestAtKey, live, 1000)
-return withFailed({ 0, retried, failed, cancelled, #old, stats.assigned, reassigned, #forget,
-                    #expired, ghosts })
+local out = withFailed({ 0, retried, failed, cancelled, #old, stats.assigned, reassigned,
+                         #forget, #expired, ghosts })
+if token ~= '' and KEYS[17] and retried + failed + cancelled > 0 then
+  rcall('SET', KEYS[17], token .. '|' .. cmsgpack.pack(out), 'PX', 600000)
+end
+return out

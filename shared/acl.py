@@ -129,6 +129,7 @@ ROLES: tuple[Role, ...] = (
                 "due",
                 "terminal",
                 "seen",
+                "reaped:*",  # (its reap calls' outcomes)
             ),
         ),
         _BELLS,

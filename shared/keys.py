@@ -93,6 +93,12 @@ class ShardKeys:
         """group id -> number of slots held (the stored active count)."""
         return f"{self.tag}:slots"
 
+    def reaped_string(self, consumer: str) -> str:
+        """The outcome of `consumer`'s last reap call in this shard that retried, failed or
+        cancelled runs (see lua/reap.lua); expires after 10 minutes: one per live admission
+        process."""
+        return f"{self.tag}:reaped:{consumer}"
+
     def turn_string(self, executor: str) -> str:
         """The number of the last finish call (turn) of `executor` that applied results in
         this shard, as `first|last` (see lua/finish.lua); expires after 10 leases

@@ -28,7 +28,7 @@ from supersede.streams import OWN_LISTED, entry_fields
 
 LUA_DIR = files("supersede.lua")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
-_KEY_DECL = re.compile(r"^\s*KEYS\[(\d+)(?:\.\.(\d*))?\]", re.MULTILINE)
+_KEY_DECL = re.compile(r"^\s*KEYS\[(\d+)(?:\.\.(\d*)|(\?))?\]", re.MULTILINE)
 RECLAIM_CAP = 100_000  # leases a reclaim call looks at in a shard (a call blocks the server)
 MAX_VERSIONS = 50  # versions of a workflow the registry remembers (cancel --key looks at each)
 
@@ -64,13 +64,16 @@ def _include(match: re.Match[str], seen: frozenset[str]) -> str:
 @cache
 def load_source(name: str) -> tuple[str, int]:
     """The script with its includes inlined, and the number of KEYS its header declares; a
-    negative number -n when the last declaration is open-ended (``KEYS[n..]``: n or more)."""
+    negative number -n when the last declaration is open-ended (``KEYS[n..]``: n or more) or
+    optional (``KEYS[n?]``: n - 1 or more)."""
     text = (LUA_DIR / f"{name}.lua").read_text()
     header = text.split("]]", 1)[0]
     decls = list(_KEY_DECL.finditer(header))
     last = max(decls, key=lambda m: int(m.group(1)))
     if last.group(2) == "":
         nkeys = -int(last.group(1))
+    elif last.group(3):
+        nkeys = 1 - int(last.group(1))
     else:
         nkeys = max(int(m.group(2) or m.group(1)) for m in decls)
     return _INCLUDE.sub(lambda m: _include(m, frozenset()), text), nkeys
@@ -187,6 +190,15 @@ class ReapResult:
     # members of runs whose records are gone (evicted, deleted by hand), dropped with their
     # slots
     records_gone: int = 0
+
+
+def _reap_result(r: Sequence[Any]) -> ReapResult:
+    failed_by = _pairs(r[10:])
+    retried, failed, cancelled, expired, assigned, reassigned, forgotten, leases, gone = (
+        int(x) for x in r[1:10]
+    )
+    return ReapResult(retried, failed, cancelled, expired, assigned, reassigned, forgotten,
+                      leases, failed_by, gone)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -583,6 +595,7 @@ class Scripts:
         min_retention_ms: int = 0,
         max_groups: int = 0,
         now: int = 0,
+        keep: tuple[str, str] | None = None,
     ) -> ReapResult:
         """Expired leases (retry, fail, end a cancel), unclaimed assignments (a fresh entry),
         and records past their retention: `retentions` (workflow -> ms) where a workflow has
@@ -590,7 +603,8 @@ class Scripts:
         `max_ended` in this shard (0: no cap); none sooner than `min_retention_ms` after its
         run ended. Groups idle for `retention_ms` are forgotten, and beyond `max_groups` in
         this shard (0: no cap) the least recently admitting ones, none within
-        `min_retention_ms` of its last admission, and never a live one."""
+        `min_retention_ms` of its last admission, and never a live one. `keep`: (key, token):
+        a call that retries, fails or cancels runs keeps its outcome there (`reaped`)."""
         args: list[Any] = [
             now,
             limit,
@@ -599,19 +613,25 @@ class Scripts:
             max_ended,
             min_retention_ms,
             max_groups,
+            keep[1] if keep else "",
         ]
         for workflow, ms in (retentions or {}).items():
             args += (workflow, ms)
         sk = self.keys.shard(shard)
         keys = [*sk.state_keys(), sk.newest_hash, sk.newest_at_zset, sk.legacy_terminal_zset,
                 sk.outputs_hash, sk.fences_hash, sk.debounce_hash]  # fmt: skip
-        r = await self._call("reap", keys, args)
-        failed_by = _pairs(r[10:])
-        retried, failed, cancelled, expired, assigned, reassigned, forgotten, leases, gone = (
-            int(x) for x in r[1:10]
-        )
-        return ReapResult(retried, failed, cancelled, expired, assigned, reassigned, forgotten,
-                          leases, failed_by, gone)  # fmt: skip
+        if keep:
+            keys.append(keep[0])
+        return _reap_result(await self._call("reap", keys, args))
+
+    async def reaped(self, key: str, token: str) -> ReapResult | None:
+        """The outcome a reap call with `keep=(key, token)` kept: None when it kept none (it
+        never ran, or retried, failed and cancelled nothing)."""
+        raw = await self.redis.get(key)
+        head, _, body = (raw if isinstance(raw, bytes) else b"").partition(b"|")
+        if head != token.encode() or not body:
+            return None
+        return _reap_result(codec.unpack(body))
 
     async def cancel(
         self, shard: int, run_ids: Sequence[str], *, reason: str = Reason.MANUAL, now: int = 0

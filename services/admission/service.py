@@ -21,6 +21,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoPermissionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede import aio, codec, tracing
@@ -46,7 +47,7 @@ from supersede.protocol import (
     request_payloads,
 )
 from supersede.registry import load_all
-from supersede.scripts import AdmitResult, HandOver
+from supersede.scripts import AdmitResult, HandOver, ReapResult
 from supersede.service import Periodic, Service, Throttle, server_now
 from supersede.service import serve as serve_service
 from supersede.services.admission import metrics
@@ -193,6 +194,7 @@ def _lag_suspects(
     return out
 
 
+KEEP_REFUSED_FOR = 600.0  # seconds without keeping reap outcomes after the ACL refused it
 LAPSED_SAID_EVERY = 10.0  # seconds: the reaper's line for lapsed leases, at most this often
 
 
@@ -223,6 +225,9 @@ class Admission(Service):
         # SIGKILLed executor's 95 runs were retried without a word, only a metric: a probe)
         self._lapsed = [0, 0]
         self._lapsed_said = Throttle(LAPSED_SAID_EVERY)
+        self._reap_calls = 0  # (each call's token for its kept outcome)
+        self._reap_unsure: dict[int, str] = {}  # shard -> token of a call whose reply was lost
+        self._keep_refused_until = 0.0  # (monotonic) reaped without keeping outcomes until then
         metrics_base.TASK_FAILURES.labels(self.name, "debounce")  # (exported at 0)
         # stream name -> (shard, kind) for every stream this service reads
         self._streams: dict[bytes, tuple[int, str]] = {}
@@ -740,34 +745,57 @@ class Admission(Service):
         system reaches (one call per tick used to cap it near 2,000 runs/s per shard)."""
 
         async def one(shard: int) -> None:
+            key = self.keys.shard(shard).reaped_string(self.consumer)
+            if shard in self._reap_unsure:  # (a call whose reply was lost: did it reap?)
+                lost = await self.health.call(
+                    [shard], self.scripts.reaped(key, self._reap_unsure[shard])
+                )
+                del self._reap_unsure[shard]
+                if lost:
+                    self._count_reaped(shard, lost)
             for _ in range(REAP_ROUNDS):
                 started = time.perf_counter()
-                r = await self.health.call(
-                    [shard],
-                    self.scripts.reap(
-                        shard,
-                        limit=REAP_LIMIT,
-                        retention_ms=self.config.retention_ms,
-                        assign_deadline_ms=self.config.assign_deadline_ms,
-                        retentions=self._retentions,
-                        max_ended=self.keys.share(self.config.max_ended_runs),
-                        min_retention_ms=self.config.min_retention_ms,
-                        max_groups=self.keys.share(self.config.max_groups),
-                    ),
-                )
+                self._reap_calls += 1
+                token = str(self._reap_calls)
+                keep = (key, token) if time.monotonic() >= self._keep_refused_until else None
+                try:
+                    r = await self.health.call(
+                        [shard],
+                        self.scripts.reap(
+                            shard,
+                            limit=REAP_LIMIT,
+                            retention_ms=self.config.retention_ms,
+                            assign_deadline_ms=self.config.assign_deadline_ms,
+                            retentions=self._retentions,
+                            max_ended=self.keys.share(self.config.max_ended_runs),
+                            min_retention_ms=self.config.min_retention_ms,
+                            max_groups=self.keys.share(self.config.max_groups),
+                            keep=keep,
+                        ),
+                    )
+                except NoPermissionError as exc:
+                    if keep is None:
+                        raise
+                    # (a role from before 0.3.19: reaped without its outcome kept, for now;
+                    # said once, though every shard's call was refused at once)
+                    said = time.monotonic() < self._keep_refused_until
+                    self._keep_refused_until = time.monotonic() + KEEP_REFUSED_FOR
+                    if not said:
+                        self.log.warning(
+                            "the reaper keeps no outcome of its calls, so one whose reply is "
+                            "lost goes uncounted: the ACL user lacks the key pattern "
+                            "{<ns>:*}:reaped:*; apply the roles again (supersede acl --apply)",
+                            extra={"error": describe(exc)},
+                        )
+                    continue
+                except Exception:
+                    # (it may have run without its reply reaching us: a link that stalled past
+                    # the client's timeout delivers it once it heals; what it retried and
+                    # failed went uncounted, the "leases lapsed" line and alerts blind to it)
+                    self._reap_unsure[shard] = token
+                    raise
                 metrics.BATCH_SECONDS.labels("reap").observe(time.perf_counter() - started)
-                metrics.REAPED.labels("retried").inc(r.retried)
-                metrics.REAPED.labels("failed").inc(r.failed)
-                self._lapsed[0] += r.retried
-                self._lapsed[1] += r.failed
-                for workflow, n in r.failed_by:
-                    metrics.LEASE_FAILURES.labels(workflow).inc(n)
-                metrics.REAPED.labels("cancelled").inc(r.cancelled)
-                metrics.REAPED.labels("reassigned").inc(r.reassigned)
-                self._records_gone(shard, r.records_gone)
-                metrics.EXPIRED.inc(r.expired)
-                metrics.FORGOTTEN_GROUPS.inc(r.forgotten)
-                metrics.ASSIGNED.inc(r.assigned)
+                self._count_reaped(shard, r)
                 if r.expired < REAP_LIMIT and r.leases < REAP_LIMIT and r.forgotten < REAP_LIMIT:
                     return
 
@@ -778,6 +806,21 @@ class Admission(Service):
             raise_unless_silent(await asyncio.gather(*(one(s) for s in up), return_exceptions=True))
         finally:
             self._say_lapsed()
+
+    def _count_reaped(self, shard: int, r: ReapResult) -> None:
+        """A reap call's outcome in the metrics (and the "leases lapsed" line's counts)."""
+        metrics.REAPED.labels("retried").inc(r.retried)
+        metrics.REAPED.labels("failed").inc(r.failed)
+        self._lapsed[0] += r.retried
+        self._lapsed[1] += r.failed
+        for workflow, n in r.failed_by:
+            metrics.LEASE_FAILURES.labels(workflow).inc(n)
+        metrics.REAPED.labels("cancelled").inc(r.cancelled)
+        metrics.REAPED.labels("reassigned").inc(r.reassigned)
+        self._records_gone(shard, r.records_gone)
+        metrics.EXPIRED.inc(r.expired)
+        metrics.FORGOTTEN_GROUPS.inc(r.forgotten)
+        metrics.ASSIGNED.inc(r.assigned)
 
     def _say_lapsed(self) -> None:
         """One line, at most every LAPSED_SAID_EVERY seconds, for the runs whose leases lapsed

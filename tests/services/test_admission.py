@@ -621,6 +621,98 @@ async def test_one_reaper_tick_reaches_an_expired_lease_behind_thousands_of_wait
     assert (said.retried, said.failed) == (1, 0)  # type: ignore[attr-defined]
 
 
+async def test_a_reap_whose_reply_was_lost_is_counted_at_the_next_tick(
+    redis: Redis,
+    redis_url: str,
+    keys: Keys,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A link that stalled past the client's timeout delivered the reap call once it healed:
+    the server retried and failed runs, and admission, its reply lost, counted none (a probe:
+    74 runs run again, reaped_total +0, no "leases lapsed" line; 20 runs FAILED, 1 counted).
+    The call keeps its outcome; the next tick reads it and counts it, once."""
+    from supersede.services.admission import metrics
+
+    scripts = Scripts(redis, keys)
+    past = int((await redis.time())[0]) * 1000 - 60_000
+    reqs = [make_request(keys, event=f"e{i}", seq=i + 1, key=f"k{i}", max_attempts=a)
+            for i, a in enumerate((2, 1))]  # fmt: skip
+    for i, (s, req) in enumerate(reqs):
+        await scripts.admit(s, [(f"0-{i + 1}", req.pack())], now=past)
+        stream = keys.shard(s).assignments_stream("wf")
+        [c] = await scripts.claim(s, "ex", [(stream, f"0-{i + 1}", req.run_id, 1)],
+                                  lease_ms=1_000, now=past + 5_000)  # fmt: skip
+        assert c.claimed
+    real = Scripts.reap
+    lost: list[int] = []
+
+    async def reply_lost(self: Scripts, shard: int, **kw: Any) -> Any:
+        r = await real(self, shard, **kw)
+        if r.retried or r.failed:
+            lost.append(shard)
+            raise TimeoutError("Timeout reading from 127.0.0.1")
+        return r
+
+    settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
+    admission = Admission(redis, settings, AdmissionConfig(assign_deadline_ms=60_000))
+    retried = metrics.REAPED.labels("retried")._value.get()
+    failed = metrics.REAPED.labels("failed")._value.get()
+    monkeypatch.setattr(Scripts, "reap", reply_lost)
+    with pytest.raises(TimeoutError):
+        await admission.reap_all()
+    assert sorted(lost) == sorted({s for s, _ in reqs})
+    monkeypatch.setattr(Scripts, "reap", real)
+    with caplog.at_level(logging.WARNING, logger="supersede"):
+        await admission.reap_all()
+        await admission.reap_all()  # (counted once)
+    states = sorted((rec["st"], rec["a"]) for rec in (await records(redis, keys)).values())
+    want_retried = sum(1 for _, r in reqs if r.max_attempts == 2)
+    want_failed = len(reqs) - want_retried
+    assert states == sorted([("A", 2)] * want_retried + [("F", 1)] * want_failed)
+    assert metrics.REAPED.labels("retried")._value.get() - retried == want_retried
+    assert metrics.REAPED.labels("failed")._value.get() - failed == want_failed
+    [said] = [r for r in caplog.records if r.getMessage().startswith("leases lapsed")]
+    assert (said.retried, said.failed) == (want_retried, want_failed)  # type: ignore[attr-defined]
+
+
+async def test_under_a_role_without_the_reaped_keys_the_reaper_reaps_and_says_so_once(
+    redis: Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 0.3.19 admission under the admission role of 0.3.18 (no `{<ns>:*}:reaped:*`): its reap
+    calls that keep their outcome are refused; it reaps without, and says once how to fix it
+    (refused, the reaper failed every tick and admission was not ready)."""
+    import uuid
+
+    from supersede.acl import rules
+
+    scripts = Scripts(redis, keys)
+    past = int((await redis.time())[0]) * 1000 - 60_000
+    shard, req = make_request(keys, event="e", seq=1)
+    await scripts.admit(shard, [("0-1", req.pack())], now=past)
+    stream = keys.shard(shard).assignments_stream("wf")
+    await scripts.claim(shard, "ex", [(stream, "0-1", req.run_id, 1)], lease_ms=1_000,
+                        now=past + 5_000)  # fmt: skip
+    user = f"adm-{uuid.uuid4().hex[:6]}"
+    old = [r for r in rules(keys.namespace, "admission") if not r.endswith(":reaped:*")]
+    await redis.execute_command("ACL", "SETUSER", user, *old, ">pw")
+    url = redis_url.replace("redis://", f"redis://{user}:pw@")
+    client = Redis.from_url(url)
+    try:
+        settings = Settings(redis_url=url, namespace=keys.namespace, shards=keys.shards)
+        admission = Admission(client, settings, AdmissionConfig())
+        with caplog.at_level(logging.WARNING, logger="supersede"):
+            await admission.reap_all()
+            await admission.reap_all()
+        rec = (await records(redis, keys))[req.run_id]
+        assert (rec["st"], rec["a"]) == ("A", 2)
+        said = [r for r in caplog.records if "keeps no outcome" in r.getMessage()]
+        assert len(said) == 1 and "supersede acl --apply" in said[0].getMessage()
+    finally:
+        await client.aclose()
+        await redis.execute_command("ACL", "DELUSER", user)
+
+
 async def test_the_reaper_keeps_the_groups_of_a_shard_within_the_cap(
     redis: Redis, redis_url: str, keys: Keys
 ) -> None:
