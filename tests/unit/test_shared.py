@@ -948,6 +948,25 @@ def test_a_failure_that_repeats_is_logged_once_per_window_with_one_traceback(
     user = record()
     user.name = "payments"
     assert repeats.filter(user) and repeats.filter(user)
+    # one outage whose errors alternate as the client meets it is one line per window (a
+    # probe: 34 lines per executor for 12 s of refused connections)
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    lost = [RedisConnectionError("Connection closed by server."),
+            RedisConnectionError("Error while reading from 10.0.0.1:6379 : (104, 'reset')"),
+            RedisTimeoutError("Timeout reading from 10.0.0.1:6379"),
+            ConnectionResetError(104)]  # fmt: skip
+    written = 0
+    for i in range(40):
+        clock[0] += 0.25
+        try:
+            raise lost[i % len(lost)]
+        except Exception:
+            r = logging.LogRecord("supersede.y", logging.ERROR, "f", 1, "read failed", (),
+                                  sys.exc_info())  # fmt: skip
+        written += repeats.filter(r)
+    assert written == 2, written
 
     class Unprintable(Exception):
         def __str__(self) -> str:
