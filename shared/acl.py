@@ -115,7 +115,7 @@ ROLES: tuple[Role, ...] = (
             *_FORGET,
             *_STATE_SCRIPTS,
             *_REGISTRY,
-            *_words("hkeys unlink zcard"),
+            *_words("hkeys unlink zcard set"),  # (set: lua/reap.lua keeps its outcome)
         ),
         (
             "~@:config",

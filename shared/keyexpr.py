@@ -416,20 +416,27 @@ _MATCHES = re.compile(r"\.\s*matches\s*\(")
 # fifteenth of `\w`, ASCII classes, `.`, `\s` and negated ASCII classes a hundredth or less.
 MATCHES_UNITS_MOST = 24
 
-_HEAVY = 1.0  # \w \W \p{..} \P{..}, or a class that holds one
-_DIGIT = 0.1  # \d \D (Unicode digits)
+_HEAVY = 1.0  # \w \W \p{..} \P{..}, or a class that holds one (a negated one: \W-like)
+_NOT_DIGIT = 0.45  # \D, or a negated class that holds \d
+_DIGIT = 0.1  # \d (Unicode digits), or a class that holds it
+_WIDE = 0.04  # \S
+_ANY = 0.015  # `.`, \s, a negated class of ASCII (each a few UTF-8 ranges)
 _REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}\??")
 _FLAGS = re.compile(r"\(\?([a-zA-Z]*)(?:-([a-zA-Z]*))?(:|\))")
+_POSIX = re.compile(r"\[:\^?[A-Za-z]+:\]")
+_TIMES_MOST = 10**6  # (a repetition counted past this is refused anyway)
 
 
 def pattern_units(pattern: str) -> float:
     r"""The copies of Unicode classes `pattern` compiles into, by its text (see
-    MATCHES_UNITS_MOST): `\w`, `\W`, `\p{..}`, `\P{..}` or a class holding one count 1, `\d`
-    and `\D` a tenth, anything else nothing; a repetition `{m,n}` multiplies what it repeats
-    by n (`{m}` by m, `{m,}` by m + 1), `+`, `*` and `?` by 1; under `(?-u)` nothing counts
-    (ASCII classes). A pattern the regex library refuses is the library's to say."""
-    # a frame per open group: [units before its last atom, units of its last atom, unicode]
-    stack: list[list[Any]] = [[0.0, 0.0, True]]
+    MATCHES_UNITS_MOST): `\w`, `\W`, `\p{..}`, `\P{..}` or a class holding one count 1, `\D`
+    0.45, `\d` a tenth, `\S` 0.04, `.`, `\s` and negated ASCII classes 0.015, literals and
+    ASCII classes nothing; a repetition `{m,n}` multiplies what it repeats by n (`{m}` by m,
+    `{m,}` by m + 1), `+`, `*` and `?` by 1; under `(?-u)` nothing counts (ASCII classes);
+    `(?x)` skips spaces and comments. A pattern the regex library refuses is its to say."""
+    # a frame per open group: [units before its last atom, units of its last atom, unicode,
+    # verbose]
+    stack: list[list[Any]] = [[0.0, 0.0, True, False]]
     i, n = 0, len(pattern)
 
     def atom(units: float) -> None:
@@ -440,7 +447,9 @@ def pattern_units(pattern: str) -> float:
     while i < n:
         c = pattern[i]
         repeat = _REPEAT.match(pattern, i)
-        if c == "\\" and i + 1 < n:
+        if stack[-1][3] and (c.isspace() or c == "#"):  # ((?x): spaces and comments)
+            i = (pattern.find("\n", i) + 1 or n) if c == "#" else i + 1
+        elif c == "\\" and i + 1 < n:
             units, i = _escape_units(pattern, i)
             atom(units)
         elif c == "[":
@@ -456,10 +465,12 @@ def pattern_units(pattern: str) -> float:
         elif repeat:
             low, high = int(repeat.group(1)), repeat.group(2)
             times = low + 1 if high == "" else int(high) if high else low
-            stack[-1][1] *= max(times, 1)
+            stack[-1][1] *= min(max(times, 1), _TIMES_MOST)
             i = repeat.end()
+        elif c in "*+?":  # (what they repeat counts once: `\w*{100}` is 100 of it)
+            i += 1
         else:
-            atom(0.0)  # (a literal, `|`, or `*`, `+`, `?`: what they repeat counts once)
+            atom(_ANY if c == "." else 0.0)  # (a literal, or `|`)
             i += 1
     while len(stack) > 1:  # (unbalanced: the library refuses it)
         top = stack.pop()
@@ -475,48 +486,56 @@ def _escape_units(pattern: str, i: int) -> tuple[float, int]:
         if pattern.startswith("{", i):
             return _HEAVY, pattern.find("}", i) + 1 or len(pattern)
         return _HEAVY, i + 1
-    return (_HEAVY if e in "wW" else _DIGIT if e in "dD" else 0.0), i
+    return _CLASS_ESCAPES.get(e, 0.0), i
+
+
+_CLASS_ESCAPES = {"w": _HEAVY, "W": _HEAVY, "D": _NOT_DIGIT, "d": _DIGIT, "S": _WIDE, "s": _ANY}
 
 
 def _class_units(pattern: str, i: int) -> tuple[float, int]:
     """The units of the class `[...]` at `i` (see pattern_units), and where it ends."""
     j, n, depth, units = i + 1, len(pattern), 1, 0.0
-    if pattern.startswith("^", j):
+    negated = pattern.startswith("^", j)
+    if negated:
         j += 1
     if pattern.startswith("]", j):  # (a first `]` is a literal)
         j += 1
     while j < n and depth:
         d = pattern[j]
+        posix = _POSIX.match(pattern, j) if d == "[" else None
         if d == "\\" and j + 1 < n:
             e = pattern[j + 1]
-            units = _HEAVY if e in "wWpP" else max(units, _DIGIT) if e in "dD" else units
+            units = max(units, _HEAVY if e in "pP" else _CLASS_ESCAPES.get(e, 0.0))
             j += 2
-        elif pattern.startswith("[:", j):  # ([[:alpha:]]: ASCII)
-            j = pattern.find(":]", j) + 2 or n
+        elif posix:  # ([[:alpha:]]: ASCII)
+            j = posix.end()
         else:
             depth += 1 if d == "[" else -1 if d == "]" else 0
             j += 1
+    if negated:  # (its complement: \W-like with \w, \D-like with \d, else most of Unicode)
+        units = _NOT_DIGIT if units == _DIGIT else max(units, _ANY)
     return units, j
 
 
 def _open_group(pattern: str, i: int, stack: list[list[Any]], atom: Callable[[float], None]) -> int:
     """At `(`: a frame for the group (or, for `(?flags)` alone, the flags set in the enclosing
     one); where its inside starts."""
-    unicode = stack[-1][2]
+    unicode, verbose = stack[-1][2], stack[-1][3]
     flags = _FLAGS.match(pattern, i)
     if flags:
         on, off, end = flags.group(1), flags.group(2) or "", flags.group(3)
         unicode = (unicode or "u" in on) and "u" not in off
+        verbose = (verbose or "x" in on) and "x" not in off
         if end == ")":  # ((?-u) alone: to the end of the enclosing group)
             atom(0.0)
-            stack[-1][2] = unicode
+            stack[-1][2], stack[-1][3] = unicode, verbose
             return flags.end()
         i = flags.end()
     else:
         i += 1
         if pattern.startswith(("?P<", "?<"), i) and not pattern.startswith(("?<=", "?<!"), i):
             i = pattern.find(">", i) + 1 or len(pattern)
-    stack.append([0.0, 0.0, unicode])
+    stack.append([0.0, 0.0, unicode, verbose])
     return i
 
 
@@ -564,14 +583,15 @@ def _compile_pattern(pattern: str) -> None:
 
 
 def _unquoted(literal: str) -> str:
-    """The text of a CEL string literal (quotes and prefix included: r'..', '..', "..",
-    triple-quoted); a non-raw one's escaped backslashes as one (`'\\\\w'` is `\\w`)."""
-    prefix = len(literal) - len(literal.lstrip("rRbB"))
-    raw = "r" in literal[:prefix].lower()
-    body = literal[prefix:]
-    quote = 3 if body[:3] in ("'''", '"""') else 1
-    body = body[quote:-quote]
-    return body if raw else body.replace("\\\\", "\\")
+    """The text of a CEL string literal (quotes and prefix included), as CEL reads it (its
+    escapes undone: `'\\x5cw'` is `\\w`)."""
+    import cel
+
+    try:
+        value = cel.evaluate(literal)
+    except Exception:  # (the library refused the pattern first, in _compile_pattern)
+        return literal
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _arguments(code: str, start: int) -> list[str]:

@@ -142,7 +142,7 @@ def _warning(
     )
 
 
-def setup(level: str = "INFO") -> None:
+def setup(level: str | int = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(Repeats())

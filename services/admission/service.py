@@ -462,7 +462,9 @@ class Admission(Service):
                     written = _written(parts)
                     while items:  # (a refused one's index is of the call's first item on)
                         take = _whole_entries(items, self.config.batch)
+                        began = time.perf_counter()
                         await self._admit(shard, items[:take], read_us, written)
+                        metrics.BATCH_SECONDS.labels(kind).observe(time.perf_counter() - began)
                         del items[:take]
                 else:
                     await self._finish({shard: items for _, shard, items in pending})
@@ -496,7 +498,8 @@ class Admission(Service):
                 if failed:
                     raise failed[0] from exc
             finally:
-                metrics.BATCH_SECONDS.labels(kind).observe(time.perf_counter() - started)
+                if kind != "admit":  # (each admit call is timed on its own, above)
+                    metrics.BATCH_SECONDS.labels(kind).observe(time.perf_counter() - started)
             return
 
     async def _items(self, kind: str, stream: bytes, entries: Sequence[Entry]) -> Items:
@@ -746,11 +749,14 @@ class Admission(Service):
 
         async def one(shard: int) -> None:
             key = self.keys.shard(shard).reaped_string(self.consumer)
-            if shard in self._reap_unsure:  # (a call whose reply was lost: did it reap?)
-                lost = await self.health.call(
-                    [shard], self.scripts.reaped(key, self._reap_unsure[shard])
-                )
-                del self._reap_unsure[shard]
+            token = self._reap_unsure.pop(shard, None)
+            if token is not None:  # (a call whose reply was lost: did it reap?)
+                try:
+                    lost = await self.health.call([shard], self.scripts.reaped(key, token))
+                except Exception as exc:  # (never holds up the reaps: that count is lost)
+                    self.log.info("a lost reap reply's outcome is not read",
+                                  extra={"shard": shard, "error": describe(exc)})  # fmt: skip
+                    lost = None
                 if lost:
                     self._count_reaped(shard, lost)
             for _ in range(REAP_ROUNDS):
@@ -792,7 +798,8 @@ class Admission(Service):
                     # (it may have run without its reply reaching us: a link that stalled past
                     # the client's timeout delivers it once it heals; what it retried and
                     # failed went uncounted, the "leases lapsed" line and alerts blind to it)
-                    self._reap_unsure[shard] = token
+                    if keep is not None:
+                        self._reap_unsure[shard] = token
                     raise
                 metrics.BATCH_SECONDS.labels("reap").observe(time.perf_counter() - started)
                 self._count_reaped(shard, r)

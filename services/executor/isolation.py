@@ -260,7 +260,7 @@ def worker_main(
     if not logging.getLogger().handlers:  # (unless the steps' modules set up their own)
         # the executor's JSON lines at its level: a step's logger.info was lost, its warnings
         # plain text (a process the forkserver started has no logging set up)
-        logs.setup(logging.getLevelName(log_level))
+        logs.setup(log_level)
     # (the forkserver forked it with SIGTERM blocked, see `ProcessPool._spawn`: the ladder's
     # SIGTERM is for the worker, and so is the mask its steps' subprocesses inherit)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})

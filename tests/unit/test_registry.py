@@ -113,17 +113,23 @@ def test_a_matches_pattern_is_refused_by_the_unicode_classes_it_compiles_into(
     )
     fine = (r"^\w{2,8}$", r"^\w{1,16}$", r"^\w{1,24}$", r"^[a-z0-9._%+-]+@[a-z0-9.-]+$",
             r"^\p{L}+$", r"(?-u:\w){1,64}", r"(?-u)^[\w.]{1,64}$", r"^\d{1,64}$",
-            r"[[:alpha:]]{64}")  # fmt: skip
-    for pattern in fine:
+            r"[[:alpha:]]{64}", r"[[:a]]", r"(?x)a#{" + "9" * 400 + "}", r".{1,64}")  # fmt: skip
+    for pattern in fine:  # (`[[:a]]` looped for good, the 400 digits raised: a review)
         compile_key(f"input.e.matches(r'{pattern}') ? input.e : 'x'", "k", trial=True)
         compile_key(f"input.e.matches('{pattern.replace(chr(92), chr(92) * 2)}') ? 'a' : 'x'", "k")
     assert [pattern_units(p) for p in (r"\w", r"^\w{1,16}$", r"(\w\w){8}", r"a|\w{30}",
             r"(?<n>\w{5}){5}", r"[\p{L}\p{N}]{3,}", r"\d{1,64}", r"(?i)[^\w]{2}")] == [
         1, 16, 16, 30, 25, 4, 6.4, 2]  # fmt: skip
-    for pattern in (r"^\w{1,25}$", r"^[\w-]{1,63}$", r"(\pL\pN){13}", r"(?-u:a)\w{30}"):
+    # (and those a review found counted as cheap: a repeated `*`, `(?x)`, an escaped
+    # backslash, `.`, `\S` and `\D` many times over)
+    for pattern in (r"^\w{1,25}$", r"^[\w-]{1,63}$", r"(\pL\pN){13}", r"(?-u:a)\w{30}",
+                    r"\w*{100}", r"(?x)\w {100}", r".{1,8000}", r"\S{1,3000}", r"\D{240}",
+                    r"[[:a]]\w{100}:]"):  # fmt: skip
         with pytest.raises(DefinitionError) as info:
             compile_key(f"input.e.matches(r'{pattern}') ? input.e : 'x'", "k", trial=True)
         assert f"(at most {MATCHES_UNITS_MOST})" in str(info.value)
+    with pytest.raises(DefinitionError, match="100 copies"):
+        compile_key(r"input.e.matches('\x5cw{100}') ? 'a' : 'x'", "k", trial=True)
 
 
 def test_a_misspelt_field_names_the_one_meant_and_read_back_is_left_to_newer_builds() -> None:
