@@ -159,9 +159,14 @@ async def test_a_publish_whose_xadd_got_no_reply_says_the_event_may_be_published
     env = {**system.env, "SUPERSEDE_REDIS_URL": url + ("&" if "?" in url else "?")
            + "socket_timeout=1"}  # fmt: skip
     cmd = [sys.executable, "-m", "supersede", "publish", "chat.message", '{"userId": "hung"}']
-    await redis.execute_command("CLIENT", "PAUSE", "4000", "WRITE")
-    timed_out = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True,
-                                        timeout=60)  # fmt: skip
+    # (paused until the command returned: a pause of 4 s ran out before a loaded machine's
+    # process had sent its XADD, which then landed)
+    await redis.execute_command("CLIENT", "PAUSE", "60000", "WRITE")
+    try:
+        timed_out = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True,
+                                            timeout=60)  # fmt: skip
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
     err = timed_out.stderr.decode()
     assert timed_out.returncode == 1 and "Traceback" not in err, err
     assert "the event may have been published" in err and "try again" not in err, err
