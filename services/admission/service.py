@@ -790,7 +790,9 @@ class Admission(Service):
                         self.log.warning(
                             "the reaper keeps no outcome of its calls, so one whose reply is "
                             "lost goes uncounted: the ACL user lacks the key pattern "
-                            "{<ns>:*}:reaped:*; apply the roles again (supersede acl --apply)",
+                            f"{{{self.keys.namespace}:*}}:reaped:* or the command set; apply "
+                            "the roles again (supersede acl --apply) and restart admission, or "
+                            "it tries again in 10 minutes",
                             extra={"error": describe(exc)},
                         )
                     continue
