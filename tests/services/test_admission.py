@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgpack
@@ -621,6 +623,34 @@ async def test_one_reaper_tick_reaches_an_expired_lease_behind_thousands_of_wait
     assert (said.retried, said.failed) == (1, 0)  # type: ignore[attr-defined]
 
 
+async def _lapsed(scripts: Scripts, keys: Keys, req: RunRequest, entry: str) -> None:
+    """Admit `req` a minute ago and claim it under a 1 s lease: its lease has lapsed."""
+    past = int((await scripts.redis.time())[0]) * 1000 - 60_000
+    shard = int(req.run_id.split("-", 1)[0])
+    await scripts.admit(shard, [(entry, req.pack())], now=past)
+    stream = keys.shard(shard).assignments_stream(req.workflow)
+    [c] = await scripts.claim(shard, "ex", [(stream, entry, req.run_id, 1)], lease_ms=1_000,
+                              now=past + 5_000)  # fmt: skip
+    assert c.claimed
+
+
+@contextlib.asynccontextmanager
+async def _admission_as(
+    redis: Redis, redis_url: str, keys: Keys, acl_rules: list[str]
+) -> AsyncIterator[Admission]:
+    """An Admission signed in as a user of `acl_rules` (deleted after)."""
+    user = f"adm-{uuid.uuid4().hex[:6]}"
+    await redis.execute_command("ACL", "SETUSER", user, *acl_rules, ">pw")
+    url = redis_url.replace("redis://", f"redis://{user}:pw@")
+    client = Redis.from_url(url)
+    try:
+        settings = Settings(redis_url=url, namespace=keys.namespace, shards=keys.shards)
+        yield Admission(client, settings, AdmissionConfig())
+    finally:
+        await client.aclose()
+        await redis.execute_command("ACL", "DELUSER", user)
+
+
 async def test_a_reap_whose_reply_was_lost_is_counted_at_the_next_tick(
     redis: Redis,
     redis_url: str,
@@ -635,15 +665,10 @@ async def test_a_reap_whose_reply_was_lost_is_counted_at_the_next_tick(
     from supersede.services.admission import metrics
 
     scripts = Scripts(redis, keys)
-    past = int((await redis.time())[0]) * 1000 - 60_000
     reqs = [make_request(keys, event=f"e{i}", seq=i + 1, key=f"k{i}", max_attempts=a)
             for i, a in enumerate((2, 1))]  # fmt: skip
-    for i, (s, req) in enumerate(reqs):
-        await scripts.admit(s, [(f"0-{i + 1}", req.pack())], now=past)
-        stream = keys.shard(s).assignments_stream("wf")
-        [c] = await scripts.claim(s, "ex", [(stream, f"0-{i + 1}", req.run_id, 1)],
-                                  lease_ms=1_000, now=past + 5_000)  # fmt: skip
-        assert c.claimed
+    for i, (_, req) in enumerate(reqs):
+        await _lapsed(scripts, keys, req, f"0-{i + 1}")
     real = Scripts.reap
     lost: list[int] = []
 
@@ -682,25 +707,14 @@ async def test_under_a_role_without_the_reaped_keys_the_reaper_reaps_and_says_so
     """A 0.3.19 admission under the admission role of 0.3.18 (no `{<ns>:*}:reaped:*`): its reap
     calls that keep their outcome are refused; it reaps without, and says once how to fix it
     (refused, the reaper failed every tick and admission was not ready)."""
-    import uuid
-
     from supersede.acl import rules
+    from supersede.services.admission import metrics
 
     scripts = Scripts(redis, keys)
-    past = int((await redis.time())[0]) * 1000 - 60_000
     shard, req = make_request(keys, event="e", seq=1)
-    await scripts.admit(shard, [("0-1", req.pack())], now=past)
-    stream = keys.shard(shard).assignments_stream("wf")
-    await scripts.claim(shard, "ex", [(stream, "0-1", req.run_id, 1)], lease_ms=1_000,
-                        now=past + 5_000)  # fmt: skip
-    user = f"adm-{uuid.uuid4().hex[:6]}"
+    await _lapsed(scripts, keys, req, "0-1")
     old = [r for r in rules(keys.namespace, "admission") if not r.endswith(":reaped:*")]
-    await redis.execute_command("ACL", "SETUSER", user, *old, ">pw")
-    url = redis_url.replace("redis://", f"redis://{user}:pw@")
-    client = Redis.from_url(url)
-    try:
-        settings = Settings(redis_url=url, namespace=keys.namespace, shards=keys.shards)
-        admission = Admission(client, settings, AdmissionConfig())
+    async with _admission_as(redis, redis_url, keys, old) as admission:
         with caplog.at_level(logging.WARNING, logger="supersede"):
             await admission.reap_all()
             await admission.reap_all()
@@ -708,29 +722,17 @@ async def test_under_a_role_without_the_reaped_keys_the_reaper_reaps_and_says_so
         assert (rec["st"], rec["a"]) == ("A", 2)
         said = [r for r in caplog.records if "keeps no outcome" in r.getMessage()]
         assert len(said) == 1 and "supersede acl --apply" in said[0].getMessage()
-    finally:
-        await client.aclose()
-        await redis.execute_command("ACL", "DELUSER", user)
     # under the role of this build, the outcome is kept (its SET was refused inside the script,
     # after the retry, which then went uncounted: a review)
-    from supersede.services.admission import metrics
-
     _, again = make_request(keys, event="again", seq=2)
-    await scripts.admit(shard, [("0-2", again.pack())], now=past)
-    await scripts.claim(shard, "ex", [(stream, "0-2", again.run_id, 1)], lease_ms=1_000,
-                        now=past + 5_000)  # fmt: skip
-    await redis.execute_command("ACL", "SETUSER", user, *rules(keys.namespace, "admission"), ">pw")
-    client = Redis.from_url(url)
-    try:
-        settings = Settings(redis_url=url, namespace=keys.namespace, shards=keys.shards)
-        admission = Admission(client, settings, AdmissionConfig())
+    await _lapsed(scripts, keys, again, "0-2")
+    async with _admission_as(
+        redis, redis_url, keys, rules(keys.namespace, "admission")
+    ) as admission:
         retried = metrics.REAPED.labels("retried")._value.get()
         await admission.reap_all()
         assert metrics.REAPED.labels("retried")._value.get() - retried == 1
         assert await redis.exists(keys.shard(shard).reaped_string(admission.consumer))
-    finally:
-        await client.aclose()
-        await redis.execute_command("ACL", "DELUSER", user)
 
 
 async def test_the_reaper_keeps_the_groups_of_a_shard_within_the_cap(
