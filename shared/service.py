@@ -128,6 +128,10 @@ def _hint(exc: BaseException) -> str | None:
 
 
 PIN_EVERY = 5.0  # seconds between two looks for the namespace's pinned facts (keep_pinned)
+# Seconds before a periodic task that the server did not answer is tried again, at most: a
+# service is not ready until each of its tasks went through once, and one tried at its own
+# interval (5 s for the trims) kept it not ready for 3-6 s after a link healed (a probe).
+FAILED_TASK_RETRY = 0.5
 
 
 class Throttle:
@@ -400,6 +404,7 @@ class Service:
     ) -> None:
         name = task.__name__
         while not stop.is_set():
+            wait = interval
             try:
                 await task()
                 metrics.report(self.name, name, True)
@@ -412,8 +417,10 @@ class Service:
                 if not (self.health.silent and isinstance(exc, UNANSWERED)):
                     metrics.report(self.name, name, False)
                 self.log_failure("periodic task failed", exc, task=name)
+                if isinstance(exc, NOT_YET):  # (a refusal, a bug: at its interval)
+                    wait = min(interval, FAILED_TASK_RETRY)
             with contextlib.suppress(TimeoutError):
-                await aio.wait_for(stop.wait(), interval)
+                await aio.wait_for(stop.wait(), wait)
 
     # -- steps every stream consumer shares -------------------------------------------------------
     def healthy(self, reader: str = "read") -> None:

@@ -1639,6 +1639,50 @@ async def test_a_periodic_task_a_silent_master_failed_leaves_its_service_ready(
     metrics.report("probe-ready", "trim", True)
 
 
+async def test_a_periodic_task_the_server_did_not_answer_is_tried_again_soon(
+    redis: Any, redis_url: str, namespace: str
+) -> None:
+    """A service is not ready until each of its periodic tasks went through once; one the
+    server did not answer was tried again at its own interval (5 s for the trims), so a
+    service stayed not ready for 3-6 s after a link healed (a probe at a distance). It is
+    tried again within FAILED_TASK_RETRY (0.5 s); a failure that is no outage waits its
+    interval."""
+    import asyncio
+    import time
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ResponseError
+
+    from supersede import metrics
+    from supersede.config import Settings
+    from supersede.service import Service
+
+    class Probe(Service):
+        name = "probe-retry"
+
+    service = Probe(redis, Settings(redis_url=redis_url, namespace=namespace, shards=1))
+    metrics.report("probe-retry", "read", True)
+    for error, soon in ((RedisConnectionError("Connection closed by server."), True),
+                        (ResponseError("ERR a bug"), False)):  # fmt: skip
+        stop = asyncio.Event()
+        tries: list[float] = []
+
+        async def trim(tries: list[float] = tries, error: Exception = error) -> None:
+            tries.append(time.monotonic())
+            if len(tries) == 1:
+                raise error
+
+        task = asyncio.create_task(service._every(stop, 30.0, trim))
+        deadline = time.monotonic() + 2.0
+        while len(tries) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await task
+        assert (len(tries) == 2) is soon, (error, tries)
+        assert metrics._READY["probe-retry"] is soon, error
+    metrics.report("probe-retry", "trim", True)
+
+
 def test_a_decorated_step_or_hook_keeps_its_type_and_parentheses_are_optional() -> None:
     """`@wf.step()` returned `Callable[[Context], Any]`: a test calling a step saw Any (mypy
     accepted `reply(ctx)["text"]` on an async step: an API probe). The function is returned
