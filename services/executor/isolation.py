@@ -34,6 +34,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
 
+import orjson
 from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
@@ -48,7 +49,7 @@ from supersede import codec, logs
 from supersede.aio import wait_for
 from supersede.errors import step_traceback
 from supersede.services.executor.outputs import OutputError, readable
-from supersede.services.modules import import_module
+from supersede.services.modules import import_module, module_file
 from supersede.workflow import Context, NotAwaited, is_async_callable, resolve
 
 log = logging.getLogger("supersede.executor")
@@ -63,6 +64,9 @@ SERVER_UNAVAILABLE: tuple[type[Exception], ...] = (
     OutOfMemoryError,  # (a full server: one sampled line, not a traceback per run; a probe)
 )  # fmt: skip
 
+# The environment variable by which the forkserver learns the files of the modules loaded by
+# their paths (a JSON list; set while it starts): supersede.services.executor.preload
+STEP_MODULE_FILES = "SUPERSEDE_STEP_MODULE_FILES"
 STAGES = ("flag", "sigterm", "sigkill", "stopped")  # of a cancel (the stage metric's label)
 
 
@@ -336,15 +340,29 @@ class ProcessPool:
         self.grace = grace
         self.kill_after = kill_after
         self._mp = multiprocessing.get_context("forkserver")
-        self._mp.set_forkserver_preload(sorted(set(modules)))
+        # A module loaded by its path has a name no import finds: the preload module loads
+        # its file (see supersede.services.executor.preload), the others by their names.
+        self._files = sorted({f for m in modules if (f := module_file(m)) is not None})
+        named = sorted({m for m in modules if module_file(m) is None})
+        self._mp.set_forkserver_preload(["supersede.services.executor.preload", *named])
         self._idle: asyncio.Queue[Worker] = asyncio.Queue()
         self._all: set[Worker] = set()
         self._spawning: set[asyncio.Task[None]] = set()
         self._closed = False
 
     async def start(self) -> None:
-        """Start every worker (the forkserver imports the modules once, first)."""
-        for _ in range(self.size):
+        """Start every worker (the forkserver imports the modules once, first: it starts
+        with the first worker, and reads the files to load from its environment)."""
+        before = os.environ.get(STEP_MODULE_FILES)
+        os.environ[STEP_MODULE_FILES] = orjson.dumps(self._files).decode()
+        try:
+            self._idle.put_nowait(await asyncio.to_thread(self._spawn))
+        finally:
+            if before is None:
+                os.environ.pop(STEP_MODULE_FILES, None)
+            else:
+                os.environ[STEP_MODULE_FILES] = before
+        for _ in range(self.size - 1):
             self._idle.put_nowait(await asyncio.to_thread(self._spawn))
 
     def _spawn(self) -> Worker:

@@ -208,15 +208,19 @@ async def test_a_process_step_of_a_module_given_by_its_path_runs(
     redis: Redis, keys: Keys, system: System, tmp_path: Path
 ) -> None:
     """`supersede executor path/to/flows.py`: the module is loaded under a name of its own,
-    which a worker process must find too (it failed every run with ModuleNotFoundError)."""
+    which a worker process must find too (it failed every run with ModuleNotFoundError). The
+    forkserver imports it before it forks the workers, as it does a module given by name: it
+    could not find it by its name, so each new worker imported it on its first step, inside
+    that step's timeout (a module whose import took 3 s failed every run of a 2 s step)."""
     module = tmp_path / "flows_by_path.py"
     module.write_text(
         "import os\n"
         "from supersede import Workflow\n"
+        "IMPORTED_IN = os.getpid()\n"
         'wf = Workflow("by-path", on_events=["by.path"], isolation="process")\n'
         "@wf.step()\n"
         "def work(ctx):\n"
-        '    return {"pid": os.getpid(), "n": ctx.input["n"]}\n'
+        '    return {"pid": os.getpid(), "n": ctx.input["n"], "imported_in": IMPORTED_IN}\n'
     )
     await _serve(redis, keys, system, module, slots=2)
     await _publish(redis, keys, "by.path", n=7)
@@ -226,6 +230,8 @@ async def test_a_process_step_of_a_module_given_by_its_path_runs(
     run = await get_run(redis, rid, namespace=keys.namespace)
     assert run is not None and run.outputs["work"]["n"] == 7
     assert run.outputs["work"]["pid"] not in {p.pid for p in system.procs}  # (a worker's)
+    imported_in = run.outputs["work"]["imported_in"]  # (the forkserver's: not the worker's)
+    assert imported_in not in {run.outputs["work"]["pid"], *(p.pid for p in system.procs)}
 
 
 async def test_a_cancel_stops_an_async_step_that_awaits_redis(
