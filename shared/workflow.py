@@ -280,7 +280,26 @@ class Context:
     async def _still_current(self) -> bool:
         if self.cancelled:
             return False
-        return True if self._current is None else await self._current()
+        current = self._current
+        if current is None:
+            return True
+        loop = self._loop
+        if loop is None or asyncio.get_running_loop() is loop:
+            return await current()
+        # Awaited on a loop of the step's own (`asyncio.run(ctx.still_current())` in a sync
+        # step): the read goes to the executor's loop, whose client it uses (run here, it put
+        # connections of another loop in the executor's pool, and other runs failed with
+        # "Event loop is closed", an author probe). No answer in time: not known to be current.
+
+        async def ask() -> bool:
+            return await current()
+
+        answer = asyncio.run_coroutine_threadsafe(ask(), loop)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(answer), self._answer_within)
+        except TimeoutError:
+            answer.cancel()
+            return False
 
     def still_current_blocking(self, timeout: float | None = None) -> bool:
         """`still_current()` for a sync step (it runs in a thread; not on the event loop).

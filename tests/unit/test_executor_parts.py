@@ -1081,6 +1081,39 @@ async def test_still_current_blocking_is_false_when_no_answer_comes_in_time() ->
     assert time.monotonic() - began < 2
 
 
+async def test_still_current_awaited_on_a_steps_own_loop_asks_on_the_executors() -> None:
+    """`asyncio.run(ctx.still_current())` in a sync step read the fence on the step's own
+    loop with the executor's client, whose pool then held connections of a closed loop: other
+    runs of the executor failed with "Event loop is closed" (an author probe: 5 of 20). The
+    read is made on the executor's loop; no answer in time is False, as in a blocking ask."""
+    import time
+
+    from supersede.workflow import Context
+
+    loop = asyncio.get_running_loop()
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def current() -> bool:
+        loops.append(asyncio.get_running_loop())
+        return True
+
+    ctx = Context(run_id="0-a", workflow="wf", attempt=1, input={}, metadata={},
+                  loop=loop, current=current)  # fmt: skip
+    assert await asyncio.to_thread(lambda: asyncio.run(ctx.still_current())) is True
+    assert loops == [loop]
+
+    async def never() -> bool:
+        await asyncio.sleep(60)
+        return True
+
+    ctx = Context(run_id="0-a", workflow="wf", attempt=1, input={}, metadata={},
+                  loop=loop, current=never)  # fmt: skip
+    ctx._answer_within = 0.3
+    began = time.monotonic()
+    assert await asyncio.to_thread(lambda: asyncio.run(ctx.still_current())) is False
+    assert time.monotonic() - began < 2
+
+
 def test_still_current_in_a_worker_process_asks_again_while_the_server_fails() -> None:
     """The same in a worker process (its own connection): the error reached the step."""
     import multiprocessing
