@@ -200,6 +200,7 @@ HOP_SECONDS = LoopHistogram(
     buckets=WAIT_BUCKETS,
 )
 _READY: dict[str, bool] = {}  # part (service name) -> ready; /readyz needs every part ready
+_STOPPING: set[str] = set()  # parts told to stop: not ready, whatever their calls do meanwhile
 READY = Gauge(
     "supersede_ready",
     "1 while the service is ready (started, and its Redis calls go through), 0 otherwise; as "
@@ -223,7 +224,8 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 def set_ready(ready: bool, part: str = "service") -> None:
     """Services call this: True after start-up, False while Redis calls fail. `part`: the
     service, when one process runs several (`supersede serve`); /readyz answers 200 only while
-    every part the process runs or expects is ready."""
+    every part the process runs or expects is ready, and none is stopping."""
+    ready = ready and part not in _STOPPING
     if _READY.get(part) is ready:  # (services call it after every batch: the gauge on changes)
         return
     _READY[part] = ready
@@ -246,6 +248,17 @@ def report(part: str, component: str, ok: bool) -> None:
         else:
             failing.add(component)
         set_ready(not failing, part)
+
+
+def stopping(part: str, stops: bool = True) -> None:
+    """A part was told to stop (SIGTERM): not ready from then on, while it drains (under
+    `supersede serve`, ingress stopped at once and /readyz said 200 until the executor had
+    drained, a probe); `stops=False` as it starts again."""
+    if stops:
+        _STOPPING.add(part)
+        set_ready(False, part)
+    else:
+        _STOPPING.discard(part)
 
 
 def expect_parts(*parts: str) -> None:

@@ -362,6 +362,7 @@ class Service:
                 await self.scripts.lane.execute("PING")
         await self.prepare()
         self.ready = True
+        metrics.stopping(self.name, False)
         metrics.set_ready(True, self.name)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -390,14 +391,21 @@ class Service:
         for _, job in periodic:  # (at 0 from the start: increase() sees a first failure)
             metrics.TASK_FAILURES.labels(self.name, job.__name__)
         timers = [asyncio.create_task(self._every(stop, *p)) for p in periodic]
+        timers.append(asyncio.create_task(self._not_ready_once(stop)))
         try:
             await self.main(stop)
         finally:
+            metrics.stopping(self.name)
             for task in timers:
                 task.cancel()
             await asyncio.gather(*timers, return_exceptions=True)
             tracing.flush()
             self.log.info(f"{self.name} stopped", extra={"consumer": self.consumer})
+
+    async def _not_ready_once(self, stop: asyncio.Event) -> None:
+        """Not ready from the moment the service is told to stop, while it drains."""
+        await stop.wait()
+        metrics.stopping(self.name)
 
     async def _every(
         self, stop: asyncio.Event, interval: float, task: Callable[[], Awaitable[None]]

@@ -1683,6 +1683,54 @@ async def test_a_periodic_task_the_server_did_not_answer_is_tried_again_soon(
     metrics.report("probe-retry", "trim", True)
 
 
+async def test_a_service_told_to_stop_is_not_ready_while_it_drains(
+    redis: Any, redis_url: str, namespace: str
+) -> None:
+    """Under `supersede serve`, ingress stopped at once on SIGTERM and /readyz still said 200
+    for the executor's drain (4 s, up to --drain-timeout; a probe): a service is not ready
+    from the moment it is told to stop, though its calls go through while it drains, and is
+    ready again once started anew."""
+    import asyncio
+
+    from supersede import metrics
+    from supersede.config import Settings
+    from supersede.service import Service
+
+    draining = asyncio.Event()
+    drained = asyncio.Event()
+
+    class Probe(Service):
+        name = "probe-drain"
+
+        async def main(self, stop: asyncio.Event) -> None:
+            await stop.wait()
+            draining.set()
+            while not drained.is_set():  # (its batches still go through)
+                self.healthy()
+                await asyncio.sleep(0.01)
+
+    for _ in range(2):
+        service = Probe(redis, Settings(redis_url=redis_url, namespace=namespace, shards=1))
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        for _ in range(1000):
+            if metrics._READY.get("probe-drain") is True:
+                break
+            await asyncio.sleep(0.01)
+        assert metrics._READY.get("probe-drain") is True
+        stop.set()
+        await asyncio.wait_for(draining.wait(), 10)
+        await asyncio.sleep(0.05)
+        assert metrics._READY["probe-drain"] is False
+        drained.set()
+        await asyncio.wait_for(task, 10)
+        assert metrics._READY["probe-drain"] is False
+        draining.clear()
+        drained.clear()
+    metrics.stopping("probe-drain", False)
+    metrics._READY.pop("probe-drain")
+
+
 def test_a_decorated_step_or_hook_keeps_its_type_and_parentheses_are_optional() -> None:
     """`@wf.step()` returned `Callable[[Context], Any]`: a test calling a step saw Any (mypy
     accepted `reply(ctx)["text"]` on an async step: an API probe). The function is returned
