@@ -25,7 +25,8 @@ import traceback
 import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError as FutureCancelled
+from concurrent.futures import InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,17 +230,35 @@ def _timed_out(name: str, timeout: float, failure: BaseException | None) -> Step
     return timed_out
 
 
+class _Raised(Exception):
+    """A sync step's exception of a type asyncio replaces as it crosses from the thread's
+    future (`_REPLACED`): with a new one of no frames (a socket's TimeoutError failed its run
+    with the executor's frames only, an author probe), or concurrent.futures' CancelledError
+    with asyncio's, which read as the run's own cancel. Unboxed by `Runner._sync`."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+
+_REPLACED = (TimeoutError, FutureCancelled, InvalidStateError)  # (by their exact types)
+
+
 def _on_thread(run: Running, step: Step, ctx: Context) -> Any:
     """A sync step, on a pool thread whose ident its run keeps while the step runs (see
     `_thread_frames`)."""
     run.thread_ident = threading.get_ident()
     try:
         out = step.fn(ctx)
-        if isinstance(ctx, Context):  # (a test's stand-in may be none)
-            ctx._check_awaited(step.name)
-        return out
+    except Exception as exc:
+        if type(exc) in _REPLACED:
+            raise _Raised(exc) from None
+        raise
     finally:
         run.thread_ident = None
+    if isinstance(ctx, Context):  # (a test's stand-in may be none)
+        ctx._check_awaited(step.name)
+    return out
 
 
 def _thread_frames(run: Running) -> str:
@@ -983,6 +1002,16 @@ class Runner:
             cell[RENEWED] = stamp
 
     async def _sync(
+        self, thread: asyncio.Future[Any], run: Running, strict: bool, timeout: float | None
+    ) -> Any:
+        """A sync step's result (see `_waited`); its own exception as it raised it."""
+        try:
+            return await self._waited(thread, run, strict, timeout)
+        except _Raised as raised:
+            error = raised.error
+        raise error  # (outside the except: not "during handling of" the box)
+
+    async def _waited(
         self, thread: asyncio.Future[Any], run: Running, strict: bool, timeout: float | None
     ) -> Any:
         """A sync step's result. A thread cannot be interrupted: when the run is cancelled,

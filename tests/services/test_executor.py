@@ -932,6 +932,7 @@ async def test_a_step_timeout_or_an_unpackable_output_fails_the_run(
     sync = [str(r["err"]) for r in (await records(redis, keys)).values()]
     [own] = [e for e in sync if "a socket's own timeout" in e]
     assert "TimeoutError: a socket's own timeout" in own and "timed out after" not in own, own
+    assert "in waits_past_its_timeout" in own, own  # (its frame: asyncio made a new one)
     assert "can not serialize 'object' object" in errors["unpackable"]
     # A timeout says where the step was when it passed, from the step's own frame (it was the
     # executor's traceback, which raised it: `_timed`, `_call`, `_try_step`)

@@ -1677,6 +1677,53 @@ async def test_a_step_that_does_not_await_still_current_fails_saying_so() -> Non
         runner.close()
 
 
+async def test_a_sync_steps_own_timeout_or_cancelled_error_fails_it_with_its_frames() -> None:
+    """asyncio replaces a TimeoutError (and concurrent.futures' CancelledError) that crosses
+    from a thread with a new one: a sync step's own, a socket's say, failed its run with the
+    executor's frames only (an author probe), and a step's CancelledError of a future it waited
+    on read as the run's own cancel. Each fails its step with the step's frame."""
+    import asyncio
+    import concurrent.futures
+
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Context, Workflow
+
+    wf = Workflow("wf", on_events=["e"])
+
+    def connect_db() -> None:
+        raise TimeoutError("socket timed out")
+
+    @wf.step()
+    def timed_out_socket(ctx: Context) -> None:
+        connect_db()
+
+    other = Workflow("other", on_events=["e"])
+
+    @other.step()
+    def waited_on_a_cancelled_future(ctx: Context) -> None:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        future.cancel()
+        future.result()
+
+    outbox = _Outbox()
+    runner = Runner([wf, other], ExecutorConfig(), outbox)
+    try:
+        for i, workflow in enumerate(("wf", "other")):
+            body = pack_input({}, {}, "e", str(i))
+            run = runner.start(0, Claim(f"0-{i}", True, 1, workflow, "v", body, "k", "s", "R"))
+            assert run is not None and run.task is not None
+            await asyncio.wait_for(run.task, 10)
+        timed_out, cancelled = outbox.written
+        assert timed_out.outcome.value == "F", timed_out
+        assert "in connect_db" in timed_out.error and "socket timed out" in timed_out.error
+        assert cancelled.outcome.value == "F", cancelled
+        assert "in waited_on_a_cancelled_future" in cancelled.error, cancelled.error
+    finally:
+        runner.close()
+
+
 def test_turn_keys_not_read_for_a_moved_slot_or_a_silent_master_is_no_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
