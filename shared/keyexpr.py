@@ -273,6 +273,7 @@ def _compile(
         _refuse_unknown_calls(called, expression, field)
         _refuse_costly_patterns(code, literals, expression, field)
         _refuse_always_bool(code, expression, field, reason)
+        _refuse_never_a_key(code, expression, field, reason)
         _trial(program, expression, field, check, functions)
 
     walks = _MACRO.search(code) is not None
@@ -832,6 +833,48 @@ def _refuse_always_bool(code: str, expression: str, field: str, reason: str) -> 
     raise DefinitionError(
         field, f"{expression!r} gives a bool (true or false) for every event, not {wanted}"
     )
+
+
+# What the outermost call gives, where it is no key nor limit whatever the event: by function
+# (`double(input.n)`) and by method (`input.a.split(',')`).
+_NOT_A_KEY_FUNCTIONS = {
+    "double": "a double", "bytes": "bytes", "timestamp": "a timestamp", "duration": "a duration",
+    "type": "a type", "optional.of": "an optional", "optional.none": "an optional",
+    "optional.ofNonZeroValue": "an optional",
+}  # fmt: skip
+_NOT_A_KEY_METHODS = {"split": "a list", "map": "a list", "filter": "a list"}
+# What may stand before the outermost call: a receiver (`input.a.`, `input.a.trim().`), no
+# operator (what brackets hold is blanked)
+_RECEIVER = re.compile(r"[\w.\s()\[\]]*")
+
+
+def _refuse_never_a_key(code: str, expression: str, field: str, reason: str) -> None:
+    """Refuse an expression whose value is no string nor integer whatever the event: a list
+    or map literal, or an outermost call that gives a list, a double, bytes, a timestamp, a
+    duration, a type or an optional (every event was a `key_error` dead letter, an author
+    probe). What an index, an operator or a ternary makes of them is left to the trial."""
+    top = _top_level(code.strip()).strip()
+    while top.startswith("(") and top.endswith(")") and not top[1:-1].strip():
+        code = code.strip()[1:-1]  # (`(input.a.split(','))`: what the parentheses hold)
+        top = _top_level(code.strip()).strip()
+    what = None
+    if re.fullmatch(r"\[\s*\]", top):
+        what = "a list"
+    elif re.fullmatch(r"\{\s*\}", top):
+        what = "a map"
+    elif (last := _LAST_CALL.search(top)) and _RECEIVER.fullmatch(top, 0, last.start()):
+        before = top[: last.start()].replace(" ", "")
+        name = last[1]
+        if before == "optional.":
+            what = _NOT_A_KEY_FUNCTIONS.get(f"optional.{name}")
+        elif before.endswith("."):
+            what = _NOT_A_KEY_METHODS.get(name)
+        elif not before:
+            what = _NOT_A_KEY_FUNCTIONS.get(name)
+    if what is None:
+        return
+    wanted = "a string or an integer" if reason == Reason.KEY_ERROR else "an integer"
+    raise DefinitionError(field, f"{expression!r} gives {what} for every event, not {wanted}")
 
 
 def _top_level(code: str) -> str:

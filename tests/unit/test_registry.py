@@ -526,6 +526,43 @@ def test_an_expression_that_always_gives_a_bool_is_refused_at_registration(
         compile_key(fine, trial=True)
 
 
+@pytest.mark.parametrize(
+    ("expression", "what"),
+    [
+        ("double(input.n)", "a double"),
+        ("[input.a]", "a list"),
+        ("{'a': input.a}", "a map"),
+        ("input.a.split(',')", "a list"),
+        ("input.a.trim().split(',')", "a list"),
+        ("(input.a + input.b).split(',')", "a list"),
+        ("input.a.map(x, x)", "a list"),
+        ("input.tags.filter(t, t != '')", "a list"),
+        ("timestamp(input.t)", "a timestamp"),
+        ("duration(input.d)", "a duration"),
+        ("bytes(input.b)", "bytes"),
+        ("optional.of(input.a)", "an optional"),
+        ("type(input.a)", "a type"),
+        ("(double(input.n))", "a double"),
+    ],
+)
+def test_an_expression_that_never_gives_a_key_is_refused_at_registration(
+    expression: str, what: str
+) -> None:
+    """A list, a map, a double, bytes, a timestamp, a duration, a type or an optional is no
+    key nor limit: such an expression registered, then dead-lettered every event (an author
+    probe). What an index, a conversion, an operator or a ternary makes of one is fine."""
+    from supersede.keyexpr import compile_limit
+
+    with pytest.raises(DefinitionError, match=rf"concurrency\.expression: .* gives {what} "):
+        compile_key(expression, trial=True)
+    with pytest.raises(DefinitionError, match=rf"concurrency\.max_runs: .* gives {what} "):
+        compile_limit(expression, trial=True)
+    for fine in ("input.a.split(',')[0]", "[input.a][0]", "string(double(input.n))",
+                 "size(input.a.split(','))", "{'a': input.a}.a", "input.a.split(',').size()",
+                 "string(bytes(input.b))", "input.n > 1 ? 'a' : 'b'"):  # fmt: skip
+        compile_key(fine, trial=True)
+
+
 def test_the_strings_extension_cannot_grow_one_event_past_its_budget(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
