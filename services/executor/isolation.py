@@ -296,7 +296,7 @@ def worker_main(
             fn = resolve(job["m"], job["q"])
             ctx = _WorkerContext(job, flag, fence_check, leased)
             out = asyncio.run(_until_flag(fn, ctx, flag)) if is_async_callable(fn) else fn(ctx)
-            ctx._check_awaited(job.get("sn", job["q"]))
+            ctx.check_awaited(job.get("sn", job["q"]))
             readable(out, job.get("sn", job["q"]))  # (an OutputError names the culprit)
             reply = codec.pack_value(["ok", out])
         except asyncio.CancelledError as exc:

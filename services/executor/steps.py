@@ -257,7 +257,7 @@ def _on_thread(run: Running, step: Step, ctx: Context) -> Any:
     finally:
         run.thread_ident = None
     if isinstance(ctx, Context):  # (a test's stand-in may be none)
-        ctx._check_awaited(step.name)
+        ctx.check_awaited(step.name)
     return out
 
 
@@ -833,7 +833,7 @@ class Runner:
                 out = await self._timed(coro, step.name, step.timeout, not strict)
             else:
                 out = await coro
-            ctx._check_awaited(step.name)
+            ctx.check_awaited(step.name)
             return out
         finally:
             run.in_async_step = False

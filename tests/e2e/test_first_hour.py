@@ -461,6 +461,31 @@ def test_a_server_start_survives_its_port_taken_before_it_and_answers_as_itself(
             other.stop()
 
 
+def test_the_readmes_test_of_a_workflow_passes_as_written(tmp_path: Path) -> None:
+    """The "Testing your workflows" block, run by pytest beside the "Writing workflows" module
+    as `my_app`; and a step that calls `ctx.still_current()` without awaiting it fails the
+    `ctx.check_awaited()` the block shows (such a slip passed a test built as the README says,
+    then failed every run, an author probe)."""
+    (tmp_path / "my_app.py").write_text(readme_block("writing workflows"))
+    block = readme_block("testing workflows")
+    slip = (
+        "\n\ndef test_a_slip() -> None:\n"
+        "    import pytest\n"
+        "    from supersede.workflow import NotAwaited\n"
+        '    ctx = Context(run_id="t-2", workflow="w", attempt=1, input={}, metadata={})\n'
+        "    assert ctx.still_current()  # (the slip: a coroutine, true)\n"
+        "    with pytest.raises(NotAwaited, match='without awaiting it'):\n"
+        "        ctx.check_awaited()\n"
+    )
+    (tmp_path / "test_readme_block.py").write_text(block + slip)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         "test_readme_block.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout + done.stderr
+
+
 async def test_the_readme_workflow_and_fencing_blocks_run_as_written(
     redis: Redis, redis_url: str, keys: Keys, tmp_path: Path
 ) -> None:
