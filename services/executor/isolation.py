@@ -111,6 +111,24 @@ class WorkerLost(Exception):
     """The worker process ended without answering (it crashed, or user code exited it)."""
 
 
+def _exit_said(code: int | None) -> str:
+    """How a worker process ended, for its run's error (one line, not the executor's frames)."""
+    if code is None:
+        return "it did not exit, its pipe closed"
+    if code >= 0:
+        return (
+            f"it exited with code {code} (the step, or a library it called, ended the process: "
+            "os._exit, sys.exit in a thread, or a crash)"
+        )
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    oom = " (the kernel's OOM killer sends it when the host runs out of memory)" if (
+        -code == signal.SIGKILL) else ""  # fmt: skip
+    return f"it was killed by {name}{oom}"
+
+
 class WorkerLapsed(WorkerLost):
     """The worker stopped the step itself, its attempt's lease lapsed (the executor froze): the
     run is retried elsewhere; this attempt reports nothing."""
@@ -511,7 +529,7 @@ class ProcessPool:
                 else WorkerLost
             )
             raise lost(
-                f"the step's worker process ended without answering (exit code {code})"
+                f"the step's worker process ended without answering: {_exit_said(code)}"
             ) from None
         return reply
 

@@ -742,7 +742,7 @@ class Runner:
                 raise LeftToLease from None
             return None
         # (a worker's traceback is its message: the executor's frames above it say nothing)
-        text = str(exc) if isinstance(exc, StepError) else step_traceback(exc)
+        text = str(exc) if isinstance(exc, StepError | WorkerLost) else step_traceback(exc)
         tries = f"{attempt + 1} tries" if attempt else "1 try"  # (the run's attempts are others)
         return Outcome.FAILED, f"step {step.name!r} failed after {tries}:\n{text}"
 

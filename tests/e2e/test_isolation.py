@@ -643,6 +643,24 @@ async def test_a_cancelled_error_a_worker_step_raised_by_itself_fails_its_run_wi
     assert "isolated.py" in err and "in stubborn" in err, err
 
 
+async def test_a_step_that_ends_its_worker_process_fails_its_run_saying_how_in_one_line(
+    redis: Redis, keys: Keys, running: System
+) -> None:
+    """`os._exit(7)` in a process step: its run's error was the executor's traceback (its
+    `_receive`, then `WorkerLost: ... (exit code 7)`, an author probe). It is one line that
+    says how the worker ended, after both tries."""
+    await _publish(redis, keys, "proc.retried", exit=7)
+    await eventually(lambda: _ended(redis, keys, 1), timeout=30)
+    [rec] = (await _recs(redis, keys)).values()
+    err = str(rec["err"])
+    assert rec["st"] == "F", err
+    assert err == (
+        "step 'stubborn' failed after 2 tries:\nthe step's worker process ended without "
+        "answering: it exited with code 7 (the step, or a library it called, ended the process: "
+        "os._exit, sys.exit in a thread, or a crash)"
+    ), err
+
+
 @pytest.mark.parametrize("event", ["fence.out", "fence.process"])
 async def test_an_output_msgpack_cannot_hold_fails_its_run_at_once_naming_the_part(
     redis: Redis, keys: Keys, running: System, event: str

@@ -35,6 +35,8 @@ def stubborn(ctx: Context) -> str:
         raise ValueError(f"the step failed on purpose: {ctx.input['fail']}")
     if ctx.input.get("cancel"):
         raise asyncio.CancelledError  # (nothing cancelled its run: the step's failure)
+    if ctx.input.get("exit"):
+        os._exit(int(ctx.input["exit"]))  # (its worker ends: a crash of the step's own)
     deadline = time.monotonic() + float(ctx.input.get("sleep", 0))
     while time.monotonic() < deadline:
         note("alive", ctx.run_id)
