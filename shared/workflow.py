@@ -171,11 +171,11 @@ class Context:
     def __init__(
         self,
         *,
-        run_id: str,
-        workflow: str,
-        attempt: int,
-        input: Any,
-        metadata: Any,
+        run_id: str = "test-run",  # (defaults for a test's Context: the executor gives each)
+        workflow: str = "",
+        attempt: int = 1,
+        input: Any = None,  # ({} when None)
+        metadata: Any = None,  # ({} when None)
         event: str = "",
         event_id: str = "",
         key: str = "",
@@ -189,8 +189,8 @@ class Context:
         self.run_id = run_id
         self.workflow = workflow
         self.attempt = attempt
-        self.input = input
-        self.metadata = metadata
+        self.input = {} if input is None else input
+        self.metadata = {} if metadata is None else metadata
         self.event = event
         self.event_id = event_id
         self.key = key

@@ -1731,6 +1731,16 @@ async def test_a_service_told_to_stop_is_not_ready_while_it_drains(
     metrics._READY.pop("probe-drain")
 
 
+def test_a_tests_context_needs_only_what_the_step_reads() -> None:
+    """`Context(input=...)` failed with a TypeError naming four required keywords (run_id,
+    workflow, attempt, metadata) a test of a step has no use for (an author probe)."""
+    from supersede.workflow import Context
+
+    ctx = Context(input={"docId": "d1"})
+    assert (ctx.input, ctx.metadata, ctx.attempt, ctx.retry_count) == ({"docId": "d1"}, {}, 1, 0)
+    assert Context().input == {} and Context().run_id
+
+
 def test_a_decorated_step_or_hook_keeps_its_type_and_parentheses_are_optional() -> None:
     """`@wf.step()` returned `Callable[[Context], Any]`: a test calling a step saw Any (mypy
     accepted `reply(ctx)["text"]` on an async step: an API probe). The function is returned
