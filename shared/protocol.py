@@ -384,8 +384,12 @@ def pack_request(
 
 
 def pack_input(data: Any, metadata: Any, event: str, event_id: str) -> bytes:
-    """A run's input as stored beside its record and handed to the executor on claim."""
-    return codec.pack({"input": data, "metadata": metadata, "event": event, "event_id": event_id})
+    """A run's input as stored beside its record and handed to the executor on claim: with
+    msgpack's bin type, so that the bytes of an event's msgpack data reach its handler as
+    bytes (no script reads it: the scripts keep it as one opaque string)."""
+    return codec.pack_value(
+        {"input": data, "metadata": metadata, "event": event, "event_id": event_id}
+    )
 
 
 def unpack_input(raw: bytes) -> dict[str, Any]:
