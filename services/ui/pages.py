@@ -48,6 +48,7 @@ def page(title: str, body: str, *, live: bool = False, head: str = "") -> str:
     main = f"<main>{head}<div{' data-live' if live else ''}>{body}</div></main>"
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        '<meta name=viewport content="width=device-width, initial-scale=1">'
         f"<title>{esc(title)} · supersede</title>"
         '<link rel=stylesheet href="/static/ui.css"><script src="/static/ui.js" defer></script>'
         f"</head><body><header><strong>supersede</strong>{nav}</header>{main}</body></html>"
@@ -61,7 +62,8 @@ def run_link(rid: str | None) -> str:
 
 
 def key_link(workflow: str, key: str) -> str:
-    return f'<a class=key href="/key?{q(workflow=workflow, key=key)}">{esc(key)}</a>'
+    shown = esc(key)  # (cut to a line by the stylesheet: its whole text in its title)
+    return f'<a class=key href="/key?{q(workflow=workflow, key=key)}" title="{shown}">{shown}</a>'
 
 
 def state(name: str) -> str:

@@ -273,6 +273,48 @@ async def test_untrusted_keys_and_inputs_render_as_text(
 
 
 @needs_browser
+async def test_a_long_key_leaves_the_runs_list_readable_and_a_refresh_keeps_a_links_focus(
+    redis: Redis, keys: Keys, system: System, browser: Browser, shots: Any
+) -> None:
+    """A key of 900 letters squeezed every other column of the runs list to a letter a line
+    (50 rows, 8,097 px), and each refresh of a live page took the focus off the link a
+    keyboard user was on (a UI probe). The key is cut to a line, its text in its title; the
+    focused link keeps the focus."""
+    await system.pipeline(redis, keys, 1)
+    _, base = start_ui(system)
+    await up(base)
+    long_key = "W" * 900
+    await publish(redis, keys, "chat.message", userId=long_key, text="hi")
+    await publish(redis, keys, "chat.message", userId="bob", text="hi")
+    await eventually(ended(redis, keys, long_key, 1), timeout=20)
+    await eventually(ended(redis, keys, "bob", 1), timeout=20)
+    page = await browser.new_page(viewport={"width": 1280, "height": 800})
+    await page.goto(base + "/runs")
+    rows = page.locator("table.runs tbody tr")
+    heights = [(await rows.nth(i).bounding_box() or {"height": 0})["height"]
+               for i in range(await rows.count())]  # fmt: skip
+    assert heights and max(heights) < 60, heights  # (a line or two: it was 200 px and more)
+    cut = page.locator(f"table.runs a.key[title='{long_key}']")
+    assert await cut.count() == 1
+    await shots(page, "long-key")
+
+    link = page.locator("table.runs a.run").first
+    href = await link.get_attribute("href")
+    await link.focus()
+    before = await page.inner_text("table.runs")
+    await publish(redis, keys, "chat.message", userId="carol", text="hi")
+
+    async def refreshed() -> bool:
+        return "carol" in await page.inner_text("table.runs")
+
+    await eventually(refreshed, timeout=20)
+    assert "carol" not in before
+    focused = await page.evaluate("document.activeElement.getAttribute('href')")
+    assert focused == href, (focused, href)
+    await page.close()
+
+
+@needs_browser
 async def test_a_live_page_says_since_when_and_why_it_is_not_updated(
     keys: Keys, browser: Browser, shots: Any
 ) -> None:

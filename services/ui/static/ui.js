@@ -34,15 +34,24 @@
       })
       .then(function (html) {
         if (html === null) return;
+        var f = document.activeElement;
         if (html !== live.dataset.last) {
-          var f = document.activeElement;
           if (f && live.contains(f) && /^(INPUT|SELECT|TEXTAREA|BUTTON)$/.test(f.tagName)) return;
         }
         fresh = new Date();  // (what the page shows is the server's now)
         note.hidden = true;
         if (html === live.dataset.last) return;
+        // A focused link keeps the focus: the same link of the new content gets it (a keyboard
+        // user lost their place at each refresh, a probe).
+        var link = f && f.tagName === "A" && live.contains(f) ? f.getAttribute("href") : null;
         live.dataset.last = html;
         live.innerHTML = html;
+        if (link !== null) {
+          var same = Array.prototype.filter.call(live.querySelectorAll("a"), function (a) {
+            return a.getAttribute("href") === link;
+          });
+          if (same.length) same[0].focus();
+        }
       })
       .catch(function () { stale("the UI server does not answer"); })  // (tried again)
       .finally(function () {
