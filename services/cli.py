@@ -873,6 +873,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[s.name.lower() for s in RunState],
         help="only runs in this state",
     )
+    runs.add_argument(
+        "--event",
+        metavar="ID",
+        help="only the runs of this event: its `id` field, or its inbox entry id (what XADD "
+        "returned) when it had none",
+    )
     runs.add_argument("--limit", type=_COUNT, default=100, help="at most this many runs")
     one = ops_parser("run", "one run and its timeline")
     one.add_argument("id", help="a run id, as `runs` and `publish` show it")

@@ -44,7 +44,7 @@ from supersede.lookups import (
     served_ms_ago,
     waiting_rid,
 )
-from supersede.model import shard_of_group
+from supersede.model import RUN_ID_FORM, event_digest, shard_of_group
 from supersede.protocol import (
     ADMISSION_GROUP,
     EXECUTOR_GROUP,
@@ -1075,12 +1075,38 @@ async def _wait_dead_letter(
 async def _runs(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
     if args.workflow:
         await require_workflow(redis, keys, args.workflow)
+    if args.event is not None:
+        runs = await runs_of_event(redis, keys, args.event, args.workflow)
+        wanted = RunState[args.state.upper()] if args.state else None
+        return [view(r) for r in runs if (wanted is None or r.state is wanted)
+                and (args.key is None or r.key == args.key)][: args.limit]  # fmt: skip
     return await list_runs(
         redis, keys, workflow=args.workflow, key=args.key, state=args.state, limit=args.limit
     )
 
 
+async def runs_of_event(
+    redis: Redis, keys: Keys, event_id: str, workflow: str | None = None
+) -> list[RunRecord]:
+    """The runs an event made, by its id (its `id` field, else its inbox entry id), one per
+    registered workflow at most: a run id is the event's hash with the workflow's, in the
+    shard of its group, which its key decides; every shard is looked in, so a producer that
+    knows only the id it sent (any Redis client) finds them. Newest created first."""
+    workflows = [workflow] if workflow else sorted(
+        codec.text(w) for w in await redis.hkeys(keys.workflows_hash)
+    )  # fmt: skip
+    digests = {event_digest(event_id, w, explicit) for w in workflows for explicit in (False, True)}
+    rids = [f"{shard}-{d}" for d in sorted(digests) for shard in range(keys.shards)]
+    runs = await records_of(redis, keys, rids)
+    return sorted(runs, key=lambda r: (r.created_ms or 0, r.seq), reverse=True)
+
+
 async def _run(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
+    if not RUN_ID_FORM.fullmatch(args.id):
+        raise ValueError(
+            f"not a run id: {args.id!r} (a run id is <shard>-<20 hex digits>, as `runs` and "
+            f"`publish` show it; the runs of an event: supersede runs --event {args.id})"
+        )
     run = await get_run(redis, keys, args.id)
     if run is None:
         raise LookupError(f"no run {args.id!r} (never created, or past its retention: --retention)")

@@ -611,7 +611,8 @@ async def test_the_cli_refuses_another_shard_count_an_unknown_run_and_a_closed_p
     for command, nonsense in (("cancel", "nonsense"), ("run", "3-zz"), ("cancel", "0-deadbeef")):
         done = await asyncio.to_thread(run, command, nonsense)
         assert done.returncode == 2, (command, nonsense, done.stderr)
-        assert done.stderr.decode() == f"supersede: not a run id: {nonsense!r}\n"
+        assert done.stderr.decode().startswith(f"supersede: not a run id: {nonsense!r}")
+        assert done.stderr.count(b"\n") == 1, done.stderr
 
     def closed_early() -> tuple[int, bytes]:
         env = {**system.env, "SUPERSEDE_SHARDS": str(keys.shards)}
@@ -691,6 +692,44 @@ async def test_one_event_fans_out_to_two_workflows(
         return [r["state"] for r in runs] == ["SUCCEEDED"] and len(audit) == 1
 
     await eventually(both, timeout=30)
+
+
+async def test_the_runs_of_an_event_are_found_by_the_id_a_producer_knows(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """A producer with any Redis client knows the entry id XADD returned, or the `id` it sent;
+    `supersede run` took only a run id, which it cannot make (the run's shard is its key's
+    group's), so it could not find its runs (a producer probe). `runs --event ID` finds them,
+    one per workflow that listens to the event, and `run` with an event's id says so."""
+    await register(redis, keys, {"id": "chat-audit", "events": ["chat.message"]})
+    await system.pipeline(redis, keys, 1, expected_workflows=APP_WORKFLOWS + 1)
+    added = await redis.xadd(
+        keys.events_stream, {"name": "chat.message", "data": '{"userId":"e1"}'}
+    )
+    entry = added.decode()
+    await redis.xadd(keys.events_stream, {"name": "chat.message", "data": '{"userId":"e2"}',
+                                          "id": "order-42"})  # fmt: skip
+    await redis.xadd(keys.events_stream, {"name": "chat.message", "data": '{"userId":"e3"}',
+                                          "id": "17-1"})  # fmt: skip
+
+    async def ended(event: str, n: int) -> bool:  # (no executor serves chat-audit: it waits)
+        runs = await acli(system, "runs", "--event", event)
+        states = {r["workflow"]: r["state"] for r in runs}
+        return len(runs) == n and states.get("chat-reply") == "SUCCEEDED"
+
+    for event in (entry, "order-42", "17-1"):
+        await eventually(lambda event=event: ended(event, 2), timeout=30)
+    runs = await acli(system, "runs", "--event", "order-42")
+    assert {r["workflow"] for r in runs} == {"chat-reply", "chat-audit"}
+    assert {r["key"] for r in runs if r["workflow"] == "chat-reply"} == {"e2"}
+    only = await acli(system, "runs", "--event", entry, "--workflow", "chat-reply")
+    assert [r["key"] for r in only] == ["e1"]
+    assert await acli(system, "runs", "--event", "never-sent") == []
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "supersede", "run", entry],
+        env=system.env, capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 2 and b"supersede runs --event " + entry.encode() in proc.stderr
 
 
 async def test_a_dead_letter_is_replayed_on_one_server_and_on_a_cluster(
