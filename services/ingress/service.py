@@ -190,8 +190,19 @@ def entry_size(fields: dict[bytes, bytes]) -> int:
 def _not_msgpack(exc: Exception) -> str:
     """Why `data` is no msgpack map, in the contract's words (msgpack's own name its
     arguments: `unpack(b) received extra data`, `when strict_map_key=True`)."""
-    if isinstance(exc, msgpack.ExtraData):
-        return "holds bytes after its first msgpack value (send one map)"
+    if isinstance(exc, msgpack.ExtraData):  # (what the first value is says the likely slip:
+        # JSON text sent as msgpack reads as a small integer, `{` 123; msgpackr's records
+        # extension as extension type 114; a producer probe)
+        first = exc.unpacked
+        if isinstance(first, msgpack.ExtType):
+            what = f"an extension type {first.code}"
+            if first.code == 114:
+                what += " (msgpackr's records: pack with useRecords: false)"
+        elif isinstance(first, int) and first in (ord("{"), ord("[")):
+            what = f"the integer {first}: JSON text, its encoding is json"
+        else:
+            what = f"a {type(first).__name__}"
+        return f"is not one msgpack map: its first value is {what}, and bytes follow it"
     if isinstance(exc, ValueError) and "map key" in str(exc):
         return "has a map key that is not a string (keys are strings, as in JSON)"
     if isinstance(exc, msgpack.StackError):

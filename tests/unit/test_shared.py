@@ -1357,7 +1357,15 @@ def test_a_bad_entry_s_detail_says_what_to_send_in_the_contract_s_words() -> Non
     cases = [
         ({b"encoding": b"xml"}, "bad_encoding", "unknown `encoding` 'xml'; use json or msgpack"),
         ({b"encoding": b"msgpack", b"data": msgpack.packb({"a": 1}) + b"x"}, "bad_msgpack",
-         "`data` holds bytes after its first msgpack value (send one map)"),
+         "`data` is not one msgpack map: its first value is a dict, and bytes follow it"),
+        # (JSON sent as msgpack, msgpackr's records: "bytes after its first value" said
+        # neither, a producer probe)
+        ({b"encoding": b"msgpack", b"data": b'{"a":1}'}, "bad_msgpack",
+         "`data` is not one msgpack map: its first value is the integer 123: JSON text, its "
+         "encoding is json, and bytes follow it"),
+        ({b"encoding": b"msgpack", b"data": bytes.fromhex("d47240c1")}, "bad_msgpack",
+         "`data` is not one msgpack map: its first value is an extension type 114 (msgpackr's "
+         "records: pack with useRecords: false), and bytes follow it"),
         ({b"encoding": b"msgpack", b"data": msgpack.packb({1: 2})}, "bad_msgpack",
          "`data` has a map key that is not a string (keys are strings, as in JSON)"),
         ({b"encoding": b"msgpack", b"data": b"\xc1"}, "bad_msgpack",
