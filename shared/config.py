@@ -474,15 +474,24 @@ def _tls_hint(url: str, exc: BaseException) -> str:
             "; the server's certificate was not verified: not signed by the CA of ssl_ca_certs "
             "(the system's when it is not set), expired, or for another host name"
         )
-    if "ssl_certfile" not in options and any(
-        words in text
-        for words in ("CERTIFICATE_REQUIRED", "reset by peer", "closed by the server", "EOF")
-    ):
+    closed = any(words in text for words in _CLOSED_WORDS)
+    if "ssl_certfile" not in options and closed:
         return (
             "; the server closed the TLS connection: it may require a client certificate "
             "(ssl_certfile and ssl_keyfile)"
         )
+    if closed:  # (an expired client certificate, or one of a CA the server does not trust,
+        # said only "Connection closed by server." on a cluster: a probe)
+        return (
+            "; the server closed the TLS connection: it may refuse the client certificate of "
+            "ssl_certfile (expired, or not signed by a CA it trusts)"
+        )
     return ""
+
+
+# What a server that ends the connection during a handshake makes the client say
+_CLOSED_WORDS = ("CERTIFICATE_REQUIRED", "CERTIFICATE_EXPIRED", "UNKNOWN_CA", "BAD_CERTIFICATE",
+                 "reset by peer", "closed by the server", "closed by server", "EOF")  # fmt: skip
 
 
 async def eviction_policy(redis: Redis) -> str | None:
@@ -591,9 +600,13 @@ def _server_problem(url: str, exc: BaseException) -> ConfigError:
                 "overloaded; check SUPERSEDE_REDIS_URL, or name another node of the cluster"
             )
         tls = _tls_hint(url, exc)
+        plain = "(redis+cluster:// only for a cluster"
+        if not url.startswith("rediss") and any(words in str(exc) for words in _CLOSED_WORDS):
+            plain += "; a node that closes the connection at once may take TLS only: "
+            plain += "rediss+cluster:// with its certificate options"
         return ConfigError(
             f"no Redis Cluster at {at} ({said}); check SUPERSEDE_REDIS_URL "
-            + (f"(its TLS options{tls})" if tls else "(redis+cluster:// only for a cluster)")
+            + (f"(its TLS options{tls})" if tls else plain + ")")
         )
     if isinstance(exc, (redis_sync.ConnectionError, OSError)):
         return ConfigError(

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis as redis_sync
@@ -21,7 +22,7 @@ from supersede import __version__
 from supersede.config import cluster_seed, redact
 from supersede.server import EmbeddedServer, die_with_parent, free_port
 from tests.support import REPO
-from tests.support.tls import TlsServer
+from tests.support.tls import TlsCluster, TlsServer, make_certs
 
 SECRET = "pw-7f3c9a-do-not-print"
 
@@ -232,6 +233,35 @@ def test_a_tls_option_that_fails_is_named(redis_tls: TlsServer) -> None:
         err = done.stderr.decode()
         assert done.returncode == 2 and err.count("\n") == 1, err[-1500:]
         assert says in err and "Traceback" not in err, err
+
+
+def test_a_failed_tls_handshake_with_a_cluster_names_the_certificate_or_the_scheme(
+    redis_tls_cluster: TlsCluster, tmp_path: Path
+) -> None:
+    """No client certificate, one of a CA the nodes do not trust, and a plain
+    `redis+cluster://` to their TLS port all said the same on a cluster: "no Redis Cluster at
+    ... (Connection closed by server.); ... (redis+cluster:// only for a cluster)" (a cluster
+    probe). Each names what to fix."""
+    certs, port = redis_tls_cluster.certs, redis_tls_cluster.tls_ports[0]
+    foreign = make_certs(tmp_path)
+    base = f"rediss+cluster://127.0.0.1:{port}/0?ssl_ca_certs={certs.ca}"
+    cases = [
+        (base, "it may require a client certificate (ssl_certfile and ssl_keyfile)"),
+        (f"{base}&ssl_certfile={foreign.client_cert}&ssl_keyfile={foreign.client_key}",
+         "it may refuse the client certificate of ssl_certfile"),
+        (f"redis+cluster://127.0.0.1:{port}/0", "may take TLS only: rediss+cluster://"),
+    ]  # fmt: skip
+
+    def run(url: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([sys.executable, "-m", "supersede", "status"], env=_env(url),
+                              capture_output=True, timeout=60)  # fmt: skip
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(run, [url for url, _ in cases]))
+    for (url, says), done in zip(cases, results, strict=True):
+        err = done.stderr.decode()
+        assert done.returncode == 2 and err.count("\n") == 1, err[-1500:]
+        assert says in err and "Traceback" not in err, (url, err)
 
 
 def test_cluster_urls_keep_their_scheme_for_the_seed_node() -> None:
