@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede.aio import wait_for
 from supersede.errors import describe
+from supersede.logs import Sampled
 from supersede.metrics import SHARDS_SILENT, report
 
 log = logging.getLogger("supersede")
@@ -40,6 +41,10 @@ PROBE_WAIT = 30.0  # seconds a probe waits for its answer
 # seconds a hot call of a cluster may wait for an answer before its shards are silent (a call
 # of a healthy master takes milliseconds; one past this only delays what it would have done)
 SILENT_AFTER = 2.0
+# seconds a call's deadline timer may run late (the loop held) before its timeout is this
+# process's, not the master's silence (and half the deadline at least)
+STALLED = 0.1
+_STALLS = Sampled(60.0)
 
 
 class ShardSilent(RedisTimeoutError):
@@ -97,13 +102,34 @@ class ShardHealth:
         if down:
             _close(call)
             raise ShardSilent(down)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             return await wait_for(call, self.deadline)
         except ShardSilent:
             raise  # (a call of other shards inside it: those are marked already)
         except (TimeoutError, RedisTimeoutError) as exc:
+            late = loop.time() - started - self.deadline
+            if not isinstance(exc, RedisTimeoutError) and late > max(STALLED, self.deadline / 2):
+                self._stalled(late)  # (this process's loop was held: not the master's silence)
+                raise ShardSilent(shards) from exc
             self.went_silent(shards, exc)
             raise ShardSilent(shards) from exc
+
+    def _stalled(self, late: float) -> None:
+        """A call's deadline passed while this process's event loop was held (its timer ran
+        `late` seconds late: a host whose CPU is taken, a call into C that holds the GIL):
+        its answer may have been waiting unread. The call fails, its shards not marked silent
+        (on a loaded host an executor marked every master silent in one millisecond, with no
+        fault: a cluster probe); said once a minute."""
+        repeats = _STALLS.due("stalled")
+        if repeats is not None:
+            log.warning(
+                "this process's event loop was held past a call's deadline (CPU starved, or a "
+                "blocking call on the loop): the call failed, its masters were not marked silent",
+                extra={"late_s": round(late, 3), "deadline_s": self.deadline,
+                       "repeats": repeats},
+            )  # fmt: skip
 
     async def each(self, calls: Mapping[K, tuple[Collection[int], Awaitable[Any]]]) -> dict[K, Any]:
         """`call` for each of `calls` (key -> (shards, call)), at once; key -> its result or

@@ -1460,6 +1460,43 @@ async def test_a_shard_past_the_deadline_is_left_out_with_its_masters_others_unt
     h.close()
 
 
+async def test_a_deadline_passed_while_the_loop_was_held_marks_no_master_silent() -> None:
+    """On a loaded host an executor's loop was held past its calls' deadline (0.5 s), their
+    answers unread, and it marked every master silent in one millisecond with no fault (a
+    cluster probe: 84 lines in 10 minutes, results sent to the streams). A call whose deadline
+    timer ran late fails without marking its shards; a master that does not answer while the
+    loop runs is still found silent."""
+    import asyncio
+    import time
+
+    from supersede import health
+
+    class Cluster:
+        def get_node_from_key(self, key: str) -> Any:
+            return type("N", (), {"name": "n"})()
+
+        async def exists(self, key: str) -> int:
+            return 0
+
+    redis: Any = Cluster()
+    h = health.ShardHealth(redis, str, enabled=True, deadline=0.2, service="test", shards=2)
+
+    async def answered(shard: int) -> int:
+        await asyncio.sleep(0.05)  # (answered in time; read only once the loop runs again)
+        return shard
+
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.01, time.sleep, 0.6)  # (the loop held: a starved CPU, a blocking call)
+    with pytest.raises(health.ShardSilent):
+        await h.call([0], answered(0))
+    assert h.silent == set()
+    assert await h.call([0], answered(0)) == 0
+    with pytest.raises(health.ShardSilent):
+        await h.call([1], asyncio.sleep(3600))  # (no answer, the loop free: silent)
+    assert h.silent == {0, 1}
+    h.close()
+
+
 def test_the_streams_of_a_stream_read_are_found_without_asking_a_node() -> None:
     """A cluster client places XREAD and XREADGROUP itself (redis-py asked its default node,
     COMMAND GETKEYS, before every read: a silent default node held every read)."""
