@@ -768,3 +768,25 @@ async def test_a_cluster_client_waits_for_a_free_connection_as_one_servers_does(
         await client.delete(key)
     finally:
         await client.aclose()
+
+
+async def test_the_dashboard_says_a_cluster_unreachable_while_one_master_is_frozen() -> None:
+    """A page held by a frozen master was said "took over 5 s though Redis answers" (a UI
+    probe): the PING went to one node that answered. Every master must answer it."""
+    from supersede.config import connect
+    from supersede.services import ui
+
+    cluster = EmbeddedCluster(3).start()
+    client = connect(f"redis+cluster://127.0.0.1:{cluster.nodes[0].port}")
+    try:
+        assert await ui._answers(client)
+        frozen = next(n for n in cluster.nodes if n.port != cluster.nodes[0].port)
+        assert frozen.proc is not None
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        try:
+            assert not await ui._answers(client)
+        finally:
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+    finally:
+        await client.aclose()
+        cluster.stop()
