@@ -14,6 +14,7 @@ nothing."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -178,6 +179,9 @@ class Running:
     # The thread of its last sync step: while that runs, the run is never handed back (it
     # would execute twice at once); its lease lapses instead.
     thread: asyncio.Future[Any] | None = None
+    # The pool's future of that sync step: cancelled while it waits for a thread (every one
+    # busy), it never starts (see _unstarted).
+    queued: concurrent.futures.Future[Any] | None = None
     # The ident of the pool thread its sync step runs on (where it was is told at its timeout).
     thread_ident: int | None = None
 
@@ -259,6 +263,18 @@ def _on_thread(run: Running, step: Step, ctx: Context) -> Any:
     if isinstance(ctx, Context):  # (a test's stand-in may be none)
         ctx.check_awaited(step.name)
     return out
+
+
+def _unstarted(run: Running, thread: asyncio.Future[Any]) -> bool:
+    """Whether the run's sync step was still waiting for a pool thread (every one busy), and
+    is taken out of the pool's queue now: it never starts. A cancelled run's step that waited
+    so was waited for a grace period (its cancel took 5 s to be reported, a producer probe),
+    then counted a stray handler, and started once a thread freed, its run long ended."""
+    queued = run.queued
+    if queued is None or not queued.cancel():
+        return False
+    thread.cancel()  # (done now: the pool's cancel reaches it only at the loop's next turn)
+    return True
 
 
 def _thread_frames(run: Running) -> str:
@@ -807,10 +823,11 @@ class Runner:
         if not step.is_async:
             loop = asyncio.get_running_loop()
             self._say_if_threads_busy(run)
-            thread = loop.run_in_executor(self.pool, functools.partial(_on_thread, run, step, ctx))
+            queued = self.pool.submit(_on_thread, run, step, ctx)
+            thread = asyncio.wrap_future(queued, loop=loop)
             self.on_threads += 1
             thread.add_done_callback(self._thread_returned)
-            run.thread = thread
+            run.thread, run.queued = thread, queued
             try:
                 return await self._sync(thread, run, strict, step.timeout)
             except StepRunsOn as exc:
@@ -1043,6 +1060,8 @@ class Runner:
         run that came while the drain stopped the step is a cancel still: it ended the drain's
         wait, and the run was reported (its strict slot freed, its hook run) while the step
         ran on, beside the newer run of its key (an upgrade probe, 5 tries of 5)."""
+        if run.cancel_decided_ms is not None and _unstarted(run, thread):
+            return  # (its step waited for a thread: it never starts)
         if run.cancel_decided_ms is None:
             if run.drained:  # the drain deadline: the step is asked to stop
                 await self._stop_for_drain(thread, run)
@@ -1066,6 +1085,8 @@ class Runner:
         that runs on is a stray handler and raises StepRunsOn: its run FAILS rather than retry
         the step beside it (a probe saw three tries of one step running at once, none of them
         told to stop)."""
+        if _unstarted(run, thread):  # (it waited its whole timeout for a thread)
+            return
         flag = run.ctx._flag
         flag.set()
         with contextlib.suppress(Exception, TimeoutError):  # (a cancel goes to the caller)
@@ -1088,6 +1109,8 @@ class Runner:
         and has DRAIN_STOP_WITHIN seconds to: then its run is handed back. One that runs on is
         a stray handler, and its run is left to its lease (handing it back would run it twice
         at once)."""
+        if _unstarted(run, thread):
+            return
         run.ctx._cancel()
         with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
             await wait_for(asyncio.shield(thread), DRAIN_STOP_WITHIN)

@@ -706,6 +706,67 @@ async def test_the_on_cancel_hook_of_a_sync_step_past_its_grace_waits_for_the_st
         runner.close()
 
 
+async def test_a_cancelled_runs_sync_step_that_waits_for_a_thread_never_starts() -> None:
+    """Every step thread busy, a claimed run's sync step waits in the pool's queue; cancelled
+    there, it was waited for the grace period (its cancel took 5 s to be reported, a producer
+    probe), counted a stray handler, and started once a thread freed, its run long ended. It
+    is taken out of the queue: reported at once, and never started."""
+    import threading
+
+    from supersede.keys import Keys
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor import metrics
+    from supersede.services.executor.cancel import Cancels
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Workflow
+
+    strays = metrics.STRAY_HANDLERS._value.get()
+    outbox = _Outbox()
+    release = threading.Event()
+    started: list[str] = []
+    busy = Workflow("busy", on_events=["e"])
+
+    @busy.step()
+    def hold(ctx: Any) -> None:
+        started.append(ctx.run_id)
+        release.wait(30)
+
+    late = Workflow("late", on_events=["e"])
+
+    @late.step()
+    def waits_for_a_thread(ctx: Any) -> None:
+        started.append(ctx.run_id)
+
+    config = ExecutorConfig(slots=1, grace=5.0)
+    runner = Runner([busy, late], config, outbox)
+    cancels = Cancels(None, Keys("t", 1), runner, config, cluster=False)
+    threads = runner.pool._max_workers
+    try:
+        for i in range(threads):
+            runner.start(0, Claim(f"0-{i}", True, 1, "busy", "v", pack_input({}, {}, "e", str(i)),
+                                  f"k{i}", "s", "R"))  # fmt: skip
+        while len(started) < threads:
+            await asyncio.sleep(0.01)
+        run = runner.start(0, Claim("0-late", True, 1, "late", "v",
+                                    pack_input({}, {}, "e", "late"), "kl", "s", "R"))  # fmt: skip
+        assert run is not None and run.task is not None
+        await asyncio.sleep(0.1)
+        began = time.monotonic()
+        cancels.cancel_local("0-late", 1, time.time() * 1000)
+        await asyncio.wait_for(asyncio.shield(run.task), 10)
+        assert time.monotonic() - began < 1.0
+        assert [(r.run_id, r.outcome.value) for r in outbox.written] == [("0-late", "C")]
+        release.set()
+        while len(outbox.written) < threads + 1:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert "0-late" not in started and metrics.STRAY_HANDLERS._value.get() == strays
+    finally:
+        release.set()
+        runner.close()
+
+
 @pytest.mark.parametrize("strict", [False, True])
 @pytest.mark.parametrize("how", ["returns", "raises"])
 async def test_the_on_cancel_hook_runs_when_an_async_step_takes_its_cancel_without_raising_it(
