@@ -227,16 +227,25 @@ def bar(points: list[tuple[str, float]], width: int = 900) -> str:
             f'<rect class="bar-{PHASES.get(name, "QUEUED")}" x="{x:.1f}" y="4" width="{w:.1f}" '
             f'height="18"><title>{esc(name)}: {nxt - at:.1f} ms</title></rect>'
         )
-    for i, (name, at) in enumerate(points):
-        x = (at - t0) / span * width
-        y = 40 + (i % 2) * 14
-        labels.append(
-            f'<text x="{min(x, width - 120):.1f}" y="{y}">{esc(name)} +{at - t0:.1f} ms</text>'
-        )
+    ends: list[float] = []  # per row of labels, where its last one ends
+    for name, at in points:
+        text = f"{name} +{at - t0:.1f} ms"
+        wide = len(text) * LABEL_CHAR_PX + 8
+        x = max(0.0, min((at - t0) / span * width, width - wide))  # (whole, inside the bar)
+        # the first row where it overlaps no label (points at one ms were drawn on top of each
+        # other, and the last was cut at the edge, a UI probe)
+        row = next((r for r, end in enumerate(ends) if end <= x), len(ends))
+        if row == len(ends):
+            ends.append(0.0)
+        ends[row] = x + wide
+        labels.append(f'<text x="{x:.1f}" y="{40 + row * 14}">{esc(text)}</text>')
     return (
-        f'<svg class=timeline width="{width}" height="70" role=img '
+        f'<svg class=timeline width="{width}" height="{44 + 14 * len(ends)}" role=img '
         f'aria-label="timeline">{"".join(parts)}{"".join(labels)}</svg>'
     )
+
+
+LABEL_CHAR_PX = 6.2  # (the width of a character of the timeline's 11 px labels, about)
 
 
 PHASES = {

@@ -1497,6 +1497,30 @@ async def test_a_deadline_passed_while_the_loop_was_held_marks_no_master_silent(
     h.close()
 
 
+def test_a_runs_timeline_labels_overlap_none_and_stay_inside() -> None:
+    """Points at one ms were labelled on top of each other ("created" over "running": read
+    "cruated") and the last label was cut at the bar's right edge (a UI probe)."""
+    import re
+
+    from supersede.services.ui.pages import bar
+
+    px = 6.2  # (a character of its 11 px labels, about: pages.LABEL_CHAR_PX)
+
+    points = [("created", 0.0), ("assigned", 0.0), ("running", 0.0), ("cancel decided", 686.2),
+              ("ended", 5948.4)]  # fmt: skip
+    svg = bar(points, width=900)
+    labels = [(float(x), int(y), text) for x, y, text in
+              re.findall(r'<text x="([0-9.]+)" y="([0-9]+)">([^<]+)</text>', svg)]  # fmt: skip
+    assert len(labels) == 5
+    spans = [(y, x, x + len(text) * px) for x, y, text in labels]
+    for i, (y, a0, a1) in enumerate(spans):
+        assert a1 <= 900, labels[i]
+        for y2, b0, b1 in spans[i + 1 :]:
+            assert y != y2 or a1 <= b0 or b1 <= a0, (labels, i)
+    height = int(re.search(r'<svg class=timeline width="900" height="([0-9]+)"', svg)[1])
+    assert height >= max(y for _, y, _ in labels) + 4
+
+
 def test_the_streams_of_a_stream_read_are_found_without_asking_a_node() -> None:
     """A cluster client places XREAD and XREADGROUP itself (redis-py asked its default node,
     COMMAND GETKEYS, before every read: a silent default node held every read)."""
