@@ -285,7 +285,8 @@ TIME_WAIT = 2.0  # seconds a cluster's TIME may take (server_time)
 
 
 POOL_WAIT = 30.0  # seconds a command waits for a free connection before it fails
-POOL_POLL = 0.005  # (a cluster client's: seconds between two looks for a free connection)
+POOL_POLL = 0.001  # (a cluster client's: seconds before it looks for a free connection again,
+POOL_POLL_MAX = 0.05  # doubled each time up to this)
 
 
 class _Cluster(RedisCluster):
@@ -295,21 +296,26 @@ class _Cluster(RedisCluster):
     went silent every read of every node waited for it (a probe: healthy masters' shards
     stopped for 13 s of a 20 s freeze)."""
 
+    waits_for_connections = True  # (see connect's `wait`)
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         """A command waits for a free connection of its node, as `connect`'s pool does on one
         server (up to POOL_WAIT seconds): redis-py's cluster client raised MaxConnectionsError
         past `max_connections` a node (a probe: 317 of 18,001 publishes with 200 in flight).
         The error comes before the command is sent, so it is sent once. (A pipeline's commands
         still raise it.)"""
-        waited = 0.0
+        if not self.waits_for_connections:
+            return await super().execute_command(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        until, pause = loop.time() + POOL_WAIT, POOL_POLL
         while True:
             try:
                 return await super().execute_command(*args, **kwargs)
             except redis_sync.exceptions.MaxConnectionsError:
-                if waited >= POOL_WAIT:
+                if loop.time() >= until:
                     raise
-            await asyncio.sleep(POOL_POLL)
-            waited += POOL_POLL
+            await asyncio.sleep(pause)  # (backing off: 200 waiters polling every 5 ms took
+            pause = min(pause * 2, POOL_POLL_MAX)  # a third of a core, a review)
 
     async def _determine_slot(self, command: str, *args: Any) -> int:
         if command.upper() in _STREAM_READS:
@@ -332,8 +338,10 @@ def stream_keys(command: str, args: Sequence[Any]) -> Sequence[Any]:
     return ()
 
 
-def connect(url: str, max_connections: int = 64) -> Redis:
-    """A client whose pool waits for a free connection instead of failing.
+def connect(url: str, max_connections: int = 64, *, wait: bool = True) -> Redis:
+    """A client whose pool waits for a free connection instead of failing (on a cluster, its
+    commands: its pipelines still raise MaxConnectionsError; `wait=False`, the services', whose
+    hot calls are bounded by a deadline that a wait would pass, marking a master silent).
 
     Under load many coroutines issue commands at once; redis-py's default pool raises
     MaxConnectionsError past its limit, which would drop a run's result on the floor.
@@ -345,7 +353,9 @@ def connect(url: str, max_connections: int = 64) -> Redis:
     try:
         if is_cluster_url(url):
             seed = cluster_seed(url)
-            return _parsing_streams(_Cluster.from_url(seed, max_connections=max_connections))
+            cluster = cast(_Cluster, _Cluster.from_url(seed, max_connections=max_connections))
+            cluster.waits_for_connections = wait
+            return _parsing_streams(cluster)
         pool = BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=POOL_WAIT
         )

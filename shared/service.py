@@ -131,7 +131,7 @@ PIN_EVERY = 5.0  # seconds between two looks for the namespace's pinned facts (k
 # Seconds before a periodic task that the server did not answer is tried again, at most: a
 # service is not ready until each of its tasks went through once, and one tried at its own
 # interval (5 s for the trims) kept it not ready for 3-6 s after a link healed (a probe).
-FAILED_TASK_RETRY = 0.5
+FAILED_TASK_RETRY = 0.5  # (doubled at each failure after, up to the interval)
 
 
 class Throttle:
@@ -411,22 +411,31 @@ class Service:
         self, stop: asyncio.Event, interval: float, task: Callable[[], Awaitable[None]]
     ) -> None:
         name = task.__name__
+        soon = FAILED_TASK_RETRY  # (after a failure the server did not answer, doubled each time)
         while not stop.is_set():
             wait = interval
             try:
                 await task()
                 metrics.report(self.name, name, True)
+                soon = FAILED_TASK_RETRY
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # (not ready until it goes through: a reaper failing is
                 # an outage; not one that a silent master failed, which its shards' alert says:
                 # a cluster's admission that admitted on the other shards read as down, a probe)
                 metrics.TASK_FAILURES.labels(self.name, name).inc()
-                if not (self.health.silent and isinstance(exc, UNANSWERED)):
+                lowered = not (self.health.silent and isinstance(exc, UNANSWERED))
+                if lowered:
                     metrics.report(self.name, name, False)
                 self.log_failure("periodic task failed", exc, task=name)
-                if isinstance(exc, NOT_YET):  # (a refusal, a bug: at its interval)
-                    wait = min(interval, FAILED_TASK_RETRY)
+                # (sooner while it keeps the service not ready; not a refusal of the user, a
+                # bug: at its interval, as every failure while a silent shard explains it)
+                if (
+                    lowered
+                    and isinstance(exc, NOT_YET)
+                    and not isinstance(exc, AuthenticationError)
+                ):
+                    wait, soon = min(interval, soon), min(interval, soon * 2)
             with contextlib.suppress(TimeoutError):
                 await aio.wait_for(stop.wait(), wait)
 
@@ -884,7 +893,7 @@ async def serve(
     stop: asyncio.Event,
 ) -> None:
     """Connect, run the service `make` builds until `stop` is set, close the connection."""
-    redis = connect(settings.redis_url)
+    redis = connect(settings.redis_url, wait=False)  # (its hot calls have deadlines)
     try:
         log = logging.getLogger("supersede")
         if not await when_possible(lambda: check_server(redis, settings.redis_url), stop, log,

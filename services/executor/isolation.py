@@ -67,6 +67,7 @@ SERVER_UNAVAILABLE: tuple[type[Exception], ...] = (
 # The environment variable by which the forkserver learns the files of the modules loaded by
 # their paths (a JSON list; set while it starts): supersede.services.executor.preload
 STEP_MODULE_FILES = "SUPERSEDE_STEP_MODULE_FILES"
+_ENV_LOCK = threading.Lock()
 STAGES = ("flag", "sigterm", "sigkill", "stopped")  # of a cancel (the stage metric's label)
 
 
@@ -369,18 +370,8 @@ class ProcessPool:
         self._closed = False
 
     async def start(self) -> None:
-        """Start every worker (the forkserver imports the modules once, first: it starts
-        with the first worker, and reads the files to load from its environment)."""
-        before = os.environ.get(STEP_MODULE_FILES)
-        os.environ[STEP_MODULE_FILES] = orjson.dumps(self._files).decode()
-        try:
-            self._idle.put_nowait(await asyncio.to_thread(self._spawn))
-        finally:
-            if before is None:
-                os.environ.pop(STEP_MODULE_FILES, None)
-            else:
-                os.environ[STEP_MODULE_FILES] = before
-        for _ in range(self.size - 1):
+        """Start every worker (the forkserver imports the modules once, first)."""
+        for _ in range(self.size):
             self._idle.put_nowait(await asyncio.to_thread(self._spawn))
 
     def _spawn(self) -> Worker:
@@ -402,10 +393,20 @@ class ProcessPool:
         # tracker first: its launch, which the forkserver's would make, unblocks SIGTERM.)
         resource_tracker.ensure_running()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        try:
-            process.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        # The files of the modules loaded by their paths, for the forkserver to import as it
+        # starts: at the first start, or again once it was killed (the OOM killer). Only
+        # around the start, under a lock (pools may start at once); preload drops it.
+        with _ENV_LOCK:
+            before = os.environ.get(STEP_MODULE_FILES)
+            os.environ[STEP_MODULE_FILES] = orjson.dumps(self._files).decode()
+            try:
+                process.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                if before is None:
+                    os.environ.pop(STEP_MODULE_FILES, None)
+                else:
+                    os.environ[STEP_MODULE_FILES] = before
         theirs.close()
         worker = Worker(process, ours, flag, leased)
         self._all.add(worker)

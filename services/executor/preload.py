@@ -20,6 +20,6 @@ import orjson
 from supersede.services.executor.isolation import STEP_MODULE_FILES  # (the workers' code)
 from supersede.services.modules import import_module
 
-for path in orjson.loads(os.environ.get(STEP_MODULE_FILES) or "[]"):
+for path in orjson.loads(os.environ.pop(STEP_MODULE_FILES, "") or "[]"):  # (not the steps')
     with contextlib.suppress(BaseException):
         import_module(path)

@@ -201,7 +201,8 @@ def _not_msgpack(exc: Exception) -> str:
         elif isinstance(first, int) and first in (ord("{"), ord("[")):
             what = f"the integer {first}: JSON text, its encoding is json"
         else:
-            what = f"a {type(first).__name__}"
+            kind = type(first).__name__
+            what = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
         return f"is not one msgpack map: its first value is {what}, and bytes follow it"
     if isinstance(exc, ValueError) and "map key" in str(exc):
         return "has a map key that is not a string (keys are strings, as in JSON)"

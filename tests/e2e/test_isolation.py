@@ -220,7 +220,8 @@ async def test_a_process_step_of_a_module_given_by_its_path_runs(
         'wf = Workflow("by-path", on_events=["by.path"], isolation="process")\n'
         "@wf.step()\n"
         "def work(ctx):\n"
-        '    return {"pid": os.getpid(), "n": ctx.input["n"], "imported_in": IMPORTED_IN}\n'
+        '    return {"pid": os.getpid(), "n": ctx.input["n"], "imported_in": IMPORTED_IN,\n'
+        '            "env": os.environ.get("SUPERSEDE_STEP_MODULE_FILES")}\n'
     )
     await _serve(redis, keys, system, module, slots=2)
     await _publish(redis, keys, "by.path", n=7)
@@ -232,6 +233,7 @@ async def test_a_process_step_of_a_module_given_by_its_path_runs(
     assert run.outputs["work"]["pid"] not in {p.pid for p in system.procs}  # (a worker's)
     imported_in = run.outputs["work"]["imported_in"]  # (the forkserver's: not the worker's)
     assert imported_in not in {run.outputs["work"]["pid"], *(p.pid for p in system.procs)}
+    assert run.outputs["work"]["env"] is None  # (the forkserver's, read and dropped)
 
 
 async def test_a_cancel_stops_an_async_step_that_awaits_redis(

@@ -201,6 +201,7 @@ def test_readyz_follows_the_ready_flag() -> None:
     port = free_port()
     metrics.serve(port)
     metrics._READY.clear()  # (other tests of this process set parts of their own)
+    metrics._STOPPING.clear()  # (services of other tests stopped)
     metrics.set_ready(False)
     url = f"http://127.0.0.1:{port}"
     with pytest.raises(urllib.error.HTTPError) as info:
@@ -236,6 +237,7 @@ def test_readyz_follows_the_ready_flag() -> None:
     # Several parts in one process (`supersede serve`): ready only when every part is,
     # including one expected that has not started yet.
     metrics._READY.clear()
+    metrics._STOPPING.clear()  # (services of other tests stopped)
     metrics.expect_parts("ingress", "admission", "executor")
     metrics.set_ready(True, "admission")
     metrics.set_ready(True, "executor")
@@ -257,6 +259,7 @@ def test_readyz_follows_the_ready_flag() -> None:
     metrics.report("admission", "tick", True)
     assert status() == 200
     metrics._READY.clear()
+    metrics._STOPPING.clear()  # (services of other tests stopped)
     metrics._FAILING.clear()
 
 
@@ -1068,7 +1071,7 @@ def test_a_url_the_client_cannot_read_is_one_line_with_no_part_of_its_password(u
     from supersede.config import Settings, connect, connect_sync
     from supersede.errors import ConfigError
 
-    makers = [connect, connect_sync]
+    makers: list[Any] = [connect, connect_sync]
     if "7?" not in url:  # (a URL that parses, its query holding an `@`: the clients refuse it)
         makers.append(lambda u: Settings.from_env({"SUPERSEDE_REDIS_URL": u}))
     for make in makers:

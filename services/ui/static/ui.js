@@ -19,6 +19,11 @@
     note.textContent = "Not updated since " + fresh.toISOString().slice(11, 19) + " UTC: " + reason;
     note.hidden = false;
   }
+  function sameLinks(href) {
+    return Array.prototype.filter.call(live.querySelectorAll("a"), function (a) {
+      return a.getAttribute("href") === href;
+    });
+  }
   function refresh() {
     var url = new URL(window.location.href);
     url.searchParams.set("fragment", "1");
@@ -43,14 +48,14 @@
         if (html === live.dataset.last) return;
         // A focused link keeps the focus: the same link of the new content gets it (a keyboard
         // user lost their place at each refresh, a probe).
+        // (by its place among the links of that address: the rows of one key share one)
         var link = f && f.tagName === "A" && live.contains(f) ? f.getAttribute("href") : null;
+        var nth = link === null ? 0 : sameLinks(link).indexOf(f);
         live.dataset.last = html;
         live.innerHTML = html;
         if (link !== null) {
-          var same = Array.prototype.filter.call(live.querySelectorAll("a"), function (a) {
-            return a.getAttribute("href") === link;
-          });
-          if (same.length) same[0].focus();
+          var same = sameLinks(link);
+          if (same.length) same[Math.min(Math.max(nth, 0), same.length - 1)].focus({ preventScroll: true });
         }
       })
       .catch(function () { stale("the UI server does not answer"); })  // (tried again)
