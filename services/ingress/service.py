@@ -143,19 +143,21 @@ class Route:
     packer: RequestPacker
     limit: LimitFn | None = None  # a dynamic max_runs, evaluated per event
     groups: dict[str, tuple[str, int]] = field(default_factory=dict)  # key -> (group, shard)
-    memo: int = GROUP_MEMO  # at most this many entries in `groups` (see build_routes)
+    memo: int = GROUP_MEMO  # at most this many entries in `groups` (see build_routes); 0: none
 
     def group_of(self, key: str, shards: int) -> tuple[str, int]:
         """The group id and shard of a key value, memoised (hashing costs more than routing)."""
         hit = self.groups.get(key)
         if hit is None:
-            if len(self.groups) >= self.memo:
-                self.groups.clear()
             conc = self.workflow.concurrency
             gid = group_id(
                 self.workflow.id, self.workflow.version, key, conc.scope if conc else None
             )
-            hit = self.groups[key] = (gid, shard_of_group(gid, shards))
+            hit = (gid, shard_of_group(gid, shards))
+            if self.memo:
+                if len(self.groups) >= self.memo:
+                    self.groups.clear()
+                self.groups[key] = hit
         return hit
 
 
@@ -283,7 +285,9 @@ def build_routes(defs: dict[str, WorkflowDef]) -> dict[str, list[Route]]:
             # No limit: the run is assigned at once, outside any group's books (`u`).
             packer = RequestPacker(wf.id, wf.version, 1, Strategy.GROUP_ROUND_ROBIN, False,
                                    wf.max_attempts, unlimited=True)  # fmt: skip
-            route = Route(wf, None, 1, Strategy.GROUP_ROUND_ROBIN, False, packer)
+            # (its key is the event's id, never seen again: nothing memoised; it kept 100,000
+            # ids, 22 MB, per such workflow, a soak probe)
+            route = Route(wf, None, 1, Strategy.GROUP_ROUND_ROBIN, False, packer, memo=0)
         else:
             if conc.expression not in compiled:
                 compiled[conc.expression] = compile_key(conc.expression)

@@ -660,6 +660,10 @@ def test_ingress_remembers_the_groups_of_a_bounded_number_of_keys_in_all() -> No
         one.group_of(f"user-{i}", 16)
         assert len(one.groups) <= one.memo
     assert len(one.groups) == 5  # (emptied once full, then the last five)
+    # a workflow without a limit: its key is the event's id, never seen again; it kept 100,000
+    # of them, about 22 MB of ingress per such workflow (a soak probe)
+    got = [free.group_of(f"1-{i}", 16) for i in range(1_000)]
+    assert free.groups == {} and got[7] == free.group_of("1-7", 16)
 
 
 def test_an_integer_key_is_its_decimal_text_and_the_readmes_way_to_tell_them_apart() -> None:
