@@ -44,6 +44,9 @@ SILENT_AFTER = 2.0
 # seconds a call's deadline timer may run late (the loop held) before its timeout is this
 # process's, not the master's silence (and half the deadline at least)
 STALLED = 0.1
+# seconds a master may take to answer the probe made when a call passed its deadline, for the
+# call's shards alone to be left out, not the master's others
+ANSWER_WITHIN = 0.25
 _STALLS = Sampled(60.0)
 
 
@@ -113,8 +116,26 @@ class ShardHealth:
             if not isinstance(exc, RedisTimeoutError) and late > max(STALLED, self.deadline / 2):
                 self._stalled(late)  # (this process's loop was held: not the master's silence)
                 raise ShardSilent(shards) from exc
-            self.went_silent(shards, exc)
+            # A master that answers a probe at once is not silent: the call itself did not end
+            # (a slot left half moved, whose TRYAGAIN the client retries past the deadline; a
+            # slow call): only its shards are left out, not the master's others (a cluster
+            # probe: one stuck slot held five shards, flapping, for ten minutes).
+            answers = not isinstance(exc, RedisTimeoutError) and await self._answers(shards)
+            self.went_silent(shards, exc, master=not answers)
             raise ShardSilent(shards) from exc
+
+    async def _answers(self, shards: Collection[int]) -> bool:
+        """Whether the master of `shards` answers a probe within ANSWER_WITHIN (a quarter of
+        the deadline at most)."""
+        assert self.redis is not None  # (enabled)
+        try:
+            within = min(ANSWER_WITHIN, self.deadline / 4)  # (a silent master's calls wait it)
+            await wait_for(self.redis.exists(self.probe_key(min(shards))), within)
+        except NoPermissionError:  # (an answer all the same)
+            return True
+        except Exception:
+            return False
+        return True
 
     def _stalled(self, late: float) -> None:
         """A call's deadline passed while this process's event loop was held (its timer ran
@@ -151,18 +172,25 @@ class ShardHealth:
             return await call
         return await wait_for(call, self.deadline)
 
-    def went_silent(self, shards: Collection[int], exc: BaseException) -> None:
-        """`shards` did not answer in time: they, and every shard their masters serve, are
-        left out until a probe is answered."""
-        new = sorted(self._siblings(shards) - self.silent)
+    def went_silent(self, shards: Collection[int], exc: BaseException, master: bool = True) -> None:
+        """`shards` did not answer in time: they, and every shard their masters serve (unless
+        `master` is False: the master answers, only these calls did not end), are left out
+        until a probe is answered."""
+        new = sorted((self._siblings(shards) if master else set(shards)) - self.silent)
         if not new:
             return
         self.silent.update(new)
         SHARDS_SILENT.labels(self.service).set(len(self.silent))
-        log.warning("shards' master did not answer in time; their calls are left out until it "
-                    "answers a probe (the other shards go on)",
-                    extra={"shards": new, "deadline_s": self.deadline,
-                           "error": describe(exc) or type(exc).__name__})  # fmt: skip
+        said = (
+            "shards' master did not answer in time; their calls are left out until it "
+            "answers a probe (the other shards go on)"
+            if master
+            else "shards' calls did not end in time though their master answers (a slot left "
+            "half moved, whose TRYAGAIN the client retries, or a slow call); left out until a "
+            "probe is answered (the other shards go on)"
+        )
+        log.warning(said, extra={"shards": new, "deadline_s": self.deadline,
+                                 "error": describe(exc) or type(exc).__name__})  # fmt: skip
         for shard in new:
             self._probes[shard] = asyncio.create_task(self._probe(shard))
 

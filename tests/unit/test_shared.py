@@ -1496,7 +1496,45 @@ async def test_a_deadline_passed_while_the_loop_was_held_marks_no_master_silent(
     assert await h.call([0], answered(0)) == 0
     with pytest.raises(health.ShardSilent):
         await h.call([1], asyncio.sleep(3600))  # (no answer, the loop free: silent)
-    assert h.silent == {0, 1}
+    assert h.silent == {1}  # (its master answers a probe: only its shard, see the next test)
+    h.close()
+
+
+async def test_a_call_past_its_deadline_on_a_master_that_answers_leaves_out_only_its_shards() -> (
+    None
+):
+    """A slot left half moved: the client retries its TRYAGAIN past the deadline, and the
+    master's every shard was left out, flapping, while it answered everything else (a
+    cluster probe: five shards held for ten minutes by one stuck slot). A master that answers
+    a probe at once is not silent: only the call's shards are left out; a master that does
+    not answer is, with all its shards."""
+    import asyncio
+
+    from supersede import health
+
+    frozen = asyncio.Event()
+
+    class Cluster:
+        def get_node_from_key(self, key: str) -> Any:
+            return type("N", (), {"name": "n"})()  # (one master for every shard)
+
+        async def exists(self, key: str) -> int:
+            if frozen.is_set():
+                await asyncio.sleep(3600)
+            return 0
+
+    redis: Any = Cluster()
+    h = health.ShardHealth(redis, str, enabled=True, deadline=0.2, service="test", shards=4)
+    with pytest.raises(health.ShardSilent):
+        await h.call([2], asyncio.sleep(3600))  # (a call that never ends: TRYAGAIN retried)
+    assert h.silent == {2}
+    assert await h.call([1], asyncio.sleep(0, result=1)) == 1
+    h.close()
+    h = health.ShardHealth(redis, str, enabled=True, deadline=0.2, service="test", shards=4)
+    frozen.set()
+    with pytest.raises(health.ShardSilent):
+        await h.call([2], asyncio.sleep(3600))
+    assert h.silent == {0, 1, 2, 3}
     h.close()
 
 
