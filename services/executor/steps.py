@@ -208,9 +208,16 @@ async def _hook_guarded(hook: Awaitable[Any]) -> Any:
 
 
 def _hook_on_thread(hook: Callable[[Context], Any], ctx: Context, started: threading.Event) -> Any:
-    """A sync on_cancel hook, on a thread of the hooks' pool: `started` once it has one."""
+    """A sync on_cancel hook, on a thread of the hooks' pool: `started` once it has one. Its
+    exception boxed as a step's is (`_Raised`): asyncio replaced its own TimeoutError with one
+    of no frames, and a CancelledError of a future it waited on read as its run's task's."""
     started.set()
-    return hook(ctx)
+    try:
+        return hook(ctx)
+    except Exception as exc:
+        if type(exc) in _REPLACED:
+            raise _Raised(exc) from None
+        raise
 
 
 def _hook_ended(run_id: str, job: asyncio.Future[Any]) -> None:
@@ -219,6 +226,8 @@ def _hook_ended(run_id: str, job: asyncio.Future[Any]) -> None:
     if job.cancelled():
         return
     exc = job.exception()
+    if isinstance(exc, _Raised):
+        exc = exc.error
     if exc is not None:
         log.error("on_cancel hook failed", extra={"run": run_id}, exc_info=exc)
 

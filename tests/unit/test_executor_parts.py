@@ -706,6 +706,57 @@ async def test_the_on_cancel_hook_of_a_sync_step_past_its_grace_waits_for_the_st
         runner.close()
 
 
+async def test_a_sync_on_cancel_hooks_own_timeout_is_logged_with_its_frames(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sync on_cancel hook's own TimeoutError (a socket's) was logged without its frames:
+    asyncio replaced it as it crossed from the hook's thread (a review). Boxed as a step's."""
+    import logging
+    import traceback
+
+    from supersede.keys import Keys
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.cancel import Cancels
+    from supersede.services.executor.steps import Runner
+    from supersede.workflow import Workflow
+
+    outbox = _Outbox()
+    wf = Workflow("wf", on_events=["e"])
+
+    @wf.step()
+    def polite(ctx: Any) -> None:
+        while not ctx.cancelled:
+            time.sleep(0.01)
+
+    def close_socket() -> None:
+        raise TimeoutError("socket timed out")
+
+    @wf.on_cancel
+    def hook(ctx: Any) -> None:
+        close_socket()
+
+    config = ExecutorConfig(grace=0.5)
+    runner = Runner([wf], config, outbox)
+    cancels = Cancels(None, Keys("t", 1), runner, config, cluster=False)
+    caplog.set_level(logging.ERROR, logger="supersede.executor")
+    try:
+        runner.start(0, Claim("0-a", True, 1, "wf", "v", pack_input({}, {}, "e", "1"), "k",
+                              "s", "R"))  # fmt: skip
+        await asyncio.sleep(0.1)
+        cancels.cancel_local("0-a", 1, time.time() * 1000)
+        deadline = time.monotonic() + 5
+        while not any("on_cancel hook failed" in r.message for r in caplog.records):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        [record] = [r for r in caplog.records if "on_cancel hook failed" in r.message]
+        assert record.exc_info is not None
+        text = "".join(traceback.format_exception(*record.exc_info))
+        assert "in close_socket" in text and "TimeoutError: socket timed out" in text, text
+    finally:
+        runner.close()
+
+
 async def test_a_cancelled_runs_sync_step_that_waits_for_a_thread_never_starts() -> None:
     """Every step thread busy, a claimed run's sync step waits in the pool's queue; cancelled
     there, it was waited for the grace period (its cancel took 5 s to be reported, a producer
