@@ -346,6 +346,7 @@ class Worker:
 
 
 RESPAWN_DELAY = 0.05
+SLOW_START = 10.0  # seconds the step workers' first start may take before a line says so
 
 
 class ProcessPool:
@@ -363,6 +364,7 @@ class ProcessPool:
         # its file (see supersede.services.executor.preload), the others by their names.
         self._files = sorted({f for m in modules if (f := module_file(m)) is not None})
         named = sorted({m for m in modules if module_file(m) is None})
+        self._modules = sorted({*named, *self._files})
         self._mp.set_forkserver_preload(["supersede.services.executor.preload", *named])
         self._idle: asyncio.Queue[Worker] = asyncio.Queue()
         self._all: set[Worker] = set()
@@ -370,8 +372,19 @@ class ProcessPool:
         self._closed = False
 
     async def start(self) -> None:
-        """Start every worker (the forkserver imports the modules once, first)."""
-        for _ in range(self.size):
+        """Start every worker (the forkserver imports the modules once, first). A start that
+        takes SLOW_START says so, once: a module whose import waits (on a lock, a server)
+        only in the forkserver held the executor's start without a word (a review)."""
+        first = asyncio.ensure_future(asyncio.to_thread(self._spawn))
+        done, _ = await asyncio.wait([first], timeout=SLOW_START)
+        if not done:
+            log.warning(
+                "the step workers' forkserver has been importing %s for %.0f s; the executor "
+                "starts once it is done (does a module's import wait on something?)",
+                ", ".join(self._modules) or "supersede", SLOW_START,
+            )  # fmt: skip
+        self._idle.put_nowait(await first)
+        for _ in range(self.size - 1):
             self._idle.put_nowait(await asyncio.to_thread(self._spawn))
 
     def _spawn(self) -> Worker:

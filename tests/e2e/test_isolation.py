@@ -773,3 +773,48 @@ async def test_a_process_steps_logs_and_warnings_are_the_executors_json_lines(
         ("talks", "info", f"said by {rid}"),
         ("py.warnings", "warning", "UserWarning: an old way"),
     ], said
+
+
+async def test_a_slow_start_of_the_step_workers_says_so(
+    redis: Redis, keys: Keys, tmp_path: Path, redis_url: str
+) -> None:
+    """A module whose import waits only in the forkserver (on a lock, a server) held the
+    executor's start without a word (a review): past SLOW_START a line says what it imports."""
+    module = tmp_path / "slow_in_forkserver.py"
+    module.write_text(
+        "import os, time\n"
+        "from supersede import Workflow\n"
+        "if os.environ['EXECUTOR_PID'] != str(os.getpid()):  # (the forkserver's import)\n"
+        "    time.sleep(1.5)\n"
+        'wf = Workflow("slow-fs", on_events=["slow.fs"], isolation="process")\n'
+        "@wf.step()\n"
+        "def work(ctx):\n"
+        "    return 1\n"
+    )
+    code = (
+        "import os, sys\n"
+        "os.environ['EXECUTOR_PID'] = str(os.getpid())\n"
+        "from supersede.services.executor import isolation\n"
+        "isolation.SLOW_START = 0.3\n"
+        "from supersede.launch import main\n"
+        f"sys.argv = ['supersede', 'executor', {str(module)!r}, '--slots', '1', "
+        "'--metrics-port', '0']\n"
+        "main()\n"
+    )
+    env = {**os.environ, "SUPERSEDE_REDIS_URL": redis_url, "SUPERSEDE_NAMESPACE": keys.namespace,
+           "SUPERSEDE_SHARDS": str(keys.shards)}  # fmt: skip
+    log = tmp_path / "stderr"
+    with log.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=err)
+    try:
+
+        async def said(text: str) -> bool:
+            return text in log.read_text()
+
+        await eventually(lambda: said("forkserver has been importing"), timeout=30)
+        await eventually(lambda: said("workflows registered"), timeout=30)  # (then started)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 30)
+    text = log.read_text()
+    assert "slow_in_forkserver" in text and text.count("forkserver has been importing") == 1
