@@ -275,7 +275,9 @@ class UI:
 
     async def dead(self, request: web.Request) -> web.Response:
         rows = await ops.dead_letters(self.redis, self.keys, limit=100)
-        return self.respond(request, "Dead letters", pages.dead(rows, self.csrf(request)))
+        replayed = self.verified(request.query.get("replayed"), "replayed")
+        notice = f"Replayed as inbox entry {replayed}." if replayed else ""
+        return self.respond(request, "Dead letters", pages.dead(rows, self.csrf(request), notice))
 
     # -- actions ---------------------------------------------------------------------------
     async def cancel_run(self, request: web.Request) -> web.Response:
@@ -316,14 +318,15 @@ class UI:
         await self.check_action(request)
         entry = request.match_info["entry"]
         try:
-            await ops.replay_dead(self.redis, self.keys, entry)
+            new_id = await ops.replay_dead(self.redis, self.keys, entry)
         except (LookupError, ValueError) as exc:
             return web.Response(
                 text=pages.message("Not replayed", str(exc), "/dead"),
                 content_type="text/html",
                 status=409,
             )
-        raise web.HTTPSeeOther("/dead")
+        # (the page said nothing: the letter was gone, or still there, refused again, a probe)
+        raise web.HTTPSeeOther("/dead?" + urlencode({"replayed": self.signed(new_id, "replayed")}))
 
 
 SECURITY_HEADERS = {

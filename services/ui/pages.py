@@ -412,7 +412,7 @@ def key(k: dict[str, Any], csrf: str | None) -> str:
 LIVE_NAMES = {s.name for s in RunState if not s.terminal}
 
 
-def dead(rows: list[dict[str, Any]], csrf: str | None) -> str:
+def dead(rows: list[dict[str, Any]], csrf: str | None, notice: str = "") -> str:
     body = []
     for d in rows:
         fields = {k: v for k, v in d.items() if k not in ("id", "reason", "detail")}
@@ -435,7 +435,12 @@ def dead(rows: list[dict[str, Any]], csrf: str | None) -> str:
                 action,
             ]
         )
-    return "<h1>Dead letters</h1>" + table(["id", "reason", "detail", "fields", ""], body, "dead")
+    said = f"<p class=notice>{esc(notice)}</p>" if notice else ""
+    return (
+        "<h1>Dead letters</h1>"
+        + said
+        + table(["id", "reason", "detail", "fields", ""], body, "dead")
+    )
 
 
 def message(title: str, text: str, back: str = "/") -> str:  # (a whole page)

@@ -220,6 +220,11 @@ async def test_a_person_sees_why_a_run_was_cancelled_and_a_key_live(
         return bool(ids) and dead_id not in ids
 
     await eventually(replayed, timeout=20)
+    notice = await page.inner_text("p.notice")  # (the page said nothing of the replay)
+    assert re.fullmatch(r"Replayed as inbox entry \d+-\d+\.", notice), notice
+    forged = base + "/dead?" + urllib.parse.urlencode({"replayed": "1-1.0123456789abcdef"})
+    await page.goto(forged)
+    assert await page.locator("p.notice").count() == 0
     await page.close()
 
 
