@@ -206,8 +206,16 @@ def run(r: dict[str, Any]) -> str:
         step = f"+{e['at_ms'] - created} ms" if created and e["at_ms"] else ""
         lines.append(f"  {when(e['at_ms'], now):<46} {step:>10}  {e['event']}")
     path = r.get("path") or []
+    if len(path) > 1 and path[1]["at_ms"] < path[0]["at_ms"] - 1:  # (1 ms: the id's rounding)
+        # An entry id the producer chose, ahead of the server's clock, is no publish time:
+        # each hop showed as negative (a probe's max-id event).
+        ahead = path[0]["at_ms"] - path[1]["at_ms"]
+        lines.append(f"published  its entry id is {ahead:,.0f} ms ahead of the ingress read "
+                     "(an id the producer chose): hops from the read")  # fmt: skip
+        path = path[1:]
     if path:
-        lines.append("path (ms after it was published; each hop's share):")
+        since = "it was published" if path[0]["point"] == "published" else "the ingress read"
+        lines.append(f"path (ms after {since}; each hop's share):")
         start, prev = path[0]["at_ms"], path[0]["at_ms"]
         for p in path:
             hop = f"({p['at_ms'] - prev:+.3f} ms)" if p is not path[0] else ""

@@ -2064,3 +2064,27 @@ def test_a_table_cell_shows_its_new_lines_and_control_characters_escaped_in_its_
     lines = text.splitlines()
     assert "nl\\nkey" in lines[1] and "\\x1b[31m\\u202e" in lines[2]
     assert len({line.index(v) for line, v in zip(lines[1:], "xywz", strict=True)}) == 1, text
+
+
+def test_a_run_whose_entry_id_is_ahead_of_the_clock_shows_its_hops_from_the_ingress_read() -> None:
+    """A producer's own entry id (`XADD <inbox> 99999999999999-0 ...`) is no publish time: the
+    run's path showed every hop after it as negative (a probe's max-id event)."""
+    from supersede.services.render import run as render_run
+
+    ahead = 99_999_999_999_999
+    points = ["ingress read", "request written", "admission read", "assigned"]
+    path = [{"point": "published", "at_ms": ahead}]
+    path += [{"point": p, "at_ms": 1_700_000_000_000 + i * 0.25} for i, p in enumerate(points)]
+    view = {"id": "1-a", "workflow": "w", "version": "v", "key": "k", "state": "ASSIGNED",
+            "attempt": 1, "event_id": "e", "timeline": [], "path": path}  # fmt: skip
+    text = render_run(view)
+    assert "path (ms after the ingress read; each hop's share):" in text, text
+    assert "its entry id is" in text and "ahead of the ingress read" in text
+    shown = [line for line in text.splitlines() if line.startswith("  ") and " ms" in line]
+    assert len(shown) == 4 and not any("-" in line for line in shown), shown
+    assert "(+0.250 ms)" in shown[1]
+    # an ordinary run: from its publication, the first hop up to 1 ms early (whole ms)
+    path[0]["at_ms"] = 1_700_000_000_000
+    text = render_run(view)
+    assert "path (ms after it was published; each hop's share):" in text
+    assert "ahead" not in text
