@@ -838,6 +838,10 @@ async def _publish(redis: Redis, keys: Keys, args: argparse.Namespace) -> Any:
         {"workflow": p.workflow, "key": p.key, "run": p.run_id, "duplicate_of": p.duplicate_of}
         for p in planned
     ]
+    if args.wait and planned and sys.stderr.isatty():  # (a person: the ids now, not at the end)
+        ids = ", ".join(p.run_id for p in planned)
+        warn(f"published inbox entry {entry}; waiting up to {args.timeout:g} s for its run(s) to "
+             f"end: {ids} (Ctrl-C stops the wait, not the runs)")  # fmt: skip
     try:
         await _follow_published(redis, keys, args, entry, runs, args.name in known)
     except (RedisError, OSError, SupersedeError, asyncio.CancelledError) as exc:  # (Ctrl-C)
