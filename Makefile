@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: help install test lint lint-types format run bench chaos soak clean
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ lint: $(STAMP) ## ruff format check, ruff lint, mypy strict (package, tests, ben
 	$(BIN)/ruff check .
 	@$(MAKE) --no-print-directory lint-types
 
-lint-types: $(STAMP)
+lint-types: $(STAMP) ## mypy strict alone (what `make lint` runs last)
 	@rm -rf $(TYPES) && mkdir -p $(TYPES)/supersede
 	@for f in shared/*.py shared/py.typed; do ln -s "$(CURDIR)/$$f" $(TYPES)/supersede/; done
 	@ln -s "$(CURDIR)/services" $(TYPES)/supersede/services

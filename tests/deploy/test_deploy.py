@@ -254,6 +254,9 @@ def test_compose_and_manifests_reference_what_the_services_really_use() -> None:
             and str(port) in (DEPLOY / "prometheus" / "prometheus.yml").read_text()
         )
     assert 'ENTRYPOINT ["supersede"]' in dockerfile and "USER supersede" in dockerfile
+    # the dashboard and OTEL_* export work in the image (it had neither extra: `supersede ui`
+    # and a service with OTEL_TRACES_EXPORTER set refused to start, a newcomer probe)
+    assert '--wheel-dir /wheels ".[ui,tracing]"' in dockerfile
     assert "/healthz" in k8s and "/readyz" in k8s
     # The KEDA file is `supersede keda` for the demo pool: one trigger, the pool's workflows'
     # unclaimed backlog summed (per-stream triggers would count a spread backlog by its part).
@@ -456,3 +459,10 @@ def test_deploy_files_are_hardened() -> None:
     assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "supersede"}
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     assert {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]} == {6379, 53}
+    # Only Prometheus may scrape: a namespace selector and a pod selector in one peer (as two
+    # peers, which are OR'd, any pod of the monitoring namespace got in: a newcomer probe)
+    peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+    assert peers == [{
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }]  # fmt: skip
