@@ -189,8 +189,11 @@ class Children:
                         proc.wait(max(0.0, started + SAY_STOPPING_AFTER - time.monotonic()))
                         continue
                     except subprocess.TimeoutExpired:
-                        print(STOPPING, file=sys.stderr, flush=True)
                         said = True
+                        # (`dev 2>&1 | head`: the line's BrokenPipeError skipped the other
+                        # services' waits and the logs' removal, a newcomer probe)
+                        with contextlib.suppress(BrokenPipeError):
+                            print(STOPPING, file=sys.stderr, flush=True)
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()

@@ -123,3 +123,39 @@ def test_a_signal_that_comes_while_a_finalizer_runs_is_raised_again_after_it() -
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+def test_a_stop_that_says_why_it_waits_to_a_reader_gone_still_stops_and_cleans_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`supersede dev 2>&1 | head -4`: the stop's "waits for" line met a closed pipe, and its
+    BrokenPipeError skipped the other services' waits and the logs' removal (a newcomer probe:
+    /tmp/supersede-dev-* left behind)."""
+    import os
+    import subprocess
+    import sys
+
+    from supersede.config import Settings
+    from supersede.services import dev
+
+    class Gone:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    children = dev.Children(Settings(redis_url="redis://127.0.0.1:1", namespace="t", shards=1))
+    slow = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(1.5)")  # fmt: skip
+    children.procs = [subprocess.Popen([sys.executable, "-c", slow], stdout=subprocess.PIPE)
+                      for _ in range(2)]  # fmt: skip
+    for proc in children.procs:  # (SIGTERM ignored from here)
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    monkeypatch.setattr(dev, "SAY_STOPPING_AFTER", 0.1)
+    monkeypatch.setattr(sys, "stderr", Gone())
+    children.stop(keep_logs=False)
+    for proc in children.procs:
+        assert proc.poll() is not None and proc.stdout is not None
+        proc.stdout.close()
+    assert not os.path.exists(children.logs)
