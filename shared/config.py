@@ -88,7 +88,8 @@ VARIABLES = frozenset({
     "SUPERSEDE_CPUS", "SUPERSEDE_NICE", "SUPERSEDE_CPU_LATENCY_US", "SUPERSEDE_EVENT_LOOP",
     "SUPERSEDE_SERVER_BIN", "SUPERSEDE_UI_SECRET",
 })  # fmt: skip
-VARIABLE_PREFIXES = ("SUPERSEDE_ACL_PASSWORD_", "SUPERSEDE_TEST_")
+ACL_PASSWORD_PREFIX = "SUPERSEDE_ACL_PASSWORD_"
+VARIABLE_PREFIXES = (ACL_PASSWORD_PREFIX, "SUPERSEDE_TEST_")
 
 
 def unknown_variables(env: Mapping[str, str]) -> list[str]:
@@ -97,6 +98,15 @@ def unknown_variables(env: Mapping[str, str]) -> list[str]:
     out = []
     for name in sorted(env):
         if not name.startswith("SUPERSEDE_") or name in VARIABLES:
+            continue
+        if name.startswith(ACL_PASSWORD_PREFIX):  # (a misspelt role's: `acl --apply` said
+            from supersede.acl import ROLES  # only that the role's own was missing)
+
+            role, roles = name.removeprefix(ACL_PASSWORD_PREFIX), [r.name.upper() for r in ROLES]
+            if role not in roles:
+                close = difflib.get_close_matches(role, roles, n=1)
+                hint = f" (did you mean {ACL_PASSWORD_PREFIX}{close[0]}?)" if close else ""
+                out.append(f"{name} names no role ({', '.join(roles)}){hint}; it is ignored")
             continue
         if name.startswith(VARIABLE_PREFIXES):
             continue

@@ -48,11 +48,16 @@ def test_settings_that_were_silently_misread_are_named() -> None:
     from supersede.service import parse_cpus
 
     env = {"SUPERSEDE_NAMESPCE": "x", "SUPERSEDE_ACL_PASSWORD_READER": "p", "PATH": "/bin",
-           "SUPERSEDE_NAMESPACE": "ok", "SUPERSEDE_WHATEVER": "1"}  # fmt: skip
-    assert unknown_variables(env) == [
+           "SUPERSEDE_NAMESPACE": "ok", "SUPERSEDE_WHATEVER": "1",
+           "SUPERSEDE_ACL_PASSWORD_INGERSS": "p"}  # fmt: skip
+    said = unknown_variables(env)
+    assert said[1:] == [
         "SUPERSEDE_NAMESPCE is not a setting (did you mean SUPERSEDE_NAMESPACE?); it is ignored",
         "SUPERSEDE_WHATEVER is not a setting; it is ignored",
     ]
+    # a role's password under a misspelt role (a newcomer probe: nothing said)
+    assert said[0].startswith("SUPERSEDE_ACL_PASSWORD_INGERSS names no role (INGRESS, ")
+    assert said[0].endswith("(did you mean SUPERSEDE_ACL_PASSWORD_INGRESS?); it is ignored")
     with pytest.raises(ConfigError, match=r"database \(its path\) must be a number, in .*/1x'"):
         Settings.from_env({"SUPERSEDE_REDIS_URL": "redis://127.0.0.1:6379/1x"})
     assert Settings.from_env({"SUPERSEDE_REDIS_URL": "redis://h:1/2"}).redis_url.endswith("/2")
