@@ -27,6 +27,7 @@ from supersede.errors import ConfigError
 log = logging.getLogger("supersede")
 _lock = threading.Lock()
 _ALIASES = {"otlp_proto_http": "otlp", "otlp_proto_grpc": "otlp_grpc"}
+EXPORTERS = ("otlp", "otlp_grpc", "console")  # (after _ALIASES; `none` is none of them)
 _tracer: Any = None
 _provider: Any = None
 _configured = False
@@ -65,6 +66,10 @@ def setup(service: str) -> Any:
                         "(pip install 'supersede[tracing]')")  # fmt: skip
             exporters = []
         if exporters:
+            unknown = [n for n in exporters if n not in EXPORTERS]
+            if unknown:  # (before the SDK's check: without it, "not installed" misled)
+                raise ConfigError(f"OTEL_TRACES_EXPORTER: unknown exporter {unknown[0]!r}; use "
+                                  "otlp, console or none")  # fmt: skip
             check_settings()
             if {"otlp", "otlp_grpc"} & set(exporters):
                 check_otlp_settings()

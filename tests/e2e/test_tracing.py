@@ -170,13 +170,16 @@ def test_tracing_is_off_unless_the_environment_asks(monkeypatch: pytest.MonkeyPa
     assert os.environ["OTEL_TRACES_EXPORTER"] == "console"
 
 
-def _without_the_otlp_exporter(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+def _without_the_otlp_exporter(
+    env: dict[str, str], tmp_path: Path, blocked: str = "opentelemetry.exporter.otlp"
+) -> dict[str, str]:
     """`env` for a process that cannot import the OTLP exporters (`make install` has the HTTP
-    one, as README "Tracing" needs): an install without them, as a user's may be."""
+    one, as README "Tracing" needs): an install without them, as a user's may be (or without
+    what else `blocked` names: the SDK)."""
     (tmp_path / "sitecustomize.py").write_text(
         "import sys\n\n\nclass _NoOtlp:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.startswith('opentelemetry.exporter.otlp'):\n"
+        f"        if name.startswith({blocked!r}):\n"
         "            raise ImportError(name)\n\n\nsys.meta_path.insert(0, _NoOtlp())\n"
     )
     paths = [str(tmp_path), *filter(None, [env.get("PYTHONPATH")])]
@@ -184,13 +187,18 @@ def _without_the_otlp_exporter(env: dict[str, str], tmp_path: Path) -> dict[str,
 
 
 @pytest.mark.parametrize(
-    ("exporter", "named"), [("zipkin", "use otlp, console or none"), ("otlp", "pip install")]
-)
+    ("exporter", "named", "blocked"),
+    [("zipkin", "use otlp, console or none", "opentelemetry.exporter.otlp"),
+     ("otlp", "pip install", "opentelemetry.exporter.otlp"),
+     # (without the SDK an unknown exporter was "the SDK is not installed", a newcomer probe)
+     ("zipkin", "use otlp, console or none", "opentelemetry.sdk")],
+)  # fmt: skip
 def test_a_service_refuses_traces_it_cannot_export_in_one_line(
-    system: System, exporter: str, named: str, tmp_path: Path
+    system: System, exporter: str, named: str, blocked: str, tmp_path: Path
 ) -> None:
     """Before it connects anywhere: the variable to fix, or the package to install."""
-    env = {**_without_the_otlp_exporter(system.env, tmp_path), "OTEL_TRACES_EXPORTER": exporter,
+    env = {**_without_the_otlp_exporter(system.env, tmp_path, blocked),
+           "OTEL_TRACES_EXPORTER": exporter,
            "SUPERSEDE_REDIS_URL": "redis://127.0.0.1:1/0"}  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "supersede", "admission", "--metrics-port", "0"],
                           env=env, capture_output=True, timeout=60)  # fmt: skip
