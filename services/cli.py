@@ -1021,7 +1021,7 @@ def _stop_before_start(signum: int, frame: Any) -> None:
 
 def _warn(args: argparse.Namespace, settings: Settings, service: bool) -> None:
     """The settings' warnings: logged by a service, on stderr from a command."""
-    for warning in unknown_variables(os.environ):
+    for warning in unknown_variables(os.environ, [r.upper() for r in ACL_ROLES]):
         if service:
             log.warning(warning)
         else:

@@ -92,18 +92,17 @@ ACL_PASSWORD_PREFIX = "SUPERSEDE_ACL_PASSWORD_"
 VARIABLE_PREFIXES = (ACL_PASSWORD_PREFIX, "SUPERSEDE_TEST_")
 
 
-def unknown_variables(env: Mapping[str, str]) -> list[str]:
+def unknown_variables(env: Mapping[str, str], roles: Sequence[str] = ()) -> list[str]:
     """One warning per SUPERSEDE_* variable that is no setting (a misspelt one is ignored:
-    `SUPERSEDE_NAMESPCE` left the default namespace), naming the one it is likely meant as."""
+    `SUPERSEDE_NAMESPCE` left the default namespace), naming the one it is likely meant as;
+    and per ACL password of no role of `roles` (upper case)."""
     out = []
     for name in sorted(env):
         if not name.startswith("SUPERSEDE_") or name in VARIABLES:
             continue
-        if name.startswith(ACL_PASSWORD_PREFIX):  # (a misspelt role's: `acl --apply` said
-            from supersede.acl import ROLES  # only that the role's own was missing)
-
-            role, roles = name.removeprefix(ACL_PASSWORD_PREFIX), [r.name.upper() for r in ROLES]
-            if role not in roles:
+        if name.startswith(ACL_PASSWORD_PREFIX) and roles:  # (a misspelt role's: `acl
+            role = name.removeprefix(ACL_PASSWORD_PREFIX)  # --apply` said only that the
+            if role not in roles:  # role's own was missing)
                 close = difflib.get_close_matches(role, roles, n=1)
                 hint = f" (did you mean {ACL_PASSWORD_PREFIX}{close[0]}?)" if close else ""
                 out.append(f"{name} names no role ({', '.join(roles)}){hint}; it is ignored")
