@@ -11,6 +11,13 @@ until a probe of the shard, made every PROBE_EVERY seconds off the hot path, is 
 What a silent shard's calls would have done waits in Redis (entries pending, results queued)
 and is done once it answers.
 
+A shard whose master answers but whose calls fail (a slot left half moved: a multi-key call
+gets TRYAGAIN, which the client retries until "TTL exhausted"; a slot no master serves) is
+left out the same way, for a while (FAILING_FIRST seconds, doubling to FAILING_MOST while its
+calls go on failing), then tried again: a probe of one key answers at once there, and its
+calls' failures, raised to the loop that made them, held every other shard's work with it
+(a cluster probe: every executor started no run of any shard while one slot stayed half moved).
+
 On one server the deadline is not applied and no shard is ever silent: every shard shares the
 server, so leaving some out would help none, and a slow server's calls are only slow.
 """
@@ -19,12 +26,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import warnings
 from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Mapping
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import AuthenticationError, NoPermissionError
+from redis.exceptions import (
+    AuthenticationError,
+    ClusterError,
+    NoPermissionError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede.aio import wait_for
@@ -48,6 +62,13 @@ STALLED = 0.1
 # call's shards alone to be left out, not the master's others
 ANSWER_WITHIN = 0.25
 _STALLS = Sampled(60.0)
+# What a call of a shard whose master answers raises when the shard's slot cannot be served
+# now: TRYAGAIN retried until "TTL exhausted" (ClusterError; CLUSTERDOWN is one too), a slot
+# no master serves. The shard is left out for FAILING_FIRST seconds, doubling to FAILING_MOST
+# while its calls go on failing (a failure within twice its last hold of its end).
+SHARD_FAILURES = (ClusterError, TryAgainError, SlotNotCoveredError)
+FAILING_FIRST = 0.5
+FAILING_MOST = 5.0
 
 
 class ShardSilent(RedisTimeoutError):
@@ -84,6 +105,8 @@ class ShardHealth:
         self.refused: set[int] = set()  # silent shards whose master refuses the user
         self._probes: dict[int, asyncio.Task[None]] = {}  # silent shard -> its probe
         self._back: list[int] = []  # shards that answered, not said yet
+        # failing shard -> (its last hold, in seconds; when that hold ended, monotonic)
+        self._holds: dict[int, tuple[float, float]] = {}
         if service:
             SHARDS_SILENT.labels(service).set(0)
 
@@ -111,6 +134,9 @@ class ShardHealth:
             return await wait_for(call, self.deadline)
         except ShardSilent:
             raise  # (a call of other shards inside it: those are marked already)
+        except SHARD_FAILURES as exc:
+            self.went_failing(shards, exc)
+            raise ShardSilent(shards) from exc
         except (TimeoutError, RedisTimeoutError) as exc:
             late = loop.time() - started - self.deadline
             if not isinstance(exc, RedisTimeoutError) and late > max(STALLED, self.deadline / 2):
@@ -120,8 +146,10 @@ class ShardHealth:
             # (a slot left half moved, whose TRYAGAIN the client retries past the deadline; a
             # slow call): only its shards are left out, not the master's others (a cluster
             # probe: one stuck slot held five shards, flapping, for ten minutes).
-            answers = not isinstance(exc, RedisTimeoutError) and await self._answers(shards)
-            self.went_silent(shards, exc, master=not answers)
+            if not isinstance(exc, RedisTimeoutError) and await self._answers(shards):
+                self.went_failing(shards, exc)  # (a probe of one key answers at once there)
+            else:
+                self.went_silent(shards, exc)
             raise ShardSilent(shards) from exc
 
     async def _answers(self, shards: Collection[int]) -> bool:
@@ -172,27 +200,56 @@ class ShardHealth:
             return await call
         return await wait_for(call, self.deadline)
 
-    def went_silent(self, shards: Collection[int], exc: BaseException, master: bool = True) -> None:
-        """`shards` did not answer in time: they, and every shard their masters serve (unless
-        `master` is False: the master answers, only these calls did not end), are left out
-        until a probe is answered."""
-        new = sorted((self._siblings(shards) if master else set(shards)) - self.silent)
+    def went_silent(self, shards: Collection[int], exc: BaseException) -> None:
+        """`shards` did not answer in time: they, and every shard their masters serve, are
+        left out until a probe is answered."""
+        new = sorted(self._siblings(shards) - self.silent)
         if not new:
             return
         self.silent.update(new)
         SHARDS_SILENT.labels(self.service).set(len(self.silent))
-        said = (
-            "shards' master did not answer in time; their calls are left out until it "
-            "answers a probe (the other shards go on)"
-            if master
-            else "shards' calls did not end in time though their master answers (a slot left "
-            "half moved, whose TRYAGAIN the client retries, or a slow call); left out until a "
-            "probe is answered (the other shards go on)"
-        )
-        log.warning(said, extra={"shards": new, "deadline_s": self.deadline,
-                                 "error": describe(exc) or type(exc).__name__})  # fmt: skip
+        log.warning("shards' master did not answer in time; their calls are left out until it "
+                    "answers a probe (the other shards go on)",
+                    extra={"shards": new, "deadline_s": self.deadline,
+                           "error": describe(exc) or type(exc).__name__})  # fmt: skip
         for shard in new:
             self._probes[shard] = asyncio.create_task(self._probe(shard))
+
+    def went_failing(self, shards: Collection[int], exc: BaseException) -> None:
+        """`shards`' calls failed, or did not end in time, though their master answers (a slot
+        left half moved, a slot no master serves): they alone are left out for a while (see
+        SHARD_FAILURES), then tried again; said once per shard until its calls go through."""
+        new = sorted(set(shards) - self.silent)
+        if not new:
+            return
+        now = asyncio.get_running_loop().time()
+        self.silent.update(new)
+        SHARDS_SILENT.labels(self.service).set(len(self.silent))
+        first = []
+        for shard in new:
+            last, ended = self._holds.get(shard, (0.0, -math.inf))
+            again = now - ended <= 2 * last  # (failing still: the hold doubles)
+            hold = min(FAILING_MOST, 2 * last) if again else FAILING_FIRST
+            self._holds[shard] = (hold, now + hold)
+            if not again:
+                first.append(shard)
+            self._probes[shard] = asyncio.create_task(self._hold(shard, hold))
+        if first:
+            log.warning("shards' calls fail though their master answers (a slot left half "
+                        "moved: finish the move, or CLUSTER SETSLOT <slot> STABLE; a slot no "
+                        "master serves); left out for a while, then tried again, less often "
+                        "while they fail (the other shards go on)",
+                        extra={"shards": first,
+                               "error": describe(exc) or type(exc).__name__})  # fmt: skip
+
+    async def _hold(self, shard: int, hold: float) -> None:
+        """A failing shard's calls are made again after `hold` seconds."""
+        try:
+            await asyncio.sleep(hold)
+            self.silent.discard(shard)
+            SHARDS_SILENT.labels(self.service).set(len(self.silent))
+        finally:
+            self._probes.pop(shard, None)
 
     def _siblings(self, shards: Collection[int]) -> set[int]:
         """`shards` and the other shards of their masters (a silent master's shards are found

@@ -802,3 +802,84 @@ async def test_the_dashboard_says_a_cluster_unreachable_while_one_master_is_froz
     finally:
         await client.aclose()
         cluster.stop()
+
+
+async def test_the_other_shards_runs_start_while_one_shards_slot_is_left_half_moved(
+    redis_cluster: EmbeddedCluster,
+) -> None:
+    """A slot left half moved (IMPORTING and MIGRATING set, no key moved: a reshard that
+    stopped) while an executor held assignments of its shard: their claim got TRYAGAIN, which
+    redis-py retries until "TTL exhausted", and each read of the executor first tried again to
+    learn what that failed claim did, failing the same way: no run of any shard started until
+    the slot was fixed (a cluster probe, with and without latency). The stuck shard is left
+    out a while, tried again, and the other shards' runs start meanwhile; once the slot is
+    stable its runs start too, none lost."""
+    keys = Keys(f"halfmoved{uuid.uuid4().hex[:8]}", 4)
+    client = RedisCluster.from_url(redis_cluster.url)
+    system = System(f"redis+cluster://127.0.0.1:{redis_cluster.nodes[0].port}", keys)
+    nodes: list[sync_redis.Redis] = []
+    slot = -1
+    try:
+        await client.initialize()
+        [executor] = await system.pipeline(client, keys, 1, "--slots", "40")
+
+        async def publish(user: str, text: str) -> None:
+            data = orjson.dumps({"userId": user, "sleep": 0.01, "text": text})
+            await client.xadd(keys.events_stream, {"name": "chat.message", "data": data})
+
+        users = [f"user{i}" for i in range(24)]
+        for user in users:
+            await publish(user, "first")
+
+        async def succeeded(wanted: dict[str, int]) -> bool:
+            count = await _succeeded(client, keys, set(range(keys.shards)))
+            return all(count.get(u, 0) >= n for u, n in wanted.items())
+
+        await eventually(lambda: succeeded(dict.fromkeys(users, 1)), timeout=30)
+        shard_of = {str(r["k"]): int(rid.split("-")[0]) for rid, r in
+                    (await records(client, keys)).items()}  # fmt: skip
+        deployment = {keys.events_stream, keys.workflows_hash, keys.config_hash}
+        stuck = next(s for s in sorted(set(shard_of.values()))
+                     if key_slot(keys.shard(s).runs_hash.encode())
+                     not in {key_slot(k.encode()) for k in deployment})  # fmt: skip
+        healthy = [u for u in users if shard_of[u] != stuck]
+        assert healthy and len(healthy) < len(users)
+        # The executor holds none of the stuck shard's assignments until it is half moved.
+        executor.send_signal(signal.SIGSTOP)
+        for user in users:
+            await publish(user, "second")
+
+        async def assigned() -> bool:
+            recs = await records(client, keys)
+            return sum(1 for r in recs.values() if r["st"] == "A") == len(users)
+
+        await eventually(assigned, timeout=30)
+        slot = key_slot(keys.shard(stuck).runs_hash.encode())
+        source = int(client.get_node_from_key(keys.shard(stuck).runs_hash).port)
+        target = next(p for p in redis_cluster.master_ports() if p != source)
+        nodes = [sync_redis.Redis(port=source), sync_redis.Redis(port=target)]
+        src_id, dst_id = (n.execute_command("CLUSTER", "MYID").decode() for n in nodes)
+        nodes[1].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        nodes[0].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        executor.send_signal(signal.SIGCONT)
+        await eventually(lambda: succeeded(dict.fromkeys(healthy, 2)), timeout=20)
+        for user in healthy:  # (after the failed claim: each read went back to it first)
+            await publish(user, "third")
+        await eventually(lambda: succeeded(dict.fromkeys(healthy, 3)), timeout=20)
+        for node in nodes:
+            node.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+        slot = -1
+        wanted = {u: 3 if u in healthy else 2 for u in users}
+        await eventually(lambda: succeeded(wanted), timeout=30)
+        recs = await records(client, keys)
+        assert len(recs) == 2 * len(users) + len(healthy)
+        assert all(r["st"] == "S" for r in recs.values())
+    finally:
+        if slot >= 0:
+            for node in nodes:
+                with contextlib.suppress(RedisError):
+                    node.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+        for node in nodes:
+            node.close()
+        system.close()
+        await client.aclose()

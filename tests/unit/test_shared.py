@@ -2093,3 +2093,58 @@ def test_a_run_whose_entry_id_is_ahead_of_the_clock_shows_its_hops_from_the_ingr
     text = render_run(view)
     assert "path (ms after it was published; each hop's share):" in text
     assert "ahead" not in text
+
+
+async def test_a_shard_whose_calls_fail_while_its_master_answers_is_left_out_a_while() -> None:
+    """A slot left half moved: a multi-key call gets TRYAGAIN, which redis-py retries until
+    "TTL exhausted" (a ClusterError), raised to the loop that made the call; an executor's
+    claim of that shard failed each read, and no run of any shard started (a cluster probe).
+    The shard alone is left out, for FAILING_FIRST seconds, doubling while it fails, and tried
+    again; said once until it goes through."""
+    import asyncio
+    import logging
+
+    from redis.exceptions import ClusterError
+
+    from supersede import health
+
+    class Cluster:
+        def get_node_from_key(self, key: str) -> Any:
+            return type("N", (), {"name": "n"})()  # (one master for every shard)
+
+        async def exists(self, key: str) -> int:
+            return 0
+
+    async def stuck() -> int:
+        raise ClusterError("TTL exhausted.")
+
+    redis: Any = Cluster()
+    h = health.ShardHealth(redis, str, enabled=True, deadline=5.0, service="test", shards=4)
+    said: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = said.append  # type: ignore[method-assign,assignment]
+    logging.getLogger("supersede").addHandler(handler)
+    try:
+        with pytest.raises(health.ShardSilent):
+            await h.call([2], stuck())
+        assert h.silent == {2}  # (its master's other shards go on)
+        assert await h.call([1], asyncio.sleep(0, result=1)) == 1
+        out = await h.each({2: ([2], asyncio.sleep(0, result=2)), 3: ([3], asyncio.sleep(0))})
+        assert isinstance(out[2], health.ShardSilent) and 3 in out
+        holds = []
+        for _ in range(3):  # (each hold ends, the call fails again: twice as long)
+            began = asyncio.get_running_loop().time()
+            while not h.up(2):
+                await asyncio.sleep(0.01)
+            holds.append(asyncio.get_running_loop().time() - began)
+            with pytest.raises(health.ShardSilent):
+                await h.call([2], stuck())
+        assert 0.4 < holds[0] < 0.9 and 0.9 < holds[1] < 1.6 and 1.8 < holds[2] < 2.8, holds
+        lines = [r for r in said if "fail though their master answers" in r.getMessage()]
+        assert len(lines) == 1 and "TTL exhausted" in str(lines[0].__dict__["error"])
+        while not h.up(2):
+            await asyncio.sleep(0.01)
+        assert await h.call([2], asyncio.sleep(0, result=2)) == 2  # (the slot was fixed)
+    finally:
+        logging.getLogger("supersede").removeHandler(handler)
+        h.close()
