@@ -296,6 +296,9 @@ TIME_WAIT = 2.0  # seconds a cluster's TIME may take (server_time)
 POOL_WAIT = 30.0  # seconds a command waits for a free connection before it fails
 POOL_POLL = 0.001  # (a cluster client's: seconds before it looks for a free connection again,
 POOL_POLL_MAX = 0.05  # doubled each time up to this)
+# seconds a users' cluster command every try of which was refused (redis-py's "TTL exhausted":
+# redirections, TRYAGAIN) is sent again, first after REFUSED_POLL, doubling to the most
+REFUSED_WAIT, REFUSED_POLL, REFUSED_POLL_MAX = 5.0, 0.05, 0.5
 
 
 class _Cluster(RedisCluster):
@@ -317,12 +320,27 @@ class _Cluster(RedisCluster):
             return await super().execute_command(*args, **kwargs)
         loop = asyncio.get_running_loop()
         until, pause = loop.time() + POOL_WAIT, POOL_POLL
+        refused_until, refused_pause = loop.time() + REFUSED_WAIT, REFUSED_POLL
         while True:
             try:
                 return await super().execute_command(*args, **kwargs)
             except redis_sync.exceptions.MaxConnectionsError:
                 if loop.time() >= until:
                     raise
+            except redis_sync.exceptions.ClusterError as exc:
+                # "TTL exhausted": every try was refused with a redirection or TRYAGAIN, none
+                # carried out (redis-py raises any other error at once): a slot mid-move, or
+                # left half moved, whose ASK and MOVED sent the command back and forth (a
+                # cluster probe: 14 of 4,200 publishes failed so). Sent again a while.
+                if (
+                    type(exc) is not redis_sync.exceptions.ClusterError
+                    or "TTL exhausted" not in str(exc)
+                    or loop.time() >= refused_until
+                ):
+                    raise
+                await asyncio.sleep(refused_pause)
+                refused_pause = min(refused_pause * 2, REFUSED_POLL_MAX)
+                continue
             await asyncio.sleep(pause)  # (backing off: 200 waiters polling every 5 ms took
             pause = min(pause * 2, POOL_POLL_MAX)  # a third of a core, a review)
 

@@ -883,3 +883,43 @@ async def test_the_other_shards_runs_start_while_one_shards_slot_is_left_half_mo
             node.close()
         system.close()
         await client.aclose()
+
+
+async def test_a_users_command_refused_while_its_slot_is_half_moved_is_sent_again(
+    redis_cluster: EmbeddedCluster,
+) -> None:
+    """A slot MIGRATING on its master with no node IMPORTING it: a command of a key not there
+    is sent to the target (ASK), which sends it back (MOVED), until redis-py gives up ("TTL
+    exhausted"; none was carried out). `supersede.connect()`'s client sends it again a while:
+    publishes failed so during a reshard (a cluster probe: 14 of 4,200). Applied once."""
+    from supersede.config import connect
+
+    client = connect(f"redis+cluster://127.0.0.1:{redis_cluster.nodes[0].port}")
+    key = f"refused-{uuid.uuid4().hex[:8]}"
+    raw = RedisCluster.from_url(redis_cluster.url)
+    nodes: list[sync_redis.Redis] = []
+    slot = key_slot(key.encode())
+    try:
+        await raw.initialize()
+        source = int(raw.get_node_from_key(key).port)
+        target = next(p for p in redis_cluster.master_ports() if p != source)
+        nodes = [sync_redis.Redis(port=source), sync_redis.Redis(port=target)]
+        dst_id = nodes[1].execute_command("CLUSTER", "MYID").decode()
+        nodes[0].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        with pytest.raises(RedisError, match="TTL exhausted"):  # (redis-py's own client)
+            await raw.xadd(key, {"n": "0"})
+        loop = asyncio.get_running_loop()
+        fixed = loop.call_later(0.4, nodes[0].execute_command, "CLUSTER", "SETSLOT", slot,
+                                "STABLE")  # fmt: skip
+        await client.xadd(key, {"n": "1"})
+        fixed.cancel()
+        assert await client.xlen(key) == 1
+    finally:
+        for node in nodes:
+            with contextlib.suppress(RedisError):
+                node.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+            node.close()
+        with contextlib.suppress(RedisError):
+            await client.delete(key)
+        await client.aclose()
+        await raw.aclose()
