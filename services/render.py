@@ -309,13 +309,24 @@ def publish(result: dict[str, Any]) -> str:
     if "state" in rows[0]:
         # (a failed run's error, not the outputs of the steps before the one that failed)
         body = [[r["run"], r["workflow"], r["key"], r["state"], r.get("cancelled_by"),
-                 r.get("reason"), r.get("error") or r.get("outputs")] for r in rows]  # fmt: skip
+                 r.get("reason"), _summary(r.get("error")) or r.get("outputs")]
+                for r in rows]  # fmt: skip
         heads = ["run", "workflow", "key", "state", "by", "why", "outputs / error"]
         lines.append(table(body, heads, wrap=6, keep=(0, 3)))
     else:
         rows_ = [[r["run"], r["workflow"], r["key"]] for r in rows]
         lines.append(table(rows_, ["run", "workflow", "key"], keep=(0,)))
     return "\n".join(lines)
+
+
+def _summary(error: str | None) -> str | None:
+    """A failed run's error in a table cell: its first line and the exception's (the last),
+    not the traceback between them, which showed as one line of `\\n`s (a newcomer probe);
+    `supersede run ID` shows it whole."""
+    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return error
+    return f"{lines[0]} {lines[-1]} (supersede run shows the traceback)"
 
 
 def cancel(result: dict[str, bool]) -> str:

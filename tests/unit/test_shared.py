@@ -1268,6 +1268,13 @@ def test_publish_wait_shows_a_failed_run_s_error_not_its_partial_outputs() -> No
     failed, succeeded = (line for line in text.splitlines() if line.startswith("0-"))
     assert "ValueError: boom" in failed and "first" not in failed
     assert "first" in succeeded
+    # a traceback: its first and last lines, not a line of \n's (a newcomer probe)
+    rows[0]["error"] = ("step 'second' failed after 1 try:\nTraceback (most recent call last):\n"
+                        '  File "flows.py", line 9, in second\n    raise ValueError("boom")\n'
+                        "ValueError: boom\n")  # fmt: skip
+    text = render.publish({"entry": "1-0", "runs": rows})
+    assert "step 'second' failed after 1 try: ValueError: boom (supersede run shows" in text
+    assert "\\n" not in text and "Traceback" not in text and "flows.py" not in text
 
 
 def test_an_over_long_traceparent_is_no_parent_and_writes_no_log_line(
