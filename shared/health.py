@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import warnings
 from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Mapping
 from typing import Any, TypeVar, cast
@@ -34,6 +33,7 @@ from typing import Any, TypeVar, cast
 from redis.asyncio import Redis
 from redis.exceptions import (
     AuthenticationError,
+    ClusterDownError,
     ClusterError,
     NoPermissionError,
     SlotNotCoveredError,
@@ -62,13 +62,25 @@ STALLED = 0.1
 # call's shards alone to be left out, not the master's others
 ANSWER_WITHIN = 0.25
 _STALLS = Sampled(60.0)
-# What a call of a shard whose master answers raises when the shard's slot cannot be served
-# now: TRYAGAIN retried until "TTL exhausted" (ClusterError; CLUSTERDOWN is one too), a slot
-# no master serves. The shard is left out for FAILING_FIRST seconds, doubling to FAILING_MOST
-# while its calls go on failing (a failure within twice its last hold of its end).
-SHARD_FAILURES = (ClusterError, TryAgainError, SlotNotCoveredError)
+# A shard whose calls fail while its master answers (see `shard_failure`) is left out for
+# FAILING_FIRST seconds, doubling to FAILING_MOST while its calls go on failing (until one
+# goes through).
 FAILING_FIRST = 0.5
 FAILING_MOST = 5.0
+FAILING_FORGET = 60.0  # seconds after a hold without a call of its shard: failing no more
+
+
+def shard_failure(exc: BaseException) -> bool:
+    """Whether `exc` says a shard's slot cannot be served now, its master answering: TRYAGAIN
+    retried until redis-py's "TTL exhausted" (a slot left half moved; ASK and MOVED back and
+    forth), a slot no master serves ("CLUSTERDOWN Hash slot not served"). Not a cluster down
+    as a whole (CLUSTERDOWN of a cluster that lost a master, MASTERDOWN): every shard's calls
+    fail then, and the loop that made the call retries and says so."""
+    if isinstance(exc, ClusterDownError):
+        return "not served" in str(exc)
+    return isinstance(exc, TryAgainError | SlotNotCoveredError) or (
+        type(exc) is ClusterError and "TTL exhausted" in str(exc)
+    )
 
 
 class ShardSilent(RedisTimeoutError):
@@ -105,8 +117,9 @@ class ShardHealth:
         self.refused: set[int] = set()  # silent shards whose master refuses the user
         self._probes: dict[int, asyncio.Task[None]] = {}  # silent shard -> its probe
         self._back: list[int] = []  # shards that answered, not said yet
-        # failing shard -> (its last hold, in seconds; when that hold ended, monotonic)
-        self._holds: dict[int, tuple[float, float]] = {}
+        # failing shard -> its last hold (seconds), until one of its calls goes through
+        self.failing: dict[int, float] = {}
+        self._holding: set[asyncio.Task[None]] = set()
         if service:
             SHARDS_SILENT.labels(service).set(0)
 
@@ -131,12 +144,9 @@ class ShardHealth:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            return await wait_for(call, self.deadline)
+            result = await wait_for(call, self.deadline)
         except ShardSilent:
             raise  # (a call of other shards inside it: those are marked already)
-        except SHARD_FAILURES as exc:
-            self.went_failing(shards, exc)
-            raise ShardSilent(shards) from exc
         except (TimeoutError, RedisTimeoutError) as exc:
             late = loop.time() - started - self.deadline
             if not isinstance(exc, RedisTimeoutError) and late > max(STALLED, self.deadline / 2):
@@ -151,6 +161,14 @@ class ShardHealth:
             else:
                 self.went_silent(shards, exc)
             raise ShardSilent(shards) from exc
+        except Exception as exc:
+            if shard_failure(exc):
+                self.went_failing(shards, exc)
+                raise ShardSilent(shards) from exc
+            raise
+        if self.failing:  # (a failing shard's call went through: its slot was fixed)
+            self._through(shards)
+        return result
 
     async def _answers(self, shards: Collection[int]) -> bool:
         """Whether the master of `shards` answers a probe within ANSWER_WITHIN (a quarter of
@@ -207,7 +225,7 @@ class ShardHealth:
         if not new:
             return
         self.silent.update(new)
-        SHARDS_SILENT.labels(self.service).set(len(self.silent))
+        SHARDS_SILENT.labels(self.service).set(len(self.held))
         log.warning("shards' master did not answer in time; their calls are left out until it "
                     "answers a probe (the other shards go on)",
                     extra={"shards": new, "deadline_s": self.deadline,
@@ -217,23 +235,24 @@ class ShardHealth:
 
     def went_failing(self, shards: Collection[int], exc: BaseException) -> None:
         """`shards`' calls failed, or did not end in time, though their master answers (a slot
-        left half moved, a slot no master serves): they alone are left out for a while (see
-        SHARD_FAILURES), then tried again; said once per shard until its calls go through."""
+        left half moved, a slot no master serves: `shard_failure`): they alone are left out
+        for a while, then tried again; said once per shard until one of its calls goes
+        through (they count as left out meanwhile, held or not: `held`)."""
         new = sorted(set(shards) - self.silent)
         if not new:
             return
-        now = asyncio.get_running_loop().time()
         self.silent.update(new)
-        SHARDS_SILENT.labels(self.service).set(len(self.silent))
         first = []
         for shard in new:
-            last, ended = self._holds.get(shard, (0.0, -math.inf))
-            again = now - ended <= 2 * last  # (failing still: the hold doubles)
-            hold = min(FAILING_MOST, 2 * last) if again else FAILING_FIRST
-            self._holds[shard] = (hold, now + hold)
-            if not again:
+            last = self.failing.get(shard)
+            hold = FAILING_FIRST if last is None else min(FAILING_MOST, 2 * last)
+            self.failing[shard] = hold
+            if last is None:
                 first.append(shard)
-            self._probes[shard] = asyncio.create_task(self._hold(shard, hold))
+            task = self._probes[shard] = asyncio.create_task(self._hold(shard, hold))
+            self._holding.add(task)  # (one outlives its place in _probes: close stops it)
+            task.add_done_callback(self._holding.discard)
+        SHARDS_SILENT.labels(self.service).set(len(self.held))
         if first:
             log.warning("shards' calls fail though their master answers (a slot left half "
                         "moved: finish the move, or CLUSTER SETSLOT <slot> STABLE; a slot no "
@@ -243,13 +262,31 @@ class ShardHealth:
                                "error": describe(exc) or type(exc).__name__})  # fmt: skip
 
     async def _hold(self, shard: int, hold: float) -> None:
-        """A failing shard's calls are made again after `hold` seconds."""
+        """A failing shard's calls are made again after `hold` seconds; it is failing no more
+        once FAILING_FORGET seconds pass without a call of it (none went through, none failed:
+        the gauge, and the alert on it, would say so for good)."""
+        me = asyncio.current_task()
         try:
             await asyncio.sleep(hold)
             self.silent.discard(shard)
-            SHARDS_SILENT.labels(self.service).set(len(self.silent))
+            await asyncio.sleep(FAILING_FORGET)
+            if self._probes.get(shard) is me and self.failing.pop(shard, None) is not None:
+                SHARDS_SILENT.labels(self.service).set(len(self.held))
         finally:
-            self._probes.pop(shard, None)
+            if self._probes.get(shard) is me:
+                del self._probes[shard]
+
+    def _through(self, shards: Collection[int]) -> None:
+        """A call of `shards` went through: those that were failing are no more."""
+        back = sorted(s for s in shards if self.failing.pop(s, None) is not None)
+        if back:
+            SHARDS_SILENT.labels(self.service).set(len(self.held))
+            log.warning("shards' calls go through again", extra={"shards": back})
+
+    @property
+    def held(self) -> set[int]:
+        """The shards left out now, or whose last call failed (silent, or failing)."""
+        return self.silent | self.failing.keys() if self.failing else self.silent
 
     def _siblings(self, shards: Collection[int]) -> set[int]:
         """`shards` and the other shards of their masters (a silent master's shards are found
@@ -287,7 +324,7 @@ class ShardHealth:
                 self.refused.discard(shard)
                 if not self.refused:
                     report(self.service, "shards", True)
-            SHARDS_SILENT.labels(self.service).set(len(self.silent))
+            SHARDS_SILENT.labels(self.service).set(len(self.held))
             self._back.append(shard)
             if len(self._back) == 1:  # (one line for the shards that answer together)
                 asyncio.get_running_loop().call_later(PROBE_EVERY, self._say_back)
@@ -316,7 +353,7 @@ class ShardHealth:
 
     def close(self) -> None:
         """Stop the probes (the service stops)."""
-        for task in list(self._probes.values()):
+        for task in {*self._probes.values(), *self._holding}:
             task.cancel()
 
 

@@ -514,15 +514,14 @@ class Ingress(Service):
                     with contextlib.suppress(TimeoutError):
                         await aio.wait_for(stop.wait(), self.config.refresh_interval)
                     continue
-                if self._held_for - self.health.silent or (
-                    self._held_for and self._held_sweep.due()
-                ):
+                if self._held_for - self.health.held or (self._held_for and self._held_sweep.due()):
                     # (entries held for silent shards, one of which answers again: read them
                     # again now, and each HELD_SWEEP seconds whatever; while a shard is silent
-                    # no sweep re-reads them only to hold them)
+                    # no sweep re-reads them only to hold them. A failing shard's, once one of
+                    # its calls went through: not at each end of its hold, a review)
                     self._held_for = set()
                     own.restart()
-                elif not self.health.silent:
+                elif not self.health.held:
                     own.sweep_if_due()
                 reread = False
                 try:
@@ -896,7 +895,7 @@ class Ingress(Service):
         """XAUTOCLAIM inbox entries another ingress process read and never acknowledged. Not
         while a shard is silent: this process's own entries held for it would be taken over
         (idle, pending), handled and held again every --claim-idle-ms."""
-        if self.health.silent:
+        if self.health.held:
             return
 
         async def handle(entries: list[Entry]) -> None:
