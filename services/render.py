@@ -180,6 +180,11 @@ def runs(rows: list[dict[str, Any]]) -> str:
     return table(body, heads, keep=(0, 3, 7))
 
 
+# ms the first recorded point may come before the inbox entry's time before the entry's id is
+# said to be the producer's own (less: the skew of the reading host's clock, shown as it is)
+AHEAD_MS = 1000
+
+
 def run(r: dict[str, Any]) -> str:
     now = int(time.time() * 1000)
     lines = [
@@ -206,7 +211,7 @@ def run(r: dict[str, Any]) -> str:
         step = f"+{e['at_ms'] - created} ms" if created and e["at_ms"] else ""
         lines.append(f"  {when(e['at_ms'], now):<46} {step:>10}  {e['event']}")
     path = r.get("path") or []
-    if len(path) > 1 and path[1]["at_ms"] < path[0]["at_ms"] - 1:  # (1 ms: the id's rounding)
+    if len(path) > 1 and path[1]["at_ms"] < path[0]["at_ms"] - AHEAD_MS:  # (less: a skew)
         # An entry id the producer chose, ahead of the server's clock, is no publish time:
         # each hop showed as negative (a probe's max-id event).
         ahead = path[0]["at_ms"] - path[1]["at_ms"]
@@ -214,7 +219,8 @@ def run(r: dict[str, Any]) -> str:
                      "(an id the producer chose): hops from the read")  # fmt: skip
         path = path[1:]
     if path:
-        since = "it was published" if path[0]["point"] == "published" else "the ingress read"
+        since = "it was published" if path[0]["point"] == "published" else path[0]["point"]
+        since = since if since == "it was published" else f"the {since}"
         lines.append(f"path (ms after {since}; each hop's share):")
         start, prev = path[0]["at_ms"], path[0]["at_ms"]
         for p in path:

@@ -103,7 +103,7 @@ def unknown_variables(env: Mapping[str, str], roles: Sequence[str] = ()) -> list
         if name.startswith(ACL_PASSWORD_PREFIX) and roles:  # (a misspelt role's: `acl
             role = name.removeprefix(ACL_PASSWORD_PREFIX)  # --apply` said only that the
             if role not in roles:  # role's own was missing)
-                close = difflib.get_close_matches(role, roles, n=1)
+                close = difflib.get_close_matches(role.upper(), roles, n=1)
                 hint = f" (did you mean {ACL_PASSWORD_PREFIX}{close[0]}?)" if close else ""
                 out.append(f"{name} names no role ({', '.join(roles)}){hint}; it is ignored")
             continue

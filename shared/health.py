@@ -88,7 +88,10 @@ class ShardSilent(RedisTimeoutError):
     a probe since: failed at once."""
 
     def __init__(self, shards: Collection[int]) -> None:
-        super().__init__(f"shard(s) {sorted(shards)} did not answer; left out until they do")
+        super().__init__(
+            f"shard(s) {sorted(shards)} left out (no answer in time, or their calls fail); "
+            "tried again later"
+        )
         self.shards = frozenset(shards)
 
 

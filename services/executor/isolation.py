@@ -375,6 +375,8 @@ class ProcessPool:
         """Start every worker (the forkserver imports the modules once, first). A start that
         takes SLOW_START says so, once: a module whose import waits (on a lock, a server)
         only in the forkserver held the executor's start without a word (a review)."""
+        if self.size <= 0:
+            return
         first = asyncio.ensure_future(asyncio.to_thread(self._spawn))
         done, _ = await asyncio.wait([first], timeout=SLOW_START)
         if not done:

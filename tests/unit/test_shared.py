@@ -58,6 +58,8 @@ def test_settings_that_were_silently_misread_are_named() -> None:
     # a role's password under a misspelt role (a newcomer probe: nothing said)
     assert said[0].startswith("SUPERSEDE_ACL_PASSWORD_INGERSS names no role (INGRESS, ")
     assert said[0].endswith("(did you mean SUPERSEDE_ACL_PASSWORD_INGRESS?); it is ignored")
+    [lower] = unknown_variables({"SUPERSEDE_ACL_PASSWORD_ingress": "p"}, ["INGRESS"])
+    assert lower.endswith("(did you mean SUPERSEDE_ACL_PASSWORD_INGRESS?); it is ignored")
     with pytest.raises(ConfigError, match=r"database \(its path\) must be a number, in .*/1x'"):
         Settings.from_env({"SUPERSEDE_REDIS_URL": "redis://127.0.0.1:6379/1x"})
     assert Settings.from_env({"SUPERSEDE_REDIS_URL": "redis://h:1/2"}).redis_url.endswith("/2")
@@ -2100,6 +2102,10 @@ def test_a_run_whose_entry_id_is_ahead_of_the_clock_shows_its_hops_from_the_ingr
     text = render_run(view)
     assert "path (ms after it was published; each hop's share):" in text
     assert "ahead" not in text
+    # a reading host's clock 2 ms behind the server's is a skew, shown as it is (a review)
+    path[0]["at_ms"] = 1_700_000_000_002
+    text = render_run(view)
+    assert "ahead" not in text and "-2.000 ms  (-2.000 ms)" in text, text
 
 
 async def test_a_shard_whose_calls_fail_while_its_master_answers_is_left_out_a_while(
