@@ -30,6 +30,7 @@ LUA_DIR = files("supersede.lua")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
 _KEY_DECL = re.compile(r"^\s*KEYS\[(\d+)(?:\.\.(\d*)|(\?))?\]", re.MULTILINE)
 RECLAIM_CAP = 100_000  # leases a reclaim call looks at in a shard (a call blocks the server)
+HEAL_UNREAD_MOST = 1000  # unread entries heal_lag counts (a call reads them: bounded)
 MAX_VERSIONS = 50  # versions of a workflow the registry remembers (cancel --key looks at each)
 
 SCRIPT_NAMES = (
@@ -674,10 +675,11 @@ class Scripts:
             entries.append((entry_id, fields))
         return reply[1], entries, list(reply[3])
 
-    async def heal_lag(self, stream: str | bytes, group: str) -> int:
-        """Set right the lag Redis reports for `group` when it has read `stream` to the end
-        (see lua/heal_lag.lua); the lag it said before, 0 when there was nothing to set."""
-        r = await self._call("heal_lag", [codec.text(stream)], [group])
+    async def heal_lag(self, stream: str | bytes, group: str, most: int = HEAL_UNREAD_MOST) -> int:
+        """Set right the lag Redis reports for `group` when at most `most` entries of
+        `stream` are unread (see lua/heal_lag.lua); the lag it said before (-1: it could not
+        tell), 0 when there was nothing to set."""
+        r = await self._call("heal_lag", [codec.text(stream)], [group, most])
         return int(r[2]) if int(r[1]) else 0
 
     async def append_requests(self, shard: int, payloads: Sequence[bytes]) -> int:

@@ -1770,13 +1770,14 @@ async def test_a_full_server_s_reaper_frees_the_old_records_whatever_leases_laps
     assert (recs[lapsed[1].run_id]["st"], recs[lapsed[1].run_id]["a"]) == ("A", 2)
 
 
-async def test_a_lag_redis_restored_wrong_is_set_right_only_for_a_group_read_to_the_end(
+async def test_a_lag_redis_reports_wrong_is_set_right_when_few_entries_are_unread(
     redis: Redis, scripts: Scripts
 ) -> None:
     """Redis before 7.2.4 can restore a group's entries-read wrong after a restart from its AOF
     (a soak probe: the inbox's lag 10,103 for good, every group read to the end), which is the
     state `XGROUP SETID ... ENTRIESREAD` makes here. heal_lag sets it right without moving the
-    group; a group with an entry unread, a lag already right, and a missing stream are left."""
+    group, for a group read to the end and for one with a few entries unread (counted); a lag
+    already right, more unread than it counts, and a missing stream are left."""
     for stream in ("s:read", "s:behind"):
         await redis.xgroup_create(stream, "g", id="$", mkstream=True)
         for i in range(20):
@@ -1793,6 +1794,21 @@ async def test_a_lag_redis_restored_wrong_is_set_right_only_for_a_group_read_to_
     assert after["pending"] == before["pending"] == 20
     assert await scripts.heal_lag("s:read", "g") == 0  # (right already)
     [behind] = await redis.xinfo_groups("s:behind")
-    assert await scripts.heal_lag("s:behind", "g") == 0  # (an entry unread: not read to the end)
-    assert (await redis.xinfo_groups("s:behind"))[0]["lag"] == behind["lag"]
+    assert behind["lag"] == 17  # (one entry is unread)
+    assert await scripts.heal_lag("s:behind", "g", most=0) == 0  # (more than it counts)
+    assert await scripts.heal_lag("s:behind", "g") == 17
+    [after] = await redis.xinfo_groups("s:behind")
+    assert after["lag"] == 1 and after["last-delivered-id"] == behind["last-delivered-id"]
+    assert await scripts.heal_lag("s:behind", "g") == 0  # (right already)
     assert await scripts.heal_lag("s:none", "g") == 0
+    # A producer's MAXLEN trimmed entries the group had not read: Redis 7.0 counted them as
+    # unread for good (a producer probe: the inbox "unread" in `status`, ingress keeping up)
+    await redis.xgroup_create("s:trimmed", "g", id="0", mkstream=True)
+    for i in range(10):
+        await redis.xadd("s:trimmed", {"f": str(i)})
+    await redis.xreadgroup("g", "c", {"s:trimmed": ">"}, count=5)
+    await redis.xadd("s:trimmed", {"f": "10"}, maxlen=3, approximate=False)
+    await redis.xreadgroup("g", "c", {"s:trimmed": ">"}, count=1)  # (two left unread)
+    await scripts.heal_lag("s:trimmed", "g")
+    [trimmed] = await redis.xinfo_groups("s:trimmed")
+    assert trimmed["lag"] == 2, trimmed
