@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import signal
@@ -493,11 +494,7 @@ async def test_the_other_masters_shards_run_while_a_master_is_frozen(
     async with _freezable(default=frozen == "default") as f:
         client, keys, system = f.client, f.keys, f.system
         await system.pipeline(client, keys, 1, "--slots", slots, "--lease", "6")
-
-        async def publish(user: str, text: str) -> None:
-            data = orjson.dumps({"userId": user, "sleep": 0.01, "text": text})
-            await client.xadd(keys.events_stream, {"name": "chat.message", "data": data})
-
+        publish = functools.partial(_chat, client, keys)
         users = [f"user{i}" for i in range(40)]
         for user in users:
             await publish(user, "first")
@@ -529,6 +526,12 @@ async def test_the_other_masters_shards_run_while_a_master_is_frozen(
         await eventually(lambda: served(3), timeout=8)
         f.freeze(False)
         await eventually(lambda: ended(3 * len(users) - len(on_frozen)), timeout=30)
+
+
+async def _chat(client: RedisCluster, keys: Keys, user: str, text: str) -> None:
+    """A chat message of `user` (the test app's chat.message, a 10 ms handler)."""
+    data = orjson.dumps({"userId": user, "sleep": 0.01, "text": text})
+    await client.xadd(keys.events_stream, {"name": "chat.message", "data": data})
 
 
 async def _succeeded(client: RedisCluster, keys: Keys, shards: set[int]) -> dict[str, int]:
@@ -822,11 +825,7 @@ async def test_the_other_shards_runs_start_while_one_shards_slot_is_left_half_mo
     try:
         await client.initialize()
         [executor] = await system.pipeline(client, keys, 1, "--slots", "40")
-
-        async def publish(user: str, text: str) -> None:
-            data = orjson.dumps({"userId": user, "sleep": 0.01, "text": text})
-            await client.xadd(keys.events_stream, {"name": "chat.message", "data": data})
-
+        publish = functools.partial(_chat, client, keys)
         users = [f"user{i}" for i in range(24)]
         for user in users:
             await publish(user, "first")
