@@ -170,7 +170,7 @@ class ShardHealth:
                 raise ShardSilent(shards) from exc
             raise
         if self.failing:  # (a failing shard's call went through: its slot was fixed)
-            self._through(shards)
+            self.went_through(shards)
         return result
 
     async def _answers(self, shards: Collection[int]) -> bool:
@@ -279,7 +279,7 @@ class ShardHealth:
             if self._probes.get(shard) is me:
                 del self._probes[shard]
 
-    def _through(self, shards: Collection[int]) -> None:
+    def went_through(self, shards: Collection[int]) -> None:
         """A call of `shards` went through: those that were failing are no more."""
         back = sorted(s for s in shards if self.failing.pop(s, None) is not None)
         if back:

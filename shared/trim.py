@@ -17,6 +17,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from supersede.health import shard_failure
+
 
 def stream_id(raw: Any) -> tuple[int, int]:
     """A stream entry id (`ms-seq`, bytes or text) as a pair that orders as the stream does."""
@@ -111,4 +113,6 @@ def _raise_refused(replies: Sequence[Any], expected: str = "") -> None:
     stream grew without a line, a failed task or an unready service (a security probe)."""
     for reply in replies:
         if isinstance(reply, Exception) and not (expected and expected in str(reply)):
+            if shard_failure(reply):  # (a cluster slot left half moved: that stream's trim
+                continue  # waits for the next; the others were made, a cluster probe)
             raise reply

@@ -28,7 +28,7 @@ from supersede import aio, codec, tracing
 from supersede import metrics as metrics_base
 from supersede.config import Settings, server_time
 from supersede.errors import ScriptError, describe
-from supersede.health import ShardSilent, raise_unless_silent
+from supersede.health import ShardSilent, raise_unless_silent, shard_failure
 from supersede.keys import ShardKeys
 from supersede.lane import Lane, read
 from supersede.logs import Sampled
@@ -194,6 +194,7 @@ def _lag_suspects(
     return out
 
 
+SHARD_WAIT = 0.1  # seconds between two looks whether a failing shard's reader may read again
 KEEP_REFUSED_FOR = 600.0  # seconds without keeping reap outcomes after the ACL refused it
 LAPSED_SAID_EVERY = 10.0  # seconds: the reaper's line for lapsed leases, at most this often
 
@@ -342,7 +343,9 @@ class Admission(Service):
                 await asyncio.gather(
                     *(
                         self._read_loop(
-                            stop, [sk.requests_stream.encode(), sk.results_stream.encode()]
+                            stop,
+                            [sk.requests_stream.encode(), sk.results_stream.encode()],
+                            shard=sk.shard,
                         )
                         for sk in self.keys.all_shards()
                     )
@@ -403,8 +406,11 @@ class Admission(Service):
         dues = [d for d in await aio.gather(*(one(s) for s in range(self.keys.shards))) if d]
         return float(min(dues)) if dues else 0.0
 
-    async def _read_loop(self, stop: asyncio.Event, names: list[bytes]) -> None:
-        """Read a batch, apply it; on stop, a read already sent is applied before returning."""
+    async def _read_loop(
+        self, stop: asyncio.Event, names: list[bytes], shard: int | None = None
+    ) -> None:
+        """Read a batch, apply it; on stop, a read already sent is applied before returning.
+        `shard`: the one shard of the streams (a cluster), whose calls may fail on their own."""
         reader = BatchReader(
             self.redis, self.consumer, names, self.config.batch, self.config.block_ms, self.lane()
         )
@@ -418,7 +424,18 @@ class Admission(Service):
                         reader.read_ahead_if_backlog(reply, stop)
                         await self.handle(reply)
                     self.healthy(part)
+                    if shard is not None and shard in self.health.failing:
+                        self.health.went_through([shard])
                 except Exception as exc:  # redis-py can raise others mid-failover
+                    if shard is not None and shard_failure(exc):
+                        # (a slot left half moved: this shard's, not the service's; admission
+                        # said it was not ready and admitted nothing, its other readers on,
+                        # an ERROR line every batch: a cluster probe)
+                        self.health.went_failing([shard], exc)
+                        reader.own.restart(failed_reread=reread)
+                        while not self.health.up(shard) and not stop.is_set():
+                            await asyncio.sleep(SHARD_WAIT)
+                        continue
                     await self.recover(reader.own, exc, failed_reread=reread, reader=part)
         finally:
             reader.close()

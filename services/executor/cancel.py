@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from supersede import tracing
 from supersede.aio import wait_for
 from supersede.errors import describe
+from supersede.health import shard_failure
 from supersede.keys import Keys
 from supersede.lane import Lane, read
 from supersede.logs import Sampled
@@ -141,7 +142,9 @@ class Cancels:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not isinstance(exc, SERVER_UNAVAILABLE) and not failed_over(exc):
+                local = shard_failure(exc)  # (a cluster slot left half moved: an ERROR with
+                # a traceback every read, a cluster probe; one line once in a while)
+                if not isinstance(exc, SERVER_UNAVAILABLE) and not failed_over(exc) and not local:
                     log.exception("control iteration failed")
                     await asyncio.sleep(0.5)
                     continue

@@ -528,10 +528,50 @@ async def test_the_other_masters_shards_run_while_a_master_is_frozen(
         await eventually(lambda: ended(3 * len(users) - len(on_frozen)), timeout=30)
 
 
-async def _chat(client: RedisCluster, keys: Keys, user: str, text: str) -> None:
-    """A chat message of `user` (the test app's chat.message, a 10 ms handler)."""
+async def _all_ended(client: RedisCluster, keys: Keys) -> bool:
+    return all(r["st"] in ("S", "C") for r in (await records(client, keys)).values())
+
+
+def _shard_apart(keys: Keys, shards: set[int]) -> int:
+    """One of `shards` whose slot holds none of the deployment-wide keys."""
+    deployment = {key_slot(k.encode()) for k in
+                  (keys.events_stream, keys.workflows_hash, keys.config_hash)}  # fmt: skip
+    return next(s for s in sorted(shards) if key_slot(keys.shard(s).runs_hash.encode())
+                not in deployment)  # fmt: skip
+
+
+async def _read_by_ingress(client: RedisCluster, keys: Keys) -> bool:
+    """Ingress read every inbox entry and acknowledged it."""
+    from supersede.protocol import INGRESS_GROUP
+
+    last = (await client.xinfo_stream(keys.events_stream))["last-generated-id"]
+    groups = await client.xinfo_groups(keys.events_stream)
+    return any(g["name"] == INGRESS_GROUP.encode() and int(g["pending"]) == 0
+               and g["last-delivered-id"] == last for g in groups)  # fmt: skip
+
+
+def _half_move(
+    cluster: EmbeddedCluster, client: RedisCluster, key: str, *, importing: bool = True
+) -> list[sync_redis.Redis]:
+    """Leave the slot of `key` half moved to another master (IMPORTING there unless not
+    `importing`, MIGRATING on its own; no key moved: a reshard that stopped); clients of its
+    master and of the other."""
+    slot = key_slot(key.encode())
+    source = int(client.get_node_from_key(key).port)
+    target = next(p for p in cluster.master_ports() if p != source)
+    nodes = [sync_redis.Redis(port=source), sync_redis.Redis(port=target)]
+    src_id, dst_id = (n.execute_command("CLUSTER", "MYID").decode() for n in nodes)
+    if importing:
+        nodes[1].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+    nodes[0].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+    return nodes
+
+
+async def _chat(client: RedisCluster, keys: Keys, user: str, text: str) -> str:
+    """A chat message of `user` (the test app's chat.message, a 10 ms handler); its entry id."""
     data = orjson.dumps({"userId": user, "sleep": 0.01, "text": text})
-    await client.xadd(keys.events_stream, {"name": "chat.message", "data": data})
+    entry = await client.xadd(keys.events_stream, {"name": "chat.message", "data": data})
+    return str(entry.decode())
 
 
 async def _succeeded(client: RedisCluster, keys: Keys, shards: set[int]) -> dict[str, int]:
@@ -814,9 +854,12 @@ async def test_the_other_shards_runs_start_while_one_shards_slot_is_left_half_mo
     stopped) while an executor held assignments of its shard: their claim got TRYAGAIN, which
     redis-py retries until "TTL exhausted", and each read of the executor first tried again to
     learn what that failed claim did, failing the same way: no run of any shard started until
-    the slot was fixed (a cluster probe, with and without latency). The stuck shard is left
-    out a while, tried again, and the other shards' runs start meanwhile; once the slot is
-    stable its runs start too, none lost."""
+    the slot was fixed (a cluster probe, with and without latency). Admission, with requests of
+    that shard to admit, said it was not ready, its other shards admitted (the probe again).
+    The stuck shard is left out a while, tried again; the other shards' runs are admitted and
+    start meanwhile, admission ready; once the slot is stable its runs go on, none lost."""
+    from supersede.services.dev import http_status
+
     keys = Keys(f"halfmoved{uuid.uuid4().hex[:8]}", 4)
     client = RedisCluster.from_url(redis_cluster.url)
     system = System(f"redis+cluster://127.0.0.1:{redis_cluster.nodes[0].port}", keys)
@@ -824,55 +867,72 @@ async def test_the_other_shards_runs_start_while_one_shards_slot_is_left_half_mo
     slot = -1
     try:
         await client.initialize()
-        [executor] = await system.pipeline(client, keys, 1, "--slots", "40")
-        publish = functools.partial(_chat, client, keys)
+        admission, port = await system.serving("admission", "--block-ms", "100")
+        executor = system.start("executor", APP, "--slots", "40")
+
+        async def registered() -> bool:
+            return int(await client.hlen(keys.workflows_hash)) > 0
+
+        await eventually(registered, timeout=30)
+        system.start("ingress", "--block-ms", "100")
         users = [f"user{i}" for i in range(24)]
-        for user in users:
-            await publish(user, "first")
+        sent: dict[tuple[str, int], str] = {}
 
-        async def succeeded(wanted: dict[str, int]) -> bool:
-            count = await _succeeded(client, keys, set(range(keys.shards)))
-            return all(count.get(u, 0) >= n for u, n in wanted.items())
+        async def publish_round(n: int, to: list[str]) -> None:
+            for user in to:
+                sent[user, n] = await _chat(client, keys, user, f"round {n}")
 
-        await eventually(lambda: succeeded(dict.fromkeys(users, 1)), timeout=30)
+        async def ended(n: int, to: list[str]) -> bool:
+            states = {str(r["ev"]): r["st"] for r in (await records(client, keys)).values()}
+            return all(states.get(sent[u, n]) == "S" for u in to)
+
+        await publish_round(1, users)
+        await eventually(lambda: ended(1, users), timeout=30)
         shard_of = {str(r["k"]): int(rid.split("-")[0]) for rid, r in
                     (await records(client, keys)).items()}  # fmt: skip
-        deployment = {keys.events_stream, keys.workflows_hash, keys.config_hash}
-        stuck = next(s for s in sorted(set(shard_of.values()))
-                     if key_slot(keys.shard(s).runs_hash.encode())
-                     not in {key_slot(k.encode()) for k in deployment})  # fmt: skip
+        stuck = _shard_apart(keys, set(shard_of.values()))
         healthy = [u for u in users if shard_of[u] != stuck]
         assert healthy and len(healthy) < len(users)
-        # The executor holds none of the stuck shard's assignments until it is half moved.
+        # The executor holds the stuck shard's assignments, admission its requests, when it
+        # is half moved.
         executor.send_signal(signal.SIGSTOP)
-        for user in users:
-            await publish(user, "second")
+        await publish_round(2, users)
 
         async def assigned() -> bool:
             recs = await records(client, keys)
             return sum(1 for r in recs.values() if r["st"] == "A") == len(users)
 
         await eventually(assigned, timeout=30)
+        admission.send_signal(signal.SIGSTOP)
+        await publish_round(3, users)
+
+        await eventually(lambda: _read_by_ingress(client, keys), timeout=30)
         slot = key_slot(keys.shard(stuck).runs_hash.encode())
-        source = int(client.get_node_from_key(keys.shard(stuck).runs_hash).port)
-        target = next(p for p in redis_cluster.master_ports() if p != source)
-        nodes = [sync_redis.Redis(port=source), sync_redis.Redis(port=target)]
-        src_id, dst_id = (n.execute_command("CLUSTER", "MYID").decode() for n in nodes)
-        nodes[1].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-        nodes[0].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        nodes = _half_move(redis_cluster, client, keys.shard(stuck).runs_hash)
         executor.send_signal(signal.SIGCONT)
-        await eventually(lambda: succeeded(dict.fromkeys(healthy, 2)), timeout=20)
-        for user in healthy:  # (after the failed claim: each read went back to it first)
-            await publish(user, "third")
-        await eventually(lambda: succeeded(dict.fromkeys(healthy, 3)), timeout=20)
+        admission.send_signal(signal.SIGCONT)
+        readyz = f"http://127.0.0.1:{port}/readyz"
+        answers: list[int] = []
+
+        async def third_ended() -> bool:
+            answers.append(await asyncio.to_thread(http_status, readyz))
+            return await ended(3, healthy)
+
+        await eventually(third_ended, timeout=20)
+        for _ in range(20):  # (admission tried the stuck shard's requests meanwhile)
+            answers.append(await asyncio.to_thread(http_status, readyz))
+            await asyncio.sleep(0.1)
+        assert set(answers) == {200}, answers
+        await publish_round(4, healthy)  # (after the failed claims and admits)
+        await eventually(lambda: ended(4, healthy), timeout=20)
         for node in nodes:
             node.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
         slot = -1
-        wanted = {u: 3 if u in healthy else 2 for u in users}
-        await eventually(lambda: succeeded(wanted), timeout=30)
+        await eventually(lambda: ended(3, users), timeout=30)
+        # (a superseded round 2 may still be stopping)
+        await eventually(lambda: _all_ended(client, keys), timeout=30)
         recs = await records(client, keys)
-        assert len(recs) == 2 * len(users) + len(healthy)
-        assert all(r["st"] == "S" for r in recs.values())
+        assert sorted(str(r["ev"]) for r in recs.values()) == sorted(sent.values())
     finally:
         if slot >= 0:
             for node in nodes:
@@ -922,3 +982,31 @@ async def test_a_users_command_refused_while_its_slot_is_half_moved_is_sent_agai
             await client.delete(key)
         await client.aclose()
         await raw.aclose()
+
+
+async def test_a_trim_over_shards_goes_on_past_one_whose_slot_is_half_moved(
+    redis_cluster: EmbeddedCluster,
+) -> None:
+    """Admission trims every shard's control stream in one pipeline: one stream of a slot left
+    half moved ("TTL exhausted" in its reply) failed the whole trim task, every shard's trims
+    and the forgetting of gone consumers skipped, the service not ready (a cluster probe). The
+    others are trimmed; that one waits for the next trim."""
+    from supersede.trim import trim_older_than
+
+    client = RedisCluster.from_url(redis_cluster.url)
+    tag = uuid.uuid4().hex[:8]
+    streams = [f"{{trim{tag}:{i}}}:control" for i in range(6)]
+    nodes: list[sync_redis.Redis] = []
+    try:
+        await client.initialize()
+        for stream in streams[1:]:  # (the first is on neither node: ASK there, MOVED back)
+            await client.xadd(stream, {"f": "old"}, id="1-1")
+        nodes = _half_move(redis_cluster, client, streams[0], importing=False)
+        removed = await trim_older_than(client, streams, 1000, 10_000)
+        assert removed == dict.fromkeys(streams[1:], 1)
+    finally:
+        for node in nodes:
+            with contextlib.suppress(RedisError):
+                node.execute_command("CLUSTER", "SETSLOT", key_slot(streams[0].encode()), "STABLE")
+            node.close()
+        await client.aclose()
