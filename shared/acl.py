@@ -40,8 +40,9 @@ _SERVICE = _words("hget hsetnx evalsha script|load info")  # (info: maxmemory-po
 _REGISTRY = _words("multi exec get hgetall")
 _CONSUMER = _words("xreadgroup xack xautoclaim xpending xgroup|create xinfo|groups")
 # lua/heal_lag.lua, the lag Redis before 7.2.4 restores wrong: ingress's and admission's (an
-# executor's role had them in 0.3.18, and could move admission's group on its results stream)
-_HEAL = _words("xinfo|stream xgroup|setid")
+# executor's role had them in 0.3.18, and could move admission's group on its results stream);
+# xrange: it counts a few unread entries (0.3.21)
+_HEAL = _words("xinfo|stream xgroup|setid xrange")
 # Forgetting the consumers of gone processes (lua/forget_consumers.lua): the trimming services.
 _FORGET = _words("xinfo|consumers xgroup|delconsumer")
 # The commands inside the scripts that change run states (admit, finish, reap, cancel).

@@ -545,8 +545,8 @@ class Service:
                     self.log.warning(
                         "the lags Redis reports are not checked (Redis before 7.2.4 may keep "
                         "them wrong after a restart from its AOF): the ACL user lacks "
-                        "xinfo|stream or xgroup|setid; apply the roles again (supersede acl "
-                        "--apply)",
+                        "xinfo|stream, xgroup|setid or xrange; apply the roles again "
+                        "(supersede acl --apply)",
                         extra={"stream": codec.text(stream), "error": describe(exc)},
                     )
                 break
