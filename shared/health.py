@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import warnings
 from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Mapping
 from typing import Any, TypeVar, cast
@@ -68,6 +69,14 @@ _STALLS = Sampled(60.0)
 FAILING_FIRST = 0.5
 FAILING_MOST = 5.0
 FAILING_FORGET = 60.0  # seconds after a hold without a call of its shard: failing no more
+# A failing shard's call that goes through ends its failing only FAILING_QUIET seconds past its
+# hold (a slot partly served, single-key calls going through, its multi-key calls failing
+# again at once, ended it each time: the hold never grew, and a line a second said so, a
+# cluster probe); its calls meanwhile wait FAILING_DEADLINE seconds at most (a failing one
+# took a second, 16 redirections at a distance, and held the calls of other shards waited
+# with it: their run starts fell by 40 %)
+FAILING_QUIET = 1.0
+FAILING_DEADLINE = 0.3
 
 
 def shard_failure(exc: BaseException) -> bool:
@@ -122,6 +131,7 @@ class ShardHealth:
         self._back: list[int] = []  # shards that answered, not said yet
         # failing shard -> its last hold (seconds), until one of its calls goes through
         self.failing: dict[int, float] = {}
+        self._failed_at: dict[int, float] = {}  # failing shard -> (loop time) its last failure
         self._holding: set[asyncio.Task[None]] = set()
         if service:
             SHARDS_SILENT.labels(service).set(0)
@@ -146,20 +156,26 @@ class ShardHealth:
             raise ShardSilent(down)
         loop = asyncio.get_running_loop()
         started = loop.time()
+        deadline = self.deadline
+        if self.failing and not self.failing.keys().isdisjoint(shards):
+            deadline = min(deadline, FAILING_DEADLINE)
         try:
-            result = await wait_for(call, self.deadline)
+            result = await wait_for(call, deadline)
         except ShardSilent:
             raise  # (a call of other shards inside it: those are marked already)
         except (TimeoutError, RedisTimeoutError) as exc:
-            late = loop.time() - started - self.deadline
-            if not isinstance(exc, RedisTimeoutError) and late > max(STALLED, self.deadline / 2):
+            late = loop.time() - started - deadline
+            if not isinstance(exc, RedisTimeoutError) and late > max(STALLED, deadline / 2):
                 self._stalled(late)  # (this process's loop was held: not the master's silence)
                 raise ShardSilent(shards) from exc
             # A master that answers a probe at once is not silent: the call itself did not end
             # (a slot left half moved, whose TRYAGAIN the client retries past the deadline; a
             # slow call): only its shards are left out, not the master's others (a cluster
-            # probe: one stuck slot held five shards, flapping, for ten minutes).
-            if not isinstance(exc, RedisTimeoutError) and await self._answers(shards):
+            # probe: one stuck slot held five shards, flapping, for ten minutes). A failing
+            # shard's call bounded by FAILING_DEADLINE fails as failing, without a probe.
+            if not isinstance(exc, RedisTimeoutError) and (
+                deadline < self.deadline or await self._answers(shards)
+            ):
                 self.went_failing(shards, exc)  # (a probe of one key answers at once there)
             else:
                 self.went_silent(shards, exc)
@@ -246,7 +262,9 @@ class ShardHealth:
             return
         self.silent.update(new)
         first = []
+        now = asyncio.get_running_loop().time()
         for shard in new:
+            self._failed_at[shard] = now
             last = self.failing.get(shard)
             hold = FAILING_FIRST if last is None else min(FAILING_MOST, 2 * last)
             self.failing[shard] = hold
@@ -280,8 +298,16 @@ class ShardHealth:
                 del self._probes[shard]
 
     def went_through(self, shards: Collection[int]) -> None:
-        """A call of `shards` went through: those that were failing are no more."""
-        back = sorted(s for s in shards if self.failing.pop(s, None) is not None)
+        """A call of `shards` went through: those that were failing are no more, once
+        FAILING_QUIET seconds passed since their hold ended without another failure."""
+        now = asyncio.get_running_loop().time()
+        back = sorted(
+            s for s in shards
+            if s in self.failing
+            and now - self._failed_at.get(s, -math.inf) > self.failing[s] + FAILING_QUIET
+        )  # fmt: skip
+        for shard in back:
+            del self.failing[shard]
         if back:
             SHARDS_SILENT.labels(self.service).set(len(self.held))
             log.warning("shards' calls go through again", extra={"shards": back})

@@ -2134,7 +2134,7 @@ async def test_a_shard_whose_calls_fail_while_its_master_answers_is_left_out_a_w
             return 0
 
     async def stuck() -> int:
-        await asyncio.sleep(0.3)  # (16 tries refused, at a distance)
+        await asyncio.sleep(0.2)  # (16 tries refused, at a distance)
         raise ClusterError("TTL exhausted.")
 
     redis: Any = Cluster()
@@ -2144,6 +2144,7 @@ async def test_a_shard_whose_calls_fail_while_its_master_answers_is_left_out_a_w
     handler.emit = said.append  # type: ignore[method-assign,assignment]
     logging.getLogger("supersede").addHandler(handler)
     loop = asyncio.get_running_loop()
+    monkeypatch.setattr(health, "FAILING_FIRST", 0.25)  # (holds of 0.25, 0.5, 1, 2 s)
     try:
         with pytest.raises(health.ShardSilent):
             await h.call([2], stuck())
@@ -2151,6 +2152,7 @@ async def test_a_shard_whose_calls_fail_while_its_master_answers_is_left_out_a_w
         assert await h.call([1], asyncio.sleep(0, result=1)) == 1
         out = await h.each({2: ([2], asyncio.sleep(0, result=2)), 3: ([3], asyncio.sleep(0))})
         assert isinstance(out[2], health.ShardSilent) and 3 in out
+        monkeypatch.setattr(health, "FAILING_QUIET", 0.3, raising=False)
         holds = []
         began = loop.time()
         for _ in range(3):  # (each hold ends, the call fails again: twice as long)
@@ -2158,17 +2160,31 @@ async def test_a_shard_whose_calls_fail_while_its_master_answers_is_left_out_a_w
                 await asyncio.sleep(0.01)
             holds.append(loop.time() - began)
             assert SHARDS_SILENT.labels("test")._value.get() == 1  # (between holds too)
+            # a slot partly served: a single-key call goes through, a multi-key one fails
+            assert await h.call([2], asyncio.sleep(0, result=2)) == 2
+            assert 2 in h.held  # (it ended the failing each time: no hold grew, a probe)
             with pytest.raises(health.ShardSilent):
                 await h.call([2], stuck())
             began = loop.time()
-        assert 0.4 < holds[0] < 1.2 and 0.9 < holds[1] < 1.7 and 1.9 < holds[2] < 2.8, holds
+        assert 0.2 < holds[0] < 0.7 and 0.45 < holds[1] < 0.95 and 0.95 < holds[2] < 1.6, holds
         lines = [r for r in said if "fail though their master answers" in r.getMessage()]
         assert len(lines) == 1 and "TTL exhausted" in str(lines[0].__dict__["error"])
         while not h.up(2):
             await asyncio.sleep(0.01)
+        # a failing shard's call waits FAILING_DEADLINE at most (a failing one held the
+        # calls of other shards gathered with it), and fails as failing: held again
+        began = loop.time()
+        with pytest.raises(health.ShardSilent):
+            await h.call([2], asyncio.sleep(3600))
+        assert loop.time() - began < 1.0 and not h.up(2)
+        while not h.up(2):
+            await asyncio.sleep(0.01)
         assert await h.call([2], asyncio.sleep(0, result=2)) == 2  # (the slot was fixed)
+        assert 2 in h.held  # (quiet for FAILING_QUIET past the hold, first)
+        await asyncio.sleep(0.35)
+        assert await h.call([2], asyncio.sleep(0, result=2)) == 2
         assert not h.held and SHARDS_SILENT.labels("test")._value.get() == 0
-        assert any("go through again" in r.getMessage() for r in said)
+        assert sum("go through again" in r.getMessage() for r in said) == 1
         # a cluster down as a whole: raised, no shard held
         with pytest.raises(ClusterDownError):
             await h.call([0], _raises(ClusterDownError("The cluster is down")))
