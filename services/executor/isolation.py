@@ -473,17 +473,8 @@ class ProcessPool:
         is cancelled (`cancelled()`), or the step's `timeout`, stops the worker by the ladder,
         then raises CancelledError, resp. TimeoutError; any other cancel (a shutdown) kills
         the worker at once. A step that raised raises StepError with its traceback."""
-        worker = await self._idle.get()
-        while not worker.process.is_alive():  # it died while idle (OOM-killed, say)
-            self._replace(worker)
-            worker = await self._idle.get()
-        worker.flag.clear()
-        lease(worker.leased)  # (the run's stamp, for its still_current() in the worker)
+        worker = await self._take(job, lease)
         try:
-            try:
-                worker.conn.send_bytes(codec.pack_value(job))
-            except OSError as exc:
-                raise WorkerLost(f"the step's worker process could not be reached: {exc}") from None
             reply = await wait_for(self._receive(worker), timeout)
         except (asyncio.CancelledError, TimeoutError) as exc:
             ladder = isinstance(exc, TimeoutError) or cancelled()
@@ -513,6 +504,26 @@ class ProcessPool:
         if reply[0] == "output":
             raise OutputError(reply[1])
         raise StepError(reply[1])
+
+    async def _take(self, job: dict[str, Any], lease: Callable[[Any], None]) -> Worker:
+        """An idle worker that was sent `job`, `lease` given its lease stamp first (the run's,
+        for its still_current()). One that died while idle (OOM-killed, say) is
+        replaced and another takes the job: found dead, or its end of the pipe closed though
+        its death was not reported yet (the forkserver reaps it, then says so): the step
+        failed, "could not be reached", though no worker had seen it (a flaky test)."""
+        while True:
+            worker = await self._idle.get()
+            if not worker.process.is_alive():
+                self._replace(worker)
+                continue
+            worker.flag.clear()
+            lease(worker.leased)
+            try:
+                worker.conn.send_bytes(codec.pack_value(job))
+            except OSError:  # (never read by it: its end is closed)
+                self._replace(worker)
+                continue
+            return worker
 
     async def _receive(self, worker: Worker) -> list[Any]:
         """The worker's reply (waits without blocking the loop)."""
