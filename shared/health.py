@@ -72,10 +72,11 @@ FAILING_FORGET = 60.0  # seconds after a hold without a call of its shard: faili
 # A failing shard's call that goes through ends its failing only FAILING_QUIET seconds past its
 # hold (a slot partly served, single-key calls going through, its multi-key calls failing
 # again at once, ended it each time: the hold never grew, and a line a second said so, a
-# cluster probe); its calls meanwhile wait FAILING_DEADLINE seconds at most (a failing one
-# took a second, 16 redirections at a distance, and held the calls of other shards waited
+# cluster probe; with a second, ingress, whose failing call is its trim's each 5 s, said so
+# each time, a re-probe); its calls meanwhile wait FAILING_DEADLINE seconds at most (a failing
+# one took a second, 16 redirections at a distance, and held the calls of other shards waited
 # with it: their run starts fell by 40 %)
-FAILING_QUIET = 1.0
+FAILING_QUIET = 10.0
 FAILING_DEADLINE = 0.3
 
 
