@@ -219,8 +219,8 @@ def run(r: dict[str, Any]) -> str:
                      "(an id the producer chose): hops from the read")  # fmt: skip
         path = path[1:]
     if path:
-        since = "it was published" if path[0]["point"] == "published" else path[0]["point"]
-        since = since if since == "it was published" else f"the {since}"
+        first = path[0]["point"]
+        since = "it was published" if first == "published" else f"the {first}"
         lines.append(f"path (ms after {since}; each hop's share):")
         start, prev = path[0]["at_ms"], path[0]["at_ms"]
         for p in path:

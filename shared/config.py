@@ -17,7 +17,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 
 from supersede.aio import mend_redis, wait_for
-from supersede.errors import ConfigError, message_of
+from supersede.errors import ConfigError, message_of, refused_every_try
 from supersede.keys import Keys
 
 mend_redis()  # (every service, the CLI and the dashboard connect through this module)
@@ -332,11 +332,7 @@ class _Cluster(RedisCluster):
                 # carried out (redis-py raises any other error at once): a slot mid-move, or
                 # left half moved, whose ASK and MOVED sent the command back and forth (a
                 # cluster probe: 14 of 4,200 publishes failed so). Sent again a while.
-                if (
-                    type(exc) is not redis_sync.exceptions.ClusterError
-                    or "TTL exhausted" not in str(exc)
-                    or loop.time() >= refused_until
-                ):
+                if not refused_every_try(exc) or loop.time() >= refused_until:
                     raise
                 await asyncio.sleep(refused_pause)
                 refused_pause = min(refused_pause * 2, REFUSED_POLL_MAX)

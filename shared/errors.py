@@ -102,6 +102,14 @@ class KeyExpressionError(SupersedeError):
 _PIPELINE_ARGS = re.compile(r"Command # (\d+) \(.*?\) of pipeline caused error: ", re.DOTALL)
 
 
+def refused_every_try(exc: BaseException) -> bool:
+    """redis-py's cluster "TTL exhausted": every try of a command was refused (ASK, MOVED,
+    TRYAGAIN), none carried out (it raises any other error at once)."""
+    from redis.exceptions import ClusterError
+
+    return type(exc) is ClusterError and "TTL exhausted" in str(exc)
+
+
 def describe(exc: BaseException) -> str:
     """One line for a log field or a dead letter: the exception's class and message, cut. A
     failed pipeline's command is named by its number, not quoted: its arguments are data (a

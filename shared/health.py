@@ -35,7 +35,6 @@ from redis.asyncio import Redis
 from redis.exceptions import (
     AuthenticationError,
     ClusterDownError,
-    ClusterError,
     NoPermissionError,
     SlotNotCoveredError,
     TryAgainError,
@@ -43,7 +42,7 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from supersede.aio import wait_for
-from supersede.errors import describe
+from supersede.errors import describe, refused_every_try
 from supersede.logs import Sampled
 from supersede.metrics import SHARDS_SILENT, report
 
@@ -88,9 +87,7 @@ def shard_failure(exc: BaseException) -> bool:
     fail then, and the loop that made the call retries and says so."""
     if isinstance(exc, ClusterDownError):
         return "not served" in str(exc)
-    return isinstance(exc, TryAgainError | SlotNotCoveredError) or (
-        type(exc) is ClusterError and "TTL exhausted" in str(exc)
-    )
+    return isinstance(exc, TryAgainError | SlotNotCoveredError) or refused_every_try(exc)
 
 
 class ShardSilent(RedisTimeoutError):
