@@ -74,7 +74,7 @@ class Cancels:
         run.ctx._cancel()
         self.runner.stage(run, "flag")
         if run.task and not run.task.done():
-            run.task.cancel()
+            self.runner.stop_task(run)
             if run.in_async_step and not run.report_when_stopped:
                 # (not in strict mode, whose run is reported only once its handler stopped: a
                 # repeat would leave work a step shields, or an `asyncio.wait_for` of Python

@@ -143,6 +143,10 @@ class Running:
     workflow: Workflow
     ctx: Context
     task: asyncio.Task[None] | None = None
+    # Its task's coroutine began (Runner._execute); until then a stop is asked by `stop_first`
+    # (see Runner.stop_task).
+    began: bool = False
+    stop_first: bool = False
     cancel_decided_ms: float | None = None  # set once a cancel arrived
     reported: bool = False
     started: float = field(default_factory=time.monotonic)  # claimed (monotonic clock)
@@ -572,7 +576,7 @@ class Runner:
             if self.active.get(run.run_id) is not run or run.reported:
                 continue
             if run.task is not None and not run.task.done():
-                run.task.cancel()
+                self.stop_task(run)
                 if run.in_async_step:  # (a library may swallow the cancel)
                     again = asyncio.ensure_future(self.until_out_of_step(run, RECANCEL_AFTER))
                     self._pending.add(again)
@@ -611,8 +615,25 @@ class Runner:
         self.active[claim.run_id] = run
         run.task = asyncio.create_task(self.report(run, Outcome.FAILED, error))
 
+    def stop_task(self, run: Running) -> None:
+        """Cancel the run's task. One whose coroutine has not begun (created with its claim's
+        reply, and a cancel came before the loop stepped it) stops as it begins instead: a
+        task cancelled before its first step never runs its body, so it reported nothing and
+        freed nothing: its cancel was reported only after the grace period, and in strict
+        mode its group's newest run waited that long (a probe: 5 s, 2-3 pairs in 40)."""
+        task = run.task
+        if task is None or task.done():
+            return
+        if run.began:
+            task.cancel()
+        else:
+            run.stop_first = True
+
     async def _execute(self, run: Running) -> None:
+        run.began = True
         try:
+            if run.stop_first:  # (see stop_task: as a cancel of its first step)
+                raise asyncio.CancelledError
             if run.held is not None:
                 await run.held.wait()  # (see Runner.start)
             run.handler_started_us = int(server_now() * 1e6)
@@ -1307,7 +1328,7 @@ class Runner:
             )  # fmt: skip
         for task in late:
             runs[task].drained = True
-            task.cancel()
+            self.stop_task(runs[task])
         # A library may swallow that cancel (see Runner.until_out_of_step): an async step
         # still going on is cancelled again every 10 ms, for a second at most, rather than run
         # on past its leases (and beside its retry) until the loop's own last cancel, which it

@@ -706,6 +706,54 @@ async def test_the_on_cancel_hook_of_a_sync_step_past_its_grace_waits_for_the_st
         runner.close()
 
 
+@pytest.mark.parametrize("strict", [False, True])
+async def test_a_cancel_that_came_before_its_claim_reply_is_reported_at_once(
+    strict: bool,
+) -> None:
+    """A cancel that arrived before its run's claim reply applies as the run starts, before
+    its task took a step: such a task, cancelled, never ran its body, so nothing reported the
+    run until the grace period's end (a probe: 5 s, and in strict mode its group's newest run
+    waited as long). Now the run is reported CANCELLED at once, its step never run, no hook."""
+    from supersede.keys import Keys
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.cancel import Cancels
+    from supersede.services.executor.steps import Runner
+
+    outbox, events = _Outbox(), []
+    wf = Workflow("wf", on_events=["e"], concurrency=Concurrency("input.k", strict=strict))
+
+    @wf.step()
+    async def step(ctx: Any) -> None:
+        events.append("step")
+        await asyncio.sleep(5)
+
+    @wf.on_cancel
+    def hook(ctx: Any) -> None:
+        events.append("hook")
+
+    config = ExecutorConfig(grace=3.0)
+    runner = Runner([wf], config, outbox)
+    cancels = Cancels(None, Keys("t", 1), runner, config, cluster=False)
+    try:
+        cancels._remember("0-a", 1, time.time() * 1000)  # (from the control stream)
+        claim = Claim("0-a", True, 1, "wf", "v", pack_input({}, {}, "e", "1"), "k", "s", "R")
+        run = runner.start(0, claim)
+        assert run is not None and run.task is not None
+        cancels.apply_early(run)  # (as the claim reply's handling does, at once)
+        asked = time.monotonic()
+        await asyncio.wait({run.task}, timeout=2)
+        for _ in range(100):  # (the report's put is done at once: a few steps at most)
+            if outbox.written:
+                break
+            await asyncio.sleep(0.01)
+        assert [r.outcome.value for r in outbox.written] == ["C"]
+        assert time.monotonic() - asked < 1.0  # (old: nothing until the 3 s grace)
+        assert "0-a" not in runner.active and events == []
+    finally:
+        runner.close()
+
+
 async def test_a_sync_on_cancel_hooks_own_timeout_is_logged_with_its_frames(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
