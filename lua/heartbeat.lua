@@ -1,7 +1,14 @@
+#!lua flags=allow-oom
 --[[
   Renews the leases of an executor's runs and tells it which of them it must stop: runs that
   were cancelled (CANCELLING), ended, re-assigned to another attempt or executor, or are gone.
   This is the backstop for a cancel message the executor missed on the control stream.
+
+  Flags: allow-oom. A renewal moves scores of members the leases zset holds: it takes no
+  memory to speak of, and a server at its maxmemory (noeviction) must not let leases lapse
+  (refused, they did: the reaper retried each run, its retry could not renew either, and a
+  lease later the next attempt went, until runs FAILED of lease_expired; a probe). Declares
+  every key it touches (KEYS[1], KEYS[2]: one shard's slot), as a script with flags must.
 
   Input:
     KEYS[1]  runs hash

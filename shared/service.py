@@ -113,6 +113,15 @@ MOVING_HINT = (
 )
 
 
+def error_fields(exc: BaseException) -> dict[str, str]:
+    """A log line's fields for a failure said in one line: the error, and the fix when one is
+    known (a server at its maxmemory: the executor's lines carried the raw OOM text alone)."""
+    fields = {"error": describe(exc)}
+    if fix := _hint(exc):
+        fields["hint"] = fix
+    return fields
+
+
 def _hint(exc: BaseException) -> str | None:
     """The fix to name beside a failure said in one line; None: log its traceback."""
     if isinstance(exc, _SAID_WITH_HINT):

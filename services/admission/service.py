@@ -68,6 +68,7 @@ GAUGES_EVERY = 1.0  # seconds between two reads of the gauges, at least
 GAUGED_STREAMS_PER_S = 2_000  # streams the gauges read a second at most (then less often)
 DEBOUNCE_POLL = 1.0  # seconds between looks for debounce timers another process set
 _NOT_LOOKED = Sampled()  # (a line per 5 s while a master is silent)
+_REAPED_NOT_READ = Sampled()  # (a line per 5 s while the server is down)
 LAG_STREAMS = ("requests", "results", "assignments")  # the kinds of streams the lag gauge sums
 
 
@@ -759,6 +760,21 @@ class Admission(Service):
             if wid in backlog:  # (registered: a retired one's series were removed above)
                 metrics.WORKFLOW_UNSERVED.labels(wid).set(max(0.0, (now_ms - int(at)) / 1000))
 
+    async def _count_lost_reap(self, shard: int, key: str, token: str) -> None:
+        """Count what the reap call of `token`, whose reply was lost, did (it kept its outcome
+        at `key`); never holds up the reaps: on a failure that count is lost."""
+        try:
+            lost = await self.health.call([shard], self.scripts.reaped(key, token))
+        except Exception as exc:  # (one line per 5 s: a line per shard and tick was 32 a
+            # second while the server was down, an operator's probe)
+            error = describe(exc)
+            if (repeats := _REAPED_NOT_READ.due(error)) is not None:
+                extra = {"shard": shard, "error": error, "repeats": repeats}
+                self.log.info("a lost reap reply's outcome is not read", extra=extra)
+            return
+        if lost:
+            self._count_reaped(shard, lost)
+
     async def reap_all(self) -> None:
         """One reap per shard, repeated (up to REAP_ROUNDS calls of REAP_LIMIT records) while
         a call found a full batch of old records: the retention keeps up at any end rate the
@@ -768,14 +784,7 @@ class Admission(Service):
             key = self.keys.shard(shard).reaped_string(self.consumer)
             token = self._reap_unsure.pop(shard, None)
             if token is not None:  # (a call whose reply was lost: did it reap?)
-                try:
-                    lost = await self.health.call([shard], self.scripts.reaped(key, token))
-                except Exception as exc:  # (never holds up the reaps: that count is lost)
-                    self.log.info("a lost reap reply's outcome is not read",
-                                  extra={"shard": shard, "error": describe(exc)})  # fmt: skip
-                    lost = None
-                if lost:
-                    self._count_reaped(shard, lost)
+                await self._count_lost_reap(shard, key, token)
             for _ in range(REAP_ROUNDS):
                 started = time.perf_counter()
                 self._reap_calls += 1

@@ -46,6 +46,7 @@ from supersede.keys import Keys
 from supersede.logs import Sampled
 from supersede.metrics import report
 from supersede.scripts import HandBackResult, hand_back_call, load_source
+from supersede.service import error_fields
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.steps import Runner
@@ -335,7 +336,7 @@ class LeaseKeeper:
                     repeats = _BEAT_FAILED.due(type(exc).__name__)
                     if repeats is not None:
                         log.warning("lease renewal failed; the next beat tries again",
-                                    extra={"error": describe(exc), "repeats": repeats})  # fmt: skip
+                                    extra={**error_fields(exc), "repeats": repeats})  # fmt: skip
                 else:
                     log.exception("lease renewal failed")
                 if not failing:  # not ready: with every slot busy, no other call may notice

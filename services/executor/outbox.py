@@ -30,7 +30,7 @@ from supersede.keys import Keys
 from supersede.logs import Sampled
 from supersede.protocol import ASSIGN_DEADLINE_FIELD, PAYLOAD, RunResult
 from supersede.scripts import Scripts, Turn
-from supersede.service import Throttle
+from supersede.service import Throttle, error_fields
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 
@@ -245,7 +245,7 @@ class Outbox:
             repeats = _NOT_APPLIED.due(type(error).__name__)
             if repeats is not None:
                 log.warning("results not applied by the finish call; writing them to the streams",
-                            extra={"runs": len(rest), "error": describe(error),
+                            extra={"runs": len(rest), **error_fields(error),
                                    "repeats": repeats})  # fmt: skip
             if not applied:
                 return batch

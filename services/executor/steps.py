@@ -9,7 +9,9 @@ to have survived (the turn key of the finish call that applied them, read by the
 or the heartbeat saying they ended); a result still unapplied after a lease is sent again (with
 backoff), in case
 the first write was lost (a failover before replication), since applying a result twice changes
-nothing."""
+nothing. A result the server would not take (at its maxmemory, down, failing over) waits there
+too, sent again each third of a lease until it is: the run is retried elsewhere only if its
+lease lapses meanwhile (a renewal goes through at maxmemory: lua/heartbeat.lua)."""
 
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from supersede.metrics import HOP_SECONDS
 from supersede.model import group_id
 from supersede.protocol import Outcome, RunResult, unpack_input
 from supersede.scripts import Claim
-from supersede.service import STEP_THREAD_PREFIX, server_now
+from supersede.service import STEP_THREAD_PREFIX, error_fields, server_now
 from supersede.services.executor import metrics
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.isolation import (
@@ -102,6 +104,13 @@ def _note_turn(rep: Reported, fut: asyncio.Future[int]) -> None:
         rep.turn = fut.result()
 
 
+def _note_written(rep: Reported, lease: float, fut: asyncio.Future[int]) -> None:
+    """A result not written before went through: from now on it waits as one written does."""
+    if not fut.cancelled() and fut.exception() is None:
+        rep.turn, rep.unwritten = fut.result(), False
+        rep.resend_at = time.monotonic() + lease
+
+
 LET_GO_LEASES = 3  # leases an attempt stopped unreported is remembered (Runner.let_go)
 LET_GO_MOST = 10_000  # such attempts remembered at most
 RECANCEL_AFTER = 0.1  # seconds an async step may go on after a cancel before it is repeated
@@ -131,6 +140,10 @@ class Reported:
     resend_at: float  # monotonic time of the next write of the same result
     resends: int = 0
     turn: int = 0  # the finish call's turn that applied it (0: written to the results stream)
+    # Not written yet (the server refused it or did not answer): sent again each third of a
+    # lease, without backoff, until a write goes through; `sending` is the write in flight.
+    unwritten: bool = False
+    sending: asyncio.Future[int] | None = None
 
 
 @dataclass(slots=True)
@@ -1276,14 +1289,20 @@ class Runner:
                     run.run_id, run.shard, run.attempt, result, resend_at, turn=turn
                 )
         except Exception as exc:
-            # Not written: the run's lease expires and the reaper retries it elsewhere.
-            if not isinstance(exc, SERVER_UNAVAILABLE):  # (a defect: its stack)
+            if not isinstance(exc, SERVER_UNAVAILABLE):  # (a defect: its stack; the run's
+                # lease expires and the reaper retries it elsewhere)
                 log.exception("result not written", extra={"run": run.run_id})
-            elif (repeats := _NOT_WRITTEN.due(type(exc).__name__)) is not None:  # (each run's)
-                log.warning("result not written: the run is retried once its lease lapses "
-                            "(unless a finish call sent before the failure is applied)",
-                            extra={"run": run.run_id, "error": describe(exc),
-                                   "repeats": repeats})  # fmt: skip
+            else:  # Kept, its lease renewed, and sent again until the server takes it: at
+                # maxmemory each finished run's result was dropped, the run retried once its
+                # lease lapsed, and its handler ran again (a probe: 82 re-runs in 4 minutes).
+                if self.active.get(run.run_id) is run:
+                    self.awaiting[run.run_id] = Reported(run.run_id, run.shard, run.attempt,
+                                                         result, 0.0, unwritten=True)  # fmt: skip
+                if (repeats := _NOT_WRITTEN.due(type(exc).__name__)) is not None:
+                    log.warning("result not written yet: sent again until the server takes "
+                                "it (the run is retried elsewhere if its lease lapses first)",
+                                extra={"run": run.run_id, **error_fields(exc),
+                                       "repeats": repeats})  # fmt: skip
         finally:
             metrics.RUNS_FINISHED.labels(run.workflow.id, OUTCOME_LABEL[outcome]).inc()
             self._free_slot(run)
@@ -1300,11 +1319,16 @@ class Runner:
         return out
 
     def resend_due(self) -> None:
-        """Write again the results unapplied for a lease (then 2, 4, ... up to 64 leases)."""
+        """Write again the results unapplied for a lease (then 2, 4, ... up to 64 leases), and
+        those not written at all (each call: every third of a lease)."""
         now = time.monotonic()
         lease = self.config.lease_ms / 1000
         for rep in self.awaiting.values():
-            if now >= rep.resend_at:
+            if rep.unwritten:
+                if rep.sending is None or rep.sending.done():
+                    rep.sending = self.outbox.put(rep.shard, rep.result)
+                    rep.sending.add_done_callback(functools.partial(_note_written, rep, lease))
+            elif now >= rep.resend_at:
                 rep.resends += 1
                 rep.resend_at = now + lease * 2 ** min(rep.resends, 6)
                 written = self.outbox.put(rep.shard, rep.result)

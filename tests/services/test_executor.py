@@ -1822,13 +1822,14 @@ held_proc.step()(hold_on)
 async def test_a_run_whose_lease_cannot_be_renewed_stops_before_it_runs_again_elsewhere(
     redis: Redis, keys: Keys, system: System, tmp_path: Path, event: str
 ) -> None:
-    """At its maxmemory the server refuses the lease renewals (and the reaper's writes). Once
-    memory was freed the reaper, faster than the heartbeat, re-ran the runs whose handlers
-    still ran on the executor that could not renew them: two handlers of one run at once for
-    seconds, strict mode included (a probe). The executor now stops a run it could not renew
-    before its lease runs out on the server, reports nothing, and the reaper retries it. A
-    step in a worker process is killed at once (a cancel's ladder gave one that ignores
-    `ctx.cancelled` the grace period, 5 s, past the lease)."""
+    """A server that takes no write for longer than a lease (here `CLIENT PAUSE WRITE`; a
+    probe's was at its maxmemory, which refused the renewals then): once it took them again
+    the reaper, faster than the heartbeat, re-ran the runs whose handlers still ran on the
+    executor that could not renew them: two handlers of one run at once for seconds, strict
+    mode included (a probe). The executor now stops a run it could not renew before its lease
+    runs out on the server, reports nothing, and the reaper retries it. A step in a worker
+    process is killed at once (a cancel's ladder gave one that ignores `ctx.cancelled` the
+    grace period, 5 s, past the lease)."""
     module = tmp_path / "ledgered.py"
     module.write_text(LEDGER_MODULE)
     ledger = tmp_path / "ledger.txt"
@@ -1847,14 +1848,15 @@ async def test_a_run_whose_lease_cannot_be_renewed_stops_before_it_runs_again_el
 
     await publish(redis, keys, event, k="a", sleep=30)
     await eventually(noted("start"), timeout=30)
-    await redis.config_set("maxmemory", 1)  # (noeviction: every write is refused)
+    [rid] = list(await records(redis, keys))
+    sk = keys.shard(int(rid.split("-")[0]))
+    await redis.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")  # (reads are served)
     try:
-        [rid] = list(await records(redis, keys))  # (reads are served)
-        sk = keys.shard(int(rid.split("-")[0]))
+        await asyncio.sleep(0.2)  # (a renewal sent just before the pause is in)
         lapses_ms = float(await redis.zscore(sk.leases_zset, rid))  # (renewed no more)
         await eventually(lambda: _past(lapses_ms + 300), timeout=10)
     finally:
-        await redis.config_set("maxmemory", 0)
+        await redis.execute_command("CLIENT", "UNPAUSE")
     await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
     first = [x for x in lines() if x[2] == "1"]
     second = [x for x in lines() if x[2] == "2"]
@@ -1866,6 +1868,49 @@ async def test_a_run_whose_lease_cannot_be_renewed_stops_before_it_runs_again_el
     if event == "held.go":
         assert first[-1][0] == "stop"
     assert "leases not renewed in time" in await _stderr_after_sigterm(executor)
+
+
+@pytest.mark.parametrize("event", ["held.go", "held-proc.go"])
+async def test_at_maxmemory_runs_keep_their_leases_and_their_results_wait(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path, event: str
+) -> None:
+    """At its maxmemory (noeviction) the server refused the lease renewals, but the reaper's
+    and the claims' calls went through (a script's first write decides, and theirs free
+    memory): each run was stopped, retried and stopped again a lease later, and FAILED of
+    lease_expired once out of attempts; a result the server refused was dropped and its run
+    ran again (a probe: 5 runs FAILED, 82 re-run in 4 minutes). Now the renewal goes through
+    at maxmemory (lua/heartbeat.lua: allow-oom) and a result not written waits, renewed and
+    sent again, until memory is freed (unit test): the run ends SUCCEEDED on its first
+    attempt, its handler run once. (Here the handler, 3 s, outlasts the 2 s lease, and ends
+    while the server is full.)"""
+    module = tmp_path / "ledgered.py"
+    module.write_text(LEDGER_MODULE)
+    ledger = tmp_path / "ledger.txt"
+    system.env["LEDGER"] = str(ledger)
+    executor = await _system_with_module(redis, keys, system, module, "held-proc", "--lease", "2")
+    system.start("admission", "--reap-interval", "0.1")  # (a second one: reaps every 0.1 s)
+
+    def lines() -> list[list[str]]:
+        return [x.split() for x in ledger.read_text().splitlines()] if ledger.exists() else []
+
+    async def ended() -> bool:
+        return any(x[0] == "end" for x in lines())
+
+    await publish(redis, keys, event, k="a", sleep=3)
+    await eventually(lambda: _states(redis, keys, {"R": 1}), timeout=30)
+    await redis.config_set("maxmemory", 1)  # (noeviction: every write is refused)
+    try:
+        await eventually(ended, timeout=30)  # (3 s after its start: past a lease)
+        await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)  # (the finish
+        # call's first write frees memory: it goes through)
+    finally:
+        await redis.config_set("maxmemory", 0)
+    await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)
+    kinds = {(x[0], x[2]) for x in lines()}
+    assert kinds == {("start", "1"), ("alive", "1"), ("end", "1")}, kinds  # once, attempt 1
+    [record] = (await records(redis, keys)).values()
+    assert record["a"] == 1
+    assert "leases not renewed in time" not in await _stderr_after_sigterm(executor)
 
 
 async def test_slow_heartbeat_calls_stop_no_run_whose_lease_the_server_renewed(

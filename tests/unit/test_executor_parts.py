@@ -754,6 +754,60 @@ async def test_a_cancel_that_came_before_its_claim_reply_is_reported_at_once(
         runner.close()
 
 
+async def test_a_result_the_server_refused_waits_renewed_and_is_sent_again() -> None:
+    """A result the server would not take (at its maxmemory, down) was dropped: the run left
+    the leases the executor renews, lapsed, and ran again elsewhere though its handler had
+    succeeded (a probe). Now it waits among the runs renewed (`leased`), sent again at each
+    `resend_due` (a third of a lease) without backoff, until a write goes through."""
+    from redis.exceptions import OutOfMemoryError
+
+    from supersede.protocol import pack_input
+    from supersede.scripts import Claim
+    from supersede.services.executor.steps import Runner
+
+    class Refusing(_Outbox):
+        def __init__(self) -> None:
+            super().__init__()
+            self.refuse = 2
+
+        def put(self, shard: int, result: Any) -> Any:
+            if not self.refuse:
+                return super().put(shard, result)
+            self.refuse -= 1
+            failed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            failed.set_exception(OutOfMemoryError("OOM command not allowed"))
+            return failed
+
+    outbox = Refusing()
+    wf = Workflow("wf", on_events=["e"])
+
+    @wf.step()
+    async def quick(ctx: Any) -> int:
+        return 1
+
+    runner = Runner([wf], ExecutorConfig(), outbox)
+    try:
+        run = runner.start(0, Claim("0-a", True, 1, "wf", "v", pack_input({}, {}, "e", "1"),
+                                    "k", "s", "R"))  # fmt: skip
+        assert run is not None and run.task is not None
+        await asyncio.wait({run.task}, timeout=5)
+        assert "0-a" not in runner.active
+        assert [(rid, a) for _, rid, a, _ in runner.leased()] == [("0-a", 1)]  # (old: [])
+        runner.resend_due()  # (refused again: kept)
+        await asyncio.sleep(0)
+        assert "0-a" in runner.awaiting and runner.awaiting["0-a"].unwritten
+        runner.resend_due()
+        await asyncio.sleep(0)
+        assert [r.outcome.value for r in outbox.written] == ["S"]
+        rep = runner.awaiting["0-a"]
+        assert not rep.unwritten and rep.resend_at > time.monotonic()  # (as one written)
+        runner.resend_due()
+        await asyncio.sleep(0)
+        assert len(outbox.written) == 1  # (not sent again before its time)
+    finally:
+        runner.close()
+
+
 async def test_a_sync_on_cancel_hooks_own_timeout_is_logged_with_its_frames(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1730,7 +1784,9 @@ async def test_a_reclaim_never_starts_again_an_attempt_whose_result_was_given_up
     deadline = time.monotonic() + 10
     while runner.active and time.monotonic() < deadline:  # (its handler ends, its result is
         await asyncio.sleep(0.01)  # not written: held no more)
-    assert not runner.awaiting and ("0-r", 1) not in claimer._held()
+    assert runner.awaiting["0-r"].unwritten  # (its result waits, renewed, to be sent again)
+    del runner.awaiting["0-r"]  # (let go, as a heartbeat naming it does: held no more)
+    assert ("0-r", 1) not in claimer._held()
     assert await claimer.reclaim() == 1
     assert set(runner.active) == {"0-n"}  # (the one never started here starts; "0-r" not)
     runner.close()
