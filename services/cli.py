@@ -31,7 +31,7 @@ from supersede.config import (
 )
 from supersede.errors import ConfigError, SupersedeError
 from supersede.protocol import Inbox, RunState
-from supersede.service import place_process, run_until_signal
+from supersede.service import error_fields, place_process, run_until_signal
 from supersede.services.modules import load_modules, load_workflows
 
 if TYPE_CHECKING:
@@ -523,8 +523,9 @@ def _ops(args: argparse.Namespace, settings: Settings) -> None:
             if refused is not None:
                 print(f"supersede: {refused}", file=sys.stderr)
                 return 2
+            fix = error_fields(exc).get("hint") or "try again, or check the server"
             ops.warn(f"supersede: Redis at {redact(settings.redis_url)} failed the command "
-                     f"({type(exc).__name__}: {exc}); try again, or check the server")  # fmt: skip
+                     f"({type(exc).__name__}: {exc}); {fix}")  # fmt: skip
             return 1
         finally:
             await redis.aclose()

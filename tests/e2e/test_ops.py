@@ -43,6 +43,23 @@ async def acli(system: System, *args: str) -> Any:
     return await asyncio.to_thread(cli, system, *args)
 
 
+async def test_a_publish_refused_at_maxmemory_names_the_fix(
+    redis: Redis, keys: Keys, system: System
+) -> None:
+    """At the server's maxmemory `supersede publish` said "try again, or check the server"
+    (an operator's probe): the services' lines name maxmemory, the CLI's did not."""
+    cmd = [sys.executable, "-m", "supersede", "publish", "chat.message", '{"userId": "u1"}']
+    await redis.config_set("maxmemory", 1)  # (noeviction: every write is refused)
+    try:
+        done = await asyncio.to_thread(subprocess.run, cmd, env=system.env,
+                                       capture_output=True, timeout=60)  # fmt: skip
+    finally:
+        await redis.config_set("maxmemory", 0)
+    err = done.stderr.decode()
+    assert done.returncode == 1 and "Traceback" not in err, err
+    assert "free memory or raise maxmemory" in err and len(err.strip().splitlines()) == 1, err
+
+
 async def test_runs_run_status_and_cancel_through_the_cli(
     redis: Redis, keys: Keys, system: System
 ) -> None:
