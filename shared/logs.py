@@ -13,7 +13,7 @@ import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from supersede.errors import message_of_text
+from supersede.errors import describe, message_of_text
 
 _RESERVED = set(vars(logging.makeLogRecord({})))
 
@@ -48,6 +48,14 @@ _LINK_LOST = (
     ConnectionError,
     TimeoutError,  # (asyncio's too)
 )
+
+
+def kind_of(exc: BaseException) -> str:
+    """The kind of a failure, for a sampled line's key (`Sampled.due`): a lost or refused
+    connection or a timeout is one, "link lost", whatever the client says of each (under
+    `CLIENT KILL` "Connection closed." and "Connection lost" were two lines every 5 s, an
+    operator's probe); another failure its one line (`describe`)."""
+    return "link lost" if isinstance(exc, _LINK_LOST) else describe(exc)
 
 
 class Repeats(logging.Filter):

@@ -62,7 +62,7 @@ from supersede.config import (
 from supersede.errors import ConfigError, describe
 from supersede.health import SILENT_AFTER, ShardHealth
 from supersede.lane import Lane, lane_of
-from supersede.logs import Sampled
+from supersede.logs import Sampled, kind_of
 from supersede.protocol import Entry
 from supersede.scripts import Scripts
 from supersede.streams import (
@@ -171,7 +171,7 @@ async def when_possible(
             await call()
             return True
         except NOT_YET as exc:
-            repeats = said.due(describe(exc))
+            repeats = said.due(kind_of(exc))
             if repeats is not None:
                 hint = next((h for cls, h in _NOT_YET_HINTS if isinstance(exc, cls)), "")
                 line = f"{name} cannot start yet; trying again: {describe(exc)}"
@@ -465,7 +465,8 @@ class Service:
             # resume from SIGSTOP: the traceback says no more than its last line)
             hint = hint or ""
             line = f"{message}: {refused or describe(exc)}" + (f" ({hint})" if hint else "")
-            repeats = self._failures.due(f"{line} {sorted(extra.items())}")
+            kind = f"{message}: {refused or kind_of(exc)} {sorted(extra.items())}"
+            repeats = self._failures.due(kind)
             if repeats is not None:
                 self.log.error(line, extra={**extra, "repeats": repeats})
         else:

@@ -31,7 +31,7 @@ from supersede.errors import ScriptError, describe
 from supersede.health import ShardSilent, raise_unless_silent, shard_failure
 from supersede.keys import ShardKeys
 from supersede.lane import Lane, read
-from supersede.logs import Sampled
+from supersede.logs import Sampled, kind_of
 from supersede.metrics import HOP_SECONDS
 from supersede.protocol import (
     ADMISSION_GROUP,
@@ -768,7 +768,7 @@ class Admission(Service):
         except Exception as exc:  # (one line per 5 s: a line per shard and tick was 32 a
             # second while the server was down, an operator's probe)
             error = describe(exc)
-            if (repeats := _REAPED_NOT_READ.due(error)) is not None:
+            if (repeats := _REAPED_NOT_READ.due(kind_of(exc))) is not None:
                 extra = {"shard": shard, "error": error, "repeats": repeats}
                 self.log.info("a lost reap reply's outcome is not read", extra=extra)
             return

@@ -21,7 +21,7 @@ from supersede.errors import describe
 from supersede.health import shard_failure
 from supersede.keys import Keys
 from supersede.lane import Lane, read
-from supersede.logs import Sampled
+from supersede.logs import Sampled, kind_of
 from supersede.protocol import Control, Entry, Outcome, parse_cancel
 from supersede.service import server_now
 from supersede.services.executor import metrics
@@ -151,7 +151,7 @@ class Cancels:
                 # (one line: a resume from SIGSTOP timed out the read in flight, a failover
                 # ended it, and a traceback at ERROR said nothing more)
                 error = describe(exc)
-                if (repeats := _CONTROL_FAILED.due(error)) is not None:  # (once in 5 s)
+                if (repeats := _CONTROL_FAILED.due(kind_of(exc))) is not None:  # (once in 5 s)
                     log.warning("control read failed; reading again",
                                 extra={"error": error, "repeats": repeats})  # fmt: skip
                 await asyncio.sleep(retry_pause(exc))

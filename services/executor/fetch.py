@@ -53,7 +53,7 @@ from supersede.errors import describe
 from supersede.health import ShardSilent, raise_unless_silent
 from supersede.keys import Keys
 from supersede.lane import Lane, read
-from supersede.logs import Sampled
+from supersede.logs import Sampled, kind_of
 from supersede.protocol import (
     EXECUTOR_GROUP,
     Entry,
@@ -804,7 +804,7 @@ class Fetcher:
             except Exception as exc:
                 if failed_over(exc) or isinstance(exc, SERVER_UNAVAILABLE):  # (one line)
                     error = describe(exc)
-                    if (repeats := _WAKE_FAILED.due(error)) is not None:  # (once in 5 s)
+                    if (repeats := _WAKE_FAILED.due(kind_of(exc))) is not None:  # (once in 5 s)
                         log.warning("wake read failed; reading again",
                                     extra={"error": error, "repeats": repeats})  # fmt: skip
                 else:

@@ -1151,16 +1151,22 @@ async def test_a_failure_of_one_line_repeated_is_written_once_per_five_seconds(
 ) -> None:
     """The loops' retries while a server is down: the README promises one line per 5 s with
     `repeats`. Lines of one line (no traceback) were written each time: 650 lines in a 30 s
-    outage (a probe), a timestamp in the error making each another."""
+    outage (a probe), a timestamp in the error making each another; and a lost connection is
+    one error whatever the client says of it (under `CLIENT KILL`, "Connection closed." and
+    "Connection lost" were a line each every 5 s: an operator's probe)."""
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ReadOnlyError
 
     settings = Settings(redis_url=redis_url, namespace=keys.namespace, shards=keys.shards)
     admission = Admission(redis, settings, AdmissionConfig())
+    said = ("Error 111 connecting at {}", "Connection closed by server. {}",
+            "Connection lost: [Errno 104] Connection reset by peer {}")  # fmt: skip
     with caplog.at_level(logging.ERROR, logger="supersede"):
-        for i in range(20):
-            exc = RedisConnectionError(f"Error 111 connecting at {time.time() + i}")
+        for i in range(21):
+            exc = RedisConnectionError(said[i % 3].format(time.time() + i))
             admission.log_failure("batch failed; retrying", exc)
-        admission.log_failure("batch failed; retrying", RedisConnectionError("another"))
+        admission.log_failure("batch failed; retrying", TimeoutError("Timeout reading"))
+        admission.log_failure("batch failed; retrying", ReadOnlyError("another"))
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and "another" in lines[1], lines
 
