@@ -769,7 +769,7 @@ class Admission(Service):
             # second while the server was down, an operator's probe)
             error = describe(exc)
             if (repeats := _REAPED_NOT_READ.due(kind_of(exc))) is not None:
-                extra = {"shard": shard, "error": error, "repeats": repeats}
+                extra = {"error": error, "repeats": repeats}  # (of any shard)
                 self.log.info("a lost reap reply's outcome is not read", extra=extra)
             return
         if lost:

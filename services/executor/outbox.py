@@ -286,7 +286,7 @@ class Outbox:
             repeats = _NOT_WRITTEN_YET.due("write")  # (every 0.2 s while the server is down)
             if repeats is not None:
                 log.warning("results not written yet; retrying",
-                            extra={"runs": len(part), "error": describe(exc),
+                            extra={"runs": len(part), **error_fields(exc),
                                    "repeats": repeats})  # fmt: skip
 
     async def _xadd(self, items: list[Held]) -> None:

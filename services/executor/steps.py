@@ -9,9 +9,9 @@ to have survived (the turn key of the finish call that applied them, read by the
 or the heartbeat saying they ended); a result still unapplied after a lease is sent again (with
 backoff), in case
 the first write was lost (a failover before replication), since applying a result twice changes
-nothing. A result the server would not take (at its maxmemory, down, failing over) waits there
-too, sent again each third of a lease until it is: the run is retried elsewhere only if its
-lease lapses meanwhile (a renewal goes through at maxmemory: lua/heartbeat.lua)."""
+nothing. A result the server would not take (at its maxmemory, down, failing over) is put
+again until it is, its run holding its slot and renewed as a running one meanwhile (a renewal
+goes through at maxmemory: lua/heartbeat.lua)."""
 
 from __future__ import annotations
 
@@ -104,13 +104,7 @@ def _note_turn(rep: Reported, fut: asyncio.Future[int]) -> None:
         rep.turn = fut.result()
 
 
-def _note_written(rep: Reported, lease: float, fut: asyncio.Future[int]) -> None:
-    """A result not written before went through: from now on it waits as one written does."""
-    if not fut.cancelled() and fut.exception() is None:
-        rep.turn, rep.unwritten = fut.result(), False
-        rep.resend_at = time.monotonic() + lease
-
-
+RESULT_RETRY = 0.2  # seconds between two puts of a result the server refused (each up to a lease)
 LET_GO_LEASES = 3  # leases an attempt stopped unreported is remembered (Runner.let_go)
 LET_GO_MOST = 10_000  # such attempts remembered at most
 RECANCEL_AFTER = 0.1  # seconds an async step may go on after a cancel before it is repeated
@@ -140,10 +134,6 @@ class Reported:
     resend_at: float  # monotonic time of the next write of the same result
     resends: int = 0
     turn: int = 0  # the finish call's turn that applied it (0: written to the results stream)
-    # Not written yet (the server refused it or did not answer): sent again each third of a
-    # lease, without backoff, until a write goes through; `sending` is the write in flight.
-    unwritten: bool = False
-    sending: asyncio.Future[int] | None = None
 
 
 @dataclass(slots=True)
@@ -625,6 +615,7 @@ class Runner:
         ctx = Context(run_id=claim.run_id, workflow=claim.workflow, attempt=claim.attempt,
                       input={}, metadata={}, event="", event_id="", key=claim.key)  # fmt: skip
         run = Running(claim.run_id, shard, claim.attempt, Workflow(claim.workflow, []), ctx)
+        run.began = True  # (its task reports: a stop cancels it, see stop_task)
         self.active[claim.run_id] = run
         run.task = asyncio.create_task(self.report(run, Outcome.FAILED, error))
 
@@ -1278,9 +1269,7 @@ class Runner:
         if run.span is not None:
             tracing.end_run(run.span, outcome.name, error)
         try:
-            # (not shielded: a cancel of this task while it waits cancels only the future, and
-            # the outbox writes the result all the same, skipping a future that is done)
-            turn = await self.outbox.put(run.shard, result)
+            turn = await self._put_until_written(run, result)
             # Renewed until known to have survived, even when the finish call applied it: a
             # failover or a crash of the server can still lose that write.
             if self.active.get(run.run_id) is run:  # not superseded by a newer attempt here
@@ -1289,23 +1278,34 @@ class Runner:
                     run.run_id, run.shard, run.attempt, result, resend_at, turn=turn
                 )
         except Exception as exc:
-            if not isinstance(exc, SERVER_UNAVAILABLE):  # (a defect: its stack; the run's
-                # lease expires and the reaper retries it elsewhere)
+            # Not written: the run's lease expires and the reaper retries it elsewhere.
+            if not isinstance(exc, SERVER_UNAVAILABLE):  # (a defect: its stack)
                 log.exception("result not written", extra={"run": run.run_id})
-            else:  # Kept, its lease renewed, and sent again until the server takes it: at
-                # maxmemory each finished run's result was dropped, the run retried once its
-                # lease lapsed, and its handler ran again (a probe: 82 re-runs in 4 minutes).
-                if self.active.get(run.run_id) is run:
-                    self.awaiting[run.run_id] = Reported(run.run_id, run.shard, run.attempt,
-                                                         result, 0.0, unwritten=True)  # fmt: skip
-                if (repeats := _NOT_WRITTEN.due(type(exc).__name__)) is not None:
-                    log.warning("result not written yet: sent again until the server takes "
-                                "it (the run is retried elsewhere if its lease lapses first)",
-                                extra={"run": run.run_id, **error_fields(exc),
-                                       "repeats": repeats})  # fmt: skip
         finally:
             metrics.RUNS_FINISHED.labels(run.workflow.id, OUTCOME_LABEL[outcome]).inc()
             self._free_slot(run)
+
+    async def _put_until_written(self, run: Running, result: RunResult) -> int:
+        """Hand `result` to the outbox, again while the server refuses it or does not take it
+        (at its maxmemory, down, failing over: the outbox tries each put for up to a lease),
+        the run keeping its slot and renewed as a running one; its turn (see Outbox.put).
+        Dropped, such a result's run was retried once its lease lapsed and its handler ran
+        again (a probe: 82 re-runs in a 4-minute OOM); and with its slot freed, runs whose
+        results could not be written either were taken meanwhile (a review). Given up when a
+        newer attempt of the run started here. (Not shielded: a cancel of this task, a drain's
+        deadline, cancels only the future, and the outbox writes the result all the same,
+        skipping a future that is done.)"""
+        while True:
+            try:
+                return await self.outbox.put(run.shard, result)
+            except SERVER_UNAVAILABLE as exc:
+                if self.active.get(run.run_id) is not run:
+                    raise
+                if (repeats := _NOT_WRITTEN.due(type(exc).__name__)) is not None:
+                    log.warning("result not written yet: put again until the server takes it, "
+                                "the run keeping its slot", extra={"run": run.run_id,
+                                **error_fields(exc), "repeats": repeats})  # fmt: skip
+                await asyncio.sleep(RESULT_RETRY)
 
     def leased(self) -> list[tuple[int, str, int, int]]:
         """(shard, run id, attempt, turn) of the runs whose leases this executor renews:
@@ -1319,16 +1319,11 @@ class Runner:
         return out
 
     def resend_due(self) -> None:
-        """Write again the results unapplied for a lease (then 2, 4, ... up to 64 leases), and
-        those not written at all (each call: every third of a lease)."""
+        """Write again the results unapplied for a lease (then 2, 4, ... up to 64 leases)."""
         now = time.monotonic()
         lease = self.config.lease_ms / 1000
         for rep in self.awaiting.values():
-            if rep.unwritten:
-                if rep.sending is None or rep.sending.done():
-                    rep.sending = self.outbox.put(rep.shard, rep.result)
-                    rep.sending.add_done_callback(functools.partial(_note_written, rep, lease))
-            elif now >= rep.resend_at:
+            if now >= rep.resend_at:
                 rep.resends += 1
                 rep.resend_at = now + lease * 2 ** min(rep.resends, 6)
                 written = self.outbox.put(rep.shard, rep.result)

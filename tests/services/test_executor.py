@@ -1815,6 +1815,8 @@ held.step()(hold)
 held_proc = Workflow("held-proc", on_events=["held-proc.go"],
                      concurrency=Concurrency("input.k"), isolation="process")
 held_proc.step()(hold_on)
+held_free = Workflow("held-free", on_events=["held-free.go"])  # (no limit: no slot to free)
+held_free.step()(hold)
 """
 
 
@@ -1870,7 +1872,7 @@ async def test_a_run_whose_lease_cannot_be_renewed_stops_before_it_runs_again_el
     assert "leases not renewed in time" in await _stderr_after_sigterm(executor)
 
 
-@pytest.mark.parametrize("event", ["held.go", "held-proc.go"])
+@pytest.mark.parametrize("event", ["held.go", "held-proc.go", "held-free.go"])
 async def test_at_maxmemory_runs_keep_their_leases_and_their_results_wait(
     redis: Redis, keys: Keys, system: System, tmp_path: Path, event: str
 ) -> None:
@@ -1880,9 +1882,10 @@ async def test_at_maxmemory_runs_keep_their_leases_and_their_results_wait(
     lease_expired once out of attempts; a result the server refused was dropped and its run
     ran again (a probe: 5 runs FAILED, 82 re-run in 4 minutes). Now the renewal goes through
     at maxmemory (lua/heartbeat.lua: allow-oom) and a result not written waits, renewed and
-    sent again, until memory is freed (unit test): the run ends SUCCEEDED on its first
-    attempt, its handler run once. (Here the handler, 3 s, outlasts the 2 s lease, and ends
-    while the server is full.)"""
+    put again, its run keeping its slot, until memory is freed: the run ends SUCCEEDED on its
+    first attempt, its handler run once. (Here the handler, 3 s, outlasts the 2 s lease, and
+    ends while the server is full. A limited workflow's finish call frees a slot first, so
+    it goes through; an unlimited one's result waits.)"""
     module = tmp_path / "ledgered.py"
     module.write_text(LEDGER_MODULE)
     ledger = tmp_path / "ledger.txt"
@@ -1901,8 +1904,16 @@ async def test_at_maxmemory_runs_keep_their_leases_and_their_results_wait(
     await redis.config_set("maxmemory", 1)  # (noeviction: every write is refused)
     try:
         await eventually(ended, timeout=30)  # (3 s after its start: past a lease)
-        await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)  # (the finish
-        # call's first write frees memory: it goes through)
+        [rid] = list(await records(redis, keys))  # (reads are served)
+        sk = keys.shard(int(rid.split("-")[0]))
+        waited = time.time() + 2.5  # (more than a lease on)
+        await eventually(lambda: _past(waited * 1000), timeout=10)
+        lease = await redis.zscore(sk.leases_zset, rid)
+        if event == "held-free.go":  # (its result waits, its lease renewed)
+            assert await _states(redis, keys, {"R": 1})
+            assert lease is not None and lease > time.time() * 1000
+        else:  # (the finish call went through)
+            assert await _states(redis, keys, {"S": 1}) and lease is None
     finally:
         await redis.config_set("maxmemory", 0)
     await eventually(lambda: _states(redis, keys, {"S": 1}), timeout=30)

@@ -754,11 +754,12 @@ async def test_a_cancel_that_came_before_its_claim_reply_is_reported_at_once(
         runner.close()
 
 
-async def test_a_result_the_server_refused_waits_renewed_and_is_sent_again() -> None:
+async def test_a_result_the_server_refused_is_put_again_its_run_keeping_its_slot() -> None:
     """A result the server would not take (at its maxmemory, down) was dropped: the run left
     the leases the executor renews, lapsed, and ran again elsewhere though its handler had
-    succeeded (a probe). Now it waits among the runs renewed (`leased`), sent again at each
-    `resend_due` (a third of a lease) without backoff, until a write goes through."""
+    succeeded (a probe). Kept waiting with its slot freed (a first fix), it let the executor
+    take runs whose results could not be written either (a review). Now it is put again until
+    written, its run keeping its slot and renewed as a running one meanwhile."""
     from redis.exceptions import OutOfMemoryError
 
     from supersede.protocol import pack_input
@@ -768,12 +769,12 @@ async def test_a_result_the_server_refused_waits_renewed_and_is_sent_again() -> 
     class Refusing(_Outbox):
         def __init__(self) -> None:
             super().__init__()
-            self.refuse = 2
+            self.refused = 0
 
         def put(self, shard: int, result: Any) -> Any:
-            if not self.refuse:
+            if self.refused == 3:
                 return super().put(shard, result)
-            self.refuse -= 1
+            self.refused += 1
             failed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             failed.set_exception(OutOfMemoryError("OOM command not allowed"))
             return failed
@@ -785,25 +786,21 @@ async def test_a_result_the_server_refused_waits_renewed_and_is_sent_again() -> 
     async def quick(ctx: Any) -> int:
         return 1
 
-    runner = Runner([wf], ExecutorConfig(), outbox)
+    runner = Runner([wf], ExecutorConfig(slots=2), outbox)
     try:
         run = runner.start(0, Claim("0-a", True, 1, "wf", "v", pack_input({}, {}, "e", "1"),
                                     "k", "s", "R"))  # fmt: skip
         assert run is not None and run.task is not None
+        for _ in range(100):
+            if outbox.refused:
+                break
+            await asyncio.sleep(0.01)
+        assert outbox.refused and not outbox.written
+        assert runner.free() == 1 and runner.active.get("0-a") is run  # (old: 2, dropped)
+        assert [(rid, a) for _, rid, a, _ in runner.leased()] == [("0-a", 1)]  # (renewed)
         await asyncio.wait({run.task}, timeout=5)
-        assert "0-a" not in runner.active
-        assert [(rid, a) for _, rid, a, _ in runner.leased()] == [("0-a", 1)]  # (old: [])
-        runner.resend_due()  # (refused again: kept)
-        await asyncio.sleep(0)
-        assert "0-a" in runner.awaiting and runner.awaiting["0-a"].unwritten
-        runner.resend_due()
-        await asyncio.sleep(0)
-        assert [r.outcome.value for r in outbox.written] == ["S"]
-        rep = runner.awaiting["0-a"]
-        assert not rep.unwritten and rep.resend_at > time.monotonic()  # (as one written)
-        runner.resend_due()
-        await asyncio.sleep(0)
-        assert len(outbox.written) == 1  # (not sent again before its time)
+        assert outbox.refused == 3 and [r.outcome.value for r in outbox.written] == ["S"]
+        assert runner.free() == 2 and "0-a" in runner.awaiting  # (waits as one written)
     finally:
         runner.close()
 
@@ -1782,11 +1779,13 @@ async def test_a_reclaim_never_starts_again_an_attempt_whose_result_was_given_up
     claimer.lost_since[0] = time.time() - 1
     claimer.start_taken([(0, "1-0", ran)], 0)
     deadline = time.monotonic() + 10
-    while runner.active and time.monotonic() < deadline:  # (its handler ends, its result is
-        await asyncio.sleep(0.01)  # not written: held no more)
-    assert runner.awaiting["0-r"].unwritten  # (its result waits, renewed, to be sent again)
-    del runner.awaiting["0-r"]  # (let go, as a heartbeat naming it does: held no more)
-    assert ("0-r", 1) not in claimer._held()
+    while not runner.active["0-r"].reported and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)  # (its handler ended; its result is put again and again)
+    task = runner.active["0-r"].task
+    assert task is not None
+    task.cancel()  # (given up, as at a drain's deadline: held no more)
+    await asyncio.wait({task}, timeout=5)
+    assert not runner.active and not runner.awaiting and ("0-r", 1) not in claimer._held()
     assert await claimer.reclaim() == 1
     assert set(runner.active) == {"0-n"}  # (the one never started here starts; "0-r" not)
     runner.close()
