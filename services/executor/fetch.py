@@ -62,13 +62,14 @@ from supersede.protocol import (
     parse_assignment,
 )
 from supersede.scripts import Claim, Taken
-from supersede.service import Service, Throttle
+from supersede.service import Service, Throttle, error_fields
 from supersede.services.executor.claim import Claimer, Fetched
 from supersede.services.executor.config import ExecutorConfig
 from supersede.services.executor.isolation import SERVER_UNAVAILABLE
 from supersede.services.executor.steps import Runner
 from supersede.streams import OwnPending, failed_over, retry_pause, stale_streams, tail_ids
 
+_STALE_FAILED = Sampled()  # (the look for a dead executor's assignments, in an outage)
 _WAKE_FAILED = Sampled()  # (a wake read failing while a master is down or failing over)
 log = logging.getLogger("supersede.executor")
 
@@ -597,8 +598,13 @@ class Fetcher:
                 self._stale = await self._stale_streams()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("looking for assignments to take over failed")
+            except Exception as exc:
+                if not isinstance(exc, SERVER_UNAVAILABLE):
+                    log.exception("looking for assignments to take over failed")
+                elif (repeats := _STALE_FAILED.due(kind_of(exc))) is not None:  # (an outage:
+                    # one line once in 5 s, not a traceback a second; an operator's probe)
+                    log.warning("looking for assignments to take over failed",
+                                extra={**error_fields(exc), "repeats": repeats})  # fmt: skip
             with contextlib.suppress(TimeoutError):
                 await wait_for(stop.wait(), 1.0)
 
@@ -710,11 +716,14 @@ class Fetcher:
                         "(asked again each minute)", extra={"error": str(exc)},
                     )  # fmt: skip
                 refused, pause = True, BELLS_RETRY_AFTER
-            except Exception:
+            except Exception as exc:
                 failures += 1
-                if failures == 1:
-                    log.warning("assignment bells lost: blocking reads wake this executor "
-                                "until they are subscribed again", exc_info=True)  # fmt: skip
+                lost = ("assignment bells lost: blocking reads wake this executor until they "
+                        "are subscribed again")  # fmt: skip
+                if failures == 1 and isinstance(exc, SERVER_UNAVAILABLE):  # (an outage's: one
+                    log.warning(lost, extra=error_fields(exc))  # line, a traceback said no more)
+                elif failures == 1:
+                    log.warning(lost, exc_info=True)
                 pause = min(0.1 * 2**failures, 2.0)
             finally:
                 self._bells_off()
