@@ -1820,6 +1820,24 @@ held_free.step()(hold)
 """
 
 
+async def _ledgered_system(
+    redis: Redis, keys: Keys, system: System, tmp_path: Path
+) -> tuple[subprocess.Popen[bytes], Callable[[], list[list[str]]]]:
+    """The services with an executor of LEDGER_MODULE at a 2 s lease and a second admission
+    reaping every 0.1 s; the executor, and the ledger's lines read anew at each call."""
+    module = tmp_path / "ledgered.py"
+    module.write_text(LEDGER_MODULE)
+    ledger = tmp_path / "ledger.txt"
+    system.env["LEDGER"] = str(ledger)
+    executor = await _system_with_module(redis, keys, system, module, "held-proc", "--lease", "2")
+    system.start("admission", "--reap-interval", "0.1")  # (a second one: reaps every 0.1 s)
+
+    def lines() -> list[list[str]]:
+        return [x.split() for x in ledger.read_text().splitlines()] if ledger.exists() else []
+
+    return executor, lines
+
+
 @pytest.mark.parametrize("event", ["held.go", "held-proc.go"])
 async def test_a_run_whose_lease_cannot_be_renewed_stops_before_it_runs_again_elsewhere(
     redis: Redis, keys: Keys, system: System, tmp_path: Path, event: str
@@ -1832,15 +1850,7 @@ async def test_a_run_whose_lease_cannot_be_renewed_stops_before_it_runs_again_el
     runs out on the server, reports nothing, and the reaper retries it. A step in a worker
     process is killed at once (a cancel's ladder gave one that ignores `ctx.cancelled` the
     grace period, 5 s, past the lease)."""
-    module = tmp_path / "ledgered.py"
-    module.write_text(LEDGER_MODULE)
-    ledger = tmp_path / "ledger.txt"
-    system.env["LEDGER"] = str(ledger)
-    executor = await _system_with_module(redis, keys, system, module, "held-proc", "--lease", "2")
-    system.start("admission", "--reap-interval", "0.1")  # (a second one: reaps every 0.1 s)
-
-    def lines() -> list[list[str]]:
-        return [x.split() for x in ledger.read_text().splitlines()] if ledger.exists() else []
+    executor, lines = await _ledgered_system(redis, keys, system, tmp_path)
 
     def noted(kind: str) -> Callable[[], Awaitable[bool]]:
         async def check() -> bool:
@@ -1886,15 +1896,7 @@ async def test_at_maxmemory_runs_keep_their_leases_and_their_results_wait(
     first attempt, its handler run once. (Here the handler, 3 s, outlasts the 2 s lease, and
     ends while the server is full. A limited workflow's finish call frees a slot first, so
     it goes through; an unlimited one's result waits.)"""
-    module = tmp_path / "ledgered.py"
-    module.write_text(LEDGER_MODULE)
-    ledger = tmp_path / "ledger.txt"
-    system.env["LEDGER"] = str(ledger)
-    executor = await _system_with_module(redis, keys, system, module, "held-proc", "--lease", "2")
-    system.start("admission", "--reap-interval", "0.1")  # (a second one: reaps every 0.1 s)
-
-    def lines() -> list[list[str]]:
-        return [x.split() for x in ledger.read_text().splitlines()] if ledger.exists() else []
+    executor, lines = await _ledgered_system(redis, keys, system, tmp_path)
 
     async def ended() -> bool:
         return any(x[0] == "end" for x in lines())
